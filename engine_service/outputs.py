@@ -1,0 +1,27 @@
+"""What one engine step reports per request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Finish reasons, as the services report them.
+FINISH_STOP = "stop"  # an EOS id or a stop token id was sampled
+FINISH_LENGTH = "length"  # max_tokens, or max_model_len reached
+FINISH_ABORT = "abort"  # abort_request() was called
+FINISH_ERROR = "error"  # the step failed for this request (NaN logits, exception); see `error`
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """New tokens of one request from one step(); finish_reason is set on its last output."""
+
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at (last) admission
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
