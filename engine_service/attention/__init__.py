@@ -1,0 +1,64 @@
+"""Attention backends behind one interface, chosen by `attention_backend`.
+
+- torch: the reference; batched tensor operations on any device.
+- triton: KV-store and paged-attention kernels; CUDA, or CPU under TRITON_INTERPRET=1.
+- flash_attn: where the package imports and the block size suits its paged kernels (multiples of 256).
+- auto: flash_attn where it fits, then triton on CUDA, else torch.
+
+Imports are lazy, so a machine without triton or flash-attn still imports the engine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from engine_service.attention.base import AttentionBackend, AttentionMetadata
+
+__all__ = ["AttentionBackend", "AttentionMetadata", "make_backend", "resolve_backend_name"]
+
+FLASH_ATTN_BLOCK_MULTIPLE = 256
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def resolve_backend_name(name: str, device: torch.device, block_size: int) -> str:
+    """Turn 'auto' into a concrete backend and refuse combinations that cannot run."""
+    on_cuda = device.type == "cuda"
+    if name == "auto":
+        if on_cuda and _importable("flash_attn") and block_size % FLASH_ATTN_BLOCK_MULTIPLE == 0:
+            return "flash_attn"
+        if on_cuda and _importable("triton"):
+            return "triton"
+        return "torch"
+    if name == "flash_attn":
+        if not on_cuda or not _importable("flash_attn"):
+            raise ValueError("attention_backend='flash_attn' needs CUDA and the flash_attn package")
+        if block_size % FLASH_ATTN_BLOCK_MULTIPLE:
+            raise ValueError(
+                f"attention_backend='flash_attn' needs kvcache_block_size a multiple of "
+                f"{FLASH_ATTN_BLOCK_MULTIPLE}, got {block_size}"
+            )
+    if name == "triton" and not _importable("triton"):
+        raise ValueError("attention_backend='triton' needs the triton package (pip install 'triton==3.6.*')")
+    return name
+
+
+def make_backend(name: str, device: torch.device) -> AttentionBackend:
+    """Instantiate a concrete backend by name (see resolve_backend_name)."""
+    if name == "torch":
+        from engine_service.attention.torch_backend import TorchAttentionBackend
+
+        return TorchAttentionBackend()
+    if name == "triton":
+        from engine_service.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend(device)
+    if name == "flash_attn":
+        from engine_service.attention.flash_attn_backend import FlashAttnBackend
+
+        return FlashAttnBackend()
+    raise ValueError(f"unknown attention backend {name!r}")

@@ -1,0 +1,52 @@
+"""The attention-backend interface and the per-step metadata every backend reads.
+
+A step's tokens are flat: sequence i owns query rows cu_seqlens_q[i]:cu_seqlens_q[i+1], which are the last
+q_len positions of its context_lens[i] keys. Sequences with one query row come first (num_decode_seqs of
+them), so backends can batch them on a decode path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token (block * block_size + offset); -1 skips
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32
+    context_lens: torch.Tensor  # [B] int32: keys per sequence, new tokens included; 0 for a padding lane
+    block_tables: torch.Tensor  # [B, W] int32
+    num_decode_seqs: int  # the first num_decode_seqs sequences have exactly one query row
+    max_seqlen_q: int
+    max_context_len: int
+    block_size: int
+    has_padding: bool = False  # some lanes are padding (slot -1, context 0): CUDA-graph batches
+    # Host copies, so backends can plan without reading the device.
+    q_lens: list[int] = field(default_factory=list)
+    ctx_lens: list[int] = field(default_factory=list)
+    # Whatever a backend derives once per step and reuses in every layer.
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.context_lens.shape[0]
+
+
+class AttentionBackend:
+    """Stores the new K/V into the paged cache, then attends over it. One instance per model runner."""
+
+    name = "base"
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        raise NotImplementedError

@@ -1,0 +1,103 @@
+"""The reference attention backend: batched tensor operations over the paged cache, on any device.
+
+It defines correctness for the other backends. No Python loop over sequences: per step, it builds one
+gather index and one mask for the decode rows and one for the prefill rows, reused by every layer, then
+each layer does a gather and two batched matmuls per group. Half-precision inputs are computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine_service.attention.base import AttentionBackend, AttentionMetadata
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, meta.has_padding)
+        plan = meta.cache.get("torch")
+        if plan is None:
+            plan = meta.cache["torch"] = _plan(meta, q.device)
+        num_heads, d = q.shape[1], q.shape[2]
+        kv_heads = k_cache.shape[2]
+        out = torch.empty_like(q)
+        k_flat = k_cache.view(-1, kv_heads, d)  # [slots, Hkv, D]
+        v_flat = v_cache.view(-1, kv_heads, d)
+        nd = meta.num_decode_seqs
+        if nd:
+            idx, allowed = plan["decode"]
+            qd = q[:nd].view(nd, kv_heads, num_heads // kv_heads, 1, d)  # [b, Hkv, G, 1, D]
+            o = _attend(qd, k_flat[idx], v_flat[idx], allowed, scale)  # [b, Hkv, G, 1, D]
+            if meta.has_padding:
+                o = o * (meta.context_lens[:nd] > 0).view(nd, 1, 1, 1, 1)  # padding lanes write zeros
+            out[:nd] = o.reshape(nd, num_heads, d).to(out.dtype)
+        if "prefill" in plan:
+            idx, allowed, seq_of_row, pos_of_row, q_max = plan["prefill"]
+            b = idx.shape[0]
+            qp = q.new_zeros(b, q_max, num_heads, d)
+            qp[seq_of_row, pos_of_row] = q[nd:]
+            qp = qp.view(b, q_max, kv_heads, num_heads // kv_heads, d).permute(0, 2, 3, 1, 4)
+            o = _attend(qp, k_flat[idx], v_flat[idx], allowed, scale)  # [b, Hkv, G, Q, D]
+            o = o.permute(0, 3, 1, 2, 4).reshape(b, q_max, num_heads, d)
+            out[nd:] = o[seq_of_row, pos_of_row].to(out.dtype)
+        return out
+
+
+def store_kvcache(k, v, k_cache, v_cache, slot_mapping: torch.Tensor, has_padding: bool = False) -> None:
+    """Write new K/V ([T, Hkv, D]) at their slots; slot -1 (a padding lane) is skipped."""
+    kv_heads, d = k_cache.shape[2], k_cache.shape[3]
+    slots = slot_mapping
+    if has_padding:
+        keep = slot_mapping >= 0
+        slots, k, v = slot_mapping[keep], k[keep], v[keep]
+    k_cache.view(-1, kv_heads, d).index_copy_(0, slots, k)
+    v_cache.view(-1, kv_heads, d).index_copy_(0, slots, v)
+
+
+def _attend(q, keys, values, allowed, scale):
+    """q: [b, Hkv, G, Q, D]; keys/values: [b, K, Hkv, D]; allowed: [b, Q, K] -> [b, Hkv, G, Q, D]."""
+    dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    kt = keys.to(dtype).permute(0, 2, 3, 1).unsqueeze(2)  # [b, Hkv, 1, D, K]
+    vt = values.to(dtype).permute(0, 2, 1, 3).unsqueeze(2)  # [b, Hkv, 1, K, D]
+    scores = torch.matmul(q.to(dtype), kt) * scale  # [b, Hkv, G, Q, K]
+    scores.masked_fill_(~allowed[:, None, None], float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), vt)
+
+
+def _gather_index(block_tables: torch.Tensor, k_max: int, block_size: int) -> torch.Tensor:
+    """[b, W] block tables -> [b, k_max] cache slots of keys 0..k_max-1."""
+    j = torch.arange(k_max, device=block_tables.device)
+    blocks = block_tables[:, : -(-k_max // block_size)].long()
+    return blocks[:, j // block_size] * block_size + (j % block_size)
+
+
+def _plan(meta: AttentionMetadata, device) -> dict:
+    plan: dict = {}
+    nd, bs = meta.num_decode_seqs, meta.block_size
+    if nd:
+        k_max = max(1, max(meta.ctx_lens[:nd]))
+        ctx = meta.context_lens[:nd].long()
+        idx = _gather_index(meta.block_tables[:nd], k_max, bs)
+        allowed = torch.arange(k_max, device=device)[None, :] < ctx[:, None]  # [b, K]
+        allowed[:, 0] |= ctx == 0  # a padding lane sees key 0 so its softmax is finite; it is zeroed
+        plan["decode"] = (idx, allowed[:, None, :])
+    if meta.num_seqs > nd:
+        q_lens, ctx_lens = meta.q_lens[nd:], meta.ctx_lens[nd:]
+        q_max, k_max = max(q_lens), max(ctx_lens)
+        qlen = torch.tensor(q_lens, device=device)
+        ctx = meta.context_lens[nd:].long()
+        idx = _gather_index(meta.block_tables[nd:], k_max, bs)
+        r = torch.arange(q_max, device=device)
+        j = torch.arange(k_max, device=device)
+        # Query row r of a sequence sits at position ctx - q_len + r and sees keys up to it (causal).
+        allowed = j[None, None, :] <= (ctx - qlen)[:, None, None] + r[None, :, None]  # [b, Q, K]
+        real = r[None, :] < qlen[:, None]  # [b, Q]
+        allowed &= real[:, :, None]
+        allowed[:, :, 0] |= ~real  # padding rows see key 0 so their softmax is finite; they are dropped
+        seq_of_row = torch.repeat_interleave(torch.arange(len(q_lens), device=device), qlen)
+        starts = torch.cumsum(qlen, 0) - qlen
+        pos_of_row = torch.arange(int(qlen.sum()), device=device) - starts[seq_of_row]
+        plan["prefill"] = (idx, allowed, seq_of_row, pos_of_row, q_max)
+    return plan

@@ -1,0 +1,179 @@
+"""The paged KV cache's bookkeeping: fixed-size blocks, reference counts and prefix caching.
+
+Pure Python: no torch, no grpc. The model runner owns the tensors; this module only hands out block ids.
+
+Prefix caching:
+- A full block's hash is xxhash of its token ids, seeded with the previous block's hash, so one hash
+  names the whole prefix up to and including that block.
+- A lookup hit counts only when the cached block's own token ids match and its parent hash is the hash of
+  the block matched just before it, so a hash collision can never splice two prefixes together.
+- A hash is published only after the block's KV has been written (`publish`, called after the step).
+- A block whose reference count drops to 0 keeps its content and hash until it is reused. Free blocks are
+  kept in least-recently-freed order; a sequence frees its blocks tail first, so eviction drops suffixes
+  before the prefixes they hang on.
+- Nothing is ever written into a shared block: a sequence computes from its first uncached token, which
+  always starts a block of its own (see `match_prefix`).
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections import OrderedDict
+
+import xxhash
+
+from engine_service.sequence import Sequence
+
+ROOT_HASH = 0  # the "parent" of a sequence's first block
+
+
+def hash_block(parent_hash: int, token_ids: list[int] | tuple[int, ...]) -> int:
+    """Hash of a full block given its parent's hash: names the whole prefix."""
+    return xxhash.xxh3_64_intdigest(array("q", token_ids).tobytes(), seed=parent_hash)
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "parent_hash", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None  # set once the block is full and its KV written
+        self.parent_hash = ROOT_HASH
+        self.token_ids: tuple[int, ...] = ()
+
+    def clear(self) -> None:
+        self.hash = None
+        self.parent_hash = ROOT_HASH
+        self.token_ids = ()
+
+
+class BlockManager:
+    """Hands out KV blocks to sequences and keeps the prefix cache."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Blocks with ref_count 0, least recently freed first. Cached ones keep their hash.
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached: dict[int, int] = {}  # hash -> block id
+        self.prefix_queries = 0  # tokens looked up at admission
+        self.prefix_hits = 0  # tokens found in the cache
+
+    # ---- queries -------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Free blocks that still hold a reusable prefix."""
+        return sum(1 for b in self.free if self.blocks[b].hash is not None)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- prefix cache --------------------------------------------------------------------------
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Block ids caching the longest prefix of `seq`, without taking them.
+
+        At most (len - 1) // block_size blocks are matched, so at least one token is always computed and
+        the first computed token starts a fresh block: a prompt cached whole recomputes its last block
+        into a block of its own, and nothing is written into a shared block.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        matched: list[int] = []
+        parent = ROOT_HASH
+        for i in range((len(seq.token_ids) - 1) // bs):
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            h = hash_block(parent, tokens)
+            block_id = self.cached.get(h)
+            if block_id is None:
+                break
+            block = self.blocks[block_id]
+            # Confirm by content and by parent: a hash collision must never splice prefixes.
+            if block.hash != h or block.parent_hash != parent or block.token_ids != tokens:
+                break
+            matched.append(block_id)
+            parent = h
+        return matched
+
+    def can_admit(self, matched: list[int], num_tokens: int) -> bool:
+        """Whether a sequence reusing `matched` can hold `num_tokens` tokens now."""
+        taken_from_free = sum(1 for b in matched if self.blocks[b].ref_count == 0)
+        fresh = self.blocks_needed(num_tokens) - len(matched)
+        return taken_from_free + fresh <= len(self.free)
+
+    def admit(self, seq: Sequence, matched: list[int]) -> None:
+        """Give `seq` the matched prefix blocks (shared, ref-counted); it computes from there."""
+        for block_id in matched:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free[block_id]
+            block.ref_count += 1
+            seq.block_hashes.append(block.hash)  # type: ignore[arg-type]
+        seq.block_table = list(matched)
+        seq.num_computed_tokens = seq.num_cached_tokens = len(matched) * self.block_size
+        self.prefix_queries += len(seq.token_ids)
+        self.prefix_hits += seq.num_cached_tokens
+
+    # ---- growth --------------------------------------------------------------------------------
+    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        return needed <= len(self.free)
+
+    def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Grow the block table so tokens up to num_computed + num_new have slots."""
+        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        if needed > len(self.free):
+            raise RuntimeError(f"out of KV blocks: need {needed}, have {len(self.free)} (check can_append)")
+        for _ in range(needed):
+            seq.block_table.append(self._take_free_block())
+
+    def _take_free_block(self) -> int:
+        block_id, _ = self.free.popitem(last=False)  # least recently freed: evict it
+        block = self.blocks[block_id]
+        if block.hash is not None and self.cached.get(block.hash) == block_id:
+            del self.cached[block.hash]
+        block.clear()
+        block.ref_count = 1
+        return block_id
+
+    def publish(self, seq: Sequence) -> None:
+        """Register the hashes of blocks that became full and computed. Call after their KV is written."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
+            parent = seq.block_hashes[i - 1] if i else ROOT_HASH
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            h = hash_block(parent, tokens)
+            block = self.blocks[seq.block_table[i]]
+            block.hash, block.parent_hash, block.token_ids = h, parent, tokens
+            # Two sequences may compute the same block side by side; the newest one serves lookups,
+            # and the older block keeps its own hash (eviction checks ownership before unmapping).
+            self.cached[h] = block.block_id
+            seq.block_hashes.append(h)
+
+    # ---- release -------------------------------------------------------------------------------
+    def free_sequence(self, seq: Sequence) -> None:
+        """Release all of `seq`'s blocks, tail first, and reset its cache state."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count < 0:
+                raise RuntimeError(f"block {block_id} freed more often than taken")
+            if block.ref_count == 0:
+                self.free[block_id] = None
+                if block.hash is None:
+                    # Holds nothing reusable: make it the first to be taken.
+                    self.free.move_to_end(block_id, last=False)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0

@@ -1,0 +1,71 @@
+"""Engine configuration: one frozen dataclass, built in one place, validated with ValueError."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+DTYPES = ("auto", "float64", "float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+
+# On CPU, with no num_kvcache_blocks given, the pool holds enough blocks for max_num_seqs sequences of
+# max_model_len tokens, capped at this many GiB of K and V together.
+DEFAULT_CPU_KVCACHE_GIB = 4.0
+
+
+@dataclass(slots=True, frozen=True)
+class EngineConfig:
+    """Every engine knob. `LLM(model_dir, **kwargs)` keeps only keywords that name a field here."""
+
+    model: str
+    device: str = "auto"  # "auto" picks cuda when available, else cpu
+    dtype: str = "auto"  # "auto": the checkpoint's dtype on GPU, float32 on CPU
+    enforce_eager: bool = False  # True turns CUDA graphs off
+    attention_backend: str = "auto"
+    kvcache_block_size: int = 16
+    num_kvcache_blocks: int | None = None  # None: sized from memory (GPU) or the CPU default
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    cpu_kvcache_gib: float = DEFAULT_CPU_KVCACHE_GIB
+    enable_prefix_caching: bool = True
+    seed: int = 0  # seeds unseeded sampling, so a run is repeatable
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
+            )
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        positive = ["kvcache_block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("num_kvcache_blocks", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # Every running decode is scheduled every step, one token each.
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({self.max_num_seqs}), so that every running sequence can decode each step"
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.cpu_kvcache_gib <= 0:
+            raise ValueError(f"cpu_kvcache_gib must be positive, got {self.cpu_kvcache_gib}")
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: object) -> EngineConfig:
+        """Build from keyword arguments, refusing names that are not config fields."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown engine argument(s) {unknown}; valid ones are {sorted(known - {'model'})}")
+        return cls(model=str(model), **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,310 @@
+"""The engine: admission and validation, the step loop, and the offline `LLM.generate`.
+
+A request's life: add_request() validates it and queues a Sequence; each step() asks the scheduler for a
+batch, the model runner computes it and samples, and the scheduler appends the tokens, publishes full
+blocks to the prefix cache and finishes sequences. step() returns each request's new tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from engine_service.block_manager import BlockManager
+from engine_service.config import EngineConfig
+from engine_service.model.config import ModelConfig
+from engine_service.model.layers import TPInfo
+from engine_service.model_runner import ModelRunner
+from engine_service.outputs import FINISH_ABORT, FINISH_ERROR, StepOutput
+from engine_service.sampler import SamplingRow
+from engine_service.sampling_params import SamplingParams
+from engine_service.scheduler import Scheduler
+from engine_service.sequence import Sequence, Status
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+class EngineStepError(RuntimeError):
+    """step() failed; the requests of that step were failed and freed. `outputs` reports them."""
+
+    def __init__(self, message: str, outputs: list[StepOutput]):
+        super().__init__(message)
+        self.outputs = outputs
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _as_list(x) -> list[int]:
+    if x is None:
+        return []
+    return [int(v) for v in x] if isinstance(x, list | tuple) else [int(x)]
+
+
+class LLMEngine:
+    """The step API: add_request / abort_request / step. Not thread-safe: call it from one thread."""
+
+    def __init__(self, model: str | Path, **kwargs):
+        self.config = EngineConfig.from_kwargs(str(model), **kwargs)
+        model_dir = Path(self.config.model)
+        self.model_cfg = ModelConfig.from_dir(model_dir)
+        max_model_len = self.config.max_model_len or self.model_cfg.max_position_embeddings
+        if max_model_len > self.model_cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
+                f"{self.model_cfg.max_position_embeddings}"
+            )
+        self.max_model_len = max_model_len
+        self.tokenizer = self._load_tokenizer(model_dir)
+        gen_cfg = _read_json(model_dir / "generation_config.json")
+        eos = set(_as_list(gen_cfg.get("eos_token_id")))
+        eos |= set(_as_list(_read_json(model_dir / "config.json").get("eos_token_id")))
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(int(self.tokenizer.eos_token_id))
+        self.eos_token_ids = sorted(eos)
+        self.generation_defaults = self._generation_defaults(gen_cfg)
+
+        tp_size = self.config.tensor_parallel_size
+        self.workers = None
+        if tp_size > 1:
+            from engine_service.tp import start_workers
+
+            self.workers = start_workers(self.config, self.model_cfg, max_model_len)
+        self.runner = ModelRunner(self.config, self.model_cfg, max_model_len, TPInfo(0, tp_size))
+        if self.workers is not None:
+            self.workers.attach(self.runner)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, self.config.kvcache_block_size, self.config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens, eos
+        )
+        self.seqs: dict[str, Sequence] = {}
+        self.generators: dict[str, torch.Generator] = {}
+        self._pending: list[StepOutput] = []  # aborts to report on the next step
+        self.model_info = {
+            "model_name": model_dir.resolve().name,
+            "vocab_size": self.model_cfg.vocab_size,
+            "eos_token_ids": list(self.eos_token_ids),
+            "max_model_len": max_model_len,
+            "block_size": self.config.kvcache_block_size,
+        }
+
+    @staticmethod
+    def _load_tokenizer(model_dir: Path):
+        if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(model_dir))
+
+    @staticmethod
+    def _generation_defaults(gen_cfg: dict) -> dict:
+        defaults = {k: gen_cfg[k] for k in ("temperature", "top_p", "top_k", "min_p") if gen_cfg.get(k) is not None}
+        if gen_cfg.get("do_sample") is False:
+            defaults["temperature"] = 0.0
+        if defaults.get("top_k") == 0:
+            defaults["top_k"] = -1  # transformers' "disabled"
+        return defaults
+
+    # ---- admission -----------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams) -> None:
+        """Validate and queue a request; raises ValueError naming the problem, and the engine keeps serving."""
+        if request_id in self.seqs:
+            raise ValueError(f"request_id {request_id!r} is already in use by a live request")
+        if not isinstance(sampling_params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
+        sampling_params.validate()
+        prompt = self._validate_prompt(prompt_token_ids)
+        bs = self.config.kvcache_block_size
+        worst = min(len(prompt) + sampling_params.max_tokens, self.max_model_len)
+        need = -(-worst // bs)
+        if need > self.runner.num_blocks:
+            raise ValueError(
+                f"request needs {need} KV blocks of {bs} tokens (prompt {len(prompt)} + max_tokens "
+                f"{sampling_params.max_tokens}, capped at max_model_len {self.max_model_len}) but the pool "
+                f"has only {self.runner.num_blocks}; lower max_tokens or shorten the prompt"
+            )
+        seq = Sequence(request_id, prompt, sampling_params, self.max_model_len)
+        if sampling_params.seed is not None:
+            g = torch.Generator(device=self.runner.device)
+            g.manual_seed(sampling_params.seed)
+            self.generators[request_id] = g
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _validate_prompt(self, prompt_token_ids) -> list[int]:
+        if isinstance(prompt_token_ids, str | bytes) or not hasattr(prompt_token_ids, "__len__"):
+            raise ValueError("prompt_token_ids must be a list of integer token ids")
+        prompt = list(prompt_token_ids)
+        if not prompt:
+            raise ValueError("prompt_token_ids is empty; a request needs at least one prompt token")
+        vocab = self.model_cfg.vocab_size
+        for t in prompt:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {vocab})")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt)} tokens; it must be shorter than max_model_len {self.max_model_len} "
+                f"to leave room for at least one generated token"
+            )
+        return prompt
+
+    def abort_request(self, request_id: str) -> bool:
+        """Free the request's blocks at once; the next step() reports it with finish reason 'abort'."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.abort(seq)
+        self.generators.pop(request_id, None)
+        self._pending.append(self._output(seq, []))
+        return True
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    def step(self) -> list[StepOutput]:
+        """Run one scheduled batch; return new tokens per request (and finish reasons)."""
+        outputs, self._pending = self._pending, []
+        if not self.scheduler.has_unfinished():
+            return outputs
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return outputs
+        rows = [self._sampling_row(s) for s, take in zip(batch.seqs, batch.sample, strict=True) if take]
+        try:
+            tokens, finite = self.runner.run(batch, rows)
+        except Exception as exc:  # OOM, kernel failure: fail this step's requests, keep the pool whole
+            failed = [self._fail(seq, f"engine step failed: {type(exc).__name__}: {exc}") for seq in batch.seqs]
+            raise EngineStepError(str(exc), outputs + failed) from exc
+
+        sampled: list[int | None] = []
+        it = iter(zip(tokens, finite, strict=True))
+        for seq, take in zip(batch.seqs, batch.sample, strict=True):
+            if not take:
+                sampled.append(None)
+                continue
+            token, ok = next(it)
+            if not ok:
+                outputs.append(self._fail(seq, "the model produced NaN or infinite logits for this request"))
+            sampled.append(token if ok else None)
+        self.scheduler.postprocess(batch, sampled)
+        for seq, token in zip(batch.seqs, sampled, strict=True):
+            if token is None or seq.status is Status.WAITING:
+                continue
+            if seq.status is Status.FINISHED and seq.request_id not in self.seqs:
+                continue  # failed or aborted above
+            outputs.append(self._output(seq, [token]))
+            if seq.status is Status.FINISHED:
+                self._forget(seq)
+        return outputs
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        p = seq.params
+        banned: tuple[int, ...] = ()
+        if seq.num_output_tokens < p.min_tokens:
+            banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_token_ids))
+        return SamplingRow(p, self.generators.get(seq.request_id), banned)
+
+    def _fail(self, seq: Sequence, message: str) -> StepOutput:
+        self.scheduler.finish(seq, FINISH_ERROR) if seq.status is not Status.FINISHED else None
+        self._forget(seq)
+        out = self._output(seq, [])
+        out.error = message
+        return out
+
+    def _forget(self, seq: Sequence) -> None:
+        self.seqs.pop(seq.request_id, None)
+        self.generators.pop(seq.request_id, None)
+
+    @staticmethod
+    def _output(seq: Sequence, tokens: list[int]) -> StepOutput:
+        return StepOutput(seq.request_id, tokens, seq.finish_reason, seq.num_prompt_tokens, seq.num_cached_tokens)
+
+    # ---- introspection and lifetime ------------------------------------------------------------
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "num_blocks": bm.num_blocks,
+            "num_free_blocks": bm.num_free_blocks,
+            "num_cached_blocks": bm.num_cached_blocks,
+            "num_used_blocks": bm.num_blocks - bm.num_free_blocks,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
+
+    def close(self) -> None:
+        """Release the model, the KV cache and any tensor-parallel workers."""
+        for request_id in list(self.seqs):
+            self.abort_request(request_id)
+        self._pending.clear()
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
+        self.runner = None  # type: ignore[assignment]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LLM(LLMEngine):
+    """Offline generation over the step API."""
+
+    _ids = itertools.count()
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[dict]:
+        """Generate for each prompt (token ids or text); returns generated tokens and text, in input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        ids = [f"generate-{next(self._ids)}" for _ in prompts]
+        results: dict[str, dict] = {}
+        try:
+            for rid, prompt, p in zip(ids, prompts, params, strict=True):
+                self.add_request(rid, self._encode(prompt), p)
+                results[rid] = {"request_id": rid, "token_ids": [], "finish_reason": None}
+            while any(results[r]["finish_reason"] is None for r in ids):
+                for out in self.step():
+                    res = results.get(out.request_id)
+                    if res is None:
+                        continue
+                    res["token_ids"].extend(out.new_token_ids)
+                    if out.finished:
+                        res["finish_reason"] = out.finish_reason
+                        res["num_cached_tokens"] = out.num_cached_tokens
+                        if out.error:
+                            raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+        finally:
+            for rid in ids:
+                if rid in self.seqs:
+                    self.abort_request(rid)
+            self._pending = [o for o in self._pending if o.request_id not in results]
+        for rid in ids:
+            res = results[rid]
+            res["text"] = self.tokenizer.decode(res["token_ids"], skip_special_tokens=True) if self.tokenizer else ""
+        return [results[r] for r in ids]
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need tokenizer files in the model directory; pass token ids")
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        return list(prompt)

@@ -1,0 +1,185 @@
+"""The engine loop: gRPC handlers produce commands, one consumer thread owns the engine and runs step().
+
+Handlers (on the asyncio thread) never block: `add` and `abort` put a command on a thread-safe queue. The
+consumer thread is the only caller of the engine (it is not thread-safe). It drains the commands, runs one
+step, and hands the step's outputs back to the asyncio thread in one `call_soon_threadsafe`, where each
+output goes to the sink of its request. All of a step's outputs are delivered in one callback, so a stream
+that multiplexes many requests can send them as one frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from engine_service.outputs import FINISH_ERROR, StepOutput
+from engine_service.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    """Where one request's outputs go; called on the asyncio thread only."""
+
+    def on_output(self, output: StepOutput) -> None: ...
+
+    def on_failure(self, invalid_argument: bool, message: str) -> None: ...
+
+
+class EngineUnavailable(RuntimeError):
+    """The loop has failed or stopped and takes no new requests."""
+
+
+@dataclass(slots=True)
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_id: str
+
+
+_STOP = object()
+
+
+class EngineLoop:
+    """Owns an LLMEngine on one thread; see the module docstring."""
+
+    def __init__(self, engine: Any, aio_loop: asyncio.AbstractEventLoop,
+                 on_fatal: Callable[[str], None]) -> None:
+        self._engine = engine
+        self._aio = aio_loop
+        self._on_fatal = on_fatal
+        self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}  # live requests; asyncio thread only
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        # Written by the consumer thread, read by the asyncio thread (whole-object replacement is atomic).
+        self.stats: dict[str, int] = dict(engine.stats())
+        self.last_progress = time.monotonic()
+        self.steps = 0
+        self.fail_at_step: int | None = None  # test hook: step() raises once this many steps have run
+        self.failure: str | None = None
+
+    # ---- asyncio side -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def num_live(self) -> int:
+        return len(self._sinks)
+
+    @property
+    def num_waiting(self) -> int:
+        """Live requests not yet running: queued commands plus the engine's waiting queue."""
+        return max(0, len(self._sinks) - int(self.stats.get("num_running", 0)))
+
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: Sink) -> None:
+        """Queue a request; its outputs go to sink. Raises EngineUnavailable once the loop is down."""
+        if self.failure is not None or not self._thread.is_alive():
+            raise EngineUnavailable(self.failure or "the engine loop is not running")
+        if request_id in self._sinks:
+            raise ValueError(f"request_id {request_id!r} is already live")
+        self._sinks[request_id] = sink
+        self._commands.put(_Add(request_id, prompt_token_ids, params))
+
+    def abort(self, request_id: str) -> bool:
+        """Forget the request now and free its KV blocks on the engine thread; False if it was not live."""
+        if self._sinks.pop(request_id, None) is None:
+            return False
+        self._commands.put(_Abort(request_id))
+        return True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the consumer thread (after the commands queued before this call)."""
+        self._commands.put(_STOP)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _deliver(self, outputs: list[StepOutput], rejected: list[tuple[str, str]]) -> None:
+        for request_id, message in rejected:
+            sink = self._sinks.pop(request_id, None)
+            if sink is not None:
+                sink.on_failure(True, message)
+        for out in outputs:
+            sink = self._sinks.get(out.request_id)
+            if sink is None:
+                continue  # aborted meanwhile
+            if out.finished:
+                del self._sinks[out.request_id]
+            if out.finish_reason == FINISH_ERROR:
+                sink.on_failure(False, out.error or "the engine failed this request")
+            else:
+                sink.on_output(out)
+
+    def _fail_all(self, message: str) -> None:
+        self.failure = message
+        sinks, self._sinks = self._sinks, {}
+        for sink in sinks.values():
+            sink.on_failure(False, f"engine failure: {message}")
+        self._on_fatal(message)
+
+    # ---- consumer thread ----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                idle = not self._engine.has_unfinished_requests()
+                commands = self._drain(block=idle)
+                if _STOP in commands:
+                    return
+                rejected = self._apply(commands)
+                outputs: list[StepOutput] = []
+                if self._engine.has_unfinished_requests():
+                    if self.fail_at_step is not None and self.steps >= self.fail_at_step:
+                        raise RuntimeError(f"ENGINE_TEST_FAIL_AFTER_STEPS: step {self.steps} raised (test hook)")
+                    outputs = self._engine.step()
+                    self.steps += 1
+                self.stats = dict(self._engine.stats())
+                self.last_progress = time.monotonic()
+                if outputs or rejected:
+                    self._aio.call_soon_threadsafe(self._deliver, outputs, rejected)
+        except BaseException as exc:  # the engine cannot continue; every live request fails
+            log.exception("engine loop failed")
+            message = f"{type(exc).__name__}: {exc}"
+            try:
+                self._aio.call_soon_threadsafe(self._fail_all, message)
+            except RuntimeError:
+                pass  # the event loop is already closed
+
+    def _drain(self, block: bool) -> list[object]:
+        commands: list[object] = []
+        if block:
+            try:
+                # Wake up now and then so last_progress stays fresh while idle.
+                commands.append(self._commands.get(timeout=1.0))
+            except queue.Empty:
+                self.last_progress = time.monotonic()
+                return commands
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _apply(self, commands: list[object]) -> list[tuple[str, str]]:
+        """Run add/abort commands in order; return (request_id, message) of adds the engine refused."""
+        rejected = []
+        for cmd in commands:
+            if isinstance(cmd, _Add):
+                try:
+                    self._engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params)
+                except ValueError as exc:
+                    rejected.append((cmd.request_id, str(exc)))
+            elif isinstance(cmd, _Abort):
+                self._engine.abort_request(cmd.request_id)
+        return rejected

@@ -1,0 +1,99 @@
+"""Truthful health for the engine service: a cached grpc.health.v1 status kept honest by canaries.
+
+A Kubernetes probe times out in about a second, so Check answers from a cached state. That state turns
+SERVING only after a tiny canary generation has gone through the real engine loop at start-up, and an idle
+service runs the canary again now and then so a broken engine cannot look healthy. A watchdog fails the
+service when the loop stops making progress while requests wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+
+from grpc_health.v1 import health, health_pb2
+
+from engine_service.engine_loop import EngineLoop, EngineUnavailable
+from engine_service.outputs import StepOutput
+from engine_service.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class _CanarySink:
+    def __init__(self, future: asyncio.Future[str | None]) -> None:
+        self.future = future
+
+    def on_output(self, output: StepOutput) -> None:
+        if output.finished and not self.future.done():
+            self.future.set_result(None)
+
+    def on_failure(self, invalid_argument: bool, message: str) -> None:
+        if not self.future.done():
+            self.future.set_result(message)
+
+
+class Health:
+    """The health servicer plus the canary and watchdog tasks that keep it truthful."""
+
+    def __init__(self, service_names: list[str]) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self._names = ["", *service_names]  # "" is the whole server
+        self._ids = itertools.count()
+        self.serving = False
+
+    async def set_serving(self, serving: bool) -> None:
+        self.serving = serving
+        for name in self._names:
+            await self.servicer.set(name, SERVING if serving else NOT_SERVING)
+
+    async def shutdown(self) -> None:
+        """NOT_SERVING for good (draining or failed)."""
+        self.serving = False
+        await self.servicer.enter_graceful_shutdown()
+
+    async def canary(self, loop: EngineLoop, vocab_size: int, timeout_s: float) -> str | None:
+        """Generate two greedy tokens through the loop; None if that worked, else why not."""
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        request_id = f"canary:{next(self._ids)}"
+        prompt = list(range(min(4, vocab_size)))
+        try:
+            loop.add(request_id, prompt, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True),
+                     _CanarySink(future))
+        except EngineUnavailable as exc:
+            return str(exc)
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            loop.abort(request_id)
+            return f"the canary generation took more than {timeout_s}s"
+
+    async def run_idle_canaries(self, loop: EngineLoop, vocab_size: int, interval_s: float, timeout_s: float,
+                                is_draining: Callable[[], bool]) -> None:
+        """Re-check an idle engine every interval_s; busy engines prove themselves by their traffic."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if is_draining() or loop.failure is not None:
+                return
+            if loop.num_live > 0:
+                continue
+            problem = await self.canary(loop, vocab_size, timeout_s)
+            if problem is not None:
+                log.error("health canary failed: %s", problem)
+            if not is_draining() and (problem is None) != self.serving:
+                await self.set_serving(problem is None)
+
+    async def watchdog(self, loop: EngineLoop, stall_s: float, on_stall: Callable[[str], None]) -> None:
+        """Call on_stall when requests wait but the loop has made no progress for stall_s seconds."""
+        while loop.failure is None:
+            await asyncio.sleep(min(5.0, stall_s / 4))
+            stalled = time.monotonic() - loop.last_progress
+            if loop.num_live > 0 and stalled > stall_s:
+                on_stall(f"the engine loop has not stepped for {stalled:.0f}s while {loop.num_live} "
+                         "requests wait (watchdog)")
+                return

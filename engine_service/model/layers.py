@@ -1,0 +1,168 @@
+"""Building blocks of the model: tensor-parallel linears and embeddings, RMSNorm, RoPE.
+
+Each parameter carries a `weight_loader(param, tensor, shard)` that copies this rank's slice of a
+checkpoint tensor into it, so the loader only maps names. At tensor_parallel_size 1 nothing here touches
+torch.distributed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(slots=True, frozen=True)
+class TPInfo:
+    """This process's place in the tensor-parallel group."""
+
+    rank: int = 0
+    size: int = 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            torch.distributed.all_reduce(x)
+        return x
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's output rows split over ranks; `shards` lists (name, rows per rank, rows in file).
+
+    A packed layer (q/k/v, gate/up) is one matmul over several checkpoint tensors; each shard's slice of
+    this rank is copied to its offset. `replicate` lists shards whose rows are not split but repeated
+    (KV heads when tensor parallelism exceeds their count).
+    """
+
+    def __init__(self, in_features: int, shards: list[tuple[str, int]], bias: bool, tp: TPInfo,
+                 replicas: dict[str, int] | None = None):
+        super().__init__()
+        self.tp = tp
+        self.shards = shards
+        self.replicas = replicas or {}  # shard name -> how many ranks share one slice
+        self.offsets: dict[str, int] = {}
+        off = 0
+        for name, rows in shards:
+            self.offsets[name] = off
+            off += rows
+        self.weight = _param(off, in_features)
+        self.weight.weight_loader = self._load
+        self.bias = _param(off) if bias else None
+        if self.bias is not None:
+            self.bias.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
+        rows = dict(self.shards)[shard]
+        share = self.replicas.get(shard, 1)
+        start = (self.tp.rank // share) * rows
+        piece = loaded.narrow(0, start, rows)
+        param.data.narrow(0, self.offsets[shard], rows).copy_(piece)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's input columns split over ranks; partial sums are all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPInfo):
+        super().__init__()
+        self.tp = tp
+        self.in_per_rank = in_features // tp.size
+        self.weight = _param(out_features, self.in_per_rank)
+        self.weight.weight_loader = self._load_weight
+        self.bias = _param(out_features) if bias else None
+        if self.bias is not None:
+            self.bias.weight_loader = lambda p, t, s: p.data.copy_(t)
+
+    def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
+        param.data.copy_(loaded.narrow(1, self.tp.rank * self.in_per_rank, self.in_per_rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        y = self.tp.all_reduce(y)
+        # The bias is added once, after the reduction.
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the vocabulary split over ranks; the vocabulary is padded to a multiple of the size."""
+
+    def __init__(self, vocab_size: int, dim: int, tp: TPInfo):
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.per_rank = -(-vocab_size // tp.size)
+        self.start = tp.rank * self.per_rank
+        self.weight = _param(self.per_rank, dim)
+        self.weight.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
+        rows = max(0, min(self.per_rank, self.vocab_size - self.start))
+        param.data.zero_()  # padded rows stay zero
+        param.data[:rows].copy_(loaded[self.start : self.start + rows])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.per_rank)
+        y = F.embedding(local.clamp(0, self.per_rank - 1), self.weight) * inside.unsqueeze(-1)
+        return self.tp.all_reduce(y)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The output projection; each rank computes its vocabulary slice and the slices are gathered."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, dim] -> [N, vocab]
+        logits = F.linear(hidden, self.weight)
+        if self.tp.size > 1:
+            parts = [torch.empty_like(logits) for _ in range(self.tp.size)]
+            torch.distributed.all_gather(parts, logits)
+            logits = torch.cat(parts, dim=-1)
+        return logits[:, : self.vocab_size]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 whatever the model dtype, as transformers does (exactness)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param(dim)
+        self.weight.weight_loader = lambda p, t, s: p.data.copy_(t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE with a cos/sin table over every position, computed in float32 as transformers does."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, dtype: torch.dtype):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
+        self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
+        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        # q: [T, Hq, D], k: [T, Hkv, D]; cos/sin: [T, 1, D]
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,93 @@
+"""Load a Hugging Face safetensors checkpoint (sharded or not) into the model, rank by rank.
+
+Checkpoint names map onto the model's packed parameters (q/k/v -> qkv_proj, gate/up -> gate_up_proj).
+A missing or unexpected weight is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+# checkpoint sub-name -> (packed parameter sub-name, shard)
+PACKED = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", "gate"),
+    "up_proj": ("gate_up_proj", "up"),
+}
+# Buffers some checkpoints carry that the model recomputes.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / n for n in names]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors weights in {model_dir}")
+    return files
+
+
+def _target(name: str) -> tuple[str, str | None]:
+    """Map a checkpoint tensor name to (model parameter name, shard)."""
+    if name.startswith("model."):
+        name = name[len("model.") :]
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in PACKED:
+            packed, shard = PACKED[part]
+            parts[i] = packed
+            return ".".join(parts), shard
+    return name, None
+
+
+def load_weights(model: nn.Module, model_dir: str | Path, tie_word_embeddings: bool) -> None:
+    """Copy every checkpoint tensor into its parameter; refuse missing and unexpected ones."""
+    model_dir = Path(model_dir)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected: set[tuple[str, str | None]] = set()
+    for pname, param in params.items():
+        if tie_word_embeddings and pname == "lm_head.weight":
+            continue
+        shards = getattr(_owner(model, pname), "shards", None)
+        if shards and pname.endswith((".weight", ".bias")) and "proj" in pname:
+            expected.update((pname, s) for s, _ in shards)
+        else:
+            expected.add((pname, None))
+
+    loaded: set[tuple[str, str | None]] = set()
+    unexpected: list[str] = []
+    for path in checkpoint_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if name.endswith(IGNORED_SUFFIXES):
+                    continue
+                pname, shard = _target(name)
+                if tie_word_embeddings and pname == "lm_head.weight":
+                    continue  # tied: the embedding is the head
+                if pname not in params:
+                    unexpected.append(name)
+                    continue
+                param = params[pname]
+                tensor = f.get_tensor(name)
+                with torch.no_grad():
+                    param.weight_loader(param, tensor.to(param.dtype), shard)
+                loaded.add((pname, shard))
+    if unexpected:
+        raise ValueError(f"unexpected weights in {model_dir}: {sorted(unexpected)[:10]}")
+    missing = expected - loaded
+    if missing:
+        names = sorted(f"{p}[{s}]" if s else p for p, s in missing)
+        raise ValueError(f"weights missing from {model_dir}: {names[:10]}")
+
+
+def _owner(model: nn.Module, pname: str) -> nn.Module:
+    return model.get_submodule(pname.rsplit(".", 1)[0])

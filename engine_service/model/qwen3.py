@@ -1,0 +1,127 @@
+"""Qwen3 over a paged KV cache: RMSNorm, RoPE, q/k-norm, GQA, SwiGLU, tied or untied embeddings.
+
+Follows the transformers Qwen3 reference numerically (float32 RMSNorm and RoPE tables), so that float64 on
+CPU reproduces its greedy tokens exactly. Inputs are flat: all of a step's tokens in one dimension.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine_service.attention.base import AttentionBackend, AttentionMetadata
+from engine_service.model.config import ModelConfig
+from engine_service.model.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    TPInfo,
+    VocabParallelEmbedding,
+)
+
+
+def kv_heads_per_rank(cfg: ModelConfig, tp: TPInfo) -> int:
+    """KV heads held by one rank; when ranks outnumber KV heads, each head is replicated."""
+    return max(1, cfg.num_key_value_heads // tp.size)
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPInfo, max_positions: int, dtype: torch.dtype):
+        super().__init__()
+        d = cfg.head_dim
+        self.num_heads = cfg.num_attention_heads // tp.size
+        self.num_kv_heads = kv_heads_per_rank(cfg, tp)
+        self.head_dim = d
+        self.scale = d**-0.5
+        kv_share = max(1, tp.size // cfg.num_key_value_heads)  # ranks holding the same KV head
+        self.qkv_proj = ColumnParallelLinear(
+            cfg.hidden_size,
+            [("q", self.num_heads * d), ("k", self.num_kv_heads * d), ("v", self.num_kv_heads * d)],
+            bias=cfg.attention_bias,
+            tp=tp,
+            replicas={"k": kv_share, "v": kv_share},
+        )
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, cfg.attention_bias, tp)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(d, max_positions, cfg.rope_theta, dtype)
+
+    def forward(self, positions, hidden, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
+        t = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = self.q_norm(q.view(t, self.num_heads, self.head_dim))  # [T, Hq, D]
+        k = self.k_norm(k.view(t, self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, Hq, D]
+        return self.o_proj(out.reshape(t, q_size))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPInfo):
+        super().__init__()
+        inter = cfg.intermediate_size // tp.size
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [("gate", inter), ("up", inter)], False, tp)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, tp)
+        self.inter = inter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPInfo, max_positions: int, dtype: torch.dtype):
+        super().__init__()
+        self.self_attn = Qwen3Attention(cfg, tp, max_positions, dtype)
+        self.mlp = Qwen3MLP(cfg, tp)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions, hidden, kv_cache, meta, backend):
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_cache, meta, backend)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class Qwen3ForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPInfo, max_positions: int, dtype: torch.dtype):
+        super().__init__()
+        if cfg.num_attention_heads % tp.size:
+            raise ValueError(
+                f"tensor_parallel_size {tp.size} must divide num_attention_heads {cfg.num_attention_heads}"
+            )
+        if tp.size > cfg.num_key_value_heads and tp.size % cfg.num_key_value_heads:
+            raise ValueError(
+                f"tensor_parallel_size {tp.size} must be a multiple of num_key_value_heads "
+                f"{cfg.num_key_value_heads} when it exceeds it"
+            )
+        if tp.size <= cfg.num_key_value_heads and cfg.num_key_value_heads % tp.size:
+            raise ValueError(
+                f"tensor_parallel_size {tp.size} must divide num_key_value_heads {cfg.num_key_value_heads}"
+            )
+        if cfg.intermediate_size % tp.size:
+            raise ValueError(f"tensor_parallel_size {tp.size} must divide intermediate_size {cfg.intermediate_size}")
+        self.cfg = cfg
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(
+            Qwen3DecoderLayer(cfg, tp, max_positions, dtype) for _ in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, backend: AttentionBackend):
+        """input_ids, positions: [T] -> final hidden states [T, hidden]."""
+        hidden = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden = layer(positions, hidden, kv_cache, meta, backend)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

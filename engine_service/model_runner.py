@@ -1,0 +1,198 @@
+"""Runs the model for one scheduled batch: builds flat inputs, owns the KV cache, samples on the device.
+
+Per step: token ids, positions, slot mapping, cumulative query lengths, context lengths and block tables
+are built on the host in one pass over the batch, copied to the device once, and the sampled tokens come
+back in one sync (see Sampler).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import torch
+
+from engine_service.attention import AttentionMetadata, make_backend, resolve_backend_name
+from engine_service.config import EngineConfig
+from engine_service.model.config import ModelConfig
+from engine_service.model.layers import TPInfo
+from engine_service.model.loader import load_weights
+from engine_service.model.qwen3 import Qwen3ForCausalLM, kv_heads_per_rank
+from engine_service.sampler import Sampler, SamplingRow
+from engine_service.scheduler import ScheduledBatch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device, model_cfg: ModelConfig) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32  # half precision is slow on CPU, and float32 is what tests compare against
+    return DTYPES.get(model_cfg.torch_dtype or "", torch.bfloat16) if model_cfg.torch_dtype != "float64" else torch.bfloat16
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_cfg: ModelConfig, max_model_len: int, tp: TPInfo):
+        self.config = config
+        self.model_cfg = model_cfg
+        self.tp = tp
+        self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", tp.rank)
+        self.dtype = resolve_dtype(config.dtype, self.device, model_cfg)
+        self.block_size = config.kvcache_block_size
+        self.max_model_len = max_model_len
+        self.backend_name = resolve_backend_name(config.attention_backend, self.device, self.block_size)
+        self.backend = make_backend(self.backend_name, self.device)
+        with torch.device(self.device), _default_dtype(self.dtype):
+            self.model = Qwen3ForCausalLM(model_cfg, tp, max_model_len, self.dtype)
+        load_weights(self.model, config.model, model_cfg.tie_word_embeddings)
+        self.model.eval()
+        self.sampler = Sampler(self.device, config.seed)
+        self.num_blocks = self._decide_num_blocks()
+        kv_heads = kv_heads_per_rank(model_cfg, tp)
+        shape = (model_cfg.num_hidden_layers, self.num_blocks, self.block_size, kv_heads, model_cfg.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [(self.k_cache[i], self.v_cache[i]) for i in range(model_cfg.num_hidden_layers)]
+        log.info(
+            "model runner: device=%s dtype=%s backend=%s kv blocks=%d x %d tokens",
+            self.device, self.dtype, self.backend_name, self.num_blocks, self.block_size,
+        )
+
+    # ---- KV-cache sizing -----------------------------------------------------------------------
+    def block_bytes(self) -> int:
+        cfg = self.model_cfg
+        per_token = 2 * cfg.num_hidden_layers * kv_heads_per_rank(cfg, self.tp) * cfg.head_dim
+        return per_token * self.block_size * torch.tensor([], dtype=self.dtype).element_size()
+
+    def _decide_num_blocks(self) -> int:
+        if self.config.num_kvcache_blocks is not None:
+            return self.config.num_kvcache_blocks
+        if self.device.type == "cuda":
+            return self._gpu_num_blocks()
+        # CPU default: max_num_seqs full-length sequences, capped by cpu_kvcache_gib.
+        want = self.config.max_num_seqs * -(-self.max_model_len // self.block_size)
+        cap = int(self.config.cpu_kvcache_gib * 2**30) // self.block_bytes()
+        return max(1, min(want, cap))
+
+    def _gpu_num_blocks(self) -> int:
+        """Blocks that fit in gpu_memory_utilization of the device after a warm-up at full token budget."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._warmup_forward()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        budget = total * self.config.gpu_memory_utilization - used_by_others - peak
+        blocks = int(budget) // self.block_bytes()
+        if blocks < 1:
+            raise ValueError(
+                f"no GPU memory left for the KV cache at gpu_memory_utilization="
+                f"{self.config.gpu_memory_utilization}; raise it or lower max_num_batched_tokens"
+            )
+        return blocks
+
+    def _warmup_forward(self) -> None:
+        """One forward at the full token budget on a throwaway one-block cache, to measure peak memory."""
+        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        kv_heads = kv_heads_per_rank(self.model_cfg, self.tp)
+        blocks = -(-n // self.block_size)
+        shape = (blocks, self.block_size, kv_heads, self.model_cfg.head_dim)
+        caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),) * 2] * self.model_cfg.num_hidden_layers
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        pos = torch.arange(n, device=self.device)
+        meta = self._metadata([n], [n], [list(range(blocks))], list(range(n)), 0)
+        with torch.inference_mode():
+            hidden = self.model(ids, pos, caches, meta, self.backend)
+            self.model.compute_logits(hidden[-1:])
+        del caches, hidden
+
+    # ---- one step --------------------------------------------------------------------------------
+    def _metadata(self, q_lens, ctx_lens, tables, slots, num_decode_seqs) -> AttentionMetadata:
+        dev = self.device
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]  # 0 keeps gathers in range; masked anyway
+        cu = [0]
+        for n in q_lens:
+            cu.append(cu[-1] + n)
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
+            num_decode_seqs=num_decode_seqs,
+            max_seqlen_q=max(q_lens),
+            max_context_len=max(ctx_lens),
+            block_size=self.block_size,
+            q_lens=list(q_lens),
+            ctx_lens=list(ctx_lens),
+        )
+
+    def prepare(self, batch: ScheduledBatch):
+        """Flat inputs for a step: (input_ids [T], positions [T], metadata, rows to sample [N])."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        q_lens, ctx_lens, tables, sample_rows = [], [], [], []
+        num_decode = 0
+        for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample, strict=True):
+            start = seq.num_computed_tokens
+            end = start + n
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            q_lens.append(n)
+            ctx_lens.append(end)
+            tables.append(table)
+            if n == 1:
+                num_decode += 1
+            if sample:
+                sample_rows.append(len(ids) - 1)
+        meta = self._metadata(q_lens, ctx_lens, tables, slots, num_decode)
+        dev = self.device
+        return (
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            meta,
+            torch.tensor(sample_rows, dtype=torch.long, device=dev),
+        )
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, rows: list[SamplingRow]) -> tuple[list[int], list[bool]]:
+        """Forward the batch; sample one token for each sequence whose `sample` flag is set."""
+        ids, positions, meta, sample_rows = self.prepare(batch)
+        hidden = self.model(ids, positions, self.kv_caches, meta, self.backend)
+        if not rows:
+            return [], []
+        logits = self.model.compute_logits(hidden[sample_rows])
+        return self.sampler(logits, rows)

@@ -1,0 +1,85 @@
+"""Token sampling on the model's device: greedy, temperature, top-k, top-p, min-p, per-request seeds.
+
+Sampling draws exponential noise and takes argmax(probs / noise), which picks token i with probability
+probs[i] (the "exponential race"). A seeded request draws its noise from its own generator, so its tokens
+do not depend on which other requests share the batch. Rows with NaN or infinite logits are reported,
+not sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine_service.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    """What the sampler needs of one request this step."""
+
+    params: SamplingParams
+    generator: torch.Generator | None  # the request's own generator when it has a seed
+    banned_token_ids: tuple[int, ...] = ()  # EOS/stop ids, while min_tokens is not reached
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int):
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[bool]]:
+        """logits: [N, V] -> (token ids, whether each row's logits were finite). One device sync."""
+        finite = torch.isfinite(logits).all(dim=-1)
+        for i, row in enumerate(rows):
+            if row.banned_token_ids:
+                logits[i, list(row.banned_token_ids)] = float("-inf")
+        tokens = logits.argmax(dim=-1)
+        sampled_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if sampled_rows:
+            idx = torch.tensor(sampled_rows, device=logits.device)
+            tokens[idx] = self._sample(logits[idx].float(), [rows[i] for i in sampled_rows])
+        both = torch.stack([tokens, finite.long()]).tolist()  # the step's only device -> host sync
+        return both[0], [bool(x) for x in both[1]]
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        n, vocab = logits.shape
+        dev = logits.device
+        temps = torch.tensor([r.params.temperature for r in rows], device=dev, dtype=torch.float32)
+        logits = logits / temps[:, None]
+        top_k = [r.params.top_k for r in rows]
+        top_p = [r.params.top_p for r in rows]
+        if any(k != -1 and k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+            logits = _top_k_top_p(logits, top_k, top_p)
+        probs = torch.softmax(logits, dim=-1)
+        min_p = [r.params.min_p for r in rows]
+        if any(m > 0.0 for m in min_p):
+            floor = torch.tensor(min_p, device=dev)[:, None] * probs.amax(dim=-1, keepdim=True)
+            probs = probs.masked_fill(probs < floor, 0.0)
+        noise = torch.empty_like(probs)
+        seeded = [i for i, r in enumerate(rows) if r.generator is not None]
+        if len(seeded) < n:
+            noise.exponential_(generator=self.generator)
+        for i in seeded:
+            noise[i].exponential_(generator=rows[i].generator)
+        return (probs / noise).argmax(dim=-1)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Mask logits outside each row's top-k and top-p nucleus with -inf (one sort for both)."""
+    n, vocab = logits.shape
+    dev = logits.device
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=dev)[None, :]
+    k = torch.tensor([vocab if x == -1 else min(x, vocab) for x in top_k], device=dev)[:, None]
+    drop = rank >= k
+    p = torch.tensor(top_p, device=dev, dtype=torch.float32)[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    # Keep a token if the mass before it is below top_p; the first token is always kept.
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop |= mass_before >= p
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)

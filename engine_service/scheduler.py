@@ -1,0 +1,178 @@
+"""Continuous batching: which sequences run this step, and how many tokens each computes.
+
+Pure Python: no torch, no grpc.
+
+Each step:
+1. Running sequences, in admission order. A decoding sequence computes its one new token; a sequence
+   still prefilling computes a chunk of whatever budget is left after reserving one token per decode, so
+   a long prompt never stalls the running streams. When blocks run out, the most recently admitted
+   running sequence is preempted: its blocks are freed and it is requeued at the front to recompute.
+2. If nothing was preempted, waiting sequences are admitted (prefix-cache lookup first) while the
+   sequence cap, the token budget and the free blocks allow.
+
+Every step makes progress: the oldest running sequence is always scheduled, because admission refused
+any request whose worst case does not fit the pool on its own.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine_service.block_manager import BlockManager
+from engine_service.outputs import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP
+from engine_service.sequence import Sequence, Status
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """One step's work: sequences with their token counts; rows computing one token come first."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    # Whether the step reaches the end of each sequence's tokens, so its last logits are sampled.
+    sample: list[bool] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        eos_token_ids: set[int] | frozenset[int] = frozenset(),
+    ):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self.num_preemptions = 0
+        self._admit_counter = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- scheduling ----------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        picked: list[tuple[Sequence, int]] = []
+        preempted = False
+        decodes_left = sum(1 for s in self.running if s.is_decoding)
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            if seq.is_decoding:
+                n = 1
+                decodes_left -= 1
+            else:
+                n = min(seq.num_uncomputed_tokens, budget - decodes_left)
+                if n <= 0:
+                    i += 1
+                    continue
+            while not self.bm.can_append(seq, n):
+                victim = self.running[-1]
+                if victim.is_decoding and victim is not seq:
+                    decodes_left -= 1
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                break  # seq preempted itself: it was the last running sequence
+            self.bm.append_slots(seq, n)
+            picked.append((seq, n))
+            budget -= n
+            i += 1
+
+        if not preempted:
+            self._admit(picked, budget)
+        return self._batch(picked)
+
+    def _admit(self, picked: list[tuple[Sequence, int]], budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            matched = self.bm.match_prefix(seq)
+            cached = len(matched) * self.bm.block_size
+            n = min(len(seq) - cached, budget)
+            if not self.bm.can_admit(matched, cached + n):
+                break
+            self.waiting.popleft()
+            self.bm.admit(seq, matched)
+            self.bm.append_slots(seq, n)
+            seq.status = Status.RUNNING
+            seq.admit_order = self._admit_counter
+            self._admit_counter += 1
+            self.running.append(seq)
+            picked.append((seq, n))
+            budget -= n
+
+    @staticmethod
+    def _batch(picked: list[tuple[Sequence, int]]) -> ScheduledBatch:
+        # One-token rows first: the attention backends batch them on their decode path.
+        picked.sort(key=lambda p: p[1] != 1)
+        batch = ScheduledBatch()
+        for seq, n in picked:
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            batch.sample.append(seq.num_computed_tokens + n == len(seq))
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free_sequence(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    # ---- after the forward pass ----------------------------------------------------------------
+    def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
+        """Advance computed counts, publish full blocks, append sampled tokens; return finished seqs."""
+        finished = []
+        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled, strict=True):
+            if seq.status is not Status.RUNNING:
+                continue  # aborted between schedule and postprocess
+            seq.num_computed_tokens += n
+            self.bm.publish(seq)
+            if token is None:
+                continue
+            seq.token_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+                return FINISH_STOP
+        if len(seq) >= seq.max_len:
+            return FINISH_LENGTH
+        return None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take `seq` out of the queues and free its blocks at once."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        self.bm.free_sequence(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+
+    def abort(self, seq: Sequence) -> None:
+        if seq.status is not Status.FINISHED:
+            self.finish(seq, FINISH_ABORT)

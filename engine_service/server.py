@@ -1,0 +1,143 @@
+"""The engine service process: `engine-service --model DIR` (every flag also reads an ENGINE_* variable).
+
+serve() wires the servicer, health, reflection, limits and keepalive, loads the engine, runs the start-up
+canary, and then waits for SIGTERM (drain) or an engine failure (exit 1). main() only parses flags.
+Test hook: ENGINE_TEST_FAIL_AFTER_STEPS=N makes step() raise after N steps past warm-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine_service.engine_loop import EngineLoop
+from engine_service.health import Health
+from engine_service.server_config import ServerConfig, parse_config
+from engine_service.servicer import EngineServicer
+from protos.llmserve.engine.v1 import engine_pb2, engine_pb2_grpc
+
+log = logging.getLogger("engine_service")
+FAIL_AFTER_STEPS_ENV = "ENGINE_TEST_FAIL_AFTER_STEPS"
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Message limits and keepalive: clients may ping often without a too_many_pings GOAWAY."""
+    options = [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(config.min_ping_interval_s * 1000)),
+        ("grpc.http2.max_ping_strikes", 0),  # 0: never GOAWAY a client for pinging
+    ]
+    if config.max_connection_age_s > 0:
+        options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(config.grace_s * 1000))]
+    return options
+
+
+def load_engine(config: ServerConfig) -> Any:
+    """The LLMEngine for config.model (slow: runs in a worker thread)."""
+    from engine_service import LLMEngine  # the model stack loads only in the service process
+
+    return LLMEngine(config.model, **config.engine_kwargs())
+
+
+async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig], Any] = load_engine,
+                stop: asyncio.Event | None = None, bound_port: asyncio.Future[int] | None = None,
+                handle_signals: bool = True) -> int:
+    """Run the service until `stop` is set and it has drained (returns 0), or the engine fails (returns 1)."""
+    aio = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    exit_code = 0
+
+    def on_fatal(message: str) -> None:
+        nonlocal exit_code
+        log.error("engine failure, exiting: %s", message)
+        exit_code = 1
+        stop.set()
+
+    health = Health([config.service_name])
+    await health.set_serving(False)
+    servicer = EngineServicer(config.max_waiting, config.max_buffered_tokens)
+    server = grpc.aio.server(options=grpc_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    names = [engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name,
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()  # health answers NOT_SERVING while the model loads
+    if bound_port is not None:
+        bound_port.set_result(port)
+    if handle_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            aio.add_signal_handler(sig, stop.set)
+    log.info("engine service listening on %s:%d, loading %s", config.host, port, config.model)
+
+    engine = await asyncio.to_thread(engine_factory, config)
+    loop = EngineLoop(engine, aio, on_fatal)
+    servicer.attach(loop, dict(engine.model_info), dict(engine.generation_defaults))
+    loop.start()
+    vocab = int(engine.model_info["vocab_size"])
+    tasks = [asyncio.create_task(health.watchdog(loop, config.watchdog_s, on_fatal))]
+    problem = await health.canary(loop, vocab, config.canary_timeout_s)
+    if problem is not None:
+        on_fatal(f"start-up canary failed: {problem}")
+    else:
+        fail_after = os.environ.get(FAIL_AFTER_STEPS_ENV)
+        if fail_after:
+            loop.fail_at_step = loop.steps + int(fail_after)
+        await health.set_serving(True)
+        log.info("engine service SERVING on port %d", port)
+        if config.canary_interval_s > 0:
+            tasks.append(asyncio.create_task(health.run_idle_canaries(
+                loop, vocab, config.canary_interval_s, config.canary_timeout_s, lambda: servicer.draining)))
+
+    await stop.wait()
+    await health.shutdown()
+    servicer.begin_drain()
+    if exit_code == 0:
+        log.info("draining: finishing %d calls within %.0fs", servicer.num_calls, config.grace_s)
+        deadline = time.monotonic() + config.grace_s
+        while servicer.num_calls and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await server.stop(max(0.5, deadline - time.monotonic()))
+    else:
+        await server.stop(1.0)  # let the INTERNAL statuses reach their clients
+    for task in tasks:
+        task.cancel()
+    if exit_code == 0:
+        loop.stop()
+        engine.close()
+    log.info("engine service stopped (exit %d)", exit_code)
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `engine-service`."""
+    try:
+        config = parse_config(argv)
+    except ValueError as exc:
+        sys.exit(f"engine-service: {exc}")
+    logging.basicConfig(level=config.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    code = asyncio.run(serve(config))
+    sys.stdout.flush()
+    if code:
+        os._exit(code)  # a stuck engine thread must not hold a failed process up
+
+
+if __name__ == "__main__":
+    main()

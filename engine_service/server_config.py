@@ -1,0 +1,115 @@
+"""The engine service's settings: one frozen dataclass, built from flags, each with an environment variable.
+
+Every field `some_name` is the flag `--some-name` and the variable `ENGINE_SOME_NAME`; a flag wins over the
+variable, and the variable over the default. Engine knobs (`engine_*` fields) are passed to LLMEngine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, fields
+
+ENV_PREFIX = "ENGINE_"
+MiB = 1 << 20
+
+
+@dataclass(slots=True, frozen=True)
+class ServerConfig:
+    """Every setting of the engine service."""
+
+    model: str = ""  # a Hugging Face model directory
+    host: str = "[::]"
+    port: int = 50051
+    service_name: str = "llmserve.engine.v1.Engine"  # also gets a health status of its own
+    # Engine knobs, passed through to LLMEngine.
+    device: str = "auto"
+    dtype: str = "auto"
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
+    kvcache_block_size: int = 16
+    num_kvcache_blocks: int = 0  # 0: sized by the engine
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    max_model_len: int = 0  # 0: the model's own
+    tensor_parallel_size: int = 1
+    # Limits.
+    max_concurrent_rpcs: int = 1024  # grpc.aio refuses calls past this with RESOURCE_EXHAUSTED
+    max_waiting: int = 1024  # requests admitted but not yet running; past it: RESOURCE_EXHAUSTED
+    max_message_bytes: int = 64 * MiB  # receive and send, both ends
+    max_buffered_tokens: int = 65536  # per request, not yet written to a slow client; past it the request fails
+    # Connections.
+    keepalive_time_s: float = 30.0  # server pings idle connections this often
+    keepalive_timeout_s: float = 10.0
+    min_ping_interval_s: float = 5.0  # clients may ping this often without a too_many_pings GOAWAY
+    max_connection_age_s: float = 0.0  # 0: unlimited; set it so new engine pods get traffic
+    # Lifecycle.
+    grace_s: float = 30.0  # SIGTERM drain: in-flight streams get this long to finish
+    watchdog_s: float = 120.0  # a loop that has not stepped this long while requests wait is stalled
+    canary_interval_s: float = 30.0  # idle health canary period; 0 turns it off (start-up canary still runs)
+    canary_timeout_s: float = 60.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model must name a model directory (--model or ENGINE_MODEL)")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535 (0 picks a free port), got {self.port}")
+        for name in ("max_concurrent_rpcs", "max_waiting", "max_message_bytes", "max_buffered_tokens",
+                     "kvcache_block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("num_kvcache_blocks", "max_model_len"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (automatic) or positive, got {getattr(self, name)}")
+        for name in ("keepalive_time_s", "keepalive_timeout_s", "min_ping_interval_s", "grace_s",
+                     "watchdog_s", "canary_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_connection_age_s", "canary_interval_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")
+
+    def engine_kwargs(self) -> dict[str, object]:
+        """Keyword arguments for LLMEngine."""
+        return dict(
+            device=self.device, dtype=self.dtype, attention_backend=self.attention_backend,
+            enforce_eager=self.enforce_eager, kvcache_block_size=self.kvcache_block_size,
+            num_kvcache_blocks=self.num_kvcache_blocks or None,
+            max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
+            max_model_len=self.max_model_len or None, tensor_parallel_size=self.tensor_parallel_size,
+        )
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = None) -> ServerConfig:
+    """ServerConfig from command-line flags, falling back to ENGINE_* environment variables."""
+    env = os.environ if env is None else env
+    parser = argparse.ArgumentParser(prog="engine-service", description="The LLM engine gRPC service.")
+    for f in fields(ServerConfig):
+        default = f.default if f.default is not MISSING else None
+        kind = _parse_bool if isinstance(default, bool) else type(default)
+        var = ENV_PREFIX + f.name.upper()
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+                            help=f"(env {var}, default {default!r})")
+    args = vars(parser.parse_args(argv))
+    values: dict[str, object] = {}
+    for f in fields(ServerConfig):
+        var = ENV_PREFIX + f.name.upper()
+        if args[f.name] is not None:
+            values[f.name] = args[f.name]
+        elif var in env:
+            kind = _parse_bool if isinstance(f.default, bool) else type(f.default)
+            try:
+                values[f.name] = kind(env[var])
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                raise ValueError(f"{f.name}: environment variable {var}={env[var]!r} is invalid: {exc}") from exc
+    return ServerConfig(**values)  # type: ignore[arg-type]

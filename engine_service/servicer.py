@@ -1,0 +1,191 @@
+"""The Engine gRPC servicer: a thin layer over the engine loop. It never blocks on the model."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from engine_service.engine_loop import EngineLoop, EngineUnavailable
+from engine_service.streams import OutputStream, RequestSink
+from engine_service.validation import (
+    check_deadline_ms,
+    check_prompt,
+    check_request_id,
+    sampling_params_from_proto,
+)
+from protos.llmserve.engine.v1 import engine_pb2 as pb
+from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
+
+STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
+UNARY_PREFIX = "u:"  # engine request ids of GenerateStream calls; bidi streams use "s<n>:"
+
+
+class EngineServicer(pb_grpc.EngineServicer):
+    """Generate (bidi), GenerateStream, Abort, GetModelInfo and GetLoad over one EngineLoop."""
+
+    def __init__(self, max_waiting: int, max_buffered_tokens: int) -> None:
+        self.loop: EngineLoop | None = None  # set once the engine has loaded
+        self.model_info: dict[str, Any] = {}
+        self.generation_defaults: dict[str, object] = {}
+        self.draining = False
+        self._max_waiting = max_waiting
+        self._max_buffered = max_buffered_tokens
+        self._stream_ids = itertools.count(1)
+        self._streams: set[OutputStream] = set()
+        self._unary: dict[str, OutputStream] = {}
+
+    def attach(self, loop: EngineLoop, model_info: dict[str, Any], generation_defaults: dict[str, object]) -> None:
+        self.loop, self.model_info, self.generation_defaults = loop, model_info, generation_defaults
+
+    @property
+    def num_calls(self) -> int:
+        """Generate and GenerateStream calls in progress."""
+        return len(self._streams)
+
+    def begin_drain(self) -> None:
+        """Refuse new requests; bidi streams end once their requests are done."""
+        self.draining = True
+        for stream in self._streams:
+            stream.wake.set()
+
+    # ---- admission ----------------------------------------------------------------------------------------
+
+    def _refusal(self) -> tuple[grpc.StatusCode, str] | None:
+        """Why no request can be admitted now, if so."""
+        if self.draining:
+            return grpc.StatusCode.UNAVAILABLE, "the engine service is draining (shutting down); retry elsewhere"
+        if self.loop is None:
+            return grpc.StatusCode.UNAVAILABLE, "the engine service is still loading the model"
+        if self.loop.failure is not None:
+            return grpc.StatusCode.UNAVAILABLE, f"the engine has failed: {self.loop.failure}"
+        if self.loop.num_waiting >= self._max_waiting:
+            return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the engine's queue is full: {self.loop.num_waiting} requests waiting (max_waiting "
+                    f"{self._max_waiting}); retry later")
+        return None
+
+    def _start(self, stream: OutputStream, prefix: str, req: pb.NewRequest, timeout_s: float | None) -> None:
+        """Admit one request into the engine, or put its refusal on the stream."""
+        cid = req.request_id
+        try:
+            check_request_id(cid)
+            if cid in stream.live:
+                raise ValueError(f"request_id {cid!r} is already live on this stream")
+            refusal = self._refusal()
+            if refusal is not None:
+                stream.reject(cid, *refusal)
+                return
+            prompt = list(req.prompt_token_ids)
+            check_prompt(prompt, self.model_info["vocab_size"], self.model_info["max_model_len"])
+            params = sampling_params_from_proto(req.sampling_params, self.generation_defaults)
+        except ValueError as exc:
+            stream.reject(cid, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return
+        try:
+            self.loop.add(prefix + cid, prompt, params, RequestSink(stream, cid))
+        except EngineUnavailable as exc:
+            stream.reject(cid, grpc.StatusCode.UNAVAILABLE, f"the engine has failed: {exc}")
+            return
+        stream.register(cid, timeout_s)
+
+    def _new_stream(self, prefix: str) -> OutputStream:
+        def abort_in_engine(cid: str) -> None:
+            if self.loop is not None:
+                self.loop.abort(prefix + cid)
+
+        stream = OutputStream(abort_in_engine, self._max_buffered)
+        self._streams.add(stream)
+        return stream
+
+    async def _frames(self, stream: OutputStream) -> AsyncIterator[list[pb.RequestUpdate]]:
+        """The stream's updates, one batch per wake-up (one engine step when the client keeps up)."""
+        while not stream.done(self.draining):
+            if stream.pending:
+                yield stream.take()
+                continue
+            stream.wake.clear()
+            await stream.wake.wait()
+
+    # ---- RPCs ---------------------------------------------------------------------------------------------
+
+    async def Generate(self, request_iterator, context):
+        prefix = f"s{next(self._stream_ids)}:"
+        stream = self._new_stream(prefix)
+        reader = asyncio.create_task(self._read_frames(request_iterator, stream, prefix))
+        try:
+            async for updates in self._frames(stream):
+                yield pb.ServerFrame(updates=updates)
+        finally:
+            reader.cancel()
+            stream.abort_all()  # a closed or cancelled stream frees its requests' blocks at once
+            self._streams.discard(stream)
+
+    async def _read_frames(self, request_iterator, stream: OutputStream, prefix: str) -> None:
+        try:
+            async for frame in request_iterator:
+                for req in frame.requests:
+                    self._start(stream, prefix, req, check_deadline_ms(req.deadline_ms))
+                for cid in frame.abort_request_ids:
+                    stream.abort(cid)
+        finally:
+            stream.input_done = True
+            stream.wake.set()
+
+    async def GenerateStream(self, request, context):
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        cid = request.request_id
+        if cid in self._unary:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {cid!r} is already live")
+        stream = self._new_stream(UNARY_PREFIX)
+        stream.input_done = True
+        timeouts = [t for t in (check_deadline_ms(request.deadline_ms), context.time_remaining()) if t is not None]
+        self._unary[cid] = stream
+        try:
+            self._start(stream, UNARY_PREFIX, request, min(timeouts) if timeouts else None)
+            async for updates in self._frames(stream):
+                for update in updates:
+                    if update.finish_reason == pb.FINISH_REASON_ERROR:
+                        await context.abort(STATUS_BY_CODE[update.status.code], update.status.message)
+                    yield update
+        finally:
+            stream.abort_all()
+            self._streams.discard(stream)
+            self._unary.pop(cid, None)
+
+    async def Abort(self, request, context):
+        stream = self._unary.get(request.request_id)
+        return pb.AbortResponse(found=stream is not None and stream.abort(request.request_id))
+
+    async def GetModelInfo(self, request, context):
+        if self.loop is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine service is still loading the model")
+        info = self.model_info
+        return pb.ModelInfo(model_name=str(info["model_name"]), vocab_size=info["vocab_size"],
+                            eos_token_ids=list(info["eos_token_ids"]), max_model_len=info["max_model_len"],
+                            block_size=info["block_size"])
+
+    async def GetLoad(self, request, context):
+        if self.loop is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine service is still loading the model")
+        return load_from_stats(self.loop.stats, self.loop.num_live)
+
+
+def load_from_stats(stats: dict[str, int], num_live: int) -> pb.Load:
+    """The Load message from engine.stats(): free blocks include the cached ones, used are the rest."""
+    total = int(stats.get("num_blocks", 0))
+    free = int(stats.get("num_free_blocks", 0))
+    cached = int(stats.get("num_cached_blocks", 0))
+    queries = int(stats.get("prefix_cache_queries", 0))
+    return pb.Load(
+        num_running=int(stats.get("num_running", 0)), num_waiting=int(stats.get("num_waiting", 0)),
+        num_kv_blocks_total=total, num_kv_blocks_used=max(0, total - free), num_kv_blocks_free=free,
+        num_kv_blocks_cached=cached,
+        prefix_cache_hit_rate=int(stats.get("prefix_cache_hits", 0)) / queries if queries else 0.0,
+        num_preemptions=int(stats.get("num_preemptions", 0)), num_live_requests=num_live,
+    )

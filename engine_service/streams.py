@@ -1,0 +1,129 @@
+"""The output side of one gRPC call: the requests it carries, coalesced into frames.
+
+Each request's new tokens wait in `pending` until the writer takes them, so all the updates of one engine step
+go out as one frame, and a slow client makes the updates grow rather than block the engine. A request whose
+pending tokens exceed the per-request bound is failed and aborted: one slow consumer never stalls the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import grpc
+
+from engine_service.outputs import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, StepOutput
+from protos.llmserve.engine.v1 import engine_pb2 as pb
+
+FINISH_TO_PROTO = {
+    FINISH_STOP: pb.FINISH_REASON_STOP,
+    FINISH_LENGTH: pb.FINISH_REASON_LENGTH,
+    FINISH_ABORT: pb.FINISH_REASON_ABORT,
+}
+
+
+class RequestSink:
+    """Routes one request's outputs from the engine loop to its stream."""
+
+    __slots__ = ("stream", "client_id")
+
+    def __init__(self, stream: OutputStream, client_id: str) -> None:
+        self.stream = stream
+        self.client_id = client_id
+
+    def on_output(self, output: StepOutput) -> None:
+        self.stream.on_output(self.client_id, output)
+
+    def on_failure(self, invalid_argument: bool, message: str) -> None:
+        code = grpc.StatusCode.INVALID_ARGUMENT if invalid_argument else grpc.StatusCode.INTERNAL
+        self.stream.fail(self.client_id, code, message, abort=False)
+
+
+class OutputStream:
+    """Live requests of one call (keyed by the client's id) and their not-yet-sent updates."""
+
+    def __init__(self, abort_in_engine: Callable[[str], None], max_buffered_tokens: int) -> None:
+        self._abort_in_engine = abort_in_engine  # called with the client id
+        self._max_buffered = max_buffered_tokens
+        self.live: dict[str, asyncio.TimerHandle | None] = {}  # client id -> deadline timer
+        self.pending: dict[str, pb.RequestUpdate] = {}
+        self.wake = asyncio.Event()
+        self.input_done = False  # the client half-closed (or the call has a single request)
+
+    def register(self, client_id: str, timeout_s: float | None) -> None:
+        """A request now in the engine; a passed deadline fails it with DEADLINE_EXCEEDED."""
+        timer = None
+        if timeout_s is not None:
+            timer = asyncio.get_running_loop().call_later(timeout_s, self._deadline_passed, client_id)
+        self.live[client_id] = timer
+
+    def _deadline_passed(self, client_id: str) -> None:
+        self.fail(client_id, grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed", abort=True)
+
+    def _update(self, client_id: str) -> pb.RequestUpdate:
+        update = self.pending.get(client_id)
+        if update is None:
+            update = self.pending[client_id] = pb.RequestUpdate(request_id=client_id)
+        self.wake.set()
+        return update
+
+    def _finish(self, client_id: str) -> None:
+        timer = self.live.pop(client_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def on_output(self, client_id: str, output: StepOutput) -> None:
+        if client_id not in self.live:
+            return
+        update = self._update(client_id)
+        update.new_token_ids.extend(output.new_token_ids)
+        update.num_prompt_tokens = output.num_prompt_tokens
+        update.num_cached_tokens = output.num_cached_tokens
+        if output.finished:
+            update.finish_reason = FINISH_TO_PROTO.get(output.finish_reason, pb.FINISH_REASON_STOP)
+            self._finish(client_id)
+        elif len(update.new_token_ids) > self._max_buffered:
+            self.fail(client_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"the client read too slowly: more than {self._max_buffered} tokens were buffered "
+                      "for this request (max_buffered_tokens)", abort=True)
+
+    def reject(self, client_id: str, code: grpc.StatusCode, message: str) -> None:
+        """Refuse a request that never reached the engine."""
+        update = self._update(client_id)
+        update.finish_reason = pb.FINISH_REASON_ERROR
+        update.status.code = code.value[0]
+        update.status.message = message
+
+    def fail(self, client_id: str, code: grpc.StatusCode, message: str, abort: bool) -> None:
+        """End a live request with an error status; abort it in the engine unless the engine ended it."""
+        if client_id not in self.live:
+            return
+        self._finish(client_id)
+        if abort:
+            self._abort_in_engine(client_id)
+        self.reject(client_id, code, message)
+
+    def abort(self, client_id: str) -> bool:
+        """In-band abort: free the request now and report it finished with reason ABORT."""
+        if client_id not in self.live:
+            return False
+        self._finish(client_id)
+        self._abort_in_engine(client_id)
+        self._update(client_id).finish_reason = pb.FINISH_REASON_ABORT
+        return True
+
+    def abort_all(self) -> None:
+        """The call ended (closed, cancelled): free every request it still holds."""
+        for client_id in list(self.live):
+            self._finish(client_id)
+            self._abort_in_engine(client_id)
+
+    def take(self) -> list[pb.RequestUpdate]:
+        updates = list(self.pending.values())
+        self.pending.clear()
+        self.wake.clear()
+        return updates
+
+    def done(self, draining: bool) -> bool:
+        """Nothing left to send, and nothing more will come."""
+        return not self.pending and not self.live and (self.input_done or draining)

@@ -1,0 +1,56 @@
+"""Every rule that refuses an engine request, stated once. Each raises ValueError naming the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine_service.sampling_params import SamplingParams
+
+# proto field name -> SamplingParams field name (the same today; kept explicit so a rename is one line).
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos")
+MAX_REQUEST_ID_LEN = 256
+
+
+def sampling_params_from_proto(proto: Any, defaults: dict[str, object]) -> SamplingParams:
+    """Set proto fields win, then generation_config.json defaults, then SamplingParams' own defaults."""
+    values: dict[str, object] = {k: v for k, v in defaults.items() if k in SAMPLING_FIELDS}
+    for name in SAMPLING_FIELDS:
+        if proto.HasField(name):
+            values[name] = getattr(proto, name)
+    if proto.stop_token_ids:
+        values["stop_token_ids"] = tuple(proto.stop_token_ids)
+    # Floats arrive as float32; round-trip through repr so 0.7 stays 0.7, not 0.699999988.
+    for name in ("temperature", "top_p", "min_p"):
+        if name in values and isinstance(values[name], float):
+            values[name] = float(f"{values[name]:.7g}")
+    try:
+        return SamplingParams(**values)  # type: ignore[arg-type]
+    except TypeError as exc:  # a generation_config value of the wrong type
+        raise ValueError(f"sampling_params: {exc}") from exc
+
+
+def check_request_id(request_id: str) -> None:
+    if not request_id:
+        raise ValueError("request_id must not be empty")
+    if len(request_id) > MAX_REQUEST_ID_LEN:
+        raise ValueError(f"request_id must be at most {MAX_REQUEST_ID_LEN} characters, got {len(request_id)}")
+
+
+def check_prompt(prompt_token_ids: list[int], vocab_size: int, max_model_len: int) -> None:
+    """The prompt must be non-empty, shorter than max_model_len, and inside the vocabulary."""
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise ValueError("prompt_token_ids must not be empty")
+    if n >= max_model_len:
+        raise ValueError(
+            f"prompt_token_ids has {n} tokens, but max_model_len is {max_model_len}: "
+            f"at most {max_model_len - 1} prompt tokens leave room to generate one"
+        )
+    for i, t in enumerate(prompt_token_ids):
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"prompt_token_ids[{i}] = {t} is outside the vocabulary [0, {vocab_size})")
+
+
+def check_deadline_ms(deadline_ms: int) -> float | None:
+    """Seconds until the deadline, or None for no deadline."""
+    return deadline_ms / 1000.0 if deadline_ms > 0 else None
