@@ -1,0 +1,88 @@
+"""Chat messages: role and content validation, and rendering through the model's chat template."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from tokenizer_service.chat import VALID_ROLES, encode_chat, render_chat, validate_messages
+
+
+def test_renders_chatml_with_the_generation_prompt(demo_tokenizer) -> None:
+    text = render_chat(
+        demo_tokenizer,
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 👋 你好"}],
+    )
+    assert text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi 👋 你好<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_encoded_chat_uses_special_token_ids(demo_tokenizer) -> None:
+    ids = encode_chat(demo_tokenizer, [{"role": "user", "content": "Hello"}])
+    im_start = demo_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    im_end = demo_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert ids[0] == im_start
+    assert ids.count(im_start) == 2 and ids.count(im_end) == 1
+    assert demo_tokenizer.decode(ids) == render_chat(demo_tokenizer, [{"role": "user", "content": "Hello"}])
+
+
+@pytest.mark.parametrize("role", ["robot", "User", "", "developer", None])
+def test_unknown_role_names_the_role_and_the_valid_ones(demo_tokenizer, role) -> None:
+    with pytest.raises(ValueError) as e:
+        render_chat(demo_tokenizer, [{"role": "user", "content": "a"}, {"role": role, "content": "b"}])
+    msg = str(e.value)
+    assert "messages[1].role" in msg and repr(role) in msg
+    for valid in VALID_ROLES:
+        assert valid in msg
+
+
+@pytest.mark.parametrize("role", VALID_ROLES)
+def test_every_valid_role_renders(demo_tokenizer, role: str) -> None:
+    assert f"<|im_start|>{role}\nx<|im_end|>" in render_chat(demo_tokenizer, [{"role": role, "content": "x"}])
+
+
+@pytest.mark.parametrize(
+    ("messages", "fragment"),
+    [
+        ([], "at least one message"),
+        ("hello", "must be a list"),
+        (None, "must be a list"),
+        (["hello"], "messages[0] must be a mapping"),
+        ([{"content": "x"}], "messages[0].role is required"),
+        ([{"role": "user"}], "messages[0].content is required"),
+        ([{"role": "user", "content": 5}], "messages[0].content must be a string"),
+        ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content[0]"),
+        ([{"role": "user", "content": "x", "name": "bob"}], "unknown keys ['name']"),
+    ],
+)
+def test_malformed_messages_are_refused(messages, fragment: str) -> None:
+    with pytest.raises(ValueError) as e:
+        validate_messages(messages)
+    assert fragment in str(e.value)
+
+
+def test_text_parts_are_joined_and_input_is_not_mutated() -> None:
+    messages = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    before = copy.deepcopy(messages)
+    assert validate_messages(messages) == [{"role": "user", "content": "ab"}]
+    assert messages == before
+
+
+def test_tokenizer_without_chat_template_is_a_clear_error(demo_model_dir) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_model_dir)
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        render_chat(tok, [{"role": "user", "content": "x"}])
+
+
+def test_template_errors_become_value_errors(demo_model_dir) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_model_dir)
+    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(ValueError, match="roles must alternate"):
+        render_chat(tok, [{"role": "user", "content": "x"}])

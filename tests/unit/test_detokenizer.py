@@ -1,0 +1,172 @@
+"""Incremental detokenization equals a full decode, never splits a character, and stays cheap per step."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tokenizer_service.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+
+FRAGMENTS = [
+    "Hello",
+    " world",
+    ",",
+    " the",
+    " lighthouse",
+    " keeper",
+    ".",
+    "\n",
+    "  ",
+    "\t",
+    "42",
+    " 3.14",
+    "😀",
+    "🎉",
+    "👍🏿",
+    "👨‍👩‍👧‍👦",
+    "🏳️‍🌈",
+    "🇫🇷",
+    "❤️",
+    "🦖",
+    "🪐",  # emoji, incl. ZWJ, flags, modifiers
+    "中文",
+    "今天天气很好",
+    "。",
+    "日本語",
+    "こんにちは",
+    "カタカナ",
+    "안녕하세요",
+    "龘",
+    "𠀀",  # CJK, ext. B
+    "café",
+    "naïve",
+    "Ελληνικά",
+    "Русский",
+    "العربية",
+    "हिन्दी",
+    "𝔘𝔫𝔦",
+    "∑",
+    "ℵ",
+]
+
+
+def _random_text(rng: random.Random) -> str:
+    return "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 25)))
+
+
+def _stream(detok: IncrementalDetokenizer, ids: list[int], rng: random.Random) -> list[str]:
+    deltas, i = [], 0
+    while i < len(ids):
+        k = rng.randint(1, 5)  # engines may return several tokens in one step (e.g. speculative decoding)
+        deltas.append(detok.step(ids[i : i + k]))
+        i += k
+    deltas.append(detok.flush())
+    return deltas
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_text_round_trips_exactly(demo_tokenizer, seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(100):
+        text = _random_text(rng)
+        ids = demo_tokenizer.encode(text, add_special_tokens=False)
+        detok = IncrementalDetokenizer(demo_tokenizer)
+        deltas = _stream(detok, ids, rng)
+        assert "".join(deltas) == demo_tokenizer.decode(ids) == text
+        assert detok.num_tokens == len(ids)
+        # Valid text never shows a half character, in any delta.
+        assert not any(REPLACEMENT_CHAR in d for d in deltas)
+
+
+def test_characters_split_across_tokens_are_held_back(demo_tokenizer) -> None:
+    # An emoji the corpus never saw is encoded as several byte tokens.
+    ids = demo_tokenizer.encode("🦕", add_special_tokens=False)
+    assert len(ids) > 1
+    detok = IncrementalDetokenizer(demo_tokenizer)
+    assert [detok.step([t]) for t in ids[:-1]] == [""] * (len(ids) - 1)
+    assert detok.step(ids[-1:]) == "🦕"
+    assert detok.flush() == ""
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_special_tokens_are_skipped_or_kept_like_decode(demo_tokenizer, skip: bool) -> None:
+    rng = random.Random(7)
+    specials = [
+        demo_tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    ]
+    for _ in range(150):
+        ids = demo_tokenizer.encode(_random_text(rng), add_special_tokens=False)
+        for _ in range(rng.randint(1, 4)):  # anywhere, even inside a multi-byte character
+            ids.insert(rng.randint(0, len(ids)), rng.choice(specials))
+        got = "".join(_stream(IncrementalDetokenizer(demo_tokenizer, skip_special_tokens=skip), ids, rng))
+        assert got == demo_tokenizer.decode(ids, skip_special_tokens=skip)
+        assert ("<|im_end|>" in got or "<|endoftext|>" in got or "<|im_start|>" in got) is not skip
+
+
+@pytest.mark.parametrize("hold_limit", [4, 16])
+def test_arbitrary_ids_including_invalid_bytes_match_decode(demo_tokenizer, hold_limit: int) -> None:
+    # A random model emits any ids: lone continuation bytes, truncated characters, specials.
+    vocab = demo_tokenizer.backend_tokenizer.get_vocab()
+    byte_ids = sorted(i for t, i in vocab.items() if len(t) == 1)
+    rng = random.Random(hold_limit)
+    for trial in range(300):
+        pool = byte_ids if trial % 2 else range(len(demo_tokenizer))
+        ids = [rng.choice(pool) for _ in range(rng.randint(0, 40))]
+        for skip in (True, False):
+            detok = IncrementalDetokenizer(demo_tokenizer, skip_special_tokens=skip, hold_limit=hold_limit)
+            assert "".join(_stream(detok, ids, rng)) == demo_tokenizer.decode(ids, skip_special_tokens=skip)
+
+
+def test_incomplete_character_at_the_end_is_flushed_as_decode_does(demo_tokenizer) -> None:
+    ids = demo_tokenizer.encode("ok 🦕", add_special_tokens=False)[:-1]
+    detok = IncrementalDetokenizer(demo_tokenizer)
+    text = detok.step(ids)
+    tail = detok.flush()
+    assert text + tail == demo_tokenizer.decode(ids)
+    assert tail.endswith(REPLACEMENT_CHAR)
+    assert detok.finished
+    with pytest.raises(RuntimeError):
+        detok.step([1])
+
+
+class _CountingTokenizer:
+    """Wraps a tokenizer to record how many ids each decode call sees."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.max_ids = 0
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        self.max_ids = max(self.max_ids, len(token_ids))
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_work_per_step_does_not_grow_with_the_sequence(demo_tokenizer) -> None:
+    counting = _CountingTokenizer(demo_tokenizer)
+    text = "The lighthouse keeper 🌊 watched the sea 中文。" * 40
+    ids = demo_tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(counting, context_tokens=4)
+    out = "".join(detok.step([t]) for t in ids) + detok.flush()
+    assert out == text
+    assert len(ids) > 300
+    assert counting.max_ids <= 4 + 4  # context plus at most a held-back character's tokens
+
+
+def test_a_model_looping_on_an_invalid_byte_still_streams(demo_tokenizer) -> None:
+    # A single-byte token that decodes alone to U+FFFD is a continuation byte (0x80..0xBF) or invalid byte.
+    byte_ids = [i for t, i in demo_tokenizer.backend_tokenizer.get_vocab().items() if len(t) == 1]
+    lone_continuation = next(i for i in sorted(byte_ids) if demo_tokenizer.decode([i]) == REPLACEMENT_CHAR)
+    counting = _CountingTokenizer(demo_tokenizer)
+    detok = IncrementalDetokenizer(counting, hold_limit=8)
+    deltas = [detok.step([lone_continuation]) for _ in range(200)]
+    assert sum(1 for d in deltas if d) > 10  # text keeps flowing instead of waiting for the end
+    assert counting.max_ids <= 4 + 8 + 1
+    assert "".join(deltas) + detok.flush() == demo_tokenizer.decode([lone_continuation] * 200)
+
+
+def test_invalid_settings_are_refused(demo_tokenizer) -> None:
+    with pytest.raises(ValueError, match="context_tokens"):
+        IncrementalDetokenizer(demo_tokenizer, context_tokens=0)
+    with pytest.raises(ValueError, match="hold_limit"):
+        IncrementalDetokenizer(demo_tokenizer, hold_limit=3)

@@ -1,0 +1,104 @@
+"""Stop strings: held back while they may still match, found across delta boundaries, cut or kept."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tokenizer_service.stop_strings import StopMatch, StopStringMatcher
+
+
+def _run(stops: list[str], deltas: list[str], include: bool = False) -> tuple[list[str], StopStringMatcher]:
+    m = StopStringMatcher(stops, include_stop_str_in_output=include)
+    out = []
+    for d in deltas:
+        out.append(m.feed(d))
+        if m.match is not None:
+            break
+    else:
+        out.append(m.flush())
+    return out, m
+
+
+def test_stop_string_spanning_deltas_is_held_back_then_cut() -> None:
+    m = StopStringMatcher(["END"])
+    assert m.feed("hello E") == "hello "
+    assert m.held == "E"
+    assert m.feed("N") == ""
+    assert m.match is None
+    assert m.feed("D and more") == ""
+    assert m.match == StopMatch(stop="END", offset=6)
+    assert m.feed("ignored") == ""
+    assert m.flush() == ""
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string_only() -> None:
+    out, m = _run(["END"], ["hello E", "N", "D and more"], include=True)
+    assert "".join(out) == "hello END"
+    assert m.match is not None and m.match.stop == "END"
+
+
+def test_false_start_is_released_once_it_cannot_match() -> None:
+    m = StopStringMatcher(["END"])
+    assert m.feed("a E") == "a "
+    assert m.feed("N") == ""
+    assert m.feed("X") == "ENX"
+    assert m.match is None
+    assert m.feed("EN") == ""
+    assert m.flush() == "EN"
+
+
+def test_no_stop_strings_passes_text_through() -> None:
+    m = StopStringMatcher([])
+    assert m.feed("abc") == "abc"
+    assert m.flush() == ""
+
+
+def test_first_completed_match_wins_and_longer_wins_a_tie() -> None:
+    # "bc" completes (at 3) before "abcd" (at 4), whatever the chunking.
+    assert "".join(_run(["abcd", "bc"], ["abcd"])[0]) == "a"
+    out, m = _run(["cd", "bcd"], ["abcdef"])
+    assert "".join(out) == "a" and m.match == StopMatch("bcd", 1)
+
+
+def test_multibyte_and_emoji_stop_strings() -> None:
+    out, m = _run(["🛑", "結束"], ["文字", "結", "束了"])
+    assert "".join(out) == "文字" and m.match == StopMatch("結束", 2)
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_chunking_never_changes_the_result(include: bool) -> None:
+    rng = random.Random(3)
+    alphabet = "ab c🙂"
+    for _ in range(2000):
+        stops = [
+            "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))
+        ]
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        # Reference: scan one character at a time for the first stop string to complete.
+        expected, expected_match = text, None
+        for end in range(1, len(text) + 1):
+            done = [s for s in stops if text[:end].endswith(s)]
+            if done:
+                s = max(done, key=len)
+                expected_match = StopMatch(s, end - len(s))
+                expected = text[:end] if include else text[: end - len(s)]
+                break
+        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 6))))
+        deltas = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        out, m = _run(stops, deltas, include=include)
+        assert "".join(out) == expected, (stops, deltas)
+        assert m.match == expected_match
+
+
+def test_held_text_is_never_longer_than_a_stop_string() -> None:
+    m = StopStringMatcher(["xxxxy"])
+    for _ in range(100):
+        m.feed("x")
+        assert len(m.held) <= 4
+
+
+def test_empty_stop_string_is_refused() -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        StopStringMatcher(["ok", ""])

@@ -1,0 +1,147 @@
+"""The text-side request rules: each broken rule is a ValueError that names its field."""
+
+from __future__ import annotations
+
+import pytest
+
+from protos.llmserve.text.v1 import text_pb2 as pb
+from tokenizer_service.chat import encode_chat
+from tokenizer_service.validation import (
+    RULES,
+    TextLimits,
+    TextRequest,
+    describe_rules,
+    prepare,
+    tokenize_input,
+    validate_detokenize_ids,
+    validate_prompt_tokens,
+    validate_request,
+)
+
+OK_MESSAGES = [{"role": "user", "content": "hi"}]
+LIMITS = TextLimits(max_prompt_bytes=16, max_messages=3, max_stop_strings=2, max_stop_string_chars=4)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        TextRequest(prompt="hello"),
+        TextRequest(messages=OK_MESSAGES, stop=["ab", "😀"], include_stop_str_in_output=True),
+        TextRequest(prompt="x" * 16, stop=("abcd",), skip_special_tokens=False),
+    ],
+)
+def test_valid_requests_pass(request_: TextRequest) -> None:
+    validate_request(request_, LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("request_", "field", "fragment"),
+    [
+        (TextRequest(), "input", "neither"),
+        (TextRequest(prompt="a", messages=OK_MESSAGES), "input", "prompt and messages"),
+        (TextRequest(prompt=b"bytes"), "prompt", "must be a string"),
+        (TextRequest(prompt=""), "prompt", "must not be empty"),
+        (TextRequest(prompt="é" * 9), "prompt", "18 bytes"),
+        (TextRequest(messages=[]), "messages", "at least one message"),
+        (TextRequest(messages=OK_MESSAGES * 4), "messages", "got 4"),
+        (TextRequest(messages=[{"role": "wizard", "content": "x"}]), "messages", "'wizard'"),
+        (TextRequest(messages=[{"role": "user", "content": "x" * 17}]), "messages", "17 bytes"),
+        (TextRequest(prompt="a", stop=["a", "b", "c"]), "stop", "got 3"),
+        (TextRequest(prompt="a", stop="abc"), "stop", "not a list"),
+        (TextRequest(prompt="a", stop=[""]), "stop", "stop[0]"),
+        (TextRequest(prompt="a", stop=["ok", "abcde"]), "stop", "stop[1] is 5 characters"),
+        (TextRequest(prompt="a", stop=["ok", 7]), "stop", "stop[1] is 7"),
+        (TextRequest(prompt="a", skip_special_tokens="yes"), "skip_special_tokens", "'yes'"),
+        (TextRequest(prompt="a", include_stop_str_in_output=1), "include_stop_str_in_output", "got 1"),
+    ],
+)
+def test_each_broken_rule_names_its_field(request_: TextRequest, field: str, fragment: str) -> None:
+    with pytest.raises(ValueError) as e:
+        validate_request(request_, LIMITS)
+    assert str(e.value).startswith(f"{field}: ")
+    assert fragment in str(e.value)
+
+
+def test_prompt_token_rules() -> None:
+    limits = TextLimits(max_model_len=8)
+    validate_prompt_tokens([1] * 7, limits)
+    with pytest.raises(ValueError, match=r"^prompt: must be shorter than max_model_len.*got 8 tokens"):
+        validate_prompt_tokens([1] * 8, limits)
+    with pytest.raises(ValueError, match="at least one token"):
+        validate_prompt_tokens([], limits)
+    validate_prompt_tokens([1] * 10_000)  # max_model_len unknown: the engine decides
+
+
+@pytest.mark.parametrize(
+    ("ids", "fragment"), [([0, 5, 10], "token_ids[2] is 10"), ([-1], "token_ids[0] is -1"), ([True], "True")]
+)
+def test_detokenize_ids_must_be_in_the_vocabulary(ids: list, fragment: str) -> None:
+    validate_detokenize_ids([0, 9], TextLimits(vocab_size=10))
+    with pytest.raises(ValueError) as e:
+        validate_detokenize_ids(ids, TextLimits(vocab_size=10))
+    assert str(e.value).startswith("token_ids: ") and fragment in str(e.value)
+
+
+def test_the_table_reads_as_text() -> None:
+    text = describe_rules()
+    assert len(text.splitlines()) == len(RULES)
+    assert "[request] prompt: must not be empty" in text
+
+
+# ---- The protocol side, through the same table. ----
+
+
+def _generate_request(**kwargs):
+    return pb.GenerateRequest(**kwargs)
+
+
+def test_prepare_tokenizes_a_prompt_and_applies_defaults(demo_tokenizer) -> None:
+    request = _generate_request(
+        prompt="Hello 👋", stop=["END"], sampling_params=pb.SamplingParams(max_tokens=5)
+    )
+    prepared = prepare(request, demo_tokenizer, {"temperature": 0.7, "max_tokens": 99}, max_model_len=64)
+    ids = list(prepared.engine_request.prompt_token_ids)
+    assert ids == demo_tokenizer.encode("Hello 👋", add_special_tokens=False)
+    assert prepared.num_prompt_tokens == len(ids)
+    assert prepared.stop == ("END",) and prepared.skip_special_tokens is True
+    params = prepared.engine_request.sampling_params
+    assert params.max_tokens == 5  # the request wins over the model's default
+    assert params.temperature == pytest.approx(0.7)
+
+
+def test_prepare_renders_chat_messages(demo_tokenizer) -> None:
+    chat = pb.Chat(messages=[pb.ChatMessage(role="user", content="你好")])
+    prepared = prepare(_generate_request(chat=chat), demo_tokenizer, {}, max_model_len=64)
+    assert list(prepared.engine_request.prompt_token_ids) == encode_chat(
+        demo_tokenizer, [{"role": "user", "content": "你好"}]
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "start"),
+    [
+        ({}, "input: "),
+        ({"prompt": ""}, "prompt: must not be empty"),
+        ({"prompt": "word " * 100}, "prompt: must be shorter than max_model_len"),
+        ({"prompt": "ok", "stop": [""]}, "stop: "),
+        ({"prompt": "ok", "stop": ["x"] * 65}, "stop: "),
+    ],
+)
+def test_prepare_refuses_bad_input_naming_the_field(demo_tokenizer, kwargs: dict, start: str) -> None:
+    with pytest.raises(ValueError) as e:
+        prepare(_generate_request(**kwargs), demo_tokenizer, {}, max_model_len=16)
+    assert str(e.value).startswith(start)
+
+
+def test_prepare_refuses_unknown_chat_roles(demo_tokenizer) -> None:
+    chat = pb.Chat(messages=[pb.ChatMessage(role="narrator", content="x")])
+    with pytest.raises(ValueError, match=r"^messages: .*'narrator'.*system, user, assistant, tool"):
+        prepare(_generate_request(chat=chat), demo_tokenizer, {}, max_model_len=64)
+
+
+def test_tokenize_input_names_the_text_field(demo_tokenizer) -> None:
+    assert tokenize_input(pb.TokenizeRequest(text="hi 🙂"), demo_tokenizer) == demo_tokenizer.encode(
+        "hi 🙂", add_special_tokens=False
+    )
+    with pytest.raises(ValueError, match="^text: must not be empty"):
+        tokenize_input(pb.TokenizeRequest(text=""), demo_tokenizer)

@@ -1,0 +1,122 @@
+"""Incremental detokenization of one request's generated token ids.
+
+Byte-level BPE tokenizers split a multi-byte UTF-8 character (emoji, CJK) across tokens, and decoding an
+incomplete character gives U+FFFD. So text is emitted only once the decoded window no longer ends in
+U+FFFD, and the concatenation of all deltas (plus the final flush) equals `tokenizer.decode(all_ids)`.
+
+Cost per step is independent of the sequence length: only a short window is decoded each step,
+
+    window = [context tokens | unread tokens]
+              ^ already emitted, kept only so that tokenizers which strip a leading space at the start of
+                a decode (SentencePiece) or clean up spaces see the same neighbours as a full decode.
+
+The delta is `decode(window)[len(decode(context)):]`. Tokens that have been emitted and have fallen out of
+the context are dropped, so memory is bounded too.
+
+Splitting the decode at a token boundary is exact when the text before the boundary ends in a complete
+character: a UTF-8 decoder restarts cleanly after a complete character. That is what "no trailing U+FFFD"
+guarantees, except when the model really produced invalid bytes or a literal U+FFFD. A model that loops on
+such bytes would make the unread window grow forever, so past `hold_limit` unread tokens an explicit split
+is searched for and verified against the decode of the whole window before anything is emitted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+REPLACEMENT_CHAR = "\ufffd"
+# A UTF-8 character is at most 4 bytes, so an incomplete one spans at most 3 tokens of at least one byte.
+_MAX_PARTIAL_TOKENS = 3
+
+
+class Decoder(Protocol):
+    """What the detokenizer needs of a tokenizer (transformers and `tokenizers.Tokenizer` both fit)."""
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class IncrementalDetokenizer:
+    """Turns one request's token ids, fed a step at a time, into text deltas.
+
+    Usage: `delta = detok.step(new_ids)` each engine step, then `tail = detok.flush()` once at the end.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Decoder,
+        *,
+        skip_special_tokens: bool = True,
+        context_tokens: int = 4,
+        hold_limit: int = 16,
+    ) -> None:
+        if context_tokens < 1:
+            raise ValueError(f"context_tokens must be at least 1, got {context_tokens}")
+        if hold_limit <= _MAX_PARTIAL_TOKENS:
+            raise ValueError(f"hold_limit must exceed {_MAX_PARTIAL_TOKENS}, got {hold_limit}")
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
+        self._context_tokens = context_tokens
+        self._hold_limit = hold_limit
+        self._window: list[int] = []  # context tokens followed by unread tokens
+        self._read = 0  # index in _window of the first token whose text has not been emitted
+        self._context_text = ""  # decode(_window[:_read]), cached
+        self._num_tokens = 0
+        self._finished = False
+
+    @property
+    def num_tokens(self) -> int:
+        """How many token ids have been fed in total."""
+        return self._num_tokens
+
+    @property
+    def finished(self) -> bool:
+        """True once flush() has been called."""
+        return self._finished
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
+
+    def step(self, token_ids: Sequence[int]) -> str:
+        """Feed one step's new token ids; return the text that became final (possibly "")."""
+        if self._finished:
+            raise RuntimeError("step() called after flush()")
+        if not token_ids:
+            return ""
+        self._window.extend(token_ids)
+        self._num_tokens += len(token_ids)
+        text = self._decode(self._window)
+        if not text.endswith(REPLACEMENT_CHAR):
+            return self._emit_through(len(self._window), text)
+        if len(self._window) - self._read > self._hold_limit:
+            return self._forced_split(text)
+        return ""  # an incomplete character: wait for the tokens that complete it
+
+    def flush(self) -> str:
+        """Return all text still held back (an incomplete character becomes U+FFFD); call once at the end."""
+        if self._finished:
+            return ""
+        self._finished = True
+        if self._read == len(self._window):
+            return ""
+        return self._emit_through(len(self._window), self._decode(self._window))
+
+    def _emit_through(self, end: int, window_text: str) -> str:
+        """Emit the text of window tokens up to `end`, given `window_text` = decode(window[:end])."""
+        delta = window_text[len(self._context_text) :]
+        # The emitted tokens become the new context; older tokens are no longer needed at all.
+        start = max(0, end - self._context_tokens)
+        self._window = self._window[start:]
+        self._read = end - start
+        self._context_text = self._decode(self._window[: self._read])
+        return delta
+
+    def _forced_split(self, window_text: str) -> str:
+        """Emit the unread tokens except a short tail, at a boundary proven not to change the text."""
+        last_candidate = len(self._window) - _MAX_PARTIAL_TOKENS
+        for split in range(last_candidate, self._read, -1):
+            head = self._decode(self._window[:split])
+            tail = self._decode(self._window[split:])
+            if head + tail == window_text:
+                return self._emit_through(split, head)
+        return ""

@@ -1,0 +1,324 @@
+"""Every rule that refuses a text request, stated once as a table; each raises ValueError naming the field.
+
+Each row of RULES names the field, states the rule in words, and checks it. A broken rule raises
+ValueError("<field>: <rule> (<what was sent>)"), which the servicer maps to INVALID_ARGUMENT.
+
+The rules run in three stages:
+- "request": on the request as received, before any tokenization (cheap, so garbage is refused early);
+- "prompt_tokens": on the prompt's token ids, once tokenized (needs the engine's `max_model_len`);
+- "detokenize": on the ids of a Detokenize call (needs the vocabulary size).
+
+Numeric sampling parameters (temperature, top_p, max_tokens, ...) are NOT checked here. Their single source
+of truth is `engine_service/sampling_params.py`, which this service must not import; the engine refuses an
+invalid value with INVALID_ARGUMENT naming the field, and that status comes back to the client unchanged.
+One copy means the two services can never disagree about what is valid.
+
+Below the table: turning a protocol request into a `TextRequest`, tokenizing it, and building the engine
+request (`prepare`), all through the table.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from protos.llmserve.engine.v1 import engine_pb2 as engine_pb
+from protos.llmserve.text.v1 import text_pb2 as pb
+from tokenizer_service.chat import encode_chat, validate_messages
+
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos")
+# generation_config.json keys that are sampling parameters here.
+GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p")
+
+
+@dataclass(slots=True, frozen=True)
+class TextLimits:
+    """Limits on request text. `max_model_len` and `vocab_size` come from the engine's model info."""
+
+    max_prompt_bytes: int = 8 * 1024 * 1024
+    max_messages: int = 4096
+    max_stop_strings: int = MAX_STOP_STRINGS
+    max_stop_string_chars: int = MAX_STOP_STRING_CHARS
+    max_model_len: int | None = None
+    vocab_size: int | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class TextRequest:
+    """The text-side fields of a request, independent of the protocol. Unset `prompt` / `messages` are None."""
+
+    prompt: str | None = None
+    messages: Sequence[Mapping[str, object]] | None = None
+    stop: Sequence[str] = field(default_factory=tuple)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+
+# A check returns None when the rule holds, else a short description of what was sent.
+Check = Callable[[Any, TextLimits], str | None]
+
+
+@dataclass(slots=True, frozen=True)
+class Rule:
+    stage: str
+    field: str
+    rule: str
+    check: Check
+
+
+def _one_input(r: TextRequest, _: TextLimits) -> str | None:
+    given = [name for name in ("prompt", "messages") if getattr(r, name) is not None]
+    return None if len(given) == 1 else f"got {' and '.join(given) or 'neither'}"
+
+
+def _prompt_is_text(r: TextRequest, _: TextLimits) -> str | None:
+    return None if r.prompt is None or isinstance(r.prompt, str) else f"got {type(r.prompt).__name__}"
+
+
+def _prompt_not_empty(r: TextRequest, _: TextLimits) -> str | None:
+    return "got an empty string" if r.prompt == "" else None
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", errors="surrogatepass"))
+
+
+def _prompt_bytes(r: TextRequest, lim: TextLimits) -> str | None:
+    if not isinstance(r.prompt, str):
+        return None
+    n = _utf8_len(r.prompt)
+    return f"got {n} bytes" if n > lim.max_prompt_bytes else None
+
+
+def _messages_count(r: TextRequest, lim: TextLimits) -> str | None:
+    if isinstance(r.messages, Sequence) and len(r.messages) > lim.max_messages:
+        return f"got {len(r.messages)}"
+    return None
+
+
+def _messages_well_formed(r: TextRequest, _: TextLimits) -> str | None:
+    if r.messages is None:
+        return None
+    try:
+        validate_messages(r.messages)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _messages_bytes(r: TextRequest, lim: TextLimits) -> str | None:
+    if r.messages is None:
+        return None
+    n = sum(_utf8_len(m["content"]) for m in validate_messages(r.messages))
+    return f"got {n} bytes" if n > lim.max_prompt_bytes else None
+
+
+def _stop_count(r: TextRequest, lim: TextLimits) -> str | None:
+    if isinstance(r.stop, str) or not isinstance(r.stop, Sequence):
+        return f"got {type(r.stop).__name__}, not a list of strings"
+    return f"got {len(r.stop)}" if len(r.stop) > lim.max_stop_strings else None
+
+
+def _stop_each(r: TextRequest, lim: TextLimits) -> str | None:
+    for i, s in enumerate(r.stop):
+        if not isinstance(s, str) or not s or len(s) > lim.max_stop_string_chars:
+            shown = f"{len(s)} characters" if isinstance(s, str) and s else repr(s)
+            return f"stop[{i}] is {shown}"
+    return None
+
+
+def _is_bool(name: str) -> Check:
+    def check(r: TextRequest, _: TextLimits) -> str | None:
+        value = getattr(r, name)
+        return None if isinstance(value, bool) else f"got {value!r}"
+
+    return check
+
+
+def _tokens_not_empty(ids: Sequence[int], _: TextLimits) -> str | None:
+    return "got 0 tokens" if len(ids) == 0 else None
+
+
+def _tokens_fit(ids: Sequence[int], lim: TextLimits) -> str | None:
+    # The engine must have room for at least one generated token.
+    if lim.max_model_len and len(ids) >= lim.max_model_len:
+        return f"got {len(ids)} tokens, max_model_len is {lim.max_model_len}"
+    return None
+
+
+def _ids_in_vocab(ids: Sequence[int], lim: TextLimits) -> str | None:
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            return f"token_ids[{i}] is {t!r}"
+        if lim.vocab_size is not None and t >= lim.vocab_size:
+            return f"token_ids[{i}] is {t}, vocabulary size is {lim.vocab_size}"
+    return None
+
+
+# fmt: off
+RULES: tuple[Rule, ...] = (
+    Rule("request", "input", "exactly one of a prompt and chat messages must be set", _one_input),
+    Rule("request", "prompt", "must be a string", _prompt_is_text),
+    Rule("request", "prompt", "must not be empty", _prompt_not_empty),
+    Rule("request", "prompt", "must be at most max_prompt_bytes bytes of UTF-8", _prompt_bytes),
+    Rule("request", "messages", "must hold at most max_messages messages", _messages_count),
+    Rule("request", "messages", "must be a non-empty list of {role, content} with a valid role and text content",
+         _messages_well_formed),
+    Rule("request", "messages", "contents must total at most max_prompt_bytes bytes of UTF-8", _messages_bytes),
+    Rule("request", "stop", "must be a list of at most max_stop_strings strings", _stop_count),
+    Rule("request", "stop", "each must be non-empty and at most max_stop_string_chars characters", _stop_each),
+    Rule("request", "skip_special_tokens", "must be a boolean", _is_bool("skip_special_tokens")),
+    Rule("request", "include_stop_str_in_output", "must be a boolean", _is_bool("include_stop_str_in_output")),
+    Rule("prompt_tokens", "prompt", "must encode to at least one token", _tokens_not_empty),
+    Rule("prompt_tokens", "prompt", "must be shorter than max_model_len tokens, leaving room to generate one",
+         _tokens_fit),
+    Rule("detokenize", "token_ids", "must be integers in [0, vocabulary size)", _ids_in_vocab),
+)
+# fmt: on
+
+
+def _run(
+    stage: str, subject: object, limits: TextLimits, only: set[str] | None = None, rename: str | None = None
+) -> None:
+    for rule in RULES:
+        if rule.stage != stage or (only is not None and rule.field not in only):
+            continue
+        detail = rule.check(subject, limits)
+        if detail is not None:
+            name = rename if rename and rule.field == "prompt" else rule.field
+            raise ValueError(f"{name}: {rule.rule} ({detail})")
+
+
+def validate_request(request: TextRequest, limits: TextLimits | None = None) -> None:
+    """Raise ValueError naming the field of the first "request" rule that `request` breaks."""
+    _run("request", request, limits or TextLimits())
+
+
+def validate_prompt_tokens(token_ids: Sequence[int], limits: TextLimits | None = None) -> None:
+    """Raise ValueError if the tokenized prompt is empty or too long for the engine's max_model_len."""
+    _run("prompt_tokens", token_ids, limits or TextLimits())
+
+
+def validate_detokenize_ids(token_ids: Sequence[int], limits: TextLimits | None = None) -> None:
+    """Raise ValueError if a Detokenize call's ids are not integers inside the vocabulary."""
+    _run("detokenize", token_ids, limits or TextLimits())
+
+
+def describe_rules() -> str:
+    """The table as text, one rule per line (for docs and error help)."""
+    return "\n".join(f"[{r.stage}] {r.field}: {r.rule}" for r in RULES)
+
+
+# ---- The protocol side: requests in, engine requests out, every check through the table above. ----
+
+
+@dataclass(slots=True, frozen=True)
+class PreparedRequest:
+    """A validated text request: the engine request to send and the text options to apply to its output."""
+
+    engine_request: engine_pb.NewRequest
+    stop: tuple[str, ...]
+    skip_special_tokens: bool
+    include_stop_str_in_output: bool
+    num_prompt_tokens: int
+
+
+def read_generation_defaults(model_dir: str) -> dict[str, object]:
+    """Sampling defaults from the model's generation_config.json (do_sample false means greedy)."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    config = json.loads(path.read_text())
+    defaults = {k: config[k] for k in GENERATION_CONFIG_KEYS if config.get(k) is not None}
+    if config.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
+
+
+def read_eos_token_ids(model_dir: str, tokenizer: Any) -> set[int]:
+    """EOS ids of the tokenizer and of generation_config.json together."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    path = Path(model_dir) / "generation_config.json"
+    if path.is_file():
+        eos = json.loads(path.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids
+
+
+def text_request_from_proto(request: pb.GenerateRequest | pb.TokenizeRequest) -> TextRequest:
+    """The text-side fields of a protocol request (a Tokenize request's `text` is its prompt)."""
+    kind = request.WhichOneof("input")
+    prompt = getattr(request, kind) if kind not in (None, "chat") else None
+    messages = (
+        [{"role": m.role, "content": m.content} for m in request.chat.messages] if kind == "chat" else None
+    )
+    if not isinstance(request, pb.GenerateRequest):
+        return TextRequest(prompt=prompt, messages=messages)
+    skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+    return TextRequest(
+        prompt=prompt,
+        messages=messages,
+        stop=tuple(request.stop),
+        skip_special_tokens=skip,
+        include_stop_str_in_output=request.include_stop_str_in_output,
+    )
+
+
+def _encode(text_request: TextRequest, tokenizer: Any, add_special_tokens: bool) -> list[int]:
+    if text_request.messages is not None:
+        return encode_chat(tokenizer, text_request.messages)
+    return list(tokenizer.encode(text_request.prompt, add_special_tokens=add_special_tokens))
+
+
+def tokenize_input(
+    request: pb.GenerateRequest | pb.TokenizeRequest,
+    tokenizer: Any,
+    add_special_tokens: bool = False,
+    limits: TextLimits | None = None,
+) -> list[int]:
+    """Token ids of a prompt (as is) or chat messages (through the chat template), after the input rules."""
+    text_request = text_request_from_proto(request)
+    kind = request.WhichOneof("input")
+    _run("request", text_request, limits or TextLimits(), only={"input", "prompt", "messages"}, rename=kind)
+    return _encode(text_request, tokenizer, add_special_tokens)
+
+
+def check_stop_strings(stop: Sequence[str], limits: TextLimits | None = None) -> tuple[str, ...]:
+    """The stop strings as a tuple, after the stop rules."""
+    _run("request", TextRequest(stop=stop), limits or TextLimits(), only={"stop"})
+    return tuple(stop)
+
+
+def prepare(
+    request: pb.GenerateRequest,
+    tokenizer: Any,
+    defaults: dict[str, object],
+    max_model_len: int,
+    limits: TextLimits | None = None,
+) -> PreparedRequest:
+    """Validate a GenerateRequest and build the engine request for it."""
+    limits = replace(limits or TextLimits(), max_model_len=max_model_len or None)
+    text_request = text_request_from_proto(request)
+    _run("request", text_request, limits, rename=request.WhichOneof("input"))
+    prompt = _encode(text_request, tokenizer, add_special_tokens=False)
+    validate_prompt_tokens(prompt, limits)
+    params = engine_pb.SamplingParams()
+    source = request.sampling_params
+    for name in SAMPLING_FIELDS:
+        if source.HasField(name):
+            setattr(params, name, getattr(source, name))
+        elif name in defaults:
+            setattr(params, name, defaults[name])
+    params.stop_token_ids.extend(source.stop_token_ids)
+    return PreparedRequest(
+        engine_request=engine_pb.NewRequest(prompt_token_ids=prompt, sampling_params=params),
+        stop=tuple(text_request.stop),
+        skip_special_tokens=text_request.skip_special_tokens,
+        include_stop_str_in_output=text_request.include_stop_str_in_output,
+        num_prompt_tokens=len(prompt),
+    )
