@@ -19,28 +19,30 @@ class TorchAttentionBackend(AttentionBackend):
         store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, meta.has_padding)
         plan = meta.cache.get("torch")
         if plan is None:
-            plan = meta.cache["torch"] = _plan(meta, q.device)
+            plan = meta.cache["torch"] = _plan(meta, q.device, k_cache.shape[2])
         num_heads, d = q.shape[1], q.shape[2]
         kv_heads = k_cache.shape[2]
+        group = num_heads // kv_heads
         out = torch.empty_like(q)
-        k_flat = k_cache.view(-1, kv_heads, d)  # [slots, Hkv, D]
-        v_flat = v_cache.view(-1, kv_heads, d)
+        k_rows = k_cache.view(-1, d)  # [slots * Hkv, D]: one row per (slot, kv head)
+        v_rows = v_cache.view(-1, d)
         nd = meta.num_decode_seqs
         if nd:
-            idx, allowed = plan["decode"]
-            qd = q[:nd].view(nd, kv_heads, num_heads // kv_heads, 1, d)  # [b, Hkv, G, 1, D]
-            o = _attend(qd, k_flat[idx], v_flat[idx], allowed, scale)  # [b, Hkv, G, 1, D]
+            idx, allowed = plan["decode"]  # [b, Hkv, K], [b, 1, 1, 1, K]
+            qd = q[:nd].view(nd, kv_heads, group, d)  # the query heads of one KV head are its rows
+            o = _attend(qd, k_rows[idx], v_rows[idx], allowed, scale)  # [b, Hkv, G, D]
             if meta.has_padding:
-                o = o * (meta.context_lens[:nd] > 0).view(nd, 1, 1, 1, 1)  # padding lanes write zeros
+                o = o * (meta.context_lens[:nd] > 0).view(nd, 1, 1, 1)  # padding lanes write zeros
             out[:nd] = o.reshape(nd, num_heads, d).to(out.dtype)
         if "prefill" in plan:
-            idx, allowed, seq_of_row, pos_of_row, q_max = plan["prefill"]
+            idx, allowed, seq_of_row, pos_of_row, q_max = plan["prefill"]  # allowed: [b, 1, 1, Q, K]
             b = idx.shape[0]
             qp = q.new_zeros(b, q_max, num_heads, d)
             qp[seq_of_row, pos_of_row] = q[nd:]
-            qp = qp.view(b, q_max, kv_heads, num_heads // kv_heads, d).permute(0, 2, 3, 1, 4)
-            o = _attend(qp, k_flat[idx], v_flat[idx], allowed, scale)  # [b, Hkv, G, Q, D]
-            o = o.permute(0, 3, 1, 2, 4).reshape(b, q_max, num_heads, d)
+            # [b, Q, Hkv, G, D] -> [b, Hkv, G * Q, D]
+            qp = qp.view(b, q_max, kv_heads, group, d).permute(0, 2, 3, 1, 4).reshape(b, kv_heads, -1, d)
+            o = _attend(qp, k_rows[idx], v_rows[idx], allowed, scale, group)  # [b, Hkv, G * Q, D]
+            o = o.view(b, kv_heads, group, q_max, d).permute(0, 3, 1, 2, 4).reshape(b, q_max, num_heads, d)
             out[nd:] = o[seq_of_row, pos_of_row].to(out.dtype)
         return out
 
@@ -56,39 +58,43 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping: torch.Tensor, has_paddin
     v_cache.view(-1, kv_heads, d).index_copy_(0, slots, v)
 
 
-def _attend(q, keys, values, allowed, scale):
-    """q: [b, Hkv, G, Q, D]; keys/values: [b, K, Hkv, D]; allowed: [b, Q, K] -> [b, Hkv, G, Q, D]."""
+def _attend(q, keys, values, allowed, scale, group: int = 1):
+    """q: [b, Hkv, R, D]; keys/values: [b, Hkv, K, D]; allowed broadcasts over [b, Hkv, G, R/G, K]."""
     dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    kt = keys.to(dtype).permute(0, 2, 3, 1).unsqueeze(2)  # [b, Hkv, 1, D, K]
-    vt = values.to(dtype).permute(0, 2, 1, 3).unsqueeze(2)  # [b, Hkv, 1, K, D]
-    scores = torch.matmul(q.to(dtype), kt) * scale  # [b, Hkv, G, Q, K]
-    scores.masked_fill_(~allowed[:, None, None], float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1), vt)
+    scores = torch.matmul(q.to(dtype), keys.to(dtype).transpose(-1, -2)) * scale  # [b, Hkv, R, K]
+    b, h, r, k = scores.shape
+    scores.view(b, h, group, r // group, k).masked_fill_(~allowed, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), values.to(dtype))
 
 
-def _gather_index(block_tables: torch.Tensor, k_max: int, block_size: int) -> torch.Tensor:
-    """[b, W] block tables -> [b, k_max] cache slots of keys 0..k_max-1."""
-    j = torch.arange(k_max, device=block_tables.device)
+def _gather_index(block_tables: torch.Tensor, k_max: int, block_size: int, kv_heads: int) -> torch.Tensor:
+    """[b, W] block tables -> [b, Hkv, k_max] rows of the cache viewed as [slots * Hkv, D].
+
+    Gathering (slot, head) rows directly gives K in [b, Hkv, K, D] order, ready for a batched matmul.
+    """
+    dev = block_tables.device
+    j = torch.arange(k_max, device=dev)
     blocks = block_tables[:, : -(-k_max // block_size)].long()
-    return blocks[:, j // block_size] * block_size + (j % block_size)
+    slots = blocks[:, j // block_size] * block_size + (j % block_size)  # [b, K]
+    return slots[:, None, :] * kv_heads + torch.arange(kv_heads, device=dev)[None, :, None]
 
 
-def _plan(meta: AttentionMetadata, device) -> dict:
+def _plan(meta: AttentionMetadata, device, kv_heads: int) -> dict:
     plan: dict = {}
     nd, bs = meta.num_decode_seqs, meta.block_size
     if nd:
         k_max = max(1, max(meta.ctx_lens[:nd]))
         ctx = meta.context_lens[:nd].long()
-        idx = _gather_index(meta.block_tables[:nd], k_max, bs)
+        idx = _gather_index(meta.block_tables[:nd], k_max, bs, kv_heads)
         allowed = torch.arange(k_max, device=device)[None, :] < ctx[:, None]  # [b, K]
         allowed[:, 0] |= ctx == 0  # a padding lane sees key 0 so its softmax is finite; it is zeroed
-        plan["decode"] = (idx, allowed[:, None, :])
+        plan["decode"] = (idx, allowed[:, None, None, None, :])
     if meta.num_seqs > nd:
         q_lens, ctx_lens = meta.q_lens[nd:], meta.ctx_lens[nd:]
         q_max, k_max = max(q_lens), max(ctx_lens)
         qlen = torch.tensor(q_lens, device=device)
         ctx = meta.context_lens[nd:].long()
-        idx = _gather_index(meta.block_tables[nd:], k_max, bs)
+        idx = _gather_index(meta.block_tables[nd:], k_max, bs, kv_heads)
         r = torch.arange(q_max, device=device)
         j = torch.arange(k_max, device=device)
         # Query row r of a sequence sits at position ctx - q_len + r and sees keys up to it (causal).
@@ -99,5 +105,5 @@ def _plan(meta: AttentionMetadata, device) -> dict:
         seq_of_row = torch.repeat_interleave(torch.arange(len(q_lens), device=device), qlen)
         starts = torch.cumsum(qlen, 0) - qlen
         pos_of_row = torch.arange(int(qlen.sum()), device=device) - starts[seq_of_row]
-        plan["prefill"] = (idx, allowed, seq_of_row, pos_of_row, q_max)
+        plan["prefill"] = (idx, allowed[:, None, None], seq_of_row, pos_of_row, q_max)
     return plan

@@ -1,0 +1,392 @@
+"""Triton kernels for the `triton` attention backend: KV-cache store and paged attention.
+
+Layouts (all strides are passed explicitly, so views such as q/k/v split from a packed qkv work):
+  q, out           [num_tokens, num_heads, head_dim]      flat variable-length batch
+  k, v (new)       [num_tokens, num_kv_heads, head_dim]
+  k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]
+  block_tables     [num_seqs, max_blocks] int32           physical block of each logical block
+  cu_seqlens_q     [num_seqs + 1]                         sequence i owns q rows cu[i]:cu[i+1]
+  context_lens     [num_seqs]                             keys of sequence i, its new tokens included
+
+This module imports triton at import time and decorates its kernels then: on CPU, set
+TRITON_INTERPRET=1 *before* importing it (triton reads the variable when a kernel is decorated).
+Nothing here queries CUDA unless the tensors are on a CUDA device.
+
+Paged attention is one kernel for every case (decode, prefill, prefill over a cached prefix, chunks,
+mixed batches). Its grid is (query tiles, kv heads, kv splits):
+  * a query tile holds TOKENS_PER_TILE consecutive query tokens of one sequence times the GQA ratio
+    G = num_heads // num_kv_heads query heads sharing one KV head, i.e. BLOCK_M >= 16 rows with
+    row r = (token r // G, head r % G); unused rows are masked. So K/V are read once per KV head
+    and every tl.dot has M >= 16 even for decode with G = 1.
+  * query tile slots are laid out as in a ragged batch: sequence i's tiles start at
+    cu_seqlens_q[i] // TOKENS_PER_TILE + i, which needs no host sync; each program finds its
+    sequence by a binary search over cu_seqlens_q, and slots past a sequence's last tile exit.
+  * with num_kv_splits > 1 each program covers one slice of the visible key range and writes a
+    normalised partial output plus its log-sum-exp; a small reduction kernel merges the splits.
+Rows with no visible keys (context_len 0: padding lanes) are written as zeros, never NaN.
+
+Interpreter (CPU) notes: its bf16 tl.dot is wrong, so bf16 inputs on CPU are upcast to fp32 before
+the dots (UPCAST); its fp32 -> bf16 cast truncates where the GPU rounds to nearest; loop bounds loaded
+from memory need numpy < 2.4. fp32 is the CPU dtype the engine uses.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["store_kvcache", "paged_attention", "default_num_kv_splits"]
+
+_LOG2E = 1.4426950408889634
+
+# Tile sizes: BLOCK_N keys per inner iteration and the software-pipelining depth of the K/V loads
+# (num_stages, ignored by the interpreter), for decode steps (max_seqlen_q == 1) and for the rest.
+# BLOCK_N 64 keeps a head_dim-128 bf16 K+V tile at 32 KiB per stage. To be tuned on the H200
+# (scripts/gpu_kernel_check.py times decode for a few settings).
+_TILES = {"decode": (64, 2), "prefill": (64, 2)}
+_PREFILL_BLOCK_M = 64  # query rows per program (tokens x GQA) when queries are long
+_MIN_DOT = 16  # NVIDIA's compiler rejects tl.dot with an inner size under 16; M, N >= 16 for mma too
+_MAX_KV_SPLITS = 16
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+# --------------------------------------------------------------------------------------------------
+# KV store
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _store_kvcache_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_kcb, stride_kcs, stride_kch, stride_kcd,
+    stride_vcb, stride_vcs, stride_vch, stride_vcd,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    H_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    # One program per token: copies its [num_kv_heads, head_dim] K and V rows into the cache slot.
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    valid = slot >= 0  # slot -1: padding lane, write nothing
+    slot = tl.maximum(slot, 0)  # keep even the masked addresses inside the cache
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    offs_h = tl.arange(0, H_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM) & valid
+    t64 = t.to(tl.int64)
+    k = tl.load(k_ptr + t64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd,
+                mask=mask)
+    v = tl.load(v_ptr + t64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd,
+                mask=mask)
+    kc = k_cache_ptr + blk * stride_kcb + off * stride_kcs
+    vc = v_cache_ptr + blk * stride_vcb + off * stride_vcs
+    tl.store(kc + offs_h[:, None] * stride_kch + offs_d[None, :] * stride_kcd,
+             k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc + offs_h[:, None] * stride_vch + offs_d[None, :] * stride_vcd,
+             v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+class _Launch(NamedTuple):
+    """One kernel launch: kernel[grid](*args, **constexprs, **options)."""
+
+    kernel: object
+    grid: tuple[int, ...]
+    args: tuple
+    constexprs: dict
+    options: dict
+
+    def run(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs, **self.options)
+
+
+def _plan_store_kvcache(k, v, k_cache, v_cache, slot_mapping) -> list[_Launch]:
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if v.shape != k.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    if k_cache.shape[2:] != (num_kv_heads, head_dim) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"cache {tuple(k_cache.shape)} does not match k {tuple(k.shape)}")
+    if slot_mapping.shape[0] != num_tokens:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for {num_tokens} tokens")
+    if num_tokens == 0:
+        return []
+    return [_Launch(
+        _store_kvcache_kernel, (num_tokens,),
+        (k, v, k_cache, v_cache, slot_mapping,
+         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride()),
+        dict(NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, H_PAD=_next_pow2(num_kv_heads),
+             D_PAD=_next_pow2(head_dim), BLOCK_SIZE=k_cache.shape[1]),
+        dict(num_warps=1 if num_kv_heads * head_dim <= 256 else 4),
+    )]
+
+
+def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    """Write new K/V rows into the paged cache.
+
+    k, v: [num_tokens, num_kv_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim];
+    slot_mapping: [num_tokens] int32/int64, slot = block_id * block_size + offset; slot -1 is skipped.
+    """
+    for launch in _plan_store_kvcache(k, v, k_cache, v_cache, slot_mapping):
+        launch.run()
+
+
+# --------------------------------------------------------------------------------------------------
+# Paged attention
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    cu_q_ptr, ctx_ptr, bt_ptr,
+    scale_log2,  # softmax scale * log2(e): the softmax runs in base 2
+    num_seqs, search_iters,
+    stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ot, stride_oh, stride_od,
+    stride_bt,
+    stride_pt, stride_ph, stride_ps,  # partial outputs [num_tokens, num_heads, splits, D_PAD] (d stride 1)
+    stride_lt, stride_lh, stride_ls,  # partial lse [num_tokens, num_heads, splits]
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    GQA: tl.constexpr,  # query heads per KV head
+    BLOCK_M: tl.constexpr,  # query rows per program, >= 16, >= GQA
+    TOKENS_PER_TILE: tl.constexpr,  # BLOCK_M // GQA
+    BLOCK_N: tl.constexpr,  # keys per inner iteration, >= 16
+    NUM_SPLITS: tl.constexpr,
+    DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs (no TF32 on GPU), "tf32" (ignored) otherwise
+    UPCAST: tl.constexpr,  # compute the dots in fp32: bf16 under the interpreter, whose bf16 tl.dot is wrong
+):
+    pid_tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # ---- which sequence owns this tile slot: the largest i with cu_q[i] // T + i <= pid_tile.
+    # Fixed iteration count (ceil(log2(num_seqs))) passed from the host: no data-dependent loop.
+    lo = pid_tile * 0
+    hi = lo + num_seqs
+    for _ in range(search_iters):
+        mid = (lo + hi) // 2
+        mid_start = tl.load(cu_q_ptr + mid) // TOKENS_PER_TILE + mid
+        right = mid_start <= pid_tile
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    seq = lo
+
+    q_start = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    tok0 = (pid_tile - (q_start // TOKENS_PER_TILE + seq)) * TOKENS_PER_TILE
+    if tok0 >= q_len:
+        return  # spare slot of a ragged layout
+    ctx_len = tl.load(ctx_ptr + seq)
+
+    # ---- query rows: row r is token tok0 + r // GQA, head kvh * GQA + r % GQA.
+    offs_m = tl.arange(0, BLOCK_M)
+    tok = tok0 + offs_m // GQA  # [BLOCK_M] token index inside the sequence
+    head = kvh * GQA + offs_m % GQA  # [BLOCK_M] query head
+    row_ok = (offs_m < TOKENS_PER_TILE * GQA) & (tok < q_len)
+    q_pos = ctx_len - q_len + tok  # [BLOCK_M] absolute position; sees keys 0..q_pos (causal)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    row64 = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + row64[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, D_PAD]
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    # ---- keys visible to the tile: [0, kv_end), kv_end = position of its last token + 1.
+    last_tok = tl.minimum(tok0 + TOKENS_PER_TILE, q_len) - 1
+    kv_end = tl.maximum(tl.minimum(ctx_len - q_len + last_tok + 1, ctx_len), 0)
+    # This split's slice, in whole BLOCK_N tiles.
+    n_tiles = tl.cdiv(kv_end, BLOCK_N)
+    tiles_per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    kv_lo = split * tiles_per_split * BLOCK_N
+    kv_hi = tl.minimum(kv_lo + tiles_per_split * BLOCK_N, kv_end)
+
+    # Online softmax state. m starts finite so that all-masked rows give p = 0 and alpha = 1, not NaN.
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+    for start_n in range(kv_lo, kv_hi, BLOCK_N):
+        offs_n = start_n + offs_n0  # [BLOCK_N] key positions
+        n_ok = offs_n < kv_hi
+        # Block-table gather: physical block of each key (entries past the used ones are never read).
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        in_blk = offs_n % BLOCK_SIZE
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + (blk * stride_kb + in_blk * stride_ks + kvh * stride_kh)[:, None]
+                    + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)  # [BLOCK_N, D_PAD]
+        v = tl.load(v_cache_ptr + (blk * stride_vb + in_blk * stride_vs + kvh * stride_vh)[:, None]
+                    + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)  # [BLOCK_N, D_PAD]
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2  # [BLOCK_M, BLOCK_N] fp32
+        visible = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # rows without keys: acc = 0 -> zeros
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + row64[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        # Partial (normalised) output and its log2-sum-exp; an empty split writes lse = -inf.
+        lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        p_row = part_out_ptr + row64 * stride_pt + head * stride_ph + split * stride_ps  # [BLOCK_M]
+        tl.store(p_row[:, None] + offs_d[None, :], o, mask=row_ok[:, None])
+        tl.store(part_lse_ptr + row64 * stride_lt + head * stride_lh + split * stride_ls, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    out_ptr, part_out_ptr, part_lse_ptr,
+    stride_ot, stride_oh, stride_od,
+    stride_pt, stride_ph, stride_ps,
+    stride_lt, stride_lh, stride_ls,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
+):
+    # One program per (token, head): out = sum_s w_s * o_s / sum_s w_s with w_s = 2^(lse_s - max lse).
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, S_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    s_ok = offs_s < NUM_SPLITS
+    base = t * stride_pt + h * stride_ph
+    lse = tl.load(part_lse_ptr + t * stride_lt + h * stride_lh + offs_s * stride_ls, mask=s_ok,
+                  other=float("-inf"))  # [S_PAD] log2-sum-exp of each split
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # no split saw a key: every weight is 0
+    w = tl.math.exp2(lse - m)  # [S_PAD]
+    o = tl.load(part_out_ptr + base + offs_s[:, None] * stride_ps + offs_d[None, :],
+                mask=s_ok[:, None] & (w[:, None] > 0.0), other=0.0)  # [S_PAD, D_PAD]
+    den = tl.sum(w, 0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d * stride_od,
+             res.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def default_num_kv_splits(num_seqs: int, num_kv_heads: int, max_seqlen_q: int,
+                          device: torch.device) -> int:
+    """Split-KV heuristic, a function of the batch shape only (never of context lengths, which live on
+    the device), so that a CUDA graph captured for a batch size can fix it.
+
+    Prefill and mixed steps have many query tiles and use 1. Decode splits until about two waves of
+    programs cover the SMs (132 on an H200): batch 256 x 8 KV heads needs none, batch 1 gets 16.
+    On CPU (the interpreter) it is 1: more programs only cost time there.
+    """
+    if max_seqlen_q > 1 or device.type != "cuda":
+        return 1
+    programs = max(1, num_seqs * num_kv_heads)
+    return max(1, min(_MAX_KV_SPLITS, -(-2 * _sm_count(device) // programs)))
+
+
+def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                          max_seqlen_q, out, num_kv_splits) -> list[_Launch]:
+    num_tokens, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, kd = k_cache.shape
+    if kd != head_dim or v_cache.shape != k_cache.shape:
+        raise ValueError(f"caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not match q {tuple(q.shape)}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    num_seqs = context_lens.shape[0]
+    if cu_seqlens_q.shape[0] != num_seqs + 1 or block_tables.shape[0] != num_seqs:
+        raise ValueError("cu_seqlens_q must have num_seqs + 1 entries and block_tables num_seqs rows")
+    if num_tokens == 0 or num_seqs == 0:
+        return []
+
+    gqa = num_heads // num_kv_heads
+    # Rows per program: enough for max_seqlen_q tokens x GQA, at least 16 (tl.dot minimum), at most
+    # the prefill tile unless one token's heads alone need more.
+    block_m = min(max(_MIN_DOT, _next_pow2(max(1, max_seqlen_q) * gqa)),
+                  max(_PREFILL_BLOCK_M, _next_pow2(gqa)))
+    tokens_per_tile = block_m // gqa
+    d_pad = max(_MIN_DOT, _next_pow2(head_dim))
+    if num_kv_splits is None:
+        num_kv_splits = default_num_kv_splits(num_seqs, num_kv_heads, max_seqlen_q, q.device)
+    num_kv_splits = max(1, int(num_kv_splits))
+    upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu"  # interpreter: bf16 tl.dot is wrong
+    dot_prec = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
+    block_n, num_stages = _TILES["decode" if max_seqlen_q <= 1 else "prefill"]
+
+    if num_kv_splits > 1:
+        # fp32 partials: normalised outputs [num_tokens, num_heads, splits, d_pad] and their
+        # log2-sum-exp [num_tokens, num_heads, splits]. Allocated per call (inside a CUDA-graph
+        # capture this comes from the graph's pool).
+        part_out = torch.empty((num_tokens, num_heads, num_kv_splits, d_pad), dtype=torch.float32,
+                               device=q.device)
+        part_lse = torch.empty((num_tokens, num_heads, num_kv_splits), dtype=torch.float32, device=q.device)
+        part_strides = (*part_out.stride()[:3], *part_lse.stride())
+    else:
+        part_out = part_lse = out  # unused
+        part_strides = (0, 0, 0, 0, 0, 0)
+
+    launches = [_Launch(
+        _paged_attention_kernel, (num_tokens // tokens_per_tile + num_seqs, num_kv_heads, num_kv_splits),
+        (q, k_cache, v_cache, out, part_out, part_lse,
+         cu_seqlens_q, context_lens, block_tables,
+         float(scale) * _LOG2E,
+         num_seqs, (num_seqs - 1).bit_length(),  # = ceil(log2(num_seqs)) binary-search steps
+         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+         block_tables.stride(0), *part_strides),
+        dict(HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, GQA=gqa, BLOCK_M=block_m,
+             TOKENS_PER_TILE=tokens_per_tile, BLOCK_N=block_n, NUM_SPLITS=num_kv_splits, DOT_PREC=dot_prec,
+             UPCAST=upcast),
+        dict(num_warps=4, num_stages=num_stages),
+    )]
+    if num_kv_splits > 1:
+        launches.append(_Launch(
+            _merge_splits_kernel, (num_tokens, num_heads),
+            (out, part_out, part_lse, *out.stride(), *part_strides),
+            dict(HEAD_DIM=head_dim, D_PAD=d_pad, NUM_SPLITS=num_kv_splits, S_PAD=_next_pow2(num_kv_splits)),
+            dict(num_warps=2),
+        ))
+    return launches
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
+                    scale: float, max_seqlen_q: int, out: torch.Tensor | None = None,
+                    num_kv_splits: int | None = None) -> torch.Tensor:
+    """Causal attention of flat variable-length queries over a paged KV cache.
+
+    q: [num_tokens, num_heads, head_dim]; sequence i owns rows cu_seqlens_q[i]:cu_seqlens_q[i+1]
+    (cu_seqlens_q[-1] must not exceed num_tokens; rows past it belong to no sequence and are left unspecified).
+    context_lens[i] counts sequence i's keys including its new tokens, whose K/V must already be in the
+    cache; its query rows are its last q_len positions. block_tables: [num_seqs, max_blocks] (unused
+    entries may hold anything). max_seqlen_q: the longest per-sequence query length; it only sizes the
+    tiles (any value gives correct results). num_kv_splits: KV-range splits per query tile (None: the
+    default_num_kv_splits heuristic; fix it per captured batch size under CUDA graphs). Returns out [num_tokens, num_heads, head_dim] in q's dtype; a row with no
+    keys (context_len 0) is zeros.
+    """
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape:
+        raise ValueError(f"out {tuple(out.shape)} does not match q {tuple(q.shape)}")
+    for launch in _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                                        max_seqlen_q, out, num_kv_splits):
+        launch.run()
+    return out

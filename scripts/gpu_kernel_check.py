@@ -1,0 +1,273 @@
+"""Check the Triton attention kernels (engine_service/attention/triton_kernels.py).
+
+On CUDA (default mode):
+  * store_kvcache against an index-copy reference (bitwise), padding slots (-1) untouched;
+  * paged_attention in bf16 on fresh random inputs, every output poisoned with NaN first, against a
+    float32 reference built from the same bf16 inputs. Acceptance per case:
+        err(triton) <= 2 * err(torch bf16 SDPA) + 1e-3     (max abs error vs the fp32 reference)
+  * a CUDA-graph capture/replay of split-KV decode, bitwise equal to eager;
+  * decode timing at Qwen3-0.6B shapes (16 q heads, 8 KV heads, head_dim 128), batch 256, contexts
+    600-2000, block sizes 16 and 256, printing achieved GB/s of K/V traffic.
+  Exit status 1 if any check fails.
+
+--compile-only (no GPU needed): compile the kernels for sm_90 (H200) with triton's real NVIDIA
+pipeline, ptxas included, for the shapes the engine uses, specialised exactly as triton's JIT would
+specialise them. Catches what the interpreter lets through (tl.dot sizes, non-constexpr shapes, ...).
+
+Usage:  python scripts/gpu_kernel_check.py [--compile-only] [--no-timing] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("unset TRITON_INTERPRET: this script checks the compiled kernels")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from engine_service.attention import triton_kernels as tk  # noqa: E402
+from engine_service.attention.triton_ref import (  # noqa: E402
+    make_paged_batch,
+    ref_paged_attention,
+    ref_store_kvcache,
+)
+
+# (name, q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, block_size, num_kv_splits)
+_QWEN = (16, 8, 128)
+
+
+def _accuracy_cases(rng: torch.Generator) -> list[tuple]:
+    def ints(n, lo, hi):
+        return torch.randint(lo, hi + 1, (n,), generator=rng).tolist()
+
+    dec = ints(64, 1, 2000)
+    cases = [
+        ("decode b64 blk16", [1] * 64, dec, *_QWEN, 16, None),
+        ("decode b64 blk256 split4", [1] * 64, dec, *_QWEN, 256, 4),
+        ("decode b4 default split", [1] * 4, ints(4, 500, 3000), *_QWEN, 16, None),
+        ("decode gqa3 hd64", [1] * 16, ints(16, 1, 900), 12, 4, 64, 32, None),
+        ("decode gqa5 split3", [1] * 16, ints(16, 1, 900), 10, 2, 128, 16, 3),
+        ("prefill no prefix", [300, 17, 1], [300, 17, 1], *_QWEN, 16, None),
+        ("prefill cached prefix", [100, 64], [612, 64 + 256], *_QWEN, 256, None),
+        ("chunk mid-prompt gqa3", [128, 40], [384, 1000], 24, 8, 128, 16, None),
+    ]
+    mixed_q = [1] * 30 + [200, 0, 57] + [1] * 3
+    mixed_ctx = ints(30, 1, 1500) + [200, 300, 800] + [0, 0, 0]  # last three: padding lanes
+    cases.append(("mixed + padding lanes", mixed_q, mixed_ctx, *_QWEN, 16, None))
+    cases.append(("mixed split2", mixed_q, mixed_ctx, *_QWEN, 16, 2))
+    return cases
+
+
+def check_store(dev: torch.device) -> bool:
+    nt, kvh, hd, bs, nb = 300, 8, 128, 16, 64
+    qkv = torch.randn(nt, 3 * kvh * hd, device=dev, dtype=torch.bfloat16)
+    k = qkv[:, kvh * hd:2 * kvh * hd].view(nt, kvh, hd)  # non-contiguous views, as from a packed qkv
+    v = qkv[:, 2 * kvh * hd:].view(nt, kvh, hd)
+    slots = torch.randperm(nb * bs, device=dev)[:nt]
+    slots[::7] = -1
+    kc = torch.randn(nb, bs, kvh, hd, device=dev, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    kr, vr = kc.clone(), vc.clone()
+    tk.store_kvcache(k, v, kc, vc, slots)
+    ref_store_kvcache(k, v, kr, vr, slots)
+    ok = torch.equal(kc, kr) and torch.equal(vc, vr)
+    print(f"store_kvcache bf16 (300 tokens, 1/7 padding slots): {'bitwise equal' if ok else 'MISMATCH'}")
+    return ok
+
+
+def check_attention(dev: torch.device, rng: torch.Generator) -> bool:
+    all_ok = True
+    print(f"{'case':28s} {'err triton':>11s} {'err torch-bf16':>15s} {'bound':>9s}  result")
+    for name, q_lens, ctx, nh, nkv, hd, bs, splits in _accuracy_cases(rng):
+        b = make_paged_batch(q_lens, ctx, nh, nkv, hd, bs, dtype=torch.bfloat16, device=dev, generator=rng)
+        scale = hd ** -0.5
+        args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, scale)
+        ref = ref_paged_attention(*args, compute_dtype=torch.float32)
+        base = ref_paged_attention(*args, compute_dtype=torch.bfloat16, use_sdpa=True).float()
+        out = torch.full_like(b.q, float("nan"))
+        tk.paged_attention(*args, b.max_seqlen_q, out=out, num_kv_splits=splits)
+        torch.cuda.synchronize()
+        nan = bool(out.isnan().any())
+        err = (out.float() - ref).abs().max().item()
+        err_base = (base - ref).abs().max().item()
+        bound = 2 * err_base + 1e-3
+        ok = not nan and err <= bound
+        all_ok &= ok
+        print(f"{name:28s} {err:11.2e} {err_base:15.2e} {bound:9.2e}  {'ok' if ok else 'FAIL'}"
+              f"{' (NaN left in output)' if nan else ''}")
+    return all_ok
+
+
+def check_graph(dev: torch.device, rng: torch.Generator) -> bool:
+    # Split-KV decode captured in a CUDA graph (partials allocated inside the capture) == eager.
+    b = make_paged_batch([1] * 32, torch.randint(0, 1500, (32,), generator=rng).tolist(), *_QWEN, 16,
+                         dtype=torch.bfloat16, device=dev, generator=rng)
+    args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, 128 ** -0.5, 1)
+    eager = tk.paged_attention(*args, num_kv_splits=4)
+    out = torch.full_like(b.q, float("nan"))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        tk.paged_attention(*args, out=out, num_kv_splits=4)  # warm-up: compile outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        tk.paged_attention(*args, out=out, num_kv_splits=4)
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    ok = torch.equal(out, eager)
+    print(f"CUDA graph replay of split-KV decode: {'bitwise equal to eager' if ok else 'MISMATCH'}")
+    return ok
+
+
+def time_decode(dev: torch.device, rng: torch.Generator) -> None:
+    batch = 256
+    nh, nkv, hd = _QWEN
+    ctx = torch.randint(600, 2001, (batch,), generator=rng).tolist()
+    print(f"\ndecode timing: batch {batch}, {nh} q heads / {nkv} KV heads, head_dim {hd}, "
+          f"contexts 600-2000 (mean {sum(ctx) / batch:.0f}), bf16")
+    print(f"{'block':>5s} {'splits':>6s} {'us/call':>9s} {'GB/s':>8s}")
+    for bs in (16, 256):
+        b = make_paged_batch([1] * batch, ctx, nh, nkv, hd, bs, dtype=torch.bfloat16, device=dev, generator=rng)
+        args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, hd ** -0.5, 1)
+        out = torch.empty_like(b.q)
+        # Bytes that must move: every visible K and V row, plus q, out and the block tables.
+        kv_bytes = sum(ctx) * nkv * hd * 2 * b.k_cache.element_size()
+        other = 2 * b.q.numel() * b.q.element_size() + b.block_tables.numel() * 4
+        default = tk.default_num_kv_splits(batch, nkv, 1, dev)
+        for splits in sorted({1, 2, 4, default}):
+            us = _time(lambda: tk.paged_attention(*args, out=out, num_kv_splits=splits))  # noqa: B023
+            tag = " (default)" if splits == default else ""
+            print(f"{bs:5d} {splits:6d} {us:9.1f} {(kv_bytes + other) / us / 1e3:8.0f}{tag}")
+        del b
+    # Tile settings for decode (BLOCK_N, num_stages) at block size 16 and the default split count.
+    b = make_paged_batch([1] * batch, ctx, nh, nkv, hd, 16, dtype=torch.bfloat16, device=dev, generator=rng)
+    args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, hd ** -0.5, 1)
+    out = torch.empty_like(b.q)
+    kv_bytes = sum(ctx) * nkv * hd * 2 * b.k_cache.element_size()
+    saved = tk._TILES["decode"]
+    print(f"\n{'BLOCK_N':>7s} {'stages':>6s} {'us/call':>9s} {'GB/s':>8s}   (block 16, default splits)")
+    try:
+        for tile in ((32, 2), (32, 4), (64, 2), (64, 3), (128, 2), (128, 3)):
+            tk._TILES["decode"] = tile
+            us = _time(lambda: tk.paged_attention(*args, out=out))
+            print(f"{tile[0]:7d} {tile[1]:6d} {us:9.1f} {kv_bytes / us / 1e3:8.0f}")
+    finally:
+        tk._TILES["decode"] = saved
+
+
+def _time(fn, iters: int = 50) -> float:
+    """Mean microseconds per call, after a warm-up that also compiles."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile for sm_90, no GPU needed
+# ---------------------------------------------------------------------------------------------
+def _aot_compile(launch, target) -> object:
+    """Compile one planned launch as triton's JIT would on the target: same binder, same
+    specialisation (ints == 1 become constexprs, 16-divisible ints and pointers get divisibility)."""
+    import triton
+    from triton.compiler.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.kernel
+    backend = make_backend(target)
+    kwargs = {**launch.constexprs, **launch.options}
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    src = ASTSource(fn, signature, constexprs, attrs)
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+def compile_only() -> bool:
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", 90, 32)
+    cpu = torch.device("cpu")
+    configs = [
+        # (label, dtype, q_lens, ctx, nh, nkv, hd, block, splits)
+        ("decode qwen3 blk16", torch.bfloat16, [1] * 8, [700] * 8, *_QWEN, 16, 1),
+        ("decode qwen3 blk256 split4", torch.bfloat16, [1] * 8, [700] * 8, *_QWEN, 256, 4),
+        ("decode batch1 (scalar args)", torch.bfloat16, [1], [70], *_QWEN, 16, 1),
+        ("decode gqa5 fp16 split3", torch.float16, [1] * 4, [90] * 4, 10, 2, 128, 32, 3),
+        ("decode gqa1 hd32", torch.float16, [1] * 4, [90] * 4, 4, 4, 32, 16, 1),
+        ("prefill qwen3", torch.bfloat16, [300, 20], [300, 400], *_QWEN, 16, 1),
+        ("prefill gqa3 hd64", torch.bfloat16, [300, 20], [300, 400], 12, 4, 64, 16, 1),
+        ("prefill gqa32 (MQA) hd80", torch.bfloat16, [30, 20], [300, 400], 32, 1, 80, 16, 1),
+        ("prefill fp32 (ieee dot)", torch.float32, [30, 20], [300, 400], 4, 2, 64, 16, 1),
+    ]
+    ok = True
+    print(f"{'config':30s} {'kernel':26s} {'shared B':>9s} {'mma':>5s} {'cp.async':>8s} {'s':>5s}")
+    for label, dtype, q_lens, ctx, nh, nkv, hd, bs, splits in configs:
+        b = make_paged_batch(q_lens, ctx, nh, nkv, hd, bs, dtype=dtype, device=cpu)
+        out = torch.empty_like(b.q)
+        launches = tk._plan_paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens,
+                                            b.block_tables, hd ** -0.5, b.max_seqlen_q, out, splits)
+        k = torch.randn(len(q_lens), nkv, hd).to(dtype)
+        launches += tk._plan_store_kvcache(k, k, b.k_cache, b.v_cache,
+                                           torch.zeros(len(q_lens), dtype=torch.int64))
+        for launch in launches:
+            t0 = time.time()
+            try:
+                compiled = _aot_compile(launch, target)
+            except Exception as e:  # report every failing variant, not just the first
+                ok = False
+                print(f"{label:30s} {launch.kernel.__name__:26s} FAILED: {type(e).__name__}: {e}")
+                continue
+            ptx = compiled.asm.get("ptx", "")
+            if "cubin" not in compiled.asm:
+                ok = False
+                print(f"{label:30s} {launch.kernel.__name__:26s} no cubin produced")
+                continue
+            print(f"{label:30s} {launch.kernel.__name__:26s} {compiled.metadata.shared:9d} "
+                  f"{ptx.count('mma'):5d} {ptx.count('cp.async'):8d} {time.time() - t0:5.1f}")
+    print("compile-only:", "all kernels compiled for sm_90" if ok else "FAILURES")
+    return ok
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compile-only", action="store_true", help="compile for sm_90 without a GPU")
+    ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
+    a = ap.parse_args()
+    if a.compile_only:
+        return 0 if compile_only() else 1
+    if not torch.cuda.is_available():
+        print("no CUDA device (use --compile-only to check compilation for sm_90)")
+        return 1
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32
+    dev = torch.device("cuda")
+    print(f"device: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, seed {a.seed}")
+    torch.manual_seed(a.seed)
+    rng = torch.Generator().manual_seed(a.seed)
+    t0 = time.time()
+    ok = check_store(dev)
+    ok &= check_attention(dev, rng)
+    ok &= check_graph(dev, rng)
+    if not a.no_timing:
+        time_decode(dev, rng)
+    print(f"\n{'PASS' if ok else 'FAIL'} in {time.time() - t0:.0f}s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Triton KV-store and paged-attention kernels under the interpreter, against float64 torch references.
+
+TRITON_INTERPRET must be set before triton decorates any kernel, hence before the imports below.
+Outputs are poisoned with NaN before each call, so an element the kernel fails to write shows up.
+Shapes are small: the interpreter runs each program in numpy.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed (the `test` extra pins triton==3.6.*)")
+if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - someone exported TRITON_INTERPRET=0
+    pytest.skip("TRITON_INTERPRET is not 1: these tests run the kernels on CPU", allow_module_level=True)
+
+from engine_service.attention import triton_kernels as tk  # noqa: E402
+from engine_service.attention.triton_ref import (  # noqa: E402
+    make_paged_batch,
+    ref_paged_attention,
+    ref_store_kvcache,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The interpreter turns loop bounds loaded from memory into ints via int(1-element array): numpy 2.x
+# warns (and 2.4 fails, hence the numpy<2.4 pin). Expected; keep the report readable.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+
+def _run_attention(b, scale, splits=None, dtype=None, out_view=False):
+    """Call paged_attention on a NaN-poisoned output; return (out, float64 reference)."""
+    q = b.q
+    if out_view:  # out as a non-contiguous view (every other row of a wider buffer)
+        buf = torch.full((q.shape[0], 2 * q.shape[1], q.shape[2]), float("nan"), dtype=q.dtype)
+        out = buf[:, ::2]
+    else:
+        out = torch.full_like(q, float("nan"))
+    res = tk.paged_attention(q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, scale,
+                             b.max_seqlen_q, out=out, num_kv_splits=splits)
+    assert res is out
+    ref = ref_paged_attention(q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, scale)
+    return out, ref
+
+
+def _check(out, ref, atol=2e-5):
+    assert not out.isnan().any(), "some output elements were not written"
+    err = (out.double() - ref).abs().max().item()
+    assert err <= atol, f"max abs error {err:.3e} > {atol}"
+
+
+# --------------------------------------------------------------------------------------------------
+# store_kvcache
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("block_size,slot_dtype", [(16, torch.int32), (5, torch.int64), (256, torch.int64)])
+def test_store_kvcache_skips_padding_slots(block_size, slot_dtype):
+    g = torch.Generator().manual_seed(block_size)
+    nt, kvh, hd, nb = 23, 3, 32, 6  # 6 blocks hold >= 30 slots for 23 tokens
+    # k and v as non-contiguous views of one packed qkv row, as a model produces them.
+    qkv = torch.randn(nt, 4 * kvh * hd, generator=g)
+    k = qkv[:, 2 * kvh * hd:3 * kvh * hd].view(nt, kvh, hd)
+    v = qkv[:, 3 * kvh * hd:].view(nt, kvh, hd)
+    slots = torch.randperm(nb * block_size, generator=g)[:nt].to(slot_dtype)
+    slots[::4] = -1  # padding lanes
+    k_cache = torch.randn(nb, block_size, kvh, hd, generator=g)
+    v_cache = torch.randn(nb, block_size, kvh, hd, generator=g)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    tk.store_kvcache(k, v, k_cache, v_cache, slots)
+    ref_store_kvcache(k, v, k_ref, v_ref, slots)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+def test_store_kvcache_non_pow2_head_dim_and_empty():
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(6, 3, 48, generator=g)
+    v = torch.randn(6, 3, 48, generator=g)
+    kc, vc = torch.zeros(3, 4, 3, 48), torch.zeros(3, 4, 3, 48)
+    kr, vr = kc.clone(), vc.clone()
+    slots = torch.tensor([11, -1, 0, 5, -1, 7])
+    tk.store_kvcache(k, v, kc, vc, slots)
+    ref_store_kvcache(k, v, kr, vr, slots)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+    tk.store_kvcache(k[:0], v[:0], kc, vc, slots[:0])  # no tokens: no launch, no error
+
+
+# --------------------------------------------------------------------------------------------------
+# paged_attention
+# --------------------------------------------------------------------------------------------------
+# (q_lens, ctx_lens): decode, prefill, prefill over a cached prefix, a chunk in the middle of a prompt.
+CASES = {
+    "decode": ([1, 1, 1, 1], [1, 37, 130, 64]),
+    "prefill": ([19, 1, 40], [19, 1, 40]),
+    "prefix": ([21, 3], [85, 67]),  # 64 cached tokens each, new tokens at the end
+    "chunk": ([16, 33], [48, 97]),  # chunk in the middle of a longer prompt (rest comes later)
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("gqa", [1, 2, 3, 4, 5])
+def test_paged_attention_cases_and_gqa(case, gqa):
+    q_lens, ctx = CASES[case]
+    num_kv = 2 if gqa < 4 else 1
+    g = torch.Generator().manual_seed(10 * gqa + len(case))
+    b = make_paged_batch(q_lens, ctx, gqa * num_kv, num_kv, 32, 16, generator=g)
+    _check(*_run_attention(b, 32 ** -0.5))
+
+
+@pytest.mark.parametrize("block_size,head_dim,table_fill", [
+    (16, 64, 0), (32, 32, -1), (256, 32, 0), (8, 128, -1), (5, 48, -1),  # 5, 48: not powers of two
+])
+def test_paged_attention_block_sizes_head_dims(block_size, head_dim, table_fill):
+    g = torch.Generator().manual_seed(block_size + head_dim)
+    b = make_paged_batch([1, 9, 1], [70, 30, 1], 4, 2, head_dim, block_size, table_fill=table_fill,
+                         generator=g)
+    _check(*_run_attention(b, head_dim ** -0.5))
+
+
+@pytest.mark.parametrize("splits", [2, 3, 5])
+def test_split_kv_decode_and_prefill(splits):
+    # Contexts that leave some splits empty (1, 10) and some spanning several BLOCK_N tiles (300).
+    g = torch.Generator().manual_seed(splits)
+    b = make_paged_batch([1, 1, 1, 1, 7], [1, 10, 300, 129, 140], 6, 2, 32, 16, generator=g)
+    _check(*_run_attention(b, 0.17, splits=splits))
+
+
+def test_mixed_batch_with_padding_lanes():
+    # Decodes, a prefill over a prefix, a sequence with no query rows, and padding lanes
+    # (q_len 1, context 0) as a CUDA-graph batch has them: those rows must be zeros.
+    g = torch.Generator().manual_seed(7)
+    q_lens = [1, 13, 1, 0, 1, 30, 1, 1]
+    ctx = [45, 60, 1, 20, 0, 30, 0, 0]
+    b = make_paged_batch(q_lens, ctx, 6, 2, 32, 16, generator=g)
+    for splits in (None, 3):
+        out, ref = _run_attention(b, 0.2, splits=splits, out_view=(splits == 3))
+        _check(out, ref)
+        cu = b.cu_seqlens_q.tolist()
+        for i in (4, 6, 7):
+            assert torch.equal(out[cu[i]:cu[i + 1]], torch.zeros_like(out[cu[i]:cu[i + 1]]))
+
+
+def test_all_padding_and_empty_batch():
+    b = make_paged_batch([1, 1, 1], [0, 0, 0], 4, 2, 32, 16)
+    out, _ = _run_attention(b, 0.1, splits=2)
+    assert torch.equal(out, torch.zeros_like(out))
+    empty = tk.paged_attention(b.q[:0], b.k_cache, b.v_cache, torch.zeros(1, dtype=torch.int32),
+                               b.context_lens[:0], b.block_tables[:0], 0.1, 1)
+    assert empty.shape == (0, 4, 32)
+
+
+def test_max_seqlen_q_is_only_a_tile_hint():
+    # An underestimated max_seqlen_q gives smaller tiles, never a wrong answer.
+    b = make_paged_batch([17, 1, 5], [40, 9, 5], 6, 3, 32, 16, generator=torch.Generator().manual_seed(3))
+    out = torch.full_like(b.q, float("nan"))
+    tk.paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.2, 1,
+                       out=out)
+    _check(out, ref_paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens,
+                                    b.block_tables, 0.2))
+
+
+def test_fp16_and_non_contiguous_q():
+    g = torch.Generator().manual_seed(5)
+    b = make_paged_batch([1, 12, 1], [33, 50, 70], 6, 2, 64, 16, dtype=torch.float16, generator=g)
+    qkv = torch.randn(b.q.shape[0], 3, 6, 64, generator=g).half()
+    b.q = qkv[:, 0]  # non-contiguous view, as split from a packed qkv projection
+    out, ref = _run_attention(b, 0.125)
+    assert out.dtype == torch.float16
+    _check(out, ref, atol=3e-3)
+    out2, _ = _run_attention(b, 0.125, splits=2)
+    _check(out2, ref, atol=3e-3)
+
+
+def test_int64_metadata():
+    b = make_paged_batch([1, 6, 1], [20, 40, 77], 4, 2, 32, 16, generator=torch.Generator().manual_seed(4))
+    b.cu_seqlens_q, b.context_lens, b.block_tables = (b.cu_seqlens_q.long(), b.context_lens.long(),
+                                                      b.block_tables.long())
+    _check(*_run_attention(b, 0.2, splits=2))
+
+
+def test_bf16_on_cpu_is_computed_in_fp32():
+    # The interpreter's bf16 tl.dot is wrong, so on CPU the kernel upcasts bf16 to fp32 before its dots.
+    # Its fp32 -> bf16 cast truncates instead of rounding, hence one bf16 ulp of tolerance.
+    b = make_paged_batch([1, 9], [30, 9], 4, 2, 32, 16, dtype=torch.bfloat16,
+                         generator=torch.Generator().manual_seed(8))
+    _check(*_run_attention(b, 0.2), atol=2 ** -7 * 2)
+
+
+def test_default_splits_make_no_cuda_query_on_cpu(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("CUDA queried on the CPU path")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", boom)
+    monkeypatch.setattr(torch.cuda, "current_device", boom)
+    monkeypatch.setattr(torch.cuda, "is_available", boom)
+    assert tk.default_num_kv_splits(1, 8, 1, torch.device("cpu")) == 1
+    b = make_paged_batch([1, 1], [5, 80], 4, 2, 32, 16)
+    _check(*_run_attention(b, 0.1))
+
+
+def test_bad_shapes_raise():
+    b = make_paged_batch([1], [5], 6, 4, 32, 16)
+    with pytest.raises(ValueError, match="multiple"):
+        tk.paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.1, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The real compiler: the interpreter accepts things NVIDIA's pipeline rejects (tl.dot sizes, ...).
+# --------------------------------------------------------------------------------------------------
+def test_kernels_compile_for_sm90():
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="triton's NVIDIA backend is absent")
+    ptxas = Path(sys.modules["triton"].__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists() and shutil.which("ptxas") is None:
+        pytest.skip("no ptxas to compile for sm_90")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_kernel_check.py"), "--compile-only"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
