@@ -32,7 +32,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[bool]]:
         """logits: [N, V] -> (token ids, whether each row's logits were finite). One device sync."""
-        finite = torch.isfinite(logits).all(dim=-1)
+        finite = torch.isfinite(logits.sum(dim=-1))  # NaN and inf propagate through a sum
         for i, row in enumerate(rows):
             if row.banned_token_ids:
                 logits[i, list(row.banned_token_ids)] = float("-inf")
