@@ -58,12 +58,14 @@ class Sampler:
         if any(m > 0.0 for m in min_p):
             floor = torch.tensor(min_p, device=dev)[:, None] * probs.amax(dim=-1, keepdim=True)
             probs = probs.masked_fill(probs < floor, 0.0)
+        # Exponential(1) noise as -log(U): several times faster on CPU than Tensor.exponential_.
         noise = torch.empty_like(probs)
         seeded = [i for i, r in enumerate(rows) if r.generator is not None]
         if len(seeded) < n:
-            noise.exponential_(generator=self.generator)
+            noise.uniform_(generator=self.generator)
         for i in seeded:
-            noise[i].exponential_(generator=rows[i].generator)
+            noise[i].uniform_(generator=rows[i].generator)
+        noise.log_().neg_()
         return (probs / noise).argmax(dim=-1)
 
 

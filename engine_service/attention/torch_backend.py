@@ -30,7 +30,7 @@ class TorchAttentionBackend(AttentionBackend):
         if nd:
             idx, allowed = plan["decode"]  # [b, Hkv, K], [b, 1, 1, 1, K]
             qd = q[:nd].view(nd, kv_heads, group, d)  # the query heads of one KV head are its rows
-            o = _attend(qd, k_rows[idx], v_rows[idx], allowed, scale)  # [b, Hkv, G, D]
+            o = _attend(qd, _rows(k_rows, idx), _rows(v_rows, idx), allowed, scale)  # [b, Hkv, G, D]
             if meta.has_padding:
                 o = o * (meta.context_lens[:nd] > 0).view(nd, 1, 1, 1)  # padding lanes write zeros
             out[:nd] = o.reshape(nd, num_heads, d).to(out.dtype)
@@ -41,7 +41,7 @@ class TorchAttentionBackend(AttentionBackend):
             qp[seq_of_row, pos_of_row] = q[nd:]
             # [b, Q, Hkv, G, D] -> [b, Hkv, G * Q, D]
             qp = qp.view(b, q_max, kv_heads, group, d).permute(0, 2, 3, 1, 4).reshape(b, kv_heads, -1, d)
-            o = _attend(qp, k_rows[idx], v_rows[idx], allowed, scale, group)  # [b, Hkv, G * Q, D]
+            o = _attend(qp, _rows(k_rows, idx), _rows(v_rows, idx), allowed, scale, group)  # [b, Hkv, G * Q, D]
             o = o.view(b, kv_heads, group, q_max, d).permute(0, 3, 1, 2, 4).reshape(b, q_max, num_heads, d)
             out[nd:] = o[seq_of_row, pos_of_row].to(out.dtype)
         return out
@@ -56,6 +56,11 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping: torch.Tensor, has_paddin
         slots, k, v = slot_mapping[keep], k[keep], v[keep]
     k_cache.view(-1, kv_heads, d).index_copy_(0, slots, k)
     v_cache.view(-1, kv_heads, d).index_copy_(0, slots, v)
+
+
+def _rows(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """rows[idx] for idx [b, Hkv, K] -> [b, Hkv, K, D]; index_select is several times faster on CPU."""
+    return torch.index_select(rows, 0, idx.reshape(-1)).view(*idx.shape, rows.shape[-1])
 
 
 def _attend(q, keys, values, allowed, scale, group: int = 1):
