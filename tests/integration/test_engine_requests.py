@@ -1,0 +1,277 @@
+"""Admission, aborts, finishing and sampling through the step API on a tiny model."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine_service import LLM, LLMEngine, SamplingParams
+from tests.integration.tiny import VOCAB, hf_greedy, make_qwen3
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    make_qwen3(path, heads=4, kv_heads=2, dtype=__import__("torch").float32)
+    return path
+
+
+def _engine(path, **kw) -> LLMEngine:
+    args = dict(device="cpu", dtype="float32", attention_backend="torch", kvcache_block_size=16,
+                num_kvcache_blocks=24, max_num_batched_tokens=64, max_num_seqs=8, max_model_len=256)
+    args.update(kw)
+    return LLM(path, **args)
+
+
+def _prompt(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(VOCAB) for _ in range(n)]
+
+
+def _drain(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, list]:
+    """Step until idle; return each request's tokens and finish reason."""
+    seen: dict[str, list] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            return seen
+        for out in engine.step():
+            entry = seen.setdefault(out.request_id, [[], None])
+            entry[0].extend(out.new_token_ids)
+            if out.finished:
+                entry[1] = out.finish_reason
+    raise AssertionError("engine did not go idle")
+
+
+def _all_free(engine: LLMEngine) -> bool:
+    s = engine.stats()
+    return s["num_free_blocks"] == s["num_blocks"] and s["num_running"] == 0 and s["num_waiting"] == 0
+
+
+# ---- bad requests are refused at admission --------------------------------------------------------
+BAD_PARAMS = [
+    dict(max_tokens=0), dict(max_tokens=-3), dict(min_tokens=5, max_tokens=4), dict(temperature=-0.1),
+    dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0), dict(top_k=-2), dict(min_p=-0.1), dict(min_p=1.1),
+]
+
+
+@pytest.mark.parametrize("kwargs", BAD_PARAMS, ids=[next(iter(k)) + "=" + str(list(k.values())) for k in BAD_PARAMS])
+def test_bad_sampling_params_name_the_field(kwargs):
+    with pytest.raises(ValueError) as err:
+        SamplingParams(**kwargs)
+    assert any(name in str(err.value) for name in kwargs)
+
+
+def test_bad_requests_are_refused_and_engine_keeps_serving(model_dir):
+    with _engine(model_dir) as engine:
+        ok = SamplingParams(temperature=0.0, max_tokens=4)
+        cases = {
+            "empty": ([], ok, "empty"),
+            "oov-high": ([1, VOCAB], ok, "vocabulary"),
+            "oov-negative": ([-1, 3], ok, "vocabulary"),
+            "not-int": ([1, 2.5], ok, "vocabulary"),
+            "exactly-max-model-len": (_prompt(256), ok, "max_model_len"),
+            "one-over": (_prompt(257), ok, "max_model_len"),
+            # 24 blocks of 16 = 384 slots, but max_model_len caps a request at 256 tokens = 16 blocks: fits.
+            # With a smaller pool it would not: see the next test.
+        }
+        for name, (prompt, params, word) in cases.items():
+            with pytest.raises(ValueError, match=word):
+                engine.add_request(name, prompt, params)
+        engine.add_request("good", _prompt(10), ok)
+        with pytest.raises(ValueError, match="already in use"):
+            engine.add_request("good", _prompt(10), ok)
+        done = _drain(engine)
+        assert done["good"][1] == "length" and len(done["good"][0]) == 4
+        assert _all_free(engine)
+
+
+def test_request_that_can_never_fit_the_pool_is_refused(model_dir):
+    with _engine(model_dir, num_kvcache_blocks=4) as engine:  # 64 slots
+        with pytest.raises(ValueError, match="KV blocks"):
+            engine.add_request("big", _prompt(40), SamplingParams(max_tokens=30))  # 70 tokens -> 5 blocks
+        engine.add_request("fits", _prompt(40), SamplingParams(temperature=0.0, max_tokens=24))
+        assert _drain(engine)["fits"][1] == "length"
+        assert _all_free(engine)
+
+
+def test_reaching_max_model_len_finishes_with_length(model_dir):
+    with _engine(model_dir, max_model_len=64) as engine:
+        engine.add_request("r", _prompt(60), SamplingParams(temperature=0.0, max_tokens=100))
+        tokens, reason = _drain(engine)["r"]
+    assert reason == "length"
+    assert len(tokens) == 4  # 60 + 4 = max_model_len
+
+
+# ---- aborts free blocks in every phase ----------------------------------------------------------------
+def test_abort_while_queued_prefilling_decoding_and_preempted(model_dir):
+    # 8 blocks of 16 tokens; a token budget of 16 forces chunked prefill.
+    with _engine(model_dir, num_kvcache_blocks=8, max_num_batched_tokens=16, max_num_seqs=4) as engine:
+        p = SamplingParams(temperature=0.0, max_tokens=40)
+        engine.add_request("decoding", _prompt(20, 1), p)
+        engine.add_request("prefilling", _prompt(70, 2), p)
+        engine.add_request("queued", _prompt(20, 3), p)
+        engine.step()
+        engine.step()
+        seqs = engine.seqs
+        assert seqs["decoding"].is_decoding
+        assert 0 < seqs["prefilling"].num_computed_tokens < 70
+        assert seqs["queued"].status.name == "WAITING"
+        assert engine.abort_request("queued")
+        assert engine.abort_request("prefilling")
+        reasons = {}
+        for _ in range(3):
+            reasons.update({o.request_id: o.finish_reason for o in engine.step() if o.finished})
+        assert reasons == {"queued": "abort", "prefilling": "abort"}
+        assert engine.abort_request("decoding")
+        assert not engine.abort_request("decoding")  # twice is harmless
+        assert {k: v[1] for k, v in _drain(engine).items()} == {"decoding": "abort"}
+        assert _all_free(engine)
+
+        # Preempted: two requests that each need most of the pool.
+        engine.add_request("a", _prompt(50, 4), SamplingParams(temperature=0.0, max_tokens=70))
+        engine.add_request("b", _prompt(50, 5), SamplingParams(temperature=0.0, max_tokens=70))
+        preempted = None
+        for _ in range(500):
+            engine.step()
+            waiting = [s for s in engine.scheduler.waiting if s.admit_order >= 0]
+            if waiting:
+                preempted = waiting[0].request_id
+                break
+        assert preempted is not None, "expected a preemption"
+        assert engine.abort_request(preempted)
+        _drain(engine)
+        assert _all_free(engine)
+
+
+def test_two_requests_each_needing_most_of_the_pool_both_finish(model_dir):
+    with _engine(model_dir, num_kvcache_blocks=8, max_num_batched_tokens=16, max_num_seqs=4) as engine:
+        for i in range(3):
+            engine.add_request(f"r{i}", _prompt(60, i), SamplingParams(temperature=0.0, max_tokens=60))
+        outs = _drain(engine)
+        assert all(reason == "length" and len(t) == 60 for t, reason in outs.values())
+        assert engine.stats()["num_preemptions"] > 0
+        assert _all_free(engine)
+
+
+# ---- stopping and sampling --------------------------------------------------------------------------
+def test_stop_token_ids_min_tokens_and_ignore_eos(model_dir):
+    with _engine(model_dir) as engine:
+        prompt = _prompt(12, 9)
+        greedy = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12))[0]["token_ids"]
+        stop_at = greedy[5]
+        first = greedy.index(stop_at)
+        out = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_at]))[0]
+        assert out["finish_reason"] == "stop" and out["token_ids"] == greedy[: first + 1]
+        # min_tokens bans the stop token until it is reached, so the stream goes past it.
+        out = engine.generate(
+            [prompt], SamplingParams(temperature=0.0, max_tokens=12, min_tokens=first + 1, stop_token_ids=[stop_at])
+        )[0]
+        assert stop_at not in out["token_ids"][: first + 1]
+        assert len(out["token_ids"]) > first + 1
+        assert _all_free(engine)
+
+
+def test_eos_from_generation_config_stops_unless_ignored(tmp_path):
+    import json
+
+    make_qwen3(tmp_path)
+    with _engine(tmp_path) as engine:
+        prompt = _prompt(12, 11)
+        greedy = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=10))[0]["token_ids"]
+    eos = greedy[3]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos], "temperature": 0.3}))
+    with _engine(tmp_path) as engine:
+        assert eos in engine.eos_token_ids
+        assert engine.generation_defaults["temperature"] == 0.3
+        out = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=10))[0]
+        assert out["finish_reason"] == "stop" and out["token_ids"][-1] == eos
+        out = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))[0]
+        assert out["token_ids"] == greedy and out["finish_reason"] == "length"
+
+
+def test_seed_gives_same_tokens_whatever_shares_the_batch(model_dir):
+    seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=16)
+    prompt = _prompt(20, 12)
+    with _engine(model_dir) as engine:
+        alone = engine.generate([prompt], seeded)[0]["token_ids"]
+        others = [_prompt(n, 100 + n) for n in (5, 33, 50)]
+        crowd = engine.generate(
+            others + [prompt], [SamplingParams(temperature=1.0, max_tokens=16)] * 3 + [seeded]
+        )[-1]["token_ids"]
+        other_seed = engine.generate([prompt], SamplingParams(temperature=1.0, seed=99, max_tokens=16))[0]
+    assert alone == crowd
+    assert other_seed["token_ids"] != alone
+
+
+def test_top_k_1_and_vanishing_top_p_reduce_to_greedy(model_dir):
+    prompts = [_prompt(n, 200 + n) for n in (3, 17, 40)]
+    with _engine(model_dir) as engine:
+        greedy = [o["token_ids"] for o in engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10))]
+        top_k = engine.generate(prompts, SamplingParams(temperature=1.3, top_k=1, max_tokens=10))
+        top_p = engine.generate(prompts, SamplingParams(temperature=1.3, top_p=1e-9, max_tokens=10))
+    assert [o["token_ids"] for o in top_k] == greedy
+    assert [o["token_ids"] for o in top_p] == greedy
+
+
+def test_sampling_filters_keep_tokens_inside_the_allowed_set(model_dir):
+    """top_k=3: every sampled token is among the 3 most likely under transformers' own logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompt = _prompt(15, 300)
+    with _engine(model_dir) as engine:
+        outs = engine.generate([prompt] * 6, [SamplingParams(temperature=2.0, top_k=3, seed=s, max_tokens=1) for s in range(6)])
+    with torch.no_grad():
+        top3 = ref(torch.tensor([prompt])).logits[0, -1].topk(3).indices.tolist()
+    firsts = {o["token_ids"][0] for o in outs}
+    assert firsts <= set(top3)
+    assert len(firsts) > 1  # temperature 2 over three candidates: six seeds should not all agree
+
+
+def test_nan_logits_fail_the_request_not_the_engine(model_dir, monkeypatch):
+    import torch
+
+    with _engine(model_dir) as engine:
+        model = engine.runner.model
+        original = model.compute_logits
+
+        def poisoned(hidden):
+            logits = original(hidden)
+            logits[0] = float("nan")
+            return logits
+
+        monkeypatch.setattr(model, "compute_logits", poisoned)
+        engine.add_request("victim", _prompt(8), SamplingParams(temperature=0.0, max_tokens=3))
+        outs = engine.step()
+        assert outs and outs[0].finish_reason == "error" and "NaN" in outs[0].error
+        monkeypatch.setattr(model, "compute_logits", original)
+        out = engine.generate([_prompt(8)], SamplingParams(temperature=0.0, max_tokens=3))[0]
+        assert len(out["token_ids"]) == 3
+        assert _all_free(engine)
+        assert torch.isfinite(engine.runner.k_cache).all()
+
+
+def test_several_engines_side_by_side_and_close(model_dir):
+    prompt = _prompt(9, 400)
+    p = SamplingParams(temperature=0.0, max_tokens=5)
+    a = _engine(model_dir)
+    with _engine(model_dir, kvcache_block_size=8) as b:
+        assert a.generate([prompt], p)[0]["token_ids"] == b.generate([prompt], p)[0]["token_ids"]
+    a.close()
+    with pytest.raises(ValueError, match="unknown engine argument"):
+        LLM(model_dir, not_a_flag=1)
+
+
+def test_matches_transformers_in_float32_on_the_default_pool(model_dir):
+    """No num_kvcache_blocks given: the CPU default pool applies and is documented as max_num_seqs full sequences."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with LLM(model_dir, device="cpu", max_num_seqs=4, max_model_len=128) as engine:
+        assert engine.stats()["num_blocks"] == 4 * 128 // 16
+        prompt = _prompt(30, 500)
+        out = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6))[0]
+    assert out["token_ids"] == hf_greedy(ref, prompt, 6)
