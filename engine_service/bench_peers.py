@@ -182,9 +182,7 @@ def hf_continuous_runs(
         # otherwise build inside the timed region; transformers' own generate_batch warms up the same way.
         manager.warmup()
         cb_config = manager.continuous_batching_config
-        cache_info = {
-            k: getattr(cb_config, k, None) for k in ("num_blocks", "block_size", "max_batch_tokens")
-        }
+        cache_info = {k: getattr(cb_config, k, None) for k in ("num_blocks", "page_size", "max_batch_tokens")}
         # The manager may switch attention (to flash, where installed) and restores it on stop(): record what ran.
         cache_info["attn_implementation_running"] = model.config._attn_implementation
         manager.start()

@@ -19,7 +19,7 @@ from engine_service.config import EngineConfig
 from engine_service.model.config import ModelConfig
 from engine_service.model.layers import TPInfo
 from engine_service.model_runner import ModelRunner
-from engine_service.outputs import FINISH_ABORT, FINISH_ERROR, StepOutput
+from engine_service.outputs import FINISH_ERROR, StepOutput
 from engine_service.sampler import SamplingRow
 from engine_service.sampling_params import SamplingParams
 from engine_service.scheduler import Scheduler

@@ -54,7 +54,7 @@ def load_weights(model: nn.Module, model_dir: str | Path, tie_word_embeddings: b
     model_dir = Path(model_dir)
     params = dict(model.named_parameters(remove_duplicate=False))
     expected: set[tuple[str, str | None]] = set()
-    for pname, param in params.items():
+    for pname in params:
         if tie_word_embeddings and pname == "lm_head.weight":
             continue
         shards = getattr(_owner(model, pname), "shards", None)

@@ -1,0 +1,206 @@
+"""Property tests: random arrivals, aborts and lengths through the scheduler and block manager.
+
+A fake model "writes" each computed token's KV as the hash of the whole prefix it depends on, so the
+checks can see whether any sequence would ever read KV that is not its own prefix's.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import engine_service.block_manager as bm_module
+from engine_service.block_manager import BlockManager
+from engine_service.sampling_params import SamplingParams
+from engine_service.scheduler import Scheduler
+from engine_service.sequence import Sequence, Status
+
+BLOCK = 4
+VOCAB = 6  # a tiny vocabulary makes shared prefixes (and cache hits) common
+
+
+class Sim:
+    def __init__(self, num_blocks: int, budget: int, max_seqs: int, max_model_len: int):
+        self.bm = BlockManager(num_blocks, BLOCK)
+        self.sched = Scheduler(self.bm, max_seqs, budget, eos_token_ids={VOCAB - 1})
+        self.max_model_len = max_model_len
+        self.kv: dict[int, int] = {}  # slot -> hash of the prefix whose last token's KV is stored there
+        self.live: dict[str, Sequence] = {}
+        self.next_id = 0
+
+    def add(self, prompt: list[int], max_tokens: int) -> None:
+        need = -(-min(len(prompt) + max_tokens, self.max_model_len) // BLOCK)
+        if len(prompt) >= self.max_model_len or need > self.bm.num_blocks:
+            return  # the engine refuses these at admission
+        seq = Sequence(str(self.next_id), prompt, SamplingParams(max_tokens=max_tokens), self.max_model_len)
+        self.next_id += 1
+        self.live[seq.request_id] = seq
+        self.sched.add(seq)
+
+    def abort(self, pick: int) -> None:
+        if self.live:
+            rid = sorted(self.live)[pick % len(self.live)]
+            self.sched.abort(self.live.pop(rid))
+
+    def step(self, rng: random.Random) -> None:
+        had_work = self.sched.has_unfinished()
+        cached_before = {s.request_id: s.status for s in self.live.values()}
+        batch = self.sched.schedule()
+        if had_work:
+            assert batch.num_tokens >= 1, "a step with work to do made no progress"
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            assert n >= 1
+            assert seq.num_computed_tokens + n <= len(seq)
+            if cached_before.get(seq.request_id) is Status.WAITING:
+                # Admitted this step: even a prompt cached whole computes at least one token.
+                assert seq.num_computed_tokens < len(seq)
+            self._check_prefix(seq)
+            for p in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
+                slot = seq.block_table[p // BLOCK] * BLOCK + p % BLOCK
+                block = self.bm.blocks[seq.block_table[p // BLOCK]]
+                assert block.ref_count == 1, "a token's KV would be written into a shared block"
+                self.kv[slot] = hash(tuple(seq.token_ids[: p + 1]))
+        sampled = [rng.randrange(VOCAB) if s else None for s in batch.sample]
+        for seq in self.sched.postprocess(batch, sampled):
+            self.live.pop(seq.request_id, None)
+        self.check()
+
+    def _check_prefix(self, seq: Sequence) -> None:
+        """Every computed token of `seq` finds its own prefix's KV in its slot (cache hits included)."""
+        for p in range(seq.num_computed_tokens):
+            slot = seq.block_table[p // BLOCK] * BLOCK + p % BLOCK
+            assert self.kv.get(slot) == hash(tuple(seq.token_ids[: p + 1])), f"{seq} reads foreign KV at {p}"
+
+    def check(self) -> None:
+        owners: dict[int, list[Sequence]] = {}
+        for seq in self.sched.running:
+            assert seq.status is Status.RUNNING
+            for i, b in enumerate(seq.block_table):
+                owners.setdefault(b, []).append((seq, i))
+        for seq in self.sched.waiting:
+            assert seq.block_table == [] and seq.num_computed_tokens == 0
+        for block in self.bm.blocks:
+            users = owners.get(block.block_id, [])
+            assert block.ref_count == len(users), f"block {block.block_id} ref count {block.ref_count} != {len(users)}"
+            assert (block.block_id in self.bm.free) == (block.ref_count == 0)
+            if len(users) > 1:
+                # Shared only as a cached, full prefix block of every owner.
+                assert block.hash is not None
+                for seq, i in users:
+                    assert i < len(seq.block_hashes) and seq.block_hashes[i] == block.hash
+                    assert block.token_ids == tuple(seq.token_ids[i * BLOCK : (i + 1) * BLOCK])
+        for h, b in self.bm.cached.items():
+            assert self.bm.blocks[b].hash == h
+        assert len(self.sched.running) <= self.sched.max_num_seqs
+
+    def drain(self, rng: random.Random) -> None:
+        for _ in range(5000):
+            if not self.sched.has_unfinished():
+                break
+            self.step(rng)
+        assert not self.sched.has_unfinished()
+        assert self.bm.num_free_blocks == self.bm.num_blocks
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(0, 3), st.integers(1, 30), st.integers(1, 20)),
+        st.tuples(st.just("abort"), st.integers(0, 100)),
+        st.tuples(st.just("step"), st.integers(1, 4)),
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+BASES = [[1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1, 2], [2, 2, 2, 2, 2, 2, 2, 2], [0, 1, 0, 1, 0, 1, 0, 1, 0]]
+
+
+def _prompt(rng: random.Random, base: int, length: int) -> list[int]:
+    if base < len(BASES):  # a shared prefix, then random tokens
+        prefix = BASES[base][:length]
+        return prefix + [rng.randrange(VOCAB) for _ in range(length - len(prefix))]
+    return [rng.randrange(VOCAB) for _ in range(length)]
+
+
+def _run(ops_list, seed, num_blocks, budget, max_seqs, max_model_len):
+    rng = random.Random(seed)
+    sim = Sim(num_blocks, budget, max_seqs, max_model_len)
+    for op in ops_list:
+        if op[0] == "add":
+            sim.add(_prompt(rng, op[1], op[2]), op[3])
+        elif op[0] == "abort":
+            sim.abort(op[1])
+        else:
+            for _ in range(op[1]):
+                sim.step(rng)
+    sim.drain(rng)
+    return sim
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ops_list=ops,
+    seed=st.integers(0, 2**16),
+    num_blocks=st.integers(4, 24),
+    budget=st.integers(4, 40),
+    max_seqs=st.integers(1, 4),
+    max_model_len=st.integers(8, 64),
+)
+def test_random_traffic_keeps_every_invariant(ops_list, seed, num_blocks, budget, max_seqs, max_model_len):
+    _run(ops_list, seed, num_blocks, budget, max(1, min(max_seqs, budget)), max_model_len)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops_list=ops, seed=st.integers(0, 2**16))
+def test_hash_collisions_never_splice_prefixes(ops_list, seed):
+    """With a hash that collides constantly, hits must still be confirmed by token ids and parent."""
+    original = bm_module.hash_block
+    bm_module.hash_block = lambda parent, tokens: (sum(tokens) + parent) % 3
+    try:
+        _run(ops_list, seed, 16, 12, 3, 48)
+    finally:
+        bm_module.hash_block = original
+
+
+def test_whole_prompt_hit_recomputes_last_block_into_its_own_block():
+    bm = BlockManager(8, BLOCK)
+    sched = Scheduler(bm, 4, 64)
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8]  # exactly two blocks
+    first = Sequence("a", prompt, SamplingParams(max_tokens=2), 64)
+    sched.add(first)
+    batch = sched.schedule()
+    sched.postprocess(batch, [0])
+    second = Sequence("b", prompt, SamplingParams(max_tokens=2), 64)
+    sched.add(second)
+    batch = sched.schedule()
+    n = dict(zip([s.request_id for s in batch.seqs], batch.num_new_tokens, strict=True))
+    assert second.num_cached_tokens == BLOCK  # the first block is shared...
+    assert n["b"] == BLOCK  # ...and the last block is recomputed into a fresh block
+    assert second.block_table[0] == first.block_table[0]
+    assert second.block_table[1] != first.block_table[1]
+    assert bm.blocks[second.block_table[1]].ref_count == 1
+
+
+def test_eviction_takes_suffixes_before_prefixes():
+    bm = BlockManager(6, BLOCK)
+    sched = Scheduler(bm, 4, 64)
+    seq = Sequence("a", list(range(12)) + [1], SamplingParams(max_tokens=1), 64)  # 3 full blocks + 1
+    sched.add(seq)
+    sched.postprocess(sched.schedule(), [0])
+    assert seq.status is Status.FINISHED
+    cached_order = [b for b in bm.free if bm.blocks[b].hash is not None]
+    assert len(cached_order) == 3
+    # Least recently freed first: each cached block is evicted before the block it hangs on.
+    for child, parent in zip(cached_order, cached_order[1:], strict=False):
+        assert bm.blocks[child].parent_hash == bm.blocks[parent].hash
+
+
+@pytest.mark.parametrize("num_blocks", [8, 9])
+def test_two_requests_each_needing_half_the_pool_do_not_deadlock(num_blocks):
+    sim = Sim(num_blocks, budget=4, max_seqs=2, max_model_len=64)
+    sim.add([1] * 17, 15)  # 32 tokens -> 8 blocks at the end
+    sim.add([2] * 17, 15)
+    sim.drain(random.Random(0))
