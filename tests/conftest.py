@@ -21,3 +21,13 @@ def demo_tokenizer(demo_model_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(demo_model_dir)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Without CUDA, Triton kernels run under the interpreter, which must be chosen before triton imports."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
