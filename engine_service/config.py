@@ -67,5 +67,7 @@ class EngineConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise ValueError(f"unknown engine argument(s) {unknown}; valid ones are {sorted(known - {'model'})}")
+            raise ValueError(
+                f"unknown engine argument(s) {unknown}; valid ones are {sorted(known - {'model'})}"
+            )
         return cls(model=str(model), **kwargs)  # type: ignore[arg-type]

@@ -71,15 +71,22 @@ class LLMEngine:
         self.eos_token_ids = sorted(eos)
         self.generation_defaults = self._generation_defaults(gen_cfg)
 
-        tp_size = self.config.tensor_parallel_size
         self.workers = None
-        if tp_size > 1:
-            from engine_service.tp import start_workers
+        tp = TPInfo()
+        if self.config.tensor_parallel_size > 1:
+            from engine_service.model.qwen3 import check_tensor_parallel
+            from engine_service.tp import WorkerGroup
 
-            self.workers = start_workers(self.config, self.model_cfg, max_model_len)
-        self.runner = ModelRunner(self.config, self.model_cfg, max_model_len, TPInfo(0, tp_size))
-        if self.workers is not None:
-            self.workers.attach(self.runner)
+            check_tensor_parallel(self.model_cfg, self.config.tensor_parallel_size)
+
+            self.workers = WorkerGroup(self.config, self.model_cfg, max_model_len)
+            tp = self.workers.rank0_info()
+        try:
+            self.runner = ModelRunner(self.config, self.model_cfg, max_model_len, tp)
+        except BaseException:
+            if self.workers is not None:
+                self.workers.close()
+            raise
         self.block_manager = BlockManager(
             self.runner.num_blocks, self.config.kvcache_block_size, self.config.enable_prefix_caching
         )
@@ -107,7 +114,9 @@ class LLMEngine:
 
     @staticmethod
     def _generation_defaults(gen_cfg: dict) -> dict:
-        defaults = {k: gen_cfg[k] for k in ("temperature", "top_p", "top_k", "min_p") if gen_cfg.get(k) is not None}
+        defaults = {
+            k: gen_cfg[k] for k in ("temperature", "top_p", "top_k", "min_p") if gen_cfg.get(k) is not None
+        }
         if gen_cfg.get("do_sample") is False:
             defaults["temperature"] = 0.0
         if defaults.get("top_k") == 0:
@@ -115,12 +124,16 @@ class LLMEngine:
         return defaults
 
     # ---- admission -----------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams
+    ) -> None:
         """Validate and queue a request; raises ValueError naming the problem, and the engine keeps serving."""
         if request_id in self.seqs:
             raise ValueError(f"request_id {request_id!r} is already in use by a live request")
         if not isinstance(sampling_params, SamplingParams):
-            raise ValueError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
+            raise ValueError(
+                f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}"
+            )
         sampling_params.validate()
         prompt = self._validate_prompt(prompt_token_ids)
         bs = self.config.kvcache_block_size
@@ -181,9 +194,11 @@ class LLMEngine:
             return outputs
         rows = [self._sampling_row(s) for s, take in zip(batch.seqs, batch.sample, strict=True) if take]
         try:
-            tokens, finite = self.runner.run(batch, rows)
+            tokens, finite = self.runner.run(batch, rows, self.workers)
         except Exception as exc:  # OOM, kernel failure: fail this step's requests, keep the pool whole
-            failed = [self._fail(seq, f"engine step failed: {type(exc).__name__}: {exc}") for seq in batch.seqs]
+            failed = [
+                self._fail(seq, f"engine step failed: {type(exc).__name__}: {exc}") for seq in batch.seqs
+            ]
             raise EngineStepError(str(exc), outputs + failed) from exc
 
         sampled: list[int | None] = []
@@ -227,7 +242,9 @@ class LLMEngine:
 
     @staticmethod
     def _output(seq: Sequence, tokens: list[int]) -> StepOutput:
-        return StepOutput(seq.request_id, tokens, seq.finish_reason, seq.num_prompt_tokens, seq.num_cached_tokens)
+        return StepOutput(
+            seq.request_id, tokens, seq.finish_reason, seq.num_prompt_tokens, seq.num_cached_tokens
+        )
 
     # ---- introspection and lifetime ------------------------------------------------------------
     def stats(self) -> dict:
@@ -266,7 +283,9 @@ class LLM(LLMEngine):
 
     _ids = itertools.count()
 
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[dict]:
+    def generate(
+        self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[dict]:
         """Generate for each prompt (token ids or text); returns generated tokens and text, in input order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -299,7 +318,9 @@ class LLM(LLMEngine):
             self._pending = [o for o in self._pending if o.request_id not in results]
         for rid in ids:
             res = results[rid]
-            res["text"] = self.tokenizer.decode(res["token_ids"], skip_special_tokens=True) if self.tokenizer else ""
+            res["text"] = (
+                self.tokenizer.decode(res["token_ids"], skip_special_tokens=True) if self.tokenizer else ""
+            )
         return [results[r] for r in ids]
 
     def _encode(self, prompt) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +23,21 @@ from engine_service.sampler import Sampler, SamplingRow
 from engine_service.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """One step's flat inputs as plain lists, built on the host."""
+
+    ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    q_lens: list[int]
+    ctx_lens: list[int]
+    tables: list[list[int]]
+    sample_rows: list[int]
+    num_decode: int
+
 
 DTYPES = {
     "float64": torch.float64,
@@ -45,7 +61,11 @@ def resolve_dtype(name: str, device: torch.device, model_cfg: ModelConfig) -> to
         return DTYPES[name]
     if device.type == "cpu":
         return torch.float32  # half precision is slow on CPU, and float32 is what tests compare against
-    return DTYPES.get(model_cfg.torch_dtype or "", torch.bfloat16) if model_cfg.torch_dtype != "float64" else torch.bfloat16
+    return (
+        DTYPES.get(model_cfg.torch_dtype or "", torch.bfloat16)
+        if model_cfg.torch_dtype != "float64"
+        else torch.bfloat16
+    )
 
 
 @contextmanager
@@ -76,7 +96,7 @@ class ModelRunner:
         load_weights(self.model, config.model, model_cfg.tie_word_embeddings)
         self.model.eval()
         self.sampler = Sampler(self.device, config.seed)
-        self.num_blocks = self._decide_num_blocks()
+        self.num_blocks = tp.min_int(self._decide_num_blocks())  # every rank must agree on the pool
         kv_heads = kv_heads_per_rank(model_cfg, tp)
         shape = (model_cfg.num_hidden_layers, self.num_blocks, self.block_size, kv_heads, model_cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -84,7 +104,11 @@ class ModelRunner:
         self.kv_caches = [(self.k_cache[i], self.v_cache[i]) for i in range(model_cfg.num_hidden_layers)]
         log.info(
             "model runner: device=%s dtype=%s backend=%s kv blocks=%d x %d tokens",
-            self.device, self.dtype, self.backend_name, self.num_blocks, self.block_size,
+            self.device,
+            self.dtype,
+            self.backend_name,
+            self.num_blocks,
+            self.block_size,
         )
 
     # ---- KV-cache sizing -----------------------------------------------------------------------
@@ -126,7 +150,9 @@ class ModelRunner:
         kv_heads = kv_heads_per_rank(self.model_cfg, self.tp)
         blocks = -(-n // self.block_size)
         shape = (blocks, self.block_size, kv_heads, self.model_cfg.head_dim)
-        caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),) * 2] * self.model_cfg.num_hidden_layers
+        caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),) * 2
+        ] * self.model_cfg.num_hidden_layers
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         pos = torch.arange(n, device=self.device)
         meta = self._metadata([n], [n], [list(range(blocks))], list(range(n)), 0)
@@ -156,43 +182,49 @@ class ModelRunner:
             ctx_lens=list(ctx_lens),
         )
 
-    def prepare(self, batch: ScheduledBatch):
-        """Flat inputs for a step: (input_ids [T], positions [T], metadata, rows to sample [N])."""
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        q_lens, ctx_lens, tables, sample_rows = [], [], [], []
-        num_decode = 0
+    @staticmethod
+    def step_inputs(batch: ScheduledBatch, block_size: int) -> StepInputs:
+        """Flatten a scheduled batch into plain lists (what tensor-parallel workers are sent)."""
+        bs = block_size
+        x = StepInputs([], [], [], [], [], [], [], 0)
         for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample, strict=True):
             start = seq.num_computed_tokens
             end = start + n
-            ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
+            x.ids.extend(seq.token_ids[start:end])
+            x.positions.extend(range(start, end))
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            q_lens.append(n)
-            ctx_lens.append(end)
-            tables.append(table)
+            x.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            x.q_lens.append(n)
+            x.ctx_lens.append(end)
+            x.tables.append(table)
             if n == 1:
-                num_decode += 1
+                x.num_decode += 1
             if sample:
-                sample_rows.append(len(ids) - 1)
-        meta = self._metadata(q_lens, ctx_lens, tables, slots, num_decode)
-        dev = self.device
-        return (
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-            meta,
-            torch.tensor(sample_rows, dtype=torch.long, device=dev),
-        )
+                x.sample_rows.append(len(x.ids) - 1)
+        return x
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, rows: list[SamplingRow]) -> tuple[list[int], list[bool]]:
-        """Forward the batch; sample one token for each sequence whose `sample` flag is set."""
-        ids, positions, meta, sample_rows = self.prepare(batch)
+    def execute(self, x: StepInputs) -> torch.Tensor | None:
+        """Forward one step; returns the logits of the rows to sample ([N, vocab]) or None."""
+        dev = self.device
+        meta = self._metadata(x.q_lens, x.ctx_lens, x.tables, x.slots, x.num_decode)
+        ids = torch.tensor(x.ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(x.positions, dtype=torch.long, device=dev)
         hidden = self.model(ids, positions, self.kv_caches, meta, self.backend)
-        if not rows:
+        if not x.sample_rows:
+            return None
+        rows = torch.tensor(x.sample_rows, dtype=torch.long, device=dev)
+        return self.model.compute_logits(hidden[rows])
+
+    @torch.inference_mode()
+    def run(
+        self, batch: ScheduledBatch, rows: list[SamplingRow], workers=None
+    ) -> tuple[list[int], list[bool]]:
+        """Forward the batch (on every rank); sample one token per sequence whose `sample` flag is set."""
+        x = self.step_inputs(batch, self.block_size)
+        if workers is not None:
+            workers.send_step(x)
+        logits = self.execute(x)
+        if logits is None:
             return [], []
-        logits = self.model.compute_logits(hidden[sample_rows])
         return self.sampler(logits, rows)

@@ -14,7 +14,9 @@ import torch
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token (block * block_size + offset); -1 skips
+    slot_mapping: (
+        torch.Tensor
+    )  # [T] int64: cache slot of each new token (block * block_size + offset); -1 skips
     cu_seqlens_q: torch.Tensor  # [B + 1] int32
     context_lens: torch.Tensor  # [B] int32: keys per sequence, new tokens included; 0 for a padding lane
     block_tables: torch.Tensor  # [B, W] int32

@@ -41,7 +41,9 @@ class TorchAttentionBackend(AttentionBackend):
             qp[seq_of_row, pos_of_row] = q[nd:]
             # [b, Q, Hkv, G, D] -> [b, Hkv, G * Q, D]
             qp = qp.view(b, q_max, kv_heads, group, d).permute(0, 2, 3, 1, 4).reshape(b, kv_heads, -1, d)
-            o = _attend(qp, _rows(k_rows, idx), _rows(v_rows, idx), allowed, scale, group)  # [b, Hkv, G * Q, D]
+            o = _attend(
+                qp, _rows(k_rows, idx), _rows(v_rows, idx), allowed, scale, group
+            )  # [b, Hkv, G * Q, D]
             o = o.view(b, kv_heads, group, q_max, d).permute(0, 3, 1, 2, 4).reshape(b, q_max, num_heads, d)
             out[nd:] = o[seq_of_row, pos_of_row].to(out.dtype)
         return out

@@ -37,14 +37,18 @@ class ModelConfig:
     def from_dict(cls, cfg: dict) -> ModelConfig:
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+            raise ValueError(
+                f"model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}"
+            )
         if cfg.get("use_sliding_window"):
             raise ValueError("use_sliding_window=true is not implemented; serve a config without it")
 
         # transformers 5 keeps RoPE settings in rope_parameters; transformers 4 in rope_theta / rope_scaling.
         rope = cfg.get("rope_parameters") or {}
         scaling = cfg.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type") or rope.get("type") or scaling.get("rope_type") or scaling.get("type")
+        rope_type = (
+            rope.get("rope_type") or rope.get("type") or scaling.get("rope_type") or scaling.get("type")
+        )
         if rope_type not in (None, "default"):
             raise ValueError(f"RoPE scaling type {rope_type!r} is not implemented; only default RoPE is")
         rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))

@@ -16,15 +16,36 @@ from torch import nn
 
 @dataclass(slots=True, frozen=True)
 class TPInfo:
-    """This process's place in the tensor-parallel group."""
+    """This process's place in the tensor-parallel group.
+
+    `group` is a process group object of its own (gloo or NCCL over a file store), not torch.distributed's
+    global default group, so several engines can live in one process.
+    """
 
     rank: int = 0
     size: int = 1
+    group: object = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
-            torch.distributed.all_reduce(x)
+            self.group.allreduce([x]).wait()
         return x
+
+    def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        self.group.allgather([parts], [x]).wait()
+        return parts
+
+    def min_int(self, value: int) -> int:
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        if getattr(self.group, "name", lambda: "")() == "nccl":
+            t = t.cuda(torch.cuda.current_device())
+        opts = torch.distributed.AllreduceOptions()
+        opts.reduceOp = torch.distributed.ReduceOp.MIN
+        self.group.allreduce([t], opts).wait()
+        return int(t.item())
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -39,8 +60,14 @@ class ColumnParallelLinear(nn.Module):
     (KV heads when tensor parallelism exceeds their count).
     """
 
-    def __init__(self, in_features: int, shards: list[tuple[str, int]], bias: bool, tp: TPInfo,
-                 replicas: dict[str, int] | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        shards: list[tuple[str, int]],
+        bias: bool,
+        tp: TPInfo,
+        replicas: dict[str, int] | None = None,
+    ):
         super().__init__()
         self.tp = tp
         self.shards = shards
@@ -122,9 +149,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, dim] -> [N, vocab]
         logits = F.linear(hidden, self.weight)
         if self.tp.size > 1:
-            parts = [torch.empty_like(logits) for _ in range(self.tp.size)]
-            torch.distributed.all_gather(parts, logits)
-            logits = torch.cat(parts, dim=-1)
+            logits = torch.cat(self.tp.all_gather(logits.contiguous()), dim=-1)
         return logits[:, : self.vocab_size]
 
 

@@ -28,6 +28,25 @@ def kv_heads_per_rank(cfg: ModelConfig, tp: TPInfo) -> int:
     return max(1, cfg.num_key_value_heads // tp.size)
 
 
+def check_tensor_parallel(cfg: ModelConfig, size: int) -> None:
+    """Refuse a tensor-parallel size the model's heads cannot be split over (ValueError naming them)."""
+    if cfg.num_attention_heads % size:
+        raise ValueError(
+            f"tensor_parallel_size {size} must divide num_attention_heads {cfg.num_attention_heads}"
+        )
+    if size > cfg.num_key_value_heads and size % cfg.num_key_value_heads:
+        raise ValueError(
+            f"tensor_parallel_size {size} must be a multiple of num_key_value_heads "
+            f"{cfg.num_key_value_heads} when it exceeds it"
+        )
+    if size <= cfg.num_key_value_heads and cfg.num_key_value_heads % size:
+        raise ValueError(
+            f"tensor_parallel_size {size} must divide num_key_value_heads {cfg.num_key_value_heads}"
+        )
+    if cfg.intermediate_size % size:
+        raise ValueError(f"tensor_parallel_size {size} must divide intermediate_size {cfg.intermediate_size}")
+
+
 class Qwen3Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPInfo, max_positions: int, dtype: torch.dtype):
         super().__init__()
@@ -91,21 +110,7 @@ class Qwen3DecoderLayer(nn.Module):
 class Qwen3ForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPInfo, max_positions: int, dtype: torch.dtype):
         super().__init__()
-        if cfg.num_attention_heads % tp.size:
-            raise ValueError(
-                f"tensor_parallel_size {tp.size} must divide num_attention_heads {cfg.num_attention_heads}"
-            )
-        if tp.size > cfg.num_key_value_heads and tp.size % cfg.num_key_value_heads:
-            raise ValueError(
-                f"tensor_parallel_size {tp.size} must be a multiple of num_key_value_heads "
-                f"{cfg.num_key_value_heads} when it exceeds it"
-            )
-        if tp.size <= cfg.num_key_value_heads and cfg.num_key_value_heads % tp.size:
-            raise ValueError(
-                f"tensor_parallel_size {tp.size} must divide num_key_value_heads {cfg.num_key_value_heads}"
-            )
-        if cfg.intermediate_size % tp.size:
-            raise ValueError(f"tensor_parallel_size {tp.size} must divide intermediate_size {cfg.intermediate_size}")
+        check_tensor_parallel(cfg, tp.size)
         self.cfg = cfg
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(

@@ -18,8 +18,16 @@ def model_dir(tmp_path_factory):
 
 
 def _engine(path, **kw) -> LLMEngine:
-    args = dict(device="cpu", dtype="float32", attention_backend="torch", kvcache_block_size=16,
-                num_kvcache_blocks=24, max_num_batched_tokens=64, max_num_seqs=8, max_model_len=256)
+    args = dict(
+        device="cpu",
+        dtype="float32",
+        attention_backend="torch",
+        kvcache_block_size=16,
+        num_kvcache_blocks=24,
+        max_num_batched_tokens=64,
+        max_num_seqs=8,
+        max_model_len=256,
+    )
     args.update(kw)
     return LLM(path, **args)
 
@@ -50,12 +58,22 @@ def _all_free(engine: LLMEngine) -> bool:
 
 # ---- bad requests are refused at admission --------------------------------------------------------
 BAD_PARAMS = [
-    dict(max_tokens=0), dict(max_tokens=-3), dict(min_tokens=5, max_tokens=4), dict(temperature=-0.1),
-    dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0), dict(top_k=-2), dict(min_p=-0.1), dict(min_p=1.1),
+    dict(max_tokens=0),
+    dict(max_tokens=-3),
+    dict(min_tokens=5, max_tokens=4),
+    dict(temperature=-0.1),
+    dict(top_p=0.0),
+    dict(top_p=1.5),
+    dict(top_k=0),
+    dict(top_k=-2),
+    dict(min_p=-0.1),
+    dict(min_p=1.1),
 ]
 
 
-@pytest.mark.parametrize("kwargs", BAD_PARAMS, ids=[next(iter(k)) + "=" + str(list(k.values())) for k in BAD_PARAMS])
+@pytest.mark.parametrize(
+    "kwargs", BAD_PARAMS, ids=[next(iter(k)) + "=" + str(list(k.values())) for k in BAD_PARAMS]
+)
 def test_bad_sampling_params_name_the_field(kwargs):
     with pytest.raises(ValueError) as err:
         SamplingParams(**kwargs)
@@ -161,11 +179,14 @@ def test_stop_token_ids_min_tokens_and_ignore_eos(model_dir):
         greedy = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12))[0]["token_ids"]
         stop_at = greedy[5]
         first = greedy.index(stop_at)
-        out = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_at]))[0]
+        out = engine.generate(
+            [prompt], SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_at])
+        )[0]
         assert out["finish_reason"] == "stop" and out["token_ids"] == greedy[: first + 1]
         # min_tokens bans the stop token until it is reached, so the stream goes past it.
         out = engine.generate(
-            [prompt], SamplingParams(temperature=0.0, max_tokens=12, min_tokens=first + 1, stop_token_ids=[stop_at])
+            [prompt],
+            SamplingParams(temperature=0.0, max_tokens=12, min_tokens=first + 1, stop_token_ids=[stop_at]),
         )[0]
         assert stop_at not in out["token_ids"][: first + 1]
         assert len(out["token_ids"]) > first + 1
@@ -207,7 +228,9 @@ def test_seed_gives_same_tokens_whatever_shares_the_batch(model_dir):
 def test_top_k_1_and_vanishing_top_p_reduce_to_greedy(model_dir):
     prompts = [_prompt(n, 200 + n) for n in (3, 17, 40)]
     with _engine(model_dir) as engine:
-        greedy = [o["token_ids"] for o in engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10))]
+        greedy = [
+            o["token_ids"] for o in engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10))
+        ]
         top_k = engine.generate(prompts, SamplingParams(temperature=1.3, top_k=1, max_tokens=10))
         top_p = engine.generate(prompts, SamplingParams(temperature=1.3, top_p=1e-9, max_tokens=10))
     assert [o["token_ids"] for o in top_k] == greedy
@@ -222,7 +245,9 @@ def test_sampling_filters_keep_tokens_inside_the_allowed_set(model_dir):
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompt = _prompt(15, 300)
     with _engine(model_dir) as engine:
-        outs = engine.generate([prompt] * 6, [SamplingParams(temperature=2.0, top_k=3, seed=s, max_tokens=1) for s in range(6)])
+        outs = engine.generate(
+            [prompt] * 6, [SamplingParams(temperature=2.0, top_k=3, seed=s, max_tokens=1) for s in range(6)]
+        )
     with torch.no_grad():
         top3 = ref(torch.tensor([prompt])).logits[0, -1].topk(3).indices.tolist()
     firsts = {o["token_ids"][0] for o in outs}

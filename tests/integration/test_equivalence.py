@@ -30,9 +30,17 @@ def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
 
 
 def _engine(path, **kw) -> LLM:
-    args = dict(device="cpu", dtype="float64", enforce_eager=True, attention_backend="torch",
-                kvcache_block_size=16, num_kvcache_blocks=128, max_num_batched_tokens=512, max_num_seqs=8,
-                max_model_len=512)
+    args = dict(
+        device="cpu",
+        dtype="float64",
+        enforce_eager=True,
+        attention_backend="torch",
+        kvcache_block_size=16,
+        num_kvcache_blocks=128,
+        max_num_batched_tokens=512,
+        max_num_seqs=8,
+        max_model_len=512,
+    )
     args.update(kw)
     return LLM(path, **args)
 

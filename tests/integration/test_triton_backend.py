@@ -17,16 +17,28 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=5)
 
 
 def _engine(path, backend: str, **kw) -> LLM:
-    args = dict(device="cpu", dtype="float32", enforce_eager=True, attention_backend=backend,
-                kvcache_block_size=8, num_kvcache_blocks=64, max_num_batched_tokens=48, max_num_seqs=4,
-                max_model_len=128)
+    args = dict(
+        device="cpu",
+        dtype="float32",
+        enforce_eager=True,
+        attention_backend=backend,
+        kvcache_block_size=8,
+        num_kvcache_blocks=64,
+        max_num_batched_tokens=48,
+        max_num_seqs=4,
+        max_model_len=128,
+    )
     args.update(kw)
     return LLM(path, **args)
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2), (6, 2), (8, 2)], ids=["gqa1", "gqa2", "gqa3", "gqa4"])
+@pytest.mark.parametrize(
+    "heads,kv_heads", [(2, 2), (4, 2), (6, 2), (8, 2)], ids=["gqa1", "gqa2", "gqa3", "gqa4"]
+)
 def test_triton_matches_torch(tmp_path, heads, kv_heads):
-    make_qwen3(tmp_path, heads=heads, kv_heads=kv_heads, head_dim=16, hidden=32, layers=2, dtype=torch.float32)
+    make_qwen3(
+        tmp_path, heads=heads, kv_heads=kv_heads, head_dim=16, hidden=32, layers=2, dtype=torch.float32
+    )
     rng = random.Random(heads)
     shared = [rng.randrange(VOCAB) for _ in range(24)]
     # decode, a prefill longer than the 48-token budget (chunks), and prompts that hit the prefix cache

@@ -11,16 +11,35 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 VOCAB = 512
 
 
-def make_qwen3(path: Path, *, heads: int = 4, kv_heads: int = 2, head_dim: int = 16, hidden: int = 64,
-               layers: int = 2, tie: bool = True, theta: float = 10000.0, vocab: int = VOCAB,
-               max_pos: int = 1024, seed: int = 0, dtype: torch.dtype = torch.float64,
-               shard_size: str | None = None) -> Qwen3ForCausalLM:
+def make_qwen3(
+    path: Path,
+    *,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 16,
+    hidden: int = 64,
+    layers: int = 2,
+    tie: bool = True,
+    theta: float = 10000.0,
+    vocab: int = VOCAB,
+    max_pos: int = 1024,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    shard_size: str | None = None,
+) -> Qwen3ForCausalLM:
     """Save a random Qwen3 to `path` and return it (float64, eval mode) as the reference."""
     torch.manual_seed(seed)
     cfg = Qwen3Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-        max_position_embeddings=max_pos, tie_word_embeddings=tie, rope_theta=theta,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=tie,
+        rope_theta=theta,
         # A wide init makes a random model's greedy tokens vary, so comparisons mean something.
         initializer_range=0.3,
     )
@@ -35,10 +54,15 @@ def hf_greedy(model: Qwen3ForCausalLM, prompt: list[int], max_new_tokens: int) -
     ids = torch.tensor([prompt])
     with torch.no_grad():
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-            do_sample=False, eos_token_id=None, pad_token_id=None,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=None,
         )
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def to_transformers4_config(path: Path) -> None:

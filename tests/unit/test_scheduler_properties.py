@@ -84,7 +84,9 @@ class Sim:
             assert seq.block_table == [] and seq.num_computed_tokens == 0
         for block in self.bm.blocks:
             users = owners.get(block.block_id, [])
-            assert block.ref_count == len(users), f"block {block.block_id} ref count {block.ref_count} != {len(users)}"
+            assert block.ref_count == len(users), (
+                f"block {block.block_id} ref count {block.ref_count} != {len(users)}"
+            )
             assert (block.block_id in self.bm.free) == (block.ref_count == 0)
             if len(users) > 1:
                 # Shared only as a cached, full prefix block of every owner.
