@@ -419,6 +419,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--peer-timeout", type=positive_float, default=3600.0, help="seconds for continuous batching"
     )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        help="torch CPU threads for every contender alike (default: torch's own choice)",
+    )
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--plot", type=Path, help="write a PNG bar chart of tok/s here")
     engine = p.add_argument_group("engine")
@@ -520,6 +525,10 @@ def _progress(key: str, figures: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     report = run(args)
     print(format_table(report))
     if args.json is not None:

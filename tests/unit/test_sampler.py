@@ -1,0 +1,71 @@
+"""The sampler draws from the distribution the parameters define."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine_service.sampler import Sampler, SamplingRow
+from engine_service.sampling_params import SamplingParams
+
+PROBS = [0.5, 0.3, 0.15, 0.05]
+
+
+def _frequencies(params: SamplingParams, draws: int = 4000) -> list[float]:
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    logits = torch.tensor([math.log(p) for p in PROBS] + [-1e9] * 4).repeat(draws, 1)
+    tokens, finite = sampler(logits, [SamplingRow(params, None)] * draws)
+    assert all(finite)
+    return [tokens.count(i) / draws for i in range(8)]
+
+
+def test_temperature_one_follows_the_softmax():
+    freq = _frequencies(SamplingParams(temperature=1.0))
+    for got, want in zip(freq, PROBS + [0.0] * 4, strict=True):
+        assert abs(got - want) < 0.03
+
+
+@pytest.mark.parametrize(
+    "params,allowed",
+    [
+        (SamplingParams(top_k=2), {0, 1}),
+        (SamplingParams(top_p=0.6), {0, 1}),  # mass before token 2 is 0.8 >= 0.6
+        (SamplingParams(min_p=0.5), {0, 1}),  # floor 0.25: token 1 (0.3) stays, token 2 (0.15) goes
+    ],
+)
+def test_filters_restrict_and_renormalise(params, allowed):
+    freq = _frequencies(params)
+    assert {i for i, f in enumerate(freq) if f > 0} == allowed
+    total = sum(PROBS[i] for i in allowed)
+    for i in allowed:
+        assert abs(freq[i] - PROBS[i] / total) < 0.04
+
+
+def test_low_temperature_sharpens_and_greedy_takes_argmax():
+    assert _frequencies(SamplingParams(temperature=0.2))[0] > 0.9
+    assert _frequencies(SamplingParams(temperature=0.0), draws=50)[0] == 1.0
+
+
+def test_seeded_rows_use_their_own_generator():
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    logits = torch.zeros(3, 100)
+    p = SamplingParams(temperature=1.0, seed=5)
+
+    def draw(position: int) -> int:
+        g = torch.Generator().manual_seed(5)
+        rows = [SamplingRow(SamplingParams(), None)] * 3
+        rows[position] = SamplingRow(p, g)
+        return sampler(logits.clone(), rows)[0][position]
+
+    assert draw(0) == draw(2) == draw(1)
+
+
+def test_non_finite_rows_are_reported():
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    logits = torch.zeros(3, 10)
+    logits[1, 4] = float("nan")
+    logits[2, 0] = float("inf")
+    _, finite = sampler(logits, [SamplingRow(SamplingParams(temperature=0.0), None)] * 3)
+    assert finite == [True, False, False]
