@@ -61,11 +61,8 @@ def resolve_dtype(name: str, device: torch.device, model_cfg: ModelConfig) -> to
         return DTYPES[name]
     if device.type == "cpu":
         return torch.float32  # half precision is slow on CPU, and float32 is what tests compare against
-    return (
-        DTYPES.get(model_cfg.torch_dtype or "", torch.bfloat16)
-        if model_cfg.torch_dtype != "float64"
-        else torch.bfloat16
-    )
+    # On GPU: the checkpoint's half-precision type, bf16 for anything wider.
+    return torch.float16 if model_cfg.torch_dtype == "float16" else torch.bfloat16
 
 
 @contextmanager
