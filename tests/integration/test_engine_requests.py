@@ -300,3 +300,17 @@ def test_matches_transformers_in_float32_on_the_default_pool(model_dir):
         prompt = _prompt(30, 500)
         out = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6))[0]
     assert out["token_ids"] == hf_greedy(ref, prompt, 6)
+
+
+def test_text_prompts_use_the_model_tokenizer(demo_model_dir):
+    with LLM(demo_model_dir, device="cpu", max_num_seqs=2, max_model_len=256) as llm:
+        assert llm.tokenizer is not None
+        outs = llm.generate(["Hello there", "The sea is"], SamplingParams(temperature=0.0, max_tokens=6))
+        by_ids = llm.generate(
+            [llm.tokenizer.encode("Hello there", add_special_tokens=False)],
+            SamplingParams(temperature=0.0, max_tokens=6),
+        )
+    assert outs[0]["token_ids"] == by_ids[0]["token_ids"]
+    for out in outs:
+        assert out["text"] == llm.tokenizer.decode(out["token_ids"], skip_special_tokens=True)
+    assert llm.eos_token_ids  # the demo model's generation_config names its EOS ids
