@@ -115,7 +115,9 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
             await asyncio.sleep(0.05)
         await server.stop(max(0.5, deadline - time.monotonic()))
     else:
-        await server.stop(1.0)  # let the INTERNAL statuses reach their clients
+        # Probes see NOT_SERVING (and clients get their INTERNAL statuses) before the process exits.
+        await asyncio.sleep(config.failure_linger_s)
+        await server.stop(1.0)
     for task in tasks:
         task.cancel()
     if exit_code == 0:

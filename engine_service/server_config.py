@@ -48,6 +48,7 @@ class ServerConfig:
     watchdog_s: float = 120.0  # a loop that has not stepped this long while requests wait is stalled
     canary_interval_s: float = 30.0  # idle health canary period; 0 turns it off (start-up canary still runs)
     canary_timeout_s: float = 60.0
+    failure_linger_s: float = 2.0  # after an engine failure, answer NOT_SERVING this long before exiting 1
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -66,7 +67,7 @@ class ServerConfig:
                      "watchdog_s", "canary_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_connection_age_s", "canary_interval_s"):
+        for name in ("max_connection_age_s", "canary_interval_s", "failure_linger_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")
 

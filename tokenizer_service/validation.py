@@ -237,23 +237,26 @@ def read_generation_defaults(model_dir: str) -> dict[str, object]:
     defaults = {k: config[k] for k in GENERATION_CONFIG_KEYS if config.get(k) is not None}
     if config.get("do_sample") is False:
         defaults["temperature"] = 0.0
+    if defaults.get("top_k") == 0:
+        defaults["top_k"] = -1  # transformers' "disabled", as the engine reads it
     return defaults
 
 
 def read_eos_token_ids(model_dir: str, tokenizer: Any) -> set[int]:
-    """EOS ids of the tokenizer and of generation_config.json together."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    path = Path(model_dir) / "generation_config.json"
-    if path.is_file():
-        eos = json.loads(path.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    """EOS ids of the tokenizer, generation_config.json and config.json together, as the engine counts them
+    (the engines' ids are checked against these on first contact)."""
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+        ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
     return ids
 
 
 def text_request_from_proto(request: pb.GenerateRequest | pb.TokenizeRequest) -> TextRequest:
     """The text-side fields of a protocol request (a Tokenize request's `text` is its prompt)."""
     kind = request.WhichOneof("input")
-    prompt = getattr(request, kind) if kind not in (None, "chat") else None
+    prompt = getattr(request, kind) if kind not in (None, "chat", "prompt_token_ids") else None
     messages = (
         [{"role": m.role, "content": m.content} for m in request.chat.messages] if kind == "chat" else None
     )
@@ -304,9 +307,19 @@ def prepare(
     """Validate a GenerateRequest and build the engine request for it."""
     limits = replace(limits or TextLimits(), max_model_len=max_model_len or None)
     text_request = text_request_from_proto(request)
-    _run("request", text_request, limits, rename=request.WhichOneof("input"))
-    prompt = _encode(text_request, tokenizer, add_special_tokens=False)
-    validate_prompt_tokens(prompt, limits)
+    if request.WhichOneof("input") == "prompt_token_ids":
+        # Already tokenized: the text-option rules, then the id rules under the field's own name.
+        _run("request", text_request, limits, only={"stop", "skip_special_tokens", "include_stop_str_in_output"})
+        prompt = list(request.prompt_token_ids.ids)
+        try:
+            validate_detokenize_ids(prompt, limits)
+            validate_prompt_tokens(prompt, limits)
+        except ValueError as exc:
+            raise ValueError(f"prompt_token_ids: {str(exc).split(': ', 1)[1]}") from None
+    else:
+        _run("request", text_request, limits, rename=request.WhichOneof("input"))
+        prompt = _encode(text_request, tokenizer, add_special_tokens=False)
+        validate_prompt_tokens(prompt, limits)
     params = engine_pb.SamplingParams()
     source = request.sampling_params
     for name in SAMPLING_FIELDS:

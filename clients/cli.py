@@ -1,0 +1,67 @@
+"""`llm-client`: stream a completion or a chat reply from the tokenizer service to the terminal.
+
+    llm-client --target localhost:50052 "Once upon a time"
+    llm-client --chat "What is the capital of France?" --max-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+
+from clients.text_client import TextClient
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-client", description=__doc__.splitlines()[0])
+    parser.add_argument("text", help="the prompt, or with --chat the user's message")
+    parser.add_argument("--target", default="localhost:50052", help="the tokenizer service's host:port")
+    parser.add_argument("--chat", action="store_true", help="send text as a user chat message")
+    parser.add_argument("--system", default=None, help="a system message (with --chat)")
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    parser.add_argument("--timeout", type=float, default=None, help="the request's deadline in seconds")
+    parser.add_argument("--usage", action="store_true", help="print the finish reason and token usage")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `llm-client`; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    seed=args.seed)
+    with TextClient(args.target, timeout=args.timeout) as client:
+        if args.chat:
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            messages.append({"role": "user", "content": args.text})
+            stream = client.chat(messages, stop=args.stop, **sampling)
+        else:
+            stream = client.generate(args.text, stop=args.stop, **sampling)
+        last = None
+        try:
+            for chunk in stream:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                last = chunk
+        except KeyboardInterrupt:
+            stream.cancel()
+            return 130
+        except grpc.RpcError as exc:
+            print(f"\nllm-client: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print()
+    if args.usage and last is not None:
+        u = last.usage
+        print(f"[finish={last.finish_reason} prompt_tokens={u.prompt_tokens} completion_tokens="
+              f"{u.completion_tokens} cached_tokens={u.cached_tokens}]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""A small synchronous client of the engine API (token ids in, token ids out), for tools and tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from clients.channel import sync_channel
+from protos.llmserve.engine.v1 import engine_pb2 as pb
+from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
+
+
+class EngineClient:
+    def __init__(self, target: str, timeout: float | None = None) -> None:
+        self._channel = sync_channel(target)
+        self.stub = pb_grpc.EngineStub(self._channel)
+        self.timeout = timeout
+
+    def generate(self, prompt_token_ids: list[int], request_id: str = "", **sampling: object
+                 ) -> Iterator[pb.RequestUpdate]:
+        """Stream one request's updates (GenerateStream); errors raise grpc.RpcError."""
+        params = pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
+        request = pb.NewRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params)
+        return self.stub.GenerateStream(request, timeout=self.timeout)
+
+    def abort(self, request_id: str) -> bool:
+        return self.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=self.timeout).found
+
+    def load(self) -> pb.Load:
+        return self.stub.GetLoad(pb.GetLoadRequest(), timeout=self.timeout)
+
+    def model_info(self) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> EngineClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

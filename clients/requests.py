@@ -1,0 +1,48 @@
+"""Build text-API requests from plain Python values (no protobuf knowledge needed by callers)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from protos.llmserve.text.v1 import text_pb2 as pb
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos")
+
+
+def sampling_params(**kwargs: object) -> pb.SamplingParams:
+    """SamplingParams with only the given fields set; the rest stay unset (the model's defaults)."""
+    params = pb.SamplingParams()
+    for name, value in kwargs.items():
+        if value is None:
+            continue
+        if name == "stop_token_ids":
+            params.stop_token_ids.extend(value)  # type: ignore[arg-type]
+        elif name in SAMPLING_FIELDS:
+            setattr(params, name, value)
+        else:
+            raise TypeError(f"unknown sampling parameter {name!r}; known: {SAMPLING_FIELDS + ('stop_token_ids',)}")
+    return params
+
+
+def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, str]] | None = None, *,
+                     prompt_token_ids: Iterable[int] | None = None,
+                     request_id: str = "", stop: Iterable[str] = (), skip_special_tokens: bool | None = None,
+                     include_stop_str_in_output: bool = False, deadline_ms: int | None = None,
+                     **sampling: object) -> pb.GenerateRequest:
+    """A GenerateRequest from a prompt, chat messages ({"role": ..., "content": ...}) or token ids, and sampling
+    kwargs."""
+    if sum(x is not None for x in (prompt, messages, prompt_token_ids)) != 1:
+        raise ValueError("give exactly one of prompt, messages and prompt_token_ids")
+    request = pb.GenerateRequest(request_id=request_id, sampling_params=sampling_params(**sampling),
+                                 stop=list(stop), include_stop_str_in_output=include_stop_str_in_output)
+    if prompt is not None:
+        request.prompt = prompt
+    elif prompt_token_ids is not None:
+        request.prompt_token_ids.ids.extend(prompt_token_ids)
+    else:
+        request.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+    if skip_special_tokens is not None:
+        request.skip_special_tokens = skip_special_tokens
+    if deadline_ms is not None:
+        request.deadline_ms = deadline_ms
+    return request

@@ -1,0 +1,207 @@
+"""Serving benchmark: the gRPC path (client -> tokenizer service -> engine service) against the engine in-process.
+
+    python -m clients.serving_bench --target localhost:50052 --rate inf            # all requests outstanding
+    python -m clients.serving_bench --target localhost:50052 --concurrency 8 --rate 2 --rate 4
+    python -m clients.serving_bench --target localhost:50052 --inprocess-model DIR --pairs 5 --json out.json
+
+Workload B of BENCHMARKS.md (random.seed(0); 64 requests; prompts of randint(32, 256) ids in [0, 8000), drawn
+first; then max_tokens randint(32, 256); ignore_eos; temperature 0.6), sent as token ids. Reports time to first
+token, inter-token latency and end-to-end latency at p50/p90/p99, request and output-token throughput. With
+--inprocess-model, each run is paired with the same workload driven through LLMEngine add_request/step in this
+process (engine_service is imported only then), alternating, and the median throughput ratio is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+from clients.text_client import AsyncTextClient
+
+
+@dataclass(slots=True)
+class Workload:
+    prompts: list[list[int]]
+    max_tokens: list[int]
+    temperature: float = 0.6
+
+
+def workload_b(vocab_size: int, num_requests: int = 64) -> Workload:
+    """Workload B; ids are taken modulo the model's vocabulary so a smaller model can run it too."""
+    random.seed(0)
+    prompts = [[random.randint(0, 8000) % vocab_size for _ in range(random.randint(32, 256))]
+               for _ in range(num_requests)]
+    return Workload(prompts, [random.randint(32, 256) for _ in range(num_requests)])
+
+
+def arrivals(n: int, rate: float) -> list[float]:
+    """Poisson arrival offsets in seconds (all at 0 for an infinite rate)."""
+    if math.isinf(rate):
+        return [0.0] * n
+    rng, t, out = random.Random(1), 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        out.append(t)
+    return out
+
+
+@dataclass(slots=True)
+class Timing:
+    """One request: send time, each chunk's arrival (seconds, token count), and any error."""
+
+    start: float = 0.0
+    chunks: list[tuple[float, int]] = field(default_factory=list)
+    error: str | None = None
+
+
+async def run_grpc(target: str, w: Workload, concurrency: int, rate: float) -> tuple[list[Timing], float]:
+    """Drive the tokenizer service; returns timings and wall seconds."""
+    timings = [Timing() for _ in w.prompts]
+    limit = asyncio.Semaphore(concurrency)
+    async with AsyncTextClient(target, timeout=600) as client:
+        t0 = time.perf_counter()
+
+        async def one(i: int, at: float) -> None:
+            await asyncio.sleep(max(0.0, at - (time.perf_counter() - t0)))
+            async with limit:
+                timings[i].start = time.perf_counter()
+                try:
+                    stream = client.generate_tokens(w.prompts[i], max_tokens=w.max_tokens[i], ignore_eos=True,
+                                                    temperature=w.temperature)
+                    async for chunk in stream:
+                        timings[i].chunks.append((time.perf_counter(), len(chunk.token_ids)))
+                except Exception as exc:  # report, do not abort the run
+                    timings[i].error = repr(exc)
+
+        await asyncio.gather(*(one(i, at) for i, at in enumerate(arrivals(len(w.prompts), rate))))
+        return timings, time.perf_counter() - t0
+
+
+def run_inprocess(engine, w: Workload, concurrency: int, rate: float) -> tuple[list[Timing], float]:
+    """The same workload through LLMEngine add_request/step on this thread."""
+    from engine_service import SamplingParams
+
+    timings = [Timing() for _ in w.prompts]
+    due, nxt, live, done = arrivals(len(w.prompts), rate), 0, set(), 0
+    t0 = time.perf_counter()
+    while done < len(w.prompts):
+        now = time.perf_counter()
+        while nxt < len(w.prompts) and due[nxt] <= now - t0 and len(live) < concurrency:
+            params = SamplingParams(temperature=w.temperature, max_tokens=w.max_tokens[nxt], ignore_eos=True)
+            engine.add_request(f"bench-{nxt}", w.prompts[nxt], params)
+            timings[nxt].start = time.perf_counter()
+            live.add(nxt)
+            nxt += 1
+        if not engine.has_unfinished_requests():
+            if nxt < len(w.prompts):  # idle until the next arrival
+                time.sleep(max(0.0, min(0.01, due[nxt] - (now - t0))))
+            continue
+        for out in engine.step():
+            i = int(out.request_id.split("-")[1])
+            timings[i].chunks.append((time.perf_counter(), len(out.new_token_ids)))
+            if out.finished:
+                live.discard(i)
+                done += 1
+                timings[i].error = out.error
+    return timings, time.perf_counter() - t0
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))]
+
+
+def summarize(timings: list[Timing], wall: float) -> dict[str, float]:
+    """TTFT, ITL and E2E percentiles (ms) and throughputs of one run."""
+    ok = [t for t in timings if t.error is None and t.chunks]
+    ttft = [(t.chunks[0][0] - t.start) * 1e3 for t in ok]
+    e2e = [(t.chunks[-1][0] - t.start) * 1e3 for t in ok]
+    itl: list[float] = []
+    for t in ok:  # a chunk of n tokens after a gap g counts as n gaps of g/n
+        for (prev, _), (cur, n) in zip(t.chunks, t.chunks[1:], strict=False):
+            itl += [(cur - prev) * 1e3 / max(n, 1)] * max(n, 1)
+    tokens = sum(n for t in ok for _, n in t.chunks)
+    out = {"requests": len(timings), "failed": len(timings) - len(ok), "wall_s": wall,
+           "request_throughput": len(ok) / wall, "output_throughput": tokens / wall}
+    for name, values in (("ttft_ms", ttft), ("itl_ms", itl), ("e2e_ms", e2e)):
+        for q in (50, 90, 99):
+            out[f"{name}_p{q}"] = pct(values, q)
+    return out
+
+
+def format_table(rows: list[dict[str, object]]) -> str:
+    cols = ["mode", "rate", "concurrency", "request_throughput", "output_throughput", "ttft_ms_p50", "ttft_ms_p99",
+            "itl_ms_p50", "itl_ms_p99", "e2e_ms_p50", "e2e_ms_p99", "failed"]
+    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+    for r in rows:
+        lines.append(" | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    p = argparse.ArgumentParser(prog="python -m clients.serving_bench", description=__doc__.splitlines()[0])
+    p.add_argument("--target", default="localhost:50052", help="the tokenizer service")
+    p.add_argument("--rate", type=float, action="append", help="Poisson requests/s (repeatable; inf: all at once)")
+    p.add_argument("--concurrency", type=int, default=10**6)
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--vocab-size", type=int, default=0, help="default: the tokenizer service's model info")
+    p.add_argument("--inprocess-model", default=None, help="also run the engine in-process on this model")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--pairs", type=int, default=1, help="interleaved gRPC/in-process pairs per rate")
+    p.add_argument("--json", default=None, help="write the report here")
+    args = p.parse_args(argv)
+    rates = args.rate or [math.inf]
+
+    vocab = args.vocab_size
+    if not vocab:
+        from clients.text_client import TextClient
+
+        with TextClient(args.target, timeout=30) as c:
+            vocab = c.model_info().vocab_size
+    w = workload_b(vocab, args.num_requests)
+    engine = None
+    if args.inprocess_model:
+        from engine_service import LLMEngine  # only in this mode: the client library needs no torch
+
+        engine = LLMEngine(args.inprocess_model, device=args.device)
+    rows: list[dict[str, object]] = []
+    for rate in rates:
+        warm = Workload(w.prompts[:1], [4], w.temperature)
+        asyncio.run(run_grpc(args.target, warm, 1, math.inf))
+        if engine is not None:
+            run_inprocess(engine, warm, 1, math.inf)
+        for pair in range(args.pairs):
+            rows.append({"mode": "grpc", "rate": rate, "concurrency": args.concurrency, "pair": pair,
+                         **summarize(*asyncio.run(run_grpc(args.target, w, args.concurrency, rate)))})
+            if engine is not None:
+                rows.append({"mode": "inprocess", "rate": rate, "concurrency": args.concurrency, "pair": pair,
+                             **summarize(*run_inprocess(engine, w, args.concurrency, rate))})
+    report: dict[str, object] = {"workload": "B", "num_requests": len(w.prompts), "runs": rows}
+    if engine is not None:
+        for rate in rates:
+            ratios = [g["output_throughput"] / i["output_throughput"]
+                      for g, i in zip([r for r in rows if r["mode"] == "grpc" and r["rate"] == rate],
+                                      [r for r in rows if r["mode"] == "inprocess" and r["rate"] == rate], strict=True)]
+            report[f"grpc_over_inprocess_rate_{rate}"] = {"median": statistics.median(ratios), "min": min(ratios),
+                                                          "max": max(ratios), "pairs": ratios}
+    print(format_table(rows))
+    for key, value in report.items():
+        if key.startswith("grpc_over"):
+            print(f"{key}: median {value['median']:.3f} (min {value['min']:.3f}, max {value['max']:.3f})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,152 @@
+"""Python clients of the text API (the tokenizer service): synchronous and asyncio.
+
+    with TextClient("localhost:50052") as client:
+        for chunk in client.chat([{"role": "user", "content": "Hi"}], max_tokens=32):
+            print(chunk.text, end="")
+
+Streaming calls return an iterator of GenerateResponse messages (`text`, `token_ids`, and on the last one
+`finish_reason` and `usage`) with `cancel()`, which aborts the request in the engine at once. Failures raise
+grpc.RpcError with the service's status code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+
+import grpc
+
+from clients.channel import aio_channel, sync_channel
+from clients.requests import generate_request
+from protos.llmserve.text.v1 import text_pb2 as pb
+from protos.llmserve.text.v1 import text_pb2_grpc as pb_grpc
+
+Messages = Iterable[Mapping[str, str]]
+
+
+class CompletionStream:
+    """An iterator over one streaming call's responses; cancel() ends it and frees the request."""
+
+    def __init__(self, call: grpc.Call) -> None:
+        self._call = call
+
+    def __iter__(self) -> Iterator[pb.GenerateResponse]:
+        return self._call  # type: ignore[return-value]
+
+    def __next__(self) -> pb.GenerateResponse:
+        return next(self._call)  # type: ignore[call-overload]
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def text(self) -> str:
+        """Consume the rest of the stream and return its text."""
+        return "".join(chunk.text for chunk in self)
+
+
+class TextClient:
+    """Blocking client; `timeout` (seconds) is each call's deadline."""
+
+    def __init__(self, target: str, timeout: float | None = None, **channel_kwargs: int | float) -> None:
+        self._channel = sync_channel(target, **channel_kwargs)
+        self._stub = pb_grpc.TextGenerationStub(self._channel)
+        self.timeout = timeout
+
+    def generate(self, prompt: str, **kwargs: object) -> CompletionStream:
+        """Stream a completion of prompt; kwargs are sampling parameters and text options."""
+        return CompletionStream(self._stub.Generate(generate_request(prompt, **kwargs), timeout=self.timeout))
+
+    def generate_tokens(self, prompt_token_ids: list[int], **kwargs: object) -> CompletionStream:
+        """Stream a completion of an already tokenized prompt."""
+        request = generate_request(prompt_token_ids=prompt_token_ids, **kwargs)
+        return CompletionStream(self._stub.Generate(request, timeout=self.timeout))
+
+    def chat(self, messages: Messages, **kwargs: object) -> CompletionStream:
+        """Stream the assistant's reply to chat messages."""
+        return CompletionStream(self._stub.Generate(generate_request(messages=messages, **kwargs),
+                                                    timeout=self.timeout))
+
+    def generate_multi(self, requests: Iterable[pb.MultiRequest]) -> CompletionStream:
+        """The multiplexed variant: many requests (and aborts) on one stream."""
+        return CompletionStream(self._stub.GenerateMulti(iter(requests), timeout=self.timeout))
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        reply = self._stub.Tokenize(pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
+                                    timeout=self.timeout)
+        return list(reply.token_ids)
+
+    def detokenize(self, token_ids: Iterable[int], skip_special_tokens: bool | None = None) -> str:
+        request = pb.DetokenizeRequest(token_ids=list(token_ids))
+        if skip_special_tokens is not None:
+            request.skip_special_tokens = skip_special_tokens
+        return self._stub.Detokenize(request, timeout=self.timeout).text
+
+    def model_info(self) -> pb.ModelInfo:
+        return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> TextClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncCompletionStream:
+    """An async iterator over one streaming call's responses; cancel() ends it and frees the request."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
+        self._call = call
+
+    def __aiter__(self) -> AsyncIterator[pb.GenerateResponse]:
+        return self._call.__aiter__()
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    async def text(self) -> str:
+        return "".join([chunk.text async for chunk in self])
+
+
+class AsyncTextClient:
+    """asyncio client; the same calls as TextClient, with async iterators."""
+
+    def __init__(self, target: str, timeout: float | None = None, **channel_kwargs: int | float) -> None:
+        self._channel = aio_channel(target, **channel_kwargs)
+        self._stub = pb_grpc.TextGenerationStub(self._channel)
+        self.timeout = timeout
+
+    def generate(self, prompt: str, **kwargs: object) -> AsyncCompletionStream:
+        return AsyncCompletionStream(self._stub.Generate(generate_request(prompt, **kwargs), timeout=self.timeout))
+
+    def generate_tokens(self, prompt_token_ids: list[int], **kwargs: object) -> AsyncCompletionStream:
+        request = generate_request(prompt_token_ids=prompt_token_ids, **kwargs)
+        return AsyncCompletionStream(self._stub.Generate(request, timeout=self.timeout))
+
+    def chat(self, messages: Messages, **kwargs: object) -> AsyncCompletionStream:
+        return AsyncCompletionStream(self._stub.Generate(generate_request(messages=messages, **kwargs),
+                                                         timeout=self.timeout))
+
+    async def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        reply = await self._stub.Tokenize(pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
+                                          timeout=self.timeout)
+        return list(reply.token_ids)
+
+    async def detokenize(self, token_ids: Iterable[int], skip_special_tokens: bool | None = None) -> str:
+        request = pb.DetokenizeRequest(token_ids=list(token_ids))
+        if skip_special_tokens is not None:
+            request.skip_special_tokens = skip_special_tokens
+        return (await self._stub.Detokenize(request, timeout=self.timeout)).text
+
+    async def model_info(self) -> pb.ModelInfo:
+        return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncTextClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

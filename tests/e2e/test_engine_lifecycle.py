@@ -1,0 +1,138 @@
+"""Issue 4 acceptance around engine processes: two engines, a killed and restarted engine, the failure hook,
+and SIGTERM drains of both services during streams."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from clients.engine_client import EngineClient
+from clients.text_client import TextClient
+from protos.llmserve.text.v1 import text_pb2 as pb
+from tests.e2e.conftest import start_engine, start_tokenizer
+
+pytestmark = pytest.mark.timeout(90)
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture(scope="module")
+def two(demo_model):
+    engines = [start_engine(demo_model), start_engine(demo_model)]
+    tokenizer = start_tokenizer(demo_model, engines)
+    try:
+        for service in (*engines, tokenizer):
+            service.wait_serving()
+        yield engines, tokenizer
+    finally:
+        for service in (tokenizer, *engines):
+            service.stop()
+
+
+def complete(client: TextClient, prompt: str, n: int = 8) -> list[pb.GenerateResponse]:
+    chunks = list(client.generate(prompt, temperature=0.0, max_tokens=n, ignore_eos=True))
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH and chunks[-1].usage.completion_tokens == n
+    return chunks
+
+
+def test_both_engines_take_requests(two):
+    engines, tokenizer = two
+    with TextClient(tokenizer.target, timeout=60) as client:
+        streams = [client.generate(f"Spread {i}", max_tokens=400, ignore_eos=True) for i in range(8)]
+        for s in streams:
+            next(iter(s))
+        live = []
+        for e in engines:
+            with EngineClient(e.target, timeout=10) as ec:
+                live.append(ec.load().num_live_requests)
+        for s in streams:
+            s.cancel()
+    assert all(n > 0 for n in live), live
+
+
+def test_killed_engine_leaves_requests_succeeding(two):
+    engines, tokenizer = two
+    engines[1].signal(signal.SIGKILL)
+    engines[1].proc.wait(10)
+    with TextClient(tokenizer.target, timeout=60) as client:
+        for i in range(6):
+            complete(client, f"After the kill {i}")
+
+
+def test_restarted_engine_serves_without_restarting_the_tokenizer(two):
+    engines, tokenizer = two
+    tokenizer_pid = tokenizer.proc.pid
+    engines[1].start()  # the same port
+    engines[1].wait_serving()
+    engines[0].signal(signal.SIGKILL)
+    engines[0].proc.wait(10)
+    with TextClient(tokenizer.target, timeout=60) as client:
+        for i in range(4):
+            complete(client, f"After the restart {i}")
+    assert tokenizer.proc.pid == tokenizer_pid and tokenizer.proc.poll() is None
+
+
+def test_sigterm_drains_tokenizer_then_engine(two):
+    engines, tokenizer = two
+    engine = engines[1]
+    results: list[object] = []
+
+    def run(client: TextClient, i: int) -> None:
+        try:
+            results.append(complete(client, f"Drain {i}", n=200))
+        except grpc.RpcError as exc:
+            results.append(exc)
+
+    with TextClient(tokenizer.target, timeout=60) as client:
+        first = client.generate("Warm", max_tokens=1)
+        first.text()
+        threads = [threading.Thread(target=run, args=(client, i)) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        tokenizer.signal(signal.SIGTERM)
+        time.sleep(0.1)
+        assert tokenizer.health() in (NOT_SERVING, None)
+        for t in threads:
+            t.join(60)
+    assert len(results) == 4 and all(isinstance(r, list) for r in results), results
+    assert tokenizer.proc.wait(30) == 0
+
+    with EngineClient(engine.target, timeout=60) as ec:
+        outs: list[list[int]] = []
+
+        def run_engine() -> None:
+            outs.append([t for u in ec.generate([3, 4, 5], max_tokens=300, ignore_eos=True) for t in u.new_token_ids])
+
+        threads = [threading.Thread(target=run_engine) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        engine.signal(signal.SIGTERM)
+        time.sleep(0.1)
+        assert engine.health() in (NOT_SERVING, None)
+        with pytest.raises(grpc.RpcError) as err:
+            list(ec.generate([1, 2], max_tokens=2))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        for t in threads:
+            t.join(60)
+    assert len(outs) == 3 and all(len(o) == 300 for o in outs)
+    assert engine.proc.wait(30) == 0
+
+
+def test_failing_step_is_internal_and_not_serving(demo_model):
+    engine = start_engine(demo_model, env={"ENGINE_TEST_FAIL_AFTER_STEPS": "3"})
+    try:
+        engine.wait_serving()
+        with EngineClient(engine.target, timeout=30) as ec:
+            with pytest.raises(grpc.RpcError) as err:
+                list(ec.generate([1, 2, 3], max_tokens=50, ignore_eos=True))
+            assert err.value.code() == grpc.StatusCode.INTERNAL and "step" in err.value.details()
+        assert engine.health() == NOT_SERVING
+        assert engine.proc.wait(30) == 1
+    finally:
+        engine.stop()

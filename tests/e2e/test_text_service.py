@@ -1,0 +1,266 @@
+"""Issue 4 acceptance, one engine behind one tokenizer service: streaming, concurrency, cancellation, errors,
+text handling and overload. Model outputs are compared with the offline engine, never hard-coded."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from clients.engine_client import EngineClient
+from clients.requests import generate_request
+from clients.text_client import AsyncTextClient, TextClient
+from protos.llmserve.engine.v1 import engine_pb2 as epb
+from protos.llmserve.text.v1 import text_pb2 as pb
+from tests.e2e.conftest import start_engine, start_tokenizer, wait_idle
+
+pytestmark = pytest.mark.timeout(90)
+MAX_WAITING = 72
+MESSAGE_LIMIT = 1 << 20
+CHAT = [{"role": "user", "content": "Tell me about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def stack(demo_model):
+    engine = start_engine(demo_model, extra=["--max-waiting", str(MAX_WAITING)])
+    tokenizer = start_tokenizer(demo_model, [engine], extra=["--max-message-bytes", str(MESSAGE_LIMIT)])
+    try:
+        engine.wait_serving()
+        tokenizer.wait_serving()
+        with TextClient(tokenizer.target, timeout=60) as text, EngineClient(engine.target, timeout=30) as eng:
+            yield engine, tokenizer, text, eng
+    finally:
+        assert tokenizer.stop() == 0
+        assert engine.stop() == 0
+
+
+def assert_all_blocks_free(eng: EngineClient) -> None:
+    load = wait_idle(eng)
+    assert load.num_live_requests == 0 and load.num_running == 0 and load.num_waiting == 0
+    assert load.num_kv_blocks_used == 0 and load.num_kv_blocks_free == load.num_kv_blocks_total > 0
+
+
+def test_health_and_reflection(stack):
+    engine, tokenizer, _, _ = stack
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert engine.health("") == serving and engine.health("llmserve.engine.v1.Engine") == serving
+    assert tokenizer.health("") == serving and tokenizer.health("llmserve.text.v1.TextGeneration") == serving
+    for svc, name in ((engine, "llmserve.engine.v1.Engine"), (tokenizer, "llmserve.text.v1.TextGeneration")):
+        with grpc.insecure_channel(svc.target) as channel:
+            assert name in ProtoReflectionDescriptorDatabase(channel).get_services()
+
+
+def test_greedy_stream_matches_offline_engine(stack, demo_model):
+    _, _, text, _ = stack
+    prompt_ids = list(text._stub.Tokenize(pb.TokenizeRequest(chat=pb.Chat(messages=[pb.ChatMessage(**CHAT[0])])))
+                      .token_ids)
+    chunks = list(text.chat(CHAT, temperature=0.0, max_tokens=24))
+    ids = [t for c in chunks for t in c.token_ids]
+    assert chunks[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    assert chunks[-1].usage.completion_tokens == len(ids) and chunks[-1].usage.prompt_tokens == len(prompt_ids)
+
+    from engine_service import LLM, SamplingParams
+
+    with LLM(demo_model, device="cpu", dtype="float32", attention_backend="torch", enforce_eager=True,
+             num_kvcache_blocks=64) as llm:
+        [offline] = llm.generate([prompt_ids], SamplingParams(temperature=0.0, max_tokens=24))
+    assert ids == offline["token_ids"]
+    assert "".join(c.text for c in chunks) == text.detokenize(ids)
+
+
+def test_64_concurrent_streams(stack):
+    _, tokenizer, text, eng = stack
+
+    async def one(client: AsyncTextClient, i: int) -> tuple[list[int], str, pb.GenerateResponse]:
+        chunks = [c async for c in client.generate(f"Story number {i}:", temperature=0.0, max_tokens=12,
+                                                   ignore_eos=True)]
+        return [t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks), chunks[-1]
+
+    async def main():
+        async with AsyncTextClient(tokenizer.target, timeout=120) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    results = asyncio.run(main())
+    assert len(results) == 64
+    for ids, joined, last in results:
+        assert len(ids) == 12 and last.finish_reason == pb.FINISH_REASON_LENGTH
+        assert last.usage.completion_tokens == 12
+        assert joined == text.detokenize(ids)
+    assert_all_blocks_free(eng)
+
+
+def test_cancellation_leaves_every_block_free(stack):
+    _, _, text, eng = stack
+    long = dict(temperature=0.0, max_tokens=1500, ignore_eos=True)
+    # At the first token, and mid-stream.
+    for n_read in (1, 6):
+        stream = text.generate("Once upon a time", **long)
+        for _ in range(n_read):
+            next(stream)
+        stream.cancel()
+        assert_all_blocks_free(eng)
+    # While queued: fill every running slot (max_num_seqs 16) straight on the engine, then queue one more.
+    gate = threading.Event()
+
+    def blockers():
+        yield epb.ClientFrame(requests=[epb.NewRequest(request_id=str(i), prompt_token_ids=[5, 6, 7],
+                                                       sampling_params=epb.SamplingParams(max_tokens=1500,
+                                                                                          ignore_eos=True))
+                                        for i in range(16)])
+        gate.wait(30)
+
+    call = eng.stub.Generate(blockers(), timeout=60)
+    next(call)
+    queued = text.generate("I am queued", **long)
+    for _ in range(100):
+        if eng.load().num_waiting >= 1:
+            break
+        threading.Event().wait(0.05)
+    assert eng.load().num_waiting >= 1
+    queued.cancel()
+    gate.set()
+    call.cancel()
+    assert_all_blocks_free(eng)
+    # A deadline that passes mid-stream.
+    with TextClient(stack[1].target, timeout=0.5) as hasty:
+        with pytest.raises(grpc.RpcError) as err:
+            hasty.generate("Deadline", **long).text()
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert_all_blocks_free(eng)
+
+
+BAD_SAMPLING = [
+    ({"temperature": -1.0}, "temperature"), ({"temperature": math.nan}, "temperature"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": 0}, "top_k"), ({"top_k": -2}, "top_k"),
+    ({"min_p": 1.5}, "min_p"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": -3}, "max_tokens"),
+    ({"min_tokens": -1}, "min_tokens"), ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+]
+
+
+@pytest.mark.parametrize(("params", "field"), BAD_SAMPLING)
+def test_invalid_sampling_params_are_invalid_argument(stack, params, field):
+    with pytest.raises(grpc.RpcError) as err:
+        stack[2].generate("Hello", **params).text()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
+
+
+def test_bad_input_gets_clear_errors_and_service_keeps_serving(stack):
+    _, _, text, eng = stack
+    cases = [
+        (lambda: text.generate("").text(), "prompt"),
+        (lambda: text.generate("word " * 3000).text(), "max_model_len"),
+        (lambda: text.chat([{"role": "wizard", "content": "hi"}]).text(), "role"),
+        (lambda: text.generate("Hi", stop=[""]).text(), "stop"),
+    ]
+    for call, field in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details(), field
+    with pytest.raises(grpc.RpcError) as err:
+        text.generate("x" * (2 * MESSAGE_LIMIT)).text()
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Straight to the engine: out-of-vocabulary ids and a prompt of exactly max_model_len.
+    info = eng.model_info()
+    for prompt in ([info.vocab_size], [1, -5], [1] * info.max_model_len):
+        with pytest.raises(grpc.RpcError) as err:
+            list(eng.generate(prompt, max_tokens=2))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt_token_ids" in err.value.details()
+    assert text.generate("Still serving", max_tokens=3, temperature=0.0).text() is not None
+    assert_all_blocks_free(eng)
+
+
+def test_emoji_and_cjk_round_trip(stack):
+    text = stack[2]
+    sample = "Hello 😀 你好，世界！ 🇯🇵 👩‍💻 naïve café 日本語のテキスト"
+    ids = text.tokenize(sample)
+    assert text.detokenize(ids) == sample
+    chunks = list(text.generate(sample, temperature=0.0, max_tokens=16, ignore_eos=True))
+    out_ids = [t for c in chunks for t in c.token_ids]
+    joined = "".join(c.text for c in chunks)
+    assert joined == text.detokenize(out_ids)  # a random model may emit invalid bytes: U+FFFD is then right
+
+
+def test_stop_string_across_a_token_boundary(stack):
+    text = stack[2]
+    kwargs = dict(temperature=0.0, max_tokens=32, ignore_eos=True)
+    chunks = list(text.generate("The river", **kwargs))
+    ids = [t for c in chunks for t in c.token_ids]
+    full = "".join(c.text for c in chunks)
+    # Find a string that first appears straddling a token boundary (part in each token).
+    stop = start = None
+    for k in range(1, len(ids)):
+        b = len(text.detokenize(ids[:k]))
+        if 0 < b < len(full) and full.startswith(text.detokenize(ids[:k])):
+            candidate = full[b - 1:b + 1]
+            if candidate.strip() and full.find(candidate) == b - 1:
+                stop, start = candidate, b - 1
+                break
+    assert stop is not None, f"no boundary-spanning stop string in {full!r}"
+    chunks = list(text.generate("The river", stop=[stop], **kwargs))
+    assert "".join(c.text for c in chunks) == full[:start]
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP and chunks[-1].stop_reason == stop
+    assert chunks[-1].usage.completion_tokens >= k + 1
+    with_stop = text.generate("The river", stop=[stop], include_stop_str_in_output=True, **kwargs).text()
+    assert with_stop == full[:start + len(stop)]
+    assert_all_blocks_free(stack[3])
+
+
+def test_overload_is_resource_exhausted(stack):
+    _, tokenizer, _, eng = stack
+
+    async def main():
+        async with AsyncTextClient(tokenizer.target, timeout=60) as client:
+            streams = [client.generate(f"Load {i}", max_tokens=1500, ignore_eos=True) for i in range(110)]
+
+            async def first(stream):
+                try:
+                    async for _ in stream:
+                        return None
+                except grpc.RpcError as exc:
+                    return exc
+                except asyncio.CancelledError:  # we cancelled it below
+                    return None
+
+            # Refusals come at once; the admitted requests queue behind 16 long ones, so stop waiting soon.
+            tasks = [asyncio.create_task(first(s)) for s in streams]
+            await asyncio.wait(tasks, timeout=5)
+            for s in streams:
+                s.cancel()
+            return [await t for t in tasks]
+
+    results = asyncio.run(main())
+    errors = [r for r in results if r is not None]
+    assert errors, "no request was refused past the waiting cap"
+    assert all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in e.details() for e in errors), \
+        {(e.code(), e.details()) for e in errors}
+    assert len(errors) < 110
+    assert_all_blocks_free(eng)
+
+
+def test_multiplexed_text_stream(stack):
+    text = stack[2]
+    gate = threading.Event()
+
+    def frames():
+        yield pb.MultiRequest(generate=generate_request("First", request_id="a", temperature=0.0, max_tokens=5))
+        yield pb.MultiRequest(generate=generate_request("Second", request_id="b", max_tokens=2000, ignore_eos=True))
+        yield pb.MultiRequest(generate=generate_request("", request_id="c"))
+        gate.wait(30)
+        yield pb.MultiRequest(abort_request_id="b")
+
+    last: dict[str, pb.GenerateResponse] = {}
+    for response in text.generate_multi(frames()):
+        if response.request_id == "b":
+            gate.set()
+        if response.finish_reason:
+            last[response.request_id] = response
+    assert last["a"].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    assert last["b"].finish_reason == pb.FINISH_REASON_ABORT
+    assert last["c"].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert_all_blocks_free(stack[3])

@@ -1,0 +1,156 @@
+"""The engine service's gRPC layer in-process over a fake engine: multiplexing, aborts, errors, failure."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients.engine_client import EngineClient
+from engine_service.server import serve
+from engine_service.server_config import ServerConfig
+from protos.llmserve.engine.v1 import engine_pb2 as pb
+from tests.fake_engine import FakeEngine
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Running:
+    """serve() on its own event loop thread; stop() drains it and returns its exit code."""
+
+    def __init__(self, engine: FakeEngine, **overrides: object) -> None:
+        self.engine = engine
+        self.config = ServerConfig(model="fake", host="127.0.0.1", port=0, canary_interval_s=0, **overrides)
+        self.loop = asyncio.new_event_loop()
+        self.port_ready = threading.Event()
+        self.exit_code: int | None = None
+        self.thread = threading.Thread(target=self._main, daemon=True)
+        self.thread.start()
+        if not self.port_ready.wait(10):
+            raise RuntimeError("server did not start")
+        self.target = f"127.0.0.1:{self.port}"
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.stop_event = asyncio.Event()
+        port = self.loop.create_future()
+        port.add_done_callback(lambda f: (setattr(self, "port", f.result()), self.port_ready.set()))
+        self.exit_code = self.loop.run_until_complete(serve(
+            self.config, engine_factory=lambda c: self.engine, stop=self.stop_event, bound_port=port,
+            handle_signals=False))
+
+    def stop(self) -> int | None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.stop_event.set)
+        self.thread.join(20)
+        return self.exit_code
+
+
+def wait_serving(client: EngineClient) -> None:
+    """Wait for health SERVING: the start-up canary has run (and the test hook is armed)."""
+    stub = health_pb2_grpc.HealthStub(client._channel)
+    for _ in range(200):
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        threading.Event().wait(0.05)
+    raise RuntimeError("never SERVING")
+
+
+def new(rid: str, prompt: list[int], **sampling: object) -> pb.NewRequest:
+    return pb.NewRequest(request_id=rid, prompt_token_ids=prompt, sampling_params=pb.SamplingParams(**sampling))
+
+
+@pytest.fixture(scope="module")
+def server():
+    running = Running(FakeEngine(max_model_len=1_000_000))
+    yield running
+    assert running.stop() == 0
+
+
+def test_bidi_multiplexes_requests_and_reports_errors_in_frames(server):
+    with EngineClient(server.target, timeout=20) as client:
+        wait_serving(client)
+        frames = [pb.ClientFrame(requests=[new("7", [1, 2], max_tokens=3), new("8", [10], max_tokens=5),
+                                           new("bad", [], max_tokens=3), new("t", [1], temperature=-1.0)])]
+        got: dict[str, list[int]] = {}
+        finish: dict[str, pb.RequestUpdate] = {}
+        for frame in client.stub.Generate(iter(frames), timeout=20):
+            for u in frame.updates:
+                got.setdefault(u.request_id, []).extend(u.new_token_ids)
+                if u.finish_reason:
+                    finish[u.request_id] = u
+        assert got["7"] == [3, 4, 5] and got["8"] == [11, 12, 13, 14, 15]
+        assert finish["7"].finish_reason == pb.FINISH_REASON_LENGTH and finish["7"].num_prompt_tokens == 2
+        assert finish["bad"].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "prompt_token_ids" in finish["bad"].status.message
+        assert "temperature" in finish["t"].status.message
+
+
+def test_in_band_abort_frees_the_request(server):
+    with EngineClient(server.target, timeout=20) as client:
+        wait_serving(client)
+        gate = threading.Event()
+
+        def frames():
+            yield pb.ClientFrame(requests=[new("a", [1], max_tokens=10_000, ignore_eos=True)])
+            gate.wait(10)
+            yield pb.ClientFrame(abort_request_ids=["a"])
+
+        reasons = []
+        for frame in client.stub.Generate(frames(), timeout=20):
+            gate.set()
+            reasons += [u.finish_reason for u in frame.updates if u.finish_reason]
+        assert reasons == [pb.FINISH_REASON_ABORT]
+        for _ in range(100):  # the abort reaches the engine thread asynchronously
+            load = client.load()
+            if load.num_running == 0:
+                break
+            threading.Event().wait(0.02)
+        assert load.num_live_requests == 0 and load.num_running == 0 and load.num_kv_blocks_used == 0
+
+
+def test_unary_stream_errors_are_statuses(server):
+    with EngineClient(server.target, timeout=20) as client:
+        wait_serving(client)
+        tokens = [t for u in client.generate([5], max_tokens=4) for t in u.new_token_ids]
+        assert tokens == [6, 7, 8, 9]
+        with pytest.raises(grpc.RpcError) as err:
+            list(client.generate([1000], max_tokens=4))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "vocabulary" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            list(client.generate([1], max_tokens=0))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in err.value.details()
+
+
+def test_queue_full_is_resource_exhausted():
+    running = Running(FakeEngine(max_num_seqs=1, max_model_len=1_000_000), max_waiting=1)
+    try:
+        with EngineClient(running.target, timeout=20) as client:
+            wait_serving(client)
+            reqs = [new(str(i), [1], max_tokens=10_000, ignore_eos=True) for i in range(3)]
+            call = client.stub.Generate(iter([pb.ClientFrame(requests=reqs)]), timeout=20)
+            frame = next(call)
+            errors = [u for u in frame.updates if u.status.code]
+            assert errors and errors[0].status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            assert "queue is full" in errors[0].status.message
+            call.cancel()
+    finally:
+        assert running.stop() == 0
+
+
+def test_step_failure_fails_requests_internal_and_exits_nonzero(monkeypatch):
+    monkeypatch.setenv("ENGINE_TEST_FAIL_AFTER_STEPS", "2")
+    running = Running(FakeEngine(), failure_linger_s=0.1)
+    with EngineClient(running.target, timeout=20) as client:
+        wait_serving(client)
+        with pytest.raises(grpc.RpcError) as err:
+            list(client.generate([1], max_tokens=50, ignore_eos=True))
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+    running.thread.join(20)
+    assert running.exit_code == 1

@@ -1,0 +1,74 @@
+"""Pure pieces of the services: config from flags and environment, proto -> SamplingParams, frame coalescing."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import grpc
+import pytest
+
+from engine_service.outputs import StepOutput
+from engine_service.server_config import parse_config
+from engine_service.streams import OutputStream
+from engine_service.validation import check_prompt, sampling_params_from_proto
+from protos.llmserve.engine.v1 import engine_pb2 as pb
+from tokenizer_service.config import parse_config as parse_text_config
+
+
+def test_flags_win_over_environment_and_bad_values_name_the_field():
+    env = {"ENGINE_MODEL": "/m", "ENGINE_PORT": "7000", "ENGINE_ENFORCE_EAGER": "true"}
+    cfg = parse_config(["--port", "7001"], env)
+    assert (cfg.model, cfg.port, cfg.enforce_eager) == ("/m", 7001, True)
+    with pytest.raises(ValueError, match="max_waiting"):
+        parse_config(["--model", "/m", "--max-waiting", "0"], {})
+    with pytest.raises(ValueError, match="ENGINE_PORT"):
+        parse_config([], {"ENGINE_MODEL": "/m", "ENGINE_PORT": "x"})
+    text = parse_text_config([], {"TOKENIZER_MODEL": "/m", "TOKENIZER_ENGINES": "a:1, b:2"})
+    assert text.engine_addresses == ["a:1", "b:2"]
+    with pytest.raises(ValueError, match="engines"):
+        parse_text_config(["--model", "/m"], {})
+
+
+def test_unset_sampling_fields_take_generation_config_then_engine_defaults():
+    proto = pb.SamplingParams(max_tokens=5)
+    params = sampling_params_from_proto(proto, {"temperature": 0.7, "top_k": 50})
+    assert (params.max_tokens, params.temperature, params.top_k, params.top_p) == (5, 0.7, 50, 1.0)
+    proto.temperature = 0.0  # set to zero: greedy, not "unset"
+    assert sampling_params_from_proto(proto, {"temperature": 0.7}).temperature == 0.0
+
+
+@pytest.mark.parametrize(("field", "value"), [("temperature", -1.0), ("top_p", 0.0), ("top_k", 0),
+                                              ("min_p", 2.0), ("max_tokens", 0), ("min_tokens", -1),
+                                              ("temperature", math.inf)])
+def test_invalid_sampling_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        sampling_params_from_proto(pb.SamplingParams(**{field: value}), {})
+
+
+@pytest.mark.parametrize(("prompt", "needle"), [([], "empty"), ([1] * 8, "max_model_len"), ([1, 10], "vocabulary"),
+                                                ([-1], "vocabulary")])
+def test_prompt_rules(prompt, needle):
+    with pytest.raises(ValueError, match=needle):
+        check_prompt(prompt, vocab_size=10, max_model_len=8)
+
+
+def test_output_stream_coalesces_a_step_and_bounds_each_request():
+    async def main():
+        aborted: list[str] = []
+        stream = OutputStream(aborted.append, max_buffered_tokens=3)
+        stream.register("a", None)
+        stream.register("b", None)
+        stream.on_output("a", StepOutput("x", [1]))
+        stream.on_output("b", StepOutput("y", [2], "length", num_prompt_tokens=4))
+        updates = stream.take()
+        assert [(u.request_id, list(u.new_token_ids)) for u in updates] == [("a", [1]), ("b", [2])]
+        assert updates[1].finish_reason == pb.FINISH_REASON_LENGTH and "b" not in stream.live
+        for t in range(4):  # the client does not read: "a" overflows its buffer and is failed + aborted
+            stream.on_output("a", StepOutput("x", [t]))
+        [failed] = stream.take()
+        assert failed.status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and aborted == ["a"]
+        stream.input_done = True
+        assert stream.done(draining=False)
+
+    asyncio.run(main())

@@ -1,0 +1,98 @@
+"""The tokenizer service's settings: one frozen dataclass, built from flags, each with an environment variable.
+
+Every field `some_name` is the flag `--some-name` and the variable `TOKENIZER_SOME_NAME`; a flag wins over
+the variable, and the variable over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, fields
+
+ENV_PREFIX = "TOKENIZER_"
+MiB = 1 << 20
+
+
+@dataclass(slots=True, frozen=True)
+class TextServerConfig:
+    """Every setting of the tokenizer service."""
+
+    model: str = ""  # the Hugging Face model directory (its tokenizer and generation_config.json)
+    host: str = "[::]"
+    port: int = 50052
+    service_name: str = "llmserve.text.v1.TextGeneration"
+    engines: str = ""  # comma-separated engine addresses host:port
+    engine_dns: str = ""  # or one name:port re-resolved periodically, one stream per address (headless Service)
+    dns_refresh_s: float = 10.0
+    reconnect_min_s: float = 0.2  # backoff after a lost engine, doubling up to reconnect_max_s
+    reconnect_max_s: float = 5.0
+    engine_wait_s: float = 10.0  # how long a request waits for an engine to be connected
+    # Limits.
+    max_concurrent_rpcs: int = 1024
+    max_inflight: int = 2048  # requests in progress; past it: RESOURCE_EXHAUSTED
+    max_message_bytes: int = 64 * MiB
+    max_buffered_updates: int = 4096  # per request, engine updates not yet consumed; past it the request fails
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+    min_ping_interval_s: float = 5.0
+    max_connection_age_s: float = 0.0  # 0: unlimited
+    grace_s: float = 30.0  # SIGTERM drain
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model must name a model directory (--model or TOKENIZER_MODEL)")
+        if not self.engines and not self.engine_dns:
+            raise ValueError("engines or engine_dns must name the engine service(s)")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535 (0 picks a free port), got {self.port}")
+        for name in ("max_concurrent_rpcs", "max_inflight", "max_message_bytes", "max_buffered_updates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("dns_refresh_s", "reconnect_min_s", "reconnect_max_s", "engine_wait_s", "keepalive_time_s",
+                     "keepalive_timeout_s", "min_ping_interval_s", "grace_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_connection_age_s < 0:
+            raise ValueError(f"max_connection_age_s must be 0 (off) or positive, got {self.max_connection_age_s}")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be at least reconnect_min_s")
+
+    @property
+    def engine_addresses(self) -> list[str]:
+        return [a.strip() for a in self.engines.split(",") if a.strip()]
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = None) -> TextServerConfig:
+    """TextServerConfig from command-line flags, falling back to TOKENIZER_* environment variables."""
+    env = os.environ if env is None else env
+    parser = argparse.ArgumentParser(prog="tokenizer-service", description="The LLM text gRPC service.")
+    for f in fields(TextServerConfig):
+        default = f.default if f.default is not MISSING else None
+        kind = _parse_bool if isinstance(default, bool) else type(default)
+        var = ENV_PREFIX + f.name.upper()
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+                            help=f"(env {var}, default {default!r})")
+    args = vars(parser.parse_args(argv))
+    values: dict[str, object] = {}
+    for f in fields(TextServerConfig):
+        var = ENV_PREFIX + f.name.upper()
+        if args[f.name] is not None:
+            values[f.name] = args[f.name]
+        elif var in env:
+            kind = _parse_bool if isinstance(f.default, bool) else type(f.default)
+            try:
+                values[f.name] = kind(env[var])
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                raise ValueError(f"{f.name}: environment variable {var}={env[var]!r} is invalid: {exc}") from exc
+    return TextServerConfig(**values)  # type: ignore[arg-type]

@@ -1,0 +1,262 @@
+"""A small pool of long-lived bidirectional streams to engines, one per engine address.
+
+Each EngineConnection keeps one Engine.Generate stream open and multiplexes this service's requests on it
+(request ids are scoped to the stream). It checks on first contact that the engine serves our model (vocabulary
+size and EOS ids), reconnects with exponential backoff, and fails its in-flight requests with UNAVAILABLE when
+the stream is lost, marking those that never got a token as retryable. The pool spreads new requests to the
+ready connection with the fewest in flight, and re-resolves a DNS name (a headless Service) periodically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import time
+
+import grpc
+
+from protos.llmserve.engine.v1 import engine_pb2 as pb
+from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
+from tokenizer_service.config import TextServerConfig
+
+log = logging.getLogger(__name__)
+
+
+class RequestFailed(Exception):
+    """A request ended with a gRPC status; `retryable` when no token had arrived from a lost engine."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code, self.message, self.retryable = code, message, retryable
+
+
+class RequestHandle:
+    """One request on one engine stream; `async for update in handle` yields its RequestUpdates."""
+
+    def __init__(self, conn: EngineConnection, request_id: str, max_buffered: int) -> None:
+        self.conn, self.request_id, self._max = conn, request_id, max_buffered
+        self._queue: asyncio.Queue[pb.RequestUpdate | RequestFailed] = asyncio.Queue()
+        self.got_tokens = False
+        self.done = False
+
+    def push(self, update: pb.RequestUpdate) -> None:
+        if self.done:
+            return
+        self.got_tokens = self.got_tokens or bool(update.new_token_ids)
+        if update.finish_reason:
+            self.done = True
+            self.conn.inflight.pop(self.request_id, None)
+        elif self._queue.qsize() >= self._max:  # a slow consumer: fail it rather than grow without bound
+            self.close()
+            self.fail(RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"the client read too slowly: more than {self._max} updates were buffered "
+                                    "for this request (max_buffered_updates)"))
+            return
+        self._queue.put_nowait(update)
+
+    def fail(self, error: RequestFailed) -> None:
+        self.done = True
+        self.conn.inflight.pop(self.request_id, None)
+        self._queue.put_nowait(error)
+
+    def close(self) -> None:
+        """Stop the request: aborts it in the engine (in-band) unless it already finished."""
+        if not self.done:
+            self.done = True
+            self.conn.abort(self.request_id)
+
+    def __aiter__(self) -> RequestHandle:
+        return self
+
+    async def __anext__(self) -> pb.RequestUpdate:
+        if self.done and self._queue.empty():
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, RequestFailed):
+            raise item
+        return item
+
+
+class _Outbox:
+    """Frames waiting to go out on one Generate call."""
+
+    __slots__ = ("new", "aborts", "wake", "closed")
+
+    def __init__(self) -> None:
+        self.new: list[pb.NewRequest] = []
+        self.aborts: list[str] = []
+        self.wake = asyncio.Event()
+        self.closed = False
+
+
+class EngineConnection:
+    """One engine address: a channel and one long-lived Generate stream, reconnected with backoff."""
+
+    def __init__(self, address: str, pool: EnginePool) -> None:
+        self.address, self._pool = address, pool
+        self.inflight: dict[str, RequestHandle] = {}
+        self.ready = False
+        self.retiring = False  # the address left DNS: no new requests, close when idle
+        self.info: pb.ModelInfo | None = None
+        self._ids = itertools.count()
+        self._outbox = _Outbox()  # one per stream attempt, so a dead call's writer can never take new frames
+        self._task = asyncio.create_task(self._run(), name=f"engine {address}")
+
+    def send(self, request: pb.NewRequest, max_buffered: int) -> RequestHandle:
+        request.request_id = str(next(self._ids))
+        handle = self.inflight[request.request_id] = RequestHandle(self, request.request_id, max_buffered)
+        self._outbox.new.append(request)
+        self._outbox.wake.set()
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        if self.inflight.pop(request_id, None) is not None and self.ready:
+            self._outbox.aborts.append(request_id)
+            self._outbox.wake.set()
+
+    @staticmethod
+    async def _frames(outbox: _Outbox):
+        """The request side of one Generate call: whatever was queued since the last frame."""
+        while not outbox.closed:
+            await outbox.wake.wait()
+            outbox.wake.clear()
+            new, outbox.new = outbox.new, []
+            aborts, outbox.aborts = outbox.aborts, []
+            if new or aborts:
+                yield pb.ClientFrame(requests=new, abort_request_ids=aborts)
+
+    async def _run(self) -> None:
+        cfg = self._pool.config
+        backoff = cfg.reconnect_min_s
+        while not (self.retiring and not self.inflight):
+            channel = grpc.aio.insecure_channel(self.address, options=self._pool.channel_options)
+            reason = "the engine ended the stream (draining)"
+            try:
+                stub = pb_grpc.EngineStub(channel)
+                info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5.0)
+                problem = self._pool.check_model(info)
+                if problem is not None:
+                    reason = problem
+                    log.error("engine %s refused: %s", self.address, problem)
+                    backoff = cfg.reconnect_max_s
+                else:
+                    self._outbox = _Outbox()
+                    call = stub.Generate(self._frames(self._outbox))
+                    self.info, self.ready = info, True
+                    self._pool.changed()
+                    log.info("engine %s connected (%s)", self.address, info.model_name)
+                    async for frame in call:
+                        backoff = cfg.reconnect_min_s  # it works: reconnect fast if it drops later
+                        for update in frame.updates:
+                            handle = self.inflight.get(update.request_id)
+                            if handle is not None:
+                                handle.push(update)
+            except grpc.aio.AioRpcError as exc:
+                reason = f"{exc.code().name}: {exc.details()}"
+            finally:
+                self.ready = False
+                self._lose_inflight(reason)
+                await channel.close()
+            log.warning("engine %s lost (%s); reconnecting in %.1fs", self.address, reason, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, cfg.reconnect_max_s)
+
+    def _lose_inflight(self, reason: str) -> None:
+        handles, self.inflight = self.inflight, {}
+        self._outbox.closed = True
+        self._outbox.wake.set()
+        self._outbox = _Outbox()
+        for handle in handles.values():
+            handle.fail(RequestFailed(grpc.StatusCode.UNAVAILABLE, f"lost the engine {self.address}: {reason}",
+                                      retryable=not handle.got_tokens))
+
+    async def close(self) -> None:
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+
+
+class EnginePool:
+    """The engine connections of this service; see the module docstring."""
+
+    def __init__(self, config: TextServerConfig, vocab_size: int, eos_token_ids: set[int],
+                 channel_options: list[tuple[str, int]]) -> None:
+        self.config, self.channel_options = config, channel_options
+        self._vocab, self._eos = vocab_size, eos_token_ids
+        self.conns: dict[str, EngineConnection] = {}
+        self._changed = asyncio.Event()
+        self._dns_task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        for address in self.config.engine_addresses:
+            self.conns[address] = EngineConnection(address, self)
+        if self.config.engine_dns:
+            self._dns_task = asyncio.create_task(self._resolve_forever())
+
+    def check_model(self, info: pb.ModelInfo) -> str | None:
+        """Why this engine does not serve our model, or None when vocabulary size and EOS ids match."""
+        if info.vocab_size != self._vocab:
+            return f"vocab_size {info.vocab_size} differs from this tokenizer's model ({self._vocab})"
+        if set(info.eos_token_ids) != self._eos:
+            return f"eos_token_ids {sorted(info.eos_token_ids)} differ from this model's {sorted(self._eos)}"
+        return None
+
+    def changed(self) -> None:
+        self._changed.set()
+
+    @property
+    def ready(self) -> list[EngineConnection]:
+        return [c for c in self.conns.values() if c.ready and not c.retiring]
+
+    @property
+    def max_model_len(self) -> int:
+        return min((c.info.max_model_len for c in self.ready if c.info), default=0)
+
+    async def submit(self, request: pb.NewRequest, timeout_s: float | None,
+                     avoid: EngineConnection | None = None) -> RequestHandle:
+        """Send request to the least-loaded ready engine, waiting up to engine_wait_s for one."""
+        limit = min(self.config.engine_wait_s, timeout_s) if timeout_s is not None else self.config.engine_wait_s
+        deadline = time.monotonic() + limit
+        while True:
+            ready = self.ready
+            if ready:
+                others = [c for c in ready if c is not avoid] or ready
+                conn = min(others, key=lambda c: len(c.inflight))
+                return conn.send(request, self.config.max_buffered_updates)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RequestFailed(grpc.StatusCode.UNAVAILABLE,
+                                    f"no engine is connected (waited {limit:.1f}s); engines: {sorted(self.conns)}")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
+            except TimeoutError:
+                pass
+
+    async def _resolve_forever(self) -> None:
+        host, _, port = self.config.engine_dns.rpartition(":")
+        while True:
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+                found = {(f"[{i[4][0]}]:{port}" if i[0] == socket.AF_INET6 else f"{i[4][0]}:{port}") for i in infos}
+            except OSError as exc:
+                log.warning("resolving %s failed: %s", self.config.engine_dns, exc)
+                found = set(self.conns)  # keep what we have
+            for address in found - set(self.conns):
+                self.conns[address] = EngineConnection(address, self)
+            for address in set(self.conns) - found:
+                self.conns[address].retiring = True  # its task ends once its requests are done
+            for address, conn in list(self.conns.items()):
+                if conn.retiring and not conn.inflight:
+                    await self.conns.pop(address).close()
+            await asyncio.sleep(self.config.dns_refresh_s)
+
+    async def close(self) -> None:
+        if self._dns_task is not None:
+            self._dns_task.cancel()
+        for conn in list(self.conns.values()):
+            await conn.close()

@@ -1,0 +1,142 @@
+"""The tokenizer service process: `tokenizer-service --model DIR --engines HOST:PORT[,...]`.
+
+Every flag also reads a TOKENIZER_* variable. serve() wires the servicer, the engine pool, health, reflection,
+limits and keepalive; SIGTERM drains (NOT_SERVING, new requests refused with UNAVAILABLE, in-flight streams
+finish, multiplexed streams end from the server side) within the grace period. main() only parses flags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.llmserve.text.v1 import text_pb2, text_pb2_grpc
+from tokenizer_service.config import TextServerConfig, parse_config
+from tokenizer_service.engine_pool import EnginePool
+from tokenizer_service.servicer import TextServicer
+from tokenizer_service.validation import read_eos_token_ids, read_generation_defaults
+
+log = logging.getLogger("tokenizer_service")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def server_options(config: TextServerConfig) -> list[tuple[str, int]]:
+    """Message limits and keepalive: clients may ping often without a too_many_pings GOAWAY."""
+    options = [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(config.min_ping_interval_s * 1000)),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+    if config.max_connection_age_s > 0:
+        options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(config.grace_s * 1000))]
+    return options
+
+
+def engine_channel_options(config: TextServerConfig) -> list[tuple[str, int]]:
+    """Our side of the engine streams: the engine permits pings every 5 s, we send one every keepalive_time_s."""
+    return [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def load_tokenizer(model_dir: str) -> tuple[Any, str, int]:
+    """The HF tokenizer, the model's name and its vocabulary size (config.json, else the tokenizer's)."""
+    from transformers import AutoTokenizer  # heavy: only the service process needs it
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config_path = Path(model_dir) / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or len(tokenizer)
+    name = config.get("_name_or_path") or Path(model_dir).resolve().name
+    return tokenizer, name, int(vocab)
+
+
+async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
+                bound_port: asyncio.Future[int] | None = None, handle_signals: bool = True) -> int:
+    """Run until `stop` (or SIGTERM) and drained; returns the exit code."""
+    stop = stop or asyncio.Event()
+    tokenizer, name, vocab = await asyncio.to_thread(load_tokenizer, config.model)
+    eos = read_eos_token_ids(config.model, tokenizer)
+    pool = EnginePool(config, vocab, eos, engine_channel_options(config))
+    servicer = TextServicer(tokenizer, pool, name, vocab, eos, read_generation_defaults(config.model),
+                            config.max_inflight)
+    health_servicer = health.aio.HealthServicer()
+    server = grpc.aio.server(options=server_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    text_pb2_grpc.add_TextGenerationServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [text_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name,
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    for service in ("", config.service_name):
+        await health_servicer.set(service, NOT_SERVING)
+    await server.start()
+    if bound_port is not None:
+        bound_port.set_result(port)
+    if handle_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    pool.start()
+    health_task = asyncio.create_task(_track_engines(pool, health_servicer, config.service_name))
+    log.info("tokenizer service listening on %s:%d for %s", config.host, port, name)
+
+    await stop.wait()
+    health_task.cancel()
+    await health_servicer.enter_graceful_shutdown()
+    servicer.begin_drain()
+    deadline = time.monotonic() + config.grace_s
+    log.info("draining: finishing %d calls within %.0fs", servicer.num_calls, config.grace_s)
+    while servicer.num_calls and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await server.stop(max(0.5, deadline - time.monotonic()))
+    await pool.close()
+    log.info("tokenizer service stopped")
+    return 0
+
+
+async def _track_engines(pool: EnginePool, health_servicer: Any, service_name: str) -> None:
+    """SERVING while at least one compatible engine is connected."""
+    serving = None
+    while True:
+        now = bool(pool.ready)
+        if now != serving:
+            serving = now
+            for service in ("", service_name):
+                await health_servicer.set(service, SERVING if now else NOT_SERVING)
+        await asyncio.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `tokenizer-service`."""
+    try:
+        config = parse_config(argv)
+    except ValueError as exc:
+        sys.exit(f"tokenizer-service: {exc}")
+    logging.basicConfig(level=config.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(asyncio.run(serve(config)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""The TextGeneration servicer: text in, tokens to the engines, text deltas back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from protos.llmserve.engine.v1 import engine_pb2 as engine_pb
+from protos.llmserve.text.v1 import text_pb2 as pb
+from protos.llmserve.text.v1 import text_pb2_grpc as pb_grpc
+from tokenizer_service.engine_pool import EnginePool, RequestFailed, RequestHandle
+from tokenizer_service.text_stream import TextStream
+from tokenizer_service.validation import (
+    PreparedRequest,
+    TextLimits,
+    prepare,
+    tokenize_input,
+    validate_detokenize_ids,
+)
+
+STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
+FINISH = {engine_pb.FINISH_REASON_STOP: pb.FINISH_REASON_STOP, engine_pb.FINISH_REASON_LENGTH: pb.FINISH_REASON_LENGTH,
+          engine_pb.FINISH_REASON_ABORT: pb.FINISH_REASON_ABORT}
+MAX_ATTEMPTS = 3  # a request that never got a token may move to another engine this many times in all
+
+
+class TextServicer(pb_grpc.TextGenerationServicer):
+    """Generate, GenerateMulti, Tokenize, Detokenize and GetModelInfo over an EnginePool."""
+
+    def __init__(self, tokenizer: Any, pool: EnginePool, model_name: str, vocab_size: int,
+                 eos_token_ids: set[int], generation_defaults: dict[str, object], max_inflight: int) -> None:
+        self.tokenizer, self.pool = tokenizer, pool
+        self.model_name, self.vocab_size, self.eos_token_ids = model_name, vocab_size, eos_token_ids
+        self.defaults = generation_defaults
+        self.max_inflight = max_inflight
+        self.inflight = 0
+        self.draining = False
+        self.num_calls = 0  # Generate / GenerateMulti calls in progress
+        self._multi_wakes: set[asyncio.Event] = set()
+
+    def begin_drain(self) -> None:
+        self.draining = True
+        for wake in self._multi_wakes:
+            wake.set()
+
+    def _admit(self, request: pb.GenerateRequest) -> PreparedRequest:
+        """Refuse (RequestFailed) or validate a new request."""
+        if self.draining:
+            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "the tokenizer service is draining; retry elsewhere")
+        if self.inflight >= self.max_inflight:
+            raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the tokenizer service's queue is full: {self.inflight} requests in flight "
+                                f"(max_inflight {self.max_inflight}); retry later")
+        try:
+            return prepare(request, self.tokenizer, self.defaults, self.pool.max_model_len,
+                           TextLimits(vocab_size=self.vocab_size))
+        except ValueError as exc:
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+
+    async def _generate(self, prep: PreparedRequest, timeout_s: float | None) -> AsyncIterator[pb.GenerateResponse]:
+        """The responses of one request; raises RequestFailed. Retries elsewhere only before the first token.
+
+        The deadline travels to the engine (deadline_ms), which fails the request with DEADLINE_EXCEEDED.
+        """
+        text = TextStream(self.tokenizer, prep.stop, prep.skip_special_tokens, prep.include_stop_str_in_output)
+        handle: RequestHandle | None = None
+        sent_tokens, cached, attempts = False, 0, 0
+        self.inflight += 1
+        try:
+            while True:
+                request = engine_pb.NewRequest()
+                request.CopyFrom(prep.engine_request)
+                if timeout_s is not None:
+                    request.deadline_ms = max(1, int(timeout_s * 1000))
+                handle = await self.pool.submit(request, timeout_s, avoid=handle.conn if handle else None)
+                attempts += 1
+                try:
+                    async for update in handle:
+                        if update.finish_reason == engine_pb.FINISH_REASON_ERROR:
+                            code = STATUS_BY_CODE.get(update.status.code, grpc.StatusCode.INTERNAL)
+                            raise RequestFailed(code, update.status.message,
+                                                retryable=code == grpc.StatusCode.UNAVAILABLE)
+                        cached = update.num_cached_tokens or cached
+                        ids = list(update.new_token_ids)
+                        delta = text.feed(ids)
+                        if text.stopped is not None:
+                            handle.close()  # in-band abort: the engine frees the blocks at once
+                            yield self._last(prep, text, delta, ids, pb.FINISH_REASON_STOP, cached)
+                            return
+                        if update.finish_reason:
+                            reason = FINISH.get(update.finish_reason, pb.FINISH_REASON_STOP)
+                            yield self._last(prep, text, delta + text.finish(), ids, reason, cached)
+                            return
+                        if ids or delta:
+                            sent_tokens = True
+                            yield pb.GenerateResponse(text=delta, token_ids=ids)
+                    raise RequestFailed(grpc.StatusCode.INTERNAL, "the engine ended the request without a finish")
+                except RequestFailed as exc:
+                    if not (exc.retryable and not sent_tokens and attempts < MAX_ATTEMPTS):
+                        raise
+        finally:
+            self.inflight -= 1
+            if handle is not None:
+                handle.close()
+
+    def _last(self, prep: PreparedRequest, text: TextStream, delta: str, ids: list[int], reason: int,
+              cached: int) -> pb.GenerateResponse:
+        usage = pb.Usage(prompt_tokens=prep.num_prompt_tokens, completion_tokens=text.num_generated,
+                         cached_tokens=cached)
+        return pb.GenerateResponse(text=delta, token_ids=ids, finish_reason=reason, usage=usage,
+                                   stop_reason=text.stopped or "")
+
+    async def Generate(self, request, context):
+        self.num_calls += 1
+        try:
+            prep = self._admit(request)
+            async for response in self._generate(prep, context.time_remaining()):
+                yield response
+        except RequestFailed as exc:
+            await context.abort(exc.code, exc.message)
+        finally:
+            self.num_calls -= 1
+
+    async def GenerateMulti(self, request_iterator, context):
+        out: asyncio.Queue[pb.GenerateResponse] = asyncio.Queue(maxsize=1024)  # bounded: backpressure per request
+        tasks: dict[str, asyncio.Task] = {}
+        wake = asyncio.Event()
+        input_done = False
+
+        async def run_one(rid: str, request: pb.GenerateRequest) -> None:
+            try:
+                prep = self._admit(request)
+                timeout = request.deadline_ms / 1000 if request.deadline_ms else None
+                async for response in self._generate(prep, timeout):
+                    response.request_id = rid
+                    await out.put(response)
+            except RequestFailed as exc:
+                await out.put(pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_REASON_ERROR,
+                                                  status=pb.Status(code=exc.code.value[0], message=exc.message)))
+            finally:
+                tasks.pop(rid, None)
+                wake.set()
+
+        async def read() -> None:
+            nonlocal input_done
+            try:
+                async for frame in request_iterator:
+                    if frame.WhichOneof("kind") == "generate":
+                        rid = frame.generate.request_id
+                        if not rid or rid in tasks:
+                            status = pb.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                               message=f"request_id {rid!r} must be non-empty and not live")
+                            await out.put(pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_REASON_ERROR,
+                                                              status=status))
+                        else:
+                            tasks[rid] = asyncio.create_task(run_one(rid, frame.generate))
+                    elif frame.WhichOneof("kind") == "abort_request_id":
+                        task = tasks.pop(frame.abort_request_id, None)
+                        if task is not None:
+                            task.cancel()  # its finally aborts the engine request
+                            await out.put(pb.GenerateResponse(request_id=frame.abort_request_id,
+                                                              finish_reason=pb.FINISH_REASON_ABORT))
+            finally:
+                input_done = True
+                wake.set()
+
+        self.num_calls += 1
+        self._multi_wakes.add(wake)
+        reader = asyncio.create_task(read())
+        try:
+            while not (out.empty() and not tasks and (input_done or self.draining)):
+                if not out.empty():
+                    yield out.get_nowait()
+                    continue
+                wake.clear()
+                getter = asyncio.create_task(out.get())
+                waker = asyncio.create_task(wake.wait())
+                done, _ = await asyncio.wait({getter, waker}, return_when=asyncio.FIRST_COMPLETED)
+                waker.cancel()
+                if getter in done:
+                    yield getter.result()
+                else:
+                    getter.cancel()
+        finally:
+            reader.cancel()
+            for task in list(tasks.values()):
+                task.cancel()
+            self._multi_wakes.discard(wake)
+            self.num_calls -= 1
+
+    async def Tokenize(self, request, context):
+        try:
+            ids = tokenize_input(request, self.tokenizer, add_special_tokens=request.add_special_tokens)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.TokenizeResponse(token_ids=ids)
+
+    async def Detokenize(self, request, context):
+        try:
+            validate_detokenize_ids(list(request.token_ids), TextLimits(vocab_size=self.vocab_size))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        return pb.DetokenizeResponse(text=self.tokenizer.decode(list(request.token_ids), skip_special_tokens=skip))
+
+    async def GetModelInfo(self, request, context):
+        return pb.ModelInfo(model_name=self.model_name, vocab_size=self.vocab_size,
+                            eos_token_ids=sorted(self.eos_token_ids), max_model_len=self.pool.max_model_len,
+                            has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
+                            num_engines=len(self.pool.ready))

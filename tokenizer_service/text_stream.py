@@ -1,0 +1,35 @@
+"""One request's token ids turned into text deltas: incremental detokenization, then stop strings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenizer_service.detokenizer import IncrementalDetokenizer
+from tokenizer_service.stop_strings import StopStringMatcher
+
+
+class TextStream:
+    """feed() each step's token ids and get the text safe to send; finish() at the end for the rest.
+
+    Once `stopped` is set (a stop string matched), the request should be aborted in the engine.
+    """
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...], skip_special_tokens: bool,
+                 include_stop_str_in_output: bool) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+        self._stops = StopStringMatcher(stop, include_stop_str_in_output=include_stop_str_in_output)
+        self.num_generated = 0  # every token the engine produced, including any past a stop string
+
+    @property
+    def stopped(self) -> str | None:
+        """The stop string that matched, if any."""
+        return self._stops.match.stop if self._stops.match is not None else None
+
+    def feed(self, token_ids: list[int]) -> str:
+        self.num_generated += len(token_ids)
+        return self._stops.feed(self._detok.step(token_ids))
+
+    def finish(self) -> str:
+        """Text still held back (an incomplete character, a possible stop-string prefix) at the end."""
+        text = self._stops.feed(self._detok.flush())
+        return text + self._stops.flush()
