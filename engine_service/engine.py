@@ -230,7 +230,8 @@ class LLMEngine:
         return SamplingRow(p, self.generators.get(seq.request_id), banned)
 
     def _fail(self, seq: Sequence, message: str) -> StepOutput:
-        self.scheduler.finish(seq, FINISH_ERROR) if seq.status is not Status.FINISHED else None
+        if seq.status is not Status.FINISHED:
+            self.scheduler.finish(seq, FINISH_ERROR)
         self._forget(seq)
         out = self._output(seq, [])
         out.error = message
