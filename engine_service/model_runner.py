@@ -2,7 +2,7 @@
 
 Per step: token ids, positions, slot mapping, cumulative query lengths, context lengths and block tables
 are built on the host in one pass over the batch, copied to the device once, and the sampled tokens come
-back in one sync (see Sampler).
+back in one sync (see Sampler). On CUDA, pure-decode steps replay captured graphs (cuda_graphs.py).
 """
 
 from __future__ import annotations
@@ -107,6 +107,12 @@ class ModelRunner:
             self.num_blocks,
             self.block_size,
         )
+        # Pure-decode steps replay CUDA graphs captured here (see cuda_graphs.py); None runs them eagerly.
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            from engine_service.cuda_graphs import build_decode_graphs
+
+            self.graphs = build_decode_graphs(self)
 
     # ---- KV-cache sizing -----------------------------------------------------------------------
     def block_bytes(self) -> int:
@@ -204,10 +210,13 @@ class ModelRunner:
     def execute(self, x: StepInputs) -> torch.Tensor | None:
         """Forward one step; returns the logits of the rows to sample ([N, vocab]) or None."""
         dev = self.device
-        meta = self._metadata(x.q_lens, x.ctx_lens, x.tables, x.slots, x.num_decode)
-        ids = torch.tensor(x.ids, dtype=torch.long, device=dev)
-        positions = torch.tensor(x.positions, dtype=torch.long, device=dev)
-        hidden = self.model(ids, positions, self.kv_caches, meta, self.backend)
+        if self.graphs is not None and self.graphs.can_run(x):
+            hidden = self.graphs.run(x)  # [n, hidden]: the real rows of the replayed padded batch
+        else:
+            meta = self._metadata(x.q_lens, x.ctx_lens, x.tables, x.slots, x.num_decode)
+            ids = torch.tensor(x.ids, dtype=torch.long, device=dev)
+            positions = torch.tensor(x.positions, dtype=torch.long, device=dev)
+            hidden = self.model(ids, positions, self.kv_caches, meta, self.backend)
         if not x.sample_rows:
             return None
         rows = torch.tensor(x.sample_rows, dtype=torch.long, device=dev)

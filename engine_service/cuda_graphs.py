@@ -1,0 +1,379 @@
+"""CUDA graphs for pure-decode steps: every sequence computes one token.
+
+At 28,000 tok/s a decode step has about 4.7 ms in all (BENCHMARKS.md), and an eager forward of Qwen3-0.6B
+launches dozens of small kernels per layer, 28 layers deep; a captured graph replays them in one call.
+
+How it works (the same plan as vLLM's and nano-vLLM's decode graphs, written for this engine):
+- At start-up, the forward pass is captured once per batch size of a ladder (capture_sizes), largest
+  first, all graphs sharing ONE memory pool: graphs replay one at a time, so a smaller graph reuses the
+  largest one's activation memory.
+- A graph reads its inputs from static buffers of max_bs lanes (input ids, positions, slot mapping,
+  context lengths, block tables of width ceil(max_model_len / block_size)) and writes the final hidden
+  states into a static [max_bs, hidden] buffer. cu_seqlens_q is arange: one query row per lane.
+- A step of n sequences replays the smallest captured size >= n. Lanes n.. are padding: slot -1 (the
+  KV store writes nothing) and context length 0 (attention writes zeros, never NaN). Only the real rows
+  go on to the LM head and the sampler, which stay outside the graph.
+- The split-KV count of paged attention is a function of the batch shape only, so it is fixed per
+  captured size (meta.cache["num_kv_splits"]); eager steps use the same heuristic.
+- After capture, a self-check replays every size on random inputs and compares with an eager forward
+  of the same padded batch; anything but bitwise-equal hidden states and logits turns graphs off
+  (decode runs eagerly) rather than risk serving different tokens.
+
+Capture never reads device memory on the host: the metadata's host lists (q_lens, ctx_lens) are fixed
+per size, and the model's forward (embedding, RMSNorm, RoPE table lookup, linears, the Triton kernels)
+issues no host sync. Only the `triton` backend is captured:
+- `torch` stores K/V through a boolean mask when a batch has padding lanes (a host sync) and plans
+  its gathers from the host context lengths;
+- `flash_attn` shares that store.
+Tensor parallelism > 1 runs eagerly too (its all-reduces are not captured here).
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine_service.attention.base import AttentionMetadata
+from engine_service.model.qwen3 import kv_heads_per_rank
+
+if TYPE_CHECKING:
+    from engine_service.model_runner import ModelRunner, StepInputs
+
+log = logging.getLogger(__name__)
+
+# Batch sizes captured: every small size a few requests produce, then one graph every CAPTURE_STEP
+# sequences. Padding a step up to the next size costs little: padding lanes read no KV cache, and decode
+# GEMMs at these batch sizes are bound by reading the weights, not by the rows.
+SMALL_CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32)
+CAPTURE_STEP = 16
+
+# The self-check reads and writes the KV cache only in blocks [0, SELF_CHECK_BLOCKS) (at least one per
+# lane of the largest graph), with contexts of up to SELF_CHECK_MAX_CONTEXT tokens: long enough to use
+# several KV splits, short enough that the check takes milliseconds.
+SELF_CHECK_BLOCKS = 256
+SELF_CHECK_MAX_CONTEXT = 2048
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """The ladder of batch sizes to capture: 1, 2, 4, 8, 16, 24, 32, then every 16, then max_num_seqs."""
+    sizes = [s for s in SMALL_CAPTURE_SIZES if s <= max_num_seqs]
+    s = SMALL_CAPTURE_SIZES[-1] + CAPTURE_STEP
+    while s <= max_num_seqs:
+        sizes.append(s)
+        s += CAPTURE_STEP
+    if sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+def pick_size(sizes: list[int], n: int) -> int | None:
+    """The smallest captured size that holds n sequences (sizes sorted), or None when none does."""
+    i = bisect.bisect_left(sizes, n)
+    return sizes[i] if i < len(sizes) else None
+
+
+def pack_decode_inputs(
+    ids: list[int],
+    positions: list[int],
+    slots: list[int],
+    ctx_lens: list[int],
+    tables: list[list[int]],
+    size: int,
+) -> tuple[list[int], int]:
+    """One flat int list for one host->device copy of a decode step padded to `size` lanes.
+
+    Layout: [ids | positions | slots | context lens], `size` entries each, lanes n.. padded with token 0,
+    position 0, slot -1 and context 0; then the n real block tables, each padded to w = the longest
+    table (w >= 1), row after row. Returns (flat, w). Padding lanes' table rows are not sent: with
+    context 0 no kernel reads them.
+    """
+    n = len(ids)
+    pad = size - n
+    width = max(1, max(map(len, tables)))
+    zeros = [0] * max(pad, width)
+    flat = ids + zeros[:pad] + positions + zeros[:pad] + slots + [-1] * pad + ctx_lens + zeros[:pad]
+    for t in tables:
+        flat += t
+        flat += zeros[: width - len(t)]
+    return flat, width
+
+
+@dataclass(slots=True)
+class CheckResult:
+    """Replay against eager for one captured size, on one random padded batch."""
+
+    size: int
+    real: int  # real lanes; the rest are padding
+    hidden_equal: bool  # all `size` rows, padding lanes included
+    logits_equal: bool  # all `size` rows
+    finite: bool  # no NaN or inf anywhere in the replayed hidden states
+    max_abs_diff: float
+
+    @property
+    def ok(self) -> bool:
+        return self.hidden_equal and self.logits_equal and self.finite
+
+
+class _EagerReplay:
+    """Stands in for a torch.cuda.CUDAGraph where graphs cannot be captured (CPU tests): replay() re-runs
+    the same forward on the same static buffers, which is what a graph replay computes."""
+
+    def __init__(self, owner: DecodeGraphRunner, size: int):
+        self.owner, self.size = owner, size
+
+    def replay(self) -> None:
+        self.owner.hidden[: self.size].copy_(self.owner.forward(self.size))
+
+
+class DecodeGraphRunner:
+    """Captured decode forwards for a ladder of batch sizes, over static input and output buffers.
+
+    use_cuda_graphs=False keeps every buffer and step the same but replays by re-running the forward,
+    so the padding and buffer logic can be tested on CPU.
+    """
+
+    def __init__(self, runner: ModelRunner, sizes: list[int], use_cuda_graphs: bool = True):
+        self.model, self.backend, self.kv_caches = runner.model, runner.backend, runner.kv_caches
+        self.device = runner.device
+        self.block_size = runner.block_size
+        self.max_model_len = runner.max_model_len
+        self.sizes = sorted(set(sizes))
+        self.use_cuda_graphs = use_cuda_graphs
+        self.width = -(-runner.max_model_len // runner.block_size)  # every table a sequence can have
+        max_bs = self.sizes[-1]
+        dev = self.device
+        # Plain tensors (not inference tensors), so that steps may update them in place in any mode.
+        self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)  # [max_bs]
+        self.positions = torch.zeros(max_bs, dtype=torch.long, device=dev)  # [max_bs]
+        self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.long, device=dev)  # [max_bs]
+        self.context_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)  # [max_bs]
+        self.block_tables = torch.zeros(max_bs, self.width, dtype=torch.int32, device=dev)  # [max_bs, W]
+        self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)  # never changes
+        hidden_size = runner.model_cfg.hidden_size
+        self.hidden = torch.zeros(max_bs, hidden_size, dtype=runner.dtype, device=dev)  # graph output
+        # Staging for pack_decode_inputs: pinned on CUDA, so the copy is a true asynchronous DMA.
+        cap = 4 * max_bs + max_bs * self.width
+        self._stage = torch.empty(cap, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._stage_dev = torch.empty(cap, dtype=torch.long, device=dev)
+        self._stage_np = self._stage.numpy()  # numpy fills it from a Python list in one C loop
+        self._copied = torch.cuda.Event() if dev.type == "cuda" else None  # the staging buffer is free
+        # Split-KV count per size, fixed at capture (only the triton backend reads it).
+        self.num_kv_splits = dict.fromkeys(self.sizes, 1)
+        if runner.backend_name == "triton":
+            from engine_service.attention.triton_kernels import default_num_kv_splits
+
+            kv_heads = kv_heads_per_rank(runner.model_cfg, runner.tp)
+            self.num_kv_splits = {s: default_num_kv_splits(s, kv_heads, 1, dev) for s in self.sizes}
+        self.graphs: dict[int, torch.cuda.CUDAGraph | _EagerReplay] = {}
+        self.pool = None
+        self.capture_seconds = 0.0
+        self.num_replays = 0  # steps served by a graph, for tests and profiling
+
+    def _on_device(self):
+        """The runner's device as the current one (it may be cuda:1 while cuda:0 is current): Triton
+        launches and graph captures use the current device."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    # ---- the forward a graph holds -----------------------------------------------------------------
+    def metadata(self, size: int) -> AttentionMetadata:
+        """Attention metadata over the first `size` lanes of the static buffers.
+
+        The host lists are placeholders fixed per size (the triton backend plans from shapes only);
+        max_context_len is the bound every lane stays under.
+        """
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:size],
+            cu_seqlens_q=self.cu_seqlens_q[: size + 1],
+            context_lens=self.context_lens[:size],
+            block_tables=self.block_tables[:size],
+            num_decode_seqs=size,
+            max_seqlen_q=1,
+            max_context_len=self.max_model_len,
+            block_size=self.block_size,
+            has_padding=True,
+            q_lens=[1] * size,
+            ctx_lens=[self.max_model_len] * size,
+            cache={"num_kv_splits": self.num_kv_splits[size]},
+        )
+
+    def forward(self, size: int) -> torch.Tensor:
+        """The model over the first `size` lanes of the static inputs: [size, hidden] (eager)."""
+        return self.model(
+            self.input_ids[:size], self.positions[:size], self.kv_caches, self.metadata(size), self.backend
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> float:
+        """Capture every size, largest first into one pool; returns the seconds it took."""
+        start = time.perf_counter()
+        # Every lane a padding lane: the warm-ups and captures write nothing into the KV cache.
+        self.slot_mapping.fill_(-1)
+        self.context_lens.zero_()
+        with self._on_device():
+            if self.use_cuda_graphs:
+                self.pool = torch.cuda.graph_pool_handle()
+            for size in reversed(self.sizes):
+                # Eager warm-up: Triton compiles and loads this size's kernels (its split count, its
+                # specialisations) here, since nothing may compile or allocate outside the pool in a capture.
+                self.forward(size)
+                if not self.use_cuda_graphs:
+                    self.graphs[size] = _EagerReplay(self, size)
+                    continue
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.hidden[:size].copy_(self.forward(size))  # [size, hidden]
+                self.graphs[size] = graph
+            if self.use_cuda_graphs:
+                torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - start
+        return self.capture_seconds
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def can_run(self, x: StepInputs) -> bool:
+        """A pure-decode step whose batch fits a captured size."""
+        n = len(x.q_lens)
+        return 0 < n <= self.sizes[-1] and x.num_decode == n and bool(self.graphs)
+
+    def run(self, x: StepInputs) -> torch.Tensor:
+        """Replay the graph for x (a pure-decode step); returns the real rows' hidden states [n, hidden].
+
+        The result is a view of the static output buffer: use it before the next run().
+        """
+        n = len(x.q_lens)
+        size = pick_size(self.sizes, n)
+        self._load(x.ids, x.positions, x.slots, x.ctx_lens, x.tables, size)
+        self.graphs[size].replay()
+        self.num_replays += 1
+        return self.hidden[:n]
+
+    def _load(self, ids, positions, slots, ctx_lens, tables, size: int) -> None:
+        """Copy one step's inputs, padded to `size` lanes, into the static buffers (one host->device copy)."""
+        flat, width = pack_decode_inputs(ids, positions, slots, ctx_lens, tables, size)
+        n, total = len(ids), len(flat)
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy has left the staging buffer
+        self._stage_np[:total] = flat
+        buf = self._stage_dev[:total]
+        buf.copy_(self._stage[:total], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record(torch.cuda.current_stream(self.device))
+        s = size
+        self.input_ids[:s].copy_(buf[:s])
+        self.positions[:s].copy_(buf[s : 2 * s])
+        self.slot_mapping[:s].copy_(buf[2 * s : 3 * s])
+        self.context_lens[:s].copy_(buf[3 * s : 4 * s])
+        # Entries past a table's end stay stale: a kernel reads only ceil(context / block_size) of them.
+        self.block_tables[:n, :width].copy_(buf[4 * s :].view(n, width))
+
+    # ---- the self-check ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def self_check(self, seed: int = 0) -> list[CheckResult]:
+        """For each captured size: replay vs an eager forward of the same random padded batch.
+
+        Uses KV blocks [0, SELF_CHECK_BLOCKS), filled with random values and restored afterwards, so it
+        may run on an idle engine (never during a step).
+        """
+        with self._on_device():
+            return self._self_check(seed)
+
+    def _self_check(self, seed: int) -> list[CheckResult]:
+        num_blocks = self.kv_caches[0][0].shape[0]  # each layer's cache: [num_blocks, block_size, Hkv, D]
+        pool = min(num_blocks, max(SELF_CHECK_BLOCKS, self.sizes[-1]))
+        # [layers, pool, block_size, kv_heads, head_dim], for the restore
+        saved = [(k[:pool].clone(), v[:pool].clone()) for k, v in self.kv_caches]
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        for k, v in self.kv_caches:
+            k[:pool].normal_(generator=gen)
+            v[:pool].normal_(generator=gen)
+        rng = random.Random(seed)
+        vocab = self.model.cfg.vocab_size
+        max_ctx = min(self.max_model_len, SELF_CHECK_MAX_CONTEXT, pool * self.block_size)
+        results = []
+        try:
+            for size in self.sizes:
+                # A quarter of the lanes (at least one, from size 2) are padding; each real lane writes
+                # its new K/V into a block of its own, so no two lanes race for a slot.
+                padding = max(1, size // 4) if size > 1 else 0
+                real = min(pool, size - padding)
+                last_blocks = rng.sample(range(pool), real)
+                ids, positions, slots, ctx_lens, tables = [], [], [], [], []
+                for lane in range(real):
+                    ctx = rng.randint(1, max_ctx)
+                    nblk = -(-ctx // self.block_size)
+                    table = [rng.randrange(pool) for _ in range(nblk - 1)] + [last_blocks[lane]]
+                    pos = ctx - 1
+                    ids.append(rng.randrange(vocab))
+                    positions.append(pos)
+                    slots.append(table[-1] * self.block_size + pos % self.block_size)
+                    ctx_lens.append(ctx)
+                    tables.append(table)
+                self._load(ids, positions, slots, ctx_lens, tables, size)
+                self.graphs[size].replay()
+                replayed = self.hidden[:size].clone()
+                # Eager over the same static inputs; it rewrites the same K/V at the same slots first.
+                eager = self.forward(size)
+                logits_r = self.model.compute_logits(replayed)  # [size, vocab]
+                logits_e = self.model.compute_logits(eager)
+                diff = (replayed.float() - eager.float()).abs().max()
+                results.append(
+                    CheckResult(
+                        size=size,
+                        real=real,
+                        hidden_equal=torch.equal(replayed, eager),
+                        logits_equal=torch.equal(logits_r, logits_e),
+                        finite=bool(torch.isfinite(replayed).all()),
+                        max_abs_diff=float(diff),
+                    )
+                )
+        finally:
+            for (k, v), (k0, v0) in zip(self.kv_caches, saved, strict=True):
+                k[:pool].copy_(k0)
+                v[:pool].copy_(v0)
+        return results
+
+
+def build_decode_graphs(runner: ModelRunner) -> DecodeGraphRunner | None:
+    """Capture and self-check decode graphs for a CUDA model runner; None (eager decode) when they
+    cannot be used, with the reason logged."""
+    if runner.backend_name != "triton":
+        log.info(
+            "CUDA graphs off: the %s attention backend is not capturable (only triton is)", runner.backend_name
+        )
+        return None
+    if runner.tp.size > 1:
+        log.info("CUDA graphs off: tensor_parallel_size > 1 runs eagerly")
+        return None
+    graphs = DecodeGraphRunner(runner, capture_sizes(runner.config.max_num_seqs))
+    try:
+        seconds = graphs.capture()
+        results = graphs.self_check()
+    except Exception:  # e.g. out of memory: serving eagerly beats not serving
+        log.exception("CUDA graph capture failed; decode steps run eagerly")
+        return None
+    bad = [r for r in results if not r.ok]
+    if bad:
+        log.error(
+            "CUDA graphs off: replay differs from eager for batch sizes %s (%s); decode steps run eagerly",
+            [r.size for r in bad],
+            "; ".join(
+                f"size {r.size}: hidden equal {r.hidden_equal}, logits equal {r.logits_equal}, "
+                f"finite {r.finite}, max diff {r.max_abs_diff:.3g}"
+                for r in bad
+            ),
+        )
+        return None
+    log.info(
+        "captured %d CUDA graphs for decode batch sizes %s in %.1f s; replay == eager bitwise for each",
+        len(graphs.sizes),
+        graphs.sizes,
+        seconds,
+    )
+    return graphs

@@ -1,0 +1,315 @@
+"""The Python parts of scripts/gpu_check.sh (the one-shot H200 check of issue 3); see docs/GPU.md.
+
+    python scripts/gpu_check.py env     --out DIR    # device and versions; exit 2 without CUDA
+    python scripts/gpu_check.py preset  --out DIR    # build (or reuse) the random-weight Qwen3-0.6B
+    python scripts/gpu_check.py graphs  --out DIR    # (c) graph replay == eager, (e) engine on 64 requests
+                                                     # of workload A, (f) decode ITL with and without graphs
+    python scripts/gpu_check.py summary --out DIR    # the table gpu_check.sh prints last
+
+`graphs` runs one engine (bf16, triton backend, CUDA graphs, the engine's defaults as in workload A) and
+writes DIR/graphs.json after each part, so a timeout still leaves what was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PRESET = "qwen3-0.6b"
+TARGET_TOK_S = 28_000  # issue 3's acceptance figure for workload A
+
+
+def _versions() -> dict:
+    import torch
+
+    info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda}
+    for mod in ("triton", "transformers", "numpy"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            info[mod] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["device"] = props.name
+        info["sms"] = props.multi_processor_count
+        info["memory_gib"] = round(props.total_memory / 2**30, 1)
+    return info
+
+
+def cmd_env(out: Path) -> int:
+    import torch
+
+    info = _versions()
+    (out / "env.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(json.dumps(info))
+    if not torch.cuda.is_available():
+        print("no CUDA: torch.cuda.is_available() is False on this machine; the GPU check needs one GPU")
+        return 2
+    return 0
+
+
+def cmd_preset(cache_dir: Path) -> int:
+    from engine_service import bench
+
+    t = time.perf_counter()
+    path = bench.build_preset(PRESET, cache_dir)
+    print(f"preset {PRESET} at {path} ({time.perf_counter() - t:.1f} s)")
+    return 0
+
+
+def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
+    """(c), (e)'s engine figure and (f). cpu_dry_run: the same flow on CPU at toy sizes (cpu-small preset,
+    torch backend, graphs replayed by re-running the forward), to test this script without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available() and not cpu_dry_run:
+        print("no CUDA")
+        return 2
+    from engine_service import LLM, bench
+    from engine_service.cuda_graphs import DecodeGraphRunner, capture_sizes
+    from scripts import step_profile
+
+    report: dict = {}
+    path = out / "graphs.json"
+
+    def save() -> None:
+        path.write_text(json.dumps(report, indent=2) + "\n")
+
+    # Workload A's engine defaults on the GPU; toy sizes for the CPU dry run.
+    if cpu_dry_run:
+        preset, engine = "cpu-small", dict(device="cpu", dtype="float32", attention_backend="torch",
+                                           max_num_seqs=8, max_model_len=512)
+        slice_args, itl_batches, itl_args = (8, 64, 16), (1, 8), dict(prompt_len=32, max_tokens=8)
+    else:
+        preset, engine = PRESET, dict(device="cuda", dtype="bfloat16", attention_backend="triton")
+        slice_args, itl_batches, itl_args = (64, None, None), (1, 64), {}
+    model_dir = bench.build_preset(preset, cache_dir)
+    t = time.perf_counter()
+    llm = LLM(str(model_dir), **engine)
+    runner = llm.runner
+    report["engine_init_s"] = time.perf_counter() - t
+    report["startup_graphs_on"] = runner.graphs is not None or cpu_dry_run
+    graphs = runner.graphs
+    if graphs is None:
+        # Start-up turned graphs off (its log says why); capture again to show which sizes differ, and
+        # time with them anyway so the figures exist (flagged by startup_graphs_on = false).
+        graphs = DecodeGraphRunner(runner, capture_sizes(llm.config.max_num_seqs), not cpu_dry_run)
+        graphs.capture()
+        runner.graphs = graphs
+    report["capture_s"] = graphs.capture_seconds
+    report["num_kv_splits"] = graphs.num_kv_splits
+
+    # (c) replay vs eager of the same padded batch, every captured size, fresh random inputs.
+    seed = int(time.time()) % 100_000
+    results = graphs.self_check(seed=seed)
+    report["graph_check"] = {
+        "seed": seed,
+        "ok": all(r.ok for r in results),
+        "sizes": [asdict(r) for r in results],
+    }
+    save()
+    print(f"(c) graph replay vs eager, seed {seed}, capture {graphs.capture_seconds:.1f} s:")
+    for r in results:
+        print(
+            f"  size {r.size:4d} ({r.real:3d} real): hidden {'equal' if r.hidden_equal else 'DIFFER'}, "
+            f"logits {'equal' if r.logits_equal else 'DIFFER'}, finite {r.finite}, max diff {r.max_abs_diff:.3g}"
+        )
+
+    # (e) the engine on the 64-request slice of workload A (bench's generator, warm-up and timing).
+    vocab = llm.model_cfg.vocab_size
+    prompts, params = step_profile.workload_slice(*slice_args[:1], vocab, *slice_args[1:])
+    step_profile.warm_up(llm, prompts)
+    t = time.perf_counter()
+    llm.generate(prompts, params)
+    seconds = time.perf_counter() - t
+    tokens = sum(p.max_tokens for p in params)
+    report["slice64"] = {"seconds": seconds, "tok_s": tokens / seconds, "output_tokens": tokens}
+    save()
+    print(f"(e) engine, {len(prompts)} requests of workload A: {seconds:.2f} s, {tokens / seconds:,.0f} tok/s")
+
+    # The per-step split on the same slice (salted: nothing of the timed run in the prefix cache).
+    summary, _ = step_profile.profile_generate(llm, bench.salted(prompts, 3, vocab), params)
+    report["slice64_profile"] = summary
+    save()
+    print(step_profile.format_summary(summary, f"step split, {len(prompts)} requests of workload A, graphs on"))
+
+    # (f) decode inter-token latency at batch 1 and 64, with and without graphs (the same engine).
+    report["itl"] = []
+    for use_graphs in (True, False):
+        runner.graphs = graphs if use_graphs else None
+        for batch in itl_batches:
+            r = step_profile.decode_latency(llm, batch, **itl_args)
+            report["itl"].append({"graphs": use_graphs, **r})
+            save()
+            print(step_profile.format_summary(
+                {"decode": r["decode"]}, f"(f) batch {batch}, graphs {use_graphs}: ITL {r['itl_ms']:.2f} ms"
+            ))
+    runner.graphs = graphs
+    llm.close()
+    return 0 if report["graph_check"]["ok"] and report["startup_graphs_on"] else 1
+
+
+# ---- the table ------------------------------------------------------------------------------------------
+def _load(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _tail(path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def _fmt(x: float | None, unit: str = "") -> str:
+    return "?" if x is None else f"{x:,.0f}{unit}"
+
+
+def _progress_figures(log: Path) -> dict:
+    """The figures bench prints as each contender finishes ("  engine: 4.51 s, 29,700 tok/s")."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return {}
+    found = {}
+    for label, key in (("engine", "engine"), ("transformers static", "hf_static")):
+        m = re.search(rf"^  {label}: [\d.]+ s, ([\d,]+) tok/s", text, re.M)
+        if m:
+            found[key] = {"tok_s": float(m.group(1).replace(",", ""))}
+    if not found:
+        return {}
+    return {"engine": found.get("engine"), "peers": {k: v for k, v in found.items() if k != "engine"}}
+
+
+def _part_results(out: Path) -> dict[str, str]:
+    res: dict[str, str] = {}
+    res["a"] = _tail(out / "a.log")
+    log = (out / "b.log").read_text(errors="replace") if (out / "b.log").exists() else ""
+    cases = re.findall(r"\s(ok|FAIL)(?: \(NaN left in output\))?$", log, re.M)
+    verdict = re.search(r"^(PASS|FAIL) in", log, re.M)
+    if cases or verdict:
+        res["b"] = (
+            f"{cases.count('ok')}/{len(cases)} attention cases within 2x torch-bf16 + 1e-3"
+            + ("" if not verdict else f"; overall {verdict.group(1)}")
+        )
+    g = _load(out / "graphs.json")
+    check = g.get("graph_check")
+    if check:
+        n_ok = sum(1 for s in check["sizes"] if s["hidden_equal"] and s["logits_equal"] and s["finite"])
+        res["c"] = (
+            f"{n_ok}/{len(check['sizes'])} sizes bitwise equal (hidden + logits); "
+            f"capture {g.get('capture_s', 0):.1f} s; start-up kept graphs: {g.get('startup_graphs_on')}"
+        )
+    a = _load(out / "d_bench_A.json")
+    if not a:
+        a = _progress_figures(out / "d.log")  # bench timed out before writing its JSON
+    if a:
+        eng = (a.get("engine") or {}).get("tok_s")
+        hf = (a.get("peers", {}).get("hf_static") or {}).get("tok_s")
+        ratio = f" ({eng / hf:.1f}x)" if eng and hf else ""
+        met = "MET" if eng and eng >= TARGET_TOK_S else "NOT MET"
+        res["d"] = f"engine {_fmt(eng)} tok/s, transformers static {_fmt(hf)} tok/s{ratio}; >= 28,000: {met}"
+    s64 = g.get("slice64", {}).get("tok_s")
+    e = _load(out / "e_bench_64.json")
+    peer = (e.get("peers", {}) or {}).get("hf_continuous") or {}
+    if s64 or peer:
+        if peer.get("tok_s"):
+            hf = f"{_fmt(peer['tok_s'])} tok/s"
+        elif peer.get("info", {}).get("tok_s_upper_bound"):
+            hf = f"< {_fmt(peer['info']['tok_s_upper_bound'])} tok/s (timed out)"
+        else:
+            hf = "?"
+        res["e"] = f"engine {_fmt(s64)} tok/s, transformers continuous {hf}"
+    itl = {(r["graphs"], r["batch"]): r.get("itl_ms") for r in g.get("itl", [])}
+    if itl:
+        def ms(k):
+            return "?" if itl.get(k) is None else f"{itl[k]:.2f}"
+
+        res["f"] = (
+            f"ITL ms, graphs/eager: batch 1 {ms((True, 1))}/{ms((False, 1))}, "
+            f"batch 64 {ms((True, 64))}/{ms((False, 64))}"
+        )
+    dec = g.get("slice64_profile", {}).get("decode")
+    if dec and dec.get("gpu_ms") is not None:
+        res["split"] = (
+            f"decode step {dec['wall_ms']:.2f} ms: GPU {dec['gpu_ms']:.2f}, exposed host "
+            f"{dec['exposed_host_ms']:.2f} (schedule {dec['schedule_ms']:.2f}, prepare {dec['prepare_ms']:.2f}, "
+            f"launch {dec['launch_ms']:.2f})"
+        )
+    return res
+
+
+LABELS = {
+    "env": "env + CUDA",
+    "preset": "build Qwen3-0.6B preset",
+    "a": "(a) pytest tests/gpu",
+    "b": "(b) kernels vs fp32 ref",
+    "c": "(c) graph replay == eager",
+    "d": "(d) workload A vs hf static",
+    "e": "(e) 64 requests of A",
+    "f": "(f) decode ITL",
+    "split": "    step split (64 req)",
+}
+
+
+def cmd_summary(out: Path) -> int:
+    env = _load(out / "env.json")
+    rows = []
+    status: dict[str, tuple[str, str]] = {}
+    try:
+        for line in (out / "status.tsv").read_text().splitlines():
+            name, st, secs, *_ = line.split("\t") + [""] * 3
+            status[name] = (st, secs)
+    except OSError:
+        pass
+    res = _part_results(out)
+    # c, e's engine figure and f come from one process (part "g"); the table shows them on their own rows.
+    order = ["env", "preset", "a", "b", "c", "d", "e", "f", "split"]
+    owner = {"c": "g", "f": "g", "split": "g"}
+    for key in order:
+        st, secs = status.get(owner.get(key, key), ("-", ""))
+        rows.append((LABELS[key], st, secs, res.get(key, "")))
+    print()
+    print(
+        f"GPU check: {env.get('device', '?')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+        f"transformers {env.get('transformers')}; logs and JSON in {out}"
+    )
+    print(f"{'part':<30}{'status':<9}{'s':>5}  result")
+    for label, st, secs, text in rows:
+        print(f"{label:<30}{st:<9}{secs:>5}  {text}")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=["env", "preset", "graphs", "summary"])
+    p.add_argument("--out", type=Path, default=Path("gpu_check_out"))
+    p.add_argument("--cache-dir", type=Path, default=None, help="preset cache (default: bench's)")
+    p.add_argument("--cpu-dry-run", action="store_true", help="graphs: the same flow on CPU at toy sizes")
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.command == "summary":
+        return cmd_summary(a.out)
+    if a.command == "env":
+        return cmd_env(a.out)
+    from engine_service import bench
+
+    cache_dir = a.cache_dir or bench.DEFAULT_CACHE_DIR
+    if a.command == "preset":
+        return cmd_preset(cache_dir)
+    return cmd_graphs(a.out, cache_dir, a.cpu_dry_run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

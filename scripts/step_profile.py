@@ -1,0 +1,278 @@
+"""Where an engine step's time goes: host work (scheduling, building inputs, launching, bookkeeping) vs GPU.
+
+    python scripts/step_profile.py --num-seqs 64                       # a 64-request slice of workload A
+    python scripts/step_profile.py --batch 64 --prompt-len 256 --max-tokens 128   # uniform decode batch
+    python scripts/step_profile.py --batch 1 --enforce-eager           # without CUDA graphs
+    python scripts/step_profile.py --preset cpu-small --num-seqs 8     # anywhere (host phases only on CPU)
+
+The model is a bench preset (random weights; default qwen3-0.6b, built and cached as engine_service.bench
+does) or --model DIR. The profiler wraps a live engine's methods as instance attributes (the engine's code
+is unchanged) and times every step():
+
+  schedule  Scheduler.schedule
+  prepare   ModelRunner.step_inputs: flattening the batch into lists
+  launch    ModelRunner.execute: device inputs, then enqueueing the forward and the LM head. On CUDA it
+            returns before the GPU is done; for an eager step it is mostly kernel-launch time.
+  sample    the Sampler call: enqueueing sampling, then the step's one sync (waiting for the GPU)
+  other     the rest of step(): postprocess and outputs
+
+On CUDA, gpu is device time from the start of execute to the end of sampling, read from CUDA events
+(launch gaps inside the forward count as GPU time), and exposed host = wall - gpu is the time in which the
+GPU has nothing to do: what overlapping step N+1's preparation with step N could hide. Steps are grouped by
+kind: decode (every sequence computes one token) and mixed (any prefill). The inter-token latency of a
+uniform batch is the median wall time of its decode steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PHASES = ("schedule", "prepare", "launch", "sample")
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """One step()'s host phases (seconds) and its CUDA events."""
+
+    kind: str = ""  # "decode" or "mixed"; empty when the step ran no batch
+    batch: int = 0
+    wall: float = 0.0
+    phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    start: object = None  # torch.cuda.Event before execute
+    end: object = None  # torch.cuda.Event after sampling (or after execute when nothing was sampled)
+    gpu: float | None = None  # seconds between the two events
+
+
+class StepProfiler:
+    """Times the steps of one engine until close(); use as a context manager."""
+
+    def __init__(self, llm):
+        import torch
+
+        self.torch = torch
+        self.llm = llm
+        self.cuda = llm.runner.device.type == "cuda"
+        self.records: list[StepRecord] = []
+        self._rec: StepRecord | None = None
+        self._saved: list[tuple[object, str, object]] = []
+        self._wrap(llm.scheduler, "schedule", "schedule")
+        self._wrap(llm.runner, "step_inputs", "prepare", after=self._classify)
+        self._wrap(llm.runner, "execute", "launch", before=self._start_event, after=self._end_event)
+        self._wrap(llm.runner, "sampler", "sample", after=self._end_event)
+        original_step = llm.step
+
+        def step():
+            rec = self._rec = StepRecord()
+            t = time.perf_counter()
+            try:
+                return original_step()
+            finally:
+                rec.wall = time.perf_counter() - t
+                self._rec = None
+                if rec.kind:
+                    self.records.append(rec)
+
+        self._saved.append((llm, "step", llm.__dict__.get("step")))
+        llm.step = step
+
+    def _wrap(self, obj, name: str, phase: str, before=None, after=None) -> None:
+        fn = getattr(obj, name)
+        self._saved.append((obj, name, obj.__dict__.get(name)))
+
+        def wrapper(*args, **kwargs):
+            rec = self._rec
+            if rec is not None and before is not None:
+                before(rec)
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if rec is not None:
+                rec.phases[phase] += time.perf_counter() - t
+                if after is not None:
+                    after(rec, out)
+            return out
+
+        setattr(obj, name, wrapper)
+
+    @staticmethod
+    def _classify(rec: StepRecord, x) -> None:
+        rec.batch = len(x.q_lens)
+        rec.kind = "decode" if x.num_decode == rec.batch else "mixed"
+
+    def _start_event(self, rec: StepRecord) -> None:
+        if self.cuda:
+            rec.start = self.torch.cuda.Event(enable_timing=True)
+            rec.start.record()
+
+    def _end_event(self, rec: StepRecord, _out) -> None:
+        if self.cuda:
+            rec.end = self.torch.cuda.Event(enable_timing=True)
+            rec.end.record()
+
+    def close(self) -> None:
+        """Restore the engine's methods and read the events (one sync, after the run)."""
+        for obj, name, value in reversed(self._saved):
+            if value is None:
+                delattr(obj, name)  # the instance attribute goes; the class's method shows again
+            else:
+                setattr(obj, name, value)
+        self._saved.clear()
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            for rec in self.records:
+                if rec.start is not None and rec.end is not None:
+                    rec.gpu = rec.start.elapsed_time(rec.end) / 1e3
+                rec.start = rec.end = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per step kind: step count, mean batch, wall (mean and median), each phase, gpu and exposed host,
+        all in milliseconds."""
+        out = {}
+        for kind in ("decode", "mixed"):
+            recs = [r for r in self.records if r.kind == kind]
+            if not recs:
+                continue
+            ms = 1e3 / len(recs)
+            row = {
+                "steps": len(recs),
+                "mean_batch": sum(r.batch for r in recs) / len(recs),
+                "wall_ms": sum(r.wall for r in recs) * ms,
+                "median_wall_ms": statistics.median(r.wall for r in recs) * 1e3,
+            }
+            for p in PHASES:
+                row[f"{p}_ms"] = sum(r.phases[p] for r in recs) * ms
+            row["other_ms"] = row["wall_ms"] - sum(row[f"{p}_ms"] for p in PHASES)
+            if all(r.gpu is not None for r in recs):
+                row["gpu_ms"] = sum(r.gpu for r in recs) * ms
+                row["exposed_host_ms"] = sum(max(0.0, r.wall - r.gpu) for r in recs) * ms
+            out[kind] = row
+        return out
+
+
+def format_summary(summary: dict[str, dict[str, float]], title: str = "") -> str:
+    cols = ["steps", "mean_batch", "wall_ms", "median_wall_ms", *(f"{p}_ms" for p in PHASES), "other_ms"]
+    cols += ["gpu_ms", "exposed_host_ms"]
+    heads = ["steps", "batch", "wall", "median", *PHASES, "other", "gpu", "exposed"]
+    lines = [title] if title else []
+    lines.append(f"{'kind':<7}" + "".join(f"{h:>9}" for h in heads) + "   (ms per step)")
+    for kind, row in summary.items():
+        cells = []
+        for c in cols:
+            v = row.get(c)
+            cells.append(f"{'-':>9}" if v is None else f"{v:>9.0f}" if c == "steps" else f"{v:>9.2f}")
+        lines.append(f"{kind:<7}" + "".join(cells))
+    return "\n".join(lines)
+
+
+# ---- requests ---------------------------------------------------------------------------------------
+def uniform_requests(batch: int, prompt_len: int, max_tokens: int, vocab: int, seed: int = 0):
+    """`batch` random prompts of `prompt_len` tokens, each asking for exactly `max_tokens` (EOS ignored)."""
+    from engine_service import SamplingParams
+
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(batch)]
+    params = [SamplingParams(temperature=0.6, max_tokens=max_tokens, ignore_eos=True)] * batch
+    return prompts, params
+
+
+def workload_slice(num_seqs: int, vocab: int, max_input_len: int | None = None,
+                   max_output_len: int | None = None):
+    """`num_seqs` requests drawn by workload A's generator (bench.make_workload), as prompts and params."""
+    from engine_service import SamplingParams, bench
+
+    w = bench.make_workload(bench.WORKLOAD_A, num_seqs, max_input_len, max_output_len)
+    prompts = bench.fit_vocab(w.prompts, vocab) if bench.WORKLOAD_A.token_max >= vocab else w.prompts
+    params = [SamplingParams(temperature=bench.TEMPERATURE, max_tokens=n, ignore_eos=True) for n in w.max_tokens]
+    return prompts, params
+
+
+def warm_up(llm, prompts) -> None:
+    """bench's one warm-up request: the first prompt's start, salted so it caches no prefix of the run."""
+    from engine_service import SamplingParams, bench
+
+    vocab = llm.model_cfg.vocab_size
+    w = bench.Workload("A", prompts, [16] * len(prompts))
+    warm, max_tokens = bench.warmup_request(w, 7, vocab)
+    llm.generate(warm, [SamplingParams(temperature=0.6, max_tokens=max_tokens[0], ignore_eos=True)])
+
+
+def profile_generate(llm, prompts, params) -> tuple[dict, float]:
+    """Run one generate() under the profiler; returns (summary, wall seconds)."""
+    with StepProfiler(llm) as prof:
+        t = time.perf_counter()
+        llm.generate(prompts, params)
+        seconds = time.perf_counter() - t
+    return prof.summary(), seconds
+
+
+def decode_latency(llm, batch: int, prompt_len: int = 256, max_tokens: int = 64) -> dict:
+    """Inter-token latency of a uniform batch: the median decode step, after a warm-up of the same shape."""
+    vocab = llm.model_cfg.vocab_size
+    llm.generate(*uniform_requests(batch, prompt_len, 4, vocab, seed=1))  # compiles this shape's kernels
+    summary, seconds = profile_generate(llm, *uniform_requests(batch, prompt_len, max_tokens, vocab, seed=2))
+    decode = summary.get("decode", {})
+    return {"batch": batch, "itl_ms": decode.get("median_wall_ms"), "decode": decode, "seconds": seconds}
+
+
+# ---- command line -------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    from engine_service import bench
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(bench.PRESETS), default="qwen3-0.6b")
+    p.add_argument("--model", type=Path, help="a checkpoint directory instead of a preset")
+    p.add_argument("--cache-dir", type=Path, default=bench.DEFAULT_CACHE_DIR)
+    p.add_argument("--num-seqs", type=int, help="profile this many requests of workload A")
+    p.add_argument("--batch", type=int, help="profile a uniform batch of this many requests instead")
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--device")
+    p.add_argument("--dtype")
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--json", type=Path)
+    a = p.parse_args(argv)
+    import torch
+
+    from engine_service import LLM
+
+    model_dir = a.model or bench.build_preset(a.preset, a.cache_dir)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = a.dtype or bench.default_dtype(bench.read_model_config(model_dir), device)
+    with LLM(str(model_dir), device=device, dtype=dtype, attention_backend=a.attention_backend,
+             enforce_eager=a.enforce_eager) as llm:
+        graphs = llm.runner.graphs is not None
+        title = f"{model_dir.name} {dtype} on {device}, backend {llm.runner.backend_name}, graphs {graphs}"
+        if a.batch:
+            result = decode_latency(llm, a.batch, a.prompt_len, a.max_tokens)
+            summary = {"decode": result["decode"]} if result["decode"] else {}
+            title += f"; uniform batch {a.batch}, ITL {result['itl_ms']:.2f} ms" if result["itl_ms"] else ""
+        else:
+            prompts, params = workload_slice(a.num_seqs or 64, llm.model_cfg.vocab_size)
+            warm_up(llm, prompts)
+            summary, seconds = profile_generate(llm, prompts, params)
+            tokens = sum(q.max_tokens for q in params)
+            result = {"seconds": seconds, "tok_s": tokens / seconds, "summary": summary}
+            title += f"; {len(prompts)} requests of workload A, {tokens / seconds:,.0f} tok/s (profiled)"
+    print(format_summary(summary, title))
+    if a.json:
+        a.json.write_text(json.dumps({"title": title, **result}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""CUDA graphs and the Triton backend through the engine, on a GPU (skipped without CUDA).
+
+The tiny models have Qwen3-0.6B's attention shapes (16 query heads, 8 KV heads, head_dim 128) on two
+layers, so these tests compile the same kernel variants the engine uses on the real model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton"),
+]
+
+SHAPE = dict(heads=16, kv_heads=8, head_dim=128, hidden=256, layers=2)
+MAX_NUM_SEQS = 40
+SIZES = [1, 2, 4, 8, 16, 24, 32, 40]  # capture_sizes(40)
+
+
+def _engine(path, **kwargs):
+    from engine_service import LLM
+
+    args = dict(
+        device="cuda",
+        attention_backend="triton",
+        kvcache_block_size=16,
+        num_kvcache_blocks=512,  # fixed: no memory-based sizing, so tests leave the GPU to others
+        max_num_seqs=MAX_NUM_SEQS,
+        max_num_batched_tokens=1024,
+        max_model_len=1024,
+    )
+    args.update(kwargs)
+    return LLM(path, **args)
+
+
+@pytest.fixture(scope="module")
+def bf16_model(tmp_path_factory):
+    from tests.integration.tiny import make_qwen3
+
+    path = tmp_path_factory.mktemp("qwen3_bf16")
+    make_qwen3(path, **SHAPE, dtype=torch.bfloat16)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fp32_model(tmp_path_factory):
+    from tests.integration.tiny import make_qwen3
+
+    path = tmp_path_factory.mktemp("qwen3_fp32")
+    make_qwen3(path, **SHAPE, dtype=torch.float32)
+    return path
+
+
+def _requests(n: int, seed: int, max_prompt: int = 60, max_tokens: int = 24):
+    """Prompts of varied lengths and varied max_tokens, so the decode batch shrinks through many sizes."""
+    from engine_service import SamplingParams
+    from tests.integration.tiny import VOCAB
+
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, max_prompt))] for _ in range(n)]
+    params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(1, max_tokens)) for _ in range(n)]
+    return prompts, params
+
+
+def test_replay_equals_eager_bitwise_every_size(bf16_model):
+    with _engine(bf16_model, dtype="bfloat16") as llm:
+        graphs = llm.runner.graphs
+        assert graphs is not None, "start-up turned CUDA graphs off; its log says which sizes differed"
+        assert graphs.sizes == SIZES
+        assert graphs.block_tables.shape == (MAX_NUM_SEQS, 1024 // 16)  # ceil(max_model_len / block)
+        for seed in (11, 12):  # fresh random batches, beyond the start-up check's
+            bad = [r for r in graphs.self_check(seed=seed) if not r.ok]
+            assert not bad, bad
+
+
+def test_greedy_tokens_with_graphs_equal_eager(fp32_model):
+    prompts, params = _requests(37, seed=0)
+    with _engine(fp32_model, dtype="float32") as llm:
+        graphed = [o["token_ids"] for o in llm.generate(prompts, params)]
+        replays = llm.runner.graphs.num_replays
+    with _engine(fp32_model, dtype="float32", enforce_eager=True) as llm:
+        assert llm.runner.graphs is None
+        eager = [o["token_ids"] for o in llm.generate(prompts, params)]
+    assert replays > 10
+    assert graphed == eager
+
+
+def test_padding_lanes_write_nothing_and_stay_finite(bf16_model):
+    from engine_service.model_runner import StepInputs
+
+    with _engine(bf16_model, dtype="bfloat16") as llm:
+        runner, graphs = llm.runner, llm.runner.graphs
+        # Three real lanes replayed at size 4: lane 3 is padding (slot -1, context 0).
+        x = StepInputs(
+            ids=[5, 6, 7],
+            positions=[9, 0, 40],
+            slots=[3 * 16 + 9, 5 * 16 + 0, 9 * 16 + 8],
+            q_lens=[1, 1, 1],
+            ctx_lens=[10, 1, 41],
+            tables=[[3], [5], [7, 8, 9]],
+            sample_rows=[0, 1, 2],
+            num_decode=3,
+        )
+        k_before, v_before = runner.k_cache.clone(), runner.v_cache.clone()
+        replays = graphs.num_replays
+        logits = runner.execute(x)
+        torch.cuda.synchronize()
+        assert graphs.num_replays == replays + 1
+        assert logits.shape[0] == 3 and bool(torch.isfinite(logits).all())
+        assert bool(torch.isfinite(graphs.hidden[:4]).all())
+        assert graphs.slot_mapping[3].item() == -1 and graphs.context_lens[3].item() == 0
+        # Only the three real slots changed, in every layer: [layers, blocks, block_size] -> (block, offset)
+        for cache, before in ((runner.k_cache, k_before), (runner.v_cache, v_before)):
+            changed = (cache != before).flatten(3).any(-1)
+            for layer in range(changed.shape[0]):
+                assert {tuple(p) for p in changed[layer].nonzero().tolist()} == {(3, 9), (5, 0), (9, 8)}
+
+
+@pytest.mark.parametrize("splits", [1, 4, None])
+def test_attention_padding_rows_are_zeros(splits):
+    from engine_service.attention import triton_kernels as tk
+    from engine_service.attention.triton_ref import make_paged_batch
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ctx = [700, 0, 33, 0, 1, 0]  # lanes 1, 3 and 5 are padding
+    b = make_paged_batch([1] * 6, ctx, 16, 8, 128, 16, dtype=torch.bfloat16, device="cuda", generator=gen)
+    out = torch.full_like(b.q, float("nan"))
+    tk.paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables,
+                       128**-0.5, 1, out=out, num_kv_splits=splits)
+    torch.cuda.synchronize()
+    assert not bool(out.isnan().any())
+    assert bool((out[[1, 3, 5]] == 0).all())
+    assert bool((out[[0, 2, 4]].abs().sum(dim=(1, 2)) > 0).all())
+
+
+def test_triton_with_graphs_matches_torch_backend(fp32_model):
+    from engine_service import SamplingParams
+    from tests.integration.tiny import VOCAB
+
+    rng = random.Random(3)
+    shared = [rng.randrange(VOCAB) for _ in range(40)]
+    # Decodes, a prompt longer than the 512-token budget (chunked), and prefix-cache hits.
+    prompts, params = _requests(20, seed=1)
+    prompts += [[rng.randrange(VOCAB) for _ in range(900)], shared, shared + [1, 2, 3]]
+    params += [SamplingParams(temperature=0.0, max_tokens=12)] * 3
+    results = {}
+    for backend in ("torch", "triton"):
+        with _engine(fp32_model, dtype="float32", attention_backend=backend, max_num_batched_tokens=512) as llm:
+            assert (llm.runner.graphs is None) == (backend == "torch")  # torch is not capturable
+            first = [o["token_ids"] for o in llm.generate(prompts, params)]
+            again = [o["token_ids"] for o in llm.generate([shared + [1, 2, 3]], params[-1])]
+            assert llm.stats()["prefix_cache_hits"] > 0
+        results[backend] = (first, again)
+    assert results["triton"] == results["torch"]
