@@ -61,6 +61,7 @@ class BlockManager:
         # Blocks with ref_count 0, least recently freed first. Cached ones keep their hash.
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[int, int] = {}  # hash -> block id
+        self._num_free_cached = 0  # free blocks that still hold a hash (kept as a count: stats() is per step)
         self.prefix_queries = 0  # tokens looked up at admission
         self.prefix_hits = 0  # tokens found in the cache
 
@@ -72,7 +73,7 @@ class BlockManager:
     @property
     def num_cached_blocks(self) -> int:
         """Free blocks that still hold a reusable prefix."""
-        return sum(1 for b in self.free if self.blocks[b].hash is not None)
+        return self._num_free_cached
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -116,6 +117,7 @@ class BlockManager:
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self.free[block_id]
+                self._num_free_cached -= 1  # a matched block always has a hash
             block.ref_count += 1
             seq.block_hashes.append(block.hash)  # type: ignore[arg-type]
         seq.block_table = list(matched)
@@ -139,8 +141,10 @@ class BlockManager:
     def _take_free_block(self) -> int:
         block_id, _ = self.free.popitem(last=False)  # least recently freed: evict it
         block = self.blocks[block_id]
-        if block.hash is not None and self.cached.get(block.hash) == block_id:
-            del self.cached[block.hash]
+        if block.hash is not None:
+            self._num_free_cached -= 1
+            if self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
         block.clear()
         block.ref_count = 1
         return block_id
@@ -171,7 +175,9 @@ class BlockManager:
                 raise RuntimeError(f"block {block_id} freed more often than taken")
             if block.ref_count == 0:
                 self.free[block_id] = None
-                if block.hash is None:
+                if block.hash is not None:
+                    self._num_free_cached += 1
+                else:
                     # Holds nothing reusable: make it the first to be taken.
                     self.free.move_to_end(block_id, last=False)
         seq.block_table = []

@@ -96,6 +96,8 @@ class Sim:
                     assert block.token_ids == tuple(seq.token_ids[i * BLOCK : (i + 1) * BLOCK])
         for h, b in self.bm.cached.items():
             assert self.bm.blocks[b].hash == h
+        free_cached = sum(1 for b in self.bm.free if self.bm.blocks[b].hash is not None)
+        assert self.bm.num_cached_blocks == free_cached
         assert len(self.sched.running) <= self.sched.max_num_seqs
 
     def drain(self, rng: random.Random) -> None:
