@@ -15,11 +15,12 @@ class EngineClient:
         self.stub = pb_grpc.EngineStub(self._channel)
         self.timeout = timeout
 
-    def generate(self, prompt_token_ids: list[int], request_id: str = "", **sampling: object
-                 ) -> Iterator[pb.RequestUpdate]:
-        """Stream one request's updates (GenerateStream); errors raise grpc.RpcError."""
+    def generate(self, prompt_token_ids: list[int], request_id: str = "", *, trace_id: str = "",
+                 **sampling: object) -> Iterator[pb.RequestUpdate]:
+        """Stream one request's updates (GenerateStream); errors raise grpc.RpcError. trace_id: for the logs."""
         params = pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
-        request = pb.NewRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params)
+        request = pb.NewRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
+                                trace_id=trace_id)
         return self.stub.GenerateStream(request, timeout=self.timeout)
 
     def abort(self, request_id: str) -> bool:

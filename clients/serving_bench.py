@@ -2,19 +2,27 @@
 
     python -m clients.serving_bench --target localhost:50052 --rate inf            # all requests outstanding
     python -m clients.serving_bench --target localhost:50052 --concurrency 8 --rate 2 --rate 4
-    python -m clients.serving_bench --target localhost:50052 --inprocess-model DIR --pairs 5 --json out.json
+    python -m clients.serving_bench --target localhost:50052 --rate 2 --rate inf --concurrency 4 --concurrency 16 \
+        --plot-dir plots/                                # latency against rate, throughput against concurrency
+    python -m clients.serving_bench --target localhost:50052 --inprocess-model DIR --pairs 5 --json out.json \
+        --torch-threads 1 --num-kvcache-blocks 2048      # the engine service's settings, for a fair pair
 
 Workload B of BENCHMARKS.md (random.seed(0); 64 requests; prompts of randint(32, 256) ids in [0, 8000), drawn
 first; then max_tokens randint(32, 256); ignore_eos; temperature 0.6), sent as token ids. Reports time to first
 token, inter-token latency and end-to-end latency at p50/p90/p99, request and output-token throughput. With
 --inprocess-model, each run is paired with the same workload driven through LLMEngine add_request/step in this
 process (engine_service is imported only then), alternating, and the median throughput ratio is reported.
+The in-process engine must be built with the engine service's settings (the engine flags here mirror its
+flags) and the same torch thread count. Each pair's prompts are salted (first token shifted) so that no run
+is served from the prefix cache of an earlier one. The client's own CPU time is reported per gRPC run, to show
+that the client is not the bottleneck.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import random
@@ -39,6 +47,13 @@ def workload_b(vocab_size: int, num_requests: int = 64) -> Workload:
     prompts = [[random.randint(0, 8000) % vocab_size for _ in range(random.randint(32, 256))]
                for _ in range(num_requests)]
     return Workload(prompts, [random.randint(32, 256) for _ in range(num_requests)])
+
+
+def salted(w: Workload, salt: int, vocab_size: int) -> Workload:
+    """The workload with every prompt's first token shifted by `salt`: the same work, no prefix-cache reuse
+    across runs (block hashes chain from the first token)."""
+    prompts = [[(p[0] + salt) % vocab_size, *p[1:]] for p in w.prompts]
+    return Workload(prompts, w.max_tokens, w.temperature)
 
 
 def arrivals(n: int, rate: float) -> list[float]:
@@ -66,6 +81,7 @@ async def run_grpc(target: str, w: Workload, concurrency: int, rate: float) -> t
     timings = [Timing() for _ in w.prompts]
     limit = asyncio.Semaphore(concurrency)
     async with AsyncTextClient(target, timeout=600) as client:
+        await client.model_info()  # connect first: the in-process side has no connection to set up
         t0 = time.perf_counter()
 
         async def one(i: int, at: float) -> None:
@@ -130,7 +146,7 @@ def summarize(timings: list[Timing], wall: float) -> dict[str, float]:
         for (prev, _), (cur, n) in zip(t.chunks, t.chunks[1:], strict=False):
             itl += [(cur - prev) * 1e3 / max(n, 1)] * max(n, 1)
     tokens = sum(n for t in ok for _, n in t.chunks)
-    out = {"requests": len(timings), "failed": len(timings) - len(ok), "wall_s": wall,
+    out = {"requests": len(timings), "failed": len(timings) - len(ok), "wall_s": wall, "output_tokens": tokens,
            "request_throughput": len(ok) / wall, "output_throughput": tokens / wall}
     for name, values in (("ttft_ms", ttft), ("itl_ms", itl), ("e2e_ms", e2e)):
         for q in (50, 90, 99):
@@ -139,11 +155,11 @@ def summarize(timings: list[Timing], wall: float) -> dict[str, float]:
 
 
 def format_table(rows: list[dict[str, object]]) -> str:
-    cols = ["mode", "rate", "concurrency", "request_throughput", "output_throughput", "ttft_ms_p50", "ttft_ms_p99",
-            "itl_ms_p50", "itl_ms_p99", "e2e_ms_p50", "e2e_ms_p99", "failed"]
+    cols = ["mode", "rate", "concurrency", "wall_s", "request_throughput", "output_throughput", "ttft_ms_p50",
+            "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "e2e_ms_p50", "e2e_ms_p99", "failed", "client_cpu_s"]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for r in rows:
-        lines.append(" | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+        lines.append(" | ".join(f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols))
     return "\n".join(lines)
 
 
@@ -151,15 +167,26 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p = argparse.ArgumentParser(prog="python -m clients.serving_bench", description=__doc__.splitlines()[0])
     p.add_argument("--target", default="localhost:50052", help="the tokenizer service")
     p.add_argument("--rate", type=float, action="append", help="Poisson requests/s (repeatable; inf: all at once)")
-    p.add_argument("--concurrency", type=int, default=10**6)
+    p.add_argument("--concurrency", type=int, action="append",
+                   help="requests in flight at most (repeatable: a sweep; default no limit)")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--vocab-size", type=int, default=0, help="default: the tokenizer service's model info")
     p.add_argument("--inprocess-model", default=None, help="also run the engine in-process on this model")
     p.add_argument("--device", default="auto")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch intra-op threads of the in-process engine (the engine service's --torch-threads)")
+    for flag in ("--dtype", "--attention-backend"):
+        p.add_argument(flag, default=None, help="in-process engine: as the engine service's flag")
+    for flag in ("--max-num-seqs", "--max-num-batched-tokens", "--num-kvcache-blocks", "--kvcache-block-size",
+                 "--max-model-len"):
+        p.add_argument(flag, type=int, default=None, help="in-process engine: as the engine service's flag")
+    p.add_argument("--enforce-eager", action="store_true", help="in-process engine: as the engine service's flag")
     p.add_argument("--pairs", type=int, default=1, help="interleaved gRPC/in-process pairs per rate")
     p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--plot-dir", default=None, help="write PNG plots here (clients/bench_plots.py)")
     args = p.parse_args(argv)
     rates = args.rate or [math.inf]
+    concurrencies = args.concurrency or [10**6]
 
     vocab = args.vocab_size
     if not vocab:
@@ -170,21 +197,35 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     w = workload_b(vocab, args.num_requests)
     engine = None
     if args.inprocess_model:
+        import torch
+
         from engine_service import LLMEngine  # only in this mode: the client library needs no torch
 
-        engine = LLMEngine(args.inprocess_model, device=args.device)
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
+        names = ("dtype", "attention_backend", "max_num_seqs", "max_num_batched_tokens", "num_kvcache_blocks",
+                 "kvcache_block_size", "max_model_len")
+        kwargs = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+        if args.enforce_eager:
+            kwargs["enforce_eager"] = True
+        engine = LLMEngine(args.inprocess_model, device=args.device, **kwargs)
+        print(f"in-process engine: {kwargs}, torch threads {torch.get_num_threads()}", file=sys.stderr)
     rows: list[dict[str, object]] = []
-    for rate in rates:
+    for concurrency, rate in itertools.product(concurrencies, rates):
         warm = Workload(w.prompts[:1], [4], w.temperature)
         asyncio.run(run_grpc(args.target, warm, 1, math.inf))
         if engine is not None:
             run_inprocess(engine, warm, 1, math.inf)
         for pair in range(args.pairs):
-            rows.append({"mode": "grpc", "rate": rate, "concurrency": args.concurrency, "pair": pair,
-                         **summarize(*asyncio.run(run_grpc(args.target, w, args.concurrency, rate)))})
+            run = salted(w, len(rows) + 1, vocab)
+            cpu0 = time.process_time()
+            grpc_row = summarize(*asyncio.run(run_grpc(args.target, run, concurrency, rate)))
+            grpc_row["client_cpu_s"] = time.process_time() - cpu0
+            rows.append({"mode": "grpc", "rate": rate, "concurrency": concurrency, "pair": pair, **grpc_row})
             if engine is not None:
-                rows.append({"mode": "inprocess", "rate": rate, "concurrency": args.concurrency, "pair": pair,
-                             **summarize(*run_inprocess(engine, w, args.concurrency, rate))})
+                rows.append({"mode": "inprocess", "rate": rate, "concurrency": concurrency, "pair": pair,
+                             **summarize(*run_inprocess(engine, run, concurrency, rate))})
+            print(format_table(rows[-2 if engine is not None else -1:]), file=sys.stderr, flush=True)
     report: dict[str, object] = {"workload": "B", "num_requests": len(w.prompts), "runs": rows}
     if engine is not None:
         for rate in rates:
@@ -200,6 +241,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2, default=str)
+    if args.plot_dir:
+        from clients.bench_plots import write_plots  # matplotlib only when plotting
+
+        for path in write_plots(rows, args.plot_dir, title="workload B:"):
+            print(f"wrote {path}", file=sys.stderr)
     return report
 
 

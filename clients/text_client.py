@@ -6,7 +6,8 @@
 
 Streaming calls return an iterator of GenerateResponse messages (`text`, `token_ids`, and on the last one
 `finish_reason` and `usage`) with `cancel()`, which aborts the request in the engine at once. Failures raise
-grpc.RpcError with the service's status code.
+grpc.RpcError with the service's status code. `request_id=` (optional) is sent as `x-request-id` metadata; both
+services log it on the request's line (docs/OBSERVABILITY.md), and the service generates one when absent.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from protos.llmserve.text.v1 import text_pb2 as pb
 from protos.llmserve.text.v1 import text_pb2_grpc as pb_grpc
 
 Messages = Iterable[Mapping[str, str]]
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def request_metadata(request_id: str | None) -> tuple[tuple[str, str], ...] | None:
+    """Call metadata carrying the request id, if one was given."""
+    return ((REQUEST_ID_HEADER, request_id),) if request_id else None
 
 
 class CompletionStream:
@@ -51,23 +58,28 @@ class TextClient:
         self._stub = pb_grpc.TextGenerationStub(self._channel)
         self.timeout = timeout
 
-    def generate(self, prompt: str, **kwargs: object) -> CompletionStream:
+    def generate(self, prompt: str, *, request_id: str | None = None, **kwargs: object) -> CompletionStream:
         """Stream a completion of prompt; kwargs are sampling parameters and text options."""
-        return CompletionStream(self._stub.Generate(generate_request(prompt, **kwargs), timeout=self.timeout))
+        return CompletionStream(self._stub.Generate(generate_request(prompt, **kwargs), timeout=self.timeout,
+                                                    metadata=request_metadata(request_id)))
 
-    def generate_tokens(self, prompt_token_ids: list[int], **kwargs: object) -> CompletionStream:
+    def generate_tokens(self, prompt_token_ids: list[int], *, request_id: str | None = None,
+                        **kwargs: object) -> CompletionStream:
         """Stream a completion of an already tokenized prompt."""
         request = generate_request(prompt_token_ids=prompt_token_ids, **kwargs)
-        return CompletionStream(self._stub.Generate(request, timeout=self.timeout))
+        return CompletionStream(self._stub.Generate(request, timeout=self.timeout,
+                                                    metadata=request_metadata(request_id)))
 
-    def chat(self, messages: Messages, **kwargs: object) -> CompletionStream:
+    def chat(self, messages: Messages, *, request_id: str | None = None, **kwargs: object) -> CompletionStream:
         """Stream the assistant's reply to chat messages."""
         return CompletionStream(self._stub.Generate(generate_request(messages=messages, **kwargs),
-                                                    timeout=self.timeout))
+                                                    timeout=self.timeout, metadata=request_metadata(request_id)))
 
-    def generate_multi(self, requests: Iterable[pb.MultiRequest]) -> CompletionStream:
-        """The multiplexed variant: many requests (and aborts) on one stream."""
-        return CompletionStream(self._stub.GenerateMulti(iter(requests), timeout=self.timeout))
+    def generate_multi(self, requests: Iterable[pb.MultiRequest], *, request_id: str | None = None
+                       ) -> CompletionStream:
+        """The multiplexed variant: many requests (and aborts) on one stream; each logs as request_id/its id."""
+        return CompletionStream(self._stub.GenerateMulti(iter(requests), timeout=self.timeout,
+                                                         metadata=request_metadata(request_id)))
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
         reply = self._stub.Tokenize(pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
@@ -117,16 +129,19 @@ class AsyncTextClient:
         self._stub = pb_grpc.TextGenerationStub(self._channel)
         self.timeout = timeout
 
-    def generate(self, prompt: str, **kwargs: object) -> AsyncCompletionStream:
-        return AsyncCompletionStream(self._stub.Generate(generate_request(prompt, **kwargs), timeout=self.timeout))
+    def generate(self, prompt: str, *, request_id: str | None = None, **kwargs: object) -> AsyncCompletionStream:
+        return AsyncCompletionStream(self._stub.Generate(generate_request(prompt, **kwargs), timeout=self.timeout,
+                                                         metadata=request_metadata(request_id)))
 
-    def generate_tokens(self, prompt_token_ids: list[int], **kwargs: object) -> AsyncCompletionStream:
+    def generate_tokens(self, prompt_token_ids: list[int], *, request_id: str | None = None,
+                        **kwargs: object) -> AsyncCompletionStream:
         request = generate_request(prompt_token_ids=prompt_token_ids, **kwargs)
-        return AsyncCompletionStream(self._stub.Generate(request, timeout=self.timeout))
+        return AsyncCompletionStream(self._stub.Generate(request, timeout=self.timeout,
+                                                         metadata=request_metadata(request_id)))
 
-    def chat(self, messages: Messages, **kwargs: object) -> AsyncCompletionStream:
+    def chat(self, messages: Messages, *, request_id: str | None = None, **kwargs: object) -> AsyncCompletionStream:
         return AsyncCompletionStream(self._stub.Generate(generate_request(messages=messages, **kwargs),
-                                                         timeout=self.timeout))
+                                                         timeout=self.timeout, metadata=request_metadata(request_id)))
 
     async def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
         reply = await self._stub.Tokenize(pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),

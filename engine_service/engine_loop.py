@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from engine_service.metrics import EngineMetrics
 from engine_service.outputs import FINISH_ERROR, StepOutput
 from engine_service.sampling_params import SamplingParams
 
@@ -41,6 +42,8 @@ class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    trace_id: str | None = None  # the client's id, for metrics and logs; None: untracked (the canary)
+    arrival: float = 0.0  # time.monotonic() when the handler queued it
 
 
 @dataclass(slots=True)
@@ -49,6 +52,9 @@ class _Abort:
 
 
 _STOP = object()
+# engine.stats() is not free (counting cached blocks walks the free list), so a busy loop refreshes the
+# snapshot at most this often; an idle loop refreshes it every time, so GetLoad is exact once idle.
+STATS_INTERVAL_S = 0.05
 
 
 class EngineLoop:
@@ -64,10 +70,12 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         # Written by the consumer thread, read by the asyncio thread (whole-object replacement is atomic).
         self.stats: dict[str, int] = dict(engine.stats())
+        self._stats_at = 0.0
         self.last_progress = time.monotonic()
         self.steps = 0
         self.fail_at_step: int | None = None  # test hook: step() raises once this many steps have run
         self.failure: str | None = None
+        self.metrics: EngineMetrics | None = None  # set before start(); called on the consumer thread
 
     # ---- asyncio side -------------------------------------------------------------------------------------
 
@@ -83,14 +91,15 @@ class EngineLoop:
         """Live requests not yet running: queued commands plus the engine's waiting queue."""
         return max(0, len(self._sinks) - int(self.stats.get("num_running", 0)))
 
-    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: Sink) -> None:
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: Sink,
+            trace_id: str | None = None) -> None:
         """Queue a request; its outputs go to sink. Raises EngineUnavailable once the loop is down."""
         if self.failure is not None or not self._thread.is_alive():
             raise EngineUnavailable(self.failure or "the engine loop is not running")
         if request_id in self._sinks:
             raise ValueError(f"request_id {request_id!r} is already live")
         self._sinks[request_id] = sink
-        self._commands.put(_Add(request_id, prompt_token_ids, params))
+        self._commands.put(_Add(request_id, prompt_token_ids, params, trace_id, time.monotonic()))
 
     def abort(self, request_id: str) -> bool:
         """Forget the request now and free its KV blocks on the engine thread; False if it was not live."""
@@ -142,10 +151,15 @@ class EngineLoop:
                 if self._engine.has_unfinished_requests():
                     if self.fail_at_step is not None and self.steps >= self.fail_at_step:
                         raise RuntimeError(f"ENGINE_TEST_FAIL_AFTER_STEPS: step {self.steps} raised (test hook)")
+                    started = time.monotonic()
                     outputs = self._engine.step()
                     self.steps += 1
-                self.stats = dict(self._engine.stats())
-                self.last_progress = time.monotonic()
+                    if self.metrics is not None:
+                        self.metrics.on_step(outputs, started, time.monotonic(), self._engine)
+                now = time.monotonic()
+                if now - self._stats_at >= STATS_INTERVAL_S or not self._engine.has_unfinished_requests():
+                    self.stats, self._stats_at = dict(self._engine.stats()), now
+                self.last_progress = now
                 if outputs or rejected:
                     self._aio.call_soon_threadsafe(self._deliver, outputs, rejected)
         except BaseException as exc:  # the engine cannot continue; every live request fails
@@ -180,6 +194,9 @@ class EngineLoop:
                     self._engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params)
                 except ValueError as exc:
                     rejected.append((cmd.request_id, str(exc)))
+                    continue
+                if self.metrics is not None and cmd.trace_id is not None:
+                    self.metrics.on_add(cmd.request_id, cmd.trace_id, cmd.arrival)
             elif isinstance(cmd, _Abort):
                 self._engine.abort_request(cmd.request_id)
         return rejected

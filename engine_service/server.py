@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,6 +23,8 @@ from grpc_reflection.v1alpha import reflection
 
 from engine_service.engine_loop import EngineLoop
 from engine_service.health import Health
+from engine_service.logs import configure_logging
+from engine_service.metrics import EngineMetrics, serve_metrics
 from engine_service.server_config import ServerConfig, parse_config
 from engine_service.servicer import EngineServicer
 from protos.llmserve.engine.v1 import engine_pb2, engine_pb2_grpc
@@ -47,10 +50,29 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
+def torch_threads(config: ServerConfig, cuda_available: bool, num_cores: int) -> int | None:
+    """torch's intra-op thread count for this service, or None to leave torch's default.
+
+    On a small CPU machine the engine shares the cores with its own gRPC threads and with the tokenizer
+    service: torch threads beyond one then wait on each other at every small matmul (a 2-core machine ran
+    workload B markedly slower with two), so the default there is one.
+    """
+    if config.torch_threads:
+        return config.torch_threads
+    on_cpu = config.device == "cpu" or (config.device == "auto" and not cuda_available)
+    return 1 if on_cpu and num_cores <= 4 else None
+
+
 def load_engine(config: ServerConfig) -> Any:
     """The LLMEngine for config.model (slow: runs in a worker thread)."""
+    import torch
+
     from engine_service import LLMEngine  # the model stack loads only in the service process
 
+    threads = torch_threads(config, torch.cuda.is_available(), len(os.sched_getaffinity(0)))
+    if threads is not None:
+        torch.set_num_threads(threads)  # process-wide: the engine loop thread picks it up too
+    log.info("torch intra-op threads: %d", torch.get_num_threads())
     return LLMEngine(config.model, **config.engine_kwargs())
 
 
@@ -79,6 +101,11 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
     reflection.enable_server_reflection(names, server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()  # health answers NOT_SERVING while the model loads
+    metrics = EngineMetrics(Path(config.model).name, lambda: servicer.loop.stats if servicer.loop else {},
+                            lambda: servicer.loop.num_waiting if servicer.loop else 0, config.log_requests)
+    metrics_server = None
+    if config.metrics_port:
+        metrics_server = serve_metrics(metrics.registry, config.host, config.metrics_port)
     if bound_port is not None:
         bound_port.set_result(port)
     if handle_signals:
@@ -88,6 +115,9 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
 
     engine = await asyncio.to_thread(engine_factory, config)
     loop = EngineLoop(engine, aio, on_fatal)
+    metrics.model_name = str(engine.model_info["model_name"])
+    if config.metrics_port or config.log_requests:
+        loop.metrics = metrics
     servicer.attach(loop, dict(engine.model_info), dict(engine.generation_defaults))
     loop.start()
     vocab = int(engine.model_info["vocab_size"])
@@ -120,6 +150,9 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
         await server.stop(1.0)
     for task in tasks:
         task.cancel()
+    if metrics_server is not None:
+        await asyncio.to_thread(metrics_server.shutdown)
+        metrics_server.server_close()
     if exit_code == 0:
         loop.stop()
         engine.close()
@@ -133,8 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         config = parse_config(argv)
     except ValueError as exc:
         sys.exit(f"engine-service: {exc}")
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.log_level, config.log_format)
     code = asyncio.run(serve(config))
     sys.stdout.flush()
     if code:

@@ -33,6 +33,9 @@ class ServerConfig:
     max_num_seqs: int = 256
     max_model_len: int = 0  # 0: the model's own
     tensor_parallel_size: int = 1
+    # torch intra-op threads: 0 picks one on CPU when the machine has at most 4 cores (the gRPC threads and the
+    # tokenizer service need the rest; oversubscribed cores make torch's threads spin and wait), else torch's own.
+    torch_threads: int = 0
     # Limits.
     max_concurrent_rpcs: int = 1024  # grpc.aio refuses calls past this with RESOURCE_EXHAUSTED
     max_waiting: int = 1024  # requests admitted but not yet running; past it: RESOURCE_EXHAUSTED
@@ -50,17 +53,25 @@ class ServerConfig:
     canary_timeout_s: float = 60.0
     failure_linger_s: float = 2.0  # after an engine failure, answer NOT_SERVING this long before exiting 1
     log_level: str = "INFO"
+    # Observability (docs/OBSERVABILITY.md).
+    metrics_port: int = 9400  # Prometheus /metrics over plain HTTP on host:metrics_port; 0 turns it off
+    log_format: str = "text"  # "text", or "json": one JSON object per line
+    log_requests: bool = True  # one log line per finished request (INFO)
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model must name a model directory (--model or ENGINE_MODEL)")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535 (0 picks a free port), got {self.port}")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be in 0..65535 (0 turns metrics off), got {self.metrics_port}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
         for name in ("max_concurrent_rpcs", "max_waiting", "max_message_bytes", "max_buffered_tokens",
                      "kvcache_block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("num_kvcache_blocks", "max_model_len"):
+        for name in ("num_kvcache_blocks", "max_model_len", "torch_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (automatic) or positive, got {getattr(self, name)}")
         for name in ("keepalive_time_s", "keepalive_timeout_s", "min_ping_interval_s", "grace_s",

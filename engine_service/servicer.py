@@ -23,6 +23,7 @@ from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
 
 STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
 UNARY_PREFIX = "u:"  # engine request ids of GenerateStream calls; bidi streams use "s<n>:"
+REQUEST_ID_HEADER = "x-request-id"  # GenerateStream: the trace id when the request carries none
 
 
 class EngineServicer(pb_grpc.EngineServicer):
@@ -87,7 +88,8 @@ class EngineServicer(pb_grpc.EngineServicer):
             stream.reject(cid, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
         try:
-            self.loop.add(prefix + cid, prompt, params, RequestSink(stream, cid))
+            self.loop.add(prefix + cid, prompt, params, RequestSink(stream, cid),
+                          trace_id=req.trace_id or prefix + cid)
         except EngineUnavailable as exc:
             stream.reject(cid, grpc.StatusCode.UNAVAILABLE, f"the engine has failed: {exc}")
             return
@@ -140,6 +142,8 @@ class EngineServicer(pb_grpc.EngineServicer):
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         cid = request.request_id
+        if not request.trace_id:
+            request.trace_id = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_HEADER), cid)
         if cid in self._unary:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {cid!r} is already live")
         stream = self._new_stream(UNARY_PREFIX)

@@ -79,14 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = args.model
     engine_port, text_port = free_port(), free_port()
+    # Free ports for /metrics too, so the demo never collides with services already running here.
+    engine_metrics, text_metrics = free_port(), free_port()
     logs = Path(tempfile.mkdtemp(prefix="llmserve-demo-"))
     procs: list[subprocess.Popen] = []
     try:
         for name, cmd in (
             ("engine", ["engine_service.server", "--model", model, "--host", "127.0.0.1", "--port",
-                        str(engine_port), *engine_flags]),
+                        str(engine_port), "--metrics-port", str(engine_metrics), *engine_flags]),
             ("tokenizer", ["tokenizer_service.server", "--model", model, "--host", "127.0.0.1", "--port",
-                           str(text_port), "--engines", f"127.0.0.1:{engine_port}"]),
+                           str(text_port), "--engines", f"127.0.0.1:{engine_port}", "--metrics-port",
+                           str(text_metrics)]),
         ):
             with open(logs / f"{name}.log", "wb") as log:
                 procs.append(subprocess.Popen([sys.executable, "-m", *cmd], cwd=ROOT, stdout=log,
@@ -95,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         wait_serving(f"127.0.0.1:{engine_port}", procs[0], logs / "engine.log", args.startup_timeout)
         wait_serving(f"127.0.0.1:{text_port}", procs[1], logs / "tokenizer.log", args.startup_timeout)
-        print(f"[demo] both services SERVING; user: {args.message}\n", file=sys.stderr)
+        print(f"[demo] both services SERVING (metrics: http://127.0.0.1:{engine_metrics}/metrics, "
+              f"http://127.0.0.1:{text_metrics}/metrics); user: {args.message}\n", file=sys.stderr)
         with TextClient(f"127.0.0.1:{text_port}", timeout=120) as client:
             last = None
             for chunk in client.chat([{"role": "user", "content": args.message}], max_tokens=args.max_tokens):

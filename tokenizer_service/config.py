@@ -39,6 +39,10 @@ class TextServerConfig:
     max_connection_age_s: float = 0.0  # 0: unlimited
     grace_s: float = 30.0  # SIGTERM drain
     log_level: str = "INFO"
+    # Observability (docs/OBSERVABILITY.md).
+    metrics_port: int = 9401  # Prometheus /metrics over plain HTTP on host:metrics_port; 0 turns it off
+    log_format: str = "text"  # "text", or "json": one JSON object per line
+    log_requests: bool = True  # one log line per finished request (INFO)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -47,6 +51,10 @@ class TextServerConfig:
             raise ValueError("engines or engine_dns must name the engine service(s)")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535 (0 picks a free port), got {self.port}")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be in 0..65535 (0 turns metrics off), got {self.metrics_port}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
         for name in ("max_concurrent_rpcs", "max_inflight", "max_message_bytes", "max_buffered_updates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

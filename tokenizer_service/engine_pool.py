@@ -20,6 +20,7 @@ import grpc
 from protos.llmserve.engine.v1 import engine_pb2 as pb
 from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
 from tokenizer_service.config import TextServerConfig
+from tokenizer_service.metrics import TextMetrics
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,8 @@ class EngineConnection:
                 self._lose_inflight(reason)
                 await channel.close()
             log.warning("engine %s lost (%s); reconnecting in %.1fs", self.address, reason, backoff)
+            if self._pool.metrics is not None:
+                self._pool.metrics.reconnects.inc()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, cfg.reconnect_max_s)
 
@@ -190,6 +193,7 @@ class EnginePool:
         self.conns: dict[str, EngineConnection] = {}
         self._changed = asyncio.Event()
         self._dns_task: asyncio.Task | None = None
+        self.metrics: TextMetrics | None = None  # counts reconnects when set
 
     def start(self) -> None:
         for address in self.config.engine_addresses:

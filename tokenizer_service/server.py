@@ -23,6 +23,8 @@ from grpc_reflection.v1alpha import reflection
 from protos.llmserve.text.v1 import text_pb2, text_pb2_grpc
 from tokenizer_service.config import TextServerConfig, parse_config
 from tokenizer_service.engine_pool import EnginePool
+from tokenizer_service.logs import configure_logging
+from tokenizer_service.metrics import TextMetrics, serve_metrics
 from tokenizer_service.servicer import TextServicer
 from tokenizer_service.validation import read_eos_token_ids, read_generation_defaults
 
@@ -79,8 +81,11 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
     tokenizer, name, vocab = await asyncio.to_thread(load_tokenizer, config.model)
     eos = read_eos_token_ids(config.model, tokenizer)
     pool = EnginePool(config, vocab, eos, engine_channel_options(config))
+    metrics = TextMetrics(name, config.log_requests)
     servicer = TextServicer(tokenizer, pool, name, vocab, eos, read_generation_defaults(config.model),
-                            config.max_inflight)
+                            config.max_inflight, metrics)
+    pool.metrics = metrics
+    metrics.watch(lambda: servicer.inflight, lambda: len(pool.ready))
     health_servicer = health.aio.HealthServicer()
     server = grpc.aio.server(options=server_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
     text_pb2_grpc.add_TextGenerationServicer_to_server(servicer, server)
@@ -92,6 +97,9 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
     for service in ("", config.service_name):
         await health_servicer.set(service, NOT_SERVING)
     await server.start()
+    metrics_server = None
+    if config.metrics_port:
+        metrics_server = serve_metrics(metrics.registry, config.host, config.metrics_port)
     if bound_port is not None:
         bound_port.set_result(port)
     if handle_signals:
@@ -111,6 +119,9 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
         await asyncio.sleep(0.05)
     await server.stop(max(0.5, deadline - time.monotonic()))
     await pool.close()
+    if metrics_server is not None:
+        await asyncio.to_thread(metrics_server.shutdown)
+        metrics_server.server_close()
     log.info("tokenizer service stopped")
     return 0
 
@@ -133,8 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         config = parse_config(argv)
     except ValueError as exc:
         sys.exit(f"tokenizer-service: {exc}")
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.log_level, config.log_format)
     sys.exit(asyncio.run(serve(config)))
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +14,7 @@ from protos.llmserve.engine.v1 import engine_pb2 as engine_pb
 from protos.llmserve.text.v1 import text_pb2 as pb
 from protos.llmserve.text.v1 import text_pb2_grpc as pb_grpc
 from tokenizer_service.engine_pool import EnginePool, RequestFailed, RequestHandle
+from tokenizer_service.metrics import REQUEST_ID_HEADER, RequestTrace, TextMetrics, request_id_from
 from tokenizer_service.text_stream import TextStream
 from tokenizer_service.validation import (
     PreparedRequest,
@@ -31,7 +34,8 @@ class TextServicer(pb_grpc.TextGenerationServicer):
     """Generate, GenerateMulti, Tokenize, Detokenize and GetModelInfo over an EnginePool."""
 
     def __init__(self, tokenizer: Any, pool: EnginePool, model_name: str, vocab_size: int,
-                 eos_token_ids: set[int], generation_defaults: dict[str, object], max_inflight: int) -> None:
+                 eos_token_ids: set[int], generation_defaults: dict[str, object], max_inflight: int,
+                 metrics: TextMetrics | None = None) -> None:
         self.tokenizer, self.pool = tokenizer, pool
         self.model_name, self.vocab_size, self.eos_token_ids = model_name, vocab_size, eos_token_ids
         self.defaults = generation_defaults
@@ -40,6 +44,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         self.draining = False
         self.num_calls = 0  # Generate / GenerateMulti calls in progress
         self._multi_wakes: set[asyncio.Event] = set()
+        self.metrics = metrics or TextMetrics(model_name)
 
     def begin_drain(self) -> None:
         self.draining = True
@@ -55,12 +60,16 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                                 f"the tokenizer service's queue is full: {self.inflight} requests in flight "
                                 f"(max_inflight {self.max_inflight}); retry later")
         try:
-            return prepare(request, self.tokenizer, self.defaults, self.pool.max_model_len,
+            started = time.perf_counter()
+            prep = prepare(request, self.tokenizer, self.defaults, self.pool.max_model_len,
                            TextLimits(vocab_size=self.vocab_size))
+            self.metrics.tokenize_time.observe(time.perf_counter() - started)
+            return prep
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
 
-    async def _generate(self, prep: PreparedRequest, timeout_s: float | None) -> AsyncIterator[pb.GenerateResponse]:
+    async def _generate(self, prep: PreparedRequest, timeout_s: float | None,
+                        trace: RequestTrace) -> AsyncIterator[pb.GenerateResponse]:
         """The responses of one request; raises RequestFailed. Retries elsewhere only before the first token.
 
         The deadline travels to the engine (deadline_ms), which fails the request with DEADLINE_EXCEEDED.
@@ -73,6 +82,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             while True:
                 request = engine_pb.NewRequest()
                 request.CopyFrom(prep.engine_request)
+                request.trace_id = trace.request_id
                 if timeout_s is not None:
                     request.deadline_ms = max(1, int(timeout_s * 1000))
                 handle = await self.pool.submit(request, timeout_s, avoid=handle.conn if handle else None)
@@ -85,13 +95,18 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                                                 retryable=code == grpc.StatusCode.UNAVAILABLE)
                         cached = update.num_cached_tokens or cached
                         ids = list(update.new_token_ids)
+                        fed = time.monotonic()
                         delta = text.feed(ids)
+                        trace.detokenize_s += time.monotonic() - fed
+                        trace.first_token = trace.first_token or (fed if ids else 0.0)
                         if text.stopped is not None:
                             handle.close()  # in-band abort: the engine frees the blocks at once
+                            trace.finish_reason = "stop"
                             yield self._last(prep, text, delta, ids, pb.FINISH_REASON_STOP, cached)
                             return
                         if update.finish_reason:
                             reason = FINISH.get(update.finish_reason, pb.FINISH_REASON_STOP)
+                            trace.finish_reason = pb.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
                             yield self._last(prep, text, delta + text.finish(), ids, reason, cached)
                             return
                         if ids or delta:
@@ -101,10 +116,16 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 except RequestFailed as exc:
                     if not (exc.retryable and not sent_tokens and attempts < MAX_ATTEMPTS):
                         raise
+        except RequestFailed as exc:
+            trace.finish_reason, trace.error = "error", f"{exc.code.name}: {exc.message}"
+            raise
         finally:
             self.inflight -= 1
             if handle is not None:
                 handle.close()
+            trace.prompt_tokens, trace.completion_tokens = prep.num_prompt_tokens, text.num_generated
+            trace.cached_tokens, trace.engine = cached, handle.conn.address if handle is not None else ""
+            self.metrics.finish(trace)
 
     def _last(self, prep: PreparedRequest, text: TextStream, delta: str, ids: list[int], reason: int,
               cached: int) -> pb.GenerateResponse:
@@ -115,9 +136,11 @@ class TextServicer(pb_grpc.TextGenerationServicer):
 
     async def Generate(self, request, context):
         self.num_calls += 1
+        trace = RequestTrace(request_id_from(context.invocation_metadata(), request.request_id))
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, trace.request_id),))
         try:
             prep = self._admit(request)
-            async for response in self._generate(prep, context.time_remaining()):
+            async for response in self._generate(prep, context.time_remaining(), trace):
                 yield response
         except RequestFailed as exc:
             await context.abort(exc.code, exc.message)
@@ -129,12 +152,14 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         tasks: dict[str, asyncio.Task] = {}
         wake = asyncio.Event()
         input_done = False
+        call_id = request_id_from(context.invocation_metadata(), uuid.uuid4().hex[:16])
 
         async def run_one(rid: str, request: pb.GenerateRequest) -> None:
             try:
+                trace = RequestTrace(f"{call_id}/{rid}")
                 prep = self._admit(request)
                 timeout = request.deadline_ms / 1000 if request.deadline_ms else None
-                async for response in self._generate(prep, timeout):
+                async for response in self._generate(prep, timeout, trace):
                     response.request_id = rid
                     await out.put(response)
             except RequestFailed as exc:

@@ -23,7 +23,7 @@ DEMO_DIR = ROOT / ".demo_model"
 # Small and quick on 2 cores: a modest KV pool so "every block free" is cheap to check.
 ENGINE_FLAGS = ["--device", "cpu", "--dtype", "float32", "--attention-backend", "torch", "--enforce-eager", "true",
                 "--num-kvcache-blocks", "512", "--max-num-seqs", "16", "--max-num-batched-tokens", "1024",
-                "--canary-interval-s", "0", "--log-level", "WARNING"]
+                "--canary-interval-s", "0", "--log-level", "WARNING", "--metrics-port", "0"]
 
 
 def free_port() -> int:
@@ -101,7 +101,7 @@ def start_tokenizer(model: str, engines: list[Service], extra: list[str] = ()) -
     port = free_port()
     args = ["tokenizer_service.server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
             "--engines", ",".join(e.target for e in engines), "--reconnect-max-s", "1", "--log-level", "WARNING",
-            *extra]
+            "--metrics-port", "0", *extra]
     return Service(args, port)
 
 

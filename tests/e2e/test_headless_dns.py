@@ -89,7 +89,8 @@ def cluster(demo_model_dir, tmp_path_factory):
     tokenizer = Service(["tests.e2e.test_headless_dns", "--model", str(demo_model_dir), "--host", "127.0.0.1",
                          "--port", str(tokenizer_port), "--engine-dns", f"{DNS_NAME}:{port}",
                          "--dns-refresh-s", "0.5", "--reconnect-min-s", "0.1", "--reconnect-max-s", "1",
-                         "--grace-s", "5", "--log-level", "WARNING"], tokenizer_port, env={HOSTS_ENV: str(hosts)})
+                         "--grace-s", "5", "--log-level", "WARNING", "--metrics-port", "0"], tokenizer_port,
+                        env={HOSTS_ENV: str(hosts)})
     try:
         for engine in engines:
             engine.wait_serving(90)

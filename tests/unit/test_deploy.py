@@ -210,6 +210,8 @@ def prestop_sleep(c: dict) -> int:
 
 def assert_ports_and_probes(c: dict, config, overlay: str, name: str) -> None:
     for port in c["ports"]:
+        if port.get("name") == "metrics":
+            continue  # test_metrics_port_is_declared_once_the_service_has_one checks it
         assert port["containerPort"] == config.port, \
             f"{overlay}/{name}: containerPort {port['containerPort']} is not the service's port {config.port}"
     for kind, probe in probes(c).items():
@@ -426,7 +428,7 @@ def test_engine_registers_the_health_names_its_probes_ask_for(rendered):
     objs = rendered["gpu"]
     names = probe_services(objs, ENGINE)
     config = dataclasses.replace(effective_config(objs, ENGINE), model="fake", host="127.0.0.1", port=0,
-                                 canary_interval_s=0, grace_s=1)
+                                 canary_interval_s=0, grace_s=1, metrics_port=0)
     statuses = asyncio.run(run_and_ask(serve, config, [*names, "no.such.Service"], config.service_name,
                                        engine_factory=lambda c: FakeEngine()))
     serving = health_pb2.HealthCheckResponse.SERVING
@@ -441,7 +443,7 @@ def test_tokenizer_registers_the_health_names_its_probes_ask_for(rendered, demo_
     names = probe_services(objs, TOKENIZER)
     # No engine behind it: the names must exist (NOT_SERVING), not be unknown (NOT_FOUND).
     config = dataclasses.replace(effective_config(objs, TOKENIZER), model=str(demo_model_dir), host="127.0.0.1",
-                                 port=0, engine_dns="", engines="127.0.0.1:9", grace_s=1)
+                                 port=0, engine_dns="", engines="127.0.0.1:9", grace_s=1, metrics_port=0)
     statuses = asyncio.run(run_and_ask(serve, config, [*names, "", "no.such.Service"], None))
     assert statuses.pop("no.such.Service") == grpc.StatusCode.NOT_FOUND
     assert all(s == health_pb2.HealthCheckResponse.NOT_SERVING for s in statuses.values()), statuses

@@ -23,6 +23,7 @@ class Running:
 
     def __init__(self, engine: FakeEngine, **overrides: object) -> None:
         self.engine = engine
+        overrides = {"metrics_port": 0, **overrides}  # several servers in one process: no fixed metrics port
         self.config = ServerConfig(model="fake", host="127.0.0.1", port=0, canary_interval_s=0, **overrides)
         self.loop = asyncio.new_event_loop()
         self.port_ready = threading.Event()

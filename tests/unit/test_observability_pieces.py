@@ -1,0 +1,168 @@
+"""Metrics, log lines and request ids, piece by piece (the running services: tests/e2e/test_observability.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine_service.logs import JsonFormatter, TextFormatter
+from engine_service.metrics import EngineMetrics, Histogram
+from engine_service.outputs import StepOutput
+from engine_service.server_config import parse_config as engine_config
+from tokenizer_service.config import parse_config as tokenizer_config
+from tokenizer_service.metrics import RequestTrace, TextMetrics, request_id_from
+
+
+def samples(registry) -> dict[tuple, float]:
+    out = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for s in family.samples:
+            out[(s.name, *sorted((k, v) for k, v in s.labels.items() if k != "model_name"))] = s.value
+    return out
+
+
+def test_histogram_buckets_are_upper_bounds_and_weighted():
+    h = Histogram((0.1, 1.0))
+    h.observe(0.1)  # on a bound: that bucket (le means "less or equal")
+    h.observe(0.5, 3)
+    h.observe(7.0)
+    assert h.counts == [1, 3, 1] and h.sum == pytest.approx(0.1 + 1.5 + 7.0)
+    family = h.family("x", "doc", "m")
+    assert [(s.labels.get("le"), s.value) for s in family.samples if s.name == "x_bucket"] == \
+        [("0.1", 1), ("1.0", 4), ("+Inf", 5)]
+
+
+def test_engine_metrics_account_one_step_at_a_time():
+    stats = {"num_running": 2, "num_blocks": 10, "num_used_blocks": 4, "prefix_cache_queries": 30,
+             "prefix_cache_hits": 16}
+    m = EngineMetrics("tiny", lambda: stats, lambda: 3)
+    seq_a, seq_b = SimpleNamespace(request_id="a", admit_order=0), SimpleNamespace(request_id="b", admit_order=1)
+    engine = SimpleNamespace(scheduler=SimpleNamespace(running=[seq_a, seq_b]))
+    m.on_add("a", "trace-a", arrival=1.0)
+    m.on_add("b", "trace-b", arrival=1.5)
+    m.on_step([], started=2.0, ended=2.5, engine=engine)  # both admitted: a chunked prefill, no tokens yet
+    m.on_step([StepOutput("a", [5], None, 10), StepOutput("b", [6], None, 20), StepOutput("zzz", [1])],
+              started=2.5, ended=3.0, engine=engine)
+    m.on_step([StepOutput("a", [7], None, 10), StepOutput("b", [8], "length", 20, 16)], started=3.0, ended=3.25,
+              engine=engine)
+    m.on_step([StepOutput("a", [], "abort", 10)], started=3.25, ended=4.0, engine=engine)
+    got = samples(m.registry)
+    assert got[("llmserve:prompt_tokens_total",)] == 30  # the unknown request "zzz" is not counted
+    assert got[("llmserve:generation_tokens_total",)] == 4
+    assert got[("llmserve:time_to_first_token_seconds_sum",)] == pytest.approx((3.0 - 1.0) + (3.0 - 1.5))
+    # Both second tokens came 0.25 s after the first: one weighted observation of two gaps.
+    assert got[("llmserve:inter_token_latency_seconds_count",)] == 2
+    assert got[("llmserve:inter_token_latency_seconds_sum",)] == pytest.approx(0.5)
+    assert got[("llmserve:request_queue_time_seconds_sum",)] == pytest.approx((2.0 - 1.0) + (2.0 - 1.5))
+    assert got[("llmserve:request_prefill_time_seconds_sum",)] == pytest.approx(1.0 + 1.0)
+    assert got[("llmserve:request_decode_time_seconds_sum",)] == pytest.approx((3.25 - 3.0) + (4.0 - 3.0))
+    assert got[("llmserve:e2e_request_latency_seconds_sum",)] == pytest.approx((3.25 - 1.5) + (4.0 - 1.0))
+    assert got[("llmserve:request_success_total", ("finished_reason", "length"))] == 1
+    assert got[("llmserve:request_success_total", ("finished_reason", "abort"))] == 1
+    assert got[("llmserve:request_success_total", ("finished_reason", "stop"))] == 0
+    assert got[("llmserve:num_requests_running",)] == 2 and got[("llmserve:num_requests_waiting",)] == 3
+    assert got[("llmserve:kv_cache_usage_perc",)] == pytest.approx(0.4)
+    assert got[("llmserve:prefix_cache_hits_total",)] == 16 and got[("llmserve:prefix_cache_queries_total",)] == 30
+
+
+def test_engine_request_line_carries_the_trace_id(caplog):
+    m = EngineMetrics("tiny", dict, lambda: 0)
+    m.on_add("s1:7", "client-id-1", arrival=0.0)
+    with caplog.at_level(logging.INFO, logger="llmserve.request"):
+        m.on_step([StepOutput("s1:7", [3], "stop", 12, 8)], started=0.5, ended=1.0)
+    (record,) = caplog.records
+    assert record.fields["request_id"] == "client-id-1" and record.fields["engine_request_id"] == "s1:7"
+    assert record.fields["completion_tokens"] == 1 and record.fields["cached_tokens"] == 8
+    assert record.fields["ttft_s"] == 1.0 and record.fields["total_s"] == 1.0
+    assert record.fields["finish_reason"] == "stop"
+
+
+def test_json_and_text_log_lines():
+    record = logging.LogRecord("llmserve.request", logging.INFO, __file__, 1, "request finished", (), None)
+    record.fields = {"request_id": "r-1", "completion_tokens": 3}
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    obj = json.loads(line)
+    assert obj["msg"] == "request finished" and obj["request_id"] == "r-1" and obj["completion_tokens"] == 3
+    assert obj["level"] == "INFO" and obj["ts"].endswith("Z")
+    assert TextFormatter().format(record).endswith("request finished request_id=r-1 completion_tokens=3")
+
+
+def test_request_ids_from_metadata():
+    assert request_id_from([("other", "x"), ("x-request-id", "abc")], "fallback") == "abc"
+    assert request_id_from([], "fallback") == "fallback"
+    generated = {request_id_from(None) for _ in range(3)}
+    assert len(generated) == 3 and all(len(g) == 32 for g in generated)
+    assert len(request_id_from([("x-request-id", "y" * 1000)])) == 128
+
+
+def test_text_metrics_count_finished_requests():
+    m = TextMetrics("tiny", log_requests=False)
+    m.watch(lambda: 2, lambda: 1)
+    trace = RequestTrace("r")
+    trace.detokenize_s, trace.finish_reason = 0.002, "length"
+    m.finish(trace)
+    got = samples(m.registry)
+    assert got[("llmserve:text_requests_total", ("finished_reason", "length"))] == 1
+    assert got[("llmserve:detokenize_time_seconds_count",)] == 1
+    assert got[("llmserve:text_requests_inflight",)] == 2 and got[("llmserve:engines_connected",)] == 1
+    assert got[("llmserve:engine_stream_reconnects_total",)] == 0
+
+
+def test_metrics_port_and_log_format_settings():
+    assert engine_config(["--model", "/m"], {}).metrics_port == 9400
+    assert engine_config(["--model", "/m"], {"ENGINE_METRICS_PORT": "0"}).metrics_port == 0
+    assert tokenizer_config(["--model", "/m", "--engines", "e:1"], {}).metrics_port == 9401
+    cfg = tokenizer_config(["--model", "/m", "--engines", "e:1", "--metrics-port", "9555", "--log-format", "json"],
+                           {"TOKENIZER_METRICS_PORT": "1"})
+    assert cfg.metrics_port == 9555 and cfg.log_format == "json"
+    with pytest.raises(ValueError, match="log_format"):
+        engine_config(["--model", "/m", "--log-format", "xml"], {})
+    with pytest.raises(ValueError, match="metrics_port"):
+        engine_config(["--model", "/m", "--metrics-port", "70000"], {})
+
+
+def test_configure_logging_writes_json_lines(monkeypatch):
+    from engine_service import logs
+
+    stream = io.StringIO()
+    monkeypatch.setattr(logs.sys, "stderr", stream)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        logs.configure_logging("INFO", "json")
+        logging.getLogger("llmserve.request").info("request finished", extra={"fields": {"request_id": "q"}})
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert json.loads(stream.getvalue().strip().splitlines()[-1])["request_id"] == "q"
+
+
+def test_engine_service_logs_the_request_id_from_metadata_or_frame(caplog):
+    from clients.engine_client import EngineClient
+    from protos.llmserve.engine.v1 import engine_pb2 as pb
+    from tests.fake_engine import FakeEngine
+    from tests.unit.test_engine_service_fake import Running, wait_serving
+
+    server = Running(FakeEngine())
+    try:
+        with caplog.at_level(logging.INFO, logger="llmserve.request"), EngineClient(server.target, timeout=10) as c:
+            wait_serving(c)
+            request = pb.NewRequest(prompt_token_ids=[1, 2], sampling_params=pb.SamplingParams(max_tokens=3))
+            list(c.stub.GenerateStream(request, metadata=(("x-request-id", "from-metadata"),), timeout=10))
+            list(c.generate([1, 2], trace_id="from-frame", max_tokens=2))
+            for _ in range(100):
+                if len([r for r in caplog.records if r.name == "llmserve.request"]) >= 2:
+                    break
+                time.sleep(0.02)
+    finally:
+        server.stop()
+    lines = {r.fields["request_id"]: r.fields for r in caplog.records if r.name == "llmserve.request"}
+    assert lines["from-metadata"]["completion_tokens"] == 3 and lines["from-frame"]["completion_tokens"] == 2

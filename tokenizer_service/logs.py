@@ -1,0 +1,53 @@
+"""Log output of the tokenizer service: plain text or JSON lines (`--log-format`), and the per-request line.
+
+A record may carry `fields` (a dict, passed as `extra={"fields": {...}}`). JSON output puts them at the top
+level of the line's object; text output appends them as `key=value` pairs. docs/OBSERVABILITY.md lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+REQUEST_LOGGER = "llmserve.request"  # one INFO line per finished request
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, then the record's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {"ts": _timestamp(record), "level": record.levelname, "logger": record.name,
+                                  "msg": record.getMessage()}
+        out.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """The usual `time level logger: message`, then the record's fields as key=value."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = getattr(record, "fields", None)
+        if fields:
+            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+        return line
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Send every log record to stderr, as text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

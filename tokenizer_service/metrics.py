@@ -1,0 +1,115 @@
+"""Prometheus metrics, request ids and per-request log lines of the tokenizer service (docs/OBSERVABILITY.md).
+
+Request ids: a client may send one in the `x-request-id` metadata of a call; otherwise one is generated. It
+goes to the engine inside the request (`NewRequest.trace_id`), so both services log the same id. Each server
+has its own CollectorRegistry, so several servers in one process (tests) never share series.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from http.server import HTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from tokenizer_service.logs import REQUEST_LOGGER
+
+log = logging.getLogger(__name__)
+request_log = logging.getLogger(REQUEST_LOGGER)
+
+PREFIX = "llmserve:"
+REQUEST_ID_HEADER = "x-request-id"
+MAX_REQUEST_ID_CHARS = 128
+# Per-request CPU work in seconds: tokenizing a prompt, and detokenizing a whole completion.
+TIME_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+def request_id_from(metadata: Iterable[tuple[str, str]] | None, fallback: str = "") -> str:
+    """The call's x-request-id (cut to 128 characters), else fallback, else a new random id."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_HEADER and value:
+            return value[:MAX_REQUEST_ID_CHARS]
+    return fallback[:MAX_REQUEST_ID_CHARS] or uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class RequestTrace:
+    """One request as this service saw it, for its log line (times from time.monotonic)."""
+
+    request_id: str
+    start: float = field(default_factory=time.monotonic)
+    first_token: float = 0.0
+    detokenize_s: float = 0.0  # incremental detokenization and stop strings, summed over the request
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    finish_reason: str = "cancelled"  # until a finish or an error says otherwise
+    error: str = ""
+    engine: str = ""
+
+
+class TextMetrics:
+    """The tokenizer service's Prometheus series, labelled with the model name."""
+
+    def __init__(self, model_name: str, log_requests: bool = True) -> None:
+        self.registry = CollectorRegistry()
+        self._log_requests = log_requests
+        model = {"model_name": model_name}
+        labels = list(model)
+        self.tokenize_time = Histogram(
+            PREFIX + "tokenize_time_seconds", "Turning one request's prompt or chat into token ids.", labels,
+            registry=self.registry, buckets=TIME_BUCKETS).labels(**model)
+        self.detokenize_time = Histogram(
+            PREFIX + "detokenize_time_seconds", "Turning one request's generated ids into text (whole request).",
+            labels, registry=self.registry, buckets=TIME_BUCKETS).labels(**model)
+        self.reconnects = Counter(
+            PREFIX + "engine_stream_reconnects", "Engine streams lost or refused, then retried.", labels,
+            registry=self.registry).labels(**model)
+        self._finished = Counter(PREFIX + "text_requests", "Finished text requests by finish reason.",
+                                 [*labels, "finished_reason"], registry=self.registry)
+        for reason in ("stop", "length", "abort", "error", "cancelled"):
+            self._finished.labels(model_name=model_name, finished_reason=reason)
+        self._model = model_name
+        self.inflight = Gauge(PREFIX + "text_requests_inflight", "Requests in progress in this service.", labels,
+                              registry=self.registry).labels(**model)
+        self.engines = Gauge(PREFIX + "engines_connected", "Engine streams ready for new requests.", labels,
+                             registry=self.registry).labels(**model)
+
+    def watch(self, inflight: Callable[[], float], engines: Callable[[], float]) -> None:
+        """Read the two gauges from the service when scraped."""
+        self.inflight.set_function(inflight)
+        self.engines.set_function(engines)
+
+    def finish(self, trace: RequestTrace) -> None:
+        """Account a finished request and write its log line."""
+        now = time.monotonic()
+        self.detokenize_time.observe(trace.detokenize_s)
+        self._finished.labels(model_name=self._model, finished_reason=trace.finish_reason).inc()
+        if not self._log_requests:
+            return
+        request_log.info("request finished", extra={"fields": {
+            "request_id": trace.request_id, "prompt_tokens": trace.prompt_tokens,
+            "completion_tokens": trace.completion_tokens, "cached_tokens": trace.cached_tokens,
+            "ttft_s": round(trace.first_token - trace.start, 6) if trace.first_token else None,
+            "total_s": round(now - trace.start, 6), "detokenize_s": round(trace.detokenize_s, 6),
+            "finish_reason": trace.finish_reason, "engine": trace.engine,
+            **({"error": trace.error} if trace.error else {}),
+        }})
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> HTTPServer | None:
+    """Serve /metrics on host:port in a daemon thread; None (and an error logged) if the port is taken.
+
+    Metrics never take the service down: a busy port costs the metrics, not the requests.
+    """
+    try:
+        server, _ = start_http_server(port, addr=host.strip("[]"), registry=registry)
+    except OSError as exc:
+        log.error("metrics: cannot listen on %s:%d (%s); serving without metrics", host, port, exc)
+        return None
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return server
