@@ -52,9 +52,6 @@ class _Abort:
 
 
 _STOP = object()
-# engine.stats() is not free (counting cached blocks walks the free list), so a busy loop refreshes the
-# snapshot at most this often; an idle loop refreshes it every time, so GetLoad is exact once idle.
-STATS_INTERVAL_S = 0.05
 
 
 class EngineLoop:
@@ -70,7 +67,6 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         # Written by the consumer thread, read by the asyncio thread (whole-object replacement is atomic).
         self.stats: dict[str, int] = dict(engine.stats())
-        self._stats_at = 0.0
         self.last_progress = time.monotonic()
         self.steps = 0
         self.fail_at_step: int | None = None  # test hook: step() raises once this many steps have run
@@ -157,8 +153,7 @@ class EngineLoop:
                     if self.metrics is not None:
                         self.metrics.on_step(outputs, started, time.monotonic(), self._engine)
                 now = time.monotonic()
-                if now - self._stats_at >= STATS_INTERVAL_S or not self._engine.has_unfinished_requests():
-                    self.stats, self._stats_at = dict(self._engine.stats()), now
+                self.stats = dict(self._engine.stats())  # O(1) since the block manager counts cached blocks
                 self.last_progress = now
                 if outputs or rejected:
                     self._aio.call_soon_threadsafe(self._deliver, outputs, rejected)
