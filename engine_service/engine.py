@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -184,8 +185,12 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)
 
-    def step(self) -> list[StepOutput]:
-        """Run one scheduled batch; return new tokens per request (and finish reasons)."""
+    def step(self, on_launch: Callable[[], None] | None = None) -> list[StepOutput]:
+        """Run one scheduled batch; return new tokens per request (and finish reasons).
+
+        on_launch, if given, is called once the step's inputs are built, just before the forward pass: a
+        caller can do its own work while the model's kernels run without the GIL.
+        """
         outputs, self._pending = self._pending, []
         if not self.scheduler.has_unfinished():
             return outputs
@@ -194,7 +199,7 @@ class LLMEngine:
             return outputs
         rows = [self._sampling_row(s) for s, take in zip(batch.seqs, batch.sample, strict=True) if take]
         try:
-            tokens, finite = self.runner.run(batch, rows, self.workers)
+            tokens, finite = self.runner.run(batch, rows, self.workers, on_launch)
         except Exception as exc:  # OOM, kernel failure: fail this step's requests, keep the pool whole
             failed = [
                 self._fail(seq, f"engine step failed: {type(exc).__name__}: {exc}") for seq in batch.seqs

@@ -57,8 +57,9 @@ _STOP = object()
 class EngineLoop:
     """Owns an LLMEngine on one thread; see the module docstring."""
 
-    def __init__(self, engine: Any, aio_loop: asyncio.AbstractEventLoop,
-                 on_fatal: Callable[[str], None]) -> None:
+    def __init__(
+        self, engine: Any, aio_loop: asyncio.AbstractEventLoop, on_fatal: Callable[[str], None]
+    ) -> None:
         self._engine = engine
         self._aio = aio_loop
         self._on_fatal = on_fatal
@@ -87,8 +88,14 @@ class EngineLoop:
         """Live requests not yet running: queued commands plus the engine's waiting queue."""
         return max(0, len(self._sinks) - int(self.stats.get("num_running", 0)))
 
-    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: Sink,
-            trace_id: str | None = None) -> None:
+    def add(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        sink: Sink,
+        trace_id: str | None = None,
+    ) -> None:
         """Queue a request; its outputs go to sink. Raises EngineUnavailable once the loop is down."""
         if self.failure is not None or not self._thread.is_alive():
             raise EngineUnavailable(self.failure or "the engine loop is not running")
@@ -136,19 +143,35 @@ class EngineLoop:
     # ---- consumer thread ----------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        # A step's outputs are handed to the asyncio thread when the *next* step launches its forward pass
+        # (or at once when there is no next step). Waking the asyncio thread takes the GIL away from this one;
+        # waking it while this thread runs GIL-free model kernels overlaps the two instead of convoying them.
+        pending: list = []
+
+        def flush() -> None:
+            if pending:
+                self._aio.call_soon_threadsafe(self._deliver, *pending)
+                pending.clear()
+
         try:
             while True:
                 idle = not self._engine.has_unfinished_requests()
+                if idle:
+                    flush()
                 commands = self._drain(block=idle)
                 if _STOP in commands:
+                    flush()
                     return
                 rejected = self._apply(commands)
                 outputs: list[StepOutput] = []
                 if self._engine.has_unfinished_requests():
                     if self.fail_at_step is not None and self.steps >= self.fail_at_step:
-                        raise RuntimeError(f"ENGINE_TEST_FAIL_AFTER_STEPS: step {self.steps} raised (test hook)")
+                        raise RuntimeError(
+                            f"ENGINE_TEST_FAIL_AFTER_STEPS: step {self.steps} raised (test hook)"
+                        )
                     started = time.monotonic()
-                    outputs = self._engine.step()
+                    outputs = self._engine.step(on_launch=flush)
+                    flush()  # the step launched nothing (e.g. only aborts to report)
                     self.steps += 1
                     if self.metrics is not None:
                         self.metrics.on_step(outputs, started, time.monotonic(), self._engine)
@@ -156,11 +179,12 @@ class EngineLoop:
                 self.stats = dict(self._engine.stats())  # O(1) since the block manager counts cached blocks
                 self.last_progress = now
                 if outputs or rejected:
-                    self._aio.call_soon_threadsafe(self._deliver, outputs, rejected)
+                    pending[:] = [outputs, rejected]
         except BaseException as exc:  # the engine cannot continue; every live request fails
             log.exception("engine loop failed")
             message = f"{type(exc).__name__}: {exc}"
             try:
+                flush()  # what finished before the failure is still delivered, in order
                 self._aio.call_soon_threadsafe(self._fail_all, message)
             except RuntimeError:
                 pass  # the event loop is already closed

@@ -8,6 +8,7 @@ back in one sync (see Sampler). On CUDA, pure-decode steps replay captured graph
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -207,15 +208,19 @@ class ModelRunner:
         return x
 
     @torch.inference_mode()
-    def execute(self, x: StepInputs) -> torch.Tensor | None:
+    def execute(self, x: StepInputs, on_launch: Callable[[], None] | None = None) -> torch.Tensor | None:
         """Forward one step; returns the logits of the rows to sample ([N, vocab]) or None."""
         dev = self.device
         if self.graphs is not None and self.graphs.can_run(x):
+            if on_launch is not None:
+                on_launch()
             hidden = self.graphs.run(x)  # [n, hidden]: the real rows of the replayed padded batch
         else:
             meta = self._metadata(x.q_lens, x.ctx_lens, x.tables, x.slots, x.num_decode)
             ids = torch.tensor(x.ids, dtype=torch.long, device=dev)
             positions = torch.tensor(x.positions, dtype=torch.long, device=dev)
+            if on_launch is not None:
+                on_launch()
             hidden = self.model(ids, positions, self.kv_caches, meta, self.backend)
         if not x.sample_rows:
             return None
@@ -224,13 +229,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(
-        self, batch: ScheduledBatch, rows: list[SamplingRow], workers=None
+        self, batch: ScheduledBatch, rows: list[SamplingRow], workers=None, on_launch=None
     ) -> tuple[list[int], list[bool]]:
         """Forward the batch (on every rank); sample one token per sequence whose `sample` flag is set."""
         x = self.step_inputs(batch, self.block_size)
         if workers is not None:
             workers.send_step(x)
-        logits = self.execute(x)
+        logits = self.execute(x, on_launch)
         if logits is None:
             return [], []
         return self.sampler(logits, rows)

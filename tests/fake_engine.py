@@ -13,11 +13,24 @@ from engine_service.sampling_params import SamplingParams
 
 
 class FakeEngine:
-    def __init__(self, vocab_size: int = 100, max_model_len: int = 64, num_blocks: int = 64,
-                 block_size: int = 4, max_num_seqs: int = 4, eos: int = 99, step_s: float = 0.002) -> None:
+    def __init__(
+        self,
+        vocab_size: int = 100,
+        max_model_len: int = 64,
+        num_blocks: int = 64,
+        block_size: int = 4,
+        max_num_seqs: int = 4,
+        eos: int = 99,
+        step_s: float = 0.002,
+    ) -> None:
         self.step_s = step_s  # a step takes time, as a real one does
-        self.model_info = dict(model_name="fake", vocab_size=vocab_size, eos_token_ids=[eos],
-                               max_model_len=max_model_len, block_size=block_size)
+        self.model_info = dict(
+            model_name="fake",
+            vocab_size=vocab_size,
+            eos_token_ids=[eos],
+            max_model_len=max_model_len,
+            block_size=block_size,
+        )
         self.generation_defaults: dict[str, object] = {}
         self.num_blocks, self.max_num_seqs = num_blocks, max_num_seqs
         self.waiting: list[str] = []
@@ -26,7 +39,9 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.closed = False
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams
+    ) -> None:
         if request_id in self.reqs:
             raise ValueError(f"request_id {request_id!r} is already live")
         if len(prompt_token_ids) >= self.model_info["max_model_len"]:
@@ -47,7 +62,9 @@ class FakeEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.reqs) or bool(self.aborted)
 
-    def step(self) -> list[StepOutput]:
+    def step(self, on_launch=None) -> list[StepOutput]:
+        if on_launch is not None:
+            on_launch()  # as the real engine does, just before its forward pass
         time.sleep(self.step_s)
         outputs = [StepOutput(rid, finish_reason="abort") for rid in self.aborted]
         self.aborted = []
@@ -59,7 +76,11 @@ class FakeEngine:
             tokens.append(token)
             done = len(tokens) - n_prompt
             reason = None
-            if token in self.model_info["eos_token_ids"] and not params.ignore_eos and done >= params.min_tokens:
+            if (
+                token in self.model_info["eos_token_ids"]
+                and not params.ignore_eos
+                and done >= params.min_tokens
+            ):
                 reason = "stop"
             elif done >= params.max_tokens or len(tokens) >= self.model_info["max_model_len"]:
                 reason = "length"
@@ -72,9 +93,16 @@ class FakeEngine:
     def stats(self) -> dict[str, int]:
         bs = self.model_info["block_size"]
         used = sum(math.ceil(len(self.reqs[r][0]) / bs) for r in self.running)
-        return dict(num_blocks=self.num_blocks, num_free_blocks=self.num_blocks - used, num_cached_blocks=0,
-                    num_running=len(self.running), num_waiting=len(self.waiting), prefix_cache_queries=0,
-                    prefix_cache_hits=0, num_preemptions=0)
+        return dict(
+            num_blocks=self.num_blocks,
+            num_free_blocks=self.num_blocks - used,
+            num_cached_blocks=0,
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            prefix_cache_queries=0,
+            prefix_cache_hits=0,
+            num_preemptions=0,
+        )
 
     def close(self) -> None:
         self.closed = True

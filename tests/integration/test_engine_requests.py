@@ -314,3 +314,18 @@ def test_text_prompts_use_the_model_tokenizer(demo_model_dir):
     for out in outs:
         assert out["text"] == llm.tokenizer.decode(out["token_ids"], skip_special_tokens=True)
     assert llm.eos_token_ids  # the demo model's generation_config names its EOS ids
+
+
+def test_on_launch_runs_once_per_step_before_the_forward(model_dir, monkeypatch):
+    calls = []
+    with _engine(model_dir) as engine:
+        model = engine.runner.model
+        forward = model.forward
+        monkeypatch.setattr(model, "forward", lambda *a, **k: (calls.append("forward"), forward(*a, **k))[1])
+        engine.add_request("r", _prompt(10), SamplingParams(temperature=0.0, max_tokens=2))
+        engine.step(on_launch=lambda: calls.append("launch"))
+        assert calls == ["launch", "forward"]
+        engine.abort_request("r")
+        calls.clear()
+        engine.step(on_launch=lambda: calls.append("launch"))  # only the abort to report: nothing launches
+        assert calls == []
