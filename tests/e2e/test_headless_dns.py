@@ -5,7 +5,7 @@ A headless Service is one DNS name that resolves to every ready engine pod, all 
 listen on the same port. The tokenizer service gets only `--engine-dns NAME:PORT`.
 
 Name resolution: the tokenizer service resolves TOKENIZER_ENGINE_DNS with the event loop's getaddrinfo, which
-calls socket.getaddrinfo. It has no resolver hook of its own yet (docs/NOTES_deploy.md), so this module, run as
+calls socket.getaddrinfo. It has no resolver hook of its own, so this module, run as
 `python -m tests.e2e.test_headless_dns <tokenizer flags>`, starts the tokenizer service with socket.getaddrinfo
 answering names listed in a hosts file (LLMSERVE_TEST_HOSTS: lines `name addr addr ...`, re-read on every
 lookup) and resolving everything else as usual.
