@@ -329,3 +329,14 @@ def test_on_launch_runs_once_per_step_before_the_forward(model_dir, monkeypatch)
         calls.clear()
         engine.step(on_launch=lambda: calls.append("launch"))  # only the abort to report: nothing launches
         assert calls == []
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16", "float16"])
+def test_every_dtype_runs_on_cpu(model_dir, dtype):
+    import torch
+
+    with _engine(model_dir, dtype=dtype) as engine:
+        out = engine.generate([_prompt(20, 600)], SamplingParams(temperature=0.0, max_tokens=5))[0]
+        assert engine.runner.k_cache.dtype == getattr(torch, dtype)
+        assert engine.runner.model.embed_tokens.weight.dtype == getattr(torch, dtype)
+    assert len(out["token_ids"]) == 5 and all(0 <= t < VOCAB for t in out["token_ids"])
