@@ -27,10 +27,21 @@ def two(demo_model):
     try:
         for service in (*engines, tokenizer):
             service.wait_serving()
+        wait_engines_connected(tokenizer, 2)
         yield engines, tokenizer
     finally:
         for service in (tokenizer, *engines):
             service.stop()
+
+
+def wait_engines_connected(tokenizer, n: int, timeout_s: float = 30.0) -> None:
+    """SERVING means one engine is connected; wait until the tokenizer service has all n streams up."""
+    deadline = time.monotonic() + timeout_s
+    with TextClient(tokenizer.target, timeout=5) as client:
+        while client.model_info().num_engines < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the tokenizer service did not connect to {n} engines in {timeout_s}s")
+            time.sleep(0.05)
 
 
 def complete(client: TextClient, prompt: str, n: int = 8) -> list[pb.GenerateResponse]:
