@@ -25,6 +25,7 @@ from engine_service.sampler import SamplingRow
 from engine_service.sampling_params import SamplingParams
 from engine_service.scheduler import Scheduler
 from engine_service.sequence import Sequence, Status
+from engine_service.validation import check_prompt
 
 log = logging.getLogger(__name__)
 
@@ -136,15 +137,19 @@ class LLMEngine:
                 f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}"
             )
         sampling_params.validate()
+        vocab = self.model_cfg.vocab_size
+        for t in sampling_params.stop_token_ids:
+            if t >= vocab:
+                raise ValueError(f"stop_token_ids holds {t}, outside the vocabulary [0, {vocab})")
         prompt = self._validate_prompt(prompt_token_ids)
-        bs = self.config.kvcache_block_size
+        bm = self.block_manager
         worst = min(len(prompt) + sampling_params.max_tokens, self.max_model_len)
-        need = -(-worst // bs)
-        if need > self.runner.num_blocks:
+        need = bm.blocks_needed(worst)
+        if need > bm.num_blocks:
             raise ValueError(
-                f"request needs {need} KV blocks of {bs} tokens (prompt {len(prompt)} + max_tokens "
+                f"request needs {need} KV blocks of {bm.block_size} tokens (prompt {len(prompt)} + max_tokens "
                 f"{sampling_params.max_tokens}, capped at max_model_len {self.max_model_len}) but the pool "
-                f"has only {self.runner.num_blocks}; lower max_tokens or shorten the prompt"
+                f"has only {bm.num_blocks}; lower max_tokens or shorten the prompt"
             )
         seq = Sequence(request_id, prompt, sampling_params, self.max_model_len)
         if sampling_params.seed is not None:
@@ -158,17 +163,10 @@ class LLMEngine:
         if isinstance(prompt_token_ids, str | bytes) or not hasattr(prompt_token_ids, "__len__"):
             raise ValueError("prompt_token_ids must be a list of integer token ids")
         prompt = list(prompt_token_ids)
-        if not prompt:
-            raise ValueError("prompt_token_ids is empty; a request needs at least one prompt token")
-        vocab = self.model_cfg.vocab_size
-        for t in prompt:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {vocab})")
-        if len(prompt) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(prompt)} tokens; it must be shorter than max_model_len {self.max_model_len} "
-                f"to leave room for at least one generated token"
-            )
+        for i, t in enumerate(prompt):
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise ValueError(f"prompt_token_ids[{i}] = {t!r} is not an integer token id")
+        check_prompt(prompt, self.model_cfg.vocab_size, self.max_model_len)
         return prompt
 
     def abort_request(self, request_id: str) -> bool:

@@ -31,7 +31,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[bool]]:
         """logits: [N, V] -> (token ids, whether each row's logits were finite). One device sync."""
-        finite = torch.isfinite(logits.sum(dim=-1))  # NaN and inf propagate through a sum
+        # NaN and inf propagate through a sum; summed in float32 so that fp16 logits cannot overflow it.
+        finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
         for i, row in enumerate(rows):
             if row.banned_token_ids:
                 logits[i, list(row.banned_token_ids)] = float("-inf")
@@ -84,7 +85,7 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     # Keep a token if the mass before it is below top_p; the first token is always kept.
     mass_before = torch.cumsum(probs, dim=-1) - probs
-    drop |= mass_before >= p
+    drop |= (mass_before >= p) & (p < 1.0)  # top_p 1.0 keeps every token, even beside filtering rows
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)

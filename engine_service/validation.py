@@ -46,9 +46,9 @@ def check_prompt(prompt_token_ids: list[int], vocab_size: int, max_model_len: in
             f"prompt_token_ids has {n} tokens, but max_model_len is {max_model_len}: "
             f"at most {max_model_len - 1} prompt tokens leave room to generate one"
         )
-    for i, t in enumerate(prompt_token_ids):
-        if not 0 <= t < vocab_size:
-            raise ValueError(f"prompt_token_ids[{i}] = {t} is outside the vocabulary [0, {vocab_size})")
+    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:  # C loops; find the index only on failure
+        i, t = next((i, t) for i, t in enumerate(prompt_token_ids) if not 0 <= t < vocab_size)
+        raise ValueError(f"prompt_token_ids[{i}] = {t} is outside the vocabulary [0, {vocab_size})")
 
 
 def check_deadline_ms(deadline_ms: int) -> float | None:

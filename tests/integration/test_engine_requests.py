@@ -87,7 +87,7 @@ def test_bad_requests_are_refused_and_engine_keeps_serving(model_dir):
             "empty": ([], ok, "empty"),
             "oov-high": ([1, VOCAB], ok, "vocabulary"),
             "oov-negative": ([-1, 3], ok, "vocabulary"),
-            "not-int": ([1, 2.5], ok, "vocabulary"),
+            "not-int": ([1, 2.5], ok, "not an integer"),
             "exactly-max-model-len": (_prompt(256), ok, "max_model_len"),
             "one-over": (_prompt(257), ok, "max_model_len"),
             # 24 blocks of 16 = 384 slots, but max_model_len caps a request at 256 tokens = 16 blocks: fits.
@@ -96,6 +96,8 @@ def test_bad_requests_are_refused_and_engine_keeps_serving(model_dir):
         for name, (prompt, params, word) in cases.items():
             with pytest.raises(ValueError, match=word):
                 engine.add_request(name, prompt, params)
+        with pytest.raises(ValueError, match="stop_token_ids"):
+            engine.add_request("oov-stop", [1, 2], SamplingParams(min_tokens=1, max_tokens=4, stop_token_ids=[VOCAB]))
         engine.add_request("good", _prompt(10), ok)
         with pytest.raises(ValueError, match="already in use"):
             engine.add_request("good", _prompt(10), ok)

@@ -69,3 +69,28 @@ def test_non_finite_rows_are_reported():
     logits[2, 0] = float("inf")
     _, finite = sampler(logits, [SamplingRow(SamplingParams(temperature=0.0), None)] * 3)
     assert finite == [True, False, False]
+
+
+def test_fp16_logits_of_a_large_vocabulary_are_finite():
+    """A float16 sum over 151,936 logits overflows; finiteness must not be judged by it."""
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    logits = torch.full((2, 151_936), -5.0, dtype=torch.float16)
+    logits[1, 7] = float("nan")
+    _, finite = sampler(logits, [SamplingRow(SamplingParams(temperature=0.0), None)] * 2)
+    assert finite == [True, False]
+
+
+def test_top_p_one_keeps_every_token_beside_a_filtering_row():
+    from engine_service.sampler import _top_k_top_p
+
+    logits = torch.randn(2, 150_000, generator=torch.Generator().manual_seed(0))
+    out = _top_k_top_p(logits.clone(), top_k=[-1, -1], top_p=[1.0, 0.5])
+    assert torch.isfinite(out[0]).all()  # no tail token lost to float32 cumsum rounding
+    assert torch.isinf(out[1]).any()
+
+
+def test_seed_out_of_range_names_the_field():
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**64)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=-1)
