@@ -211,17 +211,22 @@ class ModelRunner:
     def execute(self, x: StepInputs, on_launch: Callable[[], None] | None = None) -> torch.Tensor | None:
         """Forward one step; returns the logits of the rows to sample ([N, vocab]) or None."""
         dev = self.device
-        if self.graphs is not None and self.graphs.can_run(x):
-            if on_launch is not None:
-                on_launch()
+        # on_launch overlaps the caller's work with the model's. On CUDA the forward only enqueues kernels, so
+        # it runs after them; on CPU the forward computes in place, so it runs just before (its kernels run
+        # without the GIL).
+        launched = on_launch or (lambda: None)
+        if self.graphs is not None and self.graphs.can_run(x):  # CUDA only
             hidden = self.graphs.run(x)  # [n, hidden]: the real rows of the replayed padded batch
+            launched()
         else:
             meta = self._metadata(x.q_lens, x.ctx_lens, x.tables, x.slots, x.num_decode)
             ids = torch.tensor(x.ids, dtype=torch.long, device=dev)
             positions = torch.tensor(x.positions, dtype=torch.long, device=dev)
-            if on_launch is not None:
-                on_launch()
+            if dev.type == "cpu":
+                launched()
             hidden = self.model(ids, positions, self.kv_caches, meta, self.backend)
+            if dev.type != "cpu":
+                launched()
         if not x.sample_rows:
             return None
         rows = torch.tensor(x.sample_rows, dtype=torch.long, device=dev)

@@ -130,8 +130,9 @@ def _plan(meta: AttentionMetadata, device, kv_heads: int) -> dict:
         real = r[None, :] < qlen[:, None]  # [b, Q]
         allowed &= real[:, :, None]
         allowed[:, :, 0] |= ~real  # padding rows see key 0 so their softmax is finite; they are dropped
-        seq_of_row = torch.repeat_interleave(torch.arange(len(q_lens), device=device), qlen)
+        total = sum(q_lens)  # from the host list: no device sync
+        seq_of_row = torch.repeat_interleave(torch.arange(len(q_lens), device=device), qlen, output_size=total)
         starts = torch.cumsum(qlen, 0) - qlen
-        pos_of_row = torch.arange(int(qlen.sum()), device=device) - starts[seq_of_row]
+        pos_of_row = torch.arange(total, device=device) - starts[seq_of_row]
         plan["prefill"] = (idx, allowed[:, None], seq_of_row, pos_of_row, q_max)
     return plan

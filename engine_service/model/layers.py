@@ -170,7 +170,10 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE with a cos/sin table over every position, computed in float32 as transformers does."""
+    """RoPE with a cos/sin table over every position, computed in float32 as transformers does.
+
+    One table serves every layer: `lookup` runs once per forward and the layers `apply` its result.
+    """
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, dtype: torch.dtype):
         super().__init__()
@@ -180,10 +183,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
         self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # q: [T, Hq, D], k: [T, Hkv, D]; cos/sin: [T, 1, D]
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, 1, D] (broadcast over heads)."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    @staticmethod
+    def apply(q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]):
+        """q: [T, Hq, D], k: [T, Hkv, D] rotated by the looked-up angles."""
+        cos, sin = cos_sin
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

@@ -48,7 +48,7 @@ def check_tensor_parallel(cfg: ModelConfig, size: int) -> None:
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPInfo, max_positions: int, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, tp: TPInfo):
         super().__init__()
         d = cfg.head_dim
         self.num_heads = cfg.num_attention_heads // tp.size
@@ -66,9 +66,8 @@ class Qwen3Attention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, cfg.attention_bias, tp)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.rotary = RotaryEmbedding(d, max_positions, cfg.rope_theta, dtype)
 
-    def forward(self, positions, hidden, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
+    def forward(self, rope, hidden, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
         t = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -76,7 +75,7 @@ class Qwen3Attention(nn.Module):
         q = self.q_norm(q.view(t, self.num_heads, self.head_dim))  # [T, Hq, D]
         k = self.k_norm(k.view(t, self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = RotaryEmbedding.apply(q, k, rope)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, q_size))
 
@@ -95,15 +94,15 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPInfo, max_positions: int, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, tp: TPInfo):
         super().__init__()
-        self.self_attn = Qwen3Attention(cfg, tp, max_positions, dtype)
+        self.self_attn = Qwen3Attention(cfg, tp)
         self.mlp = Qwen3MLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions, hidden, kv_cache, meta, backend):
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_cache, meta, backend)
+    def forward(self, rope, hidden, kv_cache, meta, backend):
+        hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), kv_cache, meta, backend)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -113,9 +112,10 @@ class Qwen3ForCausalLM(nn.Module):
         check_tensor_parallel(cfg, tp.size)
         self.cfg = cfg
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(cfg, tp, max_positions, dtype) for _ in range(cfg.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, tp) for _ in range(cfg.num_hidden_layers))
+        self.rotary = RotaryEmbedding(
+            cfg.head_dim, max_positions, cfg.rope_theta, dtype
+        )  # shared by all layers
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:
@@ -124,8 +124,9 @@ class Qwen3ForCausalLM(nn.Module):
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, backend: AttentionBackend):
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
         hidden = self.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions)  # once per forward, for every layer
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(positions, hidden, kv_cache, meta, backend)
+            hidden = layer(rope, hidden, kv_cache, meta, backend)
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
