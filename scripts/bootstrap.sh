@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install the project into it (with the extras named in $1, e.g. "test").
-# Reinstalls only when pyproject.toml changed since the last install. Sourced by run_demo.sh / run_tests.sh.
+# Reinstalls only when pyproject.toml changed since the last install. Run by run_demo.sh and run_tests.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EXTRAS="${1:-}"
@@ -11,9 +11,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 SPEC="."
 [ -n "$EXTRAS" ] && SPEC=".[$EXTRAS]"
-STAMP=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)-${EXTRAS:-base}"
+HASH="$(sha256sum pyproject.toml | cut -c1-16)"
+STAMP=".venv/.installed-$HASH-${EXTRAS:-base}"
+# An install with any extras covers the base install.
+if [ -z "$EXTRAS" ] && ls .venv/.installed-"$HASH"-* >/dev/null 2>&1; then
+    exit 0
+fi
 if [ ! -f "$STAMP" ]; then
-    .venv/bin/python -m pip install --quiet --upgrade pip
     # torch is pinned to a CPU-installable release in pyproject.toml; name it first so pip never
     # resolves a multi-gigabyte CUDA build on a CPU machine.
     .venv/bin/python -m pip install --quiet "torch==2.13.0"

@@ -60,6 +60,17 @@ def scrape(port: int) -> dict[str, dict[tuple, float]]:
     return out
 
 
+def model_labels(port: int) -> set[str | None]:
+    """The model_name label of every llmserve:* sample on a /metrics page."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {
+        sample.labels.get("model_name")
+        for family in text_string_to_metric_families(body)
+        if family.name.startswith("llmserve:")
+        for sample in family.samples
+    }
+
+
 def value(samples: dict, name: str, **labels: str) -> float:
     return samples[name][tuple(sorted(labels.items()))]
 
@@ -126,6 +137,10 @@ def test_metrics_of_both_services(stack):
     assert delta(t0, t1, "llmserve:detokenize_time_seconds_count") == n
     assert delta(t0, t1, "llmserve:text_requests_total", finished_reason="length") == n
     assert value(t1, "llmserve:engines_connected") == 1
+    # Every sample carries the served model's name, as each service reports it.
+    with EngineClient(engine.target, timeout=10) as ec:
+        assert model_labels(engine.metrics) == {ec.model_info().model_name}
+    assert model_labels(tokenizer.metrics) == {text.model_info().model_name}
 
 
 def request_lines(log: Path, request_id: str, timeout: float = 10.0) -> list[dict]:

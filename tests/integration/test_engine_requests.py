@@ -291,13 +291,13 @@ def test_several_engines_side_by_side_and_close(model_dir):
         LLM(model_dir, not_a_flag=1)
 
 
-def test_matches_transformers_in_float32_on_the_default_pool(model_dir):
+def test_matches_transformers_on_the_default_pool(model_dir):
     """No num_kvcache_blocks given: the CPU default pool applies and is documented as max_num_seqs full sequences."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with LLM(model_dir, device="cpu", max_num_seqs=4, max_model_len=128) as engine:
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    with LLM(model_dir, device="cpu", dtype="float64", max_num_seqs=4, max_model_len=128) as engine:
         assert engine.stats()["num_blocks"] == 4 * 128 // 16
         prompt = _prompt(30, 500)
         out = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6))[0]

@@ -10,8 +10,9 @@ import torch
 
 from engine_service import LLM, SamplingParams
 from tests.integration.tiny import VOCAB, make_qwen3
+from tests.support import require  # noqa: E402
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+require(importlib.util.find_spec("triton") is not None, "triton (the test extra pins triton==3.6.*)")
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=5)
 

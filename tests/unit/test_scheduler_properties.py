@@ -208,3 +208,20 @@ def test_two_requests_each_needing_half_the_pool_do_not_deadlock(num_blocks):
     sim.add([1] * 17, 15)  # 32 tokens -> 8 blocks at the end
     sim.add([2] * 17, 15)
     sim.drain(random.Random(0))
+
+
+def test_random_traffic_does_exercise_cache_hits_and_preemption():
+    """The invariants above mean something only if the traffic shares blocks and runs out of them."""
+    rng = random.Random(0)
+    ops_list = []
+    for _ in range(120):
+        kind = rng.random()
+        if kind < 0.45:
+            ops_list.append(("add", rng.randrange(4), rng.randint(1, 30), rng.randint(1, 20)))
+        elif kind < 0.55:
+            ops_list.append(("abort", rng.randrange(100)))
+        else:
+            ops_list.append(("step", rng.randint(1, 4)))
+    sim = _run(ops_list, seed=0, num_blocks=12, budget=16, max_seqs=4, max_model_len=48)
+    assert sim.bm.prefix_hits > 0
+    assert sim.sched.num_preemptions > 0

@@ -9,6 +9,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib.util  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -17,7 +18,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-pytest.importorskip("triton", reason="triton is not installed (the `test` extra pins triton==3.6.*)")
+from tests.support import require  # noqa: E402
+
+require(importlib.util.find_spec("triton") is not None, "triton (the test extra pins triton==3.6.*)")
 if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - someone exported TRITON_INTERPRET=0
     pytest.skip("TRITON_INTERPRET is not 1: these tests run the kernels on CPU", allow_module_level=True)
 

@@ -1,0 +1,65 @@
+"""attention_backend selection, and imports that must stay lazy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine_service import attention
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    present: set[str] = set()
+    monkeypatch.setattr(attention, "_importable", lambda name: name in present)
+    return present
+
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_auto_prefers_flash_attn_then_triton_on_cuda_and_torch_elsewhere(installed):
+    installed |= {"flash_attn", "triton"}
+    assert attention.resolve_backend_name("auto", CUDA, 256) == "flash_attn"
+    assert attention.resolve_backend_name("auto", CUDA, 16) == "triton"  # block size flash-attn cannot page
+    assert attention.resolve_backend_name("auto", CPU, 256) == "torch"
+    installed.clear()
+    assert attention.resolve_backend_name("auto", CUDA, 256) == "torch"
+
+
+def test_explicit_choices_that_cannot_run_are_refused(installed):
+    with pytest.raises(ValueError, match="flash_attn"):
+        attention.resolve_backend_name("flash_attn", CUDA, 256)
+    installed.add("flash_attn")
+    with pytest.raises(ValueError, match="multiple of 256"):
+        attention.resolve_backend_name("flash_attn", CUDA, 16)
+    with pytest.raises(ValueError, match="triton"):
+        attention.resolve_backend_name("triton", CPU, 16)
+
+
+def test_engine_imports_without_triton_or_flash_attn_and_core_modules_without_torch():
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'triton', 'flash_attn', 'torch'}:\n"
+        "            raise ImportError(f'{name} is hidden')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import engine_service.scheduler, engine_service.block_manager, engine_service.sequence\n"
+        "assert 'torch' not in sys.modules\n"
+        "sys.meta_path.pop(0)\n"
+        "class NoKernels:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'triton', 'flash_attn'}:\n"
+        "            raise ImportError(f'{name} is hidden')\n"
+        "sys.meta_path.insert(0, NoKernels())\n"
+        "from engine_service import LLM\n"
+        "import engine_service.engine, engine_service.model_runner\n"
+        "assert 'triton' not in sys.modules and 'flash_attn' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
