@@ -71,10 +71,6 @@ class Sequence:
     def is_decoding(self) -> bool:
         return self.status is Status.RUNNING and self.num_uncomputed_tokens == 1
 
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
     def __repr__(self) -> str:
         return (
             f"Sequence({self.request_id!r}, {self.status.name}, len={len(self)}, "

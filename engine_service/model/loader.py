@@ -78,8 +78,14 @@ def load_weights(model: nn.Module, model_dir: str | Path, tie_word_embeddings: b
                     continue
                 param = params[pname]
                 tensor = f.get_tensor(name)
-                with torch.no_grad():
-                    param.weight_loader(param, tensor.to(param.dtype), shard)
+                try:
+                    with torch.no_grad():
+                        param.weight_loader(param, tensor.to(param.dtype), shard)
+                except RuntimeError as exc:  # a shape that does not match config.json
+                    raise ValueError(
+                        f"checkpoint tensor {name} {tuple(tensor.shape)} does not fit parameter {pname} "
+                        f"{tuple(param.shape)} as config.json describes it: {exc}"
+                    ) from exc
                 loaded.add((pname, shard))
     if unexpected:
         raise ValueError(f"unexpected weights in {model_dir}: {sorted(unexpected)[:10]}")

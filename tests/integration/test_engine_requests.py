@@ -342,3 +342,34 @@ def test_every_dtype_runs_on_cpu(model_dir, dtype):
         assert engine.runner.k_cache.dtype == getattr(torch, dtype)
         assert engine.runner.model.embed_tokens.weight.dtype == getattr(torch, dtype)
     assert len(out["token_ids"]) == 5 and all(0 <= t < VOCAB for t in out["token_ids"])
+
+
+def test_checkpoint_problems_are_errors_that_name_the_weight(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    make_qwen3(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(weights)
+    args = dict(device="cpu", num_kvcache_blocks=8, max_num_seqs=2, max_num_batched_tokens=16, max_model_len=64)
+
+    missing = dict(tensors)
+    del missing["model.layers.1.self_attn.k_proj.weight"]
+    save_file(missing, weights)
+    with pytest.raises(ValueError, match=r"missing.*layers\.1\.self_attn\.qkv_proj\.weight\[k\]"):
+        LLM(tmp_path, **args)
+
+    extra = dict(tensors, **{"model.layers.0.mlp.surprise.weight": tensors["model.norm.weight"].clone()})
+    save_file(extra, weights)
+    with pytest.raises(ValueError, match=r"unexpected.*mlp\.surprise"):
+        LLM(tmp_path, **args)
+
+    save_file(tensors, weights)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=200)))
+    with pytest.raises(ValueError, match=r"down_proj\.weight .* does not fit"):
+        LLM(tmp_path, **args)
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, rope_scaling={"rope_type": "yarn", "factor": 4.0})))
+    with pytest.raises(ValueError, match="yarn"):
+        LLM(tmp_path, **args)
