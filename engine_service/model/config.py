@@ -46,11 +46,9 @@ class ModelConfig:
         # transformers 5 keeps RoPE settings in rope_parameters; transformers 4 in rope_theta / rope_scaling.
         rope = cfg.get("rope_parameters") or {}
         scaling = cfg.get("rope_scaling") or {}
-        rope_type = (
-            rope.get("rope_type") or rope.get("type") or scaling.get("rope_type") or scaling.get("type")
-        )
-        if rope_type not in (None, "default"):
-            raise ValueError(f"RoPE scaling type {rope_type!r} is not implemented; only default RoPE is")
+        for rope_type in (rope.get("rope_type"), rope.get("type"), scaling.get("rope_type"), scaling.get("type")):
+            if rope_type not in (None, "default"):
+                raise ValueError(f"RoPE scaling type {rope_type!r} is not implemented; only default RoPE is")
         rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
 
         heads = cfg["num_attention_heads"]
