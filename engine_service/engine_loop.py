@@ -133,7 +133,14 @@ class EngineLoop:
             else:
                 sink.on_output(out)
 
+    def fail(self, message: str) -> None:
+        """The engine cannot continue (e.g. the watchdog saw it stall): refuse new requests, fail every live
+        one with INTERNAL, and call on_fatal. Call it on the asyncio thread only; later calls do nothing."""
+        self._fail_all(message)
+
     def _fail_all(self, message: str) -> None:
+        if self.failure is not None:
+            return  # already failed (the watchdog, then the stuck step raising, say): report it once
         self.failure = message
         sinks, self._sinks = self._sinks, {}
         for sink in sinks.values():

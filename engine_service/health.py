@@ -88,12 +88,13 @@ class Health:
             if not is_draining() and (problem is None) != self.serving:
                 await self.set_serving(problem is None)
 
-    async def watchdog(self, loop: EngineLoop, stall_s: float, on_stall: Callable[[str], None]) -> None:
-        """Call on_stall when requests wait but the loop has made no progress for stall_s seconds."""
+    async def watchdog(self, loop: EngineLoop, stall_s: float) -> None:
+        """Fail the loop (its live requests get INTERNAL, then on_fatal) when requests wait but it has made no
+        progress for stall_s seconds."""
         while loop.failure is None:
             await asyncio.sleep(min(5.0, stall_s / 4))
             stalled = time.monotonic() - loop.last_progress
-            if loop.num_live > 0 and stalled > stall_s:
-                on_stall(f"the engine loop has not stepped for {stalled:.0f}s while {loop.num_live} "
-                         "requests wait (watchdog)")
+            if loop.failure is None and loop.num_live > 0 and stalled > stall_s:
+                loop.fail(f"the engine loop has not stepped for {stalled:.0f}s while {loop.num_live} "
+                          "requests wait (watchdog)")
                 return

@@ -121,7 +121,7 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
     servicer.attach(loop, dict(engine.model_info), dict(engine.generation_defaults))
     loop.start()
     vocab = int(engine.model_info["vocab_size"])
-    tasks = [asyncio.create_task(health.watchdog(loop, config.watchdog_s, on_fatal))]
+    tasks = [asyncio.create_task(health.watchdog(loop, config.watchdog_s))]
     problem = await health.canary(loop, vocab, config.canary_timeout_s)
     if problem is not None:
         on_fatal(f"start-up canary failed: {problem}")

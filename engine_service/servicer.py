@@ -23,6 +23,8 @@ from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
 
 STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
 UNARY_PREFIX = "u:"  # engine request ids of GenerateStream calls; bidi streams use "s<n>:"
+# An engine request id is "<prefix><admission number>:<client id>": unique per admission, so that a client id
+# reused right after an abort can never be confused with the aborted request still queued in the engine.
 REQUEST_ID_HEADER = "x-request-id"  # GenerateStream: the trace id when the request carries none
 
 
@@ -37,6 +39,7 @@ class EngineServicer(pb_grpc.EngineServicer):
         self._max_waiting = max_waiting
         self._max_buffered = max_buffered_tokens
         self._stream_ids = itertools.count(1)
+        self._admissions = itertools.count(1)
         self._streams: set[OutputStream] = set()
         self._unary: dict[str, OutputStream] = {}
 
@@ -56,14 +59,25 @@ class EngineServicer(pb_grpc.EngineServicer):
 
     # ---- admission ----------------------------------------------------------------------------------------
 
+    def _unavailable(self) -> str | None:
+        """Why this engine takes no requests at all now (loading, draining, failed), if so.
+
+        GetModelInfo and the start of every call refuse with UNAVAILABLE then, so that a client's connection
+        pool never picks a draining or failed engine as a target.
+        """
+        if self.loop is not None and self.loop.failure is not None:
+            return f"the engine has failed: {self.loop.failure}"
+        if self.draining:
+            return "the engine service is draining (shutting down); retry elsewhere"
+        if self.loop is None:
+            return "the engine service is still loading the model"
+        return None
+
     def _refusal(self) -> tuple[grpc.StatusCode, str] | None:
         """Why no request can be admitted now, if so."""
-        if self.draining:
-            return grpc.StatusCode.UNAVAILABLE, "the engine service is draining (shutting down); retry elsewhere"
-        if self.loop is None:
-            return grpc.StatusCode.UNAVAILABLE, "the engine service is still loading the model"
-        if self.loop.failure is not None:
-            return grpc.StatusCode.UNAVAILABLE, f"the engine has failed: {self.loop.failure}"
+        unavailable = self._unavailable()
+        if unavailable is not None:
+            return grpc.StatusCode.UNAVAILABLE, unavailable
         if self.loop.num_waiting >= self._max_waiting:
             return (grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"the engine's queue is full: {self.loop.num_waiting} requests waiting (max_waiting "
@@ -87,18 +101,18 @@ class EngineServicer(pb_grpc.EngineServicer):
         except ValueError as exc:
             stream.reject(cid, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
+        engine_id = f"{prefix}{next(self._admissions)}:{cid}"
         try:
-            self.loop.add(prefix + cid, prompt, params, RequestSink(stream, cid),
-                          trace_id=req.trace_id or prefix + cid)
+            self.loop.add(engine_id, prompt, params, RequestSink(stream, cid), trace_id=req.trace_id or prefix + cid)
         except EngineUnavailable as exc:
             stream.reject(cid, grpc.StatusCode.UNAVAILABLE, f"the engine has failed: {exc}")
             return
-        stream.register(cid, timeout_s)
+        stream.register(cid, engine_id, timeout_s)
 
-    def _new_stream(self, prefix: str) -> OutputStream:
-        def abort_in_engine(cid: str) -> None:
+    def _new_stream(self) -> OutputStream:
+        def abort_in_engine(engine_id: str) -> None:
             if self.loop is not None:
-                self.loop.abort(prefix + cid)
+                self.loop.abort(engine_id)
 
         stream = OutputStream(abort_in_engine, self._max_buffered)
         self._streams.add(stream)
@@ -107,7 +121,7 @@ class EngineServicer(pb_grpc.EngineServicer):
     async def _frames(self, stream: OutputStream) -> AsyncIterator[list[pb.RequestUpdate]]:
         """The stream's updates, one batch per wake-up (one engine step when the client keeps up)."""
         while not stream.done(self.draining):
-            if stream.pending:
+            if stream.has_updates:
                 yield stream.take()
                 continue
             stream.wake.clear()
@@ -116,8 +130,11 @@ class EngineServicer(pb_grpc.EngineServicer):
     # ---- RPCs ---------------------------------------------------------------------------------------------
 
     async def Generate(self, request_iterator, context):
+        unavailable = self._unavailable()
+        if unavailable is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, unavailable)
         prefix = f"s{next(self._stream_ids)}:"
-        stream = self._new_stream(prefix)
+        stream = self._new_stream()
         reader = asyncio.create_task(self._read_frames(request_iterator, stream, prefix))
         try:
             async for updates in self._frames(stream):
@@ -139,6 +156,9 @@ class EngineServicer(pb_grpc.EngineServicer):
             stream.wake.set()
 
     async def GenerateStream(self, request, context):
+        unavailable = self._unavailable()
+        if unavailable is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, unavailable)
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         cid = request.request_id
@@ -146,7 +166,7 @@ class EngineServicer(pb_grpc.EngineServicer):
             request.trace_id = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_HEADER), cid)
         if cid in self._unary:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {cid!r} is already live")
-        stream = self._new_stream(UNARY_PREFIX)
+        stream = self._new_stream()
         stream.input_done = True
         timeouts = [t for t in (check_deadline_ms(request.deadline_ms), context.time_remaining()) if t is not None]
         self._unary[cid] = stream
@@ -167,8 +187,9 @@ class EngineServicer(pb_grpc.EngineServicer):
         return pb.AbortResponse(found=stream is not None and stream.abort(request.request_id))
 
     async def GetModelInfo(self, request, context):
-        if self.loop is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine service is still loading the model")
+        unavailable = self._unavailable()
+        if unavailable is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, unavailable)
         info = self.model_info
         return pb.ModelInfo(model_name=str(info["model_name"]), vocab_size=info["vocab_size"],
                             eos_token_ids=list(info["eos_token_ids"]), max_model_len=info["max_model_len"],

@@ -43,19 +43,22 @@ class OutputStream:
     """Live requests of one call (keyed by the client's id) and their not-yet-sent updates."""
 
     def __init__(self, abort_in_engine: Callable[[str], None], max_buffered_tokens: int) -> None:
-        self._abort_in_engine = abort_in_engine  # called with the client id
+        self._abort_in_engine = abort_in_engine  # called with the engine's request id
         self._max_buffered = max_buffered_tokens
-        self.live: dict[str, asyncio.TimerHandle | None] = {}  # client id -> deadline timer
-        self.pending: dict[str, pb.RequestUpdate] = {}
+        # client id -> (the engine's request id, deadline timer). The engine id is unique per admission, so a
+        # client id reused right after an abort can never receive the old request's outputs.
+        self.live: dict[str, tuple[str, asyncio.TimerHandle | None]] = {}
+        self.pending: dict[str, pb.RequestUpdate] = {}  # live (or just ended) requests' updates, by client id
+        self.refused: list[pb.RequestUpdate] = []  # requests that never reached the engine
         self.wake = asyncio.Event()
         self.input_done = False  # the client half-closed (or the call has a single request)
 
-    def register(self, client_id: str, timeout_s: float | None) -> None:
-        """A request now in the engine; a passed deadline fails it with DEADLINE_EXCEEDED."""
+    def register(self, client_id: str, engine_id: str, timeout_s: float | None) -> None:
+        """A request now in the engine as engine_id; a passed deadline fails it with DEADLINE_EXCEEDED."""
         timer = None
         if timeout_s is not None:
             timer = asyncio.get_running_loop().call_later(timeout_s, self._deadline_passed, client_id)
-        self.live[client_id] = timer
+        self.live[client_id] = (engine_id, timer)
 
     def _deadline_passed(self, client_id: str) -> None:
         self.fail(client_id, grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed", abort=True)
@@ -67,10 +70,12 @@ class OutputStream:
         self.wake.set()
         return update
 
-    def _finish(self, client_id: str) -> None:
-        timer = self.live.pop(client_id, None)
+    def _finish(self, client_id: str) -> str:
+        """Forget a live request; returns its engine id."""
+        engine_id, timer = self.live.pop(client_id)
         if timer is not None:
             timer.cancel()
+        return engine_id
 
     def on_output(self, client_id: str, output: StepOutput) -> None:
         if client_id not in self.live:
@@ -88,7 +93,14 @@ class OutputStream:
                       "for this request (max_buffered_tokens)", abort=True)
 
     def reject(self, client_id: str, code: grpc.StatusCode, message: str) -> None:
-        """Refuse a request that never reached the engine."""
+        """Refuse a request that never reached the engine. Its update is kept apart from `pending`: its id may be
+        that of a live request (a duplicate), whose own update must stay as it is."""
+        status = pb.Status(code=code.value[0], message=message)
+        self.refused.append(pb.RequestUpdate(request_id=client_id, finish_reason=pb.FINISH_REASON_ERROR,
+                                             status=status))
+        self.wake.set()
+
+    def _set_error(self, client_id: str, code: grpc.StatusCode, message: str) -> None:
         update = self._update(client_id)
         update.finish_reason = pb.FINISH_REASON_ERROR
         update.status.code = code.value[0]
@@ -98,32 +110,35 @@ class OutputStream:
         """End a live request with an error status; abort it in the engine unless the engine ended it."""
         if client_id not in self.live:
             return
-        self._finish(client_id)
+        engine_id = self._finish(client_id)
         if abort:
-            self._abort_in_engine(client_id)
-        self.reject(client_id, code, message)
+            self._abort_in_engine(engine_id)
+        self._set_error(client_id, code, message)
 
     def abort(self, client_id: str) -> bool:
         """In-band abort: free the request now and report it finished with reason ABORT."""
         if client_id not in self.live:
             return False
-        self._finish(client_id)
-        self._abort_in_engine(client_id)
+        self._abort_in_engine(self._finish(client_id))
         self._update(client_id).finish_reason = pb.FINISH_REASON_ABORT
         return True
 
     def abort_all(self) -> None:
         """The call ended (closed, cancelled): free every request it still holds."""
         for client_id in list(self.live):
-            self._finish(client_id)
-            self._abort_in_engine(client_id)
+            self._abort_in_engine(self._finish(client_id))
+
+    @property
+    def has_updates(self) -> bool:
+        return bool(self.pending or self.refused)
 
     def take(self) -> list[pb.RequestUpdate]:
-        updates = list(self.pending.values())
+        updates = [*self.pending.values(), *self.refused]
         self.pending.clear()
+        self.refused.clear()
         self.wake.clear()
         return updates
 
     def done(self, draining: bool) -> bool:
         """Nothing left to send, and nothing more will come."""
-        return not self.pending and not self.live and (self.input_done or draining)
+        return not self.has_updates and not self.live and (self.input_done or draining)

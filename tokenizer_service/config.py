@@ -49,6 +49,14 @@ class TextServerConfig:
             raise ValueError("model must name a model directory (--model or TOKENIZER_MODEL)")
         if not self.engines and not self.engine_dns:
             raise ValueError("engines or engine_dns must name the engine service(s)")
+        if self.engines and self.engine_dns:
+            raise ValueError(f"give engines (--engines, TOKENIZER_ENGINES) or engine_dns (--engine-dns, "
+                             f"TOKENIZER_ENGINE_DNS), not both; got {self.engines!r} and {self.engine_dns!r}")
+        if self.engine_dns:
+            name, _, port = self.engine_dns.rpartition(":")
+            if not name or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"engine_dns (--engine-dns, TOKENIZER_ENGINE_DNS) must be NAME:PORT with a port "
+                                 f"in 1..65535, e.g. llm-engine:50051; got {self.engine_dns!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535 (0 picks a free port), got {self.port}")
         if not 0 <= self.metrics_port < 65536:

@@ -143,13 +143,16 @@ class EngineConnection:
                     log.error("engine %s refused: %s", self.address, problem)
                     backoff = cfg.reconnect_max_s
                 else:
+                    # GetModelInfo answers only while the engine takes requests (not loading, draining or
+                    # failed), so this engine is healthy: reconnect fast if the stream drops later. A refusal
+                    # raises above and keeps the backoff growing.
+                    backoff = cfg.reconnect_min_s
                     self._outbox = _Outbox()
                     call = stub.Generate(self._frames(self._outbox))
                     self.info, self.ready = info, True
                     self._pool.changed()
                     log.info("engine %s connected (%s)", self.address, info.model_name)
                     async for frame in call:
-                        backoff = cfg.reconnect_min_s  # it works: reconnect fast if it drops later
                         for update in frame.updates:
                             handle = self.inflight.get(update.request_id)
                             if handle is not None:
@@ -174,6 +177,11 @@ class EngineConnection:
         for handle in handles.values():
             handle.fail(RequestFailed(grpc.StatusCode.UNAVAILABLE, f"lost the engine {self.address}: {reason}",
                                       retryable=not handle.got_tokens))
+
+    @property
+    def finished(self) -> bool:
+        """Its task has ended (retired and idle, or closed): it will never connect again."""
+        return self._task.done()
 
     async def close(self) -> None:
         self._task.cancel()
@@ -222,16 +230,29 @@ class EnginePool:
 
     async def submit(self, request: pb.NewRequest, timeout_s: float | None,
                      avoid: EngineConnection | None = None) -> RequestHandle:
-        """Send request to the least-loaded ready engine, waiting up to engine_wait_s for one."""
-        limit = min(self.config.engine_wait_s, timeout_s) if timeout_s is not None else self.config.engine_wait_s
-        deadline = time.monotonic() + limit
+        """Send request to the least-loaded ready engine, waiting up to engine_wait_s for one.
+
+        timeout_s is what is left of the request's deadline: the request carries what remains of it when sent
+        (deadline_ms); when it ends the wait, the request fails with DEADLINE_EXCEEDED; when engine_wait_s does,
+        with UNAVAILABLE.
+        """
+        started = time.monotonic()
+        deadline_binds = timeout_s is not None and timeout_s < self.config.engine_wait_s
+        limit = timeout_s if deadline_binds else self.config.engine_wait_s
+        deadline = started + limit
         while True:
             ready = self.ready
             if ready:
                 others = [c for c in ready if c is not avoid] or ready
                 conn = min(others, key=lambda c: len(c.inflight))
+                if timeout_s is not None:
+                    request.deadline_ms = max(1, int((started + timeout_s - time.monotonic()) * 1000))
                 return conn.send(request, self.config.max_buffered_updates)
             left = deadline - time.monotonic()
+            if left <= 0 and deadline_binds:
+                raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"the request's deadline passed while waiting {limit:.1f}s for an engine to "
+                                    f"connect; engines: {sorted(self.conns)}")
             if left <= 0:
                 raise RequestFailed(grpc.StatusCode.UNAVAILABLE,
                                     f"no engine is connected (waited {limit:.1f}s); engines: {sorted(self.conns)}")
@@ -254,6 +275,10 @@ class EnginePool:
                 self.conns[address] = EngineConnection(address, self)
             for address in set(self.conns) - found:
                 self.conns[address].retiring = True  # its task ends once its requests are done
+            for address in found & set(self.conns):  # back in DNS (again) before its connection was closed
+                if self.conns[address].finished:
+                    self.conns[address] = EngineConnection(address, self)
+                self.conns[address].retiring = False
             for address, conn in list(self.conns.items()):
                 if conn.retiring and not conn.inflight:
                     await self.conns.pop(address).close()

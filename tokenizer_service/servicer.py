@@ -72,8 +72,10 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                         trace: RequestTrace) -> AsyncIterator[pb.GenerateResponse]:
         """The responses of one request; raises RequestFailed. Retries elsewhere only before the first token.
 
-        The deadline travels to the engine (deadline_ms), which fails the request with DEADLINE_EXCEEDED.
+        The deadline is fixed once, here: each attempt sends the engine what is left of it (deadline_ms, set by
+        pool.submit), and the engine fails the request with DEADLINE_EXCEEDED; so does a retry once it has passed.
         """
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         text = TextStream(self.tokenizer, prep.stop, prep.skip_special_tokens, prep.include_stop_str_in_output)
         handle: RequestHandle | None = None
         sent_tokens, cached, attempts = False, 0, 0
@@ -83,9 +85,14 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 request = engine_pb.NewRequest()
                 request.CopyFrom(prep.engine_request)
                 request.trace_id = trace.request_id
-                if timeout_s is not None:
-                    request.deadline_ms = max(1, int(timeout_s * 1000))
-                handle = await self.pool.submit(request, timeout_s, avoid=handle.conn if handle else None)
+                left = None
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                            f"the request's deadline ({timeout_s:.3f}s) passed after {attempts} "
+                                            "attempt(s) on engines that were lost before the first token")
+                handle = await self.pool.submit(request, left, avoid=handle.conn if handle else None)  # sets deadline_ms
                 attempts += 1
                 try:
                     async for update in handle:

@@ -57,8 +57,8 @@ def test_output_stream_coalesces_a_step_and_bounds_each_request():
     async def main():
         aborted: list[str] = []
         stream = OutputStream(aborted.append, max_buffered_tokens=3)
-        stream.register("a", None)
-        stream.register("b", None)
+        stream.register("a", "s1:1:a", None)
+        stream.register("b", "s1:2:b", None)
         stream.on_output("a", StepOutput("x", [1]))
         stream.on_output("b", StepOutput("y", [2], "length", num_prompt_tokens=4))
         updates = stream.take()
@@ -67,8 +67,39 @@ def test_output_stream_coalesces_a_step_and_bounds_each_request():
         for t in range(4):  # the client does not read: "a" overflows its buffer and is failed + aborted
             stream.on_output("a", StepOutput("x", [t]))
         [failed] = stream.take()
-        assert failed.status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and aborted == ["a"]
+        assert failed.status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and aborted == ["s1:1:a"]
         stream.input_done = True
         assert stream.done(draining=False)
 
     asyncio.run(main())
+
+
+def test_refusing_a_duplicate_id_leaves_the_live_request_alone():
+    async def main():
+        aborted: list[str] = []
+        stream = OutputStream(aborted.append, max_buffered_tokens=100)
+        stream.register("a", "s1:1:a", None)
+        stream.on_output("a", StepOutput("s1:1:a", [1, 2]))
+        stream.reject("a", grpc.StatusCode.INVALID_ARGUMENT, "request_id 'a' is already live on this stream")
+        live, refused = stream.take()
+        assert list(live.new_token_ids) == [1, 2] and live.finish_reason == pb.FINISH_REASON_UNSPECIFIED
+        assert refused.request_id == "a" and refused.finish_reason == pb.FINISH_REASON_ERROR
+        assert refused.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "a" in stream.live and aborted == []
+        stream.abort("a")  # the live request is still abortable, under its own engine id
+        assert aborted == ["s1:1:a"]
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(("env", "needle"), [
+    ({"TOKENIZER_ENGINE_DNS": "llm-engine"}, "NAME:PORT"),
+    ({"TOKENIZER_ENGINE_DNS": ":50051"}, "NAME:PORT"),
+    ({"TOKENIZER_ENGINE_DNS": "llm-engine:http"}, "NAME:PORT"),
+    ({"TOKENIZER_ENGINE_DNS": "llm-engine:50051", "TOKENIZER_ENGINES": "a:1"}, "not both"),
+])
+def test_engine_dns_must_be_name_and_port_and_exclude_engines(env, needle):
+    with pytest.raises(ValueError, match=needle) as err:
+        parse_text_config(["--model", "/m"], env)
+    assert "engine_dns" in str(err.value) and "--engine-dns" in str(err.value)
+    assert parse_text_config(["--model", "/m", "--engine-dns", "llm-engine:50051"], {}).engine_dns

@@ -1,0 +1,308 @@
+"""Service-layer regressions, in-process over the fake engine: reused request ids, draining or failed engines
+as pool targets, the watchdog, deadlines across retries, and DNS addresses that come back."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+
+from clients.engine_client import EngineClient
+from protos.llmserve.engine.v1 import engine_pb2 as pb
+from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
+from tests.fake_engine import FakeEngine
+from tests.unit.test_engine_service_fake import Running, new, wait_serving
+from tokenizer_service.config import TextServerConfig
+from tokenizer_service.engine_pool import EnginePool, RequestFailed
+from tokenizer_service.metrics import RequestTrace
+from tokenizer_service.servicer import TextServicer
+from tokenizer_service.validation import PreparedRequest
+
+pytestmark = pytest.mark.timeout(60)
+LONG = dict(max_tokens=1_000_000, ignore_eos=True)
+
+
+def long_engine(**overrides: object) -> Running:
+    return Running(FakeEngine(max_model_len=10_000_000), **overrides)
+
+
+def pool_config(**overrides: object) -> TextServerConfig:
+    return TextServerConfig(**{"model": "fake", "reconnect_min_s": 0.05, "reconnect_max_s": 0.2, **overrides})
+
+
+async def wait_for(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def wait_idle(client: EngineClient) -> pb.Load:
+    for _ in range(200):
+        load = client.load()
+        if load.num_live_requests == 0 and load.num_running == 0:
+            break
+        threading.Event().wait(0.02)
+    return load
+
+
+# ---- 1: a request id reused right after an abort -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def slow_steps():
+    running = Running(FakeEngine(max_model_len=10_000_000, step_s=0.1))  # an abort and a re-add share a step
+    yield running
+    assert running.stop() == 0
+
+
+def test_bidi_id_reused_right_after_abort_gets_its_own_request(slow_steps):
+    with EngineClient(slow_steps.target, timeout=30) as client:
+        wait_serving(client)
+        first_token, second_done = threading.Event(), threading.Event()
+
+        def frames():
+            yield pb.ClientFrame(requests=[new("x", [1], **LONG)])
+            first_token.wait(10)
+            yield pb.ClientFrame(abort_request_ids=["x"])
+            yield pb.ClientFrame(requests=[new("x", [50], max_tokens=3)])
+            second_done.wait(10)
+
+        updates = []
+        for frame in client.stub.Generate(frames(), timeout=30):
+            updates += frame.updates
+            first_token.set()
+            if sum(1 for u in updates if u.finish_reason) == 2:
+                second_done.set()
+        endings = [(u.finish_reason, i) for i, u in enumerate(updates) if u.finish_reason]
+        assert [reason for reason, _ in endings] == [pb.FINISH_REASON_ABORT, pb.FINISH_REASON_LENGTH], updates
+        second = [t for u in updates[endings[0][1] + 1:] for t in u.new_token_ids]
+        assert second == [51, 52, 53]
+        load = wait_idle(client)
+        assert load.num_live_requests == 0 and load.num_running == 0
+
+
+def test_unary_id_reused_right_after_abort_gets_its_own_request(slow_steps):
+    with EngineClient(slow_steps.target, timeout=30) as client:
+        wait_serving(client)
+        first = client.generate([1], request_id="y", **LONG)
+        next(first)
+        assert client.abort("y")
+        assert [u.finish_reason for u in first][-1] == pb.FINISH_REASON_ABORT  # the call has ended
+        updates = list(client.generate([50], request_id="y", max_tokens=3))
+        assert [t for u in updates for t in u.new_token_ids] == [51, 52, 53]
+        assert updates[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert wait_idle(client).num_live_requests == 0
+
+
+# ---- 2: draining or failed engines are no target ------------------------------------------------------------
+
+def refusal(call) -> grpc.RpcError:
+    """The error call() raises once the drain (which begins asynchronously) has begun."""
+    for _ in range(100):
+        try:
+            call()
+        except grpc.RpcError as exc:
+            return exc
+        threading.Event().wait(0.02)
+    raise AssertionError(f"{call} kept succeeding")
+
+
+def test_draining_engine_refuses_model_info_and_new_streams():
+    running = long_engine()
+    with EngineClient(running.target, timeout=20) as client:
+        wait_serving(client)
+        blocker = client.generate([1], **LONG)  # keeps the drain going
+        next(blocker)
+        running.loop.call_soon_threadsafe(running.stop_event.set)
+        for call in (client.model_info, lambda: list(client.stub.Generate(iter([]), timeout=5)),
+                     lambda: list(client.generate([1], max_tokens=2))):
+            error = refusal(call)
+            assert error.code() == grpc.StatusCode.UNAVAILABLE and "draining" in error.details()
+        blocker.cancel()
+    assert running.stop() == 0
+
+
+def test_failed_engine_refuses_model_info(monkeypatch):
+    monkeypatch.setenv("ENGINE_TEST_FAIL_AFTER_STEPS", "2")
+    running = Running(FakeEngine(), failure_linger_s=2.0)
+    with EngineClient(running.target, timeout=20) as client:
+        wait_serving(client)
+        with pytest.raises(grpc.RpcError):
+            list(client.generate([1], max_tokens=50, ignore_eos=True))
+        with pytest.raises(grpc.RpcError) as err:
+            client.model_info()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "failed" in err.value.details()
+    running.thread.join(20)
+    assert running.exit_code == 1
+
+
+def test_pool_sends_nothing_to_a_draining_engine():
+    draining, healthy = long_engine(), long_engine()
+
+    async def main() -> tuple[int, int, int]:
+        pool = EnginePool(pool_config(engines=f"{draining.target},{healthy.target}"), 100, {99}, [])
+        connected: list[str] = []  # the pool calls changed() whenever a connection turns ready
+        changed = pool.changed
+        pool.changed = lambda: (connected.extend(c.address for c in pool.ready), changed())
+        pool.start()
+        async with grpc.aio.insecure_channel(draining.target) as channel:
+            try:
+                await wait_for(lambda: len(pool.ready) == 2)
+                conn_d, conn_h = pool.conns[draining.target], pool.conns[healthy.target]
+                blocker = pb_grpc.EngineStub(channel).GenerateStream(new("b", [1], **LONG))
+                await blocker.read()  # holds the draining engine in its drain
+                busy = await pool.submit(new("", [1], **LONG), None, avoid=conn_d)
+                assert busy.conn is conn_h  # so an idle draining engine would be preferred if it were ready
+                draining.loop.call_soon_threadsafe(draining.stop_event.set)
+                await wait_for(lambda: not conn_d.ready)
+                connected.clear()
+                sent_to_draining = refused = 0
+                end = time.monotonic() + 1.5
+                while time.monotonic() < end:
+                    handle = await pool.submit(new("", [1], max_tokens=2), None)
+                    sent_to_draining += handle.conn is conn_d
+                    try:
+                        async for _ in handle:
+                            pass
+                    except RequestFailed:
+                        refused += 1
+                busy.close()
+                blocker.cancel()
+                return connected.count(draining.target), sent_to_draining, refused
+            finally:
+                await pool.close()
+
+    try:
+        # The draining engine is never ready again (before: it reconnected every backoff), gets no request
+        # and refuses none.
+        assert asyncio.run(main()) == (0, 0, 0)
+    finally:
+        assert draining.stop() == 0 and healthy.stop() == 0
+
+
+# ---- 3: the watchdog fails the live requests ----------------------------------------------------------------
+
+def test_watchdog_fails_live_requests_internal_and_exits_nonzero():
+    engine = FakeEngine()
+    running = Running(engine, watchdog_s=1.0, failure_linger_s=0.5)
+    try:
+        with EngineClient(running.target, timeout=20) as client:
+            wait_serving(client)
+            engine.step_s = 3.0  # the next step stalls past watchdog_s
+            with pytest.raises(grpc.RpcError) as err:
+                list(client.generate([1], max_tokens=5))
+            assert err.value.code() == grpc.StatusCode.INTERNAL and "watchdog" in err.value.details()
+        running.thread.join(20)
+        assert running.exit_code == 1
+    finally:
+        engine.step_s = 0.002
+
+
+# ---- 4: a deadline does not restart on retry ----------------------------------------------------------------
+
+class _LostBeforeFirstToken:
+    """A handle whose engine is lost after a while, before any token (so the request is retried)."""
+
+    def __init__(self, lost_after_s: float) -> None:
+        self.lost_after_s = lost_after_s
+        self.conn = type("Conn", (), {"address": "lost:1"})()
+
+    def close(self) -> None:
+        pass
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        await asyncio.sleep(self.lost_after_s)
+        raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "lost the engine", retryable=True)
+
+
+class _LosingPool:
+    max_model_len = 1000
+
+    def __init__(self) -> None:
+        self.timeouts: list[float | None] = []
+
+    async def submit(self, request, timeout_s, avoid=None):
+        self.timeouts.append(timeout_s)
+        return _LostBeforeFirstToken(0.3)
+
+
+def test_retries_share_one_deadline_and_end_deadline_exceeded():
+    pool = _LosingPool()
+    servicer = TextServicer(None, pool, "fake", 100, {99}, {}, max_inflight=10)
+    prep = PreparedRequest(pb.NewRequest(prompt_token_ids=[1]), (), True, False, 1)
+
+    async def main() -> RequestFailed:
+        started = time.monotonic()
+        with pytest.raises(RequestFailed) as err:
+            async for _ in servicer._generate(prep, 0.5, RequestTrace("r")):
+                pass
+        assert time.monotonic() - started < 0.8  # not 3 x 0.3 s: the second attempt had only what was left
+        return err.value
+
+    error = asyncio.run(main())
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED, error.message
+    assert len(pool.timeouts) == 2 and 0.45 < pool.timeouts[0] <= 0.5 and pool.timeouts[1] < 0.25
+
+
+def test_waiting_for_an_engine_past_the_deadline_is_deadline_exceeded():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+
+    async def main() -> None:
+        pool = EnginePool(pool_config(engines=address), 100, {99}, [])
+        pool.start()
+        try:
+            with pytest.raises(RequestFailed) as err:
+                await pool.submit(new("", [1], max_tokens=2), 0.3)
+            assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline" in err.value.message
+            with pytest.raises(RequestFailed) as err:  # engine_wait_s binds: no engine, UNAVAILABLE
+                await EnginePool(pool_config(engines=address, engine_wait_s=0.2), 100, {99}, []).submit(
+                    new("", [1], max_tokens=2), 5.0)
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
+
+
+# ---- 5: an address that leaves DNS and comes back -----------------------------------------------------------
+
+def test_address_back_in_dns_takes_requests_again():
+    running = long_engine()
+    port = int(running.target.rpartition(":")[2])
+    answers: list[str] = ["127.0.0.1"]
+
+    async def fake_getaddrinfo(host, port_, **kwargs):
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port_)) for ip in answers]
+
+    async def main() -> None:
+        asyncio.get_running_loop().getaddrinfo = fake_getaddrinfo
+        pool = EnginePool(pool_config(engines="", engine_dns=f"engines.test:{port}", dns_refresh_s=0.05),
+                          100, {99}, [])
+        pool.start()
+        try:
+            await wait_for(lambda: len(pool.ready) == 1)
+            handle = await pool.submit(new("", [1], **LONG), None)  # in flight: the connection stays
+            answers.clear()
+            await wait_for(lambda: handle.conn.retiring)
+            assert pool.ready == []
+            answers.append("127.0.0.1")
+            await wait_for(lambda: len(pool.ready) == 1, timeout_s=3.0)
+            assert pool.ready == [handle.conn]
+            handle.close()
+        finally:
+            await pool.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        assert running.stop() == 0
