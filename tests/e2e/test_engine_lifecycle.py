@@ -44,6 +44,18 @@ def wait_engines_connected(tokenizer, n: int, timeout_s: float = 30.0) -> None:
             time.sleep(0.05)
 
 
+def wait_health(service, status, timeout_s: float = 5.0) -> None:
+    """Poll until the service answers health with exactly `status` (no answer at all does not count)."""
+    deadline = time.monotonic() + timeout_s
+    seen = None
+    while time.monotonic() < deadline:
+        seen = service.health()
+        if seen == status:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"health stayed {seen}, expected {status}")
+
+
 def complete(client: TextClient, prompt: str, n: int = 8) -> list[pb.GenerateResponse]:
     chunks = list(client.generate(prompt, temperature=0.0, max_tokens=n, ignore_eos=True))
     assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH and chunks[-1].usage.completion_tokens == n
@@ -77,6 +89,9 @@ def test_killed_engine_leaves_requests_succeeding(two):
 def test_restarted_engine_serves_without_restarting_the_tokenizer(two):
     engines, tokenizer = two
     tokenizer_pid = tokenizer.proc.pid
+    if engines[1].proc.poll() is None:  # not killed by an earlier test: kill it here
+        engines[1].signal(signal.SIGKILL)
+        engines[1].proc.wait(10)
     engines[1].start()  # the same port
     engines[1].wait_serving()
     engines[0].signal(signal.SIGKILL)
@@ -106,8 +121,10 @@ def test_sigterm_drains_tokenizer_then_engine(two):
             t.start()
         time.sleep(0.3)
         tokenizer.signal(signal.SIGTERM)
-        time.sleep(0.1)
-        assert tokenizer.health() in (NOT_SERVING, None)
+        wait_health(tokenizer, NOT_SERVING)  # still answering: its streams are in flight
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate("New while draining", max_tokens=2).text()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         for t in threads:
             t.join(60)
     assert len(results) == 4 and all(isinstance(r, list) for r in results), results
@@ -124,8 +141,7 @@ def test_sigterm_drains_tokenizer_then_engine(two):
             t.start()
         time.sleep(0.3)
         engine.signal(signal.SIGTERM)
-        time.sleep(0.1)
-        assert engine.health() in (NOT_SERVING, None)
+        wait_health(engine, NOT_SERVING)
         with pytest.raises(grpc.RpcError) as err:
             list(ec.generate([1, 2], max_tokens=2))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
