@@ -27,6 +27,7 @@ from tokenizer_service.validation import (
 STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
 FINISH = {engine_pb.FINISH_REASON_STOP: pb.FINISH_REASON_STOP, engine_pb.FINISH_REASON_LENGTH: pb.FINISH_REASON_LENGTH,
           engine_pb.FINISH_REASON_ABORT: pb.FINISH_REASON_ABORT}
+OFFLOAD_TOKENIZE_BYTES = 64 * 1024  # inputs larger than this are tokenized off the event loop
 MAX_ATTEMPTS = 3  # a request that never got a token may move to another engine this many times in all
 
 
@@ -51,8 +52,12 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         for wake in self._multi_wakes:
             wake.set()
 
-    def _admit(self, request: pb.GenerateRequest) -> PreparedRequest:
-        """Refuse (RequestFailed) or validate a new request."""
+    async def _admit(self, request: pb.GenerateRequest) -> PreparedRequest:
+        """Refuse (RequestFailed) or validate and tokenize a new request.
+
+        A large input is tokenized on a worker thread, so that one big prompt does not stall every other
+        stream this replica serves; small ones are cheaper inline than a thread hop.
+        """
         if self.draining:
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "the tokenizer service is draining; retry elsewhere")
         if self.inflight >= self.max_inflight:
@@ -61,8 +66,12 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                                 f"(max_inflight {self.max_inflight}); retry later")
         try:
             started = time.perf_counter()
-            prep = prepare(request, self.tokenizer, self.defaults, self.pool.max_model_len,
-                           TextLimits(vocab_size=self.vocab_size))
+            args = (request, self.tokenizer, self.defaults, self.pool.max_model_len,
+                    TextLimits(vocab_size=self.vocab_size))
+            if request.ByteSize() > OFFLOAD_TOKENIZE_BYTES:
+                prep = await asyncio.to_thread(prepare, *args)
+            else:
+                prep = prepare(*args)
             self.metrics.tokenize_time.observe(time.perf_counter() - started)
             return prep
         except ValueError as exc:
@@ -146,7 +155,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         trace = RequestTrace(request_id_from(context.invocation_metadata(), request.request_id))
         context.set_trailing_metadata(((REQUEST_ID_HEADER, trace.request_id),))
         try:
-            prep = self._admit(request)
+            prep = await self._admit(request)
             async for response in self._generate(prep, context.time_remaining(), trace):
                 yield response
         except RequestFailed as exc:
@@ -164,7 +173,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         async def run_one(rid: str, request: pb.GenerateRequest) -> None:
             try:
                 trace = RequestTrace(f"{call_id}/{rid}")
-                prep = self._admit(request)
+                prep = await self._admit(request)
                 timeout = request.deadline_ms / 1000 if request.deadline_ms else None
                 async for response in self._generate(prep, timeout, trace):
                     response.request_id = rid

@@ -140,6 +140,7 @@ BAD_SAMPLING = [
     ({"min_p": 1.5}, "min_p"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": -3}, "max_tokens"),
     ({"min_tokens": -1}, "min_tokens"), ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"stop_token_ids": [10**9], "min_tokens": 1}, "stop_token_ids"),  # outside the vocabulary: once crashed the engine
 ]
 
 
@@ -155,6 +156,7 @@ def test_bad_input_gets_clear_errors_and_service_keeps_serving(stack):
     cases = [
         (lambda: text.generate("").text(), "prompt"),
         (lambda: text.generate("word " * 3000).text(), "max_model_len"),
+        (lambda: text.generate("word " * 40_000).text(), "max_model_len"),  # 200 KB: tokenized off the loop
         (lambda: text.chat([{"role": "wizard", "content": "hi"}]).text(), "role"),
         (lambda: text.generate("Hi", stop=[""]).text(), "stop"),
     ]
