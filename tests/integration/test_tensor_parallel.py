@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -51,3 +55,25 @@ def test_heads_not_divisible_by_tp_is_a_value_error(tmp_path):
             max_num_batched_tokens=16,
             max_model_len=64,
         )
+
+
+@pytest.mark.timeout(180)
+def test_workers_never_block_interpreter_exit(tmp_path):
+    """A script that never calls close() still exits promptly, and leaves no worker behind."""
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
+    code = (
+        "import sys\n"
+        "from engine_service import LLM, SamplingParams\n"
+        f"llm = LLM({str(tmp_path)!r}, device='cpu', tensor_parallel_size=2, num_kvcache_blocks=16,\n"
+        "          max_num_seqs=2, max_num_batched_tokens=16, max_model_len=64)\n"
+        "llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=2))\n"
+        "print(' '.join(str(p.pid) for p in llm.workers.procs), flush=True)\n"
+    )
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert time.monotonic() - start < 120
+    for pid in map(int, result.stdout.split()):
+        time.sleep(0.2)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
