@@ -52,6 +52,9 @@ class _Abort:
 
 
 _STOP = object()
+# A step that raises fails only its own requests; this many in a row mean the engine cannot continue, and
+# the process exits (health NOT_SERVING, non-zero status) for Kubernetes to restart it.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 class EngineLoop:
@@ -154,6 +157,7 @@ class EngineLoop:
         # (or at once when there is no next step). Waking the asyncio thread takes the GIL away from this one;
         # waking it while this thread runs GIL-free model kernels overlaps the two instead of convoying them.
         pending: list = []
+        failed_steps = 0  # consecutive steps that raised
 
         def flush() -> None:
             if pending:
@@ -177,7 +181,18 @@ class EngineLoop:
                             f"ENGINE_TEST_FAIL_AFTER_STEPS: step {self.steps} raised (test hook)"
                         )
                     started = time.monotonic()
-                    outputs = self._engine.step(on_launch=flush)
+                    try:
+                        outputs = self._engine.step(on_launch=flush)
+                        failed_steps = 0
+                    except Exception as exc:
+                        # The engine failed this step's requests and freed their blocks (EngineStepError
+                        # carries their outputs): they end INTERNAL and the others go on. A failure that
+                        # repeats (a poisoned CUDA context, say) means the engine cannot continue.
+                        failed_steps += 1
+                        if not hasattr(exc, "outputs") or failed_steps >= MAX_CONSECUTIVE_STEP_FAILURES:
+                            raise
+                        log.exception("engine step failed; its requests fail with INTERNAL")
+                        outputs = list(exc.outputs)
                     flush()  # the step launched nothing (e.g. only aborts to report)
                     self.steps += 1
                     if self.metrics is not None:

@@ -1,0 +1,78 @@
+"""A step that raises fails only its own requests; failures in a row end the engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+from engine_service.engine_loop import MAX_CONSECUTIVE_STEP_FAILURES, EngineLoop
+from engine_service.outputs import FINISH_ERROR, StepOutput
+from engine_service.sampling_params import SamplingParams
+from tests.fake_engine import FakeEngine
+
+
+class StepFailed(RuntimeError):
+    """Like EngineStepError: the failed step's requests, already removed from the engine, in .outputs."""
+
+    def __init__(self, outputs: list[StepOutput]):
+        super().__init__("boom")
+        self.outputs = outputs
+
+
+class FlakyEngine(FakeEngine):
+    def __init__(self, failing_steps: set[int]):
+        super().__init__(step_s=0.001)
+        self.failing_steps, self.n = failing_steps, 0
+
+    def step(self, on_launch=None) -> list[StepOutput]:
+        self.n += 1
+        if self.n in self.failing_steps and self.running:
+            victim = self.running.pop(0)
+            del self.reqs[victim]
+            raise StepFailed([StepOutput(victim, finish_reason=FINISH_ERROR, error="step failed: boom")])
+        return super().step(on_launch)
+
+
+class Sink:
+    def __init__(self, done: asyncio.Event):
+        self.tokens: list[int] = []
+        self.failure: tuple[bool, str] | None = None
+        self.finished, self.done = False, done
+
+    def on_output(self, output: StepOutput) -> None:
+        self.tokens += output.new_token_ids
+        if output.finished:
+            self.finished = True
+            self.done.set()
+
+    def on_failure(self, invalid_argument: bool, message: str) -> None:
+        self.failure = (invalid_argument, message)
+        self.done.set()
+
+
+async def _run(failing_steps: set[int]):
+    fatal: list[str] = []
+    loop = EngineLoop(FlakyEngine(failing_steps), asyncio.get_running_loop(), fatal.append)
+    loop.start()
+    sinks = {}
+    for rid in ("a", "b", "c", "d"):
+        sinks[rid] = Sink(asyncio.Event())
+        loop.add(rid, [1, 2, 3], SamplingParams(max_tokens=20, ignore_eos=True), sinks[rid])
+    await asyncio.wait_for(asyncio.gather(*(s.done.wait() for s in sinks.values())), 10)
+    loop.stop()
+    return sinks, fatal, loop
+
+
+def test_one_failed_step_fails_its_request_and_the_rest_go_on():
+    sinks, fatal, loop = asyncio.run(_run({3}))
+    assert sinks["a"].failure == (False, "step failed: boom")  # INTERNAL, not INVALID_ARGUMENT
+    for rid in "bcd":
+        assert sinks[rid].finished and len(sinks[rid].tokens) == 20 and sinks[rid].failure is None
+    assert fatal == [] and loop.failure is None
+
+
+def test_failures_in_a_row_are_fatal():
+    sinks, fatal, loop = asyncio.run(_run(set(range(3, 3 + MAX_CONSECUTIVE_STEP_FAILURES))))
+    assert len(fatal) == 1 and loop.failure is not None
+    # Three requests failed with their steps; the fourth with the engine.
+    assert all(s.failure is not None and not s.failure[0] for s in sinks.values())
+    assert "engine failure" in sinks["d"].failure[1]
