@@ -8,6 +8,7 @@ back in one sync (see Sampler). On CUDA, pure-decode steps replay captured graph
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,14 +67,20 @@ def resolve_dtype(name: str, device: torch.device, model_cfg: ModelConfig) -> to
     return torch.float16 if model_cfg.torch_dtype == "float16" else torch.bfloat16
 
 
+# torch's default dtype is process-wide: engines built from two threads at once take turns.
+_DEFAULT_DTYPE_LOCK = threading.Lock()
+
+
 @contextmanager
 def _default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
+    """Parameters are created in the model's dtype (no float32 copy first) while this is held."""
+    with _DEFAULT_DTYPE_LOCK:
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(old)
 
 
 class ModelRunner:
