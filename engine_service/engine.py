@@ -186,8 +186,9 @@ class LLMEngine:
     def step(self, on_launch: Callable[[], None] | None = None) -> list[StepOutput]:
         """Run one scheduled batch; return new tokens per request (and finish reasons).
 
-        on_launch, if given, is called once the step's inputs are built, just before the forward pass: a
-        caller can do its own work while the model's kernels run without the GIL.
+        on_launch, if given, is called once per forward pass, once its inputs are built (just before it on
+        CPU, just after its kernels are enqueued on CUDA; see ModelRunner.execute), so that a caller can do
+        its own work while the model computes.
         """
         outputs, self._pending = self._pending, []
         if not self.scheduler.has_unfinished():
@@ -216,10 +217,8 @@ class LLMEngine:
             sampled.append(token if ok else None)
         self.scheduler.postprocess(batch, sampled)
         for seq, token in zip(batch.seqs, sampled, strict=True):
-            if token is None or seq.status is Status.WAITING:
-                continue
-            if seq.status is Status.FINISHED and seq.request_id not in self.seqs:
-                continue  # failed or aborted above
+            if token is None:
+                continue  # a prefill chunk that did not reach the end, or a request failed above
             outputs.append(self._output(seq, [token]))
             if seq.status is Status.FINISHED:
                 self._forget(seq)
