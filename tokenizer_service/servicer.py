@@ -170,6 +170,10 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         input_done = False
         call_id = request_id_from(context.invocation_metadata(), uuid.uuid4().hex[:16])
 
+        async def emit(response: pb.GenerateResponse) -> None:
+            await out.put(response)  # waits while the queue is full: backpressure
+            wake.set()
+
         async def run_one(rid: str, request: pb.GenerateRequest) -> None:
             try:
                 trace = RequestTrace(f"{call_id}/{rid}")
@@ -177,9 +181,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 timeout = request.deadline_ms / 1000 if request.deadline_ms else None
                 async for response in self._generate(prep, timeout, trace):
                     response.request_id = rid
-                    await out.put(response)
+                    await emit(response)
             except RequestFailed as exc:
-                await out.put(pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_REASON_ERROR,
+                await emit(pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_REASON_ERROR,
                                                   status=pb.Status(code=exc.code.value[0], message=exc.message)))
             finally:
                 tasks.pop(rid, None)
@@ -194,7 +198,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                         if not rid or rid in tasks:
                             status = pb.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
                                                message=f"request_id {rid!r} must be non-empty and not live")
-                            await out.put(pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_REASON_ERROR,
+                            await emit(pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_REASON_ERROR,
                                                               status=status))
                         else:
                             tasks[rid] = asyncio.create_task(run_one(rid, frame.generate))
@@ -202,7 +206,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                         task = tasks.pop(frame.abort_request_id, None)
                         if task is not None:
                             task.cancel()  # its finally aborts the engine request
-                            await out.put(pb.GenerateResponse(request_id=frame.abort_request_id,
+                            await emit(pb.GenerateResponse(request_id=frame.abort_request_id,
                                                               finish_reason=pb.FINISH_REASON_ABORT))
             finally:
                 input_done = True
@@ -212,19 +216,16 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         self._multi_wakes.add(wake)
         reader = asyncio.create_task(read())
         try:
-            while not (out.empty() and not tasks and (input_done or self.draining)):
-                if not out.empty():
+            # Every producer sets `wake` after it queues a response or ends, so one event wait serves:
+            # no task per response.
+            while True:
+                while not out.empty():
                     yield out.get_nowait()
-                    continue
+                if not tasks and (input_done or self.draining):
+                    break
                 wake.clear()
-                getter = asyncio.create_task(out.get())
-                waker = asyncio.create_task(wake.wait())
-                done, _ = await asyncio.wait({getter, waker}, return_when=asyncio.FIRST_COMPLETED)
-                waker.cancel()
-                if getter in done:
-                    yield getter.result()
-                else:
-                    getter.cancel()
+                if out.empty():  # nothing was queued since the check above (no await in between)
+                    await wake.wait()
         finally:
             reader.cancel()
             for task in list(tasks.values()):
