@@ -50,30 +50,47 @@ class CompletionStream:
         return "".join(chunk.text for chunk in self)
 
 
-class TextClient:
-    """Blocking client; `timeout` (seconds) is each call's deadline."""
+class _GenerateCalls:
+    """The streaming calls both clients share; each subclass names its channel and its stream wrapper."""
+
+    _stream_type: type
+    _stub: pb_grpc.TextGenerationStub
+    timeout: float | None
+
+    def _stream(self, request: pb.GenerateRequest, request_id: str | None):
+        return self._stream_type(
+            self._stub.Generate(request, timeout=self.timeout, metadata=request_metadata(request_id))
+        )
+
+    def generate(self, prompt: str, *, request_id: str | None = None, **kwargs: object):
+        """Stream a completion of prompt; kwargs are sampling parameters and text options."""
+        return self._stream(generate_request(prompt, **kwargs), request_id)
+
+    def generate_tokens(self, prompt_token_ids: list[int], *, request_id: str | None = None, **kwargs: object):
+        """Stream a completion of an already tokenized prompt."""
+        return self._stream(generate_request(prompt_token_ids=prompt_token_ids, **kwargs), request_id)
+
+    def chat(self, messages: Messages, *, request_id: str | None = None, **kwargs: object):
+        """Stream the assistant's reply to chat messages."""
+        return self._stream(generate_request(messages=messages, **kwargs), request_id)
+
+
+def _detokenize_request(token_ids: Iterable[int], skip_special_tokens: bool | None) -> pb.DetokenizeRequest:
+    request = pb.DetokenizeRequest(token_ids=list(token_ids))
+    if skip_special_tokens is not None:
+        request.skip_special_tokens = skip_special_tokens
+    return request
+
+
+class TextClient(_GenerateCalls):
+    """Blocking client; `timeout` (seconds) is each call's deadline. Streams are CompletionStreams."""
+
+    _stream_type = CompletionStream
 
     def __init__(self, target: str, timeout: float | None = None, **channel_kwargs: int | float) -> None:
         self._channel = sync_channel(target, **channel_kwargs)
         self._stub = pb_grpc.TextGenerationStub(self._channel)
         self.timeout = timeout
-
-    def generate(self, prompt: str, *, request_id: str | None = None, **kwargs: object) -> CompletionStream:
-        """Stream a completion of prompt; kwargs are sampling parameters and text options."""
-        return CompletionStream(self._stub.Generate(generate_request(prompt, **kwargs), timeout=self.timeout,
-                                                    metadata=request_metadata(request_id)))
-
-    def generate_tokens(self, prompt_token_ids: list[int], *, request_id: str | None = None,
-                        **kwargs: object) -> CompletionStream:
-        """Stream a completion of an already tokenized prompt."""
-        request = generate_request(prompt_token_ids=prompt_token_ids, **kwargs)
-        return CompletionStream(self._stub.Generate(request, timeout=self.timeout,
-                                                    metadata=request_metadata(request_id)))
-
-    def chat(self, messages: Messages, *, request_id: str | None = None, **kwargs: object) -> CompletionStream:
-        """Stream the assistant's reply to chat messages."""
-        return CompletionStream(self._stub.Generate(generate_request(messages=messages, **kwargs),
-                                                    timeout=self.timeout, metadata=request_metadata(request_id)))
 
     def generate_multi(self, requests: Iterable[pb.MultiRequest], *, request_id: str | None = None
                        ) -> CompletionStream:
@@ -87,10 +104,7 @@ class TextClient:
         return list(reply.token_ids)
 
     def detokenize(self, token_ids: Iterable[int], skip_special_tokens: bool | None = None) -> str:
-        request = pb.DetokenizeRequest(token_ids=list(token_ids))
-        if skip_special_tokens is not None:
-            request.skip_special_tokens = skip_special_tokens
-        return self._stub.Detokenize(request, timeout=self.timeout).text
+        return self._stub.Detokenize(_detokenize_request(token_ids, skip_special_tokens), timeout=self.timeout).text
 
     def model_info(self) -> pb.ModelInfo:
         return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
@@ -121,27 +135,15 @@ class AsyncCompletionStream:
         return "".join([chunk.text async for chunk in self])
 
 
-class AsyncTextClient:
-    """asyncio client; the same calls as TextClient, with async iterators."""
+class AsyncTextClient(_GenerateCalls):
+    """asyncio client; the same calls as TextClient, with AsyncCompletionStreams."""
+
+    _stream_type = AsyncCompletionStream
 
     def __init__(self, target: str, timeout: float | None = None, **channel_kwargs: int | float) -> None:
         self._channel = aio_channel(target, **channel_kwargs)
         self._stub = pb_grpc.TextGenerationStub(self._channel)
         self.timeout = timeout
-
-    def generate(self, prompt: str, *, request_id: str | None = None, **kwargs: object) -> AsyncCompletionStream:
-        return AsyncCompletionStream(self._stub.Generate(generate_request(prompt, **kwargs), timeout=self.timeout,
-                                                         metadata=request_metadata(request_id)))
-
-    def generate_tokens(self, prompt_token_ids: list[int], *, request_id: str | None = None,
-                        **kwargs: object) -> AsyncCompletionStream:
-        request = generate_request(prompt_token_ids=prompt_token_ids, **kwargs)
-        return AsyncCompletionStream(self._stub.Generate(request, timeout=self.timeout,
-                                                         metadata=request_metadata(request_id)))
-
-    def chat(self, messages: Messages, *, request_id: str | None = None, **kwargs: object) -> AsyncCompletionStream:
-        return AsyncCompletionStream(self._stub.Generate(generate_request(messages=messages, **kwargs),
-                                                         timeout=self.timeout, metadata=request_metadata(request_id)))
 
     async def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
         reply = await self._stub.Tokenize(pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
@@ -149,9 +151,7 @@ class AsyncTextClient:
         return list(reply.token_ids)
 
     async def detokenize(self, token_ids: Iterable[int], skip_special_tokens: bool | None = None) -> str:
-        request = pb.DetokenizeRequest(token_ids=list(token_ids))
-        if skip_special_tokens is not None:
-            request.skip_special_tokens = skip_special_tokens
+        request = _detokenize_request(token_ids, skip_special_tokens)
         return (await self._stub.Detokenize(request, timeout=self.timeout)).text
 
     async def model_info(self) -> pb.ModelInfo:
