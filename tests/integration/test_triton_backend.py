@@ -54,3 +54,16 @@ def test_triton_matches_torch(tmp_path, heads, kv_heads):
             assert llm.runner.backend_name == backend
         results[backend] = (first, second)
     assert results["triton"] == results["torch"]
+
+
+def test_triton_on_cpu_makes_no_cuda_query(tmp_path, monkeypatch):
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=32, layers=1, dtype=torch.float32)
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("a CUDA query on the CPU path")
+
+    for name in ("is_available", "device_count", "current_device", "get_device_properties", "synchronize"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    with _engine(tmp_path, "triton") as llm:
+        out = llm.generate([[1, 2, 3, 4, 5]], GREEDY)[0]
+    assert len(out["token_ids"]) == GREEDY.max_tokens
