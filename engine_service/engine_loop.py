@@ -198,7 +198,7 @@ class EngineLoop:
                     if self.metrics is not None:
                         self.metrics.on_step(outputs, started, time.monotonic(), self._engine)
                 now = time.monotonic()
-                self.stats = dict(self._engine.stats())  # O(1) since the block manager counts cached blocks
+                self.stats = self._engine.stats()  # a fresh dict each call; O(1): cached blocks are counted
                 self.last_progress = now
                 if outputs or rejected:
                     pending[:] = [outputs, rejected]

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from engine_service.config import EngineConfig
 from engine_service.model.config import ModelConfig
 from engine_service.model.layers import TPInfo
+from engine_service.model_runner import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=5)
 
 
 def _on_cuda(config: EngineConfig) -> bool:
-    return config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+    return resolve_device(config.device).type == "cuda"
 
 
 def make_group(store_path: str, rank: int, size: int, cuda: bool):
