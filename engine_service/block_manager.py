@@ -132,7 +132,11 @@ class BlockManager:
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
         """Grow the block table so tokens up to num_computed + num_new have slots."""
-        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        self.grow_to(seq, seq.num_computed_tokens + num_new_tokens)
+
+    def grow_to(self, seq: Sequence, num_tokens: int) -> None:
+        """Grow the block table so that the first `num_tokens` tokens have slots."""
+        needed = self.blocks_needed(num_tokens) - len(seq.block_table)
         if needed > len(self.free):
             raise RuntimeError(f"out of KV blocks: need {needed}, have {len(self.free)} (check can_append)")
         for _ in range(needed):

@@ -30,6 +30,10 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kvcache_gib: float = DEFAULT_CPU_KVCACHE_GIB
     enable_prefix_caching: bool = True
+    # Overlap scheduling: schedule and launch a decode step while the previous one still computes. None turns
+    # it on where it pays, CUDA with tensor_parallel_size 1; on CPU every kernel runs in place, so there is
+    # nothing to overlap (True still works there: tests use it).
+    overlap_scheduling: bool | None = None
     seed: int = 0  # seeds unseeded sampling, so a run is repeatable
 
     def __post_init__(self) -> None:
@@ -55,6 +59,13 @@ class EngineConfig:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
                 f"max_num_seqs ({self.max_num_seqs}), so that every running sequence can decode each step"
+            )
+        overlap = self.overlap_scheduling
+        if overlap is not None and not isinstance(overlap, bool):
+            raise ValueError(f"overlap_scheduling must be True, False or None (auto), got {overlap!r}")
+        if overlap and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "overlap_scheduling=True needs tensor_parallel_size 1; leave it None (auto) or set it False"
             )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

@@ -242,14 +242,18 @@ class DecodeGraphRunner:
         n = len(x.q_lens)
         return 0 < n <= self.sizes[-1] and x.num_decode == n and bool(self.graphs)
 
-    def run(self, x: StepInputs) -> torch.Tensor:
+    def run(self, x: StepInputs, gather_from: torch.Tensor | None = None) -> torch.Tensor:
         """Replay the graph for x (a pure-decode step); returns the real rows' hidden states [n, hidden].
 
-        The result is a view of the static output buffer: use it before the next run().
+        gather_from: when set, x.ids are rows of this device tensor (the previous step's sampled tokens),
+        and the input ids are gathered from it on the device. The result is a view of the static output
+        buffer: use it before the next run().
         """
         n = len(x.q_lens)
         size = pick_size(self.sizes, n)
         self._load(x.ids, x.positions, x.slots, x.ctx_lens, x.tables, size)
+        if gather_from is not None:
+            self.input_ids[:n].copy_(gather_from[self.input_ids[:n]])
         self.graphs[size].replay()
         self.num_replays += 1
         return self.hidden[:n]

@@ -3,6 +3,10 @@
 A request's life: add_request() validates it and queues a Sequence; each step() asks the scheduler for a
 batch, the model runner computes it and samples, and the scheduler appends the tokens, publishes full
 blocks to the prefix cache and finishes sequences. step() returns each request's new tokens.
+
+Overlap scheduling (on by default on CUDA): while decoding, the next batch is scheduled and launched
+before the current one's tokens are read back (Scheduler.schedule_ahead), so the host's per-step work
+runs while the device computes instead of between its steps.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import itertools
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,17 +24,25 @@ from engine_service.block_manager import BlockManager
 from engine_service.config import EngineConfig
 from engine_service.model.config import ModelConfig
 from engine_service.model.layers import TPInfo
-from engine_service.model_runner import ModelRunner
+from engine_service.model_runner import Launched, ModelRunner
 from engine_service.outputs import FINISH_ERROR, StepOutput
 from engine_service.sampler import SamplingRow
 from engine_service.sampling_params import SamplingParams
-from engine_service.scheduler import Scheduler
+from engine_service.scheduler import ScheduledBatch, Scheduler
 from engine_service.sequence import Sequence, Status
 from engine_service.validation import check_prompt
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A launched step whose tokens have not been read back yet."""
+
+    batch: ScheduledBatch
+    launched: Launched
 
 
 class EngineStepError(RuntimeError):
@@ -98,6 +111,11 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.generators: dict[str, torch.Generator] = {}
         self._pending: list[StepOutput] = []  # aborts to report on the next step
+        self._inflight: _InFlight | None = None  # a step scheduled ahead, launched, not yet read back
+        overlap = self.config.overlap_scheduling
+        if overlap is None:
+            overlap = self.runner.device.type == "cuda" and self.workers is None
+        self.overlap = overlap
         self.model_info = {
             "model_name": model_dir.resolve().name,
             "vocab_size": self.model_cfg.vocab_size,
@@ -181,30 +199,66 @@ class LLMEngine:
 
     # ---- the loop ------------------------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        return self.scheduler.has_unfinished() or bool(self._pending) or self._inflight is not None
 
     def step(self, on_launch: Callable[[], None] | None = None) -> list[StepOutput]:
         """Run one scheduled batch; return new tokens per request (and finish reasons).
+
+        With overlap scheduling, the step after this one is scheduled and launched (when schedule_ahead
+        can foresee it) before this one's tokens are read back, so the device computes it while the host
+        appends tokens, checks stops and builds outputs; the next step() collects it.
 
         on_launch, if given, is called once per forward pass, once its inputs are built (just before it on
         CPU, just after its kernels are enqueued on CUDA; see ModelRunner.execute), so that a caller can do
         its own work while the model computes.
         """
         outputs, self._pending = self._pending, []
-        if not self.scheduler.has_unfinished():
-            return outputs
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return outputs
-        rows = [self._sampling_row(s) for s, take in zip(batch.seqs, batch.sample, strict=True) if take]
+        current, self._inflight = self._inflight, None
+        if current is not None and not any(s.status is Status.RUNNING for s in current.batch.seqs):
+            current = None  # every sequence in it finished or was aborted: nothing to read back
+        if current is None:
+            if not self.scheduler.has_unfinished():
+                return outputs
+            batch = self.scheduler.schedule()
+            if not batch.seqs:
+                return outputs
+            current = self._launch(batch, on_launch, outputs)
+        if self.overlap:
+            ahead = self.scheduler.schedule_ahead(current.batch)
+            if ahead is not None:
+                self._inflight = self._launch(ahead, on_launch, outputs, previous=current)
         try:
-            tokens, finite = self.runner.run(batch, rows, self.workers, on_launch)
-        except Exception as exc:  # OOM, kernel failure: fail this step's requests, keep the pool whole
-            failed = [
-                self._fail(seq, f"engine step failed: {type(exc).__name__}: {exc}") for seq in batch.seqs
-            ]
-            raise EngineStepError(str(exc), outputs + failed) from exc
+            tokens, finite = self.runner.collect(current.launched)
+        except Exception as exc:  # a kernel failure surfaces at the sync
+            raise self._step_failed(exc, outputs, current.batch) from exc
+        self._complete(current.batch, tokens, finite, outputs)
+        return outputs
 
+    def _launch(self, batch: ScheduledBatch, on_launch, outputs, previous: _InFlight | None = None) -> _InFlight:
+        ahead = previous is not None
+        rows = [self._sampling_row(s, ahead) for s, take in zip(batch.seqs, batch.sample, strict=True) if take]
+        try:
+            launched = self.runner.launch(
+                batch, rows, self.workers, on_launch, previous.launched if ahead else None
+            )
+        except Exception as exc:  # OOM, kernel failure: fail this step's requests, keep the pool whole
+            raise self._step_failed(exc, outputs, batch, previous.batch if ahead else None) from exc
+        return _InFlight(batch, launched)
+
+    def _step_failed(self, exc: Exception, outputs, *batches: ScheduledBatch | None) -> EngineStepError:
+        """Fail the requests of the given batches and of any step in flight; the error to raise."""
+        if self._inflight is not None:
+            batches += (self._inflight.batch,)
+            self._inflight = None
+        failed: dict[Sequence, None] = {}
+        for batch in batches:
+            if batch is not None:
+                failed.update((s, None) for s in batch.seqs if s.status is not Status.FINISHED)
+        message = f"engine step failed: {type(exc).__name__}: {exc}"
+        return EngineStepError(str(exc), outputs + [self._fail(seq, message) for seq in failed])
+
+    def _complete(self, batch: ScheduledBatch, tokens: list[int], finite: list[bool], outputs) -> None:
+        """Append a collected step's tokens, finish sequences, and add their outputs to `outputs`."""
         sampled: list[int | None] = []
         it = iter(zip(tokens, finite, strict=True))
         for seq, take in zip(batch.seqs, batch.sample, strict=True):
@@ -212,6 +266,9 @@ class LLMEngine:
                 sampled.append(None)
                 continue
             token, ok = next(it)
+            if seq.status is not Status.RUNNING:
+                sampled.append(None)  # finished or aborted while this step was in flight: a row in vain
+                continue
             if not ok:
                 outputs.append(self._fail(seq, "the model produced NaN or infinite logits for this request"))
             sampled.append(token if ok else None)
@@ -222,12 +279,12 @@ class LLMEngine:
             outputs.append(self._output(seq, [token]))
             if seq.status is Status.FINISHED:
                 self._forget(seq)
-        return outputs
 
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+    def _sampling_row(self, seq: Sequence, ahead: bool = False) -> SamplingRow:
+        """ahead: for a batch scheduled ahead, whose sequences will have one more output token by then."""
         p = seq.params
         banned: tuple[int, ...] = ()
-        if seq.num_output_tokens < p.min_tokens:
+        if seq.num_output_tokens + ahead < p.min_tokens:
             banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_token_ids))
         return SamplingRow(p, self.generators.get(seq.request_id), banned)
 
@@ -269,6 +326,7 @@ class LLMEngine:
         for request_id in list(self.seqs):
             self.abort_request(request_id)
         self._pending.clear()
+        self._inflight = None
         if self.workers is not None:
             self.workers.close()
             self.workers = None

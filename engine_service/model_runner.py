@@ -1,8 +1,9 @@
 """Runs the model for one scheduled batch: builds flat inputs, owns the KV cache, samples on the device.
 
 Per step: token ids, positions, slot mapping, cumulative query lengths, context lengths and block tables
-are built on the host in one pass over the batch, copied to the device once, and the sampled tokens come
-back in one sync (see Sampler). On CUDA, pure-decode steps replay captured graphs (cuda_graphs.py).
+are built on the host in one pass over the batch and copied to the device without waiting for it
+(host_copy.py). launch() enqueues the forward pass and sampling and returns at once; collect() is the step's
+one wait, for the sampled tokens. On CUDA, pure-decode steps replay captured graphs (cuda_graphs.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from engine_service.attention import AttentionMetadata, make_backend, resolve_backend_name
 from engine_service.config import EngineConfig
+from engine_service.host_copy import to_device
 from engine_service.model.config import ModelConfig
 from engine_service.model.layers import TPInfo
 from engine_service.model.loader import load_weights
@@ -39,6 +41,17 @@ class StepInputs:
     tables: list[list[int]]
     sample_rows: list[int]
     num_decode: int
+    # ids are rows of the previous step's sampled tokens, still on the device (a batch scheduled ahead).
+    ids_from_previous: bool = False
+
+
+@dataclass(slots=True)
+class Launched:
+    """A step whose forward pass and sampling are enqueued; ModelRunner.collect waits for its tokens."""
+
+    sampled: torch.Tensor | None  # [2, N] int64 on the device: token ids, 1 where the logits were finite
+    host: torch.Tensor | None  # the same, copied to (pinned) host memory asynchronously
+    done: torch.cuda.Event | None  # recorded after that copy (CUDA only)
 
 
 DTYPES = {
@@ -181,10 +194,10 @@ class ModelRunner:
         for n in q_lens:
             cu.append(cu[-1] + n)
         return AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
+            slot_mapping=to_device(slots, torch.long, dev),
+            cu_seqlens_q=to_device(cu, torch.int32, dev),
+            context_lens=to_device(ctx_lens, torch.int32, dev),
+            block_tables=to_device(padded, torch.int32, dev),
             num_decode_seqs=num_decode_seqs,
             max_seqlen_q=max(q_lens),
             max_context_len=max(ctx_lens),
@@ -195,9 +208,29 @@ class ModelRunner:
 
     @staticmethod
     def step_inputs(batch: ScheduledBatch, block_size: int) -> StepInputs:
-        """Flatten a scheduled batch into plain lists (what tensor-parallel workers are sent)."""
+        """Flatten a scheduled batch into plain lists (what tensor-parallel workers are sent).
+
+        A batch scheduled ahead (batch.input_rows set) is built before the previous step's tokens are
+        appended: each sequence computes position len(seq), and `ids` holds the rows of the previous step's
+        sampled tokens that are its inputs (ids_from_previous).
+        """
         bs = block_size
         x = StepInputs([], [], [], [], [], [], [], 0)
+        if batch.input_rows is not None:
+            for seq in batch.seqs:
+                pos = len(seq)
+                table = seq.block_table
+                x.positions.append(pos)
+                x.slots.append(table[pos // bs] * bs + pos % bs)
+                x.ctx_lens.append(pos + 1)
+                x.tables.append(table)
+            n = len(batch.seqs)
+            x.ids = list(batch.input_rows)
+            x.q_lens = [1] * n
+            x.sample_rows = list(range(n))
+            x.num_decode = n
+            x.ids_from_previous = True
+            return x
         for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample, strict=True):
             start = seq.num_computed_tokens
             end = start + n
@@ -215,20 +248,34 @@ class ModelRunner:
         return x
 
     @torch.inference_mode()
-    def execute(self, x: StepInputs, on_launch: Callable[[], None] | None = None) -> torch.Tensor | None:
-        """Forward one step; returns the logits of the rows to sample ([N, vocab]) or None."""
+    def execute(
+        self,
+        x: StepInputs,
+        on_launch: Callable[[], None] | None = None,
+        previous_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """Forward one step; returns the logits of the rows to sample ([N, vocab]) or None.
+
+        previous_tokens: the previous step's sampled tokens on the device ([M] int64), which x.ids index
+        when x.ids_from_previous.
+        """
         dev = self.device
+        if x.ids_from_previous and previous_tokens is None:
+            raise ValueError("a step scheduled ahead needs the previous step's sampled tokens")
+        gather_from = previous_tokens if x.ids_from_previous else None
         # on_launch overlaps the caller's work with the model's. On CUDA the forward only enqueues kernels, so
         # it runs after them; on CPU the forward computes in place, so it runs just before (its kernels run
         # without the GIL).
         launched = on_launch or (lambda: None)
         if self.graphs is not None and self.graphs.can_run(x):  # CUDA only
-            hidden = self.graphs.run(x)  # [n, hidden]: the real rows of the replayed padded batch
+            hidden = self.graphs.run(x, gather_from)  # [n, hidden]: the real rows of the replayed padded batch
             launched()
         else:
             meta = self._metadata(x.q_lens, x.ctx_lens, x.tables, x.slots, x.num_decode)
-            ids = torch.tensor(x.ids, dtype=torch.long, device=dev)
-            positions = torch.tensor(x.positions, dtype=torch.long, device=dev)
+            ids = to_device(x.ids, torch.long, dev)
+            if gather_from is not None:
+                ids = gather_from[ids]
+            positions = to_device(x.positions, torch.long, dev)
             if dev.type == "cpu":
                 launched()
             hidden = self.model(ids, positions, self.kv_caches, meta, self.backend)
@@ -236,18 +283,53 @@ class ModelRunner:
                 launched()
         if not x.sample_rows:
             return None
-        rows = torch.tensor(x.sample_rows, dtype=torch.long, device=dev)
-        return self.model.compute_logits(hidden[rows])
+        if len(x.sample_rows) < hidden.shape[0]:  # rows are distinct and ascending: fewer means a subset
+            hidden = hidden[to_device(x.sample_rows, torch.long, dev)]
+        return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
+    def launch(
+        self,
+        batch: ScheduledBatch,
+        rows: list[SamplingRow],
+        workers=None,
+        on_launch: Callable[[], None] | None = None,
+        previous: Launched | None = None,
+    ) -> Launched:
+        """Enqueue the batch's forward pass and sampling (on every rank) without waiting for them.
+
+        previous: the launched step whose sampled tokens are this batch's inputs (a batch scheduled ahead).
+        """
+        x = self.step_inputs(batch, self.block_size)
+        if workers is not None:
+            if x.ids_from_previous:
+                raise ValueError("tensor-parallel workers cannot run a step scheduled ahead")
+            workers.send_step(x)
+        previous_tokens = previous.sampled[0] if previous is not None and previous.sampled is not None else None
+        logits = self.execute(x, on_launch, previous_tokens)
+        if logits is None:
+            return Launched(None, None, None)
+        sampled = self.sampler.sample(logits, rows)  # [2, N] on the device
+        if self.device.type != "cuda":
+            return Launched(sampled, sampled, None)
+        host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+        host.copy_(sampled, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        return Launched(sampled, host, done)
+
+    def collect(self, launched: Launched) -> tuple[list[int], list[bool]]:
+        """Wait for a launched step's tokens: (token ids, whether each row's logits were finite). This is the
+        step's one wait for the device."""
+        if launched.host is None:
+            return [], []
+        if launched.done is not None:
+            launched.done.synchronize()
+        both = launched.host.tolist()
+        return both[0], [bool(v) for v in both[1]]
+
     def run(
         self, batch: ScheduledBatch, rows: list[SamplingRow], workers=None, on_launch=None
     ) -> tuple[list[int], list[bool]]:
-        """Forward the batch (on every rank); sample one token per sequence whose `sample` flag is set."""
-        x = self.step_inputs(batch, self.block_size)
-        if workers is not None:
-            workers.send_step(x)
-        logits = self.execute(x, on_launch)
-        if logits is None:
-            return [], []
-        return self.sampler(logits, rows)
+        """Forward the batch and wait for its tokens: launch() then collect()."""
+        return self.collect(self.launch(batch, rows, workers, on_launch))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine_service.host_copy import to_device
 from engine_service.sampling_params import SamplingParams
 
 
@@ -31,35 +32,45 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[bool]]:
         """logits: [N, V] -> (token ids, whether each row's logits were finite). One device sync."""
+        both = self.sample(logits, rows).tolist()
+        return both[0], [bool(x) for x in both[1]]
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """logits: [N, V] -> [2, N] int64 on the device: the sampled token ids, and 1 where the row's logits
+        were finite. Enqueues work only: nothing here waits for the device (see host_copy)."""
+        dev = logits.device
         # NaN and inf propagate through a sum; summed in float32 so that fp16 logits cannot overflow it.
         finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
-        for i, row in enumerate(rows):
-            if row.banned_token_ids:
-                logits[i, list(row.banned_token_ids)] = float("-inf")
+        banned = [(i, t) for i, r in enumerate(rows) for t in r.banned_token_ids]
+        if banned:
+            where = to_device(banned, torch.long, dev)  # [K, 2]: (row, token id)
+            logits.index_put_((where[:, 0], where[:, 1]), logits.new_full((), float("-inf")))
         sampled_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if len(sampled_rows) == len(rows):
             tokens = self._sample(logits.float(), rows)
         else:
             tokens = logits.argmax(dim=-1)
             if sampled_rows:
-                idx = torch.tensor(sampled_rows, device=logits.device)
+                idx = to_device(sampled_rows, torch.long, dev)
                 tokens[idx] = self._sample(logits[idx].float(), [rows[i] for i in sampled_rows])
-        both = torch.stack([tokens, finite.long()]).tolist()  # the step's only device -> host sync
-        return both[0], [bool(x) for x in both[1]]
+        return torch.stack([tokens, finite.long()])
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         n, vocab = logits.shape
         dev = logits.device
-        temps = torch.tensor([r.params.temperature for r in rows], device=dev, dtype=torch.float32)
-        logits = logits / temps[:, None]
-        top_k = [r.params.top_k for r in rows]
-        top_p = [r.params.top_p for r in rows]
-        if any(k != -1 and k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
-            logits = _top_k_top_p(logits, top_k, top_p)
+        # One upload for every row's parameters: [n, 4] = temperature, top_k (vocab when off), top_p, min_p.
+        table = [
+            [r.params.temperature, vocab if r.params.top_k == -1 else min(r.params.top_k, vocab),
+             r.params.top_p, r.params.min_p]
+            for r in rows
+        ]
+        params = to_device(table, torch.float32, dev)
+        logits = logits / params[:, 0:1]
+        if any(row[1] < vocab or row[2] < 1.0 for row in table):
+            logits = _top_k_top_p(logits, params[:, 1:2], params[:, 2:3])
         probs = torch.softmax(logits, dim=-1)
-        min_p = [r.params.min_p for r in rows]
-        if any(m > 0.0 for m in min_p):
-            floor = torch.tensor(min_p, device=dev)[:, None] * probs.amax(dim=-1, keepdim=True)
+        if any(row[3] > 0.0 for row in table):
+            floor = params[:, 3:4] * probs.amax(dim=-1, keepdim=True)
             probs = probs.masked_fill(probs < floor, 0.0)
         cdf = probs.cumsum(dim=-1)  # [n, V]
         u = torch.empty(n, 1, device=dev)
@@ -73,19 +84,19 @@ class Sampler:
         return tokens.squeeze(1).clamp_(max=vocab - 1)
 
 
-def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """Mask logits outside each row's top-k and top-p nucleus with -inf (one sort for both)."""
-    n, vocab = logits.shape
-    dev = logits.device
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask logits outside each row's top-k and top-p nucleus with -inf (one sort for both).
+
+    top_k, top_p: [n, 1] float32 on the logits' device; top_k is the vocabulary size where it is off.
+    """
+    vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    rank = torch.arange(vocab, device=dev)[None, :]
-    k = torch.tensor([vocab if x == -1 else min(x, vocab) for x in top_k], device=dev)[:, None]
-    drop = rank >= k
-    p = torch.tensor(top_p, device=dev, dtype=torch.float32)[:, None]
+    rank = torch.arange(vocab, device=logits.device)[None, :]
+    drop = rank >= top_k
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     # Keep a token if the mass before it is below top_p; the first token is always kept.
     mass_before = torch.cumsum(probs, dim=-1) - probs
-    drop |= (mass_before >= p) & (p < 1.0)  # top_p 1.0 keeps every token, even beside filtering rows
+    drop |= (mass_before >= top_p) & (top_p < 1.0)  # top_p 1.0 keeps every token, even beside filtering rows
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)

@@ -32,6 +32,9 @@ class ScheduledBatch:
     num_new_tokens: list[int] = field(default_factory=list)
     # Whether the step reaches the end of each sequence's tokens, so its last logits are sampled.
     sample: list[bool] = field(default_factory=list)
+    # Set on a batch scheduled ahead (schedule_ahead): for each sequence, the row of the previous batch's
+    # sampled tokens that is its input token. None on a batch from schedule().
+    input_rows: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -99,6 +102,39 @@ class Scheduler:
         if not preempted:
             self._admit(picked, budget)
         return self._batch(picked)
+
+    def schedule_ahead(self, batch: ScheduledBatch) -> ScheduledBatch | None:
+        """The step after `batch`, scheduled while `batch` still computes; None when it depends on its results.
+
+        Overlap scheduling (see engine.py). The next step is known without `batch`'s tokens in the steady
+        state of decoding: nothing waits, and every running sequence samples a token in `batch`. Each of
+        them then decodes that token, except those it brings to max_len. A sampled stop token cannot be
+        foreseen: its sequence computes one row in vain and postprocess skips it. Called before `batch`'s
+        tokens are appended, so a sequence's next position is len(seq). Never preempts: when the new slots
+        do not fit, it returns None and the next step is scheduled normally.
+        """
+        if self.waiting or not self.running:
+            return None
+        rows: dict[Sequence, int] = {}
+        for seq, take in zip(batch.seqs, batch.sample, strict=True):
+            if take:
+                rows[seq] = len(rows)
+        if any(seq not in rows for seq in self.running):
+            return None  # a sequence is mid-prefill or was left out: schedule() must decide
+        picked = [seq for seq in self.running if len(seq) + 1 < seq.max_len]
+        if not picked:
+            return None
+        need = sum(self.bm.blocks_needed(len(seq) + 1) - len(seq.block_table) for seq in picked)
+        if need > self.bm.num_free_blocks:
+            return None
+        ahead = ScheduledBatch(input_rows=[])
+        for seq in picked:
+            self.bm.grow_to(seq, len(seq) + 1)
+            ahead.seqs.append(seq)
+            ahead.num_new_tokens.append(1)
+            ahead.sample.append(True)
+            ahead.input_rows.append(rows[seq])
+        return ahead
 
     def _admit(self, picked: list[tuple[Sequence, int]], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:

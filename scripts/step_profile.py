@@ -9,18 +9,20 @@ The model is a bench preset (random weights; default qwen3-0.6b, built and cache
 does) or --model DIR. The profiler wraps a live engine's methods as instance attributes (the engine's code
 is unchanged) and times every step():
 
-  schedule  Scheduler.schedule
+  schedule  Scheduler.schedule and Scheduler.schedule_ahead
   prepare   ModelRunner.step_inputs: flattening the batch into lists
   launch    ModelRunner.execute: device inputs, then enqueueing the forward and the LM head. On CUDA it
             returns before the GPU is done; for an eager step it is mostly kernel-launch time.
-  sample    the Sampler call: enqueueing sampling, then the step's one sync (waiting for the GPU)
+  sample    Sampler.sample: enqueueing sampling (nothing in it waits for the device)
+  wait      ModelRunner.collect: the step's one sync, waiting for the sampled tokens
   other     the rest of step(): postprocess and outputs
 
-On CUDA, gpu is device time from the start of execute to the end of sampling, read from CUDA events
-(launch gaps inside the forward count as GPU time), and exposed host = wall - gpu is the time in which the
-GPU has nothing to do: what overlapping step N+1's preparation with step N could hide. Steps are grouped by
-kind: decode (every sequence computes one token) and mixed (any prefill). The inter-token latency of a
-uniform batch is the median wall time of its decode steps.
+On CUDA, gpu is device time from the start of the step's first execute to the end of its last sampling,
+read from CUDA events (launch gaps inside the forward count as GPU time), and exposed host = wall - gpu is
+the time in which the GPU has nothing to do. With overlap scheduling (the default on CUDA), a step() launches
+the next batch before it waits for the current one, so the host's work hides behind the GPU's and `wait`
+grows instead. Steps are grouped by kind: decode (every sequence computes one token) and mixed (any
+prefill). The inter-token latency of a uniform batch is the median wall time of its decode steps.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PHASES = ("schedule", "prepare", "launch", "sample")
+PHASES = ("schedule", "prepare", "launch", "sample", "wait")
 
 
 @dataclass(slots=True)
@@ -65,9 +67,11 @@ class StepProfiler:
         self._rec: StepRecord | None = None
         self._saved: list[tuple[object, str, object]] = []
         self._wrap(llm.scheduler, "schedule", "schedule")
+        self._wrap(llm.scheduler, "schedule_ahead", "schedule")
         self._wrap(llm.runner, "step_inputs", "prepare", after=self._classify)
         self._wrap(llm.runner, "execute", "launch", before=self._start_event, after=self._end_event)
-        self._wrap(llm.runner, "sampler", "sample", after=self._end_event)
+        self._wrap(llm.runner.sampler, "sample", "sample", after=self._end_event)
+        self._wrap(llm.runner, "collect", "wait")
         original_step = llm.step
 
         def step():
@@ -78,6 +82,8 @@ class StepProfiler:
             finally:
                 rec.wall = time.perf_counter() - t
                 self._rec = None
+                if not rec.kind and rec.phases["wait"] > 0:
+                    rec.kind = "decode"  # only read back a batch scheduled ahead, which is always decode
                 if rec.kind:
                     self.records.append(rec)
 
@@ -104,11 +110,14 @@ class StepProfiler:
 
     @staticmethod
     def _classify(rec: StepRecord, x) -> None:
-        rec.batch = len(x.q_lens)
-        rec.kind = "decode" if x.num_decode == rec.batch else "mixed"
+        """A step() may launch two batches (overlap scheduling's first step after a full schedule): the
+        step counts as mixed if either had a prefill, and its batch is the larger."""
+        kind = "decode" if x.num_decode == len(x.q_lens) else "mixed"
+        rec.kind = "mixed" if "mixed" in (rec.kind, kind) else kind
+        rec.batch = max(rec.batch, len(x.q_lens))
 
     def _start_event(self, rec: StepRecord) -> None:
-        if self.cuda:
+        if self.cuda and rec.start is None:
             rec.start = self.torch.cuda.Event(enable_timing=True)
             rec.start.record()
 

@@ -84,7 +84,8 @@ def test_top_p_one_keeps_every_token_beside_a_filtering_row():
     from engine_service.sampler import _top_k_top_p
 
     logits = torch.randn(2, 150_000, generator=torch.Generator().manual_seed(0))
-    out = _top_k_top_p(logits.clone(), top_k=[-1, -1], top_p=[1.0, 0.5])
+    vocab = torch.full((2, 1), 150_000.0)
+    out = _top_k_top_p(logits.clone(), top_k=vocab, top_p=torch.tensor([[1.0], [0.5]]))
     assert torch.isfinite(out[0]).all()  # no tail token lost to float32 cumsum rounding
     assert torch.isinf(out[1]).any()
 

@@ -1,0 +1,279 @@
+"""Overlap scheduling: the next decode step is scheduled and launched before the current one's tokens are read.
+
+It must change nothing a caller sees: greedy tokens equal transformers' (float64 on CPU), seeded tokens equal
+those without overlap, stops, aborts, arrivals, preemption and failures behave as before, and no KV block is
+left behind. Each test also checks that steps really were scheduled ahead, so a silent fallback to plain
+scheduling cannot pass for overlap.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine_service import LLM, SamplingParams
+from tests.integration.tiny import VOCAB, hf_greedy, make_qwen3
+
+
+@pytest.fixture(scope="module")
+def model_and_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("overlap")
+    return make_qwen3(path, heads=4, kv_heads=2), path
+
+
+def _engine(path, overlap: bool = True, **kw) -> LLM:
+    args = dict(
+        device="cpu",
+        dtype="float64",
+        attention_backend="torch",
+        kvcache_block_size=16,
+        num_kvcache_blocks=64,
+        max_num_batched_tokens=256,
+        max_num_seqs=8,
+        max_model_len=256,
+        overlap_scheduling=overlap,
+    )
+    args.update(kw)
+    return LLM(path, **args)
+
+
+def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(VOCAB) for _ in range(n)] for n in lengths]
+
+
+def _count_ahead(llm: LLM) -> list[int]:
+    """Counts the batches scheduled ahead (a one-element list, updated in place)."""
+    count = [0]
+    original = llm.scheduler.schedule_ahead
+
+    def counting(batch):
+        ahead = original(batch)
+        count[0] += ahead is not None
+        return ahead
+
+    llm.scheduler.schedule_ahead = counting
+    return count
+
+
+def _drain(llm: LLM, max_steps: int = 5000) -> dict[str, list]:
+    seen: dict[str, list] = {}
+    for _ in range(max_steps):
+        if not llm.has_unfinished_requests():
+            return seen
+        for out in llm.step():
+            entry = seen.setdefault(out.request_id, [[], None, 0])
+            entry[0].extend(out.new_token_ids)
+            entry[2] += out.finished
+            if out.finished:
+                entry[1] = out.finish_reason
+    raise AssertionError("engine did not go idle")
+
+
+def _all_free(llm: LLM) -> bool:
+    s = llm.stats()
+    return s["num_free_blocks"] == s["num_blocks"] and s["num_running"] == 0 and s["num_waiting"] == 0
+
+
+def test_default_is_off_on_cpu_and_tensor_parallel_refuses_it(model_and_dir):
+    _, path = model_and_dir
+    with LLM(path, device="cpu", max_num_seqs=2, max_model_len=64) as llm:
+        assert llm.overlap is False
+    with pytest.raises(ValueError, match="overlap_scheduling=True needs tensor_parallel_size 1"):
+        LLM(path, device="cpu", tensor_parallel_size=2, overlap_scheduling=True)
+    with pytest.raises(ValueError, match="overlap_scheduling must be"):
+        LLM(path, device="cpu", overlap_scheduling="yes")
+
+
+def test_greedy_tokens_equal_transformers(model_and_dir):
+    model, path = model_and_dir
+    prompts = _prompts(1, [1, 15, 16, 17, 40, 100])
+    lengths = [12, 3, 20, 1, 16, 9]  # requests finish at different steps: the batch shrinks under overlap
+    params = [SamplingParams(temperature=0.0, max_tokens=n) for n in lengths]
+    with _engine(path) as llm:
+        ahead = _count_ahead(llm)
+        outs = llm.generate(prompts, params)
+        assert _all_free(llm)
+    assert ahead[0] >= 15
+    for prompt, n, out in zip(prompts, lengths, outs, strict=True):
+        assert out["token_ids"] == hf_greedy(model, prompt, n), f"prompt of {len(prompt)} tokens"
+        assert out["finish_reason"] == "length"
+
+
+def test_stop_tokens_computed_in_vain_are_dropped(model_and_dir):
+    """A sampled stop token cannot be foreseen: the step already in flight computed a row for it in vain."""
+    _, path = model_and_dir
+    prompts = _prompts(2, [10, 23, 31])
+    free = SamplingParams(temperature=0.0, max_tokens=16)
+    with _engine(path, overlap=False) as llm:
+        greedy = [o["token_ids"] for o in llm.generate(prompts, free)]
+    # Stop each request at a token it samples mid-way; one with min_tokens must run past its first one.
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=16, stop_token_ids=[greedy[0][4]]),
+        SamplingParams(temperature=0.0, max_tokens=16, stop_token_ids=[greedy[1][2]]),
+        SamplingParams(temperature=0.0, max_tokens=16, stop_token_ids=[greedy[2][1]], min_tokens=6),
+    ]
+    results = {}
+    for overlap in (False, True):
+        with _engine(path, overlap=overlap) as llm:
+            ahead = _count_ahead(llm)
+            for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+                llm.add_request(f"r{i}", prompt, p)
+            results[overlap] = _drain(llm)
+            assert _all_free(llm)
+            assert (ahead[0] > 0) == overlap
+    assert results[True] == results[False]
+    for i, g in enumerate(greedy[:2]):
+        tokens, reason, finished = results[True][f"r{i}"]
+        stop = params[i].stop_token_ids[0]
+        assert reason == "stop" and finished == 1 and tokens == g[: g.index(stop) + 1]
+    assert len(results[True]["r2"][0]) >= 6
+
+
+def test_seeded_sampling_equals_plain_scheduling(model_and_dir):
+    _, path = model_and_dir
+    prompts = _prompts(3, [5, 18, 33, 7])
+    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=10 + i, max_tokens=12 + 3 * i) for i in range(4)]
+    outs = {}
+    for overlap in (False, True):
+        with _engine(path, overlap=overlap, dtype="float32") as llm:
+            outs[overlap] = [o["token_ids"] for o in llm.generate(prompts, params)]
+    assert outs[True] == outs[False]
+
+
+def test_abort_while_a_step_is_in_flight(model_and_dir):
+    model, path = model_and_dir
+    prompts = _prompts(4, [12, 20, 28])
+    p = SamplingParams(temperature=0.0, max_tokens=20)
+    with _engine(path) as llm:
+        for i, prompt in enumerate(prompts):
+            llm.add_request(f"r{i}", prompt, p)
+        got = {f"r{i}": [] for i in range(3)}
+        for _ in range(4):
+            for out in llm.step():
+                got[out.request_id].extend(out.new_token_ids)
+        assert llm._inflight is not None  # decoding steadily: a step is launched and not yet read back
+        assert llm.abort_request("r1")
+        rest = _drain(llm)
+        assert rest["r1"][1:] == ["abort", 1]
+        assert rest["r1"][0] == []  # nothing after the abort, not even the row computed in vain
+        for i in (0, 2):
+            tokens, reason, _ = rest[f"r{i}"]
+            assert reason == "length"
+            assert got[f"r{i}"] + tokens == hf_greedy(model, prompts[i], 20)
+        assert _all_free(llm)
+
+
+def test_arrivals_during_decoding_are_admitted(model_and_dir):
+    """A request that arrives while steps are scheduled ahead is admitted at the next full schedule."""
+    model, path = model_and_dir
+    first, late = _prompts(5, [9, 14])
+    p = SamplingParams(temperature=0.0, max_tokens=24)
+    with _engine(path) as llm:
+        ahead = _count_ahead(llm)
+        llm.add_request("first", first, p)
+        tokens = {"first": [], "late": []}
+        for _ in range(6):
+            for out in llm.step():
+                tokens[out.request_id].extend(out.new_token_ids)
+        before = ahead[0]
+        assert before > 0
+        llm.add_request("late", late, p)
+        rest = _drain(llm)
+        assert ahead[0] > before  # both decode ahead again once the late one has joined
+        for rid, prompt in (("first", first), ("late", late)):
+            assert tokens[rid] + rest[rid][0] == hf_greedy(model, prompt, 24)
+        assert _all_free(llm)
+
+
+def test_preemption_and_max_model_len(model_and_dir):
+    model, path = model_and_dir
+    prompts = _prompts(6, [60, 61, 62, 63])
+    params = SamplingParams(temperature=0.0, max_tokens=30)
+    # 4 requests need 24 blocks at their end; the pool has 12: schedule() preempts, schedule_ahead never does.
+    with _engine(path, num_kvcache_blocks=12, max_num_batched_tokens=64) as llm:
+        ahead = _count_ahead(llm)
+        outs = llm.generate(prompts, params)
+        stats = llm.stats()
+    assert ahead[0] > 0 and stats["num_preemptions"] > 0
+    assert stats["num_free_blocks"] == stats["num_blocks"]
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out["token_ids"] == hf_greedy(model, prompt, 30)
+    # A request that reaches max_model_len ends with 'length' and never computes a position past it.
+    with _engine(path, max_model_len=64) as llm:
+        out = llm.generate([prompts[0]], SamplingParams(temperature=0.0, max_tokens=100))[0]
+        assert _all_free(llm)
+    assert out["finish_reason"] == "length" and len(out["token_ids"]) == 4
+    assert out["token_ids"] == hf_greedy(model, prompts[0], 4)
+
+
+def test_nan_logits_mid_decode_fail_only_that_request_once(model_and_dir, monkeypatch):
+    model_ref, path = model_and_dir
+    prompts = _prompts(7, [8, 19])
+    with _engine(path) as llm:
+        model = llm.runner.model
+        original = model.compute_logits
+        calls = [0]
+
+        def poisoned(hidden):
+            logits = original(hidden)
+            calls[0] += 1
+            if calls[0] == 5:  # a decode step scheduled ahead: row 0 is "victim"
+                logits[0] = float("nan")
+            return logits
+
+        monkeypatch.setattr(model, "compute_logits", poisoned)
+        llm.add_request("victim", prompts[0], SamplingParams(temperature=0.0, max_tokens=12))
+        llm.add_request("other", prompts[1], SamplingParams(temperature=0.0, max_tokens=12))
+        outs = _drain(llm)
+        assert outs["victim"][1] == "error" and outs["victim"][2] == 1
+        assert outs["other"][1] == "length"
+        assert outs["other"][0] == hf_greedy(model_ref, prompts[1], 12)
+        assert _all_free(llm)
+        assert torch.isfinite(llm.runner.k_cache).all()
+
+
+def test_step_failure_in_flight_fails_the_requests_and_frees_blocks(model_and_dir, monkeypatch):
+    from engine_service.engine import EngineStepError
+
+    _, path = model_and_dir
+    with _engine(path) as llm:
+        for i, prompt in enumerate(_prompts(8, [10, 20])):
+            llm.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=30))
+        for _ in range(3):
+            llm.step()
+        assert llm._inflight is not None
+
+        def broken(launched):
+            raise RuntimeError("device lost")
+
+        monkeypatch.setattr(llm.runner, "collect", broken)
+        with pytest.raises(EngineStepError) as info:
+            llm.step()
+        failed = {o.request_id: o for o in info.value.outputs}
+        assert set(failed) == {"r0", "r1"}
+        assert all(o.finish_reason == "error" and "device lost" in o.error for o in failed.values())
+        assert llm._inflight is None and not llm.has_unfinished_requests()
+        assert _all_free(llm)
+
+
+def test_graph_runner_gathers_input_tokens_on_the_device(tmp_path):
+    """Through the decode-graph runner's static buffers (replayed by re-running the forward on CPU), a batch
+    scheduled ahead reads its input tokens from the previous step's sampled tokens."""
+    from engine_service.cuda_graphs import DecodeGraphRunner
+
+    model = make_qwen3(tmp_path, heads=4, kv_heads=2, layers=2)
+    prompts = _prompts(9, [3, 9, 17])
+    params = [SamplingParams(temperature=0.0, max_tokens=n) for n in (9, 6, 3)]
+    with _engine(tmp_path, kvcache_block_size=8, max_num_seqs=4, max_model_len=64) as llm:
+        graphs = DecodeGraphRunner(llm.runner, [1, 2, 4], use_cuda_graphs=False)
+        graphs.capture()
+        llm.runner.graphs = graphs
+        ahead = _count_ahead(llm)
+        outs = llm.generate(prompts, params)
+        assert ahead[0] >= 5 and graphs.num_replays >= 6
+        assert _all_free(llm)
+    for prompt, p, out in zip(prompts, params, outs, strict=True):
+        assert out["token_ids"] == hf_greedy(model, prompt, p.max_tokens)
