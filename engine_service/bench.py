@@ -251,6 +251,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.enforce_eager:
         kwargs["enforce_eager"] = True
+    if args.overlap_scheduling != "auto":
+        kwargs["overlap_scheduling"] = args.overlap_scheduling == "on"
     return kwargs
 
 
@@ -438,6 +440,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     engine.add_argument("--kvcache-block-size", type=positive_int)
     engine.add_argument("--max-model-len", type=positive_int)
     engine.add_argument("--enforce-eager", action="store_true")
+    engine.add_argument(
+        "--overlap-scheduling", choices=["auto", "on", "off"], default="auto",
+        help="schedule the next decode step while the current one computes (auto: on for CUDA)",
+    )
     args = p.parse_args(argv)
     # Recorded in the report: a figure counts only with the command that reproduces it.
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -85,7 +85,7 @@ def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
     # Workload A's engine defaults on the GPU; toy sizes for the CPU dry run.
     if cpu_dry_run:
         preset, engine = "cpu-small", dict(device="cpu", dtype="float32", attention_backend="torch",
-                                           max_num_seqs=8, max_model_len=512)
+                                           max_num_seqs=8, max_model_len=512, overlap_scheduling=True)
         slice_args, itl_batches, itl_args = (8, 64, 16), (1, 8), dict(prompt_len=32, max_tokens=8)
     else:
         preset, engine = PRESET, dict(device="cuda", dtype="bfloat16", attention_backend="triton")
@@ -122,36 +122,51 @@ def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
             f"logits {'equal' if r.logits_equal else 'DIFFER'}, finite {r.finite}, max diff {r.max_abs_diff:.3g}"
         )
 
-    # (e) the engine on the 64-request slice of workload A (bench's generator, warm-up and timing).
+    # (e) the engine on the 64-request slice of workload A (bench's generator, warm-up and timing), with
+    # overlap scheduling (the default on CUDA) and without it. Each run's prompts are salted differently, so
+    # none finds another's prefix in the cache.
     vocab = llm.model_cfg.vocab_size
     prompts, params = step_profile.workload_slice(*slice_args[:1], vocab, *slice_args[1:])
     step_profile.warm_up(llm, prompts)
-    t = time.perf_counter()
-    llm.generate(prompts, params)
-    seconds = time.perf_counter() - t
     tokens = sum(p.max_tokens for p in params)
-    report["slice64"] = {"seconds": seconds, "tok_s": tokens / seconds, "output_tokens": tokens}
-    save()
-    print(f"(e) engine, {len(prompts)} requests of workload A: {seconds:.2f} s, {tokens / seconds:,.0f} tok/s")
+    overlap_default = llm.overlap
+    for key, overlap, salt in (("slice64", overlap_default, None), ("slice64_no_overlap", False, 5)):
+        llm.overlap = overlap
+        run_prompts = prompts if salt is None else bench.salted(prompts, salt, vocab)
+        t = time.perf_counter()
+        llm.generate(run_prompts, params)
+        seconds = time.perf_counter() - t
+        report[key] = {"seconds": seconds, "tok_s": tokens / seconds, "output_tokens": tokens, "overlap": overlap}
+        save()
+        print(f"(e) engine, {len(prompts)} requests of workload A, overlap {overlap}: {seconds:.2f} s, "
+              f"{tokens / seconds:,.0f} tok/s")
+    llm.overlap = overlap_default
 
-    # The per-step split on the same slice (salted: nothing of the timed run in the prefix cache).
+    # The per-step split on the same slice (salted: nothing of the timed runs in the prefix cache).
     summary, _ = step_profile.profile_generate(llm, bench.salted(prompts, 3, vocab), params)
     report["slice64_profile"] = summary
     save()
-    print(step_profile.format_summary(summary, f"step split, {len(prompts)} requests of workload A, graphs on"))
+    print(step_profile.format_summary(
+        summary, f"step split, {len(prompts)} requests of workload A, graphs on, overlap {overlap_default}"
+    ))
 
-    # (f) decode inter-token latency at batch 1 and 64, with and without graphs (the same engine).
+    # (f) decode inter-token latency at batch 1 and 64, with and without graphs (the same engine), and at
+    # the largest batch with graphs but without overlap scheduling.
     report["itl"] = []
-    for use_graphs in (True, False):
+    cases = [(True, overlap_default, b) for b in itl_batches] + [(False, overlap_default, b) for b in itl_batches]
+    cases.append((True, False, itl_batches[-1]))
+    for use_graphs, overlap, batch in cases:
         runner.graphs = graphs if use_graphs else None
-        for batch in itl_batches:
-            r = step_profile.decode_latency(llm, batch, **itl_args)
-            report["itl"].append({"graphs": use_graphs, **r})
-            save()
-            print(step_profile.format_summary(
-                {"decode": r["decode"]}, f"(f) batch {batch}, graphs {use_graphs}: ITL {r['itl_ms']:.2f} ms"
-            ))
+        llm.overlap = overlap
+        r = step_profile.decode_latency(llm, batch, **itl_args)
+        report["itl"].append({"graphs": use_graphs, "overlap": overlap, **r})
+        save()
+        print(step_profile.format_summary(
+            {"decode": r["decode"]},
+            f"(f) batch {batch}, graphs {use_graphs}, overlap {overlap}: ITL {r['itl_ms']:.2f} ms",
+        ))
     runner.graphs = graphs
+    llm.overlap = overlap_default
     llm.close()
     return 0 if report["graph_check"]["ok"] and report["startup_graphs_on"] else 1
 
@@ -221,6 +236,7 @@ def _part_results(out: Path) -> dict[str, str]:
         met = "MET" if eng and eng >= TARGET_TOK_S else "NOT MET"
         res["d"] = f"engine {_fmt(eng)} tok/s, transformers static {_fmt(hf)} tok/s{ratio}; >= 28,000: {met}"
     s64 = g.get("slice64", {}).get("tok_s")
+    s64_plain = g.get("slice64_no_overlap", {}).get("tok_s")
     e = _load(out / "e_bench_64.json")
     peer = (e.get("peers", {}) or {}).get("hf_continuous") or {}
     if s64 or peer:
@@ -230,22 +246,28 @@ def _part_results(out: Path) -> dict[str, str]:
             hf = f"< {_fmt(peer['info']['tok_s_upper_bound'])} tok/s (timed out)"
         else:
             hf = "?"
-        res["e"] = f"engine {_fmt(s64)} tok/s, transformers continuous {hf}"
-    itl = {(r["graphs"], r["batch"]): r.get("itl_ms") for r in g.get("itl", [])}
+        res["e"] = (
+            f"engine {_fmt(s64)} tok/s ({_fmt(s64_plain)} without overlap), transformers continuous {hf}"
+        )
+    default_overlap = g.get("slice64", {}).get("overlap", True)
+    itl = {(r["graphs"], r.get("overlap", default_overlap), r["batch"]): r.get("itl_ms") for r in g.get("itl", [])}
     if itl:
-        def ms(k):
-            return "?" if itl.get(k) is None else f"{itl[k]:.2f}"
+        def ms(graphs_on, batch, overlap=default_overlap):
+            v = itl.get((graphs_on, overlap, batch))
+            return "?" if v is None else f"{v:.2f}"
 
+        lo, hi = min(k[2] for k in itl), max(k[2] for k in itl)  # 1 and 64 on the GPU
         res["f"] = (
-            f"ITL ms, graphs/eager: batch 1 {ms((True, 1))}/{ms((False, 1))}, "
-            f"batch 64 {ms((True, 64))}/{ms((False, 64))}"
+            f"ITL ms, graphs/eager: batch {lo} {ms(True, lo)}/{ms(False, lo)}, "
+            f"batch {hi} {ms(True, hi)}/{ms(False, hi)}; batch {hi} graphs without overlap {ms(True, hi, False)}"
         )
     dec = g.get("slice64_profile", {}).get("decode")
     if dec and dec.get("gpu_ms") is not None:
         res["split"] = (
             f"decode step {dec['wall_ms']:.2f} ms: GPU {dec['gpu_ms']:.2f}, exposed host "
             f"{dec['exposed_host_ms']:.2f} (schedule {dec['schedule_ms']:.2f}, prepare {dec['prepare_ms']:.2f}, "
-            f"launch {dec['launch_ms']:.2f})"
+            f"launch {dec['launch_ms']:.2f}, sample {dec['sample_ms']:.2f}, wait {dec['wait_ms']:.2f}, "
+            f"other {dec['other_ms']:.2f})"
         )
     return res
 

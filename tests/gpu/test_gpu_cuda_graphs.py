@@ -158,3 +158,56 @@ def test_triton_with_graphs_matches_torch_backend(fp32_model):
             assert llm.stats()["prefix_cache_hits"] > 0
         results[backend] = (first, again)
     assert results["triton"] == results["torch"]
+
+
+def test_overlap_scheduling_tokens_equal_plain_scheduling(fp32_model):
+    """Greedy and seeded tokens do not depend on overlap scheduling (graphs on, fp32)."""
+    from engine_service import SamplingParams
+
+    prompts, params = _requests(30, seed=4)
+    params = [
+        p if i % 3 else SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=p.max_tokens)
+        for i, p in enumerate(params)
+    ]
+    results = {}
+    for overlap in (True, False):
+        with _engine(fp32_model, dtype="float32", overlap_scheduling=overlap) as llm:
+            assert llm.overlap is overlap and llm.runner.graphs is not None
+            results[overlap] = [o["token_ids"] for o in llm.generate(prompts, params)]
+            stats = llm.stats()
+            assert stats["num_free_blocks"] == stats["num_blocks"]
+    assert results[True] == results[False]
+
+
+def test_launching_a_step_never_waits_for_the_device(bf16_model, monkeypatch):
+    """Under torch's sync debug mode "error", every synchronising call inside ModelRunner.launch raises:
+    prefill steps, decode replays, device-side input gathering, and sampling with temperature, top-k,
+    top-p, min-p, seeds and banned tokens all enqueue work without waiting. Only collect() waits."""
+    from engine_service import SamplingParams
+
+    prompts, params = _requests(24, seed=5)
+    kinds = [
+        dict(temperature=0.0),
+        dict(temperature=0.6),
+        dict(temperature=0.9, top_k=20, top_p=0.8, min_p=0.05),
+        dict(temperature=0.7, seed=7),
+        dict(temperature=0.0, min_tokens=4, stop_token_ids=[3, 4]),
+    ]
+    params = [SamplingParams(max_tokens=max(p.max_tokens, 5), **kinds[i % len(kinds)]) for i, p in enumerate(params)]
+    with _engine(bf16_model, dtype="bfloat16", overlap_scheduling=True) as llm:
+        runner = llm.runner
+        launch = runner.launch
+        launches = [0]
+
+        def strict(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                launches[0] += 1
+
+        monkeypatch.setattr(runner, "launch", strict)
+        outs = llm.generate(prompts, params)
+    assert launches[0] > 20
+    assert all(len(o["token_ids"]) >= 1 for o in outs)

@@ -127,8 +127,15 @@ def test_gpu_check_script_flow_on_cpu(tmp_path, capsys):
     report = json.loads((out / "graphs.json").read_text())
     assert report["graph_check"]["ok"] and len(report["graph_check"]["sizes"]) == 4  # sizes 1, 2, 4, 8
     assert report["slice64"]["tok_s"] > 0 and report["slice64_profile"]["decode"]["steps"] > 0
-    assert {(r["graphs"], r["batch"]) for r in report["itl"]} == {(True, 1), (True, 8), (False, 1), (False, 8)}
+    assert report["slice64"]["overlap"] is True and report["slice64_no_overlap"]["overlap"] is False
+    assert report["slice64_no_overlap"]["tok_s"] > 0
+    assert {(r["graphs"], r["overlap"], r["batch"]) for r in report["itl"]} == {
+        (True, True, 1), (True, True, 8), (False, True, 1), (False, True, 8), (True, False, 8)
+    }
     (out / "status.tsv").write_text("g\tPASS\t3\t0\n")
+    capsys.readouterr()  # what cmd_graphs printed
     gpu_check.cmd_summary(out)
     table = capsys.readouterr().out
     assert "4/4 sizes bitwise equal" in table and "ITL ms, graphs/eager: batch 1" in table
+    itl_row = next(line for line in table.splitlines() if line.startswith("(f)"))
+    assert "batch 8 graphs without overlap" in itl_row and "?" not in itl_row

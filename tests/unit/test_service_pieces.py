@@ -22,6 +22,11 @@ def test_flags_win_over_environment_and_bad_values_name_the_field():
     assert (cfg.model, cfg.port, cfg.enforce_eager) == ("/m", 7001, True)
     with pytest.raises(ValueError, match="max_waiting"):
         parse_config(["--model", "/m", "--max-waiting", "0"], {})
+    overlap = {v: parse_config(["--model", "/m", "--overlap-scheduling", v], {}).engine_kwargs()["overlap_scheduling"]
+               for v in ("auto", "true", "false")}
+    assert overlap == {"auto": None, "true": True, "false": False}
+    with pytest.raises(ValueError, match="overlap_scheduling must be one of"):
+        parse_config(["--model", "/m", "--overlap-scheduling", "sometimes"], {})
     with pytest.raises(ValueError, match="ENGINE_PORT"):
         parse_config([], {"ENGINE_MODEL": "/m", "ENGINE_PORT": "x"})
     text = parse_text_config([], {"TOKENIZER_MODEL": "/m", "TOKENIZER_ENGINES": "a:1, b:2"})
