@@ -94,7 +94,7 @@ run_part preset 150 "$PY" scripts/gpu_check.py preset --cache-dir "$CACHE"
 for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid"; done
 
 # ---- g, d, e: one at a time, since they time things --------------------------------------------------
-wanted g && run_part g 120 "$PY" scripts/gpu_check.py graphs --out "$OUT_DIR" --cache-dir "$CACHE"
+wanted g && run_part g 150 "$PY" scripts/gpu_check.py graphs --out "$OUT_DIR" --cache-dir "$CACHE"
 wanted d && run_part d 200 "$PY" -m engine_service.bench --preset qwen3-0.6b --peers hf-static \
   --cache-dir "$CACHE" --json "$OUT_DIR/d_bench_A.json"
 if wanted e; then
