@@ -8,8 +8,10 @@ one wait, for the sampled tokens. On CUDA, pure-decode steps replay captured gra
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -128,12 +130,43 @@ class ModelRunner:
             self.num_blocks,
             self.block_size,
         )
+        if self.device.type == "cuda" and self.backend_name == "triton":
+            self._tune_decode_attention()
         # Pure-decode steps replay CUDA graphs captured here (see cuda_graphs.py); None runs them eagerly.
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             from engine_service.cuda_graphs import build_decode_graphs
 
             self.graphs = build_decode_graphs(self)
+
+    def _tune_decode_attention(self) -> None:
+        """Pick the Triton decode tile for this model on this device by timing the candidates on a full
+        decode batch (max_num_seqs sequences of up to 1,024 keys) over the real KV cache, before any graph
+        is captured. Start-up logs the timings."""
+        from engine_service.attention.triton_kernels import tune_decode_tile
+
+        start = time.perf_counter()
+        heads = self.model_cfg.num_attention_heads // self.tp.size
+        context = max(1, min(self.max_model_len, 1024))
+        try:
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                picked, timings = tune_decode_tile(
+                    self.k_cache[0], self.v_cache[0], heads, self.config.max_num_seqs, context
+                )
+        except ValueError:
+            raise  # a malformed LLMSERVE_DECODE_TILE: the operator asked for something that cannot be
+        except Exception:  # tuning is an optimisation: serve with the default tile rather than not at all
+            log.exception("timing the decode attention tiles failed; the default tile stays")
+            return
+        seconds = time.perf_counter() - start
+        if not timings:
+            log.info("decode attention tile (BLOCK_N, stages, warps) %s, pinned by the environment", picked)
+            return
+        found = ", ".join(f"{t}: {'failed' if us is None else f'{us:.0f} us'}" for t, us in timings.items())
+        if picked is None:
+            log.warning("no decode attention tile could be timed (%s); the default stays", found)
+        else:
+            log.info("decode attention tile (BLOCK_N, stages, warps) %s, picked in %.1f s: %s", picked, seconds, found)
 
     # ---- KV-cache sizing -----------------------------------------------------------------------
     def block_bytes(self) -> int:

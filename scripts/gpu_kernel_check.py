@@ -147,20 +147,23 @@ def time_decode(dev: torch.device, rng: torch.Generator) -> None:
             tag = " (default)" if splits == default else ""
             print(f"{bs:5d} {splits:6d} {us:9.1f} {(kv_bytes + other) / us / 1e3:8.0f}{tag}")
         del b
-    # Tile settings for decode (BLOCK_N, num_stages) at block size 16 and the default split count.
+    # Decode tiles (BLOCK_N, num_stages, num_warps) at block size 16 and the default split count.
     b = make_paged_batch([1] * batch, ctx, nh, nkv, hd, 16, dtype=torch.bfloat16, device=dev, generator=rng)
     args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, hd ** -0.5, 1)
     out = torch.empty_like(b.q)
     kv_bytes = sum(ctx) * nkv * hd * 2 * b.k_cache.element_size()
-    saved = tk._TILES["decode"]
-    print(f"\n{'BLOCK_N':>7s} {'stages':>6s} {'us/call':>9s} {'GB/s':>8s}   (block 16, default splits)")
-    try:
-        for tile in ((32, 2), (32, 4), (64, 2), (64, 3), (128, 2), (128, 3)):
-            tk._TILES["decode"] = tile
-            us = _time(lambda: tk.paged_attention(*args, out=out))
-            print(f"{tile[0]:7d} {tile[1]:6d} {us:9.1f} {kv_bytes / us / 1e3:8.0f}")
-    finally:
-        tk._TILES["decode"] = saved
+    print(f"\n{'BLOCK_N':>7s} {'stages':>6s} {'warps':>5s} {'us/call':>9s} {'GB/s':>8s}   (block 16, default splits)")
+    for tile in tk.DECODE_TILES:
+        try:
+            us = _time(lambda: tk.paged_attention(*args, out=out, tile=tile))  # noqa: B023
+        except Exception as exc:  # a tile that does not fit this device is not a candidate
+            print(f"{tile[0]:7d} {tile[1]:6d} {tile[2]:5d}   failed: {type(exc).__name__}: {exc}")
+            continue
+        print(f"{tile[0]:7d} {tile[1]:6d} {tile[2]:5d} {us:9.1f} {kv_bytes / us / 1e3:8.0f}")
+    # What the engine's start-up tuner picks on the same batch.
+    picked, timings = tk.tune_decode_tile(b.k_cache, b.v_cache, nh, batch, max(ctx))
+    print(f"start-up tuner (batch {batch}, context {max(ctx)}): picks {picked}; "
+          + ", ".join(f"{t}: {'failed' if us is None else f'{us:.1f} us'}" for t, us in timings.items()))
 
 
 def _time(fn, iters: int = 50) -> float:
@@ -197,6 +200,9 @@ def _aot_compile(launch, target) -> object:
     return triton.compile(src, target=target, options=options.__dict__)
 
 
+_MAX_SHARED_SM90 = 227 * 1024  # bytes of shared memory one thread block may use on H100/H200
+
+
 def compile_only() -> bool:
     from triton.backends.compiler import GPUTarget
 
@@ -214,13 +220,22 @@ def compile_only() -> bool:
         ("prefill gqa32 (MQA) hd80", torch.bfloat16, [30, 20], [300, 400], 32, 1, 80, 16, 1),
         ("prefill fp32 (ieee dot)", torch.float32, [30, 20], [300, 400], 4, 2, 64, 16, 1),
     ]
+    configs = [(*c, None) for c in configs]
+    # Every decode tile the start-up tuner may pick, on Qwen3-0.6B's shapes.
+    configs += [(f"decode qwen3 tile {t[0]},{t[1]},{t[2]}", torch.bfloat16, [1] * 8, [700] * 8, *_QWEN, 16, 1, t)
+                for t in tk.DECODE_TILES]
     ok = True
     print(f"{'config':30s} {'kernel':26s} {'shared B':>9s} {'mma':>5s} {'cp.async':>8s} {'s':>5s}")
-    for label, dtype, q_lens, ctx, nh, nkv, hd, bs, splits in configs:
+    for label, dtype, q_lens, ctx, nh, nkv, hd, bs, splits, tile in configs:
         b = make_paged_batch(q_lens, ctx, nh, nkv, hd, bs, dtype=dtype, device=cpu)
         out = torch.empty_like(b.q)
         launches = tk._plan_paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens,
-                                            b.block_tables, hd ** -0.5, b.max_seqlen_q, out, splits)
+                                            b.block_tables, hd ** -0.5, b.max_seqlen_q, out, splits, tile)
+        for launch in launches:
+            # Planned on CPU tensors, bf16 would get the interpreter's fp32 upcast; compile what CUDA runs.
+            if "UPCAST" in launch.constexprs:
+                launch.constexprs["UPCAST"] = False
+                launch.constexprs["DOT_PREC"] = "ieee" if dtype == torch.float32 else "tf32"
         k = torch.randn(len(q_lens), nkv, hd).to(dtype)
         launches += tk._plan_store_kvcache(k, k, b.k_cache, b.v_cache,
                                            torch.zeros(len(q_lens), dtype=torch.int64))
@@ -237,8 +252,11 @@ def compile_only() -> bool:
                 ok = False
                 print(f"{label:30s} {launch.kernel.__name__:26s} no cubin produced")
                 continue
+            too_big = compiled.metadata.shared > _MAX_SHARED_SM90
+            ok = ok and not too_big
             print(f"{label:30s} {launch.kernel.__name__:26s} {compiled.metadata.shared:9d} "
-                  f"{ptx.count('mma'):5d} {ptx.count('cp.async'):8d} {time.time() - t0:5.1f}")
+                  f"{ptx.count('mma'):5d} {ptx.count('cp.async'):8d} {time.time() - t0:5.1f}"
+                  + ("  FAILED: more shared memory than an sm_90 block may have" if too_big else ""))
     print("compile-only:", "all kernels compiled for sm_90" if ok else "FAILURES")
     return ok
 

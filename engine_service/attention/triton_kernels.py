@@ -32,21 +32,25 @@ from memory need numpy < 2.4. fp32 is the CPU dtype the engine uses.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["store_kvcache", "paged_attention", "default_num_kv_splits"]
+__all__ = ["store_kvcache", "paged_attention", "default_num_kv_splits", "tune_decode_tile"]
 
 _LOG2E = 1.4426950408889634
 
-# Tile sizes: BLOCK_N keys per inner iteration and the software-pipelining depth of the K/V loads
-# (num_stages, ignored by the interpreter), for decode steps (max_seqlen_q == 1) and for the rest.
-# BLOCK_N 64 keeps a head_dim-128 bf16 K+V tile at 32 KiB per stage. To be tuned on the H200
-# (scripts/gpu_kernel_check.py times decode for a few settings).
-_TILES = {"decode": (64, 2), "prefill": (64, 2)}
+# Tiles: (BLOCK_N keys per inner iteration, num_stages of software pipelining of the K/V loads, num_warps);
+# the interpreter ignores the last two. BLOCK_N 64 keeps a head_dim-128 bf16 K+V tile at 32 KiB per stage.
+# Decode steps (max_seqlen_q == 1) use the tile tune_decode_tile picked for their shapes and device, at
+# engine start-up, among DECODE_TILES; the first is the default where nothing was timed.
+DECODE_TILES = ((64, 2, 4), (64, 3, 4), (128, 2, 4), (128, 2, 8), (32, 3, 4))
+PREFILL_TILE = (64, 2, 4)
+DECODE_TILE_ENV = "LLMSERVE_DECODE_TILE"  # "BLOCK_N,num_stages,num_warps": pin a decode tile, no timing
+_decode_tiles: dict[tuple, tuple[int, int, int]] = {}  # _tile_key(...) -> the tile decode steps use
 _PREFILL_BLOCK_M = 64  # query rows per program (tokens x GQA) when queries are long
 _MIN_DOT = 16  # NVIDIA's compiler rejects tl.dot with an inner size under 16; M, N >= 16 for mma too
 _MAX_KV_SPLITS = 16
@@ -304,8 +308,14 @@ def default_num_kv_splits(num_seqs: int, num_kv_heads: int, max_seqlen_q: int,
     return max(1, min(_MAX_KV_SPLITS, -(-2 * _sm_count(device) // programs)))
 
 
+def _tile_key(q: torch.Tensor, k_cache: torch.Tensor) -> tuple:
+    """What a decode tile is chosen for: device, dtype, query heads, and the cache's block size, KV heads and
+    head_dim."""
+    return (str(k_cache.device), q.dtype, q.shape[1], *k_cache.shape[1:])
+
+
 def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                          max_seqlen_q, out, num_kv_splits) -> list[_Launch]:
+                          max_seqlen_q, out, num_kv_splits, tile=None) -> list[_Launch]:
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, kd = k_cache.shape
     if kd != head_dim or v_cache.shape != k_cache.shape:
@@ -330,7 +340,9 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
     num_kv_splits = max(1, int(num_kv_splits))
     upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu"  # interpreter: bf16 tl.dot is wrong
     dot_prec = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
-    block_n, num_stages = _TILES["decode" if max_seqlen_q <= 1 else "prefill"]
+    if tile is None:
+        tile = PREFILL_TILE if max_seqlen_q > 1 else _decode_tiles.get(_tile_key(q, k_cache), DECODE_TILES[0])
+    block_n, num_stages, num_warps = tile
 
     if num_kv_splits > 1:
         # fp32 partials: normalised outputs [num_tokens, num_heads, splits, d_pad] and their
@@ -355,7 +367,7 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
         dict(HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, GQA=gqa, BLOCK_M=block_m,
              TOKENS_PER_TILE=tokens_per_tile, BLOCK_N=block_n, NUM_SPLITS=num_kv_splits, DOT_PREC=dot_prec,
              UPCAST=upcast),
-        dict(num_warps=4, num_stages=num_stages),
+        dict(num_warps=num_warps, num_stages=num_stages),
     )]
     if num_kv_splits > 1:
         launches.append(_Launch(
@@ -370,7 +382,7 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
                     scale: float, max_seqlen_q: int, out: torch.Tensor | None = None,
-                    num_kv_splits: int | None = None) -> torch.Tensor:
+                    num_kv_splits: int | None = None, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Causal attention of flat variable-length queries over a paged KV cache.
 
     q: [num_tokens, num_heads, head_dim]; sequence i owns rows cu_seqlens_q[i]:cu_seqlens_q[i+1]
@@ -379,14 +391,83 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     cache; its query rows are its last q_len positions. block_tables: [num_seqs, max_blocks] (unused
     entries may hold anything). max_seqlen_q: the longest per-sequence query length; it only sizes the
     tiles (any value gives correct results). num_kv_splits: KV-range splits per query tile (None: the
-    default_num_kv_splits heuristic; fix it per captured batch size under CUDA graphs). Returns out [num_tokens, num_heads, head_dim] in q's dtype; a row with no
-    keys (context_len 0) is zeros.
+    default_num_kv_splits heuristic; fix it per captured batch size under CUDA graphs). tile: (BLOCK_N,
+    num_stages, num_warps) instead of the tuned or default one. Returns out [num_tokens, num_heads, head_dim]
+    in q's dtype; a row with no keys (context_len 0) is zeros.
     """
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape:
         raise ValueError(f"out {tuple(out.shape)} does not match q {tuple(q.shape)}")
     for launch in _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                                        max_seqlen_q, out, num_kv_splits):
+                                        max_seqlen_q, out, num_kv_splits, tile):
         launch.run()
     return out
+
+
+def parse_tile(text: str) -> tuple[int, int, int]:
+    """"BLOCK_N,num_stages,num_warps" -> a tile; ValueError naming what a valid one looks like."""
+    try:
+        block_n, stages, warps = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{DECODE_TILE_ENV}={text!r}: expected BLOCK_N,num_stages,num_warps, e.g. 64,2,4") from None
+    if block_n < _MIN_DOT or block_n & (block_n - 1) or stages < 1 or warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"{DECODE_TILE_ENV}={text!r}: BLOCK_N must be a power of two >= {_MIN_DOT}, "
+                         "num_stages >= 1 and num_warps a power of two up to 16")
+    return block_n, stages, warps
+
+
+def _cuda_event_timer(fn, iters: int) -> float:
+    """Mean microseconds per call of fn on the current CUDA stream (fn has already run once)."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
+
+
+def tune_decode_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, batch: int, context_len: int,
+                     *, iters: int = 20, timer=None, seed: int = 0
+                     ) -> tuple[tuple[int, int, int] | None, dict[tuple[int, int, int], float | None]]:
+    """Time every DECODE_TILES candidate on one decode batch over these caches and make the fastest the tile
+    of decode steps with these shapes on this device. Returns (the tile picked, or None when no candidate ran
+    and the default stays; {tile: microseconds per call, or None where it failed to compile or launch}).
+
+    The batch: `batch` sequences of `context_len` keys in random blocks of the caches. It only reads them
+    (what they hold does not change the timing). With LLMSERVE_DECODE_TILE set, that tile is used untimed.
+    timer(fn, iters) -> microseconds; default CUDA events.
+    """
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    q = torch.zeros((batch, num_heads, head_dim), dtype=k_cache.dtype, device=k_cache.device)
+    key = _tile_key(q, k_cache)
+    pinned = os.environ.get(DECODE_TILE_ENV)
+    if pinned:
+        tile = parse_tile(pinned)
+        _decode_tiles[key] = tile
+        return tile, {}
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = -(-context_len // block_size)
+    tables = torch.randint(0, k_cache.shape[0], (batch, blocks_per_seq), generator=gen, dtype=torch.int32)
+    args = (q, k_cache, v_cache, torch.arange(batch + 1, dtype=torch.int32, device=q.device),
+            torch.full((batch,), context_len, dtype=torch.int32, device=q.device),
+            tables.to(q.device), head_dim ** -0.5, 1)
+    out = torch.empty_like(q)
+    timer = timer or _cuda_event_timer
+    timings: dict[tuple[int, int, int], float | None] = {}
+    for tile in DECODE_TILES:
+        def call(tile=tile):
+            paged_attention(*args, out=out, tile=tile)
+
+        try:
+            call()  # compiles
+            timings[tile] = timer(call, iters)
+        except Exception:  # e.g. out of shared memory for this tile on this device: not a candidate
+            timings[tile] = None
+    timed = {t: us for t, us in timings.items() if us is not None}
+    if not timed:
+        return None, timings
+    _decode_tiles[key] = picked = min(timed, key=timed.get)
+    return picked, timings

@@ -67,3 +67,35 @@ def test_triton_on_cpu_makes_no_cuda_query(tmp_path, monkeypatch):
     with _engine(tmp_path, "triton") as llm:
         out = llm.generate([[1, 2, 3, 4, 5]], GREEDY)[0]
     assert len(out["token_ids"]) == GREEDY.max_tokens
+
+
+def test_model_runner_tunes_the_decode_tile_on_its_own_shapes(tmp_path, monkeypatch, caplog):
+    """The start-up tuning step (CUDA only in the engine) driven on CPU with a stand-in timer: it times every
+    candidate on the runner's KV cache and its shapes, and decode steps then use the fastest."""
+    import logging
+
+    from engine_service.attention import triton_kernels as tk
+
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=32, layers=2, dtype=torch.float32)
+    monkeypatch.setattr(tk, "_decode_tiles", {})
+    monkeypatch.delenv(tk.DECODE_TILE_ENV, raising=False)
+    fastest = tk.DECODE_TILES[-1]
+    timed = []
+
+    def timer(fn, iters):
+        fn()
+        timed.append(len(timed))
+        return 1.0 if len(timed) == len(tk.DECODE_TILES) else 5.0
+
+    monkeypatch.setattr(tk, "_cuda_event_timer", timer)
+    with _engine(tmp_path, "triton") as llm:
+        with caplog.at_level(logging.INFO, logger="engine_service.model_runner"):
+            llm.runner._tune_decode_attention()
+        assert len(timed) == len(tk.DECODE_TILES)
+        assert f"decode attention tile (BLOCK_N, stages, warps) {fastest}" in caplog.text
+        key = tk._tile_key(torch.empty(1, 4, 16), llm.runner.k_cache[0])
+        assert tk._decode_tiles == {key: fastest}
+        tuned = llm.generate([[1, 2, 3], [4, 5, 6, 7, 8]], GREEDY)
+    with _engine(tmp_path, "torch") as llm:
+        reference = llm.generate([[1, 2, 3], [4, 5, 6, 7, 8]], GREEDY)
+    assert [o["token_ids"] for o in tuned] == [o["token_ids"] for o in reference]

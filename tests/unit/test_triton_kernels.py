@@ -206,6 +206,65 @@ def test_default_splits_make_no_cuda_query_on_cpu(monkeypatch):
     _check(*_run_attention(b, 0.1))
 
 
+@pytest.mark.parametrize("tile", tk.DECODE_TILES)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_every_decode_tile_the_tuner_may_pick_is_exact(tile, splits):
+    g = torch.Generator().manual_seed(sum(tile) + splits)
+    b = make_paged_batch([1, 1, 1, 1], [1, 37, 130, 300], 8, 2, 32, 16, generator=g)
+    out = torch.full_like(b.q, float("nan"))
+    tk.paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.2, 1,
+                       out=out, num_kv_splits=splits, tile=tile)
+    _check(out, ref_paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.2))
+
+
+def _plan_tiles(b):
+    out = torch.empty_like(b.q)
+    launch = tk._plan_paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables,
+                                      0.1, b.max_seqlen_q, out, 1)[0]
+    return launch.constexprs["BLOCK_N"], launch.options["num_stages"], launch.options["num_warps"]
+
+
+def test_tuner_picks_the_fastest_tile_for_those_shapes_only(monkeypatch):
+    monkeypatch.setattr(tk, "_decode_tiles", {})
+    monkeypatch.delenv(tk.DECODE_TILE_ENV, raising=False)
+    fastest, broken = (128, 2, 4), tk.DECODE_TILES[1]
+    assert fastest != tk.DECODE_TILES[0] and fastest != broken
+    calls = []
+
+    def timer(fn, iters):  # called once per candidate, in DECODE_TILES order
+        tile = tk.DECODE_TILES[len(calls)]
+        calls.append(iters)
+        if tile == broken:
+            raise RuntimeError("out of resources")  # stands in for a tile that does not fit the device
+        fn()
+        return 2.0 if tile == fastest else 9.0
+
+    b = make_paged_batch([1, 1], [40, 9], 4, 2, 16, 8)
+    picked, timings = tk.tune_decode_tile(b.k_cache, b.v_cache, 4, batch=3, context_len=20, timer=timer)
+    assert picked == fastest and timings[broken] is None
+    assert set(timings) == set(tk.DECODE_TILES) and len(calls) == len(tk.DECODE_TILES)
+    assert _plan_tiles(b) == fastest  # decode steps of these shapes use it
+    assert _plan_tiles(make_paged_batch([5, 1], [40, 9], 4, 2, 16, 8)) == tk.PREFILL_TILE  # prefill does not
+    assert _plan_tiles(make_paged_batch([1, 1], [40, 9], 4, 2, 16, 16)) == tk.DECODE_TILES[0]  # other block size
+    _check(*_run_attention(b, 0.1))  # and computes the same attention
+
+
+def test_tuner_tile_pinned_by_the_environment(monkeypatch):
+    monkeypatch.setattr(tk, "_decode_tiles", {})
+    b = make_paged_batch([1], [12], 4, 2, 16, 8)
+
+    def timer(fn, iters):
+        raise AssertionError("a pinned tile is not timed")
+
+    monkeypatch.setenv(tk.DECODE_TILE_ENV, "32,3,4")
+    assert tk.tune_decode_tile(b.k_cache, b.v_cache, 4, 2, 12, timer=timer) == ((32, 3, 4), {})
+    assert _plan_tiles(b) == (32, 3, 4)
+    for bad in ("64,2", "48,2,4", "64,0,4", "64,2,3", "a,b,c"):
+        monkeypatch.setenv(tk.DECODE_TILE_ENV, bad)
+        with pytest.raises(ValueError, match="BLOCK_N"):
+            tk.tune_decode_tile(b.k_cache, b.v_cache, 4, 2, 12, timer=timer)
+
+
 def test_bad_shapes_raise():
     b = make_paged_batch([1], [5], 6, 4, 32, 16)
     with pytest.raises(ValueError, match="multiple"):
