@@ -3,10 +3,13 @@
 Sampling inverts the cumulative distribution at one uniform draw per row: one random number instead of a
 vocabulary's worth of noise. A seeded request draws from its own generator, so its tokens do not depend on
 which other requests share the batch. Rows with NaN or infinite logits are reported, not sampled.
+On CUDA, rows without top-k, top-p or min-p filters are drawn by a Triton kernel (sampling_kernels.py) that
+reads the logits twice instead of materialising float32 copies of them.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +28,19 @@ class SamplingRow:
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int):
+    def __init__(self, device: torch.device, seed: int, triton_sampling: bool | None = None):
+        """triton_sampling: draw rows without top-k/top-p/min-p filters with sampling_kernels (two passes
+        over the logits instead of several float32 copies). None: on CUDA where triton imports."""
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        if triton_sampling is None:
+            triton_sampling = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        self.kernels = None
+        if triton_sampling:
+            from engine_service import sampling_kernels
+
+            self.kernels = sampling_kernels
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[bool]]:
         """logits: [N, V] -> (token ids, whether each row's logits were finite). One device sync."""
@@ -47,15 +59,16 @@ class Sampler:
             logits.index_put_((where[:, 0], where[:, 1]), logits.new_full((), float("-inf")))
         sampled_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if len(sampled_rows) == len(rows):
-            tokens = self._sample(logits.float(), rows)
+            tokens = self._sample(logits, rows)
         else:
             tokens = logits.argmax(dim=-1)
             if sampled_rows:
                 idx = to_device(sampled_rows, torch.long, dev)
-                tokens[idx] = self._sample(logits[idx].float(), [rows[i] for i in sampled_rows])
+                tokens[idx] = self._sample(logits[idx], [rows[i] for i in sampled_rows])
         return torch.stack([tokens, finite.long()])
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """logits [n, V] in the model's dtype -> [n] tokens drawn at one uniform per row."""
         n, vocab = logits.shape
         dev = logits.device
         # One upload for every row's parameters: [n, 4] = temperature, top_k (vocab when off), top_p, min_p.
@@ -65,20 +78,24 @@ class Sampler:
             for r in rows
         ]
         params = to_device(table, torch.float32, dev)
-        logits = logits / params[:, 0:1]
-        if any(row[1] < vocab or row[2] < 1.0 for row in table):
-            logits = _top_k_top_p(logits, params[:, 1:2], params[:, 2:3])
-        probs = torch.softmax(logits, dim=-1)
-        if any(row[3] > 0.0 for row in table):
-            floor = params[:, 3:4] * probs.amax(dim=-1, keepdim=True)
-            probs = probs.masked_fill(probs < floor, 0.0)
-        cdf = probs.cumsum(dim=-1)  # [n, V]
         u = torch.empty(n, 1, device=dev)
         seeded = [i for i, r in enumerate(rows) if r.generator is not None]
         if len(seeded) < n:
             u.uniform_(generator=self.generator)
         for i in seeded:
             u[i].uniform_(generator=rows[i].generator)
+        top_k_top_p = any(row[1] < vocab or row[2] < 1.0 for row in table)
+        min_p = any(row[3] > 0.0 for row in table)
+        if self.kernels is not None and not top_k_top_p and not min_p:
+            return self.kernels.sample_rows(logits, 1.0 / params[:, 0], u[:, 0])
+        logits = logits.float() / params[:, 0:1]
+        if top_k_top_p:
+            logits = _top_k_top_p(logits, params[:, 1:2], params[:, 2:3])
+        probs = torch.softmax(logits, dim=-1)
+        if min_p:
+            floor = params[:, 3:4] * probs.amax(dim=-1, keepdim=True)
+            probs = probs.masked_fill(probs < floor, 0.0)
+        cdf = probs.cumsum(dim=-1)  # [n, V]
         # Token i is drawn when cdf[i-1] <= u * total < cdf[i]: zero-probability tokens have empty intervals.
         tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
         return tokens.squeeze(1).clamp_(max=vocab - 1)

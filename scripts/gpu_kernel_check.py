@@ -6,6 +6,8 @@ On CUDA (default mode):
     float32 reference built from the same bf16 inputs. Acceptance per case:
         err(triton) <= 2 * err(torch bf16 SDPA) + 1e-3     (max abs error vs the fp32 reference)
   * a CUDA-graph capture/replay of split-KV decode, bitwise equal to eager;
+  * the sampling kernel (engine_service/sampling_kernels.py) draws the inverse-CDF token on Qwen3-sized
+    bf16 logits, and its time per call against the torch path at batch 256;
   * decode timing at Qwen3-0.6B shapes (16 q heads, 8 KV heads, head_dim 128), batch 256, contexts
     600-2000, block sizes 16 and 256, printing achieved GB/s of K/V traffic.
   Exit status 1 if any check fails.
@@ -166,6 +168,40 @@ def time_decode(dev: torch.device, rng: torch.Generator) -> None:
           + ", ".join(f"{t}: {'failed' if us is None else f'{us:.1f} us'}" for t, us in timings.items()))
 
 
+def check_and_time_sampling(dev: torch.device, rng: torch.Generator, timing: bool) -> bool:
+    """The sampling kernel on Qwen3-sized bf16 logits: each row's uniform at the middle of a chosen token's
+    cdf interval must draw that token; then the kernel against the torch path at batch 256 (us per call)."""
+    from engine_service import sampling_kernels as sk
+    from engine_service.sampler import Sampler, SamplingRow
+    from engine_service.sampling_params import SamplingParams
+
+    n, vocab = 64, 151_936
+    logits = (torch.randn(n, vocab, generator=rng) * 3).to(torch.bfloat16)
+    inv_temp = torch.full((n,), 1 / 0.6)
+    probs = torch.softmax(logits.double() * inv_temp.double()[:, None], dim=-1)
+    cdf = probs.cumsum(-1)
+    want, u = [], []
+    for row in range(n):
+        candidates = (probs[row] >= 1e-3).nonzero()[:, 0]
+        i = int(candidates[torch.randint(len(candidates), (1,), generator=rng)])
+        want.append(i)
+        u.append(((float(cdf[row, i - 1]) if i else 0.0) + float(cdf[row, i])) / 2 / float(cdf[row, -1]))
+    got = sk.sample_rows(logits.to(dev), inv_temp.to(dev), torch.tensor(u, device=dev)).tolist()
+    ok = got == want
+    wrong = sum(a != b for a, b in zip(got, want, strict=True))
+    print(f"\nsampling kernel, {n} rows of {vocab} bf16 logits: "
+          + ("every draw is the inverse-CDF token" if ok else f"MISMATCH in {wrong} rows"))
+    if timing:
+        batch = 256
+        big = (torch.randn(batch, vocab, device=dev) * 3).to(torch.bfloat16)
+        rows = [SamplingRow(SamplingParams(temperature=0.6), None)] * batch
+        for label, fused in (("triton kernel", True), ("torch path", False)):
+            sampler = Sampler(dev, 0, triton_sampling=fused)
+            us = _time(lambda: sampler.sample(big, rows))  # noqa: B023
+            print(f"  Sampler.sample, batch {batch}, temperature 0.6, {label}: {us:.0f} us per call")
+    return ok
+
+
 def _time(fn, iters: int = 50) -> float:
     """Mean microseconds per call, after a warm-up that also compiles."""
     for _ in range(3):
@@ -257,6 +293,20 @@ def compile_only() -> bool:
             print(f"{label:30s} {launch.kernel.__name__:26s} {compiled.metadata.shared:9d} "
                   f"{ptx.count('mma'):5d} {ptx.count('cp.async'):8d} {time.time() - t0:5.1f}"
                   + ("  FAILED: more shared memory than an sm_90 block may have" if too_big else ""))
+    # The sampling kernel, on bf16 logits of Qwen3's vocabulary.
+    from engine_service import sampling_kernels as sk
+
+    logits = torch.empty(4, 151_936, dtype=torch.bfloat16)
+    launch = tk._Launch(sk._sample_kernel, (4,),
+                        (logits, torch.empty(4), torch.empty(4), torch.empty(4, dtype=torch.long), 151_936,
+                         logits.stride(0)),
+                        dict(BLOCK=sk.BLOCK_V), dict(num_warps=sk.NUM_WARPS))
+    try:
+        compiled = _aot_compile(launch, target)
+        print(f"{'sampling qwen3 vocab bf16':30s} {'_sample_kernel':26s} {compiled.metadata.shared:9d}")
+    except Exception as e:
+        ok = False
+        print(f"{'sampling qwen3 vocab bf16':30s} {'_sample_kernel':26s} FAILED: {type(e).__name__}: {e}")
     print("compile-only:", "all kernels compiled for sm_90" if ok else "FAILURES")
     return ok
 
@@ -281,6 +331,7 @@ def main() -> int:
     ok = check_store(dev)
     ok &= check_attention(dev, rng)
     ok &= check_graph(dev, rng)
+    ok &= check_and_time_sampling(dev, rng, not a.no_timing)
     if not a.no_timing:
         time_decode(dev, rng)
     print(f"\n{'PASS' if ok else 'FAIL'} in {time.time() - t0:.0f}s")

@@ -265,6 +265,79 @@ def test_tuner_tile_pinned_by_the_environment(monkeypatch):
             tk.tune_decode_tile(b.k_cache, b.v_cache, 4, 2, 12, timer=timer)
 
 
+# --------------------------------------------------------------------------------------------------
+# Sampling kernel
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("vocab,dtype", [(1000, torch.float32), (20_000, torch.bfloat16), (8192, torch.float16)])
+def test_sampling_kernel_draws_the_inverse_cdf_token(vocab, dtype):
+    """Each row's uniform is put at the middle of a chosen token's cdf interval (in float64, over tokens of
+    probability >= 1e-3 anywhere in the vocabulary): the kernel must draw exactly that token. Rounding in a
+    different summation order moves a boundary by far less than half such an interval."""
+    from engine_service import sampling_kernels as sk
+
+    g = torch.Generator().manual_seed(vocab)
+    n = 12
+    logits = (torch.randn(n, vocab, generator=g) * 3).to(dtype)
+    inv_temp = 1.0 / torch.tensor([0.3, 0.6, 1.0, 1.7] * 3)
+    probs = torch.softmax(logits.double() * inv_temp.double()[:, None], dim=-1)
+    cdf = probs.cumsum(-1)
+    want, u = [], []
+    for row in range(n):
+        candidates = (probs[row] >= 1e-3).nonzero()[:, 0]
+        i = int(candidates[torch.randint(len(candidates), (1,), generator=g)])
+        before = float(cdf[row, i - 1]) if i else 0.0
+        want.append(i)
+        u.append((before + float(cdf[row, i])) / 2 / float(cdf[row, -1]))
+    assert max(want) > sk.BLOCK_V or vocab <= sk.BLOCK_V  # past the first inner iteration where there is one
+    got = sk.sample_rows(logits, inv_temp, torch.tensor(u))
+    assert got.dtype == torch.long and got.shape == (n,)
+    assert got.tolist() == want
+
+
+def test_sampling_kernel_never_draws_a_banned_token_even_at_the_ends():
+    from engine_service import sampling_kernels as sk
+
+    vocab = 9000  # two inner iterations, the second partly masked
+    logits = torch.zeros(4, vocab)
+    logits[:, :10] = float("-inf")  # banned at the start
+    logits[:, -25:] = float("-inf")  # and at the end
+    logits[3, 5000:] = float("-inf")
+    u = torch.tensor([0.0, 1.0 - 1e-7, 0.5, 1.0 - 1e-7])
+    got = sk.sample_rows(logits, torch.ones(4), u).tolist()
+    assert got[0] == 10 and got[1] == vocab - 26 and got[3] == 4999
+    assert 10 <= got[2] < vocab - 25
+
+
+def test_sampler_uses_the_kernel_for_unfiltered_rows_with_the_same_tokens():
+    from engine_service.sampler import Sampler, SamplingRow
+    from engine_service.sampling_params import SamplingParams
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 3000, generator=g) * 2
+    rows = [SamplingRow(SamplingParams(temperature=t, seed=i), torch.Generator().manual_seed(i))
+            for i, t in enumerate([0.5, 0.8, 1.0, 1.2, 0.7, 0.9])]
+    plain = Sampler(torch.device("cpu"), 0, triton_sampling=False)
+    fused = Sampler(torch.device("cpu"), 0, triton_sampling=True)
+    assert plain.kernels is None and fused.kernels is not None
+    calls = []
+    sample_rows = fused.kernels.sample_rows
+
+    def counting(*args):
+        calls.append(1)
+        return sample_rows(*args)
+
+    fused.kernels = type("K", (), {"sample_rows": staticmethod(counting)})
+    tokens_plain, _ = plain(logits.clone(), rows)
+    for r, i in zip(rows, range(6), strict=True):
+        r.generator.manual_seed(i)  # the same uniforms again
+    tokens_fused, _ = fused(logits.clone(), rows)
+    assert calls == [1] and tokens_fused == tokens_plain
+    # A row with a filter sends the batch down the torch path.
+    filtered = rows[:5] + [SamplingRow(SamplingParams(temperature=1.0, top_p=0.9), None)]
+    fused(logits.clone(), filtered)
+    assert calls == [1]
+
+
 def test_bad_shapes_raise():
     b = make_paged_batch([1], [5], 6, 4, 32, 16)
     with pytest.raises(ValueError, match="multiple"):
