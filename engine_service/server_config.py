@@ -11,7 +11,6 @@ import os
 from dataclasses import MISSING, dataclass, fields
 
 ENV_PREFIX = "ENGINE_"
-OVERLAP_CHOICES = {"auto": None, "true": True, "false": False}  # --overlap-scheduling -> EngineConfig
 MiB = 1 << 20
 
 
@@ -28,7 +27,7 @@ class ServerConfig:
     dtype: str = "auto"
     attention_backend: str = "auto"
     enforce_eager: bool = False
-    # "auto" (on for CUDA with tensor_parallel_size 1), "true" or "false"; see docs/ENGINE.md.
+    # "auto" (on for CUDA with tensor_parallel_size 1) or a boolean (true/false, on/off); see docs/ENGINE.md.
     overlap_scheduling: str = "auto"
     kvcache_block_size: int = 16
     num_kvcache_blocks: int = 0  # 0: sized by the engine
@@ -68,10 +67,7 @@ class ServerConfig:
             raise ValueError(f"port must be in 0..65535 (0 picks a free port), got {self.port}")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be in 0..65535 (0 turns metrics off), got {self.metrics_port}")
-        if self.overlap_scheduling not in OVERLAP_CHOICES:
-            raise ValueError(
-                f"overlap_scheduling must be one of {sorted(OVERLAP_CHOICES)}, got {self.overlap_scheduling!r}"
-            )
+        self.overlap_flag()  # raises on anything but auto or a boolean
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
         for name in ("max_concurrent_rpcs", "max_waiting", "max_message_bytes", "max_buffered_tokens",
@@ -97,8 +93,19 @@ class ServerConfig:
             num_kvcache_blocks=self.num_kvcache_blocks or None,
             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len or None, tensor_parallel_size=self.tensor_parallel_size,
-            overlap_scheduling=OVERLAP_CHOICES[self.overlap_scheduling],
+            overlap_scheduling=self.overlap_flag(),
         )
+
+    def overlap_flag(self) -> bool | None:
+        """overlap_scheduling as EngineConfig takes it: None for auto."""
+        if self.overlap_scheduling.strip().lower() == "auto":
+            return None
+        try:
+            return _parse_bool(self.overlap_scheduling)
+        except argparse.ArgumentTypeError:
+            raise ValueError(
+                f"overlap_scheduling must be 'auto' or a boolean (true/false, on/off), got {self.overlap_scheduling!r}"
+            ) from None
 
 
 def _parse_bool(text: str) -> bool:

@@ -23,9 +23,10 @@ def test_flags_win_over_environment_and_bad_values_name_the_field():
     with pytest.raises(ValueError, match="max_waiting"):
         parse_config(["--model", "/m", "--max-waiting", "0"], {})
     overlap = {v: parse_config(["--model", "/m", "--overlap-scheduling", v], {}).engine_kwargs()["overlap_scheduling"]
-               for v in ("auto", "true", "false")}
-    assert overlap == {"auto": None, "true": True, "false": False}
-    with pytest.raises(ValueError, match="overlap_scheduling must be one of"):
+               for v in ("auto", "true", "false", "on", "OFF")}
+    assert overlap == {"auto": None, "true": True, "false": False, "on": True, "OFF": False}
+    assert parse_config([], {"ENGINE_MODEL": "/m", "ENGINE_OVERLAP_SCHEDULING": "off"}).overlap_flag() is False
+    with pytest.raises(ValueError, match="overlap_scheduling must be 'auto' or a boolean"):
         parse_config(["--model", "/m", "--overlap-scheduling", "sometimes"], {})
     with pytest.raises(ValueError, match="ENGINE_PORT"):
         parse_config([], {"ENGINE_MODEL": "/m", "ENGINE_PORT": "x"})
