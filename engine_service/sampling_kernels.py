@@ -81,3 +81,20 @@ def sample_rows(logits: torch.Tensor, inv_temperature: torch.Tensor, u: torch.Te
         _sample_kernel[(n,)](logits, inv_temperature.float().contiguous(), u.float().contiguous(), out,
                              vocab, logits.stride(0), BLOCK=BLOCK_V, num_warps=NUM_WARPS)
     return out
+
+
+def midpoint_draws(logits: torch.Tensor, inv_temperature: torch.Tensor, generator: torch.Generator,
+                   min_prob: float = 1e-3) -> tuple[list[int], torch.Tensor]:
+    """For checking sample_rows (CPU tensors in, CPU out): per row, a random token of probability >= min_prob
+    and the uniform at the middle of its cdf interval, computed in float64. sample_rows must draw exactly
+    those tokens: rounding in another summation order moves a boundary by far less than half an interval."""
+    probs = torch.softmax(logits.double() * inv_temperature.double()[:, None], dim=-1)
+    cdf = probs.cumsum(-1)
+    tokens, u = [], []
+    for row in range(logits.shape[0]):
+        candidates = (probs[row] >= min_prob).nonzero()[:, 0]
+        i = int(candidates[torch.randint(len(candidates), (1,), generator=generator)])
+        before = float(cdf[row, i - 1]) if i else 0.0
+        tokens.append(i)
+        u.append((before + float(cdf[row, i])) / 2 / float(cdf[row, -1]))
+    return tokens, torch.tensor(u)

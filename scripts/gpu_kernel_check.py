@@ -178,15 +178,8 @@ def check_and_time_sampling(dev: torch.device, rng: torch.Generator, timing: boo
     n, vocab = 64, 151_936
     logits = (torch.randn(n, vocab, generator=rng) * 3).to(torch.bfloat16)
     inv_temp = torch.full((n,), 1 / 0.6)
-    probs = torch.softmax(logits.double() * inv_temp.double()[:, None], dim=-1)
-    cdf = probs.cumsum(-1)
-    want, u = [], []
-    for row in range(n):
-        candidates = (probs[row] >= 1e-3).nonzero()[:, 0]
-        i = int(candidates[torch.randint(len(candidates), (1,), generator=rng)])
-        want.append(i)
-        u.append(((float(cdf[row, i - 1]) if i else 0.0) + float(cdf[row, i])) / 2 / float(cdf[row, -1]))
-    got = sk.sample_rows(logits.to(dev), inv_temp.to(dev), torch.tensor(u, device=dev)).tolist()
+    want, u = sk.midpoint_draws(logits, inv_temp, rng)
+    got = sk.sample_rows(logits.to(dev), inv_temp.to(dev), u.to(dev)).tolist()
     ok = got == want
     wrong = sum(a != b for a, b in zip(got, want, strict=True))
     print(f"\nsampling kernel, {n} rows of {vocab} bf16 logits: "
@@ -206,14 +199,7 @@ def _time(fn, iters: int = 50) -> float:
     """Mean microseconds per call, after a warm-up that also compiles."""
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
+    return tk._cuda_event_timer(fn, iters)
 
 
 # ---------------------------------------------------------------------------------------------

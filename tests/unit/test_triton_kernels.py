@@ -279,17 +279,9 @@ def test_sampling_kernel_draws_the_inverse_cdf_token(vocab, dtype):
     n = 12
     logits = (torch.randn(n, vocab, generator=g) * 3).to(dtype)
     inv_temp = 1.0 / torch.tensor([0.3, 0.6, 1.0, 1.7] * 3)
-    probs = torch.softmax(logits.double() * inv_temp.double()[:, None], dim=-1)
-    cdf = probs.cumsum(-1)
-    want, u = [], []
-    for row in range(n):
-        candidates = (probs[row] >= 1e-3).nonzero()[:, 0]
-        i = int(candidates[torch.randint(len(candidates), (1,), generator=g)])
-        before = float(cdf[row, i - 1]) if i else 0.0
-        want.append(i)
-        u.append((before + float(cdf[row, i])) / 2 / float(cdf[row, -1]))
+    want, u = sk.midpoint_draws(logits, inv_temp, g)
     assert max(want) > sk.BLOCK_V or vocab <= sk.BLOCK_V  # past the first inner iteration where there is one
-    got = sk.sample_rows(logits, inv_temp, torch.tensor(u))
+    got = sk.sample_rows(logits, inv_temp, u)
     assert got.dtype == torch.long and got.shape == (n,)
     assert got.tolist() == want
 
