@@ -160,13 +160,16 @@ class ModelRunner:
             return
         seconds = time.perf_counter() - start
         if not timings:
-            log.info("decode attention tile (BLOCK_N, stages, warps) %s, pinned by the environment", picked)
+            log.info("decode attention tile (BLOCK_N, stages, warps, heads_first) %s, pinned by the environment", picked)
             return
         found = ", ".join(f"{t}: {'failed' if us is None else f'{us:.0f} us'}" for t, us in timings.items())
         if picked is None:
             log.warning("no decode attention tile could be timed (%s); the default stays", found)
         else:
-            log.info("decode attention tile (BLOCK_N, stages, warps) %s, picked in %.1f s: %s", picked, seconds, found)
+            log.info(
+                "decode attention tile (BLOCK_N, stages, warps, heads_first) %s, picked in %.1f s: %s",
+                picked, seconds, found,
+            )
 
     # ---- KV-cache sizing -----------------------------------------------------------------------
     def block_bytes(self) -> int:

@@ -149,19 +149,20 @@ def time_decode(dev: torch.device, rng: torch.Generator) -> None:
             tag = " (default)" if splits == default else ""
             print(f"{bs:5d} {splits:6d} {us:9.1f} {(kv_bytes + other) / us / 1e3:8.0f}{tag}")
         del b
-    # Decode tiles (BLOCK_N, num_stages, num_warps) at block size 16 and the default split count.
+    # Decode tiles (BLOCK_N, num_stages, num_warps, heads_first) at block size 16 and the default split count.
     b = make_paged_batch([1] * batch, ctx, nh, nkv, hd, 16, dtype=torch.bfloat16, device=dev, generator=rng)
     args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, hd ** -0.5, 1)
     out = torch.empty_like(b.q)
     kv_bytes = sum(ctx) * nkv * hd * 2 * b.k_cache.element_size()
-    print(f"\n{'BLOCK_N':>7s} {'stages':>6s} {'warps':>5s} {'us/call':>9s} {'GB/s':>8s}   (block 16, default splits)")
+    print(f"\n{'BLOCK_N':>7s} {'stages':>6s} {'warps':>5s} {'heads1st':>8s} {'us/call':>9s} {'GB/s':>8s}"
+          "   (block 16, default splits)")
     for tile in tk.DECODE_TILES:
         try:
             us = _time(lambda: tk.paged_attention(*args, out=out, tile=tile))  # noqa: B023
         except Exception as exc:  # a tile that does not fit this device is not a candidate
-            print(f"{tile[0]:7d} {tile[1]:6d} {tile[2]:5d}   failed: {type(exc).__name__}: {exc}")
+            print(f"{tile[0]:7d} {tile[1]:6d} {tile[2]:5d} {tile[3]:8d}   failed: {type(exc).__name__}: {exc}")
             continue
-        print(f"{tile[0]:7d} {tile[1]:6d} {tile[2]:5d} {us:9.1f} {kv_bytes / us / 1e3:8.0f}")
+        print(f"{tile[0]:7d} {tile[1]:6d} {tile[2]:5d} {tile[3]:8d} {us:9.1f} {kv_bytes / us / 1e3:8.0f}")
     # What the engine's start-up tuner picks on the same batch.
     picked, timings = tk.tune_decode_tile(b.k_cache, b.v_cache, nh, batch, max(ctx))
     print(f"start-up tuner (batch {batch}, context {max(ctx)}): picks {picked}; "
@@ -244,7 +245,7 @@ def compile_only() -> bool:
     ]
     configs = [(*c, None) for c in configs]
     # Every decode tile the start-up tuner may pick, on Qwen3-0.6B's shapes.
-    configs += [(f"decode qwen3 tile {t[0]},{t[1]},{t[2]}", torch.bfloat16, [1] * 8, [700] * 8, *_QWEN, 16, 1, t)
+    configs += [(f"decode qwen3 tile {','.join(map(str, t))}", torch.bfloat16, [1] * 8, [700] * 8, *_QWEN, 16, 1, t)
                 for t in tk.DECODE_TILES]
     ok = True
     print(f"{'config':30s} {'kernel':26s} {'shared B':>9s} {'mma':>5s} {'cp.async':>8s} {'s':>5s}")

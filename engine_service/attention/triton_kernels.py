@@ -43,16 +43,24 @@ __all__ = ["store_kvcache", "paged_attention", "default_num_kv_splits", "tune_de
 
 _LOG2E = 1.4426950408889634
 
-# Tiles: (BLOCK_N keys per inner iteration, num_stages of software pipelining of the K/V loads, num_warps);
-# the interpreter ignores the last two. BLOCK_N 64 keeps a head_dim-128 bf16 K+V tile at 32 KiB per stage.
+# Tiles: (BLOCK_N keys per inner iteration, num_stages of software pipelining of the K/V loads, num_warps,
+# heads_first). The interpreter ignores stages and warps. BLOCK_N 64 keeps a head_dim-128 bf16 K+V tile at
+# 32 KiB per stage. heads_first 1 puts the KV heads on the grid's fastest axis, so the programs of one
+# sequence's heads run side by side and together read whole [block_size, kv_heads, head_dim] cache blocks
+# (each alone reads head_dim-wide rows kv_heads * head_dim apart); 0 puts the query tiles there.
 # Decode steps (max_seqlen_q == 1) use the tile tune_decode_tile picked for their shapes and device, at
 # engine start-up, among DECODE_TILES; the first is the default where nothing was timed.
-DECODE_TILES = ((64, 2, 4), (64, 3, 4), (128, 2, 4), (128, 2, 8), (32, 3, 4))
-PREFILL_TILE = (64, 2, 4)
-DECODE_TILE_ENV = "LLMSERVE_DECODE_TILE"  # "BLOCK_N,num_stages,num_warps": pin a decode tile, no timing
-_decode_tiles: dict[tuple, tuple[int, int, int]] = {}  # _tile_key(...) -> the tile decode steps use
+Tile = tuple[int, int, int, int]
+DECODE_TILES: tuple[Tile, ...] = (
+    (64, 2, 4, 0), (64, 3, 4, 0), (128, 2, 4, 0), (128, 2, 8, 0), (32, 3, 4, 0), (64, 2, 4, 1), (128, 2, 4, 1),
+)
+PREFILL_TILE: Tile = (64, 2, 4, 0)
+# "BLOCK_N,num_stages,num_warps[,heads_first]": pin a decode tile, no timing.
+DECODE_TILE_ENV = "LLMSERVE_DECODE_TILE"
+_decode_tiles: dict[tuple, Tile] = {}  # _tile_key(...) -> the tile decode steps use
 _PREFILL_BLOCK_M = 64  # query rows per program (tokens x GQA) when queries are long
 _MIN_DOT = 16  # NVIDIA's compiler rejects tl.dot with an inner size under 16; M, N >= 16 for mma too
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second and third axes
 _MAX_KV_SPLITS = 16
 
 
@@ -165,9 +173,14 @@ def _paged_attention_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs (no TF32 on GPU), "tf32" (ignored) otherwise
     UPCAST: tl.constexpr,  # compute the dots in fp32: bf16 under the interpreter, whose bf16 tl.dot is wrong
+    HEADS_FIRST: tl.constexpr,  # grid (kv heads, query tiles, splits) instead of (query tiles, kv heads, splits)
 ):
-    pid_tile = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if HEADS_FIRST:
+        kvh = tl.program_id(0)
+        pid_tile = tl.program_id(1)
+    else:
+        pid_tile = tl.program_id(0)
+        kvh = tl.program_id(1)
     split = tl.program_id(2)
 
     # ---- which sequence owns this tile slot: the largest i with cu_q[i] // T + i <= pid_tile.
@@ -342,7 +355,11 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
     dot_prec = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
     if tile is None:
         tile = PREFILL_TILE if max_seqlen_q > 1 else _decode_tiles.get(_tile_key(q, k_cache), DECODE_TILES[0])
-    block_n, num_stages, num_warps = tile
+    block_n, num_stages, num_warps, heads_first = tile
+    num_tiles = num_tokens // tokens_per_tile + num_seqs
+    grid = (num_kv_heads, num_tiles, num_kv_splits) if heads_first else (num_tiles, num_kv_heads, num_kv_splits)
+    if grid[1] > _MAX_GRID_Y:
+        raise ValueError(f"{grid[1]} programs on the grid's second axis exceed CUDA's {_MAX_GRID_Y}")
 
     if num_kv_splits > 1:
         # fp32 partials: normalised outputs [num_tokens, num_heads, splits, d_pad] and their
@@ -357,7 +374,7 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
         part_strides = (0, 0, 0, 0, 0, 0)
 
     launches = [_Launch(
-        _paged_attention_kernel, (num_tokens // tokens_per_tile + num_seqs, num_kv_heads, num_kv_splits),
+        _paged_attention_kernel, grid,
         (q, k_cache, v_cache, out, part_out, part_lse,
          cu_seqlens_q, context_lens, block_tables,
          float(scale) * _LOG2E,
@@ -366,7 +383,7 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
          block_tables.stride(0), *part_strides),
         dict(HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, GQA=gqa, BLOCK_M=block_m,
              TOKENS_PER_TILE=tokens_per_tile, BLOCK_N=block_n, NUM_SPLITS=num_kv_splits, DOT_PREC=dot_prec,
-             UPCAST=upcast),
+             UPCAST=upcast, HEADS_FIRST=bool(heads_first)),
         dict(num_warps=num_warps, num_stages=num_stages),
     )]
     if num_kv_splits > 1:
@@ -382,7 +399,7 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
                     scale: float, max_seqlen_q: int, out: torch.Tensor | None = None,
-                    num_kv_splits: int | None = None, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+                    num_kv_splits: int | None = None, tile: Tile | None = None) -> torch.Tensor:
     """Causal attention of flat variable-length queries over a paged KV cache.
 
     q: [num_tokens, num_heads, head_dim]; sequence i owns rows cu_seqlens_q[i]:cu_seqlens_q[i+1]
@@ -392,7 +409,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     entries may hold anything). max_seqlen_q: the longest per-sequence query length; it only sizes the
     tiles (any value gives correct results). num_kv_splits: KV-range splits per query tile (None: the
     default_num_kv_splits heuristic; fix it per captured batch size under CUDA graphs). tile: (BLOCK_N,
-    num_stages, num_warps) instead of the tuned or default one. Returns out [num_tokens, num_heads, head_dim]
+    num_stages, num_warps, heads_first) instead of the tuned or default one. Returns out [num_tokens, num_heads, head_dim]
     in q's dtype; a row with no keys (context_len 0) is zeros.
     """
     if out is None:
@@ -405,16 +422,21 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
-def parse_tile(text: str) -> tuple[int, int, int]:
-    """"BLOCK_N,num_stages,num_warps" -> a tile; ValueError naming what a valid one looks like."""
+def parse_tile(text: str) -> Tile:
+    """"BLOCK_N,num_stages,num_warps[,heads_first]" -> a tile; ValueError naming what a valid one looks like."""
     try:
-        block_n, stages, warps = (int(x) for x in text.split(","))
+        values = [int(x) for x in text.split(",")]
+        if len(values) == 3:
+            values.append(0)
+        block_n, stages, warps, heads_first = values
     except ValueError:
-        raise ValueError(f"{DECODE_TILE_ENV}={text!r}: expected BLOCK_N,num_stages,num_warps, e.g. 64,2,4") from None
-    if block_n < _MIN_DOT or block_n & (block_n - 1) or stages < 1 or warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"{DECODE_TILE_ENV}={text!r}: expected BLOCK_N,num_stages,num_warps[,heads_first], "
+                         "e.g. 64,2,4 or 64,2,4,1") from None
+    if (block_n < _MIN_DOT or block_n & (block_n - 1) or stages < 1 or warps not in (1, 2, 4, 8, 16)
+            or heads_first not in (0, 1)):
         raise ValueError(f"{DECODE_TILE_ENV}={text!r}: BLOCK_N must be a power of two >= {_MIN_DOT}, "
-                         "num_stages >= 1 and num_warps a power of two up to 16")
-    return block_n, stages, warps
+                         "num_stages >= 1, num_warps a power of two up to 16 and heads_first 0 or 1")
+    return block_n, stages, warps, heads_first
 
 
 def _cuda_event_timer(fn, iters: int) -> float:
@@ -431,7 +453,7 @@ def _cuda_event_timer(fn, iters: int) -> float:
 
 def tune_decode_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, batch: int, context_len: int,
                      *, iters: int = 20, timer=None, seed: int = 0
-                     ) -> tuple[tuple[int, int, int] | None, dict[tuple[int, int, int], float | None]]:
+                     ) -> tuple[Tile | None, dict[Tile, float | None]]:
     """Time every DECODE_TILES candidate on one decode batch over these caches and make the fastest the tile
     of decode steps with these shapes on this device. Returns (the tile picked, or None when no candidate ran
     and the default stays; {tile: microseconds per call, or None where it failed to compile or launch}).
@@ -456,7 +478,7 @@ def tune_decode_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: in
             tables.to(q.device), head_dim ** -0.5, 1)
     out = torch.empty_like(q)
     timer = timer or _cuda_event_timer
-    timings: dict[tuple[int, int, int], float | None] = {}
+    timings: dict[Tile, float | None] = {}
     for tile in DECODE_TILES:
         def call(tile=tile):
             paged_attention(*args, out=out, tile=tile)

@@ -92,7 +92,7 @@ def test_model_runner_tunes_the_decode_tile_on_its_own_shapes(tmp_path, monkeypa
         with caplog.at_level(logging.INFO, logger="engine_service.model_runner"):
             llm.runner._tune_decode_attention()
         assert len(timed) == len(tk.DECODE_TILES)
-        assert f"decode attention tile (BLOCK_N, stages, warps) {fastest}" in caplog.text
+        assert f"decode attention tile (BLOCK_N, stages, warps, heads_first) {fastest}" in caplog.text
         key = tk._tile_key(torch.empty(1, 4, 16), llm.runner.k_cache[0])
         assert tk._decode_tiles == {key: fastest}
         tuned = llm.generate([[1, 2, 3], [4, 5, 6, 7, 8]], GREEDY)

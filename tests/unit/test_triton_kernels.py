@@ -221,13 +221,16 @@ def _plan_tiles(b):
     out = torch.empty_like(b.q)
     launch = tk._plan_paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables,
                                       0.1, b.max_seqlen_q, out, 1)[0]
-    return launch.constexprs["BLOCK_N"], launch.options["num_stages"], launch.options["num_warps"]
+    heads_first = launch.constexprs["HEADS_FIRST"]
+    assert launch.grid[0 if heads_first else 1] == b.k_cache.shape[2]  # the KV heads' axis
+    return (launch.constexprs["BLOCK_N"], launch.options["num_stages"], launch.options["num_warps"],
+            int(heads_first))
 
 
 def test_tuner_picks_the_fastest_tile_for_those_shapes_only(monkeypatch):
     monkeypatch.setattr(tk, "_decode_tiles", {})
     monkeypatch.delenv(tk.DECODE_TILE_ENV, raising=False)
-    fastest, broken = (128, 2, 4), tk.DECODE_TILES[1]
+    fastest, broken = (64, 2, 4, 1), tk.DECODE_TILES[1]
     assert fastest != tk.DECODE_TILES[0] and fastest != broken
     calls = []
 
@@ -257,9 +260,11 @@ def test_tuner_tile_pinned_by_the_environment(monkeypatch):
         raise AssertionError("a pinned tile is not timed")
 
     monkeypatch.setenv(tk.DECODE_TILE_ENV, "32,3,4")
-    assert tk.tune_decode_tile(b.k_cache, b.v_cache, 4, 2, 12, timer=timer) == ((32, 3, 4), {})
-    assert _plan_tiles(b) == (32, 3, 4)
-    for bad in ("64,2", "48,2,4", "64,0,4", "64,2,3", "a,b,c"):
+    assert tk.tune_decode_tile(b.k_cache, b.v_cache, 4, 2, 12, timer=timer) == ((32, 3, 4, 0), {})
+    assert _plan_tiles(b) == (32, 3, 4, 0)
+    monkeypatch.setenv(tk.DECODE_TILE_ENV, "128,2,8,1")
+    assert tk.tune_decode_tile(b.k_cache, b.v_cache, 4, 2, 12, timer=timer) == ((128, 2, 8, 1), {})
+    for bad in ("64,2", "48,2,4", "64,0,4", "64,2,3", "a,b,c", "64,2,4,2", "64,2,4,1,0"):
         monkeypatch.setenv(tk.DECODE_TILE_ENV, bad)
         with pytest.raises(ValueError, match="BLOCK_N"):
             tk.tune_decode_tile(b.k_cache, b.v_cache, 4, 2, 12, timer=timer)
