@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import shutil
@@ -427,6 +428,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch CPU threads for every contender alike (default: torch's own choice)",
     )
     p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="engine logs to stderr (INFO shows start-up: graphs captured, decode tile picked)")
     p.add_argument("--plot", type=Path, help="write a PNG bar chart of tok/s here")
     engine = p.add_argument_group("engine")
     engine.add_argument("--device", help="default cuda when available, else cpu")
@@ -531,6 +534,7 @@ def _progress(key: str, figures: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads is not None:
         import torch
 

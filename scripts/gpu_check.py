@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
 import time
@@ -105,6 +106,12 @@ def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
         runner.graphs = graphs
     report["capture_s"] = graphs.capture_seconds
     report["num_kv_splits"] = graphs.num_kv_splits
+    if runner.backend_name == "triton":
+        from engine_service.attention import triton_kernels as tk
+
+        # The decode tile the start-up tuner picked for this model (its timings are in the log).
+        report["decode_tile"] = {str(k): list(v) for k, v in tk._decode_tiles.items()}
+        print(f"decode attention tile picked at start-up: {report['decode_tile']}")
 
     # (c) replay vs eager of the same padded batch, every captured size, fresh random inputs.
     seed = int(time.time()) % 100_000
@@ -314,6 +321,7 @@ def cmd_summary(out: Path) -> int:
 
 
 def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=["env", "preset", "graphs", "summary"])
     p.add_argument("--out", type=Path, default=Path("gpu_check_out"))

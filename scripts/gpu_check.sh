@@ -96,7 +96,7 @@ for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid"; done
 # ---- g, d, e: one at a time, since they time things --------------------------------------------------
 wanted g && run_part g 150 "$PY" scripts/gpu_check.py graphs --out "$OUT_DIR" --cache-dir "$CACHE"
 wanted d && run_part d 200 "$PY" -m engine_service.bench --preset qwen3-0.6b --peers hf-static \
-  --cache-dir "$CACHE" --json "$OUT_DIR/d_bench_A.json"
+  --cache-dir "$CACHE" --json "$OUT_DIR/d_bench_A.json" --log-level INFO
 if wanted e; then
   # transformers' continuous batching gets what the budget leaves, between 30 and 60 s, even past the
   # budget; one that does not finish is reported as a bound, "< requested tokens / seconds allowed".
