@@ -116,6 +116,13 @@ class LLMEngine:
         if overlap is None:
             overlap = self.runner.device.type == "cuda" and self.workers is None
         self.overlap = overlap
+        log.info(
+            "engine ready: %d KV blocks of %d tokens, max_num_seqs %d, overlap scheduling %s",
+            self.runner.num_blocks,
+            self.config.kvcache_block_size,
+            self.config.max_num_seqs,
+            "on" if overlap else "off",
+        )
         self.model_info = {
             "model_name": model_dir.resolve().name,
             "vocab_size": self.model_cfg.vocab_size,

@@ -27,11 +27,16 @@ CHAT = [{"role": "user", "content": "Tell me about the sea."}]
 
 @pytest.fixture(scope="module")
 def stack(demo_model):
-    engine = start_engine(demo_model, extra=["--max-waiting", str(MAX_WAITING)])
+    # Overlap scheduling is off by default on CPU and on by default on CUDA: this module runs the service with
+    # it on, so streaming, cancellation and errors are checked the way a GPU engine serves them (the other
+    # e2e modules keep the CPU default).
+    engine = start_engine(demo_model, extra=["--max-waiting", str(MAX_WAITING), "--overlap-scheduling", "true",
+                                             "--log-level", "INFO"])
     tokenizer = start_tokenizer(demo_model, [engine], extra=["--max-message-bytes", str(MESSAGE_LIMIT)])
     try:
         engine.wait_serving()
         tokenizer.wait_serving()
+        assert "overlap scheduling on" in engine.log.read_text()
         with TextClient(tokenizer.target, timeout=60) as text, EngineClient(engine.target, timeout=30) as eng:
             yield engine, tokenizer, text, eng
     finally:
