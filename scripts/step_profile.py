@@ -253,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--overlap-scheduling", choices=["auto", "on", "off"], default="auto",
+                   help="schedule the next decode step while the current one computes (auto: on for CUDA)")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     import torch
@@ -262,10 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = a.model or bench.build_preset(a.preset, a.cache_dir)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = a.dtype or bench.default_dtype(bench.read_model_config(model_dir), device)
+    overlap = None if a.overlap_scheduling == "auto" else a.overlap_scheduling == "on"
     with LLM(str(model_dir), device=device, dtype=dtype, attention_backend=a.attention_backend,
-             enforce_eager=a.enforce_eager) as llm:
+             enforce_eager=a.enforce_eager, overlap_scheduling=overlap) as llm:
         graphs = llm.runner.graphs is not None
-        title = f"{model_dir.name} {dtype} on {device}, backend {llm.runner.backend_name}, graphs {graphs}"
+        title = (f"{model_dir.name} {dtype} on {device}, backend {llm.runner.backend_name}, graphs {graphs}, "
+                 f"overlap {llm.overlap}")
         if a.batch:
             result = decode_latency(llm, a.batch, a.prompt_len, a.max_tokens)
             summary = {"decode": result["decode"]} if result["decode"] else {}
