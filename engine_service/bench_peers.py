@@ -131,7 +131,6 @@ def load_cb_model(model_dir: str, dtype: torch.dtype, device: str):
     raise RuntimeError("no continuous-batching attention implementation loads: " + "; ".join(errors))
 
 
-@torch.inference_mode()
 def _cb_wait(manager, prompts, max_tokens, tag: str, deadline: float) -> dict[str, int]:
     """Add every request to a started manager and wait for all; returns request id -> tokens generated."""
     done: dict[str, int] = {}
@@ -160,7 +159,9 @@ def _cb_wait(manager, prompts, max_tokens, tag: str, deadline: float) -> dict[st
     return done
 
 
-@torch.inference_mode()
+# Not under torch.inference_mode: the manager's cache tensors would become inference tensors here, and its
+# generation thread (outside inference mode) updates them in place, which transformers 5.17 then refuses
+# ("Inplace update to inference tensor outside InferenceMode"). The manager turns gradients off itself.
 def hf_continuous_runs(
     model,
     warmup: tuple[list[list[int]], list[int]],
