@@ -160,10 +160,16 @@ class DecodeGraphRunner:
         self.hidden = torch.zeros(max_bs, hidden_size, dtype=runner.dtype, device=dev)  # graph output
         # Staging for pack_decode_inputs: pinned on CUDA, so the copy is a true asynchronous DMA.
         cap = 4 * max_bs + max_bs * self.width
-        self._stage = torch.empty(cap, dtype=torch.long, pin_memory=dev.type == "cuda")
+        # Two host buffers, used in turn: with overlap scheduling the host fills one for the next step while
+        # the device may still be copying the other. Each has an event recorded after its copy; a buffer is
+        # refilled only once its event has passed (so far it always has: the step two launches back has been
+        # read back by then), so filling one never waits for the device.
+        pin = dev.type == "cuda"
+        self._stages = [torch.empty(cap, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._stages_np = [stage.numpy() for stage in self._stages]  # numpy fills from a list in one C loop
+        self._copied = [torch.cuda.Event() for _ in range(2)] if pin else None
+        self._turn = 0
         self._stage_dev = torch.empty(cap, dtype=torch.long, device=dev)
-        self._stage_np = self._stage.numpy()  # numpy fills it from a Python list in one C loop
-        self._copied = torch.cuda.Event() if dev.type == "cuda" else None  # the staging buffer is free
         # Split-KV count per size, fixed at capture (only the triton backend reads it).
         self.num_kv_splits = dict.fromkeys(self.sizes, 1)
         if runner.backend_name == "triton":
@@ -262,13 +268,14 @@ class DecodeGraphRunner:
         """Copy one step's inputs, padded to `size` lanes, into the static buffers (one host->device copy)."""
         flat, width = pack_decode_inputs(ids, positions, slots, ctx_lens, tables, size)
         n, total = len(ids), len(flat)
-        if self._copied is not None:
-            self._copied.synchronize()  # the previous step's copy has left the staging buffer
-        self._stage_np[:total] = flat
+        i, self._turn = self._turn, self._turn ^ 1
+        if self._copied is not None and not self._copied[i].query():
+            self._copied[i].synchronize()  # this buffer's last copy has not run yet: wait for it
+        self._stages_np[i][:total] = flat
         buf = self._stage_dev[:total]
-        buf.copy_(self._stage[:total], non_blocking=True)
+        buf.copy_(self._stages[i][:total], non_blocking=True)
         if self._copied is not None:
-            self._copied.record(torch.cuda.current_stream(self.device))
+            self._copied[i].record(torch.cuda.current_stream(self.device))
         s = size
         self.input_ids[:s].copy_(buf[:s])
         self.positions[:s].copy_(buf[s : 2 * s])
