@@ -23,13 +23,24 @@ VOCAB = 6  # a tiny vocabulary makes shared prefixes (and cache hits) common
 
 
 class Sim:
-    def __init__(self, num_blocks: int, budget: int, max_seqs: int, max_model_len: int):
+    """The scheduler and block manager driven as the engine drives them, over a fake device.
+
+    overlap=True drives them as overlap scheduling does (engine.step): the next batch is scheduled ahead and
+    "launched" before the current one is read back. The fake device runs launches in order, as a CUDA stream
+    does: a launch writes its KV at once, and a batch scheduled ahead takes its input tokens from the
+    previous launch's samples, which the scheduler sees only when that launch is read back.
+    """
+
+    def __init__(self, num_blocks: int, budget: int, max_seqs: int, max_model_len: int, overlap: bool = False):
         self.bm = BlockManager(num_blocks, BLOCK)
         self.sched = Scheduler(self.bm, max_seqs, budget, eos_token_ids={VOCAB - 1})
         self.max_model_len = max_model_len
         self.kv: dict[int, int] = {}  # slot -> hash of the prefix whose last token's KV is stored there
         self.live: dict[str, Sequence] = {}
         self.next_id = 0
+        self.overlap = overlap
+        self.inflight = None  # (batch, its samples) launched ahead and not yet read back
+        self.num_ahead = 0
 
     def add(self, prompt: list[int], max_tokens: int) -> None:
         need = -(-min(len(prompt) + max_tokens, self.max_model_len) // BLOCK)
@@ -46,27 +57,69 @@ class Sim:
             self.sched.abort(self.live.pop(rid))
 
     def step(self, rng: random.Random) -> None:
+        if self.overlap:
+            self._step_overlap(rng)
+            return
         had_work = self.sched.has_unfinished()
         cached_before = {s.request_id: s.status for s in self.live.values()}
         batch = self.sched.schedule()
         if had_work:
             assert batch.num_tokens >= 1, "a step with work to do made no progress"
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+        self._complete(batch, self._launch(batch, rng, cached_before))
+
+    def _launch(self, batch, rng: random.Random, cached_before=None, previous: list | None = None) -> list:
+        """The fake device computes `batch`: writes its KV and returns its samples (None for rows that do not
+        sample). A batch scheduled ahead computes position len(seq), whose token is the previous launch's
+        sample for that sequence."""
+        cached_before = cached_before or {}
+        for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             assert n >= 1
-            assert seq.num_computed_tokens + n <= len(seq)
-            if cached_before.get(seq.request_id) is Status.WAITING:
-                # Admitted this step: even a prompt cached whole computes at least one token.
-                assert seq.num_computed_tokens < len(seq)
+            if batch.input_rows is None:
+                start, tokens = seq.num_computed_tokens, seq.token_ids
+                assert start + n <= len(seq)
+                if cached_before.get(seq.request_id) is Status.WAITING:
+                    # Admitted this step: even a prompt cached whole computes at least one token.
+                    assert seq.num_computed_tokens < len(seq)
+            else:
+                assert seq.status is Status.RUNNING and n == 1 and len(seq) + 1 < seq.max_len
+                start, tokens = len(seq), seq.token_ids + [previous[batch.input_rows[row]]]
             self._check_prefix(seq)
-            for p in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
+            for p in range(start, start + n):
                 slot = seq.block_table[p // BLOCK] * BLOCK + p % BLOCK
                 block = self.bm.blocks[seq.block_table[p // BLOCK]]
                 assert block.ref_count == 1, "a token's KV would be written into a shared block"
-                self.kv[slot] = hash(tuple(seq.token_ids[: p + 1]))
-        sampled = [rng.randrange(VOCAB) if s else None for s in batch.sample]
+                assert block.hash is None, "a token's KV would be written into a published block"
+                self.kv[slot] = hash(tuple(tokens[: p + 1]))
+        samples = [rng.randrange(VOCAB) if take else None for take in batch.sample]
+        return [t for t in samples if t is not None]  # the device's [N] sampled tokens, in row order
+
+    def _complete(self, batch, samples: list) -> None:
+        """Read a launch back: rows of sequences no longer running are dropped, as engine._complete does."""
+        it = iter(samples)
+        sampled = []
+        for seq, take in zip(batch.seqs, batch.sample, strict=True):
+            token = next(it) if take else None
+            sampled.append(token if seq.status is Status.RUNNING else None)
         for seq in self.sched.postprocess(batch, sampled):
             self.live.pop(seq.request_id, None)
         self.check()
+
+    def _step_overlap(self, rng: random.Random) -> None:
+        current, self.inflight = self.inflight, None
+        if current is not None and not any(s.status is Status.RUNNING for s in current[0].seqs):
+            current = None
+        if current is None:
+            if not self.sched.has_unfinished():
+                return
+            cached_before = {s.request_id: s.status for s in self.live.values()}
+            batch = self.sched.schedule()
+            assert batch.num_tokens >= 1, "a step with work to do made no progress"
+            current = (batch, self._launch(batch, rng, cached_before))
+        ahead = self.sched.schedule_ahead(current[0])
+        if ahead is not None:
+            self.num_ahead += 1
+            self.inflight = (ahead, self._launch(ahead, rng, previous=current[1]))
+        self._complete(*current)
 
     def _check_prefix(self, seq: Sequence) -> None:
         """Every computed token of `seq` finds its own prefix's KV in its slot (cache hits included)."""
@@ -102,7 +155,7 @@ class Sim:
 
     def drain(self, rng: random.Random) -> None:
         for _ in range(5000):
-            if not self.sched.has_unfinished():
+            if not self.sched.has_unfinished() and self.inflight is None:
                 break
             self.step(rng)
         assert not self.sched.has_unfinished()
@@ -129,9 +182,9 @@ def _prompt(rng: random.Random, base: int, length: int) -> list[int]:
     return [rng.randrange(VOCAB) for _ in range(length)]
 
 
-def _run(ops_list, seed, num_blocks, budget, max_seqs, max_model_len):
+def _run(ops_list, seed, num_blocks, budget, max_seqs, max_model_len, overlap=False):
     rng = random.Random(seed)
-    sim = Sim(num_blocks, budget, max_seqs, max_model_len)
+    sim = Sim(num_blocks, budget, max_seqs, max_model_len, overlap)
     for op in ops_list:
         if op[0] == "add":
             sim.add(_prompt(rng, op[1], op[2]), op[3])
@@ -155,6 +208,20 @@ def _run(ops_list, seed, num_blocks, budget, max_seqs, max_model_len):
 )
 def test_random_traffic_keeps_every_invariant(ops_list, seed, num_blocks, budget, max_seqs, max_model_len):
     _run(ops_list, seed, num_blocks, budget, max(1, min(max_seqs, budget)), max_model_len)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ops_list=ops,
+    seed=st.integers(0, 2**16),
+    num_blocks=st.integers(4, 24),
+    budget=st.integers(4, 40),
+    max_seqs=st.integers(1, 4),
+    max_model_len=st.integers(8, 64),
+)
+def test_overlap_scheduling_keeps_every_invariant(ops_list, seed, num_blocks, budget, max_seqs, max_model_len):
+    """The same traffic with steps scheduled ahead: aborts and stops land while a batch is in flight."""
+    _run(ops_list, seed, num_blocks, budget, max(1, min(max_seqs, budget)), max_model_len, overlap=True)
 
 
 @settings(max_examples=60, deadline=None)
@@ -225,3 +292,6 @@ def test_random_traffic_does_exercise_cache_hits_and_preemption():
     sim = _run(ops_list, seed=0, num_blocks=12, budget=16, max_seqs=4, max_model_len=48)
     assert sim.bm.prefix_hits > 0
     assert sim.sched.num_preemptions > 0
+    sim = _run(ops_list, seed=0, num_blocks=12, budget=16, max_seqs=4, max_model_len=48, overlap=True)
+    assert sim.bm.prefix_hits > 0 and sim.sched.num_preemptions > 0
+    assert sim.num_ahead > 20  # and it really schedules ahead
