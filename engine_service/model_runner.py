@@ -363,9 +363,3 @@ class ModelRunner:
             launched.done.synchronize()
         both = launched.host.tolist()
         return both[0], [bool(v) for v in both[1]]
-
-    def run(
-        self, batch: ScheduledBatch, rows: list[SamplingRow], workers=None, on_launch=None
-    ) -> tuple[list[int], list[bool]]:
-        """Forward the batch and wait for its tokens: launch() then collect()."""
-        return self.collect(self.launch(batch, rows, workers, on_launch))
