@@ -162,13 +162,20 @@ class ModelRunner:
         if not timings:
             log.info("decode attention tile (BLOCK_N, stages, warps, heads_first) %s, pinned by the environment", picked)
             return
-        found = ", ".join(f"{t}: {'failed' if us is None else f'{us:.0f} us'}" for t, us in timings.items())
+        # K and V bytes one call reads: what the timings say about the memory rate the kernel reaches.
+        kv_bytes = 2 * self.k_cache[0].element_size() * self.config.max_num_seqs * context * (
+            self.k_cache.shape[-2] * self.k_cache.shape[-1])
+        found = ", ".join(
+            f"{t}: failed" if us is None else f"{t}: {us:.0f} us ({kv_bytes / us / 1e3:,.0f} GB/s)"
+            for t, us in timings.items()
+        )
         if picked is None:
             log.warning("no decode attention tile could be timed (%s); the default stays", found)
         else:
             log.info(
-                "decode attention tile (BLOCK_N, stages, warps, heads_first) %s, picked in %.1f s: %s",
-                picked, seconds, found,
+                "decode attention tile (BLOCK_N, stages, warps, heads_first) %s, picked in %.1f s on %d "
+                "sequences of %d keys: %s",
+                picked, seconds, self.config.max_num_seqs, context, found,
             )
 
     # ---- KV-cache sizing -----------------------------------------------------------------------

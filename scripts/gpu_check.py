@@ -214,6 +214,21 @@ def _progress_figures(log: Path) -> dict:
     return {"engine": found.get("engine"), "peers": {k: v for k, v in found.items() if k != "engine"}}
 
 
+def _picked_tile(log: Path) -> str:
+    """The decode tile the engine's start-up tuner picked, with its memory rate, from an INFO log."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return ""
+    m = re.search(r"decode attention tile \(BLOCK_N, stages, warps, heads_first\) (\([\d, ]+\)), picked in "
+                  r"[\d.]+ s on (\d+) sequences of (\d+) keys: (.*)$", text, re.M)
+    if not m:
+        return ""
+    tile, seqs, keys, timings = m.groups()
+    rate = re.search(re.escape(tile) + r": [\d,]+ us \(([\d,]+) GB/s\)", timings)
+    return f"tile {tile}" + (f" at {rate.group(1)} GB/s ({seqs} sequences x {keys} keys)" if rate else "")
+
+
 def _part_results(out: Path) -> dict[str, str]:
     res: dict[str, str] = {}
     res["a"] = _tail(out / "a.log")
@@ -242,6 +257,9 @@ def _part_results(out: Path) -> dict[str, str]:
         ratio = f" ({eng / hf:.1f}x)" if eng and hf else ""
         met = "MET" if eng and eng >= TARGET_TOK_S else "NOT MET"
         res["d"] = f"engine {_fmt(eng)} tok/s, transformers static {_fmt(hf)} tok/s{ratio}; >= 28,000: {met}"
+        tile = _picked_tile(out / "d.log")
+        if tile:
+            res["d"] += f"; decode attention {tile}"
     s64 = g.get("slice64", {}).get("tok_s")
     s64_plain = g.get("slice64_no_overlap", {}).get("tok_s")
     e = _load(out / "e_bench_64.json")
