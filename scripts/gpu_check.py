@@ -335,7 +335,26 @@ def cmd_summary(out: Path) -> int:
     print(f"{'part':<30}{'status':<9}{'s':>5}  result")
     for label, st, secs, text in rows:
         print(f"{label:<30}{st:<9}{secs:>5}  {text}")
+    (out / "performance.md").write_text(_markdown(env, rows))
+    print(f"\n(the same as Markdown for docs/PERFORMANCE.md: {out / 'performance.md'})")
     return 0
+
+
+def _markdown(env: dict, rows: list[tuple[str, str, str, str]]) -> str:
+    """The table as a docs/PERFORMANCE.md section: versions, the command, one row per part."""
+    lines = [
+        "## GPU check (issue 3)",
+        "",
+        f"{env.get('device', '?')} ({env.get('sms', '?')} SMs, {env.get('memory_gib', '?')} GiB), torch "
+        f"{env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}, transformers "
+        f"{env.get('transformers')}, Python {env.get('python')}. Command: `scripts/gpu_check.sh` "
+        "(docs/GPU.md; each part's command is in its log).",
+        "",
+        "| part | status | seconds | result |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {label.strip()} | {st} | {secs} | {text.replace('|', '/')} |" for label, st, secs, text in rows]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:

@@ -139,3 +139,5 @@ def test_gpu_check_script_flow_on_cpu(tmp_path, capsys):
     assert "4/4 sizes bitwise equal" in table and "ITL ms, graphs/eager: batch 1" in table
     itl_row = next(line for line in table.splitlines() if line.startswith("(f)"))
     assert "batch 8 graphs without overlap" in itl_row and "?" not in itl_row
+    markdown = (out / "performance.md").read_text()
+    assert "| (f) decode ITL | PASS | 3 | ITL ms, graphs/eager: batch 1" in markdown
