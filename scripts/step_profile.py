@@ -139,6 +139,8 @@ class StepProfiler:
             for rec in self.records:
                 if rec.start is not None and rec.end is not None:
                     rec.gpu = rec.start.elapsed_time(rec.end) / 1e3
+                elif rec.start is None:
+                    rec.gpu = 0.0  # a step() that only read back a batch launched by the one before it
                 rec.start = rec.end = None
 
     def __enter__(self):
@@ -158,7 +160,8 @@ class StepProfiler:
             ms = 1e3 / len(recs)
             row = {
                 "steps": len(recs),
-                "mean_batch": sum(r.batch for r in recs) / len(recs),
+                # over the steps that launched something (a step() may only read back the one before it)
+                "mean_batch": sum(r.batch for r in recs) / max(1, sum(1 for r in recs if r.batch)),
                 "wall_ms": sum(r.wall for r in recs) * ms,
                 "median_wall_ms": statistics.median(r.wall for r in recs) * 1e3,
             }
