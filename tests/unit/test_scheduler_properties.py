@@ -197,6 +197,8 @@ def _run(ops_list, seed, num_blocks, budget, max_seqs, max_model_len, overlap=Fa
     return sim
 
 
+# overlap: the same traffic with steps scheduled ahead, so aborts and stops land while a batch is in flight.
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     ops_list=ops,
@@ -206,22 +208,9 @@ def _run(ops_list, seed, num_blocks, budget, max_seqs, max_model_len, overlap=Fa
     max_seqs=st.integers(1, 4),
     max_model_len=st.integers(8, 64),
 )
-def test_random_traffic_keeps_every_invariant(ops_list, seed, num_blocks, budget, max_seqs, max_model_len):
-    _run(ops_list, seed, num_blocks, budget, max(1, min(max_seqs, budget)), max_model_len)
-
-
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    ops_list=ops,
-    seed=st.integers(0, 2**16),
-    num_blocks=st.integers(4, 24),
-    budget=st.integers(4, 40),
-    max_seqs=st.integers(1, 4),
-    max_model_len=st.integers(8, 64),
-)
-def test_overlap_scheduling_keeps_every_invariant(ops_list, seed, num_blocks, budget, max_seqs, max_model_len):
-    """The same traffic with steps scheduled ahead: aborts and stops land while a batch is in flight."""
-    _run(ops_list, seed, num_blocks, budget, max(1, min(max_seqs, budget)), max_model_len, overlap=True)
+def test_random_traffic_keeps_every_invariant(overlap, ops_list, seed, num_blocks, budget, max_seqs,
+                                              max_model_len):
+    _run(ops_list, seed, num_blocks, budget, max(1, min(max_seqs, budget)), max_model_len, overlap)
 
 
 @settings(max_examples=60, deadline=None)
