@@ -1,4 +1,4 @@
-"""CUDA graphs and the Triton backend through the engine, on a GPU (skipped without CUDA).
+"""CUDA graphs, the Triton backend and overlap scheduling through the engine, on a GPU (skipped without CUDA).
 
 The tiny models have Qwen3-0.6B's attention shapes (16 query heads, 8 KV heads, head_dim 128) on two
 layers, so these tests compile the same kernel variants the engine uses on the real model.
