@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634
 # Vocabulary entries per inner iteration: 16 KiB of bf16 in flight per program, so that one program per row
 # keeps enough loads outstanding to stream the row near the memory's rate (one row per SM or two at batch 256).
 BLOCK_V = 8192
@@ -36,7 +35,7 @@ def _sample_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
-    scale = tl.load(inv_temp_ptr + row) * 1.4426950408889634  # softmax in base 2
+    scale = tl.load(inv_temp_ptr + row) * 1.4426950408889634  # log2(e): the softmax runs in base 2
     offs = tl.arange(0, BLOCK)
 
     # Pass 1: the row's max and the sum of 2^(x * scale - max), online. The running max starts at a finite

@@ -305,6 +305,25 @@ def test_sampling_kernel_never_draws_a_banned_token_even_at_the_ends():
     assert 10 <= got[2] < vocab - 25
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter, on the NaN rows
+@pytest.mark.parametrize("triton_sampling", [True, False])
+def test_a_non_finite_row_still_gets_a_token_inside_the_vocabulary(triton_sampling):
+    """Under overlap scheduling the next step embeds the sampled tokens on the device before the host sees
+    that a row was non-finite (and fails its request): every token must index the vocabulary."""
+    from engine_service.sampler import Sampler, SamplingRow
+    from engine_service.sampling_params import SamplingParams
+
+    vocab = 9000
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(5))
+    logits[0, 17] = float("nan")
+    logits[1] = float("nan")
+    logits[2, 3] = float("inf")
+    sampler = Sampler(torch.device("cpu"), 0, triton_sampling=triton_sampling)
+    tokens, finite = sampler(logits, [SamplingRow(SamplingParams(temperature=0.8), None)] * 4)
+    assert finite == [False, False, False, True]
+    assert all(0 <= t < vocab for t in tokens)
+
+
 def test_sampler_uses_the_kernel_for_unfiltered_rows_with_the_same_tokens():
     from engine_service.sampler import Sampler, SamplingRow
     from engine_service.sampling_params import SamplingParams
