@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine_service.attention import triton_interpreted
 from engine_service.host_copy import to_device
 from engine_service.sampling_params import SamplingParams
 
@@ -30,12 +31,19 @@ class SamplingRow:
 class Sampler:
     def __init__(self, device: torch.device, seed: int, triton_sampling: bool | None = None):
         """triton_sampling: draw rows without top-k/top-p/min-p filters with sampling_kernels (two passes
-        over the logits instead of several float32 copies). None: on CUDA where triton imports."""
+        over the logits instead of several float32 copies). None: on CUDA where triton imports and its
+        kernels are compiled (not TRITON_INTERPRET=1)."""
+        on_cuda = device.type == "cuda"
+        if triton_sampling is None:
+            triton_sampling = on_cuda and importlib.util.find_spec("triton") is not None and not triton_interpreted()
+        elif triton_sampling and on_cuda and triton_interpreted():
+            raise ValueError(
+                "triton_sampling on CUDA needs compiled kernels, but TRITON_INTERPRET=1 is set in this process; "
+                "unset TRITON_INTERPRET, or pass triton_sampling=False"
+            )
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
-        if triton_sampling is None:
-            triton_sampling = device.type == "cuda" and importlib.util.find_spec("triton") is not None
         self.kernels = None
         if triton_sampling:
             from engine_service import sampling_kernels

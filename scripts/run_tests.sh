@@ -1,7 +1,22 @@
 #!/usr/bin/env bash
 # The README's test command: install with the test extra, then run the whole suite (extra pytest args pass through).
+#
+# Triton picks its interpreter once per process, before any kernel is decorated. Without CUDA the whole suite
+# runs in one process with the interpreter (tests/conftest.py sets TRITON_INTERPRET=1; tests/gpu skip). With
+# CUDA and no arguments it runs twice: everything but tests/gpu with TRITON_INTERPRET=1 (the CPU kernel tests),
+# then tests/gpu with compiled kernels.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/bootstrap.sh" "test"
 cd "$ROOT"
-exec .venv/bin/python -m pytest -q --durations=15 "$@"
+PY=.venv/bin/python
+if [ $# -eq 0 ] && "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    echo "run_tests: CUDA found; the CPU suite (Triton interpreter), then tests/gpu (compiled kernels)"
+    rc=0
+    TRITON_INTERPRET=1 "$PY" -m pytest -q --durations=15 --ignore=tests/gpu || rc=$?
+    env -u TRITON_INTERPRET "$PY" -m pytest -q tests/gpu || rc=$?
+    exit "$rc"
+fi
+# No CUDA, or pytest arguments given (on a CUDA machine without TRITON_INTERPRET=1 in the environment, the
+# CPU kernel tests then skip and say why).
+exec "$PY" -m pytest -q --durations=15 "$@"

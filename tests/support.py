@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -18,3 +19,16 @@ def require(available: bool, what: str) -> None:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"{what} is missing, but CI installs the test extra: the install is broken")
     pytest.skip(f"{what} is not installed (pip install -e '.[test]')", allow_module_level=True)
+
+
+def require_triton_interpreter() -> None:
+    """Skip a module whose Triton kernels run on CPU under the interpreter when this process compiles them.
+
+    The interpreter is chosen for the whole process before triton is imported: tests/conftest.py chooses it
+    on machines without CUDA; on a CUDA machine scripts/run_tests.sh runs these tests in their own pytest
+    process with TRITON_INTERPRET=1, and tests/gpu in another without it.
+    """
+    require(importlib.util.find_spec("triton") is not None, "triton (the test extra pins triton==3.6.*)")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET is not 1 in this process: these tests run Triton kernels on CPU under "
+                    "the interpreter (scripts/run_tests.sh runs them with it set)", allow_module_level=True)

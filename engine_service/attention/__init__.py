@@ -3,7 +3,7 @@
 - torch: the reference; batched tensor operations on any device.
 - triton: KV-store and paged-attention kernels; CUDA, or CPU under TRITON_INTERPRET=1.
 - flash_attn: where the package imports and the block size suits its paged kernels (multiples of 256).
-- auto: flash_attn where it fits, then triton on CUDA, else torch.
+- auto: flash_attn where it fits, then triton on CUDA (unless TRITON_INTERPRET=1), else torch.
 
 Imports are lazy, so a machine without triton or flash-attn still imports the engine.
 """
@@ -11,12 +11,13 @@ Imports are lazy, so a machine without triton or flash-attn still imports the en
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
 from engine_service.attention.base import AttentionBackend, AttentionMetadata
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "make_backend", "resolve_backend_name"]
+__all__ = ["AttentionBackend", "AttentionMetadata", "make_backend", "resolve_backend_name", "triton_interpreted"]
 
 FLASH_ATTN_BLOCK_MULTIPLE = 256
 
@@ -25,13 +26,20 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def triton_interpreted() -> bool:
+    """Whether Triton kernels in this process run under the interpreter (chosen when a kernel is decorated).
+    Interpreted kernels copy every argument to the host: usable on CPU, never on CUDA tensors (and never
+    inside a CUDA-graph capture)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def resolve_backend_name(name: str, device: torch.device, block_size: int) -> str:
     """Turn 'auto' into a concrete backend and refuse combinations that cannot run."""
     on_cuda = device.type == "cuda"
     if name == "auto":
         if on_cuda and _importable("flash_attn") and block_size % FLASH_ATTN_BLOCK_MULTIPLE == 0:
             return "flash_attn"
-        if on_cuda and _importable("triton"):
+        if on_cuda and _importable("triton") and not triton_interpreted():
             return "triton"
         return "torch"
     if name == "flash_attn":
@@ -44,6 +52,12 @@ def resolve_backend_name(name: str, device: torch.device, block_size: int) -> st
             )
     if name == "triton" and not _importable("triton"):
         raise ValueError("attention_backend='triton' needs the triton package (pip install 'triton==3.6.*')")
+    if name == "triton" and on_cuda and triton_interpreted():
+        raise ValueError(
+            "attention_backend='triton' on CUDA needs compiled kernels, but TRITON_INTERPRET=1 is set in this "
+            "process (the interpreter runs kernels on the host); unset TRITON_INTERPRET, or use "
+            "attention_backend='torch'"
+        )
     return name
 
 

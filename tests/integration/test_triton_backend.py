@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
 
 import pytest
@@ -10,9 +9,9 @@ import torch
 
 from engine_service import LLM, SamplingParams
 from tests.integration.tiny import VOCAB, make_qwen3
-from tests.support import require  # noqa: E402
+from tests.support import require_triton_interpreter
 
-require(importlib.util.find_spec("triton") is not None, "triton (the test extra pins triton==3.6.*)")
+require_triton_interpreter()
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=5)
 

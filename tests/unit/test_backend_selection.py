@@ -15,6 +15,7 @@ from engine_service import attention
 def installed(monkeypatch):
     present: set[str] = set()
     monkeypatch.setattr(attention, "_importable", lambda name: name in present)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # compiled kernels, as on a GPU machine
     return present
 
 
@@ -28,6 +29,23 @@ def test_auto_prefers_flash_attn_then_triton_on_cuda_and_torch_elsewhere(install
     assert attention.resolve_backend_name("auto", CPU, 256) == "torch"
     installed.clear()
     assert attention.resolve_backend_name("auto", CUDA, 256) == "torch"
+
+
+def test_interpreted_triton_is_never_chosen_for_cuda(installed, monkeypatch):
+    """Under TRITON_INTERPRET=1 kernels run on the host: 'auto' falls back to torch on CUDA, and an explicit
+    triton backend or triton sampler on CUDA is refused, naming the variable to unset."""
+    from engine_service.sampler import Sampler
+
+    installed.add("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert attention.resolve_backend_name("auto", CUDA, 16) == "torch"
+    assert attention.resolve_backend_name("triton", CPU, 16) == "triton"  # the interpreter's use
+    with pytest.raises(ValueError, match="unset TRITON_INTERPRET"):
+        attention.resolve_backend_name("triton", CUDA, 16)
+    with pytest.raises(ValueError, match="unset TRITON_INTERPRET"):
+        Sampler(CUDA, seed=0, triton_sampling=True)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert attention.resolve_backend_name("auto", CUDA, 16) == "triton"
 
 
 def test_explicit_choices_that_cannot_run_are_refused(installed):

@@ -1,28 +1,22 @@
 """Triton KV-store and paged-attention kernels under the interpreter, against float64 torch references.
 
-TRITON_INTERPRET must be set before triton decorates any kernel, hence before the imports below.
+tests/conftest.py sets TRITON_INTERPRET=1 on machines without CUDA, before triton decorates any kernel.
 Outputs are poisoned with NaN before each call, so an element the kernel fails to write shows up.
 Shapes are small: the interpreter runs each program in numpy.
 """
 
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import importlib.util  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+from tests.support import require_triton_interpreter
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from tests.support import require  # noqa: E402
-
-require(importlib.util.find_spec("triton") is not None, "triton (the test extra pins triton==3.6.*)")
-if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - someone exported TRITON_INTERPRET=0
-    pytest.skip("TRITON_INTERPRET is not 1: these tests run the kernels on CPU", allow_module_level=True)
+require_triton_interpreter()
 
 from engine_service.attention import triton_kernels as tk  # noqa: E402
 from engine_service.attention.triton_ref import (  # noqa: E402
