@@ -26,6 +26,7 @@ from engine_service.model.layers import TPInfo
 from engine_service.model.loader import load_weights
 from engine_service.model.qwen3 import Qwen3ForCausalLM, kv_heads_per_rank
 from engine_service.sampler import Sampler, SamplingRow
+from engine_service.sampling_params import SamplingParams
 from engine_service.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class ModelRunner:
         load_weights(self.model, config.model, model_cfg.tie_word_embeddings)
         self.model.eval()
         self.sampler = Sampler(self.device, config.seed)
+        self._warmup_peak_bytes = self._warm_up() if self.device.type == "cuda" else 0
         self.num_blocks = tp.min_int(self._decide_num_blocks())  # every rank must agree on the pool
         kv_heads = kv_heads_per_rank(model_cfg, tp)
         shape = (model_cfg.num_hidden_layers, self.num_blocks, self.block_size, kv_heads, model_cfg.head_dim)
@@ -139,6 +141,11 @@ class ModelRunner:
 
             self.graphs = build_decode_graphs(self)
 
+    def _on_device(self):
+        """Make self.device the current CUDA device for a block: triton launches on the current device, which
+        is per thread (the engine loop's thread starts on device 0)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
     def _tune_decode_attention(self) -> None:
         """Pick the Triton decode tile for this model on this device by timing the candidates on a full
         decode batch (max_num_seqs sequences of up to 1,024 keys) over the real KV cache, before any graph
@@ -149,7 +156,7 @@ class ModelRunner:
         heads = self.model_cfg.num_attention_heads // self.tp.size
         context = max(1, min(self.max_model_len, 1024))
         try:
-            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            with self._on_device():
                 picked, timings = tune_decode_tile(
                     self.k_cache[0], self.v_cache[0], heads, self.config.max_num_seqs, context
                 )
@@ -195,14 +202,10 @@ class ModelRunner:
         return max(1, min(want, cap))
 
     def _gpu_num_blocks(self) -> int:
-        """Blocks that fit in gpu_memory_utilization of the device after a warm-up at full token budget."""
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self._warmup_forward()
+        """Blocks that fit in gpu_memory_utilization of the device, after the warm-up's peak (_warm_up)."""
         free, total = torch.cuda.mem_get_info(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        budget = total * self.config.gpu_memory_utilization - used_by_others - peak
+        budget = total * self.config.gpu_memory_utilization - used_by_others - self._warmup_peak_bytes
         blocks = int(budget) // self.block_bytes()
         if blocks < 1:
             raise ValueError(
@@ -211,8 +214,21 @@ class ModelRunner:
             )
         return blocks
 
-    def _warmup_forward(self) -> None:
-        """One forward at the full token budget on a throwaway one-block cache, to measure peak memory."""
+    # Query lengths of the warm-up's short prefills: attention kernels choose their query tile by a step's
+    # longest query (times the GQA ratio), so these reach every tile a step can pick.
+    WARMUP_QUERY_LENS = (2, 3, 5, 9, 17, 33)
+
+    def _warm_up(self) -> int:
+        """Run, before serving, what a step would otherwise compile or allocate for the first time inside a
+        timed step, on a throwaway cache; return the peak memory it allocated (it sizes the KV cache).
+
+        - a forward at the full token budget: the largest activations;
+        - short prefills (WARMUP_QUERY_LENS): each query tile of the attention kernels is compiled;
+        - the sampler on max_num_seqs rows of logits, with top-k/top-p (its largest workspace) and without
+          (the sampling kernel). The sampler's generator is restored: the warm-up draws no one's tokens.
+        """
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
         n = min(self.config.max_num_batched_tokens, self.max_model_len)
         kv_heads = kv_heads_per_rank(self.model_cfg, self.tp)
         blocks = -(-n // self.block_size)
@@ -220,13 +236,23 @@ class ModelRunner:
         caches = [
             (torch.zeros(shape, dtype=self.dtype, device=self.device),) * 2
         ] * self.model_cfg.num_hidden_layers
-        ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        pos = torch.arange(n, device=self.device)
-        meta = self._metadata([n], [n], [list(range(blocks))], list(range(n)), 0)
-        with torch.inference_mode():
-            hidden = self.model(ids, pos, caches, meta, self.backend)
-            self.model.compute_logits(hidden[-1:])
-        del caches, hidden
+        rows = self.config.max_num_seqs
+        state = self.sampler.generator.get_state()
+        with torch.inference_mode(), self._on_device():
+            for q_len in (n, *(q for q in self.WARMUP_QUERY_LENS if q < n)):
+                ids = torch.zeros(q_len, dtype=torch.long, device=self.device)
+                pos = torch.arange(q_len, device=self.device)
+                q_blocks = -(-q_len // self.block_size)
+                meta = self._metadata([q_len], [q_len], [list(range(q_blocks))], list(range(q_len)), 0)
+                hidden = self.model(ids, pos, caches, meta, self.backend)
+            logits = self.model.compute_logits(hidden[-1:].expand(rows, -1).contiguous())
+            for params in (SamplingParams(temperature=0.6, top_k=50, top_p=0.9), SamplingParams(temperature=0.6)):
+                self.sampler.sample(logits.clone(), [SamplingRow(params, None)] * rows)
+            torch.cuda.synchronize(self.device)
+        self.sampler.generator.set_state(state)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del caches, hidden, logits
+        return peak
 
     # ---- one step --------------------------------------------------------------------------------
     def _metadata(self, q_lens, ctx_lens, tables, slots, num_decode_seqs) -> AttentionMetadata:
@@ -343,6 +369,10 @@ class ModelRunner:
 
         previous: the launched step whose sampled tokens are this batch's inputs (a batch scheduled ahead).
         """
+        with self._on_device():  # triton kernels launch on the thread's current device
+            return self._launch(batch, rows, workers, on_launch, previous)
+
+    def _launch(self, batch, rows, workers, on_launch, previous) -> Launched:
         x = self.step_inputs(batch, self.block_size)
         if workers is not None:
             if x.ids_from_previous:

@@ -15,6 +15,9 @@ On CUDA (default mode):
 --compile-only (no GPU needed): compile the kernels for sm_90 (H200) with triton's real NVIDIA
 pipeline, ptxas included, for the shapes the engine uses, specialised exactly as triton's JIT would
 specialise them. Catches what the interpreter lets through (tl.dot sizes, non-constexpr shapes, ...).
+It also checks that steps differing only in batch size and block-table width share one compiled variant:
+triton specialises integer arguments equal to 1 or divisible by 16, and a variant first met while serving
+compiles inside a timed step.
 
 Usage:  python scripts/gpu_kernel_check.py [--compile-only] [--no-timing] [--seed N]
 """
@@ -226,10 +229,47 @@ def _aot_compile(launch, target) -> object:
 _MAX_SHARED_SM90 = 227 * 1024  # bytes of shared memory one thread block may use on H100/H200
 
 
+def check_specialisation(target) -> bool:
+    """Plan paged-attention launches for steps of 1 to 40 sequences with block tables 1 to 40 blocks wide,
+    and count the variants triton's JIT would compile for each set of constexprs (the binder's key): the
+    batch shape may choose constexprs (BLOCK_M, splits), never anything else."""
+    import random
+
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(target)
+    rng = random.Random(0)
+    found: dict[tuple, set[str]] = {}
+    for n, q_range, blocks in [(1, (1, 1), 1), (2, (1, 1), 3), (16, (1, 1), 16), (17, (1, 1), 5),
+                               (32, (1, 1), 32), (1, (40, 60), 1), (1, (40, 60), 4), (3, (40, 60), 16),
+                               (16, (40, 60), 7), (32, (40, 60), 32), (40, (40, 60), 40)]:
+        q_lens = [rng.randint(*q_range) for _ in range(n)]
+        ctx = [max(q, rng.randint(1, 16 * blocks)) for q in q_lens]
+        ctx[0] = max(ctx[0], 16 * blocks - 3)  # the widest table has exactly `blocks` entries
+        b = make_paged_batch(q_lens, ctx, *_QWEN, 16, dtype=torch.bfloat16)
+        tables = b.block_tables[:, :blocks].contiguous()  # stride(0) == blocks, as the engine packs them
+        for launch in tk._plan_paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens,
+                                               tables, 128 ** -0.5, b.max_seqlen_q, torch.empty_like(b.q), 1):
+            fn = launch.kernel
+            binder = create_function_from_signature(fn.signature, fn.params, backend)
+            _, spec, _ = binder(*launch.args, **launch.constexprs, **launch.options)
+            found.setdefault((fn.__name__, *sorted(launch.constexprs.items())), set()).add(repr(spec))
+    ok = all(len(v) == 1 for v in found.values())
+    for key, specs in found.items():
+        if len(specs) > 1:
+            print(f"specialisation: {key[0]} with {dict(key[1:])} has {len(specs)} variants for the same "
+                  f"constexprs (a runtime integer is specialised): {sorted(specs)}")
+    print(f"specialisation: {len(found)} constexpr sets over 11 batch shapes, "
+          + ("one compiled variant each" if ok else "FAILED: more than one variant for some"))
+    return ok
+
+
 def compile_only() -> bool:
     from triton.backends.compiler import GPUTarget
 
     target = GPUTarget("cuda", 90, 32)
+    ok = check_specialisation(target)
     cpu = torch.device("cpu")
     configs = [
         # (label, dtype, q_lens, ctx, nh, nkv, hd, block, splits)
@@ -247,7 +287,6 @@ def compile_only() -> bool:
     # Every decode tile the start-up tuner may pick, on Qwen3-0.6B's shapes.
     configs += [(f"decode qwen3 tile {','.join(map(str, t))}", torch.bfloat16, [1] * 8, [700] * 8, *_QWEN, 16, 1, t)
                 for t in tk.DECODE_TILES]
-    ok = True
     print(f"{'config':30s} {'kernel':26s} {'shared B':>9s} {'mma':>5s} {'cp.async':>8s} {'s':>5s}")
     for label, dtype, q_lens, ctx, nh, nkv, hd, bs, splits, tile in configs:
         b = make_paged_batch(q_lens, ctx, nh, nkv, hd, bs, dtype=dtype, device=cpu)

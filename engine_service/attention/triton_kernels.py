@@ -151,7 +151,9 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
 # --------------------------------------------------------------------------------------------------
 # Paged attention
 # --------------------------------------------------------------------------------------------------
-@triton.jit
+# Integer arguments that change from step to step are not specialised: triton would otherwise compile a
+# variant for each of "== 1", "divisible by 16" and neither, the first time a step met it, inside that step.
+@triton.jit(do_not_specialize=["num_seqs", "search_iters", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     cu_q_ptr, ctx_ptr, bt_ptr,

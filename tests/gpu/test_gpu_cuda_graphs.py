@@ -71,6 +71,33 @@ def _requests(n: int, seed: int, max_prompt: int = 60, max_tokens: int = 24):
     return prompts, params
 
 
+def test_serving_compiles_no_kernel_variant_after_start_up(bf16_model):
+    """Start-up (the warm-up, the decode tile tuner, graph capture) compiles every Triton variant a step can
+    meet, so none compiles inside a timed step: prefills whose longest query is 2-8, 9-16 and more tokens,
+    batches of 1 to 40 sequences, block tables of many widths, sampled and greedy rows add none. Run in
+    float16, which no other test here uses, so no earlier test has compiled these variants already."""
+    from engine_service import SamplingParams
+    from engine_service import sampling_kernels as sk
+    from engine_service.attention import triton_kernels as tk
+    from tests.integration.tiny import VOCAB
+
+    kernels = [tk._paged_attention_kernel, tk._merge_splits_kernel, tk._store_kvcache_kernel, sk._sample_kernel]
+
+    def variants() -> dict[str, int]:  # triton's in-process cache: one entry per compiled specialisation
+        return {k.__name__: sum(len(cache[0]) for cache in k.device_caches.values()) for k in kernels}
+
+    rng = random.Random(3)
+    with _engine(bf16_model, dtype="float16") as llm:
+        before = variants()
+        assert before[tk._paged_attention_kernel.__name__] > 0
+        for lo, hi, n in ((2, 8, 5), (9, 16, 5), (1, 300, 40)):
+            prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+            params = [SamplingParams(temperature=rng.choice([0.0, 0.7]), max_tokens=rng.randint(1, 24))
+                      for _ in range(n)]
+            llm.generate(prompts, params)
+        assert variants() == before
+
+
 def test_replay_equals_eager_bitwise_every_size(bf16_model):
     with _engine(bf16_model, dtype="bfloat16") as llm:
         graphs = llm.runner.graphs

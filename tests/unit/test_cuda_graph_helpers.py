@@ -141,3 +141,75 @@ def test_gpu_check_script_flow_on_cpu(tmp_path, capsys):
     assert "batch 8 graphs without overlap" in itl_row and "?" not in itl_row
     markdown = (out / "performance.md").read_text()
     assert "| (f) decode ITL | PASS | 3 | ITL ms, graphs/eager: batch 1" in markdown
+
+
+def test_gpu_check_keeps_measuring_when_graph_capture_fails(tmp_path, monkeypatch, capsys):
+    """A capture that raises (the likeliest failure on a first GPU run) is reported in graphs.json and the
+    table, and (e) and (f) are still measured, eagerly, rather than the part dying with no figures."""
+    import json
+
+    from engine_service.cuda_graphs import DecodeGraphRunner
+    from scripts import gpu_check
+
+    def fail(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(DecodeGraphRunner, "capture", fail)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert gpu_check.cmd_graphs(out, tmp_path / "presets", cpu_dry_run=True) == 1
+    report = json.loads((out / "graphs.json").read_text())
+    assert not report["graph_check"]["ok"] and "stream is capturing" in report["graph_check"]["error"]
+    assert report["slice64"]["tok_s"] > 0 and report["slice64_no_overlap"]["tok_s"] > 0
+    assert {r["graphs"] for r in report["itl"]} == {False} and len(report["itl"]) == 2
+    (out / "status.tsv").write_text("g\tFAIL\t3\t1\n")
+    capsys.readouterr()
+    gpu_check.cmd_summary(out)
+    c_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("(c)"))
+    assert "capture failed: RuntimeError" in c_row
+
+
+def test_warm_up_meets_every_query_tile_and_the_sampler_before_serving(tmp_path, monkeypatch):
+    """ModelRunner._warm_up (run at start-up on CUDA), here on CPU with stand-ins for the CUDA memory calls:
+    a forward at the token budget, then short prefills of every WARMUP_QUERY_LENS length (each query tile
+    of the attention kernels compiles before serving), then the sampler on max_num_seqs rows with filters and
+    without; the sampler's generator is left as it was, and the peak it measured is returned."""
+    from engine_service import LLM
+    from engine_service.model_runner import ModelRunner
+    from tests.integration.tiny import make_qwen3
+
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=32, layers=2, dtype=torch.float32)
+    llm = LLM(str(tmp_path), device="cpu", dtype="float32", attention_backend="torch", enforce_eager=True,
+              kvcache_block_size=8, num_kvcache_blocks=32, max_num_seqs=8, max_num_batched_tokens=64,
+              max_model_len=128)
+    runner = llm.runner
+    try:
+        seen_q_lens: list[int] = []
+        forward = runner.backend.forward
+
+        def spy_forward(q, k, v, k_cache, v_cache, meta, scale):
+            seen_q_lens.append(meta.max_seqlen_q)
+            return forward(q, k, v, k_cache, v_cache, meta, scale)
+
+        sampled: list[tuple[int, set[int]]] = []
+        sample = runner.sampler.sample
+
+        def spy_sample(logits, rows):
+            sampled.append((logits.shape[0], {r.params.top_k for r in rows}))
+            return sample(logits, rows)
+
+        monkeypatch.setattr(runner.backend, "forward", spy_forward)
+        monkeypatch.setattr(runner.sampler, "sample", spy_sample)
+        for name in ("empty_cache", "reset_peak_memory_stats", "synchronize"):
+            monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 12_345)
+        state = runner.sampler.generator.get_state()
+
+        assert runner._warm_up() == 12_345
+        layers = 2
+        expected = [64, *ModelRunner.WARMUP_QUERY_LENS]  # the budget (64 tokens), then every short length
+        assert seen_q_lens == [q for q in expected for _ in range(layers)]
+        assert sampled == [(8, {50}), (8, {-1})]  # max_num_seqs rows: top-k/top-p, then unfiltered
+        assert torch.equal(runner.sampler.generator.get_state(), state)
+    finally:
+        llm.close()
