@@ -98,6 +98,24 @@ def test_serving_compiles_no_kernel_variant_after_start_up(bf16_model):
         assert variants() == before
 
 
+def test_closing_the_engine_returns_its_device_memory(bf16_model):
+    """bench runs transformers after the engine in one process (workload A's static batch needs some 60 GB):
+    close() must give back the KV cache sized from gpu_memory_utilization, the graphs and the workspaces."""
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    llm = _engine(bf16_model, dtype="bfloat16", num_kvcache_blocks=None, gpu_memory_utilization=0.2)
+    assert torch.cuda.memory_allocated() - base > 2**30  # a cache sized from memory, not a token one
+    llm.generate(*_requests(8, seed=1))
+    llm.close()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_allocated() - base < 64 * 2**20
+
+
 def test_replay_equals_eager_bitwise_every_size(bf16_model):
     with _engine(bf16_model, dtype="bfloat16") as llm:
         graphs = llm.runner.graphs

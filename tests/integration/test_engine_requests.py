@@ -291,6 +291,22 @@ def test_several_engines_side_by_side_and_close(model_dir):
         LLM(model_dir, not_a_flag=1)
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_close_lets_the_model_and_kv_cache_be_freed(model_dir, overlap):
+    """bench runs transformers in the same process after the engine: once closed and dropped, nothing may
+    still hold the runner or its KV cache (on a GPU, 90% of the device)."""
+    import gc
+    import weakref
+
+    llm = _engine(model_dir, overlap_scheduling=overlap)
+    runner, cache = weakref.ref(llm.runner), weakref.ref(llm.runner.k_cache)
+    llm.generate([_prompt(9, seed) for seed in range(5)], SamplingParams(temperature=0.7, max_tokens=6))
+    llm.close()
+    del llm
+    gc.collect()
+    assert runner() is None and cache() is None
+
+
 def test_matches_transformers_on_the_default_pool(model_dir):
     """No num_kvcache_blocks given: the CPU default pool applies and is documented as max_num_seqs full sequences."""
     import torch
