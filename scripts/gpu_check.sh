@@ -95,7 +95,9 @@ run_part preset 150 "$PY" scripts/gpu_check.py preset --cache-dir "$CACHE"
 for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid"; done
 
 # ---- d, g, e: one at a time, since they time things --------------------------------------------------
-wanted d && run_part d 200 "$PY" -m engine_service.bench --preset qwen3-0.6b --peers hf-static \
+# d: the engine's start-up and run (about a minute), then transformers' static batching (119 s on
+# BENCHMARKS.md's H200 with transformers 5.24; this machine has 5.17): 240 s leaves it room.
+wanted d && run_part d 240 "$PY" -m engine_service.bench --preset qwen3-0.6b --peers hf-static \
   --cache-dir "$CACHE" --json "$OUT_DIR/d_bench_A.json" --log-level INFO
 wanted g && run_part g 150 "$PY" scripts/gpu_check.py graphs --out "$OUT_DIR" --cache-dir "$CACHE"
 if wanted e; then
