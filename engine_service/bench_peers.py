@@ -31,7 +31,15 @@ class PeerRun:
 
 
 class PeerTimeout(RuntimeError):
-    """The continuous batching manager did not finish every request within its deadline."""
+    """The continuous batching manager did not finish every request within its deadline.
+
+    timed_seconds: how long the timed batch that was cut short had run (from its start to the deadline), or
+    None when the deadline passed during set-up or the warm-up, before any timed batch began.
+    """
+
+    def __init__(self, message: str, timed_seconds: float | None = None):
+        super().__init__(message)
+        self.timed_seconds = timed_seconds
 
 
 def _sync(device: torch.device) -> None:
@@ -172,7 +180,8 @@ def hf_continuous_runs(
     """One continuous batching manager: the warm-up requests, then each batch timed on its own.
 
     The manager's setup (cache allocation, warm-up, start of its thread) is outside the clock, as the engine's
-    construction is. Raises PeerTimeout when everything is not done within `timeout_s` of the start.
+    construction is. Raises PeerTimeout when everything is not done within `timeout_s` of the start; its
+    timed_seconds says how long the batch it cut short had (the rest went to set-up and the warm-up).
     """
     longest = max(max(n) for _, n in [warmup, *batches])
     manager = model.init_continuous_batching(generation_config=_generation_config(temperature, longest))
@@ -190,7 +199,11 @@ def hf_continuous_runs(
         _cb_wait(manager, *warmup, tag="warmup", deadline=deadline)
         for r, (prompts, max_tokens) in enumerate(batches):
             start = time.perf_counter()
-            done = _cb_wait(manager, prompts, max_tokens, tag=f"run{r}", deadline=deadline)
+            try:
+                done = _cb_wait(manager, prompts, max_tokens, tag=f"run{r}", deadline=deadline)
+            except PeerTimeout as exc:
+                exc.timed_seconds = deadline - start
+                raise
             _sync(model.device)
             seconds = time.perf_counter() - start
             wrong = sum(done[f"run{r}-{i}"] != n for i, n in enumerate(max_tokens))

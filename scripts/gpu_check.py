@@ -184,7 +184,8 @@ def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
         save()
         print(step_profile.format_summary(
             {"decode": r["decode"]},
-            f"(f) batch {batch}, graphs {use_graphs}, overlap {overlap}: ITL {r['itl_ms']:.2f} ms",
+            f"(f) batch {batch}, graphs {use_graphs}, overlap {overlap}: ITL "
+            + (f"{r['itl_ms']:.2f} ms" if r["itl_ms"] is not None else "? (no decode step measured)"),
         ))
     runner.graphs = graphs
     llm.overlap = overlap_default

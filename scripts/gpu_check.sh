@@ -36,6 +36,9 @@ mkdir -p "$CACHE" 2>/dev/null || { CACHE=/tmp/llm-grpc-serve-presets; mkdir -p "
 : > "$STATUS"
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
+# No network on the GPU machine: never let transformers or the Hub wait on a download (transformers 5.17's
+# continuous batching looks for attention kernels on the Hub when the `kernels` package is installed).
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 unset TRITON_INTERPRET  # compiled kernels, not the interpreter
 
 wanted() { [[ " $PARTS " == *" $1 "* ]]; }

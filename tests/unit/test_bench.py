@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 
 import pytest
 
@@ -192,4 +193,29 @@ def test_continuous_batching_past_its_deadline_is_an_error_not_a_hang(tiny_model
     result = bench.run_hf_continuous(plan, timeout_s=1e-3)
     assert result.tok_s is None
     assert "requests" in result.error
-    assert result.info["tok_s_upper_bound"] == pytest.approx(7 / 1e-3)
+    # The deadline passed in set-up or the warm-up: no timed batch ran, so there is no bound to quote.
+    assert "no bound" in result.error and "tok_s_upper_bound" not in result.info
+
+
+def test_continuous_batching_bound_divides_by_the_time_the_timed_batch_had(tiny_model_dir, monkeypatch):
+    """A timed batch cut short by the deadline bounds the peer by requested tokens over the time that batch
+    had (deadline - its start), not over the whole deadline, part of which set-up and the warm-up used."""
+
+    def fake_wait(manager, prompts, max_tokens, tag, deadline):
+        if tag == "warmup":
+            time.sleep(1.0)  # the warm-up eats a second of the deadline
+            return {}
+        raise bench_peers.PeerTimeout("continuous batching finished 0 of 2 requests in time")
+
+    monkeypatch.setattr(bench_peers, "_cb_wait", fake_wait)
+    plan = bench.Plan(
+        warmup=([[1, 2, 3]], [2]),
+        batches=[([[4, 5], [6]], [3, 4])],
+        model_dir=tiny_model_dir,
+        device="cpu",
+        dtype="float32",
+    )
+    result = bench.run_hf_continuous(plan, timeout_s=30.0)
+    timed = result.info["timed_seconds"]
+    assert 0 < timed <= 29.0
+    assert result.info["tok_s_upper_bound"] == pytest.approx(7 / timed)
