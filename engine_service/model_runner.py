@@ -227,6 +227,7 @@ class ModelRunner:
         - the sampler on max_num_seqs rows of logits, with top-k/top-p (its largest workspace) and without
           (the sampling kernel). The sampler's generator is restored: the warm-up draws no one's tokens.
         """
+        start = time.perf_counter()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         n = min(self.config.max_num_batched_tokens, self.max_model_len)
@@ -252,6 +253,8 @@ class ModelRunner:
         self.sampler.generator.set_state(state)
         peak = torch.cuda.max_memory_allocated(self.device)
         del caches, hidden, logits
+        log.info("warm-up: a %d-token forward, %d short prefills and the sampler on %d rows in %.1f s; peak %.2f GiB",
+                 n, sum(q < n for q in self.WARMUP_QUERY_LENS), rows, time.perf_counter() - start, peak / 2**30)
         return peak
 
     # ---- one step --------------------------------------------------------------------------------
