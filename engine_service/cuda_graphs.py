@@ -180,6 +180,7 @@ class DecodeGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph | _EagerReplay] = {}
         self.pool = None
         self.capture_seconds = 0.0
+        self.capture_bytes = 0  # device memory reserved by capture (the graphs' pool and eager warm-ups)
         self.num_replays = 0  # steps served by a graph, for tests and profiling
 
     def _on_device(self):
@@ -224,6 +225,7 @@ class DecodeGraphRunner:
         self.context_lens.zero_()
         with self._on_device():
             if self.use_cuda_graphs:
+                reserved_before = torch.cuda.memory_reserved(self.device)
                 self.pool = torch.cuda.graph_pool_handle()
             for size in reversed(self.sizes):
                 # Eager warm-up: Triton compiles and loads this size's kernels (its split count, its
@@ -239,6 +241,7 @@ class DecodeGraphRunner:
                 self.graphs[size] = graph
             if self.use_cuda_graphs:
                 torch.cuda.synchronize(self.device)
+                self.capture_bytes = torch.cuda.memory_reserved(self.device) - reserved_before
         self.capture_seconds = time.perf_counter() - start
         return self.capture_seconds
 
@@ -382,9 +385,11 @@ def build_decode_graphs(runner: ModelRunner) -> DecodeGraphRunner | None:
         )
         return None
     log.info(
-        "captured %d CUDA graphs for decode batch sizes %s in %.1f s; replay == eager bitwise for each",
+        "captured %d CUDA graphs for decode batch sizes %s in %.1f s (%.0f MiB of device memory); replay == "
+        "eager bitwise for each",
         len(graphs.sizes),
         graphs.sizes,
         seconds,
+        graphs.capture_bytes / 2**20,
     )
     return graphs

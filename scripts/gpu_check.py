@@ -68,6 +68,7 @@ def cmd_preset(cache_dir: Path) -> int:
 def _graph_check(graphs, report: dict) -> None:
     """(c) replay vs eager of the same padded batch, every captured size, fresh random inputs."""
     report["capture_s"] = graphs.capture_seconds
+    report["capture_mib"] = graphs.capture_bytes / 2**20
     report["num_kv_splits"] = graphs.num_kv_splits
     seed = int(time.time()) % 100_000
     results = graphs.self_check(seed=seed)
@@ -263,7 +264,8 @@ def _part_results(out: Path) -> dict[str, str]:
         n_ok = sum(1 for s in check["sizes"] if s["hidden_equal"] and s["logits_equal"] and s["finite"])
         res["c"] = (
             f"{n_ok}/{len(check['sizes'])} sizes bitwise equal (hidden + logits); "
-            f"capture {g.get('capture_s', 0):.1f} s; start-up kept graphs: {g.get('startup_graphs_on')}"
+            f"capture {g.get('capture_s', 0):.1f} s, {g.get('capture_mib', 0):,.0f} MiB; "
+            f"start-up kept graphs: {g.get('startup_graphs_on')}"
         )
     a = _load(out / "d_bench_A.json")
     if not a:
