@@ -113,7 +113,9 @@ def test_closing_the_engine_returns_its_device_memory(bf16_model):
     del llm
     gc.collect()
     torch.cuda.empty_cache()
-    assert torch.cuda.memory_allocated() - base < 64 * 2**20
+    # What may stay is process-wide, not the engine's: cuBLAS workspaces of torch's shared graph-capture
+    # stream (tens of MiB, allocated on a process's first capture). A leaked KV cache would be gigabytes.
+    assert torch.cuda.memory_allocated() - base < 256 * 2**20
 
 
 def test_replay_equals_eager_bitwise_every_size(bf16_model):
