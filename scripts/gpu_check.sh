@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-shot GPU check of issue 3, for one H200 with no network (about 6 minutes; see docs/GPU.md).
+# The one-shot GPU check of issue 3, for one H200 with no network (about 7 minutes; see docs/GPU.md).
 #
 #   scripts/gpu_check.sh              # every part
 #   scripts/gpu_check.sh b g          # only these parts (env and the preset always run first)
@@ -102,7 +102,16 @@ for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid"; done
 # BENCHMARKS.md's H200 with transformers 5.24; this machine has 5.17): 240 s leaves it room.
 wanted d && run_part d 240 "$PY" -m engine_service.bench --preset qwen3-0.6b --peers hf-static \
   --cache-dir "$CACHE" --json "$OUT_DIR/d_bench_A.json" --log-level INFO
-wanted g && run_part g 150 "$PY" scripts/gpu_check.py graphs --out "$OUT_DIR" --cache-dir "$CACHE"
+if wanted g; then
+  # g holds an acceptance check (graph replay on Qwen3-0.6B): at least 90 s even past the budget, when slow
+  # parts before it left less.
+  left=$((BUDGET - ($(date +%s) - START)))
+  if ((left >= 90)); then
+    run_part g 150 "$PY" scripts/gpu_check.py graphs --out "$OUT_DIR" --cache-dir "$CACHE"
+  else
+    NOCAP=1 run_part g 90 "$PY" scripts/gpu_check.py graphs --out "$OUT_DIR" --cache-dir "$CACHE"
+  fi
+fi
 if wanted e; then
   # transformers' continuous batching gets what the budget leaves, between 30 and 60 s, even past the
   # budget; one that does not finish is reported as a bound, "< requested tokens / seconds allowed".
