@@ -182,14 +182,19 @@ def test_engine_runs_the_plan(tiny_model_dir):
     assert result.tok_s > 0
 
 
-def test_continuous_batching_past_its_deadline_is_an_error_not_a_hang(tiny_model_dir):
-    plan = bench.Plan(
+def _small_plan(model_dir) -> bench.Plan:
+    """A one-request warm-up, then one timed batch of two requests asking for 7 tokens in all."""
+    return bench.Plan(
         warmup=([[1, 2, 3]], [2]),
         batches=[([[4, 5], [6]], [3, 4])],
-        model_dir=tiny_model_dir,
+        model_dir=model_dir,
         device="cpu",
         dtype="float32",
     )
+
+
+def test_continuous_batching_past_its_deadline_is_an_error_not_a_hang(tiny_model_dir):
+    plan = _small_plan(tiny_model_dir)
     result = bench.run_hf_continuous(plan, timeout_s=1e-3)
     assert result.tok_s is None
     assert "requests" in result.error
@@ -208,13 +213,7 @@ def test_continuous_batching_bound_divides_by_the_time_the_timed_batch_had(tiny_
         raise bench_peers.PeerTimeout("continuous batching finished 0 of 2 requests in time")
 
     monkeypatch.setattr(bench_peers, "_cb_wait", fake_wait)
-    plan = bench.Plan(
-        warmup=([[1, 2, 3]], [2]),
-        batches=[([[4, 5], [6]], [3, 4])],
-        model_dir=tiny_model_dir,
-        device="cpu",
-        dtype="float32",
-    )
+    plan = _small_plan(tiny_model_dir)
     result = bench.run_hf_continuous(plan, timeout_s=30.0)
     timed = result.info["timed_seconds"]
     assert 0 < timed <= 29.0
