@@ -30,5 +30,10 @@ def require_triton_interpreter() -> None:
     """
     require(importlib.util.find_spec("triton") is not None, "triton (the test extra pins triton==3.6.*)")
     if os.environ.get("TRITON_INTERPRET") != "1":
+        import torch
+
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes") and not torch.cuda.is_available():
+            pytest.fail(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} on a CI machine without CUDA: "
+                        "the Triton acceptance tests would not run; leave it unset (tests/conftest.py sets it)")
         pytest.skip("TRITON_INTERPRET is not 1 in this process: these tests run Triton kernels on CPU under "
                     "the interpreter (scripts/run_tests.sh runs them with it set)", allow_module_level=True)
