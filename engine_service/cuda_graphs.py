@@ -31,7 +31,6 @@ Tensor parallelism > 1 runs eagerly too (its all-reduces are not captured here).
 from __future__ import annotations
 
 import bisect
-import contextlib
 import logging
 import random
 import time
@@ -41,6 +40,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine_service.attention.base import AttentionMetadata
+from engine_service.host_copy import on_device
 from engine_service.model.qwen3 import kv_heads_per_rank
 
 if TYPE_CHECKING:
@@ -183,11 +183,6 @@ class DecodeGraphRunner:
         self.capture_bytes = 0  # device memory reserved by capture (the graphs' pool and eager warm-ups)
         self.num_replays = 0  # steps served by a graph, for tests and profiling
 
-    def _on_device(self):
-        """The runner's device as the current one (it may be cuda:1 while cuda:0 is current): Triton
-        launches and graph captures use the current device."""
-        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-
     # ---- the forward a graph holds -----------------------------------------------------------------
     def metadata(self, size: int) -> AttentionMetadata:
         """Attention metadata over the first `size` lanes of the static buffers.
@@ -223,7 +218,7 @@ class DecodeGraphRunner:
         # Every lane a padding lane: the warm-ups and captures write nothing into the KV cache.
         self.slot_mapping.fill_(-1)
         self.context_lens.zero_()
-        with self._on_device():
+        with on_device(self.device):
             if self.use_cuda_graphs:
                 reserved_before = torch.cuda.memory_reserved(self.device)
                 self.pool = torch.cuda.graph_pool_handle()
@@ -295,7 +290,7 @@ class DecodeGraphRunner:
         Uses KV blocks [0, SELF_CHECK_BLOCKS), filled with random values and restored afterwards, so it
         may run on an idle engine (never during a step).
         """
-        with self._on_device():
+        with on_device(self.device):
             return self._self_check(seed)
 
     def _self_check(self, seed: int) -> list[CheckResult]:

@@ -1,4 +1,4 @@
-"""Host lists to device tensors without waiting for the device.
+"""Host lists to device tensors without waiting for the device, and the device a block of launches targets.
 
 `torch.tensor(values, device="cuda")` copies from pageable memory and then synchronises the stream: it waits
 for every kernel already queued. A step that builds its inputs while the previous step still computes
@@ -9,6 +9,8 @@ has run), a plain tensor elsewhere.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -17,3 +19,10 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def on_device(device: torch.device):
+    """A context making `device` the current CUDA device (a no-op elsewhere). Triton launches and graph
+    captures target the current device, which is per thread: the engine loop's thread starts on device 0,
+    while a runner may own cuda:1."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -8,7 +8,6 @@ one wait, for the sampled tokens. On CUDA, pure-decode steps replay captured gra
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -20,7 +19,7 @@ import torch
 
 from engine_service.attention import AttentionMetadata, make_backend, resolve_backend_name
 from engine_service.config import EngineConfig
-from engine_service.host_copy import to_device
+from engine_service.host_copy import on_device, to_device
 from engine_service.model.config import ModelConfig
 from engine_service.model.layers import TPInfo
 from engine_service.model.loader import load_weights
@@ -141,11 +140,6 @@ class ModelRunner:
 
             self.graphs = build_decode_graphs(self)
 
-    def _on_device(self):
-        """Make self.device the current CUDA device for a block: triton launches on the current device, which
-        is per thread (the engine loop's thread starts on device 0)."""
-        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-
     def _tune_decode_attention(self) -> None:
         """Pick the Triton decode tile for this model on this device by timing the candidates on a full
         decode batch (max_num_seqs sequences of up to 1,024 keys) over the real KV cache, before any graph
@@ -156,7 +150,7 @@ class ModelRunner:
         heads = self.model_cfg.num_attention_heads // self.tp.size
         context = max(1, min(self.max_model_len, 1024))
         try:
-            with self._on_device():
+            with on_device(self.device):
                 picked, timings = tune_decode_tile(
                     self.k_cache[0], self.v_cache[0], heads, self.config.max_num_seqs, context
                 )
@@ -239,7 +233,7 @@ class ModelRunner:
         ] * self.model_cfg.num_hidden_layers
         rows = self.config.max_num_seqs
         state = self.sampler.generator.get_state()
-        with torch.inference_mode(), self._on_device():
+        with torch.inference_mode(), on_device(self.device):
             for q_len in (n, *(q for q in self.WARMUP_QUERY_LENS if q < n)):
                 ids = torch.zeros(q_len, dtype=torch.long, device=self.device)
                 pos = torch.arange(q_len, device=self.device)
@@ -372,7 +366,7 @@ class ModelRunner:
 
         previous: the launched step whose sampled tokens are this batch's inputs (a batch scheduled ahead).
         """
-        with self._on_device():  # triton kernels launch on the thread's current device
+        with on_device(self.device):  # triton kernels launch on the thread's current device (host_copy)
             return self._launch(batch, rows, workers, on_launch, previous)
 
     def _launch(self, batch, rows, workers, on_launch, previous) -> Launched:

@@ -209,18 +209,26 @@ def _time(fn, iters: int = 50) -> float:
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time compile for sm_90, no GPU needed
 # ---------------------------------------------------------------------------------------------
+def _bind(launch, backend) -> tuple:
+    """triton's JIT binder on a planned launch: (bound args, specialisation, options), the specialisation
+    being what selects a compiled variant (ints == 1 become constexprs, 16-divisible ints and pointers get
+    divisibility)."""
+    from triton.runtime.jit import create_function_from_signature
+
+    binder = create_function_from_signature(launch.kernel.signature, launch.kernel.params, backend)
+    return binder(*launch.args, **launch.constexprs, **launch.options)
+
+
 def _aot_compile(launch, target) -> object:
     """Compile one planned launch as triton's JIT would on the target: same binder, same
     specialisation (ints == 1 become constexprs, 16-divisible ints and pointers get divisibility)."""
     import triton
     from triton.compiler.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
 
     fn = launch.kernel
     backend = make_backend(target)
     kwargs = {**launch.constexprs, **launch.options}
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    bound_args, specialization, options = _bind(launch, backend)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
     src = ASTSource(fn, signature, constexprs, attrs)
     return triton.compile(src, target=target, options=options.__dict__)
@@ -236,7 +244,6 @@ def check_specialisation(target) -> bool:
     import random
 
     from triton.compiler.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
 
     backend = make_backend(target)
     rng = random.Random(0)
@@ -251,10 +258,8 @@ def check_specialisation(target) -> bool:
         tables = b.block_tables[:, :blocks].contiguous()  # stride(0) == blocks, as the engine packs them
         for launch in tk._plan_paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens,
                                                tables, 128 ** -0.5, b.max_seqlen_q, torch.empty_like(b.q), 1):
-            fn = launch.kernel
-            binder = create_function_from_signature(fn.signature, fn.params, backend)
-            _, spec, _ = binder(*launch.args, **launch.constexprs, **launch.options)
-            found.setdefault((fn.__name__, *sorted(launch.constexprs.items())), set()).add(repr(spec))
+            _, spec, _ = _bind(launch, backend)
+            found.setdefault((launch.kernel.__name__, *sorted(launch.constexprs.items())), set()).add(repr(spec))
     ok = all(len(v) == 1 for v in found.values())
     for key, specs in found.items():
         if len(specs) > 1:

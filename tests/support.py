@@ -28,8 +28,10 @@ def require_triton_interpreter() -> None:
     on machines without CUDA; on a CUDA machine scripts/run_tests.sh runs these tests in their own pytest
     process with TRITON_INTERPRET=1, and tests/gpu in another without it.
     """
+    from engine_service.attention import triton_interpreted
+
     require(importlib.util.find_spec("triton") is not None, "triton (the test extra pins triton==3.6.*)")
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not triton_interpreted():
         import torch
 
         if os.environ.get("CI", "").lower() in ("1", "true", "yes") and not torch.cuda.is_available():

@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from engine_service.attention import triton_interpreted
 from engine_service.attention.base import AttentionBackend, AttentionMetadata
 
 
@@ -19,7 +20,7 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
 
     def __init__(self, device: torch.device):
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type == "cpu" and not triton_interpreted():
             if "triton" in sys.modules:
                 raise ValueError(
                     "attention_backend='triton' on CPU needs TRITON_INTERPRET=1 set before triton is "

@@ -4,7 +4,6 @@ path with a stand-in for graph replay (same static buffers and padding lanes, fo
 from __future__ import annotations
 
 import importlib.util
-import os
 import random
 
 import pytest
@@ -45,7 +44,9 @@ def test_pack_pads_lanes_and_tables():
 def _interpreter_usable() -> bool:
     # The triton backend runs on CPU only under the interpreter, chosen for the process before triton is
     # imported (tests/support.py: require_triton_interpreter).
-    return importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
+    from engine_service.attention import triton_interpreted
+
+    return importlib.util.find_spec("triton") is not None and triton_interpreted()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
