@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine_service.attention import triton_interpreted
+from engine_service.attention import check_interpreter_numpy, triton_interpreted
 from engine_service.host_copy import to_device
 from engine_service.sampling_params import SamplingParams
 
@@ -41,6 +41,8 @@ class Sampler:
                 "triton_sampling on CUDA needs compiled kernels, but TRITON_INTERPRET=1 is set in this process; "
                 "unset TRITON_INTERPRET, or pass triton_sampling=False"
             )
+        if triton_sampling and not on_cuda:
+            check_interpreter_numpy("triton_sampling", "pass triton_sampling=False")
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)

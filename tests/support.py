@@ -28,7 +28,7 @@ def require_triton_interpreter() -> None:
     on machines without CUDA; on a CUDA machine scripts/run_tests.sh runs these tests in their own pytest
     process with TRITON_INTERPRET=1, and tests/gpu in another without it.
     """
-    from engine_service.attention import triton_interpreted
+    from engine_service.attention import check_interpreter_numpy, triton_interpreted
 
     require(importlib.util.find_spec("triton") is not None, "triton (the test extra pins triton==3.6.*)")
     if not triton_interpreted():
@@ -39,3 +39,7 @@ def require_triton_interpreter() -> None:
                         "the Triton acceptance tests would not run; leave it unset (tests/conftest.py sets it)")
         pytest.skip("TRITON_INTERPRET is not 1 in this process: these tests run Triton kernels on CPU under "
                     "the interpreter (scripts/run_tests.sh runs them with it set)", allow_module_level=True)
+    try:
+        check_interpreter_numpy("the Triton kernel tests", "run scripts/run_tests.sh, whose venv pins it")
+    except ValueError as exc:  # a broken environment, not a reason to skip the acceptance tests quietly
+        pytest.fail(str(exc))

@@ -12,12 +12,20 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 import torch
 
 from engine_service.attention.base import AttentionBackend, AttentionMetadata
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "make_backend", "resolve_backend_name", "triton_interpreted"]
+__all__ = [
+    "AttentionBackend",
+    "AttentionMetadata",
+    "check_interpreter_numpy",
+    "make_backend",
+    "resolve_backend_name",
+    "triton_interpreted",
+]
 
 FLASH_ATTN_BLOCK_MULTIPLE = 256
 
@@ -31,6 +39,26 @@ def triton_interpreted() -> bool:
     Interpreted kernels copy every argument to the host: usable on CPU, never on CUDA tensors (and never
     inside a CUDA-graph capture)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Triton 3.6's interpreter holds a runtime loop bound (a kernel argument or a loaded value) as a 1-element array
+# and turns it into a Python int, which numpy 2.4 and later refuse ("only 0-dimensional arrays can be converted
+# to Python scalars"). The attention and sampling kernels both loop to such bounds (a sequence's blocks, the
+# vocabulary), so neither can run interpreted there.
+INTERPRETER_MAX_NUMPY = (2, 4)
+
+
+def check_interpreter_numpy(what: str, instead: str) -> None:
+    """Refuse, before any step, to run `what` under Triton's interpreter with a numpy it cannot work with;
+    `instead` names the way around it in the message."""
+    import numpy
+
+    found = tuple(int(part) for part in re.findall(r"\d+", numpy.__version__)[:2])
+    if found >= INTERPRETER_MAX_NUMPY:
+        raise ValueError(
+            f"{what}: on CPU the kernels run under Triton's interpreter, which fails with numpy {numpy.__version__} "
+            f"(its loops to bounds known only at run time need numpy<2.4); install 'numpy<2.4' (the project pins it), or {instead}"
+        )
 
 
 def resolve_backend_name(name: str, device: torch.device, block_size: int) -> str:
@@ -58,6 +86,8 @@ def resolve_backend_name(name: str, device: torch.device, block_size: int) -> st
             "process (the interpreter runs kernels on the host); unset TRITON_INTERPRET, or use "
             "attention_backend='torch'"
         )
+    if name == "triton" and not on_cuda:
+        check_interpreter_numpy("attention_backend='triton'", "use attention_backend='torch'")
     return name
 
 

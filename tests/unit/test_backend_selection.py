@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -56,6 +57,28 @@ def test_explicit_choices_that_cannot_run_are_refused(installed):
         attention.resolve_backend_name("flash_attn", CUDA, 16)
     with pytest.raises(ValueError, match="triton"):
         attention.resolve_backend_name("triton", CPU, 16)
+
+
+@pytest.mark.parametrize("version", ["2.4.0", "2.5.2", "3.0.0rc1"])
+def test_interpreted_kernels_are_refused_at_start_up_with_a_numpy_the_interpreter_fails_on(
+    installed, monkeypatch, version
+):
+    """numpy >= 2.4 breaks Triton 3.6's interpreter inside the first step; the backend and sampler choice
+    refuse it up front, naming the version found and the two ways out."""
+    import numpy
+
+    from engine_service.sampler import Sampler
+
+    installed.add("triton")
+    monkeypatch.setattr(numpy, "__version__", version)
+    with pytest.raises(ValueError, match=rf"numpy {re.escape(version)}.*numpy<2\.4.*attention_backend='torch'"):
+        attention.resolve_backend_name("triton", CPU, 16)
+    with pytest.raises(ValueError, match=r"numpy<2\.4.*triton_sampling=False"):
+        Sampler(CPU, seed=0, triton_sampling=True)
+    assert attention.resolve_backend_name("triton", CUDA, 16) == "triton"  # compiled kernels: numpy is moot
+    assert attention.resolve_backend_name("auto", CPU, 16) == "torch"
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    assert attention.resolve_backend_name("triton", CPU, 16) == "triton"
 
 
 def test_engine_imports_without_triton_or_flash_attn_and_core_modules_without_torch():
