@@ -139,6 +139,8 @@ class ModelRunner:
             from engine_service.cuda_graphs import build_decode_graphs
 
             self.graphs = build_decode_graphs(self)
+        if self.device.type == "cuda" and self.backend_name == "triton" and self.graphs is None:
+            self._warm_up_eager_decode()
 
     def _tune_decode_attention(self) -> None:
         """Pick the Triton decode tile for this model on this device by timing the candidates on a full
@@ -178,6 +180,31 @@ class ModelRunner:
                 "sequences of %d keys: %s",
                 picked, seconds, self.config.max_num_seqs, context, found,
             )
+
+    def _warm_up_eager_decode(self) -> None:
+        """Where decode runs eagerly (enforce_eager, tensor parallelism, graphs turned off), compile the
+        decode attention for every split-KV count a batch of 1 to max_num_seqs sequences can pick, so that
+        none compiles inside a step. Graph capture does this for its own sizes; eager batches meet more
+        counts (on an H200 with 8 KV heads, batch 3 splits 11 ways, batch 5 seven).
+
+        One forward per count, at the smallest batch that picks it: one key per sequence, read from block 0,
+        and padding slots (-1), so the KV cache is read but never written.
+        """
+        from engine_service.attention.triton_kernels import default_num_kv_splits
+
+        start = time.perf_counter()
+        kv_heads = kv_heads_per_rank(self.model_cfg, self.tp)
+        first_batch: dict[int, int] = {}
+        for b in range(1, self.config.max_num_seqs + 1):
+            first_batch.setdefault(default_num_kv_splits(b, kv_heads, 1, self.device), b)
+        with torch.inference_mode(), on_device(self.device):
+            for b in first_batch.values():
+                ids = torch.zeros(b, dtype=torch.long, device=self.device)
+                meta = self._metadata([1] * b, [1] * b, [[0]] * b, [-1] * b, b)
+                self.model(ids, torch.zeros_like(ids), self.kv_caches, meta, self.backend)
+            torch.cuda.synchronize(self.device)
+        log.info("eager decode: attention compiled for split-KV counts %s (batches %s) in %.1f s",
+                 sorted(first_batch), sorted(first_batch.values()), time.perf_counter() - start)
 
     # ---- KV-cache sizing -----------------------------------------------------------------------
     def block_bytes(self) -> int:

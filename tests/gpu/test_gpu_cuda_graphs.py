@@ -71,11 +71,14 @@ def _requests(n: int, seed: int, max_prompt: int = 60, max_tokens: int = 24):
     return prompts, params
 
 
-def test_serving_compiles_no_kernel_variant_after_start_up(bf16_model):
-    """Start-up (the warm-up, the decode tile tuner, graph capture) compiles every Triton variant a step can
-    meet, so none compiles inside a timed step: prefills whose longest query is 2-8, 9-16 and more tokens,
-    batches of 1 to 40 sequences, block tables of many widths, sampled and greedy rows add none. Run in
-    float16, which no other test here uses, so no earlier test has compiled these variants already."""
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
+def test_serving_compiles_no_kernel_variant_after_start_up(bf16_model, enforce_eager):
+    """Start-up (the warm-up, the decode tile tuner, graph capture or, eagerly, a decode per split-KV count)
+    compiles every Triton variant a step can meet, so none compiles inside a timed step: prefills whose
+    longest query is 2-8, 9-16 and more tokens, decode batches of 1 to 40 sequences (3, 5, 6 and 9 among
+    them, whose eager split counts no captured size has), block tables of many widths, sampled and greedy
+    rows add none. Run in float16, which no other test here uses, so no other test has compiled these
+    variants already."""
     from engine_service import SamplingParams
     from engine_service import sampling_kernels as sk
     from engine_service.attention import triton_kernels as tk
@@ -87,7 +90,7 @@ def test_serving_compiles_no_kernel_variant_after_start_up(bf16_model):
         return {k.__name__: sum(len(cache[0]) for cache in k.device_caches.values()) for k in kernels}
 
     rng = random.Random(3)
-    with _engine(bf16_model, dtype="float16") as llm:
+    with _engine(bf16_model, dtype="float16", enforce_eager=enforce_eager) as llm:
         before = variants()
         assert before[tk._paged_attention_kernel.__name__] > 0
         for lo, hi, n in ((2, 8, 5), (9, 16, 5), (1, 300, 40)):
@@ -95,6 +98,9 @@ def test_serving_compiles_no_kernel_variant_after_start_up(bf16_model):
             params = [SamplingParams(temperature=rng.choice([0.0, 0.7]), max_tokens=rng.randint(1, 24))
                       for _ in range(n)]
             llm.generate(prompts, params)
+        for n in (3, 5, 6, 9):  # decode steps of exactly n sequences
+            llm.generate([[rng.randrange(VOCAB) for _ in range(4)] for _ in range(n)],
+                         [SamplingParams(temperature=0.0, max_tokens=4)] * n)
         assert variants() == before
 
 

@@ -214,3 +214,51 @@ def test_warm_up_meets_every_query_tile_and_the_sampler_before_serving(tmp_path,
         assert torch.equal(runner.sampler.generator.get_state(), state)
     finally:
         llm.close()
+
+
+def test_eager_decode_warm_up_meets_every_split_count_and_writes_nothing(tmp_path, monkeypatch):
+    """ModelRunner._warm_up_eager_decode (run at start-up on CUDA when decode runs eagerly), here with the
+    triton backend under the interpreter and a stand-in for the CUDA split heuristic: one decode forward per
+    split-KV count, at the smallest batch that picks it, and the KV cache is left as it was."""
+    from tests.support import require_triton_interpreter
+
+    require_triton_interpreter()
+    from engine_service import LLM
+    from engine_service.attention import triton_kernels as tk
+    from tests.integration.tiny import make_qwen3
+
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=32, layers=2, dtype=torch.float32)
+    llm = LLM(str(tmp_path), device="cpu", dtype="float32", attention_backend="triton", enforce_eager=True,
+              kvcache_block_size=8, num_kvcache_blocks=32, max_num_seqs=8, max_num_batched_tokens=64,
+              max_model_len=128)
+    runner = llm.runner
+    try:
+        # As on a GPU with 8 multiprocessors: ceil(16 / programs) splits, at most 16, for decode only.
+        def splits(num_seqs, num_kv_heads, max_seqlen_q, device):
+            return 1 if max_seqlen_q > 1 else min(16, -(-16 // (num_seqs * num_kv_heads)))
+
+        monkeypatch.setattr(tk, "default_num_kv_splits", splits)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+        seen: list[tuple[int, int, list[int]]] = []
+        forward = runner.backend.forward
+
+        def spy_forward(q, k, v, k_cache, v_cache, meta, scale):
+            seen.append((len(meta.q_lens), meta.max_seqlen_q, meta.slot_mapping.tolist()))
+            out = forward(q, k, v, k_cache, v_cache, meta, scale)
+            assert torch.isfinite(out).all()
+            return out
+
+        monkeypatch.setattr(runner.backend, "forward", spy_forward)
+        runner.k_cache.normal_()
+        runner.v_cache.normal_()
+        k_before, v_before = runner.k_cache.clone(), runner.v_cache.clone()
+
+        runner._warm_up_eager_decode()
+
+        # kv_heads 2, batches 1-8: splits 8, 4, 3, 2, 2, 2, 2, 1 -> first batches 1, 2, 3, 4 and 8.
+        layers = 2
+        assert [(n, q) for n, q, _ in seen] == [(n, 1) for n in (1, 2, 3, 4, 8) for _ in range(layers)]
+        assert all(slots == [-1] * n for n, _, slots in seen)
+        assert torch.equal(runner.k_cache, k_before) and torch.equal(runner.v_cache, v_before)
+    finally:
+        llm.close()
