@@ -245,9 +245,25 @@ def _picked_tile(log: Path) -> str:
     return f"tile {tile}" + (f" at {rate.group(1)} GB/s ({seqs} sequences x {keys} keys)" if rate else "")
 
 
+def _pytest_result(log: Path) -> str:
+    """pytest's closing line; for a run cut short (no closing line), what `-v` had reported by then."""
+    last = _tail(log)
+    if re.search(r"\b(passed|failed|error|skipped|no tests ran)\b.* in [\d.]+s", last):
+        return last
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return last
+    counts = {word: len(re.findall(rf"::\S+ {word.upper()}\b", text)) for word in ("passed", "failed", "error")}
+    if not any(counts.values()):
+        return last
+    done = ", ".join(f"{n} {word}" for word, n in counts.items() if n)
+    return f"cut short: {done} before it stopped (last: {last[:80]})"
+
+
 def _part_results(out: Path) -> dict[str, str]:
     res: dict[str, str] = {}
-    res["a"] = _tail(out / "a.log")
+    res["a"] = _pytest_result(out / "a.log")
     log = (out / "b.log").read_text(errors="replace") if (out / "b.log").exists() else ""
     cases = re.findall(r"\s(ok|FAIL)(?: \(NaN left in output\))?$", log, re.M)
     verdict = re.search(r"^(PASS|FAIL) in", log, re.M)

@@ -87,7 +87,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi >"$OUT_DIR/nvidia-smi.txt" 2>&1
 # ---- a and b (correctness; b's kernel timings are indicative only) while the preset is built on the CPU --
 pids=()
 if wanted a; then
-  run_part a 150 "$PY" -m pytest tests/gpu -q -p no:cacheprovider &
+  run_part a 150 "$PY" -m pytest tests/gpu -v -p no:cacheprovider &
   pids+=($!)
 fi
 if wanted b; then

@@ -262,3 +262,31 @@ def test_eager_decode_warm_up_meets_every_split_count_and_writes_nothing(tmp_pat
         assert torch.equal(runner.k_cache, k_before) and torch.equal(runner.v_cache, v_before)
     finally:
         llm.close()
+
+
+def test_gpu_check_reports_the_gpu_tests_even_when_cut_short(tmp_path):
+    """Part a's row: pytest's closing line, or, when the part's time limit killed pytest before it, the
+    tests `-v` had reported passed and failed by then (real pytest output, cut where a kill would)."""
+    import subprocess
+    import sys
+
+    from scripts import gpu_check
+
+    (tmp_path / "test_sample.py").write_text(
+        "def test_one():\n    assert True\n\n\ndef test_two():\n    assert True\n\n\n"
+        "def test_three():\n    assert 1 == 2\n"
+    )
+    log = tmp_path / "a.log"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "test_sample.py"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    log.write_text(run.stdout)
+    assert run.returncode == 1
+    closing = gpu_check._pytest_result(log)
+    assert "1 failed, 2 passed" in closing and not closing.startswith("cut short")
+
+    lines = run.stdout.splitlines()
+    last_result = max(i for i, line in enumerate(lines) if "test_three FAILED" in line)
+    log.write_text("\n".join(lines[: last_result + 1]) + "\n")  # killed right after the last test
+    assert gpu_check._pytest_result(log).startswith("cut short: 2 passed, 1 failed before it stopped")
+    log.write_text("\n".join(lines[: last_result - 1]) + "\n")  # killed while test_two ran
+    assert gpu_check._pytest_result(log).startswith("cut short: 1 passed before it stopped")
