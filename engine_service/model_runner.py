@@ -182,7 +182,8 @@ class ModelRunner:
             )
 
     def _warm_up_eager_decode(self) -> None:
-        """Where decode runs eagerly (enforce_eager, tensor parallelism, graphs turned off), compile the
+        """Where decode runs eagerly (enforce_eager, tensor parallelism, graphs turned off by a failed capture
+        or self-check), compile the
         decode attention for every split-KV count a batch of 1 to max_num_seqs sequences can pick, so that
         none compiles inside a step. Graph capture does this for its own sizes; eager batches meet more
         counts (on an H200 with 8 KV heads, batch 3 splits 11 ways, batch 5 seven).
@@ -194,6 +195,8 @@ class ModelRunner:
 
         start = time.perf_counter()
         kv_heads = kv_heads_per_rank(self.model_cfg, self.tp)
+        # Tensor-parallel ranks run these forwards (and their all-reduces) in step, so they must find the same
+        # batches: the split counts depend on the device's SM count, so ranks must be the same GPU model.
         first_batch: dict[int, int] = {}
         for b in range(1, self.config.max_num_seqs + 1):
             first_batch.setdefault(default_num_kv_splits(b, kv_heads, 1, self.device), b)

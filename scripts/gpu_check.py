@@ -248,16 +248,18 @@ def _picked_tile(log: Path) -> str:
 def _pytest_result(log: Path) -> str:
     """pytest's closing line; for a run cut short (no closing line), what `-v` had reported by then."""
     last = _tail(log)
-    if re.search(r"\b(passed|failed|error|skipped|no tests ran)\b.* in [\d.]+s", last):
+    if re.fullmatch(r"=+ .+ in [\d.]+s\b.*=+", last):  # "=== 12 passed, 1 skipped in 95.31s (0:01:35) ==="
         return last
     try:
         text = log.read_text(errors="replace")
     except OSError:
         return last
-    counts = {word: len(re.findall(rf"::\S+ {word.upper()}\b", text)) for word in ("passed", "failed", "error")}
-    if not any(counts.values()):
+    # `-v` reports each test as "path::id[params] PASSED [ 8%]"; ids may hold spaces.
+    outcomes = re.findall(r"^\S.*::.* (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", text, re.M)
+    if not outcomes:
         return last
-    done = ", ".join(f"{n} {word}" for word, n in counts.items() if n)
+    done = ", ".join(f"{outcomes.count(word)} {word.lower()}" for word in ("PASSED", "FAILED", "ERROR", "SKIPPED",
+                                                                          "XFAIL", "XPASS") if word in outcomes)
     return f"cut short: {done} before it stopped (last: {last[:80]})"
 
 

@@ -26,7 +26,8 @@ def require_triton_interpreter() -> None:
 
     The interpreter is chosen for the whole process before triton is imported: tests/conftest.py chooses it
     on machines without CUDA; on a CUDA machine scripts/run_tests.sh runs these tests in their own pytest
-    process with TRITON_INTERPRET=1, and tests/gpu in another without it.
+    process with TRITON_INTERPRET=1, and tests/gpu in another without it. With a numpy the interpreter fails
+    on (2.4 and later) it skips, saying so, and fails under CI=true, as `require` does for a missing tool.
     """
     from engine_service.attention import check_interpreter_numpy, triton_interpreted
 
@@ -41,5 +42,7 @@ def require_triton_interpreter() -> None:
                     "the interpreter (scripts/run_tests.sh runs them with it set)", allow_module_level=True)
     try:
         check_interpreter_numpy("the Triton kernel tests", "run scripts/run_tests.sh, whose venv pins it")
-    except ValueError as exc:  # a broken environment, not a reason to skip the acceptance tests quietly
-        pytest.fail(str(exc))
+    except ValueError as exc:  # as for a missing tool: the reason on a developer's machine, red under CI
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(str(exc), pytrace=False)
+        pytest.skip(str(exc), allow_module_level=True)

@@ -14,9 +14,12 @@ from engine_service import attention
 
 @pytest.fixture
 def installed(monkeypatch):
+    import numpy
+
     present: set[str] = set()
     monkeypatch.setattr(attention, "_importable", lambda name: name in present)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # compiled kernels, as on a GPU machine
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")  # one the interpreter works with, whatever is installed
     return present
 
 

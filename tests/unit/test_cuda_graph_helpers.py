@@ -273,7 +273,8 @@ def test_gpu_check_reports_the_gpu_tests_even_when_cut_short(tmp_path):
     from scripts import gpu_check
 
     (tmp_path / "test_sample.py").write_text(
-        "def test_one():\n    assert True\n\n\ndef test_two():\n    assert True\n\n\n"
+        "import pytest\n\n\ndef test_one():\n    assert True\n\n\n"
+        "@pytest.mark.parametrize('x', ['a b'])\ndef test_two(x):\n    assert x\n\n\n"
         "def test_three():\n    assert 1 == 2\n"
     )
     log = tmp_path / "a.log"
@@ -290,3 +291,13 @@ def test_gpu_check_reports_the_gpu_tests_even_when_cut_short(tmp_path):
     assert gpu_check._pytest_result(log).startswith("cut short: 2 passed, 1 failed before it stopped")
     log.write_text("\n".join(lines[: last_result - 1]) + "\n")  # killed while test_two ran
     assert gpu_check._pytest_result(log).startswith("cut short: 1 passed before it stopped")
+
+    # A run that ended with every test in error (a module fixture failing) is complete, not cut short.
+    (tmp_path / "test_sample.py").write_text(
+        "import pytest\n\n\n@pytest.fixture(scope='module')\ndef broken():\n    raise RuntimeError('no GPU')\n\n\n"
+        "def test_a(broken):\n    pass\n\n\ndef test_b(broken):\n    pass\n"
+    )
+    run = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "test_sample.py"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    log.write_text(run.stdout)
+    assert "2 errors in" in gpu_check._pytest_result(log)
