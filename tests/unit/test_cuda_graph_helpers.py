@@ -3,7 +3,6 @@ path with a stand-in for graph replay (same static buffers and padding lanes, fo
 
 from __future__ import annotations
 
-import importlib.util
 import random
 
 import pytest
@@ -41,19 +40,13 @@ def test_pack_pads_lanes_and_tables():
     assert (flat, width) == ([1, 0, 0, 1, 3], 1)
 
 
-def _interpreter_usable() -> bool:
-    # The triton backend runs on CPU only under the interpreter, chosen for the process before triton is
-    # imported (tests/support.py: require_triton_interpreter).
-    from engine_service.attention import triton_interpreted
-
-    return importlib.util.find_spec("triton") is not None and triton_interpreted()
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_stand_in_replay_gives_eager_tokens(tmp_path, backend):
     """Decode through the graph runner's static buffers (padded to 1, 2, 4 lanes) gives the eager tokens."""
-    if backend == "triton" and not _interpreter_usable():
-        pytest.skip("the triton backend on CPU needs TRITON_INTERPRET=1 in this process (scripts/run_tests.sh sets it)")
+    if backend == "triton":
+        from tests.support import require_triton_interpreter
+
+        require_triton_interpreter()
     from engine_service import LLM, SamplingParams
     from engine_service.cuda_graphs import DecodeGraphRunner
     from tests.integration.tiny import VOCAB, make_qwen3
