@@ -237,6 +237,33 @@ def _aot_compile(launch, target) -> object:
 _MAX_SHARED_SM90 = 227 * 1024  # bytes of shared memory one thread block may use on H100/H200
 
 
+def _ptxas_usage(ptx: str) -> str:
+    """'registers/spilled bytes' from ptxas -v on a kernel's PTX for sm_90a (what bounds occupancy, and spills
+    that would eat into a memory-bound kernel's bandwidth); '?' where no ptxas answers."""
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    exe = str(ptxas) if ptxas.exists() else shutil.which("ptxas")
+    if exe is None:
+        return "?"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        try:
+            run = subprocess.run([exe, "-v", "--gpu-name", "sm_90a", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                                 capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+    regs = re.search(r"Used (\d+) registers", run.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", run.stderr)
+    return f"{regs.group(1)}/{spill.group(1)}" if regs and spill else "?"
+
+
 def check_specialisation(target) -> bool:
     """Plan paged-attention launches for steps of 1 to 40 sequences with block tables 1 to 40 blocks wide,
     and count the variants triton's JIT would compile for each set of constexprs (the binder's key): the
@@ -292,7 +319,8 @@ def compile_only() -> bool:
     # Every decode tile the start-up tuner may pick, on Qwen3-0.6B's shapes.
     configs += [(f"decode qwen3 tile {','.join(map(str, t))}", torch.bfloat16, [1] * 8, [700] * 8, *_QWEN, 16, 1, t)
                 for t in tk.DECODE_TILES]
-    print(f"{'config':30s} {'kernel':26s} {'shared B':>9s} {'mma':>5s} {'cp.async':>8s} {'s':>5s}")
+    print(f"{'config':30s} {'kernel':26s} {'shared B':>9s} {'mma':>5s} {'cp.async':>8s} {'regs/spill B':>12s} "
+          f"{'s':>5s}")
     for label, dtype, q_lens, ctx, nh, nkv, hd, bs, splits, tile in configs:
         b = make_paged_batch(q_lens, ctx, nh, nkv, hd, bs, dtype=dtype, device=cpu)
         out = torch.empty_like(b.q)
@@ -322,7 +350,7 @@ def compile_only() -> bool:
             too_big = compiled.metadata.shared > _MAX_SHARED_SM90
             ok = ok and not too_big
             print(f"{label:30s} {launch.kernel.__name__:26s} {compiled.metadata.shared:9d} "
-                  f"{ptx.count('mma'):5d} {ptx.count('cp.async'):8d} {time.time() - t0:5.1f}"
+                  f"{ptx.count('mma'):5d} {ptx.count('cp.async'):8d} {_ptxas_usage(ptx):>12s} {time.time() - t0:5.1f}"
                   + ("  FAILED: more shared memory than an sm_90 block may have" if too_big else ""))
     # The sampling kernel, on bf16 logits of Qwen3's vocabulary.
     from engine_service import sampling_kernels as sk

@@ -6,6 +6,7 @@ Shapes are small: the interpreter runs each program in numpy.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -366,3 +367,7 @@ def test_kernels_compile_for_sm90():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_kernel_check.py"), "--compile-only"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    # ptxas -v's registers and spilled bytes are read for each kernel (the GPU session reads them beside the
+    # tile timings): a number, never '?', where ptxas is present.
+    usage = re.findall(r"^decode qwen3 blk16 +_paged_attention_kernel +\d+ +\d+ +\d+ +(\d+)/(\d+) ", proc.stdout, re.M)
+    assert len(usage) == 1 and int(usage[0][0]) > 0, proc.stdout[-4000:]
