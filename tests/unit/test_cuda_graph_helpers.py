@@ -163,19 +163,26 @@ def test_gpu_check_keeps_measuring_when_graph_capture_fails(tmp_path, monkeypatc
     assert "capture failed: RuntimeError" in c_row
 
 
+def _start_up_engine(tmp_path, backend: str):
+    """A small eager engine on CPU for the start-up warm-up tests: 2 layers, 2 KV heads, max_num_seqs 8, a
+    64-token budget."""
+    from engine_service import LLM
+    from tests.integration.tiny import make_qwen3
+
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=32, layers=2, dtype=torch.float32)
+    return LLM(str(tmp_path), device="cpu", dtype="float32", attention_backend=backend, enforce_eager=True,
+               kvcache_block_size=8, num_kvcache_blocks=32, max_num_seqs=8, max_num_batched_tokens=64,
+               max_model_len=128)
+
+
 def test_warm_up_meets_every_query_tile_and_the_sampler_before_serving(tmp_path, monkeypatch):
     """ModelRunner._warm_up (run at start-up on CUDA), here on CPU with stand-ins for the CUDA memory calls:
     a forward at the token budget, then short prefills of every WARMUP_QUERY_LENS length (each query tile
     of the attention kernels compiles before serving), then the sampler on max_num_seqs rows with filters and
     without; the sampler's generator is left as it was, and the peak it measured is returned."""
-    from engine_service import LLM
     from engine_service.model_runner import ModelRunner
-    from tests.integration.tiny import make_qwen3
 
-    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=32, layers=2, dtype=torch.float32)
-    llm = LLM(str(tmp_path), device="cpu", dtype="float32", attention_backend="torch", enforce_eager=True,
-              kvcache_block_size=8, num_kvcache_blocks=32, max_num_seqs=8, max_num_batched_tokens=64,
-              max_model_len=128)
+    llm = _start_up_engine(tmp_path, "torch")
     runner = llm.runner
     try:
         seen_q_lens: list[int] = []
@@ -216,14 +223,9 @@ def test_eager_decode_warm_up_meets_every_split_count_and_writes_nothing(tmp_pat
     from tests.support import require_triton_interpreter
 
     require_triton_interpreter()
-    from engine_service import LLM
     from engine_service.attention import triton_kernels as tk
-    from tests.integration.tiny import make_qwen3
 
-    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=32, layers=2, dtype=torch.float32)
-    llm = LLM(str(tmp_path), device="cpu", dtype="float32", attention_backend="triton", enforce_eager=True,
-              kvcache_block_size=8, num_kvcache_blocks=32, max_num_seqs=8, max_num_batched_tokens=64,
-              max_model_len=128)
+    llm = _start_up_engine(tmp_path, "triton")
     runner = llm.runner
     try:
         # As on a GPU with 8 multiprocessors: ceil(16 / programs) splits, at most 16, for decode only.
