@@ -34,6 +34,10 @@ class EngineConfig:
     # it on where it pays, CUDA with tensor_parallel_size 1; on CPU every kernel runs in place, so there is
     # nothing to overlap (True still works there: tests use it).
     overlap_scheduling: bool | None = None
+    # Fused elementwise kernels (engine_service/model/fused_ops.py: residual add + RMSNorm, q/k-norm + RoPE,
+    # SiLU * up). None turns them on where Triton compiles them, CUDA without TRITON_INTERPRET=1; True on CPU
+    # needs the interpreter (tests); False keeps torch's eager ops (the reference, and the A/B baseline).
+    fused_ops: bool | None = None
     seed: int = 0  # seeds unseeded sampling, so a run is repeatable
 
     def __post_init__(self) -> None:
@@ -67,6 +71,8 @@ class EngineConfig:
             raise ValueError(
                 "overlap_scheduling=True needs tensor_parallel_size 1; leave it None (auto) or set it False"
             )
+        if self.fused_ops is not None and not isinstance(self.fused_ops, bool):
+            raise ValueError(f"fused_ops must be True, False or None (auto), got {self.fused_ops!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.cpu_kvcache_gib <= 0:

@@ -8,6 +8,7 @@ one wait, for the sampled tokens. On CUDA, pure-decode steps replay captured gra
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 import time
@@ -17,7 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-from engine_service.attention import AttentionMetadata, make_backend, resolve_backend_name
+from engine_service.attention import (
+    AttentionMetadata,
+    check_interpreter_numpy,
+    make_backend,
+    resolve_backend_name,
+    triton_interpreted,
+)
 from engine_service.config import EngineConfig
 from engine_service.host_copy import on_device, to_device
 from engine_service.model.config import ModelConfig
@@ -98,6 +105,26 @@ def _default_dtype(dtype: torch.dtype):
             torch.set_default_dtype(old)
 
 
+def resolve_fused_ops(wanted: bool | None, device: torch.device) -> bool:
+    """Whether the model runs fused_ops' Triton kernels (EngineConfig.fused_ops; None: where they compile)."""
+    on_cuda = device.type == "cuda"
+    if wanted is None:
+        return on_cuda and importlib.util.find_spec("triton") is not None and not triton_interpreted()
+    if not wanted:
+        return False
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("fused_ops=True needs the triton package (pip install 'triton==3.6.*')")
+    if on_cuda and triton_interpreted():
+        raise ValueError("fused_ops=True on CUDA needs compiled kernels, but TRITON_INTERPRET=1 is set in this "
+                         "process; unset it, or pass fused_ops=False")
+    if not on_cuda:
+        if not triton_interpreted():
+            raise ValueError("fused_ops=True on CPU runs Triton's interpreter: set TRITON_INTERPRET=1 before "
+                             "triton is imported, or leave fused_ops None (off on CPU)")
+        check_interpreter_numpy("fused_ops=True", "leave fused_ops None (off on CPU)")
+    return True
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_cfg: ModelConfig, max_model_len: int, tp: TPInfo):
         self.config = config
@@ -111,8 +138,9 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.backend_name = resolve_backend_name(config.attention_backend, self.device, self.block_size)
         self.backend = make_backend(self.backend_name, self.device)
+        self.fused_ops = resolve_fused_ops(config.fused_ops, self.device)
         with torch.device(self.device), _default_dtype(self.dtype):
-            self.model = Qwen3ForCausalLM(model_cfg, tp, max_model_len, self.dtype)
+            self.model = Qwen3ForCausalLM(model_cfg, tp, max_model_len, self.dtype, self.fused_ops)
         load_weights(self.model, config.model, model_cfg.tie_word_embeddings)
         self.model.eval()
         self.sampler = Sampler(self.device, config.seed)
@@ -124,10 +152,11 @@ class ModelRunner:
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.k_cache[i], self.v_cache[i]) for i in range(model_cfg.num_hidden_layers)]
         log.info(
-            "model runner: device=%s dtype=%s backend=%s kv blocks=%d x %d tokens",
+            "model runner: device=%s dtype=%s backend=%s fused ops=%s kv blocks=%d x %d tokens",
             self.device,
             self.dtype,
             self.backend_name,
+            self.fused_ops,
             self.num_blocks,
             self.block_size,
         )

@@ -154,11 +154,16 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 whatever the model dtype, as transformers does (exactness)."""
+    """RMSNorm computed in float32 whatever the model dtype, as transformers does (exactness).
 
-    def __init__(self, dim: int, eps: float):
+    fused: `add_forward` runs fused_ops' kernel (one launch for the residual add and the norm) instead of
+    torch's eight-odd elementwise kernels.
+    """
+
+    def __init__(self, dim: int, eps: float, fused: bool = False):
         super().__init__()
         self.eps = eps
+        self.fused = fused
         self.weight = _param(dim)
         self.weight.weight_loader = lambda p, t, s: p.data.copy_(t)
 
@@ -167,6 +172,15 @@ class RMSNorm(nn.Module):
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual: [T, H] -> (norm(s), s), s = residual + x, the residual stream (x itself when None)."""
+        if self.fused:
+            from engine_service.model import fused_ops
+
+            return fused_ops.add_rms_norm(x, self.weight, self.eps, residual)
+        total = x if residual is None else residual + x
+        return self(total), total
 
 
 class RotaryEmbedding(nn.Module):

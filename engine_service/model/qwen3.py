@@ -48,9 +48,10 @@ def check_tensor_parallel(cfg: ModelConfig, size: int) -> None:
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPInfo):
+    def __init__(self, cfg: ModelConfig, tp: TPInfo, fused: bool = False):
         super().__init__()
         d = cfg.head_dim
+        self.fused = fused
         self.num_heads = cfg.num_attention_heads // tp.size
         self.num_kv_heads = kv_heads_per_rank(cfg, tp)
         self.head_dim = d
@@ -72,51 +73,70 @@ class Qwen3Attention(nn.Module):
         qkv = self.qkv_proj(hidden)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = self.q_norm(q.view(t, self.num_heads, self.head_dim))  # [T, Hq, D]
-        k = self.k_norm(k.view(t, self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = RotaryEmbedding.apply(q, k, rope)
+        if self.fused:  # q-norm, k-norm and RoPE in one launch, straight from the packed projection
+            from engine_service.model import fused_ops
+
+            cos, sin = rope
+            q, k = fused_ops.qk_norm_rope(qkv, self.num_heads, self.num_kv_heads, self.head_dim,
+                                          self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                                          cos[:, 0], sin[:, 0])
+        else:
+            q = self.q_norm(q.view(t, self.num_heads, self.head_dim))  # [T, Hq, D]
+            k = self.k_norm(k.view(t, self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
+            q, k = RotaryEmbedding.apply(q, k, rope)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, q_size))
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPInfo):
+    def __init__(self, cfg: ModelConfig, tp: TPInfo, fused: bool = False):
         super().__init__()
+        self.fused = fused
         inter = cfg.intermediate_size // tp.size
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [("gate", inter), ("up", inter)], False, tp)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, tp)
         self.inter = inter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused:
+            from engine_service.model import fused_ops
+
+            return self.down_proj(fused_ops.silu_and_mul(gate_up))
+        gate, up = gate_up.split([self.inter, self.inter], dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPInfo):
+    def __init__(self, cfg: ModelConfig, tp: TPInfo, fused: bool = False):
         super().__init__()
-        self.self_attn = Qwen3Attention(cfg, tp)
-        self.mlp = Qwen3MLP(cfg, tp)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Qwen3Attention(cfg, tp, fused)
+        self.mlp = Qwen3MLP(cfg, tp, fused)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
 
-    def forward(self, rope, hidden, kv_cache, meta, backend):
-        hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), kv_cache, meta, backend)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, rope, x, residual, kv_cache, meta, backend):
+        """x: the previous layer's MLP output, added to the residual stream here (the embeddings, and no
+        residual yet, at the first layer) -> (this layer's MLP output, the residual stream)."""
+        h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(rope, h, kv_cache, meta, backend)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class Qwen3ForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPInfo, max_positions: int, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, tp: TPInfo, max_positions: int, dtype: torch.dtype, fused: bool = False):
+        """fused: the norms, RoPE and SiLU run engine_service.model.fused_ops' Triton kernels."""
         super().__init__()
         check_tensor_parallel(cfg, tp.size)
         self.cfg = cfg
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, tp) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, tp, fused) for _ in range(cfg.num_hidden_layers))
         self.rotary = RotaryEmbedding(
             cfg.head_dim, max_positions, cfg.rope_theta, dtype
         )  # shared by all layers
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -125,9 +145,10 @@ class Qwen3ForCausalLM(nn.Module):
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions)  # once per forward, for every layer
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(rope, hidden, kv_cache, meta, backend)
-        return self.norm(hidden)
+            hidden, residual = layer(rope, hidden, residual, kv_cache, meta, backend)
+        return self.norm.add_forward(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -196,7 +196,7 @@ def test_attention_padding_rows_are_zeros(splits):
     assert bool((out[[0, 2, 4]].abs().sum(dim=(1, 2)) > 0).all())
 
 
-def test_triton_with_graphs_matches_torch_backend(fp32_model):
+def test_triton_with_graphs_and_fused_ops_matches_all_torch(fp32_model):
     from engine_service import SamplingParams
     from tests.integration.tiny import VOCAB
 
@@ -208,8 +208,13 @@ def test_triton_with_graphs_matches_torch_backend(fp32_model):
     params += [SamplingParams(temperature=0.0, max_tokens=12)] * 3
     results = {}
     for backend in ("torch", "triton"):
-        with _engine(fp32_model, dtype="float32", attention_backend=backend, max_num_batched_tokens=512) as llm:
+        # The torch run is all torch (fused_ops off): the reference for the Triton attention, the fused
+        # elementwise kernels (on by default on CUDA) and the graphs together.
+        fused = None if backend == "triton" else False
+        with _engine(fp32_model, dtype="float32", attention_backend=backend, max_num_batched_tokens=512,
+                     fused_ops=fused) as llm:
             assert (llm.runner.graphs is None) == (backend == "torch")  # torch is not capturable
+            assert llm.runner.fused_ops == (backend == "triton")
             first = [o["token_ids"] for o in llm.generate(prompts, params)]
             again = [o["token_ids"] for o in llm.generate([shared + [1, 2, 3]], params[-1])]
             assert llm.stats()["prefix_cache_hits"] > 0

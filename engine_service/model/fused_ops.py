@@ -1,0 +1,161 @@
+"""Fused elementwise kernels (Triton) for the model's layers: one launch where eager torch takes several.
+
+In eager torch a Qwen3 layer launches some 46 small elementwise kernels (each RMSNorm eight: casts, pow,
+mean, add, rsqrt, two multiplies; RoPE five per tensor; SiLU and its product; two residual adds) beside its
+four GEMMs and its attention. On a GPU each costs a few microseconds even inside a CUDA graph, which over 28
+layers is milliseconds a decode step. These kernels do the same work in four launches a layer:
+
+- `add_rms_norm`: the residual add (when given) and RMSNorm of each row;
+- `qk_norm_rope`: q-norm and k-norm and rotary embedding of every query and key head, read straight out of
+  the packed q/k/v projection;
+- `silu_and_mul`: SiLU of the gate times the up projection.
+
+Each rounds where the torch reference rounds (model dtype after the residual add, after the normalisation,
+after the weight; each RoPE product and their sum; SiLU and its product), computing in float32 between, so
+only the order of a row's sum of squares differs from the reference. They run on CUDA, or on CPU under
+TRITON_INTERPRET=1 (tests). This module imports triton: import it only where fused ops are on.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ROW_WARPS = 4
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr,
+    stride_x, stride_res, stride_out, stride_sum,
+    n_cols, eps,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # the residual stream, in the model dtype
+        tl.store(sum_ptr + row * stride_sum + cols, x, mask=mask)
+    h = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n_cols + eps)
+    normed = (h * rstd).to(x.dtype)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    y = (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_out + cols, y, mask=mask)
+
+
+def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual: [T, H] -> (RMSNorm(s) * weight, s) with s = x + residual (or x when residual is None)."""
+    t, h = x.shape
+    out = torch.empty_like(x)
+    total = torch.empty_like(x) if residual is not None else x
+    if t:
+        res = residual if residual is not None else x
+        _add_rms_norm_kernel[(t,)](
+            x, res, weight, out, total,
+            x.stride(0), res.stride(0), out.stride(0), total.stride(0),
+            h, eps,
+            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h), num_warps=ROW_WARPS,
+        )
+    return out, total
+
+
+@triton.jit
+def _norm_rope_head(in_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """One head's row of head_dim = 2 * HALF values: RMSNorm * weight, then the rotation, rounded as torch."""
+    offs = tl.arange(0, BLOCK_HALF)
+    m = offs < HALF
+    x1 = tl.load(in_ptr + offs, mask=m, other=0.0)
+    x2 = tl.load(in_ptr + HALF + offs, mask=m, other=0.0)
+    dt = x1.dtype
+    h1 = x1.to(tl.float32)
+    h2 = x2.to(tl.float32)
+    rstd = 1.0 / tl.sqrt((tl.sum(h1 * h1, axis=0) + tl.sum(h2 * h2, axis=0)) / (2 * HALF) + eps)
+    w1 = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + HALF + offs, mask=m, other=0.0).to(tl.float32)
+    y1 = (w1 * (h1 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    y2 = (w2 * (h2 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    c1 = tl.load(cos_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + HALF + offs, mask=m, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + HALF + offs, mask=m, other=0.0).to(tl.float32)
+    # rotate_half(y) = [-y2, y1]; out = y * cos + rotate_half(y) * sin, each product rounded, then the sum.
+    o1 = (y1 * c1).to(dt).to(tl.float32) + (-y2 * s1).to(dt).to(tl.float32)
+    o2 = (y2 * c2).to(dt).to(tl.float32) + (y1 * s2).to(dt).to(tl.float32)
+    tl.store(out_ptr + offs, o1.to(dt), mask=m)
+    tl.store(out_ptr + HALF + offs, o2.to(dt), mask=m)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
+    stride_qkv, stride_cos, stride_sin, eps,
+    NUM_Q: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    src = qkv_ptr + tok * stride_qkv + head * (2 * HALF)  # q heads, then k heads, side by side in a row
+    cos = cos_ptr + tok * stride_cos
+    sin = sin_ptr + tok * stride_sin
+    if head < NUM_Q:
+        dst = q_out_ptr + (tok * NUM_Q + head) * (2 * HALF)
+        _norm_rope_head(src, qw_ptr, cos, sin, dst, eps, HALF, BLOCK_HALF)
+    else:
+        num_k = tl.num_programs(1) - NUM_Q
+        dst = k_out_ptr + (tok * num_k + head - NUM_Q) * (2 * HALF)
+        _norm_rope_head(src, kw_ptr, cos, sin, dst, eps, HALF, BLOCK_HALF)
+
+
+def qk_norm_rope(qkv: torch.Tensor, num_q: int, num_kv: int, head_dim: int, q_weight: torch.Tensor,
+                 k_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor):
+    """qkv: [T, (num_q + 2 num_kv) * head_dim], rows packed q|k|v; cos, sin: [T, head_dim] (any row stride,
+    unit column stride) -> q [T, num_q, head_dim], k [T, num_kv, head_dim], normalised and rotated."""
+    t = qkv.shape[0]
+    if qkv.stride(1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        raise ValueError("qk_norm_rope needs unit column strides in qkv, cos and sin")
+    if head_dim % 2:
+        raise ValueError(f"qk_norm_rope needs an even head_dim, got {head_dim}")
+    q = torch.empty(t, num_q, head_dim, dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty(t, num_kv, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if t:
+        half = head_dim // 2
+        _qk_norm_rope_kernel[(t, num_q + num_kv)](
+            qkv, q_weight, k_weight, cos, sin, q, k,
+            qkv.stride(0), cos.stride(0), sin.stride(0), eps,
+            NUM_Q=num_q, HALF=half, BLOCK_HALF=triton.next_power_of_2(half), num_warps=1,
+        )
+    return q, k
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    out = (act.to(tl.float32) * up.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_out + cols, out, mask=mask)
+
+
+SILU_BLOCK = 1024
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2 I] (gate | up) -> silu(gate) * up: [T, I]."""
+    t, two_i = x.shape
+    n = two_i // 2
+    out = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    if t:
+        block = min(SILU_BLOCK, triton.next_power_of_2(n))
+        _silu_and_mul_kernel[(t, triton.cdiv(n, block))](
+            x, out, x.stride(0), out.stride(0), n, BLOCK=block, num_warps=ROW_WARPS,
+        )
+    return out

@@ -1,0 +1,113 @@
+"""The fused elementwise kernels (engine_service/model/fused_ops.py) against the torch layers they replace,
+on CPU under Triton's interpreter, and the engine's tokens with them on and off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.support import require_triton_interpreter
+
+require_triton_interpreter()
+
+from engine_service.model import fused_ops  # noqa: E402  (after the interpreter check)
+from engine_service.model.layers import RMSNorm, RotaryEmbedding  # noqa: E402
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """float32: the same up to the order of a row's sum of squares; fp16/bf16: at most one unit in the last
+    place of the dtype at the value (that order can move a rounding across a boundary), and mostly equal."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.isfinite(got).all()
+    if want.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        return
+    ulp = torch.finfo(want.dtype).eps * want.float().abs().clamp_min(torch.finfo(want.dtype).tiny)
+    assert ((got.float() - want.float()).abs() <= ulp + 1e-30).all()
+    assert (got == want).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("hidden", [256, 200])
+def test_add_rms_norm_matches_add_then_rmsnorm(dtype, hidden):
+    torch.manual_seed(0)
+    norm = RMSNorm(hidden, 1e-6)
+    norm.weight.data = torch.rand(hidden) + 0.5
+    norm = norm.to(dtype)
+    x = torch.randn(7, hidden).to(dtype)
+    residual = torch.randn(7, hidden).to(dtype)
+
+    out, total = fused_ops.add_rms_norm(x, norm.weight, norm.eps, residual)
+    assert torch.equal(total, residual + x)  # the residual stream is rounded exactly as torch's add
+    _close(out, norm(residual + x))
+
+    out, total = fused_ops.add_rms_norm(x, norm.weight, norm.eps, None)  # the first layer: no residual yet
+    assert total is x
+    _close(out, norm(x))
+
+    empty = torch.empty(0, hidden, dtype=dtype)
+    assert fused_ops.add_rms_norm(empty, norm.weight, norm.eps, empty)[0].shape == (0, hidden)
+
+
+@pytest.mark.parametrize(
+    "dtype,heads,kv_heads,head_dim",
+    [(torch.float32, 4, 2, 128), (torch.float16, 16, 8, 128), (torch.float32, 5, 1, 80)],
+    ids=["fp32-gqa2", "fp16-qwen3-heads", "fp32-gqa5-hd80"],
+)
+def test_qk_norm_rope_matches_norms_then_rotary(dtype, heads, kv_heads, head_dim):
+    torch.manual_seed(1)
+    t = 6
+    q_norm, k_norm = RMSNorm(head_dim, 1e-6), RMSNorm(head_dim, 1e-6)
+    q_norm.weight.data = torch.rand(head_dim) + 0.5
+    k_norm.weight.data = torch.rand(head_dim) + 0.5
+    q_norm, k_norm = q_norm.to(dtype), k_norm.to(dtype)
+    rotary = RotaryEmbedding(head_dim, 64, 1_000_000.0, dtype)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim).to(dtype)
+    positions = torch.tensor([0, 1, 5, 17, 40, 63])
+    cos, sin = rotary.lookup(positions)  # [T, 1, D]
+
+    q, k = fused_ops.qk_norm_rope(qkv, heads, kv_heads, head_dim, q_norm.weight, k_norm.weight, q_norm.eps,
+                                  cos[:, 0], sin[:, 0])
+
+    q_ref, k_ref, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q_ref = q_norm(q_ref.view(t, heads, head_dim))
+    k_ref = k_norm(k_ref.view(t, kv_heads, head_dim))
+    q_ref, k_ref = RotaryEmbedding.apply(q_ref, k_ref, (cos, sin))
+    _close(q, q_ref)
+    _close(k, k_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("inter", [3072, 100])
+def test_silu_and_mul_matches_silu_times_up(dtype, inter):
+    torch.manual_seed(2)
+    gate_up = (3 * torch.randn(5, 2 * inter)).to(dtype)
+    gate, up = gate_up.split([inter, inter], dim=-1)
+    got = fused_ops.silu_and_mul(gate_up)
+    want = F.silu(gate) * up
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # exp's implementation may differ
+    else:
+        _close(got, want)
+
+
+def test_engine_tokens_are_the_same_with_fused_ops_on_and_off(tmp_path):
+    """Greedy tokens through the whole engine (prefill, decode, a cached prefix), fp32 on CPU."""
+    from engine_service import LLM, SamplingParams
+    from tests.integration.tiny import VOCAB, make_qwen3
+
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=32, layers=2, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    shared = torch.randint(0, VOCAB, (20,), generator=gen).tolist()
+    prompts = [shared + torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (3, 11, 1)]
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    tokens = {}
+    for fused in (False, True):
+        with LLM(str(tmp_path), device="cpu", dtype="float32", attention_backend="torch", fused_ops=fused,
+                 kvcache_block_size=8, num_kvcache_blocks=64, max_model_len=128) as llm:
+            assert llm.runner.fused_ops is fused
+            assert llm.runner.model.layers[0].mlp.fused is fused
+            tokens[fused] = [o["token_ids"] for o in llm.generate(prompts, [params] * len(prompts))]
+    assert tokens[True] == tokens[False]
+    assert all(len(t) == 8 for t in tokens[True])
