@@ -254,6 +254,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["enforce_eager"] = True
     if args.overlap_scheduling != "auto":
         kwargs["overlap_scheduling"] = args.overlap_scheduling == "on"
+    if args.fused_ops != "auto":
+        kwargs["fused_ops"] = args.fused_ops == "on"
     return kwargs
 
 
@@ -452,6 +454,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     engine.add_argument(
         "--overlap-scheduling", choices=["auto", "on", "off"], default="auto",
         help="schedule the next decode step while the current one computes (auto: on for CUDA)",
+    )
+    engine.add_argument(
+        "--fused-ops", choices=["auto", "on", "off"], default="auto",
+        help="fused Triton kernels for the norms, RoPE and SiLU (auto: on for CUDA)",
     )
     args = p.parse_args(argv)
     # Recorded in the report: a figure counts only with the command that reproduces it.

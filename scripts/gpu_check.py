@@ -269,9 +269,15 @@ def _part_results(out: Path) -> dict[str, str]:
     log = (out / "b.log").read_text(errors="replace") if (out / "b.log").exists() else ""
     cases = re.findall(r"\s(ok|FAIL)(?: \(NaN left in output\))?$", log, re.M)
     verdict = re.search(r"^(PASS|FAIL) in", log, re.M)
+    fused = re.findall(r"^  (?:q-norm\+rope [qk]|silu\*up|add\+rmsnorm|residual) +(ok|FAIL): ", log, re.M)
+    layer_us = re.findall(r"elementwise work in a CUDA graph, batch \d+, (eager torch ops|fused kernels): "
+                          r"([\d.]+) us", log)
     if cases or verdict:
         res["b"] = (
             f"{cases.count('ok')}/{len(cases)} attention cases within 2x torch-bf16 + 1e-3"
+            + (f"; fused ops {fused.count('ok')}/{len(fused)}" if fused else "")
+            + ("" if len(layer_us) < 2 else
+               f" (a layer's elementwise work {layer_us[0][1]} us eager, {layer_us[1][1]} us fused)")
             + ("" if not verdict else f"; overall {verdict.group(1)}")
         )
     g = _load(out / "graphs.json")

@@ -296,3 +296,24 @@ def test_gpu_check_reports_the_gpu_tests_even_when_cut_short(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     log.write_text(run.stdout)
     assert "2 errors in" in gpu_check._pytest_result(log)
+
+
+def test_gpu_check_row_b_reports_the_fused_ops_and_their_timing(tmp_path):
+    """Row b of the table reads gpu_kernel_check's fused-ops lines (verdicts and the per-layer timing) apart
+    from the attention cases, from the lines check_and_time_fused_ops prints."""
+    from scripts import gpu_check
+
+    verdicts = ["ok", "ok", "FAIL", "ok", "ok"]
+    names = ["q-norm+rope q", "q-norm+rope k", "silu*up", "add+rmsnorm", "residual"]
+    lines = ["  case decode qwen3 ok", "  case prefill qwen3 FAIL (NaN left in output)", "",
+             "fused elementwise ops, torch.bfloat16, 256 tokens of a Qwen3-0.6B layer, max abs error against "
+             "float64 from the same inputs:"]
+    lines += [f"  {n:14s} {v}: fused 0.0044, torch eager 0.0044; 99.99% of elements equal to eager"
+              for n, v in zip(names, verdicts, strict=True)]
+    lines += [f"  one layer's elementwise work in a CUDA graph, batch 256, {label}: {us} us (x28 layers: ...)"
+              for label, us in (("eager torch ops", "95.3"), ("fused kernels", "12.1"))]
+    (tmp_path / "b.log").write_text("\n".join(lines + ["", "FAIL in 40s", ""]))
+    row = gpu_check._part_results(tmp_path)["b"]
+    assert row.startswith("1/2 attention cases")
+    assert "fused ops 4/5 (a layer's elementwise work 95.3 us eager, 12.1 us fused)" in row
+    assert row.endswith("overall FAIL")
