@@ -35,8 +35,9 @@ class EngineConfig:
     # nothing to overlap (True still works there: tests use it).
     overlap_scheduling: bool | None = None
     # Fused elementwise kernels (engine_service/model/fused_ops.py: residual add + RMSNorm, q/k-norm + RoPE,
-    # SiLU * up). None turns them on where Triton compiles them, CUDA without TRITON_INTERPRET=1; True on CPU
-    # needs the interpreter (tests); False keeps torch's eager ops (the reference, and the A/B baseline).
+    # SiLU * up). None turns them on where Triton compiles them, CUDA without TRITON_INTERPRET=1, except in
+    # float64; True on CPU needs the interpreter (tests); False keeps torch's eager ops (the reference, and
+    # the A/B baseline).
     fused_ops: bool | None = None
     seed: int = 0  # seeds unseeded sampling, so a run is repeatable
 

@@ -105,13 +105,18 @@ def _default_dtype(dtype: torch.dtype):
             torch.set_default_dtype(old)
 
 
-def resolve_fused_ops(wanted: bool | None, device: torch.device) -> bool:
-    """Whether the model runs fused_ops' Triton kernels (EngineConfig.fused_ops; None: where they compile)."""
+def resolve_fused_ops(wanted: bool | None, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the model runs fused_ops' Triton kernels (EngineConfig.fused_ops; None: where they compile, and
+    never in float64, whose runs are for exactness while the kernels compute in float32)."""
     on_cuda = device.type == "cuda"
     if wanted is None:
-        return on_cuda and importlib.util.find_spec("triton") is not None and not triton_interpreted()
+        return (on_cuda and dtype != torch.float64 and importlib.util.find_spec("triton") is not None
+                and not triton_interpreted())
     if not wanted:
         return False
+    if dtype == torch.float64:
+        raise ValueError("fused_ops=True computes in float32, which would break float64's exactness; use "
+                         "dtype float32/bfloat16/float16, or leave fused_ops None (off in float64)")
     if importlib.util.find_spec("triton") is None:
         raise ValueError("fused_ops=True needs the triton package (pip install 'triton==3.6.*')")
     if on_cuda and triton_interpreted():
@@ -138,7 +143,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.backend_name = resolve_backend_name(config.attention_backend, self.device, self.block_size)
         self.backend = make_backend(self.backend_name, self.device)
-        self.fused_ops = resolve_fused_ops(config.fused_ops, self.device)
+        self.fused_ops = resolve_fused_ops(config.fused_ops, self.device, self.dtype)
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = Qwen3ForCausalLM(model_cfg, tp, max_model_len, self.dtype, self.fused_ops)
         load_weights(self.model, config.model, model_cfg.tie_word_embeddings)

@@ -217,14 +217,20 @@ def _qwen3_layer_elementwise(t: int, dev: torch.device, dtype: torch.dtype, rng:
     x, res, attn = rand(t, hidden), rand(t, hidden), rand(t, hidden)
     qkv, gate_up = rand(t, (heads + 2 * kv_heads) * d), rand(t, 2 * inter, scale=3.0)
 
-    def eager(up: bool):
-        c = (lambda v: v.double()) if up else (lambda v: v)
+    # The modules are built here, not in eager(): building one copies to the device, which a graph capture
+    # (the timing below) refuses.
+    norm_sets = {}
+    for up in (False, True):
         norms = []
         for w in weights:
             norm = RMSNorm(w.numel(), eps).to(dev)
-            norm.weight.data = c(w)
+            norm.weight.data = w.double() if up else w
             norms.append(norm)
-        in_norm, post_norm, q_norm, k_norm = norms
+        norm_sets[up] = norms
+
+    def eager(up: bool):
+        c = (lambda v: v.double()) if up else (lambda v: v)
+        in_norm, post_norm, q_norm, k_norm = norm_sets[up]
         total = c(res) + c(x)
         in_norm(total)
         q, k, _ = c(qkv).split([heads * d, kv_heads * d, kv_heads * d], dim=-1)

@@ -11,8 +11,10 @@ layers is milliseconds a decode step. These kernels do the same work in four lau
 - `silu_and_mul`: SiLU of the gate times the up projection.
 
 Each rounds where the torch reference rounds (model dtype after the residual add, after the normalisation,
-after the weight; each RoPE product and their sum; SiLU and its product), computing in float32 between, so
-only the order of a row's sum of squares differs from the reference. They run on CUDA, or on CPU under
+after the weight; each RoPE product and their sum; SiLU and its product), computing in float32 between. What
+differs from the reference is the order of a row's sum of squares and the float32 exp (an approximate
+instruction here): a rare one-unit difference in the model dtype. Never float64: the engine keeps torch's
+ops there (float64 runs are for exactness). They run on CUDA, or on CPU under
 TRITON_INTERPRET=1 (tests). This module imports triton: import it only where fused ops are on.
 """
 
@@ -41,7 +43,7 @@ def _add_rms_norm_kernel(
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # the residual stream, in the model dtype
         tl.store(sum_ptr + row * stride_sum + cols, x, mask=mask)
     h = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n_cols + eps)
+    rstd = tl.rsqrt(tl.sum(h * h, axis=0) / n_cols + eps)
     normed = (h * rstd).to(x.dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     y = (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty)
@@ -51,6 +53,8 @@ def _add_rms_norm_kernel(
 def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual: [T, H] -> (RMSNorm(s) * weight, s) with s = x + residual (or x when residual is None)."""
+    if x.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
+        raise ValueError("add_rms_norm needs unit column strides in x and residual")
     t, h = x.shape
     out = torch.empty_like(x)
     total = torch.empty_like(x) if residual is not None else x
@@ -75,7 +79,7 @@ def _norm_rope_head(in_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, eps, HALF: tl.cons
     dt = x1.dtype
     h1 = x1.to(tl.float32)
     h2 = x2.to(tl.float32)
-    rstd = 1.0 / tl.sqrt((tl.sum(h1 * h1, axis=0) + tl.sum(h2 * h2, axis=0)) / (2 * HALF) + eps)
+    rstd = tl.rsqrt((tl.sum(h1 * h1, axis=0) + tl.sum(h2 * h2, axis=0)) / (2 * HALF) + eps)
     w1 = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
     w2 = tl.load(w_ptr + HALF + offs, mask=m, other=0.0).to(tl.float32)
     y1 = (w1 * (h1 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
@@ -140,7 +144,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n_cols, BLOCK: tl
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
     g = gate.to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    act = tl.div_rn(g, 1.0 + tl.exp(-g)).to(gate.dtype)
     out = (act.to(tl.float32) * up.to(tl.float32)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * stride_out + cols, out, mask=mask)
 
@@ -150,6 +154,8 @@ SILU_BLOCK = 1024
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2 I] (gate | up) -> silu(gate) * up: [T, I]."""
+    if x.stride(-1) != 1 or x.shape[-1] % 2:
+        raise ValueError(f"silu_and_mul needs an even width with unit column stride, got {tuple(x.shape)}")
     t, two_i = x.shape
     n = two_i // 2
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)

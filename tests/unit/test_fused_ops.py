@@ -1,5 +1,8 @@
 """The fused elementwise kernels (engine_service/model/fused_ops.py) against the torch layers they replace,
-on CPU under Triton's interpreter, and the engine's tokens with them on and off."""
+on CPU under Triton's interpreter, and the engine's tokens with them on and off.
+
+fp32 and fp16 only: the interpreter rounds float32 to bfloat16 unlike the GPU and torch (its residual add
+already differs from torch's), so bf16 is checked on the GPU (scripts/gpu_kernel_check.py, part b)."""
 
 from __future__ import annotations
 
@@ -107,7 +110,31 @@ def test_engine_tokens_are_the_same_with_fused_ops_on_and_off(tmp_path):
         with LLM(str(tmp_path), device="cpu", dtype="float32", attention_backend="torch", fused_ops=fused,
                  kvcache_block_size=8, num_kvcache_blocks=64, max_model_len=128) as llm:
             assert llm.runner.fused_ops is fused
-            assert llm.runner.model.layers[0].mlp.fused is fused
+            model = llm.runner.model
+            layer = model.layers[-1]
+            assert {layer.mlp.fused, layer.self_attn.fused, layer.input_layernorm.fused,
+                    layer.post_attention_layernorm.fused, model.norm.fused} == {fused}
             tokens[fused] = [o["token_ids"] for o in llm.generate(prompts, [params] * len(prompts))]
     assert tokens[True] == tokens[False]
     assert all(len(t) == 8 for t in tokens[True])
+
+
+def test_fused_ops_choice_and_refusals():
+    """Auto: on only for CUDA with compiled Triton and never in float64; True refuses float64 (the kernels
+    compute in float32) and, on CPU, anything but the interpreter; inputs with strided columns are refused."""
+    from engine_service.model_runner import resolve_fused_ops
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_fused_ops(None, cpu, torch.float32) is False
+    assert resolve_fused_ops(None, cuda, torch.bfloat16) is False  # TRITON_INTERPRET=1 in this process
+    assert resolve_fused_ops(True, cpu, torch.float32) is True  # the interpreter: tests
+    assert resolve_fused_ops(False, cpu, torch.float32) is False
+    with pytest.raises(ValueError, match="float64"):
+        resolve_fused_ops(True, cpu, torch.float64)
+    with pytest.raises(ValueError, match="unset it"):
+        resolve_fused_ops(True, cuda, torch.bfloat16)
+    x = torch.randn(8, 4)
+    with pytest.raises(ValueError, match="unit column strides"):
+        fused_ops.add_rms_norm(x.t(), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match="even width"):
+        fused_ops.silu_and_mul(torch.randn(2, 7))
