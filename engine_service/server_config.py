@@ -29,6 +29,8 @@ class ServerConfig:
     enforce_eager: bool = False
     # "auto" (on for CUDA with tensor_parallel_size 1) or a boolean (true/false, on/off); see docs/ENGINE.md.
     overlap_scheduling: str = "auto"
+    # "auto" (on for CUDA, except in float64) or a boolean: fused Triton kernels for the norms, RoPE and SiLU.
+    fused_ops: str = "auto"
     kvcache_block_size: int = 16
     num_kvcache_blocks: int = 0  # 0: sized by the engine
     max_num_batched_tokens: int = 8192
@@ -67,7 +69,8 @@ class ServerConfig:
             raise ValueError(f"port must be in 0..65535 (0 picks a free port), got {self.port}")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be in 0..65535 (0 turns metrics off), got {self.metrics_port}")
-        self.overlap_flag()  # raises on anything but auto or a boolean
+        self.auto_flag("overlap_scheduling")  # each raises on anything but auto or a boolean
+        self.auto_flag("fused_ops")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
         for name in ("max_concurrent_rpcs", "max_waiting", "max_message_bytes", "max_buffered_tokens",
@@ -93,19 +96,18 @@ class ServerConfig:
             num_kvcache_blocks=self.num_kvcache_blocks or None,
             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len or None, tensor_parallel_size=self.tensor_parallel_size,
-            overlap_scheduling=self.overlap_flag(),
+            overlap_scheduling=self.auto_flag("overlap_scheduling"), fused_ops=self.auto_flag("fused_ops"),
         )
 
-    def overlap_flag(self) -> bool | None:
-        """overlap_scheduling as EngineConfig takes it: None for auto."""
-        if self.overlap_scheduling.strip().lower() == "auto":
+    def auto_flag(self, name: str) -> bool | None:
+        """An "auto"-or-boolean field as EngineConfig takes it: None for auto."""
+        value = getattr(self, name)
+        if value.strip().lower() == "auto":
             return None
         try:
-            return _parse_bool(self.overlap_scheduling)
+            return _parse_bool(value)
         except argparse.ArgumentTypeError:
-            raise ValueError(
-                f"overlap_scheduling must be 'auto' or a boolean (true/false, on/off), got {self.overlap_scheduling!r}"
-            ) from None
+            raise ValueError(f"{name} must be 'auto' or a boolean (true/false, on/off), got {value!r}") from None
 
 
 def _parse_bool(text: str) -> bool:

@@ -25,9 +25,15 @@ def test_flags_win_over_environment_and_bad_values_name_the_field():
     overlap = {v: parse_config(["--model", "/m", "--overlap-scheduling", v], {}).engine_kwargs()["overlap_scheduling"]
                for v in ("auto", "true", "false", "on", "OFF")}
     assert overlap == {"auto": None, "true": True, "false": False, "on": True, "OFF": False}
-    assert parse_config([], {"ENGINE_MODEL": "/m", "ENGINE_OVERLAP_SCHEDULING": "off"}).overlap_flag() is False
+    assert parse_config([], {"ENGINE_MODEL": "/m", "ENGINE_OVERLAP_SCHEDULING": "off"}).auto_flag(
+        "overlap_scheduling") is False
     with pytest.raises(ValueError, match="overlap_scheduling must be 'auto' or a boolean"):
         parse_config(["--model", "/m", "--overlap-scheduling", "sometimes"], {})
+    fused = {v: parse_config(["--model", "/m", "--fused-ops", v], {}).engine_kwargs()["fused_ops"]
+             for v in ("auto", "off", "true")}
+    assert fused == {"auto": None, "off": False, "true": True}
+    with pytest.raises(ValueError, match="fused_ops must be 'auto' or a boolean"):
+        parse_config(["--model", "/m", "--fused-ops", "maybe"], {})
     with pytest.raises(ValueError, match="ENGINE_PORT"):
         parse_config([], {"ENGINE_MODEL": "/m", "ENGINE_PORT": "x"})
     text = parse_text_config([], {"TOKENIZER_MODEL": "/m", "TOKENIZER_ENGINES": "a:1, b:2"})
