@@ -8,7 +8,6 @@ one wait, for the sampled tokens. On CUDA, pure-decode steps replay captured gra
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import threading
 import time
@@ -20,7 +19,8 @@ import torch
 
 from engine_service.attention import (
     AttentionMetadata,
-    check_interpreter_numpy,
+    check_triton_usable,
+    compiled_triton,
     make_backend,
     resolve_backend_name,
     triton_interpreted,
@@ -108,25 +108,17 @@ def _default_dtype(dtype: torch.dtype):
 def resolve_fused_ops(wanted: bool | None, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the model runs fused_ops' Triton kernels (EngineConfig.fused_ops; None: where they compile, and
     never in float64, whose runs are for exactness while the kernels compute in float32)."""
-    on_cuda = device.type == "cuda"
     if wanted is None:
-        return (on_cuda and dtype != torch.float64 and importlib.util.find_spec("triton") is not None
-                and not triton_interpreted())
+        return compiled_triton(device) and dtype != torch.float64
     if not wanted:
         return False
     if dtype == torch.float64:
         raise ValueError("fused_ops=True computes in float32, which would break float64's exactness; use "
                          "dtype float32/bfloat16/float16, or leave fused_ops None (off in float64)")
-    if importlib.util.find_spec("triton") is None:
-        raise ValueError("fused_ops=True needs the triton package (pip install 'triton==3.6.*')")
-    if on_cuda and triton_interpreted():
-        raise ValueError("fused_ops=True on CUDA needs compiled kernels, but TRITON_INTERPRET=1 is set in this "
-                         "process; unset it, or pass fused_ops=False")
-    if not on_cuda:
-        if not triton_interpreted():
-            raise ValueError("fused_ops=True on CPU runs Triton's interpreter: set TRITON_INTERPRET=1 before "
-                             "triton is imported, or leave fused_ops None (off on CPU)")
-        check_interpreter_numpy("fused_ops=True", "leave fused_ops None (off on CPU)")
+    check_triton_usable("fused_ops=True", device, "pass fused_ops=False")
+    if device.type != "cuda" and not triton_interpreted():
+        raise ValueError("fused_ops=True on CPU runs Triton's interpreter: set TRITON_INTERPRET=1 before "
+                         "triton is imported, or leave fused_ops None (off on CPU)")
     return True
 
 

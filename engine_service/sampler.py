@@ -9,12 +9,11 @@ reads the logits twice instead of materialising float32 copies of them.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
 
-from engine_service.attention import check_interpreter_numpy, triton_interpreted
+from engine_service.attention import check_triton_usable, compiled_triton
 from engine_service.host_copy import to_device
 from engine_service.sampling_params import SamplingParams
 
@@ -33,16 +32,10 @@ class Sampler:
         """triton_sampling: draw rows without top-k/top-p/min-p filters with sampling_kernels (two passes
         over the logits instead of several float32 copies). None: on CUDA where triton imports and its
         kernels are compiled (not TRITON_INTERPRET=1)."""
-        on_cuda = device.type == "cuda"
         if triton_sampling is None:
-            triton_sampling = on_cuda and importlib.util.find_spec("triton") is not None and not triton_interpreted()
-        elif triton_sampling and on_cuda and triton_interpreted():
-            raise ValueError(
-                "triton_sampling on CUDA needs compiled kernels, but TRITON_INTERPRET=1 is set in this process; "
-                "unset TRITON_INTERPRET, or pass triton_sampling=False"
-            )
-        if triton_sampling and not on_cuda:
-            check_interpreter_numpy("triton_sampling", "pass triton_sampling=False")
+            triton_sampling = compiled_triton(device)
+        elif triton_sampling:
+            check_triton_usable("triton_sampling", device, "pass triton_sampling=False")
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)

@@ -8,6 +8,11 @@ import os
 import pytest
 
 
+def in_ci() -> bool:
+    """Whether this run is CI's (CI=true), where a check that cannot run must fail, not skip."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
 def require(available: bool, what: str) -> None:
     """Skip when a tool the test extra installs is missing on a developer's machine; fail under CI=true.
 
@@ -16,7 +21,7 @@ def require(available: bool, what: str) -> None:
     """
     if available:
         return
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    if in_ci():
         pytest.fail(f"{what} is missing, but CI installs the test extra: the install is broken")
     pytest.skip(f"{what} is not installed (pip install -e '.[test]')", allow_module_level=True)
 
@@ -35,7 +40,7 @@ def require_triton_interpreter() -> None:
     if not triton_interpreted():
         import torch
 
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes") and not torch.cuda.is_available():
+        if in_ci() and not torch.cuda.is_available():
             pytest.fail(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} on a CI machine without CUDA: "
                         "the Triton acceptance tests would not run; leave it unset (tests/conftest.py sets it)")
         pytest.skip("TRITON_INTERPRET is not 1 in this process: these tests run Triton kernels on CPU under "
@@ -43,6 +48,6 @@ def require_triton_interpreter() -> None:
     try:
         check_interpreter_numpy("the Triton kernel tests", "run scripts/run_tests.sh, whose venv pins it")
     except ValueError as exc:  # as for a missing tool: the reason on a developer's machine, red under CI
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        if in_ci():
             pytest.fail(str(exc), pytrace=False)
         pytest.skip(str(exc), allow_module_level=True)

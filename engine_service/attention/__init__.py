@@ -22,6 +22,8 @@ __all__ = [
     "AttentionBackend",
     "AttentionMetadata",
     "check_interpreter_numpy",
+    "check_triton_usable",
+    "compiled_triton",
     "make_backend",
     "resolve_backend_name",
     "triton_interpreted",
@@ -61,13 +63,34 @@ def check_interpreter_numpy(what: str, instead: str) -> None:
         )
 
 
+def compiled_triton(device: torch.device) -> bool:
+    """Whether Triton kernels compile for `device` in this process: CUDA, triton importable, no interpreter.
+    What every 'auto' choice of a Triton path (attention, sampling, fused ops) asks."""
+    return device.type == "cuda" and _importable("triton") and not triton_interpreted()
+
+
+def check_triton_usable(what: str, device: torch.device, instead: str) -> None:
+    """Refuse an explicit request for Triton kernels (`what`) where they cannot run in this process: triton
+    missing, interpreted kernels on CUDA, or the interpreter on CPU with a numpy it fails on. `instead` names
+    the way around it in the message."""
+    if not _importable("triton"):
+        raise ValueError(f"{what} needs the triton package (pip install 'triton==3.6.*')")
+    if device.type == "cuda" and triton_interpreted():
+        raise ValueError(
+            f"{what} on CUDA needs compiled kernels, but TRITON_INTERPRET=1 is set in this process (the "
+            f"interpreter runs kernels on the host); unset TRITON_INTERPRET, or {instead}"
+        )
+    if device.type != "cuda":
+        check_interpreter_numpy(what, instead)
+
+
 def resolve_backend_name(name: str, device: torch.device, block_size: int) -> str:
     """Turn 'auto' into a concrete backend and refuse combinations that cannot run."""
     on_cuda = device.type == "cuda"
     if name == "auto":
         if on_cuda and _importable("flash_attn") and block_size % FLASH_ATTN_BLOCK_MULTIPLE == 0:
             return "flash_attn"
-        if on_cuda and _importable("triton") and not triton_interpreted():
+        if compiled_triton(device):
             return "triton"
         return "torch"
     if name == "flash_attn":
@@ -78,16 +101,8 @@ def resolve_backend_name(name: str, device: torch.device, block_size: int) -> st
                 f"attention_backend='flash_attn' needs kvcache_block_size a multiple of "
                 f"{FLASH_ATTN_BLOCK_MULTIPLE}, got {block_size}"
             )
-    if name == "triton" and not _importable("triton"):
-        raise ValueError("attention_backend='triton' needs the triton package (pip install 'triton==3.6.*')")
-    if name == "triton" and on_cuda and triton_interpreted():
-        raise ValueError(
-            "attention_backend='triton' on CUDA needs compiled kernels, but TRITON_INTERPRET=1 is set in this "
-            "process (the interpreter runs kernels on the host); unset TRITON_INTERPRET, or use "
-            "attention_backend='torch'"
-        )
-    if name == "triton" and not on_cuda:
-        check_interpreter_numpy("attention_backend='triton'", "use attention_backend='torch'")
+    if name == "triton":
+        check_triton_usable("attention_backend='triton'", device, "use attention_backend='torch'")
     return name
 
 

@@ -131,7 +131,7 @@ def test_fused_ops_choice_and_refusals():
     assert resolve_fused_ops(False, cpu, torch.float32) is False
     with pytest.raises(ValueError, match="float64"):
         resolve_fused_ops(True, cpu, torch.float64)
-    with pytest.raises(ValueError, match="unset it"):
+    with pytest.raises(ValueError, match="unset TRITON_INTERPRET"):
         resolve_fused_ops(True, cuda, torch.bfloat16)
     x = torch.randn(8, 4)
     with pytest.raises(ValueError, match="unit column strides"):
