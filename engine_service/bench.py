@@ -239,6 +239,25 @@ class Plan:
     dtype: str
 
 
+def make_plan(spec: WorkloadSpec, model_dir: Path, device: str, dtype: str, vocab_size: int, repeats: int,
+              num_seqs: int | None = None, max_input_len: int | None = None,
+              max_output_len: int | None = None) -> tuple[Workload, Plan]:
+    """The workload drawn by `spec`'s generator (prompt tokens folded into the vocabulary where it is
+    smaller), and what each contender runs of it."""
+    workload = make_workload(spec, num_seqs, max_input_len, max_output_len)
+    if spec.token_max >= vocab_size:
+        workload.prompts = fit_vocab(workload.prompts, vocab_size)
+    # Salt 0 is the workload itself; the warm-up and later repeats each get their own (see salted()).
+    plan = Plan(
+        warmup=warmup_request(workload, repeats, vocab_size),
+        batches=[(salted(workload.prompts, r, vocab_size), workload.max_tokens) for r in range(repeats)],
+        model_dir=model_dir,
+        device=device,
+        dtype=dtype,
+    )
+    return workload, plan
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The LLM keyword arguments given on the command line; the rest keep the engine's defaults."""
     names = (
@@ -260,26 +279,32 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_engine(plan: Plan, kwargs: dict[str, Any]) -> Result:
-    """The engine: LLM construction, one warm-up request, then each batch timed through generate()."""
-    from engine_service import LLM, SamplingParams, bench_peers
+    """The engine: LLM construction, then time_engine."""
+    from engine_service import LLM, bench_peers
 
-    def params(max_tokens: list[int]) -> list[SamplingParams]:
-        return [SamplingParams(temperature=TEMPERATURE, max_tokens=n, ignore_eos=True) for n in max_tokens]
-
-    result = Result(info={"engine_kwargs": kwargs})
     llm = LLM(str(plan.model_dir), device=plan.device, dtype=plan.dtype, **kwargs)
     try:
-        llm.generate(plan.warmup[0], params(plan.warmup[1]))
-        for prompts, max_tokens in plan.batches:
-            start = time.perf_counter()
-            outs = llm.generate(prompts, params(max_tokens))
-            result.runs_s.append(time.perf_counter() - start)
-            result.requested_tokens = sum(max_tokens)
-            result.generated_tokens = sum(len(o["token_ids"]) for o in outs)
+        return time_engine(llm, plan, Result(info={"engine_kwargs": kwargs}))
     finally:
         llm.close()
         del llm
         bench_peers.release()
+
+
+def time_engine(llm: Any, plan: Plan, result: Result) -> Result:
+    """One warm-up request on a constructed engine, then each batch of the plan timed through generate()."""
+    from engine_service import SamplingParams
+
+    def params(max_tokens: list[int]) -> list[SamplingParams]:
+        return [SamplingParams(temperature=TEMPERATURE, max_tokens=n, ignore_eos=True) for n in max_tokens]
+
+    llm.generate(plan.warmup[0], params(plan.warmup[1]))
+    for prompts, max_tokens in plan.batches:
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params(max_tokens))
+        result.runs_s.append(time.perf_counter() - start)
+        result.requested_tokens = sum(max_tokens)
+        result.generated_tokens = sum(len(o["token_ids"]) for o in outs)
     return result
 
 
@@ -488,17 +513,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     repeats = args.repeats or (1 if spec is WORKLOAD_A else 3)
     vocab_size = int(config["vocab_size"])
 
-    workload = make_workload(spec, args.num_seqs, args.max_input_len, args.max_output_len)
-    if spec.token_max >= vocab_size:
-        workload.prompts = fit_vocab(workload.prompts, vocab_size)
-    # Salt 0 is the workload itself; the warm-up and later repeats each get their own (see salted()).
-    plan = Plan(
-        warmup=warmup_request(workload, repeats, vocab_size),
-        batches=[(salted(workload.prompts, r, vocab_size), workload.max_tokens) for r in range(repeats)],
-        model_dir=model_dir,
-        device=device,
-        dtype=dtype,
-    )
+    workload, plan = make_plan(spec, model_dir, device, dtype, vocab_size, repeats,
+                               args.num_seqs, args.max_input_len, args.max_output_len)
     report: dict[str, Any] = {
         "workload": {
             "name": workload.name,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-shot GPU check of issue 3, for one H200 with no network (about 7 minutes; see docs/GPU.md).
+# The one-shot GPU check of issue 3, for one H200 with no network (about 5 minutes; see docs/GPU.md).
 #
 #   scripts/gpu_check.sh              # every part
 #   scripts/gpu_check.sh b g          # only these parts (env and the preset always run first)
@@ -8,25 +8,25 @@
 #   a  pytest tests/gpu                 GPU tests                        } together, while the preset is
 #   b  scripts/gpu_kernel_check.py      Triton kernels vs a float32      } built on the CPU (b's decode
 #                                       reference, outputs NaN-poisoned  } timings are indicative only)
-#   d  python -m engine_service.bench   workload A: the engine and transformers' static batching (first,
-#                                       as the headline figure: a slow part before it cannot squeeze it)
-#   g  scripts/gpu_check.py graphs      (c) graph replay == eager (hidden states and logits, bitwise) for
+#   g  scripts/gpu_check.py graphs      every engine figure, from one engine start-up:
+#                                       (d) workload A, first, as the headline;
+#                                       (c) graph replay == eager (hidden states and logits, bitwise) for
 #                                       every captured size on random-weight Qwen3-0.6B in bf16;
-#                                       (e) the engine on 64 requests of workload A, and its step split;
+#                                       (e) 64 requests of workload A, and the step split;
 #                                       (f) decode inter-token latency at batch 1 and 64, graphs on and off
-#   e  python -m engine_service.bench   64 requests of workload A: transformers' continuous batching
-#                                       (the engine's figure on the same requests comes from g)
+#   d  python -m engine_service.bench   workload A on transformers' static batching (about 2 minutes)
+#   e  python -m engine_service.bench   the same 64 requests on transformers' continuous batching
 # Outputs go to $OUT if set, else ./gpu_check_out: one log per part, JSON figures, status.tsv. The table
-# is printed last. Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 420),
+# is printed last. Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 300),
 # GPU_CHECK_CACHE (where the 1.2 GB preset is built; keep it outside $OUT).
 set -u
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT_DIR=${OUT:-$REPO/gpu_check_out}
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-420}
+BUDGET=${GPU_CHECK_BUDGET_S:-300}
 CACHE=${GPU_CHECK_CACHE:-$HOME/.cache/llm-grpc-serve/presets}
-PARTS=${*:-a b d g e}
+PARTS=${*:-a b g d e}
 STATUS=$OUT_DIR/status.tsv
 START=$(date +%s)
 
@@ -87,38 +87,41 @@ command -v nvidia-smi >/dev/null && nvidia-smi >"$OUT_DIR/nvidia-smi.txt" 2>&1
 # ---- a and b (correctness; b's kernel timings are indicative only) while the preset is built on the CPU --
 pids=()
 if wanted a; then
-  run_part a 150 "$PY" -m pytest tests/gpu -v -p no:cacheprovider &
+  run_part a 100 "$PY" -m pytest tests/gpu -v -p no:cacheprovider &
   pids+=($!)
 fi
 if wanted b; then
-  run_part b 150 "$PY" scripts/gpu_kernel_check.py &
+  run_part b 100 "$PY" scripts/gpu_kernel_check.py &
   pids+=($!)
 fi
-run_part preset 150 "$PY" scripts/gpu_check.py preset --cache-dir "$CACHE"
+run_part preset 100 "$PY" scripts/gpu_check.py preset --cache-dir "$CACHE"
 for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid"; done
 
-# ---- d, g, e: one at a time, since they time things --------------------------------------------------
-# d: the engine's start-up and run (about a minute), then transformers' static batching (119 s on
-# BENCHMARKS.md's H200 with transformers 5.24; this machine has 5.17): 240 s leaves it room.
-wanted d && run_part d 240 "$PY" -m engine_service.bench --preset qwen3-0.6b --peers hf-static \
-  --cache-dir "$CACHE" --json "$OUT_DIR/d_bench_A.json" --log-level INFO
-if wanted g; then
-  # g holds an acceptance check (graph replay on Qwen3-0.6B): at least 90 s even past the budget, when slow
-  # parts before it left less.
-  left=$((BUDGET - ($(date +%s) - START)))
-  if ((left >= 90)); then
-    run_part g 150 "$PY" scripts/gpu_check.py graphs --out "$OUT_DIR" --cache-dir "$CACHE"
-  else
-    NOCAP=1 run_part g 90 "$PY" scripts/gpu_check.py graphs --out "$OUT_DIR" --cache-dir "$CACHE"
-  fi
-fi
+# ---- g, d, e: one at a time, since they time things ---------------------------------------------------
+# limit_for MIN MAX: what is left of the budget, kept within MIN and MAX. The parts below hold acceptance
+# figures, so each runs (NOCAP) for at least MIN even past the budget when slow parts before it left less.
+limit_for() {
+  local left=$((BUDGET - ($(date +%s) - START)))
+  ((left < $1)) && left=$1
+  ((left > $2)) && left=$2
+  echo "$left"
+}
+# g: one Qwen3-0.6B engine start-up (weights, warm-up, tile timing, graph capture), workload A, the graph
+# check, three runs of 64 requests and five latency runs.
+wanted g && NOCAP=1 run_part g "$(limit_for 100 150)" \
+  "$PY" scripts/gpu_check.py graphs --out "$OUT_DIR" --cache-dir "$CACHE"
+# d: transformers' static batching on workload A (119 s on BENCHMARKS.md's H200 with transformers 5.24;
+# this machine has 5.17), plus its load and warm-up request.
+wanted d && NOCAP=1 run_part d "$(limit_for 160 200)" \
+  "$PY" -m engine_service.bench --preset qwen3-0.6b --no-engine --peers hf-static \
+  --cache-dir "$CACHE" --json "$OUT_DIR/d_bench_A.json"
 if wanted e; then
   # transformers' continuous batching gets what the budget leaves, between 30 and 60 s, even past the
   # budget; one that does not finish is reported as a bound, "< requested tokens / seconds allowed".
   left=$((BUDGET - ($(date +%s) - START)))
-  peer=$((left - 40 < 60 ? left - 40 : 60))
+  peer=$((left - 30 < 60 ? left - 30 : 60))
   ((peer < 30)) && peer=30
-  NOCAP=1 run_part e $((peer + 45)) "$PY" -m engine_service.bench --preset qwen3-0.6b --num-seqs 64 --no-engine \
+  NOCAP=1 run_part e $((peer + 40)) "$PY" -m engine_service.bench --preset qwen3-0.6b --num-seqs 64 --no-engine \
     --peers hf-continuous --peer-timeout "$peer" --cache-dir "$CACHE" --json "$OUT_DIR/e_bench_64.json"
 fi
 

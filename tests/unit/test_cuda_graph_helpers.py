@@ -123,14 +123,26 @@ def test_gpu_check_script_flow_on_cpu(tmp_path, capsys):
     assert report["slice64"]["tok_s"] > 0 and report["slice64_profile"]["decode"]["steps"] > 0
     assert report["slice64"]["overlap"] is True and report["slice64_no_overlap"]["overlap"] is False
     assert report["slice64_no_overlap"]["tok_s"] > 0
+    # Workload A (the engine's half of part d) ran on the same engine, requested tokens over seconds.
+    a = report["workload_A"]
+    assert a["num_seqs"] == 8 and a["requested_tokens"] == a["generated_tokens"] > 0
+    assert a["tok_s"] == pytest.approx(a["requested_tokens"] / a["seconds"])
+    # The slice is workload A's first requests: no timed run may find another's prompts in the prefix cache.
+    for key in ("workload_A", "slice64", "slice64_no_overlap"):
+        assert report[key]["prefix_cache_hit_tokens"] == 0, key
     assert {(r["graphs"], r["overlap"], r["batch"]) for r in report["itl"]} == {
         (True, True, 1), (True, True, 8), (False, True, 1), (False, True, 8), (True, False, 8)
     }
-    (out / "status.tsv").write_text("g\tPASS\t3\t0\n")
+    (out / "status.tsv").write_text("g\tPASS\t3\t0\nd\tPASS\t130\t0\n")
+    hf_tok_s = a["tok_s"] / 7  # part d's figure, as bench --no-engine --peers hf-static writes it
+    (out / "d_bench_A.json").write_text(json.dumps({"engine": None, "peers": {"hf_static": {"tok_s": hf_tok_s}}}))
     capsys.readouterr()  # what cmd_graphs printed
     gpu_check.cmd_summary(out)
     table = capsys.readouterr().out
     assert "4/4 sizes bitwise equal" in table and "ITL ms, graphs/eager: batch 1" in table
+    d_row = next(line for line in table.splitlines() if line.startswith("(d)"))
+    assert f"engine {a['tok_s']:,.0f} tok/s, transformers static {hf_tok_s:,.0f} tok/s (7.0x)" in d_row
+    assert "PASS" in d_row and "NOT MET" in d_row
     itl_row = next(line for line in table.splitlines() if line.startswith("(f)"))
     assert "batch 8 graphs without overlap" in itl_row and "?" not in itl_row
     markdown = (out / "performance.md").read_text()
