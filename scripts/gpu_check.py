@@ -88,8 +88,10 @@ def _graph_check(graphs, report: dict) -> None:
 
 
 def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
-    """The engine's parts, on one engine: (d)'s engine figure, (c), (e)'s engine figure and (f). cpu_dry_run: the same flow on CPU at toy sizes (cpu-small preset,
-    torch backend, graphs replayed by re-running the forward), to test this script without a GPU."""
+    """The engine's parts, on one engine: (d)'s engine figure, (c), (e)'s engine figure and (f).
+
+    cpu_dry_run: the same flow on CPU at toy sizes (cpu-small preset, torch backend, graphs replayed by
+    re-running the forward), to test this script without a GPU."""
     import torch
 
     if not torch.cuda.is_available() and not cpu_dry_run:
