@@ -72,7 +72,7 @@ def _requests(n: int, seed: int, max_prompt: int = 60, max_tokens: int = 24):
 
 
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
-def test_serving_compiles_no_kernel_variant_after_start_up(bf16_model, enforce_eager):
+def test_serving_compiles_no_kernel_variant_after_start_up(bf16_model, enforce_eager, monkeypatch):
     """Start-up (the warm-up, the decode tile tuner, graph capture or, eagerly, a decode per split-KV count)
     compiles every Triton variant a step can meet, so none compiles inside a timed step: prefills whose
     longest query is 2-8, 9-16 and more tokens, decode batches of 1 to 40 sequences (3, 5, 6 and 9 among
@@ -92,6 +92,8 @@ def test_serving_compiles_no_kernel_variant_after_start_up(bf16_model, enforce_e
     def variants() -> dict[str, int]:  # triton's in-process cache: one entry per compiled specialisation
         return {k.__name__: sum(len(cache[0]) for cache in k.device_caches.values()) for k in kernels}
 
+    # gpu_check.sh pins the decode tile for these tests (no tuner at each start-up); this one runs the tuner.
+    monkeypatch.delenv(tk.DECODE_TILE_ENV, raising=False)
     rng = random.Random(3)
     with _engine(bf16_model, dtype="float16", enforce_eager=enforce_eager) as llm:
         before = variants()

@@ -1,0 +1,99 @@
+"""scripts/gpu_check.sh's orchestration (order, time limits, the pinned tile, status and exit code), run on
+the CPU with every Python part replaced by a stub that records how it was called. The parts themselves are
+tested elsewhere (test_cuda_graph_helpers.py runs part g's flow at toy sizes); this is the shell around them,
+which a GPU session would otherwise be the first to run."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+STUB = """#!/usr/bin/env bash
+echo "$* |tile=${LLMSERVE_DECODE_TILE:-}" >> "$STUB_LOG"
+case "$*" in
+  *"gpu_check.py summary"*) exec "$REAL_PYTHON" "$@" ;;
+  *"gpu_check.py graphs"*) exit "${STUB_G_RC:-0}" ;;
+esac
+exit 0
+"""
+
+
+def _run(tmp_path: Path, budget: int, g_rc: int = 0) -> tuple[int, str, list[str], Path]:
+    stub = tmp_path / "python"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    log = tmp_path / "calls.log"
+    env = {
+        **os.environ,
+        "PYTHON": str(stub),
+        "REAL_PYTHON": sys.executable,
+        "STUB_LOG": str(log),
+        "STUB_G_RC": str(g_rc),
+        "OUT": str(out),
+        "GPU_CHECK_BUDGET_S": str(budget),
+        "GPU_CHECK_CACHE": str(tmp_path / "cache"),
+    }
+    env.pop("LLMSERVE_DECODE_TILE", None)
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    return proc.returncode, proc.stdout + proc.stderr, log.read_text().splitlines(), out
+
+
+def _part(calls: list[str], needle: str) -> str:
+    found = [c for c in calls if needle in c]
+    assert len(found) == 1, (needle, calls)
+    return found[0]
+
+
+def _limits(output: str) -> dict[str, int]:
+    return {m[0]: int(m[1]) for m in re.findall(r"^\[gpu_check\] (\w+): .* \(limit (\d+)s\)$", output, re.M)}
+
+
+def test_every_part_runs_in_order_with_its_limit_and_only_the_gpu_tests_pin_the_tile(tmp_path):
+    rc, output, calls, out = _run(tmp_path, budget=300)
+    assert rc == 0, output
+    order = [next(i for i, c in enumerate(calls) if needle in c) for needle in (
+        "gpu_check.py env", "gpu_check.py graphs", "--peers hf-static", "--peers hf-continuous",
+        "gpu_check.py summary")]
+    assert order == sorted(order), calls
+    a = _part(calls, "-m pytest tests/gpu")
+    assert a.endswith("|tile=64,2,4,0")
+    # The tile the tests pin must be one the engine can run: the default decode tile.
+    from engine_service.attention import triton_kernels as tk
+
+    assert tk.parse_tile(a.rsplit("=", 1)[1]) == tk.DECODE_TILES[0]
+    others = [c for c in calls if "-m pytest tests/gpu" not in c]
+    assert others and all(c.endswith("|tile=") for c in others), others
+    # The engine's figures come from one process; transformers' static batching runs without the engine.
+    assert "--no-engine" in _part(calls, "--peers hf-static")
+    assert "--num-seqs 64" in _part(calls, "--peers hf-continuous")
+    assert "--peer-timeout 60" in _part(calls, "--peers hf-continuous")
+    assert _limits(output) == {"a": 110, "b": 100, "preset": 100, "g": 150, "d": 200, "e": 100}
+    status = [line.split("\t")[:2] for line in (out / "status.tsv").read_text().splitlines()]
+    assert sorted(status) == sorted([[p, "PASS"] for p in ("env", "a", "b", "preset", "g", "d", "e")])
+    assert (out / "performance.md").exists()
+
+
+def test_an_exhausted_budget_still_runs_the_acceptance_parts_at_their_floors(tmp_path):
+    rc, output, calls, out = _run(tmp_path, budget=0)
+    assert rc == 1, output  # the parts skipped for want of time count as not passed
+    assert not any("-m pytest tests/gpu" in c or "gpu_kernel_check" in c for c in calls)
+    assert _limits(output) == {"g": 100, "d": 160, "e": 70}
+    assert "--peer-timeout 30" in _part(calls, "--peers hf-continuous")
+    status = dict(line.split("\t")[:2] for line in (out / "status.tsv").read_text().splitlines())
+    assert status["a"] == status["b"] == status["preset"] == "SKIPPED"
+    assert status["g"] == status["d"] == status["e"] == "PASS"
+
+
+def test_a_failing_part_fails_the_check_and_the_rest_still_run(tmp_path):
+    rc, output, calls, out = _run(tmp_path, budget=300, g_rc=1)
+    assert rc == 1
+    status = dict(line.split("\t")[:2] for line in (out / "status.tsv").read_text().splitlines())
+    assert status["g"] == "FAIL" and status["d"] == status["e"] == "PASS"
+    assert "--peers hf-continuous" in calls[-2] and "gpu_check.py summary" in calls[-1]
