@@ -291,17 +291,20 @@ def run_engine(plan: Plan, kwargs: dict[str, Any]) -> Result:
         bench_peers.release()
 
 
-def time_engine(llm: Any, plan: Plan, result: Result) -> Result:
-    """One warm-up request on a constructed engine, then each batch of the plan timed through generate()."""
+def engine_params(max_tokens: list[int]) -> list[Any]:
+    """The engine's SamplingParams for a workload's requests: TEMPERATURE, each request's max_tokens, EOS
+    ignored."""
     from engine_service import SamplingParams
 
-    def params(max_tokens: list[int]) -> list[SamplingParams]:
-        return [SamplingParams(temperature=TEMPERATURE, max_tokens=n, ignore_eos=True) for n in max_tokens]
+    return [SamplingParams(temperature=TEMPERATURE, max_tokens=n, ignore_eos=True) for n in max_tokens]
 
-    llm.generate(plan.warmup[0], params(plan.warmup[1]))
+
+def time_engine(llm: Any, plan: Plan, result: Result) -> Result:
+    """One warm-up request on a constructed engine, then each batch of the plan timed through generate()."""
+    llm.generate(plan.warmup[0], engine_params(plan.warmup[1]))
     for prompts, max_tokens in plan.batches:
         start = time.perf_counter()
-        outs = llm.generate(prompts, params(max_tokens))
+        outs = llm.generate(prompts, engine_params(max_tokens))
         result.runs_s.append(time.perf_counter() - start)
         result.requested_tokens = sum(max_tokens)
         result.generated_tokens = sum(len(o["token_ids"]) for o in outs)

@@ -210,6 +210,23 @@ def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
         ))
     runner.graphs = graphs
     llm.overlap = overlap_default
+
+    # Where the device's time goes in workload A's decode steps: the kernels of `active` steps from step
+    # `skip` on, under torch.profiler (its overhead is off the clock: nothing here is timed end to end).
+    # The same prompts (salted apart), each request's output capped a little past the window: the batch in
+    # the window is the one workload A has there.
+    skip, active = (3, 5) if cpu_dry_run else (200, 20)
+    prompts_a, max_tokens_a = plan.batches[0]
+    try:
+        kernels = step_profile.kernel_breakdown(
+            llm, bench.salted(prompts_a, 9, vocab),
+            bench.engine_params([min(n, skip + active + 10) for n in max_tokens_a]), skip, active)
+    except Exception as e:  # the figures above stand without it
+        kernels = {"error": f"{type(e).__name__}: {e}"}
+    report["kernels"] = kernels
+    save()
+    print(f"kernels in workload A's decode steps {skip + 2}-{skip + 1 + active}:\n"
+          + (kernels["error"] if "error" in kernels else step_profile.format_kernels(kernels)))
     llm.close()
     return 0 if report["graph_check"]["ok"] and report["startup_graphs_on"] else 1
 
@@ -348,6 +365,18 @@ def _part_results(out: Path) -> dict[str, str]:
             f"ITL ms, graphs/eager: batch {lo} {ms(True, lo)}/{ms(False, lo)}, "
             f"batch {hi} {ms(True, hi)}/{ms(False, hi)}; batch {hi} graphs without overlap {ms(True, hi, False)}"
         )
+    k = g.get("kernels", {})
+    if k.get("error"):
+        res["kernels"] = f"profile failed: {k['error']}"
+    elif k.get("busy_ms"):
+        groups = ", ".join(f"{name} {v['ms']:.2f}" for name, v in list(k["groups"].items())[:5])
+        res["kernels"] = (
+            f"{k['steps']} decode steps mid workload A, {k['mean_running']:.0f} running: device busy "
+            f"{k['busy_ms']:.2f} of {k['span_ms']:.2f} ms a step ({k['busy_share']:.0%}), "
+            f"{k['kernels_per_step']:.0f} kernels; ms: {groups}"
+        )
+    elif "steps" in k:
+        res["kernels"] = f"no device kernels recorded over {k['steps']} steps (is CUPTI available?)"
     dec = g.get("slice64_profile", {}).get("decode")
     if dec and dec.get("gpu_ms") is not None:
         res["split"] = (
@@ -369,6 +398,7 @@ LABELS = {
     "e": "(e) 64 requests of A",
     "f": "(f) decode ITL",
     "split": "    step split (64 req)",
+    "kernels": "    device time by kernel",
 }
 
 
@@ -385,8 +415,8 @@ def cmd_summary(out: Path) -> int:
     res = _part_results(out)
     # The engine's figures (c, d, e, f) come from one process, part "g"; the table shows them on their own
     # rows. Row d also holds part d (transformers' static batching): it passes only when both did.
-    order = ["env", "preset", "a", "b", "c", "d", "e", "f", "split"]
-    owner = {"c": "g", "f": "g", "split": "g"}
+    order = ["env", "preset", "a", "b", "c", "d", "e", "f", "split", "kernels"]
+    owner = {"c": "g", "f": "g", "split": "g", "kernels": "g"}
     for key in order:
         st, secs = status.get(owner.get(key, key), ("-", ""))
         if key == "d" and st == "PASS":

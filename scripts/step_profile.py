@@ -23,6 +23,9 @@ the time in which the GPU has nothing to do. With overlap scheduling (the defaul
 the next batch before it waits for the current one, so the host's work hides behind the GPU's and `wait`
 grows instead. Steps are grouped by kind: decode (every sequence computes one token) and mixed (any
 prefill). The inter-token latency of a uniform batch is the median wall time of its decode steps.
+
+kernel_breakdown (used by scripts/gpu_check.py) is the device side: the kernels a window of steps ran,
+under torch.profiler, by group and by name.
 """
 
 from __future__ import annotations
@@ -238,6 +241,107 @@ def decode_latency(llm, batch: int, prompt_len: int = 256, max_tokens: int = 64)
     summary, seconds = profile_generate(llm, *uniform_requests(batch, prompt_len, max_tokens, vocab, seed=2))
     decode = summary.get("decode", {})
     return {"batch": batch, "itl_ms": decode.get("median_wall_ms"), "decode": decode, "seconds": seconds}
+
+
+# ---- device kernels -----------------------------------------------------------------------------------
+# Kernel name fragments (lower case) -> the group a kernel counts in; the first match wins, the rest is
+# "other". On the CPU (no device kernels) aten ops, each with its own time, stand in for kernels.
+KERNEL_GROUPS = (
+    ("attention", ("paged_attention", "merge_splits", "scaled_dot_product", "flash")),
+    ("kv store", ("store_kvcache",)),
+    ("fused elementwise", ("add_rms_norm", "qk_norm_rope", "silu_and_mul")),
+    ("sampling", ("sample_kernel",)),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk", "aten::mm", "aten::addmm",
+                "aten::bmm")),
+    ("copy", ("memcpy", "memset", "aten::copy_")),
+)
+
+
+def kernel_group(name: str) -> str:
+    low = name.lower()
+    return next((group for group, keys in KERNEL_GROUPS if any(k in low for k in keys)), "other")
+
+
+def summarize_kernels(kernels: list[tuple[str, float, float]], steps: int, top: int = 12) -> dict:
+    """Device time per engine step, by group and by kernel. kernels: (name, start_us, duration_us) on one
+    device's timeline over `steps` steps. span is first start to last end: busy_share below 1 is time the
+    device had nothing to run (launch gaps, waiting for the host)."""
+    out: dict = {"steps": steps, "kernels_per_step": len(kernels) / steps if steps else 0.0}
+    if not kernels or steps < 1:
+        return out
+    busy = sum(d for _, _, d in kernels)
+    span = max(s + d for _, s, d in kernels) - min(s for _, s, _ in kernels)
+    groups: dict[str, float] = {}
+    names: dict[str, tuple[int, float]] = {}
+    for name, _, d in kernels:
+        group = kernel_group(name)
+        groups[group] = groups.get(group, 0.0) + d
+        count, total = names.get(name, (0, 0.0))
+        names[name] = (count + 1, total + d)
+    per_step_ms = 1e3 * steps  # microseconds over all steps -> milliseconds per step
+    out.update(
+        span_ms=span / per_step_ms,
+        busy_ms=busy / per_step_ms,
+        busy_share=busy / span if span > 0 else 1.0,
+        groups={g: {"ms": t / per_step_ms, "share": t / busy}
+                for g, t in sorted(groups.items(), key=lambda kv: -kv[1])},
+        top=[{"name": n[:120], "group": kernel_group(n), "per_step": c / steps, "mean_us": t / c,
+              "ms": t / per_step_ms}
+             for n, (c, t) in sorted(names.items(), key=lambda kv: -kv[1][1])[:top]],
+    )
+    return out
+
+
+def kernel_breakdown(llm, prompts, params, skip_steps: int, active_steps: int) -> dict:
+    """generate() under torch.profiler, recording engine steps skip_steps + 2 to skip_steps + 1 +
+    active_steps (one step of profiler warm-up between): what the device ran in them, by kernel
+    (summarize_kernels), and the mean number of running sequences."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    cuda = llm.runner.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    first = skip_steps + 1  # steps are counted from 0; the profiler warms up on step skip_steps
+    running: list[int] = []
+    step, saved = llm.step, llm.__dict__.get("step")
+    with profile(activities=activities, schedule=schedule(wait=skip_steps, warmup=1, active=active_steps,
+                                                          repeat=1)) as prof:
+        def profiled_step():
+            if first <= prof.step_num < first + active_steps:
+                running.append(len(llm.scheduler.running))
+            out = step()
+            prof.step()
+            return out
+
+        llm.step = profiled_step
+        try:
+            llm.generate(prompts, params)
+        finally:
+            if saved is None:
+                del llm.step  # the instance attribute goes; the class's method shows again
+            else:
+                llm.step = saved
+    if cuda:
+        kernels = [(e.name, e.time_range.start, e.time_range.elapsed_us())
+                   for e in prof.events() if e.device_type == DeviceType.CUDA]
+    else:  # each aten op's own time, without the ops it called: a partition of the CPU's compute
+        kernels = [(e.name, e.time_range.start, e.self_cpu_time_total)
+                   for e in prof.events() if e.device_type == DeviceType.CPU and e.name.startswith("aten::")]
+    summary = summarize_kernels(kernels, len(running))
+    summary["mean_running"] = sum(running) / len(running) if running else 0.0
+    summary["device"] = "cuda" if cuda else "cpu (aten ops, self time)"
+    return summary
+
+
+def format_kernels(summary: dict) -> str:
+    if not summary.get("busy_ms"):
+        return f"no kernels recorded over {summary.get('steps', 0)} steps"
+    lines = [f"{summary['steps']} steps, {summary['mean_running']:.0f} sequences running, "
+             f"{summary['kernels_per_step']:.0f} kernels a step: device busy {summary['busy_ms']:.2f} of "
+             f"{summary['span_ms']:.2f} ms a step ({summary['busy_share']:.0%})"]
+    lines += [f"  {g:<18}{v['ms']:8.3f} ms {v['share']:6.1%}" for g, v in summary["groups"].items()]
+    lines += [f"  {k['ms']:8.3f} ms {k['per_step']:6.1f}x {k['mean_us']:8.1f} us  {k['name']}" for k in summary["top"]]
+    return "\n".join(lines)
 
 
 # ---- command line -------------------------------------------------------------------------------------

@@ -143,6 +143,12 @@ def test_gpu_check_script_flow_on_cpu(tmp_path, capsys):
     d_row = next(line for line in table.splitlines() if line.startswith("(d)"))
     assert f"engine {a['tok_s']:,.0f} tok/s, transformers static {hf_tok_s:,.0f} tok/s (7.0x)" in d_row
     assert "PASS" in d_row and "NOT MET" in d_row
+    # The kernel breakdown: workload A's steps 5-9 (8 requests at toy sizes, all running), CPU ops standing in.
+    k = report["kernels"]
+    assert k["steps"] == 5 and k["mean_running"] == 8 and k["busy_ms"] > 0
+    assert sum(g["ms"] for g in k["groups"].values()) == pytest.approx(k["busy_ms"])
+    assert k["groups"]["matmul"]["ms"] > 0 and 0 < k["busy_share"] <= 1
+    assert "device time by kernel" in table and "5 decode steps mid workload A, 8 running" in table
     itl_row = next(line for line in table.splitlines() if line.startswith("(f)"))
     assert "batch 8 graphs without overlap" in itl_row and "?" not in itl_row
     markdown = (out / "performance.md").read_text()

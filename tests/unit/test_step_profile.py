@@ -53,3 +53,27 @@ def test_every_step_lands_in_the_split_with_a_gpu_time(tmp_path, monkeypatch):
     assert 1 <= decode["mean_batch"] <= 3
     assert decode["wait_ms"] > 0 and decode["schedule_ms"] > 0
     assert "mixed" in summary  # the prefill step
+
+
+def test_kernel_summary_groups_device_kernels_and_counts_idle_time():
+    """Names as a CUDA trace gives them (Triton kernels by function name, cuBLAS and torch by theirs):
+    each lands in its group, time is per step, and the gaps between kernels count as idle."""
+    trace = [  # (name, start_us, duration_us) over 2 steps
+        ("_paged_attention_kernel", 0.0, 10.0),
+        ("nvjet_tst_128x64_64x4_1x2_h_bz_TNT", 12.0, 20.0),
+        ("_add_rms_norm_kernel", 33.0, 2.0),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", 36.0, 1.0),
+        ("_paged_attention_kernel", 50.0, 14.0),
+        ("Memcpy HtoD (Pinned -> Device)", 70.0, 3.0),
+    ]
+    s = step_profile.summarize_kernels(trace, steps=2)
+    busy = sum(d for _, _, d in trace)
+    assert s["kernels_per_step"] == 3
+    assert s["busy_ms"] == busy / 2e3 and s["span_ms"] == 73.0 / 2e3
+    assert s["busy_share"] == busy / 73.0
+    assert {g: v["ms"] for g, v in s["groups"].items()} == {
+        "attention": 24 / 2e3, "matmul": 20 / 2e3, "copy": 3 / 2e3, "fused elementwise": 2 / 2e3, "other": 1 / 2e3}
+    assert list(s["groups"]) == ["attention", "matmul", "copy", "fused elementwise", "other"]  # largest first
+    top = s["top"][0]
+    assert (top["name"], top["per_step"], top["mean_us"]) == ("_paged_attention_kernel", 1.0, 12.0)
+    assert step_profile.summarize_kernels([], steps=3) == {"steps": 3, "kernels_per_step": 0.0}
