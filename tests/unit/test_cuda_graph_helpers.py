@@ -181,6 +181,31 @@ def test_gpu_check_keeps_measuring_when_graph_capture_fails(tmp_path, monkeypatc
     assert "capture failed: RuntimeError" in c_row
 
 
+def test_gpu_check_still_checks_the_graphs_when_workload_a_fails(tmp_path, monkeypatch, capsys):
+    """The engine's workload A run raising (say, out of memory) is reported, in graphs.json and row d, and
+    the graph check, an acceptance point of its own, still runs in the same process."""
+    import json
+
+    from engine_service import bench
+    from scripts import gpu_check
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(bench, "time_engine", fail)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert gpu_check.cmd_graphs(out, tmp_path / "presets", cpu_dry_run=True) == 0
+    report = json.loads((out / "graphs.json").read_text())
+    assert report["workload_A"] == {"error": "RuntimeError: CUDA out of memory"}
+    assert report["graph_check"]["ok"] and report["slice64"]["tok_s"] > 0
+    (out / "status.tsv").write_text("g\tPASS\t3\t0\nd\tPASS\t130\t0\n")
+    capsys.readouterr()
+    gpu_check.cmd_summary(out)
+    d_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("(d)"))
+    assert "FAIL" in d_row and "engine ? tok/s" in d_row and "CUDA out of memory" in d_row
+
+
 def _start_up_engine(tmp_path, backend: str):
     """A small eager engine on CPU for the start-up warm-up tests: 2 layers, 2 KV heads, max_num_seqs 8, a
     64-token budget."""
