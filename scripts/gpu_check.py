@@ -258,20 +258,14 @@ def _fmt(x: float | None, unit: str = "") -> str:
     return "?" if x is None else f"{x:,.0f}{unit}"
 
 
-def _progress_figures(log: Path) -> dict:
-    """The figures bench prints as each contender finishes ("  engine: 4.51 s, 29,700 tok/s")."""
+def _hf_static_progress(log: Path) -> float | None:
+    """transformers' static batching figure as bench prints it when the run ends ("  transformers static:
+    119.30 s, 1,123 tok/s"), for a part d stopped before it wrote its JSON."""
     try:
-        text = log.read_text(errors="replace")
+        m = re.search(r"^  transformers static: [\d.]+ s, ([\d,]+) tok/s", log.read_text(errors="replace"), re.M)
     except OSError:
-        return {}
-    found = {}
-    for label, key in (("engine", "engine"), ("transformers static", "hf_static")):
-        m = re.search(rf"^  {label}: [\d.]+ s, ([\d,]+) tok/s", text, re.M)
-        if m:
-            found[key] = {"tok_s": float(m.group(1).replace(",", ""))}
-    if not found:
-        return {}
-    return {"engine": found.get("engine"), "peers": {k: v for k, v in found.items() if k != "engine"}}
+        return None
+    return float(m.group(1).replace(",", "")) if m else None
 
 
 def _picked_tile(log: Path) -> str:
@@ -336,9 +330,9 @@ def _part_results(out: Path) -> dict[str, str]:
             f"start-up kept graphs: {g.get('startup_graphs_on')}"
         )
     # (d): the engine's figure from g's process, transformers' static batching from bench in part d.
-    a = _load(out / "d_bench_A.json") or _progress_figures(out / "d.log")  # no JSON: bench was cut short
     eng = g.get("workload_A", {}).get("tok_s")
-    hf = (a.get("peers", {}).get("hf_static") or {}).get("tok_s")
+    hf = ((_load(out / "d_bench_A.json").get("peers", {}).get("hf_static") or {}).get("tok_s")
+          or _hf_static_progress(out / "d.log"))
     if eng or hf or g.get("workload_A"):
         ratio = f" ({eng / hf:.1f}x)" if eng and hf else ""
         met = "MET" if eng and eng >= TARGET_TOK_S else "NOT MET"

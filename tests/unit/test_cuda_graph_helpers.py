@@ -108,17 +108,38 @@ def test_padding_lane_inputs_in_static_buffers(tmp_path):
         assert not graphs.can_run(five)
 
 
-def test_gpu_check_script_flow_on_cpu(tmp_path, capsys):
-    """scripts/gpu_check.py's graphs part (check, throughput slice, profile, ITL) and its table, at toy
-    sizes on CPU, so the one-shot GPU session does not find a bug in the script itself."""
+def _dry_run_graphs(tmp_path, expect_rc: int):
+    """scripts/gpu_check.py's part g at toy sizes on CPU; (its output folder, graphs.json)."""
     import json
 
     from scripts import gpu_check
 
     out = tmp_path / "out"
     out.mkdir()
-    assert gpu_check.cmd_graphs(out, tmp_path / "presets", cpu_dry_run=True) == 0
-    report = json.loads((out / "graphs.json").read_text())
+    assert gpu_check.cmd_graphs(out, tmp_path / "presets", cpu_dry_run=True) == expect_rc
+    return out, json.loads((out / "graphs.json").read_text())
+
+
+def _table(out, capsys, status: str) -> str:
+    """The table gpu_check.sh prints last, for these status.tsv lines."""
+    from scripts import gpu_check
+
+    (out / "status.tsv").write_text(status)
+    capsys.readouterr()  # what the parts printed
+    gpu_check.cmd_summary(out)
+    return capsys.readouterr().out
+
+
+def _row(table: str, prefix: str) -> str:
+    return next(line for line in table.splitlines() if line.startswith(prefix))
+
+
+def test_gpu_check_script_flow_on_cpu(tmp_path, capsys):
+    """scripts/gpu_check.py's graphs part (check, throughput slice, profile, ITL) and its table, at toy
+    sizes on CPU, so the one-shot GPU session does not find a bug in the script itself."""
+    import json
+
+    out, report = _dry_run_graphs(tmp_path, 0)
     assert report["graph_check"]["ok"] and len(report["graph_check"]["sizes"]) == 4  # sizes 1, 2, 4, 8
     assert report["slice64"]["tok_s"] > 0 and report["slice64_profile"]["decode"]["steps"] > 0
     assert report["slice64"]["overlap"] is True and report["slice64_no_overlap"]["overlap"] is False
@@ -133,14 +154,11 @@ def test_gpu_check_script_flow_on_cpu(tmp_path, capsys):
     assert {(r["graphs"], r["overlap"], r["batch"]) for r in report["itl"]} == {
         (True, True, 1), (True, True, 8), (False, True, 1), (False, True, 8), (True, False, 8)
     }
-    (out / "status.tsv").write_text("g\tPASS\t3\t0\nd\tPASS\t130\t0\n")
     hf_tok_s = a["tok_s"] / 7  # part d's figure, as bench --no-engine --peers hf-static writes it
     (out / "d_bench_A.json").write_text(json.dumps({"engine": None, "peers": {"hf_static": {"tok_s": hf_tok_s}}}))
-    capsys.readouterr()  # what cmd_graphs printed
-    gpu_check.cmd_summary(out)
-    table = capsys.readouterr().out
+    table = _table(out, capsys, "g\tPASS\t3\t0\nd\tPASS\t130\t0\n")
     assert "4/4 sizes bitwise equal" in table and "ITL ms, graphs/eager: batch 1" in table
-    d_row = next(line for line in table.splitlines() if line.startswith("(d)"))
+    d_row = _row(table, "(d)")
     assert f"engine {a['tok_s']:,.0f} tok/s, transformers static {hf_tok_s:,.0f} tok/s (7.0x)" in d_row
     assert "PASS" in d_row and "NOT MET" in d_row
     # The kernel breakdown: workload A's steps 5-9 (8 requests at toy sizes, all running), CPU ops standing in.
@@ -149,7 +167,7 @@ def test_gpu_check_script_flow_on_cpu(tmp_path, capsys):
     assert sum(g["ms"] for g in k["groups"].values()) == pytest.approx(k["busy_ms"])
     assert k["groups"]["matmul"]["ms"] > 0 and 0 < k["busy_share"] <= 1
     assert "device time by kernel" in table and "5 decode steps mid workload A, 8 running" in table
-    itl_row = next(line for line in table.splitlines() if line.startswith("(f)"))
+    itl_row = _row(table, "(f)")
     assert "batch 8 graphs without overlap" in itl_row and "?" not in itl_row
     markdown = (out / "performance.md").read_text()
     assert "| (f) decode ITL | PASS | 3 | ITL ms, graphs/eager: batch 1" in markdown
@@ -158,52 +176,36 @@ def test_gpu_check_script_flow_on_cpu(tmp_path, capsys):
 def test_gpu_check_keeps_measuring_when_graph_capture_fails(tmp_path, monkeypatch, capsys):
     """A capture that raises (the likeliest failure on a first GPU run) is reported in graphs.json and the
     table, and (e) and (f) are still measured, eagerly, rather than the part dying with no figures."""
-    import json
-
     from engine_service.cuda_graphs import DecodeGraphRunner
-    from scripts import gpu_check
 
     def fail(self):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(DecodeGraphRunner, "capture", fail)
-    out = tmp_path / "out"
-    out.mkdir()
-    assert gpu_check.cmd_graphs(out, tmp_path / "presets", cpu_dry_run=True) == 1
-    report = json.loads((out / "graphs.json").read_text())
+    out, report = _dry_run_graphs(tmp_path, 1)
     assert not report["graph_check"]["ok"] and "stream is capturing" in report["graph_check"]["error"]
     assert report["slice64"]["tok_s"] > 0 and report["slice64_no_overlap"]["tok_s"] > 0
     assert {r["graphs"] for r in report["itl"]} == {False} and len(report["itl"]) == 2
-    (out / "status.tsv").write_text("g\tFAIL\t3\t1\n")
-    capsys.readouterr()
-    gpu_check.cmd_summary(out)
-    c_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("(c)"))
-    assert "capture failed: RuntimeError" in c_row
+    assert "capture failed: RuntimeError" in _row(_table(out, capsys, "g\tFAIL\t3\t1\n"), "(c)")
 
 
 def test_gpu_check_still_checks_the_graphs_when_workload_a_fails(tmp_path, monkeypatch, capsys):
     """The engine's workload A run raising (say, out of memory) is reported, in graphs.json and row d, and
-    the graph check, an acceptance point of its own, still runs in the same process."""
-    import json
-
+    the graph check, an acceptance point of its own, still runs in the same process. Part d here stopped
+    before writing its JSON: transformers' figure comes from its log."""
     from engine_service import bench
-    from scripts import gpu_check
 
     def fail(*args, **kwargs):
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr(bench, "time_engine", fail)
-    out = tmp_path / "out"
-    out.mkdir()
-    assert gpu_check.cmd_graphs(out, tmp_path / "presets", cpu_dry_run=True) == 0
-    report = json.loads((out / "graphs.json").read_text())
+    out, report = _dry_run_graphs(tmp_path, 0)
     assert report["workload_A"] == {"error": "RuntimeError: CUDA out of memory"}
     assert report["graph_check"]["ok"] and report["slice64"]["tok_s"] > 0
-    (out / "status.tsv").write_text("g\tPASS\t3\t0\nd\tPASS\t130\t0\n")
-    capsys.readouterr()
-    gpu_check.cmd_summary(out)
-    d_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("(d)"))
-    assert "FAIL" in d_row and "engine ? tok/s" in d_row and "CUDA out of memory" in d_row
+    (out / "d.log").write_text("workload A: 256 requests\n  transformers static: 119.30 s, 1,123 tok/s\n")
+    d_row = _row(_table(out, capsys, "g\tPASS\t3\t0\nd\tPASS\t130\t0\n"), "(d)")
+    assert "FAIL" in d_row and "engine ? tok/s, transformers static 1,123 tok/s" in d_row
+    assert "CUDA out of memory" in d_row
 
 
 def _start_up_engine(tmp_path, backend: str):
