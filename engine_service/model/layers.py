@@ -153,6 +153,16 @@ class ParallelLMHead(VocabParallelEmbedding):
         return logits[:, : self.vocab_size]
 
 
+def load_fused_ops(fused: bool):
+    """engine_service.model.fused_ops where the fused kernels are on, else None. Resolved once, when a layer
+    is built: the module imports triton, which the engine must not need where fused ops are off."""
+    if not fused:
+        return None
+    from engine_service.model import fused_ops
+
+    return fused_ops
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 whatever the model dtype, as transformers does (exactness).
 
@@ -163,7 +173,7 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, fused: bool = False):
         super().__init__()
         self.eps = eps
-        self.fused = fused
+        self.fused_ops = load_fused_ops(fused)
         self.weight = _param(dim)
         self.weight.weight_loader = lambda p, t, s: p.data.copy_(t)
 
@@ -175,10 +185,8 @@ class RMSNorm(nn.Module):
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x, residual: [T, H] -> (norm(s), s), s = residual + x, the residual stream (x itself when None)."""
-        if self.fused:
-            from engine_service.model import fused_ops
-
-            return fused_ops.add_rms_norm(x, self.weight, self.eps, residual)
+        if self.fused_ops is not None:
+            return self.fused_ops.add_rms_norm(x, self.weight, self.eps, residual)
         total = x if residual is None else residual + x
         return self(total), total
 

@@ -20,6 +20,7 @@ from engine_service.model.layers import (
     RowParallelLinear,
     TPInfo,
     VocabParallelEmbedding,
+    load_fused_ops,
 )
 
 
@@ -51,7 +52,7 @@ class Qwen3Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPInfo, fused: bool = False):
         super().__init__()
         d = cfg.head_dim
-        self.fused = fused
+        self.fused_ops = load_fused_ops(fused)
         self.num_heads = cfg.num_attention_heads // tp.size
         self.num_kv_heads = kv_heads_per_rank(cfg, tp)
         self.head_dim = d
@@ -74,11 +75,9 @@ class Qwen3Attention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.fused:  # q-norm, k-norm and RoPE in one launch, straight from the packed projection
-            from engine_service.model import fused_ops
-
+        if self.fused_ops is not None:  # q-norm, k-norm and RoPE in one launch, from the packed projection
             cos, sin = rope
-            q, k = fused_ops.qk_norm_rope(qkv, self.num_heads, self.num_kv_heads, self.head_dim,
+            q, k = self.fused_ops.qk_norm_rope(qkv, self.num_heads, self.num_kv_heads, self.head_dim,
                                           self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
                                           cos[:, 0], sin[:, 0])
         else:
@@ -92,7 +91,7 @@ class Qwen3Attention(nn.Module):
 class Qwen3MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPInfo, fused: bool = False):
         super().__init__()
-        self.fused = fused
+        self.fused_ops = load_fused_ops(fused)
         inter = cfg.intermediate_size // tp.size
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [("gate", inter), ("up", inter)], False, tp)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, tp)
@@ -100,10 +99,8 @@ class Qwen3MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if self.fused:
-            from engine_service.model import fused_ops
-
-            return self.down_proj(fused_ops.silu_and_mul(gate_up))
+        if self.fused_ops is not None:
+            return self.down_proj(self.fused_ops.silu_and_mul(gate_up))
         gate, up = gate_up.split([self.inter, self.inter], dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

@@ -112,8 +112,8 @@ def test_engine_tokens_are_the_same_with_fused_ops_on_and_off(tmp_path):
             assert llm.runner.fused_ops is fused
             model = llm.runner.model
             layer = model.layers[-1]
-            assert {layer.mlp.fused, layer.self_attn.fused, layer.input_layernorm.fused,
-                    layer.post_attention_layernorm.fused, model.norm.fused} == {fused}
+            assert {m.fused_ops is not None for m in (layer.mlp, layer.self_attn, layer.input_layernorm,
+                                                      layer.post_attention_layernorm, model.norm)} == {fused}
             tokens[fused] = [o["token_ids"] for o in llm.generate(prompts, [params] * len(prompts))]
     assert tokens[True] == tokens[False]
     assert all(len(t) == 8 for t in tokens[True])
