@@ -1,8 +1,10 @@
-"""Channel settings shared by the clients: explicit message limits and keepalive the servers permit."""
+"""Channel settings shared by the clients: explicit message limits, keepalive the servers permit, and TLS."""
 
 from __future__ import annotations
 
 import grpc
+
+from clients.tls import ClientTls
 
 MiB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
@@ -21,9 +23,17 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ]
 
 
-def sync_channel(target: str, **kwargs: int | float) -> grpc.Channel:
-    return grpc.insecure_channel(target, options=channel_options(**kwargs))
+def sync_channel(target: str, tls: ClientTls | None = None, **kwargs: int | float) -> grpc.Channel:
+    """A plaintext channel, or a TLS one when tls is given."""
+    options = channel_options(**kwargs)
+    if tls is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, tls.credentials(), options=[*options, *tls.options()])
 
 
-def aio_channel(target: str, **kwargs: int | float) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=channel_options(**kwargs))
+def aio_channel(target: str, tls: ClientTls | None = None, **kwargs: int | float) -> grpc.aio.Channel:
+    """The asyncio twin of sync_channel."""
+    options = channel_options(**kwargs)
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, tls.credentials(), options=[*options, *tls.options()])

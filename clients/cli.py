@@ -2,6 +2,7 @@
 
     llm-client --target localhost:50052 "Once upon a time"
     llm-client --chat "What is the capital of France?" --max-tokens 64
+    llm-client --tls-ca ca.crt --tls-cert client.crt --tls-key client.key "Hello"   # mutual TLS
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 import grpc
 
 from clients.text_client import TextClient
+from clients.tls import ClientTls
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument("--timeout", type=float, default=None, help="the request's deadline in seconds")
     parser.add_argument("--usage", action="store_true", help="print the finish reason and token usage")
+    tls = parser.add_argument_group("TLS (docs/SECURITY.md); any of these turns it on")
+    tls.add_argument("--tls", action="store_true", help="dial over TLS, trusting the system's root certificates")
+    tls.add_argument("--tls-ca", default="", help="PEM file: the CA that signed the service's certificate")
+    tls.add_argument("--tls-cert", default="", help="PEM file: our certificate, for a service that asks for one")
+    tls.add_argument("--tls-key", default="", help="PEM file: the private key of --tls-cert")
+    tls.add_argument("--tls-server-name", default="", help="the name to verify when the target is not it")
     return parser
+
+
+def client_tls(args: argparse.Namespace) -> ClientTls | None:
+    """The TLS settings the flags ask for, or None for plaintext; ValueError on unusable files."""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name):
+        return None
+    return ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     seed=args.seed)
-    with TextClient(args.target, timeout=args.timeout) as client:
+    try:
+        tls = client_tls(args)
+    except ValueError as exc:
+        print(f"llm-client: TLS: {exc}", file=sys.stderr)
+        return 2
+    with TextClient(args.target, timeout=args.timeout, tls=tls) as client:
         if args.chat:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
             messages.append({"role": "user", "content": args.text})

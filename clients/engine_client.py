@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from clients.channel import sync_channel
+from clients.tls import ClientTls
 from protos.llmserve.engine.v1 import engine_pb2 as pb
 from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
 
 
 class EngineClient:
-    def __init__(self, target: str, timeout: float | None = None) -> None:
-        self._channel = sync_channel(target)
+    def __init__(self, target: str, timeout: float | None = None, tls: ClientTls | None = None) -> None:
+        self._channel = sync_channel(target, tls)
         self.stub = pb_grpc.EngineStub(self._channel)
         self.timeout = timeout
 

@@ -8,6 +8,7 @@ Streaming calls return an iterator of GenerateResponse messages (`text`, `token_
 `finish_reason` and `usage`) with `cancel()`, which aborts the request in the engine at once. Failures raise
 grpc.RpcError with the service's status code. `request_id=` (optional) is sent as `x-request-id` metadata; both
 services log it on the request's line (docs/OBSERVABILITY.md), and the service generates one when absent.
+`tls=ClientTls(ca_file=...)` dials a service that serves TLS (docs/SECURITY.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import grpc
 
 from clients.channel import aio_channel, sync_channel
 from clients.requests import generate_request
+from clients.tls import ClientTls
 from protos.llmserve.text.v1 import text_pb2 as pb
 from protos.llmserve.text.v1 import text_pb2_grpc as pb_grpc
 
@@ -87,8 +89,9 @@ class TextClient(_GenerateCalls):
 
     _stream_type = CompletionStream
 
-    def __init__(self, target: str, timeout: float | None = None, **channel_kwargs: int | float) -> None:
-        self._channel = sync_channel(target, **channel_kwargs)
+    def __init__(self, target: str, timeout: float | None = None, tls: ClientTls | None = None,
+                 **channel_kwargs: int | float) -> None:
+        self._channel = sync_channel(target, tls, **channel_kwargs)
         self._stub = pb_grpc.TextGenerationStub(self._channel)
         self.timeout = timeout
 
@@ -140,8 +143,9 @@ class AsyncTextClient(_GenerateCalls):
 
     _stream_type = AsyncCompletionStream
 
-    def __init__(self, target: str, timeout: float | None = None, **channel_kwargs: int | float) -> None:
-        self._channel = aio_channel(target, **channel_kwargs)
+    def __init__(self, target: str, timeout: float | None = None, tls: ClientTls | None = None,
+                 **channel_kwargs: int | float) -> None:
+        self._channel = aio_channel(target, tls, **channel_kwargs)
         self._stub = pb_grpc.TextGenerationStub(self._channel)
         self.timeout = timeout
 

@@ -1,6 +1,6 @@
 """The engine service process: `engine-service --model DIR` (every flag also reads an ENGINE_* variable).
 
-serve() wires the servicer, health, reflection, limits and keepalive, loads the engine, runs the start-up
+serve() wires the servicer, health, reflection, TLS, limits and keepalive, loads the engine, runs the start-up
 canary, and then waits for SIGTERM (drain) or an engine failure (exit 1). main() only parses flags.
 Test hook: ENGINE_TEST_FAIL_AFTER_STEPS=N makes step() raise after N steps past warm-up.
 """
@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from clients.tls import describe, start_health_server
 from engine_service.engine_loop import EngineLoop
 from engine_service.health import Health
 from engine_service.logs import configure_logging
@@ -99,8 +100,14 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
     names = [engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name,
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    tls = config.server_tls
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     await server.start()  # health answers NOT_SERVING while the model loads
+    health_server = None
+    if config.health_port:
+        health_server, health_port = await start_health_server(health.servicer, config.host, config.health_port)
+        log.info("plaintext health on %s:%d", config.host, health_port)
     metrics = EngineMetrics(Path(config.model).name, lambda: servicer.loop.stats if servicer.loop else {},
                             lambda: servicer.loop.num_waiting if servicer.loop else 0, config.log_requests)
     metrics_server = None
@@ -111,7 +118,7 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
     if handle_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             aio.add_signal_handler(sig, stop.set)
-    log.info("engine service listening on %s:%d, loading %s", config.host, port, config.model)
+    log.info("engine service listening on %s:%d (%s), loading %s", config.host, port, describe(tls), config.model)
 
     engine = await asyncio.to_thread(engine_factory, config)
     loop = EngineLoop(engine, aio, on_fatal)
@@ -148,6 +155,8 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
         # Probes see NOT_SERVING (and clients get their INTERNAL statuses) before the process exits.
         await asyncio.sleep(config.failure_linger_s)
         await server.stop(1.0)
+    if health_server is not None:
+        await health_server.stop(0.5)
     for task in tasks:
         task.cancel()
     if metrics_server is not None:

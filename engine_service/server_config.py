@@ -10,6 +10,8 @@ import argparse
 import os
 from dataclasses import MISSING, dataclass, fields
 
+from clients.tls import ServerTls
+
 ENV_PREFIX = "ENGINE_"
 MiB = 1 << 20
 
@@ -40,6 +42,12 @@ class ServerConfig:
     # torch intra-op threads: 0 picks one on CPU when the machine has at most 4 cores (the gRPC threads and the
     # tokenizer service need the rest; oversubscribed cores make torch's threads spin and wait), else torch's own.
     torch_threads: int = 0
+    # TLS (docs/SECURITY.md): PEM files, reloaded when they change. tls_cert and tls_key serve TLS; tls_client_ca
+    # also asks every client (the tokenizer service) for a certificate that CA signed: mutual TLS.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    health_port: int = 0  # plaintext grpc.health.v1 alone on host:health_port, for TLS-blind probes; 0: off
     # Limits.
     max_concurrent_rpcs: int = 1024  # grpc.aio refuses calls past this with RESOURCE_EXHAUSTED
     max_waiting: int = 1024  # requests admitted but not yet running; past it: RESOURCE_EXHAUSTED
@@ -69,6 +77,12 @@ class ServerConfig:
             raise ValueError(f"port must be in 0..65535 (0 picks a free port), got {self.port}")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be in 0..65535 (0 turns metrics off), got {self.metrics_port}")
+        if not 0 <= self.health_port < 65536:
+            raise ValueError(f"health_port must be in 0..65535 (0 turns it off), got {self.health_port}")
+        try:
+            self.server_tls  # noqa: B018 (reads and checks the files)
+        except ValueError as exc:
+            raise ValueError(f"TLS (tls_cert, tls_key, tls_client_ca; --tls-*, ENGINE_TLS_*): {exc}") from None
         self.auto_flag("overlap_scheduling")  # each raises on anything but auto or a boolean
         self.auto_flag("fused_ops")
         if self.log_format not in ("text", "json"):
@@ -87,6 +101,13 @@ class ServerConfig:
         for name in ("max_connection_age_s", "canary_interval_s", "failure_linger_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")
+
+    @property
+    def server_tls(self) -> ServerTls | None:
+        """The TLS the service serves, or None for plaintext."""
+        if not (self.tls_cert or self.tls_key or self.tls_client_ca):
+            return None
+        return ServerTls(self.tls_cert, self.tls_key, self.tls_client_ca)
 
     def engine_kwargs(self) -> dict[str, object]:
         """Keyword arguments for LLMEngine."""

@@ -10,6 +10,8 @@ import argparse
 import os
 from dataclasses import MISSING, dataclass, fields
 
+from clients.tls import ClientTls, ServerTls
+
 ENV_PREFIX = "TOKENIZER_"
 MiB = 1 << 20
 
@@ -28,6 +30,19 @@ class TextServerConfig:
     reconnect_min_s: float = 0.2  # backoff after a lost engine, doubling up to reconnect_max_s
     reconnect_max_s: float = 5.0
     engine_wait_s: float = 10.0  # how long a request waits for an engine to be connected
+    # TLS (docs/SECURITY.md), PEM files. Ours: tls_cert and tls_key serve TLS (reloaded when they change), and
+    # tls_client_ca asks every caller for a certificate that CA signed (mutual TLS).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    health_port: int = 0  # plaintext grpc.health.v1 alone on host:health_port, for TLS-blind probes; 0: off
+    # To the engines: engine_tls_ca (the CA that signed their certificates) turns TLS on; engine_tls_cert and
+    # engine_tls_key are our certificate for engines that ask for one. The name verified in an engine's
+    # certificate is engine_tls_server_name, else engine_dns's name, else the address's host.
+    engine_tls_ca: str = ""
+    engine_tls_cert: str = ""
+    engine_tls_key: str = ""
+    engine_tls_server_name: str = ""
     # Limits.
     max_concurrent_rpcs: int = 1024
     max_inflight: int = 2048  # requests in progress; past it: RESOURCE_EXHAUSTED
@@ -61,6 +76,21 @@ class TextServerConfig:
             raise ValueError(f"port must be in 0..65535 (0 picks a free port), got {self.port}")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be in 0..65535 (0 turns metrics off), got {self.metrics_port}")
+        if not 0 <= self.health_port < 65536:
+            raise ValueError(f"health_port must be in 0..65535 (0 turns it off), got {self.health_port}")
+        try:
+            self.server_tls  # noqa: B018 (reads and checks the files)
+        except ValueError as exc:
+            raise ValueError(f"TLS (tls_cert, tls_key, tls_client_ca; --tls-*, TOKENIZER_TLS_*): {exc}") from None
+        if not self.engine_tls_ca and (self.engine_tls_cert or self.engine_tls_key or self.engine_tls_server_name):
+            raise ValueError("engine_tls_ca (--engine-tls-ca, TOKENIZER_ENGINE_TLS_CA) turns TLS to the engines on: "
+                             "name the CA that signed their certificates (a public CA: the system bundle, e.g. "
+                             "/etc/ssl/certs/ca-certificates.crt) before engine_tls_cert, _key or _server_name")
+        try:
+            self.engine_tls  # noqa: B018
+        except ValueError as exc:
+            raise ValueError(f"TLS to the engines (engine_tls_*; --engine-tls-*, TOKENIZER_ENGINE_TLS_*): "
+                             f"{exc}") from None
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
         for name in ("max_concurrent_rpcs", "max_inflight", "max_message_bytes", "max_buffered_updates"):
@@ -74,6 +104,21 @@ class TextServerConfig:
             raise ValueError(f"max_connection_age_s must be 0 (off) or positive, got {self.max_connection_age_s}")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be at least reconnect_min_s")
+
+    @property
+    def server_tls(self) -> ServerTls | None:
+        """The TLS this service serves, or None for plaintext."""
+        if not (self.tls_cert or self.tls_key or self.tls_client_ca):
+            return None
+        return ServerTls(self.tls_cert, self.tls_key, self.tls_client_ca)
+
+    @property
+    def engine_tls(self) -> ClientTls | None:
+        """How to dial the engines over TLS, or None for plaintext."""
+        if not self.engine_tls_ca:
+            return None
+        server_name = self.engine_tls_server_name or self.engine_dns.rpartition(":")[0]
+        return ClientTls(self.engine_tls_ca, self.engine_tls_cert, self.engine_tls_key, server_name)
 
     @property
     def engine_addresses(self) -> list[str]:

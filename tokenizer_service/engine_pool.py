@@ -132,7 +132,13 @@ class EngineConnection:
         cfg = self._pool.config
         backoff = cfg.reconnect_min_s
         while not (self.retiring and not self.inflight):
-            channel = grpc.aio.insecure_channel(self.address, options=self._pool.channel_options)
+            try:
+                channel = self._pool.channel(self.address)
+            except ValueError as exc:  # TLS files mid-rotation or gone: try again after the backoff
+                log.error("engine %s: cannot dial: %s; retrying in %.1fs", self.address, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, cfg.reconnect_max_s)
+                continue
             reason = "the engine ended the stream (draining)"
             try:
                 stub = pb_grpc.EngineStub(channel)
@@ -197,6 +203,7 @@ class EnginePool:
     def __init__(self, config: TextServerConfig, vocab_size: int, eos_token_ids: set[int],
                  channel_options: list[tuple[str, int]]) -> None:
         self.config, self.channel_options = config, channel_options
+        self.tls = config.engine_tls
         self._vocab, self._eos = vocab_size, eos_token_ids
         self.conns: dict[str, EngineConnection] = {}
         self._changed = asyncio.Event()
@@ -208,6 +215,13 @@ class EnginePool:
             self.conns[address] = EngineConnection(address, self)
         if self.config.engine_dns:
             self._dns_task = asyncio.create_task(self._resolve_forever())
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """A channel to one engine: plaintext, or TLS from the files as they are now (ValueError: unusable)."""
+        if self.tls is None:
+            return grpc.aio.insecure_channel(address, options=self.channel_options)
+        return grpc.aio.secure_channel(address, self.tls.credentials(),
+                                       options=[*self.channel_options, *self.tls.options()])
 
     def check_model(self, info: pb.ModelInfo) -> str | None:
         """Why this engine does not serve our model, or None when vocabulary size and EOS ids match."""

@@ -1,7 +1,7 @@
 """The tokenizer service process: `tokenizer-service --model DIR --engines HOST:PORT[,...]`.
 
 Every flag also reads a TOKENIZER_* variable. serve() wires the servicer, the engine pool, health, reflection,
-limits and keepalive; SIGTERM drains (NOT_SERVING, new requests refused with UNAVAILABLE, in-flight streams
+TLS, limits and keepalive; SIGTERM drains (NOT_SERVING, new requests refused with UNAVAILABLE, in-flight streams
 finish, multiplexed streams end from the server side) within the grace period. main() only parses flags.
 """
 
@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from clients.tls import describe, start_health_server
 from protos.llmserve.text.v1 import text_pb2, text_pb2_grpc
 from tokenizer_service.config import TextServerConfig, parse_config
 from tokenizer_service.engine_pool import EnginePool
@@ -93,10 +94,16 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
     names = [text_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name,
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    tls = config.server_tls
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     for service in ("", config.service_name):
         await health_servicer.set(service, NOT_SERVING)
     await server.start()
+    health_server = None
+    if config.health_port:
+        health_server, health_port = await start_health_server(health_servicer, config.host, config.health_port)
+        log.info("plaintext health on %s:%d", config.host, health_port)
     metrics_server = None
     if config.metrics_port:
         metrics_server = serve_metrics(metrics.registry, config.host, config.metrics_port)
@@ -107,7 +114,8 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     pool.start()
     health_task = asyncio.create_task(_track_engines(pool, health_servicer, config.service_name))
-    log.info("tokenizer service listening on %s:%d for %s", config.host, port, name)
+    log.info("tokenizer service listening on %s:%d (%s) for %s; engines over %s", config.host, port, describe(tls),
+             name, "TLS" if config.engine_tls else "plaintext")
 
     await stop.wait()
     health_task.cancel()
@@ -118,6 +126,8 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
     while servicer.num_calls and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     await server.stop(max(0.5, deadline - time.monotonic()))
+    if health_server is not None:
+        await health_server.stop(0.5)
     await pool.close()
     if metrics_server is not None:
         await asyncio.to_thread(metrics_server.shutdown)

@@ -30,6 +30,8 @@ RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))
     && pip install --index-url "${TORCH_INDEX_URL}" -r torch.txt \
     && pip install -r requirements.txt
 COPY engine_service /app/engine_service
+# clients/tls.py is the TLS both services share (the client library imports only grpc and protos).
+COPY clients /app/clients
 COPY protos /app/protos
 # Byte-compile now: the root filesystem is read-only at run time.
 RUN python -m compileall -q /app

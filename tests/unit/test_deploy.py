@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,7 +38,7 @@ pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 DOCKER = ROOT / "deploy" / "docker"
-OVERLAYS = ("cpu", "gpu", "tp2")
+OVERLAYS = ("cpu", "gpu", "tp2", "mtls")
 ENGINE, TOKENIZER = "llm-engine", "llm-tokenizer"
 # Variables the manifests may set that are not service flags: each is read by a library, not by our parsers.
 RUNTIME_ENV = {
@@ -117,10 +119,29 @@ def effective_config(objs: list[dict], name: str):
     deployment = one(objs, "Deployment", name)
     c = container(deployment)
     assert "command" not in c, "the image's ENTRYPOINT starts the service; a command would bypass it"
+    env = pod_env(objs, deployment)
+    for mount in c.get("volumeMounts", []):  # TLS files in a Secret: stand-ins with the keys cert-manager writes
+        volume = {v["name"]: v for v in deployment["spec"]["template"]["spec"].get("volumes", [])}[mount["name"]]
+        if "secret" in volume:
+            root = mount["mountPath"].rstrip("/") + "/"
+            env = {k: v.replace(root, str(tls_secret_stand_in()) + "/", 1) if v.startswith(root) else v
+                   for k, v in env.items()}
     try:
-        return module.parse_config(list(c.get("args", [])), env=pod_env(objs, deployment))
+        return module.parse_config(list(c.get("args", [])), env=env)
     except SystemExit as exc:  # argparse: an unknown flag or a bad value in args
         pytest.fail(f"{name}: the service's parser refuses the container args {c.get('args')}: exit {exc.code}")
+
+
+@functools.cache
+def tls_secret_stand_in() -> Path:
+    """A directory laid out as cert-manager fills a Certificate's Secret: tls.crt, tls.key and ca.crt."""
+    from tests.pki import CA
+
+    root = Path(tempfile.mkdtemp(prefix="tls-secret-"))
+    ca = CA(root / "issuer", "stand-in-ca")
+    ca.issue("llm", "llm-engine", cert=root / "tls.crt", key=root / "tls.key")
+    shutil.copy(ca.cert, root / "ca.crt")
+    return root
 
 
 def test_overlays_render_every_component(rendered):
@@ -208,15 +229,20 @@ def prestop_sleep(c: dict) -> int:
 
 
 def assert_ports_and_probes(c: dict, config, overlay: str, name: str) -> None:
+    """Ports as the service listens; gRPC probes ask the plaintext health port once the service serves TLS."""
     for port in c["ports"]:
         if port.get("name") == "metrics":
             continue  # test_metrics_port_is_declared_once_the_service_has_one checks it
-        assert port["containerPort"] == config.port, \
-            f"{overlay}/{name}: containerPort {port['containerPort']} is not the service's port {config.port}"
+        want = config.health_port if port.get("name") == "health" else config.port
+        assert port["containerPort"] == want, \
+            f"{overlay}/{name}: containerPort {port['name']} {port['containerPort']} is not the service's {want}"
+    grpc_port = config.health_port if config.server_tls else config.port
+    assert grpc_port, f"{overlay}/{name}: serves TLS without a health_port, which the kubelet's probes need"
     for kind, probe in probes(c).items():
         handler = probe.get("grpc") or probe.get("tcpSocket")
         assert handler is not None, f"{overlay}/{name}: {kind} must be a native gRPC or TCP probe"
-        assert port_number(c, handler["port"]) == config.port, f"{overlay}/{name}: {kind} probes another port"
+        want = grpc_port if "grpc" in probe else config.port
+        assert port_number(c, handler["port"]) == want, f"{overlay}/{name}: {kind} probes port {handler['port']}"
 
 
 def test_engine_agrees_with_its_parser(rendered):
@@ -275,6 +301,30 @@ def test_tokenizer_agrees_with_its_parser_and_reaches_the_engines(rendered):
         assert cfg.keepalive_time_s >= engine.min_ping_interval_s
         limits, requests = c["resources"].get("limits", {}), c["resources"].get("requests", {})
         assert "cpu" in limits and "cpu" in requests, f"{overlay}: tokenizer needs CPU requests and limits"
+
+
+def test_tls_overlay_secures_both_hops_and_the_others_stay_plaintext(rendered):
+    for overlay, objs in rendered.items():
+        engine, text = effective_config(objs, ENGINE), effective_config(objs, TOKENIZER)
+        # The tokenizer dials the engines as they listen, with a certificate when they ask for one.
+        assert (text.engine_tls is not None) == (engine.server_tls is not None), f"{overlay}: TLS on one side only"
+        if engine.server_tls is not None and engine.server_tls.mutual:
+            assert text.engine_tls.cert_file, f"{overlay}: the engine asks for a certificate the tokenizer lacks"
+        if text.engine_tls is not None:  # the name checked in an engine's certificate: its Service's
+            assert text.engine_tls.options() == [("grpc.ssl_target_name_override", ENGINE)], overlay
+        for name, cfg in ((ENGINE, engine), (TOKENIZER, text)):
+            if cfg.server_tls is None:
+                continue
+            deployment = one(objs, "Deployment", name)
+            pod, c = deployment["spec"]["template"]["spec"], container(deployment)
+            mount, volume = volume_under(pod, c, pod_env(objs, deployment)[SERVICES[name][0].ENV_PREFIX + "TLS_KEY"])
+            assert "secret" in volume and mount.get("readOnly"), f"{overlay}/{name}: TLS files from a read-only Secret"
+            # The key is not world-readable, and the service's group (fsGroup) can read it.
+            assert volume["secret"]["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"] == \
+                pod["securityContext"]["runAsGroup"], f"{overlay}/{name}: the service cannot read its key"
+    mtls = rendered["mtls"]
+    assert effective_config(mtls, ENGINE).server_tls.mutual and effective_config(mtls, TOKENIZER).server_tls.mutual
+    assert all(effective_config(rendered[o], n).server_tls is None for o in ("cpu", "gpu", "tp2") for n in SERVICES)
 
 
 def mounted_volume(pod: dict, c: dict, path: str) -> dict | None:

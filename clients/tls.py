@@ -1,0 +1,137 @@
+"""TLS and mutual TLS for every gRPC hop, from PEM files (docs/SECURITY.md). It imports only grpc.
+
+- ClientTls dials a TLS server: the clients here, and the tokenizer service dialing its engines. It reads
+  the files whenever a channel is made, so a reconnect picks up a rotated certificate.
+- ServerTls serves TLS: both services. A server reloads its files on the next handshake after they change
+  (a Kubernetes Secret or cert-manager rotating them), without a restart; a change that does not load (a
+  half-written file, a key that does not match the certificate) keeps the current pair.
+- start_health_server serves grpc.health.v1 alone in plaintext on a port of its own, for probes that cannot speak
+  TLS (the kubelet's gRPC probe cannot).
+
+Both services use this file, which keeps them from importing each other: the dependency rules allow either
+to import the client library.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+log = logging.getLogger(__name__)
+CERTIFICATE = "CERTIFICATE"
+PRIVATE_KEY = "PRIVATE KEY"
+
+
+def read_pem(path: str, kind: str) -> bytes:
+    """The file's bytes; a ValueError naming the path unless it reads and holds a PEM block of `kind`."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path!r}: {exc.strerror or exc}") from None
+    # "PRIVATE KEY" matches PKCS#8 and the older "RSA PRIVATE KEY" and "EC PRIVATE KEY" blocks.
+    if not re.search(rb"-----BEGIN [A-Z ]*" + kind.encode() + rb"-----", data):
+        raise ValueError(f"{path!r} holds no PEM {kind} (a block starting with '-----BEGIN ...{kind}-----')")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    """How to dial a TLS server. Files are PEM; the constructor reads them once to fail early."""
+
+    ca_file: str = ""  # the CA that signed the server's certificate; "": the system's root certificates
+    cert_file: str = ""  # with key_file: our own certificate, for a server that asks for one (mutual TLS)
+    key_file: str = ""
+    server_name: str = ""  # the name to verify in the server's certificate when the address is not it
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("a client certificate and its private key go together: give both or neither, got "
+                             f"certificate {self.cert_file!r} and key {self.key_file!r}")
+        self.credentials()
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Channel credentials from the files as they are now."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=read_pem(self.ca_file, CERTIFICATE) if self.ca_file else None,
+            private_key=read_pem(self.key_file, PRIVATE_KEY) if self.key_file else None,
+            certificate_chain=read_pem(self.cert_file, CERTIFICATE) if self.cert_file else None)
+
+    def options(self) -> list[tuple[str, str]]:
+        """Channel options: the name to verify, when it is not the target's host."""
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """A TLS server's certificate and key, and for mutual TLS the CA that must have signed each client's."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str = ""  # set: every client must present a certificate this CA signed
+
+    def __post_init__(self) -> None:
+        if not self.cert_file or not self.key_file:
+            raise ValueError("a TLS server needs a certificate and its private key, got certificate "
+                             f"{self.cert_file!r} and key {self.key_file!r}")
+        self._configuration()
+
+    @property
+    def mutual(self) -> bool:
+        return bool(self.client_ca_file)
+
+    def _configuration(self) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(read_pem(self.key_file, PRIVATE_KEY), read_pem(self.cert_file, CERTIFICATE))],
+            root_certificates=read_pem(self.client_ca_file, CERTIFICATE) if self.client_ca_file else None)
+
+    def _stamp(self) -> tuple[object, ...]:
+        """What changes when any of the files does (Kubernetes swaps a Secret's files through a symlink)."""
+        out: list[object] = []
+        for path in (self.cert_file, self.key_file, self.client_ca_file):
+            try:
+                st = os.stat(path) if path else None
+                out.append(None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size))
+            except OSError:
+                out.append("missing")
+        return tuple(out)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """Server credentials that reload the files on the first handshake after they change."""
+        seen = self._stamp()
+        initial = self._configuration()
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:  # grpc calls this before each handshake
+            nonlocal seen
+            now = self._stamp()
+            if now == seen:
+                return None
+            seen = now
+            try:
+                configuration = self._configuration()
+            except ValueError as exc:
+                log.warning("TLS files changed but do not load (%s); keeping the current certificate", exc)
+                return None
+            log.info("TLS: reloading the certificate from %s", self.cert_file)
+            return configuration
+
+        return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=self.mutual)
+
+
+def describe(tls: ServerTls | None) -> str:
+    """For the start-up log line."""
+    return "plaintext" if tls is None else "mutual TLS" if tls.mutual else "TLS"
+
+
+async def start_health_server(servicer: object, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """A started plaintext server with grpc.health.v1 alone (the same servicer as the main port), and its port."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return server, bound

@@ -1,0 +1,311 @@
+"""TLS and mutual TLS on every hop (clients/tls.py), in-process over the fake engine with throwaway CAs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from clients.engine_client import EngineClient
+from clients.text_client import AsyncTextClient
+from clients.tls import ClientTls, ServerTls, read_pem
+from engine_service.server_config import ServerConfig
+from engine_service.server_config import parse_config as parse_engine_config
+from tests.fake_engine import FakeEngine
+from tests.pki import CA
+from tests.unit.test_engine_service_fake import Running, wait_serving
+from tokenizer_service.config import TextServerConfig
+from tokenizer_service.engine_pool import EnginePool
+
+pytestmark = pytest.mark.timeout(90)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+ENGINE_NAME = "engine.test"  # the name in the engine's certificate; the tests dial 127.0.0.1
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """One CA for the services and their callers, a stranger CA, and a certificate from each."""
+    root = tmp_path_factory.mktemp("pki")
+    ca, stranger = CA(root / "ca", "test-ca"), CA(root / "stranger", "stranger-ca")
+    return dict(ca=ca, stranger=stranger, engine=ca.issue(ENGINE_NAME, ENGINE_NAME),
+                text=ca.issue("text.test", "127.0.0.1"), client=ca.issue("client"),
+                stranger_client=stranger.issue("client"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tokens(client: EngineClient) -> list[int]:
+    out: list[int] = []
+    for update in client.generate([1, 2, 3], max_tokens=4, ignore_eos=True):
+        out.extend(update.new_token_ids)
+    return out
+
+
+def refused(client: EngineClient) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        tokens(client)
+    return info.value.code()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings: refused at start-up with a message naming the setting and the file
+
+
+def test_read_pem_names_the_path_and_what_is_wrong(pki, tmp_path):
+    with pytest.raises(ValueError, match=r"cannot read '.*/nope.pem': No such file"):
+        read_pem(str(tmp_path / "nope.pem"), "CERTIFICATE")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(ValueError, match="holds no PEM CERTIFICATE"):
+        read_pem(str(garbage), "CERTIFICATE")
+    with pytest.raises(ValueError, match="holds no PEM PRIVATE KEY"):  # the certificate given as the key
+        read_pem(str(pki["engine"].cert), "PRIVATE KEY")
+    assert read_pem(str(pki["engine"].key), "PRIVATE KEY").startswith(b"-----BEGIN PRIVATE KEY-----")
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: ServerConfig(model="m", **kw),
+    lambda **kw: TextServerConfig(model="m", engines="e:1", **kw),
+], ids=["engine", "tokenizer"])
+def test_half_a_tls_setting_is_refused_naming_the_settings(pki, make):
+    cert, key, ca = str(pki["engine"].cert), str(pki["engine"].key), str(pki["ca"].cert)
+    with pytest.raises(ValueError, match=r"TLS \(tls_cert, tls_key, tls_client_ca.*certificate and its private key"):
+        make(tls_cert=cert)
+    with pytest.raises(ValueError, match="certificate and its private key"):
+        make(tls_client_ca=ca)  # mutual TLS without our own certificate
+    with pytest.raises(ValueError, match="holds no PEM PRIVATE KEY"):
+        make(tls_cert=cert, tls_key=cert)
+    with pytest.raises(ValueError, match="health_port must be in 0..65535"):
+        make(health_port=70000)
+    assert make(tls_cert=cert, tls_key=key).server_tls == ServerTls(cert, key)
+    assert make(tls_cert=cert, tls_key=key, tls_client_ca=ca).server_tls.mutual
+    assert make().server_tls is None
+
+
+def test_engine_side_tls_of_the_tokenizer_needs_the_engines_ca(pki):
+    ca, cert, key = str(pki["ca"].cert), str(pki["client"].cert), str(pki["client"].key)
+    with pytest.raises(ValueError, match="engine_tls_ca .* turns TLS to the engines on"):
+        TextServerConfig(model="m", engines="e:1", engine_tls_cert=cert, engine_tls_key=key)
+    with pytest.raises(ValueError, match=r"TLS to the engines .*go together"):
+        TextServerConfig(model="m", engines="e:1", engine_tls_ca=ca, engine_tls_cert=cert)
+    assert TextServerConfig(model="m", engines="e:1").engine_tls is None
+    # The name verified in an engine's certificate: the setting, else the headless Service's name.
+    by_dns = TextServerConfig(model="m", engine_dns="llm-engine.llm.svc:50051", engine_tls_ca=ca)
+    assert by_dns.engine_tls.options() == [("grpc.ssl_target_name_override", "llm-engine.llm.svc")]
+    named = TextServerConfig(model="m", engine_dns="llm-engine:50051", engine_tls_ca=ca,
+                             engine_tls_server_name="engine.internal")
+    assert named.engine_tls.options() == [("grpc.ssl_target_name_override", "engine.internal")]
+    assert TextServerConfig(model="m", engines="e:1", engine_tls_ca=ca).engine_tls.options() == []
+
+
+def test_tls_settings_come_from_the_environment_too(pki, tmp_path):
+    env = {"ENGINE_MODEL": "m", "ENGINE_TLS_CERT": str(pki["engine"].cert),
+           "ENGINE_TLS_KEY": str(tmp_path / "missing.key")}
+    with pytest.raises(ValueError, match=r"tls_key.*cannot read '.*missing.key'"):
+        parse_engine_config([], env)
+    env["ENGINE_TLS_KEY"] = str(pki["engine"].key)
+    assert parse_engine_config([], env).server_tls == ServerTls(env["ENGINE_TLS_CERT"], env["ENGINE_TLS_KEY"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The engine service over mutual TLS
+
+
+@pytest.fixture(scope="module")
+def mtls_engine(pki):
+    health_port = free_port()
+    running = Running(FakeEngine(), tls_cert=str(pki["engine"].cert), tls_key=str(pki["engine"].key),
+                      tls_client_ca=str(pki["ca"].cert), health_port=health_port)
+    running.health_target = f"127.0.0.1:{health_port}"
+    yield running
+    assert running.stop() == 0
+
+
+def client_tls(pki, client: str | None = "client", ca: str = "ca") -> ClientTls:
+    pair = pki[client] if client else None
+    return ClientTls(str(pki[ca].cert), str(pair.cert) if pair else "", str(pair.key) if pair else "", ENGINE_NAME)
+
+
+def test_engine_serves_only_callers_with_a_certificate_its_ca_signed(pki, mtls_engine):
+    with EngineClient(mtls_engine.target, timeout=20, tls=client_tls(pki)) as good:
+        wait_serving(good)
+        assert len(tokens(good)) == 4
+    with EngineClient(mtls_engine.target, timeout=5) as plaintext:
+        assert refused(plaintext) == grpc.StatusCode.UNAVAILABLE
+    with EngineClient(mtls_engine.target, timeout=5, tls=client_tls(pki, client=None)) as anonymous:
+        assert refused(anonymous) == grpc.StatusCode.UNAVAILABLE
+    with EngineClient(mtls_engine.target, timeout=5, tls=client_tls(pki, client="stranger_client")) as stranger:
+        assert refused(stranger) == grpc.StatusCode.UNAVAILABLE
+    # The caller checks the engine too: a caller trusting only another CA refuses this engine.
+    with EngineClient(mtls_engine.target, timeout=5, tls=client_tls(pki, ca="stranger")) as wary:
+        assert refused(wary) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_health_port_answers_probes_in_plaintext_and_nothing_else(mtls_engine, pki):
+    with EngineClient(mtls_engine.target, timeout=20, tls=client_tls(pki)) as client:
+        wait_serving(client)
+    with grpc.insecure_channel(mtls_engine.health_target) as channel:
+        for name in ("", "llmserve.engine.v1.Engine"):
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+            assert reply.status == SERVING, name
+    with EngineClient(mtls_engine.health_target, timeout=5) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.model_info()
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # the engine API is not on the health port
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rotation: new handshakes get the new certificate, and a change that does not load keeps the old one
+
+
+async def health_over(target: str, tls: ClientTls) -> object:
+    async with grpc.aio.secure_channel(target, tls.credentials(), options=tls.options()) as channel:
+        try:
+            return (await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)).status
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+
+
+def test_server_picks_up_a_rotated_certificate_without_a_restart(tmp_path, caplog):
+    old_ca, new_ca = CA(tmp_path / "old", "old-ca"), CA(tmp_path / "new", "new-ca")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    old_ca.issue(ENGINE_NAME, ENGINE_NAME, cert=cert, key=key)
+    trusts_old = ClientTls(str(old_ca.cert), server_name=ENGINE_NAME)
+    trusts_new = ClientTls(str(new_ca.cert), server_name=ENGINE_NAME)
+
+    async def main() -> list[object]:
+        servicer = health.aio.HealthServicer()
+        await servicer.set("", SERVING)
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        target = f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', ServerTls(str(cert), str(key)).credentials())}"
+        await server.start()
+        try:
+            seen = [await health_over(target, trusts_old), await health_over(target, trusts_new)]
+            new_ca.issue(ENGINE_NAME, ENGINE_NAME, cert=cert, key=key)  # what a Secret update does
+            seen += [await health_over(target, trusts_new), await health_over(target, trusts_old)]
+            cert.write_text("half-written\n")
+            seen += [await health_over(target, trusts_new)]
+            return seen
+        finally:
+            await server.stop(0)
+
+    with caplog.at_level(logging.INFO, logger="clients.tls"):
+        seen = asyncio.run(main())
+    unavailable = grpc.StatusCode.UNAVAILABLE
+    assert seen == [SERVING, unavailable, SERVING, unavailable, SERVING]
+    assert "reloading the certificate" in caplog.text
+    assert "do not load" in caplog.text and "keeping the current certificate" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tokenizer service: TLS to its callers, mutual TLS to the engine
+
+
+def test_text_streams_over_tls_on_both_hops(pki, demo_model_dir, demo_tokenizer):
+    from tokenizer_service.server import serve
+    from tokenizer_service.validation import read_eos_token_ids
+
+    fake = FakeEngine(vocab_size=json.loads((demo_model_dir / "config.json").read_text())["vocab_size"],
+                      max_model_len=1000)
+    fake.model_info["eos_token_ids"] = sorted(read_eos_token_ids(str(demo_model_dir), demo_tokenizer))
+    engine = Running(fake, tls_cert=str(pki["engine"].cert), tls_key=str(pki["engine"].key),
+                     tls_client_ca=str(pki["ca"].cert))
+    config = TextServerConfig(
+        model=str(demo_model_dir), host="127.0.0.1", port=0, metrics_port=0, grace_s=1, engine_wait_s=2,
+        engines=engine.target, engine_tls_ca=str(pki["ca"].cert), engine_tls_cert=str(pki["client"].cert),
+        engine_tls_key=str(pki["client"].key), engine_tls_server_name=ENGINE_NAME,
+        tls_cert=str(pki["text"].cert), tls_key=str(pki["text"].key))
+    caller_tls = ClientTls(str(pki["ca"].cert))  # the tokenizer's certificate names 127.0.0.1 itself
+
+    async def main() -> tuple[object, str, object]:
+        stop = asyncio.Event()
+        port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(serve(config, stop=stop, bound_port=port, handle_signals=False))
+        try:
+            target = f"127.0.0.1:{await asyncio.wait_for(asyncio.shield(port), 60)}"
+            for _ in range(300):  # SERVING once the mutual-TLS stream to the engine is up
+                status = await health_over(target, caller_tls)
+                if status == SERVING:
+                    break
+                await asyncio.sleep(0.05)
+            async with AsyncTextClient(target, timeout=30, tls=caller_tls) as client:
+                text = await client.generate("Once upon", max_tokens=5, ignore_eos=True).text()
+            async with AsyncTextClient(target, timeout=5) as plaintext:
+                try:
+                    await plaintext.model_info()
+                    refusal: object = "answered"
+                except grpc.aio.AioRpcError as exc:
+                    refusal = exc.code()
+            return status, text, refusal
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+
+    try:
+        status, text, plaintext_refusal = asyncio.run(main())
+    finally:
+        assert engine.stop() == 0
+    assert status == SERVING
+    assert text  # five tokens through mutual TLS to the engine, detokenized, and TLS back to us
+    assert plaintext_refusal == grpc.StatusCode.UNAVAILABLE
+
+
+def test_pool_retries_while_its_tls_files_are_missing_then_connects(pki, mtls_engine, tmp_path, caplog):
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(pki["ca"].cert.read_bytes())
+    config = TextServerConfig(model="fake", engines=mtls_engine.target, reconnect_min_s=0.05, reconnect_max_s=0.2,
+                              engine_tls_ca=str(ca), engine_tls_cert=str(pki["client"].cert),
+                              engine_tls_key=str(pki["client"].key), engine_tls_server_name=ENGINE_NAME)
+    info = EngineClient(mtls_engine.target, timeout=20, tls=client_tls(pki))
+    wait_serving(info)
+    model = info.model_info()
+    info.close()
+
+    async def main() -> tuple[bool, bool]:
+        pool = EnginePool(config, model.vocab_size, set(model.eos_token_ids), [])
+        ca.unlink()  # mid-rotation: the file is gone when the pool first dials
+        pool.start()
+        try:
+            await asyncio.sleep(0.5)
+            ready_without = bool(pool.ready)
+            ca.write_bytes(pki["ca"].cert.read_bytes())
+            for _ in range(200):
+                if pool.ready:
+                    break
+                await asyncio.sleep(0.05)
+            return ready_without, bool(pool.ready)
+        finally:
+            await pool.close()
+
+    with caplog.at_level(logging.ERROR, logger="tokenizer_service.engine_pool"):
+        assert asyncio.run(main()) == (False, True)
+    assert "cannot dial" in caplog.text and "ca.crt" in caplog.text
+
+
+def test_cli_refuses_half_a_client_certificate(pki, capsys):
+    from clients.cli import main
+
+    assert main(["hi", "--tls-cert", str(pki["client"].cert)]) == 2
+    assert "go together" in capsys.readouterr().err
+
+
+def test_docs_name_every_tls_setting():
+    """docs/SECURITY.md documents each TLS field of both services."""
+    import dataclasses
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "SECURITY.md").read_text()
+    for cls in (ServerConfig, TextServerConfig):
+        for field in dataclasses.fields(cls):
+            if "tls" in field.name or field.name == "health_port":
+                assert f"--{field.name.replace('_', '-')}" in text, f"{cls.__name__}.{field.name} undocumented"
