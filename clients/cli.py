@@ -46,6 +46,17 @@ def client_tls(args: argparse.Namespace) -> ClientTls | None:
     return ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
 
 
+def connect_hint(exc: grpc.RpcError, tls: ClientTls | None) -> str:
+    """What to check when no connection was made: a plaintext/TLS mismatch looks like any refusal."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE or "failed to connect" not in (exc.details() or ""):
+        return ""
+    if tls is None:
+        return ("\n(is the service up? If it serves TLS, give --tls-ca, and --tls-cert/--tls-key for mutual TLS; "
+                "docs/SECURITY.md)")
+    return ("\n(is the service up? Check that it serves TLS, that --tls-ca signed its certificate, and, if it "
+            "asks for one, that --tls-cert/--tls-key are from its client CA; docs/SECURITY.md)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `llm-client`; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -73,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             stream.cancel()
             return 130
         except grpc.RpcError as exc:
-            print(f"\nllm-client: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"\nllm-client: {exc.code().name}: {exc.details()}{connect_hint(exc, tls)}", file=sys.stderr)
             return 1
     print()
     if args.usage and last is not None:

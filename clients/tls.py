@@ -19,6 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -121,6 +122,22 @@ class ServerTls:
             return configuration
 
         return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=self.mutual)
+
+
+def server_tls_settings(config: Any, env_prefix: str) -> ServerTls | None:
+    """A service's TLS from the settings both services have (tls_cert, tls_key, tls_client_ca, health_port,
+    beside port and metrics_port), or None for plaintext; a ValueError names the settings that cannot work."""
+    if not 0 <= config.health_port < 65536:
+        raise ValueError(f"health_port must be in 0..65535 (0 turns it off), got {config.health_port}")
+    if config.health_port and config.health_port in (config.port, config.metrics_port):
+        raise ValueError(f"health_port {config.health_port} is taken by port or metrics_port: give the plaintext "
+                         "health server a port of its own")
+    if not (config.tls_cert or config.tls_key or config.tls_client_ca):
+        return None
+    try:
+        return ServerTls(config.tls_cert, config.tls_key, config.tls_client_ca)
+    except ValueError as exc:
+        raise ValueError(f"TLS (tls_cert, tls_key, tls_client_ca; --tls-*, {env_prefix}TLS_*): {exc}") from None
 
 
 def describe(tls: ServerTls | None) -> str:

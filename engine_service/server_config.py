@@ -10,7 +10,7 @@ import argparse
 import os
 from dataclasses import MISSING, dataclass, fields
 
-from clients.tls import ServerTls
+from clients.tls import ServerTls, server_tls_settings
 
 ENV_PREFIX = "ENGINE_"
 MiB = 1 << 20
@@ -77,12 +77,7 @@ class ServerConfig:
             raise ValueError(f"port must be in 0..65535 (0 picks a free port), got {self.port}")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be in 0..65535 (0 turns metrics off), got {self.metrics_port}")
-        if not 0 <= self.health_port < 65536:
-            raise ValueError(f"health_port must be in 0..65535 (0 turns it off), got {self.health_port}")
-        try:
-            self.server_tls  # noqa: B018 (reads and checks the files)
-        except ValueError as exc:
-            raise ValueError(f"TLS (tls_cert, tls_key, tls_client_ca; --tls-*, ENGINE_TLS_*): {exc}") from None
+        self.server_tls  # noqa: B018 (checks the TLS files and the health port)
         self.auto_flag("overlap_scheduling")  # each raises on anything but auto or a boolean
         self.auto_flag("fused_ops")
         if self.log_format not in ("text", "json"):
@@ -104,10 +99,8 @@ class ServerConfig:
 
     @property
     def server_tls(self) -> ServerTls | None:
-        """The TLS the service serves, or None for plaintext."""
-        if not (self.tls_cert or self.tls_key or self.tls_client_ca):
-            return None
-        return ServerTls(self.tls_cert, self.tls_key, self.tls_client_ca)
+        """The TLS this service serves, or None for plaintext; ValueError naming the settings that cannot work."""
+        return server_tls_settings(self, ENV_PREFIX)
 
     def engine_kwargs(self) -> dict[str, object]:
         """Keyword arguments for LLMEngine."""

@@ -10,7 +10,7 @@ import argparse
 import os
 from dataclasses import MISSING, dataclass, fields
 
-from clients.tls import ClientTls, ServerTls
+from clients.tls import ClientTls, ServerTls, server_tls_settings
 
 ENV_PREFIX = "TOKENIZER_"
 MiB = 1 << 20
@@ -76,12 +76,7 @@ class TextServerConfig:
             raise ValueError(f"port must be in 0..65535 (0 picks a free port), got {self.port}")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be in 0..65535 (0 turns metrics off), got {self.metrics_port}")
-        if not 0 <= self.health_port < 65536:
-            raise ValueError(f"health_port must be in 0..65535 (0 turns it off), got {self.health_port}")
-        try:
-            self.server_tls  # noqa: B018 (reads and checks the files)
-        except ValueError as exc:
-            raise ValueError(f"TLS (tls_cert, tls_key, tls_client_ca; --tls-*, TOKENIZER_TLS_*): {exc}") from None
+        self.server_tls  # noqa: B018 (checks the TLS files and the health port)
         if not self.engine_tls_ca and (self.engine_tls_cert or self.engine_tls_key or self.engine_tls_server_name):
             raise ValueError("engine_tls_ca (--engine-tls-ca, TOKENIZER_ENGINE_TLS_CA) turns TLS to the engines on: "
                              "name the CA that signed their certificates (a public CA: the system bundle, e.g. "
@@ -107,10 +102,8 @@ class TextServerConfig:
 
     @property
     def server_tls(self) -> ServerTls | None:
-        """The TLS this service serves, or None for plaintext."""
-        if not (self.tls_cert or self.tls_key or self.tls_client_ca):
-            return None
-        return ServerTls(self.tls_cert, self.tls_key, self.tls_client_ca)
+        """The TLS this service serves, or None for plaintext; ValueError naming the settings that cannot work."""
+        return server_tls_settings(self, ENV_PREFIX)
 
     @property
     def engine_tls(self) -> ClientTls | None:

@@ -87,6 +87,8 @@ def test_half_a_tls_setting_is_refused_naming_the_settings(pki, make):
         make(tls_cert=cert, tls_key=cert)
     with pytest.raises(ValueError, match="health_port must be in 0..65535"):
         make(health_port=70000)
+    with pytest.raises(ValueError, match="health_port 9100 is taken by port or metrics_port"):
+        make(health_port=9100, metrics_port=9100)
     assert make(tls_cert=cert, tls_key=key).server_tls == ServerTls(cert, key)
     assert make(tls_cert=cert, tls_key=key, tls_client_ca=ca).server_tls.mutual
     assert make().server_tls is None
@@ -293,11 +295,14 @@ def test_pool_retries_while_its_tls_files_are_missing_then_connects(pki, mtls_en
     assert "cannot dial" in caplog.text and "ca.crt" in caplog.text
 
 
-def test_cli_refuses_half_a_client_certificate(pki, capsys):
+def test_cli_refuses_half_a_client_certificate_and_hints_at_tls_when_refused(pki, mtls_engine, capsys):
     from clients.cli import main
 
     assert main(["hi", "--tls-cert", str(pki["client"].cert)]) == 2
     assert "go together" in capsys.readouterr().err
+    # A plaintext call to a TLS port fails like a service that is down: the message says what to check.
+    assert main(["hi", "--target", mtls_engine.target, "--timeout", "5"]) == 1
+    assert "If it serves TLS, give --tls-ca" in capsys.readouterr().err
 
 
 def test_docs_name_every_tls_setting():
