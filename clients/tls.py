@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,21 @@ def read_pem(path: str, kind: str) -> bytes:
     return data
 
 
+def check_pair(cert_file: str, key_file: str) -> None:
+    """A ValueError unless the key is unencrypted and is the private key of the certificate."""
+
+    def encrypted() -> bytes:  # asked for only when the key has a passphrase; never prompt on a terminal
+        raise ValueError(f"{key_file!r} is encrypted: give the private key without a passphrase")
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_file, key_file, password=encrypted)
+    except ssl.SSLError as exc:
+        raise ValueError(f"{key_file!r} is not the private key of the certificate in {cert_file!r}, or one of "
+                         f"the two files is damaged ({exc.reason or exc})") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {exc.filename or cert_file!r}: {exc.strerror or exc}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class ClientTls:
     """How to dial a TLS server. Files are PEM; the constructor reads them once to fail early."""
@@ -58,6 +74,8 @@ class ClientTls:
 
     def credentials(self) -> grpc.ChannelCredentials:
         """Channel credentials from the files as they are now."""
+        if self.cert_file:
+            check_pair(self.cert_file, self.key_file)
         return grpc.ssl_channel_credentials(
             root_certificates=read_pem(self.ca_file, CERTIFICATE) if self.ca_file else None,
             private_key=read_pem(self.key_file, PRIVATE_KEY) if self.key_file else None,
@@ -87,17 +105,20 @@ class ServerTls:
         return bool(self.client_ca_file)
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
+        key, cert = read_pem(self.key_file, PRIVATE_KEY), read_pem(self.cert_file, CERTIFICATE)
+        check_pair(self.cert_file, self.key_file)
         return grpc.ssl_server_certificate_configuration(
-            [(read_pem(self.key_file, PRIVATE_KEY), read_pem(self.cert_file, CERTIFICATE))],
+            [(key, cert)],
             root_certificates=read_pem(self.client_ca_file, CERTIFICATE) if self.client_ca_file else None)
 
     def _stamp(self) -> tuple[object, ...]:
-        """What changes when any of the files does (Kubernetes swaps a Secret's files through a symlink)."""
+        """What changes when any of the files does (Kubernetes swaps a Secret's files through a symlink; ctime
+        also moves on a chmod or chown, which can be what fixes a file that did not load)."""
         out: list[object] = []
         for path in (self.cert_file, self.key_file, self.client_ca_file):
             try:
                 st = os.stat(path) if path else None
-                out.append(None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size))
+                out.append(None if st is None else (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
             except OSError:
                 out.append("missing")
         return tuple(out)

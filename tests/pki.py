@@ -45,11 +45,15 @@ class CA:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         return builder.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, subject: str, *sans: str, cert: Path | None = None, key: Path | None = None) -> Issued:
-        """A certificate for `subject` (names it answers to: sans), written to cert/key (default: beside the CA)."""
+    def issue(self, subject: str, *sans: str, cert: Path | None = None, key: Path | None = None,
+              passphrase: bytes | None = None) -> Issued:
+        """A certificate for `subject` (names it answers to: sans), written to cert/key (default: beside the CA);
+        the key is encrypted with passphrase when one is given."""
         leaf_key = ec.generate_private_key(ec.SECP256R1())
         out = Issued(cert or self.directory / f"{subject}.crt", key or self.directory / f"{subject}.key")
         out.cert.write_bytes(self._sign(subject, leaf_key, ca=False, sans=sans))
+        encryption = (serialization.BestAvailableEncryption(passphrase) if passphrase
+                      else serialization.NoEncryption())
         out.key.write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                   serialization.NoEncryption()))
+                                                   encryption))
         return out

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import socket
+import threading
 from pathlib import Path
 
 import grpc
@@ -35,7 +36,7 @@ def pki(tmp_path_factory):
     ca, stranger = CA(root / "ca", "test-ca"), CA(root / "stranger", "stranger-ca")
     return dict(ca=ca, stranger=stranger, engine=ca.issue(ENGINE_NAME, ENGINE_NAME),
                 text=ca.issue("text.test", "127.0.0.1"), client=ca.issue("client"),
-                stranger_client=stranger.issue("client"))
+                stranger_client=stranger.issue("client"), locked=ca.issue("locked", passphrase=b"secret"))
 
 
 def free_port() -> int:
@@ -85,6 +86,10 @@ def test_half_a_tls_setting_is_refused_naming_the_settings(pki, make):
         make(tls_client_ca=ca)  # mutual TLS without our own certificate
     with pytest.raises(ValueError, match="holds no PEM PRIVATE KEY"):
         make(tls_cert=cert, tls_key=cert)
+    with pytest.raises(ValueError, match=r"client.key' is not the private key of the certificate in .*engine.test"):
+        make(tls_cert=cert, tls_key=str(pki["client"].key))  # another pair's key
+    with pytest.raises(ValueError, match="locked.key' is encrypted: give the private key without a passphrase"):
+        make(tls_cert=str(pki["locked"].cert), tls_key=str(pki["locked"].key))
     with pytest.raises(ValueError, match="health_port must be in 0..65535"):
         make(health_port=70000)
     with pytest.raises(ValueError, match="health_port 9100 is taken by port or metrics_port"):
@@ -100,6 +105,9 @@ def test_engine_side_tls_of_the_tokenizer_needs_the_engines_ca(pki):
         TextServerConfig(model="m", engines="e:1", engine_tls_cert=cert, engine_tls_key=key)
     with pytest.raises(ValueError, match=r"TLS to the engines .*go together"):
         TextServerConfig(model="m", engines="e:1", engine_tls_ca=ca, engine_tls_cert=cert)
+    with pytest.raises(ValueError, match=r"TLS to the engines .*is not the private key of the certificate"):
+        TextServerConfig(model="m", engines="e:1", engine_tls_ca=ca, engine_tls_cert=cert,
+                         engine_tls_key=str(pki["engine"].key))
     assert TextServerConfig(model="m", engines="e:1").engine_tls is None
     # The name verified in an engine's certificate: the setting, else the headless Service's name.
     by_dns = TextServerConfig(model="m", engine_dns="llm-engine.llm.svc:50051", engine_tls_ca=ca)
@@ -184,6 +192,7 @@ def test_server_picks_up_a_rotated_certificate_without_a_restart(tmp_path, caplo
     old_ca.issue(ENGINE_NAME, ENGINE_NAME, cert=cert, key=key)
     trusts_old = ClientTls(str(old_ca.cert), server_name=ENGINE_NAME)
     trusts_new = ClientTls(str(new_ca.cert), server_name=ENGINE_NAME)
+    other = new_ca.issue("other", ENGINE_NAME)
 
     async def main() -> list[object]:
         servicer = health.aio.HealthServicer()
@@ -196,8 +205,14 @@ def test_server_picks_up_a_rotated_certificate_without_a_restart(tmp_path, caplo
             seen = [await health_over(target, trusts_old), await health_over(target, trusts_new)]
             new_ca.issue(ENGINE_NAME, ENGINE_NAME, cert=cert, key=key)  # what a Secret update does
             seen += [await health_over(target, trusts_new), await health_over(target, trusts_old)]
-            cert.write_text("half-written\n")
-            seen += [await health_over(target, trusts_new)]
+            good_cert, good_key = cert.read_bytes(), key.read_bytes()
+            cert.write_bytes(good_cert[: len(good_cert) // 2])  # half-written: a header, a cut body
+            seen.append(await health_over(target, trusts_new))
+            cert.write_bytes(good_cert)
+            key.write_bytes(other.key.read_bytes())  # a key that is not this certificate's
+            seen.append(await health_over(target, trusts_new))
+            key.write_bytes(good_key)
+            seen.append(await health_over(target, trusts_new))
             return seen
         finally:
             await server.stop(0)
@@ -205,9 +220,35 @@ def test_server_picks_up_a_rotated_certificate_without_a_restart(tmp_path, caplo
     with caplog.at_level(logging.INFO, logger="clients.tls"):
         seen = asyncio.run(main())
     unavailable = grpc.StatusCode.UNAVAILABLE
-    assert seen == [SERVING, unavailable, SERVING, unavailable, SERVING]
-    assert "reloading the certificate" in caplog.text
-    assert "do not load" in caplog.text and "keeping the current certificate" in caplog.text
+    assert seen == [SERVING, unavailable, SERVING, unavailable, SERVING, SERVING, SERVING]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("keeping the current certificate" in w for w in warnings), warnings
+    assert "damaged" in warnings[0] and "is not the private key of the certificate" in warnings[1]
+    reloads = [r for r in caplog.records if "reloading the certificate" in r.getMessage()]
+    assert len(reloads) == 2  # the rotation, and the repaired pair; never a pair that did not load
+
+
+def test_health_port_turns_not_serving_when_a_drain_starts(pki):
+    health_port = free_port()
+    running = Running(FakeEngine(max_model_len=10_000_000), health_port=health_port)
+    statuses: list[object] = []
+    with EngineClient(running.target, timeout=30) as client:
+        wait_serving(client)
+        stream = client.generate([1], max_tokens=1_000_000, ignore_eos=True)
+        next(stream)  # a request in flight holds the drain open
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            statuses.append(stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+            running.loop.call_soon_threadsafe(running.stop_event.set)
+            for _ in range(100):
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                if status != SERVING:
+                    break
+                threading.Event().wait(0.02)
+            statuses.append(status)
+        stream.cancel()
+    assert running.stop() == 0
+    assert statuses == [SERVING, health_pb2.HealthCheckResponse.NOT_SERVING]
 
 
 # ---------------------------------------------------------------------------------------------------------
