@@ -13,7 +13,7 @@ import sys
 import grpc
 
 from clients.text_client import TextClient
-from clients.tls import ClientTls
+from clients.tls import ClientTls, add_tls_arguments, tls_from_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,20 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument("--timeout", type=float, default=None, help="the request's deadline in seconds")
     parser.add_argument("--usage", action="store_true", help="print the finish reason and token usage")
-    tls = parser.add_argument_group("TLS (docs/SECURITY.md); any of these turns it on")
-    tls.add_argument("--tls", action="store_true", help="dial over TLS, trusting the system's root certificates")
-    tls.add_argument("--tls-ca", default="", help="PEM file: the CA that signed the service's certificate")
-    tls.add_argument("--tls-cert", default="", help="PEM file: our certificate, for a service that asks for one")
-    tls.add_argument("--tls-key", default="", help="PEM file: the private key of --tls-cert")
-    tls.add_argument("--tls-server-name", default="", help="the name to verify when the target is not it")
+    add_tls_arguments(parser)
     return parser
-
-
-def client_tls(args: argparse.Namespace) -> ClientTls | None:
-    """The TLS settings the flags ask for, or None for plaintext; ValueError on unusable files."""
-    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name):
-        return None
-    return ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
 
 
 def connect_hint(exc: grpc.RpcError, tls: ClientTls | None) -> str:
@@ -63,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     seed=args.seed)
     try:
-        tls = client_tls(args)
+        tls = tls_from_arguments(args)
     except ValueError as exc:
         print(f"llm-client: TLS: {exc}", file=sys.stderr)
         return 2

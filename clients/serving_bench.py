@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 
 from clients.text_client import AsyncTextClient
+from clients.tls import ClientTls, add_tls_arguments, tls_from_arguments
 
 
 @dataclass(slots=True)
@@ -76,11 +77,12 @@ class Timing:
     error: str | None = None
 
 
-async def run_grpc(target: str, w: Workload, concurrency: int, rate: float) -> tuple[list[Timing], float]:
+async def run_grpc(target: str, w: Workload, concurrency: int, rate: float,
+                   tls: ClientTls | None = None) -> tuple[list[Timing], float]:
     """Drive the tokenizer service; returns timings and wall seconds."""
     timings = [Timing() for _ in w.prompts]
     limit = asyncio.Semaphore(concurrency)
-    async with AsyncTextClient(target, timeout=600) as client:
+    async with AsyncTextClient(target, timeout=600, tls=tls) as client:
         await client.model_info()  # connect first: the in-process side has no connection to set up
         t0 = time.perf_counter()
 
@@ -184,7 +186,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--pairs", type=int, default=1, help="interleaved gRPC/in-process pairs per rate")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--plot-dir", default=None, help="write PNG plots here (clients/bench_plots.py)")
+    add_tls_arguments(p)
     args = p.parse_args(argv)
+    try:
+        tls = tls_from_arguments(args)
+    except ValueError as exc:
+        p.error(f"TLS: {exc}")
     rates = args.rate or [math.inf]
     concurrencies = args.concurrency or [10**6]
 
@@ -192,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if not vocab:
         from clients.text_client import TextClient
 
-        with TextClient(args.target, timeout=30) as c:
+        with TextClient(args.target, timeout=30, tls=tls) as c:
             vocab = c.model_info().vocab_size
     w = workload_b(vocab, args.num_requests)
     engine = None
@@ -213,13 +220,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     rows: list[dict[str, object]] = []
     for concurrency, rate in itertools.product(concurrencies, rates):
         warm = Workload(w.prompts[:1], [4], w.temperature)
-        asyncio.run(run_grpc(args.target, warm, 1, math.inf))
+        asyncio.run(run_grpc(args.target, warm, 1, math.inf, tls))
         if engine is not None:
             run_inprocess(engine, warm, 1, math.inf)
         for pair in range(args.pairs):
             run = salted(w, len(rows) + 1, vocab)
             cpu0 = time.process_time()
-            grpc_row = summarize(*asyncio.run(run_grpc(args.target, run, concurrency, rate)))
+            grpc_row = summarize(*asyncio.run(run_grpc(args.target, run, concurrency, rate, tls)))
             grpc_row["client_cpu_s"] = time.process_time() - cpu0
             rows.append({"mode": "grpc", "rate": rate, "concurrency": concurrency, "pair": pair, **grpc_row})
             if engine is not None:

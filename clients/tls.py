@@ -14,6 +14,7 @@ to import the client library.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -84,6 +85,23 @@ class ClientTls:
     def options(self) -> list[tuple[str, str]]:
         """Channel options: the name to verify, when it is not the target's host."""
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line clients' TLS flags (llm-client, the serving benchmark)."""
+    group = parser.add_argument_group("TLS (docs/SECURITY.md); any of these turns it on")
+    group.add_argument("--tls", action="store_true", help="dial over TLS, trusting the system's root certificates")
+    group.add_argument("--tls-ca", default="", help="PEM file: the CA that signed the service's certificate")
+    group.add_argument("--tls-cert", default="", help="PEM file: our certificate, for a service that asks for one")
+    group.add_argument("--tls-key", default="", help="PEM file: the private key of --tls-cert")
+    group.add_argument("--tls-server-name", default="", help="the name to verify when the target is not it")
+
+
+def tls_from_arguments(args: argparse.Namespace) -> ClientTls | None:
+    """The TLS the flags ask for, or None for plaintext; ValueError on unusable files."""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name):
+        return None
+    return ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
 
 
 @dataclass(frozen=True, slots=True)

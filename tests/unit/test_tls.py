@@ -346,6 +346,14 @@ def test_cli_refuses_half_a_client_certificate_and_hints_at_tls_when_refused(pki
     assert "If it serves TLS, give --tls-ca" in capsys.readouterr().err
 
 
+def test_serving_bench_takes_the_same_tls_flags(pki, capsys):
+    from clients import serving_bench
+
+    with pytest.raises(SystemExit) as info:
+        serving_bench.main(["--tls-key", str(pki["client"].key)])
+    assert info.value.code == 2 and "go together" in capsys.readouterr().err
+
+
 def test_docs_name_every_tls_setting():
     """docs/SECURITY.md documents each TLS field of both services."""
     import dataclasses
