@@ -42,8 +42,11 @@ def demo_model() -> str:
 class Service:
     """One service process on 127.0.0.1:port."""
 
-    def __init__(self, args: list[str], port: int, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], port: int, env: dict[str, str] | None = None,
+                 health_port: int | None = None) -> None:
         self.port, self.target = port, f"127.0.0.1:{port}"
+        # A TLS service is asked for its health on its plaintext health-only port.
+        self.health_target = f"127.0.0.1:{health_port}" if health_port else self.target
         self.args, self.env = args, {**os.environ, **(env or {})}
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"llmserve-e2e-{port}.log"
         self.proc: subprocess.Popen | None = None
@@ -56,7 +59,7 @@ class Service:
 
     def health(self, service: str = "", timeout: float = 1.0) -> int | None:
         """The health status, or None when the server does not answer."""
-        with grpc.insecure_channel(self.target) as channel:
+        with grpc.insecure_channel(self.health_target) as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -89,20 +92,21 @@ class Service:
             return self.proc.wait(5)
 
 
-def start_engine(model: str, port: int | None = None, extra: list[str] = (), env: dict[str, str] | None = None
-                 ) -> Service:
+def start_engine(model: str, port: int | None = None, extra: list[str] = (), env: dict[str, str] | None = None,
+                 health_port: int | None = None) -> Service:
     port = port or free_port()
     args = ["engine_service.server", "--model", model, "--host", "127.0.0.1", "--port", str(port), *ENGINE_FLAGS,
-            *extra]
-    return Service(args, port, env)
+            *extra, *(["--health-port", str(health_port)] if health_port else [])]
+    return Service(args, port, env, health_port)
 
 
-def start_tokenizer(model: str, engines: list[Service], extra: list[str] = ()) -> Service:
+def start_tokenizer(model: str, engines: list[Service], extra: list[str] = (),
+                    health_port: int | None = None) -> Service:
     port = free_port()
     args = ["tokenizer_service.server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
             "--engines", ",".join(e.target for e in engines), "--reconnect-max-s", "1", "--log-level", "WARNING",
-            "--metrics-port", "0", *extra]
-    return Service(args, port)
+            "--metrics-port", "0", *extra, *(["--health-port", str(health_port)] if health_port else [])]
+    return Service(args, port, health_port=health_port)
 
 
 def wait_idle(engine_client, timeout: float = 20.0):
