@@ -33,6 +33,21 @@ from engine_service.sequence import Sequence, Status
 from engine_service.validation import check_prompt
 
 log = logging.getLogger(__name__)
+# generation_config.json fields that change what transformers' generate() produces but that this engine does not
+# apply, with the value that means "off". The engine applies temperature, top_p, top_k, min_p, do_sample and
+# eos_token_id (and a request's own max_tokens and min_tokens).
+UNAPPLIED_GENERATION_FIELDS: dict[str, object] = {
+    "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "no_repeat_ngram_size": 0,
+    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1, "num_return_sequences": 1,
+    "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
+    "max_new_tokens": None, "min_new_tokens": None, "min_length": 0,
+}
+
+
+def unapplied_generation_settings(gen_cfg: dict) -> dict[str, object]:
+    """The fields of a generation_config.json that ask for something this engine does not do."""
+    return {k: gen_cfg[k] for k, off in UNAPPLIED_GENERATION_FIELDS.items()
+            if gen_cfg.get(k) is not None and gen_cfg[k] != off and gen_cfg[k] != []}
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
@@ -85,6 +100,12 @@ class LLMEngine:
             eos.add(int(self.tokenizer.eos_token_id))
         self.eos_token_ids = sorted(eos)
         self.generation_defaults = self._generation_defaults(gen_cfg)
+        unapplied = unapplied_generation_settings(gen_cfg)
+        if unapplied:
+            log.warning("generation_config.json sets %s, which this engine does not apply: its outputs will differ "
+                        "from transformers' generate() with that config (it applies temperature, top_p, top_k, "
+                        "min_p, do_sample and eos_token_id)",
+                        ", ".join(f"{k}={v!r}" for k, v in unapplied.items()))
 
         self.workers = None
         tp = TPInfo()

@@ -195,16 +195,21 @@ def test_stop_token_ids_min_tokens_and_ignore_eos(model_dir):
         assert _all_free(engine)
 
 
-def test_eos_from_generation_config_stops_unless_ignored(tmp_path):
+def test_eos_from_generation_config_stops_unless_ignored(tmp_path, caplog):
     import json
 
     make_qwen3(tmp_path)
     with _engine(tmp_path) as engine:
         prompt = _prompt(12, 11)
         greedy = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=10))[0]["token_ids"]
+    assert "does not apply" not in caplog.text
     eos = greedy[3]
-    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos], "temperature": 0.3}))
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [eos], "temperature": 0.3, "repetition_penalty": 1.05, "num_beams": 1}))
     with _engine(tmp_path) as engine:
+        # A setting it does not apply is said at start-up, not silently dropped (num_beams 1 is "off").
+        assert "generation_config.json sets repetition_penalty=1.05, which this engine does not apply" in caplog.text
+        assert "num_beams" not in caplog.text
         assert eos in engine.eos_token_ids
         assert engine.generation_defaults["temperature"] == 0.3
         out = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=10))[0]
