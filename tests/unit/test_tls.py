@@ -336,6 +336,40 @@ def test_pool_retries_while_its_tls_files_are_missing_then_connects(pki, mtls_en
     assert "cannot dial" in caplog.text and "ca.crt" in caplog.text
 
 
+def test_pool_checks_the_dns_name_in_the_engines_certificate(pki, mtls_engine):
+    """Behind a headless Service the pool dials IP addresses; it checks the DNS name it resolved against the
+    engine's certificate (which names only engine.test), or the name set in engine_tls_server_name."""
+    port = int(mtls_engine.target.rpartition(":")[2])
+    info = EngineClient(mtls_engine.target, timeout=20, tls=client_tls(pki))
+    wait_serving(info)
+    model = info.model_info()
+    info.close()
+
+    async def fake_getaddrinfo(host, port_, **kwargs):
+        assert host == ENGINE_NAME
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port_))]
+
+    async def ready_within(seconds: float, **overrides: str) -> bool:
+        asyncio.get_running_loop().getaddrinfo = fake_getaddrinfo
+        config = TextServerConfig(model="fake", engine_dns=f"{ENGINE_NAME}:{port}", dns_refresh_s=0.05,
+                                  reconnect_min_s=0.05, reconnect_max_s=0.2, engine_tls_ca=str(pki["ca"].cert),
+                                  engine_tls_cert=str(pki["client"].cert), engine_tls_key=str(pki["client"].key),
+                                  **overrides)
+        pool = EnginePool(config, model.vocab_size, set(model.eos_token_ids), [])
+        pool.start()
+        try:
+            for _ in range(int(seconds / 0.05)):
+                if pool.ready:
+                    return True
+                await asyncio.sleep(0.05)
+            return False
+        finally:
+            await pool.close()
+
+    assert asyncio.run(ready_within(10.0))  # verified as engine.test, though dialed as 127.0.0.1
+    assert not asyncio.run(ready_within(1.5, engine_tls_server_name="another.name"))
+
+
 def test_cli_refuses_half_a_client_certificate_and_hints_at_tls_when_refused(pki, mtls_engine, capsys):
     from clients.cli import main
 
