@@ -1,4 +1,5 @@
-"""TLS and mutual TLS for every gRPC hop, from PEM files (docs/SECURITY.md). It imports only grpc.
+"""TLS and mutual TLS for every gRPC hop, from PEM files (docs/SECURITY.md). It imports only grpc (and its
+health package) and the standard library.
 
 - ClientTls dials a TLS server: the clients here, and the tokenizer service dialing its engines. It reads
   the files whenever a channel is made, so a reconnect picks up a rotated certificate.
@@ -120,6 +121,7 @@ class ServerTls:
 
     @property
     def mutual(self) -> bool:
+        """Every client must present a certificate (mutual TLS)."""
         return bool(self.client_ca_file)
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
