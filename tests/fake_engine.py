@@ -22,8 +22,10 @@ class FakeEngine:
         max_num_seqs: int = 4,
         eos: int = 99,
         step_s: float = 0.002,
+        script: list[int] | None = None,
     ) -> None:
         self.step_s = step_s  # a step takes time, as a real one does
+        self.script = script  # the tokens every request generates, in order; default: the last token + 1
         self.model_info = dict(
             model_name="fake",
             vocab_size=vocab_size,
@@ -72,7 +74,10 @@ class FakeEngine:
             self.running.append(self.waiting.pop(0))
         for rid in list(self.running):
             tokens, params, n_prompt = self.reqs[rid]
-            token = (tokens[-1] + 1) % self.model_info["vocab_size"]
+            if self.script:
+                token = self.script[(len(tokens) - n_prompt) % len(self.script)]
+            else:
+                token = (tokens[-1] + 1) % self.model_info["vocab_size"]
             tokens.append(token)
             done = len(tokens) - n_prompt
             reason = None

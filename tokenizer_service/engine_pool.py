@@ -23,6 +23,7 @@ from tokenizer_service.config import TextServerConfig
 from tokenizer_service.metrics import TextMetrics
 
 log = logging.getLogger(__name__)
+MAX_DEADLINE_MS = 10 * 365 * 86_400_000  # ten years: longer deadlines are sent as this
 
 
 class RequestFailed(Exception):
@@ -118,15 +119,26 @@ class EngineConnection:
             self._outbox.wake.set()
 
     @staticmethod
-    async def _frames(outbox: _Outbox):
-        """The request side of one Generate call: whatever was queued since the last frame."""
+    async def _frames(outbox: _Outbox, max_frame_bytes: int):
+        """The request side of one Generate call: whatever was queued since the last frame, in frames of at
+        most max_frame_bytes, so that a burst of long prompts never makes one message over the limit (which
+        would fail the whole stream and every request on it)."""
         while not outbox.closed:
             await outbox.wake.wait()
             outbox.wake.clear()
             new, outbox.new = outbox.new, []
             aborts, outbox.aborts = outbox.aborts, []
-            if new or aborts:
-                yield pb.ClientFrame(requests=new, abort_request_ids=aborts)
+            frame = pb.ClientFrame(abort_request_ids=aborts)
+            size = frame.ByteSize()
+            for request in new:
+                grows = request.ByteSize() + 8  # the field's tag and length prefix
+                if frame.requests and size + grows > max_frame_bytes:
+                    yield frame
+                    frame, size = pb.ClientFrame(), 0
+                frame.requests.append(request)
+                size += grows
+            if frame.requests or frame.abort_request_ids:
+                yield frame
 
     async def _run(self) -> None:
         cfg = self._pool.config
@@ -154,7 +166,7 @@ class EngineConnection:
                     # raises above and keeps the backoff growing.
                     backoff = cfg.reconnect_min_s
                     self._outbox = _Outbox()
-                    call = stub.Generate(self._frames(self._outbox))
+                    call = stub.Generate(self._frames(self._outbox, self._pool.max_frame_bytes))
                     self.info, self.ready = info, True
                     self._pool.changed()
                     log.info("engine %s connected (%s)", self.address, info.model_name)
@@ -204,6 +216,7 @@ class EnginePool:
                  channel_options: list[tuple[str, int]]) -> None:
         self.config, self.channel_options = config, channel_options
         self.tls = config.engine_tls
+        self.max_frame_bytes = config.max_message_bytes // 2  # room for gRPC's own framing
         self._vocab, self._eos = vocab_size, eos_token_ids
         self.conns: dict[str, EngineConnection] = {}
         self._changed = asyncio.Event()
@@ -250,6 +263,10 @@ class EnginePool:
         (deadline_ms); when it ends the wait, the request fails with DEADLINE_EXCEEDED; when engine_wait_s does,
         with UNAVAILABLE.
         """
+        if request.ByteSize() > self.max_frame_bytes:
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is {request.ByteSize()} bytes on the wire; at most "
+                                f"{self.max_frame_bytes} (half of max_message_bytes) go to an engine")
         started = time.monotonic()
         deadline_binds = timeout_s is not None and timeout_s < self.config.engine_wait_s
         limit = timeout_s if deadline_binds else self.config.engine_wait_s
@@ -259,8 +276,9 @@ class EnginePool:
             if ready:
                 others = [c for c in ready if c is not avoid] or ready
                 conn = min(others, key=lambda c: len(c.inflight))
-                if timeout_s is not None:
-                    request.deadline_ms = max(1, int((started + timeout_s - time.monotonic()) * 1000))
+                if timeout_s is not None:  # capped: "no deadline" sent as a huge value must still fit a uint64
+                    left_ms = int((started + timeout_s - time.monotonic()) * 1000)
+                    request.deadline_ms = min(max(1, left_ms), MAX_DEADLINE_MS)
                 return conn.send(request, self.config.max_buffered_updates)
             left = deadline - time.monotonic()
             if left <= 0 and deadline_binds:

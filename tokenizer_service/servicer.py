@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from tokenizer_service.validation import (
     validate_detokenize_ids,
 )
 
+log = logging.getLogger(__name__)
 STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
 FINISH = {engine_pb.FINISH_REASON_STOP: pb.FINISH_REASON_STOP, engine_pb.FINISH_REASON_LENGTH: pb.FINISH_REASON_LENGTH,
           engine_pb.FINISH_REASON_ABORT: pb.FINISH_REASON_ABORT}
@@ -122,8 +124,11 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             return
                         if update.finish_reason:
                             reason = FINISH.get(update.finish_reason, pb.FINISH_REASON_STOP)
+                            delta += text.finish()  # held-back bytes can complete a stop string even now
+                            if text.stopped is not None:
+                                reason = pb.FINISH_REASON_STOP
                             trace.finish_reason = pb.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
-                            yield self._last(prep, text, delta + text.finish(), ids, reason, cached)
+                            yield self._last(prep, text, delta, ids, reason, cached)
                             return
                         if ids or delta:
                             sent_tokens = True
@@ -185,8 +190,13 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             except RequestFailed as exc:
                 await emit(pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_REASON_ERROR,
                                                   status=pb.Status(code=exc.code.value[0], message=exc.message)))
+            except Exception as exc:  # a bug must fail this request visibly, not drop it from the stream
+                log.exception("request %s/%s failed", call_id, rid)
+                await emit(pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_REASON_ERROR, status=pb.Status(
+                    code=grpc.StatusCode.INTERNAL.value[0], message=f"internal error: {type(exc).__name__}: {exc}")))
             finally:
-                tasks.pop(rid, None)
+                if tasks.get(rid) is asyncio.current_task():  # an aborted id may already run a new request
+                    del tasks[rid]
                 wake.set()
 
         async def read() -> None:

@@ -1,0 +1,210 @@
+"""Tokenizer-service regressions, in-process over the fake engine (found by an audit): a GenerateMulti id reused
+right after an abort, a "no deadline" sent as UINT64_MAX, a stop string completed only by the final flush, and a
+burst of long prompts that outgrew one message on the engine stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import types
+
+import grpc
+import pytest
+
+from protos.llmserve.engine.v1 import engine_pb2 as engine_pb
+from protos.llmserve.text.v1 import text_pb2 as pb
+from protos.llmserve.text.v1 import text_pb2_grpc as pb_grpc
+from tests.fake_engine import FakeEngine
+from tests.unit.test_engine_service_fake import Running
+from tokenizer_service.config import TextServerConfig
+from tokenizer_service.engine_pool import EngineConnection, EnginePool, RequestFailed, _Outbox
+
+pytestmark = pytest.mark.timeout(90)
+
+
+class TextServer:
+    """The tokenizer service's serve() on its own event-loop thread."""
+
+    def __init__(self, model_dir, engines: str, **overrides: object) -> None:
+        from tokenizer_service.server import serve
+
+        self.config = TextServerConfig(model=str(model_dir), host="127.0.0.1", port=0, metrics_port=0, grace_s=1,
+                                       engines=engines, reconnect_min_s=0.05, reconnect_max_s=0.2, **overrides)
+        self.loop = asyncio.new_event_loop()
+        self.stop_event = asyncio.Event()
+        ready = threading.Event()
+
+        def main() -> None:
+            asyncio.set_event_loop(self.loop)
+            port = self.loop.create_future()
+            port.add_done_callback(lambda f: (setattr(self, "port", f.result()), ready.set()))
+            self.loop.run_until_complete(serve(self.config, stop=self.stop_event, bound_port=port,
+                                               handle_signals=False))
+
+        self.thread = threading.Thread(target=main, daemon=True)
+        self.thread.start()
+        if not ready.wait(60):
+            raise RuntimeError("the tokenizer service did not start")
+        self.target = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop_event.set)
+        self.thread.join(30)
+
+
+def demo_engine(demo_model_dir, demo_tokenizer, **kwargs: object) -> Running:
+    """A fake engine that serves the demo model's vocabulary and EOS ids (so the pool accepts it)."""
+    from tokenizer_service.validation import read_eos_token_ids
+
+    vocab = json.loads((demo_model_dir / "config.json").read_text())["vocab_size"]
+    fake = FakeEngine(vocab_size=vocab, max_model_len=100_000, **kwargs)
+    fake.model_info["eos_token_ids"] = sorted(read_eos_token_ids(str(demo_model_dir), demo_tokenizer))
+    return Running(fake)
+
+
+def wait_ready(stub: pb_grpc.TextGenerationStub) -> None:
+    for _ in range(200):  # until an engine is connected
+        try:
+            stub.Generate(pb.GenerateRequest(prompt="x", sampling_params=pb.SamplingParams(max_tokens=1)),
+                          timeout=5).next()
+            return
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+        threading.Event().wait(0.05)
+    raise RuntimeError("no engine connected")
+
+
+class _SlowToCancelPool:
+    """An engine pool with no engine: the first submit waits until cancelled and then takes a few loop turns
+    to unwind (as asyncio.wait_for does on Python 3.11); later ones fail with UNAVAILABLE after a moment."""
+
+    max_model_len = 0
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def submit(self, request, timeout_s, avoid=None):
+        self.calls += 1
+        if self.calls == 1:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                for _ in range(5):
+                    await asyncio.sleep(0)
+                raise
+        await asyncio.sleep(0.2)
+        raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "no engine is connected")
+
+
+def test_multi_id_reused_right_after_an_abort_gets_its_own_answer(demo_tokenizer):
+    """The aborted task's cleanup ran after the new task with the same id was registered, and dropped it from
+    the call's table: the call ended without the new request's answer (and a later abort could not reach it)."""
+    from tokenizer_service.servicer import TextServicer
+
+    def generate(rid: str) -> pb.MultiRequest:
+        return pb.MultiRequest(generate=pb.GenerateRequest(request_id=rid, prompt="hi"))
+
+    async def main() -> list[tuple[str, str]]:
+        servicer = TextServicer(demo_tokenizer, _SlowToCancelPool(), "demo", len(demo_tokenizer), {0}, {}, 100)
+        frames: asyncio.Queue[pb.MultiRequest | None] = asyncio.Queue()
+
+        async def requests():
+            while (frame := await frames.get()) is not None:
+                yield frame
+
+        context = types.SimpleNamespace(invocation_metadata=lambda: ())
+        out: list[tuple[str, str]] = []
+
+        async def consume() -> None:
+            async for response in servicer.GenerateMulti(requests(), context):
+                out.append((response.request_id, pb.FinishReason.Name(response.finish_reason)))
+
+        consumer = asyncio.create_task(consume())
+        await frames.put(generate("a"))
+        await asyncio.sleep(0.05)  # "a" waits for an engine
+        for frame in (pb.MultiRequest(abort_request_id="a"), generate("a"), None):  # None: the client half-closes
+            await frames.put(frame)
+        await asyncio.wait_for(consumer, 10)
+        return out
+
+    assert asyncio.run(main()) == [("a", "FINISH_REASON_ABORT"), ("a", "FINISH_REASON_ERROR")]
+
+
+@pytest.fixture(scope="module")
+def scripted(demo_model_dir, demo_tokenizer):
+    """The tokenizer service over a fake engine whose every request generates 'Hello 🙂' token by token."""
+    script = demo_tokenizer.encode("Hello 🙂", add_special_tokens=False)
+    engine = demo_engine(demo_model_dir, demo_tokenizer, script=script)
+    server = TextServer(demo_model_dir, engines=engine.target)
+    channel = grpc.insecure_channel(server.target)
+    stub = pb_grpc.TextGenerationStub(channel)
+    wait_ready(stub)
+    yield stub, script
+    channel.close()
+    server.stop()
+    assert engine.stop() == 0
+
+
+def test_multi_deadline_of_uint64_max_means_no_deadline(scripted):
+    """deadline_ms near 2**64 overflowed the engine request's uint64 field and the request vanished."""
+    stub, _ = scripted
+    frames = [pb.MultiRequest(generate=pb.GenerateRequest(request_id=rid, prompt="hi", deadline_ms=deadline,
+                                                          sampling_params=pb.SamplingParams(max_tokens=2)))
+              for rid, deadline in (("forever", 2**64 - 1), ("plain", 0))]
+    finishes = {r.request_id: r.finish_reason for r in stub.GenerateMulti(iter(frames), timeout=30) if r.finish_reason}
+    assert finishes == {"forever": pb.FINISH_REASON_LENGTH, "plain": pb.FINISH_REASON_LENGTH}
+
+
+def test_stop_string_completed_by_the_final_flush_finishes_with_stop(scripted, demo_tokenizer):
+    """The engine stops mid-character (max_tokens); the flushed replacement character comes after ' ', which
+    completes the stop string 'o ' only then: the finish is STOP, not the engine's LENGTH."""
+    stub, script = scripted
+    cut = next((k for k in range(1, len(script)) if demo_tokenizer.decode(script[:k]).endswith("\ufffd")), None)
+    assert cut is not None, f"the demo tokenizer keeps '🙂' whole ({script}): this test needs a split character"
+    held = demo_tokenizer.decode(script[:cut])
+    assert "o " in held and "o " not in demo_tokenizer.decode(script[:cut - 1]), held
+    responses = list(stub.Generate(pb.GenerateRequest(prompt="hi", stop=["o "],
+                                                      sampling_params=pb.SamplingParams(max_tokens=cut)), timeout=30))
+    last = responses[-1]
+    assert (last.finish_reason, last.stop_reason) == (pb.FINISH_REASON_STOP, "o ")
+    assert "".join(r.text for r in responses) == held[: held.index("o ")]
+    assert last.usage.completion_tokens == cut
+
+
+def test_a_burst_of_long_prompts_goes_out_in_frames_under_the_limit():
+    """Every request queued in one loop turn went into one ClientFrame; past max_message_bytes gRPC failed
+    the whole engine stream, and every request on it, streams already producing tokens included."""
+    requests = [engine_pb.NewRequest(request_id=str(i), prompt_token_ids=[1000 + i] * 40_000) for i in range(12)]
+    limit = 3 * requests[0].ByteSize() + 100
+
+    async def frames() -> list[engine_pb.ClientFrame]:
+        outbox = _Outbox()
+        outbox.new, outbox.aborts = list(requests), ["gone"]
+        outbox.wake.set()
+        out = []
+        async for frame in EngineConnection._frames(outbox, limit):
+            out.append(frame)
+            if sum(len(f.requests) for f in out) == len(requests):
+                outbox.closed = True
+                outbox.wake.set()
+        return out
+
+    out = asyncio.run(frames())
+    assert len(out) > 1 and all(f.ByteSize() <= limit for f in out), [f.ByteSize() for f in out]
+    assert [r.request_id for f in out for r in f.requests] == [r.request_id for r in requests]  # all, in order
+    assert [list(f.abort_request_ids) for f in out] == [["gone"]] + [[]] * (len(out) - 1)
+
+
+def test_a_request_too_big_for_one_message_is_refused_alone():
+    config = TextServerConfig(model="fake", engines="127.0.0.1:9", max_message_bytes=1 << 20)
+
+    async def submit() -> RequestFailed:
+        pool = EnginePool(config, 100_000, {0}, [])
+        with pytest.raises(RequestFailed) as info:
+            await pool.submit(engine_pb.NewRequest(prompt_token_ids=[50_000] * 200_000), None)
+        return info.value
+
+    refused = asyncio.run(submit())
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT and "half of max_message_bytes" in refused.message
