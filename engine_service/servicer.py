@@ -147,10 +147,11 @@ class EngineServicer(pb_grpc.EngineServicer):
     async def _read_frames(self, request_iterator, stream: OutputStream, prefix: str) -> None:
         try:
             async for frame in request_iterator:
-                for req in frame.requests:
-                    self._start(stream, prefix, req, check_deadline_ms(req.deadline_ms))
+                # Aborts first: a frame that aborts an id and sends a new request under it means exactly that.
                 for cid in frame.abort_request_ids:
                     stream.abort(cid)
+                for req in frame.requests:
+                    self._start(stream, prefix, req, check_deadline_ms(req.deadline_ms))
         finally:
             stream.input_done = True
             stream.wake.set()

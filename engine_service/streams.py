@@ -49,6 +49,9 @@ class OutputStream:
         # client id reused right after an abort can never receive the old request's outputs.
         self.live: dict[str, tuple[str, asyncio.TimerHandle | None]] = {}
         self.pending: dict[str, pb.RequestUpdate] = {}  # live (or just ended) requests' updates, by client id
+        # Final updates of ended requests whose client id a new request took before the writer sent them: they
+        # go out first, apart, so that two requests' tokens never share one update.
+        self.ended: list[pb.RequestUpdate] = []
         self.refused: list[pb.RequestUpdate] = []  # requests that never reached the engine
         self.wake = asyncio.Event()
         self.input_done = False  # the client half-closed (or the call has a single request)
@@ -59,6 +62,9 @@ class OutputStream:
         if timeout_s is not None:
             timer = asyncio.get_running_loop().call_later(timeout_s, self._deadline_passed, client_id)
         self.live[client_id] = (engine_id, timer)
+        previous = self.pending.pop(client_id, None)  # the id's previous request ended; its update is unsent
+        if previous is not None:
+            self.ended.append(previous)
 
     def _deadline_passed(self, client_id: str) -> None:
         self.fail(client_id, grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed", abort=True)
@@ -130,10 +136,11 @@ class OutputStream:
 
     @property
     def has_updates(self) -> bool:
-        return bool(self.pending or self.refused)
+        return bool(self.ended or self.pending or self.refused)
 
     def take(self) -> list[pb.RequestUpdate]:
-        updates = [*self.pending.values(), *self.refused]
+        updates = [*self.ended, *self.pending.values(), *self.refused]
+        self.ended.clear()
         self.pending.clear()
         self.refused.clear()
         self.wake.clear()

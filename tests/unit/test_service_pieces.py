@@ -104,6 +104,30 @@ def test_refusing_a_duplicate_id_leaves_the_live_request_alone():
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("end", ["finish", "abort"])
+def test_an_id_reused_before_the_writer_ran_keeps_the_two_requests_apart(end):
+    """The ended request's final update waited in `pending` under the client's id; the new request's tokens
+    were added to it, so one update mixed two requests (old finish reason, new tokens)."""
+    async def main():
+        aborted: list[str] = []
+        stream = OutputStream(aborted.append, max_buffered_tokens=100)
+        stream.register("x", "s1:1:x", None)
+        stream.on_output("x", StepOutput("s1:1:x", [5]))
+        if end == "finish":
+            stream.on_output("x", StepOutput("s1:1:x", [6], "length"))
+        else:
+            assert stream.abort("x")
+        stream.register("x", "s1:2:x", None)  # the writer has not run: the old update is still unsent
+        stream.on_output("x", StepOutput("s1:2:x", [7]))
+        old, new = stream.take()
+        assert (old.request_id, list(old.new_token_ids)) == ("x", [5, 6] if end == "finish" else [5])
+        assert old.finish_reason == (pb.FINISH_REASON_LENGTH if end == "finish" else pb.FINISH_REASON_ABORT)
+        assert (new.request_id, list(new.new_token_ids), new.finish_reason) == ("x", [7], 0)
+        assert not stream.has_updates
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize(("env", "needle"), [
     ({"TOKENIZER_ENGINE_DNS": "llm-engine"}, "NAME:PORT"),
     ({"TOKENIZER_ENGINE_DNS": ":50051"}, "NAME:PORT"),

@@ -86,6 +86,29 @@ def test_bidi_id_reused_right_after_abort_gets_its_own_request(slow_steps):
         assert load.num_live_requests == 0 and load.num_running == 0
 
 
+def test_bidi_abort_and_reuse_in_one_frame_starts_the_new_request(slow_steps):
+    """A frame's aborts applied after its new requests, so a new request under an id the same frame aborts was
+    refused as "already live"."""
+    with EngineClient(slow_steps.target, timeout=20) as client:
+        wait_serving(client)
+        first = threading.Event()
+
+        def frames():
+            yield pb.ClientFrame(requests=[new("x", [1], **LONG)])
+            first.wait(10)
+            yield pb.ClientFrame(abort_request_ids=["x"], requests=[new("x", [2], max_tokens=2)])
+
+        seen: list[tuple[str, int, int]] = []
+        for frame in client.stub.Generate(frames(), timeout=20):
+            for u in frame.updates:
+                seen.append((u.request_id, u.finish_reason, u.status.code))
+                first.set()
+            if any(f == pb.FINISH_REASON_LENGTH for _, f, _ in seen):
+                break
+    finishes = [(rid, f, code) for rid, f, code in seen if f]
+    assert finishes == [("x", pb.FINISH_REASON_ABORT, 0), ("x", pb.FINISH_REASON_LENGTH, 0)], seen
+
+
 def test_unary_id_reused_right_after_abort_gets_its_own_request(slow_steps):
     with EngineClient(slow_steps.target, timeout=30) as client:
         wait_serving(client)
