@@ -44,6 +44,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         self.defaults = generation_defaults
         self.max_inflight = max_inflight
         self.inflight = 0
+        self.admitting = 0  # requests being tokenized on a worker thread: they count against max_inflight too
         self.draining = False
         self.num_calls = 0  # Generate / GenerateMulti calls in progress
         self._multi_wakes: set[asyncio.Event] = set()
@@ -62,10 +63,11 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         """
         if self.draining:
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "the tokenizer service is draining; retry elsewhere")
-        if self.inflight >= self.max_inflight:
+        if self.inflight + self.admitting >= self.max_inflight:
             raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"the tokenizer service's queue is full: {self.inflight} requests in flight "
-                                f"(max_inflight {self.max_inflight}); retry later")
+                                f"the tokenizer service's queue is full: {self.inflight + self.admitting} requests "
+                                f"in flight (max_inflight {self.max_inflight}); retry later")
+        self.admitting += 1
         try:
             started = time.perf_counter()
             args = (request, self.tokenizer, self.defaults, self.pool.max_model_len,
@@ -75,9 +77,11 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             else:
                 prep = prepare(*args)
             self.metrics.tokenize_time.observe(time.perf_counter() - started)
-            return prep
+            return prep  # the caller's _generate counts it in `inflight` before it next awaits
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        finally:
+            self.admitting -= 1
 
     async def _generate(self, prep: PreparedRequest, timeout_s: float | None,
                         trace: RequestTrace) -> AsyncIterator[pb.GenerateResponse]:

@@ -208,3 +208,32 @@ def test_a_request_too_big_for_one_message_is_refused_alone():
 
     refused = asyncio.run(submit())
     assert refused.code == grpc.StatusCode.INVALID_ARGUMENT and "half of max_message_bytes" in refused.message
+
+
+def test_prompts_being_tokenized_count_against_max_inflight(demo_tokenizer, monkeypatch):
+    """Large inputs are tokenized on a worker thread; they passed the max_inflight check and only counted once
+    tokenized, so a burst of them could all be admitted past the limit."""
+    import time
+
+    from tokenizer_service import servicer as servicer_module
+
+    real_prepare = servicer_module.prepare
+
+    def slow_prepare(*args):
+        time.sleep(0.2)  # a long prompt takes a while to tokenize
+        return real_prepare(*args)
+
+    monkeypatch.setattr(servicer_module, "prepare", slow_prepare)
+    big = pb.GenerateRequest(prompt="word " * (servicer_module.OFFLOAD_TOKENIZE_BYTES // 4))
+
+    async def main() -> list[object]:
+        servicer = servicer_module.TextServicer(demo_tokenizer, _SlowToCancelPool(), "demo", len(demo_tokenizer),
+                                                {0}, {}, max_inflight=2)
+        results = await asyncio.gather(*(servicer._admit(big) for _ in range(5)), return_exceptions=True)
+        assert servicer.admitting == 0
+        return results
+
+    results = asyncio.run(main())
+    refused = [r for r in results if isinstance(r, RequestFailed)]
+    assert len(results) - len(refused) == 2, results
+    assert all(r.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_inflight 2" in r.message for r in refused)
