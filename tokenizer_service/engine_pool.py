@@ -114,9 +114,14 @@ class EngineConnection:
         return handle
 
     def abort(self, request_id: str) -> None:
-        if self.inflight.pop(request_id, None) is not None and self.ready:
-            self._outbox.aborts.append(request_id)
-            self._outbox.wake.set()
+        if self.inflight.pop(request_id, None) is None or not self.ready:
+            return
+        unsent = [r for r in self._outbox.new if r.request_id != request_id]
+        if len(unsent) < len(self._outbox.new):  # never sent: drop it (the engine applies a frame's aborts first)
+            self._outbox.new = unsent
+            return
+        self._outbox.aborts.append(request_id)
+        self._outbox.wake.set()
 
     @staticmethod
     async def _frames(outbox: _Outbox, max_frame_bytes: int):

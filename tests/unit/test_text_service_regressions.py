@@ -237,3 +237,41 @@ def test_prompts_being_tokenized_count_against_max_inflight(demo_tokenizer, monk
     refused = [r for r in results if isinstance(r, RequestFailed)]
     assert len(results) - len(refused) == 2, results
     assert all(r.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_inflight 2" in r.message for r in refused)
+
+
+def test_a_request_cancelled_before_it_was_sent_never_reaches_the_engine():
+    """The engine applies a frame's aborts before its new requests, so a request and its abort in one frame
+    would run the request to the end for nobody: the pool drops a request cancelled while still unsent."""
+    added: list[str] = []
+
+    class CountingEngine(FakeEngine):
+        def add_request(self, request_id, prompt_token_ids, sampling_params):
+            added.append(request_id)
+            super().add_request(request_id, prompt_token_ids, sampling_params)
+
+    engine = Running(CountingEngine(max_model_len=10_000))
+
+    async def main() -> None:
+        pool = EnginePool(TextServerConfig(model="fake", engines=engine.target, reconnect_min_s=0.05), 100, {99}, [])
+        pool.start()
+        try:
+            for _ in range(200):
+                if pool.ready:
+                    break
+                await asyncio.sleep(0.05)
+            request = engine_pb.NewRequest(prompt_token_ids=[1], sampling_params=engine_pb.SamplingParams(max_tokens=5))
+            (await pool.submit(request, None)).close()  # cancelled before the writer ran
+            kept = await pool.submit(engine_pb.NewRequest(prompt_token_ids=[1], sampling_params=engine_pb.SamplingParams(
+                max_tokens=5)), None)
+            async for update in kept:  # the stream still works, and its frames went out
+                if update.finish_reason:
+                    break
+        finally:
+            await pool.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        assert engine.stop() == 0
+    from_pool = [a for a in added if not a.startswith("canary")]  # the engine's own start-up canary aside
+    assert len(from_pool) == 1, added  # only the second request reached the engine
