@@ -14,6 +14,7 @@ import grpc
 
 from clients.text_client import TextClient
 from clients.tls import ClientTls, add_tls_arguments, tls_from_arguments
+from protos.llmserve.text.v1 import text_pb2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     if args.usage and last is not None:
         u = last.usage
-        print(f"[finish={last.finish_reason} prompt_tokens={u.prompt_tokens} completion_tokens="
+        finish = text_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_")
+        print(f"[finish={finish} prompt_tokens={u.prompt_tokens} completion_tokens="
               f"{u.completion_tokens} cached_tokens={u.cached_tokens}]", file=sys.stderr)
     return 0
 

@@ -26,15 +26,16 @@ def sampling_params(**kwargs: object) -> pb.SamplingParams:
 
 def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, str]] | None = None, *,
                      prompt_token_ids: Iterable[int] | None = None,
-                     request_id: str = "", stop: Iterable[str] = (), skip_special_tokens: bool | None = None,
+                     request_id: str = "", stop: str | Iterable[str] = (), skip_special_tokens: bool | None = None,
                      include_stop_str_in_output: bool = False, deadline_ms: int | None = None,
                      **sampling: object) -> pb.GenerateRequest:
     """A GenerateRequest from a prompt, chat messages ({"role": ..., "content": ...}) or token ids, and sampling
-    kwargs."""
+    kwargs. `stop` is one stop string or several."""
     if sum(x is not None for x in (prompt, messages, prompt_token_ids)) != 1:
         raise ValueError("give exactly one of prompt, messages and prompt_token_ids")
     request = pb.GenerateRequest(request_id=request_id, sampling_params=sampling_params(**sampling),
-                                 stop=list(stop), include_stop_str_in_output=include_stop_str_in_output)
+                                 stop=[stop] if isinstance(stop, str) else list(stop),
+                                 include_stop_str_in_output=include_stop_str_in_output)
     if prompt is not None:
         request.prompt = prompt
     elif prompt_token_ids is not None:

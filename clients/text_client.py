@@ -13,6 +13,7 @@ services log it on the request's line (docs/OBSERVABILITY.md), and the service g
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 
 import grpc
@@ -60,8 +61,12 @@ class _GenerateCalls:
     timeout: float | None
 
     def _stream(self, request: pb.GenerateRequest, request_id: str | None):
+        timeout = self.timeout
+        if request.deadline_ms:  # Generate's deadline is the call's own; the field is for GenerateMulti
+            timeout = min(request.deadline_ms / 1000, timeout if timeout is not None else float("inf"))
+            request.ClearField("deadline_ms")
         return self._stream_type(
-            self._stub.Generate(request, timeout=self.timeout, metadata=request_metadata(request_id))
+            self._stub.Generate(request, timeout=timeout, metadata=request_metadata(request_id))
         )
 
     def generate(self, prompt: str, *, request_id: str | None = None, **kwargs: object):
@@ -127,11 +132,27 @@ class AsyncCompletionStream:
 
     def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
         self._call = call
+        self._cancelled = False
 
     def __aiter__(self) -> AsyncIterator[pb.GenerateResponse]:
-        return self._call.__aiter__()
+        return self
+
+    async def __anext__(self) -> pb.GenerateResponse:
+        try:
+            response = await self._call.read()
+        except asyncio.CancelledError:
+            if not self._cancelled:
+                raise  # the caller's own task was cancelled: that must propagate
+            response = None
+        if self._cancelled:  # as the blocking stream does: a cancelled call raises RpcError(CANCELLED)
+            raise grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       "the stream was cancelled by cancel()")
+        if response is grpc.aio.EOF:
+            raise StopAsyncIteration
+        return response
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._call.cancel()
 
     async def text(self) -> str:

@@ -1,0 +1,92 @@
+"""Client-library regressions (found by an audit), against the tokenizer service over a fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from clients.requests import generate_request
+from clients.text_client import AsyncTextClient, TextClient
+from tests.unit.test_text_service_regressions import TextServer, demo_engine, wait_ready
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def service(demo_model_dir, demo_tokenizer):
+    engine = demo_engine(demo_model_dir, demo_tokenizer)
+    server = TextServer(demo_model_dir, engines=engine.target)
+    with grpc.insecure_channel(server.target) as channel:
+        from protos.llmserve.text.v1 import text_pb2_grpc
+
+        wait_ready(text_pb2_grpc.TextGenerationStub(channel))
+    yield server.target
+    server.stop()
+    assert engine.stop() == 0
+
+
+def test_one_stop_string_is_one_stop_string():
+    assert list(generate_request("x", stop="END").stop) == ["END"]  # not ['E', 'N', 'D']
+    assert list(generate_request("x", stop=["a", "b"]).stop) == ["a", "b"]
+
+
+def test_deadline_ms_on_generate_is_the_calls_deadline(service):
+    """The field is GenerateMulti's; on Generate it was silently dropped and the request ran to its end."""
+    with TextClient(service, timeout=10) as client:
+        started = time.monotonic()
+        stream = client.generate("hi", max_tokens=100_000, ignore_eos=True, deadline_ms=300)
+        with pytest.raises(grpc.RpcError) as info:
+            stream.text()
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 5, "the client's own 10 s timeout ended it, not deadline_ms"
+
+
+def test_async_stream_is_an_async_iterator_and_cancel_raises_rpc_error(service):
+    async def main() -> tuple[str, object]:
+        async with AsyncTextClient(service, timeout=30) as client:
+            stream = client.generate("hi", max_tokens=100_000, ignore_eos=True)
+            first = await anext(stream)  # was: TypeError, not an async iterator
+            stream.cancel()
+            try:
+                await anext(stream)
+                outcome: object = "no error"
+            except grpc.RpcError as exc:  # was: asyncio.CancelledError, which looks like the caller's own
+                outcome = exc.code()
+            done = await client.generate("hi", max_tokens=3).text()  # the client still works
+            return first.text + done, outcome
+
+    text, outcome = asyncio.run(main())
+    assert text and outcome == grpc.StatusCode.CANCELLED
+
+
+def test_a_cancelled_caller_task_still_propagates(service):
+    """Only cancel() turns into RpcError(CANCELLED); cancelling the task that reads must still cancel it."""
+    async def main() -> bool:
+        async with AsyncTextClient(service, timeout=30) as client:
+            stream = client.generate("hi", max_tokens=100_000, ignore_eos=True)
+
+            async def read_all() -> None:
+                async for _ in stream:
+                    pass
+
+            reader = asyncio.create_task(read_all())
+            await asyncio.sleep(0.2)
+            reader.cancel()
+            try:
+                await reader
+            except asyncio.CancelledError:
+                return True
+            return False
+
+    assert asyncio.run(main())
+
+
+def test_cli_usage_names_the_finish_reason(service, capsys):
+    from clients.cli import main
+
+    assert main(["hi", "--target", service, "--max-tokens", "3", "--usage"]) == 0
+    err = capsys.readouterr().err
+    assert "[finish=LENGTH prompt_tokens=" in err and "completion_tokens=3" in err, err
