@@ -55,7 +55,17 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         for wake in self._multi_wakes:
             wake.set()
 
-    async def _admit(self, request: pb.GenerateRequest) -> PreparedRequest:
+    async def _admit(self, request: pb.GenerateRequest, trace: RequestTrace) -> PreparedRequest:
+        """Validate and tokenize a new request, or refuse it (RequestFailed), which counts and logs it as an error:
+        overload and bad input are what an operator most needs to see."""
+        try:
+            return await self._prepare(request)
+        except RequestFailed as exc:
+            trace.finish_reason, trace.error = "error", f"{exc.code.name}: {exc.message}"
+            self.metrics.finish(trace)
+            raise
+
+    async def _prepare(self, request: pb.GenerateRequest) -> PreparedRequest:
         """Refuse (RequestFailed) or validate and tokenize a new request.
 
         A large input is tokenized on a worker thread, so that one big prompt does not stall every other
@@ -164,7 +174,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         trace = RequestTrace(request_id_from(context.invocation_metadata(), request.request_id))
         context.set_trailing_metadata(((REQUEST_ID_HEADER, trace.request_id),))
         try:
-            prep = await self._admit(request)
+            prep = await self._admit(request, trace)
             async for response in self._generate(prep, context.time_remaining(), trace):
                 yield response
         except RequestFailed as exc:
@@ -174,7 +184,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
 
     async def GenerateMulti(self, request_iterator, context):
         out: asyncio.Queue[pb.GenerateResponse] = asyncio.Queue(maxsize=1024)  # bounded: backpressure per request
-        tasks: dict[str, asyncio.Task] = {}
+        tasks: dict[str, tuple[asyncio.Task, RequestTrace]] = {}  # live requests by the client's id
         wake = asyncio.Event()
         input_done = False
         call_id = request_id_from(context.invocation_metadata(), uuid.uuid4().hex[:16])
@@ -183,10 +193,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             await out.put(response)  # waits while the queue is full: backpressure
             wake.set()
 
-        async def run_one(rid: str, request: pb.GenerateRequest) -> None:
+        async def run_one(rid: str, request: pb.GenerateRequest, trace: RequestTrace) -> None:
             try:
-                trace = RequestTrace(f"{call_id}/{rid}")
-                prep = await self._admit(request)
+                prep = await self._admit(request, trace)
                 timeout = request.deadline_ms / 1000 if request.deadline_ms else None
                 async for response in self._generate(prep, timeout, trace):
                     response.request_id = rid
@@ -199,7 +208,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 await emit(pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_REASON_ERROR, status=pb.Status(
                     code=grpc.StatusCode.INTERNAL.value[0], message=f"internal error: {type(exc).__name__}: {exc}")))
             finally:
-                if tasks.get(rid) is asyncio.current_task():  # an aborted id may already run a new request
+                if tasks.get(rid, (None,))[0] is asyncio.current_task():  # an aborted id may run a new request
                     del tasks[rid]
                 wake.set()
 
@@ -215,10 +224,12 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             await emit(pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_REASON_ERROR,
                                                               status=status))
                         else:
-                            tasks[rid] = asyncio.create_task(run_one(rid, frame.generate))
+                            trace = RequestTrace(f"{call_id}/{rid}")
+                            tasks[rid] = (asyncio.create_task(run_one(rid, frame.generate, trace)), trace)
                     elif frame.WhichOneof("kind") == "abort_request_id":
-                        task = tasks.pop(frame.abort_request_id, None)
+                        task, trace = tasks.pop(frame.abort_request_id, (None, None))
                         if task is not None:
+                            trace.finish_reason = "abort"  # logged and counted as the client asked, not "cancelled"
                             task.cancel()  # its finally aborts the engine request
                             await emit(pb.GenerateResponse(request_id=frame.abort_request_id,
                                                               finish_reason=pb.FINISH_REASON_ABORT))
@@ -242,7 +253,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                     await wake.wait()
         finally:
             reader.cancel()
-            for task in list(tasks.values()):
+            for task, _ in list(tasks.values()):
                 task.cancel()
             self._multi_wakes.discard(wake)
             self.num_calls -= 1

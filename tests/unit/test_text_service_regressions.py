@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import types
 
@@ -19,6 +20,7 @@ from tests.fake_engine import FakeEngine
 from tests.unit.test_engine_service_fake import Running
 from tokenizer_service.config import TextServerConfig
 from tokenizer_service.engine_pool import EngineConnection, EnginePool, RequestFailed, _Outbox
+from tokenizer_service.metrics import RequestTrace
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -29,8 +31,8 @@ class TextServer:
     def __init__(self, model_dir, engines: str, **overrides: object) -> None:
         from tokenizer_service.server import serve
 
-        self.config = TextServerConfig(model=str(model_dir), host="127.0.0.1", port=0, metrics_port=0, grace_s=1,
-                                       engines=engines, reconnect_min_s=0.05, reconnect_max_s=0.2, **overrides)
+        settings = {"metrics_port": 0, "grace_s": 1, "reconnect_min_s": 0.05, "reconnect_max_s": 0.2, **overrides}
+        self.config = TextServerConfig(model=str(model_dir), host="127.0.0.1", port=0, engines=engines, **settings)
         self.loop = asyncio.new_event_loop()
         self.stop_event = asyncio.Event()
         ready = threading.Event()
@@ -229,7 +231,8 @@ def test_prompts_being_tokenized_count_against_max_inflight(demo_tokenizer, monk
     async def main() -> list[object]:
         servicer = servicer_module.TextServicer(demo_tokenizer, _SlowToCancelPool(), "demo", len(demo_tokenizer),
                                                 {0}, {}, max_inflight=2)
-        results = await asyncio.gather(*(servicer._admit(big) for _ in range(5)), return_exceptions=True)
+        results = await asyncio.gather(*(servicer._admit(big, RequestTrace(str(i))) for i in range(5)),
+                                       return_exceptions=True)
         assert servicer.admitting == 0
         return results
 
@@ -275,3 +278,65 @@ def test_a_request_cancelled_before_it_was_sent_never_reaches_the_engine():
         assert engine.stop() == 0
     from_pool = [a for a in added if not a.startswith("canary")]  # the engine's own start-up canary aside
     assert len(from_pool) == 1, added  # only the second request reached the engine
+
+
+def scrape(port: int, name: str) -> dict[str, float]:
+    """A counter's samples by finished_reason, from the service's /metrics."""
+    import re
+    import urllib.request
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    pattern = rf'^{re.escape(name)}_total{{.*finished_reason="(\w+)".*}} ([0-9.e+]+)$'
+    return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, body, re.M)}
+
+
+def ours(records: list[logging.LogRecord]) -> list[logging.LogRecord]:
+    """The tokenizer service's request lines (the in-process fake engine logs to the same logger)."""
+    return [r for r in records if "engine_request_id" not in r.fields]
+
+
+def test_refusals_and_multi_aborts_are_logged_and_counted_as_such(demo_model_dir, demo_tokenizer, caplog):
+    """A request refused before generation (bad input, full queue, draining) got no log line and no count, and
+    a GenerateMulti abort was recorded as "cancelled"."""
+    from tests.e2e.conftest import free_port
+
+    engine = demo_engine(demo_model_dir, demo_tokenizer)
+    metrics_port = free_port()
+    server = TextServer(demo_model_dir, engines=engine.target, metrics_port=metrics_port)
+    try:
+        with caplog.at_level(logging.INFO, logger="llmserve.request"), grpc.insecure_channel(server.target) as ch:
+            stub = pb_grpc.TextGenerationStub(ch)
+            wait_ready(stub)
+            before = scrape(metrics_port, "llmserve:text_requests")
+            caplog.clear()
+            bad = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[10**6]))  # out of the vocabulary
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Generate(bad, timeout=10))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            started = threading.Event()
+
+            def frames():
+                yield pb.MultiRequest(generate=pb.GenerateRequest(
+                    request_id="a", prompt="hi", sampling_params=pb.SamplingParams(max_tokens=100_000, ignore_eos=True)))
+                started.wait(10)
+                yield pb.MultiRequest(abort_request_id="a")
+
+            finishes = []
+            for response in stub.GenerateMulti(frames(), timeout=20):
+                started.set()
+                if response.finish_reason:
+                    finishes.append(response.finish_reason)
+            assert finishes == [pb.FINISH_REASON_ABORT]
+            for _ in range(100):  # the aborted task's log line comes once its cancellation has unwound
+                if len(ours(caplog.records)) >= 2:
+                    break
+                threading.Event().wait(0.05)
+            after = scrape(metrics_port, "llmserve:text_requests")
+    finally:
+        server.stop()
+        assert engine.stop() == 0
+    lines = {r.fields["finish_reason"]: r.fields for r in ours(caplog.records)}
+    assert set(lines) == {"error", "abort"}, [r.fields for r in ours(caplog.records)]
+    assert lines["error"]["error"].startswith("INVALID_ARGUMENT:") and lines["abort"]["request_id"].endswith("/a")
+    assert {k: after.get(k, 0) - before.get(k, 0) for k in ("error", "abort", "cancelled")} == \
+        {"error": 1, "abort": 1, "cancelled": 0}
