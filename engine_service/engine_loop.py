@@ -49,6 +49,7 @@ class _Add:
 @dataclass(slots=True)
 class _Abort:
     request_id: str
+    error: str | None = None  # why the service ended it (a deadline, a slow reader); None: the client asked
 
 
 _STOP = object()
@@ -107,11 +108,12 @@ class EngineLoop:
         self._sinks[request_id] = sink
         self._commands.put(_Add(request_id, prompt_token_ids, params, trace_id, time.monotonic()))
 
-    def abort(self, request_id: str) -> bool:
-        """Forget the request now and free its KV blocks on the engine thread; False if it was not live."""
+    def abort(self, request_id: str, error: str | None = None) -> bool:
+        """Forget the request now and free its KV blocks on the engine thread; False if it was not live.
+        `error` (a deadline passed, a slow reader) makes the request's metrics and log line an error."""
         if self._sinks.pop(request_id, None) is None:
             return False
-        self._commands.put(_Abort(request_id))
+        self._commands.put(_Abort(request_id, error))
         return True
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -235,9 +237,13 @@ class EngineLoop:
                     self._engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params)
                 except ValueError as exc:
                     rejected.append((cmd.request_id, str(exc)))
+                    if self.metrics is not None and cmd.trace_id is not None:
+                        self.metrics.refused(cmd.trace_id, f"INVALID_ARGUMENT: {exc}")
                     continue
                 if self.metrics is not None and cmd.trace_id is not None:
                     self.metrics.on_add(cmd.request_id, cmd.trace_id, cmd.arrival)
             elif isinstance(cmd, _Abort):
+                if cmd.error is not None and self.metrics is not None:
+                    self.metrics.mark_failed(cmd.request_id, cmd.error)  # before the abort output comes back
                 self._engine.abort_request(cmd.request_id)
         return rejected

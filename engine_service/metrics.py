@@ -73,6 +73,7 @@ class _Request:
     first_token: float = 0.0
     last_token: float = 0.0
     num_tokens: int = 0
+    error: str = ""  # set when the service ended it for a reason of its own (it then finishes as an error)
 
 
 class EngineMetrics:
@@ -130,7 +131,8 @@ class EngineMetrics:
                 req.num_tokens += n
             if out.finish_reason is not None:
                 del live[out.request_id]
-                done.append((req, out))
+                reason = FINISH_ERROR if req.error and out.finish_reason == FINISH_ABORT else out.finish_reason
+                done.append((req, out, reason))
         with self._lock:
             self.generation_tokens += generated
             self.prompt_tokens += prompt
@@ -138,11 +140,11 @@ class EngineMetrics:
                 self.ttft.observe(value)
             for gap, n in gaps.items():
                 self.itl.observe(gap, n)
-            for req, out in done:
-                self._finish(req, out.finish_reason, ended)
+            for req, _, reason in done:
+                self._finish(req, reason, ended)
         if self._log_requests:
-            for req, out in done:
-                self._log(out.request_id, req, out, ended)
+            for req, out, reason in done:
+                self._log(out.request_id, req, out, reason, ended)
 
     def _mark_scheduled(self, engine: Any, started: float) -> None:
         """Stamp requests the scheduler admitted this step: they sit at the tail of its running list."""
@@ -169,16 +171,33 @@ class EngineMetrics:
             self.decode.observe(now - req.first_token)
 
     @staticmethod
-    def _log(request_id: str, req: _Request, out: StepOutput, now: float) -> None:
+    def _log(request_id: str, req: _Request, out: StepOutput, reason: str, now: float) -> None:
+        error = req.error or out.error
         request_log.info("request finished", extra={"fields": {
             "request_id": req.trace_id, "engine_request_id": request_id,
             "prompt_tokens": out.num_prompt_tokens, "completion_tokens": req.num_tokens,
             "cached_tokens": out.num_cached_tokens,
             "queue_s": round(req.scheduled - req.arrival, 6) if req.num_tokens else None,
             "ttft_s": round(req.first_token - req.arrival, 6) if req.num_tokens else None,
-            "total_s": round(now - req.arrival, 6), "finish_reason": out.finish_reason,
-            **({"error": out.error} if out.error else {}),
+            "total_s": round(now - req.arrival, 6), "finish_reason": reason,
+            **({"error": error} if error else {}),
         }})
+
+    def mark_failed(self, request_id: str, error: str) -> None:
+        """The service is aborting this request for a reason of its own (a deadline passed, a slow reader):
+        when its abort comes back, count and log it as an error with this message."""
+        req = self._live.get(request_id)
+        if req is not None:
+            req.error = error
+
+    def refused(self, trace_id: str, error: str) -> None:
+        """A request refused before it reached the engine (or by it): counted and logged as an error. Any thread."""
+        with self._lock:
+            self.finished[FINISH_ERROR] += 1
+        if self._log_requests:
+            request_log.info("request finished", extra={"fields": {
+                "request_id": trace_id, "prompt_tokens": 0, "completion_tokens": 0, "finish_reason": FINISH_ERROR,
+                "error": error}})
 
     def forget(self, request_id: str) -> None:
         """The engine refused a request after on_add (it never ran)."""

@@ -87,32 +87,40 @@ class EngineServicer(pb_grpc.EngineServicer):
     def _start(self, stream: OutputStream, prefix: str, req: pb.NewRequest, timeout_s: float | None) -> None:
         """Admit one request into the engine, or put its refusal on the stream."""
         cid = req.request_id
+        trace_id = req.trace_id or prefix + cid
         try:
             check_request_id(cid)
             if cid in stream.live:
                 raise ValueError(f"request_id {cid!r} is already live on this stream")
             refusal = self._refusal()
             if refusal is not None:
-                stream.reject(cid, *refusal)
+                self._refuse(stream, cid, trace_id, *refusal)
                 return
             prompt = list(req.prompt_token_ids)
             check_prompt(prompt, self.model_info["vocab_size"], self.model_info["max_model_len"])
             params = sampling_params_from_proto(req.sampling_params, self.generation_defaults)
         except ValueError as exc:
-            stream.reject(cid, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            self._refuse(stream, cid, trace_id, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
         engine_id = f"{prefix}{next(self._admissions)}:{cid}"
         try:
-            self.loop.add(engine_id, prompt, params, RequestSink(stream, cid), trace_id=req.trace_id or prefix + cid)
+            self.loop.add(engine_id, prompt, params, RequestSink(stream, cid), trace_id=trace_id)
         except EngineUnavailable as exc:
-            stream.reject(cid, grpc.StatusCode.UNAVAILABLE, f"the engine has failed: {exc}")
+            self._refuse(stream, cid, trace_id, grpc.StatusCode.UNAVAILABLE, f"the engine has failed: {exc}")
             return
         stream.register(cid, engine_id, timeout_s)
 
+    def _refuse(self, stream: OutputStream, cid: str, trace_id: str, code: grpc.StatusCode, message: str) -> None:
+        """Put a refusal on the stream, and count and log it as an error (overload and bad input must show)."""
+        stream.reject(cid, code, message)
+        metrics = self.loop.metrics if self.loop is not None else None
+        if metrics is not None:
+            metrics.refused(trace_id, f"{code.name}: {message}")
+
     def _new_stream(self) -> OutputStream:
-        def abort_in_engine(engine_id: str) -> None:
+        def abort_in_engine(engine_id: str, error: str | None = None) -> None:
             if self.loop is not None:
-                self.loop.abort(engine_id)
+                self.loop.abort(engine_id, error)
 
         stream = OutputStream(abort_in_engine, self._max_buffered)
         self._streams.add(stream)

@@ -42,8 +42,9 @@ class RequestSink:
 class OutputStream:
     """Live requests of one call (keyed by the client's id) and their not-yet-sent updates."""
 
-    def __init__(self, abort_in_engine: Callable[[str], None], max_buffered_tokens: int) -> None:
-        self._abort_in_engine = abort_in_engine  # called with the engine's request id
+    def __init__(self, abort_in_engine: Callable[..., None], max_buffered_tokens: int) -> None:
+        # Called with the engine's request id, and an error message when the service (not the client) ends it.
+        self._abort_in_engine = abort_in_engine
         self._max_buffered = max_buffered_tokens
         # client id -> (the engine's request id, deadline timer). The engine id is unique per admission, so a
         # client id reused right after an abort can never receive the old request's outputs.
@@ -118,7 +119,7 @@ class OutputStream:
             return
         engine_id = self._finish(client_id)
         if abort:
-            self._abort_in_engine(engine_id)
+            self._abort_in_engine(engine_id, f"{code.name}: {message}")
         self._set_error(client_id, code, message)
 
     def abort(self, client_id: str) -> bool:

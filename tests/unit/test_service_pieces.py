@@ -67,8 +67,8 @@ def test_prompt_rules(prompt, needle):
 
 def test_output_stream_coalesces_a_step_and_bounds_each_request():
     async def main():
-        aborted: list[str] = []
-        stream = OutputStream(aborted.append, max_buffered_tokens=3)
+        aborted: list[tuple[str, str | None]] = []
+        stream = OutputStream(lambda engine_id, error=None: aborted.append((engine_id, error)), max_buffered_tokens=3)
         stream.register("a", "s1:1:a", None)
         stream.register("b", "s1:2:b", None)
         stream.on_output("a", StepOutput("x", [1]))
@@ -79,7 +79,9 @@ def test_output_stream_coalesces_a_step_and_bounds_each_request():
         for t in range(4):  # the client does not read: "a" overflows its buffer and is failed + aborted
             stream.on_output("a", StepOutput("x", [t]))
         [failed] = stream.take()
-        assert failed.status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and aborted == ["s1:1:a"]
+        assert failed.status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        [(engine_id, error)] = aborted  # the engine is told why, for the request's metrics and log line
+        assert engine_id == "s1:1:a" and error.startswith("RESOURCE_EXHAUSTED: the client read too slowly")
         stream.input_done = True
         assert stream.done(draining=False)
 

@@ -4,6 +4,7 @@ as pool targets, the watchdog, deadlines across retries, and DNS addresses that 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -329,3 +330,53 @@ def test_address_back_in_dns_takes_requests_again():
         asyncio.run(main())
     finally:
         assert running.stop() == 0
+
+
+def test_engine_counts_deadlines_and_refusals_as_errors(caplog):
+    """A request the service ended (deadline passed) was logged and counted as "abort", and one refused before
+    the engine (bad input) was neither logged nor counted; a client's own abort stays "abort"."""
+    from tests.e2e.conftest import free_port
+    from tests.unit.test_text_service_regressions import scrape
+
+    port = free_port()
+    running = Running(FakeEngine(max_model_len=10_000_000, step_s=0.01), metrics_port=port)
+    try:
+        with EngineClient(running.target, timeout=20) as client:
+            wait_serving(client)
+            before = scrape(port, "llmserve:request_success")
+            with caplog.at_level(logging.INFO, logger="llmserve.request"):
+                frames = [pb.ClientFrame(requests=[
+                    pb.NewRequest(request_id="d", prompt_token_ids=[1], deadline_ms=100, trace_id="deadline",
+                                  sampling_params=pb.SamplingParams(max_tokens=1_000_000, ignore_eos=True)),
+                    pb.NewRequest(request_id="b", prompt_token_ids=[1], trace_id="bad",
+                                  sampling_params=pb.SamplingParams(max_tokens=-1)),
+                    pb.NewRequest(request_id="a", prompt_token_ids=[1], trace_id="aborted",
+                                  sampling_params=pb.SamplingParams(max_tokens=1_000_000, ignore_eos=True))])]
+
+                def stream():
+                    yield from frames
+                    threading.Event().wait(0.5)  # the deadline passes meanwhile
+                    yield pb.ClientFrame(abort_request_ids=["a"])
+
+                ended = {}
+                for frame in client.stub.Generate(stream(), timeout=20):
+                    for u in frame.updates:
+                        if u.finish_reason:
+                            ended[u.request_id] = (u.finish_reason, u.status.code)
+                    if len(ended) == 3:
+                        break
+                for _ in range(100):  # the consumer thread logs once the abort outputs are back
+                    if {"deadline", "aborted"} <= {r.fields["request_id"] for r in caplog.records}:
+                        break
+                    threading.Event().wait(0.05)
+            after = scrape(port, "llmserve:request_success")
+    finally:
+        assert running.stop() == 0
+    assert ended == {"d": (pb.FINISH_REASON_ERROR, grpc.StatusCode.DEADLINE_EXCEEDED.value[0]),
+                     "b": (pb.FINISH_REASON_ERROR, grpc.StatusCode.INVALID_ARGUMENT.value[0]),
+                     "a": (pb.FINISH_REASON_ABORT, 0)}
+    lines = {r.fields["request_id"]: r.fields for r in caplog.records}
+    assert lines["deadline"]["finish_reason"] == "error" and lines["deadline"]["error"].startswith("DEADLINE_EXCEEDED")
+    assert lines["bad"]["finish_reason"] == "error" and lines["bad"]["error"].startswith("INVALID_ARGUMENT")
+    assert lines["aborted"]["finish_reason"] == "abort" and "error" not in lines["aborted"]
+    assert {k: after.get(k, 0) - before.get(k, 0) for k in ("error", "abort")} == {"error": 2, "abort": 1}
