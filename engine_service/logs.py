@@ -40,8 +40,15 @@ class TextFormatter(logging.Formatter):
         line = super().format(record)
         fields = getattr(record, "fields", None)
         if fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+            line += " " + " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
         return line
+
+
+def _text_value(value: object) -> str:
+    """A field's value for a key=value line: bare, or JSON-quoted when it would break the line apart (spaces,
+    '=', quotes, newlines, as in an error message or a client's request id)."""
+    text = str(value)
+    return json.dumps(text) if not text or any(c in text for c in ' ="\n\t\r') else text
 
 
 def configure_logging(level: str, fmt: str) -> None:

@@ -166,3 +166,22 @@ def test_engine_service_logs_the_request_id_from_metadata_or_frame(caplog):
         server.stop()
     lines = {r.fields["request_id"]: r.fields for r in caplog.records if r.name == "llmserve.request"}
     assert lines["from-metadata"]["completion_tokens"] == 3 and lines["from-frame"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("module", ["engine_service.logs", "tokenizer_service.logs"])
+def test_text_log_lines_survive_values_with_spaces_quotes_and_newlines(module):
+    """key=value fields were written bare: an error message with spaces or a newline (a CUDA error), or a
+    client's request id such as 'a finish_reason=stop', split or forged fields."""
+    import importlib
+    import re
+
+    formatter = importlib.import_module(module).TextFormatter()
+    fields = {"request_id": "a finish_reason=stop", "completion_tokens": 3, "ttft_s": None, "finish_reason": "error",
+              "error": 'INTERNAL: CUDA error:\nan illegal "memory" access', "empty": ""}
+    record = logging.LogRecord("llmserve.request", logging.INFO, __file__, 1, "request finished", None, None)
+    record.fields = fields
+    line = formatter.format(record)
+    assert "\n" not in line
+    parsed = {k: json.loads(v) if v.startswith('"') else v
+              for k, v in re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)', line.split("request finished", 1)[1])}
+    assert parsed == {k: str(v) for k, v in fields.items()}
