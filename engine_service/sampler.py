@@ -111,8 +111,10 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     """
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    rank = torch.arange(vocab, device=logits.device)[None, :]
-    drop = rank >= top_k
+    # Top-k by value, not by rank: every token tied with the k-th largest logit stays, as in transformers
+    # (a rank cut would keep an arbitrary few of the tied tokens; bf16 logits tie often).
+    kth = sorted_logits.gather(1, top_k.long().clamp(1, vocab) - 1)
+    drop = sorted_logits < kth
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     # Keep a token if the mass before it is below top_p; the first token is always kept.
     mass_before = torch.cumsum(probs, dim=-1) - probs

@@ -95,3 +95,18 @@ def test_seed_out_of_range_names_the_field():
         SamplingParams(seed=2**64)
     with pytest.raises(ValueError, match="seed"):
         SamplingParams(seed=-1)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 4, 5])
+def test_top_k_keeps_every_token_tied_with_the_kth_as_transformers_does(top_k):
+    """A rank cut kept an arbitrary few of the tokens tied with the k-th largest logit (and torch.sort is not
+    stable, so which ones was not even defined); transformers' TopKLogitsWarper keeps them all."""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    from engine_service.sampler import _top_k_top_p
+
+    logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 0.0, -1.0], [0.5, 1.0, 1.0, -2.0, 1.0, 0.5]])
+    ours = _top_k_top_p(logits.clone(), torch.full((2, 1), float(top_k)), torch.ones(2, 1))
+    theirs = TopKLogitsWarper(top_k)(torch.zeros(2, 1, dtype=torch.long), logits.clone())
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs)), (ours, theirs)
+    assert torch.equal(ours[torch.isfinite(ours)], logits[torch.isfinite(theirs)])  # kept logits unchanged
