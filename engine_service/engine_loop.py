@@ -148,6 +148,8 @@ class EngineLoop:
             return  # already failed (the watchdog, then the stuck step raising, say): report it once
         self.failure = message
         sinks, self._sinks = self._sinks, {}
+        # They get no request line of their own (the metrics belong to the stuck or dead consumer thread).
+        log.error("engine failure: failing %d in-flight requests with INTERNAL: %s", len(sinks), message)
         for sink in sinks.values():
             sink.on_failure(False, f"engine failure: {message}")
         self._on_fatal(message)

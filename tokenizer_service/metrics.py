@@ -50,6 +50,7 @@ class RequestTrace:
     finish_reason: str = "cancelled"  # until a finish or an error says otherwise
     error: str = ""
     engine: str = ""
+    logged: bool = False  # finish() ran: a request is counted and logged once
 
 
 class TextMetrics:
@@ -85,7 +86,10 @@ class TextMetrics:
         self.engines.set_function(engines)
 
     def finish(self, trace: RequestTrace) -> None:
-        """Account a finished request and write its log line."""
+        """Account a finished request and write its log line (once per trace)."""
+        if trace.logged:
+            return
+        trace.logged = True
         now = time.monotonic()
         self.detokenize_time.observe(trace.detokenize_s)
         self._finished.labels(model_name=self._model, finished_reason=trace.finish_reason).inc()

@@ -225,7 +225,11 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                                                               status=status))
                         else:
                             trace = RequestTrace(f"{call_id}/{rid}")
-                            tasks[rid] = (asyncio.create_task(run_one(rid, frame.generate, trace)), trace)
+                            task = asyncio.create_task(run_one(rid, frame.generate, trace))
+                            # An abort in the same loop turn cancels the task before it runs: it still gets
+                            # its line and count (finish() is once per trace).
+                            task.add_done_callback(lambda _, t=trace: self.metrics.finish(t))
+                            tasks[rid] = (task, trace)
                     elif frame.WhichOneof("kind") == "abort_request_id":
                         task, trace = tasks.pop(frame.abort_request_id, (None, None))
                         if task is not None:

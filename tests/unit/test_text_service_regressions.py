@@ -340,3 +340,27 @@ def test_refusals_and_multi_aborts_are_logged_and_counted_as_such(demo_model_dir
     assert lines["error"]["error"].startswith("INVALID_ARGUMENT:") and lines["abort"]["request_id"].endswith("/a")
     assert {k: after.get(k, 0) - before.get(k, 0) for k in ("error", "abort", "cancelled")} == \
         {"error": 1, "abort": 1, "cancelled": 0}
+
+
+def test_a_multi_request_aborted_before_its_task_ran_is_still_logged(demo_tokenizer, caplog):
+    """An abort in the same loop turn as its request cancelled the request's task before it ran, so no code of
+    its own ever logged or counted it."""
+    from tokenizer_service.servicer import TextServicer
+
+    async def main() -> list[tuple[str, str]]:
+        servicer = TextServicer(demo_tokenizer, _SlowToCancelPool(), "demo", len(demo_tokenizer), {0}, {}, 100)
+        frames = [pb.MultiRequest(generate=pb.GenerateRequest(request_id="a", prompt="hi")),
+                  pb.MultiRequest(abort_request_id="a")]
+
+        async def requests():
+            for frame in frames:  # both frames in one loop turn: the task for "a" never gets to run
+                yield frame
+
+        context = types.SimpleNamespace(invocation_metadata=lambda: ())
+        return [(r.request_id, pb.FinishReason.Name(r.finish_reason))
+                async for r in servicer.GenerateMulti(requests(), context)]
+
+    with caplog.at_level(logging.INFO, logger="llmserve.request"):
+        assert asyncio.run(main()) == [("a", "FINISH_REASON_ABORT")]
+    lines = [r.fields for r in caplog.records if r.fields["request_id"].endswith("/a")]
+    assert [line["finish_reason"] for line in lines] == ["abort"]  # once, and as an abort
