@@ -10,6 +10,9 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 # On CPU, with no num_kvcache_blocks given, the pool holds enough blocks for max_num_seqs sequences of
 # max_model_len tokens, capped at this many GiB of K and V together.
 DEFAULT_CPU_KVCACHE_GIB = 4.0
+# On GPU, the share of the device's memory the engine may fill: weights, the warm-up's peak activations, and
+# the KV cache in what is left.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
 
 @dataclass(slots=True, frozen=True)
@@ -27,7 +30,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     cpu_kvcache_gib: float = DEFAULT_CPU_KVCACHE_GIB
     enable_prefix_caching: bool = True
     # Overlap scheduling: schedule and launch a decode step while the previous one still computes. None turns

@@ -11,6 +11,7 @@ import os
 from dataclasses import MISSING, dataclass, fields
 
 from clients.tls import ServerTls, server_tls_settings
+from engine_service.config import DEFAULT_CPU_KVCACHE_GIB, DEFAULT_GPU_MEMORY_UTILIZATION
 
 ENV_PREFIX = "ENGINE_"
 MiB = 1 << 20
@@ -34,7 +35,11 @@ class ServerConfig:
     # "auto" (on for CUDA, except in float64) or a boolean: fused Triton kernels for the norms, RoPE and SiLU.
     fused_ops: str = "auto"
     kvcache_block_size: int = 16
-    num_kvcache_blocks: int = 0  # 0: sized by the engine
+    num_kvcache_blocks: int = 0  # 0: sized by the engine, from the two settings below
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # GPU: share of its memory the engine fills
+    cpu_kvcache_gib: float = DEFAULT_CPU_KVCACHE_GIB  # CPU: the KV cache's cap in GiB
+    enable_prefix_caching: bool = True
+    seed: int = 0  # seeds the engine's sampling of requests without a seed of their own, so a run repeats
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
     max_model_len: int = 0  # 0: the model's own
@@ -86,6 +91,10 @@ class ServerConfig:
                      "kvcache_block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not self.cpu_kvcache_gib > 0:
+            raise ValueError(f"cpu_kvcache_gib must be positive, got {self.cpu_kvcache_gib}")
         for name in ("num_kvcache_blocks", "max_model_len", "torch_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (automatic) or positive, got {getattr(self, name)}")
@@ -110,6 +119,8 @@ class ServerConfig:
             num_kvcache_blocks=self.num_kvcache_blocks or None,
             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len or None, tensor_parallel_size=self.tensor_parallel_size,
+            gpu_memory_utilization=self.gpu_memory_utilization, cpu_kvcache_gib=self.cpu_kvcache_gib,
+            enable_prefix_caching=self.enable_prefix_caching, seed=self.seed,
             overlap_scheduling=self.auto_flag("overlap_scheduling"), fused_ops=self.auto_flag("fused_ops"),
         )
 

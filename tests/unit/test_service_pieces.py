@@ -141,3 +141,26 @@ def test_engine_dns_must_be_name_and_port_and_exclude_engines(env, needle):
         parse_text_config(["--model", "/m"], env)
     assert "engine_dns" in str(err.value) and "--engine-dns" in str(err.value)
     assert parse_text_config(["--model", "/m", "--engine-dns", "llm-engine:50051"], {}).engine_dns
+
+
+def test_every_engine_knob_is_a_service_flag_and_reaches_the_engine():
+    """gpu_memory_utilization, cpu_kvcache_gib, enable_prefix_caching and seed were engine knobs the service
+    could not set; every EngineConfig field is a flag now."""
+    import dataclasses
+
+    from engine_service.config import EngineConfig
+    from engine_service.server_config import ServerConfig
+
+    service = {f.name for f in dataclasses.fields(ServerConfig)}
+    engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    assert engine_fields - service == set()
+    cfg = parse_config(["--model", "/m", "--gpu-memory-utilization", "0.5", "--cpu-kvcache-gib", "1.5",
+                        "--enable-prefix-caching", "false"], {})
+    kwargs = cfg.engine_kwargs()
+    assert set(kwargs) == engine_fields - {"model"}  # from_kwargs would drop an unknown keyword silently
+    engine = EngineConfig.from_kwargs("/m", **kwargs)
+    assert (engine.gpu_memory_utilization, engine.cpu_kvcache_gib, engine.enable_prefix_caching) == (0.5, 1.5, False)
+    for flag, value, needle in (("--gpu-memory-utilization", "1.5", "gpu_memory_utilization must be in"),
+                                ("--cpu-kvcache-gib", "0", "cpu_kvcache_gib must be positive")):
+        with pytest.raises(ValueError, match=needle):
+            parse_config(["--model", "/m", flag, value], {})
