@@ -136,6 +136,7 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
         fail_after = os.environ.get(FAIL_AFTER_STEPS_ENV)
         if fail_after:
             loop.fail_at_step = loop.steps + int(fail_after)
+        servicer.started = True
         await health.set_serving(True)
         log.info("engine service SERVING on port %d", port)
         if config.canary_interval_s > 0:

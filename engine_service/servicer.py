@@ -36,6 +36,9 @@ class EngineServicer(pb_grpc.EngineServicer):
         self.model_info: dict[str, Any] = {}
         self.generation_defaults: dict[str, object] = {}
         self.draining = False
+        # Requests are taken only once the start-up canary has passed (serve() sets it with health SERVING), so
+        # that clients that treat an answered GetModelInfo as ready never reach an engine that may yet fail it.
+        self.started = False
         self._max_waiting = max_waiting
         self._max_buffered = max_buffered_tokens
         self._stream_ids = itertools.count(1)
@@ -71,6 +74,8 @@ class EngineServicer(pb_grpc.EngineServicer):
             return "the engine service is draining (shutting down); retry elsewhere"
         if self.loop is None:
             return "the engine service is still loading the model"
+        if not self.started:
+            return "the engine service is still starting (its start-up canary has not passed)"
         return None
 
     def _refusal(self) -> tuple[grpc.StatusCode, str] | None:

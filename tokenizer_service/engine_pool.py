@@ -14,6 +14,7 @@ import itertools
 import logging
 import socket
 import time
+from collections.abc import Collection
 
 import grpc
 
@@ -101,6 +102,9 @@ class EngineConnection:
         self.inflight: dict[str, RequestHandle] = {}
         self.ready = False
         self.retiring = False  # the address left DNS: no new requests, close when idle
+        # The engine refused a request with UNAVAILABLE (draining, failed): its stream stays open while its
+        # requests finish, but it takes no new ones; cleared when the stream is made again.
+        self.refusing = False
         self.info: pb.ModelInfo | None = None
         self._ids = itertools.count()
         self._outbox = _Outbox()  # one per stream attempt, so a dead call's writer can never take new frames
@@ -172,7 +176,7 @@ class EngineConnection:
                     backoff = cfg.reconnect_min_s
                     self._outbox = _Outbox()
                     call = stub.Generate(self._frames(self._outbox, self._pool.max_frame_bytes))
-                    self.info, self.ready = info, True
+                    self.info, self.ready, self.refusing = info, True, False
                     self._pool.changed()
                     log.info("engine %s connected (%s)", self.address, info.model_name)
                     async for frame in call:
@@ -200,6 +204,13 @@ class EngineConnection:
         for handle in handles.values():
             handle.fail(RequestFailed(grpc.StatusCode.UNAVAILABLE, f"lost the engine {self.address}: {reason}",
                                       retryable=not handle.got_tokens))
+
+    def mark_refusing(self) -> None:
+        """The engine refused a request with UNAVAILABLE: send it nothing new until its stream is made again."""
+        if not self.refusing:
+            self.refusing = True
+            log.warning("engine %s refuses new requests (draining or failed); sending them elsewhere", self.address)
+            self._pool.changed()
 
     @property
     def finished(self) -> bool:
@@ -254,14 +265,14 @@ class EnginePool:
 
     @property
     def ready(self) -> list[EngineConnection]:
-        return [c for c in self.conns.values() if c.ready and not c.retiring]
+        return [c for c in self.conns.values() if c.ready and not c.retiring and not c.refusing]
 
     @property
     def max_model_len(self) -> int:
         return min((c.info.max_model_len for c in self.ready if c.info), default=0)
 
     async def submit(self, request: pb.NewRequest, timeout_s: float | None,
-                     avoid: EngineConnection | None = None) -> RequestHandle:
+                     avoid: Collection[EngineConnection] = ()) -> RequestHandle:
         """Send request to the least-loaded ready engine, waiting up to engine_wait_s for one.
 
         timeout_s is what is left of the request's deadline: the request carries what remains of it when sent
@@ -279,7 +290,7 @@ class EnginePool:
         while True:
             ready = self.ready
             if ready:
-                others = [c for c in ready if c is not avoid] or ready
+                others = [c for c in ready if c not in avoid] or ready
                 conn = min(others, key=lambda c: len(c.inflight))
                 if timeout_s is not None:  # capped: "no deadline" sent as a huge value must still fit a uint64
                     left_ms = int((started + timeout_s - time.monotonic()) * 1000)

@@ -104,6 +104,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         text = TextStream(self.tokenizer, prep.stop, prep.skip_special_tokens, prep.include_stop_str_in_output)
         handle: RequestHandle | None = None
         sent_tokens, cached, attempts = False, 0, 0
+        tried: set = set()  # engines this request was sent to: a retry prefers the others
         self.inflight += 1
         try:
             while True:
@@ -117,12 +118,15 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                         raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
                                             f"the request's deadline ({timeout_s:.3f}s) passed after {attempts} "
                                             "attempt(s) on engines that were lost before the first token")
-                handle = await self.pool.submit(request, left, avoid=handle.conn if handle else None)  # sets deadline_ms
+                handle = await self.pool.submit(request, left, avoid=tried)  # sets deadline_ms
+                tried.add(handle.conn)
                 attempts += 1
                 try:
                     async for update in handle:
                         if update.finish_reason == engine_pb.FINISH_REASON_ERROR:
                             code = STATUS_BY_CODE.get(update.status.code, grpc.StatusCode.INTERNAL)
+                            if code == grpc.StatusCode.UNAVAILABLE:  # draining or failed: no new requests there
+                                handle.conn.mark_refusing()
                             raise RequestFailed(code, update.status.message,
                                                 retryable=code == grpc.StatusCode.UNAVAILABLE)
                         cached = update.num_cached_tokens or cached

@@ -180,7 +180,7 @@ def test_pool_sends_nothing_to_a_draining_engine():
                 conn_d, conn_h = pool.conns[draining.target], pool.conns[healthy.target]
                 blocker = pb_grpc.EngineStub(channel).GenerateStream(new("b", [1], **LONG))
                 await blocker.read()  # holds the draining engine in its drain
-                busy = await pool.submit(new("", [1], **LONG), None, avoid=conn_d)
+                busy = await pool.submit(new("", [1], **LONG), None, avoid={conn_d})
                 assert busy.conn is conn_h  # so an idle draining engine would be preferred if it were ready
                 draining.loop.call_soon_threadsafe(draining.stop_event.set)
                 await wait_for(lambda: not conn_d.ready)
@@ -380,3 +380,32 @@ def test_engine_counts_deadlines_and_refusals_as_errors(caplog):
     assert lines["bad"]["finish_reason"] == "error" and lines["bad"]["error"].startswith("INVALID_ARGUMENT")
     assert lines["aborted"]["finish_reason"] == "abort" and "error" not in lines["aborted"]
     assert {k: after.get(k, 0) - before.get(k, 0) for k in ("error", "abort")} == {"error": 2, "abort": 1}
+
+
+def test_engine_takes_no_requests_until_its_start_up_canary_passed():
+    """The loop was attached, and GetModelInfo answered, before the start-up canary ran: a tokenizer that
+    treats an answer as "ready" sent requests to an engine whose health was NOT_SERVING and which could yet
+    fail its canary and exit."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    running = Running(FakeEngine(step_s=0.4))  # the canary's two steps take about a second
+    seen: list[tuple[int, str]] = []
+    try:
+        with EngineClient(running.target, timeout=5) as client:
+            health = health_pb2_grpc.HealthStub(client._channel)
+            while True:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                try:
+                    client.model_info()
+                    answer = "answered"
+                except grpc.RpcError as exc:
+                    answer = exc.details()
+                seen.append((status, answer))
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                threading.Event().wait(0.05)
+    finally:
+        assert running.stop() == 0
+    before = [answer for status, answer in seen[:-1]]
+    assert any("start-up canary has not passed" in a for a in before), seen
+    assert "answered" not in before, seen  # never answered while NOT_SERVING

@@ -364,3 +364,36 @@ def test_a_multi_request_aborted_before_its_task_ran_is_still_logged(demo_tokeni
         assert asyncio.run(main()) == [("a", "FINISH_REASON_ABORT")]
     lines = [r.fields for r in caplog.records if r.fields["request_id"].endswith("/a")]
     assert [line["finish_reason"] for line in lines] == ["abort"]  # once, and as an abort
+
+
+def test_requests_go_around_draining_engines(demo_model_dir, demo_tokenizer):
+    """A draining engine keeps its stream open while its requests finish, so it stayed "ready": new requests
+    were sent to it, refused, and retried only away from the last engine tried. With two of three engines
+    draining, a request bounced between them until its attempts ran out, while the third engine was idle."""
+    from clients.text_client import TextClient
+
+    engines = [demo_engine(demo_model_dir, demo_tokenizer, step_s=0.01) for _ in range(3)]
+    server = TextServer(demo_model_dir, engines=",".join(e.target for e in engines), engine_wait_s=2.0)
+    try:
+        with TextClient(server.target, timeout=30) as client:
+            wait_ready(pb_grpc.TextGenerationStub(client._channel))
+            threading.Event().wait(0.3)  # every engine connected
+            long = [client.generate("hi", max_tokens=100_000, ignore_eos=True) for _ in range(4)]
+            for stream in long:
+                next(iter(stream))  # placed: two on the first engine, one on each of the others
+            for engine in engines[1:]:
+                engine.loop.call_soon_threadsafe(engine.stop_event.set)  # drains, held open by its request
+            threading.Event().wait(0.3)
+            results = []
+            for _ in range(4):
+                try:
+                    results.append(client.generate("hi", max_tokens=2).text() is not None)
+                except grpc.RpcError as exc:
+                    results.append(f"{exc.code().name}: {exc.details()}")
+            for stream in long:
+                stream.cancel()
+    finally:
+        server.stop()
+        for engine in engines:
+            assert engine.stop() == 0
+    assert results == [True] * 4
