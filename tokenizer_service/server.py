@@ -71,7 +71,9 @@ def load_tokenizer(model_dir: str) -> tuple[Any, str, int]:
     config_path = Path(model_dir) / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or len(tokenizer)
-    name = config.get("_name_or_path") or Path(model_dir).resolve().name
+    # The directory's name, as the engine names it: both services' metrics carry the same model_name label
+    # (config.json's _name_or_path is often an uploader's local path, or absent).
+    name = Path(model_dir).resolve().name
     return tokenizer, name, int(vocab)
 
 

@@ -141,6 +141,8 @@ def test_metrics_of_both_services(stack):
     with EngineClient(engine.target, timeout=10) as ec:
         assert model_labels(engine.metrics) == {ec.model_info().model_name}
     assert model_labels(tokenizer.metrics) == {text.model_info().model_name}
+    # ...and it is the same name on both, so dashboards can join the two services' series.
+    assert model_labels(tokenizer.metrics) == model_labels(engine.metrics)
 
 
 def request_lines(log: Path, request_id: str, timeout: float = 10.0) -> list[dict]:

@@ -185,3 +185,18 @@ def test_text_log_lines_survive_values_with_spaces_quotes_and_newlines(module):
     parsed = {k: json.loads(v) if v.startswith('"') else v
               for k, v in re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)', line.split("request finished", 1)[1])}
     assert parsed == {k: str(v) for k, v in fields.items()}
+
+
+def test_tokenizer_names_the_model_as_the_engine_does(demo_model_dir, tmp_path):
+    """The tokenizer service took config.json's _name_or_path (often an uploader's local path) as model_name,
+    the engine the directory's name: the two services' metrics labels did not join."""
+    import shutil
+
+    from tokenizer_service.server import load_tokenizer
+
+    model = tmp_path / "my-finetune"
+    shutil.copytree(demo_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "_name_or_path": "/home/someone/ckpt-3000"}))
+    _, name, _ = load_tokenizer(str(model))
+    assert name == "my-finetune"
