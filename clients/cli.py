@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", default="localhost:50052", help="the tokenizer service's host:port")
     parser.add_argument("--chat", action="store_true", help="send text as a user chat message")
     parser.add_argument("--system", default=None, help="a system message (with --chat)")
+    parser.add_argument("--thinking", choices=("on", "off"), default=None,
+                        help="with --chat: the chat template's thinking switch (Qwen3's); default: the template's")
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-p", type=float, default=None)
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     seed=args.seed)
+    if args.thinking is not None and not args.chat:
+        print("llm-client: --thinking applies to --chat only", file=sys.stderr)
+        return 2
     try:
         tls = tls_from_arguments(args)
     except ValueError as exc:
@@ -60,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.chat:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
             messages.append({"role": "user", "content": args.text})
-            stream = client.chat(messages, stop=args.stop, **sampling)
+            thinking = None if args.thinking is None else args.thinking == "on"
+            stream = client.chat(messages, stop=args.stop, enable_thinking=thinking, **sampling)
         else:
             stream = client.generate(args.text, stop=args.stop, **sampling)
         last = None

@@ -28,9 +28,10 @@ def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, 
                      prompt_token_ids: Iterable[int] | None = None,
                      request_id: str = "", stop: str | Iterable[str] = (), skip_special_tokens: bool | None = None,
                      include_stop_str_in_output: bool = False, deadline_ms: int | None = None,
-                     **sampling: object) -> pb.GenerateRequest:
+                     enable_thinking: bool | None = None, **sampling: object) -> pb.GenerateRequest:
     """A GenerateRequest from a prompt, chat messages ({"role": ..., "content": ...}) or token ids, and sampling
-    kwargs. `stop` is one stop string or several."""
+    kwargs. `stop` is one stop string or several; `enable_thinking` (chat only) sets the chat template's thinking
+    switch (Qwen3's)."""
     if sum(x is not None for x in (prompt, messages, prompt_token_ids)) != 1:
         raise ValueError("give exactly one of prompt, messages and prompt_token_ids")
     request = pb.GenerateRequest(request_id=request_id, sampling_params=sampling_params(**sampling),
@@ -42,6 +43,10 @@ def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, 
         request.prompt_token_ids.ids.extend(prompt_token_ids)
     else:
         request.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+        if enable_thinking is not None:
+            request.chat.enable_thinking = enable_thinking
+    if enable_thinking is not None and messages is None:
+        raise ValueError("enable_thinking applies to chat messages only")
     if skip_special_tokens is not None:
         request.skip_special_tokens = skip_special_tokens
     if deadline_ms is not None:

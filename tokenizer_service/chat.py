@@ -73,18 +73,30 @@ def validate_messages(messages: object) -> list[dict[str, str]]:
     return normalised
 
 
-def render_chat(tokenizer: Any, messages: object) -> str:
-    """Validate `messages` and render them through the tokenizer's chat template, ending in the assistant's turn."""
-    if not getattr(tokenizer, "chat_template", None):
+def render_chat(tokenizer: Any, messages: object, enable_thinking: bool | None = None) -> str:
+    """Validate `messages` and render them through the tokenizer's chat template, ending in the assistant's turn.
+
+    enable_thinking (None: the template's default) is passed to templates with a thinking switch (Qwen3's);
+    setting it for a template without one is refused rather than silently ignored.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
         raise ValueError(
             "messages are not supported: the model's tokenizer has no chat template; send a prompt"
         )
     normalised = validate_messages(messages)
+    extra: dict[str, bool] = {}
+    if enable_thinking is not None:
+        sources = template.values() if isinstance(template, Mapping) else [template]
+        if not any("enable_thinking" in str(source) for source in sources):
+            raise ValueError("chat.enable_thinking is set, but the model's chat template has no thinking switch "
+                             "(it never reads enable_thinking); leave it unset for this model")
+        extra["enable_thinking"] = enable_thinking
     # Imported here so that importing this module does not need jinja2 until a template is rendered.
     from jinja2 import TemplateError
 
     try:
-        text = tokenizer.apply_chat_template(normalised, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(normalised, tokenize=False, add_generation_prompt=True, **extra)
     except TemplateError as e:
         # Templates reject some conversations themselves (e.g. "roles must alternate"); that is bad input.
         raise ValueError(f"messages rejected by the model's chat template: {e}") from e
@@ -93,6 +105,6 @@ def render_chat(tokenizer: Any, messages: object) -> str:
     return text
 
 
-def encode_chat(tokenizer: Any, messages: object) -> list[int]:
+def encode_chat(tokenizer: Any, messages: object, enable_thinking: bool | None = None) -> list[int]:
     """Render `messages` (see render_chat) and return the prompt's token ids."""
-    return list(tokenizer.encode(render_chat(tokenizer, messages), add_special_tokens=False))
+    return list(tokenizer.encode(render_chat(tokenizer, messages, enable_thinking), add_special_tokens=False))

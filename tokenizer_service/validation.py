@@ -54,6 +54,7 @@ class TextRequest:
 
     prompt: str | None = None
     messages: Sequence[Mapping[str, object]] | None = None
+    enable_thinking: bool | None = None  # chat only: the template's thinking switch; None: its default
     stop: Sequence[str] = field(default_factory=tuple)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -260,12 +261,14 @@ def text_request_from_proto(request: pb.GenerateRequest | pb.TokenizeRequest) ->
     messages = (
         [{"role": m.role, "content": m.content} for m in request.chat.messages] if kind == "chat" else None
     )
+    thinking = request.chat.enable_thinking if kind == "chat" and request.chat.HasField("enable_thinking") else None
     if not isinstance(request, pb.GenerateRequest):
-        return TextRequest(prompt=prompt, messages=messages)
+        return TextRequest(prompt=prompt, messages=messages, enable_thinking=thinking)
     skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
     return TextRequest(
         prompt=prompt,
         messages=messages,
+        enable_thinking=thinking,
         stop=tuple(request.stop),
         skip_special_tokens=skip,
         include_stop_str_in_output=request.include_stop_str_in_output,
@@ -274,7 +277,7 @@ def text_request_from_proto(request: pb.GenerateRequest | pb.TokenizeRequest) ->
 
 def _encode(text_request: TextRequest, tokenizer: Any, add_special_tokens: bool) -> list[int]:
     if text_request.messages is not None:
-        return encode_chat(tokenizer, text_request.messages)
+        return encode_chat(tokenizer, text_request.messages, text_request.enable_thinking)
     return list(tokenizer.encode(text_request.prompt, add_special_tokens=add_special_tokens))
 
 

@@ -86,3 +86,28 @@ def test_template_errors_become_value_errors(demo_model_dir) -> None:
     tok.chat_template = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(ValueError, match="roles must alternate"):
         render_chat(tok, [{"role": "user", "content": "x"}])
+
+
+# Qwen3's thinking switch, in a small ChatML template of the same shape.
+THINKING_TEMPLATE = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def test_enable_thinking_reaches_a_template_with_the_switch_and_is_refused_without_one(demo_model_dir):
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": "Hi"}]
+    plain = AutoTokenizer.from_pretrained(demo_model_dir)  # the demo's ChatML template has no switch
+    with pytest.raises(ValueError, match="chat.enable_thinking is set, but the model's chat template has no"):
+        render_chat(plain, messages, enable_thinking=False)
+    assert render_chat(plain, messages) == render_chat(plain, messages, enable_thinking=None)
+    thinking = AutoTokenizer.from_pretrained(demo_model_dir)
+    thinking.chat_template = THINKING_TEMPLATE
+    off = render_chat(thinking, messages, enable_thinking=False)
+    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    for setting in (None, True):
+        assert render_chat(thinking, messages, enable_thinking=setting).endswith("<|im_start|>assistant\n")

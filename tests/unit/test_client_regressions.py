@@ -10,6 +10,7 @@ import pytest
 
 from clients.requests import generate_request
 from clients.text_client import AsyncTextClient, TextClient
+from protos.llmserve.text.v1 import text_pb2 as pb
 from tests.unit.test_text_service_regressions import TextServer, demo_engine, wait_ready
 
 pytestmark = pytest.mark.timeout(90)
@@ -90,3 +91,36 @@ def test_cli_usage_names_the_finish_reason(service, capsys):
     assert main(["hi", "--target", service, "--max-tokens", "3", "--usage"]) == 0
     err = capsys.readouterr().err
     assert "[finish=LENGTH prompt_tokens=" in err and "completion_tokens=3" in err, err
+
+
+def test_enable_thinking_travels_from_the_client_to_the_chat_template(demo_model_dir, tmp_path, service):
+    """chat.enable_thinking: set through the client, rendered by a template with Qwen3's switch, refused by
+    one without it (the demo model's), and refused for a plain prompt by the client library."""
+    import shutil
+
+    from tests.unit.test_chat import THINKING_TEMPLATE
+
+    with pytest.raises(ValueError, match="chat messages only"):
+        generate_request("a prompt", enable_thinking=False)
+    assert generate_request(messages=[{"role": "user", "content": "Hi"}], enable_thinking=False).chat.enable_thinking \
+        is False
+    model = tmp_path / "thinking-model"
+    shutil.copytree(demo_model_dir, model)
+    (model / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    server = TextServer(model, engines="127.0.0.1:9")  # Tokenize needs no engine
+    messages = [{"role": "user", "content": "Hi"}]
+    try:
+        with TextClient(server.target, timeout=30) as client:
+            def tokenize(**chat: object) -> list[int]:
+                request = pb.TokenizeRequest(chat=pb.Chat(messages=[pb.ChatMessage(**m) for m in messages], **chat))
+                return list(client._stub.Tokenize(request, timeout=10).token_ids)
+
+            default, off = tokenize(), tokenize(enable_thinking=False)
+            assert client.detokenize(off, skip_special_tokens=False).endswith("<think>\n\n</think>\n\n")
+            assert off[: len(default)] == default and len(off) > len(default)
+    finally:
+        server.stop()
+    with TextClient(service, timeout=30) as demo:  # the demo model's template has no switch
+        with pytest.raises(grpc.RpcError) as info:
+            demo.chat(messages, enable_thinking=False, max_tokens=2).text()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no thinking switch" in info.value.details()
