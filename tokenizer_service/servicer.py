@@ -82,10 +82,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             started = time.perf_counter()
             args = (request, self.tokenizer, self.defaults, self.pool.max_model_len,
                     TextLimits(vocab_size=self.vocab_size))
-            if request.ByteSize() > OFFLOAD_TOKENIZE_BYTES:
-                prep = await asyncio.to_thread(prepare, *args)
-            else:
-                prep = prepare(*args)
+            prep = await self._off_loop(request, prepare, *args)
             self.metrics.tokenize_time.observe(time.perf_counter() - started)
             return prep  # the caller's _generate counts it in `inflight` before it next awaits
         except ValueError as exc:
@@ -266,9 +263,18 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             self._multi_wakes.discard(wake)
             self.num_calls -= 1
 
+    @staticmethod
+    async def _off_loop(request, fn, *args, **kwargs):
+        """fn(*args, **kwargs), on a worker thread when the request is large: tokenizing megabytes inline would
+        stall every stream of this replica (the tokenizer releases the GIL, so the loop runs meanwhile)."""
+        if request.ByteSize() > OFFLOAD_TOKENIZE_BYTES:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
+
     async def Tokenize(self, request, context):
         try:
-            ids = tokenize_input(request, self.tokenizer, add_special_tokens=request.add_special_tokens)
+            ids = await self._off_loop(request, tokenize_input, request, self.tokenizer,
+                                       add_special_tokens=request.add_special_tokens)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return pb.TokenizeResponse(token_ids=ids)
@@ -279,7 +285,8 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-        return pb.DetokenizeResponse(text=self.tokenizer.decode(list(request.token_ids), skip_special_tokens=skip))
+        text = await self._off_loop(request, self.tokenizer.decode, list(request.token_ids), skip_special_tokens=skip)
+        return pb.DetokenizeResponse(text=text)
 
     async def GetModelInfo(self, request, context):
         return pb.ModelInfo(model_name=self.model_name, vocab_size=self.vocab_size,

@@ -397,3 +397,39 @@ def test_requests_go_around_draining_engines(demo_model_dir, demo_tokenizer):
         for engine in engines:
             assert engine.stop() == 0
     assert results == [True] * 4
+
+
+def test_a_large_tokenize_leaves_the_event_loop_running(demo_tokenizer):
+    """Tokenize ran the tokenizer on the event loop: a 2 MB text stalled every stream of the replica for over a
+    second. Large requests now run on a worker thread, as Generate's prompts do (Detokenize too, through the
+    same _off_loop; decoding is fast enough here that a test of it could not fail)."""
+    import time
+
+    from tokenizer_service.servicer import TextServicer
+
+    text = "The quick brown fox jumps over the lazy dog. " * 45_000  # about 2 MB
+    request = pb.TokenizeRequest(text=text)
+
+    async def main() -> tuple[float, object]:
+        servicer = TextServicer(demo_tokenizer, _SlowToCancelPool(), "demo", len(demo_tokenizer), {0}, {}, 100)
+        gaps: list[float] = []
+        done = False
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while not done:
+                await asyncio.sleep(0.01)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        ticking = asyncio.create_task(ticker())
+        await asyncio.sleep(0.05)
+        reply = await servicer.Tokenize(request, types.SimpleNamespace())
+        done = True
+        await ticking
+        return max(gaps), reply
+
+    worst_gap, reply = asyncio.run(main())
+    assert list(reply.token_ids) == demo_tokenizer.encode(text, add_special_tokens=False)
+    assert worst_gap < 0.4, f"the event loop stalled {worst_gap:.2f}s"
