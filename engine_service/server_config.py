@@ -11,7 +11,7 @@ import os
 from dataclasses import MISSING, dataclass, fields
 
 from clients.tls import ServerTls, server_tls_settings
-from engine_service.config import DEFAULT_CPU_KVCACHE_GIB, DEFAULT_GPU_MEMORY_UTILIZATION
+from engine_service.config import DEFAULT_CPU_KVCACHE_GIB, DEFAULT_GPU_MEMORY_UTILIZATION, EngineConfig
 
 ENV_PREFIX = "ENGINE_"
 MiB = 1 << 20
@@ -91,10 +91,6 @@ class ServerConfig:
                      "kvcache_block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if not self.cpu_kvcache_gib > 0:
-            raise ValueError(f"cpu_kvcache_gib must be positive, got {self.cpu_kvcache_gib}")
         for name in ("num_kvcache_blocks", "max_model_len", "torch_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (automatic) or positive, got {getattr(self, name)}")
@@ -105,6 +101,9 @@ class ServerConfig:
         for name in ("max_connection_age_s", "canary_interval_s", "failure_linger_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")
+        # The engine's own rules for its knobs (gpu_memory_utilization, dtype, device...), checked here at
+        # start-up rather than once the server is up and loading.
+        EngineConfig.from_kwargs(self.model, **self.engine_kwargs())
 
     @property
     def server_tls(self) -> ServerTls | None:

@@ -157,7 +157,7 @@ def test_every_engine_knob_is_a_service_flag_and_reaches_the_engine():
     cfg = parse_config(["--model", "/m", "--gpu-memory-utilization", "0.5", "--cpu-kvcache-gib", "1.5",
                         "--enable-prefix-caching", "false"], {})
     kwargs = cfg.engine_kwargs()
-    assert set(kwargs) == engine_fields - {"model"}  # from_kwargs would drop an unknown keyword silently
+    assert set(kwargs) == engine_fields - {"model"}  # every knob, none left at the engine's default
     engine = EngineConfig.from_kwargs("/m", **kwargs)
     assert (engine.gpu_memory_utilization, engine.cpu_kvcache_gib, engine.enable_prefix_caching) == (0.5, 1.5, False)
     for flag, value, needle in (("--gpu-memory-utilization", "1.5", "gpu_memory_utilization must be in"),
