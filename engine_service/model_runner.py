@@ -209,9 +209,8 @@ class ModelRunner:
 
     def _warm_up_eager_decode(self) -> None:
         """Where decode runs eagerly (enforce_eager, tensor parallelism, graphs turned off by a failed capture
-        or self-check), compile the
-        decode attention for every split-KV count a batch of 1 to max_num_seqs sequences can pick, so that
-        none compiles inside a step. Graph capture does this for its own sizes; eager batches meet more
+        or self-check), compile the decode attention for every split-KV count a batch of 1 to max_num_seqs
+        sequences can pick, so that none compiles inside a step. Graph capture does this for its own sizes; eager batches meet more
         counts (on an H200 with 8 KV heads, batch 3 splits 11 ways, batch 5 seven).
 
         One forward per count, at the smallest batch that picks it: one key per sequence, read from block 0,

@@ -117,7 +117,7 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
     pool.start()
     health_task = asyncio.create_task(_track_engines(pool, health_servicer, config.service_name))
     log.info("tokenizer service listening on %s:%d (%s) for %s; engines over %s", config.host, port, describe(tls),
-             name, "TLS" if config.engine_tls else "plaintext")
+             name, "TLS" if pool.tls else "plaintext")
 
     await stop.wait()
     health_task.cancel()
