@@ -17,7 +17,8 @@ from protos.llmserve.engine.v1 import engine_pb2 as engine_pb
 from protos.llmserve.text.v1 import text_pb2 as pb
 from protos.llmserve.text.v1 import text_pb2_grpc as pb_grpc
 from tests.fake_engine import FakeEngine
-from tests.unit.test_engine_service_fake import Running
+from tests.unit.test_engine_service_fake import Running, new
+from tests.unit.test_service_regressions import pool_config, wait_for
 from tokenizer_service.config import TextServerConfig
 from tokenizer_service.engine_pool import EngineConnection, EnginePool, RequestFailed, _Outbox
 from tokenizer_service.metrics import RequestTrace
@@ -255,17 +256,12 @@ def test_a_request_cancelled_before_it_was_sent_never_reaches_the_engine():
     engine = Running(CountingEngine(max_model_len=10_000))
 
     async def main() -> None:
-        pool = EnginePool(TextServerConfig(model="fake", engines=engine.target, reconnect_min_s=0.05), 100, {99}, [])
+        pool = EnginePool(pool_config(engines=engine.target), 100, {99}, [])
         pool.start()
         try:
-            for _ in range(200):
-                if pool.ready:
-                    break
-                await asyncio.sleep(0.05)
-            request = engine_pb.NewRequest(prompt_token_ids=[1], sampling_params=engine_pb.SamplingParams(max_tokens=5))
-            (await pool.submit(request, None)).close()  # cancelled before the writer ran
-            kept = await pool.submit(engine_pb.NewRequest(prompt_token_ids=[1], sampling_params=engine_pb.SamplingParams(
-                max_tokens=5)), None)
+            await wait_for(lambda: bool(pool.ready))
+            (await pool.submit(new("", [1], max_tokens=5), None)).close()  # cancelled before the writer ran
+            kept = await pool.submit(new("", [1], max_tokens=5), None)
             async for update in kept:  # the stream still works, and its frames went out
                 if update.finish_reason:
                     break
