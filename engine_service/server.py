@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,10 +78,54 @@ def load_engine(config: ServerConfig) -> Any:
     return LLMEngine(config.model, **config.engine_kwargs())
 
 
-async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig], Any] = load_engine,
+LOADER_THREAD = "engine-load"
+
+
+async def load_unless_stopped(engine_factory: Callable[[ServerConfig], Any], config: ServerConfig,
+                              stop: asyncio.Event) -> Any | None:
+    """The engine from engine_factory(config), run on a daemon thread; None if `stop` is set first.
+
+    A load can take minutes (weights, warm-up, graph capture) and cannot be interrupted, while nothing is in
+    flight yet: a SIGTERM then (a rollout, a scale-down) should end the process at once, not after the load
+    and not in a SIGKILL at the end of the pod's grace period. The thread is a daemon, and main() exits with
+    os._exit when it is still running, so neither the interpreter nor asyncio.run waits for it.
+    """
+    aio = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = aio.create_future()
+
+    def settle(result: Any = None, error: BaseException | None = None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def run() -> None:
+        try:
+            engine = engine_factory(config)
+        except BaseException as exc:  # noqa: BLE001 -- re-raised on the event loop
+            aio.call_soon_threadsafe(settle, None, exc)
+        else:
+            aio.call_soon_threadsafe(settle, engine)
+
+    threading.Thread(target=run, name=LOADER_THREAD, daemon=True).start()
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([done, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if done.done():
+        stopped.cancel()
+        return done.result()
+    done.add_done_callback(lambda f: f.cancelled() or f.exception())  # a late failure is not "never retrieved"
+    return None
+
+
+async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig], Any] | None = None,
                 stop: asyncio.Event | None = None, bound_port: asyncio.Future[int] | None = None,
                 handle_signals: bool = True) -> int:
-    """Run the service until `stop` is set and it has drained (returns 0), or the engine fails (returns 1)."""
+    """Run the service until `stop` is set and it has drained (returns 0), or the engine fails (returns 1).
+
+    engine_factory defaults to load_engine (looked up at call time, so a test may replace it).
+    """
     aio = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     exit_code = 0
@@ -120,7 +165,23 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
             aio.add_signal_handler(sig, stop.set)
     log.info("engine service listening on %s:%d (%s), loading %s", config.host, port, describe(tls), config.model)
 
-    engine = await asyncio.to_thread(engine_factory, config)
+    async def close_side_servers() -> None:
+        """The plaintext health port and the metrics endpoint."""
+        if health_server is not None:
+            await health_server.stop(0.5)
+        if metrics_server is not None:
+            await asyncio.to_thread(metrics_server.shutdown)
+            metrics_server.server_close()
+
+    engine = await load_unless_stopped(engine_factory or load_engine, config, stop)
+    if engine is None:
+        log.warning("stop signal while the model was loading: exiting now, without waiting for the load "
+                    "(no request was in flight)")
+        await health.shutdown()
+        await server.stop(0.5)
+        await close_side_servers()
+        log.info("engine service stopped (exit 0)")
+        return 0
     loop = EngineLoop(engine, aio, on_fatal)
     metrics.model_name = str(engine.model_info["model_name"])
     if config.metrics_port or config.log_requests:
@@ -156,13 +217,9 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
         # Probes see NOT_SERVING (and clients get their INTERNAL statuses) before the process exits.
         await asyncio.sleep(config.failure_linger_s)
         await server.stop(1.0)
-    if health_server is not None:
-        await health_server.stop(0.5)
+    await close_side_servers()
     for task in tasks:
         task.cancel()
-    if metrics_server is not None:
-        await asyncio.to_thread(metrics_server.shutdown)
-        metrics_server.server_close()
     if exit_code == 0:
         loop.stop()
         engine.close()
@@ -179,8 +236,13 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(config.log_level, config.log_format)
     code = asyncio.run(serve(config))
     sys.stdout.flush()
-    if code:
-        os._exit(code)  # a stuck engine thread must not hold a failed process up
+    sys.stderr.flush()
+    loading = any(t.name == LOADER_THREAD and t.is_alive() for t in threading.enumerate())
+    if code or loading:
+        logging.shutdown()
+        # A stuck engine thread must not hold a failed process up, nor an abandoned load a stopped one (the
+        # interpreter's shutdown would wait on torch's threads, or finalise under the loader's feet).
+        os._exit(code)
 
 
 if __name__ == "__main__":

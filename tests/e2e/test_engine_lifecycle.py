@@ -4,6 +4,8 @@ and SIGTERM drains of both services during streams."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,7 +16,7 @@ from grpc_health.v1 import health_pb2
 from clients.engine_client import EngineClient
 from clients.text_client import TextClient
 from protos.llmserve.text.v1 import text_pb2 as pb
-from tests.e2e.conftest import start_engine, start_tokenizer
+from tests.e2e.conftest import ROOT, free_port, start_engine, start_tokenizer
 
 pytestmark = pytest.mark.timeout(90)
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -163,3 +165,34 @@ def test_failing_step_is_internal_and_not_serving(demo_model):
         assert engine.proc.wait(30) == 1
     finally:
         engine.stop()
+
+
+def test_sigterm_while_the_model_loads_exits_at_once(demo_model, tmp_path):
+    """A SIGTERM during a (here endless) model load ends the process in seconds with exit 0: nothing is in flight
+    yet, and the pod's grace period must not run out into a SIGKILL while the load goes on."""
+    port = free_port()
+    code = ("import sys, threading, engine_service.server as s; "
+            "s.load_engine = lambda config: threading.Event().wait(600); s.main(sys.argv[1:])")
+    log = tmp_path / "engine.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code, "--model", demo_model, "--host", "127.0.0.1",
+                                 "--port", str(port), "--device", "cpu", "--metrics-port", "0",
+                                 "--log-level", "INFO"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while "loading" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        assert "loading" in log.read_text(), log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        rc = proc.wait(15)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    text = log.read_text()
+    assert rc == 0, text
+    assert took < 5, f"exit took {took:.1f}s\n{text}"
+    assert "stop signal while the model was loading" in text, text
