@@ -148,7 +148,8 @@ class EngineLoop:
             return  # already failed (the watchdog, then the stuck step raising, say): report it once
         self.failure = message
         sinks, self._sinks = self._sinks, {}
-        # They get no request line of their own (the metrics belong to the stuck or dead consumer thread).
+        # A consumer thread that died gave each tracked request its line (metrics.fail_live); one that is stuck
+        # (the watchdog) owns the metrics still, so its requests get only this count.
         log.error("engine failure: failing %d in-flight requests with INTERNAL: %s", len(sinks), message)
         for sink in sinks.values():
             sink.on_failure(False, f"engine failure: {message}")
@@ -209,6 +210,11 @@ class EngineLoop:
         except BaseException as exc:  # the engine cannot continue; every live request fails
             log.exception("engine loop failed")
             message = f"{type(exc).__name__}: {exc}"
+            if self.metrics is not None:  # this thread owns them: each request gets its line and its count
+                try:
+                    self.metrics.fail_live(f"engine failure: {message}", time.monotonic())
+                except Exception:  # noqa: BLE001 -- the failure itself must still reach the requests
+                    log.exception("could not account the failed requests")
             try:
                 flush()  # what finished before the failure is still delivered, in order
                 self._aio.call_soon_threadsafe(self._fail_all, message)
@@ -243,7 +249,7 @@ class EngineLoop:
                         self.metrics.refused(cmd.trace_id, f"INVALID_ARGUMENT: {exc}")
                     continue
                 if self.metrics is not None and cmd.trace_id is not None:
-                    self.metrics.on_add(cmd.request_id, cmd.trace_id, cmd.arrival)
+                    self.metrics.on_add(cmd.request_id, cmd.trace_id, cmd.arrival, len(cmd.prompt_token_ids))
             elif isinstance(cmd, _Abort):
                 if cmd.error is not None and self.metrics is not None:
                     self.metrics.mark_failed(cmd.request_id, cmd.error)  # before the abort output comes back

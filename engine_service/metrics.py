@@ -69,6 +69,7 @@ class _Request:
 
     trace_id: str
     arrival: float
+    prompt_tokens: int = 0
     scheduled: float = 0.0
     first_token: float = 0.0
     last_token: float = 0.0
@@ -98,9 +99,9 @@ class EngineMetrics:
 
     # ---- consumer thread ----------------------------------------------------------------------------------
 
-    def on_add(self, request_id: str, trace_id: str, arrival: float) -> None:
+    def on_add(self, request_id: str, trace_id: str, arrival: float, prompt_tokens: int = 0) -> None:
         """The engine accepted a request that arrived (time.monotonic) at `arrival`."""
-        self._live[request_id] = _Request(trace_id, arrival)
+        self._live[request_id] = _Request(trace_id, arrival, prompt_tokens)
 
     def on_step(self, outputs: list[StepOutput], started: float, ended: float, engine: Any = None) -> None:
         """Account one step: it started and ended at these time.monotonic values."""
@@ -171,11 +172,11 @@ class EngineMetrics:
             self.decode.observe(now - req.first_token)
 
     @staticmethod
-    def _log(request_id: str, req: _Request, out: StepOutput, reason: str, now: float) -> None:
-        error = req.error or out.error
+    def _log(request_id: str, req: _Request, out: StepOutput, reason: str, now: float, error: str = "") -> None:
+        error = req.error or out.error or error
         request_log.info("request finished", extra={"fields": {
             "request_id": req.trace_id, "engine_request_id": request_id,
-            "prompt_tokens": out.num_prompt_tokens, "completion_tokens": req.num_tokens,
+            "prompt_tokens": out.num_prompt_tokens or req.prompt_tokens, "completion_tokens": req.num_tokens,
             "cached_tokens": out.num_cached_tokens,
             "queue_s": round(req.scheduled - req.arrival, 6) if req.num_tokens else None,
             "ttft_s": round(req.first_token - req.arrival, 6) if req.num_tokens else None,
@@ -198,6 +199,19 @@ class EngineMetrics:
             request_log.info("request finished", extra={"fields": {
                 "request_id": trace_id, "prompt_tokens": 0, "completion_tokens": 0, "finish_reason": FINISH_ERROR,
                 "error": error}})
+
+    def fail_live(self, error: str, now: float) -> int:
+        """The engine loop is dying: every tracked request finishes as an error with this message, counted and
+        logged (on the consumer thread, its last act). Returns how many there were."""
+        live, self._live = self._live, {}
+        with self._lock:
+            for req in live.values():
+                self._finish(req, FINISH_ERROR, now)
+        if self._log_requests:
+            for request_id, req in live.items():
+                self._log(request_id, req, StepOutput(request_id, finish_reason=FINISH_ERROR), FINISH_ERROR, now,
+                          error)
+        return len(live)
 
     def forget(self, request_id: str) -> None:
         """The engine refused a request after on_add (it never ran)."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from engine_service.engine_loop import MAX_CONSECUTIVE_STEP_FAILURES, EngineLoop
+from engine_service.logs import REQUEST_LOGGER
+from engine_service.metrics import EngineMetrics
 from engine_service.outputs import FINISH_ERROR, StepOutput
 from engine_service.sampling_params import SamplingParams
 from tests.fake_engine import FakeEngine
@@ -76,3 +79,30 @@ def test_failures_in_a_row_are_fatal():
     # Three requests failed with their steps; the fourth with the engine.
     assert all(s.failure is not None and not s.failure[0] for s in sinks.values())
     assert "engine failure" in sinks["d"].failure[1]
+
+
+def test_a_dying_loop_gives_every_live_request_its_line_and_count(caplog):
+    """When the loop dies, the requests still in flight are counted and logged as errors, each with its own
+    line, like the ones whose steps failed before (the consumer thread owns the metrics and does it)."""
+
+    async def run():
+        fatal: list[str] = []
+        loop = EngineLoop(FlakyEngine(set(range(3, 3 + MAX_CONSECUTIVE_STEP_FAILURES))),
+                          asyncio.get_running_loop(), fatal.append)
+        loop.metrics = EngineMetrics("fake", lambda: {}, lambda: 0)
+        loop.start()
+        sinks = {rid: Sink(asyncio.Event()) for rid in ("a", "b", "c", "d")}
+        for rid, sink in sinks.items():
+            loop.add(rid, [1, 2, 3], SamplingParams(max_tokens=20, ignore_eos=True), sink, trace_id=f"trace-{rid}")
+        await asyncio.wait_for(asyncio.gather(*(s.done.wait() for s in sinks.values())), 10)
+        loop.stop()
+        return loop, fatal
+
+    with caplog.at_level(logging.INFO, logger=REQUEST_LOGGER):
+        loop, fatal = asyncio.run(run())
+    assert len(fatal) == 1
+    lines = {r.fields["request_id"]: r.fields for r in caplog.records if r.name == REQUEST_LOGGER}
+    assert set(lines) == {"trace-a", "trace-b", "trace-c", "trace-d"}, lines
+    assert all(f["finish_reason"] == FINISH_ERROR for f in lines.values())
+    assert "engine failure" in lines["trace-d"]["error"] and lines["trace-d"]["prompt_tokens"] == 3
+    assert loop.metrics.finished[FINISH_ERROR] == 4
