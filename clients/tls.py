@@ -8,6 +8,9 @@ health package) and the standard library.
   half-written file, a key that does not match the certificate) keeps the current pair.
 - start_health_server serves grpc.health.v1 alone in plaintext on a port of its own, for probes that cannot speak
   TLS (the kubelet's gRPC probe cannot).
+- listen binds a server's port, TLS or plaintext, and refuses a port another process holds: gRPC's default
+  SO_REUSEPORT would let a second server bind it and take half its connections (NO_REUSEPORT, in every
+  server's options).
 
 Both services use this file, which keeps them from importing each other: the dependency rules allow either
 to import the client library.
@@ -30,6 +33,22 @@ from grpc_health.v1 import health_pb2_grpc
 log = logging.getLogger(__name__)
 CERTIFICATE = "CERTIFICATE"
 PRIVATE_KEY = "PRIVATE KEY"
+NO_REUSEPORT = ("grpc.so_reuseport", 0)  # a port in use is an error, not a port shared with a stranger
+
+
+class PortUnavailable(RuntimeError):
+    """A server could not bind its address (held by another process, or not this host's)."""
+
+
+def listen(server: grpc.aio.Server, address: str, tls: ServerTls | None = None, what: str = "port") -> int:
+    """Bind address (HOST:PORT) on server, with tls or plaintext; the bound port (PORT 0 picks a free one).
+    PortUnavailable names the address and the setting to change when it cannot be bound."""
+    try:
+        return server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+    except RuntimeError:
+        raise PortUnavailable(f"cannot listen on {address} ({what}): another process holds that port, or the host "
+                              f"is not an address of this machine; choose another {what} or stop the other "
+                              "process") from None
 
 
 def read_pem(path: str, kind: str) -> bytes:
@@ -188,8 +207,8 @@ def describe(tls: ServerTls | None) -> str:
 
 async def start_health_server(servicer: object, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """A started plaintext server with grpc.health.v1 alone (the same servicer as the main port), and its port."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[NO_REUSEPORT])
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = listen(server, f"{host}:{port}", what="health_port")
     await server.start()
     return server, bound

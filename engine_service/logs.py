@@ -12,6 +12,7 @@ import sys
 import time
 
 REQUEST_LOGGER = "llmserve.request"  # one INFO line per finished request
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # --log-level takes any case
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -57,4 +58,4 @@ def configure_logging(level: str, fmt: str) -> None:
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(level.upper())

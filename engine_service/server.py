@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from clients.tls import describe, start_health_server
+from clients.tls import NO_REUSEPORT, PortUnavailable, describe, listen, start_health_server
 from engine_service.engine_loop import EngineLoop
 from engine_service.health import Health
 from engine_service.logs import configure_logging
@@ -36,7 +36,7 @@ FAIL_AFTER_STEPS_ENV = "ENGINE_TEST_FAIL_AFTER_STEPS"
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """Message limits and keepalive: clients may ping often without a too_many_pings GOAWAY."""
+    """Message limits, keepalive (clients may ping often without a too_many_pings GOAWAY), no shared port."""
     options = [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -45,6 +45,7 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", int(config.min_ping_interval_s * 1000)),
         ("grpc.http2.max_ping_strikes", 0),  # 0: never GOAWAY a client for pinging
+        NO_REUSEPORT,
     ]
     if config.max_connection_age_s > 0:
         options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
@@ -147,11 +148,15 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
     reflection.enable_server_reflection(names, server)
     tls = config.server_tls
     address = f"{config.host}:{config.port}"
-    port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+    port = listen(server, address, tls, "port")
     await server.start()  # health answers NOT_SERVING while the model loads
     health_server = None
     if config.health_port:
-        health_server, health_port = await start_health_server(health.servicer, config.host, config.health_port)
+        try:
+            health_server, health_port = await start_health_server(health.servicer, config.host, config.health_port)
+        except PortUnavailable:
+            await server.stop(0)
+            raise
         log.info("plaintext health on %s:%d", config.host, health_port)
     metrics = EngineMetrics(Path(config.model).name, lambda: servicer.loop.stats if servicer.loop else {},
                             lambda: servicer.loop.num_waiting if servicer.loop else 0, config.log_requests)
@@ -234,7 +239,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         sys.exit(f"engine-service: {exc}")
     configure_logging(config.log_level, config.log_format)
-    code = asyncio.run(serve(config))
+    try:
+        code = asyncio.run(serve(config))
+    except PortUnavailable as exc:
+        sys.exit(f"engine-service: {exc}")
     sys.stdout.flush()
     sys.stderr.flush()
     loading = any(t.name == LOADER_THREAD and t.is_alive() for t in threading.enumerate())

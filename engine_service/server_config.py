@@ -12,6 +12,7 @@ from dataclasses import MISSING, dataclass, fields
 
 from clients.tls import ServerTls, server_tls_settings
 from engine_service.config import DEFAULT_CPU_KVCACHE_GIB, DEFAULT_GPU_MEMORY_UTILIZATION, EngineConfig
+from engine_service.logs import LOG_LEVELS
 
 ENV_PREFIX = "ENGINE_"
 MiB = 1 << 20
@@ -85,6 +86,8 @@ class ServerConfig:
         self.server_tls  # noqa: B018 (checks the TLS files and the health port)
         self.auto_flag("overlap_scheduling")  # each raises on anything but auto or a boolean
         self.auto_flag("fused_ops")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)} (any case), got {self.log_level!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
         for name in ("max_concurrent_rpcs", "max_waiting", "max_message_bytes", "max_buffered_tokens",

@@ -11,6 +11,7 @@ import os
 from dataclasses import MISSING, dataclass, fields
 
 from clients.tls import ClientTls, ServerTls, server_tls_settings
+from tokenizer_service.logs import LOG_LEVELS
 
 ENV_PREFIX = "TOKENIZER_"
 MiB = 1 << 20
@@ -86,6 +87,8 @@ class TextServerConfig:
         except ValueError as exc:
             raise ValueError(f"TLS to the engines (engine_tls_*; --engine-tls-*, TOKENIZER_ENGINE_TLS_*): "
                              f"{exc}") from None
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)} (any case), got {self.log_level!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
         for name in ("max_concurrent_rpcs", "max_inflight", "max_message_bytes", "max_buffered_updates"):

@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from clients.tls import describe, start_health_server
+from clients.tls import NO_REUSEPORT, PortUnavailable, describe, listen, start_health_server
 from protos.llmserve.text.v1 import text_pb2, text_pb2_grpc
 from tokenizer_service.config import TextServerConfig, parse_config
 from tokenizer_service.engine_pool import EnginePool
@@ -35,7 +35,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def server_options(config: TextServerConfig) -> list[tuple[str, int]]:
-    """Message limits and keepalive: clients may ping often without a too_many_pings GOAWAY."""
+    """Message limits, keepalive (clients may ping often without a too_many_pings GOAWAY), no shared port."""
     options = [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -44,6 +44,7 @@ def server_options(config: TextServerConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", int(config.min_ping_interval_s * 1000)),
         ("grpc.http2.max_ping_strikes", 0),
+        NO_REUSEPORT,
     ]
     if config.max_connection_age_s > 0:
         options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
@@ -98,13 +99,17 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
     reflection.enable_server_reflection(names, server)
     tls = config.server_tls
     address = f"{config.host}:{config.port}"
-    port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+    port = listen(server, address, tls, "port")
     for service in ("", config.service_name):
         await health_servicer.set(service, NOT_SERVING)
     await server.start()
     health_server = None
     if config.health_port:
-        health_server, health_port = await start_health_server(health_servicer, config.host, config.health_port)
+        try:
+            health_server, health_port = await start_health_server(health_servicer, config.host, config.health_port)
+        except PortUnavailable:
+            await server.stop(0)
+            raise
         log.info("plaintext health on %s:%d", config.host, health_port)
     metrics_server = None
     if config.metrics_port:
@@ -157,7 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         sys.exit(f"tokenizer-service: {exc}")
     configure_logging(config.log_level, config.log_format)
-    sys.exit(asyncio.run(serve(config)))
+    try:
+        sys.exit(asyncio.run(serve(config)))
+    except PortUnavailable as exc:
+        sys.exit(f"tokenizer-service: {exc}")
 
 
 if __name__ == "__main__":

@@ -196,3 +196,26 @@ def test_sigterm_while_the_model_loads_exits_at_once(demo_model, tmp_path):
     assert rc == 0, text
     assert took < 5, f"exit took {took:.1f}s\n{text}"
     assert "stop signal while the model was loading" in text, text
+
+
+@pytest.mark.parametrize("flag", ["--port", "--health-port"])
+def test_a_port_held_by_another_grpc_server_is_a_clear_start_up_error(demo_model, flag):
+    """gRPC binds with SO_REUSEPORT by default: a second server on a taken port would start, and the kernel
+    would split the connections between the two. The engine service refuses such a port, in one line."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    squatter = grpc.server(ThreadPoolExecutor(1))  # gRPC's defaults, SO_REUSEPORT included
+    taken = squatter.add_insecure_port("127.0.0.1:0")
+    squatter.start()
+    port = taken if flag == "--port" else free_port()
+    extra = ["--health-port", str(taken)] if flag == "--health-port" else []
+    try:
+        proc = subprocess.run([sys.executable, "-m", "engine_service.server", "--model", demo_model,
+                               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--metrics-port", "0",
+                               *extra], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    finally:
+        squatter.stop(0)
+    assert proc.returncode == 1, proc.stderr
+    what = "port" if flag == "--port" else "health_port"
+    assert f"engine-service: cannot listen on 127.0.0.1:{taken} ({what})" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr

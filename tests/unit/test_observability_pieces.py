@@ -129,6 +129,25 @@ def test_metrics_port_and_log_format_settings():
         engine_config(["--model", "/m", "--metrics-port", "70000"], {})
 
 
+def test_log_level_takes_any_case_and_refuses_unknown_names():
+    """ENGINE_LOG_LEVEL=debug in a ConfigMap must not crash-loop the pod with logging's own traceback."""
+    from engine_service import logs
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        for config in (engine_config(["--model", "/m"], {"ENGINE_LOG_LEVEL": "debug"}),
+                       tokenizer_config(["--model", "/m", "--engines", "e:1", "--log-level", "Warning"], {})):
+            logs.configure_logging(config.log_level, config.log_format)
+            assert root.level == getattr(logging, config.log_level.upper())
+    finally:
+        root.handlers[:], _ = saved[0], root.setLevel(saved[1])
+    with pytest.raises(ValueError, match="log_level must be one of DEBUG, INFO"):
+        engine_config(["--model", "/m", "--log-level", "verbose"], {})
+    with pytest.raises(ValueError, match="log_level"):
+        tokenizer_config(["--model", "/m", "--engines", "e:1"], {"TOKENIZER_LOG_LEVEL": "trace"})
+
+
 def test_configure_logging_writes_json_lines(monkeypatch):
     from engine_service import logs
 
