@@ -67,7 +67,13 @@ run_part() {
   return 0
 }
 
-summary() { "$PY" scripts/gpu_check.py summary --out "$OUT_DIR" || cat "$STATUS"; }
+# summary: the table; exit 3 when it is whole but workload A missed 28,000 tok/s, other non-zero if it failed.
+summary() {
+  local rc=0
+  "$PY" scripts/gpu_check.py summary --out "$OUT_DIR" || rc=$?
+  ((rc == 0 || rc == 3)) || cat "$STATUS"
+  return "$rc"
+}
 
 # ---- env: versions and the device; stop at once without CUDA -----------------------------------------
 rc=0
@@ -127,7 +133,8 @@ if wanted e; then
 fi
 
 echo "[gpu_check] done in $(($(date +%s) - START))s"
-summary
-# Non-zero when any part did not pass.
-if cut -f2 "$STATUS" | grep -qv '^PASS$'; then exit 1; fi
+summary_rc=0
+summary || summary_rc=$?
+# Non-zero when any part did not pass, or an acceptance figure missed its target (row d: MISSED).
+if cut -f2 "$STATUS" | grep -qv '^PASS$' || ((summary_rc != 0)); then exit 1; fi
 exit 0

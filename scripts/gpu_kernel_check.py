@@ -254,8 +254,11 @@ def check_and_time_fused_ops(dev: torch.device, rng: torch.Generator, timing: bo
     shapes, with the allocator's free memory poisoned with NaN first. Acceptance as for attention: error
     <= 2 x torch's eager bf16 error + 1e-3, every element written. Then one layer's elementwise work in a
     CUDA graph, fused against eager, at decode batch 256 (us per layer; x28 per decode step)."""
-    poison = torch.full((64 * 2**20,), float("nan"), device=dev)
-    del poison  # its blocks go back to the cache: the kernels' outputs are likely carved from NaN
+    # Freed blocks go back to the caching allocator, so the kernels' outputs are likely carved from NaN. It
+    # serves requests of at most 1 MiB (four of the five outputs here) from a pool of its own: poison both.
+    small = [torch.full((2**18,), float("nan"), device=dev) for _ in range(256)]  # 256 x 1 MiB of float32
+    large = torch.full((64 * 2**20,), float("nan"), device=dev)
+    del small, large
     eager, reference, fused = _qwen3_layer_elementwise(tokens, dev, dtype, rng)
     ok = True
     print(f"\nfused elementwise ops, {dtype}, {tokens} tokens of a Qwen3-0.6B layer, max abs error against "

@@ -17,13 +17,14 @@ STUB = """#!/usr/bin/env bash
 echo "$* |tile=${LLMSERVE_DECODE_TILE:-}" >> "$STUB_LOG"
 case "$*" in
   *"gpu_check.py summary"*) exec "$REAL_PYTHON" "$@" ;;
-  *"gpu_check.py graphs"*) exit "${STUB_G_RC:-0}" ;;
+  *"gpu_check.py graphs"*) [ -n "${STUB_GRAPHS:-}" ] && printf '%s' "$STUB_GRAPHS" > "$OUT/graphs.json"
+                          exit "${STUB_G_RC:-0}" ;;
 esac
 exit 0
 """
 
 
-def _run(tmp_path: Path, budget: int, g_rc: int = 0) -> tuple[int, str, list[str], Path]:
+def _run(tmp_path: Path, budget: int, g_rc: int = 0, graphs: str = "") -> tuple[int, str, list[str], Path]:
     stub = tmp_path / "python"
     stub.write_text(STUB)
     stub.chmod(0o755)
@@ -35,6 +36,7 @@ def _run(tmp_path: Path, budget: int, g_rc: int = 0) -> tuple[int, str, list[str
         "REAL_PYTHON": sys.executable,
         "STUB_LOG": str(log),
         "STUB_G_RC": str(g_rc),
+        "STUB_GRAPHS": graphs,
         "OUT": str(out),
         "GPU_CHECK_BUDGET_S": str(budget),
         "GPU_CHECK_CACHE": str(tmp_path / "cache"),
@@ -97,3 +99,16 @@ def test_a_failing_part_fails_the_check_and_the_rest_still_run(tmp_path):
     status = dict(line.split("\t")[:2] for line in (out / "status.tsv").read_text().splitlines())
     assert status["g"] == "FAIL" and status["d"] == status["e"] == "PASS"
     assert "--peers hf-continuous" in calls[-2] and "gpu_check.py summary" in calls[-1]
+
+
+def test_workload_a_under_the_target_fails_the_check(tmp_path):
+    """Every part exiting 0 is not enough: workload A under 28,000 tok/s is an acceptance miss, so row d says
+    MISSED and the script exits non-zero; at the target it passes."""
+    for case in ("under", "over"):
+        (tmp_path / case).mkdir()
+    rc, output, _, _ = _run(tmp_path / "under", budget=300, graphs='{"workload_A": {"tok_s": 20000.0}}')
+    assert rc == 1, output
+    assert re.search(r"^\(d\) workload A vs hf static +MISSED ", output, re.M), output
+    rc, output, _, _ = _run(tmp_path / "over", budget=300, graphs='{"workload_A": {"tok_s": 30000.0}}')
+    assert rc == 0, output
+    assert re.search(r"^\(d\) workload A vs hf static +PASS ", output, re.M), output
