@@ -55,7 +55,9 @@ class ServerConfig:
     tls_client_ca: str = ""
     health_port: int = 0  # plaintext grpc.health.v1 alone on host:health_port, for TLS-blind probes; 0: off
     # Limits.
-    max_concurrent_rpcs: int = 1024  # grpc.aio refuses calls past this with RESOURCE_EXHAUSTED
+    # grpc.aio refuses calls past this with its own RESOURCE_EXHAUSTED; kept above max_waiting plus a running
+    # batch of GenerateStream calls, so that a full engine says so in its own words first.
+    max_concurrent_rpcs: int = 4096
     max_waiting: int = 1024  # requests admitted but not yet running; past it: RESOURCE_EXHAUSTED
     max_message_bytes: int = 64 * MiB  # receive and send, both ends
     max_buffered_tokens: int = 65536  # per request, not yet written to a slow client; past it the request fails

@@ -45,7 +45,9 @@ class TextServerConfig:
     engine_tls_key: str = ""
     engine_tls_server_name: str = ""
     # Limits.
-    max_concurrent_rpcs: int = 1024
+    # grpc.aio refuses calls past this with its own RESOURCE_EXHAUSTED; kept above max_inflight, so that a
+    # full service says so in its own words first (health checks count too: probes use health_port).
+    max_concurrent_rpcs: int = 4096
     max_inflight: int = 2048  # requests in progress; past it: RESOURCE_EXHAUSTED
     max_message_bytes: int = 64 * MiB
     max_buffered_updates: int = 4096  # per request, engine updates not yet consumed; past it the request fails

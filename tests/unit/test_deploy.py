@@ -229,15 +229,16 @@ def prestop_sleep(c: dict) -> int:
 
 
 def assert_ports_and_probes(c: dict, config, overlay: str, name: str) -> None:
-    """Ports as the service listens; gRPC probes ask the plaintext health port once the service serves TLS."""
+    """Ports as the service listens; gRPC probes ask the health-only port: the main port refuses calls past
+    max_concurrent_rpcs, health checks included (a busy pod would look dead), and the kubelet cannot speak TLS."""
     for port in c["ports"]:
         if port.get("name") == "metrics":
             continue  # test_metrics_port_is_declared_once_the_service_has_one checks it
         want = config.health_port if port.get("name") == "health" else config.port
         assert port["containerPort"] == want, \
             f"{overlay}/{name}: containerPort {port['name']} {port['containerPort']} is not the service's {want}"
-    grpc_port = config.health_port if config.server_tls else config.port
-    assert grpc_port, f"{overlay}/{name}: serves TLS without a health_port, which the kubelet's probes need"
+    grpc_port = config.health_port
+    assert grpc_port, f"{overlay}/{name}: no health_port, which the kubelet's gRPC probes need"
     for kind, probe in probes(c).items():
         handler = probe.get("grpc") or probe.get("tcpSocket")
         assert handler is not None, f"{overlay}/{name}: {kind} must be a native gRPC or TCP probe"

@@ -155,3 +155,43 @@ def test_step_failure_fails_requests_internal_and_exits_nonzero(monkeypatch):
         assert err.value.code() == grpc.StatusCode.INTERNAL
     running.thread.join(20)
     assert running.exit_code == 1
+
+
+def test_health_port_answers_while_the_main_port_is_at_its_rpc_limit():
+    """grpc refuses calls past max_concurrent_rpcs on the main port, health checks included, so the deploy's
+    probes ask the health-only port, which a busy engine still answers SERVING."""
+    from tests.e2e.conftest import free_port
+
+    health_port = free_port()
+    running = Running(FakeEngine(max_model_len=1_000_000, step_s=0.01), max_concurrent_rpcs=2,
+                      health_port=health_port)
+    try:
+        with EngineClient(running.target, timeout=20) as client:
+            wait_serving(client)
+            streams = [client.generate([1, 2], f"busy-{i}", max_tokens=100_000, ignore_eos=True) for i in range(2)]
+            for stream in streams:
+                next(stream)  # both calls are running: the main port is at its limit
+            main = health_pb2_grpc.HealthStub(client._channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                main.Check(health_pb2.HealthCheckRequest(), timeout=2)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                for service in ("", running.config.service_name):
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            for stream in streams:
+                stream.cancel()
+    finally:
+        assert running.stop() == 0
+
+
+def test_default_rpc_limits_leave_room_for_the_services_own_refusals():
+    """A full service must refuse in its own words ("queue is full"), not with grpc's generic "Concurrent RPC
+    limit exceeded!": the RPC limit sits above what the services admit."""
+    from tokenizer_service.config import TextServerConfig
+
+    engine = ServerConfig(model="m")
+    assert engine.max_concurrent_rpcs > engine.max_waiting + engine.max_num_seqs
+    text = TextServerConfig(model="m", engines="e:1")
+    assert text.max_concurrent_rpcs > text.max_inflight
