@@ -175,9 +175,11 @@ class EngineLoop:
                 if idle:
                     flush()
                 commands = self._drain(block=idle)
-                if _STOP in commands:
-                    flush()
-                    return
+                # On stop, the commands queued before it still apply, and one last step reports them: the
+                # aborts of a drain's last cut calls get their metrics and request lines too.
+                stopping = _STOP in commands
+                if stopping:
+                    commands = commands[: commands.index(_STOP)]
                 rejected = self._apply(commands)
                 outputs: list[StepOutput] = []
                 if self._engine.has_unfinished_requests():
@@ -207,6 +209,9 @@ class EngineLoop:
                 self.last_progress = now
                 if outputs or rejected:
                     pending[:] = [outputs, rejected]
+                if stopping:
+                    flush()
+                    return
         except BaseException as exc:  # the engine cannot continue; every live request fails
             log.exception("engine loop failed")
             message = f"{type(exc).__name__}: {exc}"

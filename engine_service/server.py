@@ -217,7 +217,16 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
         deadline = time.monotonic() + config.grace_s
         while servicer.num_calls and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if servicer.num_calls:
+            servicer.shutdown_error = (f"UNAVAILABLE: the service stopped: its drain's grace period "
+                                       f"({config.grace_s:g}s) ended before the request did")
+            log.warning("drain: cutting %d calls at the end of the grace period", servicer.num_calls)
         await server.stop(max(0.5, deadline - time.monotonic()))
+        # The cut calls' handlers unwind on later turns of the event loop: let them queue their aborts (and so
+        # their request lines) before the engine loop stops.
+        unwind = time.monotonic() + 1.0
+        while servicer.num_calls and time.monotonic() < unwind:
+            await asyncio.sleep(0.02)
     else:
         # Probes see NOT_SERVING (and clients get their INTERNAL statuses) before the process exits.
         await asyncio.sleep(config.failure_linger_s)

@@ -39,6 +39,8 @@ class EngineServicer(pb_grpc.EngineServicer):
         # Requests are taken only once the start-up canary has passed (serve() sets it with health SERVING), so
         # that clients that treat an answered GetModelInfo as ready never reach an engine that may yet fail it.
         self.started = False
+        # Set by serve() when the drain's grace period ends with calls left: they are cut as errors.
+        self.shutdown_error: str | None = None
         self._max_waiting = max_waiting
         self._max_buffered = max_buffered_tokens
         self._stream_ids = itertools.count(1)
@@ -154,7 +156,8 @@ class EngineServicer(pb_grpc.EngineServicer):
                 yield pb.ServerFrame(updates=updates)
         finally:
             reader.cancel()
-            stream.abort_all()  # a closed or cancelled stream frees its requests' blocks at once
+            # A closed or cancelled stream frees its requests' blocks at once.
+            stream.abort_all(self.shutdown_error)
             self._streams.discard(stream)
 
     async def _read_frames(self, request_iterator, stream: OutputStream, prefix: str) -> None:
@@ -192,7 +195,7 @@ class EngineServicer(pb_grpc.EngineServicer):
                         await context.abort(STATUS_BY_CODE[update.status.code], update.status.message)
                     yield update
         finally:
-            stream.abort_all()
+            stream.abort_all(self.shutdown_error)
             self._streams.discard(stream)
             self._unary.pop(cid, None)
 

@@ -130,10 +130,11 @@ class OutputStream:
         self._update(client_id).finish_reason = pb.FINISH_REASON_ABORT
         return True
 
-    def abort_all(self) -> None:
-        """The call ended (closed, cancelled): free every request it still holds."""
+    def abort_all(self, error: str | None = None) -> None:
+        """The call ended (closed, cancelled): free every request it still holds. `error`: the service ended
+        the call itself (the drain's grace period ran out), so the requests count as errors, not aborts."""
         for client_id in list(self.live):
-            self._abort_in_engine(self._finish(client_id))
+            self._abort_in_engine(self._finish(client_id), error)
 
     @property
     def has_updates(self) -> bool:

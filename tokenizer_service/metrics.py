@@ -59,6 +59,8 @@ class TextMetrics:
     def __init__(self, model_name: str, log_requests: bool = True) -> None:
         self.registry = CollectorRegistry()
         self._log_requests = log_requests
+        # Set when the service itself cuts the calls its drain left: those are errors, not "cancelled".
+        self.shutdown_error = ""
         model = {"model_name": model_name}
         labels = list(model)
         self.tokenize_time = Histogram(
@@ -90,6 +92,8 @@ class TextMetrics:
         if trace.logged:
             return
         trace.logged = True
+        if trace.finish_reason == "cancelled" and self.shutdown_error:
+            trace.finish_reason, trace.error = "error", self.shutdown_error
         now = time.monotonic()
         self.detokenize_time.observe(trace.detokenize_s)
         self._finished.labels(model_name=self._model, finished_reason=trace.finish_reason).inc()

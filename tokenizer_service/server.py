@@ -1,8 +1,8 @@
 """The tokenizer service process: `tokenizer-service --model DIR --engines HOST:PORT[,...]`.
 
 Every flag also reads a TOKENIZER_* variable. serve() wires the servicer, the engine pool, health, reflection,
-TLS, limits and keepalive; SIGTERM drains (NOT_SERVING, new requests refused with UNAVAILABLE, in-flight streams
-finish, multiplexed streams end from the server side) within the grace period. main() only parses flags.
+TLS, limits and keepalive; SIGTERM drains (NOT_SERVING, GOAWAY so that clients take new calls elsewhere, in-flight
+streams finish, multiplexed streams end from the server side) within the grace period. main() only parses flags.
 """
 
 from __future__ import annotations
@@ -130,9 +130,18 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
     servicer.begin_drain()
     deadline = time.monotonic() + config.grace_s
     log.info("draining: finishing %d calls within %.0fs", servicer.num_calls, config.grace_s)
+    # GOAWAY now, and the port closes: clients' channels (pinned to this pod through a ClusterIP) make their
+    # next calls on a new connection, to another replica, instead of meeting UNAVAILABLE here for the whole
+    # drain. The calls in flight go on; the grace passed to stop() only backs up the deadline below.
+    stopping = asyncio.create_task(server.stop(config.grace_s + 5))
     while servicer.num_calls and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    await server.stop(max(0.5, deadline - time.monotonic()))
+    if servicer.num_calls:
+        metrics.shutdown_error = (f"UNAVAILABLE: the service stopped: its drain's grace period ({config.grace_s:g}s) "
+                                  "ended before the request did")
+        log.warning("drain: cutting %d calls at the end of the grace period", servicer.num_calls)
+    await server.stop(0)  # cancels what is left (nothing, when the drain finished)
+    await stopping
     if health_server is not None:
         await health_server.stop(0.5)
     await pool.close()

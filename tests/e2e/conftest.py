@@ -101,8 +101,8 @@ def start_engine(model: str, port: int | None = None, extra: list[str] = (), env
 
 
 def start_tokenizer(model: str, engines: list[Service], extra: list[str] = (),
-                    health_port: int | None = None) -> Service:
-    port = free_port()
+                    health_port: int | None = None, port: int | None = None) -> Service:
+    port = port or free_port()
     args = ["tokenizer_service.server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
             "--engines", ",".join(e.target for e in engines), "--reconnect-max-s", "1", "--log-level", "WARNING",
             "--metrics-port", "0", *extra, *(["--health-port", str(health_port)] if health_port else [])]

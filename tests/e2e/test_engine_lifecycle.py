@@ -4,6 +4,7 @@ and SIGTERM drains of both services during streams."""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -58,6 +59,21 @@ def wait_health(service, status, timeout_s: float = 5.0) -> None:
     raise AssertionError(f"health stayed {seen}, expected {status}")
 
 
+def wait_port_closed(port: int, timeout_s: float = 10.0) -> None:
+    """Wait until nothing listens on 127.0.0.1:port (a plain bind succeeds)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"port {port} still has a listener after {timeout_s}s") from None
+        time.sleep(0.05)
+
+
 def complete(client: TextClient, prompt: str, n: int = 8) -> list[pb.GenerateResponse]:
     chunks = list(client.generate(prompt, temperature=0.0, max_tokens=n, ignore_eos=True))
     assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH and chunks[-1].usage.completion_tokens == n
@@ -104,33 +120,49 @@ def test_restarted_engine_serves_without_restarting_the_tokenizer(two):
     assert tokenizer.proc.pid == tokenizer_pid and tokenizer.proc.poll() is None
 
 
-def test_sigterm_drains_tokenizer_then_engine(two):
+def test_sigterm_drains_tokenizer_then_engine(two, demo_model):
     engines, tokenizer = two
     engine = engines[1]
     results: list[object] = []
 
     def run(client: TextClient, i: int) -> None:
         try:
-            results.append(complete(client, f"Drain {i}", n=200))
+            chunks = []
+            for chunk in client.generate(f"Drain {i}", temperature=0.0, max_tokens=1500, ignore_eos=True):
+                chunks.append(chunk)
+                time.sleep(0.004)  # a slow reader: the stream stays in flight for seconds, whatever the CPU
+            assert chunks[-1].usage.completion_tokens == 1500
+            results.append(chunks)
         except grpc.RpcError as exc:
             results.append(exc)
 
-    with TextClient(tokenizer.target, timeout=60) as client:
-        first = client.generate("Warm", max_tokens=1)
-        first.text()
-        threads = [threading.Thread(target=run, args=(client, i)) for i in range(4)]
-        for t in threads:
-            t.start()
-        time.sleep(0.3)
-        tokenizer.signal(signal.SIGTERM)
-        wait_health(tokenizer, NOT_SERVING)  # still answering: its streams are in flight
-        with pytest.raises(grpc.RpcError) as err:
-            client.generate("New while draining", max_tokens=2).text()
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        for t in threads:
-            t.join(60)
-    assert len(results) == 4 and all(isinstance(r, list) for r in results), results
-    assert tokenizer.proc.wait(30) == 0
+    replacement = None
+    try:
+        with TextClient(tokenizer.target, timeout=60) as client:
+            first = client.generate("Warm", max_tokens=1)
+            first.text()
+            threads = [threading.Thread(target=run, args=(client, i)) for i in range(4)]
+            for t in threads:
+                t.start()
+            time.sleep(0.3)
+            tokenizer.signal(signal.SIGTERM)
+            # The drain sends GOAWAY and closes the port at once: a replacement can listen there (as another
+            # replica behind a ClusterIP would take the next connection), and the same client channel's next
+            # call reaches it instead of a draining server, while the four streams finish on the old one.
+            wait_port_closed(tokenizer.port)
+            replacement = start_tokenizer(demo_model, engines, port=tokenizer.port)
+            replacement.wait_serving()
+            new = complete(client, "New while draining", n=2)
+            assert new[-1].usage.completion_tokens == 2
+            assert tokenizer.proc.poll() is None and any(t.is_alive() for t in threads), \
+                "the drain ended before the replacement served: this test saw no drain"
+            for t in threads:
+                t.join(60)
+        assert len(results) == 4 and all(isinstance(r, list) for r in results), results
+        assert tokenizer.proc.wait(30) == 0
+    finally:
+        if replacement is not None:
+            replacement.stop()
 
     with EngineClient(engine.target, timeout=60) as ec:
         outs: list[list[int]] = []

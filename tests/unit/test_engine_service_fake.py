@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.engine_client import EngineClient
+from engine_service.logs import REQUEST_LOGGER
+from engine_service.outputs import FINISH_ERROR
 from engine_service.server import serve
 from engine_service.server_config import ServerConfig
 from protos.llmserve.engine.v1 import engine_pb2 as pb
@@ -195,3 +199,26 @@ def test_default_rpc_limits_leave_room_for_the_services_own_refusals():
     assert engine.max_concurrent_rpcs > engine.max_waiting + engine.max_num_seqs
     text = TextServerConfig(model="m", engines="e:1")
     assert text.max_concurrent_rpcs > text.max_inflight
+
+
+def test_requests_cut_at_the_drain_deadline_are_errors_not_aborts(caplog):
+    """What the drain's grace period leaves, the service ends itself: counted and logged as errors with the
+    reason, not as aborts (which say the client asked)."""
+    running = Running(FakeEngine(max_model_len=1_000_000, step_s=0.01), grace_s=0.3)
+    with caplog.at_level(logging.INFO, logger=REQUEST_LOGGER), EngineClient(running.target, timeout=20) as client:
+        wait_serving(client)
+        stream = client.generate([1, 2], "cut-me", trace_id="cut-me", max_tokens=100_000, ignore_eos=True)
+        next(stream)
+        assert running.stop() == 0
+        with pytest.raises(grpc.RpcError):
+            for _ in stream:
+                pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not _lines(caplog, "cut-me"):
+        time.sleep(0.05)
+    (line,) = _lines(caplog, "cut-me")
+    assert line["finish_reason"] == FINISH_ERROR and "grace period" in line["error"], line
+
+
+def _lines(caplog, trace_id: str) -> list[dict]:
+    return [r.fields for r in caplog.records if r.name == REQUEST_LOGGER and r.fields.get("request_id") == trace_id]

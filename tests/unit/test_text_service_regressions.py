@@ -429,3 +429,32 @@ def test_a_large_tokenize_leaves_the_event_loop_running(demo_tokenizer):
     worst_gap, reply = asyncio.run(main())
     assert list(reply.token_ids) == demo_tokenizer.encode(text, add_special_tokens=False)
     assert worst_gap < 0.4, f"the event loop stalled {worst_gap:.2f}s"
+
+
+def test_streams_cut_at_the_drain_deadline_are_errors_not_cancelled(demo_model_dir, demo_tokenizer, caplog):
+    """The service itself ends what its drain left: the client sees UNAVAILABLE, and the request's line and count
+    say error (with the reason), not "cancelled", which means the client went away."""
+    engine = demo_engine(demo_model_dir, demo_tokenizer, step_s=0.01)
+    server = TextServer(demo_model_dir, engines=engine.target, grace_s=0.5)
+    try:
+        with grpc.insecure_channel(server.target) as channel, \
+                caplog.at_level(logging.INFO, logger="llmserve.request"):
+            stub = pb_grpc.TextGenerationStub(channel)
+            wait_ready(stub)
+            caplog.clear()
+            stream = stub.Generate(pb.GenerateRequest(
+                prompt="long", request_id="cut-me",
+                sampling_params=pb.SamplingParams(max_tokens=50_000, ignore_eos=True)), timeout=30)
+            next(stream)
+            server.stop()
+            with pytest.raises(grpc.RpcError) as cut:
+                for _ in stream:
+                    pass
+            assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+            lines = [r.fields for r in caplog.records if r.name == "llmserve.request"
+                     and r.fields["request_id"] == "cut-me"]
+    finally:
+        server.stop()
+        engine.stop()
+    assert len(lines) == 1 and lines[0]["finish_reason"] == "error", lines
+    assert "grace period" in lines[0]["error"], lines
