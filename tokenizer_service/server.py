@@ -82,7 +82,21 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
                 bound_port: asyncio.Future[int] | None = None, handle_signals: bool = True) -> int:
     """Run until `stop` (or SIGTERM) and drained; returns the exit code."""
     stop = stop or asyncio.Event()
-    tokenizer, name, vocab = await asyncio.to_thread(load_tokenizer, config.model)
+    if handle_signals:
+        # Before the load: as a container's PID 1 the process ignores a SIGTERM it has no handler for, and the
+        # kubelet sends one SIGTERM only, so a pod stopped while loading would wait out its grace period.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    loading = asyncio.ensure_future(asyncio.to_thread(load_tokenizer, config.model))
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([loading, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done():
+        log.warning("stop signal while the tokenizer was loading: exiting once the load returns (no request was "
+                    "in flight)")
+        loading.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome no longer matters
+        return 0
+    stopped.cancel()
+    tokenizer, name, vocab = loading.result()
     eos = read_eos_token_ids(config.model, tokenizer)
     pool = EnginePool(config, vocab, eos, engine_channel_options(config))
     metrics = TextMetrics(name, config.log_requests)
@@ -116,9 +130,6 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
         metrics_server = serve_metrics(metrics.registry, config.host, config.metrics_port)
     if bound_port is not None:
         bound_port.set_result(port)
-    if handle_signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     pool.start()
     health_task = asyncio.create_task(_track_engines(pool, health_servicer, config.service_name))
     log.info("tokenizer service listening on %s:%d (%s) for %s; engines over %s", config.host, port, describe(tls),

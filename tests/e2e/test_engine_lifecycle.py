@@ -251,3 +251,28 @@ def test_a_port_held_by_another_grpc_server_is_a_clear_start_up_error(demo_model
     what = "port" if flag == "--port" else "health_port"
     assert f"engine-service: cannot listen on 127.0.0.1:{taken} ({what})" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_tokenizer_sigterm_while_loading_exits_cleanly(demo_model, tmp_path):
+    """The tokenizer service handles SIGTERM from its first moments: a SIGTERM during the load exits 0 with a
+    warning (as a container's PID 1, a signal without a handler is ignored, and the pod would wait out its
+    grace period)."""
+    code = ("import sys, time, tokenizer_service.server as s; real = s.load_tokenizer; "
+            "s.load_tokenizer = lambda d: (time.sleep(3), real(d))[1]; s.main(sys.argv[1:])")
+    log = tmp_path / "tokenizer.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code, "--model", demo_model, "--host", "127.0.0.1",
+                                 "--port", str(free_port()), "--engines", "127.0.0.1:1", "--metrics-port", "0"],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(1.5)  # imports done, the load under way
+        assert proc.poll() is None, log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    text = log.read_text()
+    assert rc == 0, text
+    assert "stop signal while the tokenizer was loading" in text, text
