@@ -68,6 +68,10 @@ class EngineStepError(RuntimeError):
         self.outputs = outputs
 
 
+class EngineDeadError(RuntimeError):
+    """The engine cannot continue (a tensor-parallel step failed partway, or close() was called): make a new one."""
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -116,13 +120,15 @@ class LLMEngine:
             check_tensor_parallel(self.model_cfg, self.config.tensor_parallel_size)
 
             self.workers = WorkerGroup(self.config, self.model_cfg, max_model_len)
-            tp = self.workers.rank0_info()
         try:
+            if self.workers is not None:
+                tp = self.workers.rank0_info()
             self.runner = ModelRunner(self.config, self.model_cfg, max_model_len, tp)
         except BaseException:
             if self.workers is not None:
                 self.workers.close()
             raise
+        self._dead: str | None = None  # why the engine cannot continue (EngineDeadError), once it cannot
         self.block_manager = BlockManager(
             self.runner.num_blocks, self.config.kvcache_block_size, self.config.enable_prefix_caching
         )
@@ -176,6 +182,7 @@ class LLMEngine:
         self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams
     ) -> None:
         """Validate and queue a request; raises ValueError naming the problem, and the engine keeps serving."""
+        self._check_alive()
         if request_id in self.seqs:
             raise ValueError(f"request_id {request_id!r} is already in use by a live request")
         if not isinstance(sampling_params, SamplingParams):
@@ -240,6 +247,7 @@ class LLMEngine:
         CPU, just after its kernels are enqueued on CUDA; see ModelRunner.execute), so that a caller can do
         its own work while the model computes.
         """
+        self._check_alive()
         outputs, self._pending = self._pending, []
         current, self._inflight = self._inflight, None
         if current is not None and not any(s.status is Status.RUNNING for s in current.batch.seqs):
@@ -269,9 +277,32 @@ class LLMEngine:
             launched = self.runner.launch(
                 batch, rows, self.workers, on_launch, previous.launched if ahead else None
             )
-        except Exception as exc:  # OOM, kernel failure: fail this step's requests, keep the pool whole
+        except BaseException as exc:
+            if self.workers is not None:
+                # The workers got the step and may sit in its collectives, which rank 0 left: every later
+                # collective would pair with a stale one (wrong tokens, or gloo aborting the process).
+                self._kill(f"a tensor-parallel step failed partway on rank 0 ({type(exc).__name__}: {exc}), "
+                           "leaving the ranks out of step")
+                if isinstance(exc, Exception):
+                    raise EngineDeadError(self._dead) from exc
+                raise  # KeyboardInterrupt and the like, as they came; later calls get EngineDeadError
+            if not isinstance(exc, Exception):
+                raise
+            # OOM, kernel failure: fail this step's requests, keep the pool whole.
             raise self._step_failed(exc, outputs, batch, previous.batch if ahead else None) from exc
         return _InFlight(batch, launched)
+
+    def _kill(self, why: str) -> None:
+        """The engine cannot continue: stop its workers now; step() and add_request() refuse from here on."""
+        self._dead = f"{why}; this engine cannot continue: make a new one"
+        log.error("engine unusable: %s", self._dead)
+        if self.workers is not None:
+            self.workers.close(wait=False)
+            self.workers = None
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
 
     def _step_failed(self, exc: Exception, outputs, *batches: ScheduledBatch | None) -> EngineStepError:
         """Fail the requests of the given batches and of any step in flight; the error to raise."""
@@ -359,6 +390,7 @@ class LLMEngine:
             self.workers.close()
             self.workers = None
         self.runner = None  # type: ignore[assignment]
+        self._dead = self._dead or "the engine was closed (close()): make a new one"
 
     def __enter__(self):
         return self

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import shutil
 import tempfile
+import threading
+import weakref
 from datetime import timedelta
 
 import torch
@@ -46,9 +49,24 @@ def make_group(store_path: str, rank: int, size: int, cuda: bool):
     return dist.ProcessGroupGloo(store, rank, size, opts)
 
 
+def _exit_with_parent() -> None:
+    """Exit this worker as soon as rank 0's process is gone, whatever the worker is doing (waiting for the
+    group to form, or in a collective): a pipe closing is seen only between steps."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        mp.connection.wait([parent.sentinel])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="tp-parent-watch", daemon=True).start()
+
+
 def _worker_main(rank, size, store_path, config, model_cfg, max_model_len, conn) -> None:
     from engine_service.model_runner import ModelRunner
 
+    _exit_with_parent()
     torch.set_num_threads(max(1, torch.get_num_threads() // size))
     tp = TPInfo(rank, size, make_group(store_path, rank, size, _on_cuda(config)))
     runner = ModelRunner(config, model_cfg, max_model_len, tp)
@@ -89,26 +107,62 @@ class WorkerGroup:
             child.close()
             self.conns.append(parent)
             self.procs.append(proc)
+        # The lists are shared with the finalizer, which close() empties them for: it then has nothing to do.
+        weakref.finalize(self, _shut_down, self.conns, self.procs, self._dir, False)
         log.info("started %d tensor-parallel worker(s) (%s)", self.size - 1, "nccl" if self.cuda else "gloo")
 
     def rank0_info(self) -> TPInfo:
-        return TPInfo(0, self.size, make_group(self.store_path, 0, self.size, self.cuda))
+        """Rank 0's side of the group, once every worker has joined it. A worker that exits first (a crash at
+        start-up) is reported at once rather than after the group's five-minute timeout."""
+        made: dict[str, object] = {}
+
+        def join() -> None:
+            try:
+                made["group"] = make_group(self.store_path, 0, self.size, self.cuda)
+            except BaseException as exc:  # noqa: BLE001 -- re-raised below
+                made["error"] = exc
+
+        joiner = threading.Thread(target=join, name="tp-group-join", daemon=True)
+        joiner.start()
+        while joiner.is_alive():
+            joiner.join(0.1)
+            for rank, proc in enumerate(self.procs, start=1):
+                if proc.exitcode is not None:
+                    raise RuntimeError(
+                        f"tensor-parallel worker rank {rank} exited with code {proc.exitcode} during start-up; "
+                        "its error is above. Workers start with `spawn`, which re-imports the main script: a "
+                        "script that makes an LLM must do so under `if __name__ == \"__main__\":`"
+                    )
+        if "error" in made:
+            raise made["error"]  # type: ignore[misc]
+        return TPInfo(0, self.size, made["group"])
 
     def send_step(self, inputs) -> None:
         for conn in self.conns:
             conn.send(("step", inputs))
 
-    def close(self) -> None:
-        for conn in self.conns:
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers: ask them to exit (and wait up to 10 s), or with wait=False terminate them at once
+        (they may sit in a collective that will never complete)."""
+        _shut_down(self.conns, self.procs, self._dir, wait)
+        self.conns.clear()
+        self.procs.clear()
+
+
+def _shut_down(conns: list, procs: list, directory: str, wait: bool = True) -> None:
+    """WorkerGroup.close(), and its finalizer: a group never closed still reaps its workers and removes its
+    store's directory when it is garbage-collected or the interpreter exits."""
+    for conn in conns:
+        if wait:
             try:
                 conn.send(("exit", None))
             except (BrokenPipeError, OSError):
                 pass
-            conn.close()
-        for proc in self.procs:
+        conn.close()
+    for proc in procs:
+        if wait:
             proc.join(timeout=10)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=5)
-        self.conns, self.procs = [], []
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if proc.is_alive():
+            proc.terminate()
+        proc.join(timeout=5)
+    shutil.rmtree(directory, ignore_errors=True)

@@ -98,3 +98,110 @@ def test_workers_never_block_interpreter_exit(tmp_path):
         time.sleep(0.2)
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+TP_ARGS = dict(device="cpu", dtype="float32", attention_backend="torch", num_kvcache_blocks=16, max_num_seqs=2,
+               max_num_batched_tokens=16, max_model_len=64)
+
+
+@pytest.mark.timeout(180)
+def test_a_step_failing_partway_on_rank_0_stops_the_engine_instead_of_desynchronising_it(tmp_path):
+    """Rank 0 failing after the workers got a step (here its on_launch callback; on a GPU an OOM, or a Ctrl-C)
+    leaves them in that step's collectives: every later collective would pair with a stale one, giving wrong
+    tokens or a gloo abort. The engine stops its workers and refuses from then on, saying why."""
+    from engine_service.engine import EngineDeadError, EngineStepError
+
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
+    with LLM(tmp_path, tensor_parallel_size=2, **TP_ARGS) as llm:
+        procs = list(llm.workers.procs)
+        llm.add_request("r", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=4))
+
+        def fail() -> None:
+            raise RuntimeError("injected failure between send_step and the forward pass")
+
+        with pytest.raises(EngineDeadError, match="out of step") as dead:
+            llm.step(on_launch=fail)
+        assert not isinstance(dead.value, EngineStepError)  # the server must not treat it as recoverable
+        for proc in procs:
+            proc.join(10)
+            assert not proc.is_alive()
+        with pytest.raises(EngineDeadError, match="make a new one"):
+            llm.generate([[4, 5]], SamplingParams(temperature=0.0, max_tokens=2))
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_dying_at_start_up_is_reported_at_once(tmp_path):
+    """A script without the `__main__` guard: under spawn the worker re-runs it and dies at once. Rank 0 says so
+    within seconds, naming the likely cause, instead of waiting out the group's five-minute timeout."""
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from engine_service import LLM\n"
+        f"llm = LLM({str(tmp_path)!r}, tensor_parallel_size=2, **{TP_ARGS!r})\n"
+    )
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100,
+                            cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert result.returncode != 0
+    assert "worker rank 1 exited" in result.stderr and "__main__" in result.stderr, result.stderr[-3000:]
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.timeout(120)
+def test_workers_exit_when_rank_0_dies_during_start_up(tmp_path):
+    """A worker waiting for rank 0 to form the group (rank 0 killed mid start-up, by a pod restart say) exits
+    at once rather than lingering until the group's timeout."""
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
+    code = (
+        "import time\n"
+        "from engine_service.config import EngineConfig\n"
+        "from engine_service.model.config import ModelConfig\n"
+        "from engine_service.tp import WorkerGroup\n"
+        "if __name__ == '__main__':\n"
+        f"    config = EngineConfig.from_kwargs({str(tmp_path)!r}, tensor_parallel_size=2, **{TP_ARGS!r})\n"
+        f"    group = WorkerGroup(config, ModelConfig.from_dir({str(tmp_path)!r}), 64)\n"
+        "    print(' '.join(str(p.pid) for p in group.procs), flush=True)\n"
+        "    time.sleep(600)  # never joins the group\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert pids
+        time.sleep(2)  # the worker is up, waiting for rank 0 in the group's store
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 15
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = [pid for pid in pids if _alive(pid)]
+        assert not alive, f"workers {alive} outlived rank 0 by 15 s"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.timeout(180)
+def test_an_engine_never_closed_still_reaps_its_workers_and_removes_its_store(tmp_path):
+    import gc
+
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
+    llm = LLM(tmp_path, tensor_parallel_size=2, **TP_ARGS)
+    procs, store_dir = list(llm.workers.procs), llm.workers._dir
+    assert os.path.isdir(store_dir)
+    del llm
+    gc.collect()
+    assert not os.path.exists(store_dir)
+    assert all(p.exitcode is not None for p in procs)  # joined: no zombie left behind
