@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,12 +214,15 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def _validate_prompt(self, prompt_token_ids) -> list[int]:
+        if hasattr(prompt_token_ids, "tolist"):  # a numpy array or a torch tensor: its elements as Python ints
+            prompt_token_ids = prompt_token_ids.tolist()
         if isinstance(prompt_token_ids, str | bytes) or not hasattr(prompt_token_ids, "__len__"):
             raise ValueError("prompt_token_ids must be a list of integer token ids")
         prompt = list(prompt_token_ids)
         for i, t in enumerate(prompt):
-            if isinstance(t, bool) or not isinstance(t, int):
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
                 raise ValueError(f"prompt_token_ids[{i}] = {t!r} is not an integer token id")
+        prompt = [int(t) for t in prompt]  # numpy integers included
         check_prompt(prompt, self.model_cfg.vocab_size, self.max_model_len)
         return prompt
 
@@ -408,7 +412,9 @@ class LLM(LLMEngine):
         self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
     ) -> list[dict]:
         """Generate for each prompt (token ids or text); returns generated tokens and text, in input order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if hasattr(prompts, "tolist"):  # a numpy array or torch tensor of ids: one prompt, or a batch of rows
+            prompts = prompts.tolist()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], numbers.Integral)):
             prompts = [prompts]
         params = sampling_params if sampling_params is not None else SamplingParams()
         if isinstance(params, SamplingParams):

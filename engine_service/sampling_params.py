@@ -27,8 +27,10 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        # Accept any iterable for stop_token_ids but store an immutable tuple.
+        # Accept any iterable of ids for stop_token_ids (a list, a tuple, a set) but store an immutable tuple.
         if not isinstance(self.stop_token_ids, tuple):
+            if isinstance(self.stop_token_ids, str | bytes) or not hasattr(self.stop_token_ids, "__iter__"):
+                raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         self.validate()
 
@@ -46,6 +48,8 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
                 raise ValueError(f"{name} must be a number, got {value!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.min_tokens < 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from engine_service import LLM, LLMEngine, SamplingParams
 from tests.integration.tiny import VOCAB, hf_greedy, make_qwen3
@@ -68,6 +69,10 @@ BAD_PARAMS = [
     dict(top_k=-2),
     dict(min_p=-0.1),
     dict(min_p=1.1),
+    dict(stop_token_ids=None),
+    dict(stop_token_ids=5),
+    dict(ignore_eos="no"),
+    dict(ignore_eos=None),
 ]
 
 
@@ -78,6 +83,48 @@ def test_bad_sampling_params_name_the_field(kwargs):
     with pytest.raises(ValueError) as err:
         SamplingParams(**kwargs)
     assert any(name in str(err.value) for name in kwargs)
+
+
+BAD_ENGINE_ARGS = [
+    dict(seed="a"),
+    dict(seed=-1),
+    dict(cpu_kvcache_gib="4"),
+    dict(cpu_kvcache_gib=float("nan")),
+    dict(enable_prefix_caching="no"),
+    dict(enforce_eager="yes"),
+    dict(tensor_parallel_size=True),
+    dict(kvcache_block_size=True),
+]
+
+
+@pytest.mark.parametrize("kwargs", BAD_ENGINE_ARGS, ids=[f"{k}={v!r}" for d in BAD_ENGINE_ARGS for k, v in d.items()])
+def test_bad_engine_arguments_name_the_field(kwargs):
+    """Before: torch's "manual_seed expected a long", a TypeError, NaN's int conversion, or a silent truthiness."""
+    from engine_service.config import EngineConfig
+
+    with pytest.raises(ValueError) as err:
+        EngineConfig(model="m", **kwargs)
+    assert next(iter(kwargs)) in str(err.value)
+
+
+def test_numpy_and_torch_prompts_are_token_ids(model_dir):
+    import numpy as np
+
+    with _engine(model_dir) as engine:
+        params = SamplingParams(temperature=0.0, max_tokens=3)
+        want = engine.generate([_prompt(5)], params)[0]["token_ids"]
+        for prompt in (np.array(_prompt(5)), torch.tensor(_prompt(5)), [np.int64(t) for t in _prompt(5)]):
+            assert engine.generate(prompt, params)[0]["token_ids"] == want
+        assert [o["token_ids"] for o in engine.generate(torch.tensor([_prompt(5)] * 2), params)] == [want, want]
+
+
+def test_a_closed_engine_refuses_clearly(model_dir):
+    from engine_service.engine import EngineDeadError
+
+    engine = _engine(model_dir)
+    engine.close()
+    with pytest.raises(EngineDeadError, match="closed"):
+        engine.generate([_prompt(3)], SamplingParams(max_tokens=2))
 
 
 def test_bad_requests_are_refused_and_engine_keeps_serving(model_dir):
