@@ -53,17 +53,42 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
-def torch_threads(config: ServerConfig, cuda_available: bool, num_cores: int) -> int | None:
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup CPU quota (a pod's `limits.cpu`).
+
+    torch sizes its thread pool from the host's cores and ignores the quota: in a 2-CPU pod on a 64-core node
+    it would run 32 threads into the quota's throttling.
+    """
+    cpus = len(os.sched_getaffinity(0))
+    quota = period = None
+    try:  # cgroup v2: "max 100000" or "200000 100000"
+        q, per = (cgroup_root / "cpu.max").read_text().split()[:2]
+        quota, period = (None if q == "max" else int(q)), int(per)
+    except (OSError, ValueError):
+        try:  # cgroup v1: -1 for no quota
+            quota = int((cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            pass
+    if quota is not None and quota > 0 and period:
+        cpus = min(cpus, max(1, -(-quota // period)))  # a quota of 1.5 CPUs still runs 2 threads
+    return cpus
+
+
+def torch_threads(config: ServerConfig, cuda_available: bool, num_cores: int, torch_default: int) -> int | None:
     """torch's intra-op thread count for this service, or None to leave torch's default.
 
     On a small CPU machine the engine shares the cores with its own gRPC threads and with the tokenizer
     service: torch threads beyond one then wait on each other at every small matmul (a 2-core machine ran
-    workload B markedly slower with two), so the default there is one.
+    workload B markedly slower with two), so the default there is one. Elsewhere torch's default, capped at
+    the CPUs the process may use (num_cores, from available_cpus()).
     """
     if config.torch_threads:
         return config.torch_threads
     on_cpu = config.device == "cpu" or (config.device == "auto" and not cuda_available)
-    return 1 if on_cpu and num_cores <= 4 else None
+    if on_cpu and num_cores <= 4:
+        return 1
+    return num_cores if torch_default > num_cores else None
 
 
 def load_engine(config: ServerConfig) -> Any:
@@ -72,7 +97,7 @@ def load_engine(config: ServerConfig) -> Any:
 
     from engine_service import LLMEngine  # the model stack loads only in the service process
 
-    threads = torch_threads(config, torch.cuda.is_available(), len(os.sched_getaffinity(0)))
+    threads = torch_threads(config, torch.cuda.is_available(), available_cpus(), torch.get_num_threads())
     if threads is not None:
         torch.set_num_threads(threads)  # process-wide: the engine loop thread picks it up too
     log.info("torch intra-op threads: %d", torch.get_num_threads())

@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The tokenizer service and the Python clients, on CPU, without torch.
 #   docker build -f deploy/docker/tokenizer.Dockerfile -t llmserve/tokenizer:0.1.0 .
-# Run a client from it: docker run --rm llmserve/tokenizer:0.1.0 python -m clients.<module> ...
+# Run a client from it: docker run --rm --entrypoint python llmserve/tokenizer:0.1.0 -m clients.<module> ...
 ARG PYTHON_BASE=python:3.12-slim-bookworm
 
 FROM ${PYTHON_BASE} AS build

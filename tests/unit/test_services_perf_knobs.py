@@ -9,18 +9,45 @@ from engine_service.server_config import parse_config
 
 
 @pytest.mark.parametrize(
-    ("flags", "cuda", "cores", "expected"),
+    ("flags", "cuda", "cores", "default", "expected"),
     [
-        ([], False, 2, 1),  # small CPU machine: one thread, the gRPC threads and the tokenizer get the rest
-        ([], False, 32, None),  # big CPU machine: torch's own choice
-        (["--device", "cpu"], True, 2, 1),
-        ([], True, 2, None),  # auto on a GPU machine
-        (["--torch-threads", "3"], False, 2, 3),  # the flag wins
+        ([], False, 2, 2, 1),  # small CPU machine: one thread, the gRPC threads and the tokenizer get the rest
+        ([], False, 32, 32, None),  # big CPU machine: torch's own choice
+        ([], False, 8, 32, 8),  # an 8-CPU quota on a 32-core node: no more threads than the quota runs
+        (["--device", "cpu"], True, 2, 2, 1),
+        ([], True, 2, 2, None),  # auto on a GPU machine
+        ([], True, 6, 64, 6),
+        (["--torch-threads", "3"], False, 2, 2, 3),  # the flag wins
     ],
 )
-def test_torch_threads_default_and_flag(flags, cuda, cores, expected):
+def test_torch_threads_default_and_flag(flags, cuda, cores, default, expected):
     config = parse_config(["--model", "m", *flags], env={})
-    assert torch_threads(config, cuda_available=cuda, num_cores=cores) == expected
+    assert torch_threads(config, cuda_available=cuda, num_cores=cores, torch_default=default) == expected
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "200000 100000\n"}, 2),  # cgroup v2, limits.cpu: "2"
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: two threads
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu.max": "max 100000\n"}, None),  # no quota: the affinity
+        ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),  # no cgroup files at all
+    ],
+)
+def test_available_cpus_honours_the_cgroup_quota(tmp_path, monkeypatch, files, expected):
+    """A pod's CPU limit is a CFS quota that torch's own thread count ignores."""
+    import os
+
+    from engine_service.server import available_cpus
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert available_cpus(tmp_path) == (16 if expected is None else expected)
 
 
 def test_torch_threads_reads_the_environment_and_refuses_negatives():
