@@ -31,6 +31,7 @@ from engine_service.server_config import ServerConfig, parse_config
 from engine_service.servicer import EngineServicer
 from protos.llmserve.engine.v1 import engine_pb2, engine_pb2_grpc
 
+UNLIMITED_MS = 2**31 - 1  # gRPC's "no limit" for a duration in milliseconds
 log = logging.getLogger("engine_service")
 FAIL_AFTER_STEPS_ENV = "ENGINE_TEST_FAIL_AFTER_STEPS"
 
@@ -48,8 +49,10 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         NO_REUSEPORT,
     ]
     if config.max_connection_age_s > 0:
+        # GOAWAY once a connection is that old: new calls open a new connection (to another replica behind a
+        # ClusterIP). Calls already streaming run to their end, however long: no grace cuts a generation.
         options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
-                    ("grpc.max_connection_age_grace_ms", int(config.grace_s * 1000))]
+                    ("grpc.max_connection_age_grace_ms", UNLIMITED_MS)]
     return options
 
 

@@ -65,7 +65,9 @@ class ServerConfig:
     keepalive_time_s: float = 30.0  # server pings idle connections this often
     keepalive_timeout_s: float = 10.0
     min_ping_interval_s: float = 5.0  # clients may ping this often without a too_many_pings GOAWAY
-    max_connection_age_s: float = 0.0  # 0: unlimited; set it so new engine pods get traffic
+    # 0: unlimited. The tokenizer services dial every engine pod themselves (DNS), so engines need no age;
+    # it is for other callers behind one address. Streams in flight are never cut by it.
+    max_connection_age_s: float = 0.0
     # Lifecycle.
     grace_s: float = 30.0  # SIGTERM drain: in-flight streams get this long to finish
     watchdog_s: float = 120.0  # a loop that has not stepped this long while requests wait is stalled

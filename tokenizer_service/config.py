@@ -54,7 +54,9 @@ class TextServerConfig:
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
     min_ping_interval_s: float = 5.0
-    max_connection_age_s: float = 0.0  # 0: unlimited
+    # 0: unlimited. Set it (e.g. 300) so that clients' long-lived channels reconnect now and then and reach
+    # replicas the autoscaler added; streams in flight are never cut by it.
+    max_connection_age_s: float = 0.0
     grace_s: float = 30.0  # SIGTERM drain
     log_level: str = "INFO"
     # Observability (docs/OBSERVABILITY.md).

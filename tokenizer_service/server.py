@@ -29,6 +29,7 @@ from tokenizer_service.metrics import TextMetrics, serve_metrics
 from tokenizer_service.servicer import TextServicer
 from tokenizer_service.validation import read_eos_token_ids, read_generation_defaults
 
+UNLIMITED_MS = 2**31 - 1  # gRPC's "no limit" for a duration in milliseconds
 log = logging.getLogger("tokenizer_service")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -47,8 +48,10 @@ def server_options(config: TextServerConfig) -> list[tuple[str, int]]:
         NO_REUSEPORT,
     ]
     if config.max_connection_age_s > 0:
+        # GOAWAY once a connection is that old: new calls open a new connection (to another replica behind a
+        # ClusterIP). Calls already streaming run to their end, however long: no grace cuts a generation.
         options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
-                    ("grpc.max_connection_age_grace_ms", int(config.grace_s * 1000))]
+                    ("grpc.max_connection_age_grace_ms", UNLIMITED_MS)]
     return options
 
 

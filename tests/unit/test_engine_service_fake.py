@@ -222,3 +222,18 @@ def test_requests_cut_at_the_drain_deadline_are_errors_not_aborts(caplog):
 
 def _lines(caplog, trace_id: str) -> list[dict]:
     return [r.fields for r in caplog.records if r.name == REQUEST_LOGGER and r.fields.get("request_id") == trace_id]
+
+
+def test_max_connection_age_moves_new_calls_without_cutting_a_long_stream():
+    """--max-connection-age-s sends GOAWAY once a connection is that old, so new calls open a new connection;
+    a generation already streaming on the old one must still run to its end, however long it takes (a grace
+    of --grace-s cut it after 0.5 s here)."""
+    running = Running(FakeEngine(max_model_len=1_000_000, step_s=0.01), max_connection_age_s=0.3, grace_s=0.5)
+    try:
+        with EngineClient(running.target, timeout=30) as client:
+            wait_serving(client)
+            updates = list(client.generate([1, 2], "long", max_tokens=150, ignore_eos=True))  # about 1.5 s
+            assert sum(len(u.new_token_ids) for u in updates) == 150
+            assert updates[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    finally:
+        assert running.stop() == 0
