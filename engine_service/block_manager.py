@@ -121,9 +121,14 @@ class BlockManager:
             block.ref_count += 1
             seq.block_hashes.append(block.hash)  # type: ignore[arg-type]
         seq.block_table = list(matched)
-        seq.num_computed_tokens = seq.num_cached_tokens = len(matched) * self.block_size
-        self.prefix_queries += len(seq.token_ids)
-        self.prefix_hits += seq.num_cached_tokens
+        seq.num_computed_tokens = len(matched) * self.block_size
+        if seq.admit_order < 0:
+            # First admission: what the prompt found in the cache. A readmission after preemption finds the
+            # sequence's own blocks, generated tokens included: that is recompute saved, not a prompt hit, and
+            # neither the request's cached_tokens nor the hit rate may count it.
+            seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+            self.prefix_queries += seq.num_prompt_tokens
+            self.prefix_hits += seq.num_cached_tokens
 
     # ---- growth --------------------------------------------------------------------------------
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:

@@ -198,7 +198,7 @@ class LLMEngine:
         prompt = self._validate_prompt(prompt_token_ids)
         bm = self.block_manager
         worst = min(len(prompt) + sampling_params.max_tokens, self.max_model_len)
-        need = bm.blocks_needed(worst)
+        need = bm.blocks_needed(worst - 1)  # the last token is sampled, never fed back: it takes no KV slot
         if need > bm.num_blocks:
             raise ValueError(
                 f"request needs {need} KV blocks of {bm.block_size} tokens (prompt {len(prompt)} + max_tokens "

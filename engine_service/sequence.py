@@ -54,7 +54,7 @@ class Sequence:
         # Hashes of this sequence's full blocks, in order, as far as they have been computed.
         self.block_hashes: list[int] = []
         self.finish_reason: str | None = None
-        self.admit_order = -1
+        self.admit_order = -1  # set at each admission by the scheduler; -1: never admitted yet
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -156,9 +156,13 @@ def test_bad_requests_are_refused_and_engine_keeps_serving(model_dir):
 def test_request_that_can_never_fit_the_pool_is_refused(model_dir):
     with _engine(model_dir, num_kvcache_blocks=4) as engine:  # 64 slots
         with pytest.raises(ValueError, match="KV blocks"):
-            engine.add_request("big", _prompt(40), SamplingParams(max_tokens=30))  # 70 tokens -> 5 blocks
-        engine.add_request("fits", _prompt(40), SamplingParams(temperature=0.0, max_tokens=24))
-        assert _drain(engine)["fits"][1] == "length"
+            engine.add_request("big", _prompt(40), SamplingParams(max_tokens=30))  # 69 KV tokens -> 5 blocks
+        with pytest.raises(ValueError, match="KV blocks"):
+            engine.add_request("one-over", _prompt(40), SamplingParams(max_tokens=26))  # 65 KV tokens
+        # 65 tokens in all, but the last is only sampled: 64 hold KV, exactly the pool.
+        engine.add_request("fits", _prompt(40), SamplingParams(temperature=0.0, max_tokens=25))
+        done = _drain(engine)["fits"]
+        assert done[1] == "length" and len(done[0]) == 25
         assert _all_free(engine)
 
 

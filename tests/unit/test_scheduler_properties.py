@@ -43,7 +43,7 @@ class Sim:
         self.num_ahead = 0
 
     def add(self, prompt: list[int], max_tokens: int) -> None:
-        need = -(-min(len(prompt) + max_tokens, self.max_model_len) // BLOCK)
+        need = -(-(min(len(prompt) + max_tokens, self.max_model_len) - 1) // BLOCK)  # as engine.add_request
         if len(prompt) >= self.max_model_len or need > self.bm.num_blocks:
             return  # the engine refuses these at admission
         seq = Sequence(str(self.next_id), prompt, SamplingParams(max_tokens=max_tokens), self.max_model_len)
@@ -284,3 +284,22 @@ def test_random_traffic_does_exercise_cache_hits_and_preemption():
     sim = _run(ops_list, seed=0, num_blocks=12, budget=16, max_seqs=4, max_model_len=48, overlap=True)
     assert sim.bm.prefix_hits > 0 and sim.sched.num_preemptions > 0
     assert sim.num_ahead > 20  # and it really schedules ahead
+
+
+def test_a_readmission_after_preemption_is_not_a_prompt_cache_hit():
+    """A preempted sequence readmitted over its own cached blocks (generated tokens included) saves recompute,
+    but its cached_tokens (prompt tokens served from the cache) and the hit rate must not count them: two
+    prompts that share nothing report 0 cached tokens and no hits, preemption or not."""
+    bm = BlockManager(6, BLOCK)
+    sched = Scheduler(bm, 2, 64)
+    a = Sequence("a", [1, 2, 3, 4, 5], SamplingParams(max_tokens=15), 64)
+    b = Sequence("b", [5, 4, 3, 2, 1], SamplingParams(max_tokens=15), 64)
+    sched.add(a)
+    sched.add(b)
+    rng = random.Random(0)
+    while sched.has_unfinished():
+        batch = sched.schedule()
+        sched.postprocess(batch, [rng.randrange(1, VOCAB - 1) if take else None for take in batch.sample])
+    assert sched.num_preemptions > 0  # b was preempted and readmitted over its own published blocks
+    assert a.num_cached_tokens == b.num_cached_tokens == 0
+    assert bm.prefix_hits == 0 and bm.prefix_queries == 10
