@@ -142,7 +142,11 @@ class Scheduler:
             matched = self.bm.match_prefix(seq)
             cached = len(matched) * self.bm.block_size
             n = min(len(seq) - cached, budget)
-            if not self.bm.can_admit(matched, cached + n):
+            # A new request needs room for its first chunk. A preempted one waits until its whole recompute
+            # fits: readmitted on a first chunk, it would recompute into the same shortage and be preempted
+            # again (the newest is the victim), over and over.
+            need = cached + n if seq.admit_order < 0 else len(seq)
+            if not self.bm.can_admit(matched, need):
                 break
             self.waiting.popleft()
             self.bm.admit(seq, matched)

@@ -303,3 +303,27 @@ def test_a_readmission_after_preemption_is_not_a_prompt_cache_hit():
     assert sched.num_preemptions > 0  # b was preempted and readmitted over its own published blocks
     assert a.num_cached_tokens == b.num_cached_tokens == 0
     assert bm.prefix_hits == 0 and bm.prefix_queries == 10
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_a_preempted_sequence_is_readmitted_only_when_its_recompute_fits(prefix_caching):
+    """Readmitted as soon as its first chunk fitted, a preempted long sequence recomputed into the same shortage
+    and, as the newest, was preempted again: 74 preemptions and 94% of the computed tokens thrown away here
+    (without prefix caching, which would otherwise hand it its blocks back)."""
+    bm = BlockManager(24, BLOCK, enable_prefix_caching=prefix_caching)
+    sched = Scheduler(bm, 8, 16)
+    seqs = [Sequence("a", list(range(1, 5)), SamplingParams(max_tokens=75, ignore_eos=True), 256),
+            Sequence("b", list(range(100, 150)), SamplingParams(max_tokens=25, ignore_eos=True), 256)]
+    for seq in seqs:
+        sched.add(seq)
+    computed = steps = 0
+    while sched.has_unfinished():
+        batch = sched.schedule()
+        computed += batch.num_tokens
+        sched.postprocess(batch, [1 if take else None for take in batch.sample])
+        steps += 1
+        assert steps < 1000
+    assert all(s.status is Status.FINISHED for s in seqs)
+    assert sched.num_preemptions <= 2, sched.num_preemptions
+    useful = sum(s.num_prompt_tokens + s.num_output_tokens - 1 for s in seqs)
+    assert computed <= 1.5 * useful, (computed, useful)
