@@ -6,7 +6,9 @@ Prefix caching:
 - A full block's hash is xxhash of its token ids, seeded with the previous block's hash, so one hash
   names the whole prefix up to and including that block.
 - A lookup hit counts only when the cached block's own token ids match and its parent hash is the hash of
-  the block matched just before it, so a hash collision can never splice two prefixes together.
+  the block matched just before it, so a hash collision can never splice two prefixes together. Lookups go
+  by hash (memoized on the sequence); the token ids are compared only for a match about to be admitted.
+- One block per hash: a block computed twice side by side is cached once (the copy in use, else the newer).
 - A hash is published only after the block's KV has been written (`publish`, called after the step).
 - A block whose reference count drops to 0 keeps its content and hash until it is reused. Free blocks are
   kept in least-recently-freed order; a sequence frees its blocks tail first, so eviction drops suffixes
@@ -79,8 +81,17 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     # ---- prefix cache --------------------------------------------------------------------------
+    def chain_hash(self, seq: Sequence, i: int) -> int:
+        """The hash of seq's full block i (which names the prefix through it), memoized on the sequence."""
+        chain, bs = seq.hash_chain, self.block_size
+        while len(chain) <= i:
+            k = len(chain)
+            chain.append(hash_block(chain[k - 1] if k else ROOT_HASH, seq.token_ids[k * bs : (k + 1) * bs]))
+        return chain[i]
+
     def match_prefix(self, seq: Sequence) -> list[int]:
-        """Block ids caching the longest prefix of `seq`, without taking them.
+        """Block ids caching the longest prefix of `seq` by hash, without taking them or checking their
+        tokens (`confirm` does, for a match about to be admitted).
 
         At most (len - 1) // block_size blocks are matched, so at least one token is always computed and
         the first computed token starts a fresh block: a prompt cached whole recomputes its last block
@@ -88,22 +99,40 @@ class BlockManager:
         """
         if not self.enable_prefix_caching:
             return []
-        bs = self.block_size
         matched: list[int] = []
         parent = ROOT_HASH
-        for i in range((len(seq.token_ids) - 1) // bs):
-            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            h = hash_block(parent, tokens)
+        for i in range((len(seq.token_ids) - 1) // self.block_size):
+            h = self.chain_hash(seq, i)
             block_id = self.cached.get(h)
             if block_id is None:
                 break
             block = self.blocks[block_id]
-            # Confirm by content and by parent: a hash collision must never splice prefixes.
-            if block.hash != h or block.parent_hash != parent or block.token_ids != tokens:
+            if block.hash != h or block.parent_hash != parent:
                 break
             matched.append(block_id)
             parent = h
         return matched
+
+    def confirm(self, seq: Sequence, matched: list[int]) -> list[int]:
+        """The part of a match whose blocks hold seq's own tokens: a hash collision must never splice prefixes.
+        A colliding block's hash leaves the cache, so that later lookups stop before it too."""
+        bs = self.block_size
+        for i, block_id in enumerate(matched):
+            block = self.blocks[block_id]
+            if list(block.token_ids) != seq.token_ids[i * bs : (i + 1) * bs]:
+                if self.cached.get(block.hash) == block_id:  # type: ignore[arg-type]
+                    del self.cached[block.hash]  # type: ignore[arg-type]
+                return matched[:i]
+        return matched
+
+    def next_prompt_hash(self, seq: Sequence, matched: list[int]) -> int | None:
+        """The hash of the first prompt block after `matched`, if it is a full block (None otherwise)."""
+        i = len(matched)
+        return self.chain_hash(seq, i) if (i + 1) * self.block_size <= seq.num_prompt_tokens else None
+
+    def prompt_hashes(self, seq: Sequence, start: int) -> list[int]:
+        """The hashes of seq's full prompt blocks from block `start` on: the blocks it will compute."""
+        return [self.chain_hash(seq, i) for i in range(start, seq.num_prompt_tokens // self.block_size)]
 
     def can_admit(self, matched: list[int], num_tokens: int) -> bool:
         """Whether a sequence reusing `matched` can hold `num_tokens` tokens now."""
@@ -165,14 +194,22 @@ class BlockManager:
         bs = self.block_size
         for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
             parent = seq.block_hashes[i - 1] if i else ROOT_HASH
-            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            h = hash_block(parent, tokens)
-            block = self.blocks[seq.block_table[i]]
-            block.hash, block.parent_hash, block.token_ids = h, parent, tokens
-            # Two sequences may compute the same block side by side; the newest one serves lookups,
-            # and the older block keeps its own hash (eviction checks ownership before unmapping).
-            self.cached[h] = block.block_id
+            h = self.chain_hash(seq, i)
             seq.block_hashes.append(h)
+            block = self.blocks[seq.block_table[i]]
+            owner = self.cached.get(h)
+            if owner is not None and owner != block.block_id:
+                # The same block computed twice (two sequences side by side). One copy serves lookups: the
+                # one in use, else the newer, and the other holds no hash, so that it is evicted first and
+                # the count of cached blocks counts only blocks a lookup can reach.
+                old = self.blocks[owner]
+                if old.ref_count > 0:
+                    continue
+                old.clear()
+                self._num_free_cached -= 1
+                self.free.move_to_end(owner, last=False)
+            block.hash, block.parent_hash, block.token_ids = h, parent, tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            self.cached[h] = block.block_id
 
     # ---- release -------------------------------------------------------------------------------
     def free_sequence(self, seq: Sequence) -> None:

@@ -137,17 +137,27 @@ class Scheduler:
         return ahead
 
     def _admit(self, picked: list[tuple[Sequence, int]], budget: int) -> None:
+        # Hashes of the prompt blocks this step's admissions will compute. A request whose next block is one
+        # of them waits a step and then finds it cached, rather than computing its own copy: a burst of
+        # requests sharing a system prompt computes it once, not once per request that fits the step.
+        computing: set[int] = set()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             matched = self.bm.match_prefix(seq)
+            if computing and self.bm.next_prompt_hash(seq, matched) in computing:
+                break
+            need = self._admission_need(seq, matched, budget)
+            if not self.bm.can_admit(matched, need):
+                break  # checked before confirming the match: a head waiting for blocks costs lookups only
+            confirmed = self.bm.confirm(seq, matched)
+            if len(confirmed) < len(matched):  # a hash collision: a shorter match needs more blocks
+                matched, need = confirmed, self._admission_need(seq, confirmed, budget)
+                if not self.bm.can_admit(matched, need):
+                    break
             cached = len(matched) * self.bm.block_size
             n = min(len(seq) - cached, budget)
-            # A new request needs room for its first chunk. A preempted one waits until its whole recompute
-            # fits: readmitted on a first chunk, it would recompute into the same shortage and be preempted
-            # again (the newest is the victim), over and over.
-            need = cached + n if seq.admit_order < 0 else len(seq)
-            if not self.bm.can_admit(matched, need):
-                break
+            if self.bm.enable_prefix_caching:
+                computing.update(self.bm.prompt_hashes(seq, len(matched)))
             self.waiting.popleft()
             self.bm.admit(seq, matched)
             self.bm.append_slots(seq, n)
@@ -157,6 +167,13 @@ class Scheduler:
             self.running.append(seq)
             picked.append((seq, n))
             budget -= n
+
+    def _admission_need(self, seq: Sequence, matched: list[int], budget: int) -> int:
+        """Tokens `seq` must have room for to be admitted over `matched`. A new request needs its first chunk.
+        A preempted one needs its whole recompute: readmitted on a first chunk, it would recompute into the
+        same shortage and be preempted again (the newest is the victim), over and over."""
+        cached = len(matched) * self.bm.block_size
+        return cached + min(len(seq) - cached, budget) if seq.admit_order < 0 else len(seq)
 
     @staticmethod
     def _batch(picked: list[tuple[Sequence, int]]) -> ScheduledBatch:

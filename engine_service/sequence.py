@@ -36,6 +36,7 @@ class Sequence:
         "num_cached_tokens",
         "block_table",
         "block_hashes",
+        "hash_chain",
         "finish_reason",
         "admit_order",
     )
@@ -53,6 +54,10 @@ class Sequence:
         self.block_table: list[int] = []
         # Hashes of this sequence's full blocks, in order, as far as they have been computed.
         self.block_hashes: list[int] = []
+        # Hashes of token_ids' full blocks, from the first, as far as they have been asked for (BlockManager.
+        # chain_hash). token_ids only grow, so they stay valid: a request waiting at the head is not re-hashed
+        # every step.
+        self.hash_chain: list[int] = []
         self.finish_reason: str | None = None
         self.admit_order = -1  # set at each admission by the scheduler; -1: never admitted yet
 
