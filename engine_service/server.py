@@ -132,11 +132,13 @@ async def load_unless_stopped(engine_factory: Callable[[ServerConfig], Any], con
 
     def run() -> None:
         try:
-            engine = engine_factory(config)
+            outcome: tuple[Any, BaseException | None] = (engine_factory(config), None)
         except BaseException as exc:  # noqa: BLE001 -- re-raised on the event loop
-            aio.call_soon_threadsafe(settle, None, exc)
-        else:
-            aio.call_soon_threadsafe(settle, engine)
+            outcome = (None, exc)
+        try:
+            aio.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:
+            pass  # the service stopped during the load and its event loop is gone
 
     threading.Thread(target=run, name=LOADER_THREAD, daemon=True).start()
     stopped = asyncio.ensure_future(stop.wait())
