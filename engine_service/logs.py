@@ -46,10 +46,11 @@ class TextFormatter(logging.Formatter):
 
 
 def _text_value(value: object) -> str:
-    """A field's value for a key=value line: bare, or JSON-quoted when it would break the line apart (spaces,
-    '=', quotes, newlines, as in an error message or a client's request id)."""
+    """A field's value for a key=value line: bare, or JSON-quoted when it would break the line apart or write
+    something else than itself to a terminal (spaces, '=', quotes, any character that is not printable: a
+    newline, an ANSI escape, U+2028, as an error message or a client's request id may hold)."""
     text = str(value)
-    return json.dumps(text) if not text or any(c in text for c in ' ="\n\t\r') else text
+    return json.dumps(text) if not text or any(c in ' ="' or not c.isprintable() for c in text) else text
 
 
 def configure_logging(level: str, fmt: str) -> None:

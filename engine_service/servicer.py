@@ -26,6 +26,7 @@ UNARY_PREFIX = "u:"  # engine request ids of GenerateStream calls; bidi streams 
 # An engine request id is "<prefix><admission number>:<client id>": unique per admission, so that a client id
 # reused right after an abort can never be confused with the aborted request still queued in the engine.
 REQUEST_ID_HEADER = "x-request-id"  # GenerateStream: the trace id when the request carries none
+MAX_TRACE_ID_CHARS = 128  # a trace id is a log field: a client cannot write megabytes of log per request
 
 
 class EngineServicer(pb_grpc.EngineServicer):
@@ -94,7 +95,7 @@ class EngineServicer(pb_grpc.EngineServicer):
     def _start(self, stream: OutputStream, prefix: str, req: pb.NewRequest, timeout_s: float | None) -> None:
         """Admit one request into the engine, or put its refusal on the stream."""
         cid = req.request_id
-        trace_id = req.trace_id or prefix + cid
+        trace_id = (req.trace_id or prefix + cid)[:MAX_TRACE_ID_CHARS]  # the client's; only a log field
         try:
             check_request_id(cid)
             if cid in stream.live:
@@ -181,6 +182,7 @@ class EngineServicer(pb_grpc.EngineServicer):
         cid = request.request_id
         if not request.trace_id:
             request.trace_id = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_HEADER), cid)
+        request.trace_id = request.trace_id[:MAX_TRACE_ID_CHARS]
         if cid in self._unary:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {cid!r} is already live")
         stream = self._new_stream()

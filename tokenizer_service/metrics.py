@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,12 +29,20 @@ MAX_REQUEST_ID_CHARS = 128
 TIME_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+def clean_request_id(value: str) -> str:
+    """A client's id as the service uses it: characters outside printable ASCII percent-encoded (UTF-8), then
+    cut to 128 characters. It goes back in the call's trailing metadata, which takes printable ASCII only (a
+    request_id of "café-1" failed a finished Generate with INTERNAL), and into log lines as it is."""
+    escaped = "".join(c if " " <= c <= "~" else urllib.parse.quote(c, safe="") for c in value[:MAX_REQUEST_ID_CHARS])
+    return escaped[:MAX_REQUEST_ID_CHARS]
+
+
 def request_id_from(metadata: Iterable[tuple[str, str]] | None, fallback: str = "") -> str:
-    """The call's x-request-id (cut to 128 characters), else fallback, else a new random id."""
+    """The call's x-request-id, else fallback, else a new random id; cleaned (clean_request_id)."""
     for key, value in metadata or ():
         if key == REQUEST_ID_HEADER and value:
-            return value[:MAX_REQUEST_ID_CHARS]
-    return fallback[:MAX_REQUEST_ID_CHARS] or uuid.uuid4().hex
+            return clean_request_id(value)
+    return clean_request_id(fallback) or uuid.uuid4().hex
 
 
 @dataclass(slots=True)

@@ -15,7 +15,13 @@ from protos.llmserve.engine.v1 import engine_pb2 as engine_pb
 from protos.llmserve.text.v1 import text_pb2 as pb
 from protos.llmserve.text.v1 import text_pb2_grpc as pb_grpc
 from tokenizer_service.engine_pool import EnginePool, RequestFailed, RequestHandle
-from tokenizer_service.metrics import REQUEST_ID_HEADER, RequestTrace, TextMetrics, request_id_from
+from tokenizer_service.metrics import (
+    REQUEST_ID_HEADER,
+    RequestTrace,
+    TextMetrics,
+    clean_request_id,
+    request_id_from,
+)
 from tokenizer_service.text_stream import TextStream
 from tokenizer_service.validation import (
     PreparedRequest,
@@ -225,7 +231,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             await emit(pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_REASON_ERROR,
                                                               status=status))
                         else:
-                            trace = RequestTrace(f"{call_id}/{rid}")
+                            trace = RequestTrace(clean_request_id(f"{call_id}/{rid}"))
                             task = asyncio.create_task(run_one(rid, frame.generate, trace))
                             # An abort in the same loop turn cancels the task before it runs: it still gets
                             # its line and count (finish() is once per trace).

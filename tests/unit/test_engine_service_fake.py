@@ -237,3 +237,25 @@ def test_max_connection_age_moves_new_calls_without_cutting_a_long_stream():
             assert updates[-1].finish_reason == pb.FINISH_REASON_LENGTH
     finally:
         assert running.stop() == 0
+
+
+def test_trace_ids_are_cut_to_128_characters(caplog):
+    """A trace id is only a log field: a client must not write megabytes of log per request with it."""
+    running = Running(FakeEngine(max_model_len=1_000_000))
+    try:
+        with caplog.at_level(logging.INFO, logger=REQUEST_LOGGER), \
+                EngineClient(running.target, timeout=20) as client:
+            wait_serving(client)
+            list(client.generate([1, 2], "long-trace", trace_id="t" * 100_000, max_tokens=2))
+            frames = [pb.ClientFrame(requests=[pb.NewRequest(request_id="bidi", prompt_token_ids=[1],
+                                                             trace_id="u" * 100_000,
+                                                             sampling_params=pb.SamplingParams(max_tokens=2))])]
+            for frame in client.stub.Generate(iter(frames), timeout=20):
+                if any(u.finish_reason for u in frame.updates):
+                    break
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(_lines(caplog, "t" * 128) + _lines(caplog, "u" * 128)) < 2:
+            time.sleep(0.05)
+        assert len(_lines(caplog, "t" * 128)) == 1 and len(_lines(caplog, "u" * 128)) == 1
+    finally:
+        assert running.stop() == 0

@@ -196,11 +196,12 @@ def test_text_log_lines_survive_values_with_spaces_quotes_and_newlines(module):
 
     formatter = importlib.import_module(module).TextFormatter()
     fields = {"request_id": "a finish_reason=stop", "completion_tokens": 3, "ttft_s": None, "finish_reason": "error",
-              "error": 'INTERNAL: CUDA error:\nan illegal "memory" access', "empty": ""}
+              "error": 'INTERNAL: CUDA error:\nan illegal "memory" access', "empty": "",
+              "trace": "\x1b[31mred\u2028\x00"}  # an ANSI escape, a line separator, a NUL: quoted too
     record = logging.LogRecord("llmserve.request", logging.INFO, __file__, 1, "request finished", None, None)
     record.fields = fields
     line = formatter.format(record)
-    assert "\n" not in line
+    assert "\n" not in line and line.isprintable(), repr(line)
     parsed = {k: json.loads(v) if v.startswith('"') else v
               for k, v in re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)', line.split("request finished", 1)[1])}
     assert parsed == {k: str(v) for k, v in fields.items()}

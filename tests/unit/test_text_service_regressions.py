@@ -458,3 +458,26 @@ def test_streams_cut_at_the_drain_deadline_are_errors_not_cancelled(demo_model_d
         engine.stop()
     assert len(lines) == 1 and lines[0]["finish_reason"] == "error", lines
     assert "grace period" in lines[0]["error"], lines
+
+
+def test_request_ids_outside_printable_ascii_are_escaped_not_fatal(scripted, caplog):
+    """A body request_id goes back in the call's trailing metadata, which takes printable ASCII only: "café-1"
+    failed a finished Generate with INTERNAL (after every token had streamed). GenerateMulti ids were not cut
+    to 128 characters, and raw control characters reached the log."""
+    stub, script = scripted
+    for rid, want in (("café-1", "caf%C3%A9-1"), ("a\tb", "a%09b"), ("订单-42", "%E8%AE%A2%E5%8D%95-42")):
+        call = stub.Generate(pb.GenerateRequest(prompt="hi", request_id=rid,
+                                                sampling_params=pb.SamplingParams(max_tokens=2)), timeout=30)
+        responses = list(call)
+        assert responses[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert dict(call.trailing_metadata())["x-request-id"] == want
+    evil = "\x1b[31mEVIL\u2028\x00" + "x" * 100_000
+    with caplog.at_level(logging.INFO, logger="llmserve.request"):
+        frames = [pb.MultiRequest(generate=pb.GenerateRequest(request_id=evil, prompt="hi",
+                                                              sampling_params=pb.SamplingParams(max_tokens=2)))]
+        finishes = [r.finish_reason for r in stub.GenerateMulti(iter(frames), timeout=30) if r.finish_reason]
+    assert finishes == [pb.FINISH_REASON_LENGTH]
+    ids = [r.fields["request_id"] for r in caplog.records if r.name == "llmserve.request"
+           and "EVIL" in r.fields["request_id"]]
+    assert len(ids) == 2  # the tokenizer service's line and the (fake) engine's, which gets it as trace_id
+    assert all(len(i) <= 128 and i.isprintable() for i in ids), [i[:200] for i in ids]
