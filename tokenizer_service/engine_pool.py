@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import socket
 import time
 from collections.abc import Collection
@@ -225,6 +226,14 @@ class EngineConnection:
             pass
 
 
+def least_loaded(conns: list[EngineConnection]) -> EngineConnection:
+    """The connection with the fewest requests in flight from this replica, ties broken at random. Each replica
+    sees only its own load, and every replica lists the engines in the same order: "the first of the least
+    loaded" sent a fleet of lightly loaded replicas all to one engine while the others idled."""
+    fewest = min(len(c.inflight) for c in conns)
+    return random.choice([c for c in conns if len(c.inflight) == fewest])
+
+
 class EnginePool:
     """The engine connections of this service; see the module docstring."""
 
@@ -290,8 +299,7 @@ class EnginePool:
         while True:
             ready = self.ready
             if ready:
-                others = [c for c in ready if c not in avoid] or ready
-                conn = min(others, key=lambda c: len(c.inflight))
+                conn = least_loaded([c for c in ready if c not in avoid] or ready)
                 if timeout_s is not None:  # capped: "no deadline" sent as a huge value must still fit a uint64
                     left_ms = int((started + timeout_s - time.monotonic()) * 1000)
                     request.deadline_ms = min(max(1, left_ms), MAX_DEADLINE_MS)

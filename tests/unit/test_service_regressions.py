@@ -409,3 +409,19 @@ def test_engine_takes_no_requests_until_its_start_up_canary_passed():
     before = [answer for status, answer in seen[:-1]]
     assert any("start-up canary has not passed" in a for a in before), seen
     assert "answered" not in before, seen  # never answered while NOT_SERVING
+
+
+def test_ties_between_engines_are_broken_at_random():
+    """Every replica lists the engines in the same order and sees only its own load: taking the first of the
+    least loaded sent every lightly loaded replica's requests to one engine (3.0, 0.0, 0.0 live requests)."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from tokenizer_service.engine_pool import least_loaded
+
+    conns = [SimpleNamespace(name=n, inflight={}) for n in "abc"]
+    picks = Counter(least_loaded(conns).name for _ in range(600))
+    assert set(picks) == {"a", "b", "c"} and min(picks.values()) > 120, picks
+    conns[0].inflight = {"x": 1}
+    conns[2].inflight = {"y": 1, "z": 2}
+    assert {least_loaded(conns).name for _ in range(50)} == {"b"}  # the least loaded still wins
