@@ -36,6 +36,19 @@ STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
 FINISH = {engine_pb.FINISH_REASON_STOP: pb.FINISH_REASON_STOP, engine_pb.FINISH_REASON_LENGTH: pb.FINISH_REASON_LENGTH,
           engine_pb.FINISH_REASON_ABORT: pb.FINISH_REASON_ABORT}
 OFFLOAD_TOKENIZE_BYTES = 64 * 1024  # inputs larger than this are tokenized off the event loop
+# Chats with more messages than this are rendered off the event loop too: a template's cost is per message
+# (4,096 one-word turns are 59 KB on the wire and took 147 ms to render).
+OFFLOAD_CHAT_MESSAGES = 64
+# Stop strings longer than this in all get their matcher built off the event loop (linear, but Python).
+OFFLOAD_STOP_CHARS = 4096
+
+
+def _heavy(request) -> bool:
+    """Whether preparing this request (or running Tokenize / Detokenize on it) should leave the event loop."""
+    if request.ByteSize() > OFFLOAD_TOKENIZE_BYTES:
+        return True
+    chat = getattr(request, "chat", None)
+    return chat is not None and request.HasField("chat") and len(chat.messages) > OFFLOAD_CHAT_MESSAGES
 MAX_ATTEMPTS = 3  # a request that never got a token may move to another engine this many times in all
 
 
@@ -104,12 +117,17 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         pool.submit), and the engine fails the request with DEADLINE_EXCEEDED; so does a retry once it has passed.
         """
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
-        text = TextStream(self.tokenizer, prep.stop, prep.skip_special_tokens, prep.include_stop_str_in_output)
+        text: TextStream | None = None
         handle: RequestHandle | None = None
         sent_tokens, cached, attempts = False, 0, 0
         tried: set = set()  # engines this request was sent to: a retry prefers the others
-        self.inflight += 1
+        self.inflight += 1  # before the next await: admitting and inflight together bound max_inflight
         try:
+            text_args = (self.tokenizer, prep.stop, prep.skip_special_tokens, prep.include_stop_str_in_output)
+            if sum(map(len, prep.stop)) > OFFLOAD_STOP_CHARS:
+                text = await asyncio.to_thread(TextStream, *text_args)
+            else:
+                text = TextStream(*text_args)
             while True:
                 request = engine_pb.NewRequest()
                 request.CopyFrom(prep.engine_request)
@@ -165,7 +183,8 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             self.inflight -= 1
             if handle is not None:
                 handle.close()
-            trace.prompt_tokens, trace.completion_tokens = prep.num_prompt_tokens, text.num_generated
+            trace.prompt_tokens = prep.num_prompt_tokens
+            trace.completion_tokens = text.num_generated if text is not None else 0
             trace.cached_tokens, trace.engine = cached, handle.conn.address if handle is not None else ""
             self.metrics.finish(trace)
 
@@ -271,9 +290,10 @@ class TextServicer(pb_grpc.TextGenerationServicer):
 
     @staticmethod
     async def _off_loop(request, fn, *args, **kwargs):
-        """fn(*args, **kwargs), on a worker thread when the request is large: tokenizing megabytes inline would
-        stall every stream of this replica (the tokenizer releases the GIL, so the loop runs meanwhile)."""
-        if request.ByteSize() > OFFLOAD_TOKENIZE_BYTES:
+        """fn(*args, **kwargs), on a worker thread when the request is heavy: tokenizing megabytes, or rendering
+        thousands of chat turns, inline would stall every stream of this replica (the tokenizer releases the
+        GIL, so the loop runs meanwhile); small requests are cheaper inline than a thread hop."""
+        if _heavy(request):
             return await asyncio.to_thread(fn, *args, **kwargs)
         return fn(*args, **kwargs)
 
@@ -286,12 +306,22 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         return pb.TokenizeResponse(token_ids=ids)
 
     async def Detokenize(self, request, context):
+        limits = TextLimits(vocab_size=self.vocab_size)
+        if len(request.token_ids) > limits.max_detokenize_ids:  # before copying them out of the message
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"token_ids: must be at most {limits.max_detokenize_ids} ids; got "
+                                f"{len(request.token_ids)}: split the call")
+        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+
+        def detokenize() -> str:
+            ids = list(request.token_ids)
+            validate_detokenize_ids(ids, limits)
+            return self.tokenizer.decode(ids, skip_special_tokens=skip)
+
         try:
-            validate_detokenize_ids(list(request.token_ids), TextLimits(vocab_size=self.vocab_size))
+            text = await self._off_loop(request, detokenize)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-        text = await self._off_loop(request, self.tokenizer.decode, list(request.token_ids), skip_special_tokens=skip)
         return pb.DetokenizeResponse(text=text)
 
     async def GetModelInfo(self, request, context):

@@ -12,6 +12,7 @@ text after it is always dropped.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -29,6 +30,11 @@ class StopStringMatcher:
 
     Usage: `safe = matcher.feed(delta)` per delta; once `matcher.match` is set the request should be
     aborted and no more text fed. At a normal end, `matcher.flush()` returns the held-back text.
+
+    Each stop string has a KMP automaton (its prefix function): its state is the length of the longest prefix
+    of that stop string that ends the text so far, updated once per character. Memory and set-up are linear in
+    the stop strings' length, and the text held back is the longest such prefix. (A set of every prefix, as
+    before, was quadratic: 64 stop strings of 1,024 characters cost 135 MiB and 150 ms per request.)
     """
 
     def __init__(self, stop: Iterable[str], *, include_stop_str_in_output: bool = False) -> None:
@@ -37,10 +43,11 @@ class StopStringMatcher:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
         self._include = include_stop_str_in_output
-        # Every proper prefix of every stop string: the suffixes that must be held back.
-        self._prefixes = {s[:k] for s in self._stops for k in range(1, len(s))}
-        self._first_chars = {s[0] for s in self._stops}
-        self._max_hold = max((len(s) - 1 for s in self._stops), default=0)
+        self._fail = [_prefix_function(s) for s in self._stops]
+        self._state = [0] * len(self._stops)
+        self._starters: dict[str, list[int]] = {}  # first character -> the stop strings it starts
+        for j, s in enumerate(self._stops):
+            self._starters.setdefault(s[0], []).append(j)
         self._held = ""
         self._emitted_chars = 0  # characters of the stream before _held (emitted or not), for offsets
         self.match: StopMatch | None = None
@@ -57,13 +64,33 @@ class StopStringMatcher:
         if not self._stops:
             return delta
         text = self._held + delta
-        found = self._earliest_match(text)
-        if found is not None:
-            start, stop = found
-            self.match = StopMatch(stop=stop, offset=self._emitted_chars + start)
-            self._held = ""
-            return text[: start + len(stop)] if self._include else text[:start]
-        keep = self._held_suffix_len(text)
+        base = len(self._held)
+        stops, fail, state, starters = self._stops, self._fail, self._state, self._starters
+        active = {j for j, k in enumerate(state) if k}
+        for i, c in enumerate(delta):
+            done = -1  # the longest stop string completed by this character (the earliest start)
+            for j in active.union(starters.get(c, ())):
+                s, f, k = stops[j], fail[j], state[j]
+                while k and s[k] != c:
+                    k = f[k - 1]
+                if s[k] == c:
+                    k += 1
+                if k == len(s):
+                    if done < 0 or len(s) > len(stops[done]):
+                        done = j
+                    k = f[k - 1]
+                state[j] = k
+                if k:
+                    active.add(j)
+                else:
+                    active.discard(j)
+            if done >= 0:
+                stop = stops[done]
+                end = base + i + 1
+                self.match = StopMatch(stop=stop, offset=self._emitted_chars + end - len(stop))
+                self._held = ""
+                return text[:end] if self._include else text[: end - len(stop)]
+        keep = max(state)  # the longest proper prefix of a stop string that ends the text
         safe = text[: len(text) - keep]
         self._held = text[len(text) - keep :]
         self._emitted_chars += len(safe)
@@ -75,28 +102,19 @@ class StopStringMatcher:
             return ""
         held, self._held = self._held, ""
         self._emitted_chars += len(held)
+        self._state = [0] * len(self._stops)
         return held
 
-    def _earliest_match(self, text: str) -> tuple[int, str] | None:
-        # _held contains no whole stop string (it was checked before), so any match here is new.
-        best: tuple[int, int, str] | None = None  # (end, -length, stop) orders by end, then longest
-        for s in self._stops:
-            i = text.find(s)
-            if i < 0:
-                continue
-            candidate = (i + len(s), -len(s), s)
-            if best is None or candidate < best:
-                best = candidate
-        if best is None:
-            return None
-        end, neg_len, stop = best
-        return end + neg_len, stop
 
-    def _held_suffix_len(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-        lo = max(0, len(text) - self._max_hold)
-        # Scan left to right so the first hit is the longest suffix; the first-char filter skips most slices.
-        for i in range(lo, len(text)):
-            if text[i] in self._first_chars and text[i:] in self._prefixes:
-                return len(text) - i
-        return 0
+def _prefix_function(s: str) -> array:
+    """KMP's prefix function: for each k, the length of the longest proper prefix of s[:k + 1] that is also its
+    suffix (where a partial match falls back to when the next character does not continue it)."""
+    f = array("l", bytes(array("l").itemsize * len(s)))
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = f[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        f[i] = k
+    return f

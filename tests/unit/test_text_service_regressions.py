@@ -481,3 +481,45 @@ def test_request_ids_outside_printable_ascii_are_escaped_not_fatal(scripted, cap
            and "EVIL" in r.fields["request_id"]]
     assert len(ids) == 2  # the tokenizer service's line and the (fake) engine's, which gets it as trace_id
     assert all(len(i) <= 128 and i.isprintable() for i in ids), [i[:200] for i in ids]
+
+
+def test_heavy_requests_leave_the_event_loop(demo_tokenizer, monkeypatch):
+    """What decides: the wire size only, so 4,096 one-word chat turns (59 KB) were rendered on the event loop
+    (147 ms each, a second's stall for a batch of them), and a Detokenize of millions of ids was checked there
+    by a Python loop. Chats of many messages and every large Detokenize now go to a worker thread, and a
+    Detokenize over max_detokenize_ids is refused before its ids are even copied."""
+    from tokenizer_service import servicer as servicer_module
+    from tokenizer_service.servicer import TextServicer
+    from tokenizer_service.validation import TextLimits
+
+    offloaded: list[str] = []
+    real = asyncio.to_thread
+
+    async def spy(fn, *args, **kwargs):
+        offloaded.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(servicer_module.asyncio, "to_thread", spy)
+    servicer = TextServicer(demo_tokenizer, _SlowToCancelPool(), "demo", len(demo_tokenizer), {0}, {}, 100)
+    turns = [pb.ChatMessage(role="user" if i % 2 == 0 else "assistant", content="hi") for i in range(200)]
+    chat = pb.TokenizeRequest(chat=pb.Chat(messages=turns))
+    assert chat.ByteSize() < servicer_module.OFFLOAD_TOKENIZE_BYTES  # small on the wire
+    reply = asyncio.run(servicer.Tokenize(chat, types.SimpleNamespace()))
+    assert len(reply.token_ids) > 200 and offloaded == ["tokenize_input"]
+
+    offloaded.clear()
+    ids = [1, 2, 3] * 30_000
+    reply = asyncio.run(servicer.Detokenize(pb.DetokenizeRequest(token_ids=ids), types.SimpleNamespace()))
+    assert reply.text == demo_tokenizer.decode(ids, skip_special_tokens=True) and offloaded == ["detokenize"]
+
+    class Refused(Exception):
+        pass
+
+    async def abort(code, message):
+        raise Refused(code, message)
+
+    too_many = pb.DetokenizeRequest(token_ids=[1] * (TextLimits().max_detokenize_ids + 1))
+    with pytest.raises(Refused) as refused:
+        asyncio.run(servicer.Detokenize(too_many, types.SimpleNamespace(abort=abort)))
+    assert refused.value.args[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 1048576 ids" in refused.value.args[1]
