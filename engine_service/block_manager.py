@@ -126,9 +126,11 @@ class BlockManager:
         return matched
 
     def next_prompt_hash(self, seq: Sequence, matched: list[int]) -> int | None:
-        """The hash of the first prompt block after `matched`, if it is a full block (None otherwise)."""
+        """The hash of the first prompt block after `matched`, if a lookup could ever match it: a full prompt
+        block, and not the last block of a prompt cached whole, which is always recomputed (None otherwise)."""
         i = len(matched)
-        return self.chain_hash(seq, i) if (i + 1) * self.block_size <= seq.num_prompt_tokens else None
+        full = (i + 1) * self.block_size <= seq.num_prompt_tokens
+        return self.chain_hash(seq, i) if full and i < (len(seq.token_ids) - 1) // self.block_size else None
 
     def prompt_hashes(self, seq: Sequence, start: int) -> list[int]:
         """The hashes of seq's full prompt blocks from block `start` on: the blocks it will compute."""

@@ -154,8 +154,7 @@ class Scheduler:
                 matched, need = confirmed, self._admission_need(seq, confirmed, budget)
                 if not self.bm.can_admit(matched, need):
                     break
-            cached = len(matched) * self.bm.block_size
-            n = min(len(seq) - cached, budget)
+            n = min(len(seq) - len(matched) * self.bm.block_size, budget)
             if self.bm.enable_prefix_caching:
                 computing.update(self.bm.prompt_hashes(seq, len(matched)))
             self.waiting.popleft()

@@ -382,3 +382,23 @@ def test_a_head_waiting_for_blocks_is_not_rehashed_every_step(monkeypatch):
         sched.postprocess(batch, [1 if take else None for take in batch.sample])
         assert waiting.status is Status.WAITING
     assert len(calls) < 40  # the hog's own new blocks, and the waiting prefix hashed once (not 20 x 31)
+
+
+@pytest.mark.parametrize("length", [31, 32, 33])
+def test_identical_prompts_are_admitted_together_whatever_their_length(length):
+    """A prompt of a whole number of blocks always recomputes its last block, so a request waiting for that
+    block to be published waited in vain, and identical prompts were admitted one a step (the run behind
+    them too)."""
+    bm = BlockManager(200, BLOCK)
+    sched = Scheduler(bm, 16, 512)
+    seqs = [Sequence(str(i), list(range(1, length + 1)), SamplingParams(max_tokens=3, ignore_eos=True), 256)
+            for i in range(8)]
+    for seq in seqs:
+        sched.add(seq)
+    admitted_per_step = []
+    while sched.has_unfinished():
+        before = sum(s.status is not Status.WAITING for s in seqs)
+        batch = sched.schedule()
+        admitted_per_step.append(sum(s.status is not Status.WAITING for s in seqs) - before)
+        sched.postprocess(batch, [1 if take else None for take in batch.sample])
+    assert admitted_per_step[:2] == [1, 7], admitted_per_step
