@@ -146,16 +146,17 @@ def test_sigterm_drains_tokenizer_then_engine(two, demo_model):
                 t.start()
             time.sleep(0.3)
             tokenizer.signal(signal.SIGTERM)
-            # The drain sends GOAWAY and closes the port at once: a replacement can listen there (as another
-            # replica behind a ClusterIP would take the next connection), and the same client channel's next
-            # call reaches it instead of a draining server, while the four streams finish on the old one.
-            wait_port_closed(tokenizer.port)
+            # The drain sends GOAWAY and closes the port at once, while the four streams go on (before, the
+            # port stayed open, refusing new calls, until the drain ended).
+            wait_port_closed(tokenizer.port, timeout_s=3)
+            assert tokenizer.proc.poll() is None and any(t.is_alive() for t in threads), \
+                "the streams ended before the port closed: this test saw no drain"
+            # A replacement can listen there (as another replica behind a ClusterIP would take the next
+            # connection), and the same client channel's next call reaches it.
             replacement = start_tokenizer(demo_model, engines, port=tokenizer.port)
             replacement.wait_serving()
             new = complete(client, "New while draining", n=2)
             assert new[-1].usage.completion_tokens == 2
-            assert tokenizer.proc.poll() is None and any(t.is_alive() for t in threads), \
-                "the drain ended before the replacement served: this test saw no drain"
             for t in threads:
                 t.join(60)
         assert len(results) == 4 and all(isinstance(r, list) for r in results), results
@@ -258,15 +259,18 @@ def test_tokenizer_sigterm_while_loading_exits_cleanly(demo_model, tmp_path):
     warning (as a container's PID 1, a signal without a handler is ignored, and the pod would wait out its
     grace period)."""
     code = ("import sys, time, tokenizer_service.server as s; real = s.load_tokenizer; "
-            "s.load_tokenizer = lambda d: (time.sleep(3), real(d))[1]; s.main(sys.argv[1:])")
+            "s.load_tokenizer = lambda d: (print('LOADING', flush=True), time.sleep(3), real(d))[2]; "
+            "s.main(sys.argv[1:])")
     log = tmp_path / "tokenizer.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-c", code, "--model", demo_model, "--host", "127.0.0.1",
                                  "--port", str(free_port()), "--engines", "127.0.0.1:1", "--metrics-port", "0"],
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
-        time.sleep(1.5)  # imports done, the load under way
-        assert proc.poll() is None, log.read_text()
+        deadline = time.monotonic() + 30
+        while "LOADING" not in log.read_text() and time.monotonic() < deadline:  # the load is under way
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(15)
     finally:
