@@ -127,7 +127,7 @@ class LLMEngine:
             self.runner = ModelRunner(self.config, self.model_cfg, max_model_len, tp)
         except BaseException:
             if self.workers is not None:
-                self.workers.close()
+                self.workers.close(wait=False)  # they may wait for a group or a collective that never comes
             raise
         self._dead: str | None = None  # why the engine cannot continue (EngineDeadError), once it cannot
         self.block_manager = BlockManager(

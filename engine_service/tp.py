@@ -63,11 +63,11 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="tp-parent-watch", daemon=True).start()
 
 
-def _worker_main(rank, size, store_path, config, model_cfg, max_model_len, conn) -> None:
+def _worker_main(rank, size, store_path, config, model_cfg, max_model_len, conn, threads) -> None:
     from engine_service.model_runner import ModelRunner
 
     _exit_with_parent()
-    torch.set_num_threads(max(1, torch.get_num_threads() // size))
+    torch.set_num_threads(threads)
     tp = TPInfo(rank, size, make_group(store_path, rank, size, _on_cuda(config)))
     runner = ModelRunner(config, model_cfg, max_model_len, tp)
     while True:
@@ -99,7 +99,10 @@ class WorkerGroup:
             parent, child = ctx.Pipe()
             proc = ctx.Process(
                 target=_worker_main,
-                args=(rank, self.size, self.store_path, config, model_cfg, max_model_len, child),
+                # A share of rank 0's threads (the service's choice, capped at the pod's CPUs), not of the
+                # host's cores, which a fresh process would count.
+                args=(rank, self.size, self.store_path, config, model_cfg, max_model_len, child,
+                      max(1, torch.get_num_threads() // self.size)),
                 name=f"tp-worker-{rank}",
                 daemon=True,
             )
