@@ -34,6 +34,18 @@ log = logging.getLogger(__name__)
 CERTIFICATE = "CERTIFICATE"
 PRIVATE_KEY = "PRIVATE KEY"
 NO_REUSEPORT = ("grpc.so_reuseport", 0)  # a port in use is an error, not a port shared with a stranger
+UNLIMITED_MS = 2**31 - 1  # gRPC's "no limit" for a duration in milliseconds
+
+
+def shared_server_options(max_connection_age_s: float) -> list[tuple[str, int]]:
+    """Server options both services set: no SO_REUSEPORT, and with max_connection_age_s > 0 a GOAWAY once a
+    connection is that old, so that new calls open a new connection (to another replica behind a ClusterIP).
+    Calls already streaming run to their end, however long: no grace cuts a generation."""
+    options = [NO_REUSEPORT]
+    if max_connection_age_s > 0:
+        options += [("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", UNLIMITED_MS)]
+    return options
 
 
 class PortUnavailable(RuntimeError):

@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from clients.tls import NO_REUSEPORT, PortUnavailable, describe, listen, start_health_server
+from clients.tls import PortUnavailable, describe, listen, shared_server_options, start_health_server
 from engine_service.engine_loop import EngineLoop
 from engine_service.health import Health
 from engine_service.logs import configure_logging
@@ -31,7 +31,6 @@ from engine_service.server_config import ServerConfig, parse_config
 from engine_service.servicer import EngineServicer
 from protos.llmserve.engine.v1 import engine_pb2, engine_pb2_grpc
 
-UNLIMITED_MS = 2**31 - 1  # gRPC's "no limit" for a duration in milliseconds
 log = logging.getLogger("engine_service")
 FAIL_AFTER_STEPS_ENV = "ENGINE_TEST_FAIL_AFTER_STEPS"
 
@@ -46,14 +45,8 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", int(config.min_ping_interval_s * 1000)),
         ("grpc.http2.max_ping_strikes", 0),  # 0: never GOAWAY a client for pinging
-        NO_REUSEPORT,
     ]
-    if config.max_connection_age_s > 0:
-        # GOAWAY once a connection is that old: new calls open a new connection (to another replica behind a
-        # ClusterIP). Calls already streaming run to their end, however long: no grace cuts a generation.
-        options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
-                    ("grpc.max_connection_age_grace_ms", UNLIMITED_MS)]
-    return options
+    return options + shared_server_options(config.max_connection_age_s)
 
 
 def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:

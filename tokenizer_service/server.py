@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from clients.tls import NO_REUSEPORT, PortUnavailable, describe, listen, start_health_server
+from clients.tls import PortUnavailable, describe, listen, shared_server_options, start_health_server
 from protos.llmserve.text.v1 import text_pb2, text_pb2_grpc
 from tokenizer_service.config import TextServerConfig, parse_config
 from tokenizer_service.engine_pool import EnginePool
@@ -29,7 +29,6 @@ from tokenizer_service.metrics import TextMetrics, serve_metrics
 from tokenizer_service.servicer import TextServicer
 from tokenizer_service.validation import read_eos_token_ids, read_generation_defaults
 
-UNLIMITED_MS = 2**31 - 1  # gRPC's "no limit" for a duration in milliseconds
 log = logging.getLogger("tokenizer_service")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -45,14 +44,8 @@ def server_options(config: TextServerConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", int(config.min_ping_interval_s * 1000)),
         ("grpc.http2.max_ping_strikes", 0),
-        NO_REUSEPORT,
     ]
-    if config.max_connection_age_s > 0:
-        # GOAWAY once a connection is that old: new calls open a new connection (to another replica behind a
-        # ClusterIP). Calls already streaming run to their end, however long: no grace cuts a generation.
-        options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
-                    ("grpc.max_connection_age_grace_ms", UNLIMITED_MS)]
-    return options
+    return options + shared_server_options(config.max_connection_age_s)
 
 
 def engine_channel_options(config: TextServerConfig) -> list[tuple[str, int]]:
