@@ -10,7 +10,7 @@ health package) and the standard library.
   TLS (the kubelet's gRPC probe cannot).
 - listen binds a server's port, TLS or plaintext, and refuses a port another process holds: gRPC's default
   SO_REUSEPORT would let a second server bind it and take half its connections (NO_REUSEPORT, in every
-  server's options).
+  server's options). shared_server_options adds it, and the connection age, to both services' servers.
 
 Both services use this file, which keeps them from importing each other: the dependency rules allow either
 to import the client library.
