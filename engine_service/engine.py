@@ -74,7 +74,13 @@ class EngineDeadError(RuntimeError):
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The file's JSON object, {} when there is no such file; a ValueError naming the file if it is not JSON."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} cannot be read as JSON: {exc}") from None
 
 
 def _as_list(x) -> list[int]:

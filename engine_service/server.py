@@ -201,7 +201,16 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
             await asyncio.to_thread(metrics_server.shutdown)
             metrics_server.server_close()
 
-    engine = await load_unless_stopped(engine_factory or load_engine, config, stop)
+    try:
+        engine = await load_unless_stopped(engine_factory or load_engine, config, stop)
+    except Exception as exc:  # a model that cannot load: one line that says why, not a traceback
+        reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        log.debug("model load failed", exc_info=True)
+        log.error("cannot serve %s: %s", config.model, reason)
+        await health.shutdown()
+        await server.stop(0.5)
+        await close_side_servers()
+        return 1
     if engine is None:
         log.warning("stop signal while the model was loading: exiting now, without waiting for the load "
                     "(no request was in flight)")

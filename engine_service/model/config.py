@@ -31,7 +31,11 @@ class ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ValueError(f"{model_dir} is not a model directory: {path} does not exist")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path} cannot be read as JSON: {exc}") from None
+        return cls.from_dict(cfg)
 
     @classmethod
     def from_dict(cls, cfg: dict) -> ModelConfig:

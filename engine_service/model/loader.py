@@ -66,7 +66,12 @@ def load_weights(model: nn.Module, model_dir: str | Path, tie_word_embeddings: b
     loaded: set[tuple[str, str | None]] = set()
     unexpected: list[str] = []
     for path in checkpoint_files(model_dir):
-        with safe_open(str(path), framework="pt") as f:
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as exc:  # safetensors' own error types: a truncated or corrupt file
+            raise ValueError(f"{path} cannot be read as safetensors ({exc}): is the file complete (a partial "
+                             "copy or download)?") from None
+        with handle as f:
             for name in f.keys():
                 if name.endswith(IGNORED_SUFFIXES):
                     continue

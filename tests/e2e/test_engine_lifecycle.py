@@ -280,3 +280,29 @@ def test_tokenizer_sigterm_while_loading_exits_cleanly(demo_model, tmp_path):
     text = log.read_text()
     assert rc == 0, text
     assert "stop signal while the tokenizer was loading" in text, text
+
+
+@pytest.mark.parametrize("damage", ["no-config", "bad-json", "truncated-weights"])
+def test_a_model_that_cannot_load_is_one_line_not_a_traceback(demo_model, tmp_path, damage):
+    """The engine service reported every load failure (no config.json, a config that is not JSON, a truncated
+    safetensors file) as a 40-line traceback, the last naming neither the file nor the fix."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(demo_model, model)
+    if damage == "no-config":
+        (model / "config.json").unlink()
+        want = "config.json does not exist"
+    elif damage == "bad-json":
+        (model / "config.json").write_text('{"model_type": "qwen3",')
+        want = "config.json cannot be read as JSON"
+    else:
+        weights = next(model.glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:1000])
+        want = f"{weights} cannot be read as safetensors"
+    proc = subprocess.run([sys.executable, "-m", "engine_service.server", "--model", str(model), "--host",
+                           "127.0.0.1", "--port", "0", "--device", "cpu", "--metrics-port", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert want in proc.stderr and "cannot serve" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
