@@ -30,6 +30,7 @@ from tokenizer_service.servicer import TextServicer
 from tokenizer_service.validation import read_eos_token_ids, read_generation_defaults
 
 log = logging.getLogger("tokenizer_service")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them: a model's tokenizer
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -64,7 +65,16 @@ def load_tokenizer(model_dir: str) -> tuple[Any, str, int]:
     """The HF tokenizer, the model's name and its vocabulary size (config.json, else the tokenizer's)."""
     from transformers import AutoTokenizer  # heavy: only the service process needs it
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    directory = Path(model_dir)
+    if not directory.is_dir():
+        raise ValueError(f"{model_dir} is not a directory: --model (TOKENIZER_MODEL) names a local model directory")
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{model_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy the model's "
+                         "tokenizer files there")
+    # local_files_only: a name that is not a directory here must not turn into minutes of Hub lookups.
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    if len(tokenizer) <= 1:
+        raise ValueError(f"the tokenizer in {model_dir} holds {len(tokenizer)} token(s): its files are incomplete")
     config_path = Path(model_dir) / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or len(tokenizer)
@@ -92,7 +102,13 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
         loading.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome no longer matters
         return 0
     stopped.cancel()
-    tokenizer, name, vocab = loading.result()
+    try:
+        tokenizer, name, vocab = loading.result()
+    except Exception as exc:  # a tokenizer that cannot load: one line that says why, not a traceback
+        log.debug("tokenizer load failed", exc_info=True)
+        reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        log.error("cannot serve %s: %s", config.model, reason)
+        return 1
     eos = read_eos_token_ids(config.model, tokenizer)
     pool = EnginePool(config, vocab, eos, engine_channel_options(config))
     metrics = TextMetrics(name, config.log_requests)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -306,3 +307,25 @@ def test_a_model_that_cannot_load_is_one_line_not_a_traceback(demo_model, tmp_pa
     assert proc.returncode == 1, proc.stderr
     assert want in proc.stderr and "cannot serve" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("case", ["missing", "no-tokenizer-files"])
+def test_a_tokenizer_that_cannot_load_is_one_line(demo_model, tmp_path, case):
+    """A missing directory was 91 lines of Hugging Face Hub tracebacks (a name that looked like a repo id
+    stalled 48 s on the network first), and a directory without tokenizer files started and reported healthy
+    with an empty tokenizer, failing every request with 'must encode to at least one token'."""
+    import shutil
+
+    model = tmp_path / "model"
+    if case == "no-tokenizer-files":
+        model.mkdir()
+        shutil.copy(Path(demo_model) / "config.json", model / "config.json")
+        want = "has no tokenizer files"
+    else:
+        want = "is not a directory"
+    proc = subprocess.run([sys.executable, "-m", "tokenizer_service.server", "--model", str(model), "--host",
+                           "127.0.0.1", "--port", "0", "--engines", "127.0.0.1:1", "--metrics-port", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert want in proc.stderr and "cannot serve" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
