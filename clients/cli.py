@@ -38,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def connect_hint(exc: grpc.RpcError, tls: ClientTls | None) -> str:
-    """What to check when no connection was made: a plaintext/TLS mismatch looks like any refusal."""
+    """What to check when no connection was made (a plaintext/TLS mismatch looks like any refusal), or when
+    the server there is not the tokenizer service."""
+    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+        return ("\n(the server at --target does not serve the text API, llmserve.text.v1.TextGeneration: is it an "
+                "engine service? Point --target at the tokenizer service, port 50052 by default)")
     if exc.code() != grpc.StatusCode.UNAVAILABLE or "failed to connect" not in (exc.details() or ""):
         return ""
     if tls is None:

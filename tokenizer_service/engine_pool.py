@@ -187,11 +187,16 @@ class EngineConnection:
                                 handle.push(update)
             except grpc.aio.AioRpcError as exc:
                 reason = f"{exc.code().name}: {exc.details()}"
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    reason += (" (it does not serve the engine API, llmserve.engine.v1.Engine: is it a tokenizer "
+                               "service? --engines and --engine-dns name engine services)")
+                    backoff = cfg.reconnect_max_s
             finally:
                 self.ready = False
                 self._lose_inflight(reason)
                 await channel.close()
-            log.warning("engine %s lost (%s); reconnecting in %.1fs", self.address, reason, backoff)
+            log.warning("engine %s %s (%s); reconnecting in %.1fs", self.address,
+                        "lost" if self.info is not None else "not reached", reason, backoff)
             if self._pool.metrics is not None:
                 self._pool.metrics.reconnects.inc()
             await asyncio.sleep(backoff)

@@ -124,3 +124,18 @@ def test_enable_thinking_travels_from_the_client_to_the_chat_template(demo_model
         with pytest.raises(grpc.RpcError) as info:
             demo.chat(messages, enable_thinking=False, max_tokens=2).text()
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no thinking switch" in info.value.details()
+
+
+def test_cli_pointed_at_an_engine_says_so(capsys):
+    """The engine serves another API: the client got only 'UNIMPLEMENTED: Method not found!'."""
+    from clients.cli import main
+    from tests.fake_engine import FakeEngine
+    from tests.unit.test_engine_service_fake import Running
+
+    engine = Running(FakeEngine())
+    try:
+        assert main(["--target", engine.target, "--timeout", "10", "Hi"]) == 1
+    finally:
+        engine.stop()
+    err = capsys.readouterr().err
+    assert "UNIMPLEMENTED" in err and "is it an engine service?" in err and "tokenizer service" in err, err

@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 import types
 
 import grpc
@@ -523,3 +524,27 @@ def test_heavy_requests_leave_the_event_loop(demo_tokenizer, monkeypatch):
         asyncio.run(servicer.Detokenize(too_many, types.SimpleNamespace(abort=abort)))
     assert refused.value.args[0] == grpc.StatusCode.INVALID_ARGUMENT
     assert "at most 1048576 ids" in refused.value.args[1]
+
+
+def test_engines_pointing_at_a_server_without_the_engine_api_say_so(demo_model_dir, caplog):
+    """--engines naming a tokenizer service (or anything else) logged 'engine ... lost (UNIMPLEMENTED: Method
+    not found!)' forever: never connected, and no hint of the mistake."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    other = grpc.server(ThreadPoolExecutor(1))  # serves no engine API
+    port = other.add_insecure_port("127.0.0.1:0")
+    other.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="tokenizer_service.engine_pool"):
+            server = TextServer(demo_model_dir, engines=f"127.0.0.1:{port}")
+            try:
+                deadline = time.monotonic() + 20
+                while not any("does not serve the engine API" in r.getMessage() for r in caplog.records):
+                    assert time.monotonic() < deadline, "no such warning in 20 s"
+                    time.sleep(0.05)
+            finally:
+                server.stop()
+    finally:
+        other.stop(0)
+    line = next(r.getMessage() for r in caplog.records if "does not serve the engine API" in r.getMessage())
+    assert "not reached" in line and "is it a tokenizer service?" in line, line
