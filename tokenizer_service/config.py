@@ -68,7 +68,13 @@ class TextServerConfig:
         if not self.model:
             raise ValueError("model must name a model directory (--model or TOKENIZER_MODEL)")
         if not self.engines and not self.engine_dns:
-            raise ValueError("engines or engine_dns must name the engine service(s)")
+            raise ValueError("name the engine service(s): engines (--engines, TOKENIZER_ENGINES) as HOST:PORT[,...] "
+                             "or engine_dns (--engine-dns, TOKENIZER_ENGINE_DNS) as NAME:PORT")
+        for address in self.engine_addresses:
+            host, _, port = address.rpartition(":")
+            if not host or "/" in address or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"engines (--engines, TOKENIZER_ENGINES) must be HOST:PORT[,...] with ports in "
+                                 f"1..65535, e.g. 10.0.0.7:50051; got {address!r}")
         if self.engines and self.engine_dns:
             raise ValueError(f"give engines (--engines, TOKENIZER_ENGINES) or engine_dns (--engine-dns, "
                              f"TOKENIZER_ENGINE_DNS), not both; got {self.engines!r} and {self.engine_dns!r}")

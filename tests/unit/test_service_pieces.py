@@ -143,6 +143,18 @@ def test_engine_dns_must_be_name_and_port_and_exclude_engines(env, needle):
     assert parse_text_config(["--model", "/m", "--engine-dns", "llm-engine:50051"], {}).engine_dns
 
 
+@pytest.mark.parametrize("engines", ["localhost", "127.0.0.1:abc", "http://127.0.0.1:51051", "a:1,host:0"])
+def test_engines_must_be_host_and_port(engines):
+    """--engines localhost quietly dialled port 443, and 127.0.0.1:abc was retried forever."""
+    with pytest.raises(ValueError, match="HOST:PORT") as err:
+        parse_text_config(["--model", "/m", "--engines", engines], {})
+    assert "--engines" in str(err.value)
+    assert parse_text_config(["--model", "/m", "--engines", "a:1,[::1]:50051"], {}).engine_addresses == [
+        "a:1", "[::1]:50051"]
+    with pytest.raises(ValueError, match="--engines.*--engine-dns"):
+        parse_text_config(["--model", "/m"], {})
+
+
 def test_every_engine_knob_is_a_service_flag_and_reaches_the_engine():
     """gpu_memory_utilization, cpu_kvcache_gib, enable_prefix_caching and seed were engine knobs the service
     could not set; every EngineConfig field is a flag now."""
