@@ -31,6 +31,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import grpc
+
 from clients.text_client import AsyncTextClient
 from clients.tls import ClientTls, add_tls_arguments, tls_from_arguments
 
@@ -192,6 +194,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         tls = tls_from_arguments(args)
     except ValueError as exc:
         p.error(f"TLS: {exc}")
+    for name, value in (("--num-requests", [args.num_requests]), ("--concurrency", args.concurrency or []),
+                        ("--pairs", [args.pairs])):
+        if any(v < 1 for v in value):
+            p.error(f"{name} must be at least 1, got {value if len(value) > 1 else value[0]}")
+    if any(not r > 0 for r in args.rate or []):
+        p.error(f"--rate must be positive (inf: all at once), got {args.rate}")
     rates = args.rate or [math.inf]
     concurrencies = args.concurrency or [10**6]
 
@@ -257,4 +265,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except grpc.RpcError as exc:  # a service not up, or not the tokenizer service: one line, not a traceback
+        sys.exit(f"serving_bench: {exc.code().name}: {exc.details()} (is the tokenizer service up at --target?)")
+    except ValueError as exc:  # the in-process engine's own checks (a bad model directory, a bad setting)
+        sys.exit(f"serving_bench: {exc}")
+    except KeyboardInterrupt:
+        sys.exit(130)

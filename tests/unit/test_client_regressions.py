@@ -139,3 +139,17 @@ def test_cli_pointed_at_an_engine_says_so(capsys):
         engine.stop()
     err = capsys.readouterr().err
     assert "UNIMPLEMENTED" in err and "is it an engine service?" in err and "tokenizer service" in err, err
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    (["--concurrency", "0"], "--concurrency must be at least 1"),  # hung forever on Semaphore(0)
+    (["--num-requests", "0"], "--num-requests must be at least 1"),  # a table of nan, exit 0
+    (["--rate", "-1"], "--rate must be positive"),
+    (["--pairs", "0"], "--pairs must be at least 1"),  # statistics.StatisticsError
+])
+def test_serving_bench_refuses_settings_that_cannot_run(flags, needle, capsys):
+    from clients.serving_bench import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--target", "127.0.0.1:1", *flags])
+    assert exited.value.code == 2 and needle in capsys.readouterr().err
