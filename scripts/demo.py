@@ -8,6 +8,7 @@ completion through the client library to the terminal, and stops both services w
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / ".demo_model"
 
 
+class DemoFailed(RuntimeError):
+    """The demo cannot go on; the message says why (and where the logs are)."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -39,14 +44,16 @@ def wait_serving(target: str, proc: subprocess.Popen, log: Path, timeout_s: floa
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"{target} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+                raise DemoFailed(f"the service on {target} exited with {proc.returncode} during start-up; the end "
+                                 f"of its log ({log}):\n{log.read_text()[-4000:]}")
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass
             time.sleep(0.1)
-    raise TimeoutError(f"{target} was not SERVING within {timeout_s:.0f}s:\n{log.read_text()[-4000:]}")
+    raise DemoFailed(f"the service on {target} was not SERVING within {timeout_s:.0f}s (--startup-timeout); the "
+                     f"end of its log ({log}):\n{log.read_text()[-4000:]}")
 
 
 def stop(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:
@@ -60,6 +67,20 @@ def stop(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the demo; its exit status (1 with one message on a failure, 130 on Ctrl-C)."""
+    try:
+        return run(argv)
+    except DemoFailed as exc:
+        print(f"[demo] {exc}", file=sys.stderr)
+    except grpc.RpcError as exc:
+        print(f"[demo] the completion failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\n[demo] interrupted; both services stopped", file=sys.stderr)
+        return 130
+    return 1
+
+
+def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a Hugging Face model directory (default: the demo model)")
     parser.add_argument("--message", default="Write a short poem about the sea.", help="the user's chat message")
@@ -102,7 +123,13 @@ def main(argv: list[str] | None = None) -> int:
               f"http://127.0.0.1:{text_metrics}/metrics); user: {args.message}\n", file=sys.stderr)
         with TextClient(f"127.0.0.1:{text_port}", timeout=120) as client:
             last = None
-            for chunk in client.chat([{"role": "user", "content": args.message}], max_tokens=args.max_tokens):
+            if client.model_info().has_chat_template:
+                stream = client.chat([{"role": "user", "content": args.message}], max_tokens=args.max_tokens)
+            else:  # a base model: the message as a plain prompt
+                print("[demo] the model has no chat template: sending the message as a plain prompt",
+                      file=sys.stderr)
+                stream = client.generate(args.message, max_tokens=args.max_tokens)
+            for chunk in stream:
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 last = chunk
@@ -116,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(codes):
         print(f"[demo] a service exited uncleanly: {codes}; logs in {logs}", file=sys.stderr)
         return 1
+    shutil.rmtree(logs, ignore_errors=True)  # kept only when something went wrong
     print("[demo] both services stopped cleanly", file=sys.stderr)
     return 0
 

@@ -27,3 +27,15 @@ def test_readme_run_command():
     for pid in map(int, re.findall(r"pid (\d+)", proc.stderr)):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # the services are gone
+
+
+def test_demo_failure_is_a_message_not_a_traceback(tmp_path):
+    """A model the engine cannot load: the demo printed its own RuntimeError traceback around the engine's;
+    now it says which service stopped, where its log is, and the log's end (the engine's one ERROR line)."""
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "scripts.demo", "--model", str(tmp_path / "missing")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert proc.returncode == 1, proc.stderr
+    assert "exited with 1 during start-up" in proc.stderr and "cannot serve" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
