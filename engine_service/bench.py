@@ -580,4 +580,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as exc:  # the engine's own checks (a model it cannot load, a setting the device lacks)
+        sys.exit(f"bench: {exc}")
