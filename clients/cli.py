@@ -54,7 +54,12 @@ def connect_hint(exc: grpc.RpcError, tls: ClientTls | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `llm-client`; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.timeout is not None and not args.timeout > 0:
+        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if "/" not in args.target and not args.target.rpartition(":")[2].isdigit():  # gRPC URIs (unix:/...) pass
+        parser.error(f"--target must be HOST:PORT, e.g. localhost:50052; got {args.target!r}")
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     seed=args.seed)
     if args.thinking is not None and not args.chat:

@@ -271,7 +271,8 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> HTTPServ
     try:
         server, _ = start_http_server(port, addr=host.strip("[]"), registry=registry)
     except OSError as exc:
-        log.error("metrics: cannot listen on %s:%d (%s); serving without metrics", host, port, exc)
+        log.error("metrics: cannot listen on %s:%d (%s); serving without metrics (choose a free --metrics-port, "
+                  "or 0 to turn metrics off)", host, port, exc)
         return None
     log.info("metrics on http://%s:%d/metrics", host, port)
     return server

@@ -153,3 +153,15 @@ def test_serving_bench_refuses_settings_that_cannot_run(flags, needle, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["--target", "127.0.0.1:1", *flags])
     assert exited.value.code == 2 and needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    (["--timeout", "0"], "--timeout must be a positive"),  # was a bare DEADLINE_EXCEEDED
+    (["--target", "127.0.0.1"], "--target must be HOST:PORT"),  # dialled port 443, with a TLS hint
+])
+def test_cli_refuses_flags_that_cannot_work(flags, needle, capsys):
+    from clients.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([*flags, "Hi"])
+    assert exited.value.code == 2 and needle in capsys.readouterr().err
