@@ -14,6 +14,7 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import weakref
@@ -67,6 +68,9 @@ def _worker_main(rank, size, store_path, config, model_cfg, max_model_len, conn,
     from engine_service.model_runner import ModelRunner
 
     _exit_with_parent()
+    # A Ctrl-C reaches the whole process group: rank 0 handles it (and stops this worker); a worker's own
+    # KeyboardInterrupt would only print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     tp = TPInfo(rank, size, make_group(store_path, rank, size, _on_cuda(config)))
     runner = ModelRunner(config, model_cfg, max_model_len, tp)
