@@ -201,32 +201,34 @@ def test_failing_step_is_internal_and_not_serving(demo_model):
         engine.stop()
 
 
+def sigterm_once_logged(cmd: list[str], log: Path, marker: str) -> tuple[int, float, str]:
+    """Start cmd, wait until its output shows marker, SIGTERM it: (exit status, seconds to exit, its output)."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while marker not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        rc = proc.wait(15)
+        return rc, time.monotonic() - t0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
 def test_sigterm_while_the_model_loads_exits_at_once(demo_model, tmp_path):
     """A SIGTERM during a (here endless) model load ends the process in seconds with exit 0: nothing is in flight
     yet, and the pod's grace period must not run out into a SIGKILL while the load goes on."""
     port = free_port()
     code = ("import sys, threading, engine_service.server as s; "
             "s.load_engine = lambda config: threading.Event().wait(600); s.main(sys.argv[1:])")
-    log = tmp_path / "engine.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", code, "--model", demo_model, "--host", "127.0.0.1",
-                                 "--port", str(port), "--device", "cpu", "--metrics-port", "0",
-                                 "--log-level", "INFO"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while "loading" not in log.read_text() and time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.05)
-        assert "loading" in log.read_text(), log.read_text()
-        proc.send_signal(signal.SIGTERM)
-        t0 = time.monotonic()
-        rc = proc.wait(15)
-        took = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-    text = log.read_text()
+    rc, took, text = sigterm_once_logged(
+        [sys.executable, "-c", code, "--model", demo_model, "--host", "127.0.0.1", "--port", str(port), "--device",
+         "cpu", "--metrics-port", "0", "--log-level", "INFO"], tmp_path / "engine.log", "loading")
     assert rc == 0, text
     assert took < 5, f"exit took {took:.1f}s\n{text}"
     assert "stop signal while the model was loading" in text, text
@@ -262,23 +264,9 @@ def test_tokenizer_sigterm_while_loading_exits_cleanly(demo_model, tmp_path):
     code = ("import sys, time, tokenizer_service.server as s; real = s.load_tokenizer; "
             "s.load_tokenizer = lambda d: (print('LOADING', flush=True), time.sleep(3), real(d))[2]; "
             "s.main(sys.argv[1:])")
-    log = tmp_path / "tokenizer.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", code, "--model", demo_model, "--host", "127.0.0.1",
-                                 "--port", str(free_port()), "--engines", "127.0.0.1:1", "--metrics-port", "0"],
-                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while "LOADING" not in log.read_text() and time.monotonic() < deadline:  # the load is under way
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(15)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-    text = log.read_text()
+    rc, _, text = sigterm_once_logged(
+        [sys.executable, "-c", code, "--model", demo_model, "--host", "127.0.0.1", "--port", str(free_port()),
+         "--engines", "127.0.0.1:1", "--metrics-port", "0"], tmp_path / "tokenizer.log", "LOADING")
     assert rc == 0, text
     assert "stop signal while the tokenizer was loading" in text, text
 
