@@ -12,7 +12,6 @@ runs while the device computes instead of between its steps.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import numbers
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import torch
 
 from engine_service.block_manager import BlockManager
 from engine_service.config import EngineConfig
-from engine_service.model.config import ModelConfig
+from engine_service.model.config import ModelConfig, read_json
 from engine_service.model.layers import TPInfo
 from engine_service.model_runner import Launched, ModelRunner
 from engine_service.outputs import FINISH_ERROR, StepOutput
@@ -75,12 +74,7 @@ class EngineDeadError(RuntimeError):
 
 def _read_json(path: Path) -> dict:
     """The file's JSON object, {} when there is no such file; a ValueError naming the file if it is not JSON."""
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} cannot be read as JSON: {exc}") from None
+    return read_json(path) if path.is_file() else {}
 
 
 def _as_list(x) -> list[int]:

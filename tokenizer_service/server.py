@@ -104,16 +104,15 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
     stopped.cancel()
     try:
         tokenizer, name, vocab = loading.result()
+        eos, defaults = read_eos_token_ids(config.model, tokenizer), read_generation_defaults(config.model)
     except Exception as exc:  # a tokenizer that cannot load: one line that says why, not a traceback
         log.debug("tokenizer load failed", exc_info=True)
         reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
         log.error("cannot serve %s: %s", config.model, reason)
         return 1
-    eos = read_eos_token_ids(config.model, tokenizer)
     pool = EnginePool(config, vocab, eos, engine_channel_options(config))
     metrics = TextMetrics(name, config.log_requests)
-    servicer = TextServicer(tokenizer, pool, name, vocab, eos, read_generation_defaults(config.model),
-                            config.max_inflight, metrics)
+    servicer = TextServicer(tokenizer, pool, name, vocab, eos, defaults, config.max_inflight, metrics)
     pool.metrics = metrics
     metrics.watch(lambda: servicer.inflight, lambda: len(pool.ready))
     health_servicer = health.aio.HealthServicer()

@@ -9,6 +9,17 @@ from pathlib import Path
 SUPPORTED_MODEL_TYPES = ("qwen3",)
 
 
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file as a dict; a ValueError naming the file if it cannot be read as a JSON object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} cannot be read as JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
 @dataclass(slots=True, frozen=True)
 class ModelConfig:
     model_type: str
@@ -31,11 +42,7 @@ class ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ValueError(f"{model_dir} is not a model directory: {path} does not exist")
-        try:
-            cfg = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path} cannot be read as JSON: {exc}") from None
-        return cls.from_dict(cfg)
+        return cls.from_dict(read_json(path))
 
     @classmethod
     def from_dict(cls, cfg: dict) -> ModelConfig:

@@ -6,12 +6,13 @@ A missing or unexpected weight is an error that names it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
+
+from engine_service.model.config import read_json
 
 # checkpoint sub-name -> (packed parameter sub-name, shard)
 PACKED = {
@@ -28,8 +29,10 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 def checkpoint_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / n for n in names]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map: it should map each tensor to its safetensors file")
+        return [model_dir / n for n in sorted(set(weight_map.values()))]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise ValueError(f"no *.safetensors weights in {model_dir}")

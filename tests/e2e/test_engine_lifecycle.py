@@ -271,7 +271,7 @@ def test_tokenizer_sigterm_while_loading_exits_cleanly(demo_model, tmp_path):
     assert "stop signal while the tokenizer was loading" in text, text
 
 
-@pytest.mark.parametrize("damage", ["no-config", "bad-json", "truncated-weights"])
+@pytest.mark.parametrize("damage", ["no-config", "bad-json", "truncated-weights", "bad-index"])
 def test_a_model_that_cannot_load_is_one_line_not_a_traceback(demo_model, tmp_path, damage):
     """The engine service reported every load failure (no config.json, a config that is not JSON, a truncated
     safetensors file) as a 40-line traceback, the last naming neither the file nor the fix."""
@@ -285,10 +285,13 @@ def test_a_model_that_cannot_load_is_one_line_not_a_traceback(demo_model, tmp_pa
     elif damage == "bad-json":
         (model / "config.json").write_text('{"model_type": "qwen3",')
         want = "config.json cannot be read as JSON"
-    else:
+    elif damage == "truncated-weights":
         weights = next(model.glob("*.safetensors"))
         weights.write_bytes(weights.read_bytes()[:1000])
         want = f"{weights} cannot be read as safetensors"
+    else:
+        (model / "model.safetensors.index.json").write_text('{"metadata": {}, "weight_map": ')
+        want = "model.safetensors.index.json cannot be read as JSON"
     proc = subprocess.run([sys.executable, "-m", "engine_service.server", "--model", str(model), "--host",
                            "127.0.0.1", "--port", "0", "--device", "cpu", "--metrics-port", "0"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -297,7 +300,7 @@ def test_a_model_that_cannot_load_is_one_line_not_a_traceback(demo_model, tmp_pa
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("case", ["missing", "no-tokenizer-files"])
+@pytest.mark.parametrize("case", ["missing", "no-tokenizer-files", "bad-generation-config"])
 def test_a_tokenizer_that_cannot_load_is_one_line(demo_model, tmp_path, case):
     """A missing directory was 91 lines of Hugging Face Hub tracebacks (a name that looked like a repo id
     stalled 48 s on the network first), and a directory without tokenizer files started and reported healthy
@@ -309,6 +312,10 @@ def test_a_tokenizer_that_cannot_load_is_one_line(demo_model, tmp_path, case):
         model.mkdir()
         shutil.copy(Path(demo_model) / "config.json", model / "config.json")
         want = "has no tokenizer files"
+    elif case == "bad-generation-config":
+        shutil.copytree(demo_model, model)
+        (model / "generation_config.json").write_text("{not json")
+        want = "generation_config.json cannot be read as JSON"
     else:
         want = "is not a directory"
     proc = subprocess.run([sys.executable, "-m", "tokenizer_service.server", "--model", str(model), "--host",
