@@ -29,12 +29,27 @@ MAX_REQUEST_ID_CHARS = 128
 TIME_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
-def clean_request_id(value: str) -> str:
-    """A client's id as the service uses it: characters outside printable ASCII percent-encoded (UTF-8), then
-    cut to 128 characters. It goes back in the call's trailing metadata, which takes printable ASCII only (a
-    request_id of "café-1" failed a finished Generate with INTERNAL), and into log lines as it is."""
-    escaped = "".join(c if " " <= c <= "~" else urllib.parse.quote(c, safe="") for c in value[:MAX_REQUEST_ID_CHARS])
-    return escaped[:MAX_REQUEST_ID_CHARS]
+def clean_request_id(value: str, limit: int = MAX_REQUEST_ID_CHARS) -> str:
+    """A client's id as the service uses it: '%' and characters outside printable ASCII percent-encoded
+    (UTF-8), cut to `limit` characters without splitting an escape. It goes back in the call's trailing
+    metadata, which takes printable ASCII only (a request_id of "café-1" failed a finished Generate with
+    INTERNAL), and into log lines as it is."""
+    out: list[str] = []
+    size = 0
+    for c in value:
+        piece = c if " " <= c <= "~" and c != "%" else urllib.parse.quote(c, safe="")
+        if size + len(piece) > limit:
+            break
+        out.append(piece)
+        size += len(piece)
+    return "".join(out)
+
+
+def multi_request_id(call_id: str, request_id: str) -> str:
+    """A GenerateMulti request's id: `<call id>/<its request_id>`, the call's part at most half of the 128
+    characters, so that a long call id never hides which request a line is about."""
+    call = clean_request_id(urllib.parse.unquote(call_id), MAX_REQUEST_ID_CHARS // 2)
+    return f"{call}/{clean_request_id(request_id, MAX_REQUEST_ID_CHARS - len(call) - 1)}"
 
 
 def request_id_from(metadata: Iterable[tuple[str, str]] | None, fallback: str = "") -> str:

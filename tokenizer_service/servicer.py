@@ -19,7 +19,7 @@ from tokenizer_service.metrics import (
     REQUEST_ID_HEADER,
     RequestTrace,
     TextMetrics,
-    clean_request_id,
+    multi_request_id,
     request_id_from,
 )
 from tokenizer_service.text_stream import TextStream
@@ -250,7 +250,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             await emit(pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_REASON_ERROR,
                                                               status=status))
                         else:
-                            trace = RequestTrace(clean_request_id(f"{call_id}/{rid}"))
+                            trace = RequestTrace(multi_request_id(call_id, rid))
                             task = asyncio.create_task(run_one(rid, frame.generate, trace))
                             # An abort in the same loop turn cancels the task before it runs: it still gets
                             # its line and count (finish() is once per trace).

@@ -377,7 +377,7 @@ def test_requests_go_around_draining_engines(demo_model_dir, demo_tokenizer):
             threading.Event().wait(0.3)  # every engine connected
             long = [client.generate("hi", max_tokens=100_000, ignore_eos=True) for _ in range(4)]
             for stream in long:
-                next(iter(stream))  # placed: two on the first engine, one on each of the others
+                next(iter(stream))  # placed on the least loaded engines, ties at random
             for engine in engines[1:]:
                 engine.loop.call_soon_threadsafe(engine.stop_event.set)  # drains, held open by its request
             threading.Event().wait(0.3)
@@ -466,7 +466,8 @@ def test_request_ids_outside_printable_ascii_are_escaped_not_fatal(scripted, cap
     failed a finished Generate with INTERNAL (after every token had streamed). GenerateMulti ids were not cut
     to 128 characters, and raw control characters reached the log."""
     stub, script = scripted
-    for rid, want in (("café-1", "caf%C3%A9-1"), ("a\tb", "a%09b"), ("订单-42", "%E8%AE%A2%E5%8D%95-42")):
+    for rid, want in (("café-1", "caf%C3%A9-1"), ("a\tb", "a%09b"), ("订单-42", "%E8%AE%A2%E5%8D%95-42"),
+                      ("100%", "100%25"), ("x" * 127 + "é", "x" * 127)):  # an escape is never split
         call = stub.Generate(pb.GenerateRequest(prompt="hi", request_id=rid,
                                                 sampling_params=pb.SamplingParams(max_tokens=2)), timeout=30)
         responses = list(call)
@@ -482,6 +483,15 @@ def test_request_ids_outside_printable_ascii_are_escaped_not_fatal(scripted, cap
            and "EVIL" in r.fields["request_id"]]
     assert len(ids) == 2  # the tokenizer service's line and the (fake) engine's, which gets it as trace_id
     assert all(len(i) <= 128 and i.isprintable() for i in ids), [i[:200] for i in ids]
+    # A call id of 128 characters left nothing of each request's own id: every line read "ccc...c".
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="llmserve.request"):
+        frames = [pb.MultiRequest(generate=pb.GenerateRequest(request_id=rid, prompt="hi",
+                                                              sampling_params=pb.SamplingParams(max_tokens=2)))
+                  for rid in ("one", "two")]
+        list(stub.GenerateMulti(iter(frames), timeout=30, metadata=(("x-request-id", "c" * 128),)))
+    ids = {r.fields["request_id"] for r in caplog.records if r.name == "llmserve.request"}
+    assert ids == {"c" * 64 + "/one", "c" * 64 + "/two"}, ids
 
 
 def test_heavy_requests_leave_the_event_loop(demo_tokenizer, monkeypatch):
