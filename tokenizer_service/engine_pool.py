@@ -162,9 +162,11 @@ class EngineConnection:
                 backoff = min(backoff * 2, cfg.reconnect_max_s)
                 continue
             reason = "the engine ended the stream (draining)"
+            outcome = "not reached"  # then "refused" once it answered, "lost" once its stream was up
             try:
                 stub = pb_grpc.EngineStub(channel)
                 info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5.0)
+                outcome = "refused"
                 problem = self._pool.check_model(info)
                 if problem is not None:
                     reason = problem
@@ -178,6 +180,7 @@ class EngineConnection:
                     self._outbox = _Outbox()
                     call = stub.Generate(self._frames(self._outbox, self._pool.max_frame_bytes))
                     self.info, self.ready, self.refusing = info, True, False
+                    outcome = "lost"
                     self._pool.changed()
                     log.info("engine %s connected (%s)", self.address, info.model_name)
                     async for frame in call:
@@ -190,13 +193,12 @@ class EngineConnection:
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                     reason += (" (it does not serve the engine API, llmserve.engine.v1.Engine: is it a tokenizer "
                                "service? --engines and --engine-dns name engine services)")
-                    backoff = cfg.reconnect_max_s
+                    outcome, backoff = "refused", cfg.reconnect_max_s
             finally:
                 self.ready = False
                 self._lose_inflight(reason)
                 await channel.close()
-            log.warning("engine %s %s (%s); reconnecting in %.1fs", self.address,
-                        "lost" if self.info is not None else "not reached", reason, backoff)
+            log.warning("engine %s %s (%s); reconnecting in %.1fs", self.address, outcome, reason, backoff)
             if self._pool.metrics is not None:
                 self._pool.metrics.reconnects.inc()
             await asyncio.sleep(backoff)
