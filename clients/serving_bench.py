@@ -200,6 +200,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             p.error(f"{name} must be at least 1, got {value if len(value) > 1 else value[0]}")
     if any(not r > 0 for r in args.rate or []):
         p.error(f"--rate must be positive (inf: all at once), got {args.rate}")
+    if args.plot_dir:
+        try:
+            import matplotlib  # noqa: F401 -- checked before the runs, not after them
+        except ImportError:
+            p.error("--plot-dir needs matplotlib: pip install matplotlib (the test extra has it)")
     rates = args.rate or [math.inf]
     concurrencies = args.concurrency or [10**6]
 

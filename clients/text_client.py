@@ -6,8 +6,9 @@
 
 Streaming calls return an iterator of GenerateResponse messages (`text`, `token_ids`, and on the last one
 `finish_reason` and `usage`) with `cancel()`, which aborts the request in the engine at once. Failures raise
-grpc.RpcError with the service's status code. `request_id=` (optional) is sent as `x-request-id` metadata; both
-services log it on the request's line (docs/OBSERVABILITY.md), and the service generates one when absent.
+grpc.RpcError with the service's status code. `request_id=` (optional) is sent as `x-request-id` metadata (an
+id that is not printable ASCII, which metadata cannot carry, goes in the request's own field); both services log
+it on the request's line (docs/OBSERVABILITY.md), and the service generates one when absent.
 `tls=ClientTls(ca_file=...)` dials a service that serves TLS (docs/SECURITY.md).
 """
 
@@ -29,8 +30,15 @@ REQUEST_ID_HEADER = "x-request-id"
 
 
 def request_metadata(request_id: str | None) -> tuple[tuple[str, str], ...] | None:
-    """Call metadata carrying the request id, if one was given."""
+    """Call metadata carrying the request id, if one was given (gRPC metadata takes printable ASCII only)."""
+    if request_id and not _metadata_safe(request_id):
+        raise ValueError(f"request_id {request_id!r} must be printable ASCII to travel as call metadata "
+                         "(x-request-id); generate() and chat() take any id")
     return ((REQUEST_ID_HEADER, request_id),) if request_id else None
+
+
+def _metadata_safe(value: str) -> bool:
+    return all(" " <= c <= "~" for c in value)
 
 
 class CompletionStream:
@@ -61,6 +69,10 @@ class _GenerateCalls:
     timeout: float | None
 
     def _stream(self, request: pb.GenerateRequest, request_id: str | None):
+        if request_id and not _metadata_safe(request_id):
+            # gRPC metadata takes printable ASCII only: such an id goes in the request's own field, which the
+            # service percent-encodes (docs/OBSERVABILITY.md).
+            request.request_id, request_id = request_id, None
         timeout = self.timeout
         if request.deadline_ms:  # Generate's deadline is the call's own; the field is for GenerateMulti
             timeout = min(request.deadline_ms / 1000, timeout if timeout is not None else float("inf"))

@@ -165,3 +165,16 @@ def test_cli_refuses_flags_that_cannot_work(flags, needle, capsys):
     with pytest.raises(SystemExit) as exited:
         main([*flags, "Hi"])
     assert exited.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_a_non_ascii_request_id_travels_in_the_request_field(service):
+    """gRPC metadata takes printable ASCII only: generate(request_id="café-1") failed in the client with
+    'Invalid metadata' before reaching the service. It now goes in the request's own field, which the service
+    percent-encodes; generate_multi, whose id is the call's metadata only, refuses it with a clear message."""
+    with TextClient(service, timeout=30) as client:
+        stream = client.generate("hi", max_tokens=2, request_id="café-1")
+        chunks = list(stream)
+        assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert dict(stream._call.trailing_metadata())["x-request-id"] == "caf%C3%A9-1"
+        with pytest.raises(ValueError, match="printable ASCII"):
+            client.generate_multi(iter(()), request_id="café-1")
