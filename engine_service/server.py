@@ -162,7 +162,7 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
 
     health = Health([config.service_name])
     await health.set_serving(False)
-    servicer = EngineServicer(config.max_waiting, config.max_buffered_tokens)
+    servicer = EngineServicer(config.max_waiting, config.max_buffered_tokens, config.max_message_bytes // 2)
     server = grpc.aio.server(options=grpc_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
     engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)

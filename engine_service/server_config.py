@@ -90,6 +90,11 @@ class ServerConfig:
         self.server_tls  # noqa: B018 (checks the TLS files and the health port)
         self.auto_flag("overlap_scheduling")  # each raises on anything but auto or a boolean
         self.auto_flag("fused_ops")
+        if self.max_buffered_tokens * 5 + 1024 > self.max_message_bytes // 2:
+            # One request's update (up to max_buffered_tokens ids of up to 5 bytes) must fit one frame.
+            raise ValueError(f"max_buffered_tokens ({self.max_buffered_tokens}) is too large for max_message_bytes "
+                             f"({self.max_message_bytes}): a frame holds at most half of it; raise "
+                             "max_message_bytes or lower max_buffered_tokens")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)} (any case), got {self.log_level!r}")
         if self.log_format not in ("text", "json"):

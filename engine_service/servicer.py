@@ -32,7 +32,7 @@ MAX_TRACE_ID_CHARS = 128  # a trace id is a log field: a client cannot write meg
 class EngineServicer(pb_grpc.EngineServicer):
     """Generate (bidi), GenerateStream, Abort, GetModelInfo and GetLoad over one EngineLoop."""
 
-    def __init__(self, max_waiting: int, max_buffered_tokens: int) -> None:
+    def __init__(self, max_waiting: int, max_buffered_tokens: int, max_frame_bytes: int = 32 * 2**20) -> None:
         self.loop: EngineLoop | None = None  # set once the engine has loaded
         self.model_info: dict[str, Any] = {}
         self.generation_defaults: dict[str, object] = {}
@@ -44,6 +44,7 @@ class EngineServicer(pb_grpc.EngineServicer):
         self.shutdown_error: str | None = None
         self._max_waiting = max_waiting
         self._max_buffered = max_buffered_tokens
+        self._max_frame_bytes = max_frame_bytes  # half of max_message_bytes: a frame never nears the limit
         self._stream_ids = itertools.count(1)
         self._admissions = itertools.count(1)
         self._streams: set[OutputStream] = set()
@@ -130,7 +131,7 @@ class EngineServicer(pb_grpc.EngineServicer):
             if self.loop is not None:
                 self.loop.abort(engine_id, error)
 
-        stream = OutputStream(abort_in_engine, self._max_buffered)
+        stream = OutputStream(abort_in_engine, self._max_buffered, self._max_frame_bytes)
         self._streams.add(stream)
         return stream
 
@@ -169,6 +170,7 @@ class EngineServicer(pb_grpc.EngineServicer):
                     stream.abort(cid)
                 for req in frame.requests:
                     self._start(stream, prefix, req, check_deadline_ms(req.deadline_ms))
+                await stream.room.wait()  # a client that does not read its updates is not read either
         finally:
             stream.input_done = True
             stream.wake.set()

@@ -3,6 +3,12 @@
 Each request's new tokens wait in `pending` until the writer takes them, so all the updates of one engine step
 go out as one frame, and a slow client makes the updates grow rather than block the engine. A request whose
 pending tokens exceed the per-request bound is failed and aborted: one slow consumer never stalls the others.
+Two bounds per call keep a slow or absent reader from hurting the service:
+- a frame holds at most `max_frame_bytes` of updates (the rest go in the next frames), so that a backlog never
+  makes a message past gRPC's max_message_bytes, which would fail the whole call;
+- past MAX_BUFFERED_UPDATES unsent updates, `room` clears and the servicer stops reading the call's frames until
+  the writer has sent half of them: HTTP/2 flow control then holds the client back, instead of the engine
+  buffering refusals and final updates without end.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ import grpc
 
 from engine_service.outputs import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, StepOutput
 from protos.llmserve.engine.v1 import engine_pb2 as pb
+
+MAX_BUFFERED_UPDATES = 8192  # unsent updates of one call before its requests stop being read
+FRAME_OVERHEAD_BYTES = 16  # a repeated field's tag and length, per update in a ServerFrame
 
 FINISH_TO_PROTO = {
     FINISH_STOP: pb.FINISH_REASON_STOP,
@@ -42,10 +51,14 @@ class RequestSink:
 class OutputStream:
     """Live requests of one call (keyed by the client's id) and their not-yet-sent updates."""
 
-    def __init__(self, abort_in_engine: Callable[..., None], max_buffered_tokens: int) -> None:
+    def __init__(self, abort_in_engine: Callable[..., None], max_buffered_tokens: int,
+                 max_frame_bytes: int = 32 * 2**20) -> None:
         # Called with the engine's request id, and an error message when the service (not the client) ends it.
         self._abort_in_engine = abort_in_engine
         self._max_buffered = max_buffered_tokens
+        self._max_frame_bytes = max_frame_bytes
+        self.room = asyncio.Event()  # clear while MAX_BUFFERED_UPDATES or more updates wait to be sent
+        self.room.set()
         # client id -> (the engine's request id, deadline timer). The engine id is unique per admission, so a
         # client id reused right after an abort can never receive the old request's outputs.
         self.live: dict[str, tuple[str, asyncio.TimerHandle | None]] = {}
@@ -66,6 +79,7 @@ class OutputStream:
         previous = self.pending.pop(client_id, None)  # the id's previous request ended; its update is unsent
         if previous is not None:
             self.ended.append(previous)
+            self._check_room()
 
     def _deadline_passed(self, client_id: str) -> None:
         self.fail(client_id, grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed", abort=True)
@@ -74,8 +88,18 @@ class OutputStream:
         update = self.pending.get(client_id)
         if update is None:
             update = self.pending[client_id] = pb.RequestUpdate(request_id=client_id)
+            self._check_room()
         self.wake.set()
         return update
+
+    @property
+    def num_buffered(self) -> int:
+        """Updates waiting to be sent."""
+        return len(self.ended) + len(self.pending) + len(self.refused)
+
+    def _check_room(self) -> None:
+        if self.num_buffered >= MAX_BUFFERED_UPDATES:
+            self.room.clear()
 
     def _finish(self, client_id: str) -> str:
         """Forget a live request; returns its engine id."""
@@ -105,6 +129,7 @@ class OutputStream:
         status = pb.Status(code=code.value[0], message=message)
         self.refused.append(pb.RequestUpdate(request_id=client_id, finish_reason=pb.FINISH_REASON_ERROR,
                                              status=status))
+        self._check_room()
         self.wake.set()
 
     def _set_error(self, client_id: str, code: grpc.StatusCode, message: str) -> None:
@@ -141,11 +166,34 @@ class OutputStream:
         return bool(self.ended or self.pending or self.refused)
 
     def take(self) -> list[pb.RequestUpdate]:
-        updates = [*self.ended, *self.pending.values(), *self.refused]
-        self.ended.clear()
-        self.pending.clear()
-        self.refused.clear()
-        self.wake.clear()
+        """The next frame's updates, in order (ended, then pending, then refused), at most max_frame_bytes of
+        them (at least one); what is left stays for the next frame."""
+        updates: list[pb.RequestUpdate] = []
+        size = 0
+
+        def fits(update: pb.RequestUpdate) -> bool:
+            nonlocal size
+            grown = size + update.ByteSize() + FRAME_OVERHEAD_BYTES
+            if updates and grown > self._max_frame_bytes:
+                return False
+            size = grown
+            updates.append(update)
+            return True
+
+        while self.ended and fits(self.ended[0]):
+            self.ended.pop(0)
+        if not self.ended:
+            for client_id in list(self.pending):
+                if not fits(self.pending[client_id]):
+                    break
+                del self.pending[client_id]
+        if not self.ended and not self.pending:
+            while self.refused and fits(self.refused[0]):
+                self.refused.pop(0)
+        if not self.has_updates:
+            self.wake.clear()
+        if self.num_buffered < MAX_BUFFERED_UPDATES // 2:
+            self.room.set()
         return updates
 
     def done(self, draining: bool) -> bool:

@@ -88,6 +88,65 @@ def test_output_stream_coalesces_a_step_and_bounds_each_request():
     asyncio.run(main())
 
 
+def test_a_backlog_goes_out_in_frames_under_the_byte_budget_in_order():
+    """All of a call's buffered updates went out in one ServerFrame: a client that paused while a few hundred
+    requests buffered tokens got a message past max_message_bytes, which failed the whole call (RESOURCE_
+    EXHAUSTED 'Sent message larger than max'), every request on it with no final update."""
+    async def main():
+        stream = OutputStream(lambda *a: None, max_buffered_tokens=10_000, max_frame_bytes=2_000)
+        stream.register("old", "s1:1:old", None)
+        stream.on_output("old", StepOutput("x", [7] * 50, "length"))
+        stream.register("old", "s1:2:old", None)  # the id reused: its previous final update waits in `ended`
+        for i in range(40):
+            stream.register(f"r{i}", f"s1:{i + 3}:r{i}", None)
+            stream.on_output(f"r{i}", StepOutput("x", list(range(1000, 1100))))
+        for i in range(5):
+            stream.reject(f"bad{i}", grpc.StatusCode.INVALID_ARGUMENT, "no")
+        frames = []
+        while stream.has_updates:
+            frames.append(stream.take())
+        sizes = [pb.ServerFrame(updates=f).ByteSize() for f in frames]
+        assert len(frames) >= 5 and max(sizes) <= 2_000, sizes
+        ids = [u.request_id for f in frames for u in f]
+        assert ids == ["old"] + [f"r{i}" for i in range(40)] + [f"bad{i}" for i in range(5)]
+        assert not stream.wake.is_set()
+
+    asyncio.run(main())
+
+
+def test_a_call_whose_updates_are_not_read_is_not_read_either():
+    """A client that sends requests (here refused at once) and never reads made the engine buffer their
+    updates without end: about 940 MiB for 600,000 refusals. Past MAX_BUFFERED_UPDATES the servicer stops
+    reading the call's frames until the writer has sent half of them."""
+    from engine_service.servicer import EngineServicer
+    from engine_service.streams import MAX_BUFFERED_UPDATES
+
+    async def main():
+        servicer = EngineServicer(max_waiting=10, max_buffered_tokens=100)  # not started: every request refused
+        stream = servicer._new_stream()
+        pulled = 0
+
+        async def frames():
+            nonlocal pulled
+            for n in range(10_000):
+                pulled += 1
+                yield pb.ClientFrame(requests=[pb.NewRequest(request_id=f"{n}-{k}", prompt_token_ids=[1])
+                                               for k in range(100)])
+
+        reader = asyncio.create_task(servicer._read_frames(frames(), stream, "s1:"))
+        await asyncio.sleep(0.2)
+        first_stop = -(-MAX_BUFFERED_UPDATES // 100)  # the frame that reached the bound is the last one read
+        assert not reader.done() and pulled == first_stop, pulled
+        assert MAX_BUFFERED_UPDATES <= stream.num_buffered < MAX_BUFFERED_UPDATES + 100
+        while stream.num_buffered >= MAX_BUFFERED_UPDATES // 2:
+            stream.take()
+        await asyncio.sleep(0.05)
+        assert pulled > first_stop  # reading again
+        reader.cancel()
+
+    asyncio.run(main())
+
+
 def test_refusing_a_duplicate_id_leaves_the_live_request_alone():
     async def main():
         aborted: list[str] = []
@@ -176,3 +235,11 @@ def test_every_engine_knob_is_a_service_flag_and_reaches_the_engine():
                                 ("--cpu-kvcache-gib", "0", "cpu_kvcache_gib must be positive")):
         with pytest.raises(ValueError, match=needle):
             parse_config(["--model", "/m", flag, value], {})
+
+
+def test_max_buffered_tokens_must_fit_one_frame():
+    from engine_service.server_config import parse_config
+
+    with pytest.raises(ValueError, match="max_buffered_tokens .* too large for max_message_bytes"):
+        parse_config(["--model", "m", "--max-message-bytes", "100000", "--max-buffered-tokens", "65536"], {})
+    assert parse_config(["--model", "m"], {}).max_buffered_tokens == 65536  # the defaults fit
