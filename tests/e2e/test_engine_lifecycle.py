@@ -292,9 +292,13 @@ def test_a_model_that_cannot_load_is_one_line_not_a_traceback(demo_model, tmp_pa
     else:
         (model / "model.safetensors.index.json").write_text('{"metadata": {}, "weight_map": ')
         want = "model.safetensors.index.json cannot be read as JSON"
-    proc = subprocess.run([sys.executable, "-m", "engine_service.server", "--model", str(model), "--host",
-                           "127.0.0.1", "--port", "0", "--device", "cpu", "--metrics-port", "0"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert_one_line_failure(["engine_service.server", "--model", str(model), "--device", "cpu"], want)
+
+
+def assert_one_line_failure(args: list[str], want: str) -> None:
+    """python -m args (on a free port, no metrics) exits 1 with `want` in an ERROR line, and no traceback."""
+    proc = subprocess.run([sys.executable, "-m", *args, "--host", "127.0.0.1", "--port", "0", "--metrics-port",
+                           "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr
     assert want in proc.stderr and "cannot serve" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
@@ -318,9 +322,4 @@ def test_a_tokenizer_that_cannot_load_is_one_line(demo_model, tmp_path, case):
         want = "generation_config.json cannot be read as JSON"
     else:
         want = "is not a directory"
-    proc = subprocess.run([sys.executable, "-m", "tokenizer_service.server", "--model", str(model), "--host",
-                           "127.0.0.1", "--port", "0", "--engines", "127.0.0.1:1", "--metrics-port", "0"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1, proc.stderr
-    assert want in proc.stderr and "cannot serve" in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
+    assert_one_line_failure(["tokenizer_service.server", "--model", str(model), "--engines", "127.0.0.1:1"], want)
