@@ -33,6 +33,7 @@ from protos.llmserve.engine.v1 import engine_pb2, engine_pb2_grpc
 
 log = logging.getLogger("engine_service")
 FAIL_AFTER_STEPS_ENV = "ENGINE_TEST_FAIL_AFTER_STEPS"
+SHORT_CALL_HEADROOM = 64  # unary and health calls beyond max_concurrent_rpcs generation calls
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -162,8 +163,12 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
 
     health = Health([config.service_name])
     await health.set_serving(False)
-    servicer = EngineServicer(config.max_waiting, config.max_buffered_tokens, config.max_message_bytes // 2)
-    server = grpc.aio.server(options=grpc_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    servicer = EngineServicer(config.max_waiting, config.max_buffered_tokens, config.max_message_bytes // 2,
+                              max_calls=config.max_concurrent_rpcs)
+    # gRPC's own limit counts every call alike; the servicer counts the generation calls, and this leaves room
+    # for the short ones (GetLoad, GetModelInfo, Abort, health) when they are all open.
+    server = grpc.aio.server(options=grpc_options(config),
+                             maximum_concurrent_rpcs=config.max_concurrent_rpcs + SHORT_CALL_HEADROOM)
     engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     names = [engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name,

@@ -55,8 +55,9 @@ class ServerConfig:
     tls_client_ca: str = ""
     health_port: int = 0  # plaintext grpc.health.v1 alone on host:health_port, for TLS-blind probes; 0: off
     # Limits.
-    # grpc.aio refuses calls past this with its own RESOURCE_EXHAUSTED; kept above max_waiting plus a running
-    # batch of GenerateStream calls, so that a full engine says so in its own words first.
+    # Generate and GenerateStream calls open at once (refused past it with RESOURCE_EXHAUSTED naming the flag;
+    # unary and health calls have room beyond it). Kept above max_waiting plus a running batch of GenerateStream
+    # calls, so that a full engine says "queue is full" first.
     max_concurrent_rpcs: int = 4096
     max_waiting: int = 1024  # requests admitted but not yet running; past it: RESOURCE_EXHAUSTED
     max_message_bytes: int = 64 * MiB  # receive and send, both ends

@@ -32,7 +32,8 @@ MAX_TRACE_ID_CHARS = 128  # a trace id is a log field: a client cannot write meg
 class EngineServicer(pb_grpc.EngineServicer):
     """Generate (bidi), GenerateStream, Abort, GetModelInfo and GetLoad over one EngineLoop."""
 
-    def __init__(self, max_waiting: int, max_buffered_tokens: int, max_frame_bytes: int = 32 * 2**20) -> None:
+    def __init__(self, max_waiting: int, max_buffered_tokens: int, max_frame_bytes: int = 32 * 2**20,
+                 max_calls: int = 4096) -> None:
         self.loop: EngineLoop | None = None  # set once the engine has loaded
         self.model_info: dict[str, Any] = {}
         self.generation_defaults: dict[str, object] = {}
@@ -45,6 +46,9 @@ class EngineServicer(pb_grpc.EngineServicer):
         self._max_waiting = max_waiting
         self._max_buffered = max_buffered_tokens
         self._max_frame_bytes = max_frame_bytes  # half of max_message_bytes: a frame never nears the limit
+        # Generate and GenerateStream calls open at once (max_concurrent_rpcs). Counted here rather than by
+        # gRPC's own limit, which counts every call alike: idle streams would lock out GetLoad and health.
+        self._max_calls = max_calls
         self._stream_ids = itertools.count(1)
         self._admissions = itertools.count(1)
         self._streams: set[OutputStream] = set()
@@ -80,6 +84,13 @@ class EngineServicer(pb_grpc.EngineServicer):
             return "the engine service is still loading the model"
         if not self.started:
             return "the engine service is still starting (its start-up canary has not passed)"
+        return None
+
+    def _too_many_calls(self) -> str | None:
+        if len(self._streams) >= self._max_calls:
+            return (f"the engine service has {len(self._streams)} generation calls open (max_concurrent_rpcs "
+                    f"{self._max_calls}): close idle streams, multiplex requests on fewer, or raise "
+                    "--max-concurrent-rpcs")
         return None
 
     def _refusal(self) -> tuple[grpc.StatusCode, str] | None:
@@ -150,6 +161,9 @@ class EngineServicer(pb_grpc.EngineServicer):
         unavailable = self._unavailable()
         if unavailable is not None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, unavailable)
+        too_many = self._too_many_calls()
+        if too_many is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, too_many)
         prefix = f"s{next(self._stream_ids)}:"
         stream = self._new_stream()
         reader = asyncio.create_task(self._read_frames(request_iterator, stream, prefix))
@@ -179,6 +193,9 @@ class EngineServicer(pb_grpc.EngineServicer):
         unavailable = self._unavailable()
         if unavailable is not None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, unavailable)
+        too_many = self._too_many_calls()
+        if too_many is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, too_many)
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         cid = request.request_id

@@ -161,9 +161,11 @@ def test_step_failure_fails_requests_internal_and_exits_nonzero(monkeypatch):
     assert running.exit_code == 1
 
 
-def test_health_port_answers_while_the_main_port_is_at_its_rpc_limit():
-    """grpc refuses calls past max_concurrent_rpcs on the main port, health checks included, so the deploy's
-    probes ask the health-only port, which a busy engine still answers SERVING."""
+def test_generation_calls_at_their_limit_leave_load_and_health_answering():
+    """gRPC's own max_concurrent_rpcs counted every call alike: open generation streams (even idle ones) locked
+    out GetLoad, GetModelInfo and health with 'Concurrent RPC limit exceeded!'. The servicer counts generation
+    calls itself, refuses the next one naming the flag, and the short calls still answer (as does the
+    plaintext health port the deploy's probes use)."""
     from tests.e2e.conftest import free_port
 
     health_port = free_port()
@@ -174,11 +176,15 @@ def test_health_port_answers_while_the_main_port_is_at_its_rpc_limit():
             wait_serving(client)
             streams = [client.generate([1, 2], f"busy-{i}", max_tokens=100_000, ignore_eos=True) for i in range(2)]
             for stream in streams:
-                next(stream)  # both calls are running: the main port is at its limit
-            main = health_pb2_grpc.HealthStub(client._channel)
+                next(stream)  # both calls are running: generation calls are at their limit
             with pytest.raises(grpc.RpcError) as refused:
-                main.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                next(client.generate([1, 2], "one-too-many", max_tokens=2))
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_concurrent_rpcs 2" in refused.value.details()
+            assert client.load().num_live_requests == 2
+            main = health_pb2_grpc.HealthStub(client._channel)
+            assert main.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                health_pb2.HealthCheckResponse.SERVING
             with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
                 for service in ("", running.config.service_name):
