@@ -70,8 +70,9 @@ def demo_engine(demo_model_dir, demo_tokenizer, **kwargs: object) -> Running:
 def wait_ready(stub: pb_grpc.TextGenerationStub) -> None:
     for _ in range(200):  # until an engine is connected
         try:
-            stub.Generate(pb.GenerateRequest(prompt="x", sampling_params=pb.SamplingParams(max_tokens=1)),
-                          timeout=5).next()
+            # Read to the end: the call (and its request line) is over before the caller goes on.
+            list(stub.Generate(pb.GenerateRequest(prompt="x", sampling_params=pb.SamplingParams(max_tokens=1)),
+                               timeout=5))
             return
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
