@@ -101,7 +101,7 @@ class BlockManager:
             return []
         matched: list[int] = []
         parent = ROOT_HASH
-        for i in range((len(seq.token_ids) - 1) // self.block_size):
+        for i in range(self._matchable_blocks(seq)):
             h = self.chain_hash(seq, i)
             block_id = self.cached.get(h)
             if block_id is None:
@@ -130,7 +130,12 @@ class BlockManager:
         block, and not the last block of a prompt cached whole, which is always recomputed (None otherwise)."""
         i = len(matched)
         full = (i + 1) * self.block_size <= seq.num_prompt_tokens
-        return self.chain_hash(seq, i) if full and i < (len(seq.token_ids) - 1) // self.block_size else None
+        return self.chain_hash(seq, i) if full and i < self._matchable_blocks(seq) else None
+
+    def _matchable_blocks(self, seq: Sequence) -> int:
+        """How many leading blocks a lookup may match: all but the one holding the last token (see
+        match_prefix)."""
+        return (len(seq.token_ids) - 1) // self.block_size
 
     def prompt_hashes(self, seq: Sequence, start: int) -> list[int]:
         """The hashes of seq's full prompt blocks from block `start` on: the blocks it will compute."""

@@ -206,24 +206,25 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
             await asyncio.to_thread(metrics_server.shutdown)
             metrics_server.server_close()
 
+    async def stop_before_serving(code: int) -> int:
+        """Nothing was in flight yet: close the servers and return the exit code."""
+        await health.shutdown()
+        await server.stop(0.5)
+        await close_side_servers()
+        log.info("engine service stopped (exit %d)", code)
+        return code
+
     try:
         engine = await load_unless_stopped(engine_factory or load_engine, config, stop)
     except Exception as exc:  # a model that cannot load: one line that says why, not a traceback
         reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
         log.debug("model load failed", exc_info=True)
         log.error("cannot serve %s: %s", config.model, reason)
-        await health.shutdown()
-        await server.stop(0.5)
-        await close_side_servers()
-        return 1
+        return await stop_before_serving(1)
     if engine is None:
         log.warning("stop signal while the model was loading: exiting now, without waiting for the load "
                     "(no request was in flight)")
-        await health.shutdown()
-        await server.stop(0.5)
-        await close_side_servers()
-        log.info("engine service stopped (exit 0)")
-        return 0
+        return await stop_before_serving(0)
     loop = EngineLoop(engine, aio, on_fatal)
     metrics.model_name = str(engine.model_info["model_name"])
     if config.metrics_port or config.log_requests:

@@ -86,9 +86,14 @@ class EngineServicer(pb_grpc.EngineServicer):
             return "the engine service is still starting (its start-up canary has not passed)"
         return None
 
-    def _too_many_calls(self) -> str | None:
+    def _call_refusal(self) -> tuple[grpc.StatusCode, str] | None:
+        """Why a new generation call (Generate, GenerateStream) is refused now, if so."""
+        unavailable = self._unavailable()
+        if unavailable is not None:
+            return grpc.StatusCode.UNAVAILABLE, unavailable
         if len(self._streams) >= self._max_calls:
-            return (f"the engine service has {len(self._streams)} generation calls open (max_concurrent_rpcs "
+            return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the engine service has {len(self._streams)} generation calls open (max_concurrent_rpcs "
                     f"{self._max_calls}): close idle streams, multiplex requests on fewer, or raise "
                     "--max-concurrent-rpcs")
         return None
@@ -158,12 +163,9 @@ class EngineServicer(pb_grpc.EngineServicer):
     # ---- RPCs ---------------------------------------------------------------------------------------------
 
     async def Generate(self, request_iterator, context):
-        unavailable = self._unavailable()
-        if unavailable is not None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, unavailable)
-        too_many = self._too_many_calls()
-        if too_many is not None:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, too_many)
+        refusal = self._call_refusal()
+        if refusal is not None:
+            await context.abort(*refusal)
         prefix = f"s{next(self._stream_ids)}:"
         stream = self._new_stream()
         reader = asyncio.create_task(self._read_frames(request_iterator, stream, prefix))
@@ -190,12 +192,9 @@ class EngineServicer(pb_grpc.EngineServicer):
             stream.wake.set()
 
     async def GenerateStream(self, request, context):
-        unavailable = self._unavailable()
-        if unavailable is not None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, unavailable)
-        too_many = self._too_many_calls()
-        if too_many is not None:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, too_many)
+        refusal = self._call_refusal()
+        if refusal is not None:
+            await context.abort(*refusal)
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         cid = request.request_id

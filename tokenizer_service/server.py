@@ -8,7 +8,6 @@ streams finish, multiplexed streams end from the server side) within the grace p
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import sys
@@ -27,7 +26,7 @@ from tokenizer_service.engine_pool import EnginePool
 from tokenizer_service.logs import configure_logging
 from tokenizer_service.metrics import TextMetrics, serve_metrics
 from tokenizer_service.servicer import TextServicer
-from tokenizer_service.validation import read_eos_token_ids, read_generation_defaults
+from tokenizer_service.validation import read_eos_token_ids, read_generation_defaults, read_json
 
 log = logging.getLogger("tokenizer_service")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them: a model's tokenizer
@@ -75,8 +74,7 @@ def load_tokenizer(model_dir: str) -> tuple[Any, str, int]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     if len(tokenizer) <= 1:
         raise ValueError(f"the tokenizer in {model_dir} holds {len(tokenizer)} token(s): its files are incomplete")
-    config_path = Path(model_dir) / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = read_json(directory / "config.json")
     vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or len(tokenizer)
     # The directory's name, as the engine names it: both services' metrics carry the same model_name label
     # (config.json's _name_or_path is often an uploader's local path, or absent).

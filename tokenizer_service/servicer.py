@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
 FINISH = {engine_pb.FINISH_REASON_STOP: pb.FINISH_REASON_STOP, engine_pb.FINISH_REASON_LENGTH: pb.FINISH_REASON_LENGTH,
           engine_pb.FINISH_REASON_ABORT: pb.FINISH_REASON_ABORT}
+MAX_ATTEMPTS = 3  # a request that never got a token may move to another engine this many times in all
 OFFLOAD_TOKENIZE_BYTES = 64 * 1024  # inputs larger than this are tokenized off the event loop
 # Chats with more messages than this are rendered off the event loop too: a template's cost is per message
 # (4,096 one-word turns are 59 KB on the wire and took 147 ms to render).
@@ -49,7 +50,6 @@ def _heavy(request) -> bool:
         return True
     chat = getattr(request, "chat", None)
     return chat is not None and request.HasField("chat") and len(chat.messages) > OFFLOAD_CHAT_MESSAGES
-MAX_ATTEMPTS = 3  # a request that never got a token may move to another engine this many times in all
 
 
 class TextServicer(pb_grpc.TextGenerationServicer):

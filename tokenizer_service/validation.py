@@ -240,7 +240,7 @@ class PreparedRequest:
     num_prompt_tokens: int
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     """The file's JSON object, {} when there is no such file; a ValueError naming the file otherwise."""
     if not path.is_file():
         return {}
@@ -255,7 +255,7 @@ def _read_json(path: Path) -> dict:
 
 def read_generation_defaults(model_dir: str) -> dict[str, object]:
     """Sampling defaults from the model's generation_config.json (do_sample false means greedy)."""
-    config = _read_json(Path(model_dir) / "generation_config.json")
+    config = read_json(Path(model_dir) / "generation_config.json")
     defaults = {k: config[k] for k in GENERATION_CONFIG_KEYS if config.get(k) is not None}
     if config.get("do_sample") is False:
         defaults["temperature"] = 0.0
@@ -269,7 +269,7 @@ def read_eos_token_ids(model_dir: str, tokenizer: Any) -> set[int]:
     (the engines' ids are checked against these on first contact)."""
     ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
     for name in ("generation_config.json", "config.json"):
-        eos = _read_json(Path(model_dir) / name).get("eos_token_id")
+        eos = read_json(Path(model_dir) / name).get("eos_token_id")
         ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
     return ids
 
