@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import math
+
 import grpc
 
 from clients.tls import ClientTls
 
 MiB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
+# gRPC turns a deadline past a few decades into one already expired (DEADLINE_EXCEEDED at once): a timeout this
+# long or longer means no deadline, as the service reads GenerateMulti's deadline_ms.
+MAX_TIMEOUT_S = 10 * 365 * 86400
+
+
+def client_timeout(timeout: float | None) -> float | None:
+    """A client's per-call timeout: None, or a positive number of seconds (inf and very long ones mean none)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds, or None for no deadline; got {timeout!r}")
+    return None if timeout >= MAX_TIMEOUT_S else float(timeout)
 
 
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import grpc
@@ -71,13 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llm-client: TLS: {exc}", file=sys.stderr)
         return 2
     with TextClient(args.target, timeout=args.timeout, tls=tls) as client:
-        if args.chat:
-            messages = ([{"role": "system", "content": args.system}] if args.system else [])
-            messages.append({"role": "user", "content": args.text})
-            thinking = None if args.thinking is None else args.thinking == "on"
-            stream = client.chat(messages, stop=args.stop, enable_thinking=thinking, **sampling)
-        else:
-            stream = client.generate(args.text, stop=args.stop, **sampling)
+        try:
+            if args.chat:
+                messages = ([{"role": "system", "content": args.system}] if args.system else [])
+                messages.append({"role": "user", "content": args.text})
+                thinking = None if args.thinking is None else args.thinking == "on"
+                stream = client.chat(messages, stop=args.stop, enable_thinking=thinking, **sampling)
+            else:
+                stream = client.generate(args.text, stop=args.stop, **sampling)
+        except ValueError as exc:  # a value the protocol cannot carry, e.g. --seed past 2**64
+            print(f"llm-client: {exc}", file=sys.stderr)
+            return 2
         last = None
         try:
             for chunk in stream:
@@ -87,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             stream.cancel()
             return 130
+        except BrokenPipeError:  # the reader went away (`llm-client ... | head`): stop quietly, as `cat` does
+            stream.cancel()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush cannot fail again
+            return 141
         except grpc.RpcError as exc:
             print(f"\nllm-client: {exc.code().name}: {exc.details()}{connect_hint(exc, tls)}", file=sys.stderr)
             return 1

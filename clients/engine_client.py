@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from clients.channel import sync_channel
+from clients.channel import client_timeout, sync_channel
 from clients.tls import ClientTls
 from protos.llmserve.engine.v1 import engine_pb2 as pb
 from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
@@ -12,9 +12,9 @@ from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
 
 class EngineClient:
     def __init__(self, target: str, timeout: float | None = None, tls: ClientTls | None = None) -> None:
+        self.timeout = client_timeout(timeout)
         self._channel = sync_channel(target, tls)
         self.stub = pb_grpc.EngineStub(self._channel)
-        self.timeout = timeout
 
     def generate(self, prompt_token_ids: list[int], request_id: str = "", *, trace_id: str = "",
                  **sampling: object) -> Iterator[pb.RequestUpdate]:

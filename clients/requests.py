@@ -18,15 +18,26 @@ def sampling_params(**kwargs: object) -> pb.SamplingParams:
         if name == "stop_token_ids":
             params.stop_token_ids.extend(value)  # type: ignore[arg-type]
         elif name in SAMPLING_FIELDS:
-            setattr(params, name, value)
+            try:
+                setattr(params, name, value)
+            except (TypeError, ValueError) as exc:  # protobuf's own words name no field
+                raise ValueError(f"sampling parameter {name}={value!r}: {exc}") from None
         else:
             raise TypeError(f"unknown sampling parameter {name!r}; known: {SAMPLING_FIELDS + ('stop_token_ids',)}")
     return params
 
 
+def chat(messages: Iterable[Mapping[str, str]], enable_thinking: bool | None = None) -> pb.Chat:
+    """A Chat from messages ({"role": ..., "content": ...}) and the template's thinking switch, if given."""
+    result = pb.Chat(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
+    if enable_thinking is not None:
+        result.enable_thinking = enable_thinking
+    return result
+
+
 def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, str]] | None = None, *,
                      prompt_token_ids: Iterable[int] | None = None,
-                     request_id: str = "", stop: str | Iterable[str] = (), skip_special_tokens: bool | None = None,
+                     request_id: str = "", stop: str | Iterable[str] | None = (), skip_special_tokens: bool | None = None,
                      include_stop_str_in_output: bool = False, deadline_ms: int | None = None,
                      enable_thinking: bool | None = None, **sampling: object) -> pb.GenerateRequest:
     """A GenerateRequest from a prompt, chat messages ({"role": ..., "content": ...}) or token ids, and sampling
@@ -35,16 +46,14 @@ def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, 
     if sum(x is not None for x in (prompt, messages, prompt_token_ids)) != 1:
         raise ValueError("give exactly one of prompt, messages and prompt_token_ids")
     request = pb.GenerateRequest(request_id=request_id, sampling_params=sampling_params(**sampling),
-                                 stop=[stop] if isinstance(stop, str) else list(stop),
+                                 stop=[stop] if isinstance(stop, str) else list(stop or ()),
                                  include_stop_str_in_output=include_stop_str_in_output)
     if prompt is not None:
         request.prompt = prompt
     elif prompt_token_ids is not None:
         request.prompt_token_ids.ids.extend(prompt_token_ids)
     else:
-        request.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
-        if enable_thinking is not None:
-            request.chat.enable_thinking = enable_thinking
+        request.chat.CopyFrom(chat(messages, enable_thinking))
     if enable_thinking is not None and messages is None:
         raise ValueError("enable_thinking applies to chat messages only")
     if skip_special_tokens is not None:

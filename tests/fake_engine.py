@@ -100,7 +100,7 @@ class FakeEngine:
         used = sum(math.ceil(len(self.reqs[r][0]) / bs) for r in self.running)
         return dict(
             num_blocks=self.num_blocks,
-            num_free_blocks=self.num_blocks - used,
+            num_free_blocks=max(0, self.num_blocks - used),  # the fake holds no real blocks: never below 0
             num_cached_blocks=0,
             num_running=len(self.running),
             num_waiting=len(self.waiting),

@@ -17,16 +17,35 @@ pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture(scope="module")
-def service(demo_model_dir, demo_tokenizer):
+def stack(demo_model_dir, demo_tokenizer):
+    """(the tokenizer service's target, the fake engine's target)."""
     engine = demo_engine(demo_model_dir, demo_tokenizer)
     server = TextServer(demo_model_dir, engines=engine.target)
     with grpc.insecure_channel(server.target) as channel:
         from protos.llmserve.text.v1 import text_pb2_grpc
 
         wait_ready(text_pb2_grpc.TextGenerationStub(channel))
-    yield server.target
+    yield server.target, engine.target
     server.stop()
     assert engine.stop() == 0
+
+
+@pytest.fixture
+def service(stack):
+    return stack[0]
+
+
+def engine_idle(engine_target: str, within_s: float = 5.0) -> bool:
+    """Whether the engine holds no live request, polled for up to within_s."""
+    from clients.engine_client import EngineClient
+
+    with EngineClient(engine_target, timeout=5) as engine:
+        deadline = time.monotonic() + within_s
+        while engine.load().num_live_requests:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+    return True
 
 
 def test_one_stop_string_is_one_stop_string():
@@ -178,3 +197,128 @@ def test_a_non_ascii_request_id_travels_in_the_request_field(service):
         assert dict(stream._call.trailing_metadata())["x-request-id"] == "caf%C3%A9-1"
         with pytest.raises(ValueError, match="printable ASCII"):
             client.generate_multi(iter(()), request_id="café-1")
+
+
+def test_breaking_out_of_an_async_stream_frees_the_engine_request(stack):
+    """grpc.aio keeps a running call alive: `break` out of `async for` (or an exception in its body) left the
+    request generating to max_tokens while the client stayed open. Dropping the stream now cancels it, as
+    leaving `async with stream:` does."""
+    target, engine_target = stack
+
+    async def main() -> tuple[bool, bool]:
+        async with AsyncTextClient(target, timeout=60) as client:
+            async for _ in client.generate("hi", max_tokens=100_000, ignore_eos=True):
+                break
+            freed_by_break = await asyncio.to_thread(engine_idle, engine_target)
+            stream = client.generate("hi", max_tokens=100_000, ignore_eos=True)
+            async with stream:
+                await anext(stream)
+            freed_by_with = await asyncio.to_thread(engine_idle, engine_target)
+            return freed_by_break, freed_by_with
+
+    assert asyncio.run(main()) == (True, True)
+
+
+def test_closing_the_async_client_mid_stream_raises_rpc_error_not_cancelled_error(service):
+    """A reader whose client was closed under it got asyncio.CancelledError although nobody cancelled its task;
+    gather() and TaskGroup take that for the caller's own cancellation. It is RpcError(CANCELLED) now."""
+    async def main() -> tuple[object, bool]:
+        client = AsyncTextClient(service, timeout=60)
+        stream = client.generate("hi", max_tokens=100_000, ignore_eos=True)
+
+        async def read_all() -> object:
+            try:
+                async for _ in stream:
+                    pass
+            except grpc.RpcError as exc:
+                return exc.code()
+            return "no error"
+
+        reader = asyncio.create_task(read_all())
+        await asyncio.sleep(0.3)
+        await client.close()
+        outcome = await reader
+        return outcome, reader.cancelled()
+
+    assert asyncio.run(main()) == (grpc.StatusCode.CANCELLED, False)
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e12])
+def test_a_timeout_too_long_for_grpc_means_no_deadline(service, timeout):
+    """gRPC turns a deadline decades away into DEADLINE_EXCEEDED at once; inf and deadline_ms=2**64-1 failed."""
+    with TextClient(service, timeout=timeout) as client:
+        assert client.generate("hi", max_tokens=2).text()
+        stream = client.generate("hi", max_tokens=2, deadline_ms=2**64 - 1)
+        stream.text()
+        assert stream.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), "5"])
+def test_a_timeout_that_cannot_work_is_refused(timeout):
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+        TextClient("127.0.0.1:1", timeout=timeout)
+
+
+def test_streams_tell_the_finish_reason_usage_and_request_id(service):
+    """text() said nothing of why a reply ended; the generated request id was reachable only via _call."""
+    with TextClient(service, timeout=30) as client:
+        stream = client.generate("hi", max_tokens=3)
+        assert stream.finish_reason is None and stream.usage is None
+        text = stream.text()
+        assert text and stream.finish_reason == pb.FINISH_REASON_LENGTH and stream.usage.completion_tokens == 3
+        assert stream.stop_reason == "" and len(stream.request_id()) >= 16
+        assert client.generate("hi", max_tokens=2, request_id=42).request_id() == "42"  # an int id is its str()
+
+    async def main() -> tuple[object, int, str]:
+        async with AsyncTextClient(service, timeout=30) as client:
+            stream = client.generate("hi", max_tokens=2, request_id="job-7")
+            await stream.text()
+            return stream.finish_reason, stream.usage.completion_tokens, await stream.request_id()
+
+    assert asyncio.run(main()) == (pb.FINISH_REASON_LENGTH, 2, "job-7")
+
+
+def test_generate_multi_texts_raise_on_a_failed_request(service):
+    """text() on a GenerateMulti stream joined every request's text and hid the failed ones."""
+    good = pb.MultiRequest(generate=generate_request("hi", request_id="a", max_tokens=2))
+    bad = pb.MultiRequest(generate=generate_request("hi", request_id="b", temperature=-1.0))
+    with TextClient(service, timeout=30) as client:
+        assert set(client.generate_multi([good]).texts()) == {"a"}
+        with pytest.raises(ValueError, match="request 'b' failed: .*temperature"):
+            client.generate_multi([good, bad]).texts()
+        assert not hasattr(client.generate_multi([good]), "text")
+
+
+def test_none_means_unset_for_every_keyword(service):
+    request = generate_request("x", stop=None, seed=None)
+    assert list(request.stop) == [] and not request.sampling_params.HasField("seed")
+
+
+def test_tokenize_takes_chat_messages(service, demo_tokenizer):
+    messages = [{"role": "user", "content": "hello there"}]
+    want = demo_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    with TextClient(service, timeout=30) as client:
+        assert client.tokenize(messages=messages) == client.tokenize(want)
+        with pytest.raises(ValueError, match="exactly one of text and messages"):
+            client.tokenize("a", messages=messages)
+
+
+def test_cli_refuses_a_value_the_protocol_cannot_carry(service, capsys):
+    from clients.cli import main
+
+    assert main(["hi", "--target", service, "--seed", str(2**64)]) == 2
+    err = capsys.readouterr().err
+    assert "seed=18446744073709551616" in err and "Traceback" not in err
+
+
+def test_cli_piped_into_head_stops_quietly(service):
+    """`llm-client ... | head -c 1` ended in a BrokenPipeError traceback and exit 1."""
+    import subprocess
+    import sys
+
+    cli = subprocess.Popen([sys.executable, "-m", "clients.cli", "hi", "--target", service, "--max-tokens", "5000"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert cli.stdout.read(1)
+    cli.stdout.close()
+    err = cli.stderr.read().decode()
+    assert cli.wait(timeout=60) == 141 and "Traceback" not in err, err
