@@ -11,11 +11,21 @@ Cost per step is independent of the sequence length: only a short window is deco
                 a decode (SentencePiece) or clean up spaces see the same neighbours as a full decode.
 
 The delta is `decode(window)[len(decode(context)):]`. Tokens that have been emitted and have fallen out of
-the context are dropped, so memory is bounded too.
+the context are dropped, so memory is bounded too. The context always starts where an earlier emission ended,
+on a complete character: byte-fallback decoders (SentencePiece's `<0xE4>` tokens) turn a whole run of byte
+tokens into U+FFFDs when it starts inside a character, so a context cut at "the last 4 tokens" garbled valid
+CJK text.
+
+Decoders that clean up spaces (WordPiece's, or transformers' `clean_up_tokenization_spaces`) rewrite text that
+was already emitted: `don '` + `t` decodes as `don't`. Emitted text cannot be taken back, so then the context's
+non-space characters are matched in the new decode and what follows them is emitted: no character is lost or
+repeated, but the stream keeps the space the full decode removed (`don 't`).
 
 Splitting the decode at a token boundary is exact when the text before the boundary ends in a complete
 character: a UTF-8 decoder restarts cleanly after a complete character. That is what "no trailing U+FFFD"
-guarantees, except when the model really produced invalid bytes or a literal U+FFFD. A model that loops on
+guarantees, except when the model really produced invalid bytes or a literal U+FFFD (where a byte-fallback
+decode of the whole text differs anyway: it turns a character already streamed into U+FFFDs once an invalid
+byte joins its run of byte tokens). A model that loops on
 such bytes would make the unread window grow forever, so past `hold_limit` unread tokens an explicit split
 is searched for and verified against the decode of the whole window before anything is emitted.
 """
@@ -61,6 +71,7 @@ class IncrementalDetokenizer:
         self._window: list[int] = []  # context tokens followed by unread tokens
         self._read = 0  # index in _window of the first token whose text has not been emitted
         self._context_text = ""  # decode(_window[:_read]), cached
+        self._bounds = [0]  # indices in _window where an emission ended (a complete character), ascending
         self._num_tokens = 0
         self._finished = False
 
@@ -103,9 +114,11 @@ class IncrementalDetokenizer:
 
     def _emit_through(self, end: int, window_text: str) -> str:
         """Emit the text of window tokens up to `end`, given `window_text` = decode(window[:end])."""
-        delta = window_text[len(self._context_text) :]
-        # The emitted tokens become the new context; older tokens are no longer needed at all.
-        start = max(0, end - self._context_tokens)
+        delta = _text_after(self._context_text, window_text)
+        # The new context: from the last emission boundary at least context_tokens back (or the window's start,
+        # itself one); older tokens are no longer needed at all.
+        start = max(b for b in self._bounds if b <= max(0, end - self._context_tokens))
+        self._bounds = [b - start for b in self._bounds if b >= start] + [end - start]
         self._window = self._window[start:]
         self._read = end - start
         self._context_text = self._decode(self._window[: self._read])
@@ -120,3 +133,24 @@ class IncrementalDetokenizer:
             if head + tail == window_text:
                 return self._emit_through(split, head)
         return ""
+
+
+def _text_after(context: str, text: str) -> str:
+    """What text adds to context. When a decoder's space clean-up rewrote the context (`don '` -> `don't`),
+    skip the context's non-space characters in text instead; any other rewrite falls back to its length."""
+    if text.startswith(context):
+        return text[len(context) :]
+    wanted = [c for c in context if not c.isspace()]
+    matched = 0
+    for pos, char in enumerate(text):
+        if matched == len(wanted):
+            return text[pos:]
+        if char.isspace():
+            continue
+        if char != wanted[matched]:
+            break
+        matched += 1
+    else:
+        if matched == len(wanted):
+            return ""
+    return text[len(context) :]

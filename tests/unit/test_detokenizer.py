@@ -161,7 +161,9 @@ def test_a_model_looping_on_an_invalid_byte_still_streams(demo_tokenizer) -> Non
     detok = IncrementalDetokenizer(counting, hold_limit=8)
     deltas = [detok.step([lone_continuation]) for _ in range(200)]
     assert sum(1 for d in deltas if d) > 10  # text keeps flowing instead of waiting for the end
-    assert counting.max_ids <= 4 + 8 + 1
+    # The window: a context from an emission boundary at least 4 tokens back (forced splits emit up to
+    # hold_limit + 1 tokens at a time, so that boundary can lie one such chunk further) plus the unread tokens.
+    assert counting.max_ids <= 4 + 2 * (8 + 1)
     assert "".join(deltas) + detok.flush() == demo_tokenizer.decode([lone_continuation] * 200)
 
 
@@ -170,3 +172,51 @@ def test_invalid_settings_are_refused(demo_tokenizer) -> None:
         IncrementalDetokenizer(demo_tokenizer, context_tokens=0)
     with pytest.raises(ValueError, match="hold_limit"):
         IncrementalDetokenizer(demo_tokenizer, hold_limit=3)
+
+
+def _byte_fallback_tokenizer():
+    """A SentencePiece-style (Llama 2) tokenizer whose vocabulary has ASCII letters and the 256 byte tokens
+    <0x00>..<0xFF> only, so every CJK character decodes from three byte tokens through ByteFallback."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
+    for char in "▁abcdefghijklmnopqrstuvwxyz.":
+        vocab.setdefault(char, len(vocab))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    return tokenizer
+
+
+@pytest.mark.parametrize("context_tokens", [1, 4, 7])
+def test_byte_fallback_text_streams_exactly(context_tokens: int) -> None:
+    """The context used to start at "the last 4 tokens", often inside a character's byte tokens, which
+    ByteFallback decodes as U+FFFDs: valid Korean and Japanese text streamed as '안녕������요'."""
+    tokenizer = _byte_fallback_tokenizer()
+    text = "대한민국의 수도는 서울입니다. 東京は日本の首都です。 ok 😀 done"
+    ids = tokenizer.encode(text).ids
+    want = tokenizer.decode(ids)
+    assert REPLACEMENT_CHAR not in want and len(ids) > 3 * len(text.split()[0])  # byte tokens, valid text
+    rng = random.Random(context_tokens)
+    detok = IncrementalDetokenizer(tokenizer, context_tokens=context_tokens)
+    assert "".join(_stream(detok, ids, rng)) == want
+
+
+def test_space_clean_up_never_loses_or_repeats_a_character() -> None:
+    """A decoder that cleans up spaces rewrites emitted text (`don '` + `t` -> `don't`); the delta was cut by
+    length and dropped new characters ("say'hi" streamed as "say 'i"). Only the removed space may remain."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["[UNK]", "i", "do", "##n", "'", "t", "k", "##now", "it", "s", "sa", "##y", "hi", ",", "ok", "."]
+    backend = Tokenizer(models.WordPiece(vocab={p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", clean_up_tokenization_spaces=True)
+    assert tokenizer.decode([10, 11, 4, 12]) == "say'hi"  # the clean-up this test is about
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = [rng.randrange(1, len(pieces)) for _ in range(rng.randrange(1, 12))]
+        want = tokenizer.decode(ids)
+        got = "".join(_stream(IncrementalDetokenizer(tokenizer), ids, rng))
+        assert got.split() == want.split() or "".join(got.split()) == "".join(want.split()), (ids, got, want)
