@@ -29,6 +29,7 @@ import random
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import grpc
@@ -98,7 +99,8 @@ async def run_grpc(target: str, w: Workload, concurrency: int, rate: float,
                     async for chunk in stream:
                         timings[i].chunks.append((time.perf_counter(), len(chunk.token_ids)))
                 except Exception as exc:  # report, do not abort the run
-                    timings[i].error = repr(exc)
+                    timings[i].error = (f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError)
+                                        else repr(exc))
 
         await asyncio.gather(*(one(i, at) for i, at in enumerate(arrivals(len(w.prompts), rate))))
         return timings, time.perf_counter() - t0
@@ -150,8 +152,10 @@ def summarize(timings: list[Timing], wall: float) -> dict[str, float]:
         for (prev, _), (cur, n) in zip(t.chunks, t.chunks[1:], strict=False):
             itl += [(cur - prev) * 1e3 / max(n, 1)] * max(n, 1)
     tokens = sum(n for t in ok for _, n in t.chunks)
+    errors = Counter(t.error or "no response" for t in timings if t.error is not None or not t.chunks)
     out = {"requests": len(timings), "failed": len(timings) - len(ok), "wall_s": wall, "output_tokens": tokens,
-           "request_throughput": len(ok) / wall, "output_throughput": tokens / wall}
+           "request_throughput": len(ok) / wall, "output_throughput": tokens / wall,
+           "errors": dict(errors.most_common(5))}  # the most frequent, so that a failed count has a cause
     for name, values in (("ttft_ms", ttft), ("itl_ms", itl), ("e2e_ms", e2e)):
         for q in (50, 90, 99):
             out[f"{name}_p{q}"] = pct(values, q)
@@ -164,6 +168,9 @@ def format_table(rows: list[dict[str, object]]) -> str:
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for r in rows:
         lines.append(" | ".join(f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols))
+    for r in rows:
+        for error, count in (r.get("errors") or {}).items():
+            lines.append(f"  {r['mode']} rate {r['rate']} concurrency {r['concurrency']}: {count} failed with {error}")
     return "\n".join(lines)
 
 

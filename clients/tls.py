@@ -37,11 +37,19 @@ NO_REUSEPORT = ("grpc.so_reuseport", 0)  # a port in use is an error, not a port
 UNLIMITED_MS = 2**31 - 1  # gRPC's "no limit" for a duration in milliseconds
 
 
-def shared_server_options(max_connection_age_s: float) -> list[tuple[str, int]]:
+def shared_server_options(max_connection_age_s: float, max_calls: int) -> list[tuple[str, int]]:
     """Server options both services set: no SO_REUSEPORT, and with max_connection_age_s > 0 a GOAWAY once a
     connection is that old, so that new calls open a new connection (to another replica behind a ClusterIP).
-    Calls already streaming run to their end, however long: no grace cuts a generation."""
-    options = [NO_REUSEPORT]
+    Calls already streaming run to their end, however long: no grace cuts a generation.
+
+    max_calls (the server's maximum_concurrent_rpcs) also bounds the calls grpc-core may hold before grpc.aio
+    has taken them. grpc.aio takes one new call per turn of its event loop; past 1,000 waiting (core's default)
+    core drops new calls at random, and all of them past 3,000, with a bare CANCELLED (a bidi client sees
+    INTERNAL 'Internal error from Core') before any handler sees them: a burst of 2,000 streams lost about 10%
+    of its calls so. With the queue as large as the calls allowed open, a burst waits its turn, and a larger one
+    meets our own limits, which refuse in words."""
+    options = [NO_REUSEPORT, ("grpc.server.max_pending_requests", max_calls),
+               ("grpc.server.max_pending_requests_hard_limit", max_calls)]
     if max_connection_age_s > 0:
         options += [("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
                     ("grpc.max_connection_age_grace_ms", UNLIMITED_MS)]

@@ -47,7 +47,8 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.http2.min_recv_ping_interval_without_data_ms", int(config.min_ping_interval_s * 1000)),
         ("grpc.http2.max_ping_strikes", 0),  # 0: never GOAWAY a client for pinging
     ]
-    return options + shared_server_options(config.max_connection_age_s)
+    return options + shared_server_options(config.max_connection_age_s,
+                                           config.max_concurrent_rpcs + SHORT_CALL_HEADROOM)
 
 
 def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:

@@ -45,7 +45,7 @@ def server_options(config: TextServerConfig) -> list[tuple[str, int]]:
         ("grpc.http2.min_recv_ping_interval_without_data_ms", int(config.min_ping_interval_s * 1000)),
         ("grpc.http2.max_ping_strikes", 0),
     ]
-    return options + shared_server_options(config.max_connection_age_s)
+    return options + shared_server_options(config.max_connection_age_s, config.max_concurrent_rpcs)
 
 
 def engine_channel_options(config: TextServerConfig) -> list[tuple[str, int]]:
