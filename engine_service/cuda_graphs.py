@@ -220,6 +220,9 @@ class DecodeGraphRunner:
         self.context_lens.zero_()
         with on_device(self.device):
             if self.use_cuda_graphs:
+                # Both readings with nothing idle in the cache: torch.cuda.graph empties it at every capture,
+                # which released the warm-up's cached activations (~1 GiB) and made the figure negative.
+                torch.cuda.empty_cache()
                 reserved_before = torch.cuda.memory_reserved(self.device)
                 self.pool = torch.cuda.graph_pool_handle()
             for size in reversed(self.sizes):
@@ -236,6 +239,7 @@ class DecodeGraphRunner:
                 self.graphs[size] = graph
             if self.use_cuda_graphs:
                 torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()  # what stays reserved now is the graphs' pool, which they hold
                 self.capture_bytes = torch.cuda.memory_reserved(self.device) - reserved_before
         self.capture_seconds = time.perf_counter() - start
         return self.capture_seconds

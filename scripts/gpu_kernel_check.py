@@ -401,6 +401,7 @@ def compile_only() -> bool:
         ("prefill gqa3 hd64", torch.bfloat16, [300, 20], [300, 400], 12, 4, 64, 16, 1),
         ("prefill gqa32 (MQA) hd80", torch.bfloat16, [30, 20], [300, 400], 32, 1, 80, 16, 1),
         ("prefill fp32 (ieee dot)", torch.float32, [30, 20], [300, 400], 4, 2, 64, 16, 1),
+        ("prefill qwen3 fp32", torch.float32, [300, 20], [300, 400], *_QWEN, 16, 1),  # the GPU tests' engines
     ]
     configs = [(*c, None) for c in configs]
     # Every decode tile the start-up tuner may pick, on Qwen3-0.6B's shapes.

@@ -55,6 +55,10 @@ DECODE_TILES: tuple[Tile, ...] = (
     (64, 2, 4, 0), (64, 3, 4, 0), (128, 2, 4, 0), (128, 2, 8, 0), (32, 3, 4, 0), (64, 2, 4, 1), (128, 2, 4, 1),
 )
 PREFILL_TILE: Tile = (64, 2, 4, 0)
+# float32 ("ieee" dots) holds twice the bytes per element: at PREFILL_TILE a 64-row x head_dim-128 tile spills
+# ~30 KB per thread (a 9 KB stack frame) and takes ptxas 6-35 s per variant; half the keys over twice the
+# warps spills ~1 KB and compiles in ~1 s (sm_90, measured with ptxas -v). Only tests run float32 on CUDA.
+FP32_PREFILL_TILE: Tile = (32, 2, 8, 0)
 # "BLOCK_N,num_stages,num_warps[,heads_first]": pin a decode tile, no timing.
 DECODE_TILE_ENV = "LLMSERVE_DECODE_TILE"
 _decode_tiles: dict[tuple, Tile] = {}  # _tile_key(...) -> the tile decode steps use
@@ -356,7 +360,10 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
     upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu"  # interpreter: bf16 tl.dot is wrong
     dot_prec = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
     if tile is None:
-        tile = PREFILL_TILE if max_seqlen_q > 1 else _decode_tiles.get(_tile_key(q, k_cache), DECODE_TILES[0])
+        if max_seqlen_q > 1:
+            tile = FP32_PREFILL_TILE if q.dtype == torch.float32 else PREFILL_TILE
+        else:
+            tile = _decode_tiles.get(_tile_key(q, k_cache), DECODE_TILES[0])
     block_n, num_stages, num_warps, heads_first = tile
     num_tiles = num_tokens // tokens_per_tile + num_seqs
     grid = (num_kv_heads, num_tiles, num_kv_splits) if heads_first else (num_tiles, num_kv_heads, num_kv_splits)

@@ -135,6 +135,9 @@ def test_replay_equals_eager_bitwise_every_size(bf16_model):
         assert graphs is not None, "start-up turned CUDA graphs off; its log says which sizes differed"
         assert graphs.sizes == SIZES
         assert graphs.block_tables.shape == (MAX_NUM_SEQS, 1024 // 16)  # ceil(max_model_len / block)
+        # The graphs' pool, as the start-up log reports it (it read negative when torch.cuda.graph's own
+        # empty_cache released the warm-up's cached activations between the two readings).
+        assert 0 < graphs.capture_bytes < 4 * 2**30, graphs.capture_bytes
         for seed in (11, 12):  # fresh random batches, beyond the start-up check's
             bad = [r for r in graphs.self_check(seed=seed) if not r.ok]
             assert not bad, bad

@@ -242,7 +242,9 @@ def test_tuner_picks_the_fastest_tile_for_those_shapes_only(monkeypatch):
     assert picked == fastest and timings[broken] is None
     assert set(timings) == set(tk.DECODE_TILES) and len(calls) == len(tk.DECODE_TILES)
     assert _plan_tiles(b) == fastest  # decode steps of these shapes use it
-    assert _plan_tiles(make_paged_batch([5, 1], [40, 9], 4, 2, 16, 8)) == tk.PREFILL_TILE  # prefill does not
+    assert _plan_tiles(make_paged_batch([5, 1], [40, 9], 4, 2, 16, 8)) == tk.FP32_PREFILL_TILE  # prefill does not
+    half = make_paged_batch([5, 1], [40, 9], 4, 2, 16, 8, dtype=torch.float16)
+    assert _plan_tiles(half) == tk.PREFILL_TILE  # float32 prefill has a smaller tile of its own
     assert _plan_tiles(make_paged_batch([1, 1], [40, 9], 4, 2, 16, 16)) == tk.DECODE_TILES[0]  # other block size
     _check(*_run_attention(b, 0.1))  # and computes the same attention
 
