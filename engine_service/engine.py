@@ -103,7 +103,11 @@ class LLMEngine:
         eos |= set(_as_list(_read_json(model_dir / "config.json").get("eos_token_id")))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(int(self.tokenizer.eos_token_id))
-        self.eos_token_ids = sorted(eos)
+        outside = sorted(e for e in eos if not 0 <= e < self.model_cfg.vocab_size)
+        if outside:  # the model can never produce them; banning them under min_tokens would index past the logits
+            log.warning("eos_token_id %s (tokenizer, generation_config.json or config.json) is outside the model's "
+                        "vocabulary [0, %d): ignored", outside, self.model_cfg.vocab_size)
+        self.eos_token_ids = sorted(set(eos) - set(outside))
         self.generation_defaults = self._generation_defaults(gen_cfg)
         unapplied = unapplied_generation_settings(gen_cfg)
         if unapplied:
@@ -111,6 +115,11 @@ class LLMEngine:
                         "from transformers' generate() with that config (it applies temperature, top_p, top_k, "
                         "min_p, do_sample and eos_token_id)",
                         ", ".join(f"{k}={v!r}" for k, v in unapplied.items()))
+        sampling = {k: v for k, v in self.generation_defaults.items() if k != "temperature" or v != 0.0}
+        if sampling and "do_sample" not in gen_cfg:
+            log.warning("generation_config.json sets %s without do_sample: this engine samples with them by default "
+                        "(as vLLM does), where transformers' generate() would decode greedily; requests choose "
+                        "with their own temperature", ", ".join(f"{k}={v!r}" for k, v in sampling.items()))
 
         self.workers = None
         tp = TPInfo()

@@ -102,7 +102,7 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
     stopped.cancel()
     try:
         tokenizer, name, vocab = loading.result()
-        eos, defaults = read_eos_token_ids(config.model, tokenizer), read_generation_defaults(config.model)
+        eos, defaults = read_eos_token_ids(config.model, tokenizer, vocab), read_generation_defaults(config.model)
     except Exception as exc:  # a tokenizer that cannot load: one line that says why, not a traceback
         log.debug("tokenizer load failed", exc_info=True)
         reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"

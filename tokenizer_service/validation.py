@@ -264,14 +264,15 @@ def read_generation_defaults(model_dir: str) -> dict[str, object]:
     return defaults
 
 
-def read_eos_token_ids(model_dir: str, tokenizer: Any) -> set[int]:
+def read_eos_token_ids(model_dir: str, tokenizer: Any, vocab_size: int) -> set[int]:
     """EOS ids of the tokenizer, generation_config.json and config.json together, as the engine counts them
-    (the engines' ids are checked against these on first contact)."""
+    (the engines' ids are checked against these on first contact): ids outside the model's vocabulary, which it
+    can never produce, are left out, as the engine leaves them out."""
     ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
     for name in ("generation_config.json", "config.json"):
         eos = read_json(Path(model_dir) / name).get("eos_token_id")
         ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
-    return ids
+    return {e for e in ids if 0 <= e < vocab_size}
 
 
 def text_request_from_proto(request: pb.GenerateRequest | pb.TokenizeRequest) -> TextRequest:

@@ -269,6 +269,23 @@ def test_eos_from_generation_config_stops_unless_ignored(tmp_path, caplog):
         assert out["token_ids"] == greedy and out["finish_reason"] == "length"
 
 
+def test_an_eos_id_outside_the_vocabulary_is_ignored_not_indexed(tmp_path, caplog):
+    """An EOS id past the model's vocabulary (an added tokenizer token) was kept, and the first request with
+    min_tokens banned it by indexing past the logits: IndexError, and every request of that step failed."""
+    import json
+
+    make_qwen3(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, VOCAB + 88]}))
+    with _engine(tmp_path) as engine:
+        assert f"eos_token_id [{VOCAB + 88}]" in caplog.text and "outside the model's vocabulary" in caplog.text
+        assert engine.eos_token_ids == [7]
+        outs = engine.generate([_prompt(8, 1), _prompt(8, 2)],
+                               [SamplingParams(temperature=0.0, max_tokens=4),
+                                SamplingParams(temperature=0.0, max_tokens=4, min_tokens=2)])
+        assert all(o["finish_reason"] in ("stop", "length") for o in outs), outs
+        assert all(7 not in o["token_ids"][:2] for o in outs[1:])
+
+
 def test_seed_gives_same_tokens_whatever_shares_the_batch(model_dir):
     seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=16)
     prompt = _prompt(20, 12)
@@ -445,3 +462,19 @@ def test_checkpoint_problems_are_errors_that_name_the_weight(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(cfg, rope_scaling={"rope_type": "yarn", "factor": 4.0})))
     with pytest.raises(ValueError, match="yarn"):
         LLM(tmp_path, **args)
+
+
+def test_sampling_defaults_without_do_sample_are_said_at_start_up(tmp_path, caplog):
+    """transformers decodes greedily when do_sample is absent; the engine samples, and now says so."""
+    import json
+
+    make_qwen3(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.9}))
+    with _engine(tmp_path) as engine:
+        assert engine.generation_defaults == {"temperature": 0.6, "top_p": 0.9}
+    assert "sets temperature=0.6, top_p=0.9 without do_sample" in caplog.text
+    caplog.clear()
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "do_sample": True}))
+    with _engine(tmp_path):
+        pass
+    assert "without do_sample" not in caplog.text

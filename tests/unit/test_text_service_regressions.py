@@ -63,7 +63,8 @@ def demo_engine(demo_model_dir, demo_tokenizer, **kwargs: object) -> Running:
 
     vocab = json.loads((demo_model_dir / "config.json").read_text())["vocab_size"]
     fake = FakeEngine(vocab_size=vocab, max_model_len=100_000, **kwargs)
-    fake.model_info["eos_token_ids"] = sorted(read_eos_token_ids(str(demo_model_dir), demo_tokenizer))
+    fake.model_info["eos_token_ids"] = sorted(read_eos_token_ids(str(demo_model_dir), demo_tokenizer,
+                                                                      fake.model_info["vocab_size"]))
     return Running(fake)
 
 

@@ -145,3 +145,17 @@ def test_tokenize_input_names_the_text_field(demo_tokenizer) -> None:
     )
     with pytest.raises(ValueError, match="^text: must not be empty"):
         tokenize_input(pb.TokenizeRequest(text=""), demo_tokenizer)
+
+
+def test_eos_ids_outside_the_vocabulary_are_left_out_as_the_engine_leaves_them(tmp_path):
+    """The engine ignores an EOS id its model cannot produce; the tokenizer service's set must match it, or the
+    pool would refuse every engine on first contact."""
+    import json
+    from types import SimpleNamespace
+
+    from tokenizer_service.validation import read_eos_token_ids
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 600]}))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 9, "vocab_size": 512}))
+    assert read_eos_token_ids(str(tmp_path), SimpleNamespace(eos_token_id=8), 512) == {7, 8, 9}
+    assert read_eos_token_ids(str(tmp_path), SimpleNamespace(eos_token_id=700), 512) == {7, 9}

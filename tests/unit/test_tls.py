@@ -261,7 +261,8 @@ def test_text_streams_over_tls_on_both_hops(pki, demo_model_dir, demo_tokenizer)
 
     fake = FakeEngine(vocab_size=json.loads((demo_model_dir / "config.json").read_text())["vocab_size"],
                       max_model_len=1000)
-    fake.model_info["eos_token_ids"] = sorted(read_eos_token_ids(str(demo_model_dir), demo_tokenizer))
+    fake.model_info["eos_token_ids"] = sorted(read_eos_token_ids(str(demo_model_dir), demo_tokenizer,
+                                                                      fake.model_info["vocab_size"]))
     engine = Running(fake, tls_cert=str(pki["engine"].cert), tls_key=str(pki["engine"].key),
                      tls_client_ca=str(pki["ca"].cert))
     config = TextServerConfig(
