@@ -193,8 +193,9 @@ class LLMEngine:
     ) -> None:
         """Validate and queue a request; raises ValueError naming the problem, and the engine keeps serving."""
         self._check_alive()
-        if request_id in self.seqs:
-            raise ValueError(f"request_id {request_id!r} is already in use by a live request")
+        if request_id in self.seqs or any(o.request_id == request_id for o in self._pending):
+            raise ValueError(f"request_id {request_id!r} is already in use by a live request (or one whose end "
+                             "the next step() reports)")
         if not isinstance(sampling_params, SamplingParams):
             raise ValueError(
                 f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}"
@@ -432,6 +433,7 @@ class LLM(LLMEngine):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         ids = [f"generate-{next(self._ids)}" for _ in prompts]
         results: dict[str, dict] = {}
+        foreign: list[StepOutput] = []  # outputs of requests added with add_request(): kept for step()
         try:
             for rid, prompt, p in zip(ids, prompts, params, strict=True):
                 self.add_request(rid, self._encode(prompt), p)
@@ -440,6 +442,7 @@ class LLM(LLMEngine):
                 for out in self.step():
                     res = results.get(out.request_id)
                     if res is None:
+                        foreign.append(out)
                         continue
                     res["token_ids"].extend(out.new_token_ids)
                     if out.finished:
@@ -451,7 +454,7 @@ class LLM(LLMEngine):
             for rid in ids:
                 if rid in self.seqs:
                     self.abort_request(rid)
-            self._pending = [o for o in self._pending if o.request_id not in results]
+            self._pending = foreign + [o for o in self._pending if o.request_id not in results]
         for rid in ids:
             res = results[rid]
             res["text"] = (

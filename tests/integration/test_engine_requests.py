@@ -478,3 +478,33 @@ def test_sampling_defaults_without_do_sample_are_said_at_start_up(tmp_path, capl
     with _engine(tmp_path):
         pass
     assert "without do_sample" not in caplog.text
+
+
+def test_an_id_is_live_until_its_abort_is_reported(model_dir):
+    """abort_request forgot the id at once: a new request under it got the old one's abort, then tokens."""
+    with _engine(model_dir) as engine:
+        engine.add_request("x", _prompt(6, 1), SamplingParams(temperature=0.0, max_tokens=3))
+        assert engine.abort_request("x")
+        with pytest.raises(ValueError, match="already in use"):
+            engine.add_request("x", _prompt(6, 2), SamplingParams(temperature=0.0, max_tokens=3))
+        assert [(o.request_id, o.finish_reason) for o in engine.step()] == [("x", "abort")]
+        engine.add_request("x", _prompt(6, 2), SamplingParams(temperature=0.0, max_tokens=3))
+        finishes = []
+        while engine.has_unfinished_requests():
+            finishes += [o.finish_reason for o in engine.step() if o.finished]
+        assert finishes == ["length"]
+
+
+def test_generate_keeps_the_outputs_of_requests_it_did_not_add(model_dir):
+    """generate() dropped other requests' outputs: one added with add_request never reported its end."""
+    with _engine(model_dir) as engine:
+        engine.add_request("mine", _prompt(6, 3), SamplingParams(temperature=0.0, max_tokens=4))
+        engine.generate([_prompt(5, 4)], SamplingParams(temperature=0.0, max_tokens=8))
+        tokens, finish = [], None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                assert out.request_id == "mine"
+                tokens += out.new_token_ids
+                finish = out.finish_reason or finish
+        assert len(tokens) == 4 and finish == "length"
+        assert _all_free(engine)
