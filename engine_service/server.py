@@ -165,7 +165,7 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
     health = Health([config.service_name])
     await health.set_serving(False)
     servicer = EngineServicer(config.max_waiting, config.max_buffered_tokens, config.max_message_bytes // 2,
-                              max_calls=config.max_concurrent_rpcs)
+                              max_calls=config.max_concurrent_rpcs, max_running=config.max_num_seqs)
     # gRPC's own limit counts every call alike; the servicer counts the generation calls, and this leaves room
     # for the short ones (GetLoad, GetModelInfo, Abort, health) when they are all open.
     server = grpc.aio.server(options=grpc_options(config),

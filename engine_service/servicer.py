@@ -33,7 +33,7 @@ class EngineServicer(pb_grpc.EngineServicer):
     """Generate (bidi), GenerateStream, Abort, GetModelInfo and GetLoad over one EngineLoop."""
 
     def __init__(self, max_waiting: int, max_buffered_tokens: int, max_frame_bytes: int = 32 * 2**20,
-                 max_calls: int = 4096) -> None:
+                 max_calls: int = 4096, max_running: int = 256) -> None:
         self.loop: EngineLoop | None = None  # set once the engine has loaded
         self.model_info: dict[str, Any] = {}
         self.generation_defaults: dict[str, object] = {}
@@ -44,6 +44,7 @@ class EngineServicer(pb_grpc.EngineServicer):
         # Set by serve() when the drain's grace period ends with calls left: they are cut as errors.
         self.shutdown_error: str | None = None
         self._max_waiting = max_waiting
+        self._max_running = max_running  # the engine's max_num_seqs: live requests past it must wait
         self._max_buffered = max_buffered_tokens
         self._max_frame_bytes = max_frame_bytes  # half of max_message_bytes: a frame never nears the limit
         # Generate and GenerateStream calls open at once (max_concurrent_rpcs). Counted here rather than by
@@ -103,10 +104,13 @@ class EngineServicer(pb_grpc.EngineServicer):
         unavailable = self._unavailable()
         if unavailable is not None:
             return grpc.StatusCode.UNAVAILABLE, unavailable
-        if self.loop.num_waiting >= self._max_waiting:
+        # Requests that cannot all be running: live ones past max_num_seqs. (The waiting gauge, live minus the
+        # last step's running count, also counts a burst that arrived during a step, for which slots are free.)
+        queued = self.loop.num_live - self._max_running
+        if queued >= self._max_waiting:
             return (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the engine's queue is full: {self.loop.num_waiting} requests waiting (max_waiting "
-                    f"{self._max_waiting}); retry later")
+                    f"the engine's queue is full: {queued} requests past the {self._max_running} that may run "
+                    f"(max_waiting {self._max_waiting}); retry later")
         return None
 
     def _start(self, stream: OutputStream, prefix: str, req: pb.NewRequest, timeout_s: float | None) -> None:
@@ -192,17 +196,19 @@ class EngineServicer(pb_grpc.EngineServicer):
             stream.wake.set()
 
     async def GenerateStream(self, request, context):
-        refusal = self._call_refusal()
-        if refusal is not None:
-            await context.abort(*refusal)
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         cid = request.request_id
         if not request.trace_id:
             request.trace_id = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_HEADER), cid)
         request.trace_id = request.trace_id[:MAX_TRACE_ID_CHARS]
-        if cid in self._unary:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {cid!r} is already live")
+        refusal = self._call_refusal()
+        if refusal is None and cid in self._unary:
+            refusal = grpc.StatusCode.INVALID_ARGUMENT, f"request_id {cid!r} is already live"
+        if refusal is not None:  # a request refused like any other: counted and logged as an error
+            if self.loop is not None and self.loop.metrics is not None:
+                self.loop.metrics.refused(request.trace_id, f"{refusal[0].name}: {refusal[1]}")
+            await context.abort(*refusal)
         stream = self._new_stream()
         stream.input_done = True
         timeouts = [t for t in (check_deadline_ms(request.deadline_ms), context.time_remaining()) if t is not None]

@@ -119,7 +119,8 @@ class TextMetrics:
         if trace.finish_reason == "cancelled" and self.shutdown_error:
             trace.finish_reason, trace.error = "error", self.shutdown_error
         now = time.monotonic()
-        self.detokenize_time.observe(trace.detokenize_s)
+        if trace.engine:  # a request refused before generation had nothing to detokenize: no 0 s observation
+            self.detokenize_time.observe(trace.detokenize_s)
         self._finished.labels(model_name=self._model, finished_reason=trace.finish_reason).inc()
         if not self._log_requests:
             return

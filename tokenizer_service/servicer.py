@@ -97,17 +97,33 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                                 f"the tokenizer service's queue is full: {self.inflight + self.admitting} requests "
                                 f"in flight (max_inflight {self.max_inflight}); retry later")
         self.admitting += 1
+        held = False  # a worker thread left running by a cancelled call keeps its place until it returns
         try:
             started = time.perf_counter()
             args = (request, self.tokenizer, self.defaults, self.pool.max_model_len,
                     TextLimits(vocab_size=self.vocab_size))
-            prep = await self._off_loop(request, prepare, *args)
+            if _heavy(request):
+                work = asyncio.ensure_future(asyncio.to_thread(prepare, *args))
+                try:
+                    prep = await asyncio.shield(work)
+                except asyncio.CancelledError:
+                    held = True
+                    work.add_done_callback(self._release_admitting)
+                    raise
+            else:
+                prep = prepare(*args)
             self.metrics.tokenize_time.observe(time.perf_counter() - started)
             return prep  # the caller's _generate counts it in `inflight` before it next awaits
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         finally:
-            self.admitting -= 1
+            if not held:
+                self.admitting -= 1
+
+    def _release_admitting(self, work: asyncio.Future) -> None:
+        if not work.cancelled():
+            work.exception()  # retrieved: a refusal nobody waits for any more is not an error to log
+        self.admitting -= 1
 
     async def _generate(self, prep: PreparedRequest, timeout_s: float | None,
                         trace: RequestTrace) -> AsyncIterator[pb.GenerateResponse]:
@@ -186,6 +202,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             trace.prompt_tokens = prep.num_prompt_tokens
             trace.completion_tokens = text.num_generated if text is not None else 0
             trace.cached_tokens, trace.engine = cached, handle.conn.address if handle is not None else ""
+            if trace.finish_reason == "cancelled" and deadline is not None and time.monotonic() >= deadline:
+                # gRPC's cancellation of a call past its deadline can come before the engine's DEADLINE_EXCEEDED
+                trace.finish_reason, trace.error = "error", "DEADLINE_EXCEEDED: the request's deadline passed"
             self.metrics.finish(trace)
 
     def _last(self, prep: PreparedRequest, text: TextStream, delta: str, ids: list[int], reason: int,
@@ -207,6 +226,10 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             await context.abort(exc.code, exc.message)
         finally:
             self.num_calls -= 1
+            if trace.finish_reason == "cancelled" and context.time_remaining() is not None \
+                    and context.time_remaining() <= 0:  # the client's deadline, not the client, ended it
+                trace.finish_reason, trace.error = "error", "DEADLINE_EXCEEDED: the call's deadline passed"
+            self.metrics.finish(trace)  # once per trace: counts a call cancelled while it was being tokenized
 
     async def GenerateMulti(self, request_iterator, context):
         out: asyncio.Queue[pb.GenerateResponse] = asyncio.Queue(maxsize=1024)  # bounded: backpressure per request
@@ -245,8 +268,10 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                     if frame.WhichOneof("kind") == "generate":
                         rid = frame.generate.request_id
                         if not rid or rid in tasks:
-                            status = pb.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                                               message=f"request_id {rid!r} must be non-empty and not live")
+                            message = f"request_id {rid!r} must be non-empty and not live"
+                            self.metrics.finish(RequestTrace(multi_request_id(call_id, rid or "-"), finish_reason="error",
+                                                             error=f"INVALID_ARGUMENT: {message}"))
+                            status = pb.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=message)
                             await emit(pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_REASON_ERROR,
                                                               status=status))
                         else:

@@ -134,7 +134,7 @@ def test_unary_stream_errors_are_statuses(server):
 
 
 def test_queue_full_is_resource_exhausted():
-    running = Running(FakeEngine(max_num_seqs=1, max_model_len=1_000_000), max_waiting=1)
+    running = Running(FakeEngine(max_num_seqs=1, max_model_len=1_000_000), max_waiting=1, max_num_seqs=1)
     try:
         with EngineClient(running.target, timeout=20) as client:
             wait_serving(client)
@@ -263,5 +263,41 @@ def test_trace_ids_are_cut_to_128_characters(caplog):
         while time.monotonic() < deadline and len(_lines(caplog, "t" * 128) + _lines(caplog, "u" * 128)) < 2:
             time.sleep(0.05)
         assert len(_lines(caplog, "t" * 128)) == 1 and len(_lines(caplog, "u" * 128)) == 1
+    finally:
+        assert running.stop() == 0
+
+
+def test_a_burst_within_free_running_slots_is_not_refused_as_queue_full():
+    """The queue bound read live minus the last step's running count, so requests arriving during a step counted
+    as waiting: 6 requests to an idle engine with 8 slots and max_waiting 2 had 2 refused."""
+    running = Running(FakeEngine(max_num_seqs=8, max_model_len=1_000_000, step_s=0.2), max_waiting=2, max_num_seqs=8)
+    try:
+        with EngineClient(running.target, timeout=20) as client:
+            wait_serving(client)
+            reqs = [new(str(i), [1], max_tokens=3) for i in range(6)]
+            updates = [u for frame in client.stub.Generate(iter([pb.ClientFrame(requests=reqs)]), timeout=20)
+                       for u in frame.updates]
+            assert not [u.status.message for u in updates if u.status.code]
+            assert sum(1 for u in updates if u.finish_reason) == 6
+    finally:
+        assert running.stop() == 0
+
+
+def test_generate_stream_refused_at_the_call_is_counted_and_logged(caplog):
+    """A GenerateStream refused before its request was read (too many calls open, draining) left no request
+    line, unlike every other refusal."""
+    running = Running(FakeEngine(max_model_len=1_000_000), max_concurrent_rpcs=1)
+    try:
+        with caplog.at_level(logging.INFO, logger=REQUEST_LOGGER), \
+                EngineClient(running.target, timeout=20) as client:
+            wait_serving(client)
+            hog = client.generate([1], "hog", max_tokens=100_000, ignore_eos=True)
+            next(hog)
+            with pytest.raises(grpc.RpcError) as err:
+                list(client.generate([1], "second", trace_id="refused-7", max_tokens=2))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            hog.cancel()
+        (line,) = _lines(caplog, "refused-7")
+        assert line["finish_reason"] == FINISH_ERROR and "max_concurrent_rpcs" in line["error"], line
     finally:
         assert running.stop() == 0

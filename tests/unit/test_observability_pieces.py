@@ -107,10 +107,13 @@ def test_text_metrics_count_finished_requests():
     m = TextMetrics("tiny", log_requests=False)
     m.watch(lambda: 2, lambda: 1)
     trace = RequestTrace("r")
-    trace.detokenize_s, trace.finish_reason = 0.002, "length"
+    trace.detokenize_s, trace.finish_reason, trace.engine = 0.002, "length", "10.0.0.1:50051"
     m.finish(trace)
+    m.finish(RequestTrace("refused", finish_reason="error", error="INVALID_ARGUMENT: prompt: empty"))
     got = samples(m.registry)
     assert got[("llmserve:text_requests_total", ("finished_reason", "length"))] == 1
+    assert got[("llmserve:text_requests_total", ("finished_reason", "error"))] == 1
+    # A refusal had nothing to detokenize: it added a 0 s observation that pulled the quantiles down.
     assert got[("llmserve:detokenize_time_seconds_count",)] == 1
     assert got[("llmserve:text_requests_inflight",)] == 2 and got[("llmserve:engines_connected",)] == 1
     assert got[("llmserve:engine_stream_reconnects_total",)] == 0
@@ -220,3 +223,29 @@ def test_tokenizer_names_the_model_as_the_engine_does(demo_model_dir, tmp_path):
     (model / "config.json").write_text(json.dumps({**config, "_name_or_path": "/home/someone/ckpt-3000"}))
     _, name, _ = load_tokenizer(str(model))
     assert name == "my-finetune"
+
+
+@pytest.mark.parametrize("service", ["engine_service", "tokenizer_service"])
+def test_json_logs_take_in_transformers_own_lines(monkeypatch, service):
+    """transformers writes through a stderr handler of its own: with --log-format json its warnings ('Token
+    indices sequence length is longer than ...') came out as plain text among the JSON lines."""
+    import importlib
+
+    from transformers.utils import logging as hf_logging
+
+    logs = importlib.import_module(f"{service}.logs")
+    stream = io.StringIO()
+    monkeypatch.setattr(logs.sys, "stderr", stream)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        logs.configure_logging("INFO", "json")
+        hf_logging.get_logger("transformers.tokenization_utils_base").warning("Token indices sequence length")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        hf_logging.enable_default_handler()
+        hf_logging.disable_propagation()
+    lines = stream.getvalue().strip().splitlines()
+    assert lines and all(json.loads(line)["msg"] for line in lines)
+    assert any("Token indices" in json.loads(line)["msg"] for line in lines)

@@ -291,7 +291,7 @@ def scrape(port: int, name: str) -> dict[str, float]:
 
 def ours(records: list[logging.LogRecord]) -> list[logging.LogRecord]:
     """The tokenizer service's request lines (the in-process fake engine logs to the same logger)."""
-    return [r for r in records if "engine_request_id" not in r.fields]
+    return [r for r in records if r.name == "llmserve.request" and "engine_request_id" not in r.fields]
 
 
 def test_refusals_and_multi_aborts_are_logged_and_counted_as_such(demo_model_dir, demo_tokenizer, caplog):
@@ -560,3 +560,44 @@ def test_engines_pointing_at_a_server_without_the_engine_api_say_so(demo_model_d
         other.stop(0)
     line = next(r.getMessage() for r in caplog.records if "does not serve the engine API" in r.getMessage())
     assert "refused" in line and "is it a tokenizer service?" in line, line
+
+
+def test_calls_cancelled_while_tokenizing_and_bad_multi_ids_are_logged_and_counted(demo_model_dir, demo_tokenizer,
+                                                                                   caplog):
+    """Two kinds of request had no line and no count: a Generate cancelled while its prompt was tokenized on a
+    worker thread, and a GenerateMulti request refused for an empty or duplicate request_id."""
+    from tests.e2e.conftest import free_port
+
+    engine = demo_engine(demo_model_dir, demo_tokenizer)
+    metrics_port = free_port()
+    server = TextServer(demo_model_dir, engines=engine.target, metrics_port=metrics_port)
+    try:
+        with caplog.at_level(logging.INFO, logger="llmserve.request"), grpc.insecure_channel(server.target) as ch:
+            stub = pb_grpc.TextGenerationStub(ch)
+            wait_ready(stub)
+            before = scrape(metrics_port, "llmserve:text_requests")
+            caplog.clear()
+            big = stub.Generate(pb.GenerateRequest(prompt="many words " * 300_000), timeout=60,
+                                metadata=(("x-request-id", "big-1"),))
+            threading.Event().wait(0.3)  # the 3.3 MB prompt is being tokenized on a worker thread
+            big.cancel()
+            generate = pb.GenerateRequest(request_id="a", prompt="hi", sampling_params=pb.SamplingParams(max_tokens=2))
+            empty = pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(max_tokens=2))
+            frames = [pb.MultiRequest(generate=generate), pb.MultiRequest(generate=generate),
+                      pb.MultiRequest(generate=empty)]
+            errors = [r.status.message for r in stub.GenerateMulti(iter(frames), timeout=20,
+                                                                    metadata=(("x-request-id", "m"),))
+                      if r.finish_reason == pb.FINISH_REASON_ERROR]
+            assert len(errors) == 2 and all("must be non-empty and not live" in e for e in errors), errors
+            for _ in range(200):
+                if len(ours(caplog.records)) >= 4:
+                    break
+                threading.Event().wait(0.05)
+            after = scrape(metrics_port, "llmserve:text_requests")
+    finally:
+        server.stop()
+        assert engine.stop() == 0
+    lines = sorted((r.fields["request_id"], r.fields["finish_reason"]) for r in ours(caplog.records))
+    assert lines == [("big-1", "cancelled"), ("m/-", "error"), ("m/a", "error"), ("m/a", "length")], lines
+    assert {k: after.get(k, 0) - before.get(k, 0) for k in ("error", "cancelled", "length")} == \
+        {"error": 2, "cancelled": 1, "length": 1}
