@@ -50,6 +50,7 @@ class _Add:
 class _Abort:
     request_id: str
     error: str | None = None  # why the service ended it (a deadline, a slow reader); None: the client asked
+    stopped: bool = False  # the client ended it because its stop string matched
 
 
 _STOP = object()
@@ -108,12 +109,13 @@ class EngineLoop:
         self._sinks[request_id] = sink
         self._commands.put(_Add(request_id, prompt_token_ids, params, trace_id, time.monotonic()))
 
-    def abort(self, request_id: str, error: str | None = None) -> bool:
+    def abort(self, request_id: str, error: str | None = None, stopped: bool = False) -> bool:
         """Forget the request now and free its KV blocks on the engine thread; False if it was not live.
-        `error` (a deadline passed, a slow reader) makes the request's metrics and log line an error."""
+        `error` (a deadline passed, a slow reader) makes the request's metrics and log line an error; `stopped`
+        (the client's stop string matched) makes them a stop."""
         if self._sinks.pop(request_id, None) is None:
             return False
-        self._commands.put(_Abort(request_id, error))
+        self._commands.put(_Abort(request_id, error, stopped))
         return True
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -258,5 +260,7 @@ class EngineLoop:
             elif isinstance(cmd, _Abort):
                 if cmd.error is not None and self.metrics is not None:
                     self.metrics.mark_failed(cmd.request_id, cmd.error)  # before the abort output comes back
+                elif cmd.stopped and self.metrics is not None:
+                    self.metrics.mark_stopped(cmd.request_id)
                 self._engine.abort_request(cmd.request_id)
         return rejected

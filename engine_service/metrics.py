@@ -75,6 +75,7 @@ class _Request:
     last_token: float = 0.0
     num_tokens: int = 0
     error: str = ""  # set when the service ended it for a reason of its own (it then finishes as an error)
+    stopped: bool = False  # its client ended it on a stop string (its abort then finishes as a stop)
 
 
 class EngineMetrics:
@@ -132,7 +133,9 @@ class EngineMetrics:
                 req.num_tokens += n
             if out.finish_reason is not None:
                 del live[out.request_id]
-                reason = FINISH_ERROR if req.error and out.finish_reason == FINISH_ABORT else out.finish_reason
+                reason = out.finish_reason
+                if out.finish_reason == FINISH_ABORT:
+                    reason = FINISH_ERROR if req.error else FINISH_STOP if req.stopped else FINISH_ABORT
                 done.append((req, out, reason))
         with self._lock:
             self.generation_tokens += generated
@@ -190,6 +193,12 @@ class EngineMetrics:
         req = self._live.get(request_id)
         if req is not None:
             req.error = error
+
+    def mark_stopped(self, request_id: str) -> None:
+        """The client aborted this request because its stop string matched: count and log it as a stop."""
+        req = self._live.get(request_id)
+        if req is not None:
+            req.stopped = True
 
     def refused(self, trace_id: str, error: str) -> None:
         """A request refused before it reached the engine (or by it): counted and logged as an error. Any thread."""

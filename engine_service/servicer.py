@@ -147,9 +147,9 @@ class EngineServicer(pb_grpc.EngineServicer):
             metrics.refused(trace_id, f"{code.name}: {message}")
 
     def _new_stream(self) -> OutputStream:
-        def abort_in_engine(engine_id: str, error: str | None = None) -> None:
+        def abort_in_engine(engine_id: str, error: str | None = None, stopped: bool = False) -> None:
             if self.loop is not None:
-                self.loop.abort(engine_id, error)
+                self.loop.abort(engine_id, error, stopped)
 
         stream = OutputStream(abort_in_engine, self._max_buffered, self._max_frame_bytes)
         self._streams.add(stream)
@@ -186,8 +186,9 @@ class EngineServicer(pb_grpc.EngineServicer):
         try:
             async for frame in request_iterator:
                 # Aborts first: a frame that aborts an id and sends a new request under it means exactly that.
+                stopped = set(frame.stopped_request_ids)
                 for cid in frame.abort_request_ids:
-                    stream.abort(cid)
+                    stream.abort(cid, stopped=cid in stopped)
                 for req in frame.requests:
                     self._start(stream, prefix, req, check_deadline_ms(req.deadline_ms))
                 await stream.room.wait()  # a client that does not read its updates is not read either

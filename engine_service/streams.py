@@ -147,11 +147,12 @@ class OutputStream:
             self._abort_in_engine(engine_id, f"{code.name}: {message}")
         self._set_error(client_id, code, message)
 
-    def abort(self, client_id: str) -> bool:
-        """In-band abort: free the request now and report it finished with reason ABORT."""
+    def abort(self, client_id: str, stopped: bool = False) -> bool:
+        """In-band abort: free the request now and report it finished with reason ABORT. stopped: the client
+        ended it on a stop string (its metrics and log line say stop)."""
         if client_id not in self.live:
             return False
-        self._abort_in_engine(self._finish(client_id))
+        self._abort_in_engine(self._finish(client_id), None, stopped)
         self._update(client_id).finish_reason = pb.FINISH_REASON_ABORT
         return True
 

@@ -65,11 +65,12 @@ class RequestHandle:
         self.conn.inflight.pop(self.request_id, None)
         self._queue.put_nowait(error)
 
-    def close(self) -> None:
-        """Stop the request: aborts it in the engine (in-band) unless it already finished."""
+    def close(self, stopped: bool = False) -> None:
+        """Stop the request: aborts it in the engine (in-band) unless it already finished. stopped: because a
+        stop string matched (the engine then counts it as finished by stop)."""
         if not self.done:
             self.done = True
-            self.conn.abort(self.request_id)
+            self.conn.abort(self.request_id, stopped)
 
     def __aiter__(self) -> RequestHandle:
         return self
@@ -86,11 +87,12 @@ class RequestHandle:
 class _Outbox:
     """Frames waiting to go out on one Generate call."""
 
-    __slots__ = ("new", "aborts", "wake", "closed")
+    __slots__ = ("new", "aborts", "stopped", "wake", "closed")
 
     def __init__(self) -> None:
         self.new: list[pb.NewRequest] = []
         self.aborts: list[str] = []
+        self.stopped: list[str] = []  # of aborts, those ended by a stop string
         self.wake = asyncio.Event()
         self.closed = False
 
@@ -118,7 +120,7 @@ class EngineConnection:
         self._outbox.wake.set()
         return handle
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, stopped: bool = False) -> None:
         if self.inflight.pop(request_id, None) is None or not self.ready:
             return
         unsent = [r for r in self._outbox.new if r.request_id != request_id]
@@ -126,6 +128,8 @@ class EngineConnection:
             self._outbox.new = unsent
             return
         self._outbox.aborts.append(request_id)
+        if stopped:
+            self._outbox.stopped.append(request_id)
         self._outbox.wake.set()
 
     @staticmethod
@@ -138,7 +142,8 @@ class EngineConnection:
             outbox.wake.clear()
             new, outbox.new = outbox.new, []
             aborts, outbox.aborts = outbox.aborts, []
-            frame = pb.ClientFrame(abort_request_ids=aborts)
+            stopped, outbox.stopped = outbox.stopped, []
+            frame = pb.ClientFrame(abort_request_ids=aborts, stopped_request_ids=stopped)
             size = frame.ByteSize()
             for request in new:
                 grows = request.ByteSize() + 8  # the field's tag and length prefix

@@ -173,7 +173,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                         trace.detokenize_s += time.monotonic() - fed
                         trace.first_token = trace.first_token or (fed if ids else 0.0)
                         if text.stopped is not None:
-                            handle.close()  # in-band abort: the engine frees the blocks at once
+                            handle.close(stopped=True)  # in-band abort: the engine frees the blocks at once
                             trace.finish_reason = "stop"
                             yield self._last(prep, text, delta, ids, pb.FINISH_REASON_STOP, cached)
                             return

@@ -601,3 +601,35 @@ def test_calls_cancelled_while_tokenizing_and_bad_multi_ids_are_logged_and_count
     assert lines == [("big-1", "cancelled"), ("m/-", "error"), ("m/a", "error"), ("m/a", "length")], lines
     assert {k: after.get(k, 0) - before.get(k, 0) for k in ("error", "cancelled", "length")} == \
         {"error": 2, "cancelled": 1, "length": 1}
+
+
+def test_a_stop_string_finish_is_a_stop_in_both_services(demo_model_dir, demo_tokenizer, caplog):
+    """The tokenizer service ends a request on a stop string with an in-band abort, which the engine counted and
+    logged as a client abort: the two services' dashboards disagreed on every such request."""
+    engine = demo_engine(demo_model_dir, demo_tokenizer, step_s=0.02)
+    server = TextServer(demo_model_dir, engines=engine.target)
+    try:
+        with caplog.at_level(logging.INFO, logger="llmserve.request"), grpc.insecure_channel(server.target) as ch:
+            stub = pb_grpc.TextGenerationStub(ch)
+            wait_ready(stub)
+            ids = pb.TokenIds(ids=[500, 501])
+            full = "".join(r.text for r in stub.Generate(pb.GenerateRequest(
+                prompt_token_ids=ids, sampling_params=pb.SamplingParams(max_tokens=12)), timeout=20))
+            stop = full[len(full) // 2:len(full) // 2 + 2]
+            assert stop.strip(), full
+            caplog.clear()
+            last = list(stub.Generate(pb.GenerateRequest(
+                prompt_token_ids=ids, stop=[stop], sampling_params=pb.SamplingParams(max_tokens=10_000)),
+                timeout=20, metadata=(("x-request-id", "stopped-1"),)))[-1]
+            assert last.finish_reason == pb.FINISH_REASON_STOP and last.stop_reason == stop
+            for _ in range(100):
+                lines = [r.fields for r in caplog.records
+                         if r.name == "llmserve.request" and r.fields.get("request_id") == "stopped-1"]
+                if len(lines) == 2:
+                    break
+                threading.Event().wait(0.05)
+    finally:
+        server.stop()
+        assert engine.stop() == 0
+    assert sorted((bool(f.get("engine_request_id")), f["finish_reason"]) for f in lines) == \
+        [(False, "stop"), (True, "stop")], lines

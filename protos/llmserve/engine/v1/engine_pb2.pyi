@@ -57,12 +57,14 @@ class NewRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., deadline_ms: _Optional[int] = ..., trace_id: _Optional[str] = ...) -> None: ...
 
 class ClientFrame(_message.Message):
-    __slots__ = ("requests", "abort_request_ids")
+    __slots__ = ("requests", "abort_request_ids", "stopped_request_ids")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     ABORT_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     requests: _containers.RepeatedCompositeFieldContainer[NewRequest]
     abort_request_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., abort_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    stopped_request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., abort_request_ids: _Optional[_Iterable[str]] = ..., stopped_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Status(_message.Message):
     __slots__ = ("code", "message")
