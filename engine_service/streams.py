@@ -152,7 +152,11 @@ class OutputStream:
         ended it on a stop string (its metrics and log line say stop)."""
         if client_id not in self.live:
             return False
-        self._abort_in_engine(self._finish(client_id), None, stopped)
+        engine_id = self._finish(client_id)
+        if stopped:
+            self._abort_in_engine(engine_id, stopped=True)
+        else:
+            self._abort_in_engine(engine_id)
         self._update(client_id).finish_reason = pb.FINISH_REASON_ABORT
         return True
 
