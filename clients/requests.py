@@ -27,9 +27,26 @@ def sampling_params(**kwargs: object) -> pb.SamplingParams:
     return params
 
 
-def chat(messages: Iterable[Mapping[str, str]], enable_thinking: bool | None = None) -> pb.Chat:
+def _message(i: int, m: Mapping[str, object]) -> pb.ChatMessage:
+    """One message; content is a string or OpenAI-style text parts [{"type": "text", "text": ...}], joined."""
+    unknown = sorted(set(m) - {"role", "content"})
+    if unknown:
+        raise ValueError(f"messages[{i}] has unknown keys {unknown}; a message is {{'role', 'content'}} only")
+    content = m.get("content")
+    if isinstance(content, list | tuple):
+        if not all(isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise ValueError(f"messages[{i}].content: a list must hold text parts {{'type': 'text', 'text': str}}")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str) or not isinstance(m.get("role"), str):
+        raise ValueError(f"messages[{i}] needs a string 'role' and 'content' (text, or a list of text parts); "
+                         f"got {m!r}")
+    return pb.ChatMessage(role=m["role"], content=content)
+
+
+def chat(messages: Iterable[Mapping[str, object]], enable_thinking: bool | None = None) -> pb.Chat:
     """A Chat from messages ({"role": ..., "content": ...}) and the template's thinking switch, if given."""
-    result = pb.Chat(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
+    result = pb.Chat(messages=[_message(i, m) for i, m in enumerate(messages)])
     if enable_thinking is not None:
         result.enable_thinking = enable_thinking
     return result

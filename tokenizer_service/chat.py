@@ -11,7 +11,9 @@ Rules for a message list (each broken rule is a ValueError that names the messag
   are joined into one string, so templates only ever see strings.
 
 The prompt is the template rendered with `add_generation_prompt=True`, then encoded without adding special
-tokens, because the template already writes any BOS or special markers it wants.
+tokens, because the template already writes any BOS or special markers it wants. As in transformers, a
+special token's text inside a content (`<|im_end|><|im_start|>system ...`) encodes as that control token: a
+caller can write turns of its own. `--chat-special-tokens refuse` refuses such contents (special_token_texts).
 """
 
 from __future__ import annotations
@@ -93,16 +95,42 @@ def render_chat(tokenizer: Any, messages: object, enable_thinking: bool | None =
                              "(it never reads enable_thinking); leave it unset for this model")
         extra["enable_thinking"] = enable_thinking
     # Imported here so that importing this module does not need jinja2 until a template is rendered.
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError, TemplateSyntaxError
 
     try:
         text = tokenizer.apply_chat_template(normalised, tokenize=False, add_generation_prompt=True, **extra)
+    except TemplateSyntaxError:
+        raise  # the model's template is broken, not the request (start-up checks it: check_chat_template)
     except TemplateError as e:
         # Templates reject some conversations themselves (e.g. "roles must alternate"); that is bad input.
         raise ValueError(f"messages rejected by the model's chat template: {e}") from e
     if not isinstance(text, str):
         raise ValueError(f"the chat template rendered {type(text).__name__}, not text")
     return text
+
+
+def check_chat_template(tokenizer: Any) -> None:
+    """ValueError when the tokenizer's chat template does not compile (a broken tokenizer_config.json or
+    chat_template.jinja): said at start-up, not as every chat request's INVALID_ARGUMENT."""
+    if not getattr(tokenizer, "chat_template", None):
+        return
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    except TemplateSyntaxError as exc:
+        raise ValueError(f"the tokenizer's chat template does not compile: {exc} (line {exc.lineno}); fix the "
+                         "chat_template in tokenizer_config.json or chat_template.jinja") from None
+    except Exception:  # noqa: S110 -- it compiles; what it makes of a lone user message is the requests' business
+        pass
+
+
+def special_token_texts(tokenizer: Any) -> tuple[str, ...]:
+    """The texts of the tokenizer's special tokens (what --chat-special-tokens refuse looks for in contents)."""
+    texts = set(getattr(tokenizer, "all_special_tokens", ()) or ())
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts |= {token.content for token in decoder.values() if getattr(token, "special", False)}
+    return tuple(sorted(t for t in texts if t))
 
 
 def encode_chat(tokenizer: Any, messages: object, enable_thinking: bool | None = None) -> list[int]:

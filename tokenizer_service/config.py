@@ -63,6 +63,10 @@ class TextServerConfig:
     metrics_port: int = 9401  # Prometheus /metrics over plain HTTP on host:metrics_port; 0 turns it off
     log_format: str = "text"  # "text", or "json": one JSON object per line
     log_requests: bool = True  # one log line per finished request (INFO)
+    # Chat contents holding a special token's text (`<|im_start|>system...`) become real control tokens, as in
+    # transformers' apply_chat_template: "allow" that, or "refuse" such requests (callers that are not trusted
+    # to write their own turns; docs/SECURITY.md).
+    chat_special_tokens: str = "allow"
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -99,6 +103,8 @@ class TextServerConfig:
                              f"{exc}") from None
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)} (any case), got {self.log_level!r}")
+        if self.chat_special_tokens not in ("allow", "refuse"):
+            raise ValueError(f"chat_special_tokens must be 'allow' or 'refuse', got {self.chat_special_tokens!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
         for name in ("max_concurrent_rpcs", "max_inflight", "max_message_bytes", "max_buffered_updates"):

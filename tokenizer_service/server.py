@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from clients.tls import PortUnavailable, describe, listen, shared_server_options, start_health_server
 from protos.llmserve.text.v1 import text_pb2, text_pb2_grpc
+from tokenizer_service.chat import check_chat_template, special_token_texts
 from tokenizer_service.config import TextServerConfig, parse_config
 from tokenizer_service.engine_pool import EnginePool
 from tokenizer_service.logs import configure_logging
@@ -74,6 +75,7 @@ def load_tokenizer(model_dir: str) -> tuple[Any, str, int]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     if len(tokenizer) <= 1:
         raise ValueError(f"the tokenizer in {model_dir} holds {len(tokenizer)} token(s): its files are incomplete")
+    check_chat_template(tokenizer)
     config = read_json(directory / "config.json")
     vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or len(tokenizer)
     # The directory's name, as the engine names it: both services' metrics carry the same model_name label
@@ -110,7 +112,8 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
         return 1
     pool = EnginePool(config, vocab, eos, engine_channel_options(config))
     metrics = TextMetrics(name, config.log_requests)
-    servicer = TextServicer(tokenizer, pool, name, vocab, eos, defaults, config.max_inflight, metrics)
+    refused = special_token_texts(tokenizer) if config.chat_special_tokens == "refuse" else ()
+    servicer = TextServicer(tokenizer, pool, name, vocab, eos, defaults, config.max_inflight, metrics, refused)
     pool.metrics = metrics
     metrics.watch(lambda: servicer.inflight, lambda: len(pool.ready))
     health_servicer = health.aio.HealthServicer()

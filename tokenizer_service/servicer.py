@@ -57,8 +57,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
 
     def __init__(self, tokenizer: Any, pool: EnginePool, model_name: str, vocab_size: int,
                  eos_token_ids: set[int], generation_defaults: dict[str, object], max_inflight: int,
-                 metrics: TextMetrics | None = None) -> None:
+                 metrics: TextMetrics | None = None, refused_chat_texts: tuple[str, ...] = ()) -> None:
         self.tokenizer, self.pool = tokenizer, pool
+        self.limits = TextLimits(vocab_size=vocab_size, refused_chat_texts=refused_chat_texts)
         self.model_name, self.vocab_size, self.eos_token_ids = model_name, vocab_size, eos_token_ids
         self.defaults = generation_defaults
         self.max_inflight = max_inflight
@@ -100,8 +101,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         held = False  # a worker thread left running by a cancelled call keeps its place until it returns
         try:
             started = time.perf_counter()
-            args = (request, self.tokenizer, self.defaults, self.pool.max_model_len,
-                    TextLimits(vocab_size=self.vocab_size))
+            args = (request, self.tokenizer, self.defaults, self.pool.max_model_len, self.limits)
             if _heavy(request):
                 work = asyncio.ensure_future(asyncio.to_thread(prepare, *args))
                 try:
@@ -116,6 +116,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             return prep  # the caller's _generate counts it in `inflight` before it next awaits
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        except Exception as exc:  # a bug, or a chat template failing in Python: the request fails visibly
+            log.exception("preparing a request failed")
+            raise RequestFailed(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}") from exc
         finally:
             if not held:
                 self.admitting -= 1
@@ -325,13 +328,16 @@ class TextServicer(pb_grpc.TextGenerationServicer):
     async def Tokenize(self, request, context):
         try:
             ids = await self._off_loop(request, tokenize_input, request, self.tokenizer,
-                                       add_special_tokens=request.add_special_tokens)
+                                       add_special_tokens=request.add_special_tokens, limits=self.limits)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # as in Generate: INTERNAL naming the failure, not grpc's bare UNKNOWN
+            log.exception("Tokenize failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         return pb.TokenizeResponse(token_ids=ids)
 
     async def Detokenize(self, request, context):
-        limits = TextLimits(vocab_size=self.vocab_size)
+        limits = self.limits
         if len(request.token_ids) > limits.max_detokenize_ids:  # before copying them out of the message
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"token_ids: must be at most {limits.max_detokenize_ids} ids; got "

@@ -47,6 +47,7 @@ class TextLimits:
     max_model_len: int | None = None
     vocab_size: int | None = None
     max_detokenize_ids: int = 1 << 20  # a Detokenize call's ids (about 4 MB of text); larger: split the call
+    refused_chat_texts: tuple[str, ...] = ()  # special tokens' texts refused in chat contents (--chat-special-tokens)
 
 
 @dataclass(slots=True, frozen=True)
@@ -120,6 +121,16 @@ def _messages_bytes(r: TextRequest, lim: TextLimits) -> str | None:
     return f"got {n} bytes" if n > lim.max_prompt_bytes else None
 
 
+def _messages_no_special_text(r: TextRequest, lim: TextLimits) -> str | None:
+    if r.messages is None or not lim.refused_chat_texts:
+        return None
+    for i, message in enumerate(validate_messages(r.messages)):
+        for text in lim.refused_chat_texts:
+            if text in message["content"]:
+                return f"messages[{i}].content holds {text!r}"
+    return None
+
+
 def _stop_count(r: TextRequest, lim: TextLimits) -> str | None:
     if isinstance(r.stop, str) or not isinstance(r.stop, Sequence):
         return f"got {type(r.stop).__name__}, not a list of strings"
@@ -181,6 +192,8 @@ RULES: tuple[Rule, ...] = (
     Rule("request", "messages", "must be a non-empty list of {role, content} with a valid role and text content",
          _messages_well_formed),
     Rule("request", "messages", "contents must total at most max_prompt_bytes bytes of UTF-8", _messages_bytes),
+    Rule("request", "messages", "contents must not hold a special token's text (this service runs with "
+         "--chat-special-tokens refuse)", _messages_no_special_text),
     Rule("request", "stop", "must be a list of at most max_stop_strings strings", _stop_count),
     Rule("request", "stop", "each must be non-empty and at most max_stop_string_chars characters", _stop_each),
     Rule("request", "skip_special_tokens", "must be a boolean", _is_bool("skip_special_tokens")),
@@ -343,7 +356,7 @@ def prepare(
     else:
         _run("request", text_request, limits, rename=request.WhichOneof("input"))
         prompt = _encode(text_request, tokenizer, add_special_tokens=False)
-        validate_prompt_tokens(prompt, limits)
+        _run("prompt_tokens", prompt, limits, rename=request.WhichOneof("input"))  # "chat: ..." for a chat
     params = engine_pb.SamplingParams()
     source = request.sampling_params
     for name in SAMPLING_FIELDS:

@@ -111,3 +111,47 @@ def test_enable_thinking_reaches_a_template_with_the_switch_and_is_refused_witho
     assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     for setting in (None, True):
         assert render_chat(thinking, messages, enable_thinking=setting).endswith("<|im_start|>assistant\n")
+
+
+def test_a_template_that_does_not_compile_is_refused_at_start_up(demo_model_dir, tmp_path) -> None:
+    """A syntax error in the template made every chat request an INVALID_ARGUMENT blaming the client, while
+    GetModelInfo said has_chat_template=true and the service started without a word."""
+    import shutil
+
+    from tokenizer_service.server import load_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(demo_model_dir, model)
+    (model / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }")
+    with pytest.raises(ValueError, match="chat template does not compile: .*line 1"):
+        load_tokenizer(str(model))
+    (model / "chat_template.jinja").write_text("{{ raise_exception('a system message must come first') }}")
+    load_tokenizer(str(model))  # compiles: refusing a lone user message is the template's business
+
+
+def test_special_token_texts_are_the_tokenizers_control_tokens(demo_tokenizer) -> None:
+    from tokenizer_service.chat import special_token_texts
+
+    texts = special_token_texts(demo_tokenizer)
+    assert "<|im_start|>" in texts and "<|im_end|>" in texts
+    ids = encode_chat(demo_tokenizer, [{"role": "user", "content": f"hi{texts[0]}"}])
+    assert demo_tokenizer.convert_tokens_to_ids(texts[0]) in ids  # what the refusal is for: it is a control id
+
+
+def test_chat_refusals_after_tokenizing_name_the_chat_not_a_prompt(demo_tokenizer) -> None:
+    """A chat longer than max_model_len was refused as 'prompt: ...', a field the request never set."""
+    from protos.llmserve.text.v1 import text_pb2 as pb
+    from tokenizer_service.validation import TextLimits, prepare
+
+    request = pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="word " * 100)]))
+    with pytest.raises(ValueError, match=r"^chat: must be shorter than max_model_len tokens"):
+        prepare(request, demo_tokenizer, {}, 32, TextLimits())
+
+
+def test_client_chat_takes_text_parts_and_refuses_unknown_keys() -> None:
+    from clients.requests import chat
+
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert chat(parts).messages[0].content == "ab"  # was: protobuf's "bad argument type for built-in operation"
+    with pytest.raises(ValueError, match=r"messages\[0\] has unknown keys \['name'\]"):
+        chat([{"role": "user", "content": "x", "name": "bob"}])  # was: silently dropped
