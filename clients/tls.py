@@ -19,10 +19,12 @@ to import the client library.
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
 import os
 import re
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,8 +85,64 @@ def read_pem(path: str, kind: str) -> bytes:
     return data
 
 
+def read_ca(path: str) -> bytes:
+    """The CA file's bytes; a ValueError naming it unless it holds at least one whole CA certificate (a
+    truncated file, or one pasted indented from YAML, went to gRPC, which failed every handshake with no word
+    of the file)."""
+    data = read_pem(path, CERTIFICATE)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cadata=data.decode("ascii", errors="replace"))
+    except (ssl.SSLError, ValueError) as exc:
+        raise ValueError(f"{path!r} holds no usable CA certificate ({getattr(exc, 'reason', None) or exc}): each "
+                         "PEM block must be whole, its lines not indented") from None
+    return data
+
+
+# Ed25519 and Ed448 key OIDs (1.3.101.112 / .113) as DER: such keys load, and then no gRPC handshake can use them.
+_EDWARDS_KEY_OIDS = (b"\x06\x03\x2b\x65\x70", b"\x06\x03\x2b\x65\x71")
+_EXPIRY_WARNING_S = 24 * 3600
+
+
+def _edwards_key(key_file: str) -> bool:
+    text = Path(key_file).read_bytes()
+    blocks = re.findall(rb"-----BEGIN PRIVATE KEY-----(.*?)-----END PRIVATE KEY-----", text, re.S)
+    for block in blocks:
+        try:
+            der = base64.b64decode(b"".join(block.split()))
+        except ValueError:
+            continue
+        if any(oid in der[:32] for oid in _EDWARDS_KEY_OIDS):
+            return True
+    return False
+
+
+def check_validity(cert_file: str, now: float | None = None) -> None:
+    """A ValueError when the (first) certificate in cert_file has expired or is not valid yet; a warning when
+    it expires within a day. A server with such a certificate started and said SERVING while every client's
+    handshake failed, and logged nothing."""
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)  # CPython's own PEM reader
+    if decode is None:
+        return
+    try:
+        fields = decode(cert_file)
+        not_before = ssl.cert_time_to_seconds(fields["notBefore"])
+        not_after = ssl.cert_time_to_seconds(fields["notAfter"])
+    except (ssl.SSLError, OSError, KeyError, ValueError):
+        return  # load_cert_chain has said, or will say, what is wrong with the file
+    now = time.time() if now is None else now
+    if now >= not_after:
+        raise ValueError(f"the certificate in {cert_file!r} expired on {fields['notAfter']}: renew it")
+    if now < not_before:
+        raise ValueError(f"the certificate in {cert_file!r} is not valid before {fields['notBefore']}: check this "
+                         "machine's clock, or wait")
+    if not_after - now < _EXPIRY_WARNING_S:
+        log.warning("TLS: the certificate in %r expires on %s, within a day: renew it", cert_file, fields["notAfter"])
+
+
 def check_pair(cert_file: str, key_file: str) -> None:
-    """A ValueError unless the key is unencrypted and is the private key of the certificate."""
+    """A ValueError unless the key is unencrypted and is the private key of the certificate, the certificate is
+    valid now, and the key is of a type gRPC's TLS can use."""
 
     def encrypted() -> bytes:  # asked for only when the key has a passphrase; never prompt on a terminal
         raise ValueError(f"{key_file!r} is encrypted: give the private key without a passphrase")
@@ -96,6 +154,10 @@ def check_pair(cert_file: str, key_file: str) -> None:
                          f"the two files is damaged ({exc.reason or exc})") from None
     except OSError as exc:
         raise ValueError(f"cannot read {exc.filename or cert_file!r}: {exc.strerror or exc}") from None
+    if _edwards_key(key_file):
+        raise ValueError(f"{key_file!r} is an Ed25519 or Ed448 key, which gRPC's TLS cannot sign handshakes with: "
+                         "issue an ECDSA P-256 or RSA key")
+    check_validity(cert_file)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +180,7 @@ class ClientTls:
         if self.cert_file:
             check_pair(self.cert_file, self.key_file)
         return grpc.ssl_channel_credentials(
-            root_certificates=read_pem(self.ca_file, CERTIFICATE) if self.ca_file else None,
+            root_certificates=read_ca(self.ca_file) if self.ca_file else None,
             private_key=read_pem(self.key_file, PRIVATE_KEY) if self.key_file else None,
             certificate_chain=read_pem(self.cert_file, CERTIFICATE) if self.cert_file else None)
 
@@ -168,7 +230,7 @@ class ServerTls:
         check_pair(self.cert_file, self.key_file)
         return grpc.ssl_server_certificate_configuration(
             [(key, cert)],
-            root_certificates=read_pem(self.client_ca_file, CERTIFICATE) if self.client_ca_file else None)
+            root_certificates=read_ca(self.client_ca_file) if self.client_ca_file else None)
 
     def _stamp(self) -> tuple[object, ...]:
         """What changes when any of the files does (Kubernetes swaps a Secret's files through a symlink; ctime

@@ -19,6 +19,7 @@ from collections.abc import Collection
 
 import grpc
 
+from clients.tls import ClientTls
 from protos.llmserve.engine.v1 import engine_pb2 as pb
 from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
 from tokenizer_service.config import TextServerConfig
@@ -82,6 +83,22 @@ class RequestHandle:
         if isinstance(item, RequestFailed):
             raise item
         return item
+
+
+def tls_hint(details: str, tls: ClientTls | None) -> str:
+    """What to check when an engine was not reached, from gRPC's words for a TLS mismatch (docs/SECURITY.md)."""
+    if "WRONG_VERSION_NUMBER" in details:
+        return " (the engine serves plaintext: drop --engine-tls-ca, or give the engine --tls-cert and --tls-key)"
+    if "Hostname Verification" in details or "hostname" in details.lower():
+        name = tls.server_name if tls is not None and tls.server_name else "the address's host"
+        return (f" (the engine's certificate does not name {name}: set --engine-tls-server-name to a name it "
+                "holds, or reissue it)")
+    if "Socket closed" in details or "handshake" in details.lower():
+        if tls is None:
+            return " (does the engine serve TLS? then set --engine-tls-ca to the CA that signed its certificate)"
+        return (" (if the engine asks for a client certificate, give --engine-tls-cert and --engine-tls-key from "
+                "the CA in its --tls-client-ca)")
+    return ""
 
 
 class _Outbox:
@@ -199,6 +216,8 @@ class EngineConnection:
                     reason += (" (it does not serve the engine API, llmserve.engine.v1.Engine: is it a tokenizer "
                                "service? --engines and --engine-dns name engine services)")
                     outcome, backoff = "refused", cfg.reconnect_max_s
+                elif outcome == "not reached":
+                    reason += tls_hint(exc.details() or "", self._pool.tls)
             finally:
                 self.ready = False
                 self._lose_inflight(reason)

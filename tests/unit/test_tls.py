@@ -398,3 +398,58 @@ def test_docs_name_every_tls_setting():
         for field in dataclasses.fields(cls):
             if "tls" in field.name or field.name == "health_port":
                 assert f"--{field.name.replace('_', '-')}" in text, f"{cls.__name__}.{field.name} undocumented"
+
+
+def test_a_damaged_ca_file_is_refused_naming_it(pki, tmp_path):
+    """A truncated CA, or one pasted indented from YAML, went to gRPC unchecked: the server failed to start
+    with 'another process holds that port', and a client failed every handshake without naming the file."""
+    from clients.tls import ClientTls, ServerTls
+
+    text = pki["ca"].cert.read_text()
+    truncated, indented = tmp_path / "truncated.crt", tmp_path / "indented.crt"
+    truncated.write_text(text[: len(text) // 2] + "\n-----END CERTIFICATE-----\n")
+    indented.write_text("".join("  " + line for line in text.splitlines(keepends=True)))
+    for bad in (truncated, indented):
+        with pytest.raises(ValueError, match=f"{bad.name}' holds no usable CA certificate"):
+            ServerTls(str(pki["engine"].cert), str(pki["engine"].key), str(bad))
+        with pytest.raises(ValueError, match=f"{bad.name}' holds no usable CA certificate"):
+            ClientTls(ca_file=str(bad))
+    ClientTls(ca_file=str(pki["ca"].cert))
+
+
+def test_expired_not_yet_valid_and_ed25519_certificates_are_refused(pki, tmp_path):
+    """An engine with an expired certificate started, said SERVING on its health port and logged nothing,
+    while every handshake failed; Ed25519 keys loaded, then no gRPC handshake could use them."""
+    import datetime
+
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from clients.tls import ServerTls
+    from tests.pki import CA
+
+    ca = CA(tmp_path / "ca", "test-ca")
+    day = datetime.timedelta(days=1)
+    expired = ca.issue("expired", "localhost", valid=(-2 * day, -day))
+    early = ca.issue("early", "localhost", valid=(day, 2 * day))
+    edwards = ca.issue("edwards", "localhost", leaf_key=ed25519.Ed25519PrivateKey.generate())
+    with pytest.raises(ValueError, match="expired.crt' expired on .*: renew it"):
+        ServerTls(str(expired.cert), str(expired.key))
+    with pytest.raises(ValueError, match="early.crt' is not valid before .*check this machine's clock"):
+        ServerTls(str(early.cert), str(early.key))
+    with pytest.raises(ValueError, match="edwards.key' is an Ed25519 or Ed448 key"):
+        ServerTls(str(edwards.cert), str(edwards.key))
+    ServerTls(str(pki["engine"].cert), str(pki["engine"].key))
+
+
+def test_the_pool_says_what_to_check_when_tls_does_not_match():
+    """The engine pool logged gRPC's bare 'Socket closed' or 'WRONG_VERSION_NUMBER'; llm-client gave hints."""
+    from clients.tls import ClientTls
+    from tokenizer_service.engine_pool import tls_hint
+
+    assert "set --engine-tls-ca" in tls_hint("failed to connect: Socket closed", None)
+    tls = ClientTls.__new__(ClientTls)
+    object.__setattr__(tls, "server_name", "llm-engine")
+    assert "--engine-tls-cert" in tls_hint("Socket closed", tls)
+    assert "serves plaintext" in tls_hint("SSL routines::WRONG_VERSION_NUMBER", tls)
+    assert "does not name llm-engine" in tls_hint("Hostname Verification Check failed.", tls)
+    assert tls_hint("Connection refused", tls) == ""
