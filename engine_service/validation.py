@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine_service.sampling_params import SamplingParams
+from engine_service.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
 
 # proto field name -> SamplingParams field name (the same today; kept explicit so a rename is one line).
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos")
@@ -18,6 +18,9 @@ def sampling_params_from_proto(proto: Any, defaults: dict[str, object]) -> Sampl
         if proto.HasField(name):
             values[name] = getattr(proto, name)
     if proto.stop_token_ids:
+        if len(proto.stop_token_ids) > 16 * MAX_STOP_TOKEN_IDS:  # refused before it is copied out
+            raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} distinct ids, got "
+                             f"{len(proto.stop_token_ids)}")
         values["stop_token_ids"] = tuple(proto.stop_token_ids)
     # Floats arrive as float32; round-trip through repr so 0.7 stays 0.7, not 0.699999988.
     for name in ("temperature", "top_p", "min_p"):

@@ -31,6 +31,7 @@ from tokenizer_service.chat import encode_chat, validate_messages
 
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024  # distinct ids; the engine's own bound (engine_service/sampling_params.py)
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos")
 # generation_config.json keys that are sampling parameters here.
 GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p")
@@ -364,6 +365,9 @@ def prepare(
             setattr(params, name, getattr(source, name))
         elif name in defaults:
             setattr(params, name, defaults[name])
+    n = len(source.stop_token_ids)  # the engine's bound, said before sending it on
+    if n > MAX_STOP_TOKEN_IDS and (n > 16 * MAX_STOP_TOKEN_IDS or len(set(source.stop_token_ids)) > MAX_STOP_TOKEN_IDS):
+        raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} distinct ids, got {n}")
     params.stop_token_ids.extend(source.stop_token_ids)
     return PreparedRequest(
         engine_request=engine_pb.NewRequest(prompt_token_ids=prompt, sampling_params=params),

@@ -508,3 +508,15 @@ def test_generate_keeps_the_outputs_of_requests_it_did_not_add(model_dir):
                 finish = out.finish_reason or finish
         assert len(tokens) == 4 and finish == "length"
         assert _all_free(engine)
+
+
+def test_stop_token_ids_are_bounded_and_deduplicated(model_dir):
+    """Nothing bounded them: one request with two million ids slowed every request on its engine 300-fold."""
+    from engine_service.sampling_params import MAX_STOP_TOKEN_IDS
+
+    with pytest.raises(ValueError, match=f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} distinct ids"):
+        SamplingParams(stop_token_ids=list(range(MAX_STOP_TOKEN_IDS + 1)))
+    with pytest.raises(ValueError, match="at most"):
+        SamplingParams(stop_token_ids=[1] * 2_000_000)
+    params = SamplingParams(stop_token_ids=[5, 3, 5] * 1000)
+    assert params.stop_token_ids == (5, 3)

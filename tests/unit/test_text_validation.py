@@ -159,3 +159,15 @@ def test_eos_ids_outside_the_vocabulary_are_left_out_as_the_engine_leaves_them(t
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 9, "vocab_size": 512}))
     assert read_eos_token_ids(str(tmp_path), SimpleNamespace(eos_token_id=8), 512) == {7, 8, 9}
     assert read_eos_token_ids(str(tmp_path), SimpleNamespace(eos_token_id=700), 512) == {7, 9}
+
+
+def test_stop_token_ids_are_bounded_at_the_door(demo_tokenizer):
+    from tokenizer_service.validation import MAX_STOP_TOKEN_IDS, TextLimits, prepare
+
+    request = pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(
+        stop_token_ids=list(range(MAX_STOP_TOKEN_IDS + 1))))
+    with pytest.raises(ValueError, match=f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} distinct ids"):
+        prepare(request, demo_tokenizer, {}, 1000, TextLimits())
+    request.sampling_params.ClearField("stop_token_ids")
+    request.sampling_params.stop_token_ids.extend([7] * 5000)  # repeats of one id are one id
+    assert list(prepare(request, demo_tokenizer, {}, 1000, TextLimits()).engine_request.sampling_params.stop_token_ids)
