@@ -176,6 +176,8 @@ class EngineServicer(pb_grpc.EngineServicer):
         try:
             async for updates in self._frames(stream):
                 yield pb.ServerFrame(updates=updates)
+            if stream.read_error:  # frames after it are lost: say so rather than end the call OK
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, stream.read_error)
         finally:
             reader.cancel()
             # A closed or cancelled stream frees its requests' blocks at once.
@@ -192,6 +194,9 @@ class EngineServicer(pb_grpc.EngineServicer):
                 for req in frame.requests:
                     self._start(stream, prefix, req, check_deadline_ms(req.deadline_ms))
                 await stream.room.wait()  # a client that does not read its updates is not read either
+        except Exception as exc:  # noqa: BLE001 -- a frame that is not a ClientFrame (DecodeError): it ends the call
+            stream.read_error = (f"a frame on this stream is not a valid ClientFrame ({type(exc).__name__}: {exc}); "
+                                 "the call's requests were aborted")
         finally:
             stream.input_done = True
             stream.wake.set()

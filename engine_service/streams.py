@@ -69,6 +69,7 @@ class OutputStream:
         self.refused: list[pb.RequestUpdate] = []  # requests that never reached the engine
         self.wake = asyncio.Event()
         self.input_done = False  # the client half-closed (or the call has a single request)
+        self.read_error = ""  # a frame could not be read (not a valid ClientFrame): the call ends with it
 
     def register(self, client_id: str, engine_id: str, timeout_s: float | None) -> None:
         """A request now in the engine as engine_id; a passed deadline fails it with DEADLINE_EXCEEDED."""
@@ -203,4 +204,6 @@ class OutputStream:
 
     def done(self, draining: bool) -> bool:
         """Nothing left to send, and nothing more will come."""
+        if self.read_error:
+            return True
         return not self.has_updates and not self.live and (self.input_done or draining)

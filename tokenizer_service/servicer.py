@@ -240,6 +240,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         wake = asyncio.Event()
         input_done = False
         call_id = request_id_from(context.invocation_metadata(), uuid.uuid4().hex[:16])
+        read_error = ""
 
         async def emit(response: pb.GenerateResponse) -> None:
             await out.put(response)  # waits while the queue is full: backpressure
@@ -291,6 +292,10 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             task.cancel()  # its finally aborts the engine request
                             await emit(pb.GenerateResponse(request_id=frame.abort_request_id,
                                                               finish_reason=pb.FINISH_REASON_ABORT))
+            except Exception as exc:  # noqa: BLE001 -- not a MultiRequest (DecodeError): it ends the call
+                nonlocal read_error
+                read_error = (f"a message on this stream is not a valid MultiRequest ({type(exc).__name__}: {exc}); "
+                              "the call's requests were cancelled")
             finally:
                 input_done = True
                 wake.set()
@@ -304,11 +309,13 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             while True:
                 while not out.empty():
                     yield out.get_nowait()
-                if not tasks and (input_done or self.draining):
+                if read_error or (not tasks and (input_done or self.draining)):
                     break
                 wake.clear()
                 if out.empty():  # nothing was queued since the check above (no await in between)
                     await wake.wait()
+            if read_error:  # later messages are lost: say so rather than end the call OK
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, read_error)
         finally:
             reader.cancel()
             for task, _ in list(tasks.values()):

@@ -301,3 +301,31 @@ def test_generate_stream_refused_at_the_call_is_counted_and_logged(caplog):
         assert line["finish_reason"] == FINISH_ERROR and "max_concurrent_rpcs" in line["error"], line
     finally:
         assert running.stop() == 0
+
+
+def test_a_frame_that_is_not_a_client_frame_ends_the_call_invalid_argument():
+    """A frame that does not parse (here an abort id of invalid UTF-8) half-closed the stream in silence: the
+    requests after it were never read nor refused, and the call ended OK."""
+    running = Running(FakeEngine(max_model_len=1_000_000, step_s=0.01))
+    try:
+        with EngineClient(running.target, timeout=20) as client:
+            wait_serving(client)
+            good = pb.ClientFrame(requests=[new("a", [1], max_tokens=100_000, ignore_eos=True)]).SerializeToString()
+
+            def frames():
+                yield good
+                time.sleep(0.2)
+                yield b"\x12\x01\xff"  # ClientFrame.abort_request_ids = [b"\xff"]
+
+            call = client._channel.stream_stream("/llmserve.engine.v1.Engine/Generate")(frames(), timeout=20)
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in call:
+                    pass
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid ClientFrame" in err.value.details()
+            deadline = time.monotonic() + 5
+            while client.load().num_live_requests and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert client.load().num_live_requests == 0  # its request was aborted, not left generating
+    finally:
+        assert running.stop() == 0

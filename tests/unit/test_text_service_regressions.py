@@ -678,3 +678,30 @@ def test_chat_special_tokens_refuse_and_a_template_failing_in_python(demo_model_
         assert engine.stop() == 0
     (line,) = [r.fields for r in ours(caplog.records) if r.fields["request_id"] == "typeerr"]
     assert line["finish_reason"] == "error" and "TypeError" in line["error"], line
+
+
+def test_a_message_that_is_not_a_multi_request_ends_the_call_invalid_argument(demo_model_dir, demo_tokenizer):
+    """As on the engine's stream: a message that does not parse ended GenerateMulti OK, and the requests after it
+    were lost without a word."""
+    engine = demo_engine(demo_model_dir, demo_tokenizer, step_s=0.01)
+    server = TextServer(demo_model_dir, engines=engine.target)
+    try:
+        with grpc.insecure_channel(server.target) as ch:
+            wait_ready(pb_grpc.TextGenerationStub(ch))
+            good = pb.MultiRequest(generate=pb.GenerateRequest(
+                request_id="a", prompt="hi", sampling_params=pb.SamplingParams(max_tokens=100_000, ignore_eos=True)))
+
+            def messages():
+                yield good.SerializeToString()
+                threading.Event().wait(0.2)
+                yield b"\x12\x01\xff"  # MultiRequest.abort_request_id = b"\xff"
+
+            call = ch.stream_stream("/llmserve.text.v1.TextGeneration/GenerateMulti")(messages(), timeout=20)
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in call:
+                    pass
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid MultiRequest" in err.value.details()
+    finally:
+        server.stop()
+        assert engine.stop() == 0
