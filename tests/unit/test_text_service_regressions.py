@@ -581,10 +581,12 @@ def test_calls_cancelled_while_tokenizing_and_bad_multi_ids_are_logged_and_count
                                 metadata=(("x-request-id", "big-1"),))
             threading.Event().wait(0.3)  # the 3.3 MB prompt is being tokenized on a worker thread
             big.cancel()
-            generate = pb.GenerateRequest(request_id="a", prompt="hi", sampling_params=pb.SamplingParams(max_tokens=2))
+            # "a" is still live when its duplicate comes (frames are read in order), then aborted.
+            generate = pb.GenerateRequest(request_id="a", prompt="hi",
+                                          sampling_params=pb.SamplingParams(max_tokens=100_000, ignore_eos=True))
             empty = pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(max_tokens=2))
             frames = [pb.MultiRequest(generate=generate), pb.MultiRequest(generate=generate),
-                      pb.MultiRequest(generate=empty)]
+                      pb.MultiRequest(generate=empty), pb.MultiRequest(abort_request_id="a")]
             errors = [r.status.message for r in stub.GenerateMulti(iter(frames), timeout=20,
                                                                     metadata=(("x-request-id", "m"),))
                       if r.finish_reason == pb.FINISH_REASON_ERROR]
@@ -598,9 +600,9 @@ def test_calls_cancelled_while_tokenizing_and_bad_multi_ids_are_logged_and_count
         server.stop()
         assert engine.stop() == 0
     lines = sorted((r.fields["request_id"], r.fields["finish_reason"]) for r in ours(caplog.records))
-    assert lines == [("big-1", "cancelled"), ("m/-", "error"), ("m/a", "error"), ("m/a", "length")], lines
-    assert {k: after.get(k, 0) - before.get(k, 0) for k in ("error", "cancelled", "length")} == \
-        {"error": 2, "cancelled": 1, "length": 1}
+    assert lines == [("big-1", "cancelled"), ("m/-", "error"), ("m/a", "abort"), ("m/a", "error")], lines
+    assert {k: after.get(k, 0) - before.get(k, 0) for k in ("error", "cancelled", "abort")} == \
+        {"error": 2, "cancelled": 1, "abort": 1}
 
 
 def test_a_stop_string_finish_is_a_stop_in_both_services(demo_model_dir, demo_tokenizer, caplog):
