@@ -294,3 +294,93 @@ async def start_health_server(servicer: object, host: str, port: int) -> tuple[g
     bound = listen(server, f"{host}:{port}", what="health_port")
     await server.start()
     return server, bound
+
+
+class _Malformed:
+    """What a request that did not parse becomes, so that the handler can refuse it in words."""
+
+    __slots__ = ("detail",)
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+
+
+def _tolerant(parse: Any, type_name: str) -> Any:
+    def deserialize(data: bytes) -> object:
+        try:
+            return parse(data)
+        except Exception as exc:  # noqa: BLE001 -- DecodeError (bad wire format, invalid UTF-8 in a string)
+            return _Malformed(f"the request is not a valid {type_name} ({type(exc).__name__}: {exc})")
+    return deserialize
+
+
+async def _checked_messages(messages: Any) -> Any:
+    async for message in messages:
+        if isinstance(message, _Malformed):
+            raise ValueError(message.detail)  # the service's stream reader ends the call with INVALID_ARGUMENT
+        yield message
+
+
+def _checked(handler: grpc.RpcMethodHandler, type_name: str) -> grpc.RpcMethodHandler:
+    """The handler with a deserializer that does not raise, and a behaviour that refuses what did not parse."""
+    deserialize = _tolerant(handler.request_deserializer, type_name)
+    if handler.unary_unary is not None:
+        behaviour = handler.unary_unary
+
+        async def unary_unary(request: object, context: grpc.aio.ServicerContext) -> object:
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.detail)
+            return await behaviour(request, context)
+        return handler._replace(request_deserializer=deserialize, unary_unary=unary_unary)
+    if handler.unary_stream is not None:
+        streaming = handler.unary_stream
+
+        async def unary_stream(request: object, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.detail)
+            responses = streaming(request, context)
+            try:
+                async for response in responses:
+                    yield response
+            finally:  # closed with this one (a cancelled call): the handler's cleanup runs now, not at GC
+                await responses.aclose()
+        return handler._replace(request_deserializer=deserialize, unary_stream=unary_stream)
+    if handler.stream_stream is not None:
+        bidi = handler.stream_stream
+
+        async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            responses = bidi(_checked_messages(requests), context)
+            try:
+                async for response in responses:
+                    yield response
+            finally:
+                await responses.aclose()
+        return handler._replace(request_deserializer=deserialize, stream_stream=stream_stream)
+    return handler  # client streaming alone: no such method in these services
+
+
+class _Registrar:
+    """Stands in for a server to a generated add_*Servicer_to_server: takes its handlers, to register checked."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, _: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def add_checked_servicer(add_to_server: Any, servicer: object, server: grpc.aio.Server, file_descriptor: Any) -> None:
+    """Register a servicer as its generated add_*_to_server would, except that a request that does not parse is
+    refused with INVALID_ARGUMENT naming its message type: gRPC itself answers UNKNOWN and logs an ERROR with a
+    traceback per such request, so garbage on the wire could flood the logs."""
+    registrar = _Registrar()
+    add_to_server(servicer, registrar)
+    service = file_descriptor.services_by_name[registrar.service.rpartition(".")[2]]
+    handlers = {name: _checked(handler, service.methods_by_name[name].input_type.name)
+                for name, handler in registrar.handlers.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(registrar.service, handlers),))
+    server.add_registered_method_handlers(registrar.service, handlers)

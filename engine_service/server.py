@@ -22,7 +22,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from clients.tls import PortUnavailable, describe, listen, shared_server_options, start_health_server
+from clients.tls import (
+    PortUnavailable,
+    add_checked_servicer,
+    describe,
+    listen,
+    shared_server_options,
+    start_health_server,
+)
 from engine_service.engine_loop import EngineLoop
 from engine_service.health import Health
 from engine_service.logs import configure_logging
@@ -170,7 +177,7 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
     # for the short ones (GetLoad, GetModelInfo, Abort, health) when they are all open.
     server = grpc.aio.server(options=grpc_options(config),
                              maximum_concurrent_rpcs=config.max_concurrent_rpcs + SHORT_CALL_HEADROOM)
-    engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)
+    add_checked_servicer(engine_pb2_grpc.add_EngineServicer_to_server, servicer, server, engine_pb2.DESCRIPTOR)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     names = [engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name,
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]

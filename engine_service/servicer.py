@@ -195,8 +195,7 @@ class EngineServicer(pb_grpc.EngineServicer):
                     self._start(stream, prefix, req, check_deadline_ms(req.deadline_ms))
                 await stream.room.wait()  # a client that does not read its updates is not read either
         except Exception as exc:  # noqa: BLE001 -- a frame that is not a ClientFrame (DecodeError): it ends the call
-            stream.read_error = (f"a frame on this stream is not a valid ClientFrame ({type(exc).__name__}: {exc}); "
-                                 "the call's requests were aborted")
+            stream.read_error = f"a frame on this stream is not a valid ClientFrame ({exc}); its requests were aborted"
         finally:
             stream.input_done = True
             stream.wake.set()

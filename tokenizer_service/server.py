@@ -19,7 +19,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from clients.tls import PortUnavailable, describe, listen, shared_server_options, start_health_server
+from clients.tls import (
+    PortUnavailable,
+    add_checked_servicer,
+    describe,
+    listen,
+    shared_server_options,
+    start_health_server,
+)
 from protos.llmserve.text.v1 import text_pb2, text_pb2_grpc
 from tokenizer_service.chat import check_chat_template, special_token_texts
 from tokenizer_service.config import TextServerConfig, parse_config
@@ -118,7 +125,7 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
     metrics.watch(lambda: servicer.inflight, lambda: len(pool.ready))
     health_servicer = health.aio.HealthServicer()
     server = grpc.aio.server(options=server_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
-    text_pb2_grpc.add_TextGenerationServicer_to_server(servicer, server)
+    add_checked_servicer(text_pb2_grpc.add_TextGenerationServicer_to_server, servicer, server, text_pb2.DESCRIPTOR)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [text_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name,
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]

@@ -294,8 +294,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                                                               finish_reason=pb.FINISH_REASON_ABORT))
             except Exception as exc:  # noqa: BLE001 -- not a MultiRequest (DecodeError): it ends the call
                 nonlocal read_error
-                read_error = (f"a message on this stream is not a valid MultiRequest ({type(exc).__name__}: {exc}); "
-                              "the call's requests were cancelled")
+                read_error = f"a message on this stream is not a valid MultiRequest ({exc}); its requests were cancelled"
             finally:
                 input_done = True
                 wake.set()

@@ -329,3 +329,25 @@ def test_a_frame_that_is_not_a_client_frame_ends_the_call_invalid_argument():
             assert client.load().num_live_requests == 0  # its request was aborted, not left generating
     finally:
         assert running.stop() == 0
+
+
+def test_a_request_that_does_not_parse_is_invalid_argument_without_a_traceback(caplog):
+    """gRPC answered UNKNOWN and logged an ERROR with a traceback per such request: garbage on the wire could
+    flood the logs and trip alerts."""
+    running = Running(FakeEngine(max_model_len=1_000_000))
+    try:
+        with EngineClient(running.target, timeout=20) as client:
+            wait_serving(client)
+            bad_utf8 = b"\x0a\x01\xff"  # field 1 (a string: request_id) holding invalid UTF-8
+            with caplog.at_level(logging.ERROR):
+                for method, call in (("GenerateStream", client._channel.unary_stream),
+                                     ("Abort", client._channel.unary_unary)):
+                    with pytest.raises(grpc.RpcError) as err:
+                        result = call(f"/llmserve.engine.v1.Engine/{method}")(bad_utf8, timeout=10)
+                        list(result) if method == "GenerateStream" else None
+                    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, err.value)
+                    assert "is not a valid" in err.value.details()
+                assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert list(client.generate([1], max_tokens=2))[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    finally:
+        assert running.stop() == 0
