@@ -44,14 +44,16 @@ def shared_server_options(max_connection_age_s: float, max_calls: int) -> list[t
     connection is that old, so that new calls open a new connection (to another replica behind a ClusterIP).
     Calls already streaming run to their end, however long: no grace cuts a generation.
 
-    max_calls (the server's maximum_concurrent_rpcs) also bounds the calls grpc-core may hold before grpc.aio
-    has taken them. grpc.aio takes one new call per turn of its event loop; past 1,000 waiting (core's default)
-    core drops new calls at random, and all of them past 3,000, with a bare CANCELLED (a bidi client sees
-    INTERNAL 'Internal error from Core') before any handler sees them: a burst of 2,000 streams lost about 10%
-    of its calls so. With the queue as large as the calls allowed open, a burst waits its turn, and a larger one
-    meets our own limits, which refuse in words."""
-    options = [NO_REUSEPORT, ("grpc.server.max_pending_requests", max_calls),
-               ("grpc.server.max_pending_requests_hard_limit", max_calls)]
+    max_calls (the server's maximum_concurrent_rpcs) also sizes the queue of calls grpc-core holds before grpc.aio
+    has taken them. grpc.aio takes one new call per turn of its event loop, those it will refuse included; past
+    1,000 waiting (core's default) core drops new calls at random, and all of them past 3,000, with a bare
+    CANCELLED (a bidi client sees INTERNAL 'Internal error from Core') before any handler sees them: a burst of
+    2,000 streams lost about 10% of its calls so. The queue holds four times the calls allowed open, and at least
+    16,384 (a waiting call costs little): a burst waits its turn, and the calls past the limit meet our own
+    limits, which refuse in words (RESOURCE_EXHAUSTED)."""
+    pending = max(4 * max_calls, 16_384)
+    options = [NO_REUSEPORT, ("grpc.server.max_pending_requests", pending),
+               ("grpc.server.max_pending_requests_hard_limit", pending)]
     if max_connection_age_s > 0:
         options += [("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
                     ("grpc.max_connection_age_grace_ms", UNLIMITED_MS)]
@@ -90,10 +92,12 @@ def read_ca(path: str) -> bytes:
     truncated file, or one pasted indented from YAML, went to gRPC, which failed every handshake with no word
     of the file)."""
     data = read_pem(path, CERTIFICATE)
+    # The blocks alone: system bundles carry comment lines, some not ASCII ("# NetLock Arany ... Főtanúsítvány").
+    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", data, re.S)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
-        context.load_verify_locations(cadata=data.decode("ascii", errors="replace"))
-    except (ssl.SSLError, ValueError) as exc:
+        context.load_verify_locations(cadata=b"\n".join(blocks).decode("ascii", errors="ignore"))
+    except (ssl.SSLError, ValueError, TypeError) as exc:
         raise ValueError(f"{path!r} holds no usable CA certificate ({getattr(exc, 'reason', None) or exc}): each "
                          "PEM block must be whole, its lines not indented") from None
     return data
@@ -102,6 +106,7 @@ def read_ca(path: str) -> bytes:
 # Ed25519 and Ed448 key OIDs (1.3.101.112 / .113) as DER: such keys load, and then no gRPC handshake can use them.
 _EDWARDS_KEY_OIDS = (b"\x06\x03\x2b\x65\x70", b"\x06\x03\x2b\x65\x71")
 _EXPIRY_WARNING_S = 24 * 3600
+RELOAD_RETRY_S = 30.0  # TLS files that changed and did not load are tried again this often
 
 
 def _edwards_key(key_file: str) -> bool:
@@ -248,17 +253,21 @@ class ServerTls:
         """Server credentials that reload the files on the first handshake after they change."""
         seen = self._stamp()
         initial = self._configuration()
+        retry_at: float | None = None  # files that did not load are tried again from then (a renewed
+        # certificate not valid yet: its notBefore passes without the files changing again)
 
         def fetch() -> grpc.ServerCertificateConfiguration | None:  # grpc calls this before each handshake
-            nonlocal seen
+            nonlocal seen, retry_at
             now = self._stamp()
-            if now == seen:
+            if now == seen and (retry_at is None or time.monotonic() < retry_at):
                 return None
-            seen = now
+            seen, retry_at = now, None
             try:
                 configuration = self._configuration()
             except ValueError as exc:
-                log.warning("TLS files changed but do not load (%s); keeping the current certificate", exc)
+                retry_at = time.monotonic() + RELOAD_RETRY_S
+                log.warning("TLS files changed but do not load (%s); keeping the current certificate, trying again "
+                            "in %.0fs or when they change", exc, RELOAD_RETRY_S)
                 return None
             log.info("TLS: reloading the certificate from %s", self.cert_file)
             return configuration

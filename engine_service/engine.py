@@ -148,6 +148,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.generators: dict[str, torch.Generator] = {}
         self._pending: list[StepOutput] = []  # aborts to report on the next step
+        self._pending_ids: set[str] = set()  # their request ids: still in use until reported
         self._inflight: _InFlight | None = None  # a step scheduled ahead, launched, not yet read back
         overlap = self.config.overlap_scheduling
         if overlap is None:
@@ -193,7 +194,7 @@ class LLMEngine:
     ) -> None:
         """Validate and queue a request; raises ValueError naming the problem, and the engine keeps serving."""
         self._check_alive()
-        if request_id in self.seqs or any(o.request_id == request_id for o in self._pending):
+        if request_id in self.seqs or request_id in self._pending_ids:
             raise ValueError(f"request_id {request_id!r} is already in use by a live request (or one whose end "
                              "the next step() reports)")
         if not isinstance(sampling_params, SamplingParams):
@@ -244,6 +245,7 @@ class LLMEngine:
         self.scheduler.abort(seq)
         self.generators.pop(request_id, None)
         self._pending.append(self._output(seq, []))
+        self._pending_ids.add(request_id)
         return True
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -263,6 +265,7 @@ class LLMEngine:
         """
         self._check_alive()
         outputs, self._pending = self._pending, []
+        self._pending_ids.clear()
         current, self._inflight = self._inflight, None
         if current is not None and not any(s.status is Status.RUNNING for s in current.batch.seqs):
             current = None  # every sequence in it finished or was aborted: nothing to read back
@@ -399,6 +402,7 @@ class LLMEngine:
         for request_id in list(self.seqs):
             self.abort_request(request_id)
         self._pending.clear()
+        self._pending_ids.clear()
         self._inflight = None
         if self.workers is not None:
             self.workers.close()
@@ -455,6 +459,7 @@ class LLM(LLMEngine):
                 if rid in self.seqs:
                     self.abort_request(rid)
             self._pending = foreign + [o for o in self._pending if o.request_id not in results]
+            self._pending_ids = {o.request_id for o in self._pending}
         for rid in ids:
             res = results[rid]
             res["text"] = (

@@ -59,7 +59,9 @@ class ServerConfig:
     # unary and health calls have room beyond it). Kept above max_waiting plus a running batch of GenerateStream
     # calls, so that a full engine says "queue is full" first.
     max_concurrent_rpcs: int = 4096
-    max_waiting: int = 1024  # requests admitted but not yet running; past it: RESOURCE_EXHAUSTED
+    # Requests admitted that cannot be running (live past max_num_seqs while the last step had none waiting, past
+    # the running count once some wait); past it: RESOURCE_EXHAUSTED.
+    max_waiting: int = 1024
     max_message_bytes: int = 64 * MiB  # receive and send, both ends
     max_buffered_tokens: int = 65536  # per request, not yet written to a slow client; past it the request fails
     # Connections.

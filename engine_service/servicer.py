@@ -104,9 +104,13 @@ class EngineServicer(pb_grpc.EngineServicer):
         unavailable = self._unavailable()
         if unavailable is not None:
             return grpc.StatusCode.UNAVAILABLE, unavailable
-        # Requests that cannot all be running: live ones past max_num_seqs. (The waiting gauge, live minus the
-        # last step's running count, also counts a burst that arrived during a step, for which slots are free.)
-        queued = self.loop.num_live - self._max_running
+        # Live requests that cannot be running. While the scheduler had none waiting at the last step, slots were
+        # free: up to max_num_seqs may run (live minus the last step's running count would also count a burst
+        # that arrived during the step). Once some wait (the KV cache, not the slots, bounds the batch), only
+        # the running ones are.
+        stats = self.loop.stats
+        running_cap = self._max_running if not stats.get("num_waiting", 0) else int(stats.get("num_running", 0))
+        queued = self.loop.num_live - running_cap
         if queued >= self._max_waiting:
             return (grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"the engine's queue is full: {queued} requests past the {self._max_running} that may run "

@@ -125,12 +125,26 @@ class IncrementalDetokenizer:
         return delta
 
     def _forced_split(self, window_text: str) -> str:
-        """Emit the unread tokens except a short tail, at a boundary proven not to change the text."""
+        """Emit the unread tokens except a short tail, at the last boundary where the head ends in a whole
+        character, preferring one proven not to change the text (head + tail == the window's text). A
+        byte-fallback decoder turns a whole run of byte tokens into U+FFFDs while it ends inside a character, so
+        there the window's text proves nothing and the whole-character head is taken as it is; a cut inside a
+        character also "keeps" that text (U+FFFDs on both sides), and must not win. Only where no head ends in a
+        whole character (the model produced invalid bytes) is the last cut that keeps the text taken."""
         last_candidate = len(self._window) - _MAX_PARTIAL_TOKENS
+        whole: tuple[int, str] | None = None  # the last split whose head ends in a whole character
         for split in range(last_candidate, self._read, -1):
             head = self._decode(self._window[:split])
-            tail = self._decode(self._window[split:])
-            if head + tail == window_text:
+            if head.endswith(REPLACEMENT_CHAR):
+                continue
+            if head + self._decode(self._window[split:]) == window_text:
+                return self._emit_through(split, head)
+            whole = whole or (split, head)
+        if whole is not None and window_text.count(REPLACEMENT_CHAR) > whole[1].count(REPLACEMENT_CHAR) + 3:
+            return self._emit_through(*whole)  # more U+FFFDs than one incomplete character makes: byte fallback
+        for split in range(last_candidate, self._read, -1):
+            head = self._decode(self._window[:split])
+            if head + self._decode(self._window[split:]) == window_text:
                 return self._emit_through(split, head)
         return ""
 

@@ -220,3 +220,16 @@ def test_space_clean_up_never_loses_or_repeats_a_character() -> None:
         want = tokenizer.decode(ids)
         got = "".join(_stream(IncrementalDetokenizer(tokenizer), ids, rng))
         assert got.split() == want.split() or "".join(got.split()) == "".join(want.split()), (ids, got, want)
+
+
+def test_byte_fallback_text_fed_in_one_long_step_streams_exactly() -> None:
+    """A slow reader gets many tokens in one update. Past hold_limit unread tokens a split is forced, and one cut
+    inside a character's byte tokens passed the check (both sides decode to U+FFFDs): 'ok 대한민국東京' streamed as
+    'ok ��������'."""
+    tokenizer = _byte_fallback_tokenizer()
+    ids = tokenizer.encode("ok 대한민국東京 done").ids
+    want = tokenizer.decode(ids)
+    for k in range(1, len(ids)):
+        detok = IncrementalDetokenizer(tokenizer)
+        got = detok.step(ids[:k]) + "".join(detok.step([t]) for t in ids[k:]) + detok.flush()
+        assert got == want, (k, got)

@@ -351,3 +351,27 @@ def test_a_request_that_does_not_parse_is_invalid_argument_without_a_traceback(c
             assert list(client.generate([1], max_tokens=2))[-1].finish_reason == pb.FINISH_REASON_LENGTH
     finally:
         assert running.stop() == 0
+
+
+def test_max_waiting_counts_the_running_batch_once_requests_wait():
+    """Counting every live request past max_num_seqs as waiting let up to max_num_seqs more wait when the KV
+    cache, not the slots, bounded the batch."""
+    running = Running(FakeEngine(max_num_seqs=1, max_model_len=1_000_000, step_s=0.05), max_waiting=2,
+                      max_num_seqs=8)
+    try:
+        with EngineClient(running.target, timeout=20) as client:
+            wait_serving(client)
+            first = [new(str(i), [1], max_tokens=100_000, ignore_eos=True) for i in range(3)]
+            call = client.stub.Generate(iter([pb.ClientFrame(requests=first)]), timeout=20)
+            next(call)
+            deadline = time.monotonic() + 5
+            while client.load().num_waiting < 2 and time.monotonic() < deadline:  # stats: one runs, two wait
+                time.sleep(0.05)
+            later = [new(f"later-{i}", [1], max_tokens=2) for i in range(4)]
+            updates = [u for frame in client.stub.Generate(iter([pb.ClientFrame(requests=later)]), timeout=20)
+                       for u in frame.updates]
+            refused = [u for u in updates if u.status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]]
+            assert len(refused) == 4, [(u.request_id, u.status.message) for u in updates]
+            call.cancel()
+    finally:
+        assert running.stop() == 0
