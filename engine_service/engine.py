@@ -298,7 +298,9 @@ class LLMEngine:
             if self.workers is not None:
                 # The workers got the step and may sit in its collectives, which rank 0 left: every later
                 # collective would pair with a stale one (wrong tokens, or gloo aborting the process).
-                self._kill(f"a tensor-parallel step failed partway on rank 0 ({type(exc).__name__}: {exc}), "
+                why = self.workers.dead_worker()  # a worker that died is the cause, not rank 0's broken pipe
+                self._kill(f"{why}, and a step failed on rank 0 ({type(exc).__name__}: {exc})" if why else
+                           f"a tensor-parallel step failed partway on rank 0 ({type(exc).__name__}: {exc}), "
                            "leaving the ranks out of step")
                 if isinstance(exc, Exception):
                     raise EngineDeadError(self._dead) from exc
@@ -316,6 +318,15 @@ class LLMEngine:
         if self.workers is not None:
             self.workers.close(wait=False)
             self.workers = None
+
+    def check_workers(self) -> None:
+        """EngineDeadError when a tensor-parallel worker has exited: an engine loop calls it while idle, so that
+        a worker killed between requests takes the service down (for a restart) before a request meets it."""
+        if self.workers is not None:
+            why = self.workers.dead_worker()
+            if why is not None:
+                self._kill(why)
+        self._check_alive()
 
     def _check_alive(self) -> None:
         if self._dead is not None:

@@ -236,6 +236,9 @@ class EngineLoop:
                 commands.append(self._commands.get(timeout=1.0))
             except queue.Empty:
                 self.last_progress = time.monotonic()
+                check = getattr(self._engine, "check_workers", None)
+                if check is not None:
+                    check()  # EngineDeadError when a tensor-parallel worker died while idle: the loop fails
                 return commands
         while True:
             try:

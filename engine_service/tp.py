@@ -17,6 +17,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import traceback
 import weakref
 from datetime import timedelta
 
@@ -32,6 +33,15 @@ log = logging.getLogger(__name__)
 
 # A collective waits this long for a peer before failing, rather than hanging the engine forever.
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+# The store directories of live groups: an engine service ending with os._exit (a failure, a stop during the
+# load) skips the finalizers, and removes these with remove_store_dirs().
+_STORE_DIRS: set[str] = set()
+
+
+def remove_store_dirs() -> None:
+    for directory in list(_STORE_DIRS):
+        shutil.rmtree(directory, ignore_errors=True)
+        _STORE_DIRS.discard(directory)
 
 
 def _on_cuda(config: EngineConfig) -> bool:
@@ -65,12 +75,24 @@ def _exit_with_parent() -> None:
 
 
 def _worker_main(rank, size, store_path, config, model_cfg, max_model_len, conn, threads) -> None:
+    _exit_with_parent()
+    # A Ctrl-C or a SIGTERM to the whole process group (systemd, `timeout`, `kill -TERM -PGID`) is rank 0's to
+    # handle: it drains, then stops this worker. Taken here, it would cut the running steps short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        _serve_steps(rank, size, store_path, config, model_cfg, max_model_len, conn, threads)
+    except BaseException as exc:  # noqa: BLE001 -- rank 0 says why, in the service's own log format
+        try:
+            conn.send(("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        except (OSError, ValueError):
+            pass
+        os._exit(1)
+
+
+def _serve_steps(rank, size, store_path, config, model_cfg, max_model_len, conn, threads) -> None:
     from engine_service.model_runner import ModelRunner
 
-    _exit_with_parent()
-    # A Ctrl-C reaches the whole process group: rank 0 handles it (and stops this worker); a worker's own
-    # KeyboardInterrupt would only print a traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     tp = TPInfo(rank, size, make_group(store_path, rank, size, _on_cuda(config)))
     runner = ModelRunner(config, model_cfg, max_model_len, tp)
@@ -95,18 +117,20 @@ class WorkerGroup:
                 f"tensor_parallel_size {self.size} needs {self.size} GPUs; {torch.cuda.device_count()} visible"
             )
         self._dir = tempfile.mkdtemp(prefix="llm-tp-")
+        _STORE_DIRS.add(self._dir)
         self.store_path = os.path.join(self._dir, "store")
         ctx = mp.get_context("spawn")
         self.conns = []
         self.procs = []
+        # Every rank gets a share of the threads rank 0 was given (the service's choice, capped at the pod's
+        # CPUs), rank 0 included: all ranks compute at once, so on CPU they would otherwise oversubscribe it.
+        share = max(1, torch.get_num_threads() // self.size)
+        torch.set_num_threads(share)
         for rank in range(1, self.size):
             parent, child = ctx.Pipe()
             proc = ctx.Process(
                 target=_worker_main,
-                # A share of rank 0's threads (the service's choice, capped at the pod's CPUs), not of the
-                # host's cores, which a fresh process would count.
-                args=(rank, self.size, self.store_path, config, model_cfg, max_model_len, child,
-                      max(1, torch.get_num_threads() // self.size)),
+                args=(rank, self.size, self.store_path, config, model_cfg, max_model_len, child, share),
                 name=f"tp-worker-{rank}",
                 daemon=True,
             )
@@ -116,7 +140,8 @@ class WorkerGroup:
             self.procs.append(proc)
         # The lists are shared with the finalizer, which close() empties them for: it then has nothing to do.
         weakref.finalize(self, _shut_down, self.conns, self.procs, self._dir, False)
-        log.info("started %d tensor-parallel worker(s) (%s)", self.size - 1, "nccl" if self.cuda else "gloo")
+        log.info("started %d tensor-parallel worker(s) (%s), %d torch thread(s) per rank", self.size - 1,
+                 "nccl" if self.cuda else "gloo", share)
 
     def rank0_info(self) -> TPInfo:
         """Rank 0's side of the group, once every worker has joined it. A worker that exits first (a crash at
@@ -133,16 +158,34 @@ class WorkerGroup:
         joiner.start()
         while joiner.is_alive():
             joiner.join(0.1)
-            for rank, proc in enumerate(self.procs, start=1):
-                if proc.exitcode is not None:
-                    raise RuntimeError(
-                        f"tensor-parallel worker rank {rank} exited with code {proc.exitcode} during start-up; "
-                        "its error is above. Workers start with `spawn`, which re-imports the main script: a "
-                        "script that makes an LLM must do so under `if __name__ == \"__main__\":`"
-                    )
+            dead = self.dead_worker()
+            if dead is not None:
+                raise RuntimeError(
+                    f"{dead} during start-up. Workers start with `spawn`, which re-imports the main script: a "
+                    "script that makes an LLM must do so under `if __name__ == \"__main__\":`"
+                )
         if "error" in made:
             raise made["error"]  # type: ignore[misc]
         return TPInfo(0, self.size, made["group"])
+
+    def dead_worker(self) -> str | None:
+        """Why the group cannot go on, if a worker has exited (its own error when it could send it: a crash, an
+        out-of-memory; else its exit code or signal); None while every worker lives. Cheap: a waitpid each."""
+        for rank, (conn, proc) in enumerate(zip(self.conns, self.procs, strict=True), start=1):
+            code = proc.exitcode
+            if code is None:
+                continue
+            reason = f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
+            try:
+                if conn.poll():
+                    message = conn.recv()
+                    if message[0] == "failed":
+                        log.error("tensor-parallel worker rank %d failed: %s", rank, message[2].rstrip())
+                        reason = f"failed: {message[1]}"
+            except (EOFError, OSError):
+                pass
+            return f"tensor-parallel worker rank {rank} {reason}"
+        return None
 
     def send_step(self, inputs) -> None:
         for conn in self.conns:
@@ -170,6 +213,7 @@ def _shut_down(conns: list, procs: list, directory: str, wait: bool = True) -> N
         if wait:
             proc.join(timeout=10)
         if proc.is_alive():
-            proc.terminate()
+            proc.kill()  # workers ignore SIGTERM (a process group's is rank 0's to handle)
         proc.join(timeout=5)
     shutil.rmtree(directory, ignore_errors=True)
+    _STORE_DIRS.discard(directory)

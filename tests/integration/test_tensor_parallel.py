@@ -205,3 +205,44 @@ def test_an_engine_never_closed_still_reaps_its_workers_and_removes_its_store(tm
     gc.collect()
     assert not os.path.exists(store_dir)
     assert all(p.exitcode is not None for p in procs)  # joined: no zombie left behind
+
+
+@pytest.mark.timeout(120)
+def test_workers_outlive_a_group_sigterm_and_a_dead_one_is_seen_while_idle(tmp_path):
+    """A SIGTERM to the whole process group (systemd, `timeout`) killed the worker mid-drain; a worker killed
+    while the engine was idle went unnoticed until a request met it; each rank kept all its threads."""
+    import signal
+
+    from engine_service.engine import EngineDeadError
+
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with LLM(tmp_path, tensor_parallel_size=2, **TP_ARGS) as llm:
+            assert torch.get_num_threads() == 1  # two ranks share the two threads rank 0 had
+            (proc,) = llm.workers.procs
+            os.kill(proc.pid, signal.SIGTERM)
+            time.sleep(0.5)
+            assert proc.is_alive()
+            out = llm.generate([[4, 5]], SamplingParams(temperature=0.0, max_tokens=2))[0]
+            assert out["finish_reason"] == "length"
+            llm.check_workers()  # all alive: nothing to say
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(10)
+            with pytest.raises(EngineDeadError, match="tensor-parallel worker rank 1 was killed by signal 9"):
+                llm.check_workers()
+            with pytest.raises(EngineDeadError, match="make a new one"):
+                llm.add_request("r", [1, 2], SamplingParams(max_tokens=2))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_store_dirs_left_by_an_os_exit_are_removed(tmp_path):
+    from engine_service import tp
+
+    directory = tmp_path / "llm-tp-x"
+    directory.mkdir()
+    tp._STORE_DIRS.add(str(directory))
+    tp.remove_store_dirs()
+    assert not directory.exists() and str(directory) not in tp._STORE_DIRS

@@ -106,3 +106,27 @@ def test_a_dying_loop_gives_every_live_request_its_line_and_count(caplog):
     assert all(f["finish_reason"] == FINISH_ERROR for f in lines.values())
     assert "engine failure" in lines["trace-d"]["error"] and lines["trace-d"]["prompt_tokens"] == 3
     assert loop.metrics.finished[FINISH_ERROR] == 4
+
+
+def test_an_idle_loop_notices_a_dead_tensor_parallel_worker():
+    """Nothing watched the workers between requests: one killed while idle was found by the next request."""
+
+    class WorkerLost(FakeEngine):
+        def check_workers(self) -> None:
+            from engine_service.engine import EngineDeadError
+
+            raise EngineDeadError("tensor-parallel worker rank 1 was killed by signal 9")
+
+    async def main() -> list[str]:
+        fatal: list[str] = []
+        loop = EngineLoop(WorkerLost(), asyncio.get_running_loop(), fatal.append)
+        loop.start()
+        for _ in range(60):  # the idle loop wakes once a second
+            if fatal:
+                break
+            await asyncio.sleep(0.05)
+        loop.stop()
+        return fatal
+
+    (message,) = asyncio.run(main())
+    assert "rank 1 was killed by signal 9" in message
