@@ -85,6 +85,11 @@ class EngineLoop:
         self._thread.start()
 
     @property
+    def engine(self) -> Any:
+        """The engine (its methods are for the engine thread; health reads its workers' state)."""
+        return self._engine
+
+    @property
     def num_live(self) -> int:
         return len(self._sinks)
 

@@ -95,6 +95,8 @@ class Health:
             await asyncio.sleep(min(5.0, stall_s / 4))
             stalled = time.monotonic() - loop.last_progress
             if loop.failure is None and loop.num_live > 0 and stalled > stall_s:
+                workers = getattr(loop.engine, "workers", None)
+                cause = workers.dead_worker() if workers is not None else None  # NCCL waits on a dead peer
                 loop.fail(f"the engine loop has not stepped for {stalled:.0f}s while {loop.num_live} "
-                          "requests wait (watchdog)")
+                          "requests wait (watchdog)" + (f": {cause}" if cause else ""))
                 return
