@@ -76,5 +76,8 @@ def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, 
     if skip_special_tokens is not None:
         request.skip_special_tokens = skip_special_tokens
     if deadline_ms is not None:
-        request.deadline_ms = deadline_ms
+        if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, int) or deadline_ms <= 0:
+            raise ValueError(f"deadline_ms must be a positive number of milliseconds, or None for no deadline; got "
+                             f"{deadline_ms!r}")
+        request.deadline_ms = min(deadline_ms, 2**64 - 1)
     return request

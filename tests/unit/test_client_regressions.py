@@ -360,3 +360,10 @@ def test_serving_bench_says_why_requests_failed():
     assert row["failed"] == 3 and row["errors"] == {"CANCELLED: CANCELLED": 2, "no response": 1}
     table = format_table([{"mode": "grpc", "rate": 1.0, "concurrency": 4, **row}])
     assert "2 failed with CANCELLED: CANCELLED" in table
+
+
+@pytest.mark.parametrize("deadline_ms", [0, -1, float("nan"), 1.5])
+def test_a_deadline_that_cannot_work_is_refused_like_a_timeout(deadline_ms):
+    """deadline_ms=0 silently meant no deadline; -1 and NaN failed in protobuf's words, not the client's."""
+    with pytest.raises(ValueError, match="deadline_ms must be a positive number of milliseconds"):
+        generate_request("x", deadline_ms=deadline_ms)
