@@ -134,9 +134,13 @@ class LLMEngine:
             if self.workers is not None:
                 tp = self.workers.rank0_info()
             self.runner = ModelRunner(self.config, self.model_cfg, max_model_len, tp)
-        except BaseException:
+        except BaseException as exc:
             if self.workers is not None:
+                # A worker that failed (an out-of-memory sizing its KV cache) is the cause of rank 0's error.
+                why = self.workers.dead_worker(grace=1.0) if isinstance(exc, Exception) else None
                 self.workers.close(wait=False)  # they may wait for a group or a collective that never comes
+                if why is not None:
+                    raise RuntimeError(f"{why} (rank 0: {type(exc).__name__}: {exc})") from exc
             raise
         self._dead: str | None = None  # why the engine cannot continue (EngineDeadError), once it cannot
         self.block_manager = BlockManager(
@@ -298,7 +302,7 @@ class LLMEngine:
             if self.workers is not None:
                 # The workers got the step and may sit in its collectives, which rank 0 left: every later
                 # collective would pair with a stale one (wrong tokens, or gloo aborting the process).
-                why = self.workers.dead_worker()  # a worker that died is the cause, not rank 0's broken pipe
+                why = self.workers.dead_worker(grace=1.0)  # a dead worker is the cause, not rank 0's broken pipe
                 self._kill(f"{why}, and a step failed on rank 0 ({type(exc).__name__}: {exc})" if why else
                            f"a tensor-parallel step failed partway on rank 0 ({type(exc).__name__}: {exc}), "
                            "leaving the ranks out of step")

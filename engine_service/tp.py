@@ -83,6 +83,7 @@ def _worker_main(rank, size, store_path, config, model_cfg, max_model_len, conn,
     try:
         _serve_steps(rank, size, store_path, config, model_cfg, max_model_len, conn, threads)
     except BaseException as exc:  # noqa: BLE001 -- rank 0 says why, in the service's own log format
+        traceback.print_exc()  # also here: rank 0 may fail (its peer gone) before it reads the pipe
         try:
             conn.send(("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         except (OSError, ValueError):
@@ -124,8 +125,9 @@ class WorkerGroup:
         self.procs = []
         # Every rank gets a share of the threads rank 0 was given (the service's choice, capped at the pod's
         # CPUs), rank 0 included: all ranks compute at once, so on CPU they would otherwise oversubscribe it.
-        share = max(1, torch.get_num_threads() // self.size)
-        torch.set_num_threads(share)
+        self._threads_before = torch.get_num_threads()
+        share = max(1, self._threads_before // self.size)
+        torch.set_num_threads(share)  # close() gives the process its own count back
         for rank in range(1, self.size):
             parent, child = ctx.Pipe()
             proc = ctx.Process(
@@ -159,6 +161,8 @@ class WorkerGroup:
         while joiner.is_alive():
             joiner.join(0.1)
             dead = self.dead_worker()
+            if dead is not None and " failed: " in dead:
+                raise RuntimeError(f"{dead} (during start-up)")
             if dead is not None:
                 raise RuntimeError(
                     f"{dead} during start-up. Workers start with `spawn`, which re-imports the main script: a "
@@ -168,22 +172,33 @@ class WorkerGroup:
             raise made["error"]  # type: ignore[misc]
         return TPInfo(0, self.size, made["group"])
 
-    def dead_worker(self) -> str | None:
-        """Why the group cannot go on, if a worker has exited (its own error when it could send it: a crash, an
-        out-of-memory; else its exit code or signal); None while every worker lives. Cheap: a waitpid each."""
-        for rank, (conn, proc) in enumerate(zip(self.conns, self.procs, strict=True), start=1):
-            code = proc.exitcode
-            if code is None:
-                continue
-            reason = f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
+    def dead_worker(self, grace: float = 0.0) -> str | None:
+        """Why the group cannot go on, if a worker has exited or is exiting (its own error when it could send
+        it: a crash, an out-of-memory; else its exit code or signal); None while every worker lives. Cheap: a
+        poll and a waitpid each. grace: wait that long for a worker that may be on its way out (rank 0's step
+        failed: its peer's socket closes before the peer can be reaped)."""
+        conns, procs = list(self.conns), list(self.procs)
+        if len(conns) != len(procs):
+            return None  # closing
+        for rank, (conn, proc) in enumerate(zip(conns, procs, strict=True), start=1):
             try:
-                if conn.poll():
+                sent = conn.poll()  # a worker writes only to say it failed; EOF: it is gone
+            except (OSError, ValueError):
+                sent = False
+            proc.join(5.0 if sent else grace)
+            code = proc.exitcode
+            if code is None and not sent:
+                continue
+            reason = ("failed" if code is None else f"exited with code {code}" if code >= 0
+                      else f"was killed by signal {-code}")
+            if sent:
+                try:
                     message = conn.recv()
                     if message[0] == "failed":
                         log.error("tensor-parallel worker rank %d failed: %s", rank, message[2].rstrip())
                         reason = f"failed: {message[1]}"
-            except (EOFError, OSError):
-                pass
+                except (EOFError, OSError):
+                    pass
             return f"tensor-parallel worker rank {rank} {reason}"
         return None
 
@@ -195,6 +210,8 @@ class WorkerGroup:
         """Stop the workers: ask them to exit (and wait up to 10 s), or with wait=False terminate them at once
         (they may sit in a collective that will never complete)."""
         _shut_down(self.conns, self.procs, self._dir, wait)
+        if self.procs and torch.get_num_threads() == max(1, self._threads_before // self.size):
+            torch.set_num_threads(self._threads_before)  # the process's own count again (not another group's)
         self.conns.clear()
         self.procs.clear()
 

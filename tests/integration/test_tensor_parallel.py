@@ -246,3 +246,32 @@ def test_store_dirs_left_by_an_os_exit_are_removed(tmp_path):
     tp._STORE_DIRS.add(str(directory))
     tp.remove_store_dirs()
     assert not directory.exists() and str(directory) not in tp._STORE_DIRS
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_failing_after_the_group_formed_is_named_as_the_cause(tmp_path):
+    """A worker failing while sizing its KV cache (an out-of-memory) left rank 0 with gloo's 'Connection closed by
+    peer' and the worker's own error nowhere; a TP engine also left the process's torch threads halved."""
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
+    script = tmp_path / "failing_worker.py"
+    script.write_text(
+        "import torch\n"
+        "if __name__ == '__mp_main__':  # the spawned worker only\n"
+        "    from engine_service import model_runner\n"
+        "    def boom(self):\n"
+        "        raise RuntimeError('injected: out of memory while sizing the KV cache')\n"
+        "    model_runner.ModelRunner._decide_num_blocks = boom\n"
+        "from engine_service import LLM\n"
+        "if __name__ == '__main__':\n"
+        "    torch.set_num_threads(2)\n"
+        "    try:\n"
+        f"        LLM({str(tmp_path)!r}, tensor_parallel_size=2, **{TP_ARGS!r})\n"
+        "    except RuntimeError as exc:\n"
+        "        print('RAISED', exc)\n"
+        "    print('THREADS', torch.get_num_threads())\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100,
+                            cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert "RAISED tensor-parallel worker rank 1 failed: RuntimeError: injected: out of memory" in result.stdout, \
+        result.stdout + result.stderr[-3000:]
+    assert "THREADS 2" in result.stdout
