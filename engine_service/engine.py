@@ -139,7 +139,7 @@ class LLMEngine:
                 # A worker that failed (an out-of-memory sizing its KV cache) is the cause of rank 0's error.
                 why = self.workers.dead_worker(grace=1.0) if isinstance(exc, Exception) else None
                 self.workers.close(wait=False)  # they may wait for a group or a collective that never comes
-                if why is not None:
+                if why is not None and why not in str(exc):  # rank0_info may have said it already
                     raise RuntimeError(f"{why} (rank 0: {type(exc).__name__}: {exc})") from exc
             raise
         self._dead: str | None = None  # why the engine cannot continue (EngineDeadError), once it cannot

@@ -125,6 +125,7 @@ class WorkerGroup:
         self.procs = []
         # Every rank gets a share of the threads rank 0 was given (the service's choice, capped at the pod's
         # CPUs), rank 0 included: all ranks compute at once, so on CPU they would otherwise oversubscribe it.
+        self._dead_reason: str | None = None  # what dead_worker() found, once it found it
         self._threads_before = torch.get_num_threads()
         share = max(1, self._threads_before // self.size)
         torch.set_num_threads(share)  # close() gives the process its own count back
@@ -177,6 +178,8 @@ class WorkerGroup:
         it: a crash, an out-of-memory; else its exit code or signal); None while every worker lives. Cheap: a
         poll and a waitpid each. grace: wait that long for a worker that may be on its way out (rank 0's step
         failed: its peer's socket closes before the peer can be reaped)."""
+        if self._dead_reason is not None:
+            return self._dead_reason  # its message was read from the pipe once: it is not there any more
         conns, procs = list(self.conns), list(self.procs)
         if len(conns) != len(procs):
             return None  # closing
@@ -199,7 +202,8 @@ class WorkerGroup:
                         reason = f"failed: {message[1]}"
                 except (EOFError, OSError):
                     pass
-            return f"tensor-parallel worker rank {rank} {reason}"
+            self._dead_reason = f"tensor-parallel worker rank {rank} {reason}"
+            return self._dead_reason
         return None
 
     def send_step(self, inputs) -> None:
