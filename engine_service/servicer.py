@@ -113,7 +113,7 @@ class EngineServicer(pb_grpc.EngineServicer):
         queued = self.loop.num_live - running_cap
         if queued >= self._max_waiting:
             return (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the engine's queue is full: {queued} requests past the {self._max_running} that may run "
+                    f"the engine's queue is full: {queued} requests past the {running_cap} that can run now "
                     f"(max_waiting {self._max_waiting}); retry later")
         return None
 
@@ -189,8 +189,16 @@ class EngineServicer(pb_grpc.EngineServicer):
             self._streams.discard(stream)
 
     async def _read_frames(self, request_iterator, stream: OutputStream, prefix: str) -> None:
+        async def frames():  # the client's frames, until one cannot be read: that one ends the call
+            try:
+                async for frame in request_iterator:
+                    yield frame
+            except Exception as exc:  # noqa: BLE001 -- not a ClientFrame (DecodeError), or the transport failed
+                stream.read_error = (f"a frame on this stream is not a valid ClientFrame ({exc}); its requests were "
+                                     "aborted")
+
         try:
-            async for frame in request_iterator:
+            async for frame in frames():
                 # Aborts first: a frame that aborts an id and sends a new request under it means exactly that.
                 stopped = set(frame.stopped_request_ids)
                 for cid in frame.abort_request_ids:
@@ -198,8 +206,6 @@ class EngineServicer(pb_grpc.EngineServicer):
                 for req in frame.requests:
                     self._start(stream, prefix, req, check_deadline_ms(req.deadline_ms))
                 await stream.room.wait()  # a client that does not read its updates is not read either
-        except Exception as exc:  # noqa: BLE001 -- a frame that is not a ClientFrame (DecodeError): it ends the call
-            stream.read_error = f"a frame on this stream is not a valid ClientFrame ({exc}); its requests were aborted"
         finally:
             stream.input_done = True
             stream.wake.set()

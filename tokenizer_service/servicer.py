@@ -265,10 +265,18 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                     del tasks[rid]
                 wake.set()
 
+        async def frames():  # the client's messages, until one cannot be read: that one ends the call
+            nonlocal read_error
+            try:
+                async for frame in request_iterator:
+                    yield frame
+            except Exception as exc:  # noqa: BLE001 -- not a MultiRequest (DecodeError), or the transport failed
+                read_error = f"a message on this stream is not a valid MultiRequest ({exc}); its requests were cancelled"
+
         async def read() -> None:
             nonlocal input_done
             try:
-                async for frame in request_iterator:
+                async for frame in frames():
                     if frame.WhichOneof("kind") == "generate":
                         rid = frame.generate.request_id
                         if not rid or rid in tasks:
@@ -292,9 +300,6 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             task.cancel()  # its finally aborts the engine request
                             await emit(pb.GenerateResponse(request_id=frame.abort_request_id,
                                                               finish_reason=pb.FINISH_REASON_ABORT))
-            except Exception as exc:  # noqa: BLE001 -- not a MultiRequest (DecodeError): it ends the call
-                nonlocal read_error
-                read_error = f"a message on this stream is not a valid MultiRequest ({exc}); its requests were cancelled"
             finally:
                 input_done = True
                 wake.set()
