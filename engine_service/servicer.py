@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +21,8 @@ from engine_service.validation import (
 )
 from protos.llmserve.engine.v1 import engine_pb2 as pb
 from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
+
+log = logging.getLogger("engine_service")
 
 STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
 UNARY_PREFIX = "u:"  # engine request ids of GenerateStream calls; bidi streams use "s<n>:"
@@ -181,7 +184,7 @@ class EngineServicer(pb_grpc.EngineServicer):
             async for updates in self._frames(stream):
                 yield pb.ServerFrame(updates=updates)
             if stream.read_error:  # frames after it are lost: say so rather than end the call OK
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, stream.read_error)
+                await context.abort(stream.read_code, stream.read_error)
         finally:
             reader.cancel()
             # A closed or cancelled stream frees its requests' blocks at once.
@@ -206,6 +209,10 @@ class EngineServicer(pb_grpc.EngineServicer):
                 for req in frame.requests:
                     self._start(stream, prefix, req, check_deadline_ms(req.deadline_ms))
                 await stream.room.wait()  # a client that does not read its updates is not read either
+        except Exception as exc:  # a bug applying a frame: the call fails visibly, its requests are aborted
+            log.exception("applying a frame failed")
+            stream.read_error = f"internal error: {type(exc).__name__}: {exc}; the call's requests were aborted"
+            stream.read_code = grpc.StatusCode.INTERNAL
         finally:
             stream.input_done = True
             stream.wake.set()

@@ -69,7 +69,8 @@ class OutputStream:
         self.refused: list[pb.RequestUpdate] = []  # requests that never reached the engine
         self.wake = asyncio.Event()
         self.input_done = False  # the client half-closed (or the call has a single request)
-        self.read_error = ""  # a frame could not be read (not a valid ClientFrame): the call ends with it
+        self.read_error = ""  # a frame could not be read (not a valid ClientFrame), or applied: the call ends
+        self.read_code = grpc.StatusCode.INVALID_ARGUMENT  # with it, and this code
 
     def register(self, client_id: str, engine_id: str, timeout_s: float | None) -> None:
         """A request now in the engine as engine_id; a passed deadline fails it with DEADLINE_EXCEEDED."""

@@ -38,6 +38,30 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=5)
 _STORE_DIRS: set[str] = set()
 
 
+# The process's torch thread count before its first open group, and how many groups are open: every group's
+# ranks share that count, and the last group closed gives it back (groups may overlap and close in any order).
+_THREADS = {"before": 0, "open": 0}
+_THREADS_LOCK = threading.Lock()
+
+
+def _open_group(size: int) -> int:
+    """Count a new group in; its ranks' thread share."""
+    with _THREADS_LOCK:
+        if _THREADS["open"] == 0:
+            _THREADS["before"] = torch.get_num_threads()
+        _THREADS["open"] += 1
+        share = max(1, _THREADS["before"] // size)
+    torch.set_num_threads(share)
+    return share
+
+
+def _close_group() -> None:
+    with _THREADS_LOCK:
+        _THREADS["open"] -= 1
+        if _THREADS["open"] == 0:
+            torch.set_num_threads(_THREADS["before"])
+
+
 def remove_store_dirs() -> None:
     for directory in list(_STORE_DIRS):
         shutil.rmtree(directory, ignore_errors=True)
@@ -126,9 +150,7 @@ class WorkerGroup:
         # Every rank gets a share of the threads rank 0 was given (the service's choice, capped at the pod's
         # CPUs), rank 0 included: all ranks compute at once, so on CPU they would otherwise oversubscribe it.
         self._dead_reason: str | None = None  # what dead_worker() found, once it found it
-        self._threads_before = torch.get_num_threads()
-        share = max(1, self._threads_before // self.size)
-        torch.set_num_threads(share)  # close() gives the process its own count back
+        share = _open_group(self.size)  # the last group closed gives the process its own count back
         for rank in range(1, self.size):
             parent, child = ctx.Pipe()
             proc = ctx.Process(
@@ -214,8 +236,6 @@ class WorkerGroup:
         """Stop the workers: ask them to exit (and wait up to 10 s), or with wait=False terminate them at once
         (they may sit in a collective that will never complete)."""
         _shut_down(self.conns, self.procs, self._dir, wait)
-        if self.procs and torch.get_num_threads() == max(1, self._threads_before // self.size):
-            torch.set_num_threads(self._threads_before)  # the process's own count again (not another group's)
         self.conns.clear()
         self.procs.clear()
 
@@ -223,6 +243,8 @@ class WorkerGroup:
 def _shut_down(conns: list, procs: list, directory: str, wait: bool = True) -> None:
     """WorkerGroup.close(), and its finalizer: a group never closed still reaps its workers and removes its
     store's directory when it is garbage-collected or the interpreter exits."""
+    if procs:  # not shut down yet (close() empties the lists the finalizer shares)
+        _close_group()
     for conn in conns:
         if wait:
             try:

@@ -240,7 +240,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         wake = asyncio.Event()
         input_done = False
         call_id = request_id_from(context.invocation_metadata(), uuid.uuid4().hex[:16])
-        read_error = ""
+        read_error, read_code = "", grpc.StatusCode.INVALID_ARGUMENT
 
         async def emit(response: pb.GenerateResponse) -> None:
             await out.put(response)  # waits while the queue is full: backpressure
@@ -300,6 +300,11 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             task.cancel()  # its finally aborts the engine request
                             await emit(pb.GenerateResponse(request_id=frame.abort_request_id,
                                                               finish_reason=pb.FINISH_REASON_ABORT))
+            except Exception as exc:  # a bug applying a message: the call fails visibly, its requests are cancelled
+                nonlocal read_error, read_code
+                log.exception("call %s: applying a message failed", call_id)
+                read_error = f"internal error: {type(exc).__name__}: {exc}; the call's requests were cancelled"
+                read_code = grpc.StatusCode.INTERNAL
             finally:
                 input_done = True
                 wake.set()
@@ -319,7 +324,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 if out.empty():  # nothing was queued since the check above (no await in between)
                     await wake.wait()
             if read_error:  # later messages are lost: say so rather than end the call OK
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, read_error)
+                await context.abort(read_code, read_error)
         finally:
             reader.cancel()
             for task, _ in list(tasks.values()):

@@ -275,3 +275,20 @@ def test_a_worker_failing_after_the_group_formed_is_named_as_the_cause(tmp_path)
     assert "RAISED tensor-parallel worker rank 1 failed: RuntimeError: injected: out of memory" in result.stdout, \
         result.stdout + result.stderr[-3000:]
     assert "THREADS 2" in result.stdout
+
+
+def test_overlapping_tp_engines_give_the_process_its_threads_back():
+    """Each group took its share of the count it found, and restored only its own: two TP engines open at once
+    and closed in creation order left the process's threads halved."""
+    from engine_service import tp
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert tp._open_group(2) == 2 and tp._open_group(2) == 2  # both shares of the process's 4
+        tp._close_group()
+        assert torch.get_num_threads() == 2
+        tp._close_group()
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(threads)

@@ -375,3 +375,30 @@ def test_max_waiting_counts_the_running_batch_once_requests_wait():
             call.cancel()
     finally:
         assert running.stop() == 0
+
+
+def test_a_bug_applying_a_frame_fails_the_call_internal_and_is_logged(monkeypatch, caplog):
+    """With only unreadable frames caught, an exception applying one escaped the reader task unseen: the call
+    ended OK and the requests after it were dropped without a word."""
+    from engine_service.servicer import EngineServicer
+
+    start = EngineServicer._start
+
+    def buggy(self, stream, prefix, req, timeout_s):
+        if req.request_id == "bug":
+            raise KeyError("simulated bug")
+        return start(self, stream, prefix, req, timeout_s)
+
+    monkeypatch.setattr(EngineServicer, "_start", buggy)
+    running = Running(FakeEngine(max_model_len=1_000_000, step_s=0.01))
+    try:
+        with caplog.at_level(logging.ERROR), EngineClient(running.target, timeout=20) as client:
+            wait_serving(client)
+            reqs = [new(rid, [1], max_tokens=3) for rid in ("a", "bug", "c")]
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in client.stub.Generate(iter([pb.ClientFrame(requests=reqs)]), timeout=20):
+                    pass
+            assert err.value.code() == grpc.StatusCode.INTERNAL and "KeyError" in err.value.details()
+            assert any("applying a frame failed" in r.getMessage() for r in caplog.records)
+    finally:
+        assert running.stop() == 0
