@@ -10,7 +10,10 @@ health package) and the standard library.
   TLS (the kubelet's gRPC probe cannot).
 - listen binds a server's port, TLS or plaintext, and refuses a port another process holds: gRPC's default
   SO_REUSEPORT would let a second server bind it and take half its connections (NO_REUSEPORT, in every
-  server's options). shared_server_options adds it, and the connection age, to both services' servers.
+  server's options). shared_server_options adds it, the connection age and the size of gRPC's queue of calls
+  not yet taken, to both services' servers.
+- add_checked_servicer registers a servicer so that a request that does not parse is refused with
+  INVALID_ARGUMENT naming its type, rather than gRPC's UNKNOWN and an ERROR traceback per request.
 
 Both services use this file, which keeps them from importing each other: the dependency rules allow either
 to import the client library.
