@@ -106,10 +106,10 @@ def _worker_main(rank, size, store_path, config, model_cfg, max_model_len, conn,
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         _serve_steps(rank, size, store_path, config, model_cfg, max_model_len, conn, threads)
-    except BaseException as exc:  # noqa: BLE001 -- rank 0 says why, in the service's own log format
-        traceback.print_exc()  # also here: rank 0 may fail (its peer gone) before it reads the pipe
+    except BaseException as exc:  # noqa: BLE001 -- rank 0 names it in the engine's failure
+        traceback.print_exc()  # the whole traceback, here: rank 0 may fail (its peer gone) before it reads the pipe
         try:
-            conn.send(("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         except (OSError, ValueError):
             pass
         os._exit(1)
@@ -220,7 +220,6 @@ class WorkerGroup:
                 try:
                     message = conn.recv()
                     if message[0] == "failed":
-                        log.error("tensor-parallel worker rank %d failed: %s", rank, message[2].rstrip())
                         reason = f"failed: {message[1]}"
                 except (EOFError, OSError):
                     pass
