@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -151,19 +152,26 @@ def test_log_level_takes_any_case_and_refuses_unknown_names():
         tokenizer_config(["--model", "/m", "--engines", "e:1"], {"TOKENIZER_LOG_LEVEL": "trace"})
 
 
-def test_configure_logging_writes_json_lines(monkeypatch):
-    from engine_service import logs
-
+@contextlib.contextmanager
+def json_logs(logs, monkeypatch):
+    """logs.configure_logging("INFO", "json") writing to a StringIO (yielded); the root logger restored after."""
     stream = io.StringIO()
     monkeypatch.setattr(logs.sys, "stderr", stream)
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
         logs.configure_logging("INFO", "json")
-        logging.getLogger("llmserve.request").info("request finished", extra={"fields": {"request_id": "q"}})
+        yield stream
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+def test_configure_logging_writes_json_lines(monkeypatch):
+    from engine_service import logs
+
+    with json_logs(logs, monkeypatch) as stream:
+        logging.getLogger("llmserve.request").info("request finished", extra={"fields": {"request_id": "q"}})
     assert json.loads(stream.getvalue().strip().splitlines()[-1])["request_id"] == "q"
 
 
@@ -234,16 +242,10 @@ def test_json_logs_take_in_transformers_own_lines(monkeypatch, service):
     from transformers.utils import logging as hf_logging
 
     logs = importlib.import_module(f"{service}.logs")
-    stream = io.StringIO()
-    monkeypatch.setattr(logs.sys, "stderr", stream)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
     try:
-        logs.configure_logging("INFO", "json")
-        hf_logging.get_logger("transformers.tokenization_utils_base").warning("Token indices sequence length")
+        with json_logs(logs, monkeypatch) as stream:
+            hf_logging.get_logger("transformers.tokenization_utils_base").warning("Token indices sequence length")
     finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
         hf_logging.enable_default_handler()
         hf_logging.disable_propagation()
     lines = stream.getvalue().strip().splitlines()

@@ -5,6 +5,7 @@ burst of long prompts that outgrew one message on the engine stream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -294,9 +295,10 @@ def ours(records: list[logging.LogRecord]) -> list[logging.LogRecord]:
     return [r for r in records if r.name == "llmserve.request" and "engine_request_id" not in r.fields]
 
 
-def test_refusals_and_multi_aborts_are_logged_and_counted_as_such(demo_model_dir, demo_tokenizer, caplog):
-    """A request refused before generation (bad input, full queue, draining) got no log line and no count, and
-    a GenerateMulti abort was recorded as "cancelled"."""
+@contextlib.contextmanager
+def metered_stack(demo_model_dir, demo_tokenizer, caplog):
+    """A fake engine behind the tokenizer service, which serves metrics on a free port, with request lines
+    captured: (a TextGeneration stub, ready; the metrics port)."""
     from tests.e2e.conftest import free_port
 
     engine = demo_engine(demo_model_dir, demo_tokenizer)
@@ -306,34 +308,41 @@ def test_refusals_and_multi_aborts_are_logged_and_counted_as_such(demo_model_dir
         with caplog.at_level(logging.INFO, logger="llmserve.request"), grpc.insecure_channel(server.target) as ch:
             stub = pb_grpc.TextGenerationStub(ch)
             wait_ready(stub)
-            before = scrape(metrics_port, "llmserve:text_requests")
-            caplog.clear()
-            bad = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[10**6]))  # out of the vocabulary
-            with pytest.raises(grpc.RpcError) as info:
-                list(stub.Generate(bad, timeout=10))
-            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            started = threading.Event()
-
-            def frames():
-                yield pb.MultiRequest(generate=pb.GenerateRequest(
-                    request_id="a", prompt="hi", sampling_params=pb.SamplingParams(max_tokens=100_000, ignore_eos=True)))
-                started.wait(10)
-                yield pb.MultiRequest(abort_request_id="a")
-
-            finishes = []
-            for response in stub.GenerateMulti(frames(), timeout=20):
-                started.set()
-                if response.finish_reason:
-                    finishes.append(response.finish_reason)
-            assert finishes == [pb.FINISH_REASON_ABORT]
-            for _ in range(100):  # the aborted task's log line comes once its cancellation has unwound
-                if len(ours(caplog.records)) >= 2:
-                    break
-                threading.Event().wait(0.05)
-            after = scrape(metrics_port, "llmserve:text_requests")
+            yield stub, metrics_port
     finally:
         server.stop()
         assert engine.stop() == 0
+
+
+def test_refusals_and_multi_aborts_are_logged_and_counted_as_such(demo_model_dir, demo_tokenizer, caplog):
+    """A request refused before generation (bad input, full queue, draining) got no log line and no count, and
+    a GenerateMulti abort was recorded as "cancelled"."""
+    with metered_stack(demo_model_dir, demo_tokenizer, caplog) as (stub, metrics_port):
+        before = scrape(metrics_port, "llmserve:text_requests")
+        caplog.clear()
+        bad = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[10**6]))  # out of the vocabulary
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(bad, timeout=10))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        started = threading.Event()
+
+        def frames():
+            yield pb.MultiRequest(generate=pb.GenerateRequest(
+                request_id="a", prompt="hi", sampling_params=pb.SamplingParams(max_tokens=100_000, ignore_eos=True)))
+            started.wait(10)
+            yield pb.MultiRequest(abort_request_id="a")
+
+        finishes = []
+        for response in stub.GenerateMulti(frames(), timeout=20):
+            started.set()
+            if response.finish_reason:
+                finishes.append(response.finish_reason)
+        assert finishes == [pb.FINISH_REASON_ABORT]
+        for _ in range(100):  # the aborted task's log line comes once its cancellation has unwound
+            if len(ours(caplog.records)) >= 2:
+                break
+            threading.Event().wait(0.05)
+        after = scrape(metrics_port, "llmserve:text_requests")
     lines = {r.fields["finish_reason"]: r.fields for r in ours(caplog.records)}
     assert set(lines) == {"error", "abort"}, [r.fields for r in ours(caplog.records)]
     assert lines["error"]["error"].startswith("INVALID_ARGUMENT:") and lines["abort"]["request_id"].endswith("/a")
@@ -566,39 +575,28 @@ def test_calls_cancelled_while_tokenizing_and_bad_multi_ids_are_logged_and_count
                                                                                    caplog):
     """Two kinds of request had no line and no count: a Generate cancelled while its prompt was tokenized on a
     worker thread, and a GenerateMulti request refused for an empty or duplicate request_id."""
-    from tests.e2e.conftest import free_port
-
-    engine = demo_engine(demo_model_dir, demo_tokenizer)
-    metrics_port = free_port()
-    server = TextServer(demo_model_dir, engines=engine.target, metrics_port=metrics_port)
-    try:
-        with caplog.at_level(logging.INFO, logger="llmserve.request"), grpc.insecure_channel(server.target) as ch:
-            stub = pb_grpc.TextGenerationStub(ch)
-            wait_ready(stub)
-            before = scrape(metrics_port, "llmserve:text_requests")
-            caplog.clear()
-            big = stub.Generate(pb.GenerateRequest(prompt="many words " * 300_000), timeout=60,
-                                metadata=(("x-request-id", "big-1"),))
-            threading.Event().wait(0.3)  # the 3.3 MB prompt is being tokenized on a worker thread
-            big.cancel()
-            # "a" is still live when its duplicate comes (frames are read in order), then aborted.
-            generate = pb.GenerateRequest(request_id="a", prompt="hi",
-                                          sampling_params=pb.SamplingParams(max_tokens=100_000, ignore_eos=True))
-            empty = pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(max_tokens=2))
-            frames = [pb.MultiRequest(generate=generate), pb.MultiRequest(generate=generate),
-                      pb.MultiRequest(generate=empty), pb.MultiRequest(abort_request_id="a")]
-            errors = [r.status.message for r in stub.GenerateMulti(iter(frames), timeout=20,
-                                                                    metadata=(("x-request-id", "m"),))
-                      if r.finish_reason == pb.FINISH_REASON_ERROR]
-            assert len(errors) == 2 and all("must be non-empty and not live" in e for e in errors), errors
-            for _ in range(200):
-                if len(ours(caplog.records)) >= 4:
-                    break
-                threading.Event().wait(0.05)
-            after = scrape(metrics_port, "llmserve:text_requests")
-    finally:
-        server.stop()
-        assert engine.stop() == 0
+    with metered_stack(demo_model_dir, demo_tokenizer, caplog) as (stub, metrics_port):
+        before = scrape(metrics_port, "llmserve:text_requests")
+        caplog.clear()
+        big = stub.Generate(pb.GenerateRequest(prompt="many words " * 300_000), timeout=60,
+                            metadata=(("x-request-id", "big-1"),))
+        threading.Event().wait(0.3)  # the 3.3 MB prompt is being tokenized on a worker thread
+        big.cancel()
+        # "a" is still live when its duplicate comes (frames are read in order), then aborted.
+        generate = pb.GenerateRequest(request_id="a", prompt="hi",
+                                      sampling_params=pb.SamplingParams(max_tokens=100_000, ignore_eos=True))
+        empty = pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(max_tokens=2))
+        frames = [pb.MultiRequest(generate=generate), pb.MultiRequest(generate=generate),
+                  pb.MultiRequest(generate=empty), pb.MultiRequest(abort_request_id="a")]
+        errors = [r.status.message for r in stub.GenerateMulti(iter(frames), timeout=20,
+                                                                metadata=(("x-request-id", "m"),))
+                  if r.finish_reason == pb.FINISH_REASON_ERROR]
+        assert len(errors) == 2 and all("must be non-empty and not live" in e for e in errors), errors
+        for _ in range(200):
+            if len(ours(caplog.records)) >= 4:
+                break
+            threading.Event().wait(0.05)
+        after = scrape(metrics_port, "llmserve:text_requests")
     lines = sorted((r.fields["request_id"], r.fields["finish_reason"]) for r in ours(caplog.records))
     assert lines == [("big-1", "cancelled"), ("m/-", "error"), ("m/a", "abort"), ("m/a", "error")], lines
     assert {k: after.get(k, 0) - before.get(k, 0) for k in ("error", "cancelled", "abort")} == \
