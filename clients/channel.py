@@ -6,7 +6,7 @@ import math
 
 import grpc
 
-from clients.tls import ClientTls
+from clients.tls import ClientTls, keepalive_options
 
 MiB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
@@ -30,9 +30,7 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
+        *keepalive_options(keepalive_time_s, 10.0),
         ("grpc.http2.max_pings_without_data", 0),
     ]
 

@@ -11,7 +11,8 @@ health package) and the standard library.
 - listen binds a server's port, TLS or plaintext, and refuses a port another process holds: gRPC's default
   SO_REUSEPORT would let a second server bind it and take half its connections (NO_REUSEPORT, in every
   server's options). shared_server_options adds it, the connection age and the size of gRPC's queue of calls
-  not yet taken, to both services' servers.
+  not yet taken, to both services' servers. keepalive_options are the keepalive settings of every server and
+  channel here.
 - add_checked_servicer registers a servicer so that a request that does not parse is refused with
   INVALID_ARGUMENT naming its type, rather than gRPC's UNKNOWN and an ERROR traceback per request.
 
@@ -61,6 +62,22 @@ def shared_server_options(max_connection_age_s: float, max_calls: int) -> list[t
         options += [("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
                     ("grpc.max_connection_age_grace_ms", UNLIMITED_MS)]
     return options
+
+
+def keepalive_options(time_s: float, timeout_s: float) -> list[tuple[str, int]]:
+    """Ping the peer every time_s and drop the connection when a ping goes unanswered for timeout_s; its calls
+    fail UNAVAILABLE. A peer that stops answering while its kernel keeps the TCP connection up (a frozen process,
+    a paused VM or container) is found only by this.
+
+    grpc-core times an unanswered ping by grpc.http2.ping_timeout_ms (60 s by default), not by
+    keepalive_timeout_ms alone: with only the latter, calls on a frozen engine hung a minute whatever the
+    timeout said. Both are set."""
+    return [
+        ("grpc.keepalive_time_ms", int(time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
 
 
 class PortUnavailable(RuntimeError):

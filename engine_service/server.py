@@ -26,6 +26,7 @@ from clients.tls import (
     PortUnavailable,
     add_checked_servicer,
     describe,
+    keepalive_options,
     listen,
     shared_server_options,
     start_health_server,
@@ -48,9 +49,7 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
-        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
-        ("grpc.keepalive_permit_without_calls", 1),
+        *keepalive_options(config.keepalive_time_s, config.keepalive_timeout_s),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", int(config.min_ping_interval_s * 1000)),
         ("grpc.http2.max_ping_strikes", 0),  # 0: never GOAWAY a client for pinging
     ]
