@@ -187,7 +187,11 @@ def build_demo_model(path: str | Path, *, force: bool = False) -> Path:
             if not force and is_complete(target):  # another process finished first
                 return target
             shutil.rmtree(target)
-        staging.chmod(0o755)  # mkdtemp makes it private; the model directory should be readable as usual
+        # mkdtemp makes the directory private and safetensors writes its file 0600: a model is read by the
+        # services' own user (uid 10001 in the images), so everything is readable as usual.
+        staging.chmod(0o755)
+        for path in staging.iterdir():
+            path.chmod(0o644)
         os.rename(staging, target)
     except OSError:
         # Lost a rename race to another builder: theirs is as good as ours.

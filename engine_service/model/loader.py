@@ -6,6 +6,7 @@ A missing or unexpected weight is an error that names it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -52,6 +53,19 @@ def _target(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+def check_readable(path: Path) -> None:
+    """Refuse a file this process may not read, in those words: safetensors reports it as "No such file or
+    directory", which sent people looking for a partial download (a volume filled as root with private files)."""
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        st = path.stat()
+        raise ValueError(f"{path} is not readable by this process (uid {os.getuid()}; the file belongs to uid "
+                         f"{st.st_uid} with mode {st.st_mode & 0o777:o}): make the model files readable by the "
+                         "service's user (uid 10001 in the images), e.g. chmod -R a+rX on the model directory") from None
+
+
 def load_weights(model: nn.Module, model_dir: str | Path, tie_word_embeddings: bool) -> None:
     """Copy every checkpoint tensor into its parameter; refuse missing and unexpected ones."""
     model_dir = Path(model_dir)
@@ -69,6 +83,7 @@ def load_weights(model: nn.Module, model_dir: str | Path, tie_word_embeddings: b
     loaded: set[tuple[str, str | None]] = set()
     unexpected: list[str] = []
     for path in checkpoint_files(model_dir):
+        check_readable(path)
         try:
             handle = safe_open(str(path), framework="pt")
         except Exception as exc:  # safetensors' own error types: a truncated or corrupt file

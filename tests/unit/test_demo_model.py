@@ -22,6 +22,8 @@ def test_building_twice_gives_identical_files(demo_model_dir: Path, tmp_path: Pa
     assert first == second
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", MARKER_NAME):
         assert name in first
+    # Readable by the services' own user (uid 10001 in the images): safetensors alone writes its file 0600.
+    assert {p.name: oct(p.stat().st_mode & 0o444) for p in again.iterdir()} == dict.fromkeys(second, oct(0o444))
 
 
 def test_complete_directory_is_returned_without_rebuilding(demo_model_dir: Path) -> None:
@@ -104,3 +106,18 @@ def test_transformers_loads_and_generates(demo_model_dir: Path, demo_tokenizer) 
         first = int(model(ids).logits[0, -1].argmax())
     assert int(new[0]) == first
     assert torch.equal(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False), out)
+
+
+def test_weights_the_engine_may_not_read_are_said_so(demo_model_dir: Path, monkeypatch) -> None:
+    """A volume filled as root with private weight files failed with "No such file or directory ... is the file
+    complete (a partial copy or download)?": safetensors reports EACCES so. Root reads any file, so the test
+    denies the read where the loader makes it."""
+    from engine_service import LLM
+    from engine_service.model import loader
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(loader, "open", denied, raising=False)
+    with pytest.raises(ValueError, match=r"model\.safetensors is not readable by this process .*uid 10001"):
+        LLM(str(demo_model_dir), device="cpu", dtype="float32", attention_backend="torch", enforce_eager=True)
