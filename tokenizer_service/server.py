@@ -41,6 +41,11 @@ log = logging.getLogger("tokenizer_service")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them: a model's tokenizer
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# The liveness probe's health name: SERVING from start-up to exit, whatever the engines do (the other names follow
+# engine connectivity, and an engine outage must not restart every tokenizer pod). Asked on the health port, it
+# is answered by the service's own event loop, so a hung process fails it; a TCP check never fails, since the
+# kernel completes handshakes for a process that no longer runs.
+LIVENESS = "liveness"
 
 
 def server_options(config: TextServerConfig) -> list[tuple[str, int]]:
@@ -132,6 +137,7 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
     port = listen(server, address, tls, "port")
     for service in ("", config.service_name):
         await health_servicer.set(service, NOT_SERVING)
+    await health_servicer.set(LIVENESS, SERVING)
     await server.start()
     health_server = None
     if config.health_port:
@@ -153,7 +159,8 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
 
     await stop.wait()
     health_task.cancel()
-    await health_servicer.enter_graceful_shutdown()
+    for service in ("", config.service_name):  # unready; LIVENESS stays SERVING: the process is alive, draining
+        await health_servicer.set(service, NOT_SERVING)
     servicer.begin_drain()
     deadline = time.monotonic() + config.grace_s
     log.info("draining: finishing %d calls within %.0fs", servicer.num_calls, config.grace_s)

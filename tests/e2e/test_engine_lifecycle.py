@@ -22,12 +22,13 @@ from tests.e2e.conftest import ROOT, free_port, start_engine, start_tokenizer
 
 pytestmark = pytest.mark.timeout(90)
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 @pytest.fixture(scope="module")
 def two(demo_model):
     engines = [start_engine(demo_model), start_engine(demo_model)]
-    tokenizer = start_tokenizer(demo_model, engines)
+    tokenizer = start_tokenizer(demo_model, engines, health_port=free_port())
     try:
         for service in (*engines, tokenizer):
             service.wait_serving()
@@ -152,6 +153,8 @@ def test_sigterm_drains_tokenizer_then_engine(two, demo_model):
             wait_port_closed(tokenizer.port, timeout_s=3)
             assert tokenizer.proc.poll() is None and any(t.is_alive() for t in threads), \
                 "the streams ended before the port closed: this test saw no drain"
+            # Unready while draining, but alive: liveness must not restart a pod that is finishing its streams.
+            assert tokenizer.health("") == NOT_SERVING and tokenizer.health("liveness") == SERVING
             # A replacement can listen there (as another replica behind a ClusterIP would take the next
             # connection), and the same client channel's next call reaches it.
             replacement = start_tokenizer(demo_model, engines, port=tokenizer.port)

@@ -55,6 +55,7 @@ def test_health_and_reflection(stack):
     serving = health_pb2.HealthCheckResponse.SERVING
     assert engine.health("") == serving and engine.health("llmserve.engine.v1.Engine") == serving
     assert tokenizer.health("") == serving and tokenizer.health("llmserve.text.v1.TextGeneration") == serving
+    assert tokenizer.health("liveness") == serving
     for svc, name in ((engine, "llmserve.engine.v1.Engine"), (tokenizer, "llmserve.text.v1.TextGeneration")):
         with grpc.insecure_channel(svc.target) as channel:
             assert name in ProtoReflectionDescriptorDatabase(channel).get_services()

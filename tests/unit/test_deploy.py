@@ -33,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from engine_service import server_config as engine_cfg
 from tests.support import require
 from tokenizer_service import config as tokenizer_cfg
+from tokenizer_service.server import LIVENESS
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -303,10 +304,11 @@ def test_tokenizer_agrees_with_its_parser_and_reaches_the_engines(rendered):
         pod, c = deployment["spec"]["template"]["spec"], container(deployment)
         cfg, engine = effective_config(objs, TOKENIZER), effective_config(objs, ENGINE)
         assert_ports_and_probes(c, cfg, overlay, TOKENIZER)
-        for probe in probes(c).values():
-            if "grpc" in probe:
-                assert probe["grpc"].get("service", "") in ("", cfg.service_name)
-        assert probes(c)["readinessProbe"]["grpc"]["service"] == cfg.service_name
+        p = probes(c)
+        assert all("grpc" in probe for probe in p.values()), \
+            f"{overlay}: tokenizer probes must be native gRPC (a TCP check passes for a hung process)"
+        assert p["startupProbe"]["grpc"]["service"] == p["livenessProbe"]["grpc"]["service"] == LIVENESS
+        assert p["readinessProbe"]["grpc"]["service"] == cfg.service_name
         assert pod["terminationGracePeriodSeconds"] > cfg.grace_s + prestop_sleep(c)
         assert_volumes(pod, c, overlay, model=cfg.model, writable=["/tmp"])
         # Same model on both sides (the tokenizer refuses engines whose vocabulary or EOS ids differ).
@@ -512,11 +514,14 @@ def test_tokenizer_registers_the_health_names_its_probes_ask_for(rendered, demo_
 
     objs = rendered["cpu"]
     names = probe_services(objs, TOKENIZER)
-    # No engine behind it: the names must exist (NOT_SERVING), not be unknown (NOT_FOUND).
+    # No engine behind it: the readiness names must exist (NOT_SERVING), not be unknown (NOT_FOUND); liveness
+    # is SERVING (an engine outage must not restart the tokenizer pods).
     config = dataclasses.replace(effective_config(objs, TOKENIZER), model=str(demo_model_dir), host="127.0.0.1",
                                  port=0, engine_dns="", engines="127.0.0.1:9", grace_s=1, metrics_port=0)
-    statuses = asyncio.run(run_and_ask(serve, config, [*names, "", "no.such.Service"], None))
+    statuses = asyncio.run(run_and_ask(serve, config, [*names, "", "no.such.Service"], LIVENESS))
     assert statuses.pop("no.such.Service") == grpc.StatusCode.NOT_FOUND
+    assert statuses.pop(LIVENESS) == health_pb2.HealthCheckResponse.SERVING
+    assert statuses.keys() == {"", config.service_name}, statuses
     assert all(s == health_pb2.HealthCheckResponse.NOT_SERVING for s in statuses.values()), statuses
 
 
