@@ -38,6 +38,9 @@ from typing import Protocol
 REPLACEMENT_CHAR = "\ufffd"
 # A UTF-8 character is at most 4 bytes, so an incomplete one spans at most 3 tokens of at least one byte.
 _MAX_PARTIAL_TOKENS = 3
+# The context may grow this many tokens past context_tokens before it is cut back: cutting it costs a decode of
+# the new context, so it is done once per this many emissions rather than at each one.
+_TRIM_SLACK = 8
 
 
 class Decoder(Protocol):
@@ -115,13 +118,26 @@ class IncrementalDetokenizer:
     def _emit_through(self, end: int, window_text: str) -> str:
         """Emit the text of window tokens up to `end`, given `window_text` = decode(window[:end])."""
         delta = _text_after(self._context_text, window_text)
+        bounds = self._bounds
+        if end <= self._context_tokens + _TRIM_SLACK:
+            # The window is still short: keep it whole, so the new context is window[:end], whose text is
+            # window_text already (no second decode). It is trimmed once it grows past the slack.
+            bounds.append(end)
+            self._read = end
+            self._context_text = window_text
+            return delta
         # The new context: from the last emission boundary at least context_tokens back (or the window's start,
         # itself one); older tokens are no longer needed at all.
-        start = max(b for b in self._bounds if b <= max(0, end - self._context_tokens))
-        self._bounds = [b - start for b in self._bounds if b >= start] + [end - start]
+        limit = end - self._context_tokens
+        start = 0
+        for b in reversed(bounds):
+            if b <= limit:
+                start = b
+                break
+        self._bounds = [b - start for b in bounds if b >= start] + [end - start]
         self._window = self._window[start:]
         self._read = end - start
-        self._context_text = self._decode(self._window[: self._read])
+        self._context_text = self._decode(self._window[: self._read]) if start else window_text
         return delta
 
     def _forced_split(self, window_text: str) -> str:
