@@ -87,6 +87,13 @@ class TextServerConfig:
             if not name or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"engine_dns (--engine-dns, TOKENIZER_ENGINE_DNS) must be NAME:PORT with a port "
                                  f"in 1..65535, e.g. llm-engine:50051; got {self.engine_dns!r}")
+            try:  # what getaddrinfo does first; it fails every lookup of such a name with UnicodeError
+                name.encode("idna")
+            except UnicodeError:
+                raise ValueError(f"engine_dns (--engine-dns, TOKENIZER_ENGINE_DNS) must be NAME:PORT with a DNS "
+                                 f"name of dot-separated labels of 1 to 63 characters each (no empty label, as in "
+                                 f"'a..b'), e.g. llm-engine.llmserve.svc.cluster.local:50051; got "
+                                 f"{self.engine_dns!r}") from None
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535 (0 picks a free port), got {self.port}")
         if not 0 <= self.metrics_port < 65536:

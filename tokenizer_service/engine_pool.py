@@ -27,6 +27,9 @@ from tokenizer_service.metrics import TextMetrics
 
 log = logging.getLogger(__name__)
 MAX_DEADLINE_MS = 10 * 365 * 86_400_000  # ten years: longer deadlines are sent as this
+# A Generate stream that sent a frame or stayed open this long was taken by the engine: a refusal of the call
+# itself (draining, or its generation-call limit reached) ends it within a round trip.
+STREAM_PROVEN_S = 1.0
 
 
 class RequestFailed(Exception):
@@ -125,6 +128,7 @@ class EngineConnection:
         # The engine refused a request with UNAVAILABLE (draining, failed): its stream stays open while its
         # requests finish, but it takes no new ones; cleared when the stream is made again.
         self.refusing = False
+        self.failure = ""  # why its last attempt ended, for the error of a request that found no engine
         self.info: pb.ModelInfo | None = None
         self._ids = itertools.count()
         self._outbox = _Outbox()  # one per stream attempt, so a dead call's writer can never take new frames
@@ -175,16 +179,22 @@ class EngineConnection:
     async def _run(self) -> None:
         cfg = self._pool.config
         backoff = cfg.reconnect_min_s
+        # The last stream ended before it proved itself (STREAM_PROVEN_S): the next takes requests only once it
+        # has, so that an engine refusing the call itself never gets requests only to lose them at once.
+        on_probation = False
         while not (self.retiring and not self.inflight):
             try:
                 channel = self._pool.channel(self.address)
             except ValueError as exc:  # TLS files mid-rotation or gone: try again after the backoff
                 log.error("engine %s: cannot dial: %s; retrying in %.1fs", self.address, exc, backoff)
+                self.failure = f"cannot dial: {exc}"
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, cfg.reconnect_max_s)
                 continue
             reason = "the engine ended the stream (draining)"
-            outcome = "not reached"  # then "refused" once it answered, "lost" once its stream was up
+            outcome = "not reached"  # then "refused" once it answered, "lost" once its stream proved itself
+            opened: float | None = None  # when the Generate call was made
+            proven = False
             try:
                 stub = pb_grpc.EngineStub(channel)
                 info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5.0)
@@ -195,17 +205,20 @@ class EngineConnection:
                     log.error("engine %s refused: %s", self.address, problem)
                     backoff = cfg.reconnect_max_s
                 else:
-                    # GetModelInfo answers only while the engine takes requests (not loading, draining or
-                    # failed), so this engine is healthy: reconnect fast if the stream drops later. A refusal
-                    # raises above and keeps the backoff growing.
-                    backoff = cfg.reconnect_min_s
+                    # GetModelInfo answers only while the engine takes requests, but the engine can still refuse
+                    # the Generate call (its generation-call limit reached, or it began draining since): the
+                    # backoff is reset only once the stream has proved itself.
                     self._outbox = _Outbox()
                     call = stub.Generate(self._frames(self._outbox, self._pool.max_frame_bytes))
-                    self.info, self.ready, self.refusing = info, True, False
-                    outcome = "lost"
-                    self._pool.changed()
-                    log.info("engine %s connected (%s)", self.address, info.model_name)
+                    opened = time.monotonic()
+                    if on_probation:
+                        await _ends_within(call, STREAM_PROVEN_S)
+                    if not call.done():
+                        self.info, self.ready, self.refusing = info, True, False
+                        self._pool.changed()
+                        log.info("engine %s connected (%s)", self.address, info.model_name)
                     async for frame in call:
+                        proven = True
                         for update in frame.updates:
                             handle = self.inflight.get(update.request_id)
                             if handle is not None:
@@ -220,8 +233,18 @@ class EngineConnection:
                     reason += tls_hint(exc.details() or "", self._pool.tls)
             finally:
                 self.ready = False
+                if opened is not None:
+                    proven = proven or time.monotonic() - opened >= STREAM_PROVEN_S
+                    on_probation = not proven
+                    outcome = "lost" if proven else "refused the stream"
                 self._lose_inflight(reason)
                 await channel.close()
+            self.failure = f"{outcome} ({reason})"
+            if self.retiring:  # it left DNS: this connection ends (DNS makes a new one if it comes back)
+                log.info("engine %s %s (%s); it left DNS: not reconnecting", self.address, outcome, reason)
+                return
+            if proven:  # a healthy engine's stream dropped: reconnect fast
+                backoff = cfg.reconnect_min_s
             log.warning("engine %s %s (%s); reconnecting in %.1fs", self.address, outcome, reason, backoff)
             if self._pool.metrics is not None:
                 self._pool.metrics.reconnects.inc()
@@ -255,6 +278,16 @@ class EngineConnection:
             await self._task
         except asyncio.CancelledError:
             pass
+
+
+async def _ends_within(call: grpc.aio.Call, timeout_s: float) -> None:
+    """Wait until call ends or timeout_s passes, without reading it (its responses stay for the reader)."""
+    ended = asyncio.get_running_loop().create_future()
+    call.add_done_callback(lambda _: ended.done() or ended.set_result(None))
+    try:
+        await asyncio.wait_for(ended, timeout_s)
+    except TimeoutError:
+        pass
 
 
 def least_loaded(conns: list[EngineConnection]) -> EngineConnection:
@@ -339,37 +372,63 @@ class EnginePool:
             if left <= 0 and deadline_binds:
                 raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
                                     f"the request's deadline passed while waiting {limit:.1f}s for an engine to "
-                                    f"connect; engines: {sorted(self.conns)}")
+                                    f"take it; engines: {self._engines_state()}")
             if left <= 0:
+                refusing = any(c.ready and c.refusing and not c.retiring for c in self.conns.values())
+                none = ("every connected engine refuses new requests (draining or failed)" if refusing
+                        else "no engine is connected")
                 raise RequestFailed(grpc.StatusCode.UNAVAILABLE,
-                                    f"no engine is connected (waited {limit:.1f}s); engines: {sorted(self.conns)}")
+                                    f"{none} (waited {limit:.1f}s); engines: {self._engines_state()}")
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
             except TimeoutError:
                 pass
 
+    def _engines_state(self) -> str:
+        """Each engine and why it takes no request now, for the error of a request that found none."""
+        def state(conn: EngineConnection) -> str:
+            if conn.retiring:
+                return "left DNS"
+            if conn.ready:
+                return "refuses new requests (draining or failed)" if conn.refusing else "connected"
+            return conn.failure or "connecting"
+
+        return "; ".join(f"{address}: {state(conn)}" for address, conn in sorted(self.conns.items())) or "none"
+
     async def _resolve_forever(self) -> None:
-        host, _, port = self.config.engine_dns.rpartition(":")
+        """Re-resolve engine_dns every dns_refresh_s for good: a failed round keeps the engines found before."""
+        logged = ""  # the last unexpected error, logged with its traceback once rather than every round
         while True:
             try:
-                infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-                found = {(f"[{i[4][0]}]:{port}" if i[0] == socket.AF_INET6 else f"{i[4][0]}:{port}") for i in infos}
-            except OSError as exc:
-                log.warning("resolving %s failed: %s", self.config.engine_dns, exc)
-                found = set(self.conns)  # keep what we have
-            for address in found - set(self.conns):
-                self.conns[address] = EngineConnection(address, self)
-            for address in set(self.conns) - found:
-                self.conns[address].retiring = True  # its task ends once its requests are done
-            for address in found & set(self.conns):  # back in DNS (again) before its connection was closed
-                if self.conns[address].finished:
-                    self.conns[address] = EngineConnection(address, self)
-                self.conns[address].retiring = False
-            for address, conn in list(self.conns.items()):
-                if conn.retiring and not conn.inflight:
-                    await self.conns.pop(address).close()
+                await self._resolve_once()
+            except Exception as exc:  # a bug, or a name getaddrinfo refuses (UnicodeError): never stop refreshing
+                error = f"{type(exc).__name__}: {exc}"
+                log.error("resolving %s (engine_dns) failed: %s; keeping the engines found before, retrying in "
+                          "%.1fs", self.config.engine_dns, error, self.config.dns_refresh_s, exc_info=error != logged)
+                logged = error
             await asyncio.sleep(self.config.dns_refresh_s)
+
+    async def _resolve_once(self) -> None:
+        """One round: connect to new addresses, retire those gone, close the retired ones that are idle."""
+        host, _, port = self.config.engine_dns.rpartition(":")
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            found = {(f"[{i[4][0]}]:{port}" if i[0] == socket.AF_INET6 else f"{i[4][0]}:{port}") for i in infos}
+        except OSError as exc:
+            log.warning("resolving %s failed: %s", self.config.engine_dns, exc)
+            found = set(self.conns)  # keep what we have
+        for address in found - set(self.conns):
+            self.conns[address] = EngineConnection(address, self)
+        for address in set(self.conns) - found:
+            self.conns[address].retiring = True  # its task ends once its requests are done
+        for address in found & set(self.conns):  # back in DNS (again) before its connection was closed
+            if self.conns[address].finished:
+                self.conns[address] = EngineConnection(address, self)
+            self.conns[address].retiring = False
+        for address, conn in list(self.conns.items()):
+            if conn.retiring and not conn.inflight:
+                await self.conns.pop(address).close()
 
     async def close(self) -> None:
         if self._dns_task is not None:

@@ -1,0 +1,201 @@
+"""The tokenizer service's engine pool under churn, in-process over the fake engine (found by an audit): an
+--engine-dns name getaddrinfo refuses, an engine that answers GetModelInfo but refuses the Generate call, a
+retired engine ending its stream, and requests that find every engine draining."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+import grpc
+import pytest
+
+from clients.engine_client import EngineClient
+from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
+from tests.fake_engine import FakeEngine
+from tests.unit.test_engine_service_fake import Running, new, wait_serving
+from tests.unit.test_service_regressions import LONG, long_engine, pool_config, wait_for
+from tokenizer_service.config import TextServerConfig
+from tokenizer_service.engine_pool import EnginePool, RequestFailed
+
+pytestmark = pytest.mark.timeout(60)
+POOL_LOG = "tokenizer_service.engine_pool"
+
+
+class Reconnects:
+    """Stands in for TextMetrics: counts engine_stream_reconnects_total."""
+
+    def __init__(self) -> None:
+        self.reconnects = self
+        self.count = 0
+
+    def inc(self) -> None:
+        self.count += 1
+
+
+def dns_answers(port: int, answers: list[str], errors: list[Exception]):
+    """A loop.getaddrinfo answering `answers` (127.0.0.x), after raising the queued `errors` one per call."""
+
+    async def getaddrinfo(host, port_, **kwargs):
+        if errors:
+            raise errors.pop(0)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in answers]
+
+    return getaddrinfo
+
+
+@pytest.mark.parametrize("name", ["llm-engine..svc.cluster.local", "x" * 64 + ".svc.cluster.local"])
+def test_an_engine_dns_name_getaddrinfo_refuses_is_a_config_error(name):
+    """An empty label or one over 63 characters passed the config, and then every lookup raised UnicodeError."""
+    with pytest.raises(ValueError) as err:
+        TextServerConfig(model="m", engine_dns=f"{name}:50051")
+    for part in ("engine_dns", "--engine-dns", "TOKENIZER_ENGINE_DNS", "1 to 63 characters", name):
+        assert part in str(err.value), str(err.value)
+    TextServerConfig(model="m", engine_dns="llm-engine.llmserve.svc.cluster.local.:50051")  # a trailing dot is fine
+
+
+def test_dns_refresh_outlives_an_unexpected_error(caplog):
+    """getaddrinfo raising anything but OSError (UnicodeError for a bad label) ended the refresh task for good,
+    with nothing in the log: no engine was ever connected."""
+    running = long_engine()
+    port = int(running.target.rpartition(":")[2])
+    errors: list[Exception] = [UnicodeError("label empty or too long")] * 3
+
+    async def main() -> None:
+        asyncio.get_running_loop().getaddrinfo = dns_answers(port, ["127.0.0.1"], errors)
+        pool = EnginePool(pool_config(engine_dns=f"engines.test:{port}", dns_refresh_s=0.05), 100, {99}, [])
+        pool.start()
+        try:
+            await wait_for(lambda: len(pool.ready) == 1, timeout_s=5.0)
+        finally:
+            await pool.close()
+
+    try:
+        with caplog.at_level(logging.ERROR, logger=POOL_LOG):
+            asyncio.run(main())
+    finally:
+        assert running.stop() == 0
+    failed = [r for r in caplog.records if r.name == POOL_LOG and "UnicodeError" in r.getMessage()]
+    assert len(failed) == 3 and all(f"engines.test:{port}" in r.getMessage() for r in failed), failed
+    assert [bool(r.exc_info) for r in failed] == [True, False, False]  # one traceback, not one a round
+
+
+def test_an_engine_refusing_the_generate_call_is_backed_off_and_gets_no_requests(caplog):
+    """GetModelInfo reset the backoff and made the connection ready before the Generate call was known to be up:
+    an engine whose generation calls were all taken was redialled every reconnect_min_s forever, and requests
+    placed on it in the instant it looked ready failed at once with "lost the engine: RESOURCE_EXHAUSTED"."""
+    running = Running(FakeEngine(max_model_len=10_000_000), max_concurrent_rpcs=1)
+    with EngineClient(running.target, timeout=20) as client:
+        wait_serving(client)
+
+    async def main() -> tuple[int, RequestFailed, float, list[int]]:
+        pool = EnginePool(pool_config(engines=running.target, reconnect_max_s=1.0, engine_wait_s=1.0),
+                          100, {99}, [])
+        pool.metrics = metrics = Reconnects()
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            hog = pb_grpc.EngineStub(channel).GenerateStream(new("hog", [1], **LONG))
+            await hog.read()  # the engine's one generation call is taken
+            pool.start()
+            try:
+                await wait_for(lambda: metrics.count >= 1)  # refused once
+                start = time.monotonic()
+                with pytest.raises(RequestFailed) as err:  # not placed on it: it waits, then says why
+                    await pool.submit(new("", [1], max_tokens=2), None)
+                waited = time.monotonic() - start
+                await asyncio.sleep(1.0)
+                redials = metrics.count
+                hog.cancel()  # the engine takes a stream again: the pool connects and serves
+                await wait_for(lambda: len(pool.ready) == 1, timeout_s=5.0)
+                tokens: list[int] = []
+                handle = await pool.submit(new("", [1], max_tokens=2), None)
+                async for update in handle:
+                    tokens.extend(update.new_token_ids)
+                return redials, err.value, waited, tokens
+            finally:
+                await pool.close()
+
+    try:
+        with caplog.at_level(logging.WARNING, logger=POOL_LOG):
+            redials, error, waited, tokens = asyncio.run(main())
+    finally:
+        assert running.stop() == 0
+    # In ~2 s with reconnect_min_s 0.05 growing to 1.0: about 5 attempts (before: one every 0.05 s, ~40).
+    assert redials <= 8, redials
+    assert error.code == grpc.StatusCode.UNAVAILABLE and waited >= 0.9, (error.message, waited)
+    assert "no engine is connected" in error.message and "refused the stream (RESOURCE_EXHAUSTED" in error.message
+    assert running.target in error.message, error.message
+    assert tokens == [2, 3]
+    refused = [r.getMessage() for r in caplog.records if "refused the stream" in r.getMessage()]
+    assert refused and "reconnecting in" in refused[-1], refused
+
+
+def test_a_retired_engine_ending_its_stream_is_not_reconnected(caplog):
+    """An engine that had left DNS and then ended its stream was logged as "lost ... reconnecting in 0.05s"
+    and counted as a reconnect, though its connection then closed for good."""
+    running = Running(FakeEngine(max_model_len=10_000_000), grace_s=0.3)  # cuts its streams 0.3 s into a drain
+    with EngineClient(running.target, timeout=20) as client:
+        wait_serving(client)
+    port = int(running.target.rpartition(":")[2])
+    answers = ["127.0.0.1"]
+
+    async def main() -> tuple[int, bool]:
+        asyncio.get_running_loop().getaddrinfo = dns_answers(port, answers, [])
+        pool = EnginePool(pool_config(engine_dns=f"engines.test:{port}", dns_refresh_s=0.05), 100, {99}, [])
+        pool.metrics = metrics = Reconnects()
+        pool.start()
+        try:
+            await wait_for(lambda: len(pool.ready) == 1)
+            handle = await pool.submit(new("", [1], **LONG), None)  # in flight: the connection stays
+            answers.clear()
+            await wait_for(lambda: handle.conn.retiring)
+            running.loop.call_soon_threadsafe(running.stop_event.set)
+            with pytest.raises(RequestFailed):
+                async for _ in handle:
+                    pass
+            await wait_for(lambda: handle.conn.finished, timeout_s=3.0)
+            await asyncio.sleep(0.2)  # a reconnect would have been counted by now
+            return metrics.count, handle.conn.finished
+        finally:
+            await pool.close()
+
+    try:
+        with caplog.at_level(logging.INFO, logger=POOL_LOG):
+            assert asyncio.run(main()) == (0, True)
+    finally:
+        running.stop()
+    lines = [r.getMessage() for r in caplog.records if r.name == POOL_LOG and running.target in r.getMessage()]
+    assert not any("reconnecting in" in line for line in lines), lines
+    assert any("left DNS: not reconnecting" in line for line in lines), lines
+
+
+def test_requests_finding_every_engine_draining_are_told_so():
+    """With every engine connected but refusing new requests (draining), a request's error said "no engine is
+    connected"."""
+    engines = [long_engine(), long_engine()]
+
+    async def main() -> RequestFailed:
+        pool = EnginePool(pool_config(engines=",".join(e.target for e in engines), engine_wait_s=0.3),
+                          100, {99}, [])
+        pool.start()
+        try:
+            await wait_for(lambda: len(pool.ready) == 2)
+            for conn in pool.conns.values():
+                conn.mark_refusing()  # as the servicer does when an engine refuses a request with UNAVAILABLE
+            with pytest.raises(RequestFailed) as err:
+                await pool.submit(new("", [1], max_tokens=2), None)
+            return err.value
+        finally:
+            await pool.close()
+
+    try:
+        error = asyncio.run(main())
+    finally:
+        for engine in engines:
+            assert engine.stop() == 0
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert "no engine is connected" not in error.message, error.message
+    assert error.message.startswith("every connected engine refuses new requests (draining or failed)"), error.message
+    for engine in engines:
+        assert f"{engine.target}: refuses new requests" in error.message, error.message
