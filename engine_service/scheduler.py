@@ -139,7 +139,8 @@ class Scheduler:
     def _admit(self, picked: list[tuple[Sequence, int]], budget: int) -> None:
         # Hashes of the prompt blocks this step's admissions will compute. A request whose next block is one
         # of them waits a step and then finds it cached, rather than computing its own copy: a burst of
-        # requests sharing a system prompt computes it once, not once per request that fits the step.
+        # requests sharing a system prompt computes it once, not once per request that fits the step (a prompt
+        # longer than the budget is partly computed twice: docs/ENGINE.md says why that is left so).
         computing: set[int] = set()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
