@@ -19,7 +19,7 @@ class StepOutput:
     new_token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at (last) admission
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     error: str | None = None
 
     @property

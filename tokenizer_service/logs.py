@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -60,6 +61,9 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Importing transformers where torch is absent (the tokenizer image) prints an advisory ("PyTorch was not
+    # found") through its own handler, before that handler can be disabled below.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:  # transformers writes through a stderr handler of its own: its lines would be plain text among JSON
         from transformers.utils import logging as hf_logging
     except ImportError:

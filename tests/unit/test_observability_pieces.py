@@ -6,7 +6,11 @@ import contextlib
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -251,3 +255,20 @@ def test_json_logs_take_in_transformers_own_lines(monkeypatch, service):
     lines = stream.getvalue().strip().splitlines()
     assert lines and all(json.loads(line)["msg"] for line in lines)
     assert any("Token indices" in json.loads(line)["msg"] for line in lines)
+
+
+def test_json_logs_start_with_json_where_torch_is_absent():
+    """The tokenizer image has no torch: importing transformers there printed an advisory ('PyTorch was not
+    found ...') through transformers' own handler as the first, plain-text line of every pod's log."""
+    code = ("import sys; sys.modules['torch'] = None\n"  # as the tokenizer Dockerfile leaves it out
+            "import logging\n"
+            "from tokenizer_service.logs import configure_logging\n"
+            "configure_logging('INFO', 'json')\n"
+            "logging.getLogger('tokenizer_service').info('configured')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines and all(line.startswith("{") for line in lines), lines
+    assert json.loads(lines[-1])["msg"] == "configured"
