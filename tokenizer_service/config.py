@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import MISSING, dataclass, fields
 
 from clients.tls import ClientTls, ServerTls, server_tls_settings
 from tokenizer_service.logs import LOG_LEVELS
+
+_DNS_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def is_dns_name(name: str) -> bool:
+    """A name DNS can hold (a trailing dot allowed): labels of letters, digits, '-' and '_', 1 to 63 long, at
+    most 253 characters in all. Anything else fails every lookup, as a UnicodeError or as 'not found'."""
+    name = name.removesuffix(".")
+    return 0 < len(name) <= 253 and all(_DNS_LABEL.fullmatch(label) for label in name.split("."))
 
 ENV_PREFIX = "TOKENIZER_"
 MiB = 1 << 20
@@ -87,13 +97,11 @@ class TextServerConfig:
             if not name or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"engine_dns (--engine-dns, TOKENIZER_ENGINE_DNS) must be NAME:PORT with a port "
                                  f"in 1..65535, e.g. llm-engine:50051; got {self.engine_dns!r}")
-            try:  # what getaddrinfo does first; it fails every lookup of such a name with UnicodeError
-                name.encode("idna")
-            except UnicodeError:
+            if not is_dns_name(name):  # getaddrinfo fails every lookup of it: the pool would never find an engine
                 raise ValueError(f"engine_dns (--engine-dns, TOKENIZER_ENGINE_DNS) must be NAME:PORT with a DNS "
-                                 f"name of dot-separated labels of 1 to 63 characters each (no empty label, as in "
-                                 f"'a..b'), e.g. llm-engine.llmserve.svc.cluster.local:50051; got "
-                                 f"{self.engine_dns!r}") from None
+                                 f"name: dot-separated labels of 1 to 63 characters each, letters, digits, '-' and "
+                                 f"'_' (no empty label, as in 'a..b', no spaces), e.g. "
+                                 f"llm-engine.llmserve.svc.cluster.local:50051; got {self.engine_dns!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535 (0 picks a free port), got {self.port}")
         if not 0 <= self.metrics_port < 65536:

@@ -46,7 +46,8 @@ def dns_answers(port: int, answers: list[str], errors: list[Exception]):
     return getaddrinfo
 
 
-@pytest.mark.parametrize("name", ["llm-engine..svc.cluster.local", "x" * 64 + ".svc.cluster.local"])
+@pytest.mark.parametrize("name", ["llm-engine..svc.cluster.local", "x" * 64 + ".svc.cluster.local",
+                                  "bad_name!", "llm engine", "-llm-engine", "a." * 127 + "b"])
 def test_an_engine_dns_name_getaddrinfo_refuses_is_a_config_error(name):
     """An empty label or one over 63 characters passed the config, and then every lookup raised UnicodeError."""
     with pytest.raises(ValueError) as err:
