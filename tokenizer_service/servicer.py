@@ -42,6 +42,10 @@ OFFLOAD_TOKENIZE_BYTES = 64 * 1024  # inputs larger than this are tokenized off 
 OFFLOAD_CHAT_MESSAGES = 64
 # Stop strings longer than this in all get their matcher built off the event loop (linear, but Python).
 OFFLOAD_STOP_CHARS = 4096
+# Heavy requests prepared on worker threads at once (Tokenize and Detokenize calls too); the others wait for a slot.
+# A Tokenize of 8 MiB holds about 1.4 GB while it runs: the service's memory is then that of one such call,
+# however many arrive together.
+HEAVY_SLOTS = 1
 
 
 def _heavy(request) -> bool:
@@ -68,6 +72,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         self.draining = False
         self.num_calls = 0  # Generate / GenerateMulti calls in progress
         self._multi_wakes: set[asyncio.Event] = set()
+        self._heavy_slots = asyncio.Semaphore(HEAVY_SLOTS)  # see _start_heavy
         self.metrics = metrics or TextMetrics(model_name)
 
     def begin_drain(self) -> None:
@@ -88,8 +93,8 @@ class TextServicer(pb_grpc.TextGenerationServicer):
     async def _prepare(self, request: pb.GenerateRequest) -> PreparedRequest:
         """Refuse (RequestFailed) or validate and tokenize a new request.
 
-        A large input is tokenized on a worker thread, so that one big prompt does not stall every other
-        stream this replica serves; small ones are cheaper inline than a thread hop.
+        A large input is tokenized on a worker thread (_start_heavy), so that one big prompt does not stall every
+        other stream this replica serves; small ones are cheaper inline than a thread hop.
         """
         if self.draining:
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "the tokenizer service is draining; retry elsewhere")
@@ -100,10 +105,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         self.admitting += 1
         held = False  # a worker thread left running by a cancelled call keeps its place until it returns
         try:
-            started = time.perf_counter()
             args = (request, self.tokenizer, self.defaults, self.pool.max_model_len, self.limits)
             if _heavy(request):
-                work = asyncio.ensure_future(asyncio.to_thread(prepare, *args))
+                work = await self._start_heavy(self._timed_prepare, *args)
                 try:
                     prep = await asyncio.shield(work)
                 except asyncio.CancelledError:
@@ -111,21 +115,51 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                     work.add_done_callback(self._release_admitting)
                     raise
             else:
-                prep = prepare(*args)
-            self.metrics.tokenize_time.observe(time.perf_counter() - started)
-            return prep  # the caller's _generate counts it in `inflight` before it next awaits
-        except ValueError as exc:
-            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+                prep = self._timed_prepare(*args)
         except Exception as exc:  # a bug, or a chat template failing in Python: the request fails visibly
             log.exception("preparing a request failed")
             raise RequestFailed(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}") from exc
         finally:
             if not held:
                 self.admitting -= 1
+        if isinstance(prep, str):
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, prep)
+        return prep  # the caller's _generate counts it in `inflight` before it next awaits
+
+    def _timed_prepare(self, *args) -> PreparedRequest | str:
+        """prepare(*args), or the message of its refusal; its time is observed as tokenize_time either way.
+
+        A refusal comes back as text, not as the ValueError: that one's traceback holds the frames that hold the
+        refused prompt's ids (millions for a long prompt), and whatever keeps the exception (a future keeps its
+        traceback; grpc's abort makes a reference cycle) would keep them until a full garbage collection.
+        """
+        started = time.perf_counter()
+        try:
+            return prepare(*args)
+        except ValueError as exc:
+            return str(exc)
+        finally:
+            self.metrics.tokenize_time.observe(time.perf_counter() - started)
+
+    async def _start_heavy(self, fn, *args, **kwargs) -> asyncio.Future:
+        """fn(*args, **kwargs) started on a worker thread once one of HEAVY_SLOTS is free; its future.
+
+        The slot is held until the thread returns, also when its caller stops waiting (a thread cannot be
+        stopped); a caller cancelled while it waits for a slot starts nothing.
+        """
+        slots = self._heavy_slots
+        await slots.acquire()
+        work = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+
+        def release(done: asyncio.Future) -> None:
+            slots.release()
+            if not done.cancelled():
+                done.exception()  # retrieved: a failure whose caller has gone is not an error to log
+
+        work.add_done_callback(release)
+        return work
 
     def _release_admitting(self, work: asyncio.Future) -> None:
-        if not work.cancelled():
-            work.exception()  # retrieved: a refusal nobody waits for any more is not an error to log
         self.admitting -= 1
 
     async def _generate(self, prep: PreparedRequest, timeout_s: float | None,
@@ -332,13 +366,13 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             self._multi_wakes.discard(wake)
             self.num_calls -= 1
 
-    @staticmethod
-    async def _off_loop(request, fn, *args, **kwargs):
-        """fn(*args, **kwargs), on a worker thread when the request is heavy: tokenizing megabytes, or rendering
-        thousands of chat turns, inline would stall every stream of this replica (the tokenizer releases the
-        GIL, so the loop runs meanwhile); small requests are cheaper inline than a thread hop."""
+    async def _off_loop(self, request, fn, *args, **kwargs):
+        """fn(*args, **kwargs), on a worker thread (_start_heavy) when the request is heavy: tokenizing megabytes,
+        or rendering thousands of chat turns, inline would stall every stream of this replica (the tokenizer
+        releases the GIL while it splits the text, though not while transformers turns millions of ids into a
+        list); small requests are cheaper inline than a thread hop."""
         if _heavy(request):
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            return await asyncio.shield(await self._start_heavy(fn, *args, **kwargs))
         return fn(*args, **kwargs)
 
     async def Tokenize(self, request, context):

@@ -1,11 +1,13 @@
 """Every rule that refuses a text request, stated once as a table; each raises ValueError naming the field.
 
 Each row of RULES names the field, states the rule in words, and checks it. A broken rule raises
-ValueError("<field>: <rule> (<what was sent>)"), which the servicer maps to INVALID_ARGUMENT.
+ValueError("<field>: <rule> (<what was sent>)"), which the servicer maps to INVALID_ARGUMENT. A rule's text
+names each limit with its value ("at most 8388608 bytes of UTF-8 (max_prompt_bytes)").
 
 The rules run in three stages:
 - "request": on the request as received, before any tokenization (cheap, so garbage is refused early);
-- "prompt_tokens": on the prompt's token ids, once tokenized (needs the engine's `max_model_len`);
+- "prompt_tokens": on the prompt's token ids, once tokenized (needs the engine's `max_model_len`); a prompt that
+  part of its text already shows too long is refused without tokenizing the rest (see tokens_at_least);
 - "detokenize": on the ids of a Detokenize call (needs the vocabulary size).
 
 Numeric sampling parameters (temperature, top_p, max_tokens, ...) are NOT checked here. Their single source
@@ -21,13 +23,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from protos.llmserve.engine.v1 import engine_pb2 as engine_pb
 from protos.llmserve.text.v1 import text_pb2 as pb
-from tokenizer_service.chat import encode_chat, validate_messages
+from tokenizer_service.chat import render_chat, validate_messages
+from tokenizer_service.token_bounds import tokens_at_least
 
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
@@ -154,14 +157,26 @@ def _is_bool(name: str) -> Check:
     return check
 
 
-def _tokens_not_empty(ids: Sequence[int], _: TextLimits) -> str | None:
+@dataclass(slots=True, frozen=True)
+class AtLeast:
+    """A prompt's token count known only from below: part of its text showed it cannot fit max_model_len, so the
+    rest was never tokenized (tokens_at_least)."""
+
+    tokens: int
+
+    def __len__(self) -> int:
+        return self.tokens
+
+
+def _tokens_not_empty(ids: Sequence[int] | AtLeast, _: TextLimits) -> str | None:
     return "got 0 tokens" if len(ids) == 0 else None
 
 
-def _tokens_fit(ids: Sequence[int], lim: TextLimits) -> str | None:
+def _tokens_fit(ids: Sequence[int] | AtLeast, lim: TextLimits) -> str | None:
     # The engine must have room for at least one generated token.
     if lim.max_model_len and len(ids) >= lim.max_model_len:
-        return f"got {len(ids)} tokens, max_model_len is {lim.max_model_len}"
+        got = f"at least {len(ids)}" if isinstance(ids, AtLeast) else len(ids)
+        return f"got {got} tokens, max_model_len is {lim.max_model_len}"
     return None
 
 
@@ -188,24 +203,31 @@ RULES: tuple[Rule, ...] = (
     Rule("request", "input", "exactly one of a prompt and chat messages must be set", _one_input),
     Rule("request", "prompt", "must be a string", _prompt_is_text),
     Rule("request", "prompt", "must not be empty", _prompt_not_empty),
-    Rule("request", "prompt", "must be at most max_prompt_bytes bytes of UTF-8", _prompt_bytes),
-    Rule("request", "messages", "must hold at most max_messages messages", _messages_count),
-    Rule("request", "messages", "must be a non-empty list of {role, content} with a valid role and text content",
+    Rule("request", "prompt", "must be at most {max_prompt_bytes} bytes of UTF-8 (max_prompt_bytes)", _prompt_bytes),
+    Rule("request", "messages", "must hold at most {max_messages} messages (max_messages)", _messages_count),
+    Rule("request", "messages", "must be a non-empty list of {{role, content}} with a valid role and text content",
          _messages_well_formed),
-    Rule("request", "messages", "contents must total at most max_prompt_bytes bytes of UTF-8", _messages_bytes),
+    Rule("request", "messages", "contents must total at most {max_prompt_bytes} bytes of UTF-8 (max_prompt_bytes)",
+         _messages_bytes),
     Rule("request", "messages", "contents must not hold a special token's text (this service runs with "
          "--chat-special-tokens refuse)", _messages_no_special_text),
-    Rule("request", "stop", "must be a list of at most max_stop_strings strings", _stop_count),
-    Rule("request", "stop", "each must be non-empty and at most max_stop_string_chars characters", _stop_each),
+    Rule("request", "stop", "must be a list of at most {max_stop_strings} strings (max_stop_strings)", _stop_count),
+    Rule("request", "stop", "each must be non-empty and at most {max_stop_string_chars} characters "
+         "(max_stop_string_chars)", _stop_each),
     Rule("request", "skip_special_tokens", "must be a boolean", _is_bool("skip_special_tokens")),
     Rule("request", "include_stop_str_in_output", "must be a boolean", _is_bool("include_stop_str_in_output")),
     Rule("prompt_tokens", "prompt", "must encode to at least one token", _tokens_not_empty),
     Rule("prompt_tokens", "prompt", "must be shorter than max_model_len tokens, leaving room to generate one",
          _tokens_fit),
-    Rule("detokenize", "token_ids", "must be at most max_detokenize_ids ids", _ids_count),
+    Rule("detokenize", "token_ids", "must be at most {max_detokenize_ids} ids (max_detokenize_ids)", _ids_count),
     Rule("detokenize", "token_ids", "must be integers in [0, vocabulary size)", _ids_in_vocab),
 )
 # fmt: on
+
+
+def _rule_text(rule: Rule, limits: TextLimits) -> str:
+    """The rule in words, each limit it names given with its value."""
+    return rule.rule.format_map({f.name: getattr(limits, f.name) for f in fields(limits)})
 
 
 def _run(
@@ -217,7 +239,7 @@ def _run(
         detail = rule.check(subject, limits)
         if detail is not None:
             name = rename if rename and rule.field == "prompt" else rule.field
-            raise ValueError(f"{name}: {rule.rule} ({detail})")
+            raise ValueError(f"{name}: {_rule_text(rule, limits)} ({detail})")
 
 
 def validate_request(request: TextRequest, limits: TextLimits | None = None) -> None:
@@ -225,7 +247,7 @@ def validate_request(request: TextRequest, limits: TextLimits | None = None) -> 
     _run("request", request, limits or TextLimits())
 
 
-def validate_prompt_tokens(token_ids: Sequence[int], limits: TextLimits | None = None) -> None:
+def validate_prompt_tokens(token_ids: Sequence[int] | AtLeast, limits: TextLimits | None = None) -> None:
     """Raise ValueError if the tokenized prompt is empty or too long for the engine's max_model_len."""
     _run("prompt_tokens", token_ids, limits or TextLimits())
 
@@ -235,9 +257,10 @@ def validate_detokenize_ids(token_ids: Sequence[int], limits: TextLimits | None 
     _run("detokenize", token_ids, limits or TextLimits())
 
 
-def describe_rules() -> str:
-    """The table as text, one rule per line (for docs and error help)."""
-    return "\n".join(f"[{r.stage}] {r.field}: {r.rule}" for r in RULES)
+def describe_rules(limits: TextLimits | None = None) -> str:
+    """The table as text, one rule per line, under `limits` (default: the defaults), for docs and error help."""
+    limits = limits or TextLimits()
+    return "\n".join(f"[{r.stage}] {r.field}: {_rule_text(r, limits)}" for r in RULES)
 
 
 # ---- The protocol side: requests in, engine requests out, every check through the table above. ----
@@ -310,10 +333,18 @@ def text_request_from_proto(request: pb.GenerateRequest | pb.TokenizeRequest) ->
     )
 
 
-def _encode(text_request: TextRequest, tokenizer: Any, add_special_tokens: bool) -> list[int]:
-    if text_request.messages is not None:
-        return encode_chat(tokenizer, text_request.messages, text_request.enable_thinking)
-    return list(tokenizer.encode(text_request.prompt, add_special_tokens=add_special_tokens))
+def _encode(
+    text_request: TextRequest, tokenizer: Any, add_special_tokens: bool, max_model_len: int | None = None
+) -> list[int] | AtLeast:
+    """The prompt's or the rendered chat's token ids; AtLeast instead when part of the text shows that they are
+    max_model_len or more (then the rest of it is never tokenized)."""
+    text = text_request.prompt
+    if text_request.messages is not None:  # the template writes any BOS or special markers it wants
+        text = render_chat(tokenizer, text_request.messages, text_request.enable_thinking)
+        add_special_tokens = False
+    if max_model_len and (n := tokens_at_least(tokenizer, text, max_model_len)) >= max_model_len:
+        return AtLeast(n)
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
 def tokenize_input(
@@ -356,8 +387,9 @@ def prepare(
             raise ValueError(f"prompt_token_ids: {str(exc).split(': ', 1)[1]}") from None
     else:
         _run("request", text_request, limits, rename=request.WhichOneof("input"))
-        prompt = _encode(text_request, tokenizer, add_special_tokens=False)
-        _run("prompt_tokens", prompt, limits, rename=request.WhichOneof("input"))  # "chat: ..." for a chat
+        prompt = _encode(text_request, tokenizer, add_special_tokens=False, max_model_len=limits.max_model_len)
+        # "chat: ..." for a chat; an AtLeast never passes (it is only returned when it does not fit).
+        _run("prompt_tokens", prompt, limits, rename=request.WhichOneof("input"))
     params = engine_pb.SamplingParams()
     source = request.sampling_params
     for name in SAMPLING_FIELDS:

@@ -572,15 +572,25 @@ def test_engines_pointing_at_a_server_without_the_engine_api_say_so(demo_model_d
 
 
 def test_calls_cancelled_while_tokenizing_and_bad_multi_ids_are_logged_and_counted(demo_model_dir, demo_tokenizer,
-                                                                                   caplog):
+                                                                                   caplog, monkeypatch):
     """Two kinds of request had no line and no count: a Generate cancelled while its prompt was tokenized on a
     worker thread, and a GenerateMulti request refused for an empty or duplicate request_id."""
+    from tokenizer_service import servicer as servicer_module
+
+    real_prepare = servicer_module.prepare
+
+    def slow_prepare(request, *args):
+        if request.ByteSize() > servicer_module.OFFLOAD_TOKENIZE_BYTES:
+            time.sleep(1)  # a prompt that takes a while (one too long for max_model_len is refused at once)
+        return real_prepare(request, *args)
+
+    monkeypatch.setattr(servicer_module, "prepare", slow_prepare)
     with metered_stack(demo_model_dir, demo_tokenizer, caplog) as (stub, metrics_port):
         before = scrape(metrics_port, "llmserve:text_requests")
         caplog.clear()
-        big = stub.Generate(pb.GenerateRequest(prompt="many words " * 300_000), timeout=60,
+        big = stub.Generate(pb.GenerateRequest(prompt="many words " * 7_000), timeout=60,
                             metadata=(("x-request-id", "big-1"),))
-        threading.Event().wait(0.3)  # the 3.3 MB prompt is being tokenized on a worker thread
+        threading.Event().wait(0.3)  # the 77 KB prompt is being prepared on a worker thread
         big.cancel()
         # "a" is still live when its duplicate comes (frames are read in order), then aborted.
         generate = pb.GenerateRequest(request_id="a", prompt="hi",

@@ -1,0 +1,321 @@
+"""Inputs within the byte limits but far past max_model_len: refused from a head of their text, cheaply, and never
+when a full tokenization would have accepted them; heavy work one at a time; refusals timed and freed at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import threading
+import time
+import weakref
+from pathlib import Path
+from unittest import mock
+
+import grpc
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protos.llmserve.text.v1 import text_pb2 as pb
+from tokenizer_service import servicer as servicer_module
+from tokenizer_service import token_bounds, validation
+from tokenizer_service.chat import encode_chat
+from tokenizer_service.engine_pool import RequestFailed
+from tokenizer_service.metrics import RequestTrace
+from tokenizer_service.token_bounds import tokens_at_least
+from tokenizer_service.validation import TextLimits, prepare
+
+CORPUS = (Path(__file__).parents[2] / "scripts" / "demo_corpus.txt").read_text()
+TOO_LONG = "prompt: must be shorter than max_model_len tokens"
+# Pieces where a cut changes the tokens before it: runs of spaces and newlines, special tokens whole and cut,
+# characters of several bytes and tokens, digits, punctuation runs; and sparse text (10 to 13 characters a token),
+# so that heads are tried near the limit too.
+PIECES = (" ", "  ", "\n", "\n\n", " \n ", "\t", "\r\n", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_",
+          "|>", "<", "'s", "123", "👋", "👨‍👩‍👧", "é", "e\u0301", "你好", "...", "---", "aaaa", " x", "x ", "==",
+          " wonderful", " somewhere")
+
+
+def _corpus_text(nbytes: int) -> str:
+    data = CORPUS.encode()
+    return (data * (nbytes // len(data) + 1))[:nbytes].decode(errors="ignore")
+
+
+@contextlib.contextmanager
+def _heads_only(tokenizer):
+    """The tokenizer without its byte bound (13 bytes a token for the demo's), as for one with long tokens or a
+    normalizer: only heads of a text can refuse it."""
+    pipelines, pipeline = token_bounds._PIPELINES, token_bounds._pipeline(tokenizer)
+    token_bounds._PIPELINES = weakref.WeakKeyDictionary(
+        {tokenizer: token_bounds._Pipeline(pipeline.backend, pipeline.tail_chars, max_token_bytes=None)})
+    try:
+        yield tokenizer
+    finally:
+        token_bounds._PIPELINES = pipelines
+
+
+@pytest.fixture
+def heads_only(demo_tokenizer):
+    with _heads_only(demo_tokenizer):
+        yield demo_tokenizer
+
+
+@pytest.fixture
+def no_full_encode(demo_tokenizer, monkeypatch):
+    """Fail on any tokenizer.encode of more than 64 KiB: what took 5 s and 1.6 GB for an 8 MiB prompt."""
+    real = demo_tokenizer.encode
+
+    def encode(text, *args, **kwargs):
+        if len(text) > 65536:
+            raise AssertionError(f"tokenized all {len(text)} characters of a prompt that cannot fit")
+        return real(text, *args, **kwargs)
+
+    monkeypatch.setattr(demo_tokenizer, "encode", encode)
+
+
+@pytest.mark.parametrize("bound", ["bytes", "heads"])
+def test_an_8_mib_prompt_or_chat_is_refused_without_tokenizing_all_of_it(request, demo_tokenizer, no_full_encode,
+                                                                          bound):
+    """The length rule ran on the ids of the whole text: an 8 MiB prompt (2.3 million tokens, max_model_len
+    2048) took 5 s of CPU and 1.6 GB in the tokenizer service before it was refused; three at once, 5 GB."""
+    if bound == "heads":
+        request.getfixturevalue("heads_only")
+    prompt = pb.GenerateRequest(prompt=_corpus_text(8 * 2**20 - 16))
+    chat = pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content=_corpus_text(2000))] * 4096))
+    for big, field in ((prompt, "prompt"), (chat, "chat")):
+        started = time.perf_counter()
+        with pytest.raises(ValueError) as refused:
+            prepare(big, demo_tokenizer, {}, 2048, TextLimits())
+        took = time.perf_counter() - started
+        assert str(refused.value).startswith(f"{field}: must be shorter than max_model_len tokens, leaving room")
+        assert "got at least " in str(refused.value) and "max_model_len is 2048" in str(refused.value)
+        assert took < 0.5, f"{field}: {took:.2f} s to refuse"
+
+
+def test_a_single_word_of_megabytes_is_refused_by_the_byte_bound(demo_tokenizer, no_full_encode):
+    """No head can refuse one pre-token of 8 MB (a cut may change all its tokens); "a" * 8M is 8 million tokens
+    of the demo model, more than 3 times the corpus text's cost. Byte-level BPE has at most 13 bytes a token."""
+    for text in ("a" * 8_000_000, " " * 8_000_000, "7" * 8_000_000):
+        with pytest.raises(ValueError, match=TOO_LONG):
+            prepare(pb.GenerateRequest(prompt=text), demo_tokenizer, {}, 2048, TextLimits())
+
+
+def _reference(demo_tokenizer, request: pb.GenerateRequest, max_model_len: int) -> list[int] | None:
+    """The ids the full tokenization gives, None where it refuses them as too long."""
+    if request.HasField("chat"):
+        ids = encode_chat(demo_tokenizer, [{"role": m.role, "content": m.content} for m in request.chat.messages])
+    else:
+        ids = demo_tokenizer.encode(request.prompt, add_special_tokens=False)
+    return ids if len(ids) < max_model_len else None
+
+
+texts = st.lists(
+    st.one_of(st.builds(lambda start, n: CORPUS[start:start + n], st.integers(0, len(CORPUS)), st.integers(1, 300)),
+              st.builds(lambda piece, n: piece * n, st.sampled_from(PIECES), st.sampled_from([1, 2, 3, 7, 40, 150]))),
+    min_size=1, max_size=40).map("".join).filter(bool)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=texts, limit=st.one_of(st.integers(-2, 2).map(lambda d: ("near", d)), st.integers(1, 400)),
+       as_chat=st.booleans(), byte_bound=st.booleans(), head_chars=st.sampled_from([1, 2, 8]))
+def test_near_the_limit_the_same_requests_pass_with_the_same_ids(demo_tokenizer, text, limit, as_chat, byte_bound,
+                                                                 head_chars):
+    """What the head refuses, the full tokenization refuses too; what passes gets exactly its ids. max_model_len
+    is any, or within 2 of the text's token count: just under, at, or just over the limit. Heads shorter than
+    the service's (head_chars characters a token) are tried on dense text near the limit too."""
+    if as_chat:
+        request = pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content=text)]))
+    else:
+        request = pb.GenerateRequest(prompt=text)
+    if isinstance(limit, tuple):
+        limit = len(_reference(demo_tokenizer, request, 2**31)) + limit[1]
+    max_model_len = max(1, limit)
+    want = _reference(demo_tokenizer, request, max_model_len)
+    with contextlib.nullcontext() if byte_bound else _heads_only(demo_tokenizer), \
+            mock.patch.object(token_bounds, "HEAD_CHARS_PER_TOKEN", head_chars):
+        if want is None:
+            with pytest.raises(ValueError, match=TOO_LONG.replace("prompt", "chat" if as_chat else "prompt")):
+                prepare(request, demo_tokenizer, {}, max_model_len, TextLimits())
+        else:
+            got = prepare(request, demo_tokenizer, {}, max_model_len, TextLimits())
+            assert list(got.engine_request.prompt_token_ids) == want
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=texts, cut=st.floats(0, 1))
+def test_a_heads_certain_tokens_begin_every_longer_text(demo_tokenizer, text, cut):
+    """The certain part of a head's tokens is where the whole text's tokens begin, cut anywhere; the bound is
+    never above the whole text's count, for any max_model_len."""
+    head = text[: max(1, round(len(text) * cut))]
+    whole = demo_tokenizer.encode(text, add_special_tokens=False)
+    with _heads_only(demo_tokenizer):
+        sure, seen = token_bounds._certain_head_tokens(token_bounds._pipeline(demo_tokenizer), head)
+        assert sure <= seen
+        assert demo_tokenizer.encode(head, add_special_tokens=False)[:sure] == whole[:sure]
+        for max_model_len in (1, 8, 64):
+            assert tokens_at_least(demo_tokenizer, text, max_model_len) <= len(whole)
+
+
+@pytest.fixture(scope="module")
+def qwen_like():
+    """Byte-level BPE split by Qwen2's pattern, with a merge of a newline and a space: a cut in a whitespace run
+    then changes the tokens of the pre-token before the last too (the newline-run match takes in what the
+    space-run match ended the head with), which the demo tokenizer never shows."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = [("Ċ", "Ġ"), ("Ġ", "Ġ"), ("ĊĠ", "Ġ"), ("ĠĠ", "ĠĠ")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab, merges))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), "isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.lists(st.sampled_from(["x", "\n", "\n\n", " ", "   ", " " * 80]), min_size=1, max_size=12).map("".join),
+       cut=st.floats(0, 1))
+def test_heads_are_certain_where_a_cut_changes_two_pre_tokens(qwen_like, text, cut):
+    """As for the demo tokenizer, where the pre-token before the head's last one changes too (TAIL_WORDS)."""
+    head = text[: max(1, round(len(text) * cut))]
+    whole = qwen_like.encode(text, add_special_tokens=False)
+    with _heads_only(qwen_like):
+        sure, _ = token_bounds._certain_head_tokens(token_bounds._pipeline(qwen_like), head)
+        assert qwen_like.encode(head, add_special_tokens=False)[:sure] == whole[:sure]
+        assert tokens_at_least(qwen_like, text, 1) <= len(whole)
+
+
+def test_tokenizers_it_cannot_read_are_tokenized_whole(demo_tokenizer):
+    """A tokenizer that is not a plain transformers fast tokenizer may encode otherwise than its backend."""
+
+    class Custom(type(demo_tokenizer)):
+        def encode(self, text, *args, **kwargs):
+            return [5] * len(text)
+
+    custom = Custom.__new__(Custom)
+    custom.__dict__.update(demo_tokenizer.__dict__)
+    assert tokens_at_least(custom, "word " * 10_000, 8) == 0
+    assert tokens_at_least(demo_tokenizer, "word " * 10_000, 8) >= 8
+
+
+# ---- The servicer: heavy work one at a time, refusals timed and freed. ----
+
+
+class _Pool:
+    def __init__(self, max_model_len: int) -> None:
+        self.max_model_len = max_model_len
+
+
+def _servicer(demo_tokenizer, max_model_len: int = 64) -> servicer_module.TextServicer:
+    return servicer_module.TextServicer(demo_tokenizer, _Pool(max_model_len), "demo", len(demo_tokenizer), {0}, {},
+                                        max_inflight=100)
+
+
+@pytest.mark.parametrize(("max_model_len", "digits"), [(64, 200), (10_000, 70_000)], ids=["inline", "worker"])
+def test_a_refused_prompts_ids_are_freed_without_a_garbage_collection(demo_tokenizer, max_model_len, digits):
+    """The refusal's traceback held the frames holding the prompt's ids; grpc's abort keeps the exception in a
+    reference cycle, so each refused prompt's millions of ids lived until a full collection (1.3 GB of them)."""
+    text = "7" * digits  # one token a digit: tokenized whole (the byte bound is 13 a token), then refused
+    ids = demo_tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) >= max_model_len
+
+    async def refuse() -> str:
+        try:
+            await _servicer(demo_tokenizer, max_model_len)._admit(pb.GenerateRequest(prompt=text), RequestTrace("1"))
+        except RequestFailed as exc:
+            exc.keep = exc  # a reference cycle, as grpc's abort makes one
+            return exc.message
+        raise AssertionError("not refused")
+
+    gc.collect()
+    gc.disable()
+    try:
+        message = asyncio.run(refuse())
+        left = [o for o in gc.get_objects() if type(o) is list and o is not ids and o == ids]
+    finally:
+        gc.enable()
+    assert message.startswith(TOO_LONG) and f"got {len(ids)} tokens" in message
+    assert not left, "the refused prompt's ids outlived the refusal"
+
+
+def test_tokenize_time_counts_refusals(demo_tokenizer):
+    """Only prepared requests were observed: a refusal that took seconds was invisible."""
+    servicer = _servicer(demo_tokenizer)
+
+    def count() -> float:
+        return servicer.metrics.registry.get_sample_value("llmserve:tokenize_time_seconds_count",
+                                                          {"model_name": "demo"})
+
+    async def main() -> None:
+        await servicer._admit(pb.GenerateRequest(prompt="hello"), RequestTrace("ok"))
+        for i, request in enumerate([pb.GenerateRequest(prompt="word " * 100), pb.GenerateRequest(prompt="")]):
+            with pytest.raises(RequestFailed) as refused:
+                await servicer._admit(request, RequestTrace(str(i)))
+            assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        servicer.draining = True  # refused before any tokenizing: nothing to time
+        with pytest.raises(RequestFailed):
+            await servicer._admit(pb.GenerateRequest(prompt="hello"), RequestTrace("drain"))
+
+    before = count()
+    asyncio.run(main())
+    assert count() - before == 3
+
+
+def test_heavy_work_runs_one_at_a_time_and_holds_its_slot_until_its_thread_returns(demo_tokenizer, monkeypatch):
+    """Every big request was tokenized on a thread of its own at once: memory grew with how many came together.
+    A caller that stops waiting leaves its thread running: the next one starts only when that one returns."""
+    running, most, spans = 0, 0, []
+    lock = threading.Lock()
+
+    def slow(*args):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        started = time.monotonic()
+        time.sleep(0.1)
+        with lock:
+            running -= 1
+        spans.append((started, time.monotonic()))
+        return prepare(*args)
+
+    monkeypatch.setattr(servicer_module, "prepare", slow)
+    big = pb.GenerateRequest(prompt="word " * (servicer_module.OFFLOAD_TOKENIZE_BYTES // 4))
+
+    async def main() -> None:
+        servicer = _servicer(demo_tokenizer, max_model_len=100_000)
+        prepared = await asyncio.gather(*(servicer._admit(big, RequestTrace(str(i))) for i in range(3)),
+                                        servicer._off_loop(pb.TokenizeRequest(text=big.prompt), slow, big,
+                                                           demo_tokenizer, {}, 100_000, TextLimits()))
+        assert all(p.num_prompt_tokens > 0 for p in prepared)
+        first = asyncio.ensure_future(servicer._admit(big, RequestTrace("gone")))
+        await asyncio.sleep(0.03)
+        first.cancel()  # its thread runs on
+        await servicer._admit(big, RequestTrace("next"))
+        assert servicer.admitting == 0
+
+    asyncio.run(main())
+    assert most == servicer_module.HEAVY_SLOTS == 1
+    gone, after = spans[-2:]
+    assert after[0] >= gone[1], "the next request's thread started while a cancelled one's still ran"
+
+
+@pytest.mark.parametrize(("request_", "fragment"), [
+    (pb.GenerateRequest(prompt="a" * (8 * 2**20 + 1)), "prompt: must be at most 8388608 bytes of UTF-8 "
+                                                        "(max_prompt_bytes) (got 8388609 bytes)"),
+    (pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="hi")] * 4097)),
+     "messages: must hold at most 4096 messages (max_messages) (got 4097)"),
+    (pb.GenerateRequest(prompt="hi", stop=["x"] * 65), "stop: must be a list of at most 64 strings (max_stop_strings)"),
+    (pb.GenerateRequest(prompt="hi", stop=["x" * 1025]), "at most 1024 characters (max_stop_string_chars)"),
+], ids=["prompt_bytes", "messages", "stop_strings", "stop_string_chars"])
+def test_door_limits_say_their_value(demo_tokenizer, request_, fragment):
+    """The messages named the setting only: 'must be at most max_prompt_bytes bytes of UTF-8 (got 10000000 bytes)'
+    left the caller to guess how much is allowed."""
+    with pytest.raises(ValueError) as refused:
+        prepare(request_, demo_tokenizer, {}, 2048, TextLimits())
+    assert fragment in str(refused.value)
+    assert "[request] prompt: must be at most 8388608 bytes" in validation.describe_rules()
