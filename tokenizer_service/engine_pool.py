@@ -430,6 +430,17 @@ class EnginePool:
             if conn.retiring and not conn.inflight:
                 await self.conns.pop(address).close()
 
+    def cut_all(self, message: str) -> int:
+        """End every request in flight with UNAVAILABLE `message`, aborting it in its engine: the end of a drain's
+        grace, so that callers read why (gRPC's own cancellation says only 'Cancelling all calls')."""
+        cut = 0
+        for conn in self.conns.values():
+            for handle in list(conn.inflight.values()):
+                handle.close()
+                handle.fail(RequestFailed(grpc.StatusCode.UNAVAILABLE, message))
+                cut += 1
+        return cut
+
     async def close(self) -> None:
         if self._dns_task is not None:
             self._dns_task.cancel()

@@ -171,10 +171,15 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
     while servicer.num_calls and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     if servicer.num_calls:
-        metrics.shutdown_error = (f"UNAVAILABLE: the service stopped: its drain's grace period ({config.grace_s:g}s) "
-                                  "ended before the request did")
+        reason = f"the service stopped: its drain's grace period ({config.grace_s:g}s) ended before the request did"
+        metrics.shutdown_error = f"UNAVAILABLE: {reason}"
         log.warning("drain: cutting %d calls at the end of the grace period", servicer.num_calls)
-    await server.stop(0)  # cancels what is left (nothing, when the drain finished)
+        # Requests on an engine end with the reason as their status; let their calls send it before the stop.
+        if pool.cut_all(reason):
+            unwind = time.monotonic() + 1.0
+            while servicer.num_calls and time.monotonic() < unwind:
+                await asyncio.sleep(0.02)
+    await server.stop(0)  # cancels what is left (nothing, when the drain finished): requests not yet on an engine
     await stopping
     if health_server is not None:
         await health_server.stop(0.5)
