@@ -367,7 +367,9 @@ class LLMEngine:
         for seq, token in zip(batch.seqs, sampled, strict=True):
             if token is None:
                 continue  # a prefill chunk that did not reach the end, or a request failed above
-            outputs.append(self._output(seq, [token]))
+            # _output, inlined: once per sequence and step
+            outputs.append(StepOutput(seq.request_id, [token], seq.finish_reason, seq.num_prompt_tokens,
+                                      seq.num_cached_tokens))
             if seq.status is Status.FINISHED:
                 self._forget(seq)
 
@@ -375,7 +377,7 @@ class LLMEngine:
         """ahead: for a batch scheduled ahead, whose sequences will have one more output token by then."""
         p = seq.params
         banned: tuple[int, ...] = ()
-        if seq.num_output_tokens + ahead < p.min_tokens:
+        if p.min_tokens and len(seq.token_ids) - seq.num_prompt_tokens + ahead < p.min_tokens:
             banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_token_ids))
         return SamplingRow(p, self.generators.get(seq.request_id), banned)
 

@@ -21,6 +21,18 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
+def rows_to_device(rows: list[list[int]], width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`rows` padded with 0 to `width`, as a [len(rows), width] tensor on `device`; never synchronises. Filled
+    row by row through numpy: torch.tensor converts a nested list element by element (1.8 ms for 256 block
+    tables of 128 blocks, against 0.35 ms)."""
+    pin = device.type == "cuda"
+    out = torch.zeros((len(rows), width), dtype=dtype, pin_memory=pin)
+    view = out.numpy()
+    for i, row in enumerate(rows):
+        view[i, : len(row)] = row
+    return out.to(device, non_blocking=True) if pin else out
+
+
 def on_device(device: torch.device):
     """A context making `device` the current CUDA device (a no-op elsewhere). Triton launches and graph
     captures target the current device, which is per thread: the engine loop's thread starts on device 0,

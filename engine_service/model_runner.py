@@ -26,7 +26,7 @@ from engine_service.attention import (
     triton_interpreted,
 )
 from engine_service.config import EngineConfig
-from engine_service.host_copy import on_device, to_device
+from engine_service.host_copy import on_device, rows_to_device, to_device
 from engine_service.model.config import ModelConfig
 from engine_service.model.layers import TPInfo
 from engine_service.model.loader import load_weights
@@ -309,8 +309,6 @@ class ModelRunner:
     # ---- one step --------------------------------------------------------------------------------
     def _metadata(self, q_lens, ctx_lens, tables, slots, num_decode_seqs) -> AttentionMetadata:
         dev = self.device
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]  # 0 keeps gathers in range; masked anyway
         cu = [0]
         for n in q_lens:
             cu.append(cu[-1] + n)
@@ -318,7 +316,8 @@ class ModelRunner:
             slot_mapping=to_device(slots, torch.long, dev),
             cu_seqlens_q=to_device(cu, torch.int32, dev),
             context_lens=to_device(ctx_lens, torch.int32, dev),
-            block_tables=to_device(padded, torch.int32, dev),
+            # padded with 0, which keeps gathers in range; masked anyway
+            block_tables=rows_to_device(tables, max(len(t) for t in tables), torch.int32, dev),
             num_decode_seqs=num_decode_seqs,
             max_seqlen_q=max(q_lens),
             max_context_len=max(ctx_lens),
@@ -354,10 +353,21 @@ class ModelRunner:
             return x
         for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample, strict=True):
             start = seq.num_computed_tokens
+            table = seq.block_table
+            if n == 1:  # a decode row (most rows of most steps): no slices or ranges
+                x.ids.append(seq.token_ids[start])
+                x.positions.append(start)
+                x.slots.append(table[start // bs] * bs + start % bs)
+                x.q_lens.append(1)
+                x.ctx_lens.append(start + 1)
+                x.tables.append(table)
+                x.num_decode += 1
+                if sample:
+                    x.sample_rows.append(len(x.ids) - 1)
+                continue
             end = start + n
             x.ids.extend(seq.token_ids[start:end])
             x.positions.extend(range(start, end))
-            table = seq.block_table
             x.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             x.q_lens.append(n)
             x.ctx_lens.append(end)

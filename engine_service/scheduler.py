@@ -72,18 +72,28 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         picked: list[tuple[Sequence, int]] = []
         preempted = False
-        decodes_left = sum(1 for s in self.running if s.is_decoding)
+        # Every sequence in `running` is RUNNING, so is_decoding is one uncomputed token (inlined: per step
+        # and per sequence).
+        decodes_left = sum(1 for s in self.running if len(s.token_ids) - s.num_computed_tokens == 1)
+        slots_per_block = self.bm.block_size
         i = 0
         while i < len(self.running):
             seq = self.running[i]
-            if seq.is_decoding:
+            uncomputed = len(seq.token_ids) - seq.num_computed_tokens
+            if uncomputed == 1:
                 n = 1
                 decodes_left -= 1
             else:
-                n = min(seq.num_uncomputed_tokens, budget - decodes_left)
+                n = min(uncomputed, budget - decodes_left)
                 if n <= 0:
                     i += 1
                     continue
+            if seq.num_computed_tokens + n <= len(seq.block_table) * slots_per_block:
+                # Its blocks have room for the new tokens (most decode steps): nothing to take or preempt.
+                picked.append((seq, n))
+                budget -= n
+                i += 1
+                continue
             while not self.bm.can_append(seq, n):
                 victim = self.running[-1]
                 if victim.is_decoding and victim is not seq:
@@ -121,20 +131,18 @@ class Scheduler:
                 rows[seq] = len(rows)
         if any(seq not in rows for seq in self.running):
             return None  # a sequence is mid-prefill or was left out: schedule() must decide
-        picked = [seq for seq in self.running if len(seq) + 1 < seq.max_len]
+        picked = [seq for seq in self.running if len(seq.token_ids) + 1 < seq.max_len]
         if not picked:
             return None
-        need = sum(self.bm.blocks_needed(len(seq) + 1) - len(seq.block_table) for seq in picked)
-        if need > self.bm.num_free_blocks:
+        bs = self.bm.block_size
+        # The sequences whose blocks have no room for one more token: each needs exactly one more block.
+        growing = [seq for seq in picked if len(seq.token_ids) + 1 > len(seq.block_table) * bs]
+        if len(growing) > self.bm.num_free_blocks:
             return None
-        ahead = ScheduledBatch(input_rows=[])
-        for seq in picked:
-            self.bm.grow_to(seq, len(seq) + 1)
-            ahead.seqs.append(seq)
-            ahead.num_new_tokens.append(1)
-            ahead.sample.append(True)
-            ahead.input_rows.append(rows[seq])
-        return ahead
+        for seq in growing:
+            self.bm.grow_to(seq, len(seq.token_ids) + 1)
+        n = len(picked)
+        return ScheduledBatch(picked, [1] * n, [True] * n, [rows[seq] for seq in picked])
 
     def _admit(self, picked: list[tuple[Sequence, int]], budget: int) -> None:
         # Hashes of the prompt blocks this step's admissions will compute. A request whose next block is one
@@ -179,12 +187,11 @@ class Scheduler:
     def _batch(picked: list[tuple[Sequence, int]]) -> ScheduledBatch:
         # One-token rows first: the attention backends batch them on their decode path.
         picked.sort(key=lambda p: p[1] != 1)
-        batch = ScheduledBatch()
-        for seq, n in picked:
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(n)
-            batch.sample.append(seq.num_computed_tokens + n == len(seq))
-        return batch
+        return ScheduledBatch(
+            [seq for seq, _ in picked],
+            [n for _, n in picked],
+            [seq.num_computed_tokens + n == len(seq.token_ids) for seq, n in picked],
+        )
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -197,11 +204,14 @@ class Scheduler:
     def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
         """Advance computed counts, publish full blocks, append sampled tokens; return finished seqs."""
         finished = []
+        bm = self.bm
+        caching, bs = bm.enable_prefix_caching, bm.block_size
         for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled, strict=True):
             if seq.status is not Status.RUNNING:
                 continue  # aborted between schedule and postprocess
             seq.num_computed_tokens += n
-            self.bm.publish(seq)
+            if caching and seq.num_computed_tokens // bs > len(seq.block_hashes):
+                bm.publish(seq)  # a block became full (publish's own loop is empty otherwise)
             if token is None:
                 continue
             seq.token_ids.append(token)
@@ -213,10 +223,11 @@ class Scheduler:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if seq.num_output_tokens >= p.min_tokens:
+        length = len(seq.token_ids)  # per sequence and step: no properties
+        if length - seq.num_prompt_tokens >= p.min_tokens:
             if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
                 return FINISH_STOP
-        if len(seq) >= seq.max_len:
+        if length >= seq.max_len:
             return FINISH_LENGTH
         return None
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine_service.cuda_graphs import capture_sizes, pack_decode_inputs, pick_size
+from engine_service.host_copy import rows_to_device
 
 
 def test_capture_sizes_ladder():
@@ -38,6 +39,16 @@ def test_pack_pads_lanes_and_tables():
     # A full batch has no padding lanes.
     flat, width = pack_decode_inputs([1], [0], [0], [1], [[3]], 1)
     assert (flat, width) == ([1, 0, 0, 1, 3], 1)
+
+
+def test_rows_to_device_pads_ragged_block_tables_with_zeros():
+    """The eager steps' block tables: rows of any length, padded with 0 to the widest (0 keeps gathers in range)."""
+    rng = random.Random(0)
+    rows = [[rng.randrange(1, 10_000) for _ in range(rng.randrange(1, 40))] for _ in range(64)]
+    width = max(map(len, rows))
+    got = rows_to_device(rows, width, torch.int32, torch.device("cpu"))
+    want = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32)
+    assert got.dtype == torch.int32 and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
