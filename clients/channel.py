@@ -1,13 +1,21 @@
-"""Channel settings shared by the clients: explicit message limits, keepalive the servers permit, and TLS."""
+"""Channel settings shared by the clients: explicit message limits, keepalive the servers permit, and TLS; and
+Channels, which moves a client's new calls to a new channel when its TLS files are rotated."""
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
 from clients.tls import ClientTls, keepalive_options
 
+log = logging.getLogger(__name__)
+ROTATION_RETRY_S = 1.0  # TLS files that changed and did not load are read again on the first call this much later
 MiB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
 # gRPC turns a deadline past a few decades into one already expired (DEADLINE_EXCEEDED at once): a timeout this
@@ -35,17 +43,71 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ]
 
 
-def sync_channel(target: str, tls: ClientTls | None = None, **kwargs: int | float) -> grpc.Channel:
-    """A plaintext channel, or a TLS one when tls is given."""
+def sync_channel(target: str, tls: ClientTls | None = None, *, credentials: grpc.ChannelCredentials | None = None,
+                 **kwargs: int | float) -> grpc.Channel:
+    """A plaintext channel, or a TLS one when tls is given (credentials: those already read from its files)."""
     options = channel_options(**kwargs)
     if tls is None:
         return grpc.insecure_channel(target, options=options)
-    return grpc.secure_channel(target, tls.credentials(), options=[*options, *tls.options()])
+    return grpc.secure_channel(target, credentials or tls.credentials(), options=[*options, *tls.options()])
 
 
-def aio_channel(target: str, tls: ClientTls | None = None, **kwargs: int | float) -> grpc.aio.Channel:
+def aio_channel(target: str, tls: ClientTls | None = None, *, credentials: grpc.ChannelCredentials | None = None,
+                **kwargs: int | float) -> grpc.aio.Channel:
     """The asyncio twin of sync_channel."""
     options = channel_options(**kwargs)
     if tls is None:
         return grpc.aio.insecure_channel(target, options=options)
-    return grpc.aio.secure_channel(target, tls.credentials(), options=[*options, *tls.options()])
+    return grpc.aio.secure_channel(target, credentials or tls.credentials(), options=[*options, *tls.options()])
+
+
+class Channels:
+    """A client's channel and stub, made by open_channel (sync_channel or aio_channel).
+
+    A channel reconnects with the credentials it was made with, so a long-lived client kept its first certificate
+    (and CA): once that expired, every call failed UNAVAILABLE while a new client on the same files worked. With
+    TLS, stub() checks the files' stamp before each call and, when it changed, makes a new channel for new calls.
+    Calls in flight finish on the old channel, which is kept (idle, gRPC drops its connection) and closed with the
+    client. Files that do not load yet (a rotation half-written) keep the current channel, with one warning, and
+    are read again on a later call, at most every ROTATION_RETRY_S."""
+
+    def __init__(self, open_channel: Callable[..., Any], target: str, tls: ClientTls | None,
+                 stub_type: Callable[[Any], Any], **channel_kwargs: int | float) -> None:
+        self._open_channel, self._target, self._tls, self._kwargs = open_channel, target, tls, channel_kwargs
+        self._stub_type = stub_type
+        self._stamp = tls.stamp() if tls is not None else None  # taken before reading: a change meanwhile shows
+        self.current = open_channel(target, tls, **channel_kwargs)
+        self._stub = stub_type(self.current)
+        self.retired: list[Any] = []
+        self._retry_at, self._warned = 0.0, False
+        self._lock = threading.Lock()  # a blocking client may be shared by threads
+
+    def stub(self) -> Any:
+        """The stub for a new call: on a new channel when the TLS files changed and load."""
+        if self._tls is not None and self._tls.stamp() != self._stamp:
+            with self._lock:
+                self._renew(self._tls)
+        return self._stub
+
+    def _renew(self, tls: ClientTls) -> None:
+        stamp = tls.stamp()
+        if stamp == self._stamp or time.monotonic() < self._retry_at:
+            return  # another thread renewed it, or the files did not load a moment ago
+        try:
+            credentials = tls.credentials()
+        except ValueError as exc:
+            self._retry_at = time.monotonic() + ROTATION_RETRY_S
+            if not self._warned:
+                self._warned = True
+                log.warning("TLS files changed but do not load (%s); new calls stay on the current channel until "
+                            "they do", exc)
+            return
+        self.retired.append(self.current)
+        self.current = self._open_channel(self._target, tls, credentials=credentials, **self._kwargs)
+        self._stub = self._stub_type(self.current)
+        self._stamp, self._warned = stamp, False
+        log.info("TLS files changed: new calls go on a new channel, made from them")
+
+    def all(self) -> list[Any]:
+        """Every channel made, those retired first: to close with the client."""
+        return [*self.retired, self.current]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from clients.channel import client_timeout, sync_channel
+import grpc
+
+from clients.channel import Channels, client_timeout, sync_channel
 from clients.tls import ClientTls
 from protos.llmserve.engine.v1 import engine_pb2 as pb
 from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
@@ -13,8 +15,16 @@ from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
 class EngineClient:
     def __init__(self, target: str, timeout: float | None = None, tls: ClientTls | None = None) -> None:
         self.timeout = client_timeout(timeout)
-        self._channel = sync_channel(target, tls)
-        self.stub = pb_grpc.EngineStub(self._channel)
+        self._channels = Channels(sync_channel, target, tls, pb_grpc.EngineStub)
+
+    @property
+    def stub(self) -> pb_grpc.EngineStub:
+        """The stub for a new call (on a new channel once the TLS files were rotated)."""
+        return self._channels.stub()
+
+    @property
+    def _channel(self) -> grpc.Channel:
+        return self._channels.current
 
     def generate(self, prompt_token_ids: list[int], request_id: str = "", *, trace_id: str = "",
                  **sampling: object) -> Iterator[pb.RequestUpdate]:
@@ -34,7 +44,8 @@ class EngineClient:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels.all():
+            channel.close()
 
     def __enter__(self) -> EngineClient:
         return self

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 
 import grpc
 
-from clients.channel import MAX_TIMEOUT_S, aio_channel, client_timeout, sync_channel
+from clients.channel import MAX_TIMEOUT_S, Channels, aio_channel, client_timeout, sync_channel
 from clients.requests import chat, generate_request
 from clients.tls import ClientTls
 from protos.llmserve.text.v1 import text_pb2 as pb
@@ -142,8 +142,16 @@ class _GenerateCalls:
     """The streaming calls both clients share; each subclass names its channel and its stream wrapper."""
 
     _stream_type: type
-    _stub: pb_grpc.TextGenerationStub
+    _channels: Channels
     timeout: float | None
+
+    @property
+    def _stub(self) -> pb_grpc.TextGenerationStub:
+        return self._channels.stub()  # on a new channel once the TLS files were rotated
+
+    @property
+    def _channel(self) -> grpc.Channel | grpc.aio.Channel:
+        return self._channels.current
 
     def _stream(self, request: pb.GenerateRequest, request_id: str | None):
         request_id = _id_text(request_id)
@@ -200,8 +208,7 @@ class TextClient(_GenerateCalls):
     def __init__(self, target: str, timeout: float | None = None, tls: ClientTls | None = None,
                  **channel_kwargs: int | float) -> None:
         self.timeout = client_timeout(timeout)
-        self._channel = sync_channel(target, tls, **channel_kwargs)
-        self._stub = pb_grpc.TextGenerationStub(self._channel)
+        self._channels = Channels(sync_channel, target, tls, pb_grpc.TextGenerationStub, **channel_kwargs)
 
     def generate_multi(self, requests: Iterable[pb.MultiRequest], *, request_id: str | None = None
                        ) -> MultiStream:
@@ -222,7 +229,8 @@ class TextClient(_GenerateCalls):
         return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels.all():
+            channel.close()
 
     def __enter__(self) -> TextClient:
         return self
@@ -296,8 +304,7 @@ class AsyncTextClient(_GenerateCalls):
     def __init__(self, target: str, timeout: float | None = None, tls: ClientTls | None = None,
                  **channel_kwargs: int | float) -> None:
         self.timeout = client_timeout(timeout)
-        self._channel = aio_channel(target, tls, **channel_kwargs)
-        self._stub = pb_grpc.TextGenerationStub(self._channel)
+        self._channels = Channels(aio_channel, target, tls, pb_grpc.TextGenerationStub, **channel_kwargs)
 
     async def tokenize(self, text: str | None = None, add_special_tokens: bool = False, *,
                        messages: Messages | None = None, enable_thinking: bool | None = None) -> list[int]:
@@ -312,7 +319,8 @@ class AsyncTextClient(_GenerateCalls):
         return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels.all():
+            await channel.close()
 
     async def __aenter__(self) -> AsyncTextClient:
         return self

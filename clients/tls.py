@@ -1,11 +1,13 @@
 """TLS and mutual TLS for every gRPC hop, from PEM files (docs/SECURITY.md). It imports only grpc (and its
 health package) and the standard library.
 
-- ClientTls dials a TLS server: the clients here, and the tokenizer service dialing its engines. It reads
-  the files whenever a channel is made, so a reconnect picks up a rotated certificate.
+- ClientTls dials a TLS server: the clients here, and the tokenizer service dialing its engines. A channel
+  keeps the credentials it was made with, reconnects included: the clients make a new channel for new calls
+  once the files change (clients/channel.py), and the engine pool makes one per dial.
 - ServerTls serves TLS: both services. A server reloads its files on the next handshake after they change
   (a Kubernetes Secret or cert-manager rotating them), without a restart; a change that does not load (a
-  half-written file, a key that does not match the certificate) keeps the current pair.
+  half-written file, a key that does not match the certificate) keeps the current pair. It logs an error while
+  the certificate it serves has expired, and exports when it expires (expiry(), a gauge in both services).
 - start_health_server serves grpc.health.v1 alone in plaintext on a port of its own, for probes that cannot speak
   TLS (the kubelet's gRPC probe cannot).
 - listen binds a server's port, TLS or plaintext, and refuses a port another process holds: gRPC's default
@@ -25,11 +27,12 @@ from __future__ import annotations
 import argparse
 import base64
 import logging
+import math
 import os
 import re
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -142,32 +145,44 @@ def _edwards_key(key_file: str) -> bool:
     return False
 
 
-def check_validity(cert_file: str, now: float | None = None) -> None:
-    """A ValueError when the (first) certificate in cert_file has expired or is not valid yet; a warning when
-    it expires within a day. A server with such a certificate started and said SERVING while every client's
-    handshake failed, and logged nothing."""
+def certificate_dates(cert_file: str) -> tuple[float, float] | None:
+    """(notBefore, notAfter) of the (first) certificate in cert_file as Unix times; None when it cannot be read
+    (load_cert_chain has said, or will say, what is wrong with the file)."""
     decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)  # CPython's own PEM reader
     if decode is None:
-        return
+        return None
     try:
         fields = decode(cert_file)
-        not_before = ssl.cert_time_to_seconds(fields["notBefore"])
-        not_after = ssl.cert_time_to_seconds(fields["notAfter"])
+        return ssl.cert_time_to_seconds(fields["notBefore"]), ssl.cert_time_to_seconds(fields["notAfter"])
     except (ssl.SSLError, OSError, KeyError, ValueError):
-        return  # load_cert_chain has said, or will say, what is wrong with the file
+        return None
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+def check_validity(cert_file: str, now: float | None = None, warn: bool = True) -> None:
+    """A ValueError when the (first) certificate in cert_file has expired or is not valid yet; with warn, a
+    warning when it expires within a day. A server with such a certificate started and said SERVING while every
+    client's handshake failed, and logged nothing."""
+    dates = certificate_dates(cert_file)
+    if dates is None:
+        return
+    not_before, not_after = dates
     now = time.time() if now is None else now
     if now >= not_after:
-        raise ValueError(f"the certificate in {cert_file!r} expired on {fields['notAfter']}: renew it")
+        raise ValueError(f"the certificate in {cert_file!r} expired on {_utc(not_after)}: renew it")
     if now < not_before:
-        raise ValueError(f"the certificate in {cert_file!r} is not valid before {fields['notBefore']}: check this "
+        raise ValueError(f"the certificate in {cert_file!r} is not valid before {_utc(not_before)}: check this "
                          "machine's clock, or wait")
-    if not_after - now < _EXPIRY_WARNING_S:
-        log.warning("TLS: the certificate in %r expires on %s, within a day: renew it", cert_file, fields["notAfter"])
+    if warn and not_after - now < _EXPIRY_WARNING_S:
+        log.warning("TLS: the certificate in %r expires on %s, within a day: renew it", cert_file, _utc(not_after))
 
 
-def check_pair(cert_file: str, key_file: str) -> None:
+def check_pair(cert_file: str, key_file: str, warn: bool = True) -> None:
     """A ValueError unless the key is unencrypted and is the private key of the certificate, the certificate is
-    valid now, and the key is of a type gRPC's TLS can use."""
+    valid now, and the key is of a type gRPC's TLS can use; with warn, a warning when it expires within a day."""
 
     def encrypted() -> bytes:  # asked for only when the key has a passphrase; never prompt on a terminal
         raise ValueError(f"{key_file!r} is encrypted: give the private key without a passphrase")
@@ -182,12 +197,27 @@ def check_pair(cert_file: str, key_file: str) -> None:
     if _edwards_key(key_file):
         raise ValueError(f"{key_file!r} is an Ed25519 or Ed448 key, which gRPC's TLS cannot sign handshakes with: "
                          "issue an ECDSA P-256 or RSA key")
-    check_validity(cert_file)
+    check_validity(cert_file, warn=warn)
+
+
+def files_stamp(*paths: str) -> tuple[object, ...]:
+    """What changes when any of the files does (Kubernetes swaps a Secret's files through a symlink; ctime also
+    moves on a chmod or chown, which can be what fixes a file that did not load). A path "" is no file."""
+    out: list[object] = []
+    for path in paths:
+        try:
+            st = os.stat(path) if path else None
+            out.append(None if st is None else (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
+        except OSError:
+            out.append("missing")
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
 class ClientTls:
-    """How to dial a TLS server. Files are PEM; the constructor reads them once to fail early."""
+    """How to dial a TLS server. Files are PEM; the constructor reads them once to fail early. A channel keeps
+    the credentials it was made with through all its reconnects: the clients here make a new channel when
+    stamp() changes (clients/channel.py Channels), and the tokenizer's engine pool makes one per dial."""
 
     ca_file: str = ""  # the CA that signed the server's certificate; "": the system's root certificates
     cert_file: str = ""  # with key_file: our own certificate, for a server that asks for one (mutual TLS)
@@ -198,12 +228,12 @@ class ClientTls:
         if bool(self.cert_file) != bool(self.key_file):
             raise ValueError("a client certificate and its private key go together: give both or neither, got "
                              f"certificate {self.cert_file!r} and key {self.key_file!r}")
-        self.credentials()
+        self.credentials(warn=False)  # the channel made from the files warns of a certificate near its end
 
-    def credentials(self) -> grpc.ChannelCredentials:
-        """Channel credentials from the files as they are now."""
+    def credentials(self, warn: bool = True) -> grpc.ChannelCredentials:
+        """Channel credentials from the files as they are now; warn: when the certificate expires within a day."""
         if self.cert_file:
-            check_pair(self.cert_file, self.key_file)
+            check_pair(self.cert_file, self.key_file, warn)
         return grpc.ssl_channel_credentials(
             root_certificates=read_ca(self.ca_file) if self.ca_file else None,
             private_key=read_pem(self.key_file, PRIVATE_KEY) if self.key_file else None,
@@ -212,6 +242,10 @@ class ClientTls:
     def options(self) -> list[tuple[str, str]]:
         """Channel options: the name to verify, when it is not the target's host."""
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+    def stamp(self) -> tuple[object, ...]:
+        """What changes when any of the files does; a few stat calls, cheap enough before each call."""
+        return files_stamp(self.ca_file, self.cert_file, self.key_file)
 
 
 def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
@@ -231,6 +265,38 @@ def tls_from_arguments(args: argparse.Namespace) -> ClientTls | None:
     return ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
 
 
+class _Served:
+    """The certificate a server presents now: when it expires, and when to look at that again. The client refuses
+    an expired one, so gRPC logs nothing on the server and health stays SERVING: this says it."""
+
+    __slots__ = ("cert_file", "not_after", "check_at", "warned")
+
+    def __init__(self) -> None:
+        self.cert_file, self.not_after, self.check_at, self.warned = "", math.nan, 0.0, False
+
+    def load(self, cert_file: str) -> None:
+        """The pair from cert_file is served from now on."""
+        dates = certificate_dates(cert_file)
+        # nan (a Python that cannot read certificates): every comparison is False, so check() says nothing
+        self.cert_file, self.not_after = cert_file, dates[1] if dates else math.nan
+        self.check_at, self.warned = 0.0, False
+
+    def check(self) -> None:
+        """At most every RELOAD_RETRY_S: an ERROR once the certificate has expired; before that, a WARNING (once)
+        when it expires within a day."""
+        if time.monotonic() < self.check_at:
+            return
+        self.check_at = time.monotonic() + RELOAD_RETRY_S
+        left = self.not_after - time.time()
+        if left <= 0:
+            log.error("TLS: the certificate served from %r expired on %s: every TLS handshake fails; renew it",
+                      self.cert_file, _utc(self.not_after))
+        elif left < _EXPIRY_WARNING_S and not self.warned:
+            self.warned = True
+            log.warning("TLS: the certificate served from %r expires on %s, within a day: renew it",
+                        self.cert_file, _utc(self.not_after))
+
+
 @dataclass(frozen=True, slots=True)
 class ServerTls:
     """A TLS server's certificate and key, and for mutual TLS the CA that must have signed each client's."""
@@ -238,6 +304,7 @@ class ServerTls:
     cert_file: str
     key_file: str
     client_ca_file: str = ""  # set: every client must present a certificate this CA signed
+    _served: _Served = field(default_factory=_Served, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.cert_file or not self.key_file:
@@ -250,46 +317,46 @@ class ServerTls:
         """Every client must present a certificate (mutual TLS)."""
         return bool(self.client_ca_file)
 
+    def expiry(self) -> float:
+        """When the certificate served now expires (its notAfter, a Unix time; nan when unknown), for a gauge."""
+        return self._served.not_after
+
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
         key, cert = read_pem(self.key_file, PRIVATE_KEY), read_pem(self.cert_file, CERTIFICATE)
-        check_pair(self.cert_file, self.key_file)
+        check_pair(self.cert_file, self.key_file, warn=False)  # _Served.check warns, once per certificate served
         return grpc.ssl_server_certificate_configuration(
             [(key, cert)],
             root_certificates=read_ca(self.client_ca_file) if self.client_ca_file else None)
 
     def _stamp(self) -> tuple[object, ...]:
-        """What changes when any of the files does (Kubernetes swaps a Secret's files through a symlink; ctime
-        also moves on a chmod or chown, which can be what fixes a file that did not load)."""
-        out: list[object] = []
-        for path in (self.cert_file, self.key_file, self.client_ca_file):
-            try:
-                st = os.stat(path) if path else None
-                out.append(None if st is None else (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
-            except OSError:
-                out.append("missing")
-        return tuple(out)
+        return files_stamp(self.cert_file, self.key_file, self.client_ca_file)
 
     def credentials(self) -> grpc.ServerCredentials:
-        """Server credentials that reload the files on the first handshake after they change."""
+        """Server credentials that reload the files on the first handshake after they change, and say when the
+        certificate served expires within a day or has expired."""
         seen = self._stamp()
         initial = self._configuration()
+        self._served.load(self.cert_file)
+        self._served.check()
         retry_at: float | None = None  # files that did not load are tried again from then (a renewed
         # certificate not valid yet: its notBefore passes without the files changing again)
 
         def fetch() -> grpc.ServerCertificateConfiguration | None:  # grpc calls this before each handshake
             nonlocal seen, retry_at
             now = self._stamp()
-            if now == seen and (retry_at is None or time.monotonic() < retry_at):
-                return None
-            seen, retry_at = now, None
-            try:
-                configuration = self._configuration()
-            except ValueError as exc:
-                retry_at = time.monotonic() + RELOAD_RETRY_S
-                log.warning("TLS files changed but do not load (%s); keeping the current certificate, trying again "
-                            "in %.0fs or when they change", exc, RELOAD_RETRY_S)
-                return None
-            log.info("TLS: reloading the certificate from %s", self.cert_file)
+            configuration = None
+            if now != seen or (retry_at is not None and time.monotonic() >= retry_at):
+                seen, retry_at = now, None
+                try:
+                    configuration = self._configuration()
+                except ValueError as exc:
+                    retry_at = time.monotonic() + RELOAD_RETRY_S
+                    log.warning("TLS files changed but do not load (%s); keeping the current certificate, trying "
+                                "again in %.0fs or when they change", exc, RELOAD_RETRY_S)
+                else:
+                    log.info("TLS: reloading the certificate from %s", self.cert_file)
+                    self._served.load(self.cert_file)
+            self._served.check()  # the files unchanged too: a certificate expires where it lies
             return configuration
 
         return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=self.mutual)

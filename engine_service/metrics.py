@@ -85,6 +85,7 @@ class EngineMetrics:
                  log_requests: bool = True) -> None:
         self.model_name = model_name
         self._stats, self._num_waiting = stats, num_waiting  # read at scrape time
+        self._certificate_expiry: Callable[[], float] | None = None  # serving TLS: watch_certificate
         self._log_requests = log_requests
         self._live: dict[str, _Request] = {}  # engine request id -> timestamps; consumer thread only
         self._last_admit = -1  # highest Sequence.admit_order seen in the scheduler's running list
@@ -97,6 +98,10 @@ class EngineMetrics:
         self.prefill, self.decode = Histogram(REQUEST_BUCKETS), Histogram(REQUEST_BUCKETS)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
+
+    def watch_certificate(self, expiry: Callable[[], float]) -> None:
+        """Export when the served TLS certificate expires (ServerTls.expiry), read when scraped."""
+        self._certificate_expiry = expiry
 
     # ---- consumer thread ----------------------------------------------------------------------------------
 
@@ -236,6 +241,9 @@ class EngineMetrics:
             ("kv_cache_usage_perc", "Fraction of KV-cache blocks held by live requests (1 = full).",
              (stats.get("num_used_blocks", 0) / stats["num_blocks"]) if stats.get("num_blocks") else 0.0),
         )
+        if self._certificate_expiry is not None:
+            gauges += (("tls_certificate_expiry_timestamp_seconds", "When the TLS certificate served expires (its "
+                        "notAfter, Unix time).", self._certificate_expiry()),)
         for name, doc, value in gauges:
             yield _one(GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"]), model, value)
         counters = [

@@ -196,6 +196,8 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
         log.info("plaintext health on %s:%d", config.host, health_port)
     metrics = EngineMetrics(Path(config.model).name, lambda: servicer.loop.stats if servicer.loop else {},
                             lambda: servicer.loop.num_waiting if servicer.loop else 0, config.log_requests)
+    if tls is not None:
+        metrics.watch_certificate(tls.expiry)
     metrics_server = None
     if config.metrics_port:
         metrics_server = serve_metrics(metrics.registry, config.host, config.metrics_port)

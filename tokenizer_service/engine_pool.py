@@ -96,11 +96,18 @@ def tls_hint(details: str, tls: ClientTls | None) -> str:
         name = tls.server_name if tls is not None and tls.server_name else "the address's host"
         return (f" (the engine's certificate does not name {name}: set --engine-tls-server-name to a name it "
                 "holds, or reissue it)")
-    if "Socket closed" in details or "handshake" in details.lower():
+    if "CERTIFICATE_VERIFY_FAILED" in details:  # the engine's certificate, not ours; gRPC's words say why
+        return (" (the engine's certificate did not verify against --engine-tls-ca: expired, not valid yet, or "
+                "signed by another CA, as the error says; renew it, or give the CA that signed it)")
+    # An engine that asks for a client certificate and gets none it trusts just closes the connection (TLS 1.3).
+    if "Socket closed" in details:
         if tls is None:
             return " (does the engine serve TLS? then set --engine-tls-ca to the CA that signed its certificate)"
-        return (" (if the engine asks for a client certificate, give --engine-tls-cert and --engine-tls-key from "
-                "the CA in its --tls-client-ca)")
+        if not tls.cert_file:
+            return (" (if the engine asks for a client certificate, give --engine-tls-cert and --engine-tls-key "
+                    "from the CA in its --tls-client-ca)")
+        return (" (if the engine refused our certificate: --engine-tls-cert must be signed by the CA in its "
+                "--tls-client-ca, and valid now)")
     return ""
 
 

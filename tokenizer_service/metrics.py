@@ -111,6 +111,13 @@ class TextMetrics:
         self.inflight.set_function(inflight)
         self.engines.set_function(engines)
 
+    def watch_certificate(self, expiry: Callable[[], float]) -> None:
+        """Export when the served TLS certificate expires (ServerTls.expiry), read when scraped."""
+        gauge = Gauge(PREFIX + "tls_certificate_expiry_timestamp_seconds",
+                      "When the TLS certificate served expires (its notAfter, Unix time).", ["model_name"],
+                      registry=self.registry)
+        gauge.labels(model_name=self._model).set_function(expiry)
+
     def finish(self, trace: RequestTrace) -> None:
         """Account a finished request and write its log line (once per trace)."""
         if trace.logged:

@@ -136,6 +136,8 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
     tls = config.server_tls
     address = f"{config.host}:{config.port}"
     port = listen(server, address, tls, "port")
+    if tls is not None:
+        metrics.watch_certificate(tls.expiry)
     for service in ("", config.service_name):
         await health_servicer.set(service, NOT_SERVING)
     await health_servicer.set(LIVENESS, SERVING)

@@ -448,17 +448,29 @@ def test_expired_not_yet_valid_and_ed25519_certificates_are_refused(pki, tmp_pat
 
 
 def test_the_pool_says_what_to_check_when_tls_does_not_match():
-    """The engine pool logged gRPC's bare 'Socket closed' or 'WRONG_VERSION_NUMBER'; llm-client gave hints."""
+    """The engine pool logged gRPC's bare 'Socket closed' or 'WRONG_VERSION_NUMBER'; llm-client gave hints. An
+    engine certificate that had expired (or another CA signed) got the hint for a missing client certificate."""
     from clients.tls import ClientTls
     from tokenizer_service.engine_pool import tls_hint
 
     assert "set --engine-tls-ca" in tls_hint("failed to connect: Socket closed", None)
     tls = ClientTls.__new__(ClientTls)
     object.__setattr__(tls, "server_name", "llm-engine")
-    assert "--engine-tls-cert" in tls_hint("Socket closed", tls)
+    object.__setattr__(tls, "cert_file", "")
+    assert "give --engine-tls-cert" in tls_hint("Socket closed", tls)
     assert "serves plaintext" in tls_hint("SSL routines::WRONG_VERSION_NUMBER", tls)
     assert "does not name llm-engine" in tls_hint("Hostname Verification Check failed.", tls)
     assert tls_hint("Connection refused", tls) == ""
+    with_cert = ClientTls.__new__(ClientTls)
+    object.__setattr__(with_cert, "cert_file", "client.crt")
+    assert "the CA in its --tls-client-ca" in tls_hint("Socket closed", with_cert)  # the engine refused ours
+    for why in ("certificate has expired", "unable to get local issuer certificate", "certificate is not yet valid"):
+        details = ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:58837: Tls handshake "
+                   "failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL routines:OPENSSL_internal:"
+                   f"CERTIFICATE_VERIFY_FAILED: {why}: OK")
+        for client in (tls, with_cert):
+            hint = tls_hint(details, client)
+            assert "certificate did not verify against --engine-tls-ca" in hint and "--engine-tls-cert" not in hint
 
 
 def test_a_renewed_certificate_not_valid_yet_is_served_once_it_is(tmp_path, caplog, monkeypatch):
@@ -537,3 +549,201 @@ def test_a_burst_past_the_call_limit_is_refused_in_words_not_dropped():
 
     outcomes = asyncio.run(main())
     assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED"} and outcomes["OK"] >= 32, outcomes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Expiry while serving, and clients that outlive their certificate
+
+
+def not_after(cert: Path) -> float:
+    """The certificate's notAfter as a Unix time."""
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc.timestamp()
+
+
+def expiry_gauge(port: int) -> float | None:
+    """llmserve:tls_certificate_expiry_timestamp_seconds on a /metrics page, None when it is not there."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for family in text_string_to_metric_families(body):
+        if family.name == "llmserve:tls_certificate_expiry_timestamp_seconds":
+            return family.samples[0].value
+    return None
+
+
+def test_a_server_says_when_the_certificate_it_serves_expires(tmp_path, caplog, monkeypatch):
+    """A certificate that expired while the service ran went unnoticed: health said SERVING and nothing was logged
+    (the client refuses the handshake, so gRPC logs nothing on the server) over 10,007 failed handshakes."""
+    import datetime
+    import time
+
+    import clients.tls
+
+    monkeypatch.setattr(clients.tls, "RELOAD_RETRY_S", 0.3)
+    ca = CA(tmp_path / "ca", "test-ca")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    ca.issue(ENGINE_NAME, ENGINE_NAME, cert=cert, key=key, valid=(-datetime.timedelta(minutes=5),
+                                                                  datetime.timedelta(seconds=3)))
+    short_lived = not_after(cert)
+    trusts = ClientTls(str(ca.cert), server_name=ENGINE_NAME)
+    tls = ServerTls(str(cert), str(key))
+
+    def ours(level: int) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "clients.tls" and r.levelno == level]
+
+    async def main() -> tuple[list[object], float, int, float]:
+        servicer = health.aio.HealthServicer()
+        await servicer.set("", SERVING)
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        target = f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', tls.credentials())}"
+        await server.start()
+        try:
+            seen = [await health_over(target, trusts), await health_over(target, trusts)]
+            served = tls.expiry()
+            await asyncio.sleep(max(0.0, served - time.time()) + 0.1)
+            started = time.monotonic()
+            seen += [await health_over(target, trusts) for _ in range(8)]
+            elapsed = time.monotonic() - started
+            errors = len(ours(logging.ERROR))
+            ca.issue(ENGINE_NAME, ENGINE_NAME, cert=cert, key=key)  # renewed
+            await asyncio.sleep(0.4)
+            seen += [await health_over(target, trusts), await health_over(target, trusts)]
+            return seen, served, errors, elapsed
+        finally:
+            await server.stop(0)
+
+    with caplog.at_level(logging.INFO, logger="clients.tls"):
+        seen, served, errors, elapsed = asyncio.run(main())
+    assert seen == [SERVING] * 2 + [grpc.StatusCode.UNAVAILABLE] * 8 + [SERVING] * 2
+    soon = [m for m in ours(logging.WARNING) if "within a day" in m]
+    assert len(soon) == 1 and "the certificate served from" in soon[0], soon  # once, not at every check
+    expired = ours(logging.ERROR)
+    assert expired and all("expired on" in m and "every TLS handshake fails; renew it" in m for m in expired)
+    assert 1 <= errors <= 2 + elapsed / 0.3  # once per interval, not once per handshake
+    assert len(expired) == errors  # the renewal is served: no more errors
+    assert served == short_lived and tls.expiry() == not_after(cert) > time.time() + 86_400
+
+
+def test_both_services_export_when_their_certificate_expires(pki, demo_model_dir):
+    """Operators had no metric to alert on before a certificate expired; a plaintext service has no such series."""
+    from tokenizer_service.server import serve
+
+    engine_port, plaintext_port, text_port = free_port(), free_port(), free_port()
+    engine = Running(FakeEngine(), metrics_port=engine_port, tls_cert=str(pki["engine"].cert),
+                     tls_key=str(pki["engine"].key))
+    plaintext = Running(FakeEngine(), metrics_port=plaintext_port)
+    config = TextServerConfig(model=str(demo_model_dir), host="127.0.0.1", port=0, metrics_port=text_port,
+                              grace_s=1, engines=engine.target, tls_cert=str(pki["text"].cert),
+                              tls_key=str(pki["text"].key))
+
+    async def tokenizer_gauge() -> float | None:
+        stop = asyncio.Event()
+        port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(serve(config, stop=stop, bound_port=port, handle_signals=False))
+        try:
+            await asyncio.wait_for(asyncio.shield(port), 60)
+            return await asyncio.to_thread(expiry_gauge, text_port)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+
+    try:
+        assert expiry_gauge(engine_port) == not_after(pki["engine"].cert)
+        assert expiry_gauge(plaintext_port) is None
+        assert asyncio.run(tokenizer_gauge()) == not_after(pki["text"].cert)
+    finally:
+        assert engine.stop() == 0 and plaintext.stop() == 0
+
+
+def test_metrics_have_the_certificate_gauge_only_when_watching_one():
+    from engine_service.metrics import EngineMetrics
+    from tokenizer_service.metrics import TextMetrics
+
+    name = "llmserve:tls_certificate_expiry_timestamp_seconds"
+    for metrics in (EngineMetrics("m", dict, lambda: 0), TextMetrics("m")):
+        assert metrics.registry.get_sample_value(name, {"model_name": "m"}) is None  # plaintext: no series
+        metrics.watch_certificate(lambda: 1_900_000_000.0)
+        assert metrics.registry.get_sample_value(name, {"model_name": "m"}) == 1_900_000_000.0
+
+
+@pytest.mark.parametrize("kind", ["engine", "text", "async_text"])
+def test_a_long_lived_client_moves_to_rotated_files(pki, mtls_engine, tmp_path, caplog, monkeypatch, kind):
+    """A client read its TLS files once, for its one channel, whose reconnects reuse those bytes: after a
+    rotation, once the old certificate expired, every call failed UNAVAILABLE while a new client on the same
+    files worked. The engine trusts only pki["ca"]: the files first hold another CA's certificate."""
+    from clients import channel
+    from clients.text_client import TextClient
+
+    monkeypatch.setattr(channel, "ROTATION_RETRY_S", 0.0)
+    cert, key = tmp_path / "client.crt", tmp_path / "client.key"
+
+    def write(cert_from: Path, key_from: Path) -> None:
+        cert.write_bytes(cert_from.read_bytes())
+        key.write_bytes(key_from.read_bytes())
+
+    write(pki["stranger_client"].cert, pki["stranger_client"].key)
+    tls = ClientTls(str(pki["ca"].cert), str(cert), str(key), ENGINE_NAME)
+
+    async def outcome(call) -> str:
+        try:
+            await call()
+            return "OK"
+        except grpc.RpcError as exc:
+            return exc.code().name
+
+    async def steps(call) -> list[str]:
+        seen = [await outcome(call)]
+        write(pki["client"].cert, pki["stranger_client"].key)  # half-written: the new certificate, the old key
+        seen += [await outcome(call), await outcome(call)]
+        write(pki["client"].cert, pki["client"].key)
+        seen.append(await outcome(call))
+        return seen
+
+    async def main() -> list[str]:
+        if kind == "async_text":
+            async with AsyncTextClient(mtls_engine.target, timeout=5, tls=tls) as client:
+                return await steps(client.model_info)
+        with (EngineClient if kind == "engine" else TextClient)(mtls_engine.target, timeout=5, tls=tls) as client:
+            async def call() -> object:
+                return client.model_info()
+            return await steps(call)
+
+    with caplog.at_level(logging.WARNING, logger="clients.channel"):
+        seen = asyncio.run(main())
+    reached = "OK" if kind == "engine" else "UNIMPLEMENTED"  # the engine does not serve the text API
+    assert seen == ["UNAVAILABLE"] * 3 + [reached]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "clients.channel"]
+    assert len(warnings) == 1 and "is not the private key of the certificate" in warnings[0], warnings
+
+
+def test_a_stream_in_flight_keeps_its_channel_when_the_files_rotate(pki, mtls_engine, tmp_path):
+    """New calls go on a channel made from the new files; a stream already open finishes on the old one."""
+    cert, key = tmp_path / "client.crt", tmp_path / "client.key"
+    pki["ca"].issue("client", cert=cert, key=key)
+    with EngineClient(mtls_engine.target, timeout=20, tls=ClientTls(str(pki["ca"].cert), str(cert), str(key),
+                                                                      ENGINE_NAME)) as client:
+        wait_serving(client)
+        stream = client.generate([1, 2, 3], max_tokens=40, ignore_eos=True)
+        first = next(stream)
+        old = client._channel
+        pki["ca"].issue("client", cert=cert, key=key)  # rotated
+        assert client.model_info().model_name == "fake"
+        assert client._channel is not old
+        updates = [first, *stream]
+    assert sum(len(u.new_token_ids) for u in updates) == 40 and updates[-1].finish_reason
+
+
+def test_a_client_warns_once_of_a_certificate_near_its_end(pki, tmp_path, caplog):
+    """The constructor and the channel both read the files, and each warned."""
+    import datetime
+
+    pair = pki["ca"].issue("brief", valid=(-datetime.timedelta(minutes=5), datetime.timedelta(hours=1)))
+    with caplog.at_level(logging.WARNING, logger="clients.tls"):
+        EngineClient("127.0.0.1:1", tls=ClientTls(str(pki["ca"].cert), str(pair.cert), str(pair.key))).close()
+    soon = [r.getMessage() for r in caplog.records if "within a day" in r.getMessage()]
+    assert len(soon) == 1 and str(pair.cert) in soon[0], soon
