@@ -8,6 +8,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -61,6 +62,17 @@ def aio_channel(target: str, tls: ClientTls | None = None, *, credentials: grpc.
     return grpc.aio.secure_channel(target, credentials or tls.credentials(), options=[*options, *tls.options()])
 
 
+def _contents(tls: ClientTls) -> bytes:
+    """The TLS files' bytes, to tell a rotation from a touch (a few KB, read only when their stamp moved)."""
+    out = []
+    for path in (tls.ca_file, tls.cert_file, tls.key_file):
+        try:
+            out.append(Path(path).read_bytes() if path else b"")
+        except OSError:
+            out.append(b"\0missing")
+    return b"\0\0".join(out)
+
+
 class Channels:
     """A client's channel and stub, made by open_channel (sync_channel or aio_channel).
 
@@ -76,6 +88,7 @@ class Channels:
         self._open_channel, self._target, self._tls, self._kwargs = open_channel, target, tls, channel_kwargs
         self._stub_type = stub_type
         self._stamp = tls.stamp() if tls is not None else None  # taken before reading: a change meanwhile shows
+        self._contents = _contents(tls) if tls is not None else b""
         self.current = open_channel(target, tls, **channel_kwargs)
         self._stub = stub_type(self.current)
         self.retired: list[Any] = []
@@ -93,6 +106,10 @@ class Channels:
         stamp = tls.stamp()
         if stamp == self._stamp or time.monotonic() < self._retry_at:
             return  # another thread renewed it, or the files did not load a moment ago
+        contents = _contents(tls)
+        if contents == self._contents:  # touched, not changed (a chmod, the same Secret written again)
+            self._stamp = stamp
+            return
         try:
             credentials = tls.credentials()
         except ValueError as exc:
@@ -105,7 +122,7 @@ class Channels:
         self.retired.append(self.current)
         self.current = self._open_channel(self._target, tls, credentials=credentials, **self._kwargs)
         self._stub = self._stub_type(self.current)
-        self._stamp, self._warned = stamp, False
+        self._stamp, self._contents, self._warned = stamp, contents, False
         log.info("TLS files changed: new calls go on a new channel, made from them")
 
     def all(self) -> list[Any]:

@@ -30,7 +30,7 @@ def rows_to_device(rows: list[list[int]], width: int, dtype: torch.dtype, device
     view = out.numpy()
     for i, row in enumerate(rows):
         view[i, : len(row)] = row
-    return out.to(device, non_blocking=True) if pin else out
+    return out.to(device, non_blocking=pin)
 
 
 def on_device(device: torch.device):

@@ -372,8 +372,6 @@ class ModelRunner:
             x.q_lens.append(n)
             x.ctx_lens.append(end)
             x.tables.append(table)
-            if n == 1:
-                x.num_decode += 1
             if sample:
                 x.sample_rows.append(len(x.ids) - 1)
         return x

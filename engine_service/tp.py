@@ -9,6 +9,7 @@ their pipe closes.
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
@@ -121,6 +122,10 @@ def _serve_steps(rank, size, store_path, config, model_cfg, max_model_len, conn,
     torch.set_num_threads(threads)
     tp = TPInfo(rank, size, make_group(store_path, rank, size, _on_cuda(config)))
     runner = ModelRunner(config, model_cfg, max_model_len, tp)
+    # As rank 0 does once serving (engine_service/server.py): a full collection over the start-up heap would
+    # stall this rank's step, and with it the whole group's.
+    gc.collect()
+    gc.freeze()
     while True:
         try:
             kind, payload = conn.recv()

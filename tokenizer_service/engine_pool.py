@@ -108,6 +108,9 @@ def tls_hint(details: str, tls: ClientTls | None) -> str:
                     "from the CA in its --tls-client-ca)")
         return (" (if the engine refused our certificate: --engine-tls-cert must be signed by the CA in its "
                 "--tls-client-ca, and valid now)")
+    if "handshake" in details.lower():
+        return (" (the TLS handshake with the engine failed: check --engine-tls-ca, --engine-tls-cert and "
+                "--engine-tls-key against the engine's --tls-cert and --tls-client-ca)")
     return ""
 
 

@@ -63,10 +63,15 @@ def configure_logging(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
     # Importing transformers where torch is absent (the tokenizer image) prints an advisory ("PyTorch was not
     # found") through its own handler, before that handler can be disabled below.
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    quiet = "TRANSFORMERS_NO_ADVISORY_WARNINGS" not in os.environ  # set only for the import, not for good
+    if quiet:
+        os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
     try:  # transformers writes through a stderr handler of its own: its lines would be plain text among JSON
         from transformers.utils import logging as hf_logging
     except ImportError:
         return
+    finally:
+        if quiet:
+            del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()

@@ -42,10 +42,12 @@ OFFLOAD_TOKENIZE_BYTES = 64 * 1024  # inputs larger than this are tokenized off 
 OFFLOAD_CHAT_MESSAGES = 64
 # Stop strings longer than this in all get their matcher built off the event loop (linear, but Python).
 OFFLOAD_STOP_CHARS = 4096
-# Heavy requests prepared on worker threads at once (Tokenize and Detokenize calls too); the others wait for a slot.
-# A Tokenize of 8 MiB holds about 1.4 GB while it runs: the service's memory is then that of one such call,
-# however many arrive together.
-HEAVY_SLOTS = 1
+# Heavy work on worker threads at once; the others wait for a slot. Two pools, so that neither kind waits behind
+# the other: a Tokenize or Detokenize of 8 MiB (no max_model_len bounds it) runs 5 s and holds about 1.4 GB, so
+# one at a time keeps the service's memory at that of one such call; preparing a Generate is bounded by
+# max_model_len (a longer prompt is refused from a head of it), so a few may run together.
+PREPARE_SLOTS = 4
+API_SLOTS = 1
 
 
 def _heavy(request) -> bool:
@@ -72,7 +74,8 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         self.draining = False
         self.num_calls = 0  # Generate / GenerateMulti calls in progress
         self._multi_wakes: set[asyncio.Event] = set()
-        self._heavy_slots = asyncio.Semaphore(HEAVY_SLOTS)  # see _start_heavy
+        self._prepare_slots = asyncio.Semaphore(PREPARE_SLOTS)  # see _start_heavy
+        self._api_slots = asyncio.Semaphore(API_SLOTS)
         self.metrics = metrics or TextMetrics(model_name)
 
     def begin_drain(self) -> None:
@@ -107,7 +110,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         try:
             args = (request, self.tokenizer, self.defaults, self.pool.max_model_len, self.limits)
             if _heavy(request):
-                work = await self._start_heavy(self._timed_prepare, *args)
+                work = await self._start_heavy(self._prepare_slots, self._timed_prepare, *args)
                 try:
                     prep = await asyncio.shield(work)
                 except asyncio.CancelledError:
@@ -141,13 +144,12 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         finally:
             self.metrics.tokenize_time.observe(time.perf_counter() - started)
 
-    async def _start_heavy(self, fn, *args, **kwargs) -> asyncio.Future:
-        """fn(*args, **kwargs) started on a worker thread once one of HEAVY_SLOTS is free; its future.
+    async def _start_heavy(self, slots: asyncio.Semaphore, fn, *args, **kwargs) -> asyncio.Future:
+        """fn(*args, **kwargs) started on a worker thread once one of `slots` is free; its future.
 
         The slot is held until the thread returns, also when its caller stops waiting (a thread cannot be
         stopped); a caller cancelled while it waits for a slot starts nothing.
         """
-        slots = self._heavy_slots
         await slots.acquire()
         work = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
 
@@ -372,7 +374,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         releases the GIL while it splits the text, though not while transformers turns millions of ids into a
         list); small requests are cheaper inline than a thread hop."""
         if _heavy(request):
-            return await asyncio.shield(await self._start_heavy(fn, *args, **kwargs))
+            return await asyncio.shield(await self._start_heavy(self._api_slots, fn, *args, **kwargs))
         return fn(*args, **kwargs)
 
     async def Tokenize(self, request, context):

@@ -89,7 +89,7 @@ def test_an_8_mib_prompt_or_chat_is_refused_without_tokenizing_all_of_it(request
         took = time.perf_counter() - started
         assert str(refused.value).startswith(f"{field}: must be shorter than max_model_len tokens, leaving room")
         assert "got at least " in str(refused.value) and "max_model_len is 2048" in str(refused.value)
-        assert took < 0.5, f"{field}: {took:.2f} s to refuse"
+        assert took < 3, f"{field}: {took:.2f} s to refuse (tokenizing it all took 5 s)"
 
 
 def test_a_single_word_of_megabytes_is_refused_by_the_byte_bound(demo_tokenizer, no_full_encode):
@@ -265,7 +265,7 @@ def test_tokenize_time_counts_refusals(demo_tokenizer):
     assert count() - before == 3
 
 
-def test_heavy_work_runs_one_at_a_time_and_holds_its_slot_until_its_thread_returns(demo_tokenizer, monkeypatch):
+def test_heavy_work_is_bounded_and_holds_its_slot_until_its_thread_returns(demo_tokenizer, monkeypatch):
     """Every big request was tokenized on a thread of its own at once: memory grew with how many came together.
     A caller that stops waiting leaves its thread running: the next one starts only when that one returns."""
     running, most, spans = 0, 0, []
@@ -284,24 +284,53 @@ def test_heavy_work_runs_one_at_a_time_and_holds_its_slot_until_its_thread_retur
         return prepare(*args)
 
     monkeypatch.setattr(servicer_module, "prepare", slow)
+    monkeypatch.setattr(servicer_module, "PREPARE_SLOTS", 2)
     big = pb.GenerateRequest(prompt="word " * (servicer_module.OFFLOAD_TOKENIZE_BYTES // 4))
 
     async def main() -> None:
         servicer = _servicer(demo_tokenizer, max_model_len=100_000)
-        prepared = await asyncio.gather(*(servicer._admit(big, RequestTrace(str(i))) for i in range(3)),
-                                        servicer._off_loop(pb.TokenizeRequest(text=big.prompt), slow, big,
-                                                           demo_tokenizer, {}, 100_000, TextLimits()))
+        prepared = await asyncio.gather(*(servicer._admit(big, RequestTrace(str(i))) for i in range(5)))
         assert all(p.num_prompt_tokens > 0 for p in prepared)
-        first = asyncio.ensure_future(servicer._admit(big, RequestTrace("gone")))
+        gone = [asyncio.ensure_future(servicer._admit(big, RequestTrace(f"gone{i}"))) for i in range(2)]
         await asyncio.sleep(0.03)
-        first.cancel()  # its thread runs on
+        for task in gone:
+            task.cancel()  # their threads run on, holding both slots
         await servicer._admit(big, RequestTrace("next"))
         assert servicer.admitting == 0
 
     asyncio.run(main())
-    assert most == servicer_module.HEAVY_SLOTS == 1
-    gone, after = spans[-2:]
-    assert after[0] >= gone[1], "the next request's thread started while a cancelled one's still ran"
+    assert most == 2
+    *_, gone_a, gone_b, after = spans
+    assert after[0] >= min(gone_a[1], gone_b[1]), "the next request's thread started while both slots were held"
+
+
+def test_a_long_tokenize_call_does_not_hold_up_generate(demo_tokenizer, monkeypatch):
+    """Tokenize and Detokenize (8 MiB: 5 s, 1.4 GB, no max_model_len to bound them) run one at a time, but in a
+    pool of their own: a Generate's preparation does not wait behind one."""
+    release = threading.Event()
+
+    def stuck(*args):
+        release.wait(10)
+        return []
+
+    big = pb.GenerateRequest(prompt="word " * (servicer_module.OFFLOAD_TOKENIZE_BYTES // 4))
+
+    async def main() -> float:
+        servicer = _servicer(demo_tokenizer, max_model_len=100_000)
+        tokenize = asyncio.ensure_future(servicer._off_loop(pb.TokenizeRequest(text=big.prompt), stuck))
+        await asyncio.sleep(0.05)  # the Tokenize holds the API slot
+        started = time.monotonic()
+        prep = await asyncio.wait_for(servicer._admit(big, RequestTrace("g")), 5)
+        took = time.monotonic() - started
+        assert prep.num_prompt_tokens > 0 and not tokenize.done()
+        release.set()
+        await tokenize
+        return took
+
+    try:
+        assert asyncio.run(main()) < 5
+    finally:
+        release.set()
 
 
 @pytest.mark.parametrize(("request_", "fragment"), [

@@ -17,6 +17,7 @@ from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
 from tests.fake_engine import FakeEngine
 from tests.unit.test_engine_service_fake import Running, new, wait_serving
 from tests.unit.test_service_regressions import LONG, long_engine, pool_config, wait_for
+from tokenizer_service import engine_pool
 from tokenizer_service.config import TextServerConfig
 from tokenizer_service.engine_pool import EnginePool, RequestFailed
 
@@ -83,10 +84,12 @@ def test_dns_refresh_outlives_an_unexpected_error(caplog):
     assert [bool(r.exc_info) for r in failed] == [True, False, False]  # one traceback, not one a round
 
 
-def test_an_engine_refusing_the_generate_call_is_backed_off_and_gets_no_requests(caplog):
+def test_an_engine_refusing_the_generate_call_is_backed_off_and_gets_no_requests(caplog, monkeypatch):
     """GetModelInfo reset the backoff and made the connection ready before the Generate call was known to be up:
     an engine whose generation calls were all taken was redialled every reconnect_min_s forever, and requests
     placed on it in the instant it looked ready failed at once with "lost the engine: RESOURCE_EXHAUSTED"."""
+    # A refusal arrives within a round trip; on a loaded 2-core machine give it 3 s rather than 1 to count as one.
+    monkeypatch.setattr(engine_pool, "STREAM_PROVEN_S", 3.0)
     running = Running(FakeEngine(max_model_len=10_000_000), max_concurrent_rpcs=1)
     with EngineClient(running.target, timeout=20) as client:
         wait_serving(client)
@@ -108,7 +111,7 @@ def test_an_engine_refusing_the_generate_call_is_backed_off_and_gets_no_requests
                 await asyncio.sleep(1.0)
                 redials = metrics.count
                 hog.cancel()  # the engine takes a stream again: the pool connects and serves
-                await wait_for(lambda: len(pool.ready) == 1, timeout_s=5.0)
+                await wait_for(lambda: len(pool.ready) == 1, timeout_s=15.0)  # after its probation
                 tokens: list[int] = []
                 handle = await pool.submit(new("", [1], max_tokens=2), None)
                 async for update in handle:

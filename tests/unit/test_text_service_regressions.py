@@ -580,9 +580,11 @@ def test_calls_cancelled_while_tokenizing_and_bad_multi_ids_are_logged_and_count
     from tokenizer_service import servicer as servicer_module
 
     real_prepare = servicer_module.prepare
+    preparing = threading.Event()
 
     def slow_prepare(request, *args):
         if request.ByteSize() > servicer_module.OFFLOAD_TOKENIZE_BYTES:
+            preparing.set()
             time.sleep(1)  # a prompt that takes a while (one too long for max_model_len is refused at once)
         return real_prepare(request, *args)
 
@@ -592,7 +594,7 @@ def test_calls_cancelled_while_tokenizing_and_bad_multi_ids_are_logged_and_count
         caplog.clear()
         big = stub.Generate(pb.GenerateRequest(prompt="many words " * 7_000), timeout=60,
                             metadata=(("x-request-id", "big-1"),))
-        threading.Event().wait(0.3)  # the 77 KB prompt is being prepared on a worker thread
+        assert preparing.wait(30)  # the 77 KB prompt is being prepared on a worker thread
         big.cancel()
         # "a" is still live when its duplicate comes (frames are read in order), then aborted.
         generate = pb.GenerateRequest(request_id="a", prompt="hi",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 import threading
 from pathlib import Path
@@ -587,7 +588,7 @@ def test_a_server_says_when_the_certificate_it_serves_expires(tmp_path, caplog, 
     ca = CA(tmp_path / "ca", "test-ca")
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
     ca.issue(ENGINE_NAME, ENGINE_NAME, cert=cert, key=key, valid=(-datetime.timedelta(minutes=5),
-                                                                  datetime.timedelta(seconds=3)))
+                                                                  datetime.timedelta(seconds=6)))
     short_lived = not_after(cert)
     trusts = ClientTls(str(ca.cert), server_name=ENGINE_NAME)
     tls = ServerTls(str(cert), str(key))
@@ -682,9 +683,15 @@ def test_a_long_lived_client_moves_to_rotated_files(pki, mtls_engine, tmp_path, 
     monkeypatch.setattr(channel, "ROTATION_RETRY_S", 0.0)
     cert, key = tmp_path / "client.crt", tmp_path / "client.key"
 
+    writes = iter(range(1, 100))
+
     def write(cert_from: Path, key_from: Path) -> None:
-        cert.write_bytes(cert_from.read_bytes())
-        key.write_bytes(key_from.read_bytes())
+        # Each write a second apart, as rotations are: written within one tick of the file system's clock, with
+        # the same size, a file keeps its stamp (the clients compare stamps, not bytes, before each call).
+        when = (1_700_000_000 + next(writes)) * 10**9
+        for path, source in ((cert, cert_from), (key, key_from)):
+            path.write_bytes(source.read_bytes())
+            os.utime(path, ns=(when, when))
 
     write(pki["stranger_client"].cert, pki["stranger_client"].key)
     tls = ClientTls(str(pki["ca"].cert), str(cert), str(key), ENGINE_NAME)
@@ -747,3 +754,25 @@ def test_a_client_warns_once_of_a_certificate_near_its_end(pki, tmp_path, caplog
         EngineClient("127.0.0.1:1", tls=ClientTls(str(pki["ca"].cert), str(pair.cert), str(pair.key))).close()
     soon = [r.getMessage() for r in caplog.records if "within a day" in r.getMessage()]
     assert len(soon) == 1 and str(pair.cert) in soon[0], soon
+
+
+def test_touching_the_tls_files_without_changing_them_keeps_the_channel(pki, mtls_engine, tmp_path):
+    """The stamp moves on a chmod or a Secret written again with the same bytes: that is no rotation, and each
+    one made (and kept) another channel."""
+    cert, key = tmp_path / "client.crt", tmp_path / "client.key"
+    cert.write_bytes(pki["client"].cert.read_bytes())
+    key.write_bytes(pki["client"].key.read_bytes())
+    tls = ClientTls(str(pki["ca"].cert), str(cert), str(key), ENGINE_NAME)
+    with EngineClient(mtls_engine.target, timeout=5, tls=tls) as client:
+        for second, mode in enumerate((0o600, 0o644, 0o600), start=1):
+            cert.chmod(mode)
+            key.write_bytes(key.read_bytes())
+            for path in (cert, key):  # a second apart each time: the stamps surely move
+                os.utime(path, ns=((1_700_000_000 + second) * 10**9,) * 2)
+            client.model_info()
+        assert client._channels.retired == []
+        key.write_bytes(pki["stranger_client"].key.read_bytes())  # a real change (that does not load)
+        cert.write_bytes(pki["stranger_client"].cert.read_bytes())
+        os.utime(cert, ns=((1_700_000_010 * 10**9),) * 2)
+        client.stub  # noqa: B018 -- the next call's stub: made on a new channel
+        assert len(client._channels.retired) == 1
