@@ -134,16 +134,17 @@ class EngineLoop:
             sink = self._sinks.pop(request_id, None)
             if sink is not None:
                 sink.on_failure(True, message)
+        sinks = self._sinks  # up to max_num_seqs outputs a step: keep this loop lean
         for out in outputs:
-            sink = self._sinks.get(out.request_id)
+            sink = sinks.get(out.request_id)
             if sink is None:
                 continue  # aborted meanwhile
-            if out.finished:
-                del self._sinks[out.request_id]
-            if out.finish_reason == FINISH_ERROR:
-                sink.on_failure(False, out.error or "the engine failed this request")
-            else:
-                sink.on_output(out)
+            if out.finish_reason is not None:  # out.finished
+                del sinks[out.request_id]
+                if out.finish_reason == FINISH_ERROR:
+                    sink.on_failure(False, out.error or "the engine failed this request")
+                    continue
+            sink.on_output(out)
 
     def fail(self, message: str) -> None:
         """The engine cannot continue (e.g. the watchdog saw it stall): refuse new requests, fail every live

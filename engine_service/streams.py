@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from functools import partial
 
 import grpc
 
@@ -31,17 +32,20 @@ FINISH_TO_PROTO = {
 }
 
 
+_byte_size = pb.RequestUpdate.ByteSize
+
+
 class RequestSink:
     """Routes one request's outputs from the engine loop to its stream."""
 
-    __slots__ = ("stream", "client_id")
+    __slots__ = ("stream", "client_id", "on_output")
 
     def __init__(self, stream: OutputStream, client_id: str) -> None:
         self.stream = stream
         self.client_id = client_id
-
-    def on_output(self, output: StepOutput) -> None:
-        self.stream.on_output(self.client_id, output)
+        # on_output(output) is stream.on_output(client_id, output), without a Python frame of its own: it runs
+        # for every request of every step.
+        self.on_output: Callable[[StepOutput], None] = partial(stream.on_output, client_id)
 
     def on_failure(self, invalid_argument: bool, message: str) -> None:
         code = grpc.StatusCode.INVALID_ARGUMENT if invalid_argument else grpc.StatusCode.INTERNAL
@@ -111,16 +115,18 @@ class OutputStream:
         return engine_id
 
     def on_output(self, client_id: str, output: StepOutput) -> None:
+        # Runs for every request of every step: each protobuf attribute read once.
         if client_id not in self.live:
             return
         update = self._update(client_id)
-        update.new_token_ids.extend(output.new_token_ids)
+        token_ids = update.new_token_ids
+        token_ids.extend(output.new_token_ids)
         update.num_prompt_tokens = output.num_prompt_tokens
         update.num_cached_tokens = output.num_cached_tokens
-        if output.finished:
+        if output.finish_reason is not None:  # output.finished
             update.finish_reason = FINISH_TO_PROTO.get(output.finish_reason, pb.FINISH_REASON_STOP)
             self._finish(client_id)
-        elif len(update.new_token_ids) > self._max_buffered:
+        elif len(token_ids) > self._max_buffered:
             self.fail(client_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
                       f"the client read too slowly: more than {self._max_buffered} tokens were buffered "
                       "for this request (max_buffered_tokens)", abort=True)
@@ -189,11 +195,20 @@ class OutputStream:
 
         while self.ended and fits(self.ended[0]):
             self.ended.pop(0)
-        if not self.ended:
-            for client_id in list(self.pending):
-                if not fits(self.pending[client_id]):
-                    break
-                del self.pending[client_id]
+        if not self.ended and self.pending:
+            pending = self.pending
+            # Usually all of them fit: sizes summed in C, then taken at once. Sizes only grow along the frame,
+            # so all fit exactly when their total does (or the frame is just one update).
+            total = size + sum(map(_byte_size, pending.values())) + FRAME_OVERHEAD_BYTES * len(pending)
+            if total <= self._max_frame_bytes or (not updates and len(pending) == 1):
+                size = total
+                updates.extend(pending.values())
+                pending.clear()
+            else:
+                for client_id in list(pending):
+                    if not fits(pending[client_id]):
+                        break
+                    del pending[client_id]
         if not self.ended and not self.pending:
             while self.refused and fits(self.refused[0]):
                 self.refused.pop(0)
