@@ -94,6 +94,7 @@ class Channels:
         self.retired: list[Any] = []
         self._retry_at, self._warned = 0.0, False
         self._lock = threading.Lock()  # a blocking client may be shared by threads
+        self._closed = False
 
     def stub(self) -> Any:
         """The stub for a new call: on a new channel when the TLS files changed and load."""
@@ -104,11 +105,11 @@ class Channels:
 
     def _renew(self, tls: ClientTls) -> None:
         stamp = tls.stamp()
-        if stamp == self._stamp or time.monotonic() < self._retry_at:
-            return  # another thread renewed it, or the files did not load a moment ago
+        if self._closed or stamp == self._stamp or time.monotonic() < self._retry_at:
+            return  # closed (gRPC refuses the call), another thread renewed it, or the files did not load just now
         contents = _contents(tls)
         if contents == self._contents:  # touched, not changed (a chmod, the same Secret written again)
-            self._stamp = stamp
+            self._stamp, self._warned = stamp, False
             return
         try:
             credentials = tls.credentials()
@@ -125,6 +126,8 @@ class Channels:
         self._stamp, self._contents, self._warned = stamp, contents, False
         log.info("TLS files changed: new calls go on a new channel, made from them")
 
-    def all(self) -> list[Any]:
-        """Every channel made, those retired first: to close with the client."""
-        return [*self.retired, self.current]
+    def close(self) -> list[Any]:
+        """Every channel made, those retired first, for the client to close: none is made after this."""
+        with self._lock:
+            self._closed = True
+            return [*self.retired, self.current]

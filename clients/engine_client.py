@@ -44,7 +44,7 @@ class EngineClient:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
 
     def close(self) -> None:
-        for channel in self._channels.all():
+        for channel in self._channels.close():
             channel.close()
 
     def __enter__(self) -> EngineClient:

@@ -229,7 +229,7 @@ class TextClient(_GenerateCalls):
         return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
 
     def close(self) -> None:
-        for channel in self._channels.all():
+        for channel in self._channels.close():
             channel.close()
 
     def __enter__(self) -> TextClient:
@@ -319,7 +319,7 @@ class AsyncTextClient(_GenerateCalls):
         return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
 
     async def close(self) -> None:
-        for channel in self._channels.all():
+        for channel in self._channels.close():
             await channel.close()
 
     async def __aenter__(self) -> AsyncTextClient:

@@ -133,7 +133,10 @@ RELOAD_RETRY_S = 30.0  # TLS files that changed and did not load are tried again
 
 
 def _edwards_key(key_file: str) -> bool:
-    text = Path(key_file).read_bytes()
+    try:
+        text = Path(key_file).read_bytes()
+    except OSError as exc:  # gone mid-rotation, after load_cert_chain read it
+        raise ValueError(f"cannot read {key_file!r}: {exc.strerror or exc}") from None
     blocks = re.findall(rb"-----BEGIN PRIVATE KEY-----(.*?)-----END PRIVATE KEY-----", text, re.S)
     for block in blocks:
         try:
@@ -269,16 +272,16 @@ class _Served:
     """The certificate a server presents now: when it expires, and when to look at that again. The client refuses
     an expired one, so gRPC logs nothing on the server and health stays SERVING: this says it."""
 
-    __slots__ = ("cert_file", "not_after", "check_at", "warned")
+    __slots__ = ("cert_file", "stamp", "not_after", "check_at", "warned")
 
     def __init__(self) -> None:
-        self.cert_file, self.not_after, self.check_at, self.warned = "", math.nan, 0.0, False
+        self.cert_file, self.stamp, self.not_after, self.check_at, self.warned = "", (), math.nan, 0.0, False
 
-    def load(self, cert_file: str) -> None:
-        """The pair from cert_file is served from now on."""
+    def load(self, cert_file: str, stamp: tuple[object, ...]) -> None:
+        """The pair from cert_file (its files' stamp then) is served from now on."""
         dates = certificate_dates(cert_file)
         # nan (a Python that cannot read certificates): every comparison is False, so check() says nothing
-        self.cert_file, self.not_after = cert_file, dates[1] if dates else math.nan
+        self.cert_file, self.stamp, self.not_after = cert_file, stamp, dates[1] if dates else math.nan
         self.check_at, self.warned = 0.0, False
 
     def check(self) -> None:
@@ -318,8 +321,19 @@ class ServerTls:
         return bool(self.client_ca_file)
 
     def expiry(self) -> float:
-        """When the certificate served now expires (its notAfter, a Unix time; nan when unknown), for a gauge."""
-        return self._served.not_after
+        """When the certificate served expires (its notAfter, a Unix time; nan when unknown), for a gauge. Files
+        renewed since the last handshake count as served when they load: the next handshake serves them, and an
+        engine whose callers hold their connections open may see none for weeks (the alert would fire on the
+        old date)."""
+        served = self._served
+        if self._stamp() == served.stamp:
+            return served.not_after
+        try:
+            check_pair(self.cert_file, self.key_file, warn=False)
+        except ValueError:
+            return served.not_after  # half-written: the next handshake keeps the current pair too
+        dates = certificate_dates(self.cert_file)
+        return dates[1] if dates else served.not_after
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
         key, cert = read_pem(self.key_file, PRIVATE_KEY), read_pem(self.cert_file, CERTIFICATE)
@@ -336,7 +350,7 @@ class ServerTls:
         certificate served expires within a day or has expired."""
         seen = self._stamp()
         initial = self._configuration()
-        self._served.load(self.cert_file)
+        self._served.load(self.cert_file, seen)
         self._served.check()
         retry_at: float | None = None  # files that did not load are tried again from then (a renewed
         # certificate not valid yet: its notBefore passes without the files changing again)
@@ -355,7 +369,7 @@ class ServerTls:
                                 "again in %.0fs or when they change", exc, RELOAD_RETRY_S)
                 else:
                     log.info("TLS: reloading the certificate from %s", self.cert_file)
-                    self._served.load(self.cert_file)
+                    self._served.load(self.cert_file, now)
             self._served.check()  # the files unchanged too: a certificate expires where it lies
             return configuration
 

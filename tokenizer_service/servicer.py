@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -46,7 +47,7 @@ OFFLOAD_STOP_CHARS = 4096
 # the other: a Tokenize or Detokenize of 8 MiB (no max_model_len bounds it) runs 5 s and holds about 1.4 GB, so
 # one at a time keeps the service's memory at that of one such call; preparing a Generate is bounded by
 # max_model_len (a longer prompt is refused from a head of it), so a few may run together.
-PREPARE_SLOTS = 4
+PREPARE_SLOTS = max(1, min(4, len(os.sched_getaffinity(0))))  # no more than the CPUs: they share them and the GIL
 API_SLOTS = 1
 
 

@@ -9,10 +9,13 @@ the full tokenization accepts is refused, and what passes is tokenized whole, as
 from __future__ import annotations
 
 import json
+import logging
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 HEAD_CHARS_PER_TOKEN = 8  # the first head is this many characters a max_model_len token (text runs 3 to 5)
 # What a text goes on with after a cut changes the tokens of at most the head's last TAIL_WORDS pre-tokens and
@@ -77,10 +80,21 @@ def _pipeline(tokenizer: Any) -> _Pipeline | None:
     try:
         return _PIPELINES[tokenizer]
     except KeyError:
-        pipeline = _PIPELINES[tokenizer] = _read_pipeline(tokenizer)
+        pipeline = _PIPELINES[tokenizer] = _read_safely(tokenizer)
         return pipeline
     except TypeError:  # a tokenizer that cannot be weakly referenced: read it each time
+        return _read_safely(tokenizer)
+
+
+def _read_safely(tokenizer: Any) -> _Pipeline | None:
+    """_read_pipeline, or None (every text tokenized whole, as before) for a tokenizer it cannot read: a bound is
+    an optimisation, never a reason to refuse a tokenizer that loads."""
+    try:
         return _read_pipeline(tokenizer)
+    except Exception as exc:  # noqa: BLE001 -- a tokenizer.json shaped otherwise than expected
+        log.warning("cannot read the tokenizer's pipeline (%s: %s): prompts too long for max_model_len are "
+                    "tokenized whole before they are refused", type(exc).__name__, exc)
+        return None
 
 
 def warm_up(tokenizer: Any) -> None:

@@ -300,7 +300,7 @@ def test_heavy_work_is_bounded_and_holds_its_slot_until_its_thread_returns(demo_
 
     asyncio.run(main())
     assert most == 2
-    *_, gone_a, gone_b, after = spans
+    gone_a, gone_b, after = sorted(spans[-3:])  # by start: a descheduled thread may append its span late
     assert after[0] >= min(gone_a[1], gone_b[1]), "the next request's thread started while both slots were held"
 
 
@@ -348,3 +348,19 @@ def test_door_limits_say_their_value(demo_tokenizer, request_, fragment):
         prepare(request_, demo_tokenizer, {}, 2048, TextLimits())
     assert fragment in str(refused.value)
     assert "[request] prompt: must be at most 8388608 bytes" in validation.describe_rules()
+
+
+def test_a_tokenizer_whose_pipeline_cannot_be_read_still_serves(demo_tokenizer, monkeypatch, caplog):
+    """warm_up reads the pipeline at load: a tokenizer.json shaped otherwise than expected made the service
+    refuse to start, where the bound only saves time (without it, texts are tokenized whole)."""
+    import logging
+
+    def odd(tokenizer):
+        raise KeyError("content")
+
+    monkeypatch.setattr(token_bounds, "_read_pipeline", odd)
+    monkeypatch.setattr(token_bounds, "_PIPELINES", weakref.WeakKeyDictionary())
+    with caplog.at_level(logging.WARNING, logger="tokenizer_service.token_bounds"):
+        token_bounds.warm_up(demo_tokenizer)
+        assert tokens_at_least(demo_tokenizer, "word " * 10_000, 100) == 0
+    assert any("cannot read the tokenizer's pipeline" in r.getMessage() for r in caplog.records)

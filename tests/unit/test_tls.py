@@ -588,7 +588,7 @@ def test_a_server_says_when_the_certificate_it_serves_expires(tmp_path, caplog, 
     ca = CA(tmp_path / "ca", "test-ca")
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
     ca.issue(ENGINE_NAME, ENGINE_NAME, cert=cert, key=key, valid=(-datetime.timedelta(minutes=5),
-                                                                  datetime.timedelta(seconds=6)))
+                                                                  datetime.timedelta(seconds=10)))
     short_lived = not_after(cert)
     trusts = ClientTls(str(ca.cert), server_name=ENGINE_NAME)
     tls = ServerTls(str(cert), str(key))
@@ -771,8 +771,49 @@ def test_touching_the_tls_files_without_changing_them_keeps_the_channel(pki, mtl
                 os.utime(path, ns=((1_700_000_000 + second) * 10**9,) * 2)
             client.model_info()
         assert client._channels.retired == []
-        key.write_bytes(pki["stranger_client"].key.read_bytes())  # a real change (that does not load)
+        key.write_bytes(pki["stranger_client"].key.read_bytes())  # a real change (another CA's pair)
         cert.write_bytes(pki["stranger_client"].cert.read_bytes())
         os.utime(cert, ns=((1_700_000_010 * 10**9),) * 2)
         client.stub  # noqa: B018 -- the next call's stub: made on a new channel
         assert len(client._channels.retired) == 1
+
+
+def test_the_expiry_gauge_follows_files_renewed_before_any_handshake(tmp_path):
+    """An engine whose callers hold their connections open may see no handshake for weeks: the gauge kept the old
+    certificate's date after cert-manager renewed the files, and the alert on it fired for nothing."""
+    import datetime
+
+    ca = CA(tmp_path / "ca", "test-ca")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    ca.issue(ENGINE_NAME, ENGINE_NAME, cert=cert, key=key, valid=(-datetime.timedelta(minutes=5),
+                                                                  datetime.timedelta(days=2)))
+    tls = ServerTls(str(cert), str(key))
+    tls.credentials()  # served from now on
+    old = tls.expiry()
+    assert old == not_after(cert)
+    renewed = tmp_path / "renewed"
+    renewed.mkdir()
+    ca.issue(ENGINE_NAME, ENGINE_NAME, cert=renewed / "tls.crt", key=renewed / "tls.key",
+             valid=(-datetime.timedelta(minutes=5), datetime.timedelta(days=30)))
+    key.write_bytes((renewed / "tls.key").read_bytes())  # half-written: the old certificate, the new key
+    os.utime(key, ns=(1_700_000_000 * 10**9,) * 2)
+    assert tls.expiry() == old  # the next handshake would keep the current pair too
+    cert.write_bytes((renewed / "tls.crt").read_bytes())
+    assert tls.expiry() == not_after(cert) > old + 86_400
+
+
+def test_a_closed_client_makes_no_channel_when_its_files_rotate(pki, tmp_path):
+    """After close(), a rotation made a new channel on the closed client: calls went out again, and nothing ever
+    closed it."""
+    cert, key = tmp_path / "client.crt", tmp_path / "client.key"
+    cert.write_bytes(pki["client"].cert.read_bytes())
+    key.write_bytes(pki["client"].key.read_bytes())
+    client = EngineClient(f"127.0.0.1:{free_port()}", timeout=1, tls=ClientTls(str(pki["ca"].cert), str(cert),
+                                                                               str(key), ENGINE_NAME))
+    client.close()
+    cert.write_bytes(pki["stranger_client"].cert.read_bytes())
+    key.write_bytes(pki["stranger_client"].key.read_bytes())
+    os.utime(cert, ns=(1_700_000_000 * 10**9,) * 2)
+    with pytest.raises(ValueError, match="closed channel"):
+        client.model_info()
+    assert client._channels.retired == []
