@@ -187,13 +187,13 @@ async def health_over(target: str, tls: ClientTls) -> object:
             return exc.code()
 
 
-async def tls_health_server(cert, key) -> tuple[grpc.aio.Server, str]:
-    """A started server answering grpc.health.v1 SERVING over TLS from the cert and key files, and its target."""
+async def tls_health_server(tls: ServerTls) -> tuple[grpc.aio.Server, str]:
+    """A started server answering grpc.health.v1 SERVING over `tls`, and its target."""
     servicer = health.aio.HealthServicer()
     await servicer.set("", SERVING)
     server = grpc.aio.server()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    target = f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', ServerTls(str(cert), str(key)).credentials())}"
+    target = f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', tls.credentials())}"
     await server.start()
     return server, target
 
@@ -207,7 +207,7 @@ def test_server_picks_up_a_rotated_certificate_without_a_restart(tmp_path, caplo
     other = new_ca.issue("other", ENGINE_NAME)
 
     async def main() -> list[object]:
-        server, target = await tls_health_server(cert, key)
+        server, target = await tls_health_server(ServerTls(str(cert), str(key)))
         try:
             seen = [await health_over(target, trusts_old), await health_over(target, trusts_new)]
             new_ca.issue(ENGINE_NAME, ENGINE_NAME, cert=cert, key=key)  # what a Secret update does
@@ -488,7 +488,7 @@ def test_a_renewed_certificate_not_valid_yet_is_served_once_it_is(tmp_path, capl
     trusts_new = ClientTls(str(new_ca.cert), server_name=ENGINE_NAME)
 
     async def main() -> list[object]:
-        server, target = await tls_health_server(cert, key)
+        server, target = await tls_health_server(ServerTls(str(cert), str(key)))
         try:
             soon = (datetime.timedelta(seconds=1.5), datetime.timedelta(days=2))
             new_ca.issue(ENGINE_NAME, ENGINE_NAME, cert=cert, key=key, valid=soon)
@@ -597,12 +597,7 @@ def test_a_server_says_when_the_certificate_it_serves_expires(tmp_path, caplog, 
         return [r.getMessage() for r in caplog.records if r.name == "clients.tls" and r.levelno == level]
 
     async def main() -> tuple[list[object], float, int, float]:
-        servicer = health.aio.HealthServicer()
-        await servicer.set("", SERVING)
-        server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-        target = f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', tls.credentials())}"
-        await server.start()
+        server, target = await tls_health_server(tls)
         try:
             seen = [await health_over(target, trusts), await health_over(target, trusts)]
             served = tls.expiry()
