@@ -164,6 +164,9 @@ def build_demo_model(path: str | Path, *, force: bool = False) -> Path:
     """Build the demo checkpoint into `path` (or return it at once if already complete); returns the path."""
     target = Path(path).resolve()
     if not force and is_complete(target):
+        for file in target.iterdir():  # a build from before its weights were made readable (safetensors: 0600)
+            if file.stat().st_mode & 0o444 != 0o444:
+                file.chmod(file.stat().st_mode | 0o444)
         return target
     if target.exists() and not target.is_dir():
         raise ValueError(f"path {str(target)!r} exists and is not a directory")

@@ -34,6 +34,15 @@ def test_complete_directory_is_returned_without_rebuilding(demo_model_dir: Path)
     assert {p.name: p.stat().st_mtime_ns for p in demo_model_dir.iterdir()} == before
 
 
+def test_a_complete_build_with_private_weights_is_made_readable(tmp_path: Path) -> None:
+    """Demo models built before the weights were made readable kept them 0600: unreadable to uid 10001."""
+    target = build_demo_model(tmp_path / "m")
+    weights = target / "model.safetensors"
+    weights.chmod(0o600)
+    assert build_demo_model(target) == target and is_complete(target)
+    assert weights.stat().st_mode & 0o777 == 0o644
+
+
 def test_damaged_directory_is_rebuilt(demo_model_dir: Path, tmp_path: Path) -> None:
     target = build_demo_model(tmp_path / "m")
     (target / "tokenizer.json").write_text("{}")
