@@ -13,7 +13,7 @@ health package) and the standard library.
 - listen binds a server's port, TLS or plaintext, and refuses a port another process holds: gRPC's default
   SO_REUSEPORT would let a second server bind it and take half its connections (NO_REUSEPORT, in every
   server's options). shared_server_options adds it, the connection age and the size of gRPC's queue of calls
-  not yet taken, to both services' servers. keepalive_options are the keepalive settings of every server and
+  not yet taken, to both services' servers; service_server_options is all of a service's server options. keepalive_options are the keepalive settings of every server and
   channel here.
 - add_checked_servicer registers a servicer so that a request that does not parse is refused with
   INVALID_ARGUMENT naming its type, rather than gRPC's UNKNOWN and an ERROR traceback per request.
@@ -65,6 +65,20 @@ def shared_server_options(max_connection_age_s: float, max_calls: int) -> list[t
         options += [("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
                     ("grpc.max_connection_age_grace_ms", UNLIMITED_MS)]
     return options
+
+
+def service_server_options(config: Any, max_calls: int) -> list[tuple[str, int]]:
+    """Both services' server options, from the settings they share (max_message_bytes, keepalive_time_s,
+    keepalive_timeout_s, min_ping_interval_s, max_connection_age_s): message limits, keepalive that clients may
+    use as often as min_ping_interval_s without a too_many_pings GOAWAY, and shared_server_options."""
+    return [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        *keepalive_options(config.keepalive_time_s, config.keepalive_timeout_s),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(config.min_ping_interval_s * 1000)),
+        ("grpc.http2.max_ping_strikes", 0),  # 0: never GOAWAY a client for pinging
+        *shared_server_options(config.max_connection_age_s, max_calls),
+    ]
 
 
 def keepalive_options(time_s: float, timeout_s: float) -> list[tuple[str, int]]:

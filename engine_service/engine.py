@@ -367,9 +367,7 @@ class LLMEngine:
         for seq, token in zip(batch.seqs, sampled, strict=True):
             if token is None:
                 continue  # a prefill chunk that did not reach the end, or a request failed above
-            # _output, inlined: once per sequence and step
-            outputs.append(StepOutput(seq.request_id, [token], seq.finish_reason, seq.num_prompt_tokens,
-                                      seq.num_cached_tokens))
+            outputs.append(self._output(seq, [token]))
             if seq.status is Status.FINISHED:
                 self._forget(seq)
 

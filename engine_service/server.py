@@ -27,9 +27,8 @@ from clients.tls import (
     PortUnavailable,
     add_checked_servicer,
     describe,
-    keepalive_options,
     listen,
-    shared_server_options,
+    service_server_options,
     start_health_server,
 )
 from engine_service.engine_loop import EngineLoop
@@ -46,16 +45,8 @@ SHORT_CALL_HEADROOM = 64  # unary and health calls beyond max_concurrent_rpcs ge
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """Message limits, keepalive (clients may ping often without a too_many_pings GOAWAY), no shared port."""
-    options = [
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        *keepalive_options(config.keepalive_time_s, config.keepalive_timeout_s),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(config.min_ping_interval_s * 1000)),
-        ("grpc.http2.max_ping_strikes", 0),  # 0: never GOAWAY a client for pinging
-    ]
-    return options + shared_server_options(config.max_connection_age_s,
-                                           config.max_concurrent_rpcs + SHORT_CALL_HEADROOM)
+    """The server's options (service_server_options), its calls counting the short ones beside generation."""
+    return service_server_options(config, config.max_concurrent_rpcs + SHORT_CALL_HEADROOM)
 
 
 def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:

@@ -26,7 +26,7 @@ from clients.tls import (
     describe,
     keepalive_options,
     listen,
-    shared_server_options,
+    service_server_options,
     start_health_server,
 )
 from protos.llmserve.text.v1 import text_pb2, text_pb2_grpc
@@ -51,15 +51,8 @@ LIVENESS = "liveness"
 
 
 def server_options(config: TextServerConfig) -> list[tuple[str, int]]:
-    """Message limits, keepalive (clients may ping often without a too_many_pings GOAWAY), no shared port."""
-    options = [
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        *keepalive_options(config.keepalive_time_s, config.keepalive_timeout_s),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(config.min_ping_interval_s * 1000)),
-        ("grpc.http2.max_ping_strikes", 0),
-    ]
-    return options + shared_server_options(config.max_connection_age_s, config.max_concurrent_rpcs)
+    """The server's options (service_server_options), for its max_concurrent_rpcs calls."""
+    return service_server_options(config, config.max_concurrent_rpcs)
 
 
 def engine_channel_options(config: TextServerConfig) -> list[tuple[str, int]]:
