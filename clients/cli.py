@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument("--timeout", type=float, default=None, help="the request's deadline in seconds")
     parser.add_argument("--usage", action="store_true", help="print the finish reason and token usage")
+    parser.add_argument("--logprobs", type=int, default=None, metavar="N",
+                        help="print each token's log-probability and the N (0-20) most likely alternatives' to "
+                             "stderr, after the text")
     add_tls_arguments(parser)
     return parser
 
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if "/" not in args.target and not args.target.rpartition(":")[2].isdigit():  # gRPC URIs (unix:/...) pass
         parser.error(f"--target must be HOST:PORT, e.g. localhost:50052; got {args.target!r}")
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    seed=args.seed)
+                    seed=args.seed, logprobs=args.logprobs)
     if args.thinking is not None and not args.chat:
         print("llm-client: --thinking applies to --chat only", file=sys.stderr)
         return 2
@@ -84,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"llm-client: {exc}", file=sys.stderr)
             return 2
         last = None
+        logprobs = []
         try:
             for chunk in stream:
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
+                logprobs.extend(chunk.logprobs)
                 last = chunk
         except KeyboardInterrupt:
             stream.cancel()
@@ -100,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nllm-client: {exc.code().name}: {exc.details()}{connect_hint(exc, tls)}", file=sys.stderr)
             return 1
     print()
+    for lp in logprobs:  # one line a token: the token, its logprob, then the alternatives'
+        alternatives = "  ".join(f"{t.token!r} {t.logprob:.4f}" for t in lp.top)
+        print(f"{lp.token!r}\t{lp.logprob:.4f}\t{alternatives}", file=sys.stderr)
     if args.usage and last is not None:
         u = last.usage
         finish = text_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_")

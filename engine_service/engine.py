@@ -25,7 +25,7 @@ from engine_service.config import EngineConfig
 from engine_service.model.config import ModelConfig, read_json
 from engine_service.model.layers import TPInfo
 from engine_service.model_runner import Launched, ModelRunner
-from engine_service.outputs import FINISH_ERROR, StepOutput
+from engine_service.outputs import FINISH_ERROR, StepOutput, TokenLogprobs
 from engine_service.sampler import SamplingRow
 from engine_service.sampling_params import SamplingParams
 from engine_service.scheduler import ScheduledBatch, Scheduler
@@ -285,10 +285,10 @@ class LLMEngine:
             if ahead is not None:
                 self._inflight = self._launch(ahead, on_launch, outputs, previous=current)
         try:
-            tokens, finite = self.runner.collect(current.launched)
+            tokens, finite, logprobs = self.runner.collect(current.launched)
         except Exception as exc:  # a kernel failure surfaces at the sync
             raise self._step_failed(exc, outputs, current.batch) from exc
-        self._complete(current.batch, tokens, finite, outputs)
+        self._complete(current.batch, tokens, finite, logprobs, outputs)
         return outputs
 
     def _launch(self, batch: ScheduledBatch, on_launch, outputs, previous: _InFlight | None = None) -> _InFlight:
@@ -348,8 +348,10 @@ class LLMEngine:
         message = f"engine step failed: {type(exc).__name__}: {exc}"
         return EngineStepError(str(exc), outputs + [self._fail(seq, message) for seq in failed])
 
-    def _complete(self, batch: ScheduledBatch, tokens: list[int], finite: list[bool], outputs) -> None:
-        """Append a collected step's tokens, finish sequences, and add their outputs to `outputs`."""
+    def _complete(self, batch: ScheduledBatch, tokens: list[int], finite: list[bool],
+                  logprobs: list[TokenLogprobs | None] | None, outputs) -> None:
+        """Append a collected step's tokens, finish sequences, and add their outputs to `outputs`.
+        logprobs: per sampled row, None where no row asked for them."""
         sampled: list[int | None] = []
         it = iter(zip(tokens, finite, strict=True))
         for seq, take in zip(batch.seqs, batch.sample, strict=True):
@@ -364,10 +366,15 @@ class LLMEngine:
                 outputs.append(self._fail(seq, "the model produced NaN or infinite logits for this request"))
             sampled.append(token if ok else None)
         self.scheduler.postprocess(batch, sampled)
-        for seq, token in zip(batch.seqs, sampled, strict=True):
+        row = -1  # the sampled row of the sequence, for its logprobs
+        for seq, token, take in zip(batch.seqs, sampled, batch.sample, strict=True):
+            row += take
             if token is None:
                 continue  # a prefill chunk that did not reach the end, or a request failed above
-            outputs.append(self._output(seq, [token]))
+            out = self._output(seq, [token])
+            if logprobs is not None and logprobs[row] is not None:
+                out.logprobs = [logprobs[row]]
+            outputs.append(out)
             if seq.status is Status.FINISHED:
                 self._forget(seq)
 
@@ -440,7 +447,10 @@ class LLM(LLMEngine):
     def generate(
         self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
     ) -> list[dict]:
-        """Generate for each prompt (token ids or text); returns generated tokens and text, in input order."""
+        """Generate for each prompt (token ids or text); returns generated tokens and text, in input order.
+
+        Each result: request_id, token_ids, text, finish_reason, num_cached_tokens, and logprobs (a TokenLogprobs
+        per token where the request's SamplingParams.logprobs is set, else None)."""
         if hasattr(prompts, "tolist"):  # a numpy array or torch tensor of ids: one prompt, or a batch of rows
             prompts = prompts.tolist()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], numbers.Integral)):
@@ -456,7 +466,8 @@ class LLM(LLMEngine):
         try:
             for rid, prompt, p in zip(ids, prompts, params, strict=True):
                 self.add_request(rid, self._encode(prompt), p)
-                results[rid] = {"request_id": rid, "token_ids": [], "finish_reason": None}
+                results[rid] = {"request_id": rid, "token_ids": [], "finish_reason": None,
+                                "logprobs": [] if p.logprobs is not None else None}
             while any(results[r]["finish_reason"] is None for r in ids):
                 for out in self.step():
                     res = results.get(out.request_id)
@@ -464,6 +475,8 @@ class LLM(LLMEngine):
                         foreign.append(out)
                         continue
                     res["token_ids"].extend(out.new_token_ids)
+                    if out.logprobs:
+                        res["logprobs"].extend(out.logprobs)
                     if out.finished:
                         res["finish_reason"] = out.finish_reason
                         res["num_cached_tokens"] = out.num_cached_tokens

@@ -31,8 +31,9 @@ from engine_service.model.config import ModelConfig
 from engine_service.model.layers import TPInfo
 from engine_service.model.loader import load_weights
 from engine_service.model.qwen3 import Qwen3ForCausalLM, kv_heads_per_rank
-from engine_service.sampler import Sampler, SamplingRow
-from engine_service.sampling_params import SamplingParams
+from engine_service.outputs import TokenLogprobs
+from engine_service.sampler import LogprobRows, Sampler, SamplingRow
+from engine_service.sampling_params import MAX_LOGPROBS, SamplingParams
 from engine_service.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class Launched:
     sampled: torch.Tensor | None  # [2, N] int64 on the device: token ids, 1 where the logits were finite
     host: torch.Tensor | None  # the same, copied to (pinned) host memory asynchronously
     done: torch.cuda.Event | None  # recorded after that copy (CUDA only)
+    logprobs: LogprobRows | None = None  # of the rows that asked, in host memory once `done` (CUDA: pinned)
 
 
 DTYPES = {
@@ -273,8 +275,8 @@ class ModelRunner:
 
         - a forward at the full token budget: the largest activations;
         - short prefills (WARMUP_QUERY_LENS): each query tile of the attention kernels is compiled;
-        - the sampler on max_num_seqs rows of logits, with top-k/top-p (its largest workspace) and without
-          (the sampling kernel). The sampler's generator is restored: the warm-up draws no one's tokens.
+        - the sampler on max_num_seqs rows of logits, with top-k/top-p and the most logprobs (its largest
+          workspace) and without (the sampling kernel). The sampler's generator is restored: the warm-up draws no one's tokens.
         """
         start = time.perf_counter()
         torch.cuda.empty_cache()
@@ -296,8 +298,9 @@ class ModelRunner:
                 meta = self._metadata([q_len], [q_len], [list(range(q_blocks))], list(range(q_len)), 0)
                 hidden = self.model(ids, pos, caches, meta, self.backend)
             logits = self.model.compute_logits(hidden[-1:].expand(rows, -1).contiguous())
-            for params in (SamplingParams(temperature=0.6, top_k=50, top_p=0.9), SamplingParams(temperature=0.6)):
-                self.sampler.sample(logits.clone(), [SamplingRow(params, None)] * rows)
+            for params in (SamplingParams(temperature=0.6, top_k=50, top_p=0.9, logprobs=MAX_LOGPROBS),
+                           SamplingParams(temperature=0.6)):
+                self.sampler.sample_with_logprobs(logits.clone(), [SamplingRow(params, None)] * rows)
             torch.cuda.synchronize(self.device)
         self.sampler.generator.set_state(state)
         peak = torch.cuda.max_memory_allocated(self.device)
@@ -442,21 +445,24 @@ class ModelRunner:
         logits = self.execute(x, on_launch, previous_tokens)
         if logits is None:
             return Launched(None, None, None)
-        sampled = self.sampler.sample(logits, rows)  # [2, N] on the device
+        sampled, logprobs = self.sampler.sample_with_logprobs(logits, rows)  # [2, N] on the device
         if self.device.type != "cuda":
-            return Launched(sampled, sampled, None)
+            return Launched(sampled, sampled, None, logprobs)
         host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
         host.copy_(sampled, non_blocking=True)
+        if logprobs is not None:
+            logprobs = logprobs.to_host()
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(self.device))
-        return Launched(sampled, host, done)
+        return Launched(sampled, host, done, logprobs)
 
-    def collect(self, launched: Launched) -> tuple[list[int], list[bool]]:
-        """Wait for a launched step's tokens: (token ids, whether each row's logits were finite). This is the
-        step's one wait for the device."""
+    def collect(self, launched: Launched) -> tuple[list[int], list[bool], list[TokenLogprobs | None] | None]:
+        """Wait for a launched step's tokens: (token ids, whether each row's logits were finite, and per row its
+        logprobs, None where no row asked for them). This is the step's one wait for the device."""
         if launched.host is None:
-            return [], []
+            return [], [], None
         if launched.done is not None:
             launched.done.synchronize()
         both = launched.host.tolist()
-        return both[0], [bool(v) for v in both[1]]
+        logprobs = launched.logprobs.per_row(len(both[0])) if launched.logprobs is not None else None
+        return both[0], [bool(v) for v in both[1]], logprobs

@@ -12,6 +12,15 @@ FINISH_ERROR = "error"  # the step failed for this request (NaN logits, exceptio
 
 
 @dataclass(slots=True)
+class TokenLogprobs:
+    """One generated token's log-probability and the most likely tokens' (SamplingParams.logprobs of them)."""
+
+    logprob: float
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass(slots=True)
 class StepOutput:
     """New tokens of one request from one step(); finish_reason is set on its last output."""
 
@@ -21,6 +30,7 @@ class StepOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     error: str | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per new token, when the request asked for them
 
     @property
     def finished(self) -> bool:

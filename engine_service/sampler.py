@@ -3,6 +3,8 @@
 Sampling inverts the cumulative distribution at one uniform draw per row: one random number instead of a
 vocabulary's worth of noise. A seeded request draws from its own generator, so its tokens do not depend on
 which other requests share the batch. Rows with NaN or infinite logits are reported, not sampled.
+Rows that ask for logprobs get log_softmax of their raw logits (before temperature, filters and bans), the
+sampled token's entry and the most likely tokens', computed on the device beside the draw.
 On CUDA, rows without top-k, top-p or min-p filters are drawn by a Triton kernel (sampling_kernels.py) that
 reads the logits twice instead of materialising float32 copies of them.
 """
@@ -15,6 +17,7 @@ import torch
 
 from engine_service.attention import check_triton_usable, compiled_triton
 from engine_service.host_copy import to_device
+from engine_service.outputs import TokenLogprobs
 from engine_service.sampling_params import SamplingParams
 
 
@@ -25,6 +28,36 @@ class SamplingRow:
     params: SamplingParams
     generator: torch.Generator | None  # the request's own generator when it has a seed
     banned_token_ids: tuple[int, ...] = ()  # EOS/stop ids, while min_tokens is not reached
+
+
+@dataclass(slots=True)
+class LogprobRows:
+    """The log-probabilities of a step's rows that asked for them.
+
+    rows: their indices among the step's sampled rows; values: [m, 1 + K] in float32 or wider, the sampled
+    token's log-probability then the K most likely tokens'; top_ids: [m, K] int64. K is the largest request's.
+    """
+
+    rows: list[int]
+    wanted: list[int]  # each row's own number of most likely tokens (at most K)
+    values: torch.Tensor
+    top_ids: torch.Tensor
+
+    def to_host(self) -> LogprobRows:
+        """The same in pinned host memory, copied without waiting for the device (CUDA only)."""
+        values = torch.empty(self.values.shape, dtype=self.values.dtype, pin_memory=True)
+        top_ids = torch.empty(self.top_ids.shape, dtype=self.top_ids.dtype, pin_memory=True)
+        values.copy_(self.values, non_blocking=True)
+        top_ids.copy_(self.top_ids, non_blocking=True)
+        return LogprobRows(self.rows, self.wanted, values, top_ids)
+
+    def per_row(self, num_rows: int) -> list[TokenLogprobs | None]:
+        """One entry per sampled row of the step (None where the row did not ask); reads host tensors."""
+        out: list[TokenLogprobs | None] = [None] * num_rows
+        for row, k, values, ids in zip(self.rows, self.wanted, self.values.tolist(), self.top_ids.tolist(),
+                                       strict=True):
+            out[row] = TokenLogprobs(values[0], ids[:k], values[1 : 1 + k])
+        return out
 
 
 class Sampler:
@@ -49,6 +82,22 @@ class Sampler:
         """logits: [N, V] -> (token ids, whether each row's logits were finite). One device sync."""
         both = self.sample(logits, rows).tolist()
         return both[0], [bool(x) for x in both[1]]
+
+    def sample_with_logprobs(self, logits: torch.Tensor, rows: list[SamplingRow]
+                             ) -> tuple[torch.Tensor, LogprobRows | None]:
+        """sample(), and the log-probabilities of the rows whose requests asked for them (None when none did)."""
+        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        if not want:
+            return self.sample(logits, rows), None
+        idx = to_device(want, torch.long, logits.device)
+        # Of the raw logits, before sample() bans min_tokens' stop ids in place; float32 at least.
+        wide = torch.promote_types(logits.dtype, torch.float32)
+        logprobs = torch.log_softmax(logits[idx].to(wide), dim=-1)  # [m, V]
+        sampled = self.sample(logits, rows)
+        wanted = [rows[i].params.logprobs for i in want]
+        top_lp, top_ids = logprobs.topk(max(wanted), dim=-1)  # [m, K], most likely first
+        chosen = logprobs.gather(1, sampled[0, idx].unsqueeze(1))  # [m, 1]
+        return sampled, LogprobRows(want, wanted, torch.cat([chosen, top_lp], dim=1), top_ids)
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """logits: [N, V] -> [2, N] int64 on the device: the sampled token ids, and 1 where the row's logits

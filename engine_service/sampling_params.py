@@ -9,6 +9,9 @@ GREEDY_EPS = 1e-5
 # Distinct stop token ids per request. Each is checked on every token and, below min_tokens, banned on every
 # step: one request with two million of them slowed every other request on its engine 300-fold for a minute.
 MAX_STOP_TOKEN_IDS = 1024
+# Most likely tokens a request may ask logprobs for, per generated token (OpenAI's and vLLM's default bound):
+# each costs a top-k over the vocabulary and bytes on every frame.
+MAX_LOGPROBS = 20
 
 
 @dataclass(slots=True, frozen=True)
@@ -17,6 +20,8 @@ class SamplingParams:
 
     temperature 0 (or below 1e-5) is greedy. top_k=-1 and top_p=1.0 and min_p=0.0 disable those filters.
     A seed makes the request's tokens independent of which other requests share its batch.
+    logprobs: None returns no log-probabilities; N (0 to MAX_LOGPROBS) returns each generated token's own and
+    the N most likely tokens' (outputs.TokenLogprobs), under the model's raw distribution.
     """
 
     temperature: float = 1.0
@@ -28,6 +33,7 @@ class SamplingParams:
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Accept any iterable of ids for stop_token_ids (a list, a tuple, a set) but store an immutable tuple of
@@ -73,6 +79,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1 (disabled) or at least 1, got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (the most likely tokens to return "
+                             f"beside each generated one), or None for no logprobs; got {self.logprobs!r}")
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
         ):

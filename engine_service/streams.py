@@ -123,6 +123,10 @@ class OutputStream:
         token_ids.extend(output.new_token_ids)
         update.num_prompt_tokens = output.num_prompt_tokens
         update.num_cached_tokens = output.num_cached_tokens
+        if output.logprobs is not None:
+            add = update.logprobs.add
+            for lp in output.logprobs:
+                add(logprob=lp.logprob, top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
         if output.finish_reason is not None:  # output.finished
             update.finish_reason = FINISH_TO_PROTO.get(output.finish_reason, pb.FINISH_REASON_STOP)
             self._finish(client_id)

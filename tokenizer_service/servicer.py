@@ -78,6 +78,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         self._prepare_slots = asyncio.Semaphore(PREPARE_SLOTS)  # see _start_heavy
         self._api_slots = asyncio.Semaphore(API_SLOTS)
         self.metrics = metrics or TextMetrics(model_name)
+        self._token_texts: dict[int, str] = {}  # id -> the token alone, decoded (for logprobs); at most the vocabulary
 
     def begin_drain(self) -> None:
         self.draining = True
@@ -177,6 +178,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         handle: RequestHandle | None = None
         sent_tokens, cached, attempts = False, 0, 0
         tried: set = set()  # engines this request was sent to: a retry prefers the others
+        wants_logprobs = prep.engine_request.sampling_params.HasField("logprobs")
         self.inflight += 1  # before the next await: admitting and inflight together bound max_inflight
         try:
             text_args = (self.tokenizer, prep.stop, prep.skip_special_tokens, prep.include_stop_str_in_output)
@@ -208,6 +210,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                                                 retryable=code == grpc.StatusCode.UNAVAILABLE)
                         cached = update.num_cached_tokens or cached
                         ids = list(update.new_token_ids)
+                        logprobs = self._logprobs(update, handle) if wants_logprobs else ()
                         fed = time.monotonic()
                         delta = text.feed(ids)
                         trace.detokenize_s += time.monotonic() - fed
@@ -215,7 +218,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                         if text.stopped is not None:
                             handle.close(stopped=True)  # in-band abort: the engine frees the blocks at once
                             trace.finish_reason = "stop"
-                            yield self._last(prep, text, delta, ids, pb.FINISH_REASON_STOP, cached)
+                            yield self._last(prep, text, delta, ids, logprobs, pb.FINISH_REASON_STOP, cached)
                             return
                         if update.finish_reason:
                             reason = FINISH.get(update.finish_reason, pb.FINISH_REASON_STOP)
@@ -223,11 +226,11 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             if text.stopped is not None:
                                 reason = pb.FINISH_REASON_STOP
                             trace.finish_reason = pb.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
-                            yield self._last(prep, text, delta, ids, reason, cached)
+                            yield self._last(prep, text, delta, ids, logprobs, reason, cached)
                             return
                         if ids or delta:
                             sent_tokens = True
-                            yield pb.GenerateResponse(text=delta, token_ids=ids)
+                            yield pb.GenerateResponse(text=delta, token_ids=ids, logprobs=logprobs)
                     raise RequestFailed(grpc.StatusCode.INTERNAL, "the engine ended the request without a finish")
                 except RequestFailed as exc:
                     if not (exc.retryable and not sent_tokens and attempts < MAX_ATTEMPTS):
@@ -247,12 +250,33 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 trace.finish_reason, trace.error = "error", "DEADLINE_EXCEEDED: the request's deadline passed"
             self.metrics.finish(trace)
 
-    def _last(self, prep: PreparedRequest, text: TextStream, delta: str, ids: list[int], reason: int,
+    def _last(self, prep: PreparedRequest, text: TextStream, delta: str, ids: list[int], logprobs, reason: int,
               cached: int) -> pb.GenerateResponse:
         usage = pb.Usage(prompt_tokens=prep.num_prompt_tokens, completion_tokens=text.num_generated,
                          cached_tokens=cached)
-        return pb.GenerateResponse(text=delta, token_ids=ids, finish_reason=reason, usage=usage,
+        return pb.GenerateResponse(text=delta, token_ids=ids, logprobs=logprobs, finish_reason=reason, usage=usage,
                                    stop_reason=text.stopped or "")
+
+    def _logprobs(self, update: engine_pb.RequestUpdate, handle: RequestHandle) -> list[pb.TokenLogprobs]:
+        """The text API's logprobs of an engine update, one per token id; RequestFailed when the engine sent none
+        (one that predates them ignores the field)."""
+        if len(update.logprobs) != len(update.new_token_ids):
+            raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"the engine at {handle.conn.address} returned {len(update.logprobs)} logprobs for "
+                                f"{len(update.new_token_ids)} tokens: it predates logprobs; upgrade it, or send the "
+                                "request without logprobs")
+        text = self._token_text
+        return [pb.TokenLogprobs(token_id=t, token=text(t), logprob=lp.logprob,
+                                 top=[pb.TopLogprob(token_id=i, token=text(i), logprob=v)
+                                      for i, v in zip(lp.top_token_ids, lp.top_logprobs, strict=True)])
+                for t, lp in zip(update.new_token_ids, update.logprobs, strict=True)]
+
+    def _token_text(self, token_id: int) -> str:
+        """A token alone, decoded with its special tokens' text; cached (ids are the engine's, in the vocabulary)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
 
     async def Generate(self, request, context):
         self.num_calls += 1

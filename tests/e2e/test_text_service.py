@@ -79,6 +79,49 @@ def test_greedy_stream_matches_offline_engine(stack, demo_model):
     assert "".join(c.text for c in chunks) == text.detokenize(ids)
 
 
+def test_logprobs_stream_matches_offline_engine(stack, demo_model):
+    """Each streamed token carries its logprob and the 3 most likely tokens', with their texts, as the offline
+    engine computes them on the same weights."""
+    _, _, text, _ = stack
+    prompt_ids = text.tokenize(messages=CHAT)
+    chunks = list(text.chat(CHAT, temperature=0.0, max_tokens=16, logprobs=3, stop=["e"]))
+    ids = [t for c in chunks for t in c.token_ids]
+    logprobs = [lp for c in chunks for lp in c.logprobs]
+    assert all(len(c.logprobs) == len(c.token_ids) for c in chunks) and ids
+    assert [lp.token_id for lp in logprobs] == ids
+
+    from engine_service import LLM, SamplingParams
+
+    with LLM(demo_model, device="cpu", dtype="float32", attention_backend="torch", enforce_eager=True,
+             num_kvcache_blocks=64) as llm:
+        [offline] = llm.generate([prompt_ids], SamplingParams(temperature=0.0, max_tokens=16, logprobs=3))
+    assert ids == offline["token_ids"][: len(ids)]  # the stream may have ended at the stop string
+    for got, want in zip(logprobs, offline["logprobs"], strict=False):
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-5)
+        assert [t.token_id for t in got.top] == want.top_token_ids
+        assert [t.logprob for t in got.top] == pytest.approx(want.top_logprobs, abs=1e-5)
+    for lp in logprobs:
+        for token_id, token in [(lp.token_id, lp.token)] + [(t.token_id, t.token) for t in lp.top]:
+            assert token == text.detokenize([token_id], skip_special_tokens=False)
+
+
+def test_cli_prints_logprobs(stack, capsys):
+    from clients.cli import main
+
+    _, tokenizer, text, _ = stack
+    assert main(["Hi", "--target", tokenizer.target, "--max-tokens", "3", "--temperature", "0", "--logprobs", "2",
+                 "--timeout", "30"]) == 0
+    out = capsys.readouterr()
+    lines = out.err.splitlines()
+    expected = list(text.generate("Hi", max_tokens=3, temperature=0.0, logprobs=2))
+    tokens = [lp for c in expected for lp in c.logprobs]
+    assert len(lines) == len(tokens) == 3
+    for line, lp in zip(lines, tokens, strict=True):
+        token, logprob, alternatives = line.split("\t")
+        assert token == repr(lp.token) and float(logprob) == pytest.approx(lp.logprob, abs=1e-4)
+        assert alternatives == "  ".join(f"{t.token!r} {t.logprob:.4f}" for t in lp.top) and len(lp.top) == 2
+
+
 def test_64_concurrent_streams(stack):
     _, tokenizer, text, eng = stack
 
@@ -147,6 +190,7 @@ BAD_SAMPLING = [
     ({"min_tokens": -1}, "min_tokens"), ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ({"stop_token_ids": [10**9], "min_tokens": 1}, "stop_token_ids"),  # outside the vocabulary: once crashed the engine
+    ({"logprobs": -1}, "logprobs"), ({"logprobs": 21}, "logprobs"),
 ]
 
 

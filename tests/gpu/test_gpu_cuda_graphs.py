@@ -251,7 +251,7 @@ def test_overlap_scheduling_tokens_equal_plain_scheduling(fp32_model):
 def test_launching_a_step_never_waits_for_the_device(bf16_model, monkeypatch):
     """Under torch's sync debug mode "error", every synchronising call inside ModelRunner.launch raises:
     prefill steps, decode replays, device-side input gathering, and sampling with temperature, top-k,
-    top-p, min-p, seeds and banned tokens all enqueue work without waiting. Only collect() waits."""
+    top-p, min-p, seeds, banned tokens and logprobs all enqueue work without waiting. Only collect() waits."""
     from engine_service import SamplingParams
 
     prompts, params = _requests(24, seed=5)
@@ -261,6 +261,7 @@ def test_launching_a_step_never_waits_for_the_device(bf16_model, monkeypatch):
         dict(temperature=0.9, top_k=20, top_p=0.8, min_p=0.05),
         dict(temperature=0.7, seed=7),
         dict(temperature=0.0, min_tokens=4, stop_token_ids=[3, 4]),
+        dict(temperature=0.8, logprobs=5),
     ]
     params = [SamplingParams(max_tokens=max(p.max_tokens, 5), **kinds[i % len(kinds)]) for i, p in enumerate(params)]
     with _engine(bf16_model, dtype="bfloat16", overlap_scheduling=True) as llm:
@@ -280,3 +281,29 @@ def test_launching_a_step_never_waits_for_the_device(bf16_model, monkeypatch):
         outs = llm.generate(prompts, params)
     assert launches[0] > 20
     assert all(len(o["token_ids"]) >= 1 for o in outs)
+
+
+def test_logprobs_with_graphs_and_overlap_match_transformers(fp32_model):
+    """Logprobs read back through pinned memory with overlap scheduling and graph replays equal transformers'
+    log_softmax, teacher-forced on the same GPU in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from engine_service import SamplingParams
+
+    prompts, params = _requests(12, seed=6, max_tokens=16)
+    params = [SamplingParams(temperature=0.0 if i % 2 else 0.9, seed=i, max_tokens=p.max_tokens, logprobs=i % 4)
+              for i, p in enumerate(params)]
+    with _engine(fp32_model, dtype="float32", overlap_scheduling=True) as llm:
+        assert llm.runner.graphs is not None
+        outs = llm.generate(prompts, params)
+    hf = AutoModelForCausalLM.from_pretrained(fp32_model, dtype=torch.float32).cuda().eval()
+    for prompt, p, out in zip(prompts, params, outs, strict=True):
+        ids = torch.tensor([prompt + out["token_ids"][:-1]], device="cuda")
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float(), -1)
+        ref = ref[len(prompt) - 1 :].cpu()
+        assert len(out["logprobs"]) == len(out["token_ids"])
+        for pos, (token, lp) in enumerate(zip(out["token_ids"], out["logprobs"], strict=True)):
+            assert abs(lp.logprob - ref[pos, token].item()) <= 1e-3, (pos, lp, ref[pos, token])
+            assert len(lp.top_token_ids) == p.logprobs
+            assert lp.top_logprobs == pytest.approx(ref[pos][lp.top_token_ids].tolist(), abs=1e-3)

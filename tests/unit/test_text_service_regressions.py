@@ -180,6 +180,19 @@ def test_stop_string_completed_by_the_final_flush_finishes_with_stop(scripted, d
     assert last.usage.completion_tokens == cut
 
 
+def test_logprobs_from_an_engine_that_predates_them_fail_in_words(scripted):
+    """An engine without logprobs ignores the field: the caller would get tokens and silently no logprobs."""
+    stub, _ = scripted
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(max_tokens=2, logprobs=2)),
+                           timeout=30))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "predates logprobs" in err.value.details() and "0 logprobs for 1 tokens" in err.value.details()
+    # Without logprobs the same engine serves.
+    assert list(stub.Generate(pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(max_tokens=2)),
+                              timeout=30))[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+
 def test_a_burst_of_long_prompts_goes_out_in_frames_under_the_limit():
     """Every request queued in one loop turn went into one ClientFrame; past max_message_bytes gRPC failed
     the whole engine stream, and every request on it, streams already producing tokens included."""

@@ -1,0 +1,110 @@
+"""Logprobs equal transformers' log_softmax of its logits on the same weights, in float64 on CPU.
+
+The reference is teacher-forced: transformers runs once over the prompt and the tokens the engine generated, so
+sampled requests are checked as exactly as greedy ones. Logprobs are of the raw distribution, so temperature,
+filters and the min_tokens ban must not change them; batching, chunked prefill, prefix caching, preemption and
+overlap scheduling must not either.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine_service import LLM, SamplingParams
+from engine_service.sampling_params import MAX_LOGPROBS
+from tests.integration.tiny import VOCAB, make_qwen3
+
+TOL = 1e-9  # float64 against float64, different kernels and summation orders
+
+
+@pytest.fixture(scope="module")
+def model_and_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("logprobs")
+    return make_qwen3(path, heads=6, kv_heads=2, head_dim=8, hidden=48), path
+
+
+def _engine(path, **kw) -> LLM:
+    args = dict(device="cpu", dtype="float64", enforce_eager=True, attention_backend="torch", kvcache_block_size=16,
+                num_kvcache_blocks=128, max_num_batched_tokens=512, max_num_seqs=8, max_model_len=512)
+    args.update(kw)
+    return LLM(path, **args)
+
+
+def _reference(model, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """[len(generated), V]: transformers' log_softmax for each generated position, teacher-forced."""
+    ids = torch.tensor([prompt + generated[:-1]])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    return torch.log_softmax(logits[len(prompt) - 1 :], dim=-1)
+
+
+def _check(model, prompt: list[int], out: dict, k: int) -> None:
+    ref = _reference(model, prompt, out["token_ids"])
+    assert len(out["logprobs"]) == len(out["token_ids"]) == ref.shape[0] > 0
+    for pos, (token, lp) in enumerate(zip(out["token_ids"], out["logprobs"], strict=True)):
+        assert abs(lp.logprob - ref[pos, token].item()) <= TOL, f"token {pos}"
+        values, ids = ref[pos].topk(k)
+        assert lp.top_token_ids == ids.tolist(), f"top tokens at {pos}"
+        assert max((abs(a - b) for a, b in zip(lp.top_logprobs, values.tolist(), strict=True)), default=0) <= TOL
+
+
+def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(VOCAB) for _ in range(n)] for n in lengths]
+
+
+# Each case mixes: greedy with 5 alternatives; sampled with filters and only the token's own logprob; a row
+# without logprobs; the most alternatives allowed; and a row whose min_tokens bans the token greedy would pick.
+SETTINGS = {
+    "plain": {},
+    "chunked-prefill": {"max_num_batched_tokens": 16, "max_num_seqs": 4},
+    "overlap-scheduling": {"overlap_scheduling": True},
+    "preemption": {"num_kvcache_blocks": 12, "max_num_seqs": 5},
+}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_logprobs_equal_transformers(model_and_dir, setting):
+    model, path = model_and_dir
+    prompts = _prompts(3, [5, 40, 17, 70, 9])
+    ban = _reference(model, prompts[4], [0])[0].argmax().item()  # greedy's first token for the last prompt
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=12, logprobs=5),
+        SamplingParams(temperature=1.3, top_k=3, top_p=0.8, seed=7, max_tokens=12, logprobs=0),
+        SamplingParams(temperature=0.0, max_tokens=12),
+        SamplingParams(temperature=0.7, seed=1, max_tokens=12, logprobs=MAX_LOGPROBS),
+        SamplingParams(temperature=0.0, max_tokens=6, min_tokens=3, stop_token_ids=[ban], logprobs=2),
+    ]
+    with _engine(path, **SETTINGS[setting]) as llm:
+        outs = llm.generate(prompts, params)
+        if setting == "preemption":
+            assert llm.stats()["num_preemptions"] > 0, "the case did not preempt"
+    for prompt, p, out in zip(prompts, params, outs, strict=True):
+        if p.logprobs is None:
+            assert out["logprobs"] is None
+        else:
+            _check(model, prompt, out, p.logprobs)
+    # The banned token stays the most likely under the raw distribution, with its own logprob reported.
+    assert outs[4]["token_ids"][0] != ban and outs[4]["logprobs"][0].top_token_ids[0] == ban
+
+
+def test_logprobs_of_a_prefix_cache_hit_equal_those_computed(model_and_dir):
+    model, path = model_and_dir
+    [prompt] = _prompts(4, [50])  # three full blocks of 16 come from the cache the second time
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, logprobs=4)
+    with _engine(path) as llm:
+        first = llm.generate([prompt], greedy)[0]
+        second = llm.generate([prompt], greedy)[0]
+    assert second["num_cached_tokens"] >= 48
+    _check(model, prompt, second, 4)
+    assert [lp.logprob for lp in second["logprobs"]] == pytest.approx([lp.logprob for lp in first["logprobs"]],
+                                                                      abs=TOL)
+
+
+@pytest.mark.parametrize("value", [-1, MAX_LOGPROBS + 1, 1.5, True, "3"])
+def test_logprobs_out_of_range_is_refused_naming_the_field(value):
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=value)
