@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="above 1 discourages tokens already in the prompt or output (transformers' rule)")
+    parser.add_argument("--presence-penalty", type=float, default=None, help="-2 to 2: per token the output holds")
+    parser.add_argument("--frequency-penalty", type=float, default=None, help="-2 to 2: per occurrence in the output")
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument("--timeout", type=float, default=None, help="the request's deadline in seconds")
     parser.add_argument("--usage", action="store_true", help="print the finish reason and token usage")
@@ -65,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if "/" not in args.target and not args.target.rpartition(":")[2].isdigit():  # gRPC URIs (unix:/...) pass
         parser.error(f"--target must be HOST:PORT, e.g. localhost:50052; got {args.target!r}")
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    seed=args.seed, logprobs=args.logprobs)
+                    seed=args.seed, logprobs=args.logprobs, repetition_penalty=args.repetition_penalty,
+                    presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
     if args.thinking is not None and not args.chat:
         print("llm-client: --thinking applies to --chat only", file=sys.stderr)
         return 2

@@ -34,10 +34,12 @@ from engine_service.validation import check_prompt
 
 log = logging.getLogger(__name__)
 # generation_config.json fields that change what transformers' generate() produces but that this engine does not
-# apply, with the value that means "off". The engine applies temperature, top_p, top_k, min_p, do_sample and
-# eos_token_id (and a request's own max_tokens and min_tokens).
+# apply, with the value that means "off". The engine applies temperature, top_p, top_k, min_p, the repetition,
+# presence and frequency penalties, do_sample and eos_token_id (and a request's own max_tokens and min_tokens).
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                           "frequency_penalty")
 UNAPPLIED_GENERATION_FIELDS: dict[str, object] = {
-    "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "no_repeat_ngram_size": 0,
+    "no_repeat_ngram_size": 0,
     "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1, "num_return_sequences": 1,
     "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
     "max_new_tokens": None, "min_new_tokens": None, "min_length": 0,
@@ -113,9 +115,10 @@ class LLMEngine:
         if unapplied:
             log.warning("generation_config.json sets %s, which this engine does not apply: its outputs will differ "
                         "from transformers' generate() with that config (it applies temperature, top_p, top_k, "
-                        "min_p, do_sample and eos_token_id)",
+                        "min_p, the repetition, presence and frequency penalties, do_sample and eos_token_id)",
                         ", ".join(f"{k}={v!r}" for k, v in unapplied.items()))
-        sampling = {k: v for k, v in self.generation_defaults.items() if k != "temperature" or v != 0.0}
+        sampling = {k: v for k, v in self.generation_defaults.items()
+                    if k in ("temperature", "top_p", "top_k", "min_p") and (k != "temperature" or v != 0.0)}
         if sampling and "do_sample" not in gen_cfg:
             log.warning("generation_config.json sets %s without do_sample: this engine samples with them by default "
                         "(as vLLM does), where transformers' generate() would decode greedily; requests choose "
@@ -184,7 +187,7 @@ class LLMEngine:
     @staticmethod
     def _generation_defaults(gen_cfg: dict) -> dict:
         defaults = {
-            k: gen_cfg[k] for k in ("temperature", "top_p", "top_k", "min_p") if gen_cfg.get(k) is not None
+            k: gen_cfg[k] for k in GENERATION_DEFAULT_KEYS if gen_cfg.get(k) is not None
         }
         if gen_cfg.get("do_sample") is False:
             defaults["temperature"] = 0.0
@@ -247,7 +250,7 @@ class LLMEngine:
         if seq is None:
             return False
         self.scheduler.abort(seq)
-        self.generators.pop(request_id, None)
+        self._forget(seq)
         self._pending.append(self._output(seq, []))
         self._pending_ids.add(request_id)
         return True
@@ -366,17 +369,27 @@ class LLMEngine:
                 outputs.append(self._fail(seq, "the model produced NaN or infinite logits for this request"))
             sampled.append(token if ok else None)
         self.scheduler.postprocess(batch, sampled)
-        row = -1  # the sampled row of the sequence, for its logprobs
-        for seq, token, take in zip(batch.seqs, sampled, batch.sample, strict=True):
-            row += take
+        start = len(outputs)
+        for seq, token in zip(batch.seqs, sampled, strict=True):
             if token is None:
                 continue  # a prefill chunk that did not reach the end, or a request failed above
-            out = self._output(seq, [token])
-            if logprobs is not None and logprobs[row] is not None:
-                out.logprobs = [logprobs[row]]
-            outputs.append(out)
+            outputs.append(self._output(seq, [token]))
             if seq.status is Status.FINISHED:
                 self._forget(seq)
+        if logprobs is not None:
+            self._attach_logprobs(batch, sampled, logprobs, outputs[start:])
+
+    @staticmethod
+    def _attach_logprobs(batch: ScheduledBatch, sampled: list[int | None], logprobs: list[TokenLogprobs | None],
+                         outputs: list[StepOutput]) -> None:
+        """Give each output (one per sequence with a token, in batch order) its row's logprobs, if it asked."""
+        row, k = -1, 0  # the sampled row, the output
+        for take, token in zip(batch.sample, sampled, strict=True):
+            row += take
+            if token is not None:
+                if logprobs[row] is not None:
+                    outputs[k].logprobs = [logprobs[row]]
+                k += 1
 
     def _sampling_row(self, seq: Sequence, ahead: bool = False) -> SamplingRow:
         """ahead: for a batch scheduled ahead, whose sequences will have one more output token by then."""
@@ -384,7 +397,8 @@ class LLMEngine:
         banned: tuple[int, ...] = ()
         if p.min_tokens and len(seq.token_ids) - seq.num_prompt_tokens + ahead < p.min_tokens:
             banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_token_ids))
-        return SamplingRow(p, self.generators.get(seq.request_id), banned)
+        slot = self.runner.sampler.penalties.slot(seq) if p.penalized else -1
+        return SamplingRow(p, self.generators.get(seq.request_id), banned, slot)
 
     def _fail(self, seq: Sequence, message: str) -> StepOutput:
         if seq.status is not Status.FINISHED:
@@ -397,6 +411,8 @@ class LLMEngine:
     def _forget(self, seq: Sequence) -> None:
         self.seqs.pop(seq.request_id, None)
         self.generators.pop(seq.request_id, None)
+        if seq.params.penalized:
+            self.runner.sampler.penalties.release(seq.request_id)
 
     @staticmethod
     def _output(seq: Sequence, tokens: list[int]) -> StepOutput:

@@ -32,6 +32,7 @@ from engine_service.model.layers import TPInfo
 from engine_service.model.loader import load_weights
 from engine_service.model.qwen3 import Qwen3ForCausalLM, kv_heads_per_rank
 from engine_service.outputs import TokenLogprobs
+from engine_service.penalties import Penalties
 from engine_service.sampler import LogprobRows, Sampler, SamplingRow
 from engine_service.sampling_params import MAX_LOGPROBS, SamplingParams
 from engine_service.scheduler import ScheduledBatch
@@ -142,7 +143,9 @@ class ModelRunner:
             self.model = Qwen3ForCausalLM(model_cfg, tp, max_model_len, self.dtype, self.fused_ops)
         load_weights(self.model, config.model, model_cfg.tie_word_embeddings)
         self.model.eval()
-        self.sampler = Sampler(self.device, config.seed)
+        # Only rank 0 samples; its penalty counts are allocated before the warm-up measures the peak.
+        penalties = Penalties(config.max_num_seqs, model_cfg.vocab_size, self.device) if tp.rank == 0 else None
+        self.sampler = Sampler(self.device, config.seed, penalties=penalties)
         self._warmup_peak_bytes = self._warm_up() if self.device.type == "cuda" else 0
         self.num_blocks = tp.min_int(self._decide_num_blocks())  # every rank must agree on the pool
         kv_heads = kv_heads_per_rank(model_cfg, tp)
@@ -275,8 +278,8 @@ class ModelRunner:
 
         - a forward at the full token budget: the largest activations;
         - short prefills (WARMUP_QUERY_LENS): each query tile of the attention kernels is compiled;
-        - the sampler on max_num_seqs rows of logits, with top-k/top-p and the most logprobs (its largest
-          workspace) and without (the sampling kernel). The sampler's generator is restored: the warm-up draws no one's tokens.
+        - the sampler on max_num_seqs rows of logits, with penalties, top-k/top-p and the most logprobs (its
+          largest workspace) and without (the sampling kernel). The sampler's generator is restored: the warm-up draws no one's tokens.
         """
         start = time.perf_counter()
         torch.cuda.empty_cache()
@@ -298,9 +301,12 @@ class ModelRunner:
                 meta = self._metadata([q_len], [q_len], [list(range(q_blocks))], list(range(q_len)), 0)
                 hidden = self.model(ids, pos, caches, meta, self.backend)
             logits = self.model.compute_logits(hidden[-1:].expand(rows, -1).contiguous())
-            for params in (SamplingParams(temperature=0.6, top_k=50, top_p=0.9, logprobs=MAX_LOGPROBS),
-                           SamplingParams(temperature=0.6)):
-                self.sampler.sample_with_logprobs(logits.clone(), [SamplingRow(params, None)] * rows)
+            penalised = SamplingParams(temperature=0.6, top_k=50, top_p=0.9, logprobs=MAX_LOGPROBS,
+                                       repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5)
+            # Every slot once: the counts it leaves are zeroed when a request takes the slot.
+            self.sampler.sample_with_logprobs(logits.clone(), [SamplingRow(penalised, None, penalty_slot=i)
+                                                               for i in range(rows)])
+            self.sampler.sample(logits.clone(), [SamplingRow(SamplingParams(temperature=0.6), None)] * rows)
             torch.cuda.synchronize(self.device)
         self.sampler.generator.set_state(state)
         peak = torch.cuda.max_memory_allocated(self.device)

@@ -3,8 +3,9 @@
 Sampling inverts the cumulative distribution at one uniform draw per row: one random number instead of a
 vocabulary's worth of noise. A seeded request draws from its own generator, so its tokens do not depend on
 which other requests share the batch. Rows with NaN or infinite logits are reported, not sampled.
-Rows that ask for logprobs get log_softmax of their raw logits (before temperature, filters and bans), the
-sampled token's entry and the most likely tokens', computed on the device beside the draw.
+Rows that ask for logprobs get log_softmax of their raw logits (before penalties, temperature, filters and
+bans), the sampled token's entry and the most likely tokens', computed on the device beside the draw.
+Rows with penalties have their logits penalised first (penalties.py), then banned, then drawn.
 On CUDA, rows without top-k, top-p or min-p filters are drawn by a Triton kernel (sampling_kernels.py) that
 reads the logits twice instead of materialising float32 copies of them.
 """
@@ -18,6 +19,7 @@ import torch
 from engine_service.attention import check_triton_usable, compiled_triton
 from engine_service.host_copy import to_device
 from engine_service.outputs import TokenLogprobs
+from engine_service.penalties import Penalties
 from engine_service.sampling_params import SamplingParams
 
 
@@ -28,6 +30,7 @@ class SamplingRow:
     params: SamplingParams
     generator: torch.Generator | None  # the request's own generator when it has a seed
     banned_token_ids: tuple[int, ...] = ()  # EOS/stop ids, while min_tokens is not reached
+    penalty_slot: int = -1  # the request's Penalties slot when it has a penalty, else -1
 
 
 @dataclass(slots=True)
@@ -61,10 +64,13 @@ class LogprobRows:
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int, triton_sampling: bool | None = None):
+    def __init__(self, device: torch.device, seed: int, triton_sampling: bool | None = None,
+                 penalties: Penalties | None = None):
         """triton_sampling: draw rows without top-k/top-p/min-p filters with sampling_kernels (two passes
         over the logits instead of several float32 copies). None: on CUDA where triton imports and its
-        kernels are compiled (not TRITON_INTERPRET=1)."""
+        kernels are compiled (not TRITON_INTERPRET=1). penalties: the token counts of rows with a
+        penalty_slot (rows with penalties need it)."""
+        self.penalties = penalties
         if triton_sampling is None:
             triton_sampling = compiled_triton(device)
         elif triton_sampling:
@@ -105,6 +111,14 @@ class Sampler:
         dev = logits.device
         # NaN and inf propagate through a sum; summed in float32 so that fp16 logits cannot overflow it.
         finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
+        penalized = [i for i, r in enumerate(rows) if r.penalty_slot >= 0]
+        if penalized:
+            if self.penalties is None:
+                raise ValueError("rows with a penalty_slot need a Sampler made with penalties")
+            where = to_device([[i, rows[i].penalty_slot] for i in penalized], torch.long, dev)  # [p, 2]
+            p = [rows[i].params for i in penalized]
+            table = [[q.repetition_penalty, q.presence_penalty, q.frequency_penalty] for q in p]
+            self.penalties.apply(logits, where[:, 0], where[:, 1], to_device(table, logits.dtype, dev))
         banned = [(i, t) for i, r in enumerate(rows) for t in r.banned_token_ids]
         if banned:
             where = to_device(banned, torch.long, dev)  # [K, 2]: (row, token id)
@@ -117,6 +131,8 @@ class Sampler:
             if sampled_rows:
                 idx = to_device(sampled_rows, torch.long, dev)
                 tokens[idx] = self._sample(logits[idx], [rows[i] for i in sampled_rows])
+        if penalized:
+            self.penalties.record(where[:, 1], tokens[where[:, 0]])
         return torch.stack([tokens, finite.long()])
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

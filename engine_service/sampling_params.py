@@ -22,6 +22,10 @@ class SamplingParams:
     A seed makes the request's tokens independent of which other requests share its batch.
     logprobs: None returns no log-probabilities; N (0 to MAX_LOGPROBS) returns each generated token's own and
     the N most likely tokens' (outputs.TokenLogprobs), under the model's raw distribution.
+    Penalties (penalties.py), applied to the logits before temperature and filters: repetition_penalty (> 0, 1.0
+    off) divides the positive logits of every token in the prompt or the output so far and multiplies the
+    negative ones, as transformers does; presence_penalty and frequency_penalty ([-2, 2], 0.0 off) subtract
+    once per token that the output holds, and once per occurrence, as OpenAI's API does.
     """
 
     temperature: float = 1.0
@@ -34,6 +38,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     logprobs: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Whether any penalty is on (the request then keeps token counts on the device); set from the three, stored
+    # because every step asks it of every row.
+    penalized: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Accept any iterable of ids for stop_token_ids (a list, a tuple, a set) but store an immutable tuple of
@@ -48,10 +58,13 @@ class SamplingParams:
         except TypeError:  # an unhashable entry: validate() names it
             object.__setattr__(self, "stop_token_ids", tuple(ids))
         self.validate()
+        object.__setattr__(self, "penalized", self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                           or self.frequency_penalty != 0.0)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
+
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that is out of range."""
@@ -59,7 +72,7 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        for name in ("temperature", "top_p", "min_p"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
                 raise ValueError(f"{name} must be a number, got {value!r}")
@@ -79,6 +92,12 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1 (disabled) or at least 1, got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0.0 < self.repetition_penalty < float("inf"):
+            raise ValueError(f"repetition_penalty must be a finite number above 0 (1.0 is off; above 1 discourages "
+                             f"repeats), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2] (0.0 is off), got {getattr(self, name)}")
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (the most likely tokens to return "
@@ -96,5 +115,5 @@ class SamplingParams:
 
     def with_defaults(self, **defaults: object) -> SamplingParams:
         """A copy with the given fields replaced (used to apply generation_config.json values)."""
-        known = {f.name for f in fields(self)}
+        known = {f.name for f in fields(self) if f.init}
         return replace(self, **{k: v for k, v in defaults.items() if k in known})

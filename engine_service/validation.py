@@ -8,7 +8,7 @@ from engine_service.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
 
 # proto field name -> SamplingParams field name (the same today; kept explicit so a rename is one line).
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos",
-                   "logprobs")
+                   "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty")
 MAX_REQUEST_ID_LEN = 256
 
 
@@ -24,7 +24,7 @@ def sampling_params_from_proto(proto: Any, defaults: dict[str, object]) -> Sampl
                              f"{len(proto.stop_token_ids)}")
         values["stop_token_ids"] = tuple(proto.stop_token_ids)
     # Floats arrive as float32; round-trip through repr so 0.7 stays 0.7, not 0.699999988.
-    for name in ("temperature", "top_p", "min_p"):
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         if name in values and isinstance(values[name], float):
             values[name] = float(f"{values[name]:.7g}")
     try:

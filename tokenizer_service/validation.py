@@ -36,9 +36,10 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024  # distinct ids; the engine's own bound (engine_service/sampling_params.py)
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos",
-                   "logprobs")
+                   "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty")
 # generation_config.json keys that are sampling parameters here.
-GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p")
+GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                          "frequency_penalty")
 
 
 @dataclass(slots=True, frozen=True)

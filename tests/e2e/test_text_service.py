@@ -105,6 +105,23 @@ def test_logprobs_stream_matches_offline_engine(stack, demo_model):
             assert token == text.detokenize([token_id], skip_special_tokens=False)
 
 
+def test_penalties_through_the_text_api_match_offline_engine(stack, demo_model):
+    _, _, text, _ = stack
+    penalties = dict(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.5)
+    chunks = list(text.generate("The sea", temperature=0.0, max_tokens=24, ignore_eos=True, **penalties))
+    ids = [t for c in chunks for t in c.token_ids]
+    prompt_ids = text.tokenize("The sea")
+
+    from engine_service import LLM, SamplingParams
+
+    with LLM(demo_model, device="cpu", dtype="float32", attention_backend="torch", enforce_eager=True,
+             num_kvcache_blocks=64) as llm:
+        [penalised, plain] = llm.generate([prompt_ids] * 2, [
+            SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, **penalties),
+            SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)])
+    assert ids == penalised["token_ids"] != plain["token_ids"]
+
+
 def test_cli_prints_logprobs(stack, capsys):
     from clients.cli import main
 
@@ -191,6 +208,8 @@ BAD_SAMPLING = [
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ({"stop_token_ids": [10**9], "min_tokens": 1}, "stop_token_ids"),  # outside the vocabulary: once crashed the engine
     ({"logprobs": -1}, "logprobs"), ({"logprobs": 21}, "logprobs"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty"),
 ]
 
 

@@ -256,13 +256,15 @@ def test_eos_from_generation_config_stops_unless_ignored(tmp_path, caplog):
     assert "does not apply" not in caplog.text
     eos = greedy[3]
     (tmp_path / "generation_config.json").write_text(json.dumps(
-        {"eos_token_id": [eos], "temperature": 0.3, "repetition_penalty": 1.05, "num_beams": 1}))
+        {"eos_token_id": [eos], "temperature": 0.3, "repetition_penalty": 1.05, "no_repeat_ngram_size": 3,
+         "num_beams": 1}))
     with _engine(tmp_path) as engine:
         # A setting it does not apply is said at start-up, not silently dropped (num_beams 1 is "off").
-        assert "generation_config.json sets repetition_penalty=1.05, which this engine does not apply" in caplog.text
-        assert "num_beams" not in caplog.text
+        assert "generation_config.json sets no_repeat_ngram_size=3, which this engine does not apply" in caplog.text
+        assert "num_beams" not in caplog.text and "repetition_penalty=1.05," not in caplog.text
         assert eos in engine.eos_token_ids
         assert engine.generation_defaults["temperature"] == 0.3
+        assert engine.generation_defaults["repetition_penalty"] == 1.05
         out = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=10))[0]
         assert out["finish_reason"] == "stop" and out["token_ids"][-1] == eos
         out = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))[0]

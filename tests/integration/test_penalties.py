@@ -1,0 +1,133 @@
+"""Repetition, presence and frequency penalties equal transformers' on the same weights, in float64 on CPU.
+
+repetition_penalty is transformers' own `generate(repetition_penalty=...)`. Presence and frequency penalties (OpenAI's
+rule, which transformers does not have) are checked against a logits processor written here from the rule.
+Batching, chunked prefill, prefix caching, preemption and overlap scheduling must not change the tokens.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from engine_service import LLM, SamplingParams
+from tests.integration.tiny import VOCAB, make_qwen3
+
+MAX_NEW = 24
+
+
+class OpenAIPenalties(LogitsProcessor):
+    """logit -= presence * [token generated] + frequency * (times generated), over the generated tokens only."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float):
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        for token, n in Counter(input_ids[0, self.prompt_len :].tolist()).items():
+            scores[0, token] -= self.presence + self.frequency * n
+        return scores
+
+
+def hf_penalised(model, prompt: list[int], p: SamplingParams) -> list[int]:
+    ids = torch.tensor([prompt])
+    processors = LogitsProcessorList()
+    if p.presence_penalty or p.frequency_penalty:
+        processors.append(OpenAIPenalties(len(prompt), p.presence_penalty, p.frequency_penalty))
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=p.max_tokens,
+                             min_new_tokens=p.max_tokens, do_sample=False, eos_token_id=None, pad_token_id=None,
+                             repetition_penalty=p.repetition_penalty, logits_processor=processors)
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def model_and_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("penalties")
+    return make_qwen3(path, heads=4, kv_heads=2, head_dim=16, hidden=64), path
+
+
+def _engine(path, **kw) -> LLM:
+    args = dict(device="cpu", dtype="float64", enforce_eager=True, attention_backend="torch", kvcache_block_size=16,
+                num_kvcache_blocks=128, max_num_batched_tokens=512, max_num_seqs=8, max_model_len=512)
+    args.update(kw)
+    return LLM(path, **args)
+
+
+def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(VOCAB) for _ in range(n)] for n in lengths]
+
+
+PARAMS = [
+    SamplingParams(temperature=0.0, max_tokens=MAX_NEW, repetition_penalty=1.4),
+    SamplingParams(temperature=0.0, max_tokens=MAX_NEW),  # no penalty, beside penalised rows
+    SamplingParams(temperature=0.0, max_tokens=MAX_NEW, repetition_penalty=0.7),  # below 1 favours repeats
+    SamplingParams(temperature=0.0, max_tokens=MAX_NEW, presence_penalty=1.5),
+    SamplingParams(temperature=0.0, max_tokens=MAX_NEW, frequency_penalty=0.6),
+    SamplingParams(temperature=0.0, max_tokens=MAX_NEW, repetition_penalty=1.2, presence_penalty=-0.5,
+                   frequency_penalty=0.8),
+]
+SETTINGS = {
+    "plain": {},
+    "chunked-prefill": {"max_num_batched_tokens": 16, "max_num_seqs": 4},
+    "overlap-scheduling": {"overlap_scheduling": True},
+    "preemption": {"num_kvcache_blocks": 9, "max_num_seqs": 4},
+}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_penalised_greedy_tokens_equal_transformers(model_and_dir, setting):
+    model, path = model_and_dir
+    prompts = _prompts(5, [6, 40, 17, 3, 60, 25])
+    with _engine(path, **SETTINGS[setting]) as llm:
+        outs = llm.generate(prompts, PARAMS)
+        if setting == "preemption":
+            assert llm.stats()["num_preemptions"] > 0, "the case did not preempt"
+        assert llm.runner.sampler.penalties._owners == {}  # every slot returned
+    for prompt, p, out in zip(prompts, PARAMS, outs, strict=True):
+        assert out["token_ids"] == hf_penalised(model, prompt, p), p
+
+
+def test_penalties_change_the_tokens(model_and_dir):
+    """The checks above compare with transformers; this one makes sure the penalties bite on this model."""
+    _, path = model_and_dir
+    [prompt] = _prompts(6, [8])
+    with _engine(path) as llm:
+        plain, penalised = llm.generate([prompt, prompt], [PARAMS[1], PARAMS[0]])
+    assert plain["token_ids"] != penalised["token_ids"]
+    assert len(set(penalised["token_ids"])) > len(set(plain["token_ids"]))
+
+
+def test_a_prefix_cache_hit_keeps_the_prompt_penalised(model_and_dir):
+    model, path = model_and_dir
+    [prompt] = _prompts(7, [50])
+    p = SamplingParams(temperature=0.0, max_tokens=12, repetition_penalty=1.5)
+    with _engine(path) as llm:
+        llm.generate([prompt], p)
+        again = llm.generate([prompt], p)[0]
+    assert again["num_cached_tokens"] >= 48 and again["token_ids"] == hf_penalised(model, prompt, p)
+
+
+def test_seeded_penalised_tokens_do_not_depend_on_the_batch(model_and_dir):
+    """Counts are per request: a seeded, penalised request draws the same tokens alone or among others."""
+    _, path = model_and_dir
+    prompts = _prompts(8, [9, 30, 12, 44])
+    p = [SamplingParams(temperature=0.9, seed=i, max_tokens=16, repetition_penalty=1.3, frequency_penalty=0.4)
+         for i in range(4)]
+    with _engine(path, overlap_scheduling=True) as llm:
+        together = [o["token_ids"] for o in llm.generate(prompts, p)]
+        alone = [llm.generate([prompt], q)[0]["token_ids"] for prompt, q in zip(prompts, p, strict=True)]
+    assert together == alone
+
+
+@pytest.mark.parametrize(("field", "value"), [("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
+                                              ("repetition_penalty", float("inf")), ("presence_penalty", 2.5),
+                                              ("frequency_penalty", -3.0), ("frequency_penalty", float("nan"))])
+def test_out_of_range_penalties_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
