@@ -251,7 +251,8 @@ def test_overlap_scheduling_tokens_equal_plain_scheduling(fp32_model):
 def test_launching_a_step_never_waits_for_the_device(bf16_model, monkeypatch):
     """Under torch's sync debug mode "error", every synchronising call inside ModelRunner.launch raises:
     prefill steps, decode replays, device-side input gathering, and sampling with temperature, top-k,
-    top-p, min-p, seeds, banned tokens and logprobs all enqueue work without waiting. Only collect() waits."""
+    top-p, min-p, seeds, banned tokens, logprobs and penalties all enqueue work without waiting. Only collect()
+    waits."""
     from engine_service import SamplingParams
 
     prompts, params = _requests(24, seed=5)
@@ -262,6 +263,7 @@ def test_launching_a_step_never_waits_for_the_device(bf16_model, monkeypatch):
         dict(temperature=0.7, seed=7),
         dict(temperature=0.0, min_tokens=4, stop_token_ids=[3, 4]),
         dict(temperature=0.8, logprobs=5),
+        dict(temperature=0.0, repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.2),
     ]
     params = [SamplingParams(max_tokens=max(p.max_tokens, 5), **kinds[i % len(kinds)]) for i, p in enumerate(params)]
     with _engine(bf16_model, dtype="bfloat16", overlap_scheduling=True) as llm:
