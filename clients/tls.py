@@ -497,10 +497,32 @@ class _Registrar:
         self.service, self.handlers = service, handlers
 
 
+class RoutineCallEndFilter(logging.Filter):
+    """grpc logs at ERROR, with a traceback, a failure to send on a call that its core ended meanwhile: the
+    request's deadline passed while a response or its status was being written (after a client's cancel it logs
+    nothing). The caller has its DEADLINE_EXCEEDED and the request's own log line says how it ended, so this
+    makes that line DEBUG: a routine deadline must not look like a server error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith("ExecuteBatchError raised in core"):
+            record.levelno, record.levelname, record.exc_info, record.exc_text = logging.DEBUG, "DEBUG", None, None
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+def quiet_routine_call_ends() -> None:
+    """Install RoutineCallEndFilter on grpc's server logger (once)."""
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, RoutineCallEndFilter) for f in grpc_log.filters):
+        grpc_log.addFilter(RoutineCallEndFilter())
+
+
 def add_checked_servicer(add_to_server: Any, servicer: object, server: grpc.aio.Server, file_descriptor: Any) -> None:
     """Register a servicer as its generated add_*_to_server would, except that a request that does not parse is
     refused with INVALID_ARGUMENT naming its message type: gRPC itself answers UNKNOWN and logs an ERROR with a
-    traceback per such request, so garbage on the wire could flood the logs."""
+    traceback per such request, so garbage on the wire could flood the logs. Routine deadline ends are quieted
+    too (RoutineCallEndFilter)."""
+    quiet_routine_call_ends()
     registrar = _Registrar()
     add_to_server(servicer, registrar)
     service = file_descriptor.services_by_name[registrar.service.rpartition(".")[2]]

@@ -23,6 +23,11 @@ from engine_service.outputs import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Ste
 from protos.llmserve.engine.v1 import engine_pb2 as pb
 
 MAX_BUFFERED_UPDATES = 8192  # unsent updates of one call before its requests stop being read
+# A client's abort or cancel this close to the request's deadline is the deadline: the client's own timer (or its
+# caller's) fires a few milliseconds before the engine's, and the request counts as DEADLINE_EXCEEDED, not abort.
+DEADLINE_SLACK_S = 0.05
+DEADLINE_ERROR = "DEADLINE_EXCEEDED: the request's deadline passed"
+
 FRAME_OVERHEAD_BYTES = 16  # a repeated field's tag and length, per update in a ServerFrame
 
 FINISH_TO_PROTO = {
@@ -88,7 +93,7 @@ class OutputStream:
             self._check_room()
 
     def _deadline_passed(self, client_id: str) -> None:
-        self.fail(client_id, grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed", abort=True)
+        self.fail(client_id, grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_ERROR.split(": ", 1)[1], abort=True)
 
     def _update(self, client_id: str) -> pb.RequestUpdate:
         update = self.pending.get(client_id)
@@ -159,11 +164,20 @@ class OutputStream:
             self._abort_in_engine(engine_id, f"{code.name}: {message}")
         self._set_error(client_id, code, message)
 
+    def _at_deadline(self, client_id: str) -> bool:
+        """Whether the live request's deadline is passed, or within DEADLINE_SLACK_S."""
+        timer = self.live[client_id][1]
+        return timer is not None and timer.when() - asyncio.get_running_loop().time() <= DEADLINE_SLACK_S
+
     def abort(self, client_id: str, stopped: bool = False) -> bool:
         """In-band abort: free the request now and report it finished with reason ABORT. stopped: the client
-        ended it on a stop string (its metrics and log line say stop)."""
+        ended it on a stop string (its metrics and log line say stop). An abort at the request's deadline is the
+        deadline's: it fails with DEADLINE_EXCEEDED."""
         if client_id not in self.live:
             return False
+        if not stopped and self._at_deadline(client_id):
+            self._deadline_passed(client_id)
+            return True
         engine_id = self._finish(client_id)
         if stopped:
             self._abort_in_engine(engine_id, stopped=True)
@@ -174,9 +188,11 @@ class OutputStream:
 
     def abort_all(self, error: str | None = None) -> None:
         """The call ended (closed, cancelled): free every request it still holds. `error`: the service ended
-        the call itself (the drain's grace period ran out), so the requests count as errors, not aborts."""
+        the call itself (the drain's grace period ran out), so the requests count as errors, not aborts; so do
+        requests at their deadline."""
         for client_id in list(self.live):
-            self._abort_in_engine(self._finish(client_id), error)
+            why = error or (DEADLINE_ERROR if self._at_deadline(client_id) else None)
+            self._abort_in_engine(self._finish(client_id), why)
 
     @property
     def has_updates(self) -> bool:

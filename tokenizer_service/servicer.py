@@ -49,6 +49,9 @@ OFFLOAD_STOP_CHARS = 4096
 # max_model_len (a longer prompt is refused from a head of it), so a few may run together.
 PREPARE_SLOTS = max(1, min(4, len(os.sched_getaffinity(0))))  # no more than the CPUs: they share them and the GIL
 API_SLOTS = 1
+# A cancel this close to the request's deadline is the deadline: the client's timer fires a few milliseconds
+# before this service's, and the request counts as an error (DEADLINE_EXCEEDED), not as cancelled.
+DEADLINE_SLACK_S = 0.05
 
 
 def _heavy(request) -> bool:
@@ -194,9 +197,10 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 if deadline is not None:
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                            f"the request's deadline ({timeout_s:.3f}s) passed after {attempts} "
-                                            "attempt(s) on engines that were lost before the first token")
+                        raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, (
+                            f"the request's deadline ({timeout_s:.3f}s) passed after {attempts} attempt(s) on engines "
+                            "that were lost before the first token") if attempts else
+                            "the request's deadline passed before it was sent to an engine")
                 handle = await self.pool.submit(request, left, avoid=tried)  # sets deadline_ms
                 tried.add(handle.conn)
                 attempts += 1
@@ -245,7 +249,8 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             trace.prompt_tokens = prep.num_prompt_tokens
             trace.completion_tokens = text.num_generated if text is not None else 0
             trace.cached_tokens, trace.engine = cached, handle.conn.address if handle is not None else ""
-            if trace.finish_reason == "cancelled" and deadline is not None and time.monotonic() >= deadline:
+            if trace.finish_reason == "cancelled" and deadline is not None \
+                    and time.monotonic() >= deadline - DEADLINE_SLACK_S:
                 # gRPC's cancellation of a call past its deadline can come before the engine's DEADLINE_EXCEEDED
                 trace.finish_reason, trace.error = "error", "DEADLINE_EXCEEDED: the request's deadline passed"
             self.metrics.finish(trace)
@@ -291,7 +296,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         finally:
             self.num_calls -= 1
             if trace.finish_reason == "cancelled" and context.time_remaining() is not None \
-                    and context.time_remaining() <= 0:  # the client's deadline, not the client, ended it
+                    and context.time_remaining() <= DEADLINE_SLACK_S:  # the client's deadline, not the client, ended it
                 trace.finish_reason, trace.error = "error", "DEADLINE_EXCEEDED: the call's deadline passed"
             self.metrics.finish(trace)  # once per trace: counts a call cancelled while it was being tokenized
 
@@ -308,9 +313,20 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             wake.set()
 
         async def run_one(rid: str, request: pb.GenerateRequest, trace: RequestTrace) -> None:
+            arrived = time.monotonic()  # deadline_ms counts from here, tokenizing included
+            timeout = request.deadline_ms / 1000 if request.deadline_ms else None
             try:
-                prep = await self._admit(request, trace)
-                timeout = request.deadline_ms / 1000 if request.deadline_ms else None
+                try:
+                    async with asyncio.timeout(timeout):
+                        prep = await self._admit(request, trace)
+                except TimeoutError:
+                    trace.finish_reason = "error"
+                    trace.error = "DEADLINE_EXCEEDED: the request's deadline passed while it waited to be tokenized"
+                    raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        f"the request's deadline ({timeout:.3f}s) passed while it waited to be "
+                                        "tokenized") from None
+                if timeout is not None:
+                    timeout -= time.monotonic() - arrived
                 async for response in self._generate(prep, timeout, trace):
                     response.request_id = rid
                     await emit(response)

@@ -139,6 +139,112 @@ def test_multi_id_reused_right_after_an_abort_gets_its_own_answer(demo_tokenizer
     assert asyncio.run(main()) == [("a", "FINISH_REASON_ABORT"), ("a", "FINISH_REASON_ERROR")]
 
 
+class _RecordingPool:
+    """An engine pool that records each request's time left and fails it."""
+
+    max_model_len = 1000
+
+    def __init__(self) -> None:
+        self.timeouts: dict[str, float | None] = {}
+
+    async def submit(self, request, timeout_s, avoid=None):
+        self.timeouts[request.trace_id.rpartition("/")[2]] = timeout_s
+        raise RequestFailed(grpc.StatusCode.INTERNAL, "recorded")
+
+
+def test_multi_deadline_counts_the_time_spent_waiting_to_be_tokenized(demo_tokenizer):
+    """deadline_ms started only once the request was tokenized: behind a queue of heavy chats a request ran three
+    times past its deadline_ms and still succeeded."""
+    from tokenizer_service.servicer import TextServicer
+
+    delays = {"late": 0.5, "on-time": 0.2}
+
+    async def main() -> tuple[dict[str, tuple[int, str, float]], dict[str, float | None]]:
+        pool = _RecordingPool()
+        servicer = TextServicer(demo_tokenizer, pool, "demo", len(demo_tokenizer), {0}, {}, 100)
+        prepare = servicer._prepare
+
+        async def slow(request):  # as if it waited for a preparation slot
+            await asyncio.sleep(delays[request.request_id])
+            return await prepare(request)
+
+        servicer._prepare = slow
+        frames = [pb.MultiRequest(generate=pb.GenerateRequest(request_id="late", prompt="hi", deadline_ms=150)),
+                  pb.MultiRequest(generate=pb.GenerateRequest(request_id="on-time", prompt="hi", deadline_ms=1000))]
+
+        async def requests():
+            for frame in frames:
+                yield frame
+
+        context = types.SimpleNamespace(invocation_metadata=lambda: ())
+        start, out = time.monotonic(), {}
+        async for response in servicer.GenerateMulti(requests(), context):
+            out[response.request_id] = (response.status.code, response.status.message, time.monotonic() - start)
+        return out, pool.timeouts
+
+    out, timeouts = asyncio.run(main())
+    code, message, after = out["late"]
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and "waited to be tokenized" in message
+    assert after < 0.45, f"failed {after:.2f}s after arrival: it waited for tokenizing past its 0.15s deadline"
+    assert "late" not in timeouts  # never sent to an engine
+    assert 0.5 < timeouts["on-time"] <= 0.81, "the engine was not sent what was left of the 1s deadline"
+
+
+class _SilentPool:
+    """An engine pool whose engine accepts every request and never answers."""
+
+    max_model_len = 1000
+
+    async def submit(self, request, timeout_s, avoid=None):
+        class Conn:
+            address = "silent:1"
+
+        class Handle:
+            conn = Conn()
+
+            def __aiter__(self):
+                return self
+
+            async def __anext__(self):
+                await asyncio.Event().wait()
+
+            def close(self, stopped=False):
+                pass
+
+        return Handle()
+
+
+@pytest.mark.parametrize(("cancel_before_deadline_s", "reason"), [(0.02, "error"), (0.25, "cancelled")])
+def test_a_cancel_at_the_deadline_counts_as_the_deadline(demo_tokenizer, cancel_before_deadline_s, reason):
+    """The client's deadline timer fires a few ms before this service's: its cancel arrived with a little time
+    left, and a passed deadline was logged and counted as a cancel (about 1 in 20 deadlines in an audit's fuzz)."""
+    from tokenizer_service.servicer import TextServicer
+
+    async def main() -> list:
+        servicer = TextServicer(demo_tokenizer, _SilentPool(), "demo", len(demo_tokenizer), {0}, {}, 100)
+        finished = []
+        servicer.metrics.finish = lambda trace: finished.append((trace.finish_reason, trace.error))
+        deadline = time.monotonic() + 0.4
+        context = types.SimpleNamespace(invocation_metadata=lambda: (), set_trailing_metadata=lambda md: None,
+                                        time_remaining=lambda: deadline - time.monotonic())
+
+        async def call() -> None:
+            async for _ in servicer.Generate(pb.GenerateRequest(prompt="hi"), context):
+                pass
+
+        task = asyncio.create_task(call())
+        await asyncio.sleep(0.4 - cancel_before_deadline_s)
+        task.cancel()  # as gRPC does when the client's deadline cancels the call
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return finished
+
+    finished = asyncio.run(main())
+    assert {r for r, _ in finished} == {reason}, finished
+    if reason == "error":
+        assert all(e.startswith("DEADLINE_EXCEEDED") for _, e in finished)
+
+
 @pytest.fixture(scope="module")
 def scripted(demo_model_dir, demo_tokenizer):
     """The tokenizer service over a fake engine whose every request generates 'Hello 🙂' token by token."""
