@@ -213,6 +213,8 @@ class LLMEngine:
         for t in sampling_params.stop_token_ids:
             if t >= vocab:
                 raise ValueError(f"stop_token_ids holds {t}, outside the vocabulary [0, {vocab})")
+        if sampling_params.logprobs is not None and sampling_params.logprobs > vocab:
+            raise ValueError(f"logprobs is {sampling_params.logprobs}, more tokens than the vocabulary holds ({vocab})")
         prompt = self._validate_prompt(prompt_token_ids)
         bm = self.block_manager
         worst = min(len(prompt) + sampling_params.max_tokens, self.max_model_len)

@@ -62,8 +62,10 @@ class Penalties:
 
     def apply(self, logits: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, params: torch.Tensor) -> None:
         """Penalise logits[rows] in place. rows, slots: [p] int64; params: [p, 3] = repetition, presence,
-        frequency penalty, in the logits' dtype."""
-        x = logits[rows]  # [p, V]
+        frequency penalty, in float32 or the logits' wider dtype. Computed in that dtype (as transformers does in
+        float32; a bf16 1.05 would be 1.0547), and written back clamped to the logits' dtype (an extreme penalty
+        saturates fp16 rather than making inf)."""
+        x = logits[rows].to(params.dtype)  # [p, V]
         counts = self.output_counts[slots]  # [p, V] int32
         generated = counts > 0
         seen = generated | self.prompt_seen[slots]
@@ -71,7 +73,8 @@ class Penalties:
         rep = params[:, 0:1]
         x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
         x -= params[:, 1:2] * generated + params[:, 2:3] * counts
-        logits[rows] = x
+        limit = torch.finfo(logits.dtype).max
+        logits[rows] = x.clamp_(-limit, limit).to(logits.dtype)
 
     def record(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
         """Count each row's sampled token in its slot. slots, tokens: [p] int64 on the device; slots distinct."""

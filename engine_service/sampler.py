@@ -118,7 +118,8 @@ class Sampler:
             where = to_device([[i, rows[i].penalty_slot] for i in penalized], torch.long, dev)  # [p, 2]
             p = [rows[i].params for i in penalized]
             table = [[q.repetition_penalty, q.presence_penalty, q.frequency_penalty] for q in p]
-            self.penalties.apply(logits, where[:, 0], where[:, 1], to_device(table, logits.dtype, dev))
+            wide = torch.promote_types(logits.dtype, torch.float32)
+            self.penalties.apply(logits, where[:, 0], where[:, 1], to_device(table, wide, dev))
         banned = [(i, t) for i, r in enumerate(rows) for t in r.banned_token_ids]
         if banned:
             where = to_device(banned, torch.long, dev)  # [K, 2]: (row, token id)

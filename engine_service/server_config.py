@@ -13,6 +13,7 @@ from dataclasses import MISSING, dataclass, fields
 from clients.tls import ServerTls, server_tls_settings
 from engine_service.config import DEFAULT_CPU_KVCACHE_GIB, DEFAULT_GPU_MEMORY_UTILIZATION, EngineConfig
 from engine_service.logs import LOG_LEVELS
+from engine_service.streams import TOKEN_BYTES
 
 ENV_PREFIX = "ENGINE_"
 MiB = 1 << 20
@@ -93,8 +94,9 @@ class ServerConfig:
         self.server_tls  # noqa: B018 (checks the TLS files and the health port)
         self.auto_flag("overlap_scheduling")  # each raises on anything but auto or a boolean
         self.auto_flag("fused_ops")
-        if self.max_buffered_tokens * 5 + 1024 > self.max_message_bytes // 2:
-            # One request's update (up to max_buffered_tokens ids of up to 5 bytes) must fit one frame.
+        if self.max_buffered_tokens * TOKEN_BYTES + 1024 > self.max_message_bytes // 2:
+            # One request's update (up to max_buffered_tokens ids of up to 5 bytes; tokens with logprobs are
+            # bounded to the same bytes, streams.py) must fit one frame.
             raise ValueError(f"max_buffered_tokens ({self.max_buffered_tokens}) is too large for max_message_bytes "
                              f"({self.max_message_bytes}): a frame holds at most half of it; raise "
                              "max_message_bytes or lower max_buffered_tokens")

@@ -19,7 +19,7 @@ from functools import partial
 
 import grpc
 
-from engine_service.outputs import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, StepOutput
+from engine_service.outputs import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, StepOutput, TokenLogprobs
 from protos.llmserve.engine.v1 import engine_pb2 as pb
 
 MAX_BUFFERED_UPDATES = 8192  # unsent updates of one call before its requests stop being read
@@ -29,6 +29,10 @@ DEADLINE_SLACK_S = 0.05
 DEADLINE_ERROR = "DEADLINE_EXCEEDED: the request's deadline passed"
 
 FRAME_OVERHEAD_BYTES = 16  # a repeated field's tag and length, per update in a ServerFrame
+# Wire bytes of one buffered token at most: its id (server_config checks max_buffered_tokens of them fit a frame),
+# and with logprobs its TokenLogprobs, which grows with the alternatives asked for.
+TOKEN_BYTES = 5
+LOGPROB_BYTES, LOGPROB_BYTES_PER_ALTERNATIVE = 17, 9
 
 FINISH_TO_PROTO = {
     FINISH_STOP: pb.FINISH_REASON_STOP,
@@ -139,6 +143,17 @@ class OutputStream:
             self.fail(client_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
                       f"the client read too slowly: more than {self._max_buffered} tokens were buffered "
                       "for this request (max_buffered_tokens)", abort=True)
+        elif output.logprobs and len(token_ids) > self._max_buffered_with(output.logprobs[0]):
+            # Bound in bytes: an update past max_frame_bytes would fail the whole call, every request on it.
+            self.fail(client_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"the client read too slowly: more than {self._max_buffered_with(output.logprobs[0])} tokens "
+                      "with logprobs were buffered for this request (max_buffered_tokens, scaled by the bytes "
+                      "logprobs add)", abort=True)
+
+    def _max_buffered_with(self, logprobs: TokenLogprobs) -> int:
+        """max_buffered_tokens of ids, in tokens that carry logprobs like these: the same bytes at most."""
+        per_token = TOKEN_BYTES + LOGPROB_BYTES + LOGPROB_BYTES_PER_ALTERNATIVE * len(logprobs.top_token_ids)
+        return self._max_buffered * TOKEN_BYTES // per_token
 
     def reject(self, client_id: str, code: grpc.StatusCode, message: str) -> None:
         """Refuse a request that never reached the engine. Its update is kept apart from `pending`: its id may be

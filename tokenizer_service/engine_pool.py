@@ -300,6 +300,17 @@ async def _ends_within(call: grpc.aio.Call, timeout_s: float) -> None:
         pass
 
 
+def required_features(params: pb.SamplingParams) -> set[str]:
+    """The engine features (ModelInfo.features) a request's sampling parameters use."""
+    needs = set()
+    if params.HasField("logprobs"):
+        needs.add("logprobs")
+    if (params.HasField("repetition_penalty") and params.repetition_penalty != 1.0) or any(
+            params.HasField(name) and getattr(params, name) != 0.0 for name in ("presence_penalty", "frequency_penalty")):
+        needs.add("penalties")
+    return needs
+
+
 def least_loaded(conns: list[EngineConnection]) -> EngineConnection:
     """The connection with the fewest requests in flight from this replica, ties broken at random. Each replica
     sees only its own load, and every replica lists the engines in the same order: "the first of the least
@@ -366,12 +377,21 @@ class EnginePool:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"the request is {request.ByteSize()} bytes on the wire; at most "
                                 f"{self.max_frame_bytes} (half of max_message_bytes) go to an engine")
+        needs = required_features(request.sampling_params)
         started = time.monotonic()
         deadline_binds = timeout_s is not None and timeout_s < self.config.engine_wait_s
         limit = timeout_s if deadline_binds else self.config.engine_wait_s
         deadline = started + limit
         while True:
             ready = self.ready
+            if ready and needs:
+                able = [c for c in ready if c.info and needs <= set(c.info.features)]
+                if not able:  # an older engine ignores the fields: it would serve the request without them
+                    raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
+                                        f"the request uses {' and '.join(sorted(needs))}, which no connected engine "
+                                        f"applies ({', '.join(sorted(c.address for c in ready))} predate them): "
+                                        "upgrade the engines, or send the request without them")
+                ready = able
             if ready:
                 conn = least_loaded([c for c in ready if c not in avoid] or ready)
                 if timeout_s is not None:  # capped: "no deadline" sent as a huge value must still fit a uint64

@@ -108,3 +108,14 @@ def test_logprobs_of_a_prefix_cache_hit_equal_those_computed(model_and_dir):
 def test_logprobs_out_of_range_is_refused_naming_the_field(value):
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=value)
+
+
+def test_logprobs_beyond_the_vocabulary_are_refused_alone(tmp_path):
+    """More logprobs than the vocabulary holds failed the top-k inside the step: every request of the batch
+    failed, and a tensor-parallel engine could not continue."""
+    make_qwen3(tmp_path, vocab=16)
+    with _engine(tmp_path) as llm:
+        with pytest.raises(ValueError, match="more tokens than the vocabulary holds"):
+            llm.add_request("big", [1, 2], SamplingParams(max_tokens=2, logprobs=17))
+        [out] = llm.generate([[1, 2]], SamplingParams(temperature=0.0, max_tokens=2, logprobs=16))
+    assert [len(lp.top_token_ids) for lp in out["logprobs"]] == [16, 16]

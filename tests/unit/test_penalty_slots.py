@@ -73,3 +73,18 @@ def test_apply_penalises_seen_tokens_only_by_the_rules():
     pen.apply(logits, torch.tensor([0]), torch.tensor([slot]), params)
     want = [1.0, 2.0 / 2, -2.0 * 2 - 0.5 - 0.25 * 2, 4.0 / 2 - 0.5 - 0.25, 5.0, 0.5, 0.0, 0.0, 0.0, 0.0]
     assert logits[0].tolist() == want
+
+
+def test_penalties_are_computed_wide_and_saturate_half_precision():
+    """In the logits' dtype, an fp16 logit divided by a tiny repetition_penalty became inf (sampled as the last
+    vocabulary id, with finish 'length'), and bf16 turned a penalty of 1.05 into 1.0547."""
+    pen = Penalties(1, VOCAB, torch.device("cpu"))
+    slot = pen.slot(_seq("a", [1, 2], []))
+    rows, slots = torch.tensor([0]), torch.tensor([slot])
+    half = torch.tensor([[0.0, 8.0, -8.0] + [1.0] * (VOCAB - 3)], dtype=torch.float16)
+    pen.apply(half, rows, slots, torch.tensor([[1e-6, 0.0, 0.0]]))
+    assert torch.isfinite(half).all() and half[0, 1] == torch.finfo(torch.float16).max and half[0, 2] == -8.0 * 1e-6
+    bf16 = torch.tensor([[0.0, 10.0, -10.0] + [1.0] * (VOCAB - 3)], dtype=torch.bfloat16)
+    pen.apply(bf16, rows, slots, torch.tensor([[1.05, 0.0, 0.0]]))
+    assert bf16[0, 1] == torch.tensor(10.0 / 1.05).to(torch.bfloat16)
+    assert bf16[0, 2] == torch.tensor(-10.0 * 1.05).to(torch.bfloat16)

@@ -8,7 +8,7 @@ import math
 import grpc
 import pytest
 
-from engine_service.outputs import StepOutput
+from engine_service.outputs import StepOutput, TokenLogprobs
 from engine_service.server_config import parse_config
 from engine_service.streams import DEADLINE_ERROR, OutputStream
 from engine_service.validation import check_prompt, sampling_params_from_proto
@@ -289,3 +289,25 @@ def test_grpcs_error_for_a_call_its_deadline_ended_is_debug_not_error(caplog):
     with caplog.at_level(logging.DEBUG):
         grpc_log.error("ExecuteBatchError raised in core by servicer method [%s]", "/a.B/C")
     assert caplog.records[-1].levelname == "DEBUG"
+
+
+def test_a_slow_reader_of_logprobs_is_bounded_in_bytes_not_only_in_tokens():
+    """A token with 20 logprobs is some 40 times the bytes of its id: a slow reader's update outgrew
+    max_message_bytes under a token bound the start-up check had passed, and gRPC failed the whole stream."""
+    async def main():
+        aborted: list[str] = []
+        stream = OutputStream(lambda engine_id, error=None: aborted.append(engine_id), max_buffered_tokens=200)
+        stream.register("lp", "s1:1:lp", None)
+        stream.register("plain", "s1:2:plain", None)
+        lp = TokenLogprobs(-0.5, list(range(20)), [-1.0] * 20)
+        for _ in range(200):
+            stream.on_output("lp", StepOutput("s1:1:lp", [7], logprobs=[lp]))
+            stream.on_output("plain", StepOutput("s1:2:plain", [7]))
+        updates = {u.request_id: u for u in stream.take()}
+        assert updates["lp"].status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert "with logprobs" in updates["lp"].status.message and aborted == ["s1:1:lp"]
+        # What it buffered stayed within the bytes of max_buffered_tokens plain ids.
+        assert len(updates["lp"].logprobs) * 192 <= 200 * 5
+        assert len(updates["plain"].new_token_ids) == 200 and "plain" in stream.live
+
+    asyncio.run(main())

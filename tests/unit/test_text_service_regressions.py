@@ -299,6 +299,34 @@ def test_logprobs_from_an_engine_that_predates_them_fail_in_words(scripted):
                               timeout=30))[-1].finish_reason == pb.FINISH_REASON_LENGTH
 
 
+def test_requests_using_features_an_engine_predates_are_not_sent_to_it(demo_model_dir, demo_tokenizer, monkeypatch):
+    """An engine older than penalties ignores their fields: a request with repetition_penalty=3 came back with
+    exactly the unpenalised tokens, and generation_config.json's penalty defaults were dropped the same way."""
+    import engine_service.servicer
+
+    monkeypatch.setattr(engine_service.servicer, "ENGINE_FEATURES", ())  # an engine from before them
+    engine = demo_engine(demo_model_dir, demo_tokenizer)
+    server = TextServer(demo_model_dir, engines=engine.target)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.TextGenerationStub(channel)
+            wait_ready(stub)
+            for params, uses in ((pb.SamplingParams(max_tokens=2, repetition_penalty=1.3), "penalties"),
+                                 (pb.SamplingParams(max_tokens=2, frequency_penalty=-0.5), "penalties"),
+                                 (pb.SamplingParams(max_tokens=2, logprobs=0), "logprobs")):
+                with pytest.raises(grpc.RpcError) as err:
+                    list(stub.Generate(pb.GenerateRequest(prompt="hi", sampling_params=params), timeout=30))
+                assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert f"the request uses {uses}" in err.value.details() and engine.target in err.value.details()
+            # Penalties set to their "off" values need nothing of the engine.
+            off = pb.SamplingParams(max_tokens=2, repetition_penalty=1.0, presence_penalty=0.0)
+            assert list(stub.Generate(pb.GenerateRequest(prompt="hi", sampling_params=off),
+                                      timeout=30))[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    finally:
+        server.stop()
+        assert engine.stop() == 0
+
+
 def test_a_burst_of_long_prompts_goes_out_in_frames_under_the_limit():
     """Every request queued in one loop turn went into one ClientFrame; past max_message_bytes gRPC failed
     the whole engine stream, and every request on it, streams already producing tokens included."""
