@@ -34,7 +34,6 @@ from engine_service.model.qwen3 import Qwen3ForCausalLM, kv_heads_per_rank
 from engine_service.outputs import TokenLogprobs
 from engine_service.penalties import Penalties
 from engine_service.sampler import LogprobRows, Sampler, SamplingRow
-from engine_service.sampling_params import MAX_LOGPROBS, SamplingParams
 from engine_service.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
@@ -278,8 +277,7 @@ class ModelRunner:
 
         - a forward at the full token budget: the largest activations;
         - short prefills (WARMUP_QUERY_LENS): each query tile of the attention kernels is compiled;
-        - the sampler on max_num_seqs rows of logits, with penalties, top-k/top-p and the most logprobs (its
-          largest workspace) and without (the sampling kernel). The sampler's generator is restored: the warm-up draws no one's tokens.
+        - the sampler on max_num_seqs rows of logits (Sampler.warm_up).
         """
         start = time.perf_counter()
         torch.cuda.empty_cache()
@@ -292,7 +290,6 @@ class ModelRunner:
             (torch.zeros(shape, dtype=self.dtype, device=self.device),) * 2
         ] * self.model_cfg.num_hidden_layers
         rows = self.config.max_num_seqs
-        state = self.sampler.generator.get_state()
         with torch.inference_mode(), on_device(self.device):
             for q_len in (n, *(q for q in self.WARMUP_QUERY_LENS if q < n)):
                 ids = torch.zeros(q_len, dtype=torch.long, device=self.device)
@@ -301,14 +298,8 @@ class ModelRunner:
                 meta = self._metadata([q_len], [q_len], [list(range(q_blocks))], list(range(q_len)), 0)
                 hidden = self.model(ids, pos, caches, meta, self.backend)
             logits = self.model.compute_logits(hidden[-1:].expand(rows, -1).contiguous())
-            penalised = SamplingParams(temperature=0.6, top_k=50, top_p=0.9, logprobs=MAX_LOGPROBS,
-                                       repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5)
-            # Every slot once: the counts it leaves are zeroed when a request takes the slot.
-            self.sampler.sample_with_logprobs(logits.clone(), [SamplingRow(penalised, None, penalty_slot=i)
-                                                               for i in range(rows)])
-            self.sampler.sample(logits.clone(), [SamplingRow(SamplingParams(temperature=0.6), None)] * rows)
+            self.sampler.warm_up(logits)
             torch.cuda.synchronize(self.device)
-        self.sampler.generator.set_state(state)
         peak = torch.cuda.max_memory_allocated(self.device)
         del caches, hidden, logits
         log.info("warm-up: a %d-token forward, %d short prefills and the sampler on %d rows in %.1f s; peak %.2f GiB",

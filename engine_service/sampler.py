@@ -20,7 +20,7 @@ from engine_service.attention import check_triton_usable, compiled_triton
 from engine_service.host_copy import to_device
 from engine_service.outputs import TokenLogprobs
 from engine_service.penalties import Penalties
-from engine_service.sampling_params import SamplingParams
+from engine_service.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 @dataclass(slots=True)
@@ -88,6 +88,19 @@ class Sampler:
         """logits: [N, V] -> (token ids, whether each row's logits were finite). One device sync."""
         both = self.sample(logits, rows).tolist()
         return both[0], [bool(x) for x in both[1]]
+
+    def warm_up(self, logits: torch.Tensor) -> None:
+        """Sample each row of `logits` ([rows, V]) the costliest way, with penalties (where this sampler has them:
+        on the rank that samples), top-k/top-p and the most logprobs, and then the cheapest (the sampling kernel), so
+        that a start-up measuring peak memory sees the sampler's largest workspace. Its generator is restored: the
+        warm-up draws no one's tokens. The counts it leaves in penalty slots are zeroed when a request takes one."""
+        state = self.generator.get_state()
+        costly = SamplingParams(temperature=0.6, top_k=50, top_p=0.9, logprobs=MAX_LOGPROBS, repetition_penalty=1.1,
+                                presence_penalty=0.5, frequency_penalty=0.5)
+        slots = range(logits.shape[0]) if self.penalties is not None else [-1] * logits.shape[0]
+        self.sample_with_logprobs(logits.clone(), [SamplingRow(costly, None, penalty_slot=s) for s in slots])
+        self.sample(logits.clone(), [SamplingRow(SamplingParams(temperature=0.6), None)] * logits.shape[0])
+        self.generator.set_state(state)
 
     def sample_with_logprobs(self, logits: torch.Tensor, rows: list[SamplingRow]
                              ) -> tuple[torch.Tensor, LogprobRows | None]:

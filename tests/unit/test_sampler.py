@@ -110,3 +110,18 @@ def test_top_k_keeps_every_token_tied_with_the_kth_as_transformers_does(top_k):
     theirs = TopKLogitsWarper(top_k)(torch.zeros(2, 1, dtype=torch.long), logits.clone())
     assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs)), (ours, theirs)
     assert torch.equal(ours[torch.isfinite(ours)], logits[torch.isfinite(theirs)])  # kept logits unchanged
+
+
+@pytest.mark.parametrize("samples", [True, False], ids=["rank 0", "a tensor-parallel worker"])
+def test_warm_up_runs_on_every_rank_and_draws_no_ones_tokens(samples):
+    """The start-up warm-up sampled penalised rows on every rank, but only the sampling rank holds penalty
+    slots: a tensor-parallel engine on CUDA would have failed to start on its workers."""
+    from engine_service.penalties import Penalties
+
+    penalties = Penalties(6, 50, torch.device("cpu")) if samples else None
+    sampler = Sampler(torch.device("cpu"), seed=3, triton_sampling=False, penalties=penalties)
+    before = sampler.generator.get_state()
+    sampler.warm_up(torch.randn(6, 50))
+    assert torch.equal(sampler.generator.get_state(), before)
+    if samples:
+        assert int(penalties.output_counts.sum()) == 6  # every slot was used once
