@@ -498,15 +498,19 @@ class _Registrar:
 
 
 class RoutineCallEndFilter(logging.Filter):
-    """grpc logs at ERROR, with a traceback, a failure to send on a call that its core ended meanwhile: the
-    request's deadline passed while a response or its status was being written (after a client's cancel it logs
-    nothing). The caller has its DEADLINE_EXCEEDED and the request's own log line says how it ended, so this
-    makes that line DEBUG: a routine deadline must not look like a server error."""
+    """grpc logs at ERROR, with a traceback, a failure to send on a call that its core ended meanwhile: mostly the
+    request's deadline passing while a response or its status was being written (after a client's cancel it logs
+    nothing), which the caller sees as DEADLINE_EXCEEDED and the request's own log line reports. This makes it one
+    WARNING line without the traceback: a routine deadline must not look like a server error, while a message over
+    max_message_bytes, which fails the same way, still shows."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR and str(record.msg).startswith("ExecuteBatchError raised in core"):
-            record.levelno, record.levelname, record.exc_info, record.exc_text = logging.DEBUG, "DEBUG", None, None
-            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+            why = record.exc_info[1] if record.exc_info else None
+            record.msg = (f"could not send on {record.getMessage().rpartition(' ')[2]}: the call had already ended "
+                          f"(its deadline passed as it was answered, or a message was over the size limit): {why}")
+            record.args = None
+            record.levelno, record.levelname, record.exc_info, record.exc_text = logging.WARNING, "WARNING", None, None
         return True
 
 

@@ -128,11 +128,12 @@ class Sampler:
         if penalized:
             if self.penalties is None:
                 raise ValueError("rows with a penalty_slot need a Sampler made with penalties")
-            where = to_device([[i, rows[i].penalty_slot] for i in penalized], torch.long, dev)  # [p, 2]
+            pairs = to_device([[i, rows[i].penalty_slot] for i in penalized], torch.long, dev)  # [p, 2]
+            pen_rows, pen_slots = pairs[:, 0], pairs[:, 1]
             p = [rows[i].params for i in penalized]
             table = [[q.repetition_penalty, q.presence_penalty, q.frequency_penalty] for q in p]
             wide = torch.promote_types(logits.dtype, torch.float32)
-            self.penalties.apply(logits, where[:, 0], where[:, 1], to_device(table, wide, dev))
+            self.penalties.apply(logits, pen_rows, pen_slots, to_device(table, wide, dev))
         banned = [(i, t) for i, r in enumerate(rows) for t in r.banned_token_ids]
         if banned:
             where = to_device(banned, torch.long, dev)  # [K, 2]: (row, token id)
@@ -146,7 +147,7 @@ class Sampler:
                 idx = to_device(sampled_rows, torch.long, dev)
                 tokens[idx] = self._sample(logits[idx], [rows[i] for i in sampled_rows])
         if penalized:
-            self.penalties.record(where[:, 1], tokens[where[:, 0]])
+            self.penalties.record(pen_slots, tokens[pen_rows])
         return torch.stack([tokens, finite.long()])
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -153,7 +153,9 @@ class OutputStream:
     def _max_buffered_with(self, logprobs: TokenLogprobs) -> int:
         """max_buffered_tokens of ids, in tokens that carry logprobs like these: the same bytes at most."""
         per_token = TOKEN_BYTES + LOGPROB_BYTES + LOGPROB_BYTES_PER_ALTERNATIVE * len(logprobs.top_token_ids)
-        return self._max_buffered * TOKEN_BYTES // per_token
+        # At least one: a frame has 1,024 bytes to spare beyond max_buffered_tokens ids (server_config), more than
+        # a token with 20 alternatives takes.
+        return max(1, self._max_buffered * TOKEN_BYTES // per_token)
 
     def reject(self, client_id: str, code: grpc.StatusCode, message: str) -> None:
         """Refuse a request that never reached the engine. Its update is kept apart from `pending`: its id may be

@@ -383,15 +383,12 @@ class EnginePool:
         limit = timeout_s if deadline_binds else self.config.engine_wait_s
         deadline = started + limit
         while True:
-            ready = self.ready
-            if ready and needs:
-                able = [c for c in ready if c.info and needs <= set(c.info.features)]
-                if not able:  # an older engine ignores the fields: it would serve the request without them
-                    raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
-                                        f"the request uses {' and '.join(sorted(needs))}, which no connected engine "
-                                        f"applies ({', '.join(sorted(c.address for c in ready))} predate them): "
-                                        "upgrade the engines, or send the request without them")
-                ready = able
+            ready, incapable = self.ready, []
+            if ready and needs:  # an older engine ignores the fields: it would serve the request without them
+                incapable = [c for c in ready if not (c.info and needs <= set(c.info.features))]
+                ready = [c for c in ready if c not in incapable]
+                if not ready and all(c.ready or c.retiring for c in self.conns.values()):
+                    raise self._unable(needs, incapable)  # no other engine to wait for
             if ready:
                 conn = least_loaded([c for c in ready if c not in avoid] or ready)
                 if timeout_s is not None:  # capped: "no deadline" sent as a huge value must still fit a uint64
@@ -403,6 +400,8 @@ class EnginePool:
                 raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
                                     f"the request's deadline passed while waiting {limit:.1f}s for an engine to "
                                     f"take it; engines: {self._engines_state()}")
+            if left <= 0 and incapable:
+                raise self._unable(needs, incapable)
             if left <= 0:
                 refusing = any(c.ready and c.refusing and not c.retiring for c in self.conns.values())
                 none = ("every connected engine refuses new requests (draining or failed)" if refusing
@@ -414,6 +413,13 @@ class EnginePool:
                 await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
             except TimeoutError:
                 pass
+
+    @staticmethod
+    def _unable(needs: set[str], incapable: list[EngineConnection]) -> RequestFailed:
+        return RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"the request uses {' and '.join(sorted(needs))}, which no connected engine applies "
+                             f"({', '.join(sorted(c.address for c in incapable))} predate them): upgrade the "
+                             "engines, or send the request without them")
 
     def _engines_state(self) -> str:
         """Each engine and why it takes no request now, for the error of a request that found none."""

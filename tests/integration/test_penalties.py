@@ -93,6 +93,44 @@ def test_penalised_greedy_tokens_equal_transformers(model_and_dir, setting):
         assert out["token_ids"] == hf_penalised(model, prompt, p), p
 
 
+class BanUntil(LogitsProcessor):
+    """min_tokens as the engine applies it: the stop ids are banned until that many tokens were generated."""
+
+    def __init__(self, prompt_len: int, ids: list[int], min_tokens: int):
+        self.prompt_len, self.ids, self.min_tokens = prompt_len, ids, min_tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] - self.prompt_len < self.min_tokens:
+            scores = scores.clone()
+            scores[:, self.ids] = float("-inf")
+        return scores
+
+
+def test_penalties_beside_min_tokens_bans(model_and_dir):
+    """The banned-token positions overwrote the penalised rows' slot positions: a penalised request in a step
+    with any request still under its min_tokens had its tokens counted in a slot named by a banned token id
+    (an index error when that id was past the slots, which on CUDA would have poisoned the device), or not at
+    all."""
+    model, path = model_and_dir
+    prompts = _prompts(9, [7, 20, 13])
+    stop = [300, 301]  # token ids past the 8 slots
+    params = [SamplingParams(temperature=0.0, max_tokens=16, repetition_penalty=1.4, frequency_penalty=0.3),
+              SamplingParams(temperature=0.0, max_tokens=16, min_tokens=10, stop_token_ids=stop),
+              SamplingParams(temperature=0.0, max_tokens=16, min_tokens=6, stop_token_ids=stop,
+                             repetition_penalty=1.3)]
+    with _engine(path, overlap_scheduling=True) as llm:
+        outs = llm.generate(prompts, params)
+    assert outs[0]["token_ids"] == hf_penalised(model, prompts[0], params[0])
+    for prompt, p, out in list(zip(prompts, params, outs, strict=True))[1:]:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(out["token_ids"]),
+                                 min_new_tokens=len(out["token_ids"]), do_sample=False, eos_token_id=None,
+                                 pad_token_id=None, repetition_penalty=p.repetition_penalty,
+                                 logits_processor=LogitsProcessorList([BanUntil(len(prompt), stop, p.min_tokens)]))
+        assert out["token_ids"] == ref[0, len(prompt) :].tolist()
+
+
 def test_penalties_change_the_tokens(model_and_dir):
     """The checks above compare with transformers; this one makes sure the penalties bite on this model."""
     _, path = model_and_dir

@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from clients.engine_client import EngineClient
+from protos.llmserve.engine.v1 import engine_pb2 as pb
 from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
 from tests.fake_engine import FakeEngine
 from tests.unit.test_engine_service_fake import Running, new, wait_serving
@@ -203,3 +204,44 @@ def test_requests_finding_every_engine_draining_are_told_so():
     assert error.message.startswith("every connected engine refuses new requests (draining or failed)"), error.message
     for engine in engines:
         assert f"{engine.target}: refuses new requests" in error.message, error.message
+
+
+class _Conn:
+    """A connection as submit() sees one: ready or not, with the engine's features."""
+
+    def __init__(self, address: str, ready: bool, features: tuple[str, ...]) -> None:
+        self.address, self.ready, self.retiring, self.refusing = address, ready, False, False
+        self.info = pb.ModelInfo(features=features)
+        self.inflight: dict = {}
+
+    def send(self, request, max_buffered_updates):
+        return ("sent to", self.address)
+
+
+def test_a_request_using_penalties_waits_for_a_capable_engine_that_is_reconnecting():
+    """With an old engine ready and an upgraded one reconnecting, a penalised request failed at once, while a
+    plain request with no engine ready waits up to engine_wait_s."""
+    async def main() -> None:
+        pool = EnginePool(pool_config(engines="old:1", engine_wait_s=5), 100, {1}, [])  # not started
+        old, new = _Conn("old:1", True, ()), _Conn("new:1", False, ("logprobs", "penalties"))
+        pool.conns = {"old:1": old, "new:1": new}
+        penalised = pb.NewRequest(prompt_token_ids=[1], sampling_params=pb.SamplingParams(repetition_penalty=1.2))
+
+        async def reconnect() -> None:
+            await asyncio.sleep(0.3)
+            new.ready = True
+            pool.changed()
+
+        task = asyncio.create_task(reconnect())
+        started = time.monotonic()
+        assert await pool.submit(penalised, None) == ("sent to", "new:1")
+        assert 0.25 < time.monotonic() - started < 3
+        await task
+        pool.conns = {"old:1": old}  # nothing else to wait for: refused at once, naming the engine
+        with pytest.raises(RequestFailed) as err:
+            await asyncio.wait_for(pool.submit(penalised, None), 1)
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "old:1 predate them" in err.value.message
+        plain = pb.NewRequest(prompt_token_ids=[1], sampling_params=pb.SamplingParams(repetition_penalty=1.0))
+        assert await pool.submit(plain, None) == ("sent to", "old:1")
+
+    asyncio.run(main())
