@@ -230,22 +230,41 @@ def test_triton_with_graphs_and_fused_ops_matches_all_torch(fp32_model):
 
 
 def test_overlap_scheduling_tokens_equal_plain_scheduling(fp32_model):
-    """Greedy and seeded tokens do not depend on overlap scheduling (graphs on, fp32)."""
+    """Greedy and seeded tokens do not depend on overlap scheduling (graphs on, fp32); logprobs, read back through
+    pinned memory beside the tokens, equal transformers' log_softmax teacher-forced on the same GPU."""
+    from transformers import AutoModelForCausalLM
+
     from engine_service import SamplingParams
 
     prompts, params = _requests(30, seed=4)
     params = [
-        p if i % 3 else SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=p.max_tokens)
+        SamplingParams(temperature=0.0, max_tokens=p.max_tokens, logprobs=i % 4) if i % 3 == 1 else
+        p if i % 3 else SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=p.max_tokens, logprobs=2)
         for i, p in enumerate(params)
     ]
-    results = {}
-    for overlap in (True, False):
+    results, outs = {}, []
+    for overlap in (False, True):  # outs: overlap's, whose logprobs are checked below
         with _engine(fp32_model, dtype="float32", overlap_scheduling=overlap) as llm:
             assert llm.overlap is overlap and llm.runner.graphs is not None
-            results[overlap] = [o["token_ids"] for o in llm.generate(prompts, params)]
+            outs = llm.generate(prompts, params)
+            results[overlap] = [o["token_ids"] for o in outs]
             stats = llm.stats()
             assert stats["num_free_blocks"] == stats["num_blocks"]
     assert results[True] == results[False]
+    hf = AutoModelForCausalLM.from_pretrained(fp32_model, dtype=torch.float32).cuda().eval()
+    for prompt, p, out in zip(prompts, params, outs, strict=True):
+        if p.logprobs is None:
+            assert out["logprobs"] is None
+            continue
+        ids = torch.tensor([prompt + out["token_ids"][:-1]], device="cuda")
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float(), -1)
+        ref = ref[len(prompt) - 1 :].cpu()
+        assert len(out["logprobs"]) == len(out["token_ids"])
+        for pos, (token, lp) in enumerate(zip(out["token_ids"], out["logprobs"], strict=True)):
+            assert abs(lp.logprob - ref[pos, token].item()) <= 1e-3, (pos, lp, ref[pos, token])
+            assert len(lp.top_token_ids) == p.logprobs
+            assert lp.top_logprobs == pytest.approx(ref[pos][lp.top_token_ids].tolist(), abs=1e-3)
 
 
 def test_launching_a_step_never_waits_for_the_device(bf16_model, monkeypatch):
@@ -284,28 +303,3 @@ def test_launching_a_step_never_waits_for_the_device(bf16_model, monkeypatch):
     assert launches[0] > 20
     assert all(len(o["token_ids"]) >= 1 for o in outs)
 
-
-def test_logprobs_with_graphs_and_overlap_match_transformers(fp32_model):
-    """Logprobs read back through pinned memory with overlap scheduling and graph replays equal transformers'
-    log_softmax, teacher-forced on the same GPU in fp32."""
-    from transformers import AutoModelForCausalLM
-
-    from engine_service import SamplingParams
-
-    prompts, params = _requests(12, seed=6, max_tokens=16)
-    params = [SamplingParams(temperature=0.0 if i % 2 else 0.9, seed=i, max_tokens=p.max_tokens, logprobs=i % 4)
-              for i, p in enumerate(params)]
-    with _engine(fp32_model, dtype="float32", overlap_scheduling=True) as llm:
-        assert llm.runner.graphs is not None
-        outs = llm.generate(prompts, params)
-    hf = AutoModelForCausalLM.from_pretrained(fp32_model, dtype=torch.float32).cuda().eval()
-    for prompt, p, out in zip(prompts, params, outs, strict=True):
-        ids = torch.tensor([prompt + out["token_ids"][:-1]], device="cuda")
-        with torch.no_grad():
-            ref = torch.log_softmax(hf(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float(), -1)
-        ref = ref[len(prompt) - 1 :].cpu()
-        assert len(out["logprobs"]) == len(out["token_ids"])
-        for pos, (token, lp) in enumerate(zip(out["token_ids"], out["logprobs"], strict=True)):
-            assert abs(lp.logprob - ref[pos, token].item()) <= 1e-3, (pos, lp, ref[pos, token])
-            assert len(lp.top_token_ids) == p.logprobs
-            assert lp.top_logprobs == pytest.approx(ref[pos][lp.top_token_ids].tolist(), abs=1e-3)
