@@ -9,8 +9,15 @@ import random
 
 import pytest
 
-from engine_service import LLM, SamplingParams
-from tests.integration.tiny import VOCAB, hf_greedy, make_qwen3, to_transformers4_config
+from engine_service import SamplingParams
+from tests.integration.tiny import (
+    VOCAB,
+    exact_engine,
+    hf_greedy,
+    make_qwen3,
+    random_prompts,
+    to_transformers4_config,
+)
 
 MAX_NEW = 8
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
@@ -24,25 +31,6 @@ SHAPES = {
 }
 
 
-def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(VOCAB) for _ in range(n)] for n in lengths]
-
-
-def _engine(path, **kw) -> LLM:
-    args = dict(
-        device="cpu",
-        dtype="float64",
-        enforce_eager=True,
-        attention_backend="torch",
-        kvcache_block_size=16,
-        num_kvcache_blocks=128,
-        max_num_batched_tokens=512,
-        max_num_seqs=8,
-        max_model_len=512,
-    )
-    args.update(kw)
-    return LLM(path, **args)
 
 
 @pytest.fixture(scope="module", params=list(SHAPES))
@@ -55,8 +43,8 @@ def model_and_dir(request, tmp_path_factory):
 
 def test_batch_of_lengths_1_to_300(model_and_dir):
     model, path = model_and_dir
-    prompts = _prompts(1, [1, 2, 15, 16, 17, 64, 129, 300])
-    with _engine(path) as llm:
+    prompts = random_prompts(1, [1, 2, 15, 16, 17, 64, 129, 300])
+    with exact_engine(path) as llm:
         outs = llm.generate(prompts, GREEDY)
     for prompt, out in zip(prompts, outs, strict=True):
         assert out["token_ids"] == hf_greedy(model, prompt, MAX_NEW), f"prompt of {len(prompt)} tokens"
@@ -65,8 +53,8 @@ def test_batch_of_lengths_1_to_300(model_and_dir):
 
 def test_chunked_prefill(model_and_dir):
     model, path = model_and_dir
-    prompts = _prompts(2, [5, 70, 200])
-    with _engine(path, max_num_batched_tokens=16, max_num_seqs=4) as llm:
+    prompts = random_prompts(2, [5, 70, 200])
+    with exact_engine(path, max_num_batched_tokens=16, max_num_seqs=4) as llm:
         outs = llm.generate(prompts, GREEDY)
     for prompt, out in zip(prompts, outs, strict=True):
         assert out["token_ids"] == hf_greedy(model, prompt, MAX_NEW)
@@ -83,7 +71,7 @@ def test_prefix_cache_hits_keep_tokens(gqa2):
     rng = random.Random(3)
     base = [rng.randrange(VOCAB) for _ in range(48)]  # three full blocks
     prompts = [base, base + [7], base[:40] + [1, 2, 3], base + base[:20], base]
-    with _engine(path) as llm:
+    with exact_engine(path) as llm:
         first = llm.generate(prompts, GREEDY)
         assert llm.stats()["num_free_blocks"] == llm.stats()["num_blocks"]
         hits_before = llm.stats()["prefix_cache_hits"]
@@ -107,7 +95,7 @@ def test_prefix_cache_hits_across_steps(gqa2):
     rng = random.Random(7)
     base = [rng.randrange(VOCAB) for _ in range(64)]
     prompts = [base + [i] for i in range(4)]
-    with _engine(path, max_num_batched_tokens=70, max_num_seqs=4) as llm:
+    with exact_engine(path, max_num_batched_tokens=70, max_num_seqs=4) as llm:
         outs = llm.generate(prompts, GREEDY)
         # Prompt 0 computes the shared 64 tokens; the others wait for them to be published (rather than
         # compute a copy beside it in the first step) and each hit 64 tokens.
@@ -118,10 +106,10 @@ def test_prefix_cache_hits_across_steps(gqa2):
 
 def test_preemption_keeps_tokens(gqa2):
     model, path = gqa2
-    prompts = _prompts(4, [60, 61, 62, 63])
+    prompts = random_prompts(4, [60, 61, 62, 63])
     params = SamplingParams(temperature=0.0, max_tokens=30)
     # Each request needs ceil(93 / 16) = 6 blocks at its end; 4 of them need 24 but the pool has 12.
-    with _engine(path, num_kvcache_blocks=12, max_num_batched_tokens=64) as llm:
+    with exact_engine(path, num_kvcache_blocks=12, max_num_batched_tokens=64) as llm:
         outs = llm.generate(prompts, params)
         stats = llm.stats()
     assert stats["num_preemptions"] > 0
@@ -132,8 +120,8 @@ def test_preemption_keeps_tokens(gqa2):
 
 def test_pool_smaller_than_max_model_len_and_budget_smaller_than_prompt(gqa2):
     model, path = gqa2
-    prompt = _prompts(5, [100])[0]
-    with _engine(path, num_kvcache_blocks=8, max_num_batched_tokens=8, max_num_seqs=2) as llm:
+    prompt = random_prompts(5, [100])[0]
+    with exact_engine(path, num_kvcache_blocks=8, max_num_batched_tokens=8, max_num_seqs=2) as llm:
         out = llm.generate([prompt], GREEDY)[0]
     assert out["token_ids"] == hf_greedy(model, prompt, MAX_NEW)
 
@@ -142,8 +130,8 @@ def test_transformers4_config_and_sharded_checkpoint(tmp_path):
     model = make_qwen3(tmp_path, heads=4, kv_heads=1, tie=False, theta=50000.0, shard_size="40KB")
     to_transformers4_config(tmp_path)
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    prompts = _prompts(6, [9, 33])
-    with _engine(tmp_path) as llm:
+    prompts = random_prompts(6, [9, 33])
+    with exact_engine(tmp_path) as llm:
         outs = llm.generate(prompts, GREEDY)
     for prompt, out in zip(prompts, outs, strict=True):
         assert out["token_ids"] == hf_greedy(model, prompt, MAX_NEW)

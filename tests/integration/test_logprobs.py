@@ -8,14 +8,12 @@ overlap scheduling must not either.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
-from engine_service import LLM, SamplingParams
+from engine_service import SamplingParams
 from engine_service.sampling_params import MAX_LOGPROBS
-from tests.integration.tiny import VOCAB, make_qwen3
+from tests.integration.tiny import exact_engine, make_qwen3, random_prompts
 
 TOL = 1e-9  # float64 against float64, different kernels and summation orders
 
@@ -25,12 +23,6 @@ def model_and_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("logprobs")
     return make_qwen3(path, heads=6, kv_heads=2, head_dim=8, hidden=48), path
 
-
-def _engine(path, **kw) -> LLM:
-    args = dict(device="cpu", dtype="float64", enforce_eager=True, attention_backend="torch", kvcache_block_size=16,
-                num_kvcache_blocks=128, max_num_batched_tokens=512, max_num_seqs=8, max_model_len=512)
-    args.update(kw)
-    return LLM(path, **args)
 
 
 def _reference(model, prompt: list[int], generated: list[int]) -> torch.Tensor:
@@ -51,10 +43,6 @@ def _check(model, prompt: list[int], out: dict, k: int) -> None:
         assert max((abs(a - b) for a, b in zip(lp.top_logprobs, values.tolist(), strict=True)), default=0) <= TOL
 
 
-def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(VOCAB) for _ in range(n)] for n in lengths]
-
 
 # Each case mixes: greedy with 5 alternatives; sampled with filters and only the token's own logprob; a row
 # without logprobs; the most alternatives allowed; and a row whose min_tokens bans the token greedy would pick.
@@ -69,7 +57,7 @@ SETTINGS = {
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_logprobs_equal_transformers(model_and_dir, setting):
     model, path = model_and_dir
-    prompts = _prompts(3, [5, 40, 17, 70, 9])
+    prompts = random_prompts(3, [5, 40, 17, 70, 9])
     ban = _reference(model, prompts[4], [0])[0].argmax().item()  # greedy's first token for the last prompt
     params = [
         SamplingParams(temperature=0.0, max_tokens=12, logprobs=5),
@@ -78,7 +66,7 @@ def test_logprobs_equal_transformers(model_and_dir, setting):
         SamplingParams(temperature=0.7, seed=1, max_tokens=12, logprobs=MAX_LOGPROBS),
         SamplingParams(temperature=0.0, max_tokens=6, min_tokens=3, stop_token_ids=[ban], logprobs=2),
     ]
-    with _engine(path, **SETTINGS[setting]) as llm:
+    with exact_engine(path, **SETTINGS[setting]) as llm:
         outs = llm.generate(prompts, params)
         if setting == "preemption":
             assert llm.stats()["num_preemptions"] > 0, "the case did not preempt"
@@ -93,9 +81,9 @@ def test_logprobs_equal_transformers(model_and_dir, setting):
 
 def test_logprobs_of_a_prefix_cache_hit_equal_those_computed(model_and_dir):
     model, path = model_and_dir
-    [prompt] = _prompts(4, [50])  # three full blocks of 16 come from the cache the second time
+    [prompt] = random_prompts(4, [50])  # three full blocks of 16 come from the cache the second time
     greedy = SamplingParams(temperature=0.0, max_tokens=8, logprobs=4)
-    with _engine(path) as llm:
+    with exact_engine(path) as llm:
         first = llm.generate([prompt], greedy)[0]
         second = llm.generate([prompt], greedy)[0]
     assert second["num_cached_tokens"] >= 48
@@ -114,7 +102,7 @@ def test_logprobs_beyond_the_vocabulary_are_refused_alone(tmp_path):
     """More logprobs than the vocabulary holds failed the top-k inside the step: every request of the batch
     failed, and a tensor-parallel engine could not continue."""
     make_qwen3(tmp_path, vocab=16)
-    with _engine(tmp_path) as llm:
+    with exact_engine(tmp_path) as llm:
         with pytest.raises(ValueError, match="more tokens than the vocabulary holds"):
             llm.add_request("big", [1, 2], SamplingParams(max_tokens=2, logprobs=17))
         [out] = llm.generate([[1, 2]], SamplingParams(temperature=0.0, max_tokens=2, logprobs=16))

@@ -8,13 +8,11 @@ scheduling cannot pass for overlap.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 from engine_service import LLM, SamplingParams
-from tests.integration.tiny import VOCAB, hf_greedy, make_qwen3
+from tests.integration.tiny import hf_greedy, make_qwen3, random_prompts
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +36,6 @@ def _engine(path, overlap: bool = True, **kw) -> LLM:
     args.update(kw)
     return LLM(path, **args)
 
-
-def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(VOCAB) for _ in range(n)] for n in lengths]
 
 
 def _count_ahead(llm: LLM) -> list[int]:
@@ -89,7 +83,7 @@ def test_default_is_off_on_cpu_and_tensor_parallel_refuses_it(model_and_dir):
 
 def test_greedy_tokens_equal_transformers(model_and_dir):
     model, path = model_and_dir
-    prompts = _prompts(1, [1, 15, 16, 17, 40, 100])
+    prompts = random_prompts(1, [1, 15, 16, 17, 40, 100])
     lengths = [12, 3, 20, 1, 16, 9]  # requests finish at different steps: the batch shrinks under overlap
     params = [SamplingParams(temperature=0.0, max_tokens=n) for n in lengths]
     with _engine(path) as llm:
@@ -105,7 +99,7 @@ def test_greedy_tokens_equal_transformers(model_and_dir):
 def test_stop_tokens_computed_in_vain_are_dropped(model_and_dir):
     """A sampled stop token cannot be foreseen: the step already in flight computed a row for it in vain."""
     _, path = model_and_dir
-    prompts = _prompts(2, [10, 23, 31])
+    prompts = random_prompts(2, [10, 23, 31])
     free = SamplingParams(temperature=0.0, max_tokens=16)
     with _engine(path, overlap=False) as llm:
         greedy = [o["token_ids"] for o in llm.generate(prompts, free)]
@@ -134,7 +128,7 @@ def test_stop_tokens_computed_in_vain_are_dropped(model_and_dir):
 
 def test_seeded_sampling_equals_plain_scheduling(model_and_dir):
     _, path = model_and_dir
-    prompts = _prompts(3, [5, 18, 33, 7])
+    prompts = random_prompts(3, [5, 18, 33, 7])
     params = [SamplingParams(temperature=1.0, top_p=0.9, seed=10 + i, max_tokens=12 + 3 * i) for i in range(4)]
     outs = {}
     for overlap in (False, True):
@@ -145,7 +139,7 @@ def test_seeded_sampling_equals_plain_scheduling(model_and_dir):
 
 def test_abort_while_a_step_is_in_flight(model_and_dir):
     model, path = model_and_dir
-    prompts = _prompts(4, [12, 20, 28])
+    prompts = random_prompts(4, [12, 20, 28])
     p = SamplingParams(temperature=0.0, max_tokens=20)
     with _engine(path) as llm:
         for i, prompt in enumerate(prompts):
@@ -169,7 +163,7 @@ def test_abort_while_a_step_is_in_flight(model_and_dir):
 def test_arrivals_during_decoding_are_admitted(model_and_dir):
     """A request that arrives while steps are scheduled ahead is admitted at the next full schedule."""
     model, path = model_and_dir
-    first, late = _prompts(5, [9, 14])
+    first, late = random_prompts(5, [9, 14])
     p = SamplingParams(temperature=0.0, max_tokens=24)
     with _engine(path) as llm:
         ahead = _count_ahead(llm)
@@ -190,7 +184,7 @@ def test_arrivals_during_decoding_are_admitted(model_and_dir):
 
 def test_preemption_and_max_model_len(model_and_dir):
     model, path = model_and_dir
-    prompts = _prompts(6, [60, 61, 62, 63])
+    prompts = random_prompts(6, [60, 61, 62, 63])
     params = SamplingParams(temperature=0.0, max_tokens=30)
     # 4 requests need 24 blocks at their end; the pool has 12: schedule() preempts, schedule_ahead never does.
     with _engine(path, num_kvcache_blocks=12, max_num_batched_tokens=64) as llm:
@@ -211,7 +205,7 @@ def test_preemption_and_max_model_len(model_and_dir):
 
 def test_nan_logits_mid_decode_fail_only_that_request_once(model_and_dir, monkeypatch):
     model_ref, path = model_and_dir
-    prompts = _prompts(7, [8, 19])
+    prompts = random_prompts(7, [8, 19])
     with _engine(path) as llm:
         model = llm.runner.model
         original = model.compute_logits
@@ -240,7 +234,7 @@ def test_step_failure_in_flight_fails_the_requests_and_frees_blocks(model_and_di
 
     _, path = model_and_dir
     with _engine(path) as llm:
-        for i, prompt in enumerate(_prompts(8, [10, 20])):
+        for i, prompt in enumerate(random_prompts(8, [10, 20])):
             llm.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=30))
         for _ in range(3):
             llm.step()
@@ -265,7 +259,7 @@ def test_graph_runner_gathers_input_tokens_on_the_device(tmp_path):
     from engine_service.cuda_graphs import DecodeGraphRunner
 
     model = make_qwen3(tmp_path, heads=4, kv_heads=2, layers=2)
-    prompts = _prompts(9, [3, 9, 17])
+    prompts = random_prompts(9, [3, 9, 17])
     params = [SamplingParams(temperature=0.0, max_tokens=n) for n in (9, 6, 3)]
     with _engine(tmp_path, kvcache_block_size=8, max_num_seqs=4, max_model_len=64) as llm:
         graphs = DecodeGraphRunner(llm.runner, [1, 2, 4], use_cuda_graphs=False)

@@ -7,15 +7,14 @@ Batching, chunked prefill, prefix caching, preemption and overlap scheduling mus
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 
 import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from engine_service import LLM, SamplingParams
-from tests.integration.tiny import VOCAB, make_qwen3
+from engine_service import SamplingParams
+from tests.integration.tiny import exact_engine, make_qwen3, random_prompts
 
 MAX_NEW = 24
 
@@ -51,16 +50,6 @@ def model_and_dir(tmp_path_factory):
     return make_qwen3(path, heads=4, kv_heads=2, head_dim=16, hidden=64), path
 
 
-def _engine(path, **kw) -> LLM:
-    args = dict(device="cpu", dtype="float64", enforce_eager=True, attention_backend="torch", kvcache_block_size=16,
-                num_kvcache_blocks=128, max_num_batched_tokens=512, max_num_seqs=8, max_model_len=512)
-    args.update(kw)
-    return LLM(path, **args)
-
-
-def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(VOCAB) for _ in range(n)] for n in lengths]
 
 
 PARAMS = [
@@ -83,8 +72,8 @@ SETTINGS = {
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_penalised_greedy_tokens_equal_transformers(model_and_dir, setting):
     model, path = model_and_dir
-    prompts = _prompts(5, [6, 40, 17, 3, 60, 25])
-    with _engine(path, **SETTINGS[setting]) as llm:
+    prompts = random_prompts(5, [6, 40, 17, 3, 60, 25])
+    with exact_engine(path, **SETTINGS[setting]) as llm:
         outs = llm.generate(prompts, PARAMS)
         if setting == "preemption":
             assert llm.stats()["num_preemptions"] > 0, "the case did not preempt"
@@ -112,13 +101,13 @@ def test_penalties_beside_min_tokens_bans(model_and_dir):
     (an index error when that id was past the slots, which on CUDA would have poisoned the device), or not at
     all."""
     model, path = model_and_dir
-    prompts = _prompts(9, [7, 20, 13])
+    prompts = random_prompts(9, [7, 20, 13])
     stop = [300, 301]  # token ids past the 8 slots
     params = [SamplingParams(temperature=0.0, max_tokens=16, repetition_penalty=1.4, frequency_penalty=0.3),
               SamplingParams(temperature=0.0, max_tokens=16, min_tokens=10, stop_token_ids=stop),
               SamplingParams(temperature=0.0, max_tokens=16, min_tokens=6, stop_token_ids=stop,
                              repetition_penalty=1.3)]
-    with _engine(path, overlap_scheduling=True) as llm:
+    with exact_engine(path, overlap_scheduling=True) as llm:
         outs = llm.generate(prompts, params)
     assert outs[0]["token_ids"] == hf_penalised(model, prompts[0], params[0])
     for prompt, p, out in list(zip(prompts, params, outs, strict=True))[1:]:
@@ -134,8 +123,8 @@ def test_penalties_beside_min_tokens_bans(model_and_dir):
 def test_penalties_change_the_tokens(model_and_dir):
     """The checks above compare with transformers; this one makes sure the penalties bite on this model."""
     _, path = model_and_dir
-    [prompt] = _prompts(6, [8])
-    with _engine(path) as llm:
+    [prompt] = random_prompts(6, [8])
+    with exact_engine(path) as llm:
         plain, penalised = llm.generate([prompt, prompt], [PARAMS[1], PARAMS[0]])
     assert plain["token_ids"] != penalised["token_ids"]
     assert len(set(penalised["token_ids"])) > len(set(plain["token_ids"]))
@@ -143,9 +132,9 @@ def test_penalties_change_the_tokens(model_and_dir):
 
 def test_a_prefix_cache_hit_keeps_the_prompt_penalised(model_and_dir):
     model, path = model_and_dir
-    [prompt] = _prompts(7, [50])
+    [prompt] = random_prompts(7, [50])
     p = SamplingParams(temperature=0.0, max_tokens=12, repetition_penalty=1.5)
-    with _engine(path) as llm:
+    with exact_engine(path) as llm:
         llm.generate([prompt], p)
         again = llm.generate([prompt], p)[0]
     assert again["num_cached_tokens"] >= 48 and again["token_ids"] == hf_penalised(model, prompt, p)
@@ -154,10 +143,10 @@ def test_a_prefix_cache_hit_keeps_the_prompt_penalised(model_and_dir):
 def test_seeded_penalised_tokens_do_not_depend_on_the_batch(model_and_dir):
     """Counts are per request: a seeded, penalised request draws the same tokens alone or among others."""
     _, path = model_and_dir
-    prompts = _prompts(8, [9, 30, 12, 44])
+    prompts = random_prompts(8, [9, 30, 12, 44])
     p = [SamplingParams(temperature=0.9, seed=i, max_tokens=16, repetition_penalty=1.3, frequency_penalty=0.4)
          for i in range(4)]
-    with _engine(path, overlap_scheduling=True) as llm:
+    with exact_engine(path, overlap_scheduling=True) as llm:
         together = [o["token_ids"] for o in llm.generate(prompts, p)]
         alone = [llm.generate([prompt], q)[0]["token_ids"] for prompt, q in zip(prompts, p, strict=True)]
     assert together == alone

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -47,6 +48,23 @@ def make_qwen3(
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(path, **kwargs)
     return model
+
+
+def random_prompts(seed: int, lengths: list[int]) -> list[list[int]]:
+    """Prompts of the given lengths, of ids drawn uniformly from the tiny vocabulary."""
+    rng = random.Random(seed)
+    return [[rng.randrange(VOCAB) for _ in range(n)] for n in lengths]
+
+
+def exact_engine(path: Path, **overrides):
+    """An LLM set up for exact comparisons with transformers: float64 on CPU, torch attention, no graphs, a
+    128-block pool of 16 tokens, 8 sequences; keyword arguments override."""
+    from engine_service import LLM
+
+    args = dict(device="cpu", dtype="float64", enforce_eager=True, attention_backend="torch", kvcache_block_size=16,
+                num_kvcache_blocks=128, max_num_batched_tokens=512, max_num_seqs=8, max_model_len=512)
+    args.update(overrides)
+    return LLM(path, **args)
 
 
 def hf_greedy(model: Qwen3ForCausalLM, prompt: list[int], max_new_tokens: int) -> list[int]:
