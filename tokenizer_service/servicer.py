@@ -184,7 +184,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         wants_logprobs = prep.engine_request.sampling_params.HasField("logprobs")
         self.inflight += 1  # before the next await: admitting and inflight together bound max_inflight
         try:
-            text_args = (self.tokenizer, prep.stop, prep.skip_special_tokens, prep.include_stop_str_in_output)
+            text_args = (self.tokenizer, prep.stop, prep.skip_special_tokens, prep.include_stop_str_in_output,
+                         prep.engine_request.sampling_params.min_tokens)
+            trace.prompt_tokens = prep.num_prompt_tokens  # kept current: an in-band abort reports them at once
             if sum(map(len, prep.stop)) > OFFLOAD_STOP_CHARS:
                 text = await asyncio.to_thread(TextStream, *text_args)
             else:
@@ -218,6 +220,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                         fed = time.monotonic()
                         delta = text.feed(ids)
                         trace.detokenize_s += time.monotonic() - fed
+                        trace.completion_tokens, trace.cached_tokens = text.num_generated, cached
                         trace.first_token = trace.first_token or (fed if ids else 0.0)
                         if text.stopped is not None:
                             handle.close(stopped=True)  # in-band abort: the engine frees the blocks at once
@@ -375,7 +378,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                         if task is not None:
                             trace.finish_reason = "abort"  # logged and counted as the client asked, not "cancelled"
                             task.cancel()  # its finally aborts the engine request
-                            await emit(pb.GenerateResponse(request_id=frame.abort_request_id,
+                            usage = pb.Usage(prompt_tokens=trace.prompt_tokens, cached_tokens=trace.cached_tokens,
+                                             completion_tokens=trace.completion_tokens)  # what was streamed
+                            await emit(pb.GenerateResponse(request_id=frame.abort_request_id, usage=usage,
                                                               finish_reason=pb.FINISH_REASON_ABORT))
             except Exception as exc:  # a bug applying a message: the call fails visibly, its requests are cancelled
                 nonlocal read_error, read_code

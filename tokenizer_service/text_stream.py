@@ -22,13 +22,15 @@ def decoder_of(tokenizer: Any) -> Any:
 class TextStream:
     """feed() each step's token ids and get the text safe to send; finish() at the end for the rest.
 
-    Once `stopped` is set (a stop string matched), the request should be aborted in the engine.
+    Once `stopped` is set (a stop string matched), the request should be aborted in the engine. Stop strings are
+    matched from the min_tokens-th token's text on, as the engine bans stop ids and EOS until then (vLLM's rule).
     """
 
     def __init__(self, tokenizer: Any, stop: tuple[str, ...], skip_special_tokens: bool,
-                 include_stop_str_in_output: bool) -> None:
+                 include_stop_str_in_output: bool, min_tokens: int = 0) -> None:
         self._detok = IncrementalDetokenizer(decoder_of(tokenizer), skip_special_tokens=skip_special_tokens)
         self._stops = StopStringMatcher(stop, include_stop_str_in_output=include_stop_str_in_output)
+        self._min_tokens = min_tokens
         self.num_generated = 0  # every token the engine produced, including any past a stop string
 
     @property
@@ -37,8 +39,13 @@ class TextStream:
         return self._stops.match.stop if self._stops.match is not None else None
 
     def feed(self, token_ids: list[int]) -> str:
+        exempt = self._min_tokens - self.num_generated  # tokens still before min_tokens: no stop string ends them
         self.num_generated += len(token_ids)
-        return self._stops.feed(self._detok.step(token_ids))
+        if exempt <= 0:
+            return self._stops.feed(self._detok.step(token_ids))
+        text = self._detok.step(token_ids[:exempt])
+        rest = token_ids[exempt:]
+        return text + self._stops.feed(self._detok.step(rest)) if rest else text
 
     def finish(self) -> str:
         """Text still held back (an incomplete character, a possible stop-string prefix) at the end."""

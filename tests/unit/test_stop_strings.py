@@ -137,3 +137,31 @@ def test_stop_strings_at_the_caps_cost_linear_memory() -> None:
         tracemalloc.stop()
     assert retained < 8 * 2**20, f"{retained / 2**20:.1f} MiB"
     assert m.feed("x" * 100 + "007" + "🙂" * 10) == "x" * 100 and m.held == "007" + "🙂" * 10
+
+
+@pytest.mark.parametrize("split", [1, 3, 100], ids=["token by token", "three at a time", "all at once"])
+def test_stop_strings_wait_for_min_tokens_as_stop_ids_do(demo_tokenizer, split) -> None:
+    """A stop string ended a request before its min_tokens (after 1 token with min_tokens=30), while the engine
+    bans stop ids and EOS until then; vLLM skips stop strings until min_tokens too."""
+    from tokenizer_service.text_stream import TextStream
+
+    words = "the sea is deep and the sea is wide"
+    ids = demo_tokenizer.encode(words, add_special_tokens=False)
+    first_sea = len(demo_tokenizer.encode("the sea", add_special_tokens=False))
+    assert first_sea < len(ids) - 2, ids
+
+    def run(min_tokens: int) -> tuple[str, str | None, int]:
+        stream = TextStream(demo_tokenizer, ("sea",), True, False, min_tokens=min_tokens)
+        out = ""
+        for i in range(0, len(ids), split):
+            out += stream.feed(ids[i : i + split])
+            if stream.stopped:
+                break
+        return out, stream.stopped, stream.num_generated
+
+    text, stopped, _ = run(0)
+    assert stopped == "sea" and text == "the "
+    text, stopped, _ = run(first_sea)  # the first "sea" is exempt; the second one stops
+    assert stopped == "sea" and text == "the sea is deep and the "
+    text, stopped, n = run(len(ids))
+    assert stopped is None and text == demo_tokenizer.decode(ids) and n == len(ids)

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import queue
 import threading
 import time
 import types
@@ -322,6 +323,38 @@ def test_requests_using_features_an_engine_predates_are_not_sent_to_it(demo_mode
             off = pb.SamplingParams(max_tokens=2, repetition_penalty=1.0, presence_penalty=0.0)
             assert list(stub.Generate(pb.GenerateRequest(prompt="hi", sampling_params=off),
                                       timeout=30))[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    finally:
+        server.stop()
+        assert engine.stop() == 0
+
+
+def test_an_in_band_abort_reports_the_usage_streamed_so_far(demo_model_dir, demo_tokenizer):
+    """The final ABORT response of a GenerateMulti request had an empty usage though tokens had been streamed:
+    a client billing from usage under-counted every request it aborted."""
+    engine = demo_engine(demo_model_dir, demo_tokenizer, step_s=0.02)
+    server = TextServer(demo_model_dir, engines=engine.target)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.TextGenerationStub(channel)
+            wait_ready(stub)
+            aborts: queue.Queue = queue.Queue()
+
+            def frames():
+                yield pb.MultiRequest(generate=pb.GenerateRequest(
+                    request_id="a", prompt="the sea is deep", sampling_params=pb.SamplingParams(max_tokens=500)))
+                yield aborts.get()
+
+            streamed, final = 0, None
+            for response in stub.GenerateMulti(frames(), timeout=30):
+                if response.finish_reason:
+                    final = response
+                    break
+                streamed += len(response.token_ids)
+                if streamed >= 5 and aborts.empty():
+                    aborts.put(pb.MultiRequest(abort_request_id="a"))
+        assert final is not None and final.finish_reason == pb.FINISH_REASON_ABORT
+        prompt = len(demo_tokenizer.encode("the sea is deep", add_special_tokens=False))
+        assert final.usage.prompt_tokens == prompt and final.usage.completion_tokens >= streamed >= 5
     finally:
         server.stop()
         assert engine.stop() == 0
