@@ -13,7 +13,7 @@ is unchanged) and times every step():
   prepare   ModelRunner.step_inputs: flattening the batch into lists
   launch    ModelRunner.execute: device inputs, then enqueueing the forward and the LM head. On CUDA it
             returns before the GPU is done; for an eager step it is mostly kernel-launch time.
-  sample    Sampler.sample: enqueueing sampling (nothing in it waits for the device)
+  sample    Sampler.sample_with_logprobs: enqueueing sampling, penalties and logprobs (nothing waits)
   wait      ModelRunner.collect: the step's one sync, waiting for the sampled tokens
   other     the rest of step(): postprocess and outputs
 
@@ -73,7 +73,7 @@ class StepProfiler:
         self._wrap(llm.scheduler, "schedule_ahead", "schedule")
         self._wrap(llm.runner, "step_inputs", "prepare", after=self._classify)
         self._wrap(llm.runner, "execute", "launch", before=self._start_event, after=self._end_event)
-        self._wrap(llm.runner.sampler, "sample", "sample", after=self._end_event)
+        self._wrap(llm.runner.sampler, "sample_with_logprobs", "sample", after=self._end_event)
         self._wrap(llm.runner, "collect", "wait")
         original_step = llm.step
 
@@ -194,13 +194,15 @@ def format_summary(summary: dict[str, dict[str, float]], title: str = "") -> str
 
 
 # ---- requests ---------------------------------------------------------------------------------------
-def uniform_requests(batch: int, prompt_len: int, max_tokens: int, vocab: int, seed: int = 0):
-    """`batch` random prompts of `prompt_len` tokens, each asking for exactly `max_tokens` (EOS ignored)."""
+def uniform_requests(batch: int, prompt_len: int, max_tokens: int, vocab: int, seed: int = 0,
+                     extra: dict | None = None):
+    """`batch` random prompts of `prompt_len` tokens, each asking for exactly `max_tokens` (EOS ignored), with
+    `extra` SamplingParams fields (logprobs, penalties) when given."""
     from engine_service import SamplingParams
 
     rng = random.Random(seed)
     prompts = [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(batch)]
-    params = [SamplingParams(temperature=0.6, max_tokens=max_tokens, ignore_eos=True)] * batch
+    params = [SamplingParams(temperature=0.6, max_tokens=max_tokens, ignore_eos=True, **(extra or {}))] * batch
     return prompts, params
 
 
@@ -234,11 +236,12 @@ def profile_generate(llm, prompts, params) -> tuple[dict, float]:
     return prof.summary(), seconds
 
 
-def decode_latency(llm, batch: int, prompt_len: int = 256, max_tokens: int = 64) -> dict:
+def decode_latency(llm, batch: int, prompt_len: int = 256, max_tokens: int = 64, extra: dict | None = None) -> dict:
     """Inter-token latency of a uniform batch: the median decode step, after a warm-up of the same shape."""
     vocab = llm.model_cfg.vocab_size
-    llm.generate(*uniform_requests(batch, prompt_len, 4, vocab, seed=1))  # compiles this shape's kernels
-    summary, seconds = profile_generate(llm, *uniform_requests(batch, prompt_len, max_tokens, vocab, seed=2))
+    llm.generate(*uniform_requests(batch, prompt_len, 4, vocab, seed=1, extra=extra))  # compiles this shape
+    summary, seconds = profile_generate(llm, *uniform_requests(batch, prompt_len, max_tokens, vocab, seed=2,
+                                                               extra=extra))
     decode = summary.get("decode", {})
     return {"batch": batch, "itl_ms": decode.get("median_wall_ms"), "decode": decode, "seconds": seconds}
 
@@ -362,8 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--overlap-scheduling", choices=["auto", "on", "off"], default="auto",
                    help="schedule the next decode step while the current one computes (auto: on for CUDA)")
+    p.add_argument("--logprobs", type=int, help="with --batch: every request asks for this many logprobs")
+    p.add_argument("--repetition-penalty", type=float, help="with --batch: every request has this penalty")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
+    extra = {k: v for k, v in (("logprobs", a.logprobs), ("repetition_penalty", a.repetition_penalty))
+             if v is not None}
+    if extra and not a.batch:
+        p.error("--logprobs and --repetition-penalty apply to a uniform batch (--batch)")
     import torch
 
     from engine_service import LLM
@@ -378,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         title = (f"{model_dir.name} {dtype} on {device}, backend {llm.runner.backend_name}, graphs {graphs}, "
                  f"overlap {llm.overlap}")
         if a.batch:
-            result = decode_latency(llm, a.batch, a.prompt_len, a.max_tokens)
+            result = decode_latency(llm, a.batch, a.prompt_len, a.max_tokens, extra)
             summary = {"decode": result["decode"]} if result["decode"] else {}
             title += f"; uniform batch {a.batch}, ITL {result['itl_ms']:.2f} ms" if result["itl_ms"] else ""
         else:
