@@ -133,7 +133,9 @@ class Sampler:
             p = [rows[i].params for i in penalized]
             table = [[q.repetition_penalty, q.presence_penalty, q.frequency_penalty] for q in p]
             wide = torch.promote_types(logits.dtype, torch.float32)
-            self.penalties.apply(logits, pen_rows, pen_slots, to_device(table, wide, dev))
+            self.penalties.apply(logits, pen_rows, pen_slots, to_device(table, wide, dev),
+                                 repetition=any(t[0] != 1.0 for t in table),
+                                 counted=any(t[1] != 0.0 or t[2] != 0.0 for t in table))
         banned = [(i, t) for i, r in enumerate(rows) for t in r.banned_token_ids]
         if banned:
             where = to_device(banned, torch.long, dev)  # [K, 2]: (row, token id)

@@ -23,7 +23,8 @@ class TextStream:
     """feed() each step's token ids and get the text safe to send; finish() at the end for the rest.
 
     Once `stopped` is set (a stop string matched), the request should be aborted in the engine. Stop strings are
-    matched from the min_tokens-th token's text on, as the engine bans stop ids and EOS until then (vLLM's rule).
+    matched only in the text after the first min_tokens tokens, as the engine bans stop ids and EOS for those
+    (vLLM's rule).
     """
 
     def __init__(self, tokenizer: Any, stop: tuple[str, ...], skip_special_tokens: bool,

@@ -21,11 +21,11 @@ def _seq(rid: str, prompt: list[int], output: list[int], status: Status = Status
 
 
 def _state(pen: Penalties, slot: int) -> tuple[list[int], list[bool]]:
-    return pen.output_counts[slot].tolist(), pen.prompt_seen[slot].tolist()
+    return pen.output_counts[slot].tolist(), pen.seen[slot].tolist()
 
 
 def _expected(prompt: list[int], output: list[int]) -> tuple[list[int], list[bool]]:
-    return [output.count(t) for t in range(VOCAB)], [t in prompt for t in range(VOCAB)]
+    return [output.count(t) for t in range(VOCAB)], [t in prompt or t in output for t in range(VOCAB)]
 
 
 def test_a_slot_is_built_from_the_tokens_and_advanced_by_records():
