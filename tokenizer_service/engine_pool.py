@@ -387,8 +387,8 @@ class EnginePool:
             if ready and needs:  # an older engine ignores the fields: it would serve the request without them
                 incapable = [c for c in ready if not (c.info and needs <= set(c.info.features))]
                 ready = [c for c in ready if c not in incapable]
-                if not ready and all(c.ready or c.retiring for c in self.conns.values()):
-                    raise self._unable(needs, incapable)  # no other engine to wait for
+                if not ready and not any(self._may_become_able(c, needs) for c in self.conns.values()):
+                    raise self._unable(needs, incapable)  # no other engine worth waiting for
             if ready:
                 conn = least_loaded([c for c in ready if c not in avoid] or ready)
                 if timeout_s is not None:  # capped: "no deadline" sent as a huge value must still fit a uint64
@@ -413,6 +413,14 @@ class EnginePool:
                 await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
             except TimeoutError:
                 pass
+
+    @staticmethod
+    def _may_become_able(conn: EngineConnection, needs: set[str]) -> bool:
+        """Whether an engine not taking requests now may take this one later: connecting or draining (it comes
+        back), and not known to lack what the request needs."""
+        if conn.retiring or (conn.ready and not conn.refusing):
+            return False
+        return conn.info is None or needs <= set(conn.info.features)
 
     @staticmethod
     def _unable(needs: set[str], incapable: list[EngineConnection]) -> RequestFailed:

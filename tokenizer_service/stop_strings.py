@@ -57,8 +57,9 @@ class StopStringMatcher:
         """Text currently held back."""
         return self._held
 
-    def feed(self, delta: str) -> str:
-        """Add a text delta; return the text that is safe to emit now."""
+    def feed(self, delta: str, can_stop: bool = True) -> str:
+        """Add a text delta; return the text that is safe to emit now. can_stop=False: no stop string may end in
+        this delta (min_tokens), though one may begin in it and end in a later one."""
         if self.match is not None:
             return ""  # the stream has stopped; anything after the stop string is dropped
         if not self._stops:
@@ -84,7 +85,7 @@ class StopStringMatcher:
                     active.add(j)
                 else:
                     active.discard(j)
-            if done >= 0:
+            if done >= 0 and can_stop:
                 stop = stops[done]
                 end = base + i + 1
                 self.match = StopMatch(stop=stop, offset=self._emitted_chars + end - len(stop))

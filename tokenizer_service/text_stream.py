@@ -22,9 +22,9 @@ def decoder_of(tokenizer: Any) -> Any:
 class TextStream:
     """feed() each step's token ids and get the text safe to send; finish() at the end for the rest.
 
-    Once `stopped` is set (a stop string matched), the request should be aborted in the engine. Stop strings are
-    matched only in the text after the first min_tokens tokens, as the engine bans stop ids and EOS for those
-    (vLLM's rule).
+    Once `stopped` is set (a stop string matched), the request should be aborted in the engine. A stop string may
+    end only in the text of a token after the first min_tokens, as the engine bans stop ids and EOS for those; it
+    may begin earlier (vLLM's rule).
     """
 
     def __init__(self, tokenizer: Any, stop: tuple[str, ...], skip_special_tokens: bool,
@@ -44,11 +44,11 @@ class TextStream:
         self.num_generated += len(token_ids)
         if exempt <= 0:
             return self._stops.feed(self._detok.step(token_ids))
-        text = self._detok.step(token_ids[:exempt])
+        text = self._stops.feed(self._detok.step(token_ids[:exempt]), can_stop=False)
         rest = token_ids[exempt:]
         return text + self._stops.feed(self._detok.step(rest)) if rest else text
 
     def finish(self) -> str:
         """Text still held back (an incomplete character, a possible stop-string prefix) at the end."""
-        text = self._stops.feed(self._detok.flush())
+        text = self._stops.feed(self._detok.flush(), can_stop=self.num_generated > self._min_tokens)
         return text + self._stops.flush()

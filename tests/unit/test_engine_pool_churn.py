@@ -237,10 +237,25 @@ def test_a_request_using_penalties_waits_for_a_capable_engine_that_is_reconnecti
         assert await pool.submit(penalised, None) == ("sent to", "new:1")
         assert 0.25 < time.monotonic() - started < 3
         await task
-        pool.conns = {"old:1": old}  # nothing else to wait for: refused at once, naming the engine
-        with pytest.raises(RequestFailed) as err:
-            await asyncio.wait_for(pool.submit(penalised, None), 1)
-        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "old:1 predate them" in err.value.message
+        # A capable engine that is draining comes back: worth waiting for too.
+        new.ready, new.refusing = True, True
+        started = time.monotonic()
+
+        async def stop_refusing() -> None:
+            await asyncio.sleep(0.3)
+            new.refusing = False
+            pool.changed()
+
+        undrain = asyncio.create_task(stop_refusing())
+        assert await pool.submit(penalised, None) == ("sent to", "new:1")
+        assert 0.25 < time.monotonic() - started < 3
+        await undrain
+        # Nothing else to wait for, or only engines known to lack the feature: refused at once, naming them.
+        for others in ({}, {"older:1": _Conn("older:1", False, ("logprobs",))}):
+            pool.conns = {"old:1": old, **others}
+            with pytest.raises(RequestFailed) as err:
+                await asyncio.wait_for(pool.submit(penalised, None), 1)
+            assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "old:1 predate them" in err.value.message
         plain = pb.NewRequest(prompt_token_ids=[1], sampling_params=pb.SamplingParams(repetition_penalty=1.0))
         assert await pool.submit(plain, None) == ("sent to", "old:1")
 

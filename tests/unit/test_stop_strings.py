@@ -165,3 +165,25 @@ def test_stop_strings_wait_for_min_tokens_as_stop_ids_do(demo_tokenizer, split) 
     assert stopped == "sea" and text == "the sea is deep and the "
     text, stopped, n = run(len(ids))
     assert stopped is None and text == demo_tokenizer.decode(ids) and n == len(ids)
+
+
+def test_a_stop_string_may_begin_inside_min_tokens_and_end_after(demo_tokenizer) -> None:
+    """Only its end must come after the first min_tokens tokens (vLLM's rule): the text of those tokens went
+    around the matcher, so a stop string straddling the boundary never matched and the request ran on."""
+    from tokenizer_service.text_stream import TextStream
+
+    ids = demo_tokenizer.encode("the sea is deep", add_special_tokens=False)
+    pieces = [demo_tokenizer.decode(ids[:k]) for k in range(len(ids) + 1)]
+    k = next(k for k in range(2, len(ids)) if pieces[k] != pieces[k - 1] and len(pieces[k - 1]) > len(pieces[k - 2]))
+    stop = pieces[k][len(pieces[k - 2]):]  # the text of tokens k-1 and k together: it begins in token k-1
+    for min_tokens, ends_after in ((k - 1, k), (k, None)):  # begins in an exempt token / lies wholly within them
+        stream = TextStream(demo_tokenizer, (stop,), True, False, min_tokens=min_tokens)
+        out = ""
+        for token in ids:
+            out += stream.feed([token])
+            if stream.stopped:
+                break
+        if ends_after is None:
+            assert stream.stopped is None and out + stream.finish() == pieces[-1]
+        else:
+            assert stream.stopped == stop and stream.num_generated == ends_after and out == pieces[k - 2]
