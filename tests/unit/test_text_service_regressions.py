@@ -158,7 +158,7 @@ def test_multi_deadline_counts_the_time_spent_waiting_to_be_tokenized(demo_token
     times past its deadline_ms and still succeeded."""
     from tokenizer_service.servicer import TextServicer
 
-    delays = {"late": 0.5, "on-time": 0.2}
+    delays = {"late": 2.0, "on-time": 0.2}
 
     async def main() -> tuple[dict[str, tuple[int, str, float]], dict[str, float | None]]:
         pool = _RecordingPool()
@@ -171,7 +171,7 @@ def test_multi_deadline_counts_the_time_spent_waiting_to_be_tokenized(demo_token
 
         servicer._prepare = slow
         frames = [pb.MultiRequest(generate=pb.GenerateRequest(request_id="late", prompt="hi", deadline_ms=150)),
-                  pb.MultiRequest(generate=pb.GenerateRequest(request_id="on-time", prompt="hi", deadline_ms=1000))]
+                  pb.MultiRequest(generate=pb.GenerateRequest(request_id="on-time", prompt="hi", deadline_ms=3000))]
 
         async def requests():
             for frame in frames:
@@ -186,9 +186,9 @@ def test_multi_deadline_counts_the_time_spent_waiting_to_be_tokenized(demo_token
     out, timeouts = asyncio.run(main())
     code, message, after = out["late"]
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and "waited to be tokenized" in message
-    assert after < 0.45, f"failed {after:.2f}s after arrival: it waited for tokenizing past its 0.15s deadline"
+    assert after < 1.5, f"failed {after:.2f}s after arrival: it waited for tokenizing (2s) past its 0.15s deadline"
     assert "late" not in timeouts  # never sent to an engine
-    assert 0.5 < timeouts["on-time"] <= 0.81, "the engine was not sent what was left of the 1s deadline"
+    assert 1.5 < timeouts["on-time"] <= 2.81, "the engine was not sent what was left of the 3s deadline"
 
 
 class _SilentPool:
@@ -215,8 +215,8 @@ class _SilentPool:
         return Handle()
 
 
-@pytest.mark.parametrize(("cancel_before_deadline_s", "reason"), [(0.02, "error"), (0.25, "cancelled")])
-def test_a_cancel_at_the_deadline_counts_as_the_deadline(demo_tokenizer, cancel_before_deadline_s, reason):
+@pytest.mark.parametrize(("deadline_s", "cancel_after_s", "reason"), [(0.4, 0.38, "error"), (3.0, 0.3, "cancelled")])
+def test_a_cancel_at_the_deadline_counts_as_the_deadline(demo_tokenizer, deadline_s, cancel_after_s, reason):
     """The client's deadline timer fires a few ms before this service's: its cancel arrived with a little time
     left, and a passed deadline was logged and counted as a cancel (about 1 in 20 deadlines in an audit's fuzz)."""
     from tokenizer_service.servicer import TextServicer
@@ -225,7 +225,7 @@ def test_a_cancel_at_the_deadline_counts_as_the_deadline(demo_tokenizer, cancel_
         servicer = TextServicer(demo_tokenizer, _SilentPool(), "demo", len(demo_tokenizer), {0}, {}, 100)
         finished = []
         servicer.metrics.finish = lambda trace: finished.append((trace.finish_reason, trace.error))
-        deadline = time.monotonic() + 0.4
+        deadline = time.monotonic() + deadline_s
         context = types.SimpleNamespace(invocation_metadata=lambda: (), set_trailing_metadata=lambda md: None,
                                         time_remaining=lambda: deadline - time.monotonic())
 
@@ -234,7 +234,7 @@ def test_a_cancel_at_the_deadline_counts_as_the_deadline(demo_tokenizer, cancel_
                 pass
 
         task = asyncio.create_task(call())
-        await asyncio.sleep(0.4 - cancel_before_deadline_s)
+        await asyncio.sleep(cancel_after_s)  # a late wake-up only moves the cancel nearer the deadline
         task.cancel()  # as gRPC does when the client's deadline cancels the call
         with contextlib.suppress(asyncio.CancelledError):
             await task
