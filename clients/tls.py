@@ -13,8 +13,8 @@ health package) and the standard library.
 - listen binds a server's port, TLS or plaintext, and refuses a port another process holds: gRPC's default
   SO_REUSEPORT would let a second server bind it and take half its connections (NO_REUSEPORT, in every
   server's options). shared_server_options adds it, the connection age and the size of gRPC's queue of calls
-  not yet taken, to both services' servers; service_server_options is all of a service's server options. keepalive_options are the keepalive settings of every server and
-  channel here.
+  not yet taken, to both services' servers; service_server_options is all of a service's server options, and
+  keepalive_options the keepalive settings of every server and channel here.
 - add_checked_servicer registers a servicer so that a request that does not parse is refused with
   INVALID_ARGUMENT naming its type, rather than gRPC's UNKNOWN and an ERROR traceback per request.
 

@@ -65,7 +65,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
 
-
     def validate(self) -> None:
         """Raise ValueError naming the first field that is out of range."""
         for name in ("max_tokens", "min_tokens", "top_k"):

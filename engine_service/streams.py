@@ -26,7 +26,8 @@ MAX_BUFFERED_UPDATES = 8192  # unsent updates of one call before its requests st
 # A client's abort or cancel this close to the request's deadline is the deadline: the client's own timer (or its
 # caller's) fires a few milliseconds before the engine's, and the request counts as DEADLINE_EXCEEDED, not abort.
 DEADLINE_SLACK_S = 0.05
-DEADLINE_ERROR = "DEADLINE_EXCEEDED: the request's deadline passed"
+DEADLINE_PASSED = "the request's deadline passed"
+DEADLINE_ERROR = f"DEADLINE_EXCEEDED: {DEADLINE_PASSED}"  # as fail() tells the engine
 
 FRAME_OVERHEAD_BYTES = 16  # a repeated field's tag and length, per update in a ServerFrame
 # Wire bytes of one buffered token at most: its id (server_config checks max_buffered_tokens of them fit a frame),
@@ -97,7 +98,7 @@ class OutputStream:
             self._check_room()
 
     def _deadline_passed(self, client_id: str) -> None:
-        self.fail(client_id, grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_ERROR.split(": ", 1)[1], abort=True)
+        self.fail(client_id, grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_PASSED, abort=True)
 
     def _update(self, client_id: str) -> pb.RequestUpdate:
         update = self.pending.get(client_id)
@@ -139,16 +140,13 @@ class OutputStream:
         if output.finish_reason is not None:  # output.finished
             update.finish_reason = FINISH_TO_PROTO.get(output.finish_reason, pb.FINISH_REASON_STOP)
             self._finish(client_id)
-        elif len(token_ids) > self._max_buffered:
+        elif len(token_ids) > (limit := self._max_buffered_with(output.logprobs[0]) if output.logprobs
+                               else self._max_buffered):
+            # With logprobs the bound is in bytes: an update past max_frame_bytes would fail the whole call.
+            what = ("tokens with logprobs were buffered for this request (max_buffered_tokens, scaled by the bytes "
+                    "logprobs add)" if output.logprobs else "tokens were buffered for this request (max_buffered_tokens)")
             self.fail(client_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                      f"the client read too slowly: more than {self._max_buffered} tokens were buffered "
-                      "for this request (max_buffered_tokens)", abort=True)
-        elif output.logprobs and len(token_ids) > self._max_buffered_with(output.logprobs[0]):
-            # Bound in bytes: an update past max_frame_bytes would fail the whole call, every request on it.
-            self.fail(client_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                      f"the client read too slowly: more than {self._max_buffered_with(output.logprobs[0])} tokens "
-                      "with logprobs were buffered for this request (max_buffered_tokens, scaled by the bytes "
-                      "logprobs add)", abort=True)
+                      f"the client read too slowly: more than {limit} {what}", abort=True)
 
     def _max_buffered_with(self, logprobs: TokenLogprobs) -> int:
         """max_buffered_tokens of ids, in tokens that carry logprobs like these: the same bytes at most."""

@@ -305,8 +305,8 @@ def required_features(params: pb.SamplingParams) -> set[str]:
     needs = set()
     if params.HasField("logprobs"):
         needs.add("logprobs")
-    if (params.HasField("repetition_penalty") and params.repetition_penalty != 1.0) or any(
-            params.HasField(name) and getattr(params, name) != 0.0 for name in ("presence_penalty", "frequency_penalty")):
+    off = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+    if any(params.HasField(name) and getattr(params, name) != value for name, value in off.items()):
         needs.add("penalties")
     return needs
 

@@ -214,13 +214,13 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                                 handle.conn.mark_refusing()
                             raise RequestFailed(code, update.status.message,
                                                 retryable=code == grpc.StatusCode.UNAVAILABLE)
-                        cached = update.num_cached_tokens or cached
+                        trace.cached_tokens = cached = update.num_cached_tokens or cached
                         ids = list(update.new_token_ids)
                         logprobs = self._logprobs(update, handle) if wants_logprobs else ()
                         fed = time.monotonic()
                         delta = text.feed(ids)
                         trace.detokenize_s += time.monotonic() - fed
-                        trace.completion_tokens, trace.cached_tokens = text.num_generated, cached
+                        trace.completion_tokens = text.num_generated
                         trace.first_token = trace.first_token or (fed if ids else 0.0)
                         if text.stopped is not None:
                             handle.close(stopped=True)  # in-band abort: the engine frees the blocks at once
@@ -249,9 +249,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             self.inflight -= 1
             if handle is not None:
                 handle.close()
-            trace.prompt_tokens = prep.num_prompt_tokens
-            trace.completion_tokens = text.num_generated if text is not None else 0
-            trace.cached_tokens, trace.engine = cached, handle.conn.address if handle is not None else ""
+            trace.engine = handle.conn.address if handle is not None else ""  # its token counts are kept current
             if trace.finish_reason == "cancelled" and deadline is not None \
                     and time.monotonic() >= deadline - DEADLINE_SLACK_S:
                 # gRPC's cancellation of a call past its deadline can come before the engine's DEADLINE_EXCEEDED

@@ -17,7 +17,13 @@ from protos.llmserve.engine.v1 import engine_pb2 as pb
 from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
 from tests.fake_engine import FakeEngine
 from tests.unit.test_engine_service_fake import Running, new, wait_serving
-from tests.unit.test_service_regressions import LONG, long_engine, pool_config, wait_for
+from tests.unit.test_service_regressions import (
+    LONG,
+    long_engine,
+    pool_config,
+    retire_with_a_request_in_flight,
+    wait_for,
+)
 from tokenizer_service import engine_pool
 from tokenizer_service.config import TextServerConfig
 from tokenizer_service.engine_pool import EnginePool, RequestFailed
@@ -149,12 +155,8 @@ def test_a_retired_engine_ending_its_stream_is_not_reconnected(caplog):
         asyncio.get_running_loop().getaddrinfo = dns_answers(port, answers, [])
         pool = EnginePool(pool_config(engine_dns=f"engines.test:{port}", dns_refresh_s=0.05), 100, {99}, [])
         pool.metrics = metrics = Reconnects()
-        pool.start()
         try:
-            await wait_for(lambda: len(pool.ready) == 1)
-            handle = await pool.submit(new("", [1], **LONG), None)  # in flight: the connection stays
-            answers.clear()
-            await wait_for(lambda: handle.conn.retiring)
+            handle = await retire_with_a_request_in_flight(pool, answers)
             running.loop.call_soon_threadsafe(running.stop_event.set)
             with pytest.raises(RequestFailed):
                 async for _ in handle:

@@ -300,6 +300,17 @@ def test_waiting_for_an_engine_past_the_deadline_is_deadline_exceeded():
 
 # ---- 5: an address that leaves DNS and comes back -----------------------------------------------------------
 
+async def retire_with_a_request_in_flight(pool: EnginePool, answers: list[str]):
+    """Start a DNS pool, put a long request on its one engine, then take the engine's address out of DNS (the
+    answers its getaddrinfo gives); the request's handle, once its connection is retiring."""
+    pool.start()
+    await wait_for(lambda: len(pool.ready) == 1)
+    handle = await pool.submit(new("", [1], **LONG), None)  # in flight: the connection stays
+    answers.clear()
+    await wait_for(lambda: handle.conn.retiring)
+    return handle
+
+
 def test_address_back_in_dns_takes_requests_again():
     running = long_engine()
     port = int(running.target.rpartition(":")[2])
@@ -312,12 +323,8 @@ def test_address_back_in_dns_takes_requests_again():
         asyncio.get_running_loop().getaddrinfo = fake_getaddrinfo
         pool = EnginePool(pool_config(engines="", engine_dns=f"engines.test:{port}", dns_refresh_s=0.05),
                           100, {99}, [])
-        pool.start()
         try:
-            await wait_for(lambda: len(pool.ready) == 1)
-            handle = await pool.submit(new("", [1], **LONG), None)  # in flight: the connection stays
-            answers.clear()
-            await wait_for(lambda: handle.conn.retiring)
+            handle = await retire_with_a_request_in_flight(pool, answers)
             assert pool.ready == []
             answers.append("127.0.0.1")
             await wait_for(lambda: len(pool.ready) == 1, timeout_s=3.0)
