@@ -16,16 +16,20 @@
 #                                       (f) decode inter-token latency at batch 1 and 64, graphs on and off
 #   d  python -m engine_service.bench   workload A on transformers' static batching (about 2 minutes)
 #   e  python -m engine_service.bench   the same 64 requests on transformers' continuous batching
-# Outputs go to $OUT if set, else ./gpu_check_out: one log per part, JSON figures, status.tsv. The table
-# is printed last. Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 300),
-# GPU_CHECK_CACHE (where the 1.2 GB preset is built; keep it outside $OUT).
+# Outputs: one log per part, JSON figures, status.tsv, performance.md; the table is printed last. Without $OUT
+# they are written to ./gpu_check_out. With $OUT (the device tool, which brings back at most 8 files) they are
+# written to a work folder, and after each stage $OUT gets all of them as gpu_check.tgz plus the few that matter
+# most loose (status.tsv, env.json, graphs.json, summary.txt, performance.md): a run cut short still returns
+# what it did. Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 300), GPU_CHECK_CACHE (where
+# the 1.2 GB preset is built; keep it outside $OUT).
 set -u
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-OUT_DIR=${OUT:-$REPO/gpu_check_out}
+PUBLISH=${OUT:-}  # where the results go back from, when set
+if [[ -n $PUBLISH ]]; then OUT_DIR=$(mktemp -d /tmp/gpu_check.XXXXXX) || exit 1; else OUT_DIR=$REPO/gpu_check_out; fi
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-300}
-CACHE=${GPU_CHECK_CACHE:-$HOME/.cache/llm-grpc-serve/presets}
+CACHE=${GPU_CHECK_CACHE:-${HOME:-/tmp}/.cache/llm-grpc-serve/presets}
 PARTS=${*:-a b g d e}
 STATUS=$OUT_DIR/status.tsv
 START=$(date +%s)
@@ -67,10 +71,24 @@ run_part() {
   return 0
 }
 
+# publish: with $OUT, every output so far as $OUT/gpu_check.tgz, and the main ones loose beside it (at most
+# 6 files in all: the device tool brings back 8). Run between stages, never while a part writes.
+publish() {
+  [[ -n $PUBLISH ]] || return 0
+  mkdir -p "$PUBLISH" || return 0
+  tar czf "$PUBLISH/.gpu_check.tgz" -C "$OUT_DIR" . && mv -f "$PUBLISH/.gpu_check.tgz" "$PUBLISH/gpu_check.tgz"
+  local f
+  for f in status.tsv env.json graphs.json summary.txt performance.md; do
+    [[ -f $OUT_DIR/$f ]] && cp -f "$OUT_DIR/$f" "$PUBLISH/$f"
+  done
+  return 0
+}
+
 # summary: the table; exit 3 when it is whole but workload A missed 28,000 tok/s, other non-zero if it failed.
 summary() {
   local rc=0
-  "$PY" scripts/gpu_check.py summary --out "$OUT_DIR" || rc=$?
+  "$PY" scripts/gpu_check.py summary --out "$OUT_DIR" >"$OUT_DIR/summary.txt" 2>&1 || rc=$?
+  cat "$OUT_DIR/summary.txt"
   ((rc == 0 || rc == 3)) || cat "$STATUS"
   return "$rc"
 }
@@ -89,6 +107,7 @@ if ((rc != 0)); then
 fi
 printf 'env\tPASS\t%s\t0\n' "$(($(date +%s) - START))" >>"$STATUS"
 command -v nvidia-smi >/dev/null && nvidia-smi >"$OUT_DIR/nvidia-smi.txt" 2>&1
+publish
 
 # ---- a and b (correctness; b's kernel timings are indicative only) while the preset is built on the CPU --
 # The GPU tests start a dozen small engines; with the decode tile pinned to the default, start-ups skip the
@@ -104,6 +123,7 @@ if wanted b; then
 fi
 run_part preset 100 "$PY" scripts/gpu_check.py preset --cache-dir "$CACHE"
 for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid"; done
+publish
 
 # ---- g, d, e: one at a time, since they time things ---------------------------------------------------
 # limit_for MIN MAX: what is left of the budget, kept within MIN and MAX. The parts below hold acceptance
@@ -116,13 +136,17 @@ limit_for() {
 }
 # g: one Qwen3-0.6B engine start-up (weights, warm-up, tile timing, graph capture), workload A, the graph
 # check, three runs of 64 requests and five latency runs.
-wanted g && NOCAP=1 run_part g "$(limit_for 100 150)" \
-  "$PY" scripts/gpu_check.py graphs --out "$OUT_DIR" --cache-dir "$CACHE"
+if wanted g; then
+  NOCAP=1 run_part g "$(limit_for 100 150)" "$PY" scripts/gpu_check.py graphs --out "$OUT_DIR" --cache-dir "$CACHE"
+  grep -E '^\((c|d)\) ' "$OUT_DIR/g.log" | head -n 12 | sed 's/^/  g| /'  # the headline, in case the run is cut
+  publish
+fi
 # d: transformers' static batching on workload A (119 s on BENCHMARKS.md's H200 with transformers 5.24;
 # this machine has 5.17), plus its load and warm-up request.
 wanted d && NOCAP=1 run_part d "$(limit_for 160 200)" \
   "$PY" -m engine_service.bench --preset qwen3-0.6b --no-engine --peers hf-static \
   --cache-dir "$CACHE" --json "$OUT_DIR/d_bench_A.json"
+publish
 if wanted e; then
   # transformers' continuous batching gets what the budget leaves less 30 s for its load, between 30 and
   # 60 s, even past the budget; one that does not finish is reported as a bound, "< requested tokens /
@@ -135,6 +159,8 @@ fi
 echo "[gpu_check] done in $(($(date +%s) - START))s"
 summary_rc=0
 summary || summary_rc=$?
+publish
+[[ -n $PUBLISH ]] && echo "[gpu_check] outputs: $OUT_DIR, and in $PUBLISH (gpu_check.tgz holds every one)"
 # Non-zero when any part did not pass, or an acceptance figure missed its target (row d: MISSED).
 if cut -f2 "$STATUS" | grep -qv '^PASS$' || ((summary_rc != 0)); then exit 1; fi
 exit 0

@@ -17,8 +17,9 @@ STUB = """#!/usr/bin/env bash
 echo "$* |tile=${LLMSERVE_DECODE_TILE:-}" >> "$STUB_LOG"
 case "$*" in
   *"gpu_check.py summary"*) exec "$REAL_PYTHON" "$@" ;;
-  *"gpu_check.py graphs"*) [ -n "${STUB_GRAPHS:-}" ] && printf '%s' "$STUB_GRAPHS" > "$OUT/graphs.json"
-                          exit "${STUB_G_RC:-0}" ;;
+  *"gpu_check.py graphs"*) args="$*"; out=${args##*--out }; out=${out%% *}
+                          [ -n "${STUB_GRAPHS:-}" ] && printf '%s' "$STUB_GRAPHS" > "$out/graphs.json"
+                          echo "(d) engine, workload A (stub)"; exit "${STUB_G_RC:-0}" ;;
 esac
 exit 0
 """
@@ -80,6 +81,23 @@ def test_every_part_runs_in_order_with_its_limit_and_only_the_gpu_tests_pin_the_
     status = [line.split("\t")[:2] for line in (out / "status.tsv").read_text().splitlines()]
     assert sorted(status) == sorted([[p, "PASS"] for p in ("env", "a", "b", "preset", "g", "d", "e")])
     assert (out / "performance.md").exists()
+
+
+def test_outputs_come_back_as_few_files_with_every_log_in_the_archive(tmp_path):
+    """The device tool brings back at most 8 files from $OUT: the 14 outputs (a log per part, JSON, the table)
+    written there flat lost the engine's figures. $OUT gets the main ones loose and all of them in one archive."""
+    import tarfile
+
+    rc, output, _, out = _run(tmp_path, budget=300, graphs='{"workload_A": {"tok_s": 30000.0}}')
+    assert rc == 0, output
+    back = sorted(p.name for p in out.iterdir())
+    # env.json is the real env part's; the stub writes none.
+    assert back == ["gpu_check.tgz", "graphs.json", "performance.md", "status.tsv", "summary.txt"], back
+    with tarfile.open(out / "gpu_check.tgz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert {f"{p}.log" for p in ("env", "a", "b", "preset", "g", "d", "e")} | {"status.tsv", "summary.txt"} <= names
+    assert (out / "summary.txt").read_text() in output
+    assert "  g| (d) engine, workload A (stub)" in output  # the headline printed as soon as g ends
 
 
 def test_an_exhausted_budget_still_runs_the_acceptance_parts_at_their_floors(tmp_path):
