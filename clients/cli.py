@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--logprobs", type=int, default=None, metavar="N",
                         help="print each token's log-probability and the N (0-20) most likely alternatives' to "
                              "stderr, after the text")
+    parser.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",
+                        help="print each prompt token's log-probability (after the first) and the N (0-20) most "
+                             "likely alternatives' there to stderr, before the generated tokens'")
     add_tls_arguments(parser)
     return parser
 
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if "/" not in args.target and not args.target.rpartition(":")[2].isdigit():  # gRPC URIs (unix:/...) pass
         parser.error(f"--target must be HOST:PORT, e.g. localhost:50052; got {args.target!r}")
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    seed=args.seed, logprobs=args.logprobs, repetition_penalty=args.repetition_penalty,
+                    seed=args.seed, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
+                    repetition_penalty=args.repetition_penalty,
                     presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
     if args.thinking is not None and not args.chat:
         print("llm-client: --thinking applies to --chat only", file=sys.stderr)
@@ -92,11 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"llm-client: {exc}", file=sys.stderr)
             return 2
         last = None
-        logprobs = []
+        logprobs, prompt_logprobs = [], []
         try:
             for chunk in stream:
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
+                prompt_logprobs.extend(chunk.prompt_logprobs)
                 logprobs.extend(chunk.logprobs)
                 last = chunk
         except KeyboardInterrupt:
@@ -110,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nllm-client: {exc.code().name}: {exc.details()}{connect_hint(exc, tls)}", file=sys.stderr)
             return 1
     print()
-    for lp in logprobs:  # one line a token: the token, its logprob, then the alternatives'
+    if args.prompt_logprobs is not None:
+        print(f"[prompt: {len(prompt_logprobs)} tokens after the first]", file=sys.stderr)
+    for lp in prompt_logprobs + logprobs:  # one line a token: the token, its logprob, then the alternatives'
         alternatives = "  ".join(f"{t.token!r} {t.logprob:.4f}" for t in lp.top)
         print(f"{lp.token!r}\t{lp.logprob:.4f}\t{alternatives}", file=sys.stderr)
     if args.usage and last is not None:

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from protos.llmserve.text.v1 import text_pb2 as pb
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos",
-                   "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty")
+                   "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty", "prompt_logprobs")
 
 
 def sampling_params(**kwargs: object) -> pb.SamplingParams:

@@ -24,7 +24,7 @@ from engine_service.block_manager import BlockManager
 from engine_service.config import EngineConfig
 from engine_service.model.config import ModelConfig, read_json
 from engine_service.model.layers import TPInfo
-from engine_service.model_runner import Launched, ModelRunner
+from engine_service.model_runner import Collected, Launched, ModelRunner
 from engine_service.outputs import FINISH_ERROR, StepOutput, TokenLogprobs
 from engine_service.sampler import SamplingRow
 from engine_service.sampling_params import SamplingParams
@@ -213,8 +213,9 @@ class LLMEngine:
         for t in sampling_params.stop_token_ids:
             if t >= vocab:
                 raise ValueError(f"stop_token_ids holds {t}, outside the vocabulary [0, {vocab})")
-        if sampling_params.logprobs is not None and sampling_params.logprobs > vocab:
-            raise ValueError(f"logprobs is {sampling_params.logprobs}, more tokens than the vocabulary holds ({vocab})")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (k := getattr(sampling_params, name)) is not None and k > vocab:
+                raise ValueError(f"{name} is {k}, more tokens than the vocabulary holds ({vocab})")
         prompt = self._validate_prompt(prompt_token_ids)
         bm = self.block_manager
         worst = min(len(prompt) + sampling_params.max_tokens, self.max_model_len)
@@ -290,10 +291,10 @@ class LLMEngine:
             if ahead is not None:
                 self._inflight = self._launch(ahead, on_launch, outputs, previous=current)
         try:
-            tokens, finite, logprobs = self.runner.collect(current.launched)
+            collected = self.runner.collect(current.launched)
         except Exception as exc:  # a kernel failure surfaces at the sync
             raise self._step_failed(exc, outputs, current.batch) from exc
-        self._complete(current.batch, tokens, finite, logprobs, outputs)
+        self._complete(current.batch, collected, outputs)
         return outputs
 
     def _launch(self, batch: ScheduledBatch, on_launch, outputs, previous: _InFlight | None = None) -> _InFlight:
@@ -353,12 +354,12 @@ class LLMEngine:
         message = f"engine step failed: {type(exc).__name__}: {exc}"
         return EngineStepError(str(exc), outputs + [self._fail(seq, message) for seq in failed])
 
-    def _complete(self, batch: ScheduledBatch, tokens: list[int], finite: list[bool],
-                  logprobs: list[TokenLogprobs | None] | None, outputs) -> None:
-        """Append a collected step's tokens, finish sequences, and add their outputs to `outputs`.
-        logprobs: per sampled row, None where no row asked for them."""
+    def _complete(self, batch: ScheduledBatch, collected: Collected, outputs) -> None:
+        """Append a collected step's tokens, finish sequences, and add their outputs to `outputs`."""
+        if collected.prompt_logprobs:
+            self._keep_prompt_logprobs(batch, collected.prompt_logprobs)
         sampled: list[int | None] = []
-        it = iter(zip(tokens, finite, strict=True))
+        it = iter(zip(collected.tokens, collected.finite, strict=True))
         for seq, take in zip(batch.seqs, batch.sample, strict=True):
             if not take:
                 sampled.append(None)
@@ -375,11 +376,29 @@ class LLMEngine:
         for seq, token in zip(batch.seqs, sampled, strict=True):
             if token is None:
                 continue  # a prefill chunk that did not reach the end, or a request failed above
-            outputs.append(self._output(seq, [token]))
+            out = self._output(seq, [token])
+            if seq.prompt_logprobs is not None:  # the first token: the prompt's logprobs go with it
+                out.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
+            outputs.append(out)
             if seq.status is Status.FINISHED:
                 self._forget(seq)
-        if logprobs is not None:
-            self._attach_logprobs(batch, sampled, logprobs, outputs[start:])
+        if collected.logprobs is not None:
+            self._attach_logprobs(batch, sampled, collected.logprobs, outputs[start:])
+
+    @staticmethod
+    def _keep_prompt_logprobs(batch: ScheduledBatch, logprobs: list[TokenLogprobs]) -> None:
+        """Give each sequence its prompt logprobs from this step (those its chunk computed, as the model runner
+        picked them: Sequence.prompt_logprob_positions), before postprocess advances num_computed_tokens."""
+        taken = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            if seq.prompt_logprobs is not None:
+                start = seq.num_computed_tokens
+                k = len(seq.prompt_logprob_positions(start, start + n))
+                if seq.status is Status.RUNNING:  # not aborted while the step was in flight
+                    seq.prompt_logprobs.extend(logprobs[taken : taken + k])
+                taken += k
+        if taken != len(logprobs):
+            raise RuntimeError(f"a step returned {len(logprobs)} prompt logprobs for {taken} prompt positions")
 
     @staticmethod
     def _attach_logprobs(batch: ScheduledBatch, sampled: list[int | None], logprobs: list[TokenLogprobs | None],
@@ -467,8 +486,9 @@ class LLM(LLMEngine):
     ) -> list[dict]:
         """Generate for each prompt (token ids or text); returns generated tokens and text, in input order.
 
-        Each result: request_id, token_ids, text, finish_reason, num_cached_tokens, and logprobs (a TokenLogprobs
-        per token where the request's SamplingParams.logprobs is set, else None)."""
+        Each result: request_id, token_ids, text, finish_reason, num_cached_tokens, logprobs (a TokenLogprobs
+        per token where the request's SamplingParams.logprobs is set, else None) and prompt_logprobs (one per prompt
+        token after the first where SamplingParams.prompt_logprobs is set, else None)."""
         if hasattr(prompts, "tolist"):  # a numpy array or torch tensor of ids: one prompt, or a batch of rows
             prompts = prompts.tolist()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], numbers.Integral)):
@@ -485,7 +505,8 @@ class LLM(LLMEngine):
             for rid, prompt, p in zip(ids, prompts, params, strict=True):
                 self.add_request(rid, self._encode(prompt), p)
                 results[rid] = {"request_id": rid, "token_ids": [], "finish_reason": None,
-                                "logprobs": [] if p.logprobs is not None else None}
+                                "logprobs": [] if p.logprobs is not None else None,
+                                "prompt_logprobs": [] if p.prompt_logprobs is not None else None}
             while any(results[r]["finish_reason"] is None for r in ids):
                 for out in self.step():
                     res = results.get(out.request_id)
@@ -495,6 +516,8 @@ class LLM(LLMEngine):
                     res["token_ids"].extend(out.new_token_ids)
                     if out.logprobs:
                         res["logprobs"].extend(out.logprobs)
+                    if out.prompt_logprobs:
+                        res["prompt_logprobs"].extend(out.prompt_logprobs)
                     if out.finished:
                         res["finish_reason"] = out.finish_reason
                         res["num_cached_tokens"] = out.num_cached_tokens

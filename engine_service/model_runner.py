@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,6 +53,11 @@ class StepInputs:
     num_decode: int
     # ids are rows of the previous step's sampled tokens, still on the device (a batch scheduled ahead).
     ids_from_previous: bool = False
+    # Rows whose logits give prompt logprobs (Sequence.prompt_logprob_positions), in batch order: the prompt token
+    # each predicts, and how many most likely tokens its request asked for.
+    prompt_rows: list[int] = field(default_factory=list)
+    prompt_targets: list[int] = field(default_factory=list)
+    prompt_k: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -63,6 +68,17 @@ class Launched:
     host: torch.Tensor | None  # the same, copied to (pinned) host memory asynchronously
     done: torch.cuda.Event | None  # recorded after that copy (CUDA only)
     logprobs: LogprobRows | None = None  # of the rows that asked, in host memory once `done` (CUDA: pinned)
+    prompt_logprobs: LogprobRows | None = None  # of StepInputs.prompt_rows, the same way
+
+
+@dataclass(slots=True)
+class Collected:
+    """A step's results, in host memory."""
+
+    tokens: list[int]  # one per sampled row
+    finite: list[bool]  # whether each sampled row's logits were finite
+    logprobs: list[TokenLogprobs | None] | None  # per sampled row (None where it did not ask); None if none asked
+    prompt_logprobs: list[TokenLogprobs]  # per StepInputs.prompt_rows entry
 
 
 DTYPES = {
@@ -71,6 +87,15 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+
+
+def _add_prompt_rows(x: StepInputs, seq, start: int, n: int, first_row: int) -> None:
+    """Add to x the rows of seq's chunk [start, start + n) (hidden rows from first_row on) that give prompt logprobs."""
+    where = seq.prompt_logprob_positions(start, start + n)
+    if where:
+        x.prompt_rows.extend(range(first_row + where.start - start, first_row + where.stop - start))
+        x.prompt_targets.extend(seq.token_ids[where.start + 1 : where.stop + 1])
+        x.prompt_k.extend([seq.params.prompt_logprobs] * len(where))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -364,8 +389,12 @@ class ModelRunner:
                 x.num_decode += 1
                 if sample:
                     x.sample_rows.append(len(x.ids) - 1)
+                if seq.prompt_logprobs is not None:  # a one-token prompt chunk, or the prompt's last token
+                    _add_prompt_rows(x, seq, start, 1, len(x.ids) - 1)
                 continue
             end = start + n
+            if seq.prompt_logprobs is not None:
+                _add_prompt_rows(x, seq, start, n, len(x.ids))
             x.ids.extend(seq.token_ids[start:end])
             x.positions.extend(range(start, end))
             x.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
@@ -382,8 +411,9 @@ class ModelRunner:
         x: StepInputs,
         on_launch: Callable[[], None] | None = None,
         previous_tokens: torch.Tensor | None = None,
-    ) -> torch.Tensor | None:
-        """Forward one step; returns the logits of the rows to sample ([N, vocab]) or None.
+    ) -> tuple[torch.Tensor | None, LogprobRows | None]:
+        """Forward one step; returns the logits of the rows to sample ([N, vocab]) or None, and the logprobs of
+        x.prompt_rows (rank 0; None where there are none).
 
         previous_tokens: the previous step's sampled tokens on the device ([M] int64), which x.ids index
         when x.ids_from_previous.
@@ -410,11 +440,32 @@ class ModelRunner:
             hidden = self.model(ids, positions, self.kv_caches, meta, self.backend)
             if dev.type != "cpu":
                 launched()
+        prompt = self._prompt_logprobs(hidden, x) if x.prompt_rows else None
         if not x.sample_rows:
-            return None
+            return None, prompt
         if len(x.sample_rows) < hidden.shape[0]:  # rows are distinct and ascending: fewer means a subset
             hidden = hidden[to_device(x.sample_rows, torch.long, dev)]
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden), prompt
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, x: StepInputs) -> LogprobRows | None:
+        """The logprobs of the prompt tokens x.prompt_rows predict, as LogprobRows (rows 0, 1, ...) on rank 0; the
+        other ranks take part in the LM head's gather only. Logits are made max_num_seqs rows at a time, the most
+        the start-up's warm-up measured, so that a long prompt never needs a prompt's worth of them at once."""
+        dev, piece = self.device, self.config.max_num_seqs
+        k = max(x.prompt_k)
+        values, top_ids = [], []
+        for i in range(0, len(x.prompt_rows), piece):
+            logits = self.model.compute_logits(hidden[to_device(x.prompt_rows[i : i + piece], torch.long, dev)])
+            if self.tp.rank != 0:
+                continue
+            logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+            targets = to_device(x.prompt_targets[i : i + piece], torch.long, dev)
+            top_lp, top = logprobs.topk(k, dim=-1)
+            values.append(torch.cat([logprobs.gather(1, targets.unsqueeze(1)), top_lp], dim=1))
+            top_ids.append(top)
+        if self.tp.rank != 0:
+            return None
+        return LogprobRows(list(range(len(x.prompt_rows))), x.prompt_k, torch.cat(values), torch.cat(top_ids))
 
     @torch.inference_mode()
     def launch(
@@ -439,27 +490,32 @@ class ModelRunner:
                 raise ValueError("tensor-parallel workers cannot run a step scheduled ahead")
             workers.send_step(x)
         previous_tokens = previous.sampled[0] if previous is not None and previous.sampled is not None else None
-        logits = self.execute(x, on_launch, previous_tokens)
-        if logits is None:
+        logits, prompt = self.execute(x, on_launch, previous_tokens)
+        if logits is None and prompt is None:
             return Launched(None, None, None)
-        sampled, logprobs = self.sampler.sample_with_logprobs(logits, rows)  # [2, N] on the device
+        sampled = logprobs = None
+        if logits is not None:
+            sampled, logprobs = self.sampler.sample_with_logprobs(logits, rows)  # [2, N] on the device
         if self.device.type != "cuda":
-            return Launched(sampled, sampled, None, logprobs)
-        host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
-        host.copy_(sampled, non_blocking=True)
-        if logprobs is not None:
-            logprobs = logprobs.to_host()
+            return Launched(sampled, sampled, None, logprobs, prompt)
+        host = None
+        if sampled is not None:
+            host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+            host.copy_(sampled, non_blocking=True)
+        logprobs = logprobs.to_host() if logprobs is not None else None
+        prompt = prompt.to_host() if prompt is not None else None
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(self.device))
-        return Launched(sampled, host, done, logprobs)
+        return Launched(sampled, host, done, logprobs, prompt)
 
-    def collect(self, launched: Launched) -> tuple[list[int], list[bool], list[TokenLogprobs | None] | None]:
-        """Wait for a launched step's tokens: (token ids, whether each row's logits were finite, and per row its
-        logprobs, None where no row asked for them). This is the step's one wait for the device."""
-        if launched.host is None:
-            return [], [], None
+    def collect(self, launched: Launched) -> Collected:
+        """Wait for a launched step's tokens and logprobs. This is the step's one wait for the device."""
         if launched.done is not None:
             launched.done.synchronize()
+        prompt = launched.prompt_logprobs
+        prompt = prompt.per_row(len(prompt.rows)) if prompt is not None else []
+        if launched.host is None:
+            return Collected([], [], None, prompt)
         both = launched.host.tolist()
         logprobs = launched.logprobs.per_row(len(both[0])) if launched.logprobs is not None else None
-        return both[0], [bool(v) for v in both[1]], logprobs
+        return Collected(both[0], [bool(v) for v in both[1]], logprobs, prompt)

@@ -31,6 +31,9 @@ class StepOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     error: str | None = None
     logprobs: list[TokenLogprobs] | None = None  # one per new token, when the request asked for them
+    # One per prompt token after the first (its logprob given the tokens before it), on the request's first output
+    # with a token, when it asked for them (SamplingParams.prompt_logprobs).
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
     @property
     def finished(self) -> bool:

@@ -22,6 +22,8 @@ class SamplingParams:
     A seed makes the request's tokens independent of which other requests share its batch.
     logprobs: None returns no log-probabilities; N (0 to MAX_LOGPROBS) returns each generated token's own and
     the N most likely tokens' (outputs.TokenLogprobs), under the model's raw distribution.
+    prompt_logprobs: the same (0 to MAX_LOGPROBS) for each prompt token after the first, given the tokens before it;
+    returned with the first generated token. Such a request computes its whole prompt: it skips the prefix cache.
     Penalties (penalties.py), applied to the logits before temperature and filters: repetition_penalty (> 0, 1.0
     off) divides the positive logits of every token in the prompt or the output so far and multiplies the
     negative ones, as transformers does; presence_penalty and frequency_penalty ([-2, 2], 0.0 off) subtract
@@ -38,6 +40,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -97,10 +100,12 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2] (0.0 is off), got {getattr(self, name)}")
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (the most likely tokens to return "
-                             f"beside each generated one), or None for no logprobs; got {self.logprobs!r}")
+        for name, beside in (("logprobs", "each generated one"), ("prompt_logprobs", "each prompt token")):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] (the most likely tokens to return "
+                                 f"beside {beside}), or None for none; got {value!r}")
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
         ):

@@ -152,8 +152,9 @@ class Scheduler:
         computing: set[int] = set()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            matched = self.bm.match_prefix(seq)
-            if computing and self.bm.next_prompt_hash(seq, matched) in computing:
+            # A request still owed prompt logprobs computes its whole prompt: cached blocks have no logits.
+            matched = self.bm.match_prefix(seq) if seq.prompt_logprobs is None else []
+            if computing and seq.prompt_logprobs is None and self.bm.next_prompt_hash(seq, matched) in computing:
                 break
             need = self._admission_need(seq, matched, budget)
             if not self.bm.can_admit(matched, need):

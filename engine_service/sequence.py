@@ -39,6 +39,7 @@ class Sequence:
         "hash_chain",
         "finish_reason",
         "admit_order",
+        "prompt_logprobs",
     )
 
     def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, max_model_len: int):
@@ -60,6 +61,9 @@ class Sequence:
         self.hash_chain: list[int] = []
         self.finish_reason: str | None = None
         self.admit_order = -1  # set at each admission by the scheduler; -1: never admitted yet
+        # Logprobs (outputs.TokenLogprobs) of prompt tokens 1, 2, ... as far as computed, when the request asked for
+        # them; None once handed out with the first generated token, and when it did not ask.
+        self.prompt_logprobs: list | None = [] if params.prompt_logprobs is not None else None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -75,6 +79,11 @@ class Sequence:
     @property
     def is_decoding(self) -> bool:
         return self.status is Status.RUNNING and self.num_uncomputed_tokens == 1
+
+    def prompt_logprob_positions(self, start: int, end: int) -> range:
+        """The positions in [start, end) whose logits give a prompt token's logprob not yet computed (position p's
+        logits predict token p + 1). Only while prompt_logprobs is a list."""
+        return range(max(start, len(self.prompt_logprobs)), min(end, self.num_prompt_tokens - 1))
 
     def __repr__(self) -> str:
         return (

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from engine_service.engine_loop import EngineLoop, EngineUnavailable
-from engine_service.streams import OutputStream, RequestSink
+from engine_service.streams import OutputStream, RequestSink, check_prompt_logprobs_size
 from engine_service.validation import (
     check_deadline_ms,
     check_prompt,
@@ -32,7 +32,7 @@ REQUEST_ID_HEADER = "x-request-id"  # GenerateStream: the trace id when the requ
 MAX_TRACE_ID_CHARS = 128  # a trace id is a log field: a client cannot write megabytes of log per request
 # Request options this engine applies beyond the first protocol (ModelInfo.features): clients route requests that
 # use them only to engines that list them, since an older engine ignores the fields.
-ENGINE_FEATURES = ("logprobs", "penalties")
+ENGINE_FEATURES = ("logprobs", "penalties", "prompt_logprobs")
 
 
 class EngineServicer(pb_grpc.EngineServicer):
@@ -138,6 +138,8 @@ class EngineServicer(pb_grpc.EngineServicer):
             prompt = list(req.prompt_token_ids)
             check_prompt(prompt, self.model_info["vocab_size"], self.model_info["max_model_len"])
             params = sampling_params_from_proto(req.sampling_params, self.generation_defaults)
+            if params.prompt_logprobs is not None:  # they go out in one update, within a frame
+                check_prompt_logprobs_size(len(prompt), params.prompt_logprobs, self._max_frame_bytes // 2)
         except ValueError as exc:
             self._refuse(stream, cid, trace_id, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return

@@ -35,6 +35,15 @@ FRAME_OVERHEAD_BYTES = 16  # a repeated field's tag and length, per update in a 
 TOKEN_BYTES = 5
 LOGPROB_BYTES, LOGPROB_BYTES_PER_ALTERNATIVE = 17, 9
 
+
+def check_prompt_logprobs_size(num_prompt_tokens: int, k: int, max_bytes: int) -> None:
+    """ValueError when a request's prompt logprobs (all in its first update) would take more than max_bytes."""
+    size = num_prompt_tokens * (LOGPROB_BYTES + LOGPROB_BYTES_PER_ALTERNATIVE * k)
+    if size > max_bytes:
+        raise ValueError(f"prompt_logprobs={k} for a {num_prompt_tokens}-token prompt would make one update of up to "
+                         f"{size} bytes, over the {max_bytes} this engine allows (a quarter of max_message_bytes): "
+                         "ask for fewer alternatives, score a shorter prompt, or raise --max-message-bytes")
+
 FINISH_TO_PROTO = {
     FINISH_STOP: pb.FINISH_REASON_STOP,
     FINISH_LENGTH: pb.FINISH_REASON_LENGTH,
@@ -136,6 +145,10 @@ class OutputStream:
         if output.logprobs is not None:
             add = update.logprobs.add
             for lp in output.logprobs:
+                add(logprob=lp.logprob, top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
+        if output.prompt_logprobs is not None:
+            add = update.prompt_logprobs.add
+            for lp in output.prompt_logprobs:
                 add(logprob=lp.logprob, top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
         if output.finish_reason is not None:  # output.finished
             update.finish_reason = FINISH_TO_PROTO.get(output.finish_reason, pb.FINISH_REASON_STOP)

@@ -8,7 +8,7 @@ from engine_service.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
 
 # proto field name -> SamplingParams field name (the same today; kept explicit so a rename is one line).
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos",
-                   "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty")
+                   "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty", "prompt_logprobs")
 MAX_REQUEST_ID_LEN = 256
 
 

@@ -303,8 +303,7 @@ async def _ends_within(call: grpc.aio.Call, timeout_s: float) -> None:
 def required_features(params: pb.SamplingParams) -> set[str]:
     """The engine features (ModelInfo.features) a request's sampling parameters use."""
     needs = set()
-    if params.HasField("logprobs"):
-        needs.add("logprobs")
+    needs.update(name for name in ("logprobs", "prompt_logprobs") if params.HasField(name))
     off = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
     if any(params.HasField(name) and getattr(params, name) != value for name, value in off.items()):
         needs.add("penalties")

@@ -43,6 +43,10 @@ OFFLOAD_TOKENIZE_BYTES = 64 * 1024  # inputs larger than this are tokenized off 
 OFFLOAD_CHAT_MESSAGES = 64
 # Stop strings longer than this in all get their matcher built off the event loop (linear, but Python).
 OFFLOAD_STOP_CHARS = 4096
+# Prompt logprobs (entries, alternatives included) past which their messages are built off the event loop.
+OFFLOAD_PROMPT_LOGPROBS = 8192
+# Prompt logprobs in one message: clients with gRPC's default 4 MB receive limit read any prompt's.
+PROMPT_LOGPROBS_PER_MESSAGE = 1024
 # Heavy work on worker threads at once; the others wait for a slot. Two pools, so that neither kind waits behind
 # the other: a Tokenize or Detokenize of 8 MiB (no max_model_len bounds it) runs 5 s and holds about 1.4 GB, so
 # one at a time keeps the service's memory at that of one such call; preparing a Generate is bounded by
@@ -67,9 +71,12 @@ class TextServicer(pb_grpc.TextGenerationServicer):
 
     def __init__(self, tokenizer: Any, pool: EnginePool, model_name: str, vocab_size: int,
                  eos_token_ids: set[int], generation_defaults: dict[str, object], max_inflight: int,
-                 metrics: TextMetrics | None = None, refused_chat_texts: tuple[str, ...] = ()) -> None:
+                 metrics: TextMetrics | None = None, refused_chat_texts: tuple[str, ...] = (),
+                 max_message_bytes: int = 64 * 2**20) -> None:
         self.tokenizer, self.pool = tokenizer, pool
-        self.limits = TextLimits(vocab_size=vocab_size, refused_chat_texts=refused_chat_texts)
+        # An engine update's prompt logprobs may take a quarter of a message, as the engine's own rule says.
+        self.limits = TextLimits(vocab_size=vocab_size, refused_chat_texts=refused_chat_texts,
+                                 max_prompt_logprobs_bytes=max_message_bytes // 4)
         self.model_name, self.vocab_size, self.eos_token_ids = model_name, vocab_size, eos_token_ids
         self.defaults = generation_defaults
         self.max_inflight = max_inflight
@@ -182,6 +189,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         sent_tokens, cached, attempts = False, 0, 0
         tried: set = set()  # engines this request was sent to: a retry prefers the others
         wants_logprobs = prep.engine_request.sampling_params.HasField("logprobs")
+        owed_prompt_logprobs = prep.engine_request.sampling_params.HasField("prompt_logprobs")
         self.inflight += 1  # before the next await: admitting and inflight together bound max_inflight
         try:
             text_args = (self.tokenizer, prep.stop, prep.skip_special_tokens, prep.include_stop_str_in_output,
@@ -217,6 +225,10 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                         trace.cached_tokens = cached = update.num_cached_tokens or cached
                         ids = list(update.new_token_ids)
                         logprobs = self._logprobs(update, handle) if wants_logprobs else ()
+                        if owed_prompt_logprobs and ids:  # they come with the first token
+                            owed_prompt_logprobs, sent_tokens = False, True
+                            for response in await self._prompt_logprobs(prep, update, handle):
+                                yield response
                         fed = time.monotonic()
                         delta = text.feed(ids)
                         trace.detokenize_s += time.monotonic() - fed
@@ -276,6 +288,31 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                                  top=[pb.TopLogprob(token_id=i, token=text(i), logprob=v)
                                       for i, v in zip(lp.top_token_ids, lp.top_logprobs, strict=True)])
                 for t, lp in zip(update.new_token_ids, update.logprobs, strict=True)]
+
+    async def _prompt_logprobs(self, prep: PreparedRequest, update: engine_pb.RequestUpdate,
+                               handle: RequestHandle) -> list[pb.GenerateResponse]:
+        """The messages carrying an engine update's prompt logprobs (PROMPT_LOGPROBS_PER_MESSAGE in each), built on a
+        worker thread when large; RequestFailed when the engine sent too few (one that predates them)."""
+        prompt = prep.engine_request.prompt_token_ids
+        got = update.prompt_logprobs
+        if len(got) != len(prompt) - 1:
+            raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"the engine at {handle.conn.address} returned {len(got)} prompt logprobs for a "
+                                f"{len(prompt)}-token prompt: it predates prompt logprobs; upgrade it, or send the "
+                                "request without prompt_logprobs")
+
+        def build() -> list[pb.GenerateResponse]:
+            text = self._token_text
+            entries = [pb.TokenLogprobs(token_id=t, token=text(t), logprob=lp.logprob,
+                                        top=[pb.TopLogprob(token_id=i, token=text(i), logprob=v)
+                                             for i, v in zip(lp.top_token_ids, lp.top_logprobs, strict=True)])
+                       for t, lp in zip(prompt[1:], got, strict=True)]
+            step = PROMPT_LOGPROBS_PER_MESSAGE
+            return [pb.GenerateResponse(prompt_logprobs=entries[i : i + step]) for i in range(0, len(entries), step)]
+
+        if len(got) * (1 + prep.engine_request.sampling_params.prompt_logprobs) > OFFLOAD_PROMPT_LOGPROBS:
+            return await asyncio.to_thread(build)
+        return build()
 
     def _token_text(self, token_id: int) -> str:
         """A token alone, decoded with its special tokens' text; cached (ids are the engine's, in the vocabulary)."""

@@ -35,8 +35,10 @@ from tokenizer_service.token_bounds import tokens_at_least
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024  # distinct ids; the engine's own bound (engine_service/sampling_params.py)
+# Wire bytes of one prompt logprob at most, and of each alternative: the engine's rule (engine_service/streams.py).
+LOGPROB_BYTES, LOGPROB_BYTES_PER_ALTERNATIVE = 17, 9
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos",
-                   "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty")
+                   "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty", "prompt_logprobs")
 # generation_config.json keys that are sampling parameters here.
 GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                           "frequency_penalty")
@@ -54,6 +56,9 @@ class TextLimits:
     vocab_size: int | None = None
     max_detokenize_ids: int = 1 << 20  # a Detokenize call's ids (about 4 MB of text); larger: split the call
     refused_chat_texts: tuple[str, ...] = ()  # special tokens' texts refused in chat contents (--chat-special-tokens)
+    # An engine update's prompt logprobs, at most (a quarter of max_message_bytes): a larger one would end the call
+    # to the engine that every request on it shares.
+    max_prompt_logprobs_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(slots=True, frozen=True)
@@ -403,6 +408,13 @@ def prepare(
     if n > MAX_STOP_TOKEN_IDS and (n > 16 * MAX_STOP_TOKEN_IDS or len(set(source.stop_token_ids)) > MAX_STOP_TOKEN_IDS):
         raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} distinct ids, got {n}")
     params.stop_token_ids.extend(source.stop_token_ids)
+    if params.HasField("prompt_logprobs") and 0 <= params.prompt_logprobs:  # out of range: the engine names it
+        size = len(prompt) * (LOGPROB_BYTES + LOGPROB_BYTES_PER_ALTERNATIVE * params.prompt_logprobs)
+        if size > limits.max_prompt_logprobs_bytes:
+            raise ValueError(f"prompt_logprobs={params.prompt_logprobs} for a {len(prompt)}-token prompt would take up to "
+                             f"{size} bytes in one message from the engine, over the {limits.max_prompt_logprobs_bytes} "
+                             "this service allows (a quarter of max_message_bytes): ask for fewer alternatives, score a "
+                             "shorter prompt, or raise --max-message-bytes")
     return PreparedRequest(
         engine_request=engine_pb.NewRequest(prompt_token_ids=prompt, sampling_params=params),
         stop=tuple(text_request.stop),

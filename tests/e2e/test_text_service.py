@@ -105,6 +105,73 @@ def test_logprobs_stream_matches_offline_engine(stack, demo_model):
             assert token == text.detokenize([token_id], skip_special_tokens=False)
 
 
+def _corpus_prompt(text: TextClient, n: int) -> list[int]:
+    """n token ids of the demo corpus (repeated as needed)."""
+    from pathlib import Path
+
+    ids = text.tokenize((Path(__file__).parents[2] / "scripts" / "demo_corpus.txt").read_text())
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def test_prompt_logprobs_stream_match_offline_engine(stack, demo_model):
+    """A 1,300-token prompt's logprobs come in messages of at most 1,024 before the first text, each with its token's
+    text and the 2 most likely tokens', as the offline engine computes them on the same weights."""
+    _, _, text, eng = stack
+    prompt_ids = _corpus_prompt(text, 1300)
+    chunks = list(text.generate_tokens(prompt_ids, temperature=0.0, max_tokens=4, prompt_logprobs=2, logprobs=1))
+    first_text = next(i for i, c in enumerate(chunks) if c.token_ids)
+    assert all(c.prompt_logprobs and not c.token_ids and not c.text for c in chunks[:first_text])
+    assert not any(c.prompt_logprobs for c in chunks[first_text:])
+    assert [len(c.prompt_logprobs) for c in chunks[:first_text]] == [1024, 275]
+    got = [lp for c in chunks for lp in c.prompt_logprobs]
+    assert [lp.token_id for lp in got] == prompt_ids[1:]
+
+    from engine_service import LLM, SamplingParams
+
+    with LLM(demo_model, device="cpu", dtype="float32", attention_backend="torch", enforce_eager=True,
+             num_kvcache_blocks=128) as llm:
+        [offline] = llm.generate([prompt_ids], SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=2))
+    assert [t for c in chunks for t in c.token_ids] == offline["token_ids"]
+    for pos, (lp, want) in enumerate(zip(got, offline["prompt_logprobs"], strict=True)):
+        assert lp.logprob == pytest.approx(want.logprob, abs=1e-4), pos
+        assert [t.token_id for t in lp.top] == want.top_token_ids, pos
+        assert [t.logprob for t in lp.top] == pytest.approx(want.top_logprobs, abs=1e-4), pos
+    for lp in got[:50]:
+        for token_id, token in [(lp.token_id, lp.token)] + [(t.token_id, t.token) for t in lp.top]:
+            assert token == text.detokenize([token_id], skip_special_tokens=False)
+    assert_all_blocks_free(eng)
+
+
+def test_prompt_logprobs_too_large_for_a_message_are_refused(stack):
+    """The tokenizer service here allows 1 MiB messages: an engine update of 1,500 prompt tokens with 20 alternatives
+    each (about 300 KB) would pass a quarter of that. It is refused at the door, naming the field; a smaller ask
+    for the same prompt is served."""
+    _, _, text, _ = stack
+    prompt_ids = _corpus_prompt(text, 1500)
+    with pytest.raises(grpc.RpcError) as err:
+        text.generate_tokens(prompt_ids, max_tokens=1, prompt_logprobs=20).text()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prompt_logprobs=20 for a 1500-token prompt" in err.value.details()
+    chunks = list(text.generate_tokens(prompt_ids, max_tokens=1, prompt_logprobs=0))
+    assert sum(len(c.prompt_logprobs) for c in chunks) == 1499
+
+
+def test_cli_prints_prompt_logprobs(stack, capsys):
+    from clients.cli import main
+
+    _, tokenizer, text, _ = stack
+    assert main(["The sea is", "--target", tokenizer.target, "--max-tokens", "1", "--prompt-logprobs", "1",
+                 "--timeout", "30"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    expected = [lp for c in text.generate("The sea is", max_tokens=1, prompt_logprobs=1) for lp in c.prompt_logprobs]
+    assert len(expected) == len(text.tokenize("The sea is")) - 1 > 0
+    assert lines[0] == f"[prompt: {len(expected)} tokens after the first]" and len(lines) == 1 + len(expected)
+    for line, lp in zip(lines[1:], expected, strict=True):
+        token, logprob, alternative = line.split("\t")
+        assert token == repr(lp.token) and float(logprob) == pytest.approx(lp.logprob, abs=1e-4)
+        assert alternative == f"{lp.top[0].token!r} {lp.top[0].logprob:.4f}"
+
+
 def test_penalties_through_the_text_api_match_offline_engine(stack, demo_model):
     _, _, text, _ = stack
     penalties = dict(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.5)
@@ -208,6 +275,7 @@ BAD_SAMPLING = [
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ({"stop_token_ids": [10**9], "min_tokens": 1}, "stop_token_ids"),  # outside the vocabulary: once crashed the engine
     ({"logprobs": -1}, "logprobs"), ({"logprobs": 21}, "logprobs"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs"), ({"prompt_logprobs": 21}, "prompt_logprobs"),
     ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"frequency_penalty": -2.5}, "frequency_penalty"),
 ]

@@ -173,7 +173,8 @@ def test_padding_lanes_write_nothing_and_stay_finite(bf16_model):
         )
         k_before, v_before = runner.k_cache.clone(), runner.v_cache.clone()
         replays = graphs.num_replays
-        logits = runner.execute(x)
+        logits, prompt_logprobs = runner.execute(x)
+        assert prompt_logprobs is None
         torch.cuda.synchronize()
         assert graphs.num_replays == replays + 1
         assert logits.shape[0] == 3 and bool(torch.isfinite(logits).all())
@@ -282,6 +283,7 @@ def test_launching_a_step_never_waits_for_the_device(bf16_model, monkeypatch):
         dict(temperature=0.7, seed=7),
         dict(temperature=0.0, min_tokens=4, stop_token_ids=[3, 4]),
         dict(temperature=0.8, logprobs=5),
+        dict(temperature=0.0, prompt_logprobs=3),
         dict(temperature=0.0, repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.2),
     ]
     params = [SamplingParams(max_tokens=max(p.max_tokens, 5), **kinds[i % len(kinds)]) for i, p in enumerate(params)]

@@ -13,7 +13,7 @@ import torch
 
 from engine_service import SamplingParams
 from engine_service.sampling_params import MAX_LOGPROBS
-from tests.integration.tiny import exact_engine, make_qwen3, random_prompts
+from tests.integration.tiny import exact_engine, hf_greedy, make_qwen3, random_prompts
 
 TOL = 1e-9  # float64 against float64, different kernels and summation orders
 
@@ -92,10 +92,11 @@ def test_logprobs_of_a_prefix_cache_hit_equal_those_computed(model_and_dir):
                                                                       abs=TOL)
 
 
+@pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])
 @pytest.mark.parametrize("value", [-1, MAX_LOGPROBS + 1, 1.5, True, "3"])
-def test_logprobs_out_of_range_is_refused_naming_the_field(value):
-    with pytest.raises(ValueError, match="logprobs"):
-        SamplingParams(logprobs=value)
+def test_logprobs_out_of_range_is_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        SamplingParams(**{field: value})
 
 
 def test_logprobs_beyond_the_vocabulary_are_refused_alone(tmp_path):
@@ -105,5 +106,84 @@ def test_logprobs_beyond_the_vocabulary_are_refused_alone(tmp_path):
     with exact_engine(tmp_path) as llm:
         with pytest.raises(ValueError, match="more tokens than the vocabulary holds"):
             llm.add_request("big", [1, 2], SamplingParams(max_tokens=2, logprobs=17))
+        with pytest.raises(ValueError, match="^prompt_logprobs is 17, more tokens than the vocabulary holds"):
+            llm.add_request("big", [1, 2], SamplingParams(max_tokens=2, prompt_logprobs=17))
         [out] = llm.generate([[1, 2]], SamplingParams(temperature=0.0, max_tokens=2, logprobs=16))
     assert [len(lp.top_token_ids) for lp in out["logprobs"]] == [16, 16]
+
+
+# ---- prompt logprobs ---------------------------------------------------------------------------------------------
+def _check_prompt(model, prompt: list[int], out: dict, k: int) -> None:
+    """Prompt token i's logprob (i >= 1) is transformers' log_softmax at position i - 1, with its k most likely."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0], dim=-1)
+    assert len(out["prompt_logprobs"]) == len(prompt) - 1
+    for pos, lp in enumerate(out["prompt_logprobs"]):
+        assert abs(lp.logprob - ref[pos, prompt[pos + 1]].item()) <= TOL, f"prompt token {pos + 1}"
+        values, top = ref[pos].topk(k)
+        assert lp.top_token_ids == top.tolist(), f"top tokens after prompt token {pos}"
+        assert max((abs(a - b) for a, b in zip(lp.top_logprobs, values.tolist(), strict=True)), default=0) <= TOL
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_prompt_logprobs_equal_transformers(model_and_dir, setting):
+    """Every prompt token after the first, through chunks, batching and preemption; beside generated logprobs, and
+    beside requests that asked for none. A one-token prompt has none to give."""
+    model, path = model_and_dir
+    prompts = random_prompts(5, [37, 1, 70, 16, 50])
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=24, prompt_logprobs=3),
+        SamplingParams(temperature=0.0, max_tokens=24, prompt_logprobs=2),
+        SamplingParams(temperature=0.9, seed=3, max_tokens=24, prompt_logprobs=MAX_LOGPROBS, logprobs=2),
+        SamplingParams(temperature=0.0, max_tokens=24, prompt_logprobs=0),
+        SamplingParams(temperature=0.0, max_tokens=24),
+    ]
+    with exact_engine(path, **SETTINGS[setting]) as llm:
+        outs = llm.generate(prompts, params)
+        if setting == "preemption":
+            assert llm.stats()["num_preemptions"] > 0, "the case did not preempt"
+    for prompt, p, out in zip(prompts, params, outs, strict=True):
+        if p.prompt_logprobs is None:
+            assert out["prompt_logprobs"] is None
+        else:
+            _check_prompt(model, prompt, out, p.prompt_logprobs)
+    _check(model, prompts[2], outs[2], 2)
+
+
+def test_prompt_logprobs_survive_preemption_in_the_middle_of_the_prompt(model_and_dir):
+    """A request preempted between two of its prompt's chunks recomputes the prompt and reports each prompt token
+    once: the logprobs it had are kept and the recomputed positions are not added again."""
+    model, path = model_and_dir
+    old, new = random_prompts(6, [150, 100])
+    with exact_engine(path, num_kvcache_blocks=12, max_num_batched_tokens=16, max_num_seqs=2) as llm:
+        held = []  # prompt logprobs each preempted request held when preempted
+        preempt = llm.scheduler._preempt
+
+        def spy(seq):
+            held.append(len(seq.prompt_logprobs) if seq.prompt_logprobs is not None else None)
+            preempt(seq)
+
+        llm.scheduler._preempt = spy
+        outs = llm.generate([old, new], [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+                                          SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True,
+                                                         prompt_logprobs=1)])
+    assert any(h is not None and 0 < h < len(new) - 1 for h in held), f"no preemption mid-prompt: {held}"
+    _check_prompt(model, new, outs[1], 1)
+    assert outs[1]["token_ids"] == hf_greedy(model, new, 5)
+
+
+def test_prompt_logprobs_skip_the_prefix_cache_but_leave_it_usable(model_and_dir):
+    """Cached blocks have no logits: a request asking for prompt logprobs computes its whole prompt (it reports no
+    cached tokens), and a later request still finds the prompt in the cache."""
+    model, path = model_and_dir
+    [prompt] = random_prompts(7, [50])
+    greedy = SamplingParams(temperature=0.0, max_tokens=4)
+    with exact_engine(path) as llm:
+        first = llm.generate([prompt], greedy)[0]
+        scored = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=2))[0]
+        again = llm.generate([prompt], greedy)[0]
+    assert scored["num_cached_tokens"] == 0
+    _check_prompt(model, prompt, scored, 2)
+    assert again["num_cached_tokens"] >= 48
+    assert first["token_ids"] == scored["token_ids"] == again["token_ids"]

@@ -22,7 +22,11 @@ def test_tp2_gloo_matches_tp1_with_one_kv_head_and_odd_vocab(tmp_path):
     make_qwen3(tmp_path, heads=4, kv_heads=1, head_dim=16, hidden=64, vocab=VOCAB, tie=False)
     rng = random.Random(0)
     prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (1, 9, 40)]
-    params = SamplingParams(temperature=0.0, max_tokens=8)
+    # The 40-token prompt's logprobs span two chunks and ten LM-head pieces of max_num_seqs rows, each a gather
+    # that both ranks must make; penalties and logprobs are rank 0's alone.
+    params = [SamplingParams(temperature=0.0, max_tokens=8),
+              SamplingParams(temperature=0.0, max_tokens=8, repetition_penalty=1.3, logprobs=3),
+              SamplingParams(temperature=0.0, max_tokens=8, prompt_logprobs=2, logprobs=0)]
     args = dict(
         device="cpu",
         dtype="float64",
@@ -33,13 +37,20 @@ def test_tp2_gloo_matches_tp1_with_one_kv_head_and_odd_vocab(tmp_path):
         max_model_len=128,
     )
     with LLM(tmp_path, tensor_parallel_size=1, **args) as one:
-        expected = [o["token_ids"] for o in one.generate(prompts, params)]
+        expected = one.generate(prompts, params)
     assert not torch.distributed.is_initialized()  # one rank never touches torch.distributed
     with LLM(tmp_path, tensor_parallel_size=2, **args) as two:
-        got = [o["token_ids"] for o in two.generate(prompts, params)]
+        got = two.generate(prompts, params)
         procs = list(two.workers.procs)
         assert len(procs) == 1 and procs[0].is_alive()
-    assert got == expected
+    assert [o["token_ids"] for o in got] == [o["token_ids"] for o in expected]
+    assert len(got[2]["prompt_logprobs"]) == 39 and len(got[1]["logprobs"]) == 8
+    for key in ("logprobs", "prompt_logprobs"):
+        for mine, theirs in zip(got, expected, strict=True):
+            for a, b in zip(mine[key] or [], theirs[key] or [], strict=True):
+                assert a.top_token_ids == b.top_token_ids and all(t < VOCAB for t in a.top_token_ids)
+                assert a.logprob == pytest.approx(b.logprob, abs=1e-9)
+                assert a.top_logprobs == pytest.approx(b.top_logprobs, abs=1e-9)
     assert not procs[0].is_alive()  # close() stops the worker
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from engine_service.outputs import StepOutput, TokenLogprobs
 from engine_service.server_config import parse_config
-from engine_service.streams import DEADLINE_ERROR, OutputStream
+from engine_service.streams import DEADLINE_ERROR, OutputStream, check_prompt_logprobs_size
 from engine_service.validation import check_prompt, sampling_params_from_proto
 from protos.llmserve.engine.v1 import engine_pb2 as pb
 from tokenizer_service.config import parse_config as parse_text_config
@@ -325,5 +325,24 @@ def test_a_small_buffer_still_lets_a_token_with_logprobs_through():
                                                                                    [-1.0] * 20)]))
         [update] = stream.take()
         assert update.finish_reason == pb.FINISH_REASON_UNSPECIFIED and len(update.logprobs) == 1
+
+    asyncio.run(main())
+
+
+def test_prompt_logprobs_ride_on_the_first_update_and_their_worst_size_is_bounded():
+    """All of a prompt's logprobs go in one update: the engine refuses a prompt whose could not fit the bound, and
+    the bound is never below what protobuf actually takes."""
+    async def main():
+        stream = OutputStream(lambda *a, **k: None, max_buffered_tokens=8)
+        stream.register("p", "s1:1:p", None)
+        prompt = [TokenLogprobs(-123.456, [2**31 - 1] * 20, [-1e30] * 20) for _ in range(1000)]
+        stream.on_output("p", StepOutput("s1:1:p", [7], prompt_logprobs=prompt))
+        [update] = stream.take()
+        assert len(update.prompt_logprobs) == 1000 and list(update.new_token_ids) == [7]
+        worst = update.prompt_logprobs[0].ByteSize() + 3  # and its tag and length in the update
+        assert worst <= 17 + 9 * 20
+        check_prompt_logprobs_size(1000, 20, 1000 * (17 + 9 * 20))  # fits
+        with pytest.raises(ValueError, match=r"^prompt_logprobs=20 for a 1001-token prompt would make one update"):
+            check_prompt_logprobs_size(1001, 20, 1000 * (17 + 9 * 20))
 
     asyncio.run(main())

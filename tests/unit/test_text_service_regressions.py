@@ -288,13 +288,21 @@ def test_stop_string_completed_by_the_final_flush_finishes_with_stop(scripted, d
 
 
 def test_logprobs_from_an_engine_that_predates_them_fail_in_words(scripted):
-    """An engine without logprobs ignores the field: the caller would get tokens and silently no logprobs."""
+    """An engine without logprobs ignores the field: the caller would get tokens and silently no logprobs (nor prompt
+    logprobs)."""
     stub, _ = scripted
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(max_tokens=2, logprobs=2)),
                            timeout=30))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "predates logprobs" in err.value.details() and "0 logprobs for 1 tokens" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[5, 6, 7]),
+                                              sampling_params=pb.SamplingParams(max_tokens=2, prompt_logprobs=0)),
+                           timeout=30))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "predates prompt logprobs" in err.value.details() and "0 prompt logprobs for a 3-token prompt" in \
+        err.value.details()
     # Without logprobs the same engine serves.
     assert list(stub.Generate(pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(max_tokens=2)),
                               timeout=30))[-1].finish_reason == pb.FINISH_REASON_LENGTH
@@ -314,7 +322,8 @@ def test_requests_using_features_an_engine_predates_are_not_sent_to_it(demo_mode
             wait_ready(stub)
             for params, uses in ((pb.SamplingParams(max_tokens=2, repetition_penalty=1.3), "penalties"),
                                  (pb.SamplingParams(max_tokens=2, frequency_penalty=-0.5), "penalties"),
-                                 (pb.SamplingParams(max_tokens=2, logprobs=0), "logprobs")):
+                                 (pb.SamplingParams(max_tokens=2, logprobs=0), "logprobs"),
+                                 (pb.SamplingParams(max_tokens=2, prompt_logprobs=0), "prompt_logprobs")):
                 with pytest.raises(grpc.RpcError) as err:
                     list(stub.Generate(pb.GenerateRequest(prompt="hi", sampling_params=params), timeout=30))
                 assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
