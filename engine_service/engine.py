@@ -139,8 +139,10 @@ class LLMEngine:
             self.runner = ModelRunner(self.config, self.model_cfg, max_model_len, tp)
         except BaseException as exc:
             if self.workers is not None:
-                # A worker that failed (an out-of-memory sizing its KV cache) is the cause of rank 0's error.
-                why = self.workers.dead_worker(grace=1.0) if isinstance(exc, Exception) else None
+                # A worker that failed (an out-of-memory sizing its KV cache) is the cause of rank 0's error; a
+                # ValueError (a setting or checkpoint every rank refuses) is raised as one rank raises it.
+                failing = isinstance(exc, Exception) and not isinstance(exc, ValueError)
+                why = self.workers.dead_worker(grace=1.0) if failing else None
                 self.workers.close(wait=False)  # they may wait for a group or a collective that never comes
                 if why is not None and why not in str(exc):  # rank0_info may have said it already
                     raise RuntimeError(f"{why} (rank 0: {type(exc).__name__}: {exc})") from exc

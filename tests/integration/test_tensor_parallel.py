@@ -51,7 +51,7 @@ def test_tp2_gloo_matches_tp1_with_one_kv_head_and_odd_vocab(tmp_path):
                 assert a.top_token_ids == b.top_token_ids and all(t < VOCAB for t in a.top_token_ids)
                 assert a.logprob == pytest.approx(b.logprob, abs=1e-9)
                 assert a.top_logprobs == pytest.approx(b.top_logprobs, abs=1e-9)
-    assert not procs[0].is_alive()  # close() stops the worker
+    assert not procs[0].is_alive() and procs[0].exitcode == 0  # close() stops the worker, without an abort
 
 
 @pytest.mark.timeout(240)
@@ -73,6 +73,21 @@ def test_tp2_with_fused_ops_matches_one_rank_of_torch_ops(tmp_path):
         assert two.runner.fused_ops and two.runner.model.layers[0].self_attn.num_kv_heads == 1
         got = [o["token_ids"] for o in two.generate(prompts, params)]
     assert got == expected
+
+
+@pytest.mark.timeout(120)
+def test_a_setting_every_rank_refuses_is_the_value_error_of_one_rank(tmp_path):
+    """Under tensor parallelism a refused setting came back as a RuntimeError blaming a worker ("exited with code
+    1"), worded by which rank failed first; the service prints a ValueError alone as the reason it cannot serve."""
+    make_qwen3(tmp_path, heads=4, kv_heads=1, head_dim=16, hidden=64, vocab=VOCAB, tie=False)
+    args = dict(device="cpu", dtype="float32", attention_backend="flash_attn", num_kvcache_blocks=16, max_num_seqs=2,
+                max_num_batched_tokens=16, max_model_len=64)
+    with pytest.raises(ValueError) as one:
+        LLM(tmp_path, tensor_parallel_size=1, **args)
+    for _ in range(2):  # either rank may fail first
+        with pytest.raises(ValueError) as two:
+            LLM(tmp_path, tensor_parallel_size=2, **args)
+        assert str(two.value) == str(one.value)
 
 
 def test_heads_not_divisible_by_tp_is_a_value_error(tmp_path):
