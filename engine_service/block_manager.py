@@ -147,8 +147,9 @@ class BlockManager:
         fresh = self.blocks_needed(num_tokens) - len(matched)
         return taken_from_free + fresh <= len(self.free)
 
-    def admit(self, seq: Sequence, matched: list[int]) -> None:
-        """Give `seq` the matched prefix blocks (shared, ref-counted); it computes from there."""
+    def admit(self, seq: Sequence, matched: list[int], looked_up: bool = True) -> None:
+        """Give `seq` the matched prefix blocks (shared, ref-counted); it computes from there. looked_up: False for
+        a request that skipped the lookup (prompt logprobs), which the hit rate does not count."""
         for block_id in matched:
             block = self.blocks[block_id]
             if block.ref_count == 0:
@@ -158,7 +159,7 @@ class BlockManager:
             seq.block_hashes.append(block.hash)  # type: ignore[arg-type]
         seq.block_table = list(matched)
         seq.num_computed_tokens = len(matched) * self.block_size
-        if seq.admit_order < 0:
+        if seq.admit_order < 0 and looked_up:
             # First admission: what the prompt found in the cache. A readmission after preemption finds the
             # sequence's own blocks, generated tokens included: that is recompute saved, not a prompt hit, and
             # neither the request's cached_tokens nor the hit rate may count it.

@@ -26,7 +26,7 @@ from engine_service.model.config import ModelConfig, read_json
 from engine_service.model.layers import TPInfo
 from engine_service.model_runner import Collected, Launched, ModelRunner
 from engine_service.outputs import FINISH_ERROR, StepOutput, TokenLogprobs
-from engine_service.sampler import SamplingRow
+from engine_service.sampler import LogprobRows, SamplingRow
 from engine_service.sampling_params import SamplingParams
 from engine_service.scheduler import ScheduledBatch, Scheduler
 from engine_service.sequence import Sequence, Status
@@ -358,7 +358,7 @@ class LLMEngine:
 
     def _complete(self, batch: ScheduledBatch, collected: Collected, outputs) -> None:
         """Append a collected step's tokens, finish sequences, and add their outputs to `outputs`."""
-        if collected.prompt_logprobs:
+        if collected.prompt_logprobs is not None:
             self._keep_prompt_logprobs(batch, collected.prompt_logprobs)
         sampled: list[int | None] = []
         it = iter(zip(collected.tokens, collected.finite, strict=True))
@@ -380,7 +380,8 @@ class LLMEngine:
                 continue  # a prefill chunk that did not reach the end, or a request failed above
             out = self._output(seq, [token])
             if seq.prompt_logprobs is not None:  # the first token: the prompt's logprobs go with it
-                out.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
+                out.prompt_logprobs = [lp for chunk in seq.prompt_logprobs for lp in chunk.per_row(len(chunk.rows))]
+                seq.prompt_logprobs = None
             outputs.append(out)
             if seq.status is Status.FINISHED:
                 self._forget(seq)
@@ -388,7 +389,7 @@ class LLMEngine:
             self._attach_logprobs(batch, sampled, collected.logprobs, outputs[start:])
 
     @staticmethod
-    def _keep_prompt_logprobs(batch: ScheduledBatch, logprobs: list[TokenLogprobs]) -> None:
+    def _keep_prompt_logprobs(batch: ScheduledBatch, logprobs: LogprobRows) -> None:
         """Give each sequence its prompt logprobs from this step (those its chunk computed, as the model runner
         picked them: Sequence.prompt_logprob_positions), before postprocess advances num_computed_tokens."""
         taken = 0
@@ -396,11 +397,12 @@ class LLMEngine:
             if seq.prompt_logprobs is not None:
                 start = seq.num_computed_tokens
                 k = len(seq.prompt_logprob_positions(start, start + n))
-                if seq.status is Status.RUNNING:  # not aborted while the step was in flight
-                    seq.prompt_logprobs.extend(logprobs[taken : taken + k])
+                if k and seq.status is Status.RUNNING:  # not aborted while the step was in flight
+                    seq.prompt_logprobs.append(logprobs.take(taken, taken + k))
+                    seq.num_prompt_logprobs += k
                 taken += k
-        if taken != len(logprobs):
-            raise RuntimeError(f"a step returned {len(logprobs)} prompt logprobs for {taken} prompt positions")
+        if taken != len(logprobs.rows):
+            raise RuntimeError(f"a step returned {len(logprobs.rows)} prompt logprobs for {taken} prompt positions")
 
     @staticmethod
     def _attach_logprobs(batch: ScheduledBatch, sampled: list[int | None], logprobs: list[TokenLogprobs | None],

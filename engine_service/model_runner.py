@@ -78,7 +78,7 @@ class Collected:
     tokens: list[int]  # one per sampled row
     finite: list[bool]  # whether each sampled row's logits were finite
     logprobs: list[TokenLogprobs | None] | None  # per sampled row (None where it did not ask); None if none asked
-    prompt_logprobs: list[TokenLogprobs]  # per StepInputs.prompt_rows entry
+    prompt_logprobs: LogprobRows | None  # of StepInputs.prompt_rows (rows 0, 1, ...), in host memory
 
 
 DTYPES = {
@@ -462,7 +462,7 @@ class ModelRunner:
             targets = to_device(x.prompt_targets[i : i + piece], torch.long, dev)
             top_lp, top = logprobs.topk(k, dim=-1)
             values.append(torch.cat([logprobs.gather(1, targets.unsqueeze(1)), top_lp], dim=1))
-            top_ids.append(top)
+            top_ids.append(top.to(torch.int32))  # held until the first token: half the bytes of int64
         if self.tp.rank != 0:
             return None
         return LogprobRows(list(range(len(x.prompt_rows))), x.prompt_k, torch.cat(values), torch.cat(top_ids))
@@ -513,7 +513,8 @@ class ModelRunner:
         if launched.done is not None:
             launched.done.synchronize()
         prompt = launched.prompt_logprobs
-        prompt = prompt.per_row(len(prompt.rows)) if prompt is not None else []
+        if prompt is not None and launched.done is not None:
+            prompt = prompt.unpinned()  # sequences hold them until their first token
         if launched.host is None:
             return Collected([], [], None, prompt)
         both = launched.host.tolist()

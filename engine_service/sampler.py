@@ -38,7 +38,8 @@ class LogprobRows:
     """The log-probabilities of a step's rows that asked for them.
 
     rows: their indices among the step's sampled rows; values: [m, 1 + K] in float32 or wider, the sampled
-    token's log-probability then the K most likely tokens'; top_ids: [m, K] int64. K is the largest request's.
+    token's log-probability then the K most likely tokens'; top_ids: [m, K] int64 (int32 for prompt logprobs). K is
+    the largest request's.
     """
 
     rows: list[int]
@@ -53,6 +54,18 @@ class LogprobRows:
         values.copy_(self.values, non_blocking=True)
         top_ids.copy_(self.top_ids, non_blocking=True)
         return LogprobRows(self.rows, self.wanted, values, top_ids)
+
+    def unpinned(self) -> LogprobRows:
+        """The same copied to pageable host memory, for keeping: pinned memory is page-locked, a scarce resource."""
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            return torch.empty(t.shape, dtype=t.dtype).copy_(t)
+
+        return LogprobRows(self.rows, self.wanted, copy(self.values), copy(self.top_ids))
+
+    def take(self, start: int, stop: int) -> LogprobRows:
+        """Rows [start, stop) of a LogprobRows whose rows are 0, 1, ... (prompt logprobs), as rows 0, 1, ..."""
+        return LogprobRows(list(range(stop - start)), self.wanted[start:stop], self.values[start:stop],
+                           self.top_ids[start:stop])
 
     def per_row(self, num_rows: int) -> list[TokenLogprobs | None]:
         """One entry per sampled row of the step (None where the row did not ask); reads host tensors."""

@@ -168,7 +168,7 @@ class Scheduler:
             if self.bm.enable_prefix_caching:
                 computing.update(self.bm.prompt_hashes(seq, len(matched)))
             self.waiting.popleft()
-            self.bm.admit(seq, matched)
+            self.bm.admit(seq, matched, looked_up=seq.prompt_logprobs is None)
             self.bm.append_slots(seq, n)
             seq.status = Status.RUNNING
             seq.admit_order = self._admit_counter

@@ -40,6 +40,7 @@ class Sequence:
         "finish_reason",
         "admit_order",
         "prompt_logprobs",
+        "num_prompt_logprobs",
     )
 
     def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, max_model_len: int):
@@ -61,9 +62,11 @@ class Sequence:
         self.hash_chain: list[int] = []
         self.finish_reason: str | None = None
         self.admit_order = -1  # set at each admission by the scheduler; -1: never admitted yet
-        # Logprobs (outputs.TokenLogprobs) of prompt tokens 1, 2, ... as far as computed, when the request asked for
+        # Logprobs of prompt tokens 1, 2, ... as far as computed (num_prompt_logprobs of them), in host tensors a
+        # chunk each (sampler.LogprobRows: a TokenLogprobs takes 7 times the memory), when the request asked for
         # them; None once handed out with the first generated token, and when it did not ask.
         self.prompt_logprobs: list | None = [] if params.prompt_logprobs is not None else None
+        self.num_prompt_logprobs = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -83,7 +86,7 @@ class Sequence:
     def prompt_logprob_positions(self, start: int, end: int) -> range:
         """The positions in [start, end) whose logits give a prompt token's logprob not yet computed (position p's
         logits predict token p + 1). Only while prompt_logprobs is a list."""
-        return range(max(start, len(self.prompt_logprobs)), min(end, self.num_prompt_tokens - 1))
+        return range(max(start, self.num_prompt_logprobs), min(end, self.num_prompt_tokens - 1))
 
     def __repr__(self) -> str:
         return (

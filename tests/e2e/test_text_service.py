@@ -154,6 +154,11 @@ def test_prompt_logprobs_too_large_for_a_message_are_refused(stack):
     assert "prompt_logprobs=20 for a 1500-token prompt" in err.value.details()
     chunks = list(text.generate_tokens(prompt_ids, max_tokens=1, prompt_logprobs=0))
     assert sum(len(c.prompt_logprobs) for c in chunks) == 1499
+    # Out of range is said as such, not as a size to raise --max-message-bytes for.
+    with pytest.raises(grpc.RpcError) as err:
+        text.generate_tokens(prompt_ids[:5], max_tokens=1, prompt_logprobs=10**6).text()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prompt_logprobs must be an integer in [0, 20]" in err.value.details()
 
 
 def test_cli_prints_prompt_logprobs(stack, capsys):

@@ -181,7 +181,10 @@ def test_prompt_logprobs_skip_the_prefix_cache_but_leave_it_usable(model_and_dir
     greedy = SamplingParams(temperature=0.0, max_tokens=4)
     with exact_engine(path) as llm:
         first = llm.generate([prompt], greedy)[0]
+        queries = llm.stats()["prefix_cache_queries"]
         scored = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=2))[0]
+        # It made no lookup: the hit rate does not count it as a miss (one scoring job made a warm cache look cold).
+        assert llm.stats()["prefix_cache_queries"] == queries
         again = llm.generate([prompt], greedy)[0]
     assert scored["num_cached_tokens"] == 0
     _check_prompt(model, prompt, scored, 2)
