@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--presence-penalty", type=float, default=None, help="-2 to 2: per token the output holds")
     parser.add_argument("--frequency-penalty", type=float, default=None, help="-2 to 2: per occurrence in the output")
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    parser.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                        help="add BIAS (-100 to 100) to token ID's logit before sampling (repeatable)")
     parser.add_argument("--timeout", type=float, default=None, help="the request's deadline in seconds")
     parser.add_argument("--usage", action="store_true", help="print the finish reason and token usage")
     parser.add_argument("--logprobs", type=int, default=None, metavar="N",
@@ -46,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "likely alternatives' there to stderr, before the generated tokens'")
     add_tls_arguments(parser)
     return parser
+
+
+def _bias(item: str) -> tuple[int, float]:
+    token, _, bias = item.partition("=")
+    return int(token), float(bias)
 
 
 def connect_hint(exc: grpc.RpcError, tls: ClientTls | None) -> str:
@@ -71,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
     if "/" not in args.target and not args.target.rpartition(":")[2].isdigit():  # gRPC URIs (unix:/...) pass
         parser.error(f"--target must be HOST:PORT, e.g. localhost:50052; got {args.target!r}")
-    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+    try:
+        logit_bias = dict(_bias(item) for item in args.logit_bias)
+    except ValueError:
+        parser.error(f"--logit-bias takes ID=BIAS, e.g. 42=-100; got {args.logit_bias}")
+    sampling = dict(logit_bias=logit_bias or None, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     seed=args.seed, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
                     repetition_penalty=args.repetition_penalty,
                     presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)

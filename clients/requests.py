@@ -18,13 +18,19 @@ def sampling_params(**kwargs: object) -> pb.SamplingParams:
             continue
         if name == "stop_token_ids":
             params.stop_token_ids.extend(value)  # type: ignore[arg-type]
+        elif name == "logit_bias":  # {token id: bias}
+            try:
+                params.logit_bias.update(value)  # type: ignore[arg-type]
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"sampling parameter logit_bias={value!r}: {exc}") from None
         elif name in SAMPLING_FIELDS:
             try:
                 setattr(params, name, value)
             except (TypeError, ValueError) as exc:  # protobuf's own words name no field
                 raise ValueError(f"sampling parameter {name}={value!r}: {exc}") from None
         else:
-            raise TypeError(f"unknown sampling parameter {name!r}; known: {SAMPLING_FIELDS + ('stop_token_ids',)}")
+            raise TypeError(f"unknown sampling parameter {name!r}; known: "
+                            f"{SAMPLING_FIELDS + ('stop_token_ids', 'logit_bias')}")
     return params
 
 

@@ -215,6 +215,9 @@ class LLMEngine:
         for t in sampling_params.stop_token_ids:
             if t >= vocab:
                 raise ValueError(f"stop_token_ids holds {t}, outside the vocabulary [0, {vocab})")
+        if sampling_params.logit_bias and sampling_params.logit_bias[-1][0] >= vocab:  # ids in order: the last
+            raise ValueError(f"logit_bias holds token {sampling_params.logit_bias[-1][0]}, outside the vocabulary "
+                             f"[0, {vocab})")
         for name in ("logprobs", "prompt_logprobs"):
             if (k := getattr(sampling_params, name)) is not None and k > vocab:
                 raise ValueError(f"{name} is {k}, more tokens than the vocabulary holds ({vocab})")

@@ -5,7 +5,8 @@ vocabulary's worth of noise. A seeded request draws from its own generator, so i
 which other requests share the batch. Rows with NaN or infinite logits are reported, not sampled.
 Rows that ask for logprobs get log_softmax of their raw logits (before penalties, temperature, filters and
 bans), the sampled token's entry and the most likely tokens', computed on the device beside the draw.
-Rows with penalties have their logits penalised first (penalties.py), then banned, then drawn.
+Rows with a logit_bias have it added first; rows with penalties then have their logits penalised (penalties.py);
+then banned, then drawn.
 On CUDA, rows without top-k, top-p or min-p filters are drawn by a Triton kernel (sampling_kernels.py) that
 reads the logits twice instead of materialising float32 copies of them.
 """
@@ -103,13 +104,13 @@ class Sampler:
         return both[0], [bool(x) for x in both[1]]
 
     def warm_up(self, logits: torch.Tensor) -> None:
-        """Sample each row of `logits` ([rows, V]) the costliest way, with penalties (where this sampler has them:
-        on the rank that samples), top-k/top-p and the most logprobs, and then the cheapest (the sampling kernel), so
-        that a start-up measuring peak memory sees the sampler's largest workspace. Its generator is restored: the
+        """Sample each row of `logits` ([rows, V]) the costliest way, with a logit bias, penalties (where this sampler
+        has them: on the rank that samples), top-k/top-p and the most logprobs, and then the cheapest (the sampling
+        kernel), so that a start-up measuring peak memory sees the sampler's largest workspace. Its generator is restored: the
         warm-up draws no one's tokens. The counts it leaves in penalty slots are zeroed when a request takes one."""
         state = self.generator.get_state()
         costly = SamplingParams(temperature=0.6, top_k=50, top_p=0.9, logprobs=MAX_LOGPROBS, repetition_penalty=1.1,
-                                presence_penalty=0.5, frequency_penalty=0.5)
+                                presence_penalty=0.5, frequency_penalty=0.5, logit_bias={0: 0.5})
         slots = range(logits.shape[0]) if self.penalties is not None else [-1] * logits.shape[0]
         self.sample_with_logprobs(logits.clone(), [SamplingRow(costly, None, penalty_slot=s) for s in slots])
         self.sample(logits.clone(), [SamplingRow(SamplingParams(temperature=0.6), None)] * logits.shape[0])
@@ -137,6 +138,13 @@ class Sampler:
         dev = logits.device
         # NaN and inf propagate through a sum; summed in float32 so that fp16 logits cannot overflow it.
         finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
+        biased = [(i, r.params.logit_bias) for i, r in enumerate(rows) if r.params.logit_bias]
+        if biased:  # before penalties, as transformers' sequence_bias
+            where = to_device([(i, t) for i, bias in biased for t, _ in bias], torch.long, dev)  # [B, 2]
+            add = to_device([b for _, bias in biased for _, b in bias], torch.float32, dev)
+            at = (where[:, 0], where[:, 1])  # distinct (row, token) pairs
+            logits.index_put_(at, (logits[at].to(torch.promote_types(logits.dtype, torch.float32)) + add)
+                              .to(logits.dtype))
         penalized = [i for i, r in enumerate(rows) if r.penalty_slot >= 0]
         if penalized:
             if self.penalties is None:

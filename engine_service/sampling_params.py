@@ -12,6 +12,9 @@ MAX_STOP_TOKEN_IDS = 1024
 # Most likely tokens a request may ask logprobs for, per generated token (OpenAI's and vLLM's default bound):
 # each costs a top-k over the vocabulary and bytes on every frame.
 MAX_LOGPROBS = 20
+# Tokens one request may bias (logit_bias), and the bias's bound (OpenAI's: -100 bans a token, 100 forces it).
+MAX_LOGIT_BIAS_TOKENS = 1024
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -28,6 +31,9 @@ class SamplingParams:
     off) divides the positive logits of every token in the prompt or the output so far and multiplies the
     negative ones, as transformers does; presence_penalty and frequency_penalty ([-2, 2], 0.0 off) subtract
     once per token that the output holds, and once per occurrence, as OpenAI's API does.
+    logit_bias: token id -> a bias in [-100, 100] added to that token's logit before penalties, temperature and
+    filters (as transformers' sequence_bias for single tokens, and OpenAI's logit_bias); given as a mapping (or
+    pairs), stored as (id, bias) pairs in id order.
     """
 
     temperature: float = 1.0
@@ -44,6 +50,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
     # Whether any penalty is on (the request then keeps token counts on the device); set from the three, stored
     # because every step asks it of every row.
     penalized: bool = field(init=False, repr=False, compare=False)
@@ -60,6 +67,18 @@ class SamplingParams:
             object.__setattr__(self, "stop_token_ids", tuple(dict.fromkeys(ids)))
         except TypeError:  # an unhashable entry: validate() names it
             object.__setattr__(self, "stop_token_ids", tuple(ids))
+        bias = self.logit_bias
+        if hasattr(bias, "items"):
+            bias = bias.items()
+        if isinstance(bias, str | bytes) or not hasattr(bias, "__iter__"):
+            raise ValueError(f"logit_bias must map token ids to biases, got {bias!r}")
+        if hasattr(bias, "__len__") and len(bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise ValueError(f"logit_bias must hold at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(bias)}")
+        try:
+            pairs = tuple(sorted((t, b) for t, b in bias))
+        except (TypeError, ValueError):  # not pairs, or ids that do not compare
+            raise ValueError(f"logit_bias must map token ids to biases, got {self.logit_bias!r}") from None
+        object.__setattr__(self, "logit_bias", pairs)
         self.validate()
         object.__setattr__(self, "penalized", self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                            or self.frequency_penalty != 0.0)
@@ -116,6 +135,16 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise ValueError(f"stop_token_ids must be non-negative integers, got {t!r}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise ValueError(f"logit_bias must hold at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(self.logit_bias)}")
+        for i, (t, b) in enumerate(self.logit_bias):
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise ValueError(f"logit_bias keys must be non-negative token ids, got {t!r}")
+            if i and t == self.logit_bias[i - 1][0]:
+                raise ValueError(f"logit_bias holds token {t} twice")
+            if isinstance(b, bool) or not isinstance(b, int | float) or not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got "
+                                 f"{b!r} for token {t}")
 
     def with_defaults(self, **defaults: object) -> SamplingParams:
         """A copy with the given fields replaced (used to apply generation_config.json values)."""

@@ -32,7 +32,7 @@ REQUEST_ID_HEADER = "x-request-id"  # GenerateStream: the trace id when the requ
 MAX_TRACE_ID_CHARS = 128  # a trace id is a log field: a client cannot write megabytes of log per request
 # Request options this engine applies beyond the first protocol (ModelInfo.features): clients route requests that
 # use them only to engines that list them, since an older engine ignores the fields.
-ENGINE_FEATURES = ("logprobs", "penalties", "prompt_logprobs")
+ENGINE_FEATURES = ("logprobs", "penalties", "prompt_logprobs", "logit_bias")
 
 
 class EngineServicer(pb_grpc.EngineServicer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine_service.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
+from engine_service.sampling_params import MAX_LOGIT_BIAS_TOKENS, MAX_STOP_TOKEN_IDS, SamplingParams
 
 # proto field name -> SamplingParams field name (the same today; kept explicit so a rename is one line).
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos",
@@ -23,6 +23,10 @@ def sampling_params_from_proto(proto: Any, defaults: dict[str, object]) -> Sampl
             raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} distinct ids, got "
                              f"{len(proto.stop_token_ids)}")
         values["stop_token_ids"] = tuple(proto.stop_token_ids)
+    if proto.logit_bias:
+        if len(proto.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise ValueError(f"logit_bias must hold at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(proto.logit_bias)}")
+        values["logit_bias"] = {t: float(f"{b:.7g}") for t, b in proto.logit_bias.items()}  # as the floats below
     # Floats arrive as float32; round-trip through repr so 0.7 stays 0.7, not 0.699999988.
     for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         if name in values and isinstance(values[name], float):

@@ -36,6 +36,7 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024  # distinct ids; the engine's own bound (engine_service/sampling_params.py)
 MAX_LOGPROBS = 20  # the engine's bound on logprobs and prompt_logprobs (engine_service/sampling_params.py)
+MAX_LOGIT_BIAS_TOKENS = 1024  # the engine's bound (engine_service/sampling_params.py)
 # Wire bytes of one prompt logprob at most, and of each alternative: the engine's rule (engine_service/streams.py).
 LOGPROB_BYTES, LOGPROB_BYTES_PER_ALTERNATIVE = 17, 9
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos",
@@ -409,6 +410,9 @@ def prepare(
     if n > MAX_STOP_TOKEN_IDS and (n > 16 * MAX_STOP_TOKEN_IDS or len(set(source.stop_token_ids)) > MAX_STOP_TOKEN_IDS):
         raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} distinct ids, got {n}")
     params.stop_token_ids.extend(source.stop_token_ids)
+    if len(source.logit_bias) > MAX_LOGIT_BIAS_TOKENS:  # the engine's bound, said before sending it on
+        raise ValueError(f"logit_bias must hold at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(source.logit_bias)}")
+    params.logit_bias.update(source.logit_bias)
     if params.HasField("prompt_logprobs") and 0 <= params.prompt_logprobs <= MAX_LOGPROBS:  # else the engine names it
         size = len(prompt) * (LOGPROB_BYTES + LOGPROB_BYTES_PER_ALTERNATIVE * params.prompt_logprobs)
         if size > limits.max_prompt_logprobs_bytes:

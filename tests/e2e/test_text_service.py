@@ -161,6 +161,29 @@ def test_prompt_logprobs_too_large_for_a_message_are_refused(stack):
     assert "prompt_logprobs must be an integer in [0, 20]" in err.value.details()
 
 
+def test_logit_bias_through_the_text_api_matches_offline_engine(stack, demo_model, capsys):
+    from clients.cli import main
+
+    _, tokenizer, text, _ = stack
+    prompt_ids = text.tokenize("The sea")
+    plain = [t for c in text.generate("The sea", temperature=0.0, max_tokens=12, ignore_eos=True) for t in c.token_ids]
+    bias = {plain[0]: -100.0, 17: 2.5, 23: 0.1}
+    ids = [t for c in text.generate("The sea", temperature=0.0, max_tokens=12, ignore_eos=True, logit_bias=bias)
+           for t in c.token_ids]
+
+    from engine_service import LLM, SamplingParams
+
+    with LLM(demo_model, device="cpu", dtype="float32", attention_backend="torch", enforce_eager=True,
+             num_kvcache_blocks=64) as llm:
+        [offline] = llm.generate([prompt_ids], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                              logit_bias=bias))
+    assert ids == offline["token_ids"] and ids[0] != plain[0]
+    # The command line: +100 on one token makes it every token.
+    assert main(["The sea", "--target", tokenizer.target, "--max-tokens", "3", "--logit-bias", f"{plain[2]}=100",
+                 "--timeout", "30"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == text.detokenize([plain[2]] * 3)
+
+
 def test_cli_prints_prompt_logprobs(stack, capsys):
     from clients.cli import main
 
@@ -281,6 +304,9 @@ BAD_SAMPLING = [
     ({"stop_token_ids": [10**9], "min_tokens": 1}, "stop_token_ids"),  # outside the vocabulary: once crashed the engine
     ({"logprobs": -1}, "logprobs"), ({"logprobs": 21}, "logprobs"),
     ({"prompt_logprobs": -1}, "prompt_logprobs"), ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"logit_bias": {-1: 1.0}}, "logit_bias"), ({"logit_bias": {5: 101.0}}, "logit_bias"),
+    ({"logit_bias": {10**9: 1.0}}, "logit_bias"),  # outside the vocabulary
+    ({"logit_bias": {i: 1.0 for i in range(1025)}}, "logit_bias"),
     ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"frequency_penalty": -2.5}, "frequency_penalty"),
 ]

@@ -284,6 +284,7 @@ def test_launching_a_step_never_waits_for_the_device(bf16_model, monkeypatch):
         dict(temperature=0.0, min_tokens=4, stop_token_ids=[3, 4]),
         dict(temperature=0.8, logprobs=5),
         dict(temperature=0.0, prompt_logprobs=3),
+        dict(temperature=0.8, logit_bias={5: 2.5, 9: -100.0}),
         dict(temperature=0.0, repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.2),
     ]
     params = [SamplingParams(max_tokens=max(p.max_tokens, 5), **kinds[i % len(kinds)]) for i, p in enumerate(params)]

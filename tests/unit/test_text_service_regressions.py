@@ -323,7 +323,8 @@ def test_requests_using_features_an_engine_predates_are_not_sent_to_it(demo_mode
             for params, uses in ((pb.SamplingParams(max_tokens=2, repetition_penalty=1.3), "penalties"),
                                  (pb.SamplingParams(max_tokens=2, frequency_penalty=-0.5), "penalties"),
                                  (pb.SamplingParams(max_tokens=2, logprobs=0), "logprobs"),
-                                 (pb.SamplingParams(max_tokens=2, prompt_logprobs=0), "prompt_logprobs")):
+                                 (pb.SamplingParams(max_tokens=2, prompt_logprobs=0), "prompt_logprobs"),
+                                 (pb.SamplingParams(max_tokens=2, logit_bias={5: 1.0}), "logit_bias")):
                 with pytest.raises(grpc.RpcError) as err:
                     list(stub.Generate(pb.GenerateRequest(prompt="hi", sampling_params=params), timeout=30))
                 assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -24,41 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&protos/llmserve/engine/v1/engine.proto\x12\x12llmserve.engine.v1\"\xb8\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x17\n\nignore_eos\x18\t \x01(\x08H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\t\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\n\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x0b\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\x05H\x0c\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x12\n\x10_prompt_logprobs\"\xb3\x01\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12;\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\".llmserve.engine.v1.SamplingParams\x12\x18\n\x0b\x64\x65\x61\x64line_ms\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x10\n\x08trace_id\x18\x05 \x01(\tB\x0e\n\x0c_deadline_ms\"w\n\x0b\x43lientFrame\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.llmserve.engine.v1.NewRequest\x12\x19\n\x11\x61\x62ort_request_ids\x18\x02 \x03(\t\x12\x1b\n\x13stopped_request_ids\x18\x03 \x03(\t\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"M\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"\xc6\x02\n\rRequestUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x05\x12\x37\n\rfinish_reason\x18\x03 \x01(\x0e\x32 .llmserve.engine.v1.FinishReason\x12*\n\x06status\x18\x04 \x01(\x0b\x32\x1a.llmserve.engine.v1.Status\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x33\n\x08logprobs\x18\x07 \x03(\x0b\x32!.llmserve.engine.v1.TokenLogprobs\x12:\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32!.llmserve.engine.v1.TokenLogprobs\"A\n\x0bServerFrame\x12\x32\n\x07updates\x18\x01 \x03(\x0b\x32!.llmserve.engine.v1.RequestUpdate\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\x87\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\reos_token_ids\x18\x03 \x03(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x10\n\x08\x66\x65\x61tures\x18\x06 \x03(\t\"\x10\n\x0eGetLoadRequest\"\xf6\x01\n\x04Load\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x1b\n\x13num_kv_blocks_total\x18\x03 \x01(\r\x12\x1a\n\x12num_kv_blocks_used\x18\x04 \x01(\r\x12\x1a\n\x12num_kv_blocks_free\x18\x05 \x01(\r\x12\x1c\n\x14num_kv_blocks_cached\x18\x06 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x07 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x08 \x01(\x04\x12\x19\n\x11num_live_requests\x18\t \x01(\r*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xa0\x03\n\x06\x45ngine\x12P\n\x08Generate\x12\x1f.llmserve.engine.v1.ClientFrame\x1a\x1f.llmserve.engine.v1.ServerFrame(\x01\x30\x01\x12U\n\x0eGenerateStream\x12\x1e.llmserve.engine.v1.NewRequest\x1a!.llmserve.engine.v1.RequestUpdate0\x01\x12L\n\x05\x41\x62ort\x12 .llmserve.engine.v1.AbortRequest\x1a!.llmserve.engine.v1.AbortResponse\x12V\n\x0cGetModelInfo\x12\'.llmserve.engine.v1.GetModelInfoRequest\x1a\x1d.llmserve.engine.v1.ModelInfo\x12G\n\x07GetLoad\x12\".llmserve.engine.v1.GetLoadRequest\x1a\x18.llmserve.engine.v1.Loadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&protos/llmserve/engine/v1/engine.proto\x12\x12llmserve.engine.v1\"\xb1\x05\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x17\n\nignore_eos\x18\t \x01(\x08H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\t\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\n\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x0b\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\x05H\x0c\x88\x01\x01\x12\x45\n\nlogit_bias\x18\x0f \x03(\x0b\x32\x31.llmserve.engine.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x12\n\x10_prompt_logprobs\"\xb3\x01\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12;\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\".llmserve.engine.v1.SamplingParams\x12\x18\n\x0b\x64\x65\x61\x64line_ms\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x10\n\x08trace_id\x18\x05 \x01(\tB\x0e\n\x0c_deadline_ms\"w\n\x0b\x43lientFrame\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.llmserve.engine.v1.NewRequest\x12\x19\n\x11\x61\x62ort_request_ids\x18\x02 \x03(\t\x12\x1b\n\x13stopped_request_ids\x18\x03 \x03(\t\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"M\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"\xc6\x02\n\rRequestUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x05\x12\x37\n\rfinish_reason\x18\x03 \x01(\x0e\x32 .llmserve.engine.v1.FinishReason\x12*\n\x06status\x18\x04 \x01(\x0b\x32\x1a.llmserve.engine.v1.Status\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x33\n\x08logprobs\x18\x07 \x03(\x0b\x32!.llmserve.engine.v1.TokenLogprobs\x12:\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32!.llmserve.engine.v1.TokenLogprobs\"A\n\x0bServerFrame\x12\x32\n\x07updates\x18\x01 \x03(\x0b\x32!.llmserve.engine.v1.RequestUpdate\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\x87\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\reos_token_ids\x18\x03 \x03(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x10\n\x08\x66\x65\x61tures\x18\x06 \x03(\t\"\x10\n\x0eGetLoadRequest\"\xf6\x01\n\x04Load\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x1b\n\x13num_kv_blocks_total\x18\x03 \x01(\r\x12\x1a\n\x12num_kv_blocks_used\x18\x04 \x01(\r\x12\x1a\n\x12num_kv_blocks_free\x18\x05 \x01(\r\x12\x1c\n\x14num_kv_blocks_cached\x18\x06 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x07 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x08 \x01(\x04\x12\x19\n\x11num_live_requests\x18\t \x01(\r*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xa0\x03\n\x06\x45ngine\x12P\n\x08Generate\x12\x1f.llmserve.engine.v1.ClientFrame\x1a\x1f.llmserve.engine.v1.ServerFrame(\x01\x30\x01\x12U\n\x0eGenerateStream\x12\x1e.llmserve.engine.v1.NewRequest\x1a!.llmserve.engine.v1.RequestUpdate0\x01\x12L\n\x05\x41\x62ort\x12 .llmserve.engine.v1.AbortRequest\x1a!.llmserve.engine.v1.AbortResponse\x12V\n\x0cGetModelInfo\x12\'.llmserve.engine.v1.GetModelInfoRequest\x1a\x1d.llmserve.engine.v1.ModelInfo\x12G\n\x07GetLoad\x12\".llmserve.engine.v1.GetLoadRequest\x1a\x18.llmserve.engine.v1.Loadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.llmserve.engine.v1.engine_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1949
-  _globals['_FINISHREASON']._serialized_end=2094
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=2070
+  _globals['_FINISHREASON']._serialized_end=2215
   _globals['_SAMPLINGPARAMS']._serialized_start=63
-  _globals['_SAMPLINGPARAMS']._serialized_end=631
-  _globals['_NEWREQUEST']._serialized_start=634
-  _globals['_NEWREQUEST']._serialized_end=813
-  _globals['_CLIENTFRAME']._serialized_start=815
-  _globals['_CLIENTFRAME']._serialized_end=934
-  _globals['_STATUS']._serialized_start=936
-  _globals['_STATUS']._serialized_end=975
-  _globals['_TOKENLOGPROBS']._serialized_start=977
-  _globals['_TOKENLOGPROBS']._serialized_end=1054
-  _globals['_REQUESTUPDATE']._serialized_start=1057
-  _globals['_REQUESTUPDATE']._serialized_end=1383
-  _globals['_SERVERFRAME']._serialized_start=1385
-  _globals['_SERVERFRAME']._serialized_end=1450
-  _globals['_ABORTREQUEST']._serialized_start=1452
-  _globals['_ABORTREQUEST']._serialized_end=1486
-  _globals['_ABORTRESPONSE']._serialized_start=1488
-  _globals['_ABORTRESPONSE']._serialized_end=1518
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1520
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1541
-  _globals['_MODELINFO']._serialized_start=1544
-  _globals['_MODELINFO']._serialized_end=1679
-  _globals['_GETLOADREQUEST']._serialized_start=1681
-  _globals['_GETLOADREQUEST']._serialized_end=1697
-  _globals['_LOAD']._serialized_start=1700
-  _globals['_LOAD']._serialized_end=1946
-  _globals['_ENGINE']._serialized_start=2097
-  _globals['_ENGINE']._serialized_end=2513
+  _globals['_SAMPLINGPARAMS']._serialized_end=752
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=505
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=553
+  _globals['_NEWREQUEST']._serialized_start=755
+  _globals['_NEWREQUEST']._serialized_end=934
+  _globals['_CLIENTFRAME']._serialized_start=936
+  _globals['_CLIENTFRAME']._serialized_end=1055
+  _globals['_STATUS']._serialized_start=1057
+  _globals['_STATUS']._serialized_end=1096
+  _globals['_TOKENLOGPROBS']._serialized_start=1098
+  _globals['_TOKENLOGPROBS']._serialized_end=1175
+  _globals['_REQUESTUPDATE']._serialized_start=1178
+  _globals['_REQUESTUPDATE']._serialized_end=1504
+  _globals['_SERVERFRAME']._serialized_start=1506
+  _globals['_SERVERFRAME']._serialized_end=1571
+  _globals['_ABORTREQUEST']._serialized_start=1573
+  _globals['_ABORTREQUEST']._serialized_end=1607
+  _globals['_ABORTRESPONSE']._serialized_start=1609
+  _globals['_ABORTRESPONSE']._serialized_end=1639
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1641
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1662
+  _globals['_MODELINFO']._serialized_start=1665
+  _globals['_MODELINFO']._serialized_end=1800
+  _globals['_GETLOADREQUEST']._serialized_start=1802
+  _globals['_GETLOADREQUEST']._serialized_end=1818
+  _globals['_LOAD']._serialized_start=1821
+  _globals['_LOAD']._serialized_end=2067
+  _globals['_ENGINE']._serialized_start=2218
+  _globals['_ENGINE']._serialized_end=2634
 # @@protoc_insertion_point(module_scope)
