@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         logit_bias = dict(_bias(item) for item in args.logit_bias)
     except ValueError:
         parser.error(f"--logit-bias takes ID=BIAS, e.g. 42=-100; got {args.logit_bias}")
+    if len(logit_bias) < len(args.logit_bias):
+        parser.error(f"--logit-bias names a token id twice: {args.logit_bias}")
     sampling = dict(logit_bias=logit_bias or None, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     seed=args.seed, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
                     repetition_penalty=args.repetition_penalty,

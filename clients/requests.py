@@ -18,11 +18,14 @@ def sampling_params(**kwargs: object) -> pb.SamplingParams:
             continue
         if name == "stop_token_ids":
             params.stop_token_ids.extend(value)  # type: ignore[arg-type]
-        elif name == "logit_bias":  # {token id: bias}
+        elif name == "logit_bias":  # {token id: bias}, or (id, bias) pairs
+            pairs = list(value.items() if isinstance(value, Mapping) else value)  # type: ignore[union-attr]
             try:
-                params.logit_bias.update(value)  # type: ignore[arg-type]
+                params.logit_bias.update(pairs)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"sampling parameter logit_bias={value!r}: {exc}") from None
+            if len(params.logit_bias) < len(pairs):
+                raise ValueError(f"sampling parameter logit_bias={value!r}: a token id given twice")
         elif name in SAMPLING_FIELDS:
             try:
                 setattr(params, name, value)

@@ -26,7 +26,7 @@ from engine_service.model.config import ModelConfig, read_json
 from engine_service.model.layers import TPInfo
 from engine_service.model_runner import Collected, Launched, ModelRunner
 from engine_service.outputs import FINISH_ERROR, StepOutput, TokenLogprobs
-from engine_service.sampler import LogprobRows, SamplingRow
+from engine_service.sampler import LogitBias, LogprobRows, SamplingRow
 from engine_service.sampling_params import SamplingParams
 from engine_service.scheduler import ScheduledBatch, Scheduler
 from engine_service.sequence import Sequence, Status
@@ -156,6 +156,7 @@ class LLMEngine:
         )
         self.seqs: dict[str, Sequence] = {}
         self.generators: dict[str, torch.Generator] = {}
+        self.biases: dict[str, LogitBias] = {}  # requests with a logit_bias: it on the device
         self._pending: list[StepOutput] = []  # aborts to report on the next step
         self._pending_ids: set[str] = set()  # their request ids: still in use until reported
         self._inflight: _InFlight | None = None  # a step scheduled ahead, launched, not yet read back
@@ -236,6 +237,8 @@ class LLMEngine:
             g = torch.Generator(device=self.runner.device)
             g.manual_seed(sampling_params.seed)
             self.generators[request_id] = g
+        if sampling_params.logit_bias:  # on the device once, not uploaded every step
+            self.biases[request_id] = self.runner.sampler.bias_tensors(sampling_params)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -401,7 +404,7 @@ class LLMEngine:
                 start = seq.num_computed_tokens
                 k = len(seq.prompt_logprob_positions(start, start + n))
                 if k and seq.status is Status.RUNNING:  # not aborted while the step was in flight
-                    seq.prompt_logprobs.append(logprobs.take(taken, taken + k))
+                    seq.prompt_logprobs.append(logprobs.take(taken, taken + k, seq.params.prompt_logprobs))
                     seq.num_prompt_logprobs += k
                 taken += k
         if taken != len(logprobs.rows):
@@ -426,7 +429,8 @@ class LLMEngine:
         if p.min_tokens and len(seq.token_ids) - seq.num_prompt_tokens + ahead < p.min_tokens:
             banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_token_ids))
         slot = self.runner.sampler.penalties.slot(seq) if p.penalized else -1
-        return SamplingRow(p, self.generators.get(seq.request_id), banned, slot)
+        return SamplingRow(p, self.generators.get(seq.request_id), banned, slot,
+                           self.biases.get(seq.request_id) if p.logit_bias else None)
 
     def _fail(self, seq: Sequence, message: str) -> StepOutput:
         if seq.status is not Status.FINISHED:
@@ -439,6 +443,7 @@ class LLMEngine:
     def _forget(self, seq: Sequence) -> None:
         self.seqs.pop(seq.request_id, None)
         self.generators.pop(seq.request_id, None)
+        self.biases.pop(seq.request_id, None)
         if seq.params.penalized:
             self.runner.sampler.penalties.release(seq.request_id)
 

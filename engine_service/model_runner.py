@@ -512,9 +512,7 @@ class ModelRunner:
         """Wait for a launched step's tokens and logprobs. This is the step's one wait for the device."""
         if launched.done is not None:
             launched.done.synchronize()
-        prompt = launched.prompt_logprobs
-        if prompt is not None and launched.done is not None:
-            prompt = prompt.unpinned()  # sequences hold them until their first token
+        prompt = launched.prompt_logprobs  # sequences keep compact copies (LogprobRows.take)
         if launched.host is None:
             return Collected([], [], None, prompt)
         both = launched.host.tolist()

@@ -5,7 +5,7 @@ vocabulary's worth of noise. A seeded request draws from its own generator, so i
 which other requests share the batch. Rows with NaN or infinite logits are reported, not sampled.
 Rows that ask for logprobs get log_softmax of their raw logits (before penalties, temperature, filters and
 bans), the sampled token's entry and the most likely tokens', computed on the device beside the draw.
-Rows with a logit_bias have it added first; rows with penalties then have their logits penalised (penalties.py);
+Rows with a logit_bias have it added first (the step then samples from float32 logits); rows with penalties then have their logits penalised (penalties.py);
 then banned, then drawn.
 On CUDA, rows without top-k, top-p or min-p filters are drawn by a Triton kernel (sampling_kernels.py) that
 reads the logits twice instead of materialising float32 copies of them.
@@ -32,6 +32,18 @@ class SamplingRow:
     generator: torch.Generator | None  # the request's own generator when it has a seed
     banned_token_ids: tuple[int, ...] = ()  # EOS/stop ids, while min_tokens is not reached
     penalty_slot: int = -1  # the request's Penalties slot when it has a penalty, else -1
+    # params.logit_bias on the logits' device (Sampler.bias_tensors), made once per request by its owner; the
+    # sampler makes it each step where it is None.
+    bias: LogitBias | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class LogitBias:
+    """One request's logit_bias on the device: token ids (int64) and biases (float32), n of each."""
+
+    ids: torch.Tensor
+    values: torch.Tensor
+    n: int
 
 
 @dataclass(slots=True)
@@ -56,17 +68,15 @@ class LogprobRows:
         top_ids.copy_(self.top_ids, non_blocking=True)
         return LogprobRows(self.rows, self.wanted, values, top_ids)
 
-    def unpinned(self) -> LogprobRows:
-        """The same copied to pageable host memory, for keeping: pinned memory is page-locked, a scarce resource."""
+    def take(self, start: int, stop: int, k: int) -> LogprobRows:
+        """Rows [start, stop) of a LogprobRows whose rows are 0, 1, ... (prompt logprobs) as rows 0, 1, ..., with k
+        alternatives each: a compact copy in pageable host memory, for keeping (not a view holding the whole step's
+        rows at its widest request's K, nor page-locked memory)."""
         def copy(t: torch.Tensor) -> torch.Tensor:
             return torch.empty(t.shape, dtype=t.dtype).copy_(t)
 
-        return LogprobRows(self.rows, self.wanted, copy(self.values), copy(self.top_ids))
-
-    def take(self, start: int, stop: int) -> LogprobRows:
-        """Rows [start, stop) of a LogprobRows whose rows are 0, 1, ... (prompt logprobs), as rows 0, 1, ..."""
-        return LogprobRows(list(range(stop - start)), self.wanted[start:stop], self.values[start:stop],
-                           self.top_ids[start:stop])
+        return LogprobRows(list(range(stop - start)), [k] * (stop - start), copy(self.values[start:stop, : 1 + k]),
+                           copy(self.top_ids[start:stop, :k]))
 
     def per_row(self, num_rows: int) -> list[TokenLogprobs | None]:
         """One entry per sampled row of the step (None where the row did not ask); reads host tensors."""
@@ -105,16 +115,27 @@ class Sampler:
 
     def warm_up(self, logits: torch.Tensor) -> None:
         """Sample each row of `logits` ([rows, V]) the costliest way, with a logit bias, penalties (where this sampler
-        has them: on the rank that samples), top-k/top-p and the most logprobs, and then the cheapest (the sampling
-        kernel), so that a start-up measuring peak memory sees the sampler's largest workspace. Its generator is restored: the
-        warm-up draws no one's tokens. The counts it leaves in penalty slots are zeroed when a request takes one."""
+        has them: on the rank that samples), top-k/top-p and the most logprobs, then the cheapest (the sampling
+        kernel), then with a bias alone (the kernel on float32 logits), so that a start-up measuring peak memory sees
+        the sampler's largest workspace and compiles what it runs. Its generator is restored: the warm-up draws no
+        one's tokens. The counts it leaves in penalty slots are zeroed when a request takes one."""
         state = self.generator.get_state()
         costly = SamplingParams(temperature=0.6, top_k=50, top_p=0.9, logprobs=MAX_LOGPROBS, repetition_penalty=1.1,
                                 presence_penalty=0.5, frequency_penalty=0.5, logit_bias={0: 0.5})
         slots = range(logits.shape[0]) if self.penalties is not None else [-1] * logits.shape[0]
-        self.sample_with_logprobs(logits.clone(), [SamplingRow(costly, None, penalty_slot=s) for s in slots])
+        bias = self.bias_tensors(costly)
+        self.sample_with_logprobs(logits.clone(), [SamplingRow(costly, None, penalty_slot=s, bias=bias) for s in slots])
         self.sample(logits.clone(), [SamplingRow(SamplingParams(temperature=0.6), None)] * logits.shape[0])
+        # A biased step samples from float32 logits: the sampling kernel's float32 variant.
+        biased = SamplingParams(temperature=0.6, logit_bias={0: 0.5})
+        self.sample(logits.clone(), [SamplingRow(biased, None, bias=self.bias_tensors(biased))] * logits.shape[0])
         self.generator.set_state(state)
+
+    def bias_tensors(self, params: SamplingParams) -> LogitBias:
+        """A request's logit_bias on the device, for its SamplingRows: made once, a step uploads nothing for it."""
+        ids = to_device([t for t, _ in params.logit_bias], torch.long, self.device)
+        values = to_device([b for _, b in params.logit_bias], torch.float32, self.device)
+        return LogitBias(ids, values, len(params.logit_bias))
 
     def sample_with_logprobs(self, logits: torch.Tensor, rows: list[SamplingRow]
                              ) -> tuple[torch.Tensor, LogprobRows | None]:
@@ -138,13 +159,16 @@ class Sampler:
         dev = logits.device
         # NaN and inf propagate through a sum; summed in float32 so that fp16 logits cannot overflow it.
         finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
-        biased = [(i, r.params.logit_bias) for i, r in enumerate(rows) if r.params.logit_bias]
+        biased = [(i, r.bias or self.bias_tensors(r.params)) for i, r in enumerate(rows) if r.params.logit_bias]
         if biased:  # before penalties, as transformers' sequence_bias
-            where = to_device([(i, t) for i, bias in biased for t, _ in bias], torch.long, dev)  # [B, 2]
-            add = to_device([b for _, bias in biased for _, b in bias], torch.float32, dev)
-            at = (where[:, 0], where[:, 1])  # distinct (row, token) pairs
-            logits.index_put_(at, (logits[at].to(torch.promote_types(logits.dtype, torch.float32)) + add)
-                              .to(logits.dtype))
+            # A bias under half a bf16 step at the logit (0.0625 at 20) would round away: the step samples from
+            # float32 logits (transformers too casts to float32 before its logits processors).
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            counts = [b.n for _, b in biased]
+            where = torch.repeat_interleave(to_device([i for i, _ in biased], torch.long, dev),
+                                            to_device(counts, torch.long, dev), output_size=sum(counts))
+            logits.index_put_((where, torch.cat([b.ids for _, b in biased])), torch.cat([b.values for _, b in biased])
+                              .to(logits.dtype), accumulate=True)  # distinct (row, token) pairs
         penalized = [i for i, r in enumerate(rows) if r.penalty_slot >= 0]
         if penalized:
             if self.penalties is None:

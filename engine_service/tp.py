@@ -117,8 +117,11 @@ def _worker_main(rank, size, store_path, config, model_cfg, max_model_len, conn,
         os._exit(1)
     # Asked to exit, or rank 0 is gone. Not through the interpreter's teardown: it destroyed the process group's
     # threads while they could still be joined, and 1 close in 10 ended in std::terminate (SIGABRT, a core file).
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # None, or closed
+            pass
     os._exit(0)
 
 

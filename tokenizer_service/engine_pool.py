@@ -304,7 +304,7 @@ def required_features(params: pb.SamplingParams) -> set[str]:
     """The engine features (ModelInfo.features) a request's sampling parameters use."""
     needs = set()
     needs.update(name for name in ("logprobs", "prompt_logprobs") if params.HasField(name))
-    if params.logit_bias:
+    if any(params.logit_bias.values()):  # biases of 0 change nothing
         needs.add("logit_bias")
     off = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
     if any(params.HasField(name) and getattr(params, name) != value for name, value in off.items()):

@@ -190,3 +190,21 @@ def test_prompt_logprobs_skip_the_prefix_cache_but_leave_it_usable(model_and_dir
     _check_prompt(model, prompt, scored, 2)
     assert again["num_cached_tokens"] >= 48
     assert first["token_ids"] == scored["token_ids"] == again["token_ids"]
+
+
+def test_held_prompt_logprobs_are_compact_copies(model_and_dir):
+    """A sequence kept views of its step's whole logprob tensors, at the widest request's K: a prompt_logprobs=0
+    request beside a prompt_logprobs=20 one held 21 values a token of the other's rows."""
+    _, path = model_and_dir
+    wide, narrow = random_prompts(13, [40, 200])
+    with exact_engine(path, max_num_batched_tokens=64) as llm:
+        llm.add_request("wide", wide, SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=MAX_LOGPROBS))
+        llm.add_request("narrow", narrow, SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=0))
+        seq = llm.seqs["narrow"]
+        while seq.num_prompt_logprobs < 60:
+            llm.step()
+        assert seq.prompt_logprobs is not None  # still in its prompt
+        held = seq.prompt_logprobs
+        assert sum(c.values.shape[0] for c in held) == seq.num_prompt_logprobs
+        assert all(c.values.shape[1] == 1 and c.top_ids.shape[1] == 0 for c in held)
+        assert all(c.values.untyped_storage().nbytes() == c.values.nbytes for c in held)  # not views of more

@@ -367,3 +367,24 @@ def test_a_deadline_that_cannot_work_is_refused_like_a_timeout(deadline_ms):
     """deadline_ms=0 silently meant no deadline; -1 and NaN failed in protobuf's words, not the client's."""
     with pytest.raises(ValueError, match="deadline_ms must be a positive number of milliseconds"):
         generate_request("x", deadline_ms=deadline_ms)
+
+
+def test_a_token_biased_twice_is_refused_on_the_client():
+    """Pairs naming one id twice kept the last silently (a map takes the last write), where the engine's own
+    SamplingParams refuses them; so did llm-client --logit-bias 5=1 --logit-bias 5=-100."""
+    from clients.cli import main
+
+    with pytest.raises(ValueError, match="a token id given twice"):
+        generate_request("hi", logit_bias=[(7, 100.0), (7, -100.0)])
+    assert dict(generate_request("hi", logit_bias=[(7, 100.0), (8, -1.0)]).sampling_params.logit_bias) == \
+        {7: 100.0, 8: -1.0}
+    with pytest.raises(SystemExit) as exit_:
+        main(["hi", "--logit-bias", "5=1", "--logit-bias", "5=-100"])
+    assert exit_.value.code == 2
+
+
+def test_biases_of_zero_need_no_engine_feature():
+    from tokenizer_service.engine_pool import required_features
+
+    assert required_features(pb.SamplingParams(logit_bias={5: 0.0})) == set()
+    assert required_features(pb.SamplingParams(logit_bias={5: 0.0, 6: -1.0})) == {"logit_bias"}

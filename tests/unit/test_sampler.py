@@ -125,3 +125,26 @@ def test_warm_up_runs_on_every_rank_and_draws_no_ones_tokens(samples):
     assert torch.equal(sampler.generator.get_state(), before)
     if samples:
         assert int(penalties.output_counts.sum()) == 6  # every slot was used once
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_small_logit_bias_is_not_rounded_away_in_the_logits_dtype(dtype):
+    """Near a logit of 20, bf16's step is 0.125: a +0.05 bias written back in bf16 was lost, and greedy kept the
+    first of two tied tokens. transformers adds it in float32; so does a biased step here."""
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    logits = torch.full((2, 8), -5.0, dtype=dtype)
+    logits[:, 3] = logits[:, 4] = 20.0
+    rows = [SamplingRow(SamplingParams(temperature=0.0, logit_bias={4: 0.05}), None),
+            SamplingRow(SamplingParams(temperature=0.0), None)]  # unbiased beside it: the first of the tie
+    tokens, finite = sampler(logits, rows)
+    assert tokens == [4, 3] and all(finite)
+
+
+def test_a_forcing_bias_on_a_top_fp16_logit_does_not_overflow():
+    """65,450 + 100 is past fp16's largest finite value: written back, the logit became inf and the row drew the
+    last token of the vocabulary while reported finite."""
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    logits = torch.zeros((1, 64), dtype=torch.float16)
+    logits[0, 3] = 65450.0
+    tokens, finite = sampler(logits, [SamplingRow(SamplingParams(temperature=1.0, logit_bias={3: 100.0}), None)])
+    assert tokens == [3] and finite == [True]
