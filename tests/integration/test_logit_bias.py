@@ -11,7 +11,7 @@ import torch
 
 from engine_service import SamplingParams
 from engine_service.sampling_params import MAX_LOGIT_BIAS_TOKENS
-from tests.integration.tiny import exact_engine, make_qwen3, random_prompts
+from tests.integration.tiny import exact_engine, generate_in, make_qwen3, random_prompts
 
 MAX_NEW = 16
 
@@ -61,10 +61,7 @@ def test_biased_greedy_tokens_equal_transformers(model_and_dir, setting):
     model, path = model_and_dir
     prompts = random_prompts(11, [6, 40, 17, 30])
     params = _params(model, prompts)
-    with exact_engine(path, **SETTINGS[setting]) as llm:
-        outs = llm.generate(prompts, params)
-        if setting == "preemption":
-            assert llm.stats()["num_preemptions"] > 0, "the case did not preempt"
+    outs = generate_in(path, setting, SETTINGS[setting], prompts, params)
     for prompt, p, out in zip(prompts, params, outs, strict=True):
         assert out["token_ids"] == hf_biased(model, prompt, p), p
     assert outs[0]["token_ids"][0] != hf_biased(model, prompts[0], params[1])[0]  # the bias bit

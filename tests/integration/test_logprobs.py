@@ -13,7 +13,7 @@ import torch
 
 from engine_service import SamplingParams
 from engine_service.sampling_params import MAX_LOGPROBS
-from tests.integration.tiny import exact_engine, hf_greedy, make_qwen3, random_prompts
+from tests.integration.tiny import exact_engine, generate_in, hf_greedy, make_qwen3, random_prompts
 
 TOL = 1e-9  # float64 against float64, different kernels and summation orders
 
@@ -66,10 +66,7 @@ def test_logprobs_equal_transformers(model_and_dir, setting):
         SamplingParams(temperature=0.7, seed=1, max_tokens=12, logprobs=MAX_LOGPROBS),
         SamplingParams(temperature=0.0, max_tokens=6, min_tokens=3, stop_token_ids=[ban], logprobs=2),
     ]
-    with exact_engine(path, **SETTINGS[setting]) as llm:
-        outs = llm.generate(prompts, params)
-        if setting == "preemption":
-            assert llm.stats()["num_preemptions"] > 0, "the case did not preempt"
+    outs = generate_in(path, setting, SETTINGS[setting], prompts, params)
     for prompt, p, out in zip(prompts, params, outs, strict=True):
         if p.logprobs is None:
             assert out["logprobs"] is None
@@ -139,10 +136,7 @@ def test_prompt_logprobs_equal_transformers(model_and_dir, setting):
         SamplingParams(temperature=0.0, max_tokens=24, prompt_logprobs=0),
         SamplingParams(temperature=0.0, max_tokens=24),
     ]
-    with exact_engine(path, **SETTINGS[setting]) as llm:
-        outs = llm.generate(prompts, params)
-        if setting == "preemption":
-            assert llm.stats()["num_preemptions"] > 0, "the case did not preempt"
+    outs = generate_in(path, setting, SETTINGS[setting], prompts, params)
     for prompt, p, out in zip(prompts, params, outs, strict=True):
         if p.prompt_logprobs is None:
             assert out["prompt_logprobs"] is None

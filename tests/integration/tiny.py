@@ -67,6 +67,16 @@ def exact_engine(path: Path, **overrides):
     return LLM(path, **args)
 
 
+def generate_in(path: Path, setting: str, overrides: dict, prompts: list[list[int]], params) -> list[dict]:
+    """exact_engine(path, **overrides).generate(prompts, params); a setting named "preemption" must have preempted
+    (a case meant to cover preemption that did not is a broken case, not a pass)."""
+    with exact_engine(path, **overrides) as llm:
+        outs = llm.generate(prompts, params)
+        if setting == "preemption":
+            assert llm.stats()["num_preemptions"] > 0, "the case did not preempt"
+    return outs
+
+
 def hf_greedy(model: Qwen3ForCausalLM, prompt: list[int], max_new_tokens: int) -> list[int]:
     """transformers' greedy tokens for one prompt (explicit attention mask, EOS disabled)."""
     ids = torch.tensor([prompt])
