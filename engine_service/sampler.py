@@ -5,7 +5,7 @@ vocabulary's worth of noise. A seeded request draws from its own generator, so i
 which other requests share the batch. Rows with NaN or infinite logits are reported, not sampled.
 Rows that ask for logprobs get log_softmax of their raw logits (before penalties, temperature, filters and
 bans), the sampled token's entry and the most likely tokens', computed on the device beside the draw.
-Rows with a logit_bias have it added first (the step then samples from float32 logits); rows with penalties then have their logits penalised (penalties.py);
+Rows with a logit_bias have it added first; rows with penalties then have their logits penalised (penalties.py);
 then banned, then drawn.
 On CUDA, rows without top-k, top-p or min-p filters are drawn by a Triton kernel (sampling_kernels.py) that
 reads the logits twice instead of materialising float32 copies of them.
@@ -116,9 +116,9 @@ class Sampler:
     def warm_up(self, logits: torch.Tensor) -> None:
         """Sample each row of `logits` ([rows, V]) the costliest way, with a logit bias, penalties (where this sampler
         has them: on the rank that samples), top-k/top-p and the most logprobs, then the cheapest (the sampling
-        kernel), then with a bias alone (the kernel on float32 logits), so that a start-up measuring peak memory sees
-        the sampler's largest workspace and compiles what it runs. Its generator is restored: the warm-up draws no
-        one's tokens. The counts it leaves in penalty slots are zeroed when a request takes one."""
+        kernel), so that a start-up measuring peak memory sees the sampler's largest workspace. Its generator is
+        restored: the warm-up draws no one's tokens. The counts it leaves in penalty slots are zeroed when a request
+        takes one."""
         state = self.generator.get_state()
         costly = SamplingParams(temperature=0.6, top_k=50, top_p=0.9, logprobs=MAX_LOGPROBS, repetition_penalty=1.1,
                                 presence_penalty=0.5, frequency_penalty=0.5, logit_bias={0: 0.5})
@@ -126,9 +126,6 @@ class Sampler:
         bias = self.bias_tensors(costly)
         self.sample_with_logprobs(logits.clone(), [SamplingRow(costly, None, penalty_slot=s, bias=bias) for s in slots])
         self.sample(logits.clone(), [SamplingRow(SamplingParams(temperature=0.6), None)] * logits.shape[0])
-        # A biased step samples from float32 logits: the sampling kernel's float32 variant.
-        biased = SamplingParams(temperature=0.6, logit_bias={0: 0.5})
-        self.sample(logits.clone(), [SamplingRow(biased, None, bias=self.bias_tensors(biased))] * logits.shape[0])
         self.generator.set_state(state)
 
     def bias_tensors(self, params: SamplingParams) -> LogitBias:
@@ -161,14 +158,17 @@ class Sampler:
         finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
         biased = [(i, r.bias or self.bias_tensors(r.params)) for i, r in enumerate(rows) if r.params.logit_bias]
         if biased:  # before penalties, as transformers' sequence_bias
-            # A bias under half a bf16 step at the logit (0.0625 at 20) would round away: the step samples from
-            # float32 logits (transformers too casts to float32 before its logits processors).
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             counts = [b.n for _, b in biased]
-            where = torch.repeat_interleave(to_device([i for i, _ in biased], torch.long, dev),
+            rows_ = torch.repeat_interleave(to_device([i for i, _ in biased], torch.long, dev),
                                             to_device(counts, torch.long, dev), output_size=sum(counts))
-            logits.index_put_((where, torch.cat([b.ids for _, b in biased])), torch.cat([b.values for _, b in biased])
-                              .to(logits.dtype), accumulate=True)  # distinct (row, token) pairs
+            at = (rows_, torch.cat([b.ids for _, b in biased]))  # distinct (row, token) pairs
+            # Added in float32 or wider and written back clamped, as penalties are: +100 on a large fp16 logit must
+            # not become inf. Only the biased rows change (in bf16 a bias under half the step at its logit, 0.0625
+            # near 20, rounds away): other rows' tokens never depend on a biased row sharing their step.
+            wide = torch.promote_types(logits.dtype, torch.float32)
+            limit = torch.finfo(logits.dtype).max
+            logits.index_put_(at, (logits[at].to(wide) + torch.cat([b.values for _, b in biased]))
+                              .clamp_(-limit, limit).to(logits.dtype))
         penalized = [i for i, r in enumerate(rows) if r.penalty_slot >= 0]
         if penalized:
             if self.penalties is None:

@@ -160,7 +160,11 @@ echo "[gpu_check] done in $(($(date +%s) - START))s"
 summary_rc=0
 summary || summary_rc=$?
 publish
-[[ -n $PUBLISH ]] && echo "[gpu_check] outputs: $OUT_DIR, and in $PUBLISH (gpu_check.tgz holds every one)"
 # Non-zero when any part did not pass, or an acceptance figure missed its target (row d: MISSED).
-if cut -f2 "$STATUS" | grep -qv '^PASS$' || ((summary_rc != 0)); then exit 1; fi
-exit 0
+rc=0
+if cut -f2 "$STATUS" | grep -qv '^PASS$' || ((summary_rc != 0)); then rc=1; fi
+if [[ -n $PUBLISH ]]; then
+  echo "[gpu_check] outputs in $PUBLISH (gpu_check.tgz holds every one)"
+  rm -rf "$OUT_DIR"
+fi
+exit "$rc"

@@ -88,8 +88,10 @@ def test_outputs_come_back_as_few_files_with_every_log_in_the_archive(tmp_path):
     written there flat lost the engine's figures. $OUT gets the main ones loose and all of them in one archive."""
     import tarfile
 
-    rc, output, _, out = _run(tmp_path, budget=300, graphs='{"workload_A": {"tok_s": 30000.0}}')
+    rc, output, calls, out = _run(tmp_path, budget=300, graphs='{"workload_A": {"tok_s": 30000.0}}')
     assert rc == 0, output
+    work = Path(re.search(r"--out (\S+)", _part(calls, "gpu_check.py graphs"))[1])
+    assert work != out and not work.exists()  # the work folder is gone; $OUT holds what matters
     back = sorted(p.name for p in out.iterdir())
     # env.json is the real env part's; the stub writes none.
     assert back == ["gpu_check.tgz", "graphs.json", "performance.md", "status.tsv", "summary.txt"], back

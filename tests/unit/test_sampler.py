@@ -127,17 +127,25 @@ def test_warm_up_runs_on_every_rank_and_draws_no_ones_tokens(samples):
         assert int(penalties.output_counts.sum()) == 6  # every slot was used once
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_a_small_logit_bias_is_not_rounded_away_in_the_logits_dtype(dtype):
-    """Near a logit of 20, bf16's step is 0.125: a +0.05 bias written back in bf16 was lost, and greedy kept the
-    first of two tied tokens. transformers adds it in float32; so does a biased step here."""
-    sampler = Sampler(torch.device("cpu"), seed=0)
-    logits = torch.full((2, 8), -5.0, dtype=dtype)
-    logits[:, 3] = logits[:, 4] = 20.0
-    rows = [SamplingRow(SamplingParams(temperature=0.0, logit_bias={4: 0.05}), None),
-            SamplingRow(SamplingParams(temperature=0.0), None)]  # unbiased beside it: the first of the tie
-    tokens, finite = sampler(logits, rows)
-    assert tokens == [4, 3] and all(finite)
+def test_a_biased_row_does_not_change_the_tokens_of_the_rows_beside_it():
+    """A step with a biased row sampled every row from float32 logits: a penalised bf16 row, whose penalty rounds to
+    a tie in bf16, took another token beside a biased row than alone."""
+    from engine_service.penalties import Penalties
+    from engine_service.sequence import Sequence
+
+    def first_token(beside_a_biased_row: bool) -> int:
+        sampler = Sampler(torch.device("cpu"), seed=0, penalties=Penalties(4, 8, torch.device("cpu")))
+        p = SamplingParams(temperature=0.0, repetition_penalty=1.3)
+        row = torch.full((8,), -5.0)
+        row[0], row[1] = 2.0, 1.5390625  # token 0 is in the prompt: 2.0 / 1.3 rounds to 1.5390625 in bf16, a tie
+        logits, rows = [row], [SamplingRow(p, None, penalty_slot=sampler.penalties.slot(Sequence("a", [0], p, 64)))]
+        if beside_a_biased_row:
+            biased = SamplingParams(temperature=0.0, logit_bias={3: 1.0})
+            logits.append(torch.zeros(8))
+            rows.append(SamplingRow(biased, None, bias=sampler.bias_tensors(biased)))
+        return int(sampler.sample(torch.stack(logits).to(torch.bfloat16), rows)[0, 0])
+
+    assert first_token(True) == first_token(False)
 
 
 def test_a_forcing_bias_on_a_top_fp16_logit_does_not_overflow():
