@@ -39,11 +39,10 @@ class SamplingRow:
 
 @dataclass(slots=True, frozen=True)
 class LogitBias:
-    """One request's logit_bias on the device: token ids (int64) and biases (float32), n of each."""
+    """One request's logit_bias on the device: token ids (int64) and biases (float64: exact in a float64 engine)."""
 
     ids: torch.Tensor
     values: torch.Tensor
-    n: int
 
 
 @dataclass(slots=True)
@@ -131,8 +130,8 @@ class Sampler:
     def bias_tensors(self, params: SamplingParams) -> LogitBias:
         """A request's logit_bias on the device, for its SamplingRows: made once, a step uploads nothing for it."""
         ids = to_device([t for t, _ in params.logit_bias], torch.long, self.device)
-        values = to_device([b for _, b in params.logit_bias], torch.float32, self.device)
-        return LogitBias(ids, values, len(params.logit_bias))
+        values = to_device([b for _, b in params.logit_bias], torch.float64, self.device)
+        return LogitBias(ids, values)
 
     def sample_with_logprobs(self, logits: torch.Tensor, rows: list[SamplingRow]
                              ) -> tuple[torch.Tensor, LogprobRows | None]:
@@ -158,7 +157,7 @@ class Sampler:
         finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
         biased = [(i, r.bias or self.bias_tensors(r.params)) for i, r in enumerate(rows) if r.params.logit_bias]
         if biased:  # before penalties, as transformers' sequence_bias
-            counts = [b.n for _, b in biased]
+            counts = [b.ids.shape[0] for _, b in biased]
             rows_ = torch.repeat_interleave(to_device([i for i, _ in biased], torch.long, dev),
                                             to_device(counts, torch.long, dev), output_size=sum(counts))
             at = (rows_, torch.cat([b.ids for _, b in biased]))  # distinct (row, token) pairs
@@ -167,8 +166,8 @@ class Sampler:
             # near 20, rounds away): other rows' tokens never depend on a biased row sharing their step.
             wide = torch.promote_types(logits.dtype, torch.float32)
             limit = torch.finfo(logits.dtype).max
-            logits.index_put_(at, (logits[at].to(wide) + torch.cat([b.values for _, b in biased]))
-                              .clamp_(-limit, limit).to(logits.dtype))
+            add = torch.cat([b.values for _, b in biased]).to(wide)
+            logits.index_put_(at, (logits[at].to(wide) + add).clamp_(-limit, limit).to(logits.dtype))
         penalized = [i for i, r in enumerate(rows) if r.penalty_slot >= 0]
         if penalized:
             if self.penalties is None:

@@ -408,8 +408,9 @@ LABELS = {
 SUMMARY_TARGET_MISSED = 3  # cmd_summary's exit code when the table is whole but an acceptance figure missed
 
 
-def cmd_summary(out: Path) -> int:
-    """Print the table (and write performance.md); SUMMARY_TARGET_MISSED if workload A is under the target."""
+def cmd_summary(out: Path, shown_as: str = "") -> int:
+    """Print the table (and write performance.md); SUMMARY_TARGET_MISSED if workload A is under the target.
+    shown_as: where the table says the logs are (default: `out`)."""
     env = _load(out / "env.json")
     rows = []
     status: dict[str, tuple[str, str]] = {}
@@ -437,13 +438,13 @@ def cmd_summary(out: Path) -> int:
     print()
     print(
         f"GPU check: {env.get('device', '?')}, torch {env.get('torch')}, triton {env.get('triton')}, "
-        f"transformers {env.get('transformers')}; logs and JSON in {out}"
+        f"transformers {env.get('transformers')}; logs and JSON in {shown_as or out}"
     )
     print(f"{'part':<30}{'status':<9}{'s':>5}  result")
     for label, st, secs, text in rows:
         print(f"{label:<30}{st:<9}{secs:>5}  {text}")
     (out / "performance.md").write_text(_markdown(env, rows))
-    print(f"\n(the same as Markdown for docs/PERFORMANCE.md: {out / 'performance.md'})")
+    print("\n(the same as Markdown for docs/PERFORMANCE.md: performance.md, beside the logs)")
     return SUMMARY_TARGET_MISSED if any(st == "MISSED" for _, st, _, _ in rows) else 0
 
 
@@ -471,10 +472,11 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("gpu_check_out"))
     p.add_argument("--cache-dir", type=Path, default=None, help="preset cache (default: bench's)")
     p.add_argument("--cpu-dry-run", action="store_true", help="graphs: the same flow on CPU at toy sizes")
+    p.add_argument("--shown-as", default="", help="summary: where the table says the logs are (default: --out)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     if a.command == "summary":
-        return cmd_summary(a.out)
+        return cmd_summary(a.out, a.shown_as)
     if a.command == "env":
         return cmd_env(a.out)
     from engine_service import bench

@@ -21,7 +21,8 @@
 # written to a work folder, and after each stage $OUT gets all of them as gpu_check.tgz plus the few that matter
 # most loose (status.tsv, env.json, graphs.json, summary.txt, performance.md): a run cut short still returns
 # what it did. Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 300), GPU_CHECK_CACHE (where
-# the 1.2 GB preset is built; keep it outside $OUT).
+# the 1.2 GB preset is built; keep it outside $OUT), GPU_CHECK_PUBLISH_S (default 15: how often $OUT is refreshed
+# while g, d and e run).
 set -u
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -71,26 +72,37 @@ run_part() {
   return 0
 }
 
+# summary: the table (so far) in summary.txt and performance.md; exit 3 when it is whole but workload A missed
+# 28,000 tok/s, other non-zero if it failed.
+SHOWN_AS=${PUBLISH:+gpu_check.tgz}
+summary() {
+  "$PY" scripts/gpu_check.py summary --out "$OUT_DIR" --shown-as "${SHOWN_AS:-$OUT_DIR}" >"$OUT_DIR/summary.txt" 2>&1
+}
+
 # publish: with $OUT, every output so far as $OUT/gpu_check.tgz, and the main ones loose beside it (at most
-# 6 files in all: the device tool brings back 8). Run between stages, never while a part writes.
+# 6 files in all: the device tool brings back 8), the table as it stands included. Run after each stage, and
+# every 15 s while g, d and e run (publisher), so that a run killed from outside still returns what it had.
+# Returns non-zero when the archive could not be written.
 publish() {
   [[ -n $PUBLISH ]] || return 0
-  mkdir -p "$PUBLISH" || return 0
-  tar czf "$PUBLISH/.gpu_check.tgz" -C "$OUT_DIR" . && mv -f "$PUBLISH/.gpu_check.tgz" "$PUBLISH/gpu_check.tgz"
-  local f
+  mkdir -p "$PUBLISH" || return 1
+  summary
+  local tmp="$PUBLISH/.gpu_check.$BASHPID.tgz" f
+  tar czf "$tmp" -C "$OUT_DIR" . 2>/dev/null && mv -f "$tmp" "$PUBLISH/gpu_check.tgz" || { rm -f "$tmp"; return 1; }
   for f in status.tsv env.json graphs.json summary.txt performance.md; do
     [[ -f $OUT_DIR/$f ]] && cp -f "$OUT_DIR/$f" "$PUBLISH/$f"
   done
   return 0
 }
-
-# summary: the table; exit 3 when it is whole but workload A missed 28,000 tok/s, other non-zero if it failed.
-summary() {
-  local rc=0
-  "$PY" scripts/gpu_check.py summary --out "$OUT_DIR" >"$OUT_DIR/summary.txt" 2>&1 || rc=$?
-  cat "$OUT_DIR/summary.txt"
-  ((rc == 0 || rc == 3)) || cat "$STATUS"
-  return "$rc"
+publisher() {  # in the background: its sleep is killed with it, and it holds none of the script's output
+  local nap
+  trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+  while true; do
+    sleep "${GPU_CHECK_PUBLISH_S:-15}" &
+    nap=$!
+    wait "$nap"
+    publish
+  done
 }
 
 # ---- env: versions and the device; stop at once without CUDA -----------------------------------------
@@ -103,6 +115,7 @@ if ((rc != 0)); then
   else
     echo "gpu_check: '$PY scripts/gpu_check.py env' failed (rc $rc): is torch importable with $PY?"
   fi
+  publish
   exit 2
 fi
 printf 'env\tPASS\t%s\t0\n' "$(($(date +%s) - START))" >>"$STATUS"
@@ -126,6 +139,11 @@ for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid"; done
 publish
 
 # ---- g, d, e: one at a time, since they time things ---------------------------------------------------
+pub_pid=
+if [[ -n $PUBLISH ]]; then
+  publisher </dev/null >/dev/null 2>&1 &
+  pub_pid=$!
+fi
 # limit_for MIN MAX: what is left of the budget, kept within MIN and MAX. The parts below hold acceptance
 # figures, so each runs (NOCAP) for at least MIN even past the budget when slow parts before it left less.
 limit_for() {
@@ -156,15 +174,21 @@ if wanted e; then
     --peers hf-continuous --peer-timeout "$peer" --cache-dir "$CACHE" --json "$OUT_DIR/e_bench_64.json"
 fi
 
+[[ -n $pub_pid ]] && kill "$pub_pid" 2>/dev/null && wait "$pub_pid" 2>/dev/null
 echo "[gpu_check] done in $(($(date +%s) - START))s"
 summary_rc=0
 summary || summary_rc=$?
-publish
+cat "$OUT_DIR/summary.txt"
+((summary_rc == 0 || summary_rc == 3)) || cat "$STATUS"
+published=0
+publish || published=$?
 # Non-zero when any part did not pass, or an acceptance figure missed its target (row d: MISSED).
 rc=0
 if cut -f2 "$STATUS" | grep -qv '^PASS$' || ((summary_rc != 0)); then rc=1; fi
-if [[ -n $PUBLISH ]]; then
+if [[ -n $PUBLISH ]] && ((published == 0)); then
   echo "[gpu_check] outputs in $PUBLISH (gpu_check.tgz holds every one)"
   rm -rf "$OUT_DIR"
+elif [[ -n $PUBLISH ]]; then
+  echo "[gpu_check] could not write $PUBLISH/gpu_check.tgz: the outputs stay in $OUT_DIR"
 fi
 exit "$rc"

@@ -103,6 +103,12 @@ def test_serving_compiles_no_kernel_variant_after_start_up(bf16_model, enforce_e
             params = [SamplingParams(temperature=rng.choice([0.0, 0.7]), max_tokens=rng.randint(1, 24))
                       for _ in range(n)]
             llm.generate(prompts, params)
+        # Prompt logprobs and a logit bias (the LM head over prompt rows, the bias on fp16 logits) add none either.
+        llm.generate([[rng.randrange(VOCAB) for _ in range(40)] for _ in range(4)],
+                     [SamplingParams(temperature=0.7, max_tokens=4, prompt_logprobs=2, logit_bias={5: 1.5, 9: -100.0}),
+                      SamplingParams(temperature=0.0, max_tokens=4, logit_bias={7: 2.0}),
+                      SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=0),
+                      SamplingParams(temperature=0.7, max_tokens=4)])
         for n in (3, 5, 6, 9):  # decode steps of exactly n sequences
             llm.generate([[rng.randrange(VOCAB) for _ in range(4)] for _ in range(n)],
                          [SamplingParams(temperature=0.0, max_tokens=4)] * n)
@@ -232,20 +238,24 @@ def test_triton_with_graphs_and_fused_ops_matches_all_torch(fp32_model):
 
 def test_overlap_scheduling_tokens_equal_plain_scheduling(fp32_model):
     """Greedy and seeded tokens do not depend on overlap scheduling (graphs on, fp32); logprobs, read back through
-    pinned memory beside the tokens, equal transformers' log_softmax teacher-forced on the same GPU."""
+    pinned memory beside the tokens, equal transformers' log_softmax teacher-forced on the same GPU. So do prompt
+    logprobs, over prompts chunked at 48 tokens (steps with prompt rows and no sampled row among them)."""
+    from dataclasses import replace
+
     from transformers import AutoModelForCausalLM
 
     from engine_service import SamplingParams
 
-    prompts, params = _requests(30, seed=4)
+    prompts, params = _requests(30, seed=4, max_prompt=120)
     params = [
         SamplingParams(temperature=0.0, max_tokens=p.max_tokens, logprobs=i % 4) if i % 3 == 1 else
         p if i % 3 else SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=p.max_tokens, logprobs=2)
         for i, p in enumerate(params)
     ]
+    params = [replace(p, prompt_logprobs=i % 3) if i % 4 == 0 else p for i, p in enumerate(params)]
     results, outs = {}, []
     for overlap in (False, True):  # outs: overlap's, whose logprobs are checked below
-        with _engine(fp32_model, dtype="float32", overlap_scheduling=overlap) as llm:
+        with _engine(fp32_model, dtype="float32", overlap_scheduling=overlap, max_num_batched_tokens=48) as llm:
             assert llm.overlap is overlap and llm.runner.graphs is not None
             outs = llm.generate(prompts, params)
             results[overlap] = [o["token_ids"] for o in outs]
@@ -254,6 +264,16 @@ def test_overlap_scheduling_tokens_equal_plain_scheduling(fp32_model):
     assert results[True] == results[False]
     hf = AutoModelForCausalLM.from_pretrained(fp32_model, dtype=torch.float32).cuda().eval()
     for prompt, p, out in zip(prompts, params, outs, strict=True):
+        if p.prompt_logprobs is not None:
+            ids = torch.tensor([prompt], device="cuda")
+            with torch.no_grad():
+                ref = torch.log_softmax(hf(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float(), -1)
+            ref = ref.cpu()
+            assert len(out["prompt_logprobs"]) == len(prompt) - 1
+            for pos, lp in enumerate(out["prompt_logprobs"]):
+                assert abs(lp.logprob - ref[pos, prompt[pos + 1]].item()) <= 1e-3, (pos, lp)
+                assert lp.top_logprobs == pytest.approx(ref[pos][lp.top_token_ids].tolist(), abs=1e-3)
+                assert len(lp.top_token_ids) == p.prompt_logprobs
         if p.logprobs is None:
             assert out["logprobs"] is None
             continue
