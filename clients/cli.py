@@ -84,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--logit-bias takes ID=BIAS, e.g. 42=-100; got {args.logit_bias}")
     if len(logit_bias) < len(args.logit_bias):
         parser.error(f"--logit-bias names a token id twice: {args.logit_bias}")
-    sampling = dict(logit_bias=logit_bias or None, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     seed=args.seed, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
-                    repetition_penalty=args.repetition_penalty,
-                    presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
+                    repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                    frequency_penalty=args.frequency_penalty, logit_bias=logit_bias or None)
     if args.thinking is not None and not args.chat:
         print("llm-client: --thinking applies to --chat only", file=sys.stderr)
         return 2

@@ -155,6 +155,7 @@ class Sampler:
         dev = logits.device
         # NaN and inf propagate through a sum; summed in float32 so that fp16 logits cannot overflow it.
         finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
+        wide = torch.promote_types(logits.dtype, torch.float32)  # what biases and penalties are computed in
         biased = [(i, r.bias or self.bias_tensors(r.params)) for i, r in enumerate(rows) if r.params.logit_bias]
         if biased:  # before penalties, as transformers' sequence_bias
             counts = [b.ids.shape[0] for _, b in biased]
@@ -164,7 +165,6 @@ class Sampler:
             # Added in float32 or wider and written back clamped, as penalties are: +100 on a large fp16 logit must
             # not become inf. Only the biased rows change (in bf16 a bias under half the step at its logit, 0.0625
             # near 20, rounds away): other rows' tokens never depend on a biased row sharing their step.
-            wide = torch.promote_types(logits.dtype, torch.float32)
             limit = torch.finfo(logits.dtype).max
             add = torch.cat([b.values for _, b in biased]).to(wide)
             logits.index_put_(at, (logits[at].to(wide) + add).clamp_(-limit, limit).to(logits.dtype))
@@ -176,7 +176,6 @@ class Sampler:
             pen_rows, pen_slots = pairs[:, 0], pairs[:, 1]
             p = [rows[i].params for i in penalized]
             table = [[q.repetition_penalty, q.presence_penalty, q.frequency_penalty] for q in p]
-            wide = torch.promote_types(logits.dtype, torch.float32)
             self.penalties.apply(logits, pen_rows, pen_slots, to_device(table, wide, dev),
                                  repetition=any(t[0] != 1.0 for t in table),
                                  counted=any(t[1] != 0.0 or t[2] != 0.0 for t in table))

@@ -44,6 +44,13 @@ def check_prompt_logprobs_size(num_prompt_tokens: int, k: int, max_bytes: int) -
                          f"{size} bytes, over the {max_bytes} this engine allows (a quarter of max_message_bytes): "
                          "ask for fewer alternatives, score a shorter prompt, or raise --max-message-bytes")
 
+def _put_logprobs(repeated, logprobs: list[TokenLogprobs]) -> None:
+    """Append TokenLogprobs to an update's repeated TokenLogprobs field."""
+    add = repeated.add
+    for lp in logprobs:
+        add(logprob=lp.logprob, top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
+
+
 FINISH_TO_PROTO = {
     FINISH_STOP: pb.FINISH_REASON_STOP,
     FINISH_LENGTH: pb.FINISH_REASON_LENGTH,
@@ -143,13 +150,9 @@ class OutputStream:
         update.num_prompt_tokens = output.num_prompt_tokens
         update.num_cached_tokens = output.num_cached_tokens
         if output.logprobs is not None:
-            add = update.logprobs.add
-            for lp in output.logprobs:
-                add(logprob=lp.logprob, top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
+            _put_logprobs(update.logprobs, output.logprobs)
         if output.prompt_logprobs is not None:
-            add = update.prompt_logprobs.add
-            for lp in output.prompt_logprobs:
-                add(logprob=lp.logprob, top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
+            _put_logprobs(update.prompt_logprobs, output.prompt_logprobs)
         if output.finish_reason is not None:  # output.finished
             update.finish_reason = FINISH_TO_PROTO.get(output.finish_reason, pb.FINISH_REASON_STOP)
             self._finish(client_id)

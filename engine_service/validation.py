@@ -12,6 +12,11 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens
 MAX_REQUEST_ID_LEN = 256
 
 
+def _from_float32(value: float) -> float:
+    """A float that arrived as float32, as the client wrote it: 0.7 stays 0.7, not 0.699999988."""
+    return float(f"{value:.7g}")
+
+
 def sampling_params_from_proto(proto: Any, defaults: dict[str, object]) -> SamplingParams:
     """Set proto fields win, then generation_config.json defaults, then SamplingParams' own defaults."""
     values: dict[str, object] = {k: v for k, v in defaults.items() if k in SAMPLING_FIELDS}
@@ -26,11 +31,10 @@ def sampling_params_from_proto(proto: Any, defaults: dict[str, object]) -> Sampl
     if proto.logit_bias:
         if len(proto.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
             raise ValueError(f"logit_bias must hold at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(proto.logit_bias)}")
-        values["logit_bias"] = {t: float(f"{b:.7g}") for t, b in proto.logit_bias.items()}  # as the floats below
-    # Floats arrive as float32; round-trip through repr so 0.7 stays 0.7, not 0.699999988.
+        values["logit_bias"] = {t: _from_float32(b) for t, b in proto.logit_bias.items()}
     for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         if name in values and isinstance(values[name], float):
-            values[name] = float(f"{values[name]:.7g}")
+            values[name] = _from_float32(values[name])
     try:
         return SamplingParams(**values)  # type: ignore[arg-type]
     except TypeError as exc:  # a generation_config value of the wrong type

@@ -283,11 +283,15 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                                 f"the engine at {handle.conn.address} returned {len(update.logprobs)} logprobs for "
                                 f"{len(update.new_token_ids)} tokens: it predates logprobs; upgrade it, or send the "
                                 "request without logprobs")
+        return self._text_logprobs(update.new_token_ids, update.logprobs)
+
+    def _text_logprobs(self, token_ids, engine_logprobs) -> list[pb.TokenLogprobs]:
+        """The text API's TokenLogprobs of the engine's, one per token id, with each token's text."""
         text = self._token_text
         return [pb.TokenLogprobs(token_id=t, token=text(t), logprob=lp.logprob,
                                  top=[pb.TopLogprob(token_id=i, token=text(i), logprob=v)
                                       for i, v in zip(lp.top_token_ids, lp.top_logprobs, strict=True)])
-                for t, lp in zip(update.new_token_ids, update.logprobs, strict=True)]
+                for t, lp in zip(token_ids, engine_logprobs, strict=True)]
 
     async def _prompt_logprobs(self, prep: PreparedRequest, update: engine_pb.RequestUpdate,
                                handle: RequestHandle) -> list[pb.GenerateResponse]:
@@ -302,11 +306,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                                 "request without prompt_logprobs")
 
         def build() -> list[pb.GenerateResponse]:
-            text = self._token_text
-            entries = [pb.TokenLogprobs(token_id=t, token=text(t), logprob=lp.logprob,
-                                        top=[pb.TopLogprob(token_id=i, token=text(i), logprob=v)
-                                             for i, v in zip(lp.top_token_ids, lp.top_logprobs, strict=True)])
-                       for t, lp in zip(prompt[1:], got, strict=True)]
+            entries = self._text_logprobs(prompt[1:], got)
             step = PROMPT_LOGPROBS_PER_MESSAGE
             return [pb.GenerateResponse(prompt_logprobs=entries[i : i + step]) for i in range(0, len(entries), step)]
 
