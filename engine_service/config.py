@@ -29,7 +29,7 @@ class EngineConfig:
     num_kvcache_blocks: int | None = None  # None: sized from memory (GPU) or the CPU default
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_model_len: int | None = None  # None: the model's max_position_embeddings (stretched by RoPE scaling)
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     cpu_kvcache_gib: float = DEFAULT_CPU_KVCACHE_GIB

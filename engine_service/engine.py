@@ -92,11 +92,13 @@ class LLMEngine:
         self.config = EngineConfig.from_kwargs(str(model), **kwargs)
         model_dir = Path(self.config.model)
         self.model_cfg = ModelConfig.from_dir(model_dir)
-        max_model_len = self.config.max_model_len or self.model_cfg.max_position_embeddings
-        if max_model_len > self.model_cfg.max_position_embeddings:
+        limit = self.model_cfg.max_model_len_limit
+        max_model_len = self.config.max_model_len or limit
+        if max_model_len > limit:
             raise ValueError(
-                f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
-                f"{self.model_cfg.max_position_embeddings}"
+                f"max_model_len {max_model_len} exceeds the {limit} positions the model serves (config.json's "
+                f"max_position_embeddings, or its RoPE scaling's original_max_position_embeddings x factor); "
+                f"set max_model_len to {limit} or less"
             )
         self.max_model_len = max_model_len
         self.tokenizer = self._load_tokenizer(model_dir)

@@ -20,6 +20,66 @@ def read_json(path: Path) -> dict:
     return data
 
 
+ROPE_TYPES = ("default", "linear", "yarn")
+
+
+@dataclass(slots=True, frozen=True)
+class RopeScaling:
+    """RoPE scaling for contexts longer than the model was trained on, as transformers computes it
+    (rope_type "linear" or "yarn"; Qwen3's model cards recommend yarn beyond 32,768 tokens)."""
+
+    rope_type: str
+    factor: float
+    original_max_position_embeddings: int  # yarn: the trained length the ramp is measured against
+    attention_factor: float | None = None  # yarn: scales cos and sin; None derives it from factor (and mscale)
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.original_max_position_embeddings * self.factor)
+
+    @classmethod
+    def from_dict(cls, rope: dict, cfg: dict, max_positions: int) -> RopeScaling | None:
+        """None for plain RoPE; a ValueError that says what is wrong for a setting the engine does not serve."""
+        rope_type = rope.get("rope_type", rope.get("type")) or "default"
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(
+                f"RoPE scaling type {rope_type!r} is not implemented; the engine serves {ROPE_TYPES} "
+                f"(for long contexts, Qwen3 recommends rope_type 'yarn')"
+            )
+        partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        if partial not in (None, 1, 1.0):
+            raise ValueError(f"partial_rotary_factor {partial} is not implemented; only 1.0 (RoPE on the whole "
+                             f"head) is")
+        if rope_type == "default":
+            return None
+        # transformers: a top-level original_max_position_embeddings wins, then rope's own, then max_positions
+        original = cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+        original = original or max_positions
+        factor = rope.get("factor")
+        if factor is None and rope_type == "yarn":
+            factor = max_positions / original
+        if not isinstance(factor, int | float) or isinstance(factor, bool) or not factor >= 1.0:
+            raise ValueError(f"RoPE scaling {rope_type!r} needs a factor of 1.0 or more; config.json has {factor!r}")
+        if rope_type == "linear":  # positions divided by factor: the limit is the config's length x factor
+            return cls("linear", float(factor), max_positions)
+        return cls(
+            "yarn",
+            float(factor),
+            int(original),
+            attention_factor=rope.get("attention_factor"),
+            mscale=rope.get("mscale"),
+            mscale_all_dim=rope.get("mscale_all_dim"),
+            beta_fast=float(rope.get("beta_fast") or 32),
+            beta_slow=float(rope.get("beta_slow") or 1),
+            truncate=bool(rope.get("truncate", True)),
+        )
+
+
 @dataclass(slots=True, frozen=True)
 class ModelConfig:
     model_type: str
@@ -36,6 +96,16 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     torch_dtype: str | None  # the checkpoint's dtype name, e.g. "bfloat16"
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE
+
+    @property
+    def max_model_len_limit(self) -> int:
+        """The longest sequence the model's positions serve: max_position_embeddings, or what RoPE scaling
+        stretches the trained length to (yarn: original_max_position_embeddings x factor; linear:
+        max_position_embeddings x factor)."""
+        if self.rope_scaling is None:
+            return self.max_position_embeddings
+        return max(self.max_position_embeddings, self.rope_scaling.max_positions)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
@@ -54,14 +124,12 @@ class ModelConfig:
         if cfg.get("use_sliding_window"):
             raise ValueError("use_sliding_window=true is not implemented; serve a config without it")
 
-        # transformers 5 keeps RoPE settings in rope_parameters; transformers 4 in rope_theta / rope_scaling.
-        rope = cfg.get("rope_parameters") or {}
-        scaling = cfg.get("rope_scaling") or {}
-        for rope_type in (rope.get("rope_type"), rope.get("type"), scaling.get("rope_type"), scaling.get("type")):
-            if rope_type not in (None, "default"):
-                raise ValueError(f"RoPE scaling type {rope_type!r} is not implemented; only default RoPE is")
+        # transformers 5 keeps RoPE settings in rope_parameters; transformers 4 in rope_theta / rope_scaling. A
+        # rope_scaling added to a transformers 5 config (as Qwen3's model cards say to) wins, as in transformers 5.
+        rope = {**(cfg.get("rope_parameters") or {}), **(cfg.get("rope_scaling") or {})}
         rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-
+        max_positions = cfg.get("max_position_embeddings", 32768)
+        rope_scaling = RopeScaling.from_dict(rope, cfg, max_positions)
         heads = cfg["num_attention_heads"]
         return cls(
             model_type=model_type,
@@ -74,7 +142,8 @@ class ModelConfig:
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
-            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+            max_position_embeddings=max_positions,
+            rope_scaling=rope_scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", False)),
             torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),

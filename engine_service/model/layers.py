@@ -7,11 +7,14 @@ torch.distributed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine_service.model.config import RopeScaling
 
 
 @dataclass(slots=True, frozen=True)
@@ -194,16 +197,18 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """RoPE with a cos/sin table over every position, computed in float32 as transformers does.
 
-    One table serves every layer: `lookup` runs once per forward and the layers `apply` its result.
+    One table serves every layer: `lookup` runs once per forward and the layers `apply` its result. RoPE
+    scaling (linear, yarn) changes only the table: its frequencies, and for yarn a factor on cos and sin.
     """
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, dtype: torch.dtype):
+    def __init__(self, head_dim: int, max_positions: int, theta: float, dtype: torch.dtype,
+                 scaling: RopeScaling | None = None):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        inv_freq, attention_factor = rope_frequencies(head_dim, theta, scaling)
         freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
-        self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
-        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+        self.register_buffer("cos", (emb.cos() * attention_factor).to(dtype), persistent=False)
+        self.register_buffer("sin", (emb.sin() * attention_factor).to(dtype), persistent=False)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> cos, sin [T, 1, D] (broadcast over heads)."""
@@ -214,6 +219,45 @@ class RotaryEmbedding(nn.Module):
         """q: [T, Hq, D], k: [T, Hkv, D] rotated by the looked-up angles."""
         cos, sin = cos_sin
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies [head_dim // 2] (float32) and the factor on cos and sin, by transformers'
+    formulas: plain, linear (frequencies / factor) or yarn (frequencies that interpolate by factor below
+    the trained length's slowest rotations and keep the fast ones, with a ramp between, and cos and sin
+    scaled by 0.1 ln(factor) + 1 unless attention_factor or mscale says otherwise)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
+    if scaling is None:
+        return 1.0 / (theta ** exponents), 1.0
+    if scaling.rope_type == "linear":
+        return 1.0 / (theta ** exponents) / scaling.factor, 1.0
+    factor = scaling.factor
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = scaling.attention_factor
+    if attention_factor is None:
+        if scaling.mscale and scaling.mscale_all_dim:
+            attention_factor = mscale(factor, scaling.mscale) / mscale(factor, scaling.mscale_all_dim)
+        else:
+            attention_factor = mscale(factor)
+
+    def correction_dim(rotations: float) -> float:  # the dimension whose wavelength makes `rotations` turns
+        return head_dim * math.log(scaling.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = theta ** exponents
+    keep = 1 - ramp  # 1: extrapolate (fast dimensions keep their frequency), 0: interpolate by factor
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return inv_freq, float(attention_factor)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -131,7 +131,7 @@ class Qwen3ForCausalLM(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, tp, fused) for _ in range(cfg.num_hidden_layers))
         self.rotary = RotaryEmbedding(
-            cfg.head_dim, max_positions, cfg.rope_theta, dtype
+            cfg.head_dim, max_positions, cfg.rope_theta, dtype, cfg.rope_scaling
         )  # shared by all layers
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)

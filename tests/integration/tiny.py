@@ -27,8 +27,10 @@ def make_qwen3(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     shard_size: str | None = None,
+    rope_scaling: dict | None = None,
 ) -> Qwen3ForCausalLM:
-    """Save a random Qwen3 to `path` and return it (float64, eval mode) as the reference."""
+    """Save a random Qwen3 to `path` and return it (float64, eval mode) as the reference; rope_scaling: e.g.
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}."""
     torch.manual_seed(seed)
     cfg = Qwen3Config(
         vocab_size=vocab,
@@ -40,7 +42,7 @@ def make_qwen3(
         head_dim=head_dim,
         max_position_embeddings=max_pos,
         tie_word_embeddings=tie,
-        rope_theta=theta,
+        rope_parameters={"rope_type": "default", **(rope_scaling or {}), "rope_theta": theta},
         # A wide init makes a random model's greedy tokens vary, so comparisons mean something.
         initializer_range=0.3,
     )

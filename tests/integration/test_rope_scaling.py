@@ -1,0 +1,109 @@
+"""RoPE scaling (linear and yarn, as Qwen3's model cards configure for long contexts) against transformers:
+the same frequencies and cos/sin factor, bit for bit, and the same greedy tokens past the trained length."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import Qwen3Config
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from engine_service import LLM, SamplingParams
+from engine_service.model.config import ModelConfig
+from engine_service.model.layers import rope_frequencies
+from tests.integration.tiny import exact_engine, hf_greedy, make_qwen3, random_prompts
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+
+# rope_parameters beside max_position_embeddings=64 and head_dim=16
+CASES = {
+    "yarn": YARN,
+    "yarn-no-truncate": {**YARN, "truncate": False},
+    "yarn-betas": {**YARN, "beta_fast": 16, "beta_slow": 2},
+    "yarn-mscale": {**YARN, "mscale": 0.707, "mscale_all_dim": 1.0},
+    "yarn-attention-factor": {**YARN, "attention_factor": 1.5},
+    "yarn-factor-from-lengths": {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 16},
+    "yarn-head-dim-1e6": {**YARN, "factor": 2.5},
+    "linear": {"rope_type": "linear", "factor": 2.0},
+}
+
+
+def _hf_config(rope: dict, theta: float = 10000.0) -> Qwen3Config:
+    return Qwen3Config(vocab_size=64, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       max_position_embeddings=64, rope_parameters={**rope, "rope_theta": theta})
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_frequencies_equal_transformers(name):
+    theta = 1e6 if name == "yarn-head-dim-1e6" else 10000.0
+    hf_cfg = _hf_config(CASES[name], theta)
+    want_freq, want_factor = ROPE_INIT_FUNCTIONS[CASES[name]["rope_type"]](hf_cfg, "cpu")
+    ours = ModelConfig.from_dict(json.loads(hf_cfg.to_json_string()))
+    assert ours.rope_scaling is not None and ours.rope_scaling.rope_type == CASES[name]["rope_type"]
+    freq, factor = rope_frequencies(16, ours.rope_theta, ours.rope_scaling)
+    assert torch.equal(freq, want_freq.float()), name
+    assert factor == pytest.approx(want_factor, rel=0, abs=0), name
+
+
+def test_transformers4_rope_scaling_key_is_read():
+    """transformers 4 wrote the same settings as rope_scaling beside a top-level rope_theta."""
+    cfg = json.loads(_hf_config({}).to_json_string())
+    del cfg["rope_parameters"]
+    cfg.update(rope_theta=5000.0, rope_scaling=dict(YARN), max_position_embeddings=40)
+    ours = ModelConfig.from_dict(cfg)
+    assert ours.rope_theta == 5000.0
+    assert ours.rope_scaling.factor == 4.0 and ours.rope_scaling.original_max_position_embeddings == 32
+    assert ours.max_model_len_limit == 128  # 32 x 4, not the config's 40
+
+
+def test_rope_scaling_added_to_a_transformers5_config_wins():
+    """Qwen3's model cards say to add rope_scaling to config.json; one saved by transformers 5 already holds
+    rope_parameters of type default. transformers 5 then uses the yarn settings; so must the engine."""
+    cfg = json.loads(_hf_config({}).to_json_string())
+    assert cfg["rope_parameters"]["rope_type"] == "default"
+    cfg["rope_scaling"] = dict(YARN)
+    ours = ModelConfig.from_dict(cfg)
+    assert ours.rope_scaling is not None and ours.rope_scaling.rope_type == "yarn"
+    assert ours.rope_theta == 10000.0
+
+
+@pytest.mark.parametrize("rope", [YARN, {"rope_type": "linear", "factor": 2.0}], ids=["yarn", "linear"])
+def test_greedy_tokens_past_the_trained_length_equal_transformers(tmp_path, rope):
+    model = make_qwen3(tmp_path, max_pos=64, rope_scaling=rope)
+    prompts = random_prompts(11, [5, 70, 110])  # within, across and past the 64 positions of max_position_embeddings
+    with exact_engine(tmp_path, max_model_len=128) as llm:
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out["token_ids"] == hf_greedy(model, prompt, 12)
+
+
+def test_scaled_rope_changes_the_tokens(tmp_path):
+    """The comparison above could pass with scaling ignored only if scaling changed nothing; it does."""
+    plain = make_qwen3(tmp_path / "plain", max_pos=64, seed=3)
+    scaled = make_qwen3(tmp_path / "scaled", max_pos=64, seed=3, rope_scaling=YARN)
+    prompt = random_prompts(12, [110])[0]
+    assert hf_greedy(plain, prompt, 12) != hf_greedy(scaled, prompt, 12)
+
+
+def test_limits_and_refusals(tmp_path):
+    make_qwen3(tmp_path, max_pos=64, rope_scaling=YARN)
+    args = dict(device="cpu", dtype="float32", enforce_eager=True, num_kvcache_blocks=16, max_num_seqs=2)
+    with LLM(tmp_path, **args) as llm:  # the default max_model_len is what yarn stretches 32 positions to
+        assert llm.max_model_len == 128
+    with pytest.raises(ValueError, match=r"max_model_len 129 exceeds the 128 positions.*set max_model_len to 128"):
+        LLM(tmp_path, max_model_len=129, **args)
+
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    refused = {
+        "dynamic": ({"rope_type": "dynamic", "factor": 2.0}, r"'dynamic' is not implemented.*yarn"),
+        "partial": ({**YARN, "partial_rotary_factor": 0.5}, r"partial_rotary_factor 0.5 is not implemented"),
+        "factor-below-1": ({**YARN, "factor": 0.5}, r"factor of 1.0 or more.*0.5"),
+        "factor-missing": ({"rope_type": "linear"}, r"factor of 1.0 or more.*None"),
+    }
+    for name, (rope, message) in refused.items():
+        (tmp_path / "config.json").write_text(json.dumps(dict(cfg, rope_parameters={**rope, "rope_theta": 1e4})))
+        with pytest.raises(ValueError, match=message):
+            LLM(tmp_path, **args)
+        assert name
