@@ -51,7 +51,8 @@ def unapplied_generation_settings(gen_cfg: dict) -> dict[str, object]:
     return {k: gen_cfg[k] for k, off in UNAPPLIED_GENERATION_FIELDS.items()
             if gen_cfg.get(k) is not None and gen_cfg[k] != off and gen_cfg[k] != []}
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+# One of them makes a tokenizer (as the tokenizer service counts them); tokenizer_config.json alone does not.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass(slots=True)
@@ -183,11 +184,21 @@ class LLMEngine:
 
     @staticmethod
     def _load_tokenizer(model_dir: Path):
-        if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+        """The model's tokenizer, None without tokenizer files (token-id prompts need none); a ValueError that
+        names the directory's tokenizer files when they are there but cannot be loaded."""
+        present = [f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
+        if not present:
             return None
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # a corrupt one is named, not just its parse error
+            if (model_dir / name).is_file():
+                _read_json(model_dir / name)
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(model_dir))
+        try:  # local_files_only: a directory name must never turn into Hub lookups
+            return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        except Exception as exc:  # transformers' and tokenizers' own types
+            raise ValueError(f"the tokenizer in {model_dir} ({', '.join(present)}) cannot be loaded: {exc}; fix the "
+                             "files, or remove them to serve token-id prompts only") from None
 
     @staticmethod
     def _generation_defaults(gen_cfg: dict) -> dict:

@@ -75,8 +75,13 @@ def load_tokenizer(model_dir: str) -> tuple[Any, str, int]:
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         raise ValueError(f"{model_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy the model's "
                          "tokenizer files there")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # a corrupt one is named, not just its parse error
+        read_json(directory / name)
     # local_files_only: a name that is not a directory here must not turn into minutes of Hub lookups.
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:  # transformers' and tokenizers' own types
+        raise ValueError(f"the tokenizer in {model_dir} cannot be loaded: {exc}") from None
     if len(tokenizer) <= 1:
         raise ValueError(f"the tokenizer in {model_dir} holds {len(tokenizer)} token(s): its files are incomplete")
     check_chat_template(tokenizer)

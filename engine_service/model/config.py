@@ -21,6 +21,7 @@ def read_json(path: Path) -> dict:
 
 
 ROPE_TYPES = ("default", "linear", "yarn")
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 @dataclass(slots=True, frozen=True)
@@ -123,6 +124,14 @@ class ModelConfig:
             )
         if cfg.get("use_sliding_window"):
             raise ValueError("use_sliding_window=true is not implemented; serve a config without it")
+        quant = cfg.get("quantization_config")
+        if quant:
+            method = quant.get("quant_method") if isinstance(quant, dict) else quant
+            raise ValueError(f"quantized checkpoints are not served (quantization_config.quant_method={method!r}); "
+                             "serve the unquantized (bfloat16, float16 or float32) checkpoint")
+        missing = [k for k in REQUIRED_KEYS if k not in cfg]
+        if missing:
+            raise ValueError(f"config.json lacks {missing}, which a Qwen3 config holds; is it the model's own?")
 
         # transformers 5 keeps RoPE settings in rope_parameters; transformers 4 in rope_theta / rope_scaling. A
         # rope_scaling added to a transformers 5 config (as Qwen3's model cards say to) wins, as in transformers 5.

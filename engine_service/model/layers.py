@@ -55,6 +55,19 @@ def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
+def _expect_shape(loaded: torch.Tensor, *shape: int) -> None:
+    """Refuse a whole checkpoint tensor of another shape than config.json implies: a larger one would be sliced
+    into this rank's share without complaint, and a dimension of 1 broadcast, serving garbage."""
+    if tuple(loaded.shape) != shape:
+        raise RuntimeError(f"the whole tensor should be {shape}")
+
+
+def _load_whole(param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
+    """A parameter every rank holds whole (norms, a row-parallel bias)."""
+    _expect_shape(loaded, *param.shape)
+    param.data.copy_(loaded)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W's output rows split over ranks; `shards` lists (name, rows per rank, rows in file).
 
@@ -89,6 +102,7 @@ class ColumnParallelLinear(nn.Module):
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
         rows = dict(self.shards)[shard]
         share = self.replicas.get(shard, 1)
+        _expect_shape(loaded, rows * self.tp.size // share, *param.shape[1:])
         start = (self.tp.rank // share) * rows
         piece = loaded.narrow(0, start, rows)
         param.data.narrow(0, self.offsets[shard], rows).copy_(piece)
@@ -108,9 +122,10 @@ class RowParallelLinear(nn.Module):
         self.weight.weight_loader = self._load_weight
         self.bias = _param(out_features) if bias else None
         if self.bias is not None:
-            self.bias.weight_loader = lambda p, t, s: p.data.copy_(t)
+            self.bias.weight_loader = _load_whole
 
     def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
+        _expect_shape(loaded, param.shape[0], self.in_per_rank * self.tp.size)
         param.data.copy_(loaded.narrow(1, self.tp.rank * self.in_per_rank, self.in_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,6 +148,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self._load
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
+        _expect_shape(loaded, self.vocab_size, param.shape[1])
         rows = max(0, min(self.per_rank, self.vocab_size - self.start))
         param.data.zero_()  # padded rows stay zero
         param.data[:rows].copy_(loaded[self.start : self.start + rows])
@@ -178,7 +194,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.fused_ops = load_fused_ops(fused)
         self.weight = _param(dim)
-        self.weight.weight_loader = lambda p, t, s: p.data.copy_(t)
+        self.weight.weight_loader = _load_whole
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

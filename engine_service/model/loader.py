@@ -6,6 +6,7 @@ A missing or unexpected weight is an error that names it.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -25,6 +26,7 @@ PACKED = {
 }
 # Buffers some checkpoints carry that the model recomputes.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+log = logging.getLogger(__name__)
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -33,9 +35,21 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no weight_map: it should map each tensor to its safetensors file")
-        return [model_dir / n for n in sorted(set(weight_map.values()))]
+        files = [model_dir / n for n in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.exists()]
+        if absent:
+            raise ValueError(f"{index.name} lists {absent[:5]}, absent from {model_dir}: is the copy or download "
+                             "complete?")
+        return files
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
+        pickles = sorted(p.name for p in model_dir.glob("*.bin"))
+        if pickles:
+            raise ValueError(
+                f"{model_dir} holds PyTorch pickle weights ({', '.join(pickles[:3])}), which the engine does not "
+                "load (unpickling can run code); convert them to safetensors, e.g. "
+                "AutoModelForCausalLM.from_pretrained(d).save_pretrained(d) with transformers"
+            )
         raise ValueError(f"no *.safetensors weights in {model_dir}")
     return files
 
@@ -82,6 +96,7 @@ def load_weights(model: nn.Module, model_dir: str | Path, tie_word_embeddings: b
 
     loaded: set[tuple[str, str | None]] = set()
     unexpected: list[str] = []
+    tied_head: torch.Tensor | None = None  # a tied model's lm_head.weight in the checkpoint, compared below
     for path in checkpoint_files(model_dir):
         check_readable(path)
         try:
@@ -95,7 +110,8 @@ def load_weights(model: nn.Module, model_dir: str | Path, tie_word_embeddings: b
                     continue
                 pname, shard = _target(name)
                 if tie_word_embeddings and pname == "lm_head.weight":
-                    continue  # tied: the embedding is the head
+                    tied_head = f.get_tensor(name)  # tied: the embedding is the head
+                    continue
                 if pname not in params:
                     unexpected.append(name)
                     continue
@@ -116,6 +132,27 @@ def load_weights(model: nn.Module, model_dir: str | Path, tie_word_embeddings: b
     if missing:
         names = sorted(f"{p}[{s}]" if s else p for p, s in missing)
         raise ValueError(f"weights missing from {model_dir}: {names[:10]}")
+    if tied_head is not None:
+        _check_tied_head(params["embed_tokens.weight"], tied_head)
+
+
+def _check_tied_head(embedding: nn.Parameter, head: torch.Tensor) -> None:
+    """A checkpoint whose config ties the head to the embedding may still carry an lm_head.weight. The engine
+    serves the embedding, as vLLM does; transformers 5 serves a differing lm_head.weight instead (untied).
+    Where they differ, say so: tokens then differ from transformers'."""
+    mine = torch.empty_like(embedding)
+    try:
+        with torch.no_grad():
+            embedding.weight_loader(mine, head.to(embedding.dtype), None)  # this rank's rows, as the embedding's
+    except RuntimeError:
+        same = False
+    else:
+        same = torch.equal(mine, embedding.data)
+    if not same:
+        log.warning("config.json sets tie_word_embeddings=true, but the checkpoint's lm_head.weight differs from "
+                    "embed_tokens.weight: the engine serves the embedding as the head (as vLLM does), while "
+                    "transformers 5 serves lm_head.weight; set tie_word_embeddings to false in config.json to "
+                    "serve the checkpoint's head")
 
 
 def _owner(model: nn.Module, pname: str) -> nn.Module:
