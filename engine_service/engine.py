@@ -80,6 +80,15 @@ def _read_json(path: Path) -> dict:
     return read_json(path) if path.is_file() else {}
 
 
+def mix_seed(seed: int) -> int:
+    """splitmix64 of a request's 64-bit seed: torch's CPU generator keeps only a seed's low 32 bits, so seeds that
+    differ only above bit 31 (base + (i << 32)) drew the same tokens; mixed, every bit moves the low 32."""
+    z = (seed + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
 def _as_list(x) -> list[int]:
     if x is None:
         return []
@@ -248,7 +257,7 @@ class LLMEngine:
         seq = Sequence(request_id, prompt, sampling_params, self.max_model_len)
         if sampling_params.seed is not None:
             g = torch.Generator(device=self.runner.device)
-            g.manual_seed(sampling_params.seed)
+            g.manual_seed(mix_seed(sampling_params.seed))
             self.generators[request_id] = g
         if sampling_params.logit_bias:  # on the device once, not uploaded every step
             self.biases[request_id] = self.runner.sampler.bias_tensors(sampling_params)

@@ -1,8 +1,9 @@
 """Token sampling on the model's device: greedy, temperature, top-k, top-p, min-p, per-request seeds.
 
 Sampling inverts the cumulative distribution at one uniform draw per row: one random number instead of a
-vocabulary's worth of noise. A seeded request draws from its own generator, so its tokens do not depend on
-which other requests share the batch. Rows with NaN or infinite logits are reported, not sampled.
+vocabulary's worth of noise. A seeded request draws from its own generator, so its draws do not depend on
+which other requests share the batch (its tokens neither, where the forward is batch-invariant: float64, and
+float32 but for rare flips; docs/ENGINE.md, Sampling). Rows with NaN or infinite logits are reported, not sampled.
 Rows that ask for logprobs get log_softmax of their raw logits (before penalties, temperature, filters and
 bans), the sampled token's entry and the most likely tokens', computed on the device beside the draw.
 Rows with a logit_bias have it added first; rows with penalties then have their logits penalised (penalties.py);

@@ -22,7 +22,8 @@ class SamplingParams:
     """How to sample one request's tokens and when to stop.
 
     temperature 0 (or below 1e-5) is greedy. top_k=-1 and top_p=1.0 and min_p=0.0 disable those filters.
-    A seed makes the request's tokens independent of which other requests share its batch.
+    A seed makes the request's draws independent of which other requests share its batch (its tokens too in
+    float64; in bf16 the forward's numbers move with the batch: docs/ENGINE.md, Sampling).
     logprobs: None returns no log-probabilities; N (0 to MAX_LOGPROBS) returns each generated token's own and
     the N most likely tokens' (outputs.TokenLogprobs), under the model's raw distribution.
     prompt_logprobs: the same (0 to MAX_LOGPROBS) for each prompt token after the first, given the tokens before it;

@@ -302,6 +302,19 @@ def test_seed_gives_same_tokens_whatever_shares_the_batch(model_dir):
     assert other_seed["token_ids"] != alone
 
 
+def test_seeds_that_differ_only_above_bit_31_draw_differently(model_dir):
+    """torch's CPU generator keeps a seed's low 32 bits: 5, 5 + 2**32 and 5 + 2**62 drew the same tokens."""
+    prompt = _prompt(20, 13)
+    seeds = [5, 5 + 2**32, 5 + 2**40, 5 + 2**62]
+    with _engine(model_dir) as engine:
+        outs = engine.generate([prompt] * len(seeds),
+                               [SamplingParams(temperature=1.0, seed=s, max_tokens=16) for s in seeds])
+        again = engine.generate([prompt], SamplingParams(temperature=1.0, seed=5 + 2**62, max_tokens=16))[0]
+    tokens = [tuple(o["token_ids"]) for o in outs]
+    assert len(set(tokens)) == len(seeds), tokens
+    assert tuple(again["token_ids"]) == tokens[-1]  # and a seed still repeats its tokens
+
+
 def test_top_k_1_and_vanishing_top_p_reduce_to_greedy(model_dir):
     prompts = [_prompt(n, 200 + n) for n in (3, 17, 40)]
     with _engine(model_dir) as engine:
