@@ -30,6 +30,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
     max_model_len: int | None = None  # None: the model's max_position_embeddings (stretched by RoPE scaling)
+    # RoPE scaling over config.json's, e.g. {"rope_type": "yarn", "factor": 4.0,
+    # "original_max_position_embeddings": 32768}: its keys replace the config's (a read-only model volume)
+    rope_scaling: dict | None = None
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     cpu_kvcache_gib: float = DEFAULT_CPU_KVCACHE_GIB
@@ -63,6 +66,11 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.rope_scaling is not None and (
+            not isinstance(self.rope_scaling, dict) or not all(isinstance(k, str) for k in self.rope_scaling)
+        ):
+            raise ValueError(f"rope_scaling must be a dict such as {{'rope_type': 'yarn', 'factor': 4.0, "
+                             f"'original_max_position_embeddings': 32768}}, got {self.rope_scaling!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             # Every running decode is scheduled every step, one token each.
             raise ValueError(

@@ -101,7 +101,7 @@ class LLMEngine:
     def __init__(self, model: str | Path, **kwargs):
         self.config = EngineConfig.from_kwargs(str(model), **kwargs)
         model_dir = Path(self.config.model)
-        self.model_cfg = ModelConfig.from_dir(model_dir)
+        self.model_cfg = ModelConfig.from_dir(model_dir, self.config.rope_scaling)
         limit = self.model_cfg.max_model_len_limit
         max_model_len = self.config.max_model_len or limit
         if max_model_len > limit:
@@ -176,11 +176,15 @@ class LLMEngine:
         if overlap is None:
             overlap = self.runner.device.type == "cuda" and self.workers is None
         self.overlap = overlap
+        rope = self.model_cfg.rope_scaling
         log.info(
-            "engine ready: %d KV blocks of %d tokens, max_num_seqs %d, overlap scheduling %s",
+            "engine ready: %d KV blocks of %d tokens, max_num_seqs %d, max_model_len %d, RoPE %s, overlap "
+            "scheduling %s",
             self.runner.num_blocks,
             self.config.kvcache_block_size,
             self.config.max_num_seqs,
+            max_model_len,
+            "unscaled" if rope is None else f"{rope.rope_type} x{rope.factor:g} of {rope.original_max_position_embeddings}",
             "on" if overlap else "off",
         )
         self.model_info = {

@@ -7,6 +7,7 @@ variable, and the variable over the default. Engine knobs (`engine_*` fields) ar
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import MISSING, dataclass, fields
 
@@ -45,6 +46,9 @@ class ServerConfig:
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
     max_model_len: int = 0  # 0: the model's own
+    # JSON RoPE scaling over config.json's, e.g. {"rope_type": "yarn", "factor": 4.0,
+    # "original_max_position_embeddings": 32768}; "" keeps the model's (docs/ENGINE.md, Model directories)
+    rope_scaling: str = ""
     tensor_parallel_size: int = 1
     # torch intra-op threads: 0 picks one on CPU when the machine has at most 4 cores (the gRPC threads and the
     # tokenizer service need the rest; oversubscribed cores make torch's threads spin and wait), else torch's own.
@@ -134,11 +138,26 @@ class ServerConfig:
             enforce_eager=self.enforce_eager, kvcache_block_size=self.kvcache_block_size,
             num_kvcache_blocks=self.num_kvcache_blocks or None,
             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
-            max_model_len=self.max_model_len or None, tensor_parallel_size=self.tensor_parallel_size,
+            max_model_len=self.max_model_len or None, rope_scaling=self.rope_scaling_dict(),
+            tensor_parallel_size=self.tensor_parallel_size,
             gpu_memory_utilization=self.gpu_memory_utilization, cpu_kvcache_gib=self.cpu_kvcache_gib,
             enable_prefix_caching=self.enable_prefix_caching, seed=self.seed,
             overlap_scheduling=self.auto_flag("overlap_scheduling"), fused_ops=self.auto_flag("fused_ops"),
         )
+
+    def rope_scaling_dict(self) -> dict | None:
+        """--rope-scaling as EngineConfig takes it: None when empty, else its JSON object."""
+        if not self.rope_scaling.strip():
+            return None
+        try:
+            value = json.loads(self.rope_scaling)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"rope_scaling must be a JSON object such as '{{\"rope_type\": \"yarn\", \"factor\": "
+                             f"4.0, \"original_max_position_embeddings\": 32768}}', got {self.rope_scaling!r}: "
+                             f"{exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"rope_scaling must be a JSON object, got {self.rope_scaling!r}")
+        return value
 
     def auto_flag(self, name: str) -> bool | None:
         """An "auto"-or-boolean field as EngineConfig takes it: None for auto."""

@@ -109,11 +109,15 @@ class ModelConfig:
         return max(self.max_position_embeddings, self.rope_scaling.max_positions)
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> ModelConfig:
+    def from_dir(cls, model_dir: str | Path, rope_scaling: dict | None = None) -> ModelConfig:
+        """rope_scaling: settings whose keys replace config.json's RoPE settings (the engine's rope_scaling)."""
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ValueError(f"{model_dir} is not a model directory: {path} does not exist")
-        return cls.from_dict(read_json(path))
+        cfg = read_json(path)
+        if rope_scaling is not None:
+            cfg["rope_scaling"] = {**(cfg.get("rope_scaling") or {}), **rope_scaling}
+        return cls.from_dict(cfg)
 
     @classmethod
     def from_dict(cls, cfg: dict) -> ModelConfig:

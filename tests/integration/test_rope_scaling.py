@@ -107,3 +107,30 @@ def test_limits_and_refusals(tmp_path):
         with pytest.raises(ValueError, match=message):
             LLM(tmp_path, **args)
         assert name
+
+
+def test_rope_scaling_argument_overrides_config_json(tmp_path, caplog):
+    """A model on a read-only volume cannot have its config.json edited: the engine's rope_scaling (the service's
+    --rope-scaling) stretches it instead, and turns a config's scaling off with rope_type "default"."""
+    import logging
+
+    from engine_service.server_config import parse_config
+
+    model = make_qwen3(tmp_path / "m", max_pos=64)
+    prompt = random_prompts(13, [110])[0]
+    reference = make_qwen3(tmp_path / "ref", max_pos=64, rope_scaling=YARN)  # the same weights (seed 0), scaled
+    with caplog.at_level(logging.INFO), exact_engine(tmp_path / "m", max_model_len=None, rope_scaling=YARN) as llm:
+        assert llm.max_model_len == 128
+        out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8))[0]
+    assert out["token_ids"] == hf_greedy(reference, prompt, 8) != hf_greedy(model, prompt, 8)
+    assert "max_model_len 128, RoPE yarn x4 of 32" in caplog.text
+    with exact_engine(tmp_path / "ref", max_model_len=None, rope_scaling={"rope_type": "default"}) as llm:
+        assert llm.max_model_len == 64
+
+    cfg = parse_config(["--model", str(tmp_path / "m"), "--rope-scaling", json.dumps(YARN)])
+    assert cfg.engine_kwargs()["rope_scaling"] == YARN
+    assert parse_config(["--model", "m"]).engine_kwargs()["rope_scaling"] is None
+    with pytest.raises(ValueError, match=r"rope_scaling must be a JSON object such as"):
+        parse_config(["--model", "m", "--rope-scaling", "yarn"])
+    with pytest.raises(ValueError, match=r"rope_scaling must be a dict"):
+        LLM(tmp_path / "m", rope_scaling="yarn")
