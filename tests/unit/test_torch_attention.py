@@ -64,3 +64,44 @@ def test_matches_reference(monkeypatch, fused, heads, kv_heads):
         16**-0.5,
     )
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "folded-matmul"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_groups_and_tiles_match_reference(monkeypatch, fused, seed):
+    """Contexts from 1 to 300 keys in a random order, with groups and tiles made small, so that a step has several
+    decode and prefill groups (out of step order), single-sequence groups and query tiles."""
+    if fused and not torch_backend.SDPA_GQA:
+        pytest.skip("this torch's scaled_dot_product_attention has no enable_gqa")
+    monkeypatch.setattr(torch_backend, "SDPA_GQA", fused)
+    monkeypatch.setattr(torch_backend, "GROUP_MIN_KEYS", 8)
+    monkeypatch.setattr(torch_backend, "MASK_ELEMENTS", 3000)
+    rng = torch.Generator().manual_seed(seed)
+    ctx = [int(c) for c in torch.randint(1, 300, (14,), generator=rng)]
+    q_lens = [1] * 6 + [max(1, int(torch.randint(1, c + 1, (1,), generator=rng))) for c in ctx[6:]]
+    q_lens[6:] = [n if n > 1 else 2 for n in q_lens[6:]]
+    ctx[6:] = [max(c, n) for c, n in zip(ctx[6:], q_lens[6:], strict=True)]
+    groups = torch_backend.context_groups(ctx[:6])
+    assert len(groups) > 1 and [i for g in groups for i in g] != list(range(6))  # out of step order
+    heads, kv_heads, bs, d = 6, 2, 8, 16
+    batch = make_paged_batch(q_lens, ctx, heads, kv_heads, d, bs, dtype=torch.float64, table_fill=0, generator=rng)
+    slots = _slots(batch.block_tables, q_lens, ctx, bs)
+    meta = AttentionMetadata(
+        slot_mapping=slots, cu_seqlens_q=batch.cu_seqlens_q, context_lens=batch.context_lens,
+        block_tables=batch.block_tables, num_decode_seqs=6, max_seqlen_q=max(q_lens), max_context_len=max(ctx),
+        block_size=bs, q_lens=q_lens, ctx_lens=ctx,
+    )
+    k_new = batch.k_cache.view(-1, kv_heads, d)[slots].clone()
+    v_new = batch.v_cache.view(-1, kv_heads, d)[slots].clone()
+    out = torch_backend.TorchAttentionBackend().forward(batch.q, k_new, v_new, batch.k_cache, batch.v_cache, meta,
+                                                        d**-0.5)
+    plan = meta.cache["torch"]
+    assert len(plan["prefill"]) > 1 and any(len(tiles) > 1 for _, tiles in plan["prefill"])
+    ref = ref_paged_attention(batch.q, batch.k_cache, batch.v_cache, batch.cu_seqlens_q, batch.context_lens,
+                              batch.block_tables, d**-0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_one_long_context_does_not_pad_the_short_ones():
+    groups = torch_backend.context_groups([100, 32768, 90, 120, 300, 20000])
+    assert groups == [[2, 0, 3], [4], [5, 1]]
