@@ -134,3 +134,25 @@ def test_rope_scaling_argument_overrides_config_json(tmp_path, caplog):
         parse_config(["--model", "m", "--rope-scaling", "yarn"])
     with pytest.raises(ValueError, match=r"rope_scaling must be a dict"):
         LLM(tmp_path / "m", rope_scaling="yarn")
+
+
+def test_a_default_max_model_len_the_pool_cannot_hold_is_lowered(tmp_path, caplog):
+    """Yarn stretches the default max_model_len; a pool that cannot hold one such sequence lowers it (and says so)
+    rather than advertise lengths every request would be refused at. An explicit one stays, with a warning."""
+    import logging
+
+    make_qwen3(tmp_path, max_pos=64, rope_scaling=YARN)  # 128 positions
+    args = dict(device="cpu", dtype="float32", enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=4,
+                max_num_seqs=2, max_num_batched_tokens=64)
+    with caplog.at_level(logging.WARNING), LLM(tmp_path, **args) as llm:
+        assert llm.max_model_len == 65 == llm.model_info["max_model_len"]  # 4 blocks of 16, and the sampled token
+        out = llm.generate([random_prompts(1, [60])[0]], SamplingParams(temperature=0.0, max_tokens=50))[0]
+        assert len(out["token_ids"]) == 5 and out["finish_reason"] == "length"
+        with pytest.raises(ValueError, match=r"max_model_len is 65"):
+            llm.generate([random_prompts(1, [65])[0]], SamplingParams(max_tokens=1))
+    assert "max_model_len lowered from the model's 128 to 65" in caplog.text
+    assert "raise num_kvcache_blocks" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), LLM(tmp_path, max_model_len=100, **args) as llm:
+        assert llm.max_model_len == 100
+    assert "max_model_len 100 is more than the KV pool of 4 blocks holds for one sequence (65 tokens)" in caplog.text
