@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -15,6 +16,7 @@ import grpc
 
 from clients.text_client import TextClient
 from clients.tls import ClientTls, add_tls_arguments, tls_from_arguments
+from clients.tool_calls import parse_tool_calls
 from protos.llmserve.text.v1 import text_pb2
 
 
@@ -26,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--system", default=None, help="a system message (with --chat)")
     parser.add_argument("--thinking", choices=("on", "off"), default=None,
                         help="with --chat: the chat template's thinking switch (Qwen3's); default: the template's")
+    parser.add_argument("--tools", default=None, metavar="FILE",
+                        help="with --chat: a JSON file holding a list of tools the model may call (OpenAI's shape); "
+                             "the calls it makes are printed as JSON on stderr")
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-p", type=float, default=None)
@@ -88,9 +93,21 @@ def main(argv: list[str] | None = None) -> int:
                     seed=args.seed, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
                     repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                     frequency_penalty=args.frequency_penalty, logit_bias=logit_bias or None)
-    if args.thinking is not None and not args.chat:
-        print("llm-client: --thinking applies to --chat only", file=sys.stderr)
+    if (args.thinking is not None or args.tools) and not args.chat:
+        print("llm-client: --thinking and --tools apply to --chat only", file=sys.stderr)
         return 2
+    tools = None
+    if args.tools:
+        try:
+            with open(args.tools, encoding="utf-8") as f:
+                tools = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            print(f"llm-client: --tools {args.tools}: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(tools, list):
+            print(f"llm-client: --tools {args.tools} must hold a JSON list of tools, not a {type(tools).__name__}",
+                  file=sys.stderr)
+            return 2
     try:
         tls = tls_from_arguments(args)
     except ValueError as exc:
@@ -102,16 +119,17 @@ def main(argv: list[str] | None = None) -> int:
                 messages = ([{"role": "system", "content": args.system}] if args.system else [])
                 messages.append({"role": "user", "content": args.text})
                 thinking = None if args.thinking is None else args.thinking == "on"
-                stream = client.chat(messages, stop=args.stop, enable_thinking=thinking, **sampling)
+                stream = client.chat(messages, stop=args.stop, enable_thinking=thinking, tools=tools, **sampling)
             else:
                 stream = client.generate(args.text, stop=args.stop, **sampling)
         except ValueError as exc:  # a value the protocol cannot carry, e.g. --seed past 2**64
             print(f"llm-client: {exc}", file=sys.stderr)
             return 2
         last = None
-        logprobs, prompt_logprobs = [], []
+        logprobs, prompt_logprobs, text = [], [], []
         try:
             for chunk in stream:
+                text.append(chunk.text)
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 prompt_logprobs.extend(chunk.prompt_logprobs)
@@ -128,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nllm-client: {exc.code().name}: {exc.details()}{connect_hint(exc, tls)}", file=sys.stderr)
             return 1
     print()
+    if tools is not None:
+        try:
+            for call in parse_tool_calls("".join(text))[1]:
+                print(f"[tool call] {json.dumps(call, ensure_ascii=False)}", file=sys.stderr)
+        except ValueError as exc:
+            print(f"[tool call] {exc}", file=sys.stderr)
     if args.prompt_logprobs is not None:
         print(f"[prompt: {len(prompt_logprobs)} tokens after the first]", file=sys.stderr)
     for lp in prompt_logprobs + logprobs:  # one line a token: the token, its logprob, then the alternatives'

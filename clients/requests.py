@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 
 from protos.llmserve.text.v1 import text_pb2 as pb
@@ -37,11 +38,34 @@ def sampling_params(**kwargs: object) -> pb.SamplingParams:
     return params
 
 
+def _json_text(value: object, where: str) -> str:
+    """A JSON object's text, from the object or its text (sent as is: the service parses and checks it)."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where} must be a JSON object (a dict or its text), got {type(value).__name__}")
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where} must be a JSON object: {exc}") from None
+
+
+def _tool_call(where: str, call: object) -> pb.ToolCall:
+    """{"name": ..., "arguments": {...}}, or OpenAI's {"type": "function", "function": {"name", "arguments"}}."""
+    if isinstance(call, Mapping) and isinstance(call.get("function"), Mapping):
+        call = call["function"]
+    if not isinstance(call, Mapping) or not isinstance(call.get("name"), str):
+        raise ValueError(f"{where} must be {{'name': str, 'arguments': a JSON object}}, got {call!r}")
+    return pb.ToolCall(name=call["name"], arguments=_json_text(call.get("arguments", {}), f"{where}.arguments"))
+
+
 def _message(i: int, m: Mapping[str, object]) -> pb.ChatMessage:
-    """One message; content is a string or OpenAI-style text parts [{"type": "text", "text": ...}], joined."""
-    unknown = sorted(set(m) - {"role", "content"})
+    """One message; content is a string or OpenAI-style text parts [{"type": "text", "text": ...}], joined; an
+    assistant message may carry its tool_calls."""
+    unknown = sorted(set(m) - {"role", "content", "tool_calls"})
     if unknown:
-        raise ValueError(f"messages[{i}] has unknown keys {unknown}; a message is {{'role', 'content'}} only")
+        raise ValueError(f"messages[{i}] has unknown keys {unknown}; a message is {{'role', 'content'}}, and "
+                         "'tool_calls' on an assistant message")
     content = m.get("content")
     if isinstance(content, list | tuple):
         if not all(isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -51,12 +75,21 @@ def _message(i: int, m: Mapping[str, object]) -> pb.ChatMessage:
     if not isinstance(content, str) or not isinstance(m.get("role"), str):
         raise ValueError(f"messages[{i}] needs a string 'role' and 'content' (text, or a list of text parts); "
                          f"got {m!r}")
-    return pb.ChatMessage(role=m["role"], content=content)
+    calls = m.get("tool_calls") or ()
+    if isinstance(calls, str | bytes | Mapping):
+        raise ValueError(f"messages[{i}].tool_calls must be a list of calls, got {type(calls).__name__}")
+    return pb.ChatMessage(role=m["role"], content=content,
+                          tool_calls=[_tool_call(f"messages[{i}].tool_calls[{j}]", c) for j, c in enumerate(calls)])
 
 
-def chat(messages: Iterable[Mapping[str, object]], enable_thinking: bool | None = None) -> pb.Chat:
-    """A Chat from messages ({"role": ..., "content": ...}) and the template's thinking switch, if given."""
-    result = pb.Chat(messages=[_message(i, m) for i, m in enumerate(messages)])
+def chat(messages: Iterable[Mapping[str, object]], enable_thinking: bool | None = None,
+         tools: Iterable[object] | None = None) -> pb.Chat:
+    """A Chat from messages ({"role": ..., "content": ...}), the template's thinking switch, if given, and the tools
+    the model may call (JSON objects, as dicts or text; OpenAI's {"type": "function", "function": {...}} shape)."""
+    if isinstance(tools, str | bytes | Mapping):
+        raise ValueError(f"tools must be a list of JSON objects, got {type(tools).__name__}")
+    result = pb.Chat(messages=[_message(i, m) for i, m in enumerate(messages)],
+                     tools=[_json_text(t, f"tools[{j}]") for j, t in enumerate(tools or ())])
     if enable_thinking is not None:
         result.enable_thinking = enable_thinking
     return result
@@ -66,10 +99,11 @@ def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, 
                      prompt_token_ids: Iterable[int] | None = None,
                      request_id: str = "", stop: str | Iterable[str] | None = (), skip_special_tokens: bool | None = None,
                      include_stop_str_in_output: bool = False, deadline_ms: int | None = None,
-                     enable_thinking: bool | None = None, **sampling: object) -> pb.GenerateRequest:
+                     enable_thinking: bool | None = None, tools: Iterable[object] | None = None,
+                     **sampling: object) -> pb.GenerateRequest:
     """A GenerateRequest from a prompt, chat messages ({"role": ..., "content": ...}) or token ids, and sampling
     kwargs. `stop` is one stop string or several; `enable_thinking` (chat only) sets the chat template's thinking
-    switch (Qwen3's)."""
+    switch (Qwen3's); `tools` (chat only) are the tools the model may call (see chat)."""
     if sum(x is not None for x in (prompt, messages, prompt_token_ids)) != 1:
         raise ValueError("give exactly one of prompt, messages and prompt_token_ids")
     request = pb.GenerateRequest(request_id=request_id, sampling_params=sampling_params(**sampling),
@@ -80,9 +114,9 @@ def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, 
     elif prompt_token_ids is not None:
         request.prompt_token_ids.ids.extend(prompt_token_ids)
     else:
-        request.chat.CopyFrom(chat(messages, enable_thinking))
-    if enable_thinking is not None and messages is None:
-        raise ValueError("enable_thinking applies to chat messages only")
+        request.chat.CopyFrom(chat(messages, enable_thinking, tools))
+    if (enable_thinking is not None or tools) and messages is None:
+        raise ValueError("enable_thinking and tools apply to chat messages only")
     if skip_special_tokens is not None:
         request.skip_special_tokens = skip_special_tokens
     if deadline_ms is not None:

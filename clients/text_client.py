@@ -28,7 +28,7 @@ from clients.tls import ClientTls
 from protos.llmserve.text.v1 import text_pb2 as pb
 from protos.llmserve.text.v1 import text_pb2_grpc as pb_grpc
 
-Messages = Iterable[Mapping[str, str]]
+Messages = Iterable[Mapping[str, object]]
 REQUEST_ID_HEADER = "x-request-id"
 
 
@@ -183,14 +183,14 @@ class _GenerateCalls:
 
 
 def _tokenize_request(text: str | None, messages: Messages | None, add_special_tokens: bool,
-                      enable_thinking: bool | None) -> pb.TokenizeRequest:
+                      enable_thinking: bool | None, tools: Iterable[object] | None = None) -> pb.TokenizeRequest:
     if (text is None) == (messages is None):
         raise ValueError("give exactly one of text and messages")
     if messages is None:
-        if enable_thinking is not None:
-            raise ValueError("enable_thinking applies to chat messages only")
+        if enable_thinking is not None or tools:
+            raise ValueError("enable_thinking and tools apply to chat messages only")
         return pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
-    return pb.TokenizeRequest(chat=chat(messages, enable_thinking), add_special_tokens=add_special_tokens)
+    return pb.TokenizeRequest(chat=chat(messages, enable_thinking, tools), add_special_tokens=add_special_tokens)
 
 
 def _detokenize_request(token_ids: Iterable[int], skip_special_tokens: bool | None) -> pb.DetokenizeRequest:
@@ -217,9 +217,9 @@ class TextClient(_GenerateCalls):
                                                     metadata=request_metadata(request_id)))
 
     def tokenize(self, text: str | None = None, add_special_tokens: bool = False, *, messages: Messages | None = None,
-                 enable_thinking: bool | None = None) -> list[int]:
+                 enable_thinking: bool | None = None, tools: Iterable[object] | None = None) -> list[int]:
         """The token ids of text, or of chat messages rendered as chat() would send them."""
-        request = _tokenize_request(text, messages, add_special_tokens, enable_thinking)
+        request = _tokenize_request(text, messages, add_special_tokens, enable_thinking, tools)
         return list(self._stub.Tokenize(request, timeout=self.timeout).token_ids)
 
     def detokenize(self, token_ids: Iterable[int], skip_special_tokens: bool | None = None) -> str:
@@ -307,8 +307,9 @@ class AsyncTextClient(_GenerateCalls):
         self._channels = Channels(aio_channel, target, tls, pb_grpc.TextGenerationStub, **channel_kwargs)
 
     async def tokenize(self, text: str | None = None, add_special_tokens: bool = False, *,
-                       messages: Messages | None = None, enable_thinking: bool | None = None) -> list[int]:
-        request = _tokenize_request(text, messages, add_special_tokens, enable_thinking)
+                       messages: Messages | None = None, enable_thinking: bool | None = None,
+                       tools: Iterable[object] | None = None) -> list[int]:
+        request = _tokenize_request(text, messages, add_special_tokens, enable_thinking, tools)
         return list((await self._stub.Tokenize(request, timeout=self.timeout)).token_ids)
 
     async def detokenize(self, token_ids: Iterable[int], skip_special_tokens: bool | None = None) -> str:

@@ -3,12 +3,18 @@
 Rules for a message list (each broken rule is a ValueError that names the message and field):
 
 - the list is non-empty;
-- each message is a mapping with exactly the keys `role` and `content`;
+- each message is a mapping with the keys `role` and `content`, and for an assistant message optionally
+  `tool_calls`: the calls it made, each `{"name": str, "arguments": a JSON object (or its text)}`, handed to the
+  template in OpenAI's shape `{"type": "function", "function": {"name", "arguments": dict}}`;
 - `role` is one of VALID_ROLES: `system`, `user`, `assistant` and `tool` (a tool's result fed back to the
   model). These are the roles that the common chat templates (ChatML, Qwen, Llama) know; anything else is
   refused here rather than silently rendered or mangled by a template;
 - `content` is a string, or a list of text parts `{"type": "text", "text": str}` (the OpenAI shape), which
   are joined into one string, so templates only ever see strings.
+
+`tools` (the functions the model may call) is a list of JSON objects (or their texts), handed to the template
+as transformers' `apply_chat_template(tools=...)` takes them. tools or tool calls given to a template that never
+reads them are refused, as is enable_thinking for one without the switch: a template would drop them silently.
 
 The prompt is the template rendered with `add_generation_prompt=True`, then encoded without adding special
 tokens, because the template already writes any BOS or special markers it wants. As in transformers, a
@@ -18,11 +24,13 @@ caller can write turns of its own. `--chat-special-tokens refuse` refuses such c
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 VALID_ROLES = ("system", "user", "assistant", "tool")
-_MESSAGE_KEYS = frozenset({"role", "content"})
+_MESSAGE_KEYS = frozenset({"role", "content", "tool_calls"})
+MAX_TOOLS = 128  # tools a chat may offer
 
 
 def _content_text(content: object, where: str) -> str:
@@ -46,8 +54,50 @@ def _content_text(content: object, where: str) -> str:
     )
 
 
-def validate_messages(messages: object) -> list[dict[str, str]]:
-    """Check a chat message list; return it normalised to [{"role": str, "content": str}, ...]."""
+def _json_object(value: object, where: str) -> dict:
+    """A JSON object given as a mapping or as its text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where} must be a JSON object, got text that is not JSON ({exc})") from None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where} must be a JSON object, got {type(value).__name__}")
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:  # a mapping from Python holding what JSON cannot
+        raise ValueError(f"{where} must be a JSON object: {exc}") from None
+    return dict(value)
+
+
+def _tool_calls(calls: object, where: str) -> list[dict]:
+    if isinstance(calls, str | bytes | Mapping) or not isinstance(calls, Sequence):
+        raise ValueError(f"{where}.tool_calls must be a list of {{'name', 'arguments'}}, got {type(calls).__name__}")
+    normalised = []
+    for j, call in enumerate(calls):
+        here = f"{where}.tool_calls[{j}]"
+        if not isinstance(call, Mapping) or set(call) - {"name", "arguments"}:
+            raise ValueError(f"{here} must be a mapping with 'name' and 'arguments' only, got {call!r}")
+        name = call.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{here}.name must be a non-empty string, got {name!r}")
+        arguments = _json_object(call.get("arguments", {}), f"{here}.arguments")
+        normalised.append({"type": "function", "function": {"name": name, "arguments": arguments}})
+    return normalised
+
+
+def validate_tools(tools: object) -> list[dict]:
+    """Check a chat's tools: a list of at most MAX_TOOLS JSON objects (or their texts); return them as dicts."""
+    if isinstance(tools, str | bytes | Mapping) or not isinstance(tools, Sequence):
+        raise ValueError(f"tools must be a list of JSON objects, got {type(tools).__name__}")
+    if len(tools) > MAX_TOOLS:
+        raise ValueError(f"tools must hold at most {MAX_TOOLS} tools, got {len(tools)}")
+    return [_json_object(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
+
+
+def validate_messages(messages: object) -> list[dict[str, object]]:
+    """Check a chat message list; return it normalised to [{"role": str, "content": str}, ...], with
+    "tool_calls" on the assistant messages that made some."""
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
         raise ValueError(f"messages must be a list of messages, got {type(messages).__name__}")
     if not messages:
@@ -61,7 +111,8 @@ def validate_messages(messages: object) -> list[dict[str, str]]:
             )
         unknown = sorted(str(k) for k in message.keys() - _MESSAGE_KEYS)
         if unknown:
-            raise ValueError(f"{where} has unknown keys {unknown}; allowed keys are 'role' and 'content'")
+            raise ValueError(f"{where} has unknown keys {unknown}; allowed keys are 'role', 'content' and "
+                             "(assistant messages) 'tool_calls'")
         if "role" not in message:
             raise ValueError(f"{where}.role is required; valid roles are {', '.join(VALID_ROLES)}")
         if "content" not in message:
@@ -71,15 +122,22 @@ def validate_messages(messages: object) -> list[dict[str, str]]:
             raise ValueError(
                 f"{where}.role {role!r} is not a valid role; valid roles are {', '.join(VALID_ROLES)}"
             )
-        normalised.append({"role": role, "content": _content_text(message["content"], where)})
+        entry: dict[str, object] = {"role": role, "content": _content_text(message["content"], where)}
+        if message.get("tool_calls"):
+            if role != "assistant":
+                raise ValueError(f"{where}.tool_calls is set on a {role!r} message; only assistant messages make "
+                                 "tool calls")
+            entry["tool_calls"] = _tool_calls(message["tool_calls"], where)
+        normalised.append(entry)
     return normalised
 
 
-def render_chat(tokenizer: Any, messages: object, enable_thinking: bool | None = None) -> str:
+def render_chat(tokenizer: Any, messages: object, enable_thinking: bool | None = None, tools: object = None) -> str:
     """Validate `messages` and render them through the tokenizer's chat template, ending in the assistant's turn.
 
     enable_thinking (None: the template's default) is passed to templates with a thinking switch (Qwen3's);
-    setting it for a template without one is refused rather than silently ignored.
+    tools (None or empty: none) to templates that read them. Either given to a template that never reads it is
+    refused rather than silently ignored, as are tool calls in the messages.
     """
     template = getattr(tokenizer, "chat_template", None)
     if not template:
@@ -87,13 +145,26 @@ def render_chat(tokenizer: Any, messages: object, enable_thinking: bool | None =
             "messages are not supported: the model's tokenizer has no chat template; send a prompt"
         )
     normalised = validate_messages(messages)
-    extra: dict[str, bool] = {}
+    sources = template.values() if isinstance(template, Mapping) else [template]
+
+    def reads(name: str) -> bool:
+        return any(name in str(source) for source in sources)
+
+    extra: dict[str, object] = {}
     if enable_thinking is not None:
-        sources = template.values() if isinstance(template, Mapping) else [template]
-        if not any("enable_thinking" in str(source) for source in sources):
+        if not reads("enable_thinking"):
             raise ValueError("chat.enable_thinking is set, but the model's chat template has no thinking switch "
                              "(it never reads enable_thinking); leave it unset for this model")
         extra["enable_thinking"] = enable_thinking
+    if tools:
+        if not reads("tools"):
+            raise ValueError("chat.tools is set, but the model's chat template never reads tools: this model "
+                             "was not given a tool-calling template; send the tools in a message instead")
+        extra["tools"] = validate_tools(tools)
+    called = [i for i, m in enumerate(normalised) if "tool_calls" in m]
+    if called and not reads("tool_calls"):
+        raise ValueError(f"messages[{called[0]}].tool_calls is set, but the model's chat template never reads "
+                         "tool_calls; write the calls into the message's content instead")
     # Imported here so that importing this module does not need jinja2 until a template is rendered.
     from jinja2 import TemplateError, TemplateSyntaxError
 
@@ -133,6 +204,7 @@ def special_token_texts(tokenizer: Any) -> tuple[str, ...]:
     return tuple(sorted(t for t in texts if t))
 
 
-def encode_chat(tokenizer: Any, messages: object, enable_thinking: bool | None = None) -> list[int]:
+def encode_chat(tokenizer: Any, messages: object, enable_thinking: bool | None = None, tools: object = None) -> list[int]:
     """Render `messages` (see render_chat) and return the prompt's token ids."""
-    return list(tokenizer.encode(render_chat(tokenizer, messages, enable_thinking), add_special_tokens=False))
+    text = render_chat(tokenizer, messages, enable_thinking, tools)
+    return list(tokenizer.encode(text, add_special_tokens=False))

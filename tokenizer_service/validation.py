@@ -29,7 +29,7 @@ from typing import Any
 
 from protos.llmserve.engine.v1 import engine_pb2 as engine_pb
 from protos.llmserve.text.v1 import text_pb2 as pb
-from tokenizer_service.chat import render_chat, validate_messages
+from tokenizer_service.chat import MAX_TOOLS, render_chat, validate_messages, validate_tools
 from tokenizer_service.token_bounds import tokens_at_least
 
 MAX_STOP_STRINGS = 64
@@ -70,6 +70,7 @@ class TextRequest:
     prompt: str | None = None
     messages: Sequence[Mapping[str, object]] | None = None
     enable_thinking: bool | None = None  # chat only: the template's thinking switch; None: its default
+    tools: Sequence[object] = ()  # chat only: the tools the model may call (JSON objects or their texts)
     stop: Sequence[str] = field(default_factory=tuple)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -127,20 +128,45 @@ def _messages_well_formed(r: TextRequest, _: TextLimits) -> str | None:
     return None
 
 
+def _tools_well_formed(r: TextRequest, _: TextLimits) -> str | None:
+    if not r.tools:
+        return None
+    try:
+        validate_tools(r.tools)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _chat_texts(r: TextRequest) -> list[tuple[str, str]]:
+    """(where, text) of everything a chat puts into the prompt besides the template: contents, tool calls, tools."""
+    def text(value: object) -> str:
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+    texts = []
+    for i, message in enumerate(validate_messages(r.messages)):
+        texts.append((f"messages[{i}].content", message["content"]))
+        for j, call in enumerate(message.get("tool_calls", ())):
+            function = call["function"]
+            texts.append((f"messages[{i}].tool_calls[{j}]", function["name"] + text(function["arguments"])))
+    texts.extend((f"tools[{i}]", text(tool)) for i, tool in enumerate(r.tools))
+    return texts
+
+
 def _messages_bytes(r: TextRequest, lim: TextLimits) -> str | None:
     if r.messages is None:
         return None
-    n = sum(_utf8_len(m["content"]) for m in validate_messages(r.messages))
+    n = sum(_utf8_len(t) for _, t in _chat_texts(r))
     return f"got {n} bytes" if n > lim.max_prompt_bytes else None
 
 
 def _messages_no_special_text(r: TextRequest, lim: TextLimits) -> str | None:
     if r.messages is None or not lim.refused_chat_texts:
         return None
-    for i, message in enumerate(validate_messages(r.messages)):
+    for where, content in _chat_texts(r):
         for text in lim.refused_chat_texts:
-            if text in message["content"]:
-                return f"messages[{i}].content holds {text!r}"
+            if text in content:
+                return f"{where} holds {text!r}"
     return None
 
 
@@ -214,12 +240,13 @@ RULES: tuple[Rule, ...] = (
     Rule("request", "prompt", "must not be empty", _prompt_not_empty),
     Rule("request", "prompt", "must be at most {max_prompt_bytes} bytes of UTF-8 (max_prompt_bytes)", _prompt_bytes),
     Rule("request", "messages", "must hold at most {max_messages} messages (max_messages)", _messages_count),
-    Rule("request", "messages", "must be a non-empty list of {{role, content}} with a valid role and text content",
-         _messages_well_formed),
-    Rule("request", "messages", "contents must total at most {max_prompt_bytes} bytes of UTF-8 (max_prompt_bytes)",
-         _messages_bytes),
-    Rule("request", "messages", "contents must not hold a special token's text (this service runs with "
-         "--chat-special-tokens refuse)", _messages_no_special_text),
+    Rule("request", "messages", "must be a non-empty list of {{role, content}} with a valid role and text content "
+         "(and assistant messages' tool_calls, each a name and a JSON object of arguments)", _messages_well_formed),
+    Rule("request", "tools", f"must be at most {MAX_TOOLS} JSON objects", _tools_well_formed),
+    Rule("request", "messages", "contents, tool calls and tools must total at most {max_prompt_bytes} bytes of "
+         "UTF-8 (max_prompt_bytes)", _messages_bytes),
+    Rule("request", "messages", "contents, tool calls and tools must not hold a special token's text (this service "
+         "runs with --chat-special-tokens refuse)", _messages_no_special_text),
     Rule("request", "stop", "must be a list of at most {max_stop_strings} strings (max_stop_strings)", _stop_count),
     Rule("request", "stop", "each must be non-empty and at most {max_stop_string_chars} characters "
          "(max_stop_string_chars)", _stop_each),
@@ -321,21 +348,28 @@ def read_eos_token_ids(model_dir: str, tokenizer: Any, vocab_size: int) -> set[i
     return {e for e in ids if 0 <= e < vocab_size}
 
 
+def _message(m: pb.ChatMessage) -> dict[str, object]:
+    message: dict[str, object] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        message["tool_calls"] = [{"name": c.name, "arguments": c.arguments} for c in m.tool_calls]
+    return message
+
+
 def text_request_from_proto(request: pb.GenerateRequest | pb.TokenizeRequest) -> TextRequest:
     """The text-side fields of a protocol request (a Tokenize request's `text` is its prompt)."""
     kind = request.WhichOneof("input")
     prompt = getattr(request, kind) if kind not in (None, "chat", "prompt_token_ids") else None
-    messages = (
-        [{"role": m.role, "content": m.content} for m in request.chat.messages] if kind == "chat" else None
-    )
+    messages = [_message(m) for m in request.chat.messages] if kind == "chat" else None
     thinking = request.chat.enable_thinking if kind == "chat" and request.chat.HasField("enable_thinking") else None
+    tools = tuple(request.chat.tools) if kind == "chat" else ()
     if not isinstance(request, pb.GenerateRequest):
-        return TextRequest(prompt=prompt, messages=messages, enable_thinking=thinking)
+        return TextRequest(prompt=prompt, messages=messages, enable_thinking=thinking, tools=tools)
     skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
     return TextRequest(
         prompt=prompt,
         messages=messages,
         enable_thinking=thinking,
+        tools=tools,
         stop=tuple(request.stop),
         skip_special_tokens=skip,
         include_stop_str_in_output=request.include_stop_str_in_output,
@@ -349,7 +383,7 @@ def _encode(
     max_model_len or more (then the rest of it is never tokenized)."""
     text = text_request.prompt
     if text_request.messages is not None:  # the template writes any BOS or special markers it wants
-        text = render_chat(tokenizer, text_request.messages, text_request.enable_thinking)
+        text = render_chat(tokenizer, text_request.messages, text_request.enable_thinking, text_request.tools)
         add_special_tokens = False
     if max_model_len and (n := tokens_at_least(tokenizer, text, max_model_len)) >= max_model_len:
         return AtLeast(n)
@@ -365,7 +399,7 @@ def tokenize_input(
     """Token ids of a prompt (as is) or chat messages (through the chat template), after the input rules."""
     text_request = text_request_from_proto(request)
     kind = request.WhichOneof("input")
-    _run("request", text_request, limits or TextLimits(), only={"input", "prompt", "messages"}, rename=kind)
+    _run("request", text_request, limits or TextLimits(), only={"input", "prompt", "messages", "tools"}, rename=kind)
     return _encode(text_request, tokenizer, add_special_tokens)
 
 
