@@ -13,7 +13,7 @@ from clients.requests import chat, generate_request
 from clients.tool_calls import parse_tool_calls
 from protos.llmserve.text.v1 import text_pb2 as pb
 from tokenizer_service.chat import MAX_TOOLS, render_chat
-from tokenizer_service.validation import TextLimits, tokenize_input
+from tokenizer_service.validation import TextLimits, prepare, tokenize_input
 
 # A tool-calling ChatML template in the manner of Qwen3's: the tools in a system turn, calls in <tool_call> blocks,
 # results in <tool_response> blocks of a user turn.
@@ -82,6 +82,8 @@ def test_the_protocol_carries_tools_and_calls_to_the_same_tokens(tool_tokenizer)
     assert tokenize_input(request, tool_tokenizer) == list(want)
     generate = generate_request(messages=CONVERSATION, tools=[WEATHER], max_tokens=4)
     assert generate.chat == request.chat
+    prepared = prepare(generate, tool_tokenizer, {}, max_model_len=4096)  # what Generate sends the engine
+    assert list(prepared.engine_request.prompt_token_ids) == list(want)
 
 
 @pytest.mark.parametrize(("messages", "tools", "fragment"), [
