@@ -326,6 +326,8 @@ def test_bad_input_gets_clear_errors_and_service_keeps_serving(stack):
         (lambda: text.generate("word " * 3000).text(), "max_model_len"),
         (lambda: text.generate("word " * 40_000).text(), "max_model_len"),  # 200 KB: tokenized off the loop
         (lambda: text.chat([{"role": "wizard", "content": "hi"}]).text(), "role"),
+        # the demo's ChatML template never reads tools: refused, not dropped from the prompt
+        (lambda: text.chat([{"role": "user", "content": "hi"}], tools=[{"type": "function"}]).text(), "tools"),
         (lambda: text.generate("Hi", stop=[""]).text(), "stop"),
     ]
     for call, field in cases:
