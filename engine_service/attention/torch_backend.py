@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from engine_service.attention.base import AttentionBackend, AttentionMetadata
+from engine_service.host_copy import to_device
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -142,7 +143,7 @@ def _plan(meta: AttentionMetadata, device, kv_heads: int) -> dict:
     nd, bs = meta.num_decode_seqs, meta.block_size
     plan: dict = {"decode": [], "prefill": []}
     for rows in context_groups(meta.ctx_lens[:nd]) if nd else []:
-        sel = None if len(rows) == nd else torch.tensor(rows, device=device)  # one group: every row, in order
+        sel = None if len(rows) == nd else to_device(rows, torch.long, device)  # one group: every row, in order
         k_max = max(1, max(meta.ctx_lens[i] for i in rows))
         ctx = (meta.context_lens[:nd] if sel is None else meta.context_lens[sel]).long()
         idx = _gather_index(meta.block_tables[:nd] if sel is None else meta.block_tables[sel], k_max, bs, kv_heads)
@@ -165,7 +166,7 @@ def _plan(meta: AttentionMetadata, device, kv_heads: int) -> dict:
         whole = len(group) == len(q_lens)
         if whole:
             group = list(range(len(q_lens)))  # the step's order, which the tables and rows are in
-        tables = meta.block_tables[nd:] if whole else meta.block_tables[nd:][torch.tensor(group, device=device)]
+        tables = meta.block_tables[nd:] if whole else meta.block_tables[nd:][to_device(group, torch.long, device)]
         k_max = max(ctx_lens[s] for s in group)
         q_max = max(q_lens[s] for s in group)
         if len(group) * q_max * k_max <= MASK_ELEMENTS:
@@ -191,8 +192,8 @@ def _prefill_tile(group, starts, counts, q_lens, ctx_lens, first_row, device, ke
     # Query row r of sequence s (row starts + r of its chunk) sits at position ctx - q_len + start + r.
     offsets = [ctx_lens[s] - q_lens[s] + a for s, a in zip(group, starts, strict=True)]
     k_tile = max(o + n for o, n in zip(offsets, counts, strict=True))
-    count = torch.tensor(counts, device=device)
-    mask_args = (torch.tensor(offsets, device=device), count)
+    count = to_device(counts, torch.long, device)
+    mask_args = (to_device(offsets, torch.long, device), count)
     total = sum(counts)  # from the host lists: no device sync
     seq_of_row = torch.repeat_interleave(torch.arange(b, device=device), count, output_size=total)
     pos_of_row = torch.arange(total, device=device) - (torch.cumsum(count, 0) - count)[seq_of_row]
@@ -200,7 +201,7 @@ def _prefill_tile(group, starts, counts, q_lens, ctx_lens, first_row, device, ke
         first = first_row[group[0]] + starts[0]
         rows = slice(first, first + counts[0])
     else:
-        row_starts = torch.tensor([first_row[s] + a for s, a in zip(group, starts, strict=True)], device=device)
+        row_starts = to_device([first_row[s] + a for s, a in zip(group, starts, strict=True)], torch.long, device)
         rows = row_starts[seq_of_row] + pos_of_row
     allowed = _causal_mask(*mask_args, q_max, k_tile) if keep_mask else mask_args
     return rows, seq_of_row, pos_of_row, q_max, k_tile, allowed

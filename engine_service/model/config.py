@@ -21,6 +21,15 @@ def read_json(path: Path) -> dict:
 
 
 ROPE_TYPES = ("default", "linear", "yarn")
+
+
+def _rope_keys(settings: dict | None) -> dict:
+    """RoPE settings with the old "type" key (Qwen2.5-era model cards) named "rope_type", before they are merged:
+    merged as they were, a saved rope_type "default" beat an added "type": "yarn"."""
+    settings = dict(settings or {})
+    if "type" in settings:
+        settings.setdefault("rope_type", settings.pop("type"))
+    return settings
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -46,7 +55,7 @@ class RopeScaling:
     @classmethod
     def from_dict(cls, rope: dict, cfg: dict, max_positions: int) -> RopeScaling | None:
         """None for plain RoPE; a ValueError that says what is wrong for a setting the engine does not serve."""
-        rope_type = rope.get("rope_type", rope.get("type")) or "default"
+        rope_type = rope.get("rope_type") or "default"
         if rope_type not in ROPE_TYPES:
             raise ValueError(
                 f"RoPE scaling type {rope_type!r} is not implemented; the engine serves {ROPE_TYPES} "
@@ -116,7 +125,7 @@ class ModelConfig:
             raise ValueError(f"{model_dir} is not a model directory: {path} does not exist")
         cfg = read_json(path)
         if rope_scaling is not None:
-            cfg["rope_scaling"] = {**(cfg.get("rope_scaling") or {}), **rope_scaling}
+            cfg["rope_scaling"] = {**_rope_keys(cfg.get("rope_scaling")), **_rope_keys(rope_scaling)}
         return cls.from_dict(cfg)
 
     @classmethod
@@ -139,7 +148,7 @@ class ModelConfig:
 
         # transformers 5 keeps RoPE settings in rope_parameters; transformers 4 in rope_theta / rope_scaling. A
         # rope_scaling added to a transformers 5 config (as Qwen3's model cards say to) wins, as in transformers 5.
-        rope = {**(cfg.get("rope_parameters") or {}), **(cfg.get("rope_scaling") or {})}
+        rope = {**_rope_keys(cfg.get("rope_parameters")), **_rope_keys(cfg.get("rope_scaling"))}
         rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         max_positions = cfg.get("max_position_embeddings", 32768)
         rope_scaling = RopeScaling.from_dict(rope, cfg, max_positions)

@@ -58,15 +58,36 @@ def test_transformers4_rope_scaling_key_is_read():
     assert ours.max_model_len_limit == 128  # 32 x 4, not the config's 40
 
 
-def test_rope_scaling_added_to_a_transformers5_config_wins():
+@pytest.mark.parametrize("key", ["rope_type", "type"])
+def test_rope_scaling_added_to_a_transformers5_config_wins(tmp_path, key):
     """Qwen3's model cards say to add rope_scaling to config.json; one saved by transformers 5 already holds
-    rope_parameters of type default. transformers 5 then uses the yarn settings; so must the engine."""
-    cfg = json.loads(_hf_config({}).to_json_string())
+    rope_parameters of type default. transformers 5 then uses the yarn settings; so must the engine, with the
+    new key and with the old "type" one (Qwen2.5-era cards), which a saved rope_type "default" used to beat."""
+    model = make_qwen3(tmp_path, max_pos=64)
+    cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["rope_parameters"]["rope_type"] == "default"
+    added = {key: "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, rope_scaling=added)))
+    ours = ModelConfig.from_dir(tmp_path)
+    assert ours.rope_scaling is not None and ours.rope_scaling.rope_type == "yarn"
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert reference.config.rope_parameters["rope_type"] == "yarn"
+    prompt = random_prompts(14, [10])[0]  # inside the trained length: yarn changes every position's angles
+    with exact_engine(tmp_path, max_model_len=None) as llm:
+        out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8))[0]
+    assert out["token_ids"] == hf_greedy(reference, prompt, 8) != hf_greedy(model, prompt, 8)
+
+
+def test_a_saved_rope_theta_survives_an_added_rope_scaling():
+    """Where transformers 5 replaces a saved rope_parameters by an added rope_scaling whole (falling back to theta
+    10,000 for a model trained at 1e6), the engine merges them key by key and keeps the model's theta:
+    docs/ENGINE.md says so, as a difference from transformers."""
+    cfg = json.loads(_hf_config({}, theta=1e6).to_json_string())
     cfg["rope_scaling"] = dict(YARN)
     ours = ModelConfig.from_dict(cfg)
-    assert ours.rope_scaling is not None and ours.rope_scaling.rope_type == "yarn"
-    assert ours.rope_theta == 10000.0
+    assert ours.rope_scaling.rope_type == "yarn" and ours.rope_theta == 1e6
 
 
 @pytest.mark.parametrize("rope", [YARN, {"rope_type": "linear", "factor": 2.0}], ids=["yarn", "linear"])
@@ -126,6 +147,9 @@ def test_rope_scaling_argument_overrides_config_json(tmp_path, caplog):
     assert "max_model_len 128, RoPE yarn x4 of 32" in caplog.text
     with exact_engine(tmp_path / "ref", max_model_len=None, rope_scaling={"rope_type": "default"}) as llm:
         assert llm.max_model_len == 64
+    legacy = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    assert ModelConfig.from_dir(tmp_path / "m", legacy).max_model_len_limit == 128
+    assert ModelConfig.from_dir(tmp_path / "ref", {"type": "default"}).rope_scaling is None
 
     cfg = parse_config(["--model", str(tmp_path / "m"), "--rope-scaling", json.dumps(YARN)])
     assert cfg.engine_kwargs()["rope_scaling"] == YARN
