@@ -51,22 +51,29 @@ def _json_text(value: object, where: str) -> str:
 
 
 def _tool_call(where: str, call: object) -> pb.ToolCall:
-    """{"name": ..., "arguments": {...}}, or OpenAI's {"type": "function", "function": {"name", "arguments"}}."""
+    """{"name": ..., "arguments": {...}, "id"?}, or OpenAI's {"id"?, "type": "function", "function": {"name",
+    "arguments"}}."""
+    call_id = call.get("id") if isinstance(call, Mapping) else None
     if isinstance(call, Mapping) and isinstance(call.get("function"), Mapping):
         call = call["function"]
     if not isinstance(call, Mapping) or not isinstance(call.get("name"), str):
         raise ValueError(f"{where} must be {{'name': str, 'arguments': a JSON object}}, got {call!r}")
-    return pb.ToolCall(name=call["name"], arguments=_json_text(call.get("arguments", {}), f"{where}.arguments"))
+    if call_id is not None and not isinstance(call_id, str):
+        raise ValueError(f"{where}.id must be a string, got {call_id!r}")
+    return pb.ToolCall(name=call["name"], arguments=_json_text(call.get("arguments", {}), f"{where}.arguments"),
+                       id=call_id or "")
 
 
 def _message(i: int, m: Mapping[str, object]) -> pb.ChatMessage:
     """One message; content is a string or OpenAI-style text parts [{"type": "text", "text": ...}], joined; an
     assistant message may carry its tool_calls."""
-    unknown = sorted(set(m) - {"role", "content", "tool_calls"})
+    unknown = sorted(set(m) - {"role", "content", "tool_calls", "tool_call_id"})
     if unknown:
-        raise ValueError(f"messages[{i}] has unknown keys {unknown}; a message is {{'role', 'content'}}, and "
-                         "'tool_calls' on an assistant message")
+        raise ValueError(f"messages[{i}] has unknown keys {unknown}; a message is {{'role', 'content'}}, with "
+                         "'tool_calls' on an assistant message and 'tool_call_id' on a tool message")
     content = m.get("content")
+    if content is None and m.get("tool_calls"):  # OpenAI's assistant message that only calls tools
+        content = ""
     if isinstance(content, list | tuple):
         if not all(isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
                    for p in content):
@@ -78,7 +85,10 @@ def _message(i: int, m: Mapping[str, object]) -> pb.ChatMessage:
     calls = m.get("tool_calls") or ()
     if isinstance(calls, str | bytes | Mapping):
         raise ValueError(f"messages[{i}].tool_calls must be a list of calls, got {type(calls).__name__}")
-    return pb.ChatMessage(role=m["role"], content=content,
+    call_id = m.get("tool_call_id") or ""
+    if not isinstance(call_id, str):
+        raise ValueError(f"messages[{i}].tool_call_id must be a string, got {call_id!r}")
+    return pb.ChatMessage(role=m["role"], content=content, tool_call_id=call_id,
                           tool_calls=[_tool_call(f"messages[{i}].tool_calls[{j}]", c) for j, c in enumerate(calls)])
 
 

@@ -9,25 +9,44 @@ sends each call's result back as a "tool" message after an assistant message car
 from __future__ import annotations
 
 import json
-import re
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_BLOCK = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
+THINK_END = "</think>"
+_DECODER = json.JSONDecoder()
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
     """(the text less its tool-call blocks, stripped; the calls as {"name": str, "arguments": dict}, in order),
-    ready to be an assistant message's content and tool_calls. A block that is not a JSON object with a string
-    name, or a block left open (the completion stopped inside it, at max_tokens), is a ValueError naming it:
-    models do write malformed calls, and what to do then is the caller's choice."""
-    calls = []
-    for i, block in enumerate(_BLOCK.findall(text)):
+    ready to be an assistant message's content and tool_calls.
+
+    Calls are looked for after the thinking block only (a Qwen3 model's thinking may name the tag or quote a whole
+    example call), and each block is read as one JSON value, so an argument holding "</tool_call>" does not end
+    it. A block that is not a JSON object with a string name, or one left open (the completion stopped inside
+    it, at max_tokens), is a ValueError naming it: models do write malformed calls, and what to do then is the
+    caller's choice."""
+    cut = text.rfind(THINK_END)
+    head, body = (text[: cut + len(THINK_END)], text[cut + len(THINK_END):]) if cut >= 0 else ("", text)
+    calls, kept, pos = [], [head], 0
+    while (start := body.find(OPEN, pos)) >= 0:
+        kept.append(body[pos:start])
+        i = len(calls)
+        at = start + len(OPEN)
+        while at < len(body) and body[at].isspace():
+            at += 1
         try:
-            call = json.loads(block)
+            call, at = _DECODER.raw_decode(body, at)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"tool call {i} is not JSON ({exc}): {block.strip()[:200]!r}") from None
+            if CLOSE not in body[start:]:
+                raise ValueError(f"tool call {i} is left open (no {CLOSE}): the completion stopped inside it; "
+                                 "raise max_tokens") from None
+            raise ValueError(f"tool call {i} is not JSON ({exc}): {body[start:start + 200]!r}") from None
+        while at < len(body) and body[at].isspace():
+            at += 1
+        if not body.startswith(CLOSE, at):
+            what = "left open (no " + CLOSE + ")" if CLOSE not in body[at:] else "followed by more than " + CLOSE
+            raise ValueError(f"tool call {i} is {what}: {body[start:start + 200]!r}")
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            raise ValueError(f"tool call {i} is not a JSON object with a string name: {block.strip()[:200]!r}")
+            raise ValueError(f"tool call {i} is not a JSON object with a string name: {body[start:start + 200]!r}")
         arguments = call.get("arguments", {})
         if isinstance(arguments, str):  # some models write the arguments as a JSON string
             try:
@@ -37,7 +56,6 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
         if not isinstance(arguments, dict):
             raise ValueError(f"tool call {i} ({call['name']}): arguments must be a JSON object, got {arguments!r}")
         calls.append({"name": call["name"], "arguments": arguments})
-    rest = _BLOCK.sub("", text)
-    if OPEN in rest:
-        raise ValueError(f"a tool call is left open (no {CLOSE}): the completion stopped inside it; raise max_tokens")
-    return rest.strip(), calls
+        pos = at + len(CLOSE)
+    kept.append(body[pos:])
+    return "".join(kept).strip(), calls

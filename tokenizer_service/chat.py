@@ -12,8 +12,10 @@ Rules for a message list (each broken rule is a ValueError that names the messag
 - `content` is a string, or a list of text parts `{"type": "text", "text": str}` (the OpenAI shape), which
   are joined into one string, so templates only ever see strings.
 
-`tools` (the functions the model may call) is a list of JSON objects (or their texts), handed to the template
-as transformers' `apply_chat_template(tools=...)` takes them. tools or tool calls given to a template that never
+A `tool` message may name the call it answers (`tool_call_id`) and a call may carry an `id`, for templates
+that pair them. `tools` (the functions the model may call) is a list of JSON objects (or their texts), handed to
+the template as transformers' `apply_chat_template(tools=...)` takes them. Bounds: MAX_TOOLS tools, MAX_TOOL_CALLS
+calls per chat, JSON nested at most MAX_JSON_DEPTH deep. tools or tool calls given to a template that never
 reads them are refused, as is enable_thinking for one without the switch: a template would drop them silently.
 
 The prompt is the template rendered with `add_generation_prompt=True`, then encoded without adding special
@@ -29,8 +31,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 VALID_ROLES = ("system", "user", "assistant", "tool")
-_MESSAGE_KEYS = frozenset({"role", "content", "tool_calls"})
+_MESSAGE_KEYS = frozenset({"role", "content", "tool_calls", "tool_call_id"})
 MAX_TOOLS = 128  # tools a chat may offer
+MAX_TOOL_CALLS = 1024  # tool calls in a chat's messages, all together
+MAX_JSON_DEPTH = 32  # nesting of a tool's or a call's JSON (JSON schemas rarely pass 10)
 
 
 def _content_text(content: object, where: str) -> str:
@@ -55,19 +59,53 @@ def _content_text(content: object, where: str) -> str:
 
 
 def _json_object(value: object, where: str) -> dict:
-    """A JSON object given as a mapping or as its text."""
+    """A JSON object given as a mapping or as its text ("" is {}: proto3's unset arguments), at most
+    MAX_JSON_DEPTH deep and encodable as UTF-8 (json.loads takes a lone-surrogate escape the tokenizer cannot)."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = json.loads(value) if value.strip() else {}
         except json.JSONDecodeError as exc:
             raise ValueError(f"{where} must be a JSON object, got text that is not JSON ({exc})") from None
+        except RecursionError:
+            raise ValueError(f"{where} must be a JSON object at most {MAX_JSON_DEPTH} deep") from None
     if not isinstance(value, Mapping):
         raise ValueError(f"{where} must be a JSON object, got {type(value).__name__}")
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"{where} must be a JSON object at most {MAX_JSON_DEPTH} deep")
     try:
-        json.dumps(value)
-    except (TypeError, ValueError) as exc:  # a mapping from Python holding what JSON cannot
-        raise ValueError(f"{where} must be a JSON object: {exc}") from None
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:  # a mapping from Python holding what JSON cannot; a lone surrogate
+        raise ValueError(f"{where} must be a JSON object of UTF-8 text: {exc}") from None
     return dict(value)
+
+
+def _depth(value: object) -> int:
+    """How deeply lists and objects nest in a parsed JSON value, without recursion (a deep one is what is refused)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping | list | tuple):
+            deepest = max(deepest, depth)
+            if depth > MAX_JSON_DEPTH:
+                break
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, Mapping) else item))
+    return deepest
+
+
+def json_strings(value: object) -> list[str]:
+    """Every key and string in a parsed JSON value: what a template may render as text, whether through tojson
+    (which writes them unescaped) or field by field (the --chat-special-tokens rule reads these)."""
+    out, stack = [], [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, Mapping):
+            out.extend(str(k) for k in item)
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return out
 
 
 def _tool_calls(calls: object, where: str) -> list[dict]:
@@ -76,13 +114,18 @@ def _tool_calls(calls: object, where: str) -> list[dict]:
     normalised = []
     for j, call in enumerate(calls):
         here = f"{where}.tool_calls[{j}]"
-        if not isinstance(call, Mapping) or set(call) - {"name", "arguments"}:
-            raise ValueError(f"{here} must be a mapping with 'name' and 'arguments' only, got {call!r}")
+        if not isinstance(call, Mapping) or set(call) - {"name", "arguments", "id"}:
+            raise ValueError(f"{here} must be a mapping with 'name', 'arguments' and optionally 'id', got {call!r}")
         name = call.get("name")
         if not isinstance(name, str) or not name:
             raise ValueError(f"{here}.name must be a non-empty string, got {name!r}")
         arguments = _json_object(call.get("arguments", {}), f"{here}.arguments")
-        normalised.append({"type": "function", "function": {"name": name, "arguments": arguments}})
+        entry: dict[str, object] = {"type": "function", "function": {"name": name, "arguments": arguments}}
+        if call.get("id"):
+            if not isinstance(call["id"], str):
+                raise ValueError(f"{here}.id must be a string, got {call['id']!r}")
+            entry["id"] = call["id"]
+        normalised.append(entry)
     return normalised
 
 
@@ -103,6 +146,7 @@ def validate_messages(messages: object) -> list[dict[str, object]]:
     if not messages:
         raise ValueError("messages must contain at least one message")
     normalised = []
+    calls = 0
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, Mapping):
@@ -111,8 +155,8 @@ def validate_messages(messages: object) -> list[dict[str, object]]:
             )
         unknown = sorted(str(k) for k in message.keys() - _MESSAGE_KEYS)
         if unknown:
-            raise ValueError(f"{where} has unknown keys {unknown}; allowed keys are 'role', 'content' and "
-                             "(assistant messages) 'tool_calls'")
+            raise ValueError(f"{where} has unknown keys {unknown}; allowed keys are 'role', 'content', "
+                             "'tool_calls' (assistant messages) and 'tool_call_id' (tool messages)")
         if "role" not in message:
             raise ValueError(f"{where}.role is required; valid roles are {', '.join(VALID_ROLES)}")
         if "content" not in message:
@@ -127,7 +171,14 @@ def validate_messages(messages: object) -> list[dict[str, object]]:
             if role != "assistant":
                 raise ValueError(f"{where}.tool_calls is set on a {role!r} message; only assistant messages make "
                                  "tool calls")
+            calls += len(message["tool_calls"]) if isinstance(message["tool_calls"], Sequence) else 0
+            if calls > MAX_TOOL_CALLS:
+                raise ValueError(f"{where}.tool_calls: a chat may hold at most {MAX_TOOL_CALLS} tool calls")
             entry["tool_calls"] = _tool_calls(message["tool_calls"], where)
+        if message.get("tool_call_id"):
+            if role != "tool" or not isinstance(message["tool_call_id"], str):
+                raise ValueError(f"{where}.tool_call_id must be a string on a 'tool' message (the call it answers)")
+            entry["tool_call_id"] = message["tool_call_id"]
         normalised.append(entry)
     return normalised
 
@@ -145,10 +196,10 @@ def render_chat(tokenizer: Any, messages: object, enable_thinking: bool | None =
             "messages are not supported: the model's tokenizer has no chat template; send a prompt"
         )
     normalised = validate_messages(messages)
-    sources = template.values() if isinstance(template, Mapping) else [template]
+    source = _template_used(template, bool(tools))
 
     def reads(name: str) -> bool:
-        return any(name in str(source) for source in sources)
+        return name in source
 
     extra: dict[str, object] = {}
     if enable_thinking is not None:
@@ -175,9 +226,21 @@ def render_chat(tokenizer: Any, messages: object, enable_thinking: bool | None =
     except TemplateError as e:
         # Templates reject some conversations themselves (e.g. "roles must alternate"); that is bad input.
         raise ValueError(f"messages rejected by the model's chat template: {e}") from e
+    except RecursionError:  # a template recursing over a request's data
+        raise ValueError("messages: the chat template recursed too deeply over them") from None
     if not isinstance(text, str):
         raise ValueError(f"the chat template rendered {type(text).__name__}, not text")
     return text
+
+
+def _template_used(template: object, with_tools: bool) -> str:
+    """The template transformers renders with: of named ones (a dict), "tool_use" when tools are given and it
+    exists, else "default"; what the thinking and tool checks read."""
+    if not isinstance(template, Mapping):
+        return str(template)
+    if with_tools and "tool_use" in template:
+        return str(template["tool_use"])
+    return str(template.get("default", ""))
 
 
 def check_chat_template(tokenizer: Any) -> None:

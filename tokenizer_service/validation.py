@@ -29,7 +29,14 @@ from typing import Any
 
 from protos.llmserve.engine.v1 import engine_pb2 as engine_pb
 from protos.llmserve.text.v1 import text_pb2 as pb
-from tokenizer_service.chat import MAX_TOOLS, render_chat, validate_messages, validate_tools
+from tokenizer_service.chat import (
+    MAX_TOOL_CALLS,
+    MAX_TOOLS,
+    json_strings,
+    render_chat,
+    validate_messages,
+    validate_tools,
+)
 from tokenizer_service.token_bounds import tokens_at_least
 
 MAX_STOP_STRINGS = 64
@@ -138,35 +145,41 @@ def _tools_well_formed(r: TextRequest, _: TextLimits) -> str | None:
     return None
 
 
-def _chat_texts(r: TextRequest) -> list[tuple[str, str]]:
-    """(where, text) of everything a chat puts into the prompt besides the template: contents, tool calls, tools."""
-    def text(value: object) -> str:
-        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+def _chat_texts(r: TextRequest) -> list[tuple[str, str, list[str]]]:
+    """(where, the text it adds to the prompt, the strings in it) for everything a chat puts into the prompt besides
+    the template: contents, tool calls and tools. A call or a tool counts as its JSON (overhead included); its
+    strings are each key and value, unescaped, as a template's tojson writes them ("\u003c|im_end|\u003e" in the
+    JSON text is "<|im_end|>" in the prompt)."""
+    def dumped(value: object) -> str:
+        return json.dumps(value, ensure_ascii=False)
 
     texts = []
     for i, message in enumerate(validate_messages(r.messages)):
-        texts.append((f"messages[{i}].content", message["content"]))
+        texts.append((f"messages[{i}].content", message["content"], [message["content"]]))
         for j, call in enumerate(message.get("tool_calls", ())):
-            function = call["function"]
-            texts.append((f"messages[{i}].tool_calls[{j}]", function["name"] + text(function["arguments"])))
-    texts.extend((f"tools[{i}]", text(tool)) for i, tool in enumerate(r.tools))
+            texts.append((f"messages[{i}].tool_calls[{j}]", dumped(call), json_strings(call)))
+        if "tool_call_id" in message:
+            texts.append((f"messages[{i}].tool_call_id", message["tool_call_id"], [message["tool_call_id"]]))
+    tools = validate_tools(r.tools) if r.tools else []
+    texts.extend((f"tools[{i}]", dumped(tool), json_strings(tool)) for i, tool in enumerate(tools))
     return texts
 
 
 def _messages_bytes(r: TextRequest, lim: TextLimits) -> str | None:
     if r.messages is None:
         return None
-    n = sum(_utf8_len(t) for _, t in _chat_texts(r))
+    n = sum(_utf8_len(text) for _, text, _ in _chat_texts(r))
     return f"got {n} bytes" if n > lim.max_prompt_bytes else None
 
 
 def _messages_no_special_text(r: TextRequest, lim: TextLimits) -> str | None:
     if r.messages is None or not lim.refused_chat_texts:
         return None
-    for where, content in _chat_texts(r):
-        for text in lim.refused_chat_texts:
-            if text in content:
-                return f"{where} holds {text!r}"
+    for where, _, strings in _chat_texts(r):
+        for string in strings:
+            for text in lim.refused_chat_texts:
+                if text in string:
+                    return f"{where} holds {text!r}"
     return None
 
 
@@ -241,8 +254,9 @@ RULES: tuple[Rule, ...] = (
     Rule("request", "prompt", "must be at most {max_prompt_bytes} bytes of UTF-8 (max_prompt_bytes)", _prompt_bytes),
     Rule("request", "messages", "must hold at most {max_messages} messages (max_messages)", _messages_count),
     Rule("request", "messages", "must be a non-empty list of {{role, content}} with a valid role and text content "
-         "(and assistant messages' tool_calls, each a name and a JSON object of arguments)", _messages_well_formed),
-    Rule("request", "tools", f"must be at most {MAX_TOOLS} JSON objects", _tools_well_formed),
+         "(and assistant messages' tool_calls, each a name and a JSON object of arguments, at most "
+         f"{MAX_TOOL_CALLS} in a chat)", _messages_well_formed),
+    Rule("request", "tools", f"must be a list of at most {MAX_TOOLS} JSON objects", _tools_well_formed),
     Rule("request", "messages", "contents, tool calls and tools must total at most {max_prompt_bytes} bytes of "
          "UTF-8 (max_prompt_bytes)", _messages_bytes),
     Rule("request", "messages", "contents, tool calls and tools must not hold a special token's text (this service "
@@ -351,7 +365,10 @@ def read_eos_token_ids(model_dir: str, tokenizer: Any, vocab_size: int) -> set[i
 def _message(m: pb.ChatMessage) -> dict[str, object]:
     message: dict[str, object] = {"role": m.role, "content": m.content}
     if m.tool_calls:
-        message["tool_calls"] = [{"name": c.name, "arguments": c.arguments} for c in m.tool_calls]
+        message["tool_calls"] = [{"name": c.name, "arguments": c.arguments, **({"id": c.id} if c.id else {})}
+                                 for c in m.tool_calls]
+    if m.tool_call_id:
+        message["tool_call_id"] = m.tool_call_id
     return message
 
 
