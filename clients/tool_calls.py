@@ -24,7 +24,9 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
     it. A block that is not a JSON object with a string name, or one left open (the completion stopped inside
     it, at max_tokens), is a ValueError naming it: models do write malformed calls, and what to do then is the
     caller's choice."""
-    cut = text.rfind(THINK_END)
+    cut = text.find(THINK_END)  # the model ends its thinking once; a later "</think>" is text (in a call, say)
+    if cut >= 0 and not text.lstrip().startswith("<think>") and OPEN in text[:cut]:
+        cut = -1  # no thinking block: that "</think>" is inside a call
     head, body = (text[: cut + len(THINK_END)], text[cut + len(THINK_END):]) if cut >= 0 else ("", text)
     calls, kept, pos = [], [head], 0
     while (start := body.find(OPEN, pos)) >= 0:

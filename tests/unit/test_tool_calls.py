@@ -232,3 +232,14 @@ def test_parse_tool_calls_skips_the_thinking_and_reads_whole_json_values():
     assert content.startswith("<think>") and content.endswith("</think>")
     with pytest.raises(ValueError, match="followed by more than"):
         parse_tool_calls('<tool_call>{"name": "f"} trailing</tool_call>')
+
+
+def test_a_think_tag_inside_a_call_is_text():
+    """The thinking ends at the first "</think>"; one inside a call's arguments (a tool writing docs) is text, with
+    thinking on and off (the call was dropped into the content, silently)."""
+    call = '<tool_call>\n{"name": "write_file", "arguments": {"text": "ends with </think>"}}\n</tool_call>'
+    want = [{"name": "write_file", "arguments": {"text": "ends with </think>"}}]
+    for text in ("<think>\nI should write it.\n</think>\n\n" + call, call):
+        content, calls = parse_tool_calls(text)
+        assert calls == want, text
+        assert "<tool_call>" not in content
