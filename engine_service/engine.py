@@ -227,10 +227,14 @@ class LLMEngine:
         from transformers import AutoTokenizer
 
         try:  # local_files_only: a directory name must never turn into Hub lookups
-            return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         except Exception as exc:  # transformers' and tokenizers' own types
             raise ValueError(f"the tokenizer in {model_dir} ({', '.join(present)}) cannot be loaded: {exc}; fix the "
                              "files, or remove them to serve token-id prompts only") from None
+        # max_model_len bounds prompts; the tokenizer's model_max_length (often a RoPE-scaled model's unscaled
+        # length) only made transformers warn of "indexing errors" that never happen.
+        tokenizer.model_max_length = int(1e30)
+        return tokenizer
 
     @staticmethod
     def _generation_defaults(gen_cfg: dict) -> dict:

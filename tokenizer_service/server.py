@@ -48,6 +48,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # is answered by the service's own event loop, so a hung process fails it; a TCP check never fails, since the
 # kernel completes handshakes for a process that no longer runs.
 LIVENESS = "liveness"
+NO_LENGTH_LIMIT = int(1e30)  # transformers' own "no limit" for a tokenizer's model_max_length
 
 
 def server_options(config: TextServerConfig) -> list[tuple[str, int]]:
@@ -84,6 +85,9 @@ def load_tokenizer(model_dir: str) -> tuple[Any, str, int]:
         raise ValueError(f"the tokenizer in {model_dir} cannot be loaded: {exc}") from None
     if len(tokenizer) <= 1:
         raise ValueError(f"the tokenizer in {model_dir} holds {len(tokenizer)} token(s): its files are incomplete")
+    # The service bounds prompts by the engines' max_model_len; the tokenizer's own model_max_length (often the
+    # unscaled length of a RoPE-scaled model) only made transformers warn of "indexing errors" that never happen.
+    tokenizer.model_max_length = NO_LENGTH_LIMIT
     check_chat_template(tokenizer)
     warm_up(tokenizer)  # here, on the loading thread: not on the event loop at the first request
     config = read_json(directory / "config.json")

@@ -180,3 +180,27 @@ def test_a_default_max_model_len_the_pool_cannot_hold_is_lowered(tmp_path, caplo
     with caplog.at_level(logging.WARNING), LLM(tmp_path, max_model_len=100, **args) as llm:
         assert llm.max_model_len == 100
     assert "max_model_len 100 is more than the KV pool of 4 blocks holds for one sequence (65 tokens)" in caplog.text
+
+
+def test_no_indexing_error_warning_for_prompts_past_the_tokenizers_length(demo_model_dir, caplog):
+    """A RoPE-scaled model's tokenizer still says the unscaled model_max_length; transformers warned of "indexing
+    errors" for every longer prompt the service then served correctly. Both services bound prompts themselves."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from tokenizer_service.server import load_tokenizer
+
+    text = "the sea " * 2000
+    plain = AutoTokenizer.from_pretrained(demo_model_dir)
+    plain.model_max_length = 64
+    with caplog.at_level(logging.WARNING):
+        plain.encode(text)
+    assert "indexing errors" in caplog.text  # what the warning looks like, so its absence means something
+    caplog.clear()
+    tokenizer, _, _ = load_tokenizer(str(demo_model_dir))
+    with caplog.at_level(logging.WARNING), LLM(demo_model_dir, device="cpu", dtype="float32", num_kvcache_blocks=8,
+                                               max_num_seqs=2) as llm:
+        assert len(tokenizer.encode(text)) > 2048  # past the demo's max_position_embeddings
+        llm.tokenizer.encode(text)
+    assert "indexing errors" not in caplog.text
