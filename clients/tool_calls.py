@@ -15,6 +15,30 @@ THINK_END = "</think>"
 _DECODER = json.JSONDecoder()
 
 
+def _thinking_end(text: str) -> int:
+    """Where the thinking ends: the first "</think>" (the model closes its thinking once; a later one is text), or
+    -1 for none. Without an opening "<think>" (thinking off, or a template that wrote it into the prompt, as
+    Qwen3-Thinking-2507's do) a first "</think>" that lies inside a call's JSON is not the end of any thinking;
+    one after a mere mention of "<tool_call>" in the thinking still is."""
+    cut = text.find(THINK_END)
+    if cut < 0 or text.lstrip().startswith("<think>"):
+        return cut
+    pos = 0
+    while 0 <= (start := text.find(OPEN, pos)) < cut:
+        at = start + len(OPEN)
+        while at < len(text) and text[at].isspace():
+            at += 1
+        try:
+            _, end = _DECODER.raw_decode(text, at)
+        except json.JSONDecodeError:
+            pos = at
+            continue
+        if end > cut:
+            return -1
+        pos = end
+    return cut
+
+
 def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
     """(the text less its tool-call blocks, stripped; the calls as {"name": str, "arguments": dict}, in order),
     ready to be an assistant message's content and tool_calls.
@@ -24,9 +48,7 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
     it. A block that is not a JSON object with a string name, or one left open (the completion stopped inside
     it, at max_tokens), is a ValueError naming it: models do write malformed calls, and what to do then is the
     caller's choice."""
-    cut = text.find(THINK_END)  # the model ends its thinking once; a later "</think>" is text (in a call, say)
-    if cut >= 0 and not text.lstrip().startswith("<think>") and OPEN in text[:cut]:
-        cut = -1  # no thinking block: that "</think>" is inside a call
+    cut = _thinking_end(text)
     head, body = (text[: cut + len(THINK_END)], text[cut + len(THINK_END):]) if cut >= 0 else ("", text)
     calls, kept, pos = [], [head], 0
     while (start := body.find(OPEN, pos)) >= 0:

@@ -243,3 +243,19 @@ def test_a_think_tag_inside_a_call_is_text():
         content, calls = parse_tool_calls(text)
         assert calls == want, text
         assert "<tool_call>" not in content
+
+
+@pytest.mark.parametrize(("thinking", "want"), [
+    ("The answer needs <tool_call> tags.\n", [{"name": "get_weather", "arguments": {"city": "Paris"}}]),
+    ('Format: <tool_call>{"name": "get_weather", "arguments": {"city": "Example"}}</tool_call> so for Paris:\n',
+     [{"name": "get_weather", "arguments": {"city": "Paris"}}]),
+], ids=["names-the-tag", "quotes-an-example"])
+def test_thinking_whose_opening_tag_was_in_the_prompt(thinking, want):
+    """Qwen3-Thinking-2507's template writes "<think>\\n" into the prompt, so the reply holds only "</think>": a
+    thinking that names the tag, or quotes an example call, is still thinking."""
+    call = '\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    content, calls = parse_tool_calls(thinking + call)
+    assert calls == want
+    assert content.startswith(thinking.strip()[:10]) and content.endswith("</think>")
+    content, calls = parse_tool_calls(thinking + "\n</think>\n\nIt is sunny.")  # and answering without a call
+    assert calls == [] and content.endswith("It is sunny.")
