@@ -184,19 +184,30 @@ def validate_messages(messages: object) -> list[dict[str, object]]:
 
 
 def render_chat(tokenizer: Any, messages: object, enable_thinking: bool | None = None, tools: object = None) -> str:
-    """Validate `messages` and render them through the tokenizer's chat template, ending in the assistant's turn.
+    """Validate `messages` and `tools` and render them through the tokenizer's chat template (render_validated)."""
+    _chat_template(tokenizer)  # said before the messages are read
+    return render_validated(tokenizer, validate_messages(messages), enable_thinking,
+                            validate_tools(tools) if tools else [])
 
-    enable_thinking (None: the template's default) is passed to templates with a thinking switch (Qwen3's);
-    tools (None or empty: none) to templates that read them. Either given to a template that never reads it is
-    refused rather than silently ignored, as are tool calls in the messages.
-    """
+
+def _chat_template(tokenizer: Any) -> object:
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise ValueError(
             "messages are not supported: the model's tokenizer has no chat template; send a prompt"
         )
-    normalised = validate_messages(messages)
-    source = _template_used(template, bool(tools))
+    return template
+
+
+def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bool | None, tools: list[dict]) -> str:
+    """Render messages and tools, as validate_messages and validate_tools return them, through the tokenizer's chat
+    template, ending in the assistant's turn (the service validates a request's chat once, as its rules run).
+
+    enable_thinking (None: the template's default) is passed to templates with a thinking switch (Qwen3's);
+    tools (empty: none) to templates that read them. Either given to a template that never reads it is
+    refused rather than silently ignored, as are tool calls in the messages.
+    """
+    source = _template_used(_chat_template(tokenizer), bool(tools))
 
     def reads(name: str) -> bool:
         return name in source
@@ -211,7 +222,7 @@ def render_chat(tokenizer: Any, messages: object, enable_thinking: bool | None =
         if not reads("tools"):
             raise ValueError("chat.tools is set, but the model's chat template never reads tools: this model "
                              "was not given a tool-calling template; send the tools in a message instead")
-        extra["tools"] = validate_tools(tools)
+        extra["tools"] = tools
     called = [i for i, m in enumerate(normalised) if "tool_calls" in m]
     if called and not reads("tool_calls"):
         raise ValueError(f"messages[{called[0]}].tool_calls is set, but the model's chat template never reads "

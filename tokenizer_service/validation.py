@@ -33,7 +33,7 @@ from tokenizer_service.chat import (
     MAX_TOOL_CALLS,
     MAX_TOOLS,
     json_strings,
-    render_chat,
+    render_validated,
     validate_messages,
     validate_tools,
 )
@@ -81,6 +81,9 @@ class TextRequest:
     stop: Sequence[str] = field(default_factory=tuple)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # The chat validated and normalised, filled once by the rules and the rendering that read it (a chat's JSON can
+    # be megabytes): "messages", "tools", "texts".
+    normalised: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
 
 # A check returns None when the rule holds, else a short description of what was sent.
@@ -125,11 +128,23 @@ def _messages_count(r: TextRequest, lim: TextLimits) -> str | None:
     return None
 
 
+def _messages(r: TextRequest) -> list[dict]:
+    if "messages" not in r.normalised:
+        r.normalised["messages"] = validate_messages(r.messages)
+    return r.normalised["messages"]
+
+
+def _tools(r: TextRequest) -> list[dict]:
+    if "tools" not in r.normalised:
+        r.normalised["tools"] = validate_tools(r.tools) if r.tools else []
+    return r.normalised["tools"]
+
+
 def _messages_well_formed(r: TextRequest, _: TextLimits) -> str | None:
     if r.messages is None:
         return None
     try:
-        validate_messages(r.messages)
+        _messages(r)
     except ValueError as e:
         return str(e)
     return None
@@ -139,7 +154,7 @@ def _tools_well_formed(r: TextRequest, _: TextLimits) -> str | None:
     if not r.tools:
         return None
     try:
-        validate_tools(r.tools)
+        _tools(r)
     except ValueError as e:
         return str(e)
     return None
@@ -150,18 +165,21 @@ def _chat_texts(r: TextRequest) -> list[tuple[str, str, list[str]]]:
     the template: contents, tool calls and tools. A call or a tool counts as its JSON (overhead included); its
     strings are each key and value, unescaped, as a template's tojson writes them ("\u003c|im_end|\u003e" in the
     JSON text is "<|im_end|>" in the prompt)."""
+    if "texts" in r.normalised:
+        return r.normalised["texts"]
+
     def dumped(value: object) -> str:
         return json.dumps(value, ensure_ascii=False)
 
     texts = []
-    for i, message in enumerate(validate_messages(r.messages)):
+    for i, message in enumerate(_messages(r)):
         texts.append((f"messages[{i}].content", message["content"], [message["content"]]))
         for j, call in enumerate(message.get("tool_calls", ())):
             texts.append((f"messages[{i}].tool_calls[{j}]", dumped(call), json_strings(call)))
         if "tool_call_id" in message:
             texts.append((f"messages[{i}].tool_call_id", message["tool_call_id"], [message["tool_call_id"]]))
-    tools = validate_tools(r.tools) if r.tools else []
-    texts.extend((f"tools[{i}]", dumped(tool), json_strings(tool)) for i, tool in enumerate(tools))
+    texts.extend((f"tools[{i}]", dumped(tool), json_strings(tool)) for i, tool in enumerate(_tools(r)))
+    r.normalised["texts"] = texts
     return texts
 
 
@@ -400,7 +418,8 @@ def _encode(
     max_model_len or more (then the rest of it is never tokenized)."""
     text = text_request.prompt
     if text_request.messages is not None:  # the template writes any BOS or special markers it wants
-        text = render_chat(tokenizer, text_request.messages, text_request.enable_thinking, text_request.tools)
+        text = render_validated(tokenizer, _messages(text_request), text_request.enable_thinking,
+                                _tools(text_request))
         add_special_tokens = False
     if max_model_len and (n := tokens_at_least(tokenizer, text, max_model_len)) >= max_model_len:
         return AtLeast(n)
