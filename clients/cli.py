@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
                         help="add BIAS (-100 to 100) to token ID's logit before sampling (repeatable)")
+    parser.add_argument("--json", action="store_true",
+                        help="JSON mode: the output is one JSON object (response_format json_object)")
     parser.add_argument("--timeout", type=float, default=None, help="the request's deadline in seconds")
     parser.add_argument("--usage", action="store_true", help="print the finish reason and token usage")
     parser.add_argument("--logprobs", type=int, default=None, metavar="N",
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     seed=args.seed, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
                     repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                    frequency_penalty=args.frequency_penalty, logit_bias=logit_bias or None)
+                    frequency_penalty=args.frequency_penalty, logit_bias=logit_bias or None,
+                    response_format="json_object" if args.json else None)
     if (args.thinking is not None or args.tools) and not args.chat:
         print("llm-client: --thinking and --tools apply to --chat only", file=sys.stderr)
         return 2

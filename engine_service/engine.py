@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import numbers
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +23,16 @@ import torch
 
 from engine_service.block_manager import BlockManager
 from engine_service.config import EngineConfig
+from engine_service.json_grammar import describe as describe_state
 from engine_service.model.config import ModelConfig, read_json
 from engine_service.model.layers import TPInfo
 from engine_service.model_runner import Collected, Launched, ModelRunner
-from engine_service.outputs import FINISH_ERROR, StepOutput, TokenLogprobs
+from engine_service.outputs import FINISH_ERROR, FINISH_STOP, StepOutput, TokenLogprobs
 from engine_service.sampler import LogitBias, LogprobRows, SamplingRow
 from engine_service.sampling_params import SamplingParams
 from engine_service.scheduler import ScheduledBatch, Scheduler
 from engine_service.sequence import Sequence, Status
+from engine_service.structured_output import JsonCursor, JsonMasks, token_bytes
 from engine_service.validation import check_prompt
 
 log = logging.getLogger(__name__)
@@ -112,6 +115,7 @@ class LLMEngine:
             )
         self.max_model_len = max_model_len
         self.tokenizer = self._load_tokenizer(model_dir)
+        self.json_masks, self.json_refusal = self._json_masks()
         gen_cfg = _read_json(model_dir / "generation_config.json")
         eos = set(_as_list(gen_cfg.get("eos_token_id")))
         eos |= set(_as_list(_read_json(model_dir / "config.json").get("eos_token_id")))
@@ -169,6 +173,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.generators: dict[str, torch.Generator] = {}
         self.biases: dict[str, LogitBias] = {}  # requests with a logit_bias: it on the device
+        self.cursors: dict[str, JsonCursor] = {}  # requests with a response_format: their place in the document
         self._pending: list[StepOutput] = []  # aborts to report on the next step
         self._pending_ids: set[str] = set()  # their request ids: still in use until reported
         self._inflight: _InFlight | None = None  # a step scheduled ahead, launched, not yet read back
@@ -194,6 +199,7 @@ class LLMEngine:
             "eos_token_ids": list(self.eos_token_ids),
             "max_model_len": max_model_len,
             "block_size": self.config.kvcache_block_size,
+            "json_object": self.json_masks is not None,  # response_format json_object is served
         }
 
     def _fit_max_model_len(self, max_model_len: int) -> int:
@@ -236,6 +242,20 @@ class LLMEngine:
         tokenizer.model_max_length = int(1e30)
         return tokenizer
 
+    def _json_masks(self) -> tuple[JsonMasks | None, str]:
+        """The JSON mode's token masks for this model's tokenizer, or None and why requests for it are refused."""
+        if self.tokenizer is None:
+            return None, ("response_format json_object needs the model's tokenizer, and this model directory has "
+                          "none; add its tokenizer files")
+        try:
+            vocab = token_bytes(self.tokenizer, self.model_cfg.vocab_size)
+        except ValueError as exc:
+            return None, str(exc)
+        t0 = time.perf_counter()
+        masks = JsonMasks(vocab)
+        log.info("JSON mode ready: the vocabulary indexed by bytes in %.2f s", time.perf_counter() - t0)
+        return masks, ""
+
     @staticmethod
     def _generation_defaults(gen_cfg: dict) -> dict:
         defaults = {
@@ -271,6 +291,8 @@ class LLMEngine:
         for name in ("logprobs", "prompt_logprobs"):
             if (k := getattr(sampling_params, name)) is not None and k > vocab:
                 raise ValueError(f"{name} is {k}, more tokens than the vocabulary holds ({vocab})")
+        if sampling_params.response_format is not None and self.json_masks is None:
+            raise ValueError(self.json_refusal)
         prompt = self._validate_prompt(prompt_token_ids)
         bm = self.block_manager
         worst = min(len(prompt) + sampling_params.max_tokens, self.max_model_len)
@@ -288,6 +310,8 @@ class LLMEngine:
             self.generators[request_id] = g
         if sampling_params.logit_bias:  # on the device once, not uploaded every step
             self.biases[request_id] = self.runner.sampler.bias_tensors(sampling_params)
+        if sampling_params.response_format is not None:
+            self.cursors[request_id] = JsonCursor(self.json_masks)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -432,6 +456,8 @@ class LLMEngine:
                 outputs.append(self._fail(seq, "the model produced NaN or infinite logits for this request"))
             sampled.append(token if ok else None)
         self.scheduler.postprocess(batch, sampled)
+        if self.cursors:
+            self._advance_cursors(batch, sampled, outputs)
         start = len(outputs)
         for seq, token in zip(batch.seqs, sampled, strict=True):
             if token is None:
@@ -445,6 +471,20 @@ class LLMEngine:
                 self._forget(seq)
         if collected.logprobs is not None:
             self._attach_logprobs(batch, sampled, collected.logprobs, outputs[start:])
+
+    def _advance_cursors(self, batch: ScheduledBatch, sampled: list[int | None], outputs) -> None:
+        """Move JSON-mode requests along their documents; finish those whose object closed (finish reason stop).
+        A token the automaton refuses (which its mask should have ruled out) fails its request."""
+        for i, (seq, token) in enumerate(zip(batch.seqs, sampled, strict=True)):
+            cursor = self.cursors.get(seq.request_id) if token is not None else None
+            if cursor is None:
+                continue
+            if not cursor.advance(token):
+                outputs.append(self._fail(seq, f"internal error: JSON mode sampled token {token}, which cannot "
+                                               f"follow its output so far (at {describe_state(cursor.state)})"))
+                sampled[i] = None
+            elif cursor.done and seq.status is Status.RUNNING:
+                self.scheduler.finish(seq, FINISH_STOP)
 
     @staticmethod
     def _keep_prompt_logprobs(batch: ScheduledBatch, logprobs: LogprobRows) -> None:
@@ -481,8 +521,10 @@ class LLMEngine:
         if p.min_tokens and len(seq.token_ids) - seq.num_prompt_tokens + ahead < p.min_tokens:
             banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_token_ids))
         slot = self.runner.sampler.penalties.slot(seq) if p.penalized else -1
+        cursor = self.cursors.get(seq.request_id) if p.response_format is not None else None
         return SamplingRow(p, self.generators.get(seq.request_id), banned, slot,
-                           self.biases.get(seq.request_id) if p.logit_bias else None)
+                           self.biases.get(seq.request_id) if p.logit_bias else None,
+                           cursor.allowed() if cursor is not None else None)
 
     def _fail(self, seq: Sequence, message: str) -> StepOutput:
         if seq.status is not Status.FINISHED:
@@ -496,6 +538,7 @@ class LLMEngine:
         self.seqs.pop(seq.request_id, None)
         self.generators.pop(seq.request_id, None)
         self.biases.pop(seq.request_id, None)
+        self.cursors.pop(seq.request_id, None)
         if seq.params.penalized:
             self.runner.sampler.penalties.release(seq.request_id)
 

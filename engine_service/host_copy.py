@@ -21,6 +21,13 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
+def tensor_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; never synchronises (on CUDA it is first copied into pinned memory)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def rows_to_device(rows: list[list[int]], width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """`rows` padded with 0 to `width`, as a [len(rows), width] tensor on `device`; never synchronises. Filled
     row by row through numpy: torch.tensor converts a nested list element by element (1.8 ms for 256 block

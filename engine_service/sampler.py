@@ -7,7 +7,7 @@ float32 but for rare flips; docs/ENGINE.md, Sampling). Rows with NaN or infinite
 Rows that ask for logprobs get log_softmax of their raw logits (before penalties, temperature, filters and
 bans), the sampled token's entry and the most likely tokens', computed on the device beside the draw.
 Rows with a logit_bias have it added first; rows with penalties then have their logits penalised (penalties.py);
-then banned, then drawn.
+then banned; then rows with a response_format keep only the tokens it allows (structured_output.py); then drawn.
 On CUDA, rows without top-k, top-p or min-p filters are drawn by a Triton kernel (sampling_kernels.py) that
 reads the logits twice instead of materialising float32 copies of them.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from engine_service.attention import check_triton_usable, compiled_triton
-from engine_service.host_copy import to_device
+from engine_service.host_copy import tensor_to_device, to_device
 from engine_service.outputs import TokenLogprobs
 from engine_service.penalties import Penalties
 from engine_service.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -36,6 +36,9 @@ class SamplingRow:
     # params.logit_bias on the logits' device (Sampler.bias_tensors), made once per request by its owner; the
     # sampler makes it each step where it is None.
     bias: LogitBias | None = None
+    # The tokens allowed next (a bool per vocabulary entry, on the CPU) for a request with a response_format:
+    # every other token's logit becomes -inf, after biases, penalties and bans (structured_output.py).
+    allowed: torch.Tensor | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -115,7 +118,7 @@ class Sampler:
 
     def warm_up(self, logits: torch.Tensor) -> None:
         """Sample each row of `logits` ([rows, V]) the costliest way, with a logit bias, penalties (where this sampler
-        has them: on the rank that samples), top-k/top-p and the most logprobs, then the cheapest (the sampling
+        has them: on the rank that samples), a JSON mode's mask, top-k/top-p and the most logprobs, then the cheapest (the sampling
         kernel), so that a start-up measuring peak memory sees the sampler's largest workspace. Its generator is
         restored: the warm-up draws no one's tokens. The counts it leaves in penalty slots are zeroed when a request
         takes one."""
@@ -124,7 +127,9 @@ class Sampler:
                                 presence_penalty=0.5, frequency_penalty=0.5, logit_bias={0: 0.5})
         slots = range(logits.shape[0]) if self.penalties is not None else [-1] * logits.shape[0]
         bias = self.bias_tensors(costly)
-        self.sample_with_logprobs(logits.clone(), [SamplingRow(costly, None, penalty_slot=s, bias=bias) for s in slots])
+        allowed = torch.ones(logits.shape[1], dtype=torch.bool)  # the JSON mode's mask, allowing all
+        self.sample_with_logprobs(logits.clone(), [SamplingRow(costly, None, penalty_slot=s, bias=bias, allowed=allowed)
+                                                   for s in slots])
         self.sample(logits.clone(), [SamplingRow(SamplingParams(temperature=0.6), None)] * logits.shape[0])
         self.generator.set_state(state)
 
@@ -184,6 +189,13 @@ class Sampler:
         if banned:
             where = to_device(banned, torch.long, dev)  # [K, 2]: (row, token id)
             logits.index_put_((where[:, 0], where[:, 1]), logits.new_full((), float("-inf")))
+        constrained = [i for i, r in enumerate(rows) if r.allowed is not None]
+        if constrained:
+            idx = to_device(constrained, torch.long, dev)
+            allowed = tensor_to_device(torch.stack([rows[i].allowed for i in constrained]), dev)
+            if allowed.shape[1] < logits.shape[1]:  # a vocabulary padded past the tokenizer's: never allowed
+                allowed = torch.nn.functional.pad(allowed, (0, logits.shape[1] - allowed.shape[1]))
+            logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
         sampled_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if len(sampled_rows) == len(rows):
             tokens = self._sample(logits, rows)

@@ -15,6 +15,9 @@ MAX_LOGPROBS = 20
 # Tokens one request may bias (logit_bias), and the bias's bound (OpenAI's: -100 bans a token, 100 forces it).
 MAX_LOGIT_BIAS_TOKENS = 1024
 MAX_LOGIT_BIAS = 100.0
+# What response_format may say: None (free text) or "json_object" (the output is one JSON object:
+# structured_output.py).
+RESPONSE_FORMATS = (None, "json_object")
 
 
 @dataclass(slots=True, frozen=True)
@@ -35,6 +38,9 @@ class SamplingParams:
     logit_bias: token id -> a bias in [-100, 100] added to that token's logit before penalties, temperature and
     filters (as transformers' sequence_bias for single tokens, and OpenAI's logit_bias); given as a mapping (or
     pairs), stored as (id, bias) pairs in id order.
+    response_format: None for free text; "json_object" constrains the output to one JSON object (OpenAI's JSON
+    mode; structured_output.py): the request finishes when the object closes, and may be cut short by max_tokens.
+    It cannot be combined with min_tokens.
     """
 
     temperature: float = 1.0
@@ -52,6 +58,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    response_format: str | None = None
     # Whether any penalty is on (the request then keeps token counts on the device); set from the three, stored
     # because every step asks it of every row.
     penalized: bool = field(init=False, repr=False, compare=False)
@@ -146,6 +153,12 @@ class SamplingParams:
             if isinstance(b, bool) or not isinstance(b, int | float) or not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS:
                 raise ValueError(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got "
                                  f"{b!r} for token {t}")
+
+        if self.response_format not in RESPONSE_FORMATS:
+            raise ValueError(f"response_format must be None (free text) or 'json_object', got {self.response_format!r}")
+        if self.response_format is not None and self.min_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) cannot be combined with response_format "
+                             f"{self.response_format!r}: the JSON object's end ends the output; leave min_tokens 0")
 
     def with_defaults(self, **defaults: object) -> SamplingParams:
         """A copy with the given fields replaced (used to apply generation_config.json values)."""

@@ -119,7 +119,8 @@ class Scheduler:
         Overlap scheduling (see engine.py). The next step is known without `batch`'s tokens in the steady
         state of decoding: nothing waits, and every running sequence samples a token in `batch`. Each of
         them then decodes that token, except those it brings to max_len. A sampled stop token cannot be
-        foreseen: its sequence computes one row in vain and postprocess skips it. Called before `batch`'s
+        foreseen: its sequence computes one row in vain and postprocess skips it. Never with a JSON-mode request
+        running (its allowed tokens follow from the token being sampled). Called before `batch`'s
         tokens are appended, so a sequence's next position is len(seq). Never preempts: when the new slots
         do not fit, it returns None and the next step is scheduled normally.
         """
@@ -131,6 +132,8 @@ class Scheduler:
                 rows[seq] = len(rows)
         if any(seq not in rows for seq in self.running):
             return None  # a sequence is mid-prefill or was left out: schedule() must decide
+        if any(seq.params.response_format is not None for seq in self.running):
+            return None  # a JSON-mode request's next mask depends on the token `batch` samples
         picked = [seq for seq in self.running if len(seq.token_ids) + 1 < seq.max_len]
         if not picked:
             return None

@@ -31,7 +31,8 @@ UNARY_PREFIX = "u:"  # engine request ids of GenerateStream calls; bidi streams 
 REQUEST_ID_HEADER = "x-request-id"  # GenerateStream: the trace id when the request carries none
 MAX_TRACE_ID_CHARS = 128  # a trace id is a log field: a client cannot write megabytes of log per request
 # Request options this engine applies beyond the first protocol (ModelInfo.features): clients route requests that
-# use them only to engines that list them, since an older engine ignores the fields.
+# use them only to engines that list them, since an older engine ignores the fields. "json_object" is listed only by
+# an engine whose model's tokenizer serves JSON mode (ModelInfo's model_info["json_object"]).
 ENGINE_FEATURES = ("logprobs", "penalties", "prompt_logprobs", "logit_bias")
 
 
@@ -263,7 +264,8 @@ class EngineServicer(pb_grpc.EngineServicer):
         info = self.model_info
         return pb.ModelInfo(model_name=str(info["model_name"]), vocab_size=info["vocab_size"],
                             eos_token_ids=list(info["eos_token_ids"]), max_model_len=info["max_model_len"],
-                            block_size=info["block_size"], features=ENGINE_FEATURES)
+                            block_size=info["block_size"],
+                            features=ENGINE_FEATURES + (("json_object",) if info.get("json_object") else ()))
 
     async def GetLoad(self, request, context):
         if self.loop is None:

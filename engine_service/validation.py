@@ -10,6 +10,8 @@ from engine_service.sampling_params import MAX_LOGIT_BIAS_TOKENS, MAX_STOP_TOKEN
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos",
                    "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty", "prompt_logprobs")
 MAX_REQUEST_ID_LEN = 256
+# ResponseFormat's numbers (engine.proto) -> SamplingParams.response_format.
+RESPONSE_FORMATS_BY_NUMBER = {1: "json_object"}
 
 
 def _from_float32(value: float) -> float:
@@ -32,6 +34,11 @@ def sampling_params_from_proto(proto: Any, defaults: dict[str, object]) -> Sampl
         if len(proto.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
             raise ValueError(f"logit_bias must hold at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(proto.logit_bias)}")
         values["logit_bias"] = {t: _from_float32(b) for t, b in proto.logit_bias.items()}
+    if proto.response_format:
+        if proto.response_format not in RESPONSE_FORMATS_BY_NUMBER:
+            raise ValueError(f"response_format {proto.response_format} is not one this engine knows: 0 (text) or 1 "
+                             "(json_object)")
+        values["response_format"] = RESPONSE_FORMATS_BY_NUMBER[proto.response_format]
     for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         if name in values and isinstance(values[name], float):
             values[name] = _from_float32(values[name])

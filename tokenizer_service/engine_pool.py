@@ -309,6 +309,8 @@ def required_features(params: pb.SamplingParams) -> set[str]:
     off = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
     if any(params.HasField(name) and getattr(params, name) != value for name, value in off.items()):
         needs.add("penalties")
+    if params.response_format == pb.RESPONSE_FORMAT_JSON_OBJECT:
+        needs.add("json_object")
     return needs
 
 
@@ -427,8 +429,9 @@ class EnginePool:
     def _unable(needs: set[str], incapable: list[EngineConnection]) -> RequestFailed:
         return RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
                              f"the request uses {' and '.join(sorted(needs))}, which no connected engine applies "
-                             f"({', '.join(sorted(c.address for c in incapable))} predate them): upgrade the "
-                             "engines, or send the request without them")
+                             f"({', '.join(sorted(c.address for c in incapable))} predate them, or, for json_object, "
+                             "serve a model without a byte-level BPE tokenizer): upgrade the engines, or send the "
+                             "request without them")
 
     def _engines_state(self) -> str:
         """Each engine and why it takes no request now, for the error of a request that found none."""

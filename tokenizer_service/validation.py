@@ -483,6 +483,11 @@ def prepare(
     if len(source.logit_bias) > MAX_LOGIT_BIAS_TOKENS:  # the engine's bound, said before sending it on
         raise ValueError(f"logit_bias must hold at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(source.logit_bias)}")
     params.logit_bias.update(source.logit_bias)
+    if source.response_format not in (pb.RESPONSE_FORMAT_TEXT, pb.RESPONSE_FORMAT_JSON_OBJECT):
+        raise ValueError(f"response_format {source.response_format} is not one this service knows: "
+                         "RESPONSE_FORMAT_TEXT (0) or RESPONSE_FORMAT_JSON_OBJECT (1)")
+    if source.response_format == pb.RESPONSE_FORMAT_JSON_OBJECT:
+        params.response_format = engine_pb.RESPONSE_FORMAT_JSON_OBJECT
     if params.HasField("prompt_logprobs") and 0 <= params.prompt_logprobs <= MAX_LOGPROBS:  # else the engine names it
         size = len(prompt) * (LOGPROB_BYTES + LOGPROB_BYTES_PER_ALTERNATIVE * params.prompt_logprobs)
         if size > limits.max_prompt_logprobs_bytes:

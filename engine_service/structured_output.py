@@ -1,0 +1,185 @@
+"""JSON mode: which tokens may come next in a request whose output must be a JSON object.
+
+A request with response_format="json_object" has a JsonCursor: the state of json_grammar's automaton over the
+bytes its output holds so far. Each step, the cursor gives the sampler a boolean mask over the vocabulary (the
+tokens whose bytes the automaton accepts from that state); the sampler sets the other logits to -inf. When the
+top-level object closes, the engine finishes the request (finish reason "stop"); until then no end-of-sequence
+token is allowed. A request cut short by max_tokens ends with an unfinished document (finish reason "length").
+
+Masks are computed from the state by walking the vocabulary sorted by bytes (a trie kept implicit in the sorted
+order: one walk step per distinct prefix the automaton accepts, plus one per rejected branch), and cached per
+state in an LRU shared by every request: a state's mask depends only on its mode, its detail and the innermost
+few open containers, so documents of the same shape reuse them. Inside a string, the tokens that cannot leave it
+(no quote, backslash or control byte, whole UTF-8 characters) are allowed at once, and only the rest are walked.
+
+Only byte-level BPE tokenizers (GPT-2's byte-to-character map, as Qwen's) are supported: their tokens' bytes are
+exact. Special and added tokens are never allowed inside JSON.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections import OrderedDict
+
+import torch
+
+from engine_service import json_grammar as jg
+
+log = logging.getLogger(__name__)
+
+# Masks kept (each a bool per vocabulary entry: 152 KB for Qwen3's 151,936 tokens, 39 MB for all of them).
+MASK_CACHE_SIZE = 256
+# A mask computed in more than this is logged (a warning once, then at debug level).
+SLOW_MASK_S = 0.05
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of byte-level BPE's map from bytes to printable characters: the printable Latin-1 bytes stand
+    for themselves, and every other byte, in increasing order, for the characters from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = {b: b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = 0x100 + extra
+            extra += 1
+    return {chr(c): b for b, c in chars.items()}
+
+
+def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
+    """Each token id's bytes (None for ids never allowed: special and added tokens, ids the tokenizer lacks), or a
+    ValueError saying why the tokenizer cannot serve JSON mode."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    if type(decoder).__name__ != "ByteLevel":
+        raise ValueError(f"response_format json_object needs a byte-level BPE tokenizer (as Qwen's); this model's "
+                         f"decodes with {type(decoder).__name__ if decoder is not None else 'no fast tokenizer'}")
+    added = set(getattr(tokenizer, "added_tokens_decoder", {}))
+    table = _byte_decoder()
+    out: list[bytes | None] = [None] * vocab_size
+    unmapped = 0
+    for text, i in backend.get_vocab(with_added_tokens=False).items():
+        if not 0 <= i < vocab_size or i in added:
+            continue
+        try:
+            out[i] = bytes(table[c] for c in text)
+        except KeyError:
+            unmapped += 1
+    if unmapped:
+        log.warning("JSON mode: %d tokens hold characters outside the byte-level map and are never allowed", unmapped)
+    return out
+
+
+class JsonMasks:
+    """The allowed-token mask of every automaton state, computed on demand and cached (one per engine)."""
+
+    def __init__(self, vocab: list[bytes | None]):
+        self.vocab_size = len(vocab)
+        self.token_bytes = vocab
+        pairs = sorted((b, i) for i, b in enumerate(vocab) if b)
+        self._all = ([b for b, _ in pairs], [i for _, i in pairs])
+        inside = (jg.STR, jg.S_PLAIN, "o")  # in a string in an object
+        safe = [jg.walk(inside, b) == inside for b, _ in pairs]
+        self._unsafe = ([b for (b, _), s in zip(pairs, safe, strict=True) if not s],
+                        [i for (_, i), s in zip(pairs, safe, strict=True) if not s])
+        self._string_safe = torch.zeros(self.vocab_size, dtype=torch.bool)
+        self._string_safe[[i for (_, i), s in zip(pairs, safe, strict=True) if s]] = True
+        # How much of the stack a token can reach: it pops at most as many containers as it holds closers, and
+        # then reads the one below. It pushes at most as many as it holds openers (MAX_DEPTH applies).
+        self._keep = 1 + max((b.count(b"}") + b.count(b"]") for b, _ in pairs), default=0)
+        self._opens = max((b.count(b"{") + b.count(b"[") for b, _ in pairs), default=0)
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+        self.compute_s = 0.0
+        self._warned = False
+
+    def key(self, state: jg.State) -> tuple:
+        """What of a state its mask depends on."""
+        mode, aux, stack = state
+        if len(stack) + self._opens >= jg.MAX_DEPTH:
+            return (mode, aux, stack, 0)  # near the depth bound the whole depth matters
+        if len(stack) > self._keep:
+            return (mode, aux, stack[-self._keep :], 1)
+        return (mode, aux, stack, 2)
+
+    def allowed(self, state: jg.State) -> torch.Tensor:
+        """A bool tensor [vocab_size] on the CPU, True for the tokens allowed next; shared: do not modify it."""
+        key = self.key(state)
+        mask = self._cache.get(key)
+        if mask is not None:
+            self._cache.move_to_end(key)
+            self.hits += 1
+            return mask
+        self.misses += 1
+        t0 = time.perf_counter()
+        mask = self._compute(state)
+        took = time.perf_counter() - t0
+        self.compute_s += took
+        if took > SLOW_MASK_S:
+            log.log(logging.DEBUG if self._warned else logging.WARNING,
+                    "JSON mode: a token mask took %.0f ms to compute (state %s); later ones with its shape are cached",
+                    took * 1e3, jg.describe(state))
+            self._warned = True
+        self._cache[key] = mask
+        if len(self._cache) > MASK_CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return mask
+
+    def _compute(self, state: jg.State) -> torch.Tensor:
+        ids: list[int] = []
+        mode, aux, _ = state
+        if mode in (jg.STR, jg.KEY_STR) and aux == jg.S_PLAIN:
+            _collect(*self._unsafe, 0, len(self._unsafe[0]), 0, state, ids)
+            mask = self._string_safe.clone()
+        else:
+            _collect(*self._all, 0, len(self._all[0]), 0, state, ids)
+            mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        if ids:
+            mask[ids] = True
+        return mask
+
+
+def _collect(keys: list[bytes], ids: list[int], lo: int, hi: int, depth: int, state: jg.State,
+             out: list[int]) -> None:
+    """Add to `out` the ids of keys[lo:hi] (sorted; all sharing their first `depth` bytes, which took the automaton
+    to `state`) whose remaining bytes it accepts."""
+    i = lo
+    while i < hi and len(keys[i]) == depth:  # the prefix itself is a token (it sorts first)
+        out.append(ids[i])
+        i += 1
+    while i < hi:
+        key = keys[i]
+        b = key[depth]
+        j = hi if b == 255 else bisect.bisect_left(keys, key[:depth] + bytes((b + 1,)), i, hi)
+        nxt = jg.step(state, b)
+        if nxt is not None:
+            _collect(keys, ids, i, j, depth + 1, nxt, out)
+        i = j
+
+
+class JsonCursor:
+    """One request's place in its JSON document."""
+
+    __slots__ = ("masks", "state")
+
+    def __init__(self, masks: JsonMasks):
+        self.masks = masks
+        self.state: jg.State = jg.INITIAL
+
+    def allowed(self) -> torch.Tensor:
+        return self.masks.allowed(self.state)
+
+    def advance(self, token: int) -> bool:
+        """Take a sampled token; False (the state kept) when the automaton refuses its bytes."""
+        data = self.masks.token_bytes[token] if 0 <= token < self.masks.vocab_size else None
+        nxt = None if data is None else jg.walk(self.state, data)
+        if nxt is None:
+            return False
+        self.state = nxt
+        return True
+
+    @property
+    def done(self) -> bool:
+        return jg.is_done(self.state)

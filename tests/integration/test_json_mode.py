@@ -1,0 +1,89 @@
+"""JSON mode through the engine (response_format="json_object"): every finished output is a JSON object, and the
+masks change only the rows that ask for them, whatever the batch, overlap scheduling or preemption around them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine_service import SamplingParams
+from engine_service import json_grammar as jg
+from tests.integration.tiny import exact_engine, make_qwen3
+
+PROMPTS = ["Give me a JSON object:", "{", "The weather today", "x"]
+MAX_TOKENS = 64
+
+
+def _json(seed: int | None, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0 if seed is None else 1.0, seed=seed, max_tokens=MAX_TOKENS,
+                          response_format="json_object", **kw)
+
+
+def _check_document(out: dict) -> None:
+    text = out["text"].encode()
+    state = jg.walk(jg.INITIAL, text)
+    assert state is not None, text  # never a token that leaves JSON
+    if out["finish_reason"] == "stop":
+        assert jg.is_done(state) and isinstance(json.loads(text), dict), text
+    else:
+        assert out["finish_reason"] == "length" and len(out["token_ids"]) == MAX_TOKENS and not jg.is_done(state)
+
+
+def test_outputs_are_json_objects_and_free_text_is_not(demo_model_dir):
+    prompts = PROMPTS * 4
+    with exact_engine(demo_model_dir) as llm:
+        outs = llm.generate(prompts, [_json(i) for i in range(len(prompts) - 1)] + [_json(None)])
+        free = llm.generate(prompts, [SamplingParams(temperature=1.0, seed=i, max_tokens=MAX_TOKENS)
+                                      for i in range(len(prompts))])
+        stats = llm.stats()
+    for out in outs:
+        _check_document(out)
+        assert llm.tokenizer.decode(out["token_ids"]) == out["text"]
+    assert sum(o["finish_reason"] == "stop" for o in outs) >= 4  # the object's close ended them, not max_tokens
+    assert stats["num_free_blocks"] == stats["num_blocks"] and not llm.cursors
+
+    def is_object(text: str) -> bool:
+        try:
+            return isinstance(json.loads(text), dict)
+        except ValueError:
+            return False
+
+    assert not any(is_object(o["text"]) for o in free)  # the masks, not the model, made the objects
+
+
+@pytest.mark.parametrize("setting, overrides", [
+    ("overlap", {"overlap_scheduling": True}),
+    ("preemption", {"num_kvcache_blocks": 14, "max_num_batched_tokens": 64}),
+])
+def test_masks_touch_only_their_rows_in_any_batch(demo_model_dir, setting, overrides):
+    # Seeded draws in float64 do not depend on the batch: each request's tokens must be the same alone, beside
+    # the others, with overlap scheduling, and through preemption.
+    free = [SamplingParams(temperature=1.0, seed=100 + i, max_tokens=MAX_TOKENS) for i in range(3)]
+    constrained = [_json(i) for i in range(5)]
+    prompts = [p * 6 for p in PROMPTS + PROMPTS[:4]]  # long enough that 8 requests need more than 14 blocks
+    with exact_engine(demo_model_dir) as llm:
+        alone_free = llm.generate(prompts[:3], free)
+        alone_json = llm.generate(prompts[3:], constrained)
+    with exact_engine(demo_model_dir, **overrides) as llm:
+        mixed = llm.generate(prompts, free + constrained)
+        stats = llm.stats()
+    if setting == "preemption":
+        assert stats["num_preemptions"] > 0, "the case did not preempt"
+    assert [o["token_ids"] for o in mixed] == [o["token_ids"] for o in alone_free + alone_json]
+    assert [o["finish_reason"] for o in mixed] == [o["finish_reason"] for o in alone_free + alone_json]
+    for out in mixed[3:]:
+        _check_document(out)
+
+
+def test_refusals_name_the_problem(demo_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="min_tokens .* cannot be combined with response_format"):
+        SamplingParams(response_format="json_object", min_tokens=1)
+    with pytest.raises(ValueError, match="response_format must be None .* or 'json_object', got 'yaml'"):
+        SamplingParams(response_format="yaml")
+    make_qwen3(tmp_path / "no_tokenizer")
+    with exact_engine(tmp_path / "no_tokenizer") as llm:
+        assert llm.model_info["json_object"] is False
+        with pytest.raises(ValueError, match="needs the model's tokenizer"):
+            llm.add_request("r", [1, 2, 3], _json(0))
+        assert not llm.has_unfinished_requests()

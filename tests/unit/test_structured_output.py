@@ -1,0 +1,137 @@
+"""JSON mode's token masks (engine_service/structured_output.py): each equals a token-by-token walk of the
+automaton, cached masks included, and a byte-level tokenizer's tokens map to their exact bytes."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from engine_service import json_grammar as jg
+from engine_service.structured_output import JsonCursor, JsonMasks, token_bytes
+
+
+def _vocabulary(seed: int) -> list[bytes | None]:
+    """Every single byte, JSON-shaped pieces, words with and without a leading space, partial UTF-8, whitespace
+    runs, and holes (None: ids never allowed), shuffled."""
+    rng = random.Random(seed)
+    pieces = {bytes((b,)) for b in range(256)}
+    punct = ['{', '}', '[', ']', '"', ':', ',', '\\', '-', '.', 'e', '0', '1', ' ', '\n', 'u', 'true', 'null']
+    words = ["name", "value", "true", "fals", "null", "id", "a", "é", "世界", "x1"]
+    while len(pieces) < 3000:
+        kind = rng.randrange(5)
+        if kind == 0:
+            piece = "".join(rng.choice(punct) for _ in range(rng.randint(2, 5))).encode()
+        elif kind == 1:
+            piece = (rng.choice(["", " ", '"', '":', '":"', '","']) + rng.choice(words)).encode()
+        elif kind == 2:
+            piece = rng.choice(words).encode("utf-8")[: rng.randint(1, 4)]  # may cut a character
+        elif kind == 3:
+            piece = ("\n" + " " * rng.randint(0, 40)).encode()
+        else:
+            piece = str(rng.randint(0, 10**6)).encode()
+        pieces.add(piece)
+    vocab: list[bytes | None] = sorted(pieces)
+    rng.shuffle(vocab)
+    return vocab + [None] * 7
+
+
+def _brute_force(vocab: list[bytes | None], state: jg.State) -> torch.Tensor:
+    return torch.tensor([b is not None and jg.walk(state, b) is not None for b in vocab])
+
+
+def _states(rng: random.Random, count: int) -> list[jg.State]:
+    """States along random documents, and deep in nested ones (near MAX_DEPTH, where depth changes masks)."""
+    out = []
+    while len(out) < count:
+        doc = json.dumps({"k": [{"a": "é\\\"x", "b": [1.5e3, -0, None, True]}], "z": {"": "世"}},
+                         indent=rng.choice([None, 2])).encode()
+        deep = b'{"a":' + b"[" * rng.randint(jg.MAX_DEPTH - 6, jg.MAX_DEPTH - 2) + b'{"b":"\xc3'
+        data = rng.choice([doc, deep])
+        out.append(jg.walk(jg.INITIAL, data[: rng.randrange(len(data))]))
+    return out
+
+
+def test_every_mask_equals_a_walk_of_each_token():
+    vocab = _vocabulary(0)
+    masks = JsonMasks(vocab)
+    rng = random.Random(1)
+    for state in _states(rng, 300):
+        assert torch.equal(masks.allowed(state), _brute_force(vocab, state)), jg.describe(state)
+    assert masks.hits > 50 and masks.misses > 20  # cached masks were checked too
+
+
+def test_states_sharing_a_cache_key_allow_the_same_tokens():
+    vocab = _vocabulary(2)
+    masks = JsonMasks(vocab)
+    prefixes = [b'{"a":[[{"b":[', b'{"c":{"d":{"e":[[{"b":[', b'{"x":[{"y":[[{"b":[']
+    for tail in (b"1", b"1 ", b'"s', b"tr", b"[", b"{"):
+        states = [jg.walk(jg.INITIAL, p + tail) for p in prefixes]
+        for state in states:
+            assert torch.equal(masks.allowed(state), _brute_force(vocab, state)), jg.describe(state)
+
+
+def test_the_cache_key_keeps_the_container_a_token_reaches_after_its_closers():
+    # "]],1" closes two arrays, then its "," starts an array's value (1 may follow) or an object's key (it may not).
+    vocab: list[bytes | None] = [bytes((b,)) for b in range(256)] + [b"]],1", b"]]"]
+    masks = JsonMasks(vocab)
+    for prefix in (b'{"a":[[[true', b'{"a":{"b":[[true', b'{"a":[[[[true', b'{"c":{"a":{"b":[[true'):
+        state = jg.walk(jg.INITIAL, prefix)
+        expected = _brute_force(vocab, state)
+        assert torch.equal(masks.allowed(state), expected), prefix
+        assert bool(expected[256]) == (prefix.count(b"[") > 2)
+
+
+def test_a_cursor_writes_only_json_objects():
+    vocab = _vocabulary(3)
+    masks = JsonMasks(vocab)
+    rng = random.Random(4)
+    finished = 0
+    for _ in range(40):
+        cursor, out = JsonCursor(masks), b""
+        for _ in range(300):
+            allowed = masks.allowed(cursor.state).nonzero().flatten().tolist()
+            assert allowed, jg.describe(cursor.state)
+            token = rng.choice(allowed)
+            assert cursor.advance(token)
+            out += vocab[token]
+            if cursor.done:
+                break
+        if cursor.done:
+            finished += 1
+            assert isinstance(json.loads(out), dict)
+            assert not cursor.advance(vocab.index(b"{")) and cursor.done  # refused: the state stays
+    assert finished >= 5
+    assert not JsonCursor(masks).advance(len(vocab) - 1)  # an id with no bytes
+
+
+def test_token_bytes_of_a_byte_level_tokenizer(demo_tokenizer):
+    vocab = token_bytes(demo_tokenizer, len(demo_tokenizer) + 5)
+    special = set(demo_tokenizer.added_tokens_decoder)
+    assert special and all(vocab[i] is None for i in special)
+    assert vocab[-5:] == [None] * 5  # ids past the tokenizer's (a padded vocabulary)
+    checked = 0
+    for i, data in enumerate(vocab):
+        if data is None:
+            continue
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # part of a character: its bytes are checked through a whole one below
+        assert demo_tokenizer.decode([i]) == text, i
+        checked += 1
+    assert checked > 1000
+    ids = demo_tokenizer.encode("é世界 {\"k\": 1}", add_special_tokens=False)
+    assert b"".join(vocab[i] for i in ids) == "é世界 {\"k\": 1}".encode()
+
+
+def test_other_tokenizers_are_refused_by_name():
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    backend.decoder = decoders.Metaspace()
+    with pytest.raises(ValueError, match="byte-level BPE tokenizer.*Metaspace"):
+        token_bytes(PreTrainedTokenizerFast(tokenizer_object=backend), 2)
