@@ -184,6 +184,41 @@ def test_logit_bias_through_the_text_api_matches_offline_engine(stack, demo_mode
     assert capsys.readouterr().out.rstrip("\n") == text.detokenize([plain[2]] * 3)
 
 
+def test_json_mode_through_the_text_api_matches_offline_engine(stack, demo_model, capsys):
+    import json
+
+    from clients.cli import main
+    from engine_service import LLM, SamplingParams
+
+    _, tokenizer, text, eng = stack  # overlap scheduling is on in this module: JSON mode must turn it off itself
+    prompt_ids = text.tokenize("Reply in JSON:")
+    streams = [text.generate("Reply in JSON:", temperature=1.0, seed=seed, max_tokens=48, response_format="json_object")
+               for seed in range(8)]
+    got = [(s.text(), s.finish_reason) for s in streams]
+    with LLM(demo_model, device="cpu", dtype="float32", attention_backend="torch", enforce_eager=True,
+             num_kvcache_blocks=64) as llm:
+        # top_k and top_p: the demo model's generation_config.json values, which the service applies to requests
+        # that leave them unset.
+        offline = [llm.generate([prompt_ids], SamplingParams(temperature=1.0, seed=seed, max_tokens=48, top_k=50,
+                                                             top_p=0.9, response_format="json_object"))[0]
+                   for seed in range(8)]
+    assert [t for t, _ in got] == [o["text"] for o in offline]
+    reasons = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+    assert [r for _, r in got] == [reasons[o["finish_reason"]] for o in offline]
+    finished = [t for t, r in got if r == pb.FINISH_REASON_STOP]
+    assert finished and all(isinstance(json.loads(t), dict) for t in finished)
+    # The command line's --json; an unknown format and min_tokens beside it are refused at the door.
+    assert main(["Reply in JSON:", "--target", tokenizer.target, "--max-tokens", "48", "--seed", "0",
+                 "--temperature", "1", "--json", "--timeout", "30"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == offline[0]["text"]
+    request = generate_request("Hi", max_tokens=4)
+    request.sampling_params.response_format = 7
+    with pytest.raises(grpc.RpcError) as err:
+        list(text._stub.Generate(request, timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "response_format 7" in err.value.details()
+    assert_all_blocks_free(eng)
+
+
 def test_cli_prints_prompt_logprobs(stack, capsys):
     from clients.cli import main
 
@@ -309,6 +344,7 @@ BAD_SAMPLING = [
     ({"logit_bias": {i: 1.0 for i in range(1025)}}, "logit_bias"),
     ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"frequency_penalty": -2.5}, "frequency_penalty"),
+    ({"response_format": "json_object", "min_tokens": 2}, "min_tokens"),
 ]
 
 
