@@ -23,6 +23,7 @@ import torch
 
 from engine_service.block_manager import BlockManager
 from engine_service.config import EngineConfig
+from engine_service.json_grammar import INITIAL as INITIAL_STATE
 from engine_service.json_grammar import describe as describe_state
 from engine_service.model.config import ModelConfig, read_json
 from engine_service.model.layers import TPInfo
@@ -115,7 +116,6 @@ class LLMEngine:
             )
         self.max_model_len = max_model_len
         self.tokenizer = self._load_tokenizer(model_dir)
-        self.json_masks, self.json_refusal = self._json_masks()
         gen_cfg = _read_json(model_dir / "generation_config.json")
         eos = set(_as_list(gen_cfg.get("eos_token_id")))
         eos |= set(_as_list(_read_json(model_dir / "config.json").get("eos_token_id")))
@@ -193,6 +193,7 @@ class LLMEngine:
             "unscaled" if rope is None else f"{rope.rope_type} x{rope.factor:g} of {rope.original_max_position_embeddings}",
             "on" if overlap else "off",
         )
+        self.json_masks, self.json_refusal = self._json_masks()
         self.model_info = {
             "model_name": model_dir.resolve().name,
             "vocab_size": self.model_cfg.vocab_size,
@@ -252,7 +253,9 @@ class LLMEngine:
         except ValueError as exc:
             return None, str(exc)
         t0 = time.perf_counter()
-        masks = JsonMasks(vocab)
+        masks = JsonMasks(vocab, self.runner.device)
+        if not masks.allowed(INITIAL_STATE).count:
+            return None, "response_format json_object needs tokens for \"{\" and whitespace, which this tokenizer lacks"
         log.info("JSON mode ready: the vocabulary indexed by bytes in %.2f s", time.perf_counter() - t0)
         return masks, ""
 
@@ -485,6 +488,10 @@ class LLMEngine:
                 sampled[i] = None
             elif cursor.done and seq.status is Status.RUNNING:
                 self.scheduler.finish(seq, FINISH_STOP)
+            elif not cursor.done and not cursor.allowed().count and seq.status is Status.RUNNING:
+                outputs.append(self._fail(seq, f"JSON mode: no token of this tokenizer continues the output at "
+                                               f"{describe_state(cursor.state)}"))
+                sampled[i] = None
 
     @staticmethod
     def _keep_prompt_logprobs(batch: ScheduledBatch, logprobs: LogprobRows) -> None:

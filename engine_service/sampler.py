@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import torch
 
 from engine_service.attention import check_triton_usable, compiled_triton
-from engine_service.host_copy import tensor_to_device, to_device
+from engine_service.host_copy import to_device
 from engine_service.outputs import TokenLogprobs
 from engine_service.penalties import Penalties
 from engine_service.sampling_params import MAX_LOGPROBS, SamplingParams
+from engine_service.structured_output import TokenMask
 
 
 @dataclass(slots=True)
@@ -36,9 +37,9 @@ class SamplingRow:
     # params.logit_bias on the logits' device (Sampler.bias_tensors), made once per request by its owner; the
     # sampler makes it each step where it is None.
     bias: LogitBias | None = None
-    # The tokens allowed next (a bool per vocabulary entry, on the CPU) for a request with a response_format:
-    # every other token's logit becomes -inf, after biases, penalties and bans (structured_output.py).
-    allowed: torch.Tensor | None = None
+    # The tokens allowed next for a request with a response_format: every other token's logit becomes -inf, after
+    # biases, penalties and bans (structured_output.py).
+    allowed: TokenMask | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -127,7 +128,8 @@ class Sampler:
                                 presence_penalty=0.5, frequency_penalty=0.5, logit_bias={0: 0.5})
         slots = range(logits.shape[0]) if self.penalties is not None else [-1] * logits.shape[0]
         bias = self.bias_tensors(costly)
-        allowed = torch.ones(logits.shape[1], dtype=torch.bool)  # the JSON mode's mask, allowing all
+        half = to_device(list(range(0, logits.shape[1], 2)), torch.long, self.device)
+        allowed = TokenMask(half, True, half.shape[0])  # a JSON mode's mask, of the largest kind
         self.sample_with_logprobs(logits.clone(), [SamplingRow(costly, None, penalty_slot=s, bias=bias, allowed=allowed)
                                                    for s in slots])
         self.sample(logits.clone(), [SamplingRow(SamplingParams(temperature=0.6), None)] * logits.shape[0])
@@ -189,13 +191,15 @@ class Sampler:
         if banned:
             where = to_device(banned, torch.long, dev)  # [K, 2]: (row, token id)
             logits.index_put_((where[:, 0], where[:, 1]), logits.new_full((), float("-inf")))
-        constrained = [i for i, r in enumerate(rows) if r.allowed is not None]
-        if constrained:
-            idx = to_device(constrained, torch.long, dev)
-            allowed = tensor_to_device(torch.stack([rows[i].allowed for i in constrained]), dev)
-            if allowed.shape[1] < logits.shape[1]:  # a vocabulary padded past the tokenizer's: never allowed
-                allowed = torch.nn.functional.pad(allowed, (0, logits.shape[1] - allowed.shape[1]))
-            logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+        banning = [(i, r.allowed) for i, r in enumerate(rows) if r.allowed is not None and not r.allowed.allowed]
+        if banning:  # masks listing the banned tokens: -inf there
+            logits.index_put_(_row_pairs(banning, dev), logits.new_full((), float("-inf")))
+        keeping = [(i, r.allowed) for i, r in enumerate(rows) if r.allowed is not None and r.allowed.allowed]
+        if keeping:  # masks listing the allowed tokens: keep their logits, -inf elsewhere in the row
+            at = _row_pairs(keeping, dev)
+            kept = logits[at]
+            logits.index_fill_(0, to_device([i for i, _ in keeping], torch.long, dev), float("-inf"))
+            logits.index_put_(at, kept)
         sampled_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if len(sampled_rows) == len(rows):
             tokens = self._sample(logits, rows)
@@ -240,6 +244,14 @@ class Sampler:
         # Token i is drawn when cdf[i-1] <= u * total < cdf[i]: zero-probability tokens have empty intervals.
         tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
         return tokens.squeeze(1).clamp_(max=vocab - 1)
+
+
+def _row_pairs(masks: list[tuple[int, TokenMask]], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, token id) index tensors for each row's mask ids, joined on the device."""
+    counts = [m.ids.shape[0] for _, m in masks]
+    rows = torch.repeat_interleave(to_device([i for i, _ in masks], torch.long, dev), to_device(counts, torch.long, dev),
+                                   output_size=sum(counts))
+    return rows, torch.cat([m.ids for _, m in masks])
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -58,9 +58,35 @@ def test_every_mask_equals_a_walk_of_each_token():
     vocab = _vocabulary(0)
     masks = JsonMasks(vocab)
     rng = random.Random(1)
+    kinds = set()
     for state in _states(rng, 300):
-        assert torch.equal(masks.allowed(state), _brute_force(vocab, state)), jg.describe(state)
+        mask = masks.allowed(state)
+        expected = _brute_force(vocab, state)
+        assert torch.equal(mask.dense(len(vocab)), expected) and mask.count == int(expected.sum()), jg.describe(state)
+        kinds.add(mask.allowed)
     assert masks.hits > 50 and masks.misses > 20  # cached masks were checked too
+    assert kinds == {True, False}  # masks listing allowed ids (outside strings) and banned ids (inside them)
+
+
+def test_the_sampler_keeps_only_allowed_tokens_in_the_rows_that_ask():
+    from engine_service.sampler import Sampler, SamplingRow
+    from engine_service.sampling_params import SamplingParams
+
+    vocab = _vocabulary(5)
+    masks = JsonMasks(vocab)
+    in_string, in_literal = masks.allowed(jg.walk(jg.INITIAL, b'{"a')), masks.allowed(jg.walk(jg.INITIAL, b'{"a":tr'))
+    assert not in_string.allowed and in_literal.allowed
+    logits = torch.randn(4, len(vocab), dtype=torch.float64)
+    before = logits.clone()
+    greedy = SamplingParams(temperature=0.0)
+    rows = [SamplingRow(greedy, None, allowed=in_string), SamplingRow(greedy, None),
+            SamplingRow(greedy, None, allowed=in_literal), SamplingRow(greedy, None, allowed=in_string)]
+    tokens = Sampler(torch.device("cpu"), 0).sample(logits, rows)[0].tolist()
+    for row, mask in ((0, in_string), (2, in_literal), (3, in_string)):
+        keep = mask.dense(len(vocab))
+        assert torch.equal(logits[row][keep], before[row][keep]) and bool((logits[row][~keep] == -torch.inf).all())
+        assert tokens[row] == int(before[row].masked_fill(~keep, -torch.inf).argmax())
+    assert torch.equal(logits[1], before[1]) and tokens[1] == int(before[1].argmax())
 
 
 def test_states_sharing_a_cache_key_allow_the_same_tokens():
@@ -70,7 +96,7 @@ def test_states_sharing_a_cache_key_allow_the_same_tokens():
     for tail in (b"1", b"1 ", b'"s', b"tr", b"[", b"{"):
         states = [jg.walk(jg.INITIAL, p + tail) for p in prefixes]
         for state in states:
-            assert torch.equal(masks.allowed(state), _brute_force(vocab, state)), jg.describe(state)
+            assert torch.equal(masks.allowed(state).dense(len(vocab)), _brute_force(vocab, state)), jg.describe(state)
 
 
 def test_the_cache_key_keeps_the_container_a_token_reaches_after_its_closers():
@@ -80,7 +106,7 @@ def test_the_cache_key_keeps_the_container_a_token_reaches_after_its_closers():
     for prefix in (b'{"a":[[[true', b'{"a":{"b":[[true', b'{"a":[[[[true', b'{"c":{"a":{"b":[[true'):
         state = jg.walk(jg.INITIAL, prefix)
         expected = _brute_force(vocab, state)
-        assert torch.equal(masks.allowed(state), expected), prefix
+        assert torch.equal(masks.allowed(state).dense(len(vocab)), expected), prefix
         assert bool(expected[256]) == (prefix.count(b"[") > 2)
 
 
@@ -92,7 +118,7 @@ def test_a_cursor_writes_only_json_objects():
     for _ in range(40):
         cursor, out = JsonCursor(masks), b""
         for _ in range(300):
-            allowed = masks.allowed(cursor.state).nonzero().flatten().tolist()
+            allowed = masks.allowed(cursor.state).dense(len(vocab)).nonzero().flatten().tolist()
             assert allowed, jg.describe(cursor.state)
             token = rng.choice(allowed)
             assert cursor.advance(token)
