@@ -326,3 +326,33 @@ def test_launching_a_step_never_waits_for_the_device(bf16_model, monkeypatch):
     assert launches[0] > 20
     assert all(len(o["token_ids"]) >= 1 for o in outs)
 
+
+
+def test_json_mode_with_graphs_and_overlap_scheduling(demo_model_dir):
+    """JSON mode on the device: masks uploaded once and applied in the sampler, decode steps replayed from graphs,
+    overlap scheduling suspended while a JSON-mode request runs; free-text requests beside them."""
+    import json
+
+    from engine_service import SamplingParams
+    from engine_service import json_grammar as jg
+
+    prompts = [[5 + i, 17, 99, 4 + 3 * i] for i in range(24)]
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=48, response_format="json_object") if i % 2 else
+              SamplingParams(temperature=0.0, max_tokens=48) for i in range(24)]
+    with _engine(demo_model_dir, dtype="float32", overlap_scheduling=True) as llm:
+        assert llm.runner.graphs is not None and llm.json_masks is not None
+        outs = llm.generate(prompts, params)
+        stats = llm.stats()
+        assert not llm.cursors and stats["num_free_blocks"] == stats["num_blocks"]
+    closed = 0
+    for p, out in zip(params, outs, strict=True):
+        if p.response_format is None:
+            continue
+        state = jg.walk(jg.INITIAL, out["text"].encode())
+        assert state is not None, out["text"]
+        if out["finish_reason"] == "stop":
+            assert isinstance(json.loads(out["text"]), dict)
+            closed += 1
+        else:
+            assert len(out["token_ids"]) == 48
+    assert closed >= 1
