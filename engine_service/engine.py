@@ -28,7 +28,7 @@ from engine_service.json_grammar import describe as describe_state
 from engine_service.model.config import ModelConfig, read_json
 from engine_service.model.layers import TPInfo
 from engine_service.model_runner import Collected, Launched, ModelRunner
-from engine_service.outputs import FINISH_ERROR, FINISH_STOP, StepOutput, TokenLogprobs
+from engine_service.outputs import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, StepOutput, TokenLogprobs
 from engine_service.sampler import LogitBias, LogprobRows, SamplingRow
 from engine_service.sampling_params import SamplingParams
 from engine_service.scheduler import ScheduledBatch, Scheduler
@@ -486,8 +486,11 @@ class LLMEngine:
                 outputs.append(self._fail(seq, f"internal error: JSON mode sampled token {token}, which cannot "
                                                f"follow its output so far (at {describe_state(cursor.state)})"))
                 sampled[i] = None
-            elif cursor.done and seq.status is Status.RUNNING:
-                self.scheduler.finish(seq, FINISH_STOP)
+            elif cursor.done:  # the object closed: stop, also where max_tokens or max_model_len ended it there
+                if seq.status is Status.RUNNING:
+                    self.scheduler.finish(seq, FINISH_STOP)
+                elif seq.finish_reason == FINISH_LENGTH:
+                    seq.finish_reason = FINISH_STOP
             elif not cursor.done and not cursor.allowed().count and seq.status is Status.RUNNING:
                 outputs.append(self._fail(seq, f"JSON mode: no token of this tokenizer continues the output at "
                                                f"{describe_state(cursor.state)}"))

@@ -1,4 +1,5 @@
-"""JSON as a byte-level pushdown automaton: what may come next in a JSON object being written.
+"""JSON as a byte-level pushdown automaton: what may come next in a JSON object being written, optionally shaped
+by a schema (json_schema.py compiles one into the Nodes below).
 
 Pure Python, no torch: structured_output.py turns a state into the set of tokens allowed next. The language is
 strict JSON (RFC 8259) with a JSON object at the top, as OpenAI's JSON mode promises, and three bounds that keep
@@ -9,8 +10,10 @@ a sampled document finite in the ways models are known to loop under such masks:
 Strings must be valid UTF-8 without control characters, and \\u escapes may not name a surrogate (D800-DFFF),
 which JSON parsers disagree on; a character outside the BMP is written as its UTF-8 bytes.
 
-A state is an immutable tuple (mode, aux, stack): the stack a str of "o" (object) and "a" (array), innermost
-last; aux is the mode's own detail (whitespace run, string sub-state, number sub-state, literal remainder).
+A state is an immutable tuple (mode, aux, stack): the stack a tuple of open containers, innermost last ("o" and
+"a" for free ones, whose contents may be any JSON; ("O", node, next property) and ("A", node, items so far) for a
+schema's); aux is the mode's own detail (whitespace run and the node a value must match, string or number
+sub-state, the literals still possible). Nodes compare by identity, so states of different schemas never mix.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ MAX_DEPTH = 64
 
 # Modes. START: before the top-level object. OBJ_FIRST: after "{" (a key or "}"). KEY: after "," in an object.
 # COLON: after a key. VALUE: a value is required (after ":" or "," in an array). ARR_FIRST: after "[" (a value or
-# "]"). AFTER: after a value ("," or the container's closer). STR / KEY_STR: inside a value / key string.
-# NUM: inside a number. LIT: inside true, false or null. DONE: the top-level object has closed.
-START, OBJ_FIRST, KEY, COLON, VALUE, ARR_FIRST, AFTER, STR, KEY_STR, NUM, LIT, DONE = range(12)
-MODE_NAMES = ("START", "OBJ_FIRST", "KEY", "COLON", "VALUE", "ARR_FIRST", "AFTER", "STR", "KEY_STR", "NUM", "LIT",
-              "DONE")
+# "]"). AFTER: after a value ("," or the container's closer). STR / KEY_STR: inside a value / a free object's key.
+# NUM / INT: inside a number / an integer. LITS: inside one of a set of literal texts (true, false, null, an enum's
+# values, a schema object's quoted keys). DONE: the top-level object has closed.
+START, OBJ_FIRST, KEY, COLON, VALUE, ARR_FIRST, AFTER, STR, KEY_STR, NUM, INT, LITS, DONE = range(13)
+MODE_NAMES = ("START", "OBJ_FIRST", "KEY", "COLON", "VALUE", "ARR_FIRST", "AFTER", "STR", "KEY_STR", "NUM", "INT",
+              "LITS", "DONE")
 
-State = tuple[int, object, str]
+State = tuple[int, object, tuple]
 
 # String sub-states: plain text, after a backslash, \u hex digits still owed (H4: four; H3D: three after a
 # leading d, so the next is 0-7), UTF-8 continuation bytes still owed (with the first one's narrower range after
@@ -85,7 +89,8 @@ N_MINUS, N_ZERO, N_INT, N_DOT, N_FRAC, N_E, N_ESIGN, N_EXP = range(8)
 _NUM_ENDS = frozenset((N_ZERO, N_INT, N_FRAC, N_EXP))
 
 
-def _number_table() -> list[list[int | None]]:
+def _number_table(integer: bool = False) -> list[list[int | None]]:
+    """table[sub][byte] -> the next number sub-state; an integer has no fraction and no exponent."""
     table: list[list[int | None]] = [[None] * 256 for _ in range(8)]
     digits, nonzero = b"0123456789", b"123456789"
     table[N_MINUS][ord("0")] = N_ZERO
@@ -104,40 +109,176 @@ def _number_table() -> list[list[int | None]]:
     for sub in (N_ZERO, N_INT, N_FRAC):
         table[sub][ord("e")] = table[sub][ord("E")] = N_E
     table[N_E][ord("+")] = table[N_E][ord("-")] = N_ESIGN
+    if integer:
+        table[N_ZERO][ord(".")] = table[N_INT][ord(".")] = None
+        table[N_ZERO][ord("e")] = table[N_ZERO][ord("E")] = table[N_INT][ord("e")] = table[N_INT][ord("E")] = None
     return table
 
 
 _STRING = _string_table()
 _NUMBER = _number_table()
+_INTEGER = _number_table(integer=True)
+_NUMBER_START = {ord("-"): N_MINUS, ord("0"): N_ZERO, **{b: N_INT for b in b"123456789"}}
 _WS = frozenset(b" \t\n\r")
-_LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
 _WS_MODES = frozenset((START, OBJ_FIRST, KEY, COLON, VALUE, ARR_FIRST, AFTER))
+_NODE_WS_MODES = frozenset((START, COLON, VALUE))  # whose aux is (whitespace run, node)
 
-INITIAL: State = (START, 0, "")
+
+class Node:
+    """What a value must be. kind: ANY (any JSON value), OBJECT, ARRAY, STRING, NUMBER, INTEGER, LITERALS (one of
+    a set of exact JSON texts: an enum, a const, booleans, null) or UNION (branches told apart by their first byte).
+    Built by json_schema.py (and FREE_OBJECT below); read-only once built; compared by identity."""
+
+    __slots__ = ("kind", "props", "key_choices", "can_close", "free", "items", "min_items", "max_items", "literals",
+                 "dispatch", "starts")
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.props: tuple[tuple[bytes, Node, bool], ...] = ()  # OBJECT: (quoted key, value node, required), in order
+        self.key_choices: tuple[tuple, ...] = ()  # OBJECT: per next-property index, the keys that may come next
+        self.can_close: tuple[bool, ...] = ()  # OBJECT: per next-property index, whether "}" may come
+        self.free = False  # OBJECT: any keys and values (JSON mode's object)
+        self.items: Node | None = None  # ARRAY
+        self.min_items, self.max_items = 0, None  # ARRAY
+        self.literals: tuple[bytes, ...] = ()  # LITERALS
+        self.dispatch: dict[int, Node] = {}  # UNION: first byte -> branch
+        self.starts: frozenset[int] = frozenset()  # the bytes a value of this node may start with
+
+    def seal(self) -> Node:
+        """Derive the lookup tables once the fields are set."""
+        if self.kind == OBJECT_KIND:
+            choices, closable = [], []
+            for i in range(len(self.props) + 1):
+                keys = []
+                for k in range(i, len(self.props)):  # the next properties, up to the first required one
+                    keys.append((self.props[k][0], (k, self.props[k][1])))
+                    if self.props[k][2]:
+                        break
+                choices.append(tuple(keys))
+                closable.append(not any(required for _, _, required in self.props[i:]))
+            self.key_choices, self.can_close = tuple(choices), tuple(closable)
+        return self
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} node>"
 
 
-def _close(stack: str) -> State:
-    """The state after a container closes."""
+ANY_KIND, OBJECT_KIND, ARRAY_KIND, STRING_KIND, NUMBER_KIND, INTEGER_KIND, LITERALS_KIND, UNION_KIND = (
+    "any", "object", "array", "string", "number", "integer", "literals", "union")
+_ANY_LITERALS = (("v", ((b"true", None), (b"false", None), (b"null", None))))
+
+ANY = Node(ANY_KIND)
+ANY.starts = frozenset(b'{["-0123456789tfn')
+FREE_OBJECT = Node(OBJECT_KIND)  # JSON mode's top level: any object
+FREE_OBJECT.free, FREE_OBJECT.starts = True, frozenset(b"{")
+FREE_OBJECT.seal()
+
+
+def initial(node: Node = FREE_OBJECT) -> State:
+    """The state before a document whose top level is `node` (an OBJECT)."""
+    return (START, (0, node), ())
+
+
+INITIAL: State = initial()
+
+
+def _close(stack: tuple) -> State:
+    """The state after the innermost container closes."""
     stack = stack[:-1]
-    return (AFTER, 0, stack) if stack else (DONE, 0, "")
+    return (AFTER, 0, stack) if stack else (DONE, 0, ())
 
 
-def _value(b: int, stack: str) -> State | None:
-    """The state after byte b opens a value (None when b opens none)."""
-    if b == 0x22:
-        return (STR, S_PLAIN, stack)
-    if b == 0x7B:
-        return (OBJ_FIRST, 0, stack + "o") if len(stack) < MAX_DEPTH else None
-    if b == 0x5B:
-        return (ARR_FIRST, 0, stack + "a") if len(stack) < MAX_DEPTH else None
-    if b == 0x2D:
-        return (NUM, N_MINUS, stack)
-    if b == 0x30:
-        return (NUM, N_ZERO, stack)
-    if 0x31 <= b <= 0x39:
-        return (NUM, N_INT, stack)
-    rest = _LITERALS.get(b)
-    return None if rest is None else (LIT, rest, stack)
+def _lits(aux: tuple, b: int, stack: tuple) -> State | None:
+    """LITS: aux = (tag, ((remaining bytes, payload), ...)); tag "v" ends a value, "k" a schema object's key (its
+    payload: (property index, value node)). A literal that is complete while longer ones continue (enum 1 and 12)
+    ends at the first byte none of them takes, which is then read after it."""
+    tag, choices = aux
+    going = tuple((rest[1:], payload) for rest, payload in choices if rest and rest[0] == b)
+    if going:
+        if all(not rest for rest, _ in going):
+            return _lits_done(tag, going[0][1], stack)
+        return (LITS, (tag, going), stack)
+    ended = [payload for rest, payload in choices if not rest]
+    if not ended:
+        return None
+    after = _lits_done(tag, ended[0], stack)
+    return step(after, b)
+
+
+def _lits_done(tag: str, payload, stack: tuple) -> State:
+    if tag == "v":
+        return (AFTER, 0, stack)
+    index, value = payload  # a key: the object moves past its property
+    _, node, _ = stack[-1]
+    return (COLON, (0, value), stack[:-1] + (("O", node, index + 1),))
+
+
+def _begin(node: Node, b: int, stack: tuple) -> State | None:
+    """The state after byte b starts a value of `node` (None when b cannot start one)."""
+    kind = node.kind
+    if kind == ANY_KIND:
+        if b == 0x7B:
+            return (OBJ_FIRST, 0, stack + ("o",)) if len(stack) < MAX_DEPTH else None
+        if b == 0x5B:
+            return (ARR_FIRST, 0, stack + ("a",)) if len(stack) < MAX_DEPTH else None
+        if b == 0x22:
+            return (STR, S_PLAIN, stack)
+        sub = _NUMBER_START.get(b)
+        if sub is not None:
+            return (NUM, sub, stack)
+        return _lits(_ANY_LITERALS, b, stack)
+    if kind == UNION_KIND:
+        branch = node.dispatch.get(b)
+        return None if branch is None else _begin(branch, b, stack)
+    if kind == OBJECT_KIND:
+        if b != 0x7B or len(stack) >= MAX_DEPTH:
+            return None
+        return (OBJ_FIRST, 0, stack + ("o" if node.free else ("O", node, 0),))
+    if kind == ARRAY_KIND:
+        if b != 0x5B or len(stack) >= MAX_DEPTH:
+            return None
+        return (ARR_FIRST, 0, stack + (("A", node, 0),))
+    if kind == STRING_KIND:
+        return (STR, S_PLAIN, stack) if b == 0x22 else None
+    if kind == NUMBER_KIND or kind == INTEGER_KIND:
+        sub = _NUMBER_START.get(b)
+        return None if sub is None else (NUM if kind == NUMBER_KIND else INT, sub, stack)
+    return _lits(("v", tuple((lit, None) for lit in node.literals)), b, stack)  # LITERALS
+
+
+def _key(top, b: int, stack: tuple, first: bool) -> State | None:
+    """OBJ_FIRST (first) or KEY: a key starts, or (OBJ_FIRST only, where the object allows) the object closes."""
+    if top == "o":
+        if b == 0x22:
+            return (KEY_STR, S_PLAIN, stack)
+        return _close(stack) if b == 0x7D and first else None
+    _, node, index = top
+    if b == 0x7D:
+        return _close(stack) if first and node.can_close[index] else None
+    choices = node.key_choices[index]
+    return _lits(("k", choices), b, stack) if choices else None
+
+
+def _after(top, b: int, stack: tuple) -> State | None:
+    """AFTER: a value ended inside `top`."""
+    if top == "o":
+        if b == 0x2C:
+            return (KEY, 0, stack)
+        return _close(stack) if b == 0x7D else None
+    if top == "a":
+        if b == 0x2C:
+            return (VALUE, (0, ANY), stack)
+        return _close(stack) if b == 0x5D else None
+    tag, node, n = top
+    if tag == "O":
+        if b == 0x2C:
+            return (KEY, 0, stack) if node.key_choices[n] else None
+        return _close(stack) if b == 0x7D and node.can_close[n] else None
+    if b == 0x2C:  # an array of a schema: n items so far
+        if node.max_items is not None and n >= node.max_items:
+            return None
+        return (VALUE, (0, node.items), stack[:-1] + (("A", node, n + 1),))
+    return _close(stack) if b == 0x5D and n >= node.min_items else None
 
 
 def step(state: State, b: int) -> State | None:
@@ -148,41 +289,40 @@ def step(state: State, b: int) -> State | None:
         if sub is None:
             return None
         if sub == _END:
-            return (COLON, 0, stack) if mode == KEY_STR else (AFTER, 0, stack)
+            return (COLON, (0, ANY), stack) if mode == KEY_STR else (AFTER, 0, stack)
         return (mode, sub, stack)
     if mode in _WS_MODES and b in _WS:
+        if mode in _NODE_WS_MODES:
+            ws, node = aux  # type: ignore[misc]
+            return (mode, (ws + 1, node), stack) if ws < MAX_WS_RUN else None
         return (mode, aux + 1, stack) if aux < MAX_WS_RUN else None  # type: ignore[operator]
-    if mode == NUM:
-        sub = _NUMBER[aux][b]  # type: ignore[index]
+    if mode == NUM or mode == INT:
+        sub = (_NUMBER if mode == NUM else _INTEGER)[aux][b]  # type: ignore[index]
         if sub is not None:
-            return (NUM, sub, stack)
+            return (mode, sub, stack)
         if aux not in _NUM_ENDS:
             return None
         return step((AFTER, 0, stack), b)  # the number ended: b is what follows it
-    if mode == LIT:
-        rest: bytes = aux  # type: ignore[assignment]
-        if b != rest[0]:
-            return None
-        return (LIT, rest[1:], stack) if len(rest) > 1 else (AFTER, 0, stack)
-    if mode == START:
-        return (OBJ_FIRST, 0, "o") if b == 0x7B else None
+    if mode == LITS:
+        return _lits(aux, b, stack)  # type: ignore[arg-type]
+    if mode == VALUE or mode == START:
+        return _begin(aux[1], b, stack)  # type: ignore[index]
     if mode == OBJ_FIRST or mode == KEY:
-        if b == 0x22:
-            return (KEY_STR, S_PLAIN, stack)
-        return _close(stack) if b == 0x7D and mode == OBJ_FIRST else None
+        return _key(stack[-1], b, stack, mode == OBJ_FIRST)
     if mode == COLON:
-        return (VALUE, 0, stack) if b == 0x3A else None
-    if mode == VALUE or mode == ARR_FIRST:
-        if b == 0x5D and mode == ARR_FIRST:
-            return _close(stack)
-        return _value(b, stack)
-    if mode == AFTER:
+        return (VALUE, (0, aux[1]), stack) if b == 0x3A else None  # type: ignore[index]
+    if mode == ARR_FIRST:
         top = stack[-1]
-        if b == 0x2C:
-            return (KEY, 0, stack) if top == "o" else (VALUE, 0, stack)
-        if (b == 0x7D and top == "o") or (b == 0x5D and top == "a"):
-            return _close(stack)
-        return None
+        if top == "a":
+            return _close(stack) if b == 0x5D else _begin(ANY, b, stack)
+        _, node, _ = top
+        if b == 0x5D:
+            return _close(stack) if node.min_items == 0 else None
+        if node.max_items == 0:
+            return None
+        return _begin(node.items, b, stack[:-1] + (("A", node, 1),))
+    if mode == AFTER:
+        return _after(stack[-1], b, stack)
     return None  # DONE: nothing may follow
 
 
@@ -202,4 +342,7 @@ def is_done(state: State) -> bool:
 def describe(state: State) -> str:
     """A state for a log line or an error message."""
     mode, aux, stack = state
-    return f"{MODE_NAMES[mode]} (aux {aux!r}, {len(stack)} open: {stack[-8:]!r})"
+    detail = repr(aux)
+    if len(detail) > 80:
+        detail = detail[:77] + "..."
+    return f"{MODE_NAMES[mode]} (aux {detail}, {len(stack)} open)"

@@ -100,8 +100,7 @@ class JsonMasks:
         self.token_bytes = vocab
         pairs = sorted((b, i) for i, b in enumerate(vocab) if b)
         self._all = ([b for b, _ in pairs], [i for _, i in pairs])
-        inside = (jg.STR, jg.S_PLAIN, "o")  # in a string in an object
-        safe = [jg.walk(inside, b) == inside for b, _ in pairs]
+        safe = [_stays_in_string(b) for b, _ in pairs]
         self._unsafe = ([b for (b, _), s in zip(pairs, safe, strict=True) if not s],
                         [i for (_, i), s in zip(pairs, safe, strict=True) if not s])
         self._string_safe = torch.zeros(self.vocab_size, dtype=torch.bool)
@@ -166,6 +165,18 @@ class JsonMasks:
         if ids:
             mask[ids] = True
         return mask
+
+
+def _stays_in_string(data: bytes) -> bool:
+    """Whether a token, read inside a string with nothing pending, never leaves it and ends with nothing pending:
+    allowed in every such state, a key's or a value's, whatever the containers around it. (Returning to the same
+    state is not enough: '","":"' closes a value's string and opens the next one.)"""
+    state: jg.State | None = (jg.STR, jg.S_PLAIN, ("o",))
+    for b in data:
+        state = jg.step(state, b)  # type: ignore[arg-type]
+        if state is None or state[0] != jg.STR:
+            return False
+    return state is not None and state[1] == jg.S_PLAIN
 
 
 def _collect(keys: list[bytes], ids: list[int], lo: int, hi: int, depth: int, state: jg.State,

@@ -4,6 +4,7 @@ masks change only the rows that ask for them, whatever the batch, overlap schedu
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -32,8 +33,9 @@ def _check_document(out: dict) -> None:
 
 def test_outputs_are_json_objects_and_free_text_is_not(demo_model_dir):
     prompts = PROMPTS * 4
+    params = [_json(i) for i in range(len(prompts) - 1)] + [_json(None)]
     with exact_engine(demo_model_dir) as llm:
-        outs = llm.generate(prompts, [_json(i) for i in range(len(prompts) - 1)] + [_json(None)])
+        outs = llm.generate(prompts, params)
         free = llm.generate(prompts, [SamplingParams(temperature=1.0, seed=i, max_tokens=MAX_TOKENS)
                                       for i in range(len(prompts))])
         stats = llm.stats()
@@ -50,6 +52,12 @@ def test_outputs_are_json_objects_and_free_text_is_not(demo_model_dir):
             return False
 
     assert not any(is_object(o["text"]) for o in free)  # the masks, not the model, made the objects
+
+    # An object that closes on the last token max_tokens allows finished by closing: stop, not length.
+    i, out = next((i, o) for i, o in enumerate(outs) if o["finish_reason"] == "stop" and len(o["token_ids"]) > 1)
+    with exact_engine(demo_model_dir) as llm:
+        [again] = llm.generate([prompts[i]], replace(params[i], max_tokens=len(out["token_ids"])))
+    assert again["token_ids"] == out["token_ids"] and again["finish_reason"] == "stop"
 
 
 @pytest.mark.parametrize("setting, overrides", [

@@ -110,6 +110,16 @@ def test_the_cache_key_keeps_the_container_a_token_reaches_after_its_closers():
         assert bool(expected[256]) == (prefix.count(b"[") > 2)
 
 
+def test_a_token_that_closes_a_string_and_opens_another_is_judged_where_it_is():
+    # '","":"' ends inside a string, as it began, but only a value's string in an object may take it.
+    vocab: list[bytes | None] = [bytes((b,)) for b in range(256)] + [b'","":"', b'x"']
+    masks = JsonMasks(vocab)
+    for prefix, ok in ((b'{"a":"x', True), (b'{"ke', False), (b'{"a":["x', False), (b'{"a":{"b":"', True)):
+        state = jg.walk(jg.INITIAL, prefix)
+        mask = masks.allowed(state).dense(len(vocab))
+        assert torch.equal(mask, _brute_force(vocab, state)) and bool(mask[256]) is ok, prefix
+
+
 def test_a_cursor_writes_only_json_objects():
     vocab = _vocabulary(3)
     masks = JsonMasks(vocab)
