@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="add BIAS (-100 to 100) to token ID's logit before sampling (repeatable)")
     parser.add_argument("--json", action="store_true",
                         help="JSON mode: the output is one JSON object (response_format json_object)")
+    parser.add_argument("--json-schema", default=None, metavar="FILE",
+                        help="the output is one JSON object that the JSON Schema in FILE describes (response_format "
+                             "json_schema)")
     parser.add_argument("--timeout", type=float, default=None, help="the request's deadline in seconds")
     parser.add_argument("--usage", action="store_true", help="print the finish reason and token usage")
     parser.add_argument("--logprobs", type=int, default=None, metavar="N",
@@ -55,6 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
                              "likely alternatives' there to stderr, before the generated tokens'")
     add_tls_arguments(parser)
     return parser
+
+
+def _read_json_schema(parser: argparse.ArgumentParser, path: str | None) -> str | None:
+    """--json-schema FILE's text, checked to be a JSON object (the engine checks the rest); a usage error else."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        schema = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        parser.error(f"--json-schema {path}: {exc}")
+    if not isinstance(schema, dict):
+        parser.error(f"--json-schema {path} must hold a JSON object (a schema), not a {type(schema).__name__}")
+    return text
 
 
 def _bias(item: str) -> tuple[int, float]:
@@ -95,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                     seed=args.seed, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
                     repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                     frequency_penalty=args.frequency_penalty, logit_bias=logit_bias or None,
-                    response_format="json_object" if args.json else None)
+                    response_format="json_schema" if args.json_schema else "json_object" if args.json else None,
+                    json_schema=_read_json_schema(parser, args.json_schema))
     if (args.thinking is not None or args.tools) and not args.chat:
         print("llm-client: --thinking and --tools apply to --chat only", file=sys.stderr)
         return 2

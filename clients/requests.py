@@ -10,7 +10,8 @@ from protos.llmserve.text.v1 import text_pb2 as pb
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos",
                    "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty", "prompt_logprobs")
 
-RESPONSE_FORMATS = {"text": pb.RESPONSE_FORMAT_TEXT, "json_object": pb.RESPONSE_FORMAT_JSON_OBJECT}
+RESPONSE_FORMATS = {"text": pb.RESPONSE_FORMAT_TEXT, "json_object": pb.RESPONSE_FORMAT_JSON_OBJECT,
+                    "json_schema": pb.RESPONSE_FORMAT_JSON_SCHEMA}
 
 
 def sampling_params(**kwargs: object) -> pb.SamplingParams:
@@ -29,12 +30,21 @@ def sampling_params(**kwargs: object) -> pb.SamplingParams:
                 raise ValueError(f"sampling parameter logit_bias={value!r}: {exc}") from None
             if len(params.logit_bias) < len(pairs):
                 raise ValueError(f"sampling parameter logit_bias={value!r}: a token id given twice")
-        elif name == "response_format":  # "json_object" or "text", or OpenAI's {"type": "json_object"}
+        elif name == "response_format":  # "text", "json_object", "json_schema", or OpenAI's {"type": ...}
             kind = value.get("type") if isinstance(value, Mapping) else value
             if kind not in RESPONSE_FORMATS:
                 raise ValueError(f"sampling parameter response_format={value!r}: must be one of "
                                  f"{sorted(RESPONSE_FORMATS)} (or {{'type': one of them}})")
             params.response_format = RESPONSE_FORMATS[kind]  # type: ignore[index]
+            if kind == "json_schema" and isinstance(value, Mapping):  # OpenAI's {"json_schema": {"schema": {...}}}
+                inner = value.get("json_schema")
+                schema = inner.get("schema") if isinstance(inner, Mapping) else None
+                if schema is None:
+                    raise ValueError("sampling parameter response_format: {'type': 'json_schema'} needs "
+                                     "'json_schema': {'schema': {...}}")
+                params.json_schema = json.dumps(schema)
+        elif name == "json_schema":  # a dict, or JSON text
+            params.json_schema = value if isinstance(value, str) else json.dumps(value)
         elif name in SAMPLING_FIELDS:
             try:
                 setattr(params, name, value)
@@ -42,7 +52,7 @@ def sampling_params(**kwargs: object) -> pb.SamplingParams:
                 raise ValueError(f"sampling parameter {name}={value!r}: {exc}") from None
         else:
             raise TypeError(f"unknown sampling parameter {name!r}; known: "
-                            f"{SAMPLING_FIELDS + ('stop_token_ids', 'logit_bias', 'response_format')}")
+                            f"{SAMPLING_FIELDS + ('stop_token_ids', 'logit_bias', 'response_format', 'json_schema')}")
     return params
 
 

@@ -23,8 +23,10 @@ import torch
 
 from engine_service.block_manager import BlockManager
 from engine_service.config import EngineConfig
+from engine_service.json_grammar import FREE_OBJECT
 from engine_service.json_grammar import INITIAL as INITIAL_STATE
 from engine_service.json_grammar import describe as describe_state
+from engine_service.json_schema import SchemaCache
 from engine_service.model.config import ModelConfig, read_json
 from engine_service.model.layers import TPInfo
 from engine_service.model_runner import Collected, Launched, ModelRunner
@@ -174,6 +176,7 @@ class LLMEngine:
         self.generators: dict[str, torch.Generator] = {}
         self.biases: dict[str, LogitBias] = {}  # requests with a logit_bias: it on the device
         self.cursors: dict[str, JsonCursor] = {}  # requests with a response_format: their place in the document
+        self.schemas = SchemaCache()  # json_schema texts, compiled
         self._pending: list[StepOutput] = []  # aborts to report on the next step
         self._pending_ids: set[str] = set()  # their request ids: still in use until reported
         self._inflight: _InFlight | None = None  # a step scheduled ahead, launched, not yet read back
@@ -200,7 +203,7 @@ class LLMEngine:
             "eos_token_ids": list(self.eos_token_ids),
             "max_model_len": max_model_len,
             "block_size": self.config.kvcache_block_size,
-            "json_object": self.json_masks is not None,  # response_format json_object is served
+            "json_object": self.json_masks is not None,  # response_format json_object and json_schema are served
         }
 
     def _fit_max_model_len(self, max_model_len: int) -> int:
@@ -296,6 +299,7 @@ class LLMEngine:
                 raise ValueError(f"{name} is {k}, more tokens than the vocabulary holds ({vocab})")
         if sampling_params.response_format is not None and self.json_masks is None:
             raise ValueError(self.json_refusal)
+        top = self.schemas.get(sampling_params.json_schema) if sampling_params.json_schema is not None else FREE_OBJECT
         prompt = self._validate_prompt(prompt_token_ids)
         bm = self.block_manager
         worst = min(len(prompt) + sampling_params.max_tokens, self.max_model_len)
@@ -314,7 +318,7 @@ class LLMEngine:
         if sampling_params.logit_bias:  # on the device once, not uploaded every step
             self.biases[request_id] = self.runner.sampler.bias_tensors(sampling_params)
         if sampling_params.response_format is not None:
-            self.cursors[request_id] = JsonCursor(self.json_masks)
+            self.cursors[request_id] = JsonCursor(self.json_masks, top)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields, replace
 
 # Temperatures below this are greedy: dividing logits by ~0 would overflow.
@@ -15,9 +16,9 @@ MAX_LOGPROBS = 20
 # Tokens one request may bias (logit_bias), and the bias's bound (OpenAI's: -100 bans a token, 100 forces it).
 MAX_LOGIT_BIAS_TOKENS = 1024
 MAX_LOGIT_BIAS = 100.0
-# What response_format may say: None (free text) or "json_object" (the output is one JSON object:
-# structured_output.py).
-RESPONSE_FORMATS = (None, "json_object")
+# What response_format may say: None (free text), "json_object" (the output is one JSON object) or "json_schema"
+# (one JSON object that json_schema describes): structured_output.py, json_schema.py.
+RESPONSE_FORMATS = (None, "json_object", "json_schema")
 
 
 @dataclass(slots=True, frozen=True)
@@ -39,8 +40,9 @@ class SamplingParams:
     filters (as transformers' sequence_bias for single tokens, and OpenAI's logit_bias); given as a mapping (or
     pairs), stored as (id, bias) pairs in id order.
     response_format: None for free text; "json_object" constrains the output to one JSON object (OpenAI's JSON
-    mode; structured_output.py): the request finishes when the object closes, and may be cut short by max_tokens.
-    It cannot be combined with min_tokens.
+    mode; structured_output.py), "json_schema" to one that json_schema (a JSON Schema, as JSON text or a dict; the
+    subset json_schema.py takes) describes: the request finishes when the object closes, and may be cut short by
+    max_tokens. It cannot be combined with min_tokens.
     """
 
     temperature: float = 1.0
@@ -59,6 +61,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
     response_format: str | None = None
+    json_schema: str | None = None
     # Whether any penalty is on (the request then keeps token counts on the device); set from the three, stored
     # because every step asks it of every row.
     penalized: bool = field(init=False, repr=False, compare=False)
@@ -87,6 +90,11 @@ class SamplingParams:
         except (TypeError, ValueError):  # not pairs, or ids that do not compare
             raise ValueError(f"logit_bias must map token ids to biases, got {self.logit_bias!r}") from None
         object.__setattr__(self, "logit_bias", pairs)
+        if isinstance(self.json_schema, dict):  # kept as text, in its own key order (the order properties are written)
+            try:
+                object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"json_schema must be JSON-serialisable: {exc}") from None
         self.validate()
         object.__setattr__(self, "penalized", self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                            or self.frequency_penalty != 0.0)
@@ -155,7 +163,15 @@ class SamplingParams:
                                  f"{b!r} for token {t}")
 
         if self.response_format not in RESPONSE_FORMATS:
-            raise ValueError(f"response_format must be None (free text) or 'json_object', got {self.response_format!r}")
+            raise ValueError(f"response_format must be None (free text), 'json_object' or 'json_schema', got "
+                             f"{self.response_format!r}")
+        if (self.response_format == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema (a JSON Schema) goes with response_format 'json_schema', and that format "
+                             f"needs one; got response_format {self.response_format!r} and json_schema "
+                             f"{'set' if self.json_schema is not None else 'unset'}")
+        if self.json_schema is not None and not isinstance(self.json_schema, str):
+            raise ValueError(f"json_schema must be a JSON Schema as a dict or JSON text, got "
+                             f"{type(self.json_schema).__name__}")
         if self.response_format is not None and self.min_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) cannot be combined with response_format "
                              f"{self.response_format!r}: the JSON object's end ends the output; leave min_tokens 0")

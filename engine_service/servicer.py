@@ -31,8 +31,8 @@ UNARY_PREFIX = "u:"  # engine request ids of GenerateStream calls; bidi streams 
 REQUEST_ID_HEADER = "x-request-id"  # GenerateStream: the trace id when the request carries none
 MAX_TRACE_ID_CHARS = 128  # a trace id is a log field: a client cannot write megabytes of log per request
 # Request options this engine applies beyond the first protocol (ModelInfo.features): clients route requests that
-# use them only to engines that list them, since an older engine ignores the fields. "json_object" is listed only by
-# an engine whose model's tokenizer serves JSON mode (ModelInfo's model_info["json_object"]).
+# use them only to engines that list them, since an older engine ignores the fields. "json_object" and "json_schema"
+# are listed only by an engine whose model's tokenizer serves them (model_info["json_object"]).
 ENGINE_FEATURES = ("logprobs", "penalties", "prompt_logprobs", "logit_bias")
 
 
@@ -265,7 +265,7 @@ class EngineServicer(pb_grpc.EngineServicer):
         return pb.ModelInfo(model_name=str(info["model_name"]), vocab_size=info["vocab_size"],
                             eos_token_ids=list(info["eos_token_ids"]), max_model_len=info["max_model_len"],
                             block_size=info["block_size"],
-                            features=ENGINE_FEATURES + (("json_object",) if info.get("json_object") else ()))
+                            features=ENGINE_FEATURES + (("json_object", "json_schema") if info.get("json_object") else ()))
 
     async def GetLoad(self, request, context):
         if self.loop is None:

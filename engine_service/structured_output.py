@@ -202,9 +202,10 @@ class JsonCursor:
 
     __slots__ = ("masks", "state")
 
-    def __init__(self, masks: JsonMasks):
+    def __init__(self, masks: JsonMasks, top: jg.Node = jg.FREE_OBJECT):
+        """top: the top-level object's node (a compiled schema's, json_schema.py), else any object."""
         self.masks = masks
-        self.state: jg.State = jg.INITIAL
+        self.state: jg.State = jg.initial(top)
 
     def allowed(self) -> TokenMask:
         return self.masks.allowed(self.state)

@@ -11,7 +11,7 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens
                    "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty", "prompt_logprobs")
 MAX_REQUEST_ID_LEN = 256
 # ResponseFormat's numbers (engine.proto) -> SamplingParams.response_format.
-RESPONSE_FORMATS_BY_NUMBER = {1: "json_object"}
+RESPONSE_FORMATS_BY_NUMBER = {1: "json_object", 2: "json_schema"}
 
 
 def _from_float32(value: float) -> float:
@@ -36,9 +36,11 @@ def sampling_params_from_proto(proto: Any, defaults: dict[str, object]) -> Sampl
         values["logit_bias"] = {t: _from_float32(b) for t, b in proto.logit_bias.items()}
     if proto.response_format:
         if proto.response_format not in RESPONSE_FORMATS_BY_NUMBER:
-            raise ValueError(f"response_format {proto.response_format} is not one this engine knows: 0 (text) or 1 "
-                             "(json_object)")
+            raise ValueError(f"response_format {proto.response_format} is not one this engine knows: 0 (text), 1 "
+                             "(json_object) or 2 (json_schema)")
         values["response_format"] = RESPONSE_FORMATS_BY_NUMBER[proto.response_format]
+    if proto.json_schema:
+        values["json_schema"] = proto.json_schema
     for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         if name in values and isinstance(values[name], float):
             values[name] = _from_float32(values[name])

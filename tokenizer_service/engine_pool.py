@@ -311,6 +311,8 @@ def required_features(params: pb.SamplingParams) -> set[str]:
         needs.add("penalties")
     if params.response_format == pb.RESPONSE_FORMAT_JSON_OBJECT:
         needs.add("json_object")
+    elif params.response_format == pb.RESPONSE_FORMAT_JSON_SCHEMA:
+        needs.add("json_schema")
     return needs
 
 
@@ -429,7 +431,7 @@ class EnginePool:
     def _unable(needs: set[str], incapable: list[EngineConnection]) -> RequestFailed:
         return RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
                              f"the request uses {' and '.join(sorted(needs))}, which no connected engine applies "
-                             f"({', '.join(sorted(c.address for c in incapable))} predate them, or, for json_object, "
+                             f"({', '.join(sorted(c.address for c in incapable))} predate them, or, for json_object and json_schema, "
                              "serve a model without a byte-level BPE tokenizer): upgrade the engines, or send the "
                              "request without them")
 

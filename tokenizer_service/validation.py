@@ -42,6 +42,7 @@ from tokenizer_service.token_bounds import tokens_at_least
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024  # distinct ids; the engine's own bound (engine_service/sampling_params.py)
+MAX_JSON_SCHEMA_BYTES = 64 * 1024  # the engine's bound on a json_schema (engine_service/json_schema.py)
 MAX_LOGPROBS = 20  # the engine's bound on logprobs and prompt_logprobs (engine_service/sampling_params.py)
 MAX_LOGIT_BIAS_TOKENS = 1024  # the engine's bound (engine_service/sampling_params.py)
 # Wire bytes of one prompt logprob at most, and of each alternative: the engine's rule (engine_service/streams.py).
@@ -483,11 +484,20 @@ def prepare(
     if len(source.logit_bias) > MAX_LOGIT_BIAS_TOKENS:  # the engine's bound, said before sending it on
         raise ValueError(f"logit_bias must hold at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(source.logit_bias)}")
     params.logit_bias.update(source.logit_bias)
-    if source.response_format not in (pb.RESPONSE_FORMAT_TEXT, pb.RESPONSE_FORMAT_JSON_OBJECT):
+    formats = {pb.RESPONSE_FORMAT_TEXT: engine_pb.RESPONSE_FORMAT_TEXT,
+               pb.RESPONSE_FORMAT_JSON_OBJECT: engine_pb.RESPONSE_FORMAT_JSON_OBJECT,
+               pb.RESPONSE_FORMAT_JSON_SCHEMA: engine_pb.RESPONSE_FORMAT_JSON_SCHEMA}
+    if source.response_format not in formats:
         raise ValueError(f"response_format {source.response_format} is not one this service knows: "
-                         "RESPONSE_FORMAT_TEXT (0) or RESPONSE_FORMAT_JSON_OBJECT (1)")
-    if source.response_format == pb.RESPONSE_FORMAT_JSON_OBJECT:
-        params.response_format = engine_pb.RESPONSE_FORMAT_JSON_OBJECT
+                         "RESPONSE_FORMAT_TEXT (0), RESPONSE_FORMAT_JSON_OBJECT (1) or RESPONSE_FORMAT_JSON_SCHEMA (2)")
+    if (source.response_format == pb.RESPONSE_FORMAT_JSON_SCHEMA) != bool(source.json_schema):
+        raise ValueError("json_schema (a JSON Schema as JSON text) goes with response_format "
+                         "RESPONSE_FORMAT_JSON_SCHEMA, and that format needs one")
+    if len(source.json_schema) > MAX_JSON_SCHEMA_BYTES or len(source.json_schema.encode()) > MAX_JSON_SCHEMA_BYTES:
+        raise ValueError(f"json_schema must be at most {MAX_JSON_SCHEMA_BYTES} bytes, got "
+                         f"{len(source.json_schema.encode())}")  # the engine's bound, said before sending it on
+    params.response_format = formats[source.response_format]
+    params.json_schema = source.json_schema
     if params.HasField("prompt_logprobs") and 0 <= params.prompt_logprobs <= MAX_LOGPROBS:  # else the engine names it
         size = len(prompt) * (LOGPROB_BYTES + LOGPROB_BYTES_PER_ALTERNATIVE * params.prompt_logprobs)
         if size > limits.max_prompt_logprobs_bytes:

@@ -87,7 +87,7 @@ def test_masks_touch_only_their_rows_in_any_batch(demo_model_dir, setting, overr
 def test_refusals_name_the_problem(demo_model_dir, tmp_path):
     with pytest.raises(ValueError, match="min_tokens .* cannot be combined with response_format"):
         SamplingParams(response_format="json_object", min_tokens=1)
-    with pytest.raises(ValueError, match="response_format must be None .* or 'json_object', got 'yaml'"):
+    with pytest.raises(ValueError, match="response_format must be None .*, 'json_object' or 'json_schema', got 'yaml'"):
         SamplingParams(response_format="yaml")
     make_qwen3(tmp_path / "no_tokenizer")
     with exact_engine(tmp_path / "no_tokenizer") as llm:

@@ -1,0 +1,260 @@
+"""A JSON Schema, compiled into the nodes json_grammar.py's automaton follows (response_format "json_schema").
+
+The subset is the one OpenAI's structured outputs take, with its strict reading, and every keyword outside it is
+refused by name (a schema the output would not honour is an error, not a hint):
+- "type": "object", "array", "string", "number", "integer", "boolean", "null", or a list of them;
+- objects: "properties" (written in the order listed; a property not in "required" may be left out), "required",
+  "additionalProperties" false (or absent, read as false when "properties" is given: only listed keys are
+  written); an object without "properties" takes any keys and values;
+- arrays: "items", "minItems", "maxItems";
+- "enum" and "const" (of any JSON values, written exactly as json.dumps writes them compactly);
+- "anyOf" / "oneOf" whose branches start differently (a string or null; an object or an array), so that the first
+  byte of a value picks its branch;
+- "$ref" to "#/$defs/..." or "#/definitions/..." (recursive ones too), with "$defs" / "definitions" beside it;
+- annotations, which constrain nothing: title, description, default, examples, $schema, $id, $comment, deprecated,
+  readOnly, writeOnly, and "format" (not enforced: a "date-time" string is any string).
+The top level must be an object. Strings follow json_grammar.py's rules (valid UTF-8, no surrogate escapes).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+from engine_service import json_grammar as jg
+
+MAX_SCHEMA_BYTES = 64 * 1024
+MAX_NODES = 4096
+MAX_ITEMS_BOUND = 4096  # minItems / maxItems above this are refused: each count is a state of its own
+COMPILED_CACHE_SIZE = 64
+
+ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
+                         "readOnly", "writeOnly", "format"))
+TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+_KEYWORDS = {
+    "object": frozenset(("properties", "required", "additionalProperties")),
+    "array": frozenset(("items", "minItems", "maxItems")),
+}
+_COMMON = frozenset(("type", "enum", "const", "anyOf", "oneOf", "$ref", "$defs", "definitions"))
+
+
+class SchemaError(ValueError):
+    """A schema this engine cannot follow; the message names the place and the keyword."""
+
+
+def _literal(value) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+class _Compiler:
+    def __init__(self, root: dict):
+        self.root = root
+        self.defs: dict[str, jg.Node] = {}
+        self.count = 0
+
+    def node(self, kind: str) -> jg.Node:
+        self.count += 1
+        if self.count > MAX_NODES:
+            raise SchemaError(f"json_schema needs more than {MAX_NODES} nodes; simplify it")
+        return jg.Node(kind)
+
+    def compile(self, schema, where: str) -> jg.Node:
+        if schema is True or schema == {}:
+            return jg.ANY
+        if not isinstance(schema, dict):
+            raise SchemaError(f"json_schema at {where} must be an object (or true), got {json.dumps(schema)[:60]}")
+        allowed = _COMMON | ANNOTATIONS | _KEYWORDS["object"] | _KEYWORDS["array"]
+        unknown = sorted(set(schema) - allowed)
+        if unknown:
+            raise SchemaError(f"json_schema at {where} uses {', '.join(map(repr, unknown))}, which this engine does "
+                              f"not enforce; it takes type, properties, required, additionalProperties (false), items, "
+                              f"minItems, maxItems, enum, const, anyOf, oneOf, $ref and annotations")
+        if "$ref" in schema:
+            if set(schema) - ANNOTATIONS - {"$ref", "$defs", "definitions"}:
+                raise SchemaError(f"json_schema at {where}: $ref cannot be combined with other constraints")
+            return self.ref(schema["$ref"], where)
+        if "const" in schema or "enum" in schema:
+            values = [schema["const"]] if "const" in schema else schema["enum"]
+            if not isinstance(values, list) or not values:
+                raise SchemaError(f"json_schema at {where}: enum must be a non-empty list")
+            node = self.node(jg.LITERALS_KIND)
+            try:
+                node.literals = tuple(dict.fromkeys(_literal(v) for v in values))
+            except ValueError as exc:  # NaN or infinity
+                raise SchemaError(f"json_schema at {where}: enum holds a value JSON cannot write ({exc})") from None
+            node.starts = frozenset(lit[0] for lit in node.literals)
+            return node
+        branches = schema.get("anyOf", schema.get("oneOf"))
+        if branches is not None:
+            beside = sorted(set(schema) - ANNOTATIONS - {"anyOf", "oneOf", "$defs", "definitions"})
+            if beside or ("anyOf" in schema and "oneOf" in schema):
+                raise SchemaError(f"json_schema at {where}: anyOf/oneOf cannot be combined with {beside or 'each other'}"
+                                  "; put those constraints inside each branch")
+            if not isinstance(branches, list) or not branches:
+                raise SchemaError(f"json_schema at {where}: anyOf/oneOf must be a non-empty list of schemas")
+            return self.union([self.compile(b, f"{where}/anyOf/{i}") for i, b in enumerate(branches)], where)
+        kinds = schema.get("type")
+        if kinds is None:
+            kinds = "object" if "properties" in schema or "required" in schema else None
+            if kinds is None and "items" in schema:
+                kinds = "array"
+        if kinds is None:
+            return jg.ANY
+        listed = kinds if isinstance(kinds, list) else [kinds]
+        if not listed or not all(isinstance(k, str) for k in listed):
+            raise SchemaError(f"json_schema at {where}: type must be a type name or a non-empty list of them")
+        for other, words in _KEYWORDS.items():
+            if other not in listed and set(schema) & words:
+                raise SchemaError(f"json_schema at {where}: {sorted(set(schema) & words)} apply to type {other}, which "
+                                  f"type {kinds!r} is not")
+        if len(listed) == 1:
+            return self.typed(listed[0], schema, where)
+        return self.union([self.typed(k, schema, where) for k in dict.fromkeys(listed)], where)
+
+    def typed(self, kind, schema: dict, where: str) -> jg.Node:
+        if kind not in TYPES:
+            raise SchemaError(f"json_schema at {where}: type {kind!r} is not one of {', '.join(TYPES)}")
+        if kind == "object":
+            return self.object(schema, where)
+        if kind == "array":
+            return self.array(schema, where)
+        if kind == "boolean":
+            node = self.node(jg.LITERALS_KIND)
+            node.literals = (b"true", b"false")
+        elif kind == "null":
+            node = self.node(jg.LITERALS_KIND)
+            node.literals = (b"null",)
+        else:
+            node = self.node({"string": jg.STRING_KIND, "number": jg.NUMBER_KIND, "integer": jg.INTEGER_KIND}[kind])
+        node.starts = frozenset(b'"') if kind == "string" else frozenset(
+            b"-0123456789" if kind in ("number", "integer") else (lit[0] for lit in node.literals))
+        return node
+
+    def object(self, schema: dict, where: str) -> jg.Node:
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties", None)
+        if extra not in (None, True, False):
+            raise SchemaError(f"json_schema at {where}: additionalProperties must be false (or true without "
+                              "properties); schemas for extra properties are not supported")
+        required = schema.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise SchemaError(f"json_schema at {where}: required must be a list of property names")
+        node = self.node(jg.OBJECT_KIND)
+        node.starts = frozenset(b"{")
+        if props is None:
+            if required:
+                raise SchemaError(f"json_schema at {where}: required names properties, but there are none")
+            if extra is False:
+                return node.seal()  # only {}
+            node.free = True
+            return node.seal()
+        if not isinstance(props, dict):
+            raise SchemaError(f"json_schema at {where}: properties must be an object of schemas")
+        if extra is True:
+            raise SchemaError(f"json_schema at {where}: additionalProperties true beside properties is not supported "
+                              "(only the listed properties are written); set it false")
+        missing = [r for r in required if r not in props]
+        if missing:
+            raise SchemaError(f"json_schema at {where}: required names {missing}, which properties lacks")
+        node.props = tuple((_literal(name), self.compile(sub, f"{where}/properties/{name}"), name in required)
+                           for name, sub in props.items())
+        return node.seal()
+
+    def array(self, schema: dict, where: str) -> jg.Node:
+        node = self.node(jg.ARRAY_KIND)
+        node.starts = frozenset(b"[")
+        node.items = self.compile(schema.get("items", True), f"{where}/items")
+        low, high = schema.get("minItems", 0), schema.get("maxItems")
+        for name, value in (("minItems", low), ("maxItems", high)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_ITEMS_BOUND):
+                raise SchemaError(f"json_schema at {where}: {name} must be an integer in [0, {MAX_ITEMS_BOUND}]")
+        if high is not None and high < low:
+            raise SchemaError(f"json_schema at {where}: maxItems {high} is below minItems {low}")
+        node.min_items, node.max_items = low, high
+        return node
+
+    def union(self, branches: list[jg.Node], where: str) -> jg.Node:
+        node = self.node(jg.UNION_KIND)
+        for branch in branches:
+            starts = self.starts(branch, where)
+            clash = starts & set(node.dispatch)
+            if clash:
+                raise SchemaError(f"json_schema at {where}: two anyOf/oneOf branches (or types) can both start with "
+                                  f"{bytes((min(clash),)).decode('latin-1')!r}; branches must start differently (a "
+                                  "string, a number, an object, an array, true/false, null)")
+            for b in starts:
+                node.dispatch[b] = branch
+        node.starts = frozenset(node.dispatch)
+        return node
+
+    def starts(self, node: jg.Node, where: str) -> frozenset[int]:
+        if not node.starts:
+            raise SchemaError(f"json_schema at {where}: a branch refers to itself before it is defined")
+        return node.starts
+
+    def ref(self, ref, where: str) -> jg.Node:
+        prefixes = ("#/$defs/", "#/definitions/")
+        if not isinstance(ref, str) or not ref.startswith(prefixes):
+            raise SchemaError(f"json_schema at {where}: $ref must point into #/$defs/ or #/definitions/, got {ref!r}")
+        if ref in self.defs:
+            return self.defs[ref]  # recursive: the node is being filled in, or done
+        section, _, name = ref[2:].partition("/")
+        target = self.root.get(section, {}).get(name) if isinstance(self.root.get(section), dict) else None
+        if target is None:
+            raise SchemaError(f"json_schema at {where}: $ref {ref!r} names no definition")
+        # A placeholder that the definition's node is copied into, so that references inside it resolve to it; what
+        # a value of it starts with is read off the definition now, for a union that refers back to it.
+        placeholder = self.node(jg.ANY_KIND)
+        placeholder.starts = _peek_starts(target)
+        self.defs[ref] = placeholder
+        compiled = self.compile(target, ref[1:])
+        for slot in jg.Node.__slots__:
+            setattr(placeholder, slot, getattr(compiled, slot))
+        return placeholder
+
+
+def _peek_starts(schema) -> frozenset[int]:
+    """The first bytes of a schema's values when its type says them plainly (else none: compile() finds them)."""
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    if kind is None and isinstance(schema, dict) and ("properties" in schema or "required" in schema):
+        kind = "object"
+    return frozenset({"object": b"{", "array": b"[", "string": b'"', "number": b"-0123456789",
+                      "integer": b"-0123456789", "boolean": b"tf", "null": b"n"}.get(kind, b"")) if isinstance(
+        kind, str) else frozenset()
+
+
+def compile_schema(text: str) -> jg.Node:
+    """The top-level node of a schema given as JSON text; SchemaError (a ValueError) naming what it cannot follow."""
+    if len(text.encode()) > MAX_SCHEMA_BYTES:
+        raise SchemaError(f"json_schema is {len(text.encode())} bytes, over the {MAX_SCHEMA_BYTES} this engine takes")
+    try:
+        schema = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise SchemaError(f"json_schema is not valid JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise SchemaError("json_schema must be a JSON object (a schema)")
+    root = _Compiler(schema).compile(schema, "#")
+    if root.kind != jg.OBJECT_KIND:
+        raise SchemaError('json_schema must describe an object at the top level ("type": "object")')
+    return root
+
+
+class SchemaCache:
+    """Compiled schemas by their text (an LRU): requests with the same schema share nodes, so their states share
+    cached masks."""
+
+    def __init__(self, size: int = COMPILED_CACHE_SIZE):
+        self.size = size
+        self._nodes: OrderedDict[str, jg.Node] = OrderedDict()
+
+    def get(self, text: str) -> jg.Node:
+        node = self._nodes.get(text)
+        if node is None:
+            node = compile_schema(text)
+            self._nodes[text] = node
+            if len(self._nodes) > self.size:
+                self._nodes.popitem(last=False)
+        else:
+            self._nodes.move_to_end(text)
+        return node
