@@ -1,0 +1,289 @@
+"""json_schema (engine_service/json_schema.py): a compiled schema's automaton accepts exactly the documents a
+validator of the same subset accepts, its masks equal a walk of each token, and what it cannot follow is refused
+by name."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from engine_service import json_grammar as jg
+from engine_service.json_schema import SchemaCache, SchemaError, compile_schema
+from engine_service.structured_output import JsonMasks
+from tests.unit.test_structured_output import _brute_force, _vocabulary
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "description": "annotations constrain nothing"},
+        "age": {"type": "integer"},
+        "height": {"type": "number"},
+        "email": {"type": ["string", "null"], "format": "email"},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 3},
+        "active": {"type": "boolean"},
+        "address": {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"const": "00000"}},
+                    "required": ["city"], "additionalProperties": False},
+        "meta": {"type": "object"},
+        "score": {"anyOf": [{"type": "number"}, {"type": "null"}, {"type": "array", "items": {"type": "integer"}}]},
+    },
+    "required": ["name", "age", "role"],
+    "additionalProperties": False,
+}
+TREE = {
+    "$defs": {"node": {"type": "object", "properties": {
+        "value": {"type": "integer"},
+        "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2},
+        "next": {"anyOf": [{"$ref": "#/$defs/node"}, {"type": "null"}]},
+    }, "required": ["value"]}},
+    "$ref": "#/$defs/node",
+}
+ENUMS = {"type": "object", "properties": {"n": {"enum": [1, 12, 1.5, -3, True, None, "1", [1, 2], {"a": 1}]},
+                                          "e": {"type": "array", "items": {"enum": ["x", "xy"]}}},
+         "required": ["n"]}
+SCHEMAS = [PERSON, TREE, ENUMS, {"type": "object"}, {"type": "object", "properties": {}, "additionalProperties": False}]
+
+
+def _resolve(schema, root):
+    while isinstance(schema, dict) and "$ref" in schema:
+        section, _, name = schema["$ref"][2:].partition("/")
+        schema = root[section][name]
+    return schema
+
+
+def _text(value) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _conforms(schema, value, root) -> bool:
+    """The subset's meaning, written out plainly: the reference."""
+    schema = _resolve(schema, root)
+    if schema is True or schema == {}:
+        return True
+    if "const" in schema or "enum" in schema:
+        allowed = [schema["const"]] if "const" in schema else schema["enum"]
+        return _text(value) in {_text(v) for v in allowed}
+    branches = schema.get("anyOf", schema.get("oneOf"))
+    if branches is not None:
+        return sum(_conforms(b, value, root) for b in branches) >= 1
+    kinds = schema.get("type")
+    if kinds is None:
+        kinds = "object" if "properties" in schema else None
+    if kinds is None:
+        return True
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    checks = {"object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
+              "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
+              "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool), "null": lambda v: v is None}
+    if not any(checks[k](value) for k in kinds):
+        return False
+    if isinstance(value, dict) and "properties" in schema:
+        props = list(schema["properties"])
+        keys = list(value)
+        if any(k not in props for k in keys) or keys != sorted(keys, key=props.index):
+            return False  # only listed properties, in their order
+        if any(r not in value for r in schema.get("required", [])):
+            return False
+        return all(_conforms(schema["properties"][k], v, root) for k, v in value.items())
+    if isinstance(value, dict) and schema.get("additionalProperties") is False:
+        return not value
+    if isinstance(value, list):
+        if not schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", len(value)):
+            return False
+        return all(_conforms(schema.get("items", True), v, root) for v in value)
+    return True
+
+
+def _generate(schema, root, rng: random.Random, depth: int = 0, mess: float = 0.0):
+    """A random value the schema accepts; with mess > 0, objects and arrays break a rule at that rate (keys out of
+    order, a required one left out, one not listed, too many or too few items)."""
+    schema = _resolve(schema, root)
+    if schema is True or schema == {}:
+        return rng.choice([None, 1, "x", [1, "é"], {"k": [True]}])
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return rng.choice(schema["enum"])
+    if "anyOf" in schema:
+        return _generate(rng.choice(schema["anyOf"]), root, rng, depth)
+    kinds = schema.get("type", "object")
+    kind = rng.choice(kinds) if isinstance(kinds, list) else kinds
+    if kind == "object":
+        props = schema.get("properties")
+        if props is None:
+            return {} if schema.get("additionalProperties") is False else {"free": rng.random(), "é": None}
+        required = schema.get("required", [])
+        out = {k: _generate(sub, root, rng, depth + 1, mess) for k, sub in props.items()
+               if k in required or (depth < 3 and rng.random() < 0.5)}
+        if rng.random() < mess:
+            items = list(out.items())
+            breach = rng.randrange(3)
+            if breach == 0:
+                rng.shuffle(items)
+            elif breach == 1 and items:
+                del items[rng.randrange(len(items))]
+            else:
+                items.insert(rng.randint(0, len(items)), ("unlisted", 1))
+            out = dict(items)
+        return out
+    if kind == "array":
+        low, high = schema.get("minItems", 0), schema.get("maxItems", 3)
+        if depth >= 3:
+            high = low
+        if rng.random() < mess:
+            low, high = max(0, low - 1), high + 1
+        return [_generate(schema.get("items", True), root, rng, depth + 1, mess)
+                for _ in range(rng.randint(low, high))]
+    return {"string": lambda: rng.choice(["", "a b", 'q"\\', "é世\n"]), "integer": lambda: rng.randint(-10**6, 10**6),
+            "number": lambda: rng.choice([0, -1.5, 2.5e-8, 7]), "boolean": lambda: rng.random() < 0.5,
+            "null": lambda: None}[kind]()
+
+
+def _accepts(node: jg.Node, data: bytes) -> bool:
+    state = jg.walk(jg.initial(node), data)
+    return state is not None and jg.is_done(state)
+
+
+def _reference(schema, data: bytes) -> bool:
+    if data != data.rstrip(b" \t\n\r"):
+        return False
+    try:
+        value = json.loads(data.decode("utf-8"), parse_constant=lambda name: (_ for _ in ()).throw(ValueError(name)))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(value, dict) and _conforms(schema, value, schema)
+
+
+@pytest.mark.parametrize("index", range(len(SCHEMAS)))
+def test_documents_and_mutations_agree_with_a_validator(index):
+    schema = SCHEMAS[index]
+    node = compile_schema(json.dumps(schema))
+    rng = random.Random(index)
+    accepted = refused = 0
+    broken = 0
+    for i in range(300):
+        value = _generate(schema, schema, rng, mess=0.0 if i % 2 else 0.3)
+        compact = schema is ENUMS  # enum values are written as json.dumps writes them compactly
+        doc = json.dumps(value, ensure_ascii=False, indent=None if compact else rng.choice([None, 1, 2]),
+                         separators=(",", ":") if compact else rng.choice([None, (",", ":")])).encode()
+        assert _accepts(node, doc) == _reference(schema, doc), doc
+        if not _reference(schema, doc):
+            broken += 1
+            continue
+        for _ in range(10):
+            data = bytearray(doc)
+            at = rng.randrange(len(data) + 1)
+            if rng.random() < 0.5 and at < len(data):
+                del data[at]
+            else:
+                data.insert(at, rng.choice(b'{}[]",:0-.e tnu1x'))
+            data = bytes(data)
+            if b"\\" in data or (schema is ENUMS and any(data.count(c) > doc.count(c) for c in (b"0", b" "))):
+                continue  # an escape, "1.50" for 1.5 or "[1 ,2]" for [1,2]: the value the reference reads, not the text
+            ours = _accepts(node, data)
+            assert ours == _reference(schema, data), data
+            accepted += ours
+            refused += not ours
+    assert refused > 150 and (accepted > 0 or index == 4) and (broken > 20 or index >= 3)
+
+
+@pytest.mark.parametrize("data, ok", [
+    (b'{"name":"x","age":1,"role":"user"}', True),
+    (b'{"age":1,"name":"x","role":"user"}', False),  # properties come in their listed order
+    (b'{"name":"x","role":"user"}', False),  # age is required
+    (b'{"name":"x","age":1,"role":"user","extra":1}', False),
+    (b'{"name":"x","age":1.0,"role":"user"}', False), (b'{"name":"x","age":1e2,"role":"user"}', False),
+    (b'{"name":"x","age":-7,"height":1.5e-3,"email":null,"role":"guest"}', True),
+    (b'{"name":"x","age":1,"email":"a@b","role":"root"}', False),
+    (b'{"name":"x","age":1,"role":"user","tags":["a","b","c"]}', True),
+    (b'{"name":"x","age":1,"role":"user","tags":["a","b","c","d"]}', False),
+    (b'{"name":"x","age":1,"role":"user","tags":[]}', False),
+    (b'{"name":"x","age":1,"role":"user","address":{"zip":"00000"}}', False),
+    (b'{"name":"x","age":1,"role":"user","address":{"city":"c","zip":"00000"}}', True),
+    (b'{"name":"x","age":1,"role":"user","address":{"city":"c","zip":"11111"}}', False),
+    (b'{"name":"x","age":1,"role":"user","meta":{"any":[1,{"b":null}]},"score":[1,2]}', True),
+    (b'{"name":"x","age":1,"role":"user","score":null}', True),
+    (b'{"name":"x","age":1,"role":"user","score":"x"}', False),
+    (b'{"name":"x","age":1,"role":"user","score":[1.5]}', False),
+])
+def test_person(data: bytes, ok: bool):
+    assert _accepts(compile_schema(json.dumps(PERSON)), data) is ok
+    assert _reference(PERSON, data) is ok
+
+
+@pytest.mark.parametrize("data, ok", [
+    (b'{"n":1}', True), (b'{"n":12}', True), (b'{"n":1.5}', True), (b'{"n":-3}', True), (b'{"n":true}', True),
+    (b'{"n":null}', True), (b'{"n":"1"}', True), (b'{"n":[1,2]}', True), (b'{"n":{"a":1}}', True),
+    (b'{"n":2}', False), (b'{"n":1.0}', False), (b'{"n":[1, 2]}', False),  # enum values are written as json.dumps writes
+    (b'{"n":1 ,"e":["x","xy"]}', True), (b'{"n":1,"e":["xyz"]}', False), (b'{}', False),
+])
+def test_enum_literals(data: bytes, ok: bool):
+    assert _accepts(compile_schema(json.dumps(ENUMS)), data) is ok
+
+
+def test_masks_of_schema_states_equal_a_walk_of_each_token():
+    vocab = _vocabulary(7)
+    masks = JsonMasks(vocab)
+    rng = random.Random(8)
+    for schema in SCHEMAS[:3]:
+        node = compile_schema(json.dumps(schema))
+        for _ in range(25):
+            if schema is ENUMS:  # enum values are written compactly
+                doc = json.dumps(_generate(schema, schema, rng), ensure_ascii=False, separators=(",", ":")).encode()
+            else:
+                doc = json.dumps(_generate(schema, schema, rng), ensure_ascii=False,
+                                 indent=rng.choice([None, 2])).encode()
+            for cut in sorted(rng.sample(range(len(doc)), min(8, len(doc)))):
+                state = jg.walk(jg.initial(node), doc[:cut])
+                expected = _brute_force(vocab, state)
+                assert torch.equal(masks.allowed(state).dense(len(vocab)), expected), (doc[:cut], jg.describe(state))
+
+
+@pytest.mark.parametrize("schema, words", [
+    ({"type": "string"}, "top level"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^x"}}}, "'pattern'"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0}}}, "'minimum'"),
+    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}, {"enum": ["x"]}]}}}, "start with '\"'"),
+    ({"type": "object", "properties": {"a": {"type": ["integer", "number"]}}}, "start with '-'"),
+    ({"type": "object", "additionalProperties": {"type": "string"}}, "additionalProperties must be false"),
+    ({"type": "object", "properties": {"a": {}}, "additionalProperties": True}, "additionalProperties true"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required names ['b']"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "names no definition"),
+    ({"type": "object", "properties": {"a": {"$ref": "http://example.com/s.json"}}}, "#/$defs/"),
+    ({"type": "object", "properties": {"a": {"type": "array", "maxItems": 1, "minItems": 2}}}, "below minItems"),
+    ({"type": "object", "properties": {"a": {"type": "string", "items": {}}}}, "apply to type array"),
+    ({"type": "object", "properties": {"a": {"type": "text"}}}, "type 'text' is not one of"),
+    ({"type": "object", "properties": {"a": {"enum": []}}}, "non-empty list"),
+    ({"type": "object", "properties": {"a": {"type": "string", "anyOf": [{"type": "null"}]}}}, "cannot be combined"),
+])
+def test_refusals_name_the_keyword(schema, words):
+    with pytest.raises(SchemaError) as err:
+        compile_schema(json.dumps(schema))
+    assert words in str(err.value)
+
+
+def test_bad_text_and_sizes_are_refused():
+    with pytest.raises(SchemaError, match="not valid JSON"):
+        compile_schema("{")
+    with pytest.raises(SchemaError, match="must be a JSON object"):
+        compile_schema("[]")
+    with pytest.raises(SchemaError, match="bytes, over the 65536"):
+        compile_schema(json.dumps({"type": "object", "description": "x" * 70_000}))
+    wide = {"type": "object", "properties": {f"p{i}": {"type": ["string", "null", "boolean", "array", "object"]}
+                                             for i in range(800)}}  # 6 nodes each, in 60 bytes
+    with pytest.raises(SchemaError, match="more than 4096 nodes"):
+        compile_schema(json.dumps(wide))
+
+
+def test_the_cache_shares_nodes_by_text():
+    cache = SchemaCache(size=2)
+    a, b = json.dumps(PERSON), json.dumps(TREE)
+    assert cache.get(a) is cache.get(a)
+    first = cache.get(a)
+    cache.get(b)
+    cache.get(json.dumps(ENUMS))  # evicts the least recently used: PERSON
+    assert cache.get(a) is not first
