@@ -184,7 +184,7 @@ def test_logit_bias_through_the_text_api_matches_offline_engine(stack, demo_mode
     assert capsys.readouterr().out.rstrip("\n") == text.detokenize([plain[2]] * 3)
 
 
-def test_json_mode_through_the_text_api_matches_offline_engine(stack, demo_model, capsys):
+def test_json_mode_through_the_text_api_matches_offline_engine(stack, demo_model, capsys, tmp_path):
     import json
 
     from clients.cli import main
@@ -211,6 +211,28 @@ def test_json_mode_through_the_text_api_matches_offline_engine(stack, demo_model
     assert main(["Reply in JSON:", "--target", tokenizer.target, "--max-tokens", "48", "--seed", "0",
                  "--temperature", "1", "--json", "--timeout", "30"]) == 0
     assert capsys.readouterr().out.rstrip("\n") == offline[0]["text"]
+    # A schema, in OpenAI's shape and from the command line's file; one the engine cannot follow is refused by name.
+    from tests.integration.test_json_mode import SCHEMA
+    from tests.unit.test_json_schema import _conforms
+
+    openai_shape = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}}
+    schema_outs = [text.generate("Reply in JSON:", temperature=1.0, seed=seed, max_tokens=128,
+                                 response_format=openai_shape) for seed in range(8, 16)]  # 4 of them close
+    done = [(s.text(), s.finish_reason) for s in schema_outs]
+    closed = [json.loads(t) for t, r in done if r == pb.FINISH_REASON_STOP]
+    assert closed and all(_conforms(SCHEMA, v, SCHEMA) for v in closed)
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(SCHEMA))
+    assert main(["Reply in JSON:", "--target", tokenizer.target, "--max-tokens", "128", "--seed", "9",
+                 "--temperature", "1", "--json-schema", str(path), "--timeout", "30"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == done[1][0]
+    with pytest.raises(grpc.RpcError) as err:
+        text.generate("Hi", response_format="json_schema", json_schema={"type": "object", "properties": {
+            "a": {"type": "string", "minLength": 2}}}).text()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'minLength'" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        text.generate("Hi", response_format="json_schema").text()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "needs one" in err.value.details()
     request = generate_request("Hi", max_tokens=4)
     request.sampling_params.response_format = 7
     with pytest.raises(grpc.RpcError) as err:

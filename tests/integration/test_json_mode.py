@@ -84,11 +84,58 @@ def test_masks_touch_only_their_rows_in_any_batch(demo_model_dir, setting, overr
         _check_document(out)
 
 
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"},
+        "ok": {"type": "boolean"},
+        "level": {"enum": ["low", "high", None]},
+        "scores": {"type": "array", "items": {"type": "number"}, "maxItems": 3},
+        "child": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/leaf"}]},
+    },
+    "required": ["id", "ok", "level"],
+    "$defs": {"leaf": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}},
+}
+
+
+def test_json_schema_outputs_follow_the_schema(demo_model_dir):
+    from tests.unit.test_json_schema import _conforms
+
+    # A random model spends many tokens on whitespace: 128 let about half of the documents close.
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=128, response_format="json_schema",
+                             json_schema=SCHEMA) for i in range(16)]
+    with exact_engine(demo_model_dir) as llm:
+        outs = llm.generate(PROMPTS * 4, params)
+        stats = llm.stats()
+    assert stats["num_free_blocks"] == stats["num_blocks"] and not llm.cursors
+    node = llm.schemas.get(params[0].json_schema)
+    finished = 0
+    for out in outs:
+        state = jg.walk(jg.initial(node), out["text"].encode())
+        assert state is not None, out["text"]
+        if out["finish_reason"] == "stop":
+            value = json.loads(out["text"])
+            assert _conforms(SCHEMA, value, SCHEMA) and list(value)[:3] == ["id", "ok", "level"], out["text"]
+            finished += 1
+        else:
+            assert len(out["token_ids"]) == 128 and not jg.is_done(state)
+    assert finished >= 4
+
+
 def test_refusals_name_the_problem(demo_model_dir, tmp_path):
     with pytest.raises(ValueError, match="min_tokens .* cannot be combined with response_format"):
         SamplingParams(response_format="json_object", min_tokens=1)
     with pytest.raises(ValueError, match="response_format must be None .*, 'json_object' or 'json_schema', got 'yaml'"):
         SamplingParams(response_format="yaml")
+    with pytest.raises(ValueError, match="json_schema .* goes with response_format 'json_schema'"):
+        SamplingParams(response_format="json_object", json_schema={"type": "object"})
+    with pytest.raises(ValueError, match="json_schema .* goes with response_format 'json_schema'"):
+        SamplingParams(response_format="json_schema")
+    with exact_engine(demo_model_dir) as llm:
+        with pytest.raises(ValueError, match="uses 'pattern', which this engine does not enforce"):
+            llm.add_request("r", [1, 2, 3], SamplingParams(response_format="json_schema", json_schema={
+                "type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}}))
+        assert not llm.has_unfinished_requests() and not llm.cursors
     make_qwen3(tmp_path / "no_tokenizer")
     with exact_engine(tmp_path / "no_tokenizer") as llm:
         assert llm.model_info["json_object"] is False
