@@ -575,6 +575,10 @@ class LLMEngine:
             "prefix_cache_queries": bm.prefix_queries,
             "prefix_cache_hits": bm.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            # JSON mode's token masks: looked up in the cache, computed (and the time that took)
+            "json_mask_hits": self.json_masks.hits if self.json_masks is not None else 0,
+            "json_mask_misses": self.json_masks.misses if self.json_masks is not None else 0,
+            "json_mask_compute_seconds": self.json_masks.compute_s if self.json_masks is not None else 0.0,
         }
 
     def close(self) -> None:

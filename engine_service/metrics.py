@@ -251,6 +251,10 @@ class EngineMetrics:
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.get("prefix_cache_hits", 0)),
             ("num_preemptions", "Running requests preempted (to be recomputed) for lack of KV blocks.",
              stats.get("num_preemptions", 0)),
+            ("json_mask_hits", "JSON-mode token masks found in the cache.", stats.get("json_mask_hits", 0)),
+            ("json_mask_misses", "JSON-mode token masks computed (not in the cache).", stats.get("json_mask_misses", 0)),
+            ("json_mask_compute_seconds", "Time spent computing JSON-mode token masks, on the engine's loop.",
+             stats.get("json_mask_compute_seconds", 0.0)),
         ]
         with self._lock:
             counters += [("prompt_tokens", "Prompt tokens of requests that got their first token.", self.prompt_tokens),

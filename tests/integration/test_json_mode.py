@@ -39,6 +39,8 @@ def test_outputs_are_json_objects_and_free_text_is_not(demo_model_dir):
         free = llm.generate(prompts, [SamplingParams(temperature=1.0, seed=i, max_tokens=MAX_TOKENS)
                                       for i in range(len(prompts))])
         stats = llm.stats()
+    assert stats["json_mask_misses"] > 0 and stats["json_mask_hits"] > stats["json_mask_misses"]
+    assert stats["json_mask_compute_seconds"] > 0
     for out in outs:
         _check_document(out)
         assert llm.tokenizer.decode(out["token_ids"]) == out["text"]

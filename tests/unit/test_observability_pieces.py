@@ -46,7 +46,7 @@ def test_histogram_buckets_are_upper_bounds_and_weighted():
 
 def test_engine_metrics_account_one_step_at_a_time():
     stats = {"num_running": 2, "num_blocks": 10, "num_used_blocks": 4, "prefix_cache_queries": 30,
-             "prefix_cache_hits": 16}
+             "prefix_cache_hits": 16, "json_mask_hits": 40, "json_mask_misses": 3, "json_mask_compute_seconds": 0.25}
     m = EngineMetrics("tiny", lambda: stats, lambda: 3)
     seq_a, seq_b = SimpleNamespace(request_id="a", admit_order=0), SimpleNamespace(request_id="b", admit_order=1)
     engine = SimpleNamespace(scheduler=SimpleNamespace(running=[seq_a, seq_b]))
@@ -75,6 +75,8 @@ def test_engine_metrics_account_one_step_at_a_time():
     assert got[("llmserve:num_requests_running",)] == 2 and got[("llmserve:num_requests_waiting",)] == 3
     assert got[("llmserve:kv_cache_usage_perc",)] == pytest.approx(0.4)
     assert got[("llmserve:prefix_cache_hits_total",)] == 16 and got[("llmserve:prefix_cache_queries_total",)] == 30
+    assert got[("llmserve:json_mask_hits_total",)] == 40 and got[("llmserve:json_mask_misses_total",)] == 3
+    assert got[("llmserve:json_mask_compute_seconds_total",)] == 0.25
 
 
 def test_engine_request_line_carries_the_trace_id(caplog):
