@@ -25,6 +25,7 @@ from engine_service import json_grammar as jg
 
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_NODES = 4096
+MAX_SCHEMA_DEPTH = 64  # schemas nested in schemas (properties, items, anyOf, $ref): a document nests no deeper
 MAX_ITEMS_BOUND = 4096  # minItems / maxItems above this are refused: each count is a state of its own
 COMPILED_CACHE_SIZE = 64
 
@@ -50,7 +51,9 @@ class _Compiler:
     def __init__(self, root: dict):
         self.root = root
         self.defs: dict[str, jg.Node] = {}
+        self.pending: set[int] = set()  # ids of $ref placeholders whose definitions are being compiled
         self.count = 0
+        self.depth = 0
 
     def node(self, kind: str) -> jg.Node:
         self.count += 1
@@ -59,6 +62,15 @@ class _Compiler:
         return jg.Node(kind)
 
     def compile(self, schema, where: str) -> jg.Node:
+        self.depth += 1
+        try:
+            if self.depth > MAX_SCHEMA_DEPTH:
+                raise SchemaError(f"json_schema nests schemas more than {MAX_SCHEMA_DEPTH} deep (at {where[:120]})")
+            return self._compile(schema, where)
+        finally:
+            self.depth -= 1
+
+    def _compile(self, schema, where: str) -> jg.Node:
         if schema is True or schema == {}:
             return jg.ANY
         if not isinstance(schema, dict):
@@ -208,7 +220,11 @@ class _Compiler:
         placeholder = self.node(jg.ANY_KIND)
         placeholder.starts = _peek_starts(target)
         self.defs[ref] = placeholder
+        self.pending.add(id(placeholder))
         compiled = self.compile(target, ref[1:])
+        if id(compiled) in self.pending:
+            raise SchemaError(f"json_schema at {where}: $ref {ref!r} leads back to itself through $refs alone")
+        self.pending.discard(id(placeholder))
         for slot in jg.Node.__slots__:
             setattr(placeholder, slot, getattr(compiled, slot))
         return placeholder

@@ -93,7 +93,7 @@ class SamplingParams:
         if isinstance(self.json_schema, dict):  # kept as text, in its own key order (the order properties are written)
             try:
                 object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, RecursionError) as exc:
                 raise ValueError(f"json_schema must be JSON-serialisable: {exc}") from None
         self.validate()
         object.__setattr__(self, "penalized", self.repetition_penalty != 1.0 or self.presence_penalty != 0.0

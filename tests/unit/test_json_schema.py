@@ -266,6 +266,21 @@ def test_refusals_name_the_keyword(schema, words):
     assert words in str(err.value)
 
 
+def test_loops_and_depths_are_refused():
+    loop = {"type": "object", "properties": {"a": {"$ref": "#/$defs/x"}},
+            "$defs": {"x": {"$ref": "#/$defs/y"}, "y": {"$ref": "#/$defs/x"}}}
+    with pytest.raises(SchemaError, match="leads back to itself"):
+        compile_schema(json.dumps(loop))
+    deep: dict = {"type": "string"}
+    for _ in range(70):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(SchemaError, match="nests schemas more than 64 deep"):
+        compile_schema(json.dumps({"type": "object", "properties": {"a": deep}}))
+    very_deep = "{" + '"items":{' * 5000 + "}" * 5000 + "}"  # past Python's recursion limit: still a SchemaError
+    with pytest.raises(SchemaError):
+        compile_schema('{"type":"object","properties":{"a":' + very_deep + "}}")
+
+
 def test_bad_text_and_sizes_are_refused():
     with pytest.raises(SchemaError, match="not valid JSON"):
         compile_schema("{")
