@@ -129,11 +129,11 @@ class EngineLoop:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def _deliver(self, outputs: list[StepOutput], rejected: list[tuple[str, str]]) -> None:
-        for request_id, message in rejected:
+    def _deliver(self, outputs: list[StepOutput], rejected: list[tuple[str, str, bool]]) -> None:
+        for request_id, message, invalid in rejected:
             sink = self._sinks.pop(request_id, None)
             if sink is not None:
-                sink.on_failure(True, message)
+                sink.on_failure(invalid, message)
         sinks = self._sinks  # up to max_num_seqs outputs a step: keep this loop lean
         for out in outputs:
             sink = sinks.get(out.request_id)
@@ -252,17 +252,25 @@ class EngineLoop:
             except queue.Empty:
                 return commands
 
-    def _apply(self, commands: list[object]) -> list[tuple[str, str]]:
-        """Run add/abort commands in order; return (request_id, message) of adds the engine refused."""
+    def _apply(self, commands: list[object]) -> list[tuple[str, str, bool]]:
+        """Run add/abort commands in order; return (request_id, message, invalid argument?) of adds the engine
+        refused. Any other exception out of add_request refuses that request alone (an internal error, logged): one
+        request must never take the loop, and every other request, down with it (a dead engine is found by the next
+        step)."""
         rejected = []
         for cmd in commands:
             if isinstance(cmd, _Add):
                 try:
                     self._engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params)
-                except ValueError as exc:
-                    rejected.append((cmd.request_id, str(exc)))
+                except Exception as exc:  # noqa: BLE001 - see the docstring
+                    invalid = isinstance(exc, ValueError)
+                    if not invalid:
+                        log.exception("admitting request %s failed", cmd.request_id)
+                    message = str(exc) if invalid else f"the engine failed admitting this request: " \
+                                                       f"{type(exc).__name__}: {exc}"
+                    rejected.append((cmd.request_id, message, invalid))
                     if self.metrics is not None and cmd.trace_id is not None:
-                        self.metrics.refused(cmd.trace_id, f"INVALID_ARGUMENT: {exc}")
+                        self.metrics.refused(cmd.trace_id, f"{'INVALID_ARGUMENT' if invalid else 'INTERNAL'}: {message}")
                     continue
                 if self.metrics is not None and cmd.trace_id is not None:
                     self.metrics.on_add(cmd.request_id, cmd.trace_id, cmd.arrival, len(cmd.prompt_token_ids))

@@ -28,6 +28,7 @@ MAX_NODES = 4096
 MAX_SCHEMA_DEPTH = 64  # schemas nested in schemas (properties, items, anyOf, $ref): a document nests no deeper
 MAX_ITEMS_BOUND = 4096  # minItems / maxItems above this are refused: each count is a state of its own
 COMPILED_CACHE_SIZE = 64
+MAX_KEY_CHOICES = 65536
 
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                          "readOnly", "writeOnly", "format"))
@@ -53,6 +54,7 @@ class _Compiler:
         self.defs: dict[str, jg.Node] = {}
         self.pending: set[int] = set()  # ids of $ref placeholders whose definitions are being compiled
         self.count = 0
+        self.key_choices = 0
         self.depth = 0
 
     def node(self, kind: str) -> jg.Node:
@@ -86,14 +88,23 @@ class _Compiler:
                 raise SchemaError(f"json_schema at {where}: $ref cannot be combined with other constraints")
             return self.ref(schema["$ref"], where)
         if "const" in schema or "enum" in schema:
-            values = [schema["const"]] if "const" in schema else schema["enum"]
-            if not isinstance(values, list) or not values:
+            if "enum" in schema and (not isinstance(schema["enum"], list) or not schema["enum"]):
                 raise SchemaError(f"json_schema at {where}: enum must be a non-empty list")
-            node = self.node(jg.LITERALS_KIND)
             try:
-                node.literals = tuple(dict.fromkeys(_literal(v) for v in values))
-            except ValueError as exc:  # NaN or infinity
+                literals = [_literal(v) for v in schema["enum"]] if "enum" in schema else None
+                if "const" in schema:  # both: the values both allow
+                    const = _literal(schema["const"])
+                    literals = [const] if literals is None or const in literals else []
+            except (ValueError, RecursionError) as exc:  # NaN or infinity, a lone surrogate, nesting
                 raise SchemaError(f"json_schema at {where}: enum holds a value JSON cannot write ({exc})") from None
+            rest = {k: v for k, v in schema.items() if k not in ("enum", "const")}
+            if set(rest) - ANNOTATIONS - {"$defs", "definitions"}:  # type, items, ...: the values must meet them too
+                check = self.compile(rest, where)
+                literals = [lit for lit in literals if _accepts_value(check, lit)]
+            if not literals:
+                raise SchemaError(f"json_schema at {where}: no value of enum/const meets the rest of the schema")
+            node = self.node(jg.LITERALS_KIND)
+            node.literals = tuple(dict.fromkeys(literals))
             node.starts = frozenset(lit[0] for lit in node.literals)
             return node
         branches = schema.get("anyOf", schema.get("oneOf"))
@@ -119,6 +130,8 @@ class _Compiler:
             if other not in listed and set(schema) & words:
                 raise SchemaError(f"json_schema at {where}: {sorted(set(schema) & words)} apply to type {other}, which "
                                   f"type {kinds!r} is not")
+        if "number" in listed and "integer" in listed:  # every integer is a number: one branch, not a clash
+            listed = [k for k in listed if k != "integer"]
         if len(listed) == 1:
             return self.typed(listed[0], schema, where)
         return self.union([self.typed(k, schema, where) for k in dict.fromkeys(listed)], where)
@@ -168,8 +181,19 @@ class _Compiler:
         missing = [r for r in required if r not in props]
         if missing:
             raise SchemaError(f"json_schema at {where}: required names {missing}, which properties lacks")
-        node.props = tuple((_literal(name), self.compile(sub, f"{where}/properties/{name}"), name in required)
-                           for name, sub in props.items())
+        try:
+            names = [_literal(name) for name in props]
+        except ValueError as exc:  # a lone surrogate
+            raise SchemaError(f"json_schema at {where}: a property name JSON cannot write ({exc})") from None
+        node.props = tuple((lit, self.compile(sub, f"{where}/properties/{name}"), name in required)
+                           for lit, (name, sub) in zip(names, props.items(), strict=True))
+        run = 0  # key_choices holds, per index, the keys up to the next required one: O(P^2) when all optional
+        for name in reversed(list(props)):
+            run = 1 if name in required else run + 1
+            self.key_choices += run
+        if self.key_choices > MAX_KEY_CHOICES:  # for the whole schema: 64 of them are cached
+            raise SchemaError(f"json_schema at {where}: too many optional properties in a row (more than "
+                              f"{MAX_KEY_CHOICES} key choices in the schema); mark some required")
         return node.seal()
 
     def array(self, schema: dict, where: str) -> jg.Node:
@@ -230,6 +254,12 @@ class _Compiler:
         return placeholder
 
 
+def _accepts_value(node: jg.Node, literal: bytes) -> bool:
+    """Whether `literal` (a compact JSON text) is a value of `node`."""
+    state = jg.walk((jg.VALUE, (0, node), ("a",)), literal + b"]")
+    return state is not None and jg.is_done(state)
+
+
 def _peek_starts(schema) -> frozenset[int]:
     """The first bytes of a schema's values when its type says them plainly (else none: compile() finds them)."""
     kind = schema.get("type") if isinstance(schema, dict) else None
@@ -250,7 +280,10 @@ def compile_schema(text: str) -> jg.Node:
         raise SchemaError(f"json_schema is not valid JSON: {exc}") from None
     if not isinstance(schema, dict):
         raise SchemaError("json_schema must be a JSON object (a schema)")
-    root = _Compiler(schema).compile(schema, "#")
+    try:
+        root = _Compiler(schema).compile(schema, "#")
+    except RecursionError:  # never out of add_request: the engine loop would fail every request
+        raise SchemaError("json_schema nests too deeply") from None
     if root.kind != jg.OBJECT_KIND:
         raise SchemaError('json_schema must describe an object at the top level ("type": "object")')
     return root

@@ -109,6 +109,7 @@ class JsonMasks:
         # then reads the one below. It pushes at most as many as it holds openers (MAX_DEPTH applies).
         self._keep = 1 + max((b.count(b"}") + b.count(b"]") for b, _ in pairs), default=0)
         self._opens = max((b.count(b"{") + b.count(b"[") for b, _ in pairs), default=0)
+        self._commas = max((b.count(b",") for b, _ in pairs), default=0)  # items a token can add to an array
         self._cache: OrderedDict[tuple, TokenMask] = OrderedDict()
         self.hits = self.misses = 0
         self.compute_s = 0.0
@@ -118,10 +119,18 @@ class JsonMasks:
         """What of a state its mask depends on."""
         mode, aux, stack = state
         if len(stack) + self._opens >= jg.MAX_DEPTH:
-            return (mode, aux, stack, 0)  # near the depth bound the whole depth matters
+            return (mode, aux, tuple(map(self._frame, stack)), 0)  # near the depth bound the whole depth matters
         if len(stack) > self._keep:
-            return (mode, aux, stack[-self._keep :], 1)
-        return (mode, aux, stack, 2)
+            return (mode, aux, tuple(map(self._frame, stack[-self._keep :])), 1)
+        return (mode, aux, tuple(map(self._frame, stack)), 2)
+
+    def _frame(self, frame):
+        """A schema array's item count matters only where a token's commas can bring it to min/maxItems."""
+        if type(frame) is tuple and frame[0] == "A":
+            _, node, n = frame
+            if n >= node.min_items and (node.max_items is None or n + self._commas < node.max_items):
+                return ("A", node, -1)
+        return frame
 
     def allowed(self, state: jg.State) -> TokenMask:
         """The tokens allowed next (shared: do not modify its tensor)."""

@@ -130,3 +130,35 @@ def test_an_idle_loop_notices_a_dead_tensor_parallel_worker():
 
     (message,) = asyncio.run(main())
     assert "rank 1 was killed by signal 9" in message
+
+
+class AdmissionBug(FakeEngine):
+    """add_request raises something other than ValueError for request "b" (a RecursionError out of a schema
+    compiler once did): the loop must refuse that request alone."""
+
+    def __init__(self):
+        super().__init__(step_s=0.001)
+
+    def add_request(self, request_id, prompt_token_ids, sampling_params):
+        if request_id == "b":
+            raise RecursionError("maximum recursion depth exceeded")
+        super().add_request(request_id, prompt_token_ids, sampling_params)
+
+
+def test_an_admission_that_raises_refuses_its_request_alone():
+    async def run():
+        fatal: list[str] = []
+        loop = EngineLoop(AdmissionBug(), asyncio.get_running_loop(), fatal.append)
+        loop.start()
+        sinks = {rid: Sink(asyncio.Event()) for rid in "abc"}
+        for rid, sink in sinks.items():
+            loop.add(rid, [1, 2, 3], SamplingParams(max_tokens=10, ignore_eos=True), sink)
+        await asyncio.wait_for(asyncio.gather(*(s.done.wait() for s in sinks.values())), 10)
+        loop.stop()
+        return sinks, fatal, loop
+
+    sinks, fatal, loop = asyncio.run(run())
+    assert sinks["b"].failure == (False, "the engine failed admitting this request: RecursionError: maximum recursion "
+                                         "depth exceeded")  # INTERNAL, not INVALID_ARGUMENT
+    assert all(sinks[r].finished and len(sinks[r].tokens) == 10 for r in "ac")
+    assert fatal == [] and loop.failure is None

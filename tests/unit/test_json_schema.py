@@ -63,9 +63,12 @@ def _conforms(schema, value, root) -> bool:
     schema = _resolve(schema, root)
     if schema is True or schema == {}:
         return True
-    if "const" in schema or "enum" in schema:
-        allowed = [schema["const"]] if "const" in schema else schema["enum"]
-        return _text(value) in {_text(v) for v in allowed}
+    for word in ("const", "enum"):  # each must hold, and so must the rest of the schema
+        if word in schema:
+            allowed = [schema["const"]] if word == "const" else schema["enum"]
+            if _text(value) not in {_text(v) for v in allowed}:
+                return False
+            return _conforms({k: v for k, v in schema.items() if k != word}, value, root)
     branches = schema.get("anyOf", schema.get("oneOf"))
     if branches is not None:
         return sum(_conforms(b, value, root) for b in branches) >= 1
@@ -248,7 +251,7 @@ def test_masks_of_schema_states_equal_a_walk_of_each_token():
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^x"}}}, "'pattern'"),
     ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0}}}, "'minimum'"),
     ({"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}, {"enum": ["x"]}]}}}, "start with '\"'"),
-    ({"type": "object", "properties": {"a": {"type": ["integer", "number"]}}}, "start with '-'"),
+    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "integer"}, {"type": "number"}]}}}, "start with '-'"),
     ({"type": "object", "additionalProperties": {"type": "string"}}, "additionalProperties must be false"),
     ({"type": "object", "properties": {"a": {}}, "additionalProperties": True}, "additionalProperties true"),
     ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required names ['b']"),
@@ -266,6 +269,21 @@ def test_refusals_name_the_keyword(schema, words):
     assert words in str(err.value)
 
 
+@pytest.mark.parametrize("sub, good, bad", [
+    ({"type": "string", "enum": ["a", 1]}, b'"a"', b"1"),
+    ({"type": "integer", "enum": [1.5, 2]}, b"2", b"1.5"),
+    ({"enum": ["a", "b"], "const": "b"}, b'"b"', b'"a"'),
+    ({"type": "array", "minItems": 1, "enum": [[], [1]]}, b"[1]", b"[]"),
+    ({"type": ["integer", "number"]}, b"1.5", b'"1"'),  # every integer is a number: one branch
+])
+def test_enum_and_const_meet_the_keywords_beside_them(sub, good, bad):
+    schema = {"type": "object", "properties": {"x": sub}, "required": ["x"]}
+    node = compile_schema(json.dumps(schema))
+    for value, ok in ((good, True), (bad, False)):
+        data = b'{"x":' + value + b"}"
+        assert _accepts(node, data) is ok and _reference(schema, data) is ok, data
+
+
 def test_loops_and_depths_are_refused():
     loop = {"type": "object", "properties": {"a": {"$ref": "#/$defs/x"}},
             "$defs": {"x": {"$ref": "#/$defs/y"}, "y": {"$ref": "#/$defs/x"}}}
@@ -279,6 +297,19 @@ def test_loops_and_depths_are_refused():
     very_deep = "{" + '"items":{' * 5000 + "}" * 5000 + "}"  # past Python's recursion limit: still a SchemaError
     with pytest.raises(SchemaError):
         compile_schema('{"type":"object","properties":{"a":' + very_deep + "}}")
+    for depth in range(500, 1100, 5):  # some parse, but writing the value back recursed out of the compiler
+        deep_value = "[" * depth + "]" * depth
+        try:
+            compile_schema('{"type":"object","properties":{"a":{"enum":[' + deep_value + "]}}}")
+        except SchemaError:
+            pass  # anything else (a RecursionError) would take the engine loop down
+    with pytest.raises(SchemaError, match="no value of enum/const meets"):
+        compile_schema(json.dumps({"type": "object", "properties": {"a": {"type": "string", "enum": [1]}}}))
+    with pytest.raises(SchemaError, match="a property name JSON cannot write"):
+        compile_schema('{"type":"object","properties":{"\\ud800":{}}}')
+    many = {"type": "object", "properties": {f"{i}": {} for i in range(4000)}}  # all optional: P^2/2 key choices
+    with pytest.raises(SchemaError, match="too many optional properties in a row"):
+        compile_schema(json.dumps(many))
 
 
 def test_bad_text_and_sizes_are_refused():
@@ -292,6 +323,24 @@ def test_bad_text_and_sizes_are_refused():
                                              for i in range(800)}}  # 6 nodes each, in 60 bytes
     with pytest.raises(SchemaError, match="more than 4096 nodes"):
         compile_schema(json.dumps(wide))
+
+
+def test_a_long_array_reuses_its_masks():
+    # The item count of an array without maxItems does not change what may come next: its states share keys.
+    vocab = _vocabulary(9)
+    masks = JsonMasks(vocab)
+    node = compile_schema(json.dumps({"type": "object", "properties": {"t": {"type": "array", "items": {
+        "type": "string"}, "minItems": 2, "maxItems": 60}}}))
+    state = jg.walk(jg.initial(node), b'{"t":[')
+    misses = []
+    for i in range(50):
+        for b in (b'"ab"' if i == 0 else b',"ab"'):
+            masks.allowed(state)
+            state = jg.step(state, b)
+        misses.append(masks.misses)
+    assert misses[-1] == misses[5]  # after the first items, no new mask
+    for tail, ok in ((b"]}", True), (b',"x"' * 10 + b"]}", True), (b',"x"' * 11 + b"]}", False)):
+        assert (jg.walk(state, tail) is not None and jg.is_done(jg.walk(state, tail))) is ok  # maxItems 60 holds
 
 
 def test_the_cache_shares_nodes_by_text():
