@@ -251,7 +251,7 @@ def _row_pairs(masks: list[tuple[int, TokenMask]], dev: torch.device) -> tuple[t
     counts = [m.ids.shape[0] for _, m in masks]
     rows = torch.repeat_interleave(to_device([i for i, _ in masks], torch.long, dev), to_device(counts, torch.long, dev),
                                    output_size=sum(counts))
-    return rows, torch.cat([m.ids for _, m in masks])
+    return rows, torch.cat([m.ids for _, m in masks]).long()
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

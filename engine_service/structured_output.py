@@ -31,9 +31,10 @@ from engine_service.host_copy import tensor_to_device
 
 log = logging.getLogger(__name__)
 
-# Masks kept, on the sampler's device (each the ids of the allowed or of the banned tokens, whichever are fewer: at
-# most half the vocabulary, 0.6 MB for Qwen3's 151,936 tokens).
-MASK_CACHE_SIZE = 256
+# Device memory the cached masks may take (each the int32 ids of the allowed or of the banned tokens, whichever are
+# fewer: at most half the vocabulary, 0.3 MB for Qwen3's 151,936 tokens; most states allow a few dozen tokens, and
+# strings ban about a tenth). The least recently used go first.
+MASK_CACHE_BYTES = 64 << 20
 # A mask computed in more than this is logged (a warning once, then at debug level).
 SLOW_MASK_S = 0.05
 
@@ -77,7 +78,7 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
 
 @dataclass(frozen=True, slots=True)
 class TokenMask:
-    """The tokens allowed in one state, as the fewer of the two id sets: `ids` (int64, on the sampler's device) are
+    """The tokens allowed in one state, as the fewer of the two id sets: `ids` (int32, on the sampler's device) are
     the allowed tokens when `allowed` is True, else the banned ones. `count` is how many are allowed."""
 
     ids: torch.Tensor
@@ -111,6 +112,7 @@ class JsonMasks:
         self._opens = max((b.count(b"{") + b.count(b"[") for b, _ in pairs), default=0)
         self._commas = max((b.count(b",") for b, _ in pairs), default=0)  # items a token can add to an array
         self._cache: OrderedDict[tuple, TokenMask] = OrderedDict()
+        self.cache_bytes = 0
         self.hits = self.misses = 0
         self.compute_s = 0.0
         self._warned = False
@@ -151,14 +153,16 @@ class JsonMasks:
                     took * 1e3, jg.describe(state))
             self._warned = True
         self._cache[key] = mask
-        if len(self._cache) > MASK_CACHE_SIZE:
-            self._cache.popitem(last=False)
+        self.cache_bytes += mask.ids.numel() * mask.ids.element_size()
+        while self.cache_bytes > MASK_CACHE_BYTES and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self.cache_bytes -= old.ids.numel() * old.ids.element_size()
         return mask
 
     def _sparse(self, mask: torch.Tensor) -> TokenMask:
         count = int(mask.sum())
         allowed = 2 * count <= self.vocab_size
-        ids = (mask if allowed else ~mask).nonzero().flatten()
+        ids = (mask if allowed else ~mask).nonzero().flatten().to(torch.int32)
         return TokenMask(tensor_to_device(ids, self.device), allowed, count)
 
     def _compute(self, state: jg.State) -> torch.Tensor:

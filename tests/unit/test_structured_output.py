@@ -171,3 +171,16 @@ def test_other_tokenizers_are_refused_by_name():
     backend.decoder = decoders.Metaspace()
     with pytest.raises(ValueError, match="byte-level BPE tokenizer.*Metaspace"):
         token_bytes(PreTrainedTokenizerFast(tokenizer_object=backend), 2)
+
+
+def test_the_cache_keeps_to_its_byte_budget(monkeypatch):
+    import engine_service.structured_output as so
+
+    monkeypatch.setattr(so, "MASK_CACHE_BYTES", 4000)
+    vocab = _vocabulary(11)
+    masks = JsonMasks(vocab)
+    for state in _states(random.Random(12), 120):
+        assert torch.equal(masks.allowed(state).dense(len(vocab)), _brute_force(vocab, state))
+        sizes = [m.ids.numel() * 4 for m in masks._cache.values()]
+        assert masks.cache_bytes == sum(sizes) and (masks.cache_bytes <= 4000 or len(sizes) == 1)
+    assert masks.misses > len(masks._cache)  # some were evicted and computed again
