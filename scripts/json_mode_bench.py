@@ -2,6 +2,7 @@
 
     python -m scripts.json_mode_bench                # a synthetic 151,936-token byte-level vocabulary (Qwen3's size)
     python -m scripts.json_mode_bench --model DIR    # a model directory's own tokenizer
+    python -m scripts.json_mode_bench --schema FILE  # documents of a JSON Schema (json_schema.py's subset)
 
 The synthetic vocabulary mixes what byte-level BPE vocabularies hold: words with and without a leading space, CJK
 characters whole and cut mid-character, punctuation runs, newline-and-indent runs, and all 256 single bytes.
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from engine_service import json_grammar as jg
+from engine_service.json_schema import compile_schema
 from engine_service.sampler import Sampler, SamplingRow
 from engine_service.sampling_params import SamplingParams
 from engine_service.structured_output import JsonCursor, JsonMasks, token_bytes
@@ -62,6 +65,7 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--rows", type=int, default=64, help="rows of the sampler timing")
+    parser.add_argument("--schema", default=None, help="a JSON Schema file: write its documents instead of any object")
     args = parser.parse_args()
     if args.model:
         from transformers import AutoTokenizer
@@ -74,11 +78,16 @@ def main() -> None:
     masks = JsonMasks(vocab)
     print(f"vocabulary: {len(vocab)} tokens, indexed in {time.perf_counter() - t0:.2f} s")
 
+    top = jg.FREE_OBJECT
+    if args.schema:
+        t0 = time.perf_counter()
+        top = compile_schema(Path(args.schema).read_text())
+        print(f"schema compiled in {(time.perf_counter() - t0) * 1e3:.1f} ms")
     rng = random.Random(0)
     lookups: list[float] = []
     tokens = finished = 0
     for _ in range(args.documents):
-        cursor = JsonCursor(masks)
+        cursor = JsonCursor(masks, top)
         for _ in range(args.max_tokens):
             t = time.perf_counter()
             mask = cursor.allowed()
