@@ -36,12 +36,12 @@ def sampling_params(**kwargs: object) -> pb.SamplingParams:
                 raise ValueError(f"sampling parameter response_format={value!r}: must be one of "
                                  f"{sorted(RESPONSE_FORMATS)} (or {{'type': one of them}})")
             params.response_format = RESPONSE_FORMATS[kind]  # type: ignore[index]
-            if kind == "json_schema" and isinstance(value, Mapping):  # OpenAI's {"json_schema": {"schema": {...}}}
-                inner = value.get("json_schema")
+            if kind == "json_schema" and isinstance(value, Mapping) and "json_schema" in value:
+                inner = value["json_schema"]  # OpenAI's {"json_schema": {"name": ..., "schema": {...}}}
                 schema = inner.get("schema") if isinstance(inner, Mapping) else None
                 if schema is None:
-                    raise ValueError("sampling parameter response_format: {'type': 'json_schema'} needs "
-                                     "'json_schema': {'schema': {...}}")
+                    raise ValueError("sampling parameter response_format: 'json_schema' must be {'schema': {...}, "
+                                     "...}")
                 params.json_schema = json.dumps(schema)
         elif name == "json_schema":  # a dict, or JSON text
             params.json_schema = value if isinstance(value, str) else json.dumps(value)

@@ -249,8 +249,8 @@ class LLMEngine:
     def _json_masks(self) -> tuple[JsonMasks | None, str]:
         """The JSON mode's token masks for this model's tokenizer, or None and why requests for it are refused."""
         if self.tokenizer is None:
-            return None, ("response_format json_object needs the model's tokenizer, and this model directory has "
-                          "none; add its tokenizer files")
+            return None, ("response_format json_object and json_schema need the model's tokenizer, and this model "
+                          "directory has none; add its tokenizer files")
         try:
             vocab = token_bytes(self.tokenizer, self.model_cfg.vocab_size)
         except ValueError as exc:
@@ -258,7 +258,8 @@ class LLMEngine:
         t0 = time.perf_counter()
         masks = JsonMasks(vocab, self.runner.device)
         if not masks.allowed(INITIAL_STATE).count:
-            return None, "response_format json_object needs tokens for \"{\" and whitespace, which this tokenizer lacks"
+            return None, ("response_format json_object and json_schema need tokens for \"{\" and whitespace, which "
+                          "this tokenizer lacks")
         log.info("JSON mode ready: the vocabulary indexed by bytes in %.2f s", time.perf_counter() - t0)
         return masks, ""
 
@@ -390,7 +391,10 @@ class LLMEngine:
 
     def _launch(self, batch: ScheduledBatch, on_launch, outputs, previous: _InFlight | None = None) -> _InFlight:
         ahead = previous is not None
-        rows = [self._sampling_row(s, ahead) for s, take in zip(batch.seqs, batch.sample, strict=True) if take]
+        try:  # a JSON-mode mask computed here (a cache miss) can fail, on CUDA with OOM: fail the step, not the engine
+            rows = [self._sampling_row(s, ahead) for s, take in zip(batch.seqs, batch.sample, strict=True) if take]
+        except Exception as exc:
+            raise self._step_failed(exc, outputs, batch, previous.batch if ahead else None) from exc
         try:
             launched = self.runner.launch(
                 batch, rows, self.workers, on_launch, previous.launched if ahead else None
@@ -486,7 +490,15 @@ class LLMEngine:
             cursor = self.cursors.get(seq.request_id) if token is not None else None
             if cursor is None:
                 continue
-            if not cursor.advance(token):
+            try:
+                advanced = cursor.advance(token)
+                stuck = advanced and not cursor.done and seq.status is Status.RUNNING and not cursor.allowed().count
+            except Exception as exc:  # one request's mask must not take the engine (and every request) down
+                log.exception("JSON mode failed for request %s", seq.request_id)
+                outputs.append(self._fail(seq, f"JSON mode failed: {type(exc).__name__}: {exc}"))
+                sampled[i] = None
+                continue
+            if not advanced:
                 outputs.append(self._fail(seq, f"internal error: JSON mode sampled token {token}, which cannot "
                                                f"follow its output so far (at {describe_state(cursor.state)})"))
                 sampled[i] = None
@@ -495,7 +507,7 @@ class LLMEngine:
                     self.scheduler.finish(seq, FINISH_STOP)
                 elif seq.finish_reason == FINISH_LENGTH:
                     seq.finish_reason = FINISH_STOP
-            elif not cursor.done and not cursor.allowed().count and seq.status is Status.RUNNING:
+            elif stuck:
                 outputs.append(self._fail(seq, f"JSON mode: no token of this tokenizer continues the output at "
                                                f"{describe_state(cursor.state)}"))
                 sampled[i] = None

@@ -58,8 +58,9 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     decoder = getattr(backend, "decoder", None)
     if type(decoder).__name__ != "ByteLevel":
-        raise ValueError(f"response_format json_object needs a byte-level BPE tokenizer (as Qwen's); this model's "
-                         f"decodes with {type(decoder).__name__ if decoder is not None else 'no fast tokenizer'}")
+        raise ValueError(f"response_format json_object and json_schema need a byte-level BPE tokenizer (as Qwen's); "
+                         f"this model's decodes with "
+                         f"{type(decoder).__name__ if decoder is not None else 'no fast tokenizer'}")
     added = set(getattr(tokenizer, "added_tokens_decoder", {}))
     table = _byte_decoder()
     out: list[bytes | None] = [None] * vocab_size
@@ -213,15 +214,18 @@ def _collect(keys: list[bytes], ids: list[int], lo: int, hi: int, depth: int, st
 class JsonCursor:
     """One request's place in its JSON document."""
 
-    __slots__ = ("masks", "state")
+    __slots__ = ("masks", "state", "_mask")
 
     def __init__(self, masks: JsonMasks, top: jg.Node = jg.FREE_OBJECT):
         """top: the top-level object's node (a compiled schema's, json_schema.py), else any object."""
         self.masks = masks
         self.state: jg.State = jg.initial(top)
+        self._mask: TokenMask | None = None  # the state's mask, looked up once per state
 
     def allowed(self) -> TokenMask:
-        return self.masks.allowed(self.state)
+        if self._mask is None:
+            self._mask = self.masks.allowed(self.state)
+        return self._mask
 
     def advance(self, token: int) -> bool:
         """Take a sampled token; False (the state kept) when the automaton refuses its bytes."""
@@ -230,6 +234,7 @@ class JsonCursor:
         if nxt is None:
             return False
         self.state = nxt
+        self._mask = None
         return True
 
     @property

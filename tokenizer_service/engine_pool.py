@@ -429,8 +429,9 @@ class EnginePool:
 
     @staticmethod
     def _unable(needs: set[str], incapable: list[EngineConnection]) -> RequestFailed:
+        lacking = set().union(*(needs - set(c.info.features if c.info else ()) for c in incapable)) or needs
         return RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"the request uses {' and '.join(sorted(needs))}, which no connected engine applies "
+                             f"the request uses {' and '.join(sorted(lacking))}, which no connected engine applies "
                              f"({', '.join(sorted(c.address for c in incapable))} predate them, or, for json_object and json_schema, "
                              "serve a model without a byte-level BPE tokenizer): upgrade the engines, or send the "
                              "request without them")

@@ -144,3 +144,84 @@ def test_refusals_name_the_problem(demo_model_dir, tmp_path):
         with pytest.raises(ValueError, match="needs the model's tokenizer"):
             llm.add_request("r", [1, 2, 3], _json(0))
         assert not llm.has_unfinished_requests()
+
+
+def test_one_mask_lookup_per_token(demo_model_dir):
+    # The check that a state has a next token and the next step's sampling share one lookup; a request that just
+    # finished looks nothing up.
+    with exact_engine(demo_model_dir) as llm:
+        before = llm.stats()
+        [out] = llm.generate([PROMPTS[0]], replace(_json(3), max_tokens=5))
+        after = llm.stats()
+    lookups = (after["json_mask_hits"] + after["json_mask_misses"]) - (before["json_mask_hits"] + before["json_mask_misses"])
+    assert len(out["token_ids"]) == 5 and lookups == 5
+
+
+def _drain(llm, outputs: dict) -> None:
+    from engine_service.engine import EngineStepError
+
+    while llm.has_unfinished_requests():
+        try:
+            got = llm.step()
+        except EngineStepError as exc:
+            got = exc.outputs
+        for out in got:
+            entry = outputs.setdefault(out.request_id, {"tokens": [], "reason": None, "error": None})
+            entry["tokens"] += out.new_token_ids
+            if out.finish_reason is not None:
+                entry["reason"], entry["error"] = out.finish_reason, out.error
+
+
+def test_a_mask_that_fails_to_compute_fails_its_request_alone(demo_model_dir, monkeypatch):
+    import torch
+
+    from engine_service.structured_output import JsonMasks
+
+    compute = JsonMasks._compute
+    calls = {"n": 0}
+
+    def flaky(self, state):
+        calls["n"] += 1
+        if calls["n"] == 3:  # a miss mid-document (on CUDA: an out-of-memory error)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return compute(self, state)
+
+    with exact_engine(demo_model_dir) as llm:
+        monkeypatch.setattr(JsonMasks, "_compute", flaky)
+        free = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+        llm.add_request("free1", [5, 6, 7], free)
+        llm.add_request("json", [5, 6, 8], _json(1))
+        llm.add_request("free2", [5, 6, 9], free)
+        outputs: dict = {}
+        _drain(llm, outputs)
+        stats = llm.stats()
+    assert outputs["json"]["reason"] == "error" and "JSON mode failed: OutOfMemoryError" in outputs["json"]["error"]
+    for rid in ("free1", "free2"):
+        assert outputs[rid]["reason"] == "length" and len(outputs[rid]["tokens"]) == 20
+    assert stats["num_free_blocks"] == stats["num_blocks"] and not llm.cursors and not llm.seqs
+
+
+def test_a_first_mask_that_fails_fails_its_step_not_the_engine(demo_model_dir, monkeypatch):
+    import torch
+
+    from engine_service.structured_output import JsonMasks
+
+    compute = JsonMasks._compute
+
+    def failing(self, state):
+        if state[0] == 0 and state[1][1] is not jg.FREE_OBJECT:  # a schema's first state: computed at launch
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return compute(self, state)
+
+    with exact_engine(demo_model_dir) as llm:
+        monkeypatch.setattr(JsonMasks, "_compute", failing)
+        llm.add_request("schema", [5, 6, 8], SamplingParams(max_tokens=8, response_format="json_schema",
+                                                            json_schema=SCHEMA))
+        outputs: dict = {}
+        _drain(llm, outputs)
+        assert outputs["schema"]["reason"] == "error" and "OutOfMemoryError" in outputs["schema"]["error"]
+        assert not llm.cursors and not llm.seqs and llm.stats()["num_free_blocks"] == llm.stats()["num_blocks"]
+        monkeypatch.setattr(JsonMasks, "_compute", compute)
+        [again] = llm.generate([[5, 6, 8]], SamplingParams(max_tokens=8, response_format="json_schema",
+                                                           json_schema=SCHEMA))  # the engine goes on
+    assert again["token_ids"]

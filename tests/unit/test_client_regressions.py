@@ -388,3 +388,25 @@ def test_biases_of_zero_need_no_engine_feature():
 
     assert required_features(pb.SamplingParams(logit_bias={5: 0.0})) == set()
     assert required_features(pb.SamplingParams(logit_bias={5: 0.0, 6: -1.0})) == {"logit_bias"}
+
+
+def test_response_format_shapes():
+    import json as _json
+
+    from clients.requests import sampling_params
+    from protos.llmserve.text.v1 import text_pb2
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    shapes = [dict(response_format="json_schema", json_schema=schema),
+              dict(response_format={"type": "json_schema"}, json_schema=_json.dumps(schema)),
+              dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})]
+    for kwargs in shapes:
+        params = sampling_params(**kwargs)
+        assert params.response_format == text_pb2.RESPONSE_FORMAT_JSON_SCHEMA
+        assert _json.loads(params.json_schema) == schema
+    assert sampling_params(response_format={"type": "json_object"}).response_format == \
+        text_pb2.RESPONSE_FORMAT_JSON_OBJECT
+    with pytest.raises(ValueError, match="must be one of"):
+        sampling_params(response_format="yaml")
+    with pytest.raises(ValueError, match="'json_schema' must be"):
+        sampling_params(response_format={"type": "json_schema", "json_schema": "not a mapping"})
