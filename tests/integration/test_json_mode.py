@@ -141,7 +141,7 @@ def test_refusals_name_the_problem(demo_model_dir, tmp_path):
     make_qwen3(tmp_path / "no_tokenizer")
     with exact_engine(tmp_path / "no_tokenizer") as llm:
         assert llm.model_info["json_object"] is False
-        with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        with pytest.raises(ValueError, match="need the model's tokenizer"):
             llm.add_request("r", [1, 2, 3], _json(0))
         assert not llm.has_unfinished_requests()
 
