@@ -147,7 +147,7 @@ class Node:
     def seal(self) -> Node:
         """Derive the lookup tables once the fields are set."""
         if self.kind == OBJECT_KIND:
-            choices, closable = [], []
+            choices = []
             for i in range(len(self.props) + 1):
                 keys = []
                 for k in range(i, len(self.props)):  # the next properties, up to the first required one
@@ -155,7 +155,9 @@ class Node:
                     if self.props[k][2]:
                         break
                 choices.append(tuple(keys))
-                closable.append(not any(required for _, _, required in self.props[i:]))
+            closable = [True] * (len(self.props) + 1)  # no required property from i on (from the end: linear)
+            for i in range(len(self.props) - 1, -1, -1):
+                closable[i] = closable[i + 1] and not self.props[i][2]
             self.key_choices, self.can_close = tuple(choices), tuple(closable)
         return self
 
@@ -165,7 +167,7 @@ class Node:
 
 ANY_KIND, OBJECT_KIND, ARRAY_KIND, STRING_KIND, NUMBER_KIND, INTEGER_KIND, LITERALS_KIND, UNION_KIND = (
     "any", "object", "array", "string", "number", "integer", "literals", "union")
-_ANY_LITERALS = (("v", ((b"true", None), (b"false", None), (b"null", None))))
+_ANY_LITERALS = ("v", ((b"true", None), (b"false", None), (b"null", None)))
 
 ANY = Node(ANY_KIND)
 ANY.starts = frozenset(b'{["-0123456789tfn')
