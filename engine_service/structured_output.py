@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine_service import json_grammar as jg
@@ -101,12 +102,12 @@ class JsonMasks:
         self.vocab_size = len(vocab)
         self.token_bytes = vocab
         pairs = sorted((b, i) for i, b in enumerate(vocab) if b)
-        self._all = ([b for b, _ in pairs], [i for _, i in pairs])
-        safe = [_stays_in_string(b) for b, _ in pairs]
-        self._unsafe = ([b for (b, _), s in zip(pairs, safe, strict=True) if not s],
-                        [i for (_, i), s in zip(pairs, safe, strict=True) if not s])
+        stays = [_stays_from(b) for b, _ in pairs]
+        self._all = _Sorted(pairs, stays)
+        self._unsafe = _Sorted([p for p, bits in zip(pairs, stays, strict=True) if not bits & 1],
+                               [bits for bits in stays if not bits & 1])
         self._string_safe = torch.zeros(self.vocab_size, dtype=torch.bool)
-        self._string_safe[[i for (_, i), s in zip(pairs, safe, strict=True) if s]] = True
+        self._string_safe[[i for (_, i), bits in zip(pairs, stays, strict=True) if bits & 1]] = True
         # How much of the stack a token can reach: it pops at most as many containers as it holds closers, and
         # then reads the one below. It pushes at most as many as it holds openers (MAX_DEPTH applies).
         self._keep = 1 + max((b.count(b"}") + b.count(b"]") for b, _ in pairs), default=0)
@@ -169,15 +170,18 @@ class JsonMasks:
     def _compute(self, state: jg.State) -> torch.Tensor:
         """A bool per vocabulary entry on the CPU, True where the token is allowed."""
         ids: list[int] = []
+        runs: list[np.ndarray] = []
         mode, aux, _ = state
         if mode in (jg.STR, jg.KEY_STR) and aux == jg.S_PLAIN:
-            _collect(*self._unsafe, 0, len(self._unsafe[0]), 0, state, ids)
+            self._unsafe.collect(0, len(self._unsafe.keys), 0, state, ids, runs)
             mask = self._string_safe.clone()
         else:
-            _collect(*self._all, 0, len(self._all[0]), 0, state, ids)
+            self._all.collect(0, len(self._all.keys), 0, state, ids, runs)
             mask = torch.zeros(self.vocab_size, dtype=torch.bool)
         if ids:
             mask[ids] = True
+        if runs:
+            mask[torch.from_numpy(np.concatenate(runs))] = True
         return mask
 
 
@@ -193,22 +197,61 @@ def _stays_in_string(data: bytes) -> bool:
     return state is not None and state[1] == jg.S_PLAIN
 
 
-def _collect(keys: list[bytes], ids: list[int], lo: int, hi: int, depth: int, state: jg.State,
-             out: list[int]) -> None:
-    """Add to `out` the ids of keys[lo:hi] (sorted; all sharing their first `depth` bytes, which took the automaton
-    to `state`) whose remaining bytes it accepts."""
-    i = lo
-    while i < hi and len(keys[i]) == depth:  # the prefix itself is a token (it sorts first)
-        out.append(ids[i])
-        i += 1
-    while i < hi:
-        key = keys[i]
-        b = key[depth]
-        j = hi if b == 255 else bisect.bisect_left(keys, key[:depth] + bytes((b + 1,)), i, hi)
-        nxt = jg.step(state, b)
-        if nxt is not None:
-            _collect(keys, ids, i, j, depth + 1, nxt, out)
-        i = j
+# Positions of a token that _stays_from reports on: the first 63 (a uint64 bit each, the top bit unused).
+STAY_POSITIONS = 63
+SMALL_RANGE = 24  # tokens under a prefix below which they are checked one by one, not with numpy
+
+
+def _stays_from(data: bytes) -> int:
+    """Bit p set where the token's bytes from position p on, read inside a string with nothing pending, stay in it
+    (_stays_in_string), for p below STAY_POSITIONS. A token without a backslash that is safe from its start stays
+    from each character's first byte after it; the others are walked from each position (escapes pair up
+    differently from another start: '\\\\.' is safe, its '\\.' is not)."""
+    if b"\\" not in data and _stays_in_string(data):
+        return sum(1 << p for p in range(min(len(data), STAY_POSITIONS)) if not 0x80 <= data[p] < 0xC0)
+    return sum(1 << p for p in range(min(len(data), STAY_POSITIONS)) if _stays_in_string(data[p:]))
+
+
+class _Sorted:
+    """Tokens sorted by their bytes, for walking them as a trie: a prefix's tokens are a contiguous range."""
+
+    def __init__(self, pairs: list[tuple[bytes, int]], stays: list[int]):
+        self.keys = [b for b, _ in pairs]
+        self.ids = [i for _, i in pairs]
+        self.ids_np = np.array(self.ids, dtype=np.int64)
+        self.stays = stays  # _stays_from of each
+        self.stays_np = np.array(stays, dtype=np.uint64)
+
+    def collect(self, lo: int, hi: int, depth: int, state: jg.State, out: list[int], runs: list[np.ndarray]) -> None:
+        """Add to `out` (or, as arrays, to `runs`) the ids of keys[lo:hi] (all sharing their first `depth` bytes,
+        which took the automaton to `state`) whose remaining bytes it accepts."""
+        keys = self.keys
+        if 0 < depth < STAY_POSITIONS and (state[0] == jg.STR or state[0] == jg.KEY_STR) and state[1] == jg.S_PLAIN:
+            # Inside a string with nothing pending: the tokens whose rest stays in it are all allowed at once, and
+            # only the others are walked (a whole subtree of word pieces would cost a step per byte).
+            if hi - lo <= SMALL_RANGE:  # numpy's per-call cost is more than a few tokens' own
+                for k in range(lo, hi):
+                    if self.stays[k] >> depth & 1 or jg.walk(state, keys[k][depth:]) is not None:
+                        out.append(self.ids[k])
+                return
+            safe = ((self.stays_np[lo:hi] >> np.uint64(depth)) & np.uint64(1)).astype(bool)
+            runs.append(self.ids_np[lo:hi][safe])
+            for k in np.flatnonzero(~safe).tolist():
+                if jg.walk(state, keys[lo + k][depth:]) is not None:
+                    out.append(self.ids[lo + k])
+            return
+        i = lo
+        while i < hi and len(keys[i]) == depth:  # the prefix itself is a token (it sorts first)
+            out.append(self.ids[i])
+            i += 1
+        while i < hi:
+            key = keys[i]
+            b = key[depth]
+            j = hi if b == 255 else bisect.bisect_left(keys, key[:depth] + bytes((b + 1,)), i, hi)
+            nxt = jg.step(state, b)
+            if nxt is not None:
+                self.collect(i, j, depth + 1, nxt, out, runs)
+            i = j
 
 
 class JsonCursor:
