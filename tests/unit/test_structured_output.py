@@ -184,3 +184,21 @@ def test_the_cache_keeps_to_its_byte_budget(monkeypatch):
         sizes = [m.ids.numel() * 4 for m in masks._cache.values()]
         assert masks.cache_bytes == sum(sizes) and (masks.cache_bytes <= 4000 or len(sizes) == 1)
     assert masks.misses > len(masks._cache)  # some were evicted and computed again
+
+
+def test_deep_string_shortcut_over_many_tokens_under_one_prefix():
+    # After '\u00' or a backslash the walk reaches plain string deeper in the trie, where the tokens under one prefix
+    # are taken from their stay bitmaps (with numpy past SMALL_RANGE of them): escapes must pair up from there.
+    from engine_service.structured_output import SMALL_RANGE
+
+    rng = random.Random(13)
+    tails = [b"", b"x", b'"', b"\\", b"\\\\", b'\\"', b"\\u", b"\xc3", b"\xc3\xa9", b"\n", b"ab\\n", b'a"b']
+    vocab: list[bytes | None] = [bytes((b,)) for b in range(256)]
+    for head in (b"n", b"00e", b"\\n", b"\\\\"):
+        for _ in range(3 * SMALL_RANGE):
+            vocab.append(head + b"".join(rng.choice(tails) for _ in range(rng.randint(1, 3))))
+    vocab = list(dict.fromkeys(vocab))
+    masks = JsonMasks(vocab)
+    for prefix in (b'{"a":"\\', b'{"a":"\\u', b'{"a":"x', b'{"\\', b'{"a":"\\\\'):
+        state = jg.walk(jg.INITIAL, prefix)
+        assert torch.equal(masks.allowed(state).dense(len(vocab)), _brute_force(vocab, state)), prefix
