@@ -120,8 +120,8 @@ _NUMBER = _number_table()
 _INTEGER = _number_table(integer=True)
 _NUMBER_START = {ord("-"): N_MINUS, ord("0"): N_ZERO, **{b: N_INT for b in b"123456789"}}
 _WS = frozenset(b" \t\n\r")
-_WS_MODES = frozenset((START, OBJ_FIRST, KEY, COLON, VALUE, ARR_FIRST, AFTER))
-_NODE_WS_MODES = frozenset((START, COLON, VALUE))  # whose aux is (whitespace run, node)
+WS_MODES = frozenset((START, OBJ_FIRST, KEY, COLON, VALUE, ARR_FIRST, AFTER))  # whose aux holds a whitespace run
+NODE_WS_MODES = frozenset((START, COLON, VALUE))  # whose aux is (whitespace run, node)
 
 
 class Node:
@@ -293,8 +293,8 @@ def step(state: State, b: int) -> State | None:
         if sub == _END:
             return (COLON, (0, ANY), stack) if mode == KEY_STR else (AFTER, 0, stack)
         return (mode, sub, stack)
-    if mode in _WS_MODES and b in _WS:
-        if mode in _NODE_WS_MODES:
+    if mode in WS_MODES and b in _WS:
+        if mode in NODE_WS_MODES:
             ws, node = aux  # type: ignore[misc]
             return (mode, (ws + 1, node), stack) if ws < MAX_WS_RUN else None
         return (mode, aux + 1, stack) if aux < MAX_WS_RUN else None  # type: ignore[operator]

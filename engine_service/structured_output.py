@@ -86,6 +86,7 @@ class TokenMask:
     ids: torch.Tensor
     allowed: bool
     count: int
+    host_ids: torch.Tensor | None = None  # the same ids on the CPU (to derive other masks from), where kept
 
     def dense(self, vocab_size: int) -> torch.Tensor:
         """A bool per vocabulary entry, True where allowed, on the CPU (for tests and logs)."""
@@ -113,6 +114,7 @@ class JsonMasks:
         self._keep = 1 + max((b.count(b"}") + b.count(b"]") for b, _ in pairs), default=0)
         self._opens = max((b.count(b"{") + b.count(b"[") for b, _ in pairs), default=0)
         self._commas = max((b.count(b",") for b, _ in pairs), default=0)  # items a token can add to an array
+        self._lead_ws = torch.tensor([len(b) - len(b.lstrip(b" \t\n\r")) if b else 0 for b in vocab], dtype=torch.int32)
         self._cache: OrderedDict[tuple, TokenMask] = OrderedDict()
         self.cache_bytes = 0
         self.hits = self.misses = 0
@@ -138,15 +140,18 @@ class JsonMasks:
 
     def allowed(self, state: jg.State) -> TokenMask:
         """The tokens allowed next (shared: do not modify its tensor)."""
+        return self._fetch(state, counted=True)
+
+    def _fetch(self, state: jg.State, counted: bool) -> TokenMask:
         key = self.key(state)
         mask = self._cache.get(key)
         if mask is not None:
             self._cache.move_to_end(key)
-            self.hits += 1
+            self.hits += counted
             return mask
-        self.misses += 1
+        self.misses += counted
         t0 = time.perf_counter()
-        mask = self._sparse(self._compute(state))
+        mask = self._after_whitespace(state) or self._sparse(self._compute(state))
         took = time.perf_counter() - t0
         self.compute_s += took
         if took > SLOW_MASK_S:
@@ -161,11 +166,26 @@ class JsonMasks:
             self.cache_bytes -= old.ids.numel() * old.ids.element_size()
         return mask
 
+    def _after_whitespace(self, state: jg.State) -> TokenMask | None:
+        """The mask of a state w bytes into a whitespace run, from the same state at the run's start (cached or
+        computed once): the tokens allowed there whose leading whitespace still fits MAX_WS_RUN. (A token's
+        whitespace after other bytes starts a run of its own.) None for a state not in a run."""
+        mode, aux, stack = state
+        if mode not in jg.WS_MODES:
+            return None
+        run, node = aux if mode in jg.NODE_WS_MODES else (aux, None)  # type: ignore[misc]
+        if not run:
+            return None
+        base = self._fetch((mode, (0, node) if mode in jg.NODE_WS_MODES else 0, stack), counted=False)
+        mask = torch.full((self.vocab_size,), not base.allowed, dtype=torch.bool)
+        mask[base.host_ids] = base.allowed
+        return self._sparse(mask & (self._lead_ws <= jg.MAX_WS_RUN - run))
+
     def _sparse(self, mask: torch.Tensor) -> TokenMask:
         count = int(mask.sum())
         allowed = 2 * count <= self.vocab_size
         ids = (mask if allowed else ~mask).nonzero().flatten().to(torch.int32)
-        return TokenMask(tensor_to_device(ids, self.device), allowed, count)
+        return TokenMask(tensor_to_device(ids, self.device), allowed, count, ids)
 
     def _compute(self, state: jg.State) -> torch.Tensor:
         """A bool per vocabulary entry on the CPU, True where the token is allowed."""
