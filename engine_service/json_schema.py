@@ -117,10 +117,9 @@ class _Compiler:
                 raise SchemaError(f"json_schema at {where}: anyOf/oneOf must be a non-empty list of schemas")
             return self.union([self.compile(b, f"{where}/anyOf/{i}") for i, b in enumerate(branches)], where)
         kinds = schema.get("type")
-        if kinds is None:
-            kinds = "object" if "properties" in schema or "required" in schema else None
-            if kinds is None and "items" in schema:
-                kinds = "array"
+        if kinds is None:  # read off the keywords (stricter than JSON Schema, which lets other types through)
+            kinds = ("object" if set(schema) & _KEYWORDS["object"] else
+                     "array" if set(schema) & _KEYWORDS["array"] else None)
         if kinds is None:
             return jg.ANY
         listed = kinds if isinstance(kinds, list) else [kinds]

@@ -284,6 +284,16 @@ def test_enum_and_const_meet_the_keywords_beside_them(sub, good, bad):
         assert _accepts(node, data) is ok and _reference(schema, data) is ok, data
 
 
+def test_keywords_without_a_type_give_it():
+    # {"minItems": 2} alone would let any non-array through in JSON Schema; here it is an array of two or more,
+    # which every such schema accepts too.
+    schema = {"type": "object", "properties": {"a": {"minItems": 2}, "b": {"additionalProperties": False}}}
+    node = compile_schema(json.dumps(schema))
+    for data, ok in ((b'{"a":[1,2]}', True), (b'{"a":[1]}', False), (b'{"a":"x"}', False), (b'{"b":{}}', True),
+                     (b'{"b":{"c":1}}', False)):
+        assert _accepts(node, data) is ok, data
+
+
 def test_loops_and_depths_are_refused():
     loop = {"type": "object", "properties": {"a": {"$ref": "#/$defs/x"}},
             "$defs": {"x": {"$ref": "#/$defs/y"}, "y": {"$ref": "#/$defs/x"}}}
