@@ -312,12 +312,17 @@ class LLMEngine:
                 f"has only {bm.num_blocks}; lower max_tokens or shorten the prompt"
             )
         seq = Sequence(request_id, prompt, sampling_params, self.max_model_len)
+        # What can fail (a device allocation) comes first; the request is registered only once all of it is made.
+        generator = bias = None
         if sampling_params.seed is not None:
-            g = torch.Generator(device=self.runner.device)
-            g.manual_seed(mix_seed(sampling_params.seed))
-            self.generators[request_id] = g
+            generator = torch.Generator(device=self.runner.device)
+            generator.manual_seed(mix_seed(sampling_params.seed))
         if sampling_params.logit_bias:  # on the device once, not uploaded every step
-            self.biases[request_id] = self.runner.sampler.bias_tensors(sampling_params)
+            bias = self.runner.sampler.bias_tensors(sampling_params)
+        if generator is not None:
+            self.generators[request_id] = generator
+        if bias is not None:
+            self.biases[request_id] = bias
         if sampling_params.response_format is not None:
             self.cursors[request_id] = JsonCursor(self.json_masks, top)
         self.seqs[request_id] = seq

@@ -162,3 +162,19 @@ def test_an_admission_that_raises_refuses_its_request_alone():
                                          "depth exceeded")  # INTERNAL, not INVALID_ARGUMENT
     assert all(sinks[r].finished and len(sinks[r].tokens) == 10 for r in "ac")
     assert fatal == [] and loop.failure is None
+
+
+def test_an_admission_that_fails_on_the_device_leaves_nothing_behind(tmp_path, monkeypatch):
+    import pytest
+
+    from tests.integration.tiny import exact_engine, make_qwen3
+
+    make_qwen3(tmp_path / "m")
+    with exact_engine(tmp_path / "m") as llm:
+        def oom(params):
+            raise RuntimeError("CUDA out of memory (injected)")
+
+        monkeypatch.setattr(llm.runner.sampler, "bias_tensors", oom)
+        with pytest.raises(RuntimeError, match="injected"):
+            llm.add_request("r", [1, 2, 3], SamplingParams(seed=3, logit_bias={5: 1.0}))
+        assert not llm.generators and not llm.biases and not llm.seqs and not llm.has_unfinished_requests()
