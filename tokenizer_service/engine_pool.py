@@ -300,6 +300,10 @@ async def _ends_within(call: grpc.aio.Call, timeout_s: float) -> None:
         pass
 
 
+# The engine features (ModelInfo.features) this service forwards requests for, as the text API lists them.
+FORWARDED_FEATURES = ("logprobs", "prompt_logprobs", "penalties", "logit_bias", "json_object", "json_schema")
+
+
 def required_features(params: pb.SamplingParams) -> set[str]:
     """The engine features (ModelInfo.features) a request's sampling parameters use."""
     needs = set()
@@ -365,6 +369,12 @@ class EnginePool:
     @property
     def ready(self) -> list[EngineConnection]:
         return [c for c in self.conns.values() if c.ready and not c.retiring and not c.refusing]
+
+    @property
+    def features(self) -> list[str]:
+        """The request options (ModelInfo.features) of FORWARDED_FEATURES that a ready engine applies."""
+        applied = set().union(*(c.info.features for c in self.ready if c.info))
+        return [f for f in FORWARDED_FEATURES if f in applied]
 
     @property
     def max_model_len(self) -> int:

@@ -492,4 +492,4 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         return pb.ModelInfo(model_name=self.model_name, vocab_size=self.vocab_size,
                             eos_token_ids=sorted(self.eos_token_ids), max_model_len=self.pool.max_model_len,
                             has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
-                            num_engines=len(self.pool.ready))
+                            num_engines=len(self.pool.ready), features=self.pool.features)

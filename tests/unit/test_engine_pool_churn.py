@@ -262,3 +262,13 @@ def test_a_request_using_penalties_waits_for_a_capable_engine_that_is_reconnecti
         assert await pool.submit(plain, None) == ("sent to", "old:1")
 
     asyncio.run(main())
+
+
+def test_the_text_api_lists_the_features_a_ready_engine_applies():
+    pool = EnginePool(pool_config(engines="a:1"), 100, {1}, [])  # not started
+    pool.conns = {"a:1": _Conn("a:1", True, ("logprobs", "json_object", "json_schema")),
+                  "b:1": _Conn("b:1", True, ("penalties", "something_newer")),
+                  "c:1": _Conn("c:1", False, ("logit_bias",))}  # not ready: not counted
+    assert pool.features == ["logprobs", "penalties", "json_object", "json_schema"]
+    pool.conns["a:1"].ready = False
+    assert pool.features == ["penalties"]
