@@ -37,6 +37,9 @@ _KEYWORDS = {
     "object": frozenset(("properties", "required", "additionalProperties")),
     "array": frozenset(("items", "minItems", "maxItems")),
 }
+# The bytes a value of each type starts with.
+_TYPE_STARTS = {"object": b"{", "array": b"[", "string": b'"', "number": b"-0123456789", "integer": b"-0123456789",
+                "boolean": b"tf", "null": b"n"}
 _COMMON = frozenset(("type", "enum", "const", "anyOf", "oneOf", "$ref", "$defs", "definitions"))
 
 
@@ -116,10 +119,7 @@ class _Compiler:
             if not isinstance(branches, list) or not branches:
                 raise SchemaError(f"json_schema at {where}: anyOf/oneOf must be a non-empty list of schemas")
             return self.union([self.compile(b, f"{where}/anyOf/{i}") for i, b in enumerate(branches)], where)
-        kinds = schema.get("type")
-        if kinds is None:  # read off the keywords (stricter than JSON Schema, which lets other types through)
-            kinds = ("object" if set(schema) & _KEYWORDS["object"] else
-                     "array" if set(schema) & _KEYWORDS["array"] else None)
+        kinds = _implied_type(schema)
         if kinds is None:
             return jg.ANY
         listed = kinds if isinstance(kinds, list) else [kinds]
@@ -150,8 +150,7 @@ class _Compiler:
             node.literals = (b"null",)
         else:
             node = self.node({"string": jg.STRING_KIND, "number": jg.NUMBER_KIND, "integer": jg.INTEGER_KIND}[kind])
-        node.starts = frozenset(b'"') if kind == "string" else frozenset(
-            b"-0123456789" if kind in ("number", "integer") else (lit[0] for lit in node.literals))
+        node.starts = frozenset(_TYPE_STARTS[kind])
         return node
 
     def object(self, schema: dict, where: str) -> jg.Node:
@@ -259,14 +258,19 @@ def _accepts_value(node: jg.Node, literal: bytes) -> bool:
     return state is not None and jg.is_done(state)
 
 
+def _implied_type(schema: dict):
+    """A schema's "type", or the one its object or array keywords give it (stricter than JSON Schema, which lets
+    other types through); None for any value."""
+    kind = schema.get("type")
+    if kind is None:
+        kind = "object" if set(schema) & _KEYWORDS["object"] else "array" if set(schema) & _KEYWORDS["array"] else None
+    return kind
+
+
 def _peek_starts(schema) -> frozenset[int]:
-    """The first bytes of a schema's values when its type says them plainly (else none: compile() finds them)."""
-    kind = schema.get("type") if isinstance(schema, dict) else None
-    if kind is None and isinstance(schema, dict) and ("properties" in schema or "required" in schema):
-        kind = "object"
-    return frozenset({"object": b"{", "array": b"[", "string": b'"', "number": b"-0123456789",
-                      "integer": b"-0123456789", "boolean": b"tf", "null": b"n"}.get(kind, b"")) if isinstance(
-        kind, str) else frozenset()
+    """The first bytes of a schema's values when its one type says them (else none: compile() finds them)."""
+    kind = _implied_type(schema) if isinstance(schema, dict) else None
+    return frozenset(_TYPE_STARTS.get(kind, b"")) if isinstance(kind, str) else frozenset()
 
 
 def compile_schema(text: str) -> jg.Node:

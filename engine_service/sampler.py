@@ -128,7 +128,7 @@ class Sampler:
                                 presence_penalty=0.5, frequency_penalty=0.5, logit_bias={0: 0.5})
         slots = range(logits.shape[0]) if self.penalties is not None else [-1] * logits.shape[0]
         bias = self.bias_tensors(costly)
-        half = to_device(list(range(0, logits.shape[1], 2)), torch.long, self.device)
+        half = torch.arange(0, logits.shape[1], 2, dtype=torch.int32, device=self.device)
         allowed = TokenMask(half, True, half.shape[0])  # a JSON mode's mask, of the largest kind
         self.sample_with_logprobs(logits.clone(), [SamplingRow(costly, None, penalty_slot=s, bias=bias, allowed=allowed)
                                                    for s in slots])

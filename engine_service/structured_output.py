@@ -1,8 +1,9 @@
-"""JSON mode: which tokens may come next in a request whose output must be a JSON object.
+"""JSON mode and JSON Schema: which tokens may come next in a request whose output must be a JSON object.
 
-A request with response_format="json_object" has a JsonCursor: the state of json_grammar's automaton over the
-bytes its output holds so far. Each step, the cursor gives the sampler a boolean mask over the vocabulary (the
-tokens whose bytes the automaton accepts from that state); the sampler sets the other logits to -inf. When the
+A request with a response_format ("json_object", or "json_schema" with a schema json_schema.py compiled) has a
+JsonCursor: the state of json_grammar's automaton over the bytes its output holds so far. Each step, the cursor
+gives the sampler a TokenMask (the tokens whose bytes the automaton accepts from that state, as the ids of the
+allowed or of the banned ones); the sampler sets the other logits to -inf. When the
 top-level object closes, the engine finishes the request (finish reason "stop"); until then no end-of-sequence
 token is allowed. A request cut short by max_tokens ends with an unfinished document (finish reason "length").
 
