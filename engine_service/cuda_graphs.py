@@ -41,7 +41,7 @@ import torch
 
 from engine_service.attention.base import AttentionMetadata
 from engine_service.host_copy import on_device
-from engine_service.model.qwen3 import kv_heads_per_rank
+from engine_service.model.decoder import kv_heads_per_rank
 
 if TYPE_CHECKING:
     from engine_service.model_runner import ModelRunner, StepInputs

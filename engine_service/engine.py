@@ -113,8 +113,9 @@ class LLMEngine:
         if max_model_len > limit:
             raise ValueError(
                 f"max_model_len {max_model_len} exceeds the {limit} positions the model serves (config.json's "
-                f"max_position_embeddings, or its RoPE scaling's original_max_position_embeddings x factor); "
-                f"set max_model_len to {limit} or less"
+                f"max_position_embeddings, or its RoPE scaling's original_max_position_embeddings x factor; at "
+                f"most its sliding_window, as the engine's attention sees every earlier key, which is the window's "
+                f"attention only within it); set max_model_len to {limit} or less"
             )
         self.max_model_len = max_model_len
         self.tokenizer = self._load_tokenizer(model_dir)
@@ -145,7 +146,7 @@ class LLMEngine:
         self.workers = None
         tp = TPInfo()
         if self.config.tensor_parallel_size > 1:
-            from engine_service.model.qwen3 import check_tensor_parallel
+            from engine_service.model.decoder import check_tensor_parallel
             from engine_service.tp import WorkerGroup
 
             check_tensor_parallel(self.model_cfg, self.config.tensor_parallel_size)

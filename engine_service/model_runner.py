@@ -28,9 +28,9 @@ from engine_service.attention import (
 from engine_service.config import EngineConfig
 from engine_service.host_copy import on_device, rows_to_device, to_device
 from engine_service.model.config import ModelConfig
+from engine_service.model.decoder import DecoderForCausalLM, kv_heads_per_rank
 from engine_service.model.layers import TPInfo
 from engine_service.model.loader import load_weights
-from engine_service.model.qwen3 import Qwen3ForCausalLM, kv_heads_per_rank
 from engine_service.outputs import TokenLogprobs
 from engine_service.penalties import Penalties
 from engine_service.sampler import LogprobRows, Sampler, SamplingRow
@@ -164,7 +164,7 @@ class ModelRunner:
         self.backend = make_backend(self.backend_name, self.device)
         self.fused_ops = resolve_fused_ops(config.fused_ops, self.device, self.dtype)
         with torch.device(self.device), _default_dtype(self.dtype):
-            self.model = Qwen3ForCausalLM(model_cfg, tp, max_model_len, self.dtype, self.fused_ops)
+            self.model = DecoderForCausalLM(model_cfg, tp, max_model_len, self.dtype, self.fused_ops)
         load_weights(self.model, config.model, model_cfg.tie_word_embeddings)
         self.model.eval()
         # Only rank 0 samples; its penalty counts are allocated before the warm-up measures the peak.

@@ -228,9 +228,11 @@ def _qwen3_layer_elementwise(t: int, dev: torch.device, dtype: torch.dtype, rng:
             norms.append(norm)
         norm_sets[up] = norms
 
-    def eager(up: bool):
+    def eager(up: bool, qk_norm: bool = True):
         c = (lambda v: v.double()) if up else (lambda v: v)
         in_norm, post_norm, q_norm, k_norm = norm_sets[up]
+        if not qk_norm:  # the families without q/k-norm (Llama, Mistral, Qwen2): RoPE alone
+            q_norm = k_norm = lambda v: v  # noqa: E731
         total = c(res) + c(x)
         in_norm(total)
         q, k, _ = c(qkv).split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
@@ -245,7 +247,11 @@ def _qwen3_layer_elementwise(t: int, dev: torch.device, dtype: torch.dtype, rng:
         out, total2 = fused_ops.add_rms_norm(attn, weights[1], eps, total)
         return q, k, fused_ops.silu_and_mul(gate_up), out, total2
 
-    return (lambda: eager(False)), (lambda: eager(True)), fused
+    def rope_alone():  # (eager, reference, fused) q and k without q/k-norm
+        return (eager(False, qk_norm=False)[:2], eager(True, qk_norm=False)[:2],
+                fused_ops.qk_norm_rope(qkv, heads, kv_heads, d, None, None, 0.0, cos[:, 0], sin[:, 0]))
+
+    return (lambda: eager(False)), (lambda: eager(True)), fused, rope_alone
 
 
 def check_and_time_fused_ops(dev: torch.device, rng: torch.Generator, timing: bool,
@@ -259,12 +265,14 @@ def check_and_time_fused_ops(dev: torch.device, rng: torch.Generator, timing: bo
     small = [torch.full((2**18,), float("nan"), device=dev) for _ in range(256)]  # 256 x 1 MiB of float32
     large = torch.full((64 * 2**20,), float("nan"), device=dev)
     del small, large
-    eager, reference, fused = _qwen3_layer_elementwise(tokens, dev, dtype, rng)
+    eager, reference, fused, rope_alone = _qwen3_layer_elementwise(tokens, dev, dtype, rng)
     ok = True
     print(f"\nfused elementwise ops, {dtype}, {tokens} tokens of a Qwen3-0.6B layer, max abs error against "
           "float64 from the same inputs:")
-    for name, got, base, want in zip(("q-norm+rope q", "q-norm+rope k", "silu*up", "add+rmsnorm", "residual"),
-                                     fused(), eager(), reference(), strict=True):
+    plain_base, plain_want, plain_got = rope_alone()
+    names = ("q-norm+rope q", "q-norm+rope k", "silu*up", "add+rmsnorm", "residual", "rope alone q", "rope alone k")
+    for name, got, base, want in zip(names, (*fused(), *plain_got), (*eager(), *plain_base),
+                                     (*reference(), *plain_want), strict=True):
         finite = bool(torch.isfinite(got).all())
         err = float((got.double() - want).abs().max())
         base_err = float((base.double() - want).abs().max())
@@ -487,10 +495,13 @@ def _compile_fused_ops(target) -> bool:
         cos = torch.empty(256, 128, dtype=bf16)
         fo.qk_norm_rope(torch.empty(256, 4096, dtype=bf16), 16, 8, 128, torch.empty(128, dtype=bf16),
                         torch.empty(128, dtype=bf16), 1e-6, cos, cos)
+        fo.qk_norm_rope(torch.empty(256, 4096, dtype=bf16), 16, 8, 128, None, None, 0.0, cos, cos)  # Llama's
         fo.silu_and_mul(torch.empty(256, 6144, dtype=bf16))
     ok = True
     for launch in launches:
         label = f"fused qwen3 bf16 {'residual' if launch.constexprs.get('HAS_RES') else ''}".strip()
+        if launch.constexprs.get("NORM") is False:
+            label = "fused llama bf16 rope alone"
         try:
             compiled = _aot_compile(launch, target)
         except Exception as e:
@@ -499,8 +510,8 @@ def _compile_fused_ops(target) -> bool:
             continue
         print(f"{label:30s} {launch.kernel.__name__:26s} {compiled.metadata.shared:9d} {'':5s} {'':8s} "
               f"{_ptxas_usage(compiled.asm.get('ptx', '')):>12s}")
-    if len(launches) != 4:
-        print(f"fused ops: {len(launches)} launches recorded, 4 expected")
+    if len(launches) != 5:
+        print(f"fused ops: {len(launches)} launches recorded, 5 expected")
         ok = False
     return ok
 

@@ -6,8 +6,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-SUPPORTED_MODEL_TYPES = ("qwen3",)
-
 
 def read_json(path: Path) -> dict:
     """A checkpoint's JSON file as a dict; a ValueError naming the file if it cannot be read as a JSON object."""
@@ -20,7 +18,7 @@ def read_json(path: Path) -> dict:
     return data
 
 
-ROPE_TYPES = ("default", "linear", "yarn")
+ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 
 def _rope_keys(settings: dict | None) -> dict:
@@ -36,7 +34,8 @@ REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
 @dataclass(slots=True, frozen=True)
 class RopeScaling:
     """RoPE scaling for contexts longer than the model was trained on, as transformers computes it
-    (rope_type "linear" or "yarn"; Qwen3's model cards recommend yarn beyond 32,768 tokens)."""
+    (rope_type "linear", "yarn" or "llama3"; Qwen3's model cards recommend yarn beyond 32,768 tokens; Llama 3.1
+    and later ship llama3)."""
 
     rope_type: str
     factor: float
@@ -47,9 +46,15 @@ class RopeScaling:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     truncate: bool = True
+    low_freq_factor: float = 1.0  # llama3: wavelengths above original / low_freq_factor are divided by factor
+    high_freq_factor: float = 4.0  # llama3: those below original / high_freq_factor are kept; a ramp between
 
     @property
     def max_positions(self) -> int:
+        """The positions the scaling stretches the trained length to. llama3's configs state their length in
+        max_position_embeddings (131,072 for Llama 3.1), so it stretches nothing beyond that."""
+        if self.rope_type == "llama3":
+            return self.original_max_position_embeddings
         return int(self.original_max_position_embeddings * self.factor)
 
     @classmethod
@@ -77,6 +82,14 @@ class RopeScaling:
             raise ValueError(f"RoPE scaling {rope_type!r} needs a factor of 1.0 or more; config.json has {factor!r}")
         if rope_type == "linear":  # positions divided by factor: the limit is the config's length x factor
             return cls("linear", float(factor), max_positions)
+        if rope_type == "llama3":
+            low, high = rope.get("low_freq_factor"), rope.get("high_freq_factor")
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in (low, high)) \
+                    or not high > low:
+                raise ValueError(f"RoPE scaling 'llama3' needs low_freq_factor and high_freq_factor above 0, "
+                                 f"high above low; config.json has {low!r} and {high!r}")
+            return cls("llama3", float(factor), int(original), low_freq_factor=float(low),
+                       high_freq_factor=float(high))
         return cls(
             "yarn",
             float(factor),
@@ -104,18 +117,25 @@ class ModelConfig:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool
     torch_dtype: str | None  # the checkpoint's dtype name, e.g. "bfloat16"
     rope_scaling: RopeScaling | None = None  # None: plain RoPE
+    # The parts that differ between the families served (see FAMILY_PARTS):
+    qk_norm: bool = True  # RMSNorm on each q and k head before RoPE (Qwen3)
+    qkv_bias: bool = False
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # keys a query sees at most (Mistral); None: all before it
 
     @property
     def max_model_len_limit(self) -> int:
-        """The longest sequence the model's positions serve: max_position_embeddings, or what RoPE scaling
-        stretches the trained length to (yarn: original_max_position_embeddings x factor; linear:
-        max_position_embeddings x factor)."""
-        if self.rope_scaling is None:
-            return self.max_position_embeddings
-        return max(self.max_position_embeddings, self.rope_scaling.max_positions)
+        """The longest sequence the model serves: max_position_embeddings, or what RoPE scaling stretches the
+        trained length to (yarn: original_max_position_embeddings x factor; linear: max_position_embeddings x
+        factor); at most the sliding window, since attention here sees every earlier key, which equals the
+        window's attention only while a sequence fits in it."""
+        limit = self.max_position_embeddings
+        if self.rope_scaling is not None:
+            limit = max(limit, self.rope_scaling.max_positions)
+        return limit if self.sliding_window is None else min(limit, self.sliding_window)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, rope_scaling: dict | None = None) -> ModelConfig:
@@ -135,8 +155,6 @@ class ModelConfig:
             raise ValueError(
                 f"model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}"
             )
-        if cfg.get("use_sliding_window"):
-            raise ValueError("use_sliding_window=true is not implemented; serve a config without it")
         quant = cfg.get("quantization_config")
         if quant:
             method = quant.get("quant_method") if isinstance(quant, dict) else quant
@@ -144,7 +162,8 @@ class ModelConfig:
                              "serve the unquantized (bfloat16, float16 or float32) checkpoint")
         missing = [k for k in REQUIRED_KEYS if k not in cfg]
         if missing:
-            raise ValueError(f"config.json lacks {missing}, which a Qwen3 config holds; is it the model's own?")
+            raise ValueError(f"config.json lacks {missing}, which a {model_type} config holds; is it the model's "
+                             "own?")
 
         # transformers 5 keeps RoPE settings in rope_parameters; transformers 4 in rope_theta / rope_scaling. A
         # rope_scaling added to a transformers 5 config (as Qwen3's model cards say to) wins, as in transformers 5.
@@ -167,6 +186,37 @@ class ModelConfig:
             max_position_embeddings=max_positions,
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", False)),
             torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+            sliding_window=_sliding_window(model_type, cfg),
+            **FAMILY_PARTS[model_type](cfg),
         )
+
+
+# model_type -> the parts of the decoder it has, read from its config.json as transformers builds the model.
+FAMILY_PARTS = {
+    "qwen3": lambda cfg: dict(qk_norm=True, qkv_bias=bool(cfg.get("attention_bias", False)),
+                              o_proj_bias=bool(cfg.get("attention_bias", False))),
+    "qwen2": lambda cfg: dict(qk_norm=False, qkv_bias=True),
+    "llama": lambda cfg: dict(qk_norm=False, qkv_bias=bool(cfg.get("attention_bias", False)),
+                              o_proj_bias=bool(cfg.get("attention_bias", False)),
+                              mlp_bias=bool(cfg.get("mlp_bias", False))),
+    "mistral": lambda cfg: dict(qk_norm=False),
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILY_PARTS)
+
+
+def _sliding_window(model_type: str, cfg: dict) -> int | None:
+    """The attention window transformers applies: Mistral's sliding_window (4096 when config.json omits it,
+    none when it is null); Qwen's only under use_sliding_window (then on some layers, which within the window
+    equals full attention too)."""
+    if model_type == "mistral":
+        window = cfg.get("sliding_window", 4096)
+    elif model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+        window = cfg.get("sliding_window", 4096)
+    else:
+        return None
+    if window is None:
+        return None
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"config.json's sliding_window should be a positive integer or null, not {window!r}")
+    return window

@@ -6,8 +6,8 @@ four GEMMs and its attention. On a GPU each costs a few microseconds even inside
 layers is milliseconds a decode step. These kernels do the same work in four launches a layer:
 
 - `add_rms_norm`: the residual add (when given) and RMSNorm of each row;
-- `qk_norm_rope`: q-norm and k-norm and rotary embedding of every query and key head, read straight out of
-  the packed q/k/v projection;
+- `qk_norm_rope`: q-norm and k-norm (Qwen3; the other families have none) and rotary embedding of every query
+  and key head, read straight out of the packed q/k/v projection;
 - `silu_and_mul`: SiLU of the gate times the up projection.
 
 Each rounds where the torch reference rounds (model dtype after the residual add, after the normalisation,
@@ -70,8 +70,10 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _norm_rope_head(in_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """One head's row of head_dim = 2 * HALF values: RMSNorm * weight, then the rotation, rounded as torch."""
+def _norm_rope_head(in_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                    NORM: tl.constexpr):
+    """One head's row of head_dim = 2 * HALF values: RMSNorm * weight (NORM), then the rotation, rounded as
+    torch."""
     offs = tl.arange(0, BLOCK_HALF)
     m = offs < HALF
     x1 = tl.load(in_ptr + offs, mask=m, other=0.0)
@@ -79,11 +81,15 @@ def _norm_rope_head(in_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, eps, HALF: tl.cons
     dt = x1.dtype
     h1 = x1.to(tl.float32)
     h2 = x2.to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(h1 * h1, axis=0) + tl.sum(h2 * h2, axis=0)) / (2 * HALF) + eps)
-    w1 = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    w2 = tl.load(w_ptr + HALF + offs, mask=m, other=0.0).to(tl.float32)
-    y1 = (w1 * (h1 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-    y2 = (w2 * (h2 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    if NORM:
+        rstd = tl.rsqrt((tl.sum(h1 * h1, axis=0) + tl.sum(h2 * h2, axis=0)) / (2 * HALF) + eps)
+        w1 = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + offs, mask=m, other=0.0).to(tl.float32)
+        y1 = (w1 * (h1 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        y2 = (w2 * (h2 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    else:
+        y1 = h1
+        y2 = h2
     c1 = tl.load(cos_ptr + offs, mask=m, other=0.0).to(tl.float32)
     c2 = tl.load(cos_ptr + HALF + offs, mask=m, other=0.0).to(tl.float32)
     s1 = tl.load(sin_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -99,7 +105,7 @@ def _norm_rope_head(in_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, eps, HALF: tl.cons
 def _qk_norm_rope_kernel(
     qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
     stride_qkv, stride_cos, stride_sin, eps,
-    NUM_Q: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    NUM_Q: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, NORM: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -108,17 +114,20 @@ def _qk_norm_rope_kernel(
     sin = sin_ptr + tok * stride_sin
     if head < NUM_Q:
         dst = q_out_ptr + (tok * NUM_Q + head) * (2 * HALF)
-        _norm_rope_head(src, qw_ptr, cos, sin, dst, eps, HALF, BLOCK_HALF)
+        _norm_rope_head(src, qw_ptr, cos, sin, dst, eps, HALF, BLOCK_HALF, NORM)
     else:
         num_k = tl.num_programs(1) - NUM_Q
         dst = k_out_ptr + (tok * num_k + head - NUM_Q) * (2 * HALF)
-        _norm_rope_head(src, kw_ptr, cos, sin, dst, eps, HALF, BLOCK_HALF)
+        _norm_rope_head(src, kw_ptr, cos, sin, dst, eps, HALF, BLOCK_HALF, NORM)
 
 
-def qk_norm_rope(qkv: torch.Tensor, num_q: int, num_kv: int, head_dim: int, q_weight: torch.Tensor,
-                 k_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor):
+def qk_norm_rope(qkv: torch.Tensor, num_q: int, num_kv: int, head_dim: int, q_weight: torch.Tensor | None,
+                 k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor):
     """qkv: [T, (num_q + 2 num_kv) * head_dim], rows packed q|k|v; cos, sin: [T, head_dim] (any row stride,
-    unit column stride) -> q [T, num_q, head_dim], k [T, num_kv, head_dim], normalised and rotated."""
+    unit column stride) -> q [T, num_q, head_dim], k [T, num_kv, head_dim], normalised (unless the weights are
+    None: the families without q/k-norm) and rotated."""
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("qk_norm_rope takes both norm weights or neither")
     t = qkv.shape[0]
     if qkv.stride(1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
         raise ValueError("qk_norm_rope needs unit column strides in qkv, cos and sin")
@@ -129,9 +138,10 @@ def qk_norm_rope(qkv: torch.Tensor, num_q: int, num_kv: int, head_dim: int, q_we
     if t:
         half = head_dim // 2
         _qk_norm_rope_kernel[(t, num_q + num_kv)](
-            qkv, q_weight, k_weight, cos, sin, q, k,
+            qkv, qkv if q_weight is None else q_weight, qkv if k_weight is None else k_weight, cos, sin, q, k,
             qkv.stride(0), cos.stride(0), sin.stride(0), eps,
-            NUM_Q=num_q, HALF=half, BLOCK_HALF=triton.next_power_of_2(half), num_warps=1,
+            NUM_Q=num_q, HALF=half, BLOCK_HALF=triton.next_power_of_2(half), NORM=q_weight is not None,
+            num_warps=1,
         )
     return q, k
 

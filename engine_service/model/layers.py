@@ -239,14 +239,16 @@ class RotaryEmbedding(nn.Module):
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> tuple[torch.Tensor, float]:
     """RoPE's inverse frequencies [head_dim // 2] (float32) and the factor on cos and sin, by transformers'
-    formulas: plain, linear (frequencies / factor) or yarn (frequencies that interpolate by factor below
-    the trained length's slowest rotations and keep the fast ones, with a ramp between, and cos and sin
-    scaled by 0.1 ln(factor) + 1 unless attention_factor or mscale says otherwise)."""
+    formulas: plain, linear (frequencies / factor), llama3 (see _llama3_frequencies) or yarn (frequencies that
+    interpolate by factor below the trained length's slowest rotations and keep the fast ones, with a ramp
+    between, and cos and sin scaled by 0.1 ln(factor) + 1 unless attention_factor or mscale says otherwise)."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
     if scaling is None:
         return 1.0 / (theta ** exponents), 1.0
     if scaling.rope_type == "linear":
         return 1.0 / (theta ** exponents) / scaling.factor, 1.0
+    if scaling.rope_type == "llama3":
+        return _llama3_frequencies(1.0 / (theta ** exponents), scaling), 1.0
     factor = scaling.factor
 
     def mscale(scale: float, m: float = 1.0) -> float:
@@ -274,6 +276,20 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
     keep = 1 - ramp  # 1: extrapolate (fast dimensions keep their frequency), 0: interpolate by factor
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
     return inv_freq, float(attention_factor)
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's scaling: a rotation whose wavelength is longer than original / low_freq_factor positions is
+    slowed by factor, one shorter than original / high_freq_factor is kept, and one between is blended, its
+    weight on the kept frequency rising linearly in original / wavelength from low_freq_factor to
+    high_freq_factor."""
+    original = scaling.original_max_position_embeddings
+    wavelength = 2 * math.pi / inv_freq
+    kept = (original / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - kept) * inv_freq / scaling.factor + kept * inv_freq
+    long_waves = wavelength > original / scaling.low_freq_factor
+    short_waves = wavelength < original / scaling.high_freq_factor
+    return torch.where(long_waves, inv_freq / scaling.factor, torch.where(short_waves, inv_freq, blended))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

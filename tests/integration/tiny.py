@@ -1,4 +1,5 @@
-"""Tiny random Qwen3 checkpoints for the engine's tests, built with transformers and save_pretrained."""
+"""Tiny random checkpoints for the engine's tests (Qwen3, and the other families it serves), built with
+transformers and save_pretrained."""
 
 from __future__ import annotations
 
@@ -52,6 +53,33 @@ def make_qwen3(
     return model
 
 
+def make_family(path: Path, model_type: str, *, heads: int = 4, kv_heads: int = 2, head_dim: int = 16,
+                hidden: int = 64, layers: int = 2, tie: bool = False, vocab: int = VOCAB, max_pos: int = 1024,
+                seed: int = 0, dtype: torch.dtype = torch.float64, rope_scaling: dict | None = None, **extra):
+    """Save a random model of `model_type` ("llama", "mistral", "qwen2", "qwen3") to `path` and return it (eval
+    mode) as the reference. extra: config keys such as attention_bias, mlp_bias, sliding_window. Every bias is
+    drawn at random too: transformers starts them at zero, which would hide a bias the engine did not load."""
+    import transformers
+
+    classes = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[model_type]
+    config_cls = getattr(transformers, f"{classes}Config")
+    model_cls = getattr(transformers, f"{classes}ForCausalLM")
+    torch.manual_seed(seed)
+    cfg = config_cls(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=max_pos,
+        tie_word_embeddings=tie, rope_parameters={"rope_type": "default", **(rope_scaling or {}), "rope_theta": 10000.0},
+        initializer_range=0.3, **extra,
+    )
+    model = model_cls(cfg).to(dtype).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(path)
+    return model
+
+
 def random_prompts(seed: int, lengths: list[int]) -> list[list[int]]:
     """Prompts of the given lengths, of ids drawn uniformly from the tiny vocabulary."""
     rng = random.Random(seed)
@@ -79,7 +107,7 @@ def generate_in(path: Path, setting: str, overrides: dict, prompts: list[list[in
     return outs
 
 
-def hf_greedy(model: Qwen3ForCausalLM, prompt: list[int], max_new_tokens: int) -> list[int]:
+def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
     """transformers' greedy tokens for one prompt (explicit attention mask, EOS disabled)."""
     ids = torch.tensor([prompt])
     with torch.no_grad():

@@ -54,11 +54,13 @@ def test_add_rms_norm_matches_add_then_rmsnorm(dtype, hidden):
 
 
 @pytest.mark.parametrize(
-    "dtype,heads,kv_heads,head_dim",
-    [(torch.float32, 4, 2, 128), (torch.float16, 16, 8, 128), (torch.float32, 5, 1, 80)],
-    ids=["fp32-gqa2", "fp16-qwen3-heads", "fp32-gqa5-hd80"],
+    "dtype,heads,kv_heads,head_dim,norm",
+    [(torch.float32, 4, 2, 128, True), (torch.float16, 16, 8, 128, True), (torch.float32, 5, 1, 80, True),
+     (torch.float16, 32, 8, 64, False), (torch.float32, 6, 2, 32, False)],
+    ids=["fp32-gqa2", "fp16-qwen3-heads", "fp32-gqa5-hd80", "fp16-rope-only", "fp32-rope-only"],
 )
-def test_qk_norm_rope_matches_norms_then_rotary(dtype, heads, kv_heads, head_dim):
+def test_qk_norm_rope_matches_norms_then_rotary(dtype, heads, kv_heads, head_dim, norm):
+    """norm=False: the families without q/k-norm (Llama, Mistral, Qwen2) rotate the projections as they are."""
     torch.manual_seed(1)
     t = 6
     q_norm, k_norm = RMSNorm(head_dim, 1e-6), RMSNorm(head_dim, 1e-6)
@@ -70,15 +72,18 @@ def test_qk_norm_rope_matches_norms_then_rotary(dtype, heads, kv_heads, head_dim
     positions = torch.tensor([0, 1, 5, 17, 40, 63])
     cos, sin = rotary.lookup(positions)  # [T, 1, D]
 
-    q, k = fused_ops.qk_norm_rope(qkv, heads, kv_heads, head_dim, q_norm.weight, k_norm.weight, q_norm.eps,
-                                  cos[:, 0], sin[:, 0])
+    weights = (q_norm.weight, k_norm.weight, q_norm.eps) if norm else (None, None, 0.0)
+    q, k = fused_ops.qk_norm_rope(qkv, heads, kv_heads, head_dim, *weights, cos[:, 0], sin[:, 0])
 
     q_ref, k_ref, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q_ref = q_norm(q_ref.view(t, heads, head_dim))
-    k_ref = k_norm(k_ref.view(t, kv_heads, head_dim))
+    q_ref, k_ref = q_ref.reshape(t, heads, head_dim), k_ref.reshape(t, kv_heads, head_dim)
+    if norm:
+        q_ref, k_ref = q_norm(q_ref), k_norm(k_ref)
     q_ref, k_ref = RotaryEmbedding.apply(q_ref, k_ref, (cos, sin))
     _close(q, q_ref)
     _close(k, k_ref)
+    if not norm:  # no sum of squares to order differently: each rounding is torch's
+        assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -95,12 +100,15 @@ def test_silu_and_mul_matches_silu_times_up(dtype, inter):
         _close(got, want)
 
 
-def test_engine_tokens_are_the_same_with_fused_ops_on_and_off(tmp_path):
-    """Greedy tokens through the whole engine (prefill, decode, a cached prefix), fp32 on CPU."""
+@pytest.mark.parametrize("model_type", ["qwen3", "llama"])
+def test_engine_tokens_are_the_same_with_fused_ops_on_and_off(tmp_path, model_type):
+    """Greedy tokens through the whole engine (prefill, decode, a cached prefix), fp32 on CPU; Llama has no
+    q/k-norm, so its fused RoPE runs alone."""
     from engine_service import LLM, SamplingParams
-    from tests.integration.tiny import VOCAB, make_qwen3
+    from tests.integration.tiny import VOCAB, make_family
 
-    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=32, layers=2, dtype=torch.float32)
+    make_family(tmp_path, model_type, heads=4, kv_heads=2, head_dim=16, hidden=32, layers=2, dtype=torch.float32,
+                tie=True)
     gen = torch.Generator().manual_seed(3)
     shared = torch.randint(0, VOCAB, (20,), generator=gen).tolist()
     prompts = [shared + torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (3, 11, 1)]

@@ -1,7 +1,12 @@
-"""Qwen3 over a paged KV cache: RMSNorm, RoPE, q/k-norm, GQA, SwiGLU, tied or untied embeddings.
+"""The decoder the engine serves, over a paged KV cache: RMSNorm, RoPE, GQA, SwiGLU, tied or untied embeddings.
 
-Follows the transformers Qwen3 reference numerically (float32 RMSNorm and RoPE tables), so that float64 on
-CPU reproduces its greedy tokens exactly. Inputs are flat: all of a step's tokens in one dimension.
+One module serves the families that share this shape (ModelConfig.from_dict reads which parts each has):
+- Qwen3: q/k-norm (RMSNorm on each head before RoPE); biases on q/k/v/o when attention_bias is set;
+- Qwen2 and Qwen2.5: biases on q/k/v, none on o, no q/k-norm;
+- Llama (2, 3, 3.1+ with "llama3" RoPE scaling) and Mistral: no q/k-norm; Llama's attention_bias and mlp_bias.
+
+Follows the transformers references numerically (float32 RMSNorm and RoPE tables), so that float64 on CPU
+reproduces their greedy tokens exactly. Inputs are flat: all of a step's tokens in one dimension.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ def check_tensor_parallel(cfg: ModelConfig, size: int) -> None:
         raise ValueError(f"tensor_parallel_size {size} must divide intermediate_size {cfg.intermediate_size}")
 
 
-class Qwen3Attention(nn.Module):
+class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPInfo, fused: bool = False):
         super().__init__()
         d = cfg.head_dim
@@ -61,13 +66,14 @@ class Qwen3Attention(nn.Module):
         self.qkv_proj = ColumnParallelLinear(
             cfg.hidden_size,
             [("q", self.num_heads * d), ("k", self.num_kv_heads * d), ("v", self.num_kv_heads * d)],
-            bias=cfg.attention_bias,
+            bias=cfg.qkv_bias,
             tp=tp,
             replicas={"k": kv_share, "v": kv_share},
         )
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, cfg.attention_bias, tp)
-        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, cfg.o_proj_bias, tp)
+        # Qwen3 normalises each q and k head before RoPE; the other families rotate the projections as they are.
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, rope, hidden, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
         t = hidden.shape[0]
@@ -77,24 +83,26 @@ class Qwen3Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.fused_ops is not None:  # q-norm, k-norm and RoPE in one launch, from the packed projection
             cos, sin = rope
-            q, k = self.fused_ops.qk_norm_rope(qkv, self.num_heads, self.num_kv_heads, self.head_dim,
-                                          self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
-                                          cos[:, 0], sin[:, 0])
+            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (None, None, 0.0)
+            q, k = self.fused_ops.qk_norm_rope(qkv, self.num_heads, self.num_kv_heads, self.head_dim, *norms,
+                                               cos[:, 0], sin[:, 0])
         else:
-            q = self.q_norm(q.view(t, self.num_heads, self.head_dim))  # [T, Hq, D]
-            k = self.k_norm(k.view(t, self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
+            q = q.view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
+            k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
             q, k = RotaryEmbedding.apply(q, k, rope)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, q_size))
 
 
-class Qwen3MLP(nn.Module):
+class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPInfo, fused: bool = False):
         super().__init__()
         self.fused_ops = load_fused_ops(fused)
         inter = cfg.intermediate_size // tp.size
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [("gate", inter), ("up", inter)], False, tp)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, tp)
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [("gate", inter), ("up", inter)], cfg.mlp_bias, tp)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, tp)
         self.inter = inter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,11 +113,11 @@ class Qwen3MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-class Qwen3DecoderLayer(nn.Module):
+class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPInfo, fused: bool = False):
         super().__init__()
-        self.self_attn = Qwen3Attention(cfg, tp, fused)
-        self.mlp = Qwen3MLP(cfg, tp, fused)
+        self.self_attn = Attention(cfg, tp, fused)
+        self.mlp = MLP(cfg, tp, fused)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
 
@@ -122,14 +130,14 @@ class Qwen3DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
-class Qwen3ForCausalLM(nn.Module):
+class DecoderForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPInfo, max_positions: int, dtype: torch.dtype, fused: bool = False):
         """fused: the norms, RoPE and SiLU run engine_service.model.fused_ops' Triton kernels."""
         super().__init__()
         check_tensor_parallel(cfg, tp.size)
         self.cfg = cfg
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, tp, fused) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, fused) for _ in range(cfg.num_hidden_layers))
         self.rotary = RotaryEmbedding(
             cfg.head_dim, max_positions, cfg.rope_theta, dtype, cfg.rope_scaling
         )  # shared by all layers
