@@ -128,10 +128,12 @@ def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, 
                      request_id: str = "", stop: str | Iterable[str] | None = (), skip_special_tokens: bool | None = None,
                      include_stop_str_in_output: bool = False, deadline_ms: int | None = None,
                      enable_thinking: bool | None = None, tools: Iterable[object] | None = None,
-                     **sampling: object) -> pb.GenerateRequest:
+                     add_special_tokens: bool | None = None, **sampling: object) -> pb.GenerateRequest:
     """A GenerateRequest from a prompt, chat messages ({"role": ..., "content": ...}) or token ids, and sampling
     kwargs. `stop` is one stop string or several; `enable_thinking` (chat only) sets the chat template's thinking
-    switch (Qwen3's); `tools` (chat only) are the tools the model may call (see chat)."""
+    switch (Qwen3's); `tools` (chat only) are the tools the model may call (see chat); `add_special_tokens`
+    (None: the service's default, True for a prompt and False for a chat) whether the tokenizer adds its special
+    tokens, such as Llama's BOS."""
     if sum(x is not None for x in (prompt, messages, prompt_token_ids)) != 1:
         raise ValueError("give exactly one of prompt, messages and prompt_token_ids")
     request = pb.GenerateRequest(request_id=request_id, sampling_params=sampling_params(**sampling),
@@ -147,6 +149,10 @@ def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, 
         raise ValueError("enable_thinking and tools apply to chat messages only")
     if skip_special_tokens is not None:
         request.skip_special_tokens = skip_special_tokens
+    if add_special_tokens is not None:
+        if prompt_token_ids is not None:
+            raise ValueError("add_special_tokens applies to a prompt or messages; prompt_token_ids are sent as they are")
+        request.add_special_tokens = add_special_tokens
     if deadline_ms is not None:
         if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, int) or deadline_ms <= 0:
             raise ValueError(f"deadline_ms must be a positive number of milliseconds, or None for no deadline; got "

@@ -182,15 +182,20 @@ class _GenerateCalls:
         return self._stream(generate_request(messages=messages, **kwargs), request_id)
 
 
-def _tokenize_request(text: str | None, messages: Messages | None, add_special_tokens: bool,
+def _tokenize_request(text: str | None, messages: Messages | None, add_special_tokens: bool | None,
                       enable_thinking: bool | None, tools: Iterable[object] | None = None) -> pb.TokenizeRequest:
+    """add_special_tokens None: the service's default, as for Generate (True for text, False for messages)."""
     if (text is None) == (messages is None):
         raise ValueError("give exactly one of text and messages")
     if messages is None:
         if enable_thinking is not None or tools:
             raise ValueError("enable_thinking and tools apply to chat messages only")
-        return pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
-    return pb.TokenizeRequest(chat=chat(messages, enable_thinking, tools), add_special_tokens=add_special_tokens)
+        request = pb.TokenizeRequest(text=text)
+    else:
+        request = pb.TokenizeRequest(chat=chat(messages, enable_thinking, tools))
+    if add_special_tokens is not None:
+        request.add_special_tokens = add_special_tokens
+    return request
 
 
 def _detokenize_request(token_ids: Iterable[int], skip_special_tokens: bool | None) -> pb.DetokenizeRequest:
@@ -216,9 +221,11 @@ class TextClient(_GenerateCalls):
         return MultiStream(self._stub.GenerateMulti(iter(requests), timeout=self.timeout,
                                                     metadata=request_metadata(request_id)))
 
-    def tokenize(self, text: str | None = None, add_special_tokens: bool = False, *, messages: Messages | None = None,
-                 enable_thinking: bool | None = None, tools: Iterable[object] | None = None) -> list[int]:
-        """The token ids of text, or of chat messages rendered as chat() would send them."""
+    def tokenize(self, text: str | None = None, add_special_tokens: bool | None = None, *,
+                 messages: Messages | None = None, enable_thinking: bool | None = None,
+                 tools: Iterable[object] | None = None) -> list[int]:
+        """The token ids of text, or of chat messages rendered as chat() would send them: what generate() and chat()
+        send the engine (add_special_tokens None: with the tokenizer's special tokens for text, none for a chat)."""
         request = _tokenize_request(text, messages, add_special_tokens, enable_thinking, tools)
         return list(self._stub.Tokenize(request, timeout=self.timeout).token_ids)
 
@@ -306,7 +313,7 @@ class AsyncTextClient(_GenerateCalls):
         self.timeout = client_timeout(timeout)
         self._channels = Channels(aio_channel, target, tls, pb_grpc.TextGenerationStub, **channel_kwargs)
 
-    async def tokenize(self, text: str | None = None, add_special_tokens: bool = False, *,
+    async def tokenize(self, text: str | None = None, add_special_tokens: bool | None = None, *,
                        messages: Messages | None = None, enable_thinking: bool | None = None,
                        tools: Iterable[object] | None = None) -> list[int]:
         request = _tokenize_request(text, messages, add_special_tokens, enable_thinking, tools)

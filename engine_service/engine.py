@@ -680,8 +680,10 @@ class LLM(LLMEngine):
         return [results[r] for r in ids]
 
     def _encode(self, prompt) -> list[int]:
+        """Token ids of a text prompt with the tokenizer's special tokens (Llama's BOS), as tokenizer(text) gives
+        them and as the tokenizer service sends a prompt; token-id prompts as they are."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need tokenizer files in the model directory; pass token ids")
-            return self.tokenizer.encode(prompt, add_special_tokens=False)
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
         return list(prompt)

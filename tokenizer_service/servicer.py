@@ -460,8 +460,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
 
     async def Tokenize(self, request, context):
         try:
-            ids = await self._off_loop(request, tokenize_input, request, self.tokenizer,
-                                       add_special_tokens=request.add_special_tokens, limits=self.limits)
+            ids = await self._off_loop(request, tokenize_input, request, self.tokenizer, limits=self.limits)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:  # as in Generate: INTERNAL naming the failure, not grpc's bare UNKNOWN

@@ -82,6 +82,7 @@ class TextRequest:
     stop: Sequence[str] = field(default_factory=tuple)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    add_special_tokens: bool | None = None  # None: True for a prompt, False for a chat (its template writes them)
     # The chat validated and normalised, filled once by the rules and the rendering that read it (a chat's JSON can
     # be megabytes): "messages", "tools", "texts".
     normalised: dict = field(default_factory=dict, init=False, compare=False, repr=False)
@@ -398,8 +399,10 @@ def text_request_from_proto(request: pb.GenerateRequest | pb.TokenizeRequest) ->
     messages = [_message(m) for m in request.chat.messages] if kind == "chat" else None
     thinking = request.chat.enable_thinking if kind == "chat" and request.chat.HasField("enable_thinking") else None
     tools = tuple(request.chat.tools) if kind == "chat" else ()
+    special = request.add_special_tokens if request.HasField("add_special_tokens") else None
     if not isinstance(request, pb.GenerateRequest):
-        return TextRequest(prompt=prompt, messages=messages, enable_thinking=thinking, tools=tools)
+        return TextRequest(prompt=prompt, messages=messages, enable_thinking=thinking, tools=tools,
+                           add_special_tokens=special)
     skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
     return TextRequest(
         prompt=prompt,
@@ -409,35 +412,36 @@ def text_request_from_proto(request: pb.GenerateRequest | pb.TokenizeRequest) ->
         stop=tuple(request.stop),
         skip_special_tokens=skip,
         include_stop_str_in_output=request.include_stop_str_in_output,
+        add_special_tokens=special,
     )
 
 
-def _encode(
-    text_request: TextRequest, tokenizer: Any, add_special_tokens: bool, max_model_len: int | None = None
-) -> list[int] | AtLeast:
+def _encode(text_request: TextRequest, tokenizer: Any, max_model_len: int | None = None) -> list[int] | AtLeast:
     """The prompt's or the rendered chat's token ids; AtLeast instead when part of the text shows that they are
-    max_model_len or more (then the rest of it is never tokenized)."""
+    max_model_len or more (then the rest of it is never tokenized). The tokenizer's special tokens (Llama's BOS)
+    are added to a prompt and not to a chat, whose template writes any it wants, unless the request says."""
     text = text_request.prompt
-    if text_request.messages is not None:  # the template writes any BOS or special markers it wants
+    special = text_request.add_special_tokens
+    if text_request.messages is not None:
         text = render_validated(tokenizer, _messages(text_request), text_request.enable_thinking,
                                 _tools(text_request))
-        add_special_tokens = False
+    if special is None:
+        special = text_request.messages is None
+    # The bound counts the text's tokens alone, which special tokens only add to.
     if max_model_len and (n := tokens_at_least(tokenizer, text, max_model_len)) >= max_model_len:
         return AtLeast(n)
-    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    return list(tokenizer.encode(text, add_special_tokens=special))
 
 
 def tokenize_input(
-    request: pb.GenerateRequest | pb.TokenizeRequest,
-    tokenizer: Any,
-    add_special_tokens: bool = False,
-    limits: TextLimits | None = None,
+    request: pb.GenerateRequest | pb.TokenizeRequest, tokenizer: Any, limits: TextLimits | None = None
 ) -> list[int]:
-    """Token ids of a prompt (as is) or chat messages (through the chat template), after the input rules."""
+    """Token ids of a prompt or chat messages (through the chat template), after the input rules, as Generate
+    would send them (add_special_tokens included)."""
     text_request = text_request_from_proto(request)
     kind = request.WhichOneof("input")
     _run("request", text_request, limits or TextLimits(), only={"input", "prompt", "messages", "tools"}, rename=kind)
-    return _encode(text_request, tokenizer, add_special_tokens)
+    return _encode(text_request, tokenizer)
 
 
 def check_stop_strings(stop: Sequence[str], limits: TextLimits | None = None) -> tuple[str, ...]:
@@ -459,6 +463,9 @@ def prepare(
     if request.WhichOneof("input") == "prompt_token_ids":
         # Already tokenized: the text-option rules, then the id rules under the field's own name.
         _run("request", text_request, limits, only={"stop", "skip_special_tokens", "include_stop_str_in_output"})
+        if request.HasField("add_special_tokens"):
+            raise ValueError("add_special_tokens: applies to a prompt or a chat, which the service tokenizes; "
+                             "prompt_token_ids are sent as they are (add any BOS to the ids), so leave it unset")
         prompt = list(request.prompt_token_ids.ids)
         try:
             validate_prompt_tokens(prompt, limits)  # the length first: it bounds the ids' check
@@ -467,7 +474,7 @@ def prepare(
             raise ValueError(f"prompt_token_ids: {str(exc).split(': ', 1)[1]}") from None
     else:
         _run("request", text_request, limits, rename=request.WhichOneof("input"))
-        prompt = _encode(text_request, tokenizer, add_special_tokens=False, max_model_len=limits.max_model_len)
+        prompt = _encode(text_request, tokenizer, max_model_len=limits.max_model_len)
         # "chat: ..." for a chat; an AtLeast never passes (it is only returned when it does not fit).
         _run("prompt_tokens", prompt, limits, rename=request.WhichOneof("input"))
     params = engine_pb.SamplingParams()

@@ -422,6 +422,30 @@ def test_text_prompts_use_the_model_tokenizer(demo_model_dir):
     assert llm.eos_token_ids  # the demo model's generation_config names its EOS ids
 
 
+def test_text_prompts_get_the_tokenizers_special_tokens(demo_model_dir, tmp_path):
+    """A tokenizer whose post-processor adds a BOS (Llama's) gets it on a text prompt, as tokenizer(text) does:
+    one more prompt token, whose logprobs start at the first text token."""
+    import json
+    import shutil
+
+    model = shutil.copytree(demo_model_dir, tmp_path / "bos_model")
+    spec = json.loads((model / "tokenizer.json").read_text())
+    bos = next(t["id"] for t in spec["added_tokens"] if t["content"] == "<|endoftext|>")
+    spec["post_processor"] = {"type": "TemplateProcessing",
+                              "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
+                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                              "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [bos],
+                                                                   "tokens": ["<|endoftext|>"]}}}
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=0)
+    with LLM(model, device="cpu", max_num_seqs=2, max_model_len=256) as llm:
+        text_ids = llm.tokenizer.encode("Hello there", add_special_tokens=False)
+        by_text, by_ids = llm.generate(["Hello there", [bos, *text_ids]], params)
+    assert len(by_text["prompt_logprobs"]) == len(text_ids)  # BOS + the text, less the first token
+    assert by_text["token_ids"] == by_ids["token_ids"]
+
+
 def test_on_launch_runs_once_per_step_before_the_forward(model_dir, monkeypatch):
     calls = []
     with _engine(model_dir) as engine:

@@ -112,6 +112,20 @@ def test_cli_usage_names_the_finish_reason(service, capsys):
     assert "[finish=LENGTH prompt_tokens=" in err and "completion_tokens=3" in err, err
 
 
+def test_add_special_tokens_is_sent_only_when_given():
+    """Unset leaves the service's default (true for a prompt, false for a chat); prompt_token_ids take none."""
+    from clients.text_client import _tokenize_request
+
+    assert not generate_request("x").HasField("add_special_tokens")
+    assert generate_request("x", add_special_tokens=False).add_special_tokens is False
+    chat = generate_request(messages=[{"role": "user", "content": "Hi"}], add_special_tokens=True)
+    assert chat.HasField("add_special_tokens") and chat.add_special_tokens is True
+    with pytest.raises(ValueError, match="prompt_token_ids are sent as they are"):
+        generate_request(prompt_token_ids=[1, 2], add_special_tokens=True)
+    assert not _tokenize_request("x", None, None, None).HasField("add_special_tokens")
+    assert _tokenize_request("x", None, False, None).HasField("add_special_tokens")
+
+
 def test_enable_thinking_travels_from_the_client_to_the_chat_template(demo_model_dir, tmp_path, service):
     """chat.enable_thinking: set through the client, rendered by a template with Qwen3's switch, refused by
     one without it (the demo model's), and refused for a plain prompt by the client library."""

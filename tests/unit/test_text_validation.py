@@ -171,3 +171,44 @@ def test_stop_token_ids_are_bounded_at_the_door(demo_tokenizer):
     request.sampling_params.ClearField("stop_token_ids")
     request.sampling_params.stop_token_ids.extend([7] * 5000)  # repeats of one id are one id
     assert list(prepare(request, demo_tokenizer, {}, 1000, TextLimits()).engine_request.sampling_params.stop_token_ids)
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(demo_tokenizer):
+    """The demo tokenizer with a post-processor that puts a BOS (<|endoftext|>) before the text, as Llama's does."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    tok = copy.deepcopy(demo_tokenizer)
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A",
+                                                              special_tokens=[("<|endoftext|>", bos)])
+    return tok, bos
+
+
+def _prompt_ids(tok, **kwargs) -> list[int]:
+    return list(prepare(_generate_request(**kwargs), tok, {}, max_model_len=256).engine_request.prompt_token_ids)
+
+
+def test_add_special_tokens_defaults_to_true_for_a_prompt_and_false_for_a_chat(bos_tokenizer) -> None:
+    """As transformers' tokenizer(text) and vLLM's completions: a prompt gets the tokenizer's BOS, a chat gets what
+    its template writes; the request can say otherwise, and Tokenize gives what Generate sends."""
+    tok, bos = bos_tokenizer
+    text = tok.encode("the sea is deep", add_special_tokens=False)
+    assert _prompt_ids(tok, prompt="the sea is deep") == [bos, *text]
+    assert _prompt_ids(tok, prompt="the sea is deep", add_special_tokens=False) == text
+    chat = pb.Chat(messages=[pb.ChatMessage(role="user", content="hi")])
+    rendered = encode_chat(tok, [{"role": "user", "content": "hi"}])
+    assert rendered[0] != bos
+    assert _prompt_ids(tok, chat=chat) == rendered
+    assert _prompt_ids(tok, chat=chat, add_special_tokens=True) == [bos, *rendered]
+    assert tokenize_input(pb.TokenizeRequest(text="the sea is deep"), tok) == [bos, *text]
+    assert tokenize_input(pb.TokenizeRequest(text="the sea is deep", add_special_tokens=False), tok) == text
+    assert tokenize_input(pb.TokenizeRequest(chat=chat), tok) == rendered
+
+
+def test_add_special_tokens_is_refused_with_prompt_token_ids(demo_tokenizer) -> None:
+    request = _generate_request(prompt_token_ids=pb.TokenIds(ids=[1, 2]), add_special_tokens=True)
+    with pytest.raises(ValueError, match=r"^add_special_tokens: applies to a prompt or a chat"):
+        prepare(request, demo_tokenizer, {}, max_model_len=64)
