@@ -101,7 +101,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("gqa", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("gqa", [1, 2, 3, 4, 5, 7])  # 7: Qwen2.5 (28 or 14 query heads on 4 or 2)
 def test_paged_attention_cases_and_gqa(case, gqa):
     q_lens, ctx = CASES[case]
     num_kv = 2 if gqa < 4 else 1
