@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json-schema", default=None, metavar="FILE",
                         help="the output is one JSON object that the JSON Schema in FILE describes (response_format "
                              "json_schema)")
+    parser.add_argument("--n", type=int, default=None, metavar="N",
+                        help="completions of the prompt (1-16; with --seed, completion i uses seed + i), each printed "
+                             "whole once all have ended")
     parser.add_argument("--timeout", type=float, default=None, help="the request's deadline in seconds")
     parser.add_argument("--usage", action="store_true", help="print the finish reason and token usage")
     parser.add_argument("--logprobs", type=int, default=None, metavar="N",
@@ -115,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                     frequency_penalty=args.frequency_penalty, logit_bias=logit_bias or None,
                     response_format="json_schema" if args.json_schema else "json_object" if args.json else None,
                     json_schema=_read_json_schema(parser, args.json_schema))
+    several = args.n is not None and args.n > 1
+    if several and (args.tools or args.logprobs is not None):
+        parser.error("--tools and --logprobs apply to one completion; leave out --n, or set it to 1")
     if (args.thinking is not None or args.tools) and not args.chat:
         print("llm-client: --thinking and --tools apply to --chat only", file=sys.stderr)
         return 2
@@ -141,19 +147,22 @@ def main(argv: list[str] | None = None) -> int:
                 messages = ([{"role": "system", "content": args.system}] if args.system else [])
                 messages.append({"role": "user", "content": args.text})
                 thinking = None if args.thinking is None else args.thinking == "on"
-                stream = client.chat(messages, stop=args.stop, enable_thinking=thinking, tools=tools, **sampling)
+                stream = client.chat(messages, stop=args.stop, enable_thinking=thinking, tools=tools, n=args.n,
+                                     **sampling)
             else:
-                stream = client.generate(args.text, stop=args.stop, **sampling)
+                stream = client.generate(args.text, stop=args.stop, n=args.n, **sampling)
         except ValueError as exc:  # a value the protocol cannot carry, e.g. --seed past 2**64
             print(f"llm-client: {exc}", file=sys.stderr)
             return 2
         last = None
-        logprobs, prompt_logprobs, text = [], [], []
+        logprobs, prompt_logprobs, text, chunks = [], [], [], []
         try:
             for chunk in stream:
+                chunks.append(chunk)
                 text.append(chunk.text)
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
+                if not several:  # several completions interleave: each is printed whole at the end
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
                 prompt_logprobs.extend(chunk.prompt_logprobs)
                 logprobs.extend(chunk.logprobs)
                 last = chunk
@@ -167,7 +176,17 @@ def main(argv: list[str] | None = None) -> int:
         except grpc.RpcError as exc:
             print(f"\nllm-client: {exc.code().name}: {exc.details()}{connect_hint(exc, tls)}", file=sys.stderr)
             return 1
-    print()
+    if several:
+        completions: dict[int, list[str]] = {}
+        for chunk in chunks:
+            completions.setdefault(chunk.index, []).append(chunk.text)
+        for index in sorted(completions):
+            end = stream.ends.get(index)
+            reason = text_pb2.FinishReason.Name(end.finish_reason).removeprefix("FINISH_REASON_") if end else "?"
+            print(f"--- completion {index} (finish={reason}) ---")
+            print("".join(completions[index]))
+    else:
+        print()
     if tools is not None:
         try:
             for call in parse_tool_calls("".join(text))[1]:
@@ -180,10 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         alternatives = "  ".join(f"{t.token!r} {t.logprob:.4f}" for t in lp.top)
         print(f"{lp.token!r}\t{lp.logprob:.4f}\t{alternatives}", file=sys.stderr)
     if args.usage and last is not None:
-        u = last.usage
-        finish = text_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_")
-        print(f"[finish={finish} prompt_tokens={u.prompt_tokens} completion_tokens="
-              f"{u.completion_tokens} cached_tokens={u.cached_tokens}]", file=sys.stderr)
+        for index, end in sorted(stream.ends.items()):
+            u = end.usage
+            finish = text_pb2.FinishReason.Name(end.finish_reason).removeprefix("FINISH_REASON_")
+            print(f"[{f'completion {index}: ' if several else ''}finish={finish} prompt_tokens={u.prompt_tokens} "
+                  f"completion_tokens={u.completion_tokens} cached_tokens={u.cached_tokens}]", file=sys.stderr)
     return 0
 
 

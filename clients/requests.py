@@ -128,12 +128,13 @@ def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, 
                      request_id: str = "", stop: str | Iterable[str] | None = (), skip_special_tokens: bool | None = None,
                      include_stop_str_in_output: bool = False, deadline_ms: int | None = None,
                      enable_thinking: bool | None = None, tools: Iterable[object] | None = None,
-                     add_special_tokens: bool | None = None, **sampling: object) -> pb.GenerateRequest:
+                     add_special_tokens: bool | None = None, n: int | None = None,
+                     **sampling: object) -> pb.GenerateRequest:
     """A GenerateRequest from a prompt, chat messages ({"role": ..., "content": ...}) or token ids, and sampling
     kwargs. `stop` is one stop string or several; `enable_thinking` (chat only) sets the chat template's thinking
     switch (Qwen3's); `tools` (chat only) are the tools the model may call (see chat); `add_special_tokens`
     (None: the service's default, True for a prompt and False for a chat) whether the tokenizer adds its special
-    tokens, such as Llama's BOS."""
+    tokens, such as Llama's BOS; `n` (None: 1) the completions of the prompt, each streamed on its own index."""
     if sum(x is not None for x in (prompt, messages, prompt_token_ids)) != 1:
         raise ValueError("give exactly one of prompt, messages and prompt_token_ids")
     request = pb.GenerateRequest(request_id=request_id, sampling_params=sampling_params(**sampling),
@@ -153,6 +154,10 @@ def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, 
         if prompt_token_ids is not None:
             raise ValueError("add_special_tokens applies to a prompt or messages; prompt_token_ids are sent as they are")
         request.add_special_tokens = add_special_tokens
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 16:
+            raise ValueError(f"n must be an int from 1 to 16 (completions of the prompt), got {n!r}")
+        request.n = n
     if deadline_ms is not None:
         if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, int) or deadline_ms <= 0:
             raise ValueError(f"deadline_ms must be a positive number of milliseconds, or None for no deadline; got "

@@ -381,8 +381,10 @@ class EnginePool:
         return min((c.info.max_model_len for c in self.ready if c.info), default=0)
 
     async def submit(self, request: pb.NewRequest, timeout_s: float | None,
-                     avoid: Collection[EngineConnection] = ()) -> RequestHandle:
-        """Send request to the least-loaded ready engine, waiting up to engine_wait_s for one.
+                     avoid: Collection[EngineConnection] = (),
+                     prefer: EngineConnection | None = None) -> RequestHandle:
+        """Send request to the least-loaded ready engine (`prefer` where it is ready, able and not avoided: the
+        engine a request's other completions went to), waiting up to engine_wait_s for one.
 
         timeout_s is what is left of the request's deadline: the request carries what remains of it when sent
         (deadline_ms); when it ends the wait, the request fails with DEADLINE_EXCEEDED; when engine_wait_s does,
@@ -405,7 +407,10 @@ class EnginePool:
                 if not ready and not any(self._may_become_able(c, needs) for c in self.conns.values()):
                     raise self._unable(needs, incapable)  # no other engine worth waiting for
             if ready:
-                conn = least_loaded([c for c in ready if c not in avoid] or ready)
+                if prefer is not None and prefer in ready and prefer not in avoid:
+                    conn = prefer
+                else:
+                    conn = least_loaded([c for c in ready if c not in avoid] or ready)
                 if timeout_s is not None:  # capped: "no deadline" sent as a huge value must still fit a uint64
                     left_ms = int((started + timeout_s - time.monotonic()) * 1000)
                     request.deadline_ms = min(max(1, left_ms), MAX_DEADLINE_MS)

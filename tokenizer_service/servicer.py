@@ -25,6 +25,7 @@ from tokenizer_service.metrics import (
 )
 from tokenizer_service.text_stream import TextStream
 from tokenizer_service.validation import (
+    MAX_N,
     PreparedRequest,
     TextLimits,
     prepare,
@@ -64,6 +65,29 @@ def _heavy(request) -> bool:
         return True
     chat = getattr(request, "chat", None)
     return chat is not None and request.HasField("chat") and len(chat.messages) > OFFLOAD_CHAT_MESSAGES
+
+
+def _choice_request(prep: PreparedRequest, index: int) -> engine_pb.NewRequest:
+    """Completion `index`'s engine request: with a seed, seed + index (wrapped into int64's range), so that each
+    completion equals a request with that seed; prompt logprobs asked of the first only (they are the same)."""
+    request = engine_pb.NewRequest()
+    request.CopyFrom(prep.engine_request)
+    params = request.sampling_params
+    if index:
+        if params.HasField("seed"):
+            params.seed = (params.seed + index + 2**63) % 2**64 - 2**63
+        params.ClearField("prompt_logprobs")
+    return request
+
+
+def _sum_parts(trace: RequestTrace, parts: list[RequestTrace]) -> None:
+    """A request's counts from its completions' (n > 1): tokens added up, its first token the earliest."""
+    trace.prompt_tokens = parts[0].prompt_tokens or trace.prompt_tokens
+    trace.completion_tokens = sum(part.completion_tokens for part in parts)
+    trace.cached_tokens = sum(part.cached_tokens for part in parts)
+    trace.detokenize_s = sum(part.detokenize_s for part in parts)
+    trace.first_token = min((part.first_token for part in parts if part.first_token), default=0.0)
+    trace.engine = ",".join(sorted({part.engine for part in parts if part.engine}))
 
 
 class TextServicer(pb_grpc.TextGenerationServicer):
@@ -113,10 +137,13 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         """
         if self.draining:
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "the tokenizer service is draining; retry elsewhere")
-        if self.inflight + self.admitting >= self.max_inflight:
+        # Each of a request's n completions takes a place once it is sent (n is checked by prepare(); bounded here).
+        places = min(max(request.n, 1), MAX_N) if request.HasField("n") else 1
+        if self.inflight + self.admitting + places > self.max_inflight:
             raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"the tokenizer service's queue is full: {self.inflight + self.admitting} requests "
-                                f"in flight (max_inflight {self.max_inflight}); retry later")
+                                f"in flight (max_inflight {self.max_inflight}"
+                                f"{f', and this one has n={places} completions' if places > 1 else ''}); retry later")
         self.admitting += 1
         held = False  # a worker thread left running by a cancelled call keeps its place until it returns
         try:
@@ -176,20 +203,82 @@ class TextServicer(pb_grpc.TextGenerationServicer):
     def _release_admitting(self, work: asyncio.Future) -> None:
         self.admitting -= 1
 
-    async def _generate(self, prep: PreparedRequest, timeout_s: float | None,
-                        trace: RequestTrace) -> AsyncIterator[pb.GenerateResponse]:
-        """The responses of one request; raises RequestFailed. Retries elsewhere only before the first token.
+    def _generate(self, prep: PreparedRequest, timeout_s: float | None,
+                  trace: RequestTrace) -> AsyncIterator[pb.GenerateResponse]:
+        """The responses of one request (of its n completions, each message with its index); raises RequestFailed."""
+        if prep.n == 1:
+            return self._generate_one(prep, prep.engine_request, timeout_s, trace)
+        return self._generate_n(prep, timeout_s, trace)
+
+    async def _generate_n(self, prep: PreparedRequest, timeout_s: float | None,
+                          trace: RequestTrace) -> AsyncIterator[pb.GenerateResponse]:
+        """n completions of one prompt, each an engine request of its own streamed by a task into one bounded queue
+        (a slow reader fills it, then the engines' per-request buffers, which fail the request as for n = 1).
+
+        The first to be sent picks the engine and the others follow it there, so that they find the prompt in its
+        prefix cache. The first error ends them all; `trace` sums their counts, kept current for an abort's usage.
+        """
+        n = prep.n
+        # Each completion keeps its own counts; they are added up into `trace`, the request's one log line (the
+        # completions' traces are never logged: finish() skips a trace already marked logged).
+        parts = [RequestTrace(trace.request_id, start=trace.start, logged=True) for _ in range(n)]
+        placement: list = []  # the engine the first completion was sent to
+        queue: asyncio.Queue = asyncio.Queue(maxsize=16 * n)
+        ended = object()
+
+        async def pump(i: int) -> None:
+            try:
+                async for response in self._generate_one(prep, _choice_request(prep, i), timeout_s, parts[i],
+                                                         placement):
+                    response.index = i
+                    await queue.put(response)
+                await queue.put(ended)
+            except RequestFailed as exc:
+                await queue.put(exc)
+            except Exception as exc:  # a bug must fail the request, not leave the reader waiting for this one
+                log.exception("completion %d of request %s failed", i, trace.request_id)
+                await queue.put(RequestFailed(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+        open_ = n
+        try:
+            while open_:
+                item = await queue.get()
+                if item is ended:
+                    open_ -= 1
+                    continue
+                if isinstance(item, RequestFailed):
+                    raise item
+                _sum_parts(trace, parts)
+                yield item
+        except RequestFailed as exc:
+            trace.finish_reason, trace.error = "error", f"{exc.code.name}: {exc.message}"
+            raise
+        finally:
+            for task in tasks:
+                task.cancel()  # each one's _generate_one closes its engine request
+            _sum_parts(trace, parts)
+            if trace.finish_reason != "error":
+                reasons = {part.finish_reason for part in parts}
+                trace.finish_reason = next((r for r in ("cancelled", "error", "length") if r in reasons), "stop")
+                trace.error = next((part.error for part in parts if part.error), "")
+
+    async def _generate_one(self, prep: PreparedRequest, engine_request: engine_pb.NewRequest,
+                            timeout_s: float | None, trace: RequestTrace,
+                            placement: list | None = None) -> AsyncIterator[pb.GenerateResponse]:
+        """The responses of one engine request; raises RequestFailed. Retries elsewhere only before the first token.
 
         The deadline is fixed once, here: each attempt sends the engine what is left of it (deadline_ms, set by
         pool.submit), and the engine fails the request with DEADLINE_EXCEEDED; so does a retry once it has passed.
+        placement (n > 1): empty, this request's first engine is put in it; else the engine to prefer.
         """
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         text: TextStream | None = None
         handle: RequestHandle | None = None
         sent_tokens, cached, attempts = False, 0, 0
         tried: set = set()  # engines this request was sent to: a retry prefers the others
-        wants_logprobs = prep.engine_request.sampling_params.HasField("logprobs")
-        owed_prompt_logprobs = prep.engine_request.sampling_params.HasField("prompt_logprobs")
+        wants_logprobs = engine_request.sampling_params.HasField("logprobs")
+        owed_prompt_logprobs = engine_request.sampling_params.HasField("prompt_logprobs")
         self.inflight += 1  # before the next await: admitting and inflight together bound max_inflight
         try:
             text_args = (self.tokenizer, prep.stop, prep.skip_special_tokens, prep.include_stop_str_in_output,
@@ -201,7 +290,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 text = TextStream(*text_args)
             while True:
                 request = engine_pb.NewRequest()
-                request.CopyFrom(prep.engine_request)
+                request.CopyFrom(engine_request)
                 request.trace_id = trace.request_id
                 left = None
                 if deadline is not None:
@@ -211,7 +300,10 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             f"the request's deadline ({timeout_s:.3f}s) passed after {attempts} attempt(s) on engines "
                             "that were lost before the first token") if attempts else
                             "the request's deadline passed before it was sent to an engine")
-                handle = await self.pool.submit(request, left, avoid=tried)  # sets deadline_ms
+                prefer = placement[0] if placement else None
+                handle = await self.pool.submit(request, left, avoid=tried, prefer=prefer)  # sets deadline_ms
+                if placement is not None and not placement:
+                    placement.append(handle.conn)
                 tried.add(handle.conn)
                 attempts += 1
                 try:

@@ -47,6 +47,7 @@ MAX_LOGPROBS = 20  # the engine's bound on logprobs and prompt_logprobs (engine_
 MAX_LOGIT_BIAS_TOKENS = 1024  # the engine's bound (engine_service/sampling_params.py)
 # Wire bytes of one prompt logprob at most, and of each alternative: the engine's rule (engine_service/streams.py).
 LOGPROB_BYTES, LOGPROB_BYTES_PER_ALTERNATIVE = 17, 9
+MAX_N = 16  # completions of one prompt (GenerateRequest.n)
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos",
                    "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty", "prompt_logprobs")
 # generation_config.json keys that are sampling parameters here.
@@ -345,6 +346,7 @@ class PreparedRequest:
     skip_special_tokens: bool
     include_stop_str_in_output: bool
     num_prompt_tokens: int
+    n: int = 1  # completions of the prompt, each its own engine request
 
 
 def read_json(path: Path) -> dict:
@@ -477,6 +479,9 @@ def prepare(
         prompt = _encode(text_request, tokenizer, max_model_len=limits.max_model_len)
         # "chat: ..." for a chat; an AtLeast never passes (it is only returned when it does not fit).
         _run("prompt_tokens", prompt, limits, rename=request.WhichOneof("input"))
+    choices = request.n if request.HasField("n") else 1
+    if not 1 <= choices <= MAX_N:
+        raise ValueError(f"n: the number of completions must be 1 to {MAX_N}, got {choices}")
     params = engine_pb.SamplingParams()
     source = request.sampling_params
     for name in SAMPLING_FIELDS:
@@ -518,4 +523,5 @@ def prepare(
         skip_special_tokens=text_request.skip_special_tokens,
         include_stop_str_in_output=text_request.include_stop_str_in_output,
         num_prompt_tokens=len(prompt),
+        n=choices,
     )

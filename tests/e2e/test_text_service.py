@@ -495,3 +495,57 @@ def test_multiplexed_text_stream(stack):
     assert last["b"].finish_reason == pb.FINISH_REASON_ABORT
     assert last["c"].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert_all_blocks_free(stack[3])
+
+
+def test_n_completions_equal_requests_with_their_seeds_and_share_the_prompt(stack):
+    """n = 3 with seed 11: completion i equals a request with seed 11 + i alone; the three went to one engine, where
+    the second and third found the prompt in the prefix cache; prompt logprobs come once, before any token."""
+    _, _, text, eng = stack
+    prompt = "Completions of one prompt, n = 3: " + "the tide comes in and the tide goes out. " * 4
+    params = dict(temperature=0.9, max_tokens=10, ignore_eos=True)
+    stream = text.generate(prompt, n=3, seed=11, prompt_logprobs=0, **params)
+    chunks = list(stream)
+    ids = {i: [t for c in chunks if c.index == i for t in c.token_ids] for i in range(3)}
+    assert sorted({c.index for c in chunks}) == [0, 1, 2] and sorted(stream.ends) == [0, 1, 2]
+    prompt_len = len(text.tokenize(prompt))
+    assert sum(len(c.prompt_logprobs) for c in chunks) == prompt_len - 1
+    assert all(c.index == 0 for c in chunks if c.prompt_logprobs)
+    for i, end in stream.ends.items():
+        assert end.finish_reason == pb.FINISH_REASON_LENGTH
+        assert end.usage.completion_tokens == len(ids[i]) == 10 and end.usage.prompt_tokens == prompt_len
+    assert stream.ends[0].usage.cached_tokens == 0  # prompt logprobs: the first computes its whole prompt
+    assert stream.ends[1].usage.cached_tokens >= 16 and stream.ends[2].usage.cached_tokens >= 16
+    for i in range(3):
+        alone = list(text.generate(prompt, seed=11 + i, **params))
+        assert [t for c in alone for t in c.token_ids] == ids[i]
+    assert len({tuple(v) for v in ids.values()}) == 3  # sampled at 0.9 with three seeds: three completions
+    assert_all_blocks_free(eng)
+
+
+def test_n_is_bounded_and_text_asks_for_texts(stack):
+    _, _, text, _ = stack
+    with pytest.raises(grpc.RpcError) as refused:
+        list(text._stub.Generate(pb.GenerateRequest(prompt="hi", n=17)))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details().startswith("n: the number of completions must be 1 to 16, got 17")
+    with pytest.raises(ValueError, match="read them with texts"):
+        text.generate("hi", n=2, max_tokens=2).text()
+    texts = text.generate("hi", n=2, max_tokens=3, temperature=0.0).texts()
+    assert len(texts) == 2 and texts[0] == texts[1]  # greedy: the same completion twice
+
+
+def test_cli_prints_n_completions_whole(stack, capsys):
+    from clients.cli import main
+
+    _, tokenizer, text, _ = stack
+    args = ["Once upon a time", "--target", tokenizer.target, "--max-tokens", "6", "--temperature", "0.8",
+            "--seed", "3", "--timeout", "30"]
+    assert main([*args, "--n", "2", "--usage"]) == 0
+    out = capsys.readouterr()
+    want = [text.generate("Once upon a time", max_tokens=6, temperature=0.8, seed=3 + i).text() for i in range(2)]
+    assert out.out == "".join(f"--- completion {i} (finish=LENGTH) ---\n{want[i]}\n" for i in range(2))
+    assert out.err.splitlines() == [f"[completion {i}: finish=LENGTH prompt_tokens="
+                                    f"{len(text.tokenize('Once upon a time'))} completion_tokens=6 cached_tokens="
+                                    f"{line.rsplit('=', 1)[1]}" for i, line in enumerate(out.err.splitlines())]
+    with pytest.raises(SystemExit):
+        main([*args, "--n", "2", "--logprobs", "1"])

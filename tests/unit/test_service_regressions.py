@@ -253,7 +253,7 @@ class _LosingPool:
     def __init__(self) -> None:
         self.timeouts: list[float | None] = []
 
-    async def submit(self, request, timeout_s, avoid=None):
+    async def submit(self, request, timeout_s, avoid=None, prefer=None):
         self.timeouts.append(timeout_s)
         return _LostBeforeFirstToken(0.3)
 

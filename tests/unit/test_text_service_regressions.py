@@ -93,7 +93,7 @@ class _SlowToCancelPool:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def submit(self, request, timeout_s, avoid=None):
+    async def submit(self, request, timeout_s, avoid=None, prefer=None):
         self.calls += 1
         if self.calls == 1:
             try:
@@ -148,7 +148,7 @@ class _RecordingPool:
     def __init__(self) -> None:
         self.timeouts: dict[str, float | None] = {}
 
-    async def submit(self, request, timeout_s, avoid=None):
+    async def submit(self, request, timeout_s, avoid=None, prefer=None):
         self.timeouts[request.trace_id.rpartition("/")[2]] = timeout_s
         raise RequestFailed(grpc.StatusCode.INTERNAL, "recorded")
 
@@ -196,7 +196,7 @@ class _SilentPool:
 
     max_model_len = 1000
 
-    async def submit(self, request, timeout_s, avoid=None):
+    async def submit(self, request, timeout_s, avoid=None, prefer=None):
         class Conn:
             address = "silent:1"
 
@@ -923,3 +923,113 @@ def test_the_tokenizer_services_start_up_heap_is_frozen_while_serving(demo_model
         server.stop()
     assert frozen > 1000, frozen
     assert gc.get_freeze_count() == 0
+
+
+def _eventually(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        time.sleep(0.02)
+
+
+def test_n_completions_end_together_at_the_first_error(demo_model_dir, demo_tokenizer):
+    """n = 3 with a seed: three engine requests, seeds 7, 8 and 9. The engine refuses the second: the call fails
+    with its status, and the other two are aborted in the engine, not left generating."""
+    fake = FakeEngine(vocab_size=json.loads((demo_model_dir / "config.json").read_text())["vocab_size"],
+                      max_model_len=100_000, step_s=0.02)
+    seen: list[int | None] = []
+    add = fake.add_request
+
+    def add_request(request_id, prompt_token_ids, sampling_params):
+        seen.append(sampling_params.seed)
+        if sampling_params.seed == 8:
+            raise ValueError("seed 8 is refused by this test")
+        add(request_id, prompt_token_ids, sampling_params)
+
+    fake.add_request = add_request
+    from tokenizer_service.validation import read_eos_token_ids
+
+    fake.model_info["eos_token_ids"] = sorted(read_eos_token_ids(str(demo_model_dir), demo_tokenizer,
+                                                                 fake.model_info["vocab_size"]))
+    engine = Running(fake)
+    server = TextServer(demo_model_dir, engines=engine.target)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.TextGenerationStub(channel)
+            wait_ready(stub)
+            seen.clear()
+            request = pb.GenerateRequest(prompt="the sea is deep", n=3,
+                                         sampling_params=pb.SamplingParams(max_tokens=5000, seed=7, ignore_eos=True))
+            with pytest.raises(grpc.RpcError) as failed:
+                list(stub.Generate(request, timeout=30))
+            assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "seed 8 is refused" in failed.value.details()
+            assert sorted(seen) == [7, 8, 9]
+            _eventually(lambda: not fake.reqs)  # the other two were aborted, not left to run 5,000 tokens
+    finally:
+        server.stop()
+        assert engine.stop() == 0
+
+
+def test_n_completions_stream_on_their_index_and_abort_as_one(demo_model_dir, demo_tokenizer):
+    """GenerateMulti with n = 2: each completion ends with its own message (its usage); an abort of the request ends
+    both with one ABORT message whose usage counts both completions' tokens."""
+    engine = demo_engine(demo_model_dir, demo_tokenizer, step_s=0.02)
+    server = TextServer(demo_model_dir, engines=engine.target)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.TextGenerationStub(channel)
+            wait_ready(stub)
+            aborts: queue.Queue = queue.Queue()
+
+            def frames():
+                yield pb.MultiRequest(generate=pb.GenerateRequest(
+                    request_id="short", prompt="the sea", n=2, sampling_params=pb.SamplingParams(max_tokens=4)))
+                yield pb.MultiRequest(generate=pb.GenerateRequest(
+                    request_id="long", prompt="the sea is deep", n=2,
+                    sampling_params=pb.SamplingParams(max_tokens=5000, ignore_eos=True)))
+                yield aborts.get()
+
+            tokens: dict[tuple[str, int], int] = {}
+            ends: dict[str, list[pb.GenerateResponse]] = {"short": [], "long": []}
+            for response in stub.GenerateMulti(frames(), timeout=30):
+                key = (response.request_id, response.index)
+                tokens[key] = tokens.get(key, 0) + len(response.token_ids)
+                if response.finish_reason:
+                    ends[response.request_id].append(response)
+                if response.request_id == "long" and min(tokens.get(("long", i), 0) for i in (0, 1)) >= 3 \
+                        and aborts.empty():
+                    aborts.put(pb.MultiRequest(abort_request_id="long"))
+                if ends["long"] and len(ends["short"]) == 2:
+                    break
+        assert sorted(end.index for end in ends["short"]) == [0, 1]
+        for end in ends["short"]:
+            assert end.finish_reason == pb.FINISH_REASON_LENGTH
+            assert end.usage.completion_tokens == tokens[("short", end.index)] == 4
+        [abort] = ends["long"]
+        assert abort.finish_reason == pb.FINISH_REASON_ABORT
+        assert abort.usage.completion_tokens >= tokens[("long", 0)] + tokens[("long", 1)] >= 6
+        _eventually(lambda: not engine.engine.reqs)
+    finally:
+        server.stop()
+        assert engine.stop() == 0
+
+
+def test_each_of_n_completions_takes_a_place_in_max_inflight(demo_model_dir, demo_tokenizer):
+    engine = demo_engine(demo_model_dir, demo_tokenizer)
+    server = TextServer(demo_model_dir, engines=engine.target, max_inflight=3)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.TextGenerationStub(channel)
+            wait_ready(stub)
+            params = pb.SamplingParams(max_tokens=2)
+            ends = [r for r in stub.Generate(pb.GenerateRequest(prompt="the sea", n=3, sampling_params=params),
+                                             timeout=30) if r.finish_reason]
+            assert sorted(r.index for r in ends) == [0, 1, 2]
+            with pytest.raises(grpc.RpcError) as full:
+                list(stub.Generate(pb.GenerateRequest(prompt="the sea", n=4, sampling_params=params), timeout=30))
+            assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_inflight 3, and this one has n=4 completions" in full.value.details()
+    finally:
+        server.stop()
+        assert engine.stop() == 0

@@ -212,3 +212,13 @@ def test_add_special_tokens_is_refused_with_prompt_token_ids(demo_tokenizer) -> 
     request = _generate_request(prompt_token_ids=pb.TokenIds(ids=[1, 2]), add_special_tokens=True)
     with pytest.raises(ValueError, match=r"^add_special_tokens: applies to a prompt or a chat"):
         prepare(request, demo_tokenizer, {}, max_model_len=64)
+
+
+@pytest.mark.parametrize("n,ok", [(None, True), (1, True), (16, True), (0, False), (17, False)])
+def test_n_is_1_to_16(demo_tokenizer, n, ok) -> None:
+    request = _generate_request(prompt="hi", **({} if n is None else {"n": n}))
+    if ok:
+        assert prepare(request, demo_tokenizer, {}, max_model_len=64).n == (n or 1)
+    else:
+        with pytest.raises(ValueError, match=rf"^n: the number of completions must be 1 to 16, got {n}$"):
+            prepare(request, demo_tokenizer, {}, max_model_len=64)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/llmserve/text/v1/text.proto\x12\x10llmserve.text.v1\"\xff\x05\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x17\n\nignore_eos\x18\t \x01(\x08H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\t\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\n\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x0b\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\x05H\x0c\x88\x01\x01\x12\x43\n\nlogit_bias\x18\x0f \x03(\x0b\x32/.llmserve.text.v1.SamplingParams.LogitBiasEntry\x12\x39\n\x0fresponse_format\x18\x10 \x01(\x0e\x32 .llmserve.text.v1.ResponseFormat\x12\x13\n\x0bjson_schema\x18\x11 \x01(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x12\n\x10_prompt_logprobs\"r\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12.\n\ntool_calls\x18\x03 \x03(\x0b\x32\x1a.llmserve.text.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"7\n\x08ToolCall\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\targuments\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\"x\n\x04\x43hat\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.llmserve.text.v1.ChatMessage\x12\x1c\n\x0f\x65nable_thinking\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\r\n\x05tools\x18\x03 \x03(\tB\x12\n\x10_enable_thinking\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xa9\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12&\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x16.llmserve.text.v1.ChatH\x00\x12\x36\n\x10prompt_token_ids\x18\t \x01(\x0b\x32\x1a.llmserve.text.v1.TokenIdsH\x00\x12\x39\n\x0fsampling_params\x18\x04 \x01(\x0b\x32 .llmserve.text.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12 \n\x13skip_special_tokens\x18\x06 \x01(\x08H\x01\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x07 \x01(\x08\x12\x18\n\x0b\x64\x65\x61\x64line_ms\x18\x08 \x01(\x04H\x02\x88\x01\x01\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\n \x01(\x08H\x03\x88\x01\x01\x42\x07\n\x05inputB\x16\n\x14_skip_special_tokensB\x0e\n\x0c_deadline_msB\x15\n\x13_add_special_tokens\"i\n\x0cMultiRequest\x12\x35\n\x08generate\x18\x01 \x01(\x0b\x32!.llmserve.text.v1.GenerateRequestH\x00\x12\x1a\n\x10\x61\x62ort_request_id\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"l\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12)\n\x03top\x18\x04 \x03(\x0b\x32\x1c.llmserve.text.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xd2\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x35\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1e.llmserve.text.v1.FinishReason\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.llmserve.text.v1.Usage\x12(\n\x06status\x18\x06 \x01(\x0b\x32\x18.llmserve.text.v1.Status\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12\x31\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1f.llmserve.text.v1.TokenLogprobs\x12\x38\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1f.llmserve.text.v1.TokenLogprobs\"\x8a\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x16.llmserve.text.v1.ChatH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xa3\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\reos_token_ids\x18\x03 \x03(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\x12\x13\n\x0bnum_engines\x18\x06 \x01(\r\x12\x10\n\x08\x66\x65\x61tures\x18\x07 \x03(\t*l\n\x0eResponseFormat\x12\x18\n\x14RESPONSE_FORMAT_TEXT\x10\x00\x12\x1f\n\x1bRESPONSE_FORMAT_JSON_OBJECT\x10\x01\x12\x1f\n\x1bRESPONSE_FORMAT_JSON_SCHEMA\x10\x02*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xbe\x03\n\x0eTextGeneration\x12S\n\x08Generate\x12!.llmserve.text.v1.GenerateRequest\x1a\".llmserve.text.v1.GenerateResponse0\x01\x12W\n\rGenerateMulti\x12\x1e.llmserve.text.v1.MultiRequest\x1a\".llmserve.text.v1.GenerateResponse(\x01\x30\x01\x12Q\n\x08Tokenize\x12!.llmserve.text.v1.TokenizeRequest\x1a\".llmserve.text.v1.TokenizeResponse\x12W\n\nDetokenize\x12#.llmserve.text.v1.DetokenizeRequest\x1a$.llmserve.text.v1.DetokenizeResponse\x12R\n\x0cGetModelInfo\x12%.llmserve.text.v1.GetModelInfoRequest\x1a\x1b.llmserve.text.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/llmserve/text/v1/text.proto\x12\x10llmserve.text.v1\"\xff\x05\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x17\n\nignore_eos\x18\t \x01(\x08H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\t\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\n\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x0b\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\x05H\x0c\x88\x01\x01\x12\x43\n\nlogit_bias\x18\x0f \x03(\x0b\x32/.llmserve.text.v1.SamplingParams.LogitBiasEntry\x12\x39\n\x0fresponse_format\x18\x10 \x01(\x0e\x32 .llmserve.text.v1.ResponseFormat\x12\x13\n\x0bjson_schema\x18\x11 \x01(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x12\n\x10_prompt_logprobs\"r\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12.\n\ntool_calls\x18\x03 \x03(\x0b\x32\x1a.llmserve.text.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"7\n\x08ToolCall\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\targuments\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\"x\n\x04\x43hat\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.llmserve.text.v1.ChatMessage\x12\x1c\n\x0f\x65nable_thinking\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\r\n\x05tools\x18\x03 \x03(\tB\x12\n\x10_enable_thinking\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xbf\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12&\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x16.llmserve.text.v1.ChatH\x00\x12\x36\n\x10prompt_token_ids\x18\t \x01(\x0b\x32\x1a.llmserve.text.v1.TokenIdsH\x00\x12\x39\n\x0fsampling_params\x18\x04 \x01(\x0b\x32 .llmserve.text.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12 \n\x13skip_special_tokens\x18\x06 \x01(\x08H\x01\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x07 \x01(\x08\x12\x18\n\x0b\x64\x65\x61\x64line_ms\x18\x08 \x01(\x04H\x02\x88\x01\x01\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\n \x01(\x08H\x03\x88\x01\x01\x12\x0e\n\x01n\x18\x0b \x01(\rH\x04\x88\x01\x01\x42\x07\n\x05inputB\x16\n\x14_skip_special_tokensB\x0e\n\x0c_deadline_msB\x15\n\x13_add_special_tokensB\x04\n\x02_n\"i\n\x0cMultiRequest\x12\x35\n\x08generate\x18\x01 \x01(\x0b\x32!.llmserve.text.v1.GenerateRequestH\x00\x12\x1a\n\x10\x61\x62ort_request_id\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"l\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12)\n\x03top\x18\x04 \x03(\x0b\x32\x1c.llmserve.text.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xe1\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x35\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1e.llmserve.text.v1.FinishReason\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.llmserve.text.v1.Usage\x12(\n\x06status\x18\x06 \x01(\x0b\x32\x18.llmserve.text.v1.Status\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12\x31\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1f.llmserve.text.v1.TokenLogprobs\x12\r\n\x05index\x18\n \x01(\r\x12\x38\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1f.llmserve.text.v1.TokenLogprobs\"\x8a\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x16.llmserve.text.v1.ChatH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xa3\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\reos_token_ids\x18\x03 \x03(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\x12\x13\n\x0bnum_engines\x18\x06 \x01(\r\x12\x10\n\x08\x66\x65\x61tures\x18\x07 \x03(\t*l\n\x0eResponseFormat\x12\x18\n\x14RESPONSE_FORMAT_TEXT\x10\x00\x12\x1f\n\x1bRESPONSE_FORMAT_JSON_OBJECT\x10\x01\x12\x1f\n\x1bRESPONSE_FORMAT_JSON_SCHEMA\x10\x02*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xbe\x03\n\x0eTextGeneration\x12S\n\x08Generate\x12!.llmserve.text.v1.GenerateRequest\x1a\".llmserve.text.v1.GenerateResponse0\x01\x12W\n\rGenerateMulti\x12\x1e.llmserve.text.v1.MultiRequest\x1a\".llmserve.text.v1.GenerateResponse(\x01\x30\x01\x12Q\n\x08Tokenize\x12!.llmserve.text.v1.TokenizeRequest\x1a\".llmserve.text.v1.TokenizeResponse\x12W\n\nDetokenize\x12#.llmserve.text.v1.DetokenizeRequest\x1a$.llmserve.text.v1.DetokenizeResponse\x12R\n\x0cGetModelInfo\x12%.llmserve.text.v1.GetModelInfoRequest\x1a\x1b.llmserve.text.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_RESPONSEFORMAT']._serialized_start=2822
-  _globals['_RESPONSEFORMAT']._serialized_end=2930
-  _globals['_FINISHREASON']._serialized_start=2933
-  _globals['_FINISHREASON']._serialized_end=3078
+  _globals['_RESPONSEFORMAT']._serialized_start=2859
+  _globals['_RESPONSEFORMAT']._serialized_end=2967
+  _globals['_FINISHREASON']._serialized_start=2970
+  _globals['_FINISHREASON']._serialized_end=3115
   _globals['_SAMPLINGPARAMS']._serialized_start=57
   _globals['_SAMPLINGPARAMS']._serialized_end=824
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=577
@@ -50,31 +50,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=1121
   _globals['_TOKENIDS']._serialized_end=1144
   _globals['_GENERATEREQUEST']._serialized_start=1147
-  _globals['_GENERATEREQUEST']._serialized_end=1572
-  _globals['_MULTIREQUEST']._serialized_start=1574
-  _globals['_MULTIREQUEST']._serialized_end=1679
-  _globals['_USAGE']._serialized_start=1681
-  _globals['_USAGE']._serialized_end=1761
-  _globals['_STATUS']._serialized_start=1763
-  _globals['_STATUS']._serialized_end=1802
-  _globals['_TOKENLOGPROBS']._serialized_start=1804
-  _globals['_TOKENLOGPROBS']._serialized_end=1912
-  _globals['_TOPLOGPROB']._serialized_start=1914
-  _globals['_TOPLOGPROB']._serialized_end=1976
-  _globals['_GENERATERESPONSE']._serialized_start=1979
-  _globals['_GENERATERESPONSE']._serialized_end=2317
-  _globals['_TOKENIZEREQUEST']._serialized_start=2320
-  _globals['_TOKENIZEREQUEST']._serialized_end=2458
-  _globals['_TOKENIZERESPONSE']._serialized_start=2460
-  _globals['_TOKENIZERESPONSE']._serialized_end=2497
-  _globals['_DETOKENIZEREQUEST']._serialized_start=2499
-  _globals['_DETOKENIZEREQUEST']._serialized_end=2595
-  _globals['_DETOKENIZERESPONSE']._serialized_start=2597
-  _globals['_DETOKENIZERESPONSE']._serialized_end=2631
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2633
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2654
-  _globals['_MODELINFO']._serialized_start=2657
-  _globals['_MODELINFO']._serialized_end=2820
-  _globals['_TEXTGENERATION']._serialized_start=3081
-  _globals['_TEXTGENERATION']._serialized_end=3527
+  _globals['_GENERATEREQUEST']._serialized_end=1594
+  _globals['_MULTIREQUEST']._serialized_start=1596
+  _globals['_MULTIREQUEST']._serialized_end=1701
+  _globals['_USAGE']._serialized_start=1703
+  _globals['_USAGE']._serialized_end=1783
+  _globals['_STATUS']._serialized_start=1785
+  _globals['_STATUS']._serialized_end=1824
+  _globals['_TOKENLOGPROBS']._serialized_start=1826
+  _globals['_TOKENLOGPROBS']._serialized_end=1934
+  _globals['_TOPLOGPROB']._serialized_start=1936
+  _globals['_TOPLOGPROB']._serialized_end=1998
+  _globals['_GENERATERESPONSE']._serialized_start=2001
+  _globals['_GENERATERESPONSE']._serialized_end=2354
+  _globals['_TOKENIZEREQUEST']._serialized_start=2357
+  _globals['_TOKENIZEREQUEST']._serialized_end=2495
+  _globals['_TOKENIZERESPONSE']._serialized_start=2497
+  _globals['_TOKENIZERESPONSE']._serialized_end=2534
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2536
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2632
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2634
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2668
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2670
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2691
+  _globals['_MODELINFO']._serialized_start=2694
+  _globals['_MODELINFO']._serialized_end=2857
+  _globals['_TEXTGENERATION']._serialized_start=3118
+  _globals['_TEXTGENERATION']._serialized_end=3564
 # @@protoc_insertion_point(module_scope)
