@@ -164,12 +164,17 @@ class ModelConfig:
         if missing:
             raise ValueError(f"config.json lacks {missing}, which a {model_type} config holds; is it the model's "
                              "own?")
+        act = cfg.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):  # transformers' ACT2FN takes both for SiLU
+            raise ValueError(f"hidden_act {act!r} is not implemented: the engine's MLP is SiLU-gated (SwiGLU), so "
+                             "config.json must say 'silu'")
+        cfg = {**FAMILY_DEFAULTS[model_type], **cfg}  # what transformers' config class sets for an omitted key
 
         # transformers 5 keeps RoPE settings in rope_parameters; transformers 4 in rope_theta / rope_scaling. A
         # rope_scaling added to a transformers 5 config (as Qwen3's model cards say to) wins, as in transformers 5.
         rope = {**_rope_keys(cfg.get("rope_parameters")), **_rope_keys(cfg.get("rope_scaling"))}
         rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        max_positions = cfg.get("max_position_embeddings", 32768)
+        max_positions = cfg["max_position_embeddings"]
         rope_scaling = RopeScaling.from_dict(rope, cfg, max_positions)
         heads = cfg["num_attention_heads"]
         return cls(
@@ -203,6 +208,14 @@ FAMILY_PARTS = {
     "mistral": lambda cfg: dict(qk_norm=False),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_PARTS)
+# model_type -> the values transformers' config class gives keys config.json omits (an explicit null
+# num_key_value_heads or head_dim still means one per query head, or hidden_size / heads).
+FAMILY_DEFAULTS = {
+    "qwen3": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "head_dim": 128},
+    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32},
+    "llama": {"max_position_embeddings": 2048},
+    "mistral": {"max_position_embeddings": 131072, "num_key_value_heads": 8},
+}
 
 
 def _sliding_window(model_type: str, cfg: dict) -> int | None:

@@ -148,3 +148,32 @@ def test_tp2_with_every_llama_bias_matches_one_rank(tmp_path):
     with LLM(tmp_path, tensor_parallel_size=2, **args) as two:
         got = [o["token_ids"] for o in two.generate(prompts, params)]
     assert got == expected and all(len(t) == 8 for t in got)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen2", "llama", "mistral"])
+def test_omitted_keys_take_the_family_defaults_transformers_gives(model_type):
+    """A config.json without max_position_embeddings, num_key_value_heads or head_dim reads as transformers'
+    config class reads it, which differs by family (Llama 2,048 positions, Mistral 8 KV heads, Qwen3 head_dim 128)."""
+    import transformers
+
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[model_type]
+    keys = {"vocab_size": 64, "hidden_size": 256, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 32}
+    theirs = getattr(transformers, f"{name}Config")(**keys)
+    mine = ModelConfig.from_dict({"model_type": model_type, **keys})
+    assert mine.max_position_embeddings == theirs.max_position_embeddings
+    assert mine.num_key_value_heads == theirs.num_key_value_heads
+    assert mine.head_dim == (getattr(theirs, "head_dim", None) or 256 // 32)
+    explicit_null = ModelConfig.from_dict({"model_type": model_type, **keys, "num_key_value_heads": None})
+    assert explicit_null.num_key_value_heads == 32
+
+
+@pytest.mark.parametrize("act,ok", [("silu", True), ("swish", True), ("gelu", False), ("gelu_pytorch_tanh", False)])
+def test_only_a_silu_gated_mlp_is_served(act, ok):
+    cfg = {"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+           "num_attention_heads": 1, "hidden_act": act}
+    if ok:
+        ModelConfig.from_dict(cfg)
+    else:
+        with pytest.raises(ValueError, match=f"hidden_act '{act}' is not implemented: .*must say 'silu'"):
+            ModelConfig.from_dict(cfg)
