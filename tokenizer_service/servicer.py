@@ -258,7 +258,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             for task in tasks:
                 task.cancel()  # each one's _generate_one closes its engine request
             _sum_parts(trace, parts)
-            if trace.finish_reason != "error":
+            if trace.finish_reason == "cancelled":  # not yet decided (an error or a GenerateMulti abort decides)
                 reasons = {part.finish_reason for part in parts}
                 trace.finish_reason = next((r for r in ("cancelled", "error", "length") if r in reasons), "stop")
                 trace.error = next((part.error for part in parts if part.error), "")

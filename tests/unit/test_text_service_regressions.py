@@ -971,15 +971,18 @@ def test_n_completions_end_together_at_the_first_error(demo_model_dir, demo_toke
         assert engine.stop() == 0
 
 
-def test_n_completions_stream_on_their_index_and_abort_as_one(demo_model_dir, demo_tokenizer):
+def test_n_completions_stream_on_their_index_and_abort_as_one(demo_model_dir, demo_tokenizer, caplog):
     """GenerateMulti with n = 2: each completion ends with its own message (its usage); an abort of the request ends
-    both with one ABORT message whose usage counts both completions' tokens."""
+    both with one ABORT message whose usage counts both completions' tokens. Each request has one log line, its
+    tokens summed, and the aborted one says "abort"."""
+    caplog.set_level(logging.INFO, logger="llmserve.request")
     engine = demo_engine(demo_model_dir, demo_tokenizer, step_s=0.02)
     server = TextServer(demo_model_dir, engines=engine.target)
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.TextGenerationStub(channel)
             wait_ready(stub)
+            caplog.clear()
             aborts: queue.Queue = queue.Queue()
 
             def frames():
@@ -1010,6 +1013,11 @@ def test_n_completions_stream_on_their_index_and_abort_as_one(demo_model_dir, de
         assert abort.finish_reason == pb.FINISH_REASON_ABORT
         assert abort.usage.completion_tokens >= tokens[("long", 0)] + tokens[("long", 1)] >= 6
         _eventually(lambda: not engine.engine.reqs)
+        _eventually(lambda: len(ours(caplog.records)) >= 2)
+        lines = {r.fields["request_id"].rsplit("/", 1)[1]: r.fields for r in ours(caplog.records)}
+        assert sorted(lines) == ["long", "short"], [r.fields for r in ours(caplog.records)]
+        assert lines["short"]["finish_reason"] == "length" and lines["short"]["completion_tokens"] == 8
+        assert lines["long"]["finish_reason"] == "abort" and lines["long"]["completion_tokens"] >= 6
     finally:
         server.stop()
         assert engine.stop() == 0
