@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=None, metavar="N",
                         help="completions of the prompt (1-16; with --seed, completion i uses seed + i), each printed "
                              "whole once all have ended")
+    parser.add_argument("--priority", type=int, default=None,
+                        help="scheduling priority: lower values are served first (default 0)")
     parser.add_argument("--timeout", type=float, default=None, help="the request's deadline in seconds")
     parser.add_argument("--usage", action="store_true", help="print the finish reason and token usage")
     parser.add_argument("--logprobs", type=int, default=None, metavar="N",
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                     repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                     frequency_penalty=args.frequency_penalty, logit_bias=logit_bias or None,
                     response_format="json_schema" if args.json_schema else "json_object" if args.json else None,
-                    json_schema=_read_json_schema(parser, args.json_schema))
+                    json_schema=_read_json_schema(parser, args.json_schema), priority=args.priority)
     several = args.n is not None and args.n > 1
     if several and (args.tools or args.logprobs is not None):
         parser.error("--tools and --logprobs apply to one completion; leave out --n, or set it to 1")

@@ -8,7 +8,8 @@ from collections.abc import Iterable, Mapping
 from protos.llmserve.text.v1 import text_pb2 as pb
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos",
-                   "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty", "prompt_logprobs")
+                   "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty", "prompt_logprobs",
+                   "priority")
 
 RESPONSE_FORMATS = {"text": pb.RESPONSE_FORMAT_TEXT, "json_object": pb.RESPONSE_FORMAT_JSON_OBJECT,
                     "json_schema": pb.RESPONSE_FORMAT_JSON_SCHEMA}

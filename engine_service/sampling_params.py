@@ -43,6 +43,8 @@ class SamplingParams:
     mode; structured_output.py), "json_schema" to one that json_schema (a JSON Schema, as JSON text or a dict; the
     subset json_schema.py takes) describes: the request finishes when the object closes, and may be cut short by
     max_tokens. It cannot be combined with min_tokens.
+    priority: scheduling order, lower first (an int32; 0 by default): the scheduler admits waiting requests in
+    (priority, arrival) order and preempts running ones of a higher value for a request that does not fit.
     """
 
     temperature: float = 1.0
@@ -62,6 +64,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
     response_format: str | None = None
     json_schema: str | None = None
+    priority: int = 0
     # Whether any penalty is on (the request then keeps token counts on the device); set from the three, stored
     # because every step asks it of every row.
     penalized: bool = field(init=False, repr=False, compare=False)
@@ -113,6 +116,10 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
                 raise ValueError(f"{name} must be a number, got {value!r}")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int) \
+                or not -2**31 <= self.priority < 2**31:
+            raise ValueError(f"priority must be an integer in [-2**31, 2**31) (lower is served first), got "
+                             f"{self.priority!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         if self.max_tokens < 1:

@@ -3,15 +3,20 @@
 Pure Python: no torch, no grpc.
 
 Each step:
-1. Running sequences, in admission order. A decoding sequence computes its one new token; a sequence
-   still prefilling computes a chunk of whatever budget is left after reserving one token per decode, so
-   a long prompt never stalls the running streams. When blocks run out, the most recently admitted
-   running sequence is preempted: its blocks are freed and it is requeued at the front to recompute.
-2. If nothing was preempted, waiting sequences are admitted (prefix-cache lookup first) while the
-   sequence cap, the token budget and the free blocks allow.
+0. Priority (SamplingParams.priority, lower first): while the first waiting sequence has a lower value than
+   the last running one and does not fit (no free slot under max_num_seqs, or too few blocks for its first
+   chunk), that running sequence is preempted.
+1. Running sequences, in (priority, admission) order. A decoding sequence computes its one new token; a
+   sequence still prefilling computes a chunk of whatever budget is left after reserving one token per decode,
+   so a long prompt never stalls the running streams. When blocks run out, the last running sequence (the
+   lowest priority, most recently admitted) is preempted: its blocks are freed and it is requeued at the front
+   of its priority to recompute.
+2. If nothing was preempted in 1, waiting sequences are admitted in (priority, arrival) order (prefix-cache
+   lookup first) while the sequence cap, the token budget and the free blocks allow.
 
-Every step makes progress: the oldest running sequence is always scheduled, because admission refused
-any request whose worst case does not fit the pool on its own.
+With one priority (the default, 0) the orders are plain admission and arrival. Every step makes progress: the
+first running sequence is always scheduled, because admission refused any request whose worst case does not
+fit the pool on its own.
 """
 
 from __future__ import annotations
@@ -57,12 +62,45 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # in admission order
+        self.running: list[Sequence] = []  # in (priority, admission) order: the last is the next victim
         self.num_preemptions = 0
         self._admit_counter = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Queue a new request behind every waiting one of its priority or a lower value."""
+        self._queue(seq, front=False)
+
+    def _queue(self, seq: Sequence, front: bool) -> None:
+        """Put seq in `waiting`, which is in priority order: behind the others of its priority, or before them
+        (front: a preempted sequence, which was admitted before any of them)."""
+        p, waiting = seq.params.priority, self.waiting
+        if not front and (not waiting or waiting[-1].params.priority <= p):
+            waiting.append(seq)  # one priority: always here
+        elif front and (not waiting or waiting[0].params.priority >= p):
+            waiting.appendleft(seq)
+        else:
+            at = next((i for i, other in enumerate(waiting)
+                       if other.params.priority > p or (front and other.params.priority == p)), len(waiting))
+            waiting.insert(at, seq)
+
+    def _run(self, seq: Sequence) -> None:
+        """Put a newly admitted seq in `running`, behind every running one of its priority or a lower value."""
+        p, running = seq.params.priority, self.running
+        if not running or running[-1].params.priority <= p:
+            running.append(seq)  # one priority: always here
+        else:
+            running.insert(next(i for i, other in enumerate(running) if other.params.priority > p), seq)
+
+    def _make_room(self) -> None:
+        """Step 0: preempt running sequences of a higher priority value than the first waiting one, the last first,
+        until it fits (a slot under max_num_seqs, and the blocks for its first chunk over its cached prefix)."""
+        head = self.waiting[0]
+        while self.running and self.running[-1].params.priority > head.params.priority:
+            if len(self.running) < self.max_num_seqs:
+                matched = self.bm.match_prefix(head) if head.prompt_logprobs is None else []
+                if self.bm.can_admit(matched, self._admission_need(head, matched, self.max_num_batched_tokens)):
+                    return
+            self._preempt(self.running[-1])
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -72,6 +110,8 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         picked: list[tuple[Sequence, int]] = []
         preempted = False
+        if self.waiting and self.running and self.running[-1].params.priority > self.waiting[0].params.priority:
+            self._make_room()
         # Every sequence in `running` is RUNNING, so is_decoding is one uncomputed token (inlined: per step
         # and per sequence).
         decodes_left = sum(1 for s in self.running if len(s.token_ids) - s.num_computed_tokens == 1)
@@ -176,7 +216,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             seq.admit_order = self._admit_counter
             self._admit_counter += 1
-            self.running.append(seq)
+            self._run(seq)
             picked.append((seq, n))
             budget -= n
 
@@ -201,7 +241,7 @@ class Scheduler:
         self.running.remove(seq)
         self.bm.free_sequence(seq)
         seq.status = Status.WAITING
-        self.waiting.appendleft(seq)
+        self._queue(seq, front=True)
         self.num_preemptions += 1
 
     # ---- after the forward pass ----------------------------------------------------------------

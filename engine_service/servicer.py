@@ -33,7 +33,7 @@ MAX_TRACE_ID_CHARS = 128  # a trace id is a log field: a client cannot write meg
 # Request options this engine applies beyond the first protocol (ModelInfo.features): clients route requests that
 # use them only to engines that list them, since an older engine ignores the fields. "json_object" and "json_schema"
 # are listed only by an engine whose model's tokenizer serves them (model_info["json_object"]).
-ENGINE_FEATURES = ("logprobs", "penalties", "prompt_logprobs", "logit_bias")
+ENGINE_FEATURES = ("logprobs", "penalties", "prompt_logprobs", "logit_bias", "priority")
 
 
 class EngineServicer(pb_grpc.EngineServicer):

@@ -8,7 +8,8 @@ from engine_service.sampling_params import MAX_LOGIT_BIAS_TOKENS, MAX_STOP_TOKEN
 
 # proto field name -> SamplingParams field name (the same today; kept explicit so a rename is one line).
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos",
-                   "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty", "prompt_logprobs")
+                   "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty", "prompt_logprobs",
+                   "priority")
 MAX_REQUEST_ID_LEN = 256
 # ResponseFormat's numbers (engine.proto) -> SamplingParams.response_format.
 RESPONSE_FORMATS_BY_NUMBER = {1: "json_object", 2: "json_schema"}

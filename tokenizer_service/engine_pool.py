@@ -301,7 +301,9 @@ async def _ends_within(call: grpc.aio.Call, timeout_s: float) -> None:
 
 
 # The engine features (ModelInfo.features) this service forwards requests for, as the text API lists them.
-FORWARDED_FEATURES = ("logprobs", "prompt_logprobs", "penalties", "logit_bias", "json_object", "json_schema")
+# "priority" is listed, never required: an engine that predates it serves the request in arrival order.
+FORWARDED_FEATURES = ("logprobs", "prompt_logprobs", "penalties", "logit_bias", "json_object", "json_schema",
+                      "priority")
 
 
 def required_features(params: pb.SamplingParams) -> set[str]:

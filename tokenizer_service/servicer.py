@@ -68,14 +68,15 @@ def _heavy(request) -> bool:
 
 
 def _choice_request(prep: PreparedRequest, index: int) -> engine_pb.NewRequest:
-    """Completion `index`'s engine request: with a seed, seed + index (wrapped into int64's range), so that each
-    completion equals a request with that seed; prompt logprobs asked of the first only (they are the same)."""
+    """Completion `index`'s engine request: with a seed, seed + index (modulo 2**63: engines take seeds in
+    [0, 2**63)), so that each completion equals a request with that seed; prompt logprobs asked of the first only
+    (they are the same). A negative seed is left for the engine to refuse, naming it."""
     request = engine_pb.NewRequest()
     request.CopyFrom(prep.engine_request)
     params = request.sampling_params
     if index:
-        if params.HasField("seed"):
-            params.seed = (params.seed + index + 2**63) % 2**64 - 2**63
+        if params.HasField("seed") and params.seed >= 0:
+            params.seed = (params.seed + index) % 2**63
         params.ClearField("prompt_logprobs")
     return request
 

@@ -49,7 +49,8 @@ MAX_LOGIT_BIAS_TOKENS = 1024  # the engine's bound (engine_service/sampling_para
 LOGPROB_BYTES, LOGPROB_BYTES_PER_ALTERNATIVE = 17, 9
 MAX_N = 16  # completions of one prompt (GenerateRequest.n)
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos",
-                   "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty", "prompt_logprobs")
+                   "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty", "prompt_logprobs",
+                   "priority")
 # generation_config.json keys that are sampling parameters here.
 GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                           "frequency_penalty")

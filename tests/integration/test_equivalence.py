@@ -135,3 +135,31 @@ def test_transformers4_config_and_sharded_checkpoint(tmp_path):
         outs = llm.generate(prompts, GREEDY)
     for prompt, out in zip(prompts, outs, strict=True):
         assert out["token_ids"] == hf_greedy(model, prompt, MAX_NEW)
+
+
+def test_priority_preemption_keeps_tokens_and_serves_the_urgent_first(gqa2):
+    """Two priority-1 requests hold both slots (max_num_seqs 2) mid-decode; a priority-0 request arrives, preempts
+    the newer of them and finishes first. Every request still gets transformers' greedy tokens (the victim
+    recomputes its prefix)."""
+    model, path = gqa2
+    prompts = random_prompts(6, [40, 41, 20])
+    slow = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, priority=1)
+    urgent = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, priority=0)
+    tokens: dict[str, list[int]] = {"a": [], "b": [], "u": []}
+    finished: list[str] = []
+    with exact_engine(path, max_num_seqs=2) as llm:
+        llm.add_request("a", prompts[0], slow)
+        llm.add_request("b", prompts[1], slow)
+        for _ in range(5):  # both prefilled and decoding
+            for out in llm.step():
+                tokens[out.request_id] += out.new_token_ids
+        llm.add_request("u", prompts[2], urgent)
+        while llm.has_unfinished_requests():
+            for out in llm.step():
+                tokens[out.request_id] += out.new_token_ids
+                if out.finish_reason:
+                    finished.append(out.request_id)
+        assert llm.stats()["num_preemptions"] == 1
+    assert finished[0] == "u"
+    for rid, prompt, n in (("a", prompts[0], 24), ("b", prompts[1], 24), ("u", prompts[2], 6)):
+        assert tokens[rid] == hf_greedy(model, prompt, n)

@@ -42,11 +42,12 @@ class Sim:
         self.inflight = None  # (batch, its samples) launched ahead and not yet read back
         self.num_ahead = 0
 
-    def add(self, prompt: list[int], max_tokens: int) -> None:
+    def add(self, prompt: list[int], max_tokens: int, priority: int = 0) -> None:
         need = -(-(min(len(prompt) + max_tokens, self.max_model_len) - 1) // BLOCK)  # as engine.add_request
         if len(prompt) >= self.max_model_len or need > self.bm.num_blocks:
             return  # the engine refuses these at admission
-        seq = Sequence(str(self.next_id), prompt, SamplingParams(max_tokens=max_tokens), self.max_model_len)
+        seq = Sequence(str(self.next_id), prompt, SamplingParams(max_tokens=max_tokens, priority=priority),
+                       self.max_model_len)
         self.next_id += 1
         self.live[seq.request_id] = seq
         self.sched.add(seq)
@@ -152,6 +153,11 @@ class Sim:
         free_cached = sum(1 for b in self.bm.free if self.bm.blocks[b].hash is not None)
         assert self.bm.num_cached_blocks == free_cached
         assert len(self.sched.running) <= self.sched.max_num_seqs
+        # Priority order: running by (priority, admission), the last being the next victim; waiting by priority.
+        keys = [(seq.params.priority, seq.admit_order) for seq in self.sched.running]
+        assert keys == sorted(keys), f"running out of (priority, admission) order: {keys}"
+        waiting = [seq.params.priority for seq in self.sched.waiting]
+        assert waiting == sorted(waiting), f"waiting out of priority order: {waiting}"
 
     def drain(self, rng: random.Random) -> None:
         for _ in range(5000):
@@ -164,7 +170,8 @@ class Sim:
 
 ops = st.lists(
     st.one_of(
-        st.tuples(st.just("add"), st.integers(0, 3), st.integers(1, 30), st.integers(1, 20)),
+        # (base prompt, length, max_tokens, priority): three priorities, so that preemption for priority happens
+        st.tuples(st.just("add"), st.integers(0, 3), st.integers(1, 30), st.integers(1, 20), st.integers(-1, 1)),
         st.tuples(st.just("abort"), st.integers(0, 100)),
         st.tuples(st.just("step"), st.integers(1, 4)),
     ),
@@ -187,7 +194,7 @@ def _run(ops_list, seed, num_blocks, budget, max_seqs, max_model_len, overlap=Fa
     sim = Sim(num_blocks, budget, max_seqs, max_model_len, overlap)
     for op in ops_list:
         if op[0] == "add":
-            sim.add(_prompt(rng, op[1], op[2]), op[3])
+            sim.add(_prompt(rng, op[1], op[2]), op[3], op[4])
         elif op[0] == "abort":
             sim.abort(op[1])
         else:
@@ -268,12 +275,13 @@ def test_two_requests_each_needing_half_the_pool_do_not_deadlock(num_blocks):
 
 def test_random_traffic_does_exercise_cache_hits_and_preemption():
     """The invariants above mean something only if the traffic shares blocks and runs out of them."""
-    rng = random.Random(0)
+    rng, priorities = random.Random(0), random.Random(1)
     ops_list = []
     for _ in range(120):
         kind = rng.random()
         if kind < 0.45:
-            ops_list.append(("add", rng.randrange(4), rng.randint(1, 30), rng.randint(1, 20)))
+            ops_list.append(("add", rng.randrange(4), rng.randint(1, 30), rng.randint(1, 20),
+                             priorities.choice((0, 0, 0, 1, -1))))
         elif kind < 0.55:
             ops_list.append(("abort", rng.randrange(100)))
         else:
@@ -402,3 +410,66 @@ def test_identical_prompts_are_admitted_together_whatever_their_length(length):
         admitted_per_step.append(sum(s.status is not Status.WAITING for s in seqs) - before)
         sched.postprocess(batch, [1 if take else None for take in batch.sample])
     assert admitted_per_step[:2] == [1, 7], admitted_per_step
+
+
+def _sched(num_blocks: int = 64, max_seqs: int = 4, budget: int = 64) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, BLOCK), max_seqs, budget)
+
+
+def _seq(rid: str, length: int = 6, priority: int = 0, max_tokens: int = 8) -> Sequence:
+    """A request whose prompt is its own (drawn from its id), so that no two share a prefix block."""
+    rng = random.Random(rid)
+    return Sequence(rid, [rng.randrange(VOCAB) for _ in range(length)],
+                    SamplingParams(max_tokens=max_tokens, priority=priority), 64)
+
+
+def test_waiting_requests_are_admitted_in_priority_then_arrival_order():
+    sched = _sched(max_seqs=1)
+    for rid, priority in (("a0", 0), ("b1", 1), ("c0", 0), ("d9", -1), ("e1", 1)):
+        sched.add(_seq(rid, priority=priority))
+    assert [s.request_id for s in sched.waiting] == ["d9", "a0", "c0", "b1", "e1"]
+    admitted = []
+    while sched.has_unfinished():
+        batch = sched.schedule()
+        for seq in batch.seqs:
+            if seq.request_id not in admitted:
+                admitted.append(seq.request_id)
+        sched.postprocess(batch, [1 if take else None for take in batch.sample])
+    assert admitted == ["d9", "a0", "c0", "b1", "e1"]
+
+
+def test_a_lower_value_preempts_the_last_running_for_a_slot_and_nothing_else_does():
+    """max_num_seqs 2, both slots held by priority 1: a priority-0 arrival preempts the newer of them and runs in
+    the same step; the victim goes back to the front of its priority and resumes once a slot frees. Arrivals of an
+    equal or higher value wait, and an arrival that fits preempts nothing."""
+    sched = _sched(max_seqs=2)
+    old, new = _seq("o1", priority=1), _seq("n1", priority=1)
+    sched.add(old)
+    sched.add(new)
+    sched.schedule()
+    assert [s.request_id for s in sched.running] == ["o1", "n1"]
+    sched.add(_seq("t1", priority=1))  # equal: waits
+    sched.schedule()
+    assert sched.num_preemptions == 0 and [s.request_id for s in sched.running] == ["o1", "n1"]
+    urgent = _seq("u0", priority=0)
+    sched.add(urgent)
+    batch = sched.schedule()
+    assert sched.num_preemptions == 1 and new.status is Status.WAITING and new.block_table == []
+    assert [s.request_id for s in sched.running] == ["u0", "o1"] and urgent in batch.seqs
+    assert [s.request_id for s in sched.waiting] == ["n1", "t1"]  # the victim before the later arrival
+
+
+def test_a_lower_value_preempts_for_blocks_until_its_first_chunk_fits():
+    """Room for the slots but not the blocks: running priority-2 sequences are preempted, newest first, until the
+    arrival's first chunk fits; no more than that."""
+    sched = _sched(num_blocks=8, max_seqs=8)
+    first, second, third = (_seq(rid, length=8, priority=2) for rid in ("a2", "b2", "c2"))
+    for seq in (first, second, third):  # 2 blocks each: 6 of 8 taken
+        sched.add(seq)
+    sched.schedule()
+    assert sched.bm.num_free_blocks == 2
+    urgent = _seq("u0", length=22, priority=0)  # 6 blocks for its 22 tokens: 2 free, 2 per victim
+    sched.add(urgent)
+    batch = sched.schedule()
+    assert third.status is Status.WAITING and second.status is Status.WAITING and first.status is Status.RUNNING
+    assert sched.num_preemptions == 2 and urgent in batch.seqs

@@ -1041,3 +1041,45 @@ def test_each_of_n_completions_takes_a_place_in_max_inflight(demo_model_dir, dem
     finally:
         server.stop()
         assert engine.stop() == 0
+
+
+def test_priority_travels_from_the_text_api_to_the_engine(demo_model_dir, demo_tokenizer):
+    """Set, the request's priority reaches the engine (every completion of n); unset, it stays unset there (0)."""
+    engine = demo_engine(demo_model_dir, demo_tokenizer)
+    seen: list[int] = []
+    add = engine.engine.add_request
+
+    def add_request(request_id, prompt_token_ids, sampling_params):
+        seen.append(sampling_params.priority)
+        add(request_id, prompt_token_ids, sampling_params)
+
+    engine.engine.add_request = add_request
+    server = TextServer(demo_model_dir, engines=engine.target)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.TextGenerationStub(channel)
+            wait_ready(stub)
+            seen.clear()
+            for priority, n in ((-3, 2), (None, 1)):
+                params = pb.SamplingParams(max_tokens=2, **({} if priority is None else {"priority": priority}))
+                list(stub.Generate(pb.GenerateRequest(prompt="the sea", n=n, sampling_params=params), timeout=30))
+            assert seen == [-3, -3, 0]
+            assert "priority" in stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).features
+    finally:
+        server.stop()
+        assert engine.stop() == 0
+
+
+def test_each_completion_seed_stays_in_the_engines_range():
+    """Completion i of n gets seed + i, wrapped below 2**63 (the engine refuses seeds outside [0, 2**63)); the first
+    alone asks for prompt logprobs."""
+    from tokenizer_service.servicer import _choice_request
+    from tokenizer_service.validation import PreparedRequest
+
+    params = engine_pb.SamplingParams(seed=2**63 - 2, prompt_logprobs=1)
+    prep = PreparedRequest(engine_request=engine_pb.NewRequest(prompt_token_ids=[1, 2], sampling_params=params),
+                           stop=(), skip_special_tokens=True, include_stop_str_in_output=False, num_prompt_tokens=2,
+                           n=3)
+    requests = [_choice_request(prep, i) for i in range(3)]
+    assert [r.sampling_params.seed for r in requests] == [2**63 - 2, 2**63 - 1, 0]
+    assert [r.sampling_params.HasField("prompt_logprobs") for r in requests] == [True, False, False]
