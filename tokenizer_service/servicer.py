@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -82,10 +83,10 @@ def _choice_request(prep: PreparedRequest, index: int) -> engine_pb.NewRequest:
 
 
 def _sum_parts(trace: RequestTrace, parts: list[RequestTrace]) -> None:
-    """A request's counts from its completions' (n > 1): tokens added up, its first token the earliest."""
-    trace.prompt_tokens = parts[0].prompt_tokens or trace.prompt_tokens
+    """A request's counts from its completions' (n > 1): the prompt once (its tokens, and the most any completion
+    found cached), the generated tokens added up, its first token the earliest."""
     trace.completion_tokens = sum(part.completion_tokens for part in parts)
-    trace.cached_tokens = sum(part.cached_tokens for part in parts)
+    trace.cached_tokens = max(part.cached_tokens for part in parts)  # of the one prompt, as prompt_tokens
     trace.detokenize_s = sum(part.detokenize_s for part in parts)
     trace.first_token = min((part.first_token for part in parts if part.first_token), default=0.0)
     trace.engine = ",".join(sorted({part.engine for part in parts if part.engine}))
@@ -145,7 +146,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                                 f"the tokenizer service's queue is full: {self.inflight + self.admitting} requests "
                                 f"in flight (max_inflight {self.max_inflight}"
                                 f"{f', and this one has n={places} completions' if places > 1 else ''}); retry later")
-        self.admitting += 1
+        self.admitting += places  # each completion's place, held from here until it is sent and counted in inflight
         held = False  # a worker thread left running by a cancelled call keeps its place until it returns
         try:
             args = (request, self.tokenizer, self.defaults, self.pool.max_model_len, self.limits)
@@ -155,7 +156,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                     prep = await asyncio.shield(work)
                 except asyncio.CancelledError:
                     held = True
-                    work.add_done_callback(self._release_admitting)
+                    work.add_done_callback(functools.partial(self._release_admitting, places))
                     raise
             else:
                 prep = self._timed_prepare(*args)
@@ -164,7 +165,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             raise RequestFailed(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}") from exc
         finally:
             if not held:
-                self.admitting -= 1
+                self.admitting -= places
         if isinstance(prep, str):
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, prep)
         return prep  # the caller's _generate counts it in `inflight` before it next awaits
@@ -201,8 +202,8 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         work.add_done_callback(release)
         return work
 
-    def _release_admitting(self, work: asyncio.Future) -> None:
-        self.admitting -= 1
+    def _release_admitting(self, places: int, work: asyncio.Future) -> None:
+        self.admitting -= places
 
     def _generate(self, prep: PreparedRequest, timeout_s: float | None,
                   trace: RequestTrace) -> AsyncIterator[pb.GenerateResponse]:
@@ -220,6 +221,8 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         prefix cache. The first error ends them all; `trace` sums their counts, kept current for an abort's usage.
         """
         n = prep.n
+        self.inflight += n  # before the next await, as _generate_one does; each task gives its place back when done
+        trace.prompt_tokens = prep.num_prompt_tokens  # kept current: an abort reports them at once
         # Each completion keeps its own counts; they are added up into `trace`, the request's one log line (the
         # completions' traces are never logged: finish() skips a trace already marked logged).
         parts = [RequestTrace(trace.request_id, start=trace.start, logged=True) for _ in range(n)]
@@ -230,7 +233,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         async def pump(i: int) -> None:
             try:
                 async for response in self._generate_one(prep, _choice_request(prep, i), timeout_s, parts[i],
-                                                         placement):
+                                                         placement, counted=True):
                     response.index = i
                     await queue.put(response)
                 await queue.put(ended)
@@ -241,6 +244,8 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 await queue.put(RequestFailed(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"))
 
         tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+        for task in tasks:  # a task cancelled before it ran never reaches its own finally: this runs either way
+            task.add_done_callback(self._release_inflight)
         open_ = n
         try:
             while open_:
@@ -264,14 +269,18 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 trace.finish_reason = next((r for r in ("cancelled", "error", "length") if r in reasons), "stop")
                 trace.error = next((part.error for part in parts if part.error), "")
 
+    def _release_inflight(self, _task: asyncio.Task) -> None:
+        self.inflight -= 1
+
     async def _generate_one(self, prep: PreparedRequest, engine_request: engine_pb.NewRequest,
-                            timeout_s: float | None, trace: RequestTrace,
-                            placement: list | None = None) -> AsyncIterator[pb.GenerateResponse]:
+                            timeout_s: float | None, trace: RequestTrace, placement: list | None = None,
+                            counted: bool = False) -> AsyncIterator[pb.GenerateResponse]:
         """The responses of one engine request; raises RequestFailed. Retries elsewhere only before the first token.
 
         The deadline is fixed once, here: each attempt sends the engine what is left of it (deadline_ms, set by
         pool.submit), and the engine fails the request with DEADLINE_EXCEEDED; so does a retry once it has passed.
-        placement (n > 1): empty, this request's first engine is put in it; else the engine to prefer.
+        placement (n > 1): empty, this request's first engine is put in it; else the engine to prefer (moved to
+        this one's new engine when it was lost under it). counted: its place in `inflight` is the caller's.
         """
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         text: TextStream | None = None
@@ -280,7 +289,8 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         tried: set = set()  # engines this request was sent to: a retry prefers the others
         wants_logprobs = engine_request.sampling_params.HasField("logprobs")
         owed_prompt_logprobs = engine_request.sampling_params.HasField("prompt_logprobs")
-        self.inflight += 1  # before the next await: admitting and inflight together bound max_inflight
+        if not counted:
+            self.inflight += 1  # before the next await: admitting and inflight together bound max_inflight
         try:
             text_args = (self.tokenizer, prep.stop, prep.skip_special_tokens, prep.include_stop_str_in_output,
                          prep.engine_request.sampling_params.min_tokens)
@@ -303,8 +313,8 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             "the request's deadline passed before it was sent to an engine")
                 prefer = placement[0] if placement else None
                 handle = await self.pool.submit(request, left, avoid=tried, prefer=prefer)  # sets deadline_ms
-                if placement is not None and not placement:
-                    placement.append(handle.conn)
+                if placement is not None and (not placement or placement[0] in tried):
+                    placement[:] = [handle.conn]  # the first engine, or the one taking over from a lost one
                 tried.add(handle.conn)
                 attempts += 1
                 try:
@@ -351,7 +361,8 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             trace.finish_reason, trace.error = "error", f"{exc.code.name}: {exc.message}"
             raise
         finally:
-            self.inflight -= 1
+            if not counted:
+                self.inflight -= 1
             if handle is not None:
                 handle.close()
             trace.engine = handle.conn.address if handle is not None else ""  # its token counts are kept current

@@ -528,8 +528,11 @@ def test_n_is_bounded_and_text_asks_for_texts(stack):
         list(text._stub.Generate(pb.GenerateRequest(prompt="hi", n=17)))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert refused.value.details().startswith("n: the number of completions must be 1 to 16, got 17")
+    stream = text.generate("hi", n=2, max_tokens=2, ignore_eos=True)
     with pytest.raises(ValueError, match="read them with texts"):
-        text.generate("hi", n=2, max_tokens=2).text()
+        stream.text()
+    assert len(stream.texts()) == 2 and sorted(stream.ends) == [0, 1]  # what text() read is kept
+    assert all(end.usage.completion_tokens == 2 for end in stream.ends.values())
     texts = text.generate("hi", n=2, max_tokens=3, temperature=0.0).texts()
     assert len(texts) == 2 and texts[0] == texts[1]  # greedy: the same completion twice
 

@@ -424,3 +424,39 @@ def test_response_format_shapes():
         sampling_params(response_format="yaml")
     with pytest.raises(ValueError, match="'json_schema' must be"):
         sampling_params(response_format={"type": "json_schema", "json_schema": "not a mapping"})
+
+
+def test_texts_keep_what_a_refusing_text_read():
+    """text() on a request with n > 1 completions refuses after reading the stream, and MultiStream.texts() after
+    reading the call: texts() and completions() then return everything, not what was left (nothing)."""
+    from clients.text_client import CompletionStream, MultiStream
+
+    class Call:
+        def __init__(self, responses):
+            self._it = iter(responses)
+
+        def __next__(self):
+            return next(self._it)
+
+        def cancel(self):
+            pass
+
+        def done(self):
+            return True
+
+    chunks = [pb.GenerateResponse(text="A", index=0), pb.GenerateResponse(text="B", index=1),
+              pb.GenerateResponse(text="b", index=1, finish_reason=pb.FINISH_REASON_STOP),
+              pb.GenerateResponse(text="a", index=0, finish_reason=pb.FINISH_REASON_LENGTH)]
+    stream = CompletionStream(Call(chunks))
+    with pytest.raises(ValueError, match="2 completions"):
+        stream.text()
+    assert stream.texts() == ["Aa", "Bb"]
+    assert {i: end.finish_reason for i, end in stream.ends.items()} == {0: pb.FINISH_REASON_LENGTH,
+                                                                         1: pb.FINISH_REASON_STOP}
+    for chunk in chunks:
+        chunk.request_id = "r"
+    multi = MultiStream(Call(chunks))
+    with pytest.raises(ValueError, match="completions()"):
+        multi.texts()
+    assert multi.completions() == {("r", 0): "Aa", ("r", 1): "Bb"}
+    assert CompletionStream(Call([pb.GenerateResponse(text="x"), pb.GenerateResponse(text="y")])).text() == "xy"

@@ -1083,3 +1083,158 @@ def test_each_completion_seed_stays_in_the_engines_range():
     requests = [_choice_request(prep, i) for i in range(3)]
     assert [r.sampling_params.seed for r in requests] == [2**63 - 2, 2**63 - 1, 0]
     assert [r.sampling_params.HasField("prompt_logprobs") for r in requests] == [True, False, False]
+
+
+class _Engine:
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def mark_refusing(self) -> None:
+        pass
+
+
+class _ScriptedEngines:
+    """An engine pool of named engines for the servicer alone: each request streams max_tokens tokens, a step of
+    step_s apart; an engine in `lost` fails what it takes before the first token with a retryable UNAVAILABLE."""
+
+    max_model_len = 100_000
+
+    def __init__(self, names: tuple[str, ...] = ("e1", "e2", "e3"), step_s: float = 0.01) -> None:
+        self.conns = [_Engine(name) for name in names]
+        self.step_s, self.lost = step_s, set()
+        self.sent: list[tuple[int, str]] = []  # (seed, engine) per request sent
+        self.live = 0
+        self.peak = 0
+
+    async def submit(self, request, timeout_s, avoid=(), prefer=None):
+        if prefer is not None and prefer not in avoid:
+            conn = prefer
+        else:  # the engine that was sent the fewest requests: completions choosing alone would spread out
+            conn = min((c for c in self.conns if c not in avoid),
+                       key=lambda c: sum(engine == c.address for _, engine in self.sent))
+        self.sent.append((request.sampling_params.seed, conn.address))
+        self.live += 1
+        self.peak = max(self.peak, self.live)
+        return self._stream(conn, request)
+
+    def _stream(self, conn, request):
+        pool = self
+
+        class Handle:
+            def __init__(self) -> None:
+                self.conn, self.closed = conn, False
+
+            def __aiter__(self):
+                return self._updates()
+
+            async def _updates(self):
+                await asyncio.sleep(pool.step_s)
+                if conn.address in pool.lost:
+                    raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "lost", retryable=True)
+                n = request.sampling_params.max_tokens
+                for i in range(1, n + 1):
+                    yield engine_pb.RequestUpdate(new_token_ids=[10 + i],
+                                                  finish_reason=engine_pb.FINISH_REASON_LENGTH if i == n else 0)
+                    await asyncio.sleep(pool.step_s)
+
+            def close(self, stopped: bool = False) -> None:
+                if not self.closed:
+                    self.closed = True
+                    pool.live -= 1
+
+        return Handle()
+
+
+def _servicer(demo_tokenizer, pool, max_inflight: int = 100):
+    from tokenizer_service.servicer import TextServicer
+
+    return TextServicer(demo_tokenizer, pool, "demo", len(demo_tokenizer), {0}, {}, max_inflight)
+
+
+def _call_context():
+    async def abort(code, message):
+        raise RequestFailed(code, message)
+
+    return types.SimpleNamespace(invocation_metadata=lambda: (), set_trailing_metadata=lambda metadata: None,
+                                 time_remaining=lambda: None, abort=abort)
+
+
+@pytest.mark.parametrize("calls,max_inflight,prompt", [(2, 4, "the sea"), (3, 8, "the sea " * 9000)],
+                         ids=["inline", "tokenized-on-a-thread"])
+def test_n_completions_hold_their_places_from_admission_on(demo_tokenizer, calls, max_inflight, prompt):
+    """n = 4 requests starting in one loop turn: those past max_inflight's places are refused. Each completion used
+    to take its place only once sent, and a prompt tokenized on a worker thread held one place for its n, so all
+    passed the check: 8 and 12 engine requests ran under max_inflight 4 and 8."""
+    pool = _ScriptedEngines()
+
+    async def main():
+        servicer = _servicer(demo_tokenizer, pool, max_inflight=max_inflight)
+        request = pb.GenerateRequest(prompt=prompt, n=4, sampling_params=pb.SamplingParams(max_tokens=3))
+
+        async def call():
+            return [r async for r in servicer.Generate(request, _call_context())]
+
+        results = await asyncio.gather(*(call() for _ in range(calls)), return_exceptions=True)
+        await asyncio.sleep(0)
+        assert servicer.inflight == 0 and servicer.admitting == 0
+        return results
+
+    results = asyncio.run(main())
+    refused = [r for r in results if isinstance(r, RequestFailed)]
+    assert len(refused) == 1 and refused[0].code == grpc.StatusCode.RESOURCE_EXHAUSTED, results
+    assert pool.peak == max_inflight and pool.live == 0
+
+
+def test_n_completions_follow_each_other_to_the_engine_that_took_over(demo_tokenizer):
+    """The engine an n = 3 request went to is lost before the first token: every completion retries, and they all
+    go to one engine again, so that they still share the prompt's cache there."""
+    pool = _ScriptedEngines()
+    pool.lost.add("e1")
+
+    async def main():
+        servicer = _servicer(demo_tokenizer, pool)
+        request = pb.GenerateRequest(prompt="the sea", n=3, sampling_params=pb.SamplingParams(max_tokens=2, seed=5))
+        responses = [r async for r in servicer.Generate(request, _call_context())]
+        await asyncio.sleep(0)  # the tasks' done callbacks give their places back
+        assert servicer.inflight == 0
+        return responses
+
+    responses = asyncio.run(main())
+    assert sorted(r.index for r in responses if r.finish_reason) == [0, 1, 2]
+    first = [engine for _, engine in pool.sent[:3]]
+    retried = {engine for _, engine in pool.sent[3:]}
+    assert first == ["e1"] * 3 and len(pool.sent) == 6 and len(retried) == 1 and "e1" not in retried
+    assert sorted(seed for seed, _ in pool.sent[3:]) == [5, 6, 7]
+
+
+def test_an_n_request_aborted_before_its_first_token_reports_its_prompt(demo_tokenizer):
+    """The ABORT message's usage counted the prompt only once a completion had streamed a token (0 before)."""
+    pool = _ScriptedEngines(step_s=5.0)
+
+    async def main():
+        servicer = _servicer(demo_tokenizer, pool)
+        frames: asyncio.Queue = asyncio.Queue()
+
+        async def requests():
+            while (frame := await frames.get()) is not None:
+                yield frame
+
+        await frames.put(pb.MultiRequest(generate=pb.GenerateRequest(request_id="a", prompt="the sea is deep", n=2)))
+        responses = []
+
+        async def consume():
+            async for response in servicer.GenerateMulti(requests(), _call_context()):
+                responses.append(response)
+
+        consumer = asyncio.create_task(consume())
+        while len(pool.sent) < 2:
+            await asyncio.sleep(0.01)
+        await frames.put(pb.MultiRequest(abort_request_id="a"))
+        await frames.put(None)
+        await asyncio.wait_for(consumer, 10)
+        return responses
+
+    [abort] = asyncio.run(main())
+    assert abort.finish_reason == pb.FINISH_REASON_ABORT
+    assert abort.usage.prompt_tokens == len(demo_tokenizer.encode("the sea is deep")) > 0
+    assert pool.live == 0
