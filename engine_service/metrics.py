@@ -249,7 +249,8 @@ class EngineMetrics:
         counters = [
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.get("prefix_cache_queries", 0)),
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.get("prefix_cache_hits", 0)),
-            ("num_preemptions", "Running requests preempted (to be recomputed) for lack of KV blocks.",
+            ("num_preemptions", "Running requests preempted (to be recomputed) for lack of KV blocks, or for a "
+             "request of a lower priority value that needed their slot or blocks.",
              stats.get("num_preemptions", 0)),
             ("json_mask_hits", "JSON-mode token masks found in the cache.", stats.get("json_mask_hits", 0)),
             ("json_mask_misses", "JSON-mode token masks computed (not in the cache).", stats.get("json_mask_misses", 0)),

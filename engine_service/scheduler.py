@@ -21,7 +21,7 @@ fit the pool on its own.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from engine_service.block_manager import BlockManager
@@ -78,10 +78,16 @@ class Scheduler:
             waiting.append(seq)  # one priority: always here
         elif front and (not waiting or waiting[0].params.priority >= p):
             waiting.appendleft(seq)
-        else:
-            at = next((i for i, other in enumerate(waiting)
-                       if other.params.priority > p or (front and other.params.priority == p)), len(waiting))
-            waiting.insert(at, seq)
+        elif front:
+            waiting.insert(next((i for i, other in enumerate(waiting) if other.params.priority >= p), len(waiting)),
+                           seq)
+        else:  # from the end: only the higher values there are passed (one low-priority request waiting costs a step)
+            passed = 0
+            for other in reversed(waiting):
+                if other.params.priority <= p:
+                    break
+                passed += 1
+            waiting.insert(len(waiting) - passed, seq)
 
     def _run(self, seq: Sequence) -> None:
         """Put a newly admitted seq in `running`, behind every running one of its priority or a lower value."""
@@ -93,17 +99,32 @@ class Scheduler:
 
     def _make_room(self) -> None:
         """Step 0: preempt running sequences of a higher priority value than the first waiting one, the last first,
-        until it fits (a slot under max_num_seqs, and the blocks for its first chunk over its cached prefix)."""
+        until it fits (a slot under max_num_seqs, and the blocks for its first chunk over its cached prefix, or
+        for its whole recompute if it was preempted). Nothing is preempted when all of them together would not make
+        it fit (an equal or lower value holds the room): their work would be thrown away for nothing."""
         head = self.waiting[0]
-        while self.running and self.running[-1].params.priority > head.params.priority:
-            if len(self.running) < self.max_num_seqs:
-                matched = self.bm.match_prefix(head) if head.prompt_logprobs is None else []
-                if self.bm.can_admit(matched, self._admission_need(head, matched, self.max_num_batched_tokens)):
-                    return
+        p = head.params.priority
+        matched = self.bm.match_prefix(head) if head.prompt_logprobs is None else []  # preempting keeps it valid
+        need = self._admission_need(head, matched, self.max_num_batched_tokens)
+        victims = [seq for seq in self.running if seq.params.priority > p]  # the end of `running`
+        if not self._would_fit(matched, need, victims):
+            return
+        while self.running and self.running[-1].params.priority > p and not self._would_fit(matched, need, ()):
             self._preempt(self.running[-1])
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def _would_fit(self, matched: list[int], need: int, victims) -> bool:
+        """Whether a sequence over `matched` needing `need` tokens could be admitted once `victims` are preempted:
+        a slot, and blocks (a block is freed when every sequence holding it is a victim)."""
+        if len(self.running) - len(victims) >= self.max_num_seqs:
+            return False
+        holders = Counter(block_id for seq in victims for block_id in seq.block_table)
+        blocks = self.bm.blocks
+        freed = sum(1 for block_id, n in holders.items() if blocks[block_id].ref_count == n)
+        from_free = sum(1 for block_id in matched if blocks[block_id].ref_count == holders.get(block_id, 0))
+        return from_free + self.bm.blocks_needed(need) - len(matched) <= self.bm.num_free_blocks + freed
 
     # ---- scheduling ----------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:

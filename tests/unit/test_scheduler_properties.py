@@ -473,3 +473,29 @@ def test_a_lower_value_preempts_for_blocks_until_its_first_chunk_fits():
     batch = sched.schedule()
     assert third.status is Status.WAITING and second.status is Status.WAITING and first.status is Status.RUNNING
     assert sched.num_preemptions == 2 and urgent in batch.seqs
+
+
+def test_no_preemption_that_cannot_make_room():
+    """A priority-1 sequence holds 2 blocks, a priority-0 one 6 of the 10; a priority-0 arrival needing 5 blocks
+    cannot fit even if the priority-1 one goes (2 + 2 free): it is not preempted (its work would be lost, and it
+    would then wait behind the arrival)."""
+    sched = _sched(num_blocks=10, max_seqs=8)
+    big, low = _seq("b0", length=24, priority=0), _seq("l1", length=8, priority=1)
+    sched.add(big)
+    sched.add(low)
+    sched.schedule()
+    assert sched.bm.num_free_blocks == 2
+    sched.add(_seq("h0", length=20, priority=0))
+    sched.schedule()
+    assert sched.num_preemptions == 0 and low.status is Status.RUNNING
+
+
+def test_many_arrivals_behind_one_low_priority_request_cost_a_step_each():
+    """A new request is placed from the end of the queue: behind one low-priority request, 4,000 default ones are
+    placed in order without scanning the queue each time."""
+    sched = _sched()
+    sched.add(_seq("w9", priority=9))
+    for i in range(4000):
+        sched.add(_seq(f"a{i}"))
+    order = [seq.request_id for seq in sched.waiting]
+    assert order[-1] == "w9" and order[:3] == ["a0", "a1", "a2"] and len(order) == 4001
