@@ -5,9 +5,11 @@ Pure Python: no torch, no grpc. The model runner owns the tensors; this module o
 Prefix caching:
 - A full block's hash is xxhash of its token ids, seeded with the previous block's hash, so one hash
   names the whole prefix up to and including that block.
-- A lookup hit counts only when the cached block's own token ids match and its parent hash is the hash of
-  the block matched just before it, so a hash collision can never splice two prefixes together. Lookups go
-  by hash (memoized on the sequence); the token ids are compared only for a match about to be admitted.
+- A lookup hit counts only when the cached block's own token ids match and its parent is the block matched
+  just before it (that block itself, by id and by a generation that changes whenever the block is reused), so a
+  hash collision can never splice two prefixes together: the KV of every matched block was computed after the
+  very blocks matched before it. Lookups go by hash (memoized on the sequence); the token ids are compared only
+  for a match about to be admitted.
 - One block per hash: a block computed twice side by side is cached once (the copy in use, else the newer).
 - A hash is published only after the block's KV has been written (`publish`, called after the step).
 - A block whose reference count drops to 0 keeps its content and hash until it is reused. Free blocks are
@@ -35,19 +37,25 @@ def hash_block(parent_hash: int, token_ids: list[int] | tuple[int, ...]) -> int:
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "parent_hash", "token_ids")
+    __slots__ = ("block_id", "ref_count", "hash", "parent", "token_ids", "generation", "ref")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
         self.hash: int | None = None  # set once the block is full and its KV written
-        self.parent_hash = ROOT_HASH
+        self.parent: tuple[int, int] | None = None  # the ref of the block its KV was computed after; None: first
         self.token_ids: tuple[int, ...] = ()
+        self.generation = 0  # counts the block's reuses, so that a ref to an earlier content never matches
+        # What a child computed after this block records as its parent: (block id, generation); for a copy computed
+        # beside the cached block of the same prefix (and so never published), that block's ref.
+        self.ref = (block_id, 0)
 
     def clear(self) -> None:
         self.hash = None
-        self.parent_hash = ROOT_HASH
+        self.parent = None
         self.token_ids = ()
+        self.generation += 1
+        self.ref = (self.block_id, self.generation)
 
 
 class BlockManager:
@@ -100,17 +108,17 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         matched: list[int] = []
-        parent = ROOT_HASH
+        parent = None
         for i in range(self._matchable_blocks(seq)):
             h = self.chain_hash(seq, i)
             block_id = self.cached.get(h)
             if block_id is None:
                 break
             block = self.blocks[block_id]
-            if block.hash != h or block.parent_hash != parent:
+            if block.hash != h or block.parent != parent:
                 break
             matched.append(block_id)
-            parent = h
+            parent = block.ref
         return matched
 
     def confirm(self, seq: Sequence, matched: list[int]) -> list[int]:
@@ -201,10 +209,11 @@ class BlockManager:
             return
         bs = self.block_size
         for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
-            parent = seq.block_hashes[i - 1] if i else ROOT_HASH
+            parent = self.blocks[seq.block_table[i - 1]].ref if i else None
             h = self.chain_hash(seq, i)
             seq.block_hashes.append(h)
             block = self.blocks[seq.block_table[i]]
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             owner = self.cached.get(h)
             if owner is not None and owner != block.block_id:
                 # The same block computed twice (two sequences side by side). One copy serves lookups: the
@@ -212,11 +221,13 @@ class BlockManager:
                 # the count of cached blocks counts only blocks a lookup can reach.
                 old = self.blocks[owner]
                 if old.ref_count > 0:
+                    if old.parent == parent and old.token_ids == tokens:  # the same prefix, truly: children
+                        block.ref = old.ref  # computed after this copy are found through the cached one
                     continue
                 old.clear()
                 self._num_free_cached -= 1
                 self.free.move_to_end(owner, last=False)
-            block.hash, block.parent_hash, block.token_ids = h, parent, tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            block.hash, block.parent, block.token_ids = h, parent, tokens
             self.cached[h] = block.block_id
 
     # ---- release -------------------------------------------------------------------------------

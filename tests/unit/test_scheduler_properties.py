@@ -262,7 +262,7 @@ def test_eviction_takes_suffixes_before_prefixes():
     assert len(cached_order) == 3
     # Least recently freed first: each cached block is evicted before the block it hangs on.
     for child, parent in zip(cached_order, cached_order[1:], strict=False):
-        assert bm.blocks[child].parent_hash == bm.blocks[parent].hash
+        assert bm.blocks[child].parent == bm.blocks[parent].ref
 
 
 @pytest.mark.parametrize("num_blocks", [8, 9])
@@ -499,3 +499,23 @@ def test_many_arrivals_behind_one_low_priority_request_cost_a_step_each():
         sched.add(_seq(f"a{i}"))
     order = [seq.request_id for seq in sched.waiting]
     assert order[-1] == "w9" and order[:3] == ["a0", "a1", "a2"] and len(order) == 4001
+
+
+def test_a_hash_collision_between_two_prefixes_is_not_spliced(monkeypatch):
+    """Prefixes A and B differ in block 0, and (one 64-bit collision) B's chain hash at block 1 equals A's. Block 2,
+    computed after A, matched by hash, parent hash and its own tokens for B + block 2's tokens: its KV, computed
+    after A, would have been read as if after B. A match now follows the very parent block it was computed after."""
+    real = bm_module.hash_block
+    a, b, c = [1, 1, 1, 1, 2, 2, 2, 2], [0, 0, 0, 1, 2, 2, 2, 0], [5, 5, 5, 5]
+    a1, b0 = real(real(0, a[:4]), a[4:]), real(0, b[:4])
+    monkeypatch.setattr(bm_module, "hash_block",
+                        lambda parent, tokens: a1 if (parent == b0 and list(tokens) == b[4:]) else real(parent, tokens))
+    bm = BlockManager(32, BLOCK)
+    sched = Scheduler(bm, 4, 64)
+    for rid, prompt in (("x", a + c + [3]), ("y", b + [3])):  # caches A0 A1 C (C after A), then B0 and B1
+        sched.add(Sequence(rid, prompt, SamplingParams(max_tokens=1), 64))
+        while sched.has_unfinished():
+            batch = sched.schedule()
+            sched.postprocess(batch, [1 if take else None for take in batch.sample])
+    spliced = Sequence("s", b + c + [3], SamplingParams(max_tokens=1), 64)
+    assert len(bm.confirm(spliced, bm.match_prefix(spliced))) <= 2  # B's own blocks at most, never C
