@@ -935,8 +935,8 @@ def _eventually(condition, timeout_s: float = 10.0) -> None:
 def test_n_completions_end_together_at_the_first_error(demo_model_dir, demo_tokenizer):
     """n = 3 with a seed: three engine requests, seeds 7, 8 and 9. The engine refuses the second: the call fails
     with its status, and the other two are aborted in the engine, not left generating."""
-    fake = FakeEngine(vocab_size=json.loads((demo_model_dir / "config.json").read_text())["vocab_size"],
-                      max_model_len=100_000, step_s=0.02)
+    engine = demo_engine(demo_model_dir, demo_tokenizer, step_s=0.02)
+    fake = engine.engine
     seen: list[int | None] = []
     add = fake.add_request
 
@@ -947,11 +947,6 @@ def test_n_completions_end_together_at_the_first_error(demo_model_dir, demo_toke
         add(request_id, prompt_token_ids, sampling_params)
 
     fake.add_request = add_request
-    from tokenizer_service.validation import read_eos_token_ids
-
-    fake.model_info["eos_token_ids"] = sorted(read_eos_token_ids(str(demo_model_dir), demo_tokenizer,
-                                                                 fake.model_info["vocab_size"]))
-    engine = Running(fake)
     server = TextServer(demo_model_dir, engines=engine.target)
     try:
         with grpc.insecure_channel(server.target) as channel:
