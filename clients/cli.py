@@ -157,11 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"llm-client: {exc}", file=sys.stderr)
             return 2
         last = None
-        logprobs, prompt_logprobs, text, chunks = [], [], [], []
+        logprobs, prompt_logprobs = [], []
+        texts: dict[int, list[str]] = {}  # each completion's text, by index
         try:
             for chunk in stream:
-                chunks.append(chunk)
-                text.append(chunk.text)
+                texts.setdefault(chunk.index, []).append(chunk.text)
                 if not several:  # several completions interleave: each is printed whole at the end
                     sys.stdout.write(chunk.text)
                     sys.stdout.flush()
@@ -179,19 +179,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nllm-client: {exc.code().name}: {exc.details()}{connect_hint(exc, tls)}", file=sys.stderr)
             return 1
     if several:
-        completions: dict[int, list[str]] = {}
-        for chunk in chunks:
-            completions.setdefault(chunk.index, []).append(chunk.text)
-        for index in sorted(completions):
+        for index in sorted(texts):
             end = stream.ends.get(index)
             reason = text_pb2.FinishReason.Name(end.finish_reason).removeprefix("FINISH_REASON_") if end else "?"
             print(f"--- completion {index} (finish={reason}) ---")
-            print("".join(completions[index]))
+            print("".join(texts[index]))
     else:
         print()
     if tools is not None:
         try:
-            for call in parse_tool_calls("".join(text))[1]:
+            for call in parse_tool_calls("".join(texts.get(0, ())))[1]:
                 print(f"[tool call] {json.dumps(call, ensure_ascii=False)}", file=sys.stderr)
         except ValueError as exc:
             print(f"[tool call] {exc}", file=sys.stderr)

@@ -463,6 +463,9 @@ def prepare(
     """Validate a GenerateRequest and build the engine request for it."""
     limits = replace(limits or TextLimits(), max_model_len=max_model_len or None)
     text_request = text_request_from_proto(request)
+    choices = request.n if request.HasField("n") else 1  # checked before a prompt is tokenized for nothing
+    if not 1 <= choices <= MAX_N:
+        raise ValueError(f"n: the number of completions must be 1 to {MAX_N}, got {choices}")
     if request.WhichOneof("input") == "prompt_token_ids":
         # Already tokenized: the text-option rules, then the id rules under the field's own name.
         _run("request", text_request, limits, only={"stop", "skip_special_tokens", "include_stop_str_in_output"})
@@ -480,9 +483,6 @@ def prepare(
         prompt = _encode(text_request, tokenizer, max_model_len=limits.max_model_len)
         # "chat: ..." for a chat; an AtLeast never passes (it is only returned when it does not fit).
         _run("prompt_tokens", prompt, limits, rename=request.WhichOneof("input"))
-    choices = request.n if request.HasField("n") else 1
-    if not 1 <= choices <= MAX_N:
-        raise ValueError(f"n: the number of completions must be 1 to {MAX_N}, got {choices}")
     params = engine_pb.SamplingParams()
     source = request.sampling_params
     for name in SAMPLING_FIELDS:

@@ -211,23 +211,19 @@ SUPPORTED_MODEL_TYPES = tuple(FAMILY_PARTS)
 # model_type -> the values transformers' config class gives keys config.json omits (an explicit null
 # num_key_value_heads or head_dim still means one per query head, or hidden_size / heads).
 FAMILY_DEFAULTS = {
-    "qwen3": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "head_dim": 128},
-    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32},
+    "qwen3": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "head_dim": 128, "sliding_window": 4096},
+    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "sliding_window": 4096},
     "llama": {"max_position_embeddings": 2048},
-    "mistral": {"max_position_embeddings": 131072, "num_key_value_heads": 8},
+    "mistral": {"max_position_embeddings": 131072, "num_key_value_heads": 8, "sliding_window": 4096},
 }
 
 
 def _sliding_window(model_type: str, cfg: dict) -> int | None:
-    """The attention window transformers applies: Mistral's sliding_window (4096 when config.json omits it,
-    none when it is null); Qwen's only under use_sliding_window (then on some layers, which within the window
-    equals full attention too)."""
-    if model_type == "mistral":
-        window = cfg.get("sliding_window", 4096)
-    elif model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
-        window = cfg.get("sliding_window", 4096)
-    else:
-        return None
+    """The attention window transformers applies (cfg has the family's defaults, FAMILY_DEFAULTS): Mistral's
+    sliding_window (none when it is null); Qwen's only under use_sliding_window (then on some layers, which
+    within the window equals full attention too)."""
+    applies = model_type == "mistral" or (model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window"))
+    window = cfg.get("sliding_window") if applies else None
     if window is None:
         return None
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
