@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from clients.cpus import available_cpus
 from clients.tls import (
     PortUnavailable,
     add_checked_servicer,
@@ -47,28 +48,6 @@ SHORT_CALL_HEADROOM = 64  # unary and health calls beyond max_concurrent_rpcs ge
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     """The server's options (service_server_options), its calls counting the short ones beside generation."""
     return service_server_options(config, config.max_concurrent_rpcs + SHORT_CALL_HEADROOM)
-
-
-def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
-    """The CPUs this process may use: its affinity, capped by a cgroup CPU quota (a pod's `limits.cpu`).
-
-    torch sizes its thread pool from the host's cores and ignores the quota: in a 2-CPU pod on a 64-core node
-    it would run 32 threads into the quota's throttling.
-    """
-    cpus = len(os.sched_getaffinity(0))
-    quota = period = None
-    try:  # cgroup v2: "max 100000" or "200000 100000"
-        q, per = (cgroup_root / "cpu.max").read_text().split()[:2]
-        quota, period = (None if q == "max" else int(q)), int(per)
-    except (OSError, ValueError):
-        try:  # cgroup v1: -1 for no quota
-            quota = int((cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text())
-            period = int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text())
-        except (OSError, ValueError):
-            pass
-    if quota is not None and quota > 0 and period:
-        cpus = min(cpus, max(1, -(-quota // period)))  # a quota of 1.5 CPUs still runs 2 threads
-    return cpus
 
 
 def torch_threads(config: ServerConfig, cuda_available: bool, num_cores: int, torch_default: int) -> int | None:

@@ -18,9 +18,11 @@ if [ -z "$EXTRAS" ] && ls .venv/.installed-"$HASH"-* >/dev/null 2>&1; then
     exit 0
 fi
 if [ ! -f "$STAMP" ]; then
-    # torch is pinned to a CPU-installable release in pyproject.toml; name it first so pip never
-    # resolves a multi-gigabyte CUDA build on a CPU machine.
-    .venv/bin/python -m pip install --quiet "torch==2.13.0"
+    # torch is pinned in pyproject.toml; it is named first so that the build pip's configuration provides (a
+    # local CPU wheel on this project's machines) is taken before the project's dependencies resolve one.
+    # PyPI's Linux wheels are CUDA builds (several GB): TORCH_INDEX_URL (say https://download.pytorch.org/whl/cpu)
+    # names another index for it.
+    .venv/bin/python -m pip install --quiet ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
     .venv/bin/python -m pip install --quiet -e "$SPEC"
     touch "$STAMP"
 fi

@@ -101,8 +101,9 @@ class TextMetrics:
         for reason in ("stop", "length", "abort", "error", "cancelled"):
             self._finished.labels(model_name=model_name, finished_reason=reason)
         self._model = model_name
-        self.inflight = Gauge(PREFIX + "text_requests_inflight", "Requests in progress in this service.", labels,
-                              registry=self.registry).labels(**model)
+        self.inflight = Gauge(PREFIX + "text_requests_inflight",
+                              "Requests in progress in this service, each of a request's n completions counted (as "
+                              "max_inflight counts them).", labels, registry=self.registry).labels(**model)
         self.engines = Gauge(PREFIX + "engines_connected", "Engine streams ready for new requests.", labels,
                              registry=self.registry).labels(**model)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -13,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from clients.cpus import available_cpus
 from protos.llmserve.engine.v1 import engine_pb2 as engine_pb
 from protos.llmserve.text.v1 import text_pb2 as pb
 from protos.llmserve.text.v1 import text_pb2_grpc as pb_grpc
@@ -53,7 +53,8 @@ PROMPT_LOGPROBS_PER_MESSAGE = 1024
 # the other: a Tokenize or Detokenize of 8 MiB (no max_model_len bounds it) runs 5 s and holds about 1.4 GB, so
 # one at a time keeps the service's memory at that of one such call; preparing a Generate is bounded by
 # max_model_len (a longer prompt is refused from a head of it), so a few may run together.
-PREPARE_SLOTS = max(1, min(4, len(os.sched_getaffinity(0))))  # no more than the CPUs: they share them and the GIL
+# No more than the CPUs the process may use (its affinity, capped by a pod's CPU limit): they share them and the GIL.
+PREPARE_SLOTS = max(1, min(4, available_cpus()))
 API_SLOTS = 1
 # A cancel this close to the request's deadline is the deadline: the client's timer fires a few milliseconds
 # before this service's, and the request counts as an error (DEADLINE_EXCEEDED), not as cancelled.
@@ -139,8 +140,16 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         """
         if self.draining:
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "the tokenizer service is draining; retry elsewhere")
-        # Each of a request's n completions takes a place once it is sent (n is checked by prepare(); bounded here).
-        places = min(max(request.n, 1), MAX_N) if request.HasField("n") else 1
+        # Each of a request's n completions takes a place once it is sent. n is checked here, before the places it
+        # asks for are: an n out of range is INVALID_ARGUMENT whatever the load (prepare() checks it again).
+        places = request.n if request.HasField("n") else 1
+        if not 1 <= places <= MAX_N:
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"n: the number of completions must be 1 to {MAX_N}, got {places}")
+        if places > self.max_inflight:  # it would never be admitted: not a matter of retrying later
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"n: {places} completions take {places} places, more than this service's max_inflight "
+                                f"{self.max_inflight}; ask for at most {self.max_inflight}")
         if self.inflight + self.admitting + places > self.max_inflight:
             raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"the tokenizer service's queue is full: {self.inflight + self.admitting} requests "
@@ -244,8 +253,15 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 await queue.put(RequestFailed(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"))
 
         tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+        held = set(tasks)  # tasks whose place in `inflight` is not yet given back
+
+        def release(task: asyncio.Task) -> None:
+            if task in held:
+                held.discard(task)
+                self.inflight -= 1
+
         for task in tasks:  # a task cancelled before it ran never reaches its own finally: this runs either way
-            task.add_done_callback(self._release_inflight)
+            task.add_done_callback(release)
         open_ = n
         try:
             while open_:
@@ -263,14 +279,14 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         finally:
             for task in tasks:
                 task.cancel()  # each one's _generate_one closes its engine request
+                # ... a loop turn or two from now: its place is given back at once, so that a request admitted in
+                # the meantime (GenerateMulti: an abort, then a new request) does not find it still taken
+                release(task)
             _sum_parts(trace, parts)
             if trace.finish_reason == "cancelled":  # not yet decided (an error or a GenerateMulti abort decides)
                 reasons = {part.finish_reason for part in parts}
                 trace.finish_reason = next((r for r in ("cancelled", "error", "length") if r in reasons), "stop")
                 trace.error = next((part.error for part in parts if part.error), "")
-
-    def _release_inflight(self, _task: asyncio.Task) -> None:
-        self.inflight -= 1
 
     async def _generate_one(self, prep: PreparedRequest, engine_request: engine_pb.NewRequest,
                             timeout_s: float | None, trace: RequestTrace, placement: list | None = None,

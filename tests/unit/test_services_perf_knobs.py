@@ -41,7 +41,7 @@ def test_available_cpus_honours_the_cgroup_quota(tmp_path, monkeypatch, files, e
     """A pod's CPU limit is a CFS quota that torch's own thread count ignores."""
     import os
 
-    from engine_service.server import available_cpus
+    from clients.cpus import available_cpus
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     for name, text in files.items():

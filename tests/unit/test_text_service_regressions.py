@@ -140,6 +140,75 @@ def test_multi_id_reused_right_after_an_abort_gets_its_own_answer(demo_tokenizer
     assert asyncio.run(main()) == [("a", "FINISH_REASON_ABORT"), ("a", "FINISH_REASON_ERROR")]
 
 
+class _TickingPool:
+    """An engine pool whose every request streams one token per 10 ms up to its max_tokens (then LENGTH)."""
+
+    max_model_len = 1000
+
+    async def submit(self, request, timeout_s, avoid=None, prefer=None):
+        budget = request.sampling_params.max_tokens
+
+        class Conn:
+            address = "ticking:1"
+
+        class Handle:
+            conn = Conn()
+
+            async def _updates(self):
+                for i in range(1, budget + 1):
+                    await asyncio.sleep(0.01)
+                    yield engine_pb.RequestUpdate(new_token_ids=[7], finish_reason=(
+                        engine_pb.FINISH_REASON_LENGTH if i == budget else engine_pb.FINISH_REASON_UNSPECIFIED))
+
+            def __aiter__(self):
+                return self._updates()
+
+            def close(self, stopped=False):
+                pass
+
+        return Handle()
+
+
+def test_an_aborted_n_request_frees_its_places_for_the_next_on_the_stream(demo_tokenizer):
+    """An n = 3 request's places came back only once its three completions' tasks had unwound, a few loop turns
+    after the abort: a "regenerate" (abort, then a new request in the same burst) on a service with max_inflight 3
+    was refused as full. A request of one completion always had its place back in time."""
+    from tokenizer_service.servicer import TextServicer
+
+    def generate(rid: str, max_tokens: int) -> pb.MultiRequest:
+        return pb.MultiRequest(generate=pb.GenerateRequest(
+            request_id=rid, prompt="hi", n=3, sampling_params=pb.SamplingParams(max_tokens=max_tokens)))
+
+    async def main() -> tuple[list[tuple[str, str, str]], int]:
+        servicer = TextServicer(demo_tokenizer, _TickingPool(), "demo", len(demo_tokenizer), {0}, {}, 3)
+        frames: asyncio.Queue[pb.MultiRequest | None] = asyncio.Queue()
+
+        async def requests():
+            while (frame := await frames.get()) is not None:
+                yield frame
+
+        context = types.SimpleNamespace(invocation_metadata=lambda: ())
+        out: list[pb.GenerateResponse] = []
+
+        async def consume() -> None:
+            async for response in servicer.GenerateMulti(requests(), context):
+                out.append(response)
+
+        consumer = asyncio.create_task(consume())
+        await frames.put(generate("a", 100_000))
+        while not any(r.token_ids for r in out):
+            await asyncio.sleep(0.01)
+        for frame in (pb.MultiRequest(abort_request_id="a"), generate("b", 2), None):
+            await frames.put(frame)
+        await asyncio.wait_for(consumer, 10)
+        ends = [(r.request_id, pb.FinishReason.Name(r.finish_reason), r.status.message) for r in out if r.finish_reason]
+        return ends, servicer.inflight
+
+    ends, inflight = asyncio.run(main())
+    assert ends[0] == ("a", "FINISH_REASON_ABORT", "")
+    assert ends[1:] == [("b", "FINISH_REASON_LENGTH", "")] * 3, ends
+    assert inflight == 0
+
 class _RecordingPool:
     """An engine pool that records each request's time left and fails it."""
 
@@ -1029,10 +1098,18 @@ def test_each_of_n_completions_takes_a_place_in_max_inflight(demo_model_dir, dem
             ends = [r for r in stub.Generate(pb.GenerateRequest(prompt="the sea", n=3, sampling_params=params),
                                              timeout=30) if r.finish_reason]
             assert sorted(r.index for r in ends) == [0, 1, 2]
-            with pytest.raises(grpc.RpcError) as full:
+            # More completions than max_inflight could never be admitted: refused as such, not "retry later".
+            with pytest.raises(grpc.RpcError) as never:
                 list(stub.Generate(pb.GenerateRequest(prompt="the sea", n=4, sampling_params=params), timeout=30))
-            assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "max_inflight 3, and this one has n=4 completions" in full.value.details()
+            assert never.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "4 completions take 4 places, more than this service's max_inflight 3" in never.value.details()
+            # An n out of range is INVALID_ARGUMENT whatever the load (it used to be clamped to 16 and then found
+            # more than the places free: RESOURCE_EXHAUSTED, naming n=16).
+            for n in (17, 1000):
+                with pytest.raises(grpc.RpcError) as wrong:
+                    list(stub.Generate(pb.GenerateRequest(prompt="the sea", n=n, sampling_params=params), timeout=30))
+                assert wrong.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert f"must be 1 to 16, got {n}" in wrong.value.details()
     finally:
         server.stop()
         assert engine.stop() == 0
