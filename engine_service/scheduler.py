@@ -5,14 +5,16 @@ Pure Python: no torch, no grpc.
 Each step:
 0. Priority (SamplingParams.priority, lower first): while the first waiting sequence has a lower value than
    the last running one and does not fit (no free slot under max_num_seqs, or too few blocks for its first
-   chunk), that running sequence is preempted.
+   chunk), that running sequence is preempted; never when the token budget would not admit it anyway.
 1. Running sequences, in (priority, admission) order. A decoding sequence computes its one new token; a
    sequence still prefilling computes a chunk of whatever budget is left after reserving one token per decode,
    so a long prompt never stalls the running streams. When blocks run out, the last running sequence (the
    lowest priority, most recently admitted) is preempted: its blocks are freed and it is requeued at the front
    of its priority to recompute.
 2. If nothing was preempted in 1, waiting sequences are admitted in (priority, arrival) order (prefix-cache
-   lookup first) while the sequence cap, the token budget and the free blocks allow.
+   lookup first) while the sequence cap, the token budget and the free blocks allow. Those of a lower value
+   than a running prefill are admitted before it takes its chunk, so a long low-priority prompt does not hold
+   an urgent request back for the whole of its prefill.
 
 With one priority (the default, 0) the orders are plain admission and arrival. Every step makes progress: the
 first running sequence is always scheduled, because admission refused any request whose worst case does not
@@ -104,13 +106,27 @@ class Scheduler:
         it fit (an equal or lower value holds the room): their work would be thrown away for nothing."""
         head = self.waiting[0]
         p = head.params.priority
+        budget = self._budget_below(p)
+        if budget <= 0:
+            return  # running sequences of its priority or a lower value take the whole step: it could not start
         matched = self.bm.match_prefix(head) if head.prompt_logprobs is None else []  # preempting keeps it valid
-        need = self._admission_need(head, matched, self.max_num_batched_tokens)
+        need = self._admission_need(head, matched, budget)
         victims = [seq for seq in self.running if seq.params.priority > p]  # the end of `running`
         if not self._would_fit(matched, need, victims):
             return
         while self.running and self.running[-1].params.priority > p and not self._would_fit(matched, need, ()):
             self._preempt(self.running[-1])
+
+    def _budget_below(self, p: int) -> int:
+        """The token budget left for admitting a sequence of priority p: what the decodes and prefill chunks of
+        the running sequences of priority p or a lower value take this step (those of a higher value are the
+        victims, whose decodes preempting them gives back) is spent before it."""
+        ahead = [len(seq.token_ids) - seq.num_computed_tokens for seq in self.running if seq.params.priority <= p]
+        budget = self.max_num_batched_tokens - ahead.count(1)  # decodes are served first
+        for uncomputed in ahead:
+            if uncomputed > 1:
+                budget -= min(uncomputed, max(budget, 0))
+        return budget
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -130,6 +146,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
         picked: list[tuple[Sequence, int]] = []
+        computing: set[int] = set()  # see _admit
         preempted = False
         if self.waiting and self.running and self.running[-1].params.priority > self.waiting[0].params.priority:
             self._make_room()
@@ -145,6 +162,11 @@ class Scheduler:
                 n = 1
                 decodes_left -= 1
             else:
+                if not preempted and self.waiting and self.waiting[0].params.priority < seq.params.priority:
+                    # Waiting sequences of a lower value are admitted before this prefill takes its chunk. They
+                    # go into `running` before it: it stays the next to schedule, and the victims stay after it.
+                    budget -= self._admit(picked, budget - decodes_left, computing, below=seq.params.priority)
+                    i = self.running.index(seq)
                 n = min(uncomputed, budget - decodes_left)
                 if n <= 0:
                     i += 1
@@ -171,7 +193,7 @@ class Scheduler:
             i += 1
 
         if not preempted:
-            self._admit(picked, budget)
+            self._admit(picked, budget, computing)
         return self._batch(picked)
 
     def schedule_ahead(self, batch: ScheduledBatch) -> ScheduledBatch | None:
@@ -208,14 +230,20 @@ class Scheduler:
         n = len(picked)
         return ScheduledBatch(picked, [1] * n, [True] * n, [rows[seq] for seq in picked])
 
-    def _admit(self, picked: list[tuple[Sequence, int]], budget: int) -> None:
-        # Hashes of the prompt blocks this step's admissions will compute. A request whose next block is one
-        # of them waits a step and then finds it cached, rather than computing its own copy: a burst of
-        # requests sharing a system prompt computes it once, not once per request that fits the step (a prompt
-        # longer than the budget is partly computed twice: docs/ENGINE.md says why that is left so).
-        computing: set[int] = set()
+    def _admit(self, picked: list[tuple[Sequence, int]], budget: int, computing: set[int],
+               below: int | None = None) -> int:
+        """Admit waiting sequences (of a priority value under `below`, if given) into `picked` within `budget`
+        tokens; returns the tokens they take.
+
+        computing: the hashes of the prompt blocks this step's admissions will compute. A request whose next block
+        is one of them waits a step and then finds it cached, rather than computing its own copy: a burst of
+        requests sharing a system prompt computes it once, not once per request that fits the step (a prompt
+        longer than the budget is partly computed twice: docs/ENGINE.md says why that is left so)."""
+        start = budget
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if below is not None and seq.params.priority >= below:
+                break
             # A request still owed prompt logprobs computes its whole prompt: cached blocks have no logits.
             matched = self.bm.match_prefix(seq) if seq.prompt_logprobs is None else []
             if computing and seq.prompt_logprobs is None and self.bm.next_prompt_hash(seq, matched) in computing:
@@ -240,6 +268,7 @@ class Scheduler:
             self._run(seq)
             picked.append((seq, n))
             budget -= n
+        return start - budget
 
     def _admission_need(self, seq: Sequence, matched: list[int], budget: int) -> int:
         """Tokens `seq` must have room for to be admitted over `matched`. A new request needs its first chunk.

@@ -490,6 +490,62 @@ def test_no_preemption_that_cannot_make_room():
     assert sched.num_preemptions == 0 and low.status is Status.RUNNING
 
 
+def _long(rid: str, length: int, priority: int) -> Sequence:
+    rng = random.Random(rid)
+    return Sequence(rid, [rng.randrange(VOCAB) for _ in range(length)],
+                    SamplingParams(max_tokens=4, priority=priority), 4096)
+
+
+def test_an_urgent_arrival_is_not_held_back_by_a_low_priority_prefill():
+    """A priority-5 prompt of 1,000 tokens is prefilling in chunks of the whole budget; a priority -1 request of
+    10 tokens arrives, with slots and blocks to spare. It used to wait out the whole prefill (15 steps of 64
+    tokens): running prefills took the budget before admission. It now starts in the next step, and the prefill
+    takes what is left of that step's budget."""
+    sched = Scheduler(BlockManager(400, BLOCK), 8, 64)
+    low = _long("low", 1000, priority=5)
+    sched.add(low)
+    sched.postprocess(sched.schedule(), [None])
+    urgent = _long("urgent", 10, priority=-1)
+    sched.add(urgent)
+    batch = sched.schedule()
+    assert dict(zip([s.request_id for s in batch.seqs], batch.num_new_tokens, strict=True)) == {"urgent": 10, "low": 64 - 10}
+    assert [s.request_id for s in sched.running] == ["urgent", "low"] and sched.num_preemptions == 0
+    # With one priority, the running prefill keeps the budget first (the arrival starts after it), as before.
+    sched = Scheduler(BlockManager(400, BLOCK), 8, 64)
+    first = _long("first", 1000, priority=0)
+    sched.add(first)
+    sched.postprocess(sched.schedule(), [None])
+    sched.add(_long("later", 10, priority=0))
+    batch = sched.schedule()
+    assert [s.request_id for s in batch.seqs] == ["first"] and batch.num_new_tokens == [64]
+
+
+def test_no_preemption_for_an_arrival_the_budget_cannot_start():
+    """Two slots: a priority 9 sequence decoding, a priority -2 prompt of 1,000 tokens prefilling. A priority -1
+    arrival needs a slot, but the more urgent prefill takes the whole budget for 15 more steps: the priority 9
+    sequence used to be preempted at once for it, and then waited, its work lost, as long as the arrival did.
+    It is preempted when the arrival can start."""
+    sched = Scheduler(BlockManager(400, BLOCK), 2, 64)
+    victim = Sequence("v9", [3] * 5, SamplingParams(max_tokens=500, priority=9, ignore_eos=True), 4096)
+    sched.add(victim)
+    sched.postprocess(sched.schedule(), [1])
+    urgent = _long("a", 1000, priority=-2)
+    sched.add(urgent)
+    sched.postprocess(sched.schedule(), [1, None])
+    arrival = _long("u", 10, priority=-1)
+    sched.add(arrival)
+    steps = 0
+    while arrival.status is Status.WAITING:
+        batch = sched.schedule()
+        if arrival.status is Status.WAITING:
+            assert victim.status is Status.RUNNING and sched.num_preemptions == 0
+        sched.postprocess(batch, [1 if take else None for take in batch.sample])
+        steps += 1
+    assert sched.num_preemptions == 1 and victim.status is Status.WAITING
+    # It starts in the step that ends the prefill (63 tokens a step beside the decode, 63 done before it came),
+    # with what that step leaves.
+    assert urgent.num_computed_tokens == 1000 and arrival in batch.seqs and steps == -(-(1000 - 63) // 63)
+
 def test_many_arrivals_behind_one_low_priority_request_cost_a_step_each():
     """A new request is placed from the end of the queue: behind one low-priority request, 4,000 default ones are
     placed in order without scanning the queue each time."""
