@@ -13,14 +13,18 @@ state in an LRU shared by every request: a state's mask depends only on its mode
 few open containers, so documents of the same shape reuse them. Inside a string, the tokens that cannot leave it
 (no quote, backslash or control byte, whole UTF-8 characters) are allowed at once, and only the rest are walked.
 
-Only byte-level BPE tokenizers (GPT-2's byte-to-character map, as Qwen's) are supported: their tokens' bytes are
-exact. Special and added tokens are never allowed inside JSON.
+The masks need each token's exact bytes, which the tokenizer's decoder defines (token_bytes): byte-level BPE
+(GPT-2's byte-to-character map: Qwen, Llama 3, Mistral Nemo) and SentencePiece-style tokenizers ("▁" for a space,
+with or without <0xNN> byte tokens: Llama 2, Mistral 7B) are supported. Special and added tokens are never allowed
+inside JSON.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import logging
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -54,26 +58,72 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in chars.items()}
 
 
+def _piece_decoder(spec: dict | None):
+    """From the tokenizer's decoder (its tokenizer.json entry), a function from one token's text to the bytes it
+    adds in the middle of a decoded text (None: a character outside the byte-level map), or a ValueError naming a
+    decoder whose tokens' bytes are not known.
+
+    Steps that act on the whole text once the tokens are fused (Strip: a SentencePiece text's first space) change
+    nothing in the middle of one, and neither does Metaspace's handling of the first token."""
+    kind = spec.get("type") if spec else None
+    if kind == "ByteLevel":
+        table = _byte_decoder()
+
+        def byte_level(text: str) -> bytes | None:
+            try:
+                return bytes(table[c] for c in text)
+            except KeyError:
+                return None
+        return byte_level
+    if kind == "Metaspace":
+        replacement = spec.get("replacement", "\u2581")
+        return lambda text: text.replace(replacement, " ").encode("utf-8")
+    if kind == "Sequence":
+        replaces: list[tuple[str, str]] = []
+        byte_fallback = fused = False
+        for part in spec.get("decoders", []):
+            step = part.get("type")
+            if fused and step == "Strip":
+                continue
+            if not fused and step == "Replace" and "String" in part.get("pattern", {}):
+                replaces.append((part["pattern"]["String"], part.get("content", "")))
+            elif not fused and step == "ByteFallback":
+                byte_fallback = True
+            elif not fused and step == "Fuse":
+                fused = True
+            else:
+                raise ValueError(f"a {step} step {'after' if fused else 'before'} Fuse")
+        byte_token = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+        def sentencepiece(text: str) -> bytes:
+            for pattern, content in replaces:
+                text = text.replace(pattern, content)
+            match = byte_token.fullmatch(text) if byte_fallback else None
+            return bytes((int(match.group(1), 16),)) if match else text.encode("utf-8")
+        return sentencepiece
+    raise ValueError(f"a {kind or 'missing'} decoder")
+
+
 def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
     """Each token id's bytes (None for ids never allowed: special and added tokens, ids the tokenizer lacks), or a
     ValueError saying why the tokenizer cannot serve JSON mode."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    decoder = getattr(backend, "decoder", None)
-    if type(decoder).__name__ != "ByteLevel":
-        raise ValueError(f"response_format json_object and json_schema need a byte-level BPE tokenizer (as Qwen's); "
-                         f"this model's decodes with "
-                         f"{type(decoder).__name__ if decoder is not None else 'no fast tokenizer'}")
+    try:
+        if backend is None:
+            raise ValueError("no fast tokenizer (tokenizer.json)")
+        decode = _piece_decoder(json.loads(backend.to_str()).get("decoder"))
+    except ValueError as exc:
+        raise ValueError(f"response_format json_object and json_schema need a tokenizer whose tokens' bytes are "
+                         f"known: byte-level BPE (as Qwen's and Llama 3's) or SentencePiece-style (as Llama 2's and "
+                         f"Mistral's); this model's has {exc}") from None
     added = set(getattr(tokenizer, "added_tokens_decoder", {}))
-    table = _byte_decoder()
     out: list[bytes | None] = [None] * vocab_size
     unmapped = 0
     for text, i in backend.get_vocab(with_added_tokens=False).items():
         if not 0 <= i < vocab_size or i in added:
             continue
-        try:
-            out[i] = bytes(table[c] for c in text)
-        except KeyError:
-            unmapped += 1
+        out[i] = decode(text)
+        unmapped += out[i] is None
     if unmapped:
         log.warning("JSON mode: %d tokens hold characters outside the byte-level map and are never allowed", unmapped)
     return out

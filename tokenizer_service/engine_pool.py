@@ -450,7 +450,7 @@ class EnginePool:
         return RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
                              f"the request uses {' and '.join(sorted(lacking))}, which no connected engine applies "
                              f"({', '.join(sorted(c.address for c in incapable))} predate them, or, for json_object and json_schema, "
-                             "serve a model without a byte-level BPE tokenizer): upgrade the engines, or send the "
+                             "serve a model whose tokenizer is neither byte-level BPE nor SentencePiece): upgrade the engines, or send the "
                              "request without them")
 
     def _engines_state(self) -> str:

@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
 from engine_service import SamplingParams
 from engine_service import json_grammar as jg
@@ -123,6 +124,40 @@ def test_json_schema_outputs_follow_the_schema(demo_model_dir):
             assert len(out["token_ids"]) == 128 and not jg.is_done(state)
     assert finished >= 4
 
+
+def test_sentencepiece_model_outputs_follow_the_schema(tmp_path):
+    """JSON mode on a Llama whose tokenizer is SentencePiece-style ("▁" words, <0xNN> byte tokens), as Llama 2's
+    and Mistral 7B's: it used to be refused. The bytes the automaton walked are the tokens' decoded bytes."""
+    from tests.integration.tiny import make_family, sentencepiece_tokenizer
+    from tests.unit.test_json_schema import _conforms
+
+    tokenizer = sentencepiece_tokenizer()
+    make_family(tmp_path, "llama", vocab=len(tokenizer), dtype=torch.float64)
+    tokenizer.save_pretrained(tmp_path)
+    free = [_json(i) for i in range(6)]
+    shaped = [SamplingParams(temperature=1.0, seed=i, max_tokens=128, response_format="json_schema",
+                             json_schema=SCHEMA) for i in range(6)]
+    with exact_engine(tmp_path) as llm:
+        assert llm.model_info["json_object"] is True
+        outs = llm.generate(PROMPTS[:3] * 4, free + shaped)
+        node = llm.schemas.get(shaped[0].json_schema)
+        vocab = llm.json_masks.token_bytes
+        stats = llm.stats()
+    assert stats["num_free_blocks"] == stats["num_blocks"] and not llm.cursors
+    finished = 0
+    for out, params in zip(outs, free + shaped, strict=True):
+        data = b"".join(vocab[t] for t in out["token_ids"])
+        state = jg.walk(jg.initial(node) if params.json_schema else jg.INITIAL, data)
+        assert state is not None, data
+        if out["finish_reason"] == "stop":
+            assert data.decode().lstrip(" ") == out["text"].lstrip(" "), (data, out["text"])  # decoding strips a space
+            value = json.loads(out["text"])
+            assert jg.is_done(state) and isinstance(value, dict), out["text"]
+            assert not params.json_schema or _conforms(SCHEMA, value, SCHEMA), out["text"]
+            finished += 1
+        else:
+            assert len(out["token_ids"]) == params.max_tokens and not jg.is_done(state)
+    assert finished >= 3
 
 def test_refusals_name_the_problem(demo_model_dir, tmp_path):
     with pytest.raises(ValueError, match="min_tokens .* cannot be combined with response_format"):

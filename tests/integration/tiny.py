@@ -132,3 +132,29 @@ def to_transformers4_config(path: Path) -> None:
     cfg["rope_scaling"] = None
     cfg["torch_dtype"] = cfg.pop("dtype", "float64")
     cfg_path.write_text(json.dumps(cfg))
+
+
+def sentencepiece_tokenizer(vocab_size: int = 1000):
+    """A SentencePiece-style tokenizer (as Llama 2's and Mistral 7B's, in transformers' conversion): BPE over
+    "▁"-marked words trained on the demo corpus, the 256 byte tokens <0x00>..<0xFF> as ordinary vocabulary for
+    characters it lacks, and the decoder Replace("▁", " "), ByteFallback, Fuse, Strip(one leading space)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = (Path(__file__).resolve().parents[2] / "scripts" / "demo_corpus.txt").read_text(encoding="utf-8")
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace()
+    trained.train_from_iterator(corpus.splitlines(keepends=True),
+                                trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>"],
+                                                    show_progress=False))
+    spec = json.loads(trained.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in sorted(spec["vocab"], key=spec["vocab"].get):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   clean_up_tokenization_spaces=False)

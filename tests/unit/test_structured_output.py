@@ -163,13 +163,67 @@ def test_token_bytes_of_a_byte_level_tokenizer(demo_tokenizer):
     assert b"".join(vocab[i] for i in ids) == "é世界 {\"k\": 1}".encode()
 
 
+def _tokens_bytes_match_decoding(tokenizer, vocab: list[bytes | None]) -> int:
+    """Every token's bytes, decoded after a word, add exactly their text to the word's decoding (the tokenizer's own
+    decode, without clean-up); a character made of byte tokens joins from its bytes. Returns how many were checked."""
+    backend = tokenizer.backend_tokenizer
+    anchor = tokenizer.convert_tokens_to_ids("▁the")
+    head = backend.decode([anchor], skip_special_tokens=False)
+    checked = 0
+    for i, data in enumerate(vocab):
+        if data is None:
+            continue
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # one byte of a character: checked through whole characters below
+        assert backend.decode([anchor, i], skip_special_tokens=False) == head + text, (i, data)
+        checked += 1
+    text = 'Жёлтый {"k": "ß🦀"}'  # characters the corpus lacks: byte tokens
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert any(tokenizer.convert_ids_to_tokens(i).startswith("<0x") for i in ids)
+    assert b"".join(vocab[i] for i in ids) == (" " + text).encode()  # the first word's "▁" is a space mid-text
+    return checked
+
+
+def test_sentencepiece_tokens_have_their_decoded_bytes():
+    from tests.integration.tiny import sentencepiece_tokenizer
+
+    tokenizer = sentencepiece_tokenizer()
+    vocab = token_bytes(tokenizer, len(tokenizer) + 3)
+    assert vocab[:3] == [None] * 3 and vocab[-3:] == [None] * 3  # <unk> <s> </s>, and a padded vocabulary
+    assert [vocab[3 + b] for b in (0x0A, 0x7B, 0xE4)] == [b"\n", b"{", b"\xe4"]  # <0x0A> <0x7B> <0xE4>
+    assert vocab[tokenizer.convert_tokens_to_ids("▁the")] == b" the"
+    assert _tokens_bytes_match_decoding(tokenizer, vocab) > 300
+
+
+def test_metaspace_decoder_tokens_have_their_decoded_bytes():
+    from tokenizers import decoders
+
+    from tests.integration.tiny import sentencepiece_tokenizer
+
+    tokenizer = sentencepiece_tokenizer()
+    tokenizer.backend_tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    vocab = token_bytes(tokenizer, len(tokenizer))
+    assert vocab[3 + 0x0A] == b"<0x0A>"  # without ByteFallback a byte token decodes as its name
+    backend = tokenizer.backend_tokenizer
+    anchor = tokenizer.convert_tokens_to_ids("▁the")
+    for i, data in enumerate(vocab):
+        if data is not None:
+            assert backend.decode([anchor, i]) == backend.decode([anchor]) + data.decode(), i
+
+
 def test_other_tokenizers_are_refused_by_name():
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
-    backend.decoder = decoders.Metaspace()
-    with pytest.raises(ValueError, match="byte-level BPE tokenizer.*Metaspace"):
+    backend.decoder = decoders.WordPiece()
+    with pytest.raises(ValueError, match="tokens' bytes are known: byte-level BPE .* has a WordPiece decoder"):
+        token_bytes(PreTrainedTokenizerFast(tokenizer_object=backend), 2)
+    # A Strip before Fuse would strip every token, not the text: not a layout whose bytes are known.
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0), decoders.Fuse()])
+    with pytest.raises(ValueError, match="has a Strip step before Fuse"):
         token_bytes(PreTrainedTokenizerFast(tokenizer_object=backend), 2)
 
 
