@@ -16,7 +16,7 @@ import grpc
 
 from clients.text_client import TextClient
 from clients.tls import ClientTls, add_tls_arguments, tls_from_arguments
-from clients.tool_calls import parse_tool_calls
+from clients.tool_calls import FORMATS, parse_tool_calls
 from protos.llmserve.text.v1 import text_pb2
 
 
@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tools", default=None, metavar="FILE",
                         help="with --chat: a JSON file holding a list of tools the model may call (OpenAI's shape); "
                              "the calls it makes are printed as JSON on stderr")
+    parser.add_argument("--tool-format", choices=FORMATS, default="auto",
+                        help="how the model writes its tool calls: hermes (Qwen), llama3_json (Llama 3.1+), mistral "
+                             "(needs --keep-special-tokens), or auto (whichever the text holds)")
+    parser.add_argument("--keep-special-tokens", action="store_true",
+                        help="keep special tokens in the text (skip_special_tokens false), e.g. Mistral's "
+                             "[TOOL_CALLS]")
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-p", type=float, default=None)
@@ -119,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                     repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                     frequency_penalty=args.frequency_penalty, logit_bias=logit_bias or None,
                     response_format="json_schema" if args.json_schema else "json_object" if args.json else None,
-                    json_schema=_read_json_schema(parser, args.json_schema), priority=args.priority)
+                    json_schema=_read_json_schema(parser, args.json_schema), priority=args.priority,
+                    skip_special_tokens=False if args.keep_special_tokens else None)
     several = args.n is not None and args.n > 1
     if several and (args.tools or args.logprobs is not None):
         parser.error("--tools and --logprobs apply to one completion; leave out --n, or set it to 1")
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
     if tools is not None:
         try:
-            for call in parse_tool_calls("".join(texts.get(0, ())))[1]:
+            for call in parse_tool_calls("".join(texts.get(0, ())), args.tool_format)[1]:
                 print(f"[tool call] {json.dumps(call, ensure_ascii=False)}", file=sys.stderr)
         except ValueError as exc:
             print(f"[tool call] {exc}", file=sys.stderr)

@@ -1,5 +1,10 @@
-"""Tool calls in a completion's text, in the format Qwen2.5's and Qwen3's chat templates ask the model for (the
-Hermes format): one block per call, `<tool_call>\n{"name": "...", "arguments": {...}}\n</tool_call>`.
+"""Tool calls in a completion's text, in the formats the chat templates of the served families ask models for:
+- **hermes** (Qwen2.5, Qwen3): one block per call, `<tool_call>\n{"name": "...", "arguments": {...}}\n</tool_call>`;
+- **llama3_json** (Llama 3.1, 3.2, 3.3): the whole reply is the call, `{"name": "...", "parameters": {...}}`
+  (several separated by ";"), after `<|python_tag|>` when the template's built-in tools are on;
+- **mistral** (Mistral 7B v0.3, Nemo, Small): `[TOOL_CALLS]` then a JSON list of `{"name", "arguments"}`, or (newer
+  tokenizers) `[TOOL_CALLS]name[ARGS]{...}` per call. `[TOOL_CALLS]` is a special token: it reaches the text only
+  with `skip_special_tokens=False` on the request.
 
 The services pass a model's text through as it is (the format belongs to the model's template, not to the
 protocol); a caller that offered tools (Chat.tools) reads the calls out of the finished text with this, and
@@ -9,8 +14,14 @@ sends each call's result back as a "tool" message after an assistant message car
 from __future__ import annotations
 
 import json
+import secrets
+import string
 
+FORMATS = ("auto", "hermes", "llama3_json", "mistral")
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"
+MISTRAL_CALLS, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
+_ID_CHARS = string.ascii_letters + string.digits
 THINK_END = "</think>"
 _DECODER = json.JSONDecoder()
 
@@ -39,15 +50,116 @@ def _thinking_end(text: str) -> int:
     return cut
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
-    """(the text less its tool-call blocks, stripped; the calls as {"name": str, "arguments": dict}, in order),
-    ready to be an assistant message's content and tool_calls.
+def parse_tool_calls(text: str, fmt: str = "auto") -> tuple[str, list[dict]]:
+    """(the text less its tool calls, stripped; the calls as {"name": str, "arguments": dict}, in order, with an
+    "id" where the format needs one), ready to be an assistant message's content and tool_calls.
+
+    fmt: one of FORMATS. "auto" reads hermes blocks where the text has "<tool_call>", mistral where it has
+    "[TOOL_CALLS]", and llama3_json where the whole text (past any thinking) is JSON objects with a string "name"
+    and "parameters" or "arguments"; otherwise the text has no calls.
 
     Calls are looked for after the thinking block only (a Qwen3 model's thinking may name the tag or quote a whole
-    example call), and each block is read as one JSON value, so an argument holding "</tool_call>" does not end
-    it. A block that is not a JSON object with a string name, or one left open (the completion stopped inside
+    example call), and each call is read as one JSON value, so an argument holding "</tool_call>" does not end
+    it. A call that is not a JSON object with a string name, or one left open (the completion stopped inside
     it, at max_tokens), is a ValueError naming it: models do write malformed calls, and what to do then is the
     caller's choice."""
+    if fmt not in FORMATS:
+        raise ValueError(f"tool-call format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    cut = _thinking_end(text)
+    head, body = (text[: cut + len(THINK_END)], text[cut + len(THINK_END):]) if cut >= 0 else ("", text)
+    if fmt == "auto":
+        fmt = ("hermes" if OPEN in body else "mistral" if MISTRAL_CALLS in body
+               else "llama3_json" if _llama3_calls(body) is not None else "")
+    if fmt == "llama3_json":
+        calls = _llama3_calls(body)
+        if calls is None:
+            return text.strip(), []
+        return head.strip(), calls
+    if fmt == "mistral":
+        return _mistral(head, body)
+    if fmt != "hermes":
+        return text.strip(), []
+    return _hermes(text)
+
+
+def _call(value: object, i: int, where: str, arguments_key: str = "arguments") -> dict:
+    """One call as {"name", "arguments": dict}, from a parsed JSON value, or a ValueError naming call i."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise ValueError(f"tool call {i} is not a JSON object with a string name: {where[:200]!r}")
+    arguments = value.get(arguments_key, value.get("arguments", {}))
+    if isinstance(arguments, str):  # some models write the arguments as a JSON string
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(arguments, dict):
+        raise ValueError(f"tool call {i} ({value['name']}): arguments must be a JSON object, got {arguments!r}")
+    return {"name": value["name"], "arguments": arguments}
+
+
+def _llama3_calls(body: str) -> list[dict] | None:
+    """Llama 3's JSON calls when the whole body is such calls (separated by ";" or whitespace), else None: a reply
+    that is prose, or JSON of another shape, has no calls."""
+    rest = body.strip().removeprefix(PYTHON_TAG).lstrip()
+    if not rest.startswith("{"):
+        return None
+    calls, at = [], 0
+    while at < len(rest):
+        try:
+            value, at = _DECODER.raw_decode(rest, at)
+        except json.JSONDecodeError:
+            return None
+        if not (isinstance(value, dict) and isinstance(value.get("name"), str)
+                and ("parameters" in value or "arguments" in value)):
+            return None
+        try:
+            calls.append(_call(value, len(calls), rest, "parameters"))
+        except ValueError:
+            return None
+        while at < len(rest) and (rest[at].isspace() or rest[at] == ";"):
+            at += 1
+    return calls
+
+
+def _mistral(head: str, body: str) -> tuple[str, list[dict]]:
+    """Mistral's calls: the text before "[TOOL_CALLS]" is the content; after it, a JSON list of calls, or
+    name[ARGS]{...} per call (each after its own "[TOOL_CALLS]", or one after another). Each call gets a 9-character
+    alphanumeric id, which Mistral's templates require of the calls an assistant message carries."""
+    start = body.find(MISTRAL_CALLS)
+    if start < 0:
+        return (head + body).strip(), []
+    content, rest = head + body[:start], body[start + len(MISTRAL_CALLS):]
+    calls: list[dict] = []
+    stripped = rest.lstrip()
+    if stripped.startswith("["):  # v0.3: a JSON list
+        try:
+            value, end = _DECODER.raw_decode(stripped)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"the tool calls are not a JSON list ({exc}), or were cut short (raise max_tokens): "
+                             f"{stripped[:200]!r}") from None
+        if not isinstance(value, list):
+            raise ValueError(f"the tool calls are not a JSON list: {stripped[:200]!r}")
+        calls = [_call(item, i, stripped) for i, item in enumerate(value)]
+        content += stripped[end:]
+    else:  # name[ARGS]{...}, repeated
+        while rest.strip():
+            rest = rest.lstrip().removeprefix(MISTRAL_CALLS)
+            name, sep, after = rest.partition(MISTRAL_ARGS)
+            if not sep or not name.strip():
+                raise ValueError(f"tool call {len(calls)} is not name{MISTRAL_ARGS}{{...}}: {rest[:200]!r}")
+            try:
+                arguments, end = _DECODER.raw_decode(after.lstrip())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"tool call {len(calls)} ({name.strip()}): its arguments are not JSON ({exc}), or "
+                                 f"were cut short (raise max_tokens): {after[:200]!r}") from None
+            calls.append(_call({"name": name.strip(), "arguments": arguments}, len(calls), rest))
+            rest = after.lstrip()[end:]
+    for call in calls:
+        call["id"] = "".join(secrets.choice(_ID_CHARS) for _ in range(9))
+    return content.strip(), calls
+
+
+def _hermes(text: str) -> tuple[str, list[dict]]:
     cut = _thinking_end(text)
     head, body = (text[: cut + len(THINK_END)], text[cut + len(THINK_END):]) if cut >= 0 else ("", text)
     calls, kept, pos = [], [head], 0
@@ -69,17 +181,7 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
         if not body.startswith(CLOSE, at):
             what = "left open (no " + CLOSE + ")" if CLOSE not in body[at:] else "followed by more than " + CLOSE
             raise ValueError(f"tool call {i} is {what}: {body[start:start + 200]!r}")
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            raise ValueError(f"tool call {i} is not a JSON object with a string name: {body[start:start + 200]!r}")
-        arguments = call.get("arguments", {})
-        if isinstance(arguments, str):  # some models write the arguments as a JSON string
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                pass
-        if not isinstance(arguments, dict):
-            raise ValueError(f"tool call {i} ({call['name']}): arguments must be a JSON object, got {arguments!r}")
-        calls.append({"name": call["name"], "arguments": arguments})
+        calls.append(_call(call, i, body[start:]))
         pos = at + len(CLOSE)
     kept.append(body[pos:])
     return "".join(kept).strip(), calls

@@ -460,3 +460,42 @@ def test_texts_keep_what_a_refusing_text_read():
         multi.texts()
     assert multi.completions() == {("r", 0): "Aa", ("r", 1): "Bb"}
     assert CompletionStream(Call([pb.GenerateResponse(text="x"), pb.GenerateResponse(text="y")])).text() == "xy"
+
+
+def test_cli_reads_mistral_tool_calls_with_special_tokens_kept(monkeypatch, tmp_path, capsys):
+    """--keep-special-tokens asks for skip_special_tokens false (Mistral's [TOOL_CALLS] is a special token) and
+    --tool-format picks the parser; the calls go to stderr as JSON."""
+    import json
+
+    import clients.cli as cli
+
+    sent = {}
+    reply = 'Sure. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+
+    class Client:
+        def __init__(self, target, timeout=None, tls=None):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def chat(self, messages, **kwargs):
+            sent.update(kwargs)
+            return iter([pb.GenerateResponse(text=reply[:10]), pb.GenerateResponse(
+                text=reply[10:], finish_reason=pb.FINISH_REASON_STOP)])
+
+    monkeypatch.setattr(cli, "TextClient", Client)
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([{"type": "function", "function": {"name": "get_weather"}}]))
+    argv = ["Weather?", "--chat", "--tools", str(tools), "--target", "localhost:1"]
+    assert cli.main(argv + ["--keep-special-tokens", "--tool-format", "mistral"]) == 0
+    out, err = capsys.readouterr()
+    assert sent["skip_special_tokens"] is False and out.strip() == reply
+    [line] = [line for line in err.splitlines() if line.startswith("[tool call]")]
+    call = json.loads(line.removeprefix("[tool call] "))
+    assert call["name"] == "get_weather" and call["arguments"] == {"city": "Paris"} and len(call["id"]) == 9
+    assert cli.main(argv + ["--tool-format", "hermes"]) == 0  # the wrong format finds no calls
+    assert sent["skip_special_tokens"] is None and "[tool call]" not in capsys.readouterr().err

@@ -259,3 +259,61 @@ def test_thinking_whose_opening_tag_was_in_the_prompt(thinking, want):
     assert content.startswith(thinking.strip()[:10]) and content.endswith("</think>")
     content, calls = parse_tool_calls(thinking + "\n</think>\n\nIt is sunny.")  # and answering without a call
     assert calls == [] and content.endswith("It is sunny.")
+
+
+# ---- the Llama 3 and Mistral formats ----
+
+def test_llama3_json_calls_are_the_whole_reply():
+    one = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    assert parse_tool_calls(one) == ("", [{"name": "get_weather", "arguments": {"city": "Paris"}}])
+    two = ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+           '{"name": "get_time", "arguments": "{\\"tz\\": \\"CET\\"}"}')
+    assert parse_tool_calls(two, "llama3_json")[1] == [{"name": "get_weather", "arguments": {"city": "Paris"}},
+                                                       {"name": "get_time", "arguments": {"tz": "CET"}}]
+    # Prose, JSON of another shape, or calls followed by prose are answers, not calls.
+    for text in ("It is sunny in Paris.", '{"city": "Paris", "temp": 18}', '{"name": "Bob", "age": 3}',
+                 one + " Let me know if you need more.", '{"name": "f", "parameters": [1]}', '{"name": "f", "par'):
+        assert parse_tool_calls(text) == (text.strip(), []), text
+    assert parse_tool_calls("<think>Use the tool.</think>" + one) == (
+        "<think>Use the tool.</think>", [{"name": "get_weather", "arguments": {"city": "Paris"}}])
+
+
+def test_mistral_calls_in_both_of_its_layouts():
+    listed = 'Checking. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, ' \
+             '{"name": "get_time", "arguments": {}}]'
+    content, calls = parse_tool_calls(listed)
+    assert content == "Checking." and [(c["name"], c["arguments"]) for c in calls] == [
+        ("get_weather", {"city": "Paris"}), ("get_time", {})]
+    ids = [c["id"] for c in calls]
+    assert all(len(i) == 9 and i.isalnum() for i in ids) and len(set(ids)) == 2
+    named = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{}'
+    assert [(c["name"], c["arguments"]) for c in parse_tool_calls(named, "mistral")[1]] == [
+        ("get_weather", {"city": "Paris"}), ("get_time", {})]
+    with pytest.raises(ValueError, match="cut short"):
+        parse_tool_calls('[TOOL_CALLS] [{"name": "get_weather", "argu')
+    with pytest.raises(ValueError, match=r"tool call 0 is not name\[ARGS\]"):
+        parse_tool_calls("[TOOL_CALLS]get_weather")
+    with pytest.raises(ValueError, match="arguments must be a JSON object"):
+        parse_tool_calls('[TOOL_CALLS]f[ARGS][1]')
+    # Without the special token in the text (skip_special_tokens, the default) nothing marks the calls.
+    assert parse_tool_calls("Checking.", "mistral") == ("Checking.", [])
+
+
+def test_each_format_is_read_only_when_asked_or_found():
+    hermes = '<tool_call>{"name": "f", "arguments": {}}</tool_call>'
+    assert parse_tool_calls(hermes, "llama3_json") == (hermes, [])
+    assert parse_tool_calls('{"name": "f", "parameters": {}}', "hermes") == ('{"name": "f", "parameters": {}}', [])
+    with pytest.raises(ValueError, match="format must be one of auto, hermes, llama3_json, mistral, got 'xml'"):
+        parse_tool_calls("x", "xml")
+
+
+def test_parsed_mistral_calls_go_back_into_a_chat_that_pairs_ids(demo_tokenizer):
+    """A Mistral reply's calls, parsed, are an assistant message's tool_calls as they are: their ids reach a
+    template that pairs calls and results by id, and each result names its call."""
+    tok = copy.deepcopy(demo_tokenizer)
+    tok.chat_template = ID_TEMPLATE
+    content, calls = parse_tool_calls('[TOOL_CALLS] [{"name": "now", "arguments": {"tz": "CET"}}]')
+    messages = [{"role": "user", "content": "Time?"}, {"role": "assistant", "content": content, "tool_calls": calls},
+                {"role": "tool", "tool_call_id": calls[0]["id"], "content": "noon"}]
+    rendered = tok.decode(tokenize_input(pb.TokenizeRequest(chat=chat(messages)), tok))
+    assert rendered == f'user:Time?\nassistant:[{calls[0]["id"]} now {{"tz": "CET"}}]\ntool:noon<{calls[0]["id"]}>\n'
