@@ -106,6 +106,35 @@ def connect_hint(exc: grpc.RpcError, tls: ClientTls | None) -> str:
             "asks for one, that --tls-cert/--tls-key are from its client CA; docs/SECURITY.md)")
 
 
+def _print_results(args, several, stream, texts, tools, prompt_logprobs, logprobs, last) -> None:
+    """Print what comes after the stream: the completions of --n, tool calls, logprobs and usage."""
+    if several:
+        for index in sorted(texts):
+            end = stream.ends.get(index)
+            reason = text_pb2.FinishReason.Name(end.finish_reason).removeprefix("FINISH_REASON_") if end else "?"
+            print(f"--- completion {index} (finish={reason}) ---")
+            print("".join(texts[index]))
+    else:
+        print()
+    if tools is not None:
+        try:
+            for call in parse_tool_calls("".join(texts.get(0, ())), args.tool_format)[1]:
+                print(f"[tool call] {json.dumps(call, ensure_ascii=False)}", file=sys.stderr)
+        except ValueError as exc:
+            print(f"[tool call] {exc}", file=sys.stderr)
+    if args.prompt_logprobs is not None:
+        print(f"[prompt: {len(prompt_logprobs)} tokens after the first]", file=sys.stderr)
+    for lp in prompt_logprobs + logprobs:  # one line a token: the token, its logprob, then the alternatives'
+        alternatives = "  ".join(f"{t.token!r} {t.logprob:.4f}" for t in lp.top)
+        print(f"{lp.token!r}\t{lp.logprob:.4f}\t{alternatives}", file=sys.stderr)
+    if args.usage and last is not None:
+        for index, end in sorted(stream.ends.items()):
+            u = end.usage
+            finish = text_pb2.FinishReason.Name(end.finish_reason).removeprefix("FINISH_REASON_")
+            print(f"[{f'completion {index}: ' if several else ''}finish={finish} prompt_tokens={u.prompt_tokens} "
+                  f"completion_tokens={u.completion_tokens} cached_tokens={u.cached_tokens}]", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `llm-client`; returns the exit status."""
     parser = build_parser()
@@ -130,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     several = args.n is not None and args.n > 1
     if several and (args.tools or args.logprobs is not None):
         parser.error("--tools and --logprobs apply to one completion; leave out --n, or set it to 1")
-    if (args.thinking is not None or args.tools) and not args.chat:
-        print("llm-client: --thinking and --tools apply to --chat only", file=sys.stderr)
+    if (args.thinking is not None or args.tools or args.system is not None) and not args.chat:
+        print("llm-client: --system, --thinking and --tools apply to --chat only", file=sys.stderr)
         return 2
     tools = None
     if args.tools:
@@ -185,31 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         except grpc.RpcError as exc:
             print(f"\nllm-client: {exc.code().name}: {exc.details()}{connect_hint(exc, tls)}", file=sys.stderr)
             return 1
-    if several:
-        for index in sorted(texts):
-            end = stream.ends.get(index)
-            reason = text_pb2.FinishReason.Name(end.finish_reason).removeprefix("FINISH_REASON_") if end else "?"
-            print(f"--- completion {index} (finish={reason}) ---")
-            print("".join(texts[index]))
-    else:
-        print()
-    if tools is not None:
-        try:
-            for call in parse_tool_calls("".join(texts.get(0, ())), args.tool_format)[1]:
-                print(f"[tool call] {json.dumps(call, ensure_ascii=False)}", file=sys.stderr)
-        except ValueError as exc:
-            print(f"[tool call] {exc}", file=sys.stderr)
-    if args.prompt_logprobs is not None:
-        print(f"[prompt: {len(prompt_logprobs)} tokens after the first]", file=sys.stderr)
-    for lp in prompt_logprobs + logprobs:  # one line a token: the token, its logprob, then the alternatives'
-        alternatives = "  ".join(f"{t.token!r} {t.logprob:.4f}" for t in lp.top)
-        print(f"{lp.token!r}\t{lp.logprob:.4f}\t{alternatives}", file=sys.stderr)
-    if args.usage and last is not None:
-        for index, end in sorted(stream.ends.items()):
-            u = end.usage
-            finish = text_pb2.FinishReason.Name(end.finish_reason).removeprefix("FINISH_REASON_")
-            print(f"[{f'completion {index}: ' if several else ''}finish={finish} prompt_tokens={u.prompt_tokens} "
-                  f"completion_tokens={u.completion_tokens} cached_tokens={u.cached_tokens}]", file=sys.stderr)
+    try:
+        _print_results(args, several, stream, texts, tools, prompt_logprobs, logprobs, last)
+    except BrokenPipeError:  # `llm-client --n 4 ... | head`: as during streaming, stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

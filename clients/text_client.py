@@ -31,6 +31,8 @@ from protos.llmserve.text.v1 import text_pb2_grpc as pb_grpc
 
 Messages = Iterable[Mapping[str, object]]
 REQUEST_ID_HEADER = "x-request-id"
+# gRPC refuses call metadata past 8-16 KiB (RESOURCE_EXHAUSTED); the services keep an id's first 128 characters.
+MAX_METADATA_ID_CHARS = 1024
 
 
 def request_metadata(request_id: str | None) -> tuple[tuple[str, str], ...] | None:
@@ -39,7 +41,8 @@ def request_metadata(request_id: str | None) -> tuple[tuple[str, str], ...] | No
     if request_id and not _metadata_safe(request_id):
         raise ValueError(f"request_id {request_id!r} must be printable ASCII to travel as call metadata "
                          "(x-request-id); generate() and chat() take any id")
-    return ((REQUEST_ID_HEADER, request_id),) if request_id else None
+    # Past what the services keep, an id is cut rather than sent whole into gRPC's metadata limit.
+    return ((REQUEST_ID_HEADER, request_id[:MAX_METADATA_ID_CHARS]),) if request_id else None
 
 
 def _metadata_safe(value: str) -> bool:
@@ -209,9 +212,9 @@ class _GenerateCalls:
 
     def _stream(self, request: pb.GenerateRequest, request_id: str | None):
         request_id = _id_text(request_id)
-        if request_id and not _metadata_safe(request_id):
-            # gRPC metadata takes printable ASCII only: such an id goes in the request's own field, which the
-            # service percent-encodes (docs/OBSERVABILITY.md).
+        if request_id and (not _metadata_safe(request_id) or len(request_id) > MAX_METADATA_ID_CHARS):
+            # gRPC metadata takes printable ASCII only, and a few KiB: such an id goes in the request's own field,
+            # which the service percent-encodes and cuts to what it keeps (docs/OBSERVABILITY.md).
             request.request_id, request_id = request_id, None
         timeout = self.timeout
         if request.deadline_ms:  # Generate's deadline is the call's own; the field is for GenerateMulti

@@ -499,3 +499,85 @@ def test_cli_reads_mistral_tool_calls_with_special_tokens_kept(monkeypatch, tmp_
     assert call["name"] == "get_weather" and call["arguments"] == {"city": "Paris"} and len(call["id"]) == 9
     assert cli.main(argv + ["--tool-format", "hermes"]) == 0  # the wrong format finds no calls
     assert sent["skip_special_tokens"] is None and "[tool call]" not in capsys.readouterr().err
+
+
+class _Stream:
+    """A finished stream of two completions, as TextClient's (iterable, with ends by index)."""
+
+    def __init__(self, responses):
+        self.responses, self.ends = responses, {r.index: r for r in responses if r.finish_reason}
+
+    def __iter__(self):
+        return iter(self.responses)
+
+    def cancel(self):
+        pass
+
+
+def _fake_client(monkeypatch, stream, sent):
+    import clients.cli as cli
+
+    class Client:
+        def __init__(self, target, timeout=None, tls=None):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def generate(self, prompt, **kwargs):
+            sent.update(kwargs)
+            return stream
+
+        chat = generate
+
+    monkeypatch.setattr(cli, "TextClient", Client)
+    return cli
+
+
+def test_cli_n_completions_piped_into_head_stop_quietly(monkeypatch, tmp_path):
+    """With --n the completions are printed once all have ended, outside the streaming loop's BrokenPipeError
+    handling: `llm-client --n 16 ... | head -1` ended in a traceback and exit 1."""
+    import sys
+
+    ends = [pb.GenerateResponse(index=i, text="text", finish_reason=pb.FINISH_REASON_LENGTH) for i in range(2)]
+    cli = _fake_client(monkeypatch, _Stream(ends), {})
+    sink = open(tmp_path / "out", "w")  # noqa: SIM115 - its descriptor stands in for the closed pipe's
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return sink.fileno()
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    try:
+        assert cli.main(["hi", "--n", "2", "--usage", "--target", "localhost:1"]) == 141
+    finally:
+        sink.close()
+
+
+def test_cli_system_without_chat_is_refused_not_dropped(monkeypatch, capsys):
+    """--system without --chat was silently left out of a plain prompt."""
+    sent = {}
+    cli = _fake_client(monkeypatch, _Stream([]), sent)
+    assert cli.main(["hi", "--system", "Be brief.", "--target", "localhost:1"]) == 2
+    assert "--system, --thinking and --tools apply to --chat only" in capsys.readouterr().err and not sent
+
+
+def test_a_long_request_id_travels_in_the_request_not_the_metadata(service):
+    """An ASCII id went into x-request-id metadata whatever its length: past gRPC's 8-16 KiB metadata limit the
+    call failed with RESOURCE_EXHAUSTED. It now goes in the request's field; the service keeps its head."""
+    from clients.text_client import request_metadata
+
+    with TextClient(service, timeout=30) as client:
+        stream = client.generate("hi", max_tokens=2, request_id="a" * 20000)
+        assert stream.text() is not None
+        assert stream.request_id() and set(stream.request_id()) == {"a"}
+    assert request_metadata("b" * 20000) == (("x-request-id", "b" * 1024),)
