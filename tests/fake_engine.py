@@ -82,8 +82,7 @@ class FakeEngine:
             done = len(tokens) - n_prompt
             reason = None
             if (
-                token in self.model_info["eos_token_ids"]
-                and not params.ignore_eos
+                (token in self.model_info["eos_token_ids"] and not params.ignore_eos or token in params.stop_token_ids)
                 and done >= params.min_tokens
             ):
                 reason = "stop"

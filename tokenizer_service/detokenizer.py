@@ -62,6 +62,7 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         context_tokens: int = 4,
         hold_limit: int = 16,
+        special_ids: frozenset[int] = frozenset(),
     ) -> None:
         if context_tokens < 1:
             raise ValueError(f"context_tokens must be at least 1, got {context_tokens}")
@@ -69,6 +70,9 @@ class IncrementalDetokenizer:
             raise ValueError(f"hold_limit must exceed {_MAX_PARTIAL_TOKENS}, got {hold_limit}")
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
+        # Dropped before they reach the window when skipped: decode() drops them anyway, and a context made only of
+        # them decodes to "", so a SentencePiece decoder's Strip took the next token's leading space.
+        self._dropped = special_ids if skip_special_tokens else frozenset()
         self._context_tokens = context_tokens
         self._hold_limit = hold_limit
         self._window: list[int] = []  # context tokens followed by unread tokens
@@ -97,8 +101,12 @@ class IncrementalDetokenizer:
             raise RuntimeError("step() called after flush()")
         if not token_ids:
             return ""
-        self._window.extend(token_ids)
         self._num_tokens += len(token_ids)
+        if self._dropped:
+            token_ids = [t for t in token_ids if t not in self._dropped]
+            if not token_ids:
+                return ""
+        self._window.extend(token_ids)
         text = self._decode(self._window)
         if not text.endswith(REPLACEMENT_CHAR):
             return self._emit_through(len(self._window), text)

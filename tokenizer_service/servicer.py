@@ -349,7 +349,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             for response in await self._prompt_logprobs(prep, update, handle):
                                 yield response
                         fed = time.monotonic()
-                        delta = text.feed(ids)
+                        delta = text.feed(ids, hide_last=self._ends_on_stop_id(prep, update, ids))
                         trace.detokenize_s += time.monotonic() - fed
                         trace.completion_tokens = text.num_generated
                         trace.first_token = trace.first_token or (fed if ids else 0.0)
@@ -387,6 +387,15 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 # gRPC's cancellation of a call past its deadline can come before the engine's DEADLINE_EXCEEDED
                 trace.finish_reason, trace.error = "error", "DEADLINE_EXCEEDED: the request's deadline passed"
             self.metrics.finish(trace)
+
+    def _ends_on_stop_id(self, prep: PreparedRequest, update: engine_pb.RequestUpdate, ids: list[int]) -> bool:
+        """Whether the update's last id is the EOS or stop token id that finished the request: its text (</s> with
+        skip_special_tokens off, a stop token's word) is left out, as a stop string's is, unless
+        include_stop_str_in_output."""
+        if update.finish_reason != engine_pb.FINISH_REASON_STOP or not ids or prep.include_stop_str_in_output:
+            return False
+        params = prep.engine_request.sampling_params
+        return ids[-1] in params.stop_token_ids or (not params.ignore_eos and ids[-1] in self.eos_token_ids)
 
     def _last(self, prep: PreparedRequest, text: TextStream, delta: str, ids: list[int], logprobs, reason: int,
               cached: int) -> pb.GenerateResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from tokenizer_service.detokenizer import IncrementalDetokenizer
@@ -19,6 +20,25 @@ def decoder_of(tokenizer: Any) -> Any:
     return tokenizer
 
 
+_SPECIAL_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> frozenset[int]
+
+
+def special_ids_of(tokenizer: Any) -> frozenset[int]:
+    """The ids decode(skip_special_tokens=True) leaves out: the added tokens marked special (read once per
+    tokenizer: transformers builds added_tokens_decoder anew at each access)."""
+    try:
+        return _SPECIAL_IDS[tokenizer]
+    except (KeyError, TypeError):  # TypeError: an object a weak reference cannot name, uncached
+        pass
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids = frozenset(i for i, token in decoder.items() if getattr(token, "special", False))
+    try:
+        _SPECIAL_IDS[tokenizer] = ids
+    except TypeError:
+        pass
+    return ids
+
+
 class TextStream:
     """feed() each step's token ids and get the text safe to send; finish() at the end for the rest.
 
@@ -29,7 +49,8 @@ class TextStream:
 
     def __init__(self, tokenizer: Any, stop: tuple[str, ...], skip_special_tokens: bool,
                  include_stop_str_in_output: bool, min_tokens: int = 0) -> None:
-        self._detok = IncrementalDetokenizer(decoder_of(tokenizer), skip_special_tokens=skip_special_tokens)
+        self._detok = IncrementalDetokenizer(decoder_of(tokenizer), skip_special_tokens=skip_special_tokens,
+                                             special_ids=special_ids_of(tokenizer))
         self._stops = StopStringMatcher(stop, include_stop_str_in_output=include_stop_str_in_output)
         self._min_tokens = min_tokens
         self.num_generated = 0  # every token the engine produced, including any past a stop string
@@ -39,7 +60,13 @@ class TextStream:
         """The stop string that matched, if any."""
         return self._stops.match.stop if self._stops.match is not None else None
 
-    def feed(self, token_ids: list[int]) -> str:
+    def feed(self, token_ids: list[int], hide_last: bool = False) -> str:
+        """hide_last: the last id is the EOS or stop token id that finished the request, counted but adding no
+        text (as in vLLM, unless include_stop_str_in_output)."""
+        if hide_last and token_ids:
+            text = self.feed(token_ids[:-1])
+            self.num_generated += 1
+            return text
         exempt = self._min_tokens - self.num_generated  # tokens still before min_tokens: no stop string ends them
         self.num_generated += len(token_ids)
         if exempt <= 0:

@@ -59,6 +59,30 @@ def _max_token_bytes(config: dict, alphabet: Sequence[str]) -> int | None:
     return max([len(token) for token in vocab] + [len(token["content"].encode()) for token in added])
 
 
+_SPM_NORMALIZERS = frozenset({"Prepend", "Replace"})
+
+
+def _spm_max_token_bytes(config: dict) -> int | None:
+    """The same bound for a SentencePiece-style BPE (Llama 2, Mistral 7B): byte_fallback puts every character
+    the vocabulary lacks in <0xNN> tokens (no <unk> swallows a run of them), a token covers at most its own bytes, and
+    the normalizer, if any, only prepends "▁" or replaces " " with it. Its pre-tokenizer (Metaspace with
+    split=False, or none) makes the whole text one pre-token, so the head bound finds nothing certain."""
+    model, added = config.get("model") or {}, config.get("added_tokens") or []
+    vocab, norm, pre = model.get("vocab"), config.get("normalizer"), config.get("pre_tokenizer")
+    steps = (norm.get("normalizers") or []) if norm and norm.get("type") == "Sequence" else ([norm] if norm else [])
+    if (model.get("type") != "BPE" or not model.get("byte_fallback") or not isinstance(vocab, dict)
+            or any(step.get("type") not in _SPM_NORMALIZERS for step in steps)
+            or any(step.get("type") == "Replace" and (step.get("pattern") != {"String": " "}
+                                                      or step.get("content") != "\u2581") for step in steps)
+            or (pre is not None and pre.get("type") != "Metaspace")
+            or any(token.get("lstrip") or token.get("rstrip") for token in added)
+            or not all(f"<0x{b:02X}>" in vocab for b in range(256))):
+        return None
+    # A token covers at most its own UTF-8 bytes of the text: a space the normalizer made "▁" was 1 byte, not 3.
+    return max([len(token.encode()) for token in vocab]
+               + [len(token["content"].encode()) for token in added])
+
+
 def _read_pipeline(tokenizer: Any) -> _Pipeline | None:
     """The tokenizer's pipeline, None unless its encode is transformers' own over a `tokenizers` backend."""
     try:
@@ -73,7 +97,8 @@ def _read_pipeline(tokenizer: Any) -> _Pipeline | None:
     backend = tokenizer.backend_tokenizer
     config = json.loads(backend.to_str())
     longest_added = max((len(token["content"]) for token in config.get("added_tokens") or []), default=0)
-    return _Pipeline(backend, TAIL_CHARS + longest_added, _max_token_bytes(config, ByteLevel.alphabet()))
+    max_bytes = _max_token_bytes(config, ByteLevel.alphabet()) or _spm_max_token_bytes(config)
+    return _Pipeline(backend, TAIL_CHARS + longest_added, max_bytes)
 
 
 def _pipeline(tokenizer: Any) -> _Pipeline | None:

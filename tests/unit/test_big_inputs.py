@@ -364,3 +364,45 @@ def test_a_tokenizer_whose_pipeline_cannot_be_read_still_serves(demo_tokenizer, 
         token_bounds.warm_up(demo_tokenizer)
         assert tokens_at_least(demo_tokenizer, "word " * 10_000, 100) == 0
     assert any("cannot read the tokenizer's pipeline" in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture(scope="module")
+def spm_tokenizers():
+    """The SentencePiece-style tokenizer of tests/integration/tiny.py (Metaspace pre-tokenizer, split=False: a text
+    is one pre-token), and the same in the older layout (a normalizer that prepends and replaces spaces with "▁",
+    no pre-tokenizer)."""
+    from tokenizers import normalizers
+
+    from tests.integration.tiny import sentencepiece_tokenizer
+
+    metaspace, legacy = sentencepiece_tokenizer(), sentencepiece_tokenizer()
+    legacy.backend_tokenizer.pre_tokenizer = None
+    legacy.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                                                normalizers.Replace(" ", "▁")])
+    return metaspace, legacy
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=texts)
+def test_sentencepiece_byte_bound_never_counts_more_tokens_than_there_are(spm_tokenizers, text):
+    for tokenizer in spm_tokenizers:
+        whole = tokenizer.encode(text, add_special_tokens=False)
+        for max_model_len in (1, 8, 64):
+            assert tokens_at_least(tokenizer, text, max_model_len) <= len(whole)
+
+
+def test_an_8_mib_sentencepiece_prompt_is_refused_by_the_byte_bound(spm_tokenizers, monkeypatch):
+    """A SentencePiece text is one pre-token, so no head bound applies, and there was no byte bound: an 8 MiB
+    prompt too long for max_model_len was tokenized whole (14 s and 2 GB for "x" * 8 MiB) before it was refused."""
+    for tokenizer in spm_tokenizers:
+        real = tokenizer.encode
+
+        def encode(text, *args, real=real, **kwargs):
+            if len(text) > 65536:
+                raise AssertionError(f"tokenized all {len(text)} characters of a prompt that cannot fit")
+            return real(text, *args, **kwargs)
+
+        monkeypatch.setattr(tokenizer, "encode", encode)
+        for text in ("x" * 8_000_000, _corpus_text(8_000_000), "€" * 2_000_000):
+            with pytest.raises(ValueError, match=TOO_LONG):
+                prepare(pb.GenerateRequest(prompt=text), tokenizer, {}, 2048, TextLimits())

@@ -233,3 +233,23 @@ def test_byte_fallback_text_fed_in_one_long_step_streams_exactly() -> None:
         detok = IncrementalDetokenizer(tokenizer)
         got = detok.step(ids[:k]) + "".join(detok.step([t]) for t in ids[k:]) + detok.flush()
         assert got == want, (k, got)
+
+
+@pytest.mark.parametrize("run", [1, 4, 10, 23])
+def test_a_run_of_skipped_special_tokens_keeps_the_next_words_space(run: int) -> None:
+    """After ten or more skipped special tokens, the context window held only them and decoded to "": the next
+    "▁word" was the first text of the window, and the SentencePiece decoder's Strip took its space ('adstiset' for
+    'ad st iset'). Skipped special tokens now never enter the window, as decode() drops them anyway."""
+    from tests.integration.tiny import sentencepiece_tokenizer
+    from tokenizer_service.text_stream import TextStream
+
+    tokenizer = sentencepiece_tokenizer()
+    words = tokenizer.encode("the sea is very calm today and the sky", add_special_tokens=False)
+    eos = tokenizer.convert_tokens_to_ids("</s>")
+    cut = next(i for i, t in enumerate(words) if i > 3 and tokenizer.convert_ids_to_tokens(t).startswith("▁"))
+    ids = words[:cut] + [eos] * run + words[cut:]  # the run is followed by a "▁word"
+    for skip in (True, False):
+        stream = TextStream(tokenizer, (), skip_special_tokens=skip, include_stop_str_in_output=False)
+        text = "".join(stream.feed([t]) for t in ids) + stream.finish()
+        assert text == tokenizer.decode(ids, skip_special_tokens=skip), (skip, text)
+        assert stream.num_generated == len(ids)

@@ -1310,3 +1310,31 @@ def test_an_n_request_aborted_before_its_first_token_reports_its_prompt(demo_tok
     assert abort.finish_reason == pb.FINISH_REASON_ABORT
     assert abort.usage.prompt_tokens == len(demo_tokenizer.encode("the sea is deep")) > 0
     assert pool.live == 0
+
+
+def test_the_eos_or_stop_id_that_ends_a_request_adds_no_text(demo_model_dir, demo_tokenizer):
+    """The text of the token that finished a request was sent: "<|im_end|>" (or Mistral's "</s>", which broke its
+    tool-call parsing) with skip_special_tokens off, a stop_token_ids word always. As a stop string's, it is left
+    out unless include_stop_str_in_output; its id is still sent and counted."""
+    words = demo_tokenizer.encode("Hello world, again", add_special_tokens=False)
+    eos = demo_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    engine = demo_engine(demo_model_dir, demo_tokenizer, script=words + [eos])
+    server = TextServer(demo_model_dir, engines=engine.target)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.TextGenerationStub(channel)
+            wait_ready(stub)
+            for stop_ids, ends in (([], len(words) + 1), ([words[1]], 2)):
+                for include in (False, True):
+                    params = pb.SamplingParams(max_tokens=50, stop_token_ids=stop_ids)
+                    out = list(stub.Generate(pb.GenerateRequest(
+                        prompt="x", skip_special_tokens=False, include_stop_str_in_output=include,
+                        sampling_params=params), timeout=30))
+                    ids = [t for r in out for t in r.token_ids]
+                    assert ids == (words + [eos])[:ends] and out[-1].finish_reason == pb.FINISH_REASON_STOP
+                    shown = ids if include else ids[:-1]
+                    assert "".join(r.text for r in out) == demo_tokenizer.decode(shown, skip_special_tokens=False)
+                    assert out[-1].usage.completion_tokens == ends
+    finally:
+        server.stop()
+        assert engine.stop() == 0
