@@ -1236,8 +1236,9 @@ def _call_context():
 def test_n_completions_hold_their_places_from_admission_on(demo_tokenizer, calls, max_inflight, prompt):
     """n = 4 requests starting in one loop turn: those past max_inflight's places are refused. Each completion used
     to take its place only once sent, and a prompt tokenized on a worker thread held one place for its n, so all
-    passed the check: 8 and 12 engine requests ran under max_inflight 4 and 8."""
-    pool = _ScriptedEngines()
+    passed the check: 8 and 12 engine requests ran under max_inflight 4 and 8. Each step takes long enough that
+    the admitted requests do run together (peak equal to max_inflight) however slowly a thread tokenizes."""
+    pool = _ScriptedEngines(step_s=0.5)
 
     async def main():
         servicer = _servicer(demo_tokenizer, pool, max_inflight=max_inflight)
