@@ -74,6 +74,7 @@ class _Request:
     first_token: float = 0.0
     last_token: float = 0.0
     num_tokens: int = 0
+    cached_tokens: int = 0  # as the engine last reported them (for a failure's log line, which has no output)
     error: str = ""  # set when the service ended it for a reason of its own (it then finishes as an error)
     stopped: bool = False  # its client ended it on a stop string (its abort then finishes as a stop)
 
@@ -124,6 +125,7 @@ class EngineMetrics:
             if req is None:
                 continue
             n = len(out.new_token_ids)
+            req.cached_tokens = out.num_cached_tokens or req.cached_tokens
             if n:
                 generated += n
                 if req.num_tokens == 0:
@@ -156,20 +158,24 @@ class EngineMetrics:
                 self._log(out.request_id, req, out, reason, ended)
 
     def _mark_scheduled(self, engine: Any, started: float) -> None:
-        """Stamp requests the scheduler admitted this step: they sit at the tail of its running list."""
-        running = getattr(getattr(engine, "scheduler", None), "running", None)
+        """Stamp requests the scheduler admitted this step. They are not always at the tail of its running list:
+        one of a lower priority value is inserted before the running ones of a higher value (Scheduler._run), so
+        the whole list (max_num_seqs at most) is walked, but only on a step that admitted something."""
+        scheduler = getattr(engine, "scheduler", None)
+        running = getattr(scheduler, "running", None)
         if not running:
             return
-        newest = self._last_admit
-        for seq in reversed(running):
+        newest = getattr(scheduler, "num_admissions", None)
+        if newest is not None and newest - 1 <= self._last_admit:
+            return  # nothing admitted since the last walk
+        last = self._last_admit
+        for seq in running:
             order = getattr(seq, "admit_order", -1)
-            if order <= self._last_admit:
-                break
-            newest = max(newest, order)
-            req = self._live.get(seq.request_id)
-            if req is not None and not req.scheduled:
-                req.scheduled = started
-        self._last_admit = newest
+            if order > last:
+                self._last_admit = max(self._last_admit, order)
+                req = self._live.get(seq.request_id)
+                if req is not None and not req.scheduled:
+                    req.scheduled = started
 
     def _finish(self, req: _Request, reason: str, now: float) -> None:
         self.finished[reason] = self.finished.get(reason, 0) + 1
@@ -185,7 +191,7 @@ class EngineMetrics:
         request_log.info("request finished", extra={"fields": {
             "request_id": req.trace_id, "engine_request_id": request_id,
             "prompt_tokens": out.num_prompt_tokens or req.prompt_tokens, "completion_tokens": req.num_tokens,
-            "cached_tokens": out.num_cached_tokens,
+            "cached_tokens": out.num_cached_tokens or req.cached_tokens,
             "queue_s": round(req.scheduled - req.arrival, 6) if req.num_tokens else None,
             "ttft_s": round(req.first_token - req.arrival, 6) if req.num_tokens else None,
             "total_s": round(now - req.arrival, 6), "finish_reason": reason,

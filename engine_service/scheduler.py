@@ -66,7 +66,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in (priority, admission) order: the last is the next victim
         self.num_preemptions = 0
-        self._admit_counter = 0
+        self.num_admissions = 0
 
     def add(self, seq: Sequence) -> None:
         """Queue a new request behind every waiting one of its priority or a lower value."""
@@ -263,8 +263,8 @@ class Scheduler:
             self.bm.admit(seq, matched, looked_up=seq.prompt_logprobs is None)
             self.bm.append_slots(seq, n)
             seq.status = Status.RUNNING
-            seq.admit_order = self._admit_counter
-            self._admit_counter += 1
+            seq.admit_order = self.num_admissions
+            self.num_admissions += 1
             self._run(seq)
             picked.append((seq, n))
             budget -= n

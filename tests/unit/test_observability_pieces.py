@@ -274,3 +274,30 @@ def test_json_logs_start_with_json_where_torch_is_absent():
     lines = proc.stderr.strip().splitlines()
     assert lines and all(line.startswith("{") for line in lines), lines
     assert json.loads(lines[-1])["msg"] == "configured"
+
+
+def test_queue_time_ends_when_a_priority_request_is_admitted_before_older_ones():
+    """A request of a lower priority value is admitted into `running` before the running ones of a higher value;
+    the metrics looked for newly admitted requests at the tail only, so its queue time ran on to its first token
+    (a chunked prefill's earlier chunks counted as queueing, not prefill)."""
+    import types
+
+    from engine_service.metrics import EngineMetrics
+    from engine_service.outputs import StepOutput
+
+    def seq(rid: str, order: int):
+        return types.SimpleNamespace(request_id=rid, admit_order=order)
+
+    scheduler = types.SimpleNamespace(running=[], num_admissions=0)
+    engine = types.SimpleNamespace(scheduler=scheduler)
+    metrics = EngineMetrics("m", lambda: {}, lambda: 0, log_requests=False)
+    metrics.on_add("a", "a", 0.0, 4)
+    scheduler.running, scheduler.num_admissions = [seq("a", 0)], 1
+    metrics.on_step([StepOutput("a", [7], num_prompt_tokens=4)], 1.0, 1.5, engine)
+    metrics.on_add("b", "b", 2.0, 200)
+    scheduler.running, scheduler.num_admissions = [seq("b", 1), seq("a", 0)], 2  # b before a: a lower value
+    for started in (3.0, 4.0, 5.0):  # b prefills in three chunks; a decodes
+        metrics.on_step([StepOutput("a", [7])], started, started + 0.5, engine)
+    metrics.on_step([StepOutput("a", [7]), StepOutput("b", [9], num_prompt_tokens=200)], 6.0, 6.5, engine)
+    b = metrics._live["b"]
+    assert b.scheduled == 3.0 and b.first_token == 6.5  # queued 1 s, prefilled 3.5 s
