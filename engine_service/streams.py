@@ -14,6 +14,7 @@ Two bounds per call keep a slow or absent reader from hurting the service:
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 from functools import partial
 
@@ -97,6 +98,7 @@ class OutputStream:
         # go out first, apart, so that two requests' tokens never share one update.
         self.ended: list[pb.RequestUpdate] = []
         self.refused: list[pb.RequestUpdate] = []  # requests that never reached the engine
+        self._refused_ids: Counter[str] = Counter()  # the ids in `refused`
         self.wake = asyncio.Event()
         self.input_done = False  # the client half-closed (or the call has a single request)
         self.read_error = ""  # a frame could not be read (not a valid ClientFrame), or applied: the call ends
@@ -112,6 +114,10 @@ class OutputStream:
         if previous is not None:
             self.ended.append(previous)
             self._check_room()
+        if self._refused_ids[client_id]:  # an earlier request of this id was refused, unsent: it goes out first
+            self.ended.extend(u for u in self.refused if u.request_id == client_id)
+            self.refused = [u for u in self.refused if u.request_id != client_id]
+            del self._refused_ids[client_id]
 
     def _deadline_passed(self, client_id: str) -> None:
         self.fail(client_id, grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_PASSED, abort=True)
@@ -177,6 +183,7 @@ class OutputStream:
         status = pb.Status(code=code.value[0], message=message)
         self.refused.append(pb.RequestUpdate(request_id=client_id, finish_reason=pb.FINISH_REASON_ERROR,
                                              status=status))
+        self._refused_ids[client_id] += 1
         self._check_room()
         self.wake.set()
 
@@ -262,7 +269,10 @@ class OutputStream:
                     del pending[client_id]
         if not self.ended and not self.pending:
             while self.refused and fits(self.refused[0]):
-                self.refused.pop(0)
+                client_id = self.refused.pop(0).request_id
+                self._refused_ids[client_id] -= 1
+                if not self._refused_ids[client_id]:
+                    del self._refused_ids[client_id]  # a long-lived stream keeps no entry per id it ever refused
         if not self.has_updates:
             self.wake.clear()
         if self.num_buffered < MAX_BUFFERED_UPDATES // 2:

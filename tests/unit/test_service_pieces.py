@@ -189,6 +189,24 @@ def test_an_id_reused_before_the_writer_ran_keeps_the_two_requests_apart(end):
     asyncio.run(main())
 
 
+def test_an_unsent_refusal_goes_out_before_a_later_request_of_its_id():
+    """A refused request's update waited apart from `pending` and went out last: a client that reused the id
+    (its abort of the refused one finds nothing live) got the new request's tokens and finish first, then a stray
+    ERROR under the same id. Refused ids leave no entry behind once sent."""
+    async def main():
+        stream = OutputStream(lambda *a, **k: None, max_buffered_tokens=100)
+        stream.reject("x", grpc.StatusCode.INVALID_ARGUMENT, "bad prompt")
+        stream.reject("y", grpc.StatusCode.INVALID_ARGUMENT, "bad prompt")
+        assert not stream.abort("x")
+        stream.register("x", "s1:2:x", None)
+        stream.on_output("x", StepOutput("s1:2:x", [42], "length"))
+        sent = [(u.request_id, list(u.new_token_ids), u.finish_reason) for u in stream.take()]
+        assert sent == [("x", [], pb.FINISH_REASON_ERROR), ("x", [42], pb.FINISH_REASON_LENGTH),
+                        ("y", [], pb.FINISH_REASON_ERROR)]
+        assert not stream.has_updates and not stream._refused_ids
+
+    asyncio.run(main())
+
 @pytest.mark.parametrize(("env", "needle"), [
     ({"TOKENIZER_ENGINE_DNS": "llm-engine"}, "NAME:PORT"),
     ({"TOKENIZER_ENGINE_DNS": ":50051"}, "NAME:PORT"),
