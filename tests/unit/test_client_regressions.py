@@ -467,27 +467,10 @@ def test_cli_reads_mistral_tool_calls_with_special_tokens_kept(monkeypatch, tmp_
     --tool-format picks the parser; the calls go to stderr as JSON."""
     import json
 
-    import clients.cli as cli
-
     sent = {}
     reply = 'Sure. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]'
-
-    class Client:
-        def __init__(self, target, timeout=None, tls=None):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def chat(self, messages, **kwargs):
-            sent.update(kwargs)
-            return iter([pb.GenerateResponse(text=reply[:10]), pb.GenerateResponse(
-                text=reply[10:], finish_reason=pb.FINISH_REASON_STOP)])
-
-    monkeypatch.setattr(cli, "TextClient", Client)
+    cli = _fake_client(monkeypatch, _Stream([pb.GenerateResponse(text=reply[:10]), pb.GenerateResponse(
+        text=reply[10:], finish_reason=pb.FINISH_REASON_STOP)]), sent)
     tools = tmp_path / "tools.json"
     tools.write_text(json.dumps([{"type": "function", "function": {"name": "get_weather"}}]))
     argv = ["Weather?", "--chat", "--tools", str(tools), "--target", "localhost:1"]

@@ -143,22 +143,27 @@ def test_a_cursor_writes_only_json_objects():
     assert not JsonCursor(masks).advance(len(vocab) - 1)  # an id with no bytes
 
 
+def _whole_characters(vocab: list[bytes | None]) -> list[tuple[int, str]]:
+    """(id, text) of the tokens whose bytes are whole UTF-8 characters; a token holding part of a character is
+    checked through a whole one by the callers."""
+    out = []
+    for i, data in enumerate(vocab):
+        try:
+            out.append((i, data.decode("utf-8")))
+        except (AttributeError, UnicodeDecodeError):  # None: no bytes
+            pass
+    return out
+
+
 def test_token_bytes_of_a_byte_level_tokenizer(demo_tokenizer):
     vocab = token_bytes(demo_tokenizer, len(demo_tokenizer) + 5)
     special = set(demo_tokenizer.added_tokens_decoder)
     assert special and all(vocab[i] is None for i in special)
     assert vocab[-5:] == [None] * 5  # ids past the tokenizer's (a padded vocabulary)
-    checked = 0
-    for i, data in enumerate(vocab):
-        if data is None:
-            continue
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            continue  # part of a character: its bytes are checked through a whole one below
+    checked = _whole_characters(vocab)
+    for i, text in checked:
         assert demo_tokenizer.decode([i]) == text, i
-        checked += 1
-    assert checked > 1000
+    assert len(checked) > 1000
     ids = demo_tokenizer.encode("é世界 {\"k\": 1}", add_special_tokens=False)
     assert b"".join(vocab[i] for i in ids) == "é世界 {\"k\": 1}".encode()
 
@@ -169,21 +174,14 @@ def _tokens_bytes_match_decoding(tokenizer, vocab: list[bytes | None]) -> int:
     backend = tokenizer.backend_tokenizer
     anchor = tokenizer.convert_tokens_to_ids("▁the")
     head = backend.decode([anchor], skip_special_tokens=False)
-    checked = 0
-    for i, data in enumerate(vocab):
-        if data is None:
-            continue
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            continue  # one byte of a character: checked through whole characters below
-        assert backend.decode([anchor, i], skip_special_tokens=False) == head + text, (i, data)
-        checked += 1
+    checked = _whole_characters(vocab)
+    for i, text in checked:
+        assert backend.decode([anchor, i], skip_special_tokens=False) == head + text, (i, text)
     text = 'Жёлтый {"k": "ß🦀"}'  # characters the corpus lacks: byte tokens
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert any(tokenizer.convert_ids_to_tokens(i).startswith("<0x") for i in ids)
     assert b"".join(vocab[i] for i in ids) == (" " + text).encode()  # the first word's "▁" is a space mid-text
-    return checked
+    return len(checked)
 
 
 def test_sentencepiece_tokens_have_their_decoded_bytes():
