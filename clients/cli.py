@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tools", default=None, metavar="FILE",
                         help="with --chat: a JSON file holding a list of tools the model may call (OpenAI's shape); "
                              "the calls it makes are printed as JSON on stderr")
+    parser.add_argument("--template-kwargs", default=None, metavar="JSON",
+                        help="with --chat: further chat-template variables, a JSON object, e.g. "
+                             "'{\"date_string\": \"26 Jul 2024\"}'")
     parser.add_argument("--tool-format", choices=FORMATS, default="auto",
                         help="how the model writes its tool calls: hermes (Qwen), llama3_json (Llama 3.1+), mistral "
                              "(needs --keep-special-tokens), or auto (whichever the text holds)")
@@ -159,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     several = args.n is not None and args.n > 1
     if several and (args.tools or args.logprobs is not None):
         parser.error("--tools and --logprobs apply to one completion; leave out --n, or set it to 1")
-    if (args.thinking is not None or args.tools or args.system is not None) and not args.chat:
-        print("llm-client: --system, --thinking and --tools apply to --chat only", file=sys.stderr)
+    if (args.thinking is not None or args.tools or args.system is not None or args.template_kwargs) and not args.chat:
+        print("llm-client: --system, --thinking, --tools and --template-kwargs apply to --chat only", file=sys.stderr)
         return 2
     tools = None
     if args.tools:
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 messages.append({"role": "user", "content": args.text})
                 thinking = None if args.thinking is None else args.thinking == "on"
                 stream = client.chat(messages, stop=args.stop, enable_thinking=thinking, tools=tools, n=args.n,
-                                     **sampling)
+                                     template_kwargs=args.template_kwargs, **sampling)
             else:
                 stream = client.generate(args.text, stop=args.stop, n=args.n, **sampling)
         except ValueError as exc:  # a value the protocol cannot carry, e.g. --seed past 2**64

@@ -112,15 +112,18 @@ def _message(i: int, m: Mapping[str, object]) -> pb.ChatMessage:
 
 
 def chat(messages: Iterable[Mapping[str, object]], enable_thinking: bool | None = None,
-         tools: Iterable[object] | None = None) -> pb.Chat:
-    """A Chat from messages ({"role": ..., "content": ...}), the template's thinking switch, if given, and the tools
-    the model may call (JSON objects, as dicts or text; OpenAI's {"type": "function", "function": {...}} shape)."""
+         tools: Iterable[object] | None = None, template_kwargs: Mapping[str, object] | str | None = None) -> pb.Chat:
+    """A Chat from messages ({"role": ..., "content": ...}), the template's thinking switch, if given, the tools
+    the model may call (JSON objects, as dicts or text; OpenAI's {"type": "function", "function": {...}} shape),
+    and further template variables (a dict or its JSON text, e.g. {"date_string": "26 Jul 2024"})."""
     if isinstance(tools, str | bytes | Mapping):
         raise ValueError(f"tools must be a list of JSON objects, got {type(tools).__name__}")
     result = pb.Chat(messages=[_message(i, m) for i, m in enumerate(messages)],
                      tools=[_json_text(t, f"tools[{j}]") for j, t in enumerate(tools or ())])
     if enable_thinking is not None:
         result.enable_thinking = enable_thinking
+    if template_kwargs:
+        result.template_kwargs = _json_text(template_kwargs, "template_kwargs")
     return result
 
 
@@ -129,11 +132,13 @@ def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, 
                      request_id: str = "", stop: str | Iterable[str] | None = (), skip_special_tokens: bool | None = None,
                      include_stop_str_in_output: bool = False, deadline_ms: int | None = None,
                      enable_thinking: bool | None = None, tools: Iterable[object] | None = None,
+                     template_kwargs: Mapping[str, object] | str | None = None,
                      add_special_tokens: bool | None = None, n: int | None = None,
                      **sampling: object) -> pb.GenerateRequest:
     """A GenerateRequest from a prompt, chat messages ({"role": ..., "content": ...}) or token ids, and sampling
     kwargs. `stop` is one stop string or several; `enable_thinking` (chat only) sets the chat template's thinking
-    switch (Qwen3's); `tools` (chat only) are the tools the model may call (see chat); `add_special_tokens`
+    switch (Qwen3's); `tools` and `template_kwargs` (chat only) the tools the model may call and further template
+    variables (see chat); `add_special_tokens`
     (None: the service's default, True for a prompt and False for a chat) whether the tokenizer adds its special
     tokens, such as Llama's BOS; `n` (None: 1) the completions of the prompt, each streamed on its own index."""
     if sum(x is not None for x in (prompt, messages, prompt_token_ids)) != 1:
@@ -146,9 +151,9 @@ def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, 
     elif prompt_token_ids is not None:
         request.prompt_token_ids.ids.extend(prompt_token_ids)
     else:
-        request.chat.CopyFrom(chat(messages, enable_thinking, tools))
-    if (enable_thinking is not None or tools) and messages is None:
-        raise ValueError("enable_thinking and tools apply to chat messages only")
+        request.chat.CopyFrom(chat(messages, enable_thinking, tools, template_kwargs))
+    if (enable_thinking is not None or tools or template_kwargs) and messages is None:
+        raise ValueError("enable_thinking, tools and template_kwargs apply to chat messages only")
     if skip_special_tokens is not None:
         request.skip_special_tokens = skip_special_tokens
     if add_special_tokens is not None:

@@ -240,16 +240,17 @@ class _GenerateCalls:
 
 
 def _tokenize_request(text: str | None, messages: Messages | None, add_special_tokens: bool | None,
-                      enable_thinking: bool | None, tools: Iterable[object] | None = None) -> pb.TokenizeRequest:
+                      enable_thinking: bool | None, tools: Iterable[object] | None = None,
+                      template_kwargs: Mapping[str, object] | str | None = None) -> pb.TokenizeRequest:
     """add_special_tokens None: the service's default, as for Generate (True for text, False for messages)."""
     if (text is None) == (messages is None):
         raise ValueError("give exactly one of text and messages")
     if messages is None:
-        if enable_thinking is not None or tools:
-            raise ValueError("enable_thinking and tools apply to chat messages only")
+        if enable_thinking is not None or tools or template_kwargs:
+            raise ValueError("enable_thinking, tools and template_kwargs apply to chat messages only")
         request = pb.TokenizeRequest(text=text)
     else:
-        request = pb.TokenizeRequest(chat=chat(messages, enable_thinking, tools))
+        request = pb.TokenizeRequest(chat=chat(messages, enable_thinking, tools, template_kwargs))
     if add_special_tokens is not None:
         request.add_special_tokens = add_special_tokens
     return request
@@ -280,10 +281,11 @@ class TextClient(_GenerateCalls):
 
     def tokenize(self, text: str | None = None, add_special_tokens: bool | None = None, *,
                  messages: Messages | None = None, enable_thinking: bool | None = None,
-                 tools: Iterable[object] | None = None) -> list[int]:
+                 tools: Iterable[object] | None = None,
+                 template_kwargs: Mapping[str, object] | str | None = None) -> list[int]:
         """The token ids of text, or of chat messages rendered as chat() would send them: what generate() and chat()
         send the engine (add_special_tokens None: with the tokenizer's special tokens for text, none for a chat)."""
-        request = _tokenize_request(text, messages, add_special_tokens, enable_thinking, tools)
+        request = _tokenize_request(text, messages, add_special_tokens, enable_thinking, tools, template_kwargs)
         return list(self._stub.Tokenize(request, timeout=self.timeout).token_ids)
 
     def detokenize(self, token_ids: Iterable[int], skip_special_tokens: bool | None = None) -> str:
@@ -377,8 +379,9 @@ class AsyncTextClient(_GenerateCalls):
 
     async def tokenize(self, text: str | None = None, add_special_tokens: bool | None = None, *,
                        messages: Messages | None = None, enable_thinking: bool | None = None,
-                       tools: Iterable[object] | None = None) -> list[int]:
-        request = _tokenize_request(text, messages, add_special_tokens, enable_thinking, tools)
+                       tools: Iterable[object] | None = None,
+                       template_kwargs: Mapping[str, object] | str | None = None) -> list[int]:
+        request = _tokenize_request(text, messages, add_special_tokens, enable_thinking, tools, template_kwargs)
         return list((await self._stub.Tokenize(request, timeout=self.timeout)).token_ids)
 
     async def detokenize(self, token_ids: Iterable[int], skip_special_tokens: bool | None = None) -> str:

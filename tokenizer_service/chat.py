@@ -18,6 +18,11 @@ the template as transformers' `apply_chat_template(tools=...)` takes them. Bound
 calls per chat, JSON nested at most MAX_JSON_DEPTH deep. tools or tool calls given to a template that never
 reads them are refused, as is enable_thinking for one without the switch: a template would drop them silently.
 
+`template_kwargs` (vLLM's chat_template_kwargs) are further variables for the template, a JSON object: Llama 3.1's
+`date_string` or `tools_in_user_message`, a reasoning model's effort switch. Each key must be a name the template
+reads, and not one transformers sets itself (RESERVED_TEMPLATE_NAMES): a key the template never reads is refused,
+as a misspelt option would otherwise change nothing, silently.
+
 The prompt is the template rendered with `add_generation_prompt=True`, then encoded without adding special
 tokens, because the template already writes any BOS or special markers it wants. As in transformers, a
 special token's text inside a content (`<|im_end|><|im_start|>system ...`) encodes as that control token: a
@@ -35,6 +40,16 @@ _MESSAGE_KEYS = frozenset({"role", "content", "tool_calls", "tool_call_id"})
 MAX_TOOLS = 128  # tools a chat may offer
 MAX_TOOL_CALLS = 1024  # tool calls in a chat's messages, all together
 MAX_JSON_DEPTH = 32  # nesting of a tool's or a call's JSON (JSON schemas rarely pass 10)
+MAX_TEMPLATE_KWARGS = 64  # variables a chat may set for its template
+# What transformers' apply_chat_template passes the template itself, its own arguments, and the names of the
+# fields that have a field of their own here: template_kwargs may not set them.
+RESERVED_TEMPLATE_NAMES = frozenset({
+    "messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "enable_thinking",
+    "chat_template", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "conversation", "raise_exception", "strftime_now",
+    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+    "additional_special_tokens",
+})
 
 
 def _content_text(content: object, where: str) -> str:
@@ -138,6 +153,23 @@ def validate_tools(tools: object) -> list[dict]:
     return [_json_object(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
 
 
+def validate_template_kwargs(kwargs: object) -> dict[str, object]:
+    """Check a chat's template variables: a JSON object (or its text) of at most MAX_TEMPLATE_KWARGS names, each a
+    Python identifier that transformers does not set itself; return it as a dict."""
+    where = "template_kwargs"
+    value = _json_object(kwargs, where)
+    if len(value) > MAX_TEMPLATE_KWARGS:
+        raise ValueError(f"{where} must set at most {MAX_TEMPLATE_KWARGS} variables, got {len(value)}")
+    for name in value:
+        if not name.isidentifier():
+            raise ValueError(f"{where}: {name!r} is not a template variable's name (letters, digits and _)")
+        if name in RESERVED_TEMPLATE_NAMES:
+            field = {"messages": "chat.messages", "tools": "chat.tools", "enable_thinking": "chat.enable_thinking"}
+            instead = f"; set {field[name]} instead" if name in field else ""
+            raise ValueError(f"{where}: {name!r} is set by the service, not by a request{instead}")
+    return value
+
+
 def validate_messages(messages: object) -> list[dict[str, object]]:
     """Check a chat message list; return it normalised to [{"role": str, "content": str}, ...], with
     "tool_calls" on the assistant messages that made some."""
@@ -183,11 +215,14 @@ def validate_messages(messages: object) -> list[dict[str, object]]:
     return normalised
 
 
-def render_chat(tokenizer: Any, messages: object, enable_thinking: bool | None = None, tools: object = None) -> str:
-    """Validate `messages` and `tools` and render them through the tokenizer's chat template (render_validated)."""
+def render_chat(tokenizer: Any, messages: object, enable_thinking: bool | None = None, tools: object = None,
+                template_kwargs: object = None) -> str:
+    """Validate `messages`, `tools` and `template_kwargs` and render them through the tokenizer's chat template
+    (render_validated)."""
     _chat_template(tokenizer)  # said before the messages are read
     return render_validated(tokenizer, validate_messages(messages), enable_thinking,
-                            validate_tools(tools) if tools else [])
+                            validate_tools(tools) if tools else [],
+                            validate_template_kwargs(template_kwargs) if template_kwargs else {})
 
 
 def _chat_template(tokenizer: Any) -> object:
@@ -199,13 +234,15 @@ def _chat_template(tokenizer: Any) -> object:
     return template
 
 
-def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bool | None, tools: list[dict]) -> str:
-    """Render messages and tools, as validate_messages and validate_tools return them, through the tokenizer's chat
-    template, ending in the assistant's turn (the service validates a request's chat once, as its rules run).
+def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bool | None, tools: list[dict],
+                     template_kwargs: Mapping[str, object] | None = None) -> str:
+    """Render messages, tools and template variables, as validate_messages, validate_tools and
+    validate_template_kwargs return them, through the tokenizer's chat template, ending in the assistant's turn
+    (the service validates a request's chat once, as its rules run).
 
     enable_thinking (None: the template's default) is passed to templates with a thinking switch (Qwen3's);
-    tools (empty: none) to templates that read them. Either given to a template that never reads it is
-    refused rather than silently ignored, as are tool calls in the messages.
+    tools (empty: none) to templates that read them; template_kwargs as variables. Any of them given to a
+    template that never reads it is refused rather than silently ignored, as are tool calls in the messages.
     """
     source = _template_used(_chat_template(tokenizer), bool(tools))
 
@@ -223,6 +260,11 @@ def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bo
             raise ValueError("chat.tools is set, but the model's chat template never reads tools: this model "
                              "was not given a tool-calling template; send the tools in a message instead")
         extra["tools"] = tools
+    for name, value in (template_kwargs or {}).items():
+        if not reads(name):
+            raise ValueError(f"chat.template_kwargs sets {name!r}, but the model's chat template never reads it; "
+                             "leave it out for this model")
+        extra[name] = value
     called = [i for i, m in enumerate(normalised) if "tool_calls" in m]
     if called and not reads("tool_calls"):
         raise ValueError(f"messages[{called[0]}].tool_calls is set, but the model's chat template never reads "
@@ -278,7 +320,8 @@ def special_token_texts(tokenizer: Any) -> tuple[str, ...]:
     return tuple(sorted(t for t in texts if t))
 
 
-def encode_chat(tokenizer: Any, messages: object, enable_thinking: bool | None = None, tools: object = None) -> list[int]:
+def encode_chat(tokenizer: Any, messages: object, enable_thinking: bool | None = None, tools: object = None,
+                template_kwargs: object = None) -> list[int]:
     """Render `messages` (see render_chat) and return the prompt's token ids."""
-    text = render_chat(tokenizer, messages, enable_thinking, tools)
+    text = render_chat(tokenizer, messages, enable_thinking, tools, template_kwargs)
     return list(tokenizer.encode(text, add_special_tokens=False))

@@ -30,11 +30,13 @@ from typing import Any
 from protos.llmserve.engine.v1 import engine_pb2 as engine_pb
 from protos.llmserve.text.v1 import text_pb2 as pb
 from tokenizer_service.chat import (
+    MAX_TEMPLATE_KWARGS,
     MAX_TOOL_CALLS,
     MAX_TOOLS,
     json_strings,
     render_validated,
     validate_messages,
+    validate_template_kwargs,
     validate_tools,
 )
 from tokenizer_service.token_bounds import tokens_at_least
@@ -81,12 +83,13 @@ class TextRequest:
     messages: Sequence[Mapping[str, object]] | None = None
     enable_thinking: bool | None = None  # chat only: the template's thinking switch; None: its default
     tools: Sequence[object] = ()  # chat only: the tools the model may call (JSON objects or their texts)
+    template_kwargs: object = None  # chat only: further template variables, a JSON object or its text
     stop: Sequence[str] = field(default_factory=tuple)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     add_special_tokens: bool | None = None  # None: True for a prompt, False for a chat (its template writes them)
     # The chat validated and normalised, filled once by the rules and the rendering that read it (a chat's JSON can
-    # be megabytes): "messages", "tools", "texts".
+    # be megabytes): "messages", "tools", "template_kwargs", "texts".
     normalised: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
 
@@ -144,6 +147,22 @@ def _tools(r: TextRequest) -> list[dict]:
     return r.normalised["tools"]
 
 
+def _template_kwargs(r: TextRequest) -> dict:
+    if "template_kwargs" not in r.normalised:
+        r.normalised["template_kwargs"] = validate_template_kwargs(r.template_kwargs) if r.template_kwargs else {}
+    return r.normalised["template_kwargs"]
+
+
+def _template_kwargs_well_formed(r: TextRequest, _: TextLimits) -> str | None:
+    if not r.template_kwargs:
+        return None
+    try:
+        _template_kwargs(r)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _messages_well_formed(r: TextRequest, _: TextLimits) -> str | None:
     if r.messages is None:
         return None
@@ -183,6 +202,8 @@ def _chat_texts(r: TextRequest) -> list[tuple[str, str, list[str]]]:
         if "tool_call_id" in message:
             texts.append((f"messages[{i}].tool_call_id", message["tool_call_id"], [message["tool_call_id"]]))
     texts.extend((f"tools[{i}]", dumped(tool), json_strings(tool)) for i, tool in enumerate(_tools(r)))
+    if _template_kwargs(r):
+        texts.append(("template_kwargs", dumped(_template_kwargs(r)), json_strings(_template_kwargs(r))))
     r.normalised["texts"] = texts
     return texts
 
@@ -279,10 +300,12 @@ RULES: tuple[Rule, ...] = (
          "(and assistant messages' tool_calls, each a name and a JSON object of arguments, at most "
          f"{MAX_TOOL_CALLS} in a chat)", _messages_well_formed),
     Rule("request", "tools", f"must be a list of at most {MAX_TOOLS} JSON objects", _tools_well_formed),
-    Rule("request", "messages", "contents, tool calls and tools must total at most {max_prompt_bytes} bytes of "
-         "UTF-8 (max_prompt_bytes)", _messages_bytes),
-    Rule("request", "messages", "contents, tool calls and tools must not hold a special token's text (this service "
-         "runs with --chat-special-tokens refuse)", _messages_no_special_text),
+    Rule("request", "template_kwargs", f"must be a JSON object of at most {MAX_TEMPLATE_KWARGS} template variables, "
+         "none of those the service sets", _template_kwargs_well_formed),
+    Rule("request", "messages", "contents, tool calls, tools and template_kwargs must total at most "
+         "{max_prompt_bytes} bytes of UTF-8 (max_prompt_bytes)", _messages_bytes),
+    Rule("request", "messages", "contents, tool calls, tools and template_kwargs must not hold a special token's "
+         "text (this service runs with --chat-special-tokens refuse)", _messages_no_special_text),
     Rule("request", "stop", "must be a list of at most {max_stop_strings} strings (max_stop_strings)", _stop_count),
     Rule("request", "stop", "each must be non-empty and at most {max_stop_string_chars} characters "
          "(max_stop_string_chars)", _stop_each),
@@ -402,16 +425,18 @@ def text_request_from_proto(request: pb.GenerateRequest | pb.TokenizeRequest) ->
     messages = [_message(m) for m in request.chat.messages] if kind == "chat" else None
     thinking = request.chat.enable_thinking if kind == "chat" and request.chat.HasField("enable_thinking") else None
     tools = tuple(request.chat.tools) if kind == "chat" else ()
+    template_kwargs = request.chat.template_kwargs if kind == "chat" else None
     special = request.add_special_tokens if request.HasField("add_special_tokens") else None
     if not isinstance(request, pb.GenerateRequest):
         return TextRequest(prompt=prompt, messages=messages, enable_thinking=thinking, tools=tools,
-                           add_special_tokens=special)
+                           template_kwargs=template_kwargs, add_special_tokens=special)
     skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
     return TextRequest(
         prompt=prompt,
         messages=messages,
         enable_thinking=thinking,
         tools=tools,
+        template_kwargs=template_kwargs,
         stop=tuple(request.stop),
         skip_special_tokens=skip,
         include_stop_str_in_output=request.include_stop_str_in_output,
@@ -427,7 +452,7 @@ def _encode(text_request: TextRequest, tokenizer: Any, max_model_len: int | None
     special = text_request.add_special_tokens
     if text_request.messages is not None:
         text = render_validated(tokenizer, _messages(text_request), text_request.enable_thinking,
-                                _tools(text_request))
+                                _tools(text_request), _template_kwargs(text_request))
     if special is None:
         special = text_request.messages is None
     # The bound counts the text's tokens alone, which special tokens only add to.
@@ -443,7 +468,8 @@ def tokenize_input(
     would send them (add_special_tokens included)."""
     text_request = text_request_from_proto(request)
     kind = request.WhichOneof("input")
-    _run("request", text_request, limits or TextLimits(), only={"input", "prompt", "messages", "tools"}, rename=kind)
+    _run("request", text_request, limits or TextLimits(), only={"input", "prompt", "messages", "tools",
+                                                                 "template_kwargs"}, rename=kind)
     return _encode(text_request, tokenizer)
 
 

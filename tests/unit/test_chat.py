@@ -155,3 +155,71 @@ def test_client_chat_takes_text_parts_and_refuses_unknown_keys() -> None:
     assert chat(parts).messages[0].content == "ab"  # was: protobuf's "bad argument type for built-in operation"
     with pytest.raises(ValueError, match=r"messages\[0\] has unknown keys \['name'\]"):
         chat([{"role": "user", "content": "x", "name": "bob"}])  # was: silently dropped
+
+
+# Llama 3.1's template reads date_string and tools_in_user_message; a small template of the same shape.
+DATED_TEMPLATE = (
+    "{%- if not date_string is defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+    "<|im_start|>system\nToday is {{ date_string }}.{%- if tools_in_user_message is defined and "
+    "tools_in_user_message %} Tools follow the user.{%- endif %}<|im_end|>\n"
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.fixture
+def dated(demo_tokenizer):
+    tok = copy.deepcopy(demo_tokenizer)
+    tok.chat_template = DATED_TEMPLATE
+    return tok
+
+
+def test_template_kwargs_reach_the_template_as_transformers_passes_them(dated) -> None:
+    messages = [{"role": "user", "content": "Hi"}]
+    for kwargs in ({"date_string": "1 Jan 2030"}, {"date_string": "1 Jan 2030", "tools_in_user_message": True},
+                   '{"tools_in_user_message": false}'):
+        want = dated.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **(kwargs if isinstance(kwargs, dict) else {"tools_in_user_message": False}))
+        assert render_chat(dated, messages, template_kwargs=kwargs) == want
+    assert "Today is 1 Jan 2030." in render_chat(dated, messages, template_kwargs={"date_string": "1 Jan 2030"})
+    assert render_chat(dated, messages, template_kwargs={}) == render_chat(dated, messages)
+
+
+@pytest.mark.parametrize(("kwargs", "fragment"), [
+    ({"date_strng": "x"}, "sets 'date_strng', but the model's chat template never reads it"),
+    ({"messages": []}, "'messages' is set by the service, not by a request; set chat.messages instead"),
+    ({"enable_thinking": False}, "'enable_thinking' is set by the service, not by a request; set chat.enable_thinking"),
+    ({"add_generation_prompt": False}, "'add_generation_prompt' is set by the service"),
+    ({"bos_token": "<s>"}, "'bos_token' is set by the service"),
+    ({"not a name": 1}, "'not a name' is not a template variable's name"),
+    ("[1, 2]", "template_kwargs must be a JSON object, got list"),
+    ("{oops", "template_kwargs must be a JSON object, got text that is not JSON"),
+    ({f"v{i}": i for i in range(65)}, "at most 64 variables, got 65"),
+])
+def test_bad_template_kwargs_are_refused_by_name(dated, kwargs, fragment) -> None:
+    with pytest.raises(ValueError, match=fragment.replace("[", r"\[")):
+        render_chat(dated, [{"role": "user", "content": "Hi"}], template_kwargs=kwargs)
+
+
+def test_template_kwargs_through_the_protocol_count_toward_the_chat_rules(dated) -> None:
+    """Through a TokenizeRequest the variables reach the template as given; their strings count toward the chat's
+    bytes and, under --chat-special-tokens refuse, may not hold a control token's text."""
+    from clients.requests import chat, generate_request
+    from protos.llmserve.text.v1 import text_pb2 as pb
+    from tokenizer_service.chat import special_token_texts
+    from tokenizer_service.validation import TextLimits, tokenize_input
+
+    messages = [{"role": "user", "content": "Hi"}]
+    request = pb.TokenizeRequest(chat=chat(messages, template_kwargs={"date_string": "1 Jan 2030"}))
+    want = dated.encode(render_chat(dated, messages, template_kwargs={"date_string": "1 Jan 2030"}),
+                        add_special_tokens=False)
+    assert tokenize_input(request, dated) == want
+    refuse = TextLimits(refused_chat_texts=special_token_texts(dated))
+    sneaky = pb.TokenizeRequest(chat=chat(messages, template_kwargs={"date_string": "x<|im_end|>"}))
+    with pytest.raises(ValueError, match="template_kwargs holds '<|im_end|>'".replace("|", r"\|")):
+        tokenize_input(sneaky, dated, refuse)
+    big = pb.TokenizeRequest(chat=chat(messages, template_kwargs={"date_string": "x" * 2000}))
+    with pytest.raises(ValueError, match="must total at most 1000 bytes"):
+        tokenize_input(big, dated, TextLimits(max_prompt_bytes=1000))
+    with pytest.raises(ValueError, match="enable_thinking, tools and template_kwargs apply to chat messages only"):
+        generate_request("Hi", template_kwargs={"date_string": "x"})

@@ -551,7 +551,7 @@ def test_cli_system_without_chat_is_refused_not_dropped(monkeypatch, capsys):
     sent = {}
     cli = _fake_client(monkeypatch, _Stream([]), sent)
     assert cli.main(["hi", "--system", "Be brief.", "--target", "localhost:1"]) == 2
-    assert "--system, --thinking and --tools apply to --chat only" in capsys.readouterr().err and not sent
+    assert "--system, --thinking, --tools and --template-kwargs apply to --chat only" in capsys.readouterr().err and not sent
 
 
 def test_a_long_request_id_travels_in_the_request_not_the_metadata(service):
@@ -564,3 +564,29 @@ def test_a_long_request_id_travels_in_the_request_not_the_metadata(service):
         assert stream.text() is not None
         assert stream.request_id() and set(stream.request_id()) == {"a"}
     assert request_metadata("b" * 20000) == (("x-request-id", "b" * 1024),)
+
+
+def test_template_kwargs_travel_from_the_client_to_the_chat_template(demo_model_dir, tmp_path, service):
+    """chat.template_kwargs: through TextClient.tokenize and chat, rendered by a template that reads them, refused
+    (INVALID_ARGUMENT, naming the variable) by one that does not."""
+    import shutil
+
+    from tests.unit.test_chat import DATED_TEMPLATE
+
+    model = tmp_path / "dated-model"
+    shutil.copytree(demo_model_dir, model)
+    (model / "chat_template.jinja").write_text(DATED_TEMPLATE)
+    server = TextServer(model, engines="127.0.0.1:9")  # Tokenize needs no engine
+    messages = [{"role": "user", "content": "Hi"}]
+    try:
+        with TextClient(server.target, timeout=30) as client:
+            dated = client.tokenize(messages=messages, template_kwargs={"date_string": "1 Jan 2030"})
+            assert "Today is 1 Jan 2030." in client.detokenize(dated, skip_special_tokens=False)
+            assert client.tokenize(messages=messages, template_kwargs='{"date_string": "1 Jan 2030"}') == dated
+    finally:
+        server.stop()
+    with TextClient(service, timeout=30) as demo:  # the demo model's template reads no date
+        with pytest.raises(grpc.RpcError) as info:
+            demo.chat(messages, template_kwargs={"date_string": "x"}, max_tokens=2).text()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "template_kwargs sets 'date_string', but the model's chat template never reads it" in info.value.details()
