@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "'{\"date_string\": \"26 Jul 2024\"}'")
     parser.add_argument("--tool-format", choices=FORMATS, default="auto",
                         help="how the model writes its tool calls: hermes (Qwen), llama3_json (Llama 3.1+), mistral "
-                             "(needs --keep-special-tokens), or auto (whichever the text holds)")
+                             "(keeps special tokens in the text: its [TOOL_CALLS] is one), or auto (whichever the "
+                             "text holds)")
     parser.add_argument("--keep-special-tokens", action="store_true",
                         help="keep special tokens in the text (skip_special_tokens false), e.g. Mistral's "
                              "[TOOL_CALLS]")
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     frequency_penalty=args.frequency_penalty, logit_bias=logit_bias or None,
                     response_format="json_schema" if args.json_schema else "json_object" if args.json else None,
                     json_schema=_read_json_schema(parser, args.json_schema), priority=args.priority,
-                    skip_special_tokens=False if args.keep_special_tokens else None)
+                    skip_special_tokens=False if args.keep_special_tokens or args.tool_format == "mistral" else None)
     several = args.n is not None and args.n > 1
     if several and (args.tools or args.logprobs is not None):
         parser.error("--tools and --logprobs apply to one completion; leave out --n, or set it to 1")

@@ -172,10 +172,15 @@ class EngineMetrics:
         for seq in running:
             order = getattr(seq, "admit_order", -1)
             if order > last:
-                self._last_admit = max(self._last_admit, order)
                 req = self._live.get(seq.request_id)
                 if req is not None and not req.scheduled:
                     req.scheduled = started
+        # Everything admitted so far is seen: one gone from `running` already finished or was aborted, or was
+        # preempted and takes a new admit_order when readmitted. (Left behind, the walk ran at every step.)
+        if newest is not None:
+            self._last_admit = newest - 1
+        else:  # a scheduler that does not count its admissions
+            self._last_admit = max([last] + [getattr(seq, "admit_order", -1) for seq in running])
 
     def _finish(self, req: _Request, reason: str, now: float) -> None:
         self.finished[reason] = self.finished.get(reason, 0) + 1

@@ -114,8 +114,15 @@ class Scheduler:
         victims = [seq for seq in self.running if seq.params.priority > p]  # the end of `running`
         if not self._would_fit(matched, need, victims):
             return
-        while self.running and self.running[-1].params.priority > p and not self._would_fit(matched, need, ()):
-            self._preempt(self.running[-1])
+        k = 0  # the fewest victims, from the end, whose preemption makes it fit
+        while not self._would_fit(matched, need, victims[len(victims) - k:]):
+            k += 1
+        staying = victims[:len(victims) - k]
+        # The victims that stay decode first in schedule(): their tokens come out of the arrival's budget too.
+        if not k or budget - sum(1 for seq in staying if len(seq.token_ids) - seq.num_computed_tokens == 1) <= 0:
+            return
+        for seq in reversed(victims[len(victims) - k:]):
+            self._preempt(seq)
 
     def _budget_below(self, p: int) -> int:
         """The token budget left for admitting a sequence of priority p: what the decodes and prefill chunks of

@@ -31,6 +31,7 @@ caller can write turns of its own. `--chat-special-tokens refuse` refuses such c
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -46,9 +47,11 @@ MAX_TEMPLATE_KWARGS = 64  # variables a chat may set for its template
 RESERVED_TEMPLATE_NAMES = frozenset({
     "messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "enable_thinking",
     "chat_template", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
-    "return_assistant_tokens_mask", "tokenizer_kwargs", "conversation", "raise_exception", "strftime_now",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "conversation", "sanitize_control_tokens", "self", "kwargs",
     "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
     "additional_special_tokens",
+    # The sandbox's globals: a request's value in their place would make the template fail as a TypeError.
+    "raise_exception", "strftime_now", "range", "dict", "namespace", "lipsum", "cycler", "joiner", "loop",
 })
 
 
@@ -234,6 +237,22 @@ def _chat_template(tokenizer: Any) -> object:
     return template
 
 
+@functools.lru_cache(maxsize=8)
+def _template_variables(source: str) -> frozenset[str] | None:
+    """The variables a template looks up in its context (jinja2.meta, in transformers' own environment, so its
+    globals and its {% generation %} tag are known), or None where that cannot be read: then a name the source
+    mentions counts as read."""
+    from jinja2 import meta
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        environment = _compile_jinja_template(source).environment
+        return frozenset(meta.find_undeclared_variables(environment.parse(source)))
+    except Exception:  # noqa: BLE001 -- another transformers, a template it cannot parse: fall back
+        return None
+
+
 def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bool | None, tools: list[dict],
                      template_kwargs: Mapping[str, object] | None = None) -> str:
     """Render messages, tools and template variables, as validate_messages, validate_tools and
@@ -260,8 +279,9 @@ def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bo
             raise ValueError("chat.tools is set, but the model's chat template never reads tools: this model "
                              "was not given a tool-calling template; send the tools in a message instead")
         extra["tools"] = tools
+    variables = _template_variables(source) if template_kwargs else None
     for name, value in (template_kwargs or {}).items():
-        if not reads(name):
+        if not (name in variables if variables is not None else reads(name)):
             raise ValueError(f"chat.template_kwargs sets {name!r}, but the model's chat template never reads it; "
                              "leave it out for this model")
         extra[name] = value
@@ -281,6 +301,8 @@ def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bo
         raise ValueError(f"messages rejected by the model's chat template: {e}") from e
     except RecursionError:  # a template recursing over a request's data
         raise ValueError("messages: the chat template recursed too deeply over them") from None
+    except TypeError as e:  # a request's value of a type the template cannot use (a list where it adds text)
+        raise ValueError(f"the chat template failed on the request's data: TypeError: {e}") from None
     if not isinstance(text, str):
         raise ValueError(f"the chat template rendered {type(text).__name__}, not text")
     return text

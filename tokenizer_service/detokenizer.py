@@ -102,7 +102,7 @@ class IncrementalDetokenizer:
         if not token_ids:
             return ""
         self._num_tokens += len(token_ids)
-        if self._dropped:
+        if self._dropped and not self._dropped.isdisjoint(token_ids):
             token_ids = [t for t in token_ids if t not in self._dropped]
             if not token_ids:
                 return ""

@@ -187,6 +187,13 @@ def test_template_kwargs_reach_the_template_as_transformers_passes_them(dated) -
 
 @pytest.mark.parametrize(("kwargs", "fragment"), [
     ({"date_strng": "x"}, "sets 'date_strng', but the model's chat template never reads it"),
+    # Read as the template's variables, not as text it contains ("date" and "e" are in "date_string").
+    ({"date": "x"}, "sets 'date', but the model's chat template never reads it"),
+    ({"e": 1}, "sets 'e', but the model's chat template never reads it"),
+    # apply_chat_template's own parameters and the sandbox's globals used to fail as TypeErrors (INTERNAL).
+    ({"self": 1}, "'self' is set by the service"),
+    ({"namespace": 1}, "'namespace' is set by the service"),
+    ({"range": 0}, "'range' is set by the service"),
     ({"messages": []}, "'messages' is set by the service, not by a request; set chat.messages instead"),
     ({"enable_thinking": False}, "'enable_thinking' is set by the service, not by a request; set chat.enable_thinking"),
     ({"add_generation_prompt": False}, "'add_generation_prompt' is set by the service"),
@@ -223,3 +230,13 @@ def test_template_kwargs_through_the_protocol_count_toward_the_chat_rules(dated)
         tokenize_input(big, dated, TextLimits(max_prompt_bytes=1000))
     with pytest.raises(ValueError, match="enable_thinking, tools and template_kwargs apply to chat messages only"):
         generate_request("Hi", template_kwargs={"date_string": "x"})
+
+
+
+def test_a_template_kwarg_of_a_type_the_template_cannot_use_is_bad_input(demo_tokenizer) -> None:
+    """A value the template fails on with a TypeError (not jinja's own error type) was an INTERNAL error."""
+    tok = copy.deepcopy(demo_tokenizer)
+    tok.chat_template = "{{ date_string + '!' }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert render_chat(tok, [{"role": "user", "content": "Hi"}], template_kwargs={"date_string": "today"}) == "today!Hi"
+    with pytest.raises(ValueError, match="the chat template failed on the request's data: TypeError"):
+        render_chat(tok, [{"role": "user", "content": "Hi"}], template_kwargs={"date_string": 5})

@@ -474,7 +474,7 @@ def test_cli_reads_mistral_tool_calls_with_special_tokens_kept(monkeypatch, tmp_
     tools = tmp_path / "tools.json"
     tools.write_text(json.dumps([{"type": "function", "function": {"name": "get_weather"}}]))
     argv = ["Weather?", "--chat", "--tools", str(tools), "--target", "localhost:1"]
-    assert cli.main(argv + ["--keep-special-tokens", "--tool-format", "mistral"]) == 0
+    assert cli.main(argv + ["--tool-format", "mistral"]) == 0  # which keeps the special tokens
     out, err = capsys.readouterr()
     assert sent["skip_special_tokens"] is False and out.strip() == reply
     [line] = [line for line in err.splitlines() if line.startswith("[tool call]")]

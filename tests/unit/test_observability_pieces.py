@@ -301,3 +301,35 @@ def test_queue_time_ends_when_a_priority_request_is_admitted_before_older_ones()
     metrics.on_step([StepOutput("a", [7]), StepOutput("b", [9], num_prompt_tokens=200)], 6.0, 6.5, engine)
     b = metrics._live["b"]
     assert b.scheduled == 3.0 and b.first_token == 6.5  # queued 1 s, prefilled 3.5 s
+
+
+def test_the_running_list_is_walked_only_on_steps_that_admitted():
+    """When the newest admission was gone from `running` before the metrics looked (it finished in the step that
+    admitted it), the walk's high-water mark never caught up, and every later step walked the whole list."""
+    import types
+
+    from engine_service.metrics import EngineMetrics
+    from engine_service.outputs import StepOutput
+
+    class Counted(list):
+        walks = 0
+
+        def __iter__(self):
+            Counted.walks += 1
+            return super().__iter__()
+
+    seqs = [types.SimpleNamespace(request_id=f"r{i}", admit_order=i) for i in range(8)]
+    scheduler = types.SimpleNamespace(running=Counted(seqs), num_admissions=8)
+    engine = types.SimpleNamespace(scheduler=scheduler)
+    metrics = EngineMetrics("m", lambda: {}, lambda: 0, log_requests=False)
+    for seq in seqs:
+        metrics.on_add(seq.request_id, seq.request_id, 0.0, 4)
+    metrics.on_add("short", "short", 0.0, 4)
+    metrics.on_step([StepOutput("r0", [1])], 1.0, 1.1, engine)
+    assert Counted.walks == 1 and all(metrics._live[s.request_id].scheduled == 1.0 for s in seqs)
+    scheduler.num_admissions = 9  # "short" was admitted and finished within one step: never in `running`
+    metrics.on_step([StepOutput("short", [1], finish_reason="stop", num_prompt_tokens=4)], 2.0, 2.1, engine)
+    Counted.walks = 0
+    for k in range(50):
+        metrics.on_step([StepOutput("r0", [1])], 3.0 + k, 3.1 + k, engine)
+    assert Counted.walks == 0

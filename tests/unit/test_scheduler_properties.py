@@ -546,6 +546,33 @@ def test_no_preemption_for_an_arrival_the_budget_cannot_start():
     # with what that step leaves.
     assert urgent.num_computed_tokens == 1000 and arrival in batch.seqs and steps == -(-(1000 - 63) // 63)
 
+def test_the_decodes_of_victims_that_stay_count_against_the_arrivals_budget():
+    """Budget 8, 6 blocks of 16: four priority-1 sequences decode, a priority-0 prompt has 5 to 7 tokens left. A
+    priority-0 arrival needs one block, so the newest priority-1 sequence would have to go; but the three that
+    stay decode first (3 tokens) and the prefill takes the rest: the arrival could not start. It used to be
+    preempted anyway (its work lost while the arrival waited): only the arrival's own-priority work was counted."""
+    sched = Scheduler(BlockManager(6, 16), 10, 8)
+    low = [Sequence(f"v{i}", [1, 2], SamplingParams(max_tokens=100, priority=1, ignore_eos=True), 4096)
+           for i in range(4)]
+    for seq in low:
+        sched.add(seq)
+
+    def step():
+        batch = sched.schedule()
+        sched.postprocess(batch, [3 if take else None for take in batch.sample])
+        return batch
+
+    step()
+    prefill = Sequence("A", list(range(30)), SamplingParams(max_tokens=5, priority=0), 4096)
+    sched.add(prefill)
+    while len(prefill.token_ids) - prefill.num_computed_tokens not in range(5, 8):
+        step()
+    arrival = Sequence("W", [4, 5], SamplingParams(max_tokens=5, priority=0), 4096)
+    sched.add(arrival)
+    batch = step()
+    assert sched.num_preemptions == 0 and all(seq.status is Status.RUNNING for seq in low)
+    assert arrival.status is Status.WAITING and sum(batch.num_new_tokens) == 8
+
 def test_many_arrivals_behind_one_low_priority_request_cost_a_step_each():
     """A new request is placed from the end of the queue: behind one low-priority request, 4,000 default ones are
     placed in order without scanning the queue each time."""
