@@ -301,8 +301,11 @@ def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bo
         raise ValueError(f"messages rejected by the model's chat template: {e}") from e
     except RecursionError:  # a template recursing over a request's data
         raise ValueError("messages: the chat template recursed too deeply over them") from None
-    except TypeError as e:  # a request's value of a type the template cannot use (a list where it adds text)
-        raise ValueError(f"the chat template failed on the request's data: TypeError: {e}") from None
+    except TypeError as e:
+        if not template_kwargs:
+            raise  # a template that fails in Python on plain messages is broken: the service's error, INTERNAL
+        # A variable of a type the template cannot use (a number where it adds text): the request's error.
+        raise ValueError(f"the chat template failed with the request's template_kwargs: TypeError: {e}") from None
     if not isinstance(text, str):
         raise ValueError(f"the chat template rendered {type(text).__name__}, not text")
     return text

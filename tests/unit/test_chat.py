@@ -234,9 +234,13 @@ def test_template_kwargs_through_the_protocol_count_toward_the_chat_rules(dated)
 
 
 def test_a_template_kwarg_of_a_type_the_template_cannot_use_is_bad_input(demo_tokenizer) -> None:
-    """A value the template fails on with a TypeError (not jinja's own error type) was an INTERNAL error."""
+    """A template_kwargs value the template fails on with a TypeError (not jinja's own error type) was an INTERNAL
+    error; a template that fails so on plain messages still is one."""
     tok = copy.deepcopy(demo_tokenizer)
     tok.chat_template = "{{ date_string + '!' }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert render_chat(tok, [{"role": "user", "content": "Hi"}], template_kwargs={"date_string": "today"}) == "today!Hi"
-    with pytest.raises(ValueError, match="the chat template failed on the request's data: TypeError"):
+    with pytest.raises(ValueError, match="the chat template failed with the request's template_kwargs: TypeError"):
         render_chat(tok, [{"role": "user", "content": "Hi"}], template_kwargs={"date_string": 5})
+    tok.chat_template = "{{ messages[0]['content'] + 1 }}"  # broken for any chat: the service's error, not bad input
+    with pytest.raises(TypeError):
+        render_chat(tok, [{"role": "user", "content": "Hi"}])
