@@ -113,12 +113,15 @@ def run_inprocess(engine, w: Workload, concurrency: int, rate: float) -> tuple[l
     timings = [Timing() for _ in w.prompts]
     due, nxt, live, done = arrivals(len(w.prompts), rate), 0, set(), 0
     t0 = time.perf_counter()
+    freed = t0  # when the concurrency limit last let a request in (a step's end that finished one)
     while done < len(w.prompts):
         now = time.perf_counter()
         while nxt < len(w.prompts) and due[nxt] <= now - t0 and len(live) < concurrency:
             params = SamplingParams(temperature=w.temperature, max_tokens=w.max_tokens[nxt], ignore_eos=True)
+            # The clock starts when the request arrived (or its slot freed), as the gRPC client's does: a request
+            # due while a step ran waited for that step, and the gRPC path counts that wait.
+            timings[nxt].start = max(t0 + due[nxt], freed)
             engine.add_request(f"bench-{nxt}", w.prompts[nxt], params)
-            timings[nxt].start = time.perf_counter()
             live.add(nxt)
             nxt += 1
         if not engine.has_unfinished_requests():
@@ -127,12 +130,29 @@ def run_inprocess(engine, w: Workload, concurrency: int, rate: float) -> tuple[l
             continue
         for out in engine.step():
             i = int(out.request_id.split("-")[1])
-            timings[i].chunks.append((time.perf_counter(), len(out.new_token_ids)))
+            now = time.perf_counter()
+            timings[i].chunks.append((now, len(out.new_token_ids)))
             if out.finished:
+                if len(live) >= concurrency:
+                    freed = now
                 live.discard(i)
                 done += 1
                 timings[i].error = out.error
     return timings, time.perf_counter() - t0
+
+
+def ratio_report(rows: list[dict], concurrencies: list[int], rates: list[float]) -> dict[str, dict]:
+    """gRPC over in-process output throughput, paired run by run, one entry per (rate, concurrency) point (never
+    pooled across points); a pair whose in-process run produced nothing is NaN."""
+    report = {}
+    for concurrency, rate in itertools.product(concurrencies, rates):
+        point = [r for r in rows if r["rate"] == rate and r["concurrency"] == concurrency]
+        ratios = [g["output_throughput"] / i["output_throughput"] if i["output_throughput"] else float("nan")
+                  for g, i in zip([r for r in point if r["mode"] == "grpc"],
+                                  [r for r in point if r["mode"] == "inprocess"], strict=True)]
+        key = f"grpc_over_inprocess_rate_{rate}" + (f"_concurrency_{concurrency}" if len(concurrencies) > 1 else "")
+        report[key] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "pairs": ratios}
+    return report
 
 
 def pct(values: list[float], q: float) -> float:
@@ -255,12 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             print(format_table(rows[-2 if engine is not None else -1:]), file=sys.stderr, flush=True)
     report: dict[str, object] = {"workload": "B", "num_requests": len(w.prompts), "runs": rows}
     if engine is not None:
-        for rate in rates:
-            ratios = [g["output_throughput"] / i["output_throughput"]
-                      for g, i in zip([r for r in rows if r["mode"] == "grpc" and r["rate"] == rate],
-                                      [r for r in rows if r["mode"] == "inprocess" and r["rate"] == rate], strict=True)]
-            report[f"grpc_over_inprocess_rate_{rate}"] = {"median": statistics.median(ratios), "min": min(ratios),
-                                                          "max": max(ratios), "pairs": ratios}
+        report.update(ratio_report(rows, concurrencies, rates))
     print(format_table(rows))
     for key, value in report.items():
         if key.startswith("grpc_over"):

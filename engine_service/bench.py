@@ -308,6 +308,13 @@ def time_engine(llm: Any, plan: Plan, result: Result) -> Result:
         result.runs_s.append(time.perf_counter() - start)
         result.requested_tokens = sum(max_tokens)
         result.generated_tokens = sum(len(o["token_ids"]) for o in outs)
+        wrong = sum(len(o["token_ids"]) != n for o, n in zip(outs, max_tokens, strict=True))
+        result.info["requests_with_wrong_length"] = wrong
+        if wrong:  # e.g. max_model_len cut them short: crediting the requested tokens would inflate tok/s
+            result.error = (f"{wrong} requests generated fewer tokens than requested ({result.generated_tokens} of "
+                            f"{result.requested_tokens}); raise --max-model-len or lower --max-output-len")
+            result.runs_s.clear()
+            return result
     return result
 
 

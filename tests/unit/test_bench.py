@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 import time
 
@@ -218,3 +219,76 @@ def test_continuous_batching_bound_divides_by_the_time_the_timed_batch_had(tiny_
     timed = result.info["timed_seconds"]
     assert 0 < timed <= 29.0
     assert result.info["tok_s_upper_bound"] == pytest.approx(7 / timed)
+
+
+def test_engine_cut_short_by_max_model_len_is_an_error_not_a_figure(tiny_model_dir):
+    """tok/s divided the requested tokens by the time: with max_model_len cutting requests short, the engine was
+    credited with tokens it never generated (51% too fast in an audit's run)."""
+    plan = bench.Plan(warmup=([[1, 2, 3]], [2]), batches=[([[4, 5, 6, 7, 8], [6]], [40, 4])],
+                      model_dir=tiny_model_dir, device="cpu", dtype="float32")
+    result = bench.run_engine(plan, {"enforce_eager": True, "max_model_len": 16})
+    assert result.tok_s is None and result.info["requests_with_wrong_length"] == 1
+    assert f"({result.generated_tokens} of {result.requested_tokens})" in result.error
+
+
+class _SteppingEngine:
+    """Each step takes `step_s` and gives every live request one token."""
+
+    def __init__(self, step_s: float) -> None:
+        self.step_s, self.live = step_s, {}
+
+    def add_request(self, rid, prompt, params):
+        self.live[rid] = params.max_tokens
+
+    def has_unfinished_requests(self):
+        return bool(self.live)
+
+    def step(self):
+        import types
+
+        time.sleep(self.step_s)
+        outs = []
+        for rid in list(self.live):
+            self.live[rid] -= 1
+            if not self.live[rid]:
+                del self.live[rid]
+            outs.append(types.SimpleNamespace(request_id=rid, new_token_ids=[1], finished=rid not in self.live,
+                                              error=None))
+        return outs
+
+
+def test_inprocess_clocks_start_at_arrival_as_the_grpc_client_does(monkeypatch):
+    """A request due while a step ran was clocked from when the loop admitted it, after that step: its TTFT left out
+    the wait the gRPC path counts (p50 100 ms against 123 ms measured from arrival, in an audit's run)."""
+    from clients import serving_bench as sb
+
+    starts: list[float] = []
+    real = time.perf_counter
+
+    def clock() -> float:
+        now = real()
+        starts or starts.append(now)
+        return now
+
+    monkeypatch.setattr(sb.time, "perf_counter", clock)
+    n, rate = 8, 20.0
+    timings, _ = sb.run_inprocess(_SteppingEngine(0.1), sb.Workload([[1, 2, 3]] * n, [3] * n), 10**6, rate)
+    t0 = starts[0]
+    for timing, due in zip(timings, sb.arrivals(n, rate), strict=True):
+        assert timing.start == pytest.approx(t0 + due)
+
+
+def test_grpc_over_inprocess_ratios_are_kept_per_concurrency():
+    """The ratio's median pooled every concurrency at a rate into one figure that matched no setting; an in-process
+    run that produced nothing made the report divide by zero and write nothing."""
+    from clients import serving_bench as sb
+
+    throughput = {("grpc", 1): 50.0, ("inprocess", 1): 100.0, ("grpc", 64): 100.0, ("inprocess", 64): 100.0}
+    rows = [{"mode": m, "rate": float("inf"), "concurrency": c, "output_throughput": throughput[(m, c)]}
+            for _ in range(3) for c in (1, 64) for m in ("grpc", "inprocess")]
+    report = sb.ratio_report(rows, [1, 64], [float("inf")])
+    assert report["grpc_over_inprocess_rate_inf_concurrency_1"]["median"] == 0.5
+    assert report["grpc_over_inprocess_rate_inf_concurrency_64"]["median"] == 1.0
+    rows[1]["output_throughput"] = 0.0  # a failed in-process run
+    pairs = sb.ratio_report(rows, [1, 64], [float("inf")])["grpc_over_inprocess_rate_inf_concurrency_1"]["pairs"]
+    assert math.isnan(pairs[0]) and pairs[1:] == [0.5, 0.5]
