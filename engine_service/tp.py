@@ -222,6 +222,7 @@ class WorkerGroup:
         conns, procs = list(self.conns), list(self.procs)
         if len(conns) != len(procs):
             return None  # closing
+        found: list[tuple[int, int, str]] = []  # (preference, rank, reason)
         for rank, (conn, proc) in enumerate(zip(conns, procs, strict=True), start=1):
             try:
                 sent = conn.poll()  # a worker writes only to say it failed; EOF: it is gone
@@ -238,6 +239,7 @@ class WorkerGroup:
                     pass
             reason = ("failed" if code is None else f"exited with code {code}" if code >= 0
                       else f"was killed by signal {-code}")
+            message = None
             if sent:
                 try:
                     message = conn.recv()
@@ -245,9 +247,16 @@ class WorkerGroup:
                         reason = f"failed: {message[1]}"
                 except (EOFError, OSError):
                     pass
-            self._dead_reason = f"tensor-parallel worker rank {rank} {reason}"
-            return self._dead_reason
-        return None
+            # A worker whose own collective broke because a peer died ("Connection closed by peer") is a
+            # consequence; a worker that died without a word (a signal, an exit) or failed on its own is the cause.
+            secondary = message is not None and "peer" in str(message[1]).lower()
+            found.append((1 if secondary else 0, rank, f"tensor-parallel worker rank {rank} {reason}"))
+            if secondary:
+                grace = max(grace, 1.0)  # the peer it lost is on its way out, or gone
+        if not found:
+            return None
+        self._dead_reason = min(found)[2]
+        return self._dead_reason
 
     def send_step(self, inputs) -> None:
         for conn in self.conns:

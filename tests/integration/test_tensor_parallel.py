@@ -318,3 +318,41 @@ def test_overlapping_tp_engines_give_the_process_its_threads_back():
         assert torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_worker_that_died_is_named_not_a_peer_that_lost_it():
+    """With three or more ranks, a worker killed mid-step makes every other worker's collective fail with gloo's
+    "Connection closed by peer"; the first rank in order was named as the cause (rank 1, alive and well, for a
+    kill of rank 2). A worker that died without a word, or failed on its own, is named before those."""
+    from engine_service.tp import WorkerGroup
+
+    class Conn:
+        def __init__(self, message=None):
+            self.message = message
+
+        def poll(self):
+            return self.message is not None
+
+        def recv(self):
+            return self.message
+
+    class Proc:
+        def __init__(self, exitcode):
+            self.exitcode = exitcode
+
+        def join(self, timeout=None):
+            pass
+
+    lost = ("failed", "RuntimeError: [gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1")
+    group = WorkerGroup.__new__(WorkerGroup)
+    group._dead_reason = None
+    group.conns = [Conn(lost), Conn(), Conn(lost)]
+    group.procs = [Proc(1), Proc(-9), Proc(1)]
+    assert group.dead_worker() == "tensor-parallel worker rank 2 was killed by signal 9"
+    group._dead_reason = None  # a worker failing on its own comes before the peers that lost it too
+    group.conns = [Conn(lost), Conn(("failed", "OutOfMemoryError: out of memory")), Conn(lost)]
+    group.procs = [Proc(1), Proc(1), Proc(1)]
+    assert group.dead_worker() == "tensor-parallel worker rank 2 failed: OutOfMemoryError: out of memory"
+    group._dead_reason = None  # peers' losses alone: the first of them, as before
+    group.conns, group.procs = [Conn(lost), Conn()], [Proc(1), Proc(None)]
+    assert group.dead_worker().startswith("tensor-parallel worker rank 1 failed: RuntimeError")
