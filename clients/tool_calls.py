@@ -68,18 +68,13 @@ def parse_tool_calls(text: str, fmt: str = "auto") -> tuple[str, list[dict]]:
     cut = _thinking_end(text)
     head, body = (text[: cut + len(THINK_END)], text[cut + len(THINK_END):]) if cut >= 0 else ("", text)
     if fmt == "auto":
-        fmt = ("hermes" if OPEN in body else "mistral" if MISTRAL_CALLS in body
-               else "llama3_json" if _llama3_calls(body) is not None else "")
-    if fmt == "llama3_json":
-        calls = _llama3_calls(body)
-        if calls is None:
-            return text.strip(), []
-        return head.strip(), calls
+        fmt = "hermes" if OPEN in body else "mistral" if MISTRAL_CALLS in body else "llama3_json"
+    if fmt == "hermes":
+        return _hermes(head, body)
     if fmt == "mistral":
         return _mistral(head, body)
-    if fmt != "hermes":
-        return text.strip(), []
-    return _hermes(text)
+    calls = _llama3_calls(body)  # None: the text is not Llama 3's calls, so it has none
+    return (text.strip(), []) if calls is None else (head.strip(), calls)
 
 
 def _call(value: object, i: int, where: str, arguments_key: str = "arguments") -> dict:
@@ -159,9 +154,8 @@ def _mistral(head: str, body: str) -> tuple[str, list[dict]]:
     return content.strip(), calls
 
 
-def _hermes(text: str) -> tuple[str, list[dict]]:
-    cut = _thinking_end(text)
-    head, body = (text[: cut + len(THINK_END)], text[cut + len(THINK_END):]) if cut >= 0 else ("", text)
+def _hermes(head: str, body: str) -> tuple[str, list[dict]]:
+    """Hermes blocks in the body (the text after any thinking, which is kept as it is in head)."""
     calls, kept, pos = [], [head], 0
     while (start := body.find(OPEN, pos)) >= 0:
         kept.append(body[pos:start])

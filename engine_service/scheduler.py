@@ -119,7 +119,7 @@ class Scheduler:
             k += 1
         staying = victims[:len(victims) - k]
         # The victims that stay decode first in schedule(): their tokens come out of the arrival's budget too.
-        if not k or budget - sum(1 for seq in staying if len(seq.token_ids) - seq.num_computed_tokens == 1) <= 0:
+        if not k or budget - sum(seq.is_decoding for seq in staying) <= 0:
             return
         for seq in reversed(victims[len(victims) - k:]):
             self._preempt(seq)

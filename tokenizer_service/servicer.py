@@ -26,9 +26,9 @@ from tokenizer_service.metrics import (
 )
 from tokenizer_service.text_stream import TextStream
 from tokenizer_service.validation import (
-    MAX_N,
     PreparedRequest,
     TextLimits,
+    completions_of,
     prepare,
     tokenize_input,
     validate_detokenize_ids,
@@ -142,10 +142,10 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "the tokenizer service is draining; retry elsewhere")
         # Each of a request's n completions takes a place once it is sent. n is checked here, before the places it
         # asks for are: an n out of range is INVALID_ARGUMENT whatever the load (prepare() checks it again).
-        places = request.n if request.HasField("n") else 1
-        if not 1 <= places <= MAX_N:
-            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"n: the number of completions must be 1 to {MAX_N}, got {places}")
+        try:
+            places = completions_of(request)
+        except ValueError as exc:
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if places > self.max_inflight:  # it would never be admitted: not a matter of retrying later
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"n: {places} completions take {places} places, more than this service's max_inflight "

@@ -153,34 +153,16 @@ def _template_kwargs(r: TextRequest) -> dict:
     return r.normalised["template_kwargs"]
 
 
-def _template_kwargs_well_formed(r: TextRequest, _: TextLimits) -> str | None:
-    if not r.template_kwargs:
+def _well_formed(normalise: Callable[[TextRequest], object]) -> Check:
+    """A rule that holds when normalise(r) raises no ValueError; the error says what was wrong."""
+    def check(r: TextRequest, _: TextLimits) -> str | None:
+        try:
+            normalise(r)
+        except ValueError as e:
+            return str(e)
         return None
-    try:
-        _template_kwargs(r)
-    except ValueError as e:
-        return str(e)
-    return None
 
-
-def _messages_well_formed(r: TextRequest, _: TextLimits) -> str | None:
-    if r.messages is None:
-        return None
-    try:
-        _messages(r)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-def _tools_well_formed(r: TextRequest, _: TextLimits) -> str | None:
-    if not r.tools:
-        return None
-    try:
-        _tools(r)
-    except ValueError as e:
-        return str(e)
-    return None
+    return check
 
 
 def _chat_texts(r: TextRequest) -> list[tuple[str, str, list[str]]]:
@@ -298,10 +280,10 @@ RULES: tuple[Rule, ...] = (
     Rule("request", "messages", "must hold at most {max_messages} messages (max_messages)", _messages_count),
     Rule("request", "messages", "must be a non-empty list of {{role, content}} with a valid role and text content "
          "(and assistant messages' tool_calls, each a name and a JSON object of arguments, at most "
-         f"{MAX_TOOL_CALLS} in a chat)", _messages_well_formed),
-    Rule("request", "tools", f"must be a list of at most {MAX_TOOLS} JSON objects", _tools_well_formed),
+         f"{MAX_TOOL_CALLS} in a chat)", _well_formed(lambda r: r.messages is None or _messages(r))),
+    Rule("request", "tools", f"must be a list of at most {MAX_TOOLS} JSON objects", _well_formed(_tools)),
     Rule("request", "template_kwargs", f"must be a JSON object of at most {MAX_TEMPLATE_KWARGS} template variables, "
-         "none of those the service sets", _template_kwargs_well_formed),
+         "none of those the service sets", _well_formed(_template_kwargs)),
     Rule("request", "messages", "contents, tool calls, tools and template_kwargs must total at most "
          "{max_prompt_bytes} bytes of UTF-8 (max_prompt_bytes)", _messages_bytes),
     Rule("request", "messages", "contents, tool calls, tools and template_kwargs must not hold a special token's "
@@ -479,6 +461,14 @@ def check_stop_strings(stop: Sequence[str], limits: TextLimits | None = None) ->
     return tuple(stop)
 
 
+def completions_of(request: pb.GenerateRequest) -> int:
+    """The request's n (unset: 1), or a ValueError when it is out of range."""
+    choices = request.n if request.HasField("n") else 1
+    if not 1 <= choices <= MAX_N:
+        raise ValueError(f"n: the number of completions must be 1 to {MAX_N}, got {choices}")
+    return choices
+
+
 def prepare(
     request: pb.GenerateRequest,
     tokenizer: Any,
@@ -489,9 +479,7 @@ def prepare(
     """Validate a GenerateRequest and build the engine request for it."""
     limits = replace(limits or TextLimits(), max_model_len=max_model_len or None)
     text_request = text_request_from_proto(request)
-    choices = request.n if request.HasField("n") else 1  # checked before a prompt is tokenized for nothing
-    if not 1 <= choices <= MAX_N:
-        raise ValueError(f"n: the number of completions must be 1 to {MAX_N}, got {choices}")
+    choices = completions_of(request)  # checked before a prompt is tokenized for nothing
     if request.WhichOneof("input") == "prompt_token_ids":
         # Already tokenized: the text-option rules, then the id rules under the field's own name.
         _run("request", text_request, limits, only={"stop", "skip_special_tokens", "include_stop_str_in_output"})

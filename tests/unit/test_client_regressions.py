@@ -126,21 +126,27 @@ def test_add_special_tokens_is_sent_only_when_given():
     assert _tokenize_request("x", None, False, None).HasField("add_special_tokens")
 
 
+def _server_with_template(demo_model_dir, tmp_path, template: str) -> TextServer:
+    """A tokenizer service over a copy of the demo model whose chat template is `template`; no engine (Tokenize
+    needs none)."""
+    import shutil
+
+    model = tmp_path / "templated-model"
+    shutil.copytree(demo_model_dir, model)
+    (model / "chat_template.jinja").write_text(template)
+    return TextServer(model, engines="127.0.0.1:9")
+
+
 def test_enable_thinking_travels_from_the_client_to_the_chat_template(demo_model_dir, tmp_path, service):
     """chat.enable_thinking: set through the client, rendered by a template with Qwen3's switch, refused by
     one without it (the demo model's), and refused for a plain prompt by the client library."""
-    import shutil
-
     from tests.unit.test_chat import THINKING_TEMPLATE
 
     with pytest.raises(ValueError, match="chat messages only"):
         generate_request("a prompt", enable_thinking=False)
     assert generate_request(messages=[{"role": "user", "content": "Hi"}], enable_thinking=False).chat.enable_thinking \
         is False
-    model = tmp_path / "thinking-model"
-    shutil.copytree(demo_model_dir, model)
-    (model / "chat_template.jinja").write_text(THINKING_TEMPLATE)
-    server = TextServer(model, engines="127.0.0.1:9")  # Tokenize needs no engine
+    server = _server_with_template(demo_model_dir, tmp_path, THINKING_TEMPLATE)
     messages = [{"role": "user", "content": "Hi"}]
     try:
         with TextClient(server.target, timeout=30) as client:
@@ -569,14 +575,9 @@ def test_a_long_request_id_travels_in_the_request_not_the_metadata(service):
 def test_template_kwargs_travel_from_the_client_to_the_chat_template(demo_model_dir, tmp_path, service):
     """chat.template_kwargs: through TextClient.tokenize and chat, rendered by a template that reads them, refused
     (INVALID_ARGUMENT, naming the variable) by one that does not."""
-    import shutil
-
     from tests.unit.test_chat import DATED_TEMPLATE
 
-    model = tmp_path / "dated-model"
-    shutil.copytree(demo_model_dir, model)
-    (model / "chat_template.jinja").write_text(DATED_TEMPLATE)
-    server = TextServer(model, engines="127.0.0.1:9")  # Tokenize needs no engine
+    server = _server_with_template(demo_model_dir, tmp_path, DATED_TEMPLATE)
     messages = [{"role": "user", "content": "Hi"}]
     try:
         with TextClient(server.target, timeout=30) as client:

@@ -106,6 +106,23 @@ class _SlowToCancelPool:
         raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "no engine is connected")
 
 
+def _start_multi(servicer) -> tuple[asyncio.Queue, list, asyncio.Task]:
+    """A GenerateMulti call fed from a queue (None half-closes it): (the queue, the responses so far, the task
+    reading them). Call it inside the event loop."""
+    frames: asyncio.Queue[pb.MultiRequest | None] = asyncio.Queue()
+    out: list[pb.GenerateResponse] = []
+
+    async def requests():
+        while (frame := await frames.get()) is not None:
+            yield frame
+
+    async def consume() -> None:
+        async for response in servicer.GenerateMulti(requests(), types.SimpleNamespace(invocation_metadata=lambda: ())):
+            out.append(response)
+
+    return frames, out, asyncio.create_task(consume())
+
+
 def test_multi_id_reused_right_after_an_abort_gets_its_own_answer(demo_tokenizer):
     """The aborted task's cleanup ran after the new task with the same id was registered, and dropped it from
     the call's table: the call ended without the new request's answer (and a later abort could not reach it)."""
@@ -116,85 +133,28 @@ def test_multi_id_reused_right_after_an_abort_gets_its_own_answer(demo_tokenizer
 
     async def main() -> list[tuple[str, str]]:
         servicer = TextServicer(demo_tokenizer, _SlowToCancelPool(), "demo", len(demo_tokenizer), {0}, {}, 100)
-        frames: asyncio.Queue[pb.MultiRequest | None] = asyncio.Queue()
-
-        async def requests():
-            while (frame := await frames.get()) is not None:
-                yield frame
-
-        context = types.SimpleNamespace(invocation_metadata=lambda: ())
-        out: list[tuple[str, str]] = []
-
-        async def consume() -> None:
-            async for response in servicer.GenerateMulti(requests(), context):
-                out.append((response.request_id, pb.FinishReason.Name(response.finish_reason)))
-
-        consumer = asyncio.create_task(consume())
+        frames, out, consumer = _start_multi(servicer)
         await frames.put(generate("a"))
         await asyncio.sleep(0.05)  # "a" waits for an engine
         for frame in (pb.MultiRequest(abort_request_id="a"), generate("a"), None):  # None: the client half-closes
             await frames.put(frame)
         await asyncio.wait_for(consumer, 10)
-        return out
+        return [(r.request_id, pb.FinishReason.Name(r.finish_reason)) for r in out]
 
     assert asyncio.run(main()) == [("a", "FINISH_REASON_ABORT"), ("a", "FINISH_REASON_ERROR")]
-
-
-class _TickingPool:
-    """An engine pool whose every request streams one token per 10 ms up to its max_tokens (then LENGTH)."""
-
-    max_model_len = 1000
-
-    async def submit(self, request, timeout_s, avoid=None, prefer=None):
-        budget = request.sampling_params.max_tokens
-
-        class Conn:
-            address = "ticking:1"
-
-        class Handle:
-            conn = Conn()
-
-            async def _updates(self):
-                for i in range(1, budget + 1):
-                    await asyncio.sleep(0.01)
-                    yield engine_pb.RequestUpdate(new_token_ids=[7], finish_reason=(
-                        engine_pb.FINISH_REASON_LENGTH if i == budget else engine_pb.FINISH_REASON_UNSPECIFIED))
-
-            def __aiter__(self):
-                return self._updates()
-
-            def close(self, stopped=False):
-                pass
-
-        return Handle()
 
 
 def test_an_aborted_n_request_frees_its_places_for_the_next_on_the_stream(demo_tokenizer):
     """An n = 3 request's places came back only once its three completions' tasks had unwound, a few loop turns
     after the abort: a "regenerate" (abort, then a new request in the same burst) on a service with max_inflight 3
     was refused as full. A request of one completion always had its place back in time."""
-    from tokenizer_service.servicer import TextServicer
-
     def generate(rid: str, max_tokens: int) -> pb.MultiRequest:
         return pb.MultiRequest(generate=pb.GenerateRequest(
             request_id=rid, prompt="hi", n=3, sampling_params=pb.SamplingParams(max_tokens=max_tokens)))
 
     async def main() -> tuple[list[tuple[str, str, str]], int]:
-        servicer = TextServicer(demo_tokenizer, _TickingPool(), "demo", len(demo_tokenizer), {0}, {}, 3)
-        frames: asyncio.Queue[pb.MultiRequest | None] = asyncio.Queue()
-
-        async def requests():
-            while (frame := await frames.get()) is not None:
-                yield frame
-
-        context = types.SimpleNamespace(invocation_metadata=lambda: ())
-        out: list[pb.GenerateResponse] = []
-
-        async def consume() -> None:
-            async for response in servicer.GenerateMulti(requests(), context):
-                out.append(response)
-
-        consumer = asyncio.create_task(consume())
+        servicer = _servicer(demo_tokenizer, _ScriptedEngines(), max_inflight=3)  # a token every 10 ms
+        frames, out, consumer = _start_multi(servicer)
         await frames.put(generate("a", 100_000))
         while not any(r.token_ids for r in out):
             await asyncio.sleep(0.01)
