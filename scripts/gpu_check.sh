@@ -20,7 +20,8 @@
 # they are written to ./gpu_check_out. With $OUT (the device tool, which brings back at most 8 files) they are
 # written to a work folder, and after each stage $OUT gets all of them as gpu_check.tgz plus the few that matter
 # most loose (status.tsv, env.json, graphs.json, summary.txt, performance.md): a run cut short still returns
-# what it did. Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 300), GPU_CHECK_CACHE (where
+# what it did. When g measures no workload A on the engine, d and e are skipped (fail fast; GPU_CHECK_KEEP_GOING=1
+# runs them anyway). Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 300), GPU_CHECK_CACHE (where
 # the 1.2 GB preset is built; keep it outside $OUT), GPU_CHECK_PUBLISH_S (default 15: how often $OUT is refreshed
 # while g, d and e run).
 set -u
@@ -158,6 +159,19 @@ if wanted g; then
   NOCAP=1 run_part g "$(limit_for 100 150)" "$PY" scripts/gpu_check.py graphs --out "$OUT_DIR" --cache-dir "$CACHE"
   grep -E '^\((c|d)\) ' "$OUT_DIR/g.log" | head -n 12 | sed 's/^/  g| /'  # the headline, in case the run is cut
   publish
+fi
+# Fail fast: when g measured no workload A on the engine (it could not start, say), the peers' figures have
+# nothing to stand beside, and the device time they take is better spent on a rerun after a fix.
+# GPU_CHECK_KEEP_GOING=1 runs them anyway.
+if wanted g && [[ ${GPU_CHECK_KEEP_GOING:-0} != 1 ]] && ! "$PY" -c \
+  'import json, sys; sys.exit(0 if "tok_s" in json.load(open(sys.argv[1])).get("workload_A", {}) else 1)' \
+  "$OUT_DIR/graphs.json" 2>/dev/null; then
+  echo "[gpu_check] g measured no workload A on the engine: d and e skipped (GPU_CHECK_KEEP_GOING=1 runs them)"
+  for name in d e; do
+    wanted $name && printf '%s\tSKIPPED\t0\tg measured no workload A\n' "$name" >>"$STATUS"
+  done
+  PARTS=${PARTS//d/}
+  PARTS=${PARTS//e/}
 fi
 # d: transformers' static batching on workload A (119 s on BENCHMARKS.md's H200 with transformers 5.24;
 # this machine has 5.17), plus its load and warm-up request.

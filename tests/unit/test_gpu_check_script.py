@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 STUB = """#!/usr/bin/env bash
 echo "$* |tile=${LLMSERVE_DECODE_TILE:-}" >> "$STUB_LOG"
 case "$*" in
+  "-c "*) exec "$REAL_PYTHON" "$@" ;;
   *"gpu_check.py summary"*) exec "$REAL_PYTHON" "$@" ;;
   *"gpu_check.py graphs"*) args="$*"; out=${args##*--out }; out=${out%% *}
                           [ -n "${STUB_GRAPHS:-}" ] && printf '%s' "$STUB_GRAPHS" > "$out/graphs.json"
@@ -25,7 +26,10 @@ exit 0
 """
 
 
-def _run(tmp_path: Path, budget: int, g_rc: int = 0, graphs: str = "") -> tuple[int, str, list[str], Path]:
+WORKLOAD_A_MEASURED = '{"workload_A": {"tok_s": 30000.0}}'
+
+
+def _run(tmp_path: Path, budget: int, g_rc: int = 0, graphs: str = WORKLOAD_A_MEASURED) -> tuple[int, str, list[str], Path]:
     stub = tmp_path / "python"
     stub.write_text(STUB)
     stub.chmod(0o755)
@@ -155,6 +159,23 @@ def test_a_failing_part_fails_the_check_and_the_rest_still_run(tmp_path):
     status = dict(line.split("\t")[:2] for line in (out / "status.tsv").read_text().splitlines())
     assert status["g"] == "FAIL" and status["d"] == status["e"] == "PASS"
     _assert_summary_last(calls)
+
+
+def test_no_workload_a_from_the_engine_skips_the_peers(tmp_path):
+    """Fail fast: when part g measured no workload A (the engine did not start, say), transformers' runs have
+    nothing to stand beside and would spend some four minutes of a 15-minute device lease; they are skipped and
+    the check fails. GPU_CHECK_KEEP_GOING=1 runs them anyway."""
+    for graphs in ('{"workload_A": {"error": "RuntimeError: no"}}', ""):
+        (tmp_path / "x").mkdir()
+        rc, output, calls, out = _run(tmp_path / "x", budget=300, g_rc=1, graphs=graphs)
+        assert rc == 1, output
+        assert not any("--peers" in c for c in calls), calls
+        status = dict(line.split("\t")[:2] for line in (out / "status.tsv").read_text().splitlines())
+        assert status["g"] == "FAIL" and status["d"] == status["e"] == "SKIPPED", status
+        assert "d and e skipped" in output
+        import shutil
+
+        shutil.rmtree(tmp_path / "x")
 
 
 def test_workload_a_under_the_target_fails_the_check(tmp_path):
