@@ -329,7 +329,7 @@ def run_hf_static(plan: Plan) -> Result:
     try:
         bench_peers.hf_static_once(model, *plan.warmup, TEMPERATURE)
         for prompts, max_tokens in plan.batches:
-            run = bench_peers.hf_static_once(model, prompts, max_tokens, TEMPERATURE)
+            run = bench_peers.hf_static_once(model, prompts, max_tokens, TEMPERATURE, progress=True)
             result.runs_s.append(run.seconds)
             result.requested_tokens, result.generated_tokens = run.requested_tokens, run.generated_tokens
             result.info.update(run.info)

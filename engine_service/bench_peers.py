@@ -96,9 +96,29 @@ def pad_left(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tens
     return input_ids.to(device), mask.to(device)
 
 
+class _Progress:
+    """A logits processor that changes nothing and prints how far generate() has got every `every` tokens
+    ("  transformers static: token 256 of 1024 after 41.2 s"), so that a run stopped by a time limit still says
+    how fast it went. It runs on the host between steps, which generate() already synchronises."""
+
+    def __init__(self, total: int, start: float, every: int = 128):
+        self.total, self.start, self.every, self.done = total, start, every, 0
+
+    def __call__(self, input_ids, scores):
+        self.done += 1
+        if self.done % self.every == 0 and self.done < self.total:
+            print(f"  transformers static: token {self.done} of {self.total} after "
+                  f"{time.perf_counter() - self.start:.1f} s", flush=True)
+        return scores
+
+
 @torch.inference_mode()
-def hf_static_once(model, prompts: list[list[int]], max_tokens: list[int], temperature: float) -> PeerRun:
-    """One `generate` over a single left-padded batch of every request, each row run to the longest max_tokens."""
+def hf_static_once(model, prompts: list[list[int]], max_tokens: list[int], temperature: float,
+                   progress: bool = False) -> PeerRun:
+    """One `generate` over a single left-padded batch of every request, each row run to the longest max_tokens.
+    progress: print how far it has got every 128 tokens (_Progress)."""
+    from transformers import LogitsProcessorList
+
     device = model.device
     longest = max(max_tokens)
     config = _generation_config(temperature, longest)
@@ -107,7 +127,9 @@ def hf_static_once(model, prompts: list[list[int]], max_tokens: list[int], tempe
     input_ids, mask = pad_left(prompts, device)
     _sync(device)
     start = time.perf_counter()
-    out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+    processors = LogitsProcessorList([_Progress(longest, start)] if progress else [])
+    out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
+                         logits_processor=processors)
     _sync(device)
     seconds = time.perf_counter() - start
     new_tokens = out.shape[1] - input_ids.shape[1]

@@ -8,8 +8,9 @@ How it works (the same plan as vLLM's and nano-vLLM's decode graphs, written for
   first, all graphs sharing ONE memory pool: graphs replay one at a time, so a smaller graph reuses the
   largest one's activation memory.
 - A graph reads its inputs from static buffers of max_bs lanes (input ids, positions, slot mapping,
-  context lengths, block tables of width ceil(max_model_len / block_size)) and writes the final hidden
-  states into a static [max_bs, hidden] buffer. cu_seqlens_q is arange: one query row per lane.
+  context lengths, the lanes longest first for attention's dispatch, block tables of width
+  ceil(max_model_len / block_size)) and writes the final hidden states into a static [max_bs, hidden]
+  buffer. cu_seqlens_q is arange: one query row per lane.
 - A step of n sequences replays the smallest captured size >= n. Lanes n.. are padding: slot -1 (the
   KV store writes nothing) and context length 0 (attention writes zeros, never NaN). Only the real rows
   go on to the LM head and the sampler, which stay outside the graph.
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine_service.attention.base import AttentionMetadata
+from engine_service.attention.base import AttentionMetadata, longest_first
 from engine_service.host_copy import on_device
 from engine_service.model.decoder import kv_heads_per_rank
 
@@ -89,16 +90,19 @@ def pack_decode_inputs(
 ) -> tuple[list[int], int]:
     """One flat int list for one host->device copy of a decode step padded to `size` lanes.
 
-    Layout: [ids | positions | slots | context lens], `size` entries each, lanes n.. padded with token 0,
-    position 0, slot -1 and context 0; then the n real block tables, each padded to w = the longest
-    table (w >= 1), row after row. Returns (flat, w). Padding lanes' table rows are not sent: with
-    context 0 no kernel reads them.
+    Layout: [ids | positions | slots | context lens | order], `size` entries each, lanes n.. padded with
+    token 0, position 0, slot -1 and context 0, and the order the real lanes longest first (longest_first),
+    then the padding lanes; then the n real block tables, each padded to w = the longest table (w >= 1),
+    row after row. Returns (flat, w). Padding lanes' table rows are not sent: with context 0 no kernel
+    reads them.
     """
     n = len(ids)
     pad = size - n
     width = max(1, max(map(len, tables)))
     zeros = [0] * max(pad, width)
     flat = ids + zeros[:pad] + positions + zeros[:pad] + slots + [-1] * pad + ctx_lens + zeros[:pad]
+    flat += longest_first(ctx_lens)
+    flat += range(n, size)
     for t in tables:
         flat += t
         flat += zeros[: width - len(t)]
@@ -154,12 +158,13 @@ class DecodeGraphRunner:
         self.positions = torch.zeros(max_bs, dtype=torch.long, device=dev)  # [max_bs]
         self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.long, device=dev)  # [max_bs]
         self.context_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)  # [max_bs]
+        self.seq_order = torch.arange(max_bs, dtype=torch.int32, device=dev)  # [max_bs]: a permutation of lanes
         self.block_tables = torch.zeros(max_bs, self.width, dtype=torch.int32, device=dev)  # [max_bs, W]
         self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)  # never changes
         hidden_size = runner.model_cfg.hidden_size
         self.hidden = torch.zeros(max_bs, hidden_size, dtype=runner.dtype, device=dev)  # graph output
         # Staging for pack_decode_inputs: pinned on CUDA, so the copy is a true asynchronous DMA.
-        cap = 4 * max_bs + max_bs * self.width
+        cap = 5 * max_bs + max_bs * self.width
         # Two host buffers, used in turn: with overlap scheduling the host fills one for the next step while
         # the device may still be copying the other. Each has an event recorded after its copy; a buffer is
         # refilled only once its event has passed (so far it always has: the step two launches back has been
@@ -200,6 +205,7 @@ class DecodeGraphRunner:
             max_context_len=self.max_model_len,
             block_size=self.block_size,
             has_padding=True,
+            seq_order=self.seq_order[:size],
             q_lens=[1] * size,
             ctx_lens=[self.max_model_len] * size,
             cache={"num_kv_splits": self.num_kv_splits[size]},
@@ -283,8 +289,9 @@ class DecodeGraphRunner:
         self.positions[:s].copy_(buf[s : 2 * s])
         self.slot_mapping[:s].copy_(buf[2 * s : 3 * s])
         self.context_lens[:s].copy_(buf[3 * s : 4 * s])
+        self.seq_order[:s].copy_(buf[4 * s : 5 * s])
         # Entries past a table's end stay stale: a kernel reads only ceil(context / block_size) of them.
-        self.block_tables[:n, :width].copy_(buf[4 * s :].view(n, width))
+        self.block_tables[:n, :width].copy_(buf[5 * s :].view(n, width))
 
     # ---- the self-check ----------------------------------------------------------------------------
     @torch.inference_mode()

@@ -21,6 +21,7 @@ from engine_service.attention import (
     AttentionMetadata,
     check_triton_usable,
     compiled_triton,
+    longest_first,
     make_backend,
     resolve_backend_name,
     triton_interpreted,
@@ -199,8 +200,8 @@ class ModelRunner:
 
     def _tune_decode_attention(self) -> None:
         """Pick the Triton decode tile for this model on this device by timing the candidates on a full
-        decode batch (max_num_seqs sequences of up to 1,024 keys) over the real KV cache, before any graph
-        is captured. Start-up logs the timings."""
+        decode batch (max_num_seqs sequences of 1,024 keys on average, spread from 128 to 1,920, launched
+        longest first) over the real KV cache, before any graph is captured. Start-up logs the timings."""
         from engine_service.attention.triton_kernels import tune_decode_tile
 
         start = time.perf_counter()
@@ -232,7 +233,7 @@ class ModelRunner:
         else:
             log.info(
                 "decode attention tile (BLOCK_N, stages, warps, heads_first) %s, picked in %.1f s on %d "
-                "sequences of %d keys: %s",
+                "sequences of %d keys on average: %s",
                 picked, seconds, self.config.max_num_seqs, context, found,
             )
 
@@ -337,6 +338,10 @@ class ModelRunner:
         cu = [0]
         for n in q_lens:
             cu.append(cu[-1] + n)
+        max_q = max(q_lens)
+        order = None
+        if max_q == 1 and self.backend_name == "triton":  # decode: launch the longest sequences first
+            order = to_device(longest_first(ctx_lens), torch.int32, dev)
         return AttentionMetadata(
             slot_mapping=to_device(slots, torch.long, dev),
             cu_seqlens_q=to_device(cu, torch.int32, dev),
@@ -344,11 +349,12 @@ class ModelRunner:
             # padded with 0, which keeps gathers in range; masked anyway
             block_tables=rows_to_device(tables, max(len(t) for t in tables), torch.int32, dev),
             num_decode_seqs=num_decode_seqs,
-            max_seqlen_q=max(q_lens),
+            max_seqlen_q=max_q,
             max_context_len=max(ctx_lens),
             block_size=self.block_size,
             q_lens=list(q_lens),
             ctx_lens=list(ctx_lens),
+            seq_order=order,
         )
 
     @staticmethod

@@ -234,6 +234,19 @@ def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
     save()
     print(f"kernels in workload A's decode steps {skip + 2}-{skip + 1 + active}:\n"
           + (kernels["error"] if "error" in kernels else step_profile.format_kernels(kernels)))
+    # The same for its prefill: steps 2 to 11 (chunks of up to max_num_batched_tokens prompt tokens, with the
+    # decode rows of the requests already started), salted apart, outputs capped.
+    active = 3 if cpu_dry_run else 10
+    try:
+        prefill = step_profile.kernel_breakdown(
+            llm, bench.salted(prompts_a, 11, vocab), bench.engine_params([min(n, 16) for n in max_tokens_a]),
+            0, active)
+    except Exception as e:
+        prefill = {"error": f"{type(e).__name__}: {e}"}
+    report["prefill_kernels"] = prefill
+    save()
+    print(f"kernels in workload A's prefill steps 2-{active + 1}:\n"
+          + (prefill["error"] if "error" in prefill else step_profile.format_kernels(prefill)))
     llm.close()
     return 0 if report["graph_check"]["ok"] and report["startup_graphs_on"] else 1
 
@@ -258,14 +271,26 @@ def _fmt(x: float | None, unit: str = "") -> str:
     return "?" if x is None else f"{x:,.0f}{unit}"
 
 
-def _hf_static_progress(log: Path) -> float | None:
-    """transformers' static batching figure as bench prints it when the run ends ("  transformers static:
-    119.30 s, 1,123 tok/s"), for a part d stopped before it wrote its JSON."""
+def _hf_static_progress(log: Path) -> tuple[float | None, str]:
+    """transformers' static batching from part d's log, for a part d stopped before it wrote its JSON: (tok/s,
+    "") from the line bench prints when the run ends ("  transformers static: 119.30 s, 1,123 tok/s"); else, from
+    its last progress line ("  transformers static: token 768 of 1024 after 160.2 s"), an upper bound and how it
+    was found. Generating the rest takes at least as long a token as the tokens so far did (each reads a longer
+    cache), so the run needs at least seconds x total / done: the requested tokens over that is a bound."""
     try:
-        m = re.search(r"^  transformers static: [\d.]+ s, ([\d,]+) tok/s", log.read_text(errors="replace"), re.M)
+        text = log.read_text(errors="replace")
     except OSError:
-        return None
-    return float(m.group(1).replace(",", "")) if m else None
+        return None, ""
+    m = re.search(r"^  transformers static: [\d.]+ s, ([\d,]+) tok/s", text, re.M)
+    if m:
+        return float(m.group(1).replace(",", "")), ""
+    steps = re.findall(r"^  transformers static: token (\d+) of (\d+) after ([\d.]+) s$", text, re.M)
+    requested = re.search(r"^workload A: .*?([\d,]+) output tokens", text, re.M)
+    if not steps or not requested:
+        return None, ""
+    done, total, seconds = int(steps[-1][0]), int(steps[-1][1]), float(steps[-1][2])
+    bound = float(requested.group(1).replace(",", "")) / (seconds * total / done)
+    return bound, f"token {done} of {total} after {seconds:.0f} s"
 
 
 def _picked_tile(log: Path) -> str:
@@ -275,12 +300,12 @@ def _picked_tile(log: Path) -> str:
     except OSError:
         return ""
     m = re.search(r"decode attention tile \(BLOCK_N, stages, warps, heads_first\) (\([\d, ]+\)), picked in "
-                  r"[\d.]+ s on (\d+) sequences of (\d+) keys: (.*)$", text, re.M)
+                  r"[\d.]+ s on (\d+) sequences of (\d+) keys(?: on average)?: (.*)$", text, re.M)
     if not m:
         return ""
     tile, seqs, keys, timings = m.groups()
     rate = re.search(re.escape(tile) + r": [\d,]+ us \(([\d,]+) GB/s\)", timings)
-    return f"tile {tile}" + (f" at {rate.group(1)} GB/s ({seqs} sequences x {keys} keys)" if rate else "")
+    return f"tile {tile}" + (f" at {rate.group(1)} GB/s ({seqs} sequences x {keys} keys on average)" if rate else "")
 
 
 def _pytest_result(log: Path) -> str:
@@ -310,12 +335,17 @@ def _part_results(out: Path) -> dict[str, str]:
     fused = re.findall(r"^  (?:q-norm\+rope [qk]|silu\*up|add\+rmsnorm|residual) +(ok|FAIL): ", log, re.M)
     layer_us = re.findall(r"elementwise work in a CUDA graph, batch \d+, (eager torch ops|fused kernels): "
                           r"([\d.]+) us", log)
+    # gpu_kernel_check's launch-order table: the default decode tile (its first row) in batch order and longest first.
+    order = re.search(r"^launch order: workload A's decode step (\d+).*\n.*\n +[\d,]+ +([\d.]+) us +\d+ GB/s +"
+                      r"([\d.]+) us +(\d+) GB/s +(-?[\d.]+)%", log, re.M)
     if cases or verdict:
         res["b"] = (
             f"{cases.count('ok')}/{len(cases)} attention cases within 2x torch-bf16 + 1e-3"
             + (f"; fused ops {fused.count('ok')}/{len(fused)}" if fused else "")
             + ("" if len(layer_us) < 2 else
                f" (a layer's elementwise work {layer_us[0][1]} us eager, {layer_us[1][1]} us fused)")
+            + ("" if not order else f"; decode step {order[1]} of workload A launched longest first "
+                                    f"{order[3]} us ({order[4]} GB/s), in batch order {order[2]} us")
             + ("" if not verdict else f"; overall {verdict.group(1)}")
         )
     g = _load(out / "graphs.json")
@@ -331,12 +361,14 @@ def _part_results(out: Path) -> dict[str, str]:
         )
     # (d): the engine's figure from g's process, transformers' static batching from bench in part d.
     eng = g.get("workload_A", {}).get("tok_s")
-    hf = ((_load(out / "d_bench_A.json").get("peers", {}).get("hf_static") or {}).get("tok_s")
-          or _hf_static_progress(out / "d.log"))
+    hf, cut = (_load(out / "d_bench_A.json").get("peers", {}).get("hf_static") or {}).get("tok_s"), ""
+    if not hf:
+        hf, cut = _hf_static_progress(out / "d.log")
     if eng or hf or g.get("workload_A"):
-        ratio = f" ({eng / hf:.1f}x)" if eng and hf else ""
+        ratio = f" ({'> ' if cut else ''}{eng / hf:.1f}x)" if eng and hf else ""
+        peer = f"< {_fmt(hf)} tok/s (cut short at {cut})" if cut else f"{_fmt(hf)} tok/s"
         met = "MET" if eng and eng >= TARGET_TOK_S else "NOT MET"
-        res["d"] = f"engine {_fmt(eng)} tok/s, transformers static {_fmt(hf)} tok/s{ratio}; >= 28,000: {met}"
+        res["d"] = f"engine {_fmt(eng)} tok/s, transformers static {peer}{ratio}; >= 28,000: {met}"
         if g.get("workload_A", {}).get("error"):
             res["d"] += f"; the engine's run failed: {g['workload_A']['error']}"
         tile = _picked_tile(out / "g.log")
@@ -368,18 +400,19 @@ def _part_results(out: Path) -> dict[str, str]:
             f"ITL ms, graphs/eager: batch {lo} {ms(True, lo)}/{ms(False, lo)}, "
             f"batch {hi} {ms(True, hi)}/{ms(False, hi)}; batch {hi} graphs without overlap {ms(True, hi, False)}"
         )
-    k = g.get("kernels", {})
-    if k.get("error"):
-        res["kernels"] = f"profile failed: {k['error']}"
-    elif k.get("busy_ms"):
-        groups = ", ".join(f"{name} {v['ms']:.2f}" for name, v in list(k["groups"].items())[:5])
-        res["kernels"] = (
-            f"{k['steps']} decode steps mid workload A, {k['mean_running']:.0f} running: device busy "
-            f"{k['busy_ms']:.2f} of {k['span_ms']:.2f} ms a step ({k['busy_share']:.0%}), "
-            f"{k['kernels_per_step']:.0f} kernels; ms: {groups}"
-        )
-    elif "steps" in k:
-        res["kernels"] = f"no device kernels recorded over {k['steps']} steps (is CUPTI available?)"
+    for key, what in (("kernels", "decode steps mid workload A"), ("prefill_kernels", "prefill steps of workload A")):
+        k = g.get(key, {})
+        if k.get("error"):
+            res[key] = f"profile failed: {k['error']}"
+        elif k.get("busy_ms"):
+            groups = ", ".join(f"{name} {v['ms']:.2f}" for name, v in list(k["groups"].items())[:5])
+            res[key] = (
+                f"{k['steps']} {what}, {k['mean_running']:.0f} running: device busy "
+                f"{k['busy_ms']:.2f} of {k['span_ms']:.2f} ms a step ({k['busy_share']:.0%}), "
+                f"{k['kernels_per_step']:.0f} kernels; ms: {groups}"
+            )
+        elif "steps" in k:
+            res[key] = f"no device kernels recorded over {k['steps']} steps (is CUPTI available?)"
     dec = g.get("slice64_profile", {}).get("decode")
     if dec and dec.get("gpu_ms") is not None:
         res["split"] = (
@@ -402,6 +435,7 @@ LABELS = {
     "f": "(f) decode ITL",
     "split": "    step split (64 req)",
     "kernels": "    device time by kernel",
+    "prefill_kernels": "    the same, prefill",
 }
 
 
@@ -424,8 +458,8 @@ def cmd_summary(out: Path, shown_as: str = "") -> int:
     # The engine's figures (c, d, e, f) come from one process, part "g"; the table shows them on their own
     # rows. Row d also holds part d (transformers' static batching): without the engine's figure, it shows
     # the status of part g, which should have measured it.
-    order = ["env", "preset", "a", "b", "c", "d", "e", "f", "split", "kernels"]
-    owner = {"c": "g", "f": "g", "split": "g", "kernels": "g"}
+    order = ["env", "preset", "a", "b", "c", "d", "e", "f", "split", "kernels", "prefill_kernels"]
+    owner = {"c": "g", "f": "g", "split": "g", "kernels": "g", "prefill_kernels": "g"}
     engine_a = _load(out / "graphs.json").get("workload_A", {}).get("tok_s")
     for key in order:
         st, secs = status.get(owner.get(key, key), ("-", ""))

@@ -9,7 +9,8 @@ On CUDA (default mode):
   * the sampling kernel (engine_service/sampling_kernels.py) draws the inverse-CDF token on Qwen3-sized
     bf16 logits, and its time per call against the torch path at batch 256;
   * decode timing at Qwen3-0.6B shapes (16 q heads, 8 KV heads, head_dim 128), batch 256, contexts
-    600-2000, block sizes 16 and 256, printing achieved GB/s of K/V traffic.
+    600-2000, block sizes 16 and 256, printing achieved GB/s of K/V traffic; and each decode tile on the
+    batch workload A decodes mid-run, launched in batch order and longest first (the engine's order).
   Exit status 1 if any check fails.
 
 --compile-only (no GPU needed): compile the kernels for sm_90 (H200) with triton's real NVIDIA
@@ -37,14 +38,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from engine_service.attention import triton_kernels as tk  # noqa: E402
+from engine_service.attention.base import longest_first  # noqa: E402
 from engine_service.attention.triton_ref import (  # noqa: E402
     make_paged_batch,
     ref_paged_attention,
     ref_store_kvcache,
 )
 
-# (name, q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, block_size, num_kv_splits)
+# (name, q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, block_size, num_kv_splits); names ending in
+# "longest first" launch decode in the engine's order (attention.base.longest_first).
 _QWEN = (16, 8, 128)
+_ORDERED = "longest first"
+
+
+def _order_for(name: str, ctx: list[int], dev) -> torch.Tensor | None:
+    return torch.tensor(longest_first(ctx), dtype=torch.int32, device=dev) if name.endswith(_ORDERED) else None
 
 
 def _accuracy_cases(rng: torch.Generator) -> list[tuple]:
@@ -54,10 +62,12 @@ def _accuracy_cases(rng: torch.Generator) -> list[tuple]:
     dec = ints(64, 1, 2000)
     cases = [
         ("decode b64 blk16", [1] * 64, dec, *_QWEN, 16, None),
+        (f"decode b64 {_ORDERED}", [1] * 64, dec, *_QWEN, 16, None),
         ("decode b64 blk256 split4", [1] * 64, dec, *_QWEN, 256, 4),
         ("decode b4 default split", [1] * 4, ints(4, 500, 3000), *_QWEN, 16, None),
         ("decode gqa3 hd64", [1] * 16, ints(16, 1, 900), 12, 4, 64, 32, None),
         ("decode gqa5 split3", [1] * 16, ints(16, 1, 900), 10, 2, 128, 16, 3),
+        (f"decode gqa5 split3 {_ORDERED}", [1] * 16, ints(16, 1, 900), 10, 2, 128, 16, 3),
         ("prefill no prefix", [300, 17, 1], [300, 17, 1], *_QWEN, 16, None),
         ("prefill cached prefix", [100, 64], [612, 64 + 256], *_QWEN, 256, None),
         ("chunk mid-prompt gqa3", [128, 40], [384, 1000], 24, 8, 128, 16, None),
@@ -88,7 +98,7 @@ def check_store(dev: torch.device) -> bool:
 
 def check_attention(dev: torch.device, rng: torch.Generator) -> bool:
     all_ok = True
-    print(f"{'case':28s} {'err triton':>11s} {'err torch-bf16':>15s} {'bound':>9s}  result")
+    print(f"{'case':32s} {'err triton':>11s} {'err torch-bf16':>15s} {'bound':>9s}  result")
     for name, q_lens, ctx, nh, nkv, hd, bs, splits in _accuracy_cases(rng):
         b = make_paged_batch(q_lens, ctx, nh, nkv, hd, bs, dtype=torch.bfloat16, device=dev, generator=rng)
         scale = hd ** -0.5
@@ -96,7 +106,7 @@ def check_attention(dev: torch.device, rng: torch.Generator) -> bool:
         ref = ref_paged_attention(*args, compute_dtype=torch.float32)
         base = ref_paged_attention(*args, compute_dtype=torch.bfloat16, use_sdpa=True).float()
         out = torch.full_like(b.q, float("nan"))
-        tk.paged_attention(*args, b.max_seqlen_q, out=out, num_kv_splits=splits)
+        tk.paged_attention(*args, b.max_seqlen_q, out=out, num_kv_splits=splits, seq_order=_order_for(name, ctx, dev))
         torch.cuda.synchronize()
         nan = bool(out.isnan().any())
         err = (out.float() - ref).abs().max().item()
@@ -104,32 +114,37 @@ def check_attention(dev: torch.device, rng: torch.Generator) -> bool:
         bound = 2 * err_base + 1e-3
         ok = not nan and err <= bound
         all_ok &= ok
-        print(f"{name:28s} {err:11.2e} {err_base:15.2e} {bound:9.2e}  {'ok' if ok else 'FAIL'}"
+        print(f"{name:32s} {err:11.2e} {err_base:15.2e} {bound:9.2e}  {'ok' if ok else 'FAIL'}"
               f"{' (NaN left in output)' if nan else ''}")
     return all_ok
 
 
 def check_graph(dev: torch.device, rng: torch.Generator) -> bool:
-    # Split-KV decode captured in a CUDA graph (partials allocated inside the capture) == eager.
-    b = make_paged_batch([1] * 32, torch.randint(0, 1500, (32,), generator=rng).tolist(), *_QWEN, 16,
-                         dtype=torch.bfloat16, device=dev, generator=rng)
+    # Split-KV decode captured in a CUDA graph (partials allocated inside the capture) == eager, in batch
+    # order and launched longest first (the engine's decode steps), which must also equal each other.
+    ctx = torch.randint(0, 1500, (32,), generator=rng).tolist()
+    b = make_paged_batch([1] * 32, ctx, *_QWEN, 16, dtype=torch.bfloat16, device=dev, generator=rng)
     args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, 128 ** -0.5, 1)
     eager = tk.paged_attention(*args, num_kv_splits=4)
-    out = torch.full_like(b.q, float("nan"))
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        tk.paged_attention(*args, out=out, num_kv_splits=4)  # warm-up: compile outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        tk.paged_attention(*args, out=out, num_kv_splits=4)
-    out.fill_(float("nan"))
-    g.replay()
-    torch.cuda.synchronize()
-    ok = torch.equal(out, eager)
-    print(f"CUDA graph replay of split-KV decode: {'bitwise equal to eager' if ok else 'MISMATCH'}")
-    return ok
+    all_ok = True
+    for order in (None, torch.tensor(longest_first(ctx), dtype=torch.int32, device=dev)):
+        out = torch.full_like(b.q, float("nan"))
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            tk.paged_attention(*args, out=out, num_kv_splits=4, seq_order=order)  # compile outside the capture
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            tk.paged_attention(*args, out=out, num_kv_splits=4, seq_order=order)
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        ok = torch.equal(out, eager)
+        all_ok &= ok
+        what = "in batch order" if order is None else "launched longest first"
+        print(f"CUDA graph replay of split-KV decode {what}: {'bitwise equal to eager' if ok else 'MISMATCH'}")
+    return all_ok
 
 
 def time_decode(dev: torch.device, rng: torch.Generator) -> None:
@@ -166,10 +181,40 @@ def time_decode(dev: torch.device, rng: torch.Generator) -> None:
             print(f"{tile[0]:7d} {tile[1]:6d} {tile[2]:5d} {tile[3]:8d}   failed: {type(exc).__name__}: {exc}")
             continue
         print(f"{tile[0]:7d} {tile[1]:6d} {tile[2]:5d} {tile[3]:8d} {us:9.1f} {kv_bytes / us / 1e3:8.0f}")
-    # What the engine's start-up tuner picks on the same batch.
-    picked, timings = tk.tune_decode_tile(b.k_cache, b.v_cache, nh, batch, max(ctx))
-    print(f"start-up tuner (batch {batch}, context {max(ctx)}): picks {picked}; "
-          + ", ".join(f"{t}: {'failed' if us is None else f'{us:.1f} us'}" for t, us in timings.items()))
+    # What the engine's start-up tuner picks (its own batch: 256 spread lengths averaging 1,024 keys).
+    picked, timings = tk.tune_decode_tile(b.k_cache, b.v_cache, nh, batch, 1024)
+    print("start-up tuner (batch 256, 128-1920 keys, mean 1024, longest first): picks "
+          f"{picked}; " + ", ".join(f"{t}: {'failed' if us is None else f'{us:.1f} us'}" for t, us in timings.items()))
+    del b
+    time_launch_order(dev, rng)
+
+
+def time_launch_order(dev: torch.device, rng: torch.Generator, step: int = 212) -> None:
+    """Each decode tile on the batch workload A decodes at `step` (its requests still running, in request
+    order, each with its prompt + step keys), launched in batch order and longest first (the engine's order).
+    On 2026-11-29's H200 run the engine's decode attention at step ~212 took 183 us in batch order."""
+    from engine_service import bench
+    from scripts.workload_a_model import live_contexts
+
+    nh, nkv, hd = _QWEN
+    lens = live_contexts(bench.make_workload(bench.WORKLOAD_A), step)
+    b = make_paged_batch([1] * len(lens), lens, nh, nkv, hd, 16, dtype=torch.bfloat16, device=dev, generator=rng)
+    args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, hd ** -0.5, 1)
+    out = torch.empty_like(b.q)
+    kv_bytes = sum(lens) * nkv * hd * 2 * b.k_cache.element_size()
+    order = torch.tensor(longest_first(lens), dtype=torch.int32, device=dev)
+    print(f"\nlaunch order: workload A's decode step {step}, {len(lens)} sequences of {min(lens)}-{max(lens)} keys "
+          f"(mean {sum(lens) / len(lens):.0f}), block 16, default splits")
+    print(f"{'tile':>16s} {'batch order':>20s} {'longest first':>20s} {'gain':>6s}")
+    for tile in tk.DECODE_TILES:
+        try:
+            plain = _time(lambda: tk.paged_attention(*args, out=out, tile=tile))  # noqa: B023
+            ordered = _time(lambda: tk.paged_attention(*args, out=out, tile=tile, seq_order=order))  # noqa: B023
+        except Exception as exc:
+            print(f"{','.join(map(str, tile)):>16s}   failed: {type(exc).__name__}: {exc}")
+            continue
+        print(f"{','.join(map(str, tile)):>16s} {plain:7.1f} us {kv_bytes / plain / 1e3:5.0f} GB/s "
+              f"{ordered:7.1f} us {kv_bytes / ordered / 1e3:5.0f} GB/s {100 * (plain / ordered - 1):5.1f}%")
 
 
 def check_and_time_sampling(dev: torch.device, rng: torch.Generator, timing: bool) -> bool:
@@ -378,10 +423,14 @@ def check_specialisation(target) -> bool:
         ctx[0] = max(ctx[0], 16 * blocks - 3)  # the widest table has exactly `blocks` entries
         b = make_paged_batch(q_lens, ctx, *_QWEN, 16, dtype=torch.bfloat16)
         tables = b.block_tables[:, :blocks].contiguous()  # stride(0) == blocks, as the engine packs them
-        for launch in tk._plan_paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens,
-                                               tables, 128 ** -0.5, b.max_seqlen_q, torch.empty_like(b.q), 1):
-            _, spec, _ = _bind(launch, backend)
-            found.setdefault((launch.kernel.__name__, *sorted(launch.constexprs.items())), set()).add(repr(spec))
+        # Decode steps launch longest first (the engine's order), so plan them both ways.
+        orders = [None] + ([torch.tensor(longest_first(ctx), dtype=torch.int32)] if b.max_seqlen_q == 1 else [])
+        for order in orders:
+            for launch in tk._plan_paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens,
+                                                   tables, 128 ** -0.5, b.max_seqlen_q, torch.empty_like(b.q), 1,
+                                                   seq_order=order):
+                _, spec, _ = _bind(launch, backend)
+                found.setdefault((launch.kernel.__name__, *sorted(launch.constexprs.items())), set()).add(repr(spec))
     ok = all(len(v) == 1 for v in found.values())
     for key, specs in found.items():
         if len(specs) > 1:
@@ -412,16 +461,19 @@ def compile_only() -> bool:
         ("prefill qwen3 fp32", torch.float32, [300, 20], [300, 400], *_QWEN, 16, 1),  # the GPU tests' engines
     ]
     configs = [(*c, None) for c in configs]
-    # Every decode tile the start-up tuner may pick, on Qwen3-0.6B's shapes.
-    configs += [(f"decode qwen3 tile {','.join(map(str, t))}", torch.bfloat16, [1] * 8, [700] * 8, *_QWEN, 16, 1, t)
-                for t in tk.DECODE_TILES]
-    print(f"{'config':30s} {'kernel':26s} {'shared B':>9s} {'mma':>5s} {'cp.async':>8s} {'regs/spill B':>12s} "
+    # Every decode tile the start-up tuner may pick, on Qwen3-0.6B's shapes, launched longest first as the engine's
+    # decode steps are (a label ending in _ORDERED), one split and four.
+    configs += [(f"decode qwen3 tile {','.join(map(str, t))} {_ORDERED}", torch.bfloat16, [1] * 8, [700] * 8, *_QWEN,
+                 16, 1, t) for t in tk.DECODE_TILES]
+    configs.append((f"decode qwen3 split4 {_ORDERED}", torch.bfloat16, [1] * 8, [700] * 8, *_QWEN, 16, 4, None))
+    print(f"{'config':44s} {'kernel':26s} {'shared B':>9s} {'mma':>5s} {'cp.async':>8s} {'regs/spill B':>12s} "
           f"{'s':>5s}")
     for label, dtype, q_lens, ctx, nh, nkv, hd, bs, splits, tile in configs:
         b = make_paged_batch(q_lens, ctx, nh, nkv, hd, bs, dtype=dtype, device=cpu)
         out = torch.empty_like(b.q)
         launches = tk._plan_paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens,
-                                            b.block_tables, hd ** -0.5, b.max_seqlen_q, out, splits, tile)
+                                            b.block_tables, hd ** -0.5, b.max_seqlen_q, out, splits, tile,
+                                            _order_for(label, ctx, cpu))
         for launch in launches:
             # Planned on CPU tensors, bf16 would get the interpreter's fp32 upcast; compile what CUDA runs.
             if "UPCAST" in launch.constexprs:
@@ -436,16 +488,16 @@ def compile_only() -> bool:
                 compiled = _aot_compile(launch, target)
             except Exception as e:  # report every failing variant, not just the first
                 ok = False
-                print(f"{label:30s} {launch.kernel.__name__:26s} FAILED: {type(e).__name__}: {e}")
+                print(f"{label:44s} {launch.kernel.__name__:26s} FAILED: {type(e).__name__}: {e}")
                 continue
             ptx = compiled.asm.get("ptx", "")
             if "cubin" not in compiled.asm:
                 ok = False
-                print(f"{label:30s} {launch.kernel.__name__:26s} no cubin produced")
+                print(f"{label:44s} {launch.kernel.__name__:26s} no cubin produced")
                 continue
             too_big = compiled.metadata.shared > _MAX_SHARED_SM90
             ok = ok and not too_big
-            print(f"{label:30s} {launch.kernel.__name__:26s} {compiled.metadata.shared:9d} "
+            print(f"{label:44s} {launch.kernel.__name__:26s} {compiled.metadata.shared:9d} "
                   f"{ptx.count('mma'):5d} {ptx.count('cp.async'):8d} {_ptxas_usage(ptx):>12s} {time.time() - t0:5.1f}"
                   + ("  FAILED: more shared memory than an sm_90 block may have" if too_big else ""))
     # The sampling kernel, on bf16 logits of Qwen3's vocabulary.
@@ -458,10 +510,10 @@ def compile_only() -> bool:
                         dict(BLOCK=sk.BLOCK_V), dict(num_warps=sk.NUM_WARPS))
     try:
         compiled = _aot_compile(launch, target)
-        print(f"{'sampling qwen3 vocab bf16':30s} {'_sample_kernel':26s} {compiled.metadata.shared:9d}")
+        print(f"{'sampling qwen3 vocab bf16':44s} {'_sample_kernel':26s} {compiled.metadata.shared:9d}")
     except Exception as e:
         ok = False
-        print(f"{'sampling qwen3 vocab bf16':30s} {'_sample_kernel':26s} FAILED: {type(e).__name__}: {e}")
+        print(f"{'sampling qwen3 vocab bf16':44s} {'_sample_kernel':26s} FAILED: {type(e).__name__}: {e}")
     ok &= _compile_fused_ops(target)
     print("compile-only:", "all kernels compiled for sm_90" if ok else "FAILURES")
     return ok
@@ -506,9 +558,9 @@ def _compile_fused_ops(target) -> bool:
             compiled = _aot_compile(launch, target)
         except Exception as e:
             ok = False
-            print(f"{label:30s} {launch.kernel.__name__:26s} FAILED: {type(e).__name__}: {e}")
+            print(f"{label:44s} {launch.kernel.__name__:26s} FAILED: {type(e).__name__}: {e}")
             continue
-        print(f"{label:30s} {launch.kernel.__name__:26s} {compiled.metadata.shared:9d} {'':5s} {'':8s} "
+        print(f"{label:44s} {launch.kernel.__name__:26s} {compiled.metadata.shared:9d} {'':5s} {'':8s} "
               f"{_ptxas_usage(compiled.asm.get('ptx', '')):>12s}")
     if len(launches) != 5:
         print(f"fused ops: {len(launches)} launches recorded, 5 expected")

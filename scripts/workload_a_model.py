@@ -19,13 +19,18 @@ KV_BYTES_PER_KEY_LAYER = 8 * 128 * 2 * 2  # Qwen3-0.6B: 8 KV heads x head_dim 12
 LAYERS = 28
 
 
+def live_contexts(workload: bench.Workload, step: int) -> list[int]:
+    """The context lengths decode step `step` attends over: each request still running then (max_tokens above
+    `step`), in request order, with its prompt and `step` generated tokens."""
+    return [len(p) + step for p, m in zip(workload.prompts, workload.max_tokens, strict=True) if m > step]
+
+
 def decode_steps(spec=bench.WORKLOAD_A) -> list[tuple[int, int]]:
     """(running requests, keys read per layer) for each decode step of the workload."""
     w = bench.make_workload(spec)
-    prompts = [len(p) for p in w.prompts]
     steps = []
     for k in range(1, max(w.max_tokens)):
-        live = [p + k for p, m in zip(prompts, w.max_tokens) if m > k]
+        live = live_contexts(w, k)
         steps.append((len(live), sum(live)))
     return steps
 

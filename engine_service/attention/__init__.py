@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from engine_service.attention.base import AttentionBackend, AttentionMetadata
+from engine_service.attention.base import AttentionBackend, AttentionMetadata, longest_first
 
 __all__ = [
     "AttentionBackend",
@@ -24,6 +24,7 @@ __all__ = [
     "check_interpreter_numpy",
     "check_triton_usable",
     "compiled_triton",
+    "longest_first",
     "make_backend",
     "resolve_backend_name",
     "triton_interpreted",

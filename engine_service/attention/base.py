@@ -25,6 +25,9 @@ class AttentionMetadata:
     max_context_len: int
     block_size: int
     has_padding: bool = False  # some lanes are padding (slot -1, context 0): CUDA-graph batches
+    # Decode steps on the triton backend: the sequences by context length, longest first ([B] int32), the
+    # order in which attention dispatches their programs (longest_first). Changes no result.
+    seq_order: torch.Tensor | None = None
     # Host copies, so backends can plan without reading the device.
     q_lens: list[int] = field(default_factory=list)
     ctx_lens: list[int] = field(default_factory=list)
@@ -34,6 +37,16 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return self.context_lens.shape[0]
+
+
+def longest_first(ctx_lens: list[int]) -> list[int]:
+    """Lane indices by context length, longest first (ties in lane order).
+
+    A decode attention launch runs one program per (sequence, KV head) in a few waves over the SMs. Started in
+    this order, the long sequences run in the first waves and the last wave holds the shortest, so no long one
+    runs on alone at the end: on an H200 mid workload A (216 sequences of 100-2,000 keys) the launch took 183 us
+    in batch order, 3.77 TB/s, where equal lengths reach 4.28 TB/s (docs/GPU.md)."""
+    return sorted(range(len(ctx_lens)), key=ctx_lens.__getitem__, reverse=True)
 
 
 class AttentionBackend:

@@ -43,4 +43,5 @@ class TritonAttentionBackend(AttentionBackend):
             scale,
             meta.max_seqlen_q,
             num_kv_splits=meta.cache.get("num_kv_splits"),
+            seq_order=meta.seq_order,
         )

@@ -39,7 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["store_kvcache", "paged_attention", "default_num_kv_splits", "tune_decode_tile"]
+from engine_service.attention.base import longest_first
+
+__all__ = ["store_kvcache", "paged_attention", "default_num_kv_splits", "tune_decode_tile", "spread_lengths"]
 
 _LOG2E = 1.4426950408889634
 
@@ -160,7 +162,7 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
 @triton.jit(do_not_specialize=["num_seqs", "search_iters", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    cu_q_ptr, ctx_ptr, bt_ptr,
+    cu_q_ptr, ctx_ptr, bt_ptr, order_ptr,
     scale_log2,  # softmax scale * log2(e): the softmax runs in base 2
     num_seqs, search_iters,
     stride_qt, stride_qh, stride_qd,
@@ -180,6 +182,7 @@ def _paged_attention_kernel(
     DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs (no TF32 on GPU), "tf32" (ignored) otherwise
     UPCAST: tl.constexpr,  # compute the dots in fp32: bf16 under the interpreter, whose bf16 tl.dot is wrong
     HEADS_FIRST: tl.constexpr,  # grid (kv heads, query tiles, splits) instead of (query tiles, kv heads, splits)
+    ORDERED: tl.constexpr,  # decode: tile slot i is sequence order_ptr[i]'s one query token (no search)
 ):
     if HEADS_FIRST:
         kvh = tl.program_id(0)
@@ -189,23 +192,30 @@ def _paged_attention_kernel(
         kvh = tl.program_id(1)
     split = tl.program_id(2)
 
-    # ---- which sequence owns this tile slot: the largest i with cu_q[i] // T + i <= pid_tile.
-    # Fixed iteration count (ceil(log2(num_seqs))) passed from the host: no data-dependent loop.
-    lo = pid_tile * 0
-    hi = lo + num_seqs
-    for _ in range(search_iters):
-        mid = (lo + hi) // 2
-        mid_start = tl.load(cu_q_ptr + mid) // TOKENS_PER_TILE + mid
-        right = mid_start <= pid_tile
-        lo = tl.where(right, mid, lo)
-        hi = tl.where(right, hi, mid)
-    seq = lo
-
-    q_start = tl.load(cu_q_ptr + seq)
-    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
-    tok0 = (pid_tile - (q_start // TOKENS_PER_TILE + seq)) * TOKENS_PER_TILE
+    if ORDERED:
+        # Decode (at most one query token per sequence): slot i is the order's i-th sequence, so programs are
+        # dispatched in that order (longest context first: no long sequence starts in the last wave).
+        seq = tl.load(order_ptr + pid_tile)
+        q_start = tl.load(cu_q_ptr + seq)
+        q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+        tok0 = pid_tile * 0
+    else:
+        # ---- which sequence owns this tile slot: the largest i with cu_q[i] // T + i <= pid_tile.
+        # Fixed iteration count (ceil(log2(num_seqs))) passed from the host: no data-dependent loop.
+        lo = pid_tile * 0
+        hi = lo + num_seqs
+        for _ in range(search_iters):
+            mid = (lo + hi) // 2
+            mid_start = tl.load(cu_q_ptr + mid) // TOKENS_PER_TILE + mid
+            right = mid_start <= pid_tile
+            lo = tl.where(right, mid, lo)
+            hi = tl.where(right, hi, mid)
+        seq = lo
+        q_start = tl.load(cu_q_ptr + seq)
+        q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+        tok0 = (pid_tile - (q_start // TOKENS_PER_TILE + seq)) * TOKENS_PER_TILE
     if tok0 >= q_len:
-        return  # spare slot of a ragged layout
+        return  # spare slot of a ragged layout, or a sequence with no query token
     ctx_len = tl.load(ctx_ptr + seq)
 
     # ---- query rows: row r is token tok0 + r // GQA, head kvh * GQA + r % GQA.
@@ -334,7 +344,7 @@ def _tile_key(q: torch.Tensor, k_cache: torch.Tensor) -> tuple:
 
 
 def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                          max_seqlen_q, out, num_kv_splits, tile=None) -> list[_Launch]:
+                          max_seqlen_q, out, num_kv_splits, tile=None, seq_order=None) -> list[_Launch]:
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, kd = k_cache.shape
     if kd != head_dim or v_cache.shape != k_cache.shape:
@@ -344,6 +354,12 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
     num_seqs = context_lens.shape[0]
     if cu_seqlens_q.shape[0] != num_seqs + 1 or block_tables.shape[0] != num_seqs:
         raise ValueError("cu_seqlens_q must have num_seqs + 1 entries and block_tables num_seqs rows")
+    if seq_order is not None:
+        if max_seqlen_q != 1:
+            raise ValueError(f"seq_order is for decode steps (max_seqlen_q 1), got max_seqlen_q {max_seqlen_q}")
+        if seq_order.shape != (num_seqs,):
+            raise ValueError(f"seq_order has shape {tuple(seq_order.shape)}; expected ({num_seqs},), a permutation "
+                             "of the sequences")
     if num_tokens == 0 or num_seqs == 0:
         return []
 
@@ -365,7 +381,8 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
         else:
             tile = _decode_tiles.get(_tile_key(q, k_cache), DECODE_TILES[0])
     block_n, num_stages, num_warps, heads_first = tile
-    num_tiles = num_tokens // tokens_per_tile + num_seqs
+    ordered = seq_order is not None
+    num_tiles = num_seqs if ordered else num_tokens // tokens_per_tile + num_seqs
     grid = (num_kv_heads, num_tiles, num_kv_splits) if heads_first else (num_tiles, num_kv_heads, num_kv_splits)
     if grid[1] > _MAX_GRID_Y:
         raise ValueError(f"{grid[1]} programs on the grid's second axis exceed CUDA's {_MAX_GRID_Y}")
@@ -385,14 +402,14 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
     launches = [_Launch(
         _paged_attention_kernel, grid,
         (q, k_cache, v_cache, out, part_out, part_lse,
-         cu_seqlens_q, context_lens, block_tables,
+         cu_seqlens_q, context_lens, block_tables, seq_order if ordered else context_lens,
          float(scale) * _LOG2E,
          num_seqs, (num_seqs - 1).bit_length(),  # = ceil(log2(num_seqs)) binary-search steps
          *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
          block_tables.stride(0), *part_strides),
         dict(HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, GQA=gqa, BLOCK_M=block_m,
              TOKENS_PER_TILE=tokens_per_tile, BLOCK_N=block_n, NUM_SPLITS=num_kv_splits, DOT_PREC=dot_prec,
-             UPCAST=upcast, HEADS_FIRST=bool(heads_first)),
+             UPCAST=upcast, HEADS_FIRST=bool(heads_first), ORDERED=ordered),
         dict(num_warps=num_warps, num_stages=num_stages),
     )]
     if num_kv_splits > 1:
@@ -408,7 +425,8 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
                     scale: float, max_seqlen_q: int, out: torch.Tensor | None = None,
-                    num_kv_splits: int | None = None, tile: Tile | None = None) -> torch.Tensor:
+                    num_kv_splits: int | None = None, tile: Tile | None = None,
+                    seq_order: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of flat variable-length queries over a paged KV cache.
 
     q: [num_tokens, num_heads, head_dim]; sequence i owns rows cu_seqlens_q[i]:cu_seqlens_q[i+1]
@@ -418,15 +436,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     entries may hold anything). max_seqlen_q: the longest per-sequence query length; it only sizes the
     tiles (any value gives correct results). num_kv_splits: KV-range splits per query tile (None: the
     default_num_kv_splits heuristic; fix it per captured batch size under CUDA graphs). tile: (BLOCK_N,
-    num_stages, num_warps, heads_first) instead of the tuned or default one. Returns out [num_tokens, num_heads, head_dim]
-    in q's dtype; a row with no keys (context_len 0) is zeros.
+    num_stages, num_warps, heads_first) instead of the tuned or default one. seq_order: for decode steps
+    (max_seqlen_q 1), a permutation of the sequences ([num_seqs] int32) in which their programs are dispatched;
+    longest_first(context lengths) gives each launch a short tail (a long sequence started in the last wave
+    would run on alone). It changes no result. Returns out [num_tokens, num_heads, head_dim] in q's dtype; a
+    row with no keys (context_len 0) is zeros.
     """
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape:
         raise ValueError(f"out {tuple(out.shape)} does not match q {tuple(q.shape)}")
     for launch in _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                                        max_seqlen_q, out, num_kv_splits, tile):
+                                        max_seqlen_q, out, num_kv_splits, tile, seq_order):
         launch.run()
     return out
 
@@ -460,6 +481,16 @@ def _cuda_event_timer(fn, iters: int) -> float:
     return start.elapsed_time(end) * 1e3 / iters
 
 
+def spread_lengths(batch: int, mean: int, gen: torch.Generator) -> list[int]:
+    """`batch` context lengths spread evenly from about mean/8 to 15*mean/8, in a random order. They average
+    `mean` up to rounding, unless the floor of 1 key lifts the shortest (tiny means only)."""
+    if batch == 1:
+        return [mean]
+    step = 1.75 * mean / (batch - 1)
+    lens = [max(1, round(mean + (i - (batch - 1) / 2) * step)) for i in range(batch)]
+    return [lens[i] for i in torch.randperm(batch, generator=gen).tolist()]
+
+
 def tune_decode_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, batch: int, context_len: int,
                      *, iters: int = 20, timer=None, seed: int = 0
                      ) -> tuple[Tile | None, dict[Tile, float | None]]:
@@ -467,8 +498,10 @@ def tune_decode_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: in
     of decode steps with these shapes on this device. Returns (the tile picked, or None when no candidate ran
     and the default stays; {tile: microseconds per call, or None where it failed to compile or launch}).
 
-    The batch: `batch` sequences of `context_len` keys in random blocks of the caches. It only reads them
-    (what they hold does not change the timing). With LLMSERVE_DECODE_TILE set, that tile is used untimed.
+    The batch: `batch` sequences of context_len keys on average, spread evenly from an eighth of it to 15/8 of
+    it in a random order (as decode steps meet them: the kernel's tail depends on the spread), in random blocks
+    of the caches, launched longest first as the engine's decode steps are. It only reads the caches (what they
+    hold does not change the timing). With LLMSERVE_DECODE_TILE set, that tile is used untimed.
     timer(fn, iters) -> microseconds; default CUDA events.
     """
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
@@ -480,17 +513,19 @@ def tune_decode_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: in
         _decode_tiles[key] = tile
         return tile, {}
     gen = torch.Generator().manual_seed(seed)
-    blocks_per_seq = -(-context_len // block_size)
-    tables = torch.randint(0, k_cache.shape[0], (batch, blocks_per_seq), generator=gen, dtype=torch.int32)
+    lens = spread_lengths(batch, context_len, gen)
+    tables = torch.randint(0, k_cache.shape[0], (batch, -(-max(lens) // block_size)), generator=gen,
+                           dtype=torch.int32)
+    order = longest_first(lens)
     args = (q, k_cache, v_cache, torch.arange(batch + 1, dtype=torch.int32, device=q.device),
-            torch.full((batch,), context_len, dtype=torch.int32, device=q.device),
-            tables.to(q.device), head_dim ** -0.5, 1)
+            torch.tensor(lens, dtype=torch.int32, device=q.device), tables.to(q.device), head_dim ** -0.5, 1)
+    order_t = torch.tensor(order, dtype=torch.int32, device=q.device)
     out = torch.empty_like(q)
     timer = timer or _cuda_event_timer
     timings: dict[Tile, float | None] = {}
     for tile in DECODE_TILES:
         def call(tile=tile):
-            paged_attention(*args, out=out, tile=tile)
+            paged_attention(*args, out=out, tile=tile, seq_order=order_t)
 
         try:
             call()  # compiles

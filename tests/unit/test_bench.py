@@ -91,6 +91,24 @@ def test_hf_static_counts_only_requested_tokens(tiny_model_dir):
     assert run.requested_tokens == 13
     # Every row of the padded batch runs to the longest request: 3 rows x 7 tokens are computed.
     assert run.generated_tokens == 21
+    # With progress lines (part d of the GPU check reads them when a time limit cuts the run), the same tokens.
+    torch.manual_seed(0)
+    plain = bench_peers.hf_static_once(model, prompts, max_tokens, 0.0)
+    torch.manual_seed(0)
+    shown = bench_peers.hf_static_once(model, prompts, max_tokens, 0.0, progress=True)
+    assert (shown.generated_tokens, shown.requested_tokens) == (plain.generated_tokens, plain.requested_tokens)
+
+
+def test_hf_static_progress_lines(capsys):
+    """Every 128 tokens but the last, how far generate() has got; the scores go through unchanged."""
+    import torch
+
+    p = bench_peers._Progress(300, start=0.0)
+    scores = torch.randn(2, 5)
+    assert all(p(None, scores) is scores for _ in range(300))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" after ")[0] for line in lines] == [
+        "  transformers static: token 128 of 300", "  transformers static: token 256 of 300"]
 
 
 def test_left_padding_right_aligns_prompts():

@@ -35,10 +35,11 @@ def test_pack_pads_lanes_and_tables():
     assert flat[s : 2 * s] == [40, 3, 20, 0, 0]  # positions
     assert flat[2 * s : 3 * s] == [146, 51, 99, -1, -1]  # slot -1: the KV store skips padding lanes
     assert flat[3 * s : 4 * s] == [41, 4, 21, 0, 0]  # context 0: attention writes zeros
-    assert flat[4 * s :] == [7, 8, 9, 4, 0, 0, 5, 6, 0]  # real rows only, each padded to the widest
+    assert flat[4 * s : 5 * s] == [0, 2, 1, 3, 4]  # attention's launch order: longest first, then padding
+    assert flat[5 * s :] == [7, 8, 9, 4, 0, 0, 5, 6, 0]  # real rows only, each padded to the widest
     # A full batch has no padding lanes.
     flat, width = pack_decode_inputs([1], [0], [0], [1], [[3]], 1)
-    assert (flat, width) == ([1, 0, 0, 1, 3], 1)
+    assert (flat, width) == ([1, 0, 0, 1, 0, 3], 1)
 
 
 def test_rows_to_device_pads_ragged_block_tables_with_zeros():
@@ -112,11 +113,35 @@ def test_padding_lane_inputs_in_static_buffers(tmp_path):
         assert graphs.context_lens[:4].tolist() == [10, 1, 17, 0]
         assert graphs.input_ids[:4].tolist() == [5, 6, 7, 0]
         assert graphs.block_tables[:3, :3].tolist() == [[2, 3, 0], [4, 0, 0], [9, 10, 11]]
+        assert graphs.seq_order[:4].tolist() == [2, 0, 1, 3]  # attention's launch order: longest first, padding last
+        assert graphs.metadata(4).seq_order.data_ptr() == graphs.seq_order.data_ptr()  # what a graph reads
         # A step with a prefill row, or more sequences than the largest graph, runs eagerly.
         mixed = StepInputs([1, 2, 3], [0, 0, 1], [0, 8, 9], [1, 2], [1, 2], [[0], [1]], [0, 2], 1)
         assert not graphs.can_run(mixed)
         five = StepInputs([1] * 5, [0] * 5, list(range(5)), [1] * 5, [1] * 5, [[0]] * 5, [], 5)
         assert not graphs.can_run(five)
+
+
+def test_eager_decode_steps_launch_attention_longest_first(tmp_path):
+    """The eager path's metadata carries the launch order for decode-only steps on the triton backend; steps
+    with a prefill, and other backends, have none."""
+    from tests.support import require_triton_interpreter
+
+    require_triton_interpreter()
+    from engine_service import LLM
+    from tests.integration.tiny import make_qwen3
+
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=32, layers=1, dtype=torch.float32)
+    for backend in ("triton", "torch"):
+        with LLM(tmp_path, device="cpu", dtype="float32", attention_backend=backend, kvcache_block_size=8,
+                 num_kvcache_blocks=16, max_num_seqs=4, max_model_len=64) as llm:
+            meta = llm.runner._metadata([1, 1, 1, 1], [5, 9, 2, 9], [[0], [1, 2], [3], [4, 5]], [4, 8, 25, 40], 4)
+            mixed = llm.runner._metadata([1, 3], [5, 9], [[0], [1, 2]], [4, 6, 7, 8], 1)
+            assert mixed.seq_order is None
+            if backend == "torch":
+                assert meta.seq_order is None
+            else:
+                assert meta.seq_order.dtype == torch.int32 and meta.seq_order.tolist() == [1, 3, 0, 2]
 
 
 def _dry_run_graphs(tmp_path, expect_rc: int):
@@ -181,6 +206,10 @@ def test_gpu_check_script_flow_on_cpu(tmp_path, capsys):
     assert sum(g["ms"] for g in k["groups"].values()) == pytest.approx(k["busy_ms"])
     assert k["groups"]["matmul"]["ms"] > 0 and 0 < k["busy_share"] <= 1
     assert "device time by kernel" in table and "5 decode steps mid workload A, 8 running" in table
+    # And for the prefill: its first steps (steps 2-4 at toy sizes), prompts chunked beside decode rows.
+    p = report["prefill_kernels"]
+    assert p["steps"] == 3 and p["busy_ms"] > 0 and p["groups"]["matmul"]["ms"] > 0
+    assert "3 prefill steps of workload A" in _row(table, "    the same, prefill")
     itl_row = _row(table, "(f)")
     assert "batch 8 graphs without overlap" in itl_row and "?" not in itl_row
     markdown = (out / "performance.md").read_text()
@@ -220,6 +249,28 @@ def test_gpu_check_still_checks_the_graphs_when_workload_a_fails(tmp_path, monke
     d_row = _row(_table(out, capsys, "g\tPASS\t3\t0\nd\tPASS\t130\t0\n"), "(d)")
     assert "FAIL" in d_row and "engine ? tok/s, transformers static 1,123 tok/s" in d_row
     assert "CUDA out of memory" in d_row
+
+
+def test_gpu_check_row_d_bounds_transformers_static_when_its_time_ran_out(tmp_path):
+    """Part d cut by its time limit (the first H200 run: transformers 5.17 did not finish in 172 s) leaves
+    its progress lines: row d gives an upper bound on transformers' rate from them, and the ratio as a floor."""
+    import json
+
+    from scripts import gpu_check
+
+    (tmp_path / "graphs.json").write_text(json.dumps({"workload_A": {"tok_s": 22846.0}}))
+    (tmp_path / "d.log").write_text(
+        "workload A: 256 requests, 142,827 prompt tokens, 133,966 output tokens; qwen3-0.6b\n"
+        "  transformers static: token 128 of 1024 after 20.0 s\n"
+        "  transformers static: token 256 of 1024 after 41.0 s\n")
+    row = gpu_check._part_results(tmp_path)["d"]
+    bound = 133_966 / (41.0 * 1024 / 256)  # 817 tok/s
+    assert f"transformers static < {bound:,.0f} tok/s (cut short at token 256 of 1024 after 41 s)" in row
+    assert f"(> {22846 / bound:.1f}x)" in row
+    # The final line, when there is one, is the figure.
+    (tmp_path / "d.log").write_text("  transformers static: token 256 of 1024 after 41.0 s\n"
+                                    "  transformers static: 150.00 s, 893 tok/s\n")
+    assert "transformers static 893 tok/s (25.6x)" in gpu_check._part_results(tmp_path)["d"]
 
 
 def _start_up_engine(tmp_path, backend: str):
@@ -371,8 +422,13 @@ def test_gpu_check_row_b_reports_the_fused_ops_and_their_timing(tmp_path):
               for n, v in zip(names, verdicts, strict=True)]
     lines += [f"  one layer's elementwise work in a CUDA graph, batch 256, {label}: {us} us (x28 layers: ...)"
               for label, us in (("eager torch ops", "95.3"), ("fused kernels", "12.1"))]
+    lines += ["", "launch order: workload A's decode step 212, 215 sequences of 319-1236 keys (mean 781), block 16, "
+              "default splits", "            tile          batch order        longest first   gain",
+              "        64,2,4,0   183.0 us  3770 GB/s   165.2 us  4176 GB/s  10.8%",
+              "        64,3,4,0   190.0 us  3631 GB/s   170.0 us  4058 GB/s  11.8%"]
     (tmp_path / "b.log").write_text("\n".join(lines + ["", "FAIL in 40s", ""]))
     row = gpu_check._part_results(tmp_path)["b"]
     assert row.startswith("1/2 attention cases")
     assert "fused ops 4/5 (a layer's elementwise work 95.3 us eager, 12.1 us fused)" in row
+    assert "decode step 212 of workload A launched longest first 165.2 us (4176 GB/s), in batch order 183.0 us" in row
     assert row.endswith("overall FAIL")
