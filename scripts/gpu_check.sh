@@ -21,7 +21,7 @@
 # written to a work folder, and after each stage $OUT gets all of them as gpu_check.tgz plus the few that matter
 # most loose (status.tsv, env.json, graphs.json, summary.txt, performance.md): a run cut short still returns
 # what it did. When g measures no workload A on the engine, d and e are skipped (fail fast; GPU_CHECK_KEEP_GOING=1
-# runs them anyway). Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 420), GPU_CHECK_CACHE (where
+# runs them anyway). Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 460), GPU_CHECK_CACHE (where
 # the 1.2 GB preset is built; keep it outside $OUT), GPU_CHECK_PUBLISH_S (default 15: how often $OUT is refreshed
 # while g, d and e run).
 set -u
@@ -30,7 +30,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PUBLISH=${OUT:-}  # where the results go back from, when set
 if [[ -n $PUBLISH ]]; then OUT_DIR=$(mktemp -d /tmp/gpu_check.XXXXXX) || exit 1; else OUT_DIR=$REPO/gpu_check_out; fi
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-420}
+BUDGET=${GPU_CHECK_BUDGET_S:-460}
 CACHE=${GPU_CHECK_CACHE:-${HOME:-/tmp}/.cache/llm-grpc-serve/presets}
 PARTS=${*:-a b g d e}
 STATUS=$OUT_DIR/status.tsv

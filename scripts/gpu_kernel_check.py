@@ -6,6 +6,7 @@ On CUDA (default mode):
     float32 reference built from the same bf16 inputs. Acceptance per case:
         err(triton) <= 2 * err(torch bf16 SDPA) + 1e-3     (max abs error vs the fp32 reference)
   * a CUDA-graph capture/replay of split-KV decode, bitwise equal to eager;
+  * the fused q/k-norm + RoPE kernel storing K and V itself, bitwise as the separate KV store;
   * the sampling kernel (engine_service/sampling_kernels.py) draws the inverse-CDF token on Qwen3-sized
     bf16 logits, and its time per call against the torch path at batch 256;
   * decode timing at Qwen3-0.6B shapes (16 q heads, 8 KV heads, head_dim 128), batch 256, contexts
@@ -339,6 +340,33 @@ def check_and_time_fused_ops(dev: torch.device, rng: torch.Generator, timing: bo
     return ok
 
 
+def check_fused_kv_store(dev: torch.device, rng: torch.Generator) -> bool:
+    """The fused q/k-norm + RoPE kernel storing K and V itself (the triton backend's path) writes the cache bit
+    for bit as the unfused kernel followed by store_kvcache does, in bf16 on Qwen3-0.6B's shapes, padding slots
+    (-1) untouched."""
+    from engine_service.model import fused_ops as fo
+
+    t, heads, kv_heads, d, block = 300, 16, 8, 128, 16
+    bf16 = torch.bfloat16
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * d, generator=rng).to(dev, bf16)
+    w = [(torch.rand(d, generator=rng) + 0.5).to(dev, bf16) for _ in range(2)]
+    angles = torch.rand(t, d, generator=rng).to(dev) * 6.0
+    cos, sin = angles.cos().to(bf16), angles.sin().to(bf16)
+    slots = torch.randperm(64 * block, generator=rng)[:t].to(dev)
+    slots[::7] = -1
+    k_cache = torch.randn(64, block, kv_heads, d, generator=rng).to(dev, bf16)
+    v_cache = torch.randn(64, block, kv_heads, d, generator=rng).to(dev, bf16)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    _, k = fo.qk_norm_rope(qkv, heads, kv_heads, d, *w, 1e-6, cos, sin)
+    tk.store_kvcache(k, qkv[:, (heads + kv_heads) * d:].view(t, kv_heads, d), k_want, v_want, slots)
+    fo.qk_norm_rope(qkv, heads, kv_heads, d, *w, 1e-6, cos, sin, cache=(k_cache, v_cache, slots))
+    torch.cuda.synchronize(dev)
+    ok = torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
+    print(f"fused q/k-norm + RoPE storing K and V (bf16, 300 tokens, 1/7 padding slots): "
+          f"{'bitwise equal to the separate store' if ok else 'MISMATCH'}")
+    return ok
+
+
 def _time(fn, iters: int = 50) -> float:
     """Mean microseconds per call, after a warm-up that also compiles."""
     for _ in range(3):
@@ -548,12 +576,18 @@ def _compile_fused_ops(target) -> bool:
         fo.qk_norm_rope(torch.empty(256, 4096, dtype=bf16), 16, 8, 128, torch.empty(128, dtype=bf16),
                         torch.empty(128, dtype=bf16), 1e-6, cos, cos)
         fo.qk_norm_rope(torch.empty(256, 4096, dtype=bf16), 16, 8, 128, None, None, 0.0, cos, cos)  # Llama's
+        cache = torch.empty(64, 16, 8, 128, dtype=bf16)  # K and V stored too: the triton backend's path
+        fo.qk_norm_rope(torch.empty(256, 4096, dtype=bf16), 16, 8, 128, torch.empty(128, dtype=bf16),
+                        torch.empty(128, dtype=bf16), 1e-6, cos, cos,
+                        cache=(cache, cache, torch.zeros(256, dtype=torch.long)))
         fo.silu_and_mul(torch.empty(256, 6144, dtype=bf16))
     ok = True
     for launch in launches:
         label = f"fused qwen3 bf16 {'residual' if launch.constexprs.get('HAS_RES') else ''}".strip()
         if launch.constexprs.get("NORM") is False:
             label = "fused llama bf16 rope alone"
+        if launch.constexprs.get("STORE"):
+            label = "fused qwen3 bf16 rope + KV store"
         try:
             compiled = _aot_compile(launch, target)
         except Exception as e:
@@ -562,8 +596,8 @@ def _compile_fused_ops(target) -> bool:
             continue
         print(f"{label:44s} {launch.kernel.__name__:26s} {compiled.metadata.shared:9d} {'':5s} {'':8s} "
               f"{_ptxas_usage(compiled.asm.get('ptx', '')):>12s}")
-    if len(launches) != 5:
-        print(f"fused ops: {len(launches)} launches recorded, 5 expected")
+    if len(launches) != 6:
+        print(f"fused ops: {len(launches)} launches recorded, 6 expected")
         ok = False
     return ok
 
@@ -590,6 +624,7 @@ def main() -> int:
     ok &= check_graph(dev, rng)
     ok &= check_and_time_sampling(dev, rng, not a.no_timing)
     ok &= check_and_time_fused_ops(dev, rng, not a.no_timing)
+    ok &= check_fused_kv_store(dev, rng)
     if not a.no_timing:
         time_decode(dev, rng)
     print(f"\n{'PASS' if ok else 'FAIL'} in {time.time() - t0:.0f}s")

@@ -53,12 +53,15 @@ class AttentionBackend:
     """Stores the new K/V into the paged cache, then attends over it. One instance per model runner."""
 
     name = "base"
+    # Whether forward() takes k = v = None: the caller has written them into the caches already (the fused
+    # q/k-norm and RoPE kernel does, which saves the store's launch a layer).
+    takes_stored_kv = False
 
     def forward(
         self,
         q: torch.Tensor,  # [T, Hq, D]
-        k: torch.Tensor,  # [T, Hkv, D]
-        v: torch.Tensor,  # [T, Hkv, D]
+        k: torch.Tensor | None,  # [T, Hkv, D]; None where takes_stored_kv and already stored
+        v: torch.Tensor | None,  # [T, Hkv, D]; likewise
         k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
         v_cache: torch.Tensor,
         meta: AttentionMetadata,

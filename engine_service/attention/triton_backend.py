@@ -18,6 +18,7 @@ from engine_service.attention.base import AttentionBackend, AttentionMetadata
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    takes_stored_kv = True
 
     def __init__(self, device: torch.device):
         if device.type == "cpu" and not triton_interpreted():
@@ -32,7 +33,8 @@ class TritonAttentionBackend(AttentionBackend):
         self.kernels = triton_kernels
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        self.kernels.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if k is not None:  # else the fused RoPE kernel stored them
+            self.kernels.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         return self.kernels.paged_attention(
             q,
             k_cache,

@@ -84,8 +84,12 @@ class Attention(nn.Module):
         if self.fused_ops is not None:  # q-norm, k-norm and RoPE in one launch, from the packed projection
             cos, sin = rope
             norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (None, None, 0.0)
+            # K and V straight into the cache where the backend takes them stored (k = v = None then).
+            store = (kv_cache[0], kv_cache[1], meta.slot_mapping) if backend.takes_stored_kv else None
             q, k = self.fused_ops.qk_norm_rope(qkv, self.num_heads, self.num_kv_heads, self.head_dim, *norms,
-                                               cos[:, 0], sin[:, 0])
+                                               cos[:, 0], sin[:, 0], cache=store)
+            if store is not None:
+                v = None
         else:
             q = q.view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
             k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]

@@ -7,7 +7,8 @@ layers is milliseconds a decode step. These kernels do the same work in four lau
 
 - `add_rms_norm`: the residual add (when given) and RMSNorm of each row;
 - `qk_norm_rope`: q-norm and k-norm (Qwen3; the other families have none) and rotary embedding of every query
-  and key head, read straight out of the packed q/k/v projection;
+  and key head, read straight out of the packed q/k/v projection; for the triton attention backend it also
+  writes K and V into their KV-cache slots (the KV store's launch);
 - `silu_and_mul`: SiLU of the gate times the up projection.
 
 Each rounds where the torch reference rounds (model dtype after the residual add, after the normalisation,
@@ -104,28 +105,52 @@ def _norm_rope_head(in_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, eps, HALF: tl.cons
 @triton.jit
 def _qk_norm_rope_kernel(
     qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
+    k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_qkv, stride_cos, stride_sin, eps,
-    NUM_Q: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, NORM: tl.constexpr,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    NORM: tl.constexpr, STORE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
+    # Program (token, head) over the q heads, then the k heads, then (STORE) the v heads of a packed row.
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    src = qkv_ptr + tok * stride_qkv + head * (2 * HALF)  # q heads, then k heads, side by side in a row
+    src = qkv_ptr + tok * stride_qkv + head * (2 * HALF)  # q heads, then k heads, then v heads, side by side
     cos = cos_ptr + tok * stride_cos
     sin = sin_ptr + tok * stride_sin
     if head < NUM_Q:
         dst = q_out_ptr + (tok * NUM_Q + head) * (2 * HALF)
         _norm_rope_head(src, qw_ptr, cos, sin, dst, eps, HALF, BLOCK_HALF, NORM)
+    elif STORE:
+        # K and V go straight into their cache slot (as store_kvcache would put them); slot -1 (a padding lane)
+        # writes nothing.
+        slot = tl.load(slot_ptr + tok).to(tl.int64)
+        if slot >= 0:
+            blk = slot // BLOCK_SIZE
+            off = slot % BLOCK_SIZE
+            if head < NUM_Q + NUM_KV:
+                dst = k_cache_ptr + blk * stride_kcb + off * stride_kcs + (head - NUM_Q) * stride_kch
+                _norm_rope_head(src, kw_ptr, cos, sin, dst, eps, HALF, BLOCK_HALF, NORM)
+            else:
+                dst = v_cache_ptr + blk * stride_vcb + off * stride_vcs + (head - NUM_Q - NUM_KV) * stride_vch
+                offs = tl.arange(0, BLOCK_HALF)
+                m = offs < HALF
+                tl.store(dst + offs, tl.load(src + offs, mask=m), mask=m)
+                tl.store(dst + HALF + offs, tl.load(src + HALF + offs, mask=m), mask=m)
     else:
-        num_k = tl.num_programs(1) - NUM_Q
-        dst = k_out_ptr + (tok * num_k + head - NUM_Q) * (2 * HALF)
+        dst = k_out_ptr + (tok * NUM_KV + head - NUM_Q) * (2 * HALF)
         _norm_rope_head(src, kw_ptr, cos, sin, dst, eps, HALF, BLOCK_HALF, NORM)
 
 
 def qk_norm_rope(qkv: torch.Tensor, num_q: int, num_kv: int, head_dim: int, q_weight: torch.Tensor | None,
-                 k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor):
+                 k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                 cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
     """qkv: [T, (num_q + 2 num_kv) * head_dim], rows packed q|k|v; cos, sin: [T, head_dim] (any row stride,
     unit column stride) -> q [T, num_q, head_dim], k [T, num_kv, head_dim], normalised (unless the weights are
-    None: the families without q/k-norm) and rotated."""
+    None: the families without q/k-norm) and rotated.
+
+    cache: (k_cache, v_cache, slot_mapping) with caches [num_blocks, block_size, num_kv, head_dim] (head_dim
+    contiguous) in qkv's dtype: k and v are written into their slots instead (slot -1 skipped), as
+    attention.triton_kernels.store_kvcache would, and the k returned is None. One launch a layer less."""
     if (q_weight is None) != (k_weight is None):
         raise ValueError("qk_norm_rope takes both norm weights or neither")
     t = qkv.shape[0]
@@ -134,13 +159,30 @@ def qk_norm_rope(qkv: torch.Tensor, num_q: int, num_kv: int, head_dim: int, q_we
     if head_dim % 2:
         raise ValueError(f"qk_norm_rope needs an even head_dim, got {head_dim}")
     q = torch.empty(t, num_q, head_dim, dtype=qkv.dtype, device=qkv.device)
-    k = torch.empty(t, num_kv, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if cache is None:
+        k = torch.empty(t, num_kv, head_dim, dtype=qkv.dtype, device=qkv.device)
+        k_cache = v_cache = slots = q  # unused (STORE off)
+        cache_strides = (0,) * 6
+        block_size, heads = 1, num_q + num_kv
+    else:
+        k_cache, v_cache, slots = cache
+        k = None
+        if (k_cache.shape != v_cache.shape or k_cache.shape[2:] != (num_kv, head_dim) or k_cache.stride(3) != 1
+                or v_cache.stride(3) != 1 or k_cache.dtype != qkv.dtype or v_cache.dtype != qkv.dtype):
+            raise ValueError(f"caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} ({k_cache.dtype}) do not take "
+                             f"{num_kv} heads of {head_dim} in {qkv.dtype}")
+        if slots.shape != (t,):
+            raise ValueError(f"slot_mapping has shape {tuple(slots.shape)} for {t} tokens")
+        cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3])
+        block_size, heads = k_cache.shape[1], num_q + 2 * num_kv
     if t:
         half = head_dim // 2
-        _qk_norm_rope_kernel[(t, num_q + num_kv)](
-            qkv, qkv if q_weight is None else q_weight, qkv if k_weight is None else k_weight, cos, sin, q, k,
-            qkv.stride(0), cos.stride(0), sin.stride(0), eps,
-            NUM_Q=num_q, HALF=half, BLOCK_HALF=triton.next_power_of_2(half), NORM=q_weight is not None,
+        _qk_norm_rope_kernel[(t, heads)](
+            qkv, qkv if q_weight is None else q_weight, qkv if k_weight is None else k_weight, cos, sin, q,
+            q if k is None else k, k_cache, v_cache, slots,
+            qkv.stride(0), cos.stride(0), sin.stride(0), eps, *cache_strides,
+            NUM_Q=num_q, NUM_KV=num_kv, HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
+            NORM=q_weight is not None, STORE=cache is not None, BLOCK_SIZE=block_size,
             num_warps=1,
         )
     return q, k

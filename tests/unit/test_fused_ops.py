@@ -86,6 +86,44 @@ def test_qk_norm_rope_matches_norms_then_rotary(dtype, heads, kv_heads, head_dim
         assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
 
 
+@pytest.mark.parametrize("dtype,heads,kv_heads,head_dim,norm,block_size",
+                         [(torch.float32, 4, 2, 64, True, 16), (torch.float16, 6, 2, 128, True, 5),
+                          (torch.float16, 8, 8, 32, False, 8)],
+                         ids=["fp32-gqa2", "fp16-gqa3-block5", "fp16-rope-only"])
+def test_qk_norm_rope_can_store_k_and_v_in_their_cache_slots(dtype, heads, kv_heads, head_dim, norm, block_size):
+    """With the cache given, K and V land in their slots bit for bit as the separate KV store puts the unfused
+    kernel's k and the projection's v there; a padding slot (-1) writes nothing; q is the same."""
+    from engine_service.attention.triton_kernels import store_kvcache
+
+    torch.manual_seed(4)
+    t, num_blocks = 7, 6
+    rotary = RotaryEmbedding(head_dim, 64, 10_000.0, dtype)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim).to(dtype)
+    cos, sin = rotary.lookup(torch.tensor([3, 0, 9, 1, 30, 2, 5]))
+    weights = ((torch.rand(head_dim) + 0.5).to(dtype), (torch.rand(head_dim) + 0.5).to(dtype), 1e-6) if norm \
+        else (None, None, 0.0)
+    slots = torch.randperm(num_blocks * block_size)[:t]
+    slots[[1, 5]] = -1
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache, v_cache = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+
+    q_plain, k_plain = fused_ops.qk_norm_rope(qkv, heads, kv_heads, head_dim, *weights, cos[:, 0], sin[:, 0])
+    v = qkv[:, (heads + kv_heads) * head_dim:].view(t, kv_heads, head_dim)
+    store_kvcache(k_plain, v, k_want, v_want, slots)
+    q, k = fused_ops.qk_norm_rope(qkv, heads, kv_heads, head_dim, *weights, cos[:, 0], sin[:, 0],
+                                  cache=(k_cache, v_cache, slots))
+    assert k is None and torch.equal(q, q_plain)
+    assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
+
+    with pytest.raises(ValueError, match="do not take"):
+        fused_ops.qk_norm_rope(qkv, heads, kv_heads, head_dim, *weights, cos[:, 0], sin[:, 0],
+                               cache=(k_cache.float() if dtype != torch.float32 else k_cache.half(), v_cache, slots))
+    with pytest.raises(ValueError, match="slot_mapping has shape"):
+        fused_ops.qk_norm_rope(qkv, heads, kv_heads, head_dim, *weights, cos[:, 0], sin[:, 0],
+                               cache=(k_cache, v_cache, slots[:3]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("inter", [3072, 100])
 def test_silu_and_mul_matches_silu_times_up(dtype, inter):
@@ -114,17 +152,18 @@ def test_engine_tokens_are_the_same_with_fused_ops_on_and_off(tmp_path, model_ty
     prompts = [shared + torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (3, 11, 1)]
     params = SamplingParams(temperature=0.0, max_tokens=8)
     tokens = {}
-    for fused in (False, True):
-        with LLM(str(tmp_path), device="cpu", dtype="float32", attention_backend="torch", fused_ops=fused,
+    # triton: the fused kernel also stores K and V (the backend takes them stored).
+    for fused, backend in ((False, "torch"), (True, "torch"), (True, "triton")):
+        with LLM(str(tmp_path), device="cpu", dtype="float32", attention_backend=backend, fused_ops=fused,
                  kvcache_block_size=8, num_kvcache_blocks=64, max_model_len=128) as llm:
-            assert llm.runner.fused_ops is fused
+            assert llm.runner.fused_ops is fused and llm.runner.backend.takes_stored_kv is (backend == "triton")
             model = llm.runner.model
             layer = model.layers[-1]
             assert {m.fused_ops is not None for m in (layer.mlp, layer.self_attn, layer.input_layernorm,
                                                       layer.post_attention_layernorm, model.norm)} == {fused}
-            tokens[fused] = [o["token_ids"] for o in llm.generate(prompts, [params] * len(prompts))]
-    assert tokens[True] == tokens[False]
-    assert all(len(t) == 8 for t in tokens[True])
+            tokens[fused, backend] = [o["token_ids"] for o in llm.generate(prompts, [params] * len(prompts))]
+    assert tokens[True, "torch"] == tokens[False, "torch"] == tokens[True, "triton"]
+    assert all(len(t) == 8 for t in tokens[True, "triton"])
 
 
 def test_fused_ops_choice_and_refusals():
