@@ -11,7 +11,8 @@ On CUDA (default mode):
     bf16 logits, and its time per call against the torch path at batch 256;
   * decode timing at Qwen3-0.6B shapes (16 q heads, 8 KV heads, head_dim 128), batch 256, contexts
     600-2000, block sizes 16 and 256, printing achieved GB/s of K/V traffic; and each decode tile on the
-    batch workload A decodes mid-run, launched in batch order and longest first (the engine's order).
+    batch workload A decodes mid-run, launched in batch order and longest first (the engine's order);
+  * Qwen3-0.6B's decode GEMMs at 64 and 224 rows: cuBLAS, cuBLASLt and a plain Triton GEMM (information only).
   Exit status 1 if any check fails.
 
 --compile-only (no GPU needed): compile the kernels for sm_90 (H200) with triton's real NVIDIA
@@ -37,6 +38,8 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from engine_service.attention import triton_kernels as tk  # noqa: E402
 from engine_service.attention.base import longest_first  # noqa: E402
@@ -367,6 +370,83 @@ def check_fused_kv_store(dev: torch.device, rng: torch.Generator) -> bool:
     return ok
 
 
+# Qwen3-0.6B's decode GEMMs, (name, K, N): out[M, N] = x[M, K] @ W[N, K]^T.
+_DECODE_GEMMS = (("qkv", 1024, 4096), ("o", 2048, 1024), ("gate_up", 1024, 6144), ("down", 3072, 1024))
+# Triton GEMM configs tried against cuBLAS: (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps).
+_GEMM_CONFIGS = ((64, 64, 128, 4, 4), (128, 64, 64, 4, 8), (64, 32, 128, 5, 4))
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemm_kernel(x_ptr, w_ptr, out_ptr, M, N: tl.constexpr, K: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A plain Triton GEMM (no split-K): out[M, N] = x[M, K] @ w[N, K]^T, contiguous, N and K multiples of the
+    blocks. Only the GEMM table below uses it."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = tl.load(x_ptr + rm[:, None] * K + (k + rk)[None, :], mask=rm[:, None] < M, other=0.0)
+        b = tl.load(w_ptr + rn[:, None] * K + (k + rk)[None, :])
+        acc += tl.dot(a, tl.trans(b))
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=rm[:, None] < M)
+
+
+def _time_gemm(x: torch.Tensor, w: torch.Tensor) -> tuple:
+    """(cuBLAS us, cuBLASLt us or None, (best Triton us, its tile, its max |diff| from cuBLAS) or None)."""
+    (m, k), n = x.shape, w.shape[0]
+    want = torch.nn.functional.linear(x, w)
+    cublas = _time(lambda: torch.nn.functional.linear(x, w))
+    lt = None
+    try:
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        lt = _time(lambda: torch.nn.functional.linear(x, w))
+    except Exception:  # a torch without the switch: the column stays empty
+        pass
+    finally:
+        torch.backends.cuda.preferred_blas_library("cublas")
+    best = None
+    for tile in _GEMM_CONFIGS:
+        bm, bn, bk, stages, warps = tile
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        grid = (n // bn, triton.cdiv(m, bm))
+
+        def call(bm=bm, bn=bn, bk=bk, stages=stages, warps=warps, out=out, grid=grid):
+            _gemm_kernel[grid](x, w, out, m, N=n, K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=warps)
+
+        try:
+            us = _time(call)
+        except Exception as exc:
+            print(f"  Triton GEMM {tile} failed on {m}x{k}x{n}: {type(exc).__name__}")
+            continue
+        diff = float((out.float() - want.float()).abs().max())
+        if best is None or us < best[0]:
+            best = (us, tile, diff)
+    return cublas, lt, best
+
+
+def time_decode_gemms(dev: torch.device, rng: torch.Generator) -> None:
+    """Qwen3-0.6B's four decode GEMMs at 64 and 224 rows (captured graph sizes): cuBLAS as torch calls it, cuBLASLt,
+    and a plain Triton GEMM in a few tiles. On 2026-11-29's H200 run these took 6-8.4 us each at ~216 rows (1.5 TB/s
+    of weights at best), 0.83 ms of a 6.95 ms decode step: the largest cost after attention. The table says whether
+    a GEMM of our own could do better before one is written into the engine."""
+    print("\ndecode GEMMs, bf16: us per call (weights' GB/s); Triton tiles (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)")
+    print(f"{'gemm':>8s} {'M':>4s} {'cuBLAS':>16s} {'cuBLASLt':>16s} {'best Triton':>16s}  tile, max |diff| vs cuBLAS")
+    for name, k, n in _DECODE_GEMMS:
+        w = (torch.randn(n, k, generator=rng) * 0.02).to(dev, torch.bfloat16)
+        for m in (64, 224):
+            x = torch.randn(m, k, generator=rng).to(dev, torch.bfloat16)
+            cublas, lt, best = _time_gemm(x, w)
+
+            def cell(us, weight_kb=n * k * 2 / 1e3):
+                return f"{'-':>16s}" if us is None else f"{us:6.1f} ({weight_kb / us:5.0f})"
+
+            print(f"{name:>8s} {m:4d} {cell(cublas):>16s} {cell(lt):>16s} {cell(best and best[0]):>16s}  "
+                  + ("" if best is None else f"{best[1]}, {best[2]:.3g}"))
+
+
 def _time(fn, iters: int = 50) -> float:
     """Mean microseconds per call, after a warm-up that also compiles."""
     for _ in range(3):
@@ -543,6 +623,20 @@ def compile_only() -> bool:
         ok = False
         print(f"{'sampling qwen3 vocab bf16':44s} {'_sample_kernel':26s} FAILED: {type(e).__name__}: {e}")
     ok &= _compile_fused_ops(target)
+    # The GEMM table's Triton tiles (part b's information only), on the down projection's shape.
+    x, w, y = torch.empty(224, 3072, dtype=torch.bfloat16), torch.empty(1024, 3072, dtype=torch.bfloat16), \
+        torch.empty(224, 1024, dtype=torch.bfloat16)
+    for bm, bn, bk, stages, warps in _GEMM_CONFIGS:
+        launch = tk._Launch(_gemm_kernel, (1024 // bn, -(-224 // bm)), (x, w, y, 224),
+                            dict(N=1024, K=3072, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                            dict(num_warps=warps, num_stages=stages))
+        label = f"gemm down {bm},{bn},{bk},{stages},{warps}"
+        try:
+            compiled = _aot_compile(launch, target)
+            print(f"{label:44s} {'_gemm_kernel':26s} {compiled.metadata.shared:9d}")
+        except Exception as e:
+            ok = False
+            print(f"{label:44s} {'_gemm_kernel':26s} FAILED: {type(e).__name__}: {e}")
     print("compile-only:", "all kernels compiled for sm_90" if ok else "FAILURES")
     return ok
 
@@ -627,6 +721,7 @@ def main() -> int:
     ok &= check_fused_kv_store(dev, rng)
     if not a.no_timing:
         time_decode(dev, rng)
+        time_decode_gemms(dev, rng)
     print(f"\n{'PASS' if ok else 'FAIL'} in {time.time() - t0:.0f}s")
     return 0 if ok else 1
 
