@@ -372,8 +372,11 @@ def check_fused_kv_store(dev: torch.device, rng: torch.Generator) -> bool:
 
 # Qwen3-0.6B's decode GEMMs, (name, K, N): out[M, N] = x[M, K] @ W[N, K]^T.
 _DECODE_GEMMS = (("qkv", 1024, 4096), ("o", 2048, 1024), ("gate_up", 1024, 6144), ("down", 3072, 1024))
-# Triton GEMM configs tried against cuBLAS: (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps).
-_GEMM_CONFIGS = ((64, 64, 128, 4, 4), (128, 64, 64, 4, 8), (64, 32, 128, 5, 4))
+# Triton GEMM configs tried against cuBLAS: (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). At 224 rows the
+# activations, re-read from L2 by every column tile, cost about as much as the weights: the 256-row tiles read
+# them once per column tile for all rows.
+_GEMM_CONFIGS = ((64, 64, 128, 4, 4), (128, 64, 64, 4, 8), (64, 32, 128, 5, 4), (256, 32, 64, 3, 8),
+                 (256, 64, 64, 3, 8))
 
 
 @triton.jit(do_not_specialize=["M"])
