@@ -357,9 +357,9 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
     if seq_order is not None:
         if max_seqlen_q != 1:
             raise ValueError(f"seq_order is for decode steps (max_seqlen_q 1), got max_seqlen_q {max_seqlen_q}")
-        if seq_order.shape != (num_seqs,):
-            raise ValueError(f"seq_order has shape {tuple(seq_order.shape)}; expected ({num_seqs},), a permutation "
-                             "of the sequences")
+        if seq_order.shape != (num_seqs,) or seq_order.dtype != torch.int32 or seq_order.device != q.device:
+            raise ValueError(f"seq_order is {tuple(seq_order.shape)} {seq_order.dtype} on {seq_order.device}; "
+                             f"expected ({num_seqs},) int32 on {q.device}, a permutation of the sequences")
     if num_tokens == 0 or num_seqs == 0:
         return []
 
@@ -382,6 +382,10 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
             tile = _decode_tiles.get(_tile_key(q, k_cache), DECODE_TILES[0])
     block_n, num_stages, num_warps, heads_first = tile
     ordered = seq_order is not None
+    # Launched in an order, the KV heads go on the fastest axis whatever the tile says: otherwise the GPU starts
+    # one KV head's programs for every sequence before the next head's, and the last head's longest sequences
+    # still start in the last wave.
+    heads_first = heads_first or ordered
     num_tiles = num_seqs if ordered else num_tokens // tokens_per_tile + num_seqs
     grid = (num_kv_heads, num_tiles, num_kv_splits) if heads_first else (num_tiles, num_kv_heads, num_kv_splits)
     if grid[1] > _MAX_GRID_Y:
@@ -433,13 +437,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     (cu_seqlens_q[-1] must not exceed num_tokens; rows past it belong to no sequence and are left unspecified).
     context_lens[i] counts sequence i's keys including its new tokens, whose K/V must already be in the
     cache; its query rows are its last q_len positions. block_tables: [num_seqs, max_blocks] (unused
-    entries may hold anything). max_seqlen_q: the longest per-sequence query length; it only sizes the
-    tiles (any value gives correct results). num_kv_splits: KV-range splits per query tile (None: the
+    entries may hold anything). max_seqlen_q: the longest per-sequence query length; without seq_order it only
+    sizes the tiles (any value gives correct results), with seq_order it must be exact (1: every sequence has
+    at most one query token; only its first would be computed). num_kv_splits: KV-range splits per query tile (None: the
     default_num_kv_splits heuristic; fix it per captured batch size under CUDA graphs). tile: (BLOCK_N,
     num_stages, num_warps, heads_first) instead of the tuned or default one. seq_order: for decode steps
-    (max_seqlen_q 1), a permutation of the sequences ([num_seqs] int32) in which their programs are dispatched;
-    longest_first(context lengths) gives each launch a short tail (a long sequence started in the last wave
-    would run on alone). It changes no result. Returns out [num_tokens, num_heads, head_dim] in q's dtype; a
+    (max_seqlen_q 1), a permutation of the sequences ([num_seqs] int32 on q's device) in which their programs
+    are dispatched, all KV heads of one sequence side by side (heads_first is implied); longest_first(context
+    lengths) gives each launch a short tail (a long sequence started in the last wave would run on alone). It
+    changes no result. Returns out [num_tokens, num_heads, head_dim] in q's dtype; a
     row with no keys (context_len 0) is zeros.
     """
     if out is None:

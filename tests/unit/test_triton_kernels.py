@@ -243,14 +243,19 @@ def test_decode_launched_in_any_sequence_order_is_the_same_attention(gqa, splits
 def test_an_order_is_refused_where_it_cannot_hold():
     b = make_paged_batch([1, 1, 1], [5, 9, 2], 4, 2, 32, 16)
     args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.2)
-    with pytest.raises(ValueError, match=r"expected \(3,\), a permutation"):
+    with pytest.raises(ValueError, match=r"expected \(3,\) int32 on cpu, a permutation"):
         tk.paged_attention(*args, 1, seq_order=torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"expected \(3,\) int32"):
+        tk.paged_attention(*args, 1, seq_order=torch.tensor([0, 1, 2]))  # int64
     with pytest.raises(ValueError, match="seq_order is for decode steps"):
         tk.paged_attention(*args, 2, seq_order=torch.tensor([0, 1, 2], dtype=torch.int32))
-    # Launched for a tile, the same order plans a grid of one slot per sequence, KV heads on their own axis.
+    # Launched in an order, one slot per sequence, and the KV heads on the fastest axis even for a tile that puts
+    # them second: every head of the longest sequence starts first.
     out = torch.empty_like(b.q)
-    launch = tk._plan_paged_attention(*args, 1, out, 1, tk.DECODE_TILES[0], torch.tensor([1, 0, 2]))[0]
-    assert launch.constexprs["ORDERED"] and launch.grid == (3, 2, 1)
+    order = torch.tensor([1, 0, 2], dtype=torch.int32)
+    assert tk.DECODE_TILES[0][3] == 0
+    launch = tk._plan_paged_attention(*args, 1, out, 1, tk.DECODE_TILES[0], order)[0]
+    assert launch.constexprs["ORDERED"] and launch.constexprs["HEADS_FIRST"] and launch.grid == (2, 3, 1)
 
 
 def test_tuner_batch_spreads_the_lengths_it_times():
