@@ -619,12 +619,7 @@ def compile_only() -> bool:
                         (logits, torch.empty(4), torch.empty(4), torch.empty(4, dtype=torch.long), 151_936,
                          logits.stride(0)),
                         dict(BLOCK=sk.BLOCK_V), dict(num_warps=sk.NUM_WARPS))
-    try:
-        compiled = _aot_compile(launch, target)
-        print(f"{'sampling qwen3 vocab bf16':44s} {'_sample_kernel':26s} {compiled.metadata.shared:9d}")
-    except Exception as e:
-        ok = False
-        print(f"{'sampling qwen3 vocab bf16':44s} {'_sample_kernel':26s} FAILED: {type(e).__name__}: {e}")
+    ok &= _compile_one("sampling qwen3 vocab bf16", launch, target)
     ok &= _compile_fused_ops(target)
     # The GEMM table's Triton tiles (part b's information only), on the down projection's shape.
     x, w, y = torch.empty(224, 3072, dtype=torch.bfloat16), torch.empty(1024, 3072, dtype=torch.bfloat16), \
@@ -633,15 +628,21 @@ def compile_only() -> bool:
         launch = tk._Launch(_gemm_kernel, (1024 // bn, -(-224 // bm)), (x, w, y, 224),
                             dict(N=1024, K=3072, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
                             dict(num_warps=warps, num_stages=stages))
-        label = f"gemm down {bm},{bn},{bk},{stages},{warps}"
-        try:
-            compiled = _aot_compile(launch, target)
-            print(f"{label:44s} {'_gemm_kernel':26s} {compiled.metadata.shared:9d}")
-        except Exception as e:
-            ok = False
-            print(f"{label:44s} {'_gemm_kernel':26s} FAILED: {type(e).__name__}: {e}")
+        ok &= _compile_one(f"gemm down {bm},{bn},{bk},{stages},{warps}", launch, target)
     print("compile-only:", "all kernels compiled for sm_90" if ok else "FAILURES")
     return ok
+
+
+def _compile_one(label: str, launch, target) -> bool:
+    """Compile one launch for the target and print its shared memory, or why it failed."""
+    name = launch.kernel.__name__
+    try:
+        compiled = _aot_compile(launch, target)
+    except Exception as e:
+        print(f"{label:44s} {name:26s} FAILED: {type(e).__name__}: {e}")
+        return False
+    print(f"{label:44s} {name:26s} {compiled.metadata.shared:9d}")
+    return True
 
 
 class _Recorder:
