@@ -22,7 +22,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from engine_service.logs import REQUEST_LOGGER
+from clients.logs import REQUEST_LOGGER
 from engine_service.outputs import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, StepOutput
 
 log = logging.getLogger(__name__)

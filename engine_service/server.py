@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from clients.cpus import available_cpus
+from clients.logs import configure_logging
 from clients.tls import (
     PortUnavailable,
     add_checked_servicer,
@@ -34,7 +35,6 @@ from clients.tls import (
 )
 from engine_service.engine_loop import EngineLoop
 from engine_service.health import Health
-from engine_service.logs import configure_logging
 from engine_service.metrics import EngineMetrics, serve_metrics
 from engine_service.server_config import ServerConfig, parse_config
 from engine_service.servicer import EngineServicer

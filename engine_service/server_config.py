@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 
+from clients.flags import parse_bool, parse_settings
+from clients.logs import LOG_LEVELS
 from clients.tls import ServerTls, server_tls_settings
 from engine_service.config import DEFAULT_CPU_KVCACHE_GIB, DEFAULT_GPU_MEMORY_UTILIZATION, EngineConfig
-from engine_service.logs import LOG_LEVELS
 from engine_service.streams import TOKEN_BYTES
 
 ENV_PREFIX = "ENGINE_"
@@ -165,40 +165,11 @@ class ServerConfig:
         if value.strip().lower() == "auto":
             return None
         try:
-            return _parse_bool(value)
+            return parse_bool(value)
         except argparse.ArgumentTypeError:
             raise ValueError(f"{name} must be 'auto' or a boolean (true/false, on/off), got {value!r}") from None
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
-
-
 def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = None) -> ServerConfig:
     """ServerConfig from command-line flags, falling back to ENGINE_* environment variables."""
-    env = os.environ if env is None else env
-    parser = argparse.ArgumentParser(prog="engine-service", description="The LLM engine gRPC service.")
-    for f in fields(ServerConfig):
-        default = f.default if f.default is not MISSING else None
-        kind = _parse_bool if isinstance(default, bool) else type(default)
-        var = ENV_PREFIX + f.name.upper()
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-                            help=f"(env {var}, default {default!r})")
-    args = vars(parser.parse_args(argv))
-    values: dict[str, object] = {}
-    for f in fields(ServerConfig):
-        var = ENV_PREFIX + f.name.upper()
-        if args[f.name] is not None:
-            values[f.name] = args[f.name]
-        elif var in env:
-            kind = _parse_bool if isinstance(f.default, bool) else type(f.default)
-            try:
-                values[f.name] = kind(env[var])
-            except (ValueError, argparse.ArgumentTypeError) as exc:
-                raise ValueError(f"{f.name}: environment variable {var}={env[var]!r} is invalid: {exc}") from exc
-    return ServerConfig(**values)  # type: ignore[arg-type]
+    return parse_settings(ServerConfig, ENV_PREFIX, "engine-service", "The LLM engine gRPC service.", argv, env)

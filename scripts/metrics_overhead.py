@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args(argv)
 
+    from clients.logs import JsonFormatter
     from engine_service import LLMEngine
     from engine_service.bench import DEFAULT_CACHE_DIR, build_preset
-    from engine_service.logs import JsonFormatter
     from engine_service.metrics import EngineMetrics
 
     model = args.model or build_preset("cpu-small", DEFAULT_CACHE_DIR)

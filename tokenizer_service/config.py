@@ -6,13 +6,12 @@ the variable, and the variable over the default.
 
 from __future__ import annotations
 
-import argparse
-import os
 import re
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 
+from clients.flags import parse_settings
+from clients.logs import LOG_LEVELS
 from clients.tls import ClientTls, ServerTls, server_tls_settings
-from tokenizer_service.logs import LOG_LEVELS
 
 _DNS_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
@@ -152,35 +151,6 @@ class TextServerConfig:
         return [a.strip() for a in self.engines.split(",") if a.strip()]
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
-
-
 def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = None) -> TextServerConfig:
     """TextServerConfig from command-line flags, falling back to TOKENIZER_* environment variables."""
-    env = os.environ if env is None else env
-    parser = argparse.ArgumentParser(prog="tokenizer-service", description="The LLM text gRPC service.")
-    for f in fields(TextServerConfig):
-        default = f.default if f.default is not MISSING else None
-        kind = _parse_bool if isinstance(default, bool) else type(default)
-        var = ENV_PREFIX + f.name.upper()
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-                            help=f"(env {var}, default {default!r})")
-    args = vars(parser.parse_args(argv))
-    values: dict[str, object] = {}
-    for f in fields(TextServerConfig):
-        var = ENV_PREFIX + f.name.upper()
-        if args[f.name] is not None:
-            values[f.name] = args[f.name]
-        elif var in env:
-            kind = _parse_bool if isinstance(f.default, bool) else type(f.default)
-            try:
-                values[f.name] = kind(env[var])
-            except (ValueError, argparse.ArgumentTypeError) as exc:
-                raise ValueError(f"{f.name}: environment variable {var}={env[var]!r} is invalid: {exc}") from exc
-    return TextServerConfig(**values)  # type: ignore[arg-type]
+    return parse_settings(TextServerConfig, ENV_PREFIX, "tokenizer-service", "The LLM text gRPC service.", argv, env)

@@ -17,7 +17,7 @@ from http.server import HTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from tokenizer_service.logs import REQUEST_LOGGER
+from clients.logs import REQUEST_LOGGER
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger(REQUEST_LOGGER)

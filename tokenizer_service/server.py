@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from clients.logs import configure_logging
 from clients.tls import (
     PortUnavailable,
     add_checked_servicer,
@@ -33,7 +34,6 @@ from protos.llmserve.text.v1 import text_pb2, text_pb2_grpc
 from tokenizer_service.chat import check_chat_template, special_token_texts
 from tokenizer_service.config import TextServerConfig, parse_config
 from tokenizer_service.engine_pool import EnginePool
-from tokenizer_service.logs import configure_logging
 from tokenizer_service.metrics import TextMetrics, serve_metrics
 from tokenizer_service.servicer import TextServicer
 from tokenizer_service.token_bounds import warm_up

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from clients.logs import REQUEST_LOGGER
 from engine_service.engine_loop import MAX_CONSECUTIVE_STEP_FAILURES, EngineLoop
-from engine_service.logs import REQUEST_LOGGER
 from engine_service.metrics import EngineMetrics
 from engine_service.outputs import FINISH_ERROR, StepOutput
 from engine_service.sampling_params import SamplingParams

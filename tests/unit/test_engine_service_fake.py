@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.engine_client import EngineClient
-from engine_service.logs import REQUEST_LOGGER
+from clients.logs import REQUEST_LOGGER
 from engine_service.outputs import FINISH_ERROR
 from engine_service.server import serve
 from engine_service.server_config import ServerConfig

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine_service.logs import JsonFormatter, TextFormatter
+from clients.logs import JsonFormatter, TextFormatter
 from engine_service.metrics import EngineMetrics, Histogram
 from engine_service.outputs import StepOutput
 from engine_service.server_config import parse_config as engine_config
@@ -141,7 +141,7 @@ def test_metrics_port_and_log_format_settings():
 
 def test_log_level_takes_any_case_and_refuses_unknown_names():
     """ENGINE_LOG_LEVEL=debug in a ConfigMap must not crash-loop the pod with logging's own traceback."""
-    from engine_service import logs
+    from clients import logs
 
     root = logging.getLogger()
     saved = root.handlers[:], root.level
@@ -174,7 +174,7 @@ def json_logs(logs, monkeypatch):
 
 
 def test_configure_logging_writes_json_lines(monkeypatch):
-    from engine_service import logs
+    from clients import logs
 
     with json_logs(logs, monkeypatch) as stream:
         logging.getLogger("llmserve.request").info("request finished", extra={"fields": {"request_id": "q"}})
@@ -204,14 +204,12 @@ def test_engine_service_logs_the_request_id_from_metadata_or_frame(caplog):
     assert lines["from-metadata"]["completion_tokens"] == 3 and lines["from-frame"]["completion_tokens"] == 2
 
 
-@pytest.mark.parametrize("module", ["engine_service.logs", "tokenizer_service.logs"])
-def test_text_log_lines_survive_values_with_spaces_quotes_and_newlines(module):
+def test_text_log_lines_survive_values_with_spaces_quotes_and_newlines():
     """key=value fields were written bare: an error message with spaces or a newline (a CUDA error), or a
     client's request id such as 'a finish_reason=stop', split or forged fields."""
-    import importlib
     import re
 
-    formatter = importlib.import_module(module).TextFormatter()
+    formatter = TextFormatter()
     fields = {"request_id": "a finish_reason=stop", "completion_tokens": 3, "ttft_s": None, "finish_reason": "error",
               "error": 'INTERNAL: CUDA error:\nan illegal "memory" access', "empty": "",
               "trace": "\x1b[31mred\u2028\x00"}  # an ANSI escape, a line separator, a NUL: quoted too
@@ -239,15 +237,13 @@ def test_tokenizer_names_the_model_as_the_engine_does(demo_model_dir, tmp_path):
     assert name == "my-finetune"
 
 
-@pytest.mark.parametrize("service", ["engine_service", "tokenizer_service"])
-def test_json_logs_take_in_transformers_own_lines(monkeypatch, service):
+def test_json_logs_take_in_transformers_own_lines(monkeypatch):
     """transformers writes through a stderr handler of its own: with --log-format json its warnings ('Token
     indices sequence length is longer than ...') came out as plain text among the JSON lines."""
-    import importlib
-
     from transformers.utils import logging as hf_logging
 
-    logs = importlib.import_module(f"{service}.logs")
+    from clients import logs
+
     try:
         with json_logs(logs, monkeypatch) as stream:
             hf_logging.get_logger("transformers.tokenization_utils_base").warning("Token indices sequence length")
@@ -264,7 +260,7 @@ def test_json_logs_start_with_json_where_torch_is_absent():
     found ...') through transformers' own handler as the first, plain-text line of every pod's log."""
     code = ("import sys; sys.modules['torch'] = None\n"  # as the tokenizer Dockerfile leaves it out
             "import logging\n"
-            "from tokenizer_service.logs import configure_logging\n"
+            "from clients.logs import configure_logging\n"
             "configure_logging('INFO', 'json')\n"
             "logging.getLogger('tokenizer_service').info('configured')\n")
     env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}

@@ -1,4 +1,4 @@
-"""Log output of the engine service: plain text or JSON lines (`--log-format`), and the per-request line.
+"""Log output of both services: plain text or JSON lines (`--log-format`), and the per-request line.
 
 A record may carry `fields` (a dict, passed as `extra={"fields": {...}}`). JSON output puts them at the top
 level of the line's object; text output appends them as `key=value` pairs. docs/OBSERVABILITY.md lists them.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -60,9 +61,17 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Importing transformers where torch is absent (the tokenizer image) prints an advisory ("PyTorch was not
+    # found") through its own handler, before that handler can be disabled below.
+    quiet = "TRANSFORMERS_NO_ADVISORY_WARNINGS" not in os.environ  # set only for the import, not for good
+    if quiet:
+        os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
     try:  # transformers writes through a stderr handler of its own: its lines would be plain text among JSON
         from transformers.utils import logging as hf_logging
     except ImportError:
         return
+    finally:
+        if quiet:
+            del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
