@@ -98,7 +98,8 @@ def test_model_runner_tunes_the_decode_tile_on_its_own_shapes(tmp_path, monkeypa
         log_file = tmp_path / "d.log"
         log_file.write_text(caplog.text)
         assert gpu_check._picked_tile(log_file).startswith(f"tile {fastest} at ")
-        assert "(4 sequences x 128 keys on average)" in gpu_check._picked_tile(log_file)
+        # max_model_len 128: a mean of 68 keys, whose spread (up to 15/8 of it) stays within the model's length.
+        assert "(4 sequences x 68 keys on average)" in gpu_check._picked_tile(log_file)
         key = tk._tile_key(torch.empty(1, 4, 16), llm.runner.k_cache[0])
         assert tk._decode_tiles == {key: fastest}
         tuned = llm.generate([[1, 2, 3], [4, 5, 6, 7, 8]], GREEDY)
