@@ -202,7 +202,7 @@ class ModelRunner:
         """Pick the Triton decode tile for this model on this device by timing the candidates on a full
         decode batch (max_num_seqs sequences of 1,024 keys on average, spread from 128 to 1,920, launched
         longest first) over the real KV cache, before any graph is captured. Start-up logs the timings."""
-        from engine_service.attention.triton_kernels import tune_decode_tile
+        from engine_service.attention.triton_kernels import decode_order_timings, tune_decode_tile
 
         start = time.perf_counter()
         heads = self.model_cfg.num_attention_heads // self.tp.size
@@ -230,12 +230,18 @@ class ModelRunner:
         )
         if picked is None:
             log.warning("no decode attention tile could be timed (%s); the default stays", found)
-        else:
-            log.info(
-                "decode attention tile (BLOCK_N, stages, warps, heads_first) %s, picked in %.1f s on %d "
-                "sequences of %d keys on average: %s",
-                picked, seconds, self.config.max_num_seqs, context, found,
-            )
+            return
+        log.info(
+            "decode attention tile (BLOCK_N, stages, warps, heads_first) %s, picked in %.1f s on %d "
+            "sequences of %d keys on average: %s",
+            picked, seconds, self.config.max_num_seqs, context, found,
+        )
+        order = decode_order_timings(torch.empty(1, heads, self.k_cache.shape[-1], dtype=self.dtype,
+                                                 device=self.device), self.k_cache[0])
+        if order is not None:
+            log.info("decode attention launched longest first %.0f us, in batch order %.0f us: %s", *order,
+                     "decode steps launch longest first" if order[0] <= order[1] else
+                     "decode steps keep batch order")
 
     def _warm_up_eager_decode(self) -> None:
         """Where decode runs eagerly (enforce_eager, tensor parallelism, graphs turned off by a failed capture

@@ -305,7 +305,9 @@ def _picked_tile(log: Path) -> str:
         return ""
     tile, seqs, keys, timings = m.groups()
     rate = re.search(re.escape(tile) + r": [\d,]+ us \(([\d,]+) GB/s\)", timings)
-    return f"tile {tile}" + (f" at {rate.group(1)} GB/s ({seqs} sequences x {keys} keys on average)" if rate else "")
+    order = re.search(r"decode attention launched longest first (\d+) us, in batch order (\d+) us", text)
+    return (f"tile {tile}" + (f" at {rate.group(1)} GB/s ({seqs} sequences x {keys} keys on average)" if rate else "")
+            + (f", {order[1]} us launched longest first against {order[2]} in batch order" if order else ""))
 
 
 def _pytest_result(log: Path) -> str:

@@ -41,7 +41,8 @@ import triton.language as tl
 
 from engine_service.attention.base import longest_first
 
-__all__ = ["store_kvcache", "paged_attention", "default_num_kv_splits", "tune_decode_tile", "spread_lengths"]
+__all__ = ["store_kvcache", "paged_attention", "default_num_kv_splits", "tune_decode_tile", "spread_lengths",
+           "decode_order_pays", "decode_order_timings"]
 
 _LOG2E = 1.4426950408889634
 
@@ -64,6 +65,9 @@ FP32_PREFILL_TILE: Tile = (32, 2, 8, 0)
 # "BLOCK_N,num_stages,num_warps[,heads_first]": pin a decode tile, no timing.
 DECODE_TILE_ENV = "LLMSERVE_DECODE_TILE"
 _decode_tiles: dict[tuple, Tile] = {}  # _tile_key(...) -> the tile decode steps use
+# _tile_key(...) -> (microseconds launched longest first, in batch order) with the picked tile, as the start-up
+# tuner timed them; where batch order was faster, decode steps with those shapes ignore their seq_order.
+_decode_order_timings: dict[tuple, tuple[float, float]] = {}
 _PREFILL_BLOCK_M = 64  # query rows per program (tokens x GQA) when queries are long
 _MIN_DOT = 16  # NVIDIA's compiler rejects tl.dot with an inner size under 16; M, N >= 16 for mma too
 _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second and third axes
@@ -343,6 +347,19 @@ def _tile_key(q: torch.Tensor, k_cache: torch.Tensor) -> tuple:
     return (str(k_cache.device), q.dtype, q.shape[1], *k_cache.shape[1:])
 
 
+def decode_order_timings(q: torch.Tensor, k_cache: torch.Tensor) -> tuple[float, float] | None:
+    """(microseconds launched longest first, in batch order) of the tuner's batch with its tile for these
+    shapes, or None where nothing was timed."""
+    return _decode_order_timings.get(_tile_key(q, k_cache))
+
+
+def decode_order_pays(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether decode steps of these shapes launch longest first: unless the start-up tuner found batch order
+    faster with its tile (the prediction, 8-12% mid workload A, is a model's until the GPU check measures it)."""
+    timed = decode_order_timings(q, k_cache)
+    return timed is None or timed[0] <= timed[1]
+
+
 def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
                           max_seqlen_q, out, num_kv_splits, tile=None, seq_order=None) -> list[_Launch]:
     num_tokens, num_heads, head_dim = q.shape
@@ -362,6 +379,8 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
                              f"expected ({num_seqs},) int32 on {q.device}, a permutation of the sequences")
     if num_tokens == 0 or num_seqs == 0:
         return []
+    if seq_order is not None and not decode_order_pays(q, k_cache):
+        seq_order = None
 
     gqa = num_heads // num_kv_heads
     # Rows per program: enough for max_seqlen_q tokens x GQA, at least 16 (tl.dot minimum), at most
@@ -506,13 +525,16 @@ def tune_decode_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: in
 
     The batch: `batch` sequences of context_len keys on average, spread evenly from an eighth of it to 15/8 of
     it in a random order (as decode steps meet them: the kernel's tail depends on the spread), in random blocks
-    of the caches, launched longest first as the engine's decode steps are. It only reads the caches (what they
-    hold does not change the timing). With LLMSERVE_DECODE_TILE set, that tile is used untimed.
+    of the caches, launched longest first as the engine's decode steps are. The picked tile is then timed in
+    batch order too (decode_order_timings): where that is faster, decode steps of these shapes keep batch order.
+    It only reads the caches (what they hold does not change the timing). With LLMSERVE_DECODE_TILE set, that
+    tile is used untimed, launched longest first.
     timer(fn, iters) -> microseconds; default CUDA events.
     """
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     q = torch.zeros((batch, num_heads, head_dim), dtype=k_cache.dtype, device=k_cache.device)
     key = _tile_key(q, k_cache)
+    _decode_order_timings.pop(key, None)  # the candidates are timed launched in order
     pinned = os.environ.get(DECODE_TILE_ENV)
     if pinned:
         tile = parse_tile(pinned)
@@ -542,4 +564,10 @@ def tune_decode_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: in
     if not timed:
         return None, timings
     _decode_tiles[key] = picked = min(timed, key=timed.get)
+    # The same tile in batch order: decode steps keep the order only where it pays.
+    try:
+        in_batch_order = timer(lambda: paged_attention(*args, out=out, tile=picked), iters)
+    except Exception:  # it ran ordered a moment ago; keep the order
+        return picked, timings
+    _decode_order_timings[key] = (timed[picked], in_batch_order)
     return picked, timings

@@ -90,8 +90,10 @@ def test_model_runner_tunes_the_decode_tile_on_its_own_shapes(tmp_path, monkeypa
     with _engine(tmp_path, "triton") as llm:
         with caplog.at_level(logging.INFO, logger="engine_service.model_runner"):
             llm.runner._tune_decode_attention()
-        assert len(timed) == len(tk.DECODE_TILES)
+        assert len(timed) == len(tk.DECODE_TILES) + 1  # every candidate, then the picked one in batch order
         assert f"decode attention tile (BLOCK_N, stages, warps, heads_first) {fastest}" in caplog.text
+        assert ("decode attention launched longest first 1 us, in batch order 5 us: decode steps launch longest "
+                "first") in caplog.text
         # The GPU check's table reads that line back (from the bench's log): the format and the parser agree.
         from scripts import gpu_check
 
@@ -99,7 +101,8 @@ def test_model_runner_tunes_the_decode_tile_on_its_own_shapes(tmp_path, monkeypa
         log_file.write_text(caplog.text)
         assert gpu_check._picked_tile(log_file).startswith(f"tile {fastest} at ")
         # max_model_len 128: a mean of 68 keys, whose spread (up to 15/8 of it) stays within the model's length.
-        assert "(4 sequences x 68 keys on average)" in gpu_check._picked_tile(log_file)
+        assert "(4 sequences x 68 keys on average), 1 us launched longest first against 5 in batch order" in \
+            gpu_check._picked_tile(log_file)
         key = tk._tile_key(torch.empty(1, 4, 16), llm.runner.k_cache[0])
         assert tk._decode_tiles == {key: fastest}
         tuned = llm.generate([[1, 2, 3], [4, 5, 6, 7, 8]], GREEDY)

@@ -268,6 +268,38 @@ def test_tuner_batch_spreads_the_lengths_it_times():
     assert min(tk.spread_lengths(4, 1, torch.Generator())) == 1
 
 
+@pytest.mark.parametrize("batch_order_us,ordered", [(9.0, True), (1.5, False)])
+def test_decode_keeps_the_launch_order_only_where_the_tuner_found_it_faster(monkeypatch, batch_order_us, ordered):
+    """The tuner times its pick in batch order too: where that is faster (the model behind longest-first could be
+    wrong on some GPU), decode steps of those shapes ignore their seq_order; the same answer either way."""
+    monkeypatch.setattr(tk, "_decode_tiles", {})
+    monkeypatch.setattr(tk, "_decode_order_timings", {})
+    monkeypatch.delenv(tk.DECODE_TILE_ENV, raising=False)
+    calls = []
+
+    def timer(fn, iters):
+        fn()
+        calls.append(1)
+        # Candidates (launched in order) 3 us, the first 2 us; then the pick once more in batch order.
+        return (2.0 if len(calls) == 1 else 3.0) if len(calls) <= len(tk.DECODE_TILES) else batch_order_us
+
+    b = make_paged_batch([1, 1, 1], [40, 9, 17], 4, 2, 16, 8)
+    picked, _ = tk.tune_decode_tile(b.k_cache, b.v_cache, 4, batch=3, context_len=20, timer=timer)
+    assert picked == tk.DECODE_TILES[0] and len(calls) == len(tk.DECODE_TILES) + 1
+    assert tk.decode_order_timings(b.q, b.k_cache) == (2.0, batch_order_us)
+    assert tk.decode_order_pays(b.q, b.k_cache) is ordered
+    order = torch.tensor([0, 2, 1], dtype=torch.int32)
+    args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.1, 1)
+    launch = tk._plan_paged_attention(*args, torch.empty_like(b.q), 1, None, order)[0]
+    assert launch.constexprs["ORDERED"] is ordered
+    out = tk.paged_attention(*args, seq_order=order)
+    assert torch.equal(out, tk.paged_attention(*args))
+    # Tuned again, say with the tile pinned, nothing is timed: the order is kept.
+    monkeypatch.setenv(tk.DECODE_TILE_ENV, "64,2,4")
+    tk.tune_decode_tile(b.k_cache, b.v_cache, 4, batch=3, context_len=20, timer=timer)
+    assert tk.decode_order_pays(b.q, b.k_cache)
+
+
 def _plan_tiles(b):
     out = torch.empty_like(b.q)
     launch = tk._plan_paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables,
