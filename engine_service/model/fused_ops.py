@@ -112,9 +112,12 @@ def _qk_norm_rope_kernel(
     Q_PAD: tl.constexpr, KV_PAD: tl.constexpr, NORM: tl.constexpr, STORE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    # One program per token, every head of its packed row (q heads, then k heads, then v heads, side by side):
-    # a head a program left thousands of one-warp programs a layer (4.5 us a decode step's layer on the H200).
+    # Two programs per token, over every head of its packed row (q heads, then k heads, then v heads, side by
+    # side): program 0 the q heads, program 1 the k heads (and v, when storing). A head a program left thousands
+    # of one-warp programs a layer (4.5 us a decode step's layer on the H200); one a token, a single program
+    # for a batch of one.
     tok = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
     row = qkv_ptr + tok * stride_qkv
     offs = tl.arange(0, BLOCK_HALF)[None, :]
     m = offs < HALF
@@ -122,8 +125,10 @@ def _qk_norm_rope_kernel(
     c2 = tl.load(cos_ptr + tok * stride_cos + HALF + offs, mask=m, other=0.0).to(tl.float32)
     s1 = tl.load(sin_ptr + tok * stride_sin + offs, mask=m, other=0.0).to(tl.float32)
     s2 = tl.load(sin_ptr + tok * stride_sin + HALF + offs, mask=m, other=0.0).to(tl.float32)
-    _norm_rope_heads(row, NUM_Q, qw_ptr, c1, c2, s1, s2, q_out_ptr + tok * NUM_Q * (2 * HALF), 2 * HALF, eps,
-                     HALF, BLOCK_HALF, Q_PAD, NORM)
+    if part == 0:
+        _norm_rope_heads(row, NUM_Q, qw_ptr, c1, c2, s1, s2, q_out_ptr + tok * NUM_Q * (2 * HALF), 2 * HALF, eps,
+                         HALF, BLOCK_HALF, Q_PAD, NORM)
+        return
     k_src = row + NUM_Q * (2 * HALF)
     if STORE:
         # K and V go straight into their cache slot (as store_kvcache would put them); slot -1 (a padding lane)
@@ -184,7 +189,7 @@ def qk_norm_rope(qkv: torch.Tensor, num_q: int, num_kv: int, head_dim: int, q_we
         half = head_dim // 2
         block_half = triton.next_power_of_2(half)
         q_pad = triton.next_power_of_2(num_q)
-        _qk_norm_rope_kernel[(t,)](
+        _qk_norm_rope_kernel[(t, 2)](
             qkv, qkv if q_weight is None else q_weight, qkv if k_weight is None else k_weight, cos, sin, q,
             q if k is None else k, k_cache, v_cache, slots,
             qkv.stride(0), cos.stride(0), sin.stride(0), eps, *cache_strides,
