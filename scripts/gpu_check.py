@@ -163,6 +163,8 @@ def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
 
         # The decode tile the start-up tuner picked for this model (its timings are in the log).
         report["decode_tile"] = {str(k): list(v) for k, v in tk._decode_tiles.items()}
+        # Its tuner batch launched longest first and in batch order (us): which order decode steps use.
+        report["decode_order_us"] = {str(k): list(v) for k, v in tk._decode_order_timings.items()}
         print(f"decode attention tile picked at start-up: {report['decode_tile']}")
     if graphs is not None:
         _graph_check(graphs, report)
