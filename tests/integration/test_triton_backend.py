@@ -90,7 +90,7 @@ def test_model_runner_tunes_the_decode_tile_on_its_own_shapes(tmp_path, monkeypa
     with _engine(tmp_path, "triton") as llm:
         with caplog.at_level(logging.INFO, logger="engine_service.model_runner"):
             llm.runner._tune_decode_attention()
-        assert len(timed) == len(tk.DECODE_TILES) + 1  # every candidate, then the picked one in batch order
+        assert len(timed) == len(tk.DECODE_TILES) + 2  # every candidate, then the pick in batch order (heads 1st, 2nd)
         assert f"decode attention tile (BLOCK_N, stages, warps, heads_first) {fastest}" in caplog.text
         assert ("decode attention launched longest first 1 us, in batch order 5 us: decode steps launch longest "
                 "first") in caplog.text

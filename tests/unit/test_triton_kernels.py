@@ -275,17 +275,23 @@ def test_decode_keeps_the_launch_order_only_where_the_tuner_found_it_faster(monk
     monkeypatch.setattr(tk, "_decode_tiles", {})
     monkeypatch.setattr(tk, "_decode_order_timings", {})
     monkeypatch.delenv(tk.DECODE_TILE_ENV, raising=False)
-    calls = []
+    calls, launches = [], []
+    real = tk.paged_attention
+    monkeypatch.setattr(tk, "paged_attention", lambda *a, **k: launches.append(k.get("seq_order")) or real(*a, **k))
 
     def timer(fn, iters):
+        # Each timed variant has run (compiled) just before: a compile must never land inside a timing.
+        assert launches, "timed without a warm-up call"
+        launches.clear()
         fn()
+        launches.clear()
         calls.append(1)
-        # Candidates (launched in order) 3 us, the first 2 us; then the pick once more in batch order.
+        # Candidates (launched in order) 3 us, the first 2 us; then the pick in batch order, heads first and second.
         return (2.0 if len(calls) == 1 else 3.0) if len(calls) <= len(tk.DECODE_TILES) else batch_order_us
 
     b = make_paged_batch([1, 1, 1], [40, 9, 17], 4, 2, 16, 8)
     picked, _ = tk.tune_decode_tile(b.k_cache, b.v_cache, 4, batch=3, context_len=20, timer=timer)
-    assert picked == tk.DECODE_TILES[0] and len(calls) == len(tk.DECODE_TILES) + 1
+    assert picked == tk.DECODE_TILES[0] and len(calls) == len(tk.DECODE_TILES) + 2
     assert tk.decode_order_timings(b.q, b.k_cache) == (2.0, batch_order_us)
     assert tk.decode_order_pays(b.q, b.k_cache) is ordered
     order = torch.tensor([0, 2, 1], dtype=torch.int32)
