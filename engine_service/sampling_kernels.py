@@ -52,9 +52,7 @@ def _sample_kernel(
     total = tl.sum(acc * tl.math.exp2(m - row_max), 0)
     target = tl.load(u_ptr + row) * total
 
-    # Pass 2: the first index whose running sum exceeds the target; the last positive one as a fallback. Only a
-    # block whose sum takes the running sum past the target is scanned (a cumulative sum over BLOCK entries costs
-    # far more than their sum): at most one or two of a row's blocks.
+    # Pass 2: the first index whose running sum exceeds the target; the last positive one as a fallback.
     running = total * 0.0
     token = vocab * 0 + vocab  # "not found yet"
     last_positive = vocab * 0
@@ -62,13 +60,11 @@ def _sample_kernel(
         idx = start + offs
         x = tl.load(base + idx, mask=idx < vocab, other=-float("inf")).to(tl.float32) * scale
         p = tl.math.exp2(x - row_max)
-        block_sum = tl.sum(p, 0)
-        if (token == vocab) & (running + block_sum > target):
-            cdf = running + tl.cumsum(p, 0)
-            hit = (cdf > target) & (p > 0.0)
-            token = tl.minimum(token, tl.min(tl.where(hit, idx, vocab), 0))
+        cdf = running + tl.cumsum(p, 0)
+        hit = (cdf > target) & (p > 0.0)
+        token = tl.minimum(token, tl.min(tl.where(hit, idx, vocab), 0))
         last_positive = tl.maximum(last_positive, tl.max(tl.where(p > 0.0, idx, 0), 0))
-        running += block_sum
+        running += tl.sum(p, 0)
     token = tl.where(token < vocab, token, last_positive)
     tl.store(out_ptr + row, token.to(tl.int64))
 
