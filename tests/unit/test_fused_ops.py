@@ -86,24 +86,28 @@ def test_qk_norm_rope_matches_norms_then_rotary(dtype, heads, kv_heads, head_dim
         assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
 
 
-@pytest.mark.parametrize("dtype,heads,kv_heads,head_dim,norm,block_size",
-                         [(torch.float32, 4, 2, 64, True, 16), (torch.float16, 6, 2, 128, True, 5),
-                          (torch.float16, 8, 8, 32, False, 8)],
-                         ids=["fp32-gqa2", "fp16-gqa3-block5", "fp16-rope-only"])
-def test_qk_norm_rope_can_store_k_and_v_in_their_cache_slots(dtype, heads, kv_heads, head_dim, norm, block_size):
+@pytest.mark.parametrize("dtype,heads,kv_heads,head_dim,norm,block_size,t",
+                         [(torch.float32, 4, 2, 64, True, 16, 7), (torch.float16, 6, 2, 128, True, 5, 7),
+                          (torch.float16, 8, 8, 32, False, 8, 7), (torch.float32, 5, 3, 80, True, 7, 7),
+                          (torch.float16, 7, 7, 96, False, 16, 1)],
+                         ids=["fp32-gqa2", "fp16-gqa3-block5", "fp16-rope-only", "fp32-odd-heads-hd80",
+                              "fp16-one-token-hd96"])
+def test_qk_norm_rope_can_store_k_and_v_in_their_cache_slots(dtype, heads, kv_heads, head_dim, norm, block_size, t):
     """With the cache given, K and V land in their slots bit for bit as the separate KV store puts the unfused
-    kernel's k and the projection's v there; a padding slot (-1) writes nothing; q is the same."""
+    kernel's k and the projection's v there; a padding slot (-1) writes nothing; q is the same. Head counts and
+    head_dim / 2 that are not powers of two exercise the kernel's masks; one token, a batch of one."""
     from engine_service.attention.triton_kernels import store_kvcache
 
     torch.manual_seed(4)
-    t, num_blocks = 7, 6
+    num_blocks = 6
     rotary = RotaryEmbedding(head_dim, 64, 10_000.0, dtype)
     qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim).to(dtype)
-    cos, sin = rotary.lookup(torch.tensor([3, 0, 9, 1, 30, 2, 5]))
+    cos, sin = rotary.lookup(torch.tensor([3, 0, 9, 1, 30, 2, 5][:t]))
     weights = ((torch.rand(head_dim) + 0.5).to(dtype), (torch.rand(head_dim) + 0.5).to(dtype), 1e-6) if norm \
         else (None, None, 0.0)
     slots = torch.randperm(num_blocks * block_size)[:t]
-    slots[[1, 5]] = -1
+    if t > 5:
+        slots[[1, 5]] = -1
     shape = (num_blocks, block_size, kv_heads, head_dim)
     k_cache, v_cache = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
     k_want, v_want = k_cache.clone(), v_cache.clone()
@@ -121,7 +125,7 @@ def test_qk_norm_rope_can_store_k_and_v_in_their_cache_slots(dtype, heads, kv_he
                                cache=(k_cache.float() if dtype != torch.float32 else k_cache.half(), v_cache, slots))
     with pytest.raises(ValueError, match="slot_mapping has shape"):
         fused_ops.qk_norm_rope(qkv, heads, kv_heads, head_dim, *weights, cos[:, 0], sin[:, 0],
-                               cache=(k_cache, v_cache, slots[:3]))
+                               cache=(k_cache, v_cache, slots[:0]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
