@@ -202,7 +202,11 @@ class ModelRunner:
         """Pick the Triton decode tile for this model on this device by timing the candidates on a full
         decode batch (max_num_seqs sequences of 1,024 keys on average, spread from 128 to 1,920, launched
         longest first) over the real KV cache, before any graph is captured. Start-up logs the timings."""
-        from engine_service.attention.triton_kernels import decode_order_timings, tune_decode_tile
+        from engine_service.attention.triton_kernels import (
+            decode_order_pays,
+            decode_order_timings,
+            tune_decode_tile,
+        )
 
         start = time.perf_counter()
         heads = self.model_cfg.num_attention_heads // self.tp.size
@@ -236,11 +240,11 @@ class ModelRunner:
             "sequences of %d keys on average: %s",
             picked, seconds, self.config.max_num_seqs, context, found,
         )
-        order = decode_order_timings(torch.empty(1, heads, self.k_cache.shape[-1], dtype=self.dtype,
-                                                 device=self.device), self.k_cache[0])
+        q = torch.empty(1, heads, self.k_cache.shape[-1], dtype=self.dtype, device="meta")  # only its shape
+        order = decode_order_timings(q, self.k_cache[0])
         if order is not None:
             log.info("decode attention launched longest first %.0f us, in batch order %.0f us: %s", *order,
-                     "decode steps launch longest first" if order[0] <= order[1] else
+                     "decode steps launch longest first" if decode_order_pays(q, self.k_cache[0]) else
                      "decode steps keep batch order")
 
     def _warm_up_eager_decode(self) -> None:

@@ -55,8 +55,13 @@ _QWEN = (16, 8, 128)
 _ORDERED = "longest first"
 
 
+def _order(ctx: list[int], dev="cpu") -> torch.Tensor:
+    """The engine's decode launch order for these context lengths, as paged_attention takes it."""
+    return torch.tensor(longest_first(ctx), dtype=torch.int32, device=dev)
+
+
 def _order_for(name: str, ctx: list[int], dev) -> torch.Tensor | None:
-    return torch.tensor(longest_first(ctx), dtype=torch.int32, device=dev) if name.endswith(_ORDERED) else None
+    return _order(ctx, dev) if name.endswith(_ORDERED) else None
 
 
 def _accuracy_cases(rng: torch.Generator) -> list[tuple]:
@@ -131,7 +136,7 @@ def check_graph(dev: torch.device, rng: torch.Generator) -> bool:
     args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, 128 ** -0.5, 1)
     eager = tk.paged_attention(*args, num_kv_splits=4)
     all_ok = True
-    for order in (None, torch.tensor(longest_first(ctx), dtype=torch.int32, device=dev)):
+    for order in (None, _order(ctx, dev)):
         out = torch.full_like(b.q, float("nan"))
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -206,7 +211,7 @@ def time_launch_order(dev: torch.device, rng: torch.Generator, step: int = 212) 
     args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, hd ** -0.5, 1)
     out = torch.empty_like(b.q)
     kv_bytes = sum(lens) * nkv * hd * 2 * b.k_cache.element_size()
-    order = torch.tensor(longest_first(lens), dtype=torch.int32, device=dev)
+    order = _order(lens, dev)
     print(f"\nlaunch order: workload A's decode step {step}, {len(lens)} sequences of {min(lens)}-{max(lens)} keys "
           f"(mean {sum(lens) / len(lens):.0f}), block 16, default splits")
     print(f"{'tile':>16s} {'batch order':>20s} {'longest first':>20s} {'gain':>6s}")
@@ -548,7 +553,7 @@ def check_specialisation(target) -> bool:
         b = make_paged_batch(q_lens, ctx, *_QWEN, 16, dtype=torch.bfloat16)
         tables = b.block_tables[:, :blocks].contiguous()  # stride(0) == blocks, as the engine packs them
         # Decode steps launch longest first (the engine's order), so plan them both ways.
-        orders = [None] + ([torch.tensor(longest_first(ctx), dtype=torch.int32)] if b.max_seqlen_q == 1 else [])
+        orders = [None] + ([_order(ctx)] if b.max_seqlen_q == 1 else [])
         for order in orders:
             for launch in tk._plan_paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens,
                                                    tables, 128 ** -0.5, b.max_seqlen_q, torch.empty_like(b.q), 1,

@@ -184,8 +184,9 @@ def _chat_texts(r: TextRequest) -> list[tuple[str, str, list[str]]]:
         if "tool_call_id" in message:
             texts.append((f"messages[{i}].tool_call_id", message["tool_call_id"], [message["tool_call_id"]]))
     texts.extend((f"tools[{i}]", dumped(tool), json_strings(tool)) for i, tool in enumerate(_tools(r)))
-    if _template_kwargs(r):
-        texts.append(("template_kwargs", dumped(_template_kwargs(r)), json_strings(_template_kwargs(r))))
+    kwargs = _template_kwargs(r)
+    if kwargs:
+        texts.append(("template_kwargs", dumped(kwargs), json_strings(kwargs)))
     r.normalised["texts"] = texts
     return texts
 
