@@ -275,6 +275,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["overlap_scheduling"] = args.overlap_scheduling == "on"
     if args.fused_ops != "auto":
         kwargs["fused_ops"] = args.fused_ops == "on"
+    kwargs["triton_gemm"] = args.triton_gemm == "on"
     return kwargs
 
 
@@ -493,6 +494,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     engine.add_argument(
         "--fused-ops", choices=["auto", "on", "off"], default="auto",
         help="fused Triton kernels for the norms, RoPE and SiLU (auto: on for CUDA)",
+    )
+    engine.add_argument(
+        "--triton-gemm", choices=["on", "off"], default="on",
+        help="time Triton GEMM tiles against torch's at start-up and use them at the decode sizes where faster",
     )
     args = p.parse_args(argv)
     # Recorded in the report: a figure counts only with the command that reproduces it.

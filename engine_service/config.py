@@ -46,6 +46,10 @@ class EngineConfig:
     # float64; True on CPU needs the interpreter (tests); False keeps torch's eager ops (the reference, and
     # the A/B baseline).
     fused_ops: bool | None = None
+    # Decode GEMMs of our own (engine_service/model/gemm.py): where CUDA graphs are captured (CUDA, the triton
+    # backend, tensor_parallel_size 1, bfloat16 or float16), start-up times Triton GEMM tiles against torch's at
+    # every captured batch size and uses a tile where it is faster. False keeps torch's GEMMs everywhere.
+    triton_gemm: bool = True
     seed: int = 0  # seeds unseeded sampling, so a run is repeatable
 
     def __post_init__(self) -> None:
@@ -86,7 +90,7 @@ class EngineConfig:
             )
         if self.fused_ops is not None and not isinstance(self.fused_ops, bool):
             raise ValueError(f"fused_ops must be True, False or None (auto), got {self.fused_ops!r}")
-        for name in ("enforce_eager", "enable_prefix_caching"):
+        for name in ("enforce_eager", "enable_prefix_caching", "triton_gemm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("gpu_memory_utilization", "cpu_kvcache_gib"):

@@ -189,6 +189,10 @@ class ModelRunner:
         )
         if self.device.type == "cuda" and self.backend_name == "triton":
             self._tune_decode_attention()
+        if (config.triton_gemm and self.device.type == "cuda" and not config.enforce_eager
+                and self.backend_name == "triton" and tp.size == 1 and self.dtype in (torch.float16, torch.bfloat16)
+                and compiled_triton(self.device)):
+            self._tune_decode_gemms()
         # Pure-decode steps replay CUDA graphs captured here (see cuda_graphs.py); None runs them eagerly.
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -246,6 +250,34 @@ class ModelRunner:
             log.info("decode attention launched longest first %.0f us, in batch order %.0f us: %s", *order,
                      "decode steps launch longest first" if decode_order_pays(q, self.k_cache[0]) else
                      "decode steps keep batch order")
+
+    def _tune_decode_gemms(self) -> None:
+        """Time Triton GEMM tiles against torch's for the four GEMMs of a layer at every batch size CUDA graphs
+        capture, over the model's own weights, and use a tile where it is faster (model/gemm.py). Before
+        capture, which records whichever GEMM each size uses. Start-up logs what was picked."""
+        from engine_service.cuda_graphs import capture_sizes
+        from engine_service.model.gemm import describe, tune_decode_gemms
+
+        layers = self.model.layers
+        groups = {
+            "qkv": [layer.self_attn.qkv_proj for layer in layers],
+            "o": [layer.self_attn.o_proj for layer in layers],
+            "gate_up": [layer.mlp.gate_up_proj for layer in layers],
+            "down": [layer.mlp.down_proj for layer in layers],
+        }
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode(), on_device(self.device):
+                found = tune_decode_gemms(groups, capture_sizes(self.config.max_num_seqs))
+        except Exception:  # an optimisation: serve with torch's GEMMs rather than not at all
+            log.exception("timing the decode GEMMs failed; torch's GEMMs stay")
+            for group in groups.values():
+                for linear in group:
+                    linear.gemms = None
+            return
+        log.info("decode GEMMs timed in %.1f s", time.perf_counter() - start)
+        for shape in found:
+            log.info("%s", describe(shape))
 
     def _warm_up_eager_decode(self) -> None:
         """Where decode runs eagerly (enforce_eager, tensor parallelism, graphs turned off by a failed capture

@@ -337,6 +337,7 @@ def _part_results(out: Path) -> dict[str, str]:
     cases = re.findall(r"\s(ok|FAIL)(?: \(NaN left in output\))?$", log, re.M)
     verdict = re.search(r"^(PASS|FAIL) in", log, re.M)
     fused = re.findall(r"^  (?:q-norm\+rope [qk]|silu\*up|add\+rmsnorm|residual) +(ok|FAIL): ", log, re.M)
+    gemms = re.findall(r"^  gemm \S+ +\d+ rows \S+ +(ok|FAIL)", log, re.M)
     layer_us = re.findall(r"elementwise work in a CUDA graph, batch \d+, (eager torch ops|fused kernels): "
                           r"([\d.]+) us", log)
     # gpu_kernel_check's launch-order table: the default decode tile (its first row) in batch order and longest first.
@@ -348,6 +349,8 @@ def _part_results(out: Path) -> dict[str, str]:
             + (f"; fused ops {fused.count('ok')}/{len(fused)}" if fused else "")
             + ("" if len(layer_us) < 2 else
                f" (a layer's elementwise work {layer_us[0][1]} us eager, {layer_us[1][1]} us fused)")
+            + (f"; decode GEMM tiles {gemms.count('ok')}/{len(gemms)} (2x torch-bf16 + 1e-3, the same bits twice)"
+               if gemms else "")
             + ("" if not order else f"; decode step {order[1]} of workload A launched longest first "
                                     f"{order[3]} us ({order[4]} GB/s), in batch order {order[2]} us")
             + ("" if not verdict else f"; overall {verdict.group(1)}")

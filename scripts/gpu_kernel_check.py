@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 from engine_service.attention import triton_kernels as tk  # noqa: E402
 from engine_service.attention.base import longest_first  # noqa: E402
@@ -375,97 +374,74 @@ def check_fused_kv_store(dev: torch.device, rng: torch.Generator) -> bool:
     return ok
 
 
-# Qwen3-0.6B's decode GEMMs, (name, K, N): out[M, N] = x[M, K] @ W[N, K]^T.
-_DECODE_GEMMS = (("qkv", 1024, 4096), ("o", 2048, 1024), ("gate_up", 1024, 6144), ("down", 3072, 1024))
-# Triton GEMM configs tried against cuBLAS: (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). At 224 rows the
-# activations, re-read from L2 by every column tile, cost about as much as the weights: the 256-row tiles read
-# them once per column tile for all rows.
-_GEMM_CONFIGS = ((64, 64, 128, 4, 4), (128, 64, 64, 4, 8), (64, 32, 128, 5, 4), (256, 32, 64, 3, 8),
-                 (256, 64, 64, 3, 8))
+# Qwen3-0.6B's decode GEMMs, (name, N, K): out[M, N] = x[M, K] @ W[N, K]^T.
+_DECODE_GEMMS = (("qkv", 4096, 1024), ("o", 1024, 2048), ("gate_up", 6144, 1024), ("down", 1024, 3072))
+_GEMM_CHECK_ROWS = (1, 64, 224)
+_GEMM_TABLE_ROWS = (1, 8, 32, 64, 128, 224, 256)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _gemm_kernel(x_ptr, w_ptr, out_ptr, M, N: tl.constexpr, K: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """A plain Triton GEMM (no split-K): out[M, N] = x[M, K] @ w[N, K]^T, contiguous, N and K multiples of the
-    blocks. Only the GEMM table below uses it."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k in range(0, K, BLOCK_K):
-        a = tl.load(x_ptr + rm[:, None] * K + (k + rk)[None, :], mask=rm[:, None] < M, other=0.0)
-        b = tl.load(w_ptr + rn[:, None] * K + (k + rk)[None, :])
-        acc += tl.dot(a, tl.trans(b))
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=rm[:, None] < M)
+def check_gemms(dev: torch.device, rng: torch.Generator) -> bool:
+    """The engine's decode GEMM (engine_service/model/gemm.py) in bf16: every candidate tile of Qwen3-0.6B's four
+    shapes at 1, 64 and 224 rows, into a NaN-poisoned output, against a float32 reference of the same bf16 inputs;
+    within 2x torch-bf16's error + 1e-3, every element written, and the same bits on a second launch."""
+    from engine_service.model import gemm as G
 
-
-def _graph_time(fn, reps: int = 20) -> float:
-    """Microseconds per call of fn, from a CUDA graph of `reps` calls: launched one by one from Python, a GEMM of a
-    few microseconds waits on the host (the first H200 table read 14-26 us where the engine's graphs ran 6-8)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    return _time(graph.replay) / reps
-
-
-def _time_gemm(x: torch.Tensor, w: torch.Tensor) -> tuple:
-    """(cuBLAS us, cuBLASLt us or None, (best Triton us, its tile, its max |diff| from cuBLAS) or None), each
-    timed inside a CUDA graph, as the engine's decode steps run them."""
-    (m, k), n = x.shape, w.shape[0]
-    want = torch.nn.functional.linear(x, w)
-    cublas = _graph_time(lambda: torch.nn.functional.linear(x, w))
-    lt = None
-    try:
-        torch.backends.cuda.preferred_blas_library("cublaslt")
-        lt = _graph_time(lambda: torch.nn.functional.linear(x, w))
-    except Exception:  # a torch without the switch: the column stays empty
-        pass
-    finally:
-        torch.backends.cuda.preferred_blas_library("cublas")
-    best = None
-    for tile in _GEMM_CONFIGS:
-        bm, bn, bk, stages, warps = tile
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        grid = (n // bn, triton.cdiv(m, bm))
-
-        def call(bm=bm, bn=bn, bk=bk, stages=stages, warps=warps, out=out, grid=grid):
-            _gemm_kernel[grid](x, w, out, m, N=n, K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=warps)
-
-        try:
-            us = _graph_time(call)
-        except Exception as exc:
-            print(f"  Triton GEMM {tile} failed on {m}x{k}x{n}: {type(exc).__name__}")
-            continue
-        diff = float((out.float() - want.float()).abs().max())
-        if best is None or us < best[0]:
-            best = (us, tile, diff)
-    return cublas, lt, best
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    print("\ndecode GEMM tiles, bf16, max abs error against a float32 reference (NaN-poisoned outputs)")
+    ok = True
+    for name, n, k in _DECODE_GEMMS:
+        w = (torch.randn(n, k, generator=rng) * 0.02).to(dev, torch.bfloat16)
+        for m in _GEMM_CHECK_ROWS:
+            x = torch.randn(m, k, generator=rng).to(dev, torch.bfloat16)
+            ref = x.float() @ w.float().T
+            base_err = float((torch.nn.functional.linear(x, w).float() - ref).abs().max())
+            for tile in G.candidates(m, n, k, sms):
+                out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=dev)
+                try:
+                    G.gemm(x, w, None, tile, out=out)
+                    again = G.gemm(x, w, None, tile)
+                    torch.cuda.synchronize(dev)
+                except Exception as exc:
+                    ok = False
+                    print(f"  gemm {name:7s} {m:3d} rows {str(tile):16s} FAIL: {type(exc).__name__}: {exc}")
+                    continue
+                err = float((out.float() - ref).abs().max())
+                same = torch.equal(out, again)
+                good = bool(torch.isfinite(out).all()) and err <= 2 * base_err + 1e-3 and same
+                ok &= good
+                print(f"  gemm {name:7s} {m:3d} rows {str(tile):16s} {'ok' if good else 'FAIL'}: {err:.3g}, "
+                      f"torch {base_err:.3g}" + ("" if same else ", NOT the same bits twice"))
+    return ok
 
 
 def time_decode_gemms(dev: torch.device, rng: torch.Generator) -> None:
-    """Qwen3-0.6B's four decode GEMMs at 64 and 224 rows (captured graph sizes): cuBLAS as torch calls it, cuBLASLt,
-    and a plain Triton GEMM in a few tiles. On 2026-11-29's H200 run these took 6-8.4 us each at ~216 rows (1.5 TB/s
-    of weights at best), 0.83 ms of a 6.95 ms decode step: the largest cost after attention. The table says whether
-    a GEMM of our own could do better before one is written into the engine."""
-    print("\ndecode GEMMs, bf16: us per call (weights' GB/s); Triton tiles (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)")
-    print(f"{'gemm':>8s} {'M':>4s} {'cuBLAS':>16s} {'cuBLASLt':>16s} {'best Triton':>16s}  tile, max |diff| vs cuBLAS")
-    for name, k, n in _DECODE_GEMMS:
-        w = (torch.randn(n, k, generator=rng) * 0.02).to(dev, torch.bfloat16)
-        for m in (64, 224):
-            x = torch.randn(m, k, generator=rng).to(dev, torch.bfloat16)
-            cublas, lt, best = _time_gemm(x, w)
+    """Qwen3-0.6B's four decode GEMMs at decode batch sizes, timed as the engine's start-up tuner times them
+    (model/gemm.py): inside a CUDA graph, over 28 weights of the shape one after another as a decode step reads
+    them (so none is still in L2), torch against every candidate tile. On 2026-11-29's H200 run torch's took 6-8.4
+    us each at ~216 rows in the engine's graphs, 0.93 ms of a 6.5 ms decode step."""
+    from engine_service.model import gemm as G
 
-            def cell(us, weight_kb=n * k * 2 / 1e3):
-                return f"{'-':>16s}" if us is None else f"{us:6.1f} ({weight_kb / us:5.0f})"
+    print("\ndecode GEMMs, bf16, us per call over 28 weights in a CUDA graph (weights' GB/s): torch, the fastest "
+          "tile, the engine's pick")
+    print(f"{'gemm':>8s} {'M':>4s} {'torch':>14s} {'fastest tile':>14s}  {'tile':16s} picked")
 
-            print(f"{name:>8s} {m:4d} {cell(cublas):>16s} {cell(lt):>16s} {cell(best and best[0]):>16s}  "
-                  + ("" if best is None else f"{best[1]}, {best[2]:.3g}"))
+    class _Layer(torch.nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            self.weight, self.gemms = w, None
+
+    for name, n, k in _DECODE_GEMMS:
+        layers = [_Layer((torch.randn(n, k, generator=rng) * 0.02).to(dev, torch.bfloat16)) for _ in range(28)]
+        (found,) = G.tune_decode_gemms({name: layers}, _GEMM_TABLE_ROWS)
+        for m in _GEMM_TABLE_ROWS:
+            def cell(us, kb=n * k * 2 / 1e3):
+                return f"{'-':>14s}" if us is None else f"{us:5.1f} ({kb / us:5.0f})"
+
+            best = found.best.get(m)
+            print(f"{name:>8s} {m:4d} {cell(found.torch_us[m]):>14s} {cell(best and best[1]):>14s}  "
+                  f"{str(best[0]) if best else '-':16s} {'yes' if m in found.picked else 'no'}")
+        for tile, why in found.failed.items():
+            print(f"  {name}: tile {tile} dropped: {why}")
 
 
 def _time(fn, iters: int = 50) -> float:
@@ -491,7 +467,6 @@ def _bind(launch, backend) -> tuple:
 def _aot_compile(launch, target) -> object:
     """Compile one planned launch as triton's JIT would on the target: same binder, same
     specialisation (ints == 1 become constexprs, 16-divisible ints and pointers get divisibility)."""
-    import triton
     from triton.compiler.compiler import ASTSource, make_backend
 
     fn = launch.kernel
@@ -514,7 +489,6 @@ def _ptxas_usage(ptx: str) -> str:
     import subprocess
     import tempfile
 
-    import triton
 
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     exe = str(ptxas) if ptxas.exists() else shutil.which("ptxas")
@@ -639,15 +613,42 @@ def compile_only() -> bool:
                         dict(BLOCK=sk.BLOCK_V), dict(num_warps=sk.NUM_WARPS))
     ok &= _compile_one("sampling qwen3 vocab bf16", launch, target)
     ok &= _compile_fused_ops(target)
-    # The GEMM table's Triton tiles (part b's information only), on the down projection's shape.
-    x, w, y = torch.empty(224, 3072, dtype=torch.bfloat16), torch.empty(1024, 3072, dtype=torch.bfloat16), \
-        torch.empty(224, 1024, dtype=torch.bfloat16)
-    for bm, bn, bk, stages, warps in _GEMM_CONFIGS:
-        launch = tk._Launch(_gemm_kernel, (1024 // bn, -(-224 // bm)), (x, w, y, 224),
-                            dict(N=1024, K=3072, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
-                            dict(num_warps=warps, num_stages=stages))
-        ok &= _compile_one(f"gemm down {bm},{bn},{bk},{stages},{warps}", launch, target)
+    ok &= _compile_gemms(target)
     print("compile-only:", "all kernels compiled for sm_90" if ok else "FAILURES")
+    return ok
+
+
+def _compile_gemms(target) -> bool:
+    """Every tile the decode GEMM tuner may time on Qwen3-0.6B's four shapes at the sizes a 256-sequence engine
+    captures (the row count is a runtime argument: one variant per tile and shape), bf16, compiled for sm_90."""
+    from unittest import mock
+
+    from engine_service.cuda_graphs import capture_sizes
+    from engine_service.model import gemm as G
+
+    launches: list = []
+    kernel = G._gemm_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def record(*args, num_warps, num_stages, **constexprs):
+                launches.append(tk._Launch(kernel, grid, args, constexprs,
+                                           dict(num_warps=num_warps, num_stages=num_stages)))
+            return record
+
+    labels: list[str] = []
+    with mock.patch.object(G, "_gemm_kernel", Recorder()):
+        for name, n, k in _DECODE_GEMMS:
+            w = torch.empty(n, k, dtype=torch.bfloat16)
+            for m in capture_sizes(256):
+                for tile in G.candidates(m, n, k, 132):
+                    if f"gemm {name} {tile}" not in labels:
+                        labels.append(f"gemm {name} {tile}")
+                        G.gemm(torch.empty(m, k, dtype=torch.bfloat16), w, None, tile)
+    ok = True
+    for launch, label in zip(launches, labels, strict=True):
+        ok &= _compile_one(label, launch, target)
+    print(f"decode GEMM: {len(labels)} tiles over Qwen3-0.6B's four shapes")
     return ok
 
 
@@ -741,6 +742,7 @@ def main() -> int:
     ok &= check_and_time_sampling(dev, rng, not a.no_timing)
     ok &= check_and_time_fused_ops(dev, rng, not a.no_timing)
     ok &= check_fused_kv_store(dev, rng)
+    ok &= check_gemms(dev, rng)
     if not a.no_timing:
         time_decode(dev, rng)
         time_decode_gemms(dev, rng)

@@ -62,6 +62,17 @@ def _expect_shape(loaded: torch.Tensor, *shape: int) -> None:
         raise RuntimeError(f"the whole tensor should be {shape}")
 
 
+def _matmul(layer: ColumnParallelLinear | RowParallelLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T (+ bias): F.linear, or the Triton GEMM the start-up tuner picked for this many rows
+    (model/gemm.py; `gemms` is set only on CUDA, for the decode batch sizes CUDA graphs capture)."""
+    picks = layer.gemms
+    if picks:
+        pick = picks.get(x.shape[0])
+        if pick is not None:
+            return pick.run(x, layer.weight, bias)
+    return F.linear(x, layer.weight, bias)
+
+
 def _load_whole(param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
     """A parameter every rank holds whole (norms, a row-parallel bias)."""
     _expect_shape(loaded, *param.shape)
@@ -98,6 +109,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _param(off) if bias else None
         if self.bias is not None:
             self.bias.weight_loader = self._load
+        self.gemms = None  # rows -> model.gemm.GemmPick, set by the start-up tuner on CUDA
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
         rows = dict(self.shards)[shard]
@@ -108,7 +120,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.narrow(0, self.offsets[shard], rows).copy_(piece)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return _matmul(self, x, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -123,13 +135,14 @@ class RowParallelLinear(nn.Module):
         self.bias = _param(out_features) if bias else None
         if self.bias is not None:
             self.bias.weight_loader = _load_whole
+        self.gemms = None  # rows -> model.gemm.GemmPick, set by the start-up tuner on CUDA
 
     def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
         _expect_shape(loaded, param.shape[0], self.in_per_rank * self.tp.size)
         param.data.copy_(loaded.narrow(1, self.tp.rank * self.in_per_rank, self.in_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = _matmul(self, x, None)
         y = self.tp.all_reduce(y)
         # The bias is added once, after the reduction.
         return y + self.bias if self.bias is not None else y

@@ -84,10 +84,11 @@ def test_serving_compiles_no_kernel_variant_after_start_up(bf16_model, enforce_e
     from engine_service import sampling_kernels as sk
     from engine_service.attention import triton_kernels as tk
     from engine_service.model import fused_ops as fo
+    from engine_service.model import gemm
     from tests.integration.tiny import VOCAB
 
     kernels = [tk._paged_attention_kernel, tk._merge_splits_kernel, tk._store_kvcache_kernel, sk._sample_kernel,
-               fo._add_rms_norm_kernel, fo._qk_norm_rope_kernel, fo._silu_and_mul_kernel]
+               fo._add_rms_norm_kernel, fo._qk_norm_rope_kernel, fo._silu_and_mul_kernel, gemm._gemm_kernel]
 
     def variants() -> dict[str, int]:  # triton's in-process cache: one entry per compiled specialisation
         return {k.__name__: sum(len(cache[0]) for cache in k.device_caches.values()) for k in kernels}
@@ -191,6 +192,30 @@ def test_padding_lanes_write_nothing_and_stay_finite(bf16_model):
             changed = (cache != before).flatten(3).any(-1)
             for layer in range(changed.shape[0]):
                 assert {tuple(p) for p in changed[layer].nonzero().tolist()} == {(3, 9), (5, 0), (9, 8)}
+
+
+def test_split_k_gemm_replays_bitwise_and_leaves_its_counters_at_zero():
+    """The decode GEMM's split-K tiles in a CUDA graph (as decode steps run them): each replay gives the eager
+    launch's bits, within rounding of torch's, and every tile counter is back at zero for the next launch."""
+    from engine_service.model import gemm as G
+
+    gen = torch.Generator().manual_seed(0)
+    for m, n, k in ((1, 1024, 2048), (40, 4096, 1024), (224, 1024, 3072)):
+        x = torch.randn(m, k, generator=gen).to("cuda", torch.bfloat16)
+        w = (torch.randn(n, k, generator=gen) * 0.02).to("cuda", torch.bfloat16)
+        for tile in [t for t in G.candidates(m, n, k, 132) if t.split_k > 1][:3]:
+            workspace = G.Workspace(x.device, *tile.workspace(m, n))
+            eager = G.gemm(x, w, None, tile, workspace)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                replayed = G.gemm(x, w, None, tile, workspace)
+            for _ in range(3):
+                graph.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(replayed, eager), (m, n, k, tile)
+            assert int(workspace.counts.abs().sum()) == 0
+            torch.testing.assert_close(eager, torch.nn.functional.linear(x, w), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("splits", [1, 4, None])

@@ -426,9 +426,14 @@ def test_gpu_check_row_b_reports_the_fused_ops_and_their_timing(tmp_path):
               "default splits", "            tile          batch order        longest first   gain",
               "        64,2,4,0   183.0 us  3770 GB/s   165.2 us  4176 GB/s  10.8%",
               "        64,3,4,0   190.0 us  3631 GB/s   170.0 us  4058 GB/s  11.8%"]
+    lines += ["", "decode GEMM tiles, bf16, max abs error against a float32 reference (NaN-poisoned outputs)",
+              "  gemm qkv       1 rows 64x64x128/2      ok: 0.0156, torch 0.0156",
+              "  gemm down    224 rows 128x128x64/16    FAIL: 0.25, torch 0.0156, NOT the same bits twice",
+              "  gemm o        64 rows 64x64x128/8      ok: 0.0078, torch 0.0156"]
     (tmp_path / "b.log").write_text("\n".join(lines + ["", "FAIL in 40s", ""]))
     row = gpu_check._part_results(tmp_path)["b"]
     assert row.startswith("1/2 attention cases")
     assert "fused ops 4/5 (a layer's elementwise work 95.3 us eager, 12.1 us fused)" in row
     assert "decode step 212 of workload A launched longest first 165.2 us (4176 GB/s), in batch order 183.0 us" in row
+    assert "decode GEMM tiles 2/3 (" in row
     assert row.endswith("overall FAIL")
