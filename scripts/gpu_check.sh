@@ -128,11 +128,11 @@ publish
 # tile tuner and its compiles (the one test that checks start-up compiles every variant unpins it).
 pids=()
 if wanted a; then
-  LLMSERVE_DECODE_TILE=64,2,4,0 run_part a 110 "$PY" -m pytest tests/gpu -v -p no:cacheprovider &
+  LLMSERVE_DECODE_TILE=64,2,4,0 run_part a 140 "$PY" -m pytest tests/gpu -v -p no:cacheprovider &
   pids+=($!)
 fi
 if wanted b; then
-  run_part b 100 "$PY" scripts/gpu_kernel_check.py &
+  run_part b 150 "$PY" scripts/gpu_kernel_check.py &
   pids+=($!)
 fi
 run_part preset 100 "$PY" scripts/gpu_check.py preset --cache-dir "$CACHE"
