@@ -124,6 +124,14 @@ def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
     runner = llm.runner
     report["engine_init_s"] = time.perf_counter() - t
     report["startup_graphs_on"] = runner.graphs is not None or cpu_dry_run
+    # Where the decode GEMM tuner picked a Triton tile over torch's (the timings are in the log).
+    layer = runner.model.layers[0]
+    report["decode_gemms"] = {
+        "sizes": len(capture_sizes(llm.config.max_num_seqs)),
+        "ours": {name: sorted(linear.gemms or {}) for name, linear in (
+            ("qkv", layer.self_attn.qkv_proj), ("o", layer.self_attn.o_proj), ("gate_up", layer.mlp.gate_up_proj),
+            ("down", layer.mlp.down_proj))},
+    }
     save()
 
     # (d) the headline first, so that nothing slow before it can leave it without time: workload A through
@@ -381,6 +389,10 @@ def _part_results(out: Path) -> dict[str, str]:
         tile = _picked_tile(out / "g.log")
         if tile:
             res["d"] += f"; decode attention {tile}"
+        gemms = g.get("decode_gemms")
+        if gemms:
+            res["d"] += "; decode GEMMs ours at " + ", ".join(
+                f"{name} {len(sizes)}/{gemms['sizes']}" for name, sizes in gemms["ours"].items()) + " sizes"
     s64 = g.get("slice64", {}).get("tok_s")
     s64_plain = g.get("slice64_no_overlap", {}).get("tok_s")
     e = _load(out / "e_bench_64.json")

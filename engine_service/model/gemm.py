@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 # A tile is picked only where it takes at most this fraction of torch's time (timing noise is a few percent).
 MARGIN = 0.95
 SPLITS = (1, 2, 4, 8, 16)
-_SMEM_BUDGET = 160 * 1024  # bytes of shared memory a candidate's pipeline may take (the H100/H200 have 227 KiB)
+# Bytes of shared memory a candidate's pipeline may take: two programs fit on an SM (an H100/H200 SM has 228 KiB),
+# so that one program's loads are in flight while the other computes, and a launch's last wave is half as coarse.
+_SMEM_BUDGET = 110 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +113,8 @@ def _gemm_kernel(
         tile = pid_m * (N // BLOCK_N) + pid_n
         offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         parts = part_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N) + offs  # this tile's SPLIT_K partials
-        tl.store(parts + pid_k * (BLOCK_M * BLOCK_N), acc)
+        # Only the real rows' partials are written and read: at one row, 1/64 of the tile's bytes.
+        tl.store(parts + pid_k * (BLOCK_M * BLOCK_N), acc, mask=rows)
         tl.debug_barrier()  # every thread's partial is written before the count says so
         arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:  # the last of the tile's programs: the others' partials are all written
@@ -120,7 +123,7 @@ def _gemm_kernel(
                 if s == pid_k:
                     total += acc
                 else:
-                    total += tl.load(parts + s * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
+                    total += tl.load(parts + s * (BLOCK_M * BLOCK_N), mask=rows, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 total += tl.load(b_ptr + rn).to(tl.float32)[None, :]
             tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=rows)
@@ -197,9 +200,8 @@ def candidates(m: int, n: int, k: int, num_sms: int) -> list[GemmTile]:
     """The tiles worth timing for an [m, k] x [k, n] product on a GPU of num_sms SMs.
 
     Row tiles of 64 (Hopper's smallest warpgroup MMA) and of 128 above 64 rows; column tiles of 64 and 128; the
-    K splits that give a launch between half a wave and three waves of programs (one program per SM at a time
-    is the worst case: the tiles below take up to 96 KiB of shared memory each). Without a split where the
-    output tiles alone fill the GPU.
+    K splits that give a launch between half and three times as many programs as SMs (each takes at most
+    _SMEM_BUDGET of shared memory: two fit on an SM). Without a split where the output tiles alone fill the GPU.
     """
     found = []
     for bm in (64,) if m <= 64 else (64, 128):

@@ -271,6 +271,11 @@ def test_gpu_check_row_d_bounds_transformers_static_when_its_time_ran_out(tmp_pa
     (tmp_path / "d.log").write_text("  transformers static: token 256 of 1024 after 41.0 s\n"
                                     "  transformers static: 150.00 s, 893 tok/s\n")
     assert "transformers static 893 tok/s (25.6x)" in gpu_check._part_results(tmp_path)["d"]
+    # Where the decode GEMM tuner picked Triton tiles, from part g's report.
+    (tmp_path / "graphs.json").write_text(json.dumps({"workload_A": {"tok_s": 22846.0}, "decode_gemms": {
+        "sizes": 21, "ours": {"qkv": [1, 2], "o": list(range(21)), "gate_up": [], "down": [8]}}}))
+    assert gpu_check._part_results(tmp_path)["d"].endswith(
+        "; decode GEMMs ours at qkv 2/21, o 21/21, gate_up 0/21, down 1/21 sizes")
 
 
 def _start_up_engine(tmp_path, backend: str):
