@@ -11,14 +11,28 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
+
+# Integer lists go through numpy: torch.tensor converts a list element by element (0.6 ms for a prefill step's
+# 8,192 token ids on the 2-core CPU machine, against 0.2 ms), and a prefill step uploads three such lists before
+# its first kernel can run.
+_NUMPY_INTS = {torch.int64: np.int64, torch.int32: np.int32}
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """`values` (a list, or a list of equal-length lists) as a tensor on `device`; never synchronises."""
+    np_dtype = _NUMPY_INTS.get(dtype)
+    if np_dtype is None:
+        if device.type != "cuda":
+            return torch.tensor(values, dtype=dtype, device=device)
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    array = np.array(values, dtype=np_dtype)
     if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+        return torch.from_numpy(array).to(device)
+    host = torch.empty(array.shape, dtype=dtype, pin_memory=True)
+    host.numpy()[...] = array
+    return host.to(device, non_blocking=True)
 
 
 def tensor_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -445,7 +445,13 @@ class ModelRunner:
                 _add_prompt_rows(x, seq, start, n, len(x.ids))
             x.ids.extend(seq.token_ids[start:end])
             x.positions.extend(range(start, end))
-            x.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            # A block's slots at a time (a chunk spans few blocks), less the first block's head and the last's tail.
+            first = start // bs
+            slots = []
+            for block in table[first : (end - 1) // bs + 1]:
+                slots.extend(range(block * bs, block * bs + bs))
+            head = start - first * bs
+            x.slots.extend(slots[head : head + n])
             x.q_lens.append(n)
             x.ctx_lens.append(end)
             x.tables.append(table)

@@ -442,3 +442,27 @@ def test_gpu_check_row_b_reports_the_fused_ops_and_their_timing(tmp_path):
     assert "decode step 212 of workload A launched longest first 165.2 us (4176 GB/s), in batch order 183.0 us" in row
     assert "decode GEMM tiles 2/3 (" in row
     assert row.endswith("overall FAIL")
+
+
+def test_step_inputs_slots_of_prefill_chunks_are_each_positions_block_slot():
+    """A chunk's slots are built a block at a time: for chunks starting and ending anywhere in a block, with
+    decode rows beside them, each position p's slot is still table[p // bs] * bs + p % bs."""
+    import random
+    from types import SimpleNamespace
+
+    from engine_service.model_runner import ModelRunner
+
+    rng = random.Random(0)
+    for bs in (1, 4, 16):
+        seqs, counts = [], []
+        for _ in range(12):
+            start, n = rng.randrange(0, 70), rng.choice([1, 1, 2, 5, 16, 17, 40])
+            table = rng.sample(range(1000), -(-(start + n) // bs))
+            seqs.append(SimpleNamespace(num_computed_tokens=start, block_table=table, token_ids=list(range(start + n)),
+                                        prompt_logprobs=None))
+            counts.append(n)
+        batch = SimpleNamespace(seqs=seqs, num_new_tokens=counts, sample=[True] * len(seqs), input_rows=None)
+        x = ModelRunner.step_inputs(batch, bs)
+        want = [s.block_table[p // bs] * bs + p % bs for s, n in zip(seqs, counts, strict=True)
+                for p in range(s.num_computed_tokens, s.num_computed_tokens + n)]
+        assert x.slots == want and len(x.ids) == len(want)
