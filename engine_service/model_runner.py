@@ -199,6 +199,12 @@ class ModelRunner:
             from engine_service.cuda_graphs import build_decode_graphs
 
             self.graphs = build_decode_graphs(self)
+            if self.graphs is None and self._decode_gemm_picks():
+                # The failed capture or self-check may be the Triton GEMMs' doing: graphs with torch's GEMMs beat
+                # eager decode with ours by far, and eager decode should not run an unverified kernel either.
+                log.warning("CUDA graphs failed with the decode GEMMs of our own; capturing again with torch's")
+                self._drop_decode_gemms()
+                self.graphs = build_decode_graphs(self)
         if self.device.type == "cuda" and self.backend_name == "triton" and self.graphs is None:
             self._warm_up_eager_decode()
 
@@ -271,13 +277,22 @@ class ModelRunner:
                 found = tune_decode_gemms(groups, capture_sizes(self.config.max_num_seqs))
         except Exception:  # an optimisation: serve with torch's GEMMs rather than not at all
             log.exception("timing the decode GEMMs failed; torch's GEMMs stay")
-            for group in groups.values():
-                for linear in group:
-                    linear.gemms = None
+            self._drop_decode_gemms()
             return
         log.info("decode GEMMs timed in %.1f s", time.perf_counter() - start)
         for shape in found:
             log.info("%s", describe(shape))
+
+    def _decode_linears(self) -> list:
+        return [linear for layer in self.model.layers for linear in (
+            layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+
+    def _decode_gemm_picks(self) -> bool:
+        return any(linear.gemms for linear in self._decode_linears())
+
+    def _drop_decode_gemms(self) -> None:
+        for linear in self._decode_linears():
+            linear.gemms = None
 
     def _warm_up_eager_decode(self) -> None:
         """Where decode runs eagerly (enforce_eager, tensor parallelism, graphs turned off by a failed capture

@@ -17,8 +17,9 @@ Selection (`tune_decode_gemms`): for each weight shape of the model and each cap
 every candidate tile run inside a CUDA graph over the model's own weights of that shape, layer after layer as a
 decode step reads them (so no weight is still in L2 from the call before). A tile is picked only where it beats
 torch by more than MARGIN, agrees with it to rounding and gives the same bits twice; the picks live on the linear
-layers (`gemms`, batch size -> GemmPick), whose forward looks them up by the row count (model/layers.py). Every
-other row count (prefill, eager steps of other sizes) goes to torch.
+layers (`gemms`, batch size -> GemmPick), whose forward looks them up by the row count (model/layers.py):
+any step of that many rows uses the pick (a prefill of exactly a captured size too: the same compiled variant, the
+same result to rounding). Every other row count goes to torch.
 
 It runs on CUDA in float16 and bfloat16, and under TRITON_INTERPRET=1 on CPU (tests; float32 there computes the
 dot in IEEE float32). This module imports triton: import it only where the tuner runs.
@@ -81,7 +82,7 @@ class GemmTile:
 def _gemm_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
     M, stride_x, stride_out,
-    N: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -110,7 +111,7 @@ def _gemm_kernel(
             acc += tl.load(b_ptr + rn).to(tl.float32)[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rows)
     else:
-        tile = pid_m * (N // BLOCK_N) + pid_n
+        tile = pid_m * tl.num_programs(0) + pid_n  # N is not a constexpr: shapes of one K share a variant
         offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         parts = part_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N) + offs  # this tile's SPLIT_K partials
         # Only the real rows' partials are written and read: at one row, 1/64 of the tile's bytes.
@@ -118,12 +119,11 @@ def _gemm_kernel(
         tl.debug_barrier()  # every thread's partial is written before the count says so
         arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:  # the last of the tile's programs: the others' partials are all written
+            # Every split's partial from memory, this program's own too (released by the same atomic): acc is dead
+            # here, so the sum holds one tile and one loaded partial in registers, in the load layout.
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):  # in split order, whoever arrives last: the same bits every launch
-                if s == pid_k:
-                    total += acc
-                else:
-                    total += tl.load(parts + s * (BLOCK_M * BLOCK_N), mask=rows, other=0.0, cache_modifier=".cg")
+                total += tl.load(parts + s * (BLOCK_M * BLOCK_N), mask=rows, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 total += tl.load(b_ptr + rn).to(tl.float32)[None, :]
             tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=rows)
@@ -178,7 +178,7 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile:
     _gemm_kernel[grid](
         x, weight, bias if bias is not None else out, out, part_buf, count_buf,
         m, x.stride(0), out.stride(0),
-        N=n, K=k, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+        K=k, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT_K=tile.split_k,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
@@ -215,7 +215,7 @@ def candidates(m: int, n: int, k: int, num_sms: int) -> list[GemmTile]:
                 # BLOCK_K 128 where K and three pipeline stages allow it, else 64.
                 bk = 128 if k % (split * 128) == 0 and (bm + bn) * 128 * 2 * 3 <= _SMEM_BUDGET else 64
                 programs = tiles * split
-                if k % (split * bk) or programs > 3 * num_sms:
+                if k % (split * bk) or (split > 1 and programs > 3 * num_sms):
                     continue
                 if programs * 2 < num_sms and split != SPLITS[-1] and k % (2 * split * 64) == 0:
                     continue  # a larger split still fits K and fills more of the GPU

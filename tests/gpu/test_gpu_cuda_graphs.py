@@ -218,6 +218,36 @@ def test_split_k_gemm_replays_bitwise_and_leaves_its_counters_at_zero():
             torch.testing.assert_close(eager, torch.nn.functional.linear(x, w), rtol=2e-2, atol=2e-2)
 
 
+def test_split_k_gemms_sharing_a_workspace_in_one_graph_replay_bitwise():
+    """As a decode graph runs them: split tiles of three shapes, one with a bias, one workspace, in one graph,
+    replayed 200 times (the order in which a tile's programs arrive varies): the eager bits every time, counters
+    back at zero, and within rounding of torch's."""
+    from engine_service.model import gemm as G
+
+    gen = torch.Generator().manual_seed(1)
+    cases = []  # (x, w, bias, tile): Qwen3-0.6B's o, down and q/k/v shapes at 8 rows, the largest split each
+    for n, k, bias in ((1024, 2048, False), (1024, 3072, False), (4096, 1024, True)):
+        x = torch.randn(8, k, generator=gen).to("cuda", torch.bfloat16)
+        w = (torch.randn(n, k, generator=gen) * 0.02).to("cuda", torch.bfloat16)
+        b = torch.randn(n, generator=gen).to("cuda", torch.bfloat16) if bias else None
+        tile = max((t for t in G.candidates(8, n, k, 132) if t.split_k > 1), key=lambda t: t.split_k)
+        cases.append((x, w, b, tile))
+    need = [t.workspace(8, w.shape[0]) for _, w, _, t in cases]
+    workspace = G.Workspace(torch.device("cuda"), max(p for p, _ in need), max(c for _, c in need))
+    eager = [G.gemm(x, w, b, t, workspace) for x, w, b, t in cases]
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [G.gemm(x, w, b, t, workspace) for x, w, b, t in cases]
+    for _ in range(200):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, e) for o, e in zip(outs, eager, strict=True))
+    assert int(workspace.counts.abs().sum()) == 0
+    for (x, w, b, _), e in zip(cases, eager, strict=True):
+        torch.testing.assert_close(e, torch.nn.functional.linear(x, w, b), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("splits", [1, 4, None])
 def test_attention_padding_rows_are_zeros(splits):
     from engine_service.attention import triton_kernels as tk
