@@ -254,7 +254,8 @@ class DecodeGraphRunner:
     def can_run(self, x: StepInputs) -> bool:
         """A pure-decode step whose batch fits a captured size."""
         n = len(x.q_lens)
-        return 0 < n <= self.sizes[-1] and x.num_decode == n and bool(self.graphs)
+        # Not a batch scheduled ahead beside prompt chunks: part of its ids are gathered on the device (eager).
+        return 0 < n <= self.sizes[-1] and x.num_decode == n and bool(self.graphs) and not x.gather_rows
 
     def run(self, x: StepInputs, gather_from: torch.Tensor | None = None) -> torch.Tensor:
         """Replay the graph for x (a pure-decode step); returns the real rows' hidden states [n, hidden].

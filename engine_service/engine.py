@@ -4,9 +4,9 @@ A request's life: add_request() validates it and queues a Sequence; each step() 
 batch, the model runner computes it and samples, and the scheduler appends the tokens, publishes full
 blocks to the prefix cache and finishes sequences. step() returns each request's new tokens.
 
-Overlap scheduling (on by default on CUDA): while decoding, the next batch is scheduled and launched
-before the current one's tokens are read back (Scheduler.schedule_ahead), so the host's per-step work
-runs while the device computes instead of between its steps.
+Overlap scheduling (on by default on CUDA): the next batch (decodes, prompt chunks, admissions) is scheduled
+and launched before the current one's tokens are read back (Scheduler.schedule_ahead), so the host's per-step
+work runs while the device computes instead of between its steps.
 """
 
 from __future__ import annotations
@@ -397,8 +397,11 @@ class LLMEngine:
 
     def _launch(self, batch: ScheduledBatch, on_launch, outputs, previous: _InFlight | None = None) -> _InFlight:
         ahead = previous is not None
+        # Rows that decode a token the previous step is still sampling: their sequences will have one more token.
+        behind = batch.input_rows if ahead else None
         try:  # a JSON-mode mask computed here (a cache miss) can fail, on CUDA with OOM: fail the step, not the engine
-            rows = [self._sampling_row(s, ahead) for s, take in zip(batch.seqs, batch.sample, strict=True) if take]
+            rows = [self._sampling_row(s, behind is not None and behind[i] is not None)
+                    for i, (s, take) in enumerate(zip(batch.seqs, batch.sample, strict=True)) if take]
         except Exception as exc:
             raise self._step_failed(exc, outputs, batch, previous.batch if ahead else None) from exc
         try:

@@ -54,6 +54,10 @@ class StepInputs:
     num_decode: int
     # ids are rows of the previous step's sampled tokens, still on the device (a batch scheduled ahead).
     ids_from_previous: bool = False
+    # A batch scheduled ahead with prompt chunks: ids[gather_rows[i]] is row gather_src[i] of the previous step's
+    # sampled tokens (its decode rows' inputs); the other ids are token ids.
+    gather_rows: list[int] = field(default_factory=list)
+    gather_src: list[int] = field(default_factory=list)
     # Rows whose logits give prompt logprobs (Sequence.prompt_logprob_positions), in batch order: the prompt token
     # each predicts, and how many most likely tokens its request asked for.
     prompt_rows: list[int] = field(default_factory=list)
@@ -424,7 +428,7 @@ class ModelRunner:
         """
         bs = block_size
         x = StepInputs([], [], [], [], [], [], [], 0)
-        if batch.input_rows is not None:
+        if batch.input_rows is not None and batch.starts is None:
             for seq in batch.seqs:
                 pos = len(seq)
                 table = seq.block_table
@@ -439,11 +443,17 @@ class ModelRunner:
             x.num_decode = n
             x.ids_from_previous = True
             return x
-        for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample, strict=True):
-            start = seq.num_computed_tokens
+        starts, sources = batch.starts, batch.input_rows  # set on a batch scheduled ahead with prompt chunks
+        for i, (seq, n, sample) in enumerate(zip(batch.seqs, batch.num_new_tokens, batch.sample, strict=True)):
+            start = seq.num_computed_tokens if starts is None else starts[i]
             table = seq.block_table
             if n == 1:  # a decode row (most rows of most steps): no slices or ranges
-                x.ids.append(seq.token_ids[start])
+                if sources is not None and sources[i] is not None:  # its token is being sampled on the device
+                    x.gather_rows.append(len(x.ids))
+                    x.gather_src.append(sources[i])
+                    x.ids.append(0)
+                else:
+                    x.ids.append(seq.token_ids[start])
                 x.positions.append(start)
                 x.slots.append(table[start // bs] * bs + start % bs)
                 x.q_lens.append(1)
@@ -503,6 +513,10 @@ class ModelRunner:
             ids = to_device(x.ids, torch.long, dev)
             if gather_from is not None:
                 ids = gather_from[ids]
+            elif x.gather_rows:
+                if previous_tokens is None:
+                    raise ValueError("a step scheduled ahead needs the previous step's sampled tokens")
+                ids[to_device(x.gather_rows, torch.long, dev)] = previous_tokens[to_device(x.gather_src, torch.long, dev)]
             positions = to_device(x.positions, torch.long, dev)
             if dev.type == "cpu":
                 launched()
@@ -555,7 +569,7 @@ class ModelRunner:
     def _launch(self, batch, rows, workers, on_launch, previous) -> Launched:
         x = self.step_inputs(batch, self.block_size)
         if workers is not None:
-            if x.ids_from_previous:
+            if x.ids_from_previous or x.gather_rows:
                 raise ValueError("tensor-parallel workers cannot run a step scheduled ahead")
             workers.send_step(x)
         previous_tokens = previous.sampled[0] if previous is not None and previous.sampled is not None else None

@@ -40,8 +40,13 @@ class ScheduledBatch:
     # Whether the step reaches the end of each sequence's tokens, so its last logits are sampled.
     sample: list[bool] = field(default_factory=list)
     # Set on a batch scheduled ahead (schedule_ahead): for each sequence, the row of the previous batch's
-    # sampled tokens that is its input token. None on a batch from schedule().
-    input_rows: list[int] | None = None
+    # sampled tokens that is its input token. None on a batch from schedule(). In a batch scheduled ahead with
+    # prompt chunks (`starts` set), None marks a row whose tokens are already in the sequence.
+    input_rows: list[int | None] | None = None
+    # Set on a batch scheduled ahead with prompt chunks: the position each row's tokens start at (the previous
+    # batch, still in flight, has not advanced num_computed_tokens yet). None: num_computed_tokens, or for rows
+    # with an input row, len(seq).
+    starts: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -206,36 +211,84 @@ class Scheduler:
     def schedule_ahead(self, batch: ScheduledBatch) -> ScheduledBatch | None:
         """The step after `batch`, scheduled while `batch` still computes; None when it depends on its results.
 
-        Overlap scheduling (see engine.py). The next step is known without `batch`'s tokens in the steady
-        state of decoding: nothing waits, and every running sequence samples a token in `batch`. Each of
-        them then decodes that token, except those it brings to max_len. A sampled stop token cannot be
-        foreseen: its sequence computes one row in vain and postprocess skips it. Never with a JSON-mode request
-        running (its allowed tokens follow from the token being sampled). Called before `batch`'s
-        tokens are appended, so a sequence's next position is len(seq). Never preempts: when the new slots
-        do not fit, it returns None and the next step is scheduled normally.
+        Overlap scheduling (see engine.py). Called before `batch`'s tokens are appended and its computed counts
+        advanced. Every running sequence must be in `batch`; then:
+        - each that samples a token in `batch` decodes it (at position len(seq)), except those it brings to
+          max_len. A sampled stop token cannot be foreseen: its sequence computes one row in vain and
+          postprocess skips it;
+        - each still prefilling takes its next chunk, from where `batch`'s chunk ends, in what the token budget
+          leaves after the decodes;
+        - waiting requests are admitted in what is left, as schedule() admits them, except that one whose next
+          prompt block `batch` is computing waits (that block is published once `batch` is read back).
+        Never with a JSON-mode request running (its allowed tokens follow from the token being sampled), and
+        never where schedule() might preempt: when the new blocks do not fit, or a waiting request has a lower
+        priority value than a running one, it returns None and the next step is scheduled normally.
         """
-        if self.waiting or not self.running:
+        if not self.running:
             return None
         rows: dict[Sequence, int] = {}
-        for seq, take in zip(batch.seqs, batch.sample, strict=True):
+        chunks: dict[Sequence, int] = {}  # sequences prefilling in `batch` -> where their chunk there ends
+        for seq, n, take in zip(batch.seqs, batch.num_new_tokens, batch.sample, strict=True):
             if take:
                 rows[seq] = len(rows)
-        if any(seq not in rows for seq in self.running):
-            return None  # a sequence is mid-prefill or was left out: schedule() must decide
+            else:
+                chunks[seq] = seq.num_computed_tokens + n
+        if any(seq not in rows and seq not in chunks for seq in self.running):
+            return None  # left out of `batch`: schedule() must decide
         if any(seq.params.response_format is not None for seq in self.running):
             return None  # a JSON-mode request's next mask depends on the token `batch` samples
-        picked = [seq for seq in self.running if len(seq.token_ids) + 1 < seq.max_len]
-        if not picked:
-            return None
+        if self.waiting and self.waiting[0].params.priority < self.running[-1].params.priority:
+            return None  # schedule() may preempt for it
         bs = self.bm.block_size
-        # The sequences whose blocks have no room for one more token: each needs exactly one more block.
-        growing = [seq for seq in picked if len(seq.token_ids) + 1 > len(seq.block_table) * bs]
-        if len(growing) > self.bm.num_free_blocks:
+        if not chunks and not self.waiting:  # the steady state of decoding: every running sequence decodes
+            picked = [seq for seq in self.running if len(seq.token_ids) + 1 < seq.max_len]
+            if not picked:
+                return None
+            # The sequences whose blocks have no room for one more token: each needs exactly one more block.
+            growing = [seq for seq in picked if len(seq.token_ids) + 1 > len(seq.block_table) * bs]
+            if len(growing) > self.bm.num_free_blocks:
+                return None
+            for seq in growing:
+                self.bm.grow_to(seq, len(seq.token_ids) + 1)
+            n = len(picked)
+            return ScheduledBatch(picked, [1] * n, [True] * n, [rows[seq] for seq in picked])
+        # Steps with prompt chunks: (sequence, start, tokens, input row or None), decodes first.
+        plan: list[tuple[Sequence, int, int, int | None]] = []
+        budget = self.max_num_batched_tokens
+        for seq in self.running:
+            if seq in rows and len(seq.token_ids) + 1 < seq.max_len:
+                plan.append((seq, len(seq.token_ids), 1, rows[seq]))
+                budget -= 1
+        for seq in self.running:
+            if seq in chunks and budget > 0:
+                start = chunks[seq]
+                n = min(len(seq.token_ids) - start, budget)
+                plan.append((seq, start, n, None))
+                budget -= n
+        need = sum(max(0, self.bm.blocks_needed(start + n) - len(seq.block_table)) for seq, start, n, _ in plan)
+        if need > self.bm.num_free_blocks:
             return None
-        for seq in growing:
-            self.bm.grow_to(seq, len(seq.token_ids) + 1)
-        n = len(picked)
-        return ScheduledBatch(picked, [1] * n, [True] * n, [rows[seq] for seq in picked])
+        for seq, start, n, _ in plan:
+            self.bm.grow_to(seq, start + n)
+        if self.waiting and budget > 0:
+            computing: set[int] = set()  # see _admit: the prompt blocks `batch` and what follows it will compute
+            if self.bm.enable_prefix_caching:
+                for seq in chunks:
+                    if seq.prompt_logprobs is None:
+                        computing.update(self.bm.prompt_hashes(seq, seq.num_computed_tokens // bs))
+            admitted: list[tuple[Sequence, int]] = []
+            self._admit(admitted, budget, computing)
+            plan += [(seq, seq.num_computed_tokens, n, None) for seq, n in admitted]
+        if not plan:
+            return None
+        plan.sort(key=lambda p: p[2] != 1)  # one-token rows first, as _batch orders them
+        return ScheduledBatch(
+            [seq for seq, _, _, _ in plan],
+            [n for _, _, n, _ in plan],
+            [row is not None or start + n == len(seq.token_ids) for seq, start, n, row in plan],
+            [row for _, _, _, row in plan],
+            [start for _, start, _, _ in plan],
+        )
 
     def _admit(self, picked: list[tuple[Sequence, int]], budget: int, computing: set[int],
                below: int | None = None) -> int:

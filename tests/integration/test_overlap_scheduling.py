@@ -161,7 +161,7 @@ def test_abort_while_a_step_is_in_flight(model_and_dir):
 
 
 def test_arrivals_during_decoding_are_admitted(model_and_dir):
-    """A request that arrives while steps are scheduled ahead is admitted at the next full schedule."""
+    """A request that arrives while steps are scheduled ahead is admitted into the next step scheduled ahead."""
     model, path = model_and_dir
     first, late = random_prompts(5, [9, 14])
     p = SamplingParams(temperature=0.0, max_tokens=24)
@@ -180,6 +180,57 @@ def test_arrivals_during_decoding_are_admitted(model_and_dir):
         for rid, prompt in (("first", first), ("late", late)):
             assert tokens[rid] + rest[rid][0] == hf_greedy(model, prompt, 24)
         assert _all_free(llm)
+
+
+def _count_ahead_with_prompts(llm: LLM) -> list[int]:
+    """Counts the batches scheduled ahead beside prompt chunks (continued or newly admitted)."""
+    count = [0]
+    original = llm.scheduler.schedule_ahead
+
+    def counting(batch):
+        ahead = original(batch)
+        count[0] += ahead is not None and ahead.starts is not None
+        return ahead
+
+    llm.scheduler.schedule_ahead = counting
+    return count
+
+
+def test_prompt_chunks_and_admissions_scheduled_ahead(model_and_dir):
+    """Steps with prompt chunks are scheduled ahead too: a burst of long prompts over a small token budget (each
+    prefilled over several steps while others decode), a shared prefix (a request whose next block the step in
+    flight computes waits for it), min_tokens (counted one token ahead only for rows that decode), prompt
+    logprobs and seeded sampling: the same tokens as without overlap and the same logprobs (to float64 rounding:
+    the steps batch rows differently), greedy tokens equal to transformers', and every block back."""
+    model, path = model_and_dir
+    shared = random_prompts(7, [40])[0]
+    prompts = [shared + p for p in random_prompts(8, [30, 50, 5, 70, 12, 33])] + random_prompts(9, [90, 3])
+    params = [SamplingParams(temperature=0.0, max_tokens=10 + i) for i in range(4)]
+    params += [SamplingParams(temperature=1.0, seed=3, max_tokens=9, min_tokens=6),
+               SamplingParams(temperature=0.8, seed=4, max_tokens=7, prompt_logprobs=2, logprobs=1),
+               SamplingParams(temperature=0.0, max_tokens=12), SamplingParams(temperature=0.0, max_tokens=5)]
+    results = {}
+    for overlap in (False, True):
+        with _engine(path, overlap=overlap, max_num_batched_tokens=48, num_kvcache_blocks=96) as llm:
+            mixed = _count_ahead_with_prompts(llm)
+            outs = llm.generate(prompts, params)
+            assert _all_free(llm)
+            stats = llm.stats()
+        results[overlap] = [(o["token_ids"], o.get("prompt_logprobs"), o.get("logprobs")) for o in outs]
+        assert (mixed[0] >= 5) == overlap, mixed
+    assert stats["prefix_cache_hits"] > 0  # the shared prefix was found cached
+    assert [r[0] for r in results[True]] == [r[0] for r in results[False]]
+    for (_, prompt_a, sampled_a), (_, prompt_b, sampled_b) in zip(results[True], results[False], strict=True):
+        for a, b in zip((prompt_a or []) + (sampled_a or []), (prompt_b or []) + (sampled_b or []), strict=True):
+            if a is None or b is None:  # the first prompt token has no logprob
+                assert a is b
+                continue
+            assert a.top_token_ids == b.top_token_ids
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-9)
+            assert a.top_logprobs == pytest.approx(b.top_logprobs, abs=1e-9)
+    assert results[True][5][1] and results[True][5][2]  # prompt logprobs and logprobs were there to compare
+    for i in (0, 1, 2, 3, 6, 7):
+        assert results[True][i][0] == hf_greedy(model, prompts[i], params[i].max_tokens)
 
 
 def test_preemption_and_max_model_len(model_and_dir):

@@ -41,6 +41,7 @@ class Sim:
         self.overlap = overlap
         self.inflight = None  # (batch, its samples) launched ahead and not yet read back
         self.num_ahead = 0
+        self.num_ahead_with_prompts = 0  # of those, batches with prompt chunks (continued or newly admitted)
 
     def add(self, prompt: list[int], max_tokens: int, priority: int = 0) -> None:
         need = -(-(min(len(prompt) + max_tokens, self.max_model_len) - 1) // BLOCK)  # as engine.add_request
@@ -75,15 +76,21 @@ class Sim:
         cached_before = cached_before or {}
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             assert n >= 1
-            if batch.input_rows is None:
-                start, tokens = seq.num_computed_tokens, seq.token_ids
-                assert start + n <= len(seq)
+            source = None if batch.input_rows is None else batch.input_rows[row]
+            if source is None:
+                # A batch scheduled ahead with prompt chunks says where each starts: the previous batch, still in
+                # flight, has not advanced num_computed_tokens.
+                start = seq.num_computed_tokens if batch.starts is None else batch.starts[row]
+                tokens = seq.token_ids
+                assert seq.num_computed_tokens <= start and start + n <= len(seq)
+                assert batch.sample[row] == (start + n == len(seq))
                 if cached_before.get(seq.request_id) is Status.WAITING:
                     # Admitted this step: even a prompt cached whole computes at least one token.
                     assert seq.num_computed_tokens < len(seq)
             else:
                 assert seq.status is Status.RUNNING and n == 1 and len(seq) + 1 < seq.max_len
-                start, tokens = len(seq), seq.token_ids + [previous[batch.input_rows[row]]]
+                assert batch.starts is None or batch.starts[row] == len(seq)
+                start, tokens = len(seq), seq.token_ids + [previous[source]]
             self._check_prefix(seq)
             for p in range(start, start + n):
                 slot = seq.block_table[p // BLOCK] * BLOCK + p % BLOCK
@@ -119,6 +126,7 @@ class Sim:
         ahead = self.sched.schedule_ahead(current[0])
         if ahead is not None:
             self.num_ahead += 1
+            self.num_ahead_with_prompts += ahead.starts is not None
             self.inflight = (ahead, self._launch(ahead, rng, previous=current[1]))
         self._complete(*current)
 
@@ -292,6 +300,7 @@ def test_random_traffic_does_exercise_cache_hits_and_preemption():
     sim = _run(ops_list, seed=0, num_blocks=12, budget=16, max_seqs=4, max_model_len=48, overlap=True)
     assert sim.bm.prefix_hits > 0 and sim.sched.num_preemptions > 0
     assert sim.num_ahead > 20  # and it really schedules ahead
+    assert sim.num_ahead_with_prompts > 5  # beside prompt chunks too
 
 
 def test_a_readmission_after_preemption_is_not_a_prompt_cache_hit():
