@@ -526,9 +526,11 @@ class LLMEngine:
         """Give each sequence its prompt logprobs from this step (those its chunk computed, as the model runner
         picked them: Sequence.prompt_logprob_positions), before postprocess advances num_computed_tokens."""
         taken = 0
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+        starts = batch.starts  # a batch scheduled ahead: where each row started when it was launched (an abort
+        # since then reset num_computed_tokens to 0, and the rows the step computed must still be counted)
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             if seq.prompt_logprobs is not None:
-                start = seq.num_computed_tokens
+                start = seq.num_computed_tokens if starts is None else starts[i]
                 k = len(seq.prompt_logprob_positions(start, start + n))
                 if k and seq.status is Status.RUNNING:  # not aborted while the step was in flight
                     seq.prompt_logprobs.append(logprobs.take(taken, taken + k, seq.params.prompt_logprobs))

@@ -273,14 +273,20 @@ class Scheduler:
         if self.waiting and budget > 0:
             computing: set[int] = set()  # see _admit: the prompt blocks `batch` and what follows it will compute
             if self.bm.enable_prefix_caching:
-                for seq in chunks:
-                    if seq.prompt_logprobs is None:
+                # Every sequence computing prompt blocks in `batch`, those whose prompt ends there (sampling in
+                # `batch`) included: their blocks are published only once `batch` is read back.
+                for seq in batch.seqs:
+                    if seq.status is Status.RUNNING and seq.num_computed_tokens < seq.num_prompt_tokens:
                         computing.update(self.bm.prompt_hashes(seq, seq.num_computed_tokens // bs))
             admitted: list[tuple[Sequence, int]] = []
             self._admit(admitted, budget, computing)
             plan += [(seq, seq.num_computed_tokens, n, None) for seq, n in admitted]
         if not plan:
             return None
+        if all(row is not None for _, _, _, row in plan):
+            # Decodes only (nothing admitted, no chunk left): the pure-decode form, which CUDA graphs can run.
+            return ScheduledBatch([seq for seq, _, _, _ in plan], [1] * len(plan), [True] * len(plan),
+                                  [row for _, _, _, row in plan])
         plan.sort(key=lambda p: p[2] != 1)  # one-token rows first, as _batch orders them
         return ScheduledBatch(
             [seq for seq, _, _, _ in plan],

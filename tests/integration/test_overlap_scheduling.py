@@ -322,3 +322,53 @@ def test_graph_runner_gathers_input_tokens_on_the_device(tmp_path):
         assert _all_free(llm)
     for prompt, p, out in zip(prompts, params, outs, strict=True):
         assert out["token_ids"] == hf_greedy(model, prompt, p.max_tokens)
+
+
+def test_abort_of_a_prompt_logprobs_request_whose_next_chunk_is_in_flight(model_and_dir):
+    """An abort resets num_computed_tokens while the step scheduled ahead with the request's next chunk computes:
+    the prompt logprobs that step returned are still counted from where the chunk started."""
+    _, path = model_and_dir
+    other, long = random_prompts(1, [5, 100])
+    with _engine(path, overlap=True, max_num_batched_tokens=32) as llm:
+        llm.add_request("o", other, SamplingParams(temperature=0.0, max_tokens=30))
+        llm.add_request("pl", long, SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=1))
+        first = llm.step()
+        assert llm._inflight is not None and llm._inflight.batch.starts is not None
+        assert llm.abort_request("pl")
+        seen = _drain(llm)
+        assert seen["pl"][1] == "abort" and seen["o"][1] == "length" and len(seen["o"][0]) == 29
+        assert [out.request_id for out in first] == ["o"]
+        assert _all_free(llm)
+
+
+def test_a_prefix_computed_by_the_step_in_flight_is_found_cached(model_and_dir):
+    """A request sharing the prefix of a prompt that the step in flight completes waits for it and finds it cached,
+    as without overlap."""
+    _, path = model_and_dir
+    shared = random_prompts(7, [32])[0]
+    prompts = [shared + p for p in random_prompts(8, [8, 8])]
+    cached = {}
+    for overlap in (False, True):
+        with _engine(path, overlap=overlap, max_num_batched_tokens=48) as llm:
+            outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6))
+        cached[overlap] = [o["num_cached_tokens"] for o in outs]
+    assert cached[True] == cached[False] == [0, 32]
+
+
+def test_decodes_scheduled_ahead_beside_a_queue_keep_the_pure_decode_form(model_and_dir):
+    """With max_num_seqs running and requests waiting, a step scheduled ahead that admits nothing is pure decode
+    (no gathered rows), so CUDA graphs can replay it."""
+    _, path = model_and_dir
+    with _engine(path, overlap=True, max_num_seqs=2, max_num_batched_tokens=64) as llm:
+        forms = []
+        original = llm.scheduler.schedule_ahead
+
+        def recording(batch):
+            ahead = original(batch)
+            if ahead is not None:
+                forms.append((ahead.starts is None, all(r is not None for r in ahead.input_rows)))
+            return ahead
+
+        llm.scheduler.schedule_ahead = recording
+        llm.generate(random_prompts(3, [10, 12, 9, 11]), SamplingParams(temperature=0.0, max_tokens=20))
+    assert forms and all(pure for pure, decodes_only in forms if decodes_only)
