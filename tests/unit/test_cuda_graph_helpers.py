@@ -461,7 +461,8 @@ def test_step_inputs_slots_of_prefill_chunks_are_each_positions_block_slot():
             seqs.append(SimpleNamespace(num_computed_tokens=start, block_table=table, token_ids=list(range(start + n)),
                                         prompt_logprobs=None))
             counts.append(n)
-        batch = SimpleNamespace(seqs=seqs, num_new_tokens=counts, sample=[True] * len(seqs), input_rows=None)
+        batch = SimpleNamespace(seqs=seqs, num_new_tokens=counts, sample=[True] * len(seqs), input_rows=None,
+                                starts=None)
         x = ModelRunner.step_inputs(batch, bs)
         want = [s.block_table[p // bs] * bs + p % bs for s, n in zip(seqs, counts, strict=True)
                 for p in range(s.num_computed_tokens, s.num_computed_tokens + n)]
