@@ -268,13 +268,7 @@ class ModelRunner:
         from engine_service.cuda_graphs import capture_sizes
         from engine_service.model.gemm import describe, tune_decode_gemms
 
-        layers = self.model.layers
-        groups = {
-            "qkv": [layer.self_attn.qkv_proj for layer in layers],
-            "o": [layer.self_attn.o_proj for layer in layers],
-            "gate_up": [layer.mlp.gate_up_proj for layer in layers],
-            "down": [layer.mlp.down_proj for layer in layers],
-        }
+        groups = self._decode_linear_groups()
         start = time.perf_counter()
         try:
             with torch.inference_mode(), on_device(self.device):
@@ -287,9 +281,18 @@ class ModelRunner:
         for shape in found:
             log.info("%s", describe(shape))
 
+    def _decode_linear_groups(self) -> dict[str, list]:
+        """A layer's four GEMMs, each with every layer's linear of that shape."""
+        layers = self.model.layers
+        return {
+            "qkv": [layer.self_attn.qkv_proj for layer in layers],
+            "o": [layer.self_attn.o_proj for layer in layers],
+            "gate_up": [layer.mlp.gate_up_proj for layer in layers],
+            "down": [layer.mlp.down_proj for layer in layers],
+        }
+
     def _decode_linears(self) -> list:
-        return [linear for layer in self.model.layers for linear in (
-            layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        return [linear for group in self._decode_linear_groups().values() for linear in group]
 
     def _decode_gemm_picks(self) -> bool:
         return any(linear.gemms for linear in self._decode_linears())
