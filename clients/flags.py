@@ -27,11 +27,12 @@ def parse_settings(cls: type[T], env_prefix: str, prog: str, description: str, a
     or 1/0. A bad environment value is a ValueError naming the variable."""
     env = os.environ if env is None else env
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    kinds = {}  # field name -> the parser of its values, from its default's type
     for f in fields(cls):
         default = f.default if f.default is not MISSING else None
-        kind = parse_bool if isinstance(default, bool) else type(default)
+        kinds[f.name] = parse_bool if isinstance(default, bool) else type(default)
         var = env_prefix + f.name.upper()
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kinds[f.name], default=None,
                             help=f"(env {var}, default {default!r})")
     args = vars(parser.parse_args(argv))
     values: dict[str, object] = {}
@@ -40,9 +41,8 @@ def parse_settings(cls: type[T], env_prefix: str, prog: str, description: str, a
         if args[f.name] is not None:
             values[f.name] = args[f.name]
         elif var in env:
-            kind = parse_bool if isinstance(f.default, bool) else type(f.default)
             try:
-                values[f.name] = kind(env[var])
+                values[f.name] = kinds[f.name](env[var])
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 raise ValueError(f"{f.name}: environment variable {var}={env[var]!r} is invalid: {exc}") from exc
     return cls(**values)
