@@ -268,7 +268,7 @@ class ModelRunner:
         from engine_service.cuda_graphs import capture_sizes
         from engine_service.model.gemm import describe, tune_decode_gemms
 
-        groups = self._decode_linear_groups()
+        groups = self.decode_linear_groups()
         start = time.perf_counter()
         try:
             with torch.inference_mode(), on_device(self.device):
@@ -281,7 +281,7 @@ class ModelRunner:
         for shape in found:
             log.info("%s", describe(shape))
 
-    def _decode_linear_groups(self) -> dict[str, list]:
+    def decode_linear_groups(self) -> dict[str, list]:
         """A layer's four GEMMs, each with every layer's linear of that shape."""
         layers = self.model.layers
         return {
@@ -292,7 +292,7 @@ class ModelRunner:
         }
 
     def _decode_linears(self) -> list:
-        return [linear for group in self._decode_linear_groups().values() for linear in group]
+        return [linear for group in self.decode_linear_groups().values() for linear in group]
 
     def _decode_gemm_picks(self) -> bool:
         return any(linear.gemms for linear in self._decode_linears())

@@ -125,12 +125,9 @@ def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
     report["engine_init_s"] = time.perf_counter() - t
     report["startup_graphs_on"] = runner.graphs is not None or cpu_dry_run
     # Where the decode GEMM tuner picked a Triton tile over torch's (the timings are in the log).
-    layer = runner.model.layers[0]
     report["decode_gemms"] = {
         "sizes": len(capture_sizes(llm.config.max_num_seqs)),
-        "ours": {name: sorted(linear.gemms or {}) for name, linear in (
-            ("qkv", layer.self_attn.qkv_proj), ("o", layer.self_attn.o_proj), ("gate_up", layer.mlp.gate_up_proj),
-            ("down", layer.mlp.down_proj))},
+        "ours": {name: sorted(group[0].gemms or {}) for name, group in runner.decode_linear_groups().items()},
     }
     save()
 

@@ -383,7 +383,8 @@ _GEMM_TABLE_ROWS = (1, 8, 32, 64, 128, 224, 256)
 def check_gemms(dev: torch.device, rng: torch.Generator) -> bool:
     """The engine's decode GEMM (engine_service/model/gemm.py) in bf16: every candidate tile of Qwen3-0.6B's four
     shapes at 1, 64 and 224 rows, into a NaN-poisoned output, against a float32 reference of the same bf16 inputs;
-    within 2x torch-bf16's error + 1e-3, every element written, and the same bits on a second launch."""
+    within 2x torch-bf16's error + 1e-3, every element written, and the same bits on a second launch over the same
+    workspace."""
     from engine_service.model import gemm as G
 
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -398,8 +399,11 @@ def check_gemms(dev: torch.device, rng: torch.Generator) -> bool:
             for tile in G.candidates(m, n, k, sms):
                 out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=dev)
                 try:
-                    G.gemm(x, w, None, tile, out=out)
-                    again = G.gemm(x, w, None, tile)
+                    # One workspace for both launches, as the engine's: the second finds the counters the first
+                    # left, and gives other bits unless they are back at zero.
+                    workspace = G.Workspace(dev, *tile.workspace(m, n))
+                    G.gemm(x, w, None, tile, workspace, out=out)
+                    again = G.gemm(x, w, None, tile, workspace)
                     torch.cuda.synchronize(dev)
                 except Exception as exc:
                     ok = False
