@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -115,7 +116,9 @@ def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
         slice_args, itl_batches, itl_args = (8, 64, 16), (1, 8), dict(prompt_len=32, max_tokens=8)
         workload_a_args = (8, 64, 16)
     else:
-        preset, engine = PRESET, dict(device="cuda", dtype="bfloat16", attention_backend="triton")
+        # GPU_CHECK_TRITON_GEMM=0: torch's GEMMs at every decode size (the tuner off), for a rerun after ours failed.
+        preset, engine = PRESET, dict(device="cuda", dtype="bfloat16", attention_backend="triton",
+                                      triton_gemm=os.environ.get("GPU_CHECK_TRITON_GEMM", "1") != "0")
         slice_args, itl_batches, itl_args = (64, None, None), (1, 64), {}
         workload_a_args = ()
     model_dir = bench.build_preset(preset, cache_dir)

@@ -21,7 +21,8 @@
 # written to a work folder, and after each stage $OUT gets all of them as gpu_check.tgz plus the few that matter
 # most loose (status.tsv, env.json, graphs.json, summary.txt, performance.md): a run cut short still returns
 # what it did. When g measures no workload A on the engine, d and e are skipped (fail fast; GPU_CHECK_KEEP_GOING=1
-# runs them anyway). Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 460), GPU_CHECK_CACHE (where
+# runs them anyway). Environment: PYTHON (default python3), GPU_CHECK_TRITON_GEMM (0: g keeps torch's decode
+# GEMMs, the tuner off), GPU_CHECK_BUDGET_S (default 460), GPU_CHECK_CACHE (where
 # the 1.2 GB preset is built; keep it outside $OUT), GPU_CHECK_PUBLISH_S (default 15: how often $OUT is refreshed
 # while g, d and e run).
 set -u
