@@ -157,7 +157,7 @@ limit_for() {
 # g: one Qwen3-0.6B engine start-up (weights, warm-up, tile timing, graph capture), workload A, the graph
 # check, three runs of 64 requests and five latency runs.
 if wanted g; then
-  NOCAP=1 run_part g "$(limit_for 100 150)" "$PY" scripts/gpu_check.py graphs --out "$OUT_DIR" --cache-dir "$CACHE"
+  NOCAP=1 run_part g "$(limit_for 100 240)" "$PY" scripts/gpu_check.py graphs --out "$OUT_DIR" --cache-dir "$CACHE"
   grep -E '^\((c|d)\) ' "$OUT_DIR/g.log" | head -n 12 | sed 's/^/  g| /'  # the headline, in case the run is cut
   publish
 fi
