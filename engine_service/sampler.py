@@ -8,8 +8,9 @@ Rows that ask for logprobs get log_softmax of their raw logits (before penalties
 bans), the sampled token's entry and the most likely tokens', computed on the device beside the draw.
 Rows with a logit_bias have it added first; rows with penalties then have their logits penalised (penalties.py);
 then banned; then rows with a response_format keep only the tokens it allows (structured_output.py); then drawn.
-On CUDA, rows without top-k, top-p or min-p filters are drawn by a Triton kernel (sampling_kernels.py) that
-reads the logits twice instead of materialising float32 copies of them.
+On CUDA, rows without top-k, top-p or min-p filters are drawn by Triton kernels (sampling_kernels.py) that
+read the logits about 1.1 times instead of materialising float32 copies of them; where nothing (bias, penalty,
+ban, mask, a greedy row) changed the logits first, they also do the finite check as they read them.
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ class LogprobRows:
 class Sampler:
     def __init__(self, device: torch.device, seed: int, triton_sampling: bool | None = None,
                  penalties: Penalties | None = None):
-        """triton_sampling: draw rows without top-k/top-p/min-p filters with sampling_kernels (two passes
-        over the logits instead of several float32 copies). None: on CUDA where triton imports and its
+        """triton_sampling: draw rows without top-k/top-p/min-p filters with sampling_kernels (about 1.1
+        passes over the logits instead of several float32 copies). None: on CUDA where triton imports and its
         kernels are compiled (not TRITON_INTERPRET=1). penalties: the token counts of rows with a
         penalty_slot (rows with penalties need it)."""
         self.penalties = penalties
@@ -161,6 +162,12 @@ class Sampler:
         """logits: [N, V] -> [2, N] int64 on the device: the sampled token ids, and 1 where the row's logits
         were finite. Enqueues work only: nothing here waits for the device (see host_copy)."""
         dev = logits.device
+        plain = not any(r.params.logit_bias or r.penalty_slot >= 0 or r.banned_token_ids or r.allowed is not None
+                        for r in rows)
+        if plain and self.kernels is not None and all(not r.params.greedy for r in rows):
+            drawn = self._sample(logits, rows, check_finite=True)  # the kernels check the logits as they read them
+            if drawn is not None:
+                return drawn
         # NaN and inf propagate through a sum; summed in float32 so that fp16 logits cannot overflow it.
         finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
         wide = torch.promote_types(logits.dtype, torch.float32)  # what biases and penalties are computed in
@@ -212,8 +219,12 @@ class Sampler:
             self.penalties.record(pen_slots, tokens[pen_rows])
         return torch.stack([tokens, finite.long()])
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """logits [n, V] in the model's dtype -> [n] tokens drawn at one uniform per row."""
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow], check_finite: bool = False
+                ) -> torch.Tensor | None:
+        """logits [n, V] in the model's dtype -> [n] tokens drawn at one uniform per row.
+
+        check_finite: only through the sampling kernels, which then also say which rows were finite ([2, n], as
+        sample() returns); None, having drawn nothing, where the rows' filters need the torch path."""
         n, vocab = logits.shape
         dev = logits.device
         # One upload for every row's parameters: [n, 4] = temperature, top_k (vocab when off), top_p, min_p.
@@ -222,6 +233,11 @@ class Sampler:
              r.params.top_p, r.params.min_p]
             for r in rows
         ]
+        top_k_top_p = any(row[1] < vocab or row[2] < 1.0 for row in table)
+        min_p = any(row[3] > 0.0 for row in table)
+        kernel = self.kernels is not None and not top_k_top_p and not min_p
+        if check_finite and not kernel:
+            return None  # before any uniform is drawn: the caller draws them again on the torch path
         params = to_device(table, torch.float32, dev)
         u = torch.empty(n, 1, device=dev)
         seeded = [i for i, r in enumerate(rows) if r.generator is not None]
@@ -229,10 +245,8 @@ class Sampler:
             u.uniform_(generator=self.generator)
         for i in seeded:
             u[i].uniform_(generator=rows[i].generator)
-        top_k_top_p = any(row[1] < vocab or row[2] < 1.0 for row in table)
-        min_p = any(row[3] > 0.0 for row in table)
-        if self.kernels is not None and not top_k_top_p and not min_p:
-            return self.kernels.sample_rows(logits, 1.0 / params[:, 0], u[:, 0])
+        if kernel:
+            return self.kernels.sample_rows(logits, 1.0 / params[:, 0], u[:, 0], check_finite=check_finite)
         logits = logits.float() / params[:, 0:1]
         if top_k_top_p:
             logits = _top_k_top_p(logits, params[:, 1:2], params[:, 2:3])

@@ -1,16 +1,22 @@
-"""A Triton kernel that samples one token per row straight from the logits: temperature, softmax and the
-inverse-CDF draw in two passes over the row.
+"""Triton kernels that sample one token per row straight from the logits: temperature, softmax and the
+inverse-CDF draw, in two launches that read a row about 1.1 times.
 
 The torch path of Sampler._sample materialises float32 copies of the logits for the division, the softmax
 and the cumulative sum: at a batch of 256 over Qwen3's 151,936-token vocabulary that is about 1.2 GB of
-memory traffic a step, some 0.3 ms of an H200's time. This kernel reads the (bf16) logits twice and writes one
-integer per row. Sampler uses it on CUDA for rows without top-k, top-p or min-p filters.
+memory traffic a step, some 0.3 ms of an H200's time. Here each row is cut into chunks of BLOCK_V entries:
+  1. _chunk_stats_kernel, one program per (row, chunk): the chunk's max and its sum of exponentials (and,
+     when asked, whether it holds a NaN or an infinity), so a row is spread over ~19 programs, not one;
+  2. _chunk_pick_kernel, one program per row: from the chunks' figures, the chunk where the row's cumulative
+     sum passes u times the row's total, then a scan of that chunk only for the token.
+A single program streaming a whole row twice (the previous kernel) kept too few loads in flight: 78 us a step
+at 216 rows on the H200, where the bytes take about 16.
 
 The draw is the same as the torch path's: with p_i = softmax(logits / T)_i and one uniform u per row, the
 token is the first i whose cumulative sum exceeds u times the row's total. Summation order differs from
 torch's cumsum, so a u within rounding distance of a boundary may pick the neighbouring token; the token
-always has positive probability (a row whose running sum never passes the target, by rounding, takes its
-last token of positive probability).
+always has positive probability (when the winning chunk's scan never passes the target, by rounding, it takes
+the chunk's last token of positive probability). The chunk size is fixed, not chosen per batch size, so a
+seeded request draws the same token whatever else shares its step.
 
 Imports triton at import time: import this module lazily (on CPU, under TRITON_INTERPRET=1 only).
 """
@@ -21,64 +27,90 @@ import torch
 import triton
 import triton.language as tl
 
-# Vocabulary entries per inner iteration: 16 KiB of bf16 in flight per program, so that one program per row
-# keeps enough loads outstanding to stream the row near the memory's rate (one row per SM or two at batch 256).
+# Vocabulary entries per program: 16 KiB of bf16 loaded at once, 19 programs a row over Qwen3's vocabulary.
 BLOCK_V = 8192
 NUM_WARPS = 8
 
 
 @triton.jit
-def _sample_kernel(
-    logits_ptr, inv_temp_ptr, u_ptr, out_ptr,
-    vocab, stride_row,
-    BLOCK: tl.constexpr,
+def _chunk_stats_kernel(
+    logits_ptr, inv_temp_ptr, max_ptr, sum_ptr, bad_ptr,
+    vocab, stride_row, num_chunks,
+    BLOCK: tl.constexpr, CHECK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + row * stride_row
-    scale = tl.load(inv_temp_ptr + row) * 1.4426950408889634  # log2(e): the softmax runs in base 2
-    offs = tl.arange(0, BLOCK)
+    chunk = tl.program_id(1)
+    idx = chunk * BLOCK + tl.arange(0, BLOCK)
+    inside = idx < vocab
+    raw = tl.load(logits_ptr + row * stride_row + idx, mask=inside, other=-float("inf")).to(tl.float32)
+    x = raw * (tl.load(inv_temp_ptr + row) * 1.4426950408889634)
+    # A finite floor under the max, so that a chunk of only banned (-inf) entries sums 2^(-inf) = 0, not NaN.
+    m = tl.maximum(tl.max(x, 0), -1.0e30)
+    at = row * num_chunks + chunk
+    tl.store(max_ptr + at, m)
+    tl.store(sum_ptr + at, tl.sum(tl.math.exp2(x - m), 0))
+    if CHECK:  # NaN or an infinity anywhere in the chunk's own entries
+        bad = ((raw != raw) | (tl.abs(raw) == float("inf"))) & inside
+        tl.store(bad_ptr + at, tl.max(bad.to(tl.int32), 0))
 
-    # Pass 1: the row's max and the sum of 2^(x * scale - max), online. The running max starts at a finite
-    # floor, so a lane that has seen only banned (-inf) entries gives 2^(-inf) = 0, never inf - inf.
-    m = tl.full([BLOCK], -1.0e30, tl.float32)
-    acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, vocab, BLOCK):
-        idx = start + offs
-        x = tl.load(base + idx, mask=idx < vocab, other=-float("inf")).to(tl.float32) * scale
-        m_new = tl.maximum(m, x)
-        acc = acc * tl.math.exp2(m - m_new) + tl.math.exp2(x - m_new)
-        m = m_new
-    row_max = tl.max(m, 0)
-    total = tl.sum(acc * tl.math.exp2(m - row_max), 0)
+
+@triton.jit
+def _chunk_pick_kernel(
+    logits_ptr, inv_temp_ptr, u_ptr, max_ptr, sum_ptr, bad_ptr, out_ptr,
+    vocab, stride_row, num_chunks, num_rows,
+    BLOCK: tl.constexpr, CHUNKS: tl.constexpr, CHECK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, CHUNKS)
+    valid = c < num_chunks
+    at = row * num_chunks + c
+    chunk_max = tl.load(max_ptr + at, mask=valid, other=-1.0e30)
+    row_max = tl.max(chunk_max, 0)
+    w = tl.load(sum_ptr + at, mask=valid, other=0.0) * tl.math.exp2(chunk_max - row_max)
+    cum = tl.cumsum(w, 0)
+    total = tl.sum(tl.where(c == num_chunks - 1, cum, 0.0), 0)  # the same rounding as cum's own prefixes
     target = tl.load(u_ptr + row) * total
+    # The first chunk whose running sum passes the target; the last of positive mass where rounding put the
+    # target at the total; chunk 0 for a row with no finite mass (NaN: any token inside the vocabulary).
+    winner = tl.min(tl.where((cum > target) & (w > 0.0), c, CHUNKS), 0)
+    winner = tl.where(winner < CHUNKS, winner, tl.maximum(tl.max(tl.where(w > 0.0, c, -1), 0), 0))
+    running = tl.sum(tl.where(c == winner, cum - w, 0.0), 0)
 
-    # Pass 2: the first index whose running sum exceeds the target; the last positive one as a fallback.
-    running = total * 0.0
-    token = vocab * 0 + vocab  # "not found yet"
-    last_positive = vocab * 0
-    for start in range(0, vocab, BLOCK):
-        idx = start + offs
-        x = tl.load(base + idx, mask=idx < vocab, other=-float("inf")).to(tl.float32) * scale
-        p = tl.math.exp2(x - row_max)
-        cdf = running + tl.cumsum(p, 0)
-        hit = (cdf > target) & (p > 0.0)
-        token = tl.minimum(token, tl.min(tl.where(hit, idx, vocab), 0))
-        last_positive = tl.maximum(last_positive, tl.max(tl.where(p > 0.0, idx, 0), 0))
-        running += tl.sum(p, 0)
+    idx = winner * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(logits_ptr + row * stride_row + idx, mask=idx < vocab, other=-float("inf")).to(tl.float32)
+    p = tl.math.exp2(x * (tl.load(inv_temp_ptr + row) * 1.4426950408889634) - row_max)
+    hit = (running + tl.cumsum(p, 0) > target) & (p > 0.0)
+    token = tl.min(tl.where(hit, idx, vocab), 0)
+    last_positive = tl.maximum(tl.max(tl.where(p > 0.0, idx, -1), 0), winner * BLOCK)
     token = tl.where(token < vocab, token, last_positive)
     tl.store(out_ptr + row, token.to(tl.int64))
+    if CHECK:  # the second output row: 1 where the row's logits were all finite
+        bad = tl.load(bad_ptr + at, mask=valid, other=0)
+        tl.store(out_ptr + num_rows + row, (tl.max(bad, 0) == 0).to(tl.int64))
 
 
-def sample_rows(logits: torch.Tensor, inv_temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def sample_rows(logits: torch.Tensor, inv_temperature: torch.Tensor, u: torch.Tensor,
+                check_finite: bool = False, block: int = BLOCK_V) -> torch.Tensor:
     """One token per row of logits [n, V] (any float dtype; the last dimension contiguous), drawn from
-    softmax(logits * inv_temperature[:, None]) at the uniforms u [n] in [0, 1). Returns [n] int64."""
+    softmax(logits * inv_temperature[:, None]) at the uniforms u [n] in [0, 1). Returns [n] int64, or with
+    check_finite [2, n] int64: the tokens, and 1 where the row held no NaN or infinity (Sampler.sample's
+    layout). block: vocabulary entries per program (a power of two; tests use small ones)."""
     n, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    out = torch.empty(n, dtype=torch.long, device=logits.device)
+    dev = logits.device
+    out = torch.empty((2, n) if check_finite else (n,), dtype=torch.long, device=dev)
     if n:
-        _sample_kernel[(n,)](logits, inv_temperature.float().contiguous(), u.float().contiguous(), out,
-                             vocab, logits.stride(0), BLOCK=BLOCK_V, num_warps=NUM_WARPS)
+        chunks = triton.cdiv(vocab, block)
+        stats = torch.empty(2, n, chunks, dtype=torch.float32, device=dev)
+        bad = torch.empty(n, chunks, dtype=torch.int32, device=dev) if check_finite else stats
+        inv_temperature = inv_temperature.float().contiguous()
+        _chunk_stats_kernel[(n, chunks)](logits, inv_temperature, stats[0], stats[1], bad, vocab,
+                                         logits.stride(0), chunks, BLOCK=block, CHECK=check_finite,
+                                         num_warps=NUM_WARPS)
+        _chunk_pick_kernel[(n,)](logits, inv_temperature, u.float().contiguous(), stats[0], stats[1], bad, out,
+                                 vocab, logits.stride(0), chunks, n, BLOCK=block,
+                                 CHUNKS=triton.next_power_of_2(chunks), CHECK=check_finite, num_warps=NUM_WARPS)
     return out
 
 

@@ -610,12 +610,20 @@ def compile_only() -> bool:
     # The sampling kernel, on bf16 logits of Qwen3's vocabulary.
     from engine_service import sampling_kernels as sk
 
-    logits = torch.empty(4, 151_936, dtype=torch.bfloat16)
-    launch = tk._Launch(sk._sample_kernel, (4,),
-                        (logits, torch.empty(4), torch.empty(4), torch.empty(4, dtype=torch.long), 151_936,
-                         logits.stride(0)),
-                        dict(BLOCK=sk.BLOCK_V), dict(num_warps=sk.NUM_WARPS))
-    ok &= _compile_one("sampling qwen3 vocab bf16", launch, target)
+    n, vocab = 4, 151_936
+    chunks = -(-vocab // sk.BLOCK_V)
+    logits = torch.empty(n, vocab, dtype=torch.bfloat16)
+    stats, bad, out = torch.empty(n, chunks), torch.empty(n, chunks, dtype=torch.int32), torch.empty(2, n).long()
+    for check in (False, True):
+        launch = tk._Launch(sk._chunk_stats_kernel, (n, chunks),
+                            (logits, torch.empty(n), stats, stats, bad, vocab, logits.stride(0), chunks),
+                            dict(BLOCK=sk.BLOCK_V, CHECK=check), dict(num_warps=sk.NUM_WARPS))
+        ok &= _compile_one(f"sampling chunk stats bf16{' checked' if check else ''}", launch, target)
+        launch = tk._Launch(sk._chunk_pick_kernel, (n,),
+                            (logits, torch.empty(n), torch.empty(n), stats, stats, bad, out, vocab, logits.stride(0),
+                             chunks, n),
+                            dict(BLOCK=sk.BLOCK_V, CHUNKS=32, CHECK=check), dict(num_warps=sk.NUM_WARPS))
+        ok &= _compile_one(f"sampling chunk pick bf16{' checked' if check else ''}", launch, target)
     ok &= _compile_fused_ops(target)
     ok &= _compile_gemms(target)
     print("compile-only:", "all kernels compiled for sm_90" if ok else "FAILURES")

@@ -87,8 +87,9 @@ def test_serving_compiles_no_kernel_variant_after_start_up(bf16_model, enforce_e
     from engine_service.model import gemm
     from tests.integration.tiny import VOCAB
 
-    kernels = [tk._paged_attention_kernel, tk._merge_splits_kernel, tk._store_kvcache_kernel, sk._sample_kernel,
-               fo._add_rms_norm_kernel, fo._qk_norm_rope_kernel, fo._silu_and_mul_kernel, gemm._gemm_kernel]
+    kernels = [tk._paged_attention_kernel, tk._merge_splits_kernel, tk._store_kvcache_kernel,
+               sk._chunk_stats_kernel, sk._chunk_pick_kernel, fo._add_rms_norm_kernel, fo._qk_norm_rope_kernel,
+               fo._silu_and_mul_kernel, gemm._gemm_kernel]
 
     def variants() -> dict[str, int]:  # triton's in-process cache: one entry per compiled specialisation
         return {k.__name__: sum(len(cache[0]) for cache in k.device_caches.values()) for k in kernels}

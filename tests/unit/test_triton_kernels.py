@@ -382,6 +382,39 @@ def test_sampling_kernel_draws_the_inverse_cdf_token(vocab, dtype):
     assert got.tolist() == want
 
 
+@pytest.mark.parametrize("block", [256, 1024])
+def test_sampling_kernel_over_many_chunks_draws_the_inverse_cdf_token(block):
+    """Small chunks, so that a row spans 12 or 3 of them (the last partly past the vocabulary, and 12 padded to
+    16 in the picking kernel): the chunk the draw falls in, and the token within it, must both be right."""
+    from engine_service import sampling_kernels as sk
+
+    g = torch.Generator().manual_seed(block)
+    n, vocab = 16, 3000
+    logits = torch.randn(n, vocab, generator=g) * 2
+    inv_temp = 1.0 / torch.linspace(0.4, 1.5, n)
+    want, u = sk.midpoint_draws(logits, inv_temp, g, min_prob=2e-4)
+    assert len({t // block for t in want}) > 1  # the draws land in several chunks
+    got = sk.sample_rows(logits, inv_temp, u, block=block)
+    assert got.tolist() == want
+    both = sk.sample_rows(logits, inv_temp, u, check_finite=True, block=block)
+    assert both.shape == (2, n) and both[0].tolist() == want and both[1].tolist() == [1] * n
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter, on the NaN rows
+def test_sampling_kernel_finite_check_flags_nan_and_either_infinity_in_any_chunk():
+    from engine_service import sampling_kernels as sk
+
+    vocab = 3000
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(2))
+    logits[0, 2999] = float("nan")  # in the last, partial chunk
+    logits[1, 5] = float("inf")
+    logits[2, 1500] = float("-inf")  # as torch's isfinite(sum) says: -inf from the model is not finite either
+    logits[3] = float("nan")
+    both = sk.sample_rows(logits, torch.ones(6), torch.full((6,), 0.5), check_finite=True, block=512)
+    assert both[1].tolist() == [0, 0, 0, 0, 1, 1]
+    assert all(0 <= t < vocab for t in both[0].tolist())
+
+
 def test_sampling_kernel_never_draws_a_banned_token_even_at_the_ends():
     from engine_service import sampling_kernels as sk
 
@@ -391,9 +424,10 @@ def test_sampling_kernel_never_draws_a_banned_token_even_at_the_ends():
     logits[:, -25:] = float("-inf")  # and at the end
     logits[3, 5000:] = float("-inf")
     u = torch.tensor([0.0, 1.0 - 1e-7, 0.5, 1.0 - 1e-7])
-    got = sk.sample_rows(logits, torch.ones(4), u).tolist()
-    assert got[0] == 10 and got[1] == vocab - 26 and got[3] == 4999
-    assert 10 <= got[2] < vocab - 25
+    for block in (sk.BLOCK_V, 1024):  # with 1024, rows whose first or last chunks are all banned
+        got = sk.sample_rows(logits, torch.ones(4), u, block=block).tolist()
+        assert got[0] == 10 and got[1] == vocab - 26 and got[3] == 4999
+        assert 10 <= got[2] < vocab - 25
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter, on the NaN rows
@@ -429,9 +463,9 @@ def test_sampler_uses_the_kernel_for_unfiltered_rows_with_the_same_tokens():
     calls = []
     sample_rows = fused.kernels.sample_rows
 
-    def counting(*args):
+    def counting(*args, **kwargs):
         calls.append(1)
-        return sample_rows(*args)
+        return sample_rows(*args, **kwargs)
 
     fused.kernels = type("K", (), {"sample_rows": staticmethod(counting)})
     tokens_plain, _ = plain(logits.clone(), rows)
