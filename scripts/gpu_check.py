@@ -245,18 +245,31 @@ def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
     print(f"kernels in workload A's decode steps {skip + 2}-{skip + 1 + active}:\n"
           + (kernels["error"] if "error" in kernels else step_profile.format_kernels(kernels)))
     # The same for its prefill: steps 2 to 11 (chunks of up to max_num_batched_tokens prompt tokens, with the
-    # decode rows of the requests already started), salted apart, outputs capped.
+    # decode rows of the requests already started), salted apart, outputs capped. Device kernels only: the
+    # host ops' records slowed these eager steps' launches enough to show as idle device time.
     active = 3 if cpu_dry_run else 10
     try:
         prefill = step_profile.kernel_breakdown(
             llm, bench.salted(prompts_a, 11, vocab), bench.engine_params([min(n, 16) for n in max_tokens_a]),
-            0, active)
+            0, active, host_ops=False)
     except Exception as e:
         prefill = {"error": f"{type(e).__name__}: {e}"}
     report["prefill_kernels"] = prefill
     save()
     print(f"kernels in workload A's prefill steps 2-{active + 1}:\n"
           + (prefill["error"] if "error" in prefill else step_profile.format_kernels(prefill)))
+    # Where workload A's seconds go: the whole workload again (salted apart) under the step profiler, its
+    # steps grouped by batch size (the mixed ones apart).
+    try:
+        with step_profile.StepProfiler(llm) as prof:
+            llm.generate(bench.salted(prompts_a, 13, vocab), bench.engine_params(max_tokens_a))
+        by_batch = prof.by_batch()
+    except Exception as e:
+        by_batch = {"error": f"{type(e).__name__}: {e}"}
+    report["workload_A_by_batch"] = by_batch
+    save()
+    print("workload A again under the step profiler, its steps by batch size:\n"
+          + (by_batch["error"] if "error" in by_batch else step_profile.format_by_batch(by_batch)))
     llm.close()
     return 0 if report["graph_check"]["ok"] and report["startup_graphs_on"] else 1
 
@@ -432,6 +445,12 @@ def _part_results(out: Path) -> dict[str, str]:
             )
         elif "steps" in k:
             res[key] = f"no device kernels recorded over {k['steps']} steps (is CUPTI available?)"
+    by_batch = g.get("workload_A_by_batch")
+    if isinstance(by_batch, dict):
+        res["by_batch"] = f"profile failed: {by_batch.get('error')}"
+    elif by_batch:
+        res["by_batch"] = "; ".join(f"{r['group']}: {r['steps']} steps, {r['seconds']:.2f} s ({r['wall_ms']:.2f} ms)"
+                                    for r in by_batch)
     dec = g.get("slice64_profile", {}).get("decode")
     if dec and dec.get("gpu_ms") is not None:
         res["split"] = (
@@ -455,6 +474,7 @@ LABELS = {
     "split": "    step split (64 req)",
     "kernels": "    device time by kernel",
     "prefill_kernels": "    the same, prefill",
+    "by_batch": "    workload A by batch",
 }
 
 
@@ -477,8 +497,8 @@ def cmd_summary(out: Path, shown_as: str = "") -> int:
     # The engine's figures (c, d, e, f) come from one process, part "g"; the table shows them on their own
     # rows. Row d also holds part d (transformers' static batching): without the engine's figure, it shows
     # the status of part g, which should have measured it.
-    order = ["env", "preset", "a", "b", "c", "d", "e", "f", "split", "kernels", "prefill_kernels"]
-    owner = {"c": "g", "f": "g", "split": "g", "kernels": "g", "prefill_kernels": "g"}
+    order = ["env", "preset", "a", "b", "c", "d", "e", "f", "split", "kernels", "prefill_kernels", "by_batch"]
+    owner = {"c": "g", "f": "g", "split": "g", "kernels": "g", "prefill_kernels": "g", "by_batch": "g"}
     engine_a = _load(out / "graphs.json").get("workload_A", {}).get("tok_s")
     for key in order:
         st, secs = status.get(owner.get(key, key), ("-", ""))

@@ -178,6 +178,39 @@ class StepProfiler:
         return out
 
 
+    def by_batch(self, edges: tuple[int, ...] = (16, 64, 128, 192)) -> list[dict]:
+        """Where a run's wall time went: its mixed steps, then its decode steps grouped by batch size (up to
+        each edge, and above the last). Per group: steps, mean batch, seconds in all, and ms a step of wall
+        and of GPU time (the GPU's where every step has its events)."""
+        groups: list[tuple[str, list[StepRecord]]] = [("mixed", [r for r in self.records if r.kind == "mixed"])]
+        decode = [r for r in self.records if r.kind == "decode"]
+        low = 0
+        for high in (*edges, None):
+            label = f"decode {low + 1}-{high}" if high is not None else f"decode >{low}"
+            groups.append((label, [r for r in decode if max(r.batch, 1) > low and (high is None or r.batch <= high)]))
+            low = high if high is not None else low
+        out = []
+        for label, recs in groups:
+            if not recs:
+                continue
+            wall = sum(r.wall for r in recs)
+            row = {"group": label, "steps": len(recs), "mean_batch": sum(r.batch for r in recs) / len(recs),
+                   "seconds": wall, "wall_ms": 1e3 * wall / len(recs)}
+            if all(r.gpu is not None for r in recs):
+                row["gpu_ms"] = 1e3 * sum(r.gpu for r in recs) / len(recs)
+            out.append(row)
+        return out
+
+
+def format_by_batch(rows: list[dict]) -> str:
+    lines = [f"{'steps':<14}{'count':>7}{'batch':>8}{'seconds':>9}{'wall ms':>9}{'gpu ms':>9}"]
+    for r in rows:
+        gpu = f"{r['gpu_ms']:>9.2f}" if "gpu_ms" in r else f"{'-':>9}"
+        lines.append(f"{r['group']:<14}{r['steps']:>7}{r['mean_batch']:>8.1f}{r['seconds']:>9.3f}{r['wall_ms']:>9.2f}"
+                     + gpu)
+    return "\n".join(lines)
+
+
 def format_summary(summary: dict[str, dict[str, float]], title: str = "") -> str:
     cols = ["steps", "mean_batch", "wall_ms", "median_wall_ms", *(f"{p}_ms" for p in PHASES), "other_ms"]
     cols += ["gpu_ms", "exposed_host_ms"]
@@ -298,15 +331,17 @@ def summarize_kernels(kernels: list[tuple[str, float, float]], steps: int, top: 
     return out
 
 
-def kernel_breakdown(llm, prompts, params, skip_steps: int, active_steps: int) -> dict:
+def kernel_breakdown(llm, prompts, params, skip_steps: int, active_steps: int, host_ops: bool = True) -> dict:
     """generate() under torch.profiler, recording engine steps skip_steps + 2 to skip_steps + 1 +
     active_steps (one step of profiler warm-up between): what the device ran in them, by kernel
-    (summarize_kernels), and the mean number of running sequences."""
+    (summarize_kernels), and the mean number of running sequences. host_ops=False (CUDA only): record the
+    device's kernels alone; recording every host op slows an eager step's launches, which shows as device idle
+    time (the H200's prefill steps read 77% busy with them recorded)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, schedule
 
     cuda = llm.runner.device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    activities = ([ProfilerActivity.CPU] if host_ops or not cuda else []) + ([ProfilerActivity.CUDA] if cuda else [])
     first = skip_steps + 1  # steps are counted from 0; the profiler warms up on step skip_steps
     running: list[int] = []
     step, saved = llm.step, llm.__dict__.get("step")

@@ -210,6 +210,13 @@ def test_gpu_check_script_flow_on_cpu(tmp_path, capsys):
     p = report["prefill_kernels"]
     assert p["steps"] == 3 and p["busy_ms"] > 0 and p["groups"]["matmul"]["ms"] > 0
     assert "3 prefill steps of workload A" in _row(table, "    the same, prefill")
+    # Workload A again under the step profiler: every step in one group, its output tokens all accounted for.
+    groups = report["workload_A_by_batch"]
+    assert groups[0]["group"] == "mixed" and groups[0]["steps"] > 0
+    assert all(g["group"].startswith("decode 1-") or g["group"] == "mixed" for g in groups)  # batches <= 8
+    assert sum(g["steps"] for g in groups) >= max(a["requested_tokens"] // 8, 1)
+    assert all(g["seconds"] > 0 and g["wall_ms"] == pytest.approx(1e3 * g["seconds"] / g["steps"]) for g in groups)
+    assert "mixed: " in _row(table, "    workload A by batch")
     itl_row = _row(table, "(f)")
     assert "batch 8 graphs without overlap" in itl_row and "?" not in itl_row
     markdown = (out / "performance.md").read_text()
