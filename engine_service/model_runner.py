@@ -175,6 +175,9 @@ class ModelRunner:
         # Only rank 0 samples; its penalty counts are allocated before the warm-up measures the peak.
         penalties = Penalties(config.max_num_seqs, model_cfg.vocab_size, self.device) if tp.rank == 0 else None
         self.sampler = Sampler(self.device, config.seed, penalties=penalties)
+        if self.device.type == "cuda" and self.backend_name == "triton" and self.dtype in (torch.float16,
+                                                                                          torch.bfloat16):
+            self._tune_prefill_attention()  # before the warm-up, which then compiles the picked tile's variants
         self._warmup_peak_bytes = self._warm_up() if self.device.type == "cuda" else 0
         self.num_blocks = tp.min_int(self._decide_num_blocks())  # every rank must agree on the pool
         kv_heads = kv_heads_per_rank(model_cfg, tp)
@@ -211,6 +214,38 @@ class ModelRunner:
                 self.graphs = build_decode_graphs(self)
         if self.device.type == "cuda" and self.backend_name == "triton" and self.graphs is None:
             self._warm_up_eager_decode()
+
+    def _tune_prefill_attention(self) -> None:
+        """Pick the Triton prefill tile for this model on this device by timing the candidates on one full
+        prefill chunk (max_num_batched_tokens, at most 8,192, in prompts of 512 tokens) over a scratch cache of
+        just its blocks, before the warm-up. Start-up logs the timings."""
+        from engine_service.attention.triton_kernels import tune_prefill_tile
+
+        start = time.perf_counter()
+        heads = self.model_cfg.num_attention_heads // self.tp.size
+        tokens = min(self.config.max_num_batched_tokens, 8192)
+        prompt = max(1, min(512, self.max_model_len, tokens))
+        blocks = -(-prompt // self.block_size) * max(1, tokens // prompt)
+        shape = (blocks, self.block_size, kv_heads_per_rank(self.model_cfg, self.tp), self.model_cfg.head_dim)
+        try:
+            with on_device(self.device):
+                k, v = (torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2))
+                picked, timings = tune_prefill_tile(k, v, heads, tokens, prompt)
+                del k, v
+        except ValueError:
+            raise  # a malformed LLMSERVE_PREFILL_TILE
+        except Exception:  # an optimisation: serve with the default tile rather than not at all
+            log.exception("timing the prefill attention tiles failed; the default tile stays")
+            return
+        if not timings:
+            log.info("prefill attention tile (BLOCK_M, BLOCK_N, stages, warps) %s, pinned by the environment", picked)
+            return
+        found = ", ".join(f"{t}: {us:.0f} us" if isinstance(us, float) else f"{t}: {us}" for t, us in timings.items())
+        if picked is None:
+            log.warning("no prefill attention tile passed (%s); the default stays", found)
+            return
+        log.info("prefill attention tile (BLOCK_M, BLOCK_N, stages, warps) %s, picked in %.1f s on %d tokens in "
+                 "prompts of %d: %s", picked, time.perf_counter() - start, tokens, prompt, found)
 
     def _tune_decode_attention(self) -> None:
         """Pick the Triton decode tile for this model on this device by timing the candidates on a full

@@ -125,11 +125,12 @@ command -v nvidia-smi >/dev/null && nvidia-smi >"$OUT_DIR/nvidia-smi.txt" 2>&1
 publish
 
 # ---- a and b (correctness; b's kernel timings are indicative only) while the preset is built on the CPU --
-# The GPU tests start a dozen small engines; with the decode tile pinned to the default, start-ups skip the
-# tile tuner and its compiles (the one test that checks start-up compiles every variant unpins it).
+# The GPU tests start a dozen small engines; with the decode and prefill tiles pinned to the defaults, start-ups
+# skip the tile tuners and their compiles (the one test that checks start-up compiles every variant unpins them).
 pids=()
 if wanted a; then
-  LLMSERVE_DECODE_TILE=64,2,4,0 run_part a 140 "$PY" -m pytest tests/gpu -v -p no:cacheprovider &
+  LLMSERVE_DECODE_TILE=64,2,4,0 LLMSERVE_PREFILL_TILE=64,64,2,4 run_part a 140 "$PY" -m pytest tests/gpu -v \
+    -p no:cacheprovider &
   pids+=($!)
 fi
 if wanted b; then

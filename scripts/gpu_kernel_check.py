@@ -84,6 +84,13 @@ def _accuracy_cases(rng: torch.Generator) -> list[tuple]:
     mixed_ctx = ints(30, 1, 1500) + [200, 300, 800] + [0, 0, 0]  # last three: padding lanes
     cases.append(("mixed + padding lanes", mixed_q, mixed_ctx, *_QWEN, 16, None))
     cases.append(("mixed split2", mixed_q, mixed_ctx, *_QWEN, 16, 2))
+    cases = [(*c, None) for c in cases]  # + the prefill tile (None: the tuned or default one)
+    # Every other prefill tile the start-up tuner may pick: a prompt beside a decode row, and a chunk over a
+    # cached prefix with GQA 3 (128 rows are not a whole number of its tokens).
+    for t in tk.PREFILL_TILES[1:]:
+        tag = ",".join(map(str, t))
+        cases.append((f"prefill tile {tag}", [300, 17, 1], [300, 17, 90], *_QWEN, 16, None, t))
+        cases.append((f"chunk gqa3 tile {tag}", [128, 40], [384, 1000], 24, 8, 128, 16, None, t))
     return cases
 
 
@@ -107,14 +114,15 @@ def check_store(dev: torch.device) -> bool:
 def check_attention(dev: torch.device, rng: torch.Generator) -> bool:
     all_ok = True
     print(f"{'case':32s} {'err triton':>11s} {'err torch-bf16':>15s} {'bound':>9s}  result")
-    for name, q_lens, ctx, nh, nkv, hd, bs, splits in _accuracy_cases(rng):
+    for name, q_lens, ctx, nh, nkv, hd, bs, splits, prefill_tile in _accuracy_cases(rng):
         b = make_paged_batch(q_lens, ctx, nh, nkv, hd, bs, dtype=torch.bfloat16, device=dev, generator=rng)
         scale = hd ** -0.5
         args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, scale)
         ref = ref_paged_attention(*args, compute_dtype=torch.float32)
         base = ref_paged_attention(*args, compute_dtype=torch.bfloat16, use_sdpa=True).float()
         out = torch.full_like(b.q, float("nan"))
-        tk.paged_attention(*args, b.max_seqlen_q, out=out, num_kv_splits=splits, seq_order=_order_for(name, ctx, dev))
+        tk.paged_attention(*args, b.max_seqlen_q, out=out, num_kv_splits=splits, seq_order=_order_for(name, ctx, dev),
+                           prefill_tile=prefill_tile)
         torch.cuda.synchronize()
         nan = bool(out.isnan().any())
         err = (out.float() - ref).abs().max().item()
@@ -579,20 +587,23 @@ def compile_only() -> bool:
         ("prefill fp32 (ieee dot)", torch.float32, [30, 20], [300, 400], 4, 2, 64, 16, 1),
         ("prefill qwen3 fp32", torch.float32, [300, 20], [300, 400], *_QWEN, 16, 1),  # the GPU tests' engines
     ]
-    configs = [(*c, None) for c in configs]
+    configs = [(*c, None, None) for c in configs]  # + (decode tile, prefill tile)
     # Every decode tile the start-up tuner may pick, on Qwen3-0.6B's shapes, launched longest first as the engine's
     # decode steps are (a label ending in _ORDERED), one split and four.
     configs += [(f"decode qwen3 tile {','.join(map(str, t))} {_ORDERED}", torch.bfloat16, [1] * 8, [700] * 8, *_QWEN,
-                 16, 1, t) for t in tk.DECODE_TILES]
-    configs.append((f"decode qwen3 split4 {_ORDERED}", torch.bfloat16, [1] * 8, [700] * 8, *_QWEN, 16, 4, None))
+                 16, 1, t, None) for t in tk.DECODE_TILES]
+    configs.append((f"decode qwen3 split4 {_ORDERED}", torch.bfloat16, [1] * 8, [700] * 8, *_QWEN, 16, 4, None, None))
+    # And every prefill tile, in bf16 and fp16 (the two dtypes the prefill tuner runs for).
+    configs += [(f"prefill qwen3 tile {','.join(map(str, t))} {str(dt)[6:]}", dt, [300, 20], [300, 400], *_QWEN, 16, 1,
+                 None, t) for t in tk.PREFILL_TILES for dt in (torch.bfloat16, torch.float16)]
     print(f"{'config':44s} {'kernel':26s} {'shared B':>9s} {'mma':>5s} {'cp.async':>8s} {'regs/spill B':>12s} "
           f"{'s':>5s}")
-    for label, dtype, q_lens, ctx, nh, nkv, hd, bs, splits, tile in configs:
+    for label, dtype, q_lens, ctx, nh, nkv, hd, bs, splits, tile, prefill_tile in configs:
         b = make_paged_batch(q_lens, ctx, nh, nkv, hd, bs, dtype=dtype, device=cpu)
         out = torch.empty_like(b.q)
         launches = tk._plan_paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens,
                                             b.block_tables, hd ** -0.5, b.max_seqlen_q, out, splits, tile,
-                                            _order_for(label, ctx, cpu))
+                                            _order_for(label, ctx, cpu), prefill_tile)
         for launch in launches:
             # Planned on CPU tensors, bf16 would get the interpreter's fp32 upcast; compile what CUDA runs.
             if "UPCAST" in launch.constexprs:

@@ -41,8 +41,8 @@ import triton.language as tl
 
 from engine_service.attention.base import longest_first
 
-__all__ = ["store_kvcache", "paged_attention", "default_num_kv_splits", "tune_decode_tile", "spread_lengths",
-           "decode_order_pays", "decode_order_timings"]
+__all__ = ["store_kvcache", "paged_attention", "default_num_kv_splits", "tune_decode_tile", "tune_prefill_tile",
+           "spread_lengths", "decode_order_pays", "decode_order_timings"]
 
 _LOG2E = 1.4426950408889634
 
@@ -58,6 +58,17 @@ DECODE_TILES: tuple[Tile, ...] = (
     (64, 2, 4, 0), (64, 3, 4, 0), (128, 2, 4, 0), (128, 2, 8, 0), (32, 3, 4, 0), (64, 2, 4, 1), (128, 2, 4, 1),
 )
 PREFILL_TILE: Tile = (64, 2, 4, 0)
+# Prefill tiles: (BLOCK_M query rows per program, BLOCK_N, num_stages, num_warps); KV heads never first. Prefill
+# steps in bf16/fp16 use the one tune_prefill_tile picked at start-up among these; the first (64 rows and
+# PREFILL_TILE) is the default. The H200 ran workload A's 8,192-token prefill attention with it at about
+# 90 TFLOP/s: 128 rows over 8 warps halve the K/V loads per query row.
+PrefillTile = tuple[int, int, int, int]
+PREFILL_TILES: tuple[PrefillTile, ...] = (
+    (64, 64, 2, 4), (128, 64, 2, 8), (128, 64, 3, 8), (128, 128, 2, 8), (64, 32, 3, 4),
+)
+# "BLOCK_M,BLOCK_N,num_stages,num_warps": pin the prefill tile, no timing.
+PREFILL_TILE_ENV = "LLMSERVE_PREFILL_TILE"
+_prefill_tiles: dict[tuple, PrefillTile] = {}  # _tile_key(...) -> the tile prefill steps use
 # float32 ("ieee" dots) holds twice the bytes per element: at PREFILL_TILE a 64-row x head_dim-128 tile spills
 # ~30 KB per thread (a 9 KB stack frame) and takes ptxas 6-35 s per variant; half the keys over twice the
 # warps spills ~1 KB and compiles in ~1 s (sm_90, measured with ptxas -v). Only tests run float32 on CUDA.
@@ -361,7 +372,8 @@ def decode_order_pays(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 
 def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                          max_seqlen_q, out, num_kv_splits, tile=None, seq_order=None) -> list[_Launch]:
+                          max_seqlen_q, out, num_kv_splits, tile=None, seq_order=None,
+                          prefill_tile=None) -> list[_Launch]:
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, kd = k_cache.shape
     if kd != head_dim or v_cache.shape != k_cache.shape:
@@ -383,10 +395,16 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
         seq_order = None
 
     gqa = num_heads // num_kv_heads
+    prefill_m = _PREFILL_BLOCK_M
+    if tile is None and max_seqlen_q > 1:
+        if q.dtype == torch.float32:
+            tile = FP32_PREFILL_TILE
+        else:
+            prefill_m, *rest = prefill_tile or _prefill_tiles.get(_tile_key(q, k_cache), PREFILL_TILES[0])
+            tile = (*rest, 0)
     # Rows per program: enough for max_seqlen_q tokens x GQA, at least 16 (tl.dot minimum), at most
-    # the prefill tile unless one token's heads alone need more.
-    block_m = min(max(_MIN_DOT, _next_pow2(max(1, max_seqlen_q) * gqa)),
-                  max(_PREFILL_BLOCK_M, _next_pow2(gqa)))
+    # the prefill tile's unless one token's heads alone need more.
+    block_m = min(max(_MIN_DOT, _next_pow2(max(1, max_seqlen_q) * gqa)), max(prefill_m, _next_pow2(gqa)))
     tokens_per_tile = block_m // gqa
     d_pad = max(_MIN_DOT, _next_pow2(head_dim))
     if num_kv_splits is None:
@@ -395,10 +413,7 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
     upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu"  # interpreter: bf16 tl.dot is wrong
     dot_prec = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
     if tile is None:
-        if max_seqlen_q > 1:
-            tile = FP32_PREFILL_TILE if q.dtype == torch.float32 else PREFILL_TILE
-        else:
-            tile = _decode_tiles.get(_tile_key(q, k_cache), DECODE_TILES[0])
+        tile = _decode_tiles.get(_tile_key(q, k_cache), DECODE_TILES[0])
     block_n, num_stages, num_warps, heads_first = tile
     ordered = seq_order is not None
     # Launched in an order, the KV heads go on the fastest axis whatever the tile says: otherwise the GPU starts
@@ -449,7 +464,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
                     scale: float, max_seqlen_q: int, out: torch.Tensor | None = None,
                     num_kv_splits: int | None = None, tile: Tile | None = None,
-                    seq_order: torch.Tensor | None = None) -> torch.Tensor:
+                    seq_order: torch.Tensor | None = None, prefill_tile: PrefillTile | None = None) -> torch.Tensor:
     """Causal attention of flat variable-length queries over a paged KV cache.
 
     q: [num_tokens, num_heads, head_dim]; sequence i owns rows cu_seqlens_q[i]:cu_seqlens_q[i+1]
@@ -464,17 +479,89 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     (max_seqlen_q 1), a permutation of the sequences ([num_seqs] int32 on q's device) in which their programs
     are dispatched, all KV heads of one sequence side by side (heads_first is implied); longest_first(context
     lengths) gives each launch a short tail (a long sequence started in the last wave would run on alone). It
-    changes no result. Returns out [num_tokens, num_heads, head_dim] in q's dtype; a
-    row with no keys (context_len 0) is zeros.
+    changes no result. prefill_tile: (BLOCK_M, BLOCK_N, num_stages, num_warps) for a bf16/fp16 step with
+    max_seqlen_q > 1 instead of the tuned or default one (tile, where given, wins, with 64 rows). Returns out
+    [num_tokens, num_heads, head_dim] in q's dtype; a row with no keys (context_len 0) is zeros.
     """
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape:
         raise ValueError(f"out {tuple(out.shape)} does not match q {tuple(q.shape)}")
     for launch in _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                                        max_seqlen_q, out, num_kv_splits, tile, seq_order):
+                                        max_seqlen_q, out, num_kv_splits, tile, seq_order, prefill_tile):
         launch.run()
     return out
+
+
+def parse_prefill_tile(text: str) -> PrefillTile:
+    """"BLOCK_M,BLOCK_N,num_stages,num_warps" -> a prefill tile; ValueError naming what a valid one looks like."""
+    try:
+        block_m, block_n, stages, warps = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{PREFILL_TILE_ENV}={text!r}: expected BLOCK_M,BLOCK_N,num_stages,num_warps, "
+                         "e.g. 128,64,2,8") from None
+    if (min(block_m, block_n) < _MIN_DOT or block_m & (block_m - 1) or block_n & (block_n - 1) or stages < 1
+            or warps not in (1, 2, 4, 8, 16)):
+        raise ValueError(f"{PREFILL_TILE_ENV}={text!r}: BLOCK_M and BLOCK_N must be powers of two >= {_MIN_DOT}, "
+                         "num_stages >= 1 and num_warps a power of two up to 16")
+    return block_m, block_n, stages, warps
+
+
+def tune_prefill_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, tokens: int, prompt_len: int,
+                      *, iters: int = 5, timer=None, seed: int = 0
+                      ) -> tuple[PrefillTile | None, dict[PrefillTile, float | str]]:
+    """Time every PREFILL_TILES candidate on one prefill chunk over these caches and make the fastest the tile of
+    prefill steps with these shapes on this device. Returns (the tile picked, or None when none passed and the
+    default stays; {tile: microseconds per call, or why it was dropped}).
+
+    The chunk: tokens // prompt_len prompts of prompt_len tokens, no cached prefix, in random distinct blocks
+    of the caches, which get random K/V (call it before the caches hold anything). A candidate must agree with
+    the default tile's output (max |difference| within 2% of its largest value: only the order of the
+    softmax's sums differs) before it is timed. With LLMSERVE_PREFILL_TILE set, that tile is used untimed.
+    timer(fn, iters) -> microseconds; default CUDA events.
+    """
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    q_shape = (1, num_heads, head_dim)
+    key = _tile_key(torch.empty(q_shape, dtype=k_cache.dtype, device="meta"), k_cache)
+    pinned = os.environ.get(PREFILL_TILE_ENV)
+    if pinned:
+        _prefill_tiles[key] = tile = parse_prefill_tile(pinned)
+        return tile, {}
+    per_seq = -(-prompt_len // block_size)
+    seqs = max(1, min(tokens // max(1, prompt_len), num_blocks // per_seq))
+    gen = torch.Generator().manual_seed(seed)
+    blocks = torch.randperm(num_blocks, generator=gen)[: seqs * per_seq].view(seqs, per_seq).to(torch.int32)
+    dev, dtype = k_cache.device, k_cache.dtype
+    used = blocks.flatten().to(dev, torch.long)
+    for cache in (k_cache, v_cache):
+        cache[used] = torch.randn((used.numel(), *cache.shape[1:]), generator=gen).to(dev, dtype)
+    q = torch.randn((seqs * prompt_len, num_heads, head_dim), generator=gen).to(dev, dtype)
+    lens = torch.full((seqs,), prompt_len, dtype=torch.int32, device=dev)
+    args = (q, k_cache, v_cache, torch.arange(0, seqs * prompt_len + 1, prompt_len, dtype=torch.int32, device=dev),
+            lens, blocks.to(dev), head_dim ** -0.5, prompt_len)
+    want = paged_attention(*args, prefill_tile=PREFILL_TILES[0]).float()
+    limit = 0.02 * float(want.abs().max()) + 1e-6
+    out = torch.empty_like(q)
+    timer = timer or _cuda_event_timer
+    timings: dict[PrefillTile, float | str] = {}
+    for tile in PREFILL_TILES:
+        def call(tile=tile):
+            paged_attention(*args, out=out, prefill_tile=tile)
+
+        try:
+            call()  # compiles
+            err = float((out.float() - want).abs().max())
+            if not err <= limit:  # NaN fails too
+                timings[tile] = f"differs from the default tile by {err:.3g}"
+                continue
+            timings[tile] = timer(call, iters)
+        except Exception as exc:  # e.g. out of shared memory for this tile on this device: not a candidate
+            timings[tile] = f"{type(exc).__name__}: {exc}"
+    timed = {t: us for t, us in timings.items() if isinstance(us, float)}
+    if not timed:
+        return None, timings
+    _prefill_tiles[key] = picked = min(timed, key=timed.get)
+    return picked, timings
 
 
 def parse_tile(text: str) -> Tile:

@@ -94,8 +94,10 @@ def test_serving_compiles_no_kernel_variant_after_start_up(bf16_model, enforce_e
     def variants() -> dict[str, int]:  # triton's in-process cache: one entry per compiled specialisation
         return {k.__name__: sum(len(cache[0]) for cache in k.device_caches.values()) for k in kernels}
 
-    # gpu_check.sh pins the decode tile for these tests (no tuner at each start-up); this one runs the tuner.
+    # gpu_check.sh pins the decode and prefill tiles for these tests (no tuners at each start-up); this one runs
+    # the tuners: the prefill tile they pick must be the one the warm-up compiled.
     monkeypatch.delenv(tk.DECODE_TILE_ENV, raising=False)
+    monkeypatch.delenv(tk.PREFILL_TILE_ENV, raising=False)
     rng = random.Random(3)
     with _engine(bf16_model, dtype="float16", enforce_eager=enforce_eager) as llm:
         before = variants()

@@ -14,7 +14,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 STUB = """#!/usr/bin/env bash
-echo "$* |tile=${LLMSERVE_DECODE_TILE:-}" >> "$STUB_LOG"
+echo "$* |tile=${LLMSERVE_DECODE_TILE:-}|${LLMSERVE_PREFILL_TILE:-}" >> "$STUB_LOG"
 case "$*" in
   "-c "*) exec "$REAL_PYTHON" "$@" ;;
   *"gpu_check.py summary"*) exec "$REAL_PYTHON" "$@" ;;
@@ -77,18 +77,19 @@ def test_every_part_runs_in_order_with_its_limit_and_only_the_gpu_tests_pin_the_
     assert order == sorted(order), calls
     _assert_summary_last(calls)
     a = _part(calls, "-m pytest tests/gpu")
-    assert a.endswith("|tile=64,2,4,0")
-    # The tile the tests pin must be one the engine can run: the default decode tile.
+    assert a.endswith("|tile=64,2,4,0|64,64,2,4")
+    # The tiles the tests pin must be ones the engine can run: the default decode and prefill tiles.
     from engine_service.attention import triton_kernels as tk
 
-    assert tk.parse_tile(a.rsplit("=", 1)[1]) == tk.DECODE_TILES[0]
+    decode, prefill = a.rsplit("=", 1)[1].split("|")
+    assert tk.parse_tile(decode) == tk.DECODE_TILES[0] and tk.parse_prefill_tile(prefill) == tk.PREFILL_TILES[0]
     others = [c for c in calls if "-m pytest tests/gpu" not in c]
-    assert others and all(c.endswith("|tile=") for c in others), others
+    assert others and all(c.endswith("|tile=|") for c in others), others
     # The engine's figures come from one process; transformers' static batching runs without the engine.
     assert "--no-engine" in _part(calls, "--peers hf-static")
     assert "--num-seqs 64" in _part(calls, "--peers hf-continuous")
     assert "--peer-timeout 60" in _part(calls, "--peers hf-continuous")
-    assert _limits(output) == {"a": 140, "b": 150, "preset": 100, "g": 150, "d": 330, "e": 100}
+    assert _limits(output) == {"a": 140, "b": 150, "preset": 100, "g": 240, "d": 330, "e": 100}
     status = [line.split("\t")[:2] for line in (out / "status.tsv").read_text().splitlines()]
     assert sorted(status) == sorted([[p, "PASS"] for p in ("env", "a", "b", "preset", "g", "d", "e")])
     assert (out / "performance.md").exists()

@@ -306,6 +306,68 @@ def test_decode_keeps_the_launch_order_only_where_the_tuner_found_it_faster(monk
     assert tk.decode_order_pays(b.q, b.k_cache)
 
 
+@pytest.mark.parametrize("tile", tk.PREFILL_TILES)
+def test_every_prefill_tile_the_tuner_may_pick_is_exact(tile):
+    """fp16 (the interpreter computes bf16 dots wrongly): prompts long enough to fill 128-row tiles, one over a
+    cached prefix, a decode row beside them, and a chunk that ends mid-tile."""
+    g = torch.Generator().manual_seed(sum(tile))
+    b = make_paged_batch([70, 1, 45], [70, 37, 130], 4, 2, 32, 16, dtype=torch.float16, generator=g)
+    args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.2, b.max_seqlen_q)
+    out = torch.full_like(b.q, float("nan"))
+    launch = tk._plan_paged_attention(*args, out, 1, prefill_tile=tile)[0]
+    assert (launch.constexprs["BLOCK_M"], launch.constexprs["BLOCK_N"], launch.options["num_stages"],
+            launch.options["num_warps"]) == tile
+    tk.paged_attention(*args, out=out, num_kv_splits=1, prefill_tile=tile)
+    _check(out, ref_paged_attention(*args[:7]), atol=3e-3)
+
+
+def test_prefill_tuner_picks_the_fastest_agreeing_tile_and_the_environment_pins_one(monkeypatch):
+    monkeypatch.setattr(tk, "_prefill_tiles", {})
+    monkeypatch.delenv(tk.PREFILL_TILE_ENV, raising=False)
+    fastest, broken, wrong = tk.PREFILL_TILES[1], tk.PREFILL_TILES[2], tk.PREFILL_TILES[3]
+    real_plan = tk._plan_paged_attention
+
+    def plan(*args, **kwargs):  # the `wrong` tile computes garbage: the tuner must drop it untimed
+        launches = real_plan(*args, **kwargs)
+        if kwargs.get("prefill_tile", args[12] if len(args) > 12 else None) == wrong:
+            out = args[8]
+            return [*launches, tk._Launch(type("Garbage", (), {"__getitem__": lambda self, grid: (
+                lambda *a, **k: out.add_(1.0))})(), (1,), (), {}, {})]
+        return launches
+
+    monkeypatch.setattr(tk, "_plan_paged_attention", plan)
+    timed = []
+
+    def timer(fn, iters):
+        tile = [t for t in tk.PREFILL_TILES if t not in timed and t != wrong][0]
+        timed.append(tile)
+        if tile == broken:
+            raise RuntimeError("out of resources")  # stands in for a tile that does not fit the device
+        fn()
+        return 2.0 if tile == fastest else 9.0
+
+    b = make_paged_batch([1], [9], 4, 2, 32, 16, dtype=torch.float16, extra_blocks=40)
+    picked, timings = tk.tune_prefill_tile(b.k_cache, b.v_cache, 4, tokens=96, prompt_len=40, timer=timer)
+    assert picked == fastest and set(timings) == set(tk.PREFILL_TILES)
+    assert timings[fastest] == 2.0 and "RuntimeError" in timings[broken] and "differs" in timings[wrong]
+    assert wrong not in timed
+    half = make_paged_batch([70, 1], [70, 9], 4, 2, 32, 16, dtype=torch.float16)
+    out = torch.empty_like(half.q)
+    args = (half.q, half.k_cache, half.v_cache, half.cu_seqlens_q, half.context_lens, half.block_tables, 0.1, 70)
+    launch = real_plan(*args, out, 1)[0]
+    assert launch.constexprs["BLOCK_M"] == fastest[0] and launch.options["num_warps"] == fastest[3]
+    # float32 prefill keeps its own tile, and other shapes the default.
+    assert _plan_tiles(make_paged_batch([70, 1], [70, 9], 4, 2, 32, 16)) == tk.FP32_PREFILL_TILE
+    other = make_paged_batch([70, 1], [70, 9], 4, 2, 32, 8, dtype=torch.float16)
+    assert _plan_tiles(other) == tk.PREFILL_TILE
+    # Pinned by the environment: untimed, and a malformed pin says what a valid one looks like.
+    monkeypatch.setenv(tk.PREFILL_TILE_ENV, "128,128,2,8")
+    assert tk.tune_prefill_tile(b.k_cache, b.v_cache, 4, 96, 40, timer=timer) == ((128, 128, 2, 8), {})
+    monkeypatch.setenv(tk.PREFILL_TILE_ENV, "128,100,2,8")
+    with pytest.raises(ValueError, match="BLOCK_M,BLOCK_N,num_stages,num_warps|powers of two"):
+        tk.tune_prefill_tile(b.k_cache, b.v_cache, 4, 96, 40, timer=timer)
+
+
 def _plan_tiles(b):
     out = torch.empty_like(b.q)
     launch = tk._plan_paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables,
