@@ -121,7 +121,8 @@ class Sampler:
     def warm_up(self, logits: torch.Tensor) -> None:
         """Sample each row of `logits` ([rows, V]) the costliest way, with a logit bias, penalties (where this sampler
         has them: on the rank that samples), a JSON mode's mask, top-k/top-p and the most logprobs, then the cheapest (the sampling
-        kernel), so that a start-up measuring peak memory sees the sampler's largest workspace. Its generator is
+        kernels, with their finite check and, after a bias, without), so that a start-up measuring peak memory sees the
+        sampler's largest workspace and the kernels' variants are compiled. Its generator is
         restored: the warm-up draws no one's tokens. The counts it leaves in penalty slots are zeroed when a request
         takes one."""
         state = self.generator.get_state()
@@ -134,6 +135,9 @@ class Sampler:
         self.sample_with_logprobs(logits.clone(), [SamplingRow(costly, None, penalty_slot=s, bias=bias, allowed=allowed)
                                                    for s in slots])
         self.sample(logits.clone(), [SamplingRow(SamplingParams(temperature=0.6), None)] * logits.shape[0])
+        # The kernels' other variant: drawing logits something changed first (a bias), the finite check apart.
+        biased = SamplingParams(temperature=0.6, logit_bias={0: 0.5})
+        self.sample(logits.clone(), [SamplingRow(biased, None, bias=bias)] * logits.shape[0])
         self.generator.set_state(state)
 
     def bias_tensors(self, params: SamplingParams) -> LogitBias:

@@ -35,11 +35,12 @@ NUM_WARPS = 8
 @triton.jit
 def _chunk_stats_kernel(
     logits_ptr, inv_temp_ptr, max_ptr, sum_ptr, bad_ptr,
-    vocab, stride_row, num_chunks,
+    vocab, stride_row,
     BLOCK: tl.constexpr, CHECK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
+    num_chunks = tl.num_programs(1)
     idx = chunk * BLOCK + tl.arange(0, BLOCK)
     inside = idx < vocab
     raw = tl.load(logits_ptr + row * stride_row + idx, mask=inside, other=-float("inf")).to(tl.float32)
@@ -57,7 +58,7 @@ def _chunk_stats_kernel(
 @triton.jit
 def _chunk_pick_kernel(
     logits_ptr, inv_temp_ptr, u_ptr, max_ptr, sum_ptr, bad_ptr, out_ptr,
-    vocab, stride_row, num_chunks, num_rows,
+    vocab, stride_row, num_chunks,
     BLOCK: tl.constexpr, CHUNKS: tl.constexpr, CHECK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -86,7 +87,7 @@ def _chunk_pick_kernel(
     tl.store(out_ptr + row, token.to(tl.int64))
     if CHECK:  # the second output row: 1 where the row's logits were all finite
         bad = tl.load(bad_ptr + at, mask=valid, other=0)
-        tl.store(out_ptr + num_rows + row, (tl.max(bad, 0) == 0).to(tl.int64))
+        tl.store(out_ptr + tl.num_programs(0) + row, (tl.max(bad, 0) == 0).to(tl.int64))
 
 
 def sample_rows(logits: torch.Tensor, inv_temperature: torch.Tensor, u: torch.Tensor,
@@ -101,15 +102,17 @@ def sample_rows(logits: torch.Tensor, inv_temperature: torch.Tensor, u: torch.Te
     dev = logits.device
     out = torch.empty((2, n) if check_finite else (n,), dtype=torch.long, device=dev)
     if n:
+        # No integer argument depends on n and every buffer is an allocation of its own: triton specialises a
+        # kernel on ints equal to 1 or divisible by 16 and on pointers' 16-byte alignment, and a variant that
+        # depended on the batch size would compile mid-serving (a view at an offset of n rows would too).
         chunks = triton.cdiv(vocab, block)
-        stats = torch.empty(2, n, chunks, dtype=torch.float32, device=dev)
-        bad = torch.empty(n, chunks, dtype=torch.int32, device=dev) if check_finite else stats
+        row_max, row_sum = (torch.empty(n, chunks, dtype=torch.float32, device=dev) for _ in range(2))
+        bad = torch.empty(n, chunks, dtype=torch.int32, device=dev) if check_finite else row_max
         inv_temperature = inv_temperature.float().contiguous()
-        _chunk_stats_kernel[(n, chunks)](logits, inv_temperature, stats[0], stats[1], bad, vocab,
-                                         logits.stride(0), chunks, BLOCK=block, CHECK=check_finite,
-                                         num_warps=NUM_WARPS)
-        _chunk_pick_kernel[(n,)](logits, inv_temperature, u.float().contiguous(), stats[0], stats[1], bad, out,
-                                 vocab, logits.stride(0), chunks, n, BLOCK=block,
+        _chunk_stats_kernel[(n, chunks)](logits, inv_temperature, row_max, row_sum, bad, vocab, logits.stride(0),
+                                         BLOCK=block, CHECK=check_finite, num_warps=NUM_WARPS)
+        _chunk_pick_kernel[(n,)](logits, inv_temperature, u.float().contiguous(), row_max, row_sum, bad, out,
+                                 vocab, logits.stride(0), chunks, BLOCK=block,
                                  CHUNKS=triton.next_power_of_2(chunks), CHECK=check_finite, num_warps=NUM_WARPS)
     return out
 

@@ -558,12 +558,28 @@ def check_specialisation(target) -> bool:
                                                    seq_order=order):
                 _, spec, _ = _bind(launch, backend)
                 found.setdefault((launch.kernel.__name__, *sorted(launch.constexprs.items())), set()).add(repr(spec))
+    # The sampling kernels at every batch size a step may sample (Qwen3's vocabulary, bf16 logits), checked or
+    # not: the rows drawn must choose nothing but the CHECK constexpr.
+    from unittest import mock
+
+    from engine_service import sampling_kernels as sk
+
+    launches: list = []
+    with mock.patch.object(sk, "_chunk_stats_kernel", _Recorder(sk._chunk_stats_kernel, launches)), \
+            mock.patch.object(sk, "_chunk_pick_kernel", _Recorder(sk._chunk_pick_kernel, launches)):
+        for n in (1, 2, 3, 16, 17, 32, 100, 256):
+            for check in (False, True):
+                sk.sample_rows(torch.empty(n, 151_936, dtype=torch.bfloat16), 1 / torch.rand(n), torch.rand(n),
+                               check_finite=check)
+    for launch in launches:
+        _, spec, _ = _bind(launch, backend)
+        found.setdefault((launch.kernel.__name__, *sorted(launch.constexprs.items())), set()).add(repr(spec))
     ok = all(len(v) == 1 for v in found.values())
     for key, specs in found.items():
         if len(specs) > 1:
             print(f"specialisation: {key[0]} with {dict(key[1:])} has {len(specs)} variants for the same "
                   f"constexprs (a runtime integer is specialised): {sorted(specs)}")
-    print(f"specialisation: {len(found)} constexpr sets over 11 batch shapes, "
+    print(f"specialisation: {len(found)} constexpr sets over 11 attention batch shapes and 8 sampled batch sizes, "
           + ("one compiled variant each" if ok else "FAILED: more than one variant for some"))
     return ok
 
@@ -639,12 +655,12 @@ def compile_only() -> bool:
     stats, bad, out = torch.empty(n, chunks), torch.empty(n, chunks, dtype=torch.int32), torch.empty(2, n).long()
     for check in (False, True):
         launch = tk._Launch(sk._chunk_stats_kernel, (n, chunks),
-                            (logits, torch.empty(n), stats, stats, bad, vocab, logits.stride(0), chunks),
+                            (logits, torch.empty(n), stats, stats, bad, vocab, logits.stride(0)),
                             dict(BLOCK=sk.BLOCK_V, CHECK=check), dict(num_warps=sk.NUM_WARPS))
         ok &= _compile_one(f"sampling chunk stats bf16{' checked' if check else ''}", launch, target)
         launch = tk._Launch(sk._chunk_pick_kernel, (n,),
                             (logits, torch.empty(n), torch.empty(n), stats, stats, bad, out, vocab, logits.stride(0),
-                             chunks, n),
+                             chunks),
                             dict(BLOCK=sk.BLOCK_V, CHUNKS=32, CHECK=check), dict(num_warps=sk.NUM_WARPS))
         ok &= _compile_one(f"sampling chunk pick bf16{' checked' if check else ''}", launch, target)
     ok &= _compile_fused_ops(target)
