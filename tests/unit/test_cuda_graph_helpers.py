@@ -301,7 +301,7 @@ def test_warm_up_meets_every_query_tile_and_the_sampler_before_serving(tmp_path,
     """ModelRunner._warm_up (run at start-up on CUDA), here on CPU with stand-ins for the CUDA memory calls:
     a forward at the token budget, then short prefills of every WARMUP_QUERY_LENS length (each query tile
     of the attention kernels compiles before serving), then the sampler on max_num_seqs rows with filters and a
-    bias, and without; the sampler's generator is left as it was, and the peak it measured is returned."""
+    bias, without either, and with a bias alone; the sampler's generator is left as it was, and the peak it measured is returned."""
     from engine_service.model_runner import ModelRunner
 
     llm = _start_up_engine(tmp_path, "torch")
@@ -332,7 +332,8 @@ def test_warm_up_meets_every_query_tile_and_the_sampler_before_serving(tmp_path,
         layers = 2
         expected = [64, *ModelRunner.WARMUP_QUERY_LENS]  # the budget (64 tokens), then every short length
         assert seen_q_lens == [q for q in expected for _ in range(layers)]
-        assert sampled == [(8, {(50, True)}), (8, {(-1, False)})]  # max_num_seqs rows: filtered, biased; plain
+        # max_num_seqs rows: filtered and biased; plain (the kernels with their finite check); biased only (without)
+        assert sampled == [(8, {(50, True)}), (8, {(-1, False)}), (8, {(-1, True)})]
         assert torch.equal(runner.sampler.generator.get_state(), state)
     finally:
         llm.close()
