@@ -216,21 +216,23 @@ class ModelRunner:
             self._warm_up_eager_decode()
 
     def _tune_prefill_attention(self) -> None:
-        """Pick the Triton prefill tile for this model on this device by timing the candidates on one full
-        prefill chunk (max_num_batched_tokens, at most 8,192, in prompts of 512 tokens) over a scratch cache of
-        just its blocks, before the warm-up. Start-up logs the timings."""
-        from engine_service.attention.triton_kernels import tune_prefill_tile
+        """Pick the Triton prefill tile for this model on this device by timing the candidates on one full mixed
+        step (max_num_batched_tokens, at most 8,192: up to half of max_num_seqs decode rows over 512 keys, and
+        prompts of 512 tokens) over a scratch cache of just its blocks, before the warm-up. Start-up logs the
+        timings."""
+        from engine_service.attention.triton_kernels import prefill_tuning_blocks, tune_prefill_tile
 
         start = time.perf_counter()
         heads = self.model_cfg.num_attention_heads // self.tp.size
         tokens = min(self.config.max_num_batched_tokens, 8192)
         prompt = max(1, min(512, self.max_model_len, tokens))
-        blocks = -(-prompt // self.block_size) * max(1, tokens // prompt)
+        decode_rows, decode_len = min(self.config.max_num_seqs // 2, tokens // 8), prompt
+        blocks = prefill_tuning_blocks(tokens, prompt, decode_rows, decode_len, self.block_size)
         shape = (blocks, self.block_size, kv_heads_per_rank(self.model_cfg, self.tp), self.model_cfg.head_dim)
         try:
             with on_device(self.device):
                 k, v = (torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2))
-                picked, timings = tune_prefill_tile(k, v, heads, tokens, prompt)
+                picked, timings = tune_prefill_tile(k, v, heads, tokens, prompt, decode_rows, decode_len)
                 del k, v
         except ValueError:
             raise  # a malformed LLMSERVE_PREFILL_TILE
@@ -244,8 +246,9 @@ class ModelRunner:
         if picked is None:
             log.warning("no prefill attention tile passed (%s); the default stays", found)
             return
-        log.info("prefill attention tile (BLOCK_M, BLOCK_N, stages, warps) %s, picked in %.1f s on %d tokens in "
-                 "prompts of %d: %s", picked, time.perf_counter() - start, tokens, prompt, found)
+        log.info("prefill attention tile (BLOCK_M, BLOCK_N, stages, warps) %s, picked in %.1f s on a %d-token step "
+                 "(%d decode rows over %d keys, prompts of %d): %s", picked, time.perf_counter() - start, tokens,
+                 decode_rows, decode_len, prompt, found)
 
     def _tune_decode_attention(self) -> None:
         """Pick the Triton decode tile for this model on this device by timing the candidates on a full

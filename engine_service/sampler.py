@@ -233,7 +233,9 @@ class Sampler:
         dev = logits.device
         # One upload for every row's parameters: [n, 4] = temperature, top_k (vocab when off), top_p, min_p.
         table = [
-            [r.params.temperature, vocab if r.params.top_k == -1 else min(r.params.top_k, vocab),
+            # A temperature past float32's range would be inf here, its inverse 0, and -inf logits times 0 NaN:
+            # 1e30 already makes every finite logit equally likely.
+            [min(r.params.temperature, 1e30), vocab if r.params.top_k == -1 else min(r.params.top_k, vocab),
              r.params.top_p, r.params.min_p]
             for r in rows
         ]

@@ -5,7 +5,7 @@ The torch path of Sampler._sample materialises float32 copies of the logits for 
 and the cumulative sum: at a batch of 256 over Qwen3's 151,936-token vocabulary that is about 1.2 GB of
 memory traffic a step, some 0.3 ms of an H200's time. Here each row is cut into chunks of BLOCK_V entries:
   1. _chunk_stats_kernel, one program per (row, chunk): the chunk's max and its sum of exponentials (and,
-     when asked, whether it holds a NaN or an infinity), so a row is spread over ~19 programs, not one;
+     when asked, the float32 sum of its raw logits for the finite check), so a row is spread over ~19 programs;
   2. _chunk_pick_kernel, one program per row: from the chunks' figures, the chunk where the row's cumulative
      sum passes u times the row's total, then a scan of that chunk only for the token.
 A single program streaming a whole row twice (the previous kernel) kept too few loads in flight: 78 us a step
@@ -34,7 +34,7 @@ NUM_WARPS = 8
 
 @triton.jit
 def _chunk_stats_kernel(
-    logits_ptr, inv_temp_ptr, max_ptr, sum_ptr, bad_ptr,
+    logits_ptr, inv_temp_ptr, max_ptr, sum_ptr, raw_sum_ptr,
     vocab, stride_row,
     BLOCK: tl.constexpr, CHECK: tl.constexpr,
 ):
@@ -50,14 +50,13 @@ def _chunk_stats_kernel(
     at = row * num_chunks + chunk
     tl.store(max_ptr + at, m)
     tl.store(sum_ptr + at, tl.sum(tl.math.exp2(x - m), 0))
-    if CHECK:  # NaN or an infinity anywhere in the chunk's own entries
-        bad = ((raw != raw) | (tl.abs(raw) == float("inf"))) & inside
-        tl.store(bad_ptr + at, tl.max(bad.to(tl.int32), 0))
+    if CHECK:  # the chunk's float32 sum of its raw logits: NaN or infinite where they hold NaN or an infinity
+        tl.store(raw_sum_ptr + at, tl.sum(tl.where(inside, raw, 0.0), 0))
 
 
 @triton.jit
 def _chunk_pick_kernel(
-    logits_ptr, inv_temp_ptr, u_ptr, max_ptr, sum_ptr, bad_ptr, out_ptr,
+    logits_ptr, inv_temp_ptr, u_ptr, max_ptr, sum_ptr, raw_sum_ptr, out_ptr,
     vocab, stride_row, num_chunks,
     BLOCK: tl.constexpr, CHUNKS: tl.constexpr, CHECK: tl.constexpr,
 ):
@@ -85,17 +84,18 @@ def _chunk_pick_kernel(
     last_positive = tl.maximum(tl.max(tl.where(p > 0.0, idx, -1), 0), winner * BLOCK)
     token = tl.where(token < vocab, token, last_positive)
     tl.store(out_ptr + row, token.to(tl.int64))
-    if CHECK:  # the second output row: 1 where the row's logits were all finite
-        bad = tl.load(bad_ptr + at, mask=valid, other=0)
-        tl.store(out_ptr + tl.num_programs(0) + row, (tl.max(bad, 0) == 0).to(tl.int64))
+    if CHECK:  # the second output row: 1 where the float32 sum of the row's logits is finite, as the torch path's
+        total_raw = tl.sum(tl.load(raw_sum_ptr + at, mask=valid, other=0.0), 0)  # check reads it (in its own order)
+        tl.store(out_ptr + tl.num_programs(0) + row, (tl.abs(total_raw) < float("inf")).to(tl.int64))
 
 
 def sample_rows(logits: torch.Tensor, inv_temperature: torch.Tensor, u: torch.Tensor,
                 check_finite: bool = False, block: int = BLOCK_V) -> torch.Tensor:
     """One token per row of logits [n, V] (any float dtype; the last dimension contiguous), drawn from
     softmax(logits * inv_temperature[:, None]) at the uniforms u [n] in [0, 1). Returns [n] int64, or with
-    check_finite [2, n] int64: the tokens, and 1 where the row held no NaN or infinity (Sampler.sample's
-    layout). block: vocabulary entries per program (a power of two; tests use small ones)."""
+    check_finite [2, n] int64: the tokens, and 1 where the float32 sum of the row's logits is finite, which it is not
+    where they hold NaN or an infinity (Sampler.sample's layout and its check). block: vocabulary entries per
+    program (a power of two; tests use small ones)."""
     n, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -107,11 +107,11 @@ def sample_rows(logits: torch.Tensor, inv_temperature: torch.Tensor, u: torch.Te
         # depended on the batch size would compile mid-serving (a view at an offset of n rows would too).
         chunks = triton.cdiv(vocab, block)
         row_max, row_sum = (torch.empty(n, chunks, dtype=torch.float32, device=dev) for _ in range(2))
-        bad = torch.empty(n, chunks, dtype=torch.int32, device=dev) if check_finite else row_max
+        raw_sum = torch.empty(n, chunks, dtype=torch.float32, device=dev) if check_finite else row_max
         inv_temperature = inv_temperature.float().contiguous()
-        _chunk_stats_kernel[(n, chunks)](logits, inv_temperature, row_max, row_sum, bad, vocab, logits.stride(0),
+        _chunk_stats_kernel[(n, chunks)](logits, inv_temperature, row_max, row_sum, raw_sum, vocab, logits.stride(0),
                                          BLOCK=block, CHECK=check_finite, num_warps=NUM_WARPS)
-        _chunk_pick_kernel[(n,)](logits, inv_temperature, u.float().contiguous(), row_max, row_sum, bad, out,
+        _chunk_pick_kernel[(n,)](logits, inv_temperature, u.float().contiguous(), row_max, row_sum, raw_sum, out,
                                  vocab, logits.stride(0), chunks, BLOCK=block,
                                  CHUNKS=triton.next_power_of_2(chunks), CHECK=check_finite, num_warps=NUM_WARPS)
     return out

@@ -612,6 +612,9 @@ def compile_only() -> bool:
     # And every prefill tile, in bf16 and fp16 (the two dtypes the prefill tuner runs for).
     configs += [(f"prefill qwen3 tile {','.join(map(str, t))} {str(dt)[6:]}", dt, [300, 20], [300, 400], *_QWEN, 16, 1,
                  None, t) for t in tk.PREFILL_TILES for dt in (torch.bfloat16, torch.float16)]
+    # Their short-query variants too (16 and 32 rows), which start-up's warm-up compiles outside any fallback.
+    configs += [(f"prefill qwen3 tile {','.join(map(str, t))} q{q}", torch.bfloat16, [q, 1], [q, 400], *_QWEN, 16, 1,
+                 None, t) for t in tk.PREFILL_TILES for q in (2, 9)]
     print(f"{'config':44s} {'kernel':26s} {'shared B':>9s} {'mma':>5s} {'cp.async':>8s} {'regs/spill B':>12s} "
           f"{'s':>5s}")
     for label, dtype, q_lens, ctx, nh, nkv, hd, bs, splits, tile, prefill_tile in configs:
@@ -652,7 +655,7 @@ def compile_only() -> bool:
     n, vocab = 4, 151_936
     chunks = -(-vocab // sk.BLOCK_V)
     logits = torch.empty(n, vocab, dtype=torch.bfloat16)
-    stats, bad, out = torch.empty(n, chunks), torch.empty(n, chunks, dtype=torch.int32), torch.empty(2, n).long()
+    stats, bad, out = torch.empty(n, chunks), torch.empty(n, chunks), torch.empty(2, n).long()
     for check in (False, True):
         launch = tk._Launch(sk._chunk_stats_kernel, (n, chunks),
                             (logits, torch.empty(n), stats, stats, bad, vocab, logits.stride(0)),

@@ -32,6 +32,7 @@ from memory need numpy < 2.4. fp32 is the CPU dtype the engine uses.
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import NamedTuple
 
@@ -42,7 +43,7 @@ import triton.language as tl
 from engine_service.attention.base import longest_first
 
 __all__ = ["store_kvcache", "paged_attention", "default_num_kv_splits", "tune_decode_tile", "tune_prefill_tile",
-           "spread_lengths", "decode_order_pays", "decode_order_timings"]
+           "prefill_tuning_blocks", "spread_lengths", "decode_order_pays", "decode_order_timings"]
 
 _LOG2E = 1.4426950408889634
 
@@ -500,45 +501,52 @@ def parse_prefill_tile(text: str) -> PrefillTile:
     except ValueError:
         raise ValueError(f"{PREFILL_TILE_ENV}={text!r}: expected BLOCK_M,BLOCK_N,num_stages,num_warps, "
                          "e.g. 128,64,2,8") from None
-    if (min(block_m, block_n) < _MIN_DOT or block_m & (block_m - 1) or block_n & (block_n - 1) or stages < 1
-            or warps not in (1, 2, 4, 8, 16)):
-        raise ValueError(f"{PREFILL_TILE_ENV}={text!r}: BLOCK_M and BLOCK_N must be powers of two >= {_MIN_DOT}, "
-                         "num_stages >= 1 and num_warps a power of two up to 16")
+    # BLOCK_M at most 128: start-up's warm-up compiles the query tiles up to that (ModelRunner.WARMUP_QUERY_LENS).
+    if (min(block_m, block_n) < _MIN_DOT or block_m > 128 or block_m & (block_m - 1) or block_n & (block_n - 1)
+            or stages < 1 or warps not in (1, 2, 4, 8, 16)):
+        raise ValueError(f"{PREFILL_TILE_ENV}={text!r}: BLOCK_M must be a power of two from {_MIN_DOT} to 128, "
+                         f"BLOCK_N one >= {_MIN_DOT}, num_stages >= 1 and num_warps a power of two up to 16")
     return block_m, block_n, stages, warps
 
 
 def tune_prefill_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, tokens: int, prompt_len: int,
-                      *, iters: int = 5, timer=None, seed: int = 0
+                      decode_rows: int = 0, decode_len: int = 512, *, iters: int = 5, timer=None, seed: int = 0
                       ) -> tuple[PrefillTile | None, dict[PrefillTile, float | str]]:
-    """Time every PREFILL_TILES candidate on one prefill chunk over these caches and make the fastest the tile of
+    """Time every PREFILL_TILES candidate on one prefill step over these caches and make the fastest the tile of
     prefill steps with these shapes on this device. Returns (the tile picked, or None when none passed and the
     default stays; {tile: microseconds per call, or why it was dropped}).
 
-    The chunk: tokens // prompt_len prompts of prompt_len tokens, no cached prefix, in random distinct blocks
-    of the caches, which get random K/V (call it before the caches hold anything). A candidate must agree with
-    the default tile's output (max |difference| within 2% of its largest value: only the order of the
-    softmax's sums differs) before it is timed. With LLMSERVE_PREFILL_TILE set, that tile is used untimed.
+    The step, as a mixed step meets it: decode_rows sequences of one query token over decode_len keys, then
+    prompts of prompt_len tokens with no cached prefix filling what is left of `tokens` (at least one), all in
+    random distinct blocks of the caches, which get random K/V (call it before the caches hold anything; size
+    them with prefill_tuning_blocks). A candidate's output is NaN-poisoned and must then agree with the default
+    tile's (max |difference| within 2% of its largest value: only the order of the softmax's sums differs)
+    before it is timed. With LLMSERVE_PREFILL_TILE set, that tile is used untimed.
     timer(fn, iters) -> microseconds; default CUDA events.
     """
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    q_shape = (1, num_heads, head_dim)
-    key = _tile_key(torch.empty(q_shape, dtype=k_cache.dtype, device="meta"), k_cache)
+    key = _tile_key(torch.empty((1, num_heads, head_dim), dtype=k_cache.dtype, device="meta"), k_cache)
     pinned = os.environ.get(PREFILL_TILE_ENV)
     if pinned:
         _prefill_tiles[key] = tile = parse_prefill_tile(pinned)
         return tile, {}
-    per_seq = -(-prompt_len // block_size)
-    seqs = max(1, min(tokens // max(1, prompt_len), num_blocks // per_seq))
+    q_lens, ctx_lens = _prefill_tuning_step(tokens, prompt_len, decode_rows, decode_len)
+    per_seq = [-(-c // block_size) for c in ctx_lens]
+    if sum(per_seq) > num_blocks:
+        raise ValueError(f"the tuning step needs {sum(per_seq)} blocks of the caches, which have {num_blocks}")
     gen = torch.Generator().manual_seed(seed)
-    blocks = torch.randperm(num_blocks, generator=gen)[: seqs * per_seq].view(seqs, per_seq).to(torch.int32)
     dev, dtype = k_cache.device, k_cache.dtype
-    used = blocks.flatten().to(dev, torch.long)
+    used = torch.randperm(num_blocks, generator=gen)[: sum(per_seq)]
+    tables = torch.zeros(len(q_lens), max(per_seq), dtype=torch.int32)
+    for i, row in enumerate(used.split(per_seq)):
+        tables[i, : len(row)] = row
+    used = used.to(dev)
     for cache in (k_cache, v_cache):
         cache[used] = torch.randn((used.numel(), *cache.shape[1:]), generator=gen).to(dev, dtype)
-    q = torch.randn((seqs * prompt_len, num_heads, head_dim), generator=gen).to(dev, dtype)
-    lens = torch.full((seqs,), prompt_len, dtype=torch.int32, device=dev)
-    args = (q, k_cache, v_cache, torch.arange(0, seqs * prompt_len + 1, prompt_len, dtype=torch.int32, device=dev),
-            lens, blocks.to(dev), head_dim ** -0.5, prompt_len)
+    q = torch.randn((sum(q_lens), num_heads, head_dim), generator=gen).to(dev, dtype)
+    cu = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device=dev)
+    args = (q, k_cache, v_cache, cu, torch.tensor(ctx_lens, dtype=torch.int32, device=dev), tables.to(dev),
+            head_dim ** -0.5, max(q_lens))
     want = paged_attention(*args, prefill_tile=PREFILL_TILES[0]).float()
     limit = 0.02 * float(want.abs().max()) + 1e-6
     out = torch.empty_like(q)
@@ -549,6 +557,7 @@ def tune_prefill_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: i
             paged_attention(*args, out=out, prefill_tile=tile)
 
         try:
+            out.fill_(float("nan"))  # a tile that leaves rows unwritten must not pass on the last one's output
             call()  # compiles
             err = float((out.float() - want).abs().max())
             if not err <= limit:  # NaN fails too
@@ -562,6 +571,24 @@ def tune_prefill_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: i
         return None, timings
     _prefill_tiles[key] = picked = min(timed, key=timed.get)
     return picked, timings
+
+
+def _prefill_tuning_step(tokens: int, prompt_len: int, decode_rows: int, decode_len: int
+                         ) -> tuple[list[int], list[int]]:
+    """(query lengths, context lengths) of tune_prefill_tile's step: the decode rows first, then whole prompts."""
+    if min(tokens, prompt_len) < 1 or decode_rows < 0 or (decode_rows and decode_len < 1):
+        raise ValueError(f"tokens {tokens} and prompt_len {prompt_len} must be >= 1, decode_rows {decode_rows} >= 0 "
+                         f"and decode_len {decode_len} >= 1")
+    decode_rows = min(decode_rows, tokens - 1)  # room for one prompt token at least
+    prompts = max(1, (tokens - decode_rows) // prompt_len)
+    length = min(prompt_len, tokens - decode_rows)
+    return [1] * decode_rows + [length] * prompts, [decode_len] * decode_rows + [length] * prompts
+
+
+def prefill_tuning_blocks(tokens: int, prompt_len: int, decode_rows: int, decode_len: int, block_size: int) -> int:
+    """Cache blocks tune_prefill_tile's step uses."""
+    _, ctx_lens = _prefill_tuning_step(tokens, prompt_len, decode_rows, decode_len)
+    return sum(-(-c // block_size) for c in ctx_lens)
 
 
 def parse_tile(text: str) -> Tile:

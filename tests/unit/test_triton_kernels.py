@@ -324,12 +324,15 @@ def test_every_prefill_tile_the_tuner_may_pick_is_exact(tile):
 def test_prefill_tuner_picks_the_fastest_agreeing_tile_and_the_environment_pins_one(monkeypatch):
     monkeypatch.setattr(tk, "_prefill_tiles", {})
     monkeypatch.delenv(tk.PREFILL_TILE_ENV, raising=False)
-    fastest, broken, wrong = tk.PREFILL_TILES[1], tk.PREFILL_TILES[2], tk.PREFILL_TILES[3]
+    fastest, broken, wrong, silent = tk.PREFILL_TILES[1], tk.PREFILL_TILES[2], tk.PREFILL_TILES[3], tk.PREFILL_TILES[4]
     real_plan = tk._plan_paged_attention
 
-    def plan(*args, **kwargs):  # the `wrong` tile computes garbage: the tuner must drop it untimed
+    def plan(*args, **kwargs):  # `wrong` computes garbage and `silent` nothing: the tuner must drop both untimed
         launches = real_plan(*args, **kwargs)
-        if kwargs.get("prefill_tile", args[12] if len(args) > 12 else None) == wrong:
+        tile = kwargs.get("prefill_tile", args[12] if len(args) > 12 else None)
+        if tile == silent:  # what a kernel whose programs all returned early would leave: the last tile's output
+            return []
+        if tile == wrong:
             out = args[8]
             return [*launches, tk._Launch(type("Garbage", (), {"__getitem__": lambda self, grid: (
                 lambda *a, **k: out.add_(1.0))})(), (1,), (), {}, {})]
@@ -339,7 +342,7 @@ def test_prefill_tuner_picks_the_fastest_agreeing_tile_and_the_environment_pins_
     timed = []
 
     def timer(fn, iters):
-        tile = [t for t in tk.PREFILL_TILES if t not in timed and t != wrong][0]
+        tile = [t for t in tk.PREFILL_TILES if t not in timed and t not in (wrong, silent)][0]
         timed.append(tile)
         if tile == broken:
             raise RuntimeError("out of resources")  # stands in for a tile that does not fit the device
@@ -347,10 +350,16 @@ def test_prefill_tuner_picks_the_fastest_agreeing_tile_and_the_environment_pins_
         return 2.0 if tile == fastest else 9.0
 
     b = make_paged_batch([1], [9], 4, 2, 32, 16, dtype=torch.float16, extra_blocks=40)
-    picked, timings = tk.tune_prefill_tile(b.k_cache, b.v_cache, 4, tokens=96, prompt_len=40, timer=timer)
+    # A mixed step as the engine meets it: 3 decode rows over 20 keys, then prompts of 40 in what is left of 96.
+    assert tk._prefill_tuning_step(96, 40, 3, 20) == ([1, 1, 1, 40, 40], [20, 20, 20, 40, 40])
+    assert tk.prefill_tuning_blocks(96, 40, 3, 20, 16) == 3 * 2 + 2 * 3 <= b.k_cache.shape[0]
+    picked, timings = tk.tune_prefill_tile(b.k_cache, b.v_cache, 4, 96, 40, 3, 20, timer=timer)
     assert picked == fastest and set(timings) == set(tk.PREFILL_TILES)
-    assert timings[fastest] == 2.0 and "RuntimeError" in timings[broken] and "differs" in timings[wrong]
-    assert wrong not in timed
+    assert timings[fastest] == 2.0 and "RuntimeError" in timings[broken]
+    assert "differs" in timings[wrong] and "differs" in timings[silent]
+    assert wrong not in timed and silent not in timed
+    with pytest.raises(ValueError, match="needs 93 blocks"):
+        tk.tune_prefill_tile(b.k_cache, b.v_cache, 4, 96, 40, 30, 40, timer=timer)
     half = make_paged_batch([70, 1], [70, 9], 4, 2, 32, 16, dtype=torch.float16)
     out = torch.empty_like(half.q)
     args = (half.q, half.k_cache, half.v_cache, half.cu_seqlens_q, half.context_lens, half.block_tables, 0.1, 70)
@@ -363,9 +372,10 @@ def test_prefill_tuner_picks_the_fastest_agreeing_tile_and_the_environment_pins_
     # Pinned by the environment: untimed, and a malformed pin says what a valid one looks like.
     monkeypatch.setenv(tk.PREFILL_TILE_ENV, "128,128,2,8")
     assert tk.tune_prefill_tile(b.k_cache, b.v_cache, 4, 96, 40, timer=timer) == ((128, 128, 2, 8), {})
-    monkeypatch.setenv(tk.PREFILL_TILE_ENV, "128,100,2,8")
-    with pytest.raises(ValueError, match="BLOCK_M,BLOCK_N,num_stages,num_warps|powers of two"):
-        tk.tune_prefill_tile(b.k_cache, b.v_cache, 4, 96, 40, timer=timer)
+    for bad in ("128,100,2,8", "256,64,2,8", "128,64,2"):  # 256 rows: a query tile the warm-up never compiles
+        monkeypatch.setenv(tk.PREFILL_TILE_ENV, bad)
+        with pytest.raises(ValueError, match="BLOCK_M must be a power of two from 16 to 128|expected BLOCK_M"):
+            tk.tune_prefill_tile(b.k_cache, b.v_cache, 4, 96, 40, timer=timer)
 
 
 def _plan_tiles(b):
@@ -472,9 +482,29 @@ def test_sampling_kernel_finite_check_flags_nan_and_either_infinity_in_any_chunk
     logits[1, 5] = float("inf")
     logits[2, 1500] = float("-inf")  # as torch's isfinite(sum) says: -inf from the model is not finite either
     logits[3] = float("nan")
+    logits[4] = 2e35  # every logit finite, their float32 sum not: the torch path's check fails such a row too
     both = sk.sample_rows(logits, torch.ones(6), torch.full((6,), 0.5), check_finite=True, block=512)
-    assert both[1].tolist() == [0, 0, 0, 0, 1, 1]
+    assert both[1].tolist() == [0, 0, 0, 0, 0, 1]
+    assert both[1].bool().tolist() == torch.isfinite(logits.sum(-1, dtype=torch.float32)).tolist()
     assert all(0 <= t < vocab for t in both[0].tolist())
+
+
+def test_a_temperature_past_float32s_range_samples_like_the_torch_path():
+    """1e39 is inf in float32: its inverse 0 times the -inf of lanes past the vocabulary was NaN, and every draw
+    fell back to the last token. The sampler clamps the temperature to 1e30 for both paths."""
+    from engine_service.sampler import Sampler, SamplingRow
+    from engine_service.sampling_params import SamplingParams
+
+    logits = torch.randn(8, 1000, generator=torch.Generator().manual_seed(4))
+    drawn = []
+    for kernels in (True, False):
+        sampler = Sampler(torch.device("cpu"), 0, triton_sampling=kernels)
+        rows = [SamplingRow(SamplingParams(temperature=1e39, seed=i), torch.Generator().manual_seed(i))
+                for i in range(8)]
+        tokens, finite = sampler(logits.clone(), rows)
+        assert finite == [True] * 8
+        drawn.append(tokens)
+    assert drawn[0] == drawn[1] and len(set(drawn[0])) > 4  # the same near-uniform draws, not token 999 each time
 
 
 def test_sampling_kernel_never_draws_a_banned_token_even_at_the_ends():
