@@ -9,6 +9,7 @@ one wait, for the sampled tokens. On CUDA, pure-decode steps replay captured gra
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -220,7 +221,11 @@ class ModelRunner:
         step (max_num_batched_tokens, at most 8,192: up to half of max_num_seqs decode rows over 512 keys, and
         prompts of 512 tokens) over a scratch cache of just its blocks, before the warm-up. Start-up logs the
         timings."""
-        from engine_service.attention.triton_kernels import prefill_tuning_blocks, tune_prefill_tile
+        from engine_service.attention.triton_kernels import (
+            PREFILL_TILE_ENV,
+            prefill_tuning_blocks,
+            tune_prefill_tile,
+        )
 
         start = time.perf_counter()
         heads = self.model_cfg.num_attention_heads // self.tp.size
@@ -235,7 +240,10 @@ class ModelRunner:
                 picked, timings = tune_prefill_tile(k, v, heads, tokens, prompt, decode_rows, decode_len)
                 del k, v
         except ValueError:
-            raise  # a malformed LLMSERVE_PREFILL_TILE
+            if os.environ.get(PREFILL_TILE_ENV):
+                raise  # a malformed LLMSERVE_PREFILL_TILE: the operator asked for something that cannot be
+            log.exception("timing the prefill attention tiles failed; the default tile stays")
+            return
         except Exception:  # an optimisation: serve with the default tile rather than not at all
             log.exception("timing the prefill attention tiles failed; the default tile stays")
             return

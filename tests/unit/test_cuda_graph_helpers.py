@@ -297,6 +297,41 @@ def _start_up_engine(tmp_path, backend: str):
                max_model_len=128)
 
 
+def test_prefill_tile_tuning_gets_a_scratch_cache_that_holds_its_step(tmp_path, monkeypatch):
+    """ModelRunner._tune_prefill_attention (CUDA-only at start-up), on CPU with the tuner stood in: the scratch
+    cache has exactly the blocks the tuning step uses, in the model's per-rank shapes; a tuner failure keeps the
+    default tile, and only a malformed LLMSERVE_PREFILL_TILE stops start-up."""
+    from engine_service.attention import triton_kernels as tk
+
+    llm = _start_up_engine(tmp_path, "torch")
+    runner = llm.runner
+    seen = []
+
+    def tuner(k, v, heads, tokens, prompt, decode_rows, decode_len):
+        seen.append((tuple(k.shape), tuple(v.shape), heads, tokens, prompt, decode_rows, decode_len))
+        return tk.PREFILL_TILES[1], {tk.PREFILL_TILES[1]: 1.0}
+
+    try:
+        monkeypatch.setattr(tk, "tune_prefill_tile", tuner)
+        monkeypatch.delenv(tk.PREFILL_TILE_ENV, raising=False)
+        runner._tune_prefill_attention()
+        # 64-token budget, 8 seqs: 4 decode rows over 64 keys, then a 60-token prompt, in 8-token blocks.
+        blocks = tk.prefill_tuning_blocks(64, 64, 4, 64, 8)
+        assert blocks == 4 * 8 + 8
+        assert seen == [((blocks, 8, 2, 16), (blocks, 8, 2, 16), 4, 64, 64, 4, 64)]
+
+        def failing(*args):
+            raise ValueError("some internal error")
+
+        monkeypatch.setattr(tk, "tune_prefill_tile", failing)
+        runner._tune_prefill_attention()  # logged, not raised: the default tile stays
+        monkeypatch.setenv(tk.PREFILL_TILE_ENV, "bad")
+        with pytest.raises(ValueError, match="some internal error"):
+            runner._tune_prefill_attention()
+    finally:
+        llm.close()
+
+
 def test_warm_up_meets_every_query_tile_and_the_sampler_before_serving(tmp_path, monkeypatch):
     """ModelRunner._warm_up (run at start-up on CUDA), here on CPU with stand-ins for the CUDA memory calls:
     a forward at the token budget, then short prefills of every WARMUP_QUERY_LENS length (each query tile
