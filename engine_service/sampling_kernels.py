@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine_service.attention import next_pow2
+
 # Vocabulary entries per program: 16 KiB of bf16 loaded at once, 19 programs a row over Qwen3's vocabulary.
 BLOCK_V = 8192
 NUM_WARPS = 8
@@ -113,7 +115,7 @@ def sample_rows(logits: torch.Tensor, inv_temperature: torch.Tensor, u: torch.Te
                                          BLOCK=block, CHECK=check_finite, num_warps=NUM_WARPS)
         _chunk_pick_kernel[(n,)](logits, inv_temperature, u.float().contiguous(), row_max, row_sum, raw_sum, out,
                                  vocab, logits.stride(0), chunks, BLOCK=block,
-                                 CHUNKS=triton.next_power_of_2(chunks), CHECK=check_finite, num_warps=NUM_WARPS)
+                                 CHUNKS=next_pow2(chunks), CHECK=check_finite, num_warps=NUM_WARPS)
     return out
 
 

@@ -37,6 +37,13 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1): a kernel's block size. triton.next_power_of_2 is a
+    constexpr function in triton 3.6, about 4 us of host time a call where this takes 0.1; the eager wrappers
+    call it several times a layer."""
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
 def triton_interpreted() -> bool:
     """Whether Triton kernels in this process run under the interpreter (chosen when a kernel is decorated).
     Interpreted kernels copy every argument to the host: usable on CPU, never on CUDA tensors (and never

@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine_service.attention import next_pow2
 from engine_service.attention.base import longest_first
 
 __all__ = ["store_kvcache", "paged_attention", "default_num_kv_splits", "tune_decode_tile", "tune_prefill_tile",
@@ -84,10 +85,6 @@ _PREFILL_BLOCK_M = 64  # query rows per program (tokens x GQA) when queries are 
 _MIN_DOT = 16  # NVIDIA's compiler rejects tl.dot with an inner size under 16; M, N >= 16 for mma too
 _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second and third axes
 _MAX_KV_SPLITS = 16
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,8 +150,8 @@ def _plan_store_kvcache(k, v, k_cache, v_cache, slot_mapping) -> list[_Launch]:
         _store_kvcache_kernel, (num_tokens,),
         (k, v, k_cache, v_cache, slot_mapping,
          *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride()),
-        dict(NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, H_PAD=_next_pow2(num_kv_heads),
-             D_PAD=_next_pow2(head_dim), BLOCK_SIZE=k_cache.shape[1]),
+        dict(NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, H_PAD=next_pow2(num_kv_heads),
+             D_PAD=next_pow2(head_dim), BLOCK_SIZE=k_cache.shape[1]),
         dict(num_warps=1 if num_kv_heads * head_dim <= 256 else 4),
     )]
 
@@ -405,9 +402,9 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
             tile = (*rest, 0)
     # Rows per program: enough for max_seqlen_q tokens x GQA, at least 16 (tl.dot minimum), at most
     # the prefill tile's unless one token's heads alone need more.
-    block_m = min(max(_MIN_DOT, _next_pow2(max(1, max_seqlen_q) * gqa)), max(prefill_m, _next_pow2(gqa)))
+    block_m = min(max(_MIN_DOT, next_pow2(max(1, max_seqlen_q) * gqa)), max(prefill_m, next_pow2(gqa)))
     tokens_per_tile = block_m // gqa
-    d_pad = max(_MIN_DOT, _next_pow2(head_dim))
+    d_pad = max(_MIN_DOT, next_pow2(head_dim))
     if num_kv_splits is None:
         num_kv_splits = default_num_kv_splits(num_seqs, num_kv_heads, max_seqlen_q, q.device)
     num_kv_splits = max(1, int(num_kv_splits))
@@ -455,7 +452,7 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
         launches.append(_Launch(
             _merge_splits_kernel, (num_tokens, num_heads),
             (out, part_out, part_lse, *out.stride(), *part_strides),
-            dict(HEAD_DIM=head_dim, D_PAD=d_pad, NUM_SPLITS=num_kv_splits, S_PAD=_next_pow2(num_kv_splits)),
+            dict(HEAD_DIM=head_dim, D_PAD=d_pad, NUM_SPLITS=num_kv_splits, S_PAD=next_pow2(num_kv_splits)),
             dict(num_warps=2),
         ))
     return launches

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine_service.attention import next_pow2
+
 ROW_WARPS = 4
 
 
@@ -65,7 +67,7 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
             x, res, weight, out, total,
             x.stride(0), res.stride(0), out.stride(0), total.stride(0),
             h, eps,
-            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h), num_warps=ROW_WARPS,
+            HAS_RES=residual is not None, BLOCK=next_pow2(h), num_warps=ROW_WARPS,
         )
     return out, total
 
@@ -187,14 +189,14 @@ def qk_norm_rope(qkv: torch.Tensor, num_q: int, num_kv: int, head_dim: int, q_we
         block_size = k_cache.shape[1]
     if t:
         half = head_dim // 2
-        block_half = triton.next_power_of_2(half)
-        q_pad = triton.next_power_of_2(num_q)
+        block_half = next_pow2(half)
+        q_pad = next_pow2(num_q)
         _qk_norm_rope_kernel[(t, 2)](
             qkv, qkv if q_weight is None else q_weight, qkv if k_weight is None else k_weight, cos, sin, q,
             q if k is None else k, k_cache, v_cache, slots,
             qkv.stride(0), cos.stride(0), sin.stride(0), eps, *cache_strides,
             NUM_Q=num_q, NUM_KV=num_kv, HALF=half, BLOCK_HALF=block_half, Q_PAD=q_pad,
-            KV_PAD=triton.next_power_of_2(num_kv), NORM=q_weight is not None, STORE=cache is not None,
+            KV_PAD=next_pow2(num_kv), NORM=q_weight is not None, STORE=cache is not None,
             BLOCK_SIZE=block_size, num_warps=4 if q_pad * block_half <= 2048 else 8,
         )
     return q, k
@@ -224,7 +226,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     n = two_i // 2
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
     if t:
-        block = min(SILU_BLOCK, triton.next_power_of_2(n))
+        block = min(SILU_BLOCK, next_pow2(n))
         _silu_and_mul_kernel[(t, triton.cdiv(n, block))](
             x, out, x.stride(0), out.stride(0), n, BLOCK=block, num_warps=ROW_WARPS,
         )
