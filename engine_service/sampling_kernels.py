@@ -107,7 +107,7 @@ def sample_rows(logits: torch.Tensor, inv_temperature: torch.Tensor, u: torch.Te
         # No integer argument depends on n and every buffer is an allocation of its own: triton specialises a
         # kernel on ints equal to 1 or divisible by 16 and on pointers' 16-byte alignment, and a variant that
         # depended on the batch size would compile mid-serving (a view at an offset of n rows would too).
-        chunks = triton.cdiv(vocab, block)
+        chunks = -(-vocab // block)
         row_max, row_sum = (torch.empty(n, chunks, dtype=torch.float32, device=dev) for _ in range(2))
         raw_sum = torch.empty(n, chunks, dtype=torch.float32, device=dev) if check_finite else row_max
         inv_temperature = inv_temperature.float().contiguous()

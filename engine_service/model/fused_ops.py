@@ -227,7 +227,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
     if t:
         block = min(SILU_BLOCK, next_pow2(n))
-        _silu_and_mul_kernel[(t, triton.cdiv(n, block))](
+        _silu_and_mul_kernel[(t, -(-n // block))](
             x, out, x.stride(0), out.stride(0), n, BLOCK=block, num_warps=ROW_WARPS,
         )
     return out
