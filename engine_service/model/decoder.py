@@ -79,8 +79,6 @@ class Attention(nn.Module):
         t = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.fused_ops is not None:  # q-norm, k-norm and RoPE in one launch, from the packed projection
             cos, sin = rope
             norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (None, None, 0.0)
@@ -88,9 +86,10 @@ class Attention(nn.Module):
             store = (kv_cache[0], kv_cache[1], meta.slot_mapping) if backend.takes_stored_kv else None
             q, k = self.fused_ops.qk_norm_rope(qkv, self.num_heads, self.num_kv_heads, self.head_dim, *norms,
                                                cos[:, 0], sin[:, 0], cache=store)
-            if store is not None:
-                v = None
+            v = None if store is not None else qkv[:, q_size + kv_size:].view(t, self.num_kv_heads, self.head_dim)
         else:
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            v = v.view(t, self.num_kv_heads, self.head_dim)
             q = q.view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
             k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
             if self.q_norm is not None:
