@@ -239,12 +239,10 @@ class ModelRunner:
                 k, v = (torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2))
                 picked, timings = tune_prefill_tile(k, v, heads, tokens, prompt, decode_rows, decode_len)
                 del k, v
-        except ValueError:
-            if os.environ.get(PREFILL_TILE_ENV):
+        except Exception as exc:
+            if isinstance(exc, ValueError) and os.environ.get(PREFILL_TILE_ENV):
                 raise  # a malformed LLMSERVE_PREFILL_TILE: the operator asked for something that cannot be
-            log.exception("timing the prefill attention tiles failed; the default tile stays")
-            return
-        except Exception:  # an optimisation: serve with the default tile rather than not at all
+            # An optimisation: serve with the default tile rather than not at all.
             log.exception("timing the prefill attention tiles failed; the default tile stays")
             return
         if not timings:

@@ -177,7 +177,6 @@ class StepProfiler:
             out[kind] = row
         return out
 
-
     def by_batch(self, edges: tuple[int, ...] = (16, 64, 128, 192)) -> list[dict]:
         """Where a run's wall time went: its mixed steps, then its decode steps grouped by batch size (up to
         each edge, and above the last). Per group: steps, mean batch, seconds in all, and ms a step of wall
