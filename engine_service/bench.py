@@ -276,6 +276,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.fused_ops != "auto":
         kwargs["fused_ops"] = args.fused_ops == "on"
     kwargs["triton_gemm"] = args.triton_gemm == "on"
+    kwargs["pdl"] = args.pdl == "on"
     return kwargs
 
 
@@ -498,6 +499,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     engine.add_argument(
         "--triton-gemm", choices=["on", "off"], default="on",
         help="time Triton GEMM tiles against torch's at start-up and use them at the decode sizes where faster",
+    )
+    engine.add_argument(
+        "--pdl", choices=["on", "off"], default="off",
+        help="launch the engine's Triton kernels with programmatic dependent launch (CUDA, Hopper and later)",
     )
     args = p.parse_args(argv)
     # Recorded in the report: a figure counts only with the command that reproduces it.

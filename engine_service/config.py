@@ -50,6 +50,10 @@ class EngineConfig:
     # backend, tensor_parallel_size 1, bfloat16 or float16), start-up times Triton GEMM tiles against torch's at
     # every captured batch size and uses a tile where it is faster. False keeps torch's GEMMs everywhere.
     triton_gemm: bool = True
+    # Programmatic dependent launch for the engine's Triton kernels (engine_service/pdl.py): each may be launched
+    # before the kernel ahead of it ends, and waits for it on the device. CUDA of compute capability 9.0+ only;
+    # off by default until measured.
+    pdl: bool = False
     seed: int = 0  # seeds unseeded sampling, so a run is repeatable
 
     def __post_init__(self) -> None:
@@ -90,7 +94,7 @@ class EngineConfig:
             )
         if self.fused_ops is not None and not isinstance(self.fused_ops, bool):
             raise ValueError(f"fused_ops must be True, False or None (auto), got {self.fused_ops!r}")
-        for name in ("enforce_eager", "enable_prefix_caching", "triton_gemm"):
+        for name in ("enforce_eager", "enable_prefix_caching", "triton_gemm", "pdl"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("gpu_memory_utilization", "cpu_kvcache_gib"):

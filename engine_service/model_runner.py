@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine_service import pdl
 from engine_service.attention import (
     AttentionMetadata,
     check_triton_usable,
@@ -169,6 +170,7 @@ class ModelRunner:
         self.backend_name = resolve_backend_name(config.attention_backend, self.device, self.block_size)
         self.backend = make_backend(self.backend_name, self.device)
         self.fused_ops = resolve_fused_ops(config.fused_ops, self.device, self.dtype)
+        pdl.enable(self.device, config.pdl)  # before any kernel is compiled: PDL is one of their constexprs
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = DecoderForCausalLM(model_cfg, tp, max_model_len, self.dtype, self.fused_ops)
         load_weights(self.model, config.model, model_cfg.tie_word_embeddings)

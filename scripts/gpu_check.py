@@ -271,6 +271,24 @@ def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
     print("workload A again under the step profiler, its steps by batch size:\n"
           + (by_batch["error"] if "error" in by_batch else step_profile.format_by_batch(by_batch)))
     llm.close()
+    # Last, programmatic dependent launch (engine_service/pdl.py, off by default): a second engine with it on,
+    # workload A and decode ITL at batch 1 and 64, beside this engine's figures above. Its graphs must still
+    # replay bitwise (start-up's self-check keeps them only then).
+    if cpu_dry_run:
+        report["pdl"] = {"skipped": "needs CUDA"}
+    elif torch.cuda.get_device_capability()[0] < 9:
+        report["pdl"] = {"skipped": "needs compute capability 9.0"}
+    else:
+        try:
+            with LLM(str(model_dir), **engine, pdl=True) as on:
+                result = bench.time_engine(on, plan, bench.Result(info={"engine_kwargs": {**engine, "pdl": True}}))
+                report["pdl"] = {"graphs_on": on.runner.graphs is not None, "workload_A": result.to_json(),
+                                 "itl": {b: step_profile.decode_latency(on, b)["itl_ms"] for b in itl_batches}}
+        except Exception as e:
+            traceback.print_exc()
+            report["pdl"] = {"error": f"{type(e).__name__}: {e}"}
+    save()
+    print(f"programmatic dependent launch: {report['pdl']}")
     return 0 if report["graph_check"]["ok"] and report["startup_graphs_on"] else 1
 
 
@@ -292,6 +310,10 @@ def _tail(path: Path) -> str:
 
 def _fmt(x: float | None, unit: str = "") -> str:
     return "?" if x is None else f"{x:,.0f}{unit}"
+
+
+def _ms(x: float | None) -> str:
+    return "?" if x is None else f"{x:.2f}"
 
 
 def _hf_static_progress(log: Path) -> tuple[float | None, str]:
@@ -451,6 +473,15 @@ def _part_results(out: Path) -> dict[str, str]:
     elif by_batch:
         res["by_batch"] = "; ".join(f"{r['group']}: {r['steps']} steps, {r['seconds']:.2f} s ({r['wall_ms']:.2f} ms)"
                                     for r in by_batch)
+    p = g.get("pdl", {})
+    if "error" in p or "skipped" in p:
+        res["pdl"] = p.get("error") or f"skipped: {p['skipped']}"
+    elif p:
+        itl_off = {r["batch"]: r.get("itl_ms") for r in g.get("itl", []) if r["graphs"] and r.get("overlap", True)}
+        itl = ", ".join(f"batch {b} {_ms(v)}/{_ms(itl_off.get(int(b)))}" for b, v in p.get("itl", {}).items())
+        res["pdl"] = (f"workload A {_fmt(p['workload_A'].get('tok_s'))} tok/s with PDL, "
+                      f"{_fmt(g.get('workload_A', {}).get('tok_s'))} without; ITL ms with/without: {itl}; "
+                      f"graphs kept: {p.get('graphs_on')}")
     dec = g.get("slice64_profile", {}).get("decode")
     if dec and dec.get("gpu_ms") is not None:
         res["split"] = (
@@ -475,6 +506,7 @@ LABELS = {
     "kernels": "    device time by kernel",
     "prefill_kernels": "    the same, prefill",
     "by_batch": "    workload A by batch",
+    "pdl": "    with PDL (g, last)",
 }
 
 
@@ -497,8 +529,8 @@ def cmd_summary(out: Path, shown_as: str = "") -> int:
     # The engine's figures (c, d, e, f) come from one process, part "g"; the table shows them on their own
     # rows. Row d also holds part d (transformers' static batching): without the engine's figure, it shows
     # the status of part g, which should have measured it.
-    order = ["env", "preset", "a", "b", "c", "d", "e", "f", "split", "kernels", "prefill_kernels", "by_batch"]
-    owner = {"c": "g", "f": "g", "split": "g", "kernels": "g", "prefill_kernels": "g", "by_batch": "g"}
+    order = ["env", "preset", "a", "b", "c", "d", "e", "f", "split", "kernels", "prefill_kernels", "by_batch", "pdl"]
+    owner = {"c": "g", "f": "g", "split": "g", "kernels": "g", "prefill_kernels": "g", "by_batch": "g", "pdl": "g"}
     engine_a = _load(out / "graphs.json").get("workload_A", {}).get("tok_s")
     for key in order:
         st, secs = status.get(owner.get(key, key), ("-", ""))

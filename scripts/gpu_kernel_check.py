@@ -668,6 +668,7 @@ def compile_only() -> bool:
         ok &= _compile_one(f"sampling chunk pick bf16{' checked' if check else ''}", launch, target)
     ok &= _compile_fused_ops(target)
     ok &= _compile_gemms(target)
+    ok &= _compile_pdl(target)
     print("compile-only:", "all kernels compiled for sm_90" if ok else "FAILURES")
     return ok
 
@@ -707,6 +708,64 @@ def _compile_gemms(target) -> bool:
     for launch, label in zip(launches, labels, strict=True):
         ok &= _compile_one(label, launch, target)
     print(f"decode GEMM: the {len(labels)} tiles of Qwen3-0.6B's four shapes")
+    return ok
+
+
+def _compile_pdl(target) -> bool:
+    """Each kernel that takes part in programmatic dependent launch (engine_service/pdl.py), as the engine
+    launches it with PDL on, compiled for sm_90: it must compile and its PTX must open with griddepcontrol.wait."""
+    from unittest import mock
+
+    from engine_service.model import fused_ops as fo
+    from engine_service.model import gemm as G
+
+    launches: list = []
+    names = ("_add_rms_norm_kernel", "_qk_norm_rope_kernel", "_silu_and_mul_kernel")
+    bf16 = torch.bfloat16
+    gemm_kernel = G._gemm_kernel
+
+    class GemmRecorder:
+        def __getitem__(self, grid):
+            def record(*args, num_warps, num_stages, **constexprs):
+                launches.append(tk._Launch(gemm_kernel, grid, args, constexprs,
+                                           dict(num_warps=num_warps, num_stages=num_stages)))
+            return record
+
+    with mock.patch.multiple(fo, **{n: _Recorder(getattr(fo, n), launches) for n in names}), \
+            mock.patch.object(G, "_gemm_kernel", GemmRecorder()):
+        x, w = torch.empty(64, 1024, dtype=bf16), torch.empty(1024, dtype=bf16)
+        fo.add_rms_norm(x, w, 1e-6, torch.empty_like(x))
+        cos, cache = torch.empty(64, 128, dtype=bf16), torch.empty(64, 16, 8, 128, dtype=bf16)
+        fo.qk_norm_rope(torch.empty(64, 4096, dtype=bf16), 16, 8, 128, torch.empty(128, dtype=bf16),
+                        torch.empty(128, dtype=bf16), 1e-6, cos, cos,
+                        cache=(cache, cache, torch.zeros(64, dtype=torch.long)))
+        fo.silu_and_mul(torch.empty(64, 6144, dtype=bf16))
+        tile = next(t for t in G.candidates(4, 1024, 2048, 132) if t.split_k > 1)
+        G.gemm(torch.empty(4, 2048, dtype=bf16), torch.empty(1024, 2048, dtype=bf16), None, tile)
+    b = make_paged_batch([1] * 8, [700] * 8, *_QWEN, 16, dtype=bf16)
+    launches += tk._plan_paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables,
+                                         128 ** -0.5, 1, torch.empty_like(b.q), 4, seq_order=_order([700] * 8))
+    ok = len(launches) == 6
+    for launch in launches:
+        if "UPCAST" in launch.constexprs:
+            launch.constexprs.update(UPCAST=False, DOT_PREC="tf32")
+        launch.options.update(PDL=True, launch_pdl=True)
+        try:
+            compiled = _aot_compile(launch, target)
+        except Exception as e:
+            ok = False
+            print(f"{'pdl':44s} {launch.kernel.__name__:26s} FAILED: {type(e).__name__}: {e}")
+            continue
+        ptx = compiled.asm.get("ptx", "")
+        wait = ptx.find("griddepcontrol.wait")
+        # The first global memory access of any kind (a load, an async copy, an atomic or a store) comes after it.
+        first = min((i for i in (ptx.find(op) for op in ("ld.global", "cp.async", "atom.", "red.", "st.global"))
+                     if i >= 0), default=len(ptx))
+        fine = 0 <= wait < first and compiled.metadata.launch_pdl
+        ok &= fine
+        print(f"{'pdl':44s} {launch.kernel.__name__:26s} {compiled.metadata.shared:9d} "
+              + ("griddepcontrol.wait before any global access" if fine else "FAILED: no wait before the first access"))
+    print(f"programmatic dependent launch: {len(launches)} kernels", "ok" if ok else "FAILED")
     return ok
 
 

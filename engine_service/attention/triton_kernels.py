@@ -39,7 +39,9 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
+from engine_service import pdl
 from engine_service.attention import next_pow2
 from engine_service.attention.base import longest_first
 
@@ -196,7 +198,10 @@ def _paged_attention_kernel(
     UPCAST: tl.constexpr,  # compute the dots in fp32: bf16 under the interpreter, whose bf16 tl.dot is wrong
     HEADS_FIRST: tl.constexpr,  # grid (kv heads, query tiles, splits) instead of (query tiles, kv heads, splits)
     ORDERED: tl.constexpr,  # decode: tile slot i is sequence order_ptr[i]'s one query token (no search)
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # programmatic dependent launch (engine_service/pdl.py): nothing is read before the kernel ahead ends
+        gdc_wait()
     if HEADS_FIRST:
         kvh = tl.program_id(0)
         pid_tile = tl.program_id(1)
@@ -304,7 +309,10 @@ def _merge_splits_kernel(
     stride_pt, stride_ph, stride_ps,
     stride_lt, stride_lh, stride_ls,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # programmatic dependent launch (engine_service/pdl.py): nothing is read before the kernel ahead ends
+        gdc_wait()
     # One program per (token, head): out = sum_s w_s * o_s / sum_s w_s with w_s = 2^(lse_s - max lse).
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -446,14 +454,14 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
         dict(HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, GQA=gqa, BLOCK_M=block_m,
              TOKENS_PER_TILE=tokens_per_tile, BLOCK_N=block_n, NUM_SPLITS=num_kv_splits, DOT_PREC=dot_prec,
              UPCAST=upcast, HEADS_FIRST=bool(heads_first), ORDERED=ordered),
-        dict(num_warps=num_warps, num_stages=num_stages),
+        dict(num_warps=num_warps, num_stages=num_stages, **pdl.launch_kwargs(q)),
     )]
     if num_kv_splits > 1:
         launches.append(_Launch(
             _merge_splits_kernel, (num_tokens, num_heads),
             (out, part_out, part_lse, *out.stride(), *part_strides),
             dict(HEAD_DIM=head_dim, D_PAD=d_pad, NUM_SPLITS=num_kv_splits, S_PAD=next_pow2(num_kv_splits)),
-            dict(num_warps=2),
+            dict(num_warps=2, **pdl.launch_kwargs(q)),
         ))
     return launches
 

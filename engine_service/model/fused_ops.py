@@ -24,7 +24,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
+from engine_service import pdl
 from engine_service.attention import next_pow2
 
 ROW_WARPS = 4
@@ -35,8 +37,10 @@ def _add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr,
     stride_x, stride_res, stride_out, stride_sum,
     n_cols, eps,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:  # programmatic dependent launch (engine_service/pdl.py): nothing is read before the kernel ahead ends
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -67,7 +71,7 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
             x, res, weight, out, total,
             x.stride(0), res.stride(0), out.stride(0), total.stride(0),
             h, eps,
-            HAS_RES=residual is not None, BLOCK=next_pow2(h), num_warps=ROW_WARPS,
+            HAS_RES=residual is not None, BLOCK=next_pow2(h), num_warps=ROW_WARPS, **pdl.launch_kwargs(x),
         )
     return out, total
 
@@ -112,8 +116,10 @@ def _qk_norm_rope_kernel(
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
     Q_PAD: tl.constexpr, KV_PAD: tl.constexpr, NORM: tl.constexpr, STORE: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:  # programmatic dependent launch (engine_service/pdl.py): nothing is read before the kernel ahead ends
+        gdc_wait()
     # Two programs per token, over every head of its packed row (q heads, then k heads, then v heads, side by
     # side): program 0 the q heads, program 1 the k heads (and v, when storing). A head a program left thousands
     # of one-warp programs a layer (4.5 us a decode step's layer on the H200); one a token, a single program
@@ -197,13 +203,16 @@ def qk_norm_rope(qkv: torch.Tensor, num_q: int, num_kv: int, head_dim: int, q_we
             qkv.stride(0), cos.stride(0), sin.stride(0), eps, *cache_strides,
             NUM_Q=num_q, NUM_KV=num_kv, HALF=half, BLOCK_HALF=block_half, Q_PAD=q_pad,
             KV_PAD=next_pow2(num_kv), NORM=q_weight is not None, STORE=cache is not None,
-            BLOCK_SIZE=block_size, num_warps=4 if q_pad * block_half <= 2048 else 8,
+            BLOCK_SIZE=block_size, num_warps=4 if q_pad * block_half <= 2048 else 8, **pdl.launch_kwargs(qkv),
         )
     return q, k
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n_cols, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n_cols, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch (engine_service/pdl.py): nothing is read before the kernel ahead ends
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -228,6 +237,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if t:
         block = min(SILU_BLOCK, next_pow2(n))
         _silu_and_mul_kernel[(t, -(-n // block))](
-            x, out, x.stride(0), out.stride(0), n, BLOCK=block, num_warps=ROW_WARPS,
+            x, out, x.stride(0), out.stride(0), n, BLOCK=block, num_warps=ROW_WARPS, **pdl.launch_kwargs(x),
         )
     return out

@@ -36,6 +36,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
+
+from engine_service import pdl
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,10 @@ def _gemm_kernel(
     M, stride_x, stride_out,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # programmatic dependent launch (engine_service/pdl.py): nothing is read before the kernel ahead ends
+        gdc_wait()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -180,7 +186,7 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile:
         m, x.stride(0), out.stride(0),
         K=k, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT_K=tile.split_k,
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl.launch_kwargs(x),
     )
     return out
 

@@ -414,3 +414,29 @@ def test_json_mode_with_graphs_and_overlap_scheduling(demo_model_dir):
         else:
             assert len(out["token_ids"]) == 48
     assert closed >= 1
+
+
+def test_pdl_changes_no_token_and_keeps_the_graphs(bf16_model):
+    """Programmatic dependent launch (engine_service/pdl.py) changes when kernels start, never what they
+    compute: with pdl=True start-up keeps its graphs (each captured size replays bitwise equal to eager), fresh
+    random batches replay bitwise too, and greedy and seeded tokens equal those of plain launches (bf16, fused
+    ops, graphs, overlap scheduling, split-KV decode)."""
+    from engine_service import SamplingParams, pdl
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    prompts, params = _requests(37, seed=5, max_prompt=300)
+    params = [p if i % 2 else SamplingParams(temperature=0.8, seed=i, max_tokens=p.max_tokens)
+              for i, p in enumerate(params)]
+    with _engine(bf16_model, dtype="bfloat16") as llm:
+        plain = [o["token_ids"] for o in llm.generate(prompts, params)]
+    with _engine(bf16_model, dtype="bfloat16", pdl=True) as llm:
+        assert pdl.launch_kwargs(torch.empty(1, device="cuda")) == {"PDL": True, "launch_pdl": True}
+        graphs = llm.runner.graphs
+        assert graphs is not None, "start-up turned CUDA graphs off with PDL; its log says which sizes differed"
+        bad = [r for r in graphs.self_check(seed=21) if not r.ok]
+        assert not bad, bad
+        with_pdl = [o["token_ids"] for o in llm.generate(prompts, params)]
+    assert with_pdl == plain
+    with _engine(bf16_model, dtype="bfloat16", enforce_eager=True) as llm:  # the next engine turns it off again
+        assert pdl.launch_kwargs(torch.empty(1, device="cuda")) == {}
