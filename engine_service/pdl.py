@@ -8,6 +8,11 @@ a read of unfinished data. Each kernel that takes part starts with `if PDL: gdc_
 `**launch_kwargs(tensor)`, which adds `PDL=True` and triton's `launch_pdl=True` where it is on for that tensor's
 device; CUDA graphs capture the launches with their programmatic edges. Off by default until the GPU check
 measures what it gives.
+
+The setting is kept per device for the whole process (kernels are launched from functions that know their
+tensors, not their engine): the last engine started on a device sets it for every engine on that device. The
+server runs one engine a process; where two live side by side, give them the same setting (a differing one
+never changes a result, but the other engine would compile the other variants mid-serving).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ what was measured.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -271,6 +272,12 @@ def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
     print("workload A again under the step profiler, its steps by batch size:\n"
           + (by_batch["error"] if "error" in by_batch else step_profile.format_by_batch(by_batch)))
     llm.close()
+    # The first engine's KV cache (90% of the GPU) must be gone before a second engine sizes its own: the locals
+    # above still reach it (runner and graphs point at each other, so only a collection frees them).
+    del llm, runner, graphs
+    gc.collect()
+    if not cpu_dry_run:
+        torch.cuda.empty_cache()
     # Last, programmatic dependent launch (engine_service/pdl.py, off by default): a second engine with it on,
     # workload A and decode ITL at batch 1 and 64, beside this engine's figures above. Its graphs must still
     # replay bitwise (start-up's self-check keeps them only then).
