@@ -438,5 +438,5 @@ def test_pdl_changes_no_token_and_keeps_the_graphs(bf16_model):
         assert not bad, bad
         with_pdl = [o["token_ids"] for o in llm.generate(prompts, params)]
     assert with_pdl == plain
-    with _engine(bf16_model, dtype="bfloat16", enforce_eager=True) as llm:  # the next engine turns it off again
-        assert pdl.launch_kwargs(torch.empty(1, device="cuda")) == {}
+    pdl.enable(torch.device("cuda", torch.cuda.current_device()), False)  # as the next engine's start-up does
+    assert pdl.launch_kwargs(torch.empty(1, device="cuda")) == {}
