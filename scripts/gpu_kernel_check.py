@@ -684,18 +684,9 @@ def _compile_gemms(target) -> bool:
     from engine_service.model import gemm as G
 
     launches: list = []
-    kernel = G._gemm_kernel
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def record(*args, num_warps, num_stages, **constexprs):
-                launches.append(tk._Launch(kernel, grid, args, constexprs,
-                                           dict(num_warps=num_warps, num_stages=num_stages)))
-            return record
-
     labels: list[str] = []
     tiles = set()
-    with mock.patch.object(G, "_gemm_kernel", Recorder()):
+    with mock.patch.object(G, "_gemm_kernel", _Recorder(G._gemm_kernel, launches)):
         for name, n, k in _DECODE_GEMMS:
             w = torch.empty(n, k, dtype=torch.bfloat16)
             for m in capture_sizes(256):
@@ -722,17 +713,8 @@ def _compile_pdl(target) -> bool:
     launches: list = []
     names = ("_add_rms_norm_kernel", "_qk_norm_rope_kernel", "_silu_and_mul_kernel")
     bf16 = torch.bfloat16
-    gemm_kernel = G._gemm_kernel
-
-    class GemmRecorder:
-        def __getitem__(self, grid):
-            def record(*args, num_warps, num_stages, **constexprs):
-                launches.append(tk._Launch(gemm_kernel, grid, args, constexprs,
-                                           dict(num_warps=num_warps, num_stages=num_stages)))
-            return record
-
     with mock.patch.multiple(fo, **{n: _Recorder(getattr(fo, n), launches) for n in names}), \
-            mock.patch.object(G, "_gemm_kernel", GemmRecorder()):
+            mock.patch.object(G, "_gemm_kernel", _Recorder(G._gemm_kernel, launches)):
         x, w = torch.empty(64, 1024, dtype=bf16), torch.empty(1024, dtype=bf16)
         fo.add_rms_norm(x, w, 1e-6, torch.empty_like(x))
         cos, cache = torch.empty(64, 128, dtype=bf16), torch.empty(64, 16, 8, 128, dtype=bf16)
@@ -788,8 +770,10 @@ class _Recorder:
         self.kernel, self.launches = kernel, launches
 
     def __getitem__(self, grid):
-        def record(*args, num_warps=4, **constexprs):
-            self.launches.append(tk._Launch(self.kernel, grid, args, constexprs, dict(num_warps=num_warps)))
+        def record(*args, num_warps=4, num_stages=None, **constexprs):
+            options = dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps,
+                                                                                num_stages=num_stages)
+            self.launches.append(tk._Launch(self.kernel, grid, args, constexprs, options))
         return record
 
 
