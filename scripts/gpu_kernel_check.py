@@ -732,11 +732,9 @@ def _compile_pdl(target) -> bool:
         if "UPCAST" in launch.constexprs:
             launch.constexprs.update(UPCAST=False, DOT_PREC="tf32")
         launch.options.update(PDL=True, launch_pdl=True)
-        try:
-            compiled = _aot_compile(launch, target)
-        except Exception as e:
+        compiled = _try_compile("pdl", launch, target)
+        if compiled is None:
             ok = False
-            print(f"{'pdl':44s} {launch.kernel.__name__:26s} FAILED: {type(e).__name__}: {e}")
             continue
         ptx = compiled.asm.get("ptx", "")
         wait = ptx.find("griddepcontrol.wait")
@@ -751,16 +749,21 @@ def _compile_pdl(target) -> bool:
     return ok
 
 
+def _try_compile(label: str, launch, target):
+    """Compile one launch for the target; None, having printed why, where it failed."""
+    try:
+        return _aot_compile(launch, target)
+    except Exception as e:
+        print(f"{label:44s} {launch.kernel.__name__:26s} FAILED: {type(e).__name__}: {e}")
+        return None
+
+
 def _compile_one(label: str, launch, target) -> bool:
     """Compile one launch for the target and print its shared memory, or why it failed."""
-    name = launch.kernel.__name__
-    try:
-        compiled = _aot_compile(launch, target)
-    except Exception as e:
-        print(f"{label:44s} {name:26s} FAILED: {type(e).__name__}: {e}")
-        return False
-    print(f"{label:44s} {name:26s} {compiled.metadata.shared:9d}")
-    return True
+    compiled = _try_compile(label, launch, target)
+    if compiled is not None:
+        print(f"{label:44s} {launch.kernel.__name__:26s} {compiled.metadata.shared:9d}")
+    return compiled is not None
 
 
 class _Recorder:
@@ -806,11 +809,9 @@ def _compile_fused_ops(target) -> bool:
             label = "fused llama bf16 rope alone"
         if launch.constexprs.get("STORE"):
             label = "fused qwen3 bf16 rope + KV store"
-        try:
-            compiled = _aot_compile(launch, target)
-        except Exception as e:
+        compiled = _try_compile(label, launch, target)
+        if compiled is None:
             ok = False
-            print(f"{label:44s} {launch.kernel.__name__:26s} FAILED: {type(e).__name__}: {e}")
             continue
         print(f"{label:44s} {launch.kernel.__name__:26s} {compiled.metadata.shared:9d} {'':5s} {'':8s} "
               f"{_ptxas_usage(compiled.asm.get('ptx', '')):>12s}")
