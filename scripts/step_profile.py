@@ -285,7 +285,7 @@ KERNEL_GROUPS = (
     ("attention", ("paged_attention", "merge_splits", "scaled_dot_product", "flash")),
     ("kv store", ("store_kvcache",)),
     ("fused elementwise", ("add_rms_norm", "qk_norm_rope", "silu_and_mul")),
-    ("sampling", ("sample_kernel",)),
+    ("sampling", ("sample_kernel", "chunk_stats", "chunk_pick")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk", "aten::mm", "aten::addmm",
                 "aten::bmm")),
     ("copy", ("memcpy", "memset", "aten::copy_")),

@@ -79,3 +79,15 @@ def test_kernel_summary_groups_device_kernels_and_counts_idle_time():
     top = s["top"][0]
     assert (top["name"], top["per_step"], top["mean_us"]) == ("_paged_attention_kernel", 1.0, 12.0)
     assert step_profile.summarize_kernels([], steps=3) == {"steps": 3, "kernels_per_step": 0.0}
+    # The engine's own kernels each have a group (the sampling kernels' renaming once left them in "other").
+    from engine_service import sampling_kernels as sk
+    from engine_service.attention import triton_kernels as tk
+    from engine_service.model import fused_ops as fo
+    from engine_service.model import gemm
+
+    ours = [tk._paged_attention_kernel, tk._merge_splits_kernel, tk._store_kvcache_kernel, sk._chunk_stats_kernel,
+            sk._chunk_pick_kernel, fo._add_rms_norm_kernel, fo._qk_norm_rope_kernel, fo._silu_and_mul_kernel,
+            gemm._gemm_kernel]
+    assert [step_profile.kernel_group(k.__name__) for k in ours] == [
+        "attention", "attention", "kv store", "sampling", "sampling", "fused elementwise", "fused elementwise",
+        "fused elementwise", "matmul"]
