@@ -546,9 +546,10 @@ def tune_prefill_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: i
     for i, row in enumerate(used.split(per_seq)):
         tables[i, : len(row)] = row
     used = used.to(dev)
+    on_dev = torch.Generator(device=dev).manual_seed(seed)  # ~90M values: drawn where they are used
     for cache in (k_cache, v_cache):
-        cache[used] = torch.randn((used.numel(), *cache.shape[1:]), generator=gen).to(dev, dtype)
-    q = torch.randn((sum(q_lens), num_heads, head_dim), generator=gen).to(dev, dtype)
+        cache[used] = torch.randn((used.numel(), *cache.shape[1:]), generator=on_dev, device=dev, dtype=dtype)
+    q = torch.randn((sum(q_lens), num_heads, head_dim), generator=on_dev, device=dev, dtype=dtype)
     cu = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device=dev)
     args = (q, k_cache, v_cache, cu, torch.tensor(ctx_lens, dtype=torch.int32, device=dev), tables.to(dev),
             head_dim ** -0.5, max(q_lens))
