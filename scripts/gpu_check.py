@@ -453,8 +453,7 @@ def _part_results(out: Path) -> dict[str, str]:
     itl = {(r["graphs"], r.get("overlap", default_overlap), r["batch"]): r.get("itl_ms") for r in g.get("itl", [])}
     if itl:
         def ms(graphs_on, batch, overlap=default_overlap):
-            v = itl.get((graphs_on, overlap, batch))
-            return "?" if v is None else f"{v:.2f}"
+            return _ms(itl.get((graphs_on, overlap, batch)))
 
         lo, hi = min(k[2] for k in itl), max(k[2] for k in itl)  # 1 and 64 on the GPU
         res["f"] = (
@@ -484,10 +483,11 @@ def _part_results(out: Path) -> dict[str, str]:
     if "error" in p or "skipped" in p:
         res["pdl"] = p.get("error") or f"skipped: {p['skipped']}"
     elif p:
-        itl_off = {r["batch"]: r.get("itl_ms") for r in g.get("itl", []) if r["graphs"] and r.get("overlap", True)}
-        itl = ", ".join(f"batch {b} {_ms(v)}/{_ms(itl_off.get(int(b)))}" for b, v in p.get("itl", {}).items())
+        # Beside the plain engine's ITL with graphs and its default overlap (part f's figures).
+        pairs = ", ".join(f"batch {b} {_ms(v)}/{_ms(itl.get((True, default_overlap, int(b))))}"
+                          for b, v in p.get("itl", {}).items())
         res["pdl"] = (f"workload A {_fmt(p['workload_A'].get('tok_s'))} tok/s with PDL, "
-                      f"{_fmt(g.get('workload_A', {}).get('tok_s'))} without; ITL ms with/without: {itl}; "
+                      f"{_fmt(g.get('workload_A', {}).get('tok_s'))} without; ITL ms with/without: {pairs}; "
                       f"graphs kept: {p.get('graphs_on')}")
     dec = g.get("slice64_profile", {}).get("decode")
     if dec and dec.get("gpu_ms") is not None:

@@ -61,7 +61,6 @@ Tile = tuple[int, int, int, int]
 DECODE_TILES: tuple[Tile, ...] = (
     (64, 2, 4, 0), (64, 3, 4, 0), (128, 2, 4, 0), (128, 2, 8, 0), (32, 3, 4, 0), (64, 2, 4, 1), (128, 2, 4, 1),
 )
-PREFILL_TILE: Tile = (64, 2, 4, 0)
 # Prefill tiles: (BLOCK_M query rows per program, BLOCK_N, num_stages, num_warps); KV heads never first. Prefill
 # steps in bf16/fp16 use the one tune_prefill_tile picked at start-up among these; the first (64 rows and
 # PREFILL_TILE) is the default. 128 rows over 8 warps halve the K/V loads per query row, yet on the H200
@@ -70,6 +69,7 @@ PrefillTile = tuple[int, int, int, int]
 PREFILL_TILES: tuple[PrefillTile, ...] = (
     (64, 64, 2, 4), (128, 64, 2, 8), (128, 64, 3, 8), (128, 128, 2, 8), (64, 32, 3, 4),
 )
+PREFILL_TILE: Tile = (*PREFILL_TILES[0][1:], 0)  # the default prefill tile as a Tile (BLOCK_N, stages, warps, 0)
 # "BLOCK_M,BLOCK_N,num_stages,num_warps": pin the prefill tile, no timing.
 PREFILL_TILE_ENV = "LLMSERVE_PREFILL_TILE"
 _prefill_tiles: dict[tuple, PrefillTile] = {}  # _tile_key(...) -> the tile prefill steps use
