@@ -5,6 +5,8 @@
     python scripts/gpu_check.py graphs  --out DIR    # the engine's parts: (d) workload A, (c) graph replay
                                                      # == eager, (e) 64 requests of workload A, (f) decode
                                                      # ITL with and without graphs
+    python scripts/gpu_check.py second  --out DIR    # a second engine: PDL on, then workload A at 16,384
+                                                     # tokens a step (reads graphs' graphs.json)
     python scripts/gpu_check.py summary --out DIR    # the table gpu_check.sh prints last
 
 `graphs` runs one engine (bf16, triton backend, CUDA graphs, the engine's defaults as in workload A): one
@@ -15,7 +17,6 @@ what was measured.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
@@ -23,13 +24,15 @@ import re
 import sys
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PRESET = "qwen3-0.6b"
 TARGET_TOK_S = 28_000  # issue 3's acceptance figure for workload A
+# The wider token budget a step part g compares with the default (on its PDL engine, against PDL at the default).
+WIDE_BUDGET = 16_384
 
 
 def _versions() -> dict:
@@ -90,6 +93,27 @@ def _graph_check(graphs, report: dict) -> None:
         )
 
 
+def _setup(cpu_dry_run: bool) -> tuple:
+    """(preset, LLM keywords, the 64-request slice's arguments, ITL batch sizes, ITL arguments, workload A's
+    make_plan arguments): workload A's engine defaults on the GPU; toy sizes for the CPU dry run."""
+    if cpu_dry_run:
+        engine = dict(device="cpu", dtype="float32", attention_backend="torch", max_num_seqs=8, max_model_len=512,
+                      overlap_scheduling=True)
+        return "cpu-small", engine, (8, 64, 16), (1, 8), dict(prompt_len=32, max_tokens=8), (8, 64, 16)
+    # GPU_CHECK_TRITON_GEMM=0: torch's GEMMs at every decode size (the tuner off), for a rerun after ours failed.
+    engine = dict(device="cuda", dtype="bfloat16", attention_backend="triton",
+                  triton_gemm=os.environ.get("GPU_CHECK_TRITON_GEMM", "1") != "0")
+    return PRESET, engine, (64, None, None), (1, 64), {}, ()
+
+
+def _gemm_picks(llm) -> dict:
+    """Where the decode GEMM tuner picked a Triton tile over torch's, by layer group (the timings are in the log)."""
+    from engine_service.cuda_graphs import capture_sizes
+
+    return {"sizes": len(capture_sizes(llm.config.max_num_seqs)),
+            "ours": {name: sorted(group[0].gemms or {}) for name, group in llm.runner.decode_linear_groups().items()}}
+
+
 def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
     """The engine's parts, on one engine: (d)'s engine figure, (c), (e)'s engine figure and (f).
 
@@ -110,29 +134,14 @@ def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
     def save() -> None:
         path.write_text(json.dumps(report, indent=2) + "\n")
 
-    # Workload A's engine defaults on the GPU; toy sizes for the CPU dry run.
-    if cpu_dry_run:
-        preset, engine = "cpu-small", dict(device="cpu", dtype="float32", attention_backend="torch",
-                                           max_num_seqs=8, max_model_len=512, overlap_scheduling=True)
-        slice_args, itl_batches, itl_args = (8, 64, 16), (1, 8), dict(prompt_len=32, max_tokens=8)
-        workload_a_args = (8, 64, 16)
-    else:
-        # GPU_CHECK_TRITON_GEMM=0: torch's GEMMs at every decode size (the tuner off), for a rerun after ours failed.
-        preset, engine = PRESET, dict(device="cuda", dtype="bfloat16", attention_backend="triton",
-                                      triton_gemm=os.environ.get("GPU_CHECK_TRITON_GEMM", "1") != "0")
-        slice_args, itl_batches, itl_args = (64, None, None), (1, 64), {}
-        workload_a_args = ()
+    preset, engine, slice_args, itl_batches, itl_args, workload_a_args = _setup(cpu_dry_run)
     model_dir = bench.build_preset(preset, cache_dir)
     t = time.perf_counter()
     llm = LLM(str(model_dir), **engine)
     runner = llm.runner
     report["engine_init_s"] = time.perf_counter() - t
     report["startup_graphs_on"] = runner.graphs is not None or cpu_dry_run
-    # Where the decode GEMM tuner picked a Triton tile over torch's (the timings are in the log).
-    report["decode_gemms"] = {
-        "sizes": len(capture_sizes(llm.config.max_num_seqs)),
-        "ours": {name: sorted(group[0].gemms or {}) for name, group in runner.decode_linear_groups().items()},
-    }
+    report["decode_gemms"] = _gemm_picks(llm)
     save()
 
     # (d) the headline first, so that nothing slow before it can leave it without time: workload A through
@@ -170,8 +179,9 @@ def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
     if runner.backend_name == "triton":
         from engine_service.attention import triton_kernels as tk
 
-        # The decode tile the start-up tuner picked for this model (its timings are in the log).
+        # The attention tiles the start-up tuners picked for this model (their timings are in the log).
         report["decode_tile"] = {str(k): list(v) for k, v in tk._decode_tiles.items()}
+        report["prefill_tile"] = {str(k): list(v) for k, v in tk._prefill_tiles.items()}
         # Its tuner batch launched longest first and in batch order (us): which order decode steps use.
         report["decode_order_us"] = {str(k): list(v) for k, v in tk._decode_order_timings.items()}
         print(f"decode attention tile picked at start-up: {report['decode_tile']}")
@@ -272,31 +282,111 @@ def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
     print("workload A again under the step profiler, its steps by batch size:\n"
           + (by_batch["error"] if "error" in by_batch else step_profile.format_by_batch(by_batch)))
     llm.close()
-    # The first engine's KV cache (90% of the GPU) must be gone before a second engine sizes its own: the locals
-    # above still reach it (runner and graphs point at each other, so only a collection frees them).
-    del llm, runner, graphs
-    gc.collect()
-    if not cpu_dry_run:
-        torch.cuda.empty_cache()
-    # Last, programmatic dependent launch (engine_service/pdl.py, off by default): a second engine with it on,
-    # workload A and decode ITL at batch 1 and 64, beside this engine's figures above. Its graphs must still
-    # replay bitwise (start-up's self-check keeps them only then).
-    if cpu_dry_run:
-        report["pdl"] = {"skipped": "needs CUDA"}
-    elif torch.cuda.get_device_capability()[0] < 9:
-        report["pdl"] = {"skipped": "needs compute capability 9.0"}
-    else:
-        try:
-            with LLM(str(model_dir), **engine, pdl=True) as on:
+    return 0 if report["graph_check"]["ok"] and report["startup_graphs_on"] else 1
+
+
+def _pins(graphs_report: dict) -> dict[str, str]:
+    """LLMSERVE_*_TILE values that give a second engine the first engine's attention tiles (from part g's
+    graphs.json), so that a comparison between the two is not one between two tuners' picks. The decode tile is
+    pinned only where the first engine launched decode longest first (a pinned tile is launched so)."""
+    from engine_service.attention import triton_kernels as tk
+
+    pins = {}
+    prefill = list(graphs_report.get("prefill_tile", {}).values())
+    if len(prefill) == 1:
+        pins[tk.PREFILL_TILE_ENV] = ",".join(map(str, prefill[0]))
+    decode = list(graphs_report.get("decode_tile", {}).values())
+    orders = list(graphs_report.get("decode_order_us", {}).values())
+    if len(decode) == 1 and all(ordered <= plain for ordered, plain in orders):
+        pins[tk.DECODE_TILE_ENV] = ",".join(map(str, decode[0]))
+    return pins
+
+
+def cmd_second(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
+    """Part p: a second engine, beside part g's, in a process of its own (second.json):
+    - programmatic dependent launch (engine_service/pdl.py, off by default) on where the GPU has it: workload A
+      and decode ITL at batch 1 and 64 at the default token budget. Its graphs must still replay bitwise
+      (start-up's self-check keeps them only then). The attention tiles are pinned to part g's picks; the decode
+      GEMM tuner runs again (PDL changes its timings), and both engines' picks are reported;
+    - a wider token budget a step, WIDE_BUDGET: workload A again (salted apart) on the same engine, so with PDL
+      as above. Mixed steps are host-bound at 8,192 tokens (each launches the same kernels whatever its size):
+      half as many, twice as large, should leave the GPU less idle. The engine starts with the wide budget (its
+      warm-up sizes activations for it) and runs the PDL figures at the default one.
+    Exit 1 when either figure is missing or PDL lost the graphs."""
+    import torch
+
+    if not torch.cuda.is_available() and not cpu_dry_run:
+        print("no CUDA")
+        return 2
+    from engine_service import LLM, bench
+    from engine_service.config import EngineConfig
+    from scripts import step_profile
+
+    report: dict = {}
+    path = out / "second.json"
+
+    def save() -> None:
+        path.write_text(json.dumps(report, indent=2) + "\n")
+
+    preset, engine, _, itl_batches, itl_args, workload_a_args = _setup(cpu_dry_run)
+    model_dir = bench.build_preset(preset, cache_dir)
+    pins = _pins(_load(out / "graphs.json"))
+    report["pins"] = pins
+    pdl_on = not cpu_dry_run and torch.cuda.get_device_capability()[0] >= 9
+    if not pdl_on:
+        report["pdl"] = {"skipped": "needs CUDA" if cpu_dry_run else "needs compute capability 9.0"}
+    default_budget = next(f.default for f in fields(EngineConfig) if f.name == "max_num_batched_tokens")
+    before = {name: os.environ.get(name) for name in pins}
+    os.environ.update(pins)  # read by the tuners at start-up only
+    try:
+        on = LLM(str(model_dir), **engine, pdl=pdl_on, max_num_batched_tokens=WIDE_BUDGET)
+    except Exception as e:
+        traceback.print_exc()
+        report["pdl" if pdl_on else "wide_budget"] = {"error": f"engine start-up: {type(e).__name__}: {e}"}
+        save()
+        return 1
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    with on:
+        _, plan = bench.make_plan(bench.WORKLOAD_A, model_dir, engine["device"], engine["dtype"],
+                                  on.model_cfg.vocab_size, 1, *workload_a_args)
+        if pdl_on:
+            on.scheduler.max_num_batched_tokens = default_budget
+            try:
                 result = bench.time_engine(on, plan, bench.Result(info={"engine_kwargs": {**engine, "pdl": True}}))
                 report["pdl"] = {"graphs_on": on.runner.graphs is not None, "workload_A": result.to_json(),
-                                 "itl": {b: step_profile.decode_latency(on, b)["itl_ms"] for b in itl_batches}}
+                                 "itl": {b: step_profile.decode_latency(on, b, **itl_args)["itl_ms"]
+                                         for b in itl_batches},
+                                 "decode_gemms": _gemm_picks(on)}
+            except Exception as e:
+                traceback.print_exc()
+                report["pdl"] = {"error": f"{type(e).__name__}: {e}"}
+            save()
+            print(f"programmatic dependent launch: {report['pdl']}")
+        on.scheduler.max_num_batched_tokens = WIDE_BUDGET
+        prompts, max_tokens = plan.batches[0]
+        wide_plan = replace(plan, batches=[(bench.salted(prompts, 15, on.model_cfg.vocab_size), max_tokens)])
+        try:
+            wide = bench.time_engine(on, wide_plan, bench.Result())
+            report["wide_budget"] = {"max_num_batched_tokens": WIDE_BUDGET, "pdl": pdl_on,
+                                     "workload_A": wide.to_json()}
         except Exception as e:
             traceback.print_exc()
-            report["pdl"] = {"error": f"{type(e).__name__}: {e}"}
-    save()
-    print(f"programmatic dependent launch: {report['pdl']}")
-    return 0 if report["graph_check"]["ok"] and report["startup_graphs_on"] else 1
+            report["wide_budget"] = {"error": f"{type(e).__name__}: {e}"}
+        save()
+        print(f"workload A at {WIDE_BUDGET:,} tokens a step: {report['wide_budget']}")
+    return 0 if _second_ok(report) else 1
+
+
+def _second_ok(report: dict) -> bool:
+    """Part p's figures all there: PDL's (where it ran) with the graphs kept, and the wide budget's."""
+    p, w = report.get("pdl", {}), report.get("wide_budget", {})
+    return ("error" not in p and ("skipped" in p or p.get("graphs_on") is True)
+            and "tok_s" in w.get("workload_A", {}))
 
 
 # ---- the table ------------------------------------------------------------------------------------------
@@ -479,16 +569,27 @@ def _part_results(out: Path) -> dict[str, str]:
     elif by_batch:
         res["by_batch"] = "; ".join(f"{r['group']}: {r['steps']} steps, {r['seconds']:.2f} s ({r['wall_ms']:.2f} ms)"
                                     for r in by_batch)
-    p = g.get("pdl", {})
+    second = _load(out / "second.json")
+    p = second.get("pdl", {})
     if "error" in p or "skipped" in p:
         res["pdl"] = p.get("error") or f"skipped: {p['skipped']}"
     elif p:
         # Beside the plain engine's ITL with graphs and its default overlap (part f's figures).
         pairs = ", ".join(f"batch {b} {_ms(v)}/{_ms(itl.get((True, default_overlap, int(b))))}"
                           for b, v in p.get("itl", {}).items())
+        same = "the same" if p.get("decode_gemms") == g.get("decode_gemms") else "other"
         res["pdl"] = (f"workload A {_fmt(p['workload_A'].get('tok_s'))} tok/s with PDL, "
                       f"{_fmt(g.get('workload_A', {}).get('tok_s'))} without; ITL ms with/without: {pairs}; "
-                      f"graphs kept: {p.get('graphs_on')}")
+                      f"graphs kept: {p.get('graphs_on')}; attention tiles pinned to g's: "
+                      f"{', '.join(second.get('pins', {})) or 'none'}; {same} decode GEMM picks")
+    w = second.get("wide_budget", {})
+    if "error" in w:
+        res["wide"] = f"failed: {w['error']}"
+    elif w:
+        # Beside the same engine's figure at the narrower budget where PDL ran, else the first engine's.
+        narrow = (p if w.get("pdl") else g).get("workload_A", {}).get("tok_s")
+        res["wide"] = (f"workload A {_fmt(w['workload_A'].get('tok_s'))} tok/s at {w['max_num_batched_tokens']:,} "
+                       f"tokens a step, {_fmt(narrow)} at the default (PDL {'on' if w.get('pdl') else 'off'} in both)")
     dec = g.get("slice64_profile", {}).get("decode")
     if dec and dec.get("gpu_ms") is not None:
         res["split"] = (
@@ -514,6 +615,7 @@ LABELS = {
     "prefill_kernels": "    the same, prefill",
     "by_batch": "    workload A by batch",
     "pdl": "    with PDL (g, last)",
+    "wide": f"    {WIDE_BUDGET:,} tokens a step",
 }
 
 
@@ -536,8 +638,10 @@ def cmd_summary(out: Path, shown_as: str = "") -> int:
     # The engine's figures (c, d, e, f) come from one process, part "g"; the table shows them on their own
     # rows. Row d also holds part d (transformers' static batching): without the engine's figure, it shows
     # the status of part g, which should have measured it.
-    order = ["env", "preset", "a", "b", "c", "d", "e", "f", "split", "kernels", "prefill_kernels", "by_batch", "pdl"]
-    owner = {"c": "g", "f": "g", "split": "g", "kernels": "g", "prefill_kernels": "g", "by_batch": "g", "pdl": "g"}
+    order = ["env", "preset", "a", "b", "c", "d", "e", "f", "split", "kernels", "prefill_kernels", "by_batch",
+             "pdl", "wide"]
+    owner = {key: "g" for key in ("c", "f", "split", "kernels", "prefill_kernels", "by_batch")}
+    owner.update(pdl="p", wide="p")
     engine_a = _load(out / "graphs.json").get("workload_A", {}).get("tok_s")
     for key in order:
         st, secs = status.get(owner.get(key, key), ("-", ""))
@@ -580,10 +684,10 @@ def _markdown(env: dict, rows: list[tuple[str, str, str, str]]) -> str:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["env", "preset", "graphs", "summary"])
+    p.add_argument("command", choices=["env", "preset", "graphs", "second", "summary"])
     p.add_argument("--out", type=Path, default=Path("gpu_check_out"))
     p.add_argument("--cache-dir", type=Path, default=None, help="preset cache (default: bench's)")
-    p.add_argument("--cpu-dry-run", action="store_true", help="graphs: the same flow on CPU at toy sizes")
+    p.add_argument("--cpu-dry-run", action="store_true", help="graphs, second: the same flow on CPU at toy sizes")
     p.add_argument("--shown-as", default="", help="summary: where the table says the logs are (default: --out)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -596,6 +700,8 @@ def main() -> int:
     cache_dir = a.cache_dir or bench.DEFAULT_CACHE_DIR
     if a.command == "preset":
         return cmd_preset(cache_dir)
+    if a.command == "second":
+        return cmd_second(a.out, cache_dir, a.cpu_dry_run)
     return cmd_graphs(a.out, cache_dir, a.cpu_dry_run)
 
 

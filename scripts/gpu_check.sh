@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one-shot GPU check of issue 3, for one H200 with no network (about 9 minutes, or `a b g` then `d e` in two
-# calls of about 4 and 5; see docs/GPU.md).
+# The one-shot GPU check of issue 3, for one H200 with no network (about 11 minutes, past one device call's 10:
+# run `a b g p` then `d e`, about 6 and 5 minutes; see docs/GPU.md).
 #
 #   scripts/gpu_check.sh              # every part
 #   scripts/gpu_check.sh b g          # only these parts (env and the preset always run first)
@@ -15,17 +15,19 @@
 #                                       every captured size on random-weight Qwen3-0.6B in bf16;
 #                                       (e) 64 requests of workload A, and the step split;
 #                                       (f) decode inter-token latency at batch 1 and 64, graphs on and off
+#   p  scripts/gpu_check.py second      a second engine beside g's: programmatic dependent launch on (workload
+#                                       A, ITL), then workload A at 16,384 tokens a step (after g)
 #   d  python -m engine_service.bench   workload A on transformers' static batching (about 2 minutes)
 #   e  python -m engine_service.bench   the same 64 requests on transformers' continuous batching
 # Outputs: one log per part, JSON figures, status.tsv, performance.md; the table is printed last. Without $OUT
 # they are written to ./gpu_check_out. With $OUT (the device tool, which brings back at most 8 files) they are
 # written to a work folder, and after each stage $OUT gets all of them as gpu_check.tgz plus the few that matter
-# most loose (status.tsv, env.json, graphs.json, summary.txt, performance.md): a run cut short still returns
-# what it did. When g measures no workload A on the engine, d and e are skipped (fail fast; GPU_CHECK_KEEP_GOING=1
-# runs them anyway). Environment: PYTHON (default python3), GPU_CHECK_TRITON_GEMM (0: g keeps torch's decode
-# GEMMs, the tuner off), GPU_CHECK_BUDGET_S (default 460), GPU_CHECK_CACHE (where
-# the 1.2 GB preset is built; keep it outside $OUT), GPU_CHECK_PUBLISH_S (default 15: how often $OUT is refreshed
-# while g, d and e run).
+# most loose (status.tsv, env.json, graphs.json, second.json, summary.txt, performance.md): a run cut short still
+# returns what it did. When g measures no workload A on the engine, p, d and e are skipped (fail fast;
+# GPU_CHECK_KEEP_GOING=1 runs them anyway). Environment: PYTHON (default python3), GPU_CHECK_TRITON_GEMM (0: g
+# and p keep torch's decode GEMMs, the tuner off), GPU_CHECK_BUDGET_S (default 460), GPU_CHECK_CACHE (where the
+# 1.2 GB preset is built; keep it outside $OUT), GPU_CHECK_PUBLISH_S (default 15: how often $OUT is refreshed
+# while g, p, d and e run).
 set -u
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -34,7 +36,7 @@ if [[ -n $PUBLISH ]]; then OUT_DIR=$(mktemp -d /tmp/gpu_check.XXXXXX) || exit 1;
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-460}
 CACHE=${GPU_CHECK_CACHE:-${HOME:-/tmp}/.cache/llm-grpc-serve/presets}
-PARTS=${*:-a b g d e}
+PARTS=${*:-a b g p d e}
 STATUS=$OUT_DIR/status.tsv
 START=$(date +%s)
 
@@ -83,7 +85,7 @@ summary() {
 }
 
 # publish: with $OUT, every output so far as $OUT/gpu_check.tgz, and the main ones loose beside it (at most
-# 6 files in all: the device tool brings back 8), the table as it stands included. Run after each stage, and
+# 7 files in all: the device tool brings back 8), the table as it stands included. Run after each stage, and
 # every 15 s while g, d and e run (publisher), so that a run killed from outside still returns what it had.
 # Returns non-zero when the archive could not be written.
 publish() {
@@ -92,7 +94,7 @@ publish() {
   summary
   local tmp="$PUBLISH/.gpu_check.$BASHPID.tgz" f
   tar czf "$tmp" -C "$OUT_DIR" . 2>/dev/null && mv -f "$tmp" "$PUBLISH/gpu_check.tgz" || { rm -f "$tmp"; return 1; }
-  for f in status.tsv env.json graphs.json summary.txt performance.md; do
+  for f in status.tsv env.json graphs.json second.json summary.txt performance.md; do
     [[ -f $OUT_DIR/$f ]] && cp -f "$OUT_DIR/$f" "$PUBLISH/$f"
   done
   return 0
@@ -130,8 +132,8 @@ publish
 # skip the tile tuners and their compiles (the one test that checks start-up compiles every variant unpins them).
 pids=()
 if wanted a; then
-  LLMSERVE_DECODE_TILE=64,2,4,0 LLMSERVE_PREFILL_TILE=64,64,2,4 run_part a 180 "$PY" -m pytest tests/gpu -v \
-    -p no:cacheprovider &
+  LLMSERVE_DECODE_TILE=64,2,4,0 LLMSERVE_PREFILL_TILE=64,64,2,4 run_part a 240 "$PY" -m pytest tests/gpu -v \
+    -p no:cacheprovider --durations=0 &
   pids+=($!)
 fi
 if wanted b; then
@@ -163,18 +165,26 @@ if wanted g; then
   grep -E '^\((c|d)\) ' "$OUT_DIR/g.log" | head -n 12 | sed 's/^/  g| /'  # the headline, in case the run is cut
   publish
 fi
-# Fail fast: when g measured no workload A on the engine (it could not start, say), the peers' figures have
-# nothing to stand beside, and the device time they take is better spent on a rerun after a fix.
-# GPU_CHECK_KEEP_GOING=1 runs them anyway.
+# Fail fast: when g measured no workload A on the engine (it could not start, say), a second engine would fail
+# alike and the peers' figures have nothing to stand beside: the device time they take is better spent on a
+# rerun after a fix. GPU_CHECK_KEEP_GOING=1 runs them anyway.
 if wanted g && [[ ${GPU_CHECK_KEEP_GOING:-0} != 1 ]] && ! "$PY" -c \
   'import json, sys; sys.exit(0 if "tok_s" in json.load(open(sys.argv[1])).get("workload_A", {}) else 1)' \
   "$OUT_DIR/graphs.json" 2>/dev/null; then
-  echo "[gpu_check] g measured no workload A on the engine: d and e skipped (GPU_CHECK_KEEP_GOING=1 runs them)"
-  for name in d e; do
+  echo "[gpu_check] g measured no workload A on the engine: p, d and e skipped (GPU_CHECK_KEEP_GOING=1 runs them)"
+  for name in p d e; do
     wanted $name && printf '%s\tSKIPPED\t0\tg measured no workload A\n' "$name" >>"$STATUS"
   done
+  PARTS=${PARTS//p/}
   PARTS=${PARTS//d/}
   PARTS=${PARTS//e/}
+fi
+# p: a second engine start-up (its own process, so the first engine's memory is surely free), PDL's figures
+# and workload A at a wider token budget. It reads g's graphs.json (the attention tiles to pin, the figures
+# to compare with), so it runs in the same call as g.
+if wanted p; then
+  run_part p 200 "$PY" scripts/gpu_check.py second --out "$OUT_DIR" --cache-dir "$CACHE"
+  publish
 fi
 # d: transformers' static batching on workload A (119 s on BENCHMARKS.md's H200 with transformers 5.24; with
 # this machine's 5.17 it had not finished in 172 s on 2026-11-29), plus its load and warm-up request. Cut short,

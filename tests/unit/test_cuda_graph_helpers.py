@@ -177,6 +177,8 @@ def test_gpu_check_script_flow_on_cpu(tmp_path, capsys):
     sizes on CPU, so the one-shot GPU session does not find a bug in the script itself."""
     import json
 
+    from scripts import gpu_check
+
     out, report = _dry_run_graphs(tmp_path, 0)
     assert report["graph_check"]["ok"] and len(report["graph_check"]["sizes"]) == 4  # sizes 1, 2, 4, 8
     assert report["slice64"]["tok_s"] > 0 and report["slice64_profile"]["decode"]["steps"] > 0
@@ -219,6 +221,20 @@ def test_gpu_check_script_flow_on_cpu(tmp_path, capsys):
     assert "mixed: " in _row(table, "    workload A by batch")
     itl_row = _row(table, "(f)")
     assert "batch 8 graphs without overlap" in itl_row and "?" not in itl_row
+    # Part p, a second engine in a process of its own (here a call), started with the wider token budget:
+    # workload A (salted apart) with every token, and its row beside the first engine's figure (PDL needs CUDA,
+    # so the narrow figure is the first engine's here).
+    assert gpu_check.cmd_second(out, tmp_path / "presets", cpu_dry_run=True) == 0
+    second = json.loads((out / "second.json").read_text())
+    assert second["pdl"] == {"skipped": "needs CUDA"} and second["pins"] == {}  # torch backend: no tiles
+    wide = second["wide_budget"]
+    assert wide["max_num_batched_tokens"] == gpu_check.WIDE_BUDGET and wide["pdl"] is False
+    assert wide["workload_A"]["requested_tokens"] == wide["workload_A"]["generated_tokens"] == a["requested_tokens"]
+    table = _table(out, capsys, "g\tPASS\t3\t0\np\tPASS\t2\t0\nd\tPASS\t130\t0\n")
+    row = _row(table, f"    {gpu_check.WIDE_BUDGET:,} tokens a step")
+    assert " PASS " in row and (f"workload A {wide['workload_A']['tok_s']:,.0f} tok/s at {gpu_check.WIDE_BUDGET:,} "
+                                f"tokens a step, {a['tok_s']:,.0f} at the default (PDL off in both)") in row
+    assert "skipped: needs CUDA" in _row(table, "    with PDL")
     markdown = (out / "performance.md").read_text()
     assert "| (f) decode ITL | PASS | 3 | ITL ms, graphs/eager: batch 1" in markdown
 
@@ -510,3 +526,41 @@ def test_step_inputs_slots_of_prefill_chunks_are_each_positions_block_slot():
         want = [s.block_table[p // bs] * bs + p % bs for s, n in zip(seqs, counts, strict=True)
                 for p in range(s.num_computed_tokens, s.num_computed_tokens + n)]
         assert x.slots == want and len(x.ids) == len(want)
+
+
+def test_gpu_check_second_engine_pins_g_tiles_and_fails_without_its_figures(tmp_path):
+    """Part p compares a second engine with part g's: it pins g's attention tiles (the decode one only where g
+    launched decode longest first, as a pinned tile is), and it fails where PDL lost the graphs or a figure is
+    missing. Its rows say whether the two engines' decode GEMM picks were the same."""
+    import json
+
+    from engine_service.attention import triton_kernels as tk
+    from scripts import gpu_check
+
+    g = {"prefill_tile": {"k": [64, 32, 3, 4]}, "decode_tile": {"k": [64, 2, 4, 1]},
+         "decode_order_us": {"k": [177.2, 191.6]}}
+    pins = gpu_check._pins(g)
+    assert pins == {tk.PREFILL_TILE_ENV: "64,32,3,4", tk.DECODE_TILE_ENV: "64,2,4,1"}
+    assert tk.parse_prefill_tile(pins[tk.PREFILL_TILE_ENV]) == (64, 32, 3, 4)
+    assert tk.parse_tile(pins[tk.DECODE_TILE_ENV]) == (64, 2, 4, 1)
+    assert gpu_check._pins({**g, "decode_order_us": {"k": [200.0, 191.6]}}) == {tk.PREFILL_TILE_ENV: "64,32,3,4"}
+    assert gpu_check._pins({}) == {}
+
+    wide = {"max_num_batched_tokens": 16384, "pdl": True, "workload_A": {"tok_s": 26000.0}}
+    pdl = {"graphs_on": True, "workload_A": {"tok_s": 25800.0}, "itl": {"1": 1.2, "64": 1.8},
+           "decode_gemms": {"sizes": 21, "ours": {"o": [1, 2]}}}
+    assert gpu_check._second_ok({"pdl": pdl, "wide_budget": wide})
+    assert not gpu_check._second_ok({"pdl": {**pdl, "graphs_on": False}, "wide_budget": wide})
+    assert not gpu_check._second_ok({"pdl": pdl, "wide_budget": {"error": "RuntimeError: x"}})
+    assert gpu_check._second_ok({"pdl": {"skipped": "needs CUDA"}, "wide_budget": wide})
+
+    (tmp_path / "graphs.json").write_text(json.dumps({
+        "workload_A": {"tok_s": 25400.0}, "decode_gemms": {"sizes": 21, "ours": {"o": [1, 2, 4]}},
+        "itl": [{"graphs": True, "overlap": True, "batch": 1, "itl_ms": 1.23}]}))
+    (tmp_path / "second.json").write_text(json.dumps({"pins": pins, "pdl": pdl, "wide_budget": wide}))
+    res = gpu_check._part_results(tmp_path)
+    assert res["pdl"].startswith("workload A 25,800 tok/s with PDL, 25,400 without; ITL ms with/without: "
+                                 "batch 1 1.20/1.23, batch 64 1.80/?")
+    assert f"pinned to g's: {tk.PREFILL_TILE_ENV}, {tk.DECODE_TILE_ENV}; other decode GEMM picks" in res["pdl"]
+    assert res["wide"] == ("workload A 26,000 tok/s at 16,384 tokens a step, 25,800 at the default "
+                           "(PDL on in both)")

@@ -73,7 +73,8 @@ def test_every_part_runs_in_order_with_its_limit_and_only_the_gpu_tests_pin_the_
     rc, output, calls, out = _run(tmp_path, budget=460)  # the default
     assert rc == 0, output
     order = [next(i for i, c in enumerate(calls) if needle in c) for needle in (
-        "gpu_check.py env", "gpu_check.py graphs", "--peers hf-static", "--peers hf-continuous")]
+        "gpu_check.py env", "gpu_check.py graphs", "gpu_check.py second", "--peers hf-static",
+        "--peers hf-continuous")]
     assert order == sorted(order), calls
     _assert_summary_last(calls)
     a = _part(calls, "-m pytest tests/gpu")
@@ -89,9 +90,9 @@ def test_every_part_runs_in_order_with_its_limit_and_only_the_gpu_tests_pin_the_
     assert "--no-engine" in _part(calls, "--peers hf-static")
     assert "--num-seqs 64" in _part(calls, "--peers hf-continuous")
     assert "--peer-timeout 60" in _part(calls, "--peers hf-continuous")
-    assert _limits(output) == {"a": 180, "b": 150, "preset": 100, "g": 240, "d": 330, "e": 100}
+    assert _limits(output) == {"a": 240, "b": 150, "preset": 100, "g": 240, "p": 200, "d": 330, "e": 100}
     status = [line.split("\t")[:2] for line in (out / "status.tsv").read_text().splitlines()]
-    assert sorted(status) == sorted([[p, "PASS"] for p in ("env", "a", "b", "preset", "g", "d", "e")])
+    assert sorted(status) == sorted([[p, "PASS"] for p in ("env", "a", "b", "preset", "g", "p", "d", "e")])
     assert (out / "performance.md").exists()
 
 
@@ -109,7 +110,8 @@ def test_outputs_come_back_as_few_files_with_every_log_in_the_archive(tmp_path):
     assert back == ["gpu_check.tgz", "graphs.json", "performance.md", "status.tsv", "summary.txt"], back
     with tarfile.open(out / "gpu_check.tgz") as tar:
         names = {Path(n).name for n in tar.getnames()}
-    assert {f"{p}.log" for p in ("env", "a", "b", "preset", "g", "d", "e")} | {"status.tsv", "summary.txt"} <= names
+    logs = {f"{p}.log" for p in ("env", "a", "b", "preset", "g", "p", "d", "e")}
+    assert logs | {"status.tsv", "summary.txt"} <= names
     assert (out / "summary.txt").read_text() in output
     assert "  g| (d) engine, workload A (stub)" in output  # the headline printed as soon as g ends
 
@@ -151,6 +153,7 @@ def test_an_exhausted_budget_still_runs_the_acceptance_parts_at_their_floors(tmp
     assert "--peer-timeout 30" in _part(calls, "--peers hf-continuous")
     status = dict(line.split("\t")[:2] for line in (out / "status.tsv").read_text().splitlines())
     assert status["a"] == status["b"] == status["preset"] == "SKIPPED"
+    assert status["p"] == "SKIPPED"  # not an acceptance part: no floor past the budget
     assert status["g"] == status["d"] == status["e"] == "PASS"
 
 
@@ -163,17 +166,17 @@ def test_a_failing_part_fails_the_check_and_the_rest_still_run(tmp_path):
 
 
 def test_no_workload_a_from_the_engine_skips_the_peers(tmp_path):
-    """Fail fast: when part g measured no workload A (the engine did not start, say), transformers' runs have
-    nothing to stand beside and would spend some four minutes of a 15-minute device lease; they are skipped and
+    """Fail fast: when part g measured no workload A (the engine did not start, say), a second engine (part p)
+    would fail alike and transformers' runs have nothing to stand beside and would spend some four minutes of a 15-minute device lease; they are skipped and
     the check fails. GPU_CHECK_KEEP_GOING=1 runs them anyway."""
     for graphs in ('{"workload_A": {"error": "RuntimeError: no"}}', ""):
         (tmp_path / "x").mkdir()
         rc, output, calls, out = _run(tmp_path / "x", budget=300, g_rc=1, graphs=graphs)
         assert rc == 1, output
-        assert not any("--peers" in c for c in calls), calls
+        assert not any("--peers" in c or "gpu_check.py second" in c for c in calls), calls
         status = dict(line.split("\t")[:2] for line in (out / "status.tsv").read_text().splitlines())
-        assert status["g"] == "FAIL" and status["d"] == status["e"] == "SKIPPED", status
-        assert "d and e skipped" in output
+        assert status["g"] == "FAIL" and status["p"] == status["d"] == status["e"] == "SKIPPED", status
+        assert "p, d and e skipped" in output
         import shutil
 
         shutil.rmtree(tmp_path / "x")
