@@ -241,12 +241,19 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
         while servicer.num_calls and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if servicer.num_calls:
-            servicer.shutdown_error = (f"UNAVAILABLE: the service stopped: its drain's grace period "
-                                       f"({config.grace_s:g}s) ended before the request did")
+            reason = f"the service stopped: its drain's grace period ({config.grace_s:g}s) ended before the request did"
+            servicer.shutdown_error = f"UNAVAILABLE: {reason}"
             log.warning("drain: cutting %d calls at the end of the grace period", servicer.num_calls)
-        await server.stop(max(0.5, deadline - time.monotonic()))
-        # The cut calls' handlers unwind on later turns of the event loop: let them queue their aborts (and so
-        # their request lines) before the engine loop stops.
+            # Each live request ends with the reason as its status; let the calls send it before the stop.
+            if servicer.cut_all(reason):
+                unwind = time.monotonic() + 1.0
+                while servicer.num_calls and time.monotonic() < unwind:
+                    await asyncio.sleep(0.02)
+        # What is still open now is no generation call the drain waits for (a health Watch, say, or a call whose
+        # client stopped reading): a moment to end, not the rest of the grace period.
+        await server.stop(min(1.0, max(0.5, deadline - time.monotonic())))
+        # The cancelled calls' handlers unwind on later turns of the event loop: let them queue their aborts (and
+        # so their request lines) before the engine loop stops.
         unwind = time.monotonic() + 1.0
         while servicer.num_calls and time.monotonic() < unwind:
             await asyncio.sleep(0.02)

@@ -76,6 +76,18 @@ class EngineServicer(pb_grpc.EngineServicer):
         for stream in self._streams:
             stream.wake.set()
 
+    def cut_all(self, message: str) -> int:
+        """The drain's grace period ended: fail every live request with UNAVAILABLE and `message` (each aborted
+        in the engine), so that its call sends that status instead of being cancelled by the server's stop.
+        Returns how many requests were cut."""
+        cut = 0
+        for stream in self._streams:
+            for client_id in list(stream.live):
+                stream.fail(client_id, grpc.StatusCode.UNAVAILABLE, message, abort=True)
+                cut += 1
+            stream.wake.set()
+        return cut
+
     # ---- admission ----------------------------------------------------------------------------------------
 
     def _unavailable(self) -> str | None:

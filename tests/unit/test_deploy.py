@@ -316,6 +316,10 @@ def test_tokenizer_agrees_with_its_parser_and_reaches_the_engines(rendered):
         assert p["startupProbe"]["grpc"]["service"] == p["livenessProbe"]["grpc"]["service"] == LIVENESS
         assert p["readinessProbe"]["grpc"]["service"] == cfg.service_name
         assert pod["terminationGracePeriodSeconds"] > cfg.grace_s + prestop_sleep(c)
+        # A tokenizer pod removed by its autoscaler cuts each stream it holds when its drain ends, and a cut stream
+        # cannot resume: its drain lets a stream run at least as long as an engine's would.
+        assert cfg.grace_s >= engine.grace_s, \
+            f"{overlay}: the tokenizer drains {cfg.grace_s}s, shorter than the engine's {engine.grace_s}s"
         assert_volumes(pod, c, overlay, model=cfg.model, writable=["/tmp"])
         # Same model on both sides (the tokenizer refuses engines whose vocabulary or EOS ids differ).
         assert cfg.model == engine.model, f"{overlay}: tokenizer model {cfg.model} != engine model {engine.model}"

@@ -158,9 +158,10 @@ def test_a_retired_engine_ending_its_stream_is_not_reconnected(caplog):
         try:
             handle = await retire_with_a_request_in_flight(pool, answers)
             running.loop.call_soon_threadsafe(running.stop_event.set)
-            with pytest.raises(RequestFailed):
-                async for _ in handle:
-                    pass
+            updates = [update async for update in handle]  # the drain's end fails it in-band, with the reason
+            assert updates[-1].finish_reason == pb.FINISH_REASON_ERROR, updates[-1]
+            assert updates[-1].status.code == grpc.StatusCode.UNAVAILABLE.value[0]
+            assert "grace period" in updates[-1].status.message
             await wait_for(lambda: handle.conn.finished, timeout_s=3.0)
             await asyncio.sleep(0.2)  # a reconnect would have been counted by now
             return metrics.count, handle.conn.finished

@@ -209,21 +209,44 @@ def test_default_rpc_limits_leave_room_for_the_services_own_refusals():
 
 def test_requests_cut_at_the_drain_deadline_are_errors_not_aborts(caplog):
     """What the drain's grace period leaves, the service ends itself: counted and logged as errors with the
-    reason, not as aborts (which say the client asked)."""
+    reason, not as aborts (which say the client asked). Callers get UNAVAILABLE with that reason, on both RPCs,
+    not grpc's 'Cancelling all calls' from the server's stop."""
     running = Running(FakeEngine(max_model_len=1_000_000, step_s=0.01), grace_s=0.3)
     with caplog.at_level(logging.INFO, logger=REQUEST_LOGGER), EngineClient(running.target, timeout=20) as client:
         wait_serving(client)
         stream = client.generate([1, 2], "cut-me", trace_id="cut-me", max_tokens=100_000, ignore_eos=True)
         next(stream)
+        frames = client.stub.Generate(iter([pb.ClientFrame(requests=[new("bidi", [1, 2], max_tokens=100_000,
+                                                                          ignore_eos=True)])]), timeout=20)
+        next(frames)
         assert running.stop() == 0
-        with pytest.raises(grpc.RpcError):
+        with pytest.raises(grpc.RpcError) as cut:
             for _ in stream:
                 pass
+        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE and "grace period (0.3s)" in cut.value.details()
+        ends = [u for frame in frames for u in frame.updates if u.finish_reason]
+    assert [(u.request_id, u.finish_reason, u.status.code) for u in ends] == [
+        ("bidi", pb.FINISH_REASON_ERROR, grpc.StatusCode.UNAVAILABLE.value[0])]
+    assert "grace period (0.3s)" in ends[0].status.message
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and not _lines(caplog, "cut-me"):
         time.sleep(0.05)
     (line,) = _lines(caplog, "cut-me")
     assert line["finish_reason"] == FINISH_ERROR and "grace period" in line["error"], line
+
+
+def test_an_open_health_watch_does_not_hold_an_idle_engine_past_its_drain():
+    """A drain with no generation call open ends at once: a client watching health on the main port (gRPC
+    client-side health checking, a mesh) held the exit for the whole grace period (21.5 s of 20)."""
+    running = Running(FakeEngine(max_model_len=1_000_000), grace_s=20)
+    with EngineClient(running.target, timeout=20) as client:
+        wait_serving(client)
+        watch = health_pb2_grpc.HealthStub(client._channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        start = time.monotonic()
+        assert running.stop() == 0
+        took = time.monotonic() - start
+    assert took < 5, f"the engine took {took:.1f}s to stop with only a health Watch open"
 
 
 def _lines(caplog, trace_id: str) -> list[dict]:
