@@ -203,6 +203,7 @@ def time_decode(dev: torch.device, rng: torch.Generator) -> None:
           f"{picked}; " + ", ".join(f"{t}: {'failed' if us is None else f'{us:.1f} us'}" for t, us in timings.items()))
     del b
     time_launch_order(dev, rng)
+    time_split_counts(dev, rng)
 
 
 def time_launch_order(dev: torch.device, rng: torch.Generator, step: int = 212) -> None:
@@ -231,6 +232,46 @@ def time_launch_order(dev: torch.device, rng: torch.Generator, step: int = 212) 
             continue
         print(f"{','.join(map(str, tile)):>16s} {plain:7.1f} us {kv_bytes / plain / 1e3:5.0f} GB/s "
               f"{ordered:7.1f} us {kv_bytes / ordered / 1e3:5.0f} GB/s {100 * (plain / ordered - 1):5.1f}%")
+
+
+def time_split_counts(dev: torch.device, rng: torch.Generator, running=(8, 16, 32, 48, 64, 96, 160, 240),
+                      splits=(1, 2, 3, 4, 5, 6, 8)) -> None:
+    """Decode attention at each KV split count on batches of workload A's own decode steps (the first step with
+    at most `running` requests still running: long contexts at small batches), launched longest first with the
+    picked tile, as the engine's graphs run them. default_num_kv_splits aims at about two programs an SM; the
+    2026-11-30 by-batch profile read about 3.5 TB/s of decode attention at 17-64 running (one split from 48 on)
+    against 3.9-4.1 above 64, which this table is to explain."""
+    from engine_service import bench
+    from scripts.workload_a_model import live_contexts
+
+    nh, nkv, hd = _QWEN
+    workload = bench.make_workload(bench.WORKLOAD_A)
+    print("\nsplit counts: workload A's decode steps at these batch sizes, block 16, longest first, us (GB/s); "
+          "* the default, + the fastest")
+    print(f"{'running':>7s} {'step':>5s} {'keys':>6s} " + " ".join(f"{f'splits {n}':>16s}" for n in splits))
+    for want in running:
+        step = next(k for k in range(1, max(workload.max_tokens)) if len(live_contexts(workload, k)) <= want)
+        lens = live_contexts(workload, step)
+        b = make_paged_batch([1] * len(lens), lens, nh, nkv, hd, 16, dtype=torch.bfloat16, device=dev, generator=rng)
+        args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, hd ** -0.5, 1)
+        out, order = torch.empty_like(b.q), _order(lens, dev)
+        kv_bytes = sum(lens) * nkv * hd * 2 * b.k_cache.element_size()
+        default = tk.default_num_kv_splits(len(lens), nkv, 1, dev)
+        timings = {}
+        for n in sorted({*splits, default}):
+            try:
+                def call(n=n):
+                    tk.paged_attention(*args, out=out, num_kv_splits=n, seq_order=order)  # noqa: B023
+
+                timings[n] = _time(call)
+            except Exception as exc:
+                print(f"  {len(lens)} running, {n} splits: failed: {type(exc).__name__}: {exc}")
+        best = min(timings, key=timings.get) if timings else None
+        cells = [f"{timings[n]:6.1f} ({kv_bytes / timings[n] / 1e3:4.0f}){'*' if n == default else ' '}"
+                 f"{'+' if n == best else ' '}" if n in timings else f"{'-':>16s}" for n in sorted(timings)]
+        print(f"{len(lens):7d} {step:5d} {sum(lens) // len(lens):6d} " + " ".join(cells)
+              + ("" if default in splits else f"   (default {default})"))
+        del b
 
 
 def check_and_time_sampling(dev: torch.device, rng: torch.Generator, timing: bool) -> bool:

@@ -564,3 +564,37 @@ def test_gpu_check_second_engine_pins_g_tiles_and_fails_without_its_figures(tmp_
     assert f"pinned to g's: {tk.PREFILL_TILE_ENV}, {tk.DECODE_TILE_ENV}; other decode GEMM picks" in res["pdl"]
     assert res["wide"] == ("workload A 26,000 tok/s at 16,384 tokens a step, 25,800 at the default "
                            "(PDL on in both)")
+
+
+def test_gpu_kernel_check_split_table_uses_workload_a_steps_at_each_batch_size(monkeypatch, capsys):
+    """Part b's split-count table: for each batch size, the first decode step of workload A with at most that
+    many requests running (their real context lengths), every split count timed longest first, the default and
+    the fastest marked. Run here with the kernel and timer stood in (the real ones need CUDA)."""
+    import re
+
+    from engine_service import bench
+    from engine_service.attention import triton_kernels as tk
+    from scripts.workload_a_model import live_contexts
+
+    monkeypatch.delenv("TRITON_INTERPRET")  # the script refuses the interpreter; nothing here compiles
+    from scripts import gpu_kernel_check as gkc
+
+    calls = []
+    monkeypatch.setattr(tk, "paged_attention", lambda *a, num_kv_splits, seq_order, out: calls.append(
+        (int(a[4].numel()), num_kv_splits, seq_order.tolist())))
+    monkeypatch.setattr(tk, "default_num_kv_splits", lambda seqs, kv_heads, q, dev: 2 if seqs < 40 else 1)
+    monkeypatch.setattr(gkc, "_time", lambda fn: (fn(), 100.0 + abs(calls[-1][1] - 3))[1])  # 3 splits fastest
+    gkc.time_split_counts(torch.device("cpu"), torch.Generator().manual_seed(0), running=(16, 64), splits=(1, 3))
+    rows = capsys.readouterr().out.splitlines()[-2:]
+    workload = bench.make_workload(bench.WORKLOAD_A)
+    for want, row in zip((16, 64), rows, strict=True):
+        running, step, keys = map(int, row.split()[:3])
+        lens = live_contexts(workload, step)
+        assert running == len(lens) <= want < len(live_contexts(workload, step - 1)), (want, step)
+        assert keys == sum(lens) // len(lens)
+        timed = sorted({1, 3, 2 if running < 40 else 1})
+        assert [(n, order) for seqs, n, order in calls if seqs == running] == [
+            (n, gkc.longest_first(lens)) for n in timed]
+        cells = re.findall(r"[\d.]+ \( *\d+\)(.)(.)", row)
+        assert [c[0] == "*" for c in cells] == [n == (2 if running < 40 else 1) for n in timed]
+        assert [c[1] == "+" for c in cells] == [n == 3 for n in timed]
