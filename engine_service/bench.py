@@ -277,6 +277,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["fused_ops"] = args.fused_ops == "on"
     kwargs["triton_gemm"] = args.triton_gemm == "on"
     kwargs["pdl"] = args.pdl == "on"
+    kwargs["two_batch_overlap"] = args.two_batch_overlap == "on"
     return kwargs
 
 
@@ -503,6 +504,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     engine.add_argument(
         "--pdl", choices=["on", "off"], default="off",
         help="launch the engine's Triton kernels with programmatic dependent launch (CUDA, Hopper and later)",
+    )
+    engine.add_argument(
+        "--two-batch-overlap", choices=["on", "off"], default="off",
+        help="run CUDA-graph decode batches of 32+ as two halves on two streams, one's GEMMs beside the other's "
+             "attention",
     )
     args = p.parse_args(argv)
     # Recorded in the report: a figure counts only with the command that reproduces it.

@@ -54,6 +54,12 @@ class EngineConfig:
     # before the kernel ahead of it ends, and waits for it on the device. CUDA of compute capability 9.0+ only;
     # off by default until measured.
     pdl: bool = False
+    # Two-batch overlap for CUDA-graph decode steps (engine_service/cuda_graphs.py): captured batches of at least
+    # 32 sequences run as two halves, each's GEMMs and elementwise kernels on a high-priority stream while the
+    # other's attention runs, so the latency-bound GEMMs hide under the bandwidth-bound attention. Only where
+    # decode graphs are captured (CUDA, the triton backend, one rank, not enforce_eager); off by default until
+    # measured.
+    two_batch_overlap: bool = False
     seed: int = 0  # seeds unseeded sampling, so a run is repeatable
 
     def __post_init__(self) -> None:
@@ -94,7 +100,7 @@ class EngineConfig:
             )
         if self.fused_ops is not None and not isinstance(self.fused_ops, bool):
             raise ValueError(f"fused_ops must be True, False or None (auto), got {self.fused_ops!r}")
-        for name in ("enforce_eager", "enable_prefix_caching", "triton_gemm", "pdl"):
+        for name in ("enforce_eager", "enable_prefix_caching", "triton_gemm", "pdl", "two_batch_overlap"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("gpu_memory_utilization", "cpu_kvcache_gib"):

@@ -40,9 +40,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine_service.attention.base import AttentionMetadata, longest_first
+from engine_service.attention.base import AttentionBackend, AttentionMetadata, longest_first
 from engine_service.host_copy import on_device
 from engine_service.model.decoder import kv_heads_per_rank
+from engine_service.model.layers import gemm_picks_off
 
 if TYPE_CHECKING:
     from engine_service.model_runner import ModelRunner, StepInputs
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 # GEMMs at these batch sizes are bound by reading the weights, not by the rows.
 SMALL_CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32)
 CAPTURE_STEP = 16
+# Two-batch overlap (EngineConfig.two_batch_overlap): captured sizes from this one on run as two halves.
+TWO_BATCH_MIN_SIZE = 32
 
 # The self-check reads and writes the KV cache only in blocks [0, SELF_CHECK_BLOCKS) (at least one per
 # lane of the largest graph), with contexts of up to SELF_CHECK_MAX_CONTEXT tokens: long enough to use
@@ -87,6 +90,7 @@ def pack_decode_inputs(
     ctx_lens: list[int],
     tables: list[list[int]],
     size: int,
+    half: int | None = None,
 ) -> tuple[list[int], int]:
     """One flat int list for one host->device copy of a decode step padded to `size` lanes.
 
@@ -95,15 +99,39 @@ def pack_decode_inputs(
     then the padding lanes; then the n real block tables, each padded to w = the longest table (w >= 1),
     row after row. Returns (flat, w). Padding lanes' table rows are not sent: with context 0 no kernel
     reads them.
+
+    With `half` (a size captured as two halves, lanes [0, half) and [half, size)): rows [0, a), a = ceil(n / 2),
+    go to the first half's lanes and rows [a, n) to the second's, each half padded after its real lanes; the
+    order is each half's, in lanes of that half ([0, half) and [0, size - half)); then [row lanes], the lane of
+    each row (the real rows, then the padding lanes), by which the graph puts its output back in row order;
+    then all `size` lanes' tables, padding lanes' zero.
     """
     n = len(ids)
-    pad = size - n
     width = max(1, max(map(len, tables)))
-    zeros = [0] * max(pad, width)
-    flat = ids + zeros[:pad] + positions + zeros[:pad] + slots + [-1] * pad + ctx_lens + zeros[:pad]
-    flat += longest_first(ctx_lens)
-    flat += range(n, size)
-    for t in tables:
+    if half is None:
+        pad = size - n
+        zeros = [0] * max(pad, width)
+        flat = ids + zeros[:pad] + positions + zeros[:pad] + slots + [-1] * pad + ctx_lens + zeros[:pad]
+        flat += longest_first(ctx_lens)
+        flat += range(n, size)
+        rows = tables
+    else:
+        a = -(-n // 2)
+        b = n - a
+        if a > half or b > size - half:
+            raise ValueError(f"{n} rows do not fit halves of {half} and {size - half} lanes")
+
+        def lanes(values: list[int], fill: int) -> list[int]:
+            return values[:a] + [fill] * (half - a) + values[a:] + [fill] * (size - half - b)
+
+        flat = lanes(ids, 0) + lanes(positions, 0) + lanes(slots, -1) + lanes(ctx_lens, 0)
+        flat += longest_first(ctx_lens[:a]) + list(range(a, half))
+        flat += longest_first(ctx_lens[a:]) + list(range(b, size - half))
+        flat += [*range(a), *range(half, half + b), *range(a, half), *range(half + b, size)]
+        empty: list[int] = []
+        rows = tables[:a] + [empty] * (half - a) + tables[a:] + [empty] * (size - half - b)
+    zeros = [0] * width
+    for t in rows:
         flat += t
         flat += zeros[: width - len(t)]
     return flat, width
@@ -136,6 +164,27 @@ class _EagerReplay:
         self.owner.hidden[: self.size].copy_(self.owner.forward(self.size))
 
 
+class _AttentionOn(AttentionBackend):
+    """A backend whose attention runs on `stream` (two-batch overlap): it waits there for what the calling
+    stream has issued (q, and K/V stored), and the calling stream waits for it before the output is used."""
+
+    def __init__(self, inner: AttentionBackend, stream: torch.cuda.Stream):
+        self.inner, self.stream = inner, stream
+        self.name, self.takes_stored_kv = inner.name, inner.takes_stored_kv
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+        caller = torch.cuda.current_stream(q.device)
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            out = self.inner.forward(q, k, v, k_cache, v_cache, meta, scale)
+        caller.wait_stream(self.stream)
+        # q (and k, v) were made on the caller's stream, which has now waited for their use here: when freed, their
+        # memory is reused after it. The output is made here and used there: the allocator must not hand it to a
+        # later attention (the other half's) before the caller's o projection has read it.
+        out.record_stream(caller)
+        return out
+
+
 class DecodeGraphRunner:
     """Captured decode forwards for a ladder of batch sizes, over static input and output buffers.
 
@@ -143,7 +192,10 @@ class DecodeGraphRunner:
     so the padding and buffer logic can be tested on CPU.
     """
 
-    def __init__(self, runner: ModelRunner, sizes: list[int], use_cuda_graphs: bool = True):
+    def __init__(self, runner: ModelRunner, sizes: list[int], use_cuda_graphs: bool = True,
+                 two_batch_overlap: bool | None = None, halved_from: int = TWO_BATCH_MIN_SIZE):
+        """two_batch_overlap: None takes the engine's setting (EngineConfig.two_batch_overlap); with it, sizes from
+        halved_from on run as two halves."""
         self.model, self.backend, self.kv_caches = runner.model, runner.backend, runner.kv_caches
         self.device = runner.device
         self.block_size = runner.block_size
@@ -161,10 +213,22 @@ class DecodeGraphRunner:
         self.seq_order = torch.arange(max_bs, dtype=torch.int32, device=dev)  # [max_bs]: a permutation of lanes
         self.block_tables = torch.zeros(max_bs, self.width, dtype=torch.int32, device=dev)  # [max_bs, W]
         self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)  # never changes
+        # Two-batch overlap: the sizes run as two halves (size -> the first half's lanes), and for each the lane
+        # of every output row (pack_decode_inputs), by which the graph puts the halves' rows back in row order.
+        if two_batch_overlap is None:
+            two_batch_overlap = runner.config.two_batch_overlap
+        self.halves = {s: -(-s // 2) for s in self.sizes if two_batch_overlap and s >= max(2, halved_from)}
+        self.row_lanes = torch.arange(max_bs, dtype=torch.long, device=dev)  # [max_bs]
+        # Each half's kernels on a stream of its own, above the default priority: its GEMMs and elementwise
+        # kernels get SMs ahead of the other half's attention, which runs on the forward's current stream
+        # (the capture stream), so that the two overlap instead of queueing behind each other.
+        self.streams = None
+        if self.halves and dev.type == "cuda":
+            self.streams = tuple(torch.cuda.Stream(dev, priority=-1) for _ in range(2))
         hidden_size = runner.model_cfg.hidden_size
         self.hidden = torch.zeros(max_bs, hidden_size, dtype=runner.dtype, device=dev)  # graph output
         # Staging for pack_decode_inputs: pinned on CUDA, so the copy is a true asynchronous DMA.
-        cap = 5 * max_bs + max_bs * self.width
+        cap = 6 * max_bs + max_bs * self.width
         # Two host buffers, used in turn: with overlap scheduling the host fills one for the next step while
         # the device may still be copying the other. Each has an event recorded after its copy; a buffer is
         # refilled only once its event has passed (so far it always has: the step two launches back has been
@@ -181,7 +245,11 @@ class DecodeGraphRunner:
             from engine_service.attention.triton_kernels import default_num_kv_splits
 
             kv_heads = kv_heads_per_rank(runner.model_cfg, runner.tp)
-            self.num_kv_splits = {s: default_num_kv_splits(s, kv_heads, 1, dev) for s in self.sizes}
+            # Each half's own count too, by its lanes.
+            counts = {*self.sizes, *self.halves.values(), *(s - h for s, h in self.halves.items())}
+            self.num_kv_splits = {s: default_num_kv_splits(s, kv_heads, 1, dev) for s in sorted(counts)}
+        else:
+            self.num_kv_splits.update({n: 1 for s, h in self.halves.items() for n in (h, s - h)})
         self.graphs: dict[int, torch.cuda.CUDAGraph | _EagerReplay] = {}
         self.pool = None
         self.capture_seconds = 0.0
@@ -189,33 +257,61 @@ class DecodeGraphRunner:
         self.num_replays = 0  # steps served by a graph, for tests and profiling
 
     # ---- the forward a graph holds -----------------------------------------------------------------
-    def metadata(self, size: int) -> AttentionMetadata:
-        """Attention metadata over the first `size` lanes of the static buffers.
+    def metadata(self, size: int, lo: int = 0) -> AttentionMetadata:
+        """Attention metadata over lanes [lo, size) of the static buffers.
 
         The host lists are placeholders fixed per size (the triton backend plans from shapes only);
         max_context_len is the bound every lane stays under.
         """
+        n = size - lo
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:size],
-            cu_seqlens_q=self.cu_seqlens_q[: size + 1],
-            context_lens=self.context_lens[:size],
-            block_tables=self.block_tables[:size],
-            num_decode_seqs=size,
+            slot_mapping=self.slot_mapping[lo:size],
+            cu_seqlens_q=self.cu_seqlens_q[: n + 1],
+            context_lens=self.context_lens[lo:size],
+            block_tables=self.block_tables[lo:size],
+            num_decode_seqs=n,
             max_seqlen_q=1,
             max_context_len=self.max_model_len,
             block_size=self.block_size,
             has_padding=True,
-            seq_order=self.seq_order[:size],
-            q_lens=[1] * size,
-            ctx_lens=[self.max_model_len] * size,
-            cache={"num_kv_splits": self.num_kv_splits[size]},
+            seq_order=self.seq_order[lo:size],
+            q_lens=[1] * n,
+            ctx_lens=[self.max_model_len] * n,
+            cache={"num_kv_splits": self.num_kv_splits[n]},
         )
 
     def forward(self, size: int) -> torch.Tensor:
-        """The model over the first `size` lanes of the static inputs: [size, hidden] (eager)."""
-        return self.model(
-            self.input_ids[:size], self.positions[:size], self.kv_caches, self.metadata(size), self.backend
-        )
+        """The model over the first `size` lanes of the static inputs: [size, hidden] in row order (eager)."""
+        half = self.halves.get(size)
+        if half is None:
+            return self.model(
+                self.input_ids[:size], self.positions[:size], self.kv_caches, self.metadata(size), self.backend
+            )
+        return self._forward_halves(size, half)
+
+    def _forward_halves(self, size: int, half: int) -> torch.Tensor:
+        """Two-batch overlap: lanes [0, half) and [half, size) through the model as two batches, layer by layer
+        in turn. On CUDA each half's kernels go on its own high-priority stream and both halves' attention on the
+        current stream, so one half's GEMMs run while the other's attention does (they wait on each other only
+        where data flows); on CPU all run in order on one stream, with the same results."""
+        spans = ((0, half), (half, size))
+        metas = [self.metadata(hi, lo) for lo, hi in spans]
+        if self.streams is None:
+            backends, streams = (self.backend, self.backend), None
+        else:
+            main = torch.cuda.current_stream(self.device)
+            for stream in self.streams:
+                stream.wait_stream(main)  # the static inputs are written (and, capturing, the fork)
+            backends, streams = (_AttentionOn(self.backend, main), _AttentionOn(self.backend, main)), self.streams
+        halves = [(self.input_ids[lo:hi], self.positions[lo:hi], meta, backend)
+                  for (lo, hi), meta, backend in zip(spans, metas, backends, strict=True)]
+        with gemm_picks_off():  # our split-K GEMMs share one workspace: two at once would race
+            out = self.model.forward_halves(halves, self.kv_caches, streams)
+        if streams is not None:
+            for stream, hidden in zip(streams, out, strict=True):
+                main.wait_stream(stream)  # the join
+                hidden.record_stream(main)
+        return torch.cat(out).index_select(0, self.row_lanes[:size])
 
     @torch.inference_mode()
     def capture(self) -> float:
@@ -232,6 +328,10 @@ class DecodeGraphRunner:
                 reserved_before = torch.cuda.memory_reserved(self.device)
                 self.pool = torch.cuda.graph_pool_handle()
             for size in reversed(self.sizes):
+                # The launch order, in each half's own lanes where the size has halves (a replay loads its own).
+                half = self.halves.get(size, size)
+                self.seq_order[:half].copy_(torch.arange(half))
+                self.seq_order[half:size].copy_(torch.arange(size - half))
                 # Eager warm-up: Triton compiles and loads this size's kernels (its split count, its
                 # specialisations) here, since nothing may compile or allocate outside the pool in a capture.
                 self.forward(size)
@@ -267,15 +367,16 @@ class DecodeGraphRunner:
         n = len(x.q_lens)
         size = pick_size(self.sizes, n)
         self._load(x.ids, x.positions, x.slots, x.ctx_lens, x.tables, size)
-        if gather_from is not None:
-            self.input_ids[:n].copy_(gather_from[self.input_ids[:n]])
+        if gather_from is not None:  # padding lanes (anywhere, with halves) hold row 0: any token will do there
+            self.input_ids[:size].copy_(gather_from[self.input_ids[:size]])
         self.graphs[size].replay()
         self.num_replays += 1
         return self.hidden[:n]
 
     def _load(self, ids, positions, slots, ctx_lens, tables, size: int) -> None:
         """Copy one step's inputs, padded to `size` lanes, into the static buffers (one host->device copy)."""
-        flat, width = pack_decode_inputs(ids, positions, slots, ctx_lens, tables, size)
+        half = self.halves.get(size)
+        flat, width = pack_decode_inputs(ids, positions, slots, ctx_lens, tables, size, half)
         n, total = len(ids), len(flat)
         i, self._turn = self._turn, self._turn ^ 1
         if self._copied is not None and not self._copied[i].query():
@@ -291,8 +392,12 @@ class DecodeGraphRunner:
         self.slot_mapping[:s].copy_(buf[2 * s : 3 * s])
         self.context_lens[:s].copy_(buf[3 * s : 4 * s])
         self.seq_order[:s].copy_(buf[4 * s : 5 * s])
+        rows, at = n, 5 * s
+        if half is not None:  # the row lanes, and every lane's table
+            self.row_lanes[:s].copy_(buf[5 * s : 6 * s])
+            rows, at = s, 6 * s
         # Entries past a table's end stay stale: a kernel reads only ceil(context / block_size) of them.
-        self.block_tables[:n, :width].copy_(buf[5 * s :].view(n, width))
+        self.block_tables[:rows, :width].copy_(buf[at:].view(rows, width))
 
     # ---- the self-check ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -325,11 +430,16 @@ class DecodeGraphRunner:
                 padding = max(1, size // 4) if size > 1 else 0
                 real = min(pool, size - padding)
                 last_blocks = rng.sample(range(pool), real)
+                # The blocks before a lane's last are read-only, as in serving (a block being written is no other
+                # sequence's): read while another lane writes it, the result would depend on which of the two a
+                # step computes first, and two halves of a batch (two-batch overlap) compute in turn.
+                written = set(last_blocks)
+                readable = [b for b in range(pool) if b not in written] or list(range(pool))
                 ids, positions, slots, ctx_lens, tables = [], [], [], [], []
                 for lane in range(real):
                     ctx = rng.randint(1, max_ctx)
                     nblk = -(-ctx // self.block_size)
-                    table = [rng.randrange(pool) for _ in range(nblk - 1)] + [last_blocks[lane]]
+                    table = [rng.choice(readable) for _ in range(nblk - 1)] + [last_blocks[lane]]
                     pos = ctx - 1
                     ids.append(rng.randrange(vocab))
                     positions.append(pos)
@@ -361,9 +471,9 @@ class DecodeGraphRunner:
         return results
 
 
-def build_decode_graphs(runner: ModelRunner) -> DecodeGraphRunner | None:
+def build_decode_graphs(runner: ModelRunner, two_batch_overlap: bool | None = None) -> DecodeGraphRunner | None:
     """Capture and self-check decode graphs for a CUDA model runner; None (eager decode) when they
-    cannot be used, with the reason logged."""
+    cannot be used, with the reason logged. two_batch_overlap: None takes the engine's setting."""
     if runner.backend_name != "triton":
         log.info(
             "CUDA graphs off: the %s attention backend is not capturable (only triton is)", runner.backend_name
@@ -372,7 +482,8 @@ def build_decode_graphs(runner: ModelRunner) -> DecodeGraphRunner | None:
     if runner.tp.size > 1:
         log.info("CUDA graphs off: tensor_parallel_size > 1 runs eagerly")
         return None
-    graphs = DecodeGraphRunner(runner, capture_sizes(runner.config.max_num_seqs))
+    graphs = DecodeGraphRunner(runner, capture_sizes(runner.config.max_num_seqs),
+                               two_batch_overlap=two_batch_overlap)
     try:
         seconds = graphs.capture()
         results = graphs.self_check()
@@ -393,10 +504,11 @@ def build_decode_graphs(runner: ModelRunner) -> DecodeGraphRunner | None:
         return None
     log.info(
         "captured %d CUDA graphs for decode batch sizes %s in %.1f s (%.0f MiB of device memory); replay == "
-        "eager bitwise for each",
+        "eager bitwise for each%s",
         len(graphs.sizes),
         graphs.sizes,
         seconds,
         graphs.capture_bytes / 2**20,
+        f"; sizes from {min(graphs.halves)} on run as two halves (two-batch overlap)" if graphs.halves else "",
     )
     return graphs

@@ -42,6 +42,8 @@ class ServerConfig:
     triton_gemm: bool = True
     # Launch the engine's Triton kernels with programmatic dependent launch (CUDA, compute capability 9.0+).
     pdl: bool = False
+    # Run CUDA-graph decode batches of 32+ as two halves on two streams, one's GEMMs beside the other's attention.
+    two_batch_overlap: bool = False
     kvcache_block_size: int = 16
     num_kvcache_blocks: int = 0  # 0: sized by the engine, from the two settings below
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # GPU: share of its memory the engine fills
@@ -148,7 +150,7 @@ class ServerConfig:
             gpu_memory_utilization=self.gpu_memory_utilization, cpu_kvcache_gib=self.cpu_kvcache_gib,
             enable_prefix_caching=self.enable_prefix_caching, seed=self.seed,
             overlap_scheduling=self.auto_flag("overlap_scheduling"), fused_ops=self.auto_flag("fused_ops"),
-            triton_gemm=self.triton_gemm, pdl=self.pdl,
+            triton_gemm=self.triton_gemm, pdl=self.pdl, two_batch_overlap=self.two_batch_overlap,
         )
 
     def rope_scaling_dict(self) -> dict | None:

@@ -17,6 +17,7 @@ what was measured.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -379,14 +380,53 @@ def cmd_second(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
             report["wide_budget"] = {"error": f"{type(e).__name__}: {e}"}
         save()
         print(f"workload A at {WIDE_BUDGET:,} tokens a step: {report['wide_budget']}")
+        # Last, two-batch overlap (cuda_graphs.py, off by default): the same engine's decode graphs captured again
+        # with it, workload A (salted apart) at the wide budget and decode ITL, beside the figures above.
+        report["two_batch_overlap"] = _two_batch_overlap(on, replace(plan, batches=[
+            (bench.salted(prompts, 17, on.model_cfg.vocab_size), max_tokens)]), itl_batches, itl_args, cpu_dry_run)
+        save()
+        print(f"two-batch overlap: {report['two_batch_overlap']}")
     return 0 if _second_ok(report) else 1
 
 
+def _two_batch_overlap(llm, plan, itl_batches, itl_args, cpu_dry_run: bool) -> dict:
+    """Part p's last figures: the engine's decode graphs captured again with two-batch overlap (on the CPU dry run
+    the stand-in replay, with every size from 2 on in halves), then workload A and decode ITL."""
+    import torch
+
+    from engine_service import bench, cuda_graphs
+    from scripts import step_profile
+
+    runner = llm.runner
+    try:
+        runner.graphs = None  # the plain graphs' pool goes before the new capture
+        gc.collect()
+        if cpu_dry_run:
+            graphs = cuda_graphs.DecodeGraphRunner(runner, cuda_graphs.capture_sizes(llm.config.max_num_seqs),
+                                                   use_cuda_graphs=False, two_batch_overlap=True, halved_from=2)
+            graphs.capture()
+            graphs = graphs if all(r.ok for r in graphs.self_check()) else None
+        else:
+            torch.cuda.empty_cache()
+            graphs = cuda_graphs.build_decode_graphs(runner, two_batch_overlap=True)
+        if graphs is None:
+            return {"error": "the graphs with two-batch overlap failed their capture or self-check (see the log)",
+                    "graphs_on": False}
+        runner.graphs = graphs
+        result = bench.time_engine(llm, plan, bench.Result())
+        return {"graphs_on": True, "halves": sorted(graphs.halves), "workload_A": result.to_json(),
+                "itl": {b: step_profile.decode_latency(llm, b, **itl_args)["itl_ms"] for b in itl_batches}}
+    except Exception as e:
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def _second_ok(report: dict) -> bool:
-    """Part p's figures all there: PDL's (where it ran) with the graphs kept, and the wide budget's."""
-    p, w = report.get("pdl", {}), report.get("wide_budget", {})
+    """Part p's figures all there: PDL's (where it ran) and two-batch overlap's with the graphs kept, and the wide
+    budget's."""
+    p, w, t = report.get("pdl", {}), report.get("wide_budget", {}), report.get("two_batch_overlap", {})
     return ("error" not in p and ("skipped" in p or p.get("graphs_on") is True)
-            and "tok_s" in w.get("workload_A", {}))
+            and "tok_s" in w.get("workload_A", {}) and t.get("graphs_on") is True and "error" not in t)
 
 
 # ---- the table ------------------------------------------------------------------------------------------
@@ -590,6 +630,14 @@ def _part_results(out: Path) -> dict[str, str]:
         narrow = (p if w.get("pdl") else g).get("workload_A", {}).get("tok_s")
         res["wide"] = (f"workload A {_fmt(w['workload_A'].get('tok_s'))} tok/s at {w['max_num_batched_tokens']:,} "
                        f"tokens a step, {_fmt(narrow)} at the default (PDL {'on' if w.get('pdl') else 'off'} in both)")
+    t = second.get("two_batch_overlap", {})
+    if "error" in t:
+        res["tbo"] = f"failed: {t['error']}"
+    elif t:
+        pairs = ", ".join(f"batch {b} {_ms(v)}" for b, v in t.get("itl", {}).items())
+        res["tbo"] = (f"workload A {_fmt(t['workload_A'].get('tok_s'))} tok/s with two-batch overlap (sizes "
+                      f"{min(t['halves'])}+ in halves), {_fmt(w.get('workload_A', {}).get('tok_s'))} without (the row "
+                      f"above); ITL ms {pairs}")
     dec = g.get("slice64_profile", {}).get("decode")
     if dec and dec.get("gpu_ms") is not None:
         res["split"] = (
@@ -616,6 +664,7 @@ LABELS = {
     "by_batch": "    workload A by batch",
     "pdl": "    with PDL (g, last)",
     "wide": f"    {WIDE_BUDGET:,} tokens a step",
+    "tbo": "    two-batch overlap",
 }
 
 
@@ -639,9 +688,9 @@ def cmd_summary(out: Path, shown_as: str = "") -> int:
     # rows. Row d also holds part d (transformers' static batching): without the engine's figure, it shows
     # the status of part g, which should have measured it.
     order = ["env", "preset", "a", "b", "c", "d", "e", "f", "split", "kernels", "prefill_kernels", "by_batch",
-             "pdl", "wide"]
+             "pdl", "wide", "tbo"]
     owner = {key: "g" for key in ("c", "f", "split", "kernels", "prefill_kernels", "by_batch")}
-    owner.update(pdl="p", wide="p")
+    owner.update(pdl="p", wide="p", tbo="p")
     engine_a = _load(out / "graphs.json").get("workload_A", {}).get("tok_s")
     for key in order:
         st, secs = status.get(owner.get(key, key), ("-", ""))

@@ -11,6 +11,8 @@ reproduces their greedy tokens exactly. Inputs are flat: all of a step's tokens 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,11 @@ from engine_service.model.layers import (
     VocabParallelEmbedding,
     load_fused_ops,
 )
+
+
+def _stream(streams, i: int):
+    """The context that makes streams[i] current (CUDA), or nothing (streams None)."""
+    return torch.cuda.stream(streams[i]) if streams is not None else contextlib.nullcontext()
 
 
 def kv_heads_per_rank(cfg: ModelConfig, tp: TPInfo) -> int:
@@ -157,6 +164,29 @@ class DecoderForCausalLM(nn.Module):
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(rope, hidden, residual, kv_cache, meta, backend)
         return self.norm.add_forward(hidden, residual)[0]
+
+    def forward_halves(self, halves, kv_caches, streams=None) -> list[torch.Tensor]:
+        """Two independent batches through the model, interleaved layer by layer: halves is
+        [(input_ids, positions, meta, backend)] for each -> [final hidden states] for each.
+
+        streams (CUDA): one stream per half, current while its kernels are issued; each half's backend may put
+        its attention on a stream of its own (cuda_graphs' two-batch overlap). Issued a layer at a time, half
+        after half, so that a shared attention stream runs a, b, a, b, ... while each half's GEMMs run between
+        its own attentions. None: both on the current stream, the same computation in the same order."""
+        states = []
+        for i, (ids, positions, meta, backend) in enumerate(halves):
+            with _stream(streams, i):
+                states.append([self.embed_tokens(ids), None, self.rotary.lookup(positions), meta, backend])
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            for i, state in enumerate(states):
+                hidden, residual, rope, meta, backend = state
+                with _stream(streams, i):
+                    state[0], state[1] = layer(rope, hidden, residual, kv_cache, meta, backend)
+        out = []
+        for i, (hidden, residual, *_) in enumerate(states):
+            with _stream(streams, i):
+                out.append(self.norm.add_forward(hidden, residual)[0])
+        return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

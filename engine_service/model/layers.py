@@ -7,6 +7,7 @@ torch.distributed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -62,11 +63,26 @@ def _expect_shape(loaded: torch.Tensor, *shape: int) -> None:
         raise RuntimeError(f"the whole tensor should be {shape}")
 
 
+_gemm_picks_on = True
+
+
+@contextlib.contextmanager
+def gemm_picks_off():
+    """torch's GEMMs inside, whatever the tuner picked (cuda_graphs' two-batch overlap: the picks' split-K
+    tiles share one workspace, which two GEMMs on two streams at once would race for)."""
+    global _gemm_picks_on
+    before, _gemm_picks_on = _gemm_picks_on, False
+    try:
+        yield
+    finally:
+        _gemm_picks_on = before
+
+
 def _matmul(layer: ColumnParallelLinear | RowParallelLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T (+ bias): F.linear, or the Triton GEMM the start-up tuner picked for this many rows
     (model/gemm.py; `gemms` is set only on CUDA, for the decode batch sizes CUDA graphs capture)."""
     picks = layer.gemms
-    if picks:
+    if picks and _gemm_picks_on:
         pick = picks.get(x.shape[0])
         if pick is not None:
             return pick.run(x, layer.weight, bias)

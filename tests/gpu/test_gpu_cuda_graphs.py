@@ -449,3 +449,24 @@ def test_pdl_changes_no_token_and_keeps_the_graphs(bf16_model, monkeypatch):
     assert with_pdl == plain
     pdl.enable(torch.device("cuda", torch.cuda.current_device()), False)  # as the next engine's start-up does
     assert pdl.launch_kwargs(torch.empty(1, device="cuda")) == {}
+
+
+def test_two_batch_overlap_keeps_the_graphs_and_the_tokens(bf16_model, fp32_model):
+    """Two-batch overlap (cuda_graphs.py): captured sizes of 32 and 40 run as two halves on two streams, each half's
+    attention on the capture stream. Start-up keeps the graphs (each size replays bitwise equal to its eager
+    forward, which runs the same halves), fresh random batches replay bitwise too (bf16), and greedy tokens equal
+    eager decode in one batch (fp32), over batches that shrink through the halved sizes."""
+    with _engine(bf16_model, dtype="bfloat16", two_batch_overlap=True) as llm:
+        graphs = llm.runner.graphs
+        assert graphs is not None, "start-up turned CUDA graphs off with two-batch overlap; its log says why"
+        assert graphs.halves == {32: 16, 40: 20} and graphs.streams is not None
+        for seed in (21, 22):
+            bad = [r for r in graphs.self_check(seed=seed) if not r.ok]
+            assert not bad, bad
+    prompts, params = _requests(40, seed=4)
+    with _engine(fp32_model, dtype="float32", two_batch_overlap=True) as llm:
+        halved = [o["token_ids"] for o in llm.generate(prompts, params)]
+        assert llm.runner.graphs.num_replays > 10
+    with _engine(fp32_model, dtype="float32", enforce_eager=True) as llm:
+        eager = [o["token_ids"] for o in llm.generate(prompts, params)]
+    assert halved == eager

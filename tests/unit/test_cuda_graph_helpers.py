@@ -42,6 +42,28 @@ def test_pack_pads_lanes_and_tables():
     assert (flat, width) == ([1, 0, 0, 1, 0, 3], 1)
 
 
+def test_pack_in_two_halves_balances_rows_and_maps_them_back():
+    """Two-batch overlap: rows 0..ceil(n/2) go to the first half's lanes, the rest to the second's, each padded
+    after its real lanes; each half's launch order is in its own lanes; the row lanes put the output back in row
+    order; every lane's table is sent."""
+    tables = [[7, 8, 9], [4], [5, 6]]
+    flat, width = pack_decode_inputs([11, 12, 13], [40, 3, 20], [146, 51, 99], [41, 4, 21], tables, 6, half=3)
+    s = 6
+    assert width == 3
+    assert flat[:s] == [11, 12, 0, 13, 0, 0]  # rows 0, 1 | row 2: two lanes, then one
+    assert flat[s : 2 * s] == [40, 3, 0, 20, 0, 0]
+    assert flat[2 * s : 3 * s] == [146, 51, -1, 99, -1, -1]
+    assert flat[3 * s : 4 * s] == [41, 4, 0, 21, 0, 0]
+    assert flat[4 * s : 5 * s] == [0, 1, 2, 0, 1, 2]  # each half's order in its own lanes: longest first, padding
+    assert flat[5 * s : 6 * s] == [0, 1, 3, 2, 4, 5]  # row -> lane: real rows first, then the padding lanes
+    assert flat[6 * s :] == [7, 8, 9, 4, 0, 0, 0, 0, 0, 5, 6, 0, 0, 0, 0, 0, 0, 0]
+    lanes = flat[5 * s : 6 * s]
+    ids = flat[:s]
+    assert [ids[lane] for lane in lanes[:3]] == [11, 12, 13]
+    with pytest.raises(ValueError, match="do not fit"):
+        pack_decode_inputs([1] * 5, [0] * 5, [0] * 5, [1] * 5, [[1]] * 5, 5, half=2)
+
+
 def test_rows_to_device_pads_ragged_block_tables_with_zeros():
     """The eager steps' block tables: rows of any length, padded with 0 to the widest (0 keeps gathers in range)."""
     rng = random.Random(0)
@@ -89,6 +111,41 @@ def test_stand_in_replay_gives_eager_tokens(tmp_path, backend):
         # The last step decoded one sequence at size 1; steps with 3 sequences used size 4 with 1 padding lane.
         assert graphs.num_replays >= 5
         assert graphs.block_tables.shape == (4, 8)  # width ceil(max_model_len / block_size)
+    assert replayed == eager
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_stand_in_replay_in_two_halves_gives_the_tokens_of_one_batch(tmp_path, backend):
+    """Two-batch overlap on the CPU (one stream, the same computation): every captured size from 2 on runs as two
+    halves through the static buffers, padding lanes in both halves, and greedy tokens equal those of decode in
+    one batch (float64: exact); replay equals the eager forward it stands in for, at every size."""
+    if backend == "triton":
+        from tests.support import require_triton_interpreter
+
+        require_triton_interpreter()
+    from engine_service import LLM, SamplingParams
+    from engine_service.cuda_graphs import DecodeGraphRunner
+    from tests.integration.tiny import VOCAB, make_qwen3
+
+    dtype = "float32" if backend == "triton" else "float64"
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=32, layers=2,
+               dtype=torch.float32 if backend == "triton" else torch.float64)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (3, 9, 17, 5, 11)]
+    params = [SamplingParams(temperature=0.0, max_tokens=n) for n in (7, 5, 3, 6, 2)]  # 5 -> 4 -> 3 -> 1 running
+    kwargs = dict(device="cpu", dtype=dtype, attention_backend=backend, kvcache_block_size=8,
+                  num_kvcache_blocks=64, max_num_seqs=6, max_model_len=64)
+    with LLM(tmp_path, **kwargs) as llm:
+        eager = [o["token_ids"] for o in llm.generate(prompts, params)]
+    with LLM(tmp_path, **kwargs, overlap_scheduling=True) as llm:
+        graphs = DecodeGraphRunner(llm.runner, [1, 2, 4, 6], use_cuda_graphs=False, two_batch_overlap=True,
+                                   halved_from=2)
+        assert graphs.halves == {2: 1, 4: 2, 6: 3}
+        graphs.capture()
+        assert all(r.ok for r in graphs.self_check(seed=1))
+        llm.runner.graphs = graphs
+        replayed = [o["token_ids"] for o in llm.generate(prompts, params)]
+        assert graphs.num_replays >= 6
     assert replayed == eager
 
 
@@ -235,6 +292,12 @@ def test_gpu_check_script_flow_on_cpu(tmp_path, capsys):
     assert " PASS " in row and (f"workload A {wide['workload_A']['tok_s']:,.0f} tok/s at {gpu_check.WIDE_BUDGET:,} "
                                 f"tokens a step, {a['tok_s']:,.0f} at the default (PDL off in both)") in row
     assert "skipped: needs CUDA" in _row(table, "    with PDL")
+    # Then the same engine's decode graphs captured again with two-batch overlap (halves from size 2 on here).
+    tbo = second["two_batch_overlap"]
+    assert tbo["graphs_on"] is True and tbo["halves"] == [2, 4, 8]
+    assert tbo["workload_A"]["generated_tokens"] == a["requested_tokens"] and set(tbo["itl"]) == {"1", "8"}
+    row = _row(table, "    two-batch overlap")
+    assert " PASS " in row and f"workload A {tbo['workload_A']['tok_s']:,.0f} tok/s with two-batch overlap" in row
     markdown = (out / "performance.md").read_text()
     assert "| (f) decode ITL | PASS | 3 | ITL ms, graphs/eager: batch 1" in markdown
 
@@ -549,21 +612,30 @@ def test_gpu_check_second_engine_pins_g_tiles_and_fails_without_its_figures(tmp_
     wide = {"max_num_batched_tokens": 16384, "pdl": True, "workload_A": {"tok_s": 26000.0}}
     pdl = {"graphs_on": True, "workload_A": {"tok_s": 25800.0}, "itl": {"1": 1.2, "64": 1.8},
            "decode_gemms": {"sizes": 21, "ours": {"o": [1, 2]}}}
-    assert gpu_check._second_ok({"pdl": pdl, "wide_budget": wide})
-    assert not gpu_check._second_ok({"pdl": {**pdl, "graphs_on": False}, "wide_budget": wide})
-    assert not gpu_check._second_ok({"pdl": pdl, "wide_budget": {"error": "RuntimeError: x"}})
-    assert gpu_check._second_ok({"pdl": {"skipped": "needs CUDA"}, "wide_budget": wide})
+    tbo = {"graphs_on": True, "halves": [32, 48], "workload_A": {"tok_s": 27000.0}, "itl": {"1": 1.2, "64": 1.7}}
+    assert gpu_check._second_ok({"pdl": pdl, "wide_budget": wide, "two_batch_overlap": tbo})
+    assert not gpu_check._second_ok({"pdl": {**pdl, "graphs_on": False}, "wide_budget": wide,
+                                     "two_batch_overlap": tbo})
+    assert not gpu_check._second_ok({"pdl": pdl, "wide_budget": {"error": "RuntimeError: x"},
+                                     "two_batch_overlap": tbo})
+    assert not gpu_check._second_ok({"pdl": pdl, "wide_budget": wide,
+                                     "two_batch_overlap": {"error": "x", "graphs_on": False}})
+    assert not gpu_check._second_ok({"pdl": pdl, "wide_budget": wide})
+    assert gpu_check._second_ok({"pdl": {"skipped": "needs CUDA"}, "wide_budget": wide, "two_batch_overlap": tbo})
 
     (tmp_path / "graphs.json").write_text(json.dumps({
         "workload_A": {"tok_s": 25400.0}, "decode_gemms": {"sizes": 21, "ours": {"o": [1, 2, 4]}},
         "itl": [{"graphs": True, "overlap": True, "batch": 1, "itl_ms": 1.23}]}))
-    (tmp_path / "second.json").write_text(json.dumps({"pins": pins, "pdl": pdl, "wide_budget": wide}))
+    (tmp_path / "second.json").write_text(json.dumps({"pins": pins, "pdl": pdl, "wide_budget": wide,
+                                                      "two_batch_overlap": tbo}))
     res = gpu_check._part_results(tmp_path)
     assert res["pdl"].startswith("workload A 25,800 tok/s with PDL, 25,400 without; ITL ms with/without: "
                                  "batch 1 1.20/1.23, batch 64 1.80/?")
     assert f"pinned to g's: {tk.PREFILL_TILE_ENV}, {tk.DECODE_TILE_ENV}; other decode GEMM picks" in res["pdl"]
     assert res["wide"] == ("workload A 26,000 tok/s at 16,384 tokens a step, 25,800 at the default "
                            "(PDL on in both)")
+    assert res["tbo"] == ("workload A 27,000 tok/s with two-batch overlap (sizes 32+ in halves), 26,000 without "
+                          "(the row above); ITL ms batch 1 1.20, batch 64 1.70")
 
 
 def test_gpu_kernel_check_split_table_uses_workload_a_steps_at_each_batch_size(monkeypatch, capsys):
