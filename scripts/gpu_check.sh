@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one-shot GPU check of issue 3, for one H200 with no network (about 11 minutes, past one device call's 10:
-# run `a b g p` then `d e`, about 6 and 5 minutes; see docs/GPU.md).
+# run `GPU_CHECK_BUDGET_S=540 scripts/gpu_check.sh a b g p`, about 6 minutes, then `d` (and `e` if time is left),
+# about 4; see docs/GPU.md).
 #
 #   scripts/gpu_check.sh              # every part
 #   scripts/gpu_check.sh b g          # only these parts (env and the preset always run first)
@@ -16,7 +17,8 @@
 #                                       (e) 64 requests of workload A, and the step split;
 #                                       (f) decode inter-token latency at batch 1 and 64, graphs on and off
 #   p  scripts/gpu_check.py second      a second engine beside g's: programmatic dependent launch on (workload
-#                                       A, ITL), then workload A at 16,384 tokens a step (after g)
+#                                       A, ITL), then workload A at 16,384 tokens a step, then with two-batch
+#                                       overlap (after g, in the same call: it reads g's graphs.json)
 #   d  python -m engine_service.bench   workload A on transformers' static batching (about 2 minutes)
 #   e  python -m engine_service.bench   the same 64 requests on transformers' continuous batching
 # Outputs: one log per part, JSON figures, status.tsv, performance.md; the table is printed last. Without $OUT
@@ -183,7 +185,7 @@ fi
 # and workload A at a wider token budget. It reads g's graphs.json (the attention tiles to pin, the figures
 # to compare with), so it runs in the same call as g.
 if wanted p; then
-  run_part p 200 "$PY" scripts/gpu_check.py second --out "$OUT_DIR" --cache-dir "$CACHE"
+  run_part p 240 "$PY" scripts/gpu_check.py second --out "$OUT_DIR" --cache-dir "$CACHE"
   publish
 fi
 # d: transformers' static batching on workload A (119 s on BENCHMARKS.md's H200 with transformers 5.24; with
