@@ -41,8 +41,17 @@ log = logging.getLogger(__name__)
 # fewer: at most half the vocabulary, 0.3 MB for Qwen3's 151,936 tokens; most states allow a few dozen tokens, and
 # strings ban about a tenth). The least recently used go first.
 MASK_CACHE_BYTES = 64 << 20
+# Each mask counts as its ids' bytes rounded up to the CUDA caching allocator's 512-byte blocks: a mask of a dozen ids
+# takes 512 bytes of device memory, and counted as 48 the budget let some 1.4 million of them hold 700 MB (their
+# Python objects about as much again on the host).
+MASK_BLOCK_BYTES = 512
 # A mask computed in more than this is logged (a warning once, then at debug level).
 SLOW_MASK_S = 0.05
+
+
+def mask_bytes(mask: TokenMask) -> int:
+    """What a cached mask counts against MASK_CACHE_BYTES: its ids in whole MASK_BLOCK_BYTES blocks (one at least)."""
+    return max(1, -(-mask.ids.numel() * mask.ids.element_size() // MASK_BLOCK_BYTES)) * MASK_BLOCK_BYTES
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -211,10 +220,10 @@ class JsonMasks:
                     took * 1e3, jg.describe(state))
             self._warned = True
         self._cache[key] = mask
-        self.cache_bytes += mask.ids.numel() * mask.ids.element_size()
+        self.cache_bytes += mask_bytes(mask)
         while self.cache_bytes > MASK_CACHE_BYTES and len(self._cache) > 1:
             _, old = self._cache.popitem(last=False)
-            self.cache_bytes -= old.ids.numel() * old.ids.element_size()
+            self.cache_bytes -= mask_bytes(old)
         return mask
 
     def _after_whitespace(self, state: jg.State) -> TokenMask | None:

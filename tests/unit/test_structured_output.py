@@ -229,13 +229,16 @@ def test_the_cache_keeps_to_its_byte_budget(monkeypatch):
     import engine_service.structured_output as so
 
     monkeypatch.setattr(so, "MASK_CACHE_BYTES", 4000)
+    monkeypatch.setattr(so, "MASK_BLOCK_BYTES", 64)
     vocab = _vocabulary(11)
     masks = JsonMasks(vocab)
     for state in _states(random.Random(12), 120):
         assert torch.equal(masks.allowed(state).dense(len(vocab)), _brute_force(vocab, state))
-        sizes = [m.ids.numel() * 4 for m in masks._cache.values()]
+        # Each mask in whole 64-byte blocks, one at least: a mask of few ids takes a block of device memory.
+        sizes = [max(1, -(-m.ids.numel() * 4 // 64)) * 64 for m in masks._cache.values()]
         assert masks.cache_bytes == sum(sizes) and (masks.cache_bytes <= 4000 or len(sizes) == 1)
     assert masks.misses > len(masks._cache)  # some were evicted and computed again
+    assert so.mask_bytes(masks.allowed(_states(random.Random(12), 1)[0])) % 64 == 0
 
 
 def test_deep_string_shortcut_over_many_tokens_under_one_prefix():
