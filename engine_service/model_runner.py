@@ -209,12 +209,16 @@ class ModelRunner:
             from engine_service.cuda_graphs import build_decode_graphs
 
             self.graphs = build_decode_graphs(self)
+            if self.graphs is None and config.two_batch_overlap:
+                # Graphs of one batch a step beat eager decode by far: two-batch overlap is an optimisation.
+                log.warning("CUDA graphs failed with two-batch overlap; capturing again without it")
+                self.graphs = build_decode_graphs(self, two_batch_overlap=False)
             if self.graphs is None and self._decode_gemm_picks():
                 # The failed capture or self-check may be the Triton GEMMs' doing: graphs with torch's GEMMs beat
                 # eager decode with ours by far, and eager decode should not run an unverified kernel either.
                 log.warning("CUDA graphs failed with the decode GEMMs of our own; capturing again with torch's")
                 self._drop_decode_gemms()
-                self.graphs = build_decode_graphs(self)
+                self.graphs = build_decode_graphs(self, two_batch_overlap=False)
         if self.device.type == "cuda" and self.backend_name == "triton" and self.graphs is None:
             self._warm_up_eager_decode()
 
