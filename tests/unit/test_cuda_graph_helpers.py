@@ -133,8 +133,9 @@ def test_stand_in_replay_in_two_halves_gives_the_tokens_of_one_batch(tmp_path, b
     rng = random.Random(3)
     prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (3, 9, 17, 5, 11)]
     params = [SamplingParams(temperature=0.0, max_tokens=n) for n in (7, 5, 3, 6, 2)]  # 5 -> 4 -> 3 -> 1 running
+    # The triton backend with the fused kernels, as on CUDA: each half's RoPE kernel stores its K/V in the cache.
     kwargs = dict(device="cpu", dtype=dtype, attention_backend=backend, kvcache_block_size=8,
-                  num_kvcache_blocks=64, max_num_seqs=6, max_model_len=64)
+                  num_kvcache_blocks=64, max_num_seqs=6, max_model_len=64, fused_ops=backend == "triton")
     with LLM(tmp_path, **kwargs) as llm:
         eager = [o["token_ids"] for o in llm.generate(prompts, params)]
     with LLM(tmp_path, **kwargs, overlap_scheduling=True) as llm:
