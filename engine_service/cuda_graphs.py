@@ -165,8 +165,12 @@ class _EagerReplay:
 
 
 class _AttentionOn(AttentionBackend):
-    """A backend whose attention runs on `stream` (two-batch overlap): it waits there for what the calling
-    stream has issued (q, and K/V stored), and the calling stream waits for it before the output is used."""
+    """The triton backend with its attention on `stream` (two-batch overlap): it waits there for what the calling
+    stream has issued (q, and K/V stored), and the calling stream waits for it before the output is used.
+
+    Every tensor involved is made on the calling stream (the output too, before the switch), and that stream waits
+    for the attention before going on: when one is freed, its memory is reused only after the attention is done,
+    with no record_stream (which, during a capture, holds each block until the capture ends)."""
 
     def __init__(self, inner: AttentionBackend, stream: torch.cuda.Stream):
         self.inner, self.stream = inner, stream
@@ -174,14 +178,11 @@ class _AttentionOn(AttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
         caller = torch.cuda.current_stream(q.device)
+        out = torch.empty_like(q)
         self.stream.wait_stream(caller)
         with torch.cuda.stream(self.stream):
-            out = self.inner.forward(q, k, v, k_cache, v_cache, meta, scale)
+            self.inner.forward(q, k, v, k_cache, v_cache, meta, scale, out=out)
         caller.wait_stream(self.stream)
-        # q (and k, v) were made on the caller's stream, which has now waited for their use here: when freed, their
-        # memory is reused after it. The output is made here and used there: the allocator must not hand it to a
-        # later attention (the other half's) before the caller's o projection has read it.
-        out.record_stream(caller)
         return out
 
 
@@ -434,10 +435,10 @@ class DecodeGraphRunner:
                 # sequence's): read while another lane writes it, the result would depend on which of the two a
                 # step computes first, and two halves of a batch (two-batch overlap) compute in turn.
                 written = set(last_blocks)
-                readable = [b for b in range(pool) if b not in written] or list(range(pool))
+                readable = [b for b in range(pool) if b not in written]
                 ids, positions, slots, ctx_lens, tables = [], [], [], [], []
                 for lane in range(real):
-                    ctx = rng.randint(1, max_ctx)
+                    ctx = rng.randint(1, max_ctx if readable else self.block_size)  # no other block: one of its own
                     nblk = -(-ctx // self.block_size)
                     table = [rng.choice(readable) for _ in range(nblk - 1)] + [last_blocks[lane]]
                     pos = ctx - 1

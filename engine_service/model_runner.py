@@ -315,14 +315,17 @@ class ModelRunner:
         """Time Triton GEMM tiles against torch's for the four GEMMs of a layer at every batch size CUDA graphs
         capture, over the model's own weights, and use a tile where it is faster (model/gemm.py). Before
         capture, which records whichever GEMM each size uses. Start-up logs what was picked."""
-        from engine_service.cuda_graphs import capture_sizes
+        from engine_service.cuda_graphs import TWO_BATCH_MIN_SIZE, capture_sizes
         from engine_service.model.gemm import describe, tune_decode_gemms
 
         groups = self.decode_linear_groups()
+        sizes = capture_sizes(self.config.max_num_seqs)
+        if self.config.two_batch_overlap:  # the halved sizes run torch's GEMMs (cuda_graphs.gemm_picks_off)
+            sizes = [s for s in sizes if s < TWO_BATCH_MIN_SIZE]
         start = time.perf_counter()
         try:
             with torch.inference_mode(), on_device(self.device):
-                found = tune_decode_gemms(groups, capture_sizes(self.config.max_num_seqs))
+                found = tune_decode_gemms(groups, sizes)
         except Exception:  # an optimisation: serve with torch's GEMMs rather than not at all
             log.exception("timing the decode GEMMs failed; torch's GEMMs stay")
             self._drop_decode_gemms()

@@ -414,8 +414,13 @@ def _two_batch_overlap(llm, plan, itl_batches, itl_args, cpu_dry_run: bool) -> d
                     "graphs_on": False}
         runner.graphs = graphs
         result = bench.time_engine(llm, plan, bench.Result())
+        # Inside the halves torch's GEMMs run: where the plain graphs used ours at those sizes, the comparison
+        # holds that change too.
+        given_up = {name: [m for m in sorted(group[0].gemms or {}) if m >= min(graphs.halves)]
+                    for name, group in runner.decode_linear_groups().items()}
         return {"graphs_on": True, "halves": sorted(graphs.halves), "workload_A": result.to_json(),
-                "itl": {b: step_profile.decode_latency(llm, b, **itl_args)["itl_ms"] for b in itl_batches}}
+                "itl": {b: step_profile.decode_latency(llm, b, **itl_args)["itl_ms"] for b in itl_batches},
+                "our_gemms_given_up": {name: sizes for name, sizes in given_up.items() if sizes}}
     except Exception as e:
         traceback.print_exc()
         return {"error": f"{type(e).__name__}: {e}"}
@@ -635,9 +640,10 @@ def _part_results(out: Path) -> dict[str, str]:
         res["tbo"] = f"failed: {t['error']}"
     elif t:
         pairs = ", ".join(f"batch {b} {_ms(v)}" for b, v in t.get("itl", {}).items())
+        given_up = "; ".join(f"{name} at {sizes}" for name, sizes in t.get("our_gemms_given_up", {}).items())
         res["tbo"] = (f"workload A {_fmt(t['workload_A'].get('tok_s'))} tok/s with two-batch overlap (sizes "
                       f"{min(t['halves'])}+ in halves), {_fmt(w.get('workload_A', {}).get('tok_s'))} without (the row "
-                      f"above); ITL ms {pairs}")
+                      f"above); ITL ms {pairs}; our GEMMs given up for torch's in the halves: {given_up or 'none'}")
     dec = g.get("slice64_profile", {}).get("decode")
     if dec and dec.get("gpu_ms") is not None:
         res["split"] = (

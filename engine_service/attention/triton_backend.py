@@ -32,7 +32,9 @@ class TritonAttentionBackend(AttentionBackend):
 
         self.kernels = triton_kernels
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, out=None):
+        """out: where to write the [T, Hq, D] result, when the caller made it (cuda_graphs' two-batch overlap
+        makes it on the stream that reads it)."""
         if k is not None:  # else the fused RoPE kernel stored them
             self.kernels.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         return self.kernels.paged_attention(
@@ -44,6 +46,7 @@ class TritonAttentionBackend(AttentionBackend):
             meta.block_tables,
             scale,
             meta.max_seqlen_q,
+            out=out,
             num_kv_splits=meta.cache.get("num_kv_splits"),
             seq_order=meta.seq_order,
         )
