@@ -194,9 +194,11 @@ class DecodeGraphRunner:
     """
 
     def __init__(self, runner: ModelRunner, sizes: list[int], use_cuda_graphs: bool = True,
-                 two_batch_overlap: bool | None = None, halved_from: int = TWO_BATCH_MIN_SIZE):
+                 two_batch_overlap: bool | None = None, halved_from: int = TWO_BATCH_MIN_SIZE,
+                 halves_priority: int = -1):
         """two_batch_overlap: None takes the engine's setting (EngineConfig.two_batch_overlap); with it, sizes from
-        halved_from on run as two halves."""
+        halved_from on run as two halves, their streams at halves_priority (-1: above the capture stream's 0, where
+        attention runs; gpu_check also times 0)."""
         self.model, self.backend, self.kv_caches = runner.model, runner.backend, runner.kv_caches
         self.device = runner.device
         self.block_size = runner.block_size
@@ -225,7 +227,7 @@ class DecodeGraphRunner:
         # (the capture stream), so that the two overlap instead of queueing behind each other.
         self.streams = None
         if self.halves and dev.type == "cuda":
-            self.streams = tuple(torch.cuda.Stream(dev, priority=-1) for _ in range(2))
+            self.streams = tuple(torch.cuda.Stream(dev, priority=halves_priority) for _ in range(2))
         hidden_size = runner.model_cfg.hidden_size
         self.hidden = torch.zeros(max_bs, hidden_size, dtype=runner.dtype, device=dev)  # graph output
         # Staging for pack_decode_inputs: pinned on CUDA, so the copy is a true asynchronous DMA.
@@ -472,9 +474,11 @@ class DecodeGraphRunner:
         return results
 
 
-def build_decode_graphs(runner: ModelRunner, two_batch_overlap: bool | None = None) -> DecodeGraphRunner | None:
+def build_decode_graphs(runner: ModelRunner, two_batch_overlap: bool | None = None,
+                        **options) -> DecodeGraphRunner | None:
     """Capture and self-check decode graphs for a CUDA model runner; None (eager decode) when they
-    cannot be used, with the reason logged. two_batch_overlap: None takes the engine's setting."""
+    cannot be used, with the reason logged. two_batch_overlap: None takes the engine's setting; options go to
+    DecodeGraphRunner."""
     if runner.backend_name != "triton":
         log.info(
             "CUDA graphs off: the %s attention backend is not capturable (only triton is)", runner.backend_name
@@ -484,7 +488,7 @@ def build_decode_graphs(runner: ModelRunner, two_batch_overlap: bool | None = No
         log.info("CUDA graphs off: tensor_parallel_size > 1 runs eagerly")
         return None
     graphs = DecodeGraphRunner(runner, capture_sizes(runner.config.max_num_seqs),
-                               two_batch_overlap=two_batch_overlap)
+                               two_batch_overlap=two_batch_overlap, **options)
     try:
         seconds = graphs.capture()
         results = graphs.self_check()

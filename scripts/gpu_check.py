@@ -389,38 +389,61 @@ def cmd_second(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
     return 0 if _second_ok(report) else 1
 
 
-def _two_batch_overlap(llm, plan, itl_batches, itl_args, cpu_dry_run: bool) -> dict:
-    """Part p's last figures: the engine's decode graphs captured again with two-batch overlap (on the CPU dry run
-    the stand-in replay, with every size from 2 on in halves), then workload A and decode ITL."""
+def _halved_graphs(llm, cpu_dry_run: bool, **options):
+    """The engine's decode graphs captured again with two-batch overlap (on the CPU dry run the stand-in replay,
+    every size from 2 on in halves), in place of its graphs; None where they failed (the log says why)."""
     import torch
 
-    from engine_service import bench, cuda_graphs
+    from engine_service import cuda_graphs
+
+    runner = llm.runner
+    runner.graphs = None  # the previous graphs' pool goes before the new capture
+    gc.collect()
+    if cpu_dry_run:
+        graphs = cuda_graphs.DecodeGraphRunner(runner, cuda_graphs.capture_sizes(llm.config.max_num_seqs),
+                                               use_cuda_graphs=False, two_batch_overlap=True, halved_from=2,
+                                               **options)
+        graphs.capture()
+        graphs = graphs if all(r.ok for r in graphs.self_check()) else None
+    else:
+        torch.cuda.empty_cache()
+        graphs = cuda_graphs.build_decode_graphs(runner, two_batch_overlap=True, **options)
+    runner.graphs = graphs
+    return graphs
+
+
+def _two_batch_overlap(llm, plan, itl_batches, itl_args, cpu_dry_run: bool) -> dict:
+    """Part p's last figures: the engine's decode graphs captured again with two-batch overlap, then workload A and
+    decode ITL; then captured once more with the halves' streams at the capture stream's priority, and workload A
+    (salted apart) again: whether the priority the halves' GEMMs get over the other half's attention matters."""
+    from engine_service import bench
     from scripts import step_profile
 
     runner = llm.runner
     try:
-        runner.graphs = None  # the plain graphs' pool goes before the new capture
-        gc.collect()
-        if cpu_dry_run:
-            graphs = cuda_graphs.DecodeGraphRunner(runner, cuda_graphs.capture_sizes(llm.config.max_num_seqs),
-                                                   use_cuda_graphs=False, two_batch_overlap=True, halved_from=2)
-            graphs.capture()
-            graphs = graphs if all(r.ok for r in graphs.self_check()) else None
-        else:
-            torch.cuda.empty_cache()
-            graphs = cuda_graphs.build_decode_graphs(runner, two_batch_overlap=True)
+        graphs = _halved_graphs(llm, cpu_dry_run)
         if graphs is None:
             return {"error": "the graphs with two-batch overlap failed their capture or self-check (see the log)",
                     "graphs_on": False}
-        runner.graphs = graphs
         result = bench.time_engine(llm, plan, bench.Result())
         # Inside the halves torch's GEMMs run: where the plain graphs used ours at those sizes, the comparison
         # holds that change too.
         given_up = {name: [m for m in sorted(group[0].gemms or {}) if m >= min(graphs.halves)]
                     for name, group in runner.decode_linear_groups().items()}
-        return {"graphs_on": True, "halves": sorted(graphs.halves), "workload_A": result.to_json(),
-                "itl": {b: step_profile.decode_latency(llm, b, **itl_args)["itl_ms"] for b in itl_batches},
-                "our_gemms_given_up": {name: sizes for name, sizes in given_up.items() if sizes}}
+        found = {"graphs_on": True, "halves": sorted(graphs.halves), "workload_A": result.to_json(),
+                 "itl": {b: step_profile.decode_latency(llm, b, **itl_args)["itl_ms"] for b in itl_batches},
+                 "our_gemms_given_up": {name: sizes for name, sizes in given_up.items() if sizes}}
+        try:
+            if _halved_graphs(llm, cpu_dry_run, halves_priority=0) is None:
+                found["same_priority"] = {"error": "capture or self-check failed"}
+            else:
+                prompts, max_tokens = plan.batches[0]
+                again = replace(plan, batches=[(bench.salted(prompts, 19, llm.model_cfg.vocab_size), max_tokens)])
+                found["same_priority"] = {"workload_A": bench.time_engine(llm, again, bench.Result()).to_json()}
+        except Exception as e:
+            traceback.print_exc()
+            found["same_priority"] = {"error": f"{type(e).__name__}: {e}"}
+        return found
     except Exception as e:
         traceback.print_exc()
         return {"error": f"{type(e).__name__}: {e}"}
@@ -641,9 +664,12 @@ def _part_results(out: Path) -> dict[str, str]:
     elif t:
         pairs = ", ".join(f"batch {b} {_ms(v)}" for b, v in t.get("itl", {}).items())
         given_up = "; ".join(f"{name} at {sizes}" for name, sizes in t.get("our_gemms_given_up", {}).items())
+        same = t.get("same_priority", {})
+        same = same.get("error") or f"{_fmt(same.get('workload_A', {}).get('tok_s'))} tok/s"
         res["tbo"] = (f"workload A {_fmt(t['workload_A'].get('tok_s'))} tok/s with two-batch overlap (sizes "
                       f"{min(t['halves'])}+ in halves), {_fmt(w.get('workload_A', {}).get('tok_s'))} without (the row "
-                      f"above); ITL ms {pairs}; our GEMMs given up for torch's in the halves: {given_up or 'none'}")
+                      f"above), {same} with the halves at the attention's stream priority; ITL ms {pairs}; our GEMMs "
+                      f"given up for torch's in the halves: {given_up or 'none'}")
     dec = g.get("slice64_profile", {}).get("decode")
     if dec and dec.get("gpu_ms") is not None:
         res["split"] = (

@@ -304,6 +304,7 @@ def test_gpu_check_script_flow_on_cpu(tmp_path, capsys):
     tbo = second["two_batch_overlap"]
     assert tbo["graphs_on"] is True and tbo["halves"] == [2, 4, 8]
     assert tbo["workload_A"]["generated_tokens"] == a["requested_tokens"] and set(tbo["itl"]) == {"1", "8"}
+    assert tbo["same_priority"]["workload_A"]["generated_tokens"] == a["requested_tokens"]
     row = _row(table, "    two-batch overlap")
     assert " PASS " in row and f"workload A {tbo['workload_A']['tok_s']:,.0f} tok/s with two-batch overlap" in row
     markdown = (out / "performance.md").read_text()
@@ -620,7 +621,8 @@ def test_gpu_check_second_engine_pins_g_tiles_and_fails_without_its_figures(tmp_
     wide = {"max_num_batched_tokens": 16384, "pdl": True, "workload_A": {"tok_s": 26000.0}}
     pdl = {"graphs_on": True, "workload_A": {"tok_s": 25800.0}, "itl": {"1": 1.2, "64": 1.8},
            "decode_gemms": {"sizes": 21, "ours": {"o": [1, 2]}}}
-    tbo = {"graphs_on": True, "halves": [32, 48], "workload_A": {"tok_s": 27000.0}, "itl": {"1": 1.2, "64": 1.7}}
+    tbo = {"graphs_on": True, "halves": [32, 48], "workload_A": {"tok_s": 27000.0}, "itl": {"1": 1.2, "64": 1.7},
+           "same_priority": {"workload_A": {"tok_s": 26500.0}}}
     assert gpu_check._second_ok({"pdl": pdl, "wide_budget": wide, "two_batch_overlap": tbo})
     assert not gpu_check._second_ok({"pdl": {**pdl, "graphs_on": False}, "wide_budget": wide,
                                      "two_batch_overlap": tbo})
@@ -643,8 +645,8 @@ def test_gpu_check_second_engine_pins_g_tiles_and_fails_without_its_figures(tmp_
     assert res["wide"] == ("workload A 26,000 tok/s at 16,384 tokens a step, 25,800 at the default "
                            "(PDL on in both)")
     assert res["tbo"] == ("workload A 27,000 tok/s with two-batch overlap (sizes 32+ in halves), 26,000 without "
-                          "(the row above); ITL ms batch 1 1.20, batch 64 1.70; our GEMMs given up for torch's in the "
-                          "halves: none")
+                          "(the row above), 26,500 tok/s with the halves at the attention's stream priority; ITL ms "
+                          "batch 1 1.20, batch 64 1.70; our GEMMs given up for torch's in the halves: none")
 
 
 def test_gpu_kernel_check_split_table_uses_workload_a_steps_at_each_batch_size(monkeypatch, capsys):
