@@ -6,7 +6,8 @@
                                                      # == eager, (e) 64 requests of workload A, (f) decode
                                                      # ITL with and without graphs
     python scripts/gpu_check.py second  --out DIR    # a second engine: PDL on, then workload A at 16,384
-                                                     # tokens a step (reads graphs' graphs.json)
+                                                     # tokens a step, then with two-batch overlap (reads
+                                                     # graphs' graphs.json)
     python scripts/gpu_check.py summary --out DIR    # the table gpu_check.sh prints last
 
 `graphs` runs one engine (bf16, triton backend, CUDA graphs, the engine's defaults as in workload A): one
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PRESET = "qwen3-0.6b"
 TARGET_TOK_S = 28_000  # issue 3's acceptance figure for workload A
-# The wider token budget a step part g compares with the default (on its PDL engine, against PDL at the default).
+# The wider token budget a step part p compares with the default (on its PDL engine, against PDL at the default).
 WIDE_BUDGET = 16_384
 
 
@@ -312,8 +313,10 @@ def cmd_second(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
     - a wider token budget a step, WIDE_BUDGET: workload A again (salted apart) on the same engine, so with PDL
       as above. Mixed steps are host-bound at 8,192 tokens (each launches the same kernels whatever its size):
       half as many, twice as large, should leave the GPU less idle. The engine starts with the wide budget (its
-      warm-up sizes activations for it) and runs the PDL figures at the default one.
-    Exit 1 when either figure is missing or PDL lost the graphs."""
+      warm-up sizes activations for it) and runs the PDL figures at the default one;
+    - two-batch overlap (_two_batch_overlap): its decode graphs captured again with it, workload A at the wide
+      budget and ITL, then with the halves at the attention stream's priority.
+    Exit 1 when a figure is missing or PDL or two-batch overlap lost the graphs."""
     import torch
 
     if not torch.cuda.is_available() and not cpu_dry_run:
@@ -694,7 +697,7 @@ LABELS = {
     "kernels": "    device time by kernel",
     "prefill_kernels": "    the same, prefill",
     "by_batch": "    workload A by batch",
-    "pdl": "    with PDL (g, last)",
+    "pdl": "    with PDL (p)",
     "wide": f"    {WIDE_BUDGET:,} tokens a step",
     "tbo": "    two-batch overlap",
 }

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The one-shot GPU check of issue 3, for one H200 with no network (about 11 minutes, past one device call's 10:
-# run `GPU_CHECK_BUDGET_S=540 scripts/gpu_check.sh a b g p`, about 6 minutes, then `d` (and `e` if time is left),
-# about 4; see docs/GPU.md).
+# run `GPU_CHECK_BUDGET_S=540 scripts/gpu_check.sh a b g p`, about 6 minutes, then `d`, about 4 (and `e`,
+# 1-2 more, if time is left); see docs/GPU.md).
 #
 #   scripts/gpu_check.sh              # every part
 #   scripts/gpu_check.sh b g          # only these parts (env and the preset always run first)
 #
-# Parts, in the order they run, each under its own time limit and all within GPU_CHECK_BUDGET_S:
+# Parts, in the order they run, each under its own time limit, within GPU_CHECK_BUDGET_S but for the floors
+# of g, d and e:
 #   a  pytest tests/gpu                 GPU tests                        } together, while the preset is
 #   b  scripts/gpu_kernel_check.py      Triton kernels vs a float32      } built on the CPU (b's decode
 #                                       reference, outputs NaN-poisoned  } timings are indicative only)
-#   g  scripts/gpu_check.py graphs      every engine figure, from one engine start-up:
+#   g  scripts/gpu_check.py graphs      the plain engine's figures, from one engine start-up:
 #                                       (d) workload A, first, as the headline;
 #                                       (c) graph replay == eager (hidden states and logits, bitwise) for
 #                                       every captured size on random-weight Qwen3-0.6B in bf16;
@@ -19,7 +20,7 @@
 #   p  scripts/gpu_check.py second      a second engine beside g's: programmatic dependent launch on (workload
 #                                       A, ITL), then workload A at 16,384 tokens a step, then with two-batch
 #                                       overlap (after g, in the same call: it reads g's graphs.json)
-#   d  python -m engine_service.bench   workload A on transformers' static batching (about 2 minutes)
+#   d  python -m engine_service.bench   workload A on transformers' static batching (about 4 minutes)
 #   e  python -m engine_service.bench   the same 64 requests on transformers' continuous batching
 # Outputs: one log per part, JSON figures, status.tsv, performance.md; the table is printed last. Without $OUT
 # they are written to ./gpu_check_out. With $OUT (the device tool, which brings back at most 8 files) they are
@@ -88,7 +89,7 @@ summary() {
 
 # publish: with $OUT, every output so far as $OUT/gpu_check.tgz, and the main ones loose beside it (at most
 # 7 files in all: the device tool brings back 8), the table as it stands included. Run after each stage, and
-# every 15 s while g, d and e run (publisher), so that a run killed from outside still returns what it had.
+# every 15 s while g, p, d and e run (publisher), so that a run killed from outside still returns what it had.
 # Returns non-zero when the archive could not be written.
 publish() {
   [[ -n $PUBLISH ]] || return 0
@@ -146,7 +147,7 @@ run_part preset 100 "$PY" scripts/gpu_check.py preset --cache-dir "$CACHE"
 for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid"; done
 publish
 
-# ---- g, d, e: one at a time, since they time things ---------------------------------------------------
+# ---- g, p, d, e: one at a time, since they time things ---------------------------------------------------
 pub_pid=
 if [[ -n $PUBLISH ]]; then
   publisher </dev/null >/dev/null 2>&1 &
