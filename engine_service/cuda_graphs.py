@@ -309,7 +309,7 @@ class DecodeGraphRunner:
         halves = [(self.input_ids[lo:hi], self.positions[lo:hi], meta, backend)
                   for (lo, hi), meta, backend in zip(spans, metas, backends, strict=True)]
         with gemm_picks_off():  # our split-K GEMMs share one workspace: two at once would race
-            out = self.model.forward_halves(halves, self.kv_caches, streams)
+            out = self.model.forward_batches(halves, self.kv_caches, streams)
         if streams is not None:
             for stream, hidden in zip(streams, out, strict=True):
                 main.wait_stream(stream)  # the join

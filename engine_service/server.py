@@ -122,6 +122,12 @@ async def load_unless_stopped(engine_factory: Callable[[ServerConfig], Any], con
     return None
 
 
+async def _calls_end(servicer: EngineServicer, seconds: float = 1.0) -> None:
+    """Up to `seconds` for the generation calls still open to end (their handlers run on later turns of the loop)."""
+    until = time.monotonic() + seconds
+    while servicer.num_calls and time.monotonic() < until:
+        await asyncio.sleep(0.02)
+
 async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig], Any] | None = None,
                 stop: asyncio.Event | None = None, bound_port: asyncio.Future[int] | None = None,
                 handle_signals: bool = True) -> int:
@@ -246,17 +252,13 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
             log.warning("drain: cutting %d calls at the end of the grace period", servicer.num_calls)
             # Each live request ends with the reason as its status; let the calls send it before the stop.
             if servicer.cut_all(reason):
-                unwind = time.monotonic() + 1.0
-                while servicer.num_calls and time.monotonic() < unwind:
-                    await asyncio.sleep(0.02)
+                await _calls_end(servicer)
         # What is still open now is no generation call the drain waits for (a health Watch, say, or a call whose
         # client stopped reading): a moment to end, not the rest of the grace period.
         await server.stop(min(1.0, max(0.5, deadline - time.monotonic())))
         # The cancelled calls' handlers unwind on later turns of the event loop: let them queue their aborts (and
         # so their request lines) before the engine loop stops.
-        unwind = time.monotonic() + 1.0
-        while servicer.num_calls and time.monotonic() < unwind:
-            await asyncio.sleep(0.02)
+        await _calls_end(servicer)
     else:
         # Probes see NOT_SERVING (and clients get their INTERNAL statuses) before the process exits.
         await asyncio.sleep(config.failure_linger_s)

@@ -108,6 +108,31 @@ def _setup(cpu_dry_run: bool) -> tuple:
     return PRESET, engine, (64, None, None), (1, 64), {}, ()
 
 
+class _Report(dict):
+    """A part's figures, written as JSON to `path` at each save(): a part cut short keeps what it measured."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self, indent=2) + "\n")
+
+
+def _begin(out: Path, name: str, cache_dir: Path, cpu_dry_run: bool):
+    """Where the parts that start an engine begin: None without CUDA (said), else their report (out/name),
+    _setup's values and the preset's model directory."""
+    import torch
+
+    if not torch.cuda.is_available() and not cpu_dry_run:
+        print("no CUDA")
+        return None
+    from engine_service import bench
+
+    setup = _setup(cpu_dry_run)
+    return _Report(out / name), setup, bench.build_preset(setup[0], cache_dir)
+
+
 def _gemm_picks(llm) -> dict:
     """Where the decode GEMM tuner picked a Triton tile over torch's, by layer group (the timings are in the log)."""
     from engine_service.cuda_graphs import capture_sizes
@@ -121,23 +146,16 @@ def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
 
     cpu_dry_run: the same flow on CPU at toy sizes (cpu-small preset, torch backend, graphs replayed by
     re-running the forward), to test this script without a GPU."""
-    import torch
-
-    if not torch.cuda.is_available() and not cpu_dry_run:
-        print("no CUDA")
+    begun = _begin(out, "graphs.json", cache_dir, cpu_dry_run)
+    if begun is None:
         return 2
+    report, (_, engine, slice_args, itl_batches, itl_args, workload_a_args), model_dir = begun
+    save = report.save
+
     from engine_service import LLM, bench
     from engine_service.cuda_graphs import DecodeGraphRunner, capture_sizes
     from scripts import step_profile
 
-    report: dict = {}
-    path = out / "graphs.json"
-
-    def save() -> None:
-        path.write_text(json.dumps(report, indent=2) + "\n")
-
-    preset, engine, slice_args, itl_batches, itl_args, workload_a_args = _setup(cpu_dry_run)
-    model_dir = bench.build_preset(preset, cache_dir)
     t = time.perf_counter()
     llm = LLM(str(model_dir), **engine)
     runner = llm.runner
@@ -316,24 +334,19 @@ def cmd_second(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
       warm-up sizes activations for it) and runs the PDL figures at the default one;
     - two-batch overlap (_two_batch_overlap): its decode graphs captured again with it, workload A at the wide
       budget and ITL, then with the halves at the attention stream's priority.
-    Exit 1 when a figure is missing or PDL or two-batch overlap lost the graphs."""
+    Exit 1 when a workload A figure of PDL, the wide budget or two-batch overlap is missing, or PDL or two-batch
+    overlap lost the graphs (the same-priority run and the ITL figures are reported, not required)."""
+    begun = _begin(out, "second.json", cache_dir, cpu_dry_run)
+    if begun is None:
+        return 2
+    report, (_, engine, _, itl_batches, itl_args, workload_a_args), model_dir = begun
+    save = report.save
     import torch
 
-    if not torch.cuda.is_available() and not cpu_dry_run:
-        print("no CUDA")
-        return 2
     from engine_service import LLM, bench
     from engine_service.config import EngineConfig
     from scripts import step_profile
 
-    report: dict = {}
-    path = out / "second.json"
-
-    def save() -> None:
-        path.write_text(json.dumps(report, indent=2) + "\n")
-
-    preset, engine, _, itl_batches, itl_args, workload_a_args = _setup(cpu_dry_run)
-    model_dir = bench.build_preset(preset, cache_dir)
     pins = _pins(_load(out / "graphs.json"))
     report["pins"] = pins
     pdl_on = not cpu_dry_run and torch.cuda.get_device_capability()[0] >= 9
@@ -387,6 +400,7 @@ def cmd_second(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
         # with it, workload A (salted apart) at the wide budget and decode ITL, beside the figures above.
         report["two_batch_overlap"] = _two_batch_overlap(on, replace(plan, batches=[
             (bench.salted(prompts, 17, on.model_cfg.vocab_size), max_tokens)]), itl_batches, itl_args, cpu_dry_run)
+        report["two_batch_overlap"]["pdl"] = pdl_on
         save()
         print(f"two-batch overlap: {report['two_batch_overlap']}")
     return 0 if _second_ok(report) else 1
@@ -670,7 +684,8 @@ def _part_results(out: Path) -> dict[str, str]:
         same = t.get("same_priority", {})
         same = same.get("error") or f"{_fmt(same.get('workload_A', {}).get('tok_s'))} tok/s"
         res["tbo"] = (f"workload A {_fmt(t['workload_A'].get('tok_s'))} tok/s with two-batch overlap (sizes "
-                      f"{min(t['halves'])}+ in halves), {_fmt(w.get('workload_A', {}).get('tok_s'))} without (the row "
+                      f"{min(t['halves'], default='?')}+ in halves, PDL {'on' if t.get('pdl') else 'off'}), "
+                      f"{_fmt(w.get('workload_A', {}).get('tok_s'))} without (the row "
                       f"above), {same} with the halves at the attention's stream priority; ITL ms {pairs}; our GEMMs "
                       f"given up for torch's in the halves: {given_up or 'none'}")
     dec = g.get("slice64_profile", {}).get("decode")

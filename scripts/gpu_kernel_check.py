@@ -267,11 +267,17 @@ def time_split_counts(dev: torch.device, rng: torch.Generator, running=(8, 16, 3
             except Exception as exc:
                 print(f"  {len(lens)} running, {n} splits: failed: {type(exc).__name__}: {exc}")
         best = min(timings, key=timings.get) if timings else None
-        cells = [f"{timings[n]:6.1f} ({kv_bytes / timings[n] / 1e3:4.0f}){'*' if n == default else ' '}"
-                 f"{'+' if n == best else ' '}" if n in timings else f"{'-':>16s}" for n in sorted(timings)]
-        print(f"{len(lens):7d} {step:5d} {sum(lens) // len(lens):6d} " + " ".join(cells)
-              + ("" if default in splits else f"   (default {default})"))
+        cells = [_split_cell(timings.get(n), kv_bytes, n == default, n == best) for n in (*splits, default)]
+        extra = "" if default in splits else f"   default {default}: {cells[-1].strip()}"
+        print(f"{len(lens):7d} {step:5d} {sum(lens) // len(lens):6d} " + " ".join(cells[:-1]) + extra)
         del b
+
+
+def _split_cell(us: float | None, kv_bytes: int, default: bool, best: bool) -> str:
+    """One cell of the split-count table, 16 wide: us (GB/s), * the default, + the fastest; '-' where it failed."""
+    if us is None:
+        return f"{'-':>16s}"
+    return f"{us:7.1f} ({kv_bytes / us / 1e3:4.0f})" + ("*" if default else " ") + ("+" if best else " ")
 
 
 def check_and_time_sampling(dev: torch.device, rng: torch.Generator, timing: bool) -> bool:

@@ -158,24 +158,21 @@ class DecoderForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, backend: AttentionBackend):
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
-        hidden = self.embed_tokens(input_ids)
-        rope = self.rotary.lookup(positions)  # once per forward, for every layer
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(rope, hidden, residual, kv_cache, meta, backend)
-        return self.norm.add_forward(hidden, residual)[0]
+        return self.forward_batches([(input_ids, positions, meta, backend)], kv_caches)[0]
 
-    def forward_halves(self, halves, kv_caches, streams=None) -> list[torch.Tensor]:
-        """Two independent batches through the model, interleaved layer by layer: halves is
-        [(input_ids, positions, meta, backend)] for each -> [final hidden states] for each.
+    def forward_batches(self, batches, kv_caches, streams=None) -> list[torch.Tensor]:
+        """Independent batches through the model, interleaved layer by layer: batches is
+        [(input_ids [T], positions [T], meta, backend)] -> [final hidden states [T, hidden]] for each.
 
-        streams (CUDA): one stream per half, current while its kernels are issued; each half's backend may put
-        its attention on a stream of its own (cuda_graphs' two-batch overlap). Issued a layer at a time, half
-        after half, so that a shared attention stream runs a, b, a, b, ... while each half's GEMMs run between
-        its own attentions. None: both on the current stream, the same computation in the same order."""
+        streams (CUDA): one stream per batch, current while its kernels are issued; each batch's backend may put
+        its attention on a stream of its own (cuda_graphs' two-batch overlap: two halves of a decode batch).
+        Issued a layer at a time, batch after batch, so that a shared attention stream runs a, b, a, b, ... while
+        each batch's GEMMs run between its own attentions. None: all on the current stream, the same
+        computation in the same order."""
         states = []
-        for i, (ids, positions, meta, backend) in enumerate(halves):
+        for i, (ids, positions, meta, backend) in enumerate(batches):
             with _stream(streams, i):
+                # The RoPE table lookup once per forward, for every layer.
                 states.append([self.embed_tokens(ids), None, self.rotary.lookup(positions), meta, backend])
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             for i, state in enumerate(states):

@@ -304,7 +304,7 @@ def test_gpu_check_script_flow_on_cpu(tmp_path, capsys):
     tbo = second["two_batch_overlap"]
     assert tbo["graphs_on"] is True and tbo["halves"] == [2, 4, 8]
     assert tbo["workload_A"]["generated_tokens"] == a["requested_tokens"] and set(tbo["itl"]) == {"1", "8"}
-    assert tbo["same_priority"]["workload_A"]["generated_tokens"] == a["requested_tokens"]
+    assert tbo["same_priority"]["workload_A"]["generated_tokens"] == a["requested_tokens"] and tbo["pdl"] is False
     row = _row(table, "    two-batch overlap")
     assert " PASS " in row and f"workload A {tbo['workload_A']['tok_s']:,.0f} tok/s with two-batch overlap" in row
     markdown = (out / "performance.md").read_text()
@@ -622,7 +622,7 @@ def test_gpu_check_second_engine_pins_g_tiles_and_fails_without_its_figures(tmp_
     pdl = {"graphs_on": True, "workload_A": {"tok_s": 25800.0}, "itl": {"1": 1.2, "64": 1.8},
            "decode_gemms": {"sizes": 21, "ours": {"o": [1, 2]}}}
     tbo = {"graphs_on": True, "halves": [32, 48], "workload_A": {"tok_s": 27000.0}, "itl": {"1": 1.2, "64": 1.7},
-           "same_priority": {"workload_A": {"tok_s": 26500.0}}}
+           "same_priority": {"workload_A": {"tok_s": 26500.0}}, "pdl": True}
     assert gpu_check._second_ok({"pdl": pdl, "wide_budget": wide, "two_batch_overlap": tbo})
     assert not gpu_check._second_ok({"pdl": {**pdl, "graphs_on": False}, "wide_budget": wide,
                                      "two_batch_overlap": tbo})
@@ -644,15 +644,16 @@ def test_gpu_check_second_engine_pins_g_tiles_and_fails_without_its_figures(tmp_
     assert f"pinned to g's: {tk.PREFILL_TILE_ENV}, {tk.DECODE_TILE_ENV}; other decode GEMM picks" in res["pdl"]
     assert res["wide"] == ("workload A 26,000 tok/s at 16,384 tokens a step, 25,800 at the default "
                            "(PDL on in both)")
-    assert res["tbo"] == ("workload A 27,000 tok/s with two-batch overlap (sizes 32+ in halves), 26,000 without "
-                          "(the row above), 26,500 tok/s with the halves at the attention's stream priority; ITL ms "
+    assert res["tbo"] == ("workload A 27,000 tok/s with two-batch overlap (sizes 32+ in halves, PDL on), 26,000 "
+                          "without (the row above), 26,500 tok/s with the halves at the attention's stream priority; ITL ms "
                           "batch 1 1.20, batch 64 1.70; our GEMMs given up for torch's in the halves: none")
 
 
 def test_gpu_kernel_check_split_table_uses_workload_a_steps_at_each_batch_size(monkeypatch, capsys):
     """Part b's split-count table: for each batch size, the first decode step of workload A with at most that
-    many requests running (their real context lengths), every split count timed longest first, the default and
-    the fastest marked. Run here with the kernel and timer stood in (the real ones need CUDA)."""
+    many requests running (their real context lengths), every split count timed longest first, one cell under
+    each header ('-' where a count failed), the default and the fastest marked, a default outside the headers
+    after the row. Run here with the kernel and timer stood in (the real ones need CUDA)."""
     import re
 
     from engine_service import bench
@@ -663,21 +664,36 @@ def test_gpu_kernel_check_split_table_uses_workload_a_steps_at_each_batch_size(m
     from scripts import gpu_kernel_check as gkc
 
     calls = []
-    monkeypatch.setattr(tk, "paged_attention", lambda *a, num_kv_splits, seq_order, out: calls.append(
-        (int(a[4].numel()), num_kv_splits, seq_order.tolist())))
-    monkeypatch.setattr(tk, "default_num_kv_splits", lambda seqs, kv_heads, q, dev: 2 if seqs < 40 else 1)
+
+    def attention(*a, num_kv_splits, seq_order, out):
+        calls.append((int(a[4].numel()), num_kv_splits, seq_order.tolist()))
+        if num_kv_splits == 2:
+            raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(tk, "paged_attention", attention)
+    monkeypatch.setattr(tk, "default_num_kv_splits", lambda seqs, kv_heads, q, dev: 7 if seqs < 40 else 1)
     monkeypatch.setattr(gkc, "_time", lambda fn: (fn(), 100.0 + abs(calls[-1][1] - 3))[1])  # 3 splits fastest
-    gkc.time_split_counts(torch.device("cpu"), torch.Generator().manual_seed(0), running=(16, 64), splits=(1, 3))
-    rows = capsys.readouterr().out.splitlines()[-2:]
+    gkc.time_split_counts(torch.device("cpu"), torch.Generator().manual_seed(0), running=(16, 64),
+                          splits=(1, 2, 3))
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("running"))
+    rows = [line for line in lines if re.match(r" +\d+ +\d+ +\d+ ", line)]
     workload = bench.make_workload(bench.WORKLOAD_A)
+    assert len(rows) == 2, lines
     for want, row in zip((16, 64), rows, strict=True):
         running, step, keys = map(int, row.split()[:3])
         lens = live_contexts(workload, step)
         assert running == len(lens) <= want < len(live_contexts(workload, step - 1)), (want, step)
         assert keys == sum(lens) // len(lens)
-        timed = sorted({1, 3, 2 if running < 40 else 1})
+        default = 7 if running < 40 else 1
         assert [(n, order) for seqs, n, order in calls if seqs == running] == [
-            (n, gkc.longest_first(lens)) for n in timed]
-        cells = re.findall(r"[\d.]+ \( *\d+\)(.)(.)", row)
-        assert [c[0] == "*" for c in cells] == [n == (2 if running < 40 else 1) for n in timed]
-        assert [c[1] == "+" for c in cells] == [n == 3 for n in timed]
+            (n, gkc.longest_first(lens)) for n in sorted({1, 2, 3, default})]
+
+        def under(n: int, row=row) -> str:  # the 16 characters under header "splits n"
+            end = header.index(f"splits {n}") + len(f"splits {n}")
+            return row[end - 16 : end]
+
+        assert re.fullmatch(r" *102\.0 \( *\d+\)" + ("\\*" if default == 1 else " ") + " ", under(1)), row
+        assert under(2).strip() == "-"  # it failed
+        assert re.fullmatch(r" *100\.0 \( *\d+\) \+", under(3)), row
+        assert bool(re.search(r"   default 7: 104\.0 \( *\d+\)\*$", row)) == (default == 7), row
