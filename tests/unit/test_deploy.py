@@ -458,6 +458,18 @@ def test_metrics_port_is_declared_once_the_service_has_one(rendered, name):
         cfg = effective_config(objs, name)
         c = container(one(objs, "Deployment", name))
         assert port_number(c, "metrics") == getattr(cfg, field), f"{overlay}/{name}: metrics port differs"
+        # Annotation-based discovery scrapes the same port and path.
+        notes = one(objs, "Deployment", name)["spec"]["template"]["metadata"].get("annotations", {})
+        assert notes.get("prometheus.io/scrape") == "true" and notes.get("prometheus.io/path") == "/metrics"
+        assert int(notes["prometheus.io/port"]) == getattr(cfg, field), f"{overlay}/{name}: annotated port differs"
+
+
+def test_engines_need_no_node_label(rendered):
+    """The nvidia.com/gpu limit keeps engines on nodes that advertise GPUs; a node selector on a label only the GPU
+    operator sets (nvidia.com/gpu.present) left them Pending where only the device plugin runs."""
+    for overlay, objs in rendered.items():
+        pod = one(objs, "Deployment", ENGINE)["spec"]["template"]["spec"]
+        assert not pod.get("nodeSelector") and not pod.get("affinity"), f"{overlay}: {pod.get('nodeSelector')}"
 
 
 # ---------------------------------------------------------------------------------------------------------
