@@ -353,21 +353,40 @@ def cmd_second(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
     if not pdl_on:
         report["pdl"] = {"skipped": "needs CUDA" if cpu_dry_run else "needs compute capability 9.0"}
     default_budget = next(f.default for f in fields(EngineConfig) if f.name == "max_num_batched_tokens")
-    before = {name: os.environ.get(name) for name in pins}
-    os.environ.update(pins)  # read by the tuners at start-up only
-    try:
-        on = LLM(str(model_dir), **engine, pdl=pdl_on, max_num_batched_tokens=WIDE_BUDGET)
-    except Exception as e:
-        traceback.print_exc()
-        report["pdl" if pdl_on else "wide_budget"] = {"error": f"engine start-up: {type(e).__name__}: {e}"}
+
+    def start(pdl: bool):
+        """The second engine, or None where its start-up failed (said in the report)."""
+        before = {name: os.environ.get(name) for name in pins}
+        os.environ.update(pins)  # read by the tuners at start-up only
+        try:
+            return LLM(str(model_dir), **engine, pdl=pdl, max_num_batched_tokens=WIDE_BUDGET)
+        except Exception as e:
+            traceback.print_exc()
+            report["pdl" if pdl else "wide_budget"] = {"error": f"engine start-up: {type(e).__name__}: {e}"}
+            save()
+            return None
+        finally:
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+    on = start(pdl_on)
+    if pdl_on and (on is None or on.runner.graphs is None):
+        # PDL broke the start-up or its graphs: that is its row's verdict, and the rows after it are measured
+        # without it rather than not at all (eager decode would say nothing about them).
+        if on is not None:
+            report["pdl"] = {"graphs_on": False, "error": "start-up kept no CUDA graphs with PDL (its log says why)"}
+            on.close()
+            del on
+            gc.collect()
+            torch.cuda.empty_cache()
         save()
+        pdl_on = False
+        on = start(False)
+    if on is None:
         return 1
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     with on:
         _, plan = bench.make_plan(bench.WORKLOAD_A, model_dir, engine["device"], engine["dtype"],
                                   on.model_cfg.vocab_size, 1, *workload_a_args)

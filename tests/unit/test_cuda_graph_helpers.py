@@ -697,3 +697,36 @@ def test_gpu_kernel_check_split_table_uses_workload_a_steps_at_each_batch_size(m
         assert under(2).strip() == "-"  # it failed
         assert re.fullmatch(r" *100\.0 \( *\d+\) \+", under(3)), row
         assert bool(re.search(r"   default 7: 104\.0 \( *\d+\)\*$", row)) == (default == 7), row
+
+
+def test_gpu_check_second_engine_measures_the_rest_without_pdl_when_pdl_fails(tmp_path, monkeypatch):
+    """Part p on a device where the engine cannot start with PDL: PDL's row says so, and a second start without it
+    still measures the wider token budget (rather than leaving part p's later rows empty). A CPU engine stands in
+    for the GPU's, with CUDA's queries faked."""
+    import json
+
+    import engine_service
+    from scripts import gpu_check
+
+    real_setup, real_llm = gpu_check._setup, engine_service.LLM
+    monkeypatch.setattr(gpu_check, "_setup", lambda cpu_dry_run: real_setup(True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    starts = []
+
+    def llm(*args, pdl=False, **kwargs):
+        starts.append(pdl)
+        if pdl:
+            raise RuntimeError("PTX JIT compilation failed")
+        return real_llm(*args, **kwargs)
+
+    monkeypatch.setattr(engine_service, "LLM", llm)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert gpu_check.cmd_second(out, tmp_path / "presets") == 1  # PDL failed: part p fails
+    report = json.loads((out / "second.json").read_text())
+    assert starts == [True, False]
+    assert "PTX JIT compilation failed" in report["pdl"]["error"]
+    wide = report["wide_budget"]
+    assert wide["pdl"] is False and wide["workload_A"]["generated_tokens"] == wide["workload_A"]["requested_tokens"] > 0
