@@ -134,7 +134,7 @@ def test_stand_in_replay_in_two_halves_gives_the_tokens_of_one_batch(tmp_path, b
                dtype=torch.float32 if backend == "triton" else torch.float64)
     rng = random.Random(3)
     prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (3, 9, 17, 5, 11)]
-    params = [SamplingParams(temperature=0.0, max_tokens=n) for n in (7, 5, 3, 6, 2)]  # 5 -> 4 -> 3 -> 1 running
+    params = [SamplingParams(temperature=0.0, max_tokens=n) for n in (5, 4, 2, 5, 3)]  # 5 -> 4 -> 3 -> 2 running
     # The triton backend with the fused kernels, as on CUDA: each half's RoPE kernel stores its K/V in the cache.
     kwargs = dict(device="cpu", dtype=dtype, attention_backend=backend, kvcache_block_size=8,
                   num_kvcache_blocks=64, max_num_seqs=8, max_model_len=64, fused_ops=backend == "triton")
@@ -151,7 +151,7 @@ def test_stand_in_replay_in_two_halves_gives_the_tokens_of_one_batch(tmp_path, b
         load = graphs._load
         graphs._load = lambda ids, *rest: (loads.append((len(ids), rest[-1])), load(ids, *rest))[1]
         replayed = [o["token_ids"] for o in llm.generate(prompts, params)]
-        assert graphs.num_replays >= 6
+        assert graphs.num_replays >= 4
     # 5, 4 and 3 rows at size 8: the first half (4 lanes) holds 3 or 2 of them, so rows 3.. came from lanes 4..
     assert {(5, 8), (4, 8), (3, 8)} <= set(loads), loads
     assert replayed == eager
