@@ -242,17 +242,15 @@ class DecodeGraphRunner:
         self._copied = [torch.cuda.Event() for _ in range(2)] if pin else None
         self._turn = 0
         self._stage_dev = torch.empty(cap, dtype=torch.long, device=dev)
-        # Split-KV count per size, fixed at capture (only the triton backend reads it).
-        self.num_kv_splits = dict.fromkeys(self.sizes, 1)
+        # Split-KV count per batch of lanes (each size, and each half by its lanes), fixed at capture (only the
+        # triton backend reads it).
+        lanes = sorted({*self.sizes, *self.halves.values(), *(s - h for s, h in self.halves.items())})
+        self.num_kv_splits = dict.fromkeys(lanes, 1)
         if runner.backend_name == "triton":
             from engine_service.attention.triton_kernels import default_num_kv_splits
 
             kv_heads = kv_heads_per_rank(runner.model_cfg, runner.tp)
-            # Each half's own count too, by its lanes.
-            counts = {*self.sizes, *self.halves.values(), *(s - h for s, h in self.halves.items())}
-            self.num_kv_splits = {s: default_num_kv_splits(s, kv_heads, 1, dev) for s in sorted(counts)}
-        else:
-            self.num_kv_splits.update({n: 1 for s, h in self.halves.items() for n in (h, s - h)})
+            self.num_kv_splits = {n: default_num_kv_splits(n, kv_heads, 1, dev) for n in lanes}
         self.graphs: dict[int, torch.cuda.CUDAGraph | _EagerReplay] = {}
         self.pool = None
         self.capture_seconds = 0.0
@@ -478,7 +476,9 @@ def build_decode_graphs(runner: ModelRunner, two_batch_overlap: bool | None = No
                         **options) -> DecodeGraphRunner | None:
     """Capture and self-check decode graphs for a CUDA model runner; None (eager decode) when they
     cannot be used, with the reason logged. two_batch_overlap: None takes the engine's setting; options go to
-    DecodeGraphRunner."""
+    DecodeGraphRunner. Graphs with sizes in two halves that fail are captured again without them (graphs of one
+    batch a step beat eager decode by far: two-batch overlap is an optimisation); the result's `halves` says
+    which it is."""
     if runner.backend_name != "triton":
         log.info(
             "CUDA graphs off: the %s attention backend is not capturable (only triton is)", runner.backend_name
@@ -487,8 +487,18 @@ def build_decode_graphs(runner: ModelRunner, two_batch_overlap: bool | None = No
     if runner.tp.size > 1:
         log.info("CUDA graphs off: tensor_parallel_size > 1 runs eagerly")
         return None
-    graphs = DecodeGraphRunner(runner, capture_sizes(runner.config.max_num_seqs),
-                               two_batch_overlap=two_batch_overlap, **options)
+    sizes = capture_sizes(runner.config.max_num_seqs)
+    graphs = DecodeGraphRunner(runner, sizes, two_batch_overlap=two_batch_overlap, **options)
+    halved = bool(graphs.halves)
+    graphs = _captured(graphs)
+    if graphs is None and halved:
+        log.warning("CUDA graphs failed with two-batch overlap; capturing again without it")
+        graphs = _captured(DecodeGraphRunner(runner, sizes, two_batch_overlap=False, **options))
+    return graphs
+
+
+def _captured(graphs: DecodeGraphRunner) -> DecodeGraphRunner | None:
+    """graphs captured and self-checked, or None (said in the log) where either failed."""
     try:
         seconds = graphs.capture()
         results = graphs.self_check()

@@ -208,11 +208,7 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager:
             from engine_service.cuda_graphs import build_decode_graphs
 
-            self.graphs = build_decode_graphs(self)
-            if self.graphs is None and self._halves_captured():
-                # Graphs of one batch a step beat eager decode by far: two-batch overlap is an optimisation.
-                log.warning("CUDA graphs failed with two-batch overlap; capturing again without it")
-                self.graphs = build_decode_graphs(self, two_batch_overlap=False)
+            self.graphs = build_decode_graphs(self)  # again without two-batch overlap where that failed
             if self.graphs is None and self._decode_gemm_picks():
                 # The failed capture or self-check may be the Triton GEMMs' doing: graphs with torch's GEMMs beat
                 # eager decode with ours by far, and eager decode should not run an unverified kernel either.
@@ -310,14 +306,6 @@ class ModelRunner:
             log.info("decode attention launched longest first %.0f us, in batch order %.0f us: %s", *order,
                      "decode steps launch longest first" if decode_order_pays(q, self.k_cache[0]) else
                      "decode steps keep batch order")
-
-    def _halves_captured(self) -> bool:
-        """Whether start-up's decode graphs had sizes in two halves (two-batch overlap), so that capturing them
-        again without it is worth a try."""
-        from engine_service.cuda_graphs import TWO_BATCH_MIN_SIZE, capture_sizes
-
-        return (self.config.two_batch_overlap and self.backend_name == "triton" and self.tp.size == 1
-                and capture_sizes(self.config.max_num_seqs)[-1] >= TWO_BATCH_MIN_SIZE)
 
     def _tune_decode_gemms(self) -> None:
         """Time Triton GEMM tiles against torch's for the four GEMMs of a layer at every batch size CUDA graphs

@@ -404,10 +404,8 @@ def cmd_second(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
             save()
             print(f"programmatic dependent launch: {report['pdl']}")
         on.scheduler.max_num_batched_tokens = WIDE_BUDGET
-        prompts, max_tokens = plan.batches[0]
-        wide_plan = replace(plan, batches=[(bench.salted(prompts, 15, on.model_cfg.vocab_size), max_tokens)])
         try:
-            wide = bench.time_engine(on, wide_plan, bench.Result())
+            wide = bench.time_engine(on, _salted_plan(plan, 15, on), bench.Result())
             report["wide_budget"] = {"max_num_batched_tokens": WIDE_BUDGET, "pdl": pdl_on,
                                      "workload_A": wide.to_json()}
         except Exception as e:
@@ -417,17 +415,27 @@ def cmd_second(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
         print(f"workload A at {WIDE_BUDGET:,} tokens a step: {report['wide_budget']}")
         # Last, two-batch overlap (cuda_graphs.py, off by default): the same engine's decode graphs captured again
         # with it, workload A (salted apart) at the wide budget and decode ITL, beside the figures above.
-        report["two_batch_overlap"] = _two_batch_overlap(on, replace(plan, batches=[
-            (bench.salted(prompts, 17, on.model_cfg.vocab_size), max_tokens)]), itl_batches, itl_args, cpu_dry_run)
+        report["two_batch_overlap"] = _two_batch_overlap(on, _salted_plan(plan, 17, on), itl_batches, itl_args,
+                                                         cpu_dry_run)
         report["two_batch_overlap"]["pdl"] = pdl_on
         save()
         print(f"two-batch overlap: {report['two_batch_overlap']}")
     return 0 if _second_ok(report) else 1
 
 
+def _salted_plan(plan, salt: int, llm):
+    """plan with its timed batch's prompts salted apart (bench.salted), so that no run finds another's prompts in
+    llm's prefix cache."""
+    from engine_service import bench
+
+    prompts, max_tokens = plan.batches[0]
+    return replace(plan, batches=[(bench.salted(prompts, salt, llm.model_cfg.vocab_size), max_tokens)])
+
+
 def _halved_graphs(llm, cpu_dry_run: bool, **options):
     """The engine's decode graphs captured again with two-batch overlap (on the CPU dry run the stand-in replay,
-    every size from 2 on in halves), in place of its graphs; None where they failed (the log says why)."""
+    every size from 2 on in halves), in place of its graphs; None where they failed (the log says why; the engine
+    then keeps the graphs of one batch that build_decode_graphs fell back to)."""
     import torch
 
     from engine_service import cuda_graphs
@@ -445,7 +453,7 @@ def _halved_graphs(llm, cpu_dry_run: bool, **options):
         torch.cuda.empty_cache()
         graphs = cuda_graphs.build_decode_graphs(runner, two_batch_overlap=True, **options)
     runner.graphs = graphs
-    return graphs
+    return graphs if graphs is not None and graphs.halves else None  # without halves: its fallback, not a figure
 
 
 def _two_batch_overlap(llm, plan, itl_batches, itl_args, cpu_dry_run: bool) -> dict:
@@ -473,8 +481,7 @@ def _two_batch_overlap(llm, plan, itl_batches, itl_args, cpu_dry_run: bool) -> d
             if _halved_graphs(llm, cpu_dry_run, halves_priority=0) is None:
                 found["same_priority"] = {"error": "capture or self-check failed"}
             else:
-                prompts, max_tokens = plan.batches[0]
-                again = replace(plan, batches=[(bench.salted(prompts, 19, llm.model_cfg.vocab_size), max_tokens)])
+                again = _salted_plan(plan, 19, llm)
                 found["same_priority"] = {"workload_A": bench.time_engine(llm, again, bench.Result()).to_json()}
         except Exception as e:
             traceback.print_exc()

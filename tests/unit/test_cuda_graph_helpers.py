@@ -730,3 +730,35 @@ def test_gpu_check_second_engine_measures_the_rest_without_pdl_when_pdl_fails(tm
     assert "PTX JIT compilation failed" in report["pdl"]["error"]
     wide = report["wide_budget"]
     assert wide["pdl"] is False and wide["workload_A"]["generated_tokens"] == wide["workload_A"]["requested_tokens"] > 0
+
+
+def test_graphs_that_fail_in_halves_are_captured_again_without_them(tmp_path, monkeypatch, caplog):
+    """build_decode_graphs: graphs with sizes in two halves whose capture fails are captured again as one batch a
+    step (a warning says so), rather than leaving decode eager; graphs without halves that fail are not retried."""
+    import logging
+
+    from engine_service.cuda_graphs import DecodeGraphRunner, build_decode_graphs
+
+    llm = _start_up_engine(tmp_path, "torch")
+    llm.runner.backend_name = "triton"  # build_decode_graphs captures only that backend's graphs
+    real_capture, captures = DecodeGraphRunner.capture, []
+
+    def capture(self):
+        captures.append(bool(self.halves))
+        if self.halves:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real_capture(self)
+
+    monkeypatch.setattr(DecodeGraphRunner, "capture", capture)
+    with caplog.at_level(logging.WARNING, logger="engine_service.cuda_graphs"):
+        graphs = build_decode_graphs(llm.runner, two_batch_overlap=True, use_cuda_graphs=False, halved_from=2)
+    assert captures == [True, False] and graphs is not None and graphs.halves == {}
+    assert "capturing again without it" in caplog.text
+    captures.clear()
+    monkeypatch.setattr(DecodeGraphRunner, "self_check", lambda self, seed=0: [_Bad()])
+    assert build_decode_graphs(llm.runner, two_batch_overlap=False, use_cuda_graphs=False) is None
+    assert captures == [False]
+
+
+class _Bad:
+    size, ok, hidden_equal, logits_equal, finite, max_abs_diff = 1, False, False, False, True, 1.0
