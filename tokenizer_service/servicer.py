@@ -453,8 +453,11 @@ class TextServicer(pb_grpc.TextGenerationServicer):
     async def Generate(self, request, context):
         self.num_calls += 1
         trace = RequestTrace(request_id_from(context.invocation_metadata(), request.request_id))
-        context.set_trailing_metadata(((REQUEST_ID_HEADER, trace.request_id),))
+        id_header = ((REQUEST_ID_HEADER, trace.request_id),)
+        context.set_trailing_metadata(id_header)  # clients that predate the headers' copy read it here
         try:
+            # In the headers too, sent now: a client can read the id before (or without) reading the stream.
+            await context.send_initial_metadata(id_header)
             prep = await self._admit(request, trace)
             async for response in self._generate(prep, context.time_remaining(), trace):
                 yield response

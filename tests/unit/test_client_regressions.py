@@ -288,12 +288,20 @@ def test_streams_tell_the_finish_reason_usage_and_request_id(service):
         assert text and stream.finish_reason == pb.FINISH_REASON_LENGTH and stream.usage.completion_tokens == 3
         assert stream.stop_reason == "" and len(stream.request_id()) >= 16
         assert client.generate("hi", max_tokens=2, request_id=42).request_id() == "42"  # an int id is its str()
+        # The id comes in the call's headers: an unread stream gives it at once (it waited for the deadline).
+        unread = client.generate("hi", max_tokens=2)
+        started = time.monotonic()
+        assert len(unread.request_id()) >= 16 and time.monotonic() - started < 10
+        assert unread.text()  # and the stream reads as before
 
     async def main() -> tuple[object, int, str]:
         async with AsyncTextClient(service, timeout=30) as client:
             stream = client.generate("hi", max_tokens=2, request_id="job-7")
+            started = time.monotonic()
+            got = await stream.request_id()  # before the stream is read
+            assert time.monotonic() - started < 10
             await stream.text()
-            return stream.finish_reason, stream.usage.completion_tokens, await stream.request_id()
+            return stream.finish_reason, stream.usage.completion_tokens, got
 
     assert asyncio.run(main()) == (pb.FINISH_REASON_LENGTH, 2, "job-7")
 
