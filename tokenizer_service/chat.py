@@ -76,14 +76,25 @@ def _content_text(content: object, where: str) -> str:
     )
 
 
+class _NotJson(ValueError):
+    pass
+
+
+def _not_json(constant: str) -> object:
+    """json.loads takes NaN and Infinity, which JSON has not (a template would write them into the prompt)."""
+    raise _NotJson(f"{constant} is not a JSON value (JSON has no NaN or Infinity)")
+
+
 def _json_object(value: object, where: str) -> dict:
     """A JSON object given as a mapping or as its text ("" is {}: proto3's unset arguments), at most
     MAX_JSON_DEPTH deep and encodable as UTF-8 (json.loads takes a lone-surrogate escape the tokenizer cannot)."""
     if isinstance(value, str):
         try:
-            value = json.loads(value) if value.strip() else {}
+            value = json.loads(value, parse_constant=_not_json) if value.strip() else {}
         except json.JSONDecodeError as exc:
             raise ValueError(f"{where} must be a JSON object, got text that is not JSON ({exc})") from None
+        except _NotJson as exc:
+            raise ValueError(f"{where} must be a JSON object, got text that is not JSON: {exc}") from None
         except RecursionError:
             raise ValueError(f"{where} must be a JSON object at most {MAX_JSON_DEPTH} deep") from None
     if not isinstance(value, Mapping):
@@ -91,7 +102,7 @@ def _json_object(value: object, where: str) -> dict:
     if _depth(value) > MAX_JSON_DEPTH:
         raise ValueError(f"{where} must be a JSON object at most {MAX_JSON_DEPTH} deep")
     try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as exc:  # a mapping from Python holding what JSON cannot; a lone surrogate
         raise ValueError(f"{where} must be a JSON object of UTF-8 text: {exc}") from None
     return dict(value)
@@ -302,10 +313,14 @@ def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bo
     except RecursionError:  # a template recursing over a request's data
         raise ValueError("messages: the chat template recursed too deeply over them") from None
     except TypeError as e:
-        if not template_kwargs:
+        if not (template_kwargs or tools or called):
             raise  # a template that fails in Python on plain messages is broken: the service's error, INTERNAL
-        # A variable of a type the template cannot use (a number where it adds text): the request's error.
-        raise ValueError(f"the chat template failed with the request's template_kwargs: TypeError: {e}") from None
+        # JSON of the request's a template cannot use (a number where it adds text, a list where it wants a
+        # mapping): the request's error.
+        given = [what for what, there in (("tools", tools), ("tool calls", called), ("template_kwargs", template_kwargs))
+                 if there]
+        raise ValueError(f"the chat template failed with the request's {' and '.join(given)} (a value of a type "
+                         f"it cannot use): TypeError: {e}") from None
     if not isinstance(text, str):
         raise ValueError(f"the chat template rendered {type(text).__name__}, not text")
     return text

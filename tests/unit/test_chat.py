@@ -239,8 +239,42 @@ def test_a_template_kwarg_of_a_type_the_template_cannot_use_is_bad_input(demo_to
     tok = copy.deepcopy(demo_tokenizer)
     tok.chat_template = "{{ date_string + '!' }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert render_chat(tok, [{"role": "user", "content": "Hi"}], template_kwargs={"date_string": "today"}) == "today!Hi"
-    with pytest.raises(ValueError, match="the chat template failed with the request's template_kwargs: TypeError"):
+    with pytest.raises(ValueError, match=r"the chat template failed with the request's template_kwargs \(a value of a type it cannot use\): TypeError"):
         render_chat(tok, [{"role": "user", "content": "Hi"}], template_kwargs={"date_string": 5})
     tok.chat_template = "{{ messages[0]['content'] + 1 }}"  # broken for any chat: the service's error, not bad input
     with pytest.raises(TypeError):
         render_chat(tok, [{"role": "user", "content": "Hi"}])
+
+
+def test_tools_or_tool_calls_of_a_type_the_template_cannot_use_are_bad_input(demo_tokenizer) -> None:
+    """A tool whose description was a number (Hermes' template adds it to text) or a tool call whose arguments held
+    a list where the template wanted a mapping ended as INTERNAL with a traceback: the request's JSON, like
+    template_kwargs, is the request's error. NaN and Infinity, which json.loads takes, are not JSON."""
+    tok = copy.deepcopy(demo_tokenizer)
+    tok.chat_template = (
+        "{% for t in tools or [] %}{{ t['function']['description'] + '.' }}{% endfor %}"
+        "{% for m in messages %}{{ m['content'] }}"
+        "{% for c in m.get('tool_calls') or [] %}{% for k, v in c['function']['arguments']['opts'] | items %}"
+        "{{ k }}{% endfor %}{% endfor %}{% endfor %}"
+    )
+    hi = [{"role": "user", "content": "Hi"}]
+    tool = {"type": "function", "function": {"name": "f", "description": "finds", "parameters": {}}}
+    assert render_chat(tok, hi, tools=[tool]) == "finds.Hi"
+    tool["function"]["description"] = 5
+    with pytest.raises(ValueError, match=r"failed with the request's tools \(a value of a type it cannot use\)"):
+        render_chat(tok, hi, tools=[tool])
+    called = hi + [{"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": {"opts": [1]}}]}]
+    with pytest.raises(ValueError, match=r"failed with the request's tool calls \("):
+        render_chat(tok, called)
+    called[1]["tool_calls"][0]["arguments"] = {"opts": {"a": 1}}
+    assert render_chat(tok, called) == "Hia"
+    for bad in ('{"opts": NaN}', '{"opts": {"a": -Infinity}}'):
+        called[1]["tool_calls"][0]["arguments"] = bad
+        with pytest.raises(ValueError, match=r"arguments must be a JSON object, got text that is not JSON: .*NaN"):
+            render_chat(tok, called)
+    called[1]["tool_calls"][0]["arguments"] = {"opts": {"a": float("nan")}}  # from Python, not text
+    with pytest.raises(ValueError, match=r"arguments must be a JSON object of UTF-8 text"):
+        render_chat(tok, called)
+    tok.chat_template = "{{ messages[0]['content'] + 1 }}"  # broken on plain messages: still the service's error
+    with pytest.raises(TypeError):
+        render_chat(tok, hi)
