@@ -108,8 +108,7 @@ class _Compiler:
                 raise SchemaError(f"json_schema at {where}: no value of enum/const meets the rest of the schema")
             node = self.node(jg.LITERALS_KIND)
             node.literals = tuple(dict.fromkeys(literals))
-            node.starts = frozenset(lit[0] for lit in node.literals)
-            return node
+            return node.seal()
         branches = schema.get("anyOf", schema.get("oneOf"))
         if branches is not None:
             beside = sorted(set(schema) - ANNOTATIONS - {"anyOf", "oneOf", "$defs", "definitions"})
@@ -145,9 +144,11 @@ class _Compiler:
         if kind == "boolean":
             node = self.node(jg.LITERALS_KIND)
             node.literals = (b"true", b"false")
+            node.seal()
         elif kind == "null":
             node = self.node(jg.LITERALS_KIND)
             node.literals = (b"null",)
+            node.seal()
         else:
             node = self.node({"string": jg.STRING_KIND, "number": jg.NUMBER_KIND, "integer": jg.INTEGER_KIND}[kind])
         node.starts = frozenset(_TYPE_STARTS[kind])

@@ -228,6 +228,27 @@ def test_enum_literals(data: bytes, ok: bool):
     assert _accepts(compile_schema(json.dumps(ENUMS)), data) is ok
 
 
+def test_an_enums_states_are_its_trie_nodes_not_the_values_left():
+    """A state partway into an enum held the tuple of the values still possible, rebuilt on every byte and hashed
+    on every mask lookup: 50-90 us a hit and 65-350 ms a miss for a 2,000-value enum, against about 2 us and a few
+    ms for other states. Its detail is now a node of a trie built once per schema: the same bytes give the same
+    node, and a key's states walk the object's key trie the same way."""
+    cities = [f"city {i}" for i in range(2000)]
+    node = compile_schema(json.dumps({"type": "object", "properties": {"city": {"enum": cities}, "n": {"enum": [1, 12]}},
+                                      "required": ["city"]}))
+    first, again = (jg.walk(jg.initial(node), b'{"city":"city 1') for _ in range(2))
+    assert first[0] == jg.LITS and isinstance(first[1], jg.Lit) and first[1] is again[1]
+    assert not first[1].ends and sorted(first[1].next) == sorted(b'"0123456789')
+    key = jg.walk(jg.initial(node), b'{"ci')
+    assert key[0] == jg.LITS and key[1].tag == "k" and key[1] is jg.walk(jg.initial(node), b'{"ci')[1]
+    assert jg.walk(jg.initial(node), b'{"city":"city 1999"}') is not None
+    assert jg.walk(jg.initial(node), b'{"city":"city 2000"}') is None
+    # 1 is complete where 12 goes on: the byte after it is read after the value
+    assert jg.walk(jg.initial(node), b'{"city":"city 5","n":1}')[0] == jg.DONE
+    assert jg.walk(jg.initial(node), b'{"city":"city 5","n":12}')[0] == jg.DONE
+    assert jg.walk(jg.initial(node), b'{"city":"city 5","n":13}') is None
+
+
 def test_masks_of_schema_states_equal_a_walk_of_each_token():
     vocab = _vocabulary(7)
     masks = JsonMasks(vocab)
