@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 # strings ban about a tenth). The least recently used go first.
 MASK_CACHE_BYTES = 64 << 20
 # Each mask counts as its ids' bytes rounded up to the CUDA caching allocator's 512-byte blocks: a mask of a dozen ids
-# takes 512 bytes of device memory, and counted as 48 the budget let some 1.4 million of them hold 700 MB (their
-# Python objects about as much again on the host).
+# takes 512 bytes of device memory, and counted as 48 the budget let some 1.4 million of them hold 700 MB. Host memory
+# is not counted: each mask also keeps its ids on the host, its key and Python objects, about 1.0-1.5 KB for a
+# small mask, so a budget full of small ones (131,072) holds about 130-190 MB of host memory beside the 64 MiB.
 MASK_BLOCK_BYTES = 512
 # A mask computed in more than this is logged (a warning once, then at debug level).
 SLOW_MASK_S = 0.05
