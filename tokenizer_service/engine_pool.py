@@ -30,6 +30,10 @@ MAX_DEADLINE_MS = 10 * 365 * 86_400_000  # ten years: longer deadlines are sent 
 # A Generate stream that sent a frame or stayed open this long was taken by the engine: a refusal of the call
 # itself (draining, or its generation-call limit reached) ends it within a round trip.
 STREAM_PROVEN_S = 1.0
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+# A request whose deadline passed this long ago without the engine ending it (the engine's own timer ends it at
+# the deadline) fails here with DEADLINE_EXCEEDED and is aborted: a frozen or stalled engine never answers.
+DEADLINE_GRACE_S = 1.0
 
 
 class RequestFailed(Exception):
@@ -43,18 +47,40 @@ class RequestFailed(Exception):
 class RequestHandle:
     """One request on one engine stream; `async for update in handle` yields its RequestUpdates."""
 
-    def __init__(self, conn: EngineConnection, request_id: str, max_buffered: int) -> None:
+    def __init__(self, conn: EngineConnection, request_id: str, max_buffered: int,
+                 timeout_s: float | None = None) -> None:
         self.conn, self.request_id, self._max = conn, request_id, max_buffered
         self._queue: asyncio.Queue[pb.RequestUpdate | RequestFailed] = asyncio.Queue()
         self.got_tokens = False
         self.done = False
+        self._timer: asyncio.TimerHandle | None = None
+        if timeout_s is not None:  # what is left of the request's deadline, sent to the engine as deadline_ms
+            self._timer = asyncio.get_running_loop().call_later(timeout_s + DEADLINE_GRACE_S, self._expired,
+                                                                timeout_s)
+
+    def _expired(self, timeout_s: float) -> None:
+        """The deadline passed DEADLINE_GRACE_S ago and the engine has not ended the request (its timer would have
+        at the deadline): the engine is stalled or unreachable while the stream stays open."""
+        self._timer = None
+        if not self.done:
+            self.close()
+            self.fail(RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"the request's deadline ({timeout_s:.3f}s when sent) passed and the engine at "
+                                    f"{self.conn.address} did not end the request within {DEADLINE_GRACE_S:.0f}s "
+                                    "of it (stalled or unreachable)"))
+
+    def _ended(self) -> None:
+        self.done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def push(self, update: pb.RequestUpdate) -> None:
         if self.done:
             return
         self.got_tokens = self.got_tokens or bool(update.new_token_ids)
         if update.finish_reason:
-            self.done = True
+            self._ended()
             self.conn.inflight.pop(self.request_id, None)
         elif self._queue.qsize() >= self._max:  # a slow consumer: fail it rather than grow without bound
             self.close()
@@ -65,7 +91,7 @@ class RequestHandle:
         self._queue.put_nowait(update)
 
     def fail(self, error: RequestFailed) -> None:
-        self.done = True
+        self._ended()
         self.conn.inflight.pop(self.request_id, None)
         self._queue.put_nowait(error)
 
@@ -73,7 +99,7 @@ class RequestHandle:
         """Stop the request: aborts it in the engine (in-band) unless it already finished. stopped: because a
         stop string matched (the engine then counts it as finished by stop)."""
         if not self.done:
-            self.done = True
+            self._ended()
             self.conn.abort(self.request_id, stopped)
 
     def __aiter__(self) -> RequestHandle:
@@ -144,9 +170,9 @@ class EngineConnection:
         self._outbox = _Outbox()  # one per stream attempt, so a dead call's writer can never take new frames
         self._task = asyncio.create_task(self._run(), name=f"engine {address}")
 
-    def send(self, request: pb.NewRequest, max_buffered: int) -> RequestHandle:
+    def send(self, request: pb.NewRequest, max_buffered: int, timeout_s: float | None = None) -> RequestHandle:
         request.request_id = str(next(self._ids))
-        handle = self.inflight[request.request_id] = RequestHandle(self, request.request_id, max_buffered)
+        handle = self.inflight[request.request_id] = RequestHandle(self, request.request_id, max_buffered, timeout_s)
         self._outbox.new.append(request)
         self._outbox.wake.set()
         return handle
@@ -230,6 +256,10 @@ class EngineConnection:
                     async for frame in call:
                         proven = True
                         for update in frame.updates:
+                            if update.finish_reason == pb.FINISH_REASON_ERROR and update.status.code == UNAVAILABLE:
+                                # Draining or failed: marked here, on the stream that said it (a caller reading
+                                # the update later could mark a new stream to a restarted engine, for good).
+                                self.mark_refusing()
                             handle = self.inflight.get(update.request_id)
                             if handle is not None:
                                 handle.push(update)
@@ -271,7 +301,8 @@ class EngineConnection:
                                       retryable=not handle.got_tokens))
 
     def mark_refusing(self) -> None:
-        """The engine refused a request with UNAVAILABLE: send it nothing new until its stream is made again."""
+        """The engine refused a request with UNAVAILABLE on the current stream: send it nothing new until the stream
+        is made again."""
         if not self.refusing:
             self.refusing = True
             log.warning("engine %s refuses new requests (draining or failed); sending them elsewhere", self.address)
@@ -413,10 +444,12 @@ class EnginePool:
                     conn = prefer
                 else:
                     conn = least_loaded([c for c in ready if c not in avoid] or ready)
+                left_s = None
                 if timeout_s is not None:  # capped: "no deadline" sent as a huge value must still fit a uint64
                     left_ms = int((started + timeout_s - time.monotonic()) * 1000)
                     request.deadline_ms = min(max(1, left_ms), MAX_DEADLINE_MS)
-                return conn.send(request, self.config.max_buffered_updates)
+                    left_s = request.deadline_ms / 1000
+                return conn.send(request, self.config.max_buffered_updates, left_s)
             left = deadline - time.monotonic()
             if left <= 0 and deadline_binds:
                 raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -485,7 +518,8 @@ class EnginePool:
             found = {(f"[{i[4][0]}]:{port}" if i[0] == socket.AF_INET6 else f"{i[4][0]}:{port}") for i in infos}
         except OSError as exc:
             log.warning("resolving %s failed: %s", self.config.engine_dns, exc)
-            found = set(self.conns)  # keep what we have
+            # Keep the engines we have; those that had left DNS stay retired (a failed lookup is not their return).
+            found = {address for address, conn in self.conns.items() if not conn.retiring}
         for address in found - set(self.conns):
             self.conns[address] = EngineConnection(address, self)
         for address in set(self.conns) - found:

@@ -337,10 +337,10 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                     async for update in handle:
                         if update.finish_reason == engine_pb.FINISH_REASON_ERROR:
                             code = STATUS_BY_CODE.get(update.status.code, grpc.StatusCode.INTERNAL)
-                            if code == grpc.StatusCode.UNAVAILABLE:  # draining or failed: no new requests there
-                                handle.conn.mark_refusing()
-                            raise RequestFailed(code, update.status.message,
-                                                retryable=code == grpc.StatusCode.UNAVAILABLE)
+                            # UNAVAILABLE: draining or failed (the pool no longer sends it requests); before any
+                            # token, RESOURCE_EXHAUSTED: its queue is full (another engine may have room).
+                            raise RequestFailed(code, update.status.message, retryable=code == grpc.StatusCode.UNAVAILABLE
+                                                or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and not handle.got_tokens))
                         trace.cached_tokens = cached = update.num_cached_tokens or cached
                         ids = list(update.new_token_ids)
                         logprobs = self._logprobs(update, handle) if wants_logprobs else ()
@@ -373,6 +373,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 except RequestFailed as exc:
                     if not (exc.retryable and not sent_tokens and attempts < MAX_ATTEMPTS):
                         raise
+                    if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and all(c in tried for c in self.pool.ready):
+                        raise  # every engine that takes requests was tried: full everywhere
+                    handle.close()  # a no-op for the pool's handles, which ended with the failure
         except RequestFailed as exc:
             trace.finish_reason, trace.error = "error", f"{exc.code.name}: {exc.message}"
             raise

@@ -190,7 +190,7 @@ def test_requests_finding_every_engine_draining_are_told_so():
         try:
             await wait_for(lambda: len(pool.ready) == 2)
             for conn in pool.conns.values():
-                conn.mark_refusing()  # as the servicer does when an engine refuses a request with UNAVAILABLE
+                conn.mark_refusing()  # as the pool's reader does when an engine refuses a request with UNAVAILABLE
             with pytest.raises(RequestFailed) as err:
                 await pool.submit(new("", [1], max_tokens=2), None)
             return err.value
@@ -217,7 +217,7 @@ class _Conn:
         self.info = pb.ModelInfo(features=features)
         self.inflight: dict = {}
 
-    def send(self, request, max_buffered_updates):
+    def send(self, request, max_buffered_updates, timeout_s=None):
         return ("sent to", self.address)
 
 
@@ -273,3 +273,92 @@ def test_the_text_api_lists_the_features_a_ready_engine_applies():
     assert pool.features == ["logprobs", "penalties", "json_object", "json_schema"]
     pool.conns["a:1"].ready = False
     assert pool.features == ["penalties"]
+
+
+def test_an_engine_refusing_in_band_is_marked_by_the_stream_that_said_so():
+    """The servicer marked an engine refusing when its caller read the in-band UNAVAILABLE, which a slow caller did
+    long after: by then the engine had restarted on the same address and the mark landed on the new, healthy
+    stream, which nothing cleared (the replica stayed NOT_SERVING for good). The pool's reader marks it on
+    receipt, unread by anyone."""
+    running = Running(FakeEngine(max_model_len=10_000_000), grace_s=0.3)  # cuts its streams 0.3 s into a drain
+    with EngineClient(running.target, timeout=20) as client:
+        wait_serving(client)
+
+    async def main() -> bool:
+        # room for every update the unread request gets (past the bound, the pool would end it itself)
+        pool = EnginePool(pool_config(engines=running.target, max_buffered_updates=10**7), 100, {99}, [])
+        pool.start()
+        try:
+            await wait_for(lambda: len(pool.ready) == 1)
+            conn = next(iter(pool.conns.values()))
+            handle = await pool.submit(new("", [1], **LONG), None)  # never read
+            running.loop.call_soon_threadsafe(running.stop_event.set)
+            await wait_for(lambda: conn.refusing, timeout_s=5.0)
+            return handle.done
+        finally:
+            await pool.close()
+
+    try:
+        assert asyncio.run(main())
+    finally:
+        running.stop()
+
+
+def test_a_request_on_a_stalled_engine_fails_at_its_deadline(monkeypatch):
+    """A request's deadline was the engine's to enforce: an engine whose loop stalled (or a frozen process, until
+    keepalive noticed, 40 s by default) held GenerateMulti requests long past their deadline_ms. The pool's handle
+    fails it DEADLINE_GRACE_S after the deadline, and aborts it in the engine."""
+    monkeypatch.setattr(engine_pool, "DEADLINE_GRACE_S", 0.2)
+    running = long_engine()
+
+    async def main() -> tuple[RequestFailed, float]:
+        pool = EnginePool(pool_config(engines=running.target), 100, {99}, [])
+        pool.start()
+        try:
+            await wait_for(lambda: len(pool.ready) == 1)
+            running.loop.call_soon_threadsafe(time.sleep, 2.5)  # the engine's loop stalls
+            started = time.monotonic()
+            handle = await pool.submit(new("", [1], **LONG), 0.3)
+            with pytest.raises(RequestFailed) as err:
+                async for _ in handle:
+                    pass
+            took = time.monotonic() - started
+            assert not handle.conn.inflight
+            return err.value, took
+        finally:
+            await pool.close()
+
+    try:
+        error, took = asyncio.run(main())
+    finally:
+        assert running.stop() == 0
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED, error.message
+    assert "did not end the request within" in error.message and running.target in error.message, error.message
+    assert 0.45 <= took < 2.0, took
+
+
+def test_a_failed_lookup_does_not_bring_back_an_engine_that_left_dns():
+    """One failed DNS lookup (EAI_AGAIN; or NXDOMAIN, a headless Service with no ready pods) kept 'every engine
+    known', retiring ones included, and so put an engine that had left DNS back into use."""
+    running = long_engine()
+    port = int(running.target.rpartition(":")[2])
+    answers = ["127.0.0.1"]
+    errors: list[Exception] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().getaddrinfo = dns_answers(port, answers, errors)
+        pool = EnginePool(pool_config(engine_dns=f"engines.test:{port}", dns_refresh_s=0.05), 100, {99}, [])
+        try:
+            handle = await retire_with_a_request_in_flight(pool, answers)
+            errors.extend([socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")] * 50)
+            await wait_for(lambda: len(errors) <= 47)  # lookups failed three rounds in a row
+            assert handle.conn.retiring and not pool.ready
+            errors.clear()
+            handle.close()
+        finally:
+            await pool.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        assert running.stop() == 0

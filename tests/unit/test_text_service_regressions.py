@@ -256,7 +256,7 @@ def test_a_cancel_at_the_deadline_counts_as_the_deadline(demo_tokenizer, deadlin
         servicer.metrics.finish = lambda trace: finished.append((trace.finish_reason, trace.error))
         deadline = time.monotonic() + deadline_s
         context = types.SimpleNamespace(invocation_metadata=lambda: (), set_trailing_metadata=lambda md: None,
-                                        time_remaining=lambda: deadline - time.monotonic())
+                                        send_initial_metadata=_no_wait, time_remaining=lambda: deadline - time.monotonic())
 
         async def call() -> None:
             async for _ in servicer.Generate(pb.GenerateRequest(prompt="hi"), context):
@@ -1121,22 +1121,24 @@ class _Engine:
     def __init__(self, address: str) -> None:
         self.address = address
 
-    def mark_refusing(self) -> None:
-        pass
-
 
 class _ScriptedEngines:
     """An engine pool of named engines for the servicer alone: each request streams max_tokens tokens, a step of
-    step_s apart; an engine in `lost` fails what it takes before the first token with a retryable UNAVAILABLE."""
+    step_s apart; an engine in `lost` fails what it takes before the first token with a retryable UNAVAILABLE, one
+    in `full` refuses it in-band with RESOURCE_EXHAUSTED (its queue is full)."""
 
     max_model_len = 100_000
 
     def __init__(self, names: tuple[str, ...] = ("e1", "e2", "e3"), step_s: float = 0.01) -> None:
         self.conns = [_Engine(name) for name in names]
-        self.step_s, self.lost = step_s, set()
+        self.step_s, self.lost, self.full = step_s, set(), set()
         self.sent: list[tuple[int, str]] = []  # (seed, engine) per request sent
         self.live = 0
         self.peak = 0
+
+    @property
+    def ready(self) -> list[_Engine]:
+        return self.conns
 
     async def submit(self, request, timeout_s, avoid=(), prefer=None):
         if prefer is not None and prefer not in avoid:
@@ -1154,7 +1156,7 @@ class _ScriptedEngines:
 
         class Handle:
             def __init__(self) -> None:
-                self.conn, self.closed = conn, False
+                self.conn, self.closed, self.got_tokens = conn, False, False
 
             def __aiter__(self):
                 return self._updates()
@@ -1163,6 +1165,10 @@ class _ScriptedEngines:
                 await asyncio.sleep(pool.step_s)
                 if conn.address in pool.lost:
                     raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "lost", retryable=True)
+                if conn.address in pool.full:
+                    yield engine_pb.RequestUpdate(finish_reason=engine_pb.FINISH_REASON_ERROR, status=engine_pb.Status(
+                        code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="the engine's queue is full"))
+                    return
                 n = request.sampling_params.max_tokens
                 for i in range(1, n + 1):
                     yield engine_pb.RequestUpdate(new_token_ids=[10 + i],
@@ -1188,7 +1194,11 @@ def _call_context():
         raise RequestFailed(code, message)
 
     return types.SimpleNamespace(invocation_metadata=lambda: (), set_trailing_metadata=lambda metadata: None,
-                                 time_remaining=lambda: None, abort=abort)
+                                 send_initial_metadata=_no_wait, time_remaining=lambda: None, abort=abort)
+
+
+async def _no_wait(*args: object) -> None:
+    pass
 
 
 @pytest.mark.parametrize("calls,max_inflight,prompt", [(2, 4, "the sea"), (3, 8, "the sea " * 9000)],
@@ -1238,6 +1248,36 @@ def test_n_completions_follow_each_other_to_the_engine_that_took_over(demo_token
     retried = {engine for _, engine in pool.sent[3:]}
     assert first == ["e1"] * 3 and len(pool.sent) == 6 and len(retried) == 1 and "e1" not in retried
     assert sorted(seed for seed, _ in pool.sent[3:]) == [5, 6, 7]
+
+
+@pytest.mark.parametrize("full", [("e1",), ("e1", "e2", "e3")], ids=["one-full", "all-full"])
+def test_a_full_engine_queue_sends_the_request_to_another_engine(demo_tokenizer, full):
+    """An engine refusing a request in-band with RESOURCE_EXHAUSTED (its queue full, with other replicas' requests)
+    failed it while another engine idled. Before any token it now goes to an engine not yet tried; when every one
+    was tried (or MAX_ATTEMPTS made), the refusal is the caller's."""
+    pool = _ScriptedEngines()
+    pool.full.update(full)
+    pool.conns.sort(key=lambda c: c.address not in full)  # the scripted pool picks the full ones first
+
+    async def main():
+        servicer = _servicer(demo_tokenizer, pool)
+        request = pb.GenerateRequest(prompt="the sea", sampling_params=pb.SamplingParams(max_tokens=2))
+        try:
+            return [r async for r in servicer.Generate(request, _call_context())]
+        finally:
+            await asyncio.sleep(0)
+            assert servicer.inflight == 0
+
+    if len(full) == len(pool.conns):
+        with pytest.raises(RequestFailed) as err:
+            asyncio.run(main())
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in err.value.message
+        assert sorted(engine for _, engine in pool.sent) == ["e1", "e2", "e3"]  # each tried once
+    else:
+        responses = asyncio.run(main())
+        assert responses[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert [engine for _, engine in pool.sent][0] == "e1" and pool.sent[-1][1] != "e1" and len(pool.sent) == 2
+    assert pool.live == 0
 
 
 def test_an_n_request_aborted_before_its_first_token_reports_its_prompt(demo_tokenizer):
