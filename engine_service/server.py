@@ -231,6 +231,9 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
         # GIL meanwhile: a latency spike for every stream).
         gc.collect()
         gc.freeze()
+        # Process-wide: the engine thread, back from a GPU wait, takes the GIL within this of asking for it
+        # (server_config.py says why).
+        sys.setswitchinterval(config.gil_switch_interval_ms / 1000)
         servicer.started = True
         await health.set_serving(True)
         log.info("engine service SERVING on port %d", port)

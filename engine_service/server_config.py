@@ -60,6 +60,11 @@ class ServerConfig:
     # torch intra-op threads: 0 picks one on CPU when the machine has at most 4 cores (the gRPC threads and the
     # tokenizer service need the rest; oversubscribed cores make torch's threads spin and wait), else torch's own.
     torch_threads: int = 0
+    # Python's thread switch interval (sys.setswitchinterval) while serving. The engine thread comes back from each
+    # GPU wait needing the GIL, which the asyncio thread writing the last step's outputs holds in bursts of
+    # milliseconds; at Python's default (5 ms, a whole H200 decode step) the step loop lost 15-33% of its steps to
+    # that wait in a stand-in with 256 GenerateStream calls (docs/PERFORMANCE.md, "The output path and the GIL").
+    gil_switch_interval_ms: float = 0.5
     # TLS (docs/SECURITY.md): PEM files, reloaded when they change. tls_cert and tls_key serve TLS; tls_client_ca
     # also asks every client (the tokenizer service) for a certificate that CA signed: mutual TLS.
     tls_cert: str = ""
@@ -123,7 +128,7 @@ class ServerConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (automatic) or positive, got {getattr(self, name)}")
         for name in ("keepalive_time_s", "keepalive_timeout_s", "min_ping_interval_s", "grace_s",
-                     "watchdog_s", "canary_timeout_s"):
+                     "watchdog_s", "canary_timeout_s", "gil_switch_interval_ms"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("max_connection_age_s", "canary_interval_s", "failure_linger_s"):

@@ -87,6 +87,7 @@ class OutputStream:
         # Called with the engine's request id, and an error message when the service (not the client) ends it.
         self._abort_in_engine = abort_in_engine
         self._max_buffered = max_buffered_tokens
+        self._limits: dict[int, int] = {}  # _max_buffered_with, by the number of logprob alternatives
         self._max_frame_bytes = max_frame_bytes
         self.room = asyncio.Event()  # clear while MAX_BUFFERED_UPDATES or more updates wait to be sent
         self.room.set()
@@ -162,20 +163,24 @@ class OutputStream:
         if output.finish_reason is not None:  # output.finished
             update.finish_reason = FINISH_TO_PROTO.get(output.finish_reason, pb.FINISH_REASON_STOP)
             self._finish(client_id)
-        elif len(token_ids) > (limit := self._max_buffered_with(output.logprobs[0]) if output.logprobs
-                               else self._max_buffered):
+        elif len(token_ids) > (limit := self._max_buffered_with(len(output.logprobs[0].top_token_ids))
+                               if output.logprobs else self._max_buffered):
             # With logprobs the bound is in bytes: an update past max_frame_bytes would fail the whole call.
             what = ("tokens with logprobs were buffered for this request (max_buffered_tokens, scaled by the bytes "
                     "logprobs add)" if output.logprobs else "tokens were buffered for this request (max_buffered_tokens)")
             self.fail(client_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
                       f"the client read too slowly: more than {limit} {what}", abort=True)
 
-    def _max_buffered_with(self, logprobs: TokenLogprobs) -> int:
-        """max_buffered_tokens of ids, in tokens that carry logprobs like these: the same bytes at most."""
-        per_token = TOKEN_BYTES + LOGPROB_BYTES + LOGPROB_BYTES_PER_ALTERNATIVE * len(logprobs.top_token_ids)
-        # At least one: a frame has 1,024 bytes to spare beyond max_buffered_tokens ids (server_config), more than
-        # a token with 20 alternatives takes.
-        return max(1, self._max_buffered * TOKEN_BYTES // per_token)
+    def _max_buffered_with(self, alternatives: int) -> int:
+        """max_buffered_tokens of ids, in tokens that carry logprobs with this many alternatives: the same bytes at
+        most (computed once per count: it is asked for every output that carries logprobs)."""
+        limit = self._limits.get(alternatives)
+        if limit is None:
+            per_token = TOKEN_BYTES + LOGPROB_BYTES + LOGPROB_BYTES_PER_ALTERNATIVE * alternatives
+            # At least one: a frame has 1,024 bytes to spare beyond max_buffered_tokens ids (server_config), more
+            # than a token with 20 alternatives takes.
+            limit = self._limits[alternatives] = max(1, self._max_buffered * TOKEN_BYTES // per_token)
+        return limit
 
     def reject(self, client_id: str, code: grpc.StatusCode, message: str) -> None:
         """Refuse a request that never reached the engine. Its update is kept apart from `pending`: its id may be

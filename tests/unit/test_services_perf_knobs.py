@@ -76,3 +76,27 @@ def test_fast_decoder_gives_the_same_text_as_transformers():
         assert "".join(stream.feed([i]) for i in ids) + stream.finish() == fast.decode(ids, skip_special_tokens=skip)
     fast.clean_up_tokenization_spaces = True  # transformers would post-process: keep its decode
     assert decoder_of(fast) is fast
+
+
+def test_serving_sets_the_gil_switch_interval():
+    """At Python's default switch interval (5 ms, a whole H200 decode step) the engine thread, back from a GPU wait,
+    waited that long for the GIL the asyncio thread held while writing outputs. serve() sets the flag's value once
+    the engine is SERVING; 0 or less is refused."""
+    import sys
+
+    from clients.engine_client import EngineClient
+    from tests.fake_engine import FakeEngine
+    from tests.unit.test_engine_service_fake import Running, wait_serving
+
+    assert parse_config(["--model", "m"], env={}).gil_switch_interval_ms == 0.5
+    with pytest.raises(ValueError, match="gil_switch_interval_ms must be positive"):
+        parse_config(["--model", "m", "--gil-switch-interval-ms", "0"], env={})
+    before = sys.getswitchinterval()
+    running = Running(FakeEngine(), gil_switch_interval_ms=0.7)
+    try:
+        with EngineClient(running.target, timeout=20) as client:
+            wait_serving(client)
+        assert sys.getswitchinterval() == pytest.approx(0.0007)
+    finally:
+        assert running.stop() == 0
+        sys.setswitchinterval(before)
