@@ -15,6 +15,7 @@ import logging
 import random
 import socket
 import time
+from collections import deque
 from collections.abc import Collection
 
 import grpc
@@ -45,12 +46,16 @@ class RequestFailed(Exception):
 
 
 class RequestHandle:
-    """One request on one engine stream; `async for update in handle` yields its RequestUpdates."""
+    """One request on one engine stream; `async for update in handle` yields its RequestUpdates. Updates that
+    queued while the reader was busy (its caller's writes backed up) come as one, their tokens joined: each
+    response then carries them all, so a service behind its engine writes fewer, larger messages instead of
+    falling further behind (one GenerateMulti call relayed at most ~7,000 tokens/s when each carried one)."""
 
     def __init__(self, conn: EngineConnection, request_id: str, max_buffered: int,
                  timeout_s: float | None = None) -> None:
         self.conn, self.request_id, self._max = conn, request_id, max_buffered
-        self._queue: asyncio.Queue[pb.RequestUpdate | RequestFailed] = asyncio.Queue()
+        self._items: deque[pb.RequestUpdate | RequestFailed] = deque()
+        self._arrived = asyncio.Event()
         self.got_tokens = False
         self.done = False
         self._timer: asyncio.TimerHandle | None = None
@@ -82,18 +87,20 @@ class RequestHandle:
         if update.finish_reason:
             self._ended()
             self.conn.inflight.pop(self.request_id, None)
-        elif self._queue.qsize() >= self._max:  # a slow consumer: fail it rather than grow without bound
+        elif len(self._items) >= self._max:  # a slow consumer: fail it rather than grow without bound
             self.close()
             self.fail(RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     f"the client read too slowly: more than {self._max} updates were buffered "
                                     "for this request (max_buffered_updates)"))
             return
-        self._queue.put_nowait(update)
+        self._items.append(update)
+        self._arrived.set()
 
     def fail(self, error: RequestFailed) -> None:
         self._ended()
         self.conn.inflight.pop(self.request_id, None)
-        self._queue.put_nowait(error)
+        self._items.append(error)
+        self._arrived.set()
 
     def close(self, stopped: bool = False) -> None:
         """Stop the request: aborts it in the engine (in-band) unless it already finished. stopped: because a
@@ -106,12 +113,31 @@ class RequestHandle:
         return self
 
     async def __anext__(self) -> pb.RequestUpdate:
-        if self.done and self._queue.empty():
-            raise StopAsyncIteration
-        item = await self._queue.get()
+        items = self._items
+        while not items:
+            if self.done:
+                raise StopAsyncIteration
+            self._arrived.clear()
+            await self._arrived.wait()
+        item = items.popleft()
         if isinstance(item, RequestFailed):
             raise item
-        return item
+        if item.finish_reason or not items or isinstance(items[0], RequestFailed):
+            return item
+        merged = pb.RequestUpdate()
+        merged.CopyFrom(item)  # its prompt logprobs, if any, come with the first
+        while items and not merged.finish_reason and not isinstance(items[0], RequestFailed):
+            later = items.popleft()
+            merged.new_token_ids.extend(later.new_token_ids)
+            merged.logprobs.extend(later.logprobs)
+            merged.prompt_logprobs.extend(later.prompt_logprobs)
+            merged.num_prompt_tokens = later.num_prompt_tokens or merged.num_prompt_tokens
+            merged.num_cached_tokens = later.num_cached_tokens or merged.num_cached_tokens
+            if later.finish_reason:
+                merged.finish_reason = later.finish_reason
+                if later.HasField("status"):
+                    merged.status.CopyFrom(later.status)
+        return merged
 
 
 def tls_hint(details: str, tls: ClientTls | None) -> str:

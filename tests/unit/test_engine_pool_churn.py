@@ -362,3 +362,68 @@ def test_a_failed_lookup_does_not_bring_back_an_engine_that_left_dns():
         asyncio.run(main())
     finally:
         assert running.stop() == 0
+
+
+class _Stream:
+    """What a RequestHandle needs of its connection."""
+
+    address = "engine:1"
+
+    def __init__(self) -> None:
+        self.inflight: dict = {}
+        self.aborted: list[str] = []
+
+    def abort(self, request_id: str, stopped: bool = False) -> None:
+        self.aborted.append(request_id)
+
+
+def test_updates_queued_while_the_reader_was_busy_come_as_one():
+    """Each engine update went to the caller alone, so a GenerateMulti call, whose one response stream backs up
+    every request's reader, wrote one message per token and relayed at most ~7,000 tokens/s however far behind it
+    fell. Updates queued meanwhile now come as one: tokens, logprobs and the finish joined in order; a failure
+    queued after them is raised after them; one update alone is passed as it is."""
+    def update(ids, finish=0, **fields):
+        lps = [pb.TokenLogprobs(logprob=-float(i), top_token_ids=[i]) for i in ids]
+        return pb.RequestUpdate(new_token_ids=ids, logprobs=lps, finish_reason=finish, **fields)
+
+    async def read(handle):
+        got = []
+        try:
+            async for item in handle:
+                got.append(item)
+        except RequestFailed as exc:
+            got.append(exc)
+        return got
+
+    async def main():
+        conn = _Stream()
+        handle = conn.inflight["7"] = engine_pool.RequestHandle(conn, "7", max_buffered=100)
+        first = update([5], num_prompt_tokens=3, num_cached_tokens=2,
+                       prompt_logprobs=[pb.TokenLogprobs(logprob=-1.0)] * 2)
+        handle.push(first)
+        alone = await handle.__anext__()
+        assert alone is first  # nothing else was queued: no copy
+        for ids in ([6], [7, 8], [9]):
+            handle.push(update(ids))
+        handle.push(update([10], finish=pb.FINISH_REASON_LENGTH))
+        joined = await read(handle)
+        assert len(joined) == 1 and list(joined[0].new_token_ids) == [6, 7, 8, 9, 10]
+        assert [lp.top_token_ids[0] for lp in joined[0].logprobs] == [6, 7, 8, 9, 10]
+        assert joined[0].finish_reason == pb.FINISH_REASON_LENGTH and not conn.inflight
+
+        handle = conn.inflight["8"] = engine_pool.RequestHandle(conn, "8", max_buffered=100)
+        handle.push(update([1]))
+        handle.push(update([2]))
+        handle.fail(RequestFailed(grpc.StatusCode.UNAVAILABLE, "lost the engine"))
+        got = await read(handle)
+        assert [list(u.new_token_ids) for u in got[:-1]] == [[1, 2]] and isinstance(got[-1], RequestFailed)
+
+        handle = conn.inflight["9"] = engine_pool.RequestHandle(conn, "9", max_buffered=100)
+        handle.push(update([1]))
+        handle.push(pb.RequestUpdate(finish_reason=pb.FINISH_REASON_ERROR,
+                                     status=pb.Status(code=grpc.StatusCode.UNAVAILABLE.value[0], message="drain")))
+        handle.push(update([99]))  # after the finish: dropped
+        got = await read(handle)
+        assert len(got) == 1 and list(got[0].new_token_ids) == [1] and got[0].status.message == "drain"
+
+    asyncio.run(main())
