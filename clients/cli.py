@@ -101,8 +101,12 @@ def connect_hint(exc: grpc.RpcError, tls: ClientTls | None) -> str:
     if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
         return ("\n(the server at --target does not serve the text API, llmserve.text.v1.TextGeneration: is it an "
                 "engine service? Point --target at the tokenizer service, port 50052 by default)")
-    if exc.code() != grpc.StatusCode.UNAVAILABLE or "failed to connect" not in (exc.details() or ""):
+    details = exc.details() or ""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE or "failed to connect" not in details:
         return ""
+    if tls is not None and ("Hostname Verification" in details or "No match found for server name" in details):
+        return (f"\n(the service's certificate does not name {tls.server_name or 'the host in --target'}: give "
+                "--tls-server-name a name it holds, or reissue it; docs/SECURITY.md)")
     if tls is None:
         return ("\n(is the service up? If it serves TLS, give --tls-ca, and --tls-cert/--tls-key for mutual TLS; "
                 "docs/SECURITY.md)")

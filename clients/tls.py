@@ -31,6 +31,7 @@ import math
 import os
 import re
 import ssl
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,9 +108,11 @@ def listen(server: grpc.aio.Server, address: str, tls: ServerTls | None = None, 
     try:
         return server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     except RuntimeError:
+        also = ("; or gRPC could not load the TLS certificate and key (it logs 'Invalid cert chain file' then)"
+                if tls else "")
         raise PortUnavailable(f"cannot listen on {address} ({what}): another process holds that port, or the host "
                               f"is not an address of this machine; choose another {what} or stop the other "
-                              "process") from None
+                              f"process{also}") from None
 
 
 def read_pem(path: str, kind: str) -> bytes:
@@ -137,29 +140,65 @@ def read_ca(path: str) -> bytes:
     except (ssl.SSLError, ValueError, TypeError) as exc:
         raise ValueError(f"{path!r} holds no usable CA certificate ({getattr(exc, 'reason', None) or exc}): each "
                          "PEM block must be whole, its lines not indented") from None
+    _check_ca_dates(path, blocks)
     return data
 
 
-# Ed25519 and Ed448 key OIDs (1.3.101.112 / .113) as DER: such keys load, and then no gRPC handshake can use them.
-_EDWARDS_KEY_OIDS = (b"\x06\x03\x2b\x65\x70", b"\x06\x03\x2b\x65\x71")
+def _check_ca_dates(path: str, blocks: list[bytes], now: float | None = None) -> None:
+    """A ValueError when no CA certificate in the file is valid now: every peer's handshake would fail, and the
+    error blamed the peer's certificate ("Socket closed" on the server's side, nothing logged)."""
+    now = time.time() if now is None else now
+    spans = []
+    with tempfile.TemporaryDirectory(prefix="ca-dates-") as scratch:  # CPython's PEM reader reads files
+        for i, block in enumerate(blocks):
+            one = Path(scratch) / f"{i}.pem"
+            one.write_bytes(block + b"\n")
+            dates = certificate_dates(str(one))
+            if dates is None or dates[0] <= now < dates[1]:
+                return  # valid (or one this reader cannot read: the handshake has the last word)
+            spans.append(dates)
+    if not spans:
+        return
+    coming = [not_before for not_before, _ in spans if not_before > now]
+    if coming:
+        raise ValueError(f"no CA certificate in {path!r} is valid now: the first is not valid before "
+                         f"{_utc(min(coming))}: check this machine's clock, or wait")
+    raise ValueError(f"no CA certificate in {path!r} is valid now: the last expired on "
+                     f"{_utc(max(not_after for _, not_after in spans))}: renew the CA (during a CA rotation, give a "
+                     "bundle of the old CA and the new)")
+
+
+# The keys gRPC's TLS (BoringSSL) signs handshakes with: RSA, and ECDSA on P-256 or P-384. Python's ssl (OpenSSL)
+# loads more (Ed25519, P-521, secp256k1, brainpool, DSA), and then every handshake failed while the service said
+# SERVING, or a rotation to one kept serving the old certificate while the expiry gauge read the new one's date.
+# Recognised by their DER object identifiers: rsaEncryption, then id-ecPublicKey with its named curve.
+_RSA_OID = bytes.fromhex("06092a864886f70d010101")
+_EC_OID = bytes.fromhex("06072a8648ce3d0201")
+_CURVE_OIDS = {bytes.fromhex("06082a8648ce3d030107"): "P-256", bytes.fromhex("06052b81040022"): "P-384"}
 _EXPIRY_WARNING_S = 24 * 3600
 RELOAD_RETRY_S = 30.0  # TLS files that changed and did not load are tried again this often
 
 
-def _edwards_key(key_file: str) -> bool:
+def key_kind(key_file: str) -> str | None:
+    """"RSA", "P-256" or "P-384" for a key gRPC's TLS can sign handshakes with; None for any other kind."""
     try:
         text = Path(key_file).read_bytes()
     except OSError as exc:  # gone mid-rotation, after load_cert_chain read it
         raise ValueError(f"cannot read {key_file!r}: {exc.strerror or exc}") from None
-    blocks = re.findall(rb"-----BEGIN PRIVATE KEY-----(.*?)-----END PRIVATE KEY-----", text, re.S)
-    for block in blocks:
-        try:
-            der = base64.b64decode(b"".join(block.split()))
-        except ValueError:
-            continue
-        if any(oid in der[:32] for oid in _EDWARDS_KEY_OIDS):
-            return True
-    return False
+    found = re.search(rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----(.*?)-----END", text, re.S)  # PKCS#8, RSA or EC
+    if found is None:
+        return None
+    label = found.group(1)
+    try:
+        der = base64.b64decode(b"".join(found.group(2).split()))
+    except ValueError:
+        return None
+    if label == b"RSA " or (label == b"" and _RSA_OID in der[:32]):
+        return "RSA"
+    if label == b"EC " or (label == b"" and _EC_OID in der[:32]):
+        # The curve: in PKCS#8 beside the algorithm, near the start; in an EC block after the key's 32-48 bytes.
+        return next((name for oid, name in _CURVE_OIDS.items() if oid in der[:96]), None)
+    return None
 
 
 def certificate_dates(cert_file: str) -> tuple[float, float] | None:
@@ -207,13 +246,19 @@ def check_pair(cert_file: str, key_file: str, warn: bool = True) -> None:
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_file, key_file, password=encrypted)
     except ssl.SSLError as exc:
+        reason = exc.reason or str(exc)
+        if "KEY_TOO_SMALL" in reason or "MD_TOO_WEAK" in reason:
+            raise ValueError(f"the key in {key_file!r} is too small, or the certificate in {cert_file!r} signed with "
+                             f"too weak a digest ({reason}): issue an RSA key of 2048 bits or more, or an ECDSA "
+                             "P-256 or P-384 key, signed with SHA-256 or stronger") from None
         raise ValueError(f"{key_file!r} is not the private key of the certificate in {cert_file!r}, or one of "
-                         f"the two files is damaged ({exc.reason or exc})") from None
+                         f"the two files is damaged ({reason})") from None
     except OSError as exc:
         raise ValueError(f"cannot read {exc.filename or cert_file!r}: {exc.strerror or exc}") from None
-    if _edwards_key(key_file):
-        raise ValueError(f"{key_file!r} is an Ed25519 or Ed448 key, which gRPC's TLS cannot sign handshakes with: "
-                         "issue an ECDSA P-256 or RSA key")
+    if key_kind(key_file) is None:
+        raise ValueError(f"{key_file!r} is a key of a kind gRPC's TLS cannot sign handshakes with (Ed25519, Ed448, "
+                         "ECDSA on P-521, secp256k1 or brainpool curves, DSA): issue an RSA key (2048 bits or more) "
+                         "or an ECDSA P-256 or P-384 key")
     check_validity(cert_file, warn=warn)
 
 

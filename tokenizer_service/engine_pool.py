@@ -142,9 +142,12 @@ class RequestHandle:
 
 def tls_hint(details: str, tls: ClientTls | None) -> str:
     """What to check when an engine was not reached, from gRPC's words for a TLS mismatch (docs/SECURITY.md)."""
+    if "errors resolving" in details or "DNS resolution failed" in details:  # its words hold "hostname lookup"
+        return (" (the engine's address did not resolve: check the host in --engines or --engine-dns, and that "
+                "this pod's DNS can see it)")
     if "WRONG_VERSION_NUMBER" in details:
         return " (the engine serves plaintext: drop --engine-tls-ca, or give the engine --tls-cert and --tls-key)"
-    if "Hostname Verification" in details or "hostname" in details.lower():
+    if "Hostname Verification" in details or "No match found for server name" in details:
         name = tls.server_name if tls is not None and tls.server_name else "the address's host"
         return (f" (the engine's certificate does not name {name}: set --engine-tls-server-name to a name it "
                 "holds, or reissue it)")

@@ -443,9 +443,62 @@ def test_expired_not_yet_valid_and_ed25519_certificates_are_refused(pki, tmp_pat
         ServerTls(str(expired.cert), str(expired.key))
     with pytest.raises(ValueError, match="early.crt' is not valid before .*check this machine's clock"):
         ServerTls(str(early.cert), str(early.key))
-    with pytest.raises(ValueError, match="edwards.key' is an Ed25519 or Ed448 key"):
+    with pytest.raises(ValueError, match="edwards.key' is a key of a kind gRPC's TLS cannot sign handshakes with"):
         ServerTls(str(edwards.cert), str(edwards.key))
     ServerTls(str(pki["engine"].cert), str(pki["engine"].key))
+
+
+def test_only_the_key_kinds_grpc_can_sign_with_are_taken(tmp_path):
+    """Python's ssl loads P-521, secp256k1, brainpool and DSA keys, which gRPC's TLS cannot sign handshakes with: a
+    service started with one failed every handshake while SERVING, and a rotation to one kept the old certificate
+    served while the expiry gauge read the new one's date. RSA and ECDSA P-256/P-384 are taken, in PKCS#8 and in
+    the older RSA and EC blocks."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
+
+    from clients.tls import check_pair, key_kind
+    from tests.pki import CA
+
+    ca = CA(tmp_path / "ca", "test-ca")
+    keys = {"RSA": rsa.generate_private_key(65537, 2048), "P-256": ec.generate_private_key(ec.SECP256R1()),
+            "P-384": ec.generate_private_key(ec.SECP384R1()), "P-521": ec.generate_private_key(ec.SECP521R1()),
+            "secp256k1": ec.generate_private_key(ec.SECP256K1()),
+            "brainpool": ec.generate_private_key(ec.BrainpoolP256R1()), "DSA": dsa.generate_private_key(2048)}
+    for name, key in keys.items():
+        issued = ca.issue(name.lower(), "localhost", leaf_key=key)
+        usable = name in ("RSA", "P-256", "P-384")
+        for form in (serialization.PrivateFormat.PKCS8, serialization.PrivateFormat.TraditionalOpenSSL):
+            issued.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, form, serialization.NoEncryption()))
+            assert key_kind(str(issued.key)) == (name if usable else None), (name, form)
+            if usable:
+                check_pair(str(issued.cert), str(issued.key))
+            else:
+                with pytest.raises(ValueError, match="cannot sign handshakes with .*issue an RSA key"):
+                    check_pair(str(issued.cert), str(issued.key))
+
+
+def test_a_ca_file_with_no_certificate_valid_now_is_refused(tmp_path):
+    """An expired --tls-client-ca (or --engine-tls-ca) was taken: the engine refused every caller with a bare
+    'Socket closed' and the tokenizer blamed the engine's certificate. A bundle with one CA valid now is taken."""
+    import datetime
+
+    from clients.tls import ClientTls, ServerTls, read_ca
+    from tests.pki import CA
+
+    day = datetime.timedelta(days=1)
+    ca = CA(tmp_path / "ca", "test-ca")
+    leaf = ca.issue("engine", "localhost")
+    expired, early, bundle = tmp_path / "expired.pem", tmp_path / "early.pem", tmp_path / "bundle.pem"
+    expired.write_bytes(ca._sign("test-ca", ca._key, ca=True, sans=(), valid=(-3 * day, -day)))
+    early.write_bytes(ca._sign("test-ca", ca._key, ca=True, sans=(), valid=(day, 3 * day)))
+    bundle.write_bytes(expired.read_bytes() + ca.cert.read_bytes())
+    with pytest.raises(ValueError, match="no CA certificate in .*expired.pem' is valid now: the last expired on"):
+        ClientTls(ca_file=str(expired))
+    with pytest.raises(ValueError, match="expired.pem' is valid now: .*during a CA rotation"):
+        ServerTls(str(leaf.cert), str(leaf.key), str(expired))
+    with pytest.raises(ValueError, match="early.pem' is valid now: the first is not valid before .*clock"):
+        read_ca(str(early))
+    assert read_ca(str(bundle)) == bundle.read_bytes()
 
 
 def test_the_pool_says_what_to_check_when_tls_does_not_match():
@@ -461,6 +514,11 @@ def test_the_pool_says_what_to_check_when_tls_does_not_match():
     assert "give --engine-tls-cert" in tls_hint("Socket closed", tls)
     assert "serves plaintext" in tls_hint("SSL routines::WRONG_VERSION_NUMBER", tls)
     assert "does not name llm-engine" in tls_hint("Hostname Verification Check failed.", tls)
+    # gRPC's words for a name that does not resolve hold "hostname lookup": not a certificate's name
+    unresolved = ("errors resolving llm-engine-0.llm-engine.invalid:50051: [field:hostname lookup error:address "
+                  "lookup failed for llm-engine-0.llm-engine.invalid:50051: Domain name not found]")
+    for client in (None, tls):
+        assert "did not resolve" in tls_hint(unresolved, client) and "certificate" not in tls_hint(unresolved, client)
     assert tls_hint("Connection refused", tls) == ""
     with_cert = ClientTls.__new__(ClientTls)
     object.__setattr__(with_cert, "cert_file", "client.crt")
@@ -812,3 +870,25 @@ def test_a_closed_client_makes_no_channel_when_its_files_rotate(pki, tmp_path):
     with pytest.raises(ValueError, match="closed channel"):
         client.model_info()
     assert client._channels.retired == []
+
+
+def test_the_cli_names_tls_server_name_when_the_certificate_names_another_host():
+    """llm-client's hint for a certificate that does not name the target said only to check --tls-ca."""
+    from clients.cli import connect_hint
+
+    class Refused(grpc.RpcError):
+        def __init__(self, details: str) -> None:
+            self._details = details
+
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return self._details
+
+    tls = ClientTls.__new__(ClientTls)
+    object.__setattr__(tls, "server_name", "")
+    wrong_name = Refused("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:5: Tls handshake "
+                         "failed (TSI_PROTOCOL_FAILURE): Hostname Verification Check failed.")
+    assert "give --tls-server-name a name it holds" in connect_hint(wrong_name, tls)
+    assert "--tls-server-name" not in connect_hint(Refused("failed to connect: Socket closed"), tls)
