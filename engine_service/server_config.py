@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 
 from clients.flags import parse_bool, parse_settings
@@ -129,10 +130,10 @@ class ServerConfig:
                 raise ValueError(f"{name} must be 0 (automatic) or positive, got {getattr(self, name)}")
         for name in ("keepalive_time_s", "keepalive_timeout_s", "min_ping_interval_s", "grace_s",
                      "watchdog_s", "canary_timeout_s", "gil_switch_interval_ms"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:  # NaN passed a "<= 0" check
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
         for name in ("max_connection_age_s", "canary_interval_s", "failure_linger_s"):
-            if getattr(self, name) < 0:
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")
         # The engine's own rules for its knobs (gpu_memory_utilization, dtype, device...), checked here at
         # start-up rather than once the server is up and loading.

@@ -6,6 +6,7 @@ the variable, and the variable over the default.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -126,9 +127,9 @@ class TextServerConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("dns_refresh_s", "reconnect_min_s", "reconnect_max_s", "engine_wait_s", "keepalive_time_s",
                      "keepalive_timeout_s", "min_ping_interval_s", "grace_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_connection_age_s < 0:
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:  # NaN passed a "<= 0" check
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
+        if not math.isfinite(self.max_connection_age_s) or self.max_connection_age_s < 0:
             raise ValueError(f"max_connection_age_s must be 0 (off) or positive, got {self.max_connection_age_s}")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be at least reconnect_min_s")

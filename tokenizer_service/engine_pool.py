@@ -47,7 +47,8 @@ class RequestFailed(Exception):
 
 class RequestHandle:
     """One request on one engine stream; `async for update in handle` yields its RequestUpdates. Updates that
-    queued while the reader was busy (its caller's writes backed up) come as one, their tokens joined: each
+    queued while the reader was busy (its caller's writes backed up) come as one, their tokens joined (a failure,
+    the pool's or an engine's error update, comes on its own after them): each
     response then carries them all, so a service behind its engine writes fewer, larger messages instead of
     falling further behind (one GenerateMulti call relayed at most ~7,000 tokens/s when each carried one)."""
 
@@ -122,11 +123,11 @@ class RequestHandle:
         item = items.popleft()
         if isinstance(item, RequestFailed):
             raise item
-        if item.finish_reason or not items or isinstance(items[0], RequestFailed):
+        if item.finish_reason or not items or not _joinable(items[0]):
             return item
         merged = pb.RequestUpdate()
         merged.CopyFrom(item)  # its prompt logprobs, if any, come with the first
-        while items and not merged.finish_reason and not isinstance(items[0], RequestFailed):
+        while items and not merged.finish_reason and _joinable(items[0]):
             later = items.popleft()
             merged.new_token_ids.extend(later.new_token_ids)
             merged.logprobs.extend(later.logprobs)
@@ -138,6 +139,13 @@ class RequestHandle:
                 if later.HasField("status"):
                     merged.status.CopyFrom(later.status)
         return merged
+
+
+def _joinable(item: pb.RequestUpdate | RequestFailed) -> bool:
+    """Whether a queued item may join the tokens before it: not a failure, the pool's or the engine's (an error
+    update raises before its own tokens are read: the tokens queued before it, or a stop string they complete,
+    must reach the caller first)."""
+    return not isinstance(item, RequestFailed) and item.finish_reason != pb.FINISH_REASON_ERROR
 
 
 def tls_hint(details: str, tls: ClientTls | None) -> str:
@@ -431,6 +439,12 @@ class EnginePool:
     @property
     def ready(self) -> list[EngineConnection]:
         return [c for c in self.conns.values() if c.ready and not c.retiring and not c.refusing]
+
+    def can_try_another(self, tried: Collection[EngineConnection], params: pb.SamplingParams) -> bool:
+        """Whether an engine ready now, and applying what the request uses, is not among `tried`."""
+        needs = required_features(params)
+        return any(c not in tried and (not needs or (c.info is not None and needs <= set(c.info.features)))
+                   for c in self.ready)
 
     @property
     def features(self) -> list[str]:

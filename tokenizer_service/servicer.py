@@ -373,8 +373,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 except RequestFailed as exc:
                     if not (exc.retryable and not sent_tokens and attempts < MAX_ATTEMPTS):
                         raise
-                    if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and all(c in tried for c in self.pool.ready):
-                        raise  # every engine that takes requests was tried: full everywhere
+                    if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not self.pool.can_try_another(
+                            tried, engine_request.sampling_params):
+                        raise  # every engine that could take it was tried: full everywhere
                     handle.close()  # a no-op for the pool's handles, which ended with the failure
         except RequestFailed as exc:
             trace.finish_reason, trace.error = "error", f"{exc.code.name}: {exc.message}"
@@ -459,9 +460,11 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         id_header = ((REQUEST_ID_HEADER, trace.request_id),)
         context.set_trailing_metadata(id_header)  # clients that predate the headers' copy read it here
         try:
-            # In the headers too, sent now: a client can read the id before (or without) reading the stream.
-            await context.send_initial_metadata(id_header)
             prep = await self._admit(request, trace)
+            # In the headers too, sent once admitted (headers commit a call: a refusal before them, draining or
+            # too many in flight, stays retryable by a client's gRPC retry policy): a client can read the id
+            # before, or without, reading the stream.
+            await context.send_initial_metadata(id_header)
             async for response in self._generate(prep, context.time_remaining(), trace):
                 yield response
         except RequestFailed as exc:

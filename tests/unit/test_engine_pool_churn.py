@@ -292,6 +292,7 @@ def test_an_engine_refusing_in_band_is_marked_by_the_stream_that_said_so():
             await wait_for(lambda: len(pool.ready) == 1)
             conn = next(iter(pool.conns.values()))
             handle = await pool.submit(new("", [1], **LONG), None)  # never read
+            await wait_for(lambda: handle.got_tokens)  # running in the engine (else the drain refuses it unseen)
             running.loop.call_soon_threadsafe(running.stop_event.set)
             await wait_for(lambda: conn.refusing, timeout_s=5.0)
             return handle.done
@@ -381,7 +382,9 @@ def test_updates_queued_while_the_reader_was_busy_come_as_one():
     """Each engine update went to the caller alone, so a GenerateMulti call, whose one response stream backs up
     every request's reader, wrote one message per token and relayed at most ~7,000 tokens/s however far behind it
     fell. Updates queued meanwhile now come as one: tokens, logprobs and the finish joined in order; a failure
-    queued after them is raised after them; one update alone is passed as it is."""
+    queued after them, the pool's or the engine's error update, comes after them on its own (joined, its error
+    was raised before their text, or a stop string they complete, reached the caller); one update alone is passed
+    as it is."""
     def update(ids, finish=0, **fields):
         lps = [pb.TokenLogprobs(logprob=-float(i), top_token_ids=[i]) for i in ids]
         return pb.RequestUpdate(new_token_ids=ids, logprobs=lps, finish_reason=finish, **fields)
@@ -423,7 +426,18 @@ def test_updates_queued_while_the_reader_was_busy_come_as_one():
         handle.push(pb.RequestUpdate(finish_reason=pb.FINISH_REASON_ERROR,
                                      status=pb.Status(code=grpc.StatusCode.UNAVAILABLE.value[0], message="drain")))
         handle.push(update([99]))  # after the finish: dropped
-        got = await read(handle)
-        assert len(got) == 1 and list(got[0].new_token_ids) == [1] and got[0].status.message == "drain"
+        got = await read(handle)  # the engine's error update apart: the caller reads the tokens before it first
+        assert [list(u.new_token_ids) for u in got] == [[1], []] and got[1].status.message == "drain"
 
     asyncio.run(main())
+
+
+def test_a_full_engine_is_retried_only_on_an_engine_that_could_take_the_request():
+    """A request refused as queue-full went to 'an engine not yet tried' while any ready engine was untried, even one
+    lacking what the request uses: submit() could only send it back to the full one (three times)."""
+    pool = EnginePool(pool_config(engines="a:1"), 100, {1}, [])  # not started
+    full, plain = _Conn("a:1", True, ("logprobs",)), _Conn("b:1", True, ())
+    pool.conns = {"a:1": full, "b:1": plain}
+    assert not pool.can_try_another([full], pb.SamplingParams(logprobs=2))
+    assert pool.can_try_another([full], pb.SamplingParams())
+    assert not pool.can_try_another([full, plain], pb.SamplingParams())

@@ -89,8 +89,13 @@ def test_serving_sets_the_gil_switch_interval():
     from tests.unit.test_engine_service_fake import Running, wait_serving
 
     assert parse_config(["--model", "m"], env={}).gil_switch_interval_ms == 0.5
-    with pytest.raises(ValueError, match="gil_switch_interval_ms must be positive"):
-        parse_config(["--model", "m", "--gil-switch-interval-ms", "0"], env={})
+    for bad in ("0", "nan", "inf"):  # NaN passed a "<= 0" check: Python then switched threads every 9e12 s
+        with pytest.raises(ValueError, match="gil_switch_interval_ms must be a positive number"):
+            parse_config(["--model", "m", "--gil-switch-interval-ms", bad], env={})
+    from tokenizer_service.config import parse_config as parse_text_config
+
+    with pytest.raises(ValueError, match="engine_wait_s must be a positive number"):
+        parse_text_config(["--model", "m", "--engines", "e:1", "--engine-wait-s", "nan"], env={})
     before = sys.getswitchinterval()
     running = Running(FakeEngine(), gil_switch_interval_ms=0.7)
     try:

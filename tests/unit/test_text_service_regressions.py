@@ -1136,9 +1136,8 @@ class _ScriptedEngines:
         self.live = 0
         self.peak = 0
 
-    @property
-    def ready(self) -> list[_Engine]:
-        return self.conns
+    def can_try_another(self, tried, params) -> bool:
+        return any(c not in tried for c in self.conns)
 
     async def submit(self, request, timeout_s, avoid=(), prefer=None):
         if prefer is not None and prefer not in avoid:
@@ -1248,6 +1247,34 @@ def test_n_completions_follow_each_other_to_the_engine_that_took_over(demo_token
     retried = {engine for _, engine in pool.sent[3:]}
     assert first == ["e1"] * 3 and len(pool.sent) == 6 and len(retried) == 1 and "e1" not in retried
     assert sorted(seed for seed, _ in pool.sent[3:]) == [5, 6, 7]
+
+
+def test_the_request_id_header_goes_out_once_the_request_is_admitted(demo_tokenizer):
+    """Generate sent its headers (the request id) as the call started; headers commit a gRPC call, so a refusal at
+    admission (draining, too many in flight) could no longer be retried by a client's retry policy. They go out
+    once admitted; a refused call sends none (its id is in the trailers)."""
+    pool = _ScriptedEngines()
+
+    async def call(request) -> list:
+        servicer = _servicer(demo_tokenizer, pool)
+        sent: list = []
+
+        async def send_initial_metadata(metadata) -> None:
+            sent.append(tuple(metadata))
+
+        context = _call_context()
+        context.send_initial_metadata = send_initial_metadata
+        try:
+            async for _ in servicer.Generate(request, context):
+                pass
+        except RequestFailed as exc:
+            assert exc.code == grpc.StatusCode.INVALID_ARGUMENT
+        return sent
+
+    bad = pb.GenerateRequest(prompt="the sea", n=17)  # refused at admission: n is at most 16
+    assert asyncio.run(call(bad)) == []
+    good = pb.GenerateRequest(prompt="the sea", request_id="r-1", sampling_params=pb.SamplingParams(max_tokens=2))
+    assert asyncio.run(call(good)) == [(("x-request-id", "r-1"),)]
 
 
 @pytest.mark.parametrize("full", [("e1",), ("e1", "e2", "e3")], ids=["one-full", "all-full"])
