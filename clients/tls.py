@@ -31,7 +31,6 @@ import math
 import os
 import re
 import ssl
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,12 @@ CERTIFICATE = "CERTIFICATE"
 PRIVATE_KEY = "PRIVATE KEY"
 NO_REUSEPORT = ("grpc.so_reuseport", 0)  # a port in use is an error, not a port shared with a stranger
 UNLIMITED_MS = 2**31 - 1  # gRPC's "no limit" for a duration in milliseconds
+
+
+def _ms(seconds: float) -> int:
+    """A duration as gRPC's options take it: whole milliseconds in a C int (24.8 days and more are its limit; a
+    larger value made grpc.aio.server raise OverflowError at start-up)."""
+    return min(int(seconds * 1000), UNLIMITED_MS)
 
 
 def shared_server_options(max_connection_age_s: float, max_calls: int) -> list[tuple[str, int]]:
@@ -63,7 +68,7 @@ def shared_server_options(max_connection_age_s: float, max_calls: int) -> list[t
     options = [NO_REUSEPORT, ("grpc.server.max_pending_requests", pending),
                ("grpc.server.max_pending_requests_hard_limit", pending)]
     if max_connection_age_s > 0:
-        options += [("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+        options += [("grpc.max_connection_age_ms", _ms(max_connection_age_s)),
                     ("grpc.max_connection_age_grace_ms", UNLIMITED_MS)]
     return options
 
@@ -76,7 +81,7 @@ def service_server_options(config: Any, max_calls: int) -> list[tuple[str, int]]
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
         *keepalive_options(config.keepalive_time_s, config.keepalive_timeout_s),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(config.min_ping_interval_s * 1000)),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", _ms(config.min_ping_interval_s)),
         ("grpc.http2.max_ping_strikes", 0),  # 0: never GOAWAY a client for pinging
         *shared_server_options(config.max_connection_age_s, max_calls),
     ]
@@ -91,9 +96,9 @@ def keepalive_options(time_s: float, timeout_s: float) -> list[tuple[str, int]]:
     keepalive_timeout_ms alone: with only the latter, calls on a frozen engine hung a minute whatever the
     timeout said. Both are set."""
     return [
-        ("grpc.keepalive_time_ms", int(time_s * 1000)),
-        ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
-        ("grpc.http2.ping_timeout_ms", int(timeout_s * 1000)),
+        ("grpc.keepalive_time_ms", _ms(time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(timeout_s)),
+        ("grpc.http2.ping_timeout_ms", _ms(timeout_s)),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
 
@@ -140,23 +145,24 @@ def read_ca(path: str) -> bytes:
     except (ssl.SSLError, ValueError, TypeError) as exc:
         raise ValueError(f"{path!r} holds no usable CA certificate ({getattr(exc, 'reason', None) or exc}): each "
                          "PEM block must be whole, its lines not indented") from None
-    _check_ca_dates(path, blocks)
+    _check_ca_dates(path, context.get_ca_certs())
     return data
 
 
-def _check_ca_dates(path: str, blocks: list[bytes], now: float | None = None) -> None:
-    """A ValueError when no CA certificate in the file is valid now: every peer's handshake would fail, and the
-    error blamed the peer's certificate ("Socket closed" on the server's side, nothing logged)."""
+def _check_ca_dates(path: str, certs: list[dict], now: float | None = None) -> None:
+    """A ValueError when no CA certificate in the file (as ssl decoded them: `certs`) is valid now: every peer's
+    handshake would fail, and the error blamed the peer's certificate ("Socket closed" on the server's side,
+    nothing logged)."""
     now = time.time() if now is None else now
     spans = []
-    with tempfile.TemporaryDirectory(prefix="ca-dates-") as scratch:  # CPython's PEM reader reads files
-        for i, block in enumerate(blocks):
-            one = Path(scratch) / f"{i}.pem"
-            one.write_bytes(block + b"\n")
-            dates = certificate_dates(str(one))
-            if dates is None or dates[0] <= now < dates[1]:
-                return  # valid (or one this reader cannot read: the handshake has the last word)
-            spans.append(dates)
+    for cert in certs:
+        try:
+            dates = ssl.cert_time_to_seconds(cert["notBefore"]), ssl.cert_time_to_seconds(cert["notAfter"])
+        except (KeyError, ValueError):
+            return  # one this check cannot read: the handshake has the last word
+        if dates[0] <= now < dates[1]:
+            return
+        spans.append(dates)
     if not spans:
         return
     coming = [not_before for not_before, _ in spans if not_before > now]
@@ -422,7 +428,7 @@ class ServerTls:
                 seen, retry_at = now, None
                 try:
                     configuration = self._configuration()
-                except ValueError as exc:
+                except Exception as exc:  # noqa: BLE001 -- any failure (an OSError too) must keep the retry going
                     retry_at = time.monotonic() + RELOAD_RETRY_S
                     log.warning("TLS files changed but do not load (%s); keeping the current certificate, trying "
                                 "again in %.0fs or when they change", exc, RELOAD_RETRY_S)

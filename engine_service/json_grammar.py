@@ -20,7 +20,8 @@ it allows.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
+from operator import itemgetter
 
 MAX_WS_RUN = 32
 MAX_DEPTH = 64
@@ -229,9 +230,11 @@ def _lits(aux: tuple, b: int, stack: tuple) -> State | None:
     lits, lo, hi, depth = aux
     texts = lits.texts
     complete = len(texts[lo]) == depth  # the prefix itself is a text: it sorts first
-    prefix = texts[lo][:depth]
-    i = bisect_left(texts, prefix + bytes((b,)), lo + complete, hi)
-    j = hi if b == 255 else bisect_left(texts, prefix + bytes((b + 1,)), i, hi)
+    # The others share the prefix and are longer, so they are sorted by their next byte: a search on it alone
+    # (comparing whole texts re-read the prefix, a cost growing with a long enum value's bytes read).
+    at = itemgetter(depth)
+    i = bisect_left(texts, b, lo + complete, hi, key=at)
+    j = bisect_right(texts, b, i, hi, key=at)
     if i < j:
         if j - i == 1 and len(texts[i]) == depth + 1:  # complete, and no longer text goes on
             return _lits_done(lits.tag, lits.payloads[i], stack)

@@ -258,7 +258,7 @@ class EngineConnection:
         while not (self.retiring and not self.inflight):
             try:
                 channel = self._pool.channel(self.address)
-            except ValueError as exc:  # TLS files mid-rotation or gone: try again after the backoff
+            except (ValueError, OSError) as exc:  # TLS files mid-rotation or gone: try again after the backoff
                 log.error("engine %s: cannot dial: %s; retrying in %.1fs", self.address, exc, backoff)
                 self.failure = f"cannot dial: {exc}"
                 await asyncio.sleep(backoff)

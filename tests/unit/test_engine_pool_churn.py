@@ -441,3 +441,32 @@ def test_a_full_engine_is_retried_only_on_an_engine_that_could_take_the_request(
     assert not pool.can_try_another([full], pb.SamplingParams(logprobs=2))
     assert pool.can_try_another([full], pb.SamplingParams())
     assert not pool.can_try_another([full, plain], pb.SamplingParams())
+
+
+def test_a_dial_failing_with_an_os_error_is_retried():
+    """Making a channel could raise OSError (TLS files read with no temporary directory left): the connection's
+    task ended with it, silently, and the engine was never dialled again."""
+    running = long_engine()
+
+    async def main() -> None:
+        pool = EnginePool(pool_config(engines=running.target), 100, {99}, [])
+        real, calls = pool.channel, []
+
+        def channel(address: str):
+            calls.append(address)
+            if len(calls) == 1:
+                raise OSError(28, "No space left on device")
+            return real(address)
+
+        pool.channel = channel
+        pool.start()
+        try:
+            await wait_for(lambda: len(pool.ready) == 1)
+            assert len(calls) >= 2
+        finally:
+            await pool.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        assert running.stop() == 0

@@ -892,3 +892,33 @@ def test_the_cli_names_tls_server_name_when_the_certificate_names_another_host()
                          "failed (TSI_PROTOCOL_FAILURE): Hostname Verification Check failed.")
     assert "give --tls-server-name a name it holds" in connect_hint(wrong_name, tls)
     assert "--tls-server-name" not in connect_hint(Refused("failed to connect: Socket closed"), tls)
+
+
+def test_durations_past_what_grpc_options_hold_are_its_limit():
+    """A keepalive or connection age of 30 days passed the config, then grpc.aio.server raised OverflowError at
+    start-up: gRPC's duration options are milliseconds in a C int (24.8 days)."""
+    from clients.tls import UNLIMITED_MS, keepalive_options, shared_server_options
+
+    month = 30 * 86400
+
+    async def main() -> None:
+        for options in (shared_server_options(month, 10), keepalive_options(month, month)):
+            assert all(value <= UNLIMITED_MS for _, value in options if isinstance(value, int)), options
+            server = grpc.aio.server(options=options)
+            server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
+def test_reading_a_ca_file_writes_nothing(pki, monkeypatch, tmp_path):
+    """The CA date check wrote each certificate to a temporary file: with no writable temporary directory (a full
+    /tmp, a read-only root) start-up ended in FileNotFoundError, and an engine connection's task died for good."""
+    import tempfile
+
+    from clients.tls import read_ca
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    assert read_ca(str(pki["ca"].cert)) == pki["ca"].cert.read_bytes()
+    ClientTls(ca_file=str(pki["ca"].cert))
