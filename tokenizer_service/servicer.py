@@ -461,11 +461,15 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         context.set_trailing_metadata(id_header)  # clients that predate the headers' copy read it here
         try:
             prep = await self._admit(request, trace)
-            # In the headers too, sent once admitted (headers commit a call: a refusal before them, draining or
-            # too many in flight, stays retryable by a client's gRPC retry policy): a client can read the id
-            # before, or without, reading the stream.
-            await context.send_initial_metadata(id_header)
+            # No await from here until _generate counts the request in inflight (admission's check relies on it).
+            headers_sent = False
             async for response in self._generate(prep, context.time_remaining(), trace):
+                if not headers_sent:
+                    # In the headers too, with the first response, so that a client reads the id before it reads
+                    # the stream. Not sooner: headers commit a call, and a failure before any response (refused
+                    # at admission, no engine, every engine full) must stay retryable by a client's retry policy.
+                    headers_sent = True
+                    await context.send_initial_metadata(id_header)
                 yield response
         except RequestFailed as exc:
             await context.abort(exc.code, exc.message)

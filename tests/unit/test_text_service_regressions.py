@@ -1249,10 +1249,11 @@ def test_n_completions_follow_each_other_to_the_engine_that_took_over(demo_token
     assert sorted(seed for seed, _ in pool.sent[3:]) == [5, 6, 7]
 
 
-def test_the_request_id_header_goes_out_once_the_request_is_admitted(demo_tokenizer):
+def test_the_request_id_header_goes_out_with_the_first_response(demo_tokenizer):
     """Generate sent its headers (the request id) as the call started; headers commit a gRPC call, so a refusal at
-    admission (draining, too many in flight) could no longer be retried by a client's retry policy. They go out
-    once admitted; a refused call sends none (its id is in the trailers)."""
+    admission (draining, too many in flight), or no engine found, could no longer be retried by a client's retry
+    policy; sent between admission and the request's count in inflight, they let a burst past max_inflight. They go
+    out with the first response; a call refused before one sends none (its id is in the trailers)."""
     pool = _ScriptedEngines()
 
     async def call(request) -> list:
@@ -1275,6 +1276,32 @@ def test_the_request_id_header_goes_out_once_the_request_is_admitted(demo_tokeni
     assert asyncio.run(call(bad)) == []
     good = pb.GenerateRequest(prompt="the sea", request_id="r-1", sampling_params=pb.SamplingParams(max_tokens=2))
     assert asyncio.run(call(good)) == [(("x-request-id", "r-1"),)]
+
+
+def test_a_burst_stays_within_max_inflight_while_headers_go_out(demo_tokenizer):
+    """With the headers sent between admission and the request's count in inflight, a real gRPC send (which
+    yields) let every call arriving meanwhile past the check: 13 requests ran under max_inflight 2 in an audit."""
+    pool = _ScriptedEngines(step_s=0.05)
+
+    async def main():
+        servicer = _servicer(demo_tokenizer, pool, max_inflight=2)
+
+        async def call():
+            context = _call_context()
+
+            async def send_initial_metadata(metadata) -> None:
+                await asyncio.sleep(0.01)  # as grpc.aio's does: the loop runs other calls meanwhile
+
+            context.send_initial_metadata = send_initial_metadata
+            request = pb.GenerateRequest(prompt="the sea", sampling_params=pb.SamplingParams(max_tokens=3))
+            return [r async for r in servicer.Generate(request, context)]
+
+        return await asyncio.gather(*(call() for _ in range(12)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    refused = [r for r in results if isinstance(r, RequestFailed)]
+    assert pool.peak <= 2 and len(refused) >= 10, (pool.peak, results)
+    assert all(r.code == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
 
 
 @pytest.mark.parametrize("full", [("e1",), ("e1", "e2", "e3")], ids=["one-full", "all-full"])
