@@ -165,7 +165,7 @@ class JsonMasks:
         self.token_bytes = vocab
         pairs = sorted((b, i) for i, b in enumerate(vocab) if b)
         stays = [_stays_from(b) for b, _ in pairs]
-        self._all = _Sorted(pairs, stays)
+        self._all = _Sorted(pairs, stays, [_digits_from(b) for b, _ in pairs])
         self._unsafe = _Sorted([p for p, bits in zip(pairs, stays, strict=True) if not bits & 1],
                                [bits for bits in stays if not bits & 1])
         self._string_safe = torch.zeros(self.vocab_size, dtype=torch.bool)
@@ -293,33 +293,48 @@ def _stays_from(data: bytes) -> int:
     return sum(1 << p for p in range(min(len(data), STAY_POSITIONS)) if _stays_in_string(data[p:]))
 
 
+def _digits_from(data: bytes) -> int:
+    """Bit p set where the token's bytes from position p on are all ASCII digits (p below STAY_POSITIONS): read in a
+    number's digits (integer part, fraction or exponent), such a rest stays in it."""
+    start = len(data)
+    while start and 0x30 <= data[start - 1] <= 0x39:
+        start -= 1
+    return sum(1 << p for p in range(start, min(len(data), STAY_POSITIONS)))
+
+
+# Number sub-states in which every digit keeps the state as it is (digits after the first of an integer part, of
+# a fraction, of an exponent).
+_DIGIT_LOOPS = frozenset((jg.N_INT, jg.N_FRAC, jg.N_EXP))
+
+
 class _Sorted:
     """Tokens sorted by their bytes, for walking them as a trie: a prefix's tokens are a contiguous range."""
 
-    def __init__(self, pairs: list[tuple[bytes, int]], stays: list[int]):
+    def __init__(self, pairs: list[tuple[bytes, int]], stays: list[int], digits: list[int] | None = None):
         self.keys = [b for b, _ in pairs]
         self.ids = [i for _, i in pairs]
         self.ids_np = np.array(self.ids, dtype=np.int64)
         self.stays = stays  # _stays_from of each
         self.stays_np = np.array(stays, dtype=np.uint64)
+        self.digits = digits  # _digits_from of each, where numbers are walked
+        self.digits_np = None if digits is None else np.array(digits, dtype=np.uint64)
 
     def collect(self, lo: int, hi: int, depth: int, state: jg.State, out: list[int], runs: list[np.ndarray]) -> None:
         """Add to `out` (or, as arrays, to `runs`) the ids of keys[lo:hi] (all sharing their first `depth` bytes,
         which took the automaton to `state`) whose remaining bytes it accepts."""
         keys = self.keys
-        if 0 < depth < STAY_POSITIONS and (state[0] == jg.STR or state[0] == jg.KEY_STR) and state[1] == jg.S_PLAIN:
+        mode = state[0]
+        if 0 < depth < STAY_POSITIONS and (mode == jg.STR or mode == jg.KEY_STR) and state[1] == jg.S_PLAIN:
             # Inside a string with nothing pending: the tokens whose rest stays in it are all allowed at once, and
             # only the others are walked (a whole subtree of word pieces would cost a step per byte).
-            if hi - lo <= SMALL_RANGE:  # numpy's per-call cost is more than a few tokens' own
-                for k in range(lo, hi):
-                    if self.stays[k] >> depth & 1 or jg.walk(state, keys[k][depth:]) is not None:
-                        out.append(self.ids[k])
-                return
-            safe = ((self.stays_np[lo:hi] >> np.uint64(depth)) & np.uint64(1)).astype(bool)
-            runs.append(self.ids_np[lo:hi][safe])
-            for k in np.flatnonzero(~safe).tolist():
-                if jg.walk(state, keys[lo + k][depth:]) is not None:
-                    out.append(self.ids[lo + k])
+            self._shortcut(self.stays, self.stays_np, lo, hi, depth, state, out, runs)
+            return
+        if 0 < depth < STAY_POSITIONS and (mode == jg.NUM or mode == jg.INT) and state[1] in _DIGIT_LOOPS \
+                and self.digits is not None:
+            # Among a number's digits, past a token's first byte: the tokens whose rest is digits stay in it (a
+            # code-trained vocabulary has thousands), the others are walked. (At depth 0 the walk by first byte
+            # prunes better.)
+            self._shortcut(self.digits, self.digits_np, lo, hi, depth, state, out, runs)
             return
         i = lo
         while i < hi and len(keys[i]) == depth:  # the prefix itself is a token (it sorts first)
@@ -333,6 +348,22 @@ class _Sorted:
             if nxt is not None:
                 self.collect(i, j, depth + 1, nxt, out, runs)
             i = j
+
+
+    def _shortcut(self, bits: list[int], bits_np: np.ndarray, lo: int, hi: int, depth: int, state: jg.State,
+                  out: list[int], runs: list[np.ndarray]) -> None:
+        """keys[lo:hi] whose bit `depth` is set are allowed without a walk; the others are walked one by one."""
+        keys = self.keys
+        if hi - lo <= SMALL_RANGE:  # numpy's per-call cost is more than a few tokens' own
+            for k in range(lo, hi):
+                if bits[k] >> depth & 1 or jg.walk(state, keys[k][depth:]) is not None:
+                    out.append(self.ids[k])
+            return
+        safe = ((bits_np[lo:hi] >> np.uint64(depth)) & np.uint64(1)).astype(bool)
+        runs.append(self.ids_np[lo:hi][safe])
+        for k in np.flatnonzero(~safe).tolist():
+            if jg.walk(state, keys[lo + k][depth:]) is not None:
+                out.append(self.ids[lo + k])
 
 
 class JsonCursor:
