@@ -384,15 +384,27 @@ class LLMEngine:
             if not batch.seqs:
                 return outputs
             current = self._launch(batch, on_launch, outputs)
-        if self.overlap:
-            ahead = self.scheduler.schedule_ahead(current.batch)
-            if ahead is not None:
-                self._inflight = self._launch(ahead, on_launch, outputs, previous=current)
         try:
-            collected = self.runner.collect(current.launched)
-        except Exception as exc:  # a kernel failure surfaces at the sync
-            raise self._step_failed(exc, outputs, current.batch) from exc
-        self._complete(current.batch, collected, outputs)
+            if self.overlap:
+                ahead = self.scheduler.schedule_ahead(current.batch)
+                if ahead is not None:
+                    self._inflight = self._launch(ahead, on_launch, outputs, previous=current)
+            try:
+                collected = self.runner.collect(current.launched)
+            except Exception as exc:  # a kernel failure surfaces at the sync
+                raise self._step_failed(exc, outputs, current.batch) from exc
+            self._complete(current.batch, collected, outputs)
+        except Exception:
+            raise
+        except BaseException as exc:  # KeyboardInterrupt (the sync in collect is where Ctrl-C lands), SystemExit
+            # The step's tokens are lost or half appended, and a step ahead may compute from them: carrying on
+            # gave its requests wrong tokens with no error, or left one never scheduled again. They fail, and the
+            # next step() reports them (with what this one finished before the interrupt); the engine stays usable.
+            failed = self._step_failed(RuntimeError(f"step() was interrupted ({type(exc).__name__})"), outputs,
+                                       current.batch)
+            self._pending = failed.outputs + self._pending
+            self._pending_ids = {o.request_id for o in self._pending}
+            raise
         return outputs
 
     def _launch(self, batch: ScheduledBatch, on_launch, outputs, previous: _InFlight | None = None) -> _InFlight:

@@ -304,6 +304,49 @@ def test_step_failure_in_flight_fails_the_requests_and_frees_blocks(model_and_di
         assert _all_free(llm)
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "plain"])
+def test_an_interrupted_step_fails_its_requests_instead_of_corrupting_them(model_and_dir, overlap):
+    """A KeyboardInterrupt in step() (Ctrl-C lands at the device sync in collect) dropped the step's tokens while a
+    step ahead computed from them: the request went on with wrong tokens and no error. Without overlap, one landing
+    after postprocess counted a token computed but never appended, and the request was never scheduled again. Both
+    now end the step's requests with an error that the next step() reports (their tokens so far a prefix of the
+    uninterrupted run's), the blocks freed, and the engine goes on serving."""
+    _, path = model_and_dir
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    prompts = random_prompts(2, [10, 20])
+    with _engine(path, overlap=overlap) as llm:
+        for i, prompt in enumerate(prompts):
+            llm.add_request(f"r{i}", prompt, params)
+        want = _drain(llm)
+        for i, prompt in enumerate(prompts):
+            llm.add_request(f"s{i}", prompt, params)
+        got: dict[str, list] = {}
+        for _ in range(4):
+            for out in llm.step():
+                got.setdefault(out.request_id, []).extend(out.new_token_ids)
+        where = llm.runner if overlap else llm.scheduler
+        name = "collect" if overlap else "postprocess"
+        real = getattr(where, name)
+
+        def interrupted(*args):
+            setattr(where, name, real)
+            if not overlap:
+                real(*args)  # the step's bookkeeping half done
+            raise KeyboardInterrupt
+
+        setattr(where, name, interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            llm.step()
+        ended = _drain(llm)
+        for i in range(2):
+            tokens = got.get(f"s{i}", []) + ended[f"s{i}"][0]
+            assert ended[f"s{i}"][1] == "error" and ended[f"s{i}"][2] == 1
+            assert tokens == want[f"r{i}"][0][: len(tokens)] and len(tokens) < 12
+        assert _all_free(llm) and llm._inflight is None
+        llm.add_request("after", prompts[0], params)  # still serving, with the same tokens
+        assert _drain(llm)["after"][0] == want["r0"][0]
+
+
 def test_graph_runner_gathers_input_tokens_on_the_device(tmp_path):
     """Through the decode-graph runner's static buffers (replayed by re-running the forward on CPU), a batch
     scheduled ahead reads its input tokens from the previous step's sampled tokens."""
