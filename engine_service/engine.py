@@ -651,14 +651,21 @@ class LLM(LLMEngine):
         token after the first where SamplingParams.prompt_logprobs is set, else None)."""
         if hasattr(prompts, "tolist"):  # a numpy array or torch tensor of ids: one prompt, or a batch of rows
             prompts = prompts.tolist()
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], numbers.Integral)):
+        if isinstance(prompts, str) or (isinstance(prompts, list | tuple) and prompts
+                                        and isinstance(prompts[0], numbers.Integral)):
             prompts = [prompts]
+        if not isinstance(prompts, list | tuple):
+            raise TypeError("prompts must be a text, a list of token ids, or a list of those (texts, lists, arrays "
+                            f"or tensors of ids), got {type(prompts).__name__}")
         params = sampling_params if sampling_params is not None else SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
+        if not isinstance(params, list | tuple):
+            raise TypeError("sampling_params must be a SamplingParams or a list of them, one per prompt, got "
+                            f"{type(params).__name__}")
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
-        ids = [f"generate-{next(self._ids)}" for _ in prompts]
+        ids = [self._fresh_id() for _ in prompts]
         results: dict[str, dict] = {}
         foreign: list[StepOutput] = []  # outputs of requests added with add_request(): kept for step()
         try:
@@ -668,7 +675,13 @@ class LLM(LLMEngine):
                                 "logprobs": [] if p.logprobs is not None else None,
                                 "prompt_logprobs": [] if p.prompt_logprobs is not None else None}
             while any(results[r]["finish_reason"] is None for r in ids):
-                for out in self.step():
+                try:
+                    step = self.step()
+                except EngineStepError as exc:  # other requests' failures in it are theirs to read from step()
+                    foreign += [o for o in exc.outputs if o.request_id not in results]
+                    raise
+                failed = None
+                for out in step:  # the whole step, even past a failure: the others' outputs must not be lost
                     res = results.get(out.request_id)
                     if res is None:
                         foreign.append(out)
@@ -681,10 +694,12 @@ class LLM(LLMEngine):
                     if out.finished:
                         res["finish_reason"] = out.finish_reason
                         res["num_cached_tokens"] = out.num_cached_tokens
-                        if out.error:
-                            raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+                        if out.error and failed is None:
+                            failed = out
+                if failed is not None:
+                    raise RuntimeError(f"request {failed.request_id} failed: {failed.error}")
         finally:
-            for rid in ids:
+            for rid in results:  # only those it added: a colliding id refused by add_request is the caller's
                 if rid in self.seqs:
                     self.abort_request(rid)
             self._pending = foreign + [o for o in self._pending if o.request_id not in results]
@@ -696,11 +711,19 @@ class LLM(LLMEngine):
             )
         return [results[r] for r in ids]
 
-    def _encode(self, prompt) -> list[int]:
+    def _fresh_id(self) -> str:
+        """A request id for generate() that no live request (one a caller added) holds."""
+        while True:
+            rid = f"generate-{next(self._ids)}"
+            if rid not in self.seqs and rid not in self._pending_ids:
+                return rid
+
+    def _encode(self, prompt):
         """Token ids of a text prompt with the tokenizer's special tokens (Llama's BOS), as tokenizer(text) gives
-        them and as the tokenizer service sends a prompt; token-id prompts as they are."""
+        them and as the tokenizer service sends a prompt; token-id prompts as they are (add_request checks them:
+        bytes, for one, are not token ids)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need tokenizer files in the model directory; pass token ids")
             return self.tokenizer.encode(prompt, add_special_tokens=True)
-        return list(prompt)
+        return prompt

@@ -559,3 +559,38 @@ def test_stop_token_ids_are_bounded_and_deduplicated(model_dir):
         SamplingParams(stop_token_ids=[1] * 2_000_000)
     params = SamplingParams(stop_token_ids=[5, 3, 5] * 1000)
     assert params.stop_token_ids == (5, 3)
+
+
+def test_generate_keeps_what_belongs_to_requests_it_did_not_add(model_dir):
+    """generate() lost or aborted requests a caller had added with add_request(): a generate request failing (NaN)
+    dropped the rest of its step's outputs, another request's last token and finish among them; an id it made up
+    that a caller's request held made it refuse and then abort the caller's request. Bytes ran as token ids."""
+    from engine_service.model_runner import Collected
+
+    params = SamplingParams(temperature=0.0, max_tokens=3)
+    with _engine(model_dir, dtype="float64") as llm:
+        taken = f"generate-{next(llm._ids) + 1}"  # the id generate() would make next
+        llm.add_request("mine", _prompt(7, 1), params)
+        llm.add_request(taken, _prompt(6, 2), params)
+        llm.step(), llm.step()  # each has two tokens: the next step finishes them
+        real = llm._complete
+
+        def nan_for_generate(batch, collected, outputs):  # the generate request's logits are not finite
+            llm._complete = real
+            finite = [s.request_id not in ("mine", taken) for s, take in zip(batch.seqs, batch.sample) if take]
+            finite = [not f for f in finite]
+            return real(batch, Collected(collected.tokens, finite, collected.logprobs, collected.prompt_logprobs),
+                        outputs)
+
+        llm._complete = nan_for_generate
+        with pytest.raises(RuntimeError, match="failed: the model produced NaN"):
+            llm.generate([_prompt(5, 3)], params)
+        ends = {o.request_id: o.finish_reason for o in llm.step() if o.finished}
+        assert ends == {"mine": "length", taken: "length"}, ends
+        assert not llm.has_unfinished_requests() and llm.stats()["num_free_blocks"] == llm.stats()["num_blocks"]
+        for bad, why in ((b"hi", TypeError), ([b"hello"], ValueError), ({"a": 1}, TypeError), (None, TypeError)):
+            with pytest.raises(why):
+                llm.generate(bad, params)
+        with pytest.raises(TypeError, match="sampling_params must be a SamplingParams or a list"):
+            llm.generate([[1, 2]], {"temperature": 0})
+        assert llm.generate([_prompt(5, 3)], params)[0]["finish_reason"] == "length"
