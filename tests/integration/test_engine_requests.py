@@ -577,8 +577,8 @@ def test_generate_keeps_what_belongs_to_requests_it_did_not_add(model_dir):
 
         def nan_for_generate(batch, collected, outputs):  # the generate request's logits are not finite
             llm._complete = real
-            finite = [s.request_id not in ("mine", taken) for s, take in zip(batch.seqs, batch.sample) if take]
-            finite = [not f for f in finite]
+            finite = [s.request_id in ("mine", taken) for s, take in zip(batch.seqs, batch.sample, strict=True)
+                      if take]
             return real(batch, Collected(collected.tokens, finite, collected.logprobs, collected.prompt_logprobs),
                         outputs)
 
