@@ -594,3 +594,16 @@ def test_generate_keeps_what_belongs_to_requests_it_did_not_add(model_dir):
         with pytest.raises(TypeError, match="sampling_params must be a SamplingParams or a list"):
             llm.generate([[1, 2]], {"temperature": 0})
         assert llm.generate([_prompt(5, 3)], params)[0]["finish_reason"] == "length"
+
+
+def test_add_request_checks_the_request_id(model_dir):
+    """add_request took None, 5, "" and 1,000-character ids (the gRPC path refuses them); a list id failed with a
+    bare 'unhashable type'."""
+    params = SamplingParams(max_tokens=1)
+    with _engine(model_dir) as llm:
+        for bad, why, words in ((None, TypeError, "must be a str"), (5, TypeError, "must be a str"),
+                                (["a"], TypeError, "must be a str"), ("", ValueError, "must not be empty"),
+                                ("x" * 1000, ValueError, "at most 256")):
+            with pytest.raises(why, match=words):
+                llm.add_request(bad, _prompt(4), params)
+        assert not llm.has_unfinished_requests()
