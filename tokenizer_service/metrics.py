@@ -74,6 +74,7 @@ class RequestTrace:
     finish_reason: str = "cancelled"  # until a finish or an error says otherwise
     error: str = ""
     engine: str = ""
+    retries: int = 0  # times the request was sent to an engine again (one lost it, or refused it, before a token)
     logged: bool = False  # finish() ran: a request is counted and logged once
 
 
@@ -100,6 +101,11 @@ class TextMetrics:
                                  [*labels, "finished_reason"], registry=self.registry)
         for reason in ("stop", "length", "abort", "error", "cancelled"):
             self._finished.labels(model_name=model_name, finished_reason=reason)
+        self._retries = Counter(PREFIX + "engine_request_retries", "Requests sent to an engine again, by why the "
+                                "last one did not serve them before a token: unavailable (lost, draining) or "
+                                "resource_exhausted (its queue full).", [*labels, "reason"], registry=self.registry)
+        for reason in ("unavailable", "resource_exhausted"):
+            self._retries.labels(model_name=model_name, reason=reason)
         self._model = model_name
         self.inflight = Gauge(PREFIX + "text_requests_inflight",
                               "Requests in progress in this service, each of a request's n completions counted (as "
@@ -119,6 +125,12 @@ class TextMetrics:
                       registry=self.registry)
         gauge.labels(model_name=self._model).set_function(expiry)
 
+    def retried(self, trace: RequestTrace, reason: str) -> None:
+        """The request goes to an engine again: the last one lost or refused it before a token; reason: the
+        status code's name in lower case (unavailable, resource_exhausted)."""
+        trace.retries += 1
+        self._retries.labels(model_name=self._model, reason=reason).inc()
+
     def finish(self, trace: RequestTrace) -> None:
         """Account a finished request and write its log line (once per trace)."""
         if trace.logged:
@@ -137,7 +149,7 @@ class TextMetrics:
             "completion_tokens": trace.completion_tokens, "cached_tokens": trace.cached_tokens,
             "ttft_s": round(trace.first_token - trace.start, 6) if trace.first_token else None,
             "total_s": round(now - trace.start, 6), "detokenize_s": round(trace.detokenize_s, 6),
-            "finish_reason": trace.finish_reason, "engine": trace.engine,
+            "finish_reason": trace.finish_reason, "engine": trace.engine, "retries": trace.retries,
             **({"error": trace.error} if trace.error else {}),
         }})
 

@@ -377,6 +377,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             tried, engine_request.sampling_params):
                         raise  # every engine that could take it was tried: full everywhere
                     handle.close()  # a no-op for the pool's handles, which ended with the failure
+                    self.metrics.retried(trace, exc.code.name.lower())
         except RequestFailed as exc:
             trace.finish_reason, trace.error = "error", f"{exc.code.name}: {exc.message}"
             raise

@@ -115,6 +115,7 @@ def test_text_metrics_count_finished_requests():
     m.watch(lambda: 2, lambda: 1)
     trace = RequestTrace("r")
     trace.detokenize_s, trace.finish_reason, trace.engine = 0.002, "length", "10.0.0.1:50051"
+    m.retried(trace, "resource_exhausted")  # an engine's queue was full: sent to another
     m.finish(trace)
     m.finish(RequestTrace("refused", finish_reason="error", error="INVALID_ARGUMENT: prompt: empty"))
     got = samples(m.registry)
@@ -124,6 +125,8 @@ def test_text_metrics_count_finished_requests():
     assert got[("llmserve:detokenize_time_seconds_count",)] == 1
     assert got[("llmserve:text_requests_inflight",)] == 2 and got[("llmserve:engines_connected",)] == 1
     assert got[("llmserve:engine_stream_reconnects_total",)] == 0
+    assert trace.retries == 1 and got[("llmserve:engine_request_retries_total", ("reason", "resource_exhausted"))] == 1
+    assert got[("llmserve:engine_request_retries_total", ("reason", "unavailable"))] == 0
 
 
 def test_metrics_port_and_log_format_settings():
