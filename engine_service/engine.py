@@ -36,7 +36,7 @@ from engine_service.sampling_params import SamplingParams
 from engine_service.scheduler import ScheduledBatch, Scheduler
 from engine_service.sequence import Sequence, Status
 from engine_service.structured_output import JsonCursor, JsonMasks, token_bytes
-from engine_service.validation import check_prompt, check_request_id
+from engine_service.validation import check_prompt
 
 log = logging.getLogger(__name__)
 # generation_config.json fields that change what transformers' generate() produces but that this engine does not
@@ -283,7 +283,8 @@ class LLMEngine:
         self._check_alive()
         if not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
-        check_request_id(request_id)
+        if not request_id:  # no length limit here: the servicer's ids are a prefix and the client's (up to 256)
+            raise ValueError("request_id must not be empty")
         if request_id in self.seqs or request_id in self._pending_ids:
             raise ValueError(f"request_id {request_id!r} is already in use by a live request (or one whose end "
                              "the next step() reports)")
