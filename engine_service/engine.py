@@ -470,7 +470,13 @@ class LLMEngine:
         failed: dict[Sequence, None] = {}
         for batch in batches:
             if batch is not None:
-                failed.update((s, None) for s in batch.seqs if s.status is not Status.FINISHED)
+                # Also those the step finished (postprocess, JSON cursors) but did not yet report: still registered,
+                # they would never be reported, their id never free again.
+                failed.update((s, None) for s in batch.seqs
+                              if s.status is not Status.FINISHED or self.seqs.get(s.request_id) is s)
+        for seq in failed:
+            if seq.status is Status.FINISHED:
+                seq.finish_reason = FINISH_ERROR  # its last token was not reported: the request failed with the step
         message = f"engine step failed: {type(exc).__name__}: {exc}"
         return EngineStepError(str(exc), outputs + [self._fail(seq, message) for seq in failed])
 
@@ -683,7 +689,7 @@ class LLM(LLMEngine):
                     step = self.step()
                 except EngineStepError as exc:  # other requests' failures in it are theirs to read from step()
                     foreign += [o for o in exc.outputs if o.request_id not in results]
-                    raise
+                    raise EngineStepError(str(exc), [o for o in exc.outputs if o.request_id in results]) from exc
                 failed = None
                 for out in step:  # the whole step, even past a failure: the others' outputs must not be lost
                     res = results.get(out.request_id)

@@ -91,6 +91,7 @@ def _sum_parts(trace: RequestTrace, parts: list[RequestTrace]) -> None:
     trace.detokenize_s = sum(part.detokenize_s for part in parts)
     trace.first_token = min((part.first_token for part in parts if part.first_token), default=0.0)
     trace.engine = ",".join(sorted({part.engine for part in parts if part.engine}))
+    trace.retries = sum(part.retries for part in parts)
 
 
 class TextServicer(pb_grpc.TextGenerationServicer):

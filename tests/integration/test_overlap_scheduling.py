@@ -320,6 +320,7 @@ def test_an_interrupted_step_fails_its_requests_instead_of_corrupting_them(model
         want = _drain(llm)
         for i, prompt in enumerate(prompts):
             llm.add_request(f"s{i}", prompt, params)
+        llm.add_request("t", prompts[0], SamplingParams(temperature=0.0, max_tokens=5))  # finishes in that step
         got: dict[str, list] = {}
         for _ in range(4):
             for out in llm.step():
@@ -342,6 +343,7 @@ def test_an_interrupted_step_fails_its_requests_instead_of_corrupting_them(model
             tokens = got.get(f"s{i}", []) + ended[f"s{i}"][0]
             assert ended[f"s{i}"][1] == "error" and ended[f"s{i}"][2] == 1
             assert tokens == want[f"r{i}"][0][: len(tokens)] and len(tokens) < 12
+        assert ended["t"][1] == "error" and "t" not in llm.seqs  # reported, its id free again
         assert _all_free(llm) and llm._inflight is None
         llm.add_request("after", prompts[0], params)  # still serving, with the same tokens
         assert _drain(llm)["after"][0] == want["r0"][0]

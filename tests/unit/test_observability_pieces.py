@@ -332,3 +332,14 @@ def test_the_running_list_is_walked_only_on_steps_that_admitted():
     for k in range(50):
         metrics.on_step([StepOutput("r0", [1])], 3.0 + k, 3.1 + k, engine)
     assert Counted.walks == 0
+
+
+def test_a_request_with_n_completions_logs_their_retries():
+    """Each completion's retries were counted, but the request's line (the completions summed) said 0."""
+    from tokenizer_service.servicer import _sum_parts
+
+    parts = [RequestTrace("r"), RequestTrace("r"), RequestTrace("r")]
+    parts[0].retries, parts[2].retries = 1, 2
+    trace = RequestTrace("r")
+    _sum_parts(trace, parts)
+    assert trace.retries == 3
