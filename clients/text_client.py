@@ -10,7 +10,7 @@ ends with its own last message: `ends` holds them by index, `finish_reason`/`usa
 `cancel()`, which aborts the request in the engine at once; a stream also cancels its call when it is closed (`with stream:` / `async with stream:`, `close()` / `aclose()`) or dropped
 unfinished, so breaking out of the loop never leaves the request generating. After the stream ends,
 `finish_reason`, `usage` and `stop_reason` hold the last message's fields; `request_id()` gives the id the
-service logged at any time (from the call's headers). Failures raise grpc.RpcError with the service's status code. `request_id=` (optional) is sent as `x-request-id` metadata (an
+service logged once the first response has come (from the call's headers; else the trailers). Failures raise grpc.RpcError with the service's status code. `request_id=` (optional) is sent as `x-request-id` metadata (an
 id that is not printable ASCII, which metadata cannot carry, goes in the request's own field); both services log
 it on the request's line (docs/OBSERVABILITY.md), and the service generates one when absent.
 `tls=ClientTls(ca_file=...)` dials a service that serves TLS (docs/SECURITY.md).

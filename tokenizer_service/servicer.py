@@ -303,6 +303,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         text: TextStream | None = None
         handle: RequestHandle | None = None
         sent_tokens, cached, attempts = False, 0, 0
+        retry_reason = ""  # why the last engine did not serve it, until it is sent again
         tried: set = set()  # engines this request was sent to: a retry prefers the others
         wants_logprobs = engine_request.sampling_params.HasField("logprobs")
         owed_prompt_logprobs = engine_request.sampling_params.HasField("prompt_logprobs")
@@ -330,6 +331,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             "the request's deadline passed before it was sent to an engine")
                 prefer = placement[0] if placement else None
                 handle = await self.pool.submit(request, left, avoid=tried, prefer=prefer)  # sets deadline_ms
+                if retry_reason:  # counted once sent again (a retry that found no engine is the request's error)
+                    self.metrics.retried(trace, retry_reason)
+                    retry_reason = ""
                 if placement is not None and (not placement or placement[0] in tried):
                     placement[:] = [handle.conn]  # the first engine, or the one taking over from a lost one
                 tried.add(handle.conn)
@@ -378,7 +382,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             tried, engine_request.sampling_params):
                         raise  # every engine that could take it was tried: full everywhere
                     handle.close()  # a no-op for the pool's handles, which ended with the failure
-                    self.metrics.retried(trace, exc.code.name.lower())
+                    retry_reason = exc.code.name.lower()
         except RequestFailed as exc:
             trace.finish_reason, trace.error = "error", f"{exc.code.name}: {exc.message}"
             raise
