@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field, fields, replace
 
 # Temperatures below this are greedy: dividing logits by ~0 would overflow.
@@ -19,6 +20,11 @@ MAX_LOGIT_BIAS = 100.0
 # What response_format may say: None (free text), "json_object" (the output is one JSON object) or "json_schema"
 # (one JSON object that json_schema describes): structured_output.py, json_schema.py.
 RESPONSE_FORMATS = (None, "json_object", "json_schema")
+
+
+# The fields validate() wants as Python ints, and as Python numbers (ints or floats).
+_INT_FIELDS = ("max_tokens", "min_tokens", "top_k", "priority", "logprobs", "prompt_logprobs", "seed")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 @dataclass(slots=True, frozen=True)
@@ -70,9 +76,20 @@ class SamplingParams:
     penalized: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # Accept any iterable of ids for stop_token_ids (a list, a tuple, a set) but store an immutable tuple of
-        # distinct ids, in their first order.
+        # numpy's scalars (np.int64, np.float32: what arrays give) as the Python numbers they stand for; validate()
+        # takes Python ints and floats only.
+        for name in _INT_FIELDS + _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool | int | float) and isinstance(value, numbers.Real):
+                if isinstance(value, numbers.Integral):
+                    object.__setattr__(self, name, int(value))
+                elif name in _FLOAT_FIELDS:
+                    object.__setattr__(self, name, float(value))
+        # Accept any iterable of ids for stop_token_ids (a list, a tuple, a set, a numpy array) but store an
+        # immutable tuple of distinct ids, in their first order.
         ids = self.stop_token_ids
+        if hasattr(ids, "tolist") and not isinstance(ids, str | bytes):
+            ids = ids.tolist()
         if isinstance(ids, str | bytes) or not hasattr(ids, "__iter__"):
             raise ValueError(f"stop_token_ids must be a list of token ids, got {ids!r}")
         if hasattr(ids, "__len__") and len(ids) > 16 * MAX_STOP_TOKEN_IDS:  # not worth deduplicating

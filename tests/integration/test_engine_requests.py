@@ -85,6 +85,23 @@ def test_bad_sampling_params_name_the_field(kwargs):
     assert any(name in str(err.value) for name in kwargs)
 
 
+def test_numpy_scalars_are_taken_as_the_numbers_they_stand_for():
+    """max_tokens=np.int64(4), seed=np.int64(3) and temperature=np.float32(.5) were refused ('must be an integer')
+    while top_p=np.float64 was taken, and an array of stop ids was named by its first element; out-of-range or
+    non-integral values are still refused, naming the field."""
+    import numpy as np
+
+    p = SamplingParams(max_tokens=np.int64(4), seed=np.int64(3), temperature=np.float32(0.5), top_k=np.int32(5),
+                       stop_token_ids=np.array([1, 2, 1]), logprobs=np.int16(2))
+    assert (p.max_tokens, p.seed, p.temperature, p.top_k, p.stop_token_ids, p.logprobs) == (4, 3, 0.5, 5, (1, 2), 2)
+    assert all(type(v) is int for v in (p.max_tokens, p.seed, p.top_k, p.logprobs, *p.stop_token_ids))
+    assert type(p.temperature) is float
+    for kwargs, field in ((dict(max_tokens=np.float64(4.0)), "max_tokens"), (dict(max_tokens=np.int64(0)), "max_tokens"),
+                          (dict(temperature=np.float32("nan")), "temperature"), (dict(seed=np.int64(-1)), "seed")):
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**kwargs)
+
+
 BAD_ENGINE_ARGS = [
     dict(seed="a"),
     dict(seed=-1),
