@@ -149,11 +149,11 @@ def read_ca(path: str) -> bytes:
     return data
 
 
-def _check_ca_dates(path: str, certs: list[dict], now: float | None = None) -> None:
+def _check_ca_dates(path: str, certs: list[dict]) -> None:
     """A ValueError when no CA certificate in the file (as ssl decoded them: `certs`) is valid now: every peer's
     handshake would fail, and the error blamed the peer's certificate ("Socket closed" on the server's side,
     nothing logged)."""
-    now = time.time() if now is None else now
+    now = time.time()
     spans = []
     for cert in certs:
         try:

@@ -88,7 +88,7 @@ class SamplingParams:
         # Accept any iterable of ids for stop_token_ids (a list, a tuple, a set, a numpy array) but store an
         # immutable tuple of distinct ids, in their first order.
         ids = self.stop_token_ids
-        if hasattr(ids, "tolist") and not isinstance(ids, str | bytes):
+        if hasattr(ids, "tolist"):  # a numpy array or a tensor
             ids = ids.tolist()
         if isinstance(ids, str | bytes) or not hasattr(ids, "__iter__"):
             raise ValueError(f"stop_token_ids must be a list of token ids, got {ids!r}")
@@ -129,7 +129,7 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        for name in _FLOAT_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
                 raise ValueError(f"{name} must be a number, got {value!r}")

@@ -349,7 +349,6 @@ class _Sorted:
                 self.collect(i, j, depth + 1, nxt, out, runs)
             i = j
 
-
     def _shortcut(self, bits: list[int], bits_np: np.ndarray, lo: int, hi: int, depth: int, state: jg.State,
                   out: list[int], runs: list[np.ndarray]) -> None:
         """keys[lo:hi] whose bit `depth` is set are allowed without a walk; the others are walked one by one."""

@@ -48,9 +48,8 @@ class RequestFailed(Exception):
 class RequestHandle:
     """One request on one engine stream; `async for update in handle` yields its RequestUpdates. Updates that
     queued while the reader was busy (its caller's writes backed up) come as one, their tokens joined (a failure,
-    the pool's or an engine's error update, comes on its own after them): each
-    response then carries them all, so a service behind its engine writes fewer, larger messages instead of
-    falling further behind (one GenerateMulti call relayed at most ~7,000 tokens/s when each carried one)."""
+    the pool's or an engine's error update, comes on its own after them): each response then carries them all,
+    so a service behind its engine writes fewer, larger messages instead of falling further behind (one GenerateMulti call relayed at most ~7,000 tokens/s when each carried one)."""
 
     def __init__(self, conn: EngineConnection, request_id: str, max_buffered: int,
                  timeout_s: float | None = None) -> None:
@@ -390,6 +389,11 @@ def required_features(params: pb.SamplingParams) -> set[str]:
     return needs
 
 
+def _applies(conn: EngineConnection, needs: set[str]) -> bool:
+    """Whether a connected engine applies every feature a request uses (its ModelInfo.features)."""
+    return not needs or (conn.info is not None and needs <= set(conn.info.features))
+
+
 def least_loaded(conns: list[EngineConnection]) -> EngineConnection:
     """The connection with the fewest requests in flight from this replica, ties broken at random. Each replica
     sees only its own load, and every replica lists the engines in the same order: "the first of the least
@@ -443,8 +447,7 @@ class EnginePool:
     def can_try_another(self, tried: Collection[EngineConnection], params: pb.SamplingParams) -> bool:
         """Whether an engine ready now, and applying what the request uses, is not among `tried`."""
         needs = required_features(params)
-        return any(c not in tried and (not needs or (c.info is not None and needs <= set(c.info.features)))
-                   for c in self.ready)
+        return any(c not in tried and _applies(c, needs) for c in self.ready)
 
     @property
     def features(self) -> list[str]:
@@ -478,7 +481,7 @@ class EnginePool:
         while True:
             ready, incapable = self.ready, []
             if ready and needs:  # an older engine ignores the fields: it would serve the request without them
-                incapable = [c for c in ready if not (c.info and needs <= set(c.info.features))]
+                incapable = [c for c in ready if not _applies(c, needs)]
                 ready = [c for c in ready if c not in incapable]
                 if not ready and not any(self._may_become_able(c, needs) for c in self.conns.values()):
                     raise self._unable(needs, incapable)  # no other engine worth waiting for

@@ -464,7 +464,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         self.num_calls += 1
         trace = RequestTrace(request_id_from(context.invocation_metadata(), request.request_id))
         id_header = ((REQUEST_ID_HEADER, trace.request_id),)
-        context.set_trailing_metadata(id_header)  # clients that predate the headers' copy read it here
+        context.set_trailing_metadata(id_header)  # for a call that fails before any response (it sends no headers)
         try:
             prep = await self._admit(request, trace)
             # No await from here until _generate counts the request in inflight (admission's check relies on it).
