@@ -360,6 +360,13 @@ class LLMEngine:
         self._pending_ids.add(request_id)
         return True
 
+    def displaceable(self, priority: int) -> tuple[str, int] | None:
+        """(request id, priority) of the waiting request that a request of `priority` would displace from a full
+        queue (Scheduler.displaceable), or None; the caller aborts it. The service's queue limit uses it; the
+        Python API has no queue limit."""
+        seq = self.scheduler.displaceable(priority)
+        return None if seq is None else (seq.request_id, seq.params.priority)
+
     # ---- the loop ------------------------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending) or self._inflight is not None

@@ -30,7 +30,9 @@ class Sink(Protocol):
 
     def on_output(self, output: StepOutput) -> None: ...
 
-    def on_failure(self, invalid_argument: bool, message: str) -> None: ...
+    def on_failure(self, code: str, message: str) -> None:
+        """The request ended with an error; code is a gRPC status name (INVALID_ARGUMENT, INTERNAL,
+        RESOURCE_EXHAUSTED)."""
 
 
 class EngineUnavailable(RuntimeError):
@@ -44,6 +46,9 @@ class _Add:
     params: SamplingParams
     trace_id: str | None = None  # the client's id, for metrics and logs; None: untracked (the canary)
     arrival: float = 0.0  # time.monotonic() when the handler queued it
+    # The queue was full when it came: it displaces a waiting request of a higher priority value that has produced
+    # nothing, or is refused (RESOURCE_EXHAUSTED) with this message.
+    if_full: str | None = None
 
 
 @dataclass(slots=True)
@@ -70,6 +75,7 @@ class EngineLoop:
         self._on_fatal = on_fatal
         self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}  # live requests; asyncio thread only
+        self._priorities: dict[str, int] = {}  # their priorities (SamplingParams.priority); asyncio thread only
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         # Written by the consumer thread, read by the asyncio thread (whole-object replacement is atomic).
         self.stats: dict[str, int] = dict(engine.stats())
@@ -105,14 +111,27 @@ class EngineLoop:
         params: SamplingParams,
         sink: Sink,
         trace_id: str | None = None,
+        if_full: str | None = None,
     ) -> None:
-        """Queue a request; its outputs go to sink. Raises EngineUnavailable once the loop is down."""
+        """Queue a request; its outputs go to sink. Raises EngineUnavailable once the loop is down.
+
+        if_full: the service's queue is full. The request then takes the place of the newest waiting request of a
+        higher priority value that has produced nothing yet (that one fails with RESOURCE_EXHAUSTED, which a client
+        may retry elsewhere), or, where there is none, is refused with RESOURCE_EXHAUSTED and this message.
+        """
         if self.failure is not None or not self._thread.is_alive():
             raise EngineUnavailable(self.failure or "the engine loop is not running")
         if request_id in self._sinks:
             raise ValueError(f"request_id {request_id!r} is already live")
         self._sinks[request_id] = sink
-        self._commands.put(_Add(request_id, prompt_token_ids, params, trace_id, time.monotonic()))
+        self._priorities[request_id] = params.priority
+        self._commands.put(_Add(request_id, prompt_token_ids, params, trace_id, time.monotonic(), if_full))
+
+    def outranks(self, priority: int) -> bool:
+        """Whether a live request has a higher priority value (is served later) than `priority`: a request of
+        `priority` that finds the queue full may then displace one (see add). O(live requests): asked only when
+        the queue is full."""
+        return any(p > priority for p in self._priorities.values())
 
     def abort(self, request_id: str, error: str | None = None, stopped: bool = False) -> bool:
         """Forget the request now and free its KV blocks on the engine thread; False if it was not live.
@@ -120,6 +139,7 @@ class EngineLoop:
         (the client's stop string matched) makes them a stop."""
         if self._sinks.pop(request_id, None) is None:
             return False
+        del self._priorities[request_id]
         self._commands.put(_Abort(request_id, error, stopped))
         return True
 
@@ -129,20 +149,22 @@ class EngineLoop:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def _deliver(self, outputs: list[StepOutput], rejected: list[tuple[str, str, bool]]) -> None:
-        for request_id, message, invalid in rejected:
+    def _deliver(self, outputs: list[StepOutput], rejected: list[tuple[str, str, str]]) -> None:
+        priorities = self._priorities
+        for request_id, code, message in rejected:
             sink = self._sinks.pop(request_id, None)
             if sink is not None:
-                sink.on_failure(invalid, message)
+                del priorities[request_id]
+                sink.on_failure(code, message)
         sinks = self._sinks  # up to max_num_seqs outputs a step: keep this loop lean
         for out in outputs:
             sink = sinks.get(out.request_id)
             if sink is None:
                 continue  # aborted meanwhile
             if out.finish_reason is not None:  # out.finished
-                del sinks[out.request_id]
+                del sinks[out.request_id], priorities[out.request_id]
                 if out.finish_reason == FINISH_ERROR:
-                    sink.on_failure(False, out.error or "the engine failed this request")
+                    sink.on_failure("INTERNAL", out.error or "the engine failed this request")
                     continue
             sink.on_output(out)
 
@@ -156,11 +178,12 @@ class EngineLoop:
             return  # already failed (the watchdog, then the stuck step raising, say): report it once
         self.failure = message
         sinks, self._sinks = self._sinks, {}
+        self._priorities = {}
         # A consumer thread that died gave each tracked request its line (metrics.fail_live); one that is stuck
         # (the watchdog) owns the metrics still, so its requests get only this count.
         log.error("engine failure: failing %d in-flight requests with INTERNAL: %s", len(sinks), message)
         for sink in sinks.values():
-            sink.on_failure(False, f"engine failure: {message}")
+            sink.on_failure("INTERNAL", f"engine failure: {message}")
         self._on_fatal(message)
 
     # ---- consumer thread ----------------------------------------------------------------------------------
@@ -252,14 +275,17 @@ class EngineLoop:
             except queue.Empty:
                 return commands
 
-    def _apply(self, commands: list[object]) -> list[tuple[str, str, bool]]:
-        """Run add/abort commands in order; return (request_id, message, invalid argument?) of adds the engine
-        refused. Any other exception out of add_request refuses that request alone (an internal error, logged): one
+    def _apply(self, commands: list[object]) -> list[tuple[str, str, str]]:
+        """Run add/abort commands in order; return (request_id, gRPC status name, message) of the requests they
+        ended: adds the engine refused, and waiting requests a higher-priority add displaced from a full queue.
+        Any other exception out of add_request refuses that request alone (an internal error, logged): one
         request must never take the loop, and every other request, down with it (a dead engine is found by the next
         step)."""
         rejected = []
         for cmd in commands:
             if isinstance(cmd, _Add):
+                if cmd.if_full is not None and not self._displace_for(cmd, rejected):
+                    continue
                 try:
                     self._engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params)
                 except Exception as exc:  # noqa: BLE001 - see the docstring
@@ -268,7 +294,7 @@ class EngineLoop:
                         log.exception("admitting request %s failed", cmd.request_id)
                     message = str(exc) if invalid else f"the engine failed admitting this request: " \
                                                        f"{type(exc).__name__}: {exc}"
-                    rejected.append((cmd.request_id, message, invalid))
+                    rejected.append((cmd.request_id, "INVALID_ARGUMENT" if invalid else "INTERNAL", message))
                     if self.metrics is not None and cmd.trace_id is not None:
                         self.metrics.refused(cmd.trace_id, f"{'INVALID_ARGUMENT' if invalid else 'INTERNAL'}: {message}")
                     continue
@@ -281,3 +307,22 @@ class EngineLoop:
                     self.metrics.mark_stopped(cmd.request_id)
                 self._engine.abort_request(cmd.request_id)
         return rejected
+
+    def _displace_for(self, cmd: _Add, rejected: list[tuple[str, str, str]]) -> bool:
+        """cmd found the queue full: abort the waiting request it displaces and return True, or refuse cmd
+        (appended to `rejected`) and return False when no waiting request may be displaced."""
+        p = cmd.params.priority
+        displaceable = self._engine.displaceable(p)
+        if displaceable is None:
+            rejected.append((cmd.request_id, "RESOURCE_EXHAUSTED", cmd.if_full))
+            if self.metrics is not None and cmd.trace_id is not None:
+                self.metrics.refused(cmd.trace_id, f"RESOURCE_EXHAUSTED: {cmd.if_full}")
+            return False
+        victim, its_priority = displaceable
+        message = (f"displaced from the engine's full queue by a request of priority {p} (this request's priority is "
+                   f"{its_priority}; lower values are served first); retry later or on another engine")
+        if self.metrics is not None:
+            self.metrics.mark_failed(victim, f"RESOURCE_EXHAUSTED: {message}")
+        self._engine.abort_request(victim)
+        rejected.append((victim, "RESOURCE_EXHAUSTED", message))
+        return True

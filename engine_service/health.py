@@ -33,7 +33,7 @@ class _CanarySink:
         if output.finished and not self.future.done():
             self.future.set_result(None)
 
-    def on_failure(self, invalid_argument: bool, message: str) -> None:
+    def on_failure(self, code: str, message: str) -> None:
         if not self.future.done():
             self.future.set_result(message)
 

@@ -129,6 +129,17 @@ class Scheduler:
         for seq in reversed(victims[len(victims) - k:]):
             self._preempt(seq)
 
+    def displaceable(self, priority: int) -> Sequence | None:
+        """The waiting sequence a request of this priority takes the place of when the service's queue is full: the
+        last in waiting order (the highest priority value, the newest) of a higher value than `priority` that has
+        produced no token. A preempted sequence that has produced tokens is never displaced: its client has them."""
+        for seq in reversed(self.waiting):
+            if seq.params.priority <= priority:
+                return None
+            if seq.num_output_tokens == 0:
+                return seq
+        return None
+
     def _budget_below(self, p: int) -> int:
         """The token budget left for admitting a sequence of priority p: what the decodes and prefill chunks of
         the running sequences of priority p or a lower value take this step (those of a higher value are the

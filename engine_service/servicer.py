@@ -144,10 +144,16 @@ class EngineServicer(pb_grpc.EngineServicer):
             check_request_id(cid)
             if cid in stream.live:
                 raise ValueError(f"request_id {cid!r} is already live on this stream")
-            refusal = self._refusal()
+            refusal, if_full = self._refusal(), None
             if refusal is not None:
-                self._refuse(stream, cid, trace_id, *refusal)
-                return
+                # A full queue (the one RESOURCE_EXHAUSTED here) still takes a request that outranks a live one: it
+                # displaces the newest waiting request of a higher priority value that has produced nothing, if any
+                # (decided on the engine thread, which owns the queue; else it is refused there with this message).
+                if refusal[0] != grpc.StatusCode.RESOURCE_EXHAUSTED \
+                        or not self.loop.outranks(req.sampling_params.priority):
+                    self._refuse(stream, cid, trace_id, *refusal)
+                    return
+                if_full = refusal[1]
             prompt = list(req.prompt_token_ids)
             check_prompt(prompt, self.model_info["vocab_size"], self.model_info["max_model_len"])
             params = sampling_params_from_proto(req.sampling_params, self.generation_defaults)
@@ -158,7 +164,7 @@ class EngineServicer(pb_grpc.EngineServicer):
             return
         engine_id = f"{prefix}{next(self._admissions)}:{cid}"
         try:
-            self.loop.add(engine_id, prompt, params, RequestSink(stream, cid), trace_id=trace_id)
+            self.loop.add(engine_id, prompt, params, RequestSink(stream, cid), trace_id=trace_id, if_full=if_full)
         except EngineUnavailable as exc:
             self._refuse(stream, cid, trace_id, grpc.StatusCode.UNAVAILABLE, f"the engine has failed: {exc}")
             return

@@ -74,9 +74,8 @@ class RequestSink:
         # for every request of every step.
         self.on_output: Callable[[StepOutput], None] = partial(stream.on_output, client_id)
 
-    def on_failure(self, invalid_argument: bool, message: str) -> None:
-        code = grpc.StatusCode.INVALID_ARGUMENT if invalid_argument else grpc.StatusCode.INTERNAL
-        self.stream.fail(self.client_id, code, message, abort=False)
+    def on_failure(self, code: str, message: str) -> None:
+        self.stream.fail(self.client_id, grpc.StatusCode[code], message, abort=False)
 
 
 class OutputStream:

@@ -61,6 +61,14 @@ class FakeEngine:
         self.aborted.append(request_id)
         return True
 
+    def displaceable(self, priority: int) -> tuple[str, int] | None:
+        """As LLMEngine.displaceable: the newest waiting request of a higher priority value (this fake's queue is
+        first come, first served, and a waiting request here has produced nothing)."""
+        for rid in reversed(self.waiting):
+            if self.reqs[rid][1].priority > priority:
+                return rid, self.reqs[rid][1].priority
+        return None
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.reqs) or bool(self.aborted)
 

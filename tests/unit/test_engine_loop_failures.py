@@ -38,7 +38,7 @@ class FlakyEngine(FakeEngine):
 class Sink:
     def __init__(self, done: asyncio.Event):
         self.tokens: list[int] = []
-        self.failure: tuple[bool, str] | None = None
+        self.failure: tuple[str, str] | None = None
         self.finished, self.done = False, done
 
     def on_output(self, output: StepOutput) -> None:
@@ -47,8 +47,8 @@ class Sink:
             self.finished = True
             self.done.set()
 
-    def on_failure(self, invalid_argument: bool, message: str) -> None:
-        self.failure = (invalid_argument, message)
+    def on_failure(self, code: str, message: str) -> None:
+        self.failure = (code, message)
         self.done.set()
 
 
@@ -67,7 +67,7 @@ async def _run(failing_steps: set[int]):
 
 def test_one_failed_step_fails_its_request_and_the_rest_go_on():
     sinks, fatal, loop = asyncio.run(_run({3}))
-    assert sinks["a"].failure == (False, "step failed: boom")  # INTERNAL, not INVALID_ARGUMENT
+    assert sinks["a"].failure == ("INTERNAL", "step failed: boom")
     for rid in "bcd":
         assert sinks[rid].finished and len(sinks[rid].tokens) == 20 and sinks[rid].failure is None
     assert fatal == [] and loop.failure is None
@@ -77,7 +77,7 @@ def test_failures_in_a_row_are_fatal():
     sinks, fatal, loop = asyncio.run(_run(set(range(3, 3 + MAX_CONSECUTIVE_STEP_FAILURES))))
     assert len(fatal) == 1 and loop.failure is not None
     # Three requests failed with their steps; the fourth with the engine.
-    assert all(s.failure is not None and not s.failure[0] for s in sinks.values())
+    assert all(s.failure is not None and s.failure[0] == "INTERNAL" for s in sinks.values())
     assert "engine failure" in sinks["d"].failure[1]
 
 
@@ -158,7 +158,7 @@ def test_an_admission_that_raises_refuses_its_request_alone():
         return sinks, fatal, loop
 
     sinks, fatal, loop = asyncio.run(run())
-    assert sinks["b"].failure == (False, "the engine failed admitting this request: RecursionError: maximum recursion "
+    assert sinks["b"].failure == ("INTERNAL", "the engine failed admitting this request: RecursionError: maximum recursion "
                                          "depth exceeded")  # INTERNAL, not INVALID_ARGUMENT
     assert all(sinks[r].finished and len(sinks[r].tokens) == 10 for r in "ac")
     assert fatal == [] and loop.failure is None

@@ -400,6 +400,60 @@ def test_max_waiting_counts_the_running_batch_once_requests_wait():
         assert running.stop() == 0
 
 
+def test_a_full_queue_takes_a_request_that_outranks_a_waiting_one_by_displacing_the_newest(caplog):
+    """max_waiting 2, one running and two waiting at priority 5. Of four arrivals on another call: priority 5 is
+    refused (queue full, it outranks nobody); two of priority 0 each displace the newest waiting priority-5
+    request, which fails RESOURCE_EXHAUSTED ("displaced", retryable elsewhere); the third finds only the running
+    one and its peers left and is refused. The queue never grows past the limit, and the running request goes on."""
+    running = Running(FakeEngine(max_num_seqs=1, max_model_len=1_000_000, step_s=0.05), max_waiting=2,
+                      max_num_seqs=1)
+    try:
+        with caplog.at_level(logging.INFO, logger=REQUEST_LOGGER), \
+                EngineClient(running.target, timeout=20) as client:
+            wait_serving(client)
+            low = [new(str(i), [1], max_tokens=100_000, ignore_eos=True, priority=5) for i in range(3)]
+            for request in low:
+                request.trace_id = f"low-{request.request_id}"
+            first = client.stub.Generate(iter([pb.ClientFrame(requests=low)]), timeout=20)
+            next(first)
+            deadline = time.monotonic() + 5
+            while client.load().num_waiting < 2 and time.monotonic() < deadline:  # stats: one runs, two wait
+                time.sleep(0.05)
+            later = [new("x5", [1], max_tokens=100_000, ignore_eos=True, priority=5)]
+            later += [new(f"h{i}", [1], max_tokens=100_000, ignore_eos=True, priority=0) for i in range(3)]
+            second = client.stub.Generate(iter([pb.ClientFrame(requests=later)]), timeout=20)
+            errors: dict[str, pb.RequestUpdate] = {}
+            deadline = time.monotonic() + 10
+            for frame in first:
+                errors.update((u.request_id, u) for u in frame.updates if u.status.code)
+                if len(errors) >= 2 or time.monotonic() > deadline:
+                    break
+            exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            assert sorted(errors) == ["1", "2"], {k: u.status.message for k, u in errors.items()}
+            for update in errors.values():
+                assert update.status.code == exhausted and "displaced" in update.status.message
+                assert "priority 0" in update.status.message and "priority is 5" in update.status.message
+            refused: dict[str, pb.RequestUpdate] = {}
+            for frame in second:
+                refused.update((u.request_id, u) for u in frame.updates if u.status.code)
+                if len(refused) >= 2 or time.monotonic() > deadline:
+                    break
+            assert sorted(refused) == ["h2", "x5"], {k: u.status.message for k, u in refused.items()}
+            assert all(u.status.code == exhausted and "queue is full" in u.status.message for u in refused.values())
+            load = client.load()
+            assert load.num_running == 1 and load.num_waiting == 2  # h0 and h1; "0" still runs
+            first.cancel()
+            second.cancel()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(_lines(caplog, "low-1") + _lines(caplog, "low-2")) < 2:
+            time.sleep(0.05)
+        for trace_id in ("low-1", "low-2"):  # each displaced request is counted and logged once, as an error
+            [line] = _lines(caplog, trace_id)
+            assert line["finish_reason"] == FINISH_ERROR and "RESOURCE_EXHAUSTED: displaced" in line["error"]
+    finally:
+        assert running.stop() == 0
+
+
 def test_a_bug_applying_a_frame_fails_the_call_internal_and_is_logged(monkeypatch, caplog):
     """With only unreadable frames caught, an exception applying one escaped the reader task unseen: the call
     ended OK and the requests after it were dropped without a word."""

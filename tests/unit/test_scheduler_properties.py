@@ -611,3 +611,28 @@ def test_a_hash_collision_between_two_prefixes_is_not_spliced(monkeypatch):
             sched.postprocess(batch, [1 if take else None for take in batch.sample])
     spliced = Sequence("s", b + c + [3], SamplingParams(max_tokens=1), 64)
     assert len(bm.confirm(spliced, bm.match_prefix(spliced))) <= 2  # B's own blocks at most, never C
+
+
+def test_a_full_queue_is_displaced_from_its_newest_highest_value_that_has_produced_nothing():
+    """Scheduler.displaceable (the service's queue limit): the last waiting sequence of a higher value than the
+    arrival's, unless it has produced tokens (a preempted one: its client has them), and never one of an equal
+    or lower value."""
+    sched = _sched(max_seqs=2)
+    old, new = _seq("o1", priority=1), _seq("n1", priority=1)
+    sched.add(old)
+    sched.add(new)
+    batch = sched.schedule()
+    sched.postprocess(batch, [1 if take else None for take in batch.sample])
+    assert new.num_output_tokens == 1
+    sched.add(_seq("u0", priority=0))
+    sched.schedule()  # u0 preempts n1, which waits at the front of priority 1 with a token produced
+    for rid, priority in (("t1", 1), ("w2", 2), ("x2", 2)):
+        sched.add(_seq(rid, priority=priority))
+    assert [s.request_id for s in sched.waiting] == ["n1", "t1", "w2", "x2"]
+    assert sched.displaceable(0).request_id == "x2" and sched.displaceable(1).request_id == "x2"
+    assert sched.displaceable(2) is None and sched.displaceable(5) is None
+    for rid in ("x2", "w2"):
+        sched.abort(next(s for s in sched.waiting if s.request_id == rid))
+    assert sched.displaceable(0).request_id == "t1" and sched.displaceable(1) is None
+    sched.abort(sched.waiting[1])
+    assert [s.request_id for s in sched.waiting] == ["n1"] and sched.displaceable(0) is None  # it has a token
