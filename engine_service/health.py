@@ -63,7 +63,9 @@ class Health:
         request_id = f"canary:{next(self._ids)}"
         prompt = list(range(min(4, vocab_size)))
         try:
-            loop.add(request_id, prompt, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True),
+            # The lowest priority value there is: a full queue never displaces the canary (which would read as a failed
+            # engine under exactly the load that fills it), and it never waits behind traffic.
+            loop.add(request_id, prompt, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, priority=-2**31),
                      _CanarySink(future))
         except EngineUnavailable as exc:
             return str(exc)

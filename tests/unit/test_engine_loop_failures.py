@@ -178,3 +178,28 @@ def test_an_admission_that_fails_on_the_device_leaves_nothing_behind(tmp_path, m
         with pytest.raises(RuntimeError, match="injected"):
             llm.add_request("r", [1, 2, 3], SamplingParams(seed=3, logit_bias={5: 1.0}))
         assert not llm.generators and not llm.biases and not llm.seqs and not llm.has_unfinished_requests()
+
+
+def test_a_full_queue_never_displaces_the_health_canary():
+    """The canary has the lowest priority value there is, so no request displaces it from a full queue: a
+    displaced canary read as a failed engine (NOT_SERVING until the next canary) under exactly the load that
+    fills the queue."""
+    from engine_service.health import Health
+
+    async def main():
+        loop = EngineLoop(FakeEngine(max_num_seqs=1, step_s=0.005), asyncio.get_running_loop(), lambda _: None)
+        loop.start()
+        busy = Sink(asyncio.Event())
+        loop.add("busy", [1], SamplingParams(max_tokens=20, ignore_eos=True), busy)  # holds the only slot
+        canary = asyncio.create_task(Health([]).canary(loop, 100, timeout_s=10))
+        await asyncio.sleep(0.05)  # the canary waits behind "busy"
+        urgent = Sink(asyncio.Event())
+        loop.add("urgent", [1], SamplingParams(max_tokens=2, priority=-2**31), urgent, if_full="queue is full")
+        problem = await canary
+        await asyncio.wait_for(urgent.done.wait(), 10)
+        loop.stop()
+        return problem, urgent.failure
+
+    problem, urgent_failure = asyncio.run(main())
+    assert problem is None
+    assert urgent_failure == ("RESOURCE_EXHAUSTED", "queue is full")  # nothing of a higher value waited
