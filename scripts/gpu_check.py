@@ -35,6 +35,8 @@ PRESET = "qwen3-0.6b"
 TARGET_TOK_S = 28_000  # issue 3's acceptance figure for workload A
 # The wider token budget a step part p compares with the default (on its PDL engine, against PDL at the default).
 WIDE_BUDGET = 16_384
+P_REPEATS = 2  # timed runs of workload A a row in part p
+WARM_TOKEN = 7  # the warm-up prompt's one token (_warm): a prompt no timed run shares a block with
 
 
 def _versions() -> dict:
@@ -388,22 +390,30 @@ def cmd_second(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
     if on is None:
         return 1
     with on:
+        # Two timed runs a row (their median, the mean of the two): part p's predicted effects (PDL at most 0.1 s
+        # of 5.3, the wide budget 0.1-0.2 s) are within one run's noise on this machine.
         _, plan = bench.make_plan(bench.WORKLOAD_A, model_dir, engine["device"], engine["dtype"],
-                                  on.model_cfg.vocab_size, 1, *workload_a_args)
+                                  on.model_cfg.vocab_size, P_REPEATS, *workload_a_args)
         if pdl_on:
             on.scheduler.max_num_batched_tokens = default_budget
+            _warm(on)
             try:
                 result = bench.time_engine(on, plan, bench.Result(info={"engine_kwargs": {**engine, "pdl": True}}))
                 report["pdl"] = {"graphs_on": on.runner.graphs is not None, "workload_A": result.to_json(),
-                                 "itl": {b: step_profile.decode_latency(on, b, **itl_args)["itl_ms"]
-                                         for b in itl_batches},
                                  "decode_gemms": _gemm_picks(on)}
             except Exception as e:
                 traceback.print_exc()
                 report["pdl"] = {"error": f"{type(e).__name__}: {e}"}
+            try:  # apart: an ITL failure keeps the workload A figure measured before it
+                report["pdl"]["itl"] = {b: step_profile.decode_latency(on, b, **itl_args)["itl_ms"]
+                                        for b in itl_batches}
+            except Exception as e:
+                traceback.print_exc()
+                report["pdl"]["itl_error"] = f"{type(e).__name__}: {e}"
             save()
             print(f"programmatic dependent launch: {report['pdl']}")
         on.scheduler.max_num_batched_tokens = WIDE_BUDGET
+        _warm(on)
         try:
             wide = bench.time_engine(on, _salted_plan(plan, 15, on), bench.Result())
             report["wide_budget"] = {"max_num_batched_tokens": WIDE_BUDGET, "pdl": pdl_on,
@@ -416,8 +426,8 @@ def cmd_second(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
         # Last, two-batch overlap (cuda_graphs.py, off by default): the same engine's decode graphs captured again
         # with it, workload A (salted apart) at the wide budget and decode ITL, beside the figures above.
         report["two_batch_overlap"] = _two_batch_overlap(on, _salted_plan(plan, 17, on), itl_batches, itl_args,
-                                                         cpu_dry_run)
-        report["two_batch_overlap"]["pdl"] = pdl_on
+                                                         cpu_dry_run, pdl_on)
+        report["two_batch_overlap"].setdefault("pdl", pdl_on)
         save()
         print(f"two-batch overlap: {report['two_batch_overlap']}")
     return 0 if _second_ok(report) else 1
@@ -428,8 +438,18 @@ def _salted_plan(plan, salt: int, llm):
     llm's prefix cache."""
     from engine_service import bench
 
-    prompts, max_tokens = plan.batches[0]
-    return replace(plan, batches=[(bench.salted(prompts, salt, llm.model_cfg.vocab_size), max_tokens)])
+    vocab = llm.model_cfg.vocab_size
+    return replace(plan, batches=[(bench.salted(prompts, salt, vocab), max_tokens) for prompts, max_tokens in plan.batches])
+
+
+def _warm(llm) -> None:
+    """One prefill step as large as the engine's token budget, before a timed run: a capture empties the caching
+    allocator (cuda_graphs), and the timed run's first mixed steps would pay its cudaMalloc calls, which the
+    run before it (on a warm allocator) did not."""
+    from engine_service.sampling_params import SamplingParams
+
+    size = min(llm.scheduler.max_num_batched_tokens, llm.config.max_model_len - 2)
+    llm.generate([[WARM_TOKEN] * size], SamplingParams(max_tokens=2, ignore_eos=True))
 
 
 def _halved_graphs(llm, cpu_dry_run: bool, **options):
@@ -456,32 +476,48 @@ def _halved_graphs(llm, cpu_dry_run: bool, **options):
     return graphs if graphs is not None and graphs.halves else None  # without halves: its fallback, not a figure
 
 
-def _two_batch_overlap(llm, plan, itl_batches, itl_args, cpu_dry_run: bool) -> dict:
+def _two_batch_overlap(llm, plan, itl_batches, itl_args, cpu_dry_run: bool, pdl_on: bool) -> dict:
     """Part p's last figures: the engine's decode graphs captured again with two-batch overlap, then workload A and
     decode ITL; then captured once more with the halves' streams at the capture stream's priority, and workload A
     (salted apart) again: whether the priority the halves' GEMMs get over the other half's attention matters."""
-    from engine_service import bench
+    from engine_service import bench, pdl
     from scripts import step_profile
 
     runner = llm.runner
     try:
+        found = {}
         graphs = _halved_graphs(llm, cpu_dry_run)
+        if graphs is None and pdl_on:
+            # Never run together on a GPU before: PDL's launches captured across the halves' streams. A figure
+            # without PDL beats none (the row says which it is; its baseline, the wide budget's, had PDL).
+            print("two-batch overlap: the capture with PDL failed; capturing it again without PDL")
+            pdl.enable(runner.device, False)
+            found["pdl"], found["pdl_dropped"] = False, "the capture with PDL failed its capture or self-check"
+            graphs = _halved_graphs(llm, cpu_dry_run)
         if graphs is None:
-            return {"error": "the graphs with two-batch overlap failed their capture or self-check (see the log)",
-                    "graphs_on": False}
+            return {**found, "error": "the graphs with two-batch overlap failed their capture or self-check (see "
+                                      "the log)", "graphs_on": False}
+        halves = sorted(graphs.halves)
+        del graphs  # the runner holds them; nothing here may keep them past the next capture
+        _warm(llm)
         result = bench.time_engine(llm, plan, bench.Result())
         # Inside the halves torch's GEMMs run: where the plain graphs used ours at those sizes, the comparison
         # holds that change too.
-        given_up = {name: [m for m in sorted(group[0].gemms or {}) if m >= min(graphs.halves)]
+        given_up = {name: [m for m in sorted(group[0].gemms or {}) if m >= halves[0]]
                     for name, group in runner.decode_linear_groups().items()}
-        found = {"graphs_on": True, "halves": sorted(graphs.halves), "workload_A": result.to_json(),
-                 "itl": {b: step_profile.decode_latency(llm, b, **itl_args)["itl_ms"] for b in itl_batches},
-                 "our_gemms_given_up": {name: sizes for name, sizes in given_up.items() if sizes}}
+        found.update({"graphs_on": True, "halves": halves, "workload_A": result.to_json(),
+                      "our_gemms_given_up": {name: sizes for name, sizes in given_up.items() if sizes}})
+        try:
+            found["itl"] = {b: step_profile.decode_latency(llm, b, **itl_args)["itl_ms"] for b in itl_batches}
+        except Exception as e:
+            traceback.print_exc()
+            found["itl_error"] = f"{type(e).__name__}: {e}"
         try:
             if _halved_graphs(llm, cpu_dry_run, halves_priority=0) is None:
                 found["same_priority"] = {"error": "capture or self-check failed"}
             else:
                 again = _salted_plan(plan, 19, llm)
+                _warm(llm)
                 found["same_priority"] = {"workload_A": bench.time_engine(llm, again, bench.Result()).to_json()}
         except Exception as e:
             traceback.print_exc()
@@ -627,6 +663,9 @@ def _part_results(out: Path) -> dict[str, str]:
         peer = f"< {_fmt(hf)} tok/s (cut short at {cut})" if cut else f"{_fmt(hf)} tok/s"
         met = "MET" if eng and eng >= TARGET_TOK_S else "NOT MET"
         res["d"] = f"engine {_fmt(eng)} tok/s, transformers static {peer}{ratio}; >= 28,000: {met}"
+        if not g:  # part d in a call of its own: the engine's figure is in the earlier call's graphs.json
+            res["d"] = (f"transformers static {peer}; the engine's figure is in the call that ran part g (its "
+                        "graphs.json): unpack both calls' archives into one folder and run summary there")
         if g.get("workload_A", {}).get("error"):
             res["d"] += f"; the engine's run failed: {g['workload_A']['error']}"
         tile = _picked_tile(out / "g.log")
@@ -770,10 +809,10 @@ def cmd_summary(out: Path, shown_as: str = "") -> int:
     engine_a = _load(out / "graphs.json").get("workload_A", {}).get("tok_s")
     for key in order:
         st, secs = status.get(owner.get(key, key), ("-", ""))
-        if key == "d" and st == "PASS" and not engine_a:
-            st = status.get("g", ("FAIL", ""))[0]
+        if key == "d" and st == "PASS" and not engine_a and "g" in status:
+            st = status["g"][0]
             st = "FAIL" if st == "PASS" else st
-        elif key == "d" and st == "PASS" and engine_a < TARGET_TOK_S:
+        elif key == "d" and st == "PASS" and engine_a is not None and engine_a < TARGET_TOK_S:
             st = "MISSED"  # both runs went through, and the engine's figure is under the acceptance target
         rows.append((LABELS[key], st, secs, res.get(key, "")))
     print()

@@ -193,3 +193,16 @@ def test_workload_a_under_the_target_fails_the_check(tmp_path):
     rc, output, _, _ = _run(tmp_path / "over", budget=300, graphs='{"workload_A": {"tok_s": 30000.0}}')
     assert rc == 0, output
     assert re.search(r"^\(d\) workload A vs hf static +PASS ", output, re.M), output
+
+
+def test_part_d_in_a_call_of_its_own_keeps_its_status_and_says_where_the_engine_figure_is(tmp_path):
+    """The two-call split (docs/GPU.md: a b g p, then d): the second call has no part g, so no graphs.json. Row d
+    read FAIL ('engine ? tok/s') though d passed, inviting a pointless rerun of the scarce device time."""
+    (tmp_path / "status.tsv").write_text("env\tPASS\t10\t0\npreset\tPASS\t5\t0\nd\tPASS\t200\t0\n")
+    (tmp_path / "d_bench_A.json").write_text('{"peers": {"hf_static": {"tok_s": 658.0}}}')
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "summary", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("(d)"))
+    assert re.match(r"\(d\) workload A vs hf static +PASS ", row), row
+    assert "658 tok/s" in row and "the call that ran part g" in row, row
