@@ -732,6 +732,8 @@ def _part_results(out: Path) -> dict[str, str]:
                       f"{_fmt(g.get('workload_A', {}).get('tok_s'))} without; ITL ms with/without: {pairs}; "
                       f"graphs kept: {p.get('graphs_on')}; attention tiles pinned to g's: "
                       f"{', '.join(second.get('pins', {})) or 'none'}; {same} decode GEMM picks")
+        if p.get("itl_error"):
+            res["pdl"] += f"; ITL failed: {p['itl_error']}"
     w = second.get("wide_budget", {})
     if "error" in w:
         res["wide"] = f"failed: {w['error']}"
@@ -753,6 +755,10 @@ def _part_results(out: Path) -> dict[str, str]:
                       f"{_fmt(w.get('workload_A', {}).get('tok_s'))} without (the row "
                       f"above), {same} with the halves at the attention's stream priority; ITL ms {pairs}; our GEMMs "
                       f"given up for torch's in the halves: {given_up or 'none'}")
+        if t.get("pdl_dropped"):
+            res["tbo"] += f"; PDL dropped for it ({t['pdl_dropped']}), the row above had it"
+        if t.get("itl_error"):
+            res["tbo"] += f"; ITL failed: {t['itl_error']}"
     dec = g.get("slice64_profile", {}).get("decode")
     if dec and dec.get("gpu_ms") is not None:
         res["split"] = (
