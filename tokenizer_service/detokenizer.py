@@ -96,7 +96,8 @@ class IncrementalDetokenizer:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
 
     def step(self, token_ids: Sequence[int]) -> str:
-        """Feed one step's new token ids; return the text that became final (possibly "")."""
+        """Feed one step's new token ids (or several steps' at once); return the text that became final (possibly
+        "")."""
         if self._finished:
             raise RuntimeError("step() called after flush()")
         if not token_ids:
@@ -106,6 +107,20 @@ class IncrementalDetokenizer:
             token_ids = [t for t in token_ids if t not in self._dropped]
             if not token_ids:
                 return ""
+        if len(token_ids) > self._hold_limit:
+            # Many steps' ids at once (a slow reader's updates, joined). Where they do not end in whole characters,
+            # they go in hold_limit at a time: a forced split over a window of thousands decodes every head of it
+            # (4,000 invalid bytes took 1-6 s on the event loop); fed so, each stays within ~2 x hold_limit.
+            text = self._decode(self._window + list(token_ids))
+            if text.endswith(REPLACEMENT_CHAR):
+                n = self._hold_limit
+                return "".join(self._feed(token_ids[i : i + n]) for i in range(0, len(token_ids), n))
+            self._window.extend(token_ids)
+            return self._emit_through(len(self._window), text)
+        return self._feed(token_ids)
+
+    def _feed(self, token_ids: Sequence[int]) -> str:
+        """step() for at most hold_limit ids, special ids dropped already."""
         self._window.extend(token_ids)
         text = self._decode(self._window)
         if not text.endswith(REPLACEMENT_CHAR):

@@ -71,7 +71,10 @@ class TextStream:
         self.num_generated += len(token_ids)
         if exempt <= 0:
             return self._stops.feed(self._detok.step(token_ids))
-        text = self._stops.feed(self._detok.step(token_ids[:exempt]), can_stop=False)
+        # One id at a time: the detokenizer holds back a whole update that ends inside a character, which would
+        # hand the exempt ids' text to a feed that can stop below (a stop then depended on how updates coalesced).
+        text = "".join(self._stops.feed(self._detok.step(token_ids[i : i + 1]), can_stop=False)
+                       for i in range(min(exempt, len(token_ids))))
         rest = token_ids[exempt:]
         return text + self._stops.feed(self._detok.step(rest)) if rest else text
 

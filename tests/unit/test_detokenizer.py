@@ -136,9 +136,11 @@ class _CountingTokenizer:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.max_ids = 0
+        self.total_ids = 0
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         self.max_ids = max(self.max_ids, len(token_ids))
+        self.total_ids += len(token_ids)
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
 
@@ -165,6 +167,24 @@ def test_a_model_looping_on_an_invalid_byte_still_streams(demo_tokenizer) -> Non
     # hold_limit + 1 tokens at a time, so that boundary can lie one such chunk further) plus the unread tokens.
     assert counting.max_ids <= 4 + 2 * (8 + 1)
     assert "".join(deltas) + detok.flush() == demo_tokenizer.decode([lone_continuation] * 200)
+
+
+@pytest.mark.parametrize("n", [600, 2400])
+def test_one_long_update_ending_inside_a_character_costs_linear_decoding(demo_tokenizer, n: int) -> None:
+    """A slow reader's updates come joined (up to thousands of ids). One that ended inside a character went to a
+    forced split over the whole window, which decodes every head of it: 4,000 lone continuation bytes took 1-6 s
+    of the tokenizer service's event loop. The ids decoded must grow linearly with the update, and the text must
+    be what one id at a time gives."""
+    byte_ids = [i for t, i in demo_tokenizer.backend_tokenizer.get_vocab().items() if len(t) == 1]
+    lone_continuation = next(i for i in sorted(byte_ids) if demo_tokenizer.decode([i]) == REPLACEMENT_CHAR)
+    ids = [lone_continuation] * n  # each decodes to U+FFFD: the window always ends "inside a character"
+    counting = _CountingTokenizer(demo_tokenizer)
+    detok = IncrementalDetokenizer(counting)
+    out = detok.step(ids)
+    assert len(out) >= n - 20  # all but a short tail is emitted at once
+    assert counting.total_ids <= 200 * n, counting.total_ids  # quadratic: ~n**2 / 2 ids (1.8e5 / 2.9e6 here)
+    one_by_one = IncrementalDetokenizer(demo_tokenizer)
+    assert out + detok.flush() == "".join(one_by_one.step([t]) for t in ids) + one_by_one.flush()
 
 
 def test_invalid_settings_are_refused(demo_tokenizer) -> None:
