@@ -46,9 +46,10 @@ class _Add:
     params: SamplingParams
     trace_id: str | None = None  # the client's id, for metrics and logs; None: untracked (the canary)
     arrival: float = 0.0  # time.monotonic() when the handler queued it
-    # The queue was full when it came: it displaces a waiting request of a higher priority value that has produced
-    # nothing, or is refused (RESOURCE_EXHAUSTED) with this message.
-    if_full: str | None = None
+    # (message, max_waiting): the queue was full when it came. If it still is when the engine thread applies it, it
+    # displaces a waiting request of a higher priority value that has produced nothing, or is refused
+    # (RESOURCE_EXHAUSTED) with this message.
+    if_full: tuple[str, int] | None = None
 
 
 @dataclass(slots=True)
@@ -111,13 +112,15 @@ class EngineLoop:
         params: SamplingParams,
         sink: Sink,
         trace_id: str | None = None,
-        if_full: str | None = None,
+        if_full: tuple[str, int] | None = None,
     ) -> None:
         """Queue a request; its outputs go to sink. Raises EngineUnavailable once the loop is down.
 
-        if_full: the service's queue is full. The request then takes the place of the newest waiting request of a
-        higher priority value that has produced nothing yet (that one fails with RESOURCE_EXHAUSTED, which a client
-        may retry elsewhere), or, where there is none, is refused with RESOURCE_EXHAUSTED and this message.
+        if_full: (message, max_waiting) when the service found its queue full. If the engine's waiting queue is
+        still that long when the request reaches the engine thread (aborts in the same batch go first), the request
+        takes the place of the newest waiting request of the highest priority value above its own that has produced
+        nothing yet (that one fails with RESOURCE_EXHAUSTED, which a client may retry elsewhere); where there is
+        none it is refused with RESOURCE_EXHAUSTED and the message. A request the engine refuses displaces nobody.
         """
         if self.failure is not None or not self._thread.is_alive():
             raise EngineUnavailable(self.failure or "the engine loop is not running")
@@ -282,10 +285,24 @@ class EngineLoop:
         request must never take the loop, and every other request, down with it (a dead engine is found by the next
         step)."""
         rejected = []
+        if any(isinstance(cmd, _Add) and cmd.if_full is not None for cmd in commands):
+            # Aborts of requests admitted before this batch go first: each frees a place that an arrival which found
+            # the queue full may take without displacing anyone (an abort of one added in this batch stays after it).
+            added = {cmd.request_id for cmd in commands if isinstance(cmd, _Add)}
+            early = [cmd for cmd in commands if isinstance(cmd, _Abort) and cmd.request_id not in added]
+            commands = early + [cmd for cmd in commands if not (isinstance(cmd, _Abort) and cmd.request_id not in added)]
         for cmd in commands:
             if isinstance(cmd, _Add):
-                if cmd.if_full is not None and not self._displace_for(cmd, rejected):
-                    continue
+                victim = None
+                if cmd.if_full is not None:
+                    message, limit = cmd.if_full
+                    if self._engine.stats()["num_waiting"] >= limit:  # still full, here where the queue is
+                        victim = self._engine.displaceable(cmd.params.priority)
+                        if victim is None:
+                            rejected.append((cmd.request_id, "RESOURCE_EXHAUSTED", message))
+                            if self.metrics is not None and cmd.trace_id is not None:
+                                self.metrics.refused(cmd.trace_id, f"RESOURCE_EXHAUSTED: {message}")
+                            continue
                 try:
                     self._engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params)
                 except Exception as exc:  # noqa: BLE001 - see the docstring
@@ -297,7 +314,9 @@ class EngineLoop:
                     rejected.append((cmd.request_id, "INVALID_ARGUMENT" if invalid else "INTERNAL", message))
                     if self.metrics is not None and cmd.trace_id is not None:
                         self.metrics.refused(cmd.trace_id, f"{'INVALID_ARGUMENT' if invalid else 'INTERNAL'}: {message}")
-                    continue
+                    continue  # a request the engine refuses displaces nobody
+                if victim is not None:
+                    self._displace(*victim, cmd.params.priority, rejected)
                 if self.metrics is not None and cmd.trace_id is not None:
                     self.metrics.on_add(cmd.request_id, cmd.trace_id, cmd.arrival, len(cmd.prompt_token_ids))
             elif isinstance(cmd, _Abort):
@@ -308,21 +327,11 @@ class EngineLoop:
                 self._engine.abort_request(cmd.request_id)
         return rejected
 
-    def _displace_for(self, cmd: _Add, rejected: list[tuple[str, str, str]]) -> bool:
-        """cmd found the queue full: abort the waiting request it displaces and return True, or refuse cmd
-        (appended to `rejected`) and return False when no waiting request may be displaced."""
-        p = cmd.params.priority
-        displaceable = self._engine.displaceable(p)
-        if displaceable is None:
-            rejected.append((cmd.request_id, "RESOURCE_EXHAUSTED", cmd.if_full))
-            if self.metrics is not None and cmd.trace_id is not None:
-                self.metrics.refused(cmd.trace_id, f"RESOURCE_EXHAUSTED: {cmd.if_full}")
-            return False
-        victim, its_priority = displaceable
-        message = (f"displaced from the engine's full queue by a request of priority {p} (this request's priority is "
-                   f"{its_priority}; lower values are served first); retry later or on another engine")
+    def _displace(self, victim: str, its_priority: int, priority: int, rejected: list[tuple[str, str, str]]) -> None:
+        """End the waiting request `victim`, displaced from the full queue by an admitted request of `priority`."""
+        message = (f"displaced from the engine's full queue by a request of priority {priority} (this request's "
+                   f"priority is {its_priority}; lower values are served first); retry later or on another engine")
         if self.metrics is not None:
             self.metrics.mark_failed(victim, f"RESOURCE_EXHAUSTED: {message}")
         self._engine.abort_request(victim)
         rejected.append((victim, "RESOURCE_EXHAUSTED", message))
-        return True

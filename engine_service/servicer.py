@@ -153,7 +153,7 @@ class EngineServicer(pb_grpc.EngineServicer):
                         or not self.loop.outranks(req.sampling_params.priority):
                     self._refuse(stream, cid, trace_id, *refusal)
                     return
-                if_full = refusal[1]
+                if_full = (refusal[1], self._max_waiting)
             prompt = list(req.prompt_token_ids)
             check_prompt(prompt, self.model_info["vocab_size"], self.model_info["max_model_len"])
             params = sampling_params_from_proto(req.sampling_params, self.generation_defaults)

@@ -62,12 +62,13 @@ class FakeEngine:
         return True
 
     def displaceable(self, priority: int) -> tuple[str, int] | None:
-        """As LLMEngine.displaceable: the newest waiting request of a higher priority value (this fake's queue is
-        first come, first served, and a waiting request here has produced nothing)."""
-        for rid in reversed(self.waiting):
-            if self.reqs[rid][1].priority > priority:
-                return rid, self.reqs[rid][1].priority
-        return None
+        """As LLMEngine.displaceable: the newest waiting request of the highest priority value above `priority` (a
+        waiting request here has produced nothing; this fake's queue is in arrival order, the scheduler's in
+        priority order)."""
+        highest = max((self.reqs[rid][1].priority for rid in self.waiting), default=priority)
+        if highest <= priority:
+            return None
+        return next((rid, highest) for rid in reversed(self.waiting) if self.reqs[rid][1].priority == highest)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.reqs) or bool(self.aborted)

@@ -194,7 +194,7 @@ def test_a_full_queue_never_displaces_the_health_canary():
         canary = asyncio.create_task(Health([]).canary(loop, 100, timeout_s=10))
         await asyncio.sleep(0.05)  # the canary waits behind "busy"
         urgent = Sink(asyncio.Event())
-        loop.add("urgent", [1], SamplingParams(max_tokens=2, priority=-2**31), urgent, if_full="queue is full")
+        loop.add("urgent", [1], SamplingParams(max_tokens=2, priority=-2**31), urgent, if_full=("queue is full", 1))
         problem = await canary
         await asyncio.wait_for(urgent.done.wait(), 10)
         loop.stop()
@@ -203,3 +203,65 @@ def test_a_full_queue_never_displaces_the_health_canary():
     problem, urgent_failure = asyncio.run(main())
     assert problem is None
     assert urgent_failure == ("RESOURCE_EXHAUSTED", "queue is full")  # nothing of a higher value waited
+
+
+async def _queue_of_three(step_s: float, priorities: tuple[int, int, int]):
+    """A loop over a one-slot fake engine: "busy" runs, "w1" and "w2" wait (the engine thread has applied them)."""
+    engine = FakeEngine(max_num_seqs=1, max_model_len=64, step_s=step_s)
+    loop = EngineLoop(engine, asyncio.get_running_loop(), lambda _: None)
+    loop.start()
+    sinks = {rid: Sink(asyncio.Event()) for rid in ("busy", "w1", "w2", "new")}
+    for rid, priority in zip(("busy", "w1", "w2"), priorities, strict=True):
+        loop.add(rid, [1], SamplingParams(max_tokens=50, ignore_eos=True, priority=priority), sinks[rid])
+    for _ in range(200):
+        if engine.waiting == ["w1", "w2"]:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.waiting == ["w1", "w2"], engine.waiting
+    return loop, engine, sinks
+
+
+def test_a_request_the_engine_refuses_displaces_nobody_and_the_victim_is_the_highest_value():
+    """The victim was aborted before add_request had checked the arrival, so an invalid request (a stop id
+    outside the vocabulary, too many KV blocks) evicted a legitimate waiting one from a full queue, again and
+    again. And of several higher values the highest goes, then the newest."""
+    async def main():
+        loop, engine, sinks = await _queue_of_three(0.05, (5, 9, 5))
+        full = ("the engine's queue is full", 2)
+        loop.add("bad", [1] * 100, SamplingParams(max_tokens=5, priority=0), sinks["new"], if_full=full)
+        await asyncio.wait_for(sinks["new"].done.wait(), 10)
+        bad = sinks["new"].failure
+        await asyncio.sleep(0.1)
+        untouched = [sinks[rid].failure for rid in ("w1", "w2")]
+        good = Sink(asyncio.Event())
+        loop.add("good", [1], SamplingParams(max_tokens=50, ignore_eos=True, priority=0), good, if_full=full)
+        await asyncio.wait_for(sinks["w1"].done.wait(), 10)
+        waiting = list(engine.waiting)
+        loop.stop()
+        return bad, untouched, sinks["w1"].failure, sinks["w2"].failure, good.failure, waiting
+
+    bad, untouched, w1, w2, good, waiting = asyncio.run(main())
+    assert bad == ("INVALID_ARGUMENT", "prompt too long") and untouched == [None, None]
+    assert w1 is not None and w1[0] == "RESOURCE_EXHAUSTED" and "priority is 9" in w1[1]  # 9 over the newer 5
+    assert w2 is None and good is None and waiting == ["w2", "good"]
+
+
+def test_an_abort_in_the_same_batch_frees_the_place_a_queue_full_arrival_takes():
+    """The engine thread acted on the door's "full" although an abort applied in the same batch freed a place:
+    a waiting request was displaced for nothing, or the one the client aborted was counted as displaced."""
+    async def main():
+        loop, engine, sinks = await _queue_of_three(0.5, (5, 5, 5))
+        # Both land while the engine thread sleeps in its 0.5 s step: one batch, the abort after the add.
+        loop.add("new", [1], SamplingParams(max_tokens=50, ignore_eos=True, priority=0), sinks["new"],
+                 if_full=("the engine's queue is full", 2))
+        loop.abort("w1")
+        for _ in range(200):
+            if "new" in engine.waiting:
+                break
+            await asyncio.sleep(0.01)
+        waiting = list(engine.waiting)
+        loop.stop()
+        return waiting, [sinks[rid].failure for rid in ("w1", "w2", "new")]
+
+    waiting, failures = asyncio.run(main())
+    assert waiting == ["w2", "new"] and failures == [None, None, None]
