@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import logging
 import os
@@ -36,7 +37,11 @@ TARGET_TOK_S = 28_000  # issue 3's acceptance figure for workload A
 # The wider token budget a step part p compares with the default (on its PDL engine, against PDL at the default).
 WIDE_BUDGET = 16_384
 P_REPEATS = 2  # timed runs of workload A a row in part p
-WARM_TOKEN = 7  # the warm-up prompt's one token (_warm): a prompt no timed run shares a block with
+# The warm-up prompts' token (_warm): the first is this one repeated, each later one starts with the next token, so
+# that none finds an earlier one in the prefix cache (a cached warm-up computes nothing) nor shares a block with a
+# timed run.
+WARM_TOKEN = 7
+_warm_calls = itertools.count()
 
 
 def _versions() -> dict:
@@ -396,8 +401,8 @@ def cmd_second(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
                                   on.model_cfg.vocab_size, P_REPEATS, *workload_a_args)
         if pdl_on:
             on.scheduler.max_num_batched_tokens = default_budget
-            _warm(on)
             try:
+                _warm(on)
                 result = bench.time_engine(on, plan, bench.Result(info={"engine_kwargs": {**engine, "pdl": True}}))
                 report["pdl"] = {"graphs_on": on.runner.graphs is not None, "workload_A": result.to_json(),
                                  "decode_gemms": _gemm_picks(on)}
@@ -413,8 +418,8 @@ def cmd_second(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
             save()
             print(f"programmatic dependent launch: {report['pdl']}")
         on.scheduler.max_num_batched_tokens = WIDE_BUDGET
-        _warm(on)
         try:
+            _warm(on)
             wide = bench.time_engine(on, _salted_plan(plan, 15, on), bench.Result())
             report["wide_budget"] = {"max_num_batched_tokens": WIDE_BUDGET, "pdl": pdl_on,
                                      "workload_A": wide.to_json()}
@@ -449,7 +454,9 @@ def _warm(llm) -> None:
     from engine_service.sampling_params import SamplingParams
 
     size = min(llm.scheduler.max_num_batched_tokens, llm.config.max_model_len - 2)
-    llm.generate([[WARM_TOKEN] * size], SamplingParams(max_tokens=2, ignore_eos=True))
+    prompt = [WARM_TOKEN] * size
+    prompt[0] = (WARM_TOKEN + 1 + next(_warm_calls)) % llm.model_cfg.vocab_size
+    llm.generate([prompt], SamplingParams(max_tokens=2, ignore_eos=True))
 
 
 def _halved_graphs(llm, cpu_dry_run: bool, **options):

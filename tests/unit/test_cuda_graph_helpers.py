@@ -762,3 +762,18 @@ def test_graphs_that_fail_in_halves_are_captured_again_without_them(tmp_path, mo
 
 class _Bad:
     size, ok, hidden_equal, logits_equal, finite, max_abs_diff = 1, False, False, False, True, 1.0
+
+
+def test_gpu_check_warm_ups_each_prefill_the_whole_budget(tmp_path):
+    """gpu_check's _warm, before each timed run of part p: the same prompt every call was answered from the prefix
+    cache after the first, so the warm-ups after a capture emptied the allocator prefilled one block, not the
+    step-sized prefill they exist for."""
+    from scripts.gpu_check import _warm
+
+    with _start_up_engine(tmp_path, "torch") as llm:
+        for _ in range(3):
+            before = llm.stats()
+            _warm(llm)
+            after = llm.stats()
+            assert after["prefix_cache_queries"] - before["prefix_cache_queries"] >= 56  # the 64-token budget's blocks
+            assert after["prefix_cache_hits"] == before["prefix_cache_hits"]
