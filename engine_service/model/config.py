@@ -177,6 +177,15 @@ class ModelConfig:
         max_positions = cfg["max_position_embeddings"]
         rope_scaling = RopeScaling.from_dict(rope, cfg, max_positions)
         heads = cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        # Refused here, at load: otherwise the first request's step failed, each backend in words of its own.
+        if heads % kv_heads:
+            raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}: each "
+                             "KV head must serve the same number of query heads (grouped-query attention)")
+        if head_dim % 2:
+            raise ValueError(f"head_dim {head_dim} is odd: rotary position embeddings rotate pairs of dimensions, so "
+                             "it must be even")
         return cls(
             model_type=model_type,
             vocab_size=cfg["vocab_size"],
@@ -184,8 +193,8 @@ class ModelConfig:
             intermediate_size=cfg["intermediate_size"],
             num_hidden_layers=cfg["num_hidden_layers"],
             num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
             max_position_embeddings=max_positions,

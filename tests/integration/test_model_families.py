@@ -114,13 +114,14 @@ def test_sliding_window_caps_max_model_len(tmp_path):
 def test_mistral_sliding_window_defaults_as_transformers(extra, window):
     """transformers' MistralConfig sets 4096 when config.json omits sliding_window, and none when it is null."""
     cfg = {"model_type": "mistral", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
-           "num_hidden_layers": 1, "num_attention_heads": 1, "max_position_embeddings": 32768, **extra}
+           "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1, "max_position_embeddings": 32768,
+           **extra}
     assert ModelConfig.from_dict(cfg).sliding_window == window
 
 
 def test_qwen_sliding_window_applies_only_when_switched_on():
     base = {"model_type": "qwen2", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
-            "num_attention_heads": 1, "max_position_embeddings": 32768, "sliding_window": 4096}
+            "num_attention_heads": 1, "num_key_value_heads": 1, "max_position_embeddings": 32768, "sliding_window": 4096}
     assert ModelConfig.from_dict(base).max_model_len_limit == 32768
     on = ModelConfig.from_dict({**base, "use_sliding_window": True})
     assert on.sliding_window == 4096 and on.max_model_len_limit == 4096
@@ -176,4 +177,20 @@ def test_only_a_silu_gated_mlp_is_served(act, ok):
         ModelConfig.from_dict(cfg)
     else:
         with pytest.raises(ValueError, match=f"hidden_act '{act}' is not implemented: .*must say 'silu'"):
+            ModelConfig.from_dict(cfg)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,problem", [
+    (4, 2, 16, None), (3, 3, 16, None), (3, 2, 16, "not a multiple of num_key_value_heads 2"),
+    (6, 4, 16, "not a multiple of num_key_value_heads 4"), (2, 1, 15, "head_dim 15 is odd"),
+])
+def test_head_layouts_attention_cannot_serve_are_refused_at_load(heads, kv_heads, head_dim, problem):
+    """Such a model loaded, and every request's first step then failed, each backend in words of its own (SDPA's
+    'Number of heads in key and value must divide...', a tensor size mismatch for an odd head_dim)."""
+    cfg = {"model_type": "qwen3", "vocab_size": 8, "hidden_size": 32, "intermediate_size": 8, "num_hidden_layers": 1,
+           "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim}
+    if problem is None:
+        ModelConfig.from_dict(cfg)
+    else:
+        with pytest.raises(ValueError, match=problem):
             ModelConfig.from_dict(cfg)
