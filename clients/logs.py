@@ -51,7 +51,9 @@ def _text_value(value: object) -> str:
     something else than itself to a terminal (spaces, '=', quotes, any character that is not printable: a
     newline, an ANSI escape, U+2028, as an error message or a client's request id may hold)."""
     text = str(value)
-    return json.dumps(text) if not text or any(c in ' ="' or not c.isprintable() for c in text) else text
+    # str methods in C, not a generator over the characters: every request's log line comes through here.
+    quote = not text or not text.isprintable() or " " in text or "=" in text or '"' in text
+    return json.dumps(text) if quote else text
 
 
 def configure_logging(level: str, fmt: str) -> None:
