@@ -140,6 +140,23 @@ def _certain_head_tokens(pipeline: _Pipeline, head: str) -> tuple[int, int]:
     return sum(1 for _, end in offsets[:i] if end <= limit), len(words)
 
 
+def _backend_as_encode_sets_it(tokenizer: Any, pipeline: _Pipeline) -> bool:
+    """Whether the backend, as it is now, encodes as transformers' encode would: that call first turns off any
+    truncation and padding and sets encode_special_tokens to the tokenizer's split_special_tokens."""
+    backend, split = pipeline.backend, bool(getattr(tokenizer, "split_special_tokens", False))
+    return backend.truncation is None and backend.padding is None and backend.encode_special_tokens == split
+
+
+def encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    """tokenizer.encode(text, add_special_tokens=...)'s ids. Where that encode is transformers' own over a
+    `tokenizers` backend, the backend is called directly, without the offsets and the Python wrapping transformers
+    builds and drops (70-165 us of a 110-token prompt, a third of its tokenization, on the event loop)."""
+    pipeline = _pipeline(tokenizer)
+    if pipeline is not None and _backend_as_encode_sets_it(tokenizer, pipeline):
+        return pipeline.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
 def tokens_at_least(tokenizer: Any, text: str, max_model_len: int) -> int:
     """A lower bound on len(tokenizer.encode(text, add_special_tokens=False)), for refusing a text too long for
     max_model_len at the cost of tokenizing a head of at most about the text's length; 0 when nothing is certain.
@@ -154,9 +171,8 @@ def tokens_at_least(tokenizer: Any, text: str, max_model_len: int) -> int:
     pipeline = _pipeline(tokenizer)
     if pipeline is None:
         return 0
-    backend, split = pipeline.backend, bool(getattr(tokenizer, "split_special_tokens", False))
-    if backend.truncation is not None or backend.padding is not None or backend.encode_special_tokens != split:
-        return 0  # transformers' encode sets these first: the backend as it is now would count otherwise
+    if not _backend_as_encode_sets_it(tokenizer, pipeline):
+        return 0  # the backend as it is now would count otherwise
     bound = len(text.encode("utf-8", errors="surrogatepass")) // pipeline.max_token_bytes if pipeline.max_token_bytes else 0
     size = HEAD_CHARS_PER_TOKEN * max_model_len + pipeline.tail_chars
     while bound < max_model_len and size < len(text):

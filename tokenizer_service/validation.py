@@ -39,7 +39,7 @@ from tokenizer_service.chat import (
     validate_template_kwargs,
     validate_tools,
 )
-from tokenizer_service.token_bounds import tokens_at_least
+from tokenizer_service.token_bounds import encode, tokens_at_least
 
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
@@ -441,7 +441,7 @@ def _encode(text_request: TextRequest, tokenizer: Any, max_model_len: int | None
     # The bound counts the text's tokens alone, which special tokens only add to.
     if max_model_len and (n := tokens_at_least(tokenizer, text, max_model_len)) >= max_model_len:
         return AtLeast(n)
-    return list(tokenizer.encode(text, add_special_tokens=special))
+    return encode(tokenizer, text, special)
 
 
 def tokenize_input(

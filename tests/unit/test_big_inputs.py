@@ -60,17 +60,24 @@ def heads_only(demo_tokenizer):
         yield demo_tokenizer
 
 
+def _no_full_encode(tokenizer, monkeypatch) -> None:
+    """Fail on any whole tokenization of more than 64 KiB, through tokenizer.encode or the service's own
+    (token_bounds.encode, which may call the backend directly): what took 5 s and 1.6 GB for an 8 MiB prompt."""
+    def guard(real):
+        def encode(*args, **kwargs):
+            text = next(a for a in args if isinstance(a, str))
+            if len(text) > 65536:
+                raise AssertionError(f"tokenized all {len(text)} characters of a prompt that cannot fit")
+            return real(*args, **kwargs)
+        return encode
+
+    monkeypatch.setattr(tokenizer, "encode", guard(tokenizer.encode))
+    monkeypatch.setattr(validation, "encode", guard(validation.encode))
+
+
 @pytest.fixture
 def no_full_encode(demo_tokenizer, monkeypatch):
-    """Fail on any tokenizer.encode of more than 64 KiB: what took 5 s and 1.6 GB for an 8 MiB prompt."""
-    real = demo_tokenizer.encode
-
-    def encode(text, *args, **kwargs):
-        if len(text) > 65536:
-            raise AssertionError(f"tokenized all {len(text)} characters of a prompt that cannot fit")
-        return real(text, *args, **kwargs)
-
-    monkeypatch.setattr(demo_tokenizer, "encode", encode)
+    _no_full_encode(demo_tokenizer, monkeypatch)
 
 
 @pytest.mark.parametrize("bound", ["bytes", "heads"])
@@ -395,14 +402,33 @@ def test_an_8_mib_sentencepiece_prompt_is_refused_by_the_byte_bound(spm_tokenize
     """A SentencePiece text is one pre-token, so no head bound applies, and there was no byte bound: an 8 MiB
     prompt too long for max_model_len was tokenized whole (14 s and 2 GB for "x" * 8 MiB) before it was refused."""
     for tokenizer in spm_tokenizers:
-        real = tokenizer.encode
-
-        def encode(text, *args, real=real, **kwargs):
-            if len(text) > 65536:
-                raise AssertionError(f"tokenized all {len(text)} characters of a prompt that cannot fit")
-            return real(text, *args, **kwargs)
-
-        monkeypatch.setattr(tokenizer, "encode", encode)
+        _no_full_encode(tokenizer, monkeypatch)
         for text in ("x" * 8_000_000, _corpus_text(8_000_000), "€" * 2_000_000):
             with pytest.raises(ValueError, match=TOO_LONG):
                 prepare(pb.GenerateRequest(prompt=text), tokenizer, {}, 2048, TextLimits())
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.lists(st.sampled_from(["a", "b", " ", "  ", "\n", "\t", "é", "😀", "中", "\u0301", "<|im_end|>",
+                                      "<|im_start|>", "</s>", "<s>", "[UNK]", "\x00", "\ufffd"]), max_size=40).map("".join),
+       special=st.booleans())
+def test_the_services_encode_gives_transformers_ids(demo_tokenizer, qwen_like, spm_tokenizers, text, special):
+    """token_bounds.encode calls the backend directly where transformers' encode would only run it: the ids must
+    be transformers' for every text, special-token texts and add_special_tokens included, on byte-level BPE (two
+    pre-tokenizer layouts) and SentencePiece (two layouts)."""
+    for tokenizer in (demo_tokenizer, qwen_like, *spm_tokenizers):
+        assert token_bounds.encode(tokenizer, text, special) == tokenizer.encode(text, add_special_tokens=special)
+
+
+def test_the_services_encode_follows_a_tokenizer_set_to_split_special_tokens(demo_tokenizer, monkeypatch):
+    """The backend's encode_special_tokens, truncation and padding are what transformers' encode sets before it
+    runs the backend: a tokenizer whose settings differ from the backend's state goes through transformers."""
+    text = "a<|im_end|>b"
+    monkeypatch.setattr(demo_tokenizer, "split_special_tokens", True, raising=False)
+    assert token_bounds.encode(demo_tokenizer, text, False) == demo_tokenizer.encode(text, add_special_tokens=False)
+    monkeypatch.setattr(demo_tokenizer, "split_special_tokens", False, raising=False)
+    demo_tokenizer.backend_tokenizer.enable_truncation(max_length=2)
+    try:
+        assert token_bounds.encode(demo_tokenizer, text, False) == demo_tokenizer.encode(text, add_special_tokens=False)
+    finally:
+        demo_tokenizer.backend_tokenizer.no_truncation()
