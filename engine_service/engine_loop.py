@@ -286,11 +286,21 @@ class EngineLoop:
         step)."""
         rejected = []
         if any(isinstance(cmd, _Add) and cmd.if_full is not None for cmd in commands):
-            # Aborts of requests admitted before this batch go first: each frees a place that an arrival which found
-            # the queue full may take without displacing anyone (an abort of one added in this batch stays after it).
+            # Each abort frees a place that an arrival which found the queue full may take without displacing
+            # anyone, so aborts go as early as they can: those of requests admitted before this batch first, those of
+            # requests added in it right after their add (engine ids are unique per admission).
             added = {cmd.request_id for cmd in commands if isinstance(cmd, _Add)}
-            early = [cmd for cmd in commands if isinstance(cmd, _Abort) and cmd.request_id not in added]
-            commands = early + [cmd for cmd in commands if not (isinstance(cmd, _Abort) and cmd.request_id not in added)]
+            later: dict[str, list[_Abort]] = {}
+            for cmd in commands:
+                if isinstance(cmd, _Abort) and cmd.request_id in added:
+                    later.setdefault(cmd.request_id, []).append(cmd)
+            ordered: list[object] = [cmd for cmd in commands if isinstance(cmd, _Abort) and cmd.request_id not in added]
+            for cmd in commands:
+                if not isinstance(cmd, _Abort):
+                    ordered.append(cmd)
+                    if isinstance(cmd, _Add):
+                        ordered.extend(later.pop(cmd.request_id, ()))
+            commands = ordered
         for cmd in commands:
             if isinstance(cmd, _Add):
                 victim = None

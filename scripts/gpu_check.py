@@ -37,7 +37,7 @@ TARGET_TOK_S = 28_000  # issue 3's acceptance figure for workload A
 # The wider token budget a step part p compares with the default (on its PDL engine, against PDL at the default).
 WIDE_BUDGET = 16_384
 P_REPEATS = 2  # timed runs of workload A a row in part p
-# The warm-up prompts' token (_warm): the first is this one repeated, each later one starts with the next token, so
+# The warm-up prompts' token (_warm): each is this one repeated after a first token of its own, so
 # that none finds an earlier one in the prefix cache (a cached warm-up computes nothing) nor shares a block with a
 # timed run.
 WARM_TOKEN = 7

@@ -39,9 +39,12 @@ STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
 FINISH = {engine_pb.FINISH_REASON_STOP: pb.FINISH_REASON_STOP, engine_pb.FINISH_REASON_LENGTH: pb.FINISH_REASON_LENGTH,
           engine_pb.FINISH_REASON_ABORT: pb.FINISH_REASON_ABORT}
 MAX_ATTEMPTS = 3  # a request that never got a token may move to another engine this many times in all
-# Inputs larger than this are tokenized off the event loop: inline, 8 KiB of prompt holds every stream of the replica
-# about 3.5 ms (16 KiB 6.7 ms, 64 KiB 24 ms on the 2-core dev machine), the hop to a worker thread about 0.1 ms.
+# Generate inputs larger than this are tokenized off the event loop: inline, 8 KiB of prompt holds every stream of
+# the replica about 3.5 ms (16 KiB 6.7 ms, 64 KiB 24 ms on the 2-core dev machine), the hop to a worker thread about
+# 0.1 ms. Tokenize and Detokenize calls leave it past OFFLOAD_API_BYTES: they share one worker slot (API_SLOTS), where
+# one of 10 KiB would wait behind an 8 MiB call's 5 s.
 OFFLOAD_TOKENIZE_BYTES = 8 * 1024
+OFFLOAD_API_BYTES = 64 * 1024
 # Chats with more messages than this are rendered off the event loop too: a template's cost is per message
 # (4,096 one-word turns are 59 KB on the wire and took 147 ms to render).
 OFFLOAD_CHAT_MESSAGES = 64
@@ -63,9 +66,10 @@ API_SLOTS = 1
 DEADLINE_SLACK_S = 0.05
 
 
-def _heavy(request) -> bool:
-    """Whether preparing this request (or running Tokenize / Detokenize on it) should leave the event loop."""
-    if request.ByteSize() > OFFLOAD_TOKENIZE_BYTES:
+def _heavy(request, max_bytes: int = OFFLOAD_TOKENIZE_BYTES) -> bool:
+    """Whether preparing this request (or running Tokenize / Detokenize on it, with max_bytes OFFLOAD_API_BYTES)
+    should leave the event loop."""
+    if request.ByteSize() > max_bytes:
         return True
     chat = getattr(request, "chat", None)
     return chat is not None and request.HasField("chat") and len(chat.messages) > OFFLOAD_CHAT_MESSAGES
@@ -604,7 +608,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         or rendering thousands of chat turns, inline would stall every stream of this replica (the tokenizer
         releases the GIL while it splits the text, though not while transformers turns millions of ids into a
         list); small requests are cheaper inline than a thread hop."""
-        if _heavy(request):
+        if _heavy(request, OFFLOAD_API_BYTES):
             return await asyncio.shield(await self._start_heavy(self._api_slots, fn, *args, **kwargs))
         return fn(*args, **kwargs)
 

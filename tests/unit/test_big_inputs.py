@@ -324,7 +324,8 @@ def test_a_long_tokenize_call_does_not_hold_up_generate(demo_tokenizer, monkeypa
 
     async def main() -> float:
         servicer = _servicer(demo_tokenizer, max_model_len=100_000)
-        tokenize = asyncio.ensure_future(servicer._off_loop(pb.TokenizeRequest(text=big.prompt), stuck))
+        huge = "word " * (servicer_module.OFFLOAD_API_BYTES // 4)
+        tokenize = asyncio.ensure_future(servicer._off_loop(pb.TokenizeRequest(text=huge), stuck))
         await asyncio.sleep(0.05)  # the Tokenize holds the API slot
         started = time.monotonic()
         prep = await asyncio.wait_for(servicer._admit(big, RequestTrace("g")), 5)
@@ -336,6 +337,36 @@ def test_a_long_tokenize_call_does_not_hold_up_generate(demo_tokenizer, monkeypa
 
     try:
         assert asyncio.run(main()) < 5
+    finally:
+        release.set()
+
+
+def test_a_mid_size_tokenize_call_does_not_wait_behind_a_huge_one(demo_tokenizer):
+    """Tokenize calls past the Generate threshold (8 KiB) but under 64 KiB run at once on the event loop: with the
+    Generate threshold, one of 10 KiB waited for the one API slot behind an 8 MiB call (1 s here, 5 s for real)."""
+    release = threading.Event()
+
+    def stuck(*args):
+        release.wait(10)
+        return []
+
+    async def main() -> float:
+        servicer = _servicer(demo_tokenizer, max_model_len=100_000)
+        huge = pb.TokenizeRequest(text="word " * (servicer_module.OFFLOAD_API_BYTES // 4))
+        held = asyncio.ensure_future(servicer._off_loop(huge, stuck))
+        await asyncio.sleep(0.05)  # it holds the API slot
+        mid = pb.TokenizeRequest(text="word " * (2 * servicer_module.OFFLOAD_TOKENIZE_BYTES // 5))
+        assert servicer_module.OFFLOAD_TOKENIZE_BYTES < mid.ByteSize() < servicer_module.OFFLOAD_API_BYTES
+        started = time.monotonic()
+        ids = await asyncio.wait_for(servicer._off_loop(mid, lambda *a: [1, 2, 3]), 5)
+        took = time.monotonic() - started
+        assert ids == [1, 2, 3] and not held.done()
+        release.set()
+        await held
+        return took
+
+    try:
+        assert asyncio.run(main()) < 0.5
     finally:
         release.set()
 

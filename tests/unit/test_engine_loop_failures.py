@@ -265,3 +265,27 @@ def test_an_abort_in_the_same_batch_frees_the_place_a_queue_full_arrival_takes()
 
     waiting, failures = asyncio.run(main())
     assert waiting == ["w2", "new"] and failures == [None, None, None]
+
+
+def test_an_abort_of_a_request_added_in_the_same_batch_frees_its_place_too():
+    """Only aborts of requests admitted in earlier batches went before a queue-full arrival: one of a request added
+    in the same batch stayed after it, and a waiting request was displaced although the abort freed a place."""
+    async def main():
+        loop, engine, sinks = await _queue_of_three(0.5, (5, 5, 9))
+        brief = Sink(asyncio.Event())
+        # One batch, while the engine thread sleeps in its 0.5 s step: "brief" is added (the queue of 3 is full),
+        # then "new" (queue full), then "brief" is aborted.
+        loop.add("brief", [1], SamplingParams(max_tokens=50, priority=5), brief)
+        loop.add("new", [1], SamplingParams(max_tokens=50, ignore_eos=True, priority=0), sinks["new"],
+                 if_full=("the engine's queue is full", 3))
+        loop.abort("brief")
+        for _ in range(200):
+            if "new" in engine.waiting:
+                break
+            await asyncio.sleep(0.01)
+        waiting = list(engine.waiting)
+        loop.stop()
+        return waiting, [sinks[rid].failure for rid in ("w1", "w2", "new")]
+
+    waiting, failures = asyncio.run(main())
+    assert waiting == ["w1", "w2", "new"] and failures == [None, None, None]
