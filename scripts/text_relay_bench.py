@@ -3,6 +3,7 @@
     python -m scripts.text_relay_bench --requests 256 --mode generate   # 256 Generate calls
     python -m scripts.text_relay_bench --requests 256 --mode multi      # one GenerateMulti call carrying 256
     python -m scripts.text_relay_bench --mode multi --logprobs 5 --stop # top-5 logprobs, two stop strings
+    python -m scripts.text_relay_bench --requests 256 --stream-interval 4  # a message every 4 tokens
 
 The real tokenizer service (python -m tokenizer_service.server, its own process) runs on the demo model (built
 into .demo_model when absent, as scripts.demo does) or --model DIR, over a stand-in engine in another process
@@ -273,7 +274,8 @@ async def bench(args: argparse.Namespace, model: str, logs: Path) -> dict[str, o
             tokenizer = subprocess.Popen(
                 [sys.executable, "-m", "tokenizer_service.server", "--model", model, "--host", "127.0.0.1",
                  "--port", str(port), "--engines", f"127.0.0.1:{engine_port}", "--metrics-port", "0",
-                 "--grace-s", "1"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                 "--grace-s", "1", "--stream-interval", str(args.stream_interval)], cwd=ROOT, stdout=log,
+                stderr=subprocess.STDOUT)
         await wait_serving(port, tokenizer, logs / "tokenizer.log", 120)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}",
                                              options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
@@ -329,7 +331,7 @@ async def bench(args: argparse.Namespace, model: str, logs: Path) -> dict[str, o
     return {
         "config": dict(model=model, requests=args.requests, mode=args.mode, step_ms=args.step_ms,
                        max_tokens=args.max_tokens, logprobs=args.logprobs, stop=args.stop, seconds=args.seconds,
-                       rounds=args.rounds, warmup_s=args.warmup),
+                       rounds=args.rounds, warmup_s=args.warmup, stream_interval=args.stream_interval),
         "offered_tokens_per_s": args.requests * 1e3 / args.step_ms,
         "median": {k: statistics.median(r[k] for r in rounds) for k in rounds[0]},
         "rounds": rounds,
@@ -375,6 +377,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--max-tokens", type=int, default=400, help="tokens of each request")
     p.add_argument("--logprobs", type=int, default=0, help="top-K alternatives with every token (0: none)")
     p.add_argument("--stop", action="store_true", help="two stop strings on every request (never matched)")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="the service's --stream-interval: tokens a message after the first (default 1)")
     p.add_argument("--seconds", type=float, default=6.0, help="measured time, after the warm-up")
     p.add_argument("--rounds", type=int, default=3, help="windows the measured time is cut into")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")

@@ -25,6 +25,7 @@ def is_dns_name(name: str) -> bool:
 
 ENV_PREFIX = "TOKENIZER_"
 MiB = 1 << 20
+MAX_STREAM_INTERVAL = 1024  # stream_interval's bound (tokens a message)
 
 
 @dataclass(slots=True, frozen=True)
@@ -61,6 +62,10 @@ class TextServerConfig:
     max_inflight: int = 2048  # requests in progress; past it: RESOURCE_EXHAUSTED
     max_message_bytes: int = 64 * MiB
     max_buffered_updates: int = 4096  # per request, engine updates not yet consumed; past it the request fails
+    # Tokens a Generate / GenerateMulti message carries, after the first (sent at once): text goes out once this many
+    # tokens have come, or the request ends. 1 sends every engine update. Each message costs this service CPU (a
+    # Generate message about 65-90 us, docs/PERFORMANCE.md): 4 makes a quarter of them, at the cost of smoothness.
+    stream_interval: int = 1
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
     min_ping_interval_s: float = 5.0
@@ -125,6 +130,9 @@ class TextServerConfig:
         for name in ("max_concurrent_rpcs", "max_inflight", "max_message_bytes", "max_buffered_updates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 1 <= self.stream_interval <= MAX_STREAM_INTERVAL:
+            raise ValueError(f"stream_interval must be 1 (every update) to {MAX_STREAM_INTERVAL} tokens a message, got "
+                             f"{self.stream_interval}")
         for name in ("dns_refresh_s", "reconnect_min_s", "reconnect_max_s", "engine_wait_s", "keepalive_time_s",
                      "keepalive_timeout_s", "min_ping_interval_s", "grace_s"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:  # NaN passed a "<= 0" check

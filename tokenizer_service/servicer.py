@@ -106,8 +106,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
     def __init__(self, tokenizer: Any, pool: EnginePool, model_name: str, vocab_size: int,
                  eos_token_ids: set[int], generation_defaults: dict[str, object], max_inflight: int,
                  metrics: TextMetrics | None = None, refused_chat_texts: tuple[str, ...] = (),
-                 max_message_bytes: int = 64 * 2**20) -> None:
+                 max_message_bytes: int = 64 * 2**20, stream_interval: int = 1) -> None:
         self.tokenizer, self.pool = tokenizer, pool
+        self.stream_interval = stream_interval  # tokens a message after the first (TextServerConfig.stream_interval)
         # An engine update's prompt logprobs may take a quarter of a message, as the engine's own rule says.
         self.limits = TextLimits(vocab_size=vocab_size, refused_chat_texts=refused_chat_texts,
                                  max_prompt_logprobs_bytes=max_message_bytes // 4)
@@ -309,6 +310,10 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         text: TextStream | None = None
         handle: RequestHandle | None = None
         sent_tokens, cached, attempts = False, 0, 0
+        # After the first tokens' message, text waits here until stream_interval tokens have come (or the request
+        # ends); interval 1 sends every update as it comes.
+        held_text, held_ids, held_logprobs = "", [], []
+        interval, sent_first = self.stream_interval, False
         retry_reason = ""  # why the last engine did not serve it, until it is sent again
         tried: set = set()  # engines this request was sent to: a retry prefers the others
         wants_logprobs = engine_request.sampling_params.HasField("logprobs")
@@ -364,6 +369,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                         trace.detokenize_s += time.monotonic() - fed
                         trace.completion_tokens = text.num_generated
                         trace.first_token = trace.first_token or (fed if ids else 0.0)
+                        if held_ids or held_text:
+                            delta, ids, logprobs = held_text + delta, held_ids + ids, [*held_logprobs, *logprobs]
+                            held_text, held_ids, held_logprobs = "", [], []
                         if text.stopped is not None:
                             handle.close(stopped=True)  # in-band abort: the engine frees the blocks at once
                             trace.finish_reason = "stop"
@@ -379,10 +387,16 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             return
                         if ids or delta:
                             sent_tokens = True
+                            if interval > 1 and sent_first and len(ids) < interval:  # wait for more
+                                held_text, held_ids, held_logprobs = delta, ids, logprobs
+                                continue
+                            sent_first = True
                             yield pb.GenerateResponse(text=delta, token_ids=ids, logprobs=logprobs)
                     raise RequestFailed(grpc.StatusCode.INTERNAL, "the engine ended the request without a finish")
                 except RequestFailed as exc:
                     if not (exc.retryable and not sent_tokens and attempts < MAX_ATTEMPTS):
+                        if held_ids or held_text:  # what came before the failure still reaches the caller
+                            yield pb.GenerateResponse(text=held_text, token_ids=held_ids, logprobs=held_logprobs)
                         raise
                     if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not self.pool.can_try_another(
                             tried, engine_request.sampling_params):

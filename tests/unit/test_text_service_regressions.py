@@ -1393,3 +1393,87 @@ def test_the_eos_or_stop_id_that_ends_a_request_adds_no_text(demo_model_dir, dem
     finally:
         server.stop()
         assert engine.stop() == 0
+
+
+class _FailsAfter(FakeEngine):
+    """A fake engine that fails each request with an engine error once it has produced `after` tokens."""
+
+    def __init__(self, after: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.after = after
+
+    def step(self, on_launch=None):
+        from engine_service.outputs import FINISH_ERROR, StepOutput
+
+        failed = [rid for rid in self.running if len(self.reqs[rid][0]) - self.reqs[rid][2] >= self.after]
+        for rid in failed:
+            self.running.remove(rid)
+            del self.reqs[rid]
+        return [StepOutput(rid, finish_reason=FINISH_ERROR, error="boom (test)") for rid in failed] + \
+            super().step(on_launch)
+
+
+def test_stream_interval_sends_the_first_token_at_once_then_every_n_and_loses_nothing(demo_model_dir,
+                                                                                      demo_tokenizer):
+    """--stream-interval 4: the first message at once (time to first token unchanged), then one message per 4 tokens
+    (a quarter of the CPU the service spends writing messages), the rest with the last message; the text and ids
+    joined equal those of a service sending every update, on Generate and on GenerateMulti. A request that fails
+    mid-stream still gets the tokens held back for it before its error."""
+    from tokenizer_service.validation import read_eos_token_ids
+
+    script = demo_tokenizer.encode("The lighthouse keeper watched the grey sea 🌊 all night long.",
+                                   add_special_tokens=False)
+    assert len(script) >= 12, script
+    engine = demo_engine(demo_model_dir, demo_tokenizer, script=script, step_s=0.01)
+    every, fours = (TextServer(demo_model_dir, engines=engine.target, stream_interval=k) for k in (1, 4))
+
+    def run(server, multi: bool) -> list:
+        params = pb.SamplingParams(max_tokens=11, ignore_eos=True)
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.TextGenerationStub(channel)
+            wait_ready(stub)
+            if multi:
+                frames = [pb.MultiRequest(generate=pb.GenerateRequest(request_id="m", prompt="hi",
+                                                                      sampling_params=params))]
+                return list(stub.GenerateMulti(iter(frames), timeout=30))
+            return list(stub.Generate(pb.GenerateRequest(prompt="hi", sampling_params=params), timeout=30))
+
+    try:
+        for multi in (False, True):
+            plain, grouped = run(every, multi), run(fours, multi)
+            assert "".join(r.text for r in grouped) == "".join(r.text for r in plain)
+            assert [t for r in grouped for t in r.token_ids] == [t for r in plain for t in r.token_ids] == script[:11]
+            assert len(plain) >= 8  # one update a 10 ms step, a few joined at most
+            counts = [len(r.token_ids) for r in grouped]
+            assert counts[0] == 1 and all(c >= 4 for c in counts[1:-1]) and len(grouped) <= 4, counts
+            assert grouped[-1].finish_reason == pb.FINISH_REASON_LENGTH and grouped[-1].usage.completion_tokens == 11
+    finally:
+        every.stop()
+        fours.stop()
+        assert engine.stop() == 0
+
+    vocab = json.loads((demo_model_dir / "config.json").read_text())["vocab_size"]
+    failing = _FailsAfter(6, vocab_size=vocab, max_model_len=100_000, script=script, step_s=0.01)
+    failing.model_info["eos_token_ids"] = sorted(read_eos_token_ids(str(demo_model_dir), demo_tokenizer, vocab))
+    engine = Running(failing)
+    server = TextServer(demo_model_dir, engines=engine.target, stream_interval=4)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.TextGenerationStub(channel)
+            wait_ready(stub)
+            got = []
+            with pytest.raises(grpc.RpcError) as err:
+                for response in stub.Generate(pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(
+                        max_tokens=20, ignore_eos=True)), timeout=30):
+                    got.append(response)
+            assert err.value.code() == grpc.StatusCode.INTERNAL and "boom (test)" in err.value.details()
+            assert [t for r in got for t in r.token_ids] == script[:6]  # tokens 2-5 as a message, 6 before the error
+    finally:
+        server.stop()
+        assert engine.stop() == 0
+
+
+def test_stream_interval_is_refused_outside_its_range(demo_model_dir):
+    for bad in (0, -1, 1025):
+        with pytest.raises(ValueError, match="stream_interval must be 1"):
+            TextServerConfig(model=str(demo_model_dir), engines="127.0.0.1:1", stream_interval=bad)
