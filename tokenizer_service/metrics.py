@@ -76,6 +76,11 @@ class RequestTrace:
     engine: str = ""
     retries: int = 0  # times the request was sent to an engine again (one lost it, or refused it, before a token)
     logged: bool = False  # finish() ran: a request is counted and logged once
+    streamed_tokens: int = 0  # token ids put on a GenerateMulti call for it (n completions together): an abort's usage
+    # Completion index -> (text, token ids, logprobs) generated but held back for --stream-interval, not yet sent:
+    # whoever ends the request early (a GenerateMulti abort, the first error of n completions) sends them first.
+    # The n completions' traces share their request's.
+    held: dict = field(default_factory=dict)
 
 
 class TextMetrics:

@@ -89,6 +89,15 @@ def _choice_request(prep: PreparedRequest, index: int) -> engine_pb.NewRequest:
     return request
 
 
+def take_held(trace: RequestTrace) -> list[pb.GenerateResponse]:
+    """The messages --stream-interval still holds back for a request, one per completion (with its index), emptied
+    from the trace: the caller ends the request early and sends them first."""
+    held, trace.held = dict(trace.held), trace.held
+    trace.held.clear()
+    return [pb.GenerateResponse(text=text, token_ids=ids, logprobs=logprobs, index=index)
+            for index, (text, ids, logprobs) in sorted(held.items())]
+
+
 def _sum_parts(trace: RequestTrace, parts: list[RequestTrace]) -> None:
     """A request's counts from its completions' (n > 1): the prompt once (its tokens, and the most any completion
     found cached), the generated tokens added up, its first token the earliest."""
@@ -242,7 +251,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         trace.prompt_tokens = prep.num_prompt_tokens  # kept current: an abort reports them at once
         # Each completion keeps its own counts; they are added up into `trace`, the request's one log line (the
         # completions' traces are never logged: finish() skips a trace already marked logged).
-        parts = [RequestTrace(trace.request_id, start=trace.start, logged=True) for _ in range(n)]
+        parts = [RequestTrace(trace.request_id, start=trace.start, logged=True, held=trace.held) for _ in range(n)]
         placement: list = []  # the engine the first completion was sent to
         queue: asyncio.Queue = asyncio.Queue(maxsize=16 * n)
         ended = object()
@@ -250,7 +259,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         async def pump(i: int) -> None:
             try:
                 async for response in self._generate_one(prep, _choice_request(prep, i), timeout_s, parts[i],
-                                                         placement, counted=True):
+                                                         placement, counted=True, index=i):
                     response.index = i
                     await queue.put(response)
                 await queue.put(ended)
@@ -278,6 +287,17 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                     open_ -= 1
                     continue
                 if isinstance(item, RequestFailed):
+                    # What the others generated before it still reaches the caller, as with one completion: their
+                    # queued messages, then what --stream-interval held back (their tasks stopped first, so that
+                    # none of it moves meanwhile).
+                    for task in tasks:
+                        task.cancel()
+                    while not queue.empty():
+                        queued = queue.get_nowait()
+                        if isinstance(queued, pb.GenerateResponse):
+                            yield queued
+                    for response in take_held(trace):
+                        yield response
                     raise item
                 _sum_parts(trace, parts)
                 yield item
@@ -298,7 +318,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
 
     async def _generate_one(self, prep: PreparedRequest, engine_request: engine_pb.NewRequest,
                             timeout_s: float | None, trace: RequestTrace, placement: list | None = None,
-                            counted: bool = False) -> AsyncIterator[pb.GenerateResponse]:
+                            counted: bool = False, index: int = 0) -> AsyncIterator[pb.GenerateResponse]:
         """The responses of one engine request; raises RequestFailed. Retries elsewhere only before the first token.
 
         The deadline is fixed once, here: each attempt sends the engine what is left of it (deadline_ms, set by
@@ -310,10 +330,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         text: TextStream | None = None
         handle: RequestHandle | None = None
         sent_tokens, cached, attempts = False, 0, 0
-        # After the first tokens' message, text waits here until stream_interval tokens have come (or the request
-        # ends); interval 1 sends every update as it comes.
-        held_text, held_ids, held_logprobs = "", [], []
-        interval, sent_first = self.stream_interval, False
+        # After the first tokens' message, text waits in trace.held until stream_interval tokens have come (or the
+        # request ends); interval 1 sends every update as it comes.
+        held, interval, sent_first = trace.held, self.stream_interval, False
         retry_reason = ""  # why the last engine did not serve it, until it is sent again
         tried: set = set()  # engines this request was sent to: a retry prefers the others
         wants_logprobs = engine_request.sampling_params.HasField("logprobs")
@@ -369,9 +388,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                         trace.detokenize_s += time.monotonic() - fed
                         trace.completion_tokens = text.num_generated
                         trace.first_token = trace.first_token or (fed if ids else 0.0)
-                        if held_ids or held_text:
+                        if index in held:
+                            held_text, held_ids, held_logprobs = held.pop(index)
                             delta, ids, logprobs = held_text + delta, held_ids + ids, [*held_logprobs, *logprobs]
-                            held_text, held_ids, held_logprobs = "", [], []
                         if text.stopped is not None:
                             handle.close(stopped=True)  # in-band abort: the engine frees the blocks at once
                             trace.finish_reason = "stop"
@@ -388,14 +407,15 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                         if ids or delta:
                             sent_tokens = True
                             if interval > 1 and sent_first and len(ids) < interval:  # wait for more
-                                held_text, held_ids, held_logprobs = delta, ids, logprobs
+                                held[index] = (delta, ids, logprobs)
                                 continue
                             sent_first = True
                             yield pb.GenerateResponse(text=delta, token_ids=ids, logprobs=logprobs)
                     raise RequestFailed(grpc.StatusCode.INTERNAL, "the engine ended the request without a finish")
                 except RequestFailed as exc:
                     if not (exc.retryable and not sent_tokens and attempts < MAX_ATTEMPTS):
-                        if held_ids or held_text:  # what came before the failure still reaches the caller
+                        if index in held:  # what came before the failure still reaches the caller
+                            held_text, held_ids, held_logprobs = held.pop(index)
                             yield pb.GenerateResponse(text=held_text, token_ids=held_ids, logprobs=held_logprobs)
                         raise
                     if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not self.pool.can_try_another(
@@ -536,6 +556,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 async for response in self._generate(prep, timeout, trace):
                     response.request_id = rid
                     await emit(response)
+                    trace.streamed_tokens += len(response.token_ids)  # once it is on the call (an abort's usage)
             except RequestFailed as exc:
                 await emit(pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_REASON_ERROR,
                                                   status=pb.Status(code=exc.code.value[0], message=exc.message)))
@@ -581,8 +602,13 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                         if task is not None:
                             trace.finish_reason = "abort"  # logged and counted as the client asked, not "cancelled"
                             task.cancel()  # its finally aborts the engine request
+                            streamed = trace.streamed_tokens
+                            for response in take_held(trace):  # generated before the abort: streamed, as at interval 1
+                                response.request_id = frame.abort_request_id
+                                await emit(response)
+                                streamed += len(response.token_ids)
                             usage = pb.Usage(prompt_tokens=trace.prompt_tokens, cached_tokens=trace.cached_tokens,
-                                             completion_tokens=trace.completion_tokens)  # what was streamed
+                                             completion_tokens=streamed)  # what this call carried for it
                             await emit(pb.GenerateResponse(request_id=frame.abort_request_id, usage=usage,
                                                               finish_reason=pb.FINISH_REASON_ABORT))
             except Exception as exc:  # a bug applying a message: the call fails visibly, its requests are cancelled

@@ -1477,3 +1477,72 @@ def test_stream_interval_is_refused_outside_its_range(demo_model_dir):
     for bad in (0, -1, 1025):
         with pytest.raises(ValueError, match="stream_interval must be 1"):
             TextServerConfig(model=str(demo_model_dir), engines="127.0.0.1:1", stream_interval=bad)
+
+
+def _failing_engine(demo_model_dir, demo_tokenizer, after: int, script: list[int], step_s: float) -> Running:
+    from tokenizer_service.validation import read_eos_token_ids
+
+    vocab = json.loads((demo_model_dir / "config.json").read_text())["vocab_size"]
+    failing = _FailsAfter(after, vocab_size=vocab, max_model_len=100_000, script=script, step_s=step_s)
+    failing.model_info["eos_token_ids"] = sorted(read_eos_token_ids(str(demo_model_dir), demo_tokenizer, vocab))
+    return Running(failing)
+
+
+def test_stream_interval_loses_no_token_to_an_abort_or_to_another_completions_error(demo_model_dir, demo_tokenizer):
+    """The tokens --stream-interval held were lost when a GenerateMulti abort ended the request (1 token received,
+    usage saying 6), and, with n completions, when another completion's error ended them all (5 of 6)."""
+    script = demo_tokenizer.encode("The lighthouse keeper watched the grey sea all night long, and then more.",
+                                   add_special_tokens=False)
+    engine = demo_engine(demo_model_dir, demo_tokenizer, script=script, step_s=0.05)
+    server = TextServer(demo_model_dir, engines=engine.target, stream_interval=8)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.TextGenerationStub(channel)
+            wait_ready(stub)
+            requests: queue.Queue = queue.Queue()
+            params = pb.SamplingParams(max_tokens=40, ignore_eos=True)
+            for n in (1, 2):
+                requests.put(pb.MultiRequest(generate=pb.GenerateRequest(request_id=f"r{n}", prompt="hi", n=n,
+                                                                         sampling_params=params)))
+
+            def frames():
+                while (item := requests.get()) is not None:
+                    yield item
+
+            got: dict[str, list[int]] = {"r1": [], "r2": []}
+            ends = {}
+            call = stub.GenerateMulti(frames(), timeout=30)
+            started = time.monotonic()
+            for response in call:
+                got[response.request_id].extend(response.token_ids)
+                if response.finish_reason:
+                    ends[response.request_id] = response
+                    if len(ends) == 2:
+                        break
+                elif time.monotonic() - started > 0.3 and len(requests.queue) == 0 and not ends:
+                    for rid in ("r1", "r2"):  # some 6 tokens in: held ones are waiting in the service
+                        requests.put(pb.MultiRequest(abort_request_id=rid))
+            requests.put(None)
+        for rid in ("r1", "r2"):
+            assert ends[rid].finish_reason == pb.FINISH_REASON_ABORT
+            assert len(got[rid]) == ends[rid].usage.completion_tokens > 2, (rid, got[rid], ends[rid].usage)
+    finally:
+        server.stop()
+        assert engine.stop() == 0
+
+    engine = _failing_engine(demo_model_dir, demo_tokenizer, 6, script, 0.01)
+    server = TextServer(demo_model_dir, engines=engine.target, stream_interval=4)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.TextGenerationStub(channel)
+            wait_ready(stub)
+            by_index: dict[int, list[int]] = {0: [], 1: []}
+            with pytest.raises(grpc.RpcError) as err:
+                for response in stub.Generate(pb.GenerateRequest(prompt="hi", n=2, sampling_params=pb.SamplingParams(
+                        max_tokens=20, ignore_eos=True)), timeout=30):
+                    by_index[response.index].extend(response.token_ids)
+            assert err.value.code() == grpc.StatusCode.INTERNAL
+            assert by_index == {0: script[:6], 1: script[:6]}
+    finally:
+        server.stop()
+        assert engine.stop() == 0
