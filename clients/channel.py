@@ -96,6 +96,11 @@ class Channels:
         self._lock = threading.Lock()  # a blocking client may be shared by threads
         self._closed = False
 
+    @property
+    def target(self) -> str:
+        """The address this client dials (for messages that name the service)."""
+        return self._target
+
     def stub(self) -> Any:
         """The stub for a new call: on a new channel when the TLS files changed and load."""
         if self._tls is not None and self._tls.stamp() != self._stamp:

@@ -170,3 +170,60 @@ def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, 
                              f"{deadline_ms!r}")
         request.deadline_ms = min(deadline_ms, 2**64 - 1)
     return request
+
+
+# A tokenizer service lists in this header of its responses the request options it honours (applies, or refuses
+# with FAILED_PRECONDITION where no engine can): one that predates an option drops it without a word, so the
+# clients check a request's options against the header and raise OptionsNotHonoured rather than hand back text
+# made without them (a rolling upgrade that reached the clients before the services).
+OPTIONS_HEADER = "x-llmserve-options"
+
+
+class OptionsNotHonoured(RuntimeError):
+    """The tokenizer service that answered predates options the request used: it would ignore them."""
+
+
+def options_used(request: pb.GenerateRequest | pb.TokenizeRequest) -> set[str]:
+    """The options of a request that a service predating them would drop silently, by their OPTIONS_HEADER names."""
+    used = set()
+    if request.HasField("chat"):
+        chat_ = request.chat
+        used.update(name for name, on in (("tools", chat_.tools), ("template_kwargs", chat_.template_kwargs),
+                                          ("enable_thinking", chat_.HasField("enable_thinking"))) if on)
+    if isinstance(request, pb.GenerateRequest):
+        if request.n > 1:
+            used.add("n")
+        used |= sampling_options(request.sampling_params)
+    return used
+
+
+_FORMATS = {pb.RESPONSE_FORMAT_JSON_OBJECT: "json_object", pb.RESPONSE_FORMAT_JSON_SCHEMA: "json_schema"}
+
+
+def sampling_options(params) -> set[str]:
+    """The options among a SamplingParams' that need an engine (or a service) that applies them, by their feature
+    names (ModelInfo.features): of the text API's SamplingParams or the engine API's, which share the fields and
+    the response_format numbers."""
+    used = {name for name in ("logprobs", "prompt_logprobs") if params.HasField(name)}
+    if any(params.logit_bias.values()):  # biases of 0 change nothing
+        used.add("logit_bias")
+    off = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+    if any(params.HasField(name) and getattr(params, name) != value for name, value in off.items()):
+        used.add("penalties")
+    if params.response_format in _FORMATS:
+        used.add(_FORMATS[params.response_format])
+    return used
+
+
+def check_options(used: set[str], headers: Iterable[tuple[str, str]] | None, target: str) -> None:
+    """OptionsNotHonoured when the service's OPTIONS_HEADER (in a response's headers) lacks one of `used`."""
+    if not used:
+        return
+    listed = dict(headers or ()).get(OPTIONS_HEADER)
+    missing = sorted(used - set((listed or "").split(",")))
+    if missing:
+        said = "sends no list of the options it honours" if listed is None else f"honours only {listed}"
+        raise OptionsNotHonoured(
+            f"the tokenizer service at {target} {said}: it predates {', '.join(missing)} and would ignore "
+            f"{'it' if len(missing) == 1 else 'them'} without a word; upgrade it (a rolling upgrade: wait until it "
+            "is done), or send the request without them")

@@ -13,7 +13,9 @@ unfinished, so breaking out of the loop never leaves the request generating. Aft
 service logged once the first response has come (from the call's headers; else the trailers). Failures raise grpc.RpcError with the service's status code. `request_id=` (optional) is sent as `x-request-id` metadata (an
 id that is not printable ASCII, which metadata cannot carry, goes in the request's own field); both services log
 it on the request's line (docs/OBSERVABILITY.md), and the service generates one when absent.
-`tls=ClientTls(ca_file=...)` dials a service that serves TLS (docs/SECURITY.md).
+`tls=ClientTls(ca_file=...)` dials a service that serves TLS (docs/SECURITY.md). A call using options the
+service does not list in its x-llmserve-options header (an older one, mid rolling upgrade, would ignore them)
+is cancelled at its first response with clients.requests.OptionsNotHonoured naming them (docs/SERVICES.md).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 import grpc
 
 from clients.channel import MAX_TIMEOUT_S, Channels, aio_channel, client_timeout, sync_channel
-from clients.requests import chat, generate_request
+from clients.requests import OptionsNotHonoured, chat, check_options, generate_request, options_used
 from clients.tls import ClientTls
 from protos.llmserve.text.v1 import text_pb2 as pb
 from protos.llmserve.text.v1 import text_pb2_grpc as pb_grpc
@@ -116,14 +118,32 @@ class _CallStream:
     """An iterator over one blocking streaming call's responses; cancel() ends the call and frees its requests,
     as leaving a `with stream:` block or dropping an unfinished stream does."""
 
-    def __init__(self, call: grpc.Call) -> None:
+    # (the options the call's requests use, growing as a GenerateMulti sends more; the target), and those checked
+    _options: tuple[set[str], str] | None = None
+    _passed: frozenset[str] = frozenset()
+
+    def __init__(self, call: grpc.Call, options: tuple[set[str], str] | None = None) -> None:
         self._call = call
+        self._options = options
+
+    def _checked(self, response):
+        """response, once the call's headers show that the service honours the options its requests use; else
+        the call is cancelled and OptionsNotHonoured raised (clients.requests.check_options)."""
+        if self._options is not None and not self._options[0] <= self._passed:
+            used, target = self._options
+            try:
+                check_options(used, self._call.initial_metadata(), target)
+            except OptionsNotHonoured:
+                self._call.cancel()
+                raise
+            self._passed = frozenset(used)
+        return response
 
     def __iter__(self) -> Iterator[pb.GenerateResponse]:
         return self
 
     def __next__(self) -> pb.GenerateResponse:
-        return next(self._call)  # type: ignore[call-overload]
+        return self._checked(next(self._call))  # type: ignore[call-overload]
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -146,7 +166,7 @@ class CompletionStream(_StreamEnd, _CallStream):
     """One request's responses (Generate)."""
 
     def __next__(self) -> pb.GenerateResponse:
-        return self._seen(next(self._call))  # type: ignore[call-overload]
+        return self._seen(self._checked(next(self._call)))  # type: ignore[call-overload]
 
     def text(self) -> str:
         """Consume the rest of the stream and return its text (of a request with one completion; see texts())."""
@@ -224,7 +244,8 @@ class _GenerateCalls:
                 timeout = min(deadline_s, timeout if timeout is not None else float("inf"))
             request.ClearField("deadline_ms")
         return self._stream_type(
-            self._stub.Generate(request, timeout=timeout, metadata=request_metadata(request_id))
+            self._stub.Generate(request, timeout=timeout, metadata=request_metadata(request_id)),
+            (options_used(request), self._channels.target)
         )
 
     def generate(self, prompt: str, *, request_id: str | None = None, **kwargs: object):
@@ -238,6 +259,14 @@ class _GenerateCalls:
     def chat(self, messages: Messages, *, request_id: str | None = None, **kwargs: object):
         """Stream the assistant's reply to chat messages."""
         return self._stream(generate_request(messages=messages, **kwargs), request_id)
+
+
+def _noting_options(requests: Iterable[pb.MultiRequest], used: set[str]) -> Iterator[pb.MultiRequest]:
+    """The requests, each one's options (clients.requests.options_used) added to `used` as it is sent."""
+    for frame in requests:
+        if frame.HasField("generate"):
+            used |= options_used(frame.generate)
+        yield frame
 
 
 def _tokenize_request(text: str | None, messages: Messages | None, add_special_tokens: bool | None,
@@ -277,8 +306,10 @@ class TextClient(_GenerateCalls):
     def generate_multi(self, requests: Iterable[pb.MultiRequest], *, request_id: str | None = None
                        ) -> MultiStream:
         """The multiplexed variant: many requests (and aborts) on one stream; each logs as request_id/its id."""
-        return MultiStream(self._stub.GenerateMulti(iter(requests), timeout=self.timeout,
-                                                    metadata=request_metadata(request_id)))
+        used: set[str] = set()
+        return MultiStream(self._stub.GenerateMulti(_noting_options(requests, used), timeout=self.timeout,
+                                                    metadata=request_metadata(request_id)),
+                           (used, self._channels.target))
 
     def tokenize(self, text: str | None = None, add_special_tokens: bool | None = None, *,
                  messages: Messages | None = None, enable_thinking: bool | None = None,
@@ -287,7 +318,9 @@ class TextClient(_GenerateCalls):
         """The token ids of text, or of chat messages rendered as chat() would send them: what generate() and chat()
         send the engine (add_special_tokens None: with the tokenizer's special tokens for text, none for a chat)."""
         request = _tokenize_request(text, messages, add_special_tokens, enable_thinking, tools, template_kwargs)
-        return list(self._stub.Tokenize(request, timeout=self.timeout).token_ids)
+        response, call = self._stub.Tokenize.with_call(request, timeout=self.timeout)
+        check_options(options_used(request), call.initial_metadata(), self._channels.target)
+        return list(response.token_ids)
 
     def detokenize(self, token_ids: Iterable[int], skip_special_tokens: bool | None = None) -> str:
         return self._stub.Detokenize(_detokenize_request(token_ids, skip_special_tokens), timeout=self.timeout).text
@@ -311,9 +344,10 @@ class AsyncCompletionStream(_StreamEnd):
     an `async with stream:` block, aclose() or dropping an unfinished stream do (grpc.aio keeps a call alive
     while it runs: without that, breaking out of `async for` would leave the request generating)."""
 
-    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
+    def __init__(self, call: grpc.aio.UnaryStreamCall, options: tuple[set[str], str] | None = None) -> None:
         self._call = call
         self._cancelled = False
+        self._options = options if options and options[0] else None  # (used, target) until checked
 
     def __aiter__(self) -> AsyncIterator[pb.GenerateResponse]:
         return self
@@ -331,6 +365,14 @@ class AsyncCompletionStream(_StreamEnd):
                                        "the stream was cancelled by cancel(), or its client was closed")
         if response is grpc.aio.EOF:
             raise StopAsyncIteration
+        if self._options is not None:  # the service honours the request's options (see _CallStream._checked)
+            used, target = self._options
+            self._options = None
+            try:
+                check_options(used, await self._call.initial_metadata(), target)
+            except OptionsNotHonoured:
+                self.cancel()
+                raise
         return self._seen(response)
 
     def cancel(self) -> None:
@@ -384,7 +426,10 @@ class AsyncTextClient(_GenerateCalls):
                        tools: Iterable[object] | None = None,
                        template_kwargs: Mapping[str, object] | str | None = None) -> list[int]:
         request = _tokenize_request(text, messages, add_special_tokens, enable_thinking, tools, template_kwargs)
-        return list((await self._stub.Tokenize(request, timeout=self.timeout)).token_ids)
+        call = self._stub.Tokenize(request, timeout=self.timeout)
+        response = await call
+        check_options(options_used(request), await call.initial_metadata(), self._channels.target)
+        return list(response.token_ids)
 
     async def detokenize(self, token_ids: Iterable[int], skip_special_tokens: bool | None = None) -> str:
         request = _detokenize_request(token_ids, skip_special_tokens)

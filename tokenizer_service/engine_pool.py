@@ -20,6 +20,7 @@ from collections.abc import Collection
 
 import grpc
 
+from clients.requests import sampling_options
 from clients.tls import ClientTls
 from protos.llmserve.engine.v1 import engine_pb2 as pb
 from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
@@ -375,18 +376,7 @@ FORWARDED_FEATURES = ("logprobs", "prompt_logprobs", "penalties", "logit_bias", 
 
 def required_features(params: pb.SamplingParams) -> set[str]:
     """The engine features (ModelInfo.features) a request's sampling parameters use."""
-    needs = set()
-    needs.update(name for name in ("logprobs", "prompt_logprobs") if params.HasField(name))
-    if any(params.logit_bias.values()):  # biases of 0 change nothing
-        needs.add("logit_bias")
-    off = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
-    if any(params.HasField(name) and getattr(params, name) != value for name, value in off.items()):
-        needs.add("penalties")
-    if params.response_format == pb.RESPONSE_FORMAT_JSON_OBJECT:
-        needs.add("json_object")
-    elif params.response_format == pb.RESPONSE_FORMAT_JSON_SCHEMA:
-        needs.add("json_schema")
-    return needs
+    return sampling_options(params)
 
 
 def _applies(conn: EngineConnection, needs: set[str]) -> bool:

@@ -13,10 +13,11 @@ from typing import Any
 import grpc
 
 from clients.cpus import available_cpus
+from clients.requests import OPTIONS_HEADER
 from protos.llmserve.engine.v1 import engine_pb2 as engine_pb
 from protos.llmserve.text.v1 import text_pb2 as pb
 from protos.llmserve.text.v1 import text_pb2_grpc as pb_grpc
-from tokenizer_service.engine_pool import EnginePool, RequestFailed, RequestHandle
+from tokenizer_service.engine_pool import FORWARDED_FEATURES, EnginePool, RequestFailed, RequestHandle
 from tokenizer_service.metrics import (
     REQUEST_ID_HEADER,
     RequestTrace,
@@ -39,6 +40,12 @@ STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
 FINISH = {engine_pb.FINISH_REASON_STOP: pb.FINISH_REASON_STOP, engine_pb.FINISH_REASON_LENGTH: pb.FINISH_REASON_LENGTH,
           engine_pb.FINISH_REASON_ABORT: pb.FINISH_REASON_ABORT}
 MAX_ATTEMPTS = 3  # a request that never got a token may move to another engine this many times in all
+# The request options this service applies itself, whatever its engines; ModelInfo.features lists them beside the
+# engines' (a service that predates one drops it without a word).
+OWN_FEATURES = ("n", "tools", "template_kwargs", "enable_thinking")
+# Every option it honours, itself or through its engines (refused with FAILED_PRECONDITION where no engine
+# applies it), in OPTIONS_HEADER with its responses: the clients check their requests' options against it.
+OPTIONS = ((OPTIONS_HEADER, ",".join((*OWN_FEATURES, *FORWARDED_FEATURES))),)
 # Generate inputs larger than this are tokenized off the event loop: inline, 8 KiB of prompt holds every stream of
 # the replica about 3.5 ms (16 KiB 6.7 ms, 64 KiB 24 ms on the 2-core dev machine), the hop to a worker thread about
 # 0.1 ms. Tokenize and Detokenize calls leave it past OFFLOAD_API_BYTES: they share one worker slot (API_SLOTS), where
@@ -505,6 +512,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         trace = RequestTrace(request_id_from(context.invocation_metadata(), request.request_id))
         id_header = ((REQUEST_ID_HEADER, trace.request_id),)
         context.set_trailing_metadata(id_header)  # for a call that fails before any response (it sends no headers)
+        headers = (*id_header, *OPTIONS)
         try:
             prep = await self._admit(request, trace)
             # No await from here until _generate counts the request in inflight (admission's check relies on it).
@@ -515,7 +523,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                     # the stream. Not sooner: headers commit a call, and a failure before any response (refused
                     # at admission, no engine, every engine full) must stay retryable by a client's retry policy.
                     headers_sent = True
-                    await context.send_initial_metadata(id_header)
+                    await context.send_initial_metadata(headers)
                 yield response
         except RequestFailed as exc:
             await context.abort(exc.code, exc.message)
@@ -626,8 +634,12 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         try:
             # Every producer sets `wake` after it queues a response or ends, so one event wait serves:
             # no task per response.
+            headers_sent = False
             while True:
                 while not out.empty():
+                    if not headers_sent:  # with the first response, as grpc would send empty ones
+                        headers_sent = True
+                        await context.send_initial_metadata(OPTIONS)
                     yield out.get_nowait()
                 if read_error or (not tasks and (input_done or self.draining)):
                     break
@@ -660,6 +672,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         except Exception as exc:  # as in Generate: INTERNAL naming the failure, not grpc's bare UNKNOWN
             log.exception("Tokenize failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        await context.send_initial_metadata(OPTIONS)
         return pb.TokenizeResponse(token_ids=ids)
 
     async def Detokenize(self, request, context):
@@ -685,4 +698,4 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         return pb.ModelInfo(model_name=self.model_name, vocab_size=self.vocab_size,
                             eos_token_ids=sorted(self.eos_token_ids), max_model_len=self.pool.max_model_len,
                             has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
-                            num_engines=len(self.pool.ready), features=self.pool.features)
+                            num_engines=len(self.pool.ready), features=[*self.pool.features, *OWN_FEATURES])

@@ -193,7 +193,10 @@ def test_json_mode_through_the_text_api_matches_offline_engine(stack, demo_model
     _, tokenizer, text, eng = stack  # overlap scheduling is on in this module: JSON mode must turn it off itself
     from tokenizer_service.engine_pool import FORWARDED_FEATURES
 
-    assert list(text.model_info().features) == list(FORWARDED_FEATURES)  # the demo model serves every one
+    from tokenizer_service.servicer import OWN_FEATURES
+
+    # The demo model's engine applies every forwarded option; the service's own follow them.
+    assert list(text.model_info().features) == [*FORWARDED_FEATURES, *OWN_FEATURES]
     prompt_ids = text.tokenize("Reply in JSON:")
     streams = [text.generate("Reply in JSON:", temperature=1.0, seed=seed, max_tokens=48, response_format="json_object")
                for seed in range(8)]

@@ -599,3 +599,95 @@ def test_template_kwargs_travel_from_the_client_to_the_chat_template(demo_model_
             demo.chat(messages, template_kwargs={"date_string": "x"}, max_tokens=2).text()
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "template_kwargs sets 'date_string', but the model's chat template never reads it" in info.value.details()
+
+
+def test_every_option_the_clients_check_is_one_the_service_lists():
+    """The names clients.requests.options_used gives are the ones the service's options header and
+    ModelInfo.features use: a name out of step would refuse every request using it."""
+    from clients.requests import OPTIONS_HEADER, options_used
+    from tokenizer_service.servicer import OPTIONS
+
+    request = generate_request(messages=[{"role": "user", "content": "hi"}], n=2, enable_thinking=False,
+                               tools=[{"type": "function", "function": {"name": "f"}}],
+                               template_kwargs={"date_string": "today"}, logprobs=1, prompt_logprobs=0,
+                               repetition_penalty=1.1, logit_bias={5: 1.0}, response_format="json_object")
+    used = options_used(request)
+    assert used == {"n", "enable_thinking", "tools", "template_kwargs", "logprobs", "prompt_logprobs", "penalties",
+                    "logit_bias", "json_object"}
+    [(name, listed)] = OPTIONS
+    assert name == OPTIONS_HEADER and used | {"json_schema"} <= set(listed.split(","))
+    assert options_used(generate_request("hi", max_tokens=3, temperature=0.5, stop=["x"], seed=1)) == set()
+
+
+def _dated_model(demo_model_dir, tmp_path):
+    """The demo model with a chat template that reads a template variable (date_string)."""
+    import shutil
+
+    model = tmp_path / "dated"
+    shutil.copytree(demo_model_dir, model)
+    template = (model / "chat_template.jinja").read_text()
+    (model / "chat_template.jinja").write_text("{{- date_string | default('') }}" + template)
+    return model
+
+
+def test_a_service_that_predates_an_option_is_refused_by_the_clients_not_silently_obeyed(demo_model_dir,
+                                                                                        demo_tokenizer, monkeypatch,
+                                                                                        tmp_path):
+    """A rolling upgrade: an older tokenizer service drops options it predates without a word (n=2 gave one
+    completion; template_kwargs a different prompt). It is stood in for by this one without its options header,
+    then with a list lacking n: the clients raise OptionsNotHonoured naming the option, cancel the call, and serve
+    requests that use none of them."""
+    from clients.requests import OptionsNotHonoured
+    from tokenizer_service import servicer as servicer_module
+
+    engine = demo_engine(demo_model_dir, demo_tokenizer)
+    messages = [{"role": "user", "content": "hi"}]
+    try:
+        for options, missing in (((), "sends no list"), ((("x-llmserve-options", "logprobs,tools"),), "honours only")):
+            monkeypatch.setattr(servicer_module, "OPTIONS", options)
+            server = TextServer(_dated_model(demo_model_dir, tmp_path / missing.replace(" ", "_")),
+                                engines=engine.target)
+            try:
+                with TextClient(server.target, timeout=20) as client:
+                    assert client.generate("hi", max_tokens=2).text() is not None  # no option used: served
+                    with pytest.raises(OptionsNotHonoured, match=f"{missing}.*predates n and would ignore it"):
+                        client.generate("hi", max_tokens=2, n=2).texts()
+                    with pytest.raises(OptionsNotHonoured, match="predates template_kwargs"):
+                        client.tokenize(messages=messages, template_kwargs={"date_string": "today"})
+                    frames = [pb.MultiRequest(generate=generate_request("hi", request_id="a", max_tokens=2)),
+                              pb.MultiRequest(generate=generate_request("hi", request_id="b", max_tokens=2, n=2))]
+                    with pytest.raises(OptionsNotHonoured, match="predates n"):
+                        client.generate_multi(frames).completions()
+
+                async def main(target: str) -> None:
+                    async with AsyncTextClient(target, timeout=20) as client:
+                        with pytest.raises(OptionsNotHonoured, match="predates n"):
+                            await client.generate("hi", max_tokens=2, n=2).texts()
+                        with pytest.raises(OptionsNotHonoured, match="predates template_kwargs"):
+                            await client.tokenize(messages=messages, template_kwargs={"date_string": "today"})
+                        assert await client.generate("hi", max_tokens=2).text() is not None
+
+                asyncio.run(main(server.target))
+            finally:
+                server.stop()
+        assert engine_idle(engine.target)  # the refused calls were cancelled
+    finally:
+        assert engine.stop() == 0
+
+
+def test_the_current_service_honours_every_option_the_clients_check(demo_model_dir, demo_tokenizer, tmp_path):
+    """The same calls against this version of the service go through; its ModelInfo lists its own options."""
+    engine = demo_engine(demo_model_dir, demo_tokenizer)
+    server = TextServer(_dated_model(demo_model_dir, tmp_path), engines=engine.target)
+    messages = [{"role": "user", "content": "hi"}]
+    try:
+        with TextClient(server.target, timeout=20) as client:
+            assert len(client.generate("hi", max_tokens=2, n=2).texts()) == 2
+            dated = client.tokenize(messages=messages, template_kwargs={"date_string": "26 Jul 2024"})
+            assert len(dated) > len(client.tokenize(messages=messages))
+            frames = [pb.MultiRequest(generate=generate_request("hi", request_id="b", max_tokens=2, n=2))]
+            assert len(client.generate_multi(frames).completions()) == 2
+            assert {"n", "tools", "template_kwargs", "enable_thinking"} <= set(client.model_info().features)
+    finally:
+        server.stop()
+        assert engine.stop() == 0

@@ -117,7 +117,7 @@ def _start_multi(servicer) -> tuple[asyncio.Queue, list, asyncio.Task]:
             yield frame
 
     async def consume() -> None:
-        async for response in servicer.GenerateMulti(requests(), types.SimpleNamespace(invocation_metadata=lambda: ())):
+        async for response in servicer.GenerateMulti(requests(), types.SimpleNamespace(invocation_metadata=lambda: (), send_initial_metadata=_no_wait)):
             out.append(response)
 
     return frames, out, asyncio.create_task(consume())
@@ -206,7 +206,7 @@ def test_multi_deadline_counts_the_time_spent_waiting_to_be_tokenized(demo_token
             for frame in frames:
                 yield frame
 
-        context = types.SimpleNamespace(invocation_metadata=lambda: ())
+        context = types.SimpleNamespace(invocation_metadata=lambda: (), send_initial_metadata=_no_wait)
         start, out = time.monotonic(), {}
         async for response in servicer.GenerateMulti(requests(), context):
             out[response.request_id] = (response.status.code, response.status.message, time.monotonic() - start)
@@ -583,7 +583,7 @@ def test_a_multi_request_aborted_before_its_task_ran_is_still_logged(demo_tokeni
             for frame in frames:  # both frames in one loop turn: the task for "a" never gets to run
                 yield frame
 
-        context = types.SimpleNamespace(invocation_metadata=lambda: ())
+        context = types.SimpleNamespace(invocation_metadata=lambda: (), send_initial_metadata=_no_wait)
         return [(r.request_id, pb.FinishReason.Name(r.finish_reason))
                 async for r in servicer.GenerateMulti(requests(), context)]
 
@@ -652,7 +652,7 @@ def test_a_large_tokenize_leaves_the_event_loop_running(demo_tokenizer):
 
         ticking = asyncio.create_task(ticker())
         await asyncio.sleep(0.05)
-        reply = await servicer.Tokenize(request, types.SimpleNamespace())
+        reply = await servicer.Tokenize(request, types.SimpleNamespace(send_initial_metadata=_no_wait))
         done = True
         await ticking
         return max(gaps), reply
@@ -747,7 +747,7 @@ def test_heavy_requests_leave_the_event_loop(demo_tokenizer, monkeypatch):
     turns = [pb.ChatMessage(role="user" if i % 2 == 0 else "assistant", content="hi") for i in range(200)]
     chat = pb.TokenizeRequest(chat=pb.Chat(messages=turns))
     assert chat.ByteSize() < servicer_module.OFFLOAD_TOKENIZE_BYTES  # small on the wire
-    reply = asyncio.run(servicer.Tokenize(chat, types.SimpleNamespace()))
+    reply = asyncio.run(servicer.Tokenize(chat, types.SimpleNamespace(send_initial_metadata=_no_wait)))
     assert len(reply.token_ids) > 200 and offloaded == ["tokenize_input"]
 
     offloaded.clear()
@@ -1275,7 +1275,8 @@ def test_the_request_id_header_goes_out_with_the_first_response(demo_tokenizer):
     bad = pb.GenerateRequest(prompt="the sea", n=17)  # refused at admission: n is at most 16
     assert asyncio.run(call(bad)) == []
     good = pb.GenerateRequest(prompt="the sea", request_id="r-1", sampling_params=pb.SamplingParams(max_tokens=2))
-    assert asyncio.run(call(good)) == [(("x-request-id", "r-1"),)]
+    [headers] = asyncio.run(call(good))
+    assert headers[0] == ("x-request-id", "r-1") and headers[1][0] == "x-llmserve-options"
 
 
 def test_a_burst_stays_within_max_inflight_while_headers_go_out(demo_tokenizer):
