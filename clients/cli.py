@@ -14,6 +14,7 @@ import sys
 
 import grpc
 
+from clients.requests import OptionsNotHonoured
 from clients.text_client import TextClient
 from clients.tls import ClientTls, add_tls_arguments, tls_from_arguments
 from clients.tool_calls import FORMATS, parse_tool_calls
@@ -221,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             return 141
         except grpc.RpcError as exc:
             print(f"\nllm-client: {exc.code().name}: {exc.details()}{connect_hint(exc, tls)}", file=sys.stderr)
+            return 1
+        except OptionsNotHonoured as exc:  # an older service would ignore an option asked for
+            print(f"\nllm-client: {exc}", file=sys.stderr)
             return 1
     try:
         _print_results(args, several, stream, texts, tools, prompt_logprobs, logprobs, last)

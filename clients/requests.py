@@ -185,10 +185,11 @@ class OptionsNotHonoured(RuntimeError):
 
 def options_used(request: pb.GenerateRequest | pb.TokenizeRequest) -> set[str]:
     """The options of a request that a service predating them would drop silently, by their OPTIONS_HEADER names."""
-    used = set()
+    used = {"add_special_tokens"} if request.HasField("add_special_tokens") else set()
     if request.HasField("chat"):
         chat_ = request.chat
-        used.update(name for name, on in (("tools", chat_.tools), ("template_kwargs", chat_.template_kwargs),
+        calls = any(m.tool_calls or m.tool_call_id for m in chat_.messages)  # rendered as the tools feature does
+        used.update(name for name, on in (("tools", chat_.tools or calls), ("template_kwargs", chat_.template_kwargs),
                                           ("enable_thinking", chat_.HasField("enable_thinking"))) if on)
     if isinstance(request, pb.GenerateRequest):
         if request.n > 1:
@@ -215,15 +216,16 @@ def sampling_options(params) -> set[str]:
     return used
 
 
-def check_options(used: set[str], headers: Iterable[tuple[str, str]] | None, target: str) -> None:
-    """OptionsNotHonoured when the service's OPTIONS_HEADER (in a response's headers) lacks one of `used`."""
-    if not used:
-        return
+def check_options(used: frozenset[str] | set[str], headers: Iterable[tuple[str, str]] | None, target: str) -> None:
+    """OptionsNotHonoured when the service's OPTIONS_HEADER (in a response's headers) lacks one of `used`. A service
+    that sends no such header predates the header itself, not necessarily the options (services before it honoured
+    n, tools, logprobs...): it is trusted, as clients always did."""
     listed = dict(headers or ()).get(OPTIONS_HEADER)
-    missing = sorted(used - set((listed or "").split(",")))
+    if not used or listed is None:
+        return
+    missing = sorted(used - set(listed.split(",")))
     if missing:
-        said = "sends no list of the options it honours" if listed is None else f"honours only {listed}"
         raise OptionsNotHonoured(
-            f"the tokenizer service at {target} {said}: it predates {', '.join(missing)} and would ignore "
-            f"{'it' if len(missing) == 1 else 'them'} without a word; upgrade it (a rolling upgrade: wait until it "
-            "is done), or send the request without them")
+            f"the tokenizer service at {target} honours only {listed}: it predates {', '.join(missing)} and would "
+            f"ignore {'it' if len(missing) == 1 else 'them'} without a word; upgrade it (a rolling upgrade: wait "
+            "until it is done), or send the request without them")

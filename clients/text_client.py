@@ -14,8 +14,9 @@ service logged once the first response has come (from the call's headers; else t
 id that is not printable ASCII, which metadata cannot carry, goes in the request's own field); both services log
 it on the request's line (docs/OBSERVABILITY.md), and the service generates one when absent.
 `tls=ClientTls(ca_file=...)` dials a service that serves TLS (docs/SECURITY.md). A call using options the
-service does not list in its x-llmserve-options header (an older one, mid rolling upgrade, would ignore them)
-is cancelled at its first response with clients.requests.OptionsNotHonoured naming them (docs/SERVICES.md).
+service's x-llmserve-options header does not list (an older one, mid rolling upgrade, would ignore them) is
+cancelled at its first response with clients.requests.OptionsNotHonoured naming them; a service that sends no
+such header predates the check and is trusted (docs/SERVICES.md).
 """
 
 from __future__ import annotations
@@ -130,13 +131,13 @@ class _CallStream:
         """response, once the call's headers show that the service honours the options its requests use; else
         the call is cancelled and OptionsNotHonoured raised (clients.requests.check_options)."""
         if self._options is not None and not self._options[0] <= self._passed:
-            used, target = self._options
+            used = frozenset(self._options[0])  # a GenerateMulti's grows as its requests go out: what is checked
             try:
-                check_options(used, self._call.initial_metadata(), target)
+                check_options(used, self._call.initial_metadata(), self._options[1])
             except OptionsNotHonoured:
                 self._call.cancel()
                 raise
-            self._passed = frozenset(used)
+            self._passed = used
         return response
 
     def __iter__(self) -> Iterator[pb.GenerateResponse]:
@@ -367,12 +368,12 @@ class AsyncCompletionStream(_StreamEnd):
             raise StopAsyncIteration
         if self._options is not None:  # the service honours the request's options (see _CallStream._checked)
             used, target = self._options
-            self._options = None
             try:
                 check_options(used, await self._call.initial_metadata(), target)
             except OptionsNotHonoured:
                 self.cancel()
                 raise
+            self._options = None
         return self._seen(response)
 
     def cancel(self) -> None:

@@ -79,7 +79,7 @@ class RequestTrace:
     streamed_tokens: int = 0  # token ids put on a GenerateMulti call for it (n completions together): an abort's usage
     # Completion index -> (text, token ids, logprobs) generated but held back for --stream-interval, not yet sent:
     # whoever ends the request early (a GenerateMulti abort, the first error of n completions) sends them first.
-    # The n completions' traces share their request's.
+    # n completions hold theirs in their own traces.
     held: dict = field(default_factory=dict)
 
 

@@ -42,7 +42,7 @@ FINISH = {engine_pb.FINISH_REASON_STOP: pb.FINISH_REASON_STOP, engine_pb.FINISH_
 MAX_ATTEMPTS = 3  # a request that never got a token may move to another engine this many times in all
 # The request options this service applies itself, whatever its engines; ModelInfo.features lists them beside the
 # engines' (a service that predates one drops it without a word).
-OWN_FEATURES = ("n", "tools", "template_kwargs", "enable_thinking")
+OWN_FEATURES = ("n", "tools", "template_kwargs", "enable_thinking", "add_special_tokens")
 # Every option it honours, itself or through its engines (refused with FAILED_PRECONDITION where no engine
 # applies it), in OPTIONS_HEADER with its responses: the clients check their requests' options against it.
 OPTIONS = ((OPTIONS_HEADER, ",".join((*OWN_FEATURES, *FORWARDED_FEATURES))),)
@@ -258,7 +258,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         trace.prompt_tokens = prep.num_prompt_tokens  # kept current: an abort reports them at once
         # Each completion keeps its own counts; they are added up into `trace`, the request's one log line (the
         # completions' traces are never logged: finish() skips a trace already marked logged).
-        parts = [RequestTrace(trace.request_id, start=trace.start, logged=True, held=trace.held) for _ in range(n)]
+        parts = [RequestTrace(trace.request_id, start=trace.start, logged=True) for _ in range(n)]
         placement: list = []  # the engine the first completion was sent to
         queue: asyncio.Queue = asyncio.Queue(maxsize=16 * n)
         ended = object()
@@ -303,8 +303,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                         queued = queue.get_nowait()
                         if isinstance(queued, pb.GenerateResponse):
                             yield queued
-                    for response in take_held(trace):
-                        yield response
+                    for part in parts:
+                        for response in take_held(part):
+                            yield response
                     raise item
                 _sum_parts(trace, parts)
                 yield item
@@ -611,7 +612,10 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             trace.finish_reason = "abort"  # logged and counted as the client asked, not "cancelled"
                             task.cancel()  # its finally aborts the engine request
                             streamed = trace.streamed_tokens
-                            for response in take_held(trace):  # generated before the abort: streamed, as at interval 1
+                            # Generated before the abort: streamed, as at interval 1. Not an n > 1 request's: its
+                            # completions' tasks run ahead of the messages waiting to be put on the call (dropped
+                            # with the task), so theirs would leave a gap; the usage counts what was put.
+                            for response in take_held(trace):
                                 response.request_id = frame.abort_request_id
                                 await emit(response)
                                 streamed += len(response.token_ids)

@@ -192,7 +192,6 @@ def test_json_mode_through_the_text_api_matches_offline_engine(stack, demo_model
 
     _, tokenizer, text, eng = stack  # overlap scheduling is on in this module: JSON mode must turn it off itself
     from tokenizer_service.engine_pool import FORWARDED_FEATURES
-
     from tokenizer_service.servicer import OWN_FEATURES
 
     # The demo model's engine applies every forwarded option; the service's own follow them.

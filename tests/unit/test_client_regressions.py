@@ -617,6 +617,13 @@ def test_every_option_the_clients_check_is_one_the_service_lists():
     [(name, listed)] = OPTIONS
     assert name == OPTIONS_HEADER and used | {"json_schema"} <= set(listed.split(","))
     assert options_used(generate_request("hi", max_tokens=3, temperature=0.5, stop=["x"], seed=1)) == set()
+    # Options later releases added to what was there: a chat's earlier tool calls, add_special_tokens.
+    calls = [{"role": "user", "content": "hi"},
+             {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]},
+             {"role": "tool", "content": "1", "tool_call_id": "c1"}]
+    assert options_used(generate_request(messages=calls)) == {"tools"}
+    assert options_used(generate_request("hi", add_special_tokens=False)) == {"add_special_tokens"}
+    assert "add_special_tokens" in listed.split(",")
 
 
 def _dated_model(demo_model_dir, tmp_path):
@@ -632,18 +639,27 @@ def _dated_model(demo_model_dir, tmp_path):
 
 def test_a_service_that_predates_an_option_is_refused_by_the_clients_not_silently_obeyed(demo_model_dir,
                                                                                         demo_tokenizer, monkeypatch,
-                                                                                        tmp_path):
+                                                                                        tmp_path, capsys):
     """A rolling upgrade: an older tokenizer service drops options it predates without a word (n=2 gave one
-    completion; template_kwargs a different prompt). It is stood in for by this one without its options header,
-    then with a list lacking n: the clients raise OptionsNotHonoured naming the option, cancel the call, and serve
-    requests that use none of them."""
+    completion; template_kwargs a different prompt). It is stood in for by this one with a list lacking n and
+    template_kwargs: the clients (llm-client too) raise OptionsNotHonoured naming the option, cancel the call, and
+    serve requests that use none of them. A service that sends no list predates the header, not the options
+    (services before it honoured n): it is trusted."""
+    from clients.cli import main as llm_client
     from clients.requests import OptionsNotHonoured
     from tokenizer_service import servicer as servicer_module
 
     engine = demo_engine(demo_model_dir, demo_tokenizer)
     messages = [{"role": "user", "content": "hi"}]
     try:
-        for options, missing in (((), "sends no list"), ((("x-llmserve-options", "logprobs,tools"),), "honours only")):
+        monkeypatch.setattr(servicer_module, "OPTIONS", ())
+        server = TextServer(demo_model_dir, engines=engine.target)
+        try:
+            with TextClient(server.target, timeout=20) as client:
+                assert len(client.generate("hi", max_tokens=2, n=2).texts()) == 2
+        finally:
+            server.stop()
+        for options, missing in (((("x-llmserve-options", "logprobs,tools"),), "honours only"),):
             monkeypatch.setattr(servicer_module, "OPTIONS", options)
             server = TextServer(_dated_model(demo_model_dir, tmp_path / missing.replace(" ", "_")),
                                 engines=engine.target)
@@ -668,6 +684,9 @@ def test_a_service_that_predates_an_option_is_refused_by_the_clients_not_silentl
                         assert await client.generate("hi", max_tokens=2).text() is not None
 
                 asyncio.run(main(server.target))
+                capsys.readouterr()
+                assert llm_client(["hi", "--target", server.target, "--n", "2", "--max-tokens", "2"]) == 1
+                assert "llm-client: the tokenizer service at" in capsys.readouterr().err
             finally:
                 server.stop()
         assert engine_idle(engine.target)  # the refused calls were cancelled
