@@ -184,12 +184,13 @@ class OptionsNotHonoured(RuntimeError):
 
 
 def options_used(request: pb.GenerateRequest | pb.TokenizeRequest) -> set[str]:
-    """The options of a request that a service predating them would drop silently, by their OPTIONS_HEADER names."""
-    used = {"add_special_tokens"} if request.HasField("add_special_tokens") else set()
+    """The options of a request that a service predating them would drop silently, by their OPTIONS_HEADER names.
+    Every service that sends the header honours these (add_special_tokens too, which it lists but which is not
+    checked: the first release with the header left it out of the list); the check is for options added since."""
+    used = set()
     if request.HasField("chat"):
         chat_ = request.chat
-        calls = any(m.tool_calls or m.tool_call_id for m in chat_.messages)  # rendered as the tools feature does
-        used.update(name for name, on in (("tools", chat_.tools or calls), ("template_kwargs", chat_.template_kwargs),
+        used.update(name for name, on in (("tools", chat_.tools), ("template_kwargs", chat_.template_kwargs),
                                           ("enable_thinking", chat_.HasField("enable_thinking"))) if on)
     if isinstance(request, pb.GenerateRequest):
         if request.n > 1:

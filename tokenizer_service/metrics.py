@@ -78,8 +78,8 @@ class RequestTrace:
     logged: bool = False  # finish() ran: a request is counted and logged once
     streamed_tokens: int = 0  # token ids put on a GenerateMulti call for it (n completions together): an abort's usage
     # Completion index -> (text, token ids, logprobs) generated but held back for --stream-interval, not yet sent:
-    # whoever ends the request early (a GenerateMulti abort, the first error of n completions) sends them first.
-    # n completions hold theirs in their own traces.
+    # whoever ends the request early sends them first (a GenerateMulti abort, this trace's; the first error of n
+    # completions, each completion's, which n completions hold in their own traces).
     held: dict = field(default_factory=dict)
 
 

@@ -1534,6 +1534,7 @@ def test_stream_interval_loses_no_token_to_an_abort_or_to_another_completions_er
         # its abort (some 6 steps in, at interval 8: more than the first message's one token).
         assert all(ids == script[:len(ids)] for ids in by_completion.values()), by_completion
         assert len(by_completion[("r1", 0)]) > 2, by_completion
+        assert all(len(by_completion[("r2", i)]) % 8 == 1 for i in (0, 1)), by_completion  # whole messages only
     finally:
         server.stop()
         assert engine.stop() == 0
