@@ -221,6 +221,17 @@ async def _queue_of_three(step_s: float, priorities: tuple[int, int, int]):
     return loop, engine, sinks
 
 
+async def _settled(loop, engine, sinks):
+    """Once "new" waits in the engine: (the engine's waiting queue, the failures of w1, w2 and new); stops the loop."""
+    for _ in range(200):
+        if "new" in engine.waiting:
+            break
+        await asyncio.sleep(0.01)
+    waiting = list(engine.waiting)
+    loop.stop()
+    return waiting, [sinks[rid].failure for rid in ("w1", "w2", "new")]
+
+
 def test_a_request_the_engine_refuses_displaces_nobody_and_the_victim_is_the_highest_value():
     """The victim was aborted before add_request had checked the arrival, so an invalid request (a stop id
     outside the vocabulary, too many KV blocks) evicted a legitimate waiting one from a full queue, again and
@@ -255,13 +266,7 @@ def test_an_abort_in_the_same_batch_frees_the_place_a_queue_full_arrival_takes()
         loop.add("new", [1], SamplingParams(max_tokens=50, ignore_eos=True, priority=0), sinks["new"],
                  if_full=("the engine's queue is full", 2))
         loop.abort("w1")
-        for _ in range(200):
-            if "new" in engine.waiting:
-                break
-            await asyncio.sleep(0.01)
-        waiting = list(engine.waiting)
-        loop.stop()
-        return waiting, [sinks[rid].failure for rid in ("w1", "w2", "new")]
+        return await _settled(loop, engine, sinks)
 
     waiting, failures = asyncio.run(main())
     assert waiting == ["w2", "new"] and failures == [None, None, None]
@@ -279,13 +284,7 @@ def test_an_abort_of_a_request_added_in_the_same_batch_frees_its_place_too():
         loop.add("new", [1], SamplingParams(max_tokens=50, ignore_eos=True, priority=0), sinks["new"],
                  if_full=("the engine's queue is full", 3))
         loop.abort("brief")
-        for _ in range(200):
-            if "new" in engine.waiting:
-                break
-            await asyncio.sleep(0.01)
-        waiting = list(engine.waiting)
-        loop.stop()
-        return waiting, [sinks[rid].failure for rid in ("w1", "w2", "new")]
+        return await _settled(loop, engine, sinks)
 
     waiting, failures = asyncio.run(main())
     assert waiting == ["w1", "w2", "new"] and failures == [None, None, None]
