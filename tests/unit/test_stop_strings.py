@@ -139,6 +139,16 @@ def test_stop_strings_at_the_caps_cost_linear_memory() -> None:
     assert m.feed("x" * 100 + "007" + "🙂" * 10) == "x" * 100 and m.held == "007" + "🙂" * 10
 
 
+def _feed_until_stopped(stream, ids: list[int], split: int) -> str:
+    """The text of ids fed to a TextStream `split` at a time, until a stop string matches."""
+    out = ""
+    for i in range(0, len(ids), split):
+        out += stream.feed(ids[i : i + split])
+        if stream.stopped:
+            break
+    return out
+
+
 @pytest.mark.parametrize("split", [1, 3, 100], ids=["token by token", "three at a time", "all at once"])
 def test_stop_strings_wait_for_min_tokens_as_stop_ids_do(demo_tokenizer, split) -> None:
     """A stop string ended a request before its min_tokens (after 1 token with min_tokens=30), while the engine
@@ -152,12 +162,7 @@ def test_stop_strings_wait_for_min_tokens_as_stop_ids_do(demo_tokenizer, split) 
 
     def run(min_tokens: int) -> tuple[str, str | None, int]:
         stream = TextStream(demo_tokenizer, ("sea",), True, False, min_tokens=min_tokens)
-        out = ""
-        for i in range(0, len(ids), split):
-            out += stream.feed(ids[i : i + split])
-            if stream.stopped:
-                break
-        return out, stream.stopped, stream.num_generated
+        return _feed_until_stopped(stream, ids, split), stream.stopped, stream.num_generated
 
     text, stopped, _ = run(0)
     assert stopped == "sea" and text == "the "
@@ -199,9 +204,4 @@ def test_min_tokens_text_held_in_an_incomplete_character_is_still_exempt(demo_to
     ids = demo_tokenizer.encode("ok 🦖 ok", add_special_tokens=False)
     m = next(k for k in range(1, len(ids)) if demo_tokenizer.decode(ids[:k]).endswith("\ufffd"))
     stream = TextStream(demo_tokenizer, ("ok",), True, False, min_tokens=m)
-    out = ""
-    for i in range(0, len(ids), split):
-        out += stream.feed(ids[i : i + split])
-        if stream.stopped:
-            break
-    assert stream.stopped == "ok" and out == "ok 🦖 "
+    assert _feed_until_stopped(stream, ids, split) == "ok 🦖 " and stream.stopped == "ok"
