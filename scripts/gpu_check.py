@@ -672,7 +672,8 @@ def _part_results(out: Path) -> dict[str, str]:
         res["d"] = f"engine {_fmt(eng)} tok/s, transformers static {peer}{ratio}; >= 28,000: {met}"
         if not g:  # part d in a call of its own: the engine's figure is in the earlier call's graphs.json
             res["d"] = (f"transformers static {peer}; the engine's figure is in the call that ran part g (its "
-                        "graphs.json): unpack both calls' archives into one folder and run summary there")
+                        "graphs.json): merge the two calls' outputs as docs/GPU.md says (append the second status.tsv, copy its d* and "
+                        "e* files) and run summary there")
         if g.get("workload_A", {}).get("error"):
             res["d"] += f"; the engine's run failed: {g['workload_A']['error']}"
         tile = _picked_tile(out / "g.log")
