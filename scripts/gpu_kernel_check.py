@@ -22,7 +22,7 @@ It also checks that steps differing only in batch size and block-table width sha
 triton specialises integer arguments equal to 1 or divisible by 16, and a variant first met while serving
 compiles inside a timed step.
 
-Usage:  python scripts/gpu_kernel_check.py [--compile-only] [--no-timing] [--seed N]
+Usage:  python scripts/gpu_kernel_check.py [--compile-only [--shard I/N]] [--no-timing] [--seed N]
 """
 
 from __future__ import annotations
@@ -631,11 +631,14 @@ def check_specialisation(target) -> bool:
     return ok
 
 
-def compile_only() -> bool:
+def compile_only(shard: int = 0, shards: int = 1) -> bool:
+    """shard of shards: this process compiles every shards-th attention configuration from the shard-th; the first
+    shard also checks specialisation and compiles the sampling and fused kernels, the last the GEMMs and the PDL
+    variants (the test suite runs two shards at once, one a core)."""
     from triton.backends.compiler import GPUTarget
 
     target = GPUTarget("cuda", 90, 32)
-    ok = check_specialisation(target)
+    ok = check_specialisation(target) if shard == 0 else True
     cpu = torch.device("cpu")
     configs = [
         # (label, dtype, q_lens, ctx, nh, nkv, hd, block, splits)
@@ -662,6 +665,7 @@ def compile_only() -> bool:
     # Their short-query variants too (16 and 32 rows), which start-up's warm-up compiles outside any fallback.
     configs += [(f"prefill qwen3 tile {','.join(map(str, t))} q{q}", torch.bfloat16, [q, 1], [q, 400], *_QWEN, 16, 1,
                  None, t) for t in tk.PREFILL_TILES for q in (2, 9)]
+    configs = configs[shard::shards]
     print(f"{'config':44s} {'kernel':26s} {'shared B':>9s} {'mma':>5s} {'cp.async':>8s} {'regs/spill B':>12s} "
           f"{'s':>5s}")
     for label, dtype, q_lens, ctx, nh, nkv, hd, bs, splits, tile, prefill_tile in configs:
@@ -696,6 +700,18 @@ def compile_only() -> bool:
             print(f"{label:44s} {launch.kernel.__name__:26s} {compiled.metadata.shared:9d} "
                   f"{ptx.count('mma'):5d} {ptx.count('cp.async'):8d} {_ptxas_usage(ptx):>12s} {time.time() - t0:5.1f}"
                   + ("  FAILED: more shared memory than an sm_90 block may have" if too_big else ""))
+    if shard == 0:
+        ok &= _compile_sampling_and_fused(target)
+    if shard == shards - 1:
+        ok &= _compile_gemms(target)
+        ok &= _compile_pdl(target)
+    done = "all kernels compiled for sm_90" if shards == 1 else f"shard {shard}/{shards} compiled for sm_90"
+    print("compile-only:", done if ok else "FAILURES")
+    return ok
+
+
+def _compile_sampling_and_fused(target) -> bool:
+    ok = True
     # The sampling kernel, on bf16 logits of Qwen3's vocabulary.
     from engine_service import sampling_kernels as sk
 
@@ -714,9 +730,6 @@ def compile_only() -> bool:
                             dict(BLOCK=sk.BLOCK_V, CHUNKS=32, CHECK=check), dict(num_warps=sk.NUM_WARPS))
         ok &= _compile_one(f"sampling chunk pick bf16{' checked' if check else ''}", launch, target)
     ok &= _compile_fused_ops(target)
-    ok &= _compile_gemms(target)
-    ok &= _compile_pdl(target)
-    print("compile-only:", "all kernels compiled for sm_90" if ok else "FAILURES")
     return ok
 
 
@@ -873,9 +886,12 @@ def main() -> int:
     ap.add_argument("--compile-only", action="store_true", help="compile for sm_90 without a GPU")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
+    ap.add_argument("--shard", default="0/1", help="--compile-only: I/N, this process's share of the attention "
+                                                     "configurations (shard 0 compiles the other kernels too)")
     a = ap.parse_args()
     if a.compile_only:
-        return 0 if compile_only() else 1
+        shard, _, shards = a.shard.partition("/")
+        return 0 if compile_only(int(shard), int(shards)) else 1
     if not torch.cuda.is_available():
         print("no CUDA device (use --compile-only to check compilation for sm_90)")
         return 1
