@@ -891,6 +891,8 @@ def main() -> int:
     a = ap.parse_args()
     if a.compile_only:
         shard, _, shards = a.shard.partition("/")
+        if not (shard.isdigit() and shards.isdigit() and int(shard) < int(shards)):
+            ap.error(f"--shard must be I/N with 0 <= I < N, e.g. 0/2; got {a.shard!r}")
         return 0 if compile_only(int(shard), int(shards)) else 1
     if not torch.cuda.is_available():
         print("no CUDA device (use --compile-only to check compilation for sm_90)")
