@@ -887,7 +887,9 @@ def main() -> int:
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     ap.add_argument("--shard", default="0/1", help="--compile-only: I/N, this process's share of the attention "
-                                                     "configurations (shard 0 compiles the other kernels too)")
+                                                     "configurations; shard 0 also checks specialisation and "
+                                                     "compiles the sampling and fused kernels, the last the GEMMs "
+                                                     "and PDL variants")
     a = ap.parse_args()
     if a.compile_only:
         shard, _, shards = a.shard.partition("/")

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -591,7 +592,14 @@ def test_kernels_compile_for_sm90():
     procs = [subprocess.Popen([sys.executable, str(ROOT / "scripts" / "gpu_kernel_check.py"), "--compile-only",
                                "--shard", f"{i}/2"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=240) for p in procs]
+    deadline = time.monotonic() + 240
+    try:
+        outputs = [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    finally:  # a timeout must not leave a compile running
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     for p, (out, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-4000:] + err[-4000:]
     proc = types.SimpleNamespace(stdout="".join(out for out, _ in outputs))
