@@ -22,6 +22,7 @@ from tests.unit.test_service_regressions import (
     long_engine,
     pool_config,
     retire_with_a_request_in_flight,
+    run_then_stop,
     wait_for,
 )
 from tokenizer_service import engine_pool
@@ -359,10 +360,7 @@ def test_a_failed_lookup_does_not_bring_back_an_engine_that_left_dns():
         finally:
             await pool.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        assert running.stop() == 0
+    run_then_stop(running, main)
 
 
 class _Stream:
@@ -466,7 +464,4 @@ def test_a_dial_failing_with_an_os_error_is_retried():
         finally:
             await pool.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        assert running.stop() == 0
+    run_then_stop(running, main)

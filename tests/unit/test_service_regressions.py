@@ -43,6 +43,14 @@ async def wait_for(condition, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
+def run_then_stop(running: Running, main) -> None:
+    """asyncio.run(main()), then stop the engine server `running`, which must exit 0 whatever main did."""
+    try:
+        asyncio.run(main())
+    finally:
+        assert running.stop() == 0
+
+
 def wait_idle(client: EngineClient) -> pb.Load:
     for _ in range(200):
         load = client.load()
@@ -333,10 +341,7 @@ def test_address_back_in_dns_takes_requests_again():
         finally:
             await pool.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        assert running.stop() == 0
+    run_then_stop(running, main)
 
 
 def test_engine_counts_deadlines_and_refusals_as_errors(caplog):
