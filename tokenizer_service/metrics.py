@@ -77,10 +77,10 @@ class RequestTrace:
     retries: int = 0  # times the request was sent to an engine again (one lost it, or refused it, before a token)
     logged: bool = False  # finish() ran: a request is counted and logged once
     streamed_tokens: int = 0  # token ids put on a GenerateMulti call for it (n completions together): an abort's usage
-    # Completion index -> (text, token ids, logprobs) generated but held back for --stream-interval, not yet sent:
-    # whoever ends the request early sends them first (a GenerateMulti abort, this trace's; the first error of n
-    # completions, each completion's, which n completions hold in their own traces).
-    held: dict = field(default_factory=dict)
+    # (text, token ids, logprobs) generated but held back for --stream-interval, not yet sent: whoever ends the
+    # request early sends them first (a GenerateMulti abort, this trace's; the first error of n completions, each
+    # completion's, which they hold in their own traces).
+    held: tuple | None = None
 
 
 class TextMetrics:

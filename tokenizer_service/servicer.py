@@ -96,13 +96,13 @@ def _choice_request(prep: PreparedRequest, index: int) -> engine_pb.NewRequest:
     return request
 
 
-def take_held(trace: RequestTrace) -> list[pb.GenerateResponse]:
-    """The messages --stream-interval still holds back for a request, one per completion (with its index), emptied
-    from the trace: the caller ends the request early and sends them first."""
-    held, trace.held = dict(trace.held), trace.held
-    trace.held.clear()
-    return [pb.GenerateResponse(text=text, token_ids=ids, logprobs=logprobs, index=index)
-            for index, (text, ids, logprobs) in sorted(held.items())]
+def take_held(trace: RequestTrace, index: int = 0) -> list[pb.GenerateResponse]:
+    """The message --stream-interval still holds back for a completion (index: its index), if any, emptied from its
+    trace: the caller ends the request early and sends it first."""
+    if trace.held is None:
+        return []
+    (text, ids, logprobs), trace.held = trace.held, None
+    return [pb.GenerateResponse(text=text, token_ids=ids, logprobs=logprobs, index=index)]
 
 
 def _sum_parts(trace: RequestTrace, parts: list[RequestTrace]) -> None:
@@ -266,7 +266,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         async def pump(i: int) -> None:
             try:
                 async for response in self._generate_one(prep, _choice_request(prep, i), timeout_s, parts[i],
-                                                         placement, counted=True, index=i):
+                                                         placement, counted=True):
                     response.index = i
                     await queue.put(response)
                 await queue.put(ended)
@@ -303,8 +303,8 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                         queued = queue.get_nowait()
                         if isinstance(queued, pb.GenerateResponse):
                             yield queued
-                    for part in parts:
-                        for response in take_held(part):
+                    for i, part in enumerate(parts):
+                        for response in take_held(part, i):
                             yield response
                     raise item
                 _sum_parts(trace, parts)
@@ -326,7 +326,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
 
     async def _generate_one(self, prep: PreparedRequest, engine_request: engine_pb.NewRequest,
                             timeout_s: float | None, trace: RequestTrace, placement: list | None = None,
-                            counted: bool = False, index: int = 0) -> AsyncIterator[pb.GenerateResponse]:
+                            counted: bool = False) -> AsyncIterator[pb.GenerateResponse]:
         """The responses of one engine request; raises RequestFailed. Retries elsewhere only before the first token.
 
         The deadline is fixed once, here: each attempt sends the engine what is left of it (deadline_ms, set by
@@ -340,7 +340,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         sent_tokens, cached, attempts = False, 0, 0
         # After the first tokens' message, text waits in trace.held until stream_interval tokens have come (or the
         # request ends); interval 1 sends every update as it comes.
-        held, interval, sent_first = trace.held, self.stream_interval, False
+        interval, sent_first = self.stream_interval, False
         retry_reason = ""  # why the last engine did not serve it, until it is sent again
         tried: set = set()  # engines this request was sent to: a retry prefers the others
         wants_logprobs = engine_request.sampling_params.HasField("logprobs")
@@ -396,8 +396,8 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                         trace.detokenize_s += time.monotonic() - fed
                         trace.completion_tokens = text.num_generated
                         trace.first_token = trace.first_token or (fed if ids else 0.0)
-                        if index in held:
-                            held_text, held_ids, held_logprobs = held.pop(index)
+                        if trace.held is not None:
+                            (held_text, held_ids, held_logprobs), trace.held = trace.held, None
                             delta, ids, logprobs = held_text + delta, held_ids + ids, [*held_logprobs, *logprobs]
                         if text.stopped is not None:
                             handle.close(stopped=True)  # in-band abort: the engine frees the blocks at once
@@ -415,16 +415,15 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                         if ids or delta:
                             sent_tokens = True
                             if interval > 1 and sent_first and len(ids) < interval:  # wait for more
-                                held[index] = (delta, ids, logprobs)
+                                trace.held = (delta, ids, logprobs)
                                 continue
                             sent_first = True
                             yield pb.GenerateResponse(text=delta, token_ids=ids, logprobs=logprobs)
                     raise RequestFailed(grpc.StatusCode.INTERNAL, "the engine ended the request without a finish")
                 except RequestFailed as exc:
                     if not (exc.retryable and not sent_tokens and attempts < MAX_ATTEMPTS):
-                        if index in held:  # what came before the failure still reaches the caller
-                            held_text, held_ids, held_logprobs = held.pop(index)
-                            yield pb.GenerateResponse(text=held_text, token_ids=held_ids, logprobs=held_logprobs)
+                        for response in take_held(trace):  # what came before the failure still reaches the caller
+                            yield response
                         raise
                     if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not self.pool.can_try_another(
                             tried, engine_request.sampling_params):
