@@ -167,7 +167,7 @@ class CompletionStream(_StreamEnd, _CallStream):
     """One request's responses (Generate)."""
 
     def __next__(self) -> pb.GenerateResponse:
-        return self._seen(self._checked(next(self._call)))  # type: ignore[call-overload]
+        return self._seen(super().__next__())
 
     def text(self) -> str:
         """Consume the rest of the stream and return its text (of a request with one completion; see texts())."""
