@@ -262,6 +262,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The LLM keyword arguments given on the command line; the rest keep the engine's defaults."""
     names = (
         "attention_backend",
+        "kv_cache_dtype",
         "max_num_seqs",
         "max_num_batched_tokens",
         "num_kvcache_blocks",
@@ -483,6 +484,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype", choices=["float64", "float32", "bfloat16", "float16"], help="default: the model's"
     )
     engine.add_argument("--attention-backend")
+    engine.add_argument("--kv-cache-dtype", choices=["auto", "fp8"],
+                        help="the KV cache's element type (default auto: the model's dtype; fp8: float8 e4m3)")
     engine.add_argument("--max-num-seqs", type=positive_int)
     engine.add_argument("--max-num-batched-tokens", type=positive_int)
     engine.add_argument("--num-kvcache-blocks", type=positive_int)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 
 DTYPES = ("auto", "float64", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 # On CPU, with no num_kvcache_blocks given, the pool holds enough blocks for max_num_seqs sequences of
 # max_model_len tokens, capped at this many GiB of K and V together.
@@ -25,6 +26,11 @@ class EngineConfig:
     dtype: str = "auto"  # "auto": the checkpoint's dtype on GPU, float32 on CPU
     enforce_eager: bool = False  # True turns CUDA graphs off
     attention_backend: str = "auto"
+    # The KV cache's element type: "auto" the model's dtype; "fp8" float8 e4m3 (half the bytes a token, so twice
+    # the tokens in the same memory and half the bytes decode attention reads), K and V rounded to it as stored.
+    # It changes results (not bitwise equal to "auto"); the torch and triton backends serve it (triton on CUDA
+    # from compute capability 8.9), flash-attn does not.
+    kv_cache_dtype: str = "auto"
     kvcache_block_size: int = 16
     num_kvcache_blocks: int | None = None  # None: sized from memory (GPU) or the CPU default
     max_num_batched_tokens: int = 8192
@@ -69,6 +75,8 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
             )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         positive = ["kvcache_block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"]

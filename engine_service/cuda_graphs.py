@@ -32,6 +32,7 @@ Tensor parallelism > 1 runs eagerly too (its all-reduces are not captured here).
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import random
 import time
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine_service.attention import to_kv_cache
 from engine_service.attention.base import AttentionBackend, AttentionMetadata, longest_first
 from engine_service.host_copy import on_device
 from engine_service.model.decoder import kv_heads_per_rank
@@ -417,9 +419,10 @@ class DecodeGraphRunner:
         # [layers, pool, block_size, kv_heads, head_dim], for the restore
         saved = [(k[:pool].clone(), v[:pool].clone()) for k, v in self.kv_caches]
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        for k, v in self.kv_caches:
-            k[:pool].normal_(generator=gen)
-            v[:pool].normal_(generator=gen)
+        for cache in itertools.chain.from_iterable(self.kv_caches):
+            # Drawn in float32 and rounded as stored: torch has no normal_ for an fp8 cache (kv_cache_dtype="fp8").
+            draw = torch.randn(cache[:pool].shape, generator=gen, device=self.device, dtype=torch.float32)
+            cache[:pool].copy_(to_kv_cache(draw, cache.dtype))
         rng = random.Random(seed)
         vocab = self.model.cfg.vocab_size
         max_ctx = min(self.max_model_len, SELF_CHECK_MAX_CONTEXT, pool * self.block_size)

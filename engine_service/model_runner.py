@@ -23,6 +23,7 @@ from engine_service.attention import (
     AttentionMetadata,
     check_triton_usable,
     compiled_triton,
+    kv_cache_torch_dtype,
     longest_first,
     make_backend,
     resolve_backend_name,
@@ -167,7 +168,9 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.device, model_cfg)
         self.block_size = config.kvcache_block_size
         self.max_model_len = max_model_len
-        self.backend_name = resolve_backend_name(config.attention_backend, self.device, self.block_size)
+        self.backend_name = resolve_backend_name(config.attention_backend, self.device, self.block_size,
+                                                 config.kv_cache_dtype)
+        self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
         self.backend = make_backend(self.backend_name, self.device)
         self.fused_ops = resolve_fused_ops(config.fused_ops, self.device, self.dtype)
         pdl.enable(self.device, config.pdl)  # before any kernel is compiled: PDL is one of their constexprs
@@ -185,17 +188,18 @@ class ModelRunner:
         self.num_blocks = tp.min_int(self._decide_num_blocks())  # every rank must agree on the pool
         kv_heads = kv_heads_per_rank(model_cfg, tp)
         shape = (model_cfg.num_hidden_layers, self.num_blocks, self.block_size, kv_heads, model_cfg.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_caches = [(self.k_cache[i], self.v_cache[i]) for i in range(model_cfg.num_hidden_layers)]
         log.info(
-            "model runner: device=%s dtype=%s backend=%s fused ops=%s kv blocks=%d x %d tokens",
+            "model runner: device=%s dtype=%s backend=%s fused ops=%s kv blocks=%d x %d tokens (%s)",
             self.device,
             self.dtype,
             self.backend_name,
             self.fused_ops,
             self.num_blocks,
             self.block_size,
+            self.kv_dtype,
         )
         if self.device.type == "cuda" and self.backend_name == "triton":
             self._tune_decode_attention()
@@ -238,8 +242,8 @@ class ModelRunner:
         shape = (blocks, self.block_size, kv_heads_per_rank(self.model_cfg, self.tp), self.model_cfg.head_dim)
         try:
             with on_device(self.device):
-                k, v = (torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2))
-                picked, timings = tune_prefill_tile(k, v, heads, tokens, prompt, decode_rows, decode_len)
+                k, v = (torch.empty(shape, dtype=self.kv_dtype, device=self.device) for _ in range(2))
+                picked, timings = tune_prefill_tile(k, v, heads, tokens, prompt, decode_rows, decode_len, self.dtype)
                 del k, v
         except Exception as exc:
             if isinstance(exc, ValueError) and os.environ.get(PREFILL_TILE_ENV):
@@ -274,7 +278,7 @@ class ModelRunner:
         try:
             with on_device(self.device):
                 picked, timings = tune_decode_tile(
-                    self.k_cache[0], self.v_cache[0], heads, self.config.max_num_seqs, context
+                    self.k_cache[0], self.v_cache[0], heads, self.config.max_num_seqs, context, self.dtype
                 )
         except ValueError:
             raise  # a malformed LLMSERVE_DECODE_TILE: the operator asked for something that cannot be
@@ -381,7 +385,7 @@ class ModelRunner:
     def block_bytes(self) -> int:
         cfg = self.model_cfg
         per_token = 2 * cfg.num_hidden_layers * kv_heads_per_rank(cfg, self.tp) * cfg.head_dim
-        return per_token * self.block_size * torch.tensor([], dtype=self.dtype).element_size()
+        return per_token * self.block_size * torch.tensor([], dtype=self.kv_dtype).element_size()
 
     def _decide_num_blocks(self) -> int:
         if self.config.num_kvcache_blocks is not None:
@@ -426,7 +430,7 @@ class ModelRunner:
         blocks = -(-n // self.block_size)
         shape = (blocks, self.block_size, kv_heads, self.model_cfg.head_dim)
         caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),) * 2
+            (torch.zeros(shape, dtype=self.kv_dtype, device=self.device),) * 2
         ] * self.model_cfg.num_hidden_layers
         rows = self.config.max_num_seqs
         with torch.inference_mode(), on_device(self.device):

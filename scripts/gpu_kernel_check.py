@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from engine_service.attention import FP8_KV_DTYPE, to_kv_cache  # noqa: E402
 from engine_service.attention import triton_kernels as tk  # noqa: E402
 from engine_service.attention.base import longest_first  # noqa: E402
 from engine_service.attention.triton_ref import (  # noqa: E402
@@ -665,11 +666,20 @@ def compile_only(shard: int = 0, shards: int = 1) -> bool:
     # Their short-query variants too (16 and 32 rows), which start-up's warm-up compiles outside any fallback.
     configs += [(f"prefill qwen3 tile {','.join(map(str, t))} q{q}", torch.bfloat16, [q, 1], [q, 400], *_QWEN, 16, 1,
                  None, t) for t in tk.PREFILL_TILES for q in (2, 9)]
+    # An fp8 KV cache (kv_cache_dtype="fp8"): the caches in e4m3, the queries in the model's dtype.
+    configs += [
+        ("decode qwen3 fp8 kv", torch.bfloat16, [1] * 8, [700] * 8, *_QWEN, 16, 1, None, None),
+        (f"decode qwen3 fp8 kv split4 {_ORDERED}", torch.bfloat16, [1] * 8, [700] * 8, *_QWEN, 16, 4, None, None),
+        ("prefill qwen3 fp8 kv", torch.bfloat16, [300, 20], [300, 400], *_QWEN, 16, 1, None, None),
+        ("prefill gqa5 fp16 fp8 kv", torch.float16, [30, 20], [300, 400], 10, 2, 128, 32, 1, None, None),
+    ]
     configs = configs[shard::shards]
     print(f"{'config':44s} {'kernel':26s} {'shared B':>9s} {'mma':>5s} {'cp.async':>8s} {'regs/spill B':>12s} "
           f"{'s':>5s}")
     for label, dtype, q_lens, ctx, nh, nkv, hd, bs, splits, tile, prefill_tile in configs:
         b = make_paged_batch(q_lens, ctx, nh, nkv, hd, bs, dtype=dtype, device=cpu)
+        if "fp8 kv" in label:
+            b.k_cache, b.v_cache = (to_kv_cache(c, FP8_KV_DTYPE) for c in (b.k_cache, b.v_cache))
         out = torch.empty_like(b.q)
         launches = tk._plan_paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens,
                                             b.block_tables, hd ** -0.5, b.max_seqlen_q, out, splits, tile,
@@ -861,6 +871,10 @@ def _compile_fused_ops(target) -> bool:
         fo.qk_norm_rope(torch.empty(256, 4096, dtype=bf16), 16, 8, 128, torch.empty(128, dtype=bf16),
                         torch.empty(128, dtype=bf16), 1e-6, cos, cos,
                         cache=(cache, cache, torch.zeros(256, dtype=torch.long)))
+        cache = torch.empty(64, 16, 8, 128, dtype=FP8_KV_DTYPE)  # into an fp8 KV cache
+        fo.qk_norm_rope(torch.empty(256, 4096, dtype=bf16), 16, 8, 128, torch.empty(128, dtype=bf16),
+                        torch.empty(128, dtype=bf16), 1e-6, cos, cos,
+                        cache=(cache, cache, torch.zeros(256, dtype=torch.long)))
         fo.silu_and_mul(torch.empty(256, 6144, dtype=bf16))
     ok = True
     for launch in launches:
@@ -868,15 +882,16 @@ def _compile_fused_ops(target) -> bool:
         if launch.constexprs.get("NORM") is False:
             label = "fused llama bf16 rope alone"
         if launch.constexprs.get("STORE"):
-            label = "fused qwen3 bf16 rope + KV store"
+            fp8 = launch.args[7].dtype == FP8_KV_DTYPE  # the kernel's k_cache_ptr
+            label = "fused qwen3 bf16 rope + KV store" + (" fp8" if fp8 else "")
         compiled = _try_compile(label, launch, target)
         if compiled is None:
             ok = False
             continue
         print(f"{label:44s} {launch.kernel.__name__:26s} {compiled.metadata.shared:9d} {'':5s} {'':8s} "
               f"{_ptxas_usage(compiled.asm.get('ptx', '')):>12s}")
-    if len(launches) != 6:
-        print(f"fused ops: {len(launches)} launches recorded, 6 expected")
+    if len(launches) != 7:
+        print(f"fused ops: {len(launches)} launches recorded, 7 expected")
         ok = False
     return ok
 

@@ -6,6 +6,10 @@
 - auto: flash_attn where it fits, then triton on CUDA (unless TRITON_INTERPRET=1), else torch.
 
 Imports are lazy, so a machine without triton or flash-attn still imports the engine.
+
+The KV cache holds the model's dtype, or with `kv_cache_dtype="fp8"` float8 e4m3 (half the bytes): K and V are
+rounded to it as they are stored (to nearest, ties to even, saturating at +-448, with no scale factor), and
+read back into the model's dtype for attention. The torch and triton backends both serve it; flash-attn does not.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import re
 import torch
 
 from engine_service.attention.base import AttentionBackend, AttentionMetadata, longest_first
+from engine_service.config import KV_CACHE_DTYPES
 
 __all__ = [
     "AttentionBackend",
@@ -24,13 +29,37 @@ __all__ = [
     "check_interpreter_numpy",
     "check_triton_usable",
     "compiled_triton",
+    "kv_cache_torch_dtype",
     "longest_first",
     "make_backend",
     "resolve_backend_name",
+    "to_kv_cache",
     "triton_interpreted",
 ]
 
 FLASH_ATTN_BLOCK_MULTIPLE = 256
+
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3's largest finite value: larger K/V saturate to it, as no scale factor is applied
+# Triton converts to e4m3 in hardware from compute capability 8.9 (Ada, Hopper) on.
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type: the model's dtype for "auto", float8 e4m3 for "fp8"."""
+    if kv_cache_dtype == "fp8":
+        return FP8_KV_DTYPE
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+
+
+def to_kv_cache(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """K or V rounded to the cache's element type as the Triton kernels round them (to nearest even,
+    saturating at +-FP8_MAX for fp8: torch's own cast turns what is out of range into NaN on some versions)."""
+    if cache_dtype == FP8_KV_DTYPE:
+        return x.clamp(-FP8_MAX, FP8_MAX).to(cache_dtype)
+    return x.to(cache_dtype)
 
 
 def _importable(module: str) -> bool:
@@ -92,16 +121,20 @@ def check_triton_usable(what: str, device: torch.device, instead: str) -> None:
         check_interpreter_numpy(what, instead)
 
 
-def resolve_backend_name(name: str, device: torch.device, block_size: int) -> str:
+def resolve_backend_name(name: str, device: torch.device, block_size: int, kv_cache_dtype: str = "auto") -> str:
     """Turn 'auto' into a concrete backend and refuse combinations that cannot run."""
     on_cuda = device.type == "cuda"
+    fp8 = kv_cache_dtype == "fp8"
     if name == "auto":
-        if on_cuda and _importable("flash_attn") and block_size % FLASH_ATTN_BLOCK_MULTIPLE == 0:
+        if on_cuda and not fp8 and _importable("flash_attn") and block_size % FLASH_ATTN_BLOCK_MULTIPLE == 0:
             return "flash_attn"
-        if compiled_triton(device):
+        if compiled_triton(device) and not (fp8 and torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY):
             return "triton"
         return "torch"
     if name == "flash_attn":
+        if fp8:
+            raise ValueError("attention_backend='flash_attn' reads a KV cache in the model's dtype only; for "
+                             "kv_cache_dtype='fp8' use attention_backend 'triton' (or 'auto')")
         if not on_cuda or not _importable("flash_attn"):
             raise ValueError("attention_backend='flash_attn' needs CUDA and the flash_attn package")
         if block_size % FLASH_ATTN_BLOCK_MULTIPLE:
@@ -111,6 +144,13 @@ def resolve_backend_name(name: str, device: torch.device, block_size: int) -> st
             )
     if name == "triton":
         check_triton_usable("attention_backend='triton'", device, "use attention_backend='torch'")
+    if name == "triton" and fp8 and on_cuda:
+        capability = torch.cuda.get_device_capability(device)
+        if capability < FP8_MIN_CAPABILITY:
+            raise ValueError(
+                f"kv_cache_dtype='fp8' with the triton backend needs compute capability "
+                f"{'.'.join(map(str, FP8_MIN_CAPABILITY))} or later (Ada, Hopper), this GPU has "
+                f"{'.'.join(map(str, capability))}; use kv_cache_dtype='auto', or attention_backend='torch'")
     return name
 
 

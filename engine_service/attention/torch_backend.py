@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine_service.attention import FP8_KV_DTYPE, to_kv_cache
 from engine_service.attention.base import AttentionBackend, AttentionMetadata
 from engine_service.host_copy import to_device
 
@@ -32,7 +33,8 @@ class TorchAttentionBackend(AttentionBackend):
         nd = meta.num_decode_seqs
         for sel, idx, allowed, live in plan["decode"]:  # sel: the group's decode rows (None: all of them)
             qd = (q[:nd] if sel is None else q[sel]).unsqueeze(2)  # [b, Hq, 1, D]
-            o = _attention(qd, _rows(k_rows, idx), _rows(v_rows, idx), allowed, scale)  # [b, Hq, 1, D]
+            keys, values = _rows(k_rows, idx, q.dtype), _rows(v_rows, idx, q.dtype)  # [b, Hkv, 1, D]
+            o = _attention(qd, keys, values, allowed, scale)  # [b, Hq, 1, D]
             if meta.has_padding:
                 o = o * live.view(-1, 1, 1, 1)  # padding lanes write zeros
             o = o.view(-1, num_heads, d).to(out.dtype)
@@ -42,7 +44,7 @@ class TorchAttentionBackend(AttentionBackend):
                 out[sel] = o
         q_pre, out_pre = q[nd:], out[nd:]  # prefill rows (out_pre is a view: writes land in out)
         for idx, tiles in plan["prefill"]:
-            keys, values = _rows(k_rows, idx), _rows(v_rows, idx)  # [b, Hkv, K, D], gathered once per group
+            keys, values = _rows(k_rows, idx, q.dtype), _rows(v_rows, idx, q.dtype)  # [b, Hkv, K, D], once a group
             for rows, seq_of_row, pos_of_row, q_max, k_tile, allowed in tiles:
                 if not isinstance(allowed, torch.Tensor):  # a tile of a long sequence: its mask made per use
                     allowed = _causal_mask(*allowed, q_max, k_tile)
@@ -54,19 +56,29 @@ class TorchAttentionBackend(AttentionBackend):
 
 
 def store_kvcache(k, v, k_cache, v_cache, slot_mapping: torch.Tensor, has_padding: bool = False) -> None:
-    """Write new K/V ([T, Hkv, D]) at their slots; slot -1 (a padding lane) is skipped."""
+    """Write new K/V ([T, Hkv, D]) at their slots, in the cache's dtype (to_kv_cache); slot -1 (a padding lane)
+    is skipped."""
     kv_heads, d = k_cache.shape[2], k_cache.shape[3]
     slots = slot_mapping
     if has_padding:
         keep = slot_mapping >= 0
         slots, k, v = slot_mapping[keep], k[keep], v[keep]
+    if k_cache.dtype != k.dtype:
+        k, v = to_kv_cache(k, k_cache.dtype), to_kv_cache(v, v_cache.dtype)
+    if k_cache.dtype == FP8_KV_DTYPE:  # index_copy_ has no float8 kernel on CPU: copy the bytes
+        k_cache, v_cache, k, v = (t.view(torch.uint8) for t in (k_cache, v_cache, k, v))
     k_cache.view(-1, kv_heads, d).index_copy_(0, slots, k)
     v_cache.view(-1, kv_heads, d).index_copy_(0, slots, v)
 
 
-def _rows(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """rows[idx] for idx [b, Hkv, K] -> [b, Hkv, K, D]; index_select is several times faster on CPU."""
-    return torch.index_select(rows, 0, idx.reshape(-1)).view(*idx.shape, rows.shape[-1])
+def _rows(rows: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """rows[idx] for idx [b, Hkv, K] -> [b, Hkv, K, D] in dtype (an fp8 cache is read back in the model's; no
+    copy otherwise); index_select is several times faster on CPU."""
+    if rows.dtype == FP8_KV_DTYPE:  # index_select has no float8 kernel on CPU: gather the bytes
+        picked = torch.index_select(rows.view(torch.uint8), 0, idx.reshape(-1)).view(FP8_KV_DTYPE)
+    else:
+        picked = torch.index_select(rows, 0, idx.reshape(-1))
+    return picked.view(*idx.shape, rows.shape[-1]).to(dtype)
 
 
 def _sdpa_has_gqa() -> bool:

@@ -42,7 +42,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from engine_service import pdl
-from engine_service.attention import next_pow2
+from engine_service.attention import FP8_KV_DTYPE, next_pow2, to_kv_cache
 from engine_service.attention.base import longest_first
 
 __all__ = ["store_kvcache", "paged_attention", "default_num_kv_splits", "tune_decode_tile", "tune_prefill_tile",
@@ -93,6 +93,32 @@ _MAX_KV_SPLITS = 16
 # KV store
 # --------------------------------------------------------------------------------------------------
 @triton.jit
+def _round_to_e4m3(x):
+    """x rounded to float8 e4m3 as torch's x.clamp(-448, 448).to(torch.float8_e4m3fn) rounds it: to nearest,
+    ties to even, saturating at +-448, the sign of zero kept. The rounding is done in float32 arithmetic (exact:
+    scaling by powers of two and the 2**23 trick), so that the cast only meets values e4m3 holds exactly: the
+    interpreter's own cast rounds some values differently from the hardware's."""
+    xf = x.to(tl.float32)
+    a = tl.abs(xf)
+    e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # below 2**-6: subnormals, 2**-9 apart
+    step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2**(e-3): 3 mantissa bits
+    inv_step = ((3 - e + 127) << 23).to(tl.float32, bitcast=True)
+    r = tl.minimum(((a * inv_step + 8388608.0) - 8388608.0) * step, 448.0)  # + - 2**23 rounds to nearest even
+    sign = xf.to(tl.int32, bitcast=True) & -2147483648
+    r = (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    r = tl.where(a == a, r, xf)  # NaN stays NaN
+    return r.to(tl.float8e4nv)
+
+
+@triton.jit
+def to_cache_type(x, CACHE_TY: tl.constexpr):
+    """x as the KV cache holds it: rounded to e4m3 for an fp8 cache (_round_to_e4m3), else cast."""
+    if CACHE_TY == tl.float8e4nv:
+        return _round_to_e4m3(x)
+    return x.to(CACHE_TY)
+
+
+@triton.jit
 def _store_kvcache_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_kt, stride_kh, stride_kd,
@@ -120,9 +146,9 @@ def _store_kvcache_kernel(
     kc = k_cache_ptr + blk * stride_kcb + off * stride_kcs
     vc = v_cache_ptr + blk * stride_vcb + off * stride_vcs
     tl.store(kc + offs_h[:, None] * stride_kch + offs_d[None, :] * stride_kcd,
-             k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+             to_cache_type(k, k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(vc + offs_h[:, None] * stride_vch + offs_d[None, :] * stride_vcd,
-             v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+             to_cache_type(v, v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 class _Launch(NamedTuple):
@@ -276,6 +302,9 @@ def _paged_attention_kernel(
                     + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)  # [BLOCK_N, D_PAD]
         v = tl.load(v_cache_ptr + (blk * stride_vb + in_blk * stride_vs + kvh * stride_vh)[:, None]
                     + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)  # [BLOCK_N, D_PAD]
+        if k_cache_ptr.dtype.element_ty != q_ptr.dtype.element_ty:  # an fp8 cache: read back in q's dtype
+            k = k.to(q_ptr.dtype.element_ty)
+            v = v.to(q_ptr.dtype.element_ty)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -359,9 +388,9 @@ def default_num_kv_splits(num_seqs: int, num_kv_heads: int, max_seqlen_q: int,
 
 
 def _tile_key(q: torch.Tensor, k_cache: torch.Tensor) -> tuple:
-    """What a decode tile is chosen for: device, dtype, query heads, and the cache's block size, KV heads and
-    head_dim."""
-    return (str(k_cache.device), q.dtype, q.shape[1], *k_cache.shape[1:])
+    """What a decode tile is chosen for: device, the query's and the cache's dtypes, query heads, and the cache's
+    block size, KV heads and head_dim."""
+    return (str(k_cache.device), q.dtype, k_cache.dtype, q.shape[1], *k_cache.shape[1:])
 
 
 def decode_order_timings(q: torch.Tensor, k_cache: torch.Tensor) -> tuple[float, float] | None:
@@ -386,6 +415,9 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
         raise ValueError(f"caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not match q {tuple(q.shape)}")
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (q.dtype, FP8_KV_DTYPE):
+        raise ValueError(f"caches in {k_cache.dtype}/{v_cache.dtype}: they must both hold q's dtype ({q.dtype}) "
+                         f"or float8_e4m3fn")
     num_seqs = context_lens.shape[0]
     if cu_seqlens_q.shape[0] != num_seqs + 1 or block_tables.shape[0] != num_seqs:
         raise ValueError("cu_seqlens_q must have num_seqs + 1 entries and block_tables num_seqs rows")
@@ -515,7 +547,8 @@ def parse_prefill_tile(text: str) -> PrefillTile:
 
 
 def tune_prefill_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, tokens: int, prompt_len: int,
-                      decode_rows: int = 0, decode_len: int = 512, *, iters: int = 5, timer=None, seed: int = 0
+                      decode_rows: int = 0, decode_len: int = 512, q_dtype: torch.dtype | None = None, *,
+                      iters: int = 5, timer=None, seed: int = 0
                       ) -> tuple[PrefillTile | None, dict[PrefillTile, float | str]]:
     """Time every PREFILL_TILES candidate on one prefill step over these caches and make the fastest the tile of
     prefill steps with these shapes on this device. Returns (the tile picked, or None when none passed and the
@@ -526,11 +559,13 @@ def tune_prefill_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: i
     random distinct blocks of the caches, which get random K/V (call it before the caches hold anything; size
     them with prefill_tuning_blocks). A candidate's output is NaN-poisoned and must then agree with the default
     tile's (max |difference| within 2% of its largest value: only the order of the softmax's sums differs)
-    before it is timed. With LLMSERVE_PREFILL_TILE set, that tile is used untimed.
+    before it is timed. With LLMSERVE_PREFILL_TILE set, that tile is used untimed. q_dtype: the model's (None:
+    the caches', which differs for an fp8 cache).
     timer(fn, iters) -> microseconds; default CUDA events.
     """
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    key = _tile_key(torch.empty((1, num_heads, head_dim), dtype=k_cache.dtype, device="meta"), k_cache)
+    dtype = q_dtype or k_cache.dtype
+    key = _tile_key(torch.empty((1, num_heads, head_dim), dtype=dtype, device="meta"), k_cache)
     pinned = os.environ.get(PREFILL_TILE_ENV)
     if pinned:
         _prefill_tiles[key] = tile = parse_prefill_tile(pinned)
@@ -540,7 +575,7 @@ def tune_prefill_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: i
     if sum(per_seq) > num_blocks:
         raise ValueError(f"the tuning step needs {sum(per_seq)} blocks of the caches, which have {num_blocks}")
     gen = torch.Generator().manual_seed(seed)
-    dev, dtype = k_cache.device, k_cache.dtype
+    dev = k_cache.device
     used = torch.randperm(num_blocks, generator=gen)[: sum(per_seq)]
     tables = torch.zeros(len(q_lens), max(per_seq), dtype=torch.int32)
     for i, row in enumerate(used.split(per_seq)):
@@ -548,7 +583,11 @@ def tune_prefill_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: i
     used = used.to(dev)
     on_dev = torch.Generator(device=dev).manual_seed(seed)  # ~90M values: drawn where they are used
     for cache in (k_cache, v_cache):
-        cache[used] = torch.randn((used.numel(), *cache.shape[1:]), generator=on_dev, device=dev, dtype=dtype)
+        drawn = to_kv_cache(torch.randn((used.numel(), *cache.shape[1:]), generator=on_dev, device=dev, dtype=dtype),
+                            cache.dtype)
+        if cache.dtype == FP8_KV_DTYPE:  # indexed writes need no float8 kernel as bytes
+            cache, drawn = cache.view(torch.uint8), drawn.view(torch.uint8)
+        cache[used] = drawn
     q = torch.randn((sum(q_lens), num_heads, head_dim), generator=on_dev, device=dev, dtype=dtype)
     cu = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device=dev)
     args = (q, k_cache, v_cache, cu, torch.tensor(ctx_lens, dtype=torch.int32, device=dev), tables.to(dev),
@@ -637,7 +676,7 @@ def spread_lengths(batch: int, mean: int, gen: torch.Generator) -> list[int]:
 
 
 def tune_decode_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, batch: int, context_len: int,
-                     *, iters: int = 20, timer=None, seed: int = 0
+                     q_dtype: torch.dtype | None = None, *, iters: int = 20, timer=None, seed: int = 0
                      ) -> tuple[Tile | None, dict[Tile, float | None]]:
     """Time every DECODE_TILES candidate on one decode batch over these caches and make the fastest the tile
     of decode steps with these shapes on this device. Returns (the tile picked, or None when no candidate ran
@@ -649,11 +688,11 @@ def tune_decode_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: in
     batch order too, KV heads first and second (decode_order_timings): where either is faster, decode steps of
     these shapes keep batch order, with the faster one.
     It only reads the caches (what they hold does not change the timing). With LLMSERVE_DECODE_TILE set, that
-    tile is used untimed, launched longest first.
+    tile is used untimed, launched longest first. q_dtype: the model's (None: the caches').
     timer(fn, iters) -> microseconds; default CUDA events.
     """
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
-    q = torch.zeros((batch, num_heads, head_dim), dtype=k_cache.dtype, device=k_cache.device)
+    q = torch.zeros((batch, num_heads, head_dim), dtype=q_dtype or k_cache.dtype, device=k_cache.device)
     key = _tile_key(q, k_cache)
     _decode_order_timings.pop(key, None)  # the candidates are timed launched in order
     pinned = os.environ.get(DECODE_TILE_ENV)

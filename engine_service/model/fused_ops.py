@@ -27,7 +27,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from engine_service import pdl
-from engine_service.attention import next_pow2
+from engine_service.attention import FP8_KV_DTYPE, next_pow2
+from engine_service.attention.triton_kernels import to_cache_type
 
 ROW_WARPS = 4
 
@@ -104,8 +105,9 @@ def _norm_rope_heads(in_ptr, num_heads, w_ptr, c1, c2, s1, s2, out_ptr, out_head
     o1 = (y1 * c1).to(dt).to(tl.float32) + (-y2 * s1).to(dt).to(tl.float32)
     o2 = (y2 * c2).to(dt).to(tl.float32) + (y1 * s2).to(dt).to(tl.float32)
     dst = out_ptr + heads * out_head_stride + offs
-    tl.store(dst, o1.to(dt), mask=m)
-    tl.store(dst + HALF, o2.to(dt), mask=m)
+    # Rounded to the model dtype first, as the unfused path's K is before its store: an fp8 cache gets the same bits.
+    tl.store(dst, to_cache_type(o1.to(dt), out_ptr.dtype.element_ty), mask=m)
+    tl.store(dst + HALF, to_cache_type(o2.to(dt), out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -152,8 +154,9 @@ def _qk_norm_rope_kernel(
             vm = (heads < NUM_KV) & m
             v_src = k_src + NUM_KV * (2 * HALF) + heads * (2 * HALF) + offs
             v_dst = v_cache_ptr + blk * stride_vcb + off * stride_vcs + heads * stride_vch + offs
-            tl.store(v_dst, tl.load(v_src, mask=vm), mask=vm)
-            tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=vm), mask=vm)
+            cache_ty = v_cache_ptr.dtype.element_ty
+            tl.store(v_dst, to_cache_type(tl.load(v_src, mask=vm), cache_ty), mask=vm)
+            tl.store(v_dst + HALF, to_cache_type(tl.load(v_src + HALF, mask=vm), cache_ty), mask=vm)
     else:
         _norm_rope_heads(k_src, NUM_KV, kw_ptr, c1, c2, s1, s2, k_out_ptr + tok * NUM_KV * (2 * HALF), 2 * HALF,
                          eps, HALF, BLOCK_HALF, KV_PAD, NORM)
@@ -167,7 +170,7 @@ def qk_norm_rope(qkv: torch.Tensor, num_q: int, num_kv: int, head_dim: int, q_we
     None: the families without q/k-norm) and rotated.
 
     cache: (k_cache, v_cache, slot_mapping) with caches [num_blocks, block_size, num_kv, head_dim] (head_dim
-    contiguous) in qkv's dtype: k and v are written into their slots instead (slot -1 skipped), as
+    contiguous) in qkv's dtype or float8 e4m3 (attention.to_kv_cache's rounding): k and v are written into their slots instead (slot -1 skipped), as
     attention.triton_kernels.store_kvcache would, and the k returned is None. One launch a layer less."""
     if (q_weight is None) != (k_weight is None):
         raise ValueError("qk_norm_rope takes both norm weights or neither")
@@ -186,9 +189,10 @@ def qk_norm_rope(qkv: torch.Tensor, num_q: int, num_kv: int, head_dim: int, q_we
         k_cache, v_cache, slots = cache
         k = None
         if (k_cache.shape != v_cache.shape or k_cache.shape[2:] != (num_kv, head_dim) or k_cache.stride(3) != 1
-                or v_cache.stride(3) != 1 or k_cache.dtype != qkv.dtype or v_cache.dtype != qkv.dtype):
+                or v_cache.stride(3) != 1 or k_cache.dtype != v_cache.dtype
+                or k_cache.dtype not in (qkv.dtype, FP8_KV_DTYPE)):
             raise ValueError(f"caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} ({k_cache.dtype}) do not take "
-                             f"{num_kv} heads of {head_dim} in {qkv.dtype}")
+                             f"{num_kv} heads of {head_dim} in {qkv.dtype} or float8_e4m3fn")
         if slots.shape != (t,):
             raise ValueError(f"slot_mapping has shape {tuple(slots.shape)} for {t} tokens")
         cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3])

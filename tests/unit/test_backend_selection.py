@@ -62,6 +62,28 @@ def test_explicit_choices_that_cannot_run_are_refused(installed):
         attention.resolve_backend_name("triton", CPU, 16)
 
 
+def test_an_fp8_kv_cache_picks_a_backend_that_reads_it(installed, monkeypatch):
+    """kv_cache_dtype='fp8': flash-attn (model-dtype caches only) is never picked and is refused when named;
+    triton on CUDA needs compute capability 8.9 (its e4m3 conversions): 'auto' falls back to torch below it,
+    an explicit triton is refused, naming both ways out."""
+    installed |= {"flash_attn", "triton"}
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    assert attention.resolve_backend_name("auto", CUDA, 256, "fp8") == "triton"
+    assert attention.resolve_backend_name("auto", CUDA, 256, "auto") == "flash_attn"
+    assert attention.resolve_backend_name("triton", CUDA, 16, "fp8") == "triton"
+    with pytest.raises(ValueError, match="flash_attn.*model's dtype only.*'triton'"):
+        attention.resolve_backend_name("flash_attn", CUDA, 256, "fp8")
+    capability[0] = (8, 0)  # an A100
+    assert attention.resolve_backend_name("auto", CUDA, 16, "fp8") == "torch"
+    assert attention.resolve_backend_name("auto", CUDA, 16, "auto") == "triton"
+    with pytest.raises(ValueError, match=r"compute capability 8\.9 or later.*has 8\.0.*kv_cache_dtype='auto'.*"
+                                         r"attention_backend='torch'"):
+        attention.resolve_backend_name("triton", CUDA, 16, "fp8")
+    assert attention.resolve_backend_name("torch", CUDA, 16, "fp8") == "torch"
+    assert attention.resolve_backend_name("auto", CPU, 16, "fp8") == "torch"  # no CUDA query on CPU
+
+
 @pytest.mark.parametrize("version", ["2.4.0", "2.5.2", "3.0.0rc1"])
 def test_interpreted_kernels_are_refused_at_start_up_with_a_numpy_the_interpreter_fails_on(
     installed, monkeypatch, version

@@ -373,7 +373,7 @@ def test_gpu_check_row_d_bounds_transformers_static_when_its_time_ran_out(tmp_pa
         "; decode GEMMs ours at qkv 2/21, o 21/21, gate_up 0/21, down 1/21 sizes")
 
 
-def _start_up_engine(tmp_path, backend: str):
+def _start_up_engine(tmp_path, backend: str, kv_cache_dtype: str = "auto"):
     """A small eager engine on CPU for the start-up warm-up tests: 2 layers, 2 KV heads, max_num_seqs 8, a
     64-token budget."""
     from engine_service import LLM
@@ -382,20 +382,24 @@ def _start_up_engine(tmp_path, backend: str):
     make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=32, layers=2, dtype=torch.float32)
     return LLM(str(tmp_path), device="cpu", dtype="float32", attention_backend=backend, enforce_eager=True,
                kvcache_block_size=8, num_kvcache_blocks=32, max_num_seqs=8, max_num_batched_tokens=64,
-               max_model_len=128)
+               max_model_len=128, kv_cache_dtype=kv_cache_dtype)
 
 
-def test_prefill_tile_tuning_gets_a_scratch_cache_that_holds_its_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_prefill_tile_tuning_gets_a_scratch_cache_that_holds_its_step(tmp_path, monkeypatch, kv_cache_dtype):
     """ModelRunner._tune_prefill_attention (CUDA-only at start-up), on CPU with the tuner stood in: the scratch
     cache has exactly the blocks the tuning step uses, in the model's per-rank shapes; a tuner failure keeps the
-    default tile, and only a malformed LLMSERVE_PREFILL_TILE stops start-up."""
+    default tile, and only a malformed LLMSERVE_PREFILL_TILE stops start-up. An fp8 KV cache is tuned over in
+    its own dtype with the model's queries."""
     from engine_service.attention import triton_kernels as tk
 
-    llm = _start_up_engine(tmp_path, "torch")
+    llm = _start_up_engine(tmp_path, "torch", kv_cache_dtype)
     runner = llm.runner
     seen = []
 
-    def tuner(k, v, heads, tokens, prompt, decode_rows, decode_len):
+    def tuner(k, v, heads, tokens, prompt, decode_rows, decode_len, q_dtype):
+        assert k.dtype == v.dtype == (torch.float8_e4m3fn if kv_cache_dtype == "fp8" else torch.float32)
+        assert q_dtype == torch.float32
         seen.append((tuple(k.shape), tuple(v.shape), heads, tokens, prompt, decode_rows, decode_len))
         return tk.PREFILL_TILES[1], {tk.PREFILL_TILES[1]: 1.0}
 

@@ -128,6 +128,36 @@ def test_qk_norm_rope_can_store_k_and_v_in_their_cache_slots(dtype, heads, kv_he
                                cache=(k_cache, v_cache, slots[:0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_qk_norm_rope_stores_into_an_fp8_cache_as_the_separate_store_does(dtype):
+    """kv_cache_dtype="fp8": K is rounded to the model dtype, then to e4m3, as the unfused path's K is before
+    store_kvcache rounds it; V straight to e4m3. The same bits either way; a padding slot writes nothing."""
+    from engine_service.attention.triton_kernels import store_kvcache
+
+    torch.manual_seed(5)
+    t, heads, kv_heads, head_dim, num_blocks, block_size = 7, 4, 2, 64, 4, 8
+    rotary = RotaryEmbedding(head_dim, 64, 10_000.0, dtype)
+    qkv = (torch.randn(t, (heads + 2 * kv_heads) * head_dim) * 200).to(dtype)  # some beyond e4m3's 448
+    cos, sin = rotary.lookup(torch.tensor([3, 0, 9, 1, 30, 2, 5]))
+    weights = ((torch.rand(head_dim) + 0.5).to(dtype), (torch.rand(head_dim) + 0.5).to(dtype), 1e-6)
+    slots = torch.randperm(num_blocks * block_size)[:t]
+    slots[2] = -1
+    fp8 = torch.float8_e4m3fn
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache, v_cache = (torch.randint(0, 120, shape, dtype=torch.uint8).view(fp8) for _ in range(2))
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+
+    q_plain, k_plain = fused_ops.qk_norm_rope(qkv, heads, kv_heads, head_dim, *weights, cos[:, 0], sin[:, 0])
+    v = qkv[:, (heads + kv_heads) * head_dim:].view(t, kv_heads, head_dim)
+    store_kvcache(k_plain, v, k_want, v_want, slots)
+    q, k = fused_ops.qk_norm_rope(qkv, heads, kv_heads, head_dim, *weights, cos[:, 0], sin[:, 0],
+                                  cache=(k_cache, v_cache, slots))
+    assert k is None and torch.equal(q, q_plain)
+    assert torch.equal(k_cache.view(torch.uint8), k_want.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), v_want.view(torch.uint8))
+    assert v_want.float().abs().max() == 448  # the saturating values were met
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("inter", [3072, 100])
 def test_silu_and_mul_matches_silu_times_up(dtype, inter):

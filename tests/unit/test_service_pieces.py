@@ -244,12 +244,14 @@ def test_every_engine_knob_is_a_service_flag_and_reaches_the_engine():
     engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
     assert engine_fields - service == set()
     cfg = parse_config(["--model", "/m", "--gpu-memory-utilization", "0.5", "--cpu-kvcache-gib", "1.5",
-                        "--enable-prefix-caching", "false"], {})
+                        "--enable-prefix-caching", "false", "--kv-cache-dtype", "fp8"], {})
     kwargs = cfg.engine_kwargs()
     assert set(kwargs) == engine_fields - {"model"}  # every knob, none left at the engine's default
     engine = EngineConfig.from_kwargs("/m", **kwargs)
     assert (engine.gpu_memory_utilization, engine.cpu_kvcache_gib, engine.enable_prefix_caching) == (0.5, 1.5, False)
+    assert engine.kv_cache_dtype == "fp8"
     for flag, value, needle in (("--gpu-memory-utilization", "1.5", "gpu_memory_utilization must be in"),
+                                ("--kv-cache-dtype", "fp16", r"kv_cache_dtype must be one of \('auto', 'fp8'\)"),
                                 ("--cpu-kvcache-gib", "0", "cpu_kvcache_gib must be positive")):
         with pytest.raises(ValueError, match=needle):
             parse_config(["--model", "/m", flag, value], {})

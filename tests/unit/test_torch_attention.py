@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_service.attention import torch_backend
+from engine_service.attention import to_kv_cache, torch_backend
 from engine_service.attention.base import AttentionMetadata
 from engine_service.attention.triton_ref import make_paged_batch, ref_paged_attention
 
@@ -22,9 +22,12 @@ def _slots(tables: torch.Tensor, q_lens, ctx_lens, block_size: int) -> torch.Ten
     return torch.tensor(out)
 
 
+@pytest.mark.parametrize("kv_fp8", [False, True], ids=["model-dtype-kv", "fp8-kv"])
 @pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "folded-matmul"])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 2)])
-def test_matches_reference(monkeypatch, fused, heads, kv_heads):
+def test_matches_reference(monkeypatch, fused, heads, kv_heads, kv_fp8):
+    """kv_fp8: the cache in float8 e4m3 (kv_cache_dtype="fp8"), its new rows zeroed first: the new K/V must be
+    stored rounded (to_kv_cache) and everything read back in q's dtype, float64 here."""
     if fused and not torch_backend.SDPA_GQA:
         pytest.skip("this torch's scaled_dot_product_attention has no enable_gqa")
     monkeypatch.setattr(torch_backend, "SDPA_GQA", fused)
@@ -39,6 +42,11 @@ def test_matches_reference(monkeypatch, fused, heads, kv_heads):
     slots = _slots(batch.block_tables, q_lens, ctx_lens, bs)
     k_new = batch.k_cache.view(-1, kv_heads, 16)[slots].clone()
     v_new = batch.v_cache.view(-1, kv_heads, 16)[slots].clone()
+    if kv_fp8:
+        k_new *= 100  # some beyond e4m3's 448: they saturate
+        batch.k_cache, batch.v_cache = (to_kv_cache(c, torch.float8_e4m3fn) for c in (batch.k_cache, batch.v_cache))
+        for cache in (batch.k_cache, batch.v_cache):
+            cache.view(-1, kv_heads, 16)[slots] = torch.zeros((), dtype=cache.dtype)
     meta = AttentionMetadata(
         slot_mapping=slots,
         cu_seqlens_q=batch.cu_seqlens_q,
@@ -64,6 +72,10 @@ def test_matches_reference(monkeypatch, fused, heads, kv_heads):
         16**-0.5,
     )
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    if kv_fp8:
+        for cache, new in ((batch.k_cache, k_new), (batch.v_cache, v_new)):
+            stored = cache.view(-1, kv_heads, 16)[slots]
+            assert torch.equal(stored.view(torch.uint8), to_kv_cache(new, cache.dtype).view(torch.uint8))
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "folded-matmul"])

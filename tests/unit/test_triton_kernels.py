@@ -90,6 +90,64 @@ def test_store_kvcache_non_pow2_head_dim_and_empty():
     tk.store_kvcache(k[:0], v[:0], kc, vc, slots[:0])  # no tokens: no launch, no error
 
 
+FP8 = torch.float8_e4m3fn
+
+
+def _across_e4m3(n: int, g: torch.Generator) -> torch.Tensor:
+    """n values over e4m3's whole range: every finite e4m3 value and the midpoints between neighbours (ties),
+    subnormals, values past 448 (saturating), both zeros, and normal draws at scales from 1e-3 to 3,000."""
+    grid = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8).float()
+    grid = grid[grid.isfinite()].unique()
+    special = torch.tensor([0.0, -0.0, 448.0, 464.0, 465.0, 480.0, -500.0, 1e4, 2.0 ** -10, -(2.0 ** -10)])
+    draws = torch.cat([torch.randn(n, generator=g) * s for s in (1e-3, 0.02, 1.0, 30.0, 3000.0)])
+    values = torch.cat([grid, (grid[1:] + grid[:-1]) / 2, special, draws])
+    return values[torch.randperm(values.numel(), generator=g)][:n]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_store_rounds_into_an_fp8_cache_as_torch_does(dtype):
+    """kv_cache_dtype="fp8": each value lands as torch's x.clamp(-448, 448).to(float8_e4m3fn), bit for bit
+    (to nearest even, saturating, the sign of zero kept); padding slots write nothing. The interpreter's own
+    cast rounds some values differently, so the kernel rounds before it casts."""
+    from engine_service.attention import to_kv_cache
+
+    g = torch.Generator().manual_seed(3)
+    nt, kvh, hd, nb, bs = 40, 2, 16, 6, 8
+    k = _across_e4m3(nt * kvh * hd, g).view(nt, kvh, hd).to(dtype)
+    v = _across_e4m3(nt * kvh * hd, g).view(nt, kvh, hd).to(dtype)
+    slots = torch.randperm(nb * bs, generator=g)[:nt]
+    slots[::7] = -1
+    k_cache = torch.randint(0, 120, (nb, bs, kvh, hd), generator=g, dtype=torch.uint8).view(FP8)
+    v_cache = torch.randint(0, 120, (nb, bs, kvh, hd), generator=g, dtype=torch.uint8).view(FP8)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    tk.store_kvcache(k, v, k_cache, v_cache, slots)
+    ref_store_kvcache(to_kv_cache(k, FP8), to_kv_cache(v, FP8), k_ref, v_ref, slots)
+    assert torch.equal(k_cache.view(torch.uint8), k_ref.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), v_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("case", ["decode", "prefix", "mixed"])
+def test_paged_attention_over_an_fp8_cache(dtype, atol, case):
+    """With an fp8 cache the kernel reads K/V back in q's dtype (exact) and computes as over any cache: equal,
+    within the dtype's tolerance, to the float64 reference over the same fp8 values; split decode and padding
+    lanes too."""
+    from engine_service.attention import to_kv_cache
+
+    q_lens, ctx = {"decode": CASES["decode"], "prefix": CASES["prefix"],
+                   "mixed": ([1, 1, 6, 1], [0, 40, 30, 17])}[case]
+    g = torch.Generator().manual_seed(len(case))
+    b = make_paged_batch(q_lens, ctx, 6, 2, 32, 16, dtype=dtype, generator=g)
+    b.k_cache, b.v_cache = to_kv_cache(b.k_cache * 4, FP8), to_kv_cache(b.v_cache, FP8)
+    for splits in (None, 3):
+        out, ref = _run_attention(b, 32 ** -0.5, splits=splits)
+        assert out.dtype == dtype
+        _check(out, ref, atol=atol)
+    with pytest.raises(ValueError, match="must both hold q's dtype"):
+        tk.paged_attention(b.q, b.k_cache, b.v_cache.to(dtype), b.cu_seqlens_q, b.context_lens, b.block_tables,
+                           0.2, b.max_seqlen_q)
+
+
 # --------------------------------------------------------------------------------------------------
 # paged_attention
 # --------------------------------------------------------------------------------------------------
@@ -378,6 +436,37 @@ def test_prefill_tuner_picks_the_fastest_agreeing_tile_and_the_environment_pins_
         monkeypatch.setenv(tk.PREFILL_TILE_ENV, bad)
         with pytest.raises(ValueError, match="BLOCK_M must be a power of two from 16 to 128|expected BLOCK_M"):
             tk.tune_prefill_tile(b.k_cache, b.v_cache, 4, 96, 40, timer=timer)
+
+
+def test_tuners_time_an_fp8_cache_with_the_models_queries_and_pick_for_that_pairing_only(monkeypatch):
+    """kv_cache_dtype="fp8": start-up tunes over the fp8 cache with queries in the model's dtype (q_dtype); the
+    tiles picked serve that pairing, not a cache in the model's dtype. The prefill tuner fills the fp8 cache it
+    times over (rounded, as bytes)."""
+    from engine_service.attention import to_kv_cache
+
+    monkeypatch.setattr(tk, "_prefill_tiles", {})
+    monkeypatch.setattr(tk, "_decode_tiles", {})
+    monkeypatch.delenv(tk.PREFILL_TILE_ENV, raising=False)
+    monkeypatch.delenv(tk.DECODE_TILE_ENV, raising=False)
+    b = make_paged_batch([70, 1], [70, 9], 4, 2, 32, 16, dtype=torch.float16, extra_blocks=8)
+    plain = (b.k_cache.clone(), b.v_cache.clone())
+    b.k_cache, b.v_cache = to_kv_cache(b.k_cache, FP8), to_kv_cache(b.v_cache, FP8)
+    before = b.k_cache.view(torch.uint8).clone()
+    prefill_pick, decode_pick = tk.PREFILL_TILES[2], tk.DECODE_TILES[3]
+    order = iter(tk.PREFILL_TILES)
+    picked, _ = tk.tune_prefill_tile(b.k_cache, b.v_cache, 4, 48, 40, q_dtype=torch.float16,
+                                     timer=lambda fn, iters: 1.0 if next(order) == prefill_pick else 5.0)
+    assert picked == prefill_pick and not torch.equal(b.k_cache.view(torch.uint8), before)
+    tiles = iter(tk.DECODE_TILES)
+    picked, _ = tk.tune_decode_tile(b.k_cache, b.v_cache, 4, batch=2, context_len=12, q_dtype=torch.float16,
+                                    timer=lambda fn, iters: 1.0 if next(tiles, None) == decode_pick else 5.0)
+    assert picked[:3] == decode_pick[:3]
+    launch = tk._plan_paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables,
+                                      0.1, b.max_seqlen_q, torch.empty_like(b.q), 1)[0]
+    assert (launch.constexprs["BLOCK_M"], launch.constexprs["BLOCK_N"]) == prefill_pick[:2]
+    launch = tk._plan_paged_attention(b.q, *plain, b.cu_seqlens_q, b.context_lens, b.block_tables, 0.1,
+                                      b.max_seqlen_q, torch.empty_like(b.q), 1)[0]
+    assert (launch.constexprs["BLOCK_M"], launch.constexprs["BLOCK_N"]) == tk.PREFILL_TILES[0][:2]
 
 
 def _plan_tiles(b):
