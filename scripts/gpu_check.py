@@ -637,6 +637,9 @@ def _part_results(out: Path) -> dict[str, str]:
     # gpu_kernel_check's launch-order table: the default decode tile (its first row) in batch order and longest first.
     order = re.search(r"^launch order: workload A's decode step (\d+).*\n.*\n +[\d,]+ +([\d.]+) us +\d+ GB/s +"
                       r"([\d.]+) us +(\d+) GB/s +(-?[\d.]+)%", log, re.M)
+    # Its fp8-cache table: the default tile's row, the same step over a bf16 and an fp8 KV cache.
+    fp8 = re.search(r"^fp8 KV cache: workload A's decode step (\d+).*\n.*\n +[\d,]+ +([\d.]+) us +\d+ GB/s +"
+                    r"([\d.]+) us +(\d+) GB/s", log, re.M)
     if cases or verdict:
         res["b"] = (
             f"{cases.count('ok')}/{len(cases)} attention cases within 2x torch-bf16 + 1e-3"
@@ -647,6 +650,7 @@ def _part_results(out: Path) -> dict[str, str]:
                if gemms else "")
             + ("" if not order else f"; decode step {order[1]} of workload A launched longest first "
                                     f"{order[3]} us ({order[4]} GB/s), in batch order {order[2]} us")
+            + ("" if not fp8 else f"; over an fp8 KV cache {fp8[3]} us ({fp8[4]} GB/s of it) against {fp8[2]} us")
             + ("" if not verdict else f"; overall {verdict.group(1)}")
         )
     g = _load(out / "graphs.json")

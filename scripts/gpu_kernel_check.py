@@ -204,6 +204,7 @@ def time_decode(dev: torch.device, rng: torch.Generator) -> None:
           f"{picked}; " + ", ".join(f"{t}: {'failed' if us is None else f'{us:.1f} us'}" for t, us in timings.items()))
     del b
     time_launch_order(dev, rng)
+    time_fp8_decode(dev, rng)
     time_split_counts(dev, rng)
 
 
@@ -440,6 +441,106 @@ def check_fused_kv_store(dev: torch.device, rng: torch.Generator) -> bool:
     print(f"fused q/k-norm + RoPE storing K and V (bf16, 300 tokens, 1/7 padding slots): "
           f"{'bitwise equal to the separate store' if ok else 'MISMATCH'}")
     return ok
+
+
+def check_fp8_kv(dev: torch.device, rng: torch.Generator) -> bool:
+    """kv_cache_dtype="fp8" on the GPU: the KV store and the fused RoPE store round bf16 K/V into e4m3 bit for bit
+    as torch's clamp + cast (attention.to_kv_cache), padding slots untouched; attention over fp8 caches (decode
+    split and longest first, prefill over a prefix, mixed with padding lanes) within 2x torch-bf16's error + 1e-3
+    of a float32 reference over the same fp8 values, NaN-poisoned outputs written."""
+    from engine_service.model import fused_ops as fo
+
+    fp8, bf16 = FP8_KV_DTYPE, torch.bfloat16
+    t, heads, kv_heads, d, block, nb = 300, 16, 8, 128, 16, 64
+    qkv = (torch.randn(t, (heads + 2 * kv_heads) * d, generator=rng) * 60).to(dev, bf16)  # some past 448
+    w = [(torch.rand(d, generator=rng) + 0.5).to(dev, bf16) for _ in range(2)]
+    angles = torch.rand(t, d, generator=rng).to(dev) * 6.0
+    cos, sin = angles.cos().to(bf16), angles.sin().to(bf16)
+    slots = torch.randperm(nb * block, generator=rng)[:t].to(dev)
+    slots[::7] = -1
+    live = slots >= 0
+    v = qkv[:, (heads + kv_heads) * d:].view(t, kv_heads, d)
+    _, k = fo.qk_norm_rope(qkv, heads, kv_heads, d, *w, 1e-6, cos, sin)
+    ok = True
+    for how in ("store_kvcache", "fused RoPE store"):
+        k_cache = torch.randint(0, 120, (nb, block, kv_heads, d), generator=rng, dtype=torch.uint8).to(dev).view(fp8)
+        v_cache = k_cache.clone()
+        untouched = k_cache.view(torch.uint8).clone()
+        if how == "store_kvcache":
+            tk.store_kvcache(k, v, k_cache, v_cache, slots)
+        else:
+            fo.qk_norm_rope(qkv, heads, kv_heads, d, *w, 1e-6, cos, sin, cache=(k_cache, v_cache, slots))
+        torch.cuda.synchronize(dev)
+        flat_k, flat_v = (c.view(torch.uint8).view(-1, kv_heads, d) for c in (k_cache, v_cache))
+        good = (torch.equal(flat_k[slots[live]], to_kv_cache(k[live], fp8).view(torch.uint8))
+                and torch.equal(flat_v[slots[live]], to_kv_cache(v[live], fp8).view(torch.uint8)))
+        written = torch.zeros(nb * block, dtype=torch.bool, device=dev)
+        written[slots[live]] = True
+        good &= torch.equal(flat_k[~written], untouched.view(-1, kv_heads, d)[~written])
+        ok &= good
+        print(f"{how} into an fp8 cache (bf16, 300 tokens, 1/7 padding slots): "
+              f"{'bitwise torch clamp + cast' if good else 'MISMATCH'}")
+
+    def ints(n, lo, hi):
+        return torch.randint(lo, hi + 1, (n,), generator=rng).tolist()
+
+    dec = ints(64, 1, 2000)
+    cases = [("fp8 decode b64", [1] * 64, dec, *_QWEN, 16, None),
+             (f"fp8 decode b64 split4 {_ORDERED}", [1] * 64, dec, *_QWEN, 16, 4),
+             ("fp8 prefill cached prefix", [100, 64], [612, 320], *_QWEN, 16, None),
+             ("fp8 mixed + padding lanes", [1] * 6 + [200, 1], ints(6, 1, 1500) + [300, 0], *_QWEN, 16, None)]
+    print(f"{'case':32s} {'err triton':>11s} {'err torch-bf16':>15s} {'bound':>9s}  result")
+    for name, q_lens, ctx, nh, nkv, hd, bs, splits in cases:
+        b = make_paged_batch(q_lens, ctx, nh, nkv, hd, bs, dtype=bf16, device=dev, generator=rng)
+        b.k_cache, b.v_cache = to_kv_cache(b.k_cache * 8, fp8), to_kv_cache(b.v_cache, fp8)
+        args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, hd ** -0.5)
+        ref = ref_paged_attention(*args, compute_dtype=torch.float32)
+        base = ref_paged_attention(*args, compute_dtype=bf16, use_sdpa=True).float()
+        out = torch.full_like(b.q, float("nan"))
+        tk.paged_attention(*args, b.max_seqlen_q, out=out, num_kv_splits=splits, seq_order=_order_for(name, ctx, dev))
+        torch.cuda.synchronize(dev)
+        nan = bool(out.isnan().any())
+        err, err_base = (out.float() - ref).abs().max().item(), (base - ref).abs().max().item()
+        bound = 2 * err_base + 1e-3
+        good = not nan and err <= bound
+        ok &= good
+        print(f"{name:32s} {err:11.2e} {err_base:15.2e} {bound:9.2e}  {'ok' if good else 'FAIL'}"
+              f"{' (NaN left in output)' if nan else ''}")
+    return ok
+
+
+def time_fp8_decode(dev: torch.device, rng: torch.Generator, step: int = 212) -> None:
+    """Decode attention on workload A's decode step `step` over a bf16 cache and over an fp8 one (half the
+    bytes), launched longest first with the default split count, each decode tile: what kv_cache_dtype="fp8" does
+    to the attention that is 78% of a decode step mid workload A."""
+    from engine_service import bench
+    from scripts.workload_a_model import live_contexts
+
+    nh, nkv, hd = _QWEN
+    lens = live_contexts(bench.make_workload(bench.WORKLOAD_A), step)
+    b = make_paged_batch([1] * len(lens), lens, nh, nkv, hd, 16, dtype=torch.bfloat16, device=dev, generator=rng)
+    caches = {"bf16": (b.k_cache, b.v_cache),
+              "fp8": (to_kv_cache(b.k_cache, FP8_KV_DTYPE), to_kv_cache(b.v_cache, FP8_KV_DTYPE))}
+    out, order = torch.empty_like(b.q), _order(lens, dev)
+    print(f"\nfp8 KV cache: workload A's decode step {step}, {len(lens)} sequences (mean "
+          f"{sum(lens) / len(lens):.0f} keys), block 16, longest first, us (GB/s of the cache read)")
+    print(f"{'tile':>16s} {'bf16 cache':>20s} {'fp8 cache':>20s} {'fp8 gain':>9s}")
+    for tile in tk.DECODE_TILES:
+        row = []
+        for k_cache, v_cache in caches.values():
+            kv_bytes = sum(lens) * nkv * hd * 2 * k_cache.element_size()
+            args = (b.q, k_cache, v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, hd ** -0.5, 1)
+            try:
+                us = _time(lambda: tk.paged_attention(*args, out=out, tile=tile, seq_order=order))  # noqa: B023
+            except Exception as exc:
+                row.append(None)
+                print(f"{','.join(map(str, tile)):>16s}   failed: {type(exc).__name__}: {exc}")
+                break
+            row.append((us, kv_bytes / us / 1e3))
+        if len(row) == 2 and None not in row:
+            (plain, plain_bw), (fp8, fp8_bw) = row
+            print(f"{','.join(map(str, tile)):>16s} {plain:7.1f} us {plain_bw:5.0f} GB/s {fp8:7.1f} us {fp8_bw:5.0f} GB/s "
+                  f"{100 * (plain / fp8 - 1):8.1f}%")
 
 
 # Qwen3-0.6B's decode GEMMs, (name, N, K): out[M, N] = x[M, K] @ W[N, K]^T.
@@ -926,6 +1027,7 @@ def main() -> int:
     ok &= check_and_time_sampling(dev, rng, not a.no_timing)
     ok &= check_and_time_fused_ops(dev, rng, not a.no_timing)
     ok &= check_fused_kv_store(dev, rng)
+    ok &= check_fp8_kv(dev, rng)
     ok &= check_gemms(dev, rng)
     if not a.no_timing:
         time_decode(dev, rng)

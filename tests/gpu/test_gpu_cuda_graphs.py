@@ -294,6 +294,37 @@ def test_triton_with_graphs_and_fused_ops_matches_all_torch(fp32_model):
     assert results["triton"] == results["torch"]
 
 
+def test_an_fp8_kv_cache_keeps_the_graphs_and_the_torch_backends_tokens(fp32_model, bf16_model):
+    """kv_cache_dtype="fp8" on CUDA: in bf16 start-up keeps the graphs (its self-check fills the fp8 cache, which
+    has no normal_) and they replay bitwise; in fp32 the triton backend with graphs and fused ops (the fused RoPE
+    store rounding into e4m3) gives the all-torch backend's greedy tokens over an fp8 cache, through chunked
+    prefill and prefix-cache hits."""
+    from engine_service import SamplingParams
+    from tests.integration.tiny import VOCAB
+
+    with _engine(bf16_model, dtype="bfloat16", kv_cache_dtype="fp8") as llm:
+        assert llm.runner.k_cache.dtype == torch.float8_e4m3fn
+        graphs = llm.runner.graphs
+        assert graphs is not None, "start-up turned CUDA graphs off with an fp8 cache; its log says why"
+        assert not [r for r in graphs.self_check(seed=13) if not r.ok]
+        llm.generate(*_requests(8, seed=2))
+    rng = random.Random(4)
+    shared = [rng.randrange(VOCAB) for _ in range(40)]
+    prompts, params = _requests(20, seed=3)
+    prompts += [[rng.randrange(VOCAB) for _ in range(900)], shared, shared + [1, 2, 3]]
+    params += [SamplingParams(temperature=0.0, max_tokens=12)] * 3
+    results = {}
+    for backend in ("torch", "triton"):
+        with _engine(fp32_model, dtype="float32", attention_backend=backend, max_num_batched_tokens=512,
+                     fused_ops=None if backend == "triton" else False, kv_cache_dtype="fp8") as llm:
+            assert (llm.runner.graphs is None) == (backend == "torch")
+            first = [o["token_ids"] for o in llm.generate(prompts, params)]
+            again = [o["token_ids"] for o in llm.generate([shared + [1, 2, 3]], params[-1])]
+            assert llm.stats()["prefix_cache_hits"] > 0
+            results[backend] = (first, again)
+    assert results["triton"] == results["torch"]
+
+
 def test_overlap_scheduling_tokens_equal_plain_scheduling(fp32_model):
     """Greedy and seeded tokens do not depend on overlap scheduling (graphs on, fp32); logprobs, read back through
     pinned memory beside the tokens, equal transformers' log_softmax teacher-forced on the same GPU. So do prompt

@@ -566,6 +566,9 @@ def test_gpu_check_row_b_reports_the_fused_ops_and_their_timing(tmp_path):
               "default splits", "            tile          batch order        longest first   gain",
               "        64,2,4,0   183.0 us  3770 GB/s   165.2 us  4176 GB/s  10.8%",
               "        64,3,4,0   190.0 us  3631 GB/s   170.0 us  4058 GB/s  11.8%"]
+    lines += ["", "fp8 KV cache: workload A's decode step 212, 215 sequences (mean 781 keys), block 16, longest first, "
+              "us (GB/s of the cache read)", "            tile           bf16 cache            fp8 cache  fp8 gain",
+              "        64,2,4,0   165.0 us  4180 GB/s    95.5 us  3611 GB/s     72.8%"]
     lines += ["", "decode GEMM tiles, bf16, max abs error against a float32 reference (NaN-poisoned outputs)",
               "  gemm qkv       1 rows 64x64x128/2      ok: 0.0156, torch 0.0156",
               "  gemm down    224 rows 128x128x64/16    FAIL: 0.25, torch 0.0156, NOT the same bits twice",
@@ -575,6 +578,7 @@ def test_gpu_check_row_b_reports_the_fused_ops_and_their_timing(tmp_path):
     assert row.startswith("1/2 attention cases")
     assert "fused ops 4/5 (a layer's elementwise work 95.3 us eager, 12.1 us fused)" in row
     assert "decode step 212 of workload A launched longest first 165.2 us (4176 GB/s), in batch order 183.0 us" in row
+    assert "; over an fp8 KV cache 95.5 us (3611 GB/s of it) against 165.0 us" in row
     assert "decode GEMM tiles 2/3 (" in row
     assert row.endswith("overall FAIL")
 
