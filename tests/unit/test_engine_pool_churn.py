@@ -145,12 +145,16 @@ def test_an_engine_refusing_the_generate_call_is_backed_off_and_gets_no_requests
 
 def test_a_retired_engine_ending_its_stream_is_not_reconnected(caplog):
     """An engine that had left DNS and then ended its stream was logged as "lost ... reconnecting in 0.05s"
-    and counted as a reconnect, though its connection then closed for good."""
+    and counted as a reconnect, though its connection then closed for good. (On a loaded machine the DNS round
+    may close the retired connection first, once its one request has ended: that is no reconnect either, and it
+    logs nothing; the line is required only where the stream's end came first.)"""
     running = Running(FakeEngine(max_model_len=10_000_000), grace_s=0.3)  # cuts its streams 0.3 s into a drain
     with EngineClient(running.target, timeout=20) as client:
         wait_serving(client)
     port = int(running.target.rpartition(":")[2])
     answers = ["127.0.0.1"]
+
+    closed_by_dns = []
 
     async def main() -> tuple[int, bool]:
         asyncio.get_running_loop().getaddrinfo = dns_answers(port, answers, [])
@@ -165,6 +169,7 @@ def test_a_retired_engine_ending_its_stream_is_not_reconnected(caplog):
             assert "grace period" in updates[-1].status.message
             await wait_for(lambda: handle.conn.finished, timeout_s=3.0)
             await asyncio.sleep(0.2)  # a reconnect would have been counted by now
+            closed_by_dns.append(handle.conn._task.cancelled())
             return metrics.count, handle.conn.finished
         finally:
             await pool.close()
@@ -176,7 +181,7 @@ def test_a_retired_engine_ending_its_stream_is_not_reconnected(caplog):
         running.stop()
     lines = [r.getMessage() for r in caplog.records if r.name == POOL_LOG and running.target in r.getMessage()]
     assert not any("reconnecting in" in line for line in lines), lines
-    assert any("left DNS: not reconnecting" in line for line in lines), lines
+    assert closed_by_dns == [True] or any("left DNS: not reconnecting" in line for line in lines), lines
 
 
 def test_requests_finding_every_engine_draining_are_told_so():
