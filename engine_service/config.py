@@ -77,6 +77,10 @@ class EngineConfig:
             )
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype == "fp8" and self.attention_backend == "flash_attn":
+            raise ValueError("attention_backend='flash_attn' reads a KV cache in the model's dtype only: with "
+                             "kv_cache_dtype='fp8' use attention_backend 'auto', 'triton' (CUDA compute capability "
+                             "8.9+) or 'torch'")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         positive = ["kvcache_block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"]

@@ -481,6 +481,20 @@ def check_fp8_kv(dev: torch.device, rng: torch.Generator) -> bool:
         print(f"{how} into an fp8 cache (bf16, 300 tokens, 1/7 padding slots): "
               f"{'bitwise torch clamp + cast' if good else 'MISMATCH'}")
 
+    # Every bf16 and fp16 value (each bit pattern but NaN's) through the store, against torch's rounding.
+    for dtype in (torch.bfloat16, torch.float16):
+        values = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype).to(dev)
+        values = values[~values.isnan()]
+        values = torch.cat([values, values.new_zeros(-values.numel() % (kv_heads * d // 2))]).view(-1, kv_heads, d // 2)
+        n = values.shape[0]
+        k_cache = torch.zeros(-(-n // block), block, kv_heads, d // 2, dtype=fp8, device=dev)
+        tk.store_kvcache(values, values, k_cache, k_cache.clone(), torch.arange(n, device=dev))
+        good = torch.equal(k_cache.view(torch.uint8).view(-1, kv_heads, d // 2)[:n],
+                           to_kv_cache(values, fp8).view(torch.uint8))
+        ok &= good
+        print(f"store_kvcache of every finite {str(dtype)[6:]} value into fp8: "
+              f"{'bitwise torch clamp + cast' if good else 'MISMATCH'}")
+
     def ints(n, lo, hi):
         return torch.randint(lo, hi + 1, (n,), generator=rng).tolist()
 

@@ -15,6 +15,7 @@ read back into the model's dtype for attention. The torch and triton backends bo
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 
@@ -22,6 +23,8 @@ import torch
 
 from engine_service.attention.base import AttentionBackend, AttentionMetadata, longest_first
 from engine_service.config import KV_CACHE_DTYPES
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AttentionBackend",
@@ -128,13 +131,16 @@ def resolve_backend_name(name: str, device: torch.device, block_size: int, kv_ca
     if name == "auto":
         if on_cuda and not fp8 and _importable("flash_attn") and block_size % FLASH_ATTN_BLOCK_MULTIPLE == 0:
             return "flash_attn"
-        if compiled_triton(device) and not (fp8 and torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY):
-            return "triton"
+        if compiled_triton(device):
+            capability = torch.cuda.get_device_capability(device) if fp8 else FP8_MIN_CAPABILITY
+            if capability >= FP8_MIN_CAPABILITY:
+                return "triton"
+            log.warning("kv_cache_dtype='fp8' on a GPU of compute capability %s: the triton backend needs %s or "
+                        "later for e4m3, so attention runs on the torch backend, without CUDA graphs and several "
+                        "times slower; kv_cache_dtype='auto' keeps the triton backend",
+                        ".".join(map(str, capability)), ".".join(map(str, FP8_MIN_CAPABILITY)))
         return "torch"
     if name == "flash_attn":
-        if fp8:
-            raise ValueError("attention_backend='flash_attn' reads a KV cache in the model's dtype only; for "
-                             "kv_cache_dtype='fp8' use attention_backend 'triton' (or 'auto')")
         if not on_cuda or not _importable("flash_attn"):
             raise ValueError("attention_backend='flash_attn' needs CUDA and the flash_attn package")
         if block_size % FLASH_ATTN_BLOCK_MULTIPLE:

@@ -106,8 +106,9 @@ def _round_to_e4m3(x):
     r = tl.minimum(((a * inv_step + 8388608.0) - 8388608.0) * step, 448.0)  # + - 2**23 rounds to nearest even
     sign = xf.to(tl.int32, bitcast=True) & -2147483648
     r = (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-    r = tl.where(a == a, r, xf)  # NaN stays NaN
-    return r.to(tl.float8e4nv)
+    # NaN becomes e4m3's NaN, 0x7f (the interpreter's cast of a NaN gives a finite value).
+    bits = tl.where(a == a, r.to(tl.float8e4nv).to(tl.uint8, bitcast=True), 0x7F).to(tl.uint8)
+    return bits.to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit
@@ -303,6 +304,9 @@ def _paged_attention_kernel(
         v = tl.load(v_cache_ptr + (blk * stride_vb + in_blk * stride_vs + kvh * stride_vh)[:, None]
                     + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)  # [BLOCK_N, D_PAD]
         if k_cache_ptr.dtype.element_ty != q_ptr.dtype.element_ty:  # an fp8 cache: read back in q's dtype
+            if q_ptr.dtype.element_ty == tl.float64:  # the interpreter cannot cast e4m3 subnormals to float64
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
             k = k.to(q_ptr.dtype.element_ty)
             v = v.to(q_ptr.dtype.element_ty)
         if UPCAST:
@@ -415,6 +419,8 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
         raise ValueError(f"caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not match q {tuple(q.shape)}")
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if q.dtype == FP8_KV_DTYPE:
+        raise ValueError("q is float8: queries are in the model's dtype, only the KV cache may be float8_e4m3fn")
     if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (q.dtype, FP8_KV_DTYPE):
         raise ValueError(f"caches in {k_cache.dtype}/{v_cache.dtype}: they must both hold q's dtype ({q.dtype}) "
                          f"or float8_e4m3fn")
@@ -564,7 +570,7 @@ def tune_prefill_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: i
     timer(fn, iters) -> microseconds; default CUDA events.
     """
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    dtype = q_dtype or k_cache.dtype
+    dtype = _query_dtype(q_dtype, k_cache)
     key = _tile_key(torch.empty((1, num_heads, head_dim), dtype=dtype, device="meta"), k_cache)
     pinned = os.environ.get(PREFILL_TILE_ENV)
     if pinned:
@@ -616,6 +622,13 @@ def tune_prefill_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: i
         return None, timings
     _prefill_tiles[key] = picked = min(timed, key=timed.get)
     return picked, timings
+
+
+def _query_dtype(q_dtype: torch.dtype | None, k_cache: torch.Tensor) -> torch.dtype:
+    """A tuner's query dtype: the model's, which an fp8 cache cannot stand for."""
+    if q_dtype is None and k_cache.dtype == FP8_KV_DTYPE:
+        raise ValueError("the cache is float8_e4m3fn: pass q_dtype, the model's dtype the engine's queries have")
+    return q_dtype or k_cache.dtype
 
 
 def _prefill_tuning_step(tokens: int, prompt_len: int, decode_rows: int, decode_len: int
@@ -692,7 +705,7 @@ def tune_decode_tile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: in
     timer(fn, iters) -> microseconds; default CUDA events.
     """
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
-    q = torch.zeros((batch, num_heads, head_dim), dtype=q_dtype or k_cache.dtype, device=k_cache.device)
+    q = torch.zeros((batch, num_heads, head_dim), dtype=_query_dtype(q_dtype, k_cache), device=k_cache.device)
     key = _tile_key(q, k_cache)
     _decode_order_timings.pop(key, None)  # the candidates are timed launched in order
     pinned = os.environ.get(DECODE_TILE_ENV)

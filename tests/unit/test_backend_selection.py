@@ -62,20 +62,25 @@ def test_explicit_choices_that_cannot_run_are_refused(installed):
         attention.resolve_backend_name("triton", CPU, 16)
 
 
-def test_an_fp8_kv_cache_picks_a_backend_that_reads_it(installed, monkeypatch):
-    """kv_cache_dtype='fp8': flash-attn (model-dtype caches only) is never picked and is refused when named;
-    triton on CUDA needs compute capability 8.9 (its e4m3 conversions): 'auto' falls back to torch below it,
-    an explicit triton is refused, naming both ways out."""
+def test_an_fp8_kv_cache_picks_a_backend_that_reads_it(installed, monkeypatch, caplog):
+    """kv_cache_dtype='fp8': flash-attn (model-dtype caches only) is never picked and is refused when named, by
+    the config (so the service refuses the flags before loading anything); triton on CUDA needs compute capability
+    8.9 (its e4m3 conversions): 'auto' falls back to torch below it with a warning that says the cost, an explicit
+    triton is refused, naming both ways out."""
+    from engine_service.config import EngineConfig
+
     installed |= {"flash_attn", "triton"}
     capability = [(9, 0)]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
     assert attention.resolve_backend_name("auto", CUDA, 256, "fp8") == "triton"
     assert attention.resolve_backend_name("auto", CUDA, 256, "auto") == "flash_attn"
     assert attention.resolve_backend_name("triton", CUDA, 16, "fp8") == "triton"
-    with pytest.raises(ValueError, match="flash_attn.*model's dtype only.*'triton'"):
-        attention.resolve_backend_name("flash_attn", CUDA, 256, "fp8")
+    with pytest.raises(ValueError, match="flash_attn.*model's dtype only.*'auto', 'triton'.*or 'torch'"):
+        EngineConfig("/m", attention_backend="flash_attn", kv_cache_dtype="fp8")
+    assert not caplog.records
     capability[0] = (8, 0)  # an A100
     assert attention.resolve_backend_name("auto", CUDA, 16, "fp8") == "torch"
+    assert "compute capability 8.0" in caplog.text and "without CUDA graphs" in caplog.text
     assert attention.resolve_backend_name("auto", CUDA, 16, "auto") == "triton"
     with pytest.raises(ValueError, match=r"compute capability 8\.9 or later.*has 8\.0.*kv_cache_dtype='auto'.*"
                                          r"attention_backend='torch'"):

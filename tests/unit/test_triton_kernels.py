@@ -124,9 +124,14 @@ def test_store_rounds_into_an_fp8_cache_as_torch_does(dtype):
     ref_store_kvcache(to_kv_cache(k, FP8), to_kv_cache(v, FP8), k_ref, v_ref, slots)
     assert torch.equal(k_cache.view(torch.uint8), k_ref.view(torch.uint8))
     assert torch.equal(v_cache.view(torch.uint8), v_ref.view(torch.uint8))
+    # A NaN stays NaN (e4m3's 0x7f; the interpreter's own cast made it 384).
+    k[1, 0, :3] = torch.tensor([float("nan"), 1.0, float("nan")], dtype=dtype)
+    tk.store_kvcache(k[1:2], v[1:2], k_cache, v_cache, slots[1:2])
+    stored = k_cache.view(-1, kvh, hd)[slots[1], 0, :3].float()
+    assert stored.isnan().tolist() == [True, False, True] and stored[1] == 1.0
 
 
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.float16, 3e-3), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("case", ["decode", "prefix", "mixed"])
 def test_paged_attention_over_an_fp8_cache(dtype, atol, case):
     """With an fp8 cache the kernel reads K/V back in q's dtype (exact) and computes as over any cache: equal,
@@ -139,12 +144,16 @@ def test_paged_attention_over_an_fp8_cache(dtype, atol, case):
     g = torch.Generator().manual_seed(len(case))
     b = make_paged_batch(q_lens, ctx, 6, 2, 32, 16, dtype=dtype, generator=g)
     b.k_cache, b.v_cache = to_kv_cache(b.k_cache * 4, FP8), to_kv_cache(b.v_cache, FP8)
-    for splits in (None, 3):
+    # Split partials are float32 whatever q's dtype (float64 engines never split: one split on CPU).
+    for splits in (None,) if dtype == torch.float64 else (None, 3):
         out, ref = _run_attention(b, 32 ** -0.5, splits=splits)
         assert out.dtype == dtype
         _check(out, ref, atol=atol)
     with pytest.raises(ValueError, match="must both hold q's dtype"):
         tk.paged_attention(b.q, b.k_cache, b.v_cache.to(dtype), b.cu_seqlens_q, b.context_lens, b.block_tables,
+                           0.2, b.max_seqlen_q)
+    with pytest.raises(ValueError, match="q is float8"):
+        tk.paged_attention(b.q.to(FP8), b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables,
                            0.2, b.max_seqlen_q)
 
 
@@ -457,6 +466,9 @@ def test_tuners_time_an_fp8_cache_with_the_models_queries_and_pick_for_that_pair
     picked, _ = tk.tune_prefill_tile(b.k_cache, b.v_cache, 4, 48, 40, q_dtype=torch.float16,
                                      timer=lambda fn, iters: 1.0 if next(order) == prefill_pick else 5.0)
     assert picked == prefill_pick and not torch.equal(b.k_cache.view(torch.uint8), before)
+    for tune in (tk.tune_prefill_tile, tk.tune_decode_tile):  # an fp8 cache cannot stand for the queries' dtype
+        with pytest.raises(ValueError, match="pass q_dtype"):
+            tune(b.k_cache, b.v_cache, 4, 48, 40, timer=lambda fn, iters: 1.0)
     tiles = iter(tk.DECODE_TILES)
     picked, _ = tk.tune_decode_tile(b.k_cache, b.v_cache, 4, batch=2, context_len=12, q_dtype=torch.float16,
                                     timer=lambda fn, iters: 1.0 if next(tiles, None) == decode_pick else 5.0)
