@@ -58,8 +58,8 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch
 
 
 def to_kv_cache(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
-    """K or V rounded to the cache's element type as the Triton kernels round them (to nearest even,
-    saturating at +-FP8_MAX for fp8: torch's own cast turns what is out of range into NaN on some versions)."""
+    """K or V rounded to the cache's element type as the Triton kernels round them (to nearest even; for fp8
+    clamped to +-FP8_MAX first, so that what is out of range saturates whatever torch's own cast makes of it)."""
     if cache_dtype == FP8_KV_DTYPE:
         return x.clamp(-FP8_MAX, FP8_MAX).to(cache_dtype)
     return x.to(cache_dtype)
