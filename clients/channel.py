@@ -7,7 +7,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +33,29 @@ def client_timeout(timeout: float | None) -> float | None:
     return None if timeout >= MAX_TIMEOUT_S else float(timeout)
 
 
-def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                    keepalive_time_s: float = 30.0) -> list[tuple[str, int]]:
-    """The servers allow pings every 5 s or more, so a 30 s keepalive never earns a too_many_pings GOAWAY."""
-    return [
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepalive_time_s: float = 30.0,
+                    extra_options: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    """The servers allow pings every 5 s or more, so a 30 s keepalive never earns a too_many_pings GOAWAY.
+    extra_options: further gRPC channel arguments, e.g. ("grpc.service_config", json.dumps({...})) for a retry
+    policy; a name this function sets already is refused (pass max_message_bytes or keepalive_time_s instead)."""
+    options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         *keepalive_options(keepalive_time_s, 10.0),
         ("grpc.http2.max_pings_without_data", 0),
     ]
+    extra = list(extra_options)
+    if not all(isinstance(o, tuple) and len(o) == 2 and isinstance(o[0], str) for o in extra):
+        raise ValueError(f"extra_options must be (name, value) pairs of gRPC channel arguments, got {extra_options!r}")
+    taken = {name for name, _ in options} & {name for name, _ in extra}
+    if taken:
+        raise ValueError(f"extra_options set {sorted(taken)}, which the client sets itself: use its max_message_bytes "
+                         "or keepalive_time_s")
+    return options + extra
 
 
 def sync_channel(target: str, tls: ClientTls | None = None, *, credentials: grpc.ChannelCredentials | None = None,
-                 **kwargs: int | float) -> grpc.Channel:
+                 **kwargs: Any) -> grpc.Channel:
     """A plaintext channel, or a TLS one when tls is given (credentials: those already read from its files)."""
     options = channel_options(**kwargs)
     if tls is None:
@@ -54,7 +64,7 @@ def sync_channel(target: str, tls: ClientTls | None = None, *, credentials: grpc
 
 
 def aio_channel(target: str, tls: ClientTls | None = None, *, credentials: grpc.ChannelCredentials | None = None,
-                **kwargs: int | float) -> grpc.aio.Channel:
+                **kwargs: Any) -> grpc.aio.Channel:
     """The asyncio twin of sync_channel."""
     options = channel_options(**kwargs)
     if tls is None:
@@ -84,7 +94,7 @@ class Channels:
     are read again on a later call, at most every ROTATION_RETRY_S."""
 
     def __init__(self, open_channel: Callable[..., Any], target: str, tls: ClientTls | None,
-                 stub_type: Callable[[Any], Any], **channel_kwargs: int | float) -> None:
+                 stub_type: Callable[[Any], Any], **channel_kwargs: Any) -> None:
         self._open_channel, self._target, self._tls, self._kwargs = open_channel, target, tls, channel_kwargs
         self._stub_type = stub_type
         self._stamp = tls.stamp() if tls is not None else None  # taken before reading: a change meanwhile shows

@@ -146,6 +146,9 @@ def _print_results(args, several, stream, texts, tools, prompt_logprobs, logprob
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `llm-client`; returns the exit status."""
+    for out in (sys.stdout, sys.stderr):  # text the terminal's encoding lacks (cp1252...) is shown as "?", not a crash
+        if hasattr(out, "reconfigure"):
+            out.reconfigure(errors="replace")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.timeout is not None and not args.timeout > 0:

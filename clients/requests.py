@@ -52,7 +52,9 @@ def sampling_params(**kwargs: object) -> pb.SamplingParams:
             except (TypeError, ValueError) as exc:  # protobuf's own words name no field
                 raise ValueError(f"sampling parameter {name}={value!r}: {exc}") from None
         else:
-            raise TypeError(f"unknown sampling parameter {name!r}; known: "
+            hint = ("; a call's deadline is deadline_ms (milliseconds), or the client's timeout"
+                    if name in ("timeout", "deadline") else "")
+            raise TypeError(f"unknown sampling parameter {name!r}{hint}; known: "
                             f"{SAMPLING_FIELDS + ('stop_token_ids', 'logit_bias', 'response_format', 'json_schema')}")
     return params
 

@@ -25,6 +25,7 @@ import asyncio
 import itertools
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -232,6 +233,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             import matplotlib  # noqa: F401 -- checked before the runs, not after them
         except ImportError:
             p.error("--plot-dir needs matplotlib: pip install matplotlib (the test extra has it)")
+    if args.json:  # checked before the runs too: a report lost at the end costs the whole benchmark
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK) or os.path.isdir(args.json):
+            p.error(f"--json {args.json}: cannot write a file there (is {folder} a writable folder?)")
     rates = args.rate or [math.inf]
     concurrencies = args.concurrency or [10**6]
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from typing import Any
 
 import grpc
 
@@ -295,12 +296,13 @@ def _detokenize_request(token_ids: Iterable[int], skip_special_tokens: bool | No
 
 
 class TextClient(_GenerateCalls):
-    """Blocking client; `timeout` (seconds) is each call's deadline. Streams are CompletionStreams."""
+    """Blocking client; `timeout` (seconds) is each call's deadline. Streams are CompletionStreams. channel_kwargs:
+    max_message_bytes, keepalive_time_s, extra_options (further gRPC channel arguments: clients.channel)."""
 
     _stream_type = CompletionStream
 
     def __init__(self, target: str, timeout: float | None = None, tls: ClientTls | None = None,
-                 **channel_kwargs: int | float) -> None:
+                 **channel_kwargs: Any) -> None:
         self.timeout = client_timeout(timeout)
         self._channels = Channels(sync_channel, target, tls, pb_grpc.TextGenerationStub, **channel_kwargs)
 
@@ -418,7 +420,7 @@ class AsyncTextClient(_GenerateCalls):
     _stream_type = AsyncCompletionStream
 
     def __init__(self, target: str, timeout: float | None = None, tls: ClientTls | None = None,
-                 **channel_kwargs: int | float) -> None:
+                 **channel_kwargs: Any) -> None:
         self.timeout = client_timeout(timeout)
         self._channels = Channels(aio_channel, target, tls, pb_grpc.TextGenerationStub, **channel_kwargs)
 

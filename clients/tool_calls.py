@@ -59,21 +59,27 @@ def parse_tool_calls(text: str, fmt: str = "auto") -> tuple[str, list[dict]]:
     and "parameters" or "arguments"; otherwise the text has no calls.
 
     Calls are looked for after the thinking block only (a Qwen3 model's thinking may name the tag or quote a whole
-    example call), and each call is read as one JSON value, so an argument holding "</tool_call>" does not end
-    it. A call that is not a JSON object with a string name, or one left open (the completion stopped inside
-    it, at max_tokens), is a ValueError naming it: models do write malformed calls, and what to do then is the
-    caller's choice."""
+    example call; a thinking block never closed, the completion stopped inside it, holds no calls), and each call is
+    read as one JSON value, so an argument holding "</tool_call>" does not end it. A call that is not a JSON object
+    with a string name, or one left open (the completion stopped inside it, at max_tokens; for llama3_json where
+    the format was named or the reply starts with <|python_tag|>), is a ValueError naming it: models do write
+    malformed calls, and what to do then is the caller's choice."""
     if fmt not in FORMATS:
         raise ValueError(f"tool-call format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     cut = _thinking_end(text)
+    if cut < 0 and text.lstrip().startswith("<think>"):
+        # Thinking never closed (the completion stopped inside it, at max_tokens): all of it is thinking, and a call
+        # drafted there is no call.
+        return text.strip(), []
     head, body = (text[: cut + len(THINK_END)], text[cut + len(THINK_END):]) if cut >= 0 else ("", text)
+    strict = fmt == "llama3_json" or body.lstrip().startswith(PYTHON_TAG)  # JSON there is meant as calls
     if fmt == "auto":
         fmt = "hermes" if OPEN in body else "mistral" if MISTRAL_CALLS in body else "llama3_json"
     if fmt == "hermes":
         return _hermes(head, body)
     if fmt == "mistral":
         return _mistral(head, body)
-    calls = _llama3_calls(body)  # None: the text is not Llama 3's calls, so it has none
+    calls = _llama3_calls(body, strict)  # None: the text is not Llama 3's calls, so it has none
     return (text.strip(), []) if calls is None else (head.strip(), calls)
 
 
@@ -92,17 +98,21 @@ def _call(value: object, i: int, where: str, arguments_key: str = "arguments") -
     return {"name": value["name"], "arguments": arguments}
 
 
-def _llama3_calls(body: str) -> list[dict] | None:
+def _llama3_calls(body: str, strict: bool) -> list[dict] | None:
     """Llama 3's JSON calls when the whole body is such calls (separated by ";" or whitespace), else None: a reply
-    that is prose, or JSON of another shape, has no calls."""
+    that is prose, or JSON of another shape, has no calls. strict (the caller named the format, or the body starts
+    with <|python_tag|>): JSON that does not parse, a call cut short at max_tokens, is a ValueError instead."""
     rest = body.strip().removeprefix(PYTHON_TAG).lstrip()
     if not rest.startswith("{"):
-        return None
+        return None  # prose, or (after <|python_tag|>) a built-in tool's Python call
     calls, at = [], 0
     while at < len(rest):
         try:
             value, at = _DECODER.raw_decode(rest, at)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as exc:
+            if strict:
+                raise ValueError(f"tool call {len(calls)} is not JSON ({exc}), or was cut short (raise max_tokens): "
+                                 f"{rest[at:at + 200]!r}") from None
             return None
         if not (isinstance(value, dict) and isinstance(value.get("name"), str)
                 and ("parameters" in value or "arguments" in value)):

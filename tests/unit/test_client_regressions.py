@@ -185,6 +185,7 @@ def test_cli_pointed_at_an_engine_says_so(capsys):
     (["--num-requests", "0"], "--num-requests must be at least 1"),  # a table of nan, exit 0
     (["--rate", "-1"], "--rate must be positive"),
     (["--pairs", "0"], "--pairs must be at least 1"),  # statistics.StatisticsError
+    (["--json", "/nonexistent-dir/report.json"], "--json /nonexistent-dir/report.json: cannot write"),  # after the runs
 ])
 def test_serving_bench_refuses_settings_that_cannot_run(flags, needle, capsys):
     from clients.serving_bench import main
@@ -204,6 +205,47 @@ def test_cli_refuses_flags_that_cannot_work(flags, needle, capsys):
     with pytest.raises(SystemExit) as exited:
         main([*flags, "Hi"])
     assert exited.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_cli_output_the_terminal_cannot_encode_is_replaced_not_a_crash(service, tmp_path):
+    """With a cp1252 stdout (Windows, output redirected) a character it lacks ended the reply in a
+    UnicodeEncodeError traceback, exit 1, the rest lost."""
+    import os
+    import subprocess
+    import sys
+
+    from clients.cli import main as _  # noqa: F401 -- the module the subprocess runs
+
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    run = subprocess.run([sys.executable, "-m", "clients.cli", "hi", "--target", service, "--max-tokens", "60",
+                          "--temperature", "0"], capture_output=True, env=env, timeout=60)
+    assert run.returncode == 0 and b"Traceback" not in run.stderr, run.stderr.decode(errors="replace")
+    assert b"?" in run.stdout  # the fake engine's ids past ASCII: characters cp1252 lacks, each shown as "?"
+
+
+def test_extra_channel_options_reach_the_channel_and_a_retry_policy_works(service):
+    """Clients took only max_message_bytes and keepalive_time_s, so the gRPC retry policy SERVICES.md mentions
+    (a service config) could not be set."""
+    import json
+
+    from clients.channel import channel_options
+
+    retry = json.dumps({"methodConfig": [{"name": [{"service": "llmserve.text.v1.TextGeneration"}], "retryPolicy": {
+        "maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"]}}]})
+    options = channel_options(extra_options=[("grpc.service_config", retry), ("grpc.enable_retries", 1)])
+    assert options[-2:] == [("grpc.service_config", retry), ("grpc.enable_retries", 1)]
+    with pytest.raises(ValueError, match="which the client sets itself"):
+        channel_options(extra_options=[("grpc.max_receive_message_length", 1)])
+    with pytest.raises(ValueError, match=r"\(name, value\) pairs"):
+        channel_options(extra_options=["grpc.enable_retries"])
+    with TextClient(service, timeout=30, extra_options=[("grpc.service_config", retry)]) as client:
+        assert "".join(c.text for c in client.generate("hi", max_tokens=3))
+
+
+def test_a_timeout_keyword_on_a_call_names_deadline_ms():
+    with pytest.raises(TypeError, match="unknown sampling parameter 'timeout'; a call's deadline is deadline_ms"):
+        generate_request("hi", timeout=5)
 
 
 def test_a_non_ascii_request_id_travels_in_the_request_field(service):

@@ -261,6 +261,17 @@ def test_thinking_whose_opening_tag_was_in_the_prompt(thinking, want):
     assert calls == [] and content.endswith("It is sunny.")
 
 
+def test_a_call_drafted_in_thinking_that_never_closed_is_no_call():
+    """A Qwen3 reply cut at max_tokens inside its thinking: a call drafted there came back as a real call (cut out
+    of the thinking), and a mere mention of the tag read as a call that is "not JSON"."""
+    drafted = '<think>\nMaybe: <tool_call>\n{"name": "delete_file", "arguments": {"path": "/"}}\n</tool_call>\nNo, wait'
+    assert parse_tool_calls(drafted) == (drafted.strip(), [])
+    mention = "<think>\nI could use a <tool_call> here, but"
+    assert parse_tool_calls(mention) == (mention.strip(), [])
+    closed = drafted + "\n</think>\n\nI will not delete anything."
+    assert parse_tool_calls(closed) == (closed.strip(), [])
+
+
 # ---- the Llama 3 and Mistral formats ----
 
 def test_llama3_json_calls_are_the_whole_reply():
@@ -276,6 +287,14 @@ def test_llama3_json_calls_are_the_whole_reply():
         assert parse_tool_calls(text) == (text.strip(), []), text
     assert parse_tool_calls("<think>Use the tool.</think>" + one) == (
         "<think>Use the tool.</think>", [{"name": "get_weather", "arguments": {"city": "Paris"}}])
+    # Cut short at max_tokens where JSON is meant as calls (after <|python_tag|>, or the format named): an error,
+    # as the other formats give, not a reply without calls. A built-in tool's Python call after the tag is no JSON.
+    for text, fmt in (('<|python_tag|>{"name": "get_weather", "par', "auto"), ('{"name": "get_weather", "par',
+                                                                            "llama3_json")):
+        with pytest.raises(ValueError, match="cut short"):
+            parse_tool_calls(text, fmt)
+    builtin = '<|python_tag|>brave_search.call(query="weather in Paris")'
+    assert parse_tool_calls(builtin) == (builtin, []) == parse_tool_calls(builtin, "llama3_json")
 
 
 def test_mistral_calls_in_both_of_its_layouts():
