@@ -37,21 +37,22 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepaliv
                     extra_options: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
     """The servers allow pings every 5 s or more, so a 30 s keepalive never earns a too_many_pings GOAWAY.
     extra_options: further gRPC channel arguments, e.g. ("grpc.service_config", json.dumps({...})) for a retry
-    policy; a name this function sets already is refused (pass max_message_bytes or keepalive_time_s instead)."""
+    policy; one this function sets too (a keepalive timeout, say) replaces its value. A name given twice is refused
+    (gRPC would keep one of them silently)."""
+    extra = list(extra_options)
+    if not all(isinstance(o, tuple) and len(o) == 2 and isinstance(o[0], str) for o in extra):
+        raise ValueError(f"extra_options must be (name, value) pairs of gRPC channel arguments, got {extra_options!r}")
+    names = [name for name, _ in extra]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"extra_options name {twice} more than once; give each channel argument once")
     options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         *keepalive_options(keepalive_time_s, 10.0),
         ("grpc.http2.max_pings_without_data", 0),
     ]
-    extra = list(extra_options)
-    if not all(isinstance(o, tuple) and len(o) == 2 and isinstance(o[0], str) for o in extra):
-        raise ValueError(f"extra_options must be (name, value) pairs of gRPC channel arguments, got {extra_options!r}")
-    taken = {name for name, _ in options} & {name for name, _ in extra}
-    if taken:
-        raise ValueError(f"extra_options set {sorted(taken)}, which the client sets itself: use its max_message_bytes "
-                         "or keepalive_time_s")
-    return options + extra
+    return [(name, value) for name, value in options if name not in names] + extra
 
 
 def sync_channel(target: str, tls: ClientTls | None = None, *, credentials: grpc.ChannelCredentials | None = None,

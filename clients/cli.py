@@ -145,10 +145,23 @@ def _print_results(args, several, stream, texts, tools, prompt_logprobs, logprob
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `llm-client`; returns the exit status."""
-    for out in (sys.stdout, sys.stderr):  # text the terminal's encoding lacks (cp1252...) is shown as "?", not a crash
-        if hasattr(out, "reconfigure"):
-            out.reconfigure(errors="replace")
+    """Entry point of `llm-client`; returns the exit status. Text stdout's encoding lacks (a cp1252 console, say)
+    is written as "?" rather than ending the reply in a UnicodeEncodeError; the stream is restored on return."""
+    strict = [out for out in (sys.stdout, sys.stderr) if getattr(out, "errors", None) == "strict"
+              and hasattr(out, "reconfigure")]
+    for out in strict:
+        out.reconfigure(errors="replace")
+    try:
+        return _main(argv)
+    finally:
+        for out in strict:
+            try:
+                out.reconfigure(errors="strict")
+            except (OSError, ValueError):  # closed, or its fd replaced after a broken pipe
+                pass
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.timeout is not None and not args.timeout > 0:

@@ -50,7 +50,7 @@ def _thinking_end(text: str) -> int:
     return cut
 
 
-def parse_tool_calls(text: str, fmt: str = "auto") -> tuple[str, list[dict]]:
+def parse_tool_calls(text: str, fmt: str = "auto", thinking_open: bool = False) -> tuple[str, list[dict]]:
     """(the text less its tool calls, stripped; the calls as {"name": str, "arguments": dict}, in order, with an
     "id" where the format needs one), ready to be an assistant message's content and tool_calls.
 
@@ -63,11 +63,15 @@ def parse_tool_calls(text: str, fmt: str = "auto") -> tuple[str, list[dict]]:
     read as one JSON value, so an argument holding "</tool_call>" does not end it. A call that is not a JSON object
     with a string name, or one left open (the completion stopped inside it, at max_tokens; for llama3_json where
     the format was named or the reply starts with <|python_tag|>), is a ValueError naming it: models do write
-    malformed calls, and what to do then is the caller's choice."""
+    malformed calls, and what to do then is the caller's choice.
+
+    thinking_open: the prompt ended inside a thinking block (a template that writes "<think>" into the prompt, as
+    Qwen3-Thinking-2507's do), so a reply with no "</think>" is all thinking, cut short, and has no calls; without
+    it such a reply cannot be told from one with thinking off."""
     if fmt not in FORMATS:
         raise ValueError(f"tool-call format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     cut = _thinking_end(text)
-    if cut < 0 and text.lstrip().startswith("<think>"):
+    if cut < 0 and (thinking_open or text.lstrip().startswith("<think>")):
         # Thinking never closed (the completion stopped inside it, at max_tokens): all of it is thinking, and a call
         # drafted there is no call.
         return text.strip(), []
@@ -110,10 +114,10 @@ def _llama3_calls(body: str, strict: bool) -> list[dict] | None:
         try:
             value, at = _DECODER.raw_decode(rest, at)
         except json.JSONDecodeError as exc:
-            if strict:
-                raise ValueError(f"tool call {len(calls)} is not JSON ({exc}), or was cut short (raise max_tokens): "
-                                 f"{rest[at:at + 200]!r}") from None
-            return None
+            if strict and (exc.pos >= len(rest.rstrip()) or exc.msg.startswith("Unterminated string")):
+                raise ValueError(f"tool call {len(calls)} was cut short (raise max_tokens): {rest[at:at + 200]!r}"
+                                 ) from None
+            return None  # not JSON: prose, or a built-in tool's Python; or a call followed by prose
         if not (isinstance(value, dict) and isinstance(value.get("name"), str)
                 and ("parameters" in value or "arguments" in value)):
             return None

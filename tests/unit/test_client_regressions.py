@@ -221,6 +221,16 @@ def test_cli_output_the_terminal_cannot_encode_is_replaced_not_a_crash(service, 
                           "--temperature", "0"], capture_output=True, env=env, timeout=60)
     assert run.returncode == 0 and b"Traceback" not in run.stderr, run.stderr.decode(errors="replace")
     assert b"?" in run.stdout  # the fake engine's ids past ASCII: characters cp1252 lacks, each shown as "?"
+    # Called in-process (a library user, a test), main() leaves the process's streams as it found them.
+    import io
+
+    from clients.cli import main
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="strict")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "stdout", out)
+        assert main(["hi", "--target", service, "--max-tokens", "20", "--temperature", "0"]) == 0
+    assert out.errors == "strict"
 
 
 def test_extra_channel_options_reach_the_channel_and_a_retry_policy_works(service):
@@ -235,8 +245,10 @@ def test_extra_channel_options_reach_the_channel_and_a_retry_policy_works(servic
         "retryableStatusCodes": ["UNAVAILABLE"]}}]})
     options = channel_options(extra_options=[("grpc.service_config", retry), ("grpc.enable_retries", 1)])
     assert options[-2:] == [("grpc.service_config", retry), ("grpc.enable_retries", 1)]
-    with pytest.raises(ValueError, match="which the client sets itself"):
-        channel_options(extra_options=[("grpc.max_receive_message_length", 1)])
+    replaced = channel_options(extra_options=[("grpc.keepalive_timeout_ms", 2000)])  # one the client sets: replaced
+    assert [v for n, v in replaced if n == "grpc.keepalive_timeout_ms"] == [2000]
+    with pytest.raises(ValueError, match=r"name \['grpc.enable_retries'\] more than once"):
+        channel_options(extra_options=[("grpc.enable_retries", 1), ("grpc.enable_retries", 0)])
     with pytest.raises(ValueError, match=r"\(name, value\) pairs"):
         channel_options(extra_options=["grpc.enable_retries"])
     with TextClient(service, timeout=30, extra_options=[("grpc.service_config", retry)]) as client:

@@ -270,6 +270,10 @@ def test_a_call_drafted_in_thinking_that_never_closed_is_no_call():
     assert parse_tool_calls(mention) == (mention.strip(), [])
     closed = drafted + "\n</think>\n\nI will not delete anything."
     assert parse_tool_calls(closed) == (closed.strip(), [])
+    # A template that opened the thinking in the prompt (Qwen3-Thinking-2507): only the caller knows.
+    opened_in_prompt = drafted.removeprefix("<think>")
+    assert parse_tool_calls(opened_in_prompt, thinking_open=True) == (opened_in_prompt.strip(), [])
+    assert parse_tool_calls(opened_in_prompt)[1][0]["name"] == "delete_file"  # as with thinking off
 
 
 # ---- the Llama 3 and Mistral formats ----
@@ -295,6 +299,14 @@ def test_llama3_json_calls_are_the_whole_reply():
             parse_tool_calls(text, fmt)
     builtin = '<|python_tag|>brave_search.call(query="weather in Paris")'
     assert parse_tool_calls(builtin) == (builtin, []) == parse_tool_calls(builtin, "llama3_json")
+    # Strict or not, only a cut is an error: a whole call followed by prose, Python after the tag that starts with
+    # "{", and prose starting with "{" have no calls.
+    for text, fmt in ((one + " Let me know.", "llama3_json"), ("<|python_tag|>{x: x**2 for x in range(5)}", "auto"),
+                      ("<|python_tag|>{1, 2} | {3}", "auto"), ("{Note} this is prose", "llama3_json"),
+                      ('<|python_tag|>' + one + '; {"name": "f", "parameters": {"a": 1}} and more', "auto")):
+        assert parse_tool_calls(text, fmt) == (text.strip(), []), text
+    with pytest.raises(ValueError, match="tool call 1 was cut short"):
+        parse_tool_calls('<|python_tag|>' + one + '; {"name": "get_time", "parameters": {"tz": "C', "auto")
 
 
 def test_mistral_calls_in_both_of_its_layouts():
