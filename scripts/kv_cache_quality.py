@@ -1,8 +1,8 @@
 """What an fp8 KV cache does to a model's predictions: teacher-forced log-probabilities of a text under
 kv_cache_dtype "auto" (the model's dtype) and "fp8", compared position by position.
 
-The text is tokenized with the model's tokenizer and cut into windows of --window tokens; each window is one
-request whose prompt logprobs (each token given the tokens before it) the engine computes in prefill, which reads
+The text is tokenized with the model's tokenizer and cut into windows of --window tokens; each window (after the
+tokenizer's BOS, where it has one) is one request whose prompt logprobs (each token given the tokens before it) the engine computes in prefill, which reads
 K and V back from the cache as decode does (stored rounded, in fp8). Reported: the perplexity under each setting,
 the mean and largest |difference| of a token's log-probability, and how often the most likely next token is the
 same. Run it on the checkpoint you serve: the demo model's random weights say nothing about a trained model's.
@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = windows(ids, args.window, args.max_windows)
     if not prompts:
         p.error(f"--text has {len(ids)} tokens, fewer than one --window of {args.window}")
+    if tokenizer.bos_token_id is not None:  # as a request would start (Llama's BOS is the attention's sink)
+        prompts = [[tokenizer.bos_token_id, *window] for window in prompts]
     engine = {k: v for k, v in (("device", args.device), ("dtype", args.dtype),
                                 ("attention_backend", args.attention_backend)) if v is not None}
     if engine.get("device", "cpu") == "cpu" and "dtype" not in engine:
