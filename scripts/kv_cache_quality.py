@@ -2,10 +2,10 @@
 kv_cache_dtype "auto" (the model's dtype) and "fp8", compared position by position.
 
 The text is tokenized with the model's tokenizer and cut into windows of --window tokens; each window (after the
-tokenizer's BOS, where it has one) is one request whose prompt logprobs (each token given the tokens before it) the engine computes in prefill, which reads
-K and V back from the cache as decode does (stored rounded, in fp8). Reported: the perplexity under each setting,
-the mean and largest |difference| of a token's log-probability, and how often the most likely next token is the
-same. Run it on the checkpoint you serve: the demo model's random weights say nothing about a trained model's.
+tokenizer's BOS, where it has one) is one request whose prompt logprobs (each token given the tokens before it)
+the engine computes in prefill, which reads K and V back from the cache as decode does (stored rounded, in fp8).
+Reported: the perplexity under each setting, the mean and largest |difference| of a token's log-probability, and
+how often the most likely next token is the same. Run it on the checkpoint you serve: the demo model's random weights say nothing about a trained model's.
 
     python -m scripts.kv_cache_quality --model /path/to/hf-model-dir [--text FILE] [--device cuda]
     python -m scripts.kv_cache_quality            # the demo model on CPU: shows the tool works, nothing more
