@@ -55,15 +55,16 @@ def compare(base: list[list[tuple]], other: list[list[tuple]]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m scripts.kv_cache_quality",
-                                description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[1:]))
+    first, _, rest = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(prog="python -m scripts.kv_cache_quality", description=first,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest)
     p.add_argument("--model", help="a Hugging Face model directory (default: the demo model, built if absent)")
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="a UTF-8 text file (default: the demo corpus)")
     p.add_argument("--window", type=int, default=256, help="tokens a request (default 256)")
     p.add_argument("--max-windows", type=int, default=64, help="at most this many requests (default 64)")
     p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the engine's")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: the engine's (float32 on CPU, the checkpoint's dtype on a GPU)")
     p.add_argument("--attention-backend", help="default: the engine's auto choice")
     p.add_argument("--json", type=Path, help="write the figures here too")
     args = p.parse_args(argv)
@@ -90,8 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [[tokenizer.bos_token_id, *window] for window in prompts]
     engine = {k: v for k, v in (("device", args.device), ("dtype", args.dtype),
                                 ("attention_backend", args.attention_backend)) if v is not None}
-    if engine.get("device", "cpu") == "cpu" and "dtype" not in engine:
-        engine["dtype"] = "float32"
     base = teacher_forced(model, prompts, "auto", engine)
     fp8 = teacher_forced(model, prompts, "fp8", engine)
     figures = {"model": model, "text": str(args.text), "windows": len(prompts), "window": args.window,

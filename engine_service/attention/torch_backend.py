@@ -74,7 +74,7 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping: torch.Tensor, has_paddin
 def _rows(rows: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """rows[idx] for idx [b, Hkv, K] -> [b, Hkv, K, D] in dtype (an fp8 cache is read back in the model's; no
     copy otherwise); index_select is several times faster on CPU."""
-    if rows.dtype == FP8_KV_DTYPE:  # index_select has no float8 kernel on CPU: gather the bytes
+    if rows.dtype == FP8_KV_DTYPE:  # gathered as bytes, as they are stored: no float8 kernel needed on any device
         picked = torch.index_select(rows.view(torch.uint8), 0, idx.reshape(-1)).view(FP8_KV_DTYPE)
     else:
         picked = torch.index_select(rows, 0, idx.reshape(-1))

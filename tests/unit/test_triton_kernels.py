@@ -94,14 +94,19 @@ FP8 = torch.float8_e4m3fn
 
 
 def _across_e4m3(n: int, g: torch.Generator) -> torch.Tensor:
-    """n values over e4m3's whole range: every finite e4m3 value and the midpoints between neighbours (ties),
-    subnormals, values past 448 (saturating), both zeros, and normal draws at scales from 1e-3 to 3,000."""
+    """n values over e4m3's whole range, shuffled: every finite e4m3 value and every midpoint between neighbours
+    (ties), subnormals, values past 448 (saturating), both zeros, and normal draws at scales from 1e-3 to 3,000 for
+    the rest."""
     grid = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8).float()
     grid = grid[grid.isfinite()].unique()
     special = torch.tensor([0.0, -0.0, 448.0, 464.0, 465.0, 480.0, -500.0, 1e4, 2.0 ** -10, -(2.0 ** -10)])
+    fixed = torch.cat([grid, (grid[1:] + grid[:-1]) / 2, special])
+    if fixed.numel() > n:
+        raise ValueError(f"{n} values cannot hold the {fixed.numel()} every e4m3 value and midpoint take")
     draws = torch.cat([torch.randn(n, generator=g) * s for s in (1e-3, 0.02, 1.0, 30.0, 3000.0)])
-    values = torch.cat([grid, (grid[1:] + grid[:-1]) / 2, special, draws])
-    return values[torch.randperm(values.numel(), generator=g)][:n]
+    draws = draws[torch.randperm(draws.numel(), generator=g)][: n - fixed.numel()]
+    values = torch.cat([fixed, draws])
+    return values[torch.randperm(n, generator=g)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
