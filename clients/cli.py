@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", default="localhost:50052", help="the tokenizer service's host:port")
     parser.add_argument("--chat", action="store_true", help="send text as a user chat message")
     parser.add_argument("--system", default=None, help="a system message (with --chat)")
+    parser.add_argument("--reply-prefix", default=None, metavar="TEXT",
+                        help="with --chat: the start of the assistant's reply, which the model continues "
+                             "(continue_final_message); the text printed is what follows it")
     parser.add_argument("--thinking", choices=("on", "off"), default=None,
                         help="with --chat: the chat template's thinking switch (Qwen3's); default: the template's")
     parser.add_argument("--tools", default=None, metavar="FILE",
@@ -184,8 +187,10 @@ def _main(argv: list[str] | None) -> int:
     several = args.n is not None and args.n > 1
     if several and (args.tools or args.logprobs is not None):
         parser.error("--tools and --logprobs apply to one completion; leave out --n, or set it to 1")
-    if (args.thinking is not None or args.tools or args.system is not None or args.template_kwargs) and not args.chat:
-        print("llm-client: --system, --thinking, --tools and --template-kwargs apply to --chat only", file=sys.stderr)
+    if (args.thinking is not None or args.tools or args.system is not None or args.template_kwargs
+            or args.reply_prefix is not None) and not args.chat:
+        print("llm-client: --system, --reply-prefix, --thinking, --tools and --template-kwargs apply to --chat only",
+              file=sys.stderr)
         return 2
     tools = None
     if args.tools:
@@ -209,9 +214,12 @@ def _main(argv: list[str] | None) -> int:
             if args.chat:
                 messages = ([{"role": "system", "content": args.system}] if args.system else [])
                 messages.append({"role": "user", "content": args.text})
+                if args.reply_prefix is not None:
+                    messages.append({"role": "assistant", "content": args.reply_prefix})
                 thinking = None if args.thinking is None else args.thinking == "on"
                 stream = client.chat(messages, stop=args.stop, enable_thinking=thinking, tools=tools, n=args.n,
-                                     template_kwargs=args.template_kwargs, **sampling)
+                                     template_kwargs=args.template_kwargs,
+                                     continue_final_message=args.reply_prefix is not None, **sampling)
             else:
                 stream = client.generate(args.text, stop=args.stop, n=args.n, **sampling)
         except ValueError as exc:  # a value the protocol cannot carry, e.g. --seed past 2**64

@@ -114,10 +114,12 @@ def _message(i: int, m: Mapping[str, object]) -> pb.ChatMessage:
 
 
 def chat(messages: Iterable[Mapping[str, object]], enable_thinking: bool | None = None,
-         tools: Iterable[object] | None = None, template_kwargs: Mapping[str, object] | str | None = None) -> pb.Chat:
+         tools: Iterable[object] | None = None, template_kwargs: Mapping[str, object] | str | None = None,
+         continue_final_message: bool = False) -> pb.Chat:
     """A Chat from messages ({"role": ..., "content": ...}), the template's thinking switch, if given, the tools
     the model may call (JSON objects, as dicts or text; OpenAI's {"type": "function", "function": {...}} shape),
-    and further template variables (a dict or its JSON text, e.g. {"date_string": "26 Jul 2024"})."""
+    further template variables (a dict or its JSON text, e.g. {"date_string": "26 Jul 2024"}), and whether the
+    last message, an assistant's, is the start of the reply for the model to continue."""
     if isinstance(tools, str | bytes | Mapping):
         raise ValueError(f"tools must be a list of JSON objects, got {type(tools).__name__}")
     result = pb.Chat(messages=[_message(i, m) for i, m in enumerate(messages)],
@@ -126,6 +128,9 @@ def chat(messages: Iterable[Mapping[str, object]], enable_thinking: bool | None 
         result.enable_thinking = enable_thinking
     if template_kwargs:
         result.template_kwargs = _json_text(template_kwargs, "template_kwargs")
+    if not isinstance(continue_final_message, bool):
+        raise ValueError(f"continue_final_message must be True or False, got {continue_final_message!r}")
+    result.continue_final_message = continue_final_message
     return result
 
 
@@ -135,12 +140,14 @@ def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, 
                      include_stop_str_in_output: bool = False, deadline_ms: int | None = None,
                      enable_thinking: bool | None = None, tools: Iterable[object] | None = None,
                      template_kwargs: Mapping[str, object] | str | None = None,
+                     continue_final_message: bool = False,
                      add_special_tokens: bool | None = None, n: int | None = None,
                      **sampling: object) -> pb.GenerateRequest:
     """A GenerateRequest from a prompt, chat messages ({"role": ..., "content": ...}) or token ids, and sampling
     kwargs. `stop` is one stop string or several; `enable_thinking` (chat only) sets the chat template's thinking
     switch (Qwen3's); `tools` and `template_kwargs` (chat only) the tools the model may call and further template
-    variables (see chat); `add_special_tokens`
+    variables (see chat); `continue_final_message` (chat only) continues the last message, an assistant's, the
+    start of the reply, instead of opening a new turn; `add_special_tokens`
     (None: the service's default, True for a prompt and False for a chat) whether the tokenizer adds its special
     tokens, such as Llama's BOS; `n` (None: 1) the completions of the prompt, each streamed on its own index."""
     if sum(x is not None for x in (prompt, messages, prompt_token_ids)) != 1:
@@ -153,9 +160,10 @@ def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, 
     elif prompt_token_ids is not None:
         request.prompt_token_ids.ids.extend(prompt_token_ids)
     else:
-        request.chat.CopyFrom(chat(messages, enable_thinking, tools, template_kwargs))
-    if (enable_thinking is not None or tools or template_kwargs) and messages is None:
-        raise ValueError("enable_thinking, tools and template_kwargs apply to chat messages only")
+        request.chat.CopyFrom(chat(messages, enable_thinking, tools, template_kwargs, continue_final_message))
+    if (enable_thinking is not None or tools or template_kwargs or continue_final_message) and messages is None:
+        raise ValueError("enable_thinking, tools, template_kwargs and continue_final_message apply to chat messages "
+                         "only")
     if skip_special_tokens is not None:
         request.skip_special_tokens = skip_special_tokens
     if add_special_tokens is not None:
@@ -193,7 +201,8 @@ def options_used(request: pb.GenerateRequest | pb.TokenizeRequest) -> set[str]:
     if request.HasField("chat"):
         chat_ = request.chat
         used.update(name for name, on in (("tools", chat_.tools), ("template_kwargs", chat_.template_kwargs),
-                                          ("enable_thinking", chat_.HasField("enable_thinking"))) if on)
+                                          ("enable_thinking", chat_.HasField("enable_thinking")),
+                                          ("continue_final_message", chat_.continue_final_message)) if on)
     if isinstance(request, pb.GenerateRequest):
         if request.n > 1:
             used.add("n")

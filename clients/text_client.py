@@ -273,16 +273,19 @@ def _noting_options(requests: Iterable[pb.MultiRequest], used: set[str]) -> Iter
 
 def _tokenize_request(text: str | None, messages: Messages | None, add_special_tokens: bool | None,
                       enable_thinking: bool | None, tools: Iterable[object] | None = None,
-                      template_kwargs: Mapping[str, object] | str | None = None) -> pb.TokenizeRequest:
+                      template_kwargs: Mapping[str, object] | str | None = None,
+                      continue_final_message: bool = False) -> pb.TokenizeRequest:
     """add_special_tokens None: the service's default, as for Generate (True for text, False for messages)."""
     if (text is None) == (messages is None):
         raise ValueError("give exactly one of text and messages")
     if messages is None:
-        if enable_thinking is not None or tools or template_kwargs:
-            raise ValueError("enable_thinking, tools and template_kwargs apply to chat messages only")
+        if enable_thinking is not None or tools or template_kwargs or continue_final_message:
+            raise ValueError("enable_thinking, tools, template_kwargs and continue_final_message apply to chat "
+                             "messages only")
         request = pb.TokenizeRequest(text=text)
     else:
-        request = pb.TokenizeRequest(chat=chat(messages, enable_thinking, tools, template_kwargs))
+        request = pb.TokenizeRequest(chat=chat(messages, enable_thinking, tools, template_kwargs,
+                                               continue_final_message))
     if add_special_tokens is not None:
         request.add_special_tokens = add_special_tokens
     return request
@@ -317,10 +320,12 @@ class TextClient(_GenerateCalls):
     def tokenize(self, text: str | None = None, add_special_tokens: bool | None = None, *,
                  messages: Messages | None = None, enable_thinking: bool | None = None,
                  tools: Iterable[object] | None = None,
-                 template_kwargs: Mapping[str, object] | str | None = None) -> list[int]:
+                 template_kwargs: Mapping[str, object] | str | None = None,
+                 continue_final_message: bool = False) -> list[int]:
         """The token ids of text, or of chat messages rendered as chat() would send them: what generate() and chat()
         send the engine (add_special_tokens None: with the tokenizer's special tokens for text, none for a chat)."""
-        request = _tokenize_request(text, messages, add_special_tokens, enable_thinking, tools, template_kwargs)
+        request = _tokenize_request(text, messages, add_special_tokens, enable_thinking, tools, template_kwargs,
+                                    continue_final_message)
         response, call = self._stub.Tokenize.with_call(request, timeout=self.timeout)
         check_options(options_used(request), call.initial_metadata(), self._channels.target)
         return list(response.token_ids)
@@ -427,8 +432,10 @@ class AsyncTextClient(_GenerateCalls):
     async def tokenize(self, text: str | None = None, add_special_tokens: bool | None = None, *,
                        messages: Messages | None = None, enable_thinking: bool | None = None,
                        tools: Iterable[object] | None = None,
-                       template_kwargs: Mapping[str, object] | str | None = None) -> list[int]:
-        request = _tokenize_request(text, messages, add_special_tokens, enable_thinking, tools, template_kwargs)
+                       template_kwargs: Mapping[str, object] | str | None = None,
+                       continue_final_message: bool = False) -> list[int]:
+        request = _tokenize_request(text, messages, add_special_tokens, enable_thinking, tools, template_kwargs,
+                                    continue_final_message)
         call = self._stub.Tokenize(request, timeout=self.timeout)
         response = await call
         check_options(options_used(request), await call.initial_metadata(), self._channels.target)

@@ -230,13 +230,14 @@ def validate_messages(messages: object) -> list[dict[str, object]]:
 
 
 def render_chat(tokenizer: Any, messages: object, enable_thinking: bool | None = None, tools: object = None,
-                template_kwargs: object = None) -> str:
+                template_kwargs: object = None, continue_final_message: bool = False) -> str:
     """Validate `messages`, `tools` and `template_kwargs` and render them through the tokenizer's chat template
     (render_validated)."""
     _chat_template(tokenizer)  # said before the messages are read
     return render_validated(tokenizer, validate_messages(messages), enable_thinking,
                             validate_tools(tools) if tools else [],
-                            validate_template_kwargs(template_kwargs) if template_kwargs else {})
+                            validate_template_kwargs(template_kwargs) if template_kwargs else {},
+                            continue_final_message)
 
 
 def _chat_template(tokenizer: Any) -> object:
@@ -265,10 +266,13 @@ def _template_variables(source: str) -> frozenset[str] | None:
 
 
 def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bool | None, tools: list[dict],
-                     template_kwargs: Mapping[str, object] | None = None) -> str:
+                     template_kwargs: Mapping[str, object] | None = None, continue_final_message: bool = False
+                     ) -> str:
     """Render messages, tools and template variables, as validate_messages, validate_tools and
     validate_template_kwargs return them, through the tokenizer's chat template, ending in the assistant's turn
-    (the service validates a request's chat once, as its rules run).
+    (the service validates a request's chat once, as its rules run). continue_final_message: the last message, an
+    assistant's, is the start of that turn, rendered open for the model to continue (transformers'
+    continue_final_message), with no new turn after it.
 
     enable_thinking (None: the template's default) is passed to templates with a thinking switch (Qwen3's);
     tools (empty: none) to templates that read them; template_kwargs as variables. Any of them given to a
@@ -297,14 +301,24 @@ def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bo
                              "leave it out for this model")
         extra[name] = value
     called = [i for i, m in enumerate(normalised) if "tool_calls" in m]
+    if continue_final_message:
+        last = normalised[-1] if normalised else None
+        if last is None or last["role"] != "assistant" or "tool_calls" in last:
+            what = ("no message" if last is None else "tool calls" if last["role"] == "assistant"
+                    else f"a {last['role']!r} message")
+            raise ValueError(f"chat.continue_final_message is set, but the chat ends with {what}: it continues a "
+                             "last message of role 'assistant' without tool_calls, the start of the reply")
     if called and not reads("tool_calls"):
         raise ValueError(f"messages[{called[0]}].tool_calls is set, but the model's chat template never reads "
                          "tool_calls; write the calls into the message's content instead")
     # Imported here so that importing this module does not need jinja2 until a template is rendered.
     from jinja2 import TemplateError, TemplateSyntaxError
 
+    if continue_final_message:
+        extra["continue_final_message"] = True
     try:
-        text = tokenizer.apply_chat_template(normalised, tokenize=False, add_generation_prompt=True, **extra)
+        text = tokenizer.apply_chat_template(normalised, tokenize=False,
+                                             add_generation_prompt=not continue_final_message, **extra)
     except TemplateSyntaxError:
         raise  # the model's template is broken, not the request (start-up checks it: check_chat_template)
     except TemplateError as e:
@@ -312,6 +326,14 @@ def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bo
         raise ValueError(f"messages rejected by the model's chat template: {e}") from e
     except RecursionError:  # a template recursing over a request's data
         raise ValueError("messages: the chat template recursed too deeply over them") from None
+    except ValueError as e:
+        if not continue_final_message:
+            raise
+        # transformers' own check: the last message's text must come through the template as written.
+        raise ValueError("chat.continue_final_message: the model's chat template does not render the last "
+                         "message's content as written (it changes or drops part of it, as Qwen3's drops an "
+                         "assistant turn's thinking), so the reply cannot continue it; send the text to continue "
+                         f"without the parts the template removes ({str(e).splitlines()[0]})") from None
     except TypeError as e:
         if not (template_kwargs or tools or called):
             raise  # a template that fails in Python on plain messages is broken: the service's error, INTERNAL
@@ -361,7 +383,7 @@ def special_token_texts(tokenizer: Any) -> tuple[str, ...]:
 
 
 def encode_chat(tokenizer: Any, messages: object, enable_thinking: bool | None = None, tools: object = None,
-                template_kwargs: object = None) -> list[int]:
+                template_kwargs: object = None, continue_final_message: bool = False) -> list[int]:
     """Render `messages` (see render_chat) and return the prompt's token ids."""
-    text = render_chat(tokenizer, messages, enable_thinking, tools, template_kwargs)
+    text = render_chat(tokenizer, messages, enable_thinking, tools, template_kwargs, continue_final_message)
     return list(tokenizer.encode(text, add_special_tokens=False))

@@ -42,7 +42,7 @@ FINISH = {engine_pb.FINISH_REASON_STOP: pb.FINISH_REASON_STOP, engine_pb.FINISH_
 MAX_ATTEMPTS = 3  # a request that never got a token may move to another engine this many times in all
 # The request options this service applies itself, whatever its engines; ModelInfo.features lists them beside the
 # engines' (a service that predates one drops it without a word).
-OWN_FEATURES = ("n", "tools", "template_kwargs", "enable_thinking", "add_special_tokens")
+OWN_FEATURES = ("n", "tools", "template_kwargs", "enable_thinking", "add_special_tokens", "continue_final_message")
 # Every option it honours, itself or through its engines (refused with FAILED_PRECONDITION where no engine
 # applies it), in OPTIONS_HEADER with its responses: the clients check their requests' options against it.
 OPTIONS = ((OPTIONS_HEADER, ",".join((*OWN_FEATURES, *FORWARDED_FEATURES))),)

@@ -84,6 +84,7 @@ class TextRequest:
     enable_thinking: bool | None = None  # chat only: the template's thinking switch; None: its default
     tools: Sequence[object] = ()  # chat only: the tools the model may call (JSON objects or their texts)
     template_kwargs: object = None  # chat only: further template variables, a JSON object or its text
+    continue_final_message: bool = False  # chat only: the last (assistant) message is continued, not closed
     stop: Sequence[str] = field(default_factory=tuple)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -409,10 +410,12 @@ def text_request_from_proto(request: pb.GenerateRequest | pb.TokenizeRequest) ->
     thinking = request.chat.enable_thinking if kind == "chat" and request.chat.HasField("enable_thinking") else None
     tools = tuple(request.chat.tools) if kind == "chat" else ()
     template_kwargs = request.chat.template_kwargs if kind == "chat" else None
+    continued = kind == "chat" and request.chat.continue_final_message
     special = request.add_special_tokens if request.HasField("add_special_tokens") else None
     if not isinstance(request, pb.GenerateRequest):
         return TextRequest(prompt=prompt, messages=messages, enable_thinking=thinking, tools=tools,
-                           template_kwargs=template_kwargs, add_special_tokens=special)
+                           template_kwargs=template_kwargs, continue_final_message=continued,
+                           add_special_tokens=special)
     skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
     return TextRequest(
         prompt=prompt,
@@ -420,6 +423,7 @@ def text_request_from_proto(request: pb.GenerateRequest | pb.TokenizeRequest) ->
         enable_thinking=thinking,
         tools=tools,
         template_kwargs=template_kwargs,
+        continue_final_message=continued,
         stop=tuple(request.stop),
         skip_special_tokens=skip,
         include_stop_str_in_output=request.include_stop_str_in_output,
@@ -435,7 +439,8 @@ def _encode(text_request: TextRequest, tokenizer: Any, max_model_len: int | None
     special = text_request.add_special_tokens
     if text_request.messages is not None:
         text = render_validated(tokenizer, _messages(text_request), text_request.enable_thinking,
-                                _tools(text_request), _template_kwargs(text_request))
+                                _tools(text_request), _template_kwargs(text_request),
+                                text_request.continue_final_message)
     if special is None:
         special = text_request.messages is None
     # The bound counts the text's tokens alone, which special tokens only add to.

@@ -228,7 +228,7 @@ def test_template_kwargs_through_the_protocol_count_toward_the_chat_rules(dated)
     big = pb.TokenizeRequest(chat=chat(messages, template_kwargs={"date_string": "x" * 2000}))
     with pytest.raises(ValueError, match="must total at most 1000 bytes"):
         tokenize_input(big, dated, TextLimits(max_prompt_bytes=1000))
-    with pytest.raises(ValueError, match="enable_thinking, tools and template_kwargs apply to chat messages only"):
+    with pytest.raises(ValueError, match="enable_thinking, tools, template_kwargs and continue_final_message apply to chat"):
         generate_request("Hi", template_kwargs={"date_string": "x"})
 
 
@@ -278,3 +278,36 @@ def test_tools_or_tool_calls_of_a_type_the_template_cannot_use_are_bad_input(dem
     tok.chat_template = "{{ messages[0]['content'] + 1 }}"  # broken on plain messages: still the service's error
     with pytest.raises(TypeError):
         render_chat(tok, hi)
+
+
+def test_continue_final_message_renders_the_last_assistant_message_open(demo_tokenizer) -> None:
+    """chat.continue_final_message: the last message, an assistant's, is the start of the reply: rendered as
+    transformers renders it with continue_final_message (no end of turn, no new turn), through the protocol too;
+    another last role, an assistant's tool calls, or a template that does not keep the text are refused."""
+    from clients.requests import chat, generate_request, options_used
+    from protos.llmserve.text.v1 import text_pb2 as pb
+    from tokenizer_service.validation import tokenize_input
+
+    messages = [{"role": "user", "content": "Give me JSON."}, {"role": "assistant", "content": 'Sure: {"a": '}]
+    text = render_chat(demo_tokenizer, messages, continue_final_message=True)
+    assert text == demo_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                                      continue_final_message=True)
+    assert text.endswith('<|im_start|>assistant\nSure: {"a": ') and text.count("<|im_start|>assistant") == 1
+    request = pb.TokenizeRequest(chat=chat(messages, continue_final_message=True))
+    assert tokenize_input(request, demo_tokenizer) == demo_tokenizer.encode(text, add_special_tokens=False)
+    assert options_used(request) == {"continue_final_message"}
+    closed = render_chat(demo_tokenizer, messages)  # without it: the turn is closed and a new one opened
+    assert closed.endswith('Sure: {"a": <|im_end|>\n<|im_start|>assistant\n')
+
+    for last, what in (({"role": "user", "content": "More."}, "ends with a 'user' message"),
+                       ({"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": {}}]},
+                        "ends with tool calls")):
+        with pytest.raises(ValueError, match=f"continue_final_message is set, but the chat {what}"):
+            render_chat(demo_tokenizer, [*messages[:1], last], continue_final_message=True)
+    shouting = copy.deepcopy(demo_tokenizer)
+    shouting.chat_template = ("{%- for m in messages %}{{- m['role'] + ': ' + (m['content'] | upper) + '\\n' }}"
+                              "{%- endfor %}")
+    with pytest.raises(ValueError, match="does not render the last message's content as written"):
+        render_chat(shouting, messages, continue_final_message=True)
+    with pytest.raises(ValueError, match="continue_final_message apply to chat messages only"):
+        generate_request("Hi", continue_final_message=True)

@@ -255,6 +255,24 @@ def test_extra_channel_options_reach_the_channel_and_a_retry_policy_works(servic
         assert "".join(c.text for c in client.generate("hi", max_tokens=3))
 
 
+def test_a_chat_continuing_the_assistants_message_through_the_service(service, demo_tokenizer):
+    """continue_final_message through the tokenizer service: Tokenize gives the open turn's ids as the chat template
+    renders them, Generate continues it (the client's options check passes: the service lists the option), and a
+    chat ending with a user's message is INVALID_ARGUMENT."""
+    messages = [{"role": "user", "content": "Give me JSON."}, {"role": "assistant", "content": 'Sure: {"a": '}]
+    want = demo_tokenizer.encode(demo_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=False, continue_final_message=True), add_special_tokens=False)
+    with TextClient(service, timeout=30) as client:
+        assert client.tokenize(messages=messages, continue_final_message=True) == want
+        assert "continue_final_message" in client.model_info().features
+        stream = client.chat(messages, continue_final_message=True, max_tokens=4, ignore_eos=True)
+        assert sum(1 for _ in stream) and stream.usage.prompt_tokens == len(want)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(client.chat(messages[:1], continue_final_message=True, max_tokens=4))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ends with a 'user' message" in refused.value.details()
+
+
 def test_a_timeout_keyword_on_a_call_names_deadline_ms():
     with pytest.raises(TypeError, match="unknown sampling parameter 'timeout'; a call's deadline is deadline_ms"):
         generate_request("hi", timeout=5)
@@ -618,8 +636,21 @@ def test_cli_system_without_chat_is_refused_not_dropped(monkeypatch, capsys):
     """--system without --chat was silently left out of a plain prompt."""
     sent = {}
     cli = _fake_client(monkeypatch, _Stream([]), sent)
-    assert cli.main(["hi", "--system", "Be brief.", "--target", "localhost:1"]) == 2
-    assert "--system, --thinking, --tools and --template-kwargs apply to --chat only" in capsys.readouterr().err and not sent
+    for flag in ("--system", "--reply-prefix"):
+        assert cli.main(["hi", flag, "Be brief.", "--target", "localhost:1"]) == 2
+        assert "--system, --reply-prefix, --thinking, --tools and --template-kwargs apply to --chat only" in \
+            capsys.readouterr().err and not sent
+
+
+def test_cli_reply_prefix_is_an_assistant_message_the_model_continues(service, demo_tokenizer, capsys):
+    from clients import cli
+
+    assert cli.main(["Give me JSON.", "--chat", "--reply-prefix", '{"a": ', "--target", service, "--max-tokens",
+                     "3", "--usage"]) == 0
+    messages = [{"role": "user", "content": "Give me JSON."}, {"role": "assistant", "content": '{"a": '}]
+    want = demo_tokenizer.encode(demo_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=False, continue_final_message=True), add_special_tokens=False)
+    assert f"prompt_tokens={len(want)}" in capsys.readouterr().err
 
 
 def test_a_long_request_id_travels_in_the_request_not_the_metadata(service):
