@@ -63,7 +63,12 @@ class IncrementalDetokenizer:
         context_tokens: int = 4,
         hold_limit: int = 16,
         special_ids: frozenset[int] = frozenset(),
+        prompt_tail: Sequence[int] = (),
     ) -> None:
+        """prompt_tail: the prompt's last ids, when the output continues its text (a continued assistant message):
+        the first context, so that the first token's text is what it adds to them (a SentencePiece decoder strips
+        the leading space of a decode's first word: "▁answer" alone is "answer", after "▁the" it adds " answer").
+        Empty: the output starts the text."""
         if context_tokens < 1:
             raise ValueError(f"context_tokens must be at least 1, got {context_tokens}")
         if hold_limit <= _MAX_PARTIAL_TOKENS:
@@ -81,6 +86,17 @@ class IncrementalDetokenizer:
         self._bounds = [0]  # indices in _window where an emission ended (a complete character), ascending
         self._num_tokens = 0
         self._finished = False
+        tail = [t for t in prompt_tail if t not in self._dropped]
+        # At most context_tokens of it, from a token whose text starts a whole character (one taken from the
+        # middle of a multi-token character would decode as U+FFFDs, which a byte-fallback decoder may spread).
+        for start in range(max(0, len(tail) - context_tokens), len(tail)):
+            text = self._decode(tail[start:])
+            if not text.startswith(REPLACEMENT_CHAR):
+                self._window = tail[start:]
+                self._read = len(self._window)
+                self._context_text = text
+                self._bounds = [0, self._read]
+                break
 
     @property
     def num_tokens(self) -> int:

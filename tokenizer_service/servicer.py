@@ -349,7 +349,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             self.inflight += 1  # before the next await: admitting and inflight together bound max_inflight
         try:
             text_args = (self.tokenizer, prep.stop, prep.skip_special_tokens, prep.include_stop_str_in_output,
-                         prep.engine_request.sampling_params.min_tokens)
+                         prep.engine_request.sampling_params.min_tokens, prep.prompt_tail)
             trace.prompt_tokens = prep.num_prompt_tokens  # kept current: an in-band abort reports them at once
             if sum(map(len, prep.stop)) > OFFLOAD_STOP_CHARS:
                 text = await asyncio.to_thread(TextStream, *text_args)

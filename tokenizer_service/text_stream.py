@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 from tokenizer_service.detokenizer import IncrementalDetokenizer
@@ -48,9 +49,10 @@ class TextStream:
     """
 
     def __init__(self, tokenizer: Any, stop: tuple[str, ...], skip_special_tokens: bool,
-                 include_stop_str_in_output: bool, min_tokens: int = 0) -> None:
+                 include_stop_str_in_output: bool, min_tokens: int = 0, prompt_tail: Sequence[int] = ()) -> None:
+        """prompt_tail: the prompt's last ids where the output continues its text (IncrementalDetokenizer)."""
         self._detok = IncrementalDetokenizer(decoder_of(tokenizer), skip_special_tokens=skip_special_tokens,
-                                             special_ids=special_ids_of(tokenizer))
+                                             special_ids=special_ids_of(tokenizer), prompt_tail=prompt_tail)
         self._stops = StopStringMatcher(stop, include_stop_str_in_output=include_stop_str_in_output)
         self._min_tokens = min_tokens
         self.num_generated = 0  # every token the engine produced, including any past a stop string

@@ -50,6 +50,7 @@ MAX_LOGIT_BIAS_TOKENS = 1024  # the engine's bound (engine_service/sampling_para
 # Wire bytes of one prompt logprob at most, and of each alternative: the engine's rule (engine_service/streams.py).
 LOGPROB_BYTES, LOGPROB_BYTES_PER_ALTERNATIVE = 17, 9
 MAX_N = 16  # completions of one prompt (GenerateRequest.n)
+PROMPT_TAIL_TOKENS = 8  # a continued reply's prompt ids the detokenizer reads it after (PreparedRequest.prompt_tail)
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos",
                    "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty", "prompt_logprobs",
                    "priority")
@@ -355,6 +356,9 @@ class PreparedRequest:
     include_stop_str_in_output: bool
     num_prompt_tokens: int
     n: int = 1  # completions of the prompt, each its own engine request
+    # The prompt's last ids where the output continues its text (chat.continue_final_message): the detokenizer's
+    # first context, so the reply's first word keeps the space a SentencePiece decode would strip.
+    prompt_tail: tuple[int, ...] = ()
 
 
 def read_json(path: Path) -> dict:
@@ -545,4 +549,5 @@ def prepare(
         include_stop_str_in_output=text_request.include_stop_str_in_output,
         num_prompt_tokens=len(prompt),
         n=choices,
+        prompt_tail=tuple(prompt[-PROMPT_TAIL_TOKENS:]) if text_request.continue_final_message else (),
     )

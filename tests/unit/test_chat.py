@@ -311,3 +311,10 @@ def test_continue_final_message_renders_the_last_assistant_message_open(demo_tok
         render_chat(shouting, messages, continue_final_message=True)
     with pytest.raises(ValueError, match="continue_final_message apply to chat messages only"):
         generate_request("Hi", continue_final_message=True)
+    # The reply is read after the prompt's last ids (the detokenizer's first context) only where it continues it.
+    from tokenizer_service.validation import PROMPT_TAIL_TOKENS, prepare
+
+    continued = prepare(generate_request(messages=messages, continue_final_message=True), demo_tokenizer, {}, 4096)
+    ids = list(continued.engine_request.prompt_token_ids)
+    assert continued.prompt_tail == tuple(ids[-PROMPT_TAIL_TOKENS:]) and len(continued.prompt_tail) == 8
+    assert prepare(generate_request(messages=messages), demo_tokenizer, {}, 4096).prompt_tail == ()

@@ -273,3 +273,39 @@ def test_a_run_of_skipped_special_tokens_keeps_the_next_words_space(run: int) ->
         text = "".join(stream.feed([t]) for t in ids) + stream.finish()
         assert text == tokenizer.decode(ids, skip_special_tokens=skip), (skip, text)
         assert stream.num_generated == len(ids)
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece", "byte-fallback"])
+def test_output_continuing_the_prompt_is_what_it_adds_to_the_prompts_text(demo_tokenizer, kind: str) -> None:
+    """A continued reply (chat.continue_final_message) is read after the prompt's last ids: its text is what it
+    adds to the prompt's, so a SentencePiece reply's first word keeps its space ("▁answer" alone decodes as
+    "answer", which glued it to the prefix: "theanswer"), and no character is lost or repeated at the seam, wherever
+    the prompt ends, inside a multi-token character included."""
+    from tests.integration.tiny import sentencepiece_tokenizer
+
+    tokenizer = {"byte-level": demo_tokenizer, "sentencepiece": sentencepiece_tokenizer(),
+                 "byte-fallback": _byte_fallback_tokenizer()}[kind]
+
+    def encode(text: str) -> list[int]:
+        if kind == "byte-fallback":  # a bare tokenizers.Tokenizer
+            return tokenizer.encode(text).ids
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    rng = random.Random(kind)
+    for _ in range(60):
+        ids = encode(_random_text(rng) + " the sea " + _random_text(rng))
+        cut = rng.randint(1, len(ids) - 1)
+        prompt, reply = ids[:cut], ids[cut:]
+        if tokenizer.decode(prompt).endswith(REPLACEMENT_CHAR):
+            continue  # a prompt ending inside a character: not one a chat renders (its text is whole)
+        detok = IncrementalDetokenizer(tokenizer, prompt_tail=prompt[-8:])
+        streamed = "".join(_stream(detok, reply, rng))
+        assert tokenizer.decode(prompt) + streamed == tokenizer.decode(ids), (prompt, reply)
+    if kind == "sentencepiece":
+        ids = tokenizer.encode("Sure, the answer is the sea", add_special_tokens=False)
+        prompt = tokenizer.encode("Sure, the", add_special_tokens=False)
+        assert ids[: len(prompt)] == prompt
+        detok = IncrementalDetokenizer(tokenizer, prompt_tail=prompt)
+        assert "".join(_stream(detok, ids[len(prompt):], rng)) == " answer is the sea"
+        plain = IncrementalDetokenizer(tokenizer)
+        assert "".join(_stream(plain, ids[len(prompt):], rng)) == "answer is the sea"  # what it streamed before
