@@ -130,7 +130,9 @@ def _print_results(args, several, stream, texts, tools, prompt_logprobs, logprob
         print()
     if tools is not None:
         try:
-            for call in parse_tool_calls("".join(texts.get(0, ())), args.tool_format)[1]:
+            # The reply is --reply-prefix and what followed it: a call the prefix began is the model's too.
+            reply = (args.reply_prefix or "") + "".join(texts.get(0, ()))
+            for call in parse_tool_calls(reply, args.tool_format)[1]:
                 print(f"[tool call] {json.dumps(call, ensure_ascii=False)}", file=sys.stderr)
         except ValueError as exc:
             print(f"[tool call] {exc}", file=sys.stderr)

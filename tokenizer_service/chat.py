@@ -308,6 +308,15 @@ def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bo
                     else f"a {last['role']!r} message")
             raise ValueError(f"chat.continue_final_message is set, but the chat ends with {what}: it continues a "
                              "last message of role 'assistant' without tool_calls, the start of the reply")
+        if not str(last["content"]).strip():
+            raise ValueError("chat.continue_final_message is set, but the last message's content is empty: there "
+                             "is nothing to continue; leave it unset (and the empty message out) for a new reply")
+        if enable_thinking is not None:
+            # Templates read the switch where they open the reply's turn, which a continued reply does not do
+            # (Qwen3's renders the same either way): it would be dropped without a word.
+            raise ValueError("chat.enable_thinking does nothing for a continued reply (the template reads it where "
+                             "it opens a new turn): leave it unset, and write the thinking, or its absence, into "
+                             "the message to continue")
     if called and not reads("tool_calls"):
         raise ValueError(f"messages[{called[0]}].tool_calls is set, but the model's chat template never reads "
                          "tool_calls; write the calls into the message's content instead")

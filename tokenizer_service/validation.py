@@ -533,6 +533,10 @@ def prepare(
     if len(source.json_schema) > MAX_JSON_SCHEMA_BYTES or len(source.json_schema.encode()) > MAX_JSON_SCHEMA_BYTES:
         raise ValueError(f"json_schema must be at most {MAX_JSON_SCHEMA_BYTES} bytes, got "
                          f"{len(source.json_schema.encode())}")  # the engine's bound, said before sending it on
+    if source.response_format != pb.RESPONSE_FORMAT_TEXT and text_request.continue_final_message:
+        raise ValueError("response_format JSON with chat.continue_final_message: the JSON grammar starts at the "
+                         "reply's first character, so it cannot continue a prefix (the output would be a new JSON "
+                         "value after it); send the chat without the prefix, or without response_format")
     params.response_format = formats[source.response_format]
     params.json_schema = source.json_schema
     if params.HasField("prompt_logprobs") and 0 <= params.prompt_logprobs <= MAX_LOGPROBS:  # else the engine names it

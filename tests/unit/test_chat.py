@@ -286,7 +286,7 @@ def test_continue_final_message_renders_the_last_assistant_message_open(demo_tok
     another last role, an assistant's tool calls, or a template that does not keep the text are refused."""
     from clients.requests import chat, generate_request, options_used
     from protos.llmserve.text.v1 import text_pb2 as pb
-    from tokenizer_service.validation import tokenize_input
+    from tokenizer_service.validation import PROMPT_TAIL_TOKENS, prepare, tokenize_input
 
     messages = [{"role": "user", "content": "Give me JSON."}, {"role": "assistant", "content": 'Sure: {"a": '}]
     text = render_chat(demo_tokenizer, messages, continue_final_message=True)
@@ -311,8 +311,18 @@ def test_continue_final_message_renders_the_last_assistant_message_open(demo_tok
         render_chat(shouting, messages, continue_final_message=True)
     with pytest.raises(ValueError, match="continue_final_message apply to chat messages only"):
         generate_request("Hi", continue_final_message=True)
+    # Refused where it could only be dropped or wrong: nothing to continue; the thinking switch, which templates read
+    # where they open a new turn; a JSON response format, whose grammar starts at the reply's first character.
+    with pytest.raises(ValueError, match="content is empty: there is nothing to continue"):
+        render_chat(demo_tokenizer, [*messages[:1], {"role": "assistant", "content": " \n"}], continue_final_message=True)
+    thinking = copy.deepcopy(demo_tokenizer)
+    thinking.chat_template = THINKING_TEMPLATE
+    with pytest.raises(ValueError, match="enable_thinking does nothing for a continued reply"):
+        render_chat(thinking, messages, enable_thinking=False, continue_final_message=True)
+    json_prefix = generate_request(messages=messages, continue_final_message=True, response_format="json_object")
+    with pytest.raises(ValueError, match="JSON grammar starts at the reply's first character"):
+        prepare(json_prefix, demo_tokenizer, {}, 4096)
     # The reply is read after the prompt's last ids (the detokenizer's first context) only where it continues it.
-    from tokenizer_service.validation import PROMPT_TAIL_TOKENS, prepare
 
     continued = prepare(generate_request(messages=messages, continue_final_message=True), demo_tokenizer, {}, 4096)
     ids = list(continued.engine_request.prompt_token_ids)

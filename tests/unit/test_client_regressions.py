@@ -642,6 +642,19 @@ def test_cli_system_without_chat_is_refused_not_dropped(monkeypatch, capsys):
             capsys.readouterr().err and not sent
 
 
+def test_cli_reads_a_tool_call_its_reply_prefix_began(capsys):
+    """--tools with --reply-prefix: the model finished a call the prefix began, and the CLI, reading the
+    continuation alone, reported none."""
+    import types
+
+    from clients import cli
+
+    args = types.SimpleNamespace(reply_prefix='<tool_call>\n{"name": "get_weather", ', tool_format="auto",
+                                 prompt_logprobs=None, usage=False)
+    cli._print_results(args, False, None, {0: ['"arguments": {"city": "Paris"}}\n</tool_call>']}, [{}], [], [], None)
+    assert '[tool call] {"name": "get_weather", "arguments": {"city": "Paris"}}' in capsys.readouterr().err
+
+
 def test_cli_reply_prefix_is_an_assistant_message_the_model_continues(service, demo_tokenizer, capsys):
     from clients import cli
 
