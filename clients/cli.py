@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how the model writes its tool calls: hermes (Qwen), llama3_json (Llama 3.1+), mistral "
                              "(keeps special tokens in the text: its [TOOL_CALLS] is one), or auto (whichever the "
                              "text holds)")
+    parser.add_argument("--thinking-open", action="store_true",
+                        help="with --tools: the chat template opens the thinking in the prompt (Qwen3-Thinking-2507), "
+                             "so a reply with no </think> is all thinking and holds no calls")
     parser.add_argument("--keep-special-tokens", action="store_true",
                         help="keep special tokens in the text (skip_special_tokens false), e.g. Mistral's "
                              "[TOOL_CALLS]")
@@ -132,7 +135,7 @@ def _print_results(args, several, stream, texts, tools, prompt_logprobs, logprob
         try:
             # The reply is --reply-prefix and what followed it: a call the prefix began is the model's too.
             reply = (args.reply_prefix or "") + "".join(texts.get(0, ()))
-            for call in parse_tool_calls(reply, args.tool_format)[1]:
+            for call in parse_tool_calls(reply, args.tool_format, args.thinking_open)[1]:
                 print(f"[tool call] {json.dumps(call, ensure_ascii=False)}", file=sys.stderr)
         except ValueError as exc:
             print(f"[tool call] {exc}", file=sys.stderr)

@@ -650,9 +650,14 @@ def test_cli_reads_a_tool_call_its_reply_prefix_began(capsys):
     from clients import cli
 
     args = types.SimpleNamespace(reply_prefix='<tool_call>\n{"name": "get_weather", ', tool_format="auto",
-                                 prompt_logprobs=None, usage=False)
+                                 prompt_logprobs=None, usage=False, thinking_open=False)
     cli._print_results(args, False, None, {0: ['"arguments": {"city": "Paris"}}\n</tool_call>']}, [{}], [], [], None)
     assert '[tool call] {"name": "get_weather", "arguments": {"city": "Paris"}}' in capsys.readouterr().err
+    # --thinking-open: a reply cut inside thinking the template opened in the prompt holds no calls.
+    args.thinking_open = True
+    cli._print_results(args, False, None, {0: ['"arguments": {}}\n</tool_call> then more thinking']}, [{}], [], [],
+                       None)
+    assert "[tool call]" not in capsys.readouterr().err
 
 
 def test_cli_reply_prefix_is_an_assistant_message_the_model_continues(service, demo_tokenizer, capsys):
