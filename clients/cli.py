@@ -197,6 +197,10 @@ def _main(argv: list[str] | None) -> int:
         print("llm-client: --system, --reply-prefix, --thinking, --tools and --template-kwargs apply to --chat only",
               file=sys.stderr)
         return 2
+    if args.thinking_open and not args.tools:
+        parser.error("--thinking-open applies to --tools (how the reply's tool calls are read)")
+    if args.reply_prefix == "":
+        parser.error("--reply-prefix must not be empty: it is the start of the reply the model continues")
     tools = None
     if args.tools:
         try:

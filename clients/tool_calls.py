@@ -114,7 +114,7 @@ def _llama3_calls(body: str, strict: bool) -> list[dict] | None:
         try:
             value, at = _DECODER.raw_decode(rest, at)
         except json.JSONDecodeError as exc:
-            if strict and (exc.pos >= len(rest.rstrip()) or exc.msg.startswith("Unterminated string")):
+            if strict and rest[at] == "{" and _cut_short(rest, exc):
                 raise ValueError(f"tool call {len(calls)} was cut short (raise max_tokens): {rest[at:at + 200]!r}"
                                  ) from None
             return None  # not JSON: prose, or a built-in tool's Python; or a call followed by prose
@@ -128,6 +128,14 @@ def _llama3_calls(body: str, strict: bool) -> list[dict] | None:
         while at < len(rest) and (rest[at].isspace() or rest[at] == ";"):
             at += 1
     return calls
+
+
+def _cut_short(text: str, exc: json.JSONDecodeError) -> bool:
+    """Whether JSON failed only because the text ended inside it: at its end, inside a string, or inside a literal
+    (`tru`, `nul`, a lone `-`), which the decoder reports at the literal's start."""
+    left = text[exc.pos:].rstrip()
+    return (not left or exc.msg.startswith("Unterminated string")
+            or any(word.startswith(left) and word != left for word in ("true", "false", "null", "-0")))
 
 
 def _mistral(head: str, body: str) -> tuple[str, list[dict]]:

@@ -23,7 +23,8 @@ reads them are refused, as is enable_thinking for one without the switch: a temp
 reads, and not one transformers sets itself (RESERVED_TEMPLATE_NAMES): a key the template never reads is refused,
 as a misspelt option would otherwise change nothing, silently.
 
-The prompt is the template rendered with `add_generation_prompt=True`, then encoded without adding special
+The prompt is the template rendered with `add_generation_prompt=True` (with continue_final_message, the last
+assistant message left open instead), then encoded without adding special
 tokens, because the template already writes any BOS or special markers it wants. As in transformers, a
 special token's text inside a content (`<|im_end|><|im_start|>system ...`) encodes as that control token: a
 caller can write turns of its own. `--chat-special-tokens refuse` refuses such contents (special_token_texts).

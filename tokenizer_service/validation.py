@@ -50,7 +50,9 @@ MAX_LOGIT_BIAS_TOKENS = 1024  # the engine's bound (engine_service/sampling_para
 # Wire bytes of one prompt logprob at most, and of each alternative: the engine's rule (engine_service/streams.py).
 LOGPROB_BYTES, LOGPROB_BYTES_PER_ALTERNATIVE = 17, 9
 MAX_N = 16  # completions of one prompt (GenerateRequest.n)
-PROMPT_TAIL_TOKENS = 8  # a continued reply's prompt ids the detokenizer reads it after (PreparedRequest.prompt_tail)
+# A continued reply's last prompt ids handed to its detokenizer (PreparedRequest.prompt_tail), which keeps its
+# context_tokens (4) of them after dropping the skipped special tokens among them: the rest is slack for those.
+PROMPT_TAIL_TOKENS = 8
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos",
                    "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty", "prompt_logprobs",
                    "priority")

@@ -196,6 +196,8 @@ def test_serving_bench_refuses_settings_that_cannot_run(flags, needle, capsys):
 
 
 @pytest.mark.parametrize(("flags", "needle"), [
+    (["--chat", "--thinking-open"], "--thinking-open applies to --tools"),  # ignored without a word
+    (["--chat", "--reply-prefix", ""], "--reply-prefix must not be empty"),  # the service named no flag
     (["--timeout", "0"], "--timeout must be a positive"),  # was a bare DEADLINE_EXCEEDED
     (["--target", "127.0.0.1"], "--target must be HOST:PORT"),  # dialled port 443, with a TLS hint
 ])
@@ -262,11 +264,29 @@ def test_a_chat_continuing_the_assistants_message_through_the_service(service, d
     messages = [{"role": "user", "content": "Give me JSON."}, {"role": "assistant", "content": 'Sure: {"a": '}]
     want = demo_tokenizer.encode(demo_tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=False, continue_final_message=True), add_special_tokens=False)
+    from tokenizer_service import servicer
+    from tokenizer_service.text_stream import TextStream
+
+    tails = []
+
+    class Recording(TextStream):  # what each reply's detokenizer is told it continues
+        def __init__(self, *args, **kwargs):
+            tails.append(tuple(args[5]) if len(args) > 5 else tuple(kwargs.get("prompt_tail", ())))
+            super().__init__(*args, **kwargs)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(servicer, "TextStream", Recording)  # the service runs in this process
+    try:
+        with TextClient(service, timeout=30) as client:
+            assert client.tokenize(messages=messages, continue_final_message=True) == want
+            assert "continue_final_message" in client.model_info().features
+            stream = client.chat(messages, continue_final_message=True, max_tokens=4, ignore_eos=True)
+            assert sum(1 for _ in stream) and stream.usage.prompt_tokens == len(want)
+            list(client.chat(messages[:1], max_tokens=2))
+    finally:
+        patch.undo()
+    assert tails == [tuple(want[-8:]), ()]  # the continued reply's, then a new reply's
     with TextClient(service, timeout=30) as client:
-        assert client.tokenize(messages=messages, continue_final_message=True) == want
-        assert "continue_final_message" in client.model_info().features
-        stream = client.chat(messages, continue_final_message=True, max_tokens=4, ignore_eos=True)
-        assert sum(1 for _ in stream) and stream.usage.prompt_tokens == len(want)
         with pytest.raises(grpc.RpcError) as refused:
             list(client.chat(messages[:1], continue_final_message=True, max_tokens=4))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -309,3 +309,7 @@ def test_output_continuing_the_prompt_is_what_it_adds_to_the_prompts_text(demo_t
         assert "".join(_stream(detok, ids[len(prompt):], rng)) == " answer is the sea"
         plain = IncrementalDetokenizer(tokenizer)
         assert "".join(_stream(plain, ids[len(prompt):], rng)) == "answer is the sea"  # what it streamed before
+        from tokenizer_service.text_stream import TextStream  # the service's stream hands the tail on
+
+        stream = TextStream(tokenizer, (), True, False, 0, prompt_tail=prompt)
+        assert stream.feed(ids[len(prompt):]) + stream.finish() == " answer is the sea"

@@ -307,6 +307,11 @@ def test_llama3_json_calls_are_the_whole_reply():
         assert parse_tool_calls(text, fmt) == (text.strip(), []), text
     with pytest.raises(ValueError, match="tool call 1 was cut short"):
         parse_tool_calls('<|python_tag|>' + one + '; {"name": "get_time", "parameters": {"tz": "C', "auto")
+    for cut in ("tru", "fals", "nul", "-"):  # inside a literal: the decoder points at its start, not the end
+        with pytest.raises(ValueError, match="tool call 0 was cut short"):
+            parse_tool_calls('{"name": "f", "parameters": {"flag": ' + cut, "llama3_json")
+    quoted = one + ' "Done'  # a whole call, then prose opening a quote: nothing was cut
+    assert parse_tool_calls(quoted, "llama3_json") == (quoted, [])
 
 
 def test_mistral_calls_in_both_of_its_layouts():
