@@ -33,6 +33,9 @@ def client_timeout(timeout: float | None) -> float | None:
     return None if timeout >= MAX_TIMEOUT_S else float(timeout)
 
 
+CHANNEL_SETTINGS = frozenset({"max_message_bytes", "keepalive_time_s", "extra_options"})  # channel_options' own
+
+
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepalive_time_s: float = 30.0,
                     extra_options: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
     """The servers allow pings every 5 s or more, so a 30 s keepalive never earns a too_many_pings GOAWAY.
@@ -96,6 +99,10 @@ class Channels:
 
     def __init__(self, open_channel: Callable[..., Any], target: str, tls: ClientTls | None,
                  stub_type: Callable[[Any], Any], **channel_kwargs: Any) -> None:
+        unknown = sorted(set(channel_kwargs) - CHANNEL_SETTINGS)
+        if unknown:
+            raise TypeError(f"unknown client setting(s) {unknown}; a client takes target, timeout, tls and the "
+                            f"channel settings {sorted(CHANNEL_SETTINGS)}")
         self._open_channel, self._target, self._tls, self._kwargs = open_channel, target, tls, channel_kwargs
         self._stub_type = stub_type
         self._stamp = tls.stamp() if tls is not None else None  # taken before reading: a change meanwhile shows

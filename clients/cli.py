@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --chat: further chat-template variables, a JSON object, e.g. "
                              "'{\"date_string\": \"26 Jul 2024\"}'")
     parser.add_argument("--tool-format", choices=FORMATS, default="auto",
-                        help="how the model writes its tool calls: hermes (Qwen), llama3_json (Llama 3.1+), mistral "
+                        help="with --tools: how the model writes its tool calls: hermes (Qwen), llama3_json (Llama "
+                             "3.1+), mistral "
                              "(keeps special tokens in the text: its [TOOL_CALLS] is one), or auto (whichever the "
                              "text holds)")
     parser.add_argument("--thinking-open", action="store_true",
@@ -199,6 +200,8 @@ def _main(argv: list[str] | None) -> int:
         return 2
     if args.thinking_open and not args.tools:
         parser.error("--thinking-open applies to --tools (how the reply's tool calls are read)")
+    if args.tool_format in ("hermes", "llama3_json") and not args.tools:
+        parser.error(f"--tool-format {args.tool_format} applies to --tools (mistral alone keeps special tokens)")
     if args.reply_prefix == "":
         parser.error("--reply-prefix must not be empty: it is the start of the reply the model continues")
     tools = None

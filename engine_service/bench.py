@@ -558,7 +558,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     w = report["workload"]
     print(
         f"workload {w['name']}: {w['num_seqs']} requests, {w['prompt_tokens']:,} prompt tokens, "
-        f"{w['output_tokens']:,} output tokens; {preset_name or model_dir} ({dtype}, {device}); "
+        f"{w['output_tokens']:,} output tokens; {preset_name or model_dir} ({dtype}, {device}"
+        f"{', fp8 KV cache' if args.kv_cache_dtype == 'fp8' else ''}); "
         f"{repeats} timed run(s) each after a warm-up",
         flush=True,
     )

@@ -310,8 +310,9 @@ def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bo
             raise ValueError(f"chat.continue_final_message is set, but the chat ends with {what}: it continues a "
                              "last message of role 'assistant' without tool_calls, the start of the reply")
         if not str(last["content"]).strip():
-            raise ValueError("chat.continue_final_message is set, but the last message's content is empty: there "
-                             "is nothing to continue; leave it unset (and the empty message out) for a new reply")
+            raise ValueError("chat.continue_final_message is set, but the last message's content is empty or "
+                             "blank: there is nothing to continue; leave it unset (and the message out) for a new "
+                             "reply")
         if enable_thinking is not None:
             # Templates read the switch where they open the reply's turn, which a continued reply does not do
             # (Qwen3's renders the same either way): it would be dropped without a word.
@@ -336,14 +337,14 @@ def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bo
         raise ValueError(f"messages rejected by the model's chat template: {e}") from e
     except RecursionError:  # a template recursing over a request's data
         raise ValueError("messages: the chat template recursed too deeply over them") from None
-    except ValueError as e:
+    except ValueError:
         if not continue_final_message:
             raise
         # transformers' own check: the last message's text must come through the template as written.
         raise ValueError("chat.continue_final_message: the model's chat template does not render the last "
-                         "message's content as written (it changes or drops part of it, as Qwen3's drops an "
-                         "assistant turn's thinking), so the reply cannot continue it; send the text to continue "
-                         f"without the parts the template removes ({str(e).splitlines()[0]})") from None
+                         "message's content as written (it changes, re-spaces or drops part of it), so the reply "
+                         "cannot continue it; write it as the template renders it (Qwen3's thinking as "
+                         "'<think>\\nTEXT\\n</think>\\n\\n' before the reply)") from None
     except TypeError as e:
         if not (template_kwargs or tools or called):
             raise  # a template that fails in Python on plain messages is broken: the service's error, INTERNAL

@@ -313,7 +313,7 @@ def test_continue_final_message_renders_the_last_assistant_message_open(demo_tok
         generate_request("Hi", continue_final_message=True)
     # Refused where it could only be dropped or wrong: nothing to continue; the thinking switch, which templates read
     # where they open a new turn; a JSON response format, whose grammar starts at the reply's first character.
-    with pytest.raises(ValueError, match="content is empty: there is nothing to continue"):
+    with pytest.raises(ValueError, match="content is empty or blank: there is nothing to continue"):
         render_chat(demo_tokenizer, [*messages[:1], {"role": "assistant", "content": " \n"}], continue_final_message=True)
     thinking = copy.deepcopy(demo_tokenizer)
     thinking.chat_template = THINKING_TEMPLATE

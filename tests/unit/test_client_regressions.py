@@ -197,6 +197,7 @@ def test_serving_bench_refuses_settings_that_cannot_run(flags, needle, capsys):
 
 @pytest.mark.parametrize(("flags", "needle"), [
     (["--chat", "--thinking-open"], "--thinking-open applies to --tools"),  # ignored without a word
+    (["--chat", "--tool-format", "hermes"], "--tool-format hermes applies to --tools"),  # ignored without a word
     (["--chat", "--reply-prefix", ""], "--reply-prefix must not be empty"),  # the service named no flag
     (["--timeout", "0"], "--timeout must be a positive"),  # was a bare DEADLINE_EXCEEDED
     (["--target", "127.0.0.1"], "--target must be HOST:PORT"),  # dialled port 443, with a TLS hint
@@ -253,6 +254,8 @@ def test_extra_channel_options_reach_the_channel_and_a_retry_policy_works(servic
         channel_options(extra_options=[("grpc.enable_retries", 1), ("grpc.enable_retries", 0)])
     with pytest.raises(ValueError, match=r"\(name, value\) pairs"):
         channel_options(extra_options=["grpc.enable_retries"])
+    with pytest.raises(TypeError, match=r"unknown client setting\(s\) \['extra_option'\].*'extra_options'"):
+        TextClient(service, extra_option=[])  # a misspelt one named the internal channel_options()
     with TextClient(service, timeout=30, extra_options=[("grpc.service_config", retry)]) as client:
         assert "".join(c.text for c in client.generate("hi", max_tokens=3))
 
