@@ -40,8 +40,9 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepaliv
                     extra_options: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
     """The servers allow pings every 5 s or more, so a 30 s keepalive never earns a too_many_pings GOAWAY.
     extra_options: further gRPC channel arguments, e.g. ("grpc.service_config", json.dumps({...})) for a retry
-    policy; one this function sets too (a keepalive timeout, say) replaces its value. A name given twice is refused
-    (gRPC would keep one of them silently)."""
+    policy; one this function sets too replaces its value (grpc-core times a keepalive ping out by
+    grpc.http2.ping_timeout_ms, clients.tls.keepalive_options). A name given twice is refused (gRPC would keep one
+    of them silently)."""
     extra = list(extra_options)
     if not all(isinstance(o, tuple) and len(o) == 2 and isinstance(o[0], str) for o in extra):
         raise ValueError(f"extra_options must be (name, value) pairs of gRPC channel arguments, got {extra_options!r}")
