@@ -86,6 +86,21 @@ def test_qk_norm_rope_matches_norms_then_rotary(dtype, heads, kv_heads, head_dim
         assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
 
 
+def _store_both_ways(qkv, heads, kv_heads, head_dim, weights, cos, sin, k_cache, v_cache, slots):
+    """K and V stored into the caches by the fused kernel, and into copies of them (returned) as the unfused path
+    stores them: the unfused kernel's k and the projection's v through store_kvcache. q must be the same."""
+    from engine_service.attention.triton_kernels import store_kvcache
+
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    q_plain, k_plain = fused_ops.qk_norm_rope(qkv, heads, kv_heads, head_dim, *weights, cos[:, 0], sin[:, 0])
+    v = qkv[:, (heads + kv_heads) * head_dim:].view(qkv.shape[0], kv_heads, head_dim)
+    store_kvcache(k_plain, v, k_want, v_want, slots)
+    q, k = fused_ops.qk_norm_rope(qkv, heads, kv_heads, head_dim, *weights, cos[:, 0], sin[:, 0],
+                                  cache=(k_cache, v_cache, slots))
+    assert k is None and torch.equal(q, q_plain)
+    return k_want, v_want
+
+
 @pytest.mark.parametrize("dtype,heads,kv_heads,head_dim,norm,block_size,t",
                          [(torch.float32, 4, 2, 64, True, 16, 7), (torch.float16, 6, 2, 128, True, 5, 7),
                           (torch.float16, 8, 8, 32, False, 8, 7), (torch.float32, 5, 3, 80, True, 7, 7),
@@ -96,8 +111,6 @@ def test_qk_norm_rope_can_store_k_and_v_in_their_cache_slots(dtype, heads, kv_he
     """With the cache given, K and V land in their slots bit for bit as the separate KV store puts the unfused
     kernel's k and the projection's v there; a padding slot (-1) writes nothing; q is the same. Head counts and
     head_dim / 2 that are not powers of two exercise the kernel's masks; one token, a batch of one."""
-    from engine_service.attention.triton_kernels import store_kvcache
-
     torch.manual_seed(4)
     num_blocks = 6
     rotary = RotaryEmbedding(head_dim, 64, 10_000.0, dtype)
@@ -110,14 +123,7 @@ def test_qk_norm_rope_can_store_k_and_v_in_their_cache_slots(dtype, heads, kv_he
         slots[[1, 5]] = -1
     shape = (num_blocks, block_size, kv_heads, head_dim)
     k_cache, v_cache = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
-    k_want, v_want = k_cache.clone(), v_cache.clone()
-
-    q_plain, k_plain = fused_ops.qk_norm_rope(qkv, heads, kv_heads, head_dim, *weights, cos[:, 0], sin[:, 0])
-    v = qkv[:, (heads + kv_heads) * head_dim:].view(t, kv_heads, head_dim)
-    store_kvcache(k_plain, v, k_want, v_want, slots)
-    q, k = fused_ops.qk_norm_rope(qkv, heads, kv_heads, head_dim, *weights, cos[:, 0], sin[:, 0],
-                                  cache=(k_cache, v_cache, slots))
-    assert k is None and torch.equal(q, q_plain)
+    k_want, v_want = _store_both_ways(qkv, heads, kv_heads, head_dim, weights, cos, sin, k_cache, v_cache, slots)
     assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
 
     with pytest.raises(ValueError, match="do not take"):
@@ -132,8 +138,6 @@ def test_qk_norm_rope_can_store_k_and_v_in_their_cache_slots(dtype, heads, kv_he
 def test_qk_norm_rope_stores_into_an_fp8_cache_as_the_separate_store_does(dtype):
     """kv_cache_dtype="fp8": K is rounded to the model dtype, then to e4m3, as the unfused path's K is before
     store_kvcache rounds it; V straight to e4m3. The same bits either way; a padding slot writes nothing."""
-    from engine_service.attention.triton_kernels import store_kvcache
-
     torch.manual_seed(5)
     t, heads, kv_heads, head_dim, num_blocks, block_size = 7, 4, 2, 64, 4, 8
     rotary = RotaryEmbedding(head_dim, 64, 10_000.0, dtype)
@@ -145,14 +149,7 @@ def test_qk_norm_rope_stores_into_an_fp8_cache_as_the_separate_store_does(dtype)
     fp8 = torch.float8_e4m3fn
     shape = (num_blocks, block_size, kv_heads, head_dim)
     k_cache, v_cache = (torch.randint(0, 120, shape, dtype=torch.uint8).view(fp8) for _ in range(2))
-    k_want, v_want = k_cache.clone(), v_cache.clone()
-
-    q_plain, k_plain = fused_ops.qk_norm_rope(qkv, heads, kv_heads, head_dim, *weights, cos[:, 0], sin[:, 0])
-    v = qkv[:, (heads + kv_heads) * head_dim:].view(t, kv_heads, head_dim)
-    store_kvcache(k_plain, v, k_want, v_want, slots)
-    q, k = fused_ops.qk_norm_rope(qkv, heads, kv_heads, head_dim, *weights, cos[:, 0], sin[:, 0],
-                                  cache=(k_cache, v_cache, slots))
-    assert k is None and torch.equal(q, q_plain)
+    k_want, v_want = _store_both_ways(qkv, heads, kv_heads, head_dim, weights, cos, sin, k_cache, v_cache, slots)
     assert torch.equal(k_cache.view(torch.uint8), k_want.view(torch.uint8))
     assert torch.equal(v_cache.view(torch.uint8), v_want.view(torch.uint8))
     assert v_want.float().abs().max() == 448  # the saturating values were met
