@@ -112,27 +112,37 @@ def check_store(dev: torch.device) -> bool:
     return ok
 
 
+_ATTENTION_HEADER = f"{'case':32s} {'err triton':>11s} {'err torch-bf16':>15s} {'bound':>9s}  result"
+
+
+def _check_attention_case(name: str, b, ctx: list[int], splits: int | None, dev: torch.device,
+                          prefill_tile=None) -> bool:
+    """One case: paged_attention into a NaN-poisoned output against a float32 reference of the same inputs (the
+    caches' values, bf16 or fp8), within 2x torch-bf16's error + 1e-3; prints its line."""
+    hd = b.q.shape[-1]
+    args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, hd ** -0.5)
+    ref = ref_paged_attention(*args, compute_dtype=torch.float32)
+    base = ref_paged_attention(*args, compute_dtype=torch.bfloat16, use_sdpa=True).float()
+    out = torch.full_like(b.q, float("nan"))
+    tk.paged_attention(*args, b.max_seqlen_q, out=out, num_kv_splits=splits, seq_order=_order_for(name, ctx, dev),
+                       prefill_tile=prefill_tile)
+    torch.cuda.synchronize(dev)
+    nan = bool(out.isnan().any())
+    err = (out.float() - ref).abs().max().item()
+    err_base = (base - ref).abs().max().item()
+    bound = 2 * err_base + 1e-3
+    ok = not nan and err <= bound
+    print(f"{name:32s} {err:11.2e} {err_base:15.2e} {bound:9.2e}  {'ok' if ok else 'FAIL'}"
+          f"{' (NaN left in output)' if nan else ''}")
+    return ok
+
+
 def check_attention(dev: torch.device, rng: torch.Generator) -> bool:
     all_ok = True
-    print(f"{'case':32s} {'err triton':>11s} {'err torch-bf16':>15s} {'bound':>9s}  result")
+    print(_ATTENTION_HEADER)
     for name, q_lens, ctx, nh, nkv, hd, bs, splits, prefill_tile in _accuracy_cases(rng):
         b = make_paged_batch(q_lens, ctx, nh, nkv, hd, bs, dtype=torch.bfloat16, device=dev, generator=rng)
-        scale = hd ** -0.5
-        args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, scale)
-        ref = ref_paged_attention(*args, compute_dtype=torch.float32)
-        base = ref_paged_attention(*args, compute_dtype=torch.bfloat16, use_sdpa=True).float()
-        out = torch.full_like(b.q, float("nan"))
-        tk.paged_attention(*args, b.max_seqlen_q, out=out, num_kv_splits=splits, seq_order=_order_for(name, ctx, dev),
-                           prefill_tile=prefill_tile)
-        torch.cuda.synchronize()
-        nan = bool(out.isnan().any())
-        err = (out.float() - ref).abs().max().item()
-        err_base = (base - ref).abs().max().item()
-        bound = 2 * err_base + 1e-3
-        ok = not nan and err <= bound
-        all_ok &= ok
-        print(f"{name:32s} {err:11.2e} {err_base:15.2e} {bound:9.2e}  {'ok' if ok else 'FAIL'}"
-              f"{' (NaN left in output)' if nan else ''}")
+        all_ok &= _check_attention_case(name, b, ctx, splits, dev, prefill_tile)
     return all_ok
 
 
@@ -503,23 +513,11 @@ def check_fp8_kv(dev: torch.device, rng: torch.Generator) -> bool:
              (f"fp8 decode b64 split4 {_ORDERED}", [1] * 64, dec, *_QWEN, 16, 4),
              ("fp8 prefill cached prefix", [100, 64], [612, 320], *_QWEN, 16, None),
              ("fp8 mixed + padding lanes", [1] * 6 + [200, 1], ints(6, 1, 1500) + [300, 0], *_QWEN, 16, None)]
-    print(f"{'case':32s} {'err triton':>11s} {'err torch-bf16':>15s} {'bound':>9s}  result")
+    print(_ATTENTION_HEADER)
     for name, q_lens, ctx, nh, nkv, hd, bs, splits in cases:
         b = make_paged_batch(q_lens, ctx, nh, nkv, hd, bs, dtype=bf16, device=dev, generator=rng)
         b.k_cache, b.v_cache = to_kv_cache(b.k_cache * 8, fp8), to_kv_cache(b.v_cache, fp8)
-        args = (b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.context_lens, b.block_tables, hd ** -0.5)
-        ref = ref_paged_attention(*args, compute_dtype=torch.float32)
-        base = ref_paged_attention(*args, compute_dtype=bf16, use_sdpa=True).float()
-        out = torch.full_like(b.q, float("nan"))
-        tk.paged_attention(*args, b.max_seqlen_q, out=out, num_kv_splits=splits, seq_order=_order_for(name, ctx, dev))
-        torch.cuda.synchronize(dev)
-        nan = bool(out.isnan().any())
-        err, err_base = (out.float() - ref).abs().max().item(), (base - ref).abs().max().item()
-        bound = 2 * err_base + 1e-3
-        good = not nan and err <= bound
-        ok &= good
-        print(f"{name:32s} {err:11.2e} {err_base:15.2e} {bound:9.2e}  {'ok' if good else 'FAIL'}"
-              f"{' (NaN left in output)' if nan else ''}")
+        ok &= _check_attention_case(name, b, ctx, splits, dev)
     return ok
 
 
