@@ -124,6 +124,16 @@ def check_triton_usable(what: str, device: torch.device, instead: str) -> None:
         check_interpreter_numpy(what, instead)
 
 
+def _fp8_too_old(device: torch.device) -> str | None:
+    """The CUDA device's compute capability ("8.0") where it is below FP8_MIN_CAPABILITY, too old for the triton
+    backend's e4m3 conversions; None where it is recent enough."""
+    capability = torch.cuda.get_device_capability(device)
+    return ".".join(map(str, capability)) if capability < FP8_MIN_CAPABILITY else None
+
+
+_FP8_MIN = ".".join(map(str, FP8_MIN_CAPABILITY))
+
+
 def resolve_backend_name(name: str, device: torch.device, block_size: int, kv_cache_dtype: str = "auto") -> str:
     """Turn 'auto' into a concrete backend and refuse combinations that cannot run."""
     on_cuda = device.type == "cuda"
@@ -132,13 +142,12 @@ def resolve_backend_name(name: str, device: torch.device, block_size: int, kv_ca
         if on_cuda and not fp8 and _importable("flash_attn") and block_size % FLASH_ATTN_BLOCK_MULTIPLE == 0:
             return "flash_attn"
         if compiled_triton(device):
-            capability = torch.cuda.get_device_capability(device) if fp8 else FP8_MIN_CAPABILITY
-            if capability >= FP8_MIN_CAPABILITY:
+            too_old = fp8 and _fp8_too_old(device)
+            if not too_old:
                 return "triton"
             log.warning("kv_cache_dtype='fp8' on a GPU of compute capability %s: the triton backend needs %s or "
                         "later for e4m3, so attention runs on the torch backend, without CUDA graphs and several "
-                        "times slower; kv_cache_dtype='auto' keeps the triton backend",
-                        ".".join(map(str, capability)), ".".join(map(str, FP8_MIN_CAPABILITY)))
+                        "times slower; kv_cache_dtype='auto' keeps the triton backend", too_old, _FP8_MIN)
         return "torch"
     if name == "flash_attn":
         if not on_cuda or not _importable("flash_attn"):
@@ -150,13 +159,10 @@ def resolve_backend_name(name: str, device: torch.device, block_size: int, kv_ca
             )
     if name == "triton":
         check_triton_usable("attention_backend='triton'", device, "use attention_backend='torch'")
-    if name == "triton" and fp8 and on_cuda:
-        capability = torch.cuda.get_device_capability(device)
-        if capability < FP8_MIN_CAPABILITY:
+        if fp8 and on_cuda and (too_old := _fp8_too_old(device)):
             raise ValueError(
-                f"kv_cache_dtype='fp8' with the triton backend needs compute capability "
-                f"{'.'.join(map(str, FP8_MIN_CAPABILITY))} or later (Ada, Hopper), this GPU has "
-                f"{'.'.join(map(str, capability))}; use kv_cache_dtype='auto', or attention_backend='torch'")
+                f"kv_cache_dtype='fp8' with the triton backend needs compute capability {_FP8_MIN} or later (Ada, "
+                f"Hopper), this GPU has {too_old}; use kv_cache_dtype='auto', or attention_backend='torch'")
     return name
 
 
