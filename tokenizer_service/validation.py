@@ -492,6 +492,11 @@ def prepare(
     limits = replace(limits or TextLimits(), max_model_len=max_model_len or None)
     text_request = text_request_from_proto(request)
     choices = completions_of(request)  # checked before a prompt is tokenized for nothing
+    if text_request.continue_final_message and request.sampling_params.response_format in (
+            pb.RESPONSE_FORMAT_JSON_OBJECT, pb.RESPONSE_FORMAT_JSON_SCHEMA):
+        raise ValueError("response_format JSON with chat.continue_final_message: the JSON grammar starts at the "
+                         "reply's first character, so it cannot continue a prefix (the output would be a new JSON "
+                         "value after it); send the chat without the prefix, or without response_format")
     if request.WhichOneof("input") == "prompt_token_ids":
         # Already tokenized: the text-option rules, then the id rules under the field's own name.
         _run("request", text_request, limits, only={"stop", "skip_special_tokens", "include_stop_str_in_output"})
@@ -535,10 +540,6 @@ def prepare(
     if len(source.json_schema) > MAX_JSON_SCHEMA_BYTES or len(source.json_schema.encode()) > MAX_JSON_SCHEMA_BYTES:
         raise ValueError(f"json_schema must be at most {MAX_JSON_SCHEMA_BYTES} bytes, got "
                          f"{len(source.json_schema.encode())}")  # the engine's bound, said before sending it on
-    if source.response_format != pb.RESPONSE_FORMAT_TEXT and text_request.continue_final_message:
-        raise ValueError("response_format JSON with chat.continue_final_message: the JSON grammar starts at the "
-                         "reply's first character, so it cannot continue a prefix (the output would be a new JSON "
-                         "value after it); send the chat without the prefix, or without response_format")
     params.response_format = formats[source.response_format]
     params.json_schema = source.json_schema
     if params.HasField("prompt_logprobs") and 0 <= params.prompt_logprobs <= MAX_LOGPROBS:  # else the engine names it
