@@ -3,6 +3,7 @@ Channels, which moves a client's new calls to a new channel when its TLS files a
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import threading
@@ -33,9 +34,6 @@ def client_timeout(timeout: float | None) -> float | None:
     return None if timeout >= MAX_TIMEOUT_S else float(timeout)
 
 
-CHANNEL_SETTINGS = frozenset({"max_message_bytes", "keepalive_time_s", "extra_options"})  # channel_options' own
-
-
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepalive_time_s: float = 30.0,
                     extra_options: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
     """The servers allow pings every 5 s or more, so a 30 s keepalive never earns a too_many_pings GOAWAY.
@@ -57,6 +55,9 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepaliv
         ("grpc.http2.max_pings_without_data", 0),
     ]
     return [(name, value) for name, value in options if name not in names] + extra
+
+
+CHANNEL_SETTINGS = frozenset(inspect.signature(channel_options).parameters)  # what a client passes on to it
 
 
 def sync_channel(target: str, tls: ClientTls | None = None, *, credentials: grpc.ChannelCredentials | None = None,
