@@ -66,6 +66,10 @@ class TextServerConfig:
     # tokens have come, or the request ends. 1 sends every engine update. Each message costs this service CPU (a
     # Generate message about 65-90 us, docs/PERFORMANCE.md): 4 makes a quarter of them, at the cost of smoothness.
     stream_interval: int = 1
+    # The longest text held back for stream_interval waits, in seconds: the held message goes out with the first
+    # engine update that comes this long or longer after its oldest token (so a slow engine, whose tokens come
+    # further apart, is streamed token by token again). 0: no limit (wait for stream_interval tokens).
+    stream_max_wait_s: float = 0.5
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
     min_ping_interval_s: float = 5.0
@@ -133,6 +137,9 @@ class TextServerConfig:
         if not 1 <= self.stream_interval <= MAX_STREAM_INTERVAL:
             raise ValueError(f"stream_interval must be 1 (every update) to {MAX_STREAM_INTERVAL} tokens a message, got "
                              f"{self.stream_interval}")
+        if not math.isfinite(self.stream_max_wait_s) or self.stream_max_wait_s < 0:
+            raise ValueError(f"stream_max_wait_s must be 0 (no limit) or a positive number of seconds, got "
+                             f"{self.stream_max_wait_s}")
         for name in ("dns_refresh_s", "reconnect_min_s", "reconnect_max_s", "engine_wait_s", "keepalive_time_s",
                      "keepalive_timeout_s", "min_ping_interval_s", "grace_s"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:  # NaN passed a "<= 0" check

@@ -128,7 +128,8 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
     metrics = TextMetrics(name, config.log_requests)
     refused = special_token_texts(tokenizer) if config.chat_special_tokens == "refuse" else ()
     servicer = TextServicer(tokenizer, pool, name, vocab, eos, defaults, config.max_inflight, metrics, refused,
-                            config.max_message_bytes, config.stream_interval)
+                            config.max_message_bytes, config.stream_interval,
+                            config.stream_max_wait_s)
     pool.metrics = metrics
     metrics.watch(lambda: servicer.inflight, lambda: len(pool.ready))
     health_servicer = health.aio.HealthServicer()

@@ -122,9 +122,11 @@ class TextServicer(pb_grpc.TextGenerationServicer):
     def __init__(self, tokenizer: Any, pool: EnginePool, model_name: str, vocab_size: int,
                  eos_token_ids: set[int], generation_defaults: dict[str, object], max_inflight: int,
                  metrics: TextMetrics | None = None, refused_chat_texts: tuple[str, ...] = (),
-                 max_message_bytes: int = 64 * 2**20, stream_interval: int = 1) -> None:
+                 max_message_bytes: int = 64 * 2**20, stream_interval: int = 1,
+                 stream_max_wait_s: float = 0.5) -> None:
         self.tokenizer, self.pool = tokenizer, pool
         self.stream_interval = stream_interval  # tokens a message after the first (TextServerConfig.stream_interval)
+        self.stream_max_wait_s = stream_max_wait_s  # how long held text may wait (TextServerConfig), 0: no limit
         # An engine update's prompt logprobs may take a quarter of a message, as the engine's own rule says.
         self.limits = TextLimits(vocab_size=vocab_size, refused_chat_texts=refused_chat_texts,
                                  max_prompt_logprobs_bytes=max_message_bytes // 4)
@@ -338,9 +340,11 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         text: TextStream | None = None
         handle: RequestHandle | None = None
         sent_tokens, cached, attempts = False, 0, 0
-        # After the first tokens' message, text waits in trace.held until stream_interval tokens have come (or the
-        # request ends); interval 1 sends every update as it comes.
-        interval, sent_first = self.stream_interval, False
+        # After the first tokens' message, text waits in trace.held until stream_interval tokens have come, an update
+        # comes stream_max_wait_s or more after its oldest token (max_wait 0: no limit), or the request ends; interval
+        # 1 sends every update as it comes.
+        interval, max_wait, sent_first = self.stream_interval, self.stream_max_wait_s, False
+        held_since = 0.0  # when the oldest token in trace.held came
         retry_reason = ""  # why the last engine did not serve it, until it is sent again
         tried: set = set()  # engines this request was sent to: a retry prefers the others
         wants_logprobs = engine_request.sampling_params.HasField("logprobs")
@@ -399,6 +403,8 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                         if trace.held is not None:
                             (held_text, held_ids, held_logprobs), trace.held = trace.held, None
                             delta, ids, logprobs = held_text + delta, held_ids + ids, [*held_logprobs, *logprobs]
+                        else:
+                            held_since = fed  # what this update brings is the oldest, if it is held
                         if text.stopped is not None:
                             handle.close(stopped=True)  # in-band abort: the engine frees the blocks at once
                             trace.finish_reason = "stop"
@@ -414,7 +420,8 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             return
                         if ids or delta:
                             sent_tokens = True
-                            if interval > 1 and sent_first and len(ids) < interval:  # wait for more
+                            if interval > 1 and sent_first and len(ids) < interval \
+                                    and (not max_wait or fed - held_since < max_wait):  # wait for more
                                 trace.held = (delta, ids, logprobs)
                                 continue
                             sent_first = True

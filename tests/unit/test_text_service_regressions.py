@@ -1478,6 +1478,44 @@ def test_stream_interval_is_refused_outside_its_range(demo_model_dir):
     for bad in (0, -1, 1025):
         with pytest.raises(ValueError, match="stream_interval must be 1"):
             TextServerConfig(model=str(demo_model_dir), engines="127.0.0.1:1", stream_interval=bad)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="stream_max_wait_s must be 0"):
+            TextServerConfig(model=str(demo_model_dir), engines="127.0.0.1:1", stream_max_wait_s=bad)
+
+
+def test_stream_max_wait_sends_held_text_when_tokens_come_slowly(demo_model_dir, demo_tokenizer):
+    """--stream-interval 8 with tokens 60 ms apart: without a wait limit held text waits for 8 tokens (half a
+    second); with --stream-max-wait-s 0.1 it goes out with the first update 0.1 s after its oldest token, about every
+    third token. The text and ids are the same either way."""
+    script = demo_tokenizer.encode("The lighthouse keeper watched the grey sea all night long, and the gulls slept.",
+                                   add_special_tokens=False)
+    assert len(script) >= 20, script
+    engine = demo_engine(demo_model_dir, demo_tokenizer, script=script, step_s=0.06)
+    unlimited, limited = (TextServer(demo_model_dir, engines=engine.target, stream_interval=8, stream_max_wait_s=w)
+                          for w in (0, 0.1))
+
+    def run(server) -> list:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.TextGenerationStub(channel)
+            wait_ready(stub)
+            return list(stub.Generate(pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(
+                max_tokens=20, ignore_eos=True)), timeout=30))
+
+    try:
+        waited, capped = run(unlimited), run(limited)
+    finally:
+        unlimited.stop()
+        limited.stop()
+        assert engine.stop() == 0
+    for got in (waited, capped):
+        assert [t for r in got for t in r.token_ids] == script[:20]
+        assert got[-1].finish_reason == pb.FINISH_REASON_LENGTH and got[0].token_ids == script[:1]
+    assert "".join(r.text for r in capped) == "".join(r.text for r in waited)
+    assert all(len(r.token_ids) >= 8 for r in waited[1:-1]) and len(waited) <= 4, [len(r.token_ids) for r in waited]
+    # 19 tokens after the first, 60 ms apart: held text leaves with its third update (0.12 s >= 0.1 s), so 6-7
+    # messages; a stalled machine joins updates, which can only make them fewer, never larger than 8 here.
+    counts = [len(r.token_ids) for r in capped]
+    assert len(capped) >= 5 and all(c < 8 for c in counts[1:-1]), counts
 
 
 def _failing_engine(demo_model_dir, demo_tokenizer, after: int, script: list[int], step_s: float) -> Running:

@@ -407,6 +407,20 @@ def test_docs_name_every_tls_setting():
                 assert f"--{field.name.replace('_', '-')}" in text, f"{cls.__name__}.{field.name} undocumented"
 
 
+def test_services_doc_names_every_flag_of_both_services():
+    """docs/SERVICES.md, where a user looks for a flag, names each setting of both services and of the engine."""
+    import dataclasses
+
+    from engine_service.config import EngineConfig
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "SERVICES.md").read_text()
+    fields = [(cls, field.name) for cls in (ServerConfig, TextServerConfig, EngineConfig)
+              for field in dataclasses.fields(cls)]
+    assert len(fields) > 60 and any(name == "stream_max_wait_s" for _, name in fields)
+    missing = [f"{cls.__name__}.{name}" for cls, name in fields if f"--{name.replace('_', '-')}" not in text]
+    assert not missing, f"undocumented in docs/SERVICES.md: {missing}"
+
+
 def test_a_damaged_ca_file_is_refused_naming_it(pki, tmp_path):
     """A truncated CA, or one pasted indented from YAML, went to gRPC unchecked: the server failed to start
     with 'another process holds that port', and a client failed every handshake without naming the file."""
