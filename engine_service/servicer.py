@@ -7,6 +7,7 @@ import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -34,6 +35,10 @@ MAX_TRACE_ID_CHARS = 128  # a trace id is a log field: a client cannot write meg
 # use them only to engines that list them, since an older engine ignores the fields. "json_object" and "json_schema"
 # are listed only by an engine whose model's tokenizer serves them (model_info["json_object"]).
 ENGINE_FEATURES = ("logprobs", "penalties", "prompt_logprobs", "logit_bias", "priority")
+# A Generate stream that sent nothing for a whole period of this gets an empty frame: a client that hears nothing
+# for several periods knows the service stopped answering (its event loop blocked or the process frozen), which
+# HTTP/2 keepalive cannot tell it, as gRPC's transport answers pings without this loop.
+HEARTBEAT_S = 1.0
 
 
 class EngineServicer(pb_grpc.EngineServicer):
@@ -186,14 +191,33 @@ class EngineServicer(pb_grpc.EngineServicer):
         self._streams.add(stream)
         return stream
 
-    async def _frames(self, stream: OutputStream) -> AsyncIterator[list[pb.RequestUpdate]]:
-        """The stream's updates, one batch per wake-up (one engine step when the client keeps up)."""
-        while not stream.done(self.draining):
-            if stream.has_updates:
-                yield stream.take()
-                continue
-            stream.wake.clear()
-            await stream.wake.wait()
+    async def _frames(self, stream: OutputStream, heartbeat_s: float | None = None
+                      ) -> AsyncIterator[list[pb.RequestUpdate]]:
+        """The stream's updates, one batch per wake-up (one engine step when the client keeps up); with heartbeat_s,
+        an empty batch when a whole period of it passed with none (a timer per period, nothing per frame)."""
+        sent, beat, timer = 0, False, None  # batches yielded; a heartbeat is due
+
+        def tick(sent_before: int) -> None:
+            nonlocal beat, timer
+            if sent == sent_before:
+                beat = True
+                stream.wake.set()
+            timer = asyncio.get_running_loop().call_later(heartbeat_s, tick, sent)
+
+        if heartbeat_s is not None:
+            tick(-1)
+        try:
+            while not stream.done(self.draining):
+                if stream.has_updates or beat:
+                    beat = False
+                    sent += 1
+                    yield stream.take() if stream.has_updates else []
+                    continue
+                stream.wake.clear()
+                await stream.wake.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     # ---- RPCs ---------------------------------------------------------------------------------------------
 
@@ -205,8 +229,9 @@ class EngineServicer(pb_grpc.EngineServicer):
         stream = self._new_stream()
         reader = asyncio.create_task(self._read_frames(request_iterator, stream, prefix))
         try:
-            async for updates in self._frames(stream):
-                yield pb.ServerFrame(updates=updates)
+            async with aclosing(self._frames(stream, HEARTBEAT_S)) as frames:  # its heartbeat timer ends with the call
+                async for updates in frames:
+                    yield pb.ServerFrame(updates=updates)
             if stream.read_error:  # frames after it are lost: say so rather than end the call OK
                 await context.abort(stream.read_code, stream.read_error)
         finally:
@@ -282,7 +307,7 @@ class EngineServicer(pb_grpc.EngineServicer):
         info = self.model_info
         return pb.ModelInfo(model_name=str(info["model_name"]), vocab_size=info["vocab_size"],
                             eos_token_ids=list(info["eos_token_ids"]), max_model_len=info["max_model_len"],
-                            block_size=info["block_size"],
+                            block_size=info["block_size"], heartbeat_ms=round(HEARTBEAT_S * 1000),
                             features=ENGINE_FEATURES + (("json_object", "json_schema") if info.get("json_object") else ()))
 
     async def GetLoad(self, request, context):

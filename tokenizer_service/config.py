@@ -42,6 +42,11 @@ class TextServerConfig:
     reconnect_min_s: float = 0.2  # backoff after a lost engine, doubling up to reconnect_max_s
     reconnect_max_s: float = 5.0
     engine_wait_s: float = 10.0  # how long a request waits for an engine to be connected
+    # How long an engine's Generate stream may send nothing, not even the heartbeat it promises (ModelInfo.heartbeat_ms),
+    # before the engine is taken as frozen: its requests fail over (those without a token are retried elsewhere) and
+    # it is dialled again. HTTP/2 keepalive cannot see this: gRPC's transport answers pings while the service is stuck.
+    # At least four heartbeats; 0: never (an engine that predates heartbeats is never judged by it).
+    engine_silence_s: float = 10.0
     # TLS (docs/SECURITY.md), PEM files. Ours: tls_cert and tls_key serve TLS (reloaded when they change), and
     # tls_client_ca asks every caller for a certificate that CA signed (mutual TLS).
     tls_cert: str = ""
@@ -140,6 +145,9 @@ class TextServerConfig:
         if not math.isfinite(self.stream_max_wait_s) or self.stream_max_wait_s < 0:
             raise ValueError(f"stream_max_wait_s must be 0 (no limit) or a positive number of seconds, got "
                              f"{self.stream_max_wait_s}")
+        if not math.isfinite(self.engine_silence_s) or self.engine_silence_s < 0:
+            raise ValueError(f"engine_silence_s must be 0 (off) or a positive number of seconds, got "
+                             f"{self.engine_silence_s}")
         for name in ("dns_refresh_s", "reconnect_min_s", "reconnect_max_s", "engine_wait_s", "keepalive_time_s",
                      "keepalive_timeout_s", "min_ping_interval_s", "grace_s"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:  # NaN passed a "<= 0" check

@@ -36,6 +36,7 @@ UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 # A request whose deadline passed this long ago without the engine ending it (the engine's own timer ends it at
 # the deadline) fails here with DEADLINE_EXCEEDED and is aborted: a frozen or stalled engine never answers.
 DEADLINE_GRACE_S = 1.0
+HEARTBEATS_OF_SILENCE = 4  # engine_silence_s is at least this many of an engine's heartbeat periods
 
 
 class RequestFailed(Exception):
@@ -203,6 +204,8 @@ class EngineConnection:
         self.refusing = False
         self.failure = ""  # why its last attempt ended, for the error of a request that found no engine
         self.info: pb.ModelInfo | None = None
+        self._heard = 0  # frames read on the current stream (heartbeats included)
+        self._silent = ""  # why the silence watcher ended the current stream
         self._ids = itertools.count()
         self._outbox = _Outbox()  # one per stream attempt, so a dead call's writer can never take new frames
         self._task = asyncio.create_task(self._run(), name=f"engine {address}")
@@ -268,6 +271,7 @@ class EngineConnection:
             outcome = "not reached"  # then "refused" once it answered, "lost" once its stream proved itself
             opened: float | None = None  # when the Generate call was made
             proven = False
+            watcher: asyncio.Task | None = None
             try:
                 stub = pb_grpc.EngineStub(channel)
                 info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5.0)
@@ -284,6 +288,9 @@ class EngineConnection:
                     self._outbox = _Outbox()
                     call = stub.Generate(self._frames(self._outbox, self._pool.max_frame_bytes))
                     opened = time.monotonic()
+                    limit = silence_limit(cfg.engine_silence_s, info.heartbeat_ms)
+                    if limit:
+                        watcher = asyncio.create_task(self._watch_silence(call, limit))
                     if on_probation:
                         await _ends_within(call, STREAM_PROVEN_S)
                     if not call.done():
@@ -292,6 +299,7 @@ class EngineConnection:
                         log.info("engine %s connected (%s)", self.address, info.model_name)
                     async for frame in call:
                         proven = True
+                        self._heard += 1
                         for update in frame.updates:
                             if update.finish_reason == pb.FINISH_REASON_ERROR and update.status.code == UNAVAILABLE:
                                 # Draining or failed: marked here, on the stream that said it (a caller reading
@@ -308,7 +316,14 @@ class EngineConnection:
                     outcome, backoff = "refused", cfg.reconnect_max_s
                 elif outcome == "not reached":
                     reason += tls_hint(exc.details() or "", self._pool.tls)
+            except asyncio.CancelledError:
+                if not self._silent or asyncio.current_task().cancelling():
+                    raise  # this connection is being closed
+                reason = self._silent  # the watcher cancelled the call
             finally:
+                if watcher is not None:
+                    watcher.cancel()
+                self._silent = ""
                 self.ready = False
                 if opened is not None:
                     proven = proven or time.monotonic() - opened >= STREAM_PROVEN_S
@@ -327,6 +342,26 @@ class EngineConnection:
                 self._pool.metrics.reconnects.inc()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, cfg.reconnect_max_s)
+
+    async def _watch_silence(self, call: grpc.aio.Call, limit_s: float) -> None:
+        """Cancel the Generate call once the engine has sent nothing for limit_s: its service stopped answering
+        (the reader then fails the requests over). Counted in this loop's own ticks, not wall time, so that a stall
+        of this service's event loop, which holds back the reader too, never counts as the engine's silence."""
+        tick = min(1.0, limit_s / 8)
+        heard, quiet = -1, 0.0
+        while not call.done():
+            await asyncio.sleep(tick)
+            if self._heard != heard:
+                heard, quiet = self._heard, 0.0
+                continue
+            quiet += tick
+            if quiet >= limit_s:
+                self._silent = (f"it sent nothing for {limit_s:g}s, not even its heartbeat: its service stopped "
+                                "answering (event loop blocked, or the process frozen) while the connection stayed "
+                                "up (--engine-silence-s)")
+                log.error("engine %s %s", self.address, self._silent)
+                call.cancel()
+                return
 
     def _lose_inflight(self, reason: str) -> None:
         handles, self.inflight = self.inflight, {}
@@ -356,6 +391,15 @@ class EngineConnection:
             await self._task
         except asyncio.CancelledError:
             pass
+
+
+def silence_limit(engine_silence_s: float, heartbeat_ms: int) -> float:
+    """How long an engine's stream may be silent before it is dropped (0: not watched): engine_silence_s, but never
+    under HEARTBEATS_OF_SILENCE of its heartbeat periods; an engine without heartbeats (heartbeat_ms 0) is not
+    watched, since its idle streams are silent by design."""
+    if not engine_silence_s or not heartbeat_ms:
+        return 0.0
+    return max(engine_silence_s, HEARTBEATS_OF_SILENCE * heartbeat_ms / 1000)
 
 
 async def _ends_within(call: grpc.aio.Call, timeout_s: float) -> None:

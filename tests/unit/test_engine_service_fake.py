@@ -97,6 +97,46 @@ def test_bidi_multiplexes_requests_and_reports_errors_in_frames(server):
         assert "temperature" in finish["t"].status.message
 
 
+def test_an_idle_generate_stream_gets_heartbeats_and_a_busy_one_none_extra(monkeypatch):
+    """A Generate stream with nothing to send gets an empty frame every heartbeat period (ModelInfo.heartbeat_ms), so
+    that a client can tell an idle engine from a stuck one; a stream whose requests advance gets no empty frame."""
+    from engine_service import servicer
+
+    monkeypatch.setattr(servicer, "HEARTBEAT_S", 0.3)
+    running = Running(FakeEngine(max_model_len=1_000_000, step_s=0.01))
+    try:
+        with EngineClient(running.target, timeout=20) as client:
+            wait_serving(client)
+            assert client.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).heartbeat_ms == 300
+            idle = threading.Event()
+
+            def frames():
+                yield pb.ClientFrame(requests=[new("busy", [1], max_tokens=40)])
+                idle.wait(10)
+
+            call = client.stub.Generate(frames(), timeout=20)
+            got, seen, started = [], [], time.monotonic()  # seen: (when, how many updates) of each frame
+            for frame in call:
+                seen.append((time.monotonic() - started, len(frame.updates)))
+                got += [t for u in frame.updates for t in u.new_token_ids]
+                if len(got) == 40 and sum(1 for at, n in seen if n == 0 and at > finished_at(seen)) == 3:
+                    break
+            call.cancel()
+            idle.set()
+        assert got == list(range(2, 42))
+        end = finished_at(seen)
+        beats = [at for at, n in seen if n == 0]
+        assert all(at > end for at in beats), seen  # none while tokens flowed (a 10 ms step, far under the period)
+        assert len(beats) == 3 and beats[0] - end < 0.7, seen  # then one every 0.3-0.6 s (a period with no frame)
+    finally:
+        assert running.stop() == 0
+
+
+def finished_at(seen: list[tuple[float, int]]) -> float:
+    """When the last frame that carried updates came."""
+    return max((at for at, n in seen if n), default=0.0)
+
+
 def test_in_band_abort_frees_the_request(server):
     with EngineClient(server.target, timeout=20) as client:
         wait_serving(client)

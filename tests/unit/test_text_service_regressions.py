@@ -5,6 +5,7 @@ burst of long prompts that outgrew one message on the engine stream."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -1593,3 +1594,50 @@ def test_stream_interval_loses_no_token_to_an_abort_or_to_another_completions_er
     finally:
         server.stop()
         assert engine.stop() == 0
+
+
+def test_an_engine_whose_service_stops_answering_is_dropped_and_its_requests_fail_over(demo_model_dir, demo_tokenizer,
+                                                                                       monkeypatch, caplog):
+    """An engine whose event loop is blocked (or whose process froze) kept its connection, since gRPC's transport
+    answers keepalive pings on its own: requests sent to it waited out their deadline (or forever, without one), and
+    it drew about half of the new ones. Its heartbeats stop: after --engine-silence-s the pool drops it, the requests
+    that had no token go to the other engine, and new ones go there too."""
+    from engine_service import servicer as engine_servicer
+    from tokenizer_service.engine_pool import silence_limit
+
+    assert silence_limit(10.0, 0) == 0.0 and silence_limit(0.0, 1000) == 0.0  # old engines, or off: not watched
+    assert silence_limit(10.0, 1000) == 10.0 and silence_limit(1.0, 1000) == 4.0  # at least four heartbeats
+    monkeypatch.setattr(engine_servicer, "HEARTBEAT_S", 0.2)
+    stuck, healthy = (demo_engine(demo_model_dir, demo_tokenizer, step_s=0.01) for _ in range(2))
+    server = TextServer(demo_model_dir, engines=f"{stuck.target},{healthy.target}", engine_silence_s=1.0)
+    thaw = threading.Event()
+    params = pb.SamplingParams(max_tokens=5, ignore_eos=True)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.TextGenerationStub(channel)
+            wait_ready(stub)
+            for _ in range(200):  # both engines connected
+                if stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).num_engines == 2:
+                    break
+                time.sleep(0.05)
+            stuck.loop.call_soon_threadsafe(thaw.wait, 30)  # its event loop blocks; its transport still answers
+
+            def generate(_: int) -> tuple[list, float]:
+                started = time.monotonic()
+                got = list(stub.Generate(pb.GenerateRequest(prompt="hi", sampling_params=params), timeout=20))
+                return got, time.monotonic() - started
+
+            with caplog.at_level(logging.ERROR, logger="tokenizer_service.engine_pool"):
+                with concurrent.futures.ThreadPoolExecutor(8) as workers:
+                    first = list(workers.map(generate, range(8)))
+                assert any("sent nothing for 1s, not even its heartbeat" in r.getMessage() for r in caplog.records)
+            later = [generate(i) for i in range(4)]  # the stuck engine is not connected: no wait for silence
+    finally:
+        thaw.set()
+        server.stop()
+        assert healthy.stop() == 0 and stuck.stop() == 0
+    for got, _ in first + later:
+        assert len([t for r in got for t in r.token_ids]) == 5 and got[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    waited = [took for _, took in first if took > 0.9]
+    assert waited and all(took < 5 for _, took in first), first  # some went to the stuck engine, none waited long
+    assert all(took < 0.9 for _, took in later), later
