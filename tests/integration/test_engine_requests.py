@@ -349,7 +349,7 @@ def test_sampling_filters_keep_tokens_inside_the_allowed_set(model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     prompt = _prompt(15, 300)
     with _engine(model_dir) as engine:
         outs = engine.generate(

