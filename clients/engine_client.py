@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 
@@ -13,9 +14,12 @@ from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
 
 
 class EngineClient:
-    def __init__(self, target: str, timeout: float | None = None, tls: ClientTls | None = None) -> None:
+    def __init__(self, target: str, timeout: float | None = None, tls: ClientTls | None = None,
+                 **channel_kwargs: Any) -> None:
+        """channel_kwargs: the channel settings TextClient takes (clients.channel.CHANNEL_SETTINGS), such as
+        max_message_bytes, keepalive_time_s and extra_options."""
         self.timeout = client_timeout(timeout)
-        self._channels = Channels(sync_channel, target, tls, pb_grpc.EngineStub)
+        self._channels = Channels(sync_channel, target, tls, pb_grpc.EngineStub, **channel_kwargs)
 
     @property
     def stub(self) -> pb_grpc.EngineStub:

@@ -137,6 +137,19 @@ def finished_at(seen: list[tuple[float, int]]) -> float:
     return max((at for at, n in seen if n), default=0.0)
 
 
+def test_the_engine_client_takes_the_channel_settings_the_text_client_does(server):
+    """EngineClient took no channel settings: a tool could not raise its message limit or pass gRPC options."""
+    with pytest.raises(TypeError, match=r"unknown client setting\(s\) \['max_message_byte'\]"):
+        EngineClient(server.target, max_message_byte=1)
+    with EngineClient(server.target, timeout=20, max_message_bytes=64, extra_options=[("grpc.enable_retries", 0)]
+                      ) as small:
+        with pytest.raises(grpc.RpcError) as err:  # a 64-byte limit on what the channel takes: ModelInfo is more
+            small.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with EngineClient(server.target, timeout=20, extra_options=[("grpc.enable_retries", 0)]) as client:
+        assert [t for u in client.generate([1, 2], max_tokens=3) for t in u.new_token_ids] == [3, 4, 5]
+
+
 def test_in_band_abort_frees_the_request(server):
     with EngineClient(server.target, timeout=20) as client:
         wait_serving(client)
