@@ -199,10 +199,13 @@ class EngineServicer(pb_grpc.EngineServicer):
 
         def tick(sent_before: int) -> None:
             nonlocal beat, timer
-            if sent == sent_before:
+            due = sent == sent_before
+            if due:
                 beat = True
                 stream.wake.set()
-            timer = asyncio.get_running_loop().call_later(heartbeat_s, tick, sent)
+            # The heartbeat queued now is a frame of this period, not the next: counted, so that an idle stream gets
+            # one every period rather than every other.
+            timer = asyncio.get_running_loop().call_later(heartbeat_s, tick, sent + due)
 
         if heartbeat_s is not None:
             tick(-1)

@@ -288,11 +288,12 @@ class EngineConnection:
                     self._outbox = _Outbox()
                     call = stub.Generate(self._frames(self._outbox, self._pool.max_frame_bytes))
                     opened = time.monotonic()
+                    if on_probation:
+                        await _ends_within(call, STREAM_PROVEN_S)
+                    # Watched from when the reader starts: the probation wait reads nothing.
                     limit = silence_limit(cfg.engine_silence_s, info.heartbeat_ms)
                     if limit:
                         watcher = asyncio.create_task(self._watch_silence(call, limit))
-                    if on_probation:
-                        await _ends_within(call, STREAM_PROVEN_S)
                     if not call.done():
                         self.info, self.ready, self.refusing = info, True, False
                         self._pool.changed()

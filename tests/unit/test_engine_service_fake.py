@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -127,7 +128,8 @@ def test_an_idle_generate_stream_gets_heartbeats_and_a_busy_one_none_extra(monke
         end = finished_at(seen)
         beats = [at for at, n in seen if n == 0]
         assert all(at > end for at in beats), seen  # none while tokens flowed (a 10 ms step, far under the period)
-        assert len(beats) == 3 and beats[0] - end < 0.7, seen  # then one every 0.3-0.6 s (a period with no frame)
+        assert len(beats) == 3 and beats[0] - end < 0.7, seen  # then one a period (0.3 s) after a period with none
+        assert max(b - a for a, b in itertools.pairwise(beats)) < 0.5, seen  # every period, not every other
     finally:
         assert running.stop() == 0
 

@@ -1641,3 +1641,44 @@ def test_an_engine_whose_service_stops_answering_is_dropped_and_its_requests_fai
     waited = [took for _, took in first if took > 0.9]
     assert waited and all(took < 5 for _, took in first), first  # some went to the stuck engine, none waited long
     assert all(took < 0.9 for _, took in later), later
+
+
+def test_a_stream_on_probation_is_not_taken_for_a_silent_engine(demo_model_dir, demo_tokenizer, monkeypatch):
+    """A stream after one the engine refused at the call is not read for its first second (probation): the silence
+    watcher ran from the call, so with a short heartbeat and --engine-silence-s under a second it cancelled every
+    such stream, and the engine never connected again."""
+    from clients.engine_client import EngineClient
+    from engine_service import servicer as engine_servicer
+
+    monkeypatch.setattr(engine_servicer, "HEARTBEAT_S", 0.05)
+    from tests.unit.test_engine_service_fake import wait_serving
+    from tokenizer_service.validation import read_eos_token_ids
+
+    vocab = json.loads((demo_model_dir / "config.json").read_text())["vocab_size"]
+    fake = FakeEngine(vocab_size=vocab, max_model_len=100_000, step_s=0.01)
+    fake.model_info["eos_token_ids"] = sorted(read_eos_token_ids(str(demo_model_dir), demo_tokenizer, vocab))
+    engine = Running(fake, max_concurrent_rpcs=1)
+    release = threading.Event()
+
+    def hold():
+        release.wait(30)
+        yield from ()
+
+    server = None
+    try:
+        with EngineClient(engine.target, timeout=30) as client:
+            wait_serving(client)
+            blocker = client.stub.Generate(hold(), timeout=30)  # the engine's one generation call
+            time.sleep(0.3)
+            server = TextServer(demo_model_dir, engines=engine.target, engine_silence_s=0.3, reconnect_min_s=0.05,
+                                reconnect_max_s=0.2)
+            time.sleep(1.0)  # its streams are refused at the call meanwhile: the next one is on probation
+            release.set()
+            blocker.cancel()
+        with grpc.insecure_channel(server.target) as channel:
+            wait_ready(pb_grpc.TextGenerationStub(channel))  # raises when no engine connects within 10 s
+    finally:
+        release.set()
+        if server is not None:
+            server.stop()
+        assert engine.stop() == 0

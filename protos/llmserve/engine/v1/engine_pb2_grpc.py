@@ -69,9 +69,9 @@ class EngineServicer:
         The client sends new requests and in-band aborts; the server sends one frame per engine step carrying
         the new tokens of every request of this stream that advanced. Per-request errors ride in the frames
         (RequestUpdate.status); the stream itself fails only when the engine fails or the client goes away. A stream
-        with nothing to send gets an empty frame (a heartbeat) at least every ModelInfo.heartbeat_ms, so that a client
-        can tell an idle engine from one whose service stopped answering (HTTP/2 keepalive cannot: gRPC's transport
-        answers its pings on its own).
+        that sent nothing for a whole period of ModelInfo.heartbeat_ms gets an empty frame (a heartbeat), so frames are
+        never more than two periods apart and a client can tell an idle engine from one whose service stopped
+        answering (HTTP/2 keepalive cannot: gRPC's transport answers its pings on its own).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
