@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 
 import grpc
 import pytest
@@ -44,9 +45,11 @@ def stack(demo_model):
         assert engine.stop() == 0
 
 
-def assert_all_blocks_free(eng: EngineClient) -> None:
-    load = wait_idle(eng)
-    assert load.num_live_requests == 0 and load.num_running == 0 and load.num_waiting == 0
+def assert_all_blocks_free(eng: EngineClient, within: float = 20.0) -> None:
+    start = time.monotonic()
+    load = wait_idle(eng, timeout=within)
+    assert load.num_live_requests == 0 and load.num_running == 0 and load.num_waiting == 0, (
+        f"engine not idle {time.monotonic() - start:.1f} s on (limit {within} s): " + str(load).replace("\n", " "))
     assert load.num_kv_blocks_used == 0 and load.num_kv_blocks_free == load.num_kv_blocks_total > 0
 
 
@@ -317,7 +320,14 @@ def test_64_concurrent_streams(stack):
     assert_all_blocks_free(eng)
 
 
+# A cancelled request must be freed at once: 0.05 s is typical. Its abort not reaching the engine let it run on
+# to its 1,500 tokens, about 6 s on the demo model, and "every block free" still held once it had.
+FREED_WITHIN_S = 2.5
+
+
 def test_cancellation_leaves_every_block_free(stack):
+    """Cancelled at the first token, mid-stream, while queued, and by a deadline: each request is aborted in the
+    engine within FREED_WITHIN_S (the tokenizer service sends the abort), and every KV block is then free."""
     _, _, text, eng = stack
     long = dict(temperature=0.0, max_tokens=1500, ignore_eos=True)
     # At the first token, and mid-stream.
@@ -326,7 +336,7 @@ def test_cancellation_leaves_every_block_free(stack):
         for _ in range(n_read):
             next(stream)
         stream.cancel()
-        assert_all_blocks_free(eng)
+        assert_all_blocks_free(eng, within=FREED_WITHIN_S)
     # While queued: fill every running slot (max_num_seqs 16) straight on the engine, then queue one more.
     gate = threading.Event()
 
@@ -348,13 +358,13 @@ def test_cancellation_leaves_every_block_free(stack):
     queued.cancel()
     gate.set()
     call.cancel()
-    assert_all_blocks_free(eng)
+    assert_all_blocks_free(eng, within=FREED_WITHIN_S)
     # A deadline that passes mid-stream.
     with TextClient(stack[1].target, timeout=0.5) as hasty:
         with pytest.raises(grpc.RpcError) as err:
             hasty.generate("Deadline", **long).text()
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert_all_blocks_free(eng)
+    assert_all_blocks_free(eng, within=FREED_WITHIN_S)
 
 
 BAD_SAMPLING = [

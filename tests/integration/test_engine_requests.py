@@ -216,7 +216,9 @@ def test_abort_while_queued_prefilling_decoding_and_preempted(model_dir):
         assert {k: v[1] for k, v in _drain(engine).items()} == {"decoding": "abort"}
         assert _all_free(engine)
 
-        # Preempted: two requests that each need most of the pool.
+        # Preempted: two requests that each need most of the pool. The aborted one must leave the waiting queue at
+        # once: left there, it was readmitted, recomputed and decoded to max_tokens unseen (70 tokens, twice the
+        # steps), and only then freed its blocks, so "all free" at the end held all the same.
         engine.add_request("a", _prompt(50, 4), SamplingParams(temperature=0.0, max_tokens=70))
         engine.add_request("b", _prompt(50, 5), SamplingParams(temperature=0.0, max_tokens=70))
         preempted = None
@@ -224,11 +226,18 @@ def test_abort_while_queued_prefilling_decoding_and_preempted(model_dir):
             engine.step()
             waiting = [s for s in engine.scheduler.waiting if s.admit_order >= 0]
             if waiting:
-                preempted = waiting[0].request_id
+                preempted = waiting[0]
                 break
         assert preempted is not None, "expected a preemption"
-        assert engine.abort_request(preempted)
-        _drain(engine)
+        other = ({"a", "b"} - {preempted.request_id}).pop()
+        assert engine.abort_request(preempted.request_id)
+        assert preempted not in engine.scheduler.waiting, "the aborted preempted sequence is still queued"
+        assert preempted.status.name == "FINISHED"
+        generated = preempted.num_output_tokens
+        outs = _drain(engine)
+        assert preempted.num_output_tokens == generated, "the aborted sequence kept decoding"
+        assert outs[other][1] == "length"
+        assert outs.get(preempted.request_id, [[], "abort"]) == [[], "abort"]
         assert _all_free(engine)
 
 

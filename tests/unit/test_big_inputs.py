@@ -463,3 +463,40 @@ def test_the_services_encode_follows_a_tokenizer_set_to_split_special_tokens(dem
         assert token_bounds.encode(demo_tokenizer, text, False) == demo_tokenizer.encode(text, add_special_tokens=False)
     finally:
         demo_tokenizer.backend_tokenizer.no_truncation()
+
+
+def test_messages_over_4_mib_reach_both_services_with_default_limits(demo_model_dir, demo_tokenizer):
+    """No test sent a message over gRPC's own 4 MiB default: a server (or client) left at that limit answered a
+    5 MiB prompt RESOURCE_EXHAUSTED "Received message larger than max" and nothing noticed. With the default
+    max_message_bytes (64 MiB) on both services and both clients, a 5 MiB prompt reaches the tokenizer service and
+    a 5.4 MB prompt of ids reaches the engine, each refused in words for max_model_len (INVALID_ARGUMENT), and a
+    Detokenize whose text is 5 MB comes back whole."""
+    from clients.engine_client import EngineClient
+    from clients.text_client import TextClient
+    from tests.unit.test_text_service_regressions import TextServer, demo_engine
+
+    engine = demo_engine(demo_model_dir, demo_tokenizer)  # max_model_len 100,000
+    server = TextServer(demo_model_dir, engines=engine.target)
+    try:
+        with TextClient(server.target, timeout=30) as text, EngineClient(engine.target, timeout=30) as direct:
+            for _ in range(200):  # until the tokenizer service has the engine's max_model_len
+                try:
+                    list(text.generate("x", max_tokens=1))
+                    break
+                except grpc.RpcError:
+                    time.sleep(0.05)
+            prompt = _corpus_text(5 * 2**20)
+            with pytest.raises(grpc.RpcError) as refused:
+                list(text.generate(prompt, max_tokens=1))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+            assert refused.value.details().startswith(TOO_LONG)
+            word = demo_tokenizer.encode(" wonderful", add_special_tokens=False)
+            assert len(word) == 1 and word[0] >= 128  # 2 bytes on the wire, 10 characters of text
+            with pytest.raises(grpc.RpcError) as refused:
+                list(direct.generate(word * 2_700_000, max_tokens=1))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+            assert "max_model_len" in refused.value.details()
+            assert text.detokenize(word * 500_000) == " wonderful" * 500_000
+    finally:
+        server.stop()
+        assert engine.stop() == 0

@@ -114,6 +114,34 @@ def test_stand_in_replay_gives_eager_tokens(tmp_path, backend):
     assert replayed == eager
 
 
+def test_stand_in_replay_decodes_to_a_max_model_len_not_a_multiple_of_block_size(tmp_path):
+    """The static block table must be ceil(max_model_len / block_size) wide: rounded down (66 // 8 = 8 blocks) it
+    had no column for positions 64 and 65, and decoding there through the graph runner failed ("index 8 is out of
+    bounds"); every other CPU test uses a max_model_len that is a multiple of the block size, where the two agree.
+    A 60-token prompt decoded to the limit through the replay path gives the eager tokens."""
+    from engine_service import LLM, SamplingParams
+    from engine_service.cuda_graphs import DecodeGraphRunner
+    from tests.integration.tiny import VOCAB, make_qwen3
+
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=32, layers=2, dtype=torch.float32)
+    rng = random.Random(0)
+    prompt = [rng.randrange(VOCAB) for _ in range(60)]
+    params = SamplingParams(temperature=0.0, max_tokens=100)  # capped at max_model_len: 6 tokens
+    kwargs = dict(device="cpu", dtype="float32", attention_backend="torch", kvcache_block_size=8,
+                  num_kvcache_blocks=32, max_num_seqs=4, max_model_len=66)
+    with LLM(tmp_path, **kwargs) as llm:
+        eager = llm.generate([prompt], params)[0]
+    with LLM(tmp_path, **kwargs) as llm:
+        graphs = DecodeGraphRunner(llm.runner, [1, 2, 4], use_cuda_graphs=False)
+        graphs.capture()
+        assert graphs.block_tables.shape == (4, 9)  # ceil(66 / 8)
+        llm.runner.graphs = graphs
+        replayed = llm.generate([prompt], params)[0]
+        assert graphs.num_replays == 5  # every decode step; the last stores position 64, in the ninth block
+    assert len(eager["token_ids"]) == 6 and eager["finish_reason"] == "length"
+    assert replayed["token_ids"] == eager["token_ids"]
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_stand_in_replay_in_two_halves_gives_the_tokens_of_one_batch(tmp_path, backend):
     """Two-batch overlap on the CPU (one stream, the same computation): every captured size from 2 on runs as two
@@ -157,23 +185,51 @@ def test_stand_in_replay_in_two_halves_gives_the_tokens_of_one_batch(tmp_path, b
     assert replayed == eager
 
 
-def test_padding_lane_inputs_in_static_buffers(tmp_path):
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "folded-matmul"])
+def test_padding_lane_inputs_in_static_buffers(tmp_path, monkeypatch, fused):
+    """Three sequences at size 4: the padding lane's inputs (slot -1, context 0, token 0, launched last), and its
+    attention rows exactly zero and every hidden row finite, on both torch attention paths. The padding lane sees key
+    0 only so that its softmax is finite: without that, torch's fused SDPA happens to return zeros for a fully masked
+    row, but the matmul path (torch without SDPA's enable_gqa) made the lane NaN; and the lane's output must be
+    zeroed, not attention over key 0."""
     from engine_service import LLM
+    from engine_service.attention import torch_backend
     from engine_service.cuda_graphs import DecodeGraphRunner
     from engine_service.model_runner import StepInputs
     from tests.integration.tiny import make_qwen3
 
+    if fused and not torch_backend.SDPA_GQA:
+        pytest.skip("this torch's scaled_dot_product_attention has no enable_gqa")
+    monkeypatch.setattr(torch_backend, "SDPA_GQA", fused)
     make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=32, layers=1, dtype=torch.float32)
     with LLM(tmp_path, device="cpu", dtype="float32", attention_backend="torch", kvcache_block_size=8,
              num_kvcache_blocks=16, max_num_seqs=4, max_model_len=64) as llm:
         graphs = DecodeGraphRunner(llm.runner, [1, 2, 4], use_cuda_graphs=False)
         graphs.capture()
+        attention_outs = []
+        forward = graphs.backend.forward
+
+        def recording_forward(*args):
+            out = forward(*args)
+            attention_outs.append(out.clone())
+            return out
+
+        monkeypatch.setattr(graphs.backend, "forward", recording_forward)
+        # Stale contents, as a used cache holds: the key 0 a padding lane sees (block 0 of its zero table) is not 0.
+        gen = torch.Generator().manual_seed(0)
+        for cache in (llm.runner.k_cache, llm.runner.v_cache):
+            cache.copy_(torch.randn(cache.shape, generator=gen))
         x = StepInputs(ids=[5, 6, 7], positions=[9, 0, 16], slots=[25, 32, 88], q_lens=[1, 1, 1],
                        ctx_lens=[10, 1, 17], tables=[[2, 3], [4], [9, 10, 11]], sample_rows=[0, 1, 2],
                        num_decode=3)
         assert graphs.can_run(x)
         hidden = graphs.run(x)
         assert hidden.shape == (3, 32) and bool(torch.isfinite(graphs.hidden[:4]).all())
+        assert len(attention_outs) == 1  # one layer, one replay
+        (out,) = attention_outs
+        assert out.shape[0] == 4 and bool(torch.isfinite(out).all())
+        assert bool((out[3] == 0).all()), "the padding lane's attention output is not zero"
+        assert bool((out[:3].abs().sum(dim=(1, 2)) > 0).all())
         assert graphs.slot_mapping[:4].tolist() == [25, 32, 88, -1]
         assert graphs.context_lens[:4].tolist() == [10, 1, 17, 0]
         assert graphs.input_ids[:4].tolist() == [5, 6, 7, 0]

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.engine_client import EngineClient
 from clients.logs import REQUEST_LOGGER
-from engine_service.outputs import FINISH_ERROR
+from engine_service.outputs import FINISH_ERROR, StepOutput
 from engine_service.server import serve
 from engine_service.server_config import ServerConfig
 from protos.llmserve.engine.v1 import engine_pb2 as pb
@@ -28,8 +28,9 @@ class Running:
 
     def __init__(self, engine: FakeEngine, **overrides: object) -> None:
         self.engine = engine
-        overrides = {"metrics_port": 0, **overrides}  # several servers in one process: no fixed metrics port
-        self.config = ServerConfig(model="fake", host="127.0.0.1", port=0, canary_interval_s=0, **overrides)
+        # Several servers in one process: no fixed metrics port. No idle canary unless a test asks for one.
+        overrides = {"metrics_port": 0, "canary_interval_s": 0, **overrides}
+        self.config = ServerConfig(model="fake", host="127.0.0.1", port=0, **overrides)
         self.loop = asyncio.new_event_loop()
         self.port_ready = threading.Event()
         self.exit_code: int | None = None
@@ -550,3 +551,118 @@ def test_the_start_up_heap_is_frozen_while_serving_and_thawed_after():
         assert running.stop() == 0
     assert frozen > 1000, frozen
     assert gc.get_freeze_count() == 0  # serve() in-process leaves the collector as it found it
+
+
+class BreakableEngine(FakeEngine):
+    """A FakeEngine whose generation breaks without raising when `broken` is set: "error" ends every request
+    FINISH_ERROR (NaN logits, say), "hang" steps on without producing anything."""
+
+    broken: str | None = None
+
+    def step(self, on_launch=None) -> list[StepOutput]:
+        if self.broken is None:
+            return super().step(on_launch)
+        time.sleep(self.step_s)
+        if self.broken == "hang":
+            return []
+        failed, self.waiting, self.running = self.waiting + self.running, [], []
+        outputs = [StepOutput(rid, finish_reason="abort") for rid in self.aborted]
+        self.aborted = []
+        for rid in failed:
+            del self.reqs[rid]
+        return outputs + [StepOutput(rid, finish_reason=FINISH_ERROR, error="NaN logits") for rid in failed]
+
+
+def wait_health(client: EngineClient, status: int, seconds: float) -> int:
+    """Poll health until it answers `status` or `seconds` pass; the last answer."""
+    stub = health_pb2_grpc.HealthStub(client._channel)
+    deadline = time.monotonic() + seconds
+    while True:
+        got = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+        if got == status or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("breakage", ["error", "hang"])
+def test_health_turns_not_serving_when_generation_breaks_and_serving_when_it_works_again(breakage):
+    """No test ran the idle canary's verdict: health could stay SERVING (a canary that ended in error counted as
+    passed, or its result was ignored) while every request failed or none made progress. With a canary every
+    0.2 s timed out at 0.5 s, an idle engine whose generation breaks turns NOT_SERVING within seconds, and
+    SERVING again once generation works."""
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    engine = BreakableEngine(max_model_len=1_000_000)
+    running = Running(engine, canary_interval_s=0.2, canary_timeout_s=0.5)
+    try:
+        with EngineClient(running.target, timeout=20) as client:
+            wait_serving(client)
+            engine.broken = breakage
+            assert wait_health(client, not_serving, 4) == not_serving
+            engine.broken = None
+            assert wait_health(client, serving, 4) == serving
+    finally:
+        assert running.stop() == 0
+
+
+def test_an_engine_whose_generation_is_broken_from_the_start_never_serves_and_exits_1(caplog):
+    """A failed start-up canary (its request ended in error) was ignored: the engine said SERVING and took
+    traffic it could only fail. It must never answer SERVING, log why, and serve() must return 1."""
+    engine = BreakableEngine()
+    engine.broken = "error"
+    running = Running(engine, failure_linger_s=0.2)
+    seen = []
+    try:
+        with caplog.at_level(logging.ERROR), EngineClient(running.target, timeout=20) as client:
+            stub = health_pb2_grpc.HealthStub(client._channel)
+            deadline = time.monotonic() + 5
+            while running.thread.is_alive() and time.monotonic() < deadline:
+                try:
+                    seen.append(stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status)
+                except grpc.RpcError as err:
+                    seen.append(err.code())
+                time.sleep(0.02)
+    finally:
+        code = running.stop()
+    assert health_pb2.HealthCheckResponse.SERVING not in seen, seen
+    assert code == 1
+    assert any("start-up canary failed: NaN logits" in r.getMessage() for r in caplog.records)
+
+
+def test_a_cancelled_generate_stream_frees_its_request(server):
+    """Cancelling a GenerateStream call (a client gone, a deadline) did not abort its request: it ran on to
+    max_tokens, holding its slot and blocks. After a cancel at the first token or mid-stream, GetLoad shows
+    nothing live or running within 2 s."""
+    with EngineClient(server.target, timeout=20) as client:
+        wait_serving(client)
+        for n_read in (1, 6):
+            stream = client.generate([1, 2], f"cancel-after-{n_read}", max_tokens=100_000, ignore_eos=True)
+            for _ in range(n_read):
+                next(stream)
+            stream.cancel()
+            deadline = time.monotonic() + 2
+            while ((load := client.load()).num_live_requests or load.num_running) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert load.num_live_requests == 0 and load.num_running == 0, (n_read, load)
+
+
+def test_64_generate_streams_straight_to_an_engine_with_default_limits_are_all_served():
+    """test_64_concurrent_streams goes through the tokenizer service, which puts everything on one engine stream:
+    an engine whose gRPC call limit was 32 refused half of 64 GenerateStream calls made straight to it with
+    "Concurrent RPC limit exceeded!". With the default limits all 64 are open at once and each streams."""
+    running = Running(FakeEngine(max_model_len=1_000_000, max_num_seqs=64, num_blocks=4096, step_s=0.01))
+    try:
+        with EngineClient(running.target, timeout=20) as client:
+            wait_serving(client)
+            streams = [client.generate([1, 2], f"s{i}", max_tokens=100_000, ignore_eos=True) for i in range(64)]
+            try:
+                assert [next(stream).new_token_ids[0] for stream in streams] == [3] * 64
+                assert client.load().num_live_requests == 64
+            finally:
+                for stream in streams:
+                    stream.cancel()
+            deadline = time.monotonic() + 5
+            while client.load().num_live_requests and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert client.load().num_live_requests == 0
+    finally:
+        assert running.stop() == 0

@@ -114,6 +114,42 @@ def test_groups_and_tiles_match_reference(monkeypatch, fused, seed):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "folded-matmul"])
+def test_padding_lanes_write_zeros_and_real_rows_match_reference(monkeypatch, fused):
+    """A CUDA-graph batch's padding lanes (context 0, slot -1, table of block 0, whose keys are not zeros): their
+    attention rows must be exactly zero and finite on both paths, and they store nothing. Without the key 0 they are
+    let see, the matmul path's softmax over no key made them NaN (torch's fused SDPA happens to give zeros); without
+    the multiply by the live mask they held attention over key 0."""
+    if fused and not torch_backend.SDPA_GQA:
+        pytest.skip("this torch's scaled_dot_product_attention has no enable_gqa")
+    monkeypatch.setattr(torch_backend, "SDPA_GQA", fused)
+    ctx = [19, 0, 33, 0, 1, 0]  # lanes 1, 3 and 5 are padding
+    pad, real = [1, 3, 5], [0, 2, 4]
+    heads, kv_heads, bs, d = 6, 2, 8, 16
+    batch = make_paged_batch([1] * 6, ctx, heads, kv_heads, d, bs, dtype=torch.float64, table_fill=0,
+                             generator=torch.Generator().manual_seed(0))
+    assert (batch.block_tables[pad] == 0).all()  # padding lanes gather block 0: random keys, not zeros
+    slots = torch.full((6,), -1)
+    slots[real] = _slots(batch.block_tables[real], [1] * 3, [ctx[i] for i in real], bs)
+    rows = slots.clamp(min=0)
+    k_new = batch.k_cache.view(-1, kv_heads, d)[rows].clone()
+    v_new = batch.v_cache.view(-1, kv_heads, d)[rows].clone()
+    k_new[pad] = v_new[pad] = float("nan")  # a padding lane's K/V must never reach the cache
+    meta = AttentionMetadata(
+        slot_mapping=slots, cu_seqlens_q=batch.cu_seqlens_q, context_lens=batch.context_lens,
+        block_tables=batch.block_tables, num_decode_seqs=6, max_seqlen_q=1, max_context_len=max(ctx), block_size=bs,
+        has_padding=True, q_lens=[1] * 6, ctx_lens=ctx,
+    )
+    out = torch_backend.TorchAttentionBackend().forward(batch.q, k_new, v_new, batch.k_cache, batch.v_cache, meta,
+                                                        d**-0.5)
+    assert bool(torch.isfinite(out).all()), "padding lanes went NaN"
+    assert bool((out[pad] == 0).all()), "padding lanes' attention rows are not zero"
+    assert not batch.k_cache.isnan().any() and not batch.v_cache.isnan().any()
+    ref = ref_paged_attention(batch.q, batch.k_cache, batch.v_cache, batch.cu_seqlens_q, batch.context_lens,
+                              batch.block_tables, d**-0.5)
+    torch.testing.assert_close(out[real], ref[real], rtol=1e-10, atol=1e-10)
+
+
 def test_one_long_context_does_not_pad_the_short_ones():
     groups = torch_backend.context_groups([100, 32768, 90, 120, 300, 20000])
     assert groups == [[2, 0, 3], [4], [5, 1]]
