@@ -29,12 +29,16 @@ def _expected(prompt: list[int], output: list[int]) -> tuple[list[int], list[boo
 
 
 def test_a_slot_is_built_from_the_tokens_and_advanced_by_records():
+    """A record counts the sampled token and marks it seen: a token first sampled (7, in neither the prompt nor the
+    output) must be seen by the repetition penalty from the next step on."""
     pen = Penalties(2, VOCAB, torch.device("cpu"))
     a = _seq("a", [1, 2, 2], [3, 3, 5])
     slot = pen.slot(a)
     assert pen.slot(a) == slot and _state(pen, slot) == _expected([1, 2, 2], [3, 3, 5])
     pen.record(torch.tensor([slot]), torch.tensor([5]))
     assert _state(pen, slot) == _expected([1, 2, 2], [3, 3, 5, 5])
+    pen.record(torch.tensor([slot]), torch.tensor([7]))
+    assert _state(pen, slot) == _expected([1, 2, 2], [3, 3, 5, 5, 7])
 
 
 def test_a_released_slot_is_rebuilt_clean_for_its_next_holder():

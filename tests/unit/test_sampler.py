@@ -44,8 +44,66 @@ def test_filters_restrict_and_renormalise(params, allowed):
 
 
 def test_low_temperature_sharpens_and_greedy_takes_argmax():
+    """A temperature below GREEDY_EPS is greedy too, not a division by almost 0: greedy only at exactly 0 drew
+    among tied logits at 1e-6, and 1e-300 (0 in float32) made the probabilities NaN. Greedy takes the first of
+    tied maxima, every time."""
     assert _frequencies(SamplingParams(temperature=0.2))[0] > 0.9
     assert _frequencies(SamplingParams(temperature=0.0), draws=50)[0] == 1.0
+    sampler = Sampler(torch.device("cpu"), seed=0, triton_sampling=False)
+    tied = torch.tensor([[5.0, 5.0, 1.0, 0.0]]).repeat(64, 1)
+    for temperature in (1e-6, 1e-300):
+        params = SamplingParams(temperature=temperature)
+        assert params.greedy, temperature
+        tokens, finite = sampler(tied.clone(), [SamplingRow(params, None)] * 64)
+        assert all(finite) and tokens == [int(tied[0].argmax())] * 64, (temperature, sorted(set(tokens)))
+
+
+def test_top_p_drops_the_token_whose_mass_before_it_reaches_top_p_exactly():
+    """top_p keeps the smallest set of tokens whose mass reaches top_p: a token with exactly top_p of mass before
+    it goes. Four equal logits give exact float32 quarters, so top_p 0.5 keeps 2 tokens and 0.25 keeps 1; a strict
+    comparison kept one more."""
+    from engine_service.sampler import _top_k_top_p
+
+    vocab, top_p = 4, [0.5, 0.25]
+    out = _top_k_top_p(torch.zeros(2, vocab), torch.full((2, 1), float(vocab)), torch.tensor(top_p)[:, None])
+    assert torch.isfinite(out).sum(dim=-1).tolist() == [round(p * vocab) for p in top_p]
+
+
+def test_min_p_keeps_the_tokens_at_the_floor():
+    """min_p drops the tokens strictly below min_p times the largest probability. Dropping those at the floor too,
+    min_p=1.0 zeroed every token (the draw fell to the last vocabulary id), and with probabilities 0.5, 0.25, 0.25
+    min_p=0.5 (a floor of exactly 0.25) kept only the first."""
+    sampler = Sampler(torch.device("cpu"), seed=0, triton_sampling=False)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(16, 1)
+    tokens, _ = sampler(logits, [SamplingRow(SamplingParams(min_p=1.0), None)] * 16)
+    assert tokens == [0] * 16
+    probs, draws = [0.5, 0.25, 0.25], 2000
+    logits = torch.tensor([[math.log(p) for p in probs]]).repeat(draws, 1)
+    tokens, _ = sampler(logits, [SamplingRow(SamplingParams(min_p=0.5), None)] * draws)
+    for i, p in enumerate(probs):
+        assert abs(tokens.count(i) / draws - p) < 0.04, (i, tokens.count(i))
+
+
+@pytest.mark.parametrize("penalty", ["frequency_penalty", "presence_penalty"])
+def test_a_row_with_only_a_frequency_or_presence_penalty_is_penalised_alone_in_its_step(penalty):
+    """The pass over the output counts is skipped in a step where no row has a presence or frequency penalty;
+    it was skipped where none had a presence penalty, so a row with only a frequency penalty, alone in its step,
+    was not penalised at all and kept repeating its token."""
+    from engine_service.penalties import Penalties
+    from engine_service.sequence import Sequence, Status
+
+    sampler = Sampler(torch.device("cpu"), seed=0, triton_sampling=False,
+                      penalties=Penalties(1, 4, torch.device("cpu")))
+    params = SamplingParams(temperature=0.0, max_tokens=8, **{penalty: 2.0})
+    seq = Sequence("a", [3], params, 64)
+    seq.token_ids += [0, 0]  # token 0 generated twice
+    seq.status = Status.RUNNING
+    logits = torch.tensor([[3.0, 2.0, 0.0, 0.0]])
+    counts = torch.tensor([2.0, 0.0, 0.0, 0.0])
+    want = logits[0] - params.presence_penalty * (counts > 0) - params.frequency_penalty * counts
+    assert int(want.argmax()) != int(logits[0].argmax())  # the penalty changes the greedy token
+    tokens, _ = sampler(logits.clone(), [SamplingRow(params, None, penalty_slot=sampler.penalties.slot(seq))])
+    assert tokens == [int(want.argmax())]
 
 
 def test_seeded_rows_use_their_own_generator():
@@ -91,8 +149,12 @@ def test_top_p_one_keeps_every_token_beside_a_filtering_row():
 
 
 def test_seed_out_of_range_names_the_field():
-    with pytest.raises(ValueError, match="seed"):
-        SamplingParams(seed=2**64)
+    """Seeds are int64 on both protos: 2**63, the first seed that does not fit, is refused here (else it failed only
+    later, serialising the engine request), and 2**63 - 1 is taken."""
+    assert SamplingParams(seed=2**63 - 1).seed == 2**63 - 1
+    for seed in (2**63, 2**64):
+        with pytest.raises(ValueError, match="seed"):
+            SamplingParams(seed=seed)
     with pytest.raises(ValueError, match="seed"):
         SamplingParams(seed=-1)
 

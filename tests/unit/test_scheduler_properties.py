@@ -358,6 +358,67 @@ def _drain_all(sched: Scheduler) -> int:
     return computed
 
 
+def _step(sched: Scheduler, token: int = 1) -> None:
+    """One step with a fake model that samples `token` for every row that samples."""
+    batch = sched.schedule()
+    sched.postprocess(batch, [token if take else None for take in batch.sample])
+
+
+def test_a_prompt_of_repeated_blocks_is_cached_whole_and_prefixes_sharing_a_last_block_both_stay():
+    """A block's hash is seeded with its parent's, so that it names the whole prefix through the block. Hashed on
+    its own tokens alone, the three identical blocks of a prompt had one hash: only the first was cached, and the
+    same prompt again hit 1 block, not 3. And of two prefixes ending in the same block, the later one's last block
+    displaced the earlier one's, which then missed."""
+    sched = Scheduler(BlockManager(32, BLOCK), 4, 64)
+    repeated = [3] * (3 * BLOCK) + [1]
+    ends_alike = {"x": [1] * BLOCK + [4] * BLOCK + [0], "y": [2] * BLOCK + [4] * BLOCK + [0]}
+    for rid, prompt in [("r", repeated), *ends_alike.items()]:
+        sched.add(Sequence(rid, prompt, SamplingParams(max_tokens=1), 64))
+        _drain_all(sched)
+    for rid, prompt in [("r", repeated), *ends_alike.items()]:
+        again = Sequence(rid + "2", prompt, SamplingParams(max_tokens=1), 64)
+        sched.add(again)
+        _drain_all(sched)
+        assert again.num_cached_tokens == (len(prompt) - 1) // BLOCK * BLOCK, rid  # every full block
+
+
+def test_a_freed_block_holding_no_prefix_is_reused_before_cached_ones():
+    """A freed block with no hash (a partial last block) goes to the front of the free list: the next block taken is
+    it, not the least recently freed block that still caches a prefix. At the back, the cached prefix of a request
+    that ended first was evicted for nothing."""
+    bm = BlockManager(2, BLOCK)
+    sched = Scheduler(bm, 4, 64)
+    cached = [1, 2, 3, 4]  # one full block: published
+    for rid, prompt in (("cached", cached), ("partial", [5, 6]), ("next", [6, 5])):  # each ends before the next
+        sched.add(Sequence(rid, prompt, SamplingParams(max_tokens=1), 64))
+        _drain_all(sched)
+    assert bm.num_cached_blocks == 1
+    hit = Sequence("hit", cached + [8], SamplingParams(max_tokens=1), 64)
+    sched.add(hit)
+    _drain_all(sched)
+    assert hit.num_cached_tokens == BLOCK
+
+
+def test_blocks_computed_after_an_unpublished_copy_are_found_through_the_cached_one():
+    """b recomputes the last block of a prompt a cached whole (into a block of its own) while a still holds a's copy:
+    b's copy is not published, and its children record a's copy as their parent, the one a lookup goes through.
+    Recording b's copy, the block b generated next was never matched after a ended."""
+    bm = BlockManager(32, BLOCK)
+    sched = Scheduler(bm, 4, 64)
+    prompt = list(range(1, 2 * BLOCK + 1))  # two whole blocks
+    a = Sequence("a", prompt, SamplingParams(max_tokens=3), 64)
+    b = Sequence("b", list(prompt), SamplingParams(max_tokens=BLOCK + 1), 64)
+    sched.add(a)
+    _step(sched)
+    sched.add(b)
+    _step(sched)  # b computes its copy of a's block 1 while a runs
+    assert b.num_cached_tokens == BLOCK and a.status is Status.RUNNING
+    _drain_all(sched)  # a ends, then b fills and publishes its block 2
+    assert a.status is b.status is Status.FINISHED
+    c = Sequence("c", b.token_ids[: 3 * BLOCK] + [0], SamplingParams(max_tokens=1), 64)
+    assert len(bm.confirm(c, bm.match_prefix(c))) == 3
+
+
 def test_a_burst_sharing_a_prompt_prefix_computes_it_once():
     """Eight requests with one 32-token system prompt arrive together. Hashes are published after the step, so
     each admitted in that step computed its own copy (and the cache counted copies no lookup could reach);
@@ -596,12 +657,16 @@ def test_many_arrivals_behind_one_low_priority_request_cost_a_step_each():
 def test_a_hash_collision_between_two_prefixes_is_not_spliced(monkeypatch):
     """Prefixes A and B differ in block 0, and (one 64-bit collision) B's chain hash at block 1 equals A's. Block 2,
     computed after A, matched by hash, parent hash and its own tokens for B + block 2's tokens: its KV, computed
-    after A, would have been read as if after B. A match now follows the very parent block it was computed after."""
+    after A, would have been read as if after B. A match now follows the very parent block it was computed after.
+
+    And a collision found when a match is confirmed (D, after B0, hashes as B1 while B1 is in use) takes the
+    colliding hash out of the cache, so that D's own block is published in its place and the next request over
+    B0 + D hits it: kept, the block in use was never displaced and every later request over B0 + D missed D."""
     real = bm_module.hash_block
-    a, b, c = [1, 1, 1, 1, 2, 2, 2, 2], [0, 0, 0, 1, 2, 2, 2, 0], [5, 5, 5, 5]
+    a, b, c, d = [1, 1, 1, 1, 2, 2, 2, 2], [0, 0, 0, 1, 2, 2, 2, 0], [5, 5, 5, 5], [4, 4, 4, 4]
     a1, b0 = real(real(0, a[:4]), a[4:]), real(0, b[:4])
-    monkeypatch.setattr(bm_module, "hash_block",
-                        lambda parent, tokens: a1 if (parent == b0 and list(tokens) == b[4:]) else real(parent, tokens))
+    monkeypatch.setattr(bm_module, "hash_block", lambda parent, tokens: (
+        a1 if (parent == b0 and list(tokens) in (b[4:], d)) else real(parent, tokens)))
     bm = BlockManager(32, BLOCK)
     sched = Scheduler(bm, 4, 64)
     for rid, prompt in (("x", a + c + [3]), ("y", b + [3])):  # caches A0 A1 C (C after A), then B0 and B1
@@ -611,6 +676,15 @@ def test_a_hash_collision_between_two_prefixes_is_not_spliced(monkeypatch):
             sched.postprocess(batch, [1 if take else None for take in batch.sample])
     spliced = Sequence("s", b + c + [3], SamplingParams(max_tokens=1), 64)
     assert len(bm.confirm(spliced, bm.match_prefix(spliced))) <= 2  # B's own blocks at most, never C
+
+    holder = Sequence("h", b + [3], SamplingParams(max_tokens=50), 64)  # takes B0 and B1 from the cache, keeps them
+    first_d = Sequence("d1", b[:4] + d + [3], SamplingParams(max_tokens=50), 64)  # finds B1 by hash: confirmed away
+    for seq in (holder, first_d):
+        sched.add(seq)
+        _step(sched)
+    assert first_d.num_cached_tokens == BLOCK and first_d.block_table[1] != holder.block_table[1]
+    second_d = Sequence("d2", b[:4] + d + [3], SamplingParams(max_tokens=1), 64)
+    assert bm.confirm(second_d, bm.match_prefix(second_d)) == first_d.block_table[:2]
 
 
 def test_a_full_queue_is_displaced_from_its_newest_highest_value_that_has_produced_nothing():
