@@ -8,7 +8,8 @@
         --torch-threads 1 --num-kvcache-blocks 2048      # the engine service's settings, for a fair pair
 
 Workload B of BENCHMARKS.md (random.seed(0); 64 requests; prompts of randint(32, 256) ids in [0, 8000), drawn
-first; then max_tokens randint(32, 256); ignore_eos; temperature 0.6), sent as token ids. Reports time to first
+first; then max_tokens randint(32, 256); ignore_eos; temperature 0.6), or with --workload A its workload A (256
+requests; prompts of randint(100, 1024) ids in [0, 10000]; max_tokens randint(100, 1024)), sent as token ids. Reports time to first
 token, inter-token latency and end-to-end latency at p50/p90/p99, request and output-token throughput. With
 --inprocess-model, each run is paired with the same workload driven through LLMEngine add_request/step in this
 process (engine_service is imported only then), alternating, and the median throughput ratio is reported.
@@ -46,12 +47,24 @@ class Workload:
     temperature: float = 0.6
 
 
-def workload_b(vocab_size: int, num_requests: int = 64) -> Workload:
-    """Workload B; ids are taken modulo the model's vocabulary so a smaller model can run it too."""
+# BENCHMARKS.md's generators: (requests, prompt length range, largest token id, max_tokens range).
+WORKLOADS = {"A": (256, (100, 1024), 10_000, (100, 1024)), "B": (64, (32, 256), 8000, (32, 256))}
+
+
+def workload(name: str, vocab_size: int, num_requests: int | None = None) -> Workload:
+    """Workload A or B of BENCHMARKS.md (random.seed(0); every prompt drawn first, then the output lengths); ids are
+    taken modulo the model's vocabulary so a smaller model can run it too. num_requests: the first that many of a
+    longer run of the generator (default: the workload's own count)."""
+    count, (lo, hi), top, (out_lo, out_hi) = WORKLOADS[name]
+    n = num_requests or count
     random.seed(0)
-    prompts = [[random.randint(0, 8000) % vocab_size for _ in range(random.randint(32, 256))]
-               for _ in range(num_requests)]
-    return Workload(prompts, [random.randint(32, 256) for _ in range(num_requests)])
+    prompts = [[random.randint(0, top) % vocab_size for _ in range(random.randint(lo, hi))] for _ in range(n)]
+    return Workload(prompts, [random.randint(out_lo, out_hi) for _ in range(n)])
+
+
+def workload_b(vocab_size: int, num_requests: int = 64) -> Workload:
+    """Workload B (see workload)."""
+    return workload("B", vocab_size, num_requests)
 
 
 def salted(w: Workload, salt: int, vocab_size: int) -> Workload:
@@ -201,7 +214,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--rate", type=float, action="append", help="Poisson requests/s (repeatable; inf: all at once)")
     p.add_argument("--concurrency", type=int, action="append",
                    help="requests in flight at most (repeatable: a sweep; default no limit)")
-    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="B",
+                   help="BENCHMARKS.md's workload A (256 requests, prompts and outputs of 100-1024 tokens: a GPU's) "
+                        "or B (64 requests of 32-256, the default)")
+    p.add_argument("--num-requests", type=int, default=None, help="default: the workload's (A 256, B 64)")
     p.add_argument("--vocab-size", type=int, default=0, help="default: the tokenizer service's model info")
     p.add_argument("--inprocess-model", default=None, help="also run the engine in-process on this model")
     p.add_argument("--device", default="auto")
@@ -212,6 +228,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     for flag in ("--max-num-seqs", "--max-num-batched-tokens", "--num-kvcache-blocks", "--kvcache-block-size",
                  "--max-model-len"):
         p.add_argument(flag, type=int, default=None, help="in-process engine: as the engine service's flag")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="in-process engine: as the engine service's flag; on a GPU the engine service shares, the "
+                        "device's share both may fill (memory the service holds counts against it)")
     p.add_argument("--enforce-eager", action="store_true", help="in-process engine: as the engine service's flag")
     p.add_argument("--pairs", type=int, default=1, help="interleaved gRPC/in-process pairs per rate")
     p.add_argument("--json", default=None, help="write the report here")
@@ -222,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         tls = tls_from_arguments(args)
     except ValueError as exc:
         p.error(f"TLS: {exc}")
-    for name, value in (("--num-requests", [args.num_requests]), ("--concurrency", args.concurrency or []),
+    for name, value in (("--num-requests", [1 if args.num_requests is None else args.num_requests]), ("--concurrency", args.concurrency or []),
                         ("--pairs", [args.pairs])):
         if any(v < 1 for v in value):
             p.error(f"{name} must be at least 1, got {value if len(value) > 1 else value[0]}")
@@ -246,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
         with TextClient(args.target, timeout=30, tls=tls) as c:
             vocab = c.model_info().vocab_size
-    w = workload_b(vocab, args.num_requests)
+    w = workload(args.workload, vocab, args.num_requests)
     engine = None
     if args.inprocess_model:
         import torch
@@ -256,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         if args.torch_threads:
             torch.set_num_threads(args.torch_threads)
         names = ("dtype", "attention_backend", "max_num_seqs", "max_num_batched_tokens", "num_kvcache_blocks",
-                 "kvcache_block_size", "max_model_len")
+                 "kvcache_block_size", "max_model_len", "gpu_memory_utilization")
         kwargs = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
         if args.enforce_eager:
             kwargs["enforce_eager"] = True
@@ -278,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 rows.append({"mode": "inprocess", "rate": rate, "concurrency": concurrency, "pair": pair,
                              **summarize(*run_inprocess(engine, run, concurrency, rate))})
             print(format_table(rows[-2 if engine is not None else -1:]), file=sys.stderr, flush=True)
-    report: dict[str, object] = {"workload": "B", "num_requests": len(w.prompts), "runs": rows}
+    report: dict[str, object] = {"workload": args.workload, "num_requests": len(w.prompts), "runs": rows}
     if engine is not None:
         report.update(ratio_report(rows, concurrencies, rates))
     print(format_table(rows))
@@ -291,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if args.plot_dir:
         from clients.bench_plots import write_plots  # matplotlib only when plotting
 
-        for path in write_plots(rows, args.plot_dir, title="workload B:"):
+        for path in write_plots(rows, args.plot_dir, title=f"workload {args.workload}:"):
             print(f"wrote {path}", file=sys.stderr)
     return report
 

@@ -8,6 +8,8 @@
     python scripts/gpu_check.py second  --out DIR    # a second engine: PDL on, then workload A at 16,384
                                                      # tokens a step, then with two-batch overlap (reads
                                                      # graphs' graphs.json)
+    python scripts/gpu_check.py served  --out DIR    # workload A through both services (real processes)
+                                                     # against the engine in-process, one GPU shared
     python scripts/gpu_check.py summary --out DIR    # the table gpu_check.sh prints last
 
 `graphs` runs one engine (bf16, triton backend, CUDA graphs, the engine's defaults as in workload A): one
@@ -535,6 +537,136 @@ def _two_batch_overlap(llm, plan, itl_batches, itl_args, cpu_dry_run: bool, pdl_
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+# Part s: the engine service takes this share of the GPU and the in-process engine the rest of SERVED_SHARES[1] (the
+# KV-cache sizing counts memory other processes hold against a share). Workload A's longest moment needs about 60 GB
+# of bf16 KV cache for Qwen3-0.6B: 45% of an H200 holds it.
+SERVED_SHARES = (0.45, 0.9)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _served_model(preset_dir: Path, cache_dir: Path) -> Path:
+    """The preset's checkpoint with a tokenizer beside it, for the tokenizer service (the preset has none): its
+    files linked, and the demo model's byte-level BPE. Its 2,048 ids are fewer than the model's: prompts go as token
+    ids, and generated ids past the tokenizer's detokenize to nothing, which costs the service the same work."""
+    import shutil
+
+    from scripts.demo_model import _train_tokenizer
+
+    served = cache_dir / f"{preset_dir.name}-served"
+    if (served / "tokenizer.json").exists():
+        return served
+    staging = cache_dir / f".{served.name}.{os.getpid()}"  # built aside, then renamed: never seen half made
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for file in preset_dir.iterdir():
+        if file.is_file():
+            (staging / file.name).symlink_to(file.resolve())
+    _train_tokenizer().save_pretrained(staging)
+    shutil.rmtree(served, ignore_errors=True)  # one left half made by a killed run
+    os.rename(staging, served)
+    return served
+
+
+def _wait_serving(proc, target: str, log: Path, timeout_s: float) -> None:
+    """Until the process at target answers health SERVING; RuntimeError with its log's tail if it exits or
+    timeout_s passes."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"exited {proc.returncode}: {_tail(log)}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"not SERVING within {timeout_s:.0f} s: {_tail(log)}")
+
+
+def cmd_served(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
+    """Part s: workload A (on the CPU dry run, 4 requests of workload B) through the tokenizer and engine services as
+    processes on loopback, against the same requests driven through an engine in this process
+    (clients.serving_bench); out/served.json holds its report. What the services cost at the engine's pace, and
+    whether the engine service's GIL switch interval (gil_switch_interval_ms) keeps its loop fed."""
+    import signal
+    import subprocess
+
+    begun = _begin(out, "served.json", cache_dir, cpu_dry_run)
+    if begun is None:
+        return 2
+    report, _, preset_dir = begun
+    model = _served_model(preset_dir, cache_dir)
+    if cpu_dry_run:
+        engine = ["--device", "cpu", "--dtype", "float32", "--attention-backend", "torch", "--max-num-seqs", "8",
+                  "--max-model-len", "512", "--torch-threads", "1"]
+        inprocess = [*engine, "--enforce-eager"]
+        engine += ["--enforce-eager", "true"]
+        load = ["--workload", "B", "--num-requests", "4"]
+    else:
+        engine = ["--device", "cuda", "--dtype", "bfloat16", "--attention-backend", "triton",
+                  "--gpu-memory-utilization", str(SERVED_SHARES[0])]
+        inprocess = [*engine[:-1], str(SERVED_SHARES[1])]
+        load = ["--workload", "A"]
+    engine_port, text_port = _free_port(), _free_port()
+    quiet = ["--host", "127.0.0.1", "--metrics-port", "0", "--log-level", "WARNING"]
+    commands = {
+        "engine": ["engine_service.server", "--model", str(model), "--port", str(engine_port), *quiet,
+                   "--canary-interval-s", "0", *engine],
+        "tokenizer": ["tokenizer_service.server", "--model", str(model), "--port", str(text_port), *quiet,
+                      "--engines", f"127.0.0.1:{engine_port}"],
+    }
+    report.update(model=str(model), engine_flags=engine, inprocess_flags=inprocess, workload_flags=load)
+    report.save()
+    procs: dict[str, subprocess.Popen] = {}
+    started = time.monotonic()
+    try:
+        for name, args in commands.items():
+            log = out / f"s_{name}.log"
+            with open(log, "wb") as f:
+                procs[name] = subprocess.Popen([sys.executable, "-m", *args], stdout=f, stderr=subprocess.STDOUT)
+            port = engine_port if name == "engine" else text_port
+            _wait_serving(procs[name], f"127.0.0.1:{port}", log, 600 if name == "engine" else 120)
+        report["services_up_s"] = round(time.monotonic() - started, 1)
+        from clients import serving_bench
+
+        bench_report = serving_bench.main(["--target", f"127.0.0.1:{text_port}", *load, "--rate", "inf",
+                                           "--inprocess-model", str(model), *inprocess,
+                                           "--json", str(out / "s_bench.json")])
+        runs = {row["mode"]: row for row in bench_report["runs"]}
+        ratio = next((v for k, v in bench_report.items() if k.startswith("grpc_over")), {})
+        report.update(workload=bench_report["workload"], num_requests=bench_report["num_requests"],
+                      grpc=runs.get("grpc"), inprocess=runs.get("inprocess"), ratio=ratio.get("median"))
+    except Exception as exc:  # noqa: BLE001 -- the report says what failed; the summary shows it
+        traceback.print_exc()
+        report["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    finally:
+        for name in ("tokenizer", "engine"):  # the tokenizer service first: it drains onto the engine
+            proc = procs.get(name)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+        report["exit_codes"] = {name: proc.returncode for name, proc in procs.items()}
+        report.save()
+    print(json.dumps({k: report.get(k) for k in ("ratio", "exit_codes", "error")}))
+    return 1 if report.get("error") or any(report["exit_codes"].values()) else 0
+
+
 def _second_ok(report: dict) -> bool:
     """Part p's figures all there: PDL's (where it ran) and two-batch overlap's with the graphs kept, and the wide
     budget's."""
@@ -771,6 +903,16 @@ def _part_results(out: Path) -> dict[str, str]:
             res["tbo"] += f"; PDL dropped for it ({t['pdl_dropped']}), the row above had it"
         if t.get("itl_error"):
             res["tbo"] += f"; ITL failed: {t['itl_error']}"
+    served = _load(out / "served.json")
+    if served.get("error"):
+        res["s"] = f"failed: {served['error'][:300]}"
+    elif served.get("grpc") and served.get("inprocess"):
+        rpc, local = served["grpc"], served["inprocess"]
+        res["s"] = (f"workload {served.get('workload')} ({served.get('num_requests')} requests) through both "
+                    f"services {_fmt(rpc['output_throughput'])} tok/s, in-process {_fmt(local['output_throughput'])} "
+                    f"(ratio {served.get('ratio', float('nan')):.3f}); gRPC TTFT p50/p99 {_ms(rpc['ttft_ms_p50'])}/"
+                    f"{_ms(rpc['ttft_ms_p99'])} ms, ITL p50/p99 {_ms(rpc['itl_ms_p50'])}/{_ms(rpc['itl_ms_p99'])} ms "
+                    f"(in-process ITL p50 {_ms(local['itl_ms_p50'])} ms); failed {rpc.get('failed', 0)}")
     dec = g.get("slice64_profile", {}).get("decode")
     if dec and dec.get("gpu_ms") is not None:
         res["split"] = (
@@ -798,6 +940,7 @@ LABELS = {
     "pdl": "    with PDL (p)",
     "wide": f"    {WIDE_BUDGET:,} tokens a step",
     "tbo": "    two-batch overlap",
+    "s": "(s) served workload A",
 }
 
 
@@ -821,7 +964,7 @@ def cmd_summary(out: Path, shown_as: str = "") -> int:
     # rows. Row d also holds part d (transformers' static batching): without the engine's figure, it shows
     # the status of part g, which should have measured it.
     order = ["env", "preset", "a", "b", "c", "d", "e", "f", "split", "kernels", "prefill_kernels", "by_batch",
-             "pdl", "wide", "tbo"]
+             "pdl", "wide", "tbo", "s"]
     owner = {key: "g" for key in ("c", "f", "split", "kernels", "prefill_kernels", "by_batch")}
     owner.update(pdl="p", wide="p", tbo="p")
     engine_a = _load(out / "graphs.json").get("workload_A", {}).get("tok_s")
@@ -866,10 +1009,11 @@ def _markdown(env: dict, rows: list[tuple[str, str, str, str]]) -> str:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["env", "preset", "graphs", "second", "summary"])
+    p.add_argument("command", choices=["env", "preset", "graphs", "second", "served", "summary"])
     p.add_argument("--out", type=Path, default=Path("gpu_check_out"))
     p.add_argument("--cache-dir", type=Path, default=None, help="preset cache (default: bench's)")
-    p.add_argument("--cpu-dry-run", action="store_true", help="graphs, second: the same flow on CPU at toy sizes")
+    p.add_argument("--cpu-dry-run", action="store_true",
+                   help="graphs, second, served: the same flow on CPU at toy sizes")
     p.add_argument("--shown-as", default="", help="summary: where the table says the logs are (default: --out)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -884,6 +1028,8 @@ def main() -> int:
         return cmd_preset(cache_dir)
     if a.command == "second":
         return cmd_second(a.out, cache_dir, a.cpu_dry_run)
+    if a.command == "served":
+        return cmd_served(a.out, cache_dir, a.cpu_dry_run)
     return cmd_graphs(a.out, cache_dir, a.cpu_dry_run)
 
 

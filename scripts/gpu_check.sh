@@ -205,6 +205,12 @@ if wanted e; then
     --peers hf-continuous --peer-timeout "$peer" --cache-dir "$CACHE" --json "$OUT_DIR/e_bench_64.json"
 fi
 
+# Part s (only when named): workload A through both services as processes, against the engine in this process.
+if wanted s; then
+  NOCAP=1 run_part s "$(limit_for 150 300)" "$PY" scripts/gpu_check.py served --out "$OUT_DIR" --cache-dir "$CACHE"
+  publish
+fi
+
 [[ -n $pub_pid ]] && kill "$pub_pid" 2>/dev/null && wait "$pub_pid" 2>/dev/null
 echo "[gpu_check] done in $(($(date +%s) - START))s"
 summary_rc=0

@@ -310,3 +310,16 @@ def test_grpc_over_inprocess_ratios_are_kept_per_concurrency():
     rows[1]["output_throughput"] = 0.0  # a failed in-process run
     pairs = sb.ratio_report(rows, [1, 64], [float("inf")])["grpc_over_inprocess_rate_inf_concurrency_1"]["pairs"]
     assert math.isnan(pairs[0]) and pairs[1:] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("name", ["A", "B"])
+def test_the_serving_bench_draws_the_workloads_the_engine_bench_does(name):
+    """The serving benchmark (a client: no torch, no engine_service) has its own copy of BENCHMARKS.md's generators;
+    it must draw the requests the engine bench draws, so that a served run of workload A is the headline's work."""
+    from clients import serving_bench as sb
+
+    spec = {"A": bench.WORKLOAD_A, "B": bench.WORKLOAD_B}[name]
+    ours, theirs = sb.workload(name, 151_936), bench.make_workload(spec)
+    assert (ours.prompts, ours.max_tokens) == (theirs.prompts, theirs.max_tokens)
+    assert sb.workload(name, 151_936, 3).prompts == theirs.prompts[:3]
+    assert sb.workload_b(8192, 64).max_tokens == bench.make_workload(bench.WORKLOAD_B).max_tokens

@@ -500,3 +500,73 @@ def test_messages_over_4_mib_reach_both_services_with_default_limits(demo_model_
     finally:
         server.stop()
         assert engine.stop() == 0
+
+
+def _case_longest_tokens(model_dir):
+    """k copies of a token of max_token_bytes bytes: k tokens, and the byte bound is exactly k."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    most = token_bounds._pipeline(tokenizer).max_token_bytes
+    pieces = [tokenizer.convert_tokens_to_string([p]) for p in tokenizer.backend_tokenizer.get_vocab()]
+    for word in pieces + [t.content for t in tokenizer.added_tokens_decoder.values()]:
+        text = word * 40
+        if len(word.encode()) == most and len(tokenizer.encode(text, add_special_tokens=False)) == 40:
+            return tokenizer, text
+    raise AssertionError(f"no token of {most} bytes that repeats as itself")
+
+
+def _case_normalizer(model_dir):
+    """A normalizer (here Strip) can make many bytes few tokens: "hi" and 10,000 spaces is "hi"."""
+    from tokenizers import normalizers
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.backend_tokenizer.normalizer = normalizers.Strip()
+    return tokenizer, "hi" + " " * 10_000
+
+
+def _case_backend_state(model_dir):
+    """A backend left encoding special tokens' text (by another caller) while transformers' encode would not."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return tokenizer, "<|im_end|>" * 60
+
+
+def _case_multibyte_sentencepiece(model_dir):
+    """A SentencePiece vocabulary with a CJK token of 4 characters and 12 bytes: the bound counts bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
+    for piece in ("▁", "中", "文", "中文", "中文中文"):
+        vocab[piece] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("中", "文"), ("中文", "中文")], unk_token="<unk>",
+                                   byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(content=" ", left=1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                        clean_up_tokenization_spaces=False)
+    return tokenizer, "中文中文" * 1000
+
+
+@pytest.mark.parametrize("case", [_case_longest_tokens, _case_normalizer, _case_backend_state,
+                                  _case_multibyte_sentencepiece], ids=lambda case: case.__name__[6:])
+def test_the_token_bound_is_never_more_than_the_real_count(demo_model_dir, case):
+    """tokens_at_least is a lower bound: above the real count it refuses a prompt that fits max_model_len. Only the
+    demo tokenizer and an ASCII-only SentencePiece vocabulary were tested, so these went unnoticed: a bound rounded
+    up (k + 1 for k longest tokens), a byte bound under a normalizer (769 for 2 tokens), one counted with a backend
+    left in another state than encode() sets (359 for 60), and a SentencePiece bound in characters, not bytes (2000
+    for 1001)."""
+    tokenizer, text = case(demo_model_dir)
+    n = len(tokenizer.encode(text, add_special_tokens=False))
+    if case is _case_backend_state:
+        assert n == 60
+        tokenizer.backend_tokenizer.encode_special_tokens = True
+    for max_model_len in (n + 1, 64, 1500):
+        bound = tokens_at_least(tokenizer, text, max_model_len)
+        assert bound <= n, f"bound {bound} > {n} tokens (max_model_len {max_model_len})"
+    if case is _case_longest_tokens:
+        assert tokens_at_least(tokenizer, text, n + 1) == n  # the case: the byte bound is exact here

@@ -4,6 +4,7 @@ path with a stand-in for graph replay (same static buffers and padding lanes, fo
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,6 +292,30 @@ def _table(out, capsys, status: str) -> str:
 
 def _row(table: str, prefix: str) -> str:
     return next(line for line in table.splitlines() if line.startswith(prefix))
+
+
+def test_the_served_run_on_cpu_streams_through_both_services_and_reports(tmp_path, capsys):
+    """Part s of the GPU check at toy sizes: both services as processes on a model whose vocabulary is larger than its
+    tokenizer's (as the preset's with the demo tokenizer on the GPU: generated ids past the tokenizer detokenize to
+    nothing), 4 requests of workload B through them and through an engine in this process, both services stopped
+    cleanly, and the table's row."""
+    import json
+
+    from scripts import gpu_check
+
+    out = tmp_path / "out"
+    out.mkdir()
+    assert gpu_check.cmd_served(out, tmp_path / "presets", cpu_dry_run=True) == 0
+    report = json.loads((out / "served.json").read_text())
+    model = Path(report["model"])
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    assert len(json.loads((model / "tokenizer.json").read_text())["model"]["vocab"]) < vocab
+    assert report["exit_codes"] == {"engine": 0, "tokenizer": 0} and "error" not in report
+    for mode in ("grpc", "inprocess"):
+        assert report[mode]["failed"] == 0 and report[mode]["output_throughput"] > 0, report[mode]
+    assert report["num_requests"] == 4 and report["ratio"] > 0
+    row = _row(_table(out, capsys, "s\tPASS\t20\t0\n"), "(s)")
+    assert " PASS " in row and "through both services" in row and "failed 0" in row
 
 
 def test_gpu_check_script_flow_on_cpu(tmp_path, capsys):

@@ -313,3 +313,37 @@ def test_output_continuing_the_prompt_is_what_it_adds_to_the_prompts_text(demo_t
 
         stream = TextStream(tokenizer, (), True, False, 0, prompt_tail=prompt)
         assert stream.feed(ids[len(prompt):]) + stream.finish() == " answer is the sea"
+
+
+def test_added_tokens_not_marked_special_are_streamed_like_decode(demo_model_dir) -> None:
+    """skip_special_tokens drops only the added tokens marked special. A model's non-special added tokens (Qwen3's
+    <think> and </think>, tool-call tags) are text that decode() keeps; the demo tokenizer's added tokens are all
+    special, so counting every added token as special went unnoticed and would drop them from the stream."""
+    from transformers import AutoTokenizer
+
+    from tokenizer_service.text_stream import TextStream
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)  # a copy of its own: added tokens change it
+    tokenizer.add_tokens(["<think>", "</think>"])  # special=False, as in Qwen3's tokenizer_config.json
+    ids = tokenizer.encode("<think>hmm</think> the sea<|im_end|>", add_special_tokens=False)
+    assert tokenizer.convert_tokens_to_ids("<think>") in ids and tokenizer.convert_tokens_to_ids("<|im_end|>") in ids
+    for skip in (True, False):
+        want = tokenizer.decode(ids, skip_special_tokens=skip)
+        assert "<think>" in want and "</think>" in want and ("<|im_end|>" in want) is not skip
+        stream = TextStream(tokenizer, (), skip_special_tokens=skip, include_stop_str_in_output=False)
+        assert "".join(stream.feed([t]) for t in ids) + stream.finish() == want, skip
+        detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip)
+        assert "".join(_stream(detok, ids, random.Random(5))) == want, skip
+
+
+@pytest.mark.parametrize("hold_limit", [4, 8, 16])
+def test_invalid_bytes_are_held_until_more_than_hold_limit_are_unread(demo_tokenizer, hold_limit: int) -> None:
+    """hold_limit is how many unread tokens may wait for a character to complete: a forced split comes only once
+    more than that many are unread. Splitting at exactly hold_limit was not caught (for valid text the stream is
+    the same; under a byte-fallback decoder an early split can emit characters where decode() gives U+FFFD)."""
+    byte_ids = [i for t, i in demo_tokenizer.backend_tokenizer.get_vocab().items() if len(t) == 1]
+    lone_continuation = next(i for i in sorted(byte_ids) if demo_tokenizer.decode([i]) == REPLACEMENT_CHAR)
+    detok = IncrementalDetokenizer(demo_tokenizer, hold_limit=hold_limit)
+    deltas = [detok.step([lone_continuation]) for _ in range(hold_limit + 4)]
+    assert deltas[:hold_limit] == [""] * hold_limit and deltas[hold_limit], deltas
+    assert "".join(deltas) + detok.flush() == demo_tokenizer.decode([lone_continuation] * (hold_limit + 4))

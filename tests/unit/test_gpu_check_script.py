@@ -29,7 +29,8 @@ exit 0
 WORKLOAD_A_MEASURED = '{"workload_A": {"tok_s": 30000.0}}'
 
 
-def _run(tmp_path: Path, budget: int, g_rc: int = 0, graphs: str = WORKLOAD_A_MEASURED) -> tuple[int, str, list[str], Path]:
+def _run(tmp_path: Path, budget: int, g_rc: int = 0, graphs: str = WORKLOAD_A_MEASURED,
+         parts: tuple[str, ...] = ()) -> tuple[int, str, list[str], Path]:
     stub = tmp_path / "python"
     stub.write_text(STUB)
     stub.chmod(0o755)
@@ -47,7 +48,7 @@ def _run(tmp_path: Path, budget: int, g_rc: int = 0, graphs: str = WORKLOAD_A_ME
         "GPU_CHECK_CACHE": str(tmp_path / "cache"),
     }
     env.pop("LLMSERVE_DECODE_TILE", None)
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], env=env, cwd=REPO,
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), *parts], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     return proc.returncode, proc.stdout + proc.stderr, log.read_text().splitlines(), out
 
@@ -94,6 +95,18 @@ def test_every_part_runs_in_order_with_its_limit_and_only_the_gpu_tests_pin_the_
     status = [line.split("\t")[:2] for line in (out / "status.tsv").read_text().splitlines()]
     assert sorted(status) == sorted([[p, "PASS"] for p in ("env", "a", "b", "preset", "g", "p", "d", "e")])
     assert (out / "performance.md").exists()
+
+
+def test_the_served_run_runs_only_when_named(tmp_path):
+    """Part s (workload A through both services) takes minutes of a lease: it is not among the default parts (the
+    test above), and named alone it runs after the preset with up to 300 s."""
+    rc, output, calls, out = _run(tmp_path, budget=460, parts=("s",))
+    assert rc == 0, output
+    served = _part(calls, "gpu_check.py served")
+    assert "--cache-dir" in served and calls.index(served) > calls.index(_part(calls, "gpu_check.py preset"))
+    assert _limits(output)["s"] == 300
+    status = dict(line.split("\t")[:2] for line in (out / "status.tsv").read_text().splitlines())
+    assert status.get("s") == "PASS" and "g" not in status and "d" not in status
 
 
 def test_outputs_come_back_as_few_files_with_every_log_in_the_archive(tmp_path):

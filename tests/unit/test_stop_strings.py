@@ -205,3 +205,38 @@ def test_min_tokens_text_held_in_an_incomplete_character_is_still_exempt(demo_to
     m = next(k for k in range(1, len(ids)) if demo_tokenizer.decode(ids[:k]).endswith("\ufffd"))
     stream = TextStream(demo_tokenizer, ("ok",), True, False, min_tokens=m)
     assert _feed_until_stopped(stream, ids, split) == "ok 🦖 " and stream.stopped == "ok"
+
+
+@pytest.mark.parametrize(("text", "stop"), [("the sea is deep", "deep water"), ("the sea is deep\n", "\n\n")])
+@pytest.mark.parametrize("split", [1, 100], ids=["token by token", "all at once"])
+def test_a_possible_stop_string_prefix_at_a_normal_end_is_sent(demo_tokenizer, text, stop, split) -> None:
+    """Text held back because it may begin a stop string ("deep" of "deep water", a last "\\n" of "\\n\\n") must
+    come out of finish() when the request ends without the stop string (length, EOS): only the matcher's own flush
+    was tested, not that TextStream.finish() returns it, and dropping it lost the end of the output."""
+    from tokenizer_service.text_stream import TextStream
+
+    ids = demo_tokenizer.encode(text, add_special_tokens=False)
+    want = demo_tokenizer.decode(ids)
+    stream = TextStream(demo_tokenizer, (stop,), True, False)
+    out = _feed_until_stopped(stream, ids, split)
+    assert stream.stopped is None and out != want  # the case: something is still held back
+    assert out + stream.finish() == want and stream.stopped is None
+
+
+def test_the_final_flush_cannot_end_a_stop_string_inside_min_tokens(demo_tokenizer) -> None:
+    """finish() feeds the detokenizer's flush (an unfinished character's U+FFFD) to the matcher: a stop string it
+    completes ends in the last token's text, so it may stop the request only when that token is past min_tokens,
+    as in feed(); finish() allowing it always, or at exactly min_tokens, was not caught."""
+    from tokenizer_service.text_stream import TextStream
+
+    ids = demo_tokenizer.encode("ok 🦖 ok", add_special_tokens=False)
+    m = next(k for k in range(1, len(ids)) if demo_tokenizer.decode(ids[:k]).endswith("\ufffd"))
+    ids = ids[:m]  # the request ends (max_tokens) inside the emoji, its flush a U+FFFD
+    want = demo_tokenizer.decode(ids)
+    for min_tokens, stopped in ((m, None), (m + 1, None), (m - 1, "\ufffd")):
+        stream = TextStream(demo_tokenizer, ("\ufffd",), True, False, min_tokens=min_tokens)
+        out = _feed_until_stopped(stream, ids, 1)
+        assert stream.stopped is None  # the U+FFFD comes with the flush only
+        out += stream.finish()
+        assert stream.stopped == stopped, (min_tokens, stream.stopped)
+        assert out == (want if stopped is None else want[: want.index("\ufffd")])

@@ -1475,6 +1475,32 @@ def test_stream_interval_sends_the_first_token_at_once_then_every_n_and_loses_no
         assert engine.stop() == 0
 
 
+def test_stream_interval_sends_a_message_as_soon_as_interval_tokens_are_held(demo_model_dir, demo_tokenizer):
+    """--stream-interval 4 sends once 4 tokens are held, not 5: the test above allows any message of 4 or more
+    tokens (updates may join on a loaded machine), so a message sent only past the interval went unnoticed. With
+    one token per 50 ms step, updates seldom join, and a message of exactly 4 tokens must come; joined updates
+    only make messages larger, and no message is sent early (no --stream-max-wait-s)."""
+    script = demo_tokenizer.encode("The lighthouse keeper watched the grey sea all night long, and the gulls slept.",
+                                   add_special_tokens=False)
+    assert len(script) >= 17, script
+    engine = demo_engine(demo_model_dir, demo_tokenizer, script=script, step_s=0.05)
+    server = TextServer(demo_model_dir, engines=engine.target, stream_interval=4, stream_max_wait_s=0)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.TextGenerationStub(channel)
+            wait_ready(stub)
+            got = list(stub.Generate(pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(
+                max_tokens=17, ignore_eos=True)), timeout=30))
+    finally:
+        server.stop()
+        assert engine.stop() == 0
+    assert [t for r in got for t in r.token_ids] == script[:17]
+    assert "".join(r.text for r in got) == demo_tokenizer.decode(script[:17])
+    counts = [len(r.token_ids) for r in got]
+    # 1, then 4, 4, 4 and the last 4 (the finish joins the 3 held), unless updates joined.
+    assert counts[0] == 1 and len(counts) >= 3 and min(counts[1:-1]) == 4, counts
+
+
 def test_stream_interval_is_refused_outside_its_range(demo_model_dir):
     for bad in (0, -1, 1025):
         with pytest.raises(ValueError, match="stream_interval must be 1"):

@@ -46,6 +46,7 @@ def test_valid_requests_pass(request_: TextRequest) -> None:
         (TextRequest(messages=OK_MESSAGES * 4), "messages", "got 4"),
         (TextRequest(messages=[{"role": "wizard", "content": "x"}]), "messages", "'wizard'"),
         (TextRequest(messages=[{"role": "user", "content": "x" * 17}]), "messages", "17 bytes"),
+        (TextRequest(messages=[{"role": "user", "content": "é" * 9}]), "messages", "18 bytes"),  # bytes, not chars
         (TextRequest(prompt="a", stop=["a", "b", "c"]), "stop", "got 3"),
         (TextRequest(prompt="a", stop="abc"), "stop", "not a list"),
         (TextRequest(prompt="a", stop=[""]), "stop", "stop[0]"),
@@ -206,6 +207,22 @@ def test_add_special_tokens_defaults_to_true_for_a_prompt_and_false_for_a_chat(b
     assert tokenize_input(pb.TokenizeRequest(text="the sea is deep"), tok) == [bos, *text]
     assert tokenize_input(pb.TokenizeRequest(text="the sea is deep", add_special_tokens=False), tok) == text
     assert tokenize_input(pb.TokenizeRequest(chat=chat), tok) == rendered
+
+
+@pytest.mark.parametrize("bad", [10**6, "vocab", -1])
+def test_prompt_token_ids_outside_the_vocabulary_are_refused_by_the_service(demo_tokenizer, bad) -> None:
+    """The service checks prompt_token_ids against the vocabulary itself, naming the field, rather than handing
+    them to an engine: tests through a service still saw INVALID_ARGUMENT with the check gone, as the engine refuses
+    them too, so only a check at this level notices."""
+    vocab_size = len(demo_tokenizer)
+    bad = vocab_size if bad == "vocab" else bad
+    limits = TextLimits(vocab_size=vocab_size)
+    ok = prepare(_generate_request(prompt_token_ids=pb.TokenIds(ids=[5, vocab_size - 1])), demo_tokenizer, {}, 64,
+                 limits)
+    assert list(ok.engine_request.prompt_token_ids) == [5, vocab_size - 1]
+    with pytest.raises(ValueError) as e:
+        prepare(_generate_request(prompt_token_ids=pb.TokenIds(ids=[5, bad])), demo_tokenizer, {}, 64, limits)
+    assert str(e.value).startswith("prompt_token_ids: ") and f"token_ids[1] is {bad}" in str(e.value)
 
 
 def test_add_special_tokens_is_refused_with_prompt_token_ids(demo_tokenizer) -> None:
