@@ -74,6 +74,9 @@ class Sim:
         sample). A batch scheduled ahead computes position len(seq), whose token is the previous launch's
         sample for that sequence."""
         cached_before = cached_before or {}
+        # Every batch, scheduled in turn or ahead, within the step's limits.
+        assert sum(batch.num_new_tokens) <= self.sched.max_num_batched_tokens
+        assert len(batch.seqs) <= self.sched.max_num_seqs
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             assert n >= 1
             source = None if batch.input_rows is None else batch.input_rows[row]

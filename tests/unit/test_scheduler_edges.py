@@ -1,0 +1,172 @@
+"""The scheduler's, the engine loop's and request validation's rules at their exact edges: token budgets met
+exactly, stop ids beside ignore_eos, the min_tokens guard, the watchdog's progress stamp, failures apart and in a row,
+priority ties, and validation bounds. Each test was written against a change of one comparison or one line that the
+rest of the suite let pass (a mutation audit)."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from engine_service.block_manager import BlockManager
+from engine_service.engine_loop import EngineLoop
+from engine_service.sampling_params import SamplingParams
+from engine_service.scheduler import Scheduler
+from engine_service.sequence import Sequence, Status
+from engine_service.validation import check_deadline_ms, check_request_id, sampling_params_from_proto
+from protos.llmserve.engine.v1 import engine_pb2 as pb
+from tests.fake_engine import FakeEngine
+
+
+def _step(s: Scheduler, token: int = 1):
+    b = s.schedule()
+    s.postprocess(b, [token if t else None for t in b.sample])
+    return b
+
+
+def test_stop_token_ids_stop_a_request_that_ignores_eos():
+    """ignore_eos ignores the EOS ids only: a stop token id still ends the request (checked only when ignore_eos was
+    off, it ran on to max_tokens)."""
+    s = Scheduler(BlockManager(16, 4), 4, 16, eos_token_ids={5})
+    q = Sequence("a", [1, 2, 3], SamplingParams(max_tokens=8, ignore_eos=True, stop_token_ids=(2,)), 64)
+    s.add(q)
+    _step(s, 1)
+    _step(s, 5)
+    assert q.status is Status.RUNNING
+    _step(s, 2)
+    assert q.finish_reason == "stop"
+
+
+def test_eos_before_min_tokens_does_not_stop_in_postprocess():
+    """The scheduler's own min_tokens guard (the engine also bans EOS until then): an EOS as the second of at least
+    three tokens does not finish the request; one as the third does."""
+    s = Scheduler(BlockManager(16, 4), 4, 16, eos_token_ids={5})
+    q = Sequence("a", [1, 2, 3], SamplingParams(max_tokens=8, min_tokens=3), 64)
+    s.add(q)
+    _step(s, 1)
+    _step(s, 5)
+    assert q.status is Status.RUNNING
+    _step(s, 5)
+    assert q.finish_reason == "stop"
+
+
+def test_no_preemption_when_higher_priority_prefill_takes_exactly_the_budget():
+    """An arrival that cannot start this step (an urgent prefill takes exactly the token budget) preempts nobody:
+    a budget counted one token high preempted a victim for nothing."""
+    s = Scheduler(BlockManager(64, 4), 2, 8)
+    v = Sequence("v", [1], SamplingParams(max_tokens=50, priority=9, ignore_eos=True), 256)
+    s.add(v)
+    _step(s)
+    a = Sequence("a", list(range(15)), SamplingParams(max_tokens=5, priority=0), 256)
+    s.add(a)
+    _step(s)
+    assert len(a.token_ids) - a.num_computed_tokens == 8
+    s.add(Sequence("u", [4, 4, 4], SamplingParams(max_tokens=5, priority=1), 256))
+    _step(s)
+    assert s.num_preemptions == 0 and v.status is Status.RUNNING
+
+
+def test_no_preemption_when_the_victims_that_stay_take_exactly_the_budget():
+    """When the decodes of the victims that would stay take exactly what the budget leaves, preempting the others
+    cannot make room for the arrival: nobody is preempted (a "< 0" check preempted at exactly 0)."""
+    s = Scheduler(BlockManager(6, 16), 10, 8)
+    low = [Sequence(f"v{i}", [1, 2], SamplingParams(max_tokens=100, priority=1, ignore_eos=True), 4096)
+           for i in range(4)]
+    for q in low:
+        s.add(q)
+    _step(s, 3)
+    a = Sequence("A", list(range(25)), SamplingParams(max_tokens=5, priority=0), 4096)
+    s.add(a)
+    while len(a.token_ids) - a.num_computed_tokens != 5:
+        _step(s, 3)
+    s.add(Sequence("W", [4, 5], SamplingParams(max_tokens=5, priority=0), 4096))
+    _step(s, 3)
+    assert s.num_preemptions == 0 and all(q.status is Status.RUNNING for q in low)
+
+
+def test_a_chunk_scheduled_ahead_stays_within_the_token_budget():
+    """A prefill chunk scheduled ahead (overlap scheduling) takes at most max_num_batched_tokens, as one scheduled
+    in turn does."""
+    s = Scheduler(BlockManager(64, 4), 4, 8)
+    s.add(Sequence("a", list(range(30)), SamplingParams(max_tokens=4), 256))
+    b = s.schedule()
+    ahead = s.schedule_ahead(b)
+    assert b.num_tokens == 8 and ahead is not None and ahead.num_tokens == 8
+
+
+def test_request_id_length_bound_is_256():
+    """Request ids are at most 256 characters, as docs/SERVICES.md says."""
+    check_request_id("x" * 256)
+    with pytest.raises(ValueError, match="at most 256"):
+        check_request_id("x" * 257)
+
+
+def test_deadline_ms_is_milliseconds():
+    """deadline_ms is milliseconds (0: none): 1500 is a second and a half, not fifteen."""
+    assert check_deadline_ms(0) is None and check_deadline_ms(1500) == 1.5
+
+
+def test_an_unknown_response_format_number_is_a_value_error():
+    """A response_format number this engine does not know is refused as the request's INVALID_ARGUMENT (a
+    ValueError), not a KeyError that would end the whole bidi call INTERNAL."""
+    sp = pb.SamplingParams()
+    sp.response_format = 7
+    with pytest.raises(ValueError, match="response_format 7"):
+        sampling_params_from_proto(sp, {})
+
+
+def test_last_progress_advances_while_the_loop_steps():
+    """The watchdog reads last_progress: it must advance with every step of a busy engine, or a healthy engine
+    running one long request would be failed as stalled."""
+    async def main():
+        loop = EngineLoop(FakeEngine(step_s=0.04), asyncio.get_running_loop(), lambda m: None)
+        loop.start()
+        done = asyncio.Event()
+
+        class Sink:
+            def on_output(self, o):
+                if o.finished:
+                    done.set()
+
+            def on_failure(self, c, m):
+                done.set()
+
+        loop.add("busy", [1, 2, 3], SamplingParams(max_tokens=40, ignore_eos=True), Sink())
+        worst = 0.0
+        while not done.is_set():
+            worst = max(worst, time.monotonic() - loop.last_progress)
+            await asyncio.sleep(0.05)
+        loop.stop()
+        return worst
+
+    assert asyncio.run(main()) < 1.0
+
+
+def test_step_failures_that_are_not_in_a_row_are_not_fatal():
+    """Failed steps are fatal only in a row: a good step resets the count, so three failures apart fail their
+    requests and the engine goes on."""
+    from tests.unit.test_engine_loop_failures import _run
+
+    sinks, fatal, loop = asyncio.run(_run({2, 5, 8}))
+    assert not fatal and loop.failure is None
+    assert sum(s.failure is not None for s in sinks.values()) == 3
+
+
+def test_outranks_only_a_strictly_higher_value():
+    """A request outranks the queue only with a strictly lower priority value than one waiting there: an equal one
+    displaces nobody."""
+    async def main():
+        loop = EngineLoop(FakeEngine(), asyncio.get_running_loop(), lambda m: None)
+        loop.start()
+
+        class Sink:
+            def on_output(self, o): ...
+            def on_failure(self, c, m): ...
+
+        loop.add("a", [1, 2, 3], SamplingParams(max_tokens=2, priority=0), Sink())
+        result = (loop.outranks(0), loop.outranks(-1))
+        loop.stop()
+        return result
+
+    assert asyncio.run(main()) == (False, True)
