@@ -127,3 +127,13 @@ def test_nesting_is_bounded():
     assert not _accepts(nested(jg.MAX_DEPTH + 1))
     assert jg.walk(jg.INITIAL, b'{"a":' + b"[" * (jg.MAX_DEPTH - 1)) is not None
     assert jg.walk(jg.INITIAL, b'{"a":' + b"[" * jg.MAX_DEPTH) is None
+
+
+def test_objects_nest_to_the_same_bound_as_arrays():
+    """MAX_DEPTH containers may be open at once, objects as well as arrays: the 64th "{" (the top one included) is
+    taken and the 65th refused. The bound was checked for free arrays only; an object check of `<=` let one more
+    container open than the masks' cache keys assume."""
+    assert jg.walk(jg.INITIAL, b'{"a":' * (jg.MAX_DEPTH - 1) + b"{") is not None
+    assert jg.walk(jg.INITIAL, b'{"a":' * jg.MAX_DEPTH + b"{") is None
+    assert _accepts(b'{"a":' * (jg.MAX_DEPTH - 1) + b"{}" + b"}" * (jg.MAX_DEPTH - 1))
+    assert not _accepts(b'{"a":' * jg.MAX_DEPTH + b"{}" + b"}" * jg.MAX_DEPTH)

@@ -305,6 +305,15 @@ def test_masks_of_schema_states_equal_a_walk_of_each_token():
     ({"type": "object", "properties": {"a": {"type": "text"}}}, "type 'text' is not one of"),
     ({"type": "object", "properties": {"a": {"enum": []}}}, "non-empty list"),
     ({"type": "object", "properties": {"a": {"type": "string", "anyOf": [{"type": "null"}]}}}, "cannot be combined"),
+    # Each of these was once accepted with a constraint silently dropped or loosened:
+    ({"type": "object", "properties": {"a": {"enum": ["x"], "const": "y"}}}, "no value of enum/const"),  # const won
+    ({"type": "object", "properties": {"a": {"enum": [True], "const": 1}}}, "no value of enum/const"),  # True == 1
+    ({"$defs": {"s": {"type": "string"}}, "type": "object", "properties": {"a": {"$ref": "#/$defs/s", "type": "integer"}}},
+     "$ref cannot be combined"),  # the type beside the $ref was dropped
+    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}], "oneOf": [{"type": "integer"}]}}},
+     "each other"),  # the oneOf was dropped
+    ({"type": "object", "properties": {"a": {"type": "array", "maxItems": 4097}}}, "maxItems must be an integer in"),
+    ({"type": "object", "properties": {"a": {"type": "array", "minItems": 4097}}}, "minItems must be an integer in"),
 ])
 def test_refusals_name_the_keyword(schema, words):
     with pytest.raises(SchemaError) as err:
@@ -404,3 +413,65 @@ def test_the_cache_shares_nodes_by_text():
     cache.get(b)
     cache.get(json.dumps(ENUMS))  # evicts the least recently used: PERSON
     assert cache.get(a) is not first
+
+
+def test_items_bounds_take_max_items_bound_itself():
+    """minItems and maxItems may be MAX_ITEMS_BOUND (4096) and no more: the bound is inclusive (the refusals above
+    hold 4097); a check of `<= bound + 1` let 4097 through."""
+    from engine_service.json_schema import MAX_ITEMS_BOUND
+
+    assert MAX_ITEMS_BOUND == 4096
+    node = compile_schema(json.dumps({"type": "object", "properties": {"a": {
+        "type": "array", "items": {"type": "integer"}, "minItems": MAX_ITEMS_BOUND, "maxItems": MAX_ITEMS_BOUND}}}))
+    items = b",".join([b"1"] * MAX_ITEMS_BOUND)
+    assert _accepts(node, b'{"a":[' + items + b"]}")
+    assert not _accepts(node, b'{"a":[' + items + b",1]}")
+    assert not _accepts(node, b'{"a":[' + items[2:] + b"]}")
+
+
+def test_a_cache_hit_keeps_a_schema_from_eviction():
+    """The cache is an LRU, not a FIFO: a schema read again is the most recently used, and the next one added
+    evicts the schema used least recently (without the move on a hit, the first one added went, hit or not)."""
+    cache = SchemaCache(size=2)
+    a, b, c = (json.dumps({"type": "object", "properties": {"a": {"const": i}}}) for i in range(3))
+    first_a, first_b = cache.get(a), cache.get(b)
+    assert cache.get(a) is first_a  # a hit: b is now the least recently used
+    cache.get(c)
+    assert cache.get(a) is first_a
+    assert cache.get(b) is not first_b  # b was evicted and compiled again
+
+
+def test_a_schemas_objects_and_arrays_nest_to_max_depth():
+    """A schema's objects and arrays (here nested through a recursive $ref) open at most MAX_DEPTH containers, the
+    top object included, as free ones do: a check of `>` for `>=` let the 65th open."""
+    depth = jg.MAX_DEPTH
+    objects = compile_schema(json.dumps({"$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}}}},
+                                         "type": "object", "properties": {"c": {"$ref": "#/$defs/n"}}}))
+    assert jg.walk(jg.initial(objects), b'{"c":' * (depth - 1) + b"{") is not None
+    assert jg.walk(jg.initial(objects), b'{"c":' * depth + b"{") is None
+    assert _accepts(objects, b'{"c":' * (depth - 1) + b"{}" + b"}" * (depth - 1))
+    arrays = compile_schema(json.dumps({"$defs": {"a": {"type": "array", "items": {"$ref": "#/$defs/a"}}},
+                                        "type": "object", "properties": {"c": {"$ref": "#/$defs/a"}}}))
+    assert jg.walk(jg.initial(arrays), b'{"c":' + b"[" * (depth - 1)) is not None
+    assert jg.walk(jg.initial(arrays), b'{"c":' + b"[" * depth) is None
+    assert _accepts(arrays, b'{"c":' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}")
+
+
+def test_masks_around_min_items_equal_a_walk_whichever_count_comes_first():
+    """A schema array's item count is left out of a mask's cache key only where it cannot matter: at minItems or
+    more (and far enough below maxItems). Counted from minItems - 1, the state one item short of minItems (where "]"
+    may not come) shared its key with the states past it, so whichever was seen first gave the other its mask."""
+    vocab: list[bytes | None] = [b"]", b"]}", b",", b"1", b",1", b",1]", b",1,1", b",1,1]", b",1,1,1", b",1,1,1]",
+                                 b"1,1", b"1,1,1", b"[", b"{", b"}", b'"t"', b":"]
+    # maxItems 20 is far above 6 items plus the vocabulary's most commas (3): only minItems bounds these states.
+    node = compile_schema(json.dumps({"type": "object", "properties": {"t": {
+        "type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 20}}}))
+    states = []
+    for n in range(1, 7):
+        items = b'{"t":[' + b",".join([b"1"] * n)
+        states += [jg.walk(jg.initial(node), items), jg.walk(jg.initial(node), items + b" ")]  # in the number, after
+    assert all(state is not None for state in states)
+    for order in (states, states[::-1]):
+        masks = JsonMasks(vocab)
+        for state in order:
+            assert torch.equal(masks.allowed(state).dense(len(vocab)), _brute_force(vocab, state)), jg.describe(state)

@@ -283,3 +283,27 @@ def test_number_states_take_digit_runs_at_once_and_equal_a_walk_of_each_token():
         assert state is not None, data
         want = _brute_force(vocab, state)
         assert torch.equal(masks.allowed(state).dense(len(vocab)), want), data
+
+
+def _gpt2_bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's bytes_to_unicode (openai/gpt-2, encoder.py), from its definition: the printable bytes "!" to "~",
+    "¡" to "¬" and "®" to "ÿ" stand for themselves (the soft hyphen, 0xAD, is not among them); every other byte, in
+    increasing order, for the characters from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def test_the_byte_level_map_is_gpt2s_inverted(demo_tokenizer):
+    """A byte-level token's text maps back to its bytes through the exact inverse of bytes_to_unicode. With 0xAD
+    counted as printable, the map lost "Ń" (U+0143, byte 0xAD): tokens holding that byte ("í" is C3 AD) had no bytes
+    and were never allowed, and the demo tokenizer's own byte token among them."""
+    from engine_service.structured_output import _byte_decoder
+
+    to_text = _gpt2_bytes_to_unicode()
+    assert sorted(to_text) == list(range(256)) and len(set(to_text.values())) == 256
+    assert _byte_decoder() == {c: b for b, c in to_text.items()}
+    vocab = token_bytes(demo_tokenizer, len(demo_tokenizer))
+    special = set(demo_tokenizer.added_tokens_decoder)
+    assert [i for i, data in enumerate(vocab) if data is None and i not in special] == []
+    assert vocab[demo_tokenizer.convert_tokens_to_ids(to_text[0xAD])] == b"\xad"

@@ -335,6 +335,51 @@ def test_mistral_calls_in_both_of_its_layouts():
     assert parse_tool_calls("Checking.", "mistral") == ("Checking.", [])
 
 
+
+def test_text_after_a_mistral_call_list_stays_in_the_content():
+    """Mistral v0.3's calls are one JSON list after [TOOL_CALLS]; what the model wrote after the list is content,
+    as what came before it is (it was dropped)."""
+    content, calls = parse_tool_calls('[TOOL_CALLS][{"name": "f", "arguments": {}}] done', "mistral")
+    assert content == "done" and [(c["name"], c["arguments"]) for c in calls] == [("f", {})]
+
+
+def test_a_mistral_args_call_with_an_empty_name_is_refused():
+    """name[ARGS]{...} needs a name: "[ARGS]{...}" after a call, or a blank name, is a malformed call, a ValueError
+    naming it, not a call to the tool ""."""
+    # (A first call cannot show it: "[TOOL_CALLS][ARGS]" starts with "[", so it is read as v0.3's JSON list.)
+    for text in ('[TOOL_CALLS]f[ARGS]{}[TOOL_CALLS][ARGS]{"x": 1}', '[TOOL_CALLS]f[ARGS]{}[TOOL_CALLS]  [ARGS]{}',
+                 '[TOOL_CALLS]f[ARGS]{} [ARGS]{"x": 1}'):
+        with pytest.raises(ValueError, match=r"tool call 1 is not name\[ARGS\]"):
+            parse_tool_calls(text, "mistral")
+
+
+def test_a_call_name_that_is_not_a_string_is_refused():
+    """A call's name must be a JSON string, in every format that reads a call object: a number or null was passed
+    on as the name (only a missing name was refused)."""
+    for text in ('<tool_call>{"name": 42, "arguments": {}}</tool_call>', '[TOOL_CALLS][{"name": null, "arguments": {}}]',
+                 '<tool_call>{"name": ["f"], "arguments": {}}</tool_call>'):
+        with pytest.raises(ValueError, match="tool call 0 is not a JSON object with a string name"):
+            parse_tool_calls(text)
+
+
+def test_a_hermes_call_whose_closing_tag_never_came_is_left_open():
+    """A call whose JSON is whole but whose </tool_call> never came (the completion stopped at max_tokens) is left
+    open, an error, as one cut inside its JSON is: it was read as a whole call."""
+    for text in ('<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n', '<tool_call>{"name": "f", "arguments": {}}',
+                 '<tool_call>{"name": "f", "arguments": {}}</tool_call>\n<tool_call>{"name": "g", "arguments": {}}'):
+        with pytest.raises(ValueError, match=r"is left open \(no </tool_call>\)"):
+            parse_tool_calls(text)
+
+
+def test_a_tag_named_in_the_thinking_does_not_pick_the_format():
+    """"auto" picks the format from the text after the thinking: a "<tool_call>" mentioned in the thinking does not
+    make a Llama 3 JSON call after it Hermes text (the call was lost)."""
+    thinking = "<think>maybe a <tool_call>?</think>"
+    assert parse_tool_calls(thinking + '{"name": "f", "parameters": {"x": 1}}') == (
+        thinking, [{"name": "f", "arguments": {"x": 1}}])
+    assert parse_tool_calls(thinking + 'then [TOOL_CALLS][{"name": "f", "arguments": {}}]')[1][0]["name"] == "f"
+
+
 def test_each_format_is_read_only_when_asked_or_found():
     hermes = '<tool_call>{"name": "f", "arguments": {}}</tool_call>'
     assert parse_tool_calls(hermes, "llama3_json") == (hermes, [])
