@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine_service import LLM, LLMEngine, SamplingParams
-from tests.integration.tiny import VOCAB, hf_greedy, make_qwen3
+from tests.integration.tiny import VOCAB, exact_engine, hf_greedy, make_qwen3
 
 
 @pytest.fixture(scope="module")
@@ -635,3 +635,25 @@ def test_add_request_checks_the_request_id(model_dir):
         long_id = "s12:345:" + "x" * 256
         llm.add_request(long_id, _prompt(4), params)
         assert [o.request_id for o in llm.step()] == [long_id]
+
+
+def test_default_cpu_pool_rounds_a_partial_last_block_up(tmp_path):
+    """The default CPU pool holds max_num_seqs sequences of max_model_len: a partly used last block counts whole
+    (sized only at multiples of the block size, rounding down went unseen)."""
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, layers=2, dtype=torch.float32)
+    # 100 tokens in blocks of 16: 7 blocks per sequence (the last partly used), 3 sequences.
+    with exact_engine(tmp_path, num_kvcache_blocks=None, max_num_seqs=3, max_model_len=100) as llm:
+        assert llm.runner.num_blocks == 3 * 7
+
+
+def test_cpu_kvcache_gib_cap_counts_k_and_v_bytes(tmp_path):
+    """cpu_kvcache_gib caps K and V together: a block's bytes count both (checked only as a ratio between cache
+    dtypes, which a count of K alone kept)."""
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, layers=2, dtype=torch.float32)
+    # float32 K and V: 2 (K, V) x 2 layers x 2 KV heads x 16 dims x 4 bytes = 512 bytes a token, 8 KiB a block.
+    gib = 2 ** -14  # 64 KiB
+    with exact_engine(tmp_path, dtype="float32", num_kvcache_blocks=None, cpu_kvcache_gib=gib, max_num_seqs=8,
+                      max_model_len=512) as llm:
+        assert llm.runner.block_bytes() == 2 * 2 * 2 * 16 * 4 * 16
+        assert llm.runner.num_blocks == (64 << 10) // (8 << 10)  # 8
+        assert llm.runner.k_cache.numel() * 4 * 2 <= 64 << 10

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from engine_service import SamplingParams
 from tests.integration.tiny import (
@@ -163,3 +164,18 @@ def test_priority_preemption_keeps_tokens_and_serves_the_urgent_first(gqa2):
     assert finished[0] == "u"
     for rid, prompt, n in (("a", prompts[0], 24), ("b", prompts[1], 24), ("u", prompts[2], 6)):
         assert tokens[rid] == hf_greedy(model, prompt, n)
+
+
+def test_distinct_q_and_k_norm_weights_give_transformers_tokens(tmp_path):
+    """transformers initialises q_norm and k_norm to ones, so in every other test model the two are equal and
+    normalising k with q_norm's weight went unseen; a real Qwen3's differ. Drawn at random here, in float64."""
+    ref = make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, layers=2)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.2, 3.0)
+    ref.save_pretrained(tmp_path)
+    prompts = random_prompts(3, [5, 17, 40])
+    with exact_engine(tmp_path) as llm:
+        got = [o["token_ids"] for o in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8))]
+    assert got == [hf_greedy(ref, p, 8) for p in prompts]

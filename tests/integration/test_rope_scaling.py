@@ -203,3 +203,37 @@ def test_no_indexing_error_warning_for_prompts_past_the_tokenizers_length(demo_m
         assert len(tokenizer.encode(text)) > 2048  # past the demo's max_position_embeddings
         llm.tokenizer.encode(text)
     assert "indexing errors" not in caplog.text
+
+
+def _yarn_equal_to_transformers(hf_cfg, head_dim):
+    """Yarn's frequencies and attention factor from our config reader equal transformers' bit for bit."""
+    want_freq, want_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg, "cpu")
+    ours = ModelConfig.from_dict(json.loads(hf_cfg.to_json_string()))
+    freq, factor = rope_frequencies(head_dim, ours.rope_theta, ours.rope_scaling)
+    assert torch.equal(freq, want_freq.float())
+    assert factor == pytest.approx(want_factor, rel=0, abs=0)
+
+
+def test_yarn_default_betas_at_qwen3_lengths_equal_transformers():
+    """Real Qwen3 yarn configs leave beta_fast and beta_slow out: their defaults (32 and 1) matter at a real model's
+    lengths (32,768 trained, head_dim 128), where the tiny cases' correction range clamps to 0 whatever beta_fast
+    is, so a wrong default went unseen."""
+    cfg = Qwen3Config(vocab_size=64, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                      max_position_embeddings=32768,
+                      rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768,
+                                       "rope_theta": 1e6})
+    _yarn_equal_to_transformers(cfg, 128)
+
+
+def test_a_top_level_original_max_position_embeddings_wins_as_in_transformers():
+    """With original_max_position_embeddings both at the top level and in rope_parameters, transformers takes the
+    top-level one; preferring rope's changed every frequency yarn scales."""
+    cfg = Qwen3Config(vocab_size=64, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      max_position_embeddings=64, original_max_position_embeddings=16,
+                      rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                       "rope_theta": 10000.0})
+    data = json.loads(cfg.to_json_string())
+    assert data["original_max_position_embeddings"] == 16
+    ours = ModelConfig.from_dict(data)
+    assert ours.rope_scaling.original_max_position_embeddings == 16
+    _yarn_equal_to_transformers(cfg, 16)
