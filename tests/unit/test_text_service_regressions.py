@@ -1708,3 +1708,89 @@ def test_a_stream_on_probation_is_not_taken_for_a_silent_engine(demo_model_dir, 
         if server is not None:
             server.stop()
         assert engine.stop() == 0
+
+
+def test_an_abort_flushes_held_text_and_counts_it(demo_model_dir, demo_tokenizer):
+    """A GenerateMulti abort of a one-completion request sends the text --stream-interval held before its ABORT, and
+    the abort's usage counts those tokens (it counted only what had been sent)."""
+    script = demo_tokenizer.encode("The lighthouse keeper watched the grey sea all night long and more.",
+                                   add_special_tokens=False)
+    engine = demo_engine(demo_model_dir, demo_tokenizer, script=script, step_s=0.05)
+    server = TextServer(demo_model_dir, engines=engine.target, stream_interval=16, stream_max_wait_s=0)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.TextGenerationStub(channel)
+            wait_ready(stub)
+            outbox: queue.Queue = queue.Queue()
+            params = pb.SamplingParams(max_tokens=40, ignore_eos=True)
+            outbox.put(pb.MultiRequest(generate=pb.GenerateRequest(request_id="m", prompt="hi", sampling_params=params)))
+
+            def frames():
+                while (frame := outbox.get()) is not None:
+                    yield frame
+
+            responses = stub.GenerateMulti(frames(), timeout=30)
+            got = [next(responses)]  # the first token at once; the next ones are held (fewer than 16)
+            threading.Event().wait(0.4)  # ~8 more steps
+            outbox.put(pb.MultiRequest(abort_request_id="m"))
+            for response in responses:
+                got.append(response)
+                if response.finish_reason:
+                    outbox.put(None)
+        *tokens_msgs, last = got
+        ids = [t for r in tokens_msgs for t in r.token_ids]
+        assert last.finish_reason == pb.FINISH_REASON_ABORT
+        assert len(ids) >= 4 and ids == script[:len(ids)], ids  # the held tokens came before the ABORT
+        assert last.usage.completion_tokens == len(ids)
+    finally:
+        server.stop()
+        assert engine.stop() == 0
+
+
+class _FailsOne(_FailsAfter):
+    """Fails only one of an n > 1 request's engine requests, once it has produced `after` tokens."""
+
+    victim = None
+
+    def step(self, on_launch=None):
+        from engine_service.outputs import FINISH_ERROR, StepOutput
+
+        if self.victim is None and len(self.running) >= 2:
+            self.victim = sorted(self.running)[0]
+        v = self.victim
+        failed = [v] if v in self.running and len(self.reqs[v][0]) - self.reqs[v][2] >= self.after else []
+        for rid in failed:
+            self.running.remove(rid)
+            del self.reqs[rid]
+        return [StepOutput(rid, finish_reason=FINISH_ERROR, error="boom (test)") for rid in failed] + \
+            FakeEngine.step(self, on_launch)
+
+
+def test_a_failed_completion_still_delivers_the_others_held_text(demo_model_dir, demo_tokenizer):
+    """When one of an n > 1 request's completions fails, the text --stream-interval held for the others still reaches
+    the caller before the error."""
+    from tokenizer_service.validation import read_eos_token_ids
+
+    script = demo_tokenizer.encode("The lighthouse keeper watched the grey sea all night long and more.",
+                                   add_special_tokens=False)
+    vocab = json.loads((demo_model_dir / "config.json").read_text())["vocab_size"]
+    fake = _FailsOne(6, vocab_size=vocab, max_model_len=100_000, script=script, step_s=0.02)
+    fake.model_info["eos_token_ids"] = sorted(read_eos_token_ids(str(demo_model_dir), demo_tokenizer, vocab))
+    engine = Running(fake)
+    server = TextServer(demo_model_dir, engines=engine.target, stream_interval=16, stream_max_wait_s=0)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.TextGenerationStub(channel)
+            wait_ready(stub)
+            got = []
+            with pytest.raises(grpc.RpcError) as err:
+                for response in stub.Generate(pb.GenerateRequest(prompt="hi", n=2, sampling_params=pb.SamplingParams(
+                        max_tokens=30, ignore_eos=True)), timeout=30):
+                    got.append(response)
+            assert "boom (test)" in err.value.details()
+        per_index = {i: [t for r in got if r.index == i for t in r.token_ids] for i in (0, 1)}
+        for ids in per_index.values():  # each completion: every token it generated before the failure
+            assert len(ids) >= 4 and ids == script[:len(ids)], per_index
+    finally:
+        server.stop()
+        assert engine.stop() == 0
