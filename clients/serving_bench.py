@@ -53,8 +53,9 @@ WORKLOADS = {"A": (256, (100, 1024), 10_000, (100, 1024)), "B": (64, (32, 256), 
 
 def workload(name: str, vocab_size: int, num_requests: int | None = None) -> Workload:
     """Workload A or B of BENCHMARKS.md (random.seed(0); every prompt drawn first, then the output lengths); ids are
-    taken modulo the model's vocabulary so a smaller model can run it too. num_requests: the first that many of a
-    longer run of the generator (default: the workload's own count)."""
+    taken modulo the model's vocabulary so a smaller model can run it too. num_requests: how many requests the
+    generator draws (default: the workload's own count; the prompts of a smaller count are the first of the full
+    run's, its output lengths are not, as with engine_service.bench.make_workload)."""
     count, (lo, hi), top, (out_lo, out_hi) = WORKLOADS[name]
     n = num_requests or count
     random.seed(0)

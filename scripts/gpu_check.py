@@ -538,38 +538,49 @@ def _two_batch_overlap(llm, plan, itl_batches, itl_args, cpu_dry_run: bool, pdl_
 
 
 # Part s: the engine service takes this share of the GPU and the in-process engine the rest of SERVED_SHARES[1] (the
-# KV-cache sizing counts memory other processes hold against a share). Workload A's longest moment needs about 60 GB
-# of bf16 KV cache for Qwen3-0.6B: 45% of an H200 holds it.
+# KV-cache sizing counts memory other processes hold against a share). Workload A needs about 33 GB of bf16 KV cache
+# for Qwen3-0.6B at its longest moment (60 GB were every request at its longest at once): 45% of an H200 holds it.
 SERVED_SHARES = (0.45, 0.9)
+# How long part s waits for each service to say SERVING (the engine loads, tunes and captures its graphs first):
+# within gpu_check.sh's limit for the part (up to 300 s), so that a start that hangs is reported, not cut.
+SERVED_START_S = {"engine": 200, "tokenizer": 60}
 
 
-def _free_port() -> int:
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports on loopback (held open together while chosen, so never the same one twice)."""
+    import contextlib
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 def _served_model(preset_dir: Path, cache_dir: Path) -> Path:
     """The preset's checkpoint with a tokenizer beside it, for the tokenizer service (the preset has none): its
-    files linked, and the demo model's byte-level BPE. Its 2,048 ids are fewer than the model's: prompts go as token
-    ids, and generated ids past the tokenizer's detokenize to nothing, which costs the service the same work."""
+    files linked (relative links, so the cache may move), and the demo model's byte-level BPE. Its 2,048 ids are far
+    fewer than the model's: prompts go as token ids, and most generated ids detokenize to nothing, so the messages
+    carry almost no text and the tokenizer service's cost measured with it is a lower bound. Rebuilt when the
+    preset's files change (a marker lists them)."""
     import shutil
 
-    from scripts.demo_model import _train_tokenizer
+    from scripts.demo_model import _recipe_fingerprint, _train_tokenizer
 
     served = cache_dir / f"{preset_dir.name}-served"
-    if (served / "tokenizer.json").exists():
+    files = sorted((f.name, f.stat().st_size) for f in preset_dir.iterdir() if f.is_file())
+    marker = json.dumps({"preset": files, "tokenizer": _recipe_fingerprint()})
+    if (served / "served.json").exists() and (served / "served.json").read_text() == marker:
         return served
     staging = cache_dir / f".{served.name}.{os.getpid()}"  # built aside, then renamed: never seen half made
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for file in preset_dir.iterdir():
-        if file.is_file():
-            (staging / file.name).symlink_to(file.resolve())
+    for name, _ in files:
+        (staging / name).symlink_to(os.path.relpath(preset_dir / name, served))
     _train_tokenizer().save_pretrained(staging)
-    shutil.rmtree(served, ignore_errors=True)  # one left half made by a killed run
+    (staging / "served.json").write_text(marker)
+    shutil.rmtree(served, ignore_errors=True)  # an older or half-made one
     os.rename(staging, served)
     return served
 
@@ -595,12 +606,45 @@ def _wait_serving(proc, target: str, log: Path, timeout_s: float) -> None:
     raise RuntimeError(f"not SERVING within {timeout_s:.0f} s: {_tail(log)}")
 
 
+def _stop_services(procs: dict) -> dict[str, int | None]:
+    """SIGTERM to every service (the tokenizer service first: it drains onto the engine), then wait for each, killing
+    one that has not exited in 60 s; their exit codes."""
+    import signal
+    import subprocess
+
+    for name in ("tokenizer", "engine"):
+        if name in procs and procs[name].poll() is None:
+            procs[name].send_signal(signal.SIGTERM)
+    for proc in procs.values():
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+    return {name: proc.returncode for name, proc in procs.items()}
+
+
 def cmd_served(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
     """Part s: workload A (on the CPU dry run, 4 requests of workload B) through the tokenizer and engine services as
     processes on loopback, against the same requests driven through an engine in this process
-    (clients.serving_bench); out/served.json holds its report. What the services cost at the engine's pace, and
-    whether the engine service's GIL switch interval (gil_switch_interval_ms) keeps its loop fed."""
+    (clients.serving_bench); out/served.json holds its report. What the services cost at the engine's pace, with the
+    engine service's GIL switch interval as configured and its metrics off. Both engines get the same attention tiles
+    (part g's picks where its graphs.json is beside, else the defaults), so the ratio is not two tuners' picks."""
     import signal
+
+    # gpu_check.sh's timeout sends SIGTERM: end through `finally`, so the report says where it was cut.
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
+    try:
+        return _served(out, cache_dir, cpu_dry_run)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _served(out: Path, cache_dir: Path, cpu_dry_run: bool) -> int:
+    """cmd_served's body."""
     import subprocess
 
     begun = _begin(out, "served.json", cache_dir, cpu_dry_run)
@@ -613,13 +657,17 @@ def cmd_served(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
                   "--max-model-len", "512", "--torch-threads", "1"]
         inprocess = [*engine, "--enforce-eager"]
         engine += ["--enforce-eager", "true"]
-        load = ["--workload", "B", "--num-requests", "4"]
+        load, pins = ["--workload", "B", "--num-requests", "4"], {}
     else:
+        from engine_service.attention import triton_kernels as tk
+
         engine = ["--device", "cuda", "--dtype", "bfloat16", "--attention-backend", "triton",
                   "--gpu-memory-utilization", str(SERVED_SHARES[0])]
         inprocess = [*engine[:-1], str(SERVED_SHARES[1])]
         load = ["--workload", "A"]
-    engine_port, text_port = _free_port(), _free_port()
+        pins = {tk.DECODE_TILE_ENV: ",".join(map(str, tk.DECODE_TILES[0])),
+                tk.PREFILL_TILE_ENV: ",".join(map(str, tk.PREFILL_TILES[0])), **_pins(_load(out / "graphs.json"))}
+    engine_port, text_port = _free_ports(2)
     quiet = ["--host", "127.0.0.1", "--metrics-port", "0", "--log-level", "WARNING"]
     commands = {
         "engine": ["engine_service.server", "--model", str(model), "--port", str(engine_port), *quiet,
@@ -627,18 +675,22 @@ def cmd_served(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
         "tokenizer": ["tokenizer_service.server", "--model", str(model), "--port", str(text_port), *quiet,
                       "--engines", f"127.0.0.1:{engine_port}"],
     }
-    report.update(model=str(model), engine_flags=engine, inprocess_flags=inprocess, workload_flags=load)
+    report.update(model=str(model), engine_flags=engine, inprocess_flags=inprocess, workload_flags=load, pins=pins,
+                  stage="starting the services")
     report.save()
     procs: dict[str, subprocess.Popen] = {}
     started = time.monotonic()
+    saved_env = {name: os.environ.get(name) for name in pins}
     try:
+        os.environ.update(pins)  # the services inherit them, and the in-process engine reads them
         for name, args in commands.items():
             log = out / f"s_{name}.log"
             with open(log, "wb") as f:
                 procs[name] = subprocess.Popen([sys.executable, "-m", *args], stdout=f, stderr=subprocess.STDOUT)
             port = engine_port if name == "engine" else text_port
-            _wait_serving(procs[name], f"127.0.0.1:{port}", log, 600 if name == "engine" else 120)
-        report["services_up_s"] = round(time.monotonic() - started, 1)
+            _wait_serving(procs[name], f"127.0.0.1:{port}", log, SERVED_START_S[name])
+        report.update(services_up_s=round(time.monotonic() - started, 1), stage="serving_bench")
+        report.save()
         from clients import serving_bench
 
         bench_report = serving_bench.main(["--target", f"127.0.0.1:{text_port}", *load, "--rate", "inf",
@@ -647,21 +699,18 @@ def cmd_served(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
         runs = {row["mode"]: row for row in bench_report["runs"]}
         ratio = next((v for k, v in bench_report.items() if k.startswith("grpc_over")), {})
         report.update(workload=bench_report["workload"], num_requests=bench_report["num_requests"],
-                      grpc=runs.get("grpc"), inprocess=runs.get("inprocess"), ratio=ratio.get("median"))
-    except Exception as exc:  # noqa: BLE001 -- the report says what failed; the summary shows it
+                      grpc=runs.get("grpc"), inprocess=runs.get("inprocess"), ratio=ratio.get("median"),
+                      stage="done")
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 -- the report says what failed and where; the row shows it
         traceback.print_exc()
-        report["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        report["error"] = f"{report.get('stage')}: {type(exc).__name__}: {exc}"[:2000]
     finally:
-        for name in ("tokenizer", "engine"):  # the tokenizer service first: it drains onto the engine
-            proc = procs.get(name)
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
-        report["exit_codes"] = {name: proc.returncode for name, proc in procs.items()}
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        report["exit_codes"] = _stop_services(procs)
         report.save()
     print(json.dumps({k: report.get(k) for k in ("ratio", "exit_codes", "error")}))
     return 1 if report.get("error") or any(report["exit_codes"].values()) else 0

@@ -3,7 +3,7 @@
 # run `GPU_CHECK_BUDGET_S=540 scripts/gpu_check.sh a b g p`, about 6 minutes, then `d`, about 4 (and `e`,
 # 1-2 more, if time is left); see docs/GPU.md).
 #
-#   scripts/gpu_check.sh              # every part
+#   scripts/gpu_check.sh              # every part but s (a b g p d e)
 #   scripts/gpu_check.sh b g          # only these parts (env and the preset always run first)
 #
 # Parts, in the order they run, each under its own time limit, within GPU_CHECK_BUDGET_S but for the floors
@@ -22,6 +22,8 @@
 #                                       overlap (after g, in the same call: it reads g's graphs.json)
 #   d  python -m engine_service.bench   workload A on transformers' static batching (about 4 minutes)
 #   e  python -m engine_service.bench   the same 64 requests on transformers' continuous batching
+#   s  scripts/gpu_check.py served      only when named: workload A through both services as processes, against
+#                                       the engine in-process (2-3 minutes; docs/GPU.md)
 # Outputs: one log per part, JSON figures, status.tsv, performance.md; the table is printed last. Without $OUT
 # they are written to ./gpu_check_out. With $OUT (the device tool, which brings back at most 8 files) they are
 # written to a work folder, and after each stage $OUT gets all of them as gpu_check.tgz plus the few that matter
