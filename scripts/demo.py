@@ -37,8 +37,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_serving(target: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    """Poll grpc.health.v1 until SERVING; fail early if the process died."""
+def wait_serving(target: str, proc: subprocess.Popen, log: Path, timeout_s: float,
+                 timeout_flag: str = "--startup-timeout") -> None:
+    """Poll grpc.health.v1 until SERVING; fail early (DemoFailed, with the end of its log) if the process died.
+    timeout_flag: what sets timeout_s, for the message."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -52,7 +54,7 @@ def wait_serving(target: str, proc: subprocess.Popen, log: Path, timeout_s: floa
             except grpc.RpcError:
                 pass
             time.sleep(0.1)
-    raise DemoFailed(f"the service on {target} was not SERVING within {timeout_s:.0f}s (--startup-timeout); the "
+    raise DemoFailed(f"the service on {target} was not SERVING within {timeout_s:.0f}s ({timeout_flag}); the "
                      f"end of its log ({log}):\n{log.read_text()[-4000:]}")
 
 

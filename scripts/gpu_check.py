@@ -20,6 +20,7 @@ what was measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import json
@@ -102,6 +103,21 @@ def _graph_check(graphs, report: dict) -> None:
             f"  size {r.size:4d} ({r.real:3d} real): hidden {'equal' if r.hidden_equal else 'DIFFER'}, "
             f"logits {'equal' if r.logits_equal else 'DIFFER'}, finite {r.finite}, max diff {r.max_abs_diff:.3g}"
         )
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """These environment variables set for the block, each put back as it was after."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _setup(cpu_dry_run: bool) -> tuple:
@@ -365,21 +381,14 @@ def cmd_second(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
 
     def start(pdl: bool):
         """The second engine, or None where its start-up failed (said in the report)."""
-        before = {name: os.environ.get(name) for name in pins}
-        os.environ.update(pins)  # read by the tuners at start-up only
         try:
-            return LLM(str(model_dir), **engine, pdl=pdl, max_num_batched_tokens=WIDE_BUDGET)
+            with _environ(pins):  # read by the tuners at start-up only
+                return LLM(str(model_dir), **engine, pdl=pdl, max_num_batched_tokens=WIDE_BUDGET)
         except Exception as e:
             traceback.print_exc()
             report["pdl" if pdl else "wide_budget"] = {"error": f"engine start-up: {type(e).__name__}: {e}"}
             save()
             return None
-        finally:
-            for name, value in before.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
 
     on = start(pdl_on)
     if pdl_on and (on is None or on.runner.graphs is None):
@@ -585,27 +594,6 @@ def _served_model(preset_dir: Path, cache_dir: Path) -> Path:
     return served
 
 
-def _wait_serving(proc, target: str, log: Path, timeout_s: float) -> None:
-    """Until the process at target answers health SERVING; RuntimeError with its log's tail if it exits or
-    timeout_s passes."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"exited {proc.returncode}: {_tail(log)}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise RuntimeError(f"not SERVING within {timeout_s:.0f} s: {_tail(log)}")
-
-
 def _stop_services(procs: dict) -> dict[str, int | None]:
     """SIGTERM to every service (the tokenizer service first: it drains onto the engine), then wait for each, killing
     one that has not exited in 60 s; their exit codes."""
@@ -647,6 +635,8 @@ def _served(out: Path, cache_dir: Path, cpu_dry_run: bool) -> int:
     """cmd_served's body."""
     import subprocess
 
+    from scripts.demo import wait_serving
+
     begun = _begin(out, "served.json", cache_dir, cpu_dry_run)
     if begun is None:
         return 2
@@ -680,38 +670,32 @@ def _served(out: Path, cache_dir: Path, cpu_dry_run: bool) -> int:
     report.save()
     procs: dict[str, subprocess.Popen] = {}
     started = time.monotonic()
-    saved_env = {name: os.environ.get(name) for name in pins}
-    try:
-        os.environ.update(pins)  # the services inherit them, and the in-process engine reads them
-        for name, args in commands.items():
-            log = out / f"s_{name}.log"
-            with open(log, "wb") as f:
-                procs[name] = subprocess.Popen([sys.executable, "-m", *args], stdout=f, stderr=subprocess.STDOUT)
-            port = engine_port if name == "engine" else text_port
-            _wait_serving(procs[name], f"127.0.0.1:{port}", log, SERVED_START_S[name])
-        report.update(services_up_s=round(time.monotonic() - started, 1), stage="serving_bench")
-        report.save()
-        from clients import serving_bench
+    with _environ(pins):  # the services inherit them, and the in-process engine reads them
+        try:
+            for name, args in commands.items():
+                log = out / f"s_{name}.log"
+                with open(log, "wb") as f:
+                    procs[name] = subprocess.Popen([sys.executable, "-m", *args], stdout=f, stderr=subprocess.STDOUT)
+                port = engine_port if name == "engine" else text_port
+                wait_serving(f"127.0.0.1:{port}", procs[name], log, SERVED_START_S[name], "SERVED_START_S")
+            report.update(services_up_s=round(time.monotonic() - started, 1), stage="serving_bench")
+            report.save()
+            from clients import serving_bench
 
-        bench_report = serving_bench.main(["--target", f"127.0.0.1:{text_port}", *load, "--rate", "inf",
-                                           "--inprocess-model", str(model), *inprocess,
-                                           "--json", str(out / "s_bench.json")])
-        runs = {row["mode"]: row for row in bench_report["runs"]}
-        ratio = next((v for k, v in bench_report.items() if k.startswith("grpc_over")), {})
-        report.update(workload=bench_report["workload"], num_requests=bench_report["num_requests"],
-                      grpc=runs.get("grpc"), inprocess=runs.get("inprocess"), ratio=ratio.get("median"),
-                      stage="done")
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 -- the report says what failed and where; the row shows it
-        traceback.print_exc()
-        report["error"] = f"{report.get('stage')}: {type(exc).__name__}: {exc}"[:2000]
-    finally:
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        report["exit_codes"] = _stop_services(procs)
-        report.save()
+            bench_report = serving_bench.main(["--target", f"127.0.0.1:{text_port}", *load, "--rate", "inf",
+                                               "--inprocess-model", str(model), *inprocess,
+                                               "--json", str(out / "s_bench.json")])
+            runs = {row["mode"]: row for row in bench_report["runs"]}
+            ratio = next((v for k, v in bench_report.items() if k.startswith("grpc_over")), {})
+            report.update(workload=bench_report["workload"], num_requests=bench_report["num_requests"],
+                          grpc=runs.get("grpc"), inprocess=runs.get("inprocess"), ratio=ratio.get("median"),
+                          stage="done")
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 -- the report says what failed and where; the row shows it
+            traceback.print_exc()
+            report["error"] = f"{report.get('stage')}: {type(exc).__name__}: {exc}"[:2000]
+        finally:
+            report["exit_codes"] = _stop_services(procs)
+            report.save()
     print(json.dumps({k: report.get(k) for k in ("ratio", "exit_codes", "error")}))
     return 1 if report.get("error") or any(report["exit_codes"].values()) else 0
 
