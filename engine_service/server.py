@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     if code or loading:
         tp = sys.modules.get("engine_service.tp")  # loaded with tensor parallelism only
         if tp is not None:
-            tp.remove_store_dirs()  # os._exit skips the worker groups' own clean-up
+            tp.end_all_groups()  # os._exit skips the worker groups' own clean-up (their workers, directories)
         logging.shutdown()
         # A stuck engine thread must not hold a failed process up, nor an abandoned load a stopped one (the
         # interpreter's shutdown would wait on torch's threads, or finalise under the loader's feet).

@@ -35,9 +35,11 @@ log = logging.getLogger(__name__)
 
 # A collective waits this long for a peer before failing, rather than hanging the engine forever.
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)
-# The store directories of live groups: an engine service ending with os._exit (a failure, a stop during the
-# load) skips the finalizers, and removes these with remove_store_dirs().
+# The store directories and worker processes of live groups: an engine service ending with os._exit (a failure,
+# a stop during the load) skips the finalizers, and ends these with end_all_groups(). Its workers are killed then,
+# not left to see rank 0 go: one hung in a step (holding its GIL) never would.
 _STORE_DIRS: set[str] = set()
+_LIVE_PROCS: set = set()
 
 
 # The process's torch thread count before its first open group, and how many groups are open: every group's
@@ -64,7 +66,13 @@ def _close_group() -> None:
             torch.set_num_threads(_THREADS["before"])
 
 
-def remove_store_dirs() -> None:
+def end_all_groups() -> None:
+    """Kill every live group's workers and remove its store directory: for a process about to os._exit."""
+    for proc in list(_LIVE_PROCS):
+        try:
+            proc.kill()
+        except (OSError, ValueError, AttributeError):
+            pass
     for directory in list(_STORE_DIRS):
         shutil.rmtree(directory, ignore_errors=True)
         _STORE_DIRS.discard(directory)
@@ -86,7 +94,7 @@ def make_group(store_path: str, rank: int, size: int, cuda: bool):
     return dist.ProcessGroupGloo(store, rank, size, opts)
 
 
-def _exit_with_parent() -> None:
+def _exit_with_parent(directory: str | None = None) -> None:
     """Exit this worker as soon as rank 0's process is gone, whatever the worker is doing (waiting for the
     group to form, or in a collective): a pipe closing is seen only between steps."""
     parent = mp.parent_process()
@@ -95,21 +103,27 @@ def _exit_with_parent() -> None:
 
     def watch() -> None:
         mp.connection.wait([parent.sentinel])
+        if directory is not None:  # rank 0 was killed (no finalizer ran): its store directory goes with it
+            shutil.rmtree(directory, ignore_errors=True)
         os._exit(0)
 
     threading.Thread(target=watch, name="tp-parent-watch", daemon=True).start()
 
 
 def _worker_main(rank, size, store_path, config, model_cfg, max_model_len, conn, threads) -> None:
-    _exit_with_parent()
+    _exit_with_parent(os.path.dirname(store_path))
     # A Ctrl-C or a SIGTERM to the whole process group (systemd, `timeout`, `kill -TERM -PGID`) is rank 0's to
     # handle: it drains, then stops this worker. Taken here, it would cut the running steps short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    loaded = threading.Event()  # set once the model is loaded: a ValueError before it is a refusal, not a bug
     try:
-        _serve_steps(rank, size, store_path, config, model_cfg, max_model_len, conn, threads)
+        _serve_steps(rank, size, store_path, config, model_cfg, max_model_len, conn, threads, loaded)
     except BaseException as exc:  # noqa: BLE001 -- rank 0 names it in the engine's failure
-        traceback.print_exc()  # the whole traceback, here: rank 0 may fail (its peer gone) before it reads the pipe
+        # A setting or checkpoint every rank refuses is rank 0's to say, in one line (it raises the same
+        # ValueError). Else the whole traceback, here: rank 0 may fail (its peer gone) before it reads the pipe.
+        if loaded.is_set() or not isinstance(exc, ValueError):
+            traceback.print_exc()
         try:
             conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         except (OSError, ValueError):
@@ -125,12 +139,14 @@ def _worker_main(rank, size, store_path, config, model_cfg, max_model_len, conn,
     os._exit(0)
 
 
-def _serve_steps(rank, size, store_path, config, model_cfg, max_model_len, conn, threads) -> None:
+def _serve_steps(rank, size, store_path, config, model_cfg, max_model_len, conn, threads,
+                 loaded: threading.Event) -> None:
     from engine_service.model_runner import ModelRunner
 
     torch.set_num_threads(threads)
     tp = TPInfo(rank, size, make_group(store_path, rank, size, _on_cuda(config)))
     runner = ModelRunner(config, model_cfg, max_model_len, tp)
+    loaded.set()
     # As rank 0 does once serving (engine_service/server.py): a full collection over the start-up heap would
     # stall this rank's step, and with it the whole group's.
     gc.collect()
@@ -165,18 +181,33 @@ class WorkerGroup:
         # CPUs), rank 0 included: all ranks compute at once, so on CPU they would otherwise oversubscribe it.
         self._dead_reason: str | None = None  # what dead_worker() found, once it found it
         share = _open_group(self.size)  # the last group closed gives the process its own count back
-        for rank in range(1, self.size):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=_worker_main,
-                args=(rank, self.size, self.store_path, config, model_cfg, max_model_len, child, share),
-                name=f"tp-worker-{rank}",
-                daemon=True,
-            )
-            proc.start()
-            child.close()
-            self.conns.append(parent)
-            self.procs.append(proc)
+        try:
+            for rank in range(1, self.size):
+                parent, child = ctx.Pipe()
+                try:
+                    proc = ctx.Process(
+                        target=_worker_main,
+                        args=(rank, self.size, self.store_path, config, model_cfg, max_model_len, child, share),
+                        name=f"tp-worker-{rank}",
+                        daemon=True,
+                    )
+                    proc.start()
+                except BaseException:
+                    parent.close()
+                    raise
+                finally:
+                    child.close()
+                self.conns.append(parent)
+                self.procs.append(proc)
+                _LIVE_PROCS.add(proc)
+        except BaseException:
+            # A worker that cannot be started (fork's EAGAIN or ENOMEM, no file descriptor for its pipe): stop
+            # those that were, give the threads back, remove the directory.
+            procs = list(self.procs)
+            _shut_down(self.conns, self.procs, self._dir, False)
+            if not procs:
+                _close_group()  # _shut_down gives them back only for a group with workers
+            raise
         # The lists are shared with the finalizer, which close() empties them for: it then has nothing to do.
         weakref.finalize(self, _shut_down, self.conns, self.procs, self._dir, False)
         log.info("started %d tensor-parallel worker(s) (%s), %d torch thread(s) per rank", self.size - 1,
@@ -203,6 +234,10 @@ class WorkerGroup:
                 raise ValueError(dead.split(" failed: ValueError: ", 1)[1])
             if dead is not None and " failed: " in dead:
                 raise RuntimeError(f"{dead} (during start-up)")
+            if dead is not None and " was killed by signal " in dead:
+                # From outside: most often the out-of-memory killer while the weights load.
+                raise RuntimeError(f"{dead} during start-up, from outside the engine (signal 9 there is most often "
+                                   "the kernel's out-of-memory killer: check the host's memory and the kernel log)")
             if dead is not None:
                 raise RuntimeError(
                     f"{dead} during start-up. Workers start with `spawn`, which re-imports the main script: a "
@@ -288,5 +323,6 @@ def _shut_down(conns: list, procs: list, directory: str, wait: bool = True) -> N
         if proc.is_alive():
             proc.kill()  # workers ignore SIGTERM (a process group's is rank 0's to handle)
         proc.join(timeout=5)
+        _LIVE_PROCS.discard(proc)
     shutil.rmtree(directory, ignore_errors=True)
     _STORE_DIRS.discard(directory)

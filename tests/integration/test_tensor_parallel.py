@@ -270,7 +270,7 @@ def test_store_dirs_left_by_an_os_exit_are_removed(tmp_path):
     directory = tmp_path / "llm-tp-x"
     directory.mkdir()
     tp._STORE_DIRS.add(str(directory))
-    tp.remove_store_dirs()
+    tp.end_all_groups()
     assert not directory.exists() and str(directory) not in tp._STORE_DIRS
 
 

@@ -1,0 +1,210 @@
+"""Tensor-parallel workers under faults: a worker that cannot be started, hangs in a step, or is killed while it
+loads; rank 0 killed; a checkpoint every rank refuses. Nothing may outlive the engine, and each failure is named
+for what it is."""
+
+from __future__ import annotations
+
+import glob
+import multiprocessing.context as mpc
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import torch
+
+from engine_service import LLM
+from tests.integration.tiny import make_qwen3
+
+VOCAB = 511
+TP_ARGS = dict(device="cpu", dtype="float32", attention_backend="torch", num_kvcache_blocks=16, max_num_seqs=2,
+               max_num_batched_tokens=16, max_model_len=64)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _workers_of(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "spawn_main" in line]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("size", [2, 4])
+def test_a_worker_that_cannot_be_started_leaves_nothing_behind(tmp_path, monkeypatch, size):
+    """WorkerGroup.__init__ took the process's torch threads (_open_group) and made its store directory before
+    starting the workers: a start that raised (EAGAIN/ENOMEM from fork, EMFILE for the pipe) left the threads
+    divided for good, the directory on disk, and the workers already started running."""
+    from engine_service import tp
+
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
+    started: list = []
+    real = mpc.SpawnProcess.start
+
+    def start(self):
+        if len(started) == size - 2:  # the last worker cannot be started
+            raise OSError(11, "Resource temporarily unavailable")
+        started.append(self)
+        return real(self)
+
+    monkeypatch.setattr(mpc.SpawnProcess, "start", start)
+    threads = torch.get_num_threads()
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "llm-tp-*")))
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(OSError, match="Resource temporarily unavailable"):
+            LLM(tmp_path, tensor_parallel_size=size, **TP_ARGS)
+        assert torch.get_num_threads() == 2
+        assert set(glob.glob(os.path.join(tempfile.gettempdir(), "llm-tp-*"))) == before and not tp._STORE_DIRS
+        for proc in started:
+            proc.join(10)
+            assert not proc.is_alive(), f"{proc.name} outlived the failed start"
+    finally:
+        torch.set_num_threads(threads)
+
+
+HUNG_WORKER = """
+import sys
+if __name__ == '__mp_main__':  # the spawned worker: its 4th forward hangs holding the GIL (a stuck native call)
+    import ctypes
+    from engine_service import model_runner
+    real, calls = model_runner.ModelRunner.execute, [0]
+    def execute(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 4:
+            ctypes.PyDLL(None).pause()
+        return real(self, *args, **kwargs)
+    model_runner.ModelRunner.execute = execute
+if __name__ == '__main__':
+    from engine_service import server
+    server.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.timeout(150)
+def test_an_engine_failure_exit_kills_a_hung_worker(tmp_path):
+    """A worker hung in a step (holding its GIL, so its parent-watch thread never runs): the watchdog fails the
+    service and it exits 1, but main() ended with os._exit without stopping its workers, and the hung worker
+    lived on (an orphan holding its memory, and on GPU its device) after the service had gone."""
+    from tests.e2e.conftest import free_port
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from clients.engine_client import EngineClient
+
+    make_qwen3(tmp_path / "m", heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
+    script = tmp_path / "hung_worker.py"
+    script.write_text(HUNG_WORKER)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--model", str(tmp_path / "m"), "--host", "127.0.0.1", "--port", str(port),
+         "--device", "cpu", "--dtype", "float32", "--attention-backend", "torch", "--num-kvcache-blocks", "64",
+         "--max-num-seqs", "4", "--max-num-batched-tokens", "64", "--max-model-len", "256", "--metrics-port", "0",
+         "--canary-interval-s", "0", "--tensor-parallel-size", "2", "--watchdog-s", "3", "--failure-linger-s", "0"],
+        cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        workers = _workers_of(proc.pid)
+        assert len(workers) == 1
+        with EngineClient(f"127.0.0.1:{port}", timeout=60) as ec:
+            with pytest.raises(grpc.RpcError) as err:
+                list(ec.generate([1, 2, 3], max_tokens=50, ignore_eos=True))
+        assert err.value.code() == grpc.StatusCode.INTERNAL and "watchdog" in err.value.details()
+        assert proc.wait(30) == 1
+        deadline = time.monotonic() + 10
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(_alive, workers)), "a hung tensor-parallel worker outlived the failed service"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_killed_by_a_signal_at_start_up_is_not_blamed_on_the_main_guard(tmp_path):
+    """A worker SIGKILLed while it loads (the OOM killer, most likely) was reported as 'killed by signal 9 during
+    start-up. Workers start with `spawn`, which re-imports the main script: ... must do so under
+    `if __name__ == "__main__":`': a wrong lead. That hint fits a worker that exited with a code (the re-run
+    script raised); a signal came from outside."""
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
+    script = tmp_path / "killed_worker.py"
+    script.write_text(
+        "import os, signal\n"
+        "if __name__ == '__mp_main__':\n"
+        "    from engine_service import tp\n"
+        "    tp.make_group = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "from engine_service import LLM\n"
+        "if __name__ == '__main__':\n"
+        "    try:\n"
+        f"        LLM({str(tmp_path)!r}, tensor_parallel_size=2, **{TP_ARGS!r})\n"
+        "    except RuntimeError as exc:\n"
+        "        print('RAISED', exc)\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100,
+                            cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert "RAISED tensor-parallel worker rank 1 was killed by signal 9" in result.stdout, result.stderr[-3000:]
+    assert "__main__" not in result.stdout
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_rank_0_leaves_no_store_directory(tmp_path):
+    """Rank 0 SIGKILLed (the OOM killer, a pod's grace period ending): its workers exit (parent watch), but the
+    llm-tp-* directory stayed in /tmp for good (one per kill; the suite's own kill test leaves one a run)."""
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
+    code = (
+        "import time\n"
+        "from engine_service import LLM\n"
+        "if __name__ == '__main__':\n"
+        f"    llm = LLM({str(tmp_path)!r}, tensor_parallel_size=2, **{TP_ARGS!r})\n"
+        "    print(llm.workers._dir, ' '.join(str(p.pid) for p in llm.workers.procs), flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        directory, *pids = parent.stdout.readline().split()
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 15
+        while (os.path.exists(directory) or any(_alive(int(p)) for p in pids)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(int(p)) for p in pids)
+        assert not os.path.exists(directory), f"{directory} outlived rank 0"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+@pytest.mark.timeout(120)
+def test_a_checkpoint_every_rank_refuses_is_one_line_under_tensor_parallelism(tmp_path):
+    """tensor_parallel_size 1 reports a truncated safetensors file in one ERROR line (test_engine_lifecycle); with 2,
+    the worker printed its whole traceback first (16 lines) for the same ValueError rank 0 then states."""
+    from tests.e2e.test_engine_lifecycle import assert_one_line_failure
+
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB, dtype=torch.float32)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert_one_line_failure(["engine_service.server", "--model", str(tmp_path), "--device", "cpu",
+                             "--tensor-parallel-size", "2"], f"{weights} cannot be read as safetensors")
