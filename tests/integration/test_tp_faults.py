@@ -94,11 +94,11 @@ def test_an_engine_failure_exit_kills_a_hung_worker(tmp_path):
     """A worker hung in a step (holding its GIL, so its parent-watch thread never runs): the watchdog fails the
     service and it exits 1, but main() ended with os._exit without stopping its workers, and the hung worker
     lived on (an orphan holding its memory, and on GPU its device) after the service had gone."""
-    from tests.e2e.conftest import free_port
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from clients.engine_client import EngineClient
+    from tests.e2e.conftest import free_port
 
     make_qwen3(tmp_path / "m", heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
     script = tmp_path / "hung_worker.py"
