@@ -378,8 +378,17 @@ def read_json(path: Path) -> dict:
 
 def read_generation_defaults(model_dir: str) -> dict[str, object]:
     """Sampling defaults from the model's generation_config.json (do_sample false means greedy)."""
-    config = read_json(Path(model_dir) / "generation_config.json")
+    path = Path(model_dir) / "generation_config.json"
+    config = read_json(path)
     defaults = {k: config[k] for k in GENERATION_CONFIG_KEYS if config.get(k) is not None}
+    for key, value in defaults.items():  # checked here, once: else every request leaving it unset would fail
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if key == "top_k":
+            if not number or (isinstance(value, float) and not value.is_integer()):  # inf, nan included
+                raise ValueError(f"{path}: top_k must be an integer, got {value!r}")
+            defaults[key] = int(value)  # 50.0, as some writers put it
+        elif not number:
+            raise ValueError(f"{path}: {key} must be a number, got {value!r}")
     if config.get("do_sample") is False:
         defaults["temperature"] = 0.0
     if defaults.get("top_k") == 0:
