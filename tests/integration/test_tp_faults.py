@@ -95,35 +95,26 @@ def test_an_engine_failure_exit_kills_a_hung_worker(tmp_path):
     service and it exits 1, but main() ended with os._exit without stopping its workers, and the hung worker
     lived on (an orphan holding its memory, and on GPU its device) after the service had gone."""
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from clients.engine_client import EngineClient
+    from scripts.demo import wait_serving
     from tests.e2e.conftest import free_port
 
     make_qwen3(tmp_path / "m", heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
     script = tmp_path / "hung_worker.py"
     script.write_text(HUNG_WORKER)
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(script), "--model", str(tmp_path / "m"), "--host", "127.0.0.1", "--port", str(port),
-         "--device", "cpu", "--dtype", "float32", "--attention-backend", "torch", "--num-kvcache-blocks", "64",
-         "--max-num-seqs", "4", "--max-num-batched-tokens", "64", "--max-model-len", "256", "--metrics-port", "0",
-         "--canary-interval-s", "0", "--tensor-parallel-size", "2", "--watchdog-s", "3", "--failure-linger-s", "0"],
-        cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
+    port, log = free_port(), tmp_path / "engine.log"
+    with log.open("w") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, str(script), "--model", str(tmp_path / "m"), "--host", "127.0.0.1", "--port", str(port),
+             "--device", "cpu", "--dtype", "float32", "--attention-backend", "torch", "--num-kvcache-blocks", "64",
+             "--max-num-seqs", "4", "--max-num-batched-tokens", "64", "--max-model-len", "256", "--metrics-port", "0",
+             "--canary-interval-s", "0", "--tensor-parallel-size", "2", "--watchdog-s", "3", "--failure-linger-s", "0"],
+            cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()}, stdout=out,
+            stderr=subprocess.STDOUT)
     workers: list[int] = []
     try:
-        deadline = time.monotonic() + 90
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
+        wait_serving(f"127.0.0.1:{port}", proc, log, 90)
         workers = _workers_of(proc.pid)
         assert len(workers) == 1
         with EngineClient(f"127.0.0.1:{port}", timeout=60) as ec:

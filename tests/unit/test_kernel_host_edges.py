@@ -294,18 +294,16 @@ def test_candidates_split_boundaries():
     assert all(t.split_k == 1 for t in found if t.block_n == 64)
 
 
-def test_tuner_sizes_the_shared_workspace_for_its_largest_pick():
-    """Picks at several sizes share one workspace sized for the largest; one sized for the last pick only is too
-    small for an earlier, larger one."""
-    gen = torch.Generator().manual_seed(0)
+def _tuner_layer(gen: torch.Generator) -> torch.nn.Module:
+    """A linear layer as tune_decode_gemms sees one: a [128, 256] weight and no picks yet."""
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(torch.randn(128, 256, generator=gen), requires_grad=False)
+    layer.gemms = None
+    return layer
 
-    class Lin(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.randn(128, 256, generator=gen), requires_grad=False)
-            self.gemms = None
 
-    layers = [Lin()]
+def _timer(ms) -> object:
+    """A tuner timer that runs the candidate and reports ms(tiles it ran): torch's own matmul runs none."""
     real = G.gemm
 
     def timer(fn, calls):
@@ -315,8 +313,17 @@ def test_tuner_sizes_the_shared_workspace_for_its_largest_pick():
             fn()
         finally:
             G.gemm = real
-        return 10.0 if not ran else (5.0 if ran[0].split_k > 1 else 20.0)
+        return ms(ran)
 
+    return timer
+
+
+def test_tuner_sizes_the_shared_workspace_for_its_largest_pick():
+    """Picks at several sizes share one workspace sized for the largest; one sized for the last pick only is too
+    small for an earlier, larger one."""
+    gen = torch.Generator().manual_seed(0)
+    layers = [_tuner_layer(gen)]
+    timer = _timer(lambda ran: 10.0 if not ran else (5.0 if ran[0].split_k > 1 else 20.0))
     G.tune_decode_gemms({"up": layers}, [128, 1], num_sms=132, timer=timer)
     picks = layers[0].gemms
     assert picks and set(picks) == {128, 1}
@@ -327,27 +334,8 @@ def test_tuner_sizes_the_shared_workspace_for_its_largest_pick():
 
 def test_tuner_needs_the_margin_to_pick():
     """A tile only 2% faster than torch (within timing noise) is not picked."""
-    gen = torch.Generator().manual_seed(0)
-
-    class Lin(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.randn(128, 256, generator=gen), requires_grad=False)
-            self.gemms = None
-
-    layers = [Lin()]
-    real = G.gemm
-
-    def timer(fn, calls):
-        ran = []
-        G.gemm = lambda x, w, b, tile, ws=None: ran.append(tile) or real(x, w, b, tile, ws)
-        try:
-            fn()
-        finally:
-            G.gemm = real
-        return 9.8 if ran else 10.0
-
-    (shape,) = G.tune_decode_gemms({"up": layers}, [4], num_sms=132, timer=timer)
+    layers = [_tuner_layer(torch.Generator().manual_seed(0))]
+    (shape,) = G.tune_decode_gemms({"up": layers}, [4], num_sms=132, timer=_timer(lambda ran: 9.8 if ran else 10.0))
     assert not shape.picked and layers[0].gemms is None
 
 
