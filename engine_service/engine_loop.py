@@ -311,7 +311,8 @@ class EngineLoop:
                         if victim is None:
                             rejected.append((cmd.request_id, "RESOURCE_EXHAUSTED", message))
                             if self.metrics is not None and cmd.trace_id is not None:
-                                self.metrics.refused(cmd.trace_id, f"RESOURCE_EXHAUSTED: {message}")
+                                self.metrics.refused(cmd.trace_id, f"RESOURCE_EXHAUSTED: {message}", cmd.arrival,
+                                                     len(cmd.prompt_token_ids), cmd.request_id)
                             continue
                 try:
                     self._engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params)
@@ -323,7 +324,8 @@ class EngineLoop:
                                                        f"{type(exc).__name__}: {exc}"
                     rejected.append((cmd.request_id, "INVALID_ARGUMENT" if invalid else "INTERNAL", message))
                     if self.metrics is not None and cmd.trace_id is not None:
-                        self.metrics.refused(cmd.trace_id, f"{'INVALID_ARGUMENT' if invalid else 'INTERNAL'}: {message}")
+                        self.metrics.refused(cmd.trace_id, f"{'INVALID_ARGUMENT' if invalid else 'INTERNAL'}: {message}",
+                                             cmd.arrival, len(cmd.prompt_token_ids), cmd.request_id)
                     continue  # a request the engine refuses displaces nobody
                 if victim is not None:
                     self._displace(*victim, cmd.params.priority, rejected)

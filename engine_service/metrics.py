@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from http.server import HTTPServer
@@ -216,13 +217,18 @@ class EngineMetrics:
         if req is not None:
             req.stopped = True
 
-    def refused(self, trace_id: str, error: str) -> None:
-        """A request refused before it reached the engine (or by it): counted and logged as an error. Any thread."""
+    def refused(self, trace_id: str, error: str, arrival: float | None = None, prompt_tokens: int = 0,
+                engine_request_id: str | None = None) -> None:
+        """A request refused before it reached the engine (or by it): counted and logged as an error, with every
+        field of a finished request's line (arrival: its time.monotonic() when known, else it was refused on
+        arrival; engine_request_id: None for one refused before it was given one). Any thread."""
         with self._lock:
             self.finished[FINISH_ERROR] += 1
         if self._log_requests:
+            total = time.monotonic() - arrival if arrival else 0.0
             request_log.info("request finished", extra={"fields": {
-                "request_id": trace_id, "prompt_tokens": 0, "completion_tokens": 0, "finish_reason": FINISH_ERROR,
+                "request_id": trace_id, "engine_request_id": engine_request_id, "prompt_tokens": prompt_tokens, "completion_tokens": 0, "cached_tokens": 0,
+                "queue_s": None, "ttft_s": None, "total_s": round(total, 6), "finish_reason": FINISH_ERROR,
                 "error": error}})
 
     def fail_live(self, error: str, now: float) -> int:
@@ -237,10 +243,6 @@ class EngineMetrics:
                 self._log(request_id, req, StepOutput(request_id, finish_reason=FINISH_ERROR), FINISH_ERROR, now,
                           error)
         return len(live)
-
-    def forget(self, request_id: str) -> None:
-        """The engine refused a request after on_add (it never ran)."""
-        self._live.pop(request_id, None)
 
     # ---- Prometheus (HTTP thread) -------------------------------------------------------------------------
 
