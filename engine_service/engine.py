@@ -129,7 +129,7 @@ class LLMEngine:
             log.warning("eos_token_id %s (tokenizer, generation_config.json or config.json) is outside the model's "
                         "vocabulary [0, %d): ignored", outside, self.model_cfg.vocab_size)
         self.eos_token_ids = sorted(set(eos) - set(outside))
-        self.generation_defaults = self._generation_defaults(gen_cfg)
+        self.generation_defaults = self._generation_defaults(gen_cfg, model_dir / "generation_config.json")
         unapplied = unapplied_generation_settings(gen_cfg)
         if unapplied:
             log.warning("generation_config.json sets %s, which this engine does not apply: its outputs will differ "
@@ -265,14 +265,23 @@ class LLMEngine:
         return masks, ""
 
     @staticmethod
-    def _generation_defaults(gen_cfg: dict) -> dict:
+    def _generation_defaults(gen_cfg: dict, path: Path) -> dict:
+        """Every request's defaults, checked here as a request's own values are: a value out of range or of the
+        wrong type stops the load (else each request leaving that field unset would be refused for it)."""
         defaults = {
             k: gen_cfg[k] for k in GENERATION_DEFAULT_KEYS if gen_cfg.get(k) is not None
         }
         if gen_cfg.get("do_sample") is False:
             defaults["temperature"] = 0.0
+        top_k = defaults.get("top_k")
+        if isinstance(top_k, float) and top_k.is_integer():
+            defaults["top_k"] = int(top_k)  # 50.0, as some writers put it
         if defaults.get("top_k") == 0:
             defaults["top_k"] = -1  # transformers' "disabled"
+        try:
+            SamplingParams(**defaults).validate()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc} (it would be every request's default)") from None
         return defaults
 
     # ---- admission -----------------------------------------------------------------------------

@@ -156,7 +156,7 @@ class EngineServicer(pb_grpc.EngineServicer):
                 # (decided on the engine thread, which owns the queue; else it is refused there with this message).
                 if refusal[0] != grpc.StatusCode.RESOURCE_EXHAUSTED \
                         or not self.loop.outranks(req.sampling_params.priority):
-                    self._refuse(stream, cid, trace_id, *refusal)
+                    self._refuse(stream, cid, trace_id, *refusal, prompt_tokens=len(req.prompt_token_ids))
                     return
                 if_full = (refusal[1], self._max_waiting)
             prompt = list(req.prompt_token_ids)
@@ -165,22 +165,26 @@ class EngineServicer(pb_grpc.EngineServicer):
             if params.prompt_logprobs is not None:  # they go out in one update, within a frame
                 check_prompt_logprobs_size(len(prompt), params.prompt_logprobs, self._max_frame_bytes // 2)
         except ValueError as exc:
-            self._refuse(stream, cid, trace_id, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            self._refuse(stream, cid, trace_id, grpc.StatusCode.INVALID_ARGUMENT, str(exc),
+                         prompt_tokens=len(req.prompt_token_ids))
             return
         engine_id = f"{prefix}{next(self._admissions)}:{cid}"
         try:
             self.loop.add(engine_id, prompt, params, RequestSink(stream, cid), trace_id=trace_id, if_full=if_full)
         except EngineUnavailable as exc:
-            self._refuse(stream, cid, trace_id, grpc.StatusCode.UNAVAILABLE, f"the engine has failed: {exc}")
+            self._refuse(stream, cid, trace_id, grpc.StatusCode.UNAVAILABLE, f"the engine has failed: {exc}",
+                         prompt_tokens=len(prompt), engine_id=engine_id)
             return
         stream.register(cid, engine_id, timeout_s)
 
-    def _refuse(self, stream: OutputStream, cid: str, trace_id: str, code: grpc.StatusCode, message: str) -> None:
+    def _refuse(self, stream: OutputStream, cid: str, trace_id: str, code: grpc.StatusCode, message: str,
+                prompt_tokens: int = 0, engine_id: str | None = None) -> None:
         """Put a refusal on the stream, and count and log it as an error (overload and bad input must show)."""
         stream.reject(cid, code, message)
         metrics = self.loop.metrics if self.loop is not None else None
         if metrics is not None:
-            metrics.refused(trace_id, f"{code.name}: {message}")
+            metrics.refused(trace_id, f"{code.name}: {message}", prompt_tokens=prompt_tokens,
+                            engine_request_id=engine_id)
 
     def _new_stream(self) -> OutputStream:
         def abort_in_engine(engine_id: str, error: str | None = None, stopped: bool = False) -> None:

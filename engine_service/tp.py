@@ -40,6 +40,14 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=5)
 # not left to see rank 0 go: one hung in a step (holding its GIL) never would.
 _STORE_DIRS: set[str] = set()
 _LIVE_PROCS: set = set()
+# What a worker's death by a signal most often means, said beside its number.
+_NATIVE_CRASH = ": a crash in native code; a core file or the kernel log says where"
+_SIGNAL_HINTS = {
+    signal.SIGKILL: " (SIGKILL: most often the kernel's out-of-memory killer; check the host's memory and the "
+                    "kernel log)",
+    **{sig: f" ({sig.name}{_NATIVE_CRASH})" for sig in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS,
+                                                         signal.SIGILL, signal.SIGFPE)},
+}
 
 
 # The process's torch thread count before its first open group, and how many groups are open: every group's
@@ -234,10 +242,8 @@ class WorkerGroup:
                 raise ValueError(dead.split(" failed: ValueError: ", 1)[1])
             if dead is not None and " failed: " in dead:
                 raise RuntimeError(f"{dead} (during start-up)")
-            if dead is not None and " was killed by signal " in dead:
-                # From outside: most often the out-of-memory killer while the weights load.
-                raise RuntimeError(f"{dead} during start-up, from outside the engine (signal 9 there is most often "
-                                   "the kernel's out-of-memory killer: check the host's memory and the kernel log)")
+            if dead is not None and " was killed by signal " in dead:  # not the main guard (it says what it was)
+                raise RuntimeError(f"{dead}, during start-up")
             if dead is not None:
                 raise RuntimeError(
                     f"{dead} during start-up. Workers start with `spawn`, which re-imports the main script: a "
@@ -273,7 +279,7 @@ class WorkerGroup:
                 except (OSError, ValueError):
                     pass
             reason = ("failed" if code is None else f"exited with code {code}" if code >= 0
-                      else f"was killed by signal {-code}")
+                      else f"was killed by signal {-code}{_SIGNAL_HINTS.get(-code, '')}")
             message = None
             if sent:
                 try:

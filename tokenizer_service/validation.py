@@ -384,7 +384,9 @@ def read_generation_defaults(model_dir: str) -> dict[str, object]:
     for key, value in defaults.items():  # checked here, once: else every request leaving it unset would fail
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if key == "top_k":
-            if not number or (isinstance(value, float) and not value.is_integer()):  # inf, nan included
+            if not number or (isinstance(value, float) and not value.is_integer()) or not -2**31 <= value < 2**31:
+                # inf and nan are no integer; the proto field holds 32 bits (ranges are the engine's to check:
+                # it refuses to start on a default out of range)
                 raise ValueError(f"{path}: top_k must be an integer, got {value!r}")
             defaults[key] = int(value)  # 50.0, as some writers put it
         elif not number:

@@ -124,3 +124,32 @@ def test_a_corrupt_tokenizer_file_is_named(tmp_path):
         LLM(tmp_path, **ARGS)
     with pytest.raises(ValueError, match=r"the tokenizer in .* cannot be loaded"):
         load_tokenizer(str(tmp_path))
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"temperature": "0.7"}, "temperature must be a number, got '0.7'"),
+    ({"top_k": 50.5}, "top_k must be an integer, got 50.5"),
+    ({"top_p": 0}, "top_p"),
+    ({"temperature": -1}, "temperature must be finite and >= 0"),
+], ids=["string", "fractional-top-k", "top-p-0", "negative-temperature"])
+def test_generation_config_defaults_out_of_range_or_type_stop_the_load(tiny, values, message):
+    """generation_config.json's values are every request's defaults: one out of range or of the wrong type let the
+    engine start, then refused every request that left the field unset, for a value it never sent."""
+    path = tiny[0]
+    (path / "generation_config.json").write_text(json.dumps(values))
+    with pytest.raises(ValueError, match=f"generation_config.json: {message}"):
+        LLM(path, **ARGS)
+
+
+def test_an_integral_float_top_k_in_generation_config_is_the_integer(tiny):
+    """top_k 50.0 (as some writers put it) made every request leaving top_k unset fail ('top_k must be an
+    integer'); it is 50, and requests run with it."""
+    path = tiny[0]
+    (path / "generation_config.json").write_text(json.dumps({"top_k": 50.0, "temperature": 0.7}))
+    llm = LLM(path, **ARGS)
+    try:
+        assert llm.generation_defaults["top_k"] == 50 and type(llm.generation_defaults["top_k"]) is int
+        (out,) = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, seed=1))
+        assert len(out["token_ids"]) == 3
+    finally:
+        llm.close()

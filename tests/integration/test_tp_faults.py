@@ -135,18 +135,24 @@ def test_an_engine_failure_exit_kills_a_hung_worker(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_a_worker_killed_by_a_signal_at_start_up_is_not_blamed_on_the_main_guard(tmp_path):
-    """A worker SIGKILLed while it loads (the OOM killer, most likely) was reported as 'killed by signal 9 during
-    start-up. Workers start with `spawn`, which re-imports the main script: ... must do so under
-    `if __name__ == "__main__":`': a wrong lead. That hint fits a worker that exited with a code (the re-run
-    script raised); a signal came from outside."""
+@pytest.mark.parametrize(("where", "sig", "hint"), [
+    ("engine_service.model_runner.load_weights", "SIGKILL", "SIGKILL: most often the kernel's out-of-memory killer"),
+    ("engine_service.tp.make_group", "SIGSEGV", "SIGSEGV: a crash in native code"),
+])
+def test_a_worker_killed_by_a_signal_at_start_up_is_named_for_what_kills_one(tmp_path, where, sig, hint):
+    """A worker SIGKILLed at start-up (the out-of-memory killer, most likely, while it loads its weights) was
+    reported as 'killed by signal 9 during start-up. Workers start with `spawn`, which re-imports the main script:
+    ... must do so under `if __name__ == "__main__":`': a wrong lead, fit for a worker that exited with a code (the
+    re-run script raised). Killed while loading (after the group formed) it had no hint at all. A native crash
+    (SIGSEGV) is said to be one."""
     make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
+    module, name = where.rsplit(".", 1)
     script = tmp_path / "killed_worker.py"
     script.write_text(
         "import os, signal\n"
         "if __name__ == '__mp_main__':\n"
-        "    from engine_service import tp\n"
-        "    tp.make_group = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"    import {module}\n"
+        f"    {module}.{name} = lambda *a, **k: os.kill(os.getpid(), signal.{sig})\n"
         "from engine_service import LLM\n"
         "if __name__ == '__main__':\n"
         "    try:\n"
@@ -156,7 +162,9 @@ def test_a_worker_killed_by_a_signal_at_start_up_is_not_blamed_on_the_main_guard
     )
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100,
                             cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()})
-    assert "RAISED tensor-parallel worker rank 1 was killed by signal 9" in result.stdout, result.stderr[-3000:]
+    number = getattr(signal, sig).value
+    assert f"RAISED tensor-parallel worker rank 1 was killed by signal {number} ({hint}" in result.stdout, \
+        result.stdout[-3000:] + result.stderr[-3000:]
     assert "__main__" not in result.stdout
 
 

@@ -666,3 +666,27 @@ def test_64_generate_streams_straight_to_an_engine_with_default_limits_are_all_s
             assert client.load().num_live_requests == 0
     finally:
         assert running.stop() == 0
+
+
+def test_a_refusal_at_the_door_logs_the_prompt_it_refused(caplog):
+    """A request the servicer refuses (an id outside the vocabulary) logged prompt_tokens 0, where the same
+    request refused on the engine thread logs its prompt's length; its line carries every documented field."""
+    running = Running(FakeEngine(max_model_len=1_000_000))
+    try:
+        with caplog.at_level(logging.INFO, logger=REQUEST_LOGGER), \
+                EngineClient(running.target, timeout=20) as client:
+            wait_serving(client)
+            frames = [pb.ClientFrame(requests=[pb.NewRequest(request_id="bad", prompt_token_ids=[1, 2, 10**9],
+                                                             trace_id="bad-ids",
+                                                             sampling_params=pb.SamplingParams(max_tokens=2))])]
+            for frame in client.stub.Generate(iter(frames), timeout=20):
+                if any(u.finish_reason for u in frame.updates):
+                    break
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not _lines(caplog, "bad-ids"):
+            time.sleep(0.05)
+        (line,) = _lines(caplog, "bad-ids")
+        assert (line["prompt_tokens"], line["finish_reason"], line["engine_request_id"]) == (3, "error", None)
+        assert line["error"].startswith("INVALID_ARGUMENT: ") and {"queue_s", "ttft_s", "total_s"} <= set(line)
+    finally:
+        assert running.stop() == 0

@@ -349,7 +349,7 @@ def test_an_integral_float_top_k_default_is_taken_as_the_integer(tmp_path):
     assert defaults == {"top_k": 50} and type(defaults["top_k"]) is int
     request = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[1, 2]))
     assert prepare(request, None, defaults, max_model_len=64).engine_request.sampling_params.top_k == 50
-    for bad in ("50.5", "Infinity", "NaN"):
+    for bad in ("50.5", "Infinity", "NaN", str(2**40), "1e10"):  # the last two: past the proto's 32 bits
         path.write_text(f'{{"top_k": {bad}}}')
         with pytest.raises(ValueError, match="top_k must be an integer, got"):
             read_generation_defaults(str(tmp_path))
