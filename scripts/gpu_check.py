@@ -205,8 +205,11 @@ def cmd_graphs(out: Path, cache_dir: Path, cpu_dry_run: bool = False) -> int:
     else:
         report["workload_A"] = {"num_seqs": len(plan.batches[0][0]), **result.to_json(),
                                 "prefix_cache_hit_tokens": llm.stats()["prefix_cache_hits"] - hits}
-        print(f"(d) engine, workload A ({len(plan.batches[0][0])} requests): {result.seconds:.2f} s, "
-              f"{result.tok_s:,.0f} tok/s")
+        if result.tok_s is None:  # a run that came back wrong (a request short of its tokens) has no figure
+            print(f"(d) engine, workload A failed: {result.error}")
+        else:
+            print(f"(d) engine, workload A ({len(plan.batches[0][0])} requests): {result.seconds:.2f} s, "
+                  f"{result.tok_s:,.0f} tok/s")
     save()
     graphs = runner.graphs
     if graphs is None:

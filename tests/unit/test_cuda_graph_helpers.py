@@ -408,18 +408,29 @@ def test_gpu_check_keeps_measuring_when_graph_capture_fails(tmp_path, monkeypatc
     assert "capture failed: RuntimeError" in _row(_table(out, capsys, "g\tFAIL\t3\t1\n"), "(c)")
 
 
-def test_gpu_check_still_checks_the_graphs_when_workload_a_fails(tmp_path, monkeypatch, capsys):
-    """The engine's workload A run raising (say, out of memory) is reported, in graphs.json and row d, and
-    the graph check, an acceptance point of its own, still runs in the same process. Part d here stopped
-    before writing its JSON: transformers' figure comes from its log."""
+@pytest.mark.parametrize("how", ["raises", "short"])
+def test_gpu_check_still_checks_the_graphs_when_workload_a_fails(tmp_path, monkeypatch, capsys, how):
+    """The engine's workload A run raising (say, out of memory), or coming back with a request short of its tokens
+    (no figure: printing it raised a TypeError that ended part g), is reported, in graphs.json and row d, and the
+    graph check, an acceptance point of its own, still runs in the same process. Part d here stopped before
+    writing its JSON: transformers' figure comes from its log."""
     from engine_service import bench
 
-    def fail(*args, **kwargs):
-        raise RuntimeError("CUDA out of memory")
+    real = bench.time_engine
+
+    def fail(llm, plan, result):
+        if how == "raises":
+            raise RuntimeError("CUDA out of memory")
+        real(llm, plan, result)
+        result.error, result.runs_s = "1 requests generated fewer tokens than asked: CUDA out of memory", []
+        return result
 
     monkeypatch.setattr(bench, "time_engine", fail)
     out, report = _dry_run_graphs(tmp_path, 0)
-    assert report["workload_A"] == {"error": "RuntimeError: CUDA out of memory"}
+    if how == "raises":
+        assert report["workload_A"] == {"error": "RuntimeError: CUDA out of memory"}
+    else:
+        assert "CUDA out of memory" in report["workload_A"]["error"] and not report["workload_A"].get("tok_s")
     assert report["graph_check"]["ok"] and report["slice64"]["tok_s"] > 0
     (out / "d.log").write_text("workload A: 256 requests\n  transformers static: 119.30 s, 1,123 tok/s\n")
     d_row = _row(_table(out, capsys, "g\tPASS\t3\t0\nd\tPASS\t130\t0\n"), "(d)")
