@@ -209,6 +209,18 @@ def format_table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+
+def strict_json(value: object) -> object:
+    """value with what strict JSON readers (jq, JavaScript) refuse spelled as JSON: an infinity as the string
+    "inf" or "-inf" (the default --rate; float() reads it back), NaN (a percentile of no values) as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     p = argparse.ArgumentParser(prog="python -m clients.serving_bench", description=__doc__.splitlines()[0])
     p.add_argument("--target", default="localhost:50052", help="the tokenizer service")
@@ -307,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             print(f"{key}: median {value['median']:.3f} (min {value['min']:.3f}, max {value['max']:.3f})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(report, f, indent=2, default=str)
+            json.dump(strict_json(report), f, indent=2, default=str, allow_nan=False)
     if args.plot_dir:
         from clients.bench_plots import write_plots  # matplotlib only when plotting
 

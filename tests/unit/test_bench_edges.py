@@ -420,3 +420,21 @@ def test_cli_n_of_one_streams_like_no_n(fake_client, capsys):
     assert cli.main(["hi", "--target", "x:1", "--n", "1"]) == 0
     assert capsys.readouterr().out == "hello\n"
     assert fake_client[0][1]["n"] == 1
+
+
+def test_serving_bench_json_is_strict_json(monkeypatch, tmp_path):
+    """--json wrote the default rate as a bare Infinity and an all-failed run's percentiles as NaN: Python reads them
+    back, strict readers (jq, JavaScript) refuse the file. An infinity is written "inf" (float() reads it), NaN null."""
+    import json
+
+    async def all_failed(target, w, concurrency, rate, tls=None):
+        return [sb.Timing(start=0.0, error="UNAVAILABLE") for _ in w.max_tokens], 1.0
+
+    monkeypatch.setattr(sb, "run_grpc", all_failed)
+    path = tmp_path / "report.json"
+    sb.main(["--vocab-size", "100", "--num-requests", "2", "--json", str(path)])
+    text = path.read_text()
+    report = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    (run,) = report["runs"]
+    assert run["rate"] == "inf" and float(run["rate"]) == math.inf
+    assert run["failed"] == 2 and any(value is None for value in run.values())
