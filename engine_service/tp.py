@@ -126,7 +126,7 @@ def _worker_main(rank, size, store_path, config, model_cfg, max_model_len, conn,
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     loaded = threading.Event()  # set once the model is loaded: a ValueError before it is a refusal, not a bug
     try:
-        _serve_steps(rank, size, store_path, config, model_cfg, max_model_len, conn, threads, loaded)
+        orphaned = _serve_steps(rank, size, store_path, config, model_cfg, max_model_len, conn, threads, loaded)
     except BaseException as exc:  # noqa: BLE001 -- rank 0 names it in the engine's failure
         # A setting or checkpoint every rank refuses is rank 0's to say, in one line (it raises the same
         # ValueError). Else the whole traceback, here: rank 0 may fail (its peer gone) before it reads the pipe.
@@ -136,7 +136,12 @@ def _worker_main(rank, size, store_path, config, model_cfg, max_model_len, conn,
             conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         except (OSError, ValueError):
             pass
+        parent = mp.parent_process()
+        if parent is not None and not parent.is_alive():  # a collective failed as rank 0 was killed
+            shutil.rmtree(os.path.dirname(store_path), ignore_errors=True)
         os._exit(1)
+    if orphaned:  # rank 0 was killed (no finalizer ran): its store directory goes with it, as in the parent watch
+        shutil.rmtree(os.path.dirname(store_path), ignore_errors=True)
     # Asked to exit, or rank 0 is gone. Not through the interpreter's teardown: it destroyed the process group's
     # threads while they could still be joined, and 1 close in 10 ended in std::terminate (SIGABRT, a core file).
     for stream in (sys.stdout, sys.stderr):
@@ -148,7 +153,9 @@ def _worker_main(rank, size, store_path, config, model_cfg, max_model_len, conn,
 
 
 def _serve_steps(rank, size, store_path, config, model_cfg, max_model_len, conn, threads,
-                 loaded: threading.Event) -> None:
+                 loaded: threading.Event) -> bool:
+    """Run rank 0's steps until it asks this worker to exit (False) or its pipe closes (True: rank 0 is gone,
+    which this sees as soon as the parent watch does)."""
     from engine_service.model_runner import ModelRunner
 
     torch.set_num_threads(threads)
@@ -163,9 +170,9 @@ def _serve_steps(rank, size, store_path, config, model_cfg, max_model_len, conn,
         try:
             kind, payload = conn.recv()
         except (EOFError, OSError):
-            return  # rank 0 is gone
+            return True  # rank 0 is gone
         if kind == "exit":
-            return
+            return False
         runner.execute(payload)
 
 
