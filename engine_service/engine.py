@@ -165,6 +165,11 @@ class LLMEngine:
                 self.workers.close(wait=False)  # they may wait for a group or a collective that never comes
                 if why is not None and why not in str(exc):  # rank0_info may have said it already
                     raise RuntimeError(f"{why} (rank 0: {type(exc).__name__}: {exc})") from exc
+                if failing and why is None and "timed out" in str(exc).lower():
+                    raise RuntimeError(
+                        "a tensor-parallel collective timed out during start-up while every worker was still "
+                        "running: one is stuck (a slow or hung weight load, a hung device), not dead (rank 0: "
+                        f"{type(exc).__name__}: {exc})") from exc
             raise
         self._dead: str | None = None  # why the engine cannot continue (EngineDeadError), once it cannot
         self.block_manager = BlockManager(

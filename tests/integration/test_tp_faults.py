@@ -207,3 +207,33 @@ def test_a_checkpoint_every_rank_refuses_is_one_line_under_tensor_parallelism(tm
     weights.write_bytes(weights.read_bytes()[:1000])
     assert_one_line_failure(["engine_service.server", "--model", str(tmp_path), "--device", "cpu",
                              "--tensor-parallel-size", "2"], f"{weights} cannot be read as safetensors")
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_stuck_at_start_up_is_named_as_stuck_not_dead(tmp_path):
+    """A worker stuck loading its weights (a hung network disk) let rank 0's first collective time out, and start-up
+    failed with gloo's bare 'Timed out waiting ...ms for recv', which did not say that a worker was alive but stuck.
+    (The collective timeout is cut to 3 s here; it is five minutes.)"""
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
+    script = tmp_path / "stuck_worker.py"
+    script.write_text(
+        "import time\n"
+        "from datetime import timedelta\n"
+        "from engine_service import tp\n"
+        "tp.COLLECTIVE_TIMEOUT = timedelta(seconds=3)\n"
+        "if __name__ == '__mp_main__':\n"
+        "    from engine_service import model_runner\n"
+        "    model_runner.load_weights = lambda *a, **k: time.sleep(60)\n"
+        "from engine_service import LLM\n"
+        "if __name__ == '__main__':\n"
+        "    try:\n"
+        f"        LLM({str(tmp_path)!r}, tensor_parallel_size=2, **{TP_ARGS!r})\n"
+        "    except RuntimeError as exc:\n"
+        "        print('RAISED', exc)\n"
+    )
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100,
+                            cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert "RAISED a tensor-parallel collective timed out during start-up while every worker was still running: " \
+           "one is stuck" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    assert time.monotonic() - started < 60  # the stuck worker is killed, not waited for
