@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 import types
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -83,6 +84,27 @@ def wait_ready(stub: pb_grpc.TextGenerationStub) -> None:
                 raise
         threading.Event().wait(0.05)
     raise RuntimeError("no engine connected")
+
+
+@contextlib.contextmanager
+def ready_stub(server) -> Iterator[pb_grpc.TextGenerationStub]:
+    """A stub on `server`, once an engine answers through it."""
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.TextGenerationStub(channel)
+        wait_ready(stub)
+        yield stub
+
+
+@contextlib.contextmanager
+def serving(model_dir, engine: Running, **server_kwargs) -> Iterator[pb_grpc.TextGenerationStub]:
+    """A text service over `engine` (TextServer's settings), as a ready stub; both stop cleanly after."""
+    server = TextServer(model_dir, engines=engine.target, **server_kwargs)
+    try:
+        with ready_stub(server) as stub:
+            yield stub
+    finally:
+        server.stop()
+        assert engine.stop() == 0
 
 
 class _SlowToCancelPool:
@@ -1049,31 +1071,23 @@ def test_n_completions_stream_on_their_index_and_abort_as_one(demo_model_dir, de
 
 
 def test_each_of_n_completions_takes_a_place_in_max_inflight(demo_model_dir, demo_tokenizer):
-    engine = demo_engine(demo_model_dir, demo_tokenizer)
-    server = TextServer(demo_model_dir, engines=engine.target, max_inflight=3)
-    try:
-        with grpc.insecure_channel(server.target) as channel:
-            stub = pb_grpc.TextGenerationStub(channel)
-            wait_ready(stub)
-            params = pb.SamplingParams(max_tokens=2)
-            ends = [r for r in stub.Generate(pb.GenerateRequest(prompt="the sea", n=3, sampling_params=params),
-                                             timeout=30) if r.finish_reason]
-            assert sorted(r.index for r in ends) == [0, 1, 2]
-            # More completions than max_inflight could never be admitted: refused as such, not "retry later".
-            with pytest.raises(grpc.RpcError) as never:
-                list(stub.Generate(pb.GenerateRequest(prompt="the sea", n=4, sampling_params=params), timeout=30))
-            assert never.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert "4 completions take 4 places, more than this service's max_inflight 3" in never.value.details()
-            # An n out of range is INVALID_ARGUMENT whatever the load (it used to be clamped to 16 and then found
-            # more than the places free: RESOURCE_EXHAUSTED, naming n=16).
-            for n in (17, 1000):
-                with pytest.raises(grpc.RpcError) as wrong:
-                    list(stub.Generate(pb.GenerateRequest(prompt="the sea", n=n, sampling_params=params), timeout=30))
-                assert wrong.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-                assert f"must be 1 to 16, got {n}" in wrong.value.details()
-    finally:
-        server.stop()
-        assert engine.stop() == 0
+    with serving(demo_model_dir, demo_engine(demo_model_dir, demo_tokenizer), max_inflight=3) as stub:
+        params = pb.SamplingParams(max_tokens=2)
+        ends = [r for r in stub.Generate(pb.GenerateRequest(prompt="the sea", n=3, sampling_params=params),
+                                         timeout=30) if r.finish_reason]
+        assert sorted(r.index for r in ends) == [0, 1, 2]
+        # More completions than max_inflight could never be admitted: refused as such, not "retry later".
+        with pytest.raises(grpc.RpcError) as never:
+            list(stub.Generate(pb.GenerateRequest(prompt="the sea", n=4, sampling_params=params), timeout=30))
+        assert never.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "4 completions take 4 places, more than this service's max_inflight 3" in never.value.details()
+        # An n out of range is INVALID_ARGUMENT whatever the load (it used to be clamped to 16 and then found
+        # more than the places free: RESOURCE_EXHAUSTED, naming n=16).
+        for n in (17, 1000):
+            with pytest.raises(grpc.RpcError) as wrong:
+                list(stub.Generate(pb.GenerateRequest(prompt="the sea", n=n, sampling_params=params), timeout=30))
+            assert wrong.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"must be 1 to 16, got {n}" in wrong.value.details()
 
 
 def test_priority_travels_from_the_text_api_to_the_engine(demo_model_dir, demo_tokenizer):
@@ -1421,8 +1435,6 @@ def test_stream_interval_sends_the_first_token_at_once_then_every_n_and_loses_no
     (a quarter of the CPU the service spends writing messages), the rest with the last message; the text and ids
     joined equal those of a service sending every update, on Generate and on GenerateMulti. A request that fails
     mid-stream still gets the tokens held back for it before its error."""
-    from tokenizer_service.validation import read_eos_token_ids
-
     script = demo_tokenizer.encode("The lighthouse keeper watched the grey sea 🌊 all night long.",
                                    add_special_tokens=False)
     assert len(script) >= 12, script
@@ -1431,9 +1443,7 @@ def test_stream_interval_sends_the_first_token_at_once_then_every_n_and_loses_no
 
     def run(server, multi: bool) -> list:
         params = pb.SamplingParams(max_tokens=11, ignore_eos=True)
-        with grpc.insecure_channel(server.target) as channel:
-            stub = pb_grpc.TextGenerationStub(channel)
-            wait_ready(stub)
+        with ready_stub(server) as stub:
             if multi:
                 frames = [pb.MultiRequest(generate=pb.GenerateRequest(request_id="m", prompt="hi",
                                                                       sampling_params=params))]
@@ -1454,25 +1464,15 @@ def test_stream_interval_sends_the_first_token_at_once_then_every_n_and_loses_no
         fours.stop()
         assert engine.stop() == 0
 
-    vocab = json.loads((demo_model_dir / "config.json").read_text())["vocab_size"]
-    failing = _FailsAfter(6, vocab_size=vocab, max_model_len=100_000, script=script, step_s=0.01)
-    failing.model_info["eos_token_ids"] = sorted(read_eos_token_ids(str(demo_model_dir), demo_tokenizer, vocab))
-    engine = Running(failing)
-    server = TextServer(demo_model_dir, engines=engine.target, stream_interval=4)
-    try:
-        with grpc.insecure_channel(server.target) as channel:
-            stub = pb_grpc.TextGenerationStub(channel)
-            wait_ready(stub)
-            got = []
-            with pytest.raises(grpc.RpcError) as err:
-                for response in stub.Generate(pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(
-                        max_tokens=20, ignore_eos=True)), timeout=30):
-                    got.append(response)
-            assert err.value.code() == grpc.StatusCode.INTERNAL and "boom (test)" in err.value.details()
-            assert [t for r in got for t in r.token_ids] == script[:6]  # tokens 2-5 as a message, 6 before the error
-    finally:
-        server.stop()
-        assert engine.stop() == 0
+    with serving(demo_model_dir, _failing_engine(demo_model_dir, demo_tokenizer, 6, script, 0.01),
+                 stream_interval=4) as stub:
+        got = []
+        with pytest.raises(grpc.RpcError) as err:
+            for response in stub.Generate(pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(
+                    max_tokens=20, ignore_eos=True)), timeout=30):
+                got.append(response)
+        assert err.value.code() == grpc.StatusCode.INTERNAL and "boom (test)" in err.value.details()
+        assert [t for r in got for t in r.token_ids] == script[:6]  # tokens 2-5 as a message, 6 before the error
 
 
 def test_stream_interval_sends_a_message_as_soon_as_interval_tokens_are_held(demo_model_dir, demo_tokenizer):
@@ -1483,17 +1483,10 @@ def test_stream_interval_sends_a_message_as_soon_as_interval_tokens_are_held(dem
     script = demo_tokenizer.encode("The lighthouse keeper watched the grey sea all night long, and the gulls slept.",
                                    add_special_tokens=False)
     assert len(script) >= 17, script
-    engine = demo_engine(demo_model_dir, demo_tokenizer, script=script, step_s=0.05)
-    server = TextServer(demo_model_dir, engines=engine.target, stream_interval=4, stream_max_wait_s=0)
-    try:
-        with grpc.insecure_channel(server.target) as channel:
-            stub = pb_grpc.TextGenerationStub(channel)
-            wait_ready(stub)
-            got = list(stub.Generate(pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(
-                max_tokens=17, ignore_eos=True)), timeout=30))
-    finally:
-        server.stop()
-        assert engine.stop() == 0
+    with serving(demo_model_dir, demo_engine(demo_model_dir, demo_tokenizer, script=script, step_s=0.05),
+                 stream_interval=4, stream_max_wait_s=0) as stub:
+        got = list(stub.Generate(pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(
+            max_tokens=17, ignore_eos=True)), timeout=30))
     assert [t for r in got for t in r.token_ids] == script[:17]
     assert "".join(r.text for r in got) == demo_tokenizer.decode(script[:17])
     counts = [len(r.token_ids) for r in got]
@@ -1522,9 +1515,7 @@ def test_stream_max_wait_sends_held_text_when_tokens_come_slowly(demo_model_dir,
                           for w in (0, 0.1))
 
     def run(server) -> list:
-        with grpc.insecure_channel(server.target) as channel:
-            stub = pb_grpc.TextGenerationStub(channel)
-            wait_ready(stub)
+        with ready_stub(server) as stub:
             return list(stub.Generate(pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(
                 max_tokens=20, ignore_eos=True)), timeout=30))
 
@@ -1545,11 +1536,13 @@ def test_stream_max_wait_sends_held_text_when_tokens_come_slowly(demo_model_dir,
     assert len(capped) >= 5 and all(c < 8 for c in counts[1:-1]), counts
 
 
-def _failing_engine(demo_model_dir, demo_tokenizer, after: int, script: list[int], step_s: float) -> Running:
+def _failing_engine(demo_model_dir, demo_tokenizer, after: int, script: list[int], step_s: float,
+                    kind: type | None = None) -> Running:
+    """An engine of the demo model's vocabulary and EOS ids that fails (kind: _FailsAfter) after `after` tokens."""
     from tokenizer_service.validation import read_eos_token_ids
 
     vocab = json.loads((demo_model_dir / "config.json").read_text())["vocab_size"]
-    failing = _FailsAfter(after, vocab_size=vocab, max_model_len=100_000, script=script, step_s=step_s)
+    failing = (kind or _FailsAfter)(after, vocab_size=vocab, max_model_len=100_000, script=script, step_s=step_s)
     failing.model_info["eos_token_ids"] = sorted(read_eos_token_ids(str(demo_model_dir), demo_tokenizer, vocab))
     return Running(failing)
 
@@ -1559,67 +1552,53 @@ def test_stream_interval_loses_no_token_to_an_abort_or_to_another_completions_er
     usage saying 6), and, with n completions, when another completion's error ended them all (5 of 6)."""
     script = demo_tokenizer.encode("The lighthouse keeper watched the grey sea all night long, and then more.",
                                    add_special_tokens=False)
-    engine = demo_engine(demo_model_dir, demo_tokenizer, script=script, step_s=0.05)
-    server = TextServer(demo_model_dir, engines=engine.target, stream_interval=8)
-    try:
-        with grpc.insecure_channel(server.target) as channel:
-            stub = pb_grpc.TextGenerationStub(channel)
-            wait_ready(stub)
-            requests: queue.Queue = queue.Queue()
-            params = pb.SamplingParams(max_tokens=40, ignore_eos=True)
-            for n in (1, 2):
-                requests.put(pb.MultiRequest(generate=pb.GenerateRequest(request_id=f"r{n}", prompt="hi", n=n,
-                                                                         sampling_params=params)))
+    with serving(demo_model_dir, demo_engine(demo_model_dir, demo_tokenizer, script=script, step_s=0.05),
+                 stream_interval=8) as stub:
+        requests: queue.Queue = queue.Queue()
+        params = pb.SamplingParams(max_tokens=40, ignore_eos=True)
+        for n in (1, 2):
+            requests.put(pb.MultiRequest(generate=pb.GenerateRequest(request_id=f"r{n}", prompt="hi", n=n,
+                                                                     sampling_params=params)))
 
-            def frames():
-                while (item := requests.get()) is not None:
-                    yield item
+        def frames():
+            while (item := requests.get()) is not None:
+                yield item
 
-            got: dict[str, list[int]] = {"r1": [], "r2": []}
-            by_completion: dict[tuple[str, int], list[int]] = {}
-            ends = {}
-            call = stub.GenerateMulti(frames(), timeout=30)
-            started = time.monotonic()
-            for response in call:
-                got[response.request_id].extend(response.token_ids)
-                by_completion.setdefault((response.request_id, response.index), []).extend(response.token_ids)
-                if response.finish_reason:
-                    ends[response.request_id] = response
-                    if len(ends) == 2:
-                        break
-                elif time.monotonic() - started > 0.3 and len(requests.queue) == 0 and not ends:
-                    for rid in ("r1", "r2"):  # some 6 tokens in: held ones are waiting in the service
-                        requests.put(pb.MultiRequest(abort_request_id=rid))
-            requests.put(None)
-        for rid in ("r1", "r2"):  # the usage is what the call carried for the request
-            assert ends[rid].finish_reason == pb.FINISH_REASON_ABORT
-            assert len(got[rid]) == ends[rid].usage.completion_tokens >= 2, (rid, got[rid], ends[rid].usage)
-        # Each completion got a prefix of its text, with no gap (n > 1 completions' held tokens are not sent: their
-        # tasks run ahead of the messages still waiting to go out); the one completion's held tokens came before
-        # its abort (some 6 steps in, at interval 8: more than the first message's one token).
-        assert all(ids == script[:len(ids)] for ids in by_completion.values()), by_completion
-        assert len(by_completion[("r1", 0)]) > 2, by_completion
-        assert all(len(by_completion[("r2", i)]) % 8 == 1 for i in (0, 1)), by_completion  # whole messages only
-    finally:
-        server.stop()
-        assert engine.stop() == 0
+        got: dict[str, list[int]] = {"r1": [], "r2": []}
+        by_completion: dict[tuple[str, int], list[int]] = {}
+        ends = {}
+        call = stub.GenerateMulti(frames(), timeout=30)
+        started = time.monotonic()
+        for response in call:
+            got[response.request_id].extend(response.token_ids)
+            by_completion.setdefault((response.request_id, response.index), []).extend(response.token_ids)
+            if response.finish_reason:
+                ends[response.request_id] = response
+                if len(ends) == 2:
+                    break
+            elif time.monotonic() - started > 0.3 and len(requests.queue) == 0 and not ends:
+                for rid in ("r1", "r2"):  # some 6 tokens in: held ones are waiting in the service
+                    requests.put(pb.MultiRequest(abort_request_id=rid))
+        requests.put(None)
+    for rid in ("r1", "r2"):  # the usage is what the call carried for the request
+        assert ends[rid].finish_reason == pb.FINISH_REASON_ABORT
+        assert len(got[rid]) == ends[rid].usage.completion_tokens >= 2, (rid, got[rid], ends[rid].usage)
+    # Each completion got a prefix of its text, with no gap (n > 1 completions' held tokens are not sent: their
+    # tasks run ahead of the messages still waiting to go out); the one completion's held tokens came before
+    # its abort (some 6 steps in, at interval 8: more than the first message's one token).
+    assert all(ids == script[:len(ids)] for ids in by_completion.values()), by_completion
+    assert len(by_completion[("r1", 0)]) > 2, by_completion
+    assert all(len(by_completion[("r2", i)]) % 8 == 1 for i in (0, 1)), by_completion  # whole messages only
 
-    engine = _failing_engine(demo_model_dir, demo_tokenizer, 6, script, 0.01)
-    server = TextServer(demo_model_dir, engines=engine.target, stream_interval=4)
-    try:
-        with grpc.insecure_channel(server.target) as channel:
-            stub = pb_grpc.TextGenerationStub(channel)
-            wait_ready(stub)
-            by_index: dict[int, list[int]] = {0: [], 1: []}
-            with pytest.raises(grpc.RpcError) as err:
-                for response in stub.Generate(pb.GenerateRequest(prompt="hi", n=2, sampling_params=pb.SamplingParams(
-                        max_tokens=20, ignore_eos=True)), timeout=30):
-                    by_index[response.index].extend(response.token_ids)
-            assert err.value.code() == grpc.StatusCode.INTERNAL
-            assert by_index == {0: script[:6], 1: script[:6]}
-    finally:
-        server.stop()
-        assert engine.stop() == 0
+    with serving(demo_model_dir, _failing_engine(demo_model_dir, demo_tokenizer, 6, script, 0.01),
+                 stream_interval=4) as stub:
+        by_index: dict[int, list[int]] = {0: [], 1: []}
+        with pytest.raises(grpc.RpcError) as err:
+            for response in stub.Generate(pb.GenerateRequest(prompt="hi", n=2, sampling_params=pb.SamplingParams(
+                    max_tokens=20, ignore_eos=True)), timeout=30):
+                by_index[response.index].extend(response.token_ids)
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        assert by_index == {0: script[:6], 1: script[:6]}
 
 
 def test_an_engine_whose_service_stops_answering_is_dropped_and_its_requests_fail_over(demo_model_dir, demo_tokenizer,
@@ -1715,36 +1694,29 @@ def test_an_abort_flushes_held_text_and_counts_it(demo_model_dir, demo_tokenizer
     the abort's usage counts those tokens (it counted only what had been sent)."""
     script = demo_tokenizer.encode("The lighthouse keeper watched the grey sea all night long and more.",
                                    add_special_tokens=False)
-    engine = demo_engine(demo_model_dir, demo_tokenizer, script=script, step_s=0.05)
-    server = TextServer(demo_model_dir, engines=engine.target, stream_interval=16, stream_max_wait_s=0)
-    try:
-        with grpc.insecure_channel(server.target) as channel:
-            stub = pb_grpc.TextGenerationStub(channel)
-            wait_ready(stub)
-            outbox: queue.Queue = queue.Queue()
-            params = pb.SamplingParams(max_tokens=40, ignore_eos=True)
-            outbox.put(pb.MultiRequest(generate=pb.GenerateRequest(request_id="m", prompt="hi", sampling_params=params)))
+    with serving(demo_model_dir, demo_engine(demo_model_dir, demo_tokenizer, script=script, step_s=0.05),
+                 stream_interval=16, stream_max_wait_s=0) as stub:
+        outbox: queue.Queue = queue.Queue()
+        params = pb.SamplingParams(max_tokens=40, ignore_eos=True)
+        outbox.put(pb.MultiRequest(generate=pb.GenerateRequest(request_id="m", prompt="hi", sampling_params=params)))
 
-            def frames():
-                while (frame := outbox.get()) is not None:
-                    yield frame
+        def frames():
+            while (frame := outbox.get()) is not None:
+                yield frame
 
-            responses = stub.GenerateMulti(frames(), timeout=30)
-            got = [next(responses)]  # the first token at once; the next ones are held (fewer than 16)
-            threading.Event().wait(0.4)  # ~8 more steps
-            outbox.put(pb.MultiRequest(abort_request_id="m"))
-            for response in responses:
-                got.append(response)
-                if response.finish_reason:
-                    outbox.put(None)
-        *tokens_msgs, last = got
-        ids = [t for r in tokens_msgs for t in r.token_ids]
-        assert last.finish_reason == pb.FINISH_REASON_ABORT
-        assert len(ids) >= 4 and ids == script[:len(ids)], ids  # the held tokens came before the ABORT
-        assert last.usage.completion_tokens == len(ids)
-    finally:
-        server.stop()
-        assert engine.stop() == 0
+        responses = stub.GenerateMulti(frames(), timeout=30)
+        got = [next(responses)]  # the first token at once; the next ones are held (fewer than 16)
+        threading.Event().wait(0.4)  # ~8 more steps
+        outbox.put(pb.MultiRequest(abort_request_id="m"))
+        for response in responses:
+            got.append(response)
+            if response.finish_reason:
+                outbox.put(None)
+    *tokens_msgs, last = got
+    ids = [t for r in tokens_msgs for t in r.token_ids]
+    assert last.finish_reason == pb.FINISH_REASON_ABORT
+    assert len(ids) >= 4 and ids == script[:len(ids)], ids  # the held tokens came before the ABORT
+    assert last.usage.completion_tokens == len(ids)
 
 
 class _FailsOne(_FailsAfter):
@@ -1769,28 +1741,16 @@ class _FailsOne(_FailsAfter):
 def test_a_failed_completion_still_delivers_the_others_held_text(demo_model_dir, demo_tokenizer):
     """When one of an n > 1 request's completions fails, the text --stream-interval held for the others still reaches
     the caller before the error."""
-    from tokenizer_service.validation import read_eos_token_ids
-
     script = demo_tokenizer.encode("The lighthouse keeper watched the grey sea all night long and more.",
                                    add_special_tokens=False)
-    vocab = json.loads((demo_model_dir / "config.json").read_text())["vocab_size"]
-    fake = _FailsOne(6, vocab_size=vocab, max_model_len=100_000, script=script, step_s=0.02)
-    fake.model_info["eos_token_ids"] = sorted(read_eos_token_ids(str(demo_model_dir), demo_tokenizer, vocab))
-    engine = Running(fake)
-    server = TextServer(demo_model_dir, engines=engine.target, stream_interval=16, stream_max_wait_s=0)
-    try:
-        with grpc.insecure_channel(server.target) as channel:
-            stub = pb_grpc.TextGenerationStub(channel)
-            wait_ready(stub)
-            got = []
-            with pytest.raises(grpc.RpcError) as err:
-                for response in stub.Generate(pb.GenerateRequest(prompt="hi", n=2, sampling_params=pb.SamplingParams(
-                        max_tokens=30, ignore_eos=True)), timeout=30):
-                    got.append(response)
-            assert "boom (test)" in err.value.details()
-        per_index = {i: [t for r in got if r.index == i for t in r.token_ids] for i in (0, 1)}
-        for ids in per_index.values():  # each completion: every token it generated before the failure
-            assert len(ids) >= 4 and ids == script[:len(ids)], per_index
-    finally:
-        server.stop()
-        assert engine.stop() == 0
+    with serving(demo_model_dir, _failing_engine(demo_model_dir, demo_tokenizer, 6, script, 0.02, _FailsOne),
+                 stream_interval=16, stream_max_wait_s=0) as stub:
+        got = []
+        with pytest.raises(grpc.RpcError) as err:
+            for response in stub.Generate(pb.GenerateRequest(prompt="hi", n=2, sampling_params=pb.SamplingParams(
+                    max_tokens=30, ignore_eos=True)), timeout=30):
+                got.append(response)
+        assert "boom (test)" in err.value.details()
+    per_index = {i: [t for r in got if r.index == i for t in r.token_ids] for i in (0, 1)}
+    for ids in per_index.values():  # each completion: every token it generated before the failure
+        assert len(ids) >= 4 and ids == script[:len(ids)], per_index
