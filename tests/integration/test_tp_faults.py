@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +37,25 @@ def _alive(pid: int) -> bool:
 def _workers_of(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in out.splitlines() if "spawn_main" in line]
+
+
+def _start_with_worker_patch(model_dir, prelude: str, worker: str) -> subprocess.CompletedProcess:
+    """Start a 2-rank engine on model_dir in a fresh script: `prelude` runs in both processes, `worker` (a patch)
+    in the spawned worker only; the script prints 'RAISED <error>' for the RuntimeError start-up raises."""
+    script = Path(model_dir) / "worker_patch.py"
+    script.write_text(
+        prelude
+        + "if __name__ == '__mp_main__':\n"
+        + textwrap.indent(worker, "    ")
+        + "from engine_service import LLM\n"
+        "if __name__ == '__main__':\n"
+        "    try:\n"
+        f"        LLM({str(model_dir)!r}, tensor_parallel_size=2, **{TP_ARGS!r})\n"
+        "    except RuntimeError as exc:\n"
+        "        print('RAISED', exc)\n"
+    )
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100,
+                          cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()})
 
 
 @pytest.mark.timeout(120)
@@ -147,21 +168,9 @@ def test_a_worker_killed_by_a_signal_at_start_up_is_named_for_what_kills_one(tmp
     (SIGSEGV) is said to be one."""
     make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
     module, name = where.rsplit(".", 1)
-    script = tmp_path / "killed_worker.py"
-    script.write_text(
-        "import os, signal\n"
-        "if __name__ == '__mp_main__':\n"
-        f"    import {module}\n"
-        f"    {module}.{name} = lambda *a, **k: os.kill(os.getpid(), signal.{sig})\n"
-        "from engine_service import LLM\n"
-        "if __name__ == '__main__':\n"
-        "    try:\n"
-        f"        LLM({str(tmp_path)!r}, tensor_parallel_size=2, **{TP_ARGS!r})\n"
-        "    except RuntimeError as exc:\n"
-        "        print('RAISED', exc)\n"
-    )
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100,
-                            cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()})
+    result = _start_with_worker_patch(tmp_path, "import os, signal\n",
+                                      f"import {module}\n{module}.{name} = lambda *a, **k: os.kill(os.getpid(), "
+                                      f"signal.{sig})\n")
     number = getattr(signal, sig).value
     assert f"RAISED tensor-parallel worker rank 1 was killed by signal {number} ({hint}" in result.stdout, \
         result.stdout[-3000:] + result.stderr[-3000:]
@@ -215,25 +224,12 @@ def test_a_worker_stuck_at_start_up_is_named_as_stuck_not_dead(tmp_path):
     failed with gloo's bare 'Timed out waiting ...ms for recv', which did not say that a worker was alive but stuck.
     (The collective timeout is cut to 3 s here; it is five minutes.)"""
     make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
-    script = tmp_path / "stuck_worker.py"
-    script.write_text(
-        "import time\n"
-        "from datetime import timedelta\n"
-        "from engine_service import tp\n"
-        "tp.COLLECTIVE_TIMEOUT = timedelta(seconds=3)\n"
-        "if __name__ == '__mp_main__':\n"
-        "    from engine_service import model_runner\n"
-        "    model_runner.load_weights = lambda *a, **k: time.sleep(60)\n"
-        "from engine_service import LLM\n"
-        "if __name__ == '__main__':\n"
-        "    try:\n"
-        f"        LLM({str(tmp_path)!r}, tensor_parallel_size=2, **{TP_ARGS!r})\n"
-        "    except RuntimeError as exc:\n"
-        "        print('RAISED', exc)\n"
-    )
     started = time.monotonic()
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100,
-                            cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()})
+    result = _start_with_worker_patch(
+        tmp_path,
+        "import time\nfrom datetime import timedelta\nfrom engine_service import tp\n"
+        "tp.COLLECTIVE_TIMEOUT = timedelta(seconds=3)\n",
+        "from engine_service import model_runner\nmodel_runner.load_weights = lambda *a, **k: time.sleep(60)\n")
     assert "RAISED a tensor-parallel collective timed out during start-up while every worker was still running: " \
            "one is stuck" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
     assert time.monotonic() - started < 60  # the stuck worker is killed, not waited for
