@@ -12,7 +12,7 @@ import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from clients.engine_client import EngineClient
 from clients.tls import (
@@ -35,6 +35,7 @@ from engine_service.server_config import ServerConfig
 from tests.fake_engine import FakeEngine
 from tests.pki import CA
 from tests.unit.test_engine_service_fake import Running, wait_serving
+from tests.unit.test_tls import health_over, tls_health_server
 from tokenizer_service.config import TextServerConfig
 from tokenizer_service.engine_pool import EnginePool
 from tokenizer_service.server import server_options
@@ -193,14 +194,6 @@ def test_the_served_certificate_is_checked_once_per_period_and_right_after_a_rel
 # Handshakes
 
 
-async def health_over(target: str, tls: ClientTls) -> object:
-    async with grpc.aio.secure_channel(target, tls.credentials(), options=tls.options()) as channel:
-        try:
-            return (await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)).status
-        except grpc.aio.AioRpcError as exc:
-            return exc.code()
-
-
 def test_a_rotated_client_ca_is_picked_up_without_a_restart(tmp_path):
     """Catches ServerTls leaving the client CA out of the files it watches: after the client CA was rotated (to
     drop a compromised CA) the server kept trusting the old CA's clients and refused the new ones until
@@ -213,13 +206,7 @@ def test_a_rotated_client_ca_is_picked_up_without_a_restart(tmp_path):
     old_caller, new_caller = (ClientTls(str(server_ca.cert), str(c.cert), str(c.key), NAME) for c in callers)
 
     async def main() -> list[object]:
-        servicer = health.aio.HealthServicer()
-        await servicer.set("", SERVING)
-        server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-        tls = ServerTls(str(pair.cert), str(pair.key), str(client_ca))
-        target = f"127.0.0.1:{listen(server, '127.0.0.1:0', tls)}"
-        await server.start()
+        server, target = await tls_health_server(ServerTls(str(pair.cert), str(pair.key), str(client_ca)))
         try:
             seen = [await health_over(target, old_caller), await health_over(target, new_caller)]
             client_ca.write_bytes(new.cert.read_bytes())
