@@ -13,7 +13,7 @@ from engine_service import LLM, SamplingParams
 from engine_service.engine_loop import EngineLoop, EngineUnavailable
 from engine_service.outputs import FINISH_ERROR, StepOutput
 from tests.fake_engine import FakeEngine
-from tests.integration.tiny import VOCAB, make_qwen3
+from tests.integration.tiny import VOCAB, drain, make_qwen3
 
 
 # ---- the engine thread (EngineLoop), over the fake engine -------------------------------------------------------
@@ -226,28 +226,13 @@ def _prompt(n: int, seed: int = 0) -> list[int]:
     return [rng.randrange(VOCAB) for _ in range(n)]
 
 
-def _drain(llm: LLM) -> dict[str, list]:
-    """Step until idle: each request's tokens, finish reason and number of finished outputs."""
-    seen: dict[str, list] = {}
-    for _ in range(1000):
-        if not llm.has_unfinished_requests():
-            return seen
-        for out in llm.step():
-            entry = seen.setdefault(out.request_id, [[], None, 0])
-            entry[0].extend(out.new_token_ids)
-            entry[2] += out.finished
-            if out.finished:
-                entry[1] = out.finish_reason
-    raise AssertionError("the engine did not go idle")
-
-
 def test_an_aborted_requests_penalty_state_does_not_pass_to_its_ids_next_request(model_dir):
     """abort_request did not release the request's penalty slot (nor its generator): a later request under the
     same id was penalised for the aborted one's tokens."""
     params = SamplingParams(temperature=0.0, max_tokens=8, repetition_penalty=5.0, presence_penalty=2.0)
     with _llm(model_dir) as fresh:
         fresh.add_request("x", _prompt(12, 2), params)
-        want = _drain(fresh)["x"][0]
+        want = drain(fresh, max_steps=1000)["x"][0]
     with _llm(model_dir) as llm:
         llm.add_request("x", _prompt(40, 1), params)
         for _ in range(3):
@@ -255,7 +240,7 @@ def test_an_aborted_requests_penalty_state_does_not_pass_to_its_ids_next_request
         assert llm.abort_request("x")
         assert [o.finish_reason for o in llm.step()] == ["abort"]
         llm.add_request("x", _prompt(12, 2), params)
-        assert _drain(llm)["x"][0] == want
+        assert drain(llm, max_steps=1000)["x"][0] == want
 
 
 def test_a_finished_requests_id_is_free_again(model_dir):
@@ -264,10 +249,10 @@ def test_a_finished_requests_id_is_free_again(model_dir):
     params = SamplingParams(temperature=0.0, max_tokens=3, seed=7, repetition_penalty=1.5)
     with _llm(model_dir) as llm:
         llm.add_request("x", _prompt(6, 1), params)
-        first = _drain(llm)["x"]
+        first = drain(llm, max_steps=1000)["x"]
         assert first[1:] == ["length", 1] and not llm.seqs and not llm.generators
         llm.add_request("x", _prompt(6, 1), params)
-        assert _drain(llm)["x"] == first
+        assert drain(llm, max_steps=1000)["x"] == first
 
 
 def test_logprobs_go_to_their_own_token_beside_an_abort(model_dir):
@@ -340,7 +325,7 @@ def test_an_abort_in_flight_does_not_throw_away_the_others_step(model_dir):
             assert llm._inflight is not None
             if abort:
                 assert llm.abort_request("b")
-            tokens += _drain(llm)["a"][0]
+            tokens += drain(llm, max_steps=1000)["a"][0]
             runs.append((launches[0], tokens))
     assert runs[1][1] == runs[0][1] and len(runs[0][1]) == 10
     assert runs[1][0] <= runs[0][0], runs
@@ -380,7 +365,7 @@ def test_a_failed_generate_keeps_the_callers_pending_abort(model_dir):
             llm.generate([_prompt(6, 2), [VOCAB + 5]], params)
         assert [(o.request_id, o.finish_reason) for o in llm.step()] == [("mine", "abort")]
         llm.add_request("mine", _prompt(6, 1), params)
-        assert _drain(llm)["mine"][1] == "length"
+        assert drain(llm, max_steps=1000)["mine"][1] == "length"
 
 
 def test_generate_skips_an_id_whose_abort_is_still_to_be_reported(model_dir):

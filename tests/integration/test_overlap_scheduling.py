@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine_service import LLM, SamplingParams
-from tests.integration.tiny import hf_greedy, make_qwen3, random_prompts
+from tests.integration.tiny import drain, hf_greedy, make_qwen3, random_prompts
 
 
 @pytest.fixture(scope="module")
@@ -50,20 +50,6 @@ def _count_ahead(llm: LLM) -> list[int]:
 
     llm.scheduler.schedule_ahead = counting
     return count
-
-
-def _drain(llm: LLM, max_steps: int = 5000) -> dict[str, list]:
-    seen: dict[str, list] = {}
-    for _ in range(max_steps):
-        if not llm.has_unfinished_requests():
-            return seen
-        for out in llm.step():
-            entry = seen.setdefault(out.request_id, [[], None, 0])
-            entry[0].extend(out.new_token_ids)
-            entry[2] += out.finished
-            if out.finished:
-                entry[1] = out.finish_reason
-    raise AssertionError("engine did not go idle")
 
 
 def _all_free(llm: LLM) -> bool:
@@ -115,7 +101,7 @@ def test_stop_tokens_computed_in_vain_are_dropped(model_and_dir):
             ahead = _count_ahead(llm)
             for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
                 llm.add_request(f"r{i}", prompt, p)
-            results[overlap] = _drain(llm)
+            results[overlap] = drain(llm)
             assert _all_free(llm)
             assert (ahead[0] > 0) == overlap
     assert results[True] == results[False]
@@ -152,7 +138,7 @@ def test_abort_while_a_step_is_in_flight(model_and_dir):
                 got[out.request_id].extend(out.new_token_ids)
         assert llm._inflight is not None  # decoding steadily: a step is launched and not yet read back
         assert llm.abort_request("r1")
-        rest = _drain(llm)
+        rest = drain(llm)
         assert rest["r1"][1:] == ["abort", 1]
         assert rest["r1"][0] == []  # nothing after the abort, not even the row computed in vain
         for i in (0, 2):
@@ -177,7 +163,7 @@ def test_arrivals_during_decoding_are_admitted(model_and_dir):
         before = ahead[0]
         assert before > 0
         llm.add_request("late", late, p)
-        rest = _drain(llm)
+        rest = drain(llm)
         assert ahead[0] > before  # both decode ahead again once the late one has joined
         for rid, prompt in (("first", first), ("late", late)):
             assert tokens[rid] + rest[rid][0] == hf_greedy(model, prompt, 24)
@@ -274,7 +260,7 @@ def test_nan_logits_mid_decode_fail_only_that_request_once(model_and_dir, monkey
         monkeypatch.setattr(model, "compute_logits", poisoned)
         llm.add_request("victim", prompts[0], SamplingParams(temperature=0.0, max_tokens=12))
         llm.add_request("other", prompts[1], SamplingParams(temperature=0.0, max_tokens=12))
-        outs = _drain(llm)
+        outs = drain(llm)
         assert outs["victim"][1] == "error" and outs["victim"][2] == 1
         assert outs["other"][1] == "length"
         assert outs["other"][0] == hf_greedy(model_ref, prompts[1], 12)
@@ -319,7 +305,7 @@ def test_an_interrupted_step_fails_its_requests_instead_of_corrupting_them(model
     with _engine(path, overlap=overlap) as llm:
         for i, prompt in enumerate(prompts):
             llm.add_request(f"r{i}", prompt, params)
-        want = _drain(llm)
+        want = drain(llm)
         for i, prompt in enumerate(prompts):
             llm.add_request(f"s{i}", prompt, params)
         llm.add_request("t", prompts[0], SamplingParams(temperature=0.0, max_tokens=5))  # finishes in that step
@@ -340,7 +326,7 @@ def test_an_interrupted_step_fails_its_requests_instead_of_corrupting_them(model
         setattr(where, name, interrupted)
         with pytest.raises(KeyboardInterrupt):
             llm.step()
-        ended = _drain(llm)
+        ended = drain(llm)
         for i in range(2):
             tokens = got.get(f"s{i}", []) + ended[f"s{i}"][0]
             assert ended[f"s{i}"][1] == "error" and ended[f"s{i}"][2] == 1
@@ -348,7 +334,7 @@ def test_an_interrupted_step_fails_its_requests_instead_of_corrupting_them(model
         assert ended["t"][1] == "error" and "t" not in llm.seqs  # reported, its id free again
         assert _all_free(llm) and llm._inflight is None
         llm.add_request("after", prompts[0], params)  # still serving, with the same tokens
-        assert _drain(llm)["after"][0] == want["r0"][0]
+        assert drain(llm)["after"][0] == want["r0"][0]
 
 
 def test_graph_runner_gathers_input_tokens_on_the_device(tmp_path):
@@ -382,7 +368,7 @@ def test_abort_of_a_prompt_logprobs_request_whose_next_chunk_is_in_flight(model_
         first = llm.step()
         assert llm._inflight is not None and llm._inflight.batch.starts is not None
         assert llm.abort_request("pl")
-        seen = _drain(llm)
+        seen = drain(llm)
         assert seen["pl"][1] == "abort" and seen["o"][1] == "length" and len(seen["o"][0]) == 29
         assert [out.request_id for out in first] == ["o"]
         assert _all_free(llm)

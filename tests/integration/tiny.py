@@ -158,3 +158,18 @@ def sentencepiece_tokenizer(vocab_size: int = 1000):
                                      decoders.Strip(content=" ", left=1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    clean_up_tokenization_spaces=False)
+
+
+def drain(llm, max_steps: int = 5000) -> dict[str, list]:
+    """Step an engine until idle: each request's [tokens, finish reason, number of finished outputs]."""
+    seen: dict[str, list] = {}
+    for _ in range(max_steps):
+        if not llm.has_unfinished_requests():
+            return seen
+        for out in llm.step():
+            entry = seen.setdefault(out.request_id, [[], None, 0])
+            entry[0].extend(out.new_token_ids)
+            entry[2] += out.finished
+            if out.finished:
+                entry[1] = out.finish_reason
+    raise AssertionError("the engine did not go idle")
