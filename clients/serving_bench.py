@@ -209,7 +209,6 @@ def format_table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-
 def strict_json(value: object) -> object:
     """value with what strict JSON readers (jq, JavaScript) refuse spelled as JSON: an infinity as the string
     "inf" or "-inf" (the default --rate; float() reads it back), NaN (a percentile of no values) as null."""
@@ -220,6 +219,7 @@ def strict_json(value: object) -> object:
     if isinstance(value, list | tuple):
         return [strict_json(v) for v in value]
     return value
+
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     p = argparse.ArgumentParser(prog="python -m clients.serving_bench", description=__doc__.splitlines()[0])

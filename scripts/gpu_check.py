@@ -560,7 +560,6 @@ SERVED_START_S = {"engine": 200, "tokenizer": 60}
 
 def _free_ports(n: int) -> list[int]:
     """n distinct free ports on loopback (held open together while chosen, so never the same one twice)."""
-    import contextlib
     import socket
 
     with contextlib.ExitStack() as stack:
