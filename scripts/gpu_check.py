@@ -942,10 +942,10 @@ def _part_results(out: Path) -> dict[str, str]:
     if served.get("error"):
         res["s"] = f"failed: {served['error'][:300]}"
     elif served.get("grpc") and served.get("inprocess"):
-        rpc, local = served["grpc"], served["inprocess"]
+        rpc, local, ratio = served["grpc"], served["inprocess"], served.get("ratio")
         res["s"] = (f"workload {served.get('workload')} ({served.get('num_requests')} requests) through both "
                     f"services {_fmt(rpc['output_throughput'])} tok/s, in-process {_fmt(local['output_throughput'])} "
-                    f"(ratio {served.get('ratio', float('nan')):.3f}); gRPC TTFT p50/p99 {_ms(rpc['ttft_ms_p50'])}/"
+                    f"(ratio {'?' if ratio is None else f'{ratio:.3f}'}); gRPC TTFT p50/p99 {_ms(rpc['ttft_ms_p50'])}/"
                     f"{_ms(rpc['ttft_ms_p99'])} ms, ITL p50/p99 {_ms(rpc['itl_ms_p50'])}/{_ms(rpc['itl_ms_p99'])} ms "
                     f"(in-process ITL p50 {_ms(local['itl_ms_p50'])} ms); failed {rpc.get('failed', 0)}")
     dec = g.get("slice64_profile", {}).get("decode")

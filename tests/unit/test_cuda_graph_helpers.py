@@ -877,3 +877,16 @@ def test_gpu_check_warm_ups_each_prefill_the_whole_budget(tmp_path):
             after = llm.stats()
             assert after["prefix_cache_queries"] - before["prefix_cache_queries"] >= 56  # the 64-token budget's blocks
             assert after["prefix_cache_hits"] == before["prefix_cache_hits"]
+
+
+def test_row_s_without_a_ratio_is_written_not_a_crash(tmp_path, capsys):
+    """A served.json with both runs but no ratio (null) made the summary raise formatting None, and the table printed
+    last (every part's row) was lost; the ratio reads '?' as the table's other missing figures do."""
+    import json
+
+    run = {"output_throughput": 25_000.0, "ttft_ms_p50": 1.0, "ttft_ms_p99": 2.0, "itl_ms_p50": 3.0,
+           "itl_ms_p99": 4.0, "failed": 0}
+    (tmp_path / "served.json").write_text(json.dumps({"workload": "A", "num_requests": 256, "grpc": run,
+                                                      "inprocess": run, "ratio": None}))
+    row = _row(_table(tmp_path, capsys, "s\tPASS\t20\t0\n"), "(s)")
+    assert "through both services 25,000 tok/s, in-process 25,000 (ratio ?)" in row
