@@ -9,6 +9,7 @@ one wait, for the sampled tokens. On CUDA, pure-decode steps replay captured gra
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -104,6 +105,14 @@ def _add_prompt_rows(x: StepInputs, seq, start: int, n: int, first_row: int) -> 
         x.prompt_rows.extend(range(first_row + where.start - start, first_row + where.stop - start))
         x.prompt_targets.extend(seq.token_ids[where.start + 1 : where.stop + 1])
         x.prompt_k.extend([seq.params.prompt_logprobs] * len(where))
+
+
+def _round_up(x: float, digits: int = 3) -> float:
+    """x rounded up to `digits` significant digits, for a setting an error message says to raise to."""
+    if x <= 0:
+        return x
+    scale = 10 ** (digits - 1 - math.floor(math.log10(x)))
+    return math.ceil(x * scale) / scale
 
 
 def resolve_device(name: str) -> torch.device:
@@ -394,20 +403,45 @@ class ModelRunner:
             return self._gpu_num_blocks()
         # CPU default: max_num_seqs full-length sequences, capped by cpu_kvcache_gib.
         want = self.config.max_num_seqs * -(-self.max_model_len // self.block_size)
-        cap = int(self.config.cpu_kvcache_gib * 2**30) // self.block_bytes()
-        return max(1, min(want, cap))
+        gib = self.config.cpu_kvcache_gib
+        cap = int(gib * 2**30) // self.block_bytes()
+        if cap < 1:  # one block anyway would break the cap, and serve sequences of block_size + 1 tokens at most
+            raise ValueError(
+                f"cpu_kvcache_gib={gib} holds no KV block: one block of {self.block_size} tokens takes "
+                f"{self.block_bytes() / 2**20:.3g} MiB; raise cpu_kvcache_gib to at least "
+                f"{_round_up(self.block_bytes() / 2**30)} (one block), "
+                f"{_round_up(self._one_sequence_bytes() / 2**30)} to hold one sequence of max_model_len "
+                f"{self.max_model_len} tokens, or set num_kvcache_blocks"
+            )
+        return min(want, cap)
+
+    def _one_sequence_bytes(self) -> int:
+        """KV bytes of one max_model_len sequence (its last token, sampled, takes no slot)."""
+        return max(1, -(-(self.max_model_len - 1) // self.block_size)) * self.block_bytes()
 
     def _gpu_num_blocks(self) -> int:
         """Blocks that fit in gpu_memory_utilization of the device, after the warm-up's peak (_warm_up)."""
         free, total = torch.cuda.mem_get_info(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        budget = total * self.config.gpu_memory_utilization - used_by_others - self._warmup_peak_bytes
+        util = self.config.gpu_memory_utilization
+        budget = total * util - used_by_others - self._warmup_peak_bytes
         blocks = int(budget) // self.block_bytes()
         if blocks < 1:
-            raise ValueError(
-                f"no GPU memory left for the KV cache at gpu_memory_utilization="
-                f"{self.config.gpu_memory_utilization}; raise it or lower max_num_batched_tokens"
-            )
+            gib = 2**30
+            need = (used_by_others + self._warmup_peak_bytes + self._one_sequence_bytes()) / total
+            what = (f"no GPU memory left for the KV cache: gpu_memory_utilization={util} allows "
+                    f"{total * util / gib:.2f} GiB of the device's {total / gib:.2f} GiB; other processes use "
+                    f"{used_by_others / gib:.2f} GiB and the model's weights with the warm-up's peak (a "
+                    f"{sum(self.warmup_prompts())}-token step: max_num_batched_tokens "
+                    f"{self.config.max_num_batched_tokens}, max_num_seqs {self.config.max_num_seqs}) "
+                    f"{self._warmup_peak_bytes / gib:.2f} GiB, which leaves {budget / gib:.2f} GiB, less than one "
+                    f"KV block ({self.block_bytes() / 2**20:.3g} MiB). One sequence of max_model_len "
+                    f"{self.max_model_len} tokens needs {self._one_sequence_bytes() / gib:.3g} GiB of KV cache")
+            if need <= 1:
+                raise ValueError(f"{what}: raise gpu_memory_utilization to at least {_round_up(need, 2)}")
+            raise ValueError(f"{what}, more than the whole device leaves: lower max_num_batched_tokens or "
+                             f"max_num_seqs (the warm-up's peak) or max_model_len, set kv_cache_dtype='fp8', raise "
+                             f"tensor_parallel_size, or free the device")
         return blocks
 
     # Query lengths of the warm-up's short prefills: attention kernels choose their query tile by a step's
@@ -418,36 +452,52 @@ class ModelRunner:
         """Run, before serving, what a step would otherwise compile or allocate for the first time inside a
         timed step, on a throwaway cache; return the peak memory it allocated (it sizes the KV cache).
 
-        - a forward at the full token budget: the largest activations;
+        - a forward at the full token budget: the largest activations. A step fills its budget with prompt chunks
+          of up to max_model_len tokens each, so a budget above max_model_len is warmed up as several prompts
+          (warmup_prompts): one prompt of max_model_len measured a fraction of a full step's peak, and the KV
+          cache sized from it left a full step short of memory;
         - short prefills (WARMUP_QUERY_LENS): each query tile of the attention kernels is compiled;
         - the sampler on max_num_seqs rows of logits (Sampler.warm_up).
         """
         start = time.perf_counter()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        prompts = self.warmup_prompts()
+        n, longest = sum(prompts), max(prompts)
         kv_heads = kv_heads_per_rank(self.model_cfg, self.tp)
-        blocks = -(-n // self.block_size)
+        blocks = sum(-(-q // self.block_size) for q in prompts)
         shape = (blocks, self.block_size, kv_heads, self.model_cfg.head_dim)
         caches = [
             (torch.zeros(shape, dtype=self.kv_dtype, device=self.device),) * 2
         ] * self.model_cfg.num_hidden_layers
         rows = self.config.max_num_seqs
         with torch.inference_mode(), on_device(self.device):
-            for q_len in (n, *(q for q in self.WARMUP_QUERY_LENS if q < n)):
-                ids = torch.zeros(q_len, dtype=torch.long, device=self.device)
-                pos = torch.arange(q_len, device=self.device)
-                q_blocks = -(-q_len // self.block_size)
-                meta = self._metadata([q_len], [q_len], [list(range(q_blocks))], list(range(q_len)), 0)
+            for lens in (prompts, *([q] for q in self.WARMUP_QUERY_LENS if q < longest)):
+                ids = torch.zeros(sum(lens), dtype=torch.long, device=self.device)
+                pos = torch.cat([torch.arange(q, device=self.device) for q in lens])
+                tables, slots, first = [], [], 0  # each prompt in blocks of its own
+                for q in lens:
+                    q_blocks = -(-q // self.block_size)
+                    tables.append(list(range(first, first + q_blocks)))
+                    slots.extend(range(first * self.block_size, first * self.block_size + q))
+                    first += q_blocks
+                meta = self._metadata(lens, lens, tables, slots, 0)
                 hidden = self.model(ids, pos, caches, meta, self.backend)
             logits = self.model.compute_logits(hidden[-1:].expand(rows, -1).contiguous())
             self.sampler.warm_up(logits)
             torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         del caches, hidden, logits
-        log.info("warm-up: a %d-token forward, %d short prefills and the sampler on %d rows in %.1f s; peak %.2f GiB",
-                 n, sum(q < n for q in self.WARMUP_QUERY_LENS), rows, time.perf_counter() - start, peak / 2**30)
+        log.info("warm-up: a %d-token forward (%d prompts), %d short prefills and the sampler on %d rows in %.1f s; "
+                 "peak %.2f GiB", n, len(prompts), sum(q < longest for q in self.WARMUP_QUERY_LENS), rows,
+                 time.perf_counter() - start, peak / 2**30)
         return peak
+
+    def warmup_prompts(self) -> list[int]:
+        """The prompt lengths of the warm-up's full step: the token budget (at most max_num_seqs sequences of
+        max_model_len) in prompts of max_model_len, the last one the remainder."""
+        n = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
+        return [min(self.max_model_len, n - start) for start in range(0, n, self.max_model_len)]
 
     # ---- one step --------------------------------------------------------------------------------
     def _metadata(self, q_lens, ctx_lens, tables, slots, num_decode_seqs) -> AttentionMetadata:
