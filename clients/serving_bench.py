@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--concurrency", type=int, action="append",
                    help="requests in flight at most (repeatable: a sweep; default no limit)")
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="B",
-                   help="BENCHMARKS.md's workload A (256 requests, prompts and outputs of 100-1024 tokens: a GPU's) "
-                        "or B (64 requests of 32-256, the default)")
+                   help="workload A (256 requests, prompts and outputs of 100-1024 tokens: a GPU's) or B (64 requests "
+                        "of 32-256, the default), drawn as engine_service.bench draws them")
     p.add_argument("--num-requests", type=int, default=None, help="default: the workload's (A 256, B 64)")
     p.add_argument("--vocab-size", type=int, default=0, help="default: the tokenizer service's model info")
     p.add_argument("--inprocess-model", default=None, help="also run the engine in-process on this model")
@@ -244,7 +244,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="in-process engine: as the engine service's flag; on a GPU the engine service shares, the "
                         "device's share both may fill (memory the service holds counts against it)")
-    p.add_argument("--enforce-eager", action="store_true", help="in-process engine: as the engine service's flag")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="in-process engine: CUDA graphs off (the engine service's --enforce-eager true; this flag takes "
+                        "no value)")
     p.add_argument("--pairs", type=int, default=1, help="interleaved gRPC/in-process pairs per rate")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--plot-dir", default=None, help="write PNG plots here (clients/bench_plots.py)")

@@ -498,7 +498,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     engine.add_argument(
         "--fused-ops", choices=["auto", "on", "off"], default="auto",
-        help="fused Triton kernels for the norms, RoPE and SiLU (auto: on for CUDA)",
+        help="fused Triton kernels for the norms, RoPE and SiLU (auto: on for CUDA, except in float64)",
     )
     engine.add_argument(
         "--triton-gemm", choices=["on", "off"], default="on",
