@@ -141,7 +141,11 @@ class _Report(dict):
         self.path = path
 
     def save(self) -> None:
-        self.path.write_text(json.dumps(self, indent=2) + "\n")
+        # Written aside, then renamed over: the publisher copying it every 15 s, or a kill mid-write, never meets a
+        # truncated file (which the table reads as no figures at all).
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(self, indent=2) + "\n")
+        os.replace(tmp, self.path)
 
 
 def _begin(out: Path, name: str, cache_dir: Path, cpu_dry_run: bool):
@@ -712,10 +716,12 @@ def _second_ok(report: dict) -> bool:
 
 # ---- the table ------------------------------------------------------------------------------------------
 def _load(path: Path) -> dict:
+    """A part's JSON report; {} where it is missing, unreadable or not an object."""
     try:
-        return json.loads(path.read_text())
+        report = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return report if isinstance(report, dict) else {}
 
 
 def _tail(path: Path) -> str:
@@ -994,7 +1000,13 @@ def cmd_summary(out: Path, shown_as: str = "") -> int:
             status[name] = (st, secs)
     except OSError:
         pass
-    res = _part_results(out)
+    try:
+        res = _part_results(out)
+    except Exception as e:  # noqa: BLE001 -- an output this table does not know: the statuses still print
+        traceback.print_exc()
+        res, broken = {}, f"{type(e).__name__}: {e}"
+    else:
+        broken = ""
     # The engine's figures (c, d, e, f) come from one process, part "g"; the table shows them on their own
     # rows. Row d also holds part d (transformers' static batching): without the engine's figure, it shows
     # the status of part g, which should have measured it.
@@ -1002,7 +1014,7 @@ def cmd_summary(out: Path, shown_as: str = "") -> int:
              "pdl", "wide", "tbo", "s"]
     owner = {key: "g" for key in ("c", "f", "split", "kernels", "prefill_kernels", "by_batch")}
     owner.update(pdl="p", wide="p", tbo="p")
-    engine_a = _load(out / "graphs.json").get("workload_A", {}).get("tok_s")
+    engine_a = (_load(out / "graphs.json").get("workload_A") or {}).get("tok_s")
     for key in order:
         st, secs = status.get(owner.get(key, key), ("-", ""))
         if key == "d" and st == "PASS" and not engine_a and "g" in status:
@@ -1019,8 +1031,12 @@ def cmd_summary(out: Path, shown_as: str = "") -> int:
     print(f"{'part':<30}{'status':<9}{'s':>5}  result")
     for label, st, secs, text in rows:
         print(f"{label:<30}{st:<9}{secs:>5}  {text}")
+    if broken:
+        print(f"the figures could not be read from the parts' outputs ({broken}): see the logs and JSON")
     (out / "performance.md").write_text(_markdown(env, rows))
     print("\n(the same as Markdown for docs/PERFORMANCE.md: performance.md, beside the logs)")
+    if broken:
+        return 1
     return SUMMARY_TARGET_MISSED if any(st == "MISSED" for _, st, _, _ in rows) else 0
 
 

@@ -36,12 +36,27 @@
 set -u
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PUBLISH=${OUT:-}  # where the results go back from, when set
-if [[ -n $PUBLISH ]]; then OUT_DIR=$(mktemp -d /tmp/gpu_check.XXXXXX) || exit 1; else OUT_DIR=$REPO/gpu_check_out; fi
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-460}
 CACHE=${GPU_CHECK_CACHE:-${HOME:-/tmp}/.cache/llm-grpc-serve/presets}
 PARTS=${*:-a b g p d e}
+# Checked before anything runs: a misspelt part ("a,b") ran only env and the preset and passed, and a budget that is
+# not a whole number of seconds ("540s") broke every part's arithmetic, so that none ran and the call still passed.
+set -f  # a part named "*" is not a list of files
+for part in $PARTS; do
+  case $part in
+    a | b | g | p | d | e | s) ;;
+    *) echo "gpu_check: unknown part '$part' (the parts: a b g p d e s, as separate words); nothing was run"; exit 2 ;;
+  esac
+done
+set +f
+if [[ ! $BUDGET =~ ^[0-9]+$ ]]; then
+  echo "gpu_check: GPU_CHECK_BUDGET_S must be a whole number of seconds, not '$BUDGET'; nothing was run"
+  exit 2
+fi
+BUDGET=$((10#$BUDGET))  # "0540" is 540 seconds, not an octal number
+PUBLISH=${OUT:-}  # where the results go back from, when set
+if [[ -n $PUBLISH ]]; then OUT_DIR=$(mktemp -d /tmp/gpu_check.XXXXXX) || exit 1; else OUT_DIR=$REPO/gpu_check_out; fi
 STATUS=$OUT_DIR/status.tsv
 START=$(date +%s)
 
@@ -172,10 +187,15 @@ if wanted g; then
 fi
 # Fail fast: when g measured no workload A on the engine (it could not start, say), a second engine would fail
 # alike and the peers' figures have nothing to stand beside: the device time they take is better spent on a
-# rerun after a fix. GPU_CHECK_KEEP_GOING=1 runs them anyway.
-if wanted g && [[ ${GPU_CHECK_KEEP_GOING:-0} != 1 ]] && ! "$PY" -c \
+# rerun after a fix. GPU_CHECK_KEEP_GOING=1 runs them anyway. Either way the check fails: part g exits 0 when its
+# graph check passed, whatever became of workload A.
+no_workload_a=0
+if wanted g && ! "$PY" -c \
   'import json, sys; sys.exit(0 if "tok_s" in json.load(open(sys.argv[1])).get("workload_A", {}) else 1)' \
   "$OUT_DIR/graphs.json" 2>/dev/null; then
+  no_workload_a=1
+fi
+if ((no_workload_a)) && [[ ${GPU_CHECK_KEEP_GOING:-0} != 1 ]]; then
   echo "[gpu_check] g measured no workload A on the engine: p, d and e skipped (GPU_CHECK_KEEP_GOING=1 runs them)"
   for name in p d e; do
     wanted $name && printf '%s\tSKIPPED\t0\tg measured no workload A\n' "$name" >>"$STATUS"
@@ -221,9 +241,10 @@ cat "$OUT_DIR/summary.txt"
 ((summary_rc == 0 || summary_rc == 3)) || cat "$STATUS"
 published=0
 publish || published=$?
-# Non-zero when any part did not pass, or an acceptance figure missed its target (row d: MISSED).
+# Non-zero when any part did not pass, g measured no workload A, or an acceptance figure missed its target (row d:
+# MISSED).
 rc=0
-if cut -f2 "$STATUS" | grep -qv '^PASS$' || ((summary_rc != 0)); then rc=1; fi
+if cut -f2 "$STATUS" | grep -qv '^PASS$' || ((summary_rc != 0 || no_workload_a)); then rc=1; fi
 if [[ -n $PUBLISH ]] && ((published == 0)); then
   echo "[gpu_check] outputs in $PUBLISH (gpu_check.tgz holds every one)"
   rm -rf "$OUT_DIR"
