@@ -21,9 +21,12 @@ def read_json(path: Path) -> dict:
 ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 
-def _rope_keys(settings: dict | None) -> dict:
+def _rope_keys(settings: dict | None, source: str) -> dict:
     """RoPE settings with the old "type" key (Qwen2.5-era model cards) named "rope_type", before they are merged:
-    merged as they were, a saved rope_type "default" beat an added "type": "yarn"."""
+    merged as they were, a saved rope_type "default" beat an added "type": "yarn". source names them in an error."""
+    if settings is not None and not isinstance(settings, dict):  # dict() said "dictionary update sequence ..."
+        raise ValueError(f"{source} should be a JSON object such as {{\"rope_type\": \"yarn\", \"factor\": 4.0}} "
+                         f"or null, not {settings!r}")
     settings = dict(settings or {})
     if "type" in settings:
         settings.setdefault("rope_type", settings.pop("type"))
@@ -145,7 +148,8 @@ class ModelConfig:
             raise ValueError(f"{model_dir} is not a model directory: {path} does not exist")
         cfg = read_json(path)
         if rope_scaling is not None:
-            cfg["rope_scaling"] = {**_rope_keys(cfg.get("rope_scaling")), **_rope_keys(rope_scaling)}
+            cfg["rope_scaling"] = {**_rope_keys(cfg.get("rope_scaling"), "config.json's rope_scaling"),
+                                   **_rope_keys(rope_scaling, "rope_scaling")}
         return cls.from_dict(cfg)
 
     @classmethod
@@ -172,8 +176,20 @@ class ModelConfig:
 
         # transformers 5 keeps RoPE settings in rope_parameters; transformers 4 in rope_theta / rope_scaling. A
         # rope_scaling added to a transformers 5 config (as Qwen3's model cards say to) wins, as in transformers 5.
-        rope = {**_rope_keys(cfg.get("rope_parameters")), **_rope_keys(cfg.get("rope_scaling"))}
+        rope = {**_rope_keys(cfg.get("rope_parameters"), "config.json's rope_parameters"),
+                **_rope_keys(cfg.get("rope_scaling"), "config.json's rope_scaling")}
         rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        # A null, text or zero size used to pass here and fail later, deep in building the model or in the first
+        # request's step, as a TypeError or ZeroDivisionError that named no key.
+        for key in (*REQUIRED_KEYS, "max_position_embeddings", "num_key_value_heads", "head_dim"):
+            value = cfg.get(key)
+            if key in ("num_key_value_heads", "head_dim") and value is None:
+                continue  # null: one KV head per query head, or hidden_size / heads (derived below)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"config.json's {key} should be a positive integer, not {value!r}")
+        for key, value in (("rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)), ("rope_theta", rope_theta)):
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise ValueError(f"config.json's {key} should be a positive number, not {value!r}")
         max_positions = cfg["max_position_embeddings"]
         rope_scaling = RopeScaling.from_dict(rope, cfg, max_positions)
         heads = cfg["num_attention_heads"]
@@ -195,7 +211,7 @@ class ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope_theta),
             max_position_embeddings=max_positions,
             rope_scaling=rope_scaling,

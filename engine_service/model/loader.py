@@ -30,17 +30,30 @@ log = logging.getLogger(__name__)
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The index's files; else model.safetensors alone (as transformers reads a directory: other *.safetensors
+    beside it, such as Mistral's consolidated.safetensors, are not the model's); else every *.safetensors."""
     index = model_dir / "model.safetensors.index.json"
+    single = model_dir / "model.safetensors"
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index} has no weight_map: it should map each tensor to its safetensors file")
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str)
+                                                                         for v in weight_map.values()):
+            raise ValueError(f"{index} has no usable weight_map: it should map each tensor name to the name of its "
+                             "safetensors file")
         files = [model_dir / n for n in sorted(set(weight_map.values()))]
         absent = [f.name for f in files if not f.exists()]
+        if absent and single.is_file():
+            # save_pretrained of an unsharded model into a directory that held a sharded one deletes the old
+            # shards but leaves their index; transformers then reads model.safetensors, as the engine does.
+            log.warning("%s lists %s, absent from %s: serving model.safetensors instead (as transformers does); "
+                        "delete the stale index", index.name, absent[:5], model_dir)
+            return [single]
         if absent:
             raise ValueError(f"{index.name} lists {absent[:5]}, absent from {model_dir}: is the copy or download "
                              "complete?")
         return files
+    if single.is_file():
+        return [single]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in model_dir.glob("*.bin"))
@@ -97,6 +110,7 @@ def load_weights(model: nn.Module, model_dir: str | Path, tie_word_embeddings: b
     loaded: set[tuple[str, str | None]] = set()
     unexpected: list[str] = []
     tied_head: torch.Tensor | None = None  # a tied model's lm_head.weight in the checkpoint, compared below
+    seen: dict[str, Path] = {}  # tensor name -> its file: one in two files would be served from either, silently
     for path in checkpoint_files(model_dir):
         check_readable(path)
         try:
@@ -108,6 +122,10 @@ def load_weights(model: nn.Module, model_dir: str | Path, tie_word_embeddings: b
             for name in f.keys():
                 if name.endswith(IGNORED_SUFFIXES):
                     continue
+                if name in seen:
+                    raise ValueError(f"checkpoint tensor {name} is in both {seen[name].name} and {path.name} in "
+                                     f"{model_dir}: remove the file that is not the model's")
+                seen[name] = path
                 pname, shard = _target(name)
                 if tie_word_embeddings and pname == "lm_head.weight":
                     tied_head = f.get_tensor(name)  # tied: the embedding is the head
