@@ -127,7 +127,10 @@ class ColumnParallelLinear(nn.Module):
             self.bias.weight_loader = self._load
         self.gemms = None  # rows -> model.gemm.GemmPick, set by the start-up tuner on CUDA
 
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
+        if shard not in self.offsets:  # a checkpoint that packs them itself (qkv_proj, gate_up_proj): KeyError(None)
+            raise RuntimeError(f"the engine loads this layer's {'/'.join(self.offsets)} parts from separate checkpoint "
+                               "tensors, not from one packed tensor")
         rows = dict(self.shards)[shard]
         share = self.replicas.get(shard, 1)
         _expect_shape(loaded, rows * self.tp.size // share, *param.shape[1:])
