@@ -129,8 +129,8 @@ class ColumnParallelLinear(nn.Module):
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
         if shard not in self.offsets:  # a checkpoint that packs them itself (qkv_proj, gate_up_proj): KeyError(None)
-            raise RuntimeError(f"the engine loads this layer's {'/'.join(self.offsets)} parts from separate checkpoint "
-                               "tensors, not from one packed tensor")
+            raise ValueError(f"it packs this layer's {'/'.join(self.offsets)} parts in one tensor; the engine loads "
+                             "them from separate checkpoint tensors (as the model's transformers class saves them)")
         rows = dict(self.shards)[shard]
         share = self.replicas.get(shard, 1)
         _expect_shape(loaded, rows * self.tp.size // share, *param.shape[1:])

@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The index's files; else model.safetensors alone (as transformers reads a directory: other *.safetensors
-    beside it, such as Mistral's consolidated.safetensors, are not the model's); else every *.safetensors."""
+    """The index's files (with a warning where a model.safetensors is there too: transformers would read it);
+    else model.safetensors alone (as transformers reads a directory: other *.safetensors beside it, such as
+    Mistral's consolidated.safetensors, are not the model's); else every *.safetensors."""
     index = model_dir / "model.safetensors.index.json"
     single = model_dir / "model.safetensors"
     if index.is_file():
@@ -51,6 +52,10 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
         if absent:
             raise ValueError(f"{index.name} lists {absent[:5]}, absent from {model_dir}: is the copy or download "
                              "complete?")
+        if single.is_file() and single not in files:
+            # transformers reads model.safetensors first: a sharded save over an unsharded one leaves it behind
+            log.warning("%s holds both model.safetensors and the shards %s lists: serving the shards (transformers "
+                        "would read model.safetensors); delete the file that is stale", model_dir, index.name)
         return files
     if single.is_file():
         return [single]
@@ -138,6 +143,8 @@ def load_weights(model: nn.Module, model_dir: str | Path, tie_word_embeddings: b
                 try:
                     with torch.no_grad():
                         param.weight_loader(param, tensor.to(param.dtype), shard)
+                except ValueError as exc:  # a tensor the layer cannot take as it is laid out
+                    raise ValueError(f"checkpoint tensor {name} {tuple(tensor.shape)}: {exc}") from exc
                 except RuntimeError as exc:  # a shape that does not match config.json
                     raise ValueError(
                         f"checkpoint tensor {name} {tuple(tensor.shape)} does not fit parameter {pname} "

@@ -24,6 +24,7 @@ from tests.e2e.conftest import free_port, start_engine, start_tokenizer, wait_id
 from tests.e2e.test_observability import scrape, value
 
 pytestmark = pytest.mark.timeout(90)
+SEED = 20261130
 BLOCKS = 64  # 1,024 tokens of KV: a request of that many must still be served after the mix
 LONG = dict(max_tokens=1500, ignore_eos=True)  # runs for many seconds unless the abort reaches the engine
 WORDS = "the sea river tide moon wave salt storm ship harbour".split()
@@ -140,7 +141,6 @@ def _reasons(samples: dict, name: str) -> collections.Counter:
 
 def test_hostile_mix_leaves_both_services_idle(stack):
     engine, tokenizer, eng = stack
-    rng = random.Random(20261130)
     vocab = eng.model_info().vocab_size
     e0, t0 = scrape(engine.metrics), scrape(tokenizer.metrics)
     elog, tlog = engine.log.stat().st_size, tokenizer.log.stat().st_size
@@ -150,6 +150,7 @@ def test_hostile_mix_leaves_both_services_idle(stack):
             text, direct = pb_grpc.TextGenerationStub(tch), epb_grpc.EngineStub(ech)
 
             async def one(i: int):
+                rng = random.Random(SEED * 1000 + i)  # its own: draws shared across tasks would follow the network
                 await asyncio.sleep(rng.random() * 1.5)
                 kind = rng.random()
                 if kind < 0.5:
@@ -173,14 +174,19 @@ def test_hostile_mix_leaves_both_services_idle(stack):
     for name in ("llmserve:num_requests_running", "llmserve:num_requests_waiting", "llmserve:kv_cache_usage_perc"):
         assert value(e1, name) == 0, name
     assert value(t1, "llmserve:text_requests_inflight") == 0
-    # Every request finished exactly once, by the reason its log line gives, in each service.
-    time.sleep(0.3)  # the last lines are written just after the replies
-    for before, after, log, start, name in (
-            (e0, e1, engine.log, elog, "llmserve:request_success_total"),
-            (t0, t1, tokenizer.log, tlog, "llmserve:text_requests_total")):
-        records = _records(log, start)
-        lines = [r for r in records if r.get("msg") == "request finished"]
-        counted = _reasons(after, name) - _reasons(before, name)
+    # Every request finished exactly once, by the reason its log line gives, in each service. A request's count and
+    # line come just after its place in the gauges is given back: read until they agree, for a few seconds.
+    for before, port, log, start, name in (
+            (e0, engine.metrics, engine.log, elog, "llmserve:request_success_total"),
+            (t0, tokenizer.metrics, tokenizer.log, tlog, "llmserve:text_requests_total")):
+        deadline = time.monotonic() + 3
+        while True:
+            records = _records(log, start)
+            lines = [r for r in records if r.get("msg") == "request finished"]
+            counted = _reasons(scrape(port), name) - _reasons(before, name)
+            if +counted == collections.Counter(r["finish_reason"] for r in lines) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert +counted == collections.Counter(r["finish_reason"] for r in lines), log
         key = "engine_request_id" if log == engine.log else "request_id"
         twice = [k for k, c in collections.Counter(r[key] for r in lines if r[key]).items() if c > 1]
@@ -188,7 +194,8 @@ def test_hostile_mix_leaves_both_services_idle(stack):
         assert counted["abort"] > 0 and counted["error"] > 0, counted
         assert not [r for r in records if r["level"] in ("ERROR", "CRITICAL") or r.get("exc")], log
     # The prefix cache may hold blocks, but a request needing the whole pool is still served.
-    prompt = [rng.randrange(3, vocab) for _ in range(BLOCKS * 16 - 24)]
+    draw = random.Random(SEED)
+    prompt = [draw.randrange(3, vocab) for _ in range(BLOCKS * 16 - 24)]
     updates = list(eng.generate(prompt, max_tokens=24, ignore_eos=True))
     assert updates[-1].finish_reason == epb.FINISH_REASON_LENGTH
     assert sum(len(u.new_token_ids) for u in updates) == 24

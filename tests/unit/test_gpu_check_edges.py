@@ -101,7 +101,7 @@ def test_a_misspelt_call_runs_nothing_and_fails(tmp_path, parts, budget):
 
 def test_a_budget_with_a_leading_zero_is_decimal(tmp_path):
     rc, output, _, _ = _run(tmp_path, "b", budget="0100")
-    assert rc == 0 and _limits(output)["b"] in (99, 100), output
+    assert rc == 0 and 90 <= _limits(output)["b"] <= 100, output  # octal would read 64
 
 
 def test_without_cuda_the_check_stops_after_env_and_says_why(tmp_path):

@@ -137,6 +137,19 @@ def test_an_unsharded_save_over_a_sharded_one_is_served(tmp_path, caplog):
     assert "serving model.safetensors instead" in caplog.text and "delete the stale index" in caplog.text
 
 
+def test_a_sharded_save_over_an_unsharded_one_serves_the_shards_and_says_so(tmp_path, caplog):
+    """save_pretrained leaves the old model.safetensors (it deletes only shard-named files); transformers would read
+    it, the engine serves the shards its index lists, and says which it served."""
+    make_qwen3(tmp_path, seed=1)
+    model = make_qwen3(tmp_path, seed=2, shard_size="100KB")
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "model.safetensors.index.json").is_file()
+    prompt = random_prompts(5, [7])[0]
+    with caplog.at_level(logging.WARNING), exact_engine(tmp_path) as llm:
+        out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4))[0]
+    assert out["token_ids"] == hf_greedy(model, prompt, 4)
+    assert "serving the shards (transformers would read model.safetensors)" in caplog.text
+
+
 def test_other_safetensors_beside_model_safetensors_are_not_read(tiny):
     """As transformers reads a directory: Mistral's repositories carry consolidated.safetensors, in names of their
     own, which were refused as unexpected weights."""
