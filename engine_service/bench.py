@@ -337,6 +337,11 @@ def run_hf_static(plan: Plan) -> Result:
             result.runs_s.append(run.seconds)
             result.requested_tokens, result.generated_tokens = run.requested_tokens, run.generated_tokens
             result.info.update(run.info)
+            if run.info["new_tokens_per_row"] < max(max_tokens):  # as in time_engine: no credit for tokens not made
+                result.error = (f"generate() made {run.info['new_tokens_per_row']} tokens a row, fewer tokens than "
+                                f"the longest request's {max(max_tokens)}")
+                result.runs_s.clear()
+                break
     finally:
         del model
         bench_peers.release()
@@ -361,7 +366,7 @@ def run_hf_continuous(plan: Plan, timeout_s: float) -> Result:
         # passed before the timed batch began bounds nothing.
         requested_tokens = sum(plan.batches[0][1])
         result.error = str(exc)
-        if exc.timed_seconds:
+        if exc.timed_seconds is not None and exc.timed_seconds > 0:
             result.info["timed_seconds"] = exc.timed_seconds
             result.info["tok_s_upper_bound"] = requested_tokens / exc.timed_seconds
         else:
@@ -374,7 +379,21 @@ def run_hf_continuous(plan: Plan, timeout_s: float) -> Result:
         result.runs_s.append(run.seconds)
         result.requested_tokens, result.generated_tokens = run.requested_tokens, run.generated_tokens
         result.info.update(run.info)
+        wrong = run.info["requests_with_wrong_length"]
+        if wrong:  # as in time_engine: crediting the requested tokens would inflate tok/s
+            result.error = (f"{wrong} requests generated fewer tokens than requested ({run.generated_tokens} of "
+                            f"{run.requested_tokens})")
+            result.runs_s.clear()
+            break
     return result
+
+
+def peer_error(exc: Exception) -> str:
+    """A peer's crash as its report entry, with the versions it ran on (transformers' API moves between them)."""
+    import torch
+    import transformers
+
+    return f"{type(exc).__name__}: {exc} (transformers {transformers.__version__}, torch {torch.__version__})"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -570,7 +589,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _progress("engine", report["engine"])
     report["peers"] = {}
     for peer in PEER_CHOICES[args.peers]:
-        result = run_hf_static(plan) if peer == "hf_static" else run_hf_continuous(plan, args.peer_timeout)
+        try:
+            result = run_hf_static(plan) if peer == "hf_static" else run_hf_continuous(plan, args.peer_timeout)
+        except Exception as exc:  # recorded, so that the figures measured before and after it are still reported
+            logging.getLogger(__name__).exception("%s failed", LABELS[peer])
+            result = Result(error=peer_error(exc))
         report["peers"][peer] = result.to_json()
         _progress(peer, report["peers"][peer])
 

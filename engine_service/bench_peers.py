@@ -65,12 +65,18 @@ def _generation_config(temperature: float, max_new_tokens: int):
 
 
 def load_hf_model(model_dir: str, dtype: torch.dtype, device: str, attn_implementation: str):
-    """The checkpoint as a transformers causal LM in eval mode on `device`."""
-    from transformers import AutoModelForCausalLM
+    """The checkpoint as a transformers causal LM in eval mode on `device`.
+
+    Its generation_config.json is dropped: generate() fills every field the peer leaves unset from it, so a
+    checkpoint's repetition_penalty, no_repeat_ngram_size or EOS (masked until min_new_tokens) would add work the
+    engine is not asked to do. _generation_config says everything the peers run with.
+    """
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, attn_implementation=attn_implementation
     )
+    model.generation_config = GenerationConfig()
     return model.to(device).eval()
 
 
@@ -224,7 +230,9 @@ def hf_continuous_runs(
             try:
                 done = _cb_wait(manager, prompts, max_tokens, tag=f"run{r}", deadline=deadline)
             except PeerTimeout as exc:
-                exc.timed_seconds = deadline - start
+                # A batch that began at or after the deadline (the warm-up's or the previous batch's last result
+                # came late) had no time at all: it bounds nothing, where deadline - start would be negative.
+                exc.timed_seconds = deadline - start if deadline > start else None
                 raise
             _sync(model.device)
             seconds = time.perf_counter() - start
