@@ -77,6 +77,11 @@ def load_hf_model(model_dir: str, dtype: torch.dtype, device: str, attn_implemen
         model_dir, dtype=dtype, attn_implementation=attn_implementation
     )
     model.generation_config = GenerationConfig()
+    if model.dtype != dtype:  # a transformers that predates from_pretrained's `dtype` (4.56) ignores it
+        import transformers
+
+        raise RuntimeError(f"transformers {transformers.__version__} loaded the peer in {model.dtype}, not {dtype}: "
+                           "the peers need transformers 4.56 or later")
     return model.to(device).eval()
 
 

@@ -124,6 +124,17 @@ def test_load_hf_model_gives_the_asked_dtype_in_eval_mode(model_dir):
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_a_transformers_that_ignores_the_dtype_is_refused_naming_its_version(model_dir, monkeypatch):
+    """transformers before 4.56 has no from_pretrained(dtype=...): the peer would run in float32 unnoticed."""
+    from transformers import AutoModelForCausalLM
+
+    load = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda path, dtype, **kwargs: load(path, dtype=torch.float32, **kwargs))
+    with pytest.raises(RuntimeError, match=r"transformers \S+ loaded the peer in torch.float32, not torch.bfloat16"):
+        bench_peers.load_hf_model(str(model_dir), torch.bfloat16, "cpu", "sdpa")
+
+
 def _plan(batches=None) -> bench.Plan:
     return bench.Plan(warmup=([[1, 2, 3]], [2]), batches=batches or [([[4, 5], [6]], [3, 4])] * 2,
                       model_dir=Path("unused"), device="cpu", dtype="float32")
