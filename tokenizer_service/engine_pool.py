@@ -449,6 +449,8 @@ class EnginePool:
         self.conns: dict[str, EngineConnection] = {}
         self._changed = asyncio.Event()
         self._dns_task: asyncio.Task | None = None
+        self.dns_failure = ""  # why the last lookup of engine_dns failed ("" once one succeeds)
+        self.dns_answered = False  # a lookup of engine_dns has succeeded
         self.metrics: TextMetrics | None = None  # counts reconnects when set
 
     def start(self) -> None:
@@ -576,7 +578,20 @@ class EnginePool:
                 return "refuses new requests (draining or failed)" if conn.refusing else "connected"
             return conn.failure or "connecting"
 
-        return "; ".join(f"{address}: {state(conn)}" for address, conn in sorted(self.conns.items())) or "none"
+        listed = "; ".join(f"{address}: {state(conn)}" for address, conn in sorted(self.conns.items()))
+        if listed or not self.config.engine_dns:
+            return listed or "none"
+        # Only a DNS name leaves the pool empty. A headless Service's name does not resolve (NXDOMAIN) while none
+        # of its pods is ready: "none" alone left the caller to guess between that and a wrong name.
+        dns = self.config.engine_dns
+        if self.dns_failure:
+            return (f"none: resolving {dns} (--engine-dns) failed ({self.dns_failure}): a headless Service's name "
+                    "resolves only while one of its engine pods is ready; else check the name, and that this pod's "
+                    "DNS can see it")
+        if not self.dns_answered:
+            return f"none: {dns} (--engine-dns) has not been resolved yet"
+        return (f"none: {dns} (--engine-dns) resolved to no address: a headless Service lists only its ready "
+                "engine pods")
 
     async def _resolve_forever(self) -> None:
         """Re-resolve engine_dns every dns_refresh_s for good: a failed round keeps the engines found before."""
@@ -588,7 +603,7 @@ class EnginePool:
                 error = f"{type(exc).__name__}: {exc}"
                 log.error("resolving %s (engine_dns) failed: %s; keeping the engines found before, retrying in "
                           "%.1fs", self.config.engine_dns, error, self.config.dns_refresh_s, exc_info=error != logged)
-                logged = error
+                logged = self.dns_failure = error
             await asyncio.sleep(self.config.dns_refresh_s)
 
     async def _resolve_once(self) -> None:
@@ -597,8 +612,10 @@ class EnginePool:
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
             found = {(f"[{i[4][0]}]:{port}" if i[0] == socket.AF_INET6 else f"{i[4][0]}:{port}") for i in infos}
+            self.dns_failure, self.dns_answered = "", True
         except OSError as exc:
             log.warning("resolving %s failed: %s", self.config.engine_dns, exc)
+            self.dns_failure = str(exc)
             # Keep the engines we have; those that had left DNS stay retired (a failed lookup is not their return).
             found = {address for address, conn in self.conns.items() if not conn.retiring}
         for address in found - set(self.conns):
