@@ -105,6 +105,14 @@ def take_held(trace: RequestTrace, index: int = 0) -> list[pb.GenerateResponse]:
     return [pb.GenerateResponse(text=text, token_ids=ids, logprobs=logprobs, index=index)]
 
 
+def _after_attempts(exc: RequestFailed, attempts: int, tried: set) -> RequestFailed:
+    """The last engine's failure of a request that was sent again, saying so: the caller saw only the last one's
+    words, which read as if one engine had failed it."""
+    engines = ", ".join(sorted(conn.address for conn in tried))
+    return RequestFailed(exc.code, f"{exc.message} (the last of {attempts} attempts before any token, on engines "
+                                   f"{engines})", retryable=exc.retryable)
+
+
 def _sum_parts(trace: RequestTrace, parts: list[RequestTrace]) -> None:
     """A request's counts from its completions' (n > 1): the prompt once (its tokens, and the most any completion
     found cached), the generated tokens added up, its first token the earliest."""
@@ -431,10 +439,13 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                     if not (exc.retryable and not sent_tokens and attempts < MAX_ATTEMPTS):
                         for response in take_held(trace):  # what came before the failure still reaches the caller
                             yield response
+                        if exc.retryable and not sent_tokens and attempts > 1:
+                            raise _after_attempts(exc, attempts, tried) from None
                         raise
                     if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not self.pool.can_try_another(
                             tried, engine_request.sampling_params):
-                        raise  # every engine that could take it was tried: full everywhere
+                        # every engine that could take it was tried: full everywhere
+                        raise (_after_attempts(exc, attempts, tried) if attempts > 1 else exc) from None
                     handle.close()  # a no-op for the pool's handles, which ended with the failure
                     retry_reason = exc.code.name.lower()
         except RequestFailed as exc:
