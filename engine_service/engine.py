@@ -446,9 +446,10 @@ class LLMEngine:
                 batch, rows, self.workers, on_launch, previous.launched if ahead else None
             )
         except BaseException as exc:
-            if self.workers is not None:
+            if self.workers is not None and self.runner.ranks_in_step:
                 # The workers got the step and may sit in its collectives, which rank 0 left: every later
-                # collective would pair with a stale one (wrong tokens, or gloo aborting the process).
+                # collective would pair with a stale one (wrong tokens, or gloo aborting the process). A failure
+                # before the step was sent, or after rank 0's forward pass (its sampler), leaves them in step.
                 why = self.workers.dead_worker(grace=1.0)  # a dead worker is the cause, not rank 0's broken pipe
                 self._kill(f"{why}, and a step failed on rank 0 ({type(exc).__name__}: {exc})" if why else
                            f"a tensor-parallel step failed partway on rank 0 ({type(exc).__name__}: {exc}), "

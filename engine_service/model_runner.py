@@ -171,6 +171,10 @@ class ModelRunner:
         self.config = config
         self.model_cfg = model_cfg
         self.tp = tp
+        # True from the moment a step is sent to the tensor-parallel workers until rank 0 has issued every
+        # collective of its forward pass: a failure in between leaves the ranks out of step; one after it (the
+        # sampler, rank 0's alone) does not.
+        self.ranks_in_step = False
         self.device = resolve_device(config.device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", tp.rank)
@@ -677,9 +681,11 @@ class ModelRunner:
         if workers is not None:
             if x.ids_from_previous or x.gather_rows:
                 raise ValueError("tensor-parallel workers cannot run a step scheduled ahead")
+            self.ranks_in_step = True
             workers.send_step(x)
         previous_tokens = previous.sampled[0] if previous is not None and previous.sampled is not None else None
         logits, prompt = self.execute(x, on_launch, previous_tokens)
+        self.ranks_in_step = False
         if logits is None and prompt is None:
             return Launched(None, None, None)
         sampled = logprobs = None
