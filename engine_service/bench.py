@@ -365,7 +365,7 @@ def run_hf_continuous(plan: Plan, timeout_s: float) -> Result:
         # timed batch had, not the whole deadline (set-up and the warm-up used part of it). A deadline that
         # passed before the timed batch began bounds nothing.
         requested_tokens = sum(plan.batches[0][1])
-        result.error = str(exc)
+        result.error, result.info["timed_out"] = str(exc), True
         if exc.timed_seconds is not None and exc.timed_seconds > 0:
             result.info["timed_seconds"] = exc.timed_seconds
             result.info["tok_s_upper_bound"] = requested_tokens / exc.timed_seconds
@@ -594,6 +594,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as exc:  # recorded, so that the figures measured before and after it are still reported
             logging.getLogger(__name__).exception("%s failed", LABELS[peer])
             result = Result(error=peer_error(exc))
+        if result.error:  # the traceback held the failed run's tensors until now: free them for the next peer
+            from engine_service import bench_peers
+
+            bench_peers.release()
         report["peers"][peer] = result.to_json()
         _progress(peer, report["peers"][peer])
 
@@ -611,6 +615,12 @@ def _progress(key: str, figures: dict[str, Any]) -> None:
         print(f"  {LABELS[key]}: {figures['seconds']:.2f} s, {figures['tok_s']:,.0f} tok/s", flush=True)
     else:
         print(f"  {LABELS[key]}: {figures.get('error')}", flush=True)
+
+
+def failed_peers(report: dict[str, Any]) -> list[str]:
+    """The peers that crashed or made the wrong tokens (a continuous-batching run past its time is a bound, not a
+    failure): the command's exit status says so, after the report is written."""
+    return [LABELS[k] for k, f in report["peers"].items() if f.get("error") and not f.get("info", {}).get("timed_out")]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -631,6 +641,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     try:
-        main()
+        failed = failed_peers(main())
     except ValueError as exc:  # the engine's own checks (a model it cannot load, a setting the device lacks)
         sys.exit(f"bench: {exc}")
+    if failed:
+        sys.exit(f"bench: {', '.join(failed)} failed (the report says why)")

@@ -678,6 +678,7 @@ class ModelRunner:
 
     def _launch(self, batch, rows, workers, on_launch, previous) -> Launched:
         x = self.step_inputs(batch, self.block_size)
+        self.ranks_in_step = False  # whatever became of an earlier step
         if workers is not None:
             if x.ids_from_previous or x.gather_rows:
                 raise ValueError("tensor-parallel workers cannot run a step scheduled ahead")

@@ -839,12 +839,15 @@ def _part_results(out: Path) -> dict[str, str]:
         )
     # (d): the engine's figure from g's process, transformers' static batching from bench in part d.
     eng = g.get("workload_A", {}).get("tok_s")
-    hf, cut = (_load(out / "d_bench_A.json").get("peers", {}).get("hf_static") or {}).get("tok_s"), ""
-    if not hf:
+    static = _load(out / "d_bench_A.json").get("peers", {}).get("hf_static") or {}
+    hf, cut = static.get("tok_s"), ""
+    if not hf and not static.get("error"):  # no report: part d was cut short (a crash's progress bounds nothing)
         hf, cut = _hf_static_progress(out / "d.log")
-    if eng or hf or g.get("workload_A"):
+    if eng or hf or g.get("workload_A") or static.get("error"):
         ratio = f" ({'> ' if cut else ''}{eng / hf:.1f}x)" if eng and hf else ""
         peer = f"< {_fmt(hf)} tok/s (cut short at {cut})" if cut else f"{_fmt(hf)} tok/s"
+        if not hf and static.get("error"):
+            peer = f"failed ({static['error'][:200]})"
         met = "MET" if eng and eng >= TARGET_TOK_S else "NOT MET"
         res["d"] = f"engine {_fmt(eng)} tok/s, transformers static {peer}{ratio}; >= 28,000: {met}"
         if not g:  # part d in a call of its own: the engine's figure is in the earlier call's graphs.json
@@ -869,6 +872,8 @@ def _part_results(out: Path) -> dict[str, str]:
             hf = f"{_fmt(peer['tok_s'])} tok/s"
         elif peer.get("info", {}).get("tok_s_upper_bound"):
             hf = f"< {_fmt(peer['info']['tok_s_upper_bound'])} tok/s (timed out)"
+        elif peer.get("error"):
+            hf = f"failed ({peer['error'][:200]})"
         else:
             hf = "?"
         res["e"] = (

@@ -105,12 +105,11 @@ def take_held(trace: RequestTrace, index: int = 0) -> list[pb.GenerateResponse]:
     return [pb.GenerateResponse(text=text, token_ids=ids, logprobs=logprobs, index=index)]
 
 
-def _after_attempts(exc: RequestFailed, attempts: int, tried: set) -> RequestFailed:
+def _after_attempts(exc: RequestFailed, sent_to: list[str]) -> RequestFailed:
     """The last engine's failure of a request that was sent again, saying so: the caller saw only the last one's
-    words, which read as if one engine had failed it."""
-    engines = ", ".join(sorted(conn.address for conn in tried))
-    return RequestFailed(exc.code, f"{exc.message} (the last of {attempts} attempts before any token, on engines "
-                                   f"{engines})", retryable=exc.retryable)
+    words, which read as if one engine had failed it. sent_to: the engines it went to, in order."""
+    return RequestFailed(exc.code, f"{exc.message} (from {sent_to[-1]}, the last of {len(sent_to)} attempts before "
+                                   f"any token, on {', '.join(sent_to)})", retryable=exc.retryable)
 
 
 def _sum_parts(trace: RequestTrace, parts: list[RequestTrace]) -> None:
@@ -355,6 +354,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         held_since = 0.0  # when the oldest token in trace.held came
         retry_reason = ""  # why the last engine did not serve it, until it is sent again
         tried: set = set()  # engines this request was sent to: a retry prefers the others
+        sent_to: list[str] = []  # their addresses, in order (an engine may take it twice), for the last error
         wants_logprobs = engine_request.sampling_params.HasField("logprobs")
         owed_prompt_logprobs = engine_request.sampling_params.HasField("prompt_logprobs")
         if not counted:
@@ -387,6 +387,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 if placement is not None and (not placement or placement[0] in tried):
                     placement[:] = [handle.conn]  # the first engine, or the one taking over from a lost one
                 tried.add(handle.conn)
+                sent_to.append(handle.conn.address)
                 attempts += 1
                 try:
                     async for update in handle:
@@ -440,12 +441,12 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                         for response in take_held(trace):  # what came before the failure still reaches the caller
                             yield response
                         if exc.retryable and not sent_tokens and attempts > 1:
-                            raise _after_attempts(exc, attempts, tried) from None
+                            raise _after_attempts(exc, sent_to) from None
                         raise
                     if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not self.pool.can_try_another(
                             tried, engine_request.sampling_params):
                         # every engine that could take it was tried: full everywhere
-                        raise (_after_attempts(exc, attempts, tried) if attempts > 1 else exc) from None
+                        raise (_after_attempts(exc, sent_to) if attempts > 1 else exc) from None
                     handle.close()  # a no-op for the pool's handles, which ended with the failure
                     retry_reason = exc.code.name.lower()
         except RequestFailed as exc:

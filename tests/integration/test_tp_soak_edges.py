@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import glob
+import os
 import random
+import tempfile
 
 import pytest
 
@@ -28,7 +30,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tp2(model_dir):
-    before = set(glob.glob("/tmp/llm-tp-*"))
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "llm-tp-*")))
     engine = LLMEngine(model_dir, tensor_parallel_size=2, **ARGS)
     procs = list(engine.workers.procs)
     yield engine
@@ -38,7 +40,7 @@ def tp2(model_dir):
     for proc in procs:
         proc.join(10)
         assert proc.exitcode == 0
-    assert set(glob.glob("/tmp/llm-tp-*")) <= before
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "llm-tp-*"))) <= before
 
 
 def _schedule(seed: int, n_ops: int = 70) -> list[tuple]:

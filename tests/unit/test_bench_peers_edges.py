@@ -246,6 +246,7 @@ def test_bench_quotes_no_bound_for_a_batch_that_had_no_time(monkeypatch):
             bench_peers.PeerTimeout("continuous batching finished 0 of 2 requests in time", s)))
         result = bench.run_hf_continuous(_plan(), timeout_s=1.0)
         assert "no bound" in result.error and "tok_s_upper_bound" not in result.info
+        assert bench.failed_peers({"peers": {"hf_continuous": result.to_json()}}) == []  # a timeout, not a crash
 
 
 def test_cb_wait_says_how_many_requests_finished_before_the_deadline():
@@ -339,3 +340,11 @@ def test_a_crashing_peer_is_recorded_and_loses_no_other_figure(monkeypatch, tmp_
     error = report["peers"]["hf_static"]["error"]
     assert "TypeError" in error and "unexpected keyword argument 'x'" in error and "transformers" in error
     assert report["ratios"] == {"engine_vs_hf_continuous": 2.0}
+
+
+def test_a_crashed_or_short_peer_fails_the_command_a_timed_out_one_does_not():
+    report = {"peers": {"hf_static": {"error": "OutOfMemoryError: x"},
+                        "hf_continuous": {"error": "timed out", "info": {"timed_out": True}}}}
+    assert bench.failed_peers(report) == [bench.LABELS["hf_static"]]
+    report["peers"]["hf_static"] = {"tok_s": 600.0}
+    assert bench.failed_peers(report) == []

@@ -548,8 +548,8 @@ def test_a_request_lost_before_its_first_token_is_tried_on_at_most_max_attempts_
     got, error = _run_servicer(pool := _Engines(lambda attempt: _lost()))
     assert error is not None and error.code == grpc.StatusCode.UNAVAILABLE and not got
     assert pool.avoided == [set(), {"e1"}, {"e1", "e2"}] and len(pool.avoided) == MAX_ATTEMPTS
-    assert error.message == f"lost (UNAVAILABLE) (the last of {MAX_ATTEMPTS} attempts before any token, on engines " \
-        f"{', '.join(f'e{i}' for i in range(1, MAX_ATTEMPTS + 1))})"  # not one engine's words alone
+    assert error.message == f"lost (UNAVAILABLE) (from e{MAX_ATTEMPTS}, the last of {MAX_ATTEMPTS} attempts before any " \
+        f"token, on {', '.join(f'e{i}' for i in range(1, MAX_ATTEMPTS + 1))})"  # not one engine's words alone
     got, error = _run_servicer(pool := _Engines(lambda attempt: _lost() if attempt < MAX_ATTEMPTS else None))
     assert error is None and got[-1] == [70] and len(pool.avoided) == MAX_ATTEMPTS  # the last try is served
 
@@ -557,7 +557,7 @@ def test_a_request_lost_before_its_first_token_is_tried_on_at_most_max_attempts_
 def test_full_everywhere_says_how_many_engines_were_tried():
     got, error = _run_servicer(_Engines(lambda attempt: _EngineError(grpc.StatusCode.RESOURCE_EXHAUSTED), engines=2))
     assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert error.message == "refused in-band (the last of 2 attempts before any token, on engines e1, e2)"
+    assert error.message == "refused in-band (from e2, the last of 2 attempts before any token, on e1, e2)"
     got, error = _run_servicer(_Engines(lambda attempt: _EngineError(grpc.StatusCode.RESOURCE_EXHAUSTED), engines=1))
     assert error.message == "refused in-band"  # one engine, one attempt: its words as they were
 

@@ -245,10 +245,24 @@ def test_row_e_gives_transformers_figure_its_bound_or_a_question_mark(tmp_path):
     (tmp_path / "graphs.json").write_text(json.dumps({"slice64": {"tok_s": 9000.0}}))
     for peer, shown in (({"tok_s": 1234.0}, "1,234 tok/s"),
                         ({"error": "timed out", "info": {"tok_s_upper_bound": 456.0}}, "< 456 tok/s (timed out)"),
-                        ({"error": "x"}, "?")):
+                        ({"error": "RuntimeError: x"}, "failed (RuntimeError: x)"), ({}, "?")):
         (tmp_path / "e_bench_64.json").write_text(json.dumps({"peers": {"hf_continuous": peer}}))
         assert gpu_check._part_results(tmp_path)["e"] == (
             f"engine 9,000 tok/s (? without overlap), transformers continuous {shown}")
+
+
+def test_a_crashed_static_peer_is_said_not_bounded_from_its_progress_lines(tmp_path, capsys):
+    """bench records a peer's crash and exits non-zero; its progress lines bound only a run cut short by time."""
+    (tmp_path / "status.tsv").write_text("g\tPASS\t3\t0\nd\tFAIL\t130\t1\n")
+    (tmp_path / "graphs.json").write_text(json.dumps({"workload_A": {"tok_s": 25000.0}}))
+    (tmp_path / "d.log").write_text("workload A: 256 requests, 140,000 prompt and 131,000 output tokens\n"
+                                    "  transformers static: token 768 of 1024 after 160.2 s\n")
+    (tmp_path / "d_bench_A.json").write_text(json.dumps({"peers": {"hf_static": {"error": "OutOfMemoryError: x"}}}))
+    _, table = _summary(tmp_path, capsys)
+    row = _row(table, "(d)")
+    assert "transformers static failed (OutOfMemoryError: x)" in row and "cut short" not in row, row
+    (tmp_path / "d_bench_A.json").unlink()  # no report: the run was cut short, and its progress bounds the peer
+    assert "cut short at token 768 of 1024" in _row(_summary(tmp_path, capsys)[1], "(d)")
 
 
 def test_rows_of_part_p_compare_with_the_right_figures_and_say_what_failed(tmp_path):
