@@ -215,6 +215,11 @@ class Result:
     info: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
+    def withdraw(self, why: str) -> None:
+        """No figure: the runs did not do the work they would be credited with (tok/s counts requested tokens)."""
+        self.error = why
+        self.runs_s.clear()
+
     @property
     def seconds(self) -> float | None:
         return statistics.median(self.runs_s) if self.runs_s else None
@@ -315,9 +320,8 @@ def time_engine(llm: Any, plan: Plan, result: Result) -> Result:
         wrong = sum(len(o["token_ids"]) != n for o, n in zip(outs, max_tokens, strict=True))
         result.info["requests_with_wrong_length"] = wrong
         if wrong:  # e.g. max_model_len cut them short: crediting the requested tokens would inflate tok/s
-            result.error = (f"{wrong} requests generated fewer tokens than requested ({result.generated_tokens} of "
+            result.withdraw(f"{wrong} requests generated fewer tokens than requested ({result.generated_tokens} of "
                             f"{result.requested_tokens}); raise --max-model-len or lower --max-output-len")
-            result.runs_s.clear()
             return result
     return result
 
@@ -338,9 +342,8 @@ def run_hf_static(plan: Plan) -> Result:
             result.requested_tokens, result.generated_tokens = run.requested_tokens, run.generated_tokens
             result.info.update(run.info)
             if run.info["new_tokens_per_row"] < max(max_tokens):  # as in time_engine: no credit for tokens not made
-                result.error = (f"generate() made {run.info['new_tokens_per_row']} tokens a row, fewer tokens than "
+                result.withdraw(f"generate() made {run.info['new_tokens_per_row']} tokens a row, fewer tokens than "
                                 f"the longest request's {max(max_tokens)}")
-                result.runs_s.clear()
                 break
     finally:
         del model
@@ -381,9 +384,8 @@ def run_hf_continuous(plan: Plan, timeout_s: float) -> Result:
         result.info.update(run.info)
         wrong = run.info["requests_with_wrong_length"]
         if wrong:  # as in time_engine: crediting the requested tokens would inflate tok/s
-            result.error = (f"{wrong} requests generated fewer tokens than requested ({run.generated_tokens} of "
+            result.withdraw(f"{wrong} requests generated fewer tokens than requested ({run.generated_tokens} of "
                             f"{run.requested_tokens})")
-            result.runs_s.clear()
             break
     return result
 

@@ -346,7 +346,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         text: TextStream | None = None
         handle: RequestHandle | None = None
-        sent_tokens, cached, attempts = False, 0, 0
+        sent_tokens, cached = False, 0
         # After the first tokens' message, text waits in trace.held until stream_interval tokens have come, an update
         # comes stream_max_wait_s or more after its oldest token (max_wait 0: no limit), or the request ends; interval
         # 1 sends every update as it comes.
@@ -354,7 +354,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         held_since = 0.0  # when the oldest token in trace.held came
         retry_reason = ""  # why the last engine did not serve it, until it is sent again
         tried: set = set()  # engines this request was sent to: a retry prefers the others
-        sent_to: list[str] = []  # their addresses, in order (an engine may take it twice), for the last error
+        sent_to: list[str] = []  # their addresses, one per attempt in order (an engine may take it twice)
         wants_logprobs = engine_request.sampling_params.HasField("logprobs")
         owed_prompt_logprobs = engine_request.sampling_params.HasField("prompt_logprobs")
         if not counted:
@@ -376,8 +376,8 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, (
-                            f"the request's deadline ({timeout_s:.3f}s) passed after {attempts} attempt(s) on engines "
-                            "that were lost before the first token") if attempts else
+                            f"the request's deadline ({timeout_s:.3f}s) passed after {len(sent_to)} attempt(s) on "
+                            "engines that were lost before the first token") if sent_to else
                             "the request's deadline passed before it was sent to an engine")
                 prefer = placement[0] if placement else None
                 handle = await self.pool.submit(request, left, avoid=tried, prefer=prefer)  # sets deadline_ms
@@ -388,7 +388,6 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                     placement[:] = [handle.conn]  # the first engine, or the one taking over from a lost one
                 tried.add(handle.conn)
                 sent_to.append(handle.conn.address)
-                attempts += 1
                 try:
                     async for update in handle:
                         if update.finish_reason == engine_pb.FINISH_REASON_ERROR:
@@ -437,16 +436,16 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             yield pb.GenerateResponse(text=delta, token_ids=ids, logprobs=logprobs)
                     raise RequestFailed(grpc.StatusCode.INTERNAL, "the engine ended the request without a finish")
                 except RequestFailed as exc:
-                    if not (exc.retryable and not sent_tokens and attempts < MAX_ATTEMPTS):
+                    if not (exc.retryable and not sent_tokens and len(sent_to) < MAX_ATTEMPTS):
                         for response in take_held(trace):  # what came before the failure still reaches the caller
                             yield response
-                        if exc.retryable and not sent_tokens and attempts > 1:
+                        if exc.retryable and not sent_tokens and len(sent_to) > 1:
                             raise _after_attempts(exc, sent_to) from None
                         raise
                     if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not self.pool.can_try_another(
                             tried, engine_request.sampling_params):
                         # every engine that could take it was tried: full everywhere
-                        raise (_after_attempts(exc, sent_to) if attempts > 1 else exc) from None
+                        raise (_after_attempts(exc, sent_to) if len(sent_to) > 1 else exc) from None
                     handle.close()  # a no-op for the pool's handles, which ended with the failure
                     retry_reason = exc.code.name.lower()
         except RequestFailed as exc:
