@@ -269,8 +269,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         # completions' traces are never logged: finish() skips a trace already marked logged).
         parts = [RequestTrace(trace.request_id, start=trace.start, logged=True) for _ in range(n)]
         placement: list = []  # the engine the first completion was sent to
-        queue: asyncio.Queue = asyncio.Queue(maxsize=16 * n)
-        ended = object()
+        queue: asyncio.Queue = asyncio.Queue(maxsize=16 * n)  # responses; an int i: completion i's stream ended
 
         async def pump(i: int) -> None:
             try:
@@ -278,7 +277,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                                                          placement, counted=True):
                     response.index = i
                     await queue.put(response)
-                await queue.put(ended)
+                await queue.put(i)
             except RequestFailed as exc:
                 await queue.put(exc)
             except Exception as exc:  # a bug must fail the request, not leave the reader waiting for this one
@@ -295,12 +294,12 @@ class TextServicer(pb_grpc.TextGenerationServicer):
 
         for task in tasks:  # a task cancelled before it ran never reaches its own finally: this runs either way
             task.add_done_callback(release)
-        open_ = n
+        open_ = set(range(n))  # completions whose last message has not been yielded, nor their stream ended
         try:
             while open_:
                 item = await queue.get()
-                if item is ended:
-                    open_ -= 1
+                if isinstance(item, int):
+                    open_.discard(item)
                     continue
                 if isinstance(item, RequestFailed):
                     # What the others generated before it still reaches the caller, as with one completion: their
@@ -317,6 +316,11 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             yield response
                     raise item
                 _sum_parts(trace, parts)
+                if item.finish_reason:
+                    # Its last message. The request ends with the last of these, in the same loop turn, not when
+                    # that completion's task next runs (a full queue can hold it): GenerateMulti keeps the id live
+                    # until then, and an abort of it in between would add an ABORT after the final messages.
+                    open_.discard(item.index)
                 yield item
         except RequestFailed as exc:
             trace.finish_reason, trace.error = "error", f"{exc.code.name}: {exc.message}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import types
 
 import grpc
 import pytest
@@ -13,7 +14,10 @@ from engine_service.server_config import parse_config
 from engine_service.streams import DEADLINE_ERROR, OutputStream, check_prompt_logprobs_size
 from engine_service.validation import check_prompt, sampling_params_from_proto
 from protos.llmserve.engine.v1 import engine_pb2 as pb
+from protos.llmserve.text.v1 import text_pb2 as text_pb
+from tokenizer_service import servicer as servicer_module
 from tokenizer_service.config import parse_config as parse_text_config
+from tokenizer_service.metrics import RequestTrace
 
 
 def test_flags_win_over_environment_and_bad_values_name_the_field():
@@ -366,3 +370,38 @@ def test_prompt_logprobs_ride_on_the_first_update_and_their_worst_size_is_bounde
             check_prompt_logprobs_size(1001, 20, 1000 * (17 + 9 * 20))
 
     asyncio.run(main())
+
+
+def test_an_n_request_ends_with_its_last_final_message_not_a_loop_turn_later(monkeypatch):
+    """GenerateMulti keeps a request's id live until its generator ends; with n > 1 that waited for each completion's
+    task to run once more after its final message (a full queue delays it), and an abort of the id in between
+    added an ABORT after the final messages. The generator now ends with the last final message, even while a
+    completion's task has not finished."""
+    async def scenario() -> list:
+        service = servicer_module.TextServicer(None, None, "m", 10, set(), {}, max_inflight=8)
+        stuck = asyncio.Event()  # never set: completion 1's task stays alive after its final message
+
+        async def one(prep, engine_request, timeout_s, trace, placement=None, counted=False):
+            trace.finish_reason = "length"
+            yield text_pb.GenerateResponse(text="x", token_ids=[1], finish_reason=text_pb.FINISH_REASON_LENGTH)
+            if engine_request == 1:
+                await stuck.wait()
+
+        monkeypatch.setattr(service, "_generate_one", one)
+        monkeypatch.setattr(servicer_module, "_choice_request", lambda prep, i: i)
+        prep = types.SimpleNamespace(n=2, num_prompt_tokens=3)
+        trace = RequestTrace("r")
+        got = []
+
+        async def read() -> None:
+            async for response in service._generate_n(prep, None, trace):
+                got.append(response)
+
+        await asyncio.wait_for(read(), 5)
+        await asyncio.sleep(0)  # the cancelled task's done callback gives its place back
+        return [got, trace.finish_reason, trace.completion_tokens, service.inflight]
+
+    got, reason, tokens, inflight = asyncio.run(scenario())
+    assert sorted(r.index for r in got) == [0, 1]
+    assert all(r.finish_reason == text_pb.FINISH_REASON_LENGTH for r in got)
+    assert (reason, inflight) == ("length", 0)
