@@ -402,6 +402,8 @@ class ModelRunner:
 
     def _decide_num_blocks(self) -> int:
         if self.config.num_kvcache_blocks is not None:
+            if self.device.type == "cuda":
+                self._check_gpu_blocks_fit(self.config.num_kvcache_blocks)
             return self.config.num_kvcache_blocks
         if self.device.type == "cuda":
             return self._gpu_num_blocks()
@@ -423,12 +425,33 @@ class ModelRunner:
         """KV bytes of one max_model_len sequence (its last token, sampled, takes no slot)."""
         return max(1, -(-(self.max_model_len - 1) // self.block_size)) * self.block_bytes()
 
-    def _gpu_num_blocks(self) -> int:
-        """Blocks that fit in gpu_memory_utilization of the device, after the warm-up's peak (_warm_up)."""
+    def _gpu_budget(self, util: float) -> tuple[float, int, int]:
+        """Bytes left for the KV cache in `util` of the device after other processes and the warm-up's peak
+        (_warm_up: the weights and a full step's activations); with the device's total and other processes' use."""
         free, total = torch.cuda.mem_get_info(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        return total * util - used_by_others - self._warmup_peak_bytes, total, used_by_others
+
+    def _check_gpu_blocks_fit(self, blocks: int) -> None:
+        """An explicit num_kvcache_blocks on a GPU: refused when the pool and a full step's activations cannot
+        both fit in the whole device. Allocating it would fail with torch's bare out-of-memory error, or, when the
+        pool alone fits, the first full prefill step would fail mid-serving."""
+        budget, total, used_by_others = self._gpu_budget(1.0)
+        fits = max(0, int(budget) // self.block_bytes())
+        if blocks > fits:
+            gib = 2**30
+            raise ValueError(
+                f"num_kvcache_blocks={blocks} does not fit on the device: it takes "
+                f"{blocks * self.block_bytes() / gib:.2f} GiB, and of the device's {total / gib:.2f} GiB other "
+                f"processes use {used_by_others / gib:.2f} GiB and the model's weights with a full step's activations "
+                f"(the warm-up's peak) {self._warmup_peak_bytes / gib:.2f} GiB, which leaves room for {fits} blocks; "
+                f"set num_kvcache_blocks to at most {fits}, or leave it unset to size the pool from "
+                f"gpu_memory_utilization")
+
+    def _gpu_num_blocks(self) -> int:
+        """Blocks that fit in gpu_memory_utilization of the device, after the warm-up's peak (_warm_up)."""
         util = self.config.gpu_memory_utilization
-        budget = total * util - used_by_others - self._warmup_peak_bytes
+        budget, total, used_by_others = self._gpu_budget(util)
         blocks = int(budget) // self.block_bytes()
         if blocks < 1:
             gib = 2**30

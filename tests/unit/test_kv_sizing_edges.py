@@ -204,3 +204,22 @@ def test_graph_runner_fixes_each_lane_counts_split_kv_from_the_kv_heads_per_rank
         gathered = _decode_step(3)
         gathered.gather_rows, gathered.gather_src = [0], [0]
         assert not graphs.can_run(gathered)
+
+
+def test_an_explicit_gpu_pool_that_leaves_no_room_for_a_full_step_is_refused_with_what_fits(model_dir, monkeypatch):
+    """num_kvcache_blocks on a GPU is taken as it is when it fits beside other processes and the warm-up's peak in
+    the whole device (gpu_memory_utilization does not bind it); past that it is refused naming the most that fit,
+    where allocating it failed with torch's bare out-of-memory error, or a full prefill step did mid-serving."""
+    with _llm(model_dir) as llm:
+        runner = llm.runner
+        total = 1000 * BLOCK_BYTES
+        _fake_gpu(monkeypatch, runner, total=total, free=total - 150 * BLOCK_BYTES - 300 * BLOCK_BYTES,
+                  reserved=300 * BLOCK_BYTES, peak=100 * BLOCK_BYTES + 7, util=0.5)
+        monkeypatch.setattr(runner, "device", torch.device("cuda", 0))
+        fits = 1000 - 150 - 100 - 1
+        runner.config = dataclasses.replace(runner.config, num_kvcache_blocks=fits)
+        assert runner._decide_num_blocks() == fits  # above what util=0.5 sizes (249), within the device
+        runner.config = dataclasses.replace(runner.config, num_kvcache_blocks=fits + 1)
+        with pytest.raises(ValueError, match=f"num_kvcache_blocks={fits + 1} does not fit") as err:
+            runner._decide_num_blocks()
+        assert f"set num_kvcache_blocks to at most {fits}," in str(err.value)
