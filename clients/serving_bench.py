@@ -221,6 +221,20 @@ def strict_json(value: object) -> object:
     return value
 
 
+def inprocess_engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """The in-process engine's settings from the flags given, read as the engine service reads its own (0 for
+    --num-kvcache-blocks or --max-model-len: sized by the engine, not a pool of none)."""
+    names = ("dtype", "attention_backend", "max_num_seqs", "max_num_batched_tokens", "num_kvcache_blocks",
+             "kvcache_block_size", "max_model_len", "gpu_memory_utilization")
+    kwargs = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    for name in ("num_kvcache_blocks", "max_model_len"):
+        if kwargs.get(name) == 0:
+            del kwargs[name]
+    if args.enforce_eager:
+        kwargs["enforce_eager"] = True
+    return kwargs
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     p = argparse.ArgumentParser(prog="python -m clients.serving_bench", description=__doc__.splitlines()[0])
     p.add_argument("--target", default="localhost:50052", help="the tokenizer service")
@@ -289,11 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
         if args.torch_threads:
             torch.set_num_threads(args.torch_threads)
-        names = ("dtype", "attention_backend", "max_num_seqs", "max_num_batched_tokens", "num_kvcache_blocks",
-                 "kvcache_block_size", "max_model_len", "gpu_memory_utilization")
-        kwargs = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-        if args.enforce_eager:
-            kwargs["enforce_eager"] = True
+        kwargs = inprocess_engine_kwargs(args)
         engine = LLMEngine(args.inprocess_model, device=args.device, **kwargs)
         print(f"in-process engine: {kwargs}, torch threads {torch.get_num_threads()}", file=sys.stderr)
     rows: list[dict[str, object]] = []

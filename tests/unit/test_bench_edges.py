@@ -5,6 +5,7 @@ Each test names the bug it catches: a mutation audit found that the other tests 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import math
 import time
@@ -16,6 +17,7 @@ import pytest
 from clients import cli
 from clients import serving_bench as sb
 from engine_service import bench, bench_peers
+from engine_service.config import EngineConfig
 
 # ----------------------------------------------------------------------------------------------------------------
 # serving_bench: percentiles, TTFT/ITL/E2E, throughputs
@@ -438,3 +440,15 @@ def test_serving_bench_json_is_strict_json(monkeypatch, tmp_path):
     (run,) = report["runs"]
     assert run["rate"] == "inf" and float(run["rate"]) == math.inf
     assert run["failed"] == 2 and any(value is None for value in run.values())
+
+
+def test_serving_bench_reads_zero_pool_and_length_as_the_engine_service_does():
+    """--num-kvcache-blocks 0 and --max-model-len 0 mean 'sized by the engine' on the engine service; the serving
+    bench's in-process engine passed the 0s on, which EngineConfig refuses."""
+    given = dict(dtype=None, attention_backend=None, max_num_seqs=4, max_num_batched_tokens=None, num_kvcache_blocks=0,
+                 kvcache_block_size=None, max_model_len=0, gpu_memory_utilization=None, enforce_eager=True)
+    kwargs = sb.inprocess_engine_kwargs(argparse.Namespace(**given))
+    assert kwargs == {"max_num_seqs": 4, "enforce_eager": True}
+    EngineConfig.from_kwargs("/m", **kwargs)  # taken as it is
+    kwargs = sb.inprocess_engine_kwargs(argparse.Namespace(**{**given, "num_kvcache_blocks": 64, "max_model_len": 128}))
+    assert (kwargs["num_kvcache_blocks"], kwargs["max_model_len"]) == (64, 128)
