@@ -1,4 +1,4 @@
-"""Offline throughput benchmark: the engine against transformers, side by side, on BENCHMARKS.md's workloads.
+"""Offline throughput benchmark: the engine beside transformers on workloads A and B (docs/PERFORMANCE.md).
 
     python -m engine_service.bench                                   # workload A on random Qwen3-0.6B, bf16
     python -m engine_service.bench --preset cpu-small --peers all    # workload B on the CPU model, with peers
