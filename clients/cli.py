@@ -110,7 +110,9 @@ def connect_hint(exc: grpc.RpcError, tls: ClientTls | None) -> str:
         return ("\n(the server at --target does not serve the text API, llmserve.text.v1.TextGeneration: is it an "
                 "engine service? Point --target at the tokenizer service, port 50052 by default)")
     details = exc.details() or ""
-    if exc.code() != grpc.StatusCode.UNAVAILABLE or "failed to connect" not in details:
+    # This channel's own failure to connect, as grpc words it; not the service's UNAVAILABLE quoting its failed dial
+    # to an engine ("no engine is connected ... failed to connect ..."), which these hints about --target misread.
+    if exc.code() != grpc.StatusCode.UNAVAILABLE or not details.startswith("failed to connect"):
         return ""
     if tls is not None and ("Hostname Verification" in details or "No match found for server name" in details):
         return (f"\n(the service's certificate does not name {tls.server_name or 'the host in --target'}: give "

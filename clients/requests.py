@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TypeVar
 
 from protos.llmserve.text.v1 import text_pb2 as pb
 
@@ -15,6 +18,55 @@ RESPONSE_FORMATS = {"text": pb.RESPONSE_FORMAT_TEXT, "json_object": pb.RESPONSE_
                     "json_schema": pb.RESPONSE_FORMAT_JSON_SCHEMA}
 
 
+_Builder = TypeVar("_Builder", bound=Callable)
+
+
+def _not_utf8(where: str, value: object) -> str | None:
+    """Where in value (a string, or dicts, lists and tuples of them) a string that is not valid UTF-8 is, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"{where} (character {exc.start}, {value[exc.start:exc.end]!r})"
+        return None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            found = _not_utf8(f"{where} key {key!r}", key) or _not_utf8(f"{where}[{key!r}]", item)
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = _not_utf8(f"{where}[{i}]", item)
+            if found:
+                return found
+    return None
+
+
+def names_bad_text(build: _Builder) -> _Builder:
+    """The request builder, refusing text that protobuf cannot carry by name: a lone surrogate (Python's stand-in
+    for bytes that are not UTF-8, as a command-line argument can hold) raised protobuf's UnicodeEncodeError, which
+    named neither the argument nor the cause."""
+    signature = inspect.signature(build)
+
+    @functools.wraps(build)
+    def checked(*args, **kwargs):
+        try:
+            return build(*args, **kwargs)
+        except UnicodeEncodeError as exc:
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            for name, value in bound.items():
+                kind = signature.parameters[name].kind
+                values = value.items() if kind is inspect.Parameter.VAR_KEYWORD else [(name, value)]
+                found = next(filter(None, (_not_utf8(n, v) for n, v in values)), None)
+                if found:
+                    raise ValueError(f"{found} is not valid UTF-8 text: a lone surrogate, Python's stand-in for bytes "
+                                     "that are not UTF-8 (from a command-line argument, or a file read with "
+                                     "errors='surrogateescape'); requests carry UTF-8 text only") from None
+            raise ValueError(f"a text field is not valid UTF-8: {exc}") from None
+    return checked  # type: ignore[return-value]
+
+
+@names_bad_text
 def sampling_params(**kwargs: object) -> pb.SamplingParams:
     """SamplingParams with only the given fields set; the rest stay unset (the model's defaults)."""
     params = pb.SamplingParams()
@@ -50,6 +102,12 @@ def sampling_params(**kwargs: object) -> pb.SamplingParams:
             try:
                 setattr(params, name, value)
             except (TypeError, ValueError) as exc:  # protobuf's own words name no field
+                # An integer past the field's protobuf type fails here, before the service checks its own range.
+                field = pb.SamplingParams.DESCRIPTOR.fields_by_name[name]
+                bits = {field.TYPE_INT32: 32, field.TYPE_INT64: 64}.get(field.type)
+                if bits and isinstance(value, int) and not isinstance(value, bool):
+                    raise ValueError(f"sampling parameter {name}={value!r}: out of the range the protocol carries, a "
+                                     f"signed {bits}-bit integer in [-2**{bits - 1}, 2**{bits - 1})") from None
                 raise ValueError(f"sampling parameter {name}={value!r}: {exc}") from None
         else:
             hint = ("; a call's deadline is deadline_ms (milliseconds), or the client's timeout"
@@ -113,6 +171,7 @@ def _message(i: int, m: Mapping[str, object]) -> pb.ChatMessage:
                           tool_calls=[_tool_call(f"messages[{i}].tool_calls[{j}]", c) for j, c in enumerate(calls)])
 
 
+@names_bad_text
 def chat(messages: Iterable[Mapping[str, object]], enable_thinking: bool | None = None,
          tools: Iterable[object] | None = None, template_kwargs: Mapping[str, object] | str | None = None,
          continue_final_message: bool = False) -> pb.Chat:
@@ -134,6 +193,7 @@ def chat(messages: Iterable[Mapping[str, object]], enable_thinking: bool | None 
     return result
 
 
+@names_bad_text
 def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, str]] | None = None, *,
                      prompt_token_ids: Iterable[int] | None = None,
                      request_id: str = "", stop: str | Iterable[str] | None = (), skip_special_tokens: bool | None = None,

@@ -28,7 +28,14 @@ from typing import Any
 import grpc
 
 from clients.channel import MAX_TIMEOUT_S, Channels, aio_channel, client_timeout, sync_channel
-from clients.requests import OptionsNotHonoured, chat, check_options, generate_request, options_used
+from clients.requests import (
+    OptionsNotHonoured,
+    chat,
+    check_options,
+    generate_request,
+    names_bad_text,
+    options_used,
+)
 from clients.tls import ClientTls
 from protos.llmserve.text.v1 import text_pb2 as pb
 from protos.llmserve.text.v1 import text_pb2_grpc as pb_grpc
@@ -271,6 +278,7 @@ def _noting_options(requests: Iterable[pb.MultiRequest], used: set[str]) -> Iter
         yield frame
 
 
+@names_bad_text
 def _tokenize_request(text: str | None, messages: Messages | None, add_special_tokens: bool | None,
                       enable_thinking: bool | None, tools: Iterable[object] | None = None,
                       template_kwargs: Mapping[str, object] | str | None = None,

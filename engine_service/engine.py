@@ -757,5 +757,9 @@ class LLM(LLMEngine):
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need tokenizer files in the model directory; pass token ids")
-            return self.tokenizer.encode(prompt, add_special_tokens=True)
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            if not ids:  # add_request would name prompt_token_ids, which the caller did not pass
+                what = "a non-empty prompt" if not prompt else "text the tokenizer keeps"
+                raise ValueError(f"the text prompt {prompt[:80]!r} encodes to no tokens: give {what}")
+            return ids
         return prompt

@@ -442,6 +442,9 @@ def test_text_prompts_use_the_model_tokenizer(demo_model_dir):
             [llm.tokenizer.encode("Hello there", add_special_tokens=False)],
             SamplingParams(temperature=0.0, max_tokens=6),
         )
+        with pytest.raises(ValueError, match="the text prompt '' encodes to no tokens: give a non-empty prompt"):
+            llm.generate([""], SamplingParams(max_tokens=2))  # said 'prompt_token_ids must not be empty'
+        assert llm.stats()["num_running"] == llm.stats()["num_waiting"] == 0
     assert outs[0]["token_ids"] == by_ids[0]["token_ids"]
     for out in outs:
         assert out["text"] == llm.tokenizer.decode(out["token_ids"], skip_special_tokens=True)

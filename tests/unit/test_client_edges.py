@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from clients.requests import generate_request, options_used
-from clients.text_client import TextClient
+from clients.text_client import TextClient, _tokenize_request
 from protos.llmserve.text.v1 import text_pb2 as pb
 from protos.llmserve.text.v1 import text_pb2_grpc as pb_grpc
 
@@ -554,3 +554,31 @@ def test_encode_chat_adds_no_special_tokens():
     from tokenizer_service.chat import encode_chat
 
     assert encode_chat(_Recorder("{{ messages }}"), [{"role": "user", "content": "hi"}]) == []
+
+
+@pytest.mark.parametrize("build, where", [
+    (lambda: generate_request("ok \udcff", max_tokens=3), "prompt (character 3"),
+    (lambda: generate_request("hi", stop=["a", "\udcff"]), "stop[1] "),
+    (lambda: generate_request(messages=[{"role": "user", "content": "x\ud800"}]), "messages[0]['content'] "),
+    (lambda: generate_request("hi", json_schema='{"a\udcff": 1}'), "json_schema "),
+    (lambda: generate_request(messages=[{"role": "user", "content": "x"}], template_kwargs={"k\udcff": 1}),
+     "template_kwargs key 'k\\udcff' "),
+    (lambda: _tokenize_request("t\udcff", None, None, None), "text "),
+])
+def test_text_that_is_not_utf8_is_refused_naming_the_argument(build, where):
+    """A lone surrogate (a command-line argument with bytes that are not UTF-8) raised protobuf's UnicodeEncodeError,
+    naming neither the argument nor the cause; llm-client printed it as it was."""
+    with pytest.raises(ValueError) as err:
+        build()
+    assert type(err.value) is ValueError and str(err.value).startswith(where), err.value
+    assert "is not valid UTF-8 text" in str(err.value)
+
+
+@pytest.mark.parametrize("name, value, bits", [("seed", 2**63, 64), ("priority", 2**31, 32),
+                                               ("max_tokens", -2**31 - 1, 32)])
+def test_an_integer_past_the_protocols_range_says_the_range(name, value, bits):
+    """protobuf's 'Value out of range: N' gave no range; the service's own ranges are checked once it fits."""
+    with pytest.raises(ValueError, match=rf"{name}={value}: out of the range .* signed {bits}-bit integer in "
+                                         rf"\[-2\*\*{bits - 1}, 2\*\*{bits - 1}\)"):
+        generate_request("hi", **{name: value})
+    generate_request("hi", **{name: 2**(bits - 1) - 1})  # the largest it carries goes to the service

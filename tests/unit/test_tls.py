@@ -887,7 +887,8 @@ def test_a_closed_client_makes_no_channel_when_its_files_rotate(pki, tmp_path):
 
 
 def test_the_cli_names_tls_server_name_when_the_certificate_names_another_host():
-    """llm-client's hint for a certificate that does not name the target said only to check --tls-ca."""
+    """llm-client's hint for a certificate that does not name the target said only to check --tls-ca; and a
+    tokenizer service quoting its own failed dial to an engine got the hints meant for an unreachable --target."""
     from clients.cli import connect_hint
 
     class Refused(grpc.RpcError):
@@ -906,6 +907,11 @@ def test_the_cli_names_tls_server_name_when_the_certificate_names_another_host()
                          "failed (TSI_PROTOCOL_FAILURE): Hostname Verification Check failed.")
     assert "give --tls-server-name a name it holds" in connect_hint(wrong_name, tls)
     assert "--tls-server-name" not in connect_hint(Refused("failed to connect: Socket closed"), tls)
+    assert "is the service up?" in connect_hint(Refused("failed to connect: Socket closed"), None)
+    # The tokenizer service is up and says it has no engine, quoting its own failed dial: no hint about --target.
+    no_engine = Refused("no engine is connected (waited 1.0s); engines: 127.0.0.1:1: not reached (failed to connect "
+                        "to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Connection refused)")
+    assert connect_hint(no_engine, None) == connect_hint(no_engine, tls) == ""
 
 
 def test_durations_past_what_grpc_options_hold_are_its_limit():
