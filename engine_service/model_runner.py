@@ -188,7 +188,7 @@ class ModelRunner:
         self.fused_ops = resolve_fused_ops(config.fused_ops, self.device, self.dtype)
         pdl.enable(self.device, config.pdl)  # before any kernel is compiled: PDL is one of their constexprs
         with torch.device(self.device), _default_dtype(self.dtype):
-            self.model = DecoderForCausalLM(model_cfg, tp, max_model_len, self.dtype, self.fused_ops)
+            self.model = DecoderForCausalLM(model_cfg, tp, self._rope_positions(), self.dtype, self.fused_ops)
         load_weights(self.model, config.model, model_cfg.tie_word_embeddings)
         self.model.eval()
         # Only rank 0 samples; its penalty counts are allocated before the warm-up measures the peak.
@@ -199,6 +199,13 @@ class ModelRunner:
             self._tune_prefill_attention()  # before the warm-up, which then compiles the picked tile's variants
         self._warmup_peak_bytes = self._warm_up() if self.device.type == "cuda" else 0
         self.num_blocks = tp.min_int(self._decide_num_blocks())  # every rank must agree on the pool
+        servable = self.num_blocks * self.block_size + 1  # no sequence outgrows the pool (its last token takes no slot)
+        if self.max_model_len > servable:
+            # The RoPE table, the graphs' block tables and their plans need no more positions than that (the engine
+            # lowers a model's default max_model_len to it, and refuses requests that could grow past it). Before
+            # anything captures the table's address.
+            self.max_model_len = servable
+            self.model.rotary.keep_positions(servable)
         kv_heads = kv_heads_per_rank(model_cfg, tp)
         shape = (model_cfg.num_hidden_layers, self.num_blocks, self.block_size, kv_heads, model_cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
@@ -395,6 +402,20 @@ class ModelRunner:
                  sorted(first_batch), sorted(first_batch.values()), time.perf_counter() - start)
 
     # ---- KV-cache sizing -----------------------------------------------------------------------
+    def _rope_positions(self) -> int:
+        """Rows of the RoPE table to build: max_model_len, but no more than a pool could ever hold for one sequence
+        (the given num_kvcache_blocks; the cpu_kvcache_gib cap; a GPU's whole memory) nor fewer than the warm-up's
+        prompts. A long-context model's default (max_position_embeddings 1,010,000, say) built a table of every
+        position, and a config's absurd one failed with a bare allocation error, before the pool was sized."""
+        if self.config.num_kvcache_blocks is not None:
+            blocks = self.config.num_kvcache_blocks
+        elif self.device.type == "cuda":
+            blocks = torch.cuda.get_device_properties(self.device).total_memory // self.block_bytes()
+        else:
+            blocks = int(self.config.cpu_kvcache_gib * 2**30) // self.block_bytes()
+        bound = max(blocks * self.block_size + 1, self.config.max_num_batched_tokens)
+        return min(self.max_model_len, bound)
+
     def block_bytes(self) -> int:
         cfg = self.model_cfg
         per_token = 2 * cfg.num_hidden_layers * kv_heads_per_rank(cfg, self.tp) * cfg.head_dim

@@ -258,6 +258,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", (emb.cos() * attention_factor).to(dtype), persistent=False)
         self.register_buffer("sin", (emb.sin() * attention_factor).to(dtype), persistent=False)
 
+    def keep_positions(self, n: int) -> None:
+        """Keep the first n positions' rows only (the rest freed), once the KV pool bounds the positions served.
+        Before any CUDA graph is captured: a graph holds the table's address."""
+        if n < self.cos.shape[0]:
+            self.cos, self.sin = self.cos[:n].clone(), self.sin[:n].clone()
+
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> cos, sin [T, 1, D] (broadcast over heads)."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)

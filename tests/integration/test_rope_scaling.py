@@ -181,6 +181,28 @@ def test_a_default_max_model_len_the_pool_cannot_hold_is_lowered(tmp_path, caplo
     assert "max_model_len 100 is more than the KV pool of 4 blocks holds for one sequence (65 tokens)" in caplog.text
 
 
+def test_the_rope_table_holds_only_the_positions_the_pool_serves(tmp_path):
+    """A long-context default max_model_len built a RoPE table of every position the config allows before the pool
+    was sized (1 GB here in float64 for 257 servable positions), and an absurd max_position_embeddings failed with
+    a bare allocation error; the table now holds what the pool can serve, with transformers' greedy tokens."""
+    ref = make_qwen3(tmp_path, max_pos=4_194_304)
+    args = dict(device="cpu", dtype="float64", enforce_eager=True, kvcache_block_size=16, num_kvcache_blocks=16,
+                max_num_seqs=2, max_num_batched_tokens=64)
+    prompt = random_prompts(2, [40])[0]
+    with LLM(tmp_path, **args) as llm:
+        assert llm.max_model_len == 16 * 16 + 1 == llm.runner.max_model_len == llm.runner.model.rotary.cos.shape[0]
+        out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8))[0]
+    assert out["token_ids"] == hf_greedy(ref, prompt, 8)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["max_position_embeddings"] = 10**12
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    del args["num_kvcache_blocks"]
+    with LLM(tmp_path, cpu_kvcache_gib=0.001, **args) as llm:  # sized from the cap, in blocks of 16 KiB
+        assert llm.runner.num_blocks == int(0.001 * 2**30) // 2**14
+        assert llm.max_model_len == llm.runner.num_blocks * 16 + 1 == llm.runner.model.rotary.cos.shape[0]
+        assert llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8))[0]["token_ids"] == out["token_ids"]
+
+
 def test_no_indexing_error_warning_for_prompts_past_the_tokenizers_length(demo_model_dir, caplog):
     """A RoPE-scaled model's tokenizer still says the unscaled model_max_length; transformers warned of "indexing
     errors" for every longer prompt the service then served correctly. Both services bound prompts themselves."""
