@@ -15,7 +15,7 @@ import itertools
 import logging
 import numbers
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,10 +95,16 @@ def mix_seed(seed: int) -> int:
     return z ^ (z >> 31)
 
 
-def _as_list(x) -> list[int]:
-    if x is None:
-        return []
-    return [int(v) for v in x] if isinstance(x, list | tuple) else [int(x)]
+def _eos_ids(path: Path) -> list[int]:
+    """The file's eos_token_id: a token id, a list of them, or null; a ValueError naming the file and key otherwise
+    (int() turned true into id 1 and 2.5 into 2, and a null in a list or a token's text raised a bare TypeError or
+    ValueError). The tokenizer service reads the same rule (tokenizer_service.validation.read_eos_token_ids)."""
+    value = _read_json(path).get("eos_token_id")
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise ValueError(f"{path.name}'s eos_token_id should be a token id or a list of them (integers), not "
+                         f"{value!r}")
+    return values
 
 
 class LLMEngine:
@@ -120,8 +126,7 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.tokenizer = self._load_tokenizer(model_dir)
         gen_cfg = _read_json(model_dir / "generation_config.json")
-        eos = set(_as_list(gen_cfg.get("eos_token_id")))
-        eos |= set(_as_list(_read_json(model_dir / "config.json").get("eos_token_id")))
+        eos = set(_eos_ids(model_dir / "generation_config.json")) | set(_eos_ids(model_dir / "config.json"))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(int(self.tokenizer.eos_token_id))
         outside = sorted(e for e in eos if not 0 <= e < self.model_cfg.vocab_size)
@@ -350,8 +355,10 @@ class LLMEngine:
     def _validate_prompt(self, prompt_token_ids) -> list[int]:
         if hasattr(prompt_token_ids, "tolist"):  # a numpy array or a torch tensor: its elements as Python ints
             prompt_token_ids = prompt_token_ids.tolist()
-        if isinstance(prompt_token_ids, str | bytes) or not hasattr(prompt_token_ids, "__len__"):
-            raise ValueError("prompt_token_ids must be a list of integer token ids")
+        if isinstance(prompt_token_ids, str | bytes | Set | Mapping) or not hasattr(prompt_token_ids, "__len__"):
+            # a set or dict has no order (and a set no repeats): its ids would run in some order, silently
+            raise ValueError("prompt_token_ids must be a list of integer token ids (a list, tuple, array or tensor), "
+                             f"not a {type(prompt_token_ids).__name__}")
         prompt = list(prompt_token_ids)
         # Plain ints (what the service and most callers pass) are checked in one pass: the ABC check per token
         # took 50 ms for a 131k-token prompt, on the engine's loop.

@@ -405,7 +405,10 @@ def read_eos_token_ids(model_dir: str, tokenizer: Any, vocab_size: int) -> set[i
     ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
     for name in ("generation_config.json", "config.json"):
         eos = read_json(Path(model_dir) / name).get("eos_token_id")
-        ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+        values = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        if any(isinstance(e, bool) or not isinstance(e, int) for e in values):  # the engine refuses them alike
+            raise ValueError(f"{name}'s eos_token_id should be a token id or a list of them (integers), not {eos!r}")
+        ids.update(values)
     return {e for e in ids if 0 <= e < vocab_size}
 
 

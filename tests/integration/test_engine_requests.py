@@ -314,6 +314,35 @@ def test_an_eos_id_outside_the_vocabulary_is_ignored_not_indexed(tmp_path, caplo
         assert all(7 not in o["token_ids"][:2] for o in outs[1:])
 
 
+@pytest.mark.parametrize("file", ["generation_config.json", "config.json"])
+@pytest.mark.parametrize("eos", [[2, None], "</s>", 2.5, True])
+def test_an_eos_token_id_that_is_not_token_ids_is_refused_naming_the_file(tmp_path, file, eos):
+    """int() read true as id 1 and 2.5 as 2, and a null in a list or a token's text raised a bare TypeError or
+    ValueError naming no file."""
+    import json
+
+    make_qwen3(tmp_path)
+    config = json.loads((tmp_path / file).read_text()) if (tmp_path / file).is_file() else {}
+    (tmp_path / file).write_text(json.dumps({**config, "eos_token_id": eos}))
+    with pytest.raises(ValueError, match=rf"{file}'s eos_token_id should be a token id or a list of them"):
+        _engine(tmp_path)
+
+
+def test_token_ids_come_in_order_or_are_refused(model_dir):
+    """A set or dict of ids ran as token ids, in some order and without repeats; only sequences are token ids."""
+    import numpy as np
+    import torch
+
+    with _engine(model_dir) as engine:
+        for wrong in ({30, 10, 20}, {10: "x", 20: "y"}, b"\x01\x02", frozenset({1})):
+            with pytest.raises(ValueError, match=f"must be a list of integer token ids .*not a {type(wrong).__name__}"):
+                engine.add_request("r", wrong, SamplingParams(max_tokens=1))
+        params = SamplingParams(temperature=0.0, max_tokens=3)
+        want = engine.generate([[30, 10, 20, 10]], params)[0]["token_ids"]
+        for same in ((30, 10, 20, 10), np.array([30, 10, 20, 10]), torch.tensor([30, 10, 20, 10])):
+            assert engine.generate([same], params)[0]["token_ids"] == want
+
+
 def test_seed_gives_same_tokens_whatever_shares_the_batch(model_dir):
     seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=16)
     prompt = _prompt(20, 12)

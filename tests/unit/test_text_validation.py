@@ -12,6 +12,7 @@ from tokenizer_service.validation import (
     TextRequest,
     describe_rules,
     prepare,
+    read_eos_token_ids,
     tokenize_input,
     validate_detokenize_ids,
     validate_prompt_tokens,
@@ -239,3 +240,19 @@ def test_n_is_1_to_16(demo_tokenizer, n, ok) -> None:
     else:
         with pytest.raises(ValueError, match=rf"^n: the number of completions must be 1 to 16, got {n}$"):
             prepare(request, demo_tokenizer, {}, max_model_len=64)
+
+
+@pytest.mark.parametrize("file", ["generation_config.json", "config.json"])
+@pytest.mark.parametrize("eos", [[2, None], "</s>", 2.5, True])
+def test_an_eos_token_id_that_is_not_token_ids_stops_the_service_naming_the_file(tmp_path, file, eos):
+    """As the engine refuses it: int() read true as id 1 and 2.5 as 2, and a null in a list or a token's text
+    raised a bare TypeError or ValueError at start-up."""
+    import json
+    import types
+
+    (tmp_path / file).write_text(json.dumps({"eos_token_id": eos}))
+    tokenizer = types.SimpleNamespace(eos_token_id=None)
+    with pytest.raises(ValueError, match=rf"{file}'s eos_token_id should be a token id or a list of them"):
+        read_eos_token_ids(str(tmp_path), tokenizer, 100)
+    (tmp_path / file).write_text(json.dumps({"eos_token_id": [3, 200]}))
+    assert read_eos_token_ids(str(tmp_path), tokenizer, 100) == {3}  # past the vocabulary: left out
