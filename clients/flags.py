@@ -15,9 +15,11 @@ def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
-    if lowered in ("0", "false", "no", "off", ""):
+    if lowered in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+    # A blank value is refused as other blank settings are: read as false, a ConfigMap key left empty quietly
+    # turned off what defaults to on (prefix caching, request logs).
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, on/off, yes/no or 1/0), got {text!r}")
 
 
 def parse_settings(cls: type[T], env_prefix: str, prog: str, description: str, argv: list[str] | None = None,

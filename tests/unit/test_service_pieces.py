@@ -405,3 +405,21 @@ def test_an_n_request_ends_with_its_last_final_message_not_a_loop_turn_later(mon
     assert sorted(r.index for r in got) == [0, 1]
     assert all(r.finish_reason == text_pb.FINISH_REASON_LENGTH for r in got)
     assert (reason, inflight) == ("length", 0)
+
+
+@pytest.mark.parametrize("variable, field", [("ENGINE_ENABLE_PREFIX_CACHING", "enable_prefix_caching"),
+                                             ("ENGINE_LOG_REQUESTS", "log_requests")])
+def test_a_blank_boolean_variable_is_refused_not_read_as_false(variable, field):
+    """A ConfigMap key left empty turned off what defaults to on, silently, where a blank number is refused."""
+    base = {"ENGINE_MODEL": "/m"}
+    assert getattr(parse_config([], base), field) is True  # the default the blank value turned off
+    for blank in ("", "  "):
+        with pytest.raises(ValueError, match=f"{variable}={blank!r} is invalid: expected a boolean"):
+            parse_config([], {**base, variable: blank})
+    with pytest.raises(SystemExit):
+        parse_config(["--log-requests", ""], base)
+    assert getattr(parse_config([], {**base, variable: " Off "}), field) is False
+    text = parse_text_config([], {"TOKENIZER_MODEL": "/m", "TOKENIZER_ENGINES": "a:1", "TOKENIZER_LOG_REQUESTS": "yes"})
+    assert text.log_requests is True
+    with pytest.raises(ValueError, match="TOKENIZER_LOG_REQUESTS=''"):
+        parse_text_config([], {"TOKENIZER_MODEL": "/m", "TOKENIZER_ENGINES": "a:1", "TOKENIZER_LOG_REQUESTS": ""})
