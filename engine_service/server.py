@@ -11,7 +11,6 @@ import asyncio
 import gc
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from clients.cpus import available_cpus
 from clients.logs import configure_logging
+from clients.stop_signals import hold, take_over
 from clients.tls import (
     PortUnavailable,
     add_checked_servicer,
@@ -137,6 +137,8 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
     """
     aio = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
+    if handle_signals:
+        take_over(aio, stop.set)  # first: a stop while the ports open or the model loads exits 0 at once
     exit_code = 0
 
     def on_fatal(message: str) -> None:
@@ -179,9 +181,6 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
         metrics_server = serve_metrics(metrics.registry, config.host, config.metrics_port)
     if bound_port is not None:
         bound_port.set_result(port)
-    if handle_signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            aio.add_signal_handler(sig, stop.set)
     log.info("engine service listening on %s:%d (%s), loading %s", config.host, port, describe(tls), config.model)
 
     async def close_side_servers() -> None:
@@ -278,7 +277,8 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of `engine-service`."""
+    """The service (`engine-service` runs engine_service/__main__.py, which holds SIGTERM before these imports)."""
+    hold()  # python -m engine_service.server: from here at least
     try:
         config = parse_config(argv)
     except ValueError as exc:

@@ -108,9 +108,9 @@ def run(argv: list[str] | None = None) -> int:
     procs: list[subprocess.Popen] = []
     try:
         for name, cmd in (
-            ("engine", ["engine_service.server", "--model", model, "--host", "127.0.0.1", "--port",
+            ("engine", ["engine_service", "--model", model, "--host", "127.0.0.1", "--port",
                         str(engine_port), "--metrics-port", str(engine_metrics), *engine_flags]),
-            ("tokenizer", ["tokenizer_service.server", "--model", model, "--host", "127.0.0.1", "--port",
+            ("tokenizer", ["tokenizer_service", "--model", model, "--host", "127.0.0.1", "--port",
                            str(text_port), "--engines", f"127.0.0.1:{engine_port}", "--metrics-port",
                            str(text_metrics)]),
         ):

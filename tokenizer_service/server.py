@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import signal
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from clients.logs import configure_logging
+from clients.stop_signals import hold, take_over
 from clients.tls import (
     PortUnavailable,
     add_checked_servicer,
@@ -104,9 +104,9 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
     stop = stop or asyncio.Event()
     if handle_signals:
         # Before the load: as a container's PID 1 the process ignores a SIGTERM it has no handler for, and the
-        # kubelet sends one SIGTERM only, so a pod stopped while loading would wait out its grace period.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        # kubelet sends one SIGTERM only, so a pod stopped while loading would wait out its grace period. One that
+        # came earlier, held since main() (clients/stop_signals.py), stops it at once.
+        take_over(asyncio.get_running_loop(), stop.set)
     loading = asyncio.ensure_future(asyncio.to_thread(load_tokenizer, config.model))
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait([loading, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -218,7 +218,9 @@ async def _track_engines(pool: EnginePool, health_servicer: Any, service_name: s
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of `tokenizer-service`."""
+    """The service (`tokenizer-service` runs tokenizer_service/__main__.py, which holds SIGTERM before these
+    imports)."""
+    hold()  # python -m tokenizer_service.server: from here at least
     try:
         config = parse_config(argv)
     except ValueError as exc:

@@ -59,5 +59,6 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /app
 USER 10001:10001
 EXPOSE 50051
-# Every flag also reads an ENGINE_* variable (the Kubernetes ConfigMap sets those).
-ENTRYPOINT ["python", "-m", "engine_service.server"]
+# Every flag also reads an ENGINE_* variable (the Kubernetes ConfigMap sets those). The package's __main__ holds
+# SIGTERM before the imports: as PID 1 a signal without a handler is dropped (clients/stop_signals.py).
+ENTRYPOINT ["python", "-m", "engine_service"]

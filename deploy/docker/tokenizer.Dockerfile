@@ -35,5 +35,6 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /app
 USER 10001:10001
 EXPOSE 50052
-# Every flag also reads a TOKENIZER_* variable (the Kubernetes ConfigMap sets those).
-ENTRYPOINT ["python", "-m", "tokenizer_service.server"]
+# Every flag also reads a TOKENIZER_* variable (the Kubernetes ConfigMap sets those). The package's __main__
+# holds SIGTERM before the imports: as PID 1 a signal without a handler is dropped (clients/stop_signals.py).
+ENTRYPOINT ["python", "-m", "tokenizer_service"]

@@ -326,3 +326,24 @@ def test_a_tokenizer_that_cannot_load_is_one_line(demo_model, tmp_path, case):
     else:
         want = "is not a directory"
     assert_one_line_failure(["tokenizer_service.server", "--model", str(model), "--engines", "127.0.0.1:1"], want)
+
+
+@pytest.mark.parametrize("package, args, said", [
+    ("engine_service", ["--device", "cpu"], "stop signal while the model was loading"),
+    ("tokenizer_service", ["--engines", "127.0.0.1:1"], "stop signal while the tokenizer was loading"),
+])
+def test_a_sigterm_before_the_services_imports_stops_it_cleanly(demo_model, package, args, said):
+    """As a container's PID 1 a process drops a signal it has no handler for, and the kubelet sends SIGTERM once:
+    one that came while the service imported its modules, parsed its flags or opened its ports was lost (the pod
+    loaded, turned ready and ran until SIGKILL); elsewhere it killed the process without a line. The package's
+    entry point holds it from its first line: here it comes right after, before the service's imports, and the
+    service exits 0 with the warning of a stop during loading."""
+    code = ("import os, runpy, signal, sys; from clients.stop_signals import hold; hold(); "
+            "os.kill(os.getpid(), signal.SIGTERM); "
+            f"sys.argv = [{package!r}, *sys.argv[1:]]; runpy.run_module({package!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code, "--model", demo_model, "--host", "127.0.0.1", "--port",
+                           str(free_port()), "--metrics-port", "0", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+

@@ -551,8 +551,8 @@ def test_tokenizer_registers_the_health_names_its_probes_ask_for(rendered, demo_
 # Dockerfiles
 
 
-DOCKERFILES = {"engine": (DOCKER / "engine.Dockerfile", "engine_service.server", engine_cfg.ServerConfig),
-               "tokenizer": (DOCKER / "tokenizer.Dockerfile", "tokenizer_service.server",
+DOCKERFILES = {"engine": (DOCKER / "engine.Dockerfile", "engine_service", engine_cfg.ServerConfig),
+               "tokenizer": (DOCKER / "tokenizer.Dockerfile", "tokenizer_service",
                              tokenizer_cfg.TextServerConfig)}
 
 

@@ -24,6 +24,9 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 OURS = ("engine_service", "tokenizer_service", "clients", "scripts")
 CONSOLE = {"llm-client": "clients.cli", "engine-service": "engine_service.server",
            "tokenizer-service": "tokenizer_service.server"}
+# `python -m engine_service` runs the package's __main__, which hands over to the service's main() after holding
+# SIGTERM: its flags are that module's.
+PACKAGES = {"engine_service": "engine_service.server", "tokenizer_service": "tokenizer_service.server"}
 PASS_ON = {"scripts/run_demo.sh": "scripts.demo"}  # a shell script that hands its arguments to this module
 TOOL = re.compile(r"(?<![\w/-])(llm-client|engine-service|tokenizer-service)(?![\w-])|python3? -m ([\w.]+)"
                   r"|python3? (scripts/\w+\.py)|bash (scripts/[\w.]+\.sh)")
@@ -58,6 +61,7 @@ def commands() -> list[tuple[str, str, list[str]]]:
                     continue
                 console, module, script, shell = match.groups()
                 target = CONSOLE.get(console) or module or shell or script[:-3].replace("/", ".")
+                target = PACKAGES.get(target, target)
                 if target.split(".")[0] in OURS or target.startswith("scripts/"):
                     found.append((f"{doc.name}:{n}", target, FLAG.findall(segment[match.end():])))
     return found

@@ -423,3 +423,33 @@ def test_a_blank_boolean_variable_is_refused_not_read_as_false(variable, field):
     assert text.log_requests is True
     with pytest.raises(ValueError, match="TOKENIZER_LOG_REQUESTS=''"):
         parse_text_config([], {"TOKENIZER_MODEL": "/m", "TOKENIZER_ENGINES": "a:1", "TOKENIZER_LOG_REQUESTS": ""})
+
+
+def test_held_stop_signals_reach_the_event_loop_once():
+    """hold() records SIGTERM/SIGINT instead of dying of them; take_over() answers them on the event loop from
+    then on, and at once for one that came while held (clients/stop_signals.py)."""
+    import os
+    import signal
+
+    from clients import stop_signals
+
+    saved = {sig: signal.getsignal(sig) for sig in stop_signals.STOP_SIGNALS}
+
+    async def run() -> list[str]:
+        calls: list[str] = []
+        loop = asyncio.get_running_loop()
+        stop_signals.take_over(loop, lambda: calls.append("stop"))
+        assert calls == ["stop"]  # the held one, at once
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.sleep(0.2)
+        for sig in stop_signals.STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+        return calls
+
+    try:
+        stop_signals.hold()
+        os.kill(os.getpid(), signal.SIGTERM)  # recorded: this process lives on
+        assert asyncio.run(run()) == ["stop", "stop"]
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
