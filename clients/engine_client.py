@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 
 from clients.channel import Channels, client_timeout, sync_channel
+from clients.requests import put_token_ids
 from clients.tls import ClientTls
 from protos.llmserve.engine.v1 import engine_pb2 as pb
 from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
@@ -34,8 +35,8 @@ class EngineClient:
                  **sampling: object) -> Iterator[pb.RequestUpdate]:
         """Stream one request's updates (GenerateStream); errors raise grpc.RpcError. trace_id: for the logs."""
         params = pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
-        request = pb.NewRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
-                                trace_id=trace_id)
+        request = pb.NewRequest(request_id=request_id, sampling_params=params, trace_id=trace_id)
+        put_token_ids(request.prompt_token_ids, prompt_token_ids, "prompt_token_ids")
         return self.stub.GenerateStream(request, timeout=self.timeout)
 
     def abort(self, request_id: str) -> bool:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-from collections.abc import Callable, Iterable, Mapping
+import numbers
+from collections.abc import Callable, Iterable, Mapping, Set
 from typing import TypeVar
 
 from protos.llmserve.text.v1 import text_pb2 as pb
@@ -19,6 +20,23 @@ RESPONSE_FORMATS = {"text": pb.RESPONSE_FORMAT_TEXT, "json_object": pb.RESPONSE_
 
 
 _Builder = TypeVar("_Builder", bound=Callable)
+
+
+def put_token_ids(field: object, values: object, where: str, ordered: bool = True) -> None:
+    """Extend a repeated int32 field with token ids. ordered (a prompt): a set or dict has no order (and a set no
+    repeats), so it is refused. An id the protocol cannot carry is named with its index, where protobuf said only
+    "Value out of range"."""
+    if isinstance(values, str | bytes) or (ordered and isinstance(values, Set | Mapping)):
+        raise ValueError(f"{where} must be a list of integer token ids (a list, tuple, array or tensor), not a "
+                         f"{type(values).__name__}")
+    try:
+        field.extend(values)  # type: ignore[attr-defined]
+    except (TypeError, ValueError) as exc:
+        for i, t in enumerate(values):  # type: ignore[arg-type]
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not -2**31 <= t < 2**31:
+                raise ValueError(f"{where}[{i}]={t!r}: token ids are integers the protocol carries as signed 32-bit, "
+                                 "in [-2**31, 2**31)") from None
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def _not_utf8(where: str, value: object) -> str | None:
@@ -74,7 +92,7 @@ def sampling_params(**kwargs: object) -> pb.SamplingParams:
         if value is None:
             continue
         if name == "stop_token_ids":
-            params.stop_token_ids.extend(value)  # type: ignore[arg-type]
+            put_token_ids(params.stop_token_ids, value, "stop_token_ids", ordered=False)  # a set is fine
         elif name == "logit_bias":  # {token id: bias}, or (id, bias) pairs
             pairs = list(value.items() if isinstance(value, Mapping) else value)  # type: ignore[union-attr]
             try:
@@ -218,7 +236,7 @@ def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, 
     if prompt is not None:
         request.prompt = prompt
     elif prompt_token_ids is not None:
-        request.prompt_token_ids.ids.extend(prompt_token_ids)
+        put_token_ids(request.prompt_token_ids.ids, prompt_token_ids, "prompt_token_ids")
     else:
         request.chat.CopyFrom(chat(messages, enable_thinking, tools, template_kwargs, continue_final_message))
     if (enable_thinking is not None or tools or template_kwargs or continue_final_message) and messages is None:

@@ -7,7 +7,7 @@
     python -m clients.serving_bench --target localhost:50052 --inprocess-model DIR --pairs 5 --json out.json \
         --torch-threads 1 --num-kvcache-blocks 2048      # the engine service's settings, for a fair pair
 
-Workload B of BENCHMARKS.md (random.seed(0); 64 requests; prompts of randint(32, 256) ids in [0, 8000), drawn
+Workload B (docs/PERFORMANCE.md; random.seed(0); 64 requests; prompts of randint(32, 256) ids in [0, 8000], drawn
 first; then max_tokens randint(32, 256); ignore_eos; temperature 0.6), or with --workload A its workload A (256
 requests; prompts of randint(100, 1024) ids in [0, 10000]; max_tokens randint(100, 1024)), sent as token ids. Reports time to first
 token, inter-token latency and end-to-end latency at p50/p90/p99, request and output-token throughput. With
@@ -47,12 +47,12 @@ class Workload:
     temperature: float = 0.6
 
 
-# BENCHMARKS.md's generators: (requests, prompt length range, largest token id, max_tokens range).
+# The workloads' generators (docs/PERFORMANCE.md): (requests, prompt length range, largest token id, max_tokens range).
 WORKLOADS = {"A": (256, (100, 1024), 10_000, (100, 1024)), "B": (64, (32, 256), 8000, (32, 256))}
 
 
 def workload(name: str, vocab_size: int, num_requests: int | None = None) -> Workload:
-    """Workload A or B of BENCHMARKS.md (random.seed(0); every prompt drawn first, then the output lengths); ids are
+    """Workload A or B (docs/PERFORMANCE.md; random.seed(0); every prompt drawn first, then the output lengths); ids are
     taken modulo the model's vocabulary so a smaller model can run it too. num_requests: how many requests the
     generator draws (default: the workload's own count; the prompts of a smaller count are the first of the full
     run's, its output lengths are not, as with engine_service.bench.make_workload)."""

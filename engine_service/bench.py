@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-# BENCHMARKS.md: every request samples at this temperature and ignores EOS.
+# The workloads (docs/PERFORMANCE.md): every request samples at this temperature and ignores EOS.
 TEMPERATURE = 0.6
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "llm-grpc-serve" / "presets"
 PEER_CHOICES = {"none": (), "hf-static": ("hf_static",), "hf-continuous": ("hf_continuous",)}
@@ -36,7 +36,7 @@ PEER_CHOICES["all"] = ("hf_static", "hf_continuous")
 
 @dataclass(slots=True, frozen=True)
 class WorkloadSpec:
-    """A BENCHMARKS.md generator: request count and inclusive randint bounds."""
+    """A workload's generator (docs/PERFORMANCE.md): request count and inclusive randint bounds."""
 
     name: str
     num_seqs: int
@@ -72,7 +72,8 @@ def make_workload(
     max_input_len: int | None = None,
     max_output_len: int | None = None,
 ) -> Workload:
-    """The spec's requests, drawn exactly as BENCHMARKS.md says; overrides replace the count and upper bounds.
+    """The spec's requests, drawn exactly as the team's design notes say (docs/PERFORMANCE.md); overrides replace
+    the count and upper bounds.
 
     An upper bound below the spec's lower bound lowers that too, so that small development runs stay legal.
     """

@@ -91,6 +91,8 @@ async def load_unless_stopped(engine_factory: Callable[[ServerConfig], Any], con
     and not in a SIGKILL at the end of the pod's grace period. The thread is a daemon, and main() exits with
     os._exit when it is still running, so neither the interpreter nor asyncio.run waits for it.
     """
+    if stop.is_set():  # a signal held since start-up (clients/stop_signals.py): nothing to load for
+        return None
     aio = asyncio.get_running_loop()
     done: asyncio.Future[Any] = aio.create_future()
 

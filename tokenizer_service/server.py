@@ -107,6 +107,9 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
         # kubelet sends one SIGTERM only, so a pod stopped while loading would wait out its grace period. One that
         # came earlier, held since main() (clients/stop_signals.py), stops it at once.
         take_over(asyncio.get_running_loop(), stop.set)
+    if stop.is_set():  # a signal held since start-up: not worth loading for
+        log.warning("stop signal before the tokenizer loaded: exiting now (no request was in flight)")
+        return 0
     loading = asyncio.ensure_future(asyncio.to_thread(load_tokenizer, config.model))
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait([loading, stopped], return_when=asyncio.FIRST_COMPLETED)

@@ -330,7 +330,7 @@ def test_a_tokenizer_that_cannot_load_is_one_line(demo_model, tmp_path, case):
 
 @pytest.mark.parametrize("package, args, said", [
     ("engine_service", ["--device", "cpu"], "stop signal while the model was loading"),
-    ("tokenizer_service", ["--engines", "127.0.0.1:1"], "stop signal while the tokenizer was loading"),
+    ("tokenizer_service", ["--engines", "127.0.0.1:1"], "stop signal before the tokenizer loaded"),
 ])
 def test_a_sigterm_before_the_services_imports_stops_it_cleanly(demo_model, package, args, said):
     """As a container's PID 1 a process drops a signal it has no handler for, and the kubelet sends SIGTERM once:

@@ -412,8 +412,8 @@ class _Settings:
 
 
 def test_flags_and_environment_parse_each_fields_type():
-    """Booleans take on/off, yes/no, 1/0, true/false (padded too) from flags and the environment; a flag of 0
-    wins over the environment (a truthiness check fell through to it); a bad value names the variable."""
+    """Booleans take on/off, yes/no, 1/0, true/false (padded too, never blank) from flags and the environment; a
+    flag of 0 wins over the environment (a truthiness check fell through to it); a bad value names the variable."""
     from clients.flags import parse_settings
 
     def parse(argv, env):
@@ -422,7 +422,8 @@ def test_flags_and_environment_parse_each_fields_type():
     assert parse([], {}) == _Settings()
     assert parse([], {"X_VERBOSE": " on "}).verbose is True
     assert parse([], {"X_VERBOSE": "off"}).verbose is False
-    assert parse([], {"X_VERBOSE": ""}).verbose is False
+    with pytest.raises(ValueError, match="X_VERBOSE=''"):  # blank is refused, not false (an empty ConfigMap key)
+        parse([], {"X_VERBOSE": ""})
     assert parse(["--verbose", "false"], {"X_VERBOSE": "true"}).verbose is False
     assert parse(["--port", "0"], {"X_PORT": "9"}).port == 0
     assert parse(["--name", ""], {"X_NAME": "env"}).name == ""
@@ -582,3 +583,21 @@ def test_an_integer_past_the_protocols_range_says_the_range(name, value, bits):
                                          rf"\[-2\*\*{bits - 1}, 2\*\*{bits - 1}\)"):
         generate_request("hi", **{name: value})
     generate_request("hi", **{name: 2**(bits - 1) - 1})  # the largest it carries goes to the service
+
+
+def test_token_ids_are_refused_by_index_when_the_protocol_cannot_carry_them_and_a_prompt_needs_order():
+    """prompt_token_ids and stop_token_ids past int32 failed with protobuf's bare 'Value out of range: N'; a set or
+    dict as a prompt ran its ids in some order (a set's without repeats), through both clients."""
+    from clients.engine_client import EngineClient
+
+    with pytest.raises(ValueError, match=r"^prompt_token_ids\[1\]=1099511627776: .*signed 32-bit, in \[-2\*\*31, "):
+        generate_request(prompt_token_ids=[1, 2**40])
+    with pytest.raises(ValueError, match=r"^stop_token_ids\[0\]=2147483648: "):
+        generate_request("x", stop_token_ids=[2**31])
+    for unordered in ({30, 10, 20}, {5: "a", 3: "b"}):
+        with pytest.raises(ValueError, match=f"prompt_token_ids must be a list .*not a {type(unordered).__name__}"):
+            generate_request(prompt_token_ids=unordered)
+        with pytest.raises(ValueError, match="not a"), EngineClient("127.0.0.1:1") as engine:
+            engine.generate(unordered)
+    assert sorted(generate_request("x", stop_token_ids={3, 1}).sampling_params.stop_token_ids) == [1, 3]
+    assert list(generate_request(prompt_token_ids=(4, 5, 4)).prompt_token_ids.ids) == [4, 5, 4]

@@ -453,3 +453,31 @@ def test_held_stop_signals_reach_the_event_loop_once():
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("package", ["engine_service", "tokenizer_service"])
+def test_each_packages_entry_point_holds_stop_signals_before_importing_its_service(package):
+    """The entry point (`engine-service`, `python -m engine_service`) must hold SIGTERM before it imports the
+    service, whose imports and start-up take the time in which a PID 1 dropped the signal: a stand-in for the
+    service's module records, as it is imported, whether SIGTERM was held."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"""
+import importlib.abc, importlib.util, runpy, signal, sys
+from clients import stop_signals
+class Stand(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        return importlib.util.spec_from_loader(name, self) if name == "{package}.server" else None
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        held = signal.getsignal(signal.SIGTERM) is stop_signals._record
+        module.main = lambda: print("held at import" if held else "not held at import")
+sys.meta_path.insert(0, Stand())
+runpy.run_module("{package}", run_name="__main__")
+"""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "held at import", out.stdout + out.stderr
