@@ -197,15 +197,24 @@ def summarize(timings: list[Timing], wall: float) -> dict[str, float]:
     return out
 
 
+NO_LIMIT = 10**6  # the concurrency without --concurrency: every request may be in flight (the JSON report's figure)
+
+
 def format_table(rows: list[dict[str, object]]) -> str:
     cols = ["mode", "rate", "concurrency", "wall_s", "request_throughput", "output_throughput", "ttft_ms_p50",
             "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "e2e_ms_p50", "e2e_ms_p99", "failed", "client_cpu_s"]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+    def shown(r: dict[str, object], c: str) -> str:
+        if c == "concurrency" and r.get(c) == NO_LIMIT:
+            return "none"
+        return f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, ""))
+
     for r in rows:
-        lines.append(" | ".join(f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols))
+        lines.append(" | ".join(shown(r, c) for c in cols))
     for r in rows:
         for error, count in (r.get("errors") or {}).items():
-            lines.append(f"  {r['mode']} rate {r['rate']} concurrency {r['concurrency']}: {count} failed with {error}")
+            lines.append(f"  {r['mode']} rate {r['rate']} concurrency {shown(r, 'concurrency')}: {count} failed with "
+                         f"{error}")
     return "\n".join(lines)
 
 
@@ -240,7 +249,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--target", default="localhost:50052", help="the tokenizer service")
     p.add_argument("--rate", type=float, action="append", help="Poisson requests/s (repeatable; inf: all at once)")
     p.add_argument("--concurrency", type=int, action="append",
-                   help="requests in flight at most (repeatable: a sweep; default no limit)")
+                   help="requests in flight at most (repeatable: a sweep; default no limit, which the table shows as "
+                        "none and the JSON report as 1000000)")
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="B",
                    help="workload A (256 requests, prompts and outputs of 100-1024 tokens: a GPU's) or B (64 requests "
                         "of 32-256, the default), drawn as engine_service.bench draws them")
@@ -286,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK) or os.path.isdir(args.json):
             p.error(f"--json {args.json}: cannot write a file there (is {folder} a writable folder?)")
     rates = args.rate or [math.inf]
-    concurrencies = args.concurrency or [10**6]
+    concurrencies = args.concurrency or [NO_LIMIT]
 
     vocab = args.vocab_size
     if not vocab:

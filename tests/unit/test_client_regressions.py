@@ -475,7 +475,7 @@ def test_a_burst_of_2000_streams_loses_no_call(service):
 
 def test_serving_bench_says_why_requests_failed():
     """It counted failed requests but kept no cause: a run printed 'failed 208' and nothing else."""
-    from clients.serving_bench import Timing, format_table, summarize
+    from clients.serving_bench import NO_LIMIT, Timing, format_table, summarize
 
     timings = [Timing(start=0.0, chunks=[(0.1, 1), (0.2, 1)]), Timing(start=0.0, error="CANCELLED: CANCELLED"),
                Timing(start=0.0, error="CANCELLED: CANCELLED"), Timing(start=0.0)]
@@ -483,6 +483,10 @@ def test_serving_bench_says_why_requests_failed():
     assert row["failed"] == 3 and row["errors"] == {"CANCELLED: CANCELLED": 2, "no response": 1}
     table = format_table([{"mode": "grpc", "rate": 1.0, "concurrency": 4, **row}])
     assert "2 failed with CANCELLED: CANCELLED" in table
+    # Without --concurrency the limit is none, not the 1000000 that stands for it.
+    unlimited = format_table([{"mode": "grpc", "rate": 1.0, "concurrency": NO_LIMIT, **row}])
+    assert unlimited.splitlines()[2].split(" | ")[2] == "none" and "1000000" not in unlimited
+    assert "concurrency none: 2 failed with CANCELLED" in unlimited
 
 
 @pytest.mark.parametrize("deadline_ms", [0, -1, float("nan"), 1.5])
