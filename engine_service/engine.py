@@ -95,15 +95,15 @@ def mix_seed(seed: int) -> int:
     return z ^ (z >> 31)
 
 
-def _eos_ids(path: Path) -> list[int]:
-    """The file's eos_token_id: a token id, a list of them, or null; a ValueError naming the file and key otherwise
-    (int() turned true into id 1 and 2.5 into 2, and a null in a list or a token's text raised a bare TypeError or
-    ValueError). The tokenizer service reads the same rule (tokenizer_service.validation.read_eos_token_ids)."""
-    value = _read_json(path).get("eos_token_id")
+def _eos_ids(config: dict, name: str) -> list[int]:
+    """The eos_token_id of a config file already read (name: the file's): a token id, a list of them, or null; a
+    ValueError naming the file and key otherwise (int() turned true into id 1 and 2.5 into 2, and a null in a list
+    or a token's text raised a bare TypeError or ValueError). The tokenizer service reads the same rule
+    (tokenizer_service.validation.read_eos_token_ids)."""
+    value = config.get("eos_token_id")
     values = value if isinstance(value, list) else [] if value is None else [value]
     if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
-        raise ValueError(f"{path.name}'s eos_token_id should be a token id or a list of them (integers), not "
-                         f"{value!r}")
+        raise ValueError(f"{name}'s eos_token_id should be a token id or a list of them (integers), not {value!r}")
     return values
 
 
@@ -126,7 +126,8 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.tokenizer = self._load_tokenizer(model_dir)
         gen_cfg = _read_json(model_dir / "generation_config.json")
-        eos = set(_eos_ids(model_dir / "generation_config.json")) | set(_eos_ids(model_dir / "config.json"))
+        eos = set(_eos_ids(gen_cfg, "generation_config.json"))
+        eos |= set(_eos_ids(_read_json(model_dir / "config.json"), "config.json"))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(int(self.tokenizer.eos_token_id))
         outside = sorted(e for e in eos if not 0 <= e < self.model_cfg.vocab_size)
