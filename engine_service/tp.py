@@ -22,6 +22,7 @@ import threading
 import traceback
 import weakref
 from datetime import timedelta
+from multiprocessing import resource_tracker
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # A collective waits this long for a peer before failing, rather than hanging the engine forever.
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+# Signals a terminal or an init sends to a whole process group: rank 0's to handle (it drains), never a worker's.
+_RANK0_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 # The store directories and worker processes of live groups: an engine service ending with os._exit (a failure,
 # a stop during the load) skips the finalizers, and ends these with end_all_groups(). Its workers are killed then,
 # not left to see rank 0 go: one hung in a step (holding its GIL) never would.
@@ -122,8 +125,9 @@ def _worker_main(rank, size, store_path, config, model_cfg, max_model_len, conn,
     _exit_with_parent(os.path.dirname(store_path))
     # A Ctrl-C or a SIGTERM to the whole process group (systemd, `timeout`, `kill -TERM -PGID`) is rank 0's to
     # handle: it drains, then stops this worker. Taken here, it would cut the running steps short.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in _RANK0_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)  # one held since the worker was born (WorkerGroup) is discarded
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _RANK0_SIGNALS)
     loaded = threading.Event()  # set once the model is loaded: a ValueError before it is a refusal, not a bug
     try:
         orphaned = _serve_steps(rank, size, store_path, config, model_cfg, max_model_len, conn, threads, loaded)
@@ -206,7 +210,17 @@ class WorkerGroup:
                         name=f"tp-worker-{rank}",
                         daemon=True,
                     )
-                    proc.start()
+                    # Born with SIGINT and SIGTERM blocked (the mask is inherited through spawn's exec): a Ctrl-C
+                    # to the terminal's process group while the worker imports torch raised KeyboardInterrupt
+                    # there, a traceback beside rank 0's own, and a group SIGTERM killed it unhandled. Held,
+                    # they are discarded when _worker_main ignores both; rank 0 handles them for the engine.
+                    # The resource tracker is started first: its launch (within start()) unblocks both.
+                    resource_tracker.ensure_running()
+                    held = signal.pthread_sigmask(signal.SIG_BLOCK, _RANK0_SIGNALS)
+                    try:
+                        proc.start()
+                    finally:
+                        signal.pthread_sigmask(signal.SIG_SETMASK, held)
                 except BaseException:
                     parent.close()
                     raise

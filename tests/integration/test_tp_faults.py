@@ -41,7 +41,8 @@ def _workers_of(pid: int) -> list[int]:
 
 def _start_with_worker_patch(model_dir, prelude: str, worker: str) -> subprocess.CompletedProcess:
     """Start a 2-rank engine on model_dir in a fresh script: `prelude` runs in both processes, `worker` (a patch)
-    in the spawned worker only; the script prints 'RAISED <error>' for the RuntimeError start-up raises."""
+    in the spawned worker only; the script prints 'RAISED <error>' for the RuntimeError start-up raises, else
+    'STARTED'."""
     script = Path(model_dir) / "worker_patch.py"
     script.write_text(
         prelude
@@ -51,6 +52,7 @@ def _start_with_worker_patch(model_dir, prelude: str, worker: str) -> subprocess
         "if __name__ == '__main__':\n"
         "    try:\n"
         f"        LLM({str(model_dir)!r}, tensor_parallel_size=2, **{TP_ARGS!r})\n"
+        "        print('STARTED')\n"
         "    except RuntimeError as exc:\n"
         "        print('RAISED', exc)\n"
     )
@@ -175,6 +177,20 @@ def test_a_worker_killed_by_a_signal_at_start_up_is_named_for_what_kills_one(tmp
     assert f"RAISED tensor-parallel worker rank 1 was killed by signal {number} ({hint}" in result.stdout, \
         result.stdout[-3000:] + result.stderr[-3000:]
     assert "__main__" not in result.stdout
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_group_signal_while_a_worker_starts_is_rank_0s_alone(tmp_path, sig):
+    """A Ctrl-C (or a SIGTERM to the process group) in a worker's first second, while spawn re-imported the main
+    module and torch, raised KeyboardInterrupt in the worker (its traceback beside rank 0's own) or killed it
+    unhandled, failing start-up from the worker's side. Sent to the worker alone there, it is now held and
+    discarded, and start-up completes: the signal is rank 0's to handle."""
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
+    result = _start_with_worker_patch(tmp_path, "import os, signal, time\n",
+                                      f"os.kill(os.getpid(), signal.{sig})\ntime.sleep(0.2)\n")
+    assert "STARTED" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr, result.stderr[-3000:]
 
 
 @pytest.mark.timeout(120)
