@@ -215,6 +215,13 @@ class WorkerGroup:
                     # there, a traceback beside rank 0's own, and a group SIGTERM killed it unhandled. Held,
                     # they are discarded when _worker_main ignores both; rank 0 handles them for the engine.
                     # The resource tracker is started first: its launch (within start()) unblocks both.
+                    # Counted in before start(): a Ctrl-C raises KeyboardInterrupt in rank 0 as start() returns
+                    # (or within it, taken by another of rank 0's threads), and a worker launched but not counted
+                    # outlived the failed start by five minutes, waiting for a group that never forms (the
+                    # interpreter's exit waited for it). _shut_down passes over one never launched.
+                    self.conns.append(parent)
+                    self.procs.append(proc)
+                    _LIVE_PROCS.add(proc)
                     resource_tracker.ensure_running()
                     held = signal.pthread_sigmask(signal.SIG_BLOCK, _RANK0_SIGNALS)
                     try:
@@ -222,13 +229,10 @@ class WorkerGroup:
                     finally:
                         signal.pthread_sigmask(signal.SIG_SETMASK, held)
                 except BaseException:
-                    parent.close()
+                    parent.close()  # _shut_down closes it again, harmlessly, once it is counted in
                     raise
                 finally:
                     child.close()
-                self.conns.append(parent)
-                self.procs.append(proc)
-                _LIVE_PROCS.add(proc)
         except BaseException:
             # A worker that cannot be started (fork's EAGAIN or ENOMEM, no file descriptor for its pipe): stop
             # those that were, give the threads back, remove the directory.
@@ -345,11 +349,12 @@ def _shut_down(conns: list, procs: list, directory: str, wait: bool = True) -> N
                 pass
         conn.close()
     for proc in procs:
-        if wait:
-            proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()  # workers ignore SIGTERM (a process group's is rank 0's to handle)
-        proc.join(timeout=5)
+        if proc.pid is not None:  # None: never launched (its start() failed)
+            if wait:
+                proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()  # workers ignore SIGTERM (a process group's is rank 0's to handle)
+            proc.join(timeout=5)
         _LIVE_PROCS.discard(proc)
     shutil.rmtree(directory, ignore_errors=True)
     _STORE_DIRS.discard(directory)
