@@ -199,6 +199,9 @@ class WorkerGroup:
         # Every rank gets a share of the threads rank 0 was given (the service's choice, capped at the pod's
         # CPUs), rank 0 included: all ranks compute at once, so on CPU they would otherwise oversubscribe it.
         self._dead_reason: str | None = None  # what dead_worker() found, once it found it
+        # dead_worker() runs on the engine's thread and the health watchdog's: one at a time, so that the one that
+        # finds a worker's message gone (read by the other) does not name it by its bare exit code.
+        self._dead_lock = threading.Lock()
         share = _open_group(self.size)  # the last group closed gives the process its own count back
         try:
             for rank in range(1, self.size):
@@ -283,6 +286,10 @@ class WorkerGroup:
         it: a crash, an out-of-memory; else its exit code or signal); None while every worker lives. Cheap: a
         poll and a waitpid each. grace: wait that long for a worker that may be on its way out (rank 0's step
         failed: its peer's socket closes before the peer can be reaped)."""
+        with self._dead_lock:
+            return self._find_dead(grace)
+
+    def _find_dead(self, grace: float) -> str | None:
         if self._dead_reason is not None:
             return self._dead_reason  # its message was read from the pipe once: it is not there any more
         conns, procs = list(self.conns), list(self.procs)

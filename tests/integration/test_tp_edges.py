@@ -10,6 +10,7 @@ import multiprocessing.context as mpc
 import os
 import signal
 import tempfile
+import threading
 
 import pytest
 import torch
@@ -176,7 +177,7 @@ class _Proc:
 
 def _group(conns, procs) -> WorkerGroup:
     group = WorkerGroup.__new__(WorkerGroup)
-    group._dead_reason, group.conns, group.procs = None, conns, procs
+    group._dead_reason, group.conns, group.procs, group._dead_lock = None, conns, procs, threading.Lock()
     return group
 
 
@@ -207,3 +208,31 @@ def test_exit_codes_and_a_closing_group_are_read_as_they_are():
     assert _group([_Conn()], [_Proc(-15)]).dead_worker() == "tensor-parallel worker rank 1 was killed by signal 15"
     assert _group([_Conn()], [_Proc(None)]).dead_worker() is None
     assert _group([], [_Proc(1)]).dead_worker() is None  # close() is emptying the lists
+
+
+def test_two_threads_asking_at_once_get_the_workers_own_error():
+    """The engine's thread and the health watchdog both ask: the first reads the worker's message off the pipe;
+    the second, finding the pipe at EOF, named the worker by its exit code alone and could keep that reason."""
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowConn(_Conn):
+        def recv(self):
+            message = super().recv()
+            entered.set()
+            release.wait(5)
+            return message
+
+    group = _group([SlowConn(OOM, polls=[True])], [_Proc(1)])
+    answers = {}
+    first = threading.Thread(target=lambda: answers.__setitem__("first", group.dead_worker()))
+    first.start()
+    assert entered.wait(5)
+    second = threading.Thread(target=lambda: answers.__setitem__("second", group.dead_worker()))
+    second.start()
+    second.join(0.5)  # the old code answered here, while the first still held the message
+    release.set()
+    first.join(5)
+    second.join(5)
+    reason = "tensor-parallel worker rank 1 failed: OutOfMemoryError: out of memory"
+    assert answers == {"first": reason, "second": reason}
+    assert group.dead_worker() == reason
