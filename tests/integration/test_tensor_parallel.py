@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -345,7 +346,7 @@ def test_the_worker_that_died_is_named_not_a_peer_that_lost_it():
 
     lost = ("failed", "RuntimeError: [gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1")
     group = WorkerGroup.__new__(WorkerGroup)
-    group._dead_reason = None
+    group._dead_reason, group._dead_lock = None, threading.Lock()
     group.conns = [Conn(lost), Conn(), Conn(lost)]
     group.procs = [Proc(1), Proc(-9), Proc(1)]
     assert group.dead_worker().startswith("tensor-parallel worker rank 2 was killed by signal 9 (SIGKILL")
