@@ -471,7 +471,8 @@ def _warm(llm) -> None:
     run before it (on a warm allocator) did not."""
     from engine_service.sampling_params import SamplingParams
 
-    size = min(llm.scheduler.max_num_batched_tokens, llm.config.max_model_len - 2)
+    # The engine's max_model_len: config.max_model_len is None where it is the model's (as on the GPU).
+    size = min(llm.scheduler.max_num_batched_tokens, llm.max_model_len - 2)
     prompt = [WARM_TOKEN] * size
     prompt[0] = (WARM_TOKEN + 1 + next(_warm_calls)) % llm.model_cfg.vocab_size
     llm.generate([prompt], SamplingParams(max_tokens=2, ignore_eos=True))

@@ -157,7 +157,7 @@ if wanted a; then
   pids+=($!)
 fi
 if wanted b; then
-  run_part b 150 "$PY" scripts/gpu_kernel_check.py &
+  run_part b 200 "$PY" scripts/gpu_kernel_check.py &
   pids+=($!)
 fi
 run_part preset 100 "$PY" scripts/gpu_check.py preset --cache-dir "$CACHE"

@@ -91,7 +91,7 @@ def test_every_part_runs_in_order_with_its_limit_and_only_the_gpu_tests_pin_the_
     assert "--no-engine" in _part(calls, "--peers hf-static")
     assert "--num-seqs 64" in _part(calls, "--peers hf-continuous")
     assert "--peer-timeout 60" in _part(calls, "--peers hf-continuous")
-    assert _limits(output) == {"a": 240, "b": 150, "preset": 100, "g": 240, "p": 240, "d": 330, "e": 100}
+    assert _limits(output) == {"a": 240, "b": 200, "preset": 100, "g": 240, "p": 240, "d": 330, "e": 100}
     status = [line.split("\t")[:2] for line in (out / "status.tsv").read_text().splitlines()]
     assert sorted(status) == sorted([[p, "PASS"] for p in ("env", "a", "b", "preset", "g", "p", "d", "e")])
     assert (out / "performance.md").exists()
