@@ -7,6 +7,7 @@ import asyncio
 import time
 from types import SimpleNamespace
 
+import grpc
 import pytest
 
 from engine_service.engine_loop import EngineUnavailable
@@ -263,6 +264,234 @@ def test_a_clean_stop_closes_the_engine_and_the_health_port():
         return await asyncio.wait_for(task, 10)
 
     assert asyncio.run(main()) == 0 and engine.closed and _refused(health_port)
+
+
+# ---- server: the drain and the exit after a failure ---------------------------------------------------------------
+async def _until_serving(channel) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    for _ in range(250):
+        try:
+            if (await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)).status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.02)
+    raise AssertionError("never SERVING")
+
+
+def test_a_clean_stop_leaves_no_task_of_its_own_running():
+    """The watchdog and the idle canaries end with serve(): left running in-process, the watchdog would sleep on
+    for up to 5 s and the canaries would send requests to a stopped engine loop."""
+    from engine_service.server import serve
+    from tests.fake_engine import FakeEngine
+
+    async def main():
+        stop = asyncio.Event()
+        task = asyncio.create_task(serve(_config(grace_s=1.0, canary_interval_s=0.05), engine_factory=lambda c: FakeEngine(),
+                                         stop=stop, handle_signals=False))
+        await asyncio.sleep(0.3)
+        stop.set()
+        code = await asyncio.wait_for(task, 10)
+        await asyncio.sleep(0)  # a cancelled task ends on the next turn of the loop
+        return code, [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    assert asyncio.run(main()) == (0, [])
+
+
+@pytest.mark.parametrize("grace_s", [20.0, 0.01])
+def test_a_short_call_in_flight_when_the_drain_ends_still_gets_its_answer(monkeypatch, grace_s):
+    """The server's stop gives the calls still open a moment (at least 0.5 s, even once the grace period is spent):
+    a GetLoad that came just before the stop is answered, not cancelled."""
+    from engine_service.server import serve
+    from engine_service.servicer import EngineServicer
+    from protos.llmserve.engine.v1 import engine_pb2, engine_pb2_grpc
+    from tests.fake_engine import FakeEngine
+
+    answering, get_load = asyncio.Event(), EngineServicer.GetLoad
+
+    async def slow_get_load(self, request, context):
+        answering.set()
+        await asyncio.sleep(0.2)
+        return await get_load(self, request, context)
+
+    monkeypatch.setattr(EngineServicer, "GetLoad", slow_get_load)
+
+    async def main():
+        stop = asyncio.Event()
+        port = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(serve(_config(grace_s=grace_s), engine_factory=lambda c: FakeEngine(), stop=stop,
+                                         bound_port=port, handle_signals=False))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{await port}") as channel:
+            await _until_serving(channel)
+            call = engine_pb2_grpc.EngineStub(channel).GetLoad(engine_pb2.GetLoadRequest(), timeout=5)
+            await answering.wait()
+            stop.set()
+            load = await call
+        return await asyncio.wait_for(task, 10), load
+
+    code, load = asyncio.run(main())
+    assert code == 0 and load.num_kv_blocks_total == 64  # FakeEngine's blocks
+
+
+def test_a_step_failure_comes_n_steps_past_warm_up_and_health_says_not_serving_while_it_lingers(monkeypatch):
+    """ENGINE_TEST_FAIL_AFTER_STEPS=N counts from the end of the start-up canary (the request's first steps run:
+    tokens come before the failure); a failed engine answers NOT_SERVING for failure_linger_s, then serve() returns
+    1."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from engine_service.server import serve
+    from protos.llmserve.engine.v1 import engine_pb2, engine_pb2_grpc
+    from tests.fake_engine import FakeEngine
+
+    monkeypatch.setenv("ENGINE_TEST_FAIL_AFTER_STEPS", "2")
+
+    async def main():
+        port = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(serve(_config(failure_linger_s=1.0), engine_factory=lambda c: FakeEngine(step_s=0.05),
+                                         bound_port=port, handle_signals=False))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{await port}") as channel:
+            await _until_serving(channel)
+            request = engine_pb2.NewRequest(request_id="r", prompt_token_ids=[1],
+                                            sampling_params=engine_pb2.SamplingParams(max_tokens=50, ignore_eos=True))
+            tokens = []
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                async for update in engine_pb2_grpc.EngineStub(channel).GenerateStream(request, timeout=10):
+                    tokens += update.new_token_ids
+            failed_at = time.monotonic()
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        exit_code = await asyncio.wait_for(task, 10)
+        return failed.value.code(), tokens, health.status, exit_code, time.monotonic() - failed_at
+
+    code, tokens, health, exit_code, lingered = asyncio.run(main())
+    # FakeEngine counts up from the prompt; the last step's token may be dropped for the failure that follows it.
+    assert code == grpc.StatusCode.INTERNAL and tokens and tokens == [2, 3][:len(tokens)]
+    assert health == health_pb2.HealthCheckResponse.NOT_SERVING and exit_code == 1 and lingered > 0.7
+
+
+def test_a_failed_engine_whose_thread_is_stuck_does_not_hold_the_exit():
+    """After the watchdog failed a stuck engine, serve() returns 1 at once: it does not wait on (or close under)
+    the engine thread that is still in its step."""
+    import threading
+
+    from engine_service.server import serve
+    from protos.llmserve.engine.v1 import engine_pb2, engine_pb2_grpc
+    from tests.fake_engine import FakeEngine
+
+    release, stuck = threading.Event(), threading.Event()
+
+    class Stuck(FakeEngine):
+        def step(self, *args, **kwargs):
+            if stuck.is_set():
+                release.wait(30)
+            return super().step(*args, **kwargs)
+
+    engine = Stuck()
+
+    async def main():
+        port = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(serve(_config(watchdog_s=0.2, failure_linger_s=0), engine_factory=lambda c: engine,
+                                         bound_port=port, handle_signals=False))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{await port}") as channel:
+            await _until_serving(channel)
+            stuck.set()
+            request = engine_pb2.NewRequest(request_id="r", prompt_token_ids=[1],
+                                            sampling_params=engine_pb2.SamplingParams(max_tokens=5))
+            with pytest.raises(grpc.aio.AioRpcError):
+                async for _ in engine_pb2_grpc.EngineStub(channel).GenerateStream(request, timeout=10):
+                    pass
+        failed = time.monotonic()
+        return await asyncio.wait_for(task, 20), time.monotonic() - failed
+
+    try:
+        code, took = asyncio.run(main())
+    finally:
+        release.set()
+    assert code == 1 and took < 3, f"exit {code} {took:.1f}s after the failure"
+    assert not engine.closed
+
+
+def test_the_metrics_page_counts_generation_without_request_lines():
+    """--metrics-port with --log-requests false: the step metrics must still be recorded."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from engine_service.server import serve
+    from protos.llmserve.engine.v1 import engine_pb2, engine_pb2_grpc
+    from tests.fake_engine import FakeEngine
+
+    metrics_port = _free_port()
+
+    def generated() -> float:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        return next(s.value for f in text_string_to_metric_families(body) for s in f.samples
+                    if s.name == "llmserve:generation_tokens_total")
+
+    async def main():
+        stop = asyncio.Event()
+        port = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(serve(_config(metrics_port=metrics_port, log_requests=False, grace_s=1.0),
+                                         engine_factory=lambda c: FakeEngine(), stop=stop, bound_port=port,
+                                         handle_signals=False))
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{await port}") as channel:
+                await _until_serving(channel)
+                request = engine_pb2.NewRequest(request_id="r", prompt_token_ids=[1],
+                                                sampling_params=engine_pb2.SamplingParams(max_tokens=3, ignore_eos=True))
+                async for _ in engine_pb2_grpc.EngineStub(channel).GenerateStream(request, timeout=10):
+                    pass
+            return await asyncio.to_thread(generated)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+
+    assert asyncio.run(main()) == 3
+
+
+def test_a_bad_setting_exits_in_one_line_that_names_the_service():
+    import signal
+
+    from clients import stop_signals
+    from engine_service.server import main
+
+    saved = {sig: signal.getsignal(sig) for sig in stop_signals.STOP_SIGNALS}
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main(["--model", "fake", "--grace-s", "0"])
+        held = signal.getsignal(signal.SIGTERM) is not saved[signal.SIGTERM]
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert str(exited.value.code) == "engine-service: grace_s must be a positive number, got 0.0"
+    assert held  # `python -m engine_service.server` holds SIGTERM from main()'s first line
+
+
+def test_a_stop_during_a_load_that_started_threads_of_its_own_still_exits_at_once():
+    """A load abandoned at a stop may have started threads that do not end (torch's do not): the process exits
+    0 at once anyway, not when they end."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, threading, engine_service.server as s; "
+            "s.load_engine = lambda c: (threading.Thread(target=threading.Event().wait, args=(60,), daemon=False).start(), "
+            "threading.Event().wait(60)); s.main(sys.argv[1:])")
+    proc = subprocess.Popen([sys.executable, "-c", code, "--model", "fake", "--host", "127.0.0.1", "--port", "0",
+                             "--metrics-port", "0", "--device", "cpu", "--log-level", "INFO"],
+                            cwd=Path(__file__).resolve().parents[2], stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "loading fake" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert proc.wait(15) == 0 and time.monotonic() - started < 5
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # ---- clients/channel.py ---------------------------------------------------------------------------------------------
