@@ -98,7 +98,9 @@ class Health:
             stalled = time.monotonic() - loop.last_progress
             if loop.failure is None and loop.num_live > 0 and stalled > stall_s:
                 workers = getattr(loop.engine, "workers", None)
-                cause = workers.dead_worker() if workers is not None else None  # NCCL waits on a dead peer
+                # NCCL waits on a dead peer. Off the event loop: dead_worker() may wait for a worker to exit, or
+                # for the engine's thread asking the same (seconds), and health checks must still be answered.
+                cause = await asyncio.to_thread(workers.dead_worker) if workers is not None else None
                 loop.fail(f"the engine loop has not stepped for {stalled:.0f}s while {loop.num_live} "
                           "requests wait (watchdog)" + (f": {cause}" if cause else ""))
                 return

@@ -3,8 +3,8 @@
 Ranks meet through a FileStore in a fresh temporary directory (no fixed port, no fixed shared-memory name)
 and talk over a process group of their own: NCCL on GPU, gloo on CPU. Each step, rank 0 sends the step's
 flat inputs (plain lists) down a pipe to every worker; all ranks run the forward pass together, and only
-rank 0 samples. Workers are daemons, so they never block the interpreter's exit, and they exit when
-their pipe closes.
+rank 0 samples. Workers exit when their pipe closes or rank 0's process is gone; an engine that is never
+closed stops them from its finalizer (they ignore the SIGTERM multiprocessing's exit hook sends).
 """
 
 from __future__ import annotations
@@ -226,8 +226,11 @@ class WorkerGroup:
                     self.procs.append(proc)
                     _LIVE_PROCS.add(proc)
                     resource_tracker.ensure_running()
-                    held = signal.pthread_sigmask(signal.SIG_BLOCK, _RANK0_SIGNALS)
+                    # Read first, blocked inside the try: a Ctrl-C taken as the block returns (CPython checks for
+                    # signals there) must still find the mask restored.
+                    held = signal.pthread_sigmask(signal.SIG_BLOCK, [])
                     try:
+                        signal.pthread_sigmask(signal.SIG_BLOCK, _RANK0_SIGNALS)
                         proc.start()
                     finally:
                         signal.pthread_sigmask(signal.SIG_SETMASK, held)

@@ -9,6 +9,10 @@ import re
 
 import torch
 
+from tests.support import require_triton_interpreter
+
+require_triton_interpreter()
+
 
 def test_row_b_counts_every_fused_op_verdict_part_b_prints(tmp_path, monkeypatch):
     """check_and_time_fused_ops, as part b runs it (bf16; here interpreted on a few tokens, where the interpreter's
@@ -18,7 +22,7 @@ def test_row_b_counts_every_fused_op_verdict_part_b_prints(tmp_path, monkeypatch
     from engine_service.model import fused_ops  # noqa: F401
     from scripts import gpu_check
 
-    monkeypatch.delenv("TRITON_INTERPRET")  # the script refuses the interpreter at import
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the script refuses the interpreter at import
     from scripts import gpu_kernel_check as gkc
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -4,6 +4,7 @@ clients/stop_signals.py) and of the clients' channel settings (clients/channel.p
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from types import SimpleNamespace
 
@@ -127,6 +128,33 @@ def test_the_watchdog_names_a_dead_worker_as_the_cause():
         assert plain.failed[0].endswith("(watchdog)")
 
     asyncio.run(main())
+
+
+def test_the_watchdog_asks_for_a_dead_worker_off_the_event_loop():
+    """dead_worker() can wait seconds (for a worker to exit, or for the engine's thread asking at the same time);
+    called on the event loop, it held every health check and RPC of the service that long."""
+    release = threading.Event()
+
+    def dead_worker():
+        release.wait(5)
+        return "tensor-parallel worker rank 1 was killed by signal 9"
+
+    async def main():
+        loop = _Loop(num_live=1, stalled_s=100.0, workers=SimpleNamespace(dead_worker=dead_worker))
+        task = asyncio.create_task(Health([]).watchdog(loop, stall_s=0.04))
+        ticks = 0
+        while ticks < 20 and not task.done():  # the loop keeps turning while dead_worker waits
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 20 and not loop.failed
+        release.set()
+        await asyncio.wait_for(task, 5.0)
+        assert loop.failed[0].endswith("(watchdog): tensor-parallel worker rank 1 was killed by signal 9")
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
 
 
 def test_the_watchdog_leaves_a_loop_that_failed_by_itself():
@@ -540,15 +568,17 @@ def _rewrite(path, text):
 def test_tls_files_that_do_not_load_keep_the_channel_warn_once_and_are_read_again_later(tmp_path, monkeypatch, caplog):
     from clients import channel
 
-    monkeypatch.setattr(channel, "ROTATION_RETRY_S", 0.2)
+    now = [1000.0]  # the channel module's clock, moved by hand: a stalled CI machine must not pass the retry time
+    monkeypatch.setattr(channel, "time", SimpleNamespace(monotonic=lambda: now[0]))
     channels, ca, made = _rotating(tmp_path)
     _rewrite(ca, "bad")
     with caplog.at_level("WARNING", logger="clients.channel"):
         assert [channels.stub() for _ in range(3)] == [0, 0, 0]
     assert len([r for r in caplog.records if "do not load" in r.getMessage()]) == 1
     _rewrite(ca, "B")
+    now[0] += channel.ROTATION_RETRY_S * 0.9
     assert channels.stub() == 0  # within ROTATION_RETRY_S of the failure: not read again yet
-    time.sleep(0.25)
+    now[0] += channel.ROTATION_RETRY_S * 0.2
     assert channels.stub() == 1 and made[1] is not None  # the new channel takes the credentials just read
 
 
