@@ -23,6 +23,22 @@ def demo_tokenizer(demo_model_dir: Path):
     return AutoTokenizer.from_pretrained(demo_model_dir)
 
 
+@pytest.fixture(autouse=True)
+def _stop_signals_restored():
+    """Each test leaves SIGINT's and SIGTERM's handlers and the main thread's signal mask as it found them. A
+    service's main() called in-process installs clients.stop_signals' recorder, and a later test's Ctrl-C (a real
+    SIGINT) then raised nothing."""
+    import signal
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    yield
+    for sig, handler in handlers.items():
+        if handler is not None:  # None: installed outside Python, left as it is
+            signal.signal(sig, handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Without CUDA, Triton kernels run under the interpreter, which must be chosen before triton imports."""
     import os
