@@ -568,6 +568,11 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             await out.put(response)  # waits while the queue is full: backpressure
             wake.set()
 
+        def usage_so_far(trace: RequestTrace, completion_tokens: int) -> pb.Usage:
+            """The usage a request's last message carries when an abort or an error ends it: what this call carried."""
+            return pb.Usage(prompt_tokens=trace.prompt_tokens, cached_tokens=trace.cached_tokens,
+                            completion_tokens=completion_tokens)
+
         async def run_one(rid: str, request: pb.GenerateRequest, trace: RequestTrace) -> None:
             arrived = time.monotonic()  # deadline_ms counts from here, tokenizing included
             timeout = request.deadline_ms / 1000 if request.deadline_ms else None
@@ -587,13 +592,15 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                     response.request_id = rid
                     await emit(response)
                     trace.streamed_tokens += len(response.token_ids)  # once it is on the call (an abort's usage)
-            except RequestFailed as exc:
+            except RequestFailed as exc:  # its last message: with the usage of what this call carried for it
                 await emit(pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_REASON_ERROR,
-                                                  status=pb.Status(code=exc.code.value[0], message=exc.message)))
+                                                  status=pb.Status(code=exc.code.value[0], message=exc.message),
+                                                  usage=usage_so_far(trace, trace.streamed_tokens)))
             except Exception as exc:  # a bug must fail this request visibly, not drop it from the stream
                 log.exception("request %s/%s failed", call_id, rid)
                 await emit(pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_REASON_ERROR, status=pb.Status(
-                    code=grpc.StatusCode.INTERNAL.value[0], message=f"internal error: {type(exc).__name__}: {exc}")))
+                    code=grpc.StatusCode.INTERNAL.value[0], message=f"internal error: {type(exc).__name__}: {exc}"),
+                    usage=usage_so_far(trace, trace.streamed_tokens)))
             finally:
                 if tasks.get(rid, (None,))[0] is asyncio.current_task():  # an aborted id may run a new request
                     del tasks[rid]
@@ -640,9 +647,8 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                                 response.request_id = frame.abort_request_id
                                 await emit(response)
                                 streamed += len(response.token_ids)
-                            usage = pb.Usage(prompt_tokens=trace.prompt_tokens, cached_tokens=trace.cached_tokens,
-                                             completion_tokens=streamed)  # what this call carried for it
-                            await emit(pb.GenerateResponse(request_id=frame.abort_request_id, usage=usage,
+                            await emit(pb.GenerateResponse(request_id=frame.abort_request_id,
+                                                              usage=usage_so_far(trace, streamed),
                                                               finish_reason=pb.FINISH_REASON_ABORT))
             except Exception as exc:  # a bug applying a message: the call fails visibly, its requests are cancelled
                 nonlocal read_error, read_code

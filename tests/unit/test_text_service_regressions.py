@@ -1754,3 +1754,41 @@ def test_a_failed_completion_still_delivers_the_others_held_text(demo_model_dir,
     per_index = {i: [t for r in got if r.index == i for t in r.token_ids] for i in (0, 1)}
     for ids in per_index.values():  # each completion: every token it generated before the failure
         assert len(ids) >= 4 and ids == script[:len(ids)], per_index
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_multi_request_ended_by_an_error_still_says_its_usage(demo_tokenizer, n):
+    """text.proto: usage is set on a request's last message. A GenerateMulti request whose deadline_ms passed after
+    tokens were streamed ended with FINISH_REASON_ERROR and no usage, where an abort at the same point carries it:
+    the client could not tell what it would be billed for."""
+    class DeadlinePassesAfterFive(_ScriptedEngines):  # as the engine ends a request whose deadline passed
+        def _stream(self, conn, request):
+            handle = super()._stream(conn, request)
+
+            async def updates():
+                for i in range(5):
+                    yield engine_pb.RequestUpdate(new_token_ids=[10 + i])
+                    await asyncio.sleep(0)
+                yield engine_pb.RequestUpdate(finish_reason=engine_pb.FINISH_REASON_ERROR, status=engine_pb.Status(
+                    code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0], message="the request's deadline passed"))
+
+            handle.__class__.__aiter__ = lambda self: updates()
+            return handle
+
+    async def main() -> list[pb.GenerateResponse]:
+        servicer = _servicer(demo_tokenizer, DeadlinePassesAfterFive())
+        frames, out, consumer = _start_multi(servicer)
+        await frames.put(pb.MultiRequest(generate=pb.GenerateRequest(
+            request_id="dl", prompt="hi", n=n, deadline_ms=300, sampling_params=pb.SamplingParams(max_tokens=100))))
+        await frames.put(None)
+        await asyncio.wait_for(consumer, 10)
+        return out
+
+    out = asyncio.run(main())
+    last = out[-1]
+    assert last.finish_reason == pb.FINISH_REASON_ERROR and last.status.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    streamed = sum(len(r.token_ids) for r in out)
+    assert streamed > 0
+    assert last.HasField("usage"), "the error that ended the request carries no usage"
+    assert last.usage.completion_tokens == streamed
+    assert last.usage.prompt_tokens == len(demo_tokenizer.encode("hi"))

@@ -78,7 +78,9 @@ class EngineServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """One request, server-streaming. Errors end the call with a gRPC status.
+        """One request, server-streaming. Errors end the call with a gRPC status. Its request_id is unique among the
+        engine's live GenerateStream requests (Abort finds it by that id, from any caller): leave it empty to get a
+        random one, or use ids that cannot collide with another client's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
