@@ -425,6 +425,9 @@ def _message(m: pb.ChatMessage) -> dict[str, object]:
 def text_request_from_proto(request: pb.GenerateRequest | pb.TokenizeRequest) -> TextRequest:
     """The text-side fields of a protocol request (a Tokenize request's `text` is its prompt)."""
     kind = request.WhichOneof("input")
+    if kind is None:  # named by the request's own fields (the text-side rule says prompt and messages)
+        fields = [f.name for f in request.DESCRIPTOR.oneofs_by_name["input"].fields]
+        raise ValueError(f"input: exactly one of {', '.join(fields[:-1])} or {fields[-1]} must be set; got none")
     prompt = getattr(request, kind) if kind not in (None, "chat", "prompt_token_ids") else None
     messages = [_message(m) for m in request.chat.messages] if kind == "chat" else None
     thinking = request.chat.enable_thinking if kind == "chat" and request.chat.HasField("enable_thinking") else None

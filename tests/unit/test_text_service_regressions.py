@@ -728,7 +728,7 @@ def test_request_ids_outside_printable_ascii_are_escaped_not_fatal(scripted, cap
         responses = list(call)
         assert responses[-1].finish_reason == pb.FINISH_REASON_LENGTH
         assert dict(call.trailing_metadata())["x-request-id"] == want
-    evil = "\x1b[31mEVIL\u2028\x00" + "x" * 100_000
+    evil = "\x1b[31mEVIL\u2028\x00" + "x" * 240  # past the log's 128 characters, within the id's 256
     with caplog.at_level(logging.INFO, logger="llmserve.request"):
         frames = [pb.MultiRequest(generate=pb.GenerateRequest(request_id=evil, prompt="hi",
                                                               sampling_params=pb.SamplingParams(max_tokens=2)))]
@@ -847,7 +847,7 @@ def test_calls_cancelled_while_tokenizing_and_bad_multi_ids_are_logged_and_count
         errors = [r.status.message for r in stub.GenerateMulti(iter(frames), timeout=20,
                                                                 metadata=(("x-request-id", "m"),))
                   if r.finish_reason == pb.FINISH_REASON_ERROR]
-        assert len(errors) == 2 and all("must be non-empty and not live" in e for e in errors), errors
+        assert len(errors) == 2 and all("must be non-empty, at most 256 characters and not live" in e for e in errors), errors
         for _ in range(200):
             if len(ours(caplog.records)) >= 4:
                 break
@@ -1792,3 +1792,31 @@ def test_a_multi_request_ended_by_an_error_still_says_its_usage(demo_tokenizer, 
     assert last.HasField("usage"), "the error that ended the request carries no usage"
     assert last.usage.completion_tokens == streamed
     assert last.usage.prompt_tokens == len(demo_tokenizer.encode("hi"))
+
+
+def test_a_multi_request_id_past_256_characters_is_refused(demo_tokenizer):
+    """A GenerateMulti request_id had no bound: 100,000 characters were taken and echoed in every response. The
+    bound is the engine's for its own ids; the refusal quotes the id's start and length, not all of it."""
+    from tokenizer_service.servicer import MAX_REQUEST_ID_CHARS
+
+    def generate(rid: str) -> pb.MultiRequest:
+        return pb.MultiRequest(generate=pb.GenerateRequest(request_id=rid, prompt="hi",
+                                                           sampling_params=pb.SamplingParams(max_tokens=2)))
+
+    longest, past = "a" * MAX_REQUEST_ID_CHARS, "b" * 100_000
+
+    async def main() -> list[pb.GenerateResponse]:
+        frames, out, consumer = _start_multi(_servicer(demo_tokenizer, _ScriptedEngines()))
+        for frame in (generate(longest), generate(past), None):
+            await frames.put(frame)
+        await asyncio.wait_for(consumer, 10)
+        return out
+
+    ends = {r.request_id: r for r in asyncio.run(main()) if r.finish_reason}
+    assert MAX_REQUEST_ID_CHARS == 256
+    assert ends[longest].finish_reason == pb.FINISH_REASON_LENGTH
+    refused = ends[past]
+    assert refused.finish_reason == pb.FINISH_REASON_ERROR
+    assert refused.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "at most 256 characters" in refused.status.message and "(100000 characters)" in refused.status.message
+    assert len(refused.status.message) < 300

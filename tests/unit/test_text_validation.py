@@ -256,3 +256,15 @@ def test_an_eos_token_id_that_is_not_token_ids_stops_the_service_naming_the_file
         read_eos_token_ids(str(tmp_path), tokenizer, 100)
     (tmp_path / file).write_text(json.dumps({"eos_token_id": [3, 200]}))
     assert read_eos_token_ids(str(tmp_path), tokenizer, 100) == {3}  # past the vocabulary: left out
+
+
+def test_a_request_without_input_is_refused_naming_its_own_fields():
+    """Tokenize{} was told 'exactly one of a prompt and chat messages must be set' (its field is `text`), and
+    Generate{} the same, leaving out prompt_token_ids."""
+    from protos.llmserve.text.v1 import text_pb2 as pb
+    from tokenizer_service.validation import text_request_from_proto
+
+    for request, fields in ((pb.GenerateRequest(), "prompt, chat or prompt_token_ids"),
+                            (pb.TokenizeRequest(), "text or chat")):
+        with pytest.raises(ValueError, match=f"^input: exactly one of {fields} must be set; got none$"):
+            text_request_from_proto(request)
