@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clients import logs
 from clients.logs import JsonFormatter, TextFormatter
+from engine_service.engine_loop import EngineUnavailable
 from engine_service.health import NOT_SERVING, Health, _CanarySink
 from engine_service.metrics import EngineMetrics
 from engine_service.outputs import StepOutput
@@ -336,15 +337,26 @@ def test_shutdown_is_not_serving_for_good():
 
 
 class FakeLoop:
-    """What Health reads of an EngineLoop."""
+    """What Health reads of an EngineLoop. finish: how the engine answers each canary ("ok", an error message, or
+    None: never); unavailable: add() refuses with that reason; workers: the engine's tensor-parallel group."""
 
-    def __init__(self, num_live: int = 0, stalled_s: float = 0.0, failure: str | None = None) -> None:
-        self.num_live, self.failure, self.engine = num_live, failure, None
+    def __init__(self, num_live: int = 0, stalled_s: float = 0.0, failure: str | None = None,
+                 finish: str | None = None, unavailable: str | None = None, workers: object = None) -> None:
+        self.num_live, self.failure, self.finish, self.unavailable = num_live, failure, finish, unavailable
+        self.engine = SimpleNamespace(workers=workers) if workers is not None else None
         self.last_progress = time.monotonic() - stalled_s
         self.added, self.aborted, self.failed = [], [], []
+        self.requests: list[tuple[str, list[int], object]] = []  # (request_id, prompt, params) of each add()
 
     def add(self, request_id, prompt, params, sink) -> None:
+        if self.unavailable is not None:
+            raise EngineUnavailable(self.unavailable)
         self.added.append(request_id)
+        self.requests.append((request_id, prompt, params))
+        if self.finish == "ok":
+            sink.on_output(StepOutput(request_id, [1], "length"))
+        elif self.finish is not None:
+            sink.on_failure("INTERNAL", self.finish)
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

@@ -11,37 +11,9 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from engine_service.engine_loop import EngineUnavailable
 from engine_service.health import Health, _CanarySink
 from engine_service.outputs import StepOutput
-
-
-class _Loop:
-    """What Health reads of an EngineLoop; `finish` answers each canary as the engine would (None: never)."""
-
-    def __init__(self, num_live: int = 0, stalled_s: float = 0.0, finish: str | None = None,
-                 unavailable: str | None = None, workers: object = None) -> None:
-        self.num_live, self.failure, self.finish, self.unavailable = num_live, None, finish, unavailable
-        self.engine = SimpleNamespace(workers=workers) if workers is not None else object()
-        self.last_progress = time.monotonic() - stalled_s
-        self.added: list[tuple[str, list[int], object]] = []
-        self.failed: list[str] = []
-
-    def add(self, request_id, prompt, params, sink) -> None:
-        if self.unavailable is not None:
-            raise EngineUnavailable(self.unavailable)
-        self.added.append((request_id, prompt, params))
-        if self.finish == "ok":
-            sink.on_output(StepOutput(request_id, [1], "length"))
-        elif self.finish is not None:
-            sink.on_failure("INTERNAL", self.finish)
-
-    def abort(self, request_id: str) -> None:
-        pass
-
-    def fail(self, message: str) -> None:
-        self.failed.append(message)
-        self.failure = message
+from tests.unit.test_metrics_edges import FakeLoop
 
 
 # ---- health ---------------------------------------------------------------------------------------------------------
@@ -49,9 +21,9 @@ def test_the_canary_is_two_greedy_tokens_past_eos_on_prompt_ids_the_vocabulary_h
     """Two tokens (a decode step, not only the prefill), deterministic, not cut short by an EOS; a prompt of ids
     below a tiny vocabulary's size (ids past it fail the canary of a healthy engine)."""
     async def main():
-        loop = _Loop(finish="ok")
+        loop = FakeLoop(finish="ok")
         assert await Health([]).canary(loop, vocab_size=3, timeout_s=5) is None
-        [(_, prompt, params)] = loop.added
+        [(_, prompt, params)] = loop.requests
         assert prompt and max(prompt) < 3
         assert params.max_tokens >= 2 and params.temperature == 0.0 and params.ignore_eos
 
@@ -60,7 +32,7 @@ def test_the_canary_is_two_greedy_tokens_past_eos_on_prompt_ids_the_vocabulary_h
 
 def test_a_canary_on_a_loop_that_takes_no_requests_says_why():
     async def main():
-        return await Health([]).canary(_Loop(unavailable="the engine loop is not running"), 8, 5)
+        return await Health([]).canary(FakeLoop(unavailable="the engine loop is not running"), 8, 5)
 
     assert asyncio.run(main()) == "the engine loop is not running"
 
@@ -85,12 +57,12 @@ def test_the_canary_sink_ignores_what_comes_after_its_verdict():
 
 def test_idle_canaries_skip_a_busy_engine_and_stop_with_the_drain():
     async def main():
-        busy = _Loop(num_live=1, finish="ok")
+        busy = FakeLoop(num_live=1, finish="ok")
         task = asyncio.create_task(Health([]).run_idle_canaries(busy, 8, 0.01, 1.0, lambda: False))
         await asyncio.sleep(0.1)
         assert busy.added == [] and not task.done()
         task.cancel()
-        idle = _Loop(finish="ok")
+        idle = FakeLoop(finish="ok")
         await asyncio.wait_for(Health([]).run_idle_canaries(idle, 8, 0.01, 1.0, lambda: True), 2.0)
         assert idle.added == []
 
@@ -104,7 +76,7 @@ def test_an_idle_canary_that_ends_after_the_drain_began_changes_nothing():
         await health.set_serving(False)  # a canary failed earlier
         draining = []
 
-        class Loop(_Loop):
+        class Loop(FakeLoop):
             def add(self, request_id, prompt, params, sink):
                 super().add(request_id, prompt, params, sink)
                 draining.append(True)  # the drain begins while the canary is in flight
@@ -120,10 +92,10 @@ def test_the_watchdog_names_a_dead_worker_as_the_cause():
     """With tensor parallelism an NCCL wait on a dead peer is the stall: the message says which worker died."""
     async def main():
         workers = SimpleNamespace(dead_worker=lambda: "tensor-parallel worker rank 1 was killed by signal 9")
-        tp = _Loop(num_live=1, stalled_s=100.0, workers=workers)
+        tp = FakeLoop(num_live=1, stalled_s=100.0, workers=workers)
         await asyncio.wait_for(Health([]).watchdog(tp, stall_s=0.04), 2.0)
         assert tp.failed[0].endswith("(watchdog): tensor-parallel worker rank 1 was killed by signal 9")
-        plain = _Loop(num_live=1, stalled_s=100.0)
+        plain = FakeLoop(num_live=1, stalled_s=100.0)
         await asyncio.wait_for(Health([]).watchdog(plain, stall_s=0.04), 2.0)
         assert plain.failed[0].endswith("(watchdog)")
 
@@ -140,7 +112,7 @@ def test_the_watchdog_asks_for_a_dead_worker_off_the_event_loop():
         return "tensor-parallel worker rank 1 was killed by signal 9"
 
     async def main():
-        loop = _Loop(num_live=1, stalled_s=100.0, workers=SimpleNamespace(dead_worker=dead_worker))
+        loop = FakeLoop(num_live=1, stalled_s=100.0, workers=SimpleNamespace(dead_worker=dead_worker))
         task = asyncio.create_task(Health([]).watchdog(loop, stall_s=0.04))
         ticks = 0
         while ticks < 20 and not task.done():  # the loop keeps turning while dead_worker waits
@@ -161,7 +133,7 @@ def test_the_watchdog_leaves_a_loop_that_failed_by_itself():
     """The loop failed on its own while the watchdog slept: no second failure over the first, and the watchdog
     ends (it ran on forever)."""
     async def main():
-        loop = _Loop(num_live=1, stalled_s=100.0)
+        loop = FakeLoop(num_live=1, stalled_s=100.0)
         task = asyncio.create_task(Health([]).watchdog(loop, stall_s=0.04))
         await asyncio.sleep(0)
         loop.failure = "step failed"
