@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
 FINISH = {engine_pb.FINISH_REASON_STOP: pb.FINISH_REASON_STOP, engine_pb.FINISH_REASON_LENGTH: pb.FINISH_REASON_LENGTH,
           engine_pb.FINISH_REASON_ABORT: pb.FINISH_REASON_ABORT}
-MAX_REQUEST_ID_CHARS = 256  # a GenerateMulti request_id's bound (the engine's for its own ids), echoed in every response
+# A GenerateMulti request_id's bound (the engine's for its own ids): the id is echoed in every response. Not
+# metrics.MAX_REQUEST_ID_CHARS, the log lines' cut.
+MAX_MULTI_REQUEST_ID_CHARS = 256
 MAX_ATTEMPTS = 3  # a request that never got a token may move to another engine this many times in all
 # The request options this service applies itself, whatever its engines; ModelInfo.features lists them beside the
 # engines' (a service that predates one drops it without a word).
@@ -621,10 +623,10 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 async for frame in frames():
                     if frame.WhichOneof("kind") == "generate":
                         rid = frame.generate.request_id
-                        if not rid or rid in tasks or len(rid) > MAX_REQUEST_ID_CHARS:
-                            shown = repr(rid) if len(rid) <= MAX_REQUEST_ID_CHARS else \
+                        if not rid or rid in tasks or len(rid) > MAX_MULTI_REQUEST_ID_CHARS:
+                            shown = repr(rid) if len(rid) <= MAX_MULTI_REQUEST_ID_CHARS else \
                                 f"{rid[:64]!r}... ({len(rid)} characters)"
-                            message = (f"request_id {shown} must be non-empty, at most {MAX_REQUEST_ID_CHARS} "
+                            message = (f"request_id {shown} must be non-empty, at most {MAX_MULTI_REQUEST_ID_CHARS} "
                                        "characters and not live")
                             self.metrics.finish(RequestTrace(multi_request_id(call_id, rid or "-"), finish_reason="error",
                                                              error=f"INVALID_ARGUMENT: {message}"))

@@ -428,7 +428,7 @@ def text_request_from_proto(request: pb.GenerateRequest | pb.TokenizeRequest) ->
     if kind is None:  # named by the request's own fields (the text-side rule says prompt and messages)
         fields = [f.name for f in request.DESCRIPTOR.oneofs_by_name["input"].fields]
         raise ValueError(f"input: exactly one of {', '.join(fields[:-1])} or {fields[-1]} must be set; got none")
-    prompt = getattr(request, kind) if kind not in (None, "chat", "prompt_token_ids") else None
+    prompt = getattr(request, kind) if kind not in ("chat", "prompt_token_ids") else None
     messages = [_message(m) for m in request.chat.messages] if kind == "chat" else None
     thinking = request.chat.enable_thinking if kind == "chat" and request.chat.HasField("enable_thinking") else None
     tools = tuple(request.chat.tools) if kind == "chat" else ()

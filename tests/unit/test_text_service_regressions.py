@@ -1797,13 +1797,13 @@ def test_a_multi_request_ended_by_an_error_still_says_its_usage(demo_tokenizer, 
 def test_a_multi_request_id_past_256_characters_is_refused(demo_tokenizer):
     """A GenerateMulti request_id had no bound: 100,000 characters were taken and echoed in every response. The
     bound is the engine's for its own ids; the refusal quotes the id's start and length, not all of it."""
-    from tokenizer_service.servicer import MAX_REQUEST_ID_CHARS
+    from tokenizer_service.servicer import MAX_MULTI_REQUEST_ID_CHARS
 
     def generate(rid: str) -> pb.MultiRequest:
         return pb.MultiRequest(generate=pb.GenerateRequest(request_id=rid, prompt="hi",
                                                            sampling_params=pb.SamplingParams(max_tokens=2)))
 
-    longest, past = "a" * MAX_REQUEST_ID_CHARS, "b" * 100_000
+    longest, past = "a" * MAX_MULTI_REQUEST_ID_CHARS, "b" * 100_000
 
     async def main() -> list[pb.GenerateResponse]:
         frames, out, consumer = _start_multi(_servicer(demo_tokenizer, _ScriptedEngines()))
@@ -1813,7 +1813,7 @@ def test_a_multi_request_id_past_256_characters_is_refused(demo_tokenizer):
         return out
 
     ends = {r.request_id: r for r in asyncio.run(main()) if r.finish_reason}
-    assert MAX_REQUEST_ID_CHARS == 256
+    assert MAX_MULTI_REQUEST_ID_CHARS == 256
     assert ends[longest].finish_reason == pb.FINISH_REASON_LENGTH
     refused = ends[past]
     assert refused.finish_reason == pb.FINISH_REASON_ERROR
