@@ -247,7 +247,8 @@ class _GenerateCalls:
             # which the service percent-encodes and cuts to what it keeps (docs/OBSERVABILITY.md).
             request.request_id, request_id = request_id, None
         timeout = self.timeout
-        if request.deadline_ms:  # Generate's deadline is the call's own; the field is for GenerateMulti
+        if request.deadline_ms:  # made the call's deadline, which gRPC enforces on both sides (older services read
+            # deadline_ms on GenerateMulti only)
             deadline_s = request.deadline_ms / 1000
             if deadline_s < MAX_TIMEOUT_S:
                 timeout = min(deadline_s, timeout if timeout is not None else float("inf"))

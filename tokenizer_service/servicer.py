@@ -158,6 +158,25 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         for wake in self._multi_wakes:
             wake.set()
 
+    async def _admit_by_deadline(self, request: pb.GenerateRequest, trace: RequestTrace,
+                                 call_timeout_s: float | None = None) -> tuple[PreparedRequest, float | None]:
+        """_admit, within the request's deadline: the earlier of its deadline_ms (counted from now, tokenizing
+        included) and call_timeout_s (Generate's call deadline, which gRPC itself enforces); with what is left
+        of it once admitted (None: no deadline)."""
+        arrived = time.monotonic()
+        own = request.deadline_ms / 1000 if request.deadline_ms else None
+        try:
+            async with asyncio.timeout(own):
+                prep = await self._admit(request, trace)
+        except TimeoutError:
+            trace.finish_reason = "error"
+            trace.error = "DEADLINE_EXCEEDED: the request's deadline passed while it waited to be tokenized"
+            raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"the request's deadline_ms ({own:.3f}s) passed while it waited to be "
+                                "tokenized") from None
+        left = [t for t in (own, call_timeout_s) if t is not None]
+        return prep, (min(left) - (time.monotonic() - arrived) if left else None)
+
     async def _admit(self, request: pb.GenerateRequest, trace: RequestTrace) -> PreparedRequest:
         """Validate and tokenize a new request, or refuse it (RequestFailed), which counts and logs it as an error:
         overload and bad input are what an operator most needs to see."""
@@ -539,10 +558,10 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         context.set_trailing_metadata(id_header)  # for a call that fails before any response (it sends no headers)
         headers = (*id_header, *OPTIONS)
         try:
-            prep = await self._admit(request, trace)
+            prep, timeout_s = await self._admit_by_deadline(request, trace, context.time_remaining())
             # No await from here until _generate counts the request in inflight (admission's check relies on it).
             headers_sent = False
-            async for response in self._generate(prep, context.time_remaining(), trace):
+            async for response in self._generate(prep, timeout_s, trace):
                 if not headers_sent:
                     # In the headers too, with the first response, so that a client reads the id before it reads
                     # the stream. Not sooner: headers commit a call, and a failure before any response (refused
@@ -577,20 +596,8 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             completion_tokens=completion_tokens)
 
         async def run_one(rid: str, request: pb.GenerateRequest, trace: RequestTrace) -> None:
-            arrived = time.monotonic()  # deadline_ms counts from here, tokenizing included
-            timeout = request.deadline_ms / 1000 if request.deadline_ms else None
             try:
-                try:
-                    async with asyncio.timeout(timeout):
-                        prep = await self._admit(request, trace)
-                except TimeoutError:
-                    trace.finish_reason = "error"
-                    trace.error = "DEADLINE_EXCEEDED: the request's deadline passed while it waited to be tokenized"
-                    raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                        f"the request's deadline ({timeout:.3f}s) passed while it waited to be "
-                                        "tokenized") from None
-                if timeout is not None:
-                    timeout -= time.monotonic() - arrived
+                prep, timeout = await self._admit_by_deadline(request, trace)
                 async for response in self._generate(prep, timeout, trace):
                     response.request_id = rid
                     await emit(response)

@@ -243,6 +243,68 @@ def test_multi_deadline_counts_the_time_spent_waiting_to_be_tokenized(demo_token
     assert 1.5 < timeouts["on-time"] <= 2.81, "the engine was not sent what was left of the 3s deadline"
 
 
+@pytest.mark.parametrize("deadline_ms,call_s,sent", [(3000, 60.0, (2.5, 2.81)), (3000, 1.0, (0.6, 0.81)),
+                                                      (0, 1.0, (0.6, 0.81)), (0, None, None)],
+                         ids=["deadline_ms-first", "call-first", "call-only", "neither"])
+def test_generate_honours_deadline_ms_and_the_calls_deadline_whichever_is_first(demo_tokenizer, deadline_ms, call_s,
+                                                                               sent):
+    """Generate ignored deadline_ms (only GenerateMulti read it): a raw-stub caller's 3 s deadline_ms on a call with
+    no deadline of its own let the request run unbounded. The engine is now sent what is left of the earlier of the
+    two, both counted from the call's arrival (0.2 s of tokenizing here)."""
+    async def main() -> dict[str, float | None]:
+        pool = _RecordingPool()
+        servicer = _servicer(demo_tokenizer, pool)
+        prepare = servicer._prepare
+
+        async def slow(request):  # as if it waited for a preparation slot
+            await asyncio.sleep(0.2)
+            return await prepare(request)
+
+        servicer._prepare = slow
+        context = _call_context()
+        if call_s is not None:
+            call_deadline = time.monotonic() + call_s
+            context.time_remaining = lambda: call_deadline - time.monotonic()
+        request = pb.GenerateRequest(request_id="r", prompt="hi", deadline_ms=deadline_ms)
+        with pytest.raises(RequestFailed, match="recorded"):
+            async for _ in servicer.Generate(request, context):
+                pass
+        return pool.timeouts
+
+    (timeout_s,) = asyncio.run(main()).values()
+    if sent is None:
+        assert timeout_s is None
+    else:
+        assert timeout_s is not None and sent[0] < timeout_s <= sent[1], timeout_s
+
+
+def test_generate_deadline_ms_bounds_the_wait_to_be_tokenized(demo_tokenizer):
+    """A Generate whose deadline_ms passes while it waits to be tokenized fails DEADLINE_EXCEEDED then, naming
+    deadline_ms, and is never sent to an engine (it used to wait, then run with no deadline at all)."""
+    async def main() -> tuple[RequestFailed, float, dict[str, float | None]]:
+        pool = _RecordingPool()
+        servicer = _servicer(demo_tokenizer, pool)
+        prepare = servicer._prepare
+
+        async def slow(request):
+            await asyncio.sleep(2.0)
+            return await prepare(request)
+
+        servicer._prepare = slow
+        start = time.monotonic()
+        with pytest.raises(RequestFailed) as failed:
+            async for _ in servicer.Generate(pb.GenerateRequest(request_id="r", prompt="hi", deadline_ms=150),
+                                             _call_context()):
+                pass
+        return failed.value, time.monotonic() - start, pool.timeouts
+
+    exc, after, timeouts = asyncio.run(main())
+    assert exc.code == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline_ms" in exc.message
+    assert "waited to be tokenized" in exc.message
+    assert after < 1.5, f"failed {after:.2f}s after arrival: it waited for tokenizing (2s) past its 0.15s deadline"
+    assert timeouts == {}
+
+
 class _SilentPool:
     """An engine pool whose engine accepts every request and never answers."""
 
