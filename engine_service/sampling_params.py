@@ -164,11 +164,12 @@ class SamplingParams:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or not 0 <= value <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] (the most likely tokens to return "
-                                 f"beside {beside}), or None for none; got {value!r}")
+                                 f"beside {beside}), or None (on the wire: unset) for none; got {value!r}")
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
         ):
-            raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
+            raise ValueError(f"seed must be an integer in [0, 2**63), or None (on the wire: unset) for a fresh one; "
+                             f"got {self.seed!r}")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} distinct ids, got "
                              f"{len(self.stop_token_ids)}")
@@ -187,11 +188,12 @@ class SamplingParams:
                                  f"{b!r} for token {t}")
 
         if self.response_format not in RESPONSE_FORMATS:
-            raise ValueError(f"response_format must be None (free text), 'json_object' or 'json_schema', got "
-                             f"{self.response_format!r}")
+            raise ValueError("response_format must be None (free text; on the wire: unset or RESPONSE_FORMAT_TEXT), "
+                             f"'json_object' or 'json_schema', got {self.response_format!r}")
         if (self.response_format == "json_schema") != (self.json_schema is not None):
+            shown = repr(self.response_format) if self.response_format else "None (free text)"
             raise ValueError("json_schema (a JSON Schema) goes with response_format 'json_schema', and that format "
-                             f"needs one; got response_format {self.response_format!r} and json_schema "
+                             f"needs one; got response_format {shown} and json_schema "
                              f"{'set' if self.json_schema is not None else 'unset'}")
         if self.json_schema is not None and not isinstance(self.json_schema, str):
             raise ValueError(f"json_schema must be a JSON Schema as a dict or JSON text, got "

@@ -116,6 +116,19 @@ def test_an_unknown_response_format_number_is_a_value_error():
         sampling_params_from_proto(sp, {})
 
 
+@pytest.mark.parametrize("fields,says", [
+    ({"logprobs": 25}, "or None (on the wire: unset) for none"),
+    ({"seed": -1}, "or None (on the wire: unset) for a fresh one"),
+    ({"json_schema": '{"type": "object"}'}, "got response_format None (free text) and json_schema set"),
+])
+def test_refusals_of_wire_requests_name_the_unset_field_as_the_wire_does(fields, says):
+    """The refusals a gRPC caller reads came in Python's words only: "or None" and "response_format None" for what
+    the wire calls an unset field (RESPONSE_FORMAT_TEXT for the format)."""
+    with pytest.raises(ValueError) as refused:
+        sampling_params_from_proto(pb.SamplingParams(**fields), {})
+    assert says in str(refused.value)
+
+
 def test_last_progress_advances_while_the_loop_steps():
     """The watchdog reads last_progress: it must advance with every step of a busy engine, or a healthy engine
     running one long request would be failed as stalled."""
