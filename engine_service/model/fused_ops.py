@@ -63,6 +63,11 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     """x, residual: [T, H] -> (RMSNorm(s) * weight, s) with s = x + residual (or x when residual is None)."""
     if x.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
         raise ValueError("add_rms_norm needs unit column strides in x and residual")
+    # Shapes too: the kernel reads h columns of every row of each, and would read past a smaller one.
+    if x.dim() != 2 or weight.shape != x.shape[1:] or (residual is not None and residual.shape != x.shape):
+        raise ValueError(f"add_rms_norm takes x [T, H], weight [H] and residual [T, H]; got x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}"
+                         f"{f', residual {tuple(residual.shape)}' if residual is not None else ''}")
     t, h = x.shape
     out = torch.empty_like(x)
     total = torch.empty_like(x) if residual is not None else x
@@ -175,10 +180,20 @@ def qk_norm_rope(qkv: torch.Tensor, num_q: int, num_kv: int, head_dim: int, q_we
     if (q_weight is None) != (k_weight is None):
         raise ValueError("qk_norm_rope takes both norm weights or neither")
     t = qkv.shape[0]
-    if qkv.stride(1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
-        raise ValueError("qk_norm_rope needs unit column strides in qkv, cos and sin")
     if head_dim % 2:
         raise ValueError(f"qk_norm_rope needs an even head_dim, got {head_dim}")
+    # Shapes too: the kernel reads each row's heads, cos/sin's rows and the weights at these sizes, past the end
+    # of a smaller tensor.
+    width = (num_q + 2 * num_kv) * head_dim
+    weights_fit = q_weight is None or (q_weight.shape == (head_dim,) and k_weight.shape == (head_dim,))
+    if qkv.dim() != 2 or qkv.shape[1] != width or cos.shape != (t, head_dim) or sin.shape != (t, head_dim) \
+            or not weights_fit:
+        raise ValueError(f"qk_norm_rope takes qkv [T, {width}] ({num_q} + 2 x {num_kv} heads of {head_dim}), cos "
+                         f"and sin [T, {head_dim}] and norm weights [{head_dim}]; got qkv {tuple(qkv.shape)}, cos "
+                         f"{tuple(cos.shape)}, sin {tuple(sin.shape)}"
+                         f"{'' if q_weight is None else f', weights {tuple(q_weight.shape)}/{tuple(k_weight.shape)}'}")
+    if qkv.stride(1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        raise ValueError("qk_norm_rope needs unit column strides in qkv, cos and sin")
     q = torch.empty(t, num_q, head_dim, dtype=qkv.dtype, device=qkv.device)
     if cache is None:
         k = torch.empty(t, num_kv, head_dim, dtype=qkv.dtype, device=qkv.device)

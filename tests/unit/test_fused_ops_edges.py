@@ -95,6 +95,40 @@ def test_qk_norm_rope_refuses_an_odd_head_dim():
         fused_ops.qk_norm_rope(qkv, heads, kv, hd, None, None, 0.0, cos, sin)
 
 
+@pytest.mark.parametrize("case", ["qkv-narrow", "qkv-3d", "cos-short", "sin-narrow", "weight-short"])
+def test_qk_norm_rope_refuses_inputs_smaller_than_it_reads(case):
+    """qkv narrower than its heads, cos/sin with fewer rows or columns than qkv's tokens and head_dim, or a norm
+    weight shorter than head_dim: the kernel read past each one's end (on a GPU, whatever memory followed)."""
+    qkv, heads, kv, hd, cos, sin = _qk_args()
+    weights = (torch.ones(hd), torch.ones(hd))
+    if case == "qkv-narrow":
+        qkv = qkv[:, :-hd].contiguous()
+    elif case == "qkv-3d":
+        qkv = qkv.view(qkv.shape[0], 1, -1)
+    elif case == "cos-short":
+        cos = cos[:-1]
+    elif case == "sin-narrow":
+        sin = sin[:, : hd // 2].contiguous()
+    else:
+        weights = (torch.ones(hd), torch.ones(hd // 2))
+    with pytest.raises(ValueError, match=r"qk_norm_rope takes qkv \[T, "):
+        fused_ops.qk_norm_rope(qkv, heads, kv, hd, *weights, 1e-6, cos, sin)
+
+
+@pytest.mark.parametrize("case", ["weight-short", "residual-short", "x-1d"])
+def test_add_rms_norm_refuses_inputs_smaller_than_it_reads(case):
+    """A weight shorter than x's rows, or a residual with fewer rows or columns: read past their ends before."""
+    x, w, residual = torch.randn(3, 32), torch.ones(32), torch.randn(3, 32)
+    if case == "weight-short":
+        w = torch.ones(16)
+    elif case == "residual-short":
+        residual = torch.randn(2, 32)
+    else:
+        x = torch.randn(32)
+    with pytest.raises(ValueError, match=r"add_rms_norm takes x \[T, H\]"):
+        fused_ops.add_rms_norm(x, w, 1e-6, residual)
+
+
 @pytest.mark.parametrize("case", ["shapes-differ", "wrong-heads", "wrong-head-dim", "k-strided", "v-strided",
                                   "foreign-dtype"])
 def test_qk_norm_rope_refuses_caches_that_do_not_fit(case):
