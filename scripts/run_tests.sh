@@ -7,7 +7,8 @@
 # then tests/gpu with compiled kernels.
 #
 # The suite runs on PYTEST_WORKERS processes (pytest-xdist; default 2, CI's two cores: 7.5 minutes instead of 11
-# in one). PYTEST_WORKERS=0 runs it in this one process; a -n among the arguments overrides it. tests/gpu runs
+# in one). PYTEST_WORKERS=0 runs it in this one process (so does --pdb); a -n among the arguments overrides it.
+# tests/conftest.py gives each worker a temp directory of its own. tests/gpu runs
 # in one process: its tests share the one device.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,6 +16,9 @@ bash "$ROOT/scripts/bootstrap.sh" "test"
 cd "$ROOT"
 PY=.venv/bin/python
 WORKERS="${PYTEST_WORKERS:-2}"
+for arg in "$@"; do
+    case $arg in --pdb | --trace) WORKERS=0 ;; esac  # xdist refuses a debugger in its workers
+done
 if [ $# -eq 0 ] && "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     echo "run_tests: CUDA found; the CPU suite (Triton interpreter), then tests/gpu (compiled kernels)"
     rc=0

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Under pytest-xdist (scripts/run_tests.sh) each worker gets a temp directory of its own, for it and the
+# processes it starts: tests that look for what an engine leaves there (tensor parallelism's llm-tp-* stores)
+# would otherwise see the other worker's engines come and go. Removed when the worker exits.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _WORKER_TMP = tempfile.mkdtemp(prefix=f"llmserve-tests-{os.environ['PYTEST_XDIST_WORKER']}-")
+    os.environ["TMPDIR"] = tempfile.tempdir = _WORKER_TMP
+    atexit.register(shutil.rmtree, _WORKER_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -170,10 +170,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 prep = await self._admit(request, trace)
         except TimeoutError:
             trace.finish_reason = "error"
-            trace.error = "DEADLINE_EXCEEDED: the request's deadline passed while it waited to be tokenized"
-            raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"the request's deadline_ms ({own:.3f}s) passed while it waited to be "
-                                "tokenized") from None
+            message = f"the request's deadline_ms ({own:.3f}s) passed while it waited to be tokenized"
+            trace.error = f"DEADLINE_EXCEEDED: {message}"
+            raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, message) from None
         left = [t for t in (own, call_timeout_s) if t is not None]
         return prep, (min(left) - (time.monotonic() - arrived) if left else None)
 
