@@ -23,7 +23,9 @@
 #   d  python -m engine_service.bench   workload A on transformers' static batching (about 4 minutes)
 #   e  python -m engine_service.bench   the same 64 requests on transformers' continuous batching
 #   s  scripts/gpu_check.py served      only when named: workload A through both services as processes, against
-#                                       the engine in-process (2-3 minutes; docs/GPU.md)
+#                                       the engine in-process (2-3 minutes; docs/GPU.md). Needs the services'
+#                                       health and reflection packages, which the GPU image lacks: run
+#                                       scripts/gpu_wheels.sh here and carry .whl
 # Outputs: one log per part, JSON figures, status.tsv, performance.md; the table is printed last. Without $OUT
 # they are written to ./gpu_check_out. With $OUT (the device tool, which brings back at most 8 files) they are
 # written to a work folder, and after each stage $OUT gets all of them as gpu_check.tgz plus the few that matter
@@ -72,6 +74,18 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 unset TRITON_INTERPRET  # compiled kernels, not the interpreter
 
 wanted() { [[ " $PARTS " == *" $1 "* ]]; }
+
+# What the machine's image lacks, carried as wheels unpacked by scripts/gpu_wheels.sh into .whl/site: the
+# services' health and reflection packages, which part s needs (it starts both services). Checked before anything
+# runs: without them part s failed at its first import, after the parts before it had spent their minutes.
+[[ -d $REPO/.whl/site ]] && export PYTHONPATH=$PYTHONPATH:$REPO/.whl/site
+if wanted s && ! why=$("$PY" -c 'import grpc_health.v1.health, grpc_reflection.v1alpha.reflection
+import protos.llmserve.text.v1.text_pb2' 2>&1); then
+  echo "gpu_check: part s starts both services, which cannot import with $PY: ${why##*$'\n'}"
+  echo "  run 'bash scripts/gpu_wheels.sh' where pip reaches PyPI, and carry .whl (the device tool: carry [\".whl\"]);"
+  echo "  nothing was run"
+  exit 2
+fi
 
 # run_part NAME LIMIT CMD...: CMD under `timeout`, output in $OUT_DIR/NAME.log, a line in status.tsv.
 run_part() {

@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 STUB = """#!/usr/bin/env bash
 echo "$* |tile=${LLMSERVE_DECODE_TILE:-}|${LLMSERVE_PREFILL_TILE:-}" >> "$STUB_LOG"
 case "$*" in
+  *"import grpc_health"*) [ -n "${STUB_IMPORT_ERROR:-}" ] && { echo "$STUB_IMPORT_ERROR" >&2; exit 1; }
+                          exec "$REAL_PYTHON" "$@" ;;
   "-c "*) exec "$REAL_PYTHON" "$@" ;;
   *"gpu_check.py summary"*) exec "$REAL_PYTHON" "$@" ;;
   *"gpu_check.py graphs"*) args="$*"; out=${args##*--out }; out=${out%% *}
@@ -30,7 +32,7 @@ WORKLOAD_A_MEASURED = '{"workload_A": {"tok_s": 30000.0}}'
 
 
 def _run(tmp_path: Path, budget: int, g_rc: int = 0, graphs: str = WORKLOAD_A_MEASURED,
-         parts: tuple[str, ...] = ()) -> tuple[int, str, list[str], Path]:
+         parts: tuple[str, ...] = (), **stub_env: str) -> tuple[int, str, list[str], Path]:
     stub = tmp_path / "python"
     stub.write_text(STUB)
     stub.chmod(0o755)
@@ -46,11 +48,12 @@ def _run(tmp_path: Path, budget: int, g_rc: int = 0, graphs: str = WORKLOAD_A_ME
         "OUT": str(out),
         "GPU_CHECK_BUDGET_S": str(budget),
         "GPU_CHECK_CACHE": str(tmp_path / "cache"),
+        **stub_env,
     }
     env.pop("LLMSERVE_DECODE_TILE", None)
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), *parts], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=120)
-    return proc.returncode, proc.stdout + proc.stderr, log.read_text().splitlines(), out
+    return proc.returncode, proc.stdout + proc.stderr, log.read_text().splitlines() if log.exists() else [], out
 
 
 def _part(calls: list[str], needle: str) -> str:
@@ -107,6 +110,20 @@ def test_the_served_run_runs_only_when_named(tmp_path):
     assert _limits(output)["s"] == 300
     status = dict(line.split("\t")[:2] for line in (out / "status.tsv").read_text().splitlines())
     assert status.get("s") == "PASS" and "g" not in status and "d" not in status
+
+
+def test_the_served_run_without_the_services_packages_is_refused_before_anything_runs(tmp_path):
+    """The GPU machine's image has no grpcio-health-checking or grpcio-reflection, which both services import:
+    part s failed at its first import, after env and the preset had run. Named without them importable, the check
+    now stops before any part, naming the import error and scripts/gpu_wheels.sh."""
+    error = "ModuleNotFoundError: No module named 'grpc_health'"
+    rc, output, calls, out = _run(tmp_path, budget=460, parts=("a", "s"), STUB_IMPORT_ERROR=error)
+    assert rc == 2, output
+    assert error in output and "scripts/gpu_wheels.sh" in output and "carry" in output
+    assert not [c for c in calls if "gpu_check.py" in c or "pytest" in c or "bench" in c], calls  # not even env
+    # Importable (the wheels carried, or the packages installed): the same call runs.
+    rc, output, calls, out = _run(tmp_path, budget=460, parts=("s",))
+    assert rc == 0 and _part(calls, "gpu_check.py served"), output
 
 
 def test_outputs_come_back_as_few_files_with_every_log_in_the_archive(tmp_path):
