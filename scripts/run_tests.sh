@@ -6,7 +6,7 @@
 # CUDA and no arguments it runs twice: everything but tests/gpu with TRITON_INTERPRET=1 (the CPU kernel tests),
 # then tests/gpu with compiled kernels.
 #
-# The suite runs on PYTEST_WORKERS processes (pytest-xdist; default 2, CI's two cores: 7.5 minutes instead of 11
+# The suite runs on PYTEST_WORKERS processes (pytest-xdist; default 2, CI's two cores: about 7 minutes instead of 11
 # in one). PYTEST_WORKERS=0 runs it in this one process (so does --pdb); a -n among the arguments overrides it.
 # tests/conftest.py gives each worker a temp directory of its own. tests/gpu runs
 # in one process: its tests share the one device.
