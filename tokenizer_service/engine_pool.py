@@ -143,9 +143,9 @@ class RequestHandle:
 
 
 def _joinable(item: pb.RequestUpdate | RequestFailed) -> bool:
-    """Whether a queued item may join the tokens before it: not a failure, the pool's or the engine's (an error
-    update raises before its own tokens are read: the tokens queued before it, or a stop string they complete,
-    must reach the caller first)."""
+    """Whether a queued item may join the tokens before it: not a failure, the pool's or the engine's (the reader
+    relays an error update's own tokens, then raises; a retried request drops them: the tokens queued before it,
+    or a stop string they complete, must reach the caller either way)."""
     return not isinstance(item, RequestFailed) and item.finish_reason != pb.FINISH_REASON_ERROR
 
 

@@ -415,12 +415,19 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 sent_to.append(handle.conn.address)
                 try:
                     async for update in handle:
+                        failed = None
                         if update.finish_reason == engine_pb.FINISH_REASON_ERROR:
                             code = STATUS_BY_CODE.get(update.status.code, grpc.StatusCode.INTERNAL)
                             # UNAVAILABLE: draining or failed (the pool no longer sends it requests); before any
                             # token, RESOURCE_EXHAUSTED: its queue is full (another engine may have room).
-                            raise RequestFailed(code, update.status.message, retryable=code == grpc.StatusCode.UNAVAILABLE
-                                                or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and not handle.got_tokens))
+                            failed = RequestFailed(code, update.status.message, retryable=code == grpc.StatusCode.UNAVAILABLE
+                                                   or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and not handle.got_tokens))
+                            # Tokens the engine made before the failure can come in the failing update itself (its
+                            # step failed before the update was sent): they are relayed first, as held text is, unless
+                            # the request is to be sent again (nothing reached the caller yet).
+                            if not update.new_token_ids or (failed.retryable and not sent_tokens
+                                                            and len(sent_to) < MAX_ATTEMPTS):
+                                raise failed
                         trace.cached_tokens = cached = update.num_cached_tokens or cached
                         ids = list(update.new_token_ids)
                         logprobs = self._logprobs(update, handle) if wants_logprobs else ()
@@ -443,6 +450,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             trace.finish_reason = "stop"
                             yield self._last(prep, text, delta, ids, logprobs, pb.FINISH_REASON_STOP, cached)
                             return
+                        if failed is not None:  # after its tokens: take_held sends them on the way out
+                            trace.held = (delta, ids, logprobs)
+                            raise failed
                         if update.finish_reason:
                             reason = FINISH.get(update.finish_reason, pb.FINISH_REASON_STOP)
                             delta += text.finish()  # held-back bytes can complete a stop string even now

@@ -1259,6 +1259,100 @@ class _ScriptedEngines:
         return Handle()
 
 
+class _ScriptedUpdates:
+    """An engine pool whose engines stream the updates scripted for them, one request each, in the order sent."""
+
+    max_model_len = 100_000
+
+    def __init__(self, scripts: dict[str, list[engine_pb.RequestUpdate]]) -> None:
+        self.conns = [_Engine(name) for name in scripts]
+        self.scripts = scripts
+        self.sent: list[str] = []
+
+    def can_try_another(self, tried, params) -> bool:
+        return any(c not in tried for c in self.conns)
+
+    async def submit(self, request, timeout_s, avoid=(), prefer=None):
+        conn = next(c for c in self.conns if c not in avoid)
+        self.sent.append(conn.address)
+        updates = self.scripts[conn.address]
+
+        class Handle:
+            got_tokens = any(u.new_token_ids for u in updates)
+
+            def __init__(self) -> None:
+                self.conn = conn
+
+            async def _updates(self):
+                for update in updates:
+                    await asyncio.sleep(0)
+                    yield update
+
+            def __aiter__(self):
+                return self._updates()
+
+            def close(self, stopped: bool = False) -> None:
+                pass
+
+        return Handle()
+
+
+def _error_update(code: grpc.StatusCode, ids: list[int]) -> engine_pb.RequestUpdate:
+    return engine_pb.RequestUpdate(new_token_ids=ids, finish_reason=engine_pb.FINISH_REASON_ERROR,
+                                   status=engine_pb.Status(code=code.value[0], message=f"{code.name} (scripted)"))
+
+
+def _generate_all(demo_tokenizer, pool, request) -> tuple[list[pb.GenerateResponse], RequestFailed | None]:
+    async def main():
+        servicer, got = _servicer(demo_tokenizer, pool), []
+        try:
+            async for response in servicer.Generate(request, _call_context()):
+                got.append(response)
+        except RequestFailed as exc:
+            return got, exc
+        return got, None
+
+    return asyncio.run(main())
+
+
+def test_tokens_in_the_failing_update_reach_the_caller_before_the_error(demo_tokenizer):
+    """An engine whose step failed sends the tokens it had made and the error in one update (the step's outputs and
+    the failure share the request's pending update): the service raised on the error before reading them, so the
+    caller lost the last tokens generated, and their text, though usage and the stream ended as an error anyway."""
+    ids = demo_tokenizer.encode("the sea and the sky", add_special_tokens=False)
+    assert len(ids) >= 2
+    pool = _ScriptedUpdates({"e1": [engine_pb.RequestUpdate(new_token_ids=ids[:-1]),
+                                    _error_update(grpc.StatusCode.INTERNAL, ids[-1:])]})
+    got, failed = _generate_all(demo_tokenizer, pool, pb.GenerateRequest(prompt="hi"))
+    assert failed is not None and failed.code == grpc.StatusCode.INTERNAL and "scripted" in failed.message
+    assert [t for r in got for t in r.token_ids] == ids
+    assert "".join(r.text for r in got) == demo_tokenizer.decode(ids)
+    assert pool.sent == ["e1"]
+
+
+def test_tokens_in_a_failing_update_that_completes_a_stop_string_end_the_request_on_it(demo_tokenizer):
+    """The failing update's tokens finish the request on a stop string: it ended before the failure, and is a stop."""
+    ids = demo_tokenizer.encode("the sea and the sky", add_special_tokens=False)
+    stop = demo_tokenizer.decode(ids[-1:]).strip()
+    assert stop and stop not in demo_tokenizer.decode(ids[:-1])
+    pool = _ScriptedUpdates({"e1": [engine_pb.RequestUpdate(new_token_ids=ids[:-1]),
+                                    _error_update(grpc.StatusCode.INTERNAL, ids[-1:])]})
+    got, failed = _generate_all(demo_tokenizer, pool, pb.GenerateRequest(prompt="hi", stop=[stop]))
+    assert failed is None and got[-1].finish_reason == pb.FINISH_REASON_STOP and got[-1].stop_reason == stop
+    assert stop not in "".join(r.text for r in got)
+
+
+def test_a_retried_requests_failing_update_tokens_are_dropped_with_the_attempt(demo_tokenizer):
+    """A retryable failure (UNAVAILABLE) before anything reached the caller sends the request again: the failed
+    attempt's tokens are not relayed, or the caller's text would hold two attempts' tokens."""
+    ids = demo_tokenizer.encode("the sea and the sky", add_special_tokens=False)
+    served = engine_pb.RequestUpdate(new_token_ids=ids, finish_reason=engine_pb.FINISH_REASON_LENGTH)
+    pool = _ScriptedUpdates({"e1": [_error_update(grpc.StatusCode.UNAVAILABLE, [ids[0] + 1])], "e2": [served]})
+    got, failed = _generate_all(demo_tokenizer, pool, pb.GenerateRequest(prompt="hi"))
+    assert failed is None and pool.sent == ["e1", "e2"]
+    assert [t for r in got for t in r.token_ids] == ids and got[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+
 def _servicer(demo_tokenizer, pool, max_inflight: int = 100):
     from tokenizer_service.servicer import TextServicer
 
