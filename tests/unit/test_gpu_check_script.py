@@ -236,3 +236,50 @@ def test_part_d_in_a_call_of_its_own_keeps_its_status_and_says_where_the_engine_
     row = next(line for line in proc.stdout.splitlines() if line.startswith("(d)"))
     assert re.match(r"\(d\) workload A vs hf static +PASS ", row), row
     assert "658 tok/s" in row and "the call that ran part g" in row, row
+
+
+WHEEL_STUB = """#!/usr/bin/env bash
+if [ "$1 $2 $3" = "-m pip download" ]; then
+  echo "$*" >> "$STUB_LOG"
+  dest=""; prev=""
+  for arg in "$@"; do [ "$prev" = "--dest" ] && dest=$arg; prev=$arg; done
+  for arg in "$@"; do
+    case $arg in
+      *==*) name=${arg%%==*}; module=${name#grpcio-}; module=grpc_${module%-checking}
+            "$REAL_PYTHON" -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1], 'w').writestr(sys.argv[2], '')" \\
+              "$dest/${name//-/_}-${arg##*==}-py3-none-any.whl" "$module/__init__.py" ;;
+    esac
+  done
+  exit 0
+fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+def test_gpu_wheels_fetches_the_pinned_versions_and_unpacks_them_where_gpu_check_looks(tmp_path):
+    """scripts/gpu_wheels.sh asks pip for the versions pyproject.toml pins (grpcio's generated code needs the same
+    version on both sides), with no dependencies and wheels only, and unpacks them into .whl/site, the folder
+    gpu_check.sh puts on PYTHONPATH; run again, it starts from an empty .whl."""
+    (tmp_path / "scripts").mkdir()
+    script = tmp_path / "scripts" / "gpu_wheels.sh"
+    script.write_text((REPO / "scripts" / "gpu_wheels.sh").read_text())
+    pyproject = (REPO / "pyproject.toml").read_text()
+    (tmp_path / "pyproject.toml").write_text(pyproject)
+    stub, log = tmp_path / "python", tmp_path / "pip.log"
+    stub.write_text(WHEEL_STUB)
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "REAL_PYTHON": sys.executable, "STUB_LOG": str(log)}
+    (tmp_path / ".whl" / "site" / "stale").mkdir(parents=True)
+    run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    asked = log.read_text().split()
+    pins = sorted(re.findall(r'"(grpcio-(?:health-checking|reflection)==[^"]+)"', pyproject))
+    assert len(pins) == 2 and sorted(a for a in asked if "==" in a) == pins, asked
+    assert "--no-deps" in asked and "--only-binary=:all:" in asked
+    site = tmp_path / ".whl" / "site"
+    assert sorted(p.name for p in site.iterdir()) == ["grpc_health", "grpc_reflection"]
+    # A pyproject without an exact pin is refused, naming the package, before anything is downloaded.
+    (tmp_path / "pyproject.toml").write_text(pyproject.replace('"grpcio-reflection==', '"grpcio-reflection>='))
+    log.unlink()
+    run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "grpcio-reflection" in run.stderr and not log.exists(), run.stderr
