@@ -380,6 +380,10 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         retry_reason = ""  # why the last engine did not serve it, until it is sent again
         tried: set = set()  # engines this request was sent to: a retry prefers the others
         sent_to: list[str] = []  # their addresses, one per attempt in order (an engine may take it twice)
+
+        def sent_again(exc: RequestFailed) -> bool:  # nothing reached the caller yet, and attempts are left
+            return exc.retryable and not sent_tokens and len(sent_to) < MAX_ATTEMPTS
+
         wants_logprobs = engine_request.sampling_params.HasField("logprobs")
         owed_prompt_logprobs = engine_request.sampling_params.HasField("prompt_logprobs")
         if not counted:
@@ -425,8 +429,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             # Tokens the engine made before the failure can come in the failing update itself (its
                             # step failed before the update was sent): they are relayed first, as held text is, unless
                             # the request is to be sent again (nothing reached the caller yet).
-                            if not update.new_token_ids or (failed.retryable and not sent_tokens
-                                                            and len(sent_to) < MAX_ATTEMPTS):
+                            if not update.new_token_ids or sent_again(failed):
                                 raise failed
                         trace.cached_tokens = cached = update.num_cached_tokens or cached
                         ids = list(update.new_token_ids)
@@ -471,7 +474,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             yield pb.GenerateResponse(text=delta, token_ids=ids, logprobs=logprobs)
                     raise RequestFailed(grpc.StatusCode.INTERNAL, "the engine ended the request without a finish")
                 except RequestFailed as exc:
-                    if not (exc.retryable and not sent_tokens and len(sent_to) < MAX_ATTEMPTS):
+                    if not sent_again(exc):
                         for response in take_held(trace):  # what came before the failure still reaches the caller
                             yield response
                         if exc.retryable and not sent_tokens and len(sent_to) > 1:
