@@ -8,8 +8,8 @@
 #
 # The suite runs on PYTEST_WORKERS processes (pytest-xdist; default 2, CI's two cores: about 7 minutes instead of 11
 # in one). PYTEST_WORKERS=0 runs it in this one process (so does --pdb); a -n among the arguments overrides it.
-# tests/conftest.py gives each worker a temp directory of its own. tests/gpu runs
-# in one process: its tests share the one device.
+# tests/conftest.py gives each worker a temp directory of its own. tests/gpu runs in one process: its tests share
+# the one device.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/bootstrap.sh" "test"
@@ -19,13 +19,14 @@ WORKERS="${PYTEST_WORKERS:-2}"
 for arg in "$@"; do
     case $arg in --pdb | --trace) WORKERS=0 ;; esac  # xdist refuses a debugger in its workers
 done
+SUITE=(-q -n "$WORKERS" --dist loadfile --durations=15)
 if [ $# -eq 0 ] && "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     echo "run_tests: CUDA found; the CPU suite (Triton interpreter), then tests/gpu (compiled kernels)"
     rc=0
-    TRITON_INTERPRET=1 "$PY" -m pytest -q -n "$WORKERS" --dist loadfile --durations=15 --ignore=tests/gpu || rc=$?
+    TRITON_INTERPRET=1 "$PY" -m pytest "${SUITE[@]}" --ignore=tests/gpu || rc=$?
     env -u TRITON_INTERPRET "$PY" -m pytest -q tests/gpu || rc=$?
     exit "$rc"
 fi
 # No CUDA, or pytest arguments given (on a CUDA machine without TRITON_INTERPRET=1 in the environment, the
 # CPU kernel tests then skip and say why).
-exec "$PY" -m pytest -q -n "$WORKERS" --dist loadfile --durations=15 "$@"
+exec "$PY" -m pytest "${SUITE[@]}" "$@"
