@@ -205,6 +205,17 @@ class _RecordingPool:
         raise RequestFailed(grpc.StatusCode.INTERNAL, "recorded")
 
 
+def _slow_prepare(servicer, delay_s) -> None:
+    """Each request waits delay_s(request) seconds before it is prepared, as if it waited for a preparation slot."""
+    prepare = servicer._prepare
+
+    async def slow(request):
+        await asyncio.sleep(delay_s(request))
+        return await prepare(request)
+
+    servicer._prepare = slow
+
+
 def test_multi_deadline_counts_the_time_spent_waiting_to_be_tokenized(demo_tokenizer):
     """deadline_ms started only once the request was tokenized: behind a queue of heavy chats a request ran three
     times past its deadline_ms and still succeeded."""
@@ -215,13 +226,7 @@ def test_multi_deadline_counts_the_time_spent_waiting_to_be_tokenized(demo_token
     async def main() -> tuple[dict[str, tuple[int, str, float]], dict[str, float | None]]:
         pool = _RecordingPool()
         servicer = TextServicer(demo_tokenizer, pool, "demo", len(demo_tokenizer), {0}, {}, 100)
-        prepare = servicer._prepare
-
-        async def slow(request):  # as if it waited for a preparation slot
-            await asyncio.sleep(delays[request.request_id])
-            return await prepare(request)
-
-        servicer._prepare = slow
+        _slow_prepare(servicer, lambda request: delays[request.request_id])
         frames = [pb.MultiRequest(generate=pb.GenerateRequest(request_id="late", prompt="hi", deadline_ms=150)),
                   pb.MultiRequest(generate=pb.GenerateRequest(request_id="on-time", prompt="hi", deadline_ms=3000))]
 
@@ -254,13 +259,7 @@ def test_generate_honours_deadline_ms_and_the_calls_deadline_whichever_is_first(
     async def main() -> dict[str, float | None]:
         pool = _RecordingPool()
         servicer = _servicer(demo_tokenizer, pool)
-        prepare = servicer._prepare
-
-        async def slow(request):  # as if it waited for a preparation slot
-            await asyncio.sleep(0.2)
-            return await prepare(request)
-
-        servicer._prepare = slow
+        _slow_prepare(servicer, lambda request: 0.2)
         context = _call_context()
         if call_s is not None:
             call_deadline = time.monotonic() + call_s
@@ -284,13 +283,7 @@ def test_generate_deadline_ms_bounds_the_wait_to_be_tokenized(demo_tokenizer):
     async def main() -> tuple[RequestFailed, float, dict[str, float | None]]:
         pool = _RecordingPool()
         servicer = _servicer(demo_tokenizer, pool)
-        prepare = servicer._prepare
-
-        async def slow(request):
-            await asyncio.sleep(2.0)
-            return await prepare(request)
-
-        servicer._prepare = slow
+        _slow_prepare(servicer, lambda request: 2.0)
         start = time.monotonic()
         with pytest.raises(RequestFailed) as failed:
             async for _ in servicer.Generate(pb.GenerateRequest(request_id="r", prompt="hi", deadline_ms=150),
