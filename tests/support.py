@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
+import random
+import socket
 
 import pytest
 
@@ -51,3 +54,41 @@ def require_triton_interpreter() -> None:
         if in_ci():
             pytest.fail(str(exc), pytrace=False)
         pytest.skip(str(exc), allow_module_level=True)
+
+
+# Ports for servers a test starts as processes (or tells where to listen). Asking the kernel for port 0 and
+# handing the number on leaves a gap before the server binds it, in which the other pytest-xdist worker's same
+# call can be handed the same number (the kernel picks from one shared ephemeral range), and a server refuses a
+# port in use. So each worker takes ports from a band of its own, below the ephemeral range (32768 and up on
+# Linux), in turn from a random start, skipping any port something holds.
+PORT_BAND_BASE, PORT_BAND_SIZE, PORT_BANDS = 20000, 1000, 12
+
+
+def port_band(worker: str | None = None) -> range:
+    """The ports this pytest worker hands out ("gw3" -> the fourth band; no xdist -> the first)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "") if worker is None else worker
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    start = PORT_BAND_BASE + (index % PORT_BANDS) * PORT_BAND_SIZE
+    return range(start, start + PORT_BAND_SIZE)
+
+
+_next_port = None
+
+
+def free_port(*hosts: str) -> int:
+    """A port of this worker's band that nothing holds on each of hosts (default 127.0.0.1); handed out in turn,
+    so one process gets a port again only after the band's other thousand."""
+    global _next_port
+    band = port_band()
+    if _next_port is None:
+        _next_port = itertools.chain(range(random.choice(band), band.stop), itertools.cycle(band))
+    for _ in range(len(band)):
+        port = next(_next_port)
+        try:
+            for host in hosts or ("127.0.0.1",):
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no free port in {band} (ports {band.start}-{band.stop - 1}) on {hosts or '127.0.0.1'}")

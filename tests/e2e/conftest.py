@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.support import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_DIR = ROOT / ".demo_model"
 # Small and quick on 2 cores: a modest KV pool so "every block free" is cheap to check.
@@ -26,10 +27,6 @@ ENGINE_FLAGS = ["--device", "cpu", "--dtype", "float32", "--attention-backend", 
                 "--canary-interval-s", "0", "--log-level", "WARNING", "--metrics-port", "0"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

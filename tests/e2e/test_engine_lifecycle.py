@@ -18,7 +18,8 @@ from grpc_health.v1 import health_pb2
 from clients.engine_client import EngineClient
 from clients.text_client import TextClient
 from protos.llmserve.text.v1 import text_pb2 as pb
-from tests.e2e.conftest import ROOT, free_port, start_engine, start_tokenizer
+from tests.e2e.conftest import ROOT, start_engine, start_tokenizer
+from tests.support import free_port
 
 pytestmark = pytest.mark.timeout(90)
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -16,7 +16,8 @@ from engine_service import LLMEngine
 from engine_service.server_config import ServerConfig
 from protos.llmserve.text.v1 import text_pb2 as pb
 from protos.llmserve.text.v1 import text_pb2_grpc as pb_grpc
-from tests.e2e.conftest import free_port, wait_idle
+from tests.e2e.conftest import wait_idle
+from tests.support import free_port
 from tests.unit.test_engine_service_fake import Running
 from tests.unit.test_text_service_regressions import TextServer, scrape, wait_ready
 from tokenizer_service.servicer import OFFLOAD_CHAT_MESSAGES, PREPARE_SLOTS

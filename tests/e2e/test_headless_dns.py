@@ -53,30 +53,19 @@ def install_hosts_file_resolver(path: str) -> None:
     socket.getaddrinfo = getaddrinfo
 
 
-def port_free_on_both() -> int:
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind((ADDRESSES[0], 0))
-            port = a.getsockname()[1]
-            try:
-                with socket.socket() as b:
-                    b.bind((ADDRESSES[1], port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no port free on both loopback addresses")
 
 
 @pytest.fixture(scope="module")
 def cluster(demo_model_dir, tmp_path_factory):
-    from tests.e2e.conftest import ENGINE_FLAGS, Service, free_port
+    from tests.e2e.conftest import ENGINE_FLAGS, Service
+    from tests.support import free_port
 
     try:
         with socket.socket() as s:
             s.bind((ADDRESSES[1], 0))
     except OSError:
         pytest.skip(f"{ADDRESSES[1]} is not a loopback address on this machine")
-    port = port_free_on_both()
+    port = free_port(*ADDRESSES)
     hosts = tmp_path_factory.mktemp("dns") / "hosts"
     hosts.write_text(f"{DNS_NAME} {' '.join(ADDRESSES)}\n")
     engines = []

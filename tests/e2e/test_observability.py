@@ -15,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clients.engine_client import EngineClient
 from clients.text_client import TextClient
-from tests.e2e.conftest import free_port, start_engine, start_tokenizer, wait_idle
+from tests.e2e.conftest import start_engine, start_tokenizer, wait_idle
+from tests.support import free_port
 
 pytestmark = pytest.mark.timeout(90)
 OBSERVE = ["--log-level", "INFO", "--log-format", "json"]

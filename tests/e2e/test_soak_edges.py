@@ -20,8 +20,9 @@ from protos.llmserve.engine.v1 import engine_pb2 as epb
 from protos.llmserve.engine.v1 import engine_pb2_grpc as epb_grpc
 from protos.llmserve.text.v1 import text_pb2 as pb
 from protos.llmserve.text.v1 import text_pb2_grpc as pb_grpc
-from tests.e2e.conftest import free_port, start_engine, start_tokenizer, wait_idle
+from tests.e2e.conftest import start_engine, start_tokenizer, wait_idle
 from tests.e2e.test_observability import scrape, value
+from tests.support import free_port
 
 pytestmark = pytest.mark.timeout(90)
 SEED = 20261130

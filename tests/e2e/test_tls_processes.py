@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from tests.e2e.conftest import ROOT, free_port, start_engine, start_tokenizer
+from tests.e2e.conftest import ROOT, start_engine, start_tokenizer
 from tests.pki import CA
+from tests.support import free_port
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -121,7 +121,7 @@ def test_an_engine_failure_exit_kills_a_hung_worker(tmp_path):
 
     from clients.engine_client import EngineClient
     from scripts.demo import wait_serving
-    from tests.e2e.conftest import free_port
+    from tests.support import free_port
 
     make_qwen3(tmp_path / "m", heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
     script = tmp_path / "hung_worker.py"

@@ -222,7 +222,7 @@ def test_generation_calls_at_their_limit_leave_load_and_health_answering():
     out GetLoad, GetModelInfo and health with 'Concurrent RPC limit exceeded!'. The servicer counts generation
     calls itself, refuses the next one naming the flag, and the short calls still answer (as does the
     plaintext health port the deploy's probes use)."""
-    from tests.e2e.conftest import free_port
+    from tests.support import free_port
 
     health_port = free_port()
     running = Running(FakeEngine(max_model_len=1_000_000, step_s=0.01), max_concurrent_rpcs=2,

@@ -347,7 +347,7 @@ def test_address_back_in_dns_takes_requests_again():
 def test_engine_counts_deadlines_and_refusals_as_errors(caplog):
     """A request the service ended (deadline passed) was logged and counted as "abort", and one refused before
     the engine (bad input) was neither logged nor counted; a client's own abort stays "abort"."""
-    from tests.e2e.conftest import free_port
+    from tests.support import free_port
     from tests.unit.test_text_service_regressions import scrape
 
     port = free_port()

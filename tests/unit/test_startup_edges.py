@@ -13,6 +13,7 @@ import pytest
 
 from engine_service.health import Health, _CanarySink
 from engine_service.outputs import StepOutput
+from tests.support import free_port
 from tests.unit.test_metrics_edges import FakeLoop
 
 
@@ -144,12 +145,6 @@ def test_the_watchdog_leaves_a_loop_that_failed_by_itself():
 
 
 # ---- server: loading, refusals before serving, the clean stop ----------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _refused(port: int) -> bool:
@@ -190,7 +185,7 @@ def test_a_model_that_cannot_load_exits_1_in_one_line_and_closes_every_port(capl
     ports close before serve() returns."""
     from engine_service.server import serve
 
-    health_port, metrics_port = _free_port(), _free_port()
+    health_port, metrics_port = free_port(), free_port()
 
     def factory(config):
         raise error
@@ -213,7 +208,7 @@ def test_a_stop_during_the_load_exits_0_and_closes_every_port():
 
     from engine_service.server import serve
 
-    health_port = _free_port()
+    health_port = free_port()
     release = threading.Event()
 
     async def main():
@@ -239,7 +234,7 @@ def test_a_health_port_taken_closes_the_service_port_it_opened():
     from clients.tls import PortUnavailable
     from engine_service.server import serve
 
-    port = _free_port()
+    port = free_port()
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
@@ -253,7 +248,7 @@ def test_a_clean_stop_closes_the_engine_and_the_health_port():
     from engine_service.server import serve
     from tests.fake_engine import FakeEngine
 
-    engine, health_port = FakeEngine(), _free_port()
+    engine, health_port = FakeEngine(), free_port()
 
     async def main():
         stop = asyncio.Event()
@@ -422,7 +417,7 @@ def test_the_metrics_page_counts_generation_without_request_lines():
     from protos.llmserve.engine.v1 import engine_pb2, engine_pb2_grpc
     from tests.fake_engine import FakeEngine
 
-    metrics_port = _free_port()
+    metrics_port = free_port()
 
     def generated() -> float:
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()

@@ -41,3 +41,44 @@ def test_each_xdist_worker_has_a_temp_directory_of_its_own_removed_when_it_exits
         assert where == tmpdir_env, "child processes would not inherit the worker's directory"
         assert Path(where).name.startswith(f"llmserve-tests-{worker}-"), where
         assert not Path(where).exists(), f"{where} left behind by worker {worker}"
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def test_each_xdist_worker_hands_out_ports_of_its_own_band_below_the_ephemeral_range():
+    """A port from bind(0) is the kernel's pick from one range both workers share: between one worker's pick and
+    its server's bind, the other could be handed the same number, and its server then fails to start."""
+    from tests import support
+
+    bands = [set(support.port_band(f"gw{i}")) for i in range(support.PORT_BANDS)]
+    assert all(bands), bands
+    for i, band in enumerate(bands):
+        assert max(band) < _ephemeral_low(), f"gw{i}'s band reaches the kernel's ephemeral range"
+        for j in range(i):
+            assert not band & bands[j], f"gw{i} and gw{j} share ports"
+    assert support.port_band("") == support.port_band("gw0"), "a run without xdist uses the first band"
+
+
+def test_free_port_takes_ports_in_turn_from_its_band_and_skips_a_held_one(monkeypatch):
+    import socket
+
+    from tests import support
+
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    monkeypatch.setattr(support, "_next_port", None)
+    band = support.port_band()
+    first = support.free_port()
+    assert first in band
+    with socket.socket() as held:  # the port free_port would hand out next, held by someone else
+        following = band.start + (first - band.start + 1) % len(band)
+        held.bind(("127.0.0.1", following))
+        held.listen()
+        ports = [support.free_port() for _ in range(20)]
+    assert following not in ports
+    assert all(p in band for p in ports), ports
+    assert len(set(ports + [first])) == 21, "a port handed out twice"

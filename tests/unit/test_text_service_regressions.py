@@ -596,7 +596,7 @@ def ours(records: list[logging.LogRecord]) -> list[logging.LogRecord]:
 def metered_stack(demo_model_dir, demo_tokenizer, caplog):
     """A fake engine behind the tokenizer service, which serves metrics on a free port, with request lines
     captured: (a TextGeneration stub, ready; the metrics port)."""
-    from tests.e2e.conftest import free_port
+    from tests.support import free_port
 
     engine = demo_engine(demo_model_dir, demo_tokenizer)
     metrics_port = free_port()

@@ -21,6 +21,7 @@ from engine_service.server_config import ServerConfig
 from engine_service.server_config import parse_config as parse_engine_config
 from tests.fake_engine import FakeEngine
 from tests.pki import CA
+from tests.support import free_port
 from tests.unit.test_engine_service_fake import Running, wait_serving
 from tokenizer_service.config import TextServerConfig
 from tokenizer_service.engine_pool import EnginePool
@@ -40,10 +41,6 @@ def pki(tmp_path_factory):
                 stranger_client=stranger.issue("client"), locked=ca.issue("locked", passphrase=b"secret"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tokens(client: EngineClient) -> list[int]:
