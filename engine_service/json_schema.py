@@ -290,7 +290,52 @@ def compile_schema(text: str) -> jg.Node:
         raise SchemaError("json_schema nests too deeply") from None
     if root.kind != jg.OBJECT_KIND:
         raise SchemaError('json_schema must describe an object at the top level ("type": "object")')
+    endless = _endless(root)
+    if endless is not None:
+        raise SchemaError(f"json_schema at {endless}: no finite value meets it (a required property or minItems leads "
+                          "back to it through $ref without end, so the document could never close); make that "
+                          "property optional, minItems 0, or add an anyOf branch that ends")
     return root
+
+
+def _endless(root: jg.Node) -> str | None:
+    """The place of a node reachable from root that no finite JSON value meets (a required property, or minItems
+    over items, that refers back to it through $ref), else None. The automaton would follow such a node down to
+    MAX_DEPTH and then find no token to write."""
+    where: dict[int, str] = {}
+    nodes: list[jg.Node] = []
+    todo = [(root, "#")]
+    while todo:
+        node, path = todo.pop()
+        if id(node) in where:
+            continue
+        where[id(node)] = path
+        nodes.append(node)
+        if node.kind == jg.OBJECT_KIND:
+            todo += [(sub, f"{path}/properties/{json.loads(key)}") for key, sub, _ in node.props]
+        elif node.kind == jg.ARRAY_KIND and node.items is not None:
+            todo.append((node.items, f"{path}/items"))
+        elif node.kind == jg.UNION_KIND:
+            todo += [(b, f"{path}/anyOf/{i}") for i, b in enumerate({id(b): b for b in node.dispatch.values()}.values())]
+    finite: set[int] = set()  # the nodes some finite value meets: the least fixed point, children mostly first
+
+    def ends(node: jg.Node) -> bool:
+        if node.kind == jg.OBJECT_KIND:
+            return node.free or all(id(sub) in finite for _, sub, required in node.props if required)
+        if node.kind == jg.ARRAY_KIND:
+            return node.min_items == 0 or id(node.items) in finite
+        if node.kind == jg.UNION_KIND:
+            return any(id(b) in finite for b in node.dispatch.values())
+        return True  # strings, numbers, literals, any value
+
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(nodes):
+            if id(node) not in finite and ends(node):
+                finite.add(id(node))
+                changed = True
+    return next((where[id(node)] for node in nodes if id(node) not in finite), None)
 
 
 class SchemaCache:

@@ -253,7 +253,11 @@ class Sampler:
             u[i].uniform_(generator=rows[i].generator)
         if kernel:
             return self.kernels.sample_rows(logits, 1.0 / params[:, 0], u[:, 0], check_finite=check_finite)
-        logits = logits.float() / params[:, 0:1]
+        # Shifted by the row's largest logit before the division (softmax does not see the shift): a large finite
+        # logit (a repetition penalty near 0 divides it; writes clamp to the dtype's range) over a low temperature
+        # overflowed to inf here, the probabilities became NaN and the draw took the vocabulary's last token.
+        logits = logits.float()
+        logits = (logits - logits.amax(dim=-1, keepdim=True)).div_(params[:, 0:1])
         if top_k_top_p:
             logits = _top_k_top_p(logits, params[:, 1:2], params[:, 2:3])
         probs = torch.softmax(logits, dim=-1)

@@ -4,7 +4,7 @@ inverse-CDF draw, in two launches that read a row about 1.1 times.
 The torch path of Sampler._sample materialises float32 copies of the logits for the division, the softmax
 and the cumulative sum: at a batch of 256 over Qwen3's 151,936-token vocabulary that is about 1.2 GB of
 memory traffic a step, some 0.3 ms of an H200's time. Here each row is cut into chunks of BLOCK_V entries:
-  1. _chunk_stats_kernel, one program per (row, chunk): the chunk's max and its sum of exponentials (and,
+  1. _chunk_stats_kernel, one program per (row, chunk): the chunk's raw max and its sum of exponentials (and,
      when asked, the float32 sum of its raw logits for the finite check), so a row is spread over ~19 programs;
   2. _chunk_pick_kernel, one program per row: from the chunks' figures, the chunk where the row's cumulative
      sum passes u times the row's total, then a scan of that chunk only for the token.
@@ -46,12 +46,14 @@ def _chunk_stats_kernel(
     idx = chunk * BLOCK + tl.arange(0, BLOCK)
     inside = idx < vocab
     raw = tl.load(logits_ptr + row * stride_row + idx, mask=inside, other=-float("inf")).to(tl.float32)
-    x = raw * (tl.load(inv_temp_ptr + row) * 1.4426950408889634)
-    # A finite floor under the max, so that a chunk of only banned (-inf) entries sums 2^(-inf) = 0, not NaN.
-    m = tl.maximum(tl.max(x, 0), -1.0e30)
+    # The max of the raw logits, which are shifted by it before the temperature scales them: a large finite logit
+    # times 1 / T overflowed to inf, and inf - inf made the row's sums NaN. A finite floor under it, so that a
+    # chunk of only banned (-inf) entries sums 2^(-inf) = 0, not NaN.
+    m = tl.maximum(tl.max(raw, 0), -1.0e30)
     at = row * num_chunks + chunk
     tl.store(max_ptr + at, m)
-    tl.store(sum_ptr + at, tl.sum(tl.math.exp2(x - m), 0))
+    scale = tl.load(inv_temp_ptr + row) * 1.4426950408889634
+    tl.store(sum_ptr + at, tl.sum(tl.math.exp2((raw - m) * scale), 0))
     if CHECK:  # the chunk's float32 sum of its raw logits: NaN or infinite where they hold NaN or an infinity
         tl.store(raw_sum_ptr + at, tl.sum(tl.where(inside, raw, 0.0), 0))
 
@@ -68,7 +70,8 @@ def _chunk_pick_kernel(
     at = row * num_chunks + c
     chunk_max = tl.load(max_ptr + at, mask=valid, other=-1.0e30)
     row_max = tl.max(chunk_max, 0)
-    w = tl.load(sum_ptr + at, mask=valid, other=0.0) * tl.math.exp2(chunk_max - row_max)
+    scale = tl.load(inv_temp_ptr + row) * 1.4426950408889634
+    w = tl.load(sum_ptr + at, mask=valid, other=0.0) * tl.math.exp2((chunk_max - row_max) * scale)
     cum = tl.cumsum(w, 0)
     total = tl.sum(tl.where(c == num_chunks - 1, cum, 0.0), 0)  # the same rounding as cum's own prefixes
     target = tl.load(u_ptr + row) * total
@@ -80,7 +83,7 @@ def _chunk_pick_kernel(
 
     idx = winner * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(logits_ptr + row * stride_row + idx, mask=idx < vocab, other=-float("inf")).to(tl.float32)
-    p = tl.math.exp2(x * (tl.load(inv_temp_ptr + row) * 1.4426950408889634) - row_max)
+    p = tl.math.exp2((x - row_max) * scale)
     hit = (running + tl.cumsum(p, 0) > target) & (p > 0.0)
     token = tl.min(tl.where(hit, idx, vocab), 0)
     last_positive = tl.maximum(tl.max(tl.where(p > 0.0, idx, -1), 0), winner * BLOCK)
