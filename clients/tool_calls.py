@@ -3,8 +3,9 @@
 - **llama3_json** (Llama 3.1, 3.2, 3.3): the whole reply is the call, `{"name": "...", "parameters": {...}}`
   (several separated by ";"), after `<|python_tag|>` when the template's built-in tools are on;
 - **mistral** (Mistral 7B v0.3, Nemo, Small): `[TOOL_CALLS]` then a JSON list of `{"name", "arguments"}`, or (newer
-  tokenizers) `[TOOL_CALLS]name[ARGS]{...}` per call. `[TOOL_CALLS]` is a special token: it reaches the text only
-  with `skip_special_tokens=False` on the request.
+  tokenizers) `[TOOL_CALLS]name[ARGS]{...}` per call, with `[CALL_ID]id` before `[ARGS]` where the model numbers
+  its calls. `[TOOL_CALLS]` is a special token: it reaches the text only with `skip_special_tokens=False` on the
+  request.
 
 The services pass a model's text through as it is (the format belongs to the model's template, not to the
 protocol); a caller that offered tools (Chat.tools) reads the calls out of the finished text with this, and
@@ -20,7 +21,7 @@ import string
 FORMATS = ("auto", "hermes", "llama3_json", "mistral")
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
-MISTRAL_CALLS, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
+MISTRAL_CALLS, MISTRAL_ARGS, MISTRAL_CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 _ID_CHARS = string.ascii_letters + string.digits
 THINK_END = "</think>"
 _DECODER = json.JSONDecoder()
@@ -87,11 +88,13 @@ def parse_tool_calls(text: str, fmt: str = "auto", thinking_open: bool = False) 
     return (text.strip(), []) if calls is None else (head.strip(), calls)
 
 
-def _call(value: object, i: int, where: str, arguments_key: str = "arguments") -> dict:
-    """One call as {"name", "arguments": dict}, from a parsed JSON value, or a ValueError naming call i."""
+def _call(value: object, i: int, where: str) -> dict:
+    """One call as {"name", "arguments": dict}, from a parsed JSON value, or a ValueError naming call i. The
+    arguments are read from "arguments" or, where it is absent, "parameters": Llama 3's key, which models of every
+    format write at times (read as no arguments, the call ran without them)."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         raise ValueError(f"tool call {i} is not a JSON object with a string name: {where[:200]!r}")
-    arguments = value.get(arguments_key, value.get("arguments", {}))
+    arguments = value["arguments"] if "arguments" in value else value.get("parameters", {})
     if isinstance(arguments, str):  # some models write the arguments as a JSON string
         try:
             arguments = json.loads(arguments)
@@ -122,7 +125,7 @@ def _llama3_calls(body: str, strict: bool) -> list[dict] | None:
                 and ("parameters" in value or "arguments" in value)):
             return None
         try:
-            calls.append(_call(value, len(calls), rest, "parameters"))
+            calls.append(_call(value, len(calls), rest))
         except ValueError:
             return None
         while at < len(rest) and (rest[at].isspace() or rest[at] == ";"):
@@ -140,13 +143,16 @@ def _cut_short(text: str, exc: json.JSONDecodeError) -> bool:
 
 def _mistral(head: str, body: str) -> tuple[str, list[dict]]:
     """Mistral's calls: the text before "[TOOL_CALLS]" is the content; after it, a JSON list of calls, or
-    name[ARGS]{...} per call (each after its own "[TOOL_CALLS]", or one after another). Each call gets a 9-character
-    alphanumeric id, which Mistral's templates require of the calls an assistant message carries."""
+    name[ARGS]{...} per call (each after its own "[TOOL_CALLS]", or one after another), or name[CALL_ID]id[ARGS]{...}
+    (v11 tokenizers that number the calls). Each call keeps the id the model gave it when that is the 9-character
+    alphanumeric id Mistral's templates require of the calls an assistant message carries, and gets a new one
+    otherwise."""
     start = body.find(MISTRAL_CALLS)
     if start < 0:
         return (head + body).strip(), []
     content, rest = head + body[:start], body[start + len(MISTRAL_CALLS):]
     calls: list[dict] = []
+    ids: list[object] = []
     stripped = rest.lstrip()
     if stripped.startswith("["):  # v0.3: a JSON list
         try:
@@ -157,11 +163,13 @@ def _mistral(head: str, body: str) -> tuple[str, list[dict]]:
         if not isinstance(value, list):
             raise ValueError(f"the tool calls are not a JSON list: {stripped[:200]!r}")
         calls = [_call(item, i, stripped) for i, item in enumerate(value)]
+        ids = [item.get("id") for item in value]
         content += stripped[end:]
-    else:  # name[ARGS]{...}, repeated
+    else:  # name[ARGS]{...} or name[CALL_ID]id[ARGS]{...}, repeated
         while rest.strip():
             rest = rest.lstrip().removeprefix(MISTRAL_CALLS)
             name, sep, after = rest.partition(MISTRAL_ARGS)
+            name, has_id, call_id = name.partition(MISTRAL_CALL_ID)
             if not sep or not name.strip():
                 raise ValueError(f"tool call {len(calls)} is not name{MISTRAL_ARGS}{{...}}: {rest[:200]!r}")
             try:
@@ -170,9 +178,11 @@ def _mistral(head: str, body: str) -> tuple[str, list[dict]]:
                 raise ValueError(f"tool call {len(calls)} ({name.strip()}): its arguments are not JSON ({exc}), or "
                                  f"were cut short (raise max_tokens): {after[:200]!r}") from None
             calls.append(_call({"name": name.strip(), "arguments": arguments}, len(calls), rest))
+            ids.append(call_id.strip() if has_id else None)
             rest = after.lstrip()[end:]
-    for call in calls:
-        call["id"] = "".join(secrets.choice(_ID_CHARS) for _ in range(9))
+    for call, given in zip(calls, ids, strict=True):
+        valid = isinstance(given, str) and len(given) == 9 and all(c in _ID_CHARS for c in given)
+        call["id"] = given if valid else "".join(secrets.choice(_ID_CHARS) for _ in range(9))
     return content.strip(), calls
 
 

@@ -145,6 +145,13 @@ class IncrementalDetokenizer:
             return self._forced_split(text)
         return ""  # an incomplete character: wait for the tokens that complete it
 
+    def held_text(self) -> str:
+        """The text held back now, as decode() gives it: the unread tokens' text, which ends in U+FFFD (an incomplete
+        character) or is ""."""
+        if self._read == len(self._window):
+            return ""
+        return _text_after(self._context_text, self._decode(self._window))
+
     def flush(self) -> str:
         """Return all text still held back (an incomplete character becomes U+FFFD); call once at the end."""
         if self._finished:

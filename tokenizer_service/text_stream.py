@@ -6,7 +6,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from tokenizer_service.detokenizer import IncrementalDetokenizer
+from tokenizer_service.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
 from tokenizer_service.stop_strings import StopStringMatcher
 
 
@@ -45,7 +45,9 @@ class TextStream:
 
     Once `stopped` is set (a stop string matched), the request should be aborted in the engine. A stop string may
     end only in the text of a token after the first min_tokens, as the engine bans stop ids and EOS for those; it
-    may begin earlier (vLLM's rule).
+    may begin earlier (vLLM's rule). The last of those tokens may end inside a character: the detokenizer then holds
+    back its whole text, and the complete characters in it ("the " of "the \xf0") stay exempt when they come out
+    with the ids that complete the character.
     """
 
     def __init__(self, tokenizer: Any, stop: tuple[str, ...], skip_special_tokens: bool,
@@ -55,6 +57,7 @@ class TextStream:
                                              special_ids=special_ids_of(tokenizer), prompt_tail=prompt_tail)
         self._stops = StopStringMatcher(stop, include_stop_str_in_output=include_stop_str_in_output)
         self._min_tokens = min_tokens
+        self._exempt_chars = 0  # characters of the next text still of the first min_tokens tokens (held back)
         self.num_generated = 0  # every token the engine produced, including any past a stop string
 
     @property
@@ -72,15 +75,25 @@ class TextStream:
         exempt = self._min_tokens - self.num_generated  # tokens still before min_tokens: no stop string ends them
         self.num_generated += len(token_ids)
         if exempt <= 0:
-            return self._stops.feed(self._detok.step(token_ids))
+            return self._feed_stops(self._detok.step(token_ids))
         # One id at a time: the detokenizer holds back a whole update that ends inside a character, which would
         # hand the exempt ids' text to a feed that can stop below (a stop then depended on how updates coalesced).
         text = "".join(self._stops.feed(self._detok.step(token_ids[i : i + 1]), can_stop=False)
                        for i in range(min(exempt, len(token_ids))))
+        if exempt <= len(token_ids):  # the last exempt id is in: what of its text is held back stays exempt
+            self._exempt_chars = len(self._detok.held_text().rstrip(REPLACEMENT_CHAR))
         rest = token_ids[exempt:]
-        return text + self._stops.feed(self._detok.step(rest)) if rest else text
+        return text + self._feed_stops(self._detok.step(rest)) if rest else text
+
+    def _feed_stops(self, text: str, can_stop: bool = True) -> str:
+        """The stop matcher's feed, its first _exempt_chars characters exempt."""
+        if self._exempt_chars and text:
+            head, text = text[: self._exempt_chars], text[self._exempt_chars :]
+            self._exempt_chars -= len(head)
+            return self._stops.feed(head, can_stop=False) + self._stops.feed(text, can_stop=can_stop)
+        return self._stops.feed(text, can_stop=can_stop)
 
     def finish(self) -> str:
         """Text still held back (an incomplete character, a possible stop-string prefix) at the end."""
-        text = self._stops.feed(self._detok.flush(), can_stop=self.num_generated > self._min_tokens)
+        text = self._feed_stops(self._detok.flush(), can_stop=self.num_generated > self._min_tokens)
         return text + self._stops.flush()
