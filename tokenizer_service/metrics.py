@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import HTTPServer
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -81,6 +82,9 @@ class RequestTrace:
     # request early sends them first (a GenerateMulti abort, this trace's; the first error of n completions, each
     # completion's, which they hold in their own traces).
     held: tuple | None = None
+    # The request's TextStream while it streams: an early end flushes what it holds back (an incomplete character,
+    # a possible stop-string prefix) into the held message, so the ids sent come with their text.
+    text: Any = None
 
 
 class TextMetrics:

@@ -100,12 +100,15 @@ def _choice_request(prep: PreparedRequest, index: int) -> engine_pb.NewRequest:
 
 
 def take_held(trace: RequestTrace, index: int = 0) -> list[pb.GenerateResponse]:
-    """The message --stream-interval still holds back for a completion (index: its index), if any, emptied from its
-    trace: the caller ends the request early and sends it first."""
-    if trace.held is None:
+    """The message --stream-interval still holds back for a completion (index: its index), with the text its
+    TextStream still holds (an incomplete character, a possible stop-string prefix), if any, emptied from its trace:
+    the caller ends the request early (an error, an abort) and sends it first."""
+    tail = trace.text.finish() if trace.text is not None else ""
+    trace.text = None
+    if trace.held is None and not tail:
         return []
-    (text, ids, logprobs), trace.held = trace.held, None
-    return [pb.GenerateResponse(text=text, token_ids=ids, logprobs=logprobs, index=index)]
+    (text, ids, logprobs), trace.held = trace.held or ("", [], []), None
+    return [pb.GenerateResponse(text=text + tail, token_ids=ids, logprobs=logprobs, index=index)]
 
 
 def _after_attempts(exc: RequestFailed, sent_to: list[str]) -> RequestFailed:
@@ -396,6 +399,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 text = await asyncio.to_thread(TextStream, *text_args)
             else:
                 text = TextStream(*text_args)
+            trace.text = text
             while True:
                 request = engine_pb.NewRequest()
                 request.CopyFrom(engine_request)

@@ -1335,6 +1335,26 @@ def test_tokens_in_a_failing_update_that_completes_a_stop_string_end_the_request
     assert stop not in "".join(r.text for r in got)
 
 
+@pytest.mark.parametrize("held", ["an incomplete character", "a possible stop-string prefix"])
+def test_text_held_back_when_an_engine_fails_mid_stream_comes_with_its_ids(demo_tokenizer, held):
+    """The detokenizer holds back an incomplete character, and the stop matcher a possible stop string's start, until
+    later text decides them; a failure after them sent their ids with no text (the caller's text was not the
+    decode of its ids). They come before the error, as at a normal end."""
+    if held == "an incomplete character":
+        ids = demo_tokenizer.encode("the sea and \U0001f996 sky", add_special_tokens=False)
+        ids = ids[:next(k for k in range(1, len(ids)) if demo_tokenizer.decode(ids[:k]).endswith("\ufffd"))]
+        stop = ["never in it"]
+    else:
+        ids = demo_tokenizer.encode("the sea and", add_special_tokens=False)
+        stop = ["and X"]
+    pool = _ScriptedUpdates({"e1": [engine_pb.RequestUpdate(new_token_ids=ids),
+                                    _error_update(grpc.StatusCode.INTERNAL, [])]})
+    got, failed = _generate_all(demo_tokenizer, pool, pb.GenerateRequest(prompt="hi", stop=stop))
+    assert failed is not None and failed.code == grpc.StatusCode.INTERNAL
+    assert [t for r in got for t in r.token_ids] == ids
+    assert "".join(r.text for r in got) == demo_tokenizer.decode(ids)
+
+
 def test_a_retried_requests_failing_update_tokens_are_dropped_with_the_attempt(demo_tokenizer):
     """A retryable failure (UNAVAILABLE) before anything reached the caller sends the request again: the failed
     attempt's tokens are not relayed, or the caller's text would hold two attempts' tokens."""
