@@ -24,8 +24,9 @@ PACKED = {
     "gate_proj": ("gate_up_proj", "gate"),
     "up_proj": ("gate_up_proj", "up"),
 }
-# Buffers some checkpoints carry that the model recomputes.
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Buffers some checkpoints carry that the model recomputes (RoPE's frequencies; the cos/sin caches that
+# ColossalAI-trained Llama checkpoints save): transformers skips them as unexpected, and so does the engine.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 log = logging.getLogger(__name__)
 
 
@@ -154,6 +155,19 @@ def load_weights(model: nn.Module, model_dir: str | Path, tie_word_embeddings: b
     if unexpected:
         raise ValueError(f"unexpected weights in {model_dir}: {sorted(unexpected)[:10]}")
     missing = expected - loaded
+    if tied_head is not None and ("embed_tokens.weight", None) in missing:
+        # A tied checkpoint that kept the head and dropped the embedding (some exports do): transformers fills the
+        # tied pair from the one it finds, so the head is the embedding here too (it was refused as missing).
+        embedding = params["embed_tokens.weight"]
+        try:
+            with torch.no_grad():
+                embedding.weight_loader(embedding, tied_head.to(embedding.dtype), None)
+        except RuntimeError as exc:
+            raise ValueError(f"checkpoint tensor lm_head.weight {tuple(tied_head.shape)}, serving as the tied "
+                             f"embedding (the checkpoint has no embed_tokens.weight), does not fit "
+                             f"{tuple(embedding.shape)} as config.json describes it: {exc}") from exc
+        missing.discard(("embed_tokens.weight", None))
+        tied_head = None
     if missing:
         names = sorted(f"{p}[{s}]" if s else p for p, s in missing)
         raise ValueError(f"weights missing from {model_dir}: {names[:10]}")
