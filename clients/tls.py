@@ -8,6 +8,7 @@ health package) and the standard library.
   (a Kubernetes Secret or cert-manager rotating them), without a restart; a change that does not load (a
   half-written file, a key that does not match the certificate) keeps the current pair. It logs an error while
   the certificate it serves has expired, and exports when it expires (expiry(), a gauge in both services).
+- HealthServicer is grpc.health.v1 as grpcio-health-checking serves it, with its Watch fixed (both services').
 - start_health_server serves grpc.health.v1 alone in plaintext on a port of its own, for probes that cannot speak
   TLS (the kubelet's gRPC probe cannot).
 - listen binds a server's port, TLS or plaintext, and refuses a port another process holds: gRPC's default
@@ -32,12 +33,13 @@ import os
 import re
 import ssl
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 
 log = logging.getLogger(__name__)
 CERTIFICATE = "CERTIFICATE"
@@ -460,6 +462,29 @@ def server_tls_settings(config: Any, env_prefix: str) -> ServerTls | None:
 def describe(tls: ServerTls | None) -> str:
     """For the start-up log line."""
     return "plaintext" if tls is None else "mutual TLS" if tls.mutual else "TLS"
+
+
+class HealthServicer(health.aio.HealthServicer):
+    """grpc.health.v1 as grpcio-health-checking serves it, but a Watch that ends leaves the other Watch calls of
+    its service name still notified: the library's Watch removes the name's shared condition when any one of them
+    ends, and the rest then never heard another status (NOT_SERVING on a drain or an engine failure included). Both services serve this one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watching: Counter[str] = Counter()  # Watch calls open, by service name
+
+    async def Watch(self, request, context) -> None:
+        service = request.service
+        condition = self._server_watchers[service]  # the one the library's Watch waits on
+        self._watching[service] += 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            self._watching[service] -= 1
+            if self._watching[service]:
+                self._server_watchers[service] = condition  # the library's Watch removed it from under the others
+            else:
+                del self._watching[service]
 
 
 async def start_health_server(servicer: object, host: str, port: int) -> tuple[grpc.aio.Server, int]:

@@ -183,11 +183,30 @@ class EngineLoop:
         sinks, self._sinks = self._sinks, {}
         self._priorities = {}
         # A consumer thread that died gave each tracked request its line (metrics.fail_live); one that is stuck
-        # (the watchdog) owns the metrics still, so its requests get only this count.
+        # (the watchdog) owns the metrics still, so its requests get only this count. Requests whose add it never
+        # took are neither: they get theirs here.
+        self._refuse_unapplied(f"engine failure: {message}")
         log.error("engine failure: failing %d in-flight requests with INTERNAL: %s", len(sinks), message)
         for sink in sinks.values():
             sink.on_failure("INTERNAL", f"engine failure: {message}")
         self._on_fatal(message)
+
+    def _refuse_unapplied(self, error: str) -> None:
+        """Count and log as refused (an error, once each) the requests still queued for the engine thread, which
+        will never apply them: added during the step that failed, or while the thread was stuck. metrics.fail_live
+        sees only the requests the engine took, so these were failed with INTERNAL but never counted nor logged.
+        (metrics.refused may be called on any thread; the queue hands each command to one side only.)"""
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd is _STOP:  # stop() timed out on a stuck thread: the stop stays its to take, should it come back
+                self._commands.put(_STOP)
+                return
+            if isinstance(cmd, _Add) and cmd.trace_id is not None and self.metrics is not None:
+                self.metrics.refused(cmd.trace_id, f"INTERNAL: {error}", cmd.arrival, len(cmd.prompt_token_ids),
+                                     cmd.request_id)
 
     # ---- consumer thread ----------------------------------------------------------------------------------
 

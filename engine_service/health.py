@@ -14,8 +14,9 @@ import logging
 import time
 from collections.abc import Callable
 
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
 
+from clients.tls import HealthServicer
 from engine_service.engine_loop import EngineLoop, EngineUnavailable
 from engine_service.outputs import StepOutput
 from engine_service.sampling_params import SamplingParams
@@ -42,7 +43,7 @@ class Health:
     """The health servicer plus the canary and watchdog tasks that keep it truthful."""
 
     def __init__(self, service_names: list[str]) -> None:
-        self.servicer = health.aio.HealthServicer()
+        self.servicer = HealthServicer()
         self._names = ["", *service_names]  # "" is the whole server
         self._ids = itertools.count()
         self.serving = False
@@ -74,6 +75,9 @@ class Health:
         except TimeoutError:
             loop.abort(request_id)
             return f"the canary generation took more than {timeout_s}s"
+        except asyncio.CancelledError:  # a stop during the canary: its request does not outlive it
+            loop.abort(request_id)
+            raise
 
     async def run_idle_canaries(self, loop: EngineLoop, vocab_size: int, interval_s: float, timeout_s: float,
                                 is_draining: Callable[[], bool]) -> None:

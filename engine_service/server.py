@@ -124,6 +124,27 @@ async def load_unless_stopped(engine_factory: Callable[[ServerConfig], Any], con
     return None
 
 
+async def canary_unless_stopped(health: Health, loop: EngineLoop, vocab_size: int, timeout_s: float,
+                                stop: asyncio.Event) -> str | None:
+    """The start-up canary's verdict (Health.canary), or None when `stop` is set first (the canary is aborted).
+
+    The canary is the engine's first real step, which can take long (kernels compiled or tuned on first use) or
+    hang (a broken device): a SIGTERM then must not wait up to canary_timeout_s, turn the service SERVING once
+    the canary passes after all, or exit 1 when it times out; nothing is in flight yet."""
+    canary = asyncio.ensure_future(health.canary(loop, vocab_size, timeout_s))
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([canary, stopped], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if canary.done():
+        return canary.result()
+    canary.cancel()  # Health.canary aborts its request
+    try:
+        await canary
+    except asyncio.CancelledError:
+        pass
+    return None
+
+
 async def _calls_end(servicer: EngineServicer, seconds: float = 1.0) -> None:
     """Up to `seconds` for the generation calls still open to end (their handlers run on later turns of the loop)."""
     until = time.monotonic() + seconds
@@ -220,9 +241,13 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
     loop.start()
     vocab = int(engine.model_info["vocab_size"])
     tasks = [asyncio.create_task(health.watchdog(loop, config.watchdog_s))]
-    problem = await health.canary(loop, vocab, config.canary_timeout_s)
+    problem = await canary_unless_stopped(health, loop, vocab, config.canary_timeout_s, stop)
     if problem is not None:
         on_fatal(f"start-up canary failed: {problem}")
+    elif stop.is_set():  # never SERVING: the drain below finds nothing in flight
+        if exit_code == 0:  # a stop signal, not an engine failure (which said why already)
+            log.warning("stop signal during the start-up canary: stopping now, without waiting for it (no request "
+                        "was in flight)")
     else:
         fail_after = os.environ.get(FAIL_AFTER_STEPS_ENV)
         if fail_after:

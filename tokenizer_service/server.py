@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from clients.logs import configure_logging
 from clients.stop_signals import hold, take_over
 from clients.tls import (
+    HealthServicer,
     PortUnavailable,
     add_checked_servicer,
     describe,
@@ -135,7 +136,7 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
                             config.stream_max_wait_s)
     pool.metrics = metrics
     metrics.watch(lambda: servicer.inflight, lambda: len(pool.ready))
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     server = grpc.aio.server(options=server_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
     add_checked_servicer(text_pb2_grpc.add_TextGenerationServicer_to_server, servicer, server, text_pb2.DESCRIPTOR)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
