@@ -191,6 +191,12 @@ class _Outbox:
         self.closed = False
 
 
+def jittered(backoff: float) -> float:
+    """backoff, give or take a fifth at random (as gRPC's own reconnect backoff): the tokenizer replicas that lost
+    an engine together (it restarted) would otherwise redial it in lockstep, all at the same instants."""
+    return backoff * random.uniform(0.8, 1.2)
+
+
 class EngineConnection:
     """One engine address: a channel and one long-lived Generate stream, reconnected with backoff."""
 
@@ -262,9 +268,10 @@ class EngineConnection:
             try:
                 channel = self._pool.channel(self.address)
             except (ValueError, OSError) as exc:  # TLS files mid-rotation or gone: try again after the backoff
-                log.error("engine %s: cannot dial: %s; retrying in %.1fs", self.address, exc, backoff)
+                wait = jittered(backoff)
+                log.error("engine %s: cannot dial: %s; retrying in %.2fs", self.address, exc, wait)
                 self.failure = f"cannot dial: {exc}"
-                await asyncio.sleep(backoff)
+                await asyncio.sleep(wait)
                 backoff = min(backoff * 2, cfg.reconnect_max_s)
                 continue
             reason = "the engine ended the stream (draining)"
@@ -338,10 +345,11 @@ class EngineConnection:
                 return
             if proven:  # a healthy engine's stream dropped: reconnect fast
                 backoff = cfg.reconnect_min_s
-            log.warning("engine %s %s (%s); reconnecting in %.1fs", self.address, outcome, reason, backoff)
+            wait = jittered(backoff)
+            log.warning("engine %s %s (%s); reconnecting in %.2fs", self.address, outcome, reason, wait)
             if self._pool.metrics is not None:
                 self._pool.metrics.reconnects.inc()
-            await asyncio.sleep(backoff)
+            await asyncio.sleep(wait)
             backoff = min(backoff * 2, cfg.reconnect_max_s)
 
     async def _watch_silence(self, call: grpc.aio.Call, limit_s: float) -> None:

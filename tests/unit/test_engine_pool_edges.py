@@ -164,7 +164,8 @@ def _run_pool(pool: EnginePool, until) -> None:
     asyncio.run(main())
 
 
-def test_an_unreachable_engine_is_redialled_after_a_doubling_backoff_capped_at_max(caplog):
+def test_an_unreachable_engine_is_redialled_after_a_doubling_backoff_capped_at_max(caplog, monkeypatch):
+    monkeypatch.setattr(engine_pool, "jittered", lambda backoff: backoff)  # the nominal waits
     address = _unused_address()
     pool = EnginePool(pool_config(engines=address, reconnect_min_s=0.01, reconnect_max_s=0.04), 100, {99}, [])
     with caplog.at_level(logging.WARNING, logger=POOL_LOG):
@@ -173,7 +174,8 @@ def test_an_unreachable_engine_is_redialled_after_a_doubling_backoff_capped_at_m
     assert pool.conns[address].failure.startswith("not reached (UNAVAILABLE: ")
 
 
-def test_a_channel_that_cannot_be_made_is_retried_after_a_doubling_backoff_capped_at_max(caplog):
+def test_a_channel_that_cannot_be_made_is_retried_after_a_doubling_backoff_capped_at_max(caplog, monkeypatch):
+    monkeypatch.setattr(engine_pool, "jittered", lambda backoff: backoff)  # the nominal waits
     pool = EnginePool(pool_config(engines="e:1", reconnect_min_s=0.01, reconnect_max_s=0.04), 100, {99}, [])
 
     def channel(address):
@@ -186,15 +188,30 @@ def test_a_channel_that_cannot_be_made_is_retried_after_a_doubling_backoff_cappe
     assert pool.conns["e:1"].failure == "cannot dial: --engine-tls-ca: no such file"
 
 
+def test_redials_are_spread_a_fifth_either_side_of_the_doubling_backoff(caplog):
+    """Tokenizer replicas that lost an engine together (it restarted) redialled it in lockstep: each wait is the
+    doubling backoff give or take a fifth at random, as gRPC's own reconnect backoff."""
+    address = _unused_address()
+    pool = EnginePool(pool_config(engines=address, reconnect_min_s=0.01, reconnect_max_s=0.04), 100, {99}, [])
+    with caplog.at_level(logging.WARNING, logger=POOL_LOG):
+        _run_pool(pool, lambda: len(_backoffs(caplog, logging.WARNING, address)) >= 6)
+    waits = _backoffs(caplog, logging.WARNING, address)[:6]
+    for wait, nominal in zip(waits, [0.01, 0.02, 0.04, 0.04, 0.04, 0.04], strict=True):
+        assert 0.8 * nominal - 0.005 <= wait <= 1.2 * nominal + 0.005, waits  # as logged, to 0.01 s
+    drawn = [engine_pool.jittered(1.0) for _ in range(200)]
+    assert min(drawn) >= 0.8 and max(drawn) <= 1.2 and max(drawn) - min(drawn) > 0.3, (min(drawn), max(drawn))
+
+
 class _OtherModel(pb_grpc.EngineServicer):
     async def GetModelInfo(self, request, context):
         return pb.ModelInfo(model_name="other", vocab_size=50, eos_token_ids=[99], max_model_len=64)
 
 
 @pytest.mark.parametrize("servicer", [_OtherModel, None], ids=["another-model", "not-an-engine"])
-def test_an_engine_that_will_never_serve_us_is_redialled_at_the_max_backoff(caplog, servicer):
+def test_an_engine_that_will_never_serve_us_is_redialled_at_the_max_backoff(caplog, monkeypatch, servicer):
     """A wrong model or a server without the engine API does not come right by redialling fast: from the first
     refusal on, it waits reconnect_max_s."""
+    monkeypatch.setattr(engine_pool, "jittered", lambda backoff: backoff)  # the nominal waits
     async def main() -> tuple[str, RequestFailed]:
         server = grpc.aio.server()
         if servicer is not None:
@@ -247,6 +264,7 @@ def test_a_proven_stream_that_drops_is_redialled_at_the_min_backoff(caplog, monk
     """The backoff grown while an engine started up is reset once its stream proved itself: its loss is redialled
     at reconnect_min_s, not where the start-up left it."""
     monkeypatch.setattr(engine_pool, "STREAM_PROVEN_S", 0.1)
+    monkeypatch.setattr(engine_pool, "jittered", lambda backoff: backoff)  # the nominal waits
 
     async def main() -> str:
         server = grpc.aio.server()
