@@ -182,7 +182,7 @@ class ModelRunner:
         self.block_size = config.kvcache_block_size
         self.max_model_len = max_model_len
         self.backend_name = resolve_backend_name(config.attention_backend, self.device, self.block_size,
-                                                 config.kv_cache_dtype)
+                                                 config.kv_cache_dtype, self.dtype)
         self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
         self.backend = make_backend(self.backend_name, self.device)
         self.fused_ops = resolve_fused_ops(config.fused_ops, self.device, self.dtype)

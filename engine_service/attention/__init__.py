@@ -2,8 +2,10 @@
 
 - torch: the reference; batched tensor operations on any device.
 - triton: KV-store and paged-attention kernels; CUDA, or CPU under TRITON_INTERPRET=1.
-- flash_attn: where the package imports and the block size suits its paged kernels (multiples of 256).
-- auto: flash_attn where it fits, then triton on CUDA (unless TRITON_INTERPRET=1), else torch.
+- flash_attn: where the package imports, the block size suits its paged kernels (multiples of 256) and the model
+  runs in float16 or bfloat16 (its kernels take nothing else).
+- auto: flash_attn where it fits, then triton on CUDA (unless TRITON_INTERPRET=1, or the model runs in float64, which
+  the kernels do not compile for there), else torch.
 
 Imports are lazy, so a machine without triton or flash-attn still imports the engine.
 
@@ -41,6 +43,8 @@ __all__ = [
 ]
 
 FLASH_ATTN_BLOCK_MULTIPLE = 256
+# flash-attn's kernels take half precision only (a float32 or float64 model fails its first step there).
+FLASH_ATTN_DTYPES = (torch.float16, torch.bfloat16)
 
 FP8_KV_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3's largest finite value: larger K/V saturate to it, as no scale factor is applied
@@ -134,14 +138,18 @@ def _fp8_too_old(device: torch.device) -> str | None:
 _FP8_MIN = ".".join(map(str, FP8_MIN_CAPABILITY))
 
 
-def resolve_backend_name(name: str, device: torch.device, block_size: int, kv_cache_dtype: str = "auto") -> str:
-    """Turn 'auto' into a concrete backend and refuse combinations that cannot run."""
+def resolve_backend_name(name: str, device: torch.device, block_size: int, kv_cache_dtype: str = "auto",
+                         dtype: torch.dtype | None = None) -> str:
+    """Turn 'auto' into a concrete backend and refuse combinations that cannot run. dtype: the model's (None:
+    not known yet, so not checked)."""
     on_cuda = device.type == "cuda"
     fp8 = kv_cache_dtype == "fp8"
+    half = dtype is None or dtype in FLASH_ATTN_DTYPES
     if name == "auto":
-        if on_cuda and not fp8 and _importable("flash_attn") and block_size % FLASH_ATTN_BLOCK_MULTIPLE == 0:
+        if (on_cuda and not fp8 and half and _importable("flash_attn")
+                and block_size % FLASH_ATTN_BLOCK_MULTIPLE == 0):
             return "flash_attn"
-        if compiled_triton(device):
+        if compiled_triton(device) and dtype != torch.float64:
             too_old = fp8 and _fp8_too_old(device)
             if not too_old:
                 return "triton"
@@ -157,8 +165,20 @@ def resolve_backend_name(name: str, device: torch.device, block_size: int, kv_ca
                 f"attention_backend='flash_attn' needs kvcache_block_size a multiple of "
                 f"{FLASH_ATTN_BLOCK_MULTIPLE}, got {block_size}"
             )
+        if not half:
+            raise ValueError(
+                f"attention_backend='flash_attn' computes in float16 or bfloat16 only, and the model runs in "
+                f"{str(dtype).removeprefix('torch.')}; use dtype 'bfloat16' or 'float16', or attention_backend "
+                f"'torch' (or 'triton', in float32)"
+            )
     if name == "triton":
         check_triton_usable("attention_backend='triton'", device, "use attention_backend='torch'")
+        if on_cuda and dtype == torch.float64:
+            raise ValueError(
+                "attention_backend='triton' on CUDA computes in float32 at most (its kernels do not compile for "
+                "float64), and the model runs in float64; use attention_backend='torch' (or 'auto', which picks it "
+                "for float64), or dtype 'float32', 'bfloat16' or 'float16'"
+            )
         if fp8 and on_cuda and (too_old := _fp8_too_old(device)):
             raise ValueError(
                 f"kv_cache_dtype='fp8' with the triton backend needs compute capability {_FP8_MIN} or later (Ada, "

@@ -35,8 +35,8 @@ class TorchAttentionBackend(AttentionBackend):
             qd = (q[:nd] if sel is None else q[sel]).unsqueeze(2)  # [b, Hq, 1, D]
             keys, values = _rows(k_rows, idx, q.dtype), _rows(v_rows, idx, q.dtype)  # [b, Hkv, 1, D]
             o = _attention(qd, keys, values, allowed, scale)  # [b, Hq, 1, D]
-            if meta.has_padding:
-                o = o * live.view(-1, 1, 1, 1)  # padding lanes write zeros
+            if meta.has_padding:  # padding lanes write zeros (whatever their key 0 held: 0 * NaN is NaN)
+                o = torch.where(live.view(-1, 1, 1, 1), o, 0.0)
             o = o.view(-1, num_heads, d).to(out.dtype)
             if sel is None:
                 out[:nd] = o
@@ -116,15 +116,19 @@ def _attention(q, keys, values, allowed, scale):
     return out.view(b, hq, nq, d).to(q.dtype)
 
 
-def _gather_index(block_tables: torch.Tensor, k_max: int, block_size: int, kv_heads: int) -> torch.Tensor:
-    """[b, W] block tables -> [b, Hkv, k_max] rows of the cache viewed as [slots * Hkv, D].
+def _gather_index(block_tables: torch.Tensor, k_max: int, block_size: int, kv_heads: int,
+                  ctx: torch.Tensor) -> torch.Tensor:
+    """[b, W] block tables and [b] context lengths -> [b, Hkv, k_max] rows of the cache viewed as [slots * Hkv, D].
 
-    Gathering (slot, head) rows directly gives K in [b, Hkv, K, D] order, ready for a batched matmul.
+    Gathering (slot, head) rows directly gives K in [b, Hkv, K, D] order, ready for a batched matmul. A row's
+    positions past its context (padding to the group's longest) gather its last key again: the slots there hold
+    whatever their block held before (another request's leftovers, an inf or NaN among them), and a masked-out
+    NaN or inf value still turns the softmax's 0 weight times it into NaN.
     """
     dev = block_tables.device
-    j = torch.arange(k_max, device=dev)
-    blocks = block_tables[:, : -(-k_max // block_size)].long()
-    slots = blocks[:, j // block_size] * block_size + (j % block_size)  # [b, K]
+    j = torch.minimum(torch.arange(k_max, device=dev)[None, :], (ctx.long() - 1).clamp(min=0)[:, None])  # [b, K]
+    blocks = block_tables[:, : -(-k_max // block_size)].long().gather(1, j // block_size)
+    slots = blocks * block_size + j % block_size  # [b, K]
     return slots[:, None, :] * kv_heads + torch.arange(kv_heads, device=dev)[None, :, None]
 
 
@@ -158,7 +162,8 @@ def _plan(meta: AttentionMetadata, device, kv_heads: int) -> dict:
         sel = None if len(rows) == nd else to_device(rows, torch.long, device)  # one group: every row, in order
         k_max = max(1, max(meta.ctx_lens[i] for i in rows))
         ctx = (meta.context_lens[:nd] if sel is None else meta.context_lens[sel]).long()
-        idx = _gather_index(meta.block_tables[:nd] if sel is None else meta.block_tables[sel], k_max, bs, kv_heads)
+        idx = _gather_index(meta.block_tables[:nd] if sel is None else meta.block_tables[sel], k_max, bs, kv_heads,
+                            ctx)
         allowed = torch.arange(k_max, device=device)[None, :] < ctx[:, None]  # [b, K]
         allowed[:, 0] |= ctx == 0  # a padding lane sees key 0 so its softmax is finite; it is zeroed
         plan["decode"].append((sel, idx, allowed[:, None, None, :], ctx > 0))
@@ -190,7 +195,8 @@ def _plan(meta: AttentionMetadata, device, kv_heads: int) -> dict:
             step = max(1, MASK_ELEMENTS // k_max)
             tiles = [_prefill_tile(group, [a], [min(step, q_lens[s] - a)], q_lens, ctx_lens, first_row, device,
                                    keep_mask=False) for a in range(0, q_lens[s], step)]
-        plan["prefill"].append((_gather_index(tables, k_max, bs, kv_heads), tiles))
+        ctx = to_device([ctx_lens[s] for s in group], torch.long, device)
+        plan["prefill"].append((_gather_index(tables, k_max, bs, kv_heads, ctx), tiles))
     return plan
 
 
