@@ -41,6 +41,14 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepaliv
     policy; one this function sets too replaces its value (grpc-core times a keepalive ping out by
     grpc.http2.ping_timeout_ms, clients.tls.keepalive_options). A name given twice is refused (gRPC would keep one
     of them silently)."""
+    if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or not (
+            max_message_bytes >= 1 or max_message_bytes == -1):  # 0 refused every message that was not empty
+        raise ValueError(f"max_message_bytes must be a positive number of bytes (or -1, gRPC's no limit), got "
+                         f"{max_message_bytes!r}")
+    if (isinstance(keepalive_time_s, bool) or not isinstance(keepalive_time_s, int | float)
+            or not math.isfinite(keepalive_time_s) or keepalive_time_s <= 0):
+        raise ValueError(f"keepalive_time_s must be a positive number of seconds (the servers allow a ping every 5 s "
+                         f"or more), got {keepalive_time_s!r}")
     extra = list(extra_options)
     if not all(isinstance(o, tuple) and len(o) == 2 and isinstance(o[0], str) for o in extra):
         raise ValueError(f"extra_options must be (name, value) pairs of gRPC channel arguments, got {extra_options!r}")
@@ -97,10 +105,13 @@ class Channels:
     TLS, stub() checks the files' stamp before each call and, when it changed, makes a new channel for new calls.
     Calls in flight finish on the old channel, which is kept (idle, gRPC drops its connection) and closed with the
     client. Files that do not load yet (a rotation half-written) keep the current channel, with one warning, and
-    are read again on a later call, at most every ROTATION_RETRY_S."""
+    are read again on a later call, at most every ROTATION_RETRY_S.
+
+    defer: make the first channel at the first stub() rather than now (an asyncio client made outside any event
+    loop: a grpc.aio channel belongs to the loop it is made in, and asyncio.run() runs a new one)."""
 
     def __init__(self, open_channel: Callable[..., Any], target: str, tls: ClientTls | None,
-                 stub_type: Callable[[Any], Any], **channel_kwargs: Any) -> None:
+                 stub_type: Callable[[Any], Any], *, defer: bool = False, **channel_kwargs: Any) -> None:
         unknown = sorted(set(channel_kwargs) - CHANNEL_SETTINGS)
         if unknown:
             raise TypeError(f"unknown client setting(s) {unknown}; a client takes target, timeout, tls and the "
@@ -109,8 +120,8 @@ class Channels:
         self._stub_type = stub_type
         self._stamp = tls.stamp() if tls is not None else None  # taken before reading: a change meanwhile shows
         self._contents = _contents(tls) if tls is not None else b""
-        self.current = open_channel(target, tls, **channel_kwargs)
-        self._stub = stub_type(self.current)
+        self.current = None if defer else open_channel(target, tls, **channel_kwargs)
+        self._stub = None if defer else stub_type(self.current)
         self.retired: list[Any] = []
         self._retry_at, self._warned = 0.0, False
         self._lock = threading.Lock()  # a blocking client may be shared by threads
@@ -123,10 +134,23 @@ class Channels:
 
     def stub(self) -> Any:
         """The stub for a new call: on a new channel when the TLS files changed and load."""
+        if self._stub is None:
+            with self._lock:
+                self._open_deferred()
         if self._tls is not None and self._tls.stamp() != self._stamp:
             with self._lock:
                 self._renew(self._tls)
         return self._stub
+
+    def _open_deferred(self) -> None:
+        if self._stub is not None:
+            return  # another thread made it
+        if self._closed:
+            raise ValueError(f"Cannot invoke RPC on closed channel: the client of {self._target} was closed")
+        if self._tls is not None:  # the files as this channel reads them, for telling a later rotation
+            self._stamp, self._contents = self._tls.stamp(), _contents(self._tls)
+        self.current = self._open_channel(self._target, self._tls, **self._kwargs)
+        self._stub = self._stub_type(self.current)
 
     def _renew(self, tls: ClientTls) -> None:
         stamp = tls.stamp()
@@ -155,4 +179,4 @@ class Channels:
         """Every channel made, those retired first, for the client to close: none is made after this."""
         with self._lock:
             self._closed = True
-            return [*self.retired, self.current]
+            return [*self.retired, *([self.current] if self.current is not None else [])]

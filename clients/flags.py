@@ -4,11 +4,20 @@ variable (PREFIX + the field's name in capitals), then to the field's default.""
 from __future__ import annotations
 
 import argparse
+import difflib
+import logging
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import MISSING, fields
 from typing import TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+# Kubernetes gives a pod variables for each Service of its namespace unless the pod sets enableServiceLinks: false:
+# a Service named "engine" brings ENGINE_PORT=tcp://10.96.0.7:50051, ENGINE_SERVICE_HOST, ENGINE_PORT_50051_TCP_ADDR...
+SERVICE_LINK_VALUE = re.compile(r"(tcp|udp|sctp)://", re.IGNORECASE)
+SERVICE_LINK_NAME = re.compile(r".*_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)")
 
 
 def parse_bool(text: str) -> bool:
@@ -46,5 +55,23 @@ def parse_settings(cls: type[T], env_prefix: str, prog: str, description: str, a
             try:
                 values[f.name] = kinds[f.name](env[var])
             except (ValueError, argparse.ArgumentTypeError) as exc:
-                raise ValueError(f"{f.name}: environment variable {var}={env[var]!r} is invalid: {exc}") from exc
+                link = (f" ({env[var]!r} is the address Kubernetes gives a pod for a Service named "
+                        f"{var.removesuffix('_PORT').lower().replace('_', '-')!r}: set enableServiceLinks: false in "
+                        f"the pod spec, or rename that Service)" if SERVICE_LINK_VALUE.match(env[var]) else "")
+                raise ValueError(f"{f.name}: environment variable {var}={env[var]!r} is invalid: {exc}{link}") from exc
+    warn_unknown(env, env_prefix, {env_prefix + f.name.upper() for f in fields(cls)}, prog)
     return cls(**values)
+
+
+def warn_unknown(env: Mapping[str, str], env_prefix: str, known: set[str], prog: str) -> None:
+    """Warn of each variable with the settings' prefix that names no setting (a typo, such as ENGINE_MAX_NUM_SEQ
+    for ENGINE_MAX_NUM_SEQS, left the default in force without a word), naming the closest setting. Kubernetes'
+    Service variables (ENGINE_SERVICE_HOST, tcp:// addresses) and the tests' hooks (PREFIX_TEST_*, read by the
+    services themselves) are not settings and are passed over."""
+    for var in sorted(v for v in env if v.startswith(env_prefix) and v not in known):
+        if (SERVICE_LINK_NAME.fullmatch(var) or SERVICE_LINK_VALUE.match(env[var])
+                or var.startswith(env_prefix + "TEST_")):
+            continue
+        close = difflib.get_close_matches(var, sorted(known), n=1, cutoff=0.8)
+        hint = f"; did you mean {close[0]}?" if close else f"; {prog} --help lists its settings"
+        log.warning("environment variable %s is not a setting of %s and is ignored%s", var, prog, hint)

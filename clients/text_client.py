@@ -429,14 +429,44 @@ class AsyncCompletionStream(_StreamEnd):
 
 
 class AsyncTextClient(_GenerateCalls):
-    """asyncio client; the same calls as TextClient, with AsyncCompletionStreams."""
+    """asyncio client; the same calls as TextClient, with AsyncCompletionStreams.
+
+    Its channel belongs to one event loop (grpc.aio's rule): the loop running when it is made, or, when made
+    outside any (at import, before asyncio.run), the loop of its first call. A call from another loop (a second
+    asyncio.run) raises RuntimeError saying so: make one client per loop."""
 
     _stream_type = AsyncCompletionStream
 
     def __init__(self, target: str, timeout: float | None = None, tls: ClientTls | None = None,
                  **channel_kwargs: Any) -> None:
         self.timeout = client_timeout(timeout)
-        self._channels = Channels(aio_channel, target, tls, pb_grpc.TextGenerationStub, **channel_kwargs)
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # made outside any loop: a channel made now would belong to none that runs its calls
+            self._loop = None
+        self._channels = Channels(aio_channel, target, tls, pb_grpc.TextGenerationStub, defer=self._loop is None,
+                                  **channel_kwargs)
+
+    def _own_loop(self, what: str) -> asyncio.AbstractEventLoop:
+        """The running loop, once it is the one this client's channel belongs to (or will: the first call's)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(f"AsyncTextClient {what} needs a running event loop: call it from async code, or use "
+                               "TextClient from blocking code") from None
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise RuntimeError(f"AsyncTextClient {what} in another event loop than the one its channel belongs to "
+                               f"(the loop it was made in{', now closed' if self._loop.is_closed() else ''}; a "
+                               "grpc.aio channel cannot move between loops, e.g. from one asyncio.run() to the "
+                               "next): make one AsyncTextClient per event loop")
+        return loop
+
+    @property
+    def _stub(self) -> pb_grpc.TextGenerationStub:
+        self._own_loop("called")
+        return self._channels.stub()
 
     async def tokenize(self, text: str | None = None, add_special_tokens: bool | None = None, *,
                        messages: Messages | None = None, enable_thinking: bool | None = None,
@@ -458,7 +488,12 @@ class AsyncTextClient(_GenerateCalls):
         return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
 
     async def close(self) -> None:
-        for channel in self._channels.close():
+        channels = self._channels.close()
+        if channels and self._loop is not None and self._loop.is_closed():
+            return  # its channels went with their loop (asyncio.run closed it); none can be awaited from this one
+        if channels:
+            self._own_loop("closed")
+        for channel in channels:
             await channel.close()
 
     async def __aenter__(self) -> AsyncTextClient:
