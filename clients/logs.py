@@ -38,6 +38,13 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """`time level logger: message` on one line: a message's characters that are not printable are escaped
+        (`\\n`, `\\x1b`), since its arguments can be a client's (a request id with a newline wrote a forged
+        line). A traceback, appended after this, keeps its lines."""
+        line = super().formatMessage(record)
+        return line if line.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         fields = getattr(record, "fields", None)

@@ -31,11 +31,14 @@ request_log = logging.getLogger(REQUEST_LOGGER)
 
 PREFIX = "llmserve:"
 FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR)
-# Bucket upper bounds in seconds: roughly 1-2.5-5 per decade, over the range each latency lives in.
-TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                120.0)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
-               5.0, 10.0)
+# Bucket upper bounds in seconds: roughly 1-2.5-5 per decade, over the range each latency lives in. A GPU's decode
+# step takes 1-2.5 ms (docs/PERFORMANCE.md: 1.2 ms at batch 1, 2.3 ms at batch 64 on an H200), and a short
+# prompt's first token comes within 5 ms of its arrival on an idle engine: the low ends are finer, or every
+# observation there fell in one bucket and histogram_quantile could not tell batch 1 from batch 64.
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+                30.0, 60.0, 120.0)
+ITL_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
+               0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0,
                    600.0, 1200.0)
 
