@@ -17,6 +17,9 @@ MAX_LOGPROBS = 20
 # Tokens one request may bias (logit_bias), and the bias's bound (OpenAI's: -100 bans a token, 100 forces it).
 MAX_LOGIT_BIAS_TOKENS = 1024
 MAX_LOGIT_BIAS = 100.0
+# float32's largest finite value: the sampler uploads repetition penalties in float32, where a larger one is inf (a
+# seen token's zero logit times inf is NaN, drawn as a token), and a Python int past a float's range fails the step.
+FLOAT32_MAX = 3.4028234663852886e38
 # What response_format may say: None (free text), "json_object" (the output is one JSON object) or "json_schema"
 # (one JSON object that json_schema describes): structured_output.py, json_schema.py.
 RESPONSE_FORMATS = (None, "json_object", "json_schema")
@@ -25,6 +28,14 @@ RESPONSE_FORMATS = (None, "json_object", "json_schema")
 # The fields validate() wants as Python ints, and as Python numbers (ints or floats).
 _INT_FIELDS = ("max_tokens", "min_tokens", "top_k", "priority", "logprobs", "prompt_logprobs", "seed")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+def _python_number(value: object) -> object:
+    """A numpy scalar (np.int64, np.float32: what arrays give) as the Python int or float it stands for; anything
+    else as it is, for validate() to name."""
+    if isinstance(value, bool | int | float) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 @dataclass(slots=True, frozen=True)
@@ -38,8 +49,8 @@ class SamplingParams:
     the N most likely tokens' (outputs.TokenLogprobs), under the model's raw distribution.
     prompt_logprobs: the same (0 to MAX_LOGPROBS) for each prompt token after the first, given the tokens before it;
     returned with the first generated token. Such a request computes its whole prompt: it skips the prefix cache.
-    Penalties (penalties.py), applied to the logits before temperature and filters: repetition_penalty (> 0, 1.0
-    off) divides the positive logits of every token in the prompt or the output so far and multiplies the
+    Penalties (penalties.py), applied to the logits before temperature and filters: repetition_penalty (> 0 and
+    at most float32's largest, 1.0 off) divides the positive logits of every token in the prompt or the output so far and multiplies the
     negative ones, as transformers does; presence_penalty and frequency_penalty ([-2, 2], 0.0 off) subtract
     once per token that the output holds, and once per occurrence, as OpenAI's API does.
     logit_bias: token id -> a bias in [-100, 100] added to that token's logit before penalties, temperature and
@@ -94,10 +105,11 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be a list of token ids, got {ids!r}")
         if hasattr(ids, "__len__") and len(ids) > 16 * MAX_STOP_TOKEN_IDS:  # not worth deduplicating
             raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} distinct ids, got {len(ids)}")
+        ids = tuple(map(_python_number, ids))  # a list of np.int64 too, as a prompt of them is taken
         try:
             object.__setattr__(self, "stop_token_ids", tuple(dict.fromkeys(ids)))
         except TypeError:  # an unhashable entry: validate() names it
-            object.__setattr__(self, "stop_token_ids", tuple(ids))
+            object.__setattr__(self, "stop_token_ids", ids)
         bias = self.logit_bias
         if hasattr(bias, "items"):
             bias = bias.items()
@@ -106,7 +118,7 @@ class SamplingParams:
         if hasattr(bias, "__len__") and len(bias) > MAX_LOGIT_BIAS_TOKENS:
             raise ValueError(f"logit_bias must hold at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(bias)}")
         try:
-            pairs = tuple(sorted((t, b) for t, b in bias))
+            pairs = tuple(sorted((_python_number(t), _python_number(b)) for t, b in bias))
         except (TypeError, ValueError):  # not pairs, or ids that do not compare
             raise ValueError(f"logit_bias must map token ids to biases, got {self.logit_bias!r}") from None
         object.__setattr__(self, "logit_bias", pairs)
@@ -153,9 +165,11 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1 (disabled) or at least 1, got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not 0.0 < self.repetition_penalty < float("inf"):
-            raise ValueError(f"repetition_penalty must be a finite number above 0 (1.0 is off; above 1 discourages "
-                             f"repeats), got {self.repetition_penalty}")
+        if not 0.0 < self.repetition_penalty <= FLOAT32_MAX:
+            shown = str(self.repetition_penalty)
+            shown = shown if len(shown) <= 24 else f"an integer of {len(shown)} digits"
+            raise ValueError(f"repetition_penalty must be a number above 0 and at most {FLOAT32_MAX:.7g} (float32's "
+                             f"largest; 1.0 is off; above 1 discourages repeats), got {shown}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2] (0.0 is off), got {getattr(self, name)}")

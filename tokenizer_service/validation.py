@@ -521,11 +521,15 @@ def prepare(
             raise ValueError("add_special_tokens: applies to a prompt or a chat, which the service tokenizes; "
                              "prompt_token_ids are sent as they are (add any BOS to the ids), so leave it unset")
         prompt = list(request.prompt_token_ids.ids)
+        if not prompt:  # the text rule says "must encode to at least one token", which these ids never were
+            raise ValueError("prompt_token_ids: must hold at least one token id (got none)")
         try:
             validate_prompt_tokens(prompt, limits)  # the length first: it bounds the ids' check
             validate_detokenize_ids(prompt, limits)
         except ValueError as exc:
-            raise ValueError(f"prompt_token_ids: {str(exc).split(': ', 1)[1]}") from None
+            # The id rule names a Detokenize call's field (token_ids[i]): name the request's own.
+            detail = str(exc).split(": ", 1)[1].replace("(token_ids[", "(prompt_token_ids[")
+            raise ValueError(f"prompt_token_ids: {detail}") from None
     else:
         _run("request", text_request, limits, rename=request.WhichOneof("input"))
         prompt = _encode(text_request, tokenizer, max_model_len=limits.max_model_len)
