@@ -765,6 +765,13 @@ class LLM(LLMEngine):
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need tokenizer files in the model directory; pass token ids")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as exc:  # the tokenizer's own error is a TypeError naming its input types
+                raise ValueError(f"the text prompt is not valid Unicode text: character {exc.start} "
+                                 f"({prompt[exc.start]!r}) is a lone surrogate; give whole characters (text read "
+                                 "as bytes with errors='surrogateescape' holds them: decode it as UTF-8 instead)"
+                                 ) from None
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
             if not ids:  # add_request would name prompt_token_ids, which the caller did not pass
                 what = "a non-empty prompt" if not prompt else "text the tokenizer keeps"

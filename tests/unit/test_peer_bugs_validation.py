@@ -140,3 +140,15 @@ def test_a_prompt_one_short_of_max_model_len_generates_one_token_with_max_tokens
             llm.generate([prompt + [1]], SamplingParams(temperature=0.0))
         assert llm.stats()["num_free_blocks"] == llm.stats()["num_blocks"]
     assert out["token_ids"] == hf_greedy(model, prompt, 1) and out["finish_reason"] == "length"
+
+
+def test_a_text_prompt_with_a_lone_surrogate_is_refused_naming_the_character(demo_model_dir):
+    """The tokenizer's own error for it is a TypeError about its input types, which names neither the prompt nor
+    the character (the gRPC door never sees one: protobuf refuses the string)."""
+    from engine_service import LLM
+
+    with LLM(str(demo_model_dir), device="cpu", dtype="float32", enforce_eager=True, max_model_len=64,
+             num_kvcache_blocks=16) as llm:
+        with pytest.raises(ValueError, match=r"character 3 \('\\ud800'\) is a lone surrogate"):
+            llm.generate(["hi \ud800 there"], SamplingParams(max_tokens=1))
+        assert llm.generate(["hi there"], SamplingParams(max_tokens=1, temperature=0.0))[0]["token_ids"]
