@@ -14,9 +14,13 @@ token, inter-token latency and end-to-end latency at p50/p90/p99, request and ou
 --inprocess-model, each run is paired with the same workload driven through LLMEngine add_request/step in this
 process (engine_service is imported only then), alternating, and the median throughput ratio is reported.
 The in-process engine must be built with the engine service's settings (the engine flags here mirror its
-flags) and the same torch thread count. Each pair's prompts are salted (first token shifted) so that no run
-is served from the prefix cache of an earlier one. The client's own CPU time is reported per gRPC run, to show
-that the client is not the bottleneck.
+flags) and the same torch thread count; its requests leave unset what the gRPC requests leave unset, and so take
+the model's generation_config.json defaults (top_k, top_p, penalties), as the services fill them in. Each run's
+prompts are salted (first token shifted, by a salt that starts at a random base for each invocation) so that no run
+is served from the prefix cache of an earlier one, this invocation's or an earlier one's against the same
+services; each run reports the prompt tokens the engines did serve from their prefix cache. The client's own CPU
+time is reported per gRPC run, to show that the client is not the bottleneck. The JSON report records the command,
+the salt base and the versions and commit it ran on.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ import itertools
 import json
 import math
 import os
+import platform
 import random
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -75,6 +82,33 @@ def salted(w: Workload, salt: int, vocab_size: int) -> Workload:
     return Workload(prompts, w.max_tokens, w.temperature)
 
 
+def salt_of(base: int, run: int, vocab_size: int) -> int:
+    """The salt of an invocation's run-th timed run (from 0): never 0, the warm-up's (for fewer than vocab_size - 1
+    runs), and counted from `base`, drawn at random for each invocation, so that a second invocation against the same
+    services does not send the first one's prompts again, which their prefix cache may still hold."""
+    return 1 + (base + run) % max(vocab_size - 1, 1)
+
+
+def environment() -> dict[str, object]:
+    """What a figure depends on besides its command: Python and package versions, the commit ("-dirty" when the
+    working tree had changes; None outside a git checkout) and the machine."""
+    from importlib import metadata
+
+    versions: dict[str, object] = {"python": platform.python_version()}
+    for dist in ("grpcio", "protobuf", "torch", "transformers"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
+                                   text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
+        commit = described.stdout.strip() if described.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {**versions, "commit": commit or None, "machine": platform.machine(), "cpus": os.cpu_count()}
+
+
 def arrivals(n: int, rate: float) -> list[float]:
     """Poisson arrival offsets in seconds (all at 0 for an infinite rate)."""
     if math.isinf(rate):
@@ -88,11 +122,13 @@ def arrivals(n: int, rate: float) -> list[float]:
 
 @dataclass(slots=True)
 class Timing:
-    """One request: send time, each chunk's arrival (seconds, token count), and any error."""
+    """One request: send time, each chunk's arrival (seconds, token count), any error, and its cached prompt
+    tokens."""
 
     start: float = 0.0
     chunks: list[tuple[float, int]] = field(default_factory=list)
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens the engine served from its prefix cache (the last message's usage)
 
 
 async def run_grpc(target: str, w: Workload, concurrency: int, rate: float,
@@ -113,6 +149,9 @@ async def run_grpc(target: str, w: Workload, concurrency: int, rate: float,
                                                     temperature=w.temperature)
                     async for chunk in stream:
                         timings[i].chunks.append((time.perf_counter(), len(chunk.token_ids)))
+                        usage = getattr(chunk, "usage", None)
+                        if usage is not None and usage.cached_tokens:
+                            timings[i].cached_tokens = usage.cached_tokens
                 except Exception as exc:  # report, do not abort the run
                     timings[i].error = (f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError)
                                         else repr(exc))
@@ -122,9 +161,13 @@ async def run_grpc(target: str, w: Workload, concurrency: int, rate: float,
 
 
 def run_inprocess(engine, w: Workload, concurrency: int, rate: float) -> tuple[list[Timing], float]:
-    """The same workload through LLMEngine add_request/step on this thread."""
+    """The same workload through LLMEngine add_request/step on this thread. Each request takes the model's
+    generation_config.json defaults for what it leaves unset, as the services fill them into a gRPC request (given
+    SamplingParams, the engine applies none: the in-process side would skip a top_k, top_p or penalty the gRPC side
+    pays for)."""
     from engine_service import SamplingParams
 
+    defaults = dict(getattr(engine, "generation_defaults", None) or {})
     timings = [Timing() for _ in w.prompts]
     due, nxt, live, done = arrivals(len(w.prompts), rate), 0, set(), 0
     t0 = time.perf_counter()
@@ -132,7 +175,8 @@ def run_inprocess(engine, w: Workload, concurrency: int, rate: float) -> tuple[l
     while done < len(w.prompts):
         now = time.perf_counter()
         while nxt < len(w.prompts) and due[nxt] <= now - t0 and len(live) < concurrency:
-            params = SamplingParams(temperature=w.temperature, max_tokens=w.max_tokens[nxt], ignore_eos=True)
+            params = SamplingParams(**{**defaults, "temperature": w.temperature, "max_tokens": w.max_tokens[nxt],
+                                       "ignore_eos": True})
             # The clock starts when the request arrived (or its slot freed), as the gRPC client's does: a request
             # due while a step ran waited for that step, and the gRPC path counts that wait.
             timings[nxt].start = max(t0 + due[nxt], freed)
@@ -153,6 +197,7 @@ def run_inprocess(engine, w: Workload, concurrency: int, rate: float) -> tuple[l
                 live.discard(i)
                 done += 1
                 timings[i].error = out.error
+                timings[i].cached_tokens = getattr(out, "num_cached_tokens", 0)
     return timings, time.perf_counter() - t0
 
 
@@ -178,18 +223,25 @@ def pct(values: list[float], q: float) -> float:
 
 
 def summarize(timings: list[Timing], wall: float) -> dict[str, float]:
-    """TTFT, ITL and E2E percentiles (ms) and throughputs of one run."""
-    ok = [t for t in timings if t.error is None and t.chunks]
-    ttft = [(t.chunks[0][0] - t.start) * 1e3 for t in ok]
+    """TTFT, ITL and E2E percentiles (ms) and throughputs of one run.
+
+    Only messages that carry tokens are token arrivals: one without (prompt logprobs, or a last message with only
+    the finish and usage) neither ends the TTFT nor adds an ITL gap, and a request that never got a token failed."""
+    arrivals_of = {id(t): [(at, n) for at, n in t.chunks if n > 0] for t in timings}
+    ok = [t for t in timings if t.error is None and arrivals_of[id(t)]]
+    ttft = [(arrivals_of[id(t)][0][0] - t.start) * 1e3 for t in ok]
     e2e = [(t.chunks[-1][0] - t.start) * 1e3 for t in ok]
     itl: list[float] = []
     for t in ok:  # a chunk of n tokens after a gap g counts as n gaps of g/n
-        for (prev, _), (cur, n) in zip(t.chunks, t.chunks[1:], strict=False):
-            itl += [(cur - prev) * 1e3 / max(n, 1)] * max(n, 1)
+        chunks = arrivals_of[id(t)]
+        for (prev, _), (cur, n) in zip(chunks, chunks[1:], strict=False):
+            itl += [(cur - prev) * 1e3 / n] * n
     tokens = sum(n for t in ok for _, n in t.chunks)
-    errors = Counter(t.error or "no response" for t in timings if t.error is not None or not t.chunks)
+    errors = Counter(t.error or "no response" for t in timings if t.error is not None or not arrivals_of[id(t)])
     out = {"requests": len(timings), "failed": len(timings) - len(ok), "wall_s": wall, "output_tokens": tokens,
            "request_throughput": len(ok) / wall, "output_throughput": tokens / wall,
+           # prompt tokens served from a prefix cache: above 0, the run did less prefill than the workload asks
+           "cached_prompt_tokens": sum(t.cached_tokens for t in ok),
            "errors": dict(errors.most_common(5))}  # the most frequent, so that a failed count has a cause
     for name, values in (("ttft_ms", ttft), ("itl_ms", itl), ("e2e_ms", e2e)):
         for q in (50, 90, 99):
@@ -276,6 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--plot-dir", default=None, help="write PNG plots here (clients/bench_plots.py)")
     add_tls_arguments(p)
     args = p.parse_args(argv)
+    command = shlex.join(["python", "-m", "clients.serving_bench", *(sys.argv[1:] if argv is None else argv)])
     try:
         tls = tls_from_arguments(args)
     except ValueError as exc:
@@ -305,7 +358,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         with TextClient(args.target, timeout=30, tls=tls) as c:
             vocab = c.model_info().vocab_size
     w = workload(args.workload, vocab, args.num_requests)
-    engine = None
+    salt_base = random.SystemRandom().randrange(max(vocab - 1, 1))
+    engine, inprocess = None, None
     if args.inprocess_model:
         import torch
 
@@ -315,6 +369,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             torch.set_num_threads(args.torch_threads)
         kwargs = inprocess_engine_kwargs(args)
         engine = LLMEngine(args.inprocess_model, device=args.device, **kwargs)
+        inprocess = {"model": args.inprocess_model, "device": args.device, "engine_kwargs": kwargs,
+                     "torch_threads": torch.get_num_threads()}
         print(f"in-process engine: {kwargs}, torch threads {torch.get_num_threads()}", file=sys.stderr)
     rows: list[dict[str, object]] = []
     for concurrency, rate in itertools.product(concurrencies, rates):
@@ -323,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         if engine is not None:
             run_inprocess(engine, warm, 1, math.inf)
         for pair in range(args.pairs):
-            run = salted(w, len(rows) + 1, vocab)
+            run = salted(w, salt_of(salt_base, len(rows), vocab), vocab)
             cpu0 = time.process_time()
             grpc_row = summarize(*asyncio.run(run_grpc(args.target, run, concurrency, rate, tls)))
             grpc_row["client_cpu_s"] = time.process_time() - cpu0
@@ -332,7 +388,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 rows.append({"mode": "inprocess", "rate": rate, "concurrency": concurrency, "pair": pair,
                              **summarize(*run_inprocess(engine, run, concurrency, rate))})
             print(format_table(rows[-2 if engine is not None else -1:]), file=sys.stderr, flush=True)
-    report: dict[str, object] = {"workload": args.workload, "num_requests": len(w.prompts), "runs": rows}
+            for row in rows[-2 if engine is not None else -1:]:
+                if row["cached_prompt_tokens"]:
+                    print(f"warning: the {row['mode']} run was served {row['cached_prompt_tokens']} prompt tokens from "
+                          "a prefix cache (prompts an earlier run sent?): its TTFT and throughput are not the "
+                          "workload's; restart the services to empty their cache", file=sys.stderr, flush=True)
+    report: dict[str, object] = {"command": command, "environment": environment(), "workload": args.workload,
+                                 "num_requests": len(w.prompts), "salt_base": salt_base, "inprocess": inprocess,
+                                 "runs": rows}
     if engine is not None:
         report.update(ratio_report(rows, concurrencies, rates))
     print(format_table(rows))

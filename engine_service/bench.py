@@ -13,9 +13,11 @@ import argparse
 import json
 import logging
 import os
+import platform
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -310,12 +312,22 @@ def engine_params(max_tokens: list[int]) -> list[Any]:
 
 
 def time_engine(llm: Any, plan: Plan, result: Result) -> Result:
-    """One warm-up request on a constructed engine, then each batch of the plan timed through generate()."""
+    """One warm-up request on a constructed engine, then each batch of the plan timed through generate().
+
+    generate() decodes every output to text once its batch is done, where the model has a tokenizer (a --model
+    checkpoint; the presets have none): the peers make token ids only, so the timed runs do too, with the tokenizer
+    set aside."""
     llm.generate(plan.warmup[0], engine_params(plan.warmup[1]))
+    tokenizer = getattr(llm, "tokenizer", None)
     for prompts, max_tokens in plan.batches:
-        start = time.perf_counter()
-        outs = llm.generate(prompts, engine_params(max_tokens))
-        result.runs_s.append(time.perf_counter() - start)
+        params = engine_params(max_tokens)
+        llm.tokenizer = None
+        try:
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params)
+            result.runs_s.append(time.perf_counter() - start)
+        finally:
+            llm.tokenizer = tokenizer
         result.requested_tokens = sum(max_tokens)
         result.generated_tokens = sum(len(o["token_ids"]) for o in outs)
         wrong = sum(len(o["token_ids"]) != n for o, n in zip(outs, max_tokens, strict=True))
@@ -573,9 +585,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "prompt_tokens": workload.num_prompt_tokens,
             "output_tokens": workload.num_output_tokens,
             "repeats": repeats,
+            "seed": 0,  # make_workload's random.Random(0)
         },
         "model": {"preset": preset_name, "dir": str(model_dir), "dtype": dtype, "device": device},
         "command": " ".join(["python -m engine_service.bench", *args.argv]),
+        "environment": environment(),
     }
     w = report["workload"]
     print(
@@ -618,6 +632,30 @@ def _progress(key: str, figures: dict[str, Any]) -> None:
         print(f"  {LABELS[key]}: {figures['seconds']:.2f} s, {figures['tok_s']:,.0f} tok/s", flush=True)
     else:
         print(f"  {LABELS[key]}: {figures.get('error')}", flush=True)
+
+
+def environment() -> dict[str, Any]:
+    """What a figure depends on besides its command: versions, the commit ("-dirty" when the working tree had changes;
+    None outside a git checkout), torch's CPU threads and the machine (its GPU, where it has one)."""
+    import torch
+    import transformers
+
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
+                                   text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+        commit = described.stdout.strip() if described.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "commit": commit or None,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 def failed_peers(report: dict[str, Any]) -> list[str]:
