@@ -59,15 +59,17 @@ def parse_settings(cls: type[T], env_prefix: str, prog: str, description: str, a
                         f"{var.removesuffix('_PORT').lower().replace('_', '-')!r}: set enableServiceLinks: false in "
                         f"the pod spec, or rename that Service)" if SERVICE_LINK_VALUE.match(env[var]) else "")
                 raise ValueError(f"{f.name}: environment variable {var}={env[var]!r} is invalid: {exc}{link}") from exc
-    warn_unknown(env, env_prefix, {env_prefix + f.name.upper() for f in fields(cls)}, prog)
     return cls(**values)
 
 
-def warn_unknown(env: Mapping[str, str], env_prefix: str, known: set[str], prog: str) -> None:
-    """Warn of each variable with the settings' prefix that names no setting (a typo, such as ENGINE_MAX_NUM_SEQ
-    for ENGINE_MAX_NUM_SEQS, left the default in force without a word), naming the closest setting. Kubernetes'
-    Service variables (ENGINE_SERVICE_HOST, tcp:// addresses) and the tests' hooks (PREFIX_TEST_*, read by the
-    services themselves) are not settings and are passed over."""
+def warn_unknown(cls: type, env_prefix: str, prog: str, env: Mapping[str, str] | None = None) -> None:
+    """Warn of each variable with the settings' prefix (os.environ by default) that names no field of cls (a typo,
+    such as ENGINE_MAX_NUM_SEQ for ENGINE_MAX_NUM_SEQS, left the default in force without a word), naming the
+    closest setting. Kubernetes' Service variables (ENGINE_SERVICE_HOST, tcp:// addresses) and the tests' hooks
+    (PREFIX_TEST_*, read by the services themselves) are not settings and are passed over. A service calls it once
+    its logging is configured (from the settings parse_settings gives), so that the warning is in its format."""
+    env = os.environ if env is None else env
+    known = {env_prefix + f.name.upper() for f in fields(cls)}
     for var in sorted(v for v in env if v.startswith(env_prefix) and v not in known):
         if (SERVICE_LINK_NAME.fullmatch(var) or SERVICE_LINK_VALUE.match(env[var])
                 or var.startswith(env_prefix + "TEST_")):

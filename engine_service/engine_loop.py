@@ -60,6 +60,7 @@ class _Abort:
 
 
 _STOP = object()
+ENGINE_THREAD = "engine-loop"  # the consumer thread's name
 # A step that raises fails only its own requests; this many in a row mean the engine cannot continue, and
 # the process exits (health NOT_SERVING, non-zero status) for Kubernetes to restart it.
 MAX_CONSECUTIVE_STEP_FAILURES = 3
@@ -77,7 +78,7 @@ class EngineLoop:
         self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}  # live requests; asyncio thread only
         self._priorities: dict[str, int] = {}  # their priorities (SamplingParams.priority); asyncio thread only
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=ENGINE_THREAD, daemon=True)
         # Written by the consumer thread, read by the asyncio thread (whole-object replacement is atomic).
         self.stats: dict[str, int] = dict(engine.stats())
         self.last_progress = time.monotonic()
@@ -146,11 +147,13 @@ class EngineLoop:
         self._commands.put(_Abort(request_id, error, stopped))
         return True
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the consumer thread (after the commands queued before this call)."""
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the consumer thread (after the commands queued before this call); False when it is still in a step
+        after `timeout` (a hung device): the engine is then still in use and must not be closed."""
         self._commands.put(_STOP)
         if self._thread.is_alive():
             self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _deliver(self, outputs: list[StepOutput], rejected: list[tuple[str, str, str]]) -> None:
         priorities = self._priorities

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from clients.cpus import available_cpus
+from clients.flags import warn_unknown
 from clients.logs import configure_logging
 from clients.stop_signals import hold, take_over
 from clients.tls import (
@@ -33,10 +34,10 @@ from clients.tls import (
     service_server_options,
     start_health_server,
 )
-from engine_service.engine_loop import EngineLoop
+from engine_service.engine_loop import ENGINE_THREAD, EngineLoop
 from engine_service.health import Health
 from engine_service.metrics import EngineMetrics, serve_metrics
-from engine_service.server_config import ServerConfig, parse_config
+from engine_service.server_config import ENV_PREFIX, ServerConfig, parse_config
 from engine_service.servicer import EngineServicer
 from protos.llmserve.engine.v1 import engine_pb2, engine_pb2_grpc
 
@@ -80,6 +81,7 @@ def load_engine(config: ServerConfig) -> Any:
 
 
 LOADER_THREAD = "engine-load"
+ENGINE_STOP_WAIT_S = 5.0  # how long a stop waits for the engine thread to end its step
 
 
 async def load_unless_stopped(engine_factory: Callable[[ServerConfig], Any], config: ServerConfig,
@@ -296,8 +298,11 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
     for task in tasks:
         task.cancel()
     if exit_code == 0:
-        loop.stop()
-        engine.close()
+        if loop.stop(ENGINE_STOP_WAIT_S):
+            engine.close()
+        else:  # main() exits without the interpreter's shutdown, which would wait on the stuck step
+            log.warning("the engine thread is still in a step after the stop's wait (a hung device?): exiting "
+                        "without closing the engine")
     gc.unfreeze()  # a serve() run in-process (tests) leaves the collector as it found it
     log.info("engine service stopped (exit %d)", exit_code)
     return exit_code
@@ -311,20 +316,21 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         sys.exit(f"engine-service: {exc}")
     configure_logging(config.log_level, config.log_format)
+    warn_unknown(ServerConfig, ENV_PREFIX, "engine-service")
     try:
         code = asyncio.run(serve(config))
     except PortUnavailable as exc:
         sys.exit(f"engine-service: {exc}")
     sys.stdout.flush()
     sys.stderr.flush()
-    loading = any(t.name == LOADER_THREAD and t.is_alive() for t in threading.enumerate())
-    if code or loading:
+    stuck = any(t.name in (LOADER_THREAD, ENGINE_THREAD) and t.is_alive() for t in threading.enumerate())
+    if code or stuck:
         tp = sys.modules.get("engine_service.tp")  # loaded with tensor parallelism only
         if tp is not None:
             tp.end_all_groups()  # os._exit skips the worker groups' own clean-up (their workers, directories)
         logging.shutdown()
-        # A stuck engine thread must not hold a failed process up, nor an abandoned load a stopped one (the
-        # interpreter's shutdown would wait on torch's threads, or finalise under the loader's feet).
+        # A stuck engine thread must not hold a process up, failed or stopped, nor an abandoned load a stopped one
+        # (the interpreter's shutdown would wait on torch's threads, or finalise under their feet).
         os._exit(code)
 
 

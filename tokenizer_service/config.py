@@ -39,7 +39,7 @@ class TextServerConfig:
     engines: str = ""  # comma-separated engine addresses host:port
     engine_dns: str = ""  # or one name:port re-resolved periodically, one stream per address (headless Service)
     dns_refresh_s: float = 10.0
-    reconnect_min_s: float = 0.2  # backoff after a lost engine, doubling up to reconnect_max_s
+    reconnect_min_s: float = 0.2  # backoff after a lost engine, doubling up to reconnect_max_s (each wait +-20%)
     reconnect_max_s: float = 5.0
     engine_wait_s: float = 10.0  # how long a request waits for an engine to be connected
     # How long an engine's Generate stream may send nothing, not even the heartbeat it promises (ModelInfo.heartbeat_ms),

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from clients.flags import warn_unknown
 from clients.logs import configure_logging
 from clients.stop_signals import hold, take_over
 from clients.tls import (
@@ -33,7 +34,7 @@ from clients.tls import (
 )
 from protos.llmserve.text.v1 import text_pb2, text_pb2_grpc
 from tokenizer_service.chat import check_chat_template, special_token_texts
-from tokenizer_service.config import TextServerConfig, parse_config
+from tokenizer_service.config import ENV_PREFIX, TextServerConfig, parse_config
 from tokenizer_service.engine_pool import EnginePool
 from tokenizer_service.metrics import TextMetrics, serve_metrics
 from tokenizer_service.servicer import TextServicer
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         sys.exit(f"tokenizer-service: {exc}")
     configure_logging(config.log_level, config.log_format)
+    warn_unknown(TextServerConfig, ENV_PREFIX, "tokenizer-service")
     try:
         sys.exit(asyncio.run(serve(config)))
     except PortUnavailable as exc:

@@ -15,6 +15,7 @@ import pytest
 
 from clients.channel import DEFAULT_MAX_MESSAGE_BYTES
 from clients.engine_client import EngineClient
+from clients.flags import warn_unknown
 from clients.text_client import AsyncTextClient, TextClient
 from engine_service import server_config as engine_cfg
 from protos.llmserve.engine.v1 import engine_pb2 as epb
@@ -149,8 +150,9 @@ def test_a_misspelt_setting_variable_is_warned_of_naming_the_closest_flag(caplog
     """A typo in a manifest (ENGINE_MAX_NUM_SEQ for ENGINE_MAX_NUM_SEQS) left the default in force without a word;
     vLLM warns of unknown VLLM_* variables for the same reason."""
     env = {"ENGINE_MODEL": "/m", "ENGINE_MAX_NUM_SEQ": "16", "ENGINE_MAX_NUM_SEQS": "32", "ENGINE_GRACE": "5"}
+    config = engine_cfg.parse_config([], env)
     with caplog.at_level(logging.WARNING, logger="clients.flags"):
-        config = engine_cfg.parse_config([], env)
+        warn_unknown(engine_cfg.ServerConfig, engine_cfg.ENV_PREFIX, "engine-service", env)
     assert config.max_num_seqs == 32 and config.grace_s == default(engine_cfg.ServerConfig, "grace_s")
     warned = sorted(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert len(warned) == 2, warned
@@ -158,8 +160,8 @@ def test_a_misspelt_setting_variable_is_warned_of_naming_the_closest_flag(caplog
     assert "ENGINE_MAX_NUM_SEQ " in warned[1] and "did you mean ENGINE_MAX_NUM_SEQS" in warned[1]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="clients.flags"):
-        tokenizer_cfg.parse_config([], {"TOKENIZER_MODEL": "/m", "TOKENIZER_ENGINES": "e:1",
-                                        "TOKENIZER_ENGINE_DSN": "llm-engine:50051"})
+        warn_unknown(tokenizer_cfg.TextServerConfig, tokenizer_cfg.ENV_PREFIX, "tokenizer-service",
+                     {"TOKENIZER_MODEL": "/m", "TOKENIZER_ENGINES": "e:1", "TOKENIZER_ENGINE_DSN": "llm-engine:50051"})
     assert [r.getMessage() for r in caplog.records] == [
         "environment variable TOKENIZER_ENGINE_DSN is not a setting of tokenizer-service and is ignored; did you "
         "mean TOKENIZER_ENGINE_DNS?"]
@@ -189,10 +191,35 @@ def test_a_service_link_where_a_port_belongs_names_enable_service_links(service,
 def test_service_link_variables_of_other_services_are_not_taken_for_typos(caplog):
     env = {"ENGINE_MODEL": "/m", "ENGINE_TEST_FAIL_AFTER_STEPS": "3",  # a test hook the engine reads itself
            **service_link_env("engine-gateway", "10.96.0.9", 8080)}
+    config = engine_cfg.parse_config([], env)
     with caplog.at_level(logging.WARNING, logger="clients.flags"):
-        config = engine_cfg.parse_config([], env)
+        warn_unknown(engine_cfg.ServerConfig, engine_cfg.ENV_PREFIX, "engine-service", env)
     assert config.port == default(engine_cfg.ServerConfig, "port")
     assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("service", ["engine_service.server", "tokenizer_service.server"])
+def test_the_services_warn_of_unknown_variables_once_their_logging_is_configured(monkeypatch, service):
+    """Warned while the settings were parsed, before the service configured its logging, the line went out through
+    logging's last resort: plain text among --log-format json lines, whatever --log-level said."""
+    import importlib
+
+    module = importlib.import_module(service)
+    calls: list[str] = []
+    monkeypatch.setattr(module, "configure_logging", lambda *a: calls.append("configure_logging"))
+    monkeypatch.setattr(module, "warn_unknown", lambda *a: calls.append("warn_unknown"))
+    monkeypatch.setattr(module, "hold", lambda: None)
+
+    async def serve(config):
+        calls.append("serve")
+        return 0
+
+    monkeypatch.setattr(module, "serve", serve)
+    try:
+        module.main(["--model", "/m", *(["--engines", "e:1"] if service.startswith("tokenizer") else [])])
+    except SystemExit as exc:
+        assert exc.code == 0
+    assert calls == ["configure_logging", "warn_unknown", "serve"]
 
 
 @pytest.fixture(scope="module")

@@ -147,6 +147,41 @@ def test_a_stop_during_the_start_up_canary_exits_0_at_once_and_never_serves(monk
     assert [rid for rid in engine.abort_calls if rid.startswith("canary:")], engine.abort_calls
 
 
+def test_a_stop_while_the_canary_step_hangs_exits_without_closing_the_engine_under_it(monkeypatch):
+    """A device that hangs in the first step: the stop ended the service with exit 0 after the engine loop's stop
+    wait, then closed the engine (freeing its state) while the stuck step still ran in it, and main() left the
+    stuck thread to the interpreter's shutdown. The engine stays unclosed, and main() treats the live engine
+    thread as it does an abandoned load (os._exit)."""
+    from engine_service import server
+
+    monkeypatch.setattr(server, "ENGINE_STOP_WAIT_S", 0.3)
+    closed: list[bool] = []
+
+    class Hung(BlockedEngine):
+        def close(self):
+            closed.append(not self.release.is_set())
+            super().close()
+
+    engine = Hung()
+    config = ServerConfig(model="fake", host="127.0.0.1", port=0, metrics_port=0, canary_interval_s=0,
+                          canary_timeout_s=60.0, grace_s=1.0)
+
+    async def main():
+        stop = asyncio.Event()
+        task = asyncio.create_task(server.serve(config, engine_factory=lambda c: engine, stop=stop,
+                                                handle_signals=False))
+        await _until(engine.stepping)
+        stop.set()
+        return await asyncio.wait_for(task, 10)
+
+    try:
+        assert asyncio.run(main()) == 0
+        assert closed == [], "closed while its step still ran"
+        assert any(t.name == server.ENGINE_THREAD and t.is_alive() for t in threading.enumerate())
+    finally:
+        engine.release.set()
+
+
 # ---- the engine loop dies -------------------------------------------------------------------------------------------
 def test_requests_queued_when_the_engine_loop_dies_are_counted_and_logged_once(caplog):
     """A request added while the step that kills the loop ran never reached the engine: it was failed INTERNAL but
