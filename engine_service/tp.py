@@ -14,6 +14,7 @@ import logging
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -105,6 +106,47 @@ def make_group(store_path: str, rank: int, size: int, cuda: bool):
     return dist.ProcessGroupGloo(store, rank, size, opts)
 
 
+def _rank0_log_format() -> tuple[int, bytes | None]:
+    """Rank 0's root log level and the formatter of its first root handler (the service's text or JSON lines),
+    pickled, for its workers to log as it does; None for the formatter where it has none, or one that won't pickle."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if handler.formatter is not None:
+            try:
+                return root.level, pickle.dumps(handler.formatter)
+            except Exception:  # noqa: BLE001 -- a formatter of the caller's own: the workers write bare messages
+                break
+    return root.level, None
+
+
+class _RankTag(logging.Filter):
+    """Names the worker in each of its records: every rank loads the same checkpoint, so a warning comes once per
+    rank (rank 0's untagged)."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.prefix = f"tensor-parallel worker rank {rank}: "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self.prefix + str(record.msg)
+        return True
+
+
+def _log_like_rank0(rank: int, level: int, formatter: bytes | None) -> None:
+    """A spawned worker starts with no logging set up, and its warnings went out through logging's last-resort
+    handler as bare text lines, among the service's JSON lines. Warnings and errors only (rank 0 says what starts)."""
+    try:  # a formatter class only rank 0's main script defines (under its main guard) cannot be rebuilt here
+        made = pickle.loads(formatter) if formatter is not None else None
+    except Exception:  # noqa: BLE001 -- bare messages, as with no formatter
+        made = None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(made if isinstance(made, logging.Formatter) else logging.Formatter("%(message)s"))
+    handler.addFilter(_RankTag(rank))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(level, logging.WARNING))
+
+
 def _exit_with_parent(directory: str | None = None) -> None:
     """Exit this worker as soon as rank 0's process is gone, whatever the worker is doing (waiting for the
     group to form, or in a collective): a pipe closing is seen only between steps."""
@@ -121,8 +163,10 @@ def _exit_with_parent(directory: str | None = None) -> None:
     threading.Thread(target=watch, name="tp-parent-watch", daemon=True).start()
 
 
-def _worker_main(rank, size, store_path, config, model_cfg, max_model_len, conn, threads) -> None:
+def _worker_main(rank, size, store_path, config, model_cfg, max_model_len, conn, threads,
+                 log_format: tuple[int, bytes | None] = (logging.WARNING, None)) -> None:
     _exit_with_parent(os.path.dirname(store_path))
+    _log_like_rank0(rank, *log_format)
     # A Ctrl-C or a SIGTERM to the whole process group (systemd, `timeout`, `kill -TERM -PGID`) is rank 0's to
     # handle: it drains, then stops this worker. Taken here, it would cut the running steps short.
     for sig in _RANK0_SIGNALS:
@@ -133,9 +177,13 @@ def _worker_main(rank, size, store_path, config, model_cfg, max_model_len, conn,
         orphaned = _serve_steps(rank, size, store_path, config, model_cfg, max_model_len, conn, threads, loaded)
     except BaseException as exc:  # noqa: BLE001 -- rank 0 names it in the engine's failure
         # A setting or checkpoint every rank refuses is rank 0's to say, in one line (it raises the same
-        # ValueError). Else the whole traceback, here: rank 0 may fail (its peer gone) before it reads the pipe.
+        # ValueError). Else the whole traceback, here (in rank 0's log format): rank 0 may fail (its peer gone)
+        # before it reads the pipe.
         if loaded.is_set() or not isinstance(exc, ValueError):
-            traceback.print_exc()
+            try:
+                log.error("failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+            except BaseException:  # noqa: BLE001 -- a broken stderr or formatter: the bare traceback, as before
+                traceback.print_exc()
         try:
             conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         except (OSError, ValueError):
@@ -186,6 +234,12 @@ class WorkerGroup:
     def __init__(self, config: EngineConfig, model_cfg: ModelConfig, max_model_len: int):
         self.size = config.tensor_parallel_size
         self.cuda = _on_cuda(config)
+        if mp.current_process().daemon:  # multiprocessing's bare "AssertionError: daemonic processes are not ..."
+            raise RuntimeError(
+                f"tensor_parallel_size {self.size} starts worker processes, which this process cannot: it is a "
+                "daemonic multiprocessing process (a multiprocessing.Pool worker, a Process made with daemon=True), "
+                "and those may not have children; make the engine in a process that is not daemonic, or use "
+                "tensor_parallel_size 1")
         if self.cuda and torch.cuda.device_count() < self.size:
             raise ValueError(
                 f"tensor_parallel_size {self.size} needs {self.size} GPUs; {torch.cuda.device_count()} visible"
@@ -202,6 +256,7 @@ class WorkerGroup:
         # dead_worker() runs on the engine's thread and the health watchdog's: one at a time, so that the one that
         # finds a worker's message gone (read by the other) does not name it by its bare exit code.
         self._dead_lock = threading.Lock()
+        log_format = _rank0_log_format()
         share = _open_group(self.size)  # the last group closed gives the process its own count back
         try:
             for rank in range(1, self.size):
@@ -209,7 +264,8 @@ class WorkerGroup:
                 try:
                     proc = ctx.Process(
                         target=_worker_main,
-                        args=(rank, self.size, self.store_path, config, model_cfg, max_model_len, child, share),
+                        args=(rank, self.size, self.store_path, config, model_cfg, max_model_len, child, share,
+                              log_format),
                         name=f"tp-worker-{rank}",
                         daemon=True,
                     )
