@@ -23,8 +23,12 @@ fit the pool on its own.
 
 from __future__ import annotations
 
-from collections import Counter, deque
+import bisect
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import compress, islice
+from operator import attrgetter, eq
 
 from engine_service.block_manager import BlockManager
 from engine_service.outputs import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP
@@ -56,6 +60,82 @@ class ScheduledBatch:
         return sum(self.num_new_tokens)
 
 
+class WaitingQueue:
+    """The waiting sequences in (priority, place) order, as the scheduler reads them (`[0]`, `[-1]`, iteration either
+    way, `len`), with any one taken out in O(1): each priority's sequences are an insertion-ordered dict. A deque's
+    remove scans from the front, so aborting 10,000 queued requests (a client's mass disconnect, close()) held the
+    engine's loop 0.7 s, 20,000 2.6 s."""
+
+    __slots__ = ("_levels", "_priorities", "_len")
+
+    def __init__(self) -> None:
+        self._levels: dict[int, OrderedDict[Sequence, None]] = {}
+        self._priorities: list[int] = []  # those with a waiting sequence, ascending
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __bool__(self) -> bool:
+        return self._len > 0
+
+    def __iter__(self) -> Iterator[Sequence]:
+        for p in self._priorities:
+            yield from self._levels[p]
+
+    def __reversed__(self) -> Iterator[Sequence]:
+        for p in reversed(self._priorities):
+            yield from reversed(self._levels[p])
+
+    def __contains__(self, seq: object) -> bool:
+        level = self._levels.get(seq.params.priority) if isinstance(seq, Sequence) else None
+        return level is not None and seq in level
+
+    @property
+    def head_priority(self) -> int | None:
+        """The priority of the first waiting sequence (the lowest value waiting); None when none waits."""
+        return self._priorities[0] if self._priorities else None
+
+    def __getitem__(self, i: int) -> Sequence:
+        if i == 0 and self._len:
+            return next(iter(self._levels[self._priorities[0]]))
+        if not -self._len <= i < self._len:
+            raise IndexError(f"waiting queue index {i} out of range (it holds {self._len})")
+        if i == -1:
+            return next(reversed(self._levels[self._priorities[-1]]))
+        if i < 0:
+            return next(islice(reversed(self), -i - 1, None))
+        return next(islice(self, i, None))
+
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        """Put seq behind the others of its priority, or before them (front)."""
+        p = seq.params.priority
+        level = self._levels.get(p)
+        if level is None:
+            level = self._levels[p] = OrderedDict()
+            bisect.insort(self._priorities, p)
+        level[seq] = None
+        if front:
+            level.move_to_end(seq, last=False)
+        self._len += 1
+
+    def popleft(self) -> Sequence:
+        seq = self[0]
+        self.remove(seq)
+        return seq
+
+    def remove(self, seq: Sequence) -> None:
+        p = seq.params.priority
+        level = self._levels.get(p)
+        if level is None or seq not in level:
+            raise ValueError(f"sequence {seq.request_id!r} is not in the waiting queue")
+        del level[seq]
+        self._len -= 1
+        if not level:
+            del self._levels[p]
+            self._priorities.remove(p)
+
+
 class Scheduler:
     def __init__(
         self,
@@ -68,7 +148,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = WaitingQueue()
         self.running: list[Sequence] = []  # in (priority, admission) order: the last is the next victim
         self.num_preemptions = 0
         self.num_admissions = 0
@@ -80,21 +160,7 @@ class Scheduler:
     def _queue(self, seq: Sequence, front: bool) -> None:
         """Put seq in `waiting`, which is in priority order: behind the others of its priority, or before them
         (front: a preempted sequence, which was admitted before any of them)."""
-        p, waiting = seq.params.priority, self.waiting
-        if not front and (not waiting or waiting[-1].params.priority <= p):
-            waiting.append(seq)  # one priority: always here
-        elif front and (not waiting or waiting[0].params.priority >= p):
-            waiting.appendleft(seq)
-        elif front:
-            waiting.insert(next((i for i, other in enumerate(waiting) if other.params.priority >= p), len(waiting)),
-                           seq)
-        else:  # from the end: only the higher values there are passed (one low-priority request waiting costs a step)
-            passed = 0
-            for other in reversed(waiting):
-                if other.params.priority <= p:
-                    break
-                passed += 1
-            waiting.insert(len(waiting) - passed, seq)
+        self.waiting.add(seq, front)
 
     def _run(self, seq: Sequence) -> None:
         """Put a newly admitted seq in `running`, behind every running one of its priority or a lower value."""
@@ -117,11 +183,9 @@ class Scheduler:
         matched = self.bm.match_prefix(head) if head.prompt_logprobs is None else []  # preempting keeps it valid
         need = self._admission_need(head, matched, budget)
         victims = [seq for seq in self.running if seq.params.priority > p]  # the end of `running`
-        if not self._would_fit(matched, need, victims):
+        k = self._fewest_victims(matched, need, victims)
+        if k is None:
             return
-        k = 0  # the fewest victims, from the end, whose preemption makes it fit
-        while not self._would_fit(matched, need, victims[len(victims) - k:]):
-            k += 1
         staying = victims[:len(victims) - k]
         # The victims that stay decode first in schedule(): their tokens come out of the arrival's budget too.
         if not k or budget - sum(seq.is_decoding for seq in staying) <= 0:
@@ -154,16 +218,44 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _would_fit(self, matched: list[int], need: int, victims) -> bool:
-        """Whether a sequence over `matched` needing `need` tokens could be admitted once `victims` are preempted:
-        a slot, and blocks (a block is freed when every sequence holding it is a victim)."""
+    def _fewest_victims(self, matched: list[int], need: int, victims: list[Sequence]) -> int | None:
+        """How many of `victims`, the fewest from the end, must be preempted for a sequence over `matched` needing
+        `need` tokens to be admitted (0: it fits now), or None when preempting all of them would not do: it needs a
+        slot, and blocks (a block is freed when every sequence holding it is a victim; a matched block that is free,
+        or freed, is taken from the free ones).
+
+        One pass over the victims' block tables, from the end, stopping where it fits, after a bound from their
+        lengths that answers None at once when even every block they hold would not do (a long preempted request
+        waiting for room that running ones of its own priority hold, every step). Counting all the victims' blocks
+        first, and again for each candidate, took 70 ms for 256 victims of 32k tokens where one victim made room,
+        and 90 ms every step of such a wait. What is left: victims sharing most of their blocks with a running
+        sequence that is no victim (a long common prefix) are walked in full while the request cannot fit."""
+        blocks, bm = self.bm.blocks, self.bm
         if len(self.running) - len(victims) >= self.max_num_seqs:
-            return False
-        holders = Counter(block_id for seq in victims for block_id in seq.block_table)
-        blocks = self.bm.blocks
-        freed = sum(1 for block_id, n in holders.items() if blocks[block_id].ref_count == n)
-        from_free = sum(1 for block_id in matched if blocks[block_id].ref_count == holders.get(block_id, 0))
-        return from_free + self.bm.blocks_needed(need) - len(matched) <= self.bm.num_free_blocks + freed
+            return None
+        fresh = bm.blocks_needed(need) - len(matched)
+        from_free = sum(1 for block_id in matched if blocks[block_id].ref_count == 0)
+        # Each freed matched block counts on both sides, so only the victims' other blocks can make room.
+        if from_free + fresh > bm.num_free_blocks + sum(len(seq.block_table) for seq in victims):
+            return None
+        in_match = set(matched)
+        holders: Counter[int] = Counter()
+        freed = 0
+        ref_count, block_of = attrgetter("ref_count"), blocks.__getitem__
+        for k in range(len(victims) + 1):
+            if k:
+                table = victims[-k].block_table
+                holders.update(table)
+                # Its blocks whose every holder is now a victim (a block's holders never outnumber its ref count).
+                # Mapped in C: a Python loop per block took 3.5 times as long.
+                last = list(compress(table, map(eq, map(ref_count, map(block_of, table)),
+                                                map(holders.__getitem__, table))))
+                freed += len(last)
+                if in_match:
+                    from_free += len(in_match.intersection(last))
+            if len(self.running) - k < self.max_num_seqs and from_free + fresh <= bm.num_free_blocks + freed:
+                return k
+        return None
 
     # ---- scheduling ----------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
@@ -171,7 +263,8 @@ class Scheduler:
         picked: list[tuple[Sequence, int]] = []
         computing: set[int] = set()  # see _admit
         preempted = False
-        if self.waiting and self.running and self.running[-1].params.priority > self.waiting[0].params.priority:
+        head = self.waiting.head_priority
+        if head is not None and self.running and self.running[-1].params.priority > head:
             self._make_room()
         # Every sequence in `running` is RUNNING, so is_decoding is one uncomputed token (inlined: per step
         # and per sequence).
@@ -185,7 +278,8 @@ class Scheduler:
                 n = 1
                 decodes_left -= 1
             else:
-                if not preempted and self.waiting and self.waiting[0].params.priority < seq.params.priority:
+                head = self.waiting.head_priority
+                if not preempted and head is not None and head < seq.params.priority:
                     # Waiting sequences of a lower value are admitted before this prefill takes its chunk. They
                     # go into `running` before it: it stays the next to schedule, and the victims stay after it.
                     budget -= self._admit(picked, budget - decodes_left, computing, below=seq.params.priority)
@@ -248,7 +342,8 @@ class Scheduler:
             return None  # left out of `batch`: schedule() must decide
         if any(seq.params.response_format is not None for seq in self.running):
             return None  # a JSON-mode request's next mask depends on the token `batch` samples
-        if self.waiting and self.waiting[0].params.priority < self.running[-1].params.priority:
+        head = self.waiting.head_priority
+        if head is not None and head < self.running[-1].params.priority:
             return None  # schedule() may preempt for it
         bs = self.bm.block_size
         if not chunks and not self.waiting:  # the steady state of decoding: every running sequence decodes
