@@ -202,6 +202,9 @@ def chat(messages: Iterable[Mapping[str, object]], enable_thinking: bool | None 
     result = pb.Chat(messages=[_message(i, m) for i, m in enumerate(messages)],
                      tools=[_json_text(t, f"tools[{j}]") for j, t in enumerate(tools or ())])
     if enable_thinking is not None:
+        if not isinstance(enable_thinking, bool):  # protobuf's own words: "'str' object cannot be interpreted..."
+            raise ValueError(f"enable_thinking must be True, False or None (the template's default), got "
+                             f"{enable_thinking!r}")
         result.enable_thinking = enable_thinking
     if template_kwargs:
         result.template_kwargs = _json_text(template_kwargs, "template_kwargs")

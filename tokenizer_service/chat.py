@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+log = logging.getLogger(__name__)
 VALID_ROLES = ("system", "user", "assistant", "tool")
 _MESSAGE_KEYS = frozenset({"role", "content", "tool_calls", "tool_call_id"})
 MAX_TOOLS = 128  # tools a chat may offer
@@ -250,20 +252,35 @@ def _chat_template(tokenizer: Any) -> object:
     return template
 
 
+class _TemplateNames(NamedTuple):
+    """What a template's syntax tree says it reads, and what it uses that its environment lacks."""
+
+    variables: frozenset[str]  # looked up in its context (jinja2.meta): tools, enable_thinking, template_kwargs
+    keys: frozenset[str]  # read from a value: attributes (m.tool_calls) and string constants (m['tool_calls'],
+    # m.get('tool_calls'), 'tool_calls' in m); never text the template writes out or a comment
+    unknown: tuple[str, ...]  # filters and tests jinja2 has not ("filter 'fromjson'", written for another renderer)
+
+
 @functools.lru_cache(maxsize=8)
-def _template_variables(source: str) -> frozenset[str] | None:
-    """The variables a template looks up in its context (jinja2.meta, in transformers' own environment, so its
-    globals and its {% generation %} tag are known), or None where that cannot be read: then a name the source
-    mentions counts as read."""
-    from jinja2 import meta
+def _template_names(source: str) -> _TemplateNames | None:
+    """The names a template reads (in transformers' own environment, so its globals, filters and its
+    {% generation %} tag are known), or None where that cannot be read: then a name the source mentions anywhere
+    counts as read."""
+    from jinja2 import meta, nodes
 
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
         environment = _compile_jinja_template(source).environment
-        return frozenset(meta.find_undeclared_variables(environment.parse(source)))
+        tree = environment.parse(source)
     except Exception:  # noqa: BLE001 -- another transformers, a template it cannot parse: fall back
         return None
+    keys = {node.attr for node in tree.find_all(nodes.Getattr)}
+    keys |= {node.value for node in tree.find_all(nodes.Const) if isinstance(node.value, str)}
+    # jinja2 compiles an unknown filter or test inside a branch, to fail only when the branch renders.
+    unknown = {f"filter {node.name!r}" for node in tree.find_all(nodes.Filter) if node.name not in environment.filters}
+    unknown |= {f"test {node.name!r}" for node in tree.find_all(nodes.Test) if node.name not in environment.tests}
+    return _TemplateNames(frozenset(meta.find_undeclared_variables(tree)), frozenset(keys), tuple(sorted(unknown)))
 
 
 def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bool | None, tools: list[dict],
@@ -280,9 +297,14 @@ def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bo
     template that never reads it is refused rather than silently ignored, as are tool calls in the messages.
     """
     source = _template_used(_chat_template(tokenizer), bool(tools))
+    names = _template_names(source)
 
-    def reads(name: str) -> bool:
-        return name in source
+    def reads(name: str, of_a_value: bool = False) -> bool:
+        """Whether the template reads `name`: as a variable, or (of_a_value) as a message's field. Read from its
+        syntax tree: "tools" in its text ("# Tools", tools_in_user_message, a comment) is no reading of tools."""
+        if names is None:
+            return name in source
+        return name in (names.keys if of_a_value else names.variables)
 
     extra: dict[str, object] = {}
     if enable_thinking is not None:
@@ -295,9 +317,8 @@ def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bo
             raise ValueError("chat.tools is set, but the model's chat template never reads tools: this model "
                              "was not given a tool-calling template; send the tools in a message instead")
         extra["tools"] = tools
-    variables = _template_variables(source) if template_kwargs else None
     for name, value in (template_kwargs or {}).items():
-        if not (name in variables if variables is not None else reads(name)):
+        if not reads(name):
             raise ValueError(f"chat.template_kwargs sets {name!r}, but the model's chat template never reads it; "
                              "leave it out for this model")
         extra[name] = value
@@ -319,11 +340,11 @@ def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bo
             raise ValueError("chat.enable_thinking does nothing for a continued reply (the template reads it where "
                              "it opens a new turn): leave it unset, and write the thinking, or its absence, into "
                              "the message to continue")
-    if called and not reads("tool_calls"):
+    if called and not reads("tool_calls", of_a_value=True):
         raise ValueError(f"messages[{called[0]}].tool_calls is set, but the model's chat template never reads "
                          "tool_calls; write the calls into the message's content instead")
     # Imported here so that importing this module does not need jinja2 until a template is rendered.
-    from jinja2 import TemplateError, TemplateSyntaxError
+    from jinja2 import TemplateError, TemplateRuntimeError, TemplateSyntaxError
 
     if continue_final_message:
         extra["continue_final_message"] = True
@@ -332,6 +353,11 @@ def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bo
                                              add_generation_prompt=not continue_final_message, **extra)
     except TemplateSyntaxError:
         raise  # the model's template is broken, not the request (start-up checks it: check_chat_template)
+    except TemplateRuntimeError as e:
+        missing = [what for what in (names.unknown if names else ()) if f"named {what.split()[1]} found" in str(e)]
+        if missing:  # the model's template is broken, not the request: INTERNAL (start-up refuses it too)
+            raise RuntimeError(f"the model's chat template uses {missing[0]}, which jinja2 has not: {e}") from None
+        raise ValueError(f"messages rejected by the model's chat template: {e}") from e
     except TemplateError as e:
         # Templates reject some conversations themselves (e.g. "roles must alternate"); that is bad input.
         raise ValueError(f"messages rejected by the model's chat template: {e}") from e
@@ -370,19 +396,37 @@ def _template_used(template: object, with_tools: bool) -> str:
 
 
 def check_chat_template(tokenizer: Any) -> None:
-    """ValueError when the tokenizer's chat template does not compile (a broken tokenizer_config.json or
-    chat_template.jinja): said at start-up, not as every chat request's INVALID_ARGUMENT."""
-    if not getattr(tokenizer, "chat_template", None):
+    """ValueError when the tokenizer's chat template (each of its named ones: tool_use renders every chat with
+    tools) does not compile (a broken tokenizer_config.json or chat_template.jinja): said at start-up, not as chat
+    requests' errors. A warning where one uses a filter or test jinja2 has not (`fromjson`, from a template written
+    for another renderer: jinja2 compiles it inside a branch and fails only where that renders, often just with
+    tools): the chats that reach it fail with INTERNAL naming it, the others are served."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
         return
     from jinja2 import TemplateSyntaxError
 
+    fix = "fix the chat_template in tokenizer_config.json or chat_template.jinja"
     try:
         tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     except TemplateSyntaxError as exc:
-        raise ValueError(f"the tokenizer's chat template does not compile: {exc} (line {exc.lineno}); fix the "
-                         "chat_template in tokenizer_config.json or chat_template.jinja") from None
+        raise ValueError(f"the tokenizer's chat template does not compile: {exc} (line {exc.lineno}); {fix}") from None
     except Exception:  # noqa: S110 -- it compiles; what it makes of a lone user message is the requests' business
         pass
+    for name, source in (template.items() if isinstance(template, Mapping) else [("", template)]):
+        which = f"chat template {name!r}" if name else "chat template"
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            _compile_jinja_template(str(source))
+        except TemplateSyntaxError as exc:
+            raise ValueError(f"the tokenizer's {which} does not compile: {exc} (line {exc.lineno}); {fix}") from None
+        except Exception:  # noqa: S110 -- another transformers: the default's check above is what there is
+            pass
+        names = _template_names(str(source))
+        if names is not None and names.unknown:
+            log.warning("the tokenizer's %s uses %s, which jinja2 (as transformers renders templates) has not: the "
+                        "chats whose rendering reaches it fail with INTERNAL; %s", which, ", ".join(names.unknown), fix)
 
 
 def special_token_texts(tokenizer: Any) -> tuple[str, ...]:
