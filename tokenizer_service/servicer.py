@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -97,6 +98,17 @@ def _choice_request(prep: PreparedRequest, index: int) -> engine_pb.NewRequest:
             params.seed = (params.seed + index) % 2**63
         params.ClearField("prompt_logprobs")
     return request
+
+
+class _Placement:
+    """Where an n > 1 request's completions go: the engine the first was sent to (or the one that took over from it
+    when it was lost, or full, before the first token), and the lock under which they choose, one at a time."""
+
+    __slots__ = ("conn", "lock")
+
+    def __init__(self) -> None:
+        self.conn = None
+        self.lock = asyncio.Lock()
 
 
 def take_held(trace: RequestTrace, index: int = 0) -> list[pb.GenerateResponse]:
@@ -292,7 +304,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         # Each completion keeps its own counts; they are added up into `trace`, the request's one log line (the
         # completions' traces are never logged: finish() skips a trace already marked logged).
         parts = [RequestTrace(trace.request_id, start=trace.start, logged=True) for _ in range(n)]
-        placement: list = []  # the engine the first completion was sent to
+        placement = _Placement()  # the engine the first completion was sent to
         queue: asyncio.Queue = asyncio.Queue(maxsize=16 * n)  # responses; an int i: completion i's stream ended
 
         async def pump(i: int) -> None:
@@ -362,14 +374,14 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 trace.error = next((part.error for part in parts if part.error), "")
 
     async def _generate_one(self, prep: PreparedRequest, engine_request: engine_pb.NewRequest,
-                            timeout_s: float | None, trace: RequestTrace, placement: list | None = None,
+                            timeout_s: float | None, trace: RequestTrace, placement: _Placement | None = None,
                             counted: bool = False) -> AsyncIterator[pb.GenerateResponse]:
         """The responses of one engine request; raises RequestFailed. Retries elsewhere only before the first token.
 
         The deadline is fixed once, here: each attempt sends the engine what is left of it (deadline_ms, set by
         pool.submit), and the engine fails the request with DEADLINE_EXCEEDED; so does a retry once it has passed.
-        placement (n > 1): empty, this request's first engine is put in it; else the engine to prefer (moved to
-        this one's new engine when it was lost under it). counted: its place in `inflight` is the caller's.
+        placement (n > 1): with no engine yet, this request's first engine is put in it; else the engine to prefer
+        (moved to this one's new engine when it was lost under it). counted: its place in `inflight` is the caller's.
         """
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         text: TextStream | None = None
@@ -404,21 +416,25 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 request = engine_pb.NewRequest()
                 request.CopyFrom(engine_request)
                 request.trace_id = trace.request_id
-                left = None
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, (
-                            f"the request's deadline ({timeout_s:.3f}s) passed after {len(sent_to)} attempt(s) on "
-                            "engines that were lost before the first token") if sent_to else
-                            "the request's deadline passed before it was sent to an engine")
-                prefer = placement[0] if placement else None
-                handle = await self.pool.submit(request, left, avoid=tried, prefer=prefer)  # sets deadline_ms
+                # n > 1: the completions choose one at a time, each once the one before it was placed. The engine to
+                # follow was read before submit waited for a ready one: completions sent while no engine was ready
+                # (start-up, every engine reconnecting) spread over the engines that came back.
+                async with placement.lock if placement is not None else contextlib.nullcontext():
+                    left = None
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, (
+                                f"the request's deadline ({timeout_s:.3f}s) passed after {len(sent_to)} attempt(s) "
+                                "on engines that were lost before the first token") if sent_to else
+                                "the request's deadline passed before it was sent to an engine")
+                    prefer = placement.conn if placement is not None else None
+                    handle = await self.pool.submit(request, left, avoid=tried, prefer=prefer)  # sets deadline_ms
+                    if placement is not None:  # the first engine, or the one taking over from a lost or full one
+                        placement.conn = handle.conn
                 if retry_reason:  # counted once sent again (a retry that found no engine is the request's error)
                     self.metrics.retried(trace, retry_reason)
                     retry_reason = ""
-                if placement is not None and (not placement or placement[0] in tried):
-                    placement[:] = [handle.conn]  # the first engine, or the one taking over from a lost one
                 tried.add(handle.conn)
                 sent_to.append(handle.conn.address)
                 try:
