@@ -25,7 +25,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from protos.llmserve.engine.v1 import engine_pb2 as engine_pb
 from protos.llmserve.text.v1 import text_pb2 as pb
@@ -169,6 +169,10 @@ def _well_formed(normalise: Callable[[TextRequest], object]) -> Check:
     return check
 
 
+_messages_well_formed = _well_formed(lambda r: r.messages is None or _messages(r))
+_tools_well_formed = _well_formed(_tools)
+
+
 def _chat_texts(r: TextRequest) -> list[tuple[str, str, list[str]]]:
     """(where, the text it adds to the prompt, the strings in it) for everything a chat puts into the prompt besides
     the template: contents, tool calls and tools. A call or a tool counts as its JSON (overhead included); its
@@ -202,12 +206,22 @@ def _messages_bytes(r: TextRequest, lim: TextLimits) -> str | None:
     return f"got {n} bytes" if n > lim.max_prompt_bytes else None
 
 
+_SEPARATOR = "\x00"  # between a chat's strings, joined for the special-token rule
+
+
 def _messages_no_special_text(r: TextRequest, lim: TextLimits) -> str | None:
     if r.messages is None or not lim.refused_chat_texts:
         return None
-    for where, _, strings in _chat_texts(r):
+    texts, refused = _chat_texts(r), lim.refused_chat_texts
+    # One search per special token over every string joined, at C speed: a string by token in Python took 5 s for a
+    # 5 MB tools list of a million strings under Llama 3's 256 special tokens. A separator no special token holds
+    # keeps a match inside one string; where it is found, the loop below names it.
+    if not any(_SEPARATOR in text for text in refused):
+        joined = _SEPARATOR.join(string for _, _, strings in texts for string in strings)
+        refused = tuple(text for text in refused if text in joined)
+    for where, _, strings in texts:
         for string in strings:
-            for text in lim.refused_chat_texts:
+            for text in refused:
                 if text in string:
                     return f"{where} holds {text!r}"
     return None
@@ -285,8 +299,8 @@ RULES: tuple[Rule, ...] = (
     Rule("request", "messages", "must hold at most {max_messages} messages (max_messages)", _messages_count),
     Rule("request", "messages", "must be a non-empty list of {{role, content}} with a valid role and text content "
          "(and assistant messages' tool_calls, each a name and a JSON object of arguments, at most "
-         f"{MAX_TOOL_CALLS} in a chat)", _well_formed(lambda r: r.messages is None or _messages(r))),
-    Rule("request", "tools", f"must be a list of at most {MAX_TOOLS} JSON objects", _well_formed(_tools)),
+         f"{MAX_TOOL_CALLS} in a chat)", _messages_well_formed),
+    Rule("request", "tools", f"must be a list of at most {MAX_TOOLS} JSON objects", _tools_well_formed),
     Rule("request", "template_kwargs", f"must be a JSON object of at most {MAX_TEMPLATE_KWARGS} template variables, "
          "none of those the service sets", _well_formed(_template_kwargs)),
     Rule("request", "messages", "contents, tool calls, tools and template_kwargs must total at most "
@@ -320,8 +334,49 @@ def _run(
             continue
         detail = rule.check(subject, limits)
         if detail is not None:
-            name = rename if rename and rule.field == "prompt" else rule.field
-            raise ValueError(f"{name}: {_rule_text(rule, limits)} ({detail})")
+            _broken(rule, limits, detail, rename)
+
+
+def _broken(rule: Rule, limits: TextLimits, detail: str, rename: str | None = None) -> NoReturn:
+    name = rename if rename and rule.field == "prompt" else rule.field
+    raise ValueError(f"{name}: {_rule_text(rule, limits)} ({detail})")
+
+
+def _rule(check: Check) -> Rule:
+    return next(rule for rule in RULES if rule.check is check)
+
+
+def _refuse_oversized(request: pb.GenerateRequest | pb.TokenizeRequest, limits: TextLimits) -> None:
+    """The table's count and size rules, read off the protocol message before any of it is copied into Python
+    objects, let alone parsed: a 64 MiB message holds 8 million empty chat messages (a million took 3.5 s and
+    250 MB to copy before the count rule refused them), as many stop strings or tool calls, or a JSON text of tens
+    of millions of values (8 million took a minute to parse and walk before the bytes rule refused them).
+    A chat's texts count as sent here (tool-call arguments, tools and template_kwargs as their JSON text), and
+    later as the JSON the template gets."""
+    stop = request.stop if isinstance(request, pb.GenerateRequest) else ()
+    if len(stop) > limits.max_stop_strings:
+        _broken(_rule(_stop_count), limits, f"got {len(stop)}")
+    if request.WhichOneof("input") != "chat":
+        return
+    chat = request.chat
+    if len(chat.messages) > limits.max_messages:
+        _broken(_rule(_messages_count), limits, f"got {len(chat.messages)}")
+    calls = 0
+    for i, message in enumerate(chat.messages):
+        calls += len(message.tool_calls)
+        if calls > MAX_TOOL_CALLS:  # validate_messages' words
+            _broken(_rule(_messages_well_formed), limits,
+                    f"messages[{i}].tool_calls: a chat may hold at most {MAX_TOOL_CALLS} tool calls")
+    if len(chat.tools) > MAX_TOOLS:  # validate_tools' words
+        _broken(_rule(_tools_well_formed), limits, f"tools must hold at most {MAX_TOOLS} tools, got {len(chat.tools)}")
+    if chat.ByteSize() > limits.max_prompt_bytes:  # the texts below, and a few bytes a field
+        texts = [chat.template_kwargs, *chat.tools]
+        for message in chat.messages:
+            texts += (message.content, message.tool_call_id)
+            texts += (text for call in message.tool_calls for text in (call.name, call.arguments, call.id))
+        size = sum(map(_utf8_len, texts))
+        if size > limits.max_prompt_bytes:
+            _broken(_rule(_messages_bytes), limits, f"got {size} bytes as sent")
 
 
 def validate_request(request: TextRequest, limits: TextLimits | None = None) -> None:
@@ -477,6 +532,7 @@ def tokenize_input(
 ) -> list[int]:
     """Token ids of a prompt or chat messages (through the chat template), after the input rules, as Generate
     would send them (add_special_tokens included)."""
+    _refuse_oversized(request, limits or TextLimits())
     text_request = text_request_from_proto(request)
     kind = request.WhichOneof("input")
     _run("request", text_request, limits or TextLimits(), only={"input", "prompt", "messages", "tools",
@@ -507,6 +563,7 @@ def prepare(
 ) -> PreparedRequest:
     """Validate a GenerateRequest and build the engine request for it."""
     limits = replace(limits or TextLimits(), max_model_len=max_model_len or None)
+    _refuse_oversized(request, limits)
     text_request = text_request_from_proto(request)
     choices = completions_of(request)  # checked before a prompt is tokenized for nothing
     if text_request.continue_final_message and request.sampling_params.response_format in (
@@ -520,11 +577,14 @@ def prepare(
         if request.HasField("add_special_tokens"):
             raise ValueError("add_special_tokens: applies to a prompt or a chat, which the service tokenizes; "
                              "prompt_token_ids are sent as they are (add any BOS to the ids), so leave it unset")
-        prompt = list(request.prompt_token_ids.ids)
-        if not prompt:  # the text rule says "must encode to at least one token", which these ids never were
+        ids = request.prompt_token_ids.ids
+        if not ids:  # the text rule says "must encode to at least one token", which these ids never were
             raise ValueError("prompt_token_ids: must hold at least one token id (got none)")
         try:
-            validate_prompt_tokens(prompt, limits)  # the length first: it bounds the ids' check
+            # The length first, before the ids are copied out of the message (a 64 MiB one holds 64 million ids,
+            # 512 MB as a list): it bounds the copy and the ids' check.
+            validate_prompt_tokens(ids, limits)
+            prompt = list(ids)
             validate_detokenize_ids(prompt, limits)
         except ValueError as exc:
             # The id rule names a Detokenize call's field (token_ids[i]): name the request's own.
