@@ -5,7 +5,9 @@ Pure Python, no torch: structured_output.py turns a state into the set of tokens
 strict JSON (RFC 8259) with a JSON object at the top, as OpenAI's JSON mode promises, and three bounds that keep
 a sampled document finite in the ways models are known to loop under such masks:
 - at most MAX_WS_RUN whitespace bytes in a row (a model that may not stop otherwise writes newlines forever);
-- containers nested at most MAX_DEPTH deep;
+- containers nested at most MAX_DEPTH deep (a schema's value starts only where its required containers fit below
+  the bound, and an optional key or array item is offered only where its value fits: a recursive schema would
+  otherwise lead a document into a place at the bound where no byte may come);
 - no whitespace after the top-level object: its closing brace ends the document.
 Strings must be valid UTF-8 without control characters, and \\u escapes may not name a surrogate (D800-DFFF),
 which JSON parsers disagree on; a character outside the BMP is written as its UTF-8 bytes.
@@ -132,10 +134,11 @@ NODE_WS_MODES = frozenset((START, COLON, VALUE))  # whose aux is (whitespace run
 class Node:
     """What a value must be. kind: ANY (any JSON value), OBJECT, ARRAY, STRING, NUMBER, INTEGER, LITERALS (one of
     a set of exact JSON texts: an enum, a const, booleans, null) or UNION (branches told apart by their first byte).
-    Built by json_schema.py (and FREE_OBJECT below); read-only once built; compared by identity."""
+    Built by json_schema.py (and FREE_OBJECT below); read-only once built (but for `fitting`, a cache filled on
+    demand); compared by identity."""
 
     __slots__ = ("kind", "props", "key_choices", "can_close", "free", "items", "min_items", "max_items", "literals",
-                 "lit_set", "dispatch", "starts")
+                 "lit_set", "dispatch", "starts", "need", "horizon", "key_need", "fitting")
 
     def __init__(self, kind: str):
         self.kind = kind
@@ -150,6 +153,13 @@ class Node:
         self.lit_set: Lits | None = None  # LITERALS: the same, sorted for stepping (seal)
         self.dispatch: dict[int, Node] = {}  # UNION: first byte -> branch
         self.starts: frozenset[int] = frozenset()  # the bytes a value of this node may start with
+        # The fewest containers a value of this node opens, its own included (json_schema.py derives it from the
+        # required properties and minItems; a UNION's is its smallest branch's), and the most any node of its
+        # schema needs (where a state's mask starts to depend on its depth).
+        self.need = 1 if kind in (OBJECT_KIND, ARRAY_KIND) else 0
+        self.horizon = 1
+        self.key_need: tuple[int, ...] = ()  # OBJECT: per next-property index, the most its key choices' values need
+        self.fitting: dict[tuple[int, int], Lits | None] = {}  # OBJECT: key_choices[i] less those that do not fit
 
     def seal(self) -> Node:
         """Derive the lookup tables once the fields are set."""
@@ -169,7 +179,15 @@ class Node:
             for i in range(len(self.props) - 1, -1, -1):
                 closable[i] = closable[i + 1] and not self.props[i][2]
             self.key_choices, self.can_close = tuple(choices), tuple(closable)
+            self.seal_needs()
         return self
+
+    def seal_needs(self) -> None:
+        """Derive key_need from the values' `need` (again once json_schema.py has set them)."""
+        if self.kind == OBJECT_KIND:
+            self.key_need = tuple(max((value.need for _, value in lits.payloads), default=0) if lits else 0
+                                  for lits in self.key_choices)
+            self.fitting = {}
 
     def __repr__(self) -> str:
         return f"<{self.kind} node>"
@@ -270,11 +288,11 @@ def _begin(node: Node, b: int, stack: tuple) -> State | None:
         branch = node.dispatch.get(b)
         return None if branch is None else _begin(branch, b, stack)
     if kind == OBJECT_KIND:
-        if b != 0x7B or len(stack) >= MAX_DEPTH:
+        if b != 0x7B or len(stack) + node.need > MAX_DEPTH:  # its required containers must fit too
             return None
         return (OBJ_FIRST, 0, stack + ("o" if node.free else ("O", node, 0),))
     if kind == ARRAY_KIND:
-        if b != 0x5B or len(stack) >= MAX_DEPTH:
+        if b != 0x5B or len(stack) + node.need > MAX_DEPTH:
             return None
         return (ARR_FIRST, 0, stack + (("A", node, 0),))
     if kind == STRING_KIND:
@@ -294,8 +312,23 @@ def _key(top, b: int, stack: tuple, first: bool) -> State | None:
     _, node, index = top
     if b == 0x7D:
         return _close(stack) if first and node.can_close[index] else None
-    choices = node.key_choices[index]
+    choices = _fitting_keys(node, index, len(stack))
     return _lits(choices.start, b, stack) if choices is not None else None
+
+
+def _fitting_keys(node: Node, index: int, depth: int) -> Lits | None:
+    """node.key_choices[index] less the optional keys whose values would not fit below MAX_DEPTH at `depth` (the
+    object's own frame counted); a required key's value always fits, as its object's `need` counted it."""
+    choices = node.key_choices[index]
+    room = MAX_DEPTH - depth
+    if choices is None or node.key_need[index] <= room:
+        return choices
+    fit = node.fitting.get((index, room), False)
+    if fit is False:  # a few rooms per index at most, near the bound: kept, so states keep comparing by identity
+        kept = [(text, payload) for text, payload in zip(choices.texts, choices.payloads, strict=True)
+                if payload[1].need <= room]
+        fit = node.fitting[(index, room)] = Lits("k", kept) if kept else None
+    return fit
 
 
 def _after(top, b: int, stack: tuple) -> State | None:
@@ -311,11 +344,11 @@ def _after(top, b: int, stack: tuple) -> State | None:
     tag, node, n = top
     if tag == "O":
         if b == 0x2C:
-            return (KEY, 0, stack) if node.key_choices[n] else None
+            return (KEY, 0, stack) if _fitting_keys(node, n, len(stack)) else None
         return _close(stack) if b == 0x7D and node.can_close[n] else None
     if b == 0x2C:  # an array of a schema: n items so far
         if node.max_items is not None and n >= node.max_items:
-            return None
+            return None  # (another item fits where the first one did: its need and depth are the same)
         return (VALUE, (0, node.items), stack[:-1] + (("A", node, n + 1),))
     return _close(stack) if b == 0x5D and n >= node.min_items else None
 

@@ -13,11 +13,15 @@ refused by name (a schema the output would not honour is an error, not a hint):
 - "$ref" to "#/$defs/..." or "#/definitions/..." (recursive ones too), with "$defs" / "definitions" beside it;
 - annotations, which constrain nothing: title, description, default, examples, $schema, $id, $comment, deprecated,
   readOnly, writeOnly, and "format" (not enforced: a "date-time" string is any string).
-The top level must be an object. Strings follow json_grammar.py's rules (valid UTF-8, no surrogate escapes).
+The top level must be an object. Strings follow json_grammar.py's rules (valid UTF-8, no surrogate escapes). Each
+node gets the fewest containers its smallest value opens (`need`), with which the automaton offers a value, key
+or branch only where it fits under MAX_DEPTH; a schema with a node no finite value meets, or whose smallest value
+nests deeper than that, is refused.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 from collections import OrderedDict
 
@@ -290,18 +294,24 @@ def compile_schema(text: str) -> jg.Node:
         raise SchemaError("json_schema nests too deeply") from None
     if root.kind != jg.OBJECT_KIND:
         raise SchemaError('json_schema must describe an object at the top level ("type": "object")')
-    endless = _endless(root)
+    endless, deep = _depths(root)
     if endless is not None:
         raise SchemaError(f"json_schema at {endless}: no finite value meets it (a required property or minItems leads "
                           "back to it through $ref without end, so the document could never close); make that "
                           "property optional, minItems 0, or add an anyOf branch that ends")
+    if deep is not None:
+        raise SchemaError(f"json_schema at {deep}: its smallest value nests more than {jg.MAX_DEPTH} containers (its "
+                          f"required properties and minItems, through $ref), over the {jg.MAX_DEPTH} this engine "
+                          "writes; make some of them optional")
     return root
 
 
-def _endless(root: jg.Node) -> str | None:
-    """The place of a node reachable from root that no finite JSON value meets (a required property, or minItems
-    over items, that refers back to it through $ref), else None. The automaton would follow such a node down to
-    MAX_DEPTH and then find no token to write."""
+def _depths(root: jg.Node) -> tuple[str | None, str | None]:
+    """Set each node's `need` (the fewest containers its smallest value opens) and `horizon`, and return the place
+    of a node reachable from root that no finite JSON value meets (a required property, or minItems over items,
+    that refers back to it through $ref), and that of one whose smallest value nests deeper than MAX_DEPTH (None
+    where there is none). The automaton would follow such a node down to MAX_DEPTH and then find no token to
+    write."""
     where: dict[int, str] = {}
     nodes: list[jg.Node] = []
     todo = [(root, "#")]
@@ -317,25 +327,64 @@ def _endless(root: jg.Node) -> str | None:
             todo.append((node.items, f"{path}/items"))
         elif node.kind == jg.UNION_KIND:
             todo += [(b, f"{path}/anyOf/{i}") for i, b in enumerate({id(b): b for b in node.dispatch.values()}.values())]
-    finite: set[int] = set()  # the nodes some finite value meets: the least fixed point, children mostly first
+    need = _needs(nodes)
+    for node in nodes:
+        if node is not jg.ANY:  # shared by every schema: its need (0) and horizon (1) stay
+            node.need = need.get(id(node), jg.MAX_DEPTH + 1)
+    horizon = max([1, *(n for n in need.values() if n <= jg.MAX_DEPTH)])
+    for node in nodes:
+        if node is not jg.ANY:
+            node.horizon = horizon
+            node.seal_needs()
+    return (next((where[id(node)] for node in nodes if id(node) not in need), None),
+            next((where[id(node)] for node in nodes if need.get(id(node), 0) > jg.MAX_DEPTH), None))
 
-    def ends(node: jg.Node) -> bool:
+
+def _needs(nodes: list[jg.Node]) -> dict[int, int]:
+    """The fewest containers a finite value of each node opens (its own included), by id; a node no finite value
+    meets is left out. Knuth's generalization of Dijkstra's algorithm: an object is 1 + the most its required
+    properties need, an array 1 + its items' need under minItems, a union its smallest branch's; each is final once
+    all it depends on is, smallest first. Linear but for the heap, whatever the $ref cycles."""
+    parts: dict[int, list[jg.Node]] = {}  # what a node's need is computed from (a union: any one branch)
+    waiting: dict[int, int] = {}  # how many of those are not yet final (a union: 1)
+    users: dict[int, list[jg.Node]] = {}
+    heap: list[tuple[int, int, jg.Node]] = []
+    for node in nodes:
         if node.kind == jg.OBJECT_KIND:
-            return node.free or all(id(sub) in finite for _, sub, required in node.props if required)
-        if node.kind == jg.ARRAY_KIND:
-            return node.min_items == 0 or id(node.items) in finite
-        if node.kind == jg.UNION_KIND:
-            return any(id(b) in finite for b in node.dispatch.values())
-        return True  # strings, numbers, literals, any value
+            deps = [] if node.free else [sub for _, sub, required in node.props if required]
+        elif node.kind == jg.ARRAY_KIND:
+            deps = [node.items] if node.min_items and node.items is not None else []
+        elif node.kind == jg.UNION_KIND:
+            deps = list({id(b): b for b in node.dispatch.values()}.values())
+        else:
+            deps = []
+        parts[id(node)] = deps
+        waiting[id(node)] = 1 if node.kind == jg.UNION_KIND and deps else len(deps)
+        for dep in deps:
+            users.setdefault(id(dep), []).append(node)
+        if not deps:
+            heapq.heappush(heap, (_own(node), id(node), node))
+    final: dict[int, int] = {}
+    while heap:
+        value, key, node = heapq.heappop(heap)
+        if key in final:
+            continue
+        final[key] = value
+        for user in users.get(key, ()):
+            if id(user) in final:
+                continue
+            if user.kind == jg.UNION_KIND:  # its first branch to be final is its smallest
+                heapq.heappush(heap, (value, id(user), user))
+                continue
+            waiting[id(user)] -= 1
+            if not waiting[id(user)]:
+                heapq.heappush(heap, (1 + max(final[id(dep)] for dep in parts[id(user)]), id(user), user))
+    return final
 
-    changed = True
-    while changed:
-        changed = False
-        for node in reversed(nodes):
-            if id(node) not in finite and ends(node):
-                finite.add(id(node))
-                changed = True
-    return next((where[id(node)] for node in nodes if id(node) not in finite), None)
+
+def _own(node: jg.Node) -> int:
+    """The need of a node that depends on no other: a container's own level, or none."""
+    return 1 if node.kind in (jg.OBJECT_KIND, jg.ARRAY_KIND) else 0
 
 
 class SchemaCache:

@@ -188,15 +188,26 @@ class JsonMasks:
         if len(stack) + self._opens >= jg.MAX_DEPTH:
             return (mode, aux, tuple(map(self._frame, stack)), 0)  # near the depth bound the whole depth matters
         if len(stack) > self._keep:
-            return (mode, aux, tuple(map(self._frame, stack[-self._keep :])), 1)
+            kept = stack[-self._keep :]
+            # A schema's values and keys are offered only where the containers they need fit below MAX_DEPTH: the
+            # depth matters that much earlier (horizon: the most any node of the schema needs).
+            horizon = max([aux[1].horizon if mode in jg.NODE_WS_MODES else 1,  # type: ignore[index]
+                           *(frame[1].horizon for frame in kept if type(frame) is tuple)])
+            if len(stack) + self._opens + horizon > jg.MAX_DEPTH:
+                return (mode, aux, tuple(map(self._frame, stack)), 0)
+            return (mode, aux, tuple(map(self._frame, kept)), 1)
         return (mode, aux, tuple(map(self._frame, stack)), 2)
 
     def _frame(self, frame):
-        """A schema array's item count matters only where a token's commas can bring it to min/maxItems."""
+        """A schema array's item count matters only where a token's commas can bring it to min/maxItems (at
+        minItems or more, or so far below it that no token reaches it, every count allows the same tokens)."""
         if type(frame) is tuple and frame[0] == "A":
             _, node, n = frame
-            if n >= node.min_items and (node.max_items is None or n + self._commas < node.max_items):
-                return ("A", node, -1)
+            if node.max_items is None or n + self._commas < node.max_items:
+                if n >= node.min_items:
+                    return ("A", node, -1)
+                if n + self._commas < node.min_items:
+                    return ("A", node, -2)
         return frame
 
     def allowed(self, state: jg.State) -> TokenMask:
