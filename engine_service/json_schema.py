@@ -294,24 +294,23 @@ def compile_schema(text: str) -> jg.Node:
         raise SchemaError("json_schema nests too deeply") from None
     if root.kind != jg.OBJECT_KIND:
         raise SchemaError('json_schema must describe an object at the top level ("type": "object")')
-    endless, deep = _depths(root)
+    endless = _depths(root)
     if endless is not None:
         raise SchemaError(f"json_schema at {endless}: no finite value meets it (a required property or minItems leads "
                           "back to it through $ref without end, so the document could never close); make that "
                           "property optional, minItems 0, or add an anyOf branch that ends")
-    if deep is not None:
-        raise SchemaError(f"json_schema at {deep}: its smallest value nests more than {jg.MAX_DEPTH} containers (its "
+    if root.need > jg.MAX_DEPTH:  # a deeper optional part is simply never offered (json_grammar.py)
+        raise SchemaError(f"json_schema: its smallest document nests more than {jg.MAX_DEPTH} containers (its "
                           f"required properties and minItems, through $ref), over the {jg.MAX_DEPTH} this engine "
                           "writes; make some of them optional")
     return root
 
 
-def _depths(root: jg.Node) -> tuple[str | None, str | None]:
+def _depths(root: jg.Node) -> str | None:
     """Set each node's `need` (the fewest containers its smallest value opens) and `horizon`, and return the place
     of a node reachable from root that no finite JSON value meets (a required property, or minItems over items,
-    that refers back to it through $ref), and that of one whose smallest value nests deeper than MAX_DEPTH (None
-    where there is none). The automaton would follow such a node down to MAX_DEPTH and then find no token to
-    write."""
+    that refers back to it through $ref), or None where there is none. A node whose smallest value nests deeper
+    than MAX_DEPTH (its need) is never offered where it does not fit; only the root's must."""
     where: dict[int, str] = {}
     nodes: list[jg.Node] = []
     todo = [(root, "#")]
@@ -336,8 +335,7 @@ def _depths(root: jg.Node) -> tuple[str | None, str | None]:
         if node is not jg.ANY:
             node.horizon = horizon
             node.seal_needs()
-    return (next((where[id(node)] for node in nodes if id(node) not in need), None),
-            next((where[id(node)] for node in nodes if need.get(id(node), 0) > jg.MAX_DEPTH), None))
+    return next((where[id(node)] for node in nodes if id(node) not in need), None)
 
 
 def _needs(nodes: list[jg.Node]) -> dict[int, int]:

@@ -355,7 +355,7 @@ def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bo
         raise  # the model's template is broken, not the request (start-up checks it: check_chat_template)
     except TemplateRuntimeError as e:
         missing = [what for what in (names.unknown if names else ()) if f"named {what.split()[1]} found" in str(e)]
-        if missing:  # the model's template is broken, not the request: INTERNAL (start-up refuses it too)
+        if missing:  # the model's template is broken, not the request: INTERNAL (start-up warned of it)
             raise RuntimeError(f"the model's chat template uses {missing[0]}, which jinja2 has not: {e}") from None
         raise ValueError(f"messages rejected by the model's chat template: {e}") from e
     except TemplateError as e:
@@ -396,8 +396,8 @@ def _template_used(template: object, with_tools: bool) -> str:
 
 
 def check_chat_template(tokenizer: Any) -> None:
-    """ValueError when the tokenizer's chat template (each of its named ones: tool_use renders every chat with
-    tools) does not compile (a broken tokenizer_config.json or chat_template.jinja): said at start-up, not as chat
+    """ValueError when the tokenizer's chat template (of named ones, default and tool_use: tool_use renders every
+    chat with tools) does not compile (a broken tokenizer_config.json or chat_template.jinja): said at start-up, not as chat
     requests' errors. A warning where one uses a filter or test jinja2 has not (`fromjson`, from a template written
     for another renderer: jinja2 compiles it inside a branch and fails only where that renders, often just with
     tools): the chats that reach it fail with INTERNAL naming it, the others are served."""
@@ -413,7 +413,10 @@ def check_chat_template(tokenizer: Any) -> None:
         raise ValueError(f"the tokenizer's chat template does not compile: {exc} (line {exc.lineno}); {fix}") from None
     except Exception:  # noqa: S110 -- it compiles; what it makes of a lone user message is the requests' business
         pass
-    for name, source in (template.items() if isinstance(template, Mapping) else [("", template)]):
+    # Of named templates, those this service renders (_template_used): another (Command-R's "rag") is never used.
+    used = [(name, template[name]) for name in ("default", "tool_use") if name in template] \
+        if isinstance(template, Mapping) else [("", template)]
+    for name, source in used:
         which = f"chat template {name!r}" if name else "chat template"
         try:
             from transformers.utils.chat_template_utils import _compile_jinja_template

@@ -219,6 +219,8 @@ def _messages_no_special_text(r: TextRequest, lim: TextLimits) -> str | None:
     if not any(_SEPARATOR in text for text in refused):
         joined = _SEPARATOR.join(string for _, _, strings in texts for string in strings)
         refused = tuple(text for text in refused if text in joined)
+        if not refused:
+            return None
     for where, _, strings in texts:
         for string in strings:
             for text in refused:
@@ -376,7 +378,8 @@ def _refuse_oversized(request: pb.GenerateRequest | pb.TokenizeRequest, limits: 
             texts += (text for call in message.tool_calls for text in (call.name, call.arguments, call.id))
         size = sum(map(_utf8_len, texts))
         if size > limits.max_prompt_bytes:
-            _broken(_rule(_messages_bytes), limits, f"got {size} bytes as sent")
+            _broken(_rule(_messages_bytes), limits, f"got {size} bytes as sent: JSON texts count as written, their "
+                    "escapes and whitespace included; send them compact, as UTF-8")
 
 
 def validate_request(request: TextRequest, limits: TextLimits | None = None) -> None:

@@ -76,6 +76,8 @@ def test_a_filter_or_test_jinja2_lacks_is_warned_of_at_start_up_and_not_blamed_o
     # A model's tool_use template renders every chat with tools; start-up rendered only its default.
     with pytest.raises(ValueError, match="chat template 'tool_use' does not compile: No filter named 'fromjson'"):
         check_chat_template(_with_template(demo_tokenizer, {"default": PLAIN_LOOP, "tool_use": "{{ tools | fromjson }}"}))
+    # A named template this service never renders (Command-R's "rag") is none of its business.
+    check_chat_template(_with_template(demo_tokenizer, {"default": PLAIN_LOOP, "rag": "{{ documents | fromjson }}"}))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="tokenizer_service.chat"):
         check_chat_template(_with_template(demo_tokenizer, {"default": PLAIN_LOOP,

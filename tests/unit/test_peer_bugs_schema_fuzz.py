@@ -447,6 +447,26 @@ def test_a_schema_whose_smallest_document_nests_past_max_depth_is_refused():
     assert _accepts(node, b'{"b":' + b'{"z":' * 60 + b'""' + b"}" * 61)
 
 
+def test_a_part_too_deep_to_write_that_is_optional_is_left_out_not_refused():
+    """Only a schema whose smallest document is too deep is refused: a too-deep part reached through an optional
+    key or an anyOf branch is never offered, and the rest is served (a review found such schemas refused, with
+    advice to make optional what already was)."""
+    n = 70
+    defs = {f"d{i}": {"type": "object", "required": ["c"], "properties": {"c": {"$ref": f"#/$defs/d{i + 1}"}}}
+            for i in range(n)}
+    defs[f"d{n}"] = {"type": "integer"}
+    props = {"name": {"type": "string"}}
+    # From the deep end, so that compiling each $def nests shallowly (a schema nests at most 64 schemas deep).
+    props.update({f"p{i}": {"anyOf": [{"type": "null"}, {"$ref": f"#/$defs/d{i}"}]} for i in range(n, -1, -1)})
+    props["deep"] = {"$ref": "#/$defs/d0"}
+    node = compile_schema(json.dumps({"type": "object", "required": ["name"], "$defs": defs, "properties": props}))
+    assert _accepts(node, b'{"name":"x","p70":null,"p69":null}')
+    at = jg.walk(jg.initial(node), b'{"name":"x","p0":')
+    assert jg.walk(at, b"{") is None and jg.walk(at, b"null") is not None  # the deep branch is never begun
+    at = jg.walk(jg.initial(node), b'{"name":"x",')
+    assert jg.walk(at, b'"deep"') is None  # nor the deep optional key offered
+
+
 def test_masks_near_the_depth_bound_equal_a_walk_at_every_depth():
     """A mask cached at one depth and reused at another where a value no longer fits: the same state (an anyOf
     value, its top containers alike) allows "[" at depth 30 and not at 62."""
