@@ -19,7 +19,9 @@ WORKERS="${PYTEST_WORKERS:-2}"
 for arg in "$@"; do
     case $arg in --pdb | --trace) WORKERS=0 ;; esac  # xdist refuses a debugger in its workers
 done
-SUITE=(-q -n "$WORKERS" --dist loadfile --durations=15)
+# A worker that dies (a test that ends its process) fails the run at once, naming the test: replaced, one left
+# xdist's file scheduler waiting forever for the crashed worker's files (a hang of the whole CI run).
+SUITE=(-q -n "$WORKERS" --dist loadfile --max-worker-restart=0 --durations=15)
 if [ $# -eq 0 ] && "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     echo "run_tests: CUDA found; the CPU suite (Triton interpreter), then tests/gpu (compiled kernels)"
     rc=0

@@ -82,3 +82,37 @@ def test_free_port_takes_ports_in_turn_from_its_band_and_skips_a_held_one(monkey
     assert following not in ports
     assert all(p in band for p in ports), ports
     assert len(set(ports + [first])) == 21, "a port handed out twice"
+
+
+_CRASHING = '''
+import os
+
+def test_before():
+    pass
+
+def test_ends_its_process():
+    os._exit(0)
+
+def test_after():
+    pass
+'''
+
+
+def test_a_test_that_ends_its_worker_fails_the_run_at_once_naming_it(tmp_path):
+    """A worker's process ended by a test (os._exit in a main() under test) was replaced, and xdist's file scheduler
+    then waited forever for the crashed worker's files: a CI run hung until its time limit. run_tests.sh's options
+    make it fail at once, naming the test."""
+    import re
+    import shlex
+
+    line = re.search(r"^SUITE=\((.*)\)$", (ROOT / "scripts" / "run_tests.sh").read_text(), re.M).group(1)
+    options = [word.replace("$WORKERS", "2") for word in shlex.split(line)]
+    for name in ("test_a.py", "test_b.py"):
+        (tmp_path / name).write_text(_CRASHING)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *options, str(tmp_path)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]  # failed tests; not 3, an internal error
+    assert "crashed while running" in run.stdout and "test_ends_its_process" in run.stdout, run.stdout[-3000:]
+    assert not re.search(r"\bgw[2-9]", run.stdout), "a crashed worker was replaced: " + run.stdout[-3000:]
