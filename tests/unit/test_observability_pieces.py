@@ -14,23 +14,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from clients.logs import JsonFormatter, TextFormatter
 from engine_service.metrics import EngineMetrics, Histogram
 from engine_service.outputs import StepOutput
 from engine_service.server_config import parse_config as engine_config
+from tests.unit.test_metrics_edges import samples
 from tokenizer_service.config import parse_config as tokenizer_config
 from tokenizer_service.metrics import RequestTrace, TextMetrics, request_id_from
-
-
-def samples(registry) -> dict[tuple, float]:
-    out = {}
-    for family in text_string_to_metric_families(generate_latest(registry).decode()):
-        for s in family.samples:
-            out[(s.name, *sorted((k, v) for k, v in s.labels.items() if k != "model_name"))] = s.value
-    return out
 
 
 def test_histogram_buckets_are_upper_bounds_and_weighted():

@@ -21,28 +21,17 @@ from clients.requests import generate_request
 from engine_service import bench
 from engine_service.engine import LLMEngine
 from engine_service.validation import sampling_params_from_proto
+from tests.unit.test_bench_edges import _FakeAsyncClient
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class _RecordingClient:
+class _RecordingClient(_FakeAsyncClient):
     """An AsyncTextClient stand-in: streams each request's tokens one a message, the last with `cached` prompt tokens
     in its usage, and records the keyword arguments of every request."""
 
     requests: list[dict] = []
     cached = 0
-
-    def __init__(self, target, timeout=None, tls=None):
-        pass
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        return False
-
-    async def model_info(self):
-        return types.SimpleNamespace(vocab_size=100)
 
     async def _stream(self, n):
         for i in range(n):

@@ -21,14 +21,7 @@ from engine_service.metrics import EngineMetrics
 from engine_service.outputs import StepOutput
 from tests.fake_engine import FakeEngine
 from tests.integration.tiny import VOCAB, make_qwen3
-
-
-def samples(registry) -> dict[tuple, float]:
-    out = {}
-    for family in text_string_to_metric_families(generate_latest(registry).decode()):
-        for s in family.samples:
-            out[(s.name, *sorted((k, v) for k, v in s.labels.items() if k != "model_name"))] = s.value
-    return out
+from tests.unit.test_metrics_edges import samples
 
 
 def histogram_quantile(q: float, registry, name: str) -> float:
