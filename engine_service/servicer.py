@@ -159,8 +159,11 @@ class EngineServicer(pb_grpc.EngineServicer):
                     self._refuse(stream, cid, trace_id, *refusal, prompt_tokens=len(req.prompt_token_ids))
                     return
                 if_full = (refusal[1], self._max_waiting)
-            prompt = list(req.prompt_token_ids)
-            check_prompt(prompt, self.model_info["vocab_size"], self.model_info["max_model_len"])
+            ids, max_model_len = req.prompt_token_ids, self.model_info["max_model_len"]
+            if len(ids) >= max_model_len:  # refused before a copy of what may be millions of ids (64 MiB frames)
+                check_prompt(ids, self.model_info["vocab_size"], max_model_len)
+            prompt = list(ids)
+            check_prompt(prompt, self.model_info["vocab_size"], max_model_len)
             params = sampling_params_from_proto(req.sampling_params, self.generation_defaults)
             if params.prompt_logprobs is not None:  # they go out in one update, within a frame
                 check_prompt_logprobs_size(len(prompt), params.prompt_logprobs, self._max_frame_bytes // 2)

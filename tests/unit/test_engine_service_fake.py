@@ -690,3 +690,29 @@ def test_a_refusal_at_the_door_logs_the_prompt_it_refused(caplog):
         assert line["error"].startswith("INVALID_ARGUMENT: ") and {"queue_s", "ttft_s", "total_s"} <= set(line)
     finally:
         assert running.stop() == 0
+
+
+def test_a_prompt_past_max_model_len_is_refused_before_its_ids_are_copied():
+    """A 64 MiB frame holds millions of ids: they were copied into a Python list (8 bytes and an int object each)
+    before the length check refused them."""
+    import tracemalloc
+
+    running = Running(FakeEngine(max_model_len=64))
+    try:
+        with EngineClient(running.target, timeout=20) as client:
+            wait_serving(client)
+            request = new("long", list(range(1000, 1_001_000)), max_tokens=1)
+            tracemalloc.start()
+            try:
+                with pytest.raises(grpc.RpcError) as refused:
+                    list(client.stub.GenerateStream(request, timeout=20))
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "max_model_len is 64" in refused.value.details()
+        # The frame's bytes as gRPC hands them over (about 3 MB) and their copies: some 9 MB; the ids as a list
+        # added 37 MB more.
+        assert peak < 20_000_000, f"{peak} bytes traced while refusing a million ids"
+    finally:
+        assert running.stop() == 0
