@@ -111,17 +111,44 @@ def _json_object(value: object, where: str) -> dict:
     return dict(value)
 
 
+# What json.loads makes of a JSON scalar: told apart from containers by type alone (the Mapping check, an ABC's, took
+# most of a walk's time; 8 MiB of chat JSON is millions of values).
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+
+
+def _children(item: object) -> object:
+    """A JSON container's values (an object's or a list's), or None for a scalar."""
+    kind = type(item)
+    if kind is dict:
+        return item.values()
+    if kind is list or kind is tuple:
+        return item
+    if kind in _SCALARS:
+        return None
+    if isinstance(item, Mapping):
+        return item.values()
+    return item if isinstance(item, list | tuple) else None
+
+
 def _depth(value: object) -> int:
-    """How deeply lists and objects nest in a parsed JSON value, without recursion (a deep one is what is refused)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, Mapping | list | tuple):
-            deepest = max(deepest, depth)
-            if depth > MAX_JSON_DEPTH:
-                break
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, Mapping) else item))
-    return deepest
+    """How deeply lists and objects nest in a parsed JSON value, level by level, without recursion (a deep one is
+    what is refused)."""
+    depth, level = 0, [value]
+    while level:
+        below: list[object] = []
+        found = False
+        for item in level:
+            children = _children(item)
+            if children is not None:
+                found = True
+                below.extend(children)
+        if not found:
+            break
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            break
+        level = below
+    return depth
 
 
 def json_strings(value: object) -> list[str]:
@@ -130,13 +157,18 @@ def json_strings(value: object) -> list[str]:
     out, stack = [], [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, str):
+        kind = type(item)
+        if kind is str:
             out.append(item)
-        elif isinstance(item, Mapping):
-            out.extend(str(k) for k in item)
+        elif kind in _SCALARS:
+            continue
+        elif kind is dict or isinstance(item, Mapping):
+            out.extend(map(str, item))
             stack.extend(item.values())
-        elif isinstance(item, list | tuple):
+        elif kind is list or kind is tuple or isinstance(item, list | tuple):
             stack.extend(item)
+        elif isinstance(item, str):  # a str subclass
+            out.append(item)
     return out
 
 

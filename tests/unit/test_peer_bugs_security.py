@@ -137,3 +137,50 @@ def test_a_special_token_holding_the_separator_is_still_found(demo_tokenizer):
     with pytest.raises(ValueError, match=r"messages\[1\]\.content holds '<\|a\\x00b\|>'"):
         prepare(pb.GenerateRequest(chat=_chat(messages)), demo_tokenizer, {}, 4096,
                 TextLimits(refused_chat_texts=odd))
+
+
+def test_the_json_walks_give_what_a_plain_recursive_walk_gives():
+    """_depth and json_strings walk a chat's JSON values level by level with type fast paths (the ABC checks of a
+    plain walk held the GIL about 1 us a value: seconds for the 8 MiB a chat may carry); what they find must be what
+    a recursive walk finds."""
+    import random
+    from collections import OrderedDict
+
+    from tokenizer_service.chat import MAX_JSON_DEPTH, _depth, json_strings
+
+    def depth(v) -> int:
+        if isinstance(v, dict | list | tuple):
+            children = v.values() if isinstance(v, dict) else v
+            return 1 + max((depth(c) for c in children), default=0)
+        return 0
+
+    def strings(v) -> set[str]:
+        if isinstance(v, str):
+            return {v}
+        if isinstance(v, dict):
+            return set(map(str, v)).union(*(strings(c) for c in v.values()))
+        if isinstance(v, list | tuple):
+            return set().union(*(strings(c) for c in v))
+        return set()
+
+    rng = random.Random(0)
+
+    def value(d: int):
+        r = rng.random()
+        if d > 20 or r < 0.3:
+            return rng.choice([1, 2.5, "s", True, None, "x" * rng.randint(0, 3), f"u{rng.randint(0, 9)}"])
+        if r < 0.6:
+            return [value(d + 1) for _ in range(rng.randint(0, 3))]
+        if r < 0.7:
+            return tuple(value(d + 1) for _ in range(rng.randint(0, 2)))
+        cls = OrderedDict if r < 0.8 else dict
+        return cls((f"k{rng.randint(0, 5)}", value(d + 1)) for _ in range(rng.randint(0, 3)))
+
+    for _ in range(3000):
+        v = value(0)
+        assert _depth(v) == min(depth(v), MAX_JSON_DEPTH + 1), v
+        assert set(json_strings(v)) == strings(v), v
+    chain = 1
+    for _ in range(MAX_JSON_DEPTH + 5):
+        chain = [chain]
+    assert _depth(chain) == MAX_JSON_DEPTH + 1
