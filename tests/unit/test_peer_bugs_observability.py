@@ -20,6 +20,7 @@ from engine_service.engine_loop import EngineLoop
 from engine_service.metrics import EngineMetrics
 from engine_service.outputs import StepOutput
 from tests.fake_engine import FakeEngine
+from tests.integration.test_engine_core_edges import _Sink
 from tests.integration.tiny import VOCAB, make_qwen3
 from tests.unit.test_metrics_edges import samples
 
@@ -37,22 +38,6 @@ def histogram_quantile(q: float, registry, name: str) -> float:
             return lower + (upper - lower) * (rank - below) / (cumulative - below)
         lower, below = upper, cumulative
     raise AssertionError("no bucket holds the rank")
-
-
-class _Sink:
-    def __init__(self):
-        self.outputs: list[StepOutput] = []
-        self.failure: tuple[str, str] | None = None
-        self.done = asyncio.Event()
-
-    def on_output(self, output: StepOutput) -> None:
-        self.outputs.append(output)
-        if output.finished:
-            self.done.set()
-
-    def on_failure(self, code: str, message: str) -> None:
-        self.failure = (code, message)
-        self.done.set()
 
 
 # ---- histogram buckets --------------------------------------------------------------------------------------
@@ -118,7 +103,7 @@ def test_a_clients_request_id_in_a_log_message_cannot_forge_a_line():
         sink = asyncio.run(main())
     finally:
         logger.removeHandler(handler)
-    assert sink.failure is not None and sink.failure[0] == "INTERNAL"
+    assert len(sink.failures) == 1 and sink.failures[0][0] == "INTERNAL"
     lines = stream.getvalue().splitlines()
     (message,) = [line for line in lines if "admitting request" in line]
     assert "request_id=admin" in message  # the id is there, escaped, on the message's own line
