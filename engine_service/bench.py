@@ -13,11 +13,9 @@ import argparse
 import json
 import logging
 import os
-import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -635,25 +633,17 @@ def _progress(key: str, figures: dict[str, Any]) -> None:
 
 
 def environment() -> dict[str, Any]:
-    """What a figure depends on besides its command: versions, the commit ("-dirty" when the working tree had changes;
-    None outside a git checkout), torch's CPU threads and the machine (its GPU, where it has one)."""
+    """What a figure depends on besides its command: serving_bench's record (Python and package versions, the commit,
+    the machine), with torch's own version string, its CUDA, its CPU threads and the GPU, where there is one."""
     import torch
-    import transformers
 
-    try:
-        described = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
-                                   text=True, timeout=10, cwd=Path(__file__).resolve().parent)
-        commit = described.stdout.strip() if described.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    from clients.serving_bench import environment as versions_and_commit
+
     return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        **versions_and_commit(),
+        "torch": torch.__version__,  # with its build ("+cpu", "+cu130"), which the package metadata lacks
         "cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
-        "commit": commit or None,
         "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
