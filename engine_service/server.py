@@ -84,6 +84,14 @@ LOADER_THREAD = "engine-load"
 ENGINE_STOP_WAIT_S = 5.0  # how long a stop waits for the engine thread to end its step
 
 
+async def _done_before(future: asyncio.Future, stop: asyncio.Event) -> bool:
+    """Wait for `future` or `stop`, whichever comes first; whether `future` is done."""
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([future, stopped], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    return future.done()
+
+
 async def load_unless_stopped(engine_factory: Callable[[ServerConfig], Any], config: ServerConfig,
                               stop: asyncio.Event) -> Any | None:
     """The engine from engine_factory(config), run on a daemon thread; None if `stop` is set first.
@@ -117,10 +125,7 @@ async def load_unless_stopped(engine_factory: Callable[[ServerConfig], Any], con
             pass  # the service stopped during the load and its event loop is gone
 
     threading.Thread(target=run, name=LOADER_THREAD, daemon=True).start()
-    stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([done, stopped], return_when=asyncio.FIRST_COMPLETED)
-    if done.done():
-        stopped.cancel()
+    if await _done_before(done, stop):
         return done.result()
     done.add_done_callback(lambda f: f.cancelled() or f.exception())  # a late failure is not "never retrieved"
     return None
@@ -134,10 +139,7 @@ async def canary_unless_stopped(health: Health, loop: EngineLoop, vocab_size: in
     hang (a broken device): a SIGTERM then must not wait up to canary_timeout_s, turn the service SERVING once
     the canary passes after all, or exit 1 when it times out; nothing is in flight yet."""
     canary = asyncio.ensure_future(health.canary(loop, vocab_size, timeout_s))
-    stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([canary, stopped], return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
-    if canary.done():
+    if await _done_before(canary, stop):
         return canary.result()
     canary.cancel()  # Health.canary aborts its request
     try:
