@@ -13,7 +13,7 @@ health package) and the standard library.
   TLS (the kubelet's gRPC probe cannot).
 - listen binds a server's port, TLS or plaintext, and refuses a port another process holds: gRPC's default
   SO_REUSEPORT would let a second server bind it and take half its connections (NO_REUSEPORT, in every
-  server's options). shared_server_options adds it, the connection age and the size of gRPC's queue of calls
+  server's options). shared_server_options adds it, the connection age and idle limits and the size of gRPC's queue of calls
   not yet taken, to both services' servers; service_server_options is all of a service's server options, and
   keepalive_options the keepalive settings of every server and channel here.
 - add_checked_servicer registers a servicer so that a request that does not parse is refused with
@@ -54,10 +54,14 @@ def _ms(seconds: float) -> int:
     return min(int(seconds * 1000), UNLIMITED_MS)
 
 
-def shared_server_options(max_connection_age_s: float, max_calls: int) -> list[tuple[str, int]]:
+def shared_server_options(max_connection_age_s: float, max_calls: int,
+                          max_connection_idle_s: float = 0.0) -> list[tuple[str, int]]:
     """Server options both services set: no SO_REUSEPORT, and with max_connection_age_s > 0 a GOAWAY once a
     connection is that old, so that new calls open a new connection (to another replica behind a ClusterIP).
-    Calls already streaming run to their end, however long: no grace cuts a generation.
+    Calls already streaming run to their end, however long: no grace cuts a generation. With
+    max_connection_idle_s > 0, a GOAWAY to a connection that has had no call open for that long: a client that
+    holds a channel it no longer uses stops holding a socket here (its channel goes idle and dials again on its
+    next call). A connection with a call open, a silent stream included, is never idle.
 
     max_calls (the server's maximum_concurrent_rpcs) also sizes the queue of calls grpc-core holds before grpc.aio
     has taken them. grpc.aio takes one new call per turn of its event loop, those it will refuse included; past
@@ -72,12 +76,14 @@ def shared_server_options(max_connection_age_s: float, max_calls: int) -> list[t
     if max_connection_age_s > 0:
         options += [("grpc.max_connection_age_ms", _ms(max_connection_age_s)),
                     ("grpc.max_connection_age_grace_ms", UNLIMITED_MS)]
+    if max_connection_idle_s > 0:
+        options.append(("grpc.max_connection_idle_ms", _ms(max_connection_idle_s)))
     return options
 
 
 def service_server_options(config: Any, max_calls: int) -> list[tuple[str, int]]:
     """Both services' server options, from the settings they share (max_message_bytes, keepalive_time_s,
-    keepalive_timeout_s, min_ping_interval_s, max_connection_age_s): message limits, keepalive that clients may
+    keepalive_timeout_s, min_ping_interval_s, max_connection_age_s, max_connection_idle_s): message limits, keepalive that clients may
     use as often as min_ping_interval_s without a too_many_pings GOAWAY, and shared_server_options."""
     return [
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -85,7 +91,7 @@ def service_server_options(config: Any, max_calls: int) -> list[tuple[str, int]]
         *keepalive_options(config.keepalive_time_s, config.keepalive_timeout_s),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", _ms(config.min_ping_interval_s)),
         ("grpc.http2.max_ping_strikes", 0),  # 0: never GOAWAY a client for pinging
-        *shared_server_options(config.max_connection_age_s, max_calls),
+        *shared_server_options(config.max_connection_age_s, max_calls, config.max_connection_idle_s),
     ]
 
 

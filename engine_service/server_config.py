@@ -92,6 +92,8 @@ class ServerConfig:
     # 0: unlimited. The tokenizer services dial every engine pod themselves (DNS), so engines need no age;
     # it is for other callers behind one address. Streams in flight are never cut by it.
     max_connection_age_s: float = 0.0
+    # 0: unlimited. GOAWAY to a connection with no call open this long (a tokenizer service's streams stay open).
+    max_connection_idle_s: float = 0.0
     # Lifecycle.
     grace_s: float = 30.0  # SIGTERM drain: in-flight streams get this long to finish
     watchdog_s: float = 120.0  # a loop that has not stepped this long while requests wait is stalled
@@ -135,7 +137,7 @@ class ServerConfig:
                      "watchdog_s", "canary_timeout_s", "gil_switch_interval_ms"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:  # NaN passed a "<= 0" check
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
-        for name in ("max_connection_age_s", "canary_interval_s", "failure_linger_s"):
+        for name in ("max_connection_age_s", "max_connection_idle_s", "canary_interval_s", "failure_linger_s"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")
         # The engine's own rules for its knobs (gpu_memory_utilization, dtype, device...), checked here at

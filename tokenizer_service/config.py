@@ -81,6 +81,9 @@ class TextServerConfig:
     # 0: unlimited. Set it (e.g. 300) so that clients' long-lived channels reconnect now and then and reach
     # replicas the autoscaler added; streams in flight are never cut by it.
     max_connection_age_s: float = 0.0
+    # 0: unlimited. Set it (e.g. 600) so that clients that keep a channel they no longer use stop holding a
+    # socket here; their channel dials again on its next call. Calls open, streams included, keep a connection.
+    max_connection_idle_s: float = 0.0
     grace_s: float = 30.0  # SIGTERM drain
     log_level: str = "INFO"
     # Observability (docs/OBSERVABILITY.md).
@@ -152,8 +155,9 @@ class TextServerConfig:
                      "keepalive_timeout_s", "min_ping_interval_s", "grace_s"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:  # NaN passed a "<= 0" check
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
-        if not math.isfinite(self.max_connection_age_s) or self.max_connection_age_s < 0:
-            raise ValueError(f"max_connection_age_s must be 0 (off) or positive, got {self.max_connection_age_s}")
+        for name in ("max_connection_age_s", "max_connection_idle_s"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be at least reconnect_min_s")
 

@@ -324,6 +324,28 @@ def test_max_connection_age_moves_new_calls_without_cutting_a_long_stream():
         assert running.stop() == 0
 
 
+def test_idle_connections_are_closed_but_a_silent_stream_is_not():
+    """--max-connection-idle-s sends GOAWAY to a connection with no call open for that long: the client's channel
+    drops to IDLE and its next call dials again and succeeds. A stream open on a connection keeps it, however
+    quiet: a generation slower than the limit runs to its end."""
+    running = Running(FakeEngine(max_model_len=1_000_000, step_s=0.4), max_connection_idle_s=0.3)
+    states: list[grpc.ChannelConnectivity] = []
+    try:
+        with EngineClient(running.target, timeout=30) as client:
+            wait_serving(client)
+            updates = list(client.generate([1, 2], "slow", max_tokens=4, ignore_eos=True))  # 0.4 s between tokens
+            assert sum(len(u.new_token_ids) for u in updates) == 4
+            client._channel.subscribe(states.append, try_to_connect=False)
+            deadline = time.monotonic() + 10
+            while grpc.ChannelConnectivity.IDLE not in states and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert grpc.ChannelConnectivity.IDLE in states, f"the idle connection was kept: {states}"
+            updates = list(client.generate([1, 2], "again", max_tokens=2, ignore_eos=True))
+            assert sum(len(u.new_token_ids) for u in updates) == 2
+    finally:
+        assert running.stop() == 0
+
+
 def test_trace_ids_are_cut_to_128_characters(caplog):
     """A trace id is only a log field: a client must not write megabytes of log per request with it."""
     running = Running(FakeEngine(max_model_len=1_000_000))

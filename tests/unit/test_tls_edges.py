@@ -71,6 +71,7 @@ def test_both_services_server_options_carry_every_shared_setting(options):
     }
     assert {name: dict(got).get(name) for name in expected} == expected
     assert "grpc.max_connection_age_ms" not in dict(got)  # 0: off, not a GOAWAY on every new connection
+    assert "grpc.max_connection_idle_ms" not in dict(got)  # 0: off
     assert dict(got)["grpc.server.max_pending_requests"] == dict(got)["grpc.server.max_pending_requests_hard_limit"]
     assert dict(got)["grpc.server.max_pending_requests"] >= 16_384
 
@@ -83,6 +84,26 @@ def test_connection_age_is_in_milliseconds_with_no_grace_limit():
     assert got["grpc.max_connection_age_grace_ms"] == UNLIMITED_MS
     assert got["grpc.server.max_pending_requests"] == 20_000
     assert "grpc.max_connection_age_ms" not in dict(shared_server_options(0, 1))
+
+
+@pytest.mark.parametrize("options", [
+    pytest.param(lambda: server_options(TextServerConfig(model="m", engines="e:1", **SETTINGS,
+                                                         max_connection_idle_s=1.5)), id="tokenizer"),
+    pytest.param(lambda: grpc_options(ServerConfig(model="m", **SETTINGS, max_connection_idle_s=1.5)), id="engine"),
+])
+def test_both_services_pass_the_idle_limit_in_milliseconds(options):
+    """Catches --max-connection-idle-s dropped on the way to gRPC, or passed in seconds."""
+    assert dict(options())["grpc.max_connection_idle_ms"] == 1500
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: TextServerConfig(model="m", engines="e:1", **kw),
+    lambda **kw: ServerConfig(model="m", **kw),
+], ids=["tokenizer", "engine"])
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_both_services_refuse_a_bad_idle_limit(make, bad):
+    with pytest.raises(ValueError, match="max_connection_idle_s must be 0 \\(off\\) or positive"):
+        make(max_connection_idle_s=bad)
 
 
 def test_a_second_server_cannot_take_a_port_in_use():
