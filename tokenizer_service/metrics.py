@@ -85,6 +85,10 @@ class RequestTrace:
     # The request's TextStream while it streams: an early end flushes what it holds back (an incomplete character,
     # a possible stop-string prefix) into the held message, so the ids sent come with their text.
     text: Any = None
+    # An n > 1 request's while it streams: a function that stops its completions and returns the responses they
+    # produced that were not yet handed on (queued, or held back), each completion's in order; a GenerateMulti
+    # abort sends them before its ABORT.
+    unsent: Callable[[], list] | None = None
 
 
 class TextMetrics:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -75,6 +76,8 @@ API_SLOTS = 1
 # A cancel this close to the request's deadline is the deadline: the client's timer fires a few milliseconds
 # before this service's, and the request counts as an error (DEADLINE_EXCEEDED), not as cancelled.
 DEADLINE_SLACK_S = 0.05
+# Responses a GenerateMulti call queues for its reader; past it, its requests wait to queue theirs (backpressure).
+MULTI_QUEUED_RESPONSES = 1024
 
 
 def _heavy(request, max_bytes: int = OFFLOAD_TOKENIZE_BYTES) -> bool:
@@ -123,6 +126,14 @@ def take_held(trace: RequestTrace, index: int = 0) -> list[pb.GenerateResponse]:
     return [pb.GenerateResponse(text=text + tail, token_ids=ids, logprobs=logprobs, index=index)]
 
 
+def _deadline_ended(trace: RequestTrace, deadline: float | None, message: str) -> None:
+    """Count a request cancelled within DEADLINE_SLACK_S of its deadline (time.monotonic()) as that deadline's
+    error, with `message`: the client's own timer fires a few milliseconds before this service's."""
+    if trace.finish_reason == "cancelled" and deadline is not None \
+            and time.monotonic() >= deadline - DEADLINE_SLACK_S:
+        trace.finish_reason, trace.error = "error", f"DEADLINE_EXCEEDED: {message}"
+
+
 def _after_attempts(exc: RequestFailed, sent_to: list[str]) -> RequestFailed:
     """The last engine's failure of a request that was sent again, saying so: the caller saw only the last one's
     words, which read as if one engine had failed it. sent_to: the engines it went to, in order."""
@@ -139,6 +150,15 @@ def _sum_parts(trace: RequestTrace, parts: list[RequestTrace]) -> None:
     trace.first_token = min((part.first_token for part in parts if part.first_token), default=0.0)
     trace.engine = ",".join(sorted({part.engine for part in parts if part.engine}))
     trace.retries = sum(part.retries for part in parts)
+
+
+def _decide_from_parts(trace: RequestTrace, parts: list[RequestTrace]) -> None:
+    """An n > 1 request's finish reason from its completions', unless an error or an abort decided it: cancelled,
+    error or length where one of them ended so (in that order), else stop."""
+    if trace.finish_reason == "cancelled":
+        reasons = {part.finish_reason for part in parts}
+        trace.finish_reason = next((r for r in ("cancelled", "error", "length") if r in reasons), "stop")
+        trace.error = next((part.error for part in parts if part.error), "")
 
 
 class TextServicer(pb_grpc.TextGenerationServicer):
@@ -188,6 +208,11 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             message = f"the request's deadline_ms ({own:.3f}s) passed while it waited to be tokenized"
             trace.error = f"DEADLINE_EXCEEDED: {message}"
             raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, message) from None
+        except asyncio.CancelledError:  # the client's, also one in the loop turn the deadline fired (it wins)
+            if own is not None:
+                _deadline_ended(trace, arrived + own,
+                                f"the request's deadline_ms ({own:.3f}s) passed while it waited to be tokenized")
+            raise
         left = [t for t in (own, call_timeout_s) if t is not None]
         return prep, (min(left) - (time.monotonic() - arrived) if left else None)
 
@@ -297,22 +322,29 @@ class TextServicer(pb_grpc.TextGenerationServicer):
 
         The first to be sent picks the engine and the others follow it there, so that they find the prompt in its
         prefix cache. The first error ends them all; `trace` sums their counts, kept current for an abort's usage.
+        A GenerateMulti abort takes what they produced that was not yielded yet from trace.unsent.
         """
         n = prep.n
         self.inflight += n  # before the next await, as _generate_one does; each task gives its place back when done
         trace.prompt_tokens = prep.num_prompt_tokens  # kept current: an abort reports them at once
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         # Each completion keeps its own counts; they are added up into `trace`, the request's one log line (the
         # completions' traces are never logged: finish() skips a trace already marked logged).
         parts = [RequestTrace(trace.request_id, start=trace.start, logged=True) for _ in range(n)]
         placement = _Placement()  # the engine the first completion was sent to
         queue: asyncio.Queue = asyncio.Queue(maxsize=16 * n)  # responses; an int i: completion i's stream ended
+        putting: list[pb.GenerateResponse | None] = [None] * n  # each completion's response waiting for room in it
+        taken: collections.deque[pb.GenerateResponse] = collections.deque()  # out of the completions, not yielded
 
         async def pump(i: int) -> None:
             try:
-                async for response in self._generate_one(prep, _choice_request(prep, i), timeout_s, parts[i],
-                                                         placement, counted=True):
-                    response.index = i
-                    await queue.put(response)
+                async with contextlib.aclosing(self._generate_one(prep, _choice_request(prep, i), timeout_s, parts[i],
+                                                                  placement, counted=True)) as responses:
+                    async for response in responses:
+                        response.index = i
+                        putting[i] = response  # until it is in the queue: stop() takes it if the task stops first
+                        await queue.put(response)
+                        putting[i] = None
                 await queue.put(i)
             except RequestFailed as exc:
                 await queue.put(exc)
@@ -331,6 +363,39 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         for task in tasks:  # a task cancelled before it ran never reaches its own finally: this runs either way
             task.add_done_callback(release)
         open_ = set(range(n))  # completions whose last message has not been yielded, nor their stream ended
+
+        def halt() -> None:
+            for task in tasks:
+                task.cancel()  # each one's _generate_one closes its engine request
+                # ... a loop turn or two from now: its place is given back at once, so that a request admitted in
+                # the meantime (GenerateMulti: an abort, then a new request) does not find it still taken
+                release(task)
+
+        def stop() -> None:
+            """Stop the completions and move into `taken` what they produced that was not yielded, each one's in
+            the order it came: its queued responses, the one its task waited to queue, then what --stream-interval
+            held back (once their tasks are cancelled, none of it moves). If that holds the last message of every
+            open completion, the request has ended: its finish reason is decided."""
+            halt()
+            while not queue.empty():
+                item = queue.get_nowait()
+                if isinstance(item, pb.GenerateResponse):
+                    taken.append(item)
+            taken.extend(response for response in putting if response is not None)
+            putting[:] = [None] * n
+            for i, part in enumerate(parts):
+                taken.extend(take_held(part, i))
+            _sum_parts(trace, parts)
+            if not open_ - {response.index for response in taken if response.finish_reason}:
+                _decide_from_parts(trace, parts)
+
+        def unsent() -> list[pb.GenerateResponse]:
+            stop()
+            responses = list(taken)
+            taken.clear()
+            return responses
+
+        trace.unsent = unsent
         try:
             while open_:
                 item = await queue.get()
@@ -338,40 +403,29 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                     open_.discard(item)
                     continue
                 if isinstance(item, RequestFailed):
-                    # What the others generated before it still reaches the caller, as with one completion: their
-                    # queued messages, then what --stream-interval held back (their tasks stopped first, so that
-                    # none of it moves meanwhile).
-                    for task in tasks:
-                        task.cancel()
-                    while not queue.empty():
-                        queued = queue.get_nowait()
-                        if isinstance(queued, pb.GenerateResponse):
-                            yield queued
-                    for i, part in enumerate(parts):
-                        for response in take_held(part, i):
-                            yield response
+                    # What the others generated before it still reaches the caller, as with one completion.
+                    stop()
+                    while taken:
+                        yield taken.popleft()
                     raise item
                 _sum_parts(trace, parts)
                 if item.finish_reason:
                     # Its last message. The request ends with the last of these, in the same loop turn, not when
                     # that completion's task next runs (a full queue can hold it): GenerateMulti keeps the id live
-                    # until then, and an abort of it in between would add an ABORT after the final messages.
+                    # until then, and an abort of it in between finds it ended (no ABORT after the last message).
                     open_.discard(item.index)
+                    if not open_:
+                        _decide_from_parts(trace, parts)
                 yield item
         except RequestFailed as exc:
             trace.finish_reason, trace.error = "error", f"{exc.code.name}: {exc.message}"
             raise
         finally:
-            for task in tasks:
-                task.cancel()  # each one's _generate_one closes its engine request
-                # ... a loop turn or two from now: its place is given back at once, so that a request admitted in
-                # the meantime (GenerateMulti: an abort, then a new request) does not find it still taken
-                release(task)
+            trace.unsent = None
+            halt()
             _sum_parts(trace, parts)
-            if trace.finish_reason == "cancelled":  # not yet decided (an error or a GenerateMulti abort decides)
-                reasons = {part.finish_reason for part in parts}
-                trace.finish_reason = next((r for r in ("cancelled", "error", "length") if r in reasons), "stop")
-                trace.error = next((part.error for part in parts if part.error), "")
+            _decide_from_parts(trace, parts)
+            _deadline_ended(trace, deadline, "the request's deadline passed")
 
     async def _generate_one(self, prep: PreparedRequest, engine_request: engine_pb.NewRequest,
                             timeout_s: float | None, trace: RequestTrace, placement: _Placement | None = None,
@@ -515,10 +569,8 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             if handle is not None:
                 handle.close()
             trace.engine = handle.conn.address if handle is not None else ""  # its token counts are kept current
-            if trace.finish_reason == "cancelled" and deadline is not None \
-                    and time.monotonic() >= deadline - DEADLINE_SLACK_S:
-                # gRPC's cancellation of a call past its deadline can come before the engine's DEADLINE_EXCEEDED
-                trace.finish_reason, trace.error = "error", "DEADLINE_EXCEEDED: the request's deadline passed"
+            # gRPC's cancellation of a call past its deadline can come before the engine's DEADLINE_EXCEEDED
+            _deadline_ended(trace, deadline, "the request's deadline passed")
             self.metrics.finish(trace)
 
     def _ends_on_stop_id(self, prep: PreparedRequest, update: engine_pb.RequestUpdate, ids: list[int]) -> bool:
@@ -611,15 +663,21 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             self.metrics.finish(trace)  # once per trace: counts a call cancelled while it was being tokenized
 
     async def GenerateMulti(self, request_iterator, context):
-        out: asyncio.Queue[pb.GenerateResponse] = asyncio.Queue(maxsize=1024)  # bounded: backpressure per request
+        out: asyncio.Queue[pb.GenerateResponse] = asyncio.Queue(maxsize=MULTI_QUEUED_RESPONSES)  # bounded: backpressure
         tasks: dict[str, tuple[asyncio.Task, RequestTrace]] = {}  # live requests by the client's id
+        waiting: dict[asyncio.Task, pb.GenerateResponse] = {}  # the response a request's task waits to queue
         wake = asyncio.Event()
         input_done = False
         call_id = request_id_from(context.invocation_metadata(), uuid.uuid4().hex[:16])
         read_error, read_code = "", grpc.StatusCode.INVALID_ARGUMENT
 
-        async def emit(response: pb.GenerateResponse) -> None:
-            await out.put(response)  # waits while the queue is full: backpressure
+        async def emit(response: pb.GenerateResponse, task: asyncio.Task | None = None) -> None:
+            """Queue a response for the call, waiting while the queue is full (backpressure). task: the request's
+            own, whose abort meanwhile cancels the wait and sends the response itself."""
+            if task is not None:
+                waiting[task] = response
+            await out.put(response)
+            waiting.pop(task, None)
             wake.set()
 
         def usage_so_far(trace: RequestTrace, completion_tokens: int) -> pb.Usage:
@@ -628,25 +686,50 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                             completion_tokens=completion_tokens)
 
         async def run_one(rid: str, request: pb.GenerateRequest, trace: RequestTrace) -> None:
+            me = asyncio.current_task()
             try:
                 prep, timeout = await self._admit_by_deadline(request, trace)
-                async for response in self._generate(prep, timeout, trace):
-                    response.request_id = rid
-                    await emit(response)
-                    trace.streamed_tokens += len(response.token_ids)  # once it is on the call (an abort's usage)
+                # Closed by this task as a cancel unwinds it, not later by the loop's finalizer: the engine request
+                # ends, its place comes back and its line is logged before the task is done.
+                async with contextlib.aclosing(self._generate(prep, timeout, trace)) as responses:
+                    async for response in responses:
+                        response.request_id = rid
+                        await emit(response, me)
+                        trace.streamed_tokens += len(response.token_ids)  # once it is on the call (an abort's usage)
             except RequestFailed as exc:  # its last message: with the usage of what this call carried for it
                 await emit(pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_REASON_ERROR,
                                                   status=pb.Status(code=exc.code.value[0], message=exc.message),
-                                                  usage=usage_so_far(trace, trace.streamed_tokens)))
+                                                  usage=usage_so_far(trace, trace.streamed_tokens)), me)
             except Exception as exc:  # a bug must fail this request visibly, not drop it from the stream
                 log.exception("request %s/%s failed", call_id, rid)
+                message = f"internal error: {type(exc).__name__}: {exc}"
+                trace.finish_reason, trace.error = "error", f"INTERNAL: {message}"
                 await emit(pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_REASON_ERROR, status=pb.Status(
-                    code=grpc.StatusCode.INTERNAL.value[0], message=f"internal error: {type(exc).__name__}: {exc}"),
-                    usage=usage_so_far(trace, trace.streamed_tokens)))
+                    code=grpc.StatusCode.INTERNAL.value[0], message=message),
+                    usage=usage_so_far(trace, trace.streamed_tokens)), me)
             finally:
-                if tasks.get(rid, (None,))[0] is asyncio.current_task():  # an aborted id may run a new request
+                waiting.pop(me, None)
+                if tasks.get(rid, (None,))[0] is me:  # an aborted id may run a new request
                     del tasks[rid]
                 wake.set()
+
+        def aborted(rid: str, task: asyncio.Task, trace: RequestTrace) -> list[pb.GenerateResponse]:
+            """An aborted request's last messages (its task just cancelled, so that none of them moves). First what
+            it produced that the call does not carry yet, in the order it would have gone out without backpressure
+            or --stream-interval: the response its task waited to queue, then what its completions queued or held
+            back. Then its ABORT, with the usage of all the call carried for it; none where those already end it
+            (it had finished, or failed: the abort came too late, as one after its last message does)."""
+            responses = [waiting.pop(task)] if task in waiting else []
+            if trace.finish_reason == "cancelled":  # not ended: its last message would have decided the reason
+                responses += trace.unsent() if trace.unsent is not None else take_held(trace)
+            for response in responses:
+                response.request_id = rid
+            if trace.finish_reason != "cancelled":
+                return responses
+            trace.finish_reason = "abort"  # logged and counted as the client asked, not "cancelled"
+            streamed = trace.streamed_tokens + sum(len(response.token_ids) for response in responses)
+            return [*responses, pb.GenerateResponse(request_id=rid, usage=usage_so_far(trace, streamed),
+                                                    finish_reason=pb.FINISH_REASON_ABORT)]
 
         async def frames():  # the client's messages, until one cannot be read: that one ends the call
             nonlocal read_error
@@ -682,19 +765,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                     elif frame.WhichOneof("kind") == "abort_request_id":
                         task, trace = tasks.pop(frame.abort_request_id, (None, None))
                         if task is not None:
-                            trace.finish_reason = "abort"  # logged and counted as the client asked, not "cancelled"
-                            task.cancel()  # its finally aborts the engine request
-                            streamed = trace.streamed_tokens
-                            # Generated before the abort: streamed, as at interval 1. Not an n > 1 request's: its
-                            # completions' tasks run ahead of the messages waiting to be put on the call (dropped
-                            # with the task), so theirs would leave a gap; the usage counts what was put.
-                            for response in take_held(trace):
-                                response.request_id = frame.abort_request_id
+                            task.cancel()  # it queues nothing more; closing its generator ends the engine request
+                            for response in aborted(frame.abort_request_id, task, trace):
                                 await emit(response)
-                                streamed += len(response.token_ids)
-                            await emit(pb.GenerateResponse(request_id=frame.abort_request_id,
-                                                              usage=usage_so_far(trace, streamed),
-                                                              finish_reason=pb.FINISH_REASON_ABORT))
             except Exception as exc:  # a bug applying a message: the call fails visibly, its requests are cancelled
                 nonlocal read_error, read_code
                 log.exception("call %s: applying a message failed", call_id)

@@ -1752,12 +1752,10 @@ def test_stream_interval_loses_no_token_to_an_abort_or_to_another_completions_er
     for rid in ("r1", "r2"):  # the usage is what the call carried for the request
         assert ends[rid].finish_reason == pb.FINISH_REASON_ABORT
         assert len(got[rid]) == ends[rid].usage.completion_tokens >= 2, (rid, got[rid], ends[rid].usage)
-    # Each completion got a prefix of its text, with no gap (n > 1 completions' held tokens are not sent: their
-    # tasks run ahead of the messages still waiting to go out); the one completion's held tokens came before
-    # its abort (some 6 steps in, at interval 8: more than the first message's one token).
+    # Each completion got a prefix of its text, with no gap, and its held tokens came before its request's abort
+    # (some 6 steps in, at interval 8: more than the first message's one token), n > 1's as n = 1's.
     assert all(ids == script[:len(ids)] for ids in by_completion.values()), by_completion
-    assert len(by_completion[("r1", 0)]) > 2, by_completion
-    assert all(len(by_completion[("r2", i)]) % 8 == 1 for i in (0, 1)), by_completion  # whole messages only
+    assert all(len(ids) > 2 for ids in by_completion.values()), by_completion
 
     with serving(demo_model_dir, _failing_engine(demo_model_dir, demo_tokenizer, 6, script, 0.01),
                  stream_interval=4) as stub:
