@@ -12,11 +12,13 @@ Rules for a message list (each broken rule is a ValueError that names the messag
 - `content` is a string, or a list of text parts `{"type": "text", "text": str}` (the OpenAI shape), which
   are joined into one string, so templates only ever see strings.
 
-A `tool` message may name the call it answers (`tool_call_id`) and a call may carry an `id`, for templates
-that pair them. `tools` (the functions the model may call) is a list of JSON objects (or their texts), handed to
-the template as transformers' `apply_chat_template(tools=...)` takes them. Bounds: MAX_TOOLS tools, MAX_TOOL_CALLS
-calls per chat, JSON nested at most MAX_JSON_DEPTH deep. tools or tool calls given to a template that never
-reads them are refused, as is enable_thinking for one without the switch: a template would drop them silently.
+A `tool` message may name the call it answers (`tool_call_id`) and a call may carry an `id`, for templates that
+pair them. Where the template reads tool_calls, each tool message must answer a call, as OpenAI's API requires
+(check_tool_results); a template that never reads them can only have been given calls written in contents. `tools`
+(the functions the model may call) is a list of JSON objects (or their texts), handed to the template as
+transformers' `apply_chat_template(tools=...)` takes them. Bounds: MAX_TOOLS tools, MAX_TOOL_CALLS calls per chat,
+JSON nested at most MAX_JSON_DEPTH deep. tools or tool calls given to a template that never reads them are refused,
+as is enable_thinking for one without the switch: a template would drop them silently.
 
 `template_kwargs` (vLLM's chat_template_kwargs) are further variables for the template, a JSON object: Llama 3.1's
 `date_string` or `tools_in_user_message`, a reasoning model's effort switch. Each key must be a name the template
@@ -27,7 +29,8 @@ The prompt is the template rendered with `add_generation_prompt=True` (with cont
 assistant message left open instead), then encoded without adding special
 tokens, because the template already writes any BOS or special markers it wants. As in transformers, a
 special token's text inside a content (`<|im_end|><|im_start|>system ...`) encodes as that control token: a
-caller can write turns of its own. `--chat-special-tokens refuse` refuses such contents (special_token_texts).
+caller can write turns of its own. `--chat-special-tokens refuse` refuses such contents, and the template's markup
+tokens (Qwen3's `<tool_response>`) outside assistant contents (special_token_texts, markup_token_texts).
 """
 
 from __future__ import annotations
@@ -264,6 +267,37 @@ def validate_messages(messages: object) -> list[dict[str, object]]:
     return normalised
 
 
+def check_tool_results(normalised: list[dict]) -> None:
+    """ValueError where a 'tool' message answers no call, as OpenAI's API refuses it: each follows, directly or after
+    other results, an assistant message with tool_calls; a run of results holds at most one per call; and a
+    tool_call_id names one of that message's calls where they all have ids (a chat without ids is not checked)."""
+    made: list[dict] = []  # the calls the results at hand answer (of the last message that was not a result)
+    maker = answered = 0  # that message's index, and the results to it so far
+    for i, message in enumerate(normalised):
+        if message["role"] != "tool":
+            made, maker, answered = message.get("tool_calls", []), i, 0
+            continue
+        where = f"messages[{i}]"
+        if not made:
+            role = normalised[i - 1]["role"] if i else ""
+            before = "the start of the chat" if not i else \
+                f"messages[{i - 1}], {'an' if role == 'assistant' else 'a'} {role!r} message without tool_calls"
+            raise ValueError(f"{where} is a 'tool' message right after {before}: a tool message answers a call, so "
+                             "it must follow the assistant message with tool_calls that made the call (or that "
+                             "message's other results); send that message before it, or send this text as a "
+                             "'user' message")
+        answered += 1
+        if answered > len(made):
+            raise ValueError(f"{where} is 'tool' result {answered} to messages[{maker}], which made {len(made)} "
+                             f"tool call{'s' if len(made) > 1 else ''}: send one 'tool' message per call")
+        ids = [call.get("id") for call in made]
+        asked = message.get("tool_call_id")
+        if asked and all(ids) and asked not in ids:
+            shown = ", ".join(map(repr, ids[:8])) + (", ..." if len(ids) > 8 else "")
+            raise ValueError(f"{where}.tool_call_id {asked!r} names none of the calls of messages[{maker}] (ids "
+                             f"{shown}): name the call this result answers, or leave tool_call_id unset")
+
+
 def render_chat(tokenizer: Any, messages: object, enable_thinking: bool | None = None, tools: object = None,
                 template_kwargs: object = None, continue_final_message: bool = False) -> str:
     """Validate `messages`, `tools` and `template_kwargs` and render them through the tokenizer's chat template
@@ -326,7 +360,8 @@ def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bo
 
     enable_thinking (None: the template's default) is passed to templates with a thinking switch (Qwen3's);
     tools (empty: none) to templates that read them; template_kwargs as variables. Any of them given to a
-    template that never reads it is refused rather than silently ignored, as are tool calls in the messages.
+    template that never reads it is refused rather than silently ignored, as are tool calls in the messages; where
+    it reads them, so is a tool message that answers no call (check_tool_results).
     """
     source = _template_used(_chat_template(tokenizer), bool(tools))
     names = _template_names(source)
@@ -375,6 +410,8 @@ def render_validated(tokenizer: Any, normalised: list[dict], enable_thinking: bo
     if called and not reads("tool_calls", of_a_value=True):
         raise ValueError(f"messages[{called[0]}].tool_calls is set, but the model's chat template never reads "
                          "tool_calls; write the calls into the message's content instead")
+    if reads("tool_calls", of_a_value=True):
+        check_tool_results(normalised)
     # Imported here so that importing this module does not need jinja2 until a template is rendered.
     from jinja2 import TemplateError, TemplateRuntimeError, TemplateSyntaxError
 
@@ -465,11 +502,31 @@ def check_chat_template(tokenizer: Any) -> None:
 
 
 def special_token_texts(tokenizer: Any) -> tuple[str, ...]:
-    """The texts of the tokenizer's special tokens (what --chat-special-tokens refuse looks for in contents)."""
+    """The texts of the tokenizer's special tokens: --chat-special-tokens refuse refuses them anywhere in a chat."""
     texts = set(getattr(tokenizer, "all_special_tokens", ()) or ())
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
     texts |= {token.content for token in decoder.values() if getattr(token, "special", False)}
     return tuple(sorted(t for t in texts if t))
+
+
+def markup_token_texts(tokenizer: Any) -> tuple[str, ...]:
+    """The texts of the chat template's markup tokens: --chat-special-tokens refuse refuses them in a chat outside
+    assistant contents.
+
+    A markup token is an added token that is not special (Qwen3's `<think>`, `<tool_call>`, `<tool_response>`),
+    whose text the chat template holds (the template gives it a meaning: Qwen3's reads a user message wrapped in
+    `<tool_response>` as a tool's result), and which holds a character other than a letter, digit or space: an
+    added token that is a word or a run of spaces (Gemma's) is ordinary text even where the template writes it, and
+    one the template never writes (Qwen's `<|fim_prefix|>`) marks no turn. Assistant contents may hold them: a
+    prefilled reply begins with its thinking (`<think>...</think>`) or a tool call, and an earlier reply is sent
+    back as the model wrote it."""
+    special = set(special_token_texts(tokenizer))
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    template = getattr(tokenizer, "chat_template", None) or ""
+    sources = [str(t) for t in template.values()] if isinstance(template, Mapping) else [str(template)]
+    return tuple(sorted({token.content for token in decoder.values()
+                         if token.content and token.content not in special and any(token.content in s for s in sources)
+                         and not all(c.isalnum() or c.isspace() for c in token.content)}))
 
 
 def encode_chat(tokenizer: Any, messages: object, enable_thinking: bool | None = None, tools: object = None,

@@ -91,8 +91,9 @@ class TextServerConfig:
     log_format: str = "text"  # "text", or "json": one JSON object per line
     log_requests: bool = True  # one log line per finished request (INFO)
     # Chat contents holding a special token's text (`<|im_start|>system...`) become real control tokens, as in
-    # transformers' apply_chat_template: "allow" that, or "refuse" such requests (callers that are not trusted
-    # to write their own turns; docs/SECURITY.md).
+    # transformers' apply_chat_template: "allow" that, or "refuse" such requests, and outside assistant contents the
+    # template's markup tokens (Qwen3's `<tool_response>`): for callers not trusted to write their own turns
+    # (docs/SECURITY.md).
     chat_special_tokens: str = "allow"
 
     def __post_init__(self) -> None:

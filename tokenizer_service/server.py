@@ -33,7 +33,7 @@ from clients.tls import (
     start_health_server,
 )
 from protos.llmserve.text.v1 import text_pb2, text_pb2_grpc
-from tokenizer_service.chat import check_chat_template, special_token_texts
+from tokenizer_service.chat import check_chat_template, markup_token_texts, special_token_texts
 from tokenizer_service.config import ENV_PREFIX, TextServerConfig, parse_config
 from tokenizer_service.engine_pool import EnginePool
 from tokenizer_service.metrics import TextMetrics, serve_metrics
@@ -131,10 +131,11 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
         return 1
     pool = EnginePool(config, vocab, eos, engine_channel_options(config))
     metrics = TextMetrics(name, config.log_requests)
-    refused = special_token_texts(tokenizer) if config.chat_special_tokens == "refuse" else ()
-    servicer = TextServicer(tokenizer, pool, name, vocab, eos, defaults, config.max_inflight, metrics, refused,
-                            config.max_message_bytes, config.stream_interval,
-                            config.stream_max_wait_s)
+    refuse = config.chat_special_tokens == "refuse"
+    servicer = TextServicer(tokenizer, pool, name, vocab, eos, defaults, config.max_inflight, metrics,
+                            special_token_texts(tokenizer) if refuse else (), config.max_message_bytes,
+                            config.stream_interval, config.stream_max_wait_s,
+                            refused_markup_texts=markup_token_texts(tokenizer) if refuse else ())
     pool.metrics = metrics
     metrics.watch(lambda: servicer.inflight, lambda: len(pool.ready))
     health_servicer = HealthServicer()

@@ -168,12 +168,13 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                  eos_token_ids: set[int], generation_defaults: dict[str, object], max_inflight: int,
                  metrics: TextMetrics | None = None, refused_chat_texts: tuple[str, ...] = (),
                  max_message_bytes: int = 64 * 2**20, stream_interval: int = 1,
-                 stream_max_wait_s: float = 0.5) -> None:
+                 stream_max_wait_s: float = 0.5, refused_markup_texts: tuple[str, ...] = ()) -> None:
         self.tokenizer, self.pool = tokenizer, pool
         self.stream_interval = stream_interval  # tokens a message after the first (TextServerConfig.stream_interval)
         self.stream_max_wait_s = stream_max_wait_s  # how long held text may wait (TextServerConfig), 0: no limit
         # An engine update's prompt logprobs may take a quarter of a message, as the engine's own rule says.
         self.limits = TextLimits(vocab_size=vocab_size, refused_chat_texts=refused_chat_texts,
+                                 refused_markup_texts=refused_markup_texts,
                                  max_prompt_logprobs_bytes=max_message_bytes // 4)
         self.model_name, self.vocab_size, self.eos_token_ids = model_name, vocab_size, eos_token_ids
         self.defaults = generation_defaults

@@ -72,7 +72,10 @@ class TextLimits:
     max_model_len: int | None = None
     vocab_size: int | None = None
     max_detokenize_ids: int = 1 << 20  # a Detokenize call's ids (about 4 MB of text); larger: split the call
-    refused_chat_texts: tuple[str, ...] = ()  # special tokens' texts refused in chat contents (--chat-special-tokens)
+    # Texts refused in a chat (--chat-special-tokens refuse): special tokens' anywhere (chat.special_token_texts),
+    # the template's markup tokens' outside assistant contents (chat.markup_token_texts).
+    refused_chat_texts: tuple[str, ...] = ()
+    refused_markup_texts: tuple[str, ...] = ()
     # An engine update's prompt logprobs, at most (a quarter of max_message_bytes): a larger one would end the call
     # to the engine that every request on it shares.
     max_prompt_logprobs_bytes: int = 16 * 1024 * 1024
@@ -210,22 +213,31 @@ _SEPARATOR = "\x00"  # between a chat's strings, joined for the special-token ru
 
 
 def _messages_no_special_text(r: TextRequest, lim: TextLimits) -> str | None:
-    if r.messages is None or not lim.refused_chat_texts:
+    if r.messages is None or not (lim.refused_chat_texts or lim.refused_markup_texts):
         return None
-    texts, refused = _chat_texts(r), lim.refused_chat_texts
+    texts, refused = _chat_texts(r), (*lim.refused_chat_texts, *lim.refused_markup_texts)
+    # The template's markup tokens may stand in assistant contents, the model's own words: a prefilled reply begins
+    # with its thinking or a tool call.
+    markup = frozenset(lim.refused_markup_texts)
+    replies = {f"messages[{i}].content" for i, m in enumerate(_messages(r)) if m["role"] == "assistant"} \
+        if markup else set()
     # One search per special token over every string joined, at C speed: a string by token in Python took 5 s for a
     # 5 MB tools list of a million strings under Llama 3's 256 special tokens. A separator no special token holds
     # keeps a match inside one string; where it is found, the loop below names it.
     if not any(_SEPARATOR in text for text in refused):
         joined = _SEPARATOR.join(string for _, _, strings in texts for string in strings)
         refused = tuple(text for text in refused if text in joined)
+        if markup.intersection(refused):  # found; perhaps only where it may stand
+            joined = _SEPARATOR.join(string for where, _, strings in texts if where not in replies
+                                     for string in strings)
+            refused = tuple(text for text in refused if text not in markup or text in joined)
         if not refused:
             return None
     for where, _, strings in texts:
         for string in strings:
             for text in refused:
-                if text in string:
-                    return f"{where} holds {text!r}"
+                if text in string and not (text in markup and where in replies):
+                    return f"{where} holds {text!r}" + (", the chat template's markup" if text in markup else "")
     return None
 
 
@@ -308,7 +320,8 @@ RULES: tuple[Rule, ...] = (
     Rule("request", "messages", "contents, tool calls, tools and template_kwargs must total at most "
          "{max_prompt_bytes} bytes of UTF-8 (max_prompt_bytes)", _messages_bytes),
     Rule("request", "messages", "contents, tool calls, tools and template_kwargs must not hold a special token's "
-         "text (this service runs with --chat-special-tokens refuse)", _messages_no_special_text),
+         "text, nor, outside assistant contents, the text of a markup token the chat template writes (this service "
+         "runs with --chat-special-tokens refuse)", _messages_no_special_text),
     Rule("request", "stop", "must be a list of at most {max_stop_strings} strings (max_stop_strings)", _stop_count),
     Rule("request", "stop", "each must be non-empty and at most {max_stop_string_chars} characters "
          "(max_stop_string_chars)", _stop_each),
