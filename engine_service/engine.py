@@ -188,7 +188,6 @@ class LLMEngine:
         self.generators: dict[str, torch.Generator] = {}
         self.biases: dict[str, LogitBias] = {}  # requests with a logit_bias: it on the device
         self.cursors: dict[str, JsonCursor] = {}  # requests with a response_format: their place in the document
-        self.schemas = SchemaCache()  # json_schema texts, compiled
         self._pending: list[StepOutput] = []  # aborts to report on the next step
         self._pending_ids: set[str] = set()  # their request ids: still in use until reported
         self._inflight: _InFlight | None = None  # a step scheduled ahead, launched, not yet read back
@@ -209,6 +208,9 @@ class LLMEngine:
             "on" if overlap else "off",
         )
         self.json_masks, self.json_refusal = self._json_masks()
+        # json_schema texts, compiled; a schema's masks are kept while this cache or a live request holds its root.
+        masks = self.json_masks
+        self.schemas = SchemaCache() if masks is None else SchemaCache(on_add=masks.hold, on_evict=masks.release)
         self.model_info = {
             "model_name": model_dir.resolve().name,
             "vocab_size": self.model_cfg.vocab_size,
@@ -350,6 +352,8 @@ class LLMEngine:
             self.biases[request_id] = bias
         if sampling_params.response_format is not None:
             self.cursors[request_id] = JsonCursor(self.json_masks, top)
+            if sampling_params.json_schema is not None:
+                self.json_masks.hold(top)  # released by _forget
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -627,7 +631,9 @@ class LLMEngine:
         self.seqs.pop(seq.request_id, None)
         self.generators.pop(seq.request_id, None)
         self.biases.pop(seq.request_id, None)
-        self.cursors.pop(seq.request_id, None)
+        cursor = self.cursors.pop(seq.request_id, None)
+        if cursor is not None and seq.params.json_schema is not None:
+            self.json_masks.release(cursor.top)
         if seq.params.penalized:
             self.runner.sampler.penalties.release(seq.request_id)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import heapq
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 
 from engine_service import json_grammar as jg
 
@@ -387,19 +388,26 @@ def _own(node: jg.Node) -> int:
 
 class SchemaCache:
     """Compiled schemas by their text (an LRU): requests with the same schema share nodes, so their states share
-    cached masks."""
+    cached masks. on_add / on_evict: called with a root as it enters and leaves the cache (the engine holds its
+    masks meanwhile: JsonMasks.hold)."""
 
-    def __init__(self, size: int = COMPILED_CACHE_SIZE):
+    def __init__(self, size: int = COMPILED_CACHE_SIZE, on_add: Callable[[jg.Node], None] | None = None,
+                 on_evict: Callable[[jg.Node], None] | None = None):
         self.size = size
         self._nodes: OrderedDict[str, jg.Node] = OrderedDict()
+        self._on_add, self._on_evict = on_add, on_evict
 
     def get(self, text: str) -> jg.Node:
         node = self._nodes.get(text)
         if node is None:
             node = compile_schema(text)
             self._nodes[text] = node
-            if len(self._nodes) > self.size:
-                self._nodes.popitem(last=False)
+            if self._on_add is not None:
+                self._on_add(node)
+            while len(self._nodes) > self.size:
+                _, old = self._nodes.popitem(last=False)
+                if self._on_evict is not None:
+                    self._on_evict(old)
         else:
             self._nodes.move_to_end(text)
         return node

@@ -177,6 +177,13 @@ class JsonMasks:
         self._commas = max((b.count(b",") for b, _ in pairs), default=0)  # items a token can add to an array
         self._lead_ws = torch.tensor([len(b) - len(b.lstrip(b" \t\n\r")) if b else 0 for b in vocab], dtype=torch.int32)
         self._cache: OrderedDict[tuple, TokenMask] = OrderedDict()
+        # A key holds the nodes of its schema, so a mask of a schema no lookup can reach again (no longer compiled,
+        # no request of it live) would keep the schema's compiled tree alive: 4 MB for a 9 KB schema of 300 optional
+        # properties, one per distinct schema up to the budget's 131,072 masks. The masks of a held schema root are
+        # filed under it, and dropped with its last holder (release).
+        self._holds: dict[jg.Node, int] = {}  # schema root -> holders (the schema cache, live requests)
+        self._filed: dict[jg.Node, set[tuple]] = {}  # held root -> the keys of its cached masks
+        self._root_of: dict[tuple, jg.Node] = {}  # the other way
         self.cache_bytes = 0
         self.hits = self.misses = 0
         self.compute_s = 0.0
@@ -210,11 +217,29 @@ class JsonMasks:
                     return ("A", node, -2)
         return frame
 
-    def allowed(self, state: jg.State) -> TokenMask:
-        """The tokens allowed next (shared: do not modify its tensor)."""
-        return self._fetch(state, counted=True)
+    def hold(self, root: jg.Node) -> None:
+        """A holder of a schema's root (the schema cache, a live request): its masks are kept while it has one."""
+        self._holds[root] = self._holds.get(root, 0) + 1
+        self._filed.setdefault(root, set())
 
-    def _fetch(self, state: jg.State, counted: bool) -> TokenMask:
+    def release(self, root: jg.Node) -> None:
+        """A holder let go of the root; with the last one go the masks filed under it (no lookup can reach them:
+        the same schema text compiles to new nodes)."""
+        left = self._holds[root] - 1
+        if left:
+            self._holds[root] = left
+            return
+        del self._holds[root]
+        for key in self._filed.pop(root):
+            del self._root_of[key]
+            self.cache_bytes -= mask_bytes(self._cache.pop(key))
+
+    def allowed(self, state: jg.State, root: jg.Node | None = None) -> TokenMask:
+        """The tokens allowed next (shared: do not modify its tensor). root: the schema the state belongs to; a
+        mask computed for a held root is dropped with it (release)."""
+        return self._fetch(state, counted=True, root=root)
+
+    def _fetch(self, state: jg.State, counted: bool, root: jg.Node | None) -> TokenMask:
         key = self.key(state)
         mask = self._cache.get(key)
         if mask is not None:
@@ -223,7 +248,7 @@ class JsonMasks:
             return mask
         self.misses += counted
         t0 = time.perf_counter()
-        mask = self._after_whitespace(state) or self._sparse(self._compute(state))
+        mask = self._after_whitespace(state, root) or self._sparse(self._compute(state))
         took = time.perf_counter() - t0
         self.compute_s += took
         if took > SLOW_MASK_S:
@@ -231,14 +256,21 @@ class JsonMasks:
                     "JSON mode: a token mask took %.0f ms to compute (state %s); later ones with its shape are cached",
                     took * 1e3, jg.describe(state))
             self._warned = True
+        filed = self._filed.get(root) if root is not None else None
+        if filed is not None:  # else not held (JSON mode's free object, a caller of its own): the LRU alone keeps it
+            filed.add(key)
+            self._root_of[key] = root  # type: ignore[assignment]
         self._cache[key] = mask
         self.cache_bytes += mask_bytes(mask)
         while self.cache_bytes > MASK_CACHE_BYTES and len(self._cache) > 1:
-            _, old = self._cache.popitem(last=False)
+            old_key, old = self._cache.popitem(last=False)
             self.cache_bytes -= mask_bytes(old)
+            old_root = self._root_of.pop(old_key, None)
+            if old_root is not None:
+                self._filed[old_root].discard(old_key)
         return mask
 
-    def _after_whitespace(self, state: jg.State) -> TokenMask | None:
+    def _after_whitespace(self, state: jg.State, root: jg.Node | None) -> TokenMask | None:
         """The mask of a state w bytes into a whitespace run, from the same state at the run's start (cached or
         computed once): the tokens allowed there whose leading whitespace still fits MAX_WS_RUN. (A token's
         whitespace after other bytes starts a run of its own.) None for a state not in a run."""
@@ -248,7 +280,7 @@ class JsonMasks:
         run, node = aux if mode in jg.NODE_WS_MODES else (aux, None)  # type: ignore[misc]
         if not run:
             return None
-        base = self._fetch((mode, (0, node) if mode in jg.NODE_WS_MODES else 0, stack), counted=False)
+        base = self._fetch((mode, (0, node) if mode in jg.NODE_WS_MODES else 0, stack), counted=False, root=root)
         mask = torch.full((self.vocab_size,), not base.allowed, dtype=torch.bool)
         mask[base.host_ids] = base.allowed
         return self._sparse(mask & (self._lead_ws <= jg.MAX_WS_RUN - run))
@@ -379,17 +411,18 @@ class _Sorted:
 class JsonCursor:
     """One request's place in its JSON document."""
 
-    __slots__ = ("masks", "state", "_mask")
+    __slots__ = ("masks", "top", "state", "_mask")
 
     def __init__(self, masks: JsonMasks, top: jg.Node = jg.FREE_OBJECT):
         """top: the top-level object's node (a compiled schema's, json_schema.py), else any object."""
         self.masks = masks
+        self.top = top  # the root its masks are filed under (JsonMasks.hold)
         self.state: jg.State = jg.initial(top)
         self._mask: TokenMask | None = None  # the state's mask, looked up once per state
 
     def allowed(self) -> TokenMask:
         if self._mask is None:
-            self._mask = self.masks.allowed(self.state)
+            self._mask = self.masks.allowed(self.state, self.top)
         return self._mask
 
     def advance(self, token: int) -> bool:
