@@ -284,7 +284,10 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     top_k, top_p: [n, 1] float32 on the logits' device; top_k is the vocabulary size where it is off.
     """
     vocab = logits.shape[1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    # Stable: tied tokens in id order, so that a top-p cut among them keeps the lowest ids (as greedy takes the first
+    # maximum) on every device; the default sort leaves the order of ties to the implementation (on the CPU, from 17
+    # entries, not the ids').
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
     # Top-k by value, not by rank: every token tied with the k-th largest logit stays, as in transformers
     # (a rank cut would keep an arbitrary few of the tied tokens; bf16 logits tie often).
     kth = sorted_logits.gather(1, top_k.long().clamp(1, vocab) - 1)
