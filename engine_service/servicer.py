@@ -123,11 +123,8 @@ class EngineServicer(pb_grpc.EngineServicer):
                     "--max-concurrent-rpcs")
         return None
 
-    def _refusal(self) -> tuple[grpc.StatusCode, str] | None:
-        """Why no request can be admitted now, if so."""
-        unavailable = self._unavailable()
-        if unavailable is not None:
-            return grpc.StatusCode.UNAVAILABLE, unavailable
+    def _queue_full(self) -> str | None:
+        """Why the queue takes no more requests now (RESOURCE_EXHAUSTED), if so."""
         # Live requests that cannot be running. While the scheduler had none waiting at the last step, slots were
         # free: up to max_num_seqs may run (live minus the last step's running count would also count a burst
         # that arrived during the step). Once some wait (the KV cache, not the slots, bounds the batch), only
@@ -136,8 +133,7 @@ class EngineServicer(pb_grpc.EngineServicer):
         running_cap = self._max_running if not stats.get("num_waiting", 0) else int(stats.get("num_running", 0))
         queued = self.loop.num_live - running_cap
         if queued >= self._max_waiting:
-            return (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the engine's queue is full: {queued} requests past the {running_cap} that can run now "
+            return (f"the engine's queue is full: {queued} requests past the {running_cap} that can run now "
                     f"(max_waiting {self._max_waiting}); retry later")
         return None
 
@@ -149,16 +145,11 @@ class EngineServicer(pb_grpc.EngineServicer):
             check_request_id(cid)
             if cid in stream.live:
                 raise ValueError(f"request_id {cid!r} is already live on this stream")
-            refusal, if_full = self._refusal(), None
-            if refusal is not None:
-                # A full queue (the one RESOURCE_EXHAUSTED here) still takes a request that outranks a live one: it
-                # displaces the newest waiting request of a higher priority value that has produced nothing, if any
-                # (decided on the engine thread, which owns the queue; else it is refused there with this message).
-                if refusal[0] != grpc.StatusCode.RESOURCE_EXHAUSTED \
-                        or not self.loop.outranks(req.sampling_params.priority):
-                    self._refuse(stream, cid, trace_id, *refusal, prompt_tokens=len(req.prompt_token_ids))
-                    return
-                if_full = (refusal[1], self._max_waiting)
+            unavailable = self._unavailable()
+            if unavailable is not None:
+                self._refuse(stream, cid, trace_id, grpc.StatusCode.UNAVAILABLE, unavailable,
+                             prompt_tokens=len(req.prompt_token_ids))
+                return
             ids, max_model_len = req.prompt_token_ids, self.model_info["max_model_len"]
             if len(ids) >= max_model_len:  # refused before a copy of what may be millions of ids (64 MiB frames)
                 check_prompt(ids, self.model_info["vocab_size"], max_model_len)
@@ -171,6 +162,17 @@ class EngineServicer(pb_grpc.EngineServicer):
             self._refuse(stream, cid, trace_id, grpc.StatusCode.INVALID_ARGUMENT, str(exc),
                          prompt_tokens=len(req.prompt_token_ids))
             return
+        # Checked after the request itself: one that can never be served is INVALID_ARGUMENT whatever the load, not
+        # a RESOURCE_EXHAUSTED that tells its client to retry it. A full queue still takes a request that outranks a
+        # live one: it displaces the newest waiting request of a higher priority value that has produced nothing, if
+        # any (decided on the engine thread, which owns the queue; else it is refused there with this message).
+        full, if_full = self._queue_full(), None
+        if full is not None:
+            if not self.loop.outranks(params.priority):
+                self._refuse(stream, cid, trace_id, grpc.StatusCode.RESOURCE_EXHAUSTED, full,
+                             prompt_tokens=len(prompt))
+                return
+            if_full = (full, self._max_waiting)
         engine_id = f"{prefix}{next(self._admissions)}:{cid}"
         try:
             self.loop.add(engine_id, prompt, params, RequestSink(stream, cid), trace_id=trace_id, if_full=if_full)
