@@ -18,8 +18,10 @@ CJK text.
 
 Decoders that clean up spaces (WordPiece's, or transformers' `clean_up_tokenization_spaces`) rewrite text that
 was already emitted: `don '` + `t` decodes as `don't`. Emitted text cannot be taken back, so then the context's
-non-space characters are matched in the new decode and what follows them is emitted: no character is lost or
-repeated, but the stream keeps the space the full decode removed (`don 't`).
+non-space characters are matched in the new decode and what follows them is emitted: no other character is lost
+or repeated, but the stream keeps the space the full decode removed (`don 't`), and may lack one it keeps: the
+` ' ` -> `'` rule takes a quote's spaces when the window ends in the next word's "▁", where the full text's later
+` ,` (applied first) took the second one (`.` + `▁'▁` + `,` streams as `.',` for `. ',`).
 
 Splitting the decode at a token boundary is exact when the text before the boundary ends in a complete
 character: a UTF-8 decoder restarts cleanly after a complete character. That is what "no trailing U+FFFD"
@@ -33,6 +35,7 @@ is searched for and verified against the decode of the whole window before anyth
 from __future__ import annotations
 
 from collections.abc import Sequence
+from os.path import commonprefix
 from typing import Protocol
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -192,10 +195,15 @@ class IncrementalDetokenizer:
         byte-fallback decoder turns a whole run of byte tokens into U+FFFDs while it ends inside a character, so
         there the window's text proves nothing and the whole-character head is taken as it is; a cut inside a
         character also "keeps" that text (U+FFFDs on both sides), and must not win. Only where no head ends in a
-        whole character (the model produced invalid bytes) is the last cut that keeps the text taken."""
+        whole character (the model produced invalid bytes) is the last cut that keeps the text taken, short of the
+        last _MAX_PARTIAL_TOKENS tokens (they may begin a character).
+
+        Whole-character heads are searched up to the last token, as the incomplete character that ends the window
+        may begin there: with hold_limit 4 or 5, the unread byte tokens of valid text (👨 ZWJ 👩) may hold no
+        earlier boundary."""
         last_candidate = len(self._window) - _MAX_PARTIAL_TOKENS
         whole: tuple[int, str] | None = None  # the last split whose head ends in a whole character
-        for split in range(last_candidate, self._read, -1):
+        for split in range(len(self._window) - 1, self._read, -1):
             head = self._decode(self._window[:split])
             if head.endswith(REPLACEMENT_CHAR):
                 continue
@@ -213,7 +221,7 @@ class IncrementalDetokenizer:
 
 def _text_after(context: str, text: str) -> str:
     """What text adds to context. When a decoder's space clean-up rewrote the context (`don '` -> `don't`),
-    skip the context's non-space characters in text instead; any other rewrite falls back to its length."""
+    skip the context's non-space characters in text instead; any other rewrite is a byte-fallback one."""
     if text.startswith(context):
         return text[len(context) :]
     wanted = [c for c in context if not c.isspace()]
@@ -229,4 +237,25 @@ def _text_after(context: str, text: str) -> str:
     else:
         if matched == len(wanted):
             return ""
-    return text[len(context) :]
+    return _text_after_bytes(context, text)
+
+
+def _text_after_bytes(context: str, text: str) -> str:
+    """What text adds to context where a byte-fallback decoder rewrote the context's last run of byte tokens. A run
+    that is not valid UTF-8 decodes as one U+FFFD per byte, so a later decode may turn the context's '👨' into 4
+    U+FFFDs, or its 4 U+FFFDs (a context ending inside a character, after invalid bytes) into '👨'. Past their
+    common start, as many bytes as the context's rewritten end holds are skipped in text, a U+FFFD counting as
+    one; a character only partly in the context is kept. Skipping as many characters instead would also skip the
+    text after a run that decodes shorter."""
+    start = len(commonprefix([context, text]))
+    budget = sum(_byte_count(c) for c in context[start:])
+    pos = start
+    while pos < len(text) and _byte_count(text[pos]) <= budget:
+        budget -= _byte_count(text[pos])
+        pos += 1
+    return text[pos:]
+
+
+def _byte_count(char: str) -> int:
+    """How many byte tokens a character of a byte-fallback decode stands for (a U+FFFD: one invalid byte)."""
+    return 1 if char == REPLACEMENT_CHAR else len(char.encode())
