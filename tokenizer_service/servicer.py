@@ -31,9 +31,9 @@ from tokenizer_service.text_stream import TextStream
 from tokenizer_service.validation import (
     PreparedRequest,
     TextLimits,
-    completions_of,
-    prepare,
+    check_request,
     tokenize_input,
+    tokenize_request,
     validate_detokenize_ids,
 )
 
@@ -235,10 +235,12 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         """
         if self.draining:
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "the tokenizer service is draining; retry elsewhere")
-        # Each of a request's n completions takes a place once it is sent. n is checked here, before the places it
-        # asks for are: an n out of range is INVALID_ARGUMENT whatever the load (prepare() checks it again).
+        # The fields' rules first, before the queue's: a request no load would let through (an n out of range, a
+        # response_format without its schema) is INVALID_ARGUMENT, not "retry later". They read no text, so they
+        # cost little next to tokenizing; the texts' rules run with the tokenizing (tokenize_request). Each of a
+        # request's n completions takes a place once it is sent.
         try:
-            places = completions_of(request)
+            places = check_request(request, self.limits)
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if places > self.max_inflight:  # it would never be admitted: not a matter of retrying later
@@ -275,7 +277,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         return prep  # the caller's _generate counts it in `inflight` before it next awaits
 
     def _timed_prepare(self, *args) -> PreparedRequest | str:
-        """prepare(*args), or the message of its refusal; its time is observed as tokenize_time either way.
+        """tokenize_request(*args), or the message of its refusal; its time is observed as tokenize_time either way.
 
         A refusal comes back as text, not as the ValueError: that one's traceback holds the frames that hold the
         refused prompt's ids (millions for a long prompt), and whatever keeps the exception (a future keeps its
@@ -283,7 +285,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         """
         started = time.perf_counter()
         try:
-            return prepare(*args)
+            return tokenize_request(*args)
         except ValueError as exc:
             return str(exc)
         finally:

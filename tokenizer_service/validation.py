@@ -57,6 +57,9 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens
                    "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty", "prompt_logprobs",
                    "priority")
 # generation_config.json keys that are sampling parameters here.
+RESPONSE_FORMATS = {pb.RESPONSE_FORMAT_TEXT: engine_pb.RESPONSE_FORMAT_TEXT,
+                    pb.RESPONSE_FORMAT_JSON_OBJECT: engine_pb.RESPONSE_FORMAT_JSON_OBJECT,
+                    pb.RESPONSE_FORMAT_JSON_SCHEMA: engine_pb.RESPONSE_FORMAT_JSON_SCHEMA}
 GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                           "frequency_penalty")
 
@@ -570,6 +573,45 @@ def completions_of(request: pb.GenerateRequest) -> int:
     return choices
 
 
+def check_request(request: pb.GenerateRequest, limits: TextLimits | None = None) -> int:
+    """The rules that read a request's fields but not its texts or ids: cheap and bounded (nothing of the prompt or
+    chat is copied), so the servicer runs them before its queue check, and a request that no load would let through
+    is INVALID_ARGUMENT, not "retry later". Returns the request's n; raises ValueError naming the field."""
+    limits = limits or TextLimits()
+    _refuse_oversized(request, limits)
+    kind = request.WhichOneof("input")
+    if kind is None:  # text_request_from_proto's words
+        text_request_from_proto(request)
+    choices = completions_of(request)
+    source = request.sampling_params
+    if kind == "chat" and request.chat.continue_final_message and source.response_format in (
+            pb.RESPONSE_FORMAT_JSON_OBJECT, pb.RESPONSE_FORMAT_JSON_SCHEMA):
+        raise ValueError("response_format JSON with chat.continue_final_message: the JSON grammar starts at the "
+                         "reply's first character, so it cannot continue a prefix (the output would be a new JSON "
+                         "value after it); send the chat without the prefix, or without response_format")
+    if kind == "prompt_token_ids":
+        if request.HasField("add_special_tokens"):
+            raise ValueError("add_special_tokens: applies to a prompt or a chat, which the service tokenizes; "
+                             "prompt_token_ids are sent as they are (add any BOS to the ids), so leave it unset")
+        if not request.prompt_token_ids.ids:  # the text rule says "must encode to at least one token"
+            raise ValueError("prompt_token_ids: must hold at least one token id (got none)")
+    n = len(source.stop_token_ids)  # the engine's bound, said before sending it on
+    if n > MAX_STOP_TOKEN_IDS and (n > 16 * MAX_STOP_TOKEN_IDS or len(set(source.stop_token_ids)) > MAX_STOP_TOKEN_IDS):
+        raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} distinct ids, got {n}")
+    if len(source.logit_bias) > MAX_LOGIT_BIAS_TOKENS:  # the engine's bound, said before sending it on
+        raise ValueError(f"logit_bias must hold at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(source.logit_bias)}")
+    if source.response_format not in RESPONSE_FORMATS:
+        raise ValueError(f"response_format {source.response_format} is not one this service knows: "
+                         "RESPONSE_FORMAT_TEXT (0), RESPONSE_FORMAT_JSON_OBJECT (1) or RESPONSE_FORMAT_JSON_SCHEMA (2)")
+    if (source.response_format == pb.RESPONSE_FORMAT_JSON_SCHEMA) != bool(source.json_schema):
+        raise ValueError("json_schema (a JSON Schema as JSON text) goes with response_format "
+                         "RESPONSE_FORMAT_JSON_SCHEMA, and that format needs one")
+    if len(source.json_schema) > MAX_JSON_SCHEMA_BYTES or len(source.json_schema.encode()) > MAX_JSON_SCHEMA_BYTES:
+        raise ValueError(f"json_schema must be at most {MAX_JSON_SCHEMA_BYTES} bytes, got "
+                         f"{len(source.json_schema.encode())}")  # the engine's bound, said before sending it on
+    return choices
+
+
 def prepare(
     request: pb.GenerateRequest,
     tokenizer: Any,
@@ -577,25 +619,27 @@ def prepare(
     max_model_len: int,
     limits: TextLimits | None = None,
 ) -> PreparedRequest:
-    """Validate a GenerateRequest and build the engine request for it."""
+    """Validate a GenerateRequest and build the engine request for it: check_request, then tokenize_request."""
+    check_request(request, limits)
+    return tokenize_request(request, tokenizer, defaults, max_model_len, limits)
+
+
+def tokenize_request(
+    request: pb.GenerateRequest,
+    tokenizer: Any,
+    defaults: dict[str, object],
+    max_model_len: int,
+    limits: TextLimits | None = None,
+) -> PreparedRequest:
+    """The rest of prepare() once check_request has passed: the text rules, tokenizing, the id rules, and the
+    engine request."""
     limits = replace(limits or TextLimits(), max_model_len=max_model_len or None)
-    _refuse_oversized(request, limits)
     text_request = text_request_from_proto(request)
-    choices = completions_of(request)  # checked before a prompt is tokenized for nothing
-    if text_request.continue_final_message and request.sampling_params.response_format in (
-            pb.RESPONSE_FORMAT_JSON_OBJECT, pb.RESPONSE_FORMAT_JSON_SCHEMA):
-        raise ValueError("response_format JSON with chat.continue_final_message: the JSON grammar starts at the "
-                         "reply's first character, so it cannot continue a prefix (the output would be a new JSON "
-                         "value after it); send the chat without the prefix, or without response_format")
+    choices = completions_of(request)
     if request.WhichOneof("input") == "prompt_token_ids":
         # Already tokenized: the text-option rules, then the id rules under the field's own name.
         _run("request", text_request, limits, only={"stop", "skip_special_tokens", "include_stop_str_in_output"})
-        if request.HasField("add_special_tokens"):
-            raise ValueError("add_special_tokens: applies to a prompt or a chat, which the service tokenizes; "
-                             "prompt_token_ids are sent as they are (add any BOS to the ids), so leave it unset")
         ids = request.prompt_token_ids.ids
-        if not ids:  # the text rule says "must encode to at least one token", which these ids never were
-            raise ValueError("prompt_token_ids: must hold at least one token id (got none)")
         try:
             # The length first, before the ids are copied out of the message (a 64 MiB one holds 64 million ids,
             # 512 MB as a list): it bounds the copy and the ids' check.
@@ -618,26 +662,9 @@ def prepare(
             setattr(params, name, getattr(source, name))
         elif name in defaults:
             setattr(params, name, defaults[name])
-    n = len(source.stop_token_ids)  # the engine's bound, said before sending it on
-    if n > MAX_STOP_TOKEN_IDS and (n > 16 * MAX_STOP_TOKEN_IDS or len(set(source.stop_token_ids)) > MAX_STOP_TOKEN_IDS):
-        raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} distinct ids, got {n}")
     params.stop_token_ids.extend(source.stop_token_ids)
-    if len(source.logit_bias) > MAX_LOGIT_BIAS_TOKENS:  # the engine's bound, said before sending it on
-        raise ValueError(f"logit_bias must hold at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(source.logit_bias)}")
     params.logit_bias.update(source.logit_bias)
-    formats = {pb.RESPONSE_FORMAT_TEXT: engine_pb.RESPONSE_FORMAT_TEXT,
-               pb.RESPONSE_FORMAT_JSON_OBJECT: engine_pb.RESPONSE_FORMAT_JSON_OBJECT,
-               pb.RESPONSE_FORMAT_JSON_SCHEMA: engine_pb.RESPONSE_FORMAT_JSON_SCHEMA}
-    if source.response_format not in formats:
-        raise ValueError(f"response_format {source.response_format} is not one this service knows: "
-                         "RESPONSE_FORMAT_TEXT (0), RESPONSE_FORMAT_JSON_OBJECT (1) or RESPONSE_FORMAT_JSON_SCHEMA (2)")
-    if (source.response_format == pb.RESPONSE_FORMAT_JSON_SCHEMA) != bool(source.json_schema):
-        raise ValueError("json_schema (a JSON Schema as JSON text) goes with response_format "
-                         "RESPONSE_FORMAT_JSON_SCHEMA, and that format needs one")
-    if len(source.json_schema) > MAX_JSON_SCHEMA_BYTES or len(source.json_schema.encode()) > MAX_JSON_SCHEMA_BYTES:
-        raise ValueError(f"json_schema must be at most {MAX_JSON_SCHEMA_BYTES} bytes, got "
-                         f"{len(source.json_schema.encode())}")  # the engine's bound, said before sending it on
-    params.response_format = formats[source.response_format]
+    params.response_format = RESPONSE_FORMATS[source.response_format]
     params.json_schema = source.json_schema
     if params.HasField("prompt_logprobs") and 0 <= params.prompt_logprobs <= MAX_LOGPROBS:  # else the engine names it
         size = len(prompt) * (LOGPROB_BYTES + LOGPROB_BYTES_PER_ALTERNATIVE * params.prompt_logprobs)

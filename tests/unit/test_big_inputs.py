@@ -290,7 +290,7 @@ def test_heavy_work_is_bounded_and_holds_its_slot_until_its_thread_returns(demo_
         spans.append((started, time.monotonic()))
         return prepare(*args)
 
-    monkeypatch.setattr(servicer_module, "prepare", slow)
+    monkeypatch.setattr(servicer_module, "tokenize_request", slow)
     monkeypatch.setattr(servicer_module, "PREPARE_SLOTS", 2)
     big = pb.GenerateRequest(prompt="word " * (servicer_module.OFFLOAD_TOKENIZE_BYTES // 4))
 

@@ -521,13 +521,13 @@ def test_prompts_being_tokenized_count_against_max_inflight(demo_tokenizer, monk
 
     from tokenizer_service import servicer as servicer_module
 
-    real_prepare = servicer_module.prepare
+    real_prepare = servicer_module.tokenize_request
 
     def slow_prepare(*args):
         time.sleep(0.2)  # a long prompt takes a while to tokenize
         return real_prepare(*args)
 
-    monkeypatch.setattr(servicer_module, "prepare", slow_prepare)
+    monkeypatch.setattr(servicer_module, "tokenize_request", slow_prepare)
     big = pb.GenerateRequest(prompt="word " * (servicer_module.OFFLOAD_TOKENIZE_BYTES // 4))
 
     async def main() -> list[object]:
@@ -876,7 +876,7 @@ def test_calls_cancelled_while_tokenizing_and_bad_multi_ids_are_logged_and_count
     worker thread, and a GenerateMulti request refused for an empty or duplicate request_id."""
     from tokenizer_service import servicer as servicer_module
 
-    real_prepare = servicer_module.prepare
+    real_prepare = servicer_module.tokenize_request
     preparing = threading.Event()
 
     def slow_prepare(request, *args):
@@ -885,7 +885,7 @@ def test_calls_cancelled_while_tokenizing_and_bad_multi_ids_are_logged_and_count
             time.sleep(1)  # a prompt that takes a while (one too long for max_model_len is refused at once)
         return real_prepare(request, *args)
 
-    monkeypatch.setattr(servicer_module, "prepare", slow_prepare)
+    monkeypatch.setattr(servicer_module, "tokenize_request", slow_prepare)
     with metered_stack(demo_model_dir, demo_tokenizer, caplog) as (stub, metrics_port):
         before = scrape(metrics_port, "llmserve:text_requests")
         caplog.clear()
@@ -1409,6 +1409,56 @@ def test_n_completions_hold_their_places_from_admission_on(demo_tokenizer, calls
     refused = [r for r in results if isinstance(r, RequestFailed)]
     assert len(refused) == 1 and refused[0].code == grpc.StatusCode.RESOURCE_EXHAUSTED, results
     assert pool.peak == max_inflight and pool.live == 0
+
+
+def test_a_full_queue_still_refuses_bad_fields_as_invalid(demo_tokenizer):
+    """With max_inflight taken, a request whose fields no load would let through was refused RESOURCE_EXHAUSTED,
+    "retry later" (the shed came before every rule but n's): a client retrying it would only learn on an idle
+    service. The fields' rules run first; a valid request is still shed."""
+    pool = _ScriptedEngines(step_s=0.5)
+    schema = pb.RESPONSE_FORMAT_JSON_SCHEMA
+    bad = {
+        "no input": pb.GenerateRequest(),
+        "schema format, no schema": pb.GenerateRequest(prompt="a", sampling_params=pb.SamplingParams(
+            response_format=schema)),
+        "schema, text format": pb.GenerateRequest(prompt="a", sampling_params=pb.SamplingParams(json_schema="{}")),
+        "unknown format": pb.GenerateRequest(prompt="a", sampling_params=pb.SamplingParams(response_format=7)),
+        "too many biases": pb.GenerateRequest(prompt="a", sampling_params=pb.SamplingParams(
+            logit_bias={i: 1.0 for i in range(1025)})),
+        "too many stop strings": pb.GenerateRequest(prompt="a", stop=["x"] * 65),
+        "no ids": pb.GenerateRequest(prompt_token_ids=pb.TokenIds()),
+        "ids with add_special_tokens": pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[5]),
+                                                          add_special_tokens=True),
+        "continued JSON": pb.GenerateRequest(
+            chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="hi"),
+                                   pb.ChatMessage(role="assistant", content="{")], continue_final_message=True),
+            sampling_params=pb.SamplingParams(response_format=pb.RESPONSE_FORMAT_JSON_OBJECT)),
+    }
+
+    async def main():
+        servicer = _servicer(demo_tokenizer, pool, max_inflight=1)
+        long = pb.GenerateRequest(prompt="the sea", sampling_params=pb.SamplingParams(max_tokens=2))
+        running = asyncio.ensure_future(_collect(servicer.Generate(long, _call_context())))
+        while servicer.inflight == 0:
+            await asyncio.sleep(0.01)
+        codes = {}
+        for name, request in [*bad.items(), ("valid", pb.GenerateRequest(prompt="hi"))]:
+            try:
+                await _collect(servicer.Generate(request, _call_context()))
+                codes[name] = None
+            except RequestFailed as exc:
+                codes[name] = (exc.code, exc.message)
+        await running
+        return codes
+
+    codes = asyncio.run(main())
+    assert codes.pop("valid")[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for name, (code, message) in codes.items():
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "queue is full" not in message, (name, code, message)
+
+
+async def _collect(responses) -> list:
+    return [r async for r in responses]
 
 
 def test_n_completions_follow_each_other_to_the_engine_that_took_over(demo_tokenizer):
