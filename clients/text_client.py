@@ -207,22 +207,21 @@ class MultiStream(_CallStream):
             raise ValueError("a request has n > 1 completions: read them with completions()")
         return {rid: text for (rid, _), text in texts.items()}
 
-    _read: dict[tuple[str, int], str] | None = None
+    _read: dict[tuple[str, int], list[str]] | None = None
 
     def completions(self) -> dict[tuple[str, int], str]:
         """Consume the stream and return each completion's text by (request_id, index) (what an earlier texts() or
         completions() read included); a failed request raises ValueError with its status."""
         if self._read is None:
             self._read = {}
-        texts = self._read
-        for response in self:
-            key = (response.request_id, response.index)
-            texts[key] = texts.get(key, "") + response.text
+        texts = self._read  # each completion's chunks, joined once at the end: `text + chunk` per message copied
+        for response in self:  # all of the text each time (quadratic in a long completion's messages)
+            texts.setdefault((response.request_id, response.index), []).append(response.text)
             if response.finish_reason == pb.FINISH_REASON_ERROR:
                 self.cancel()
                 raise ValueError(f"request {response.request_id!r} failed: {response.status.message} "
                                  f"(status code {response.status.code})")
-        return dict(texts)
+        return {key: "".join(chunks) for key, chunks in texts.items()}
 
 
 class _GenerateCalls:
