@@ -640,3 +640,21 @@ def test_tokenizer_image_needs_no_torch(demo_model_dir, tmp_path):
                             timeout=90, cwd=ROOT, env={"PYTHONPATH": f"{ROOT}:{site}", "PATH": "/usr/bin:/bin",
                                                        "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)})
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_deploy_doc_fills_the_volume_with_each_overlays_model_and_states_the_drain_numbers(rendered):
+    """DEPLOY.md's recipe copies, per overlay, the model that overlay's ENGINE_MODEL names (its comment said
+    the tp2 overlay's was Qwen3-8B while tp2 serves Qwen3-32B); its drain figures are the gpu overlay's."""
+    text = (ROOT / "docs" / "DEPLOY.md").read_text()
+    copies = re.findall(r"cp \S+ model-loader:(/models/\S+)\s+# the ([\w ,]+?) overlays?'s?", text)
+    named = {overlay: path for path, overlays in copies for overlay in re.split(r",\s*|\s+and\s+", overlays)}
+    for overlay, objs in rendered.items():
+        model = effective_config(objs, ENGINE).model
+        assert named.get(overlay) == model, f"DEPLOY.md copies {named.get(overlay)} for {overlay}; it serves {model}"
+    stated = re.search(r"engine (\d+) s vs (\d+) s, tokenizer (\d+) s vs (\d+) s", text)
+    assert stated, "DEPLOY.md no longer states the drain and grace periods"
+    objs, real = rendered["gpu"], []
+    for name in (ENGINE, TOKENIZER):
+        pod = one(objs, "Deployment", name)["spec"]["template"]["spec"]
+        real += [int(effective_config(objs, name).grace_s), pod["terminationGracePeriodSeconds"]]
+    assert [int(g) for g in stated.groups()] == real, f"DEPLOY.md says {stated.group(0)}; the manifests: {real}"
