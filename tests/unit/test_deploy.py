@@ -658,3 +658,18 @@ def test_deploy_doc_fills_the_volume_with_each_overlays_model_and_states_the_dra
         pod = one(objs, "Deployment", name)["spec"]["template"]["spec"]
         real += [int(effective_config(objs, name).grace_s), pod["terminationGracePeriodSeconds"]]
     assert [int(g) for g in stated.groups()] == real, f"DEPLOY.md says {stated.group(0)}; the manifests: {real}"
+
+
+def test_deploy_doc_client_address_is_the_tokenizer_service(rendered):
+    """DEPLOY.md's client pod connects to the text API at <service>.<namespace>.svc:<port>: each part is the
+    rendered Service's, and its NetworkPolicy admits clients from other namespaces (where the client pod runs)."""
+    text = (ROOT / "docs" / "DEPLOY.md").read_text()
+    stated = re.search(r"connect to\s+`([\w-]+)\.([\w-]+)\.svc:(\d+)`", text)
+    assert stated, "DEPLOY.md no longer says where a client pod connects"
+    objs = rendered["gpu"]
+    service = one(objs, "Service", TOKENIZER)
+    grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+    assert stated.groups() == (TOKENIZER, service["metadata"]["namespace"], str(grpc_port)), stated.group(0)
+    policy = one(objs, "NetworkPolicy", TOKENIZER)
+    assert any(peer == {"namespaceSelector": {}} for rule in policy["spec"]["ingress"] for peer in rule["from"]
+               if any(p["port"] == "grpc" for p in rule["ports"])), "the text API no longer admits other namespaces"
