@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine_service import LLM, SamplingParams
-from tests.integration.tiny import drain, hf_greedy, make_qwen3, random_prompts
+from tests.integration.tiny import count_ahead, drain, hf_greedy, make_qwen3, random_prompts
 
 
 @pytest.fixture(scope="module")
@@ -38,20 +38,6 @@ def _engine(path, overlap: bool = True, **kw) -> LLM:
 
 
 
-def _count_ahead(llm: LLM) -> list[int]:
-    """Counts the batches scheduled ahead (a one-element list, updated in place)."""
-    count = [0]
-    original = llm.scheduler.schedule_ahead
-
-    def counting(batch):
-        ahead = original(batch)
-        count[0] += ahead is not None
-        return ahead
-
-    llm.scheduler.schedule_ahead = counting
-    return count
-
-
 def _all_free(llm: LLM) -> bool:
     s = llm.stats()
     return s["num_free_blocks"] == s["num_blocks"] and s["num_running"] == 0 and s["num_waiting"] == 0
@@ -73,7 +59,7 @@ def test_greedy_tokens_equal_transformers(model_and_dir):
     lengths = [12, 3, 20, 1, 16, 9]  # requests finish at different steps: the batch shrinks under overlap
     params = [SamplingParams(temperature=0.0, max_tokens=n) for n in lengths]
     with _engine(path) as llm:
-        ahead = _count_ahead(llm)
+        ahead = count_ahead(llm)
         outs = llm.generate(prompts, params)
         assert _all_free(llm)
     assert ahead[0] >= 15
@@ -98,7 +84,7 @@ def test_stop_tokens_computed_in_vain_are_dropped(model_and_dir):
     results = {}
     for overlap in (False, True):
         with _engine(path, overlap=overlap) as llm:
-            ahead = _count_ahead(llm)
+            ahead = count_ahead(llm)
             for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
                 llm.add_request(f"r{i}", prompt, p)
             results[overlap] = drain(llm)
@@ -119,7 +105,7 @@ def test_seeded_sampling_equals_plain_scheduling(model_and_dir):
     outs, ahead = {}, {}
     for overlap in (False, True):
         with _engine(path, overlap=overlap, dtype="float32") as llm:
-            ahead[overlap] = _count_ahead(llm)
+            ahead[overlap] = count_ahead(llm)
             outs[overlap] = [o["token_ids"] for o in llm.generate(prompts, params)]
     assert outs[True] == outs[False]
     assert ahead[True][0] > 0 and ahead[False][0] == 0  # the overlap run did schedule steps ahead
@@ -154,7 +140,7 @@ def test_arrivals_during_decoding_are_admitted(model_and_dir):
     first, late = random_prompts(5, [9, 14])
     p = SamplingParams(temperature=0.0, max_tokens=24)
     with _engine(path) as llm:
-        ahead = _count_ahead(llm)
+        ahead = count_ahead(llm)
         llm.add_request("first", first, p)
         tokens = {"first": [], "late": []}
         for _ in range(6):
@@ -227,7 +213,7 @@ def test_preemption_and_max_model_len(model_and_dir):
     params = SamplingParams(temperature=0.0, max_tokens=30)
     # 4 requests need 24 blocks at their end; the pool has 12: schedule() preempts, schedule_ahead never does.
     with _engine(path, num_kvcache_blocks=12, max_num_batched_tokens=64) as llm:
-        ahead = _count_ahead(llm)
+        ahead = count_ahead(llm)
         outs = llm.generate(prompts, params)
         stats = llm.stats()
     assert ahead[0] > 0 and stats["num_preemptions"] > 0
@@ -349,7 +335,7 @@ def test_graph_runner_gathers_input_tokens_on_the_device(tmp_path):
         graphs = DecodeGraphRunner(llm.runner, [1, 2, 4], use_cuda_graphs=False)
         graphs.capture()
         llm.runner.graphs = graphs
-        ahead = _count_ahead(llm)
+        ahead = count_ahead(llm)
         outs = llm.generate(prompts, params)
         assert ahead[0] >= 5 and graphs.num_replays >= 6
         assert _all_free(llm)
@@ -383,7 +369,7 @@ def test_a_prefix_computed_by_the_step_in_flight_is_found_cached(model_and_dir):
     cached, ahead = {}, {}
     for overlap in (False, True):
         with _engine(path, overlap=overlap, max_num_batched_tokens=48) as llm:
-            ahead[overlap] = _count_ahead(llm)
+            ahead[overlap] = count_ahead(llm)
             outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6))
         cached[overlap] = [o["num_cached_tokens"] for o in outs]
     assert cached[True] == cached[False] == [0, 32]

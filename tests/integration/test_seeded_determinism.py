@@ -17,7 +17,7 @@ import pytest
 
 from engine_service import LLM, SamplingParams
 from engine_service.sequence import Sequence
-from tests.integration.tiny import VOCAB, drain, exact_engine, make_qwen3, random_prompts
+from tests.integration.tiny import VOCAB, count_ahead, drain, exact_engine, make_qwen3, random_prompts
 
 SEEDED = [
     SamplingParams(temperature=1.0, seed=11, max_tokens=12),
@@ -62,20 +62,6 @@ def _alone(path, prompt: list[int], params: SamplingParams) -> list[int]:
     return out["token_ids"]
 
 
-def _count_ahead(llm: LLM) -> list[int]:
-    """Counts the batches scheduled ahead (a one-element list, updated in place)."""
-    count = [0]
-    original = llm.scheduler.schedule_ahead
-
-    def counting(batch):
-        ahead = original(batch)
-        count[0] += ahead is not None
-        return ahead
-
-    llm.scheduler.schedule_ahead = counting
-    return count
-
-
 def _record_preemptions(llm: LLM) -> list[tuple[str, int, int]]:
     """(request id, tokens it had generated, tokens of it computed) at each preemption, in order."""
     points: list[tuple[str, int, int]] = []
@@ -115,7 +101,7 @@ def test_preempted_at_any_point_the_draws_continue_where_they_stopped(path, over
     for s in range(1, 3 + params.max_tokens + 1):  # 3 prompt chunks, then a token a step
         with exact_engine(path, max_num_seqs=1, max_num_batched_tokens=8, overlap_scheduling=overlap) as llm:
             preemptions = _record_preemptions(llm)
-            ahead = _count_ahead(llm)
+            ahead = count_ahead(llm)
             llm.add_request("a", prompt, params)
             generator = llm.generators["a"]
             got = _serve(llm, [(s, "urgent", urgent, SamplingParams(temperature=1.0, seed=3, max_tokens=4,
@@ -186,7 +172,7 @@ def test_batch_companions_do_not_change_seeded_tokens(path, overlap):
     requests = [(0, f"s{i}", p, q) for i, (p, q) in enumerate(zip(prompts, SEEDED, strict=True))]
     requests += [(i % 3 * 2, f"c{i}", p, q) for i, (p, q) in enumerate(zip(others, companions, strict=True))]
     with exact_engine(path, max_num_batched_tokens=32, max_num_seqs=8, overlap_scheduling=overlap) as llm:
-        ahead = _count_ahead(llm)
+        ahead = count_ahead(llm)
         got = _serve(llm, requests)
     assert (ahead[0] > 0) == overlap
     assert [got[f"s{i}"][0] for i in range(3)] == expected

@@ -173,3 +173,17 @@ def drain(llm, max_steps: int = 5000) -> dict[str, list]:
             if out.finished:
                 entry[1] = out.finish_reason
     raise AssertionError("the engine did not go idle")
+
+
+def count_ahead(llm) -> list[int]:
+    """Counts the batches scheduled ahead (a one-element list, updated in place)."""
+    count = [0]
+    original = llm.scheduler.schedule_ahead
+
+    def counting(batch):
+        ahead = original(batch)
+        count[0] += ahead is not None
+        return ahead
+
+    llm.scheduler.schedule_ahead = counting
+    return count
