@@ -68,10 +68,15 @@ class EngineServicer:
         """Many requests multiplexed on one long-lived stream. Request ids are scoped to the stream.
         The client sends new requests and in-band aborts; the server sends one frame per engine step carrying
         the new tokens of every request of this stream that advanced. Per-request errors ride in the frames
-        (RequestUpdate.status); the stream itself fails only when the engine fails or the client goes away. A stream
-        that sent nothing for a whole period of ModelInfo.heartbeat_ms gets an empty frame (a heartbeat), so frames are
-        never more than two periods apart and a client can tell an idle engine from one whose service stopped
-        answering (HTTP/2 keepalive cannot: gRPC's transport answers its pings on its own).
+        (RequestUpdate.status); the stream itself fails only when it cannot open (UNAVAILABLE: the engine is loading,
+        starting, draining or failed; RESOURCE_EXHAUSTED: max_concurrent_rpcs generation calls are open), when a frame
+        is not a valid ClientFrame (INVALID_ARGUMENT; its requests are aborted), or when the client goes away. An engine
+        that drains or fails refuses the stream's new requests (UNAVAILABLE), fails its live ones when it fails
+        (INTERNAL) or when its drain's grace period ends (UNAVAILABLE), and ends the stream OK once none is live,
+        whether or not the client half-closed it. A stream that sent nothing for a whole period of
+        ModelInfo.heartbeat_ms gets an empty frame (a heartbeat), so frames are never more than two periods apart and a
+        client can tell an idle engine from one whose service stopped answering (HTTP/2 keepalive cannot: gRPC's
+        transport answers its pings on its own).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -65,14 +65,17 @@ class TextGenerationServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """One completion, streamed as text deltas; the last message carries finish_reason and usage.
+        """One request, streamed as text deltas: its n completions (one by default) on their own GenerateResponse.index,
+        each ending with a message that carries finish_reason and usage. Errors end the call with a gRPC status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GenerateMulti(self, request_iterator, context):
-        """Many completions multiplexed on one stream by request_id; errors ride per request in `status`.
+        """Many completions multiplexed on one stream by request_id; errors ride per request in `status`. A draining
+        service refuses the stream's new requests (UNAVAILABLE) and ends the stream OK once none is live, whether or not
+        the client half-closed it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
