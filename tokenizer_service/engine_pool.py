@@ -33,6 +33,7 @@ MAX_DEADLINE_MS = 10 * 365 * 86_400_000  # ten years: longer deadlines are sent 
 # itself (draining, or its generation-call limit reached) ends it within a round trip.
 STREAM_PROVEN_S = 1.0
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 # A request whose deadline passed this long ago without the engine ending it (the engine's own timer ends it at
 # the deadline) fails here with DEADLINE_EXCEEDED and is aborted: a frozen or stalled engine never answers.
 DEADLINE_GRACE_S = 1.0
@@ -321,6 +322,11 @@ class EngineConnection:
                                 # Draining or failed: marked here, on the stream that said it (a caller reading
                                 # the update later could mark a new stream to a restarted engine, for good).
                                 self.mark_refusing()
+                            elif (update.finish_reason == pb.FINISH_REASON_ERROR and update.status.code == INTERNAL
+                                  and update.status.message.startswith("engine failure:")):
+                                # The engine failed (not one step of some requests): it fails every live request
+                                # so, then ends the stream OK, which alone would read as a drain.
+                                reason = f"the engine failed, then ended the stream ({update.status.message})"
                             handle = self.inflight.get(update.request_id)
                             if handle is not None:
                                 handle.push(update)

@@ -442,3 +442,32 @@ def test_ties_between_engines_are_broken_at_random():
     conns[0].inflight = {"x": 1}
     conns[2].inflight = {"y": 1, "z": 2}
     assert {least_loaded(conns).name for _ in range(50)} == {"b"}  # the least loaded still wins
+
+
+def test_pool_says_an_engine_failed_not_that_it_drained(monkeypatch, caplog):
+    """A failed engine fails its live requests with INTERNAL and then ends each Generate stream OK: the pool named
+    that end "the engine ended the stream (draining)" in its warning and in /health's failure text, which sent an
+    operator looking for a rollout instead of the engine's traceback."""
+    monkeypatch.setenv("ENGINE_TEST_FAIL_AFTER_STEPS", "2")
+    running = Running(FakeEngine(), failure_linger_s=2.0)
+    caplog.set_level(logging.WARNING, logger="tokenizer_service.engine_pool")
+
+    def stream_ends() -> list[str]:
+        return [r.getMessage() for r in caplog.records if " lost (" in r.getMessage()]  # a stream that had served
+
+    async def main() -> None:
+        pool = EnginePool(pool_config(engines=running.target), 100, {99}, [])
+        pool.start()
+        try:
+            await wait_for(lambda: len(pool.ready) == 1)
+            handle = await pool.submit(new("", [1], max_tokens=50, ignore_eos=True), None)
+            updates = [update async for update in handle]
+            assert updates[-1].status.code == grpc.StatusCode.INTERNAL.value[0], updates[-1]
+            await wait_for(stream_ends)
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
+    running.thread.join(20)
+    first = stream_ends()[0]
+    assert "the engine failed, then ended the stream (engine failure:" in first and "draining" not in first, first
