@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import re
 from dataclasses import dataclass, fields
 
 DTYPES = ("auto", "float64", "float32", "bfloat16", "float16")
@@ -15,11 +17,19 @@ DEFAULT_CPU_KVCACHE_GIB = 4.0
 # On GPU, the share of the device's memory the engine may fill: weights, the warm-up's peak activations, and
 # the KV cache in what is left.
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+# What `device` may say: "auto", "cpu", "cuda" or "cuda:N".
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+# The fields __post_init__ wants as Python ints (or None, for the last two), and as Python numbers.
+_INT_FIELDS = ("kvcache_block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size", "seed",
+               "num_kvcache_blocks", "max_model_len")
+_FLOAT_FIELDS = ("gpu_memory_utilization", "cpu_kvcache_gib")
+_FLOAT_MAX = 1.7976931348623157e308  # a Python float's largest
 
 
 @dataclass(slots=True, frozen=True)
 class EngineConfig:
-    """Every engine knob. `LLM(model_dir, **kwargs)` keeps only keywords that name a field here."""
+    """Every engine knob. `LLM(model_dir, **kwargs)` takes keywords that name a field here; any other is a ValueError
+    listing the valid ones (from_kwargs). Each field is checked here, with a ValueError naming it."""
 
     model: str
     device: str = "auto"  # "auto" picks cuda when available, else cpu
@@ -69,6 +79,15 @@ class EngineConfig:
     seed: int = 0  # seeds unseeded sampling, so a run is repeatable
 
     def __post_init__(self) -> None:
+        # numpy's scalars (np.int64, np.float32: what arrays and argument parsers built on them give) as the Python
+        # numbers they stand for, as SamplingParams takes them; a numpy float for an integer is still refused below.
+        for name in _INT_FIELDS + _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if type(value) not in (bool, int, float) and isinstance(value, numbers.Real):  # np.float64 too
+                if isinstance(value, numbers.Integral):
+                    object.__setattr__(self, name, int(value))
+                elif name in _FLOAT_FIELDS:
+                    object.__setattr__(self, name, float(value))
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -81,8 +100,9 @@ class EngineConfig:
             raise ValueError("attention_backend='flash_attn' reads a KV cache in the model's dtype only: with "
                              "kv_cache_dtype='fp8' use attention_backend 'auto', 'triton' (CUDA compute capability "
                              "8.9+) or 'torch'")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (a str, N a device index such as 0), "
+                             f"got {self.device!r}")
         positive = ["kvcache_block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"]
         for name in positive:
             value = getattr(self, name)
@@ -117,6 +137,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("gpu_memory_utilization", "cpu_kvcache_gib"):
             value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool) and not -_FLOAT_MAX <= value <= _FLOAT_MAX:
+                # math.isfinite raised OverflowError on an integer past a float's range, naming no field
+                raise ValueError(f"{name} must be a finite number, got an integer past a float's range "
+                                 f"({value.bit_length()} bits)")
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -107,6 +107,13 @@ def _eos_ids(config: dict, name: str) -> list[int]:
     return values
 
 
+def _what(value: object) -> str:
+    """What a caller passed for sampling_params, for an error: its type's name, or the class itself named."""
+    if value is SamplingParams:  # its call forgotten: the type's name, "type", named nothing the caller wrote
+        return "the class SamplingParams itself: pass an instance, SamplingParams(...)"
+    return type(value).__name__
+
+
 class LLMEngine:
     """The step API: add_request / abort_request / step. Not thread-safe: call it from one thread."""
 
@@ -311,9 +318,7 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use by a live request (or one whose end "
                              "the next step() reports)")
         if not isinstance(sampling_params, SamplingParams):
-            raise ValueError(
-                f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}"
-            )
+            raise ValueError(f"sampling_params must be a SamplingParams, got {_what(sampling_params)}")
         sampling_params.validate()
         vocab = self.model_cfg.vocab_size
         for t in sampling_params.stop_token_ids:
@@ -376,7 +381,10 @@ class LLMEngine:
         return prompt
 
     def abort_request(self, request_id: str) -> bool:
-        """Free the request's blocks at once; the next step() reports it with finish reason 'abort'."""
+        """Free the request's blocks at once; the next step() reports it with finish reason 'abort'. False for an id
+        no live request holds (finished, already aborted, never added); a TypeError for one that is not a str."""
+        if not isinstance(request_id, str):  # a list failed as "unhashable type"; 5 answered False
+            raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return False
@@ -409,6 +417,9 @@ class LLMEngine:
         its own work while the model computes.
         """
         self._check_alive()
+        if on_launch is not None and not callable(on_launch):  # called at the forward, it failed the step's requests
+            raise TypeError(f"on_launch must be a callable taking no arguments, or None; got "
+                            f"{type(on_launch).__name__}")
         outputs, self._pending = self._pending, []
         self._pending_ids.clear()
         current, self._inflight = self._inflight, None
@@ -696,7 +707,10 @@ class LLM(LLMEngine):
         per token where the request's SamplingParams.logprobs is set, else None) and prompt_logprobs (one per prompt
         token after the first where SamplingParams.prompt_logprobs is set, else None)."""
         if hasattr(prompts, "tolist"):  # a numpy array or torch tensor of ids: one prompt, or a batch of rows
+            one = getattr(prompts, "ndim", None) == 1
             prompts = prompts.tolist()
+            if one and not prompts:  # an empty 1-D array is one empty prompt (refused), not a batch of none
+                prompts = [prompts]
         if isinstance(prompts, str) or (isinstance(prompts, list | tuple) and prompts
                                         and isinstance(prompts[0], numbers.Integral)):
             prompts = [prompts]
@@ -708,7 +722,7 @@ class LLM(LLMEngine):
             params = [params] * len(prompts)
         if not isinstance(params, list | tuple):
             raise TypeError("sampling_params must be a SamplingParams or a list of them, one per prompt, got "
-                            f"{type(params).__name__}")
+                            f"{_what(params)}")
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         ids = [self._fresh_id() for _ in prompts]

@@ -166,6 +166,23 @@ def resolve_fused_ops(wanted: bool | None, device: torch.device, dtype: torch.dt
     return True
 
 
+def _host_memory_bytes() -> int | None:
+    """This machine's memory as a process may use it: its physical RAM, or a cgroup v2 memory.max below that; None
+    where neither can be read."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        memory = None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit.isdigit():
+            memory = int(limit) if memory is None else min(memory, int(limit))
+    except OSError:
+        pass
+    return memory
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_cfg: ModelConfig, max_model_len: int, tp: TPInfo):
         self.config = config
@@ -187,6 +204,8 @@ class ModelRunner:
         self.backend = make_backend(self.backend_name, self.device)
         self.fused_ops = resolve_fused_ops(config.fused_ops, self.device, self.dtype)
         pdl.enable(self.device, config.pdl)  # before any kernel is compiled: PDL is one of their constexprs
+        if tp.rank == 0:
+            self._check_penalty_slots_fit()  # before the weights load: a setting no memory holds fails at once
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = DecoderForCausalLM(model_cfg, tp, self._rope_positions(), self.dtype, self.fused_ops)
         load_weights(self.model, config.model, model_cfg.tie_word_embeddings)
@@ -425,6 +444,8 @@ class ModelRunner:
         if self.config.num_kvcache_blocks is not None:
             if self.device.type == "cuda":
                 self._check_gpu_blocks_fit(self.config.num_kvcache_blocks)
+            else:
+                self._check_cpu_blocks_fit(self.config.num_kvcache_blocks)
             return self.config.num_kvcache_blocks
         if self.device.type == "cuda":
             return self._gpu_num_blocks()
@@ -441,6 +462,41 @@ class ModelRunner:
                 f"{self.max_model_len} tokens, or set num_kvcache_blocks"
             )
         return min(want, cap)
+
+    def _check_penalty_slots_fit(self) -> None:
+        """max_num_seqs penalty slots (penalties.py: a vocabulary of int32 counts and bool marks each, allocated at
+        start-up) that take more than the device's whole memory (a GPU's; on the CPU, _host_memory_bytes) are refused
+        naming max_num_seqs: they failed with the allocator's bare "can't allocate memory", or past 2**63 bytes a
+        TypeError from torch.zeros."""
+        seqs, vocab = self.config.max_num_seqs, self.model_cfg.vocab_size
+        memory = (torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda"
+                  else _host_memory_bytes())
+        need = seqs * vocab * 5
+        if memory is not None and need > memory:
+            gib, where = 2**30, "the GPU" if self.device.type == "cuda" else "this machine"
+            raise ValueError(
+                f"max_num_seqs={seqs} does not fit in {where}'s memory: the sampler's penalty slots (5 bytes per "
+                f"vocabulary entry, {vocab} entries, per sequence) take {need / gib:.3g} GiB and {where} has "
+                f"{memory / gib:.3g} GiB, which "
+                f"{memory // (vocab * 5)} sequences would fill; lower max_num_seqs well below that (the default is "
+                f"256)")
+
+    def _check_cpu_blocks_fit(self, blocks: int) -> None:
+        """An explicit num_kvcache_blocks on the CPU: refused when the pool of every rank on this machine takes more
+        than its memory (the smaller of its RAM and a cgroup's limit). Allocating it failed with the allocator's bare
+        "can't allocate memory" (or, past 2**63 bytes, a TypeError from torch.zeros); one that the kernel overcommits
+        is killed by the out-of-memory killer as it is filled. A pool that fits but leaves too little for the
+        weights is not caught here."""
+        memory = _host_memory_bytes()
+        need = blocks * self.block_bytes() * self.tp.size
+        if memory is not None and need > memory:
+            fits = memory // (self.block_bytes() * self.tp.size)
+            gib = 2**30
+            raise ValueError(
+                f"num_kvcache_blocks={blocks} does not fit in this machine's memory: the KV cache takes "
+                f"{need / gib:.3g} GiB (K and V{f' on {self.tp.size} ranks' if self.tp.size > 1 else ''}) and the "
+                f"machine has {memory / gib:.3g} GiB, which {fits} blocks would fill; set num_kvcache_blocks well "
+                f"below {fits}, or leave it unset to size the pool from cpu_kvcache_gib")
 
     def _one_sequence_bytes(self) -> int:
         """KV bytes of one max_model_len sequence (its last token, sampled, takes no slot)."""

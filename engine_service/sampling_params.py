@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 
 # Temperatures below this are greedy: dividing logits by ~0 would overflow.
@@ -101,6 +102,9 @@ class SamplingParams:
         ids = self.stop_token_ids
         if hasattr(ids, "tolist"):  # a numpy array or a tensor
             ids = ids.tolist()
+        if isinstance(ids, Mapping):  # iterated, its keys alone were taken, silently
+            raise ValueError(f"stop_token_ids must be a list of token ids, not a {type(ids).__name__} (logit_bias is "
+                             "the field that maps token ids to values)")
         if isinstance(ids, str | bytes) or not hasattr(ids, "__iter__"):
             raise ValueError(f"stop_token_ids must be a list of token ids, got {ids!r}")
         if hasattr(ids, "__len__") and len(ids) > 16 * MAX_STOP_TOKEN_IDS:  # not worth deduplicating
@@ -217,6 +221,11 @@ class SamplingParams:
                              f"{self.response_format!r}: the JSON object's end ends the output; leave min_tokens 0")
 
     def with_defaults(self, **defaults: object) -> SamplingParams:
-        """A copy with the given fields replaced (used to apply generation_config.json values)."""
+        """A copy with the given fields replaced, whatever this one holds (names that are not fields are ignored).
+
+        It overrides: a frozen dataclass cannot tell a field left at its default from one set to it, so
+        `SamplingParams(temperature=0).with_defaults(**engine.generation_defaults)` samples at generation_config.json's
+        temperature. To apply those defaults under your own values, build
+        `SamplingParams(**{**engine.generation_defaults, **yours})` (the services apply them to unset fields)."""
         known = {f.name for f in fields(self) if f.init}
         return replace(self, **{k: v for k, v in defaults.items() if k in known})
