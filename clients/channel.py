@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import numbers
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +30,8 @@ def client_timeout(timeout: float | None) -> float | None:
     """A client's per-call timeout: None, or a positive number of seconds (inf and very long ones mean none)."""
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout) or timeout <= 0:
+    # numbers.Real: a numpy number too (np.int64 is no int)
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or math.isnan(timeout) or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, or None for no deadline; got {timeout!r}")
     return None if timeout >= MAX_TIMEOUT_S else float(timeout)
 
@@ -116,6 +118,14 @@ class Channels:
         if unknown:
             raise TypeError(f"unknown client setting(s) {unknown}; a client takes target, timeout, tls and the "
                             f"channel settings {sorted(CHANNEL_SETTINGS)}")
+        # Named here: target=None raised AttributeError "'NoneType' object has no attribute 'encode'", "" made a
+        # client whose every call failed UNKNOWN, and tls="ca.crt" raised "'str' object has no attribute 'stamp'".
+        if not isinstance(target, str) or not target:
+            raise ValueError(f"target must be the service's address as a string, HOST:PORT (e.g. localhost:50052) or "
+                             f"a gRPC URI (unix:/path); got {target!r}")
+        if tls is not None and not all(callable(getattr(tls, name, None)) for name in ("stamp", "credentials")):
+            raise ValueError(f"tls must be a ClientTls (clients.tls: ClientTls(ca_file='ca.crt'), with cert_file and "
+                             f"key_file for mutual TLS), or None for plaintext; got {tls!r}")
         self._open_channel, self._target, self._tls, self._kwargs = open_channel, target, tls, channel_kwargs
         self._stub_type = stub_type
         self._stamp = tls.stamp() if tls is not None else None  # taken before reading: a change meanwhile shows
@@ -133,7 +143,11 @@ class Channels:
         return self._target
 
     def stub(self) -> Any:
-        """The stub for a new call: on a new channel when the TLS files changed and load."""
+        """The stub for a new call: on a new channel when the TLS files changed and load. After close(), a ValueError
+        naming the client (gRPC's own words were "Channel closed!" from a blocking channel, and grpc.aio's internal
+        UsageError "Channel is closed." from an asyncio one)."""
+        if self._closed:
+            raise ValueError(f"Cannot invoke RPC on closed channel: the client of {self._target} was closed")
         if self._stub is None:
             with self._lock:
                 self._open_deferred()

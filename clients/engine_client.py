@@ -14,6 +14,25 @@ from protos.llmserve.engine.v1 import engine_pb2 as pb
 from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
 
 
+def _sampling_params(sampling: dict[str, object]) -> pb.SamplingParams:
+    """The engine API's SamplingParams from keywords, each checked by name: handed to protobuf at once, a typo holding
+    None passed unseen and a wrong value said only "must be real number, not str" or "Value out of range"."""
+    fields = pb.SamplingParams.DESCRIPTOR.fields_by_name
+    params = pb.SamplingParams()
+    for name, value in sampling.items():
+        if name not in fields:
+            raise TypeError(f"unknown sampling parameter {name!r}; known: {tuple(fields)}")
+        if value is None:
+            continue
+        try:
+            if isinstance(value, bool) and fields[name].type != fields[name].TYPE_BOOL:
+                raise TypeError("a number, not a bool")  # protobuf took temperature=True as 1.0
+            params.MergeFrom(pb.SamplingParams(**{name: value}))  # keeps an optional field set to its zero as set
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"sampling parameter {name}={value!r}: {exc}") from None
+    return params
+
+
 class EngineClient:
     def __init__(self, target: str, timeout: float | None = None, tls: ClientTls | None = None,
                  **channel_kwargs: Any) -> None:
@@ -33,9 +52,14 @@ class EngineClient:
 
     def generate(self, prompt_token_ids: list[int], request_id: str = "", *, trace_id: str = "",
                  **sampling: object) -> Iterator[pb.RequestUpdate]:
-        """Stream one request's updates (GenerateStream); errors raise grpc.RpcError. trace_id: for the logs."""
-        params = pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
-        request = pb.NewRequest(request_id=request_id, sampling_params=params, trace_id=trace_id)
+        """Stream one request's updates (GenerateStream); errors raise grpc.RpcError. trace_id: for the logs.
+        sampling: the engine API's SamplingParams fields (None: unset); a name that is none of them is a TypeError,
+        a value the field cannot take a ValueError naming it, as TextClient's."""
+        for name, value in (("request_id", request_id), ("trace_id", trace_id)):
+            if value is not None and not isinstance(value, str):  # protobuf: "bad argument type for built-in ..."
+                raise ValueError(f"{name} must be a string (empty: the engine makes one up), got {value!r}")
+        request = pb.NewRequest(request_id=request_id or "", sampling_params=_sampling_params(sampling),
+                                trace_id=trace_id or "")
         put_token_ids(request.prompt_token_ids, prompt_token_ids, "prompt_token_ids")
         return self.stub.GenerateStream(request, timeout=self.timeout)
 

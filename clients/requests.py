@@ -25,8 +25,10 @@ _Builder = TypeVar("_Builder", bound=Callable)
 def put_token_ids(field: object, values: object, where: str, ordered: bool = True) -> None:
     """Extend a repeated int32 field with token ids. ordered (a prompt): a set or dict has no order (and a set no
     repeats), so it is refused. An id the protocol cannot carry is named with its index, where protobuf said only
-    "Value out of range"."""
-    if isinstance(values, str | bytes) or (ordered and isinstance(values, Set | Mapping)):
+    "Value out of range". What is not a collection of ids at all (a bare id, None) is named too, where protobuf said
+    "'int' object is not iterable"."""
+    if (isinstance(values, str | bytes) or not isinstance(values, Iterable)
+            or (ordered and isinstance(values, Set | Mapping))):
         raise ValueError(f"{where} must be a list of integer token ids (a list, tuple, array or tensor), not a "
                          f"{type(values).__name__}")
     try:
@@ -84,18 +86,52 @@ def names_bad_text(build: _Builder) -> _Builder:
     return checked  # type: ignore[return-value]
 
 
+def flag(name: str, value: object, optional: bool = True) -> bool | None:
+    """A True/False keyword (None too where optional: the service's default), refused by name otherwise: protobuf
+    took 2 as True and said of "no" only "'str' object cannot be interpreted as an integer"."""
+    if isinstance(value, bool) or (optional and value is None):
+        return value
+    raise ValueError(f"{name} must be True, False{' or None (the default)' if optional else ''}, got {value!r}")
+
+
+def _schema_text(value: object, where: str) -> str:
+    """A JSON Schema's text, from a dict or its text (the engine parses and checks the rest)."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where} must be a JSON Schema (a dict or its JSON text), got {type(value).__name__}")
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError) as exc:  # a set, bytes or an object json cannot write
+        raise ValueError(f"{where} must be a JSON Schema (a dict or its JSON text): {exc}") from None
+
+
+SAMPLING_KEYWORDS = SAMPLING_FIELDS + ("stop_token_ids", "logit_bias", "response_format", "json_schema")
+
+
+def unknown_sampling_keyword(name: str) -> TypeError:
+    """The error for a keyword that is no sampling parameter (a typo, or a call option in the wrong place)."""
+    hint = ("; a call's deadline is deadline_ms (milliseconds), or the client's timeout"
+            if name in ("timeout", "deadline") else "")
+    return TypeError(f"unknown sampling parameter {name!r}{hint}; known: {SAMPLING_KEYWORDS}")
+
+
 @names_bad_text
 def sampling_params(**kwargs: object) -> pb.SamplingParams:
-    """SamplingParams with only the given fields set; the rest stay unset (the model's defaults)."""
+    """SamplingParams with only the given fields set; the rest stay unset (the model's defaults). A name that is no
+    sampling parameter is refused whatever its value: checked only past the None skip, a typo holding None (an
+    option forwarded unset) went out without a word."""
     params = pb.SamplingParams()
     for name, value in kwargs.items():
+        if name not in SAMPLING_KEYWORDS:
+            raise unknown_sampling_keyword(name)
         if value is None:
             continue
         if name == "stop_token_ids":
             put_token_ids(params.stop_token_ids, value, "stop_token_ids", ordered=False)  # a set is fine
         elif name == "logit_bias":  # {token id: bias}, or (id, bias) pairs
-            pairs = list(value.items() if isinstance(value, Mapping) else value)  # type: ignore[union-attr]
             try:
+                pairs = list(value.items() if isinstance(value, Mapping) else value)  # type: ignore[union-attr]
                 params.logit_bias.update(pairs)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"sampling parameter logit_bias={value!r}: {exc}") from None
@@ -103,7 +139,7 @@ def sampling_params(**kwargs: object) -> pb.SamplingParams:
                 raise ValueError(f"sampling parameter logit_bias={value!r}: a token id given twice")
         elif name == "response_format":  # "text", "json_object", "json_schema", or OpenAI's {"type": ...}
             kind = value.get("type") if isinstance(value, Mapping) else value
-            if kind not in RESPONSE_FORMATS:
+            if not isinstance(kind, str) or kind not in RESPONSE_FORMATS:  # a list: "unhashable type"
                 raise ValueError(f"sampling parameter response_format={value!r}: must be one of "
                                  f"{sorted(RESPONSE_FORMATS)} (or {{'type': one of them}})")
             params.response_format = RESPONSE_FORMATS[kind]  # type: ignore[index]
@@ -113,11 +149,13 @@ def sampling_params(**kwargs: object) -> pb.SamplingParams:
                 if schema is None:
                     raise ValueError("sampling parameter response_format: 'json_schema' must be {'schema': {...}, "
                                      "...}")
-                params.json_schema = json.dumps(schema)
+                params.json_schema = _schema_text(schema, "sampling parameter response_format's json_schema.schema")
         elif name == "json_schema":  # a dict, or JSON text
-            params.json_schema = value if isinstance(value, str) else json.dumps(value)
-        elif name in SAMPLING_FIELDS:
+            params.json_schema = _schema_text(value, "sampling parameter json_schema")
+        else:
             try:
+                if isinstance(value, bool) and name != "ignore_eos":  # protobuf sent temperature=True as 1.0
+                    raise TypeError("a number, not a bool")
                 setattr(params, name, value)
             except (TypeError, ValueError) as exc:  # protobuf's own words name no field
                 # An integer past the field's protobuf type fails here, before the service checks its own range.
@@ -127,11 +165,6 @@ def sampling_params(**kwargs: object) -> pb.SamplingParams:
                     raise ValueError(f"sampling parameter {name}={value!r}: out of the range the protocol carries, a "
                                      f"signed {bits}-bit integer in [-2**{bits - 1}, 2**{bits - 1})") from None
                 raise ValueError(f"sampling parameter {name}={value!r}: {exc}") from None
-        else:
-            hint = ("; a call's deadline is deadline_ms (milliseconds), or the client's timeout"
-                    if name in ("timeout", "deadline") else "")
-            raise TypeError(f"unknown sampling parameter {name!r}{hint}; known: "
-                            f"{SAMPLING_FIELDS + ('stop_token_ids', 'logit_bias', 'response_format', 'json_schema')}")
     return params
 
 
@@ -164,6 +197,9 @@ def _tool_call(where: str, call: object) -> pb.ToolCall:
 def _message(i: int, m: Mapping[str, object]) -> pb.ChatMessage:
     """One message; content is a string or OpenAI-style text parts [{"type": "text", "text": ...}], joined; an
     assistant message may carry its tool_calls."""
+    if not isinstance(m, Mapping):  # a string's letters were taken for keys: "unknown keys ['h', 'i']"
+        raise ValueError(f"messages[{i}] must be a message, a dict {{'role': ..., 'content': ...}}, got "
+                         f"{type(m).__name__}")
     unknown = sorted(set(m) - {"role", "content", "tool_calls", "tool_call_id"})
     if unknown:
         raise ValueError(f"messages[{i}] has unknown keys {unknown}; a message is {{'role', 'content'}}, with "
@@ -197,6 +233,10 @@ def chat(messages: Iterable[Mapping[str, object]], enable_thinking: bool | None 
     the model may call (JSON objects, as dicts or text; OpenAI's {"type": "function", "function": {...}} shape),
     further template variables (a dict or its JSON text, e.g. {"date_string": "26 Jul 2024"}), and whether the
     last message, an assistant's, is the start of the reply for the model to continue."""
+    if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Iterable):  # one message, bare, was
+        # iterated key by key: "messages[0] has unknown keys ['e', 'l', 'o', 'r']", the letters of 'role'
+        raise ValueError(f"messages must be a list of messages ({{'role': ..., 'content': ...}} dicts), got a "
+                         f"{type(messages).__name__}")
     if isinstance(tools, str | bytes | Mapping):
         raise ValueError(f"tools must be a list of JSON objects, got {type(tools).__name__}")
     result = pb.Chat(messages=[_message(i, m) for i, m in enumerate(messages)],
@@ -212,6 +252,21 @@ def chat(messages: Iterable[Mapping[str, object]], enable_thinking: bool | None 
         raise ValueError(f"continue_final_message must be True or False, got {continue_final_message!r}")
     result.continue_final_message = continue_final_message
     return result
+
+
+def _stop_strings(stop: object) -> list[str]:
+    """`stop`: one stop string or several (None: none)."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, bytes | Mapping) or not isinstance(stop, Iterable):
+        raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+    strings = list(stop)
+    for i, s in enumerate(strings):
+        if not isinstance(s, str):
+            raise ValueError(f"stop[{i}] must be a string, got {s!r} (stop is a string or a list of strings)")
+    return strings
 
 
 @names_bad_text
@@ -233,9 +288,15 @@ def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, 
     tokens, such as Llama's BOS; `n` (None: 1) the completions of the prompt, each streamed on its own index."""
     if sum(x is not None for x in (prompt, messages, prompt_token_ids)) != 1:
         raise ValueError("give exactly one of prompt, messages and prompt_token_ids")
+    # Wrong types are named here: protobuf's "bad argument type for built-in operation" named nothing.
+    if prompt is not None and not isinstance(prompt, str | bytes):
+        raise ValueError(f"prompt must be a string (text), got {type(prompt).__name__}")
     request = pb.GenerateRequest(request_id=request_id, sampling_params=sampling_params(**sampling),
-                                 stop=[stop] if isinstance(stop, str) else list(stop or ()),
-                                 include_stop_str_in_output=include_stop_str_in_output)
+                                 stop=_stop_strings(stop),
+                                 include_stop_str_in_output=bool(flag("include_stop_str_in_output",
+                                                                      include_stop_str_in_output)))
+    skip_special_tokens = flag("skip_special_tokens", skip_special_tokens)
+    add_special_tokens = flag("add_special_tokens", add_special_tokens)
     if prompt is not None:
         request.prompt = prompt
     elif prompt_token_ids is not None:
@@ -252,14 +313,15 @@ def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, 
             raise ValueError("add_special_tokens applies to a prompt or messages; prompt_token_ids are sent as they are")
         request.add_special_tokens = add_special_tokens
     if n is not None:
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 16:
+        # numbers.Integral: a numpy integer, as every sampling field takes it
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= 16:
             raise ValueError(f"n must be an int from 1 to 16 (completions of the prompt), got {n!r}")
-        request.n = n
+        request.n = int(n)
     if deadline_ms is not None:
-        if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, int) or deadline_ms <= 0:
+        if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, numbers.Integral) or deadline_ms <= 0:
             raise ValueError(f"deadline_ms must be a positive number of milliseconds, or None for no deadline; got "
                              f"{deadline_ms!r}")
-        request.deadline_ms = min(deadline_ms, 2**64 - 1)
+        request.deadline_ms = min(int(deadline_ms), 2**64 - 1)
     return request
 
 

@@ -32,9 +32,11 @@ from clients.requests import (
     OptionsNotHonoured,
     chat,
     check_options,
+    flag,
     generate_request,
     names_bad_text,
     options_used,
+    put_token_ids,
 )
 from clients.tls import ClientTls
 from protos.llmserve.text.v1 import text_pb2 as pb
@@ -197,7 +199,22 @@ class CompletionStream(_StreamEnd, _CallStream):
 
 class MultiStream(_CallStream):
     """GenerateMulti's responses, many requests interleaved (each response names its request_id); a failed
-    request ends with FINISH_REASON_ERROR and a status instead of failing the call. cancel() ends them all."""
+    request ends with FINISH_REASON_ERROR and a status instead of failing the call. cancel() ends them all. What
+    iterating the requests raised (a frame that is no MultiRequest, the caller's generator failing) is raised by
+    the read that finds the call ended by it."""
+
+    def __init__(self, call: grpc.Call, options: tuple[set[str], str] | None = None,
+                 failed: list[Exception] | None = None) -> None:
+        super().__init__(call, options)
+        self._failed = failed if failed is not None else []
+
+    def __next__(self) -> pb.GenerateResponse:
+        try:
+            return super().__next__()
+        except grpc.RpcError as exc:
+            if self._failed:
+                raise self._failed[0] from exc
+            raise
 
     def texts(self) -> dict[str, str]:
         """Consume the stream and return each request's text by request_id; a failed request raises ValueError
@@ -270,12 +287,25 @@ class _GenerateCalls:
         return self._stream(generate_request(messages=messages, **kwargs), request_id)
 
 
-def _noting_options(requests: Iterable[pb.MultiRequest], used: set[str]) -> Iterator[pb.MultiRequest]:
-    """The requests, each one's options (clients.requests.options_used) added to `used` as it is sent."""
-    for frame in requests:
-        if frame.HasField("generate"):
-            used |= options_used(frame.generate)
-        yield frame
+def _noting_options(requests: Iterable[pb.MultiRequest], used: set[str],
+                    failed: list[Exception]) -> Iterator[pb.MultiRequest]:
+    """The requests, each one's options (clients.requests.options_used) added to `used` as it is sent. gRPC iterates
+    them in a thread of its own, and of an exception there (a frame that is no MultiRequest, the caller's own
+    generator failing) the reader saw only UNKNOWN "Exception iterating requests!": it is kept in `failed`, for
+    MultiStream to raise in its place."""
+    try:
+        for i, frame in enumerate(requests):
+            if not isinstance(frame, pb.MultiRequest):
+                hint = (": send pb.MultiRequest(generate=request)" if isinstance(frame, pb.GenerateRequest)
+                        else " (pb.MultiRequest(generate=a GenerateRequest, or abort_request_id=an id))")
+                raise ValueError(f"generate_multi's requests[{i}] is a {type(frame).__name__}, not a "
+                                 f"MultiRequest{hint}")
+            if frame.HasField("generate"):
+                used |= options_used(frame.generate)
+            yield frame
+    except Exception as exc:
+        failed.append(exc)
+        raise
 
 
 @names_bad_text
@@ -290,18 +320,23 @@ def _tokenize_request(text: str | None, messages: Messages | None, add_special_t
         if enable_thinking is not None or tools or template_kwargs or continue_final_message:
             raise ValueError("enable_thinking, tools, template_kwargs and continue_final_message apply to chat "
                              "messages only")
+        if not isinstance(text, str | bytes):  # protobuf's "bad argument type for built-in operation" named nothing
+            raise ValueError(f"text must be a string (text), got {type(text).__name__}")
         request = pb.TokenizeRequest(text=text)
     else:
         request = pb.TokenizeRequest(chat=chat(messages, enable_thinking, tools, template_kwargs,
                                                continue_final_message))
-    if add_special_tokens is not None:
+    if flag("add_special_tokens", add_special_tokens) is not None:
         request.add_special_tokens = add_special_tokens
     return request
 
 
 def _detokenize_request(token_ids: Iterable[int], skip_special_tokens: bool | None) -> pb.DetokenizeRequest:
-    request = pb.DetokenizeRequest(token_ids=list(token_ids))
-    if skip_special_tokens is not None:
+    """token_ids and skip_special_tokens named when the protocol cannot carry them (protobuf said "Value out of
+    range: 1099511627776" or "'str' object cannot be interpreted as an integer")."""
+    request = pb.DetokenizeRequest()
+    put_token_ids(request.token_ids, token_ids, "token_ids")
+    if flag("skip_special_tokens", skip_special_tokens) is not None:
         request.skip_special_tokens = skip_special_tokens
     return request
 
@@ -319,11 +354,16 @@ class TextClient(_GenerateCalls):
 
     def generate_multi(self, requests: Iterable[pb.MultiRequest], *, request_id: str | None = None
                        ) -> MultiStream:
-        """The multiplexed variant: many requests (and aborts) on one stream; each logs as request_id/its id."""
+        """The multiplexed variant: many requests (and aborts) on one stream; each logs as request_id/its id.
+        requests: an iterable of pb.MultiRequest (a list, or a generator that sends them as it goes)."""
+        if not isinstance(requests, Iterable):  # one MultiRequest, bare: it failed later in gRPC's sending thread
+            raise ValueError(f"generate_multi takes an iterable of MultiRequest messages (a list, or a generator), "
+                             f"got a {type(requests).__name__}")
         used: set[str] = set()
-        return MultiStream(self._stub.GenerateMulti(_noting_options(requests, used), timeout=self.timeout,
+        failed: list[Exception] = []
+        return MultiStream(self._stub.GenerateMulti(_noting_options(requests, used, failed), timeout=self.timeout,
                                                     metadata=request_metadata(request_id)),
-                           (used, self._channels.target))
+                           (used, self._channels.target), failed)
 
     def tokenize(self, text: str | None = None, add_special_tokens: bool | None = None, *,
                  messages: Messages | None = None, enable_thinking: bool | None = None,
@@ -363,6 +403,7 @@ class AsyncCompletionStream(_StreamEnd):
     def __init__(self, call: grpc.aio.UnaryStreamCall, options: tuple[set[str], str] | None = None) -> None:
         self._call = call
         self._cancelled = False
+        self._read_cancelled = False  # a read was cancelled with its task (wait_for's timeout), and the call with it
         self._options = options if options and options[0] else None  # (used, target) until checked
 
     def __aiter__(self) -> AsyncIterator[pb.GenerateResponse]:
@@ -374,11 +415,15 @@ class AsyncCompletionStream(_StreamEnd):
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
+                self._read_cancelled = True  # grpc.aio cancels the whole call with the read
                 raise  # the caller's own task was cancelled: that must propagate
             response = None  # the call was cancelled under us: by cancel(), or by the client's close()
         if self._cancelled or response is None:  # as the blocking stream does: RpcError(CANCELLED)
-            raise grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                       "the stream was cancelled by cancel(), or its client was closed")
+            why = ("an earlier read of the stream was cancelled (asyncio.wait_for or asyncio.timeout around a read "
+                   "ends the whole call, grpc.aio's rule: bound the stream with the client's timeout or deadline_ms "
+                   "instead)" if self._read_cancelled and not self._cancelled
+                   else "the stream was cancelled by cancel(), or its client was closed")
+            raise grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), why)
         if response is grpc.aio.EOF:
             raise StopAsyncIteration
         if self._options is not None:  # the service honours the request's options (see _CallStream._checked)
