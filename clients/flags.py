@@ -59,7 +59,30 @@ def parse_settings(cls: type[T], env_prefix: str, prog: str, description: str, a
                         f"{var.removesuffix('_PORT').lower().replace('_', '-')!r}: set enableServiceLinks: false in "
                         f"the pod spec, or rename that Service)" if SERVICE_LINK_VALUE.match(env[var]) else "")
                 raise ValueError(f"{f.name}: environment variable {var}={env[var]!r} is invalid: {exc}{link}") from exc
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as exc:  # the settings' own rules name a field: say where its value came from
+        raise ValueError(f"{exc}{_sources(str(exc), cls, env_prefix, args, env)}") from None
+
+
+def _sources(message: str, cls: type, env_prefix: str, flags: Mapping[str, object], env: Mapping[str, str]) -> str:
+    """" (set by --flag, PREFIX_VAR='value')" for the settings a refusal's message names, "" for none. A value refused
+    by the settings' rules (not by its type, which argparse and parse_settings name the flag or variable for) was
+    named by its field alone ("log_format must be 'text' or 'json', got ' json'"), which left a stray space in a
+    ConfigMap a puzzle. A flag wins over its variable, as above; a default is no source."""
+    sources = []
+    for f in fields(cls):
+        flag, var = "--" + f.name.replace("_", "-"), env_prefix + f.name.upper()
+        # A one-word name (model, port, engines) names its setting only as the message's subject: in its prose,
+        # "the service's port" or "the engines" may mean something else.
+        if not (message.startswith(f.name + " ")
+                or "_" in f.name and re.search(rf"(?<![\w-]){f.name}(?![\w-])", message)):
+            continue
+        if flags[f.name] is not None and flag not in message:
+            sources.append(flag)
+        elif flags[f.name] is None and var in env and var not in message:
+            sources.append(f"{var}={env[var]!r}")
+    return f" (set by {', '.join(sources)})" if sources else ""
 
 
 def warn_unknown(cls: type, env_prefix: str, prog: str, env: Mapping[str, str] | None = None) -> None:

@@ -81,6 +81,21 @@ def shared_server_options(max_connection_age_s: float, max_calls: int,
     return options
 
 
+# gRPC reads its options as C ints: a message limit past 2 GiB - 1, or a queue of calls not yet taken (four times the
+# calls allowed open, shared_server_options) past it, made grpc.aio.server raise OverflowError at start-up.
+MAX_MESSAGE_BYTES_LIMIT = 2**31 - 1
+MAX_CONCURRENT_RPCS_LIMIT = 2**31 // 8
+
+
+def check_grpc_int_limits(config: Any) -> None:
+    """ValueError where a service's max_message_bytes or max_concurrent_rpcs is past what gRPC's C ints hold."""
+    for name, limit in (("max_message_bytes", MAX_MESSAGE_BYTES_LIMIT),
+                        ("max_concurrent_rpcs", MAX_CONCURRENT_RPCS_LIMIT)):
+        if getattr(config, name) > limit:
+            raise ValueError(f"{name} must be at most {limit:,} (gRPC holds it in a C int), got "
+                             f"{getattr(config, name):,}")
+
+
 def service_server_options(config: Any, max_calls: int) -> list[tuple[str, int]]:
     """Both services' server options, from the settings they share (max_message_bytes, keepalive_time_s,
     keepalive_timeout_s, min_ping_interval_s, max_connection_age_s, max_connection_idle_s): message limits, keepalive that clients may

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from clients.flags import parse_bool, parse_settings
 from clients.logs import LOG_LEVELS
-from clients.tls import ServerTls, server_tls_settings
+from clients.tls import ServerTls, check_grpc_int_limits, server_tls_settings
 from engine_service.config import DEFAULT_CPU_KVCACHE_GIB, DEFAULT_GPU_MEMORY_UTILIZATION, EngineConfig
 from engine_service.streams import TOKEN_BYTES
 
@@ -107,12 +107,25 @@ class ServerConfig:
     log_requests: bool = True  # one log line per finished request (INFO)
 
     def __post_init__(self) -> None:
-        if not self.model:
+        if not self.model.strip():
             raise ValueError("model must name a model directory (--model or ENGINE_MODEL)")
+        if not self.service_name.strip():  # "" is the whole server's name: the readiness probe's would be NOT_FOUND
+            raise ValueError(f"service_name (--service-name, ENGINE_SERVICE_NAME) must not be blank: it is the health "
+                             f"name the readiness probe asks for, besides the whole server's; the default is "
+                             f"{ServerConfig.__dataclass_fields__['service_name'].default!r}; got {self.service_name!r}")
+        if not self.host.strip() or any(c.isspace() for c in self.host):  # the bind blamed the port
+            raise ValueError(f"host (--host, ENGINE_HOST) must be an address of this machine to listen on: [::] "
+                             f"(every interface, the default), 0.0.0.0, 127.0.0.1, or one of its names; got "
+                             f"{self.host!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535 (0 picks a free port), got {self.port}")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be in 0..65535 (0 turns metrics off), got {self.metrics_port}")
+        if self.port and self.metrics_port == self.port:
+            # gRPC takes the port first, and the metrics server's failed bind only logs an error (metrics never stop
+            # the service): the metrics would quietly be missing.
+            raise ValueError(f"metrics_port {self.metrics_port} (--metrics-port, ENGINE_METRICS_PORT) is the "
+                             "service's port: give metrics a port of its own, or 0 to turn metrics off")
         self.server_tls  # noqa: B018 (checks the TLS files and the health port)
         self.auto_flag("overlap_scheduling")  # each raises on anything but auto or a boolean
         self.auto_flag("fused_ops")
@@ -130,6 +143,7 @@ class ServerConfig:
                      "kvcache_block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_grpc_int_limits(self)
         for name in ("num_kvcache_blocks", "max_model_len", "torch_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (automatic) or positive, got {getattr(self, name)}")

@@ -6,13 +6,14 @@ the variable, and the variable over the default.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from dataclasses import dataclass
 
 from clients.flags import parse_settings
 from clients.logs import LOG_LEVELS
-from clients.tls import ClientTls, ServerTls, server_tls_settings
+from clients.tls import ClientTls, ServerTls, check_grpc_int_limits, server_tls_settings
 
 _DNS_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
@@ -23,8 +24,23 @@ def is_dns_name(name: str) -> bool:
     name = name.removesuffix(".")
     return 0 < len(name) <= 253 and all(_DNS_LABEL.fullmatch(label) for label in name.split("."))
 
+
+def is_host(host: str) -> bool:
+    """A host gRPC can dial: a DNS name (an IPv4 address is one), or an IPv6 address in brackets ([::1], a zone
+    such as %eth0 allowed). An unbracketed IPv6 address is not: in '::1:50051' the port cannot be told apart."""
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+        return True
+    return is_dns_name(host)
+
+
 ENV_PREFIX = "TOKENIZER_"
 MiB = 1 << 20
+# The liveness probe's health name (server.py says why): SERVING from start-up to exit, so no --service-name.
+LIVENESS = "liveness"
 MAX_STREAM_INTERVAL = 1024  # stream_interval's bound (tokens a message)
 
 
@@ -97,22 +113,39 @@ class TextServerConfig:
     chat_special_tokens: str = "allow"
 
     def __post_init__(self) -> None:
-        if not self.model:
+        if not self.model.strip():
             raise ValueError("model must name a model directory (--model or TOKENIZER_MODEL)")
+        if not self.host.strip() or any(c.isspace() for c in self.host):  # the bind blamed the port
+            raise ValueError(f"host (--host, TOKENIZER_HOST) must be an address of this machine to listen on: [::] "
+                             f"(every interface, the default), 0.0.0.0, 127.0.0.1, or one of its names; got "
+                             f"{self.host!r}")
+        if not self.service_name.strip() or self.service_name == LIVENESS:
+            # "" is the whole server's name, answered anyway: the readiness probe's name would answer NOT_FOUND. The
+            # liveness name following the engines would restart every pod in an engine outage.
+            raise ValueError(f"service_name (--service-name, TOKENIZER_SERVICE_NAME) must be neither blank nor "
+                             f"{LIVENESS!r} (the liveness probe's name, SERVING whatever the engines do): it is the "
+                             f"health name that follows the engines, which the readiness probe asks for; the default "
+                             f"is {TextServerConfig.__dataclass_fields__['service_name'].default!r}; got "
+                             f"{self.service_name!r}")
         if not self.engines and not self.engine_dns:
             raise ValueError("name the engine service(s): engines (--engines, TOKENIZER_ENGINES) as HOST:PORT[,...] "
                              "or engine_dns (--engine-dns, TOKENIZER_ENGINE_DNS) as NAME:PORT")
+        if self.engines and any(not a.strip() for a in self.engines.split(",")):
+            # "," named no engine at all, and "a:1,,b:2" dropped an entry unseen (a templated name left empty).
+            raise ValueError(f"engines (--engines, TOKENIZER_ENGINES) has an empty entry: give HOST:PORT[,...] with no "
+                             f"empty item between, before or after the commas; got {self.engines!r}")
         for address in self.engine_addresses:
             host, _, port = address.rpartition(":")
-            if not host or "/" in address or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"engines (--engines, TOKENIZER_ENGINES) must be HOST:PORT[,...] with ports in "
-                                 f"1..65535, e.g. 10.0.0.7:50051; got {address!r}")
+            if not is_host(host) or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"engines (--engines, TOKENIZER_ENGINES) must be HOST:PORT[,...], HOST a DNS name, an "
+                                 f"IPv4 address or an IPv6 one in brackets, with ports in 1..65535, e.g. "
+                                 f"10.0.0.7:50051 or [fd00::7]:50051; got {address!r}")
         if self.engines and self.engine_dns:
             raise ValueError(f"give engines (--engines, TOKENIZER_ENGINES) or engine_dns (--engine-dns, "
                              f"TOKENIZER_ENGINE_DNS), not both; got {self.engines!r} and {self.engine_dns!r}")
         if self.engine_dns:
             name, _, port = self.engine_dns.rpartition(":")
-            if not name or not port.isdigit() or not 0 < int(port) < 65536:
+            if not name or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"engine_dns (--engine-dns, TOKENIZER_ENGINE_DNS) must be NAME:PORT with a port "
                                  f"in 1..65535, e.g. llm-engine:50051; got {self.engine_dns!r}")
             if not is_dns_name(name):  # getaddrinfo fails every lookup of it: the pool would never find an engine
@@ -124,6 +157,11 @@ class TextServerConfig:
             raise ValueError(f"port must be in 0..65535 (0 picks a free port), got {self.port}")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be in 0..65535 (0 turns metrics off), got {self.metrics_port}")
+        if self.port and self.metrics_port == self.port:
+            # gRPC takes the port first, and the metrics server's failed bind only logs an error (metrics never stop
+            # the service): the metrics would quietly be missing.
+            raise ValueError(f"metrics_port {self.metrics_port} (--metrics-port, TOKENIZER_METRICS_PORT) is the "
+                             "service's port: give metrics a port of its own, or 0 to turn metrics off")
         self.server_tls  # noqa: B018 (checks the TLS files and the health port)
         if not self.engine_tls_ca and (self.engine_tls_cert or self.engine_tls_key or self.engine_tls_server_name):
             raise ValueError("engine_tls_ca (--engine-tls-ca, TOKENIZER_ENGINE_TLS_CA) turns TLS to the engines on: "
@@ -143,6 +181,7 @@ class TextServerConfig:
         for name in ("max_concurrent_rpcs", "max_inflight", "max_message_bytes", "max_buffered_updates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_grpc_int_limits(self)
         if not 1 <= self.stream_interval <= MAX_STREAM_INTERVAL:
             raise ValueError(f"stream_interval must be 1 (every update) to {MAX_STREAM_INTERVAL} tokens a message, got "
                              f"{self.stream_interval}")

@@ -34,7 +34,7 @@ from clients.tls import (
 )
 from protos.llmserve.text.v1 import text_pb2, text_pb2_grpc
 from tokenizer_service.chat import check_chat_template, markup_token_texts, special_token_texts
-from tokenizer_service.config import ENV_PREFIX, TextServerConfig, parse_config
+from tokenizer_service.config import ENV_PREFIX, LIVENESS, TextServerConfig, parse_config
 from tokenizer_service.engine_pool import EnginePool
 from tokenizer_service.metrics import TextMetrics, serve_metrics
 from tokenizer_service.servicer import TextServicer
@@ -48,8 +48,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # The liveness probe's health name: SERVING from start-up to exit, whatever the engines do (the other names follow
 # engine connectivity, and an engine outage must not restart every tokenizer pod). Asked on the health port, it
 # is answered by the service's own event loop, so a hung process fails it; a TCP check never fails, since the
-# kernel completes handshakes for a process that no longer runs.
-LIVENESS = "liveness"
+# kernel completes handshakes for a process that no longer runs. (LIVENESS is in config.py, which refuses it as
+# --service-name.)
 NO_LENGTH_LIMIT = int(1e30)  # transformers' own "no limit" for a tokenizer's model_max_length
 
 

@@ -459,7 +459,7 @@ def test_a_bad_setting_exits_in_one_line_that_names_the_service():
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
-    assert str(exited.value.code) == "engine-service: grace_s must be a positive number, got 0.0"
+    assert str(exited.value.code) == "engine-service: grace_s must be a positive number, got 0.0 (set by --grace-s)"
     assert held  # `python -m engine_service.server` holds SIGTERM from main()'s first line
 
 
@@ -553,7 +553,8 @@ def test_a_closed_client_makes_no_channel_on_a_rotation(tmp_path):
     channels, ca, made = _rotating(tmp_path)
     assert channels.close() == [0]
     _rewrite(ca, "B")
-    channels.stub()
+    with pytest.raises(ValueError, match="the client of t was closed"):  # a call on a closed client says so
+        channels.stub()
     assert len(made) == 1
 
 
