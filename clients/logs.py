@@ -39,14 +39,14 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        """`time level logger: message` on one line: a message's characters that are not printable are escaped
-        (`\\n`, `\\x1b`), since its arguments can be a client's (a request id with a newline wrote a forged
-        line). A traceback, appended after this, keeps its lines."""
+        """`time level logger: message` and the record's fields as key=value, on one line: a message's characters
+        that are not printable are escaped (`\\n`, `\\x1b`), since its arguments can be a client's (a request id
+        with a newline wrote a forged line), and a field's value is JSON-quoted where it would break the line
+        (_text_value). A traceback, appended after this by format(), keeps its lines, after the fields (appended
+        after the traceback, they ended its last line: `ValueError: bad request_id=a`)."""
         line = super().formatMessage(record)
-        return line if line.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        if not line.isprintable():
+            line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
         fields = getattr(record, "fields", None)
         if fields:
             line += " " + " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())

@@ -230,7 +230,8 @@ class EngineMetrics:
         if self._log_requests:
             total = time.monotonic() - arrival if arrival else 0.0
             request_log.info("request finished", extra={"fields": {
-                "request_id": trace_id, "engine_request_id": engine_request_id, "prompt_tokens": prompt_tokens, "completion_tokens": 0, "cached_tokens": 0,
+                "request_id": trace_id, "engine_request_id": engine_request_id, "prompt_tokens": prompt_tokens,
+                "completion_tokens": 0, "cached_tokens": 0,
                 "queue_s": None, "ttft_s": None, "total_s": round(total, 6), "finish_reason": FINISH_ERROR,
                 "error": error}})
 
@@ -263,15 +264,18 @@ class EngineMetrics:
         for name, doc, value in gauges:
             yield _one(GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"]), model, value)
         counters = [
-            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.get("prefix_cache_queries", 0)),
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+             stats.get("prefix_cache_queries", 0)),
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.get("prefix_cache_hits", 0)),
             ("num_preemptions", "Running requests preempted (to be recomputed) for lack of KV blocks, or for a "
              "request of a lower priority value that needed their slot or blocks.",
              stats.get("num_preemptions", 0)),
-            ("json_mask_hits", "JSON-mode token masks found in the cache.", stats.get("json_mask_hits", 0)),
-            ("json_mask_misses", "JSON-mode token masks computed (not in the cache).", stats.get("json_mask_misses", 0)),
-            ("json_mask_compute_seconds", "Time spent computing JSON-mode token masks, on the engine's loop.",
-             stats.get("json_mask_compute_seconds", 0.0)),
+            ("json_mask_hits", "JSON-mode and JSON-Schema token masks found in the cache.",
+             stats.get("json_mask_hits", 0)),
+            ("json_mask_misses", "JSON-mode and JSON-Schema token masks computed (not in the cache).",
+             stats.get("json_mask_misses", 0)),
+            ("json_mask_compute_seconds", "Time spent computing JSON-mode and JSON-Schema token masks, on the "
+             "engine's loop.", stats.get("json_mask_compute_seconds", 0.0)),
         ]
         with self._lock:
             counters += [("prompt_tokens", "Prompt tokens of requests that got their first token.", self.prompt_tokens),
