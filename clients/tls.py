@@ -310,7 +310,7 @@ class ClientTls:
     the credentials it was made with through all its reconnects: the clients here make a new channel when
     stamp() changes (clients/channel.py Channels), and the tokenizer's engine pool makes one per dial."""
 
-    ca_file: str = ""  # the CA that signed the server's certificate; "": the system's root certificates
+    ca_file: str = ""  # the CA that signed the server's certificate; "": the roots grpcio ships (docs/SECURITY.md)
     cert_file: str = ""  # with key_file: our own certificate, for a server that asks for one (mutual TLS)
     key_file: str = ""
     server_name: str = ""  # the name to verify in the server's certificate when the address is not it
@@ -342,7 +342,10 @@ class ClientTls:
 def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
     """The command-line clients' TLS flags (llm-client, the serving benchmark)."""
     group = parser.add_argument_group("TLS (docs/SECURITY.md); any of these turns it on")
-    group.add_argument("--tls", action="store_true", help="dial over TLS, trusting the system's root certificates")
+    group.add_argument("--tls", action="store_true",
+                       help="dial over TLS, trusting the root certificates grpcio ships (not the machine's store: for "
+                            "that, give --tls-ca /etc/ssl/certs/ca-certificates.crt, or set "
+                            "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH to it)")
     group.add_argument("--tls-ca", default="", help="PEM file: the CA that signed the service's certificate")
     group.add_argument("--tls-cert", default="", help="PEM file: our certificate, for a service that asks for one")
     group.add_argument("--tls-key", default="", help="PEM file: the private key of --tls-cert")
