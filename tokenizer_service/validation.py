@@ -364,13 +364,11 @@ def _rule(check: Check) -> Rule:
     return next(rule for rule in RULES if rule.check is check)
 
 
-def _refuse_oversized(request: pb.GenerateRequest | pb.TokenizeRequest, limits: TextLimits) -> None:
-    """The table's count and size rules, read off the protocol message before any of it is copied into Python
-    objects, let alone parsed: a 64 MiB message holds 8 million empty chat messages (a million took 3.5 s and
-    250 MB to copy before the count rule refused them), as many stop strings or tool calls, or a JSON text of tens
-    of millions of values (8 million took a minute to parse and walk before the bytes rule refused them).
-    A chat's texts count as sent here (tool-call arguments, tools and template_kwargs as their JSON text), and
-    later as the JSON the template gets."""
+def _refuse_overcounted(request: pb.GenerateRequest | pb.TokenizeRequest, limits: TextLimits) -> None:
+    """The count rules of _refuse_oversized that read only the lengths of repeated fields: a few microseconds
+    whatever the request holds, so they may run on the event loop (check_request). The rest reads every chat message
+    (about 1 us each: 4,096 turns took 4.7 ms), so it runs where the request is tokenized, on a worker thread for a
+    large one."""
     stop = request.stop if isinstance(request, pb.GenerateRequest) else ()
     if len(stop) > limits.max_stop_strings:
         _broken(_rule(_stop_count), limits, f"got {len(stop)}")
@@ -379,14 +377,27 @@ def _refuse_oversized(request: pb.GenerateRequest | pb.TokenizeRequest, limits: 
     chat = request.chat
     if len(chat.messages) > limits.max_messages:
         _broken(_rule(_messages_count), limits, f"got {len(chat.messages)}")
+    if len(chat.tools) > MAX_TOOLS:  # validate_tools' words
+        _broken(_rule(_tools_well_formed), limits, f"tools must hold at most {MAX_TOOLS} tools, got {len(chat.tools)}")
+
+
+def _refuse_oversized(request: pb.GenerateRequest | pb.TokenizeRequest, limits: TextLimits) -> None:
+    """The table's count and size rules, read off the protocol message before any of it is copied into Python
+    objects, let alone parsed: a 64 MiB message holds 8 million empty chat messages (a million took 3.5 s and
+    250 MB to copy before the count rule refused them), as many stop strings or tool calls, or a JSON text of tens
+    of millions of values (8 million took a minute to parse and walk before the bytes rule refused them).
+    A chat's texts count as sent here (tool-call arguments, tools and template_kwargs as their JSON text), and
+    later as the JSON the template gets."""
+    _refuse_overcounted(request, limits)
+    if request.WhichOneof("input") != "chat":
+        return
+    chat = request.chat
     calls = 0
     for i, message in enumerate(chat.messages):
         calls += len(message.tool_calls)
         if calls > MAX_TOOL_CALLS:  # validate_messages' words
             _broken(_rule(_messages_well_formed), limits,
                     f"messages[{i}].tool_calls: a chat may hold at most {MAX_TOOL_CALLS} tool calls")
-    if len(chat.tools) > MAX_TOOLS:  # validate_tools' words
-        _broken(_rule(_tools_well_formed), limits, f"tools must hold at most {MAX_TOOLS} tools, got {len(chat.tools)}")
     if chat.ByteSize() > limits.max_prompt_bytes:  # the texts below, and a few bytes a field
         texts = [chat.template_kwargs, *chat.tools]
         for message in chat.messages:
@@ -578,7 +589,7 @@ def check_request(request: pb.GenerateRequest, limits: TextLimits | None = None)
     chat is copied), so the servicer runs them before its queue check, and a request that no load would let through
     is INVALID_ARGUMENT, not "retry later". Returns the request's n; raises ValueError naming the field."""
     limits = limits or TextLimits()
-    _refuse_oversized(request, limits)
+    _refuse_overcounted(request, limits)
     kind = request.WhichOneof("input")
     if kind is None:  # text_request_from_proto's words
         text_request_from_proto(request)
@@ -634,6 +645,7 @@ def tokenize_request(
     """The rest of prepare() once check_request has passed: the text rules, tokenizing, the id rules, and the
     engine request."""
     limits = replace(limits or TextLimits(), max_model_len=max_model_len or None)
+    _refuse_oversized(request, limits)
     text_request = text_request_from_proto(request)
     choices = completions_of(request)
     if request.WhichOneof("input") == "prompt_token_ids":
