@@ -590,6 +590,10 @@ def check_request(request: pb.GenerateRequest, limits: TextLimits | None = None)
     is INVALID_ARGUMENT, not "retry later". Returns the request's n; raises ValueError naming the field."""
     limits = limits or TextLimits()
     _refuse_overcounted(request, limits)
+    # Each stop string too (non-empty, at most max_stop_string_chars): at most 64 of at most 1,024 characters once
+    # the count rule passed, a few microseconds; checked only while tokenizing, an empty one was "queue is full,
+    # retry later" under load, which no retry cures.
+    check_stop_strings(tuple(request.stop), limits)
     kind = request.WhichOneof("input")
     if kind is None:  # text_request_from_proto's words
         text_request_from_proto(request)
