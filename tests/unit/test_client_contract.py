@@ -6,6 +6,7 @@ catches. An in-process fake text service stands in for the real one where a call
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from concurrent import futures
@@ -141,7 +142,7 @@ def test_engine_client_names_the_sampling_parameter_of_the_wrong_type():
     with EngineClient(NOWHERE, timeout=1) as engine:
         with pytest.raises(ValueError, match="temperature='0.5'"):
             engine.generate([1], "r", temperature="0.5")
-        with pytest.raises(ValueError, match="seed=2361183241434822606848"):
+        with pytest.raises(ValueError, match=f"seed={2**71}"):
             engine.generate([1], "r", seed=2**71)
         with pytest.raises(TypeError, match="unknown sampling parameter 'max_token'"):
             engine.generate([1], "r", max_token=3)
@@ -181,11 +182,11 @@ def test_a_call_on_a_closed_client_says_the_client_was_closed(target):
     client.close()
     client.close()  # twice is fine
     for call in (client.model_info, lambda: client.generate("hi"), lambda: client.tokenize("hi")):
-        with pytest.raises(ValueError, match=f"closed channel: the client of {target} was closed"):
+        with pytest.raises(ValueError, match=f"closed channel: the client of {re.escape(target)} was closed"):
             call()
     engine = EngineClient(target, timeout=5)
     engine.close()
-    with pytest.raises(ValueError, match=f"the client of {target} was closed"):
+    with pytest.raises(ValueError, match=f"the client of {re.escape(target)} was closed"):
         engine.generate([1], "r")
 
     async def use() -> None:
@@ -193,9 +194,9 @@ def test_a_call_on_a_closed_client_says_the_client_was_closed(target):
         assert (await aclient.model_info()).model_name == "fake"
         await aclient.close()
         await aclient.close()
-        with pytest.raises(ValueError, match=f"the client of {target} was closed"):
+        with pytest.raises(ValueError, match=f"the client of {re.escape(target)} was closed"):
             await aclient.model_info()
-        with pytest.raises(ValueError, match=f"the client of {target} was closed"):
+        with pytest.raises(ValueError, match=f"the client of {re.escape(target)} was closed"):
             aclient.generate("hi")
 
     asyncio.run(use())
@@ -219,6 +220,7 @@ def test_a_blocking_client_may_be_shared_by_threads(target):
             thread.start()
         for thread in threads:
             thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), "a thread's streams did not end in 30 s"
     assert not errors, errors[:3]
 
 
@@ -272,11 +274,11 @@ def test_generate_multi_passes_on_what_its_request_iterator_raised(target):
         yield pb.MultiRequest(generate=generate_request("a", request_id="a"))
         raise Mine("the caller's own failure")
 
-    with TextClient(target, timeout=5) as client:
+    with TextClient(target, timeout=30) as client:
         started = time.monotonic()
         with pytest.raises(Mine, match="the caller's own failure"):
             client.generate_multi(frames()).texts()
-    assert time.monotonic() - started < 4
+    assert time.monotonic() - started < 15  # raised at once, not when the call's 30 s deadline ended it
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -253,6 +253,12 @@ def test_the_documented_off_values_are_the_defaults():
     """"`repetition_penalty` (...; 1.0 off)", "presence_penalty and frequency_penalty (...; 0.0 off)", priority "0 by
     default": an unset request has them, and costs no penalty slot."""
     p = SamplingParams()
+    doc = _flat(DOC)
+    stated = [f"`repetition_penalty` (above 0; {p.repetition_penalty} off)",
+              f"`presence_penalty` and `frequency_penalty` ([-2, 2]; {p.presence_penalty} off)",
+              f"lower first (vLLM's convention), {p.priority} by default"]
+    assert not [phrase for phrase in stated if phrase not in doc], stated
+    assert p.frequency_penalty == p.presence_penalty
     assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty, p.priority) == (1.0, 0.0, 0.0, 0)
     assert p.penalized is False and SamplingParams(presence_penalty=0.1).penalized is True
     assert p.logit_bias == () and p.response_format is None and p.logprobs is None and p.prompt_logprobs is None

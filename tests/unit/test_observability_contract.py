@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from clients.logs import JsonFormatter, TextFormatter
 from engine_service.metrics import EngineMetrics, serve_metrics
 from engine_service.outputs import StepOutput
+from tests.support import free_port
 from tokenizer_service.metrics import MAX_REQUEST_ID_CHARS, RequestTrace, TextMetrics, multi_request_id
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -278,7 +279,7 @@ def test_a_multi_request_id_keeps_its_own_part():
     """'the call id takes at most 64 of the 128 characters, so that each request keeps its own part'."""
     got = multi_request_id("c" * 300, "r" * 300)
     call, _, own = got.partition("/")
-    assert (len(call), len(got)) == (MAX_REQUEST_ID_CHARS // 2, MAX_REQUEST_ID_CHARS) and own == "r" * 63
+    assert (len(call), len(got)) == (MAX_REQUEST_ID_CHARS // 2, MAX_REQUEST_ID_CHARS) and own == "r" * (MAX_REQUEST_ID_CHARS - len(call) - 1)
     assert multi_request_id("café", "x") == "caf%C3%A9/x"  # encoded as a Generate id is
 
 
@@ -318,7 +319,6 @@ def test_metrics_port_0_serves_no_metrics_endpoint(monkeypatch):
     metrics endpoint (port 0 to start_http_server would bind a random free port nobody scrapes); with a port it
     serves its registry there. The model load fails at once here: start-up up to the endpoint is what is checked."""
     import asyncio
-    import socket
 
     from engine_service import server
     from engine_service.server_config import ServerConfig
@@ -334,9 +334,7 @@ def test_metrics_port_0_serves_no_metrics_endpoint(monkeypatch):
         return asyncio.run(server.serve(config, engine_factory=factory, handle_signals=False))
 
     assert start(0) == 1 and opened == []
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        free = probe.getsockname()[1]
+    free = free_port()
     assert start(free) == 1 and opened == [free]
 
 
@@ -371,9 +369,8 @@ def test_the_engine_logs_the_documented_ids_when_a_caller_sends_none(caplog):
             for frame in c.stub.Generate(frames, timeout=10):
                 if any(u.finish_reason for u in frame.updates):
                     break
-            for _ in range(200):
-                if len(lines()) >= 3:
-                    break
+            deadline = time.monotonic() + 10  # the lines are written as the requests end, on the server's loop
+            while len(lines()) < 3 and time.monotonic() < deadline:
                 time.sleep(0.02)
     finally:
         server.stop()

@@ -126,9 +126,11 @@ def test_an_engine_failure_fails_the_streams_requests_in_frames_and_ends_the_str
                 yield engine_pb.ClientFrame(requests=[new("a", [1], max_tokens=1000, ignore_eos=True)])
                 never_closed.wait(20)
 
-            finals = [u for frame in client.stub.Generate(frames(), timeout=20) for u in frame.updates
-                      if u.finish_reason]  # raises if the stream fails
-            never_closed.set()
+            try:
+                finals = [u for frame in client.stub.Generate(frames(), timeout=20) for u in frame.updates
+                          if u.finish_reason]  # raises if the stream fails
+            finally:
+                never_closed.set()  # gRPC's request thread waits in frames(): let it go whatever happened
         assert [(u.request_id, u.finish_reason, u.status.code) for u in finals] == [
             ("a", engine_pb.FINISH_REASON_ERROR, grpc.StatusCode.INTERNAL.value[0])]
         assert "engine failure" in finals[0].status.message

@@ -467,7 +467,12 @@ def test_pool_says_an_engine_failed_not_that_it_drained(monkeypatch, caplog):
         finally:
             await pool.close()
 
-    asyncio.run(main())
-    running.thread.join(20)
+    try:
+        asyncio.run(main())
+    finally:
+        running.thread.join(20)  # the failed engine exits by itself once failure_linger_s is over
+        if running.thread.is_alive():
+            running.stop()
+    assert running.exit_code == 1  # it failed, as ENGINE_TEST_FAIL_AFTER_STEPS makes it
     first = stream_ends()[0]
     assert "the engine failed, then ended the stream (engine failure:" in first and "draining" not in first, first

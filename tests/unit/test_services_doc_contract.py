@@ -10,6 +10,7 @@ server, no engine process."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import pytest
@@ -25,10 +26,12 @@ from tests.unit.test_text_service_regressions import (
     _start_multi,
 )
 from tokenizer_service.engine_pool import RequestFailed
+from tokenizer_service.validation import MAX_STOP_STRING_CHARS
 
 pytestmark = pytest.mark.timeout(60)
 
 EOS = 0  # _servicer's EOS id
+DOC = (Path(__file__).resolve().parents[2] / "docs" / "SERVICES.md").read_text()
 
 
 def _run(demo_tokenizer, pool, request, **settings) -> tuple[list[pb.GenerateResponse], RequestFailed | None]:
@@ -281,9 +284,32 @@ def test_the_documented_numbers_are_the_codes():
     limits = validation.TextLimits()
     assert limits.max_detokenize_ids == 1_048_576  # "at most 1,048,576 ids in a Detokenize call"
     assert (limits.max_prompt_bytes, limits.max_messages) == (8 * 2**20, 4096)  # "8 MiB", "4,096 chat messages"
+    # The document's own words, built from the constants: a number changed in the doc alone fails here too.
+    phrases = [
+        f"(up to {servicer.MAX_ATTEMPTS} attempts)",
+        f"`n` (1 to {validation.MAX_N}; default 1)",
+        f"at most {servicer.MAX_MULTI_REQUEST_ID_CHARS} characters",
+        f"at most {servicer.PROMPT_LOGPROBS_PER_MESSAGE:,} in one message",
+        f"within {servicer.DEADLINE_SLACK_S * 1000:g} ms of it",
+        f"where it has not {engine_pool.DEADLINE_GRACE_S:g} s later",
+        f"or {engine_pool.STREAM_PROVEN_S:g} s open",
+        "and at least four heartbeat periods",
+        f"over {servicer.OFFLOAD_TOKENIZE_BYTES // 1024} KiB on the wire",
+        f"or chats of over {servicer.OFFLOAD_CHAT_MESSAGES} messages",
+        f"stop strings of over {servicer.OFFLOAD_STOP_CHARS:,} characters in all",
+        "one heavy `Tokenize` or `Detokenize` (`API_SLOTS`",
+        f"at most {validation.MAX_JSON_SCHEMA_BYTES // 1024} KiB)",
+        f"at most {limits.max_detokenize_ids:,} ids in a `Detokenize` call",
+        f"at most {limits.max_prompt_bytes >> 20} MiB of UTF-8, at most {limits.max_messages:,} chat messages, at most "
+        f"{validation.MAX_STOP_STRINGS} stop strings of at most {validation.MAX_STOP_STRING_CHARS:,} characters each",
+        f"at most {validation.MAX_LOGIT_BIAS_TOKENS:,} tokens;",
+    ]
+    doc = " ".join(DOC.split())
+    missing = [phrase for phrase in phrases if phrase not in doc]
+    assert not missing, missing
 
 
-@pytest.mark.parametrize("stop", [[""], ["x" * 1025]], ids=["empty", "too-long"])
+@pytest.mark.parametrize("stop", [[""], ["x" * (MAX_STOP_STRING_CHARS + 1)]], ids=["empty", "too-long"])
 def test_a_bad_stop_string_is_invalid_argument_even_when_the_queue_is_full(demo_tokenizer, stop):
     """The status table: 'the tokenizer service checks its fields first (n, response_format and json_schema, stop
     strings, ...) ..., after the queue check' its texts'. An empty or over-long stop string was checked only as the

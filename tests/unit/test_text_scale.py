@@ -151,14 +151,15 @@ def _stream_cost(
 
     async def main() -> list[pb.GenerateResponse]:
         got = []
+        before = sys.gettrace(), sys.getprofile()  # a coverage tracer or debugger: handed back, not dropped
         sys.setprofile(profile)
         sys.settrace(trace)
         try:
             async for response in servicer.Generate(request, _context()):
                 got.append(response)
         finally:
-            sys.settrace(None)
-            sys.setprofile(None)
+            sys.settrace(before[0])
+            sys.setprofile(before[1])
         return got
 
     got = asyncio.run(main())
