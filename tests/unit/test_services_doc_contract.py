@@ -21,6 +21,7 @@ from tests.unit.test_text_service_regressions import (
     _call_context,
     _Engine,
     _error_update,
+    _generate_all,
     _ScriptedUpdates,
     _servicer,
     _start_multi,
@@ -32,22 +33,6 @@ pytestmark = pytest.mark.timeout(60)
 
 EOS = 0  # _servicer's EOS id
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "SERVICES.md").read_text()
-
-
-def _run(demo_tokenizer, pool, request, **settings) -> tuple[list[pb.GenerateResponse], RequestFailed | None]:
-    """Generate's responses, and its error (None when it ended normally)."""
-    async def main():
-        servicer, got = _servicer(demo_tokenizer, pool), []
-        for name, value in settings.items():
-            setattr(servicer, name, value)
-        try:
-            async for response in servicer.Generate(request, _call_context()):
-                got.append(response)
-        except RequestFailed as exc:
-            return got, exc
-        return got, None
-
-    return asyncio.run(main())
 
 
 def _update(ids: list[int], finish: int = 0) -> engine_pb.RequestUpdate:
@@ -71,7 +56,7 @@ def test_the_eos_that_ends_a_request_is_sent_and_counted_its_text_only_when_incl
     assert eos_text, "the EOS id must have text of its own for this test to tell"
     pool = _ScriptedUpdates({"e1": [_update(ids), _update([EOS], engine_pb.FINISH_REASON_STOP)]})
     request = pb.GenerateRequest(prompt="hi", skip_special_tokens=False, include_stop_str_in_output=include)
-    got, failed = _run(demo_tokenizer, pool, request)
+    got, failed = _generate_all(demo_tokenizer, pool, request)
     assert failed is None
     assert [t for r in got for t in r.token_ids] == [*ids, EOS]
     assert got[-1].usage.completion_tokens == len(ids) + 1
@@ -87,7 +72,7 @@ def test_a_stop_token_ids_word_is_left_out_unless_included(demo_tokenizer, inclu
     pool = _ScriptedUpdates({"e1": [_update(ids[:-1]), _update([stop_id], engine_pb.FINISH_REASON_STOP)]})
     request = pb.GenerateRequest(prompt="hi", include_stop_str_in_output=include,
                                  sampling_params=pb.SamplingParams(stop_token_ids=[stop_id]))
-    got, failed = _run(demo_tokenizer, pool, request)
+    got, failed = _generate_all(demo_tokenizer, pool, request)
     assert failed is None
     assert [t for r in got for t in r.token_ids] == ids and got[-1].usage.completion_tokens == len(ids)
     assert "".join(r.text for r in got) == demo_tokenizer.decode(ids if include else ids[:-1])
@@ -102,7 +87,7 @@ def test_completion_tokens_count_every_generated_token_past_a_stop_string(demo_t
     stop = "sea"
     end = full.index(stop)
     pool = _ScriptedUpdates({"e1": [_update(ids), _update([ids[0]], engine_pb.FINISH_REASON_LENGTH)]})
-    got, failed = _run(demo_tokenizer, pool, pb.GenerateRequest(prompt="hi", stop=[stop],
+    got, failed = _generate_all(demo_tokenizer, pool, pb.GenerateRequest(prompt="hi", stop=[stop],
                                                                 include_stop_str_in_output=include))
     assert failed is None and got[-1].finish_reason == pb.FINISH_REASON_STOP and got[-1].stop_reason == stop
     assert "".join(r.text for r in got) == full[: end + len(stop) if include else end]
@@ -115,7 +100,7 @@ def test_usage_carries_the_engines_cached_tokens(demo_tokenizer):
     ids = _words(demo_tokenizer)
     updates = [engine_pb.RequestUpdate(new_token_ids=ids[:2], num_cached_tokens=16),
                _update(ids[2:], engine_pb.FINISH_REASON_LENGTH)]
-    got, failed = _run(demo_tokenizer, _ScriptedUpdates({"e1": updates}), pb.GenerateRequest(prompt="hi"))
+    got, failed = _generate_all(demo_tokenizer, _ScriptedUpdates({"e1": updates}), pb.GenerateRequest(prompt="hi"))
     assert failed is None
     assert got[-1].usage.cached_tokens == 16 and got[-1].usage.completion_tokens == len(ids)
 
@@ -128,7 +113,7 @@ def test_stream_interval_sends_the_first_token_at_once_then_groups(demo_tokenize
     ids = _words(demo_tokenizer, "the sea and the sky and the sea and the sky")[:9]
     assert len(ids) == 9
     updates = [_update([t], engine_pb.FINISH_REASON_LENGTH if i == 8 else 0) for i, t in enumerate(ids)]
-    got, failed = _run(demo_tokenizer, _ScriptedUpdates({"e1": updates}), pb.GenerateRequest(prompt="hi"),
+    got, failed = _generate_all(demo_tokenizer, _ScriptedUpdates({"e1": updates}), pb.GenerateRequest(prompt="hi"),
                        stream_interval=interval, stream_max_wait_s=0.0)
     assert failed is None
     assert [len(r.token_ids) for r in got] == sizes
@@ -139,7 +124,7 @@ def test_stream_interval_sends_what_it_held_before_an_error(demo_tokenizer):
     """'a request that fails ... still gets what was held back first'."""
     ids = _words(demo_tokenizer)
     updates = [_update([t]) for t in ids] + [_error_update(grpc.StatusCode.INTERNAL, [])]
-    got, failed = _run(demo_tokenizer, _ScriptedUpdates({"e1": updates}), pb.GenerateRequest(prompt="hi"),
+    got, failed = _generate_all(demo_tokenizer, _ScriptedUpdates({"e1": updates}), pb.GenerateRequest(prompt="hi"),
                        stream_interval=100, stream_max_wait_s=0.0)
     assert failed is not None and failed.code == grpc.StatusCode.INTERNAL
     assert [len(r.token_ids) for r in got] == [1, len(ids) - 1]
@@ -158,7 +143,7 @@ def _served(demo_tokenizer) -> list[engine_pb.RequestUpdate]:
 def test_a_request_lost_before_its_first_token_is_tried_on_three_engines_at_most(demo_tokenizer):
     lost = [_error_update(grpc.StatusCode.UNAVAILABLE, [])]
     pool = _ScriptedUpdates({"e1": lost, "e2": lost, "e3": lost, "e4": _served(demo_tokenizer)})
-    got, failed = _run(demo_tokenizer, pool, pb.GenerateRequest(prompt="hi"))
+    got, failed = _generate_all(demo_tokenizer, pool, pb.GenerateRequest(prompt="hi"))
     assert pool.sent == ["e1", "e2", "e3"] and got == []
     assert failed is not None and failed.code == grpc.StatusCode.UNAVAILABLE
     assert failed.message.endswith("(from e3, the last of 3 attempts before any token, on e1, e2, e3)"), failed.message
@@ -167,7 +152,7 @@ def test_a_request_lost_before_its_first_token_is_tried_on_three_engines_at_most
 def test_a_full_engine_queue_moves_the_request_to_an_engine_not_yet_tried(demo_tokenizer):
     full = [_error_update(grpc.StatusCode.RESOURCE_EXHAUSTED, [])]
     pool = _ScriptedUpdates({"e1": full, "e2": _served(demo_tokenizer)})
-    got, failed = _run(demo_tokenizer, pool, pb.GenerateRequest(prompt="hi"))
+    got, failed = _generate_all(demo_tokenizer, pool, pb.GenerateRequest(prompt="hi"))
     assert failed is None and pool.sent == ["e1", "e2"]
     assert got[-1].finish_reason == pb.FINISH_REASON_LENGTH
 
@@ -175,7 +160,7 @@ def test_a_full_engine_queue_moves_the_request_to_an_engine_not_yet_tried(demo_t
 def test_full_everywhere_is_the_callers_refusal_naming_the_engines_tried(demo_tokenizer):
     full = [_error_update(grpc.StatusCode.RESOURCE_EXHAUSTED, [])]
     pool = _ScriptedUpdates({"e1": full, "e2": full})
-    _, failed = _run(demo_tokenizer, pool, pb.GenerateRequest(prompt="hi"))
+    _, failed = _generate_all(demo_tokenizer, pool, pb.GenerateRequest(prompt="hi"))
     assert pool.sent == ["e1", "e2"]
     assert failed is not None and failed.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert failed.message.endswith("(from e2, the last of 2 attempts before any token, on e1, e2)"), failed.message
@@ -186,7 +171,7 @@ def test_a_request_that_got_a_token_is_not_sent_again(demo_tokenizer, code):
     """Once a token reached the caller the failure is the caller's, with the tokens before it."""
     ids = _words(demo_tokenizer)
     pool = _ScriptedUpdates({"e1": [_update(ids), _error_update(code, [])], "e2": _served(demo_tokenizer)})
-    got, failed = _run(demo_tokenizer, pool, pb.GenerateRequest(prompt="hi"))
+    got, failed = _generate_all(demo_tokenizer, pool, pb.GenerateRequest(prompt="hi"))
     assert pool.sent == ["e1"]
     assert failed is not None and failed.code == code and "attempts" not in failed.message
     assert [t for r in got for t in r.token_ids] == ids
@@ -198,7 +183,7 @@ def test_other_failures_before_a_token_are_not_retried(demo_tokenizer, code):
     """Only UNAVAILABLE (a lost, draining or failed engine) and a full queue move a request: a failed step
     (INTERNAL), a deadline or a refusal of the request itself would fail the same way elsewhere."""
     pool = _ScriptedUpdates({"e1": [_error_update(code, [])], "e2": _served(demo_tokenizer)})
-    got, failed = _run(demo_tokenizer, pool, pb.GenerateRequest(prompt="hi"))
+    got, failed = _generate_all(demo_tokenizer, pool, pb.GenerateRequest(prompt="hi"))
     assert pool.sent == ["e1"] and got == []
     assert failed is not None and failed.code == code
 
@@ -246,7 +231,7 @@ def test_stream_max_wait_sends_held_text_once_its_oldest_token_waited_that_long(
 
     def sizes(max_wait: float) -> list[int]:
         updates = [_update([t], engine_pb.FINISH_REASON_LENGTH if i == len(ids) - 1 else 0) for i, t in enumerate(ids)]
-        got, failed = _run(demo_tokenizer, Paced({"e1": updates}), pb.GenerateRequest(prompt="hi"),
+        got, failed = _generate_all(demo_tokenizer, Paced({"e1": updates}), pb.GenerateRequest(prompt="hi"),
                            stream_interval=1024, stream_max_wait_s=max_wait)
         assert failed is None and "".join(r.text for r in got) == demo_tokenizer.decode(ids)
         return [len(r.token_ids) for r in got]
@@ -345,7 +330,7 @@ def test_skip_special_tokens_defaults_to_true(demo_tokenizer, skip):
     request = pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(ignore_eos=True))
     if skip is not None:
         request.skip_special_tokens = skip
-    got, failed = _run(demo_tokenizer, pool, request)
+    got, failed = _generate_all(demo_tokenizer, pool, request)
     assert failed is None and [t for r in got for t in r.token_ids] == got_ids
     assert "".join(r.text for r in got) == demo_tokenizer.decode(got_ids, skip_special_tokens=skip is not False)
 

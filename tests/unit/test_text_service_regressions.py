@@ -1295,9 +1295,12 @@ def _error_update(code: grpc.StatusCode, ids: list[int]) -> engine_pb.RequestUpd
                                    status=engine_pb.Status(code=code.value[0], message=f"{code.name} (scripted)"))
 
 
-def _generate_all(demo_tokenizer, pool, request) -> tuple[list[pb.GenerateResponse], RequestFailed | None]:
+def _generate_all(demo_tokenizer, pool, request, **settings) -> tuple[list[pb.GenerateResponse], RequestFailed | None]:
+    """Generate's responses, and its error (None when it ended normally); settings: servicer attributes to set."""
     async def main():
         servicer, got = _servicer(demo_tokenizer, pool), []
+        for name, value in settings.items():
+            setattr(servicer, name, value)
         try:
             async for response in servicer.Generate(request, _call_context()):
                 got.append(response)
