@@ -178,7 +178,9 @@ class LLMEngine:
                 self.workers.close(wait=False)  # they may wait for a group or a collective that never comes
                 if why is not None and why not in str(exc):  # rank0_info may have said it already
                     raise RuntimeError(f"{why} (rank 0: {type(exc).__name__}: {exc})") from exc
-                if failing and why is None and "timed out" in str(exc).lower():
+                # gloo says "Timed out waiting ... for recv" of a collective, its store "Wait timeout" (which of
+                # them fires first depends on how far the live ranks got, so on the machine's load)
+                if failing and why is None and any(word in str(exc).lower() for word in ("timed out", "timeout")):
                     raise RuntimeError(
                         "a tensor-parallel collective timed out during start-up while every worker was still "
                         "running: one is stuck (a slow or hung weight load, a hung device), not dead (rank 0: "
