@@ -6,8 +6,8 @@
 # CUDA and no arguments it runs twice: everything but tests/gpu with TRITON_INTERPRET=1 (the CPU kernel tests),
 # then tests/gpu with compiled kernels.
 #
-# The suite runs on PYTEST_WORKERS processes (pytest-xdist; default 2, CI's two cores: about 7 minutes instead of 11
-# in one). PYTEST_WORKERS=0 runs it in this one process (so does --pdb); a -n among the arguments overrides it.
+# The suite runs on PYTEST_WORKERS processes (pytest-xdist; default 2, CI's two cores, on which the suite takes 10-15
+# minutes). PYTEST_WORKERS=0 runs it in this one process (so does --pdb); a -n among the arguments overrides it.
 # tests/conftest.py gives each worker a temp directory of its own. tests/gpu runs in one process: its tests share
 # the one device.
 set -euo pipefail
