@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 
 from clients.channel import Channels, client_timeout, sync_channel
-from clients.requests import put_token_ids
+from clients.requests import put_token_ids, set_sampling_field
 from clients.tls import ClientTls
 from protos.llmserve.engine.v1 import engine_pb2 as pb
 from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
@@ -22,14 +22,8 @@ def _sampling_params(sampling: dict[str, object]) -> pb.SamplingParams:
     for name, value in sampling.items():
         if name not in fields:
             raise TypeError(f"unknown sampling parameter {name!r}; known: {tuple(fields)}")
-        if value is None:
-            continue
-        try:
-            if isinstance(value, bool) and fields[name].type != fields[name].TYPE_BOOL:
-                raise TypeError("a number, not a bool")  # protobuf took temperature=True as 1.0
-            params.MergeFrom(pb.SamplingParams(**{name: value}))  # keeps an optional field set to its zero as set
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"sampling parameter {name}={value!r}: {exc}") from None
+        if value is not None:
+            set_sampling_field(params, name, value)
     return params
 
 

@@ -7,7 +7,7 @@ import inspect
 import json
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Set
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from protos.llmserve.text.v1 import text_pb2 as pb
 
@@ -109,11 +109,22 @@ def _schema_text(value: object, where: str) -> str:
 SAMPLING_KEYWORDS = SAMPLING_FIELDS + ("stop_token_ids", "logit_bias", "response_format", "json_schema")
 
 
-def unknown_sampling_keyword(name: str) -> TypeError:
-    """The error for a keyword that is no sampling parameter (a typo, or a call option in the wrong place)."""
-    hint = ("; a call's deadline is deadline_ms (milliseconds), or the client's timeout"
-            if name in ("timeout", "deadline") else "")
-    return TypeError(f"unknown sampling parameter {name!r}{hint}; known: {SAMPLING_KEYWORDS}")
+def set_sampling_field(params: Any, name: str, value: object) -> None:
+    """params.name = value, for either protocol's SamplingParams (a repeated or map field from an iterable), refused
+    with a ValueError naming the field where protobuf's own words named none: a bool for a number (protobuf took
+    temperature=True as 1.0), an integer past the field's protobuf type (before the service checks its own range),
+    a value of the wrong type."""
+    field = params.DESCRIPTOR.fields_by_name[name]
+    try:
+        if isinstance(value, bool) and field.type != field.TYPE_BOOL:
+            raise TypeError("a number, not a bool")
+        params.MergeFrom(type(params)(**{name: value}))  # an optional field set to its zero stays set
+    except (TypeError, ValueError) as exc:
+        bits = {field.TYPE_INT32: 32, field.TYPE_INT64: 64}.get(field.type)
+        if bits and isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f"sampling parameter {name}={value!r}: out of the range the protocol carries, a "
+                             f"signed {bits}-bit integer in [-2**{bits - 1}, 2**{bits - 1})") from None
+        raise ValueError(f"sampling parameter {name}={value!r}: {exc}") from None
 
 
 @names_bad_text
@@ -124,7 +135,9 @@ def sampling_params(**kwargs: object) -> pb.SamplingParams:
     params = pb.SamplingParams()
     for name, value in kwargs.items():
         if name not in SAMPLING_KEYWORDS:
-            raise unknown_sampling_keyword(name)
+            hint = ("; a call's deadline is deadline_ms (milliseconds), or the client's timeout"
+                    if name in ("timeout", "deadline") else "")
+            raise TypeError(f"unknown sampling parameter {name!r}{hint}; known: {SAMPLING_KEYWORDS}")
         if value is None:
             continue
         if name == "stop_token_ids":
@@ -153,18 +166,7 @@ def sampling_params(**kwargs: object) -> pb.SamplingParams:
         elif name == "json_schema":  # a dict, or JSON text
             params.json_schema = _schema_text(value, "sampling parameter json_schema")
         else:
-            try:
-                if isinstance(value, bool) and name != "ignore_eos":  # protobuf sent temperature=True as 1.0
-                    raise TypeError("a number, not a bool")
-                setattr(params, name, value)
-            except (TypeError, ValueError) as exc:  # protobuf's own words name no field
-                # An integer past the field's protobuf type fails here, before the service checks its own range.
-                field = pb.SamplingParams.DESCRIPTOR.fields_by_name[name]
-                bits = {field.TYPE_INT32: 32, field.TYPE_INT64: 64}.get(field.type)
-                if bits and isinstance(value, int) and not isinstance(value, bool):
-                    raise ValueError(f"sampling parameter {name}={value!r}: out of the range the protocol carries, a "
-                                     f"signed {bits}-bit integer in [-2**{bits - 1}, 2**{bits - 1})") from None
-                raise ValueError(f"sampling parameter {name}={value!r}: {exc}") from None
+            set_sampling_field(params, name, value)
     return params
 
 
