@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import logging
 import multiprocessing as mp
-import multiprocessing.connection
 import os
 import pickle
 import shutil
@@ -28,6 +27,7 @@ from multiprocessing import resource_tracker
 import torch
 import torch.distributed as dist
 
+from engine_service import tp_boot
 from engine_service.config import EngineConfig
 from engine_service.model.config import ModelConfig
 from engine_service.model.layers import TPInfo
@@ -147,25 +147,9 @@ def _log_like_rank0(rank: int, level: int, formatter: bytes | None) -> None:
     root.setLevel(max(level, logging.WARNING))
 
 
-def _exit_with_parent(directory: str | None = None) -> None:
-    """Exit this worker as soon as rank 0's process is gone, whatever the worker is doing (waiting for the
-    group to form, or in a collective): a pipe closing is seen only between steps."""
-    parent = mp.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        mp.connection.wait([parent.sentinel])
-        if directory is not None:  # rank 0 was killed (no finalizer ran): its store directory goes with it
-            shutil.rmtree(directory, ignore_errors=True)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="tp-parent-watch", daemon=True).start()
-
-
 def _worker_main(rank, size, store_path, config, model_cfg, max_model_len, conn, threads,
                  log_format: tuple[int, bytes | None] = (logging.WARNING, None)) -> None:
-    _exit_with_parent(os.path.dirname(store_path))
+    """A worker's life, after engine_service.tp_boot has started watching rank 0."""
     _log_like_rank0(rank, *log_format)
     # A Ctrl-C or a SIGTERM to the whole process group (systemd, `timeout`, `kill -TERM -PGID`) is rank 0's to
     # handle: it drains, then stops this worker. Taken here, it would cut the running steps short.
@@ -257,15 +241,15 @@ class WorkerGroup:
         # finds a worker's message gone (read by the other) does not name it by its bare exit code.
         self._dead_lock = threading.Lock()
         log_format = _rank0_log_format()
+        settings = pickle.dumps((config, model_cfg))
         share = _open_group(self.size)  # the last group closed gives the process its own count back
         try:
             for rank in range(1, self.size):
                 parent, child = ctx.Pipe()
                 try:
                     proc = ctx.Process(
-                        target=_worker_main,
-                        args=(rank, self.size, self.store_path, config, model_cfg, max_model_len, child, share,
-                              log_format),
+                        target=tp_boot.boot,  # watches rank 0 before it imports torch
+                        args=(rank, self.size, self.store_path, settings, max_model_len, child, share, log_format),
                         name=f"tp-worker-{rank}",
                         daemon=True,
                     )

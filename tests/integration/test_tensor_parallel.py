@@ -174,27 +174,30 @@ def test_a_worker_dying_at_start_up_is_reported_at_once(tmp_path):
     assert time.monotonic() - start < 60
 
 
-@pytest.mark.timeout(120)
-def test_workers_exit_when_rank_0_dies_during_start_up(tmp_path):
-    """A worker waiting for rank 0 to form the group (rank 0 killed mid start-up, by a pod restart say) exits
-    at once rather than lingering until the group's timeout."""
+def _kill_rank_0_during_start_up(tmp_path, *, settle_s: float, env: dict | None = None,
+                                 before_group: str = "") -> None:
+    """Start a group whose rank 0 never joins it, SIGKILL rank 0 `settle_s` after its workers are launched, and
+    check that every worker exits within 15 s."""
     make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
     code = (
-        "import time\n"
+        "import os, time\n"
         "from engine_service.config import EngineConfig\n"
         "from engine_service.model.config import ModelConfig\n"
         "from engine_service.tp import WorkerGroup\n"
         "if __name__ == '__main__':\n"
         f"    config = EngineConfig.from_kwargs({str(tmp_path)!r}, tensor_parallel_size=2, **{TP_ARGS!r})\n"
+        f"    {before_group or 'pass'}\n"
         f"    group = WorkerGroup(config, ModelConfig.from_dir({str(tmp_path)!r}), 64)\n"
         "    print(' '.join(str(p.pid) for p in group.procs), flush=True)\n"
         "    time.sleep(600)  # never joins the group\n"
     )
-    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, **(env or {})})
+    pids: list[int] = []
     try:
         pids = [int(p) for p in parent.stdout.readline().split()]
         assert pids
-        time.sleep(2)  # the worker is up, waiting for rank 0 in the group's store
+        time.sleep(settle_s)
         parent.kill()
         parent.wait(10)
         deadline = time.monotonic() + 15
@@ -206,6 +209,39 @@ def test_workers_exit_when_rank_0_dies_during_start_up(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, 9)
+
+
+@pytest.mark.timeout(120)
+def test_workers_exit_when_rank_0_dies_during_start_up(tmp_path):
+    """A worker waiting for rank 0 to form the group (rank 0 killed mid start-up, by a pod restart say) exits
+    at once rather than lingering until the group's timeout."""
+    _kill_rank_0_during_start_up(tmp_path, settle_s=2)  # the worker is up, waiting for rank 0 in the store
+
+
+@pytest.mark.timeout(120)
+def test_workers_exit_when_rank_0_dies_while_they_import_torch(tmp_path):
+    """A worker watches rank 0 before it imports torch. Its import took seconds (tens of seconds on a loaded
+    node, which is how CI saw a worker outlive rank 0 by 15 s): here a `torch` import that takes 60 s in the
+    workers, and rank 0 killed during it. The workers exit all the same."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, sys, time\n"
+        "if os.environ.get('TP_TEST_SLOW_TORCH'):\n"
+        "    class _SlowTorch:\n"
+        "        def find_spec(self, name, path=None, target=None):\n"
+        "            if name == 'torch':\n"
+        "                time.sleep(60)\n"
+        "            return None\n"
+        "    sys.meta_path.insert(0, _SlowTorch())\n"
+    )
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    # Rank 0 has torch already; only the workers, started after this, import it slowly.
+    _kill_rank_0_during_start_up(tmp_path, settle_s=1, env={"PYTHONPATH": path},
+                                 before_group="os.environ['TP_TEST_SLOW_TORCH'] = '1'")
 
 
 def _alive(pid: int) -> bool:
