@@ -100,10 +100,13 @@ def test_a_stopped_id_without_its_abort_and_an_abort_of_an_id_not_live_are_ignor
             yield engine_pb.ClientFrame(stopped_request_ids=["a"], abort_request_ids=["never-sent", "short"])
 
         updates: list[engine_pb.RequestUpdate] = []
-        for frame in client.stub.Generate(frames(), timeout=20):
-            updates += frame.updates
-            if any(u.request_id == "short" and u.finish_reason for u in frame.updates):
-                short_ended.set()
+        try:
+            for frame in client.stub.Generate(frames(), timeout=20):
+                updates += frame.updates
+                if any(u.request_id == "short" and u.finish_reason for u in frame.updates):
+                    short_ended.set()
+        finally:
+            short_ended.set()  # a failed call must not leave gRPC's request thread in frames() for 10 s
     assert {u.request_id for u in updates} == {"short", "a"}
     finals = [(u.request_id, u.finish_reason) for u in updates if u.finish_reason]
     assert sorted(finals) == [("a", engine_pb.FINISH_REASON_LENGTH), ("short", engine_pb.FINISH_REASON_LENGTH)]
