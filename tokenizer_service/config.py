@@ -140,6 +140,14 @@ class TextServerConfig:
                 raise ValueError(f"engines (--engines, TOKENIZER_ENGINES) must be HOST:PORT[,...], HOST a DNS name, an "
                                  f"IPv4 address or an IPv6 one in brackets, with ports in 1..65535, e.g. "
                                  f"10.0.0.7:50051 or [fd00::7]:50051; got {address!r}")
+        twice = sorted({a for a in self.engine_addresses if self.engine_addresses.count(a) > 1})
+        if twice:
+            # The pool keys its connections by address: a second copy replaced the first in its table while the
+            # first kept its own Generate stream to the engine, held one of the engine's RPC slots and was never
+            # closed. Listing an engine twice does not weight it either.
+            raise ValueError(f"engines (--engines, TOKENIZER_ENGINES) lists {', '.join(twice)} more than once: give "
+                             f"each engine once (requests are spread by load, not by how often an address is "
+                             f"listed); got {self.engines!r}")
         if self.engines and self.engine_dns:
             raise ValueError(f"give engines (--engines, TOKENIZER_ENGINES) or engine_dns (--engine-dns, "
                              f"TOKENIZER_ENGINE_DNS), not both; got {self.engines!r} and {self.engine_dns!r}")

@@ -27,6 +27,19 @@ def test_an_engine_list_with_an_empty_entry_is_refused(engines):
     assert "--engines" in str(err.value) and "TOKENIZER_ENGINES" in str(err.value)
 
 
+@pytest.mark.parametrize("engines", ["a:1,a:1", "a:1, b:2 ,a:1", "b:2,b:2,b:2"])
+def test_an_engine_listed_twice_is_refused(engines):
+    """The pool keeps one connection an address: the second copy replaced the first in its table, and the first went
+    on holding a Generate stream to the engine that nothing used or closed."""
+    with pytest.raises(ValueError, match="more than once") as err:
+        parse_text_config(["--model", "/m", "--engines", engines], {})
+    message = str(err.value)
+    assert "--engines" in message and "TOKENIZER_ENGINES" in message
+    twice = engines.split(",")[0].strip()
+    assert twice in message.split("more than once")[0]
+    parse_text_config(["--model", "/m", "--engines", "a:1,b:2"], {})  # distinct engines still pass
+
+
 @pytest.mark.parametrize("engines", ["a b:1", "a..b:1", "a:1:2", "::1:50051", "a:\u0663", "[not-v6]:1", "-a:1"])
 def test_an_engine_host_must_be_a_dns_name_or_an_ip_address(engines):
     """Each passed the HOST:PORT check and was dialled for ever (a space or an empty label fails every lookup; an
