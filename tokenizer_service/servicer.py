@@ -658,6 +658,11 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 yield response
         except RequestFailed as exc:
             await context.abort(exc.code, exc.message)
+        except Exception as exc:  # a bug: INTERNAL naming it, logged and counted, as GenerateMulti fails a request
+            log.exception("request %s failed", trace.request_id)
+            message = f"internal error: {type(exc).__name__}: {exc}"
+            trace.finish_reason, trace.error = "error", f"INTERNAL: {message}"
+            await context.abort(grpc.StatusCode.INTERNAL, message)
         finally:
             self.num_calls -= 1
             if trace.finish_reason == "cancelled" and context.time_remaining() is not None \
@@ -671,15 +676,23 @@ class TextServicer(pb_grpc.TextGenerationServicer):
         waiting: dict[asyncio.Task, pb.GenerateResponse] = {}  # the response a request's task waits to queue
         wake = asyncio.Event()
         input_done = False
+        reader_queueing = 0  # the reader's responses (an abort's last messages, a refusal) waiting for room
         call_id = request_id_from(context.invocation_metadata(), uuid.uuid4().hex[:16])
         read_error, read_code = "", grpc.StatusCode.INVALID_ARGUMENT
 
         async def emit(response: pb.GenerateResponse, task: asyncio.Task | None = None) -> None:
             """Queue a response for the call, waiting while the queue is full (backpressure). task: the request's
-            own, whose abort meanwhile cancels the wait and sends the response itself."""
+            own, whose abort meanwhile cancels the wait and sends the response itself; None: the reader's."""
+            nonlocal reader_queueing
             if task is not None:
                 waiting[task] = response
-            await out.put(response)
+            else:
+                reader_queueing += 1
+            try:
+                await out.put(response)
+            finally:
+                if task is None:
+                    reader_queueing -= 1
             waiting.pop(task, None)
             wake.set()
 
@@ -793,7 +806,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                         headers_sent = True
                         await context.send_initial_metadata(OPTIONS)
                     yield out.get_nowait()
-                if read_error or (not tasks and (input_done or self.draining)):
+                # Draining ends the call once no request is live and the reader has queued what it holds: an
+                # aborted request is not live, yet its last messages may still wait for room in the reader's hand.
+                if read_error or (not tasks and (input_done or (self.draining and not reader_queueing))):
                     break
                 wake.clear()
                 if out.empty():  # nothing was queued since the check above (no await in between)

@@ -310,3 +310,31 @@ def test_a_cancel_in_the_deadlines_slack_counts_as_the_deadline_at_every_stage(d
     [line] = [r.fields for r in caplog.records if r.name == REQUEST_LOGGER]
     assert line["finish_reason"] == reason
     assert ("DEADLINE_EXCEEDED" in line.get("error", "")) == (reason == "error"), line
+
+
+def test_a_drain_does_not_end_a_call_before_an_aborts_last_messages_are_on_it(demo_tokenizer, monkeypatch):
+    """A drain ends a GenerateMulti call once it has no live request. An aborted request is no longer live, but its
+    last messages (what it produced, then ABORT) are queued by the call's reader, which waited for room on a full
+    call: the call emptied its queue, found no live request and ended, and the ABORT was never sent."""
+    monkeypatch.setattr(servicer_module, "MULTI_QUEUED_RESPONSES", 4)
+    pool = _Engines(demo_tokenizer.encode(TEXT, add_special_tokens=False))
+
+    async def main() -> list[pb.GenerateResponse]:
+        servicer = _servicer(demo_tokenizer, pool)
+        call = _Call(servicer)
+        await call.frames.put(_generate("a", 1, 100_000))
+        await call.read()
+        await _until_stalled(pool)  # 4 responses queued, a fifth in the request's task's hand
+        await call.frames.put(pb.MultiRequest(abort_request_id="a"))
+        for _ in range(20):  # the reader applies the abort and waits for room to queue its last messages
+            await asyncio.sleep(0)
+        servicer.begin_drain()
+        await call.read_to_end()
+        await _nothing_left(servicer, pool)
+        assert (_finished(servicer, "abort"), _finished(servicer, "cancelled")) == (1, 0)
+        return call.got
+
+    got = asyncio.run(main())
+    *streamed, last = got
+    assert last.finish_reason == pb.FINISH_REASON_ABORT and not any(r.finish_reason for r in streamed)
+    assert last.usage.completion_tokens == _check_completions(demo_tokenizer, pool, got, 1)[0]

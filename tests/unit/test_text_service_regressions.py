@@ -1387,6 +1387,42 @@ async def _no_wait(*args: object) -> None:
     pass
 
 
+def test_a_bug_while_streaming_fails_generate_with_internal_not_grpcs_bare_unknown(demo_tokenizer, monkeypatch, caplog):
+    """An unexpected exception after admission (a detokenizer or servicer bug, mid-stream) left Generate through its
+    `finally` only: grpc answered UNKNOWN with its own wording, no line was logged, and the request counted as
+    whatever its trace held. GenerateMulti and Tokenize already fail such a request with INTERNAL naming the error."""
+    from tokenizer_service.servicer import TextServicer
+
+    pool = _ScriptedEngines(step_s=0.0)
+    servicer = _servicer(demo_tokenizer, pool)
+    real = TextServicer._generate
+
+    async def breaks_after_one(self, prep, timeout_s, trace):
+        async for response in real(self, prep, timeout_s, trace):
+            yield response
+            raise KeyError("a bug (test)")
+
+    monkeypatch.setattr(TextServicer, "_generate", breaks_after_one)
+    request = pb.GenerateRequest(prompt="the sea", sampling_params=pb.SamplingParams(max_tokens=5))
+
+    async def main():
+        got = []
+        with pytest.raises(RequestFailed) as failed:
+            async for response in servicer.Generate(request, _call_context()):
+                got.append(response)
+        await asyncio.sleep(0)
+        return got, failed.value
+
+    with caplog.at_level(logging.ERROR, logger="tokenizer_service.servicer"):
+        got, failed = asyncio.run(main())
+    assert len(got) == 1 and failed.code == grpc.StatusCode.INTERNAL
+    assert "KeyError" in failed.message and "a bug (test)" in failed.message
+    assert any("failed" in r.getMessage() and r.exc_info for r in caplog.records)
+    assert servicer.inflight == 0 and servicer.num_calls == 0
+    assert servicer.metrics.registry.get_sample_value(
+        "llmserve:text_requests_total", {"model_name": "demo", "finished_reason": "error"}) == 1
+
+
 @pytest.mark.parametrize("calls,max_inflight,prompt", [(2, 4, "the sea"), (3, 8, "the sea " * 9000)],
                          ids=["inline", "tokenized-on-a-thread"])
 def test_n_completions_hold_their_places_from_admission_on(demo_tokenizer, calls, max_inflight, prompt):
