@@ -86,6 +86,10 @@ class EngineLoop:
         self.fail_at_step: int | None = None  # test hook: step() raises once this many steps have run
         self.failure: str | None = None
         self.metrics: EngineMetrics | None = None  # set before start(); called on the consumer thread
+        # What traffic tells health (asyncio thread only): outputs handed to live requests, and requests the
+        # engine ended with an error (FINISH_ERROR: a failed step, non-finite logits).
+        self.outputs_delivered = 0
+        self.requests_failed = 0
 
     # ---- asyncio side -------------------------------------------------------------------------------------
 
@@ -163,6 +167,7 @@ class EngineLoop:
                 del priorities[request_id]
                 sink.on_failure(code, message)
         sinks = self._sinks  # up to max_num_seqs outputs a step: keep this loop lean
+        delivered = 0
         for out in outputs:
             sink = sinks.get(out.request_id)
             if sink is None:
@@ -170,9 +175,12 @@ class EngineLoop:
             if out.finish_reason is not None:  # out.finished
                 del sinks[out.request_id], priorities[out.request_id]
                 if out.finish_reason == FINISH_ERROR:
+                    self.requests_failed += 1
                     sink.on_failure("INTERNAL", out.error or "the engine failed this request")
                     continue
             sink.on_output(out)
+            delivered += 1
+        self.outputs_delivered += delivered
 
     def fail(self, message: str) -> None:
         """The engine cannot continue (e.g. the watchdog saw it stall): refuse new requests, fail every live

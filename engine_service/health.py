@@ -2,8 +2,9 @@
 
 A Kubernetes probe times out in about a second, so Check answers from a cached state. That state turns
 SERVING only after a tiny canary generation has gone through the real engine loop at start-up, and an idle
-service runs the canary again now and then so a broken engine cannot look healthy. A watchdog fails the
-service when the loop stops making progress while requests wait.
+service runs the canary again now and then so a broken engine cannot look healthy. A busy one is judged by its
+traffic: outputs reaching requests prove it; requests failing while none gets an output call the canary. A
+watchdog fails the service when the loop stops making progress while requests wait.
 """
 
 from __future__ import annotations
@@ -81,14 +82,32 @@ class Health:
 
     async def run_idle_canaries(self, loop: EngineLoop, vocab_size: int, interval_s: float, timeout_s: float,
                                 is_draining: Callable[[], bool]) -> None:
-        """Re-check an idle engine every interval_s; busy engines prove themselves by their traffic."""
+        """Re-check the engine every interval_s: an idle one with the canary; a busy one by its traffic.
+
+        Busy, outputs delivered since the last check prove the engine (SERVING again after a canary that failed
+        once: under steady traffic no idle canary would ever turn it back, and the liveness probe restarted a pod
+        that was serving every request). Busy with requests failing and none getting an output, the canary decides
+        (every request failing on a broken device left health SERVING for as long as traffic lasted): it is not
+        run behind healthy traffic, where it could wait for a free sequence slot past its timeout, and requests
+        that fail alone (a client's bad input) do not decide it."""
+        delivered, failed = loop.outputs_delivered, loop.requests_failed
         while True:
             await asyncio.sleep(interval_s)
             if is_draining() or loop.failure is not None:
                 return
             if loop.num_live > 0:
-                continue
+                outputs_came = loop.outputs_delivered != delivered
+                failures_came = loop.requests_failed != failed
+                delivered, failed = loop.outputs_delivered, loop.requests_failed
+                if outputs_came:
+                    if not self.serving and not is_draining():
+                        log.info("health: traffic is being served again; SERVING")
+                        await self.set_serving(True)
+                    continue
+                if not failures_came:
+                    continue  # long prefills, or a stall (the watchdog's)
             problem = await self.canary(loop, vocab_size, timeout_s)
+            delivered, failed = loop.outputs_delivered, loop.requests_failed  # the canary's own are not traffic
             if problem is not None:
                 log.error("health canary failed: %s", problem)
             if not is_draining() and (problem is None) != self.serving:

@@ -97,7 +97,7 @@ class ServerConfig:
     # Lifecycle.
     grace_s: float = 30.0  # SIGTERM drain: in-flight streams get this long to finish
     watchdog_s: float = 120.0  # a loop that has not stepped this long while requests wait is stalled
-    canary_interval_s: float = 30.0  # idle health canary period; 0 turns it off (start-up canary still runs)
+    canary_interval_s: float = 30.0  # health re-check period (idle: canary; busy: traffic); 0: off
     canary_timeout_s: float = 60.0
     failure_linger_s: float = 2.0  # after an engine failure, answer NOT_SERVING this long before exiting 1
     log_level: str = "INFO"

@@ -38,10 +38,12 @@ class FlakyEngine(FakeEngine):
 class Sink:
     def __init__(self, done: asyncio.Event):
         self.tokens: list[int] = []
+        self.outputs = 0
         self.failure: tuple[str, str] | None = None
         self.finished, self.done = False, done
 
     def on_output(self, output: StepOutput) -> None:
+        self.outputs += 1
         self.tokens += output.new_token_ids
         if output.finished:
             self.finished = True
@@ -71,6 +73,9 @@ def test_one_failed_step_fails_its_request_and_the_rest_go_on():
     for rid in "bcd":
         assert sinks[rid].finished and len(sinks[rid].tokens) == 20 and sinks[rid].failure is None
     assert fatal == [] and loop.failure is None
+    # What health reads of traffic (engine_service/health.py): outputs handed to requests, requests the engine failed
+    assert loop.outputs_delivered == sum(s.outputs for s in sinks.values()) >= 3  # b, c and d got theirs
+    assert loop.requests_failed == 1
 
 
 def test_failures_in_a_row_are_fatal():

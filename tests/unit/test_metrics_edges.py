@@ -347,6 +347,7 @@ class FakeLoop:
         self.last_progress = time.monotonic() - stalled_s
         self.added, self.aborted, self.failed = [], [], []
         self.requests: list[tuple[str, list[int], object]] = []  # (request_id, prompt, params) of each add()
+        self.outputs_delivered = self.requests_failed = 0  # traffic's: a test moves them
 
     def add(self, request_id, prompt, params, sink) -> None:
         if self.unavailable is not None:

@@ -70,6 +70,53 @@ def test_idle_canaries_skip_a_busy_engine_and_stop_with_the_drain():
     asyncio.run(main())
 
 
+def test_a_busy_engine_serving_traffic_turns_serving_again_after_a_failed_canary():
+    """One idle canary that failed (a transient) set NOT_SERVING, and under steady traffic no canary ran again and
+    nothing else set SERVING: the liveness probe's name read NOT_SERVING while every request was served, and the
+    pod was restarted with requests in flight. Outputs reaching requests now prove a busy engine, with no canary."""
+    async def main():
+        health = Health(["svc"])
+        await health.set_serving(False)  # the transient's verdict
+        loop = FakeLoop(num_live=3, finish="ok")
+        task = asyncio.create_task(health.run_idle_canaries(loop, 8, 0.02, 1.0, lambda: False))
+        await asyncio.sleep(0.1)
+        assert health.serving is False  # busy, but nothing delivered yet: no verdict
+        loop.outputs_delivered += 5
+        await asyncio.sleep(0.1)
+        serving = health.serving
+        task.cancel()
+        return serving, loop.added
+
+    serving, added = asyncio.run(main())
+    assert serving is True and added == []
+
+
+@pytest.mark.parametrize("canary", ["ok", "non-finite logits (test)"])
+def test_a_busy_engine_whose_requests_all_fail_is_judged_by_the_canary(canary):
+    """Every request failing (a broken device: each ends INTERNAL) while traffic kept the engine busy left health
+    SERVING for as long as the traffic lasted. Requests failing with none getting an output now call the canary,
+    which decides: a broken engine turns NOT_SERVING; one whose failures were the requests' own stays SERVING.
+    Failures beside delivered outputs call no canary."""
+    async def main():
+        health = Health(["svc"])
+        await health.set_serving(True)
+        loop = FakeLoop(num_live=16, finish=canary)
+        task = asyncio.create_task(health.run_idle_canaries(loop, 8, 0.02, 1.0, lambda: False))
+        loop.requests_failed += 10
+        loop.outputs_delivered += 10
+        await asyncio.sleep(0.1)
+        mixed = (list(loop.added), health.serving)
+        loop.requests_failed += 10
+        await asyncio.sleep(0.1)
+        task.cancel()
+        return mixed, loop.added, health.serving
+
+    mixed, added, serving = asyncio.run(main())
+    assert mixed == ([], True)
+    assert len(added) == 1 and added[0].startswith("canary:")  # once: the canary's verdict resets the counts
+    assert serving is (canary == "ok")
+
+
 def test_an_idle_canary_that_ends_after_the_drain_began_changes_nothing():
     """A drain that starts while an idle canary runs: its verdict, pass or fail, must not turn health back."""
     async def main():
