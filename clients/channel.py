@@ -48,9 +48,9 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepaliv
         raise ValueError(f"max_message_bytes must be a positive number of bytes (or -1, gRPC's no limit), got "
                          f"{max_message_bytes!r}")
     if (isinstance(keepalive_time_s, bool) or not isinstance(keepalive_time_s, int | float)
-            or not math.isfinite(keepalive_time_s) or keepalive_time_s <= 0):
-        raise ValueError(f"keepalive_time_s must be a positive number of seconds (the servers allow a ping every 5 s "
-                         f"or more), got {keepalive_time_s!r}")
+            or not math.isfinite(keepalive_time_s) or keepalive_time_s < 0.001):  # gRPC takes whole ms: 0 is off
+        raise ValueError(f"keepalive_time_s must be a positive number of seconds, at least 0.001 (the servers allow a "
+                         f"ping every 5 s or more), got {keepalive_time_s!r}")
     extra = list(extra_options)
     if not all(isinstance(o, tuple) and len(o) == 2 and isinstance(o[0], str) for o in extra):
         raise ValueError(f"extra_options must be (name, value) pairs of gRPC channel arguments, got {extra_options!r}")

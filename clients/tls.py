@@ -87,13 +87,24 @@ MAX_MESSAGE_BYTES_LIMIT = 2**31 - 1
 MAX_CONCURRENT_RPCS_LIMIT = 2**31 // 8
 
 
-def check_grpc_int_limits(config: Any) -> None:
-    """ValueError where a service's max_message_bytes or max_concurrent_rpcs is past what gRPC's C ints hold."""
+GRPC_DURATIONS_S = ("keepalive_time_s", "keepalive_timeout_s", "min_ping_interval_s", "max_connection_age_s",
+                    "max_connection_idle_s")  # both services' settings that reach gRPC in milliseconds (_ms)
+
+
+def check_grpc_limits(config: Any) -> None:
+    """ValueError where a service's max_message_bytes or max_concurrent_rpcs is past what gRPC's C ints hold, or one
+    of its GRPC_DURATIONS_S is positive but under a millisecond: gRPC takes whole milliseconds, and 0 ms made a
+    --max-connection-idle-s GOAWAY every connection at once (every call UNAVAILABLE) and a --max-connection-age-s
+    abort client processes inside grpc-core. Negative, NaN and 0 are the callers' own rules."""
     for name, limit in (("max_message_bytes", MAX_MESSAGE_BYTES_LIMIT),
                         ("max_concurrent_rpcs", MAX_CONCURRENT_RPCS_LIMIT)):
         if getattr(config, name) > limit:
             raise ValueError(f"{name} must be at most {limit:,} (gRPC holds it in a C int), got "
                              f"{getattr(config, name):,}")
+    for name in GRPC_DURATIONS_S:
+        if 0 < getattr(config, name) < 0.001:
+            raise ValueError(f"{name} must be at least 0.001 (one millisecond: gRPC takes whole milliseconds, and "
+                             f"this rounds to 0), got {getattr(config, name)}")
 
 
 def service_server_options(config: Any, max_calls: int) -> list[tuple[str, int]]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from clients.flags import parse_bool, parse_settings
 from clients.logs import LOG_LEVELS
-from clients.tls import ServerTls, check_grpc_int_limits, server_tls_settings
+from clients.tls import ServerTls, check_grpc_limits, server_tls_settings
 from engine_service.config import DEFAULT_CPU_KVCACHE_GIB, DEFAULT_GPU_MEMORY_UTILIZATION, EngineConfig
 from engine_service.streams import TOKEN_BYTES
 
@@ -143,7 +143,7 @@ class ServerConfig:
                      "kvcache_block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        check_grpc_int_limits(self)
+        check_grpc_limits(self)
         for name in ("num_kvcache_blocks", "max_model_len", "torch_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (automatic) or positive, got {getattr(self, name)}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from clients.flags import parse_settings
 from clients.logs import LOG_LEVELS
-from clients.tls import ClientTls, ServerTls, check_grpc_int_limits, server_tls_settings
+from clients.tls import ClientTls, ServerTls, check_grpc_limits, server_tls_settings
 
 _DNS_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
@@ -189,7 +189,7 @@ class TextServerConfig:
         for name in ("max_concurrent_rpcs", "max_inflight", "max_message_bytes", "max_buffered_updates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        check_grpc_int_limits(self)
+        check_grpc_limits(self)
         if not 1 <= self.stream_interval <= MAX_STREAM_INTERVAL:
             raise ValueError(f"stream_interval must be 1 (every update) to {MAX_STREAM_INTERVAL} tokens a message, got "
                              f"{self.stream_interval}")

@@ -27,6 +27,29 @@ def test_an_engine_list_with_an_empty_entry_is_refused(engines):
     assert "--engines" in str(err.value) and "TOKENIZER_ENGINES" in str(err.value)
 
 
+@pytest.mark.parametrize("service", ["engine", "tokenizer"])
+@pytest.mark.parametrize("flag", ["--max-connection-idle-s", "--max-connection-age-s", "--keepalive-time-s",
+                                  "--keepalive-timeout-s", "--min-ping-interval-s"])
+def test_a_grpc_duration_under_a_millisecond_is_refused(service, flag):
+    """gRPC takes these in whole milliseconds: 0.0004 became 0 ms, and --max-connection-idle-s then sent every
+    connection GOAWAY at once (every call UNAVAILABLE), --max-connection-age-s aborted client processes in grpc-core.
+    A millisecond passes."""
+    parse = parse_engine_config if service == "engine" else parse_text_config
+    argv = ENGINE if service == "engine" else TOKENIZER
+    with pytest.raises(ValueError, match="at least 0.001") as err:
+        parse([*argv, flag, "0.0004"], {})
+    assert flag[2:].replace("-", "_") in str(err.value)
+    assert getattr(parse([*argv, flag, "0.001"], {}), flag[2:].replace("-", "_")) == 0.001
+
+
+def test_a_client_keepalive_under_a_millisecond_is_refused():
+    from clients.channel import channel_options
+
+    with pytest.raises(ValueError, match="at least 0.001"):
+        channel_options(keepalive_time_s=0.0004)
+    assert ("grpc.keepalive_time_ms", 1) in channel_options(keepalive_time_s=0.001)
+
+
 @pytest.mark.parametrize("engines", ["a:1,a:1", "a:1, b:2 ,a:1", "b:2,b:2,b:2"])
 def test_an_engine_listed_twice_is_refused(engines):
     """The pool keeps one connection an address: the second copy replaced the first in its table, and the first went
