@@ -461,10 +461,24 @@ class LLMEngine:
         ahead = previous is not None
         # Rows that decode a token the previous step is still sampling: their sequences will have one more token.
         behind = batch.input_rows if ahead else None
-        try:  # a JSON-mode mask computed here (a cache miss) can fail, on CUDA with OOM: fail the step, not the engine
-            rows = [self._sampling_row(s, behind is not None and behind[i] is not None)
-                    for i, (s, take) in enumerate(zip(batch.seqs, batch.sample, strict=True)) if take]
-        except Exception as exc:
+        rows: list[SamplingRow] = []
+        doomed: list[tuple[Sequence, str]] = []  # requests whose JSON-mode mask failed: they fail once launched
+        try:
+            for i, (s, take) in enumerate(zip(batch.seqs, batch.sample, strict=True)):
+                if not take:
+                    continue
+                row_ahead = behind is not None and behind[i] is not None
+                try:
+                    rows.append(self._sampling_row(s, row_ahead))
+                except Exception as exc:  # a mask computed here (a cache miss) can fail, on CUDA with OOM
+                    if s.params.response_format is None:
+                        raise
+                    log.exception("JSON mode failed for request %s", s.request_id)
+                    doomed.append((s, f"JSON mode failed: {type(exc).__name__}: {exc}"))
+                    # Its row samples unmasked; the token is never kept: the request is failed below, before
+                    # this step completes, as an abort while a step is in flight is.
+                    rows.append(self._sampling_row(s, row_ahead, masked=False))
+        except Exception as exc:  # any other row failing fails the step, not the engine
             raise self._step_failed(exc, outputs, batch, previous.batch if ahead else None) from exc
         try:
             launched = self.runner.launch(
@@ -486,6 +500,8 @@ class LLMEngine:
                 raise
             # OOM, kernel failure: fail this step's requests, keep the pool whole.
             raise self._step_failed(exc, outputs, batch, previous.batch if ahead else None) from exc
+        for seq, message in doomed:  # one request's mask fails that request, not the step's others
+            outputs.append(self._fail(seq, message))
         return _InFlight(batch, launched)
 
     def _kill(self, why: str) -> None:
@@ -620,14 +636,15 @@ class LLMEngine:
                     outputs[k].logprobs = [logprobs[row]]
                 k += 1
 
-    def _sampling_row(self, seq: Sequence, ahead: bool = False) -> SamplingRow:
-        """ahead: for a batch scheduled ahead, whose sequences will have one more output token by then."""
+    def _sampling_row(self, seq: Sequence, ahead: bool = False, masked: bool = True) -> SamplingRow:
+        """ahead: for a batch scheduled ahead, whose sequences will have one more output token by then; masked=False:
+        no JSON-mode mask (a row whose mask could not be computed, its request failed before its token is read)."""
         p = seq.params
         banned: tuple[int, ...] = ()
         if p.min_tokens and len(seq.token_ids) - seq.num_prompt_tokens + ahead < p.min_tokens:
             banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_token_ids))
         slot = self.runner.sampler.penalties.slot(seq) if p.penalized else -1
-        cursor = self.cursors.get(seq.request_id) if p.response_format is not None else None
+        cursor = self.cursors.get(seq.request_id) if p.response_format is not None and masked else None
         return SamplingRow(p, self.generators.get(seq.request_id), banned, slot,
                            self.biases.get(seq.request_id) if p.logit_bias else None,
                            cursor.allowed() if cursor is not None else None)

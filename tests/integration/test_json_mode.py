@@ -236,7 +236,12 @@ def test_a_mask_that_fails_to_compute_fails_its_request_alone(demo_model_dir, mo
     assert stats["num_free_blocks"] == stats["num_blocks"] and not llm.cursors and not llm.seqs
 
 
-def test_a_first_mask_that_fails_fails_its_step_not_the_engine(demo_model_dir, monkeypatch):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_first_mask_that_fails_fails_its_request_alone_not_the_step_nor_the_engine(demo_model_dir, monkeypatch,
+                                                                                       overlap):
+    """A request's first mask is computed as its step is launched; its failure failed every request of that step
+    (a free-text one beside it included), where docs/ENGINE.md says a mask that cannot be allocated fails its
+    request. The free-text request now goes on, with the tokens it gets alone."""
     import torch
 
     from engine_service.structured_output import JsonMasks
@@ -248,13 +253,19 @@ def test_a_first_mask_that_fails_fails_its_step_not_the_engine(demo_model_dir, m
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return compute(self, state)
 
-    with exact_engine(demo_model_dir) as llm:
+    with exact_engine(demo_model_dir, overlap_scheduling=overlap) as llm:
         monkeypatch.setattr(JsonMasks, "_compute", failing)
+        free = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+        llm.add_request("free", [5, 6, 9], free)
+        outputs: dict = {"free": {"tokens": [], "reason": None, "error": None}}
+        for out in llm.step():  # with overlap, the schema request is then admitted into a step scheduled ahead
+            outputs["free"]["tokens"] += out.new_token_ids
         llm.add_request("schema", [5, 6, 8], SamplingParams(max_tokens=8, response_format="json_schema",
                                                             json_schema=SCHEMA))
-        outputs: dict = {}
         _drain(llm, outputs)
         assert outputs["schema"]["reason"] == "error" and "OutOfMemoryError" in outputs["schema"]["error"]
+        [alone] = llm.generate([[5, 6, 9]], free)
+        assert outputs["free"]["reason"] == "length" and outputs["free"]["tokens"] == alone["token_ids"]
         assert not llm.cursors and not llm.seqs and llm.stats()["num_free_blocks"] == llm.stats()["num_blocks"]
         monkeypatch.setattr(JsonMasks, "_compute", compute)
         [again] = llm.generate([[5, 6, 8]], SamplingParams(max_tokens=8, response_format="json_schema",
