@@ -11,6 +11,9 @@ Prefix caching:
   very blocks matched before it. Lookups go by hash (memoized on the sequence); the token ids are compared only
   for a match about to be admitted.
 - One block per hash: a block computed twice side by side is cached once (the copy in use, else the newer).
+  The other copy's children stay reachable: a copy that gives way hands its ref to the one cached (a cached
+  copy freed while its twin is in use hands that twin its hash), so no cached block is counted that a lookup
+  cannot reach (but after a 64-bit hash collision).
 - A hash is published only after the block's KV has been written (`publish`, called after the step).
 - A block whose reference count drops to 0 keeps its content and hash until it is reused. Free blocks are
   kept in least-recently-freed order; a sequence frees its blocks tail first, so eviction drops suffixes
@@ -72,6 +75,9 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[int, int] = {}  # hash -> block id
         self._num_free_cached = 0  # free blocks that still hold a hash (kept as a count: stats() is per step)
+        # Cached block id -> the in-use copies computed beside it, which took its ref (publish); when it is freed
+        # first, one of them takes its hash over (free_sequence), so that their children stay reachable.
+        self._twins: dict[int, list[int]] = {}
         self.prefix_queries = 0  # tokens looked up at admission
         self.prefix_hits = 0  # tokens found in the cache
 
@@ -220,13 +226,23 @@ class BlockManager:
                 # one in use, else the newer, and the other holds no hash, so that it is evicted first and
                 # the count of cached blocks counts only blocks a lookup can reach.
                 old = self.blocks[owner]
+                twin = old.parent == parent and old.token_ids == tokens  # the same prefix, truly (no collision)
                 if old.ref_count > 0:
-                    if old.parent == parent and old.token_ids == tokens:  # the same prefix, truly: children
-                        block.ref = old.ref  # computed after this copy are found through the cached one
+                    if twin:  # children computed after this copy are found through the cached one
+                        block.ref = old.ref
+                        # Pruned as it grows: a hot block (a system prompt's) can stay in use for days.
+                        self._twins[owner] = [*self._live_twins(old), block.block_id]
                     continue
+                # The free copy gives way. Its children still cached (computed after it, by a sequence that has
+                # finished) name its ref as their parent: this copy takes that ref over, so that they stay
+                # reachable, rather than counted as cached while no lookup could reach them.
+                ref = old.ref
+                self._twins.pop(owner, None)  # none in use: a twin in use would hold the hash (free_sequence)
                 old.clear()
                 self._num_free_cached -= 1
                 self.free.move_to_end(owner, last=False)
+                if twin:
+                    block.ref = ref
             block.hash, block.parent, block.token_ids = h, parent, tokens
             self.cached[h] = block.block_id
 
@@ -240,7 +256,9 @@ class BlockManager:
                 raise RuntimeError(f"block {block_id} freed more often than taken")
             if block.ref_count == 0:
                 self.free[block_id] = None
-                if block.hash is not None:
+                if block.hash is not None and self._hand_over(block):
+                    self.free.move_to_end(block_id, last=False)  # the copy in use holds the prefix now
+                elif block.hash is not None:
                     self._num_free_cached += 1
                 else:
                     # Holds nothing reusable: make it the first to be taken.
@@ -248,3 +266,26 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+
+    def _live_twins(self, block: Block) -> list[int]:
+        """The copies of `block` still in use and still holding its ref (entries of copies freed since, and perhaps
+        reused, are stale)."""
+        return [t for t in self._twins.get(block.block_id, ()) if self.blocks[t].ref_count > 0
+                and self.blocks[t].hash is None and self.blocks[t].ref == block.ref]
+
+    def _hand_over(self, block: Block) -> bool:
+        """A cached block just freed while a copy computed beside it (holding its ref) is still in use: that copy
+        takes its hash, and this one is cleared. Otherwise the copy's children, found through this block's ref,
+        would be stranded once this block is evicted: counted as cached, reachable by no lookup. False: no copy
+        in use."""
+        live = self._live_twins(block)
+        self._twins.pop(block.block_id, None)
+        if not live:
+            return False
+        heir = self.blocks[live[0]]
+        heir.hash, heir.parent, heir.token_ids = block.hash, block.parent, block.token_ids
+        self.cached[block.hash] = heir.block_id  # type: ignore[index]
+        if len(live) > 1:
+            self._twins[heir.block_id] = live[1:]
+        block.clear()
+        return True

@@ -19,6 +19,7 @@ from engine_service.scheduler import Scheduler
 from engine_service.sequence import Sequence, Status
 
 BLOCK = 4
+REAL_HASH = bm_module.hash_block
 VOCAB = 6  # a tiny vocabulary makes shared prefixes (and cache hits) common
 
 
@@ -163,6 +164,8 @@ class Sim:
             assert self.bm.blocks[b].hash == h
         free_cached = sum(1 for b in self.bm.free if self.bm.blocks[b].hash is not None)
         assert self.bm.num_cached_blocks == free_cached
+        if bm_module.hash_block is REAL_HASH:  # a colliding hash strands a prefix's children by design (2^-64)
+            _assert_every_cached_block_is_reachable(self.bm)
         assert len(self.sched.running) <= self.sched.max_num_seqs
         # Priority order: running by (priority, admission), the last being the next victim; waiting by priority.
         keys = [(seq.params.priority, seq.admit_order) for seq in self.sched.running]
@@ -349,6 +352,26 @@ def test_a_preempted_sequence_is_readmitted_only_when_its_recompute_fits(prefix_
     assert computed <= 1.5 * useful, (computed, useful)
 
 
+def _assert_every_cached_block_is_reachable(bm: BlockManager) -> None:
+    """Each free block that holds a hash (counted by num_cached_blocks) is found by a lookup of the prefix it caches:
+    its own tokens after those of its parents, followed back to the first block through the refs they name."""
+    by_ref = {b.ref: b for b in bm.blocks if b.hash is not None}
+    for block_id in bm.free:
+        block = bm.blocks[block_id]
+        if block.hash is None:
+            continue
+        chain, at = [block.token_ids], block
+        while at.parent is not None:
+            at = by_ref.get(at.parent)
+            assert at is not None, f"cached block {block_id} is counted, but a block on its prefix left the cache"
+            chain.append(at.token_ids)
+        tokens = [t for ids in reversed(chain) for t in ids]
+        probe = Sequence("probe", tokens + [0], SamplingParams(max_tokens=1), len(tokens) + 8)
+        matched = bm.match_prefix(probe)
+        assert matched[len(chain) - 1 : len(chain)] == [block_id], (
+            f"cached block {block_id} is counted, but a lookup of its prefix finds {matched}")
+
+
 def _drain_all(sched: Scheduler) -> int:
     """Run the scheduler to the end with a fake model; the prompt tokens computed."""
     computed = 0
@@ -438,6 +461,29 @@ def test_a_burst_sharing_a_prompt_prefix_computes_it_once():
     assert computed == 32 + 8 * 2
     reachable = {bm.cached[h] for h in bm.cached}
     assert bm.num_cached_blocks == len([b for b in bm.free if b in reachable])
+
+
+def test_a_copy_computed_beside_a_cached_block_keeps_the_cached_blocks_children_reachable():
+    """T computes a prompt block while S, admitted before T published it, computes its own copy; T goes on past it
+    and finishes. When S published its copy, T's free one was cleared, and the blocks T computed after it (whose
+    parent it was) stayed cached, counted, but no lookup could reach them: a next chat turn over T's prompt
+    found one block of three. S's copy now takes the cleared one's place in the chain."""
+    bm = BlockManager(16, 2)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=6)
+
+    def step():
+        batch = sched.schedule()
+        sched.postprocess(batch, [7 if take else None for take in batch.sample])
+
+    sched.add(Sequence("F", [100, 101, 102, 103], SamplingParams(max_tokens=50), 64))  # takes budget: T is chunked
+    sched.add(Sequence("T", [1, 2, 3, 4, 5, 6], SamplingParams(max_tokens=1), 64))
+    step()
+    sched.add(Sequence("S", [1, 2, 3, 4, 50, 51, 52], SamplingParams(max_tokens=1), 64))
+    step()  # T computes [3, 4] and [5, 6] and finishes; S, admitted over [1, 2], computes its own [3, 4]
+    step()
+    again = Sequence("T2", [1, 2, 3, 4, 5, 6, 9], SamplingParams(max_tokens=1), 64)
+    assert len(bm.confirm(again, bm.match_prefix(again))) == 3
+    _assert_every_cached_block_is_reachable(bm)
 
 
 def test_a_head_waiting_for_blocks_is_not_rehashed_every_step(monkeypatch):
