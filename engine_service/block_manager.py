@@ -256,7 +256,7 @@ class BlockManager:
                 raise RuntimeError(f"block {block_id} freed more often than taken")
             if block.ref_count == 0:
                 self.free[block_id] = None
-                if block.hash is not None and self._hand_over(block):
+                if block.hash is not None and block_id in self._twins and self._hand_over(block):
                     self.free.move_to_end(block_id, last=False)  # the copy in use holds the prefix now
                 elif block.hash is not None:
                     self._num_free_cached += 1
