@@ -43,14 +43,17 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepaliv
     policy; one this function sets too replaces its value (grpc-core times a keepalive ping out by
     grpc.http2.ping_timeout_ms, clients.tls.keepalive_options). A name given twice is refused (gRPC would keep one
     of them silently)."""
-    if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or not (
+    # numpy's numbers too (numbers.Integral, numbers.Real), as Python's ints and floats passed on to gRPC
+    if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, numbers.Integral) or not (
             max_message_bytes >= 1 or max_message_bytes == -1):  # 0 refused every message that was not empty
         raise ValueError(f"max_message_bytes must be a positive number of bytes (or -1, gRPC's no limit), got "
                          f"{max_message_bytes!r}")
-    if (isinstance(keepalive_time_s, bool) or not isinstance(keepalive_time_s, int | float)
+    max_message_bytes = int(max_message_bytes)
+    if (isinstance(keepalive_time_s, bool) or not isinstance(keepalive_time_s, numbers.Real)
             or not math.isfinite(keepalive_time_s) or keepalive_time_s < 0.001):  # gRPC takes whole ms: 0 is off
         raise ValueError(f"keepalive_time_s must be a positive number of seconds, at least 0.001 (the servers allow a "
                          f"ping every 5 s or more), got {keepalive_time_s!r}")
+    keepalive_time_s = float(keepalive_time_s)
     extra = list(extra_options)
     if not all(isinstance(o, tuple) and len(o) == 2 and isinstance(o[0], str) for o in extra):
         raise ValueError(f"extra_options must be (name, value) pairs of gRPC channel arguments, got {extra_options!r}")

@@ -58,6 +58,8 @@ class EngineClient:
         return self.stub.GenerateStream(request, timeout=self.timeout)
 
     def abort(self, request_id: str) -> bool:
+        if not isinstance(request_id, str):  # protobuf: "bad argument type for built-in operation"
+            raise ValueError(f"request_id must be a string (the id the request was sent with), got {request_id!r}")
         return self.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=self.timeout).found
 
     def load(self) -> pb.Load:

@@ -42,7 +42,14 @@ def put_token_ids(field: object, values: object, where: str, ordered: bool = Tru
 
 
 def _not_utf8(where: str, value: object) -> str | None:
-    """Where in value (a string, or dicts, lists and tuples of them) a string that is not valid UTF-8 is, else None."""
+    """Where in value (a string or bytes, or dicts, lists and tuples of them) text that is not valid UTF-8 is, else
+    None."""
+    if isinstance(value, bytes):
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return f"{where} (byte {exc.start}, {value[exc.start:exc.end]!r})"
+        return None
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -64,24 +71,25 @@ def _not_utf8(where: str, value: object) -> str | None:
 
 def names_bad_text(build: _Builder) -> _Builder:
     """The request builder, refusing text that protobuf cannot carry by name: a lone surrogate (Python's stand-in
-    for bytes that are not UTF-8, as a command-line argument can hold) raised protobuf's UnicodeEncodeError, which
-    named neither the argument nor the cause."""
+    for bytes that are not UTF-8, as a command-line argument can hold) raised protobuf's UnicodeEncodeError, and
+    bytes that are not UTF-8 its UnicodeDecodeError, which named neither the argument nor the cause."""
     signature = inspect.signature(build)
 
     @functools.wraps(build)
     def checked(*args, **kwargs):
         try:
             return build(*args, **kwargs)
-        except UnicodeEncodeError as exc:
+        except (UnicodeEncodeError, UnicodeDecodeError) as exc:
             bound = signature.bind_partial(*args, **kwargs).arguments
             for name, value in bound.items():
                 kind = signature.parameters[name].kind
                 values = value.items() if kind is inspect.Parameter.VAR_KEYWORD else [(name, value)]
                 found = next(filter(None, (_not_utf8(n, v) for n, v in values)), None)
                 if found:
-                    raise ValueError(f"{found} is not valid UTF-8 text: a lone surrogate, Python's stand-in for bytes "
-                                     "that are not UTF-8 (from a command-line argument, or a file read with "
-                                     "errors='surrogateescape'); requests carry UTF-8 text only") from None
+                    raise ValueError(f"{found} is not valid UTF-8 text: bytes that are not UTF-8, or a lone "
+                                     "surrogate, Python's stand-in for them (from a command-line argument, or a "
+                                     "file read with errors='surrogateescape'); requests carry UTF-8 text only"
+                                     ) from None
             raise ValueError(f"a text field is not valid UTF-8: {exc}") from None
     return checked  # type: ignore[return-value]
 
@@ -218,7 +226,7 @@ def _message(i: int, m: Mapping[str, object]) -> pb.ChatMessage:
         raise ValueError(f"messages[{i}] needs a string 'role' and 'content' (text, or a list of text parts); "
                          f"got {m!r}")
     calls = m.get("tool_calls") or ()
-    if isinstance(calls, str | bytes | Mapping):
+    if isinstance(calls, str | bytes | Mapping) or not isinstance(calls, Iterable):
         raise ValueError(f"messages[{i}].tool_calls must be a list of calls, got {type(calls).__name__}")
     call_id = m.get("tool_call_id") or ""
     if not isinstance(call_id, str):
@@ -239,7 +247,7 @@ def chat(messages: Iterable[Mapping[str, object]], enable_thinking: bool | None 
         # iterated key by key: "messages[0] has unknown keys ['e', 'l', 'o', 'r']", the letters of 'role'
         raise ValueError(f"messages must be a list of messages ({{'role': ..., 'content': ...}} dicts), got a "
                          f"{type(messages).__name__}")
-    if isinstance(tools, str | bytes | Mapping):
+    if isinstance(tools, str | bytes | Mapping) or (tools is not None and not isinstance(tools, Iterable)):
         raise ValueError(f"tools must be a list of JSON objects, got {type(tools).__name__}")
     result = pb.Chat(messages=[_message(i, m) for i, m in enumerate(messages)],
                      tools=[_json_text(t, f"tools[{j}]") for j, t in enumerate(tools or ())])
@@ -250,9 +258,7 @@ def chat(messages: Iterable[Mapping[str, object]], enable_thinking: bool | None 
         result.enable_thinking = enable_thinking
     if template_kwargs:
         result.template_kwargs = _json_text(template_kwargs, "template_kwargs")
-    if not isinstance(continue_final_message, bool):
-        raise ValueError(f"continue_final_message must be True or False, got {continue_final_message!r}")
-    result.continue_final_message = continue_final_message
+    result.continue_final_message = bool(flag("continue_final_message", continue_final_message))  # None: unset
     return result
 
 
@@ -293,6 +299,10 @@ def generate_request(prompt: str | None = None, messages: Iterable[Mapping[str, 
     # Wrong types are named here: protobuf's "bad argument type for built-in operation" named nothing.
     if prompt is not None and not isinstance(prompt, str | bytes):
         raise ValueError(f"prompt must be a string (text), got {type(prompt).__name__}")
+    if isinstance(request_id, int) and not isinstance(request_id, bool):
+        request_id = str(request_id)  # as TextClient.generate's request_id= takes one
+    if not isinstance(request_id, str):
+        raise ValueError(f"request_id must be a string, got {request_id!r}")
     request = pb.GenerateRequest(request_id=request_id, sampling_params=sampling_params(**sampling),
                                  stop=_stop_strings(stop),
                                  include_stop_str_in_output=bool(flag("include_stop_str_in_output",

@@ -15,6 +15,7 @@ sends each call's result back as a "tool" message after an assistant message car
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import string
 
@@ -135,10 +136,15 @@ def _llama3_calls(body: str, strict: bool) -> list[dict] | None:
 
 def _cut_short(text: str, exc: json.JSONDecodeError) -> bool:
     """Whether JSON failed only because the text ended inside it: at its end, inside a string, or inside a literal
-    (`tru`, `nul`, a lone `-`), which the decoder reports at the literal's start."""
+    (`tru`, `nul`, a lone `-`), which the decoder reports at the literal's start; inside a number's fraction or
+    exponent (`1.`, `2.5e-`), which it reports as a missing delimiter after the digits; or inside a \\u escape
+    (`\\u00`)."""
     left = text[exc.pos:].rstrip()
+    if exc.msg.startswith("Invalid \\uXXXX escape"):  # reported at the "u"
+        return len(left) < 5 and all(c in string.hexdigits for c in left[1:])
     return (not left or exc.msg.startswith("Unterminated string")
-            or any(word.startswith(left) and word != left for word in ("true", "false", "null", "-0")))
+            or any(word.startswith(left) and word != left for word in ("true", "false", "null", "-0"))
+            or (re.fullmatch(r"\.|[eE][+-]?", left) is not None and text[exc.pos - 1].isdigit()))
 
 
 def _mistral(head: str, body: str) -> tuple[str, list[dict]]:

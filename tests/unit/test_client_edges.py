@@ -565,6 +565,8 @@ def test_encode_chat_adds_no_special_tokens():
     (lambda: generate_request(messages=[{"role": "user", "content": "x"}], template_kwargs={"k\udcff": 1}),
      "template_kwargs key 'k\\udcff' "),
     (lambda: _tokenize_request("t\udcff", None, None, None), "text "),
+    (lambda: generate_request(b"ok \xff", max_tokens=3), "prompt (byte 3"),
+    (lambda: _tokenize_request(b"\xfe", None, None, None), "text (byte 0"),
 ])
 def test_text_that_is_not_utf8_is_refused_naming_the_argument(build, where):
     """A lone surrogate (a command-line argument with bytes that are not UTF-8) raised protobuf's UnicodeEncodeError,
@@ -601,3 +603,50 @@ def test_token_ids_are_refused_by_index_when_the_protocol_cannot_carry_them_and_
             engine.generate(unordered)
     assert sorted(generate_request("x", stop_token_ids={3, 1}).sampling_params.stop_token_ids) == [1, 3]
     assert list(generate_request(prompt_token_ids=(4, 5, 4)).prompt_token_ids.ids) == [4, 5, 4]
+
+
+def test_continue_final_message_none_means_unset_as_every_keyword():
+    """docs/SERVICES.md: None for any keyword means unset; continue_final_message=None was refused ("must be True
+    or False") on a chat and on a tokenize of messages, while a prompt took it."""
+    messages = [{"role": "user", "content": "hi"}]
+    assert generate_request(messages=messages, continue_final_message=None).chat.continue_final_message is False
+    assert _tokenize_request(None, messages, None, None, None, None, None).chat.continue_final_message is False
+    with pytest.raises(ValueError, match="continue_final_message must be True, False or None"):
+        generate_request(messages=messages, continue_final_message="yes")
+
+
+@pytest.mark.parametrize("build, where", [
+    (lambda: generate_request(messages=[{"role": "user", "content": "hi"}], tools=5), "tools must be a list"),
+    (lambda: generate_request(messages=[{"role": "user", "content": "hi"}], tools=True), "tools must be a list"),
+    (lambda: generate_request(messages=[{"role": "assistant", "content": "", "tool_calls": 5}]),
+     "messages[0].tool_calls must be a list"),
+    (lambda: generate_request("hi", request_id=[1]), "request_id must be a string"),
+])
+def test_arguments_of_a_wrong_type_are_named(build, where):
+    """A number where a list of tools or calls goes raised "'int' object is not iterable", and a request id that
+    is not a string protobuf's "bad argument type for built-in operation": neither named the argument."""
+    with pytest.raises(ValueError) as err:
+        build()
+    assert str(err.value).startswith(where), err.value
+
+
+def test_an_integer_request_id_is_taken_as_its_text_and_the_engine_clients_abort_names_a_wrong_one():
+    from clients.engine_client import EngineClient
+
+    assert generate_request("hi", request_id=5).request_id == "5"  # as TextClient.generate's request_id= takes it
+    with EngineClient("127.0.0.1:1", timeout=1) as client, pytest.raises(ValueError, match="request_id must be a"):
+        client.abort(5)
+
+
+def test_numpy_numbers_are_taken_for_the_channel_settings():
+    """docs/SERVICES.md: numpy numbers are taken where Python's are; max_message_bytes=np.int64(...) and
+    keepalive_time_s=np.float32(...) were refused as not positive."""
+    import numpy as np
+
+    from clients.channel import channel_options
+
+    options = dict(channel_options(max_message_bytes=np.int64(1 << 20), keepalive_time_s=np.float32(30)))
+    assert options["grpc.max_send_message_length"] == 1 << 20 and type(options["grpc.max_send_message_length"]) is int
+    assert options["grpc.keepalive_time_ms"] == 30_000 and type(options["grpc.keepalive_time_ms"]) is int
+    with TextClient("127.0.0.1:1", max_message_bytes=np.int64(1 << 20), keepalive_time_s=np.float32(30)) as client:
+        assert client is not None

@@ -312,6 +312,15 @@ def test_llama3_json_calls_are_the_whole_reply():
             parse_tool_calls('{"name": "f", "parameters": {"flag": ' + cut, "llama3_json")
     quoted = one + ' "Done'  # a whole call, then prose opening a quote: nothing was cut
     assert parse_tool_calls(quoted, "llama3_json") == (quoted, [])
+    # Inside a number's fraction or exponent (the decoder reports a missing delimiter after the digits) and inside
+    # a \u escape: these read as replies without calls.
+    for cut in ("1.", "1e", "2.5E+", "2.5e-", '"a\\u00', '"a\\u'):
+        for text, fmt in (('{"name": "f", "parameters": {"x": ' + cut, "llama3_json"),
+                          ('<|python_tag|>{"name": "f", "parameters": {"x": ' + cut, "auto")):
+            with pytest.raises(ValueError, match="tool call 0 was cut short"):
+                parse_tool_calls(text, fmt)
+    for bad in ("1.x}}", '"a\\u00zz"}}'):  # not cut: malformed, so no calls
+        assert parse_tool_calls('{"name": "f", "parameters": {"x": ' + bad, "llama3_json")[1] == []
 
 
 def test_mistral_calls_in_both_of_its_layouts():
