@@ -202,6 +202,9 @@ def validate_tools(tools: object) -> list[dict]:
         raise ValueError(f"tools must be a list of JSON objects, got {type(tools).__name__}")
     if len(tools) > MAX_TOOLS:
         raise ValueError(f"tools must hold at most {MAX_TOOLS} tools, got {len(tools)}")
+    for i, tool in enumerate(tools):  # "" is {} only for a call's arguments (proto3's unset field), not for a tool
+        if isinstance(tool, str) and not tool.strip():
+            raise ValueError(f"tools[{i}] must be a JSON object (a tool's definition), got blank text {tool!r}")
     return [_json_object(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
 
 

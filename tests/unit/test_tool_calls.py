@@ -90,6 +90,8 @@ def test_the_protocol_carries_tools_and_calls_to_the_same_tokens(tool_tokenizer)
     (CONVERSATION, [{"bad": {1, 2}}], "tools[0] must be a JSON object"),
     (CONVERSATION, ["[1, 2]"], "tools[0] must be a JSON object, got list"),
     (CONVERSATION, ["{not json"], "tools[0] must be a JSON object, got text that is not JSON"),
+    (CONVERSATION, [WEATHER, "  "], "tools[1] must be a JSON object (a tool's definition), got blank text"),
+    (CONVERSATION, [""], "tools[0] must be a JSON object (a tool's definition), got blank text"),  # rendered {}
     (CONVERSATION, [WEATHER] * (MAX_TOOLS + 1), f"at most {MAX_TOOLS} tools"),
     ([{"role": "user", "content": "x", "tool_calls": [{"name": "f", "arguments": {}}]}], None,
      "messages[0].tool_calls is set on a 'user' message"),
