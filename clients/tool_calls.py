@@ -176,6 +176,9 @@ def _mistral(head: str, body: str) -> tuple[str, list[dict]]:
             rest = rest.lstrip().removeprefix(MISTRAL_CALLS)
             name, sep, after = rest.partition(MISTRAL_ARGS)
             name, has_id, call_id = name.partition(MISTRAL_CALL_ID)
+            if not sep and name.strip() and MISTRAL_CALLS not in rest:  # the reply ended before [ARGS]
+                raise ValueError(f"tool call {len(calls)} ends before its {MISTRAL_ARGS}: cut short (raise "
+                                 f"max_tokens), or not name{MISTRAL_ARGS}{{...}}: {rest[:200]!r}")
             if not sep or not name.strip():
                 raise ValueError(f"tool call {len(calls)} is not name{MISTRAL_ARGS}{{...}}: {rest[:200]!r}")
             try:

@@ -338,8 +338,11 @@ def test_mistral_calls_in_both_of_its_layouts():
         ("get_weather", {"city": "Paris"}), ("get_time", {})]
     with pytest.raises(ValueError, match="cut short"):
         parse_tool_calls('[TOOL_CALLS] [{"name": "get_weather", "argu')
+    for cut in ("[TOOL_CALLS]get_weather", "[TOOL_CALLS]get_wea", "[TOOL_CALLS]f[CALL_ID]a1b2"):  # ended before
+        with pytest.raises(ValueError, match=r"tool call 0 ends before its \[ARGS\]: cut short .*not name\[ARGS\]"):
+            parse_tool_calls(cut)  # [ARGS]: the docs promise a cut says so (it said only "not name[ARGS]{...}")
     with pytest.raises(ValueError, match=r"tool call 0 is not name\[ARGS\]"):
-        parse_tool_calls("[TOOL_CALLS]get_weather")
+        parse_tool_calls("[TOOL_CALLS]get_weather[TOOL_CALLS]get_time")  # no [ARGS], and not the end
     with pytest.raises(ValueError, match="arguments must be a JSON object"):
         parse_tool_calls('[TOOL_CALLS]f[ARGS][1]')
     # Without the special token in the text (skip_special_tokens, the default) nothing marks the calls.
