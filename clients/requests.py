@@ -256,8 +256,8 @@ def chat(messages: Iterable[Mapping[str, object]], enable_thinking: bool | None 
             raise ValueError(f"enable_thinking must be True, False or None (the template's default), got "
                              f"{enable_thinking!r}")
         result.enable_thinking = enable_thinking
-    if template_kwargs:
-        result.template_kwargs = _json_text(template_kwargs, "template_kwargs")
+    if template_kwargs is not None and not (isinstance(template_kwargs, str | Mapping) and not template_kwargs):
+        result.template_kwargs = _json_text(template_kwargs, "template_kwargs")  # 0 or [] named, not dropped
     result.continue_final_message = bool(flag("continue_final_message", continue_final_message))  # None: unset
     return result
 

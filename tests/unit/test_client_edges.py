@@ -621,6 +621,8 @@ def test_continue_final_message_none_means_unset_as_every_keyword():
     (lambda: generate_request(messages=[{"role": "assistant", "content": "", "tool_calls": 5}]),
      "messages[0].tool_calls must be a list"),
     (lambda: generate_request("hi", request_id=[1]), "request_id must be a string"),
+    (lambda: generate_request(messages=[{"role": "user", "content": "hi"}], template_kwargs=0),
+     "template_kwargs must be a JSON object"),  # dropped unseen, as a falsy value
 ])
 def test_arguments_of_a_wrong_type_are_named(build, where):
     """A number where a list of tools or calls goes raised "'int' object is not iterable", and a request id that
