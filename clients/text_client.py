@@ -532,6 +532,8 @@ class AsyncTextClient(_GenerateCalls):
         return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
 
     async def close(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._own_loop("closed")  # from another loop: refused before the channels are given up, not after
         channels = self._channels.close()
         if channels and self._loop is not None and self._loop.is_closed():
             return  # its channels went with their loop (asyncio.run closed it); none can be awaited from this one

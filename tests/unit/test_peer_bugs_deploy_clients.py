@@ -111,6 +111,25 @@ def test_an_async_client_called_from_a_second_event_loop_says_so(fake):
     asyncio.run(second())
 
 
+def test_closing_an_async_client_from_a_second_loop_while_its_own_runs_leaves_it_whole(fake):
+    """close() from another event loop, while the client's own was still open, marked the client closed and then
+    raised: its channels were never closed, and it refused every later call. It now refuses before changing
+    anything; the client goes on in its own loop and closes there."""
+    _, target = fake
+    own = asyncio.new_event_loop()
+    try:
+        client = AsyncTextClient(target, timeout=10)
+        assert own.run_until_complete(client.model_info()).model_name == "fake"
+        with pytest.raises(RuntimeError, match="closed in another event loop"):
+            asyncio.run(client.close())
+        assert own.run_until_complete(client.model_info()).model_name == "fake"
+        own.run_until_complete(client.close())
+        with pytest.raises(ValueError, match="closed"):
+            own.run_until_complete(client.model_info())
+    finally:
+        own.close()
+
+
 def test_an_async_client_made_outside_a_loop_and_never_used_closes_cleanly():
     client = AsyncTextClient("127.0.0.1:1", timeout=1)
     asyncio.run(client.close())
