@@ -152,7 +152,9 @@ class TextMetrics:
         if trace.finish_reason == "cancelled" and self.shutdown_error:
             trace.finish_reason, trace.error = "error", self.shutdown_error
         now = time.monotonic()
-        if trace.engine:  # a request refused before generation had nothing to detokenize: no 0 s observation
+        # A request refused before generation (by the service, or by every engine it was sent to: queues full) had
+        # nothing to detokenize: no 0 s observation, which under overload pulled the quantiles toward zero.
+        if trace.engine and trace.first_token:
             self.detokenize_time.observe(trace.detokenize_s)
         self._finished.labels(model_name=self._model, finished_reason=trace.finish_reason).inc()
         if not self._log_requests:

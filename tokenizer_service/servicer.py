@@ -494,6 +494,9 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                     retry_reason = ""
                 tried.add(handle.conn)
                 sent_to.append(handle.conn.address)
+                # Kept current, as its counts are: an n > 1 request stopped early (an abort, a cancel, a deadline)
+                # sums its completions' before their tasks reach the finally below.
+                trace.engine = handle.conn.address
                 try:
                     async for update in handle:
                         failed = None

@@ -106,13 +106,17 @@ def test_text_metrics_count_finished_requests():
     m.watch(lambda: 2, lambda: 1)
     trace = RequestTrace("r")
     trace.detokenize_s, trace.finish_reason, trace.engine = 0.002, "length", "10.0.0.1:50051"
+    trace.first_token = trace.start + 0.01  # served: its tokens came
     m.retried(trace, "resource_exhausted")  # an engine's queue was full: sent to another
     m.finish(trace)
     m.finish(RequestTrace("refused", finish_reason="error", error="INVALID_ARGUMENT: prompt: empty"))
+    m.finish(RequestTrace("full everywhere", finish_reason="error", engine="10.0.0.2:50051",
+                          error="RESOURCE_EXHAUSTED: the engine's queue is full"))  # sent, but refused: no token
     got = samples(m.registry)
     assert got[("llmserve:text_requests_total", ("finished_reason", "length"))] == 1
-    assert got[("llmserve:text_requests_total", ("finished_reason", "error"))] == 1
-    # A refusal had nothing to detokenize: it added a 0 s observation that pulled the quantiles down.
+    assert got[("llmserve:text_requests_total", ("finished_reason", "error"))] == 2
+    # A refusal (by the service, or by the engines) had nothing to detokenize: it added a 0 s observation that
+    # pulled the quantiles down.
     assert got[("llmserve:detokenize_time_seconds_count",)] == 1
     assert got[("llmserve:text_requests_inflight",)] == 2 and got[("llmserve:engines_connected",)] == 1
     assert got[("llmserve:engine_stream_reconnects_total",)] == 0

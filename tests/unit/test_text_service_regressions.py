@@ -2076,3 +2076,52 @@ def test_a_multi_request_id_past_256_characters_is_refused(demo_tokenizer):
     assert refused.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "at most 256 characters" in refused.status.message and "(100000 characters)" in refused.status.message
     assert len(refused.status.message) < 300
+
+
+def _detokenize_observations(servicer) -> float:
+    return servicer.metrics.registry.get_sample_value("llmserve:detokenize_time_seconds_count",
+                                                      {"model_name": "demo"})
+
+
+def test_a_request_every_engine_refused_adds_no_detokenize_observation(demo_tokenizer):
+    """A request the engines refused before any token (their queues full) had nothing to detokenize, yet it added a
+    0 s observation to llmserve:detokenize_time_seconds: under overload, when such refusals are common, the
+    quantiles were pulled toward zero. A request that got its tokens is observed once."""
+    pool = _ScriptedEngines(("e1", "e2"), step_s=0.0)
+    pool.full.update({"e1", "e2"})
+    servicer = _servicer(demo_tokenizer, pool)
+    request = pb.GenerateRequest(prompt="the sea", sampling_params=pb.SamplingParams(max_tokens=3))
+
+    async def call():
+        return [r async for r in servicer.Generate(request, _call_context())]
+
+    with pytest.raises(RequestFailed) as refused:
+        asyncio.run(call())
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _detokenize_observations(servicer) == 0
+    pool.full.clear()
+    assert len(asyncio.run(call())) == 3 and _detokenize_observations(servicer) == 1
+
+
+def test_an_n_request_ended_early_names_its_engine_and_is_observed(demo_tokenizer, caplog):
+    """An n > 1 request cancelled mid-stream (a client cancel, a GenerateMulti abort, a deadline) summed its
+    completions' counts before their tasks had recorded their engine: its log line said engine="" and its
+    detokenize time was not observed, where n = 1 requests ended the same way were right."""
+    pool = _ScriptedEngines(("e1",), step_s=0.005)
+    servicer = _servicer(demo_tokenizer, pool)
+    request = pb.GenerateRequest(prompt="the sea", n=3, sampling_params=pb.SamplingParams(max_tokens=1000),
+                                 request_id="early")
+
+    async def main():
+        responses = servicer.Generate(request, _call_context())
+        for _ in range(6):
+            await anext(responses)
+        await responses.aclose()  # the client went away mid-stream
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+
+    with caplog.at_level(logging.INFO, logger="llmserve.request"):
+        asyncio.run(main())
+    [line] = [r.fields for r in ours(caplog.records) if r.fields["request_id"] == "early"]
+    assert line["finish_reason"] == "cancelled" and line["engine"] == "e1" and line["completion_tokens"] >= 6
+    assert _detokenize_observations(servicer) == 1
