@@ -300,7 +300,9 @@ def _begin(node: Node, b: int, stack: tuple) -> State | None:
     if kind == NUMBER_KIND or kind == INTEGER_KIND:
         sub = _NUMBER_START.get(b)
         return None if sub is None else (NUM if kind == NUMBER_KIND else INT, sub, stack)
-    return _lits(node.lit_set.start, b, stack)  # LITERALS (sealed)
+    if len(stack) + node.need > MAX_DEPTH:  # LITERALS (sealed): its deepest value's containers must fit too
+        return None
+    return _lits(node.lit_set.start, b, stack)
 
 
 def _key(top, b: int, stack: tuple, first: bool) -> State | None:

@@ -108,6 +108,11 @@ class _Compiler:
             rest = {k: v for k, v in schema.items() if k not in ("enum", "const")}
             if set(rest) - ANNOTATIONS - {"$defs", "definitions"}:  # type, items, ...: the values must meet them too
                 check = self.compile(rest, where)
+                if self.pending and _reaches(check, self.pending):
+                    # A definition still being compiled is a placeholder that takes any value: every value passed,
+                    # and the engine wrote ones the schema forbids.
+                    raise SchemaError(f"json_schema at {where}: enum/const beside keywords that refer back through "
+                                      "a recursive $ref is not supported; list the allowed values without them")
                 literals = [lit for lit in literals if _accepts_value(check, lit)]
             if not literals:
                 raise SchemaError(f"json_schema at {where}: no value of enum/const meets the rest of the schema")
@@ -258,6 +263,43 @@ class _Compiler:
         return placeholder
 
 
+def _reaches(node: jg.Node, ids: set[int]) -> bool:
+    """Whether a node whose id is in `ids` is reachable from `node` (itself included)."""
+    seen: set[int] = set()
+    todo = [node]
+    while todo:
+        at = todo.pop()
+        if id(at) in ids:
+            return True
+        if id(at) in seen:
+            continue
+        seen.add(id(at))
+        if at.kind == jg.OBJECT_KIND:
+            todo += [sub for _, sub, _ in at.props]
+        elif at.kind == jg.ARRAY_KIND and at.items is not None:
+            todo.append(at.items)
+        elif at.kind == jg.UNION_KIND:
+            todo += list(at.dispatch.values())
+    return False
+
+
+def _nesting(literal: bytes) -> int:
+    """The containers an enum/const value opens, one inside another (0 for a scalar)."""
+    deepest = depth = 0
+    in_string = escaped = False
+    for b in literal:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (b == 0x5C, b != 0x22)
+        elif b == 0x22:
+            in_string = True
+        elif b in (0x7B, 0x5B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif b in (0x7D, 0x5D):
+            depth -= 1
+    return deepest
+
+
 def _accepts_value(node: jg.Node, literal: bytes) -> bool:
     """Whether `literal` (a compact JSON text) is a value of `node`."""
     state = jg.walk((jg.VALUE, (0, node), ("a",)), literal + b"]")
@@ -382,7 +424,10 @@ def _needs(nodes: list[jg.Node]) -> dict[int, int]:
 
 
 def _own(node: jg.Node) -> int:
-    """The need of a node that depends on no other: a container's own level, or none."""
+    """The need of a node that depends on no other: a container's own level; for enum/const values, the deepest
+    one's containers (the automaton offers them together); else none."""
+    if node.kind == jg.LITERALS_KIND:
+        return max(map(_nesting, node.literals))
     return 1 if node.kind in (jg.OBJECT_KIND, jg.ARRAY_KIND) else 0
 
 

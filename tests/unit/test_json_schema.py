@@ -336,6 +336,41 @@ def test_enum_and_const_meet_the_keywords_beside_them(sub, good, bad):
         assert _accepts(node, data) is ok and _reference(schema, data) is ok, data
 
 
+def test_an_enum_beside_keywords_that_refer_back_through_a_recursive_ref_is_refused():
+    """The keywords beside a const were checked against the placeholder of a definition still being compiled, which
+    takes any value: {"child": "oops"} passed where child must be an N object, and the engine wrote it, finishing
+    with stop. Such a schema is now refused; the same const beside a finished definition is checked as before."""
+    recursive = {"type": "object", "properties": {"root": {"$ref": "#/$defs/N"}}, "required": ["root"],
+                 "$defs": {"N": {"type": "object", "properties": {
+                     "v": {"type": "integer"},
+                     "next": {"const": {"child": "oops"}, "properties": {"child": {"$ref": "#/$defs/N"}}}},
+                     "required": ["v", "next"]}}}
+    with pytest.raises(SchemaError, match="enum/const beside keywords that refer back through a recursive \\$ref"):
+        compile_schema(json.dumps(recursive))
+    plain = {"type": "object", "properties": {"next": {"const": {"child": "oops"},
+                                                       "properties": {"child": {"$ref": "#/$defs/M"}}}},
+             "$defs": {"M": {"type": "object"}}}
+    with pytest.raises(SchemaError, match="no value of enum/const meets the rest of the schema"):
+        compile_schema(json.dumps(plain))
+
+
+def test_an_enum_values_containers_count_toward_the_depth_bound():
+    """A const's own containers counted as none: a recursive object 63 deep could end in [[[[[1]]]]] and the
+    document nested 69 containers, past the 64 the docs promise. The value is offered only where it fits."""
+    schema = {"type": "object", "properties": {"c": {"$ref": "#/$defs/N"}},
+              "$defs": {"N": {"type": "object", "properties": {"c": {"$ref": "#/$defs/N"},
+                                                               "e": {"const": [[[[[1]]]]]}}}}}
+    node = compile_schema(json.dumps(schema))
+
+    def nested(levels: int) -> bytes:
+        return b'{"c":' * levels + b'{"e":[[[[[1]]]]]}' + b"}" * levels
+
+    assert jg.MAX_DEPTH == 64
+    assert _accepts(node, nested(58))  # 59 objects and 5 arrays: 64 containers
+    assert not _accepts(node, nested(59))  # 65
+    assert not _accepts(node, nested(63))
+
+
 def test_keywords_without_a_type_give_it():
     # {"minItems": 2} alone would let any non-array through in JSON Schema; here it is an array of two or more,
     # which every such schema accepts too.
