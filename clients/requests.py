@@ -44,17 +44,12 @@ def put_token_ids(field: object, values: object, where: str, ordered: bool = Tru
 def _not_utf8(where: str, value: object) -> str | None:
     """Where in value (a string or bytes, or dicts, lists and tuples of them) text that is not valid UTF-8 is, else
     None."""
-    if isinstance(value, bytes):
+    if isinstance(value, str | bytes):
         try:
-            value.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return f"{where} (byte {exc.start}, {value[exc.start:exc.end]!r})"
-        return None
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            return f"{where} (character {exc.start}, {value[exc.start:exc.end]!r})"
+            value.encode("utf-8") if isinstance(value, str) else value.decode("utf-8")
+        except UnicodeError as exc:
+            unit = "character" if isinstance(value, str) else "byte"
+            return f"{where} ({unit} {exc.start}, {value[exc.start:exc.end]!r})"  # type: ignore[attr-defined]
         return None
     if isinstance(value, Mapping):
         for key, item in value.items():
