@@ -93,17 +93,41 @@ class RopeScaling:
                                  f"high above low; config.json has {low!r} and {high!r}")
             return cls("llama3", float(factor), int(original), low_freq_factor=float(low),
                        high_freq_factor=float(high))
+        numbers = {key: _number(rope, key, f"RoPE scaling 'yarn' {key}")
+                   for key in ("attention_factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow")}
         return cls(
             "yarn",
             float(factor),
             int(original),
-            attention_factor=rope.get("attention_factor"),
-            mscale=rope.get("mscale"),
-            mscale_all_dim=rope.get("mscale_all_dim"),
-            beta_fast=float(rope.get("beta_fast") or 32),
-            beta_slow=float(rope.get("beta_slow") or 1),
-            truncate=bool(rope.get("truncate", True)),
+            attention_factor=numbers["attention_factor"],
+            mscale=numbers["mscale"],
+            mscale_all_dim=numbers["mscale_all_dim"],
+            beta_fast=numbers["beta_fast"] or 32.0,
+            beta_slow=numbers["beta_slow"] or 1.0,
+            truncate=_flag(rope, "truncate", True, "RoPE scaling 'yarn' truncate"),
         )
+
+
+def _number(settings: dict, key: str, what: str) -> float | None:
+    """settings[key] as a float, None where absent or null; a ValueError naming it otherwise (a string or a list
+    failed deep inside the RoPE tables, naming neither the key nor the file)."""
+    value = settings.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"config.json's {what} should be a number, not {value!r}")
+    return float(value)
+
+
+def _flag(settings: dict, key: str, default: bool, what: str | None = None) -> bool:
+    """settings[key] as a bool, the default where absent or null; a ValueError for anything but a JSON boolean
+    (bool("false") is True: a tied head or biases the checkpoint does not have; transformers refuses it too)."""
+    value = settings.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"config.json's {what or key} should be true or false (a JSON boolean), not {value!r}")
+    return value
 
 
 @dataclass(slots=True, frozen=True)
@@ -215,7 +239,7 @@ class ModelConfig:
             rope_theta=float(rope_theta),
             max_position_embeddings=max_positions,
             rope_scaling=rope_scaling,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_flag(cfg, "tie_word_embeddings", False),
             torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
             sliding_window=_sliding_window(model_type, cfg),
             **FAMILY_PARTS[model_type](cfg),
@@ -224,12 +248,12 @@ class ModelConfig:
 
 # model_type -> the parts of the decoder it has, read from its config.json as transformers builds the model.
 FAMILY_PARTS = {
-    "qwen3": lambda cfg: dict(qk_norm=True, qkv_bias=bool(cfg.get("attention_bias", False)),
-                              o_proj_bias=bool(cfg.get("attention_bias", False))),
+    "qwen3": lambda cfg: dict(qk_norm=True, qkv_bias=_flag(cfg, "attention_bias", False),
+                              o_proj_bias=_flag(cfg, "attention_bias", False)),
     "qwen2": lambda cfg: dict(qk_norm=False, qkv_bias=True),
-    "llama": lambda cfg: dict(qk_norm=False, qkv_bias=bool(cfg.get("attention_bias", False)),
-                              o_proj_bias=bool(cfg.get("attention_bias", False)),
-                              mlp_bias=bool(cfg.get("mlp_bias", False))),
+    "llama": lambda cfg: dict(qk_norm=False, qkv_bias=_flag(cfg, "attention_bias", False),
+                              o_proj_bias=_flag(cfg, "attention_bias", False),
+                              mlp_bias=_flag(cfg, "mlp_bias", False)),
     "mistral": lambda cfg: dict(qk_norm=False),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_PARTS)

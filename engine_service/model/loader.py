@@ -42,8 +42,9 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
                                                                          for v in weight_map.values()):
             raise ValueError(f"{index} has no usable weight_map: it should map each tensor name to the name of its "
                              "safetensors file")
-        files = [model_dir / n for n in sorted(set(weight_map.values()))]
-        absent = [f.name for f in files if not f.exists()]
+        names = sorted(set(weight_map.values()))
+        files = [model_dir / n for n in names]
+        absent = [n for n, f in zip(names, files, strict=True) if not f.is_file()]  # "" or "." name the folder: no shard either
         if absent and single.is_file():
             # save_pretrained of an unsharded model into a directory that held a sharded one deletes the old
             # shards but leaves their index; transformers then reads model.safetensors, as the engine does.
@@ -116,7 +117,9 @@ def load_weights(model: nn.Module, model_dir: str | Path, tie_word_embeddings: b
     loaded: set[tuple[str, str | None]] = set()
     unexpected: list[str] = []
     tied_head: torch.Tensor | None = None  # a tied model's lm_head.weight in the checkpoint, compared below
-    seen: dict[str, Path] = {}  # tensor name -> its file: one in two files would be served from either, silently
+    # (parameter, shard) -> the tensor name and file that filled it: a tensor in two files, or under two names
+    # (with and without the "model." prefix), would be served from whichever came last, silently
+    seen: dict[tuple[str, str | None], tuple[str, Path]] = {}
     for path in checkpoint_files(model_dir):
         check_readable(path)
         try:
@@ -128,11 +131,15 @@ def load_weights(model: nn.Module, model_dir: str | Path, tie_word_embeddings: b
             for name in f.keys():
                 if name.endswith(IGNORED_SUFFIXES):
                     continue
-                if name in seen:
-                    raise ValueError(f"checkpoint tensor {name} is in both {seen[name].name} and {path.name} in "
-                                     f"{model_dir}: remove the file that is not the model's")
-                seen[name] = path
                 pname, shard = _target(name)
+                if (pname, shard) in seen:
+                    first, where = seen[pname, shard]
+                    if first == name:
+                        raise ValueError(f"checkpoint tensor {name} is in both {where.name} and {path.name} in "
+                                         f"{model_dir}: remove the file that is not the model's")
+                    raise ValueError(f"checkpoint tensors {first} ({where.name}) and {name} ({path.name}) in "
+                                     f"{model_dir} are both the model's {pname}: remove the one that is not")
+                seen[pname, shard] = (name, path)
                 if tie_word_embeddings and pname == "lm_head.weight":
                     tied_head = f.get_tensor(name)  # tied: the embedding is the head
                     continue

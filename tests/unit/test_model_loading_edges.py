@@ -32,6 +32,25 @@ def test_null_text_or_zero_sizes_are_refused_naming_the_key(key, value):
         ModelConfig.from_dict({**BASE, key: value})
 
 
+@pytest.mark.parametrize("key", ["tie_word_embeddings", "attention_bias"])
+def test_a_flag_that_is_not_a_json_boolean_is_refused_naming_the_key(key):
+    """bool("false") is True: tie_word_embeddings "false" tied the head to the embedding (wrong logits, and a
+    warning saying the config set it true), attention_bias "false" asked for biases the checkpoint has not.
+    transformers refuses such a config too."""
+    with pytest.raises(ValueError, match=f"config.json's {key} should be true or false \\(a JSON boolean\\), not 'false'"):
+        ModelConfig.from_dict({**BASE, key: "false"})
+    assert ModelConfig.from_dict({**BASE, key: None}) == ModelConfig.from_dict(BASE)  # null: the default
+
+
+@pytest.mark.parametrize("key", ["attention_factor", "mscale", "beta_fast", "beta_slow"])
+def test_a_yarn_setting_that_is_not_a_number_is_refused_naming_it(key):
+    """A string or a list failed deep in the RoPE tables as a bare TypeError, or as "could not convert string to
+    float: 'x'", naming neither the key nor the file."""
+    rope = {"rope_type": "yarn", "factor": 4.0, "mscale_all_dim": 1.0, key: "x"}
+    with pytest.raises(ValueError, match=f"config.json's RoPE scaling 'yarn' {key} should be a number, not 'x'"):
+        ModelConfig.from_dict({**BASE, "rope_scaling": rope})
+
+
 @pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
 def test_rope_settings_that_are_not_an_object_are_refused(key):
     for value in ("yarn", ["yarn", 4.0]):  # dict() said "dictionary update sequence element #0 has length ..."
@@ -164,6 +183,31 @@ def test_a_tensor_in_two_files_is_refused_naming_both(tiny):
     (path / "model.safetensors").rename(path / "a.safetensors")
     save_file({"model.norm.weight": tensors["model.norm.weight"] + 1}, path / "b.safetensors")
     with pytest.raises(ValueError, match=r"model\.norm\.weight is in both a\.safetensors and b\.safetensors"):
+        LLM(path, **ARGS)
+
+
+def test_one_parameter_under_two_names_is_refused_naming_both(tiny):
+    """The loader strips an optional "model." prefix: model.norm.weight and norm.weight both filled norm.weight,
+    and whichever came last was served (all zeros here), in one file or two."""
+    path, tensors = tiny
+    save_file(dict(tensors, **{"norm.weight": torch.zeros_like(tensors["model.norm.weight"])}),
+              path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"tensors model\.norm\.weight \(model\.safetensors\) and norm\.weight "
+                                         r"\(model\.safetensors\) in .* are both the model's norm\.weight"):
+        LLM(path, **ARGS)
+
+
+@pytest.mark.parametrize("entry", ["", ".", "sub"])
+def test_an_index_entry_naming_a_folder_is_no_shard(tiny, entry):
+    """The absent-shard check asked whether the path exists: "", "." or a subfolder passed it, and opening it failed
+    with a bare IsADirectoryError."""
+    path, tensors = tiny
+    (path / "sub").mkdir()
+    (path / "model.safetensors").rename(path / "model-00001-of-00001.safetensors")
+    weight_map = {name: "model-00001-of-00001.safetensors" for name in tensors}
+    weight_map["model.norm.weight"] = entry
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match=f"index.json lists \\[{entry!r}\\], absent from"):
         LLM(path, **ARGS)
 
 
