@@ -211,7 +211,11 @@ def ratio_report(rows: list[dict], concurrencies: list[int], rates: list[float])
                   for g, i in zip([r for r in point if r["mode"] == "grpc"],
                                   [r for r in point if r["mode"] == "inprocess"], strict=True)]
         key = f"grpc_over_inprocess_rate_{rate}" + (f"_concurrency_{concurrency}" if len(concurrencies) > 1 else "")
-        report[key] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "pairs": ratios}
+        # NaN pairs are left out of the summary (with one among them, median, min and max depended on its place)
+        real = [r for r in ratios if not math.isnan(r)]
+        nan = float("nan")
+        report[key] = {"median": statistics.median(real) if real else nan, "min": min(real, default=nan),
+                       "max": max(real, default=nan), "pairs": ratios, "pairs_left_out": len(ratios) - len(real)}
     return report
 
 
@@ -296,6 +300,17 @@ def inprocess_engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
     return kwargs
 
 
+def inprocess_torch_threads(args: argparse.Namespace, cuda_available: bool, torch_default: int) -> int | None:
+    """The in-process engine's torch threads, read as the engine service reads its --torch-threads (0: one on a
+    CPU of at most 4 cores): 0 left torch's default here (2 on a 2-core machine) against the service's one, and the
+    ratio compared unequal engines."""
+    from clients.cpus import available_cpus
+    from engine_service.server import torch_threads
+
+    settings = argparse.Namespace(torch_threads=args.torch_threads, device=args.device)
+    return torch_threads(settings, cuda_available, available_cpus(), torch_default)  # type: ignore[arg-type]
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     p = argparse.ArgumentParser(prog="python -m clients.serving_bench", description=__doc__.splitlines()[0])
     p.add_argument("--target", default="localhost:50052", help="the tokenizer service")
@@ -365,8 +380,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
         from engine_service import LLMEngine  # only in this mode: the client library needs no torch
 
-        if args.torch_threads:
-            torch.set_num_threads(args.torch_threads)
+        threads = inprocess_torch_threads(args, torch.cuda.is_available(), torch.get_num_threads())
+        if threads:
+            torch.set_num_threads(threads)
         kwargs = inprocess_engine_kwargs(args)
         engine = LLMEngine(args.inprocess_model, device=args.device, **kwargs)
         inprocess = {"model": args.inprocess_model, "device": args.device, "engine_kwargs": kwargs,

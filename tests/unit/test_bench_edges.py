@@ -77,7 +77,33 @@ def test_ratio_report_median_min_and_max_of_uneven_pairs():
     rows = [{"mode": m, "rate": 2.0, "concurrency": 8, "output_throughput": out[(m, p)]}
             for p in range(3) for m in ("grpc", "inprocess")]
     entry = sb.ratio_report(rows, [8], [2.0])["grpc_over_inprocess_rate_2.0"]
-    assert entry == {"median": 1.0, "min": 0.5, "max": 4.0, "pairs": [1.0, 4.0, 0.5]}
+    assert entry == {"median": 1.0, "min": 0.5, "max": 4.0, "pairs": [1.0, 4.0, 0.5], "pairs_left_out": 0}
+
+
+@pytest.mark.parametrize("at", [0, 1, 4])
+def test_ratio_report_leaves_a_pair_with_no_inprocess_output_out_of_its_summary(at):
+    """A pair whose in-process run produced nothing is NaN; passed to median, min and max with the others, it made
+    them depend on where it stood (first: min and max NaN; second: median 0.8 of 0.8-0.95)."""
+    gains = [0.8, 0.85, 0.9, 0.95]
+    pairs = [(g * 100.0, 100.0) for g in gains]
+    pairs.insert(at, (90.0, 0.0))
+    rows = [{"mode": m, "rate": 1.0, "concurrency": 4, "output_throughput": v}
+            for grpc_tps, inproc_tps in pairs for m, v in (("grpc", grpc_tps), ("inprocess", inproc_tps))]
+    entry = sb.ratio_report(rows, [4], [1.0])["grpc_over_inprocess_rate_1.0"]
+    assert entry["median"] == pytest.approx(0.875) and entry["min"] == pytest.approx(0.8)
+    assert entry["max"] == pytest.approx(0.95) and entry["pairs_left_out"] == 1 and len(entry["pairs"]) == 5
+
+
+def test_the_inprocess_engine_takes_the_engine_services_torch_threads(monkeypatch):
+    """--torch-threads 0 left torch's default in-process (2 on a 2-core machine), where the engine service takes one
+    thread on a CPU of at most 4 cores: the ratio compared unequal engines."""
+    import clients.cpus
+
+    monkeypatch.setattr(clients.cpus, "available_cpus", lambda: 2)
+    args = argparse.Namespace(torch_threads=0, device="cpu")  # the flags' defaults, on the CPU
+    assert sb.inprocess_torch_threads(args, False, 2) == 1
+    args.torch_threads = 3
+    assert sb.inprocess_torch_threads(args, False, 2) == 3
 
 
 # ----------------------------------------------------------------------------------------------------------------
