@@ -44,7 +44,7 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
                              "safetensors file")
         names = sorted(set(weight_map.values()))
         files = [model_dir / n for n in names]
-        absent = [n for n, f in zip(names, files, strict=True) if not f.is_file()]  # "" or "." name the folder: no shard either
+        absent = [n for n in names if not (model_dir / n).is_file()]  # "" or "." name the folder: no shard either
         if absent and single.is_file():
             # save_pretrained of an unsharded model into a directory that held a sharded one deletes the old
             # shards but leaves their index; transformers then reads model.safetensors, as the engine does.
