@@ -80,6 +80,11 @@ DEADLINE_SLACK_S = 0.05
 MULTI_QUEUED_RESPONSES = 1024
 
 
+def internal_error(exc: BaseException) -> str:
+    """The message of an INTERNAL status for an unexpected failure: its type and text, for the caller and the log."""
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
 def _heavy(request, max_bytes: int = OFFLOAD_TOKENIZE_BYTES) -> bool:
     """Whether preparing this request (or running Tokenize / Detokenize on it, with max_bytes OFFLOAD_API_BYTES)
     should leave the event loop."""
@@ -268,7 +273,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 prep = self._timed_prepare(*args)
         except Exception as exc:  # a bug, or a chat template failing in Python: the request fails visibly
             log.exception("preparing a request failed")
-            raise RequestFailed(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}") from exc
+            raise RequestFailed(grpc.StatusCode.INTERNAL, internal_error(exc)) from exc
         finally:
             if not held:
                 self.admitting -= places
@@ -353,7 +358,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                 await queue.put(exc)
             except Exception as exc:  # a bug must fail the request, not leave the reader waiting for this one
                 log.exception("completion %d of request %s failed", i, trace.request_id)
-                await queue.put(RequestFailed(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"))
+                await queue.put(RequestFailed(grpc.StatusCode.INTERNAL, internal_error(exc)))
 
         tasks = [asyncio.create_task(pump(i)) for i in range(n)]
         held = set(tasks)  # tasks whose place in `inflight` is not yet given back
@@ -663,7 +668,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             await context.abort(exc.code, exc.message)
         except Exception as exc:  # a bug: INTERNAL naming it, logged and counted, as GenerateMulti fails a request
             log.exception("request %s failed", trace.request_id)
-            message = f"internal error: {type(exc).__name__}: {exc}"
+            message = internal_error(exc)
             trace.finish_reason, trace.error = "error", f"INTERNAL: {message}"
             await context.abort(grpc.StatusCode.INTERNAL, message)
         finally:
@@ -721,7 +726,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                                                   usage=usage_so_far(trace, trace.streamed_tokens)), me)
             except Exception as exc:  # a bug must fail this request visibly, not drop it from the stream
                 log.exception("request %s/%s failed", call_id, rid)
-                message = f"internal error: {type(exc).__name__}: {exc}"
+                message = internal_error(exc)
                 trace.finish_reason, trace.error = "error", f"INTERNAL: {message}"
                 await emit(pb.GenerateResponse(request_id=rid, finish_reason=pb.FINISH_REASON_ERROR, status=pb.Status(
                     code=grpc.StatusCode.INTERNAL.value[0], message=message),
@@ -790,7 +795,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             except Exception as exc:  # a bug applying a message: the call fails visibly, its requests are cancelled
                 nonlocal read_error, read_code
                 log.exception("call %s: applying a message failed", call_id)
-                read_error = f"internal error: {type(exc).__name__}: {exc}; the call's requests were cancelled"
+                read_error = f"{internal_error(exc)}; the call's requests were cancelled"
                 read_code = grpc.StatusCode.INTERNAL
             finally:
                 input_done = True
@@ -841,7 +846,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:  # as in Generate: INTERNAL naming the failure, not grpc's bare UNKNOWN
             log.exception("Tokenize failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            await context.abort(grpc.StatusCode.INTERNAL, internal_error(exc))
         await context.send_initial_metadata(OPTIONS)
         return pb.TokenizeResponse(token_ids=ids)
 
