@@ -435,7 +435,9 @@ def _plan_paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
                              f"expected ({num_seqs},) int32 on {q.device}, a permutation of the sequences")
     if num_tokens == 0 or num_seqs == 0:
         return []
-    if seq_order is not None and not decode_order_pays(q, k_cache):
+    # The tuner's verdict on the order applies to the tuned tile; a caller naming its tile (the tuner's own timings,
+    # the GPU check's launch-order table) gets the order it asked for.
+    if seq_order is not None and tile is None and not decode_order_pays(q, k_cache):
         seq_order = None
 
     gqa = num_heads // num_kv_heads
@@ -523,7 +525,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     (max_seqlen_q 1), a permutation of the sequences ([num_seqs] int32 on q's device) in which their programs
     are dispatched, all KV heads of one sequence side by side (heads_first is implied); longest_first(context
     lengths) gives each launch a short tail (a long sequence started in the last wave would run on alone). It
-    changes no result. prefill_tile: (BLOCK_M, BLOCK_N, num_stages, num_warps) for a bf16/fp16 step with
+    changes no result. Without a tile, it is ignored where the start-up tuner found batch order faster for
+    these shapes; with one, it is always followed. prefill_tile: (BLOCK_M, BLOCK_N, num_stages, num_warps) for a bf16/fp16 step with
     max_seqlen_q > 1 instead of the tuned or default one (tile, where given, wins, with 64 rows). Returns out
     [num_tokens, num_heads, head_dim] in q's dtype; a row with no keys (context_len 0) is zeros.
     """

@@ -375,6 +375,10 @@ def test_decode_keeps_the_launch_order_only_where_the_tuner_found_it_faster(monk
     assert launch.constexprs["ORDERED"] is ordered
     out = tk.paged_attention(*args, seq_order=order)
     assert torch.equal(out, tk.paged_attention(*args))
+    # A caller naming its tile (the GPU check's launch-order table) gets the order it asked for, whatever the tuner
+    # found: otherwise its "longest first" column would silently time batch order.
+    launch = tk._plan_paged_attention(*args, torch.empty_like(b.q), 1, tk.DECODE_TILES[0], order)[0]
+    assert launch.constexprs["ORDERED"] is True
     # Tuned again, say with the tile pinned, nothing is timed: the order is kept.
     monkeypatch.setenv(tk.DECODE_TILE_ENV, "64,2,4")
     tk.tune_decode_tile(b.k_cache, b.v_cache, 4, batch=3, context_len=20, timer=timer)
