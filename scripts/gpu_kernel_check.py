@@ -258,7 +258,11 @@ def time_split_counts(dev: torch.device, rng: torch.Generator, running=(8, 16, 3
 
     nh, nkv, hd = _QWEN
     workload = bench.make_workload(bench.WORKLOAD_A)
-    print("\nsplit counts: workload A's decode steps at these batch sizes, block 16, longest first, us (GB/s); "
+    # No tile is named, so these launch as the engine's would: longest first unless the tuner found batch order faster.
+    probe_q = torch.empty(1, nh, hd, dtype=torch.bfloat16, device=dev)
+    probe_cache = torch.empty(1, 16, nkv, hd, dtype=torch.bfloat16, device=dev)
+    order_name = "longest first" if tk.decode_order_pays(probe_q, probe_cache) else "batch order (the tuner's verdict)"
+    print(f"\nsplit counts: workload A's decode steps at these batch sizes, block 16, {order_name}, us (GB/s); "
           "* the default, + the fastest")
     print(f"{'running':>7s} {'step':>5s} {'keys':>6s} " + " ".join(f"{f'splits {n}':>16s}" for n in splits))
     for want in running:

@@ -773,6 +773,7 @@ def test_gpu_kernel_check_split_table_uses_workload_a_steps_at_each_batch_size(m
     monkeypatch.setattr(tk, "paged_attention", attention)
     monkeypatch.setattr(tk, "default_num_kv_splits", lambda seqs, kv_heads, q, dev: 7 if seqs < 40 else 1)
     monkeypatch.setattr(gkc, "_time", lambda fn: (fn(), 100.0 + abs(calls[-1][1] - 3))[1])  # 3 splits fastest
+    monkeypatch.setattr(tk, "_decode_order_timings", {})
     gkc.time_split_counts(torch.device("cpu"), torch.Generator().manual_seed(0), running=(16, 64),
                           splits=(1, 2, 3))
     lines = capsys.readouterr().out.splitlines()
@@ -797,6 +798,15 @@ def test_gpu_kernel_check_split_table_uses_workload_a_steps_at_each_batch_size(m
         assert under(2).strip() == "-"  # it failed
         assert re.fullmatch(r" *100\.0 \( *\d+\) \+", under(3)), row
         assert bool(re.search(r"   default 7: 104\.0 \( *\d+\)\*$", row)) == (default == 7), row
+    assert any(line.startswith("split counts:") and "longest first" in line for line in lines), lines
+    # Where the tuner found batch order faster for these shapes, the engine's launches (and so these) ignore the
+    # order: the title says so rather than claiming longest first.
+    nh, nkv, hd = gkc._QWEN
+    key = tk._tile_key(torch.empty(1, nh, hd, dtype=torch.bfloat16), torch.empty(1, 16, nkv, hd, dtype=torch.bfloat16))
+    tk._decode_order_timings[key] = (2.0, 1.0)
+    gkc.time_split_counts(torch.device("cpu"), torch.Generator().manual_seed(0), running=(16,), splits=(1,))
+    title = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("split counts:"))
+    assert "batch order (the tuner's verdict)" in title and "longest first" not in title, title
 
 
 def test_gpu_check_second_engine_measures_the_rest_without_pdl_when_pdl_fails(tmp_path, monkeypatch):
