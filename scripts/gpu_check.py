@@ -1041,7 +1041,9 @@ def cmd_summary(out: Path, shown_as: str = "") -> int:
         print(f"{label:<30}{st:<9}{secs:>5}  {text}")
     if broken:
         print(f"the figures could not be read from the parts' outputs ({broken}): see the logs and JSON")
-    (out / "performance.md").write_text(_markdown(env, rows))
+    staged = out / f".performance.{os.getpid()}.md"  # renamed over: the publisher may be writing it too
+    staged.write_text(_markdown(env, rows))
+    os.replace(staged, out / "performance.md")
     print("\n(the same as Markdown for docs/PERFORMANCE.md: performance.md, beside the logs)")
     if broken:
         return 1

@@ -114,8 +114,11 @@ run_part() {
 # summary: the table (so far) in summary.txt and performance.md; exit 3 when it is whole but workload A missed
 # 28,000 tok/s, other non-zero if it failed.
 SHOWN_AS=${PUBLISH:+gpu_check.tgz}
-summary() {
-  "$PY" scripts/gpu_check.py summary --out "$OUT_DIR" --shown-as "${SHOWN_AS:-$OUT_DIR}" >"$OUT_DIR/summary.txt" 2>&1
+summary() {  # written aside and renamed: the publisher and the main script may both be writing it
+  local tmp="$OUT_DIR/.summary.$BASHPID.txt" rc=0
+  "$PY" scripts/gpu_check.py summary --out "$OUT_DIR" --shown-as "${SHOWN_AS:-$OUT_DIR}" >"$tmp" 2>&1 || rc=$?
+  mv -f "$tmp" "$OUT_DIR/summary.txt"
+  return $rc
 }
 
 # publish: with $OUT, every output so far as $OUT/gpu_check.tgz, and the main ones loose beside it (at most
