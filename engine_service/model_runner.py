@@ -431,14 +431,20 @@ class ModelRunner:
         elif self.device.type == "cuda":
             blocks = torch.cuda.get_device_properties(self.device).total_memory // self.block_bytes()
         else:
-            blocks = int(self.config.cpu_kvcache_gib * 2**30) // self.block_bytes()
+            blocks = int(self.config.cpu_kvcache_gib * 2**30) // self._host_block_bytes()
         bound = max(blocks * self.block_size + 1, self.config.max_num_batched_tokens)
         return min(self.max_model_len, bound)
 
     def block_bytes(self) -> int:
+        """K and V bytes of one block on this rank."""
         cfg = self.model_cfg
         per_token = 2 * cfg.num_hidden_layers * kv_heads_per_rank(cfg, self.tp) * cfg.head_dim
         return per_token * self.block_size * torch.tensor([], dtype=self.kv_dtype).element_size()
+
+    def _host_block_bytes(self) -> int:
+        """K and V bytes of one block over every rank: on the CPU they all hold their pools in this machine's
+        memory, so cpu_kvcache_gib and the memory check count this, not one rank's share."""
+        return self.block_bytes() * self.tp.size
 
     def _decide_num_blocks(self) -> int:
         if self.config.num_kvcache_blocks is not None:
@@ -452,13 +458,15 @@ class ModelRunner:
         # CPU default: max_num_seqs full-length sequences, capped by cpu_kvcache_gib.
         want = self.config.max_num_seqs * -(-self.max_model_len // self.block_size)
         gib = self.config.cpu_kvcache_gib
-        cap = int(gib * 2**30) // self.block_bytes()
+        block = self._host_block_bytes()
+        ranks = f" on {self.tp.size} ranks" if self.tp.size > 1 else ""
+        cap = int(gib * 2**30) // block
         if cap < 1:  # one block anyway would break the cap, and serve sequences of block_size + 1 tokens at most
             raise ValueError(
                 f"cpu_kvcache_gib={gib} holds no KV block: one block of {self.block_size} tokens takes "
-                f"{self.block_bytes() / 2**20:.3g} MiB; raise cpu_kvcache_gib to at least "
-                f"{_round_up(self.block_bytes() / 2**30)} (one block), "
-                f"{_round_up(self._one_sequence_bytes() / 2**30)} to hold one sequence of max_model_len "
+                f"{block / 2**20:.3g} MiB{ranks}; raise cpu_kvcache_gib to at least "
+                f"{_round_up(block / 2**30)} (one block), "
+                f"{_round_up(self._one_sequence_bytes() * self.tp.size / 2**30)} to hold one sequence of max_model_len "
                 f"{self.max_model_len} tokens, or set num_kvcache_blocks"
             )
         return min(want, cap)
@@ -488,9 +496,9 @@ class ModelRunner:
         is killed by the out-of-memory killer as it is filled. A pool that fits but leaves too little for the
         weights is not caught here."""
         memory = _host_memory_bytes()
-        need = blocks * self.block_bytes() * self.tp.size
+        need = blocks * self._host_block_bytes()
         if memory is not None and need > memory:
-            fits = memory // (self.block_bytes() * self.tp.size)
+            fits = memory // self._host_block_bytes()
             gib = 2**30
             raise ValueError(
                 f"num_kvcache_blocks={blocks} does not fit in this machine's memory: the KV cache takes "

@@ -20,9 +20,9 @@ import sys
 import tempfile
 import threading
 import traceback
-import weakref
 from datetime import timedelta
 from multiprocessing import resource_tracker
+from multiprocessing import util as mp_util
 
 import torch
 import torch.distributed as dist
@@ -288,7 +288,11 @@ class WorkerGroup:
                 _close_group()  # _shut_down gives them back only for a group with workers
             raise
         # The lists are shared with the finalizer, which close() empties them for: it then has nothing to do.
-        weakref.finalize(self, _shut_down, self.conns, self.procs, self._dir, False)
+        # multiprocessing's own finalizer, with an exit priority: at interpreter exit it runs before
+        # multiprocessing sends SIGTERM to daemonic children and joins them without a timeout. Workers ignore
+        # SIGTERM, so a weakref.finalize, whose atexit hook can run after that join (where something had made one
+        # before multiprocessing was imported: a tempfile.TemporaryDirectory, say), left the exit hanging forever.
+        mp_util.Finalize(self, _shut_down, args=(self.conns, self.procs, self._dir, False), exitpriority=0)
         log.info("started %d tensor-parallel worker(s) (%s), %d torch thread(s) per rank", self.size - 1,
                  "nccl" if self.cuda else "gloo", share)
 

@@ -106,10 +106,14 @@ def test_heads_not_divisible_by_tp_is_a_value_error(tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_workers_never_block_interpreter_exit(tmp_path):
-    """A script that never calls close() still exits promptly, and leaves no worker behind."""
+@pytest.mark.parametrize("preamble", ["", "import tempfile\nscratch = tempfile.TemporaryDirectory()\n"],
+                         ids=["plain", "finalizer-made-first"])
+def test_workers_never_block_interpreter_exit(tmp_path, preamble):
+    """A script that never calls close() still exits promptly, and leaves no worker behind: also where something
+    made a weakref.finalize before the engine was imported (a TemporaryDirectory), whose atexit hook then runs
+    after multiprocessing's, which joins daemonic workers without a timeout (they ignore its SIGTERM)."""
     make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
-    code = (
+    code = preamble + (
         "import sys\n"
         "from engine_service import LLM, SamplingParams\n"
         f"llm = LLM({str(tmp_path)!r}, device='cpu', tensor_parallel_size=2, num_kvcache_blocks=16,\n"

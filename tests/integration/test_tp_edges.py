@@ -248,3 +248,21 @@ def test_two_threads_asking_at_once_get_the_workers_own_error():
     reason = "tensor-parallel worker rank 1 failed: OutOfMemoryError: out of memory"
     assert answers == {"first": reason, "second": reason}
     assert group.dead_worker() == reason
+
+
+@pytest.mark.timeout(120)
+def test_cpu_kvcache_gib_caps_the_pools_of_every_rank_together(tmp_path):
+    """On the CPU every rank's pool is in this machine's memory: cpu_kvcache_gib caps their K and V together. Each
+    rank was sized against the whole cap, so N ranks took N times it (32 GiB at TP 8 under the default 4)."""
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
+    cap_bytes = 2**20
+    args = {**TP_ARGS, "num_kvcache_blocks": None, "cpu_kvcache_gib": cap_bytes / 2**30, "max_num_seqs": 16,
+            "max_model_len": 512}
+    with LLM(tmp_path, tensor_parallel_size=2, **args) as llm:
+        runner = llm.runner
+        rank_bytes = runner.k_cache.nbytes + runner.v_cache.nbytes
+        assert rank_bytes == runner.num_blocks * runner.block_bytes()
+        # Both ranks' pools within the cap, and filling it to within one block of both ranks.
+        assert cap_bytes - 2 * runner.block_bytes() < 2 * rank_bytes <= cap_bytes, (rank_bytes, runner.num_blocks)
+    with pytest.raises(ValueError, match=r"holds no KV block: .* MiB on 2 ranks"):
+        LLM(tmp_path, tensor_parallel_size=2, **{**args, "cpu_kvcache_gib": 1.5 * runner.block_bytes() / 2**30})
