@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from dataclasses import dataclass
 
 from clients.flags import parse_bool, parse_settings
@@ -147,6 +148,11 @@ class ServerConfig:
         for name in ("num_kvcache_blocks", "max_model_len", "torch_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (automatic) or positive, got {getattr(self, name)}")
+        machine_cpus = os.cpu_count() or 1
+        if self.torch_threads > machine_cpus:  # torch started them all: a segfault or libgomp's bare failure
+            raise ValueError(f"torch_threads ({self.torch_threads}) is more than this machine's {machine_cpus} CPUs: "
+                             f"threads past the cores only wait on each other; give at most {machine_cpus}, or 0 "
+                             "for the automatic count")
         for name in ("keepalive_time_s", "keepalive_timeout_s", "min_ping_interval_s", "grace_s",
                      "watchdog_s", "canary_timeout_s", "gil_switch_interval_ms"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:  # NaN passed a "<= 0" check

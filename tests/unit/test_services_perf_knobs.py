@@ -17,7 +17,7 @@ from engine_service.server_config import parse_config
         (["--device", "cpu"], True, 2, 2, 1),
         ([], True, 2, 2, None),  # auto on a GPU machine
         ([], True, 6, 64, 6),
-        (["--torch-threads", "3"], False, 2, 2, 3),  # the flag wins
+        (["--torch-threads", "2"], False, 1, 1, 2),  # the flag wins (at most the machine's CPUs: CI has two)
     ],
 )
 def test_torch_threads_default_and_flag(flags, cuda, cores, default, expected):
@@ -54,6 +54,17 @@ def test_torch_threads_reads_the_environment_and_refuses_negatives():
     assert parse_config(["--model", "m"], env={"ENGINE_TORCH_THREADS": "2"}).torch_threads == 2
     with pytest.raises(ValueError, match="torch_threads"):
         parse_config(["--model", "m", "--torch-threads", "-1"], env={})
+
+
+def test_torch_threads_past_the_machines_cpus_are_refused_before_start_up():
+    """torch.set_num_threads(100000) segfaulted the engine after it had bound its port, with no message (30000:
+    only libgomp's "Thread creation failed")."""
+    import os
+
+    cpus = os.cpu_count()
+    assert parse_config(["--model", "m", "--torch-threads", str(cpus)], env={}).torch_threads == cpus
+    with pytest.raises(ValueError, match=rf"torch_threads \(100000\) is more than this machine's {cpus} CPUs"):
+        parse_config(["--model", "m"], env={"ENGINE_TORCH_THREADS": "100000"})
 
 
 def test_fast_decoder_gives_the_same_text_as_transformers():
