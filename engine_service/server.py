@@ -323,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
         code = asyncio.run(serve(config))
     except PortUnavailable as exc:
         sys.exit(f"engine-service: {exc}")
+    finally:
+        hold()  # the closed loop gave the stop signals their defaults back: a second one during teardown killed us
     sys.stdout.flush()
     sys.stderr.flush()
     stuck = any(t.name in (LOADER_THREAD, ENGINE_THREAD) and t.is_alive() for t in threading.enumerate())

@@ -234,9 +234,12 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(config.log_level, config.log_format)
     warn_unknown(TextServerConfig, ENV_PREFIX, "tokenizer-service")
     try:
-        sys.exit(asyncio.run(serve(config)))
+        code = asyncio.run(serve(config))
     except PortUnavailable as exc:
         sys.exit(f"tokenizer-service: {exc}")
+    finally:
+        hold()  # the closed loop gave the stop signals their defaults back: a second one during teardown killed us
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -536,6 +536,32 @@ def test_a_stop_during_a_load_that_started_threads_of_its_own_still_exits_at_onc
         proc.wait()
 
 
+@pytest.mark.parametrize("service", ["engine_service", "tokenizer_service"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_second_stop_signal_during_the_teardown_still_exits_0(service, sig):
+    """Closing the event loop gives SIGTERM and SIGINT their defaults back: a second stop (a Ctrl-C pressed twice,
+    systemd's or `timeout`'s repeat) while the interpreter tears down, 0.6-2 s after a served stop, ended the
+    process by the signal instead of the documented exit 0. Here the served stop is faked (serve takes the signals
+    over, as the real one does, and returns 0 at once), and the second signal comes 0.5 s later, in a teardown
+    stood in by a sleep."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (f"import asyncio, os, signal, threading, time, sys, {service}.server as s\n"
+            "from clients.stop_signals import take_over\n"
+            "async def serve(config):\n"
+            "    take_over(asyncio.get_running_loop(), lambda: None)\n"
+            f"    threading.Timer(0.5, os.kill, (os.getpid(), signal.{sig})).start()\n"
+            "    return 0\n"
+            "s.serve = serve\n"
+            "try:\n    s.main(sys.argv[1:])\nfinally:\n    time.sleep(1.5)\n")
+    args = ["--model", "fake"] if service == "engine_service" else ["--engines", "127.0.0.1:1", "--model", "fake"]
+    result = subprocess.run([sys.executable, "-c", code, *args], cwd=Path(__file__).resolve().parents[2],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+
+
 # ---- clients/channel.py ---------------------------------------------------------------------------------------------
 def test_channel_options_refuse_what_is_not_a_name_value_pair():
     from clients.channel import channel_options
