@@ -26,6 +26,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
 MAX_TIMEOUT_S = 10 * 365 * 86400
 
 
+def is_port(text: str) -> bool:
+    """A TCP port a client can dial: decimal digits naming 1..65535 (gRPC took 65536 + P as port P)."""
+    return text.isascii() and text.isdigit() and 0 < int(text) < 65536
+
+
 def client_timeout(timeout: float | None) -> float | None:
     """A client's per-call timeout: None, or a positive number of seconds (inf and very long ones mean none)."""
     if timeout is None:
@@ -126,6 +131,9 @@ class Channels:
         if not isinstance(target, str) or not target:
             raise ValueError(f"target must be the service's address as a string, HOST:PORT (e.g. localhost:50052) or "
                              f"a gRPC URI (unix:/path); got {target!r}")
+        port = target.rpartition(":")[2]
+        if "/" not in target and ":" in target and port.isdigit() and not is_port(port):  # URIs (unix:/...) pass
+            raise ValueError(f"target {target!r} names port {port}: ports are 1..65535, e.g. localhost:50052")
         if tls is not None and not all(callable(getattr(tls, name, None)) for name in ("stamp", "credentials")):
             raise ValueError(f"tls must be a ClientTls (clients.tls: ClientTls(ca_file='ca.crt'), with cert_file and "
                              f"key_file for mutual TLS), or None for plaintext; got {tls!r}")

@@ -14,6 +14,7 @@ import sys
 
 import grpc
 
+from clients.channel import is_port
 from clients.requests import OptionsNotHonoured
 from clients.text_client import TextClient
 from clients.tls import ClientTls, add_tls_arguments, tls_from_arguments
@@ -177,8 +178,8 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     if args.timeout is not None and not args.timeout > 0:
         parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
-    if "/" not in args.target and not args.target.rpartition(":")[2].isdigit():  # gRPC URIs (unix:/...) pass
-        parser.error(f"--target must be HOST:PORT, e.g. localhost:50052; got {args.target!r}")
+    if "/" not in args.target and not is_port(args.target.rpartition(":")[2]):  # gRPC URIs (unix:/...) pass
+        parser.error(f"--target must be HOST:PORT with a port in 1..65535, e.g. localhost:50052; got {args.target!r}")
     try:
         logit_bias = dict(_bias(item) for item in args.logit_bias)
     except ValueError:

@@ -159,6 +159,8 @@ def test_engine_client_names_the_sampling_parameter_of_the_wrong_type():
     (None, None, "target must be the service's address"),
     (50052, None, "target must be the service's address"),
     ("", None, "target must be the service's address"),
+    ("127.0.0.1:65537", None, r"names port 65537: ports are 1\.\.65535"),  # gRPC dialled port 1
+    ("localhost:0", None, r"names port 0: ports are 1\.\.65535"),
     (NOWHERE, "ca.crt", r"tls must be a ClientTls.*got 'ca.crt'"),
     (NOWHERE, True, "tls must be a ClientTls"),
 ])

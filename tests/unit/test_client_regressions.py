@@ -201,6 +201,7 @@ def test_serving_bench_refuses_settings_that_cannot_run(flags, needle, capsys):
     (["--chat", "--reply-prefix", ""], "--reply-prefix must not be empty"),  # the service named no flag
     (["--timeout", "0"], "--timeout must be a positive"),  # was a bare DEADLINE_EXCEEDED
     (["--target", "127.0.0.1"], "--target must be HOST:PORT"),  # dialled port 443, with a TLS hint
+    (["--target", "127.0.0.1:65537"], "--target must be HOST:PORT with a port in 1..65535"),  # dialled port 1
 ])
 def test_cli_refuses_flags_that_cannot_work(flags, needle, capsys):
     from clients.cli import main
