@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clients.requests import sampling_params
 from clients.text_client import TextClient
 from protos.llmserve.text.v1 import text_pb2
 
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] {exc}", file=sys.stderr)
     except grpc.RpcError as exc:
         print(f"[demo] the completion failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    except ValueError as exc:  # a value the client refuses to send (it names it)
+        print(f"[demo] the request was refused: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         print("\n[demo] interrupted; both services stopped", file=sys.stderr)
         return 130
@@ -89,6 +92,14 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
+    # Checked before anything starts: the client refused such a value only once both services were up, and it
+    # ended the demo in a traceback.
+    if args.max_tokens < 1:
+        parser.error(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    try:
+        sampling_params(max_tokens=args.max_tokens)
+    except ValueError as exc:
+        parser.error(f"--max-tokens: {exc}")
 
     engine_flags: list[str] = []
     if args.model is None:

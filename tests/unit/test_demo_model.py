@@ -130,3 +130,18 @@ def test_weights_the_engine_may_not_read_are_said_so(demo_model_dir: Path, monke
     monkeypatch.setattr(loader, "open", denied, raising=False)
     with pytest.raises(ValueError, match=r"model\.safetensors is not readable by this process .*uid 10001"):
         LLM(str(demo_model_dir), device="cpu", dtype="float32", attention_backend="torch", enforce_eager=True)
+
+
+@pytest.mark.parametrize(("max_tokens", "needle"), [
+    ("99999999999", "--max-tokens: sampling parameter max_tokens=99999999999: out of the range the protocol carries"),
+    ("0", "--max-tokens must be at least 1, got 0"),
+])
+def test_the_demo_refuses_a_max_tokens_it_cannot_send_before_starting_anything(max_tokens, needle, capsys,
+                                                                              monkeypatch) -> None:
+    """The client refused it only once both services were up, and the demo ended in a traceback."""
+    from scripts import demo
+
+    monkeypatch.setattr(demo.subprocess, "Popen", lambda *a, **k: pytest.fail("a service was started"))
+    with pytest.raises(SystemExit) as exited:
+        demo.main(["--max-tokens", max_tokens])
+    assert exited.value.code == 2 and needle in capsys.readouterr().err
