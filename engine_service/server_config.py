@@ -157,6 +157,11 @@ class ServerConfig:
                      "watchdog_s", "canary_timeout_s", "gil_switch_interval_ms"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:  # NaN passed a "<= 0" check
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
+        if not 0.001 <= self.gil_switch_interval_ms <= 1000:
+            # Python keeps whole microseconds: under one it switched every bytecode, and past about 2**63 of them
+            # the same (1e300 ms, meant as "never", became the shortest interval there is).
+            raise ValueError(f"gil_switch_interval_ms must be in 0.001..1000 (Python's default is 5), got "
+                             f"{self.gil_switch_interval_ms}")
         for name in ("max_connection_age_s", "max_connection_idle_s", "canary_interval_s", "failure_linger_s"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")

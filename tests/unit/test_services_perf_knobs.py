@@ -103,6 +103,11 @@ def test_serving_sets_the_gil_switch_interval():
     for bad in ("0", "nan", "inf"):  # NaN passed a "<= 0" check: Python then switched threads every 9e12 s
         with pytest.raises(ValueError, match="gil_switch_interval_ms must be a positive number"):
             parse_config(["--model", "m", "--gil-switch-interval-ms", bad], env={})
+    # Python keeps whole microseconds: these became 0.0, the shortest interval, 1e300 meant as "never" included.
+    for bad in ("0.0001", "1e300", "1001"):
+        with pytest.raises(ValueError, match=r"gil_switch_interval_ms must be in 0\.001\.\.1000"):
+            parse_config(["--model", "m", "--gil-switch-interval-ms", bad], env={})
+    assert parse_config(["--model", "m", "--gil-switch-interval-ms", "0.001"], env={}).gil_switch_interval_ms == 0.001
     from tokenizer_service.config import parse_config as parse_text_config
 
     with pytest.raises(ValueError, match="engine_wait_s must be a positive number"):
