@@ -500,6 +500,11 @@ class ModelRunner:
         if memory is not None and need > memory:
             fits = memory // self._host_block_bytes()
             gib = 2**30
+            if fits < 1:  # "well below 0" was no advice: the block itself is too large
+                raise ValueError(
+                    f"kvcache_block_size={self.block_size} is too large for this machine: one block of K and V takes "
+                    f"{self._host_block_bytes() / gib:.3g} GiB and the machine has {memory / gib:.3g} GiB; lower "
+                    f"kvcache_block_size (the default is 16)")
             raise ValueError(
                 f"num_kvcache_blocks={blocks} does not fit in this machine's memory: the KV cache takes "
                 f"{need / gib:.3g} GiB (K and V{f' on {self.tp.size} ranks' if self.tp.size > 1 else ''}) and the "

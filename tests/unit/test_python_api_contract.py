@@ -81,6 +81,13 @@ def test_an_explicit_cpu_pool_larger_than_the_machine_is_refused_naming_the_knob
         _engine(model_dir, num_kvcache_blocks=blocks, max_model_len=None)
 
 
+def test_a_block_larger_than_the_machine_is_refused_naming_the_block_size(model_dir):
+    """--kvcache-block-size 100000000 was told to "set num_kvcache_blocks well below 0"."""
+    with pytest.raises(ValueError, match=r"^kvcache_block_size=\d+ is too large for this machine: one block of K and "
+                                         r"V takes .* GiB; lower kvcache_block_size"):
+        _engine(model_dir, num_kvcache_blocks=1, kvcache_block_size=2**40, max_model_len=None)
+
+
 # ---- SamplingParams ----
 
 
