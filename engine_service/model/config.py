@@ -172,8 +172,15 @@ class ModelConfig:
             raise ValueError(f"{model_dir} is not a model directory: {path} does not exist")
         cfg = read_json(path)
         if rope_scaling is not None:
-            cfg["rope_scaling"] = {**_rope_keys(cfg.get("rope_scaling"), "config.json's rope_scaling"),
-                                   **_rope_keys(rope_scaling, "rope_scaling")}
+            given = _rope_keys(rope_scaling, "rope_scaling")
+            cfg["rope_scaling"] = {**_rope_keys(cfg.get("rope_scaling"), "config.json's rope_scaling"), **given}
+            merged = {**_rope_keys(cfg.get("rope_parameters"), "config.json's rope_parameters"), **cfg["rope_scaling"]}
+            ignored = sorted(set(given) - {"rope_type", "rope_theta", "partial_rotary_factor"})
+            if ignored and (merged.get("rope_type") or "default") == "default":
+                # Plain RoPE reads none of them: {"factor": 4} without a type was dropped without a word.
+                raise ValueError(f"rope_scaling sets {ignored}, which plain RoPE ignores, and neither it nor "
+                                 f"config.json names a scaling type: add rope_type, e.g. {{'rope_type': 'yarn', "
+                                 f"'factor': 4.0}}; got {rope_scaling!r}")
         return cls.from_dict(cfg)
 
     @classmethod

@@ -149,6 +149,12 @@ def test_rope_scaling_argument_overrides_config_json(tmp_path, caplog):
     legacy = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
     assert ModelConfig.from_dir(tmp_path / "m", legacy).max_model_len_limit == 128
     assert ModelConfig.from_dir(tmp_path / "ref", {"type": "default"}).rope_scaling is None
+    # A factor without a type: on a config that scales, it changes that scaling's factor; on plain RoPE it was
+    # dropped without a word.
+    assert ModelConfig.from_dir(tmp_path / "ref", {"factor": 2.0}).rope_scaling.factor == 2.0
+    with pytest.raises(ValueError, match=r"rope_scaling sets \['factor'\], which plain RoPE ignores, .* add "
+                                         r"rope_type, e\.g\. \{'rope_type': 'yarn'"):
+        ModelConfig.from_dir(tmp_path / "m", {"factor": "x"})
 
     cfg = parse_config(["--model", str(tmp_path / "m"), "--rope-scaling", json.dumps(YARN)])
     assert cfg.engine_kwargs()["rope_scaling"] == YARN
