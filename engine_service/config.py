@@ -126,6 +126,13 @@ class EngineConfig:
         overlap = self.overlap_scheduling
         if overlap is not None and not isinstance(overlap, bool):
             raise ValueError(f"overlap_scheduling must be True, False or None (auto), got {overlap!r}")
+        if self.tensor_parallel_size > 1 and self.device.startswith("cuda:"):
+            # Rank i takes cuda:i; one device named for every rank put them all on it (NCCL refuses two ranks on
+            # one GPU, at the group's first collective).
+            raise ValueError(
+                f"device={self.device!r} names one GPU, and tensor_parallel_size {self.tensor_parallel_size} needs "
+                f"one a rank: give device 'cuda' (rank i takes cuda:i) and pick the GPUs with CUDA_VISIBLE_DEVICES"
+            )
         if overlap and self.tensor_parallel_size > 1:
             raise ValueError(
                 "overlap_scheduling=True needs tensor_parallel_size 1; leave it None (auto) or set it False"

@@ -42,6 +42,16 @@ def test_a_device_that_is_not_a_device_string_is_refused_naming_the_field(device
     assert EngineConfig.from_kwargs("m", device="cuda:12").device == "cuda:12"
 
 
+def test_one_named_gpu_for_several_tensor_parallel_ranks_is_refused():
+    """Every rank took the one device named (rank 0 its own, the workers too), where rank i takes cuda:i: NCCL
+    refused two ranks on one GPU only at the group's first collective."""
+    with pytest.raises(ValueError, match=r"^device='cuda:1' names one GPU, and tensor_parallel_size 2 needs one a "
+                                         r"rank: give device 'cuda'.*CUDA_VISIBLE_DEVICES"):
+        EngineConfig.from_kwargs("m", device="cuda:1", tensor_parallel_size=2)
+    assert EngineConfig.from_kwargs("m", device="cuda", tensor_parallel_size=2).device == "cuda"
+    assert EngineConfig.from_kwargs("m", device="cuda:1").device == "cuda:1"
+
+
 @pytest.mark.parametrize("name", ["gpu_memory_utilization", "cpu_kvcache_gib"])
 def test_a_memory_knob_past_a_floats_range_is_refused_naming_the_field(name):
     """An integer too large for a float (10**400) raised "OverflowError: int too large to convert to float" from
