@@ -186,6 +186,17 @@ class LLMEngine:
                         "running: one is stuck (a slow or hung weight load, a hung device), not dead (rank 0: "
                         f"{type(exc).__name__}: {exc})") from exc
             raise
+        try:
+            self._set_up(eos, max_model_len, model_dir)
+        except BaseException:
+            if self.workers is not None:  # a failure (or a Ctrl-C) past the runner must not leave them running
+                self.workers.close(wait=False)
+                self.workers = None
+            raise
+
+    def _set_up(self, eos: set[int], max_model_len: int, model_dir: Path) -> None:
+        """What __init__ builds once the model runner stands: the block manager, the scheduler, the request
+        tables and the JSON masks."""
         self._dead: str | None = None  # why the engine cannot continue (EngineDeadError), once it cannot
         self.block_manager = BlockManager(
             self.runner.num_blocks, self.config.kvcache_block_size, self.config.enable_prefix_caching

@@ -266,3 +266,22 @@ def test_cpu_kvcache_gib_caps_the_pools_of_every_rank_together(tmp_path):
         assert cap_bytes - 2 * runner.block_bytes() < 2 * rank_bytes <= cap_bytes, (rank_bytes, runner.num_blocks)
     with pytest.raises(ValueError, match=r"holds no KV block: .* MiB on 2 ranks"):
         LLM(tmp_path, tensor_parallel_size=2, **{**args, "cpu_kvcache_gib": 1.5 * runner.block_bytes() / 2**30})
+
+
+@pytest.mark.timeout(120)
+def test_a_failure_after_the_runner_is_built_stops_the_workers_at_once(tmp_path, monkeypatch):
+    """A failure (or a Ctrl-C) past the model runner, building the JSON masks say, left the workers running for as
+    long as anything held the half-built engine (the exception's traceback does), not only until it was collected."""
+    from engine_service.engine import LLMEngine
+
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
+    live, dirs = set(tp._LIVE_PROCS), set(tp._STORE_DIRS)
+
+    def fail(self):
+        raise RuntimeError("injected: the JSON masks could not be built")
+
+    monkeypatch.setattr(LLMEngine, "_json_masks", fail)
+    with pytest.raises(RuntimeError, match="injected") as failed:
+        LLM(tmp_path, tensor_parallel_size=2, **TP_ARGS)
+    assert failed.value.__traceback__ is not None  # it holds the engine's frame, so nothing was collected
+    assert tp._LIVE_PROCS == live and tp._STORE_DIRS == dirs
