@@ -375,17 +375,24 @@ def run_hf_continuous(plan: Plan, timeout_s: float) -> Result:
     try:
         runs = bench_peers.hf_continuous_runs(model, plan.warmup, plan.batches, TEMPERATURE, timeout_s)
     except bench_peers.PeerTimeout as exc:
-        # BENCHMARKS.md quotes a peer that cannot finish as "below requested / time allowed": the time the
-        # timed batch had, not the whole deadline (set-up and the warm-up used part of it). A deadline that
-        # passed before the timed batch began bounds nothing.
-        requested_tokens = sum(plan.batches[0][1])
-        result.error, result.info["timed_out"] = str(exc), True
-        if exc.timed_seconds is not None and exc.timed_seconds > 0:
-            result.info["timed_seconds"] = exc.timed_seconds
-            result.info["tok_s_upper_bound"] = requested_tokens / exc.timed_seconds
+        runs = exc.runs
+        if runs:
+            # Repeats that finished are measured figures: their median stands (the one cut short is left out),
+            # where a bound from the sliver of time the late repeat had would replace a figure with a guess.
+            result.info["cut_short"] = (f"repeat {len(runs) + 1} of {len(plan.batches)} ran past the deadline "
+                                        f"({exc}): the figure is of the {len(runs)} that finished")
         else:
-            result.error += " (before the timed batch began: no bound)"
-        return result
+            # BENCHMARKS.md quotes a peer that cannot finish as "below requested / time allowed": the time the
+            # timed batch had, not the whole deadline (set-up and the warm-up used part of it). A deadline that
+            # passed before the timed batch began bounds nothing.
+            requested_tokens = sum(plan.batches[0][1])
+            result.error, result.info["timed_out"] = str(exc), True
+            if exc.timed_seconds is not None and exc.timed_seconds > 0:
+                result.info["timed_seconds"] = exc.timed_seconds
+                result.info["tok_s_upper_bound"] = requested_tokens / exc.timed_seconds
+            else:
+                result.error += " (before the timed batch began: no bound)"
+            return result
     finally:
         del model
         bench_peers.release()
@@ -499,7 +506,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-engine", action="store_true", help="measure the peers alone")
     p.add_argument("--repeats", type=positive_int, help="timed runs per contender (default 1 for A, 3 for B)")
     p.add_argument(
-        "--peer-timeout", type=positive_float, default=3600.0, help="seconds for continuous batching"
+        "--peer-timeout", type=positive_float, default=3600.0,
+        help="seconds for continuous batching; past them, the repeats that finished give its figure, or with none a "
+             "bound (requested tokens over the seconds the timed batch had)"
     )
     p.add_argument(
         "--threads",
@@ -649,9 +658,11 @@ def environment() -> dict[str, Any]:
 
 
 def failed_peers(report: dict[str, Any]) -> list[str]:
-    """The peers that crashed or made the wrong tokens (a continuous-batching run past its time is a bound, not a
-    failure): the command's exit status says so, after the report is written."""
-    return [LABELS[k] for k, f in report["peers"].items() if f.get("error") and not f.get("info", {}).get("timed_out")]
+    """The contenders, the engine included, that crashed or made the wrong tokens (a continuous-batching run past
+    its time is a bound, not a failure): the command's exit status says so, after the report is written. An engine
+    whose figure was withdrawn (requests cut short) exited 0 with no engine figure in the report."""
+    contenders = {"engine": report.get("engine") or {}, **report["peers"]}
+    return [LABELS[k] for k, f in contenders.items() if f.get("error") and not f.get("info", {}).get("timed_out")]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

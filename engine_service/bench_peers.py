@@ -34,12 +34,14 @@ class PeerTimeout(RuntimeError):
     """The continuous batching manager did not finish every request within its deadline.
 
     timed_seconds: how long the timed batch that was cut short had run (from its start to the deadline), or
-    None when the deadline passed during set-up or the warm-up, before any timed batch began.
+    None when the deadline passed during set-up or the warm-up, before any timed batch began. runs: the timed
+    batches that finished before it, measured figures.
     """
 
-    def __init__(self, message: str, timed_seconds: float | None = None):
+    def __init__(self, message: str, timed_seconds: float | None = None, runs: list | None = None):
         super().__init__(message)
         self.timed_seconds = timed_seconds
+        self.runs = runs or []
 
 
 def _sync(device: torch.device) -> None:
@@ -238,6 +240,7 @@ def hf_continuous_runs(
                 # A batch that began at or after the deadline (the warm-up's or the previous batch's last result
                 # came late) had no time at all: it bounds nothing, where deadline - start would be negative.
                 exc.timed_seconds = deadline - start if deadline > start else None
+                exc.runs = list(runs)
                 raise
             _sync(model.device)
             seconds = time.perf_counter() - start

@@ -238,6 +238,31 @@ def test_cb_batch_starting_past_the_deadline_bounds_nothing(monkeypatch):
     assert cut.value.timed_seconds is None
 
 
+def test_cb_repeats_that_finished_before_a_later_one_timed_out_keep_their_figure(monkeypatch):
+    """A deadline hit in repeat 2 threw away repeat 1's measured run: the report kept only an upper bound from the
+    sliver of time repeat 2 had (about 1,150 tok/s where repeat 1 had measured about 400)."""
+    manager = _Manager(delay=0.2)
+    monkeypatch.setattr(bench_peers, "load_cb_model", lambda *a: (_Model(manager), "sdpa", "sdpa"))
+    batch = ([[1], [2], [3], [4]], [100] * 4)
+    plan = bench.Plan(warmup=([[9]], [2]), batches=[batch, batch], model_dir=Path("x"), device="cpu",
+                      dtype="float32")
+    result = bench.run_hf_continuous(plan, timeout_s=1.3)  # warm-up 0.2 s, repeat 1 about 0.8 s, repeat 2 cut
+    assert len(result.runs_s) == 1 and 0.7 < result.runs_s[0] < 1.3, result.runs_s
+    assert result.error is None and result.tok_s == pytest.approx(400 / result.runs_s[0])
+    assert "tok_s_upper_bound" not in result.info and "repeat 2 of 2 ran past the deadline" in result.info["cut_short"]
+    assert manager.stopped and manager.destroyed
+
+
+def test_an_engine_whose_figure_was_withdrawn_fails_the_command():
+    """Requests cut short (max_model_len below a request's length) withdrew the engine's figure, and the command
+    still exited 0, where a short peer fails it."""
+    report = {"engine": {"error": "4 requests generated fewer tokens than requested (94 of 188)"},
+              "peers": {"hf_static": {"tok_s": 600.0}}}
+    assert bench.failed_peers(report) == [bench.LABELS["engine"]]
+    assert bench.failed_peers({"engine": {"tok_s": 900.0}, "peers": {}}) == []
+    assert bench.failed_peers({"engine": None, "peers": {}}) == []  # --no-engine
+
+
 def test_bench_quotes_no_bound_for_a_batch_that_had_no_time(monkeypatch):
     """bench's own guard: a timed_seconds of zero or below is no time to divide by."""
     monkeypatch.setattr(bench_peers, "load_cb_model", lambda *a: (None, "sdpa", "sdpa"))
