@@ -744,9 +744,11 @@ def _ms(x: float | None) -> str:
 def _hf_static_progress(log: Path) -> tuple[float | None, str]:
     """transformers' static batching from part d's log, for a part d stopped before it wrote its JSON: (tok/s,
     "") from the line bench prints when the run ends ("  transformers static: 119.30 s, 1,123 tok/s"); else, from
-    its last progress line ("  transformers static: token 768 of 1024 after 160.2 s"), an upper bound and how it
-    was found. Generating the rest takes at least as long a token as the tokens so far did (each reads a longer
-    cache), so the run needs at least seconds x total / done: the requested tokens over that is a bound."""
+    its progress lines ("  transformers static: token 768 of 1024 after 160.2 s"), an upper bound and how it was
+    found. Each step reads a longer cache, so the steps left take at least as long as the steps between the first
+    and the last progress line did (prefill excluded: the seconds before the first line count it, and a bound
+    scaled from them could come out under the real rate): the run needs at least the seconds so far plus that, and
+    the requested tokens over that is a bound. With one progress line, the seconds so far alone bound it."""
     try:
         text = log.read_text(errors="replace")
     except OSError:
@@ -759,7 +761,11 @@ def _hf_static_progress(log: Path) -> tuple[float | None, str]:
     if not steps or not requested:
         return None, ""
     done, total, seconds = int(steps[-1][0]), int(steps[-1][1]), float(steps[-1][2])
-    bound = float(requested.group(1).replace(",", "")) / (seconds * total / done)
+    first_done, first_seconds = int(steps[0][0]), float(steps[0][2])
+    needs = seconds
+    if done > first_done and seconds >= first_seconds:
+        needs += (total - done) * (seconds - first_seconds) / (done - first_done)
+    bound = float(requested.group(1).replace(",", "")) / needs
     return bound, f"token {done} of {total} after {seconds:.0f} s"
 
 

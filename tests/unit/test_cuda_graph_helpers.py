@@ -451,9 +451,17 @@ def test_gpu_check_row_d_bounds_transformers_static_when_its_time_ran_out(tmp_pa
         "  transformers static: token 128 of 1024 after 20.0 s\n"
         "  transformers static: token 256 of 1024 after 41.0 s\n")
     row = gpu_check._part_results(tmp_path)["d"]
-    bound = 133_966 / (41.0 * 1024 / 256)  # 817 tok/s
+    # The 768 steps left take at least 21 s a 128 as the steps between the lines did (the 20 s before the first
+    # held the prefill: scaling the whole 41 s by 1024 / 256 gave 817, which a fast prefill could put under the
+    # real rate).
+    bound = 133_966 / (41.0 + 768 * 21.0 / 128)  # 802 tok/s
     assert f"transformers static < {bound:,.0f} tok/s (cut short at token 256 of 1024 after 41 s)" in row
     assert f"(> {22846 / bound:.1f}x)" in row
+    # One progress line: the seconds so far alone bound the run.
+    (tmp_path / "d.log").write_text(
+        "workload A: 256 requests, 142,827 prompt tokens, 133,966 output tokens; qwen3-0.6b\n"
+        "  transformers static: token 128 of 1024 after 20.0 s\n")
+    assert f"transformers static < {133_966 / 20.0:,.0f} tok/s" in gpu_check._part_results(tmp_path)["d"]
     # The final line, when there is one, is the figure.
     (tmp_path / "d.log").write_text("  transformers static: token 256 of 1024 after 41.0 s\n"
                                     "  transformers static: 150.00 s, 893 tok/s\n")
