@@ -31,6 +31,7 @@ under torch.profiler, by group and by name.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -268,11 +269,17 @@ def profile_generate(llm, prompts, params) -> tuple[dict, float]:
     return prof.summary(), seconds
 
 
+_LATENCY_CALLS = itertools.count()  # each call's prompts are new: a repeat found the last call's in the prefix cache
+
+
 def decode_latency(llm, batch: int, prompt_len: int = 256, max_tokens: int = 64, extra: dict | None = None) -> dict:
-    """Inter-token latency of a uniform batch: the median decode step, after a warm-up of the same shape."""
+    """Inter-token latency of a uniform batch: the median decode step, after a warm-up of the same shape. Each
+    call draws prompts of its own (the same engine measured twice, say with graphs and without, found the first
+    call's in its prefix cache, which shortened the second's prefill and so its seconds)."""
     vocab = llm.model_cfg.vocab_size
-    llm.generate(*uniform_requests(batch, prompt_len, 4, vocab, seed=1, extra=extra))  # compiles this shape
-    summary, seconds = profile_generate(llm, *uniform_requests(batch, prompt_len, max_tokens, vocab, seed=2,
+    call = next(_LATENCY_CALLS)
+    llm.generate(*uniform_requests(batch, prompt_len, 4, vocab, seed=2 * call + 1, extra=extra))  # compiles the shape
+    summary, seconds = profile_generate(llm, *uniform_requests(batch, prompt_len, max_tokens, vocab, seed=2 * call + 2,
                                                                extra=extra))
     decode = summary.get("decode", {})
     return {"batch": batch, "itl_ms": decode.get("median_wall_ms"), "decode": decode, "seconds": seconds}

@@ -91,3 +91,22 @@ def test_kernel_summary_groups_device_kernels_and_counts_idle_time():
     assert [step_profile.kernel_group(k.__name__) for k in ours] == [
         "attention", "attention", "kv store", "sampling", "sampling", "fused elementwise", "fused elementwise",
         "fused elementwise", "matmul"]
+
+
+def test_decode_latency_draws_new_prompts_at_each_call(monkeypatch):
+    """Two calls on one engine (graphs on and off, batch 1 then 64) drew the same prompts, so the second found the
+    first's in the prefix cache: a shorter prefill, and seconds that were not the same measurement."""
+    seen = []
+
+    class _Llm:
+        model_cfg = type("Cfg", (), {"vocab_size": 1000})
+
+        def generate(self, prompts, params):
+            seen.append([tuple(p) for p in prompts])
+
+    monkeypatch.setattr(step_profile, "profile_generate", lambda llm, prompts, params: (
+        llm.generate(prompts, params), ({"decode": {"median_wall_ms": 1.0}}, 0.5))[1])
+    for _ in range(2):
+        assert step_profile.decode_latency(_Llm(), 4, prompt_len=8, max_tokens=2)["itl_ms"] == 1.0
+    timed = [rows for i, rows in enumerate(seen) if i % 2]  # each call: the warm-up, then the timed batch
+    assert len(seen) == 4 and not set(timed[0]) & set(timed[1]) and not set(seen[0]) & set(seen[1])
