@@ -263,6 +263,17 @@ class _Compiler:
         return placeholder
 
 
+def _children(node: jg.Node) -> list[tuple[str, jg.Node]]:
+    """A node's sub-schemas, each with its step in a JSON pointer (properties/NAME, items, anyOf/I)."""
+    if node.kind == jg.OBJECT_KIND:
+        return [(f"properties/{json.loads(key)}", sub) for key, sub, _ in node.props]
+    if node.kind == jg.ARRAY_KIND and node.items is not None:
+        return [("items", node.items)]
+    if node.kind == jg.UNION_KIND:
+        return [(f"anyOf/{i}", b) for i, b in enumerate({id(b): b for b in node.dispatch.values()}.values())]
+    return []
+
+
 def _reaches(node: jg.Node, ids: set[int]) -> bool:
     """Whether a node whose id is in `ids` is reachable from `node` (itself included)."""
     seen: set[int] = set()
@@ -274,12 +285,7 @@ def _reaches(node: jg.Node, ids: set[int]) -> bool:
         if id(at) in seen:
             continue
         seen.add(id(at))
-        if at.kind == jg.OBJECT_KIND:
-            todo += [sub for _, sub, _ in at.props]
-        elif at.kind == jg.ARRAY_KIND and at.items is not None:
-            todo.append(at.items)
-        elif at.kind == jg.UNION_KIND:
-            todo += list(at.dispatch.values())
+        todo += [sub for _, sub in _children(at)]
     return False
 
 
@@ -363,12 +369,7 @@ def _depths(root: jg.Node) -> str | None:
             continue
         where[id(node)] = path
         nodes.append(node)
-        if node.kind == jg.OBJECT_KIND:
-            todo += [(sub, f"{path}/properties/{json.loads(key)}") for key, sub, _ in node.props]
-        elif node.kind == jg.ARRAY_KIND and node.items is not None:
-            todo.append((node.items, f"{path}/items"))
-        elif node.kind == jg.UNION_KIND:
-            todo += [(b, f"{path}/anyOf/{i}") for i, b in enumerate({id(b): b for b in node.dispatch.values()}.values())]
+        todo += [(sub, f"{path}/{step}") for step, sub in _children(node)]
     need = _needs(nodes)
     for node in nodes:
         if node is not jg.ANY:  # shared by every schema: its need (0) and horizon (1) stay
