@@ -11,6 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from clients.channel import is_port
 from clients.flags import parse_settings
 from clients.logs import LOG_LEVELS
 from clients.tls import ClientTls, ServerTls, check_grpc_limits, server_tls_settings
@@ -136,7 +137,7 @@ class TextServerConfig:
                              f"empty item between, before or after the commas; got {self.engines!r}")
         for address in self.engine_addresses:
             host, _, port = address.rpartition(":")
-            if not is_host(host) or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+            if not is_host(host) or not is_port(port):
                 raise ValueError(f"engines (--engines, TOKENIZER_ENGINES) must be HOST:PORT[,...], HOST a DNS name, an "
                                  f"IPv4 address or an IPv6 one in brackets, with ports in 1..65535, e.g. "
                                  f"10.0.0.7:50051 or [fd00::7]:50051; got {address!r}")
@@ -153,7 +154,7 @@ class TextServerConfig:
                              f"TOKENIZER_ENGINE_DNS), not both; got {self.engines!r} and {self.engine_dns!r}")
         if self.engine_dns:
             name, _, port = self.engine_dns.rpartition(":")
-            if not name or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+            if not name or not is_port(port):
                 raise ValueError(f"engine_dns (--engine-dns, TOKENIZER_ENGINE_DNS) must be NAME:PORT with a port "
                                  f"in 1..65535, e.g. llm-engine:50051; got {self.engine_dns!r}")
             if not is_dns_name(name):  # getaddrinfo fails every lookup of it: the pool would never find an engine
