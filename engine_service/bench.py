@@ -657,7 +657,7 @@ def environment() -> dict[str, Any]:
     }
 
 
-def failed_peers(report: dict[str, Any]) -> list[str]:
+def failed_contenders(report: dict[str, Any]) -> list[str]:
     """The contenders, the engine included, that crashed or made the wrong tokens (a continuous-batching run past
     its time is a bound, not a failure): the command's exit status says so, after the report is written. An engine
     whose figure was withdrawn (requests cut short) exited 0 with no engine figure in the report."""
@@ -683,7 +683,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     try:
-        failed = failed_peers(main())
+        failed = failed_contenders(main())
     except ValueError as exc:  # the engine's own checks (a model it cannot load, a setting the device lacks)
         sys.exit(f"bench: {exc}")
     if failed:

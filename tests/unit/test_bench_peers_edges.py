@@ -258,9 +258,9 @@ def test_an_engine_whose_figure_was_withdrawn_fails_the_command():
     still exited 0, where a short peer fails it."""
     report = {"engine": {"error": "4 requests generated fewer tokens than requested (94 of 188)"},
               "peers": {"hf_static": {"tok_s": 600.0}}}
-    assert bench.failed_peers(report) == [bench.LABELS["engine"]]
-    assert bench.failed_peers({"engine": {"tok_s": 900.0}, "peers": {}}) == []
-    assert bench.failed_peers({"engine": None, "peers": {}}) == []  # --no-engine
+    assert bench.failed_contenders(report) == [bench.LABELS["engine"]]
+    assert bench.failed_contenders({"engine": {"tok_s": 900.0}, "peers": {}}) == []
+    assert bench.failed_contenders({"engine": None, "peers": {}}) == []  # --no-engine
 
 
 def test_bench_quotes_no_bound_for_a_batch_that_had_no_time(monkeypatch):
@@ -271,7 +271,7 @@ def test_bench_quotes_no_bound_for_a_batch_that_had_no_time(monkeypatch):
             bench_peers.PeerTimeout("continuous batching finished 0 of 2 requests in time", s)))
         result = bench.run_hf_continuous(_plan(), timeout_s=1.0)
         assert "no bound" in result.error and "tok_s_upper_bound" not in result.info
-        assert bench.failed_peers({"peers": {"hf_continuous": result.to_json()}}) == []  # a timeout, not a crash
+        assert bench.failed_contenders({"peers": {"hf_continuous": result.to_json()}}) == []  # a timeout, not a crash
 
 
 def test_cb_wait_says_how_many_requests_finished_before_the_deadline():
@@ -370,6 +370,6 @@ def test_a_crashing_peer_is_recorded_and_loses_no_other_figure(monkeypatch, tmp_
 def test_a_crashed_or_short_peer_fails_the_command_a_timed_out_one_does_not():
     report = {"peers": {"hf_static": {"error": "OutOfMemoryError: x"},
                         "hf_continuous": {"error": "timed out", "info": {"timed_out": True}}}}
-    assert bench.failed_peers(report) == [bench.LABELS["hf_static"]]
+    assert bench.failed_contenders(report) == [bench.LABELS["hf_static"]]
     report["peers"]["hf_static"] = {"tok_s": 600.0}
-    assert bench.failed_peers(report) == []
+    assert bench.failed_contenders(report) == []
