@@ -89,12 +89,12 @@ def names_bad_text(build: _Builder) -> _Builder:
     return checked  # type: ignore[return-value]
 
 
-def flag(name: str, value: object, optional: bool = True) -> bool | None:
-    """A True/False keyword (None too where optional: the service's default), refused by name otherwise: protobuf
-    took 2 as True and said of "no" only "'str' object cannot be interpreted as an integer"."""
-    if isinstance(value, bool) or (optional and value is None):
+def flag(name: str, value: object) -> bool | None:
+    """A True/False keyword, or None (the service's default), refused by name otherwise: protobuf took 2 as True
+    and said of "no" only "'str' object cannot be interpreted as an integer"."""
+    if isinstance(value, bool) or value is None:
         return value
-    raise ValueError(f"{name} must be True, False{' or None (the default)' if optional else ''}, got {value!r}")
+    raise ValueError(f"{name} must be True, False or None (the default), got {value!r}")
 
 
 def _schema_text(value: object, where: str) -> str:

@@ -382,9 +382,9 @@ def run_hf_continuous(plan: Plan, timeout_s: float) -> Result:
             result.info["cut_short"] = (f"repeat {len(runs) + 1} of {len(plan.batches)} ran past the deadline "
                                         f"({exc}): the figure is of the {len(runs)} that finished")
         else:
-            # BENCHMARKS.md quotes a peer that cannot finish as "below requested / time allowed": the time the
-            # timed batch had, not the whole deadline (set-up and the warm-up used part of it). A deadline that
-            # passed before the timed batch began bounds nothing.
+            # ../shared/design/BENCHMARKS.md quotes a peer that cannot finish as "below requested / time
+            # allowed": the time the timed batch had, not the whole deadline (set-up and the warm-up used part
+            # of it). A deadline that passed before the timed batch began bounds nothing.
             requested_tokens = sum(plan.batches[0][1])
             result.error, result.info["timed_out"] = str(exc), True
             if exc.timed_seconds is not None and exc.timed_seconds > 0:

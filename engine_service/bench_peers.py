@@ -1,7 +1,8 @@
 """transformers as the benchmark's peers: static batching with `generate` and its continuous batching manager.
 
-Both peers follow BENCHMARKS.md ("Peers to run in the same process or script"): the same weights and dtype as
-the engine, sampling at the workload's temperature, EOS ignored, and only the requested tokens counted.
+Both peers follow `../shared/design/BENCHMARKS.md` ("Peers to run in the same process or script"): the same
+weights and dtype as the engine, sampling at the workload's temperature, EOS ignored, and only the requested
+tokens counted.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 # What we ask for, in order, for continuous batching. transformers 5.24 pages plain "sdpa" itself (its manager
-# accepts "sdpa", "paged|eager" or a flash kernel) and strips the "paged|" of the BENCHMARKS.md name
+# accepts "sdpa", "paged|eager" or a flash kernel) and strips the "paged|" of the benchmark design's name
 # "paged|sdpa" with a deprecation warning; the later names are fallbacks for releases whose loader refuses
 # the earlier ones. The name the model ends up with is recorded in the report.
 CB_ATTN_CANDIDATES = ("sdpa", "paged|sdpa", "paged|eager")
@@ -38,10 +39,10 @@ class PeerTimeout(RuntimeError):
     batches that finished before it, measured figures.
     """
 
-    def __init__(self, message: str, timed_seconds: float | None = None, runs: list | None = None):
+    def __init__(self, message: str, timed_seconds: float | None = None):
         super().__init__(message)
         self.timed_seconds = timed_seconds
-        self.runs = runs or []
+        self.runs: list = []
 
 
 def _sync(device: torch.device) -> None:

@@ -1,7 +1,8 @@
 """CUDA graphs for pure-decode steps: every sequence computes one token.
 
-At 28,000 tok/s a decode step has about 4.7 ms in all (BENCHMARKS.md), and an eager forward of Qwen3-0.6B
-launches dozens of small kernels per layer, 28 layers deep; a captured graph replays them in one call.
+At 28,000 tok/s a decode step has about 4.7 ms in all (`../shared/design/BENCHMARKS.md`), and an eager
+forward of Qwen3-0.6B launches dozens of small kernels per layer, 28 layers deep; a captured graph replays
+them in one call.
 
 How it works (the same plan as vLLM's and nano-vLLM's decode graphs, written for this engine):
 - At start-up, the forward pass is captured once per batch size of a ladder (capture_sizes), largest

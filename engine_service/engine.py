@@ -4,9 +4,10 @@ A request's life: add_request() validates it and queues a Sequence; each step() 
 batch, the model runner computes it and samples, and the scheduler appends the tokens, publishes full
 blocks to the prefix cache and finishes sequences. step() returns each request's new tokens.
 
-Overlap scheduling (on by default on CUDA): the next batch (decodes, prompt chunks, admissions) is scheduled
-and launched before the current one's tokens are read back (Scheduler.schedule_ahead), so the host's per-step
-work runs while the device computes instead of between its steps.
+Overlap scheduling (on by default on a single CUDA GPU; off under tensor parallelism): the next batch
+(decodes, prompt chunks, admissions) is scheduled and launched before the current one's tokens are read back
+(Scheduler.schedule_ahead), so the host's per-step work runs while the device computes instead of between its
+steps.
 """
 
 from __future__ import annotations

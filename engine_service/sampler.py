@@ -114,7 +114,9 @@ class Sampler:
             self.kernels = sampling_kernels
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[bool]]:
-        """logits: [N, V] -> (token ids, whether each row's logits were finite). One device sync."""
+        """logits: [N, V] -> (token ids, whether each row's logits were finite). One device sync.
+
+        For tests and scripts: the model runner calls sample_with_logprobs() and reads it back with its step."""
         both = self.sample(logits, rows).tolist()
         return both[0], [bool(x) for x in both[1]]
 

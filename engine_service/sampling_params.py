@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 
 # Temperatures below this are greedy: dividing logits by ~0 would overflow.
 GREEDY_EPS = 1e-5
@@ -219,13 +219,3 @@ class SamplingParams:
         if self.response_format is not None and self.min_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) cannot be combined with response_format "
                              f"{self.response_format!r}: the JSON object's end ends the output; leave min_tokens 0")
-
-    def with_defaults(self, **defaults: object) -> SamplingParams:
-        """A copy with the given fields replaced, whatever this one holds (names that are not fields are ignored).
-
-        It overrides: a frozen dataclass cannot tell a field left at its default from one set to it, so
-        `SamplingParams(temperature=0).with_defaults(**engine.generation_defaults)` samples at generation_config.json's
-        temperature. To apply those defaults under your own values, build
-        `SamplingParams(**{**engine.generation_defaults, **yours})` (the services apply them to unset fields)."""
-        known = {f.name for f in fields(self) if f.init}
-        return replace(self, **{k: v for k, v in defaults.items() if k in known})

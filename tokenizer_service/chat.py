@@ -534,6 +534,7 @@ def markup_token_texts(tokenizer: Any) -> tuple[str, ...]:
 
 def encode_chat(tokenizer: Any, messages: object, enable_thinking: bool | None = None, tools: object = None,
                 template_kwargs: object = None, continue_final_message: bool = False) -> list[int]:
-    """Render `messages` (see render_chat) and return the prompt's token ids."""
+    """Render `messages` (see render_chat) and return the prompt's token ids. For tests and scripts: the service
+    tokenizes through validation.tokenize_request."""
     text = render_chat(tokenizer, messages, enable_thinking, tools, template_kwargs, continue_final_message)
     return list(tokenizer.encode(text, add_special_tokens=False))

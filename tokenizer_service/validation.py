@@ -16,7 +16,8 @@ invalid value with INVALID_ARGUMENT naming the field, and that status comes back
 One copy means the two services can never disagree about what is valid.
 
 Below the table: turning a protocol request into a `TextRequest`, tokenizing it, and building the engine
-request (`prepare`), all through the table.
+request, all through the table. The servicer runs `check_request` before its queue check and
+`tokenize_request` once admitted; `prepare` runs both in one call for tests and scripts.
 """
 
 from __future__ import annotations
@@ -410,7 +411,8 @@ def _refuse_oversized(request: pb.GenerateRequest | pb.TokenizeRequest, limits: 
 
 
 def validate_request(request: TextRequest, limits: TextLimits | None = None) -> None:
-    """Raise ValueError naming the field of the first "request" rule that `request` breaks."""
+    """Raise ValueError naming the field of the first "request" rule that `request` breaks. For tests and
+    scripts: the service runs the rules through check_request and tokenize_request."""
     _run("request", request, limits or TextLimits())
 
 
