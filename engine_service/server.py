@@ -275,7 +275,7 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
     await health.shutdown()
     servicer.begin_drain()
     if exit_code == 0:
-        log.info("draining: finishing %d calls within %.0fs", servicer.num_calls, config.grace_s)
+        log.info("draining: finishing %d calls within %gs", servicer.num_calls, config.grace_s)
         deadline = time.monotonic() + config.grace_s
         while servicer.num_calls and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

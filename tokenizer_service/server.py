@@ -182,7 +182,7 @@ async def serve(config: TextServerConfig, *, stop: asyncio.Event | None = None,
         await health_servicer.set(service, NOT_SERVING)
     servicer.begin_drain()
     deadline = time.monotonic() + config.grace_s
-    log.info("draining: finishing %d calls within %.0fs", servicer.num_calls, config.grace_s)
+    log.info("draining: finishing %d calls within %gs", servicer.num_calls, config.grace_s)
     # GOAWAY now, and the port closes: clients' channels (pinned to this pod through a ClusterIP) make their
     # next calls on a new connection, to another replica, instead of meeting UNAVAILABLE here for the whole
     # drain. The calls in flight go on; the grace passed to stop() only backs up the deadline below.
