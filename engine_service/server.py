@@ -46,6 +46,17 @@ FAIL_AFTER_STEPS_ENV = "ENGINE_TEST_FAIL_AFTER_STEPS"
 SHORT_CALL_HEADROOM = 64  # unary and health calls beyond max_concurrent_rpcs generation calls
 
 
+def fail_after_steps() -> int | None:
+    """The test hook's step count (ENGINE_TEST_FAIL_AFTER_STEPS; unset or empty: None), or a ValueError."""
+    text = os.environ.get(FAIL_AFTER_STEPS_ENV, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{FAIL_AFTER_STEPS_ENV} (a test hook) must be a whole number of steps, 1 or more, "
+                         f"got {text!r}; unset it to run normally")
+    return int(text)
+
+
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     """The server's options (service_server_options), its calls counting the short ones beside generation."""
     return service_server_options(config, config.max_concurrent_rpcs + SHORT_CALL_HEADROOM)
@@ -253,9 +264,9 @@ async def serve(config: ServerConfig, *, engine_factory: Callable[[ServerConfig]
             log.warning("stop signal during the start-up canary: stopping now, without waiting for it (no request "
                         "was in flight)")
     else:
-        fail_after = os.environ.get(FAIL_AFTER_STEPS_ENV)
-        if fail_after:
-            loop.fail_at_step = loop.steps + int(fail_after)
+        fail_after = fail_after_steps()  # main() checked it before the ports opened
+        if fail_after is not None:
+            loop.fail_at_step = loop.steps + fail_after
         # What starting made (the model, kernels, imports: some 220,000 objects) lives as long as the process:
         # frozen, the collector's full passes skip it (one took 50 ms and more, the engine thread waiting on the
         # GIL meanwhile: a latency spike for every stream).
@@ -315,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     hold()  # python -m engine_service.server: from here at least
     try:
         config = parse_config(argv)
+        fail_after_steps()
     except ValueError as exc:
         sys.exit(f"engine-service: {exc}")
     configure_logging(config.log_level, config.log_format)

@@ -664,3 +664,27 @@ def test_take_over_stops_only_for_a_signal_held_and_only_once():
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "1.5"])
+def test_a_malformed_fail_after_steps_hook_exits_in_one_line_before_any_port_opens(monkeypatch, value):
+    """ENGINE_TEST_FAIL_AFTER_STEPS is read like a flag: a value that is no step count is refused at start-up by
+    name (it was a bare int() traceback once the model had loaded, and "0" failed the first step)."""
+    import signal
+
+    from clients import stop_signals
+    from engine_service import server
+
+    opened = []
+    monkeypatch.setattr(server, "serve", lambda *a, **k: opened.append(a))
+    monkeypatch.setenv("ENGINE_TEST_FAIL_AFTER_STEPS", value)
+    saved = {sig: signal.getsignal(sig) for sig in stop_signals.STOP_SIGNALS}
+    try:
+        with pytest.raises(SystemExit) as exited:
+            server.main(["--model", "fake"])
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert str(exited.value.code) == (f"engine-service: ENGINE_TEST_FAIL_AFTER_STEPS (a test hook) must be a whole "
+                                      f"number of steps, 1 or more, got {value!r}; unset it to run normally")
+    assert opened == []
