@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,29 +165,70 @@ PRESETS = {
 }
 
 
+PRESET_STAMP = "preset.json"  # in a built preset's directory: the definition it was built from
+
+
+def _preset_stamp(preset: Preset) -> dict[str, Any]:
+    return {"config": preset.config, "dtype": preset.dtype, "seed": preset.seed}
+
+
+def preset_built_from(target: Path) -> dict[str, Any] | None:
+    """The definition a cached preset directory was built from, or None (none there, or unreadable)."""
+    try:
+        with open(target / PRESET_STAMP) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def build_preset(name: str, cache_dir: Path) -> Path:
-    """The preset's checkpoint directory, built with transformers and save_pretrained unless already cached."""
+    """The preset's checkpoint directory, built with transformers and save_pretrained unless cached.
+
+    A cached directory is used only when its stamp matches the preset's definition (shape, dtype, seed): one
+    built from an older definition, or with no stamp, is rebuilt in place rather than benchmarked as the new one.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; the presets are {', '.join(sorted(PRESETS))}")
+    preset = PRESETS[name]
+    stamp = json.loads(json.dumps(_preset_stamp(preset)))  # as it reads back: tuples become lists
     target = cache_dir / name
-    if (target / "config.json").is_file():
+    if (target / "config.json").is_file() and preset_built_from(target) == stamp:
         return target
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    preset = PRESETS[name]
     cache_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(preset.seed)
     config = Qwen3Config(**preset.config, dtype=preset.dtype)
     model = Qwen3ForCausalLM(config).to(getattr(torch, preset.dtype))
-    # Written beside the target and renamed into place, so an interrupted build is never mistaken for a cache hit.
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
     try:
         model.save_pretrained(staging)
+        (staging / PRESET_STAMP).write_text(json.dumps(stamp, indent=1))
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    install_dir(staging, target, lambda: preset_built_from(target) == stamp)
+    return target
+
+
+def install_dir(staging: Path, target: Path, current: Callable[[], bool]) -> None:
+    """Rename a directory built at `staging` (beside `target`) into place, so an interrupted build is never
+    mistaken for a cache hit. A stale `target` is moved aside first (a rename cannot replace a full directory)
+    and removed; a concurrent build that won the rename is fine when `current()` says its result is this one."""
+    stale = None
+    try:
+        if target.exists():
+            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}-stale-", dir=target.parent))
+            os.replace(target, stale / target.name)
         os.replace(staging, target)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "config.json").is_file():  # a concurrent build winning the rename is fine
+        if not current():
             raise
-    return target
+    finally:
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def read_model_config(model_dir: Path) -> dict[str, Any]:

@@ -13,25 +13,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from engine_service.bench import DEFAULT_CACHE_DIR, build_preset
+from engine_service.bench import DEFAULT_CACHE_DIR, build_preset, install_dir, preset_built_from
 
 PRESET = "cpu-small"
 EOS = "<eos>"
 
 
 def build_bench_model(out: Path, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
-    """The preset's files plus tokenizer.json / tokenizer_config.json in `out` (reused when complete)."""
-    if (out / "tokenizer.json").is_file() and (out / "config.json").is_file():
+    """The preset's files plus tokenizer.json / tokenizer_config.json in `out` (reused when complete and built
+    from the preset as it is defined now: the copied preset.json says which)."""
+    preset_dir = build_preset(PRESET, cache_dir)
+
+    def current() -> bool:
+        return (out / "tokenizer.json").is_file() and (out / "config.json").is_file() and \
+            preset_built_from(out) == preset_built_from(preset_dir)
+
+    if current():
         return out
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    preset_dir = build_preset(PRESET, cache_dir)
     vocab_size = int(json.loads((preset_dir / "config.json").read_text())["vocab_size"])
     vocab = {EOS: 0, **{f"w{i}": i for i in range(1, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=EOS))
@@ -48,11 +53,10 @@ def build_bench_model(out: Path, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
         for f in preset_dir.iterdir():
             shutil.copy2(f, staging / f.name)
         fast.save_pretrained(staging)
-        os.replace(staging, out)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
-        if not (out / "tokenizer.json").is_file():
-            raise
+        raise
+    install_dir(staging, out, current)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -186,6 +187,30 @@ def test_preset_is_built_once_and_reused(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["cpu-small"]  # no staging directory left behind
 
 
+def test_a_preset_built_from_another_definition_is_rebuilt_not_reused(tmp_path, monkeypatch):
+    """The cache is keyed by the preset's definition: a directory built before the preset changed (or by a
+    version that wrote no stamp) would have been benchmarked as the new shape."""
+    path = bench.build_preset("cpu-small", tmp_path)
+    changed = dataclasses.replace(bench.PRESETS["cpu-small"],
+                                  config={**bench.PRESETS["cpu-small"].config, "num_hidden_layers": 2})
+    monkeypatch.setitem(bench.PRESETS, "cpu-small", changed)
+    assert bench.build_preset("cpu-small", tmp_path) == path
+    assert bench.read_model_config(path)["num_hidden_layers"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["cpu-small"]  # the stale build removed, no staging left
+    (path / bench.PRESET_STAMP).unlink()  # as an older version left it
+    stamp = (path / "config.json").stat().st_mtime_ns
+    assert bench.build_preset("cpu-small", tmp_path) == path
+    assert (path / "config.json").stat().st_mtime_ns != stamp
+    assert (path / bench.PRESET_STAMP).is_file()
+
+
+def test_an_unknown_preset_is_refused_by_name_even_when_a_directory_of_that_name_exists(tmp_path):
+    (tmp_path / "nope").mkdir()
+    (tmp_path / "nope" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"unknown preset 'nope'; the presets are cpu-small, .*qwen3-0.6b"):
+        bench.build_preset("nope", tmp_path)
+
+
 def test_engine_runs_the_plan(tiny_model_dir):
     w = bench.make_workload(bench.WORKLOAD_A, num_seqs=3, max_input_len=8, max_output_len=4)
     prompts = bench.fit_vocab(w.prompts, 128)
@@ -323,3 +348,21 @@ def test_the_serving_bench_draws_the_workloads_the_engine_bench_does(name):
     assert (ours.prompts, ours.max_tokens) == (theirs.prompts, theirs.max_tokens)
     assert sb.workload(name, 151_936, 3).prompts == theirs.prompts[:3]
     assert sb.workload_b(8192, 64).max_tokens == bench.make_workload(bench.WORKLOAD_B).max_tokens
+
+
+def test_the_serving_benchmarks_model_follows_its_preset(tmp_path, monkeypatch):
+    """scripts.bench_model's copy (the preset plus a tokenizer) is rebuilt when the preset it copied changed."""
+    from scripts.bench_model import build_bench_model
+
+    out = tmp_path / "tok"
+    assert build_bench_model(out, tmp_path / "presets") == out
+    assert (out / "tokenizer.json").is_file() and bench.read_model_config(out)["num_hidden_layers"] == 4
+    stamp = (out / "tokenizer.json").stat().st_mtime_ns
+    assert build_bench_model(out, tmp_path / "presets") == out
+    assert (out / "tokenizer.json").stat().st_mtime_ns == stamp  # reused
+    changed = dataclasses.replace(bench.PRESETS["cpu-small"],
+                                  config={**bench.PRESETS["cpu-small"].config, "num_hidden_layers": 2})
+    monkeypatch.setitem(bench.PRESETS, "cpu-small", changed)
+    assert build_bench_model(out, tmp_path / "presets") == out
+    assert bench.read_model_config(out)["num_hidden_layers"] == 2 and (out / "tokenizer.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["presets", "tok"]  # nothing stale or staged left
