@@ -203,6 +203,25 @@ def _cb_wait(manager, prompts, max_tokens, tag: str, deadline: float) -> dict[st
     return done
 
 
+def cb_cache_config(model, batches: list[tuple[list[list[int]], list[int]]]):
+    """The continuous batching manager's settings: its own defaults (None) on a GPU; on the CPU, a cache of
+    twice the blocks the largest batch holds at once.
+
+    transformers sizes the cache from the device's free memory, and on the CPU that is 60-90% of the machine's
+    RAM, written in full: two benchmarks at once (the test suite's two workers) took 12-15 GB each on a 24 GiB
+    machine and the kernel killed one. Twice the blocks every request of a batch needs (prompt and output
+    together) leaves the manager's admission margin room: it never waits for a block the default would have had.
+    """
+    if model.device.type != "cpu":
+        return None
+    from transformers import ContinuousBatchingConfig
+
+    page = ContinuousBatchingConfig().page_size
+    needed = max(sum(-(-(len(p) + n) // page) for p, n in zip(prompts, max_tokens, strict=True))
+                 for prompts, max_tokens in batches)
+    return ContinuousBatchingConfig(num_blocks=2 * needed)
+
+
 # Not under torch.inference_mode: the manager's cache tensors would become inference tensors here, and its
 # generation thread (outside inference mode) updates them in place, which transformers 5.17 then refuses
 # ("Inplace update to inference tensor outside InferenceMode"). The manager turns gradients off itself.
@@ -220,7 +239,8 @@ def hf_continuous_runs(
     timed_seconds says how long the batch it cut short had (the rest went to set-up and the warm-up).
     """
     longest = max(max(n) for _, n in [warmup, *batches])
-    manager = model.init_continuous_batching(generation_config=_generation_config(temperature, longest))
+    manager = model.init_continuous_batching(generation_config=_generation_config(temperature, longest),
+                                             continuous_batching_config=cb_cache_config(model, [warmup, *batches]))
     deadline = time.perf_counter() + timeout_s
     runs = []
     try:

@@ -219,8 +219,8 @@ class _Model:
     def __init__(self, manager) -> None:
         self.manager = manager
 
-    def init_continuous_batching(self, generation_config):
-        self.generation_config = generation_config
+    def init_continuous_batching(self, generation_config, continuous_batching_config):
+        self.generation_config, self.cb_config = generation_config, continuous_batching_config
         return self.manager
 
 
@@ -311,6 +311,20 @@ def test_cb_runs_take_each_batch_on_its_own_after_the_warm_up():
     assert runs[0].seconds >= 0.15 and 0.05 <= runs[1].seconds < runs[0].seconds
     config = model.generation_config
     assert (config.max_new_tokens, config.do_sample, config.top_k, config.eos_token_id) == (6, False, 0, None)
+    # On the CPU the cache holds twice the blocks of the largest batch (three one-block requests), not the 60-90%
+    # of the machine's RAM transformers sizes it to by default.
+    assert model.cb_config.num_blocks == 2 * 3
+
+
+def test_cb_cache_on_the_cpu_is_sized_to_the_workload_and_on_a_gpu_left_to_transformers():
+    from transformers import ContinuousBatchingConfig
+
+    page = ContinuousBatchingConfig().page_size
+    batches = [([[1] * (page - 1)], [1]), ([[1] * page, [2]], [1, page + 1])]  # 1 block; 2 + 2 blocks
+    cpu = types.SimpleNamespace(device=types.SimpleNamespace(type="cpu"))
+    assert bench_peers.cb_cache_config(cpu, batches).num_blocks == 2 * 4
+    gpu = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"))
+    assert bench_peers.cb_cache_config(gpu, batches) is None
 
 
 def test_cb_short_requests_are_an_error_not_a_figure(monkeypatch):
