@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -59,7 +60,7 @@ def _literal(value) -> bytes:
 class _Compiler:
     def __init__(self, root: dict):
         self.root = root
-        self.defs: dict[str, jg.Node] = {}
+        self.defs: dict[tuple[str, str], jg.Node] = {}  # (section, definition name) -> its node
         self.pending: set[int] = set()  # ids of $ref placeholders whose definitions are being compiled
         self.count = 0
         self.key_choices = 0
@@ -242,9 +243,16 @@ class _Compiler:
         prefixes = ("#/$defs/", "#/definitions/")
         if not isinstance(ref, str) or not ref.startswith(prefixes):
             raise SchemaError(f"json_schema at {where}: $ref must point into #/$defs/ or #/definitions/, got {ref!r}")
-        if ref in self.defs:
-            return self.defs[ref]  # recursive: the node is being filled in, or done
-        section, _, name = ref[2:].partition("/")
+        # A URI fragment holding a JSON pointer (RFC 6901): percent-escapes decoded, then split at "/", then
+        # "~1" is "/" and "~0" is "~" within a name ("#/$defs/a~1b" names the definition "a/b").
+        section, *names = urllib.parse.unquote(ref[2:]).split("/")
+        if len(names) != 1:
+            raise SchemaError(f"json_schema at {where}: $ref {ref!r} points inside a definition; point at a whole "
+                              "definition (#/$defs/NAME, a \"/\" in NAME written ~1 and a \"~\" written ~0)")
+        name = names[0].replace("~1", "/").replace("~0", "~")
+        key = (section, name)
+        if key in self.defs:
+            return self.defs[key]  # recursive: the node is being filled in, or done
         target = self.root.get(section, {}).get(name) if isinstance(self.root.get(section), dict) else None
         if target is None:
             raise SchemaError(f"json_schema at {where}: $ref {ref!r} names no definition")
@@ -252,7 +260,7 @@ class _Compiler:
         # a value of it starts with is read off the definition now, for a union that refers back to it.
         placeholder = self.node(jg.ANY_KIND)
         placeholder.starts = _peek_starts(target)
-        self.defs[ref] = placeholder
+        self.defs[key] = placeholder
         self.pending.add(id(placeholder))
         compiled = self.compile(target, ref[1:])
         if id(compiled) in self.pending:

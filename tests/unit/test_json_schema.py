@@ -336,6 +336,36 @@ def test_enum_and_const_meet_the_keywords_beside_them(sub, good, bad):
         assert _accepts(node, data) is ok and _reference(schema, data) is ok, data
 
 
+@pytest.mark.parametrize("name, ref", [
+    ("a/b", "#/$defs/a~1b"), ("a~b", "#/$defs/a~0b"), ("a b", "#/$defs/a%20b"), ("~1", "#/$defs/~01"),
+    ("é", "#/definitions/%C3%A9"),
+])
+def test_a_ref_is_a_json_pointer_whose_escapes_are_decoded(name, ref):
+    """A $ref is a URI fragment holding a JSON pointer: percent-escapes, then ~1 ("/") and ~0 ("~"), name the
+    definition (RFC 6901; jsonschema resolves these). They were compared raw: "names no definition"."""
+    section = ref.split("/")[1]
+    schema = {section: {name: {"type": "integer"}}, "type": "object", "properties": {"x": {"$ref": ref}},
+              "required": ["x"]}
+    node = compile_schema(json.dumps(schema))
+    assert _accepts(node, b'{"x":1}') and not _accepts(node, b'{"x":"s"}')
+
+
+def test_a_ref_into_a_definition_is_refused_as_such_not_matched_against_a_name_with_a_slash():
+    """"#/$defs/a/b" points at b inside definition a; it matched a definition named "a/b"."""
+    schema = {"$defs": {"a/b": {"type": "integer"}}, "type": "object", "properties": {"x": {"$ref": "#/$defs/a/b"}}}
+    with pytest.raises(SchemaError, match=r"points inside a definition; point at a whole definition .*~1"):
+        compile_schema(json.dumps(schema))
+
+
+def test_one_definition_spelled_two_ways_is_one_definition():
+    """Recursion through two spellings of one $ref ends at the same node."""
+    schema = {"$defs": {"n/x": {"type": "object", "properties": {
+        "a": {"anyOf": [{"$ref": "#/$defs/n~1%78"}, {"type": "null"}]}}}},
+        "type": "object", "properties": {"r": {"$ref": "#/$defs/n~1x"}}, "required": ["r"]}
+    node = compile_schema(json.dumps(schema))
+    assert _accepts(node, b'{"r":{"a":{"a":null}}}') and not _accepts(node, b'{"r":{"a":1}}')
+
+
 def test_an_enum_beside_keywords_that_refer_back_through_a_recursive_ref_is_refused():
     """The keywords beside a const were checked against the placeholder of a definition still being compiled, which
     takes any value: {"child": "oops"} passed where child must be an N object, and the engine wrote it, finishing
