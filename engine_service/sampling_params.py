@@ -12,6 +12,7 @@ GREEDY_EPS = 1e-5
 # Distinct stop token ids per request. Each is checked on every token and, below min_tokens, banned on every
 # step: one request with two million of them slowed every other request on its engine 300-fold for a minute.
 MAX_STOP_TOKEN_IDS = 1024
+MAX_STOP_TOKEN_ENTRIES = 16 * MAX_STOP_TOKEN_IDS  # repeats included: a longer list is refused before deduplicating
 # Most likely tokens a request may ask logprobs for, per generated token (OpenAI's and vLLM's default bound):
 # each costs a top-k over the vocabulary and bytes on every frame.
 MAX_LOGPROBS = 20
@@ -107,8 +108,9 @@ class SamplingParams:
                              "the field that maps token ids to values)")
         if isinstance(ids, str | bytes) or not hasattr(ids, "__iter__"):
             raise ValueError(f"stop_token_ids must be a list of token ids, got {ids!r}")
-        if hasattr(ids, "__len__") and len(ids) > 16 * MAX_STOP_TOKEN_IDS:  # not worth deduplicating
-            raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} distinct ids, got {len(ids)}")
+        if hasattr(ids, "__len__") and len(ids) > MAX_STOP_TOKEN_ENTRIES:  # not worth deduplicating
+            raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_ENTRIES} entries (and at most "
+                             f"{MAX_STOP_TOKEN_IDS} distinct ids), got {len(ids)} entries")
         ids = tuple(map(_python_number, ids))  # a list of np.int64 too, as a prompt of them is taken
         try:
             object.__setattr__(self, "stop_token_ids", tuple(dict.fromkeys(ids)))

@@ -45,6 +45,7 @@ from tokenizer_service.token_bounds import encode, tokens_at_least
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024  # distinct ids; the engine's own bound (engine_service/sampling_params.py)
+MAX_STOP_TOKEN_ENTRIES = 16 * MAX_STOP_TOKEN_IDS  # repeats included; the engine's own bound too
 MAX_JSON_SCHEMA_BYTES = 64 * 1024  # the engine's bound on a json_schema (engine_service/json_schema.py)
 MAX_LOGPROBS = 20  # the engine's bound on logprobs and prompt_logprobs (engine_service/sampling_params.py)
 MAX_LOGIT_BIAS_TOKENS = 1024  # the engine's bound (engine_service/sampling_params.py)
@@ -612,9 +613,12 @@ def check_request(request: pb.GenerateRequest, limits: TextLimits | None = None)
                              "prompt_token_ids are sent as they are (add any BOS to the ids), so leave it unset")
         if not request.prompt_token_ids.ids:  # the text rule says "must encode to at least one token"
             raise ValueError("prompt_token_ids: must hold at least one token id (got none)")
-    n = len(source.stop_token_ids)  # the engine's bound, said before sending it on
-    if n > MAX_STOP_TOKEN_IDS and (n > 16 * MAX_STOP_TOKEN_IDS or len(set(source.stop_token_ids)) > MAX_STOP_TOKEN_IDS):
-        raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} distinct ids, got {n}")
+    n = len(source.stop_token_ids)  # the engine's bounds, said before sending it on, in the engine's words
+    if n > MAX_STOP_TOKEN_ENTRIES:
+        raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_ENTRIES} entries (and at most "
+                         f"{MAX_STOP_TOKEN_IDS} distinct ids), got {n} entries")
+    if n > MAX_STOP_TOKEN_IDS and (distinct := len(set(source.stop_token_ids))) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} distinct ids, got {distinct}")
     if len(source.logit_bias) > MAX_LOGIT_BIAS_TOKENS:  # the engine's bound, said before sending it on
         raise ValueError(f"logit_bias must hold at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(source.logit_bias)}")
     if source.response_format not in RESPONSE_FORMATS:

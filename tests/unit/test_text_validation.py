@@ -175,6 +175,24 @@ def test_stop_token_ids_are_bounded_at_the_door(demo_tokenizer):
     assert list(prepare(request, demo_tokenizer, {}, 1000, TextLimits()).engine_request.sampling_params.stop_token_ids)
 
 
+@pytest.mark.parametrize("ids, words", [
+    # 1,025 distinct ids and 1,000 repeats: the count is of the distinct ids (it said 2,025, the engine 1,025).
+    (list(range(1025)) + [0] * 1000, "at most 1024 distinct ids, got 1025"),
+    # One id, 16,385 times: the bound that fails is on the entries, not the distinct ids (it said "distinct").
+    ([5] * 16385, "at most 16384 entries (and at most 1024 distinct ids), got 16385 entries"),
+])
+def test_stop_token_ids_refusals_count_what_they_bound_in_the_engines_words(demo_tokenizer, ids, words):
+    from engine_service.sampling_params import SamplingParams
+    from tokenizer_service.validation import TextLimits, prepare
+
+    request = pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(stop_token_ids=ids))
+    with pytest.raises(ValueError) as at_door:
+        prepare(request, demo_tokenizer, {}, 1000, TextLimits())
+    with pytest.raises(ValueError) as at_engine:
+        SamplingParams(stop_token_ids=ids)
+    assert str(at_door.value) == str(at_engine.value) == f"stop_token_ids must hold {words}"
+
+
 @pytest.fixture(scope="module")
 def bos_tokenizer(demo_tokenizer):
     """The demo tokenizer with a post-processor that puts a BOS (<|endoftext|>) before the text, as Llama's does."""
