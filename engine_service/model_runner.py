@@ -798,8 +798,21 @@ class ModelRunner:
             self.ranks_in_step = True
             workers.send_step(x)
         previous_tokens = previous.sampled[0] if previous is not None and previous.sampled is not None else None
-        logits, prompt = self.execute(x, on_launch, previous_tokens)
+        caller_failed: list[Exception] = []
+
+        def call_back() -> None:
+            # The caller's failure waits for the forward pass: raised in the middle of it, under tensor
+            # parallelism it left the workers in the step's collectives and the engine had to die. After it,
+            # the step fails its requests as any other failed step does, and the ranks stay in step.
+            try:
+                on_launch()
+            except Exception as exc:
+                caller_failed.append(exc)
+
+        logits, prompt = self.execute(x, call_back if on_launch is not None else None, previous_tokens)
         self.ranks_in_step = False
+        if caller_failed:
+            raise caller_failed[0]
         if logits is None and prompt is None:
             return Launched(None, None, None)
         sampled = logprobs = None

@@ -137,7 +137,7 @@ TP_ARGS = dict(device="cpu", dtype="float32", attention_backend="torch", num_kvc
 
 @pytest.mark.timeout(180)
 def test_a_step_failing_partway_on_rank_0_stops_the_engine_instead_of_desynchronising_it(tmp_path):
-    """Rank 0 failing after the workers got a step (here its on_launch callback; on a GPU an OOM, or a Ctrl-C)
+    """Rank 0 failing after the workers got a step (here its forward pass; on a GPU an OOM, or a Ctrl-C)
     leaves them in that step's collectives: every later collective would pair with a stale one, giving wrong
     tokens or a gloo abort. The engine stops its workers and refuses from then on, saying why."""
     from engine_service.engine import EngineDeadError, EngineStepError
@@ -147,17 +147,43 @@ def test_a_step_failing_partway_on_rank_0_stops_the_engine_instead_of_desynchron
         procs = list(llm.workers.procs)
         llm.add_request("r", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=4))
 
-        def fail() -> None:
+        def fail(*args, **kwargs) -> None:
             raise RuntimeError("injected failure between send_step and the forward pass")
 
+        llm.runner.model.forward = fail
         with pytest.raises(EngineDeadError, match="out of step") as dead:
-            llm.step(on_launch=fail)
+            llm.step()
         assert not isinstance(dead.value, EngineStepError)  # the server must not treat it as recoverable
         for proc in procs:
             proc.join(10)
             assert not proc.is_alive()
         with pytest.raises(EngineDeadError, match="make a new one"):
             llm.generate([[4, 5]], SamplingParams(temperature=0.0, max_tokens=2))
+
+
+@pytest.mark.timeout(180)
+def test_a_failing_on_launch_callback_fails_its_step_and_the_tensor_parallel_engine_goes_on(tmp_path):
+    """The caller's on_launch runs in the middle of the forward pass; raising there left the workers in the step's
+    collectives and killed the engine. Its failure now waits for the forward: the step's requests fail, as on one
+    rank, the workers live, and later requests get the tokens they get on a fresh engine."""
+    from engine_service.engine import EngineStepError
+
+    make_qwen3(tmp_path, heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=VOCAB)
+    greedy = SamplingParams(temperature=0.0, max_tokens=4)
+    with LLM(tmp_path, tensor_parallel_size=2, **TP_ARGS) as llm:
+        want = [o["token_ids"] for o in llm.generate([[4, 5, 6], [7, 8]], greedy)]
+        procs = list(llm.workers.procs)
+        llm.add_request("r", [1, 2, 3], greedy)
+
+        def fail() -> None:
+            raise RuntimeError("the caller's callback failed")
+
+        with pytest.raises(EngineStepError) as failed:
+            llm.step(on_launch=fail)
+        assert [(o.request_id, o.finish_reason) for o in failed.value.outputs] == [("r", "error")]
+        assert "the caller's callback failed" in str(failed.value)
+        assert all(proc.is_alive() for proc in procs)
+        assert [o["token_ids"] for o in llm.generate([[4, 5, 6], [7, 8]], greedy)] == want
 
 
 @pytest.mark.timeout(120)
