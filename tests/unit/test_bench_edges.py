@@ -353,7 +353,7 @@ def test_cb_runs_count_the_tokens_generated_not_requested():
         device = types.SimpleNamespace(type="cpu")
         config = types.SimpleNamespace(_attn_implementation="sdpa")
 
-        def init_continuous_batching(self, generation_config):
+        def init_continuous_batching(self, generation_config, continuous_batching_config):
             return manager
 
     class Manager(_Manager):
