@@ -166,20 +166,26 @@ def resolve_fused_ops(wanted: bool | None, device: torch.device, dtype: torch.dt
     return True
 
 
-def _host_memory_bytes() -> int | None:
-    """This machine's memory as a process may use it: its physical RAM, or a cgroup v2 memory.max below that; None
+# A container's memory limit: cgroup v2's memory.max ("max" when unlimited), then cgroup v1's limit_in_bytes (a
+# number near 2**63 when unlimited), as Kubernetes nodes on either version set a pod's limits.memory.
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def _host_memory_bytes(limit_files: tuple[str, ...] = CGROUP_MEMORY_LIMITS) -> int | None:
+    """This machine's memory as a process may use it: its physical RAM, or a cgroup memory limit below that; None
     where neither can be read."""
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, OSError, ValueError):
         memory = None
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
+    for path in limit_files:
+        try:
+            with open(path) as f:
+                limit = f.read().strip()
+        except OSError:
+            continue
         if limit.isdigit():
             memory = int(limit) if memory is None else min(memory, int(limit))
-    except OSError:
-        pass
     return memory
 
 

@@ -223,3 +223,24 @@ def test_an_explicit_gpu_pool_that_leaves_no_room_for_a_full_step_is_refused_wit
         with pytest.raises(ValueError, match=f"num_kvcache_blocks={fits + 1} does not fit") as err:
             runner._decide_num_blocks()
         assert f"set num_kvcache_blocks to at most {fits}," in str(err.value)
+
+
+@pytest.mark.parametrize("v2, v1, limit", [
+    ("max", None, None),  # cgroup v2, unlimited
+    ("1073741824", None, 1 << 30),  # cgroup v2, a pod's limits.memory
+    (None, "536870912", 1 << 29),  # cgroup v1 (it was not read: a v1 pod's limit was ignored)
+    (None, str((1 << 63) - 4096), None),  # cgroup v1, unlimited: a number past any RAM
+    (None, None, None),  # neither
+])
+def test_host_memory_is_the_ram_or_a_cgroup_limit_below_it_v1_or_v2(tmp_path, v2, v1, limit):
+    import os
+
+    from engine_service.model_runner import _host_memory_bytes
+
+    files = []
+    for name, text in (("memory.max", v2), ("memory.limit_in_bytes", v1)):
+        files.append(str(tmp_path / name))
+        if text is not None:
+            (tmp_path / name).write_text(text + "\n")
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert _host_memory_bytes(tuple(files)) == (ram if limit is None else min(ram, limit))
