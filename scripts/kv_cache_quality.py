@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [[tokenizer.bos_token_id, *window] for window in prompts]
     engine = {k: v for k, v in (("device", args.device), ("dtype", args.dtype),
                                 ("attention_backend", args.attention_backend)) if v is not None}
+    # The KV pool this job needs: every window at once, each its prompt and the one token it generates. The
+    # engine's default (256 sequences of the model's whole context) took 1 GiB for the demo model on the CPU.
+    engine.update(max_num_seqs=len(prompts), max_model_len=len(prompts[0]) + 1)
     base = teacher_forced(model, prompts, "auto", engine)
     fp8 = teacher_forced(model, prompts, "fp8", engine)
     figures = {"model": model, "text": str(args.text), "windows": len(prompts), "window": args.window,
