@@ -239,8 +239,10 @@ def hf_continuous_runs(
     timed_seconds says how long the batch it cut short had (the rest went to set-up and the warm-up).
     """
     longest = max(max(n) for _, n in [warmup, *batches])
+    # Passed only where set: the GPU machine's transformers (5.17) may not take the keyword, and needs no cap.
+    cache = cb_cache_config(model, [warmup, *batches])
     manager = model.init_continuous_batching(generation_config=_generation_config(temperature, longest),
-                                             continuous_batching_config=cb_cache_config(model, [warmup, *batches]))
+                                             **({"continuous_batching_config": cache} if cache is not None else {}))
     deadline = time.perf_counter() + timeout_s
     runs = []
     try:
