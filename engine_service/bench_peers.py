@@ -214,7 +214,10 @@ def cb_cache_config(model, batches: list[tuple[list[list[int]], list[int]]]):
     """
     if model.device.type != "cpu":
         return None
-    from transformers import ContinuousBatchingConfig
+    try:
+        from transformers import ContinuousBatchingConfig
+    except ImportError:  # a transformers before the setting: the manager sizes its cache as it always did
+        return None
 
     page = ContinuousBatchingConfig().page_size
     needed = max(sum(-(-(len(p) + n) // page) for p, n in zip(prompts, max_tokens, strict=True))
