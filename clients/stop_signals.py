@@ -4,8 +4,8 @@ As a container's PID 1 a process ignores a signal it has no handler for, and the
 that came while a service imported its modules, parsed its flags or opened its ports was lost, and the pod loaded,
 turned ready and ran until its grace period ended in SIGKILL. Outside a container it killed the process without a
 line, where a stop during loading exits 0 with a warning. Both services call hold() first (their entry points
-before their imports) and take_over() as their event loop starts. What is left is the interpreter's own start-up,
-some 50 ms; an init process such as tini as the container's PID 1 covers that too.
+before their imports), take_over() as their event loop starts, and ignore() once it has closed. What is left is
+the interpreter's own start-up, some 50 ms; an init process such as tini as the container's PID 1 covers that too.
 """
 
 from __future__ import annotations
@@ -29,6 +29,15 @@ def hold() -> None:
     """From now on, record SIGTERM and SIGINT instead of dying of them (main thread only)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, _record)
+
+
+def ignore() -> None:
+    """The service has stopped: SIGTERM and SIGINT are ignored from now on (main thread only). A Python handler
+    such as hold()'s would not do: the interpreter's finalization gives a signal with one its default back before
+    it tears the modules down, and a second stop then (a repeated Ctrl-C, `timeout`'s or systemd's repeat) killed
+    the process by that signal instead of its exit 0."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def take_over(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> None:

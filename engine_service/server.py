@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from clients.cpus import available_cpus
 from clients.flags import warn_unknown
 from clients.logs import configure_logging
-from clients.stop_signals import hold, take_over
+from clients.stop_signals import hold, ignore, take_over
 from clients.tls import (
     PortUnavailable,
     add_checked_servicer,
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     except PortUnavailable as exc:
         sys.exit(f"engine-service: {exc}")
     finally:
-        hold()  # the closed loop gave the stop signals their defaults back: a second one during teardown killed us
+        ignore()  # the closed loop gave the stop signals their defaults back: a second one during teardown killed us
     sys.stdout.flush()
     sys.stderr.flush()
     stuck = any(t.name in (LOADER_THREAD, ENGINE_THREAD) and t.is_alive() for t in threading.enumerate())

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from clients.flags import warn_unknown
 from clients.logs import configure_logging
-from clients.stop_signals import hold, take_over
+from clients.stop_signals import hold, ignore, take_over
 from clients.tls import (
     HealthServicer,
     PortUnavailable,
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     except PortUnavailable as exc:
         sys.exit(f"tokenizer-service: {exc}")
     finally:
-        hold()  # the closed loop gave the stop signals their defaults back: a second one during teardown killed us
+        ignore()  # the closed loop gave the stop signals their defaults back: a second one during teardown killed us
     sys.exit(code)
 
 

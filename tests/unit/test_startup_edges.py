@@ -562,6 +562,43 @@ def test_a_second_stop_signal_during_the_teardown_still_exits_0(service, sig):
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
 
 
+@pytest.mark.parametrize("service", ["engine_service", "tokenizer_service"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_second_stop_signal_while_the_interpreter_finalizes_its_modules_still_exits_0(service, sig):
+    """Past main() and its atexit work, the interpreter gives every signal with a Python handler its default back,
+    then tears the modules down (grpc's and torch's objects: hundreds of ms in a real service). A second stop
+    there killed both services by the signal (-15) after they had logged their clean stop. Here a module-level
+    object's finalizer stands in for that teardown, and the signal comes once it has begun."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (f"import asyncio, sys, time, {service}.server as s\n"
+            "from clients.stop_signals import take_over\n"
+            "async def serve(config):\n"
+            "    take_over(asyncio.get_running_loop(), lambda: None)\n"
+            "    return 0\n"
+            "s.serve = serve\n"
+            "class Teardown:\n"
+            "    def __del__(self):\n"
+            "        sys.__stderr__.write('finalizing\\n'); sys.__stderr__.flush(); time.sleep(1.5)\n"
+            "teardown = Teardown()\n"
+            "s.main(sys.argv[1:])\n")
+    args = ["--model", "fake"] if service == "engine_service" else ["--engines", "127.0.0.1:1", "--model", "fake"]
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=Path(__file__).resolve().parents[2],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if line.strip() == "finalizing":
+                proc.send_signal(getattr(signal, sig))
+                break
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # ---- clients/channel.py ---------------------------------------------------------------------------------------------
 def test_channel_options_refuse_what_is_not_a_name_value_pair():
     from clients.channel import channel_options
