@@ -25,7 +25,8 @@ from protos.llmserve.text.v1 import text_pb2
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-client", description=__doc__.splitlines()[0])
     parser.add_argument("text", help="the prompt, or with --chat the user's message")
-    parser.add_argument("--target", default="localhost:50052", help="the tokenizer service's host:port, or a gRPC URI such as unix:/path")
+    parser.add_argument("--target", default="localhost:50052",
+                        help="the tokenizer service's host:port, or a gRPC URI such as unix:/path")
     parser.add_argument("--chat", action="store_true", help="send text as a user chat message")
     parser.add_argument("--system", default=None, help="a system message (with --chat)")
     parser.add_argument("--reply-prefix", default=None, metavar="TEXT",

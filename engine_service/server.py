@@ -51,7 +51,7 @@ def fail_after_steps() -> int | None:
     text = os.environ.get(FAIL_AFTER_STEPS_ENV, "").strip()
     if not text:
         return None
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise ValueError(f"{FAIL_AFTER_STEPS_ENV} (a test hook) must be a whole number of steps, 1 or more, "
                          f"got {text!r}; unset it to run normally")
     return int(text)

@@ -703,7 +703,7 @@ def test_take_over_stops_only_for_a_signal_held_and_only_once():
             signal.signal(sig, handler)
 
 
-@pytest.mark.parametrize("value", ["abc", "0", "-2", "1.5"])
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "1.5", "²"])
 def test_a_malformed_fail_after_steps_hook_exits_in_one_line_before_any_port_opens(monkeypatch, value):
     """ENGINE_TEST_FAIL_AFTER_STEPS is read like a flag: a value that is no step count is refused at start-up by
     name (it was a bare int() traceback once the model had loaded, and "0" failed the first step)."""
