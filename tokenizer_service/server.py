@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     except PortUnavailable as exc:
         sys.exit(f"tokenizer-service: {exc}")
     finally:
-        ignore()  # the closed loop gave the stop signals their defaults back: a second one during teardown killed us
+        ignore()  # stopped: a second stop signal during the teardown is ignored (see clients/stop_signals.py)
     sys.exit(code)
 
 
