@@ -26,11 +26,13 @@ def put_token_ids(field: object, values: object, where: str, ordered: bool = Tru
     """Extend a repeated int32 field with token ids. ordered (a prompt): a set or dict has no order (and a set no
     repeats), so it is refused. An id the protocol cannot carry is named with its index, where protobuf said only
     "Value out of range". What is not a collection of ids at all (a bare id, None) is named too, where protobuf said
-    "'int' object is not iterable"."""
-    if (isinstance(values, str | bytes) or not isinstance(values, Iterable)
-            or (ordered and isinstance(values, Set | Mapping))):
+    "'int' object is not iterable". A mapping is refused either way (iterated, its keys alone were taken), and so
+    are bytes in any form (iterated, they were their byte values) and a 0-d array or tensor (one id, not a list)."""
+    if (isinstance(values, str | bytes | bytearray | memoryview | Mapping) or not isinstance(values, Iterable)
+            or getattr(values, "ndim", None) == 0 or (ordered and isinstance(values, Set))):
+        hint = " (logit_bias is the field that maps token ids to values)" if isinstance(values, Mapping) else ""
         raise ValueError(f"{where} must be a list of integer token ids (a list, tuple, array or tensor), not a "
-                         f"{type(values).__name__}")
+                         f"{type(values).__name__}{hint}")
     try:
         field.extend(values)  # type: ignore[attr-defined]
     except (TypeError, ValueError) as exc:
@@ -121,7 +123,12 @@ def set_sampling_field(params: Any, name: str, value: object) -> None:
     try:
         if isinstance(value, bool) and field.type != field.TYPE_BOOL:
             raise TypeError("a number, not a bool")
+        if field.type == field.TYPE_BOOL and not isinstance(value, bool):  # protobuf took 3 (and -1) as True
+            raise TypeError("must be True or False")
         params.MergeFrom(type(params)(**{name: value}))  # an optional field set to its zero stays set
+    except OverflowError:  # an integer past a float's range (10**400); protobuf's words named no field
+        raise ValueError(f"sampling parameter {name}={value!r}: too large for a number the protocol "
+                         "carries") from None
     except (TypeError, ValueError) as exc:
         bits = {field.TYPE_INT32: 32, field.TYPE_INT64: 64}.get(field.type)
         if bits and isinstance(value, int) and not isinstance(value, bool):

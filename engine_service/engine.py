@@ -377,10 +377,12 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def _validate_prompt(self, prompt_token_ids) -> list[int]:
-        if hasattr(prompt_token_ids, "tolist"):  # a numpy array or a torch tensor: its elements as Python ints
-            prompt_token_ids = prompt_token_ids.tolist()
-        if isinstance(prompt_token_ids, str | bytes | Set | Mapping) or not hasattr(prompt_token_ids, "__len__"):
-            # a set or dict has no order (and a set no repeats): its ids would run in some order, silently
+        # Bytes in any form are text, not ids (a bytearray or memoryview ran its byte values as token ids); a set
+        # or dict has no order (and a set no repeats): its ids would run in some order, silently.
+        refused = str | bytes | bytearray | memoryview | Set | Mapping
+        if not isinstance(prompt_token_ids, refused) and hasattr(prompt_token_ids, "tolist"):
+            prompt_token_ids = prompt_token_ids.tolist()  # a numpy array or a torch tensor: its elements as ints
+        if isinstance(prompt_token_ids, refused) or not hasattr(prompt_token_ids, "__len__"):
             raise ValueError("prompt_token_ids must be a list of integer token ids (a list, tuple, array or tensor), "
                              f"not a {type(prompt_token_ids).__name__}")
         prompt = list(prompt_token_ids)

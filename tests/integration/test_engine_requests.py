@@ -334,7 +334,8 @@ def test_token_ids_come_in_order_or_are_refused(model_dir):
     import torch
 
     with _engine(model_dir) as engine:
-        for wrong in ({30, 10, 20}, {10: "x", 20: "y"}, b"\x01\x02", frozenset({1})):
+        # Bytes in any form: a bytearray or memoryview ran its byte values as token ids.
+        for wrong in ({30, 10, 20}, {10: "x", 20: "y"}, b"\x01\x02", frozenset({1}), bytearray(b"Hi"), memoryview(b"Hi")):
             with pytest.raises(ValueError, match=f"must be a list of integer token ids .*not a {type(wrong).__name__}"):
                 engine.add_request("r", wrong, SamplingParams(max_tokens=1))
         params = SamplingParams(temperature=0.0, max_tokens=3)

@@ -652,3 +652,31 @@ def test_numpy_numbers_are_taken_for_the_channel_settings():
     assert options["grpc.keepalive_time_ms"] == 30_000 and type(options["grpc.keepalive_time_ms"]) is int
     with TextClient("127.0.0.1:1", max_message_bytes=np.int64(1 << 20), keepalive_time_s=np.float32(30)) as client:
         assert client is not None
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    # An integer for a True/False field went out as True (3, -1) or False (numpy 0); the engine refuses 3.
+    ({"ignore_eos": 3}, "ignore_eos=3: must be True or False"),
+    ({"ignore_eos": 2**70}, "ignore_eos=1180591620717411303424: must be True or False"),
+    # An integer past a float's range raised a bare OverflowError.
+    ({"temperature": 10**400}, "temperature=1000"),
+    # A dict of stop ids sent its keys alone, silently.
+    ({"stop_token_ids": {7: 1.0, 9: -1.0}}, "stop_token_ids must be a list of integer token ids .* not a dict "
+                                            r"\(logit_bias is the field"),
+    ({"stop_token_ids": bytearray(b"ab")}, "stop_token_ids must be a list .* not a bytearray"),
+])
+def test_sampling_keywords_of_the_wrong_kind_are_refused_by_name(kwargs, words):
+    from clients.requests import sampling_params
+
+    with pytest.raises(ValueError, match=words):
+        sampling_params(**kwargs)
+
+
+def test_a_zero_dimensional_array_is_one_id_not_a_list_of_them():
+    import numpy as np
+
+    from clients.requests import put_token_ids
+    from protos.llmserve.text.v1 import text_pb2 as pb
+
+    with pytest.raises(ValueError, match="prompt_token_ids must be a list of integer token ids .* not a ndarray"):
+        put_token_ids(pb.GenerateRequest().prompt_token_ids.ids, np.array(5), "prompt_token_ids")
