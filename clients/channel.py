@@ -9,13 +9,13 @@ import math
 import numbers
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from clients.tls import ClientTls, keepalive_options
+from clients.tls import MAX_MESSAGE_BYTES_LIMIT, ClientTls, keepalive_options
 
 log = logging.getLogger(__name__)
 ROTATION_RETRY_S = 1.0  # TLS files that changed and did not load are read again on the first call this much later
@@ -36,7 +36,8 @@ def client_timeout(timeout: float | None) -> float | None:
     if timeout is None:
         return None
     # numbers.Real: a numpy number too (np.int64 is no int)
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or math.isnan(timeout) or timeout <= 0:
+    # timeout != timeout: NaN, where math.isnan raised OverflowError for an int past a float's range
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or timeout != timeout or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, or None for no deadline; got {timeout!r}")
     return None if timeout >= MAX_TIMEOUT_S else float(timeout)
 
@@ -50,15 +51,19 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepaliv
     of them silently)."""
     # numpy's numbers too (numbers.Integral, numbers.Real), as Python's ints and floats passed on to gRPC
     if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, numbers.Integral) or not (
-            max_message_bytes >= 1 or max_message_bytes == -1):  # 0 refused every message that was not empty
-        raise ValueError(f"max_message_bytes must be a positive number of bytes (or -1, gRPC's no limit), got "
-                         f"{max_message_bytes!r}")
+            1 <= max_message_bytes <= MAX_MESSAGE_BYTES_LIMIT or max_message_bytes == -1):
+        # 0 refused every message that was not empty; past a C int, grpc raised a bare OverflowError
+        raise ValueError(f"max_message_bytes must be a positive number of bytes, at most {MAX_MESSAGE_BYTES_LIMIT:,} "
+                         f"(gRPC holds it in a C int), or -1 (gRPC's no limit); got {max_message_bytes!r}")
     max_message_bytes = int(max_message_bytes)
     if (isinstance(keepalive_time_s, bool) or not isinstance(keepalive_time_s, numbers.Real)
             or not math.isfinite(keepalive_time_s) or keepalive_time_s < 0.001):  # gRPC takes whole ms: 0 is off
         raise ValueError(f"keepalive_time_s must be a positive number of seconds, at least 0.001 (the servers allow a "
                          f"ping every 5 s or more), got {keepalive_time_s!r}")
     keepalive_time_s = float(keepalive_time_s)
+    if isinstance(extra_options, str | bytes | Mapping) or not isinstance(extra_options, Iterable):
+        raise ValueError(f"extra_options must be a list of (name, value) pairs of gRPC channel arguments, got "
+                         f"{extra_options!r}")
     extra = list(extra_options)
     if not all(isinstance(o, tuple) and len(o) == 2 and isinstance(o[0], str) for o in extra):
         raise ValueError(f"extra_options must be (name, value) pairs of gRPC channel arguments, got {extra_options!r}")

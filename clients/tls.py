@@ -51,7 +51,7 @@ UNLIMITED_MS = 2**31 - 1  # gRPC's "no limit" for a duration in milliseconds
 def _ms(seconds: float) -> int:
     """A duration as gRPC's options take it: whole milliseconds in a C int (24.8 days and more are its limit; a
     larger value made grpc.aio.server raise OverflowError at start-up)."""
-    return min(int(seconds * 1000), UNLIMITED_MS)
+    return int(min(seconds * 1000, UNLIMITED_MS))  # min first: int() of an infinite product raised
 
 
 def shared_server_options(max_connection_age_s: float, max_calls: int,

@@ -680,3 +680,26 @@ def test_a_zero_dimensional_array_is_one_id_not_a_list_of_them():
 
     with pytest.raises(ValueError, match="prompt_token_ids must be a list of integer token ids .* not a ndarray"):
         put_token_ids(pb.GenerateRequest().prompt_token_ids.ids, np.array(5), "prompt_token_ids")
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    # Past a C int, grpc raised a bare OverflowError while the client was made.
+    ({"max_message_bytes": 2**31}, "max_message_bytes must be a positive number of bytes, at most 2,147,483,647"),
+    # None or a bare value: "'NoneType' object is not iterable".
+    ({"extra_options": None}, "extra_options must be a list of \\(name, value\\) pairs"),
+    ({"extra_options": 5}, "extra_options must be a list of \\(name, value\\) pairs"),
+])
+def test_channel_settings_past_what_grpc_holds_are_refused_by_name(kwargs, words):
+    from clients.channel import channel_options
+
+    with pytest.raises(ValueError, match=words):
+        channel_options(**kwargs)
+
+
+def test_very_long_keepalives_and_timeouts_mean_no_limit_rather_than_overflowing():
+    """keepalive_time_s=1e308 raised "cannot convert float infinity to integer", timeout=10**400 OverflowError."""
+    from clients.channel import channel_options, client_timeout
+    from clients.tls import UNLIMITED_MS
+
+    assert dict(channel_options(keepalive_time_s=1e308))["grpc.keepalive_time_ms"] == UNLIMITED_MS
+    assert client_timeout(10**400) is None
