@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,10 +79,13 @@ class RopeScaling:
         # transformers: a top-level original_max_position_embeddings wins, then rope's own, then max_positions
         original = cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
         original = original or max_positions
+        if not isinstance(original, int) or isinstance(original, bool) or original < 1:
+            raise ValueError(f"RoPE scaling {rope_type!r} needs original_max_position_embeddings to be a positive "
+                             f"integer (the context the model was trained at); config.json has {original!r}")
         factor = rope.get("factor")
         if factor is None and rope_type == "yarn":
             factor = max_positions / original
-        if not isinstance(factor, int | float) or isinstance(factor, bool) or not factor >= 1.0:
+        if not _finite(factor) or not factor >= 1.0:
             raise ValueError(f"RoPE scaling {rope_type!r} needs a factor of 1.0 or more; config.json has {factor!r}")
         if rope_type == "linear":  # positions divided by factor: the limit is the config's length x factor
             return cls("linear", float(factor), max_positions)
@@ -108,14 +112,25 @@ class RopeScaling:
         )
 
 
+def _finite(value: object) -> bool:
+    """A JSON number (not a bool) that a float holds: an integer such as 2**2000 passed "< inf" and then raised
+    OverflowError where it was made a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _number(settings: dict, key: str, what: str) -> float | None:
     """settings[key] as a float, None where absent or null; a ValueError naming it otherwise (a string or a list
     failed deep inside the RoPE tables, naming neither the key nor the file)."""
     value = settings.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"config.json's {what} should be a number, not {value!r}")
+    if not _finite(value):
+        raise ValueError(f"config.json's {what} should be a finite number, not {value!r}")
     return float(value)
 
 
@@ -219,7 +234,7 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"config.json's {key} should be a positive integer, not {value!r}")
         for key, value in (("rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)), ("rope_theta", rope_theta)):
-            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < float("inf"):
+            if not _finite(value) or not value > 0:
                 raise ValueError(f"config.json's {key} should be a positive number, not {value!r}")
         max_positions = cfg["max_position_embeddings"]
         rope_scaling = RopeScaling.from_dict(rope, cfg, max_positions)

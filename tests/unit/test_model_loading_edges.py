@@ -47,8 +47,29 @@ def test_a_yarn_setting_that_is_not_a_number_is_refused_naming_it(key):
     """A string or a list failed deep in the RoPE tables as a bare TypeError, or as "could not convert string to
     float: 'x'", naming neither the key nor the file."""
     rope = {"rope_type": "yarn", "factor": 4.0, "mscale_all_dim": 1.0, key: "x"}
-    with pytest.raises(ValueError, match=f"config.json's RoPE scaling 'yarn' {key} should be a number, not 'x'"):
+    with pytest.raises(ValueError, match=f"config.json's RoPE scaling 'yarn' {key} should be a finite number, not 'x'"):
         ModelConfig.from_dict({**BASE, "rope_scaling": rope})
+
+
+@pytest.mark.parametrize("rope, words", [
+    # original_max_position_embeddings was read unchecked: int() of a list, math domain errors, "64" accepted.
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": [64]}, "positive integer .* \\[64\\]"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": -64}, "positive integer .* -64"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": "64"}, "positive integer .* '64'"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 64.9}, "positive integer .* 64.9"),
+    # An integer past a float's range passed "< inf" and raised OverflowError where it became a float.
+    ({"rope_type": "yarn", "factor": 2**1100}, "needs a factor of 1.0 or more"),
+    ({"rope_type": "yarn", "factor": 4.0, "beta_fast": 2**1100}, "beta_fast should be a finite number"),
+])
+def test_rope_scaling_numbers_are_checked_before_they_are_used(rope, words):
+    with pytest.raises(ValueError, match=words):
+        ModelConfig.from_dict({**BASE, "rope_scaling": rope})
+
+
+def test_a_rope_theta_past_a_floats_range_is_refused_naming_it():
+    with pytest.raises(ValueError, match="config.json's rope_theta should be a positive number"):
+        ModelConfig.from_dict({**BASE, "rope_theta": 2**2000})
 
 
 @pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
