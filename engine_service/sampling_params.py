@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import numbers
 from collections.abc import Mapping
@@ -108,7 +109,9 @@ class SamplingParams:
                              "the field that maps token ids to values)")
         if isinstance(ids, str | bytes) or not hasattr(ids, "__iter__"):
             raise ValueError(f"stop_token_ids must be a list of token ids, got {ids!r}")
-        if hasattr(ids, "__len__") and len(ids) > MAX_STOP_TOKEN_ENTRIES:  # not worth deduplicating
+        if not hasattr(ids, "__len__"):  # a generator: read no further than the bound (it may never end)
+            ids = list(itertools.islice(ids, MAX_STOP_TOKEN_ENTRIES + 1))
+        if len(ids) > MAX_STOP_TOKEN_ENTRIES:  # not worth deduplicating
             raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_ENTRIES} entries (and at most "
                              f"{MAX_STOP_TOKEN_IDS} distinct ids), got {len(ids)} entries")
         ids = tuple(map(_python_number, ids))  # a list of np.int64 too, as a prompt of them is taken
@@ -119,7 +122,7 @@ class SamplingParams:
         bias = self.logit_bias
         if hasattr(bias, "items"):
             bias = bias.items()
-        if isinstance(bias, str | bytes) or not hasattr(bias, "__iter__"):
+        if isinstance(bias, str | bytes) or not hasattr(bias, "__iter__") or getattr(bias, "ndim", None) == 0:
             raise ValueError(f"logit_bias must map token ids to biases, got {bias!r}")
         if hasattr(bias, "__len__") and len(bias) > MAX_LOGIT_BIAS_TOKENS:
             raise ValueError(f"logit_bias must hold at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(bias)}")

@@ -353,3 +353,26 @@ def test_an_integral_float_top_k_default_is_taken_as_the_integer(tmp_path):
         path.write_text(f'{{"top_k": {bad}}}')
         with pytest.raises(ValueError, match="top_k must be an integer, got"):
             read_generation_defaults(str(tmp_path))
+
+
+def test_a_stop_token_id_generator_is_read_no_further_than_the_bound():
+    """A generator has no len(): it was read whole before the entry bound applied (one of 10**9 ids ran the
+    process out of memory)."""
+    import itertools
+
+    from engine_service.sampling_params import MAX_STOP_TOKEN_ENTRIES, SamplingParams
+
+    endless = itertools.count()
+    with pytest.raises(ValueError, match=f"at most {MAX_STOP_TOKEN_ENTRIES} entries"):
+        SamplingParams(stop_token_ids=endless)
+    assert next(endless) == MAX_STOP_TOKEN_ENTRIES + 1  # it read one past the bound, no more
+    assert SamplingParams(stop_token_ids=(i for i in (3, 4, 3))).stop_token_ids == (3, 4)
+
+
+def test_a_zero_dimensional_logit_bias_is_refused_by_name():
+    import numpy as np
+
+    from engine_service.sampling_params import SamplingParams
+
+    with pytest.raises(ValueError, match="logit_bias must map token ids to biases"):  # was "len() of unsized object"
+        SamplingParams(logit_bias=np.array(3))
