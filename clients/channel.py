@@ -61,11 +61,10 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepaliv
         raise ValueError(f"keepalive_time_s must be a positive number of seconds, at least 0.001 (the servers allow a "
                          f"ping every 5 s or more), got {keepalive_time_s!r}")
     keepalive_time_s = float(keepalive_time_s)
-    if isinstance(extra_options, str | bytes | Mapping) or not isinstance(extra_options, Iterable):
-        raise ValueError(f"extra_options must be a list of (name, value) pairs of gRPC channel arguments, got "
-                         f"{extra_options!r}")
-    extra = list(extra_options)
-    if not all(isinstance(o, tuple) and len(o) == 2 and isinstance(o[0], str) for o in extra):
+    # None or a bare value: list() said only "'NoneType' object is not iterable"
+    pairs = isinstance(extra_options, Iterable) and not isinstance(extra_options, str | bytes | Mapping)
+    extra = list(extra_options) if pairs else []
+    if not pairs or not all(isinstance(o, tuple) and len(o) == 2 and isinstance(o[0], str) for o in extra):
         raise ValueError(f"extra_options must be (name, value) pairs of gRPC channel arguments, got {extra_options!r}")
     names = [name for name, _ in extra]
     twice = sorted({name for name in names if names.count(name) > 1})

@@ -686,8 +686,8 @@ def test_a_zero_dimensional_array_is_one_id_not_a_list_of_them():
     # Past a C int, grpc raised a bare OverflowError while the client was made.
     ({"max_message_bytes": 2**31}, "max_message_bytes must be a positive number of bytes, at most 2,147,483,647"),
     # None or a bare value: "'NoneType' object is not iterable".
-    ({"extra_options": None}, "extra_options must be a list of \\(name, value\\) pairs"),
-    ({"extra_options": 5}, "extra_options must be a list of \\(name, value\\) pairs"),
+    ({"extra_options": None}, "extra_options must be \\(name, value\\) pairs of gRPC channel arguments, got None"),
+    ({"extra_options": 5}, "extra_options must be \\(name, value\\) pairs of gRPC channel arguments, got 5"),
 ])
 def test_channel_settings_past_what_grpc_holds_are_refused_by_name(kwargs, words):
     from clients.channel import channel_options
