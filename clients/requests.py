@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 import numbers
+import struct
 from collections.abc import Callable, Iterable, Mapping, Set
 from typing import Any, TypeVar
 
@@ -114,6 +116,27 @@ def _schema_text(value: object, where: str) -> str:
 SAMPLING_KEYWORDS = SAMPLING_FIELDS + ("stop_token_ids", "logit_bias", "response_format", "json_schema")
 
 
+def _check_float32(value: object) -> None:
+    """A finite number the protocol's 32-bit float carries as inf (1e40) or 0 (1e-50) is refused (ValueError, the
+    caller names the field): sent, the service answered for a value the caller never wrote ("temperature must be
+    finite ..., got inf"). inf and nan as written pass, for the service's own rule; 10**400 is protobuf's
+    OverflowError."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return  # protobuf names the wrong type
+    try:
+        number = float(value)
+    except OverflowError:
+        return
+    if not math.isfinite(number):
+        return
+    carried = struct.unpack("f", struct.pack("f", number))[0]
+    if math.isinf(carried):
+        raise ValueError("too large for the protocol's 32-bit float (|x| <= 3.4e38)")
+    if carried == 0.0 and number != 0.0:
+        raise ValueError("too small for the protocol's 32-bit float, which would carry it as 0 (|x| >= 1.4e-45, "
+                         "or 0)")
+
+
 def set_sampling_field(params: Any, name: str, value: object) -> None:
     """params.name = value, for either protocol's SamplingParams (a repeated or map field from an iterable), refused
     with a ValueError naming the field where protobuf's own words named none: a bool for a number (protobuf took
@@ -125,6 +148,8 @@ def set_sampling_field(params: Any, name: str, value: object) -> None:
             raise TypeError("a number, not a bool")
         if field.type == field.TYPE_BOOL and not isinstance(value, bool):  # protobuf took 3 (and -1) as True
             raise TypeError("must be True or False")
+        if field.type == field.TYPE_FLOAT:
+            _check_float32(value)
         params.MergeFrom(type(params)(**{name: value}))  # an optional field set to its zero stays set
     except OverflowError:  # an integer past a float's range (10**400); protobuf's words named no field
         raise ValueError(f"sampling parameter {name}={value!r}: too large for a number the protocol "
@@ -156,6 +181,8 @@ def sampling_params(**kwargs: object) -> pb.SamplingParams:
             try:
                 pairs = list(value.items() if isinstance(value, Mapping) else value)  # type: ignore[union-attr]
                 params.logit_bias.update(pairs)
+                for _, bias in pairs:
+                    _check_float32(bias)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"sampling parameter logit_bias={value!r}: {exc}") from None
             if len(params.logit_bias) < len(pairs):

@@ -660,6 +660,11 @@ def test_numpy_numbers_are_taken_for_the_channel_settings():
     ({"ignore_eos": 2**70}, "ignore_eos=1180591620717411303424: must be True or False"),
     # An integer past a float's range raised a bare OverflowError.
     ({"temperature": 10**400}, "temperature=1000"),
+    # A finite number the protocol's float32 cannot hold went out as inf or 0, and the service answered for a value
+    # the caller never wrote ("temperature must be finite and >= 0, got inf"; "top_p ... got 0").
+    ({"temperature": 1e40}, r"temperature=1e\+40: too large for the protocol's 32-bit float"),
+    ({"top_p": 1e-50}, "top_p=1e-50: too small for the protocol's 32-bit float"),
+    ({"logit_bias": {3: -1e40}}, r"logit_bias=\{3: -1e\+40\}: too large for the protocol's 32-bit float"),
     # A dict of stop ids sent its keys alone, silently.
     ({"stop_token_ids": {7: 1.0, 9: -1.0}}, "stop_token_ids must be a list of integer token ids .* not a dict "
                                             r"\(logit_bias is the field"),
@@ -670,6 +675,20 @@ def test_sampling_keywords_of_the_wrong_kind_are_refused_by_name(kwargs, words):
 
     with pytest.raises(ValueError, match=words):
         sampling_params(**kwargs)
+
+
+def test_float32_extremes_and_what_the_service_judges_still_go_out():
+    """The client's float32 check refuses only what the protocol would change: the largest and smallest float32s
+    go out as written, and inf and nan are left for the service's own rule."""
+    import math
+
+    from clients.requests import sampling_params
+
+    big, tiny = 3.4028234663852886e38, 1.401298464324817e-45
+    params = sampling_params(temperature=big, top_p=tiny, logit_bias={3: -big})
+    assert (params.temperature, params.top_p, params.logit_bias[3]) == (big, tiny, -big)
+    assert math.isinf(sampling_params(temperature=math.inf).temperature)
+    assert math.isnan(sampling_params(temperature=math.nan).temperature)
 
 
 def test_a_zero_dimensional_array_is_one_id_not_a_list_of_them():
