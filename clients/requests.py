@@ -299,7 +299,11 @@ def _stop_strings(stop: object) -> list[str]:
         return [stop]
     if isinstance(stop, bytes | Mapping) or not isinstance(stop, Iterable):
         raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
-    strings = list(stop)
+    try:
+        strings = list(stop)
+    except TypeError:  # a 0-d array is Iterable by type yet cannot be iterated
+        raise ValueError(f"stop must be a string or a list of strings, got a {type(stop).__name__} that cannot be "
+                         "iterated") from None
     for i, s in enumerate(strings):
         if not isinstance(s, str):
             raise ValueError(f"stop[{i}] must be a string, got {s!r} (stop is a string or a list of strings)")

@@ -691,6 +691,18 @@ def test_float32_extremes_and_what_the_service_judges_still_go_out():
     assert math.isnan(sampling_params(temperature=math.nan).temperature)
 
 
+def test_a_zero_dimensional_array_of_text_is_refused_as_stop_by_name():
+    """stop=np.array("x") raised numpy's bare "TypeError: iteration over a 0-d array"."""
+    import numpy as np
+
+    from clients.requests import generate_request
+
+    with pytest.raises(ValueError, match="stop must be a string or a list of strings, got a ndarray that cannot be "
+                                         "iterated"):
+        generate_request(prompt="hi", stop=np.array("x"))
+    assert list(generate_request(prompt="hi", stop=np.array(["a", "b"])).stop) == ["a", "b"]
+
+
 def test_a_zero_dimensional_array_is_one_id_not_a_list_of_them():
     import numpy as np
 
