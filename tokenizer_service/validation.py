@@ -40,6 +40,7 @@ from tokenizer_service.chat import (
     validate_template_kwargs,
     validate_tools,
 )
+from tokenizer_service.text_stream import special_ids_of
 from tokenizer_service.token_bounds import encode, tokens_at_least
 
 MAX_STOP_STRINGS = 64
@@ -52,8 +53,9 @@ MAX_LOGIT_BIAS_TOKENS = 1024  # the engine's bound (engine_service/sampling_para
 # Wire bytes of one prompt logprob at most, and of each alternative: the engine's rule (engine_service/streams.py).
 LOGPROB_BYTES, LOGPROB_BYTES_PER_ALTERNATIVE = 17, 9
 MAX_N = 16  # completions of one prompt (GenerateRequest.n)
-# A continued reply's last prompt ids handed to its detokenizer (PreparedRequest.prompt_tail), which keeps its
-# context_tokens (4) of them after dropping the skipped special tokens among them: the rest is slack for those.
+# A continued reply's last prompt ids handed to its detokenizer (PreparedRequest.prompt_tail), special tokens the
+# output's decode skips left out (their text is ""): the detokenizer keeps its context_tokens (4) of them, from one
+# whose text starts a whole character.
 PROMPT_TAIL_TOKENS = 8
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "ignore_eos",
                    "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty", "prompt_logprobs",
@@ -702,5 +704,22 @@ def tokenize_request(
         include_stop_str_in_output=text_request.include_stop_str_in_output,
         num_prompt_tokens=len(prompt),
         n=choices,
-        prompt_tail=tuple(prompt[-PROMPT_TAIL_TOKENS:]) if text_request.continue_final_message else (),
+        prompt_tail=_prompt_tail(prompt, tokenizer, text_request.skip_special_tokens)
+        if text_request.continue_final_message else (),
     )
+
+
+def _prompt_tail(prompt: Sequence[int], tokenizer: Any, skip_special_tokens: bool) -> tuple[int, ...]:
+    """The prompt's last PROMPT_TAIL_TOKENS ids whose text the output's decode shows. Its last ids as they were, a
+    reply prefix ending in 8 skipped special tokens left the detokenizer no context, and a SentencePiece decode
+    stripped the space of the reply's first word ("thelighthouse")."""
+    if not skip_special_tokens:
+        return tuple(prompt[-PROMPT_TAIL_TOKENS:])
+    special = special_ids_of(tokenizer)
+    tail: list[int] = []
+    for token in reversed(prompt):
+        if token not in special:
+            tail.append(token)
+            if len(tail) == PROMPT_TAIL_TOKENS:
+                break
+    return tuple(reversed(tail))

@@ -318,9 +318,14 @@ def test_stop_strings_cut_the_full_text_at_the_first_one(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_output_continuing_a_prompt_adds_what_the_whole_decode_adds(kind: str) -> None:
-    """prompt_tail: the reply's text is decode(prompt + reply) less decode(prompt), wherever the prompt ends on a
-    whole character (its first delta included: a SentencePiece reply's first '▁word' keeps its space)."""
+    """prompt_tail, as the service takes it from the prompt: the reply's text is decode(prompt + reply) less
+    decode(prompt), wherever the prompt ends on a whole character (its first delta included: a SentencePiece
+    reply's first '▁word' keeps its space), a prompt ending in a run of special tokens too (the prompt's last 8 ids
+    were all of them, and with them skipped no context was left: "thelighthouse")."""
+    from tokenizer_service.validation import _prompt_tail
+
     tokenizer = _tokenizer(kind)
+    specials = sorted(special_ids_of(tokenizer))
     rng = random.Random(kind)
     checked = 0
     for trial in range(60):
@@ -330,10 +335,13 @@ def test_output_continuing_a_prompt_adds_what_the_whole_decode_adds(kind: str) -
             continue
         cut = rng.randint(1, len(ids) - 1)
         prompt, reply = ids[:cut], ids[cut:]
+        if trial % 3 == 0:  # a reply prefix ending in special tokens, more of them than the tail holds
+            prompt += [rng.choice(specials) for _ in range(rng.randint(8, 12))]
+            ids = prompt + reply
         prompt_text = tokenizer.decode(prompt, skip_special_tokens=skip)
         if prompt_text.endswith(REPLACEMENT_CHAR):
             continue  # a prompt ending inside a character: not one a chat renders
-        detok = _detokenizer(tokenizer, skip, prompt_tail=prompt)  # it keeps the last few it needs
+        detok = _detokenizer(tokenizer, skip, prompt_tail=_prompt_tail(prompt, tokenizer, skip))
         deltas = [detok.step(chunk) for chunk in _chunks(reply, rng)] + [detok.flush()]
         got, want = prompt_text + "".join(deltas), tokenizer.decode(ids, skip_special_tokens=skip)
         if kind in CLEANS_UP:
