@@ -38,7 +38,7 @@ from engine_service.model.layers import TPInfo
 from engine_service.model.loader import load_weights
 from engine_service.outputs import TokenLogprobs
 from engine_service.penalties import Penalties
-from engine_service.sampler import LogprobRows, Sampler, SamplingRow
+from engine_service.sampler import LogprobRows, Sampler, SamplingRow, top_logprobs
 from engine_service.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
@@ -772,7 +772,7 @@ class ModelRunner:
                 continue
             logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
             targets = to_device(x.prompt_targets[i : i + piece], torch.long, dev)
-            top_lp, top = logprobs.topk(k, dim=-1)
+            top_lp, top = top_logprobs(logprobs, k)
             values.append(torch.cat([logprobs.gather(1, targets.unsqueeze(1)), top_lp], dim=1))
             top_ids.append(top.to(torch.int32))  # held until the first token: half the bytes of int64
         if self.tp.rank != 0:

@@ -160,7 +160,7 @@ class Sampler:
         logprobs = torch.log_softmax(logits[idx].to(wide), dim=-1)  # [m, V]
         sampled = self.sample(logits, rows)
         wanted = [rows[i].params.logprobs for i in want]
-        top_lp, top_ids = logprobs.topk(max(wanted), dim=-1)  # [m, K], most likely first
+        top_lp, top_ids = top_logprobs(logprobs, max(wanted))  # [m, K], most likely first
         chosen = logprobs.gather(1, sampled[0, idx].unsqueeze(1))  # [m, 1]
         return sampled, LogprobRows(want, wanted, torch.cat([chosen, top_lp], dim=1), top_ids)
 
@@ -270,6 +270,24 @@ class Sampler:
         # Token i is drawn when cdf[i-1] <= u * total < cdf[i]: zero-probability tokens have empty intervals.
         tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
         return tokens.squeeze(1).clamp_(max=vocab - 1)
+
+
+def top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[m, V] -> the k largest values of each row and their ids, [m, k] each, most likely first, ties by id as the
+    greedy draw breaks them: of equal values the lower id comes first, and is the one kept at the k-th place.
+    torch.topk orders ties as it likes (a greedy token's tied twin listed first, its logprob list disagreeing with
+    the draw). Enqueues work only: no nonzero(), which would wait for the device."""
+    if k == 0:
+        return logprobs[:, :0], torch.zeros(logprobs.shape[0], 0, dtype=torch.long, device=logprobs.device)
+    kth = logprobs.topk(k, dim=-1).values[:, -1:]  # [m, 1]
+    above = logprobs > kth
+    at = logprobs == kth
+    keep = above | (at & (at.cumsum(dim=-1) <= k - above.sum(dim=-1, keepdim=True)))  # k a row: the lowest tied ids
+    ids_down = torch.arange(logprobs.shape[1], 0, -1, device=logprobs.device)  # V .. 1: a lower id scores higher
+    ids = (keep * ids_down).topk(k, dim=-1).indices  # the kept ids, ascending (a NaN row keeps none: any ids)
+    values = logprobs.gather(1, ids)
+    order = values.argsort(dim=-1, descending=True, stable=True)  # ids ascending among equal values
+    return values.gather(1, order), ids.gather(1, order)
 
 
 def _row_pairs(masks: list[tuple[int, TokenMask]], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -202,3 +202,31 @@ def test_held_prompt_logprobs_are_compact_copies(model_and_dir):
         assert sum(c.values.shape[0] for c in held) == seq.num_prompt_logprobs
         assert all(c.values.shape[1] == 1 and c.top_ids.shape[1] == 0 for c in held)
         assert all(c.values.untyped_storage().nbytes() == c.values.nbytes for c in held)  # not views of more
+
+
+def test_tied_tokens_are_listed_by_id_as_the_greedy_draw_breaks_ties(tmp_path):
+    """Greedy takes the lowest id among tied maxima (docs/ENGINE.md); torch.topk listed ties in its own order, so a
+    greedy token's tied twin came first in its own top list, and at the k-th place a higher tied id could be kept
+    over a lower one. Every token here has a twin with the same LM-head row, so every position has ties."""
+    from tests.integration.tiny import VOCAB, make_family
+
+    model = make_family(tmp_path, "llama", tie=False)
+    half = VOCAB // 2
+    with torch.no_grad():
+        model.lm_head.weight[half:] = model.lm_head.weight[:half]
+    model.save_pretrained(tmp_path)
+    prompt = random_prompts(11, [12])[0]
+    k = 3  # two tied pairs: the k-th place falls inside the second
+    with exact_engine(tmp_path) as llm:
+        [out] = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6, logprobs=k, prompt_logprobs=k))
+    ids = torch.tensor([prompt + out["token_ids"][:-1]])
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0], dim=-1)
+    # transformers' GEMM puts the twins up to 2e-15 apart; the ideal distribution ties them exactly.
+    assert (ref[:, :half] - ref[:, half:]).abs().max() <= TOL
+    order = ref[:, :half].repeat(1, 2).sort(dim=-1, descending=True, stable=True).indices  # equal: ascending ids
+    listed = out["prompt_logprobs"] + out["logprobs"]
+    assert all(lp.top_logprobs[0] == lp.top_logprobs[1] for lp in listed)  # the engine's ties are exact
+    assert [lp.top_token_ids for lp in listed] == order[:, :k].tolist()
+    for token, lp in zip(out["token_ids"], out["logprobs"], strict=True):
+        assert token < half and lp.top_token_ids[:2] == [token, token + half]  # the drawn one first, then its twin

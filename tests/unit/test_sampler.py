@@ -218,3 +218,20 @@ def test_a_forcing_bias_on_a_top_fp16_logit_does_not_overflow():
     logits[0, 3] = 65450.0
     tokens, finite = sampler(logits, [SamplingRow(SamplingParams(temperature=1.0, logit_bias={3: 100.0}), None)])
     assert tokens == [3] and finite == [True]
+
+
+def test_top_logprobs_are_a_stable_sort_of_the_row_ties_by_id():
+    """top_logprobs is the first k of a stable descending sort (equal values: the lower id first, and kept at the
+    k-th place), with many ties, -inf entries and k from 0 to the row's length."""
+    from engine_service.sampler import top_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(400):
+        m, vocab = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(1, 40, (1,), generator=g))
+        k = int(torch.randint(0, min(vocab, 21) + 1, (1,), generator=g))
+        x = torch.randint(-3, 3, (m, vocab), generator=g).double()
+        if trial % 4 == 0:
+            x[x == -3] = -math.inf
+        values, ids = top_logprobs(x, k)
+        want = x.sort(dim=-1, descending=True, stable=True)
+        assert torch.equal(values, want.values[:, :k]) and torch.equal(ids, want.indices[:, :k]), (x, k)
