@@ -276,17 +276,19 @@ def top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     """[m, V] -> the k largest values of each row and their ids, [m, k] each, most likely first, ties by id as the
     greedy draw breaks them: of equal values the lower id comes first, and is the one kept at the k-th place.
     torch.topk orders ties as it likes (a greedy token's tied twin listed first, its logprob list disagreeing with
-    the draw). Enqueues work only: no nonzero(), which would wait for the device."""
+    the draw). A few elementwise passes and a second top-k over the rows; enqueues work only (no nonzero(), which
+    would wait for the device)."""
     if k == 0:
         return logprobs[:, :0], torch.zeros(logprobs.shape[0], 0, dtype=torch.long, device=logprobs.device)
+    vocab = logprobs.shape[1]
     kth = logprobs.topk(k, dim=-1).values[:, -1:]  # [m, 1]
-    above = logprobs > kth
-    at = logprobs == kth
-    keep = above | (at & (at.cumsum(dim=-1) <= k - above.sum(dim=-1, keepdim=True)))  # k a row: the lowest tied ids
-    ids_down = torch.arange(logprobs.shape[1], 0, -1, device=logprobs.device)  # V .. 1: a lower id scores higher
-    ids = (keep * ids_down).topk(k, dim=-1).indices  # the kept ids, ascending (a NaN row keeps none: any ids)
+    # What is above the k-th value scores above everything, then the values equal to it by id, the lowest highest
+    # (exact in float32 up to 2**24 ids); the rest 0. Its top k: all that is above, then the lowest tied ids.
+    ids_down = torch.arange(vocab, 0, -1, dtype=torch.float32, device=logprobs.device)
+    score = torch.where(logprobs == kth, ids_down, 0.0).masked_fill_(logprobs > kth, 2.0 * vocab)
+    ids = score.topk(k, dim=-1).indices.sort(dim=-1).values  # ascending, so that the stable sort below keeps it
     values = logprobs.gather(1, ids)
-    order = values.argsort(dim=-1, descending=True, stable=True)  # ids ascending among equal values
+    order = values.argsort(dim=-1, descending=True, stable=True)
     return values.gather(1, order), ids.gather(1, order)
 
 
