@@ -26,6 +26,21 @@ MISTRAL_CALLS, MISTRAL_ARGS, MISTRAL_CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_
 _ID_CHARS = string.ascii_letters + string.digits
 THINK_END = "</think>"
 _DECODER = json.JSONDecoder()
+_UNREADABLE = "JSON that Python cannot read"
+
+
+def _decode(text: str, at: int = 0) -> tuple[object, int]:
+    """The JSON value at text[at:] and where it ends; a JSONDecodeError for what json raises otherwise: an array
+    nested some 1,000 deep (RecursionError, which escaped every format's handling) and an integer past Python's
+    4,300 digits (a bare ValueError)."""
+    try:
+        return _DECODER.raw_decode(text, at)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise json.JSONDecodeError(f"{_UNREADABLE}: nested too deeply", text, at) from None
+    except ValueError as exc:
+        raise json.JSONDecodeError(f"{_UNREADABLE}: {exc}", text, at) from None
 
 
 def _thinking_end(text: str) -> int:
@@ -42,7 +57,7 @@ def _thinking_end(text: str) -> int:
         while at < len(text) and text[at].isspace():
             at += 1
         try:
-            _, end = _DECODER.raw_decode(text, at)
+            _, end = _decode(text, at)
         except json.JSONDecodeError:
             pos = at
             continue
@@ -56,9 +71,9 @@ def parse_tool_calls(text: str, fmt: str = "auto", thinking_open: bool = False) 
     """(the text less its tool calls, stripped; the calls as {"name": str, "arguments": dict}, in order, with an
     "id" where the format needs one), ready to be an assistant message's content and tool_calls.
 
-    fmt: one of FORMATS. "auto" reads hermes blocks where the text has "<tool_call>", mistral where it has
-    "[TOOL_CALLS]", and llama3_json where the whole text (past any thinking) is JSON objects with a string "name"
-    and "parameters" or "arguments"; otherwise the text has no calls.
+    fmt: one of FORMATS. "auto" reads llama3_json where the whole text (past any thinking) is JSON objects with a
+    string "name" and "parameters" or "arguments"; otherwise hermes blocks or mistral calls by whichever of
+    "<tool_call>" and "[TOOL_CALLS]" comes first; otherwise the text has no calls.
 
     Calls are looked for after the thinking block only (a Qwen3 model's thinking may name the tag or quote a whole
     example call; a thinking block never closed, the completion stopped inside it, holds no calls), and each call is
@@ -80,7 +95,14 @@ def parse_tool_calls(text: str, fmt: str = "auto", thinking_open: bool = False) 
     head, body = (text[: cut + len(THINK_END)], text[cut + len(THINK_END):]) if cut >= 0 else ("", text)
     strict = fmt == "llama3_json" or body.lstrip().startswith(PYTHON_TAG)  # JSON there is meant as calls
     if fmt == "auto":
-        fmt = "hermes" if OPEN in body else "mistral" if MISTRAL_CALLS in body else "llama3_json"
+        # A reply that is Llama 3's calls whole is read as them, whatever its arguments mention; otherwise the
+        # marker that comes first names the format (an argument may mention the other one's).
+        if (calls := _llama3_calls(body, strict)) is not None:
+            return head.strip(), calls
+        hermes, mistral = body.find(OPEN), body.find(MISTRAL_CALLS)
+        if hermes < 0 and mistral < 0:
+            return text.strip(), []
+        fmt = "hermes" if mistral < 0 or 0 <= hermes < mistral else "mistral"
     if fmt == "hermes":
         return _hermes(head, body)
     if fmt == "mistral":
@@ -116,11 +138,13 @@ def _llama3_calls(body: str, strict: bool) -> list[dict] | None:
     calls, at = [], 0
     while at < len(rest):
         try:
-            value, at = _DECODER.raw_decode(rest, at)
+            value, at = _decode(rest, at)
         except json.JSONDecodeError as exc:
             if strict and rest[at] == "{" and _cut_short(rest, exc):
                 raise ValueError(f"tool call {len(calls)} was cut short (raise max_tokens): {rest[at:at + 200]!r}"
                                  ) from None
+            if strict and rest[at] == "{" and exc.msg.startswith(_UNREADABLE):
+                raise ValueError(f"tool call {len(calls)} is {exc.msg}: {rest[at:at + 200]!r}") from None
             return None  # not JSON: prose, or a built-in tool's Python; or a call followed by prose
         if not (isinstance(value, dict) and isinstance(value.get("name"), str)
                 and ("parameters" in value or "arguments" in value)):
@@ -162,7 +186,7 @@ def _mistral(head: str, body: str) -> tuple[str, list[dict]]:
     stripped = rest.lstrip()
     if stripped.startswith("["):  # v0.3: a JSON list
         try:
-            value, end = _DECODER.raw_decode(stripped)
+            value, end = _decode(stripped)
         except json.JSONDecodeError as exc:
             raise ValueError(f"the tool calls are not a JSON list ({exc}), or were cut short (raise max_tokens): "
                              f"{stripped[:200]!r}") from None
@@ -182,7 +206,7 @@ def _mistral(head: str, body: str) -> tuple[str, list[dict]]:
             if not sep or not name.strip():
                 raise ValueError(f"tool call {len(calls)} is not name{MISTRAL_ARGS}{{...}}: {rest[:200]!r}")
             try:
-                arguments, end = _DECODER.raw_decode(after.lstrip())
+                arguments, end = _decode(after.lstrip())
             except json.JSONDecodeError as exc:
                 raise ValueError(f"tool call {len(calls)} ({name.strip()}): its arguments are not JSON ({exc}), or "
                                  f"were cut short (raise max_tokens): {after[:200]!r}") from None
@@ -205,7 +229,7 @@ def _hermes(head: str, body: str) -> tuple[str, list[dict]]:
         while at < len(body) and body[at].isspace():
             at += 1
         try:
-            call, at = _DECODER.raw_decode(body, at)
+            call, at = _decode(body, at)
         except json.JSONDecodeError as exc:
             if CLOSE not in body[start:]:
                 raise ValueError(f"tool call {i} is left open (no {CLOSE}): the completion stopped inside it; "

@@ -412,3 +412,44 @@ def test_parsed_mistral_calls_go_back_into_a_chat_that_pairs_ids(demo_tokenizer)
                 {"role": "tool", "tool_call_id": calls[0]["id"], "content": "noon"}]
     rendered = tok.decode(tokenize_input(pb.TokenizeRequest(chat=chat(messages)), tok))
     assert rendered == f'user:Time?\nassistant:[{calls[0]["id"]} now {{"tz": "CET"}}]\ntool:noon<{calls[0]["id"]}>\n'
+
+
+@pytest.mark.parametrize("text, want_name", [
+    # An argument naming the other formats' markers: "auto" read a hermes or mistral reply in them, and refused
+    # a well-formed call as "left open ... raise max_tokens".
+    ('{"name": "write_doc", "parameters": {"text": "Qwen wraps calls in <tool_call> tags"}}', "write_doc"),
+    ('{"name": "write_doc", "parameters": {"text": "Mistral opens them with [TOOL_CALLS]"}}', "write_doc"),
+    ('[TOOL_CALLS][{"name": "write_doc", "arguments": {"text": "Qwen uses <tool_call>"}}]', "write_doc"),
+    ('<tool_call>\n{"name": "write_doc", "arguments": {"text": "Mistral uses [TOOL_CALLS]"}}\n</tool_call>',
+     "write_doc"),
+])
+def test_auto_reads_the_format_whose_marker_comes_first_not_one_an_argument_mentions(text, want_name):
+    from clients.tool_calls import parse_tool_calls
+
+    content, calls = parse_tool_calls(text)
+    assert content == "" and [c["name"] for c in calls] == [want_name]
+    assert "tool_call" in json.dumps(calls) or "TOOL_CALLS" in json.dumps(calls)
+
+
+@pytest.mark.parametrize("fmt, text", [
+    ("hermes", '<tool_call>{"name": "a", "arguments": {"x": ' + "[" * 1000 + "]" * 1000 + "}}</tool_call>"),
+    ("mistral", "[TOOL_CALLS]" + "[" * 1000 + "]" * 1000),
+    ("mistral", "[TOOL_CALLS]a[ARGS]" + "[" * 1000),
+    ("llama3_json", '{"name": "a", "parameters": {"x": ' + "[" * 1000),
+    ("hermes", '<tool_call>{"name": "a", "arguments": {"x": ' + "9" * 5000 + "}}</tool_call>"),
+])
+def test_json_python_cannot_read_is_the_documented_value_error(fmt, text):
+    """An array nested 1,000 deep raised RecursionError, and an integer of 5,000 digits Python's own ValueError,
+    out of every format: a degenerate reply of "[[[[..." is one a model can write within max_tokens."""
+    from clients.tool_calls import parse_tool_calls
+
+    with pytest.raises(ValueError, match=r"^(the tool calls are|tool call 0)"):
+        parse_tool_calls(text, fmt)
+
+
+def test_json_python_cannot_read_inside_thinking_is_no_call():
+    from clients.tool_calls import parse_tool_calls
+
+    for inner in ("[" * 1000, "9" * 5000):
+        text = "x <tool_call>" + inner + " </think> answer"
+        assert parse_tool_calls(text) == (text, [])
