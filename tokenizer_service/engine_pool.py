@@ -32,6 +32,7 @@ MAX_DEADLINE_MS = 10 * 365 * 86_400_000  # ten years: longer deadlines are sent 
 # A Generate stream that sent a frame or stayed open this long was taken by the engine: a refusal of the call
 # itself (draining, or its generation-call limit reached) ends it within a round trip.
 STREAM_PROVEN_S = 1.0
+MODEL_INFO_TIMEOUT_S = 5.0  # a connection's first call: an engine that took the connection answers it at once
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 # A request whose deadline passed this long ago without the engine ending it (the engine's own timer ends it at
@@ -290,7 +291,7 @@ class EngineConnection:
             watcher: asyncio.Task | None = None
             try:
                 stub = pb_grpc.EngineStub(channel)
-                info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5.0)
+                info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=MODEL_INFO_TIMEOUT_S)
                 outcome = "refused"
                 problem = self._pool.check_model(info)
                 if problem is not None:
@@ -336,6 +337,11 @@ class EngineConnection:
                     reason += (" (it does not serve the engine API, llmserve.engine.v1.Engine: is it a tokenizer "
                                "service? --engines and --engine-dns name engine services)")
                     outcome, backoff = "refused", cfg.reconnect_max_s
+                elif outcome == "not reached" and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    # Read as the request's own deadline, it said nothing of an engine that took the connection
+                    # but did not answer (stopped, or its process stalled).
+                    reason = (f"GetModelInfo got no answer within {MODEL_INFO_TIMEOUT_S:g}s: the engine took the "
+                              "connection but did not answer (stopped, stalled or overloaded)")
                 elif outcome == "not reached":
                     reason += tls_hint(exc.details() or "", self._pool.tls)
             except asyncio.CancelledError:

@@ -241,6 +241,38 @@ def test_an_engine_that_will_never_serve_us_is_redialled_at_the_max_backoff(capl
         assert "vocab_size 50 differs from this tokenizer's model (100)" in error.message, error.message
 
 
+class _Silent(pb_grpc.EngineServicer):
+    async def GetModelInfo(self, request, context):
+        await asyncio.sleep(30)  # took the connection, never answers (a stopped or stalled engine)
+
+
+def test_an_engine_that_takes_the_connection_but_never_answers_is_named_as_such(monkeypatch):
+    """The reason given was "not reached (DEADLINE_EXCEEDED: Deadline Exceeded)", which reads as the request's
+    own deadline."""
+    monkeypatch.setattr(engine_pool, "MODEL_INFO_TIMEOUT_S", 0.2)
+
+    async def main() -> tuple[str, RequestFailed]:
+        server = grpc.aio.server()
+        pb_grpc.add_EngineServicer_to_server(_Silent(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        address = f"127.0.0.1:{port}"
+        pool = EnginePool(pool_config(engines=address, engine_wait_s=0.5), 100, {99}, [])
+        pool.start()
+        try:
+            with pytest.raises(RequestFailed) as err:
+                await pool.submit(_request(), None)
+            return address, err.value
+        finally:
+            await pool.close()
+            await server.stop(0)
+
+    address, error = asyncio.run(main())
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert (f"{address}: not reached (GetModelInfo got no answer within 0.2s: the engine took the connection but "
+            "did not answer") in error.message, error.message
+
+
 class _FlakyThenHealthy(pb_grpc.EngineServicer):
     """Refuses GetModelInfo `refusals` times (starting up), then serves; its first stream ends after 0.3 s."""
 
