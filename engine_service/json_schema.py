@@ -9,10 +9,10 @@ refused by name (a schema the output would not honour is an error, not a hint):
 - arrays: "items", "minItems", "maxItems";
 - "enum" and "const" (of any JSON values, written exactly as json.dumps writes them compactly);
 - "anyOf" / "oneOf" whose branches start differently (a string or null; an object or an array), so that the first
-  byte of a value picks its branch;
+  byte of a value picks its branch (a oneOf branch must give its "type" where it has object or array keywords);
 - "$ref" to "#/$defs/..." or "#/definitions/..." (recursive ones too), with "$defs" / "definitions" beside it;
-- annotations, which constrain nothing: title, description, default, examples, $schema, $id, $comment, deprecated,
-  readOnly, writeOnly, and "format" (not enforced: a "date-time" string is any string).
+- annotations, which constrain nothing: title, description, default, examples, $schema, $id (at the top level
+  only), $comment, deprecated, readOnly, writeOnly, and "format" (not enforced: a "date-time" string is any string).
 The top level must be an object. Strings follow json_grammar.py's rules (valid UTF-8, no surrogate escapes). Each
 node gets the fewest containers its smallest value opens (`need`), with which the automaton offers a value, key
 or branch only where it fits under MAX_DEPTH; a schema with a node no finite value meets, or whose smallest value
@@ -92,6 +92,11 @@ class _Compiler:
             raise SchemaError(f"json_schema at {where} uses {', '.join(map(repr, unknown))}, which this engine does "
                               f"not enforce; it takes type, properties, required, additionalProperties (false), items, "
                               f"minItems, maxItems, enum, const, anyOf, oneOf, $ref and annotations")
+        if "$id" in schema and where != "#":
+            # A new base URI: "#/$defs/..." inside it names its own definitions, which a reading that resolves every
+            # $ref against the root got wrong (the engine wrote values of another definition).
+            raise SchemaError(f"json_schema at {where}: $id is taken at the top level only (below it, it changes what "
+                              "the $refs inside mean); move the definitions to the top-level $defs")
         if "$ref" in schema:
             if set(schema) - ANNOTATIONS - {"$ref", "$defs", "definitions"}:
                 raise SchemaError(f"json_schema at {where}: $ref cannot be combined with other constraints")
@@ -128,6 +133,13 @@ class _Compiler:
                                   "; put those constraints inside each branch")
             if not isinstance(branches, list) or not branches:
                 raise SchemaError(f"json_schema at {where}: anyOf/oneOf must be a non-empty list of schemas")
+            if "oneOf" in schema:
+                for i, branch in enumerate(branches):
+                    if self.untyped(branch, set()):
+                        raise SchemaError(
+                            f"json_schema at {where}/oneOf/{i}: a oneOf branch with object or array keywords and no "
+                            '"type" (JSON Schema lets a value of any other type meet it, so a value of another '
+                            'branch would meet two and fail oneOf); give it "type", or use anyOf')
             return self.union([self.compile(b, f"{where}/anyOf/{i}") for i, b in enumerate(branches)], where)
         kinds = _implied_type(schema)
         if kinds is None:
@@ -238,6 +250,23 @@ class _Compiler:
         if not node.starts:
             raise SchemaError(f"json_schema at {where}: a branch refers to itself before it is defined")
         return node.starts
+
+    def untyped(self, schema, seen: set[int]) -> bool:
+        """Whether a value of any type may meet `schema` by JSON Schema's rules where this engine reads it as one
+        type: object or array keywords without "type" (_implied_type), here or in a branch or definition it is."""
+        if not isinstance(schema, dict) or id(schema) in seen or "enum" in schema or "const" in schema:
+            return False  # enum/const values are exact
+        seen.add(id(schema))
+        if "type" not in schema and set(schema) & (_KEYWORDS["object"] | _KEYWORDS["array"]):
+            return True
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")):
+            section, _, name = urllib.parse.unquote(ref[2:]).partition("/")
+            defs = self.root.get(section)
+            target = defs.get(name.replace("~1", "/").replace("~0", "~")) if isinstance(defs, dict) else None
+            return self.untyped(target, seen)
+        branches = schema.get("anyOf", schema.get("oneOf"))
+        return isinstance(branches, list) and any(self.untyped(b, seen) for b in branches)
 
     def ref(self, ref, where: str) -> jg.Node:
         prefixes = ("#/$defs/", "#/definitions/")

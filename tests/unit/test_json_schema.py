@@ -314,6 +314,20 @@ def test_masks_of_schema_states_equal_a_walk_of_each_token():
      "each other"),  # the oneOf was dropped
     ({"type": "object", "properties": {"a": {"type": "array", "maxItems": 4097}}}, "maxItems must be an integer in"),
     ({"type": "object", "properties": {"a": {"type": "array", "minItems": 4097}}}, "minItems must be an integer in"),
+    # A oneOf branch typed only by its keywords: JSON Schema lets null meet {"maxItems": 1} too, so the engine's
+    # null met both branches and failed oneOf (written with finish "stop"); through a $ref, beside an enum too.
+    ({"type": "object", "properties": {"a": {"oneOf": [{"maxItems": 1}, {"type": "null"}]}}},
+     'at #/properties/a/oneOf/0: a oneOf branch with object or array keywords and no "type"'),
+    ({"type": "object", "properties": {"a": {"oneOf": [{"type": "string"}, {"properties": {"b": {}}}]}}},
+     "oneOf/1: a oneOf branch with object or array keywords"),
+    ({"$defs": {"A": {"anyOf": [{"minItems": 1}]}}, "type": "object",
+      "properties": {"a": {"oneOf": [{"$ref": "#/$defs/A"}, {"type": "null"}]}}}, "oneOf/0: a oneOf branch"),
+    ({"type": "object", "properties": {"a": {"enum": [None], "oneOf": [{"maxItems": 1}, {"type": "null"}]}}},
+     "oneOf/0: a oneOf branch"),
+    # A nested $id is a new base for the $refs inside it: they were resolved against the root, another definition.
+    ({"$defs": {"T": {"type": "string"}}, "type": "object", "properties": {"x": {
+        "$id": "https://example.com/sub", "$defs": {"T": {"type": "integer"}}, "$ref": "#/$defs/T"}}},
+     "at #/properties/x: $id is taken at the top level only"),
 ])
 def test_refusals_name_the_keyword(schema, words):
     with pytest.raises(SchemaError) as err:
@@ -408,6 +422,15 @@ def test_keywords_without_a_type_give_it():
     node = compile_schema(json.dumps(schema))
     for data, ok in ((b'{"a":[1,2]}', True), (b'{"a":[1]}', False), (b'{"a":"x"}', False), (b'{"b":{}}', True),
                      (b'{"b":{"c":1}}', False)):
+        assert _accepts(node, data) is ok, data
+
+
+def test_typed_oneof_branches_an_anyof_of_untyped_ones_and_a_top_level_id_are_taken():
+    schema = {"$id": "https://example.com/root", "type": "object", "properties": {
+        "a": {"oneOf": [{"type": "array", "maxItems": 1}, {"type": "null"}]},
+        "b": {"anyOf": [{"maxItems": 1}, {"type": "null"}]}}}
+    node = compile_schema(json.dumps(schema))
+    for data, ok in ((b'{"a":[1],"b":null}', True), (b'{"a":null,"b":[]}', True), (b'{"a":[1,2]}', False)):
         assert _accepts(node, data) is ok, data
 
 
