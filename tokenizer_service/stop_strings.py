@@ -53,6 +53,11 @@ class StopStringMatcher:
         self.match: StopMatch | None = None
 
     @property
+    def stops(self) -> tuple[str, ...]:
+        """The stop strings, de-duplicated."""
+        return self._stops
+
+    @property
     def held(self) -> str:
         """Text currently held back."""
         return self._held

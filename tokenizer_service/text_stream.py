@@ -59,6 +59,9 @@ class TextStream:
         self._min_tokens = min_tokens
         self._exempt_chars = 0  # characters of the next text still of the first min_tokens tokens (held back)
         self.num_generated = 0  # every token the engine produced, including any past a stop string
+        # Where a stop string matched: how many of the last feed()'s ids go out with the text, up to the one whose
+        # text completed it (the rest are counted in num_generated, not sent). None: no stop in the last feed.
+        self.stop_ids: int | None = None
 
     @property
     def stopped(self) -> str | None:
@@ -72,18 +75,33 @@ class TextStream:
             text = self.feed(token_ids[:-1])
             self.num_generated += 1
             return text
+        self.stop_ids = None
         exempt = self._min_tokens - self.num_generated  # tokens still before min_tokens: no stop string ends them
         self.num_generated += len(token_ids)
         if exempt <= 0:
-            return self._feed_stops(self._detok.step(token_ids))
+            return self._feed_ids(token_ids, 0)
         # One id at a time: the detokenizer holds back a whole update that ends inside a character, which would
         # hand the exempt ids' text to a feed that can stop below (a stop then depended on how updates coalesced).
         text = "".join(self._stops.feed(self._detok.step(token_ids[i : i + 1]), can_stop=False)
                        for i in range(min(exempt, len(token_ids))))
         if exempt <= len(token_ids):  # the last exempt id is in: what of its text is held back stays exempt
             self._exempt_chars = len(self._detok.held_text().rstrip(REPLACEMENT_CHAR))
-        rest = token_ids[exempt:]
-        return text + self._feed_stops(self._detok.step(rest)) if rest else text
+        return text + self._feed_ids(token_ids[exempt:], exempt) if exempt < len(token_ids) else text
+
+    def _feed_ids(self, ids: list[int], offset: int) -> str:
+        """The text of ids (token_ids[offset:] of the feed), through the stop matcher. With stop strings, several
+        ids go one at a time, so that a stop sets stop_ids at the id whose text completed it: the ids after it
+        went out with the text before (their text never does), and which ids a caller got depended on how the
+        engine's updates coalesced."""
+        if len(ids) <= 1 or not self._stops.stops:
+            return self._feed_stops(self._detok.step(ids))
+        text = []
+        for i in range(len(ids)):
+            text.append(self._feed_stops(self._detok.step(ids[i : i + 1])))
+            if self._stops.match is not None:
+                self.stop_ids = offset + i + 1
+                break
+        return "".join(text)
 
     def _feed_stops(self, text: str, can_stop: bool = True) -> str:
         """The stop matcher's feed, its first _exempt_chars characters exempt."""

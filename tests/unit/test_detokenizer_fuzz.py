@@ -286,9 +286,9 @@ def test_stop_strings_cut_the_full_text_at_the_first_one(kind: str) -> None:
         skip = rng.random() < 0.5
         ids = _ids(tokenizer, rng, trial, skip)
         chunks = _chunks(ids, rng)
-        if kind in CLEANS_UP:  # stop strings match the streamed text, which keeps spaces (documented)
-            plain = _detokenizer(tokenizer, skip)
-            full = "".join(plain.step(c) for c in chunks) + plain.flush()
+        if kind in CLEANS_UP:  # stop strings match the streamed text, which keeps spaces (documented); with stop
+            plain = _detokenizer(tokenizer, skip)  # strings, the stream reads its ids one at a time
+            full = "".join(plain.step([i]) for i in ids) + plain.flush()
         else:
             full = tokenizer.decode(ids, skip_special_tokens=skip)
         stops = []

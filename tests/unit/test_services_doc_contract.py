@@ -394,3 +394,26 @@ def test_an_n_requests_abort_counts_the_prompt_once_the_most_cached_and_every_co
     assert usage.prompt_tokens == len(demo_tokenizer.encode("hi"))  # once, not n times
     assert usage.cached_tokens == max(Endless.cached)
     assert usage.completion_tokens == sum(len(r.token_ids) for r in out) >= 2
+
+
+@pytest.mark.parametrize("include", [False, True], ids=["dropped", "kept"])
+def test_the_ids_and_logprobs_sent_end_at_the_token_that_completed_the_stop_string(demo_tokenizer, include):
+    """Several tokens in one update (the engine's updates coalesce when the reader falls behind): the ids and
+    logprobs after the one whose text completed the stop string went out with the last message, though their text
+    never does, and which ids a caller got depended on the timing. Usage still counts them all."""
+    ids = _words(demo_tokenizer, "the sea and the sky and the land")
+    stop = "sea"
+    last = next(j for j in range(1, len(ids) + 1) if stop in demo_tokenizer.decode(ids[:j]))
+    assert last < len(ids) - 1, "tokens must follow the stop string's for this test to tell"
+    logprobs = [engine_pb.TokenLogprobs(logprob=-0.5 - i, top_token_ids=[t], top_logprobs=[-0.5 - i])
+                for i, t in enumerate(ids)]
+    update = engine_pb.RequestUpdate(new_token_ids=ids, logprobs=logprobs)
+    pool = _ScriptedUpdates({"e1": [update, _update([ids[0]], engine_pb.FINISH_REASON_LENGTH)]})
+    request = pb.GenerateRequest(prompt="hi", stop=[stop], include_stop_str_in_output=include,
+                                 sampling_params=pb.SamplingParams(logprobs=1))
+    got, failed = _generate_all(demo_tokenizer, pool, request)
+    assert failed is None and got[-1].finish_reason == pb.FINISH_REASON_STOP
+    sent = [t for r in got for t in r.token_ids]
+    assert sent == ids[:last]
+    assert [round(lp.logprob, 3) for r in got for lp in r.logprobs] == [-0.5 - i for i in range(last)]
+    assert got[-1].usage.completion_tokens == len(ids)
