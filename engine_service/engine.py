@@ -444,7 +444,11 @@ class LLMEngine:
         if current is None:
             if not self.scheduler.has_unfinished():
                 return outputs
-            batch = self.scheduler.schedule()
+            try:
+                batch = self.scheduler.schedule()
+            except BaseException:  # Ctrl-C between taking a sequence off one queue and putting it on the other
+                self.scheduler.recover(self.seqs.values())
+                raise
             if not batch.seqs:
                 return outputs
             current = self._launch(batch, on_launch, outputs)
@@ -464,6 +468,8 @@ class LLMEngine:
             # The step's tokens are lost or half appended, and a step ahead may compute from them: carrying on
             # gave its requests wrong tokens with no error, or left one never scheduled again. They fail, and the
             # next step() reports them (with what this one finished before the interrupt); the engine stays usable.
+            # First, one schedule_ahead left halfway between the queues goes back to waiting.
+            self.scheduler.recover(self.seqs.values())
             failed = self._step_failed(RuntimeError(f"step() was interrupted ({type(exc).__name__})"), outputs,
                                        current.batch)
             self._pending = failed.outputs + self._pending
@@ -716,6 +722,13 @@ class LLMEngine:
         if self.workers is not None:
             self.workers.close()
             self.workers = None
+        if self.runner is not None:
+            # Each parameter's weight_loader is a bound method of its module: a reference cycle through the whole
+            # model, so the weights (and, under TP, rank 0's process group, its threads and sockets) outlived
+            # close() until a cyclic collection, never after gc.freeze(); on a GPU a new engine could run out of
+            # memory beside the old weights.
+            for param in self.runner.model.parameters():
+                vars(param).pop("weight_loader", None)
         self.runner = None  # type: ignore[assignment]
         self._dead = self._dead or "the engine was closed (close()): make a new one"
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import compress, islice
 from operator import attrgetter, eq
@@ -161,6 +161,19 @@ class Scheduler:
         """Put seq in `waiting`, which is in priority order: behind the others of its priority, or before them
         (front: a preempted sequence, which was admitted before any of them)."""
         self.waiting.add(seq, front)
+
+    def recover(self, seqs: Iterable[Sequence]) -> int:
+        """After an interrupt (Ctrl-C) inside schedule() or schedule_ahead(): put back each live sequence that was
+        taken off one queue and not yet put on the other (admitted or preempted halfway), its blocks freed, at the
+        front of the waiting queue, as a preempted one. Left as it was, it was in neither: never scheduled again,
+        never reported, its blocks held, and aborting it raised "not in the waiting queue". Returns how many."""
+        running = {id(s) for s in self.running}
+        lost = [s for s in seqs if s.status is not Status.FINISHED and id(s) not in running and s not in self.waiting]
+        for seq in lost:
+            self.bm.free_sequence(seq)
+            seq.status = Status.WAITING
+            self._queue(seq, front=True)
+        return len(lost)
 
     def _run(self, seq: Sequence) -> None:
         """Put a newly admitted seq in `running`, behind every running one of its priority or a lower value."""

@@ -409,3 +409,25 @@ def test_a_failed_step_under_generate_reports_the_callers_request_once(model_dir
         assert [o.request_id.startswith("generate-") for o in info.value.outputs] == [True]
         assert [(o.request_id, o.finish_reason) for o in llm.step()] == [("mine", "error")]
         assert not llm.has_unfinished_requests()
+
+
+def test_close_frees_the_weights_without_waiting_for_a_cyclic_collection(tmp_path):
+    """Each parameter's weight_loader, a bound method of its module, made the model a reference cycle: close()
+    left the weights (and, under TP, rank 0's process group) alive until the cyclic collector ran, and for good
+    after gc.freeze(), which the engine service calls."""
+    import gc
+    import weakref
+
+    from tests.integration.tiny import exact_engine
+
+    make_qwen3(tmp_path)
+    llm = exact_engine(tmp_path)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
+    weights = [weakref.ref(p) for p in llm.runner.model.parameters()]
+    assert weights
+    gc.disable()
+    try:
+        llm.close()
+        assert all(w() is None for w in weights)
+    finally:
+        gc.enable()

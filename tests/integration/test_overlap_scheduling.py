@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine_service import LLM, SamplingParams
+from engine_service.sequence import Status
 from tests.integration.tiny import count_ahead, drain, hf_greedy, make_qwen3, random_prompts
 
 
@@ -393,3 +394,54 @@ def test_decodes_scheduled_ahead_beside_a_queue_keep_the_pure_decode_form(model_
         llm.scheduler.schedule_ahead = recording
         llm.generate(random_prompts(3, [10, 12, 9, 11]), SamplingParams(temperature=0.0, max_tokens=20))
     assert forms and all(pure for pure, decodes_only in forms if decodes_only)
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "plain"])
+@pytest.mark.parametrize("where", ["admit", "preempt"])
+def test_an_interrupt_between_the_queues_puts_the_request_back_to_wait(model_and_dir, overlap, where):
+    """Ctrl-C landing in the scheduler after a sequence was taken off one queue and before it was put on the other
+    (admitted: off waiting, blocks taken; preempted: off running, blocks freed) left it in neither: never scheduled
+    or reported again, its blocks held, and generate()'s clean-up raised "not in the waiting queue", so the user's
+    Ctrl-C came out a ValueError and the batch's other requests ran on. It now goes back to wait, and finishes with
+    the tokens it would have had."""
+    _, path = model_and_dir
+    params = SamplingParams(temperature=0.0, max_tokens=30)
+    prompts = random_prompts(4, [20, 20])
+    with _engine(path, overlap=overlap, num_kvcache_blocks=6) as llm:  # two need 8 blocks: one is preempted
+        for i, prompt in enumerate(prompts):
+            llm.add_request(f"r{i}", prompt, params)
+        want = drain(llm)
+        bm = llm.scheduler.bm
+        real = bm.free_sequence if where == "preempt" else bm.append_slots
+
+        def interrupted(seq, *args):
+            real(seq, *args)
+            halfway = (seq.status is Status.RUNNING and seq not in llm.scheduler.running if where == "preempt"
+                       else seq.request_id == "s1" and seq.status is Status.WAITING)
+            if halfway:
+                setattr(bm, real.__name__, real)
+                raise KeyboardInterrupt
+
+        got: dict[str, list] = {}
+
+        def step() -> None:
+            for out in llm.step():
+                got.setdefault(out.request_id, []).extend(out.new_token_ids)
+
+        setattr(bm, real.__name__, interrupted)
+        llm.add_request("s0", prompts[0], params)
+        if where == "admit":
+            step()
+        llm.add_request("s1", prompts[1], params)
+        with pytest.raises(KeyboardInterrupt):
+            for _ in range(60):
+                step()
+        assert getattr(bm, real.__name__) == real  # it fired
+        ended = drain(llm)
+        for rid in ("s0", "s1"):  # each finished once: with its tokens, or as the interrupted step's error
+            tokens, reason, count = ended[rid]
+            tokens = got.get(rid, []) + tokens
+            assert count == 1 and (reason == "error" or tokens == want["r" + rid[1]][0]), (rid, reason)
+        assert ended["s1" if where == "admit" else "s0"][1] == "length"
+        assert _all_free(llm) and not llm.seqs
+        assert llm.generate([prompts[0]], params)[0]["token_ids"] == want["r0"][0]
