@@ -183,6 +183,9 @@ def sampling_params(**kwargs: object) -> pb.SamplingParams:
                 params.logit_bias.update(pairs)
                 for _, bias in pairs:
                     _check_float32(bias)
+            except OverflowError:  # an integer past a float's range (10**400)
+                raise ValueError(f"sampling parameter logit_bias={value!r}: too large for a number the protocol "
+                                 "carries") from None
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"sampling parameter logit_bias={value!r}: {exc}") from None
             if len(params.logit_bias) < len(pairs):

@@ -121,7 +121,7 @@ def _call(value: object, i: int, where: str) -> dict:
     if isinstance(arguments, str):  # some models write the arguments as a JSON string
         try:
             arguments = json.loads(arguments)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, or JSON Python cannot read: named below as not an object
             pass
     if not isinstance(arguments, dict):
         raise ValueError(f"tool call {i} ({value['name']}): arguments must be a JSON object, got {arguments!r}")

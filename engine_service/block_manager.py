@@ -248,8 +248,12 @@ class BlockManager:
 
     # ---- release -------------------------------------------------------------------------------
     def free_sequence(self, seq: Sequence) -> None:
-        """Release all of `seq`'s blocks, tail first, and reset its cache state."""
-        for block_id in reversed(seq.block_table):
+        """Release all of `seq`'s blocks, tail first, and reset its cache state. Each leaves the table as it is
+        released, so that a second call after one cut short (a Ctrl-C inside it: Scheduler.recover) releases only
+        the rest: a block freed twice had a ref count of -1 (or, shared, was handed out while still in use)."""
+        table = seq.block_table
+        while table:
+            block_id = table.pop()
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count < 0:

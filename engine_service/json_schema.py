@@ -11,8 +11,8 @@ refused by name (a schema the output would not honour is an error, not a hint):
 - "anyOf" / "oneOf" whose branches start differently (a string or null; an object or an array), so that the first
   byte of a value picks its branch (a oneOf branch must give its "type" where it has object or array keywords);
 - "$ref" to "#/$defs/..." or "#/definitions/..." (recursive ones too), with "$defs" / "definitions" beside it;
-- annotations, which constrain nothing: title, description, default, examples, $schema, $id (at the top level
-  only), $comment, deprecated, readOnly, writeOnly, and "format" (not enforced: a "date-time" string is any string).
+- annotations, which constrain nothing: title, description, default, examples, $schema, $id (below the top
+  level only a fragment, "#..."), $comment, deprecated, readOnly, writeOnly, and "format" (not enforced: a "date-time" string is any string).
 The top level must be an object. Strings follow json_grammar.py's rules (valid UTF-8, no surrogate escapes). Each
 node gets the fewest containers its smallest value opens (`need`), with which the automaton offers a value, key
 or branch only where it fits under MAX_DEPTH; a schema with a node no finite value meets, or whose smallest value
@@ -92,11 +92,13 @@ class _Compiler:
             raise SchemaError(f"json_schema at {where} uses {', '.join(map(repr, unknown))}, which this engine does "
                               f"not enforce; it takes type, properties, required, additionalProperties (false), items, "
                               f"minItems, maxItems, enum, const, anyOf, oneOf, $ref and annotations")
-        if "$id" in schema and where != "#":
+        if where != "#" and not (isinstance(schema.get("$id", "#"), str) and schema.get("$id", "#").startswith("#")):
             # A new base URI: "#/$defs/..." inside it names its own definitions, which a reading that resolves every
-            # $ref against the root got wrong (the engine wrote values of another definition).
-            raise SchemaError(f"json_schema at {where}: $id is taken at the top level only (below it, it changes what "
-                              "the $refs inside mean); move the definitions to the top-level $defs")
+            # $ref against the root got wrong (the engine wrote values of another definition). A fragment alone
+            # ("#name", draft 7's anchors; "#/properties/a", as schema generators write) changes no base.
+            raise SchemaError(f"json_schema at {where}: $id {schema['$id']!r} below the top level makes a new base for "
+                              "the $refs inside it, which this engine does not follow; leave it out, or move the "
+                              "definitions to the top-level $defs")
         if "$ref" in schema:
             if set(schema) - ANNOTATIONS - {"$ref", "$defs", "definitions"}:
                 raise SchemaError(f"json_schema at {where}: $ref cannot be combined with other constraints")

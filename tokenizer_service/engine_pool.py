@@ -338,10 +338,11 @@ class EngineConnection:
                                "service? --engines and --engine-dns name engine services)")
                     outcome, backoff = "refused", cfg.reconnect_max_s
                 elif outcome == "not reached" and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    # Read as the request's own deadline, it said nothing of an engine that took the connection
-                    # but did not answer (stopped, or its process stalled).
-                    reason = (f"GetModelInfo got no answer within {MODEL_INFO_TIMEOUT_S:g}s: the engine took the "
-                              "connection but did not answer (stopped, stalled or overloaded)")
+                    # Read as the request's own deadline, it said nothing of a connection that hangs or an engine
+                    # that took it but did not answer (stopped, or its process stalled).
+                    reason = (f"GetModelInfo got no answer within {MODEL_INFO_TIMEOUT_S:g}s: a connection that "
+                              "hangs (a firewall dropping it, a node gone), or an engine that took it and did not "
+                              "answer (stopped, stalled or overloaded)")
                 elif outcome == "not reached":
                     reason += tls_hint(exc.details() or "", self._pool.tls)
             except asyncio.CancelledError:

@@ -665,6 +665,7 @@ def test_numpy_numbers_are_taken_for_the_channel_settings():
     ({"temperature": 1e40}, r"temperature=1e\+40: too large for the protocol's 32-bit float"),
     ({"top_p": 1e-50}, "top_p=1e-50: too small for the protocol's 32-bit float"),
     ({"logit_bias": {3: -1e40}}, r"logit_bias=\{3: -1e\+40\}: too large for the protocol's 32-bit float"),
+    ({"logit_bias": {3: 10**400}}, "logit_bias=.*: too large for a number the protocol carries"),
     # A dict of stop ids sent its keys alone, silently.
     ({"stop_token_ids": {7: 1.0, 9: -1.0}}, "stop_token_ids must be a list of integer token ids .* not a dict "
                                             r"\(logit_bias is the field"),

@@ -327,7 +327,7 @@ def test_masks_of_schema_states_equal_a_walk_of_each_token():
     # A nested $id is a new base for the $refs inside it: they were resolved against the root, another definition.
     ({"$defs": {"T": {"type": "string"}}, "type": "object", "properties": {"x": {
         "$id": "https://example.com/sub", "$defs": {"T": {"type": "integer"}}, "$ref": "#/$defs/T"}}},
-     "at #/properties/x: $id is taken at the top level only"),
+     "at #/properties/x: $id 'https://example.com/sub' below the top level makes a new base"),
 ])
 def test_refusals_name_the_keyword(schema, words):
     with pytest.raises(SchemaError) as err:
@@ -425,10 +425,11 @@ def test_keywords_without_a_type_give_it():
         assert _accepts(node, data) is ok, data
 
 
-def test_typed_oneof_branches_an_anyof_of_untyped_ones_and_a_top_level_id_are_taken():
+def test_typed_oneof_branches_an_anyof_of_untyped_ones_and_top_level_and_fragment_ids_are_taken():
     schema = {"$id": "https://example.com/root", "type": "object", "properties": {
+        "c": {"$id": "#/properties/c", "type": "integer"}, "d": {"$ref": "#/$defs/D"},
         "a": {"oneOf": [{"type": "array", "maxItems": 1}, {"type": "null"}]},
-        "b": {"anyOf": [{"maxItems": 1}, {"type": "null"}]}}}
+        "b": {"anyOf": [{"maxItems": 1}, {"type": "null"}]}}, "$defs": {"D": {"$id": "#d", "type": "null"}}}
     node = compile_schema(json.dumps(schema))
     for data, ok in ((b'{"a":[1],"b":null}', True), (b'{"a":null,"b":[]}', True), (b'{"a":[1,2]}', False)):
         assert _accepts(node, data) is ok, data

@@ -183,3 +183,28 @@ def test_outranks_only_a_strictly_higher_value():
         return result
 
     assert asyncio.run(main()) == (False, True)
+
+
+def test_a_release_cut_short_and_run_again_frees_each_block_once():
+    """Scheduler.recover runs free_sequence again over a sequence whose release a Ctrl-C cut short: the blocks
+    released before the interrupt were released again (a ref count of -1, "freed more often than taken")."""
+    from collections import OrderedDict
+
+    bm = BlockManager(num_blocks=8, block_size=4)
+    seq = Sequence("r", list(range(1, 13)), SamplingParams(max_tokens=4), 64)
+    bm.admit(seq, [])
+    bm.append_slots(seq, 12)
+    assert len(seq.block_table) == 3
+
+    class Interrupting(OrderedDict):
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            if len(self) == 6:  # the second block released
+                raise KeyboardInterrupt
+
+    bm.free = Interrupting(bm.free)
+    with pytest.raises(KeyboardInterrupt):
+        bm.free_sequence(seq)
+    bm.free = OrderedDict(bm.free)
+    bm.free_sequence(seq)
+    assert [b.ref_count for b in bm.blocks] == [0] * 8 and bm.num_free_blocks == 8 and seq.block_table == []

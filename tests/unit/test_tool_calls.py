@@ -437,6 +437,9 @@ def test_auto_reads_the_format_whose_marker_comes_first_not_one_an_argument_ment
     ("mistral", "[TOOL_CALLS]a[ARGS]" + "[" * 1000),
     ("llama3_json", '{"name": "a", "parameters": {"x": ' + "[" * 1000),
     ("hermes", '<tool_call>{"name": "a", "arguments": {"x": ' + "9" * 5000 + "}}</tool_call>"),
+    # The same inside arguments written as a JSON string, which json.loads read on its own.
+    ("hermes", '<tool_call>{"name": "a", "arguments": "' + "[" * 1000 + "]" * 1000 + '"}</tool_call>'),
+    ("mistral", '[TOOL_CALLS][{"name": "a", "arguments": "{\\"x\\": ' + "9" * 5000 + '}"}]'),
 ])
 def test_json_python_cannot_read_is_the_documented_value_error(fmt, text):
     """An array nested 1,000 deep raised RecursionError, and an integer of 5,000 digits Python's own ValueError,
@@ -449,6 +452,11 @@ def test_json_python_cannot_read_is_the_documented_value_error(fmt, text):
 
 def test_json_python_cannot_read_inside_thinking_is_no_call():
     from clients.tool_calls import parse_tool_calls
+
+    # Llama 3's reply whose arguments string is such JSON is JSON of another shape, as any non-object arguments
+    # are: no call (it raised RecursionError).
+    deep = '{"name": "a", "arguments": "' + "[" * 1000 + "]" * 1000 + '"}'
+    assert parse_tool_calls(deep, "llama3_json") == (deep, [])
 
     for inner in ("[" * 1000, "9" * 5000):
         text = "x <tool_call>" + inner + " </think> answer"
