@@ -174,12 +174,18 @@ def main(argv: list[str] | None = None) -> int:
                 pass
 
 
+# Target URI schemes gRPC resolves, whose rest need not be HOST:PORT (unix:relative.sock, unix-abstract:name).
+GRPC_SCHEMES = frozenset(("unix", "unix-abstract", "dns", "ipv4", "ipv6", "vsock", "xds"))
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.timeout is not None and not args.timeout > 0:
         parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
-    if "/" not in args.target and not is_port(args.target.rpartition(":")[2]):  # gRPC URIs (unix:/...) pass
+    scheme = args.target.partition(":")[0].lower()
+    if ("/" not in args.target and scheme not in GRPC_SCHEMES  # gRPC URIs (unix:/..., unix-abstract:name) pass
+            and not is_port(args.target.rpartition(":")[2])):
         parser.error(f"--target must be HOST:PORT with a port in 1..65535, e.g. localhost:50052; got {args.target!r}")
     try:
         logit_bias = dict(_bias(item) for item in args.logit_bias)

@@ -837,3 +837,29 @@ def test_the_current_service_honours_every_option_the_clients_check(demo_model_d
     finally:
         server.stop()
         assert engine.stop() == 0
+
+
+@pytest.mark.parametrize("scheme", ["unix-abstract", "unix"])
+def test_cli_dials_grpc_targets_that_are_not_host_port(scheme, tmp_path, capsys):
+    """docs/SERVICES.md: a target is HOST:PORT or any gRPC target URI; `unix-abstract:name` and `unix:relative.sock`
+    were refused as "must be HOST:PORT" (exit 2). Dialled, a server without the text API answers UNIMPLEMENTED."""
+    import os
+    import uuid
+    from concurrent import futures
+
+    import grpc
+
+    from clients.cli import main
+
+    name = f"llm-cli-{uuid.uuid4().hex[:8]}" if scheme == "unix-abstract" else "cli.sock"
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # a relative socket path
+    try:
+        assert server.add_insecure_port(f"{scheme}:{name}")
+        server.start()
+        code = main(["--target", f"{scheme}:{name}", "--timeout", "5", "Hi"])
+    finally:
+        os.chdir(cwd)
+        server.stop(0)
+    assert code == 1 and "UNIMPLEMENTED" in capsys.readouterr().err
