@@ -207,32 +207,38 @@ class _OtherModel(pb_grpc.EngineServicer):
         return pb.ModelInfo(model_name="other", vocab_size=50, eos_token_ids=[99], max_model_len=64)
 
 
+async def _failed_request(servicer, config: dict, ready=None) -> tuple[str, RequestFailed]:
+    """A pool of one engine served by `servicer` (None: a gRPC server without the engine API); once ready(address)
+    holds, a request to it, which must fail: (the engine's address, the failure)."""
+    server = grpc.aio.server()
+    if servicer is not None:
+        pb_grpc.add_EngineServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    address = f"127.0.0.1:{port}"
+    pool = EnginePool(pool_config(engines=address, **config), 100, {99}, [])
+    pool.start()
+    try:
+        if ready is not None:
+            await wait_for(lambda: ready(address))
+        with pytest.raises(RequestFailed) as err:
+            await pool.submit(_request(), None)
+        return address, err.value
+    finally:
+        await pool.close()
+        await server.stop(0)
+
+
 @pytest.mark.parametrize("servicer", [_OtherModel, None], ids=["another-model", "not-an-engine"])
 def test_an_engine_that_will_never_serve_us_is_redialled_at_the_max_backoff(caplog, monkeypatch, servicer):
     """A wrong model or a server without the engine API does not come right by redialling fast: from the first
     refusal on, it waits reconnect_max_s."""
     monkeypatch.setattr(engine_pool, "jittered", lambda backoff: backoff)  # the nominal waits
-    async def main() -> tuple[str, RequestFailed]:
-        server = grpc.aio.server()
-        if servicer is not None:
-            pb_grpc.add_EngineServicer_to_server(servicer(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        address = f"127.0.0.1:{port}"
-        pool = EnginePool(pool_config(engines=address, reconnect_min_s=0.01, reconnect_max_s=0.08,
-                                      engine_wait_s=0.3), 100, {99}, [])
-        pool.start()
-        try:
-            await wait_for(lambda: len(_backoffs(caplog, logging.WARNING, address)) >= 3)
-            with pytest.raises(RequestFailed) as err:
-                await pool.submit(_request(), None)
-            return address, err.value
-        finally:
-            await pool.close()
-            await server.stop(0)
-
     with caplog.at_level(logging.WARNING, logger=POOL_LOG):
-        address, error = asyncio.run(main())
+        address, error = asyncio.run(_failed_request(
+            servicer() if servicer is not None else None,
+            dict(reconnect_min_s=0.01, reconnect_max_s=0.08, engine_wait_s=0.3),
+            lambda address: len(_backoffs(caplog, logging.WARNING, address)) >= 3))
     assert _backoffs(caplog, logging.WARNING, address)[:3] == [0.08] * 3
     assert error.code == grpc.StatusCode.UNAVAILABLE and f"{address}: refused (" in error.message, error.message
     if servicer is None:
@@ -251,23 +257,7 @@ def test_an_engine_that_takes_the_connection_but_never_answers_is_named_as_such(
     own deadline."""
     monkeypatch.setattr(engine_pool, "MODEL_INFO_TIMEOUT_S", 0.2)
 
-    async def main() -> tuple[str, RequestFailed]:
-        server = grpc.aio.server()
-        pb_grpc.add_EngineServicer_to_server(_Silent(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        address = f"127.0.0.1:{port}"
-        pool = EnginePool(pool_config(engines=address, engine_wait_s=0.5), 100, {99}, [])
-        pool.start()
-        try:
-            with pytest.raises(RequestFailed) as err:
-                await pool.submit(_request(), None)
-            return address, err.value
-        finally:
-            await pool.close()
-            await server.stop(0)
-
-    address, error = asyncio.run(main())
+    address, error = asyncio.run(_failed_request(_Silent(), dict(engine_wait_s=0.5)))
     assert error.code == grpc.StatusCode.UNAVAILABLE
     assert (f"{address}: not reached (GetModelInfo got no answer within 0.2s: a connection that hangs"
             in error.message and "or an engine that took it and did not answer" in error.message), error.message
