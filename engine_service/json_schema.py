@@ -92,11 +92,12 @@ class _Compiler:
             raise SchemaError(f"json_schema at {where} uses {', '.join(map(repr, unknown))}, which this engine does "
                               f"not enforce; it takes type, properties, required, additionalProperties (false), items, "
                               f"minItems, maxItems, enum, const, anyOf, oneOf, $ref and annotations")
-        if where != "#" and not (isinstance(schema.get("$id", "#"), str) and schema.get("$id", "#").startswith("#")):
+        ident = schema.get("$id", "#")
+        if where != "#" and not (isinstance(ident, str) and ident.startswith("#")):
             # A new base URI: "#/$defs/..." inside it names its own definitions, which a reading that resolves every
             # $ref against the root got wrong (the engine wrote values of another definition). A fragment alone
             # ("#name", draft 7's anchors; "#/properties/a", as schema generators write) changes no base.
-            raise SchemaError(f"json_schema at {where}: $id {schema['$id']!r} below the top level makes a new base for "
+            raise SchemaError(f"json_schema at {where}: $id {ident!r} below the top level makes a new base for "
                               "the $refs inside it, which this engine does not follow; leave it out, or move the "
                               "definitions to the top-level $defs")
         if "$ref" in schema:
@@ -261,30 +262,29 @@ class _Compiler:
         seen.add(id(schema))
         if "type" not in schema and set(schema) & (_KEYWORDS["object"] | _KEYWORDS["array"]):
             return True
-        ref = schema.get("$ref")
-        if isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")):
-            section, _, name = urllib.parse.unquote(ref[2:]).partition("/")
-            defs = self.root.get(section)
-            target = defs.get(name.replace("~1", "/").replace("~0", "~")) if isinstance(defs, dict) else None
-            return self.untyped(target, seen)
+        pointer = _pointer(schema.get("$ref"))
+        if pointer is not None and len(pointer[1]) == 1:  # else ref() refuses it
+            return self.untyped(self._definition(pointer[0], pointer[1][0]), seen)
         branches = schema.get("anyOf", schema.get("oneOf"))
         return isinstance(branches, list) and any(self.untyped(b, seen) for b in branches)
 
+    def _definition(self, section: str, name: str):
+        """The root's definition `name` in `section` ("$defs" or "definitions"), None where it has none."""
+        defs = self.root.get(section)
+        return defs.get(name) if isinstance(defs, dict) else None
+
     def ref(self, ref, where: str) -> jg.Node:
-        prefixes = ("#/$defs/", "#/definitions/")
-        if not isinstance(ref, str) or not ref.startswith(prefixes):
+        pointer = _pointer(ref)
+        if pointer is None:
             raise SchemaError(f"json_schema at {where}: $ref must point into #/$defs/ or #/definitions/, got {ref!r}")
-        # A URI fragment holding a JSON pointer (RFC 6901): percent-escapes decoded, then split at "/", then
-        # "~1" is "/" and "~0" is "~" within a name ("#/$defs/a~1b" names the definition "a/b").
-        section, *names = urllib.parse.unquote(ref[2:]).split("/")
+        section, names = pointer
         if len(names) != 1:
             raise SchemaError(f"json_schema at {where}: $ref {ref!r} points inside a definition; point at a whole "
                               "definition (#/$defs/NAME, a \"/\" in NAME written ~1 and a \"~\" written ~0)")
-        name = names[0].replace("~1", "/").replace("~0", "~")
-        key = (section, name)
+        key = (section, names[0])
         if key in self.defs:
             return self.defs[key]  # recursive: the node is being filled in, or done
-        target = self.root.get(section, {}).get(name) if isinstance(self.root.get(section), dict) else None
+        target = self._definition(*key)
         if target is None:
             raise SchemaError(f"json_schema at {where}: $ref {ref!r} names no definition")
         # A placeholder that the definition's node is copied into, so that references inside it resolve to it; what
@@ -349,6 +349,16 @@ def _accepts_value(node: jg.Node, literal: bytes) -> bool:
     """Whether `literal` (a compact JSON text) is a value of `node`."""
     state = jg.walk((jg.VALUE, (0, node), ("a",)), literal + b"]")
     return state is not None and jg.is_done(state)
+
+
+def _pointer(ref) -> tuple[str, list[str]] | None:
+    """A $ref into "#/$defs/" or "#/definitions/" as (section, the names after it), else None. It is a URI fragment
+    holding a JSON pointer (RFC 6901): percent-escapes decoded, then split at "/", then "~1" is "/" and "~0" is "~"
+    within a name ("#/$defs/a~1b" names the definition "a/b")."""
+    if not isinstance(ref, str) or not ref.startswith(("#/$defs/", "#/definitions/")):
+        return None
+    section, *names = urllib.parse.unquote(ref[2:]).split("/")
+    return section, [name.replace("~1", "/").replace("~0", "~") for name in names]
 
 
 def _implied_type(schema: dict):
