@@ -117,16 +117,16 @@ SAMPLING_KEYWORDS = SAMPLING_FIELDS + ("stop_token_ids", "logit_bias", "response
 
 
 def _check_float32(value: object) -> None:
-    """A finite number the protocol's 32-bit float carries as inf (1e40) or 0 (1e-50) is refused (ValueError, the
-    caller names the field): sent, the service answered for a value the caller never wrote ("temperature must be
-    finite ..., got inf"). inf and nan as written pass, for the service's own rule; 10**400 is protobuf's
-    OverflowError."""
+    """A number the protocol's 32-bit float cannot carry as written is refused (ValueError, the caller names the
+    field): an integer past a float's range (10**400: protobuf's bare OverflowError named no field), and a finite
+    number it carries as inf (1e40) or 0 (1e-50), for which the service answered about a value the caller never
+    wrote ("temperature must be finite ..., got inf"). inf and nan as written pass, for the service's own rule."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         return  # protobuf names the wrong type
     try:
         number = float(value)
     except OverflowError:
-        return
+        raise ValueError("too large for a number the protocol carries") from None
     if not math.isfinite(number):
         return
     carried = struct.unpack("f", struct.pack("f", number))[0]
@@ -151,9 +151,6 @@ def set_sampling_field(params: Any, name: str, value: object) -> None:
         if field.type == field.TYPE_FLOAT:
             _check_float32(value)
         params.MergeFrom(type(params)(**{name: value}))  # an optional field set to its zero stays set
-    except OverflowError:  # an integer past a float's range (10**400); protobuf's words named no field
-        raise ValueError(f"sampling parameter {name}={value!r}: too large for a number the protocol "
-                         "carries") from None
     except (TypeError, ValueError) as exc:
         bits = {field.TYPE_INT32: 32, field.TYPE_INT64: 64}.get(field.type)
         if bits and isinstance(value, int) and not isinstance(value, bool):
@@ -180,12 +177,9 @@ def sampling_params(**kwargs: object) -> pb.SamplingParams:
         elif name == "logit_bias":  # {token id: bias}, or (id, bias) pairs
             try:
                 pairs = list(value.items() if isinstance(value, Mapping) else value)  # type: ignore[union-attr]
-                params.logit_bias.update(pairs)
-                for _, bias in pairs:
-                    _check_float32(bias)
-            except OverflowError:  # an integer past a float's range (10**400)
-                raise ValueError(f"sampling parameter logit_bias={value!r}: too large for a number the protocol "
-                                 "carries") from None
+                for token, bias in pairs:
+                    _check_float32(bias)  # before protobuf takes it: 10**400 raised its bare OverflowError
+                    params.logit_bias[token] = bias
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"sampling parameter logit_bias={value!r}: {exc}") from None
             if len(params.logit_bias) < len(pairs):
