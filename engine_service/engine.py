@@ -722,13 +722,6 @@ class LLMEngine:
         if self.workers is not None:
             self.workers.close()
             self.workers = None
-        if self.runner is not None:
-            # Each parameter's weight_loader is a bound method of its module: a reference cycle through the whole
-            # model, so the weights (and, under TP, rank 0's process group, its threads and sockets) outlived
-            # close() until a cyclic collection, never after gc.freeze(); on a GPU a new engine could run out of
-            # memory beside the old weights.
-            for param in self.runner.model.parameters():
-                vars(param).pop("weight_loader", None)
         self.runner = None  # type: ignore[assignment]
         self._dead = self._dead or "the engine was closed (close()): make a new one"
 

@@ -101,7 +101,8 @@ def check_readable(path: Path) -> None:
 
 
 def load_weights(model: nn.Module, model_dir: str | Path, tie_word_embeddings: bool) -> None:
-    """Copy every checkpoint tensor into its parameter; refuse missing and unexpected ones."""
+    """Copy every checkpoint tensor into its parameter; refuse missing and unexpected ones. The parameters'
+    weight_loaders are dropped once they are all filled."""
     model_dir = Path(model_dir)
     params = dict(model.named_parameters(remove_duplicate=False))
     expected: set[tuple[str, str | None]] = set()
@@ -180,6 +181,11 @@ def load_weights(model: nn.Module, model_dir: str | Path, tie_word_embeddings: b
         raise ValueError(f"weights missing from {model_dir}: {names[:10]}")
     if tied_head is not None:
         _check_tied_head(params["embed_tokens.weight"], tied_head)
+    for param in params.values():
+        # Each is a bound method of its module, a reference cycle through the whole model: the weights (and, under
+        # TP, rank 0's process group, its threads and sockets) outlived close() until a cyclic collection, for good
+        # after gc.freeze(); on a GPU a new engine could run out of memory beside the old weights.
+        vars(param).pop("weight_loader", None)
 
 
 def _check_tied_head(embedding: nn.Parameter, head: torch.Tensor) -> None:
