@@ -17,12 +17,16 @@ DEFAULT_CPU_KVCACHE_GIB = 4.0
 # On GPU, the share of the device's memory the engine may fill: weights, the warm-up's peak activations, and
 # the KV cache in what is left.
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+# JSON mode: the seconds of the engine's time one request's token masks may take to compute (cache misses, on the
+# engine's loop, where every other request waits for them); past it the request fails. 0: no bound. The first
+# document of a 200-property schema took 7.4 s of misses on a 2-core CPU (docs/ENGINE.md, JSON mode).
+DEFAULT_JSON_MASK_BUDGET_S = 20.0
 # What `device` may say: "auto", "cpu", "cuda" or "cuda:N".
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 # The fields __post_init__ wants as Python ints (or None, for the last two), and as Python numbers.
 _INT_FIELDS = ("kvcache_block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size", "seed",
                "num_kvcache_blocks", "max_model_len")
-_FLOAT_FIELDS = ("gpu_memory_utilization", "cpu_kvcache_gib")
+_FLOAT_FIELDS = ("gpu_memory_utilization", "cpu_kvcache_gib", "json_mask_budget_s")
 _FLOAT_MAX = 1.7976931348623157e308  # a Python float's largest
 
 
@@ -76,6 +80,9 @@ class EngineConfig:
     # decode graphs are captured (CUDA, the triton backend, one rank, not enforce_eager); off by default until
     # measured.
     two_batch_overlap: bool = False
+    # JSON mode: the seconds of engine time one request's mask cache misses may take before the request fails
+    # (docs/ENGINE.md, JSON mode); 0 for no bound.
+    json_mask_budget_s: float = DEFAULT_JSON_MASK_BUDGET_S
     seed: int = 0  # seeds unseeded sampling, so a run is repeatable
 
     def __post_init__(self) -> None:
@@ -142,7 +149,7 @@ class EngineConfig:
         for name in ("enforce_eager", "enable_prefix_caching", "triton_gemm", "pdl", "two_batch_overlap"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("gpu_memory_utilization", "cpu_kvcache_gib"):
+        for name in _FLOAT_FIELDS:
             value = getattr(self, name)
             if isinstance(value, int) and not isinstance(value, bool) and not -_FLOAT_MAX <= value <= _FLOAT_MAX:
                 # math.isfinite raised OverflowError on an integer past a float's range, naming no field
@@ -154,6 +161,9 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.cpu_kvcache_gib <= 0:
             raise ValueError(f"cpu_kvcache_gib must be positive, got {self.cpu_kvcache_gib}")
+        if self.json_mask_budget_s < 0:
+            raise ValueError(f"json_mask_budget_s must be 0 (no bound) or a positive number of seconds, got "
+                             f"{self.json_mask_budget_s}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 

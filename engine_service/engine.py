@@ -36,7 +36,7 @@ from engine_service.sampler import LogitBias, LogprobRows, SamplingRow
 from engine_service.sampling_params import SamplingParams
 from engine_service.scheduler import ScheduledBatch, Scheduler
 from engine_service.sequence import Sequence, Status
-from engine_service.structured_output import JsonCursor, JsonMasks, token_bytes
+from engine_service.structured_output import JsonCursor, JsonMasks, MaskBudgetError, token_bytes
 from engine_service.validation import check_prompt
 
 log = logging.getLogger(__name__)
@@ -370,7 +370,7 @@ class LLMEngine:
         if bias is not None:
             self.biases[request_id] = bias
         if sampling_params.response_format is not None:
-            self.cursors[request_id] = JsonCursor(self.json_masks, top)
+            self.cursors[request_id] = JsonCursor(self.json_masks, top, self.config.json_mask_budget_s)
             if sampling_params.json_schema is not None:
                 self.json_masks.hold(top)  # released by _forget
         self.seqs[request_id] = seq
@@ -493,8 +493,7 @@ class LLMEngine:
                 except Exception as exc:  # a mask computed here (a cache miss) can fail, on CUDA with OOM
                     if s.params.response_format is None:
                         raise
-                    log.exception("JSON mode failed for request %s", s.request_id)
-                    doomed.append((s, f"JSON mode failed: {type(exc).__name__}: {exc}"))
+                    doomed.append((s, self._json_failure(s, exc)))
                     # Its row samples unmasked; the token is never kept: the request is failed below, before
                     # this step completes, as an abort while a step is in flight is.
                     rows.append(self._sampling_row(s, row_ahead, masked=False))
@@ -608,8 +607,7 @@ class LLMEngine:
                 advanced = cursor.advance(token)
                 stuck = advanced and not cursor.done and seq.status is Status.RUNNING and not cursor.allowed().count
             except Exception as exc:  # one request's mask must not take the engine (and every request) down
-                log.exception("JSON mode failed for request %s", seq.request_id)
-                outputs.append(self._fail(seq, f"JSON mode failed: {type(exc).__name__}: {exc}"))
+                outputs.append(self._fail(seq, self._json_failure(seq, exc)))
                 sampled[i] = None
                 continue
             if not advanced:
@@ -668,6 +666,15 @@ class LLMEngine:
         return SamplingRow(p, self.generators.get(seq.request_id), banned, slot,
                            self.biases.get(seq.request_id) if p.logit_bias else None,
                            cursor.allowed() if cursor is not None else None)
+
+    @staticmethod
+    def _json_failure(seq: Sequence, exc: Exception) -> str:
+        """The error of a request whose JSON-mode mask failed (call it in the except block: it logs the traceback)."""
+        if isinstance(exc, MaskBudgetError):  # the request's own doing, not the engine's: no traceback
+            log.warning("request %s failed: %s", seq.request_id, exc)
+            return str(exc)
+        log.exception("JSON mode failed for request %s", seq.request_id)
+        return f"JSON mode failed: {type(exc).__name__}: {exc}"
 
     def _fail(self, seq: Sequence, message: str) -> StepOutput:
         if seq.status is not Status.FINISHED:

@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from clients.flags import parse_bool, parse_settings
 from clients.logs import LOG_LEVELS
 from clients.tls import ServerTls, check_grpc_limits, server_tls_settings
-from engine_service.config import DEFAULT_CPU_KVCACHE_GIB, DEFAULT_GPU_MEMORY_UTILIZATION, EngineConfig
+from engine_service.config import (
+    DEFAULT_CPU_KVCACHE_GIB,
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    DEFAULT_JSON_MASK_BUDGET_S,
+    EngineConfig,
+)
 from engine_service.streams import TOKEN_BYTES
 
 ENV_PREFIX = "ENGINE_"
@@ -62,6 +67,9 @@ class ServerConfig:
     # "original_max_position_embeddings": 32768}; "" keeps the model's (docs/ENGINE.md, Model directories)
     rope_scaling: str = ""
     tensor_parallel_size: int = 1
+    # JSON mode: the seconds of engine time one request's token-mask cache misses may take before it fails (the
+    # other requests wait for them; docs/ENGINE.md, JSON mode); 0: no bound.
+    json_mask_budget_s: float = DEFAULT_JSON_MASK_BUDGET_S
     # torch intra-op threads: 0 picks one on CPU when the machine has at most 4 cores (the gRPC threads and the
     # tokenizer service need the rest; oversubscribed cores make torch's threads spin and wait), else torch's own.
     torch_threads: int = 0
@@ -187,6 +195,7 @@ class ServerConfig:
             enable_prefix_caching=self.enable_prefix_caching, seed=self.seed,
             overlap_scheduling=self.auto_flag("overlap_scheduling"), fused_ops=self.auto_flag("fused_ops"),
             triton_gemm=self.triton_gemm, pdl=self.pdl, two_batch_overlap=self.two_batch_overlap,
+            json_mask_budget_s=self.json_mask_budget_s,
         )
 
     def rope_scaling_dict(self) -> dict | None:

@@ -50,6 +50,10 @@ MASK_BLOCK_BYTES = 512
 SLOW_MASK_S = 0.05
 
 
+class MaskBudgetError(RuntimeError):
+    """A request's mask cache misses took more of the engine's time than its budget (json_mask_budget_s)."""
+
+
 def mask_bytes(mask: TokenMask) -> int:
     """What a cached mask counts against MASK_CACHE_BYTES: its ids in whole MASK_BLOCK_BYTES blocks (one at least)."""
     return max(1, -(-mask.ids.numel() * mask.ids.element_size() // MASK_BLOCK_BYTES)) * MASK_BLOCK_BYTES
@@ -411,18 +415,31 @@ class _Sorted:
 class JsonCursor:
     """One request's place in its JSON document."""
 
-    __slots__ = ("masks", "top", "state", "_mask")
+    __slots__ = ("masks", "top", "state", "_mask", "budget_s", "spent_s")
 
-    def __init__(self, masks: JsonMasks, top: jg.Node = jg.FREE_OBJECT):
-        """top: the top-level object's node (a compiled schema's, json_schema.py), else any object."""
+    def __init__(self, masks: JsonMasks, top: jg.Node = jg.FREE_OBJECT, budget_s: float = 0.0):
+        """top: the top-level object's node (a compiled schema's, json_schema.py), else any object. budget_s: the
+        seconds its masks' cache misses may take in all (0: no bound); past it allowed() raises MaskBudgetError."""
         self.masks = masks
         self.top = top  # the root its masks are filed under (JsonMasks.hold)
         self.state: jg.State = jg.initial(top)
         self._mask: TokenMask | None = None  # the state's mask, looked up once per state
+        self.budget_s = budget_s
+        self.spent_s = 0.0  # the time its misses took (hits cost about a microsecond, not counted)
 
     def allowed(self) -> TokenMask:
         if self._mask is None:
+            before = self.masks.compute_s
             self._mask = self.masks.allowed(self.state, self.top)
+            self.spent_s += self.masks.compute_s - before
+        if self.budget_s and self.spent_s > self.budget_s:
+            # Checked after the miss: the mask that crossed the budget is computed (and cached for later requests),
+            # so a request takes at most its budget plus one miss.
+            raise MaskBudgetError(
+                f"JSON mode: this request's token masks took {self.spent_s:.1f} s of the engine's time to compute, "
+                f"past json_mask_budget_s={self.budget_s:g} (the engine's --json-mask-budget-s), while every other "
+                f"request waited; a schema whose masks are cached (its documents after the first) or a smaller one "
+                f"costs less, or raise the budget (0: no bound)")
         return self._mask
 
     def advance(self, token: int) -> bool:

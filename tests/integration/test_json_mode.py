@@ -271,3 +271,32 @@ def test_a_first_mask_that_fails_fails_its_request_alone_not_the_step_nor_the_en
         [again] = llm.generate([[5, 6, 8]], SamplingParams(max_tokens=8, response_format="json_schema",
                                                            json_schema=SCHEMA))  # the engine goes on
     assert again["token_ids"]
+
+
+@pytest.mark.parametrize("fmt", ["json_object", "json_schema"])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_request_past_its_mask_budget_fails_alone(demo_model_dir, fmt, overlap):
+    """A request whose mask misses take more of the engine's time than json_mask_budget_s fails, naming the
+    setting; the requests beside it get the tokens they get alone, and nothing it held stays held."""
+    schema = SCHEMA if fmt == "json_schema" else None
+    shaped = SamplingParams(temperature=1.0, seed=7, max_tokens=40, response_format=fmt, json_schema=schema)
+    free = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    with exact_engine(demo_model_dir, json_mask_budget_s=1e-9, overlap_scheduling=overlap) as llm:
+        [alone] = llm.generate([[5, 6, 9]], free)
+        llm.add_request("free1", [5, 6, 9], free)
+        llm.add_request("json", [5, 6, 8], shaped)
+        llm.add_request("free2", [5, 6, 9], free)
+        outputs: dict = {}
+        _drain(llm, outputs)
+        stats = llm.stats()
+        held = dict(llm.json_masks._holds)
+    assert outputs["json"]["reason"] == "error", outputs["json"]
+    assert "past json_mask_budget_s=1e-09 (the engine's --json-mask-budget-s)" in outputs["json"]["error"]
+    for rid in ("free1", "free2"):
+        assert outputs[rid]["reason"] == "length" and outputs[rid]["tokens"] == alone["token_ids"]
+    assert stats["num_free_blocks"] == stats["num_blocks"] and not llm.cursors and not llm.seqs
+    assert all(count == 1 for count in held.values())  # the schema cache's own hold, not the failed request's
+    # Without a bound the same request runs to its end.
+    with exact_engine(demo_model_dir, json_mask_budget_s=0) as llm:
+        [out] = llm.generate([[5, 6, 8]], shaped)
+    assert out["finish_reason"] in ("stop", "length") and out["token_ids"]

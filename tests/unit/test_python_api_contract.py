@@ -52,7 +52,7 @@ def test_one_named_gpu_for_several_tensor_parallel_ranks_is_refused():
     assert EngineConfig.from_kwargs("m", device="cuda:1").device == "cuda:1"
 
 
-@pytest.mark.parametrize("name", ["gpu_memory_utilization", "cpu_kvcache_gib"])
+@pytest.mark.parametrize("name", ["gpu_memory_utilization", "cpu_kvcache_gib", "json_mask_budget_s"])
 def test_a_memory_knob_past_a_floats_range_is_refused_naming_the_field(name):
     """An integer too large for a float (10**400) raised "OverflowError: int too large to convert to float" from
     math.isfinite, naming no field."""

@@ -248,15 +248,18 @@ def test_every_engine_knob_is_a_service_flag_and_reaches_the_engine():
     engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
     assert engine_fields - service == set()
     cfg = parse_config(["--model", "/m", "--gpu-memory-utilization", "0.5", "--cpu-kvcache-gib", "1.5",
-                        "--enable-prefix-caching", "false", "--kv-cache-dtype", "fp8"], {})
+                        "--enable-prefix-caching", "false", "--kv-cache-dtype", "fp8", "--json-mask-budget-s", "0"], {})
     kwargs = cfg.engine_kwargs()
     assert set(kwargs) == engine_fields - {"model"}  # every knob, none left at the engine's default
     engine = EngineConfig.from_kwargs("/m", **kwargs)
     assert (engine.gpu_memory_utilization, engine.cpu_kvcache_gib, engine.enable_prefix_caching) == (0.5, 1.5, False)
-    assert engine.kv_cache_dtype == "fp8"
+    assert engine.kv_cache_dtype == "fp8" and engine.json_mask_budget_s == 0.0
     for flag, value, needle in (("--gpu-memory-utilization", "1.5", "gpu_memory_utilization must be in"),
                                 ("--kv-cache-dtype", "fp16", r"kv_cache_dtype must be one of \('auto', 'fp8'\)"),
-                                ("--cpu-kvcache-gib", "0", "cpu_kvcache_gib must be positive")):
+                                ("--cpu-kvcache-gib", "0", "cpu_kvcache_gib must be positive"),
+                                ("--json-mask-budget-s", "-1", r"json_mask_budget_s must be 0 \(no bound\) or a "
+                                                               r"positive number of seconds, got -1.0"),
+                                ("--json-mask-budget-s", "nan", "json_mask_budget_s must be a finite number")):
         with pytest.raises(ValueError, match=needle):
             parse_config(["--model", "/m", flag, value], {})
 

@@ -307,3 +307,60 @@ def test_the_byte_level_map_is_gpt2s_inverted(demo_tokenizer):
     special = set(demo_tokenizer.added_tokens_decoder)
     assert [i for i, data in enumerate(vocab) if data is None and i not in special] == []
     assert vocab[demo_tokenizer.convert_tokens_to_ids(to_text[0xAD])] == b"\xad"
+
+
+def _walk_cursor(cursor: JsonCursor, rng: random.Random, steps: int) -> list[int]:
+    """Draw `steps` allowed tokens (or until the document closes); the tokens taken."""
+    taken = []
+    for _ in range(steps):
+        if cursor.done:
+            break
+        token = rng.choice(cursor.allowed().dense(cursor.masks.vocab_size).nonzero().flatten().tolist())
+        assert cursor.advance(token)
+        taken.append(token)
+    return taken
+
+
+def test_a_cursor_counts_the_time_of_its_misses_and_stops_at_its_budget():
+    from engine_service.structured_output import MaskBudgetError
+
+    vocab = _vocabulary(5)
+    masks = JsonMasks(vocab)
+    free = JsonCursor(masks)  # budget 0: no bound
+    tokens = _walk_cursor(free, random.Random(6), 60)
+    assert masks.misses > 5 and free.spent_s == pytest.approx(masks.compute_s, rel=1e-9, abs=0)
+    # The same path again hits the cache at every state: nothing spent, so the smallest budget holds.
+    again = JsonCursor(masks, budget_s=1e-12)
+    for token in tokens:
+        again.allowed()
+        assert again.advance(token)
+    assert again.spent_s == 0.0
+    # A new shape misses: past the budget, allowed() names it, and keeps naming it.
+    shaped = JsonCursor(masks, jg.FREE_OBJECT, budget_s=1e-12)
+    shaped.state = jg.walk(jg.INITIAL, b'{"unseen": [[[{"deep": "')
+    for _ in range(2):
+        with pytest.raises(MaskBudgetError, match=r"took \d+\.\d s .* past json_mask_budget_s=1e-12 "
+                                                  r"\(the engine's --json-mask-budget-s\)"):
+            shaped.allowed()
+    assert shaped.spent_s > 1e-12
+
+
+def test_the_bench_reports_what_one_documents_misses_cost(demo_model_dir, tmp_path, monkeypatch, capsys):
+    """scripts/json_mode_bench's --short-values run gives the per-document figures docs/ENGINE.md quotes for
+    json_mask_budget_s: the first document pays for its schema's masks, a later one finds them cached."""
+    import re
+    import sys
+
+    from scripts import json_mode_bench
+
+    schema = tmp_path / "schema.json"
+    props = {f"key{i}": {"type": ["string", "integer", "boolean"][i % 3]} for i in range(12)}
+    schema.write_text(json.dumps({"type": "object", "properties": props, "required": list(props)}))
+    monkeypatch.setattr(sys, "argv", ["json_mode_bench", "--model", str(demo_model_dir), "--schema", str(schema),
+                                      "--short-values", "--documents", "3", "--max-tokens", "4000", "--rows", "2"])
+    json_mode_bench.main()
+    out = capsys.readouterr().out
+    closed = re.search(r"3 documents \((\d) closed\)", out)
+    first, others = map(float, re.search(r"the first ([\d.]+) s, the others ([\d.]+) s at most", out).groups())
+    assert closed and int(closed.group(1)) == 3, out
+    assert first > others >= 0.0, out
