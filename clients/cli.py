@@ -126,8 +126,10 @@ def connect_hint(exc: grpc.RpcError, tls: ClientTls | None) -> str:
             "asks for one, that --tls-cert/--tls-key are from its client CA; docs/SECURITY.md)")
 
 
-def _print_results(args, several, stream, texts, tools, prompt_logprobs, logprobs, last) -> None:
-    """Print what comes after the stream: the completions of --n, tool calls, logprobs and usage."""
+def _print_results(args, several, stream, texts, tools, prompt_logprobs, logprobs, last) -> bool:
+    """Print what comes after the stream: the completions of --n, tool calls, logprobs and usage. False where the
+    reply's tool calls could not be read (the rest is printed all the same)."""
+    calls_read = True
     if several:
         for index in sorted(texts):
             end = stream.ends.get(index)
@@ -144,6 +146,7 @@ def _print_results(args, several, stream, texts, tools, prompt_logprobs, logprob
                 print(f"[tool call] {json.dumps(call, ensure_ascii=False)}", file=sys.stderr)
         except ValueError as exc:
             print(f"[tool call] {exc}", file=sys.stderr)
+            calls_read = False
     if args.prompt_logprobs is not None:
         print(f"[prompt: {len(prompt_logprobs)} tokens after the first]", file=sys.stderr)
     for lp in prompt_logprobs + logprobs:  # one line a token: the token, its logprob, then the alternatives'
@@ -155,6 +158,7 @@ def _print_results(args, several, stream, texts, tools, prompt_logprobs, logprob
             finish = text_pb2.FinishReason.Name(end.finish_reason).removeprefix("FINISH_REASON_")
             print(f"[{f'completion {index}: ' if several else ''}finish={finish} prompt_tokens={u.prompt_tokens} "
                   f"completion_tokens={u.completion_tokens} cached_tokens={u.cached_tokens}]", file=sys.stderr)
+    return calls_read
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,11 +277,11 @@ def _main(argv: list[str] | None) -> int:
             print(f"\nllm-client: {exc}", file=sys.stderr)
             return 1
     try:
-        _print_results(args, several, stream, texts, tools, prompt_logprobs, logprobs, last)
+        calls_read = _print_results(args, several, stream, texts, tools, prompt_logprobs, logprobs, last)
     except BrokenPipeError:  # `llm-client --n 4 ... | head`: as during streaming, stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    return 0
+    return 0 if calls_read else 1  # a script reading the calls must not take a malformed one for "no calls"
 
 
 if __name__ == "__main__":

@@ -598,6 +598,22 @@ def test_cli_reads_mistral_tool_calls_with_special_tokens_kept(monkeypatch, tmp_
     assert sent["skip_special_tokens"] is None and "[tool call]" not in capsys.readouterr().err
 
 
+def test_cli_exits_1_on_a_tool_call_it_cannot_read(monkeypatch, tmp_path, capsys):
+    """A malformed call was printed as "[tool call] <error>" and llm-client exited 0, so a script reading the calls
+    took it for a reply with none; the reply and usage are still printed."""
+    import json
+
+    reply = '<tool_call>\n{"name": "get_weather", "arguments": {"city": \n</tool_call>'
+    cli = _fake_client(monkeypatch, _Stream([pb.GenerateResponse(text=reply, finish_reason=pb.FINISH_REASON_STOP)]),
+                       {})
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([{"type": "function", "function": {"name": "get_weather"}}]))
+    assert cli.main(["Weather?", "--chat", "--tools", str(tools), "--usage", "--target", "localhost:1"]) == 1
+    out, err = capsys.readouterr()
+    [line] = [line for line in err.splitlines() if line.startswith("[tool call]")]
+    assert out.strip() == reply and "finish=STOP" in err and not line.startswith("[tool call] {"), err
+
+
 class _Stream:
     """A finished stream of two completions, as TextClient's (iterable, with ends by index)."""
 
