@@ -162,6 +162,11 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile:
         raise ValueError(f"gemm runs float16, bfloat16 or float32 with x and weight alike, got {x.dtype} and "
                          f"{weight.dtype}")
     (m, k), n = x.shape, weight.shape[0]
+    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype or not bias.is_contiguous()
+                             or bias.device != x.device):
+        # The kernel reads N values at unit stride in x's dtype: anything else read past the tensor or misread it.
+        raise ValueError(f"bias must be a contiguous [{n}] {x.dtype} tensor on {x.device}, got "
+                         f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
     why = tile.fits(m, n, k)
     if why is not None:
         raise ValueError(f"tile {tile} does not fit this GEMM: {why}")

@@ -80,6 +80,9 @@ def test_gemm_refuses_what_it_cannot_compute():
         G.gemm(x.half(), w, None, G.GemmTile(64, 64, 64, 1, 4, 3))
     with pytest.raises(ValueError, match="unit column stride"):
         G.gemm(torch.randn(256, 3).T, w, None, G.GemmTile(64, 64, 64, 1, 4, 3))
+    for bias in (torch.randn(63), torch.randn(64).half(), torch.randn(128)[::2], torch.randn(1, 64)):
+        with pytest.raises(ValueError, match=r"bias must be a contiguous \[64\] torch.float32 tensor on cpu, got"):
+            G.gemm(x, w, bias, G.GemmTile(64, 64, 64, 1, 4, 3))
     small = G.Workspace(x.device, 10, 1)
     with pytest.raises(ValueError, match="needs a workspace"):
         G.gemm(x, w, None, G.GemmTile(64, 64, 64, 2, 4, 3), small)
