@@ -436,7 +436,7 @@ class JsonCursor:
             # Checked after the miss: the mask that crossed the budget is computed (and cached for later requests),
             # so a request takes at most its budget plus one miss.
             raise MaskBudgetError(
-                f"JSON mode: this request's token masks took {self.spent_s:.1f} s of the engine's time to compute, "
+                f"JSON mode: this request's token masks took {self.spent_s:.3g} s of the engine's time to compute, "
                 f"past json_mask_budget_s={self.budget_s:g} (the engine's --json-mask-budget-s), while every other "
                 f"request waited; a schema whose masks are cached (its documents after the first) or a smaller one "
                 f"costs less, or raise the budget (0: no bound)")
