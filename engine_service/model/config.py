@@ -108,7 +108,10 @@ class RopeScaling:
             mscale_all_dim=numbers["mscale_all_dim"],
             beta_fast=numbers["beta_fast"] or 32.0,
             beta_slow=numbers["beta_slow"] or 1.0,
-            truncate=_flag(rope, "truncate", True, "RoPE scaling 'yarn' truncate"),
+            # An explicit null is no truncation, as transformers reads it (rope.get("truncate", True) is None,
+            # falsy), not the default's truncation: the frequencies must be the ones the model was trained with.
+            truncate=_flag(rope, "truncate", True, "RoPE scaling 'yarn' truncate")
+            if rope.get("truncate", True) is not None else False,
         )
 
 

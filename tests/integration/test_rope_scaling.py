@@ -21,6 +21,9 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
 CASES = {
     "yarn": YARN,
     "yarn-no-truncate": {**YARN, "truncate": False},
+    # transformers reads the key with .get("truncate", True): an explicit null is falsy, so no truncation (the
+    # engine took null as absent, i.e. True: other frequencies, other tokens past the trained length)
+    "yarn-truncate-null": {**YARN, "truncate": None},
     "yarn-betas": {**YARN, "beta_fast": 16, "beta_slow": 2},
     "yarn-mscale": {**YARN, "mscale": 0.707, "mscale_all_dim": 1.0},
     "yarn-attention-factor": {**YARN, "attention_factor": 1.5},
