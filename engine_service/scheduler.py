@@ -190,13 +190,13 @@ class Scheduler:
         it fit (an equal or lower value holds the room): their work would be thrown away for nothing."""
         head = self.waiting[0]
         p = head.params.priority
-        budget = self._budget_below(p)
+        budget, taken = self._room_below(p)
         if budget <= 0:
             return  # running sequences of its priority or a lower value take the whole step: it could not start
         matched = self.bm.match_prefix(head) if head.prompt_logprobs is None else []  # preempting keeps it valid
         need = self._admission_need(head, matched, budget)
         victims = [seq for seq in self.running if seq.params.priority > p]  # the end of `running`
-        k = self._fewest_victims(matched, need, victims)
+        k = self._fewest_victims(matched, need, victims, taken)
         if k is None:
             return
         staying = victims[:len(victims) - k]
@@ -217,25 +217,34 @@ class Scheduler:
                 return seq
         return None
 
-    def _budget_below(self, p: int) -> int:
-        """The token budget left for admitting a sequence of priority p: what the decodes and prefill chunks of
-        the running sequences of priority p or a lower value take this step (those of a higher value are the
-        victims, whose decodes preempting them gives back) is spent before it."""
-        ahead = [len(seq.token_ids) - seq.num_computed_tokens for seq in self.running if seq.params.priority <= p]
-        budget = self.max_num_batched_tokens - ahead.count(1)  # decodes are served first
-        for uncomputed in ahead:
+    def _room_below(self, p: int) -> tuple[int, int]:
+        """The token budget left for admitting a sequence of priority p, and the blocks taken before it: the
+        decodes and prefill chunks of the running sequences of priority p or a lower value are served first this
+        step (those of a higher value are the victims, whose decodes preempting them gives back), and take the
+        blocks their new tokens cross into. Room made for it without those blocks was taken by them again, and
+        the next step preempted once more (27 preemptions over 18 steps for a 4-block arrival)."""
+        ahead = [seq for seq in self.running if seq.params.priority <= p]
+        budget = self.max_num_batched_tokens - sum(1 for seq in ahead if len(seq.token_ids) - seq.num_computed_tokens
+                                                    == 1)  # decodes are served first
+        taken, bm = 0, self.bm
+        for seq in ahead:
+            uncomputed = len(seq.token_ids) - seq.num_computed_tokens
+            n = 1 if uncomputed == 1 else min(uncomputed, max(budget, 0))
             if uncomputed > 1:
-                budget -= min(uncomputed, max(budget, 0))
-        return budget
+                budget -= n
+            taken += max(0, bm.blocks_needed(seq.num_computed_tokens + n) - len(seq.block_table))
+        return budget, taken
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _fewest_victims(self, matched: list[int], need: int, victims: list[Sequence]) -> int | None:
+    def _fewest_victims(self, matched: list[int], need: int, victims: list[Sequence], taken: int = 0) -> int | None:
         """How many of `victims`, the fewest from the end, must be preempted for a sequence over `matched` needing
         `need` tokens to be admitted (0: it fits now), or None when preempting all of them would not do: it needs a
         slot, and blocks (a block is freed when every sequence holding it is a victim; a matched block that is free,
-        or freed, is taken from the free ones).
+        or freed, is taken from the free ones), beside the `taken` blocks the sequences ahead of the victims take
+        this step, and those the decodes of the victims that stay take: the first of them that is a prefill comes
+        after the sequence is admitted (schedule()), and so do the ones behind it.
 
         One pass over the victims' block tables, from the end, stopping where it fits, after a bound from their
         lengths that answers None at once when even every block they hold would not do (a long preempted request
@@ -246,11 +255,17 @@ class Scheduler:
         blocks, bm = self.bm.blocks, self.bm
         if len(self.running) - len(victims) >= self.max_num_seqs:
             return None
-        fresh = bm.blocks_needed(need) - len(matched)
+        fresh = bm.blocks_needed(need) - len(matched) + taken
         from_free = sum(1 for block_id in matched if blocks[block_id].ref_count == 0)
         # Each freed matched block counts on both sides, so only the victims' other blocks can make room.
         if from_free + fresh > bm.num_free_blocks + sum(len(seq.block_table) for seq in victims):
             return None
+        # grown[j]: the blocks the first j victims' decodes take if they stay (up to the first prefill among them).
+        grown, size = [0], bm.block_size
+        for seq in victims:
+            if len(seq.token_ids) - seq.num_computed_tokens != 1:
+                break
+            grown.append(grown[-1] + (seq.num_computed_tokens >= len(seq.block_table) * size))
         in_match = set(matched)
         holders: Counter[int] = Counter()
         freed = 0
@@ -266,7 +281,8 @@ class Scheduler:
                 freed += len(last)
                 if in_match:
                     from_free += len(in_match.intersection(last))
-            if len(self.running) - k < self.max_num_seqs and from_free + fresh <= bm.num_free_blocks + freed:
+            staying = grown[min(len(victims) - k, len(grown) - 1)]
+            if len(self.running) - k < self.max_num_seqs and from_free + fresh + staying <= bm.num_free_blocks + freed:
                 return k
         return None
 

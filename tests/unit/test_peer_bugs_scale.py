@@ -153,9 +153,10 @@ def _make_room_table_reads(num_victims: int, fits: bool) -> int:
     blocks_per = 16
     sched = Scheduler(BlockManager(num_victims * blocks_per + 40, BLOCK), max_num_seqs=num_victims + 4,
                       max_num_batched_tokens=4096)  # the victims that stay decode in it first
-    holder = _running(sched, _seq("holder", length=33, max_tokens=1), 32)  # priority 0: 8 blocks, never a victim
+    # Decodes short of their last block's end, so that the step takes no block for them (_room_below).
+    holder = _running(sched, _seq("holder", length=32, max_tokens=1), 31)  # priority 0: 8 blocks, never a victim
     for i in range(num_victims):
-        _running(sched, _seq(f"v{i}", length=65, priority=5, max_tokens=1), 64)
+        _running(sched, _seq(f"v{i}", length=64, priority=5, max_tokens=1), 63)
     free = sched.bm.num_free_blocks
     want = free + (blocks_per // 2 if fits else num_victims * blocks_per + 1)
     head = _seq("head", length=want * BLOCK, max_tokens=1)
@@ -185,7 +186,12 @@ def _brute_fewest_victims(sched: Scheduler, matched: list[int], need: int, victi
         freed = {b for b, n in holders.items() if bm.blocks[b].ref_count == n}
         taken = sum(1 for b in matched if bm.blocks[b].ref_count == 0 or b in freed)
         fresh = bm.blocks_needed(need) - len(matched)
-        if len(sched.running) - k < sched.max_num_seqs and taken + fresh <= bm.num_free_blocks + len(freed):
+        grown = 0  # the staying victims' decodes ahead of the first staying prefill: each at a block's end takes one
+        for seq in victims[:len(victims) - k]:
+            if len(seq) - seq.num_computed_tokens > 1:
+                break
+            grown += seq.num_computed_tokens == len(seq.block_table) * bm.block_size
+        if len(sched.running) - k < sched.max_num_seqs and taken + fresh + grown <= bm.num_free_blocks + len(freed):
             return k
     return None
 

@@ -85,6 +85,51 @@ def test_no_preemption_when_the_victims_that_stay_take_exactly_the_budget():
     assert s.num_preemptions == 0 and all(q.status is Status.RUNNING for q in low)
 
 
+@pytest.mark.parametrize("prefill_victim", [False, True])
+def test_room_made_for_an_arrival_counts_the_blocks_the_staying_decodes_take(prefill_victim):
+    """Room was counted from the blocks free before the step; the decodes served before the arrival (its own
+    priority's, and the victims' that stay) then crossed into new blocks and took them, the arrival was not
+    admitted, and the next step preempted again: 27 preemptions over 18 steps for a 4-block arrival. The blocks
+    they take are now counted, so it starts in the first step, for the fewest victims that make room for both.
+    A victim's prefill comes after the arrival (schedule() admits it before the chunk): the decodes of victims
+    behind it take their blocks too late to count."""
+    bs = 16
+    s = Scheduler(BlockManager(64, bs, enable_prefix_caching=False), 128, 512)
+    tokens = iter(range(1, 10**6))
+
+    def seq(rid, length, priority, max_tokens=1000):
+        return Sequence(rid, [next(tokens) % 500 for _ in range(length)],
+                        SamplingParams(max_tokens=max_tokens, priority=priority, ignore_eos=True), 10**5)
+
+    urgent = [seq(f"hi{i}", bs + 1 + i, 0) for i in range(16)]  # 2 blocks each, one of them fills one a step
+    low = [seq(f"lo{i}", 1, 1) for i in range(32)]  # a block each, far from its end
+    for q in urgent + low:
+        s.add(q)
+    _step(s)
+    assert s.bm.num_free_blocks == 0 and s.num_preemptions == 0
+    if prefill_victim:  # the first victim's prefill goes after the arrival: the victims' decodes behind it as well
+        s.running.remove(low[0])
+        s.bm.free_sequence(low[0])  # one block free
+        s.bm.admit(low[0], [])
+        low[0].num_computed_tokens = 0
+        low[0].token_ids += [7] * (bs - 1)  # a chunk that needs blocks of its own
+        for q in low[1:4]:  # decodes at a block's end, behind the prefill
+            q.num_computed_tokens = 0
+            q.token_ids[:] = [1] * (bs + 1)
+            q.num_computed_tokens = bs
+        s.running.insert(16, low[0])
+    growing = sum(q.num_computed_tokens == len(q.block_table) * bs for q in urgent)
+    arrival = seq("urgent", 4 * bs, 0, max_tokens=4)
+    s.add(arrival)
+    s._make_room()  # schedule()'s first move, here alone to count what it preempts
+    made = s.num_preemptions
+    _step(s)
+    assert growing == 1 and arrival.status is Status.RUNNING and arrival.num_computed_tokens == 4 * bs
+    # One-block victims: the arrival's four and the urgent decode's one, less the block free beforehand. (Later in
+    # the step the victims' own prefill and decodes preempt others of them for their blocks, as without it.)
+    assert made == 4 + growing - prefill_victim
+
+
 def test_a_chunk_scheduled_ahead_stays_within_the_token_budget():
     """A prefill chunk scheduled ahead (overlap scheduling) takes at most max_num_batched_tokens, as one scheduled
     in turn does."""
