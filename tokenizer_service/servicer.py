@@ -525,7 +525,7 @@ class TextServicer(pb_grpc.TextGenerationServicer):
                                 yield response
                         fed = time.monotonic()
                         delta = text.feed(ids, hide_last=self._ends_on_stop_id(prep, update, ids))
-                        if text.stop_ids is not None:  # ids past the stop string's: counted, not sent
+                        if text.stop_ids is not None:  # ids past the stop string's: neither sent nor counted
                             ids, logprobs = ids[: text.stop_ids], logprobs[: text.stop_ids]
                         trace.detokenize_s += time.monotonic() - fed
                         trace.completion_tokens = text.num_generated

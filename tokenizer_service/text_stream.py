@@ -58,9 +58,11 @@ class TextStream:
         self._stops = StopStringMatcher(stop, include_stop_str_in_output=include_stop_str_in_output)
         self._min_tokens = min_tokens
         self._exempt_chars = 0  # characters of the next text still of the first min_tokens tokens (held back)
-        self.num_generated = 0  # every token the engine produced, including any past a stop string
+        # The tokens of the output (usage's completion_tokens): every id fed, up to the one whose text completed a
+        # stop string (the engine may have made more by then; as many as its updates happened to coalesce).
+        self.num_generated = 0
         # Where a stop string matched: how many of the last feed()'s ids go out with the text, up to the one whose
-        # text completed it (the rest are counted in num_generated, not sent). None: no stop in the last feed.
+        # text completed it (the rest are neither sent nor counted). None: all of them.
         self.stop_ids: int | None = None
 
     @property
@@ -73,20 +75,29 @@ class TextStream:
         text (as in vLLM, unless include_stop_str_in_output)."""
         if hide_last and token_ids:
             text = self.feed(token_ids[:-1])
-            self.num_generated += 1
+            if self._stops.match is None:
+                self.num_generated += 1
+            elif self.stop_ids is None:  # the stop string ended in the id before it: it is neither sent nor counted
+                self.stop_ids = len(token_ids) - 1
             return text
         self.stop_ids = None
         exempt = self._min_tokens - self.num_generated  # tokens still before min_tokens: no stop string ends them
         self.num_generated += len(token_ids)
         if exempt <= 0:
-            return self._feed_ids(token_ids, 0)
-        # One id at a time: the detokenizer holds back a whole update that ends inside a character, which would
-        # hand the exempt ids' text to a feed that can stop below (a stop then depended on how updates coalesced).
-        text = "".join(self._stops.feed(self._detok.step(token_ids[i : i + 1]), can_stop=False)
-                       for i in range(min(exempt, len(token_ids))))
-        if exempt <= len(token_ids):  # the last exempt id is in: what of its text is held back stays exempt
-            self._exempt_chars = len(self._detok.held_text().rstrip(REPLACEMENT_CHAR))
-        return text + self._feed_ids(token_ids[exempt:], exempt) if exempt < len(token_ids) else text
+            text = self._feed_ids(token_ids, 0)
+        else:
+            # One id at a time: the detokenizer holds back a whole update that ends inside a character, which would
+            # hand the exempt ids' text to a feed that can stop below (a stop then depended on how updates
+            # coalesced).
+            text = "".join(self._stops.feed(self._detok.step(token_ids[i : i + 1]), can_stop=False)
+                           for i in range(min(exempt, len(token_ids))))
+            if exempt <= len(token_ids):  # the last exempt id is in: what of its text is held back stays exempt
+                self._exempt_chars = len(self._detok.held_text().rstrip(REPLACEMENT_CHAR))
+            if exempt < len(token_ids):
+                text += self._feed_ids(token_ids[exempt:], exempt)
+        if self.stop_ids is not None:  # the ids after the stop's are not the output's
+            self.num_generated -= len(token_ids) - self.stop_ids
+        return text
 
     def _feed_ids(self, ids: list[int], offset: int) -> str:
         """The text of ids (token_ids[offset:] of the feed), through the stop matcher. With stop strings, several

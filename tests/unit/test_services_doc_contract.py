@@ -1,5 +1,5 @@
 """docs/SERVICES.md's text-API and engine-pool statements, held to the tokenizer service's code (an audit): what a
-stop id's text does with and without include_stop_str_in_output, what usage counts past a stop string, how
+stop id's text does with and without include_stop_str_in_output, what usage counts at a stop string, how
 --stream-interval and --stream-max-wait-s group tokens, when a request moves to another engine (and when it does not),
 what an n request's abort counts, the numbers the document states, and that a bad stop string is refused as bad
 input whatever the load (it was "queue is full" under load: the one statement found not to hold).
@@ -79,9 +79,10 @@ def test_a_stop_token_ids_word_is_left_out_unless_included(demo_tokenizer, inclu
 
 
 @pytest.mark.parametrize("include", [False, True], ids=["dropped", "kept"])
-def test_completion_tokens_count_every_generated_token_past_a_stop_string(demo_tokenizer, include):
-    """'completion counts every generated token, including any past a stop string'; the text ends at the stop string
-    (with it where include_stop_str_in_output), and stop_reason names it."""
+def test_completion_tokens_end_with_the_stop_strings_token(demo_tokenizer, include):
+    """'completion counts the tokens sent, which end with the token whose text completed the stop string'; the text
+    ends at the stop string (with it where include_stop_str_in_output), and stop_reason names it. Usage counted
+    the whole engine update, so it depended on how the engine's updates coalesced."""
     ids = _words(demo_tokenizer)
     full = demo_tokenizer.decode(ids)
     stop = "sea"
@@ -91,7 +92,9 @@ def test_completion_tokens_count_every_generated_token_past_a_stop_string(demo_t
                                                                 include_stop_str_in_output=include))
     assert failed is None and got[-1].finish_reason == pb.FINISH_REASON_STOP and got[-1].stop_reason == stop
     assert "".join(r.text for r in got) == full[: end + len(stop) if include else end]
-    assert got[-1].usage.completion_tokens == len(ids)  # the whole update, tokens after "sea" included
+    through = next(k for k in range(1, len(ids) + 1) if stop in demo_tokenizer.decode(ids[:k]))
+    assert through < len(ids)  # the update goes on past the stop string
+    assert got[-1].usage.completion_tokens == through == len([t for r in got for t in r.token_ids])
     assert got[-1].usage.prompt_tokens == len(demo_tokenizer.encode("hi"))
 
 
@@ -400,7 +403,8 @@ def test_an_n_requests_abort_counts_the_prompt_once_the_most_cached_and_every_co
 def test_the_ids_and_logprobs_sent_end_at_the_token_that_completed_the_stop_string(demo_tokenizer, include):
     """Several tokens in one update (the engine's updates coalesce when the reader falls behind): the ids and
     logprobs after the one whose text completed the stop string went out with the last message, though their text
-    never does, and which ids a caller got depended on the timing. Usage still counts them all."""
+    never does, and which ids a caller got depended on the timing. Usage counted them too (it now counts the ids
+    sent)."""
     ids = _words(demo_tokenizer, "the sea and the sky and the land")
     stop = "sea"
     last = next(j for j in range(1, len(ids) + 1) if stop in demo_tokenizer.decode(ids[:j]))
@@ -416,4 +420,23 @@ def test_the_ids_and_logprobs_sent_end_at_the_token_that_completed_the_stop_stri
     sent = [t for r in got for t in r.token_ids]
     assert sent == ids[:last]
     assert [round(lp.logprob, 3) for r in got for lp in r.logprobs] == [-0.5 - i for i in range(last)]
-    assert got[-1].usage.completion_tokens == len(ids)
+    assert got[-1].usage.completion_tokens == last
+
+
+@pytest.mark.parametrize("coalesced", [False, True])
+def test_a_stop_string_just_before_the_stop_id_that_finished_the_request_ends_the_ids_there(demo_tokenizer,
+                                                                                               coalesced):
+    """The engine stopped on a stop token id right after the token whose text completed a stop string. Arriving in
+    one update, the stop id was still sent and counted, after the stop string's token; arriving alone, it never
+    was (the stop string had ended the request)."""
+    ids = _words(demo_tokenizer)
+    stop = "sea"
+    last = next(j for j in range(1, len(ids) + 1) if stop in demo_tokenizer.decode(ids[:j]))
+    stop_id = ids[-1]
+    through = ids[:last] + [stop_id]
+    updates = ([_update(through, engine_pb.FINISH_REASON_STOP)] if coalesced else
+               [_update(ids[:last]), _update([stop_id], engine_pb.FINISH_REASON_STOP)])
+    request = pb.GenerateRequest(prompt="hi", stop=[stop], sampling_params=pb.SamplingParams(stop_token_ids=[stop_id]))
+    got, failed = _generate_all(demo_tokenizer, _ScriptedUpdates({"e1": updates}), request)
+    assert failed is None and got[-1].finish_reason == pb.FINISH_REASON_STOP and got[-1].stop_reason == stop
+    assert [t for r in got for t in r.token_ids] == ids[:last] and got[-1].usage.completion_tokens == last
