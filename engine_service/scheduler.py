@@ -196,12 +196,8 @@ class Scheduler:
         matched = self.bm.match_prefix(head) if head.prompt_logprobs is None else []  # preempting keeps it valid
         need = self._admission_need(head, matched, budget)
         victims = [seq for seq in self.running if seq.params.priority > p]  # the end of `running`
-        k = self._fewest_victims(matched, need, victims, taken)
-        if k is None:
-            return
-        staying = victims[:len(victims) - k]
-        # The victims that stay decode first in schedule(): their tokens come out of the arrival's budget too.
-        if not k or budget - sum(seq.is_decoding for seq in staying) <= 0:
+        k = self._fewest_victims(matched, need, victims, taken, budget, chunked=head.admit_order < 0)
+        if not k:
             return
         for seq in reversed(victims[len(victims) - k:]):
             self._preempt(seq)
@@ -238,13 +234,19 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _fewest_victims(self, matched: list[int], need: int, victims: list[Sequence], taken: int = 0) -> int | None:
+    def _fewest_victims(self, matched: list[int], need: int, victims: list[Sequence], taken: int = 0,
+                        budget: int | None = None, chunked: bool = False) -> int | None:
         """How many of `victims`, the fewest from the end, must be preempted for a sequence over `matched` needing
         `need` tokens to be admitted (0: it fits now), or None when preempting all of them would not do: it needs a
         slot, and blocks (a block is freed when every sequence holding it is a victim; a matched block that is free,
         or freed, is taken from the free ones), beside the `taken` blocks the sequences ahead of the victims take
         this step, and those the decodes of the victims that stay take: the first of them that is a prefill comes
         after the sequence is admitted (schedule()), and so do the ones behind it.
+
+        budget: the tokens the step leaves it before the victims' decodes, which schedule() serves first: where
+        those of the victims that stay take it all once it fits, None (it could not start). chunked: `need` is a
+        first chunk the budget caps (a new request), so it is smaller by what they take (counted at the whole
+        budget, it could cost a victim for one more prompt token).
 
         One pass over the victims' block tables, from the end, stopping where it fits, after a bound from their
         lengths that answers None at once when even every block they hold would not do (a long preempted request
@@ -260,12 +262,15 @@ class Scheduler:
         # Each freed matched block counts on both sides, so only the victims' other blocks can make room.
         if from_free + fresh > bm.num_free_blocks + sum(len(seq.block_table) for seq in victims):
             return None
-        # grown[j]: the blocks the first j victims' decodes take if they stay (up to the first prefill among them).
-        grown, size = [0], bm.block_size
+        # grown[j]: the blocks the first j victims' decodes take if they stay (up to the first prefill among them);
+        # decoding[j]: the tokens the decodes among the first j take from the budget.
+        grown, decoding, size = [0], [0], bm.block_size
         for seq in victims:
-            if len(seq.token_ids) - seq.num_computed_tokens != 1:
-                break
-            grown.append(grown[-1] + (seq.num_computed_tokens >= len(seq.block_table) * size))
+            decode = len(seq.token_ids) - seq.num_computed_tokens == 1
+            decoding.append(decoding[-1] + decode)
+            if decode and len(grown) == len(decoding) - 1:
+                grown.append(grown[-1] + (seq.num_computed_tokens >= len(seq.block_table) * size))
+        cached = len(matched) * size
         in_match = set(matched)
         holders: Counter[int] = Counter()
         freed = 0
@@ -281,9 +286,14 @@ class Scheduler:
                 freed += len(last)
                 if in_match:
                     from_free += len(in_match.intersection(last))
-            staying = grown[min(len(victims) - k, len(grown) - 1)]
-            if len(self.running) - k < self.max_num_seqs and from_free + fresh + staying <= bm.num_free_blocks + freed:
-                return k
+            staying = len(victims) - k
+            left = budget - decoding[staying] if budget is not None else 1
+            want = fresh if left <= 0 or not chunked else bm.blocks_needed(min(need, cached + left)) - len(matched) + taken
+            if (len(self.running) - k < self.max_num_seqs
+                    and from_free + want + grown[min(staying, len(grown) - 1)] <= bm.num_free_blocks + freed):
+                # Where the decodes of the victims that stay take the budget it would start with, none is preempted:
+                # more victims would only make room in the budget, and these would lose their work while it waits.
+                return k if left > 0 else None
         return None
 
     # ---- scheduling ----------------------------------------------------------------------------

@@ -251,10 +251,10 @@ class JsonMasks:
             self.hits += counted
             return mask
         self.misses += counted
-        t0 = time.perf_counter()
+        before, t0 = self.compute_s, time.perf_counter()
         mask = self._after_whitespace(state, root) or self._sparse(self._compute(state))
         took = time.perf_counter() - t0
-        self.compute_s += took
+        self.compute_s = before + took  # took holds a nested fetch's time (a run's start), which counted its own
         if took > SLOW_MASK_S:
             log.log(logging.DEBUG if self._warned else logging.WARNING,
                     "JSON mode: a token mask took %.0f ms to compute (state %s); later ones with its shape are cached",

@@ -130,6 +130,32 @@ def test_room_made_for_an_arrival_counts_the_blocks_the_staying_decodes_take(pre
     assert made == 4 + growing - prefill_victim
 
 
+def test_room_for_a_first_chunk_counts_it_after_the_staying_victims_decodes():
+    """The arrival's first chunk was counted at the whole budget, though the decodes of the victims that stay come
+    out of it first: one token more crossed into a block, and a victim was preempted for that one prompt token,
+    where the arrival started anyway with the chunk the budget really left it."""
+    s = Scheduler(BlockManager(4, 16, enable_prefix_caching=False), 8, 18)
+
+    def running(seq, computed):
+        s.bm.admit(seq, [])
+        s.bm.append_slots(seq, computed)
+        seq.num_computed_tokens, seq.status = computed, Status.RUNNING
+        seq.admit_order, s.num_admissions = s.num_admissions, s.num_admissions + 1
+        s.running.append(seq)
+
+    params = lambda priority: SamplingParams(max_tokens=100, priority=priority, ignore_eos=True)  # noqa: E731
+    running(Sequence("A", list(range(17)), params(0), 10**6), 16)  # urgent decode at its block's end: a block
+    victim = Sequence("V", [5, 6], params(1), 10**6)
+    running(victim, 1)  # a decode with room in its block
+    arrival = Sequence("H", list(range(100, 140)), params(0), 10**6)
+    s.add(arrival)
+    assert s.bm.num_free_blocks == 2
+    batch = s.schedule()
+    chunks = dict(zip([q.request_id for q in batch.seqs], batch.num_new_tokens, strict=True))
+    assert s.num_preemptions == 0 and victim.status is Status.RUNNING
+    assert chunks == {"A": 1, "V": 1, "H": 16}  # 18 less the two decodes
+
+
 def test_a_chunk_scheduled_ahead_stays_within_the_token_budget():
     """A prefill chunk scheduled ahead (overlap scheduling) takes at most max_num_batched_tokens, as one scheduled
     in turn does."""

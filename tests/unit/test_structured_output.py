@@ -364,3 +364,22 @@ def test_the_bench_reports_what_one_documents_misses_cost(demo_model_dir, tmp_pa
     first, others = map(float, re.search(r"the first ([\d.]+) s, the others ([\d.]+) s at most", out).groups())
     assert closed and int(closed.group(1)) == 3, out
     assert first > others >= 0.0, out
+
+
+def test_a_miss_that_computes_its_whitespace_runs_start_is_counted_once():
+    """A state one byte into a whitespace run takes its mask from the run's start, fetched (and computed, when
+    new) inside the outer fetch; the inner time was counted on its own and again inside the outer, so a request
+    was charged more of its json_mask_budget_s than the engine spent (and the metric said as much)."""
+    import time
+
+    vocab = _vocabulary(7) + [b"{\n"]
+    masks = JsonMasks(vocab)
+    cursor = JsonCursor(masks, budget_s=1e9)
+    cursor.allowed()
+    assert cursor.advance(len(vocab) - 1)  # after "{", one byte into a run of whitespace
+    spent, computed, misses = cursor.spent_s, masks.compute_s, masks.misses
+    t0 = time.perf_counter()
+    cursor.allowed()  # misses, and so does the run's start (never looked up)
+    wall = time.perf_counter() - t0
+    assert masks.misses == misses + 1
+    assert 0 < cursor.spent_s - spent <= wall and masks.compute_s - computed == cursor.spent_s - spent
