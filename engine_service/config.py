@@ -19,7 +19,7 @@ DEFAULT_CPU_KVCACHE_GIB = 4.0
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 # JSON mode: the seconds of the engine's time one request's token masks may take to compute (cache misses, on the
 # engine's loop, where every other request waits for them); past it the request fails. 0: no bound. The first
-# document of a 200-property schema took 7.4 s of misses on a 2-core CPU (docs/ENGINE.md, JSON mode).
+# document of a 200-property schema took 8.4 s of misses on a 2-core CPU (docs/ENGINE.md, JSON mode).
 DEFAULT_JSON_MASK_BUDGET_S = 20.0
 # What `device` may say: "auto", "cpu", "cuda" or "cuda:N".
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
