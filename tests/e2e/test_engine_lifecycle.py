@@ -127,12 +127,16 @@ def test_sigterm_drains_tokenizer_then_engine(two, demo_model):
     engines, tokenizer = two
     engine = engines[1]
     results: list[object] = []
+    # Each stream's first chunk has come: the drain starts with all four in flight (a fixed sleep before the
+    # signal could, on a slow machine, come before some of them had reached the service).
+    streaming = [threading.Event() for _ in range(4)]
 
     def run(client: TextClient, i: int) -> None:
         try:
             chunks = []
             for chunk in client.generate(f"Drain {i}", temperature=0.0, max_tokens=1500, ignore_eos=True):
                 chunks.append(chunk)
+                streaming[i].set()
                 time.sleep(0.004)  # a slow reader: the stream stays in flight for seconds, whatever the CPU
             assert chunks[-1].usage.completion_tokens == 1500
             results.append(chunks)
@@ -147,7 +151,7 @@ def test_sigterm_drains_tokenizer_then_engine(two, demo_model):
             threads = [threading.Thread(target=run, args=(client, i)) for i in range(4)]
             for t in threads:
                 t.start()
-            time.sleep(0.3)
+            assert all(event.wait(30) for event in streaming), "the four streams did not start"
             tokenizer.signal(signal.SIGTERM)
             # The drain sends GOAWAY and closes the port at once, while the four streams go on (before, the
             # port stayed open, refusing new calls, until the drain ended).
@@ -172,14 +176,19 @@ def test_sigterm_drains_tokenizer_then_engine(two, demo_model):
 
     with EngineClient(engine.target, timeout=60) as ec:
         outs: list[list[int]] = []
+        generating = [threading.Event() for _ in range(3)]
 
-        def run_engine() -> None:
-            outs.append([t for u in ec.generate([3, 4, 5], max_tokens=300, ignore_eos=True) for t in u.new_token_ids])
+        def run_engine(i: int) -> None:
+            tokens = []
+            for update in ec.generate([3, 4, 5], max_tokens=300, ignore_eos=True):
+                tokens += update.new_token_ids
+                generating[i].set()
+            outs.append(tokens)
 
-        threads = [threading.Thread(target=run_engine) for _ in range(3)]
+        threads = [threading.Thread(target=run_engine, args=(i,)) for i in range(3)]
         for t in threads:
             t.start()
-        time.sleep(0.3)
+        assert all(event.wait(30) for event in generating), "the three requests did not start"
         engine.signal(signal.SIGTERM)
         wait_health(engine, NOT_SERVING)
         with pytest.raises(grpc.RpcError) as err:
