@@ -139,7 +139,11 @@ def test_a_deadline_passing_while_waiting_to_be_tokenized_never_reaches_the_engi
     before = finished(stack)
     with caplog.at_level(logging.INFO, logger="llmserve.request"):
         crowd = [stack.stub.Generate(crowd_request) for _ in range(20 * PREPARE_SLOTS)]
-        time.sleep(0.2)  # they have arrived: the late ones queue behind them
+        # They have arrived, and the late ones queue behind them: the service has refused the first (each takes
+        # ~0.05 s to render; a fixed sleep could end before a slow machine had them all).
+        waited = time.monotonic() + 30
+        while finished(stack).get("error", 0) == before.get("error", 0) and time.monotonic() < waited:
+            time.sleep(0.01)
         sent = time.monotonic()
         by_call = stack.stub.Generate(timed, timeout=0.3, metadata=(("x-request-id", "by-call"),))
         responses, error, ended = run_out(stack.stub.Generate(late, metadata=(("x-request-id", "by-deadline-ms"),)))
