@@ -219,12 +219,10 @@ class Scheduler:
         step (those of a higher value are the victims, whose decodes preempting them gives back), and take the
         blocks their new tokens cross into. Room made for it without those blocks was taken by them again, and
         the next step preempted once more (27 preemptions over 18 steps for a 4-block arrival)."""
-        ahead = [seq for seq in self.running if seq.params.priority <= p]
-        budget = self.max_num_batched_tokens - sum(1 for seq in ahead if len(seq.token_ids) - seq.num_computed_tokens
-                                                    == 1)  # decodes are served first
+        ahead = [(seq, len(seq.token_ids) - seq.num_computed_tokens) for seq in self.running if seq.params.priority <= p]
+        budget = self.max_num_batched_tokens - sum(1 for _, uncomputed in ahead if uncomputed == 1)  # decodes first
         taken, bm = 0, self.bm
-        for seq in ahead:
-            uncomputed = len(seq.token_ids) - seq.num_computed_tokens
+        for seq, uncomputed in ahead:
             n = 1 if uncomputed == 1 else min(uncomputed, max(budget, 0))
             if uncomputed > 1:
                 budget -= n
@@ -265,10 +263,12 @@ class Scheduler:
         # grown[j]: the blocks the first j victims' decodes take if they stay (up to the first prefill among them);
         # decoding[j]: the tokens the decodes among the first j take from the budget.
         grown, decoding, size = [0], [0], bm.block_size
+        prefilled = False  # a prefill among them so far: the decodes behind it come after the sequence is admitted
         for seq in victims:
             decode = len(seq.token_ids) - seq.num_computed_tokens == 1
             decoding.append(decoding[-1] + decode)
-            if decode and len(grown) == len(decoding) - 1:
+            prefilled = prefilled or not decode
+            if not prefilled:
                 grown.append(grown[-1] + (seq.num_computed_tokens >= len(seq.block_table) * size))
         cached = len(matched) * size
         in_match = set(matched)

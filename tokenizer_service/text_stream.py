@@ -61,8 +61,8 @@ class TextStream:
         # The tokens of the output (usage's completion_tokens): every id fed, up to the one whose text completed a
         # stop string (the engine may have made more by then; as many as its updates happened to coalesce).
         self.num_generated = 0
-        # Where a stop string matched: how many of the last feed()'s ids go out with the text, up to the one whose
-        # text completed it (the rest are neither sent nor counted). None: all of them.
+        # Where a stop string matched in the last feed(): how many of its ids go out with the text, up to the one
+        # whose text completed it (the rest are neither sent nor counted). None: no stop matched there.
         self.stop_ids: int | None = None
 
     @property
@@ -75,10 +75,8 @@ class TextStream:
         text (as in vLLM, unless include_stop_str_in_output)."""
         if hide_last and token_ids:
             text = self.feed(token_ids[:-1])
-            if self._stops.match is None:
+            if self.stop_ids is None:  # else a stop string ended before it: it is neither sent nor counted
                 self.num_generated += 1
-            elif self.stop_ids is None:  # the stop string ended in the id before it: it is neither sent nor counted
-                self.stop_ids = len(token_ids) - 1
             return text
         self.stop_ids = None
         exempt = self._min_tokens - self.num_generated  # tokens still before min_tokens: no stop string ends them
@@ -104,7 +102,7 @@ class TextStream:
         ids go one at a time, so that a stop sets stop_ids at the id whose text completed it: the ids after it
         went out with the text before (their text never does), and which ids a caller got depended on how the
         engine's updates coalesced."""
-        if len(ids) <= 1 or not self._stops.stops:
+        if not self._stops.stops:
             return self._feed_stops(self._detok.step(ids))
         text = []
         for i in range(len(ids)):

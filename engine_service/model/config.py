@@ -110,8 +110,8 @@ class RopeScaling:
             beta_slow=numbers["beta_slow"] or 1.0,
             # An explicit null is no truncation, as transformers reads it (rope.get("truncate", True) is None,
             # falsy), not the default's truncation: the frequencies must be the ones the model was trained with.
-            truncate=_flag(rope, "truncate", True, "RoPE scaling 'yarn' truncate")
-            if rope.get("truncate", True) is not None else False,
+            truncate=rope.get("truncate", True) is not None and _flag(rope, "truncate", True,
+                                                                       "RoPE scaling 'yarn' truncate"),
         )
 
 
