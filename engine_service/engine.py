@@ -40,6 +40,10 @@ from engine_service.structured_output import JsonCursor, JsonMasks, MaskBudgetEr
 from engine_service.validation import check_prompt
 
 log = logging.getLogger(__name__)
+
+# Why a request fails whose sampled row, or a prompt-logprob row, had NaN or infinite logits.
+NON_FINITE = "the model produced NaN or infinite logits for this request"
+
 # generation_config.json fields that change what transformers' generate() produces but that this engine does not
 # apply, with the value that means "off". The engine applies temperature, top_p, top_k, min_p, the repetition,
 # presence and frequency penalties, do_sample and eos_token_id (and a request's own max_tokens and min_tokens).
@@ -565,7 +569,7 @@ class LLMEngine:
     def _complete(self, batch: ScheduledBatch, collected: Collected, outputs) -> None:
         """Append a collected step's tokens, finish sequences, and add their outputs to `outputs`."""
         if collected.prompt_logprobs is not None:
-            self._keep_prompt_logprobs(batch, collected.prompt_logprobs)
+            self._keep_prompt_logprobs(batch, collected.prompt_logprobs, outputs)
         sampled: list[int | None] = []
         it = iter(zip(collected.tokens, collected.finite, strict=True))
         for seq, take in zip(batch.seqs, batch.sample, strict=True):
@@ -577,7 +581,7 @@ class LLMEngine:
                 sampled.append(None)  # finished or aborted while this step was in flight: a row in vain
                 continue
             if not ok:
-                outputs.append(self._fail(seq, "the model produced NaN or infinite logits for this request"))
+                outputs.append(self._fail(seq, NON_FINITE))
             sampled.append(token if ok else None)
         self.scheduler.postprocess(batch, sampled)
         if self.cursors:
@@ -624,10 +628,10 @@ class LLMEngine:
                                                f"{describe_state(cursor.state)}"))
                 sampled[i] = None
 
-    @staticmethod
-    def _keep_prompt_logprobs(batch: ScheduledBatch, logprobs: LogprobRows) -> None:
+    def _keep_prompt_logprobs(self, batch: ScheduledBatch, logprobs: LogprobRows, outputs) -> None:
         """Give each sequence its prompt logprobs from this step (those its chunk computed, as the model runner
-        picked them: Sequence.prompt_logprob_positions), before postprocess advances num_computed_tokens."""
+        picked them: Sequence.prompt_logprob_positions), before postprocess advances num_computed_tokens. A sequence
+        with a row of NaN (its logits were not finite there) fails, as it would at a sampled row."""
         taken = 0
         starts = batch.starts  # a batch scheduled ahead: where each row started when it was launched (an abort
         # since then reset num_computed_tokens to 0, and the rows the step computed must still be counted)
@@ -636,8 +640,12 @@ class LLMEngine:
                 start = seq.num_computed_tokens if starts is None else starts[i]
                 k = len(seq.prompt_logprob_positions(start, start + n))
                 if k and seq.status is Status.RUNNING:  # not aborted while the step was in flight
-                    seq.prompt_logprobs.append(logprobs.take(taken, taken + k, seq.params.prompt_logprobs))
-                    seq.num_prompt_logprobs += k
+                    kept = logprobs.take(taken, taken + k, seq.params.prompt_logprobs)
+                    if kept.values.isnan().any():
+                        outputs.append(self._fail(seq, NON_FINITE))
+                    else:
+                        seq.prompt_logprobs.append(kept)
+                        seq.num_prompt_logprobs += k
                 taken += k
         if taken != len(logprobs.rows):
             raise RuntimeError(f"a step returned {len(logprobs.rows)} prompt logprobs for {taken} prompt positions")

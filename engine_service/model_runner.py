@@ -773,7 +773,10 @@ class ModelRunner:
             logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
             targets = to_device(x.prompt_targets[i : i + piece], torch.long, dev)
             top_lp, top = top_logprobs(logprobs, k)
-            values.append(torch.cat([logprobs.gather(1, targets.unsqueeze(1)), top_lp], dim=1))
+            row = torch.cat([logprobs.gather(1, targets.unsqueeze(1)), top_lp], dim=1)
+            # A row whose logits hold NaN or an infinity is NaN throughout, which fails its request (the engine's
+            # _keep_prompt_logprobs), as a sampled row's does: not logprobs of NaN beside made-up top ids.
+            values.append(torch.where(torch.isfinite(logits).all(dim=-1, keepdim=True), row, float("nan")))
             top_ids.append(top.to(torch.int32))  # held until the first token: half the bytes of int64
         if self.tp.rank != 0:
             return None

@@ -174,8 +174,8 @@ class Sampler:
             drawn = self._sample(logits, rows, check_finite=True)  # the kernels check the logits as they read them
             if drawn is not None:
                 return drawn
-        # NaN and inf propagate through a sum; summed in float32 so that fp16 logits cannot overflow it.
-        finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
+        # Entry by entry: a float32 sum of the row (the check before) overflowed on large finite logits.
+        finite = torch.isfinite(logits).all(dim=-1)
         wide = torch.promote_types(logits.dtype, torch.float32)  # what biases and penalties are computed in
         biased = [(i, r.bias or self.bias_tensors(r.params)) for i, r in enumerate(rows) if r.params.logit_bias]
         if biased:  # before penalties, as transformers' sequence_bias

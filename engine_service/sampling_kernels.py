@@ -5,7 +5,7 @@ The torch path of Sampler._sample materialises float32 copies of the logits for 
 and the cumulative sum: at a batch of 256 over Qwen3's 151,936-token vocabulary that is about 1.2 GB of
 memory traffic a step, some 0.3 ms of an H200's time. Here each row is cut into chunks of BLOCK_V entries:
   1. _chunk_stats_kernel, one program per (row, chunk): the chunk's raw max and its sum of exponentials (and,
-     when asked, the float32 sum of its raw logits for the finite check), so a row is spread over ~19 programs;
+     when asked, how many of its raw logits are NaN or infinite), so a row is spread over ~19 programs;
   2. _chunk_pick_kernel, one program per row: from the chunks' figures, the chunk where the row's cumulative
      sum passes u times the row's total, then a scan of that chunk only for the token.
 A single program streaming a whole row twice (the previous kernel) kept too few loads in flight: 78 us a step
@@ -36,7 +36,7 @@ NUM_WARPS = 8
 
 @triton.jit
 def _chunk_stats_kernel(
-    logits_ptr, inv_temp_ptr, max_ptr, sum_ptr, raw_sum_ptr,
+    logits_ptr, inv_temp_ptr, max_ptr, sum_ptr, bad_ptr,
     vocab, stride_row,
     BLOCK: tl.constexpr, CHECK: tl.constexpr,
 ):
@@ -54,13 +54,14 @@ def _chunk_stats_kernel(
     tl.store(max_ptr + at, m)
     scale = tl.load(inv_temp_ptr + row) * 1.4426950408889634
     tl.store(sum_ptr + at, tl.sum(tl.math.exp2((raw - m) * scale), 0))
-    if CHECK:  # the chunk's float32 sum of its raw logits: NaN or infinite where they hold NaN or an infinity
-        tl.store(raw_sum_ptr + at, tl.sum(tl.where(inside, raw, 0.0), 0))
+    if CHECK:  # how many of the chunk's raw logits are NaN or infinite (a float32 sum of them, the check before,
+        # overflowed on large finite logits); NaN compares false, so it is counted with the infinities
+        tl.store(bad_ptr + at, tl.sum(tl.where(inside & ~(tl.abs(raw) < float("inf")), 1.0, 0.0), 0))
 
 
 @triton.jit
 def _chunk_pick_kernel(
-    logits_ptr, inv_temp_ptr, u_ptr, max_ptr, sum_ptr, raw_sum_ptr, out_ptr,
+    logits_ptr, inv_temp_ptr, u_ptr, max_ptr, sum_ptr, bad_ptr, out_ptr,
     vocab, stride_row, num_chunks,
     BLOCK: tl.constexpr, CHUNKS: tl.constexpr, CHECK: tl.constexpr,
 ):
@@ -89,17 +90,17 @@ def _chunk_pick_kernel(
     last_positive = tl.maximum(tl.max(tl.where(p > 0.0, idx, -1), 0), winner * BLOCK)
     token = tl.where(token < vocab, token, last_positive)
     tl.store(out_ptr + row, token.to(tl.int64))
-    if CHECK:  # the second output row: 1 where the float32 sum of the row's logits is finite, as the torch path's
-        total_raw = tl.sum(tl.load(raw_sum_ptr + at, mask=valid, other=0.0), 0)  # check reads it (in its own order)
-        tl.store(out_ptr + tl.num_programs(0) + row, (tl.abs(total_raw) < float("inf")).to(tl.int64))
+    if CHECK:  # the second output row: 1 where none of the row's logits is NaN or infinite
+        bad = tl.sum(tl.load(bad_ptr + at, mask=valid, other=0.0), 0)
+        tl.store(out_ptr + tl.num_programs(0) + row, (bad == 0.0).to(tl.int64))
 
 
 def sample_rows(logits: torch.Tensor, inv_temperature: torch.Tensor, u: torch.Tensor,
                 check_finite: bool = False, block: int = BLOCK_V) -> torch.Tensor:
     """One token per row of logits [n, V] (any float dtype; the last dimension contiguous), drawn from
     softmax(logits * inv_temperature[:, None]) at the uniforms u [n] in [0, 1). Returns [n] int64, or with
-    check_finite [2, n] int64: the tokens, and 1 where the float32 sum of the row's logits is finite, which it is not
-    where they hold NaN or an infinity (Sampler.sample's layout and its check). block: vocabulary entries per
+    check_finite [2, n] int64: the tokens, and 1 where none of the row's logits is NaN or infinite (Sampler.sample's
+    layout and its check). block: vocabulary entries per
     program (a power of two; tests use small ones)."""
     n, vocab = logits.shape
     if logits.stride(1) != 1:
@@ -112,11 +113,11 @@ def sample_rows(logits: torch.Tensor, inv_temperature: torch.Tensor, u: torch.Te
         # depended on the batch size would compile mid-serving (a view at an offset of n rows would too).
         chunks = -(-vocab // block)
         row_max, row_sum = (torch.empty(n, chunks, dtype=torch.float32, device=dev) for _ in range(2))
-        raw_sum = torch.empty(n, chunks, dtype=torch.float32, device=dev) if check_finite else row_max
+        bad = torch.empty(n, chunks, dtype=torch.float32, device=dev) if check_finite else row_max
         inv_temperature = inv_temperature.float().contiguous()
-        _chunk_stats_kernel[(n, chunks)](logits, inv_temperature, row_max, row_sum, raw_sum, vocab, logits.stride(0),
+        _chunk_stats_kernel[(n, chunks)](logits, inv_temperature, row_max, row_sum, bad, vocab, logits.stride(0),
                                          BLOCK=block, CHECK=check_finite, num_warps=NUM_WARPS)
-        _chunk_pick_kernel[(n,)](logits, inv_temperature, u.float().contiguous(), row_max, row_sum, raw_sum, out,
+        _chunk_pick_kernel[(n,)](logits, inv_temperature, u.float().contiguous(), row_max, row_sum, bad, out,
                                  vocab, logits.stride(0), chunks, BLOCK=block,
                                  CHUNKS=next_pow2(chunks), CHECK=check_finite, num_warps=NUM_WARPS)
     return out

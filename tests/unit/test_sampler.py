@@ -235,3 +235,27 @@ def test_top_logprobs_are_a_stable_sort_of_the_row_ties_by_id():
         values, ids = top_logprobs(x, k)
         want = x.sort(dim=-1, descending=True, stable=True)
         assert torch.equal(values, want.values[:, :k]) and torch.equal(ids, want.indices[:, :k]), (x, k)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the triton interpreter, on the NaN rows
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("triton_sampling,temperature", [(False, 0.0), (False, 0.8), (True, 0.8)])
+def test_large_finite_logits_are_finite(dtype, triton_sampling, temperature):
+    """Finiteness is judged entry by entry: a float32 sum of a row of logits near 1e35 overflowed, and the sampler
+    called the row non-finite (its request failed with 'NaN or infinite logits'). NaN and infinities still fail."""
+    if triton_sampling:
+        from tests.support import require_triton_interpreter
+
+        require_triton_interpreter()
+    sampler = Sampler(torch.device("cpu"), seed=0, triton_sampling=triton_sampling)
+    logits = torch.full((4, 4096), 1.0e35, dtype=dtype)
+    logits[:, 7] = 2.0e35
+    logits[1, 100] = float("nan")
+    logits[2, 5] = float("inf")
+    logits[3, 9] = float("-inf")
+    params = SamplingParams(temperature=temperature)
+    tokens, finite = sampler(logits, [SamplingRow(params, None)] * 4)
+    assert finite == [True, False, False, False]
+    assert (sampler.kernels is not None) == triton_sampling
+    if temperature == 0.0:
+        assert tokens[0] == 7
