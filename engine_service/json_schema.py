@@ -7,7 +7,8 @@ refused by name (a schema the output would not honour is an error, not a hint):
   "additionalProperties" false (or absent, read as false when "properties" is given: only listed keys are
   written); an object without "properties" takes any keys and values;
 - arrays: "items", "minItems", "maxItems";
-- "enum" and "const" (of any JSON values, written exactly as json.dumps writes them compactly);
+- "enum" and "const" (of any JSON values, written as json.dumps writes them compactly, a float of an integer's
+  value as that integer: 1.0 as 1);
 - "anyOf" / "oneOf" whose branches start differently (a string or null; an object or an array), so that the first
   byte of a value picks its branch (a oneOf branch must give its "type" where it has object or array keywords);
 - "$ref" to "#/$defs/..." or "#/definitions/..." (recursive ones too), with "$defs" / "definitions" beside it;
@@ -54,7 +55,21 @@ class SchemaError(ValueError):
 
 
 def _literal(value) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    """An enum/const value as the engine writes it, compact, with every float of an integer's value (1.0, -0.0; below
+    2**53) written as that integer: JSON Schema compares numbers by value, so the value is the same, "type":
+    "integer" takes it (the integer grammar has no fraction: 1.0 was refused beside it), and -0.0 and 0 are one
+    value, not two oneOf branches that start differently (each value met both, and failed oneOf)."""
+    return json.dumps(_integral(value), ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _integral(value):
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    return value
 
 
 class _Compiler:
@@ -62,6 +77,9 @@ class _Compiler:
         self.root = root
         self.defs: dict[tuple[str, str], jg.Node] = {}  # (section, definition name) -> its node
         self.pending: set[int] = set()  # ids of $ref placeholders whose definitions are being compiled
+        # A pending placeholder whose definition is only a $ref to another pending one: id -> that one, and back
+        self.alias_of: dict[int, jg.Node] = {}
+        self.aliases: dict[int, list[jg.Node]] = {}
         self.count = 0
         self.key_choices = 0
         self.depth = 0
@@ -92,6 +110,10 @@ class _Compiler:
             raise SchemaError(f"json_schema at {where} uses {', '.join(map(repr, unknown))}, which this engine does "
                               f"not enforce; it takes type, properties, required, additionalProperties (false), items, "
                               f"minItems, maxItems, enum, const, anyOf, oneOf, $ref and annotations")
+        nulls = sorted(k for k, v in schema.items() if v is None and k in allowed - ANNOTATIONS - {"const"})
+        if nulls:  # read as absent, "minItems": null passed the door and failed the request mid-document
+            raise SchemaError(f"json_schema at {where}: {', '.join(map(repr, nulls))} is null, which JSON Schema does "
+                              "not allow there; leave the keyword out, or give it a value")
         ident = schema.get("$id", "#")
         if where != "#" and not (isinstance(ident, str) and ident.startswith("#")):
             # A new base URI: "#/$defs/..." inside it names its own definitions, which a reading that resolves every
@@ -183,9 +205,10 @@ class _Compiler:
     def object(self, schema: dict, where: str) -> jg.Node:
         props = schema.get("properties")
         extra = schema.get("additionalProperties", None)
-        if extra not in (None, True, False):
+        if extra is not None and not isinstance(extra, bool):  # not `in (True, False)`: 0 and 1.0 equal those
             raise SchemaError(f"json_schema at {where}: additionalProperties must be false (or true without "
-                              "properties); schemas for extra properties are not supported")
+                              "properties); schemas for extra properties are not supported, got "
+                              f"{json.dumps(extra)[:60]}")
         required = schema.get("required", [])
         if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
             raise SchemaError(f"json_schema at {where}: required must be a list of property names")
@@ -294,12 +317,27 @@ class _Compiler:
         self.defs[key] = placeholder
         self.pending.add(id(placeholder))
         compiled = self.compile(target, ref[1:])
-        if id(compiled) in self.pending:
+        end = compiled
+        while id(end) in self.alias_of:
+            end = self.alias_of[id(end)]
+        if end is placeholder:
             raise SchemaError(f"json_schema at {where}: $ref {ref!r} leads back to itself through $refs alone")
+        if id(end) in self.pending:
+            # The definition is a $ref alone to one still being compiled (A = B, B an array of A): it is filled when
+            # that one is. Refusing it as a cycle refused a valid schema when B was reached before A.
+            self.alias_of[id(placeholder)] = end
+            self.aliases.setdefault(id(end), []).append(placeholder)
+            return placeholder
+        self._fill(placeholder, compiled)
+        return placeholder
+
+    def _fill(self, placeholder: jg.Node, compiled: jg.Node) -> None:
+        """Copy a definition's compiled node into its placeholder, and into the placeholders of its aliases."""
         self.pending.discard(id(placeholder))
         for slot in jg.Node.__slots__:
             setattr(placeholder, slot, getattr(compiled, slot))
-        return placeholder
+        for alias in self.aliases.pop(id(placeholder), ()):
+            self._fill(alias, placeholder)
 
 
 def _children(node: jg.Node) -> list[tuple[str, jg.Node]]:

@@ -328,6 +328,18 @@ def test_masks_of_schema_states_equal_a_walk_of_each_token():
     ({"$defs": {"T": {"type": "string"}}, "type": "object", "properties": {"x": {
         "$id": "https://example.com/sub", "$defs": {"T": {"type": "integer"}}, "$ref": "#/$defs/T"}}},
      "at #/properties/x: $id 'https://example.com/sub' below the top level makes a new base"),
+    # A keyword whose value is null was read as absent: "minItems": null passed, then failed the request mid-document
+    # (a TypeError); null type, properties and anyOf took any value, any keys, no branches.
+    ({"type": "object", "properties": {"a": {"type": "array", "minItems": None}}}, "at #/properties/a: 'minItems' is null"),
+    ({"type": "object", "properties": {"a": {"type": "array", "minItems": None, "maxItems": 2}}}, "'minItems' is null"),
+    ({"type": "object", "properties": {"a": {"type": None}}}, "'type' is null"),
+    ({"type": "object", "properties": None}, "at #: 'properties' is null"),
+    ({"type": "object", "properties": {"a": {"anyOf": None, "type": "string"}}}, "'anyOf' is null"),
+    # 0 and 1.0 equal False and True: 0 was read as true (any keys), 1.0 beside properties as false.
+    ({"type": "object", "additionalProperties": 0}, "additionalProperties must be false"),
+    ({"type": "object", "properties": {"a": {}}, "additionalProperties": 1.0}, "additionalProperties must be false"),
+    # 0 and -0.0 are one value (JSON Schema compares numbers by value), which met both branches and failed oneOf.
+    ({"type": "object", "properties": {"v": {"oneOf": [{"const": 0}, {"const": -0.0}]}}}, "can both start with '0'"),
 ])
 def test_refusals_name_the_keyword(schema, words):
     with pytest.raises(SchemaError) as err:
@@ -348,6 +360,33 @@ def test_enum_and_const_meet_the_keywords_beside_them(sub, good, bad):
     for value, ok in ((good, True), (bad, False)):
         data = b'{"x":' + value + b"}"
         assert _accepts(node, data) is ok and _reference(schema, data) is ok, data
+
+
+def test_a_float_of_an_integers_value_in_enum_or_const_is_written_as_that_integer():
+    """1.0 is an integer to JSON Schema: "const": 1.0 beside "type": "integer" was refused (no value met the rest),
+    and 2.0 was dropped from an enum. The engine writes such a value as the integer, the same value."""
+    for sub, good, bad in (({"type": "integer", "const": 1.0}, [b"1"], [b"1.0", b"2"]),
+                           ({"type": "integer", "enum": [2.0, 3]}, [b"2", b"3"], [b"2.0", b"4"]),
+                           ({"enum": [[1.0, {"k": -0.0}], 2.5]}, [b'[1,{"k":0}]', b"2.5"], [b'[1.0,{"k":-0.0}]'])):
+        node = compile_schema(json.dumps({"type": "object", "properties": {"x": sub}, "required": ["x"]}))
+        for value in good + bad:
+            assert _accepts(node, b'{"x":' + value + b"}") is (value in good), (sub, value)
+
+
+@pytest.mark.parametrize("first", ["A", "B"])
+def test_a_definition_that_is_a_ref_alone_to_a_recursive_one_compiles_whichever_is_reached_first(first):
+    """A = B, B = an array of A: an array lies on the cycle, so it is not a cycle of $refs alone. Reached through B
+    first, it was refused as one; through A it compiled."""
+    defs = {"A": {"$ref": "#/$defs/B"}, "B": {"type": "array", "items": {"$ref": "#/$defs/A"}}}
+    schema = {"type": "object", "properties": {"x": {"$ref": f"#/$defs/{first}"}}, "required": ["x"], "$defs": defs}
+    node = compile_schema(json.dumps(schema))
+    for data, ok in ((b'{"x":[]}', True), (b'{"x":[[],[[]]]}', True), (b'{"x":[1]}', False), (b'{"x":[[{}]]}', False)):
+        assert _accepts(node, data) is ok and _reference(schema, data) is ok, data
+    for defs in ({"A": {"$ref": "#/$defs/B"}, "B": {"$ref": "#/$defs/A"}},
+                 {"A": {"$ref": "#/$defs/B"}, "B": {"$ref": "#/$defs/C"}, "C": {"$ref": "#/$defs/A"}}):
+        looped = {"type": "object", "properties": {"x": {"$ref": f"#/$defs/{first}"}}, "$defs": defs}
+        with pytest.raises(SchemaError, match="leads back to itself through"):
+            compile_schema(json.dumps(looped))
 
 
 @pytest.mark.parametrize("name, ref", [
