@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-client", description=__doc__.splitlines()[0])
     parser.add_argument("text", help="the prompt, or with --chat the user's message")
     parser.add_argument("--target", default="localhost:50052",
-                        help="the tokenizer service's host:port, or a gRPC URI such as unix:/path")
+                        help="the tokenizer service's host:port, or a gRPC URI such as unix:/path (default "
+                             "localhost:50052)")
     parser.add_argument("--chat", action="store_true", help="send text as a user chat message")
     parser.add_argument("--system", default=None, help="a system message (with --chat)")
     parser.add_argument("--reply-prefix", default=None, metavar="TEXT",
@@ -51,11 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-special-tokens", action="store_true",
                         help="keep special tokens in the text (skip_special_tokens false), e.g. Mistral's "
                              "[TOOL_CALLS]")
-    parser.add_argument("--max-tokens", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
+    # Sampling options left out take the model's generation_config.json values, then the engine's defaults
+    # (docs/SERVICES.md): max_tokens 16, temperature 1, no top-p/top-k/min-p filter.
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="the most tokens to generate (default: the engine's, 16)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 for greedy (default: the model's generation_config.json, else 1)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="sample from the smallest set of tokens whose probability reaches this, in (0, 1] "
+                             "(default: the model's, else 1: off)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="sample from the K most likely tokens, -1 for all (default: the model's, else -1)")
+    parser.add_argument("--seed", type=int, default=None, help="a seed for a reproducible draw")
     parser.add_argument("--repetition-penalty", type=float, default=None,
                         help="above 1 discourages tokens already in the prompt or output (transformers' rule)")
     parser.add_argument("--presence-penalty", type=float, default=None, help="-2 to 2: per token the output holds")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import socket
 import threading
 from pathlib import Path
@@ -418,6 +419,19 @@ def test_services_doc_names_every_flag_of_both_services():
     assert len(fields) > 60 and any(name == "stream_max_wait_s" for _, name in fields)
     missing = [f"{cls.__name__}.{name}" for cls, name in fields if f"--{name.replace('_', '-')}" not in text]
     assert not missing, f"undocumented in docs/SERVICES.md: {missing}"
+
+
+def test_the_docs_name_every_flag_of_llm_client():
+    """README.md or docs/*.md name each llm-client flag; nine (--system, --temperature, ..., --timeout) were in
+    --help only."""
+    from clients.cli import build_parser
+
+    root = Path(__file__).resolve().parents[2]
+    text = "".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
+    flags = [s for action in build_parser()._actions for s in action.option_strings if s.startswith("--")]
+    assert len(flags) > 30 and "--system" in flags
+    missing = [f for f in flags if f != "--help" and not re.search(re.escape(f) + r"(?![\w-])", text)]
+    assert not missing, f"llm-client flags no doc names: {missing}"
 
 
 def test_a_damaged_ca_file_is_refused_naming_it(pki, tmp_path):
