@@ -345,6 +345,12 @@ class LLMEngine:
         if sampling_params.logit_bias and sampling_params.logit_bias[-1][0] >= vocab:  # ids in order: the last
             raise ValueError(f"logit_bias holds token {sampling_params.logit_bias[-1][0]}, outside the vocabulary "
                              f"[0, {vocab})")
+        if sampling_params.min_tokens:
+            banned = set(sampling_params.stop_token_ids) | set(() if sampling_params.ignore_eos else self.eos_token_ids)
+            if len(banned) >= vocab:  # every logit -inf below min_tokens: the draw read NaN, unflagged
+                raise ValueError(f"min_tokens {sampling_params.min_tokens} bans the stop token ids and EOS until it is "
+                                 f"reached, and they cover all {vocab} tokens of the vocabulary, which leaves none "
+                                 "to sample; list fewer stop_token_ids or drop min_tokens")
         for name in ("logprobs", "prompt_logprobs"):
             if (k := getattr(sampling_params, name)) is not None and k > vocab:
                 raise ValueError(f"{name} is {k}, more tokens than the vocabulary holds ({vocab})")

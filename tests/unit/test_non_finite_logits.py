@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from engine_service.engine import LLM, NON_FINITE
 from engine_service.sampling_params import SamplingParams
 
@@ -73,3 +75,32 @@ def test_a_non_finite_prompt_logprob_row_fails_its_request_alone(demo_model_dir)
         assert again["asks-again"]["tokens"] == clean["asks"]["tokens"]
         assert [lp.logprob for lp in again["asks-again"]["prompt_logprobs"]] == [
             lp.logprob for lp in clean["asks"]["prompt_logprobs"]]
+
+
+def test_min_tokens_whose_bans_cover_the_vocabulary_is_refused_at_the_door(tmp_path):
+    """Below min_tokens the stop ids and EOS are banned (-inf): where they are every token of the vocabulary, the
+    draw read a row of -inf (NaN probabilities) and returned some token, with no error. One id fewer is served."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    vocab = 96
+    config = Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                         eos_token_id=vocab - 1)
+    Qwen3ForCausalLM(config).save_pretrained(tmp_path)
+    with LLM(str(tmp_path), device="cpu", dtype="float32", enforce_eager=True, max_model_len=64,
+             num_kvcache_blocks=16) as llm:
+        assert llm.eos_token_ids == [vocab - 1]
+        every = SamplingParams(min_tokens=2, max_tokens=4, stop_token_ids=list(range(vocab - 1)))
+        try:
+            llm.add_request("every", [1, 2, 3], every)
+        except ValueError as exc:
+            assert f"cover all {vocab} tokens of the vocabulary" in str(exc)
+        else:
+            pytest.fail("a request with every token banned below min_tokens was taken")
+        assert not llm.has_unfinished_requests()
+        # Without EOS's ban (ignore_eos), EOS is the one token left: the request is served, and writes it.
+        left = SamplingParams(min_tokens=2, max_tokens=2, ignore_eos=True, stop_token_ids=list(range(vocab - 1)))
+        out = llm.generate([[1, 2, 3]], left)[0]
+        assert out["token_ids"] == [vocab - 1, vocab - 1]
