@@ -221,9 +221,14 @@ class IncrementalDetokenizer:
 
 def _text_after(context: str, text: str) -> str:
     """What text adds to context. When a decoder's space clean-up rewrote the context (`don '` -> `don't`),
-    skip the context's non-space characters in text instead; any other rewrite is a byte-fallback one."""
+    skip the context's non-space characters in text instead; any other rewrite is a byte-fallback one, and so is
+    one where the texts part at a U+FFFD (a run of byte tokens turned invalid: the context's `\n`, a <0x0A>,
+    became U+FFFD, and the clean-up reading, matching `hello` alone, sent the newline again)."""
     if text.startswith(context):
         return text[len(context) :]
+    start = len(commonprefix([context, text]))
+    if REPLACEMENT_CHAR in (text[start : start + 1], context[start : start + 1]):
+        return _text_after_bytes(context, text)
     wanted = [c for c in context if not c.isspace()]
     matched = 0
     for pos, char in enumerate(text):

@@ -223,6 +223,23 @@ def test_byte_fallback_text_streams_exactly(context_tokens: int) -> None:
     assert "".join(_stream(detok, ids, rng)) == want
 
 
+@pytest.mark.parametrize("before", ["\n", "\n  \n", "a\t"])
+def test_an_invalid_byte_after_whitespace_byte_tokens_repeats_nothing(before: str) -> None:
+    """Llama 2 and Mistral 7B write a newline or tab as a byte token (<0x0A>). An invalid byte joining its run turns
+    the newline already streamed into U+FFFD; the rewrite was read as a space clean-up (the context's non-space
+    characters matched), and the whitespace streamed since the last word was sent again: 'hello\n  \n' + '\n  '
+    ..., and a stop string "\n\n" fired on text the decode does not hold. Now the newline stands for one of the
+    decode's U+FFFDs (the documented exception), and nothing else differs."""
+    tokenizer = _byte_fallback_tokenizer()
+    ids = tokenizer.encode("hello" + before).ids + [tokenizer.token_to_id("<0x80>")] + tokenizer.encode("x").ids[1:]
+    want = tokenizer.decode(ids)
+    assert want.count(REPLACEMENT_CHAR) == 2 and tokenizer.id_to_token(ids[-2]) == "<0x80>"
+    for context_tokens in (1, 4):
+        detok = IncrementalDetokenizer(tokenizer, context_tokens=context_tokens)
+        got = "".join(detok.step([t]) for t in ids) + detok.flush()  # one id a step, as with stop strings
+        assert got == want.replace(REPLACEMENT_CHAR, before[-1], 1), (context_tokens, got, want)
+
+
 def test_space_clean_up_never_loses_or_repeats_a_character() -> None:
     """A decoder that cleans up spaces rewrites emitted text (`don '` + `t` -> `don't`); the delta was cut by
     length and dropped new characters ("say'hi" streamed as "say 'i"). Only the removed space may remain."""
