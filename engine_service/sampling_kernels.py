@@ -100,8 +100,7 @@ def sample_rows(logits: torch.Tensor, inv_temperature: torch.Tensor, u: torch.Te
     """One token per row of logits [n, V] (any float dtype; the last dimension contiguous), drawn from
     softmax(logits * inv_temperature[:, None]) at the uniforms u [n] in [0, 1). Returns [n] int64, or with
     check_finite [2, n] int64: the tokens, and 1 where none of the row's logits is NaN or infinite (Sampler.sample's
-    layout and its check). block: vocabulary entries per
-    program (a power of two; tests use small ones)."""
+    layout and its check). block: vocabulary entries per program (a power of two; tests use small ones)."""
     n, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
