@@ -25,8 +25,23 @@ PYTHON_TAG = "<|python_tag|>"
 MISTRAL_CALLS, MISTRAL_ARGS, MISTRAL_CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 _ID_CHARS = string.ascii_letters + string.digits
 THINK_END = "</think>"
-_DECODER = json.JSONDecoder()
 _UNREADABLE = "JSON that Python cannot read"
+_NOT_JSON = "not JSON"
+
+
+def _constant(name: str):
+    raise ValueError(f"{_NOT_JSON}: {name} (JSON has no NaN or infinity)")
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e400: valid JSON, but a service refuses the infinity it reads as
+        raise ValueError(f"{_UNREADABLE}: {text[:40]} is past a float's range")
+    return value
+
+
+# NaN, Infinity and numbers past a float's range parsed, and the service then refused the call fed back to it.
+_DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_float)
 
 
 def _decode(text: str, at: int = 0) -> tuple[object, int]:
@@ -40,17 +55,33 @@ def _decode(text: str, at: int = 0) -> tuple[object, int]:
     except RecursionError:
         raise json.JSONDecodeError(f"{_UNREADABLE}: nested too deeply", text, at) from None
     except ValueError as exc:
-        raise json.JSONDecodeError(f"{_UNREADABLE}: {exc}", text, at) from None
+        message = str(exc) if str(exc).startswith((_UNREADABLE, _NOT_JSON)) else f"{_UNREADABLE}: {exc}"
+        raise json.JSONDecodeError(message, text, at) from None
 
 
-def _thinking_end(text: str) -> int:
+def _thinking_end(text: str, thinking_open: bool) -> int:
     """Where the thinking ends: the first "</think>" (the model closes its thinking once; a later one is text), or
-    -1 for none. Without an opening "<think>" (thinking off, or a template that wrote it into the prompt, as
-    Qwen3-Thinking-2507's do) a first "</think>" that lies inside a call's JSON is not the end of any thinking;
-    one after a mere mention of "<tool_call>" in the thinking still is."""
+    -1 for none. With thinking off (no opening "<think>", and the prompt did not open one: thinking_open) a first
+    "</think>" that lies inside a call is not the end of any thinking: inside a hermes block's JSON, a Llama 3
+    reply's JSON, or after "[TOOL_CALLS]" (Mistral's calls run to the end of the reply); one after a mere mention
+    of "<tool_call>" still is. (Only hermes calls were looked into: a Llama 3 or Mistral call whose arguments held
+    "</think>" was cut there, and dropped.)"""
     cut = text.find(THINK_END)
-    if cut < 0 or text.lstrip().startswith("<think>"):
+    if cut < 0 or thinking_open or text.lstrip().startswith("<think>"):
         return cut
+    if 0 <= text.find(MISTRAL_CALLS) < cut:
+        return -1
+    start = len(text) - len(text.lstrip())
+    if text.startswith(PYTHON_TAG, start):
+        start += len(PYTHON_TAG)
+        while start < len(text) and text[start].isspace():
+            start += 1
+    if text.startswith("{", start):
+        try:
+            if _decode(text, start)[1] > cut:
+                return -1
+        except json.JSONDecodeError:
+            pass
     pos = 0
     while 0 <= (start := text.find(OPEN, pos)) < cut:
         at = start + len(OPEN)
@@ -87,7 +118,7 @@ def parse_tool_calls(text: str, fmt: str = "auto", thinking_open: bool = False) 
     it such a reply cannot be told from one with thinking off."""
     if fmt not in FORMATS:
         raise ValueError(f"tool-call format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    cut = _thinking_end(text)
+    cut = _thinking_end(text, thinking_open)
     if cut < 0 and (thinking_open or text.lstrip().startswith("<think>")):
         # Thinking never closed (the completion stopped inside it, at max_tokens): all of it is thinking, and a call
         # drafted there is no call.
@@ -115,16 +146,20 @@ def _call(value: object, i: int, where: str) -> dict:
     """One call as {"name", "arguments": dict}, from a parsed JSON value, or a ValueError naming call i. The
     arguments are read from "arguments" or, where it is absent, "parameters": Llama 3's key, which models of every
     format write at times (read as no arguments, the call ran without them)."""
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        raise ValueError(f"tool call {i} is not a JSON object with a string name: {where[:200]!r}")
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"].strip():
+        raise ValueError(f"tool call {i} is not a JSON object with a string name (a non-empty one): {where[:200]!r}")
     arguments = value["arguments"] if "arguments" in value else value.get("parameters", {})
     if isinstance(arguments, str):  # some models write the arguments as a JSON string
         try:
-            arguments = json.loads(arguments)
+            arguments = _DECODER.decode(arguments)
         except (ValueError, RecursionError):  # not JSON, or JSON Python cannot read: named below as not an object
             pass
     if not isinstance(arguments, dict):
         raise ValueError(f"tool call {i} ({value['name']}): arguments must be a JSON object, got {arguments!r}")
+    try:  # what the call's next trip to a service writes (a lone surrogate, "\ud800", cannot be)
+        json.dumps([value["name"], arguments], ensure_ascii=False, allow_nan=False).encode()
+    except ValueError as exc:
+        raise ValueError(f"tool call {i} ({value['name'][:80]!r}) holds text that is not valid Unicode: {exc}") from None
     return {"name": value["name"], "arguments": arguments}
 
 
@@ -143,14 +178,14 @@ def _llama3_calls(body: str, strict: bool) -> list[dict] | None:
             if strict and rest[at] == "{" and _cut_short(rest, exc):
                 raise ValueError(f"tool call {len(calls)} was cut short (raise max_tokens): {rest[at:at + 200]!r}"
                                  ) from None
-            if strict and rest[at] == "{" and exc.msg.startswith(_UNREADABLE):
+            if strict and rest[at] == "{" and exc.msg.startswith((_UNREADABLE, _NOT_JSON)):
                 raise ValueError(f"tool call {len(calls)} is {exc.msg}: {rest[at:at + 200]!r}") from None
             return None  # not JSON: prose, or a built-in tool's Python; or a call followed by prose
         if not (isinstance(value, dict) and isinstance(value.get("name"), str)
                 and ("parameters" in value or "arguments" in value)):
             return None
         try:
-            calls.append(_call(value, len(calls), rest))
+            calls.append(_call(value, len(calls), rest[:200]))
         except ValueError:
             return None
         while at < len(rest) and (rest[at].isspace() or rest[at] == ";"):
@@ -174,45 +209,56 @@ def _cut_short(text: str, exc: json.JSONDecodeError) -> bool:
 def _mistral(head: str, body: str) -> tuple[str, list[dict]]:
     """Mistral's calls: the text before "[TOOL_CALLS]" is the content; after it, a JSON list of calls, or
     name[ARGS]{...} per call (each after its own "[TOOL_CALLS]", or one after another), or name[CALL_ID]id[ARGS]{...}
-    (v11 tokenizers that number the calls). Each call keeps the id the model gave it when that is the 9-character
-    alphanumeric id Mistral's templates require of the calls an assistant message carries, and gets a new one
-    otherwise."""
+    (v11 tokenizers that number the calls); another "[TOOL_CALLS]" may follow with more. Text after the last call
+    that is not another call (no "[TOOL_CALLS]" or "[ARGS]" in it) is content too. Each call keeps the id the model
+    gave it when that is the 9-character alphanumeric id Mistral's templates require of the calls an assistant
+    message carries, and gets a new one otherwise."""
     start = body.find(MISTRAL_CALLS)
     if start < 0:
         return (head + body).strip(), []
     content, rest = head + body[:start], body[start + len(MISTRAL_CALLS):]
     calls: list[dict] = []
     ids: list[object] = []
-    stripped = rest.lstrip()
-    if stripped.startswith("["):  # v0.3: a JSON list
-        try:
-            value, end = _decode(stripped)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"the tool calls are not a JSON list ({exc}), or were cut short (raise max_tokens): "
-                             f"{stripped[:200]!r}") from None
-        if not isinstance(value, list):
-            raise ValueError(f"the tool calls are not a JSON list: {stripped[:200]!r}")
-        calls = [_call(item, i, stripped) for i, item in enumerate(value)]
-        ids = [item.get("id") for item in value]
-        content += stripped[end:]
-    else:  # name[ARGS]{...} or name[CALL_ID]id[ARGS]{...}, repeated
-        while rest.strip():
-            rest = rest.lstrip().removeprefix(MISTRAL_CALLS)
-            name, sep, after = rest.partition(MISTRAL_ARGS)
-            name, has_id, call_id = name.partition(MISTRAL_CALL_ID)
-            if not sep and name.strip() and MISTRAL_CALLS not in rest:  # the reply ended before [ARGS]
-                raise ValueError(f"tool call {len(calls)} ends before its {MISTRAL_ARGS}: cut short (raise "
-                                 f"max_tokens), or not name{MISTRAL_ARGS}{{...}}: {rest[:200]!r}")
-            if not sep or not name.strip():
-                raise ValueError(f"tool call {len(calls)} is not name{MISTRAL_ARGS}{{...}}: {rest[:200]!r}")
+    listed = rest.lstrip().startswith("[")  # v0.3's layout, else name[ARGS]{...}: one layout for the whole reply
+    while True:
+        stripped = rest.lstrip()
+        if not stripped:  # the reply ended at a [TOOL_CALLS]: a marker with no call read as "no calls"
+            raise ValueError(f"the reply ends at {MISTRAL_CALLS}, before its tool call {len(calls)}: cut short "
+                             "(raise max_tokens)")
+        if listed:  # v0.3: a JSON list
             try:
-                arguments, end = _decode(after.lstrip())
+                value, end = _decode(stripped)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"the tool calls are not a JSON list ({exc}), or were cut short (raise max_tokens): "
+                                 f"{stripped[:200]!r}") from None
+            if not isinstance(value, list):
+                raise ValueError(f"the tool calls are not a JSON list: {stripped[:200]!r}")
+            calls += [_call(item, len(calls) + i, stripped[:200]) for i, item in enumerate(value)]
+            ids += [item.get("id") for item in value]
+            rest = stripped[end:]
+        else:  # name[ARGS]{...} or name[CALL_ID]id[ARGS]{...}
+            name, sep, after = stripped.partition(MISTRAL_ARGS)
+            name, has_id, call_id = name.partition(MISTRAL_CALL_ID)
+            if not sep and MISTRAL_CALLS not in stripped:  # the reply ended before [ARGS]
+                raise ValueError(f"tool call {len(calls)} ends before its {MISTRAL_ARGS}: cut short (raise "
+                                 f"max_tokens), or not name{MISTRAL_ARGS}{{...}}: {stripped[:200]!r}")
+            if not sep or not name.strip() or MISTRAL_CALLS in name:
+                raise ValueError(f"tool call {len(calls)} is not name{MISTRAL_ARGS}{{...}}: {stripped[:200]!r}")
+            after = after.lstrip()
+            try:
+                arguments, end = _decode(after)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"tool call {len(calls)} ({name.strip()}): its arguments are not JSON ({exc}), or "
                                  f"were cut short (raise max_tokens): {after[:200]!r}") from None
-            calls.append(_call({"name": name.strip(), "arguments": arguments}, len(calls), rest))
+            calls.append(_call({"name": name.strip(), "arguments": arguments}, len(calls), stripped[:200]))
             ids.append(call_id.strip() if has_id else None)
-            rest = after.lstrip()[end:]
+            rest = after[end:]
+        following = rest.lstrip()
+        if following.startswith(MISTRAL_CALLS):
+            rest = following[len(MISTRAL_CALLS):]
+        elif not following or MISTRAL_ARGS not in following or listed:
+            content += rest  # prose after the calls (Devstral writes some)
+            break
     for call, given in zip(calls, ids, strict=True):
         valid = isinstance(given, str) and len(given) == 9 and all(c in _ID_CHARS for c in given)
         call["id"] = given if valid else "".join(secrets.choice(_ID_CHARS) for _ in range(9))
@@ -240,7 +286,7 @@ def _hermes(head: str, body: str) -> tuple[str, list[dict]]:
         if not body.startswith(CLOSE, at):
             what = "left open (no " + CLOSE + ")" if CLOSE not in body[at:] else "followed by more than " + CLOSE
             raise ValueError(f"tool call {i} is {what}: {body[start:start + 200]!r}")
-        calls.append(_call(call, i, body[start:]))
+        calls.append(_call(call, i, body[start:start + 200]))
         pos = at + len(CLOSE)
     kept.append(body[pos:])
     return "".join(kept).strip(), calls

@@ -247,6 +247,69 @@ def test_a_think_tag_inside_a_call_is_text():
         assert "<tool_call>" not in content
 
 
+def test_a_think_tag_inside_a_llama3_or_mistral_call_is_text():
+    """As for hermes: with thinking off, a first "</think>" inside a Llama 3 or Mistral call's arguments is not the
+    end of a thinking block. It was, and the reply was cut there: the call dropped, silently."""
+    args = {"text": "ends with </think>"}
+    for text, fmt in ((json.dumps({"name": "write_file", "parameters": args}), "auto"),
+                      (json.dumps({"name": "write_file", "parameters": args}), "llama3_json"),
+                      ("<|python_tag|>" + json.dumps({"name": "write_file", "parameters": args}), "auto"),
+                      ("[TOOL_CALLS]" + json.dumps([{"name": "write_file", "arguments": args}]), "auto"),
+                      ("[TOOL_CALLS]write_file[ARGS]" + json.dumps(args), "mistral"),
+                      ("[TOOL_CALLS]write_file[ARGS]" + json.dumps(args) + "[TOOL_CALLS]b[ARGS]{}", "mistral")):
+        content, calls = parse_tool_calls(text, fmt)
+        assert [(c["name"], c["arguments"]) for c in calls][:1] == [("write_file", args)], text
+        assert len(calls) == 1 + text.count("b[ARGS]") and content == "", text
+    # With the thinking opened in the prompt, the first "</think>" ends it, wherever it is.
+    drafted = json.dumps({"name": "draft", "parameters": {"t": "</think>"}})
+    assert parse_tool_calls(drafted + "\n" + '{"name": "f", "parameters": {}}', thinking_open=True)[1] == []
+
+
+def test_mistral_calls_followed_by_prose_more_lists_or_nothing():
+    """Prose after name[ARGS]{...} calls is content (it was read as another call, an error blaming max_tokens); a
+    second [TOOL_CALLS] list is read (it was left in the content, its calls dropped); a reply ending at the marker
+    is cut short, an error (it read as no calls, the marker gone)."""
+    grep = {"name": "grep", "arguments": {"pattern": "TODO"}}
+    for text in ('[TOOL_CALLS]grep[ARGS]{"pattern": "TODO"}\n\nLet me search for that.',
+                 '[TOOL_CALLS][{"name": "grep", "arguments": {"pattern": "TODO"}}]\n\nLet me search for that.'):
+        content, calls = parse_tool_calls(text, "mistral")
+        assert [{k: c[k] for k in ("name", "arguments")} for c in calls] == [grep] and content == "Let me search for that."
+    content, calls = parse_tool_calls('[TOOL_CALLS][{"name": "a", "arguments": {}}][TOOL_CALLS][{"name": "b", '
+                                      '"arguments": {"x": 1}}]')
+    assert [(c["name"], c["arguments"]) for c in calls] == [("a", {}), ("b", {"x": 1})] and content == ""
+    for text in ("[TOOL_CALLS]", "Let me look that up. [TOOL_CALLS] ", '[TOOL_CALLS]a[ARGS]{}[TOOL_CALLS]'):
+        with pytest.raises(ValueError, match=r"ends at \[TOOL_CALLS\].*cut short"):
+            parse_tool_calls(text)
+
+
+@pytest.mark.parametrize("reply", [
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": NaN}}\n</tool_call>',
+    '<|python_tag|>{"name": "get_weather", "parameters": {"days": Infinity}}',
+    '<tool_call>\n{"name": "get_weather", "arguments": {"lat": 1e400}}\n</tool_call>',
+    '<tool_call>\n{"name": "", "arguments": {}}\n</tool_call>',
+    '[TOOL_CALLS][{"name": "", "arguments": {}}]',
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "\\ud800"}}\n</tool_call>',
+])
+def test_a_call_the_service_would_refuse_fed_back_is_refused_when_parsed(reply, tool_tokenizer):
+    """A parsed call is "ready to be the next assistant message": NaN, Infinity, a number past a float's range, an
+    empty name and a lone surrogate parsed, and the service refused the message that carried them back."""
+    with pytest.raises(ValueError, match="tool call 0"):
+        parse_tool_calls(reply)
+    with pytest.raises(ValueError):
+        render_chat(tool_tokenizer, [{"role": "user", "content": "q"},
+                                               {"role": "assistant", "content": "", "tool_calls": [_raw_call(reply)]},
+                                               {"role": "tool", "content": "r"}], tools=[WEATHER])
+
+
+def _raw_call(reply: str) -> dict:
+    """The reply's call as Python's json reads it (NaN, inf and all), as the parser once returned it."""
+    body = reply.removeprefix("<|python_tag|>").removeprefix("[TOOL_CALLS]").strip()
+    body = body.removeprefix("<tool_call>").removesuffix("</tool_call>").strip()
+    value = json.loads(body)
+    value = value[0] if isinstance(value, list) else value
+    return {"name": value["name"], "arguments": value.get("arguments", value.get("parameters"))}
+
+
 @pytest.mark.parametrize(("thinking", "want"), [
     ("The answer needs <tool_call> tags.\n", [{"name": "get_weather", "arguments": {"city": "Paris"}}]),
     ('Format: <tool_call>{"name": "get_weather", "arguments": {"city": "Example"}}</tool_call> so for Paris:\n',
