@@ -34,6 +34,7 @@ class _Pipeline:
     backend: Any  # the `tokenizers` Tokenizer that transformers' encode runs, and only that
     tail_chars: int
     max_token_bytes: int | None  # the most UTF-8 bytes one token stands for, where every byte lands in a token
+    head_bound: bool  # whether the head bound holds (_head_bound_holds)
 
 
 _PIPELINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> _Pipeline | None
@@ -83,6 +84,18 @@ def _spm_max_token_bytes(config: dict) -> int | None:
                + [len(token["content"].encode()) for token in added])
 
 
+def _head_bound_holds(config: dict) -> bool:
+    """Whether what a text goes on with changes only its head's tail (TAIL_WORDS pre-tokens, tail_chars characters).
+    Not with an added token that takes in the whitespace before it (lstrip): after Metaspace(split=True), one
+    pre-token a space, it swallowed a run of any length ("hi" + 400 spaces + "[MASK]" is 2 tokens; 127 of the
+    head's were counted certain, and the prompt refused). Nor with a normalized added token beside a normalizer,
+    which matches on the normalized text: one that deletes characters (strip_accents, clean_text) spreads the match
+    over any number of the text's characters."""
+    added = config.get("added_tokens") or []
+    return not any(token.get("lstrip") or (token.get("normalized") and config.get("normalizer") is not None)
+                   for token in added)
+
+
 def _read_pipeline(tokenizer: Any) -> _Pipeline | None:
     """The tokenizer's pipeline, None unless its encode is transformers' own over a `tokenizers` backend."""
     try:
@@ -98,7 +111,7 @@ def _read_pipeline(tokenizer: Any) -> _Pipeline | None:
     config = json.loads(backend.to_str())
     longest_added = max((len(token["content"]) for token in config.get("added_tokens") or []), default=0)
     max_bytes = _max_token_bytes(config, ByteLevel.alphabet()) or _spm_max_token_bytes(config)
-    return _Pipeline(backend, TAIL_CHARS + longest_added, max_bytes)
+    return _Pipeline(backend, TAIL_CHARS + longest_added, max_bytes, _head_bound_holds(config))
 
 
 def _pipeline(tokenizer: Any) -> _Pipeline | None:
@@ -162,7 +175,8 @@ def tokens_at_least(tokenizer: Any, text: str, max_model_len: int) -> int:
     max_model_len at the cost of tokenizing a head of at most about the text's length; 0 when nothing is certain.
 
     Two bounds. A byte-level BPE tokenizer (_max_token_bytes) gives at least one token per max_token_bytes bytes,
-    whatever the text. Any transformers fast tokenizer gives, for every text, the tokens that a head of it gives
+    whatever the text. Any transformers fast tokenizer (where _head_bound_holds) gives, for every text, the tokens
+    that a head of it gives
     before its tail (its last TAIL_WORDS pre-tokens and tail_chars characters): pre-tokens are tokenized one by
     one, so what the text goes on with can change only the tail. A head 4 times as long is tried while the last
     one was mostly certain but fell short and the text is longer; one that is mostly tail (a single pre-token of
@@ -175,7 +189,7 @@ def tokens_at_least(tokenizer: Any, text: str, max_model_len: int) -> int:
         return 0  # the backend as it is now would count otherwise
     bound = len(text.encode("utf-8", errors="surrogatepass")) // pipeline.max_token_bytes if pipeline.max_token_bytes else 0
     size = HEAD_CHARS_PER_TOKEN * max_model_len + pipeline.tail_chars
-    while bound < max_model_len and size < len(text):
+    while pipeline.head_bound and bound < max_model_len and size < len(text):
         sure, seen = _certain_head_tokens(pipeline, text[:size])
         bound = max(bound, sure)
         if 2 * sure < seen:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import threading
 import time
@@ -47,7 +48,7 @@ def _heads_only(tokenizer):
     normalizer: only heads of a text can refuse it."""
     pipelines, pipeline = token_bounds._PIPELINES, token_bounds._pipeline(tokenizer)
     token_bounds._PIPELINES = weakref.WeakKeyDictionary(
-        {tokenizer: token_bounds._Pipeline(pipeline.backend, pipeline.tail_chars, max_token_bytes=None)})
+        {tokenizer: dataclasses.replace(pipeline, max_token_bytes=None)})
     try:
         yield tokenizer
     finally:
@@ -570,3 +571,45 @@ def test_the_token_bound_is_never_more_than_the_real_count(demo_model_dir, case)
         assert bound <= n, f"bound {bound} > {n} tokens (max_model_len {max_model_len})"
     if case is _case_longest_tokens:
         assert tokens_at_least(tokenizer, text, n + 1) == n  # the case: the byte bound is exact here
+
+
+def _lstrip_mask_tokenizer():
+    """ALBERT/XLNet's layout: Unigram under Metaspace(split=True) (each space its own pre-token), [MASK] lstrip."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [("<unk>", 0.0), ("▁", -1.0), ("▁hi", -1.0), ("h", -2.0), ("i", -2.0)]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    tokenizer.add_special_tokens({"mask_token": AddedToken("[MASK]", lstrip=True, special=True)})
+    return tokenizer, "hi" + " " * 400 + "[MASK]"
+
+
+def _normalized_added_token_tokenizer():
+    """BERT's normalizer (strip_accents deletes combining marks) and an added token matched on the normalized text."""
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *"abcdefghijklmnop", "-"])}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    added = "a-b-c-d-e-f-g-h-i-j-k-l-m-n-o-p"
+    tokenizer.add_tokens([AddedToken(added, normalized=True, special=False)])
+    return tokenizer, added[:-2] + "\u0301" * 300 + added[-2:]
+
+
+@pytest.mark.parametrize("make", [_lstrip_mask_tokenizer, _normalized_added_token_tokenizer])
+def test_a_prompt_an_added_token_shortens_is_not_refused_by_the_head_bound(make):
+    """An added token that takes in the whitespace before it (lstrip), or one matched on a normalized text from which
+    characters were deleted, swallows any number of the head's tokens: the head bound counted them certain and
+    refused prompts of 2 and 1 tokens as 'at least 127 / 26'. Such tokenizers get no head bound."""
+    tokenizer, text = make()
+    count = len(tokenizer.encode(text, add_special_tokens=False))
+    assert count <= 2 < len(text) // 8
+    for max_model_len in (4, 8, 16, 32):
+        assert token_bounds.tokens_at_least(tokenizer, text, max_model_len) <= count
+    prepared = prepare(pb.GenerateRequest(prompt=text), tokenizer, {}, 16, TextLimits())
+    assert prepared.num_prompt_tokens == len(tokenizer.encode(text))
