@@ -59,15 +59,15 @@ def _decode(text: str, at: int = 0) -> tuple[object, int]:
         raise json.JSONDecodeError(message, text, at) from None
 
 
-def _thinking_end(text: str, thinking_open: bool) -> int:
+def _thinking_end(text: str) -> int:
     """Where the thinking ends: the first "</think>" (the model closes its thinking once; a later one is text), or
-    -1 for none. With thinking off (no opening "<think>", and the prompt did not open one: thinking_open) a first
-    "</think>" that lies inside a call is not the end of any thinking: inside a hermes block's JSON, a Llama 3
-    reply's JSON, or after "[TOOL_CALLS]" (Mistral's calls run to the end of the reply); one after a mere mention
-    of "<tool_call>" still is. (Only hermes calls were looked into: a Llama 3 or Mistral call whose arguments held
-    "</think>" was cut there, and dropped.)"""
+    -1 for none. Without an opening "<think>" (thinking off, or a template that wrote it into the prompt, as
+    Qwen3-Thinking-2507's do) a first "</think>" that lies inside a call is not the end of any thinking: inside a
+    hermes block's JSON, a Llama 3 reply's JSON, or after "[TOOL_CALLS]" (Mistral's calls run to the end of the
+    reply); one after a mere mention of "<tool_call>" still is. (Only hermes calls were looked into: a Llama 3 or
+    Mistral call whose arguments held "</think>" was cut there, and dropped.)"""
     cut = text.find(THINK_END)
-    if cut < 0 or thinking_open or text.lstrip().startswith("<think>"):
+    if cut < 0 or text.lstrip().startswith("<think>"):
         return cut
     if 0 <= text.find(MISTRAL_CALLS) < cut:
         return -1
@@ -118,7 +118,7 @@ def parse_tool_calls(text: str, fmt: str = "auto", thinking_open: bool = False) 
     it such a reply cannot be told from one with thinking off."""
     if fmt not in FORMATS:
         raise ValueError(f"tool-call format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    cut = _thinking_end(text, thinking_open)
+    cut = _thinking_end(text)
     if cut < 0 and (thinking_open or text.lstrip().startswith("<think>")):
         # Thinking never closed (the completion stopped inside it, at max_tokens): all of it is thinking, and a call
         # drafted there is no call.

@@ -260,7 +260,7 @@ def test_a_think_tag_inside_a_llama3_or_mistral_call_is_text():
         content, calls = parse_tool_calls(text, fmt)
         assert [(c["name"], c["arguments"]) for c in calls][:1] == [("write_file", args)], text
         assert len(calls) == 1 + text.count("b[ARGS]") and content == "", text
-    # With the thinking opened in the prompt, the first "</think>" ends it, wherever it is.
+    # With the thinking opened in the prompt, a call drafted in it whose arguments hold "</think>" is no call.
     drafted = json.dumps({"name": "draft", "parameters": {"t": "</think>"}})
     assert parse_tool_calls(drafted + "\n" + '{"name": "f", "parameters": {}}', thinking_open=True)[1] == []
 
