@@ -62,40 +62,47 @@ def _decode(text: str, at: int = 0) -> tuple[object, int]:
 def _thinking_end(text: str) -> int:
     """Where the thinking ends: the first "</think>" (the model closes its thinking once; a later one is text), or
     -1 for none. Without an opening "<think>" (thinking off, or a template that wrote it into the prompt, as
-    Qwen3-Thinking-2507's do) a first "</think>" that lies inside a call is not the end of any thinking: inside a
-    hermes block's JSON, a Llama 3 reply's JSON, or after "[TOOL_CALLS]" (Mistral's calls run to the end of the
-    reply); one after a mere mention of "<tool_call>" still is. (Only hermes calls were looked into: a Llama 3 or
-    Mistral call whose arguments held "</think>" was cut there, and dropped.)"""
+    Qwen3-Thinking-2507's do) a first "</think>" that lies inside a call's JSON is not the end of any thinking, in
+    any format (_inside_json); one after a mere mention of "<tool_call>" or "[TOOL_CALLS]" still is. (Only hermes
+    calls were looked into: a Llama 3 or Mistral call whose arguments held "</think>" was cut there, and dropped.)"""
     cut = text.find(THINK_END)
     if cut < 0 or text.lstrip().startswith("<think>"):
         return cut
-    if 0 <= text.find(MISTRAL_CALLS) < cut:
-        return -1
-    start = len(text) - len(text.lstrip())
-    if text.startswith(PYTHON_TAG, start):
-        start += len(PYTHON_TAG)
-        while start < len(text) and text[start].isspace():
-            start += 1
-    if text.startswith("{", start):
-        try:
-            if _decode(text, start)[1] > cut:
-                return -1
-        except json.JSONDecodeError:
-            pass
-    pos = 0
-    while 0 <= (start := text.find(OPEN, pos)) < cut:
-        at = start + len(OPEN)
-        while at < len(text) and text[at].isspace():
+    return -1 if _inside_json(text, cut) else cut
+
+
+def _inside_json(text: str, cut: int) -> bool:
+    """Whether text[cut] lies inside a JSON value where a call's JSON starts: the reply's run of JSON objects from its
+    start (Llama 3, after any <|python_tag|>), a hermes block's, a JSON list after "[TOOL_CALLS]" or an object after
+    "[ARGS]" (Mistral, from the first "[TOOL_CALLS]" on)."""
+    def skip(at: int, chars: str = "") -> int:
+        while at < len(text) and (text[at].isspace() or text[at] in chars):
             at += 1
+        return at
+
+    def spans(at: int) -> int | None:
+        """Where the JSON value at text[at] ends; None where none parses there."""
         try:
-            _, end = _decode(text, at)
+            return _decode(text, at)[1]
         except json.JSONDecodeError:
-            pos = at
-            continue
+            return None
+
+    at = skip(0)
+    if text.startswith(PYTHON_TAG, at):
+        at = skip(at + len(PYTHON_TAG))
+    while at < cut and text.startswith("{", at) and (end := spans(at)) is not None:
         if end > cut:
-            return -1
-        pos = end
-    return cut
+            return True
+        at = skip(end, ";")
+    first = text.find(MISTRAL_CALLS)
+    for marker, opener, pos in ((OPEN, "{", 0), (MISTRAL_CALLS, "[", first), (MISTRAL_ARGS, "{", first)):
+        while 0 <= pos and 0 <= (found := text.find(marker, pos)) < cut:
+            at = skip(found + len(marker))
+            end = spans(at) if text.startswith(opener, at) else None
+            if end is not None and end > cut:
+                return True
+            pos = end if end is not None else at
+    return False
 
 
 def parse_tool_calls(text: str, fmt: str = "auto", thinking_open: bool = False) -> tuple[str, list[dict]]:
@@ -150,10 +157,15 @@ def _call(value: object, i: int, where: str) -> dict:
         raise ValueError(f"tool call {i} is not a JSON object with a string name (a non-empty one): {where[:200]!r}")
     arguments = value["arguments"] if "arguments" in value else value.get("parameters", {})
     if isinstance(arguments, str):  # some models write the arguments as a JSON string
+        inner = arguments.strip()
         try:
-            arguments = _DECODER.decode(arguments)
-        except (ValueError, RecursionError):  # not JSON, or JSON Python cannot read: named below as not an object
-            pass
+            parsed, end = _decode(inner)
+        except json.JSONDecodeError as exc:  # not JSON: named below as not an object, unless it says more
+            if exc.msg.startswith((_UNREADABLE, _NOT_JSON)):
+                raise ValueError(f"tool call {i} ({value['name']}): its arguments, a JSON text, are {exc.msg}") from None
+        else:
+            if end == len(inner):
+                arguments = parsed
     if not isinstance(arguments, dict):
         raise ValueError(f"tool call {i} ({value['name']}): arguments must be a JSON object, got {arguments!r}")
     try:  # what the call's next trip to a service writes (a lone surrogate, "\ud800", cannot be)
@@ -187,6 +199,8 @@ def _llama3_calls(body: str, strict: bool) -> list[dict] | None:
         try:
             calls.append(_call(value, len(calls), rest[:200]))
         except ValueError:
+            if strict:  # a call of Llama 3's shape, malformed (an empty name, arguments not an object, NaN): named
+                raise
             return None
         while at < len(rest) and (rest[at].isspace() or rest[at] == ";"):
             at += 1

@@ -291,6 +291,14 @@ class _Compiler:
         branches = schema.get("anyOf", schema.get("oneOf"))
         return isinstance(branches, list) and any(self.untyped(b, seen) for b in branches)
 
+    def peek_starts(self, schema, seen: frozenset = frozenset()) -> frozenset[int]:
+        """_peek_starts, following a schema that is a $ref alone to its definition (an alias of a recursive
+        definition is a union's branch before it is filled: "a branch refers to itself before it is defined")."""
+        pointer = _pointer(schema.get("$ref")) if isinstance(schema, dict) else None
+        if pointer is None or len(pointer[1]) != 1 or (key := (pointer[0], pointer[1][0])) in seen:
+            return _peek_starts(schema)
+        return self.peek_starts(self._definition(*key), seen | {key})
+
     def _definition(self, section: str, name: str):
         """The root's definition `name` in `section` ("$defs" or "definitions"), None where it has none."""
         defs = self.root.get(section)
@@ -313,7 +321,7 @@ class _Compiler:
         # A placeholder that the definition's node is copied into, so that references inside it resolve to it; what
         # a value of it starts with is read off the definition now, for a union that refers back to it.
         placeholder = self.node(jg.ANY_KIND)
-        placeholder.starts = _peek_starts(target)
+        placeholder.starts = self.peek_starts(target)
         self.defs[key] = placeholder
         self.pending.add(id(placeholder))
         compiled = self.compile(target, ref[1:])

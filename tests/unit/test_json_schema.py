@@ -382,6 +382,16 @@ def test_a_definition_that_is_a_ref_alone_to_a_recursive_one_compiles_whichever_
     node = compile_schema(json.dumps(schema))
     for data, ok in ((b'{"x":[]}', True), (b'{"x":[[],[[]]]}', True), (b'{"x":[1]}', False), (b'{"x":[[{}]]}', False)):
         assert _accepts(node, data) is ok and _reference(schema, data) is ok, data
+    # The alias as a union's branch, before it is filled: it takes its target's first bytes ("a branch refers to
+    # itself before it is defined" where A or C was reached first).
+    defs = {"C": {"type": "array", "items": {"$ref": "#/$defs/B"}},
+            "B": {"anyOf": [{"$ref": "#/$defs/A"}, {"type": "string"}]}, "A": {"$ref": "#/$defs/C"}}
+    for top in "ABC":
+        schema = {"type": "object", "properties": {"x": {"$ref": f"#/$defs/{top}"}}, "required": ["x"], "$defs": defs}
+        node = compile_schema(json.dumps(schema))
+        for data, ok in ((b'{"x":[]}', True), (b'{"x":["s",["t",[]]]}', True), (b'{"x":[1]}', False)):
+            assert _accepts(node, data) is ok, (top, data)
+        assert _accepts(node, b'{"x":"s"}') is (top == "B")
     for defs in ({"A": {"$ref": "#/$defs/B"}, "B": {"$ref": "#/$defs/A"}},
                  {"A": {"$ref": "#/$defs/B"}, "B": {"$ref": "#/$defs/C"}, "C": {"$ref": "#/$defs/A"}}):
         looped = {"type": "object", "properties": {"x": {"$ref": f"#/$defs/{first}"}}, "$defs": defs}

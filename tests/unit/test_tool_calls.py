@@ -265,6 +265,32 @@ def test_a_think_tag_inside_a_llama3_or_mistral_call_is_text():
     assert parse_tool_calls(drafted + "\n" + '{"name": "f", "parameters": {}}', thinking_open=True)[1] == []
 
 
+def test_a_think_tag_in_a_later_llama3_call_or_after_a_mention_of_the_other_marker():
+    """The second Llama 3 call's "</think>" ended the thinking too (both calls dropped); a thinking that mentions
+    "[TOOL_CALLS]" before its "</think>" is still thinking, and the hermes call after it is read."""
+    text = '{"name": "a", "parameters": {}}; {"name": "write_file", "parameters": {"text": "ends with </think>"}}'
+    for fmt in ("auto", "llama3_json"):
+        assert [c["name"] for c in parse_tool_calls(text, fmt)[1]] == ["a", "write_file"]
+    reply = ('Mistral models use [TOOL_CALLS] for this, but I use hermes.\n</think>\n\n'
+             '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+    for thinking_open in (False, True):
+        content, calls = parse_tool_calls(reply, thinking_open=thinking_open)
+        assert calls == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+        assert content.endswith("</think>")
+
+
+def test_a_named_llama3_calls_malformed_parts_are_errors():
+    """With the format named (or after <|python_tag|>), a call of Llama 3's shape with an empty name or a lone
+    surrogate was dropped silently, as prose; a string of arguments holding NaN said only 'not an object'."""
+    for text, fmt in (('{"name": "", "parameters": {}}', "llama3_json"),
+                      ('<|python_tag|>{"name": "", "parameters": {}}', "auto"),
+                      ('<|python_tag|>{"name": "f", "parameters": {"a": "\\ud800"}}', "auto")):
+        with pytest.raises(ValueError, match="tool call 0"):
+            parse_tool_calls(text, fmt)
+    with pytest.raises(ValueError, match="its arguments, a JSON text, are not JSON: NaN"):
+        parse_tool_calls('<tool_call>{"name": "f", "arguments": "{\\"a\\": NaN}"}</tool_call>')
+
+
 def test_mistral_calls_followed_by_prose_more_lists_or_nothing():
     """Prose after name[ARGS]{...} calls is content (it was read as another call, an error blaming max_tokens); a
     second [TOOL_CALLS] list is read (it was left in the content, its calls dropped); a reply ending at the marker
@@ -516,10 +542,12 @@ def test_json_python_cannot_read_is_the_documented_value_error(fmt, text):
 def test_json_python_cannot_read_inside_thinking_is_no_call():
     from clients.tool_calls import parse_tool_calls
 
-    # Llama 3's reply whose arguments string is such JSON is JSON of another shape, as any non-object arguments
-    # are: no call (it raised RecursionError).
+    # Llama 3's reply whose arguments string is such JSON (it raised RecursionError): with the format named, a
+    # malformed call, the ValueError saying why; under auto, JSON of another shape, no call.
     deep = '{"name": "a", "arguments": "' + "[" * 1000 + "]" * 1000 + '"}'
-    assert parse_tool_calls(deep, "llama3_json") == (deep, [])
+    with pytest.raises(ValueError, match=r"tool call 0 \(a\): its arguments, a JSON text, are JSON that Python cannot"):
+        parse_tool_calls(deep, "llama3_json")
+    assert parse_tool_calls(deep) == (deep, [])
 
     for inner in ("[" * 1000, "9" * 5000):
         text = "x <tool_call>" + inner + " </think> answer"
