@@ -470,7 +470,11 @@ class MultiCall:
                 else:
                     self.ids += 1
                     await self._send(call, f"r{self.ids}")
-            await call.done_writing()
+            try:
+                await call.done_writing()
+            except Exception:  # noqa: BLE001 -- grpc's internal ExecuteBatchError, where the call ended (this
+                if not call.done():  # client's own cancel, racing the close) as the close went out; else a failure
+                    raise
             await reader
         except (grpc.aio.AioRpcError, asyncio.CancelledError, asyncio.InvalidStateError, grpc.aio.UsageError):
             await asyncio.wait([reader])
