@@ -285,17 +285,17 @@ class _Compiler:
         seen.add(id(schema))
         if "type" not in schema and set(schema) & (_KEYWORDS["object"] | _KEYWORDS["array"]):
             return True
-        pointer = _pointer(schema.get("$ref"))
-        if pointer is not None and len(pointer[1]) == 1:  # else ref() refuses it
-            return self.untyped(self._definition(pointer[0], pointer[1][0]), seen)
+        key = _definition_key(schema)
+        if key is not None:  # else ref() refuses it
+            return self.untyped(self._definition(*key), seen)
         branches = schema.get("anyOf", schema.get("oneOf"))
         return isinstance(branches, list) and any(self.untyped(b, seen) for b in branches)
 
     def peek_starts(self, schema, seen: frozenset = frozenset()) -> frozenset[int]:
         """_peek_starts, following a schema that is a $ref alone to its definition (an alias of a recursive
         definition is a union's branch before it is filled: "a branch refers to itself before it is defined")."""
-        pointer = _pointer(schema.get("$ref")) if isinstance(schema, dict) else None
-        if pointer is None or len(pointer[1]) != 1 or (key := (pointer[0], pointer[1][0])) in seen:
+        key = _definition_key(schema)
+        if key is None or key in seen:
             return _peek_starts(schema)
         return self.peek_starts(self._definition(*key), seen | {key})
 
@@ -405,6 +405,13 @@ def _pointer(ref) -> tuple[str, list[str]] | None:
         return None
     section, *names = urllib.parse.unquote(ref[2:]).split("/")
     return section, [name.replace("~1", "/").replace("~0", "~") for name in names]
+
+
+def _definition_key(schema) -> tuple[str, str] | None:
+    """(section, name) of the whole definition a schema's $ref names; None for a schema without one, or a $ref
+    that ref() refuses (outside the definitions, or inside one)."""
+    pointer = _pointer(schema.get("$ref")) if isinstance(schema, dict) else None
+    return (pointer[0], pointer[1][0]) if pointer is not None and len(pointer[1]) == 1 else None
 
 
 def _implied_type(schema: dict):

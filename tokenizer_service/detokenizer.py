@@ -228,7 +228,7 @@ def _text_after(context: str, text: str) -> str:
         return text[len(context) :]
     start = len(commonprefix([context, text]))
     if REPLACEMENT_CHAR in (text[start : start + 1], context[start : start + 1]):
-        return _text_after_bytes(context, text)
+        return _text_after_bytes(context, text, start)
     wanted = [c for c in context if not c.isspace()]
     matched = 0
     for pos, char in enumerate(text):
@@ -242,17 +242,16 @@ def _text_after(context: str, text: str) -> str:
     else:
         if matched == len(wanted):
             return ""
-    return _text_after_bytes(context, text)
+    return _text_after_bytes(context, text, start)
 
 
-def _text_after_bytes(context: str, text: str) -> str:
+def _text_after_bytes(context: str, text: str, start: int) -> str:
     """What text adds to context where a byte-fallback decoder rewrote the context's last run of byte tokens. A run
     that is not valid UTF-8 decodes as one U+FFFD per byte, so a later decode may turn the context's '👨' into 4
     U+FFFDs, or its 4 U+FFFDs (a context ending inside a character, after invalid bytes) into '👨'. Past their
-    common start, as many bytes as the context's rewritten end holds are skipped in text, a U+FFFD counting as
+    common start (`start` characters, which _text_after has measured), as many bytes as the context's rewritten end holds are skipped in text, a U+FFFD counting as
     one; a character only partly in the context is kept. Skipping as many characters instead would also skip the
     text after a run that decodes shorter."""
-    start = len(commonprefix([context, text]))
     budget = sum(_byte_count(c) for c in context[start:])
     pos = start
     while pos < len(text) and _byte_count(text[pos]) <= budget:
