@@ -229,6 +229,34 @@ def test_preemption_and_max_model_len(model_and_dir):
     assert out["token_ids"] == hf_greedy(model, prompts[0], 4)
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "plain"])
+def test_an_urgent_arrival_preempts_as_soon_as_without_overlap(model_and_dir, overlap):
+    """Steps scheduled ahead never preempt, so a waiting request with a lower priority value than a running one
+    must hand the next step back to schedule(): with max_num_seqs running long decodes, an urgent arrival
+    preempts one and gets its first token within two steps, with or without overlap."""
+    _, path = model_and_dir
+    slow_a, slow_b, urgent = random_prompts(10, [12, 13, 9])
+    slow = SamplingParams(temperature=0.0, max_tokens=60, priority=5)
+    with _engine(path, overlap=overlap, max_num_seqs=2) as llm:
+        ahead = count_ahead(llm)
+        llm.add_request("a", slow_a, slow)
+        llm.add_request("b", slow_b, slow)
+        for _ in range(6):
+            llm.step()
+        assert (ahead[0] > 0) == overlap
+        llm.add_request("urgent", urgent, SamplingParams(temperature=0.0, max_tokens=4, priority=0))
+        first = None
+        for i in range(2):
+            if any(out.request_id == "urgent" and out.new_token_ids for out in llm.step()):
+                first = i
+                break
+        assert first is not None, "the urgent request waited behind lower-priority decodes"
+        assert llm.stats()["num_preemptions"] >= 1
+        rest = drain(llm)
+        assert _all_free(llm)
+    assert rest["a"][1] == rest["b"][1] == "length"
+
+
 def test_nan_logits_mid_decode_fail_only_that_request_once(model_and_dir, monkeypatch):
     model_ref, path = model_and_dir
     prompts = random_prompts(7, [8, 19])
