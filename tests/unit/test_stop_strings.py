@@ -67,6 +67,16 @@ def test_multibyte_and_emoji_stop_strings() -> None:
     assert "".join(out) == "文字" and m.match == StopMatch("結束", 2)
 
 
+def _scan(stops: list[str], text: str, include: bool = False) -> tuple[str, StopMatch | None]:
+    """The reference: scan one character at a time for the first stop string to complete (the longest at a tie)."""
+    for end in range(1, len(text) + 1):
+        done = [s for s in stops if text[:end].endswith(s)]
+        if done:
+            s = max(done, key=len)
+            return (text[:end] if include else text[: end - len(s)]), StopMatch(s, end - len(s))
+    return text, None
+
+
 @pytest.mark.parametrize("include", [False, True])
 def test_chunking_never_changes_the_result(include: bool) -> None:
     rng = random.Random(3)
@@ -76,20 +86,29 @@ def test_chunking_never_changes_the_result(include: bool) -> None:
             "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))
         ]
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
-        # Reference: scan one character at a time for the first stop string to complete.
-        expected, expected_match = text, None
-        for end in range(1, len(text) + 1):
-            done = [s for s in stops if text[:end].endswith(s)]
-            if done:
-                s = max(done, key=len)
-                expected_match = StopMatch(s, end - len(s))
-                expected = text[:end] if include else text[: end - len(s)]
-                break
+        expected, expected_match = _scan(stops, text, include)
         cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 6))))
         deltas = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
         out, m = _run(stops, deltas, include=include)
         assert "".join(out) == expected, (stops, deltas)
         assert m.match == expected_match
+
+
+def test_every_stop_string_over_two_letters_matches_like_a_character_scan() -> None:
+    """Every stop string of up to 8 characters over "ab" (nested repeats such as "aabaaaa", where a partial match
+    must fall back through several borders of itself), over random texts cut into random deltas."""
+    rng = random.Random(11)
+    for length in range(1, 9):
+        for bits in range(2**length):
+            stop = "".join("ab"[(bits >> i) & 1] for i in range(length))
+            for _ in range(4):
+                text = "".join(rng.choice("aab") for _ in range(rng.randint(length, 3 * length)))
+                cuts = sorted(rng.sample(range(len(text) + 1), k=rng.randint(0, 3)))
+                deltas = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+                out, m = _run([stop], deltas)
+                assert ("".join(out), m.match) == _scan([stop], text), (stop, deltas)
+    out, m = _run(["aabaaaa"], ["aabaaabaaaa"])  # the partial match "aabaaa" falls back to "aa", not to ""
+    assert out == ["aaba"] and m.match == StopMatch("aabaaaa", 4)
 
 
 def test_held_text_is_never_longer_than_a_stop_string() -> None:
