@@ -183,12 +183,29 @@ def test_stop_strings_wait_for_min_tokens_as_stop_ids_do(demo_tokenizer, split) 
         stream = TextStream(demo_tokenizer, ("sea",), True, False, min_tokens=min_tokens)
         return _feed_until_stopped(stream, ids, split), stream.stopped, stream.num_generated
 
-    text, stopped, _ = run(0)
-    assert stopped == "sea" and text == "the "
-    text, stopped, _ = run(first_sea)  # the first "sea" is exempt; the second one stops
-    assert stopped == "sea" and text == "the sea is deep and the "
+    # usage counts the ids up to the one whose text completed the stop string, however many came in its update
+    ends = [next(k for k in range(len(ids) + 1) if demo_tokenizer.decode(ids[:k]).count("sea") == c) for c in (1, 2)]
+    text, stopped, n = run(0)
+    assert stopped == "sea" and text == "the " and n == ends[0]
+    text, stopped, n = run(first_sea)  # the first "sea" is exempt; the second one stops
+    assert stopped == "sea" and text == "the sea is deep and the " and n == ends[1]
     text, stopped, n = run(len(ids))
     assert stopped is None and text == demo_tokenizer.decode(ids) and n == len(ids)
+
+
+def test_a_finishing_eos_is_counted_unless_a_stop_string_ended_the_output_before_it(demo_tokenizer) -> None:
+    """feed(hide_last=True): the last id is the EOS that finished the request; usage counts it, but not when a stop
+    string in the same update already ended the output (the EOS came after it)."""
+    from tokenizer_service.text_stream import TextStream
+
+    ids = demo_tokenizer.encode("the sea is deep", add_special_tokens=False)
+    eos = demo_tokenizer.eos_token_id
+    end = next(k for k in range(len(ids) + 1) if "sea" in demo_tokenizer.decode(ids[:k]))
+    for stop, text, counted in ((("sea",), "the ", end), (("shore",), demo_tokenizer.decode(ids), len(ids) + 1)):
+        stream = TextStream(demo_tokenizer, stop, True, False)
+        out = stream.feed([*ids, eos], hide_last=True)
+        assert out + (stream.finish() if not stream.stopped else "") == text
+        assert stream.num_generated == counted, stop
 
 
 def test_a_stop_string_may_begin_inside_min_tokens_and_end_after(demo_tokenizer) -> None:
