@@ -291,6 +291,17 @@ def test_a_named_llama3_calls_malformed_parts_are_errors():
         parse_tool_calls('<tool_call>{"name": "f", "arguments": "{\\"a\\": NaN}"}</tool_call>')
 
 
+
+def test_string_arguments_are_one_whole_json_object():
+    """Arguments written as a JSON string are read only when the string is one JSON object and nothing else: the
+    object at its head with text after it ('{"a": 1} extra') is not the call's arguments."""
+    _, calls = parse_tool_calls('<tool_call>{"name": "f", "arguments": " {\\"a\\": 1} "}</tool_call>')
+    assert calls[0]["arguments"] == {"a": 1}
+    for arguments in ('{\\"a\\": 1} extra', '{\\"a\\": 1}{\\"b\\": 2}', '[1]'):
+        with pytest.raises(ValueError, match=r"tool call 0 \(f\): arguments must be a JSON object"):
+            parse_tool_calls('<tool_call>{"name": "f", "arguments": "' + arguments + '"}</tool_call>')
+
+
 def test_mistral_calls_followed_by_prose_more_lists_or_nothing():
     """Prose after name[ARGS]{...} calls is content (it was read as another call, an error blaming max_tokens); a
     second [TOOL_CALLS] list is read (it was left in the content, its calls dropped); a reply ending at the marker
