@@ -91,6 +91,29 @@ def test_load_is_what_is_in_flight_from_this_replica_and_retiring_engines_take_n
     assert _picks(_pool(a, b, c), times=100) == {"a:1", "b:1"}
 
 
+def test_the_prompt_bound_is_the_smallest_ready_engines_max_model_len():
+    """With engines of different max_model_len ready, a prompt is checked against the smallest: one that fits only
+    the largest would be refused, or fail, on whichever smaller engine it went to."""
+    a, b, c = _Conn("a:1"), _Conn("b:1"), _Conn("c:1", ready=False)
+    a.info, b.info, c.info = (pb.ModelInfo(max_model_len=n) for n in (200, 100, 50))
+    pool = _pool(a, b, c)
+    assert pool.max_model_len == 100  # c is not ready: its bound is not the service's yet
+    b.retiring = True
+    assert pool.max_model_len == 200
+    a.ready = False
+    assert pool.max_model_len == 0  # none ready
+
+
+def test_an_engine_of_another_vocabulary_or_eos_ids_is_refused_by_name():
+    pool = _pool()
+    assert pool.check_model(pb.ModelInfo(vocab_size=100, eos_token_ids=[99])) is None
+    assert pool.check_model(pb.ModelInfo(vocab_size=50, eos_token_ids=[99])) == (
+        "vocab_size 50 differs from this tokenizer's model (100)")
+    for eos in ([7], [7, 99], []):
+        assert pool.check_model(pb.ModelInfo(vocab_size=100, eos_token_ids=eos)) == (
+            f"eos_token_ids {sorted(eos)} differ from this model's [99]")
+
+
 # ---- the deadline sent to the engine --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("timeout_s,deadline_ms", [
