@@ -47,7 +47,7 @@ def test_max_tokens_past_max_model_len_is_capped_not_refused(model_dir):
 
 def test_eos_is_banned_under_min_tokens(tmp_path):
     """Under min_tokens the EOS id is banned from sampling, not only kept from finishing the request (it came out as
-    text)."""
+    text); with ignore_eos it is an ordinary token there too, not banned (no test had pinned that)."""
     make_qwen3(tmp_path, dtype=torch.float32)
     with LLM(tmp_path, **KW) as e:
         greedy = e.generate([_prompt(11)], SamplingParams(temperature=0.0, max_tokens=10))[0]["token_ids"]
@@ -56,7 +56,10 @@ def test_eos_is_banned_under_min_tokens(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos]}))
     with LLM(tmp_path, **KW) as e:
         out = e.generate([_prompt(11)], SamplingParams(temperature=0.0, max_tokens=10, min_tokens=first + 3))[0]
+        ignoring = e.generate([_prompt(11)], SamplingParams(temperature=0.0, max_tokens=10, min_tokens=10,
+                                                            ignore_eos=True))[0]
     assert eos not in out["token_ids"][: first + 3]
+    assert ignoring["token_ids"] == greedy and ignoring["finish_reason"] == "length"
 
 
 def test_min_tokens_boundary_is_the_same_with_overlap(model_dir):
