@@ -259,3 +259,15 @@ def test_large_finite_logits_are_finite(dtype, triton_sampling, temperature):
     assert (sampler.kernels is not None) == triton_sampling
     if temperature == 0.0:
         assert tokens[0] == 7
+
+
+def test_a_draw_of_exactly_zero_never_takes_a_zero_probability_token(monkeypatch):
+    """uniform_ returns exactly 0.0 once in 2**24 float32 draws: that u must still land on a kept token (the first
+    with a non-empty interval of the cdf), never on token 0 filtered out by top-k, top-p or min-p."""
+    monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, *args, **kwargs: self.zero_())
+    sampler = Sampler(torch.device("cpu"), seed=0, triton_sampling=False)
+    logits = torch.tensor([[0.0, 1.0, 3.0, 2.0]]).repeat(3, 1)
+    rows = [SamplingRow(SamplingParams(top_k=1), None), SamplingRow(SamplingParams(top_p=0.5), None),
+            SamplingRow(SamplingParams(min_p=0.9), None)]
+    tokens, finite = sampler(logits, rows)
+    assert all(finite) and tokens == [2, 2, 2]
