@@ -293,3 +293,20 @@ def test_an_abort_of_a_request_added_in_the_same_batch_frees_its_place_too():
 
     waiting, failures = asyncio.run(main())
     assert waiting == ["w1", "w2", "new"] and failures == [None, None, None]
+
+
+def test_the_last_step_before_a_stop_reaches_its_requests():
+    """stop() lets the commands queued before it apply and one last step report them (a drain's last aborts get
+    their lines and counts): that step's outputs reach their sinks, not only the engine. No test pinned it."""
+    async def main():
+        loop = EngineLoop(FakeEngine(step_s=0.3), asyncio.get_running_loop(), lambda _: None)
+        loop.start()
+        sink = Sink(asyncio.Event())
+        loop.add("a", [1], SamplingParams(max_tokens=2, ignore_eos=True), sink)
+        await asyncio.sleep(0.1)  # inside the first step: the stop is read after it, and one last step runs
+        assert await asyncio.to_thread(loop.stop, 5.0)
+        await asyncio.wait_for(sink.done.wait(), 5)
+        return sink
+
+    sink = asyncio.run(main())
+    assert sink.finished and sink.tokens == [2, 3] and sink.failure is None

@@ -99,6 +99,22 @@ def test_bidi_multiplexes_requests_and_reports_errors_in_frames(server):
         assert "temperature" in finish["t"].status.message
 
 
+def test_a_generate_stream_ends_at_the_sooner_of_deadline_ms_and_the_calls_deadline(server):
+    """GenerateStream's request ends at the shorter of its deadline_ms and the call's own deadline: deadline_ms=300
+    under a 20 s call timeout ends it DEADLINE_EXCEEDED after 0.3 s (no test pinned the shorter one winning)."""
+    with EngineClient(server.target, timeout=20) as client:
+        wait_serving(client)
+        request = new("dl", [1, 2], max_tokens=1_000_000, ignore_eos=True)
+        request.deadline_ms = 300
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in client.stub.GenerateStream(request, timeout=20):
+                pass
+        took = time.monotonic() - started
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline passed" in err.value.details()
+    assert took < 5, took
+
+
 def test_an_idle_generate_stream_gets_heartbeats_and_a_busy_one_none_extra(monkeypatch):
     """A Generate stream with nothing to send gets an empty frame every heartbeat period (ModelInfo.heartbeat_ms), so
     that a client can tell an idle engine from a stuck one; a stream whose requests advance gets no empty frame."""
