@@ -310,3 +310,23 @@ def test_the_last_step_before_a_stop_reaches_its_requests():
 
     sink = asyncio.run(main())
     assert sink.finished and sink.tokens == [2, 3] and sink.failure is None
+
+
+def test_a_request_the_engine_refuses_leaves_no_priority_behind():
+    """A request the engine refuses on the engine thread (prompt too long) is forgotten with its priority: one left
+    behind made outranks() true for good, so every arrival at a full queue tried to displace a request that was
+    no longer there. Only a 4-minute leak test caught it."""
+    async def main():
+        loop = EngineLoop(FakeEngine(max_model_len=64, step_s=0.005), asyncio.get_running_loop(), lambda _: None)
+        loop.start()
+        bad = Sink(asyncio.Event())
+        loop.add("bad", [1] * 100, SamplingParams(max_tokens=5, priority=99), bad)
+        assert loop.outranks(50)  # live until the engine thread has refused it
+        await asyncio.wait_for(bad.done.wait(), 10)
+        live = (loop.num_live, loop.outranks(50))
+        loop.stop()
+        return bad.failure, live
+
+    failure, (num_live, outranks) = asyncio.run(main())
+    assert failure == ("INVALID_ARGUMENT", "prompt too long")
+    assert num_live == 0 and not outranks
