@@ -82,6 +82,9 @@ def test_a_misspelt_keyword_set_to_none_is_refused_not_dropped():
     (dict(include_stop_str_in_output="yes"), "include_stop_str_in_output must be True, False"),
     (dict(skip_special_tokens="no"), "skip_special_tokens must be True, False or None"),
     (dict(add_special_tokens="no"), "add_special_tokens must be True, False or None"),
+    (dict(skip_special_tokens=0), "skip_special_tokens must be True, False or None"),  # ints are not flags
+    (dict(add_special_tokens=1), "add_special_tokens must be True, False or None"),
+    (dict(include_stop_str_in_output=2), "include_stop_str_in_output must be True, False"),
     (dict(stop_token_ids=5), "stop_token_ids must be a list"),
     (dict(logit_bias=5), "logit_bias=5"),
     (dict(response_format=["json_object"]), "response_format"),

@@ -115,6 +115,24 @@ def test_enable_thinking_false_is_sent_and_checked():
     assert not generate_request(messages=messages).chat.HasField("enable_thinking")
 
 
+def test_special_token_flags_set_false_are_sent_not_dropped():
+    """skip_special_tokens=False and add_special_tokens=False must travel as set-to-false: the service's default for
+    both is True, so a truthiness check would strip special tokens or add a BOS against the caller's word."""
+    from clients.text_client import _detokenize_request
+
+    request = generate_request("x", skip_special_tokens=False, add_special_tokens=False)
+    assert request.HasField("skip_special_tokens") and request.skip_special_tokens is False
+    assert request.HasField("add_special_tokens") and request.add_special_tokens is False
+    assert not generate_request("x").HasField("skip_special_tokens")
+    tokenize = _tokenize_request("x", None, False, None)
+    assert tokenize.HasField("add_special_tokens") and tokenize.add_special_tokens is False
+    detokenize = _detokenize_request([1], False)
+    assert detokenize.HasField("skip_special_tokens") and detokenize.skip_special_tokens is False
+    for bad in (_tokenize_request, lambda *a: _detokenize_request([1], 2)):
+        with pytest.raises(ValueError, match="special_tokens must be True, False or None"):
+            bad("x", None, 2, None)
+
+
 def test_an_assistant_message_that_only_calls_tools_may_have_no_content():
     """OpenAI's assistant message with content None and tool_calls: refused before, as content was not a string."""
     request = generate_request(messages=[
