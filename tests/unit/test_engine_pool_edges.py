@@ -653,3 +653,30 @@ def test_an_engine_refusing_in_band_is_retried_by_status():
     got, error = _run_servicer(pool := _Engines(refusal(grpc.StatusCode.RESOURCE_EXHAUSTED), tokens=1))
     assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and len(pool.avoided) == 1 and got == [[65]]
 
+
+class _FailsWithItsFirstTokens(_Attempt):
+    """The first update both carries tokens and fails RESOURCE_EXHAUSTED (the engine's buffer for a reader too slow
+    overflowed: the tokens it held go out with the error)."""
+
+    async def _updates(self):
+        if not self.tokens:
+            yield pb.RequestUpdate(new_token_ids=[70], finish_reason=pb.FINISH_REASON_LENGTH)
+            return
+        self.got_tokens = True
+        yield pb.RequestUpdate(new_token_ids=[65], finish_reason=pb.FINISH_REASON_ERROR,
+                               status=pb.Status(code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="slow"))
+
+
+class _FirstTokensFail(_Engines):
+    async def submit(self, request, timeout_s, avoid=(), prefer=None):
+        self.avoided.append({c.address for c in avoid})
+        return _FailsWithItsFirstTokens(f"e{len(self.avoided)}", int(len(self.avoided) == 1), None)
+
+
+def test_resource_exhausted_in_the_update_that_brings_the_first_tokens_is_not_retried():
+    """The tokens of the failing update itself count: the request is not run again elsewhere (its first tokens
+    would be dropped, another engine's sent instead); they reach the caller, then the error."""
+    got, error = _run_servicer(pool := _FirstTokensFail(lambda attempt: None))
+    assert error is not None and error.code == grpc.StatusCode.RESOURCE_EXHAUSTED, (got, error)
+    assert len(pool.avoided) == 1 and got == [[65]]
+
