@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine_service import json_grammar as jg
-from engine_service.json_schema import SchemaCache, SchemaError, compile_schema
+from engine_service.json_schema import MAX_SCHEMA_BYTES, SchemaCache, SchemaError, compile_schema
 from engine_service.structured_output import JsonMasks
 from tests.unit.test_structured_output import _brute_force, _vocabulary
 
@@ -314,6 +314,8 @@ def test_masks_of_schema_states_equal_a_walk_of_each_token():
      "each other"),  # the oneOf was dropped
     ({"type": "object", "properties": {"a": {"type": "array", "maxItems": 4097}}}, "maxItems must be an integer in"),
     ({"type": "object", "properties": {"a": {"type": "array", "minItems": 4097}}}, "minItems must be an integer in"),
+    ({"type": "object", "properties": {"a": {"type": "array", "minItems": True}}}, "minItems must be an integer in"),
+    ({"type": "object", "properties": {"a": {"type": "array", "maxItems": False}}}, "maxItems must be an integer in"),
     # A oneOf branch typed only by its keywords: JSON Schema lets null meet {"maxItems": 1} too, so the engine's
     # null met both branches and failed oneOf (written with finish "stop"); through a $ref, beside an enum too.
     ({"type": "object", "properties": {"a": {"oneOf": [{"maxItems": 1}, {"type": "null"}]}}},
@@ -519,6 +521,10 @@ def test_bad_text_and_sizes_are_refused():
         compile_schema("[]")
     with pytest.raises(SchemaError, match="bytes, over the 65536"):
         compile_schema(json.dumps({"type": "object", "description": "x" * 70_000}))
+    pad = MAX_SCHEMA_BYTES - len(json.dumps({"type": "object", "description": ""}).encode())
+    compile_schema(json.dumps({"type": "object", "description": "x" * pad}))  # exactly the bound is taken
+    with pytest.raises(SchemaError, match=f"{MAX_SCHEMA_BYTES + 1} bytes, over the {MAX_SCHEMA_BYTES}"):
+        compile_schema(json.dumps({"type": "object", "description": "x" * (pad + 1)}))
     wide = {"type": "object", "properties": {f"p{i}": {"type": ["string", "null", "boolean", "array", "object"]}
                                              for i in range(800)}}  # 6 nodes each, in 60 bytes
     with pytest.raises(SchemaError, match="more than 4096 nodes"):
