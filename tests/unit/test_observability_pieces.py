@@ -338,3 +338,21 @@ def test_a_request_with_n_completions_logs_their_retries():
     trace = RequestTrace("r")
     _sum_parts(trace, parts)
     assert trace.retries == 3
+
+
+def test_an_n_requests_reason_when_closed_early_is_its_worst_completions():
+    """An n > 1 request closed before its completions' ends were read (still "cancelled") takes the first of
+    cancelled, error, length among its completions' reasons, else stop, and the first error; a request whose own
+    reason is already decided is left alone. No test pinned the order (length before error passed)."""
+    from tokenizer_service.servicer import _decide_from_parts
+
+    def decided(*parts: tuple[str, str], own: str = "cancelled") -> tuple[str, str]:
+        trace = RequestTrace("r", finish_reason=own)
+        _decide_from_parts(trace, [RequestTrace("r", finish_reason=r, error=e) for r, e in parts])
+        return trace.finish_reason, trace.error
+
+    assert decided(("length", ""), ("error", "INTERNAL: x")) == ("error", "INTERNAL: x")
+    assert decided(("error", "INTERNAL: x"), ("cancelled", "")) == ("cancelled", "INTERNAL: x")
+    assert decided(("stop", ""), ("length", "")) == ("length", "")
+    assert decided(("stop", ""), ("stop", "")) == ("stop", "")
+    assert decided(("error", "INTERNAL: x"), own="length") == ("length", "")
