@@ -754,3 +754,19 @@ def test_a_prompt_past_max_model_len_is_refused_before_its_ids_are_copied():
         assert peak < 20_000_000, f"{peak} bytes traced while refusing a million ids"
     finally:
         assert running.stop() == 0
+
+
+def test_prompt_logprobs_over_a_quarter_of_max_message_bytes_are_refused():
+    """The bound its message and the docs name, a quarter of max_message_bytes, not the whole frame (half of it):
+    a request whose first update took a quarter to a half was taken (a mutation review)."""
+    running = Running(FakeEngine(max_model_len=1_000_000), max_message_bytes=1 << 20)
+    try:
+        with EngineClient(running.target, timeout=20) as client:
+            wait_serving(client)
+            # 2000 tokens * (17 + 9 * 20) bytes = 394,000: over 1 MiB / 4, under the frame's 1 MiB / 2.
+            with pytest.raises(grpc.RpcError) as refused:
+                list(client.stub.GenerateStream(new("p", [1] * 2000, max_tokens=1, prompt_logprobs=20), timeout=20))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "prompt_logprobs=20" in refused.value.details()
+    finally:
+        assert running.stop() == 0

@@ -412,3 +412,48 @@ def test_the_watchdog_fails_a_stalled_loop_only_while_requests_wait():
         assert len(busy.failed) == 1 and "2 requests wait" in busy.failed[0]
 
     asyncio.run(main())
+
+
+class _CountingLoop(FakeLoop):
+    """As EngineLoop: a canary's delivered output counts in outputs_delivered, its failure in requests_failed."""
+
+    def add(self, request_id, prompt, params, sink) -> None:
+        super().add(request_id, prompt, params, sink)
+        if self.finish == "ok":
+            self.outputs_delivered += 1
+        elif self.finish is not None:
+            self.requests_failed += 1
+
+
+def test_a_canarys_own_output_does_not_prove_failing_traffic():
+    """After an idle canary passed, its own output counted as traffic delivered: a busy engine whose requests all
+    failed was judged healthy by it, and health stayed SERVING (a mutation review: no test pinned the reset)."""
+    async def main():
+        health = Health(["svc"])
+        loop = _CountingLoop(finish="ok")
+        task = asyncio.create_task(health.run_idle_canaries(loop, 8, 0.02, 1.0, lambda: False))
+        for _ in range(100):  # an idle canary passes
+            await asyncio.sleep(0.01)
+            if health.serving:
+                break
+        assert health.serving and loop.added
+        loop.finish, loop.num_live = "device lost", 16  # the device breaks: every request fails, the canary too
+        loop.requests_failed += 16
+        await asyncio.sleep(0.2)
+        serving = health.serving
+        task.cancel()
+        return serving
+
+    assert asyncio.run(main()) is False
+
+
+def test_the_watchdog_notices_a_long_stall_within_a_quarter_of_stall_s():
+    """The watchdog looks every stall_s / 4 (at most 5 s): a loop already stalled is failed within a quarter of
+    stall_s, not a whole one later (a mutation review: checking once per stall_s passed)."""
+    async def main():
+        loop = FakeLoop(num_live=1, stalled_s=60.0)
+        await asyncio.wait_for(Health([]).watchdog(loop, stall_s=4.0), timeout=2.5)  # checks every 1 s
+        return loop.failed
+
+    [message] = asyncio.run(main())
+    assert "watchdog" in message

@@ -484,3 +484,30 @@ runpy.run_module("{package}", run_name="__main__")
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "held at import", out.stdout + out.stderr
+
+
+def test_an_update_carries_the_cached_prompt_tokens():
+    """num_cached_tokens reaches the update (usage's cached_tokens): dropping it passed every test."""
+    async def main():
+        stream = OutputStream(lambda *a, **k: None, max_buffered_tokens=8)
+        stream.register("p", "s1:1:p", None)
+        stream.on_output("p", StepOutput("s1:1:p", [7], "length", num_prompt_tokens=12, num_cached_tokens=8))
+        [update] = stream.take()
+        return update.num_prompt_tokens, update.num_cached_tokens
+
+    assert asyncio.run(main()) == (12, 8)
+
+
+def test_logprob_tokens_are_buffered_up_to_the_same_bytes_as_ids():
+    """A slow reader's buffer of tokens with logprobs holds max_buffered_tokens' bytes, not a fifth of them: with no
+    alternatives (22 bytes a token) 220 ids' bytes are 50 tokens; the 51st fails the request."""
+    async def main():
+        stream = OutputStream(lambda *a, **k: None, max_buffered_tokens=220)
+        stream.register("p", "s1:1:p", None)
+        logprobs = [TokenLogprobs(-0.5, [], []) for _ in range(50)]
+        stream.on_output("p", StepOutput("s1:1:p", [7] * 50, logprobs=logprobs))
+        alive_at_50 = "p" in stream.live
+        stream.on_output("p", StepOutput("s1:1:p", [7], logprobs=logprobs[:1]))
+        return alive_at_50, "p" in stream.live
+
+    assert asyncio.run(main()) == (True, False)

@@ -376,3 +376,23 @@ def test_a_zero_dimensional_logit_bias_is_refused_by_name():
 
     with pytest.raises(ValueError, match="logit_bias must map token ids to biases"):  # was "len() of unsized object"
         SamplingParams(logit_bias=np.array(3))
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_canary_timeout_s_must_be_a_positive_finite_number(value):
+    """--canary-timeout-s 0, negative or NaN was taken: the start-up canary then timed out at once and the engine
+    never turned SERVING (readiness failed forever) instead of refusing the flag (a mutation review)."""
+    with pytest.raises(ValueError, match="^canary_timeout_s must be a positive number"):
+        parse_engine_config(["--model", "m", "--canary-timeout-s", value], env={})
+    assert parse_engine_config(["--model", "m", "--canary-timeout-s", "0.5"], env={}).canary_timeout_s == 0.5
+
+
+def test_gil_switch_interval_ms_takes_both_ends_of_its_range():
+    """0.001..1000 as documented, both ends included (a mutation review: an exclusive top passed)."""
+    def engine(value: str):
+        return parse_engine_config(["--model", "m", "--gil-switch-interval-ms", value], env={})
+
+    assert engine("1000").gil_switch_interval_ms == 1000 and engine("0.001").gil_switch_interval_ms == 0.001
+    for bad in ("1000.5", "0.0009"):
+        with pytest.raises(ValueError, match="^gil_switch_interval_ms must be in 0.001..1000"):
+            engine(bad)
