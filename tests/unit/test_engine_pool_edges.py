@@ -680,3 +680,25 @@ def test_resource_exhausted_in_the_update_that_brings_the_first_tokens_is_not_re
     assert error is not None and error.code == grpc.StatusCode.RESOURCE_EXHAUSTED, (got, error)
     assert len(pool.avoided) == 1 and got == [[65]]
 
+
+
+def test_each_retry_is_counted_by_reason_in_the_trace_and_the_metric():
+    """A request the servicer sends again counts in its log line's retries and in
+    llmserve:engine_request_retries_total{reason}: only metrics.retried itself was tested, not that the servicer
+    calls it (a mutation review)."""
+    fails = {1: _lost(), 2: _EngineError(grpc.StatusCode.RESOURCE_EXHAUSTED)}
+    pool = _Engines(lambda attempt: fails.get(attempt))
+    servicer = TextServicer(_Tokenizer(), pool, "fake", 100, {99}, {}, max_inflight=10)
+    prep = PreparedRequest(pb.NewRequest(prompt_token_ids=[1], sampling_params=pb.SamplingParams(max_tokens=9)),
+                           (), True, False, 1)
+    trace = RequestTrace("r")
+
+    async def main():
+        return [response async for response in servicer._generate(prep, None, trace)]
+
+    got = asyncio.run(main())
+    assert list(got[-1].token_ids) == [70] and len(pool.avoided) == 3  # served by the third engine
+    assert trace.retries == 2
+    counts = {sample.labels.get("reason"): sample.value for metric in servicer.metrics.registry.collect()
+              for sample in metric.samples if sample.name == "llmserve:engine_request_retries_total"}
+    assert counts.get("unavailable") == 1 and counts.get("resource_exhausted") == 1

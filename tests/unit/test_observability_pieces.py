@@ -356,3 +356,27 @@ def test_an_n_requests_reason_when_closed_early_is_its_worst_completions():
     assert decided(("stop", ""), ("length", "")) == ("length", "")
     assert decided(("stop", ""), ("stop", "")) == ("stop", "")
     assert decided(("error", "INTERNAL: x"), own="length") == ("length", "")
+
+
+def test_an_empty_request_id_header_is_no_id():
+    """An empty x-request-id header falls back to the request's own field, else a generated id: taken as given,
+    the request was logged and echoed under "" (a mutation review)."""
+    from tokenizer_service.metrics import REQUEST_ID_HEADER
+
+    assert request_id_from([(REQUEST_ID_HEADER, "")], "from-the-field") == "from-the-field"
+    generated = request_id_from([(REQUEST_ID_HEADER, "")])
+    assert len(generated) == 32 and generated != request_id_from([(REQUEST_ID_HEADER, "")])  # a fresh uuid4 hex
+    assert request_id_from([(REQUEST_ID_HEADER, ""), (REQUEST_ID_HEADER, "second")]) == "second"
+
+
+def test_a_request_without_a_token_logs_no_ttft(caplog):
+    """ttft_s is null for a request that got no token, not first_token (0) less start, a large negative number
+    that log-based latency dashboards would average in (a mutation review)."""
+    metrics = TextMetrics("tiny", log_requests=True)
+    with caplog.at_level(logging.INFO):
+        metrics.finish(RequestTrace("refused", finish_reason="error", error="INVALID_ARGUMENT: prompt: empty"))
+        served = RequestTrace("served", finish_reason="length", engine="e1")
+        served.first_token = served.start + 0.25
+        metrics.finish(served)
+    fields = {r.fields["request_id"]: r.fields for r in caplog.records if getattr(r, "fields", None)}
+    assert fields["refused"]["ttft_s"] is None and fields["served"]["ttft_s"] == 0.25

@@ -179,13 +179,17 @@ def _text(**kw) -> TextServerConfig:
     return TextServerConfig(**{"model": "m", "engines": "e:1", **kw})
 
 
+NAME_253 = ".".join(["a" * 63] * 3 + ["a" * 61])  # the longest DNS name: 3 x 63 + 61 + 3 dots
+
+
 @pytest.mark.parametrize("dns", ["a..b:50051", "bad name:50051", f"{'a' * 64}:50051",
-                                 f"{'.'.join(['a' * 63] * 4)}:50051", "llm-engine:65536"])
+                                 f"{'.'.join(['a' * 63] * 4)}:50051", f"{NAME_253}a:50051", "llm-engine:65536"])
 def test_engine_dns_names_that_no_lookup_can_find_are_refused(dns):
-    """Catches the DNS name check dropped, a 64-character label, a name over 253 characters, port 65536."""
+    """Catches the DNS name check dropped, a 64-character label, a name over 253 characters (254 too), port 65536."""
     with pytest.raises(ValueError, match="^engine_dns .* must be NAME:PORT"):
         TextServerConfig(model="m", engine_dns=dns)
     TextServerConfig(model="m", engine_dns=f"{'a' * 63}.{'b' * 61}:65535")
+    TextServerConfig(model="m", engine_dns=f"{NAME_253}:65535")
 
 
 def test_text_service_numbers_at_their_edges():
