@@ -380,3 +380,20 @@ def test_a_request_without_a_token_logs_no_ttft(caplog):
         metrics.finish(served)
     fields = {r.fields["request_id"]: r.fields for r in caplog.records if getattr(r, "fields", None)}
     assert fields["refused"]["ttft_s"] is None and fields["served"]["ttft_s"] == 0.25
+
+
+def test_a_trace_finished_twice_is_counted_and_logged_once(caplog):
+    """TextMetrics.finish is once per trace (Generate's finally calls it after _generate's did): without the guard
+    every request was counted and logged twice; only a chaos test caught it (a mutation review)."""
+    from tests.unit.test_metrics_edges import samples
+
+    metrics = TextMetrics("tiny", log_requests=True)
+    trace = RequestTrace("r", finish_reason="length", engine="e1")
+    trace.first_token = trace.start + 0.01
+    with caplog.at_level(logging.INFO):
+        metrics.finish(trace)
+        metrics.finish(trace)
+    got = samples(metrics.registry)
+    assert got[("llmserve:text_requests_total", ("finished_reason", "length"))] == 1
+    assert got[("llmserve:detokenize_time_seconds_count",)] == 1
+    assert sum(r.getMessage() == "request finished" for r in caplog.records) == 1
