@@ -75,7 +75,11 @@ def new(rid: str, prompt: list[int], **sampling: object) -> pb.NewRequest:
 
 @pytest.fixture(scope="module")
 def server():
+    """One fake engine shared by the module's tests, SERVING (its start-up canary passed) before any of them runs:
+    a test that called none of wait_serving got UNAVAILABLE "still starting" when xdist ran it first."""
     running = Running(FakeEngine(max_model_len=1_000_000))
+    with EngineClient(running.target, timeout=20) as client:
+        wait_serving(client)
     yield running
     assert running.stop() == 0
 
