@@ -128,9 +128,10 @@ def test_special_token_flags_set_false_are_sent_not_dropped():
     assert tokenize.HasField("add_special_tokens") and tokenize.add_special_tokens is False
     detokenize = _detokenize_request([1], False)
     assert detokenize.HasField("skip_special_tokens") and detokenize.skip_special_tokens is False
-    for bad in (_tokenize_request, lambda *a: _detokenize_request([1], 2)):
-        with pytest.raises(ValueError, match="special_tokens must be True, False or None"):
-            bad("x", None, 2, None)
+    with pytest.raises(ValueError, match="add_special_tokens must be True, False or None"):
+        _tokenize_request("x", None, 2, None)
+    with pytest.raises(ValueError, match="skip_special_tokens must be True, False or None"):
+        _detokenize_request([1], 2)
 
 
 def test_an_assistant_message_that_only_calls_tools_may_have_no_content():

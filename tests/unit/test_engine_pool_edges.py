@@ -18,7 +18,7 @@ from protos.llmserve.engine.v1 import engine_pb2_grpc as pb_grpc
 from tests.unit.test_service_regressions import pool_config, wait_for
 from tokenizer_service import engine_pool
 from tokenizer_service.engine_pool import EnginePool, RequestFailed, RequestHandle
-from tokenizer_service.metrics import RequestTrace
+from tokenizer_service.metrics import RequestTrace, TextMetrics
 from tokenizer_service.servicer import MAX_ATTEMPTS, TextServicer
 from tokenizer_service.validation import PreparedRequest
 
@@ -565,8 +565,8 @@ class _Engines:
 
     max_model_len = 1000
 
-    def __init__(self, fail, tokens: int = 0, engines: int = 5) -> None:
-        self.fail, self.tokens, self.engines = fail, tokens, engines
+    def __init__(self, fail, tokens: int = 0, engines: int = 5, attempt: type[_Attempt] = _Attempt) -> None:
+        self.fail, self.tokens, self.engines, self.attempt = fail, tokens, engines, attempt
         self.avoided: list[set[str]] = []
 
     def can_try_another(self, tried, params) -> bool:
@@ -575,7 +575,7 @@ class _Engines:
     async def submit(self, request, timeout_s, avoid=(), prefer=None):
         self.avoided.append({c.address for c in avoid})
         attempt = len(self.avoided)
-        return _Attempt(f"e{attempt}", self.tokens if attempt == 1 else 0, self.fail(attempt))
+        return self.attempt(f"e{attempt}", self.tokens if attempt == 1 else 0, self.fail(attempt))
 
 
 class _Tokenizer:
@@ -586,15 +586,16 @@ class _Tokenizer:
         return [chr(i) for i in ids]
 
 
-def _run_servicer(pool: _Engines) -> tuple[list, RequestFailed | None]:
-    servicer = TextServicer(_Tokenizer(), pool, "fake", 100, {99}, {}, max_inflight=10)
+def _run_servicer(pool: _Engines, trace: RequestTrace | None = None,
+                  metrics: TextMetrics | None = None) -> tuple[list, RequestFailed | None]:
+    servicer = TextServicer(_Tokenizer(), pool, "fake", 100, {99}, {}, max_inflight=10, metrics=metrics)
     prep = PreparedRequest(pb.NewRequest(prompt_token_ids=[1], sampling_params=pb.SamplingParams(max_tokens=9)),
                            (), True, False, 1)
 
     async def main():
         got = []
         try:
-            async for response in servicer._generate(prep, None, RequestTrace("r")):
+            async for response in servicer._generate(prep, None, trace or RequestTrace("r")):
                 got.append(list(response.token_ids))
         except RequestFailed as exc:
             return got, exc
@@ -667,38 +668,25 @@ class _FailsWithItsFirstTokens(_Attempt):
                                status=pb.Status(code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="slow"))
 
 
-class _FirstTokensFail(_Engines):
-    async def submit(self, request, timeout_s, avoid=(), prefer=None):
-        self.avoided.append({c.address for c in avoid})
-        return _FailsWithItsFirstTokens(f"e{len(self.avoided)}", int(len(self.avoided) == 1), None)
-
-
 def test_resource_exhausted_in_the_update_that_brings_the_first_tokens_is_not_retried():
     """The tokens of the failing update itself count: the request is not run again elsewhere (its first tokens
     would be dropped, another engine's sent instead); they reach the caller, then the error."""
-    got, error = _run_servicer(pool := _FirstTokensFail(lambda attempt: None))
+    got, error = _run_servicer(pool := _Engines(lambda attempt: None, tokens=1, attempt=_FailsWithItsFirstTokens))
     assert error is not None and error.code == grpc.StatusCode.RESOURCE_EXHAUSTED, (got, error)
     assert len(pool.avoided) == 1 and got == [[65]]
-
 
 
 def test_each_retry_is_counted_by_reason_in_the_trace_and_the_metric():
     """A request the servicer sends again counts in its log line's retries and in
     llmserve:engine_request_retries_total{reason}: only metrics.retried itself was tested, not that the servicer
     calls it (a mutation review)."""
+    from tests.unit.test_metrics_edges import samples
+
     fails = {1: _lost(), 2: _EngineError(grpc.StatusCode.RESOURCE_EXHAUSTED)}
-    pool = _Engines(lambda attempt: fails.get(attempt))
-    servicer = TextServicer(_Tokenizer(), pool, "fake", 100, {99}, {}, max_inflight=10)
-    prep = PreparedRequest(pb.NewRequest(prompt_token_ids=[1], sampling_params=pb.SamplingParams(max_tokens=9)),
-                           (), True, False, 1)
-    trace = RequestTrace("r")
-
-    async def main():
-        return [response async for response in servicer._generate(prep, None, trace)]
-
-    got = asyncio.run(main())
-    assert list(got[-1].token_ids) == [70] and len(pool.avoided) == 3  # served by the third engine
+    trace, metrics = RequestTrace("r"), TextMetrics("fake")
+    got, error = _run_servicer(pool := _Engines(lambda attempt: fails.get(attempt)), trace, metrics)
+    assert error is None and got[-1] == [70] and len(pool.avoided) == 3  # served by the third engine
     assert trace.retries == 2
-    counts = {sample.labels.get("reason"): sample.value for metric in servicer.metrics.registry.collect()
-              for sample in metric.samples if sample.name == "llmserve:engine_request_retries_total"}
-    assert counts.get("unavailable") == 1 and counts.get("resource_exhausted") == 1
+    counts = samples(metrics.registry)
+    name = "llmserve:engine_request_retries_total"
+    assert counts[(name, ("reason", "unavailable"))] == counts[(name, ("reason", "resource_exhausted"))] == 1

@@ -107,7 +107,6 @@ def test_a_generate_stream_ends_at_the_sooner_of_deadline_ms_and_the_calls_deadl
     """GenerateStream's request ends at the shorter of its deadline_ms and the call's own deadline: deadline_ms=300
     under a 20 s call timeout ends it DEADLINE_EXCEEDED after 0.3 s (no test pinned the shorter one winning)."""
     with EngineClient(server.target, timeout=20) as client:
-        wait_serving(client)
         request = new("dl", [1, 2], max_tokens=1_000_000, ignore_eos=True)
         request.deadline_ms = 300
         started = time.monotonic()

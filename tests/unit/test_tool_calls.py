@@ -187,18 +187,18 @@ def test_tool_calls_are_bounded_and_counted_with_their_overhead(tool_tokenizer):
     with pytest.raises(ValueError, match=f"at most {MAX_TOOL_CALLS} tool calls"):
         render_chat(tool_tokenizer, many)
     # The bound counts the chat's calls together, exactly MAX_TOOL_CALLS allowed, on both paths to the check.
-    call = {"name": "f", "arguments": "{}"}
-    for total in (MAX_TOOL_CALLS, MAX_TOOL_CALLS + 1):
-        split = [dict(CONVERSATION[2], tool_calls=[call] * 24), CONVERSATION[3],
-                 dict(CONVERSATION[2], tool_calls=[call] * (total - 24))]
-        if total == MAX_TOOL_CALLS:
-            assert sum(len(m.get("tool_calls", ())) for m in validate_messages(split)) == MAX_TOOL_CALLS
-            assert tokenize_input(pb.TokenizeRequest(chat=chat(split)), tool_tokenizer)
-        else:
-            with pytest.raises(ValueError, match=rf"messages\[2\].tool_calls: a chat may hold at most {MAX_TOOL_CALLS}"):
-                validate_messages(split)
-            with pytest.raises(ValueError, match=rf"messages\[2\].tool_calls: a chat may hold at most {MAX_TOOL_CALLS}"):
-                tokenize_input(pb.TokenizeRequest(chat=chat(split)), tool_tokenizer)
+    def split(total: int) -> list[dict]:
+        call = {"name": "f", "arguments": "{}"}
+        return [dict(CONVERSATION[2], tool_calls=[call] * 24), CONVERSATION[3],
+                dict(CONVERSATION[2], tool_calls=[call] * (total - 24))]
+
+    assert sum(len(m.get("tool_calls", ())) for m in validate_messages(split(MAX_TOOL_CALLS))) == MAX_TOOL_CALLS
+    assert tokenize_input(pb.TokenizeRequest(chat=chat(split(MAX_TOOL_CALLS))), tool_tokenizer)
+    over = rf"messages\[2\].tool_calls: a chat may hold at most {MAX_TOOL_CALLS}"
+    with pytest.raises(ValueError, match=over):
+        validate_messages(split(MAX_TOOL_CALLS + 1))
+    with pytest.raises(ValueError, match=over):
+        tokenize_input(pb.TokenizeRequest(chat=chat(split(MAX_TOOL_CALLS + 1))), tool_tokenizer)
     some = [dict(CONVERSATION[2], tool_calls=[{"name": "f", "arguments": "{}"}] * 100)]
     request = pb.TokenizeRequest(chat=chat(some))
     assert request.ByteSize() < 1500  # 3 bytes a call on the wire, some 55 in the prompt: counted as rendered
@@ -302,7 +302,6 @@ def test_a_named_llama3_calls_malformed_parts_are_errors():
             parse_tool_calls(text, fmt)
     with pytest.raises(ValueError, match="its arguments, a JSON text, are not JSON: NaN"):
         parse_tool_calls('<tool_call>{"name": "f", "arguments": "{\\"a\\": NaN}"}</tool_call>')
-
 
 
 def test_string_arguments_are_one_whole_json_object():
