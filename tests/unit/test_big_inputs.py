@@ -571,9 +571,8 @@ def test_the_token_bound_is_never_more_than_the_real_count(demo_model_dir, case)
     """tokens_at_least is a lower bound: above the real count it refuses a prompt that fits max_model_len. Only the
     demo tokenizer and an ASCII-only SentencePiece vocabulary were tested, so these went unnoticed: a bound rounded
     up (k + 1 for k longest tokens), a byte bound under a normalizer (769 for 2 tokens) or a pre-tokenizer that
-    removes text (untested until a mutation review), one counted with a backend
-    left in another state than encode() sets (359 for 60), and a SentencePiece bound in characters, not bytes (2000
-    for 1001)."""
+    removes text (untested until a mutation review), one counted with a backend left in another state than encode()
+    sets (359 for 60), and a SentencePiece bound in characters, not bytes (2000 for 1001)."""
     tokenizer, text = case(demo_model_dir)
     n = len(tokenizer.encode(text, add_special_tokens=False))
     if case is _case_backend_state:

@@ -77,6 +77,12 @@ def _scan(stops: list[str], text: str, include: bool = False) -> tuple[str, Stop
     return text, None
 
 
+def _cut(text: str, rng: random.Random, most: int) -> list[str]:
+    """text cut into deltas at up to `most` random places (empty deltas too)."""
+    cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, most))))
+    return [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+
+
 @pytest.mark.parametrize("include", [False, True])
 def test_chunking_never_changes_the_result(include: bool) -> None:
     rng = random.Random(3)
@@ -87,8 +93,7 @@ def test_chunking_never_changes_the_result(include: bool) -> None:
         ]
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
         expected, expected_match = _scan(stops, text, include)
-        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 6))))
-        deltas = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        deltas = _cut(text, rng, most=6)
         out, m = _run(stops, deltas, include=include)
         assert "".join(out) == expected, (stops, deltas)
         assert m.match == expected_match
@@ -103,8 +108,7 @@ def test_every_stop_string_over_two_letters_matches_like_a_character_scan() -> N
             stop = "".join("ab"[(bits >> i) & 1] for i in range(length))
             for _ in range(4):
                 text = "".join(rng.choice("aab") for _ in range(rng.randint(length, 3 * length)))
-                cuts = sorted(rng.sample(range(len(text) + 1), k=rng.randint(0, 3)))
-                deltas = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+                deltas = _cut(text, rng, most=3)
                 out, m = _run([stop], deltas)
                 assert ("".join(out), m.match) == _scan([stop], text), (stop, deltas)
     out, m = _run(["aabaaaa"], ["aabaaabaaaa"])  # the partial match "aabaaa" falls back to "aa", not to ""
