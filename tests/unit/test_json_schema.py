@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from engine_service import json_grammar as jg
-from engine_service.json_schema import MAX_SCHEMA_BYTES, SchemaCache, SchemaError, compile_schema
+from engine_service.json_schema import (
+    MAX_KEY_CHOICES,
+    MAX_SCHEMA_BYTES,
+    SchemaCache,
+    SchemaError,
+    compile_schema,
+)
 from engine_service.structured_output import JsonMasks
 from tests.unit.test_structured_output import _brute_force, _vocabulary
 
@@ -599,6 +605,78 @@ def test_a_schemas_objects_and_arrays_nest_to_max_depth():
     assert jg.walk(jg.initial(arrays), b'{"c":' + b"[" * (depth - 1)) is not None
     assert jg.walk(jg.initial(arrays), b'{"c":' + b"[" * depth) is None
     assert _accepts(arrays, b'{"c":' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}")
+
+
+def test_a_smallest_document_of_exactly_max_depth_containers_is_taken_and_one_more_is_refused():
+    """Refused is a schema whose smallest document nests MORE than MAX_DEPTH containers (docs/ENGINE.md): one of
+    exactly MAX_DEPTH compiles and its document is accepted. A check of `>=` refused both schemas at the bound."""
+    depth = jg.MAX_DEPTH
+    chain: dict = {"type": "object", "additionalProperties": False}  # depth objects, each requiring the next
+    for _ in range(depth - 1):
+        chain = {"type": "object", "properties": {"a": chain}, "required": ["a"]}
+    assert _accepts(compile_schema(json.dumps(chain)), b'{"a":' * (depth - 1) + b"{}" + b"}" * (depth - 1))
+
+    def nested_const(arrays: int) -> dict:  # the top object's required "a": `arrays` arrays nested
+        value: list = []
+        for _ in range(arrays - 1):
+            value = [value]
+        return {"type": "object", "properties": {"a": {"const": value}}, "required": ["a"]}
+
+    schema = nested_const(depth - 1)
+    document = json.dumps({"a": schema["properties"]["a"]["const"]}, separators=(",", ":")).encode()
+    assert document.count(b"[") + document.count(b"{") == depth
+    assert _accepts(compile_schema(json.dumps(schema)), document)
+    with pytest.raises(SchemaError, match=f"nests more than {depth} containers"):
+        compile_schema(json.dumps(nested_const(depth)))
+
+
+def test_brackets_after_an_escaped_quote_in_a_const_string_open_no_container():
+    """A const string's escaped quote does not end it: the brackets after it are text. Read as the string's end,
+    '"' + 64 brackets counted as 64 containers and the schema was refused for its depth."""
+    text = '"' + "[" * jg.MAX_DEPTH
+    node = compile_schema(json.dumps({"type": "object", "properties": {"a": {"const": text}}, "required": ["a"]}))
+    document = json.dumps({"a": text}, separators=(",", ":")).encode()
+    assert json.loads(document) == {"a": text}
+    assert _accepts(node, document)
+
+
+def test_exactly_max_key_choices_compile_and_one_more_is_refused():
+    """MAX_KEY_CHOICES is the most key choices a schema may have. Counted by definition here: at each property
+    index, the keys that may come next run from it up to and including the first required one."""
+    def schema(optional: int, required: int) -> dict:
+        properties = {f"o{i}": {} for i in range(optional)} | {f"r{i}": {} for i in range(required)}
+        return {"type": "object", "properties": properties, "required": [f"r{i}" for i in range(required)]}
+
+    def key_choices(s: dict) -> int:
+        names, total = list(s["properties"]), 0
+        for i in range(len(names)):
+            for name in names[i:]:
+                total += 1
+                if name in s["required"]:
+                    break
+        return total
+
+    optional = 360
+    required = 1 + MAX_KEY_CHOICES - key_choices(schema(optional, 1))  # each required one after the first adds one
+    at_bound = schema(optional, required)
+    assert key_choices(at_bound) == MAX_KEY_CHOICES
+    document = json.dumps({f"r{i}": 1 for i in range(required)}, separators=(",", ":")).encode()
+    assert _accepts(compile_schema(json.dumps(at_bound)), document)
+    over = schema(optional, required + 1)
+    assert key_choices(over) == MAX_KEY_CHOICES + 1
+    with pytest.raises(SchemaError, match=f"{MAX_KEY_CHOICES} key choices"):
+        compile_schema(json.dumps(over))
+
+
+def test_a_float_const_is_written_as_an_integer_only_below_2_to_the_53():
+    """json_schema.py's bound for writing 1.0 as 1 is "below 2**53": 2.0**53 keeps its ".0" as json.dumps writes
+    it, 2.0**53 - 1 is written as the integer."""
+    for value, written, not_written in ((float(2**53), json.dumps(float(2**53)), json.dumps(2**53)),
+                                        (float(2**53 - 1), json.dumps(2**53 - 1), json.dumps(float(2**53 - 1)))):
+        assert written != not_written
+        node = compile_schema(json.dumps({"type": "object", "properties": {"a": {"const": value}}, "required": ["a"]}))
+        assert _accepts(node, b'{"a":' + written.encode() + b"}"), value
+        assert not _accepts(node, b'{"a":' + not_written.encode() + b"}"), value
 
 
 def test_masks_around_min_items_equal_a_walk_whichever_count_comes_first():

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from engine_service import json_grammar as jg
-from engine_service.structured_output import JsonCursor, JsonMasks, token_bytes
+from engine_service.json_schema import compile_schema
+from engine_service.structured_output import JsonCursor, JsonMasks, mask_bytes, token_bytes
 
 
 def _vocabulary(seed: int) -> list[bytes | None]:
@@ -141,6 +142,45 @@ def test_a_cursor_writes_only_json_objects():
             assert not cursor.advance(vocab.index(b"{")) and cursor.done  # refused: the state stays
     assert finished >= 5
     assert not JsonCursor(masks).advance(len(vocab) - 1)  # an id with no bytes
+
+
+def test_a_token_id_outside_the_vocabulary_is_refused_and_the_state_kept():
+    """advance() is the engine's last check of a sampled token. A negative id read token_bytes[-1], the last token's
+    bytes, and was taken as that token."""
+    vocab: list[bytes | None] = [b"}", b'"a"', b":", b"1", b"{"]  # the last token, "{", may start the object
+    cursor = JsonCursor(JsonMasks(vocab))
+    assert jg.step(cursor.state, vocab[-1][0]) is not None
+    before = cursor.state
+    for token in (-1, -len(vocab), len(vocab)):
+        assert cursor.advance(token) is False
+        assert cursor.state == before
+    assert cursor.advance(len(vocab) - 1)
+
+
+def test_a_schemas_masks_go_with_its_last_holder_and_the_cache_keeps_working(monkeypatch):
+    """release() by a root's last holder drops the masks filed under it: their bytes leave cache_bytes. Left in the
+    cache, they outlived their root, and the cache's eviction of one of them later failed (a KeyError)."""
+    import engine_service.structured_output as so
+
+    vocab: list[bytes | None] = [b"{", b"}", b'"a"', b":", b"1", b"2", b",", b" ", b'"', b"x", b"[", b"]"]
+    masks = JsonMasks(vocab)
+    free = mask_bytes(masks.allowed(jg.INITIAL))  # JSON mode's object: filed under no root
+    root = compile_schema(json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}}))
+    masks.hold(root)  # the schema cache
+    masks.hold(root)  # a live request
+    filed = sum(mask_bytes(masks.allowed(jg.walk(jg.initial(root), doc), root))
+                for doc in (b"", b"{", b'{"a"', b'{"a":', b'{"a":1'))
+    assert masks.cache_bytes == free + filed
+    masks.release(root)
+    assert masks.cache_bytes == free + filed  # the other holder keeps them
+    masks.release(root)
+    assert masks.cache_bytes == free
+    monkeypatch.setattr(so, "MASK_CACHE_BYTES", 2 * free)
+    other = compile_schema(json.dumps({"type": "object", "properties": {"a": {"type": "string"}}}))
+    masks.hold(other)
+    for doc in (b"", b"{", b'{"a"', b'{"a":', b'{"a":"', b'{"a":"x'):
+        masks.allowed(jg.walk(jg.initial(other), doc), other)
+        assert masks.cache_bytes <= so.MASK_CACHE_BYTES
 
 
 def _whole_characters(vocab: list[bytes | None]) -> list[tuple[int, str]]:
